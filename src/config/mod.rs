@@ -1,0 +1,256 @@
+//! The YAML surface: raw serde types (as written), per-kind stage configs as pure data, and
+//! validation into a checked [`Pipeline`]. Errors carry file:line:column and the key path.
+//! This module never hashes, runs or loads anything beyond file metadata and Parquet footers.
+//!
+//! Ownership of files: `mod.rs` (top-level types, the `StageSpec` trait), `load.rs` (parse, spans,
+//! `--set` overrides, collecting every problem), `problem.rs` (diagnostics); one file per stage kind
+//! (`ingest.rs`, `template.rs`, `train.rs`, `evaluate.rs`, `export.rs`) holding that kind's config and
+//! its semantic checks.
+
+pub mod evaluate;
+pub mod export;
+pub mod ingest;
+pub mod load;
+pub mod problem;
+pub mod template;
+pub mod train;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use indexmap::IndexMap;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+pub use evaluate::EvaluateConfig;
+pub use export::ExportConfig;
+pub use ingest::IngestConfig;
+pub use problem::{Problem, Problems};
+pub use template::TemplateConfig;
+pub use train::TrainConfig;
+
+/// A pipeline as written in YAML.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RawPipeline {
+    /// Optional human name of the pipeline (defaults to the file stem).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// Global seed; every stage's randomness (shuffles, splits, few-shot draws, init, dropout)
+    /// derives from it and the stage name. Part of every fingerprint.
+    #[serde(default)]
+    pub seed: u64,
+    /// The stages, by name. Each stage has exactly one kind key (`ingest`, `template`, `train`,
+    /// `evaluate`, `export`) and names the upstream stages it reads.
+    pub stages: IndexMap<String, StageConfig>,
+}
+
+/// One stage: externally tagged by its kind.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum StageConfig {
+    /// Read Parquet / JSONL / CSV, map columns, filter, dedup and split.
+    Ingest(IngestConfig),
+    /// Render prompts and completions with minijinja.
+    Template(TemplateConfig),
+    /// Train a PEFT adapter on a pre-trained model.
+    Train(TrainConfig),
+    /// Evaluate base and adapted model on held-out data.
+    Evaluate(EvaluateConfig),
+    /// Export the adapter in PEFT format and/or a merged model.
+    Export(ExportConfig),
+}
+
+/// The kind of a stage.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StageKind {
+    Ingest,
+    Template,
+    Train,
+    Evaluate,
+    Export,
+}
+
+impl StageKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StageKind::Ingest => "ingest",
+            StageKind::Template => "template",
+            StageKind::Train => "train",
+            StageKind::Evaluate => "evaluate",
+            StageKind::Export => "export",
+        }
+    }
+}
+
+impl std::fmt::Display for StageKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A reference from one stage to an upstream stage, with the key (relative to the kind's mapping)
+/// that holds it, e.g. `("input", "data")` for `template: { input: data }`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpstreamRef {
+    pub key: &'static str,
+    pub stage: String,
+}
+
+/// An input file a stage reads, as the fingerprint sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InputFile {
+    /// Stable, machine-independent name: the path as written in the pipeline (environment
+    /// variables unexpanded, relative to the pipeline directory), plus the matched file's suffix
+    /// when the pattern was a glob or directory. Never an absolute path of this machine.
+    pub key: String,
+    /// Where the file is on this machine.
+    pub path: PathBuf,
+}
+
+/// What semantic checks may look at: the whole pipeline and where it lives.
+pub struct CheckContext<'a> {
+    pub pipeline: &'a RawPipeline,
+    /// Directory of the pipeline file; relative paths resolve against it.
+    pub project_dir: &'a Path,
+    /// Output columns of each stage that could be determined (ingest from Parquet footers,
+    /// template from its outputs). Filled in topological order before `check` runs.
+    pub columns: &'a BTreeMap<String, Vec<String>>,
+}
+
+/// What every stage-kind config provides to validation, planning and fingerprinting.
+pub trait StageSpec {
+    /// Upstream stages read by this stage.
+    fn upstream(&self) -> Vec<UpstreamRef>;
+    /// Files whose contents feed the stage (globs and directories expanded, sorted by key).
+    /// Errors are messages for the user (missing file, bad glob).
+    fn input_files(&self, project_dir: &Path) -> Result<Vec<InputFile>, String>;
+    /// Columns this stage outputs, if they can be known without running (used to check
+    /// downstream templates and column references).
+    fn output_columns(&self, cx: &CheckContext<'_>, stage: &str) -> Option<Vec<String>>;
+    /// Semantic checks. `at` is the key path of this stage's kind mapping, e.g.
+    /// `stages.prompts.template`; problems use it as a prefix for their key paths.
+    fn check(&self, cx: &CheckContext<'_>, at: &str, problems: &mut Vec<Problem>);
+    /// Parts of the environment that change results (device kind, dtype), as fingerprint
+    /// components. Empty for data stages.
+    fn environment(&self) -> BTreeMap<String, String> {
+        BTreeMap::new()
+    }
+}
+
+impl StageConfig {
+    pub fn kind(&self) -> StageKind {
+        match self {
+            StageConfig::Ingest(_) => StageKind::Ingest,
+            StageConfig::Template(_) => StageKind::Template,
+            StageConfig::Train(_) => StageKind::Train,
+            StageConfig::Evaluate(_) => StageKind::Evaluate,
+            StageConfig::Export(_) => StageKind::Export,
+        }
+    }
+
+    /// The kind's config as the trait every kind implements.
+    pub fn spec(&self) -> &dyn StageSpec {
+        match self {
+            StageConfig::Ingest(c) => c,
+            StageConfig::Template(c) => c,
+            StageConfig::Train(c) => c,
+            StageConfig::Evaluate(c) => c,
+            StageConfig::Export(c) => c,
+        }
+    }
+
+    /// The kind's parameters as JSON (resolved, defaults filled in): what the fingerprint hashes.
+    pub fn params(&self) -> serde_json::Value {
+        let value = match self {
+            StageConfig::Ingest(c) => serde_json::to_value(c),
+            StageConfig::Template(c) => serde_json::to_value(c),
+            StageConfig::Train(c) => serde_json::to_value(c),
+            StageConfig::Evaluate(c) => serde_json::to_value(c),
+            StageConfig::Export(c) => serde_json::to_value(c),
+        };
+        // Serializing plain data structs cannot fail.
+        value.unwrap_or(serde_json::Value::Null)
+    }
+}
+
+/// A validated pipeline: every reference resolves, the graph is acyclic, inputs exist.
+#[derive(Debug, Clone)]
+pub struct Pipeline {
+    /// The pipeline's name (from `name:` or the file stem).
+    pub name: String,
+    /// The pipeline file as given on the command line.
+    pub file: PathBuf,
+    /// Directory of the pipeline file; relative paths resolve against it.
+    pub project_dir: PathBuf,
+    pub seed: u64,
+    /// Stages in file order.
+    pub stages: IndexMap<String, StageConfig>,
+    /// The `--set` overrides applied, as written (`key.path=value`).
+    pub overrides: Vec<String>,
+}
+
+/// Expand `${VAR}` and `$VAR` in a path string from the environment. Errors name the variable.
+pub fn expand_env(text: &str) -> Result<String, String> {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(pos) = rest.find('$') {
+        out.push_str(&rest[..pos]);
+        let after = &rest[pos + 1..];
+        let (name, consumed) = if let Some(inner) = after.strip_prefix('{') {
+            match inner.find('}') {
+                Some(end) => (&inner[..end], end + 2),
+                None => return Err(format!("unterminated `${{` in `{text}`")),
+            }
+        } else {
+            let end = after
+                .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                .unwrap_or(after.len());
+            (&after[..end], end)
+        };
+        if name.is_empty() {
+            out.push('$');
+            rest = after;
+            continue;
+        }
+        match std::env::var(name) {
+            Ok(value) => out.push_str(&value),
+            Err(_) => {
+                return Err(format!(
+                    "environment variable `{name}` is not set (used in `{text}`)"
+                ))
+            }
+        }
+        rest = &after[consumed..];
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
+/// Resolve a path as written in the pipeline (env vars expanded) against the project dir.
+pub fn resolve_path(project_dir: &Path, written: &str) -> Result<PathBuf, String> {
+    let expanded = expand_env(written)?;
+    let path = PathBuf::from(expanded);
+    Ok(if path.is_absolute() {
+        path
+    } else {
+        project_dir.join(path)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn expand_env_replaces_braced_and_bare_variables() {
+        std::env::set_var("PEFTPIPE_TEST_EXPAND", "/x");
+        assert_eq!(expand_env("${PEFTPIPE_TEST_EXPAND}/a").unwrap(), "/x/a");
+        assert_eq!(expand_env("$PEFTPIPE_TEST_EXPAND/a").unwrap(), "/x/a");
+        assert_eq!(expand_env("plain/a").unwrap(), "plain/a");
+        assert!(expand_env("${PEFTPIPE_TEST_MISSING_VAR}/a")
+            .unwrap_err()
+            .contains("PEFTPIPE_TEST_MISSING_VAR"));
+    }
+}
