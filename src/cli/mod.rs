@@ -1,7 +1,123 @@
-//! Command-line interface: clap types and one file per subcommand. Nothing outside cli/ sees clap.
+//! Command-line interface: clap types and one file per subcommand. Nothing outside cli/ sees clap
+//! types: each subcommand resolves its arguments into plain settings and calls the core.
+//!
+//! Exit codes (documented in README.md): 0 success; 1 a stage or command failed (bad data, I/O);
+//! 2 invalid pipeline or arguments; 3 `status --check` found stale stages; 130 interrupted.
 
+use std::path::PathBuf;
 use std::process::ExitCode;
 
+use clap::{Args, Parser, Subcommand};
+
+pub mod bench_data;
+pub mod bench_status;
+pub mod bench_train;
+pub mod dag;
+pub mod gc;
+pub mod generate;
+pub mod inspect;
+pub mod preview;
+pub mod run;
+pub mod schema;
+pub mod status;
+pub mod validate;
+
+/// Exit codes.
+pub const EXIT_OK: u8 = 0;
+pub const EXIT_FAILED: u8 = 1;
+pub const EXIT_INVALID: u8 = 2;
+pub const EXIT_STALE: u8 = 3;
+pub const EXIT_INTERRUPTED: u8 = 130;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "peftpipe",
+    version,
+    about = "One YAML file to a reproducible, cached PEFT fine-tuning run"
+)]
+pub struct Cli {
+    #[command(flatten)]
+    pub global: GlobalArgs,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Options every subcommand takes.
+#[derive(Debug, Clone, Args)]
+pub struct GlobalArgs {
+    /// Cache directory (default: `.peftpipe/cache` next to the pipeline file).
+    #[arg(long, global = true, env = "PEFTPIPE_CACHE_DIR")]
+    pub cache_dir: Option<PathBuf>,
+    /// Machine-readable JSON on stdout instead of the human report.
+    #[arg(long, global = true)]
+    pub json: bool,
+    /// Only errors on stderr.
+    #[arg(long, short, global = true)]
+    pub quiet: bool,
+}
+
+/// Options naming a pipeline and overrides.
+#[derive(Debug, Clone, Args)]
+pub struct PipelineArgs {
+    /// The pipeline YAML file.
+    pub pipeline: PathBuf,
+    /// Override a value: `--set stages.prompts.template.k=4` (YAML value; part of the fingerprint).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub overrides: Vec<String>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Check pipelines (syntax, schema, semantics) without running anything.
+    Validate(validate::ValidateArgs),
+    /// Run what is stale, restore the rest from the cache.
+    Run(run::RunArgs),
+    /// Per stage: fresh, or dirty and why.
+    Status(status::StatusArgs),
+    /// Print the JSON schema of pipeline files.
+    Schema(schema::SchemaArgs),
+    /// Print the stage graph (text, mermaid or dot).
+    Dag(dag::DagArgs),
+    /// Show rendered rows of a template stage with the prompt/completion boundary visible.
+    Preview(preview::PreviewArgs),
+    /// Drop cache objects that no lock file references.
+    Gc(gc::GcArgs),
+    /// Describe a model: architecture, parameters, dtype, what LoRA targets would match.
+    Inspect(inspect::InspectArgs),
+    /// Generate text from a model (optionally with an adapter).
+    Generate(generate::GenerateArgs),
+    /// Benchmarks (data, status, training).
+    #[command(subcommand)]
+    Bench(BenchCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum BenchCommand {
+    /// ingest + template throughput and peak memory on generated Parquet.
+    Data(bench_data::BenchDataArgs),
+    /// `status` latency on a pipeline with large inputs.
+    Status(bench_status::BenchStatusArgs),
+    /// LoRA training step throughput and memory.
+    Train(bench_train::BenchTrainArgs),
+}
+
+/// Parse the command line, run, map the outcome to an exit code.
 pub fn main() -> ExitCode {
-    ExitCode::SUCCESS
+    let cli = Cli::parse();
+    crate::report::init_logging(cli.global.quiet);
+    let code = match cli.command {
+        Command::Validate(args) => validate::run(&cli.global, args),
+        Command::Run(args) => run::run(&cli.global, args),
+        Command::Status(args) => status::run(&cli.global, args),
+        Command::Schema(args) => schema::run(&cli.global, args),
+        Command::Dag(args) => dag::run(&cli.global, args),
+        Command::Preview(args) => preview::run(&cli.global, args),
+        Command::Gc(args) => gc::run(&cli.global, args),
+        Command::Inspect(args) => inspect::run(&cli.global, args),
+        Command::Generate(args) => generate::run(&cli.global, args),
+        Command::Bench(BenchCommand::Data(args)) => bench_data::run(&cli.global, args),
+        Command::Bench(BenchCommand::Status(args)) => bench_status::run(&cli.global, args),
+        Command::Bench(BenchCommand::Train(args)) => bench_train::run(&cli.global, args),
+    };
+    ExitCode::from(code)
 }

@@ -1,0 +1,13 @@
+//! `peftpipe inspect` (skeleton: its owner fills in the arguments and the call into the core).
+
+use clap::Args;
+
+use super::GlobalArgs;
+
+#[derive(Debug, Args)]
+pub struct InspectArgs {}
+
+pub fn run(_global: &GlobalArgs, _args: InspectArgs) -> u8 {
+    crate::report::error("this command is not built yet");
+    super::EXIT_FAILED
+}

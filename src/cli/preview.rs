@@ -1,0 +1,13 @@
+//! `peftpipe preview` (skeleton: its owner fills in the arguments and the call into the core).
+
+use clap::Args;
+
+use super::GlobalArgs;
+
+#[derive(Debug, Args)]
+pub struct PreviewArgs {}
+
+pub fn run(_global: &GlobalArgs, _args: PreviewArgs) -> u8 {
+    crate::report::error("this command is not built yet");
+    super::EXIT_FAILED
+}

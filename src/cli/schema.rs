@@ -1,0 +1,13 @@
+//! `peftpipe schema` (skeleton: its owner fills in the arguments and the call into the core).
+
+use clap::Args;
+
+use super::GlobalArgs;
+
+#[derive(Debug, Args)]
+pub struct SchemaArgs {}
+
+pub fn run(_global: &GlobalArgs, _args: SchemaArgs) -> u8 {
+    crate::report::error("this command is not built yet");
+    super::EXIT_FAILED
+}
