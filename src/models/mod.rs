@@ -1,9 +1,37 @@
-//! Our own causal LM code on candle (Llama family, GPT-2): `load(vb, cfg)` + `forward`, weight
-//! names mirroring the checkpoint. Knows nothing of pipelines or PEFT configs: PEFT methods plug
-//! in through [`LinearFactory`] (every linear layer is built by it from its frozen base weights)
-//! and the attention hooks. (Skeleton: the models owner completes this module.)
+//! Our own causal LM code on candle (Llama family incl. Qwen2-style q/k/v bias, GPT-2):
+//! `load(vb, cfg, factory)` + `forward`, weight names mirroring the checkpoint.
+//!
+//! Knows nothing of pipelines or PEFT configs. PEFT methods plug in through two seams:
+//! - [`LinearFactory`]: every linear layer (attention, MLP, `lm_head`) is built by the factory from
+//!   its frozen base weights and its Hugging Face module path, so LoRA/QLoRA wrap layers without
+//!   forking model code. [`FrozenLinearFactory`] builds plain frozen layers.
+//! - [`Hooks`]: per forward call, extra input embeddings prepended (prompt tuning), extra key/values
+//!   per layer prepended (prefix tuning: no RoPE on them, real positions start after them) and a
+//!   gated adapter branch per layer (LLaMA-Adapter / PEFT `adaption_prompt`).
+//!
+//! The public surface for train/eval code is [`CausalLm`] (one trait for both architectures),
+//! [`ModelDir`] (a Hugging Face model directory: config, weights, tokenizer files) and
+//! [`generate::greedy`]. Every op on the training path comes from `crate::ops` (none of candle's
+//! no-backward fused ops); base weights are never tracked, so a forward without trainable vars
+//! builds no graph (evaluation).
+//!
+//! Must not: read pipeline configs, know PEFT method names, print, or create trainable vars.
 
-use candle_core::{Result, Tensor};
+use std::collections::BTreeMap;
+
+use candle_core::{DType, Device, Result, Tensor};
+
+pub mod config;
+pub mod generate;
+pub mod gpt2;
+pub mod llama;
+pub mod load;
+mod sequence;
+pub mod tokenizer;
+
+pub use config::{Architecture, Gpt2Config, LinearSpec, LlamaConfig, ModelConfig};
+pub use load::{ModelDir, ModelError, TensorInfo};
+pub use tokenizer::{GenerationConfig, ModelTokenizer};
 
 /// A linear layer as a model uses it: `y = x·Wᵀ (+ b)` or any adapted variant.
 pub trait LinearLayer: Send + Sync {
@@ -11,16 +39,184 @@ pub trait LinearLayer: Send + Sync {
 }
 
 /// The frozen base weights of one linear layer, in `[out, in]` layout (GPT-2's Conv1D weights are
-/// transposed at load time so every factory sees the same layout).
+/// transposed at load time so every factory sees the same layout), in the model's compute dtype.
 #[derive(Debug, Clone)]
 pub struct LinearWeights {
     pub weight: Tensor,
     pub bias: Option<Tensor>,
 }
 
+impl LinearWeights {
+    /// `(out_features, in_features)`.
+    pub fn dims(&self) -> Result<(usize, usize)> {
+        self.weight.dims2()
+    }
+}
+
 /// Builds each linear layer of a model. `path` is the module path as Hugging Face names it,
 /// e.g. `model.layers.0.self_attn.q_proj` or `transformer.h.0.attn.c_attn` (no `.weight`).
-/// `lm_head` is built through the factory too (path `lm_head`), so targeting rules decide.
+/// `lm_head` is built through the factory too (path `lm_head`, also when tied to the embeddings),
+/// so targeting rules decide. Paths are the same whatever prefix the checkpoint's tensor names use.
 pub trait LinearFactory {
     fn build(&self, path: &str, base: LinearWeights) -> Result<Box<dyn LinearLayer>>;
+}
+
+/// `y = x·Wᵀ + b` with frozen `W`, `b`: the gradient reaches `x` only (see `ops::linear`).
+#[derive(Debug, Clone)]
+pub struct FrozenLinear {
+    weights: LinearWeights,
+}
+
+impl FrozenLinear {
+    pub fn new(weights: LinearWeights) -> Self {
+        Self { weights }
+    }
+
+    pub fn weights(&self) -> &LinearWeights {
+        &self.weights
+    }
+}
+
+impl LinearLayer for FrozenLinear {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        crate::ops::linear(x, &self.weights.weight, self.weights.bias.as_ref())
+    }
+}
+
+/// Builds every layer as a [`FrozenLinear`]: the base model as it is.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct FrozenLinearFactory;
+
+impl LinearFactory for FrozenLinearFactory {
+    fn build(&self, _path: &str, base: LinearWeights) -> Result<Box<dyn LinearLayer>> {
+        Ok(Box::new(FrozenLinear::new(base)))
+    }
+}
+
+/// A LLaMA-Adapter branch for one layer (PEFT `adaption_prompt` semantics): the prompt is projected
+/// by the layer's own k/v projections (no RoPE), the layer's (rotated) queries attend to it with a
+/// separate softmax (no mask), and `gate · softmax(q·kᵀ/√d)·v` is added to the attention output
+/// before the output projection.
+#[derive(Debug, Clone)]
+pub struct AdapterPrompt {
+    /// `[adapter_len, hidden]` (any float dtype; cast to the compute dtype).
+    pub prompt: Tensor,
+    /// The gate: one element (PEFT's scalar gate, zero-initialised) or `[num_heads]` (per head).
+    /// Applied as given: pass `gate.tanh()` for the paper's form.
+    pub gate: Tensor,
+}
+
+/// What prompt-based PEFT methods add to a forward pass. `Hooks::default()` is the plain model.
+#[derive(Debug, Clone, Default)]
+pub struct Hooks {
+    /// Prompt tuning: `[1 | B, n, hidden]` embeddings prepended to the input embeddings. They are
+    /// attended to like tokens (positions `0..n`, real tokens from `n`), and the returned logits have
+    /// `n` extra leading positions. With a KV cache they are used on the first call only.
+    pub input_prefix: Option<Tensor>,
+    /// Prefix tuning: per layer, `(key, value)` each `[1 | B, kv_heads, n, head_dim]`, prepended to
+    /// that layer's keys/values as PEFT passes `past_key_values`: no RoPE is applied to them and the
+    /// real tokens' positions start at `n`. With a KV cache they are used on the first call only.
+    pub layer_prefix: Option<Vec<(Tensor, Tensor)>>,
+    /// LLaMA-Adapter: layer index → its adapter branch (used on every call).
+    pub adapters: BTreeMap<usize, AdapterPrompt>,
+}
+
+impl Hooks {
+    /// No hooks: the base model.
+    pub fn none() -> Self {
+        Self::default()
+    }
+}
+
+/// Keys and values of the positions seen so far, per layer, for incremental generation.
+#[derive(Debug, Clone)]
+pub struct KvCache {
+    /// Per layer `(key, value)` `[B, kv_heads, S, head_dim]` (keys already rotated).
+    layers: Vec<Option<(Tensor, Tensor)>>,
+    /// Per batch row, which of the `S` cached positions are real (not padding).
+    valid: Vec<Vec<bool>>,
+}
+
+impl KvCache {
+    pub fn new(num_layers: usize) -> Self {
+        Self {
+            layers: vec![None; num_layers],
+            valid: Vec::new(),
+        }
+    }
+
+    /// Number of cached positions (including prefix and virtual tokens).
+    pub fn len(&self) -> usize {
+        self.valid.first().map_or(0, Vec::len)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// A causal language model: what train and eval code need, whatever the architecture.
+///
+/// Inputs: `input_ids [B, T]` (integer dtype) and `attention_mask [B, T]` (1 = token, 0 = padding;
+/// `None` = all ones). Right and left padding both work: position ids are counted from the mask.
+pub trait CausalLm: Send + Sync {
+    fn config(&self) -> &ModelConfig;
+    fn device(&self) -> &Device;
+    /// The compute dtype (weights were converted to it at load).
+    fn dtype(&self) -> DType;
+    /// The token embedding table `[vocab, hidden]` (frozen, compute dtype).
+    fn token_embeddings(&self) -> &Tensor;
+
+    /// Token embeddings `[B, T, hidden]` of `input_ids [B, T]` (no position embeddings).
+    fn embed(&self, input_ids: &Tensor) -> Result<Tensor> {
+        let (batch, length) = input_ids.dims2()?;
+        let ids = input_ids
+            .to_device(self.device())?
+            .to_dtype(DType::U32)?
+            .flatten_all()?;
+        self.token_embeddings()
+            .index_select(&ids, 0)?
+            .reshape((batch, length, ()))
+    }
+
+    /// Final hidden states `[B, n + T, hidden]` (after the final norm), `n` = virtual tokens of
+    /// `hooks.input_prefix` when the cache is empty or absent. With `cache`, the new keys/values
+    /// are appended to it and `attention_mask` covers the new tokens only.
+    fn forward_hidden(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+        hooks: &Hooks,
+        cache: Option<&mut KvCache>,
+    ) -> Result<Tensor>;
+
+    /// The output projection (`lm_head`, possibly adapted).
+    fn lm_head(&self) -> &dyn LinearLayer;
+
+    /// Logits `[B, n + T, vocab]` in the compute dtype; see [`CausalLm::forward_hidden`].
+    fn forward(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+        hooks: &Hooks,
+    ) -> Result<Tensor> {
+        let hidden = self.forward_hidden(input_ids, attention_mask, hooks, None)?;
+        self.lm_head().forward(&hidden)
+    }
+
+    /// Logits for the new tokens only, appending their keys/values to `cache`.
+    fn forward_cached(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+        hooks: &Hooks,
+        cache: &mut KvCache,
+    ) -> Result<Tensor> {
+        let hidden = self.forward_hidden(input_ids, attention_mask, hooks, Some(cache))?;
+        self.lm_head().forward(&hidden)
+    }
+
+    fn new_cache(&self) -> KvCache {
+        KvCache::new(self.config().num_layers())
+    }
 }

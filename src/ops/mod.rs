@@ -1,1 +1,31 @@
-//! (skeleton)
+//! Differentiable operations for training on candle, with CPU and CUDA paths.
+//!
+//! Owns every op the training path uses whose stock candle version either has no backward (the fused
+//! `rms_norm`, `layer_norm`, `softmax_last_dim`, `rope`, `sdpa` are applied with `apply_op*_no_bwd`
+//! and silently cut gradients) or computes gradients nobody needs (a frozen weight's dW, a constant
+//! mask's gradient). Each op here computes its forward with candle's kernels on *detached* inputs (so
+//! no graph is built for the forward internals, and evaluation with untracked inputs builds none at
+//! all) and attaches an analytic backward that returns a gradient for the tracked input only.
+//!
+//! Must not: know about models, PEFT methods or pipelines; hold state between calls; call any of
+//! candle's no-backward ops on a tensor that is part of the graph.
+//!
+//! Every op has a finite-difference test of its backward (f64, CPU) in `tests/ops_grad.rs` and beside
+//! the code.
+
+mod attach;
+pub mod attention;
+pub mod constant;
+pub mod linear;
+pub mod loss;
+pub mod norm;
+pub mod rope;
+pub mod softmax;
+
+pub use attention::{attention, causal_mask, MASK_VALUE};
+pub use constant::{add_constant, mul_constant};
+pub use linear::{frozen_linear, linear};
+pub use loss::{cross_entropy, next_token_cross_entropy, token_nll, CrossEntropy};
+pub use norm::{layer_norm, rms_norm};
+pub use rope::{apply_rope, RopeScaling, RotaryEmbedding};
+pub use softmax::{masked_softmax, softmax_last_dim};

@@ -1,0 +1,580 @@
+//! The model part of a Hugging Face `config.json`: which architecture, and its dimensions.
+//!
+//! Owns parsing (dispatch on `model_type`, then `architectures`), defaults as transformers applies
+//! them, and everything derivable without weights: the linear layers with their HF module paths and
+//! shapes ([`ModelConfig::linear_layers`], what LoRA targeting and trainable-parameter counts use) and
+//! the total parameter count. Must not: read weights or tokenizer files.
+
+use serde::Serialize;
+use serde_json::{Map, Value};
+
+use crate::ops::RopeScaling;
+
+/// A problem with one key of a config.json (the caller adds the file path).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub key: String,
+    pub message: String,
+}
+
+impl ConfigError {
+    fn new(key: &str, message: impl Into<String>) -> Self {
+        Self {
+            key: key.to_string(),
+            message: message.into(),
+        }
+    }
+}
+
+type Parsed<T> = std::result::Result<T, ConfigError>;
+
+/// The architectures peftpipe implements.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Architecture {
+    /// Llama and its close relatives (Mistral without sliding window, Qwen2 with q/k/v bias).
+    Llama,
+    Gpt2,
+}
+
+/// A Llama-family decoder (`LlamaForCausalLM`, `Qwen2ForCausalLM`, `MistralForCausalLM`).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct LlamaConfig {
+    pub model_type: String,
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub num_key_value_heads: usize,
+    pub head_dim: usize,
+    pub rms_norm_eps: f64,
+    pub rope_theta: f64,
+    #[serde(skip)]
+    pub rope_scaling: Option<RopeScaling>,
+    pub max_position_embeddings: usize,
+    pub tie_word_embeddings: bool,
+    /// Bias on q/k/v projections (`attention_bias` for Llama; always for Qwen2).
+    pub qkv_bias: bool,
+    /// Bias on the output projection (`attention_bias` for Llama; never for Qwen2).
+    pub output_bias: bool,
+    pub mlp_bias: bool,
+}
+
+/// GPT-2's activation (`activation_function`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Gpt2Activation {
+    /// `gelu_new` / `gelu_pytorch_tanh`: the tanh approximation.
+    GeluTanh,
+    /// `gelu`: the exact erf form.
+    Gelu,
+    Relu,
+    Silu,
+}
+
+/// GPT-2 (`GPT2LMHeadModel`).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Gpt2Config {
+    pub vocab_size: usize,
+    pub n_positions: usize,
+    pub n_embd: usize,
+    pub n_layer: usize,
+    pub n_head: usize,
+    pub n_inner: usize,
+    pub layer_norm_epsilon: f64,
+    pub activation: Gpt2Activation,
+    pub scale_attn_weights: bool,
+    pub scale_attn_by_inverse_layer_idx: bool,
+    pub tie_word_embeddings: bool,
+}
+
+/// A parsed config.json.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(tag = "architecture", rename_all = "lowercase")]
+pub enum ModelConfig {
+    Llama(LlamaConfig),
+    Gpt2(Gpt2Config),
+}
+
+/// One linear layer, as the model builds it through the `LinearFactory`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct LinearSpec {
+    /// Hugging Face module path, e.g. `model.layers.0.self_attn.q_proj`.
+    pub path: String,
+    pub in_features: usize,
+    pub out_features: usize,
+    pub bias: bool,
+    /// `lm_head` whose weight is the token embedding table.
+    pub tied_to_embeddings: bool,
+}
+
+impl LinearSpec {
+    /// The last path component (`q_proj`, `c_attn`, `lm_head`).
+    pub fn name(&self) -> &str {
+        self.path.rsplit('.').next().unwrap_or(&self.path)
+    }
+}
+
+struct Keys<'a> {
+    map: &'a Map<String, Value>,
+}
+
+impl<'a> Keys<'a> {
+    fn value(&self, key: &str) -> Option<&'a Value> {
+        self.map.get(key).filter(|value| !value.is_null())
+    }
+
+    fn usize(&self, key: &str) -> Parsed<usize> {
+        self.optional_usize(key)?
+            .ok_or_else(|| ConfigError::new(key, "missing (a positive integer is required)"))
+    }
+
+    fn optional_usize(&self, key: &str) -> Parsed<Option<usize>> {
+        match self.value(key) {
+            None => Ok(None),
+            Some(value) => value
+                .as_u64()
+                .and_then(|v| usize::try_from(v).ok())
+                .map(Some)
+                .ok_or_else(|| {
+                    ConfigError::new(key, format!("expected an integer, found {value}"))
+                }),
+        }
+    }
+
+    fn f64_or(&self, key: &str, default: f64) -> Parsed<f64> {
+        match self.value(key) {
+            None => Ok(default),
+            Some(value) => value
+                .as_f64()
+                .ok_or_else(|| ConfigError::new(key, format!("expected a number, found {value}"))),
+        }
+    }
+
+    fn bool_or(&self, key: &str, default: bool) -> Parsed<bool> {
+        match self.value(key) {
+            None => Ok(default),
+            Some(value) => value.as_bool().ok_or_else(|| {
+                ConfigError::new(key, format!("expected true/false, found {value}"))
+            }),
+        }
+    }
+
+    fn string(&self, key: &str) -> Option<&'a str> {
+        self.value(key).and_then(Value::as_str)
+    }
+}
+
+fn positive(key: &str, value: usize) -> Parsed<usize> {
+    if value == 0 {
+        return Err(ConfigError::new(key, "must be positive"));
+    }
+    Ok(value)
+}
+
+fn parse_rope_scaling(keys: &Keys) -> Parsed<Option<RopeScaling>> {
+    // transformers ≥ 4.5x: `rope_scaling`; v5 may use `rope_parameters` (with the type inside).
+    let (key, scaling) = match (keys.value("rope_scaling"), keys.value("rope_parameters")) {
+        (Some(value), _) => ("rope_scaling", value),
+        (None, Some(value)) => ("rope_parameters", value),
+        (None, None) => return Ok(None),
+    };
+    let Some(map) = scaling.as_object() else {
+        return Err(ConfigError::new(
+            key,
+            format!("expected an object, found {scaling}"),
+        ));
+    };
+    let inner = Keys { map };
+    let kind = inner
+        .string("rope_type")
+        .or_else(|| inner.string("type"))
+        .unwrap_or("default");
+    let number = |name: &str| -> Parsed<f64> {
+        inner
+            .value(name)
+            .and_then(Value::as_f64)
+            .ok_or_else(|| ConfigError::new(&format!("{key}.{name}"), "missing or not a number"))
+    };
+    match kind {
+        "default" => Ok(None),
+        "linear" => Ok(Some(RopeScaling::Linear {
+            factor: number("factor")?,
+        })),
+        "llama3" => Ok(Some(RopeScaling::Llama3 {
+            factor: number("factor")?,
+            low_freq_factor: number("low_freq_factor")?,
+            high_freq_factor: number("high_freq_factor")?,
+            original_max_position_embeddings: number("original_max_position_embeddings")?,
+        })),
+        other => Err(ConfigError::new(
+            &format!("{key}.rope_type"),
+            format!("`{other}` is not supported (supported: default, linear, llama3)"),
+        )),
+    }
+}
+
+fn parse_llama(keys: &Keys, model_type: &str) -> Parsed<LlamaConfig> {
+    let hidden_size = positive("hidden_size", keys.usize("hidden_size")?)?;
+    let num_attention_heads = positive("num_attention_heads", keys.usize("num_attention_heads")?)?;
+    let num_key_value_heads = keys
+        .optional_usize("num_key_value_heads")?
+        .unwrap_or(num_attention_heads);
+    if num_key_value_heads == 0 || num_attention_heads % num_key_value_heads != 0 {
+        return Err(ConfigError::new(
+            "num_key_value_heads",
+            format!(
+                "{num_key_value_heads} does not divide num_attention_heads {num_attention_heads}"
+            ),
+        ));
+    }
+    let head_dim = match keys.optional_usize("head_dim")? {
+        Some(head_dim) => head_dim,
+        None if hidden_size % num_attention_heads == 0 => hidden_size / num_attention_heads,
+        None => {
+            return Err(ConfigError::new(
+                "head_dim",
+                "missing, and hidden_size is not a multiple of num_attention_heads",
+            ))
+        }
+    };
+    if let Some(activation) = keys.string("hidden_act") {
+        if activation != "silu" {
+            return Err(ConfigError::new(
+                "hidden_act",
+                format!("`{activation}` is not supported for Llama-family models (only silu)"),
+            ));
+        }
+    }
+    let is_qwen2 = model_type == "qwen2";
+    let attention_bias = keys.bool_or("attention_bias", false)?;
+    let rope_theta = match keys
+        .value("rope_parameters")
+        .and_then(|p| p.get("rope_theta"))
+    {
+        Some(theta) if keys.value("rope_theta").is_none() => theta
+            .as_f64()
+            .ok_or_else(|| ConfigError::new("rope_parameters.rope_theta", "not a number"))?,
+        _ => keys.f64_or("rope_theta", 10000.0)?,
+    };
+    Ok(LlamaConfig {
+        model_type: model_type.to_string(),
+        vocab_size: positive("vocab_size", keys.usize("vocab_size")?)?,
+        hidden_size,
+        intermediate_size: positive("intermediate_size", keys.usize("intermediate_size")?)?,
+        num_hidden_layers: positive("num_hidden_layers", keys.usize("num_hidden_layers")?)?,
+        num_attention_heads,
+        num_key_value_heads,
+        head_dim: positive("head_dim", head_dim)?,
+        rms_norm_eps: keys.f64_or("rms_norm_eps", 1e-6)?,
+        rope_theta,
+        rope_scaling: parse_rope_scaling(keys)?,
+        max_position_embeddings: keys
+            .optional_usize("max_position_embeddings")?
+            .unwrap_or(2048),
+        tie_word_embeddings: keys.bool_or("tie_word_embeddings", false)?,
+        qkv_bias: is_qwen2 || attention_bias,
+        output_bias: !is_qwen2 && attention_bias,
+        mlp_bias: keys.bool_or("mlp_bias", false)?,
+    })
+}
+
+fn parse_gpt2(keys: &Keys) -> Parsed<Gpt2Config> {
+    let n_embd = positive("n_embd", keys.usize("n_embd")?)?;
+    let n_head = positive("n_head", keys.usize("n_head")?)?;
+    if n_embd % n_head != 0 {
+        return Err(ConfigError::new(
+            "n_head",
+            format!("n_embd {n_embd} is not a multiple of n_head {n_head}"),
+        ));
+    }
+    let activation = match keys.string("activation_function").unwrap_or("gelu_new") {
+        "gelu_new" | "gelu_pytorch_tanh" | "gelu_fast" => Gpt2Activation::GeluTanh,
+        "gelu" => Gpt2Activation::Gelu,
+        "relu" => Gpt2Activation::Relu,
+        "silu" | "swish" => Gpt2Activation::Silu,
+        other => {
+            return Err(ConfigError::new(
+                "activation_function",
+                format!("`{other}` is not supported (gelu_new, gelu, relu, silu)"),
+            ))
+        }
+    };
+    Ok(Gpt2Config {
+        vocab_size: positive("vocab_size", keys.usize("vocab_size")?)?,
+        n_positions: positive("n_positions", keys.usize("n_positions")?)?,
+        n_embd,
+        n_layer: positive("n_layer", keys.usize("n_layer")?)?,
+        n_head,
+        n_inner: keys.optional_usize("n_inner")?.unwrap_or(4 * n_embd),
+        layer_norm_epsilon: keys.f64_or("layer_norm_epsilon", 1e-5)?,
+        activation,
+        scale_attn_weights: keys.bool_or("scale_attn_weights", true)?,
+        scale_attn_by_inverse_layer_idx: keys.bool_or("scale_attn_by_inverse_layer_idx", false)?,
+        tie_word_embeddings: keys.bool_or("tie_word_embeddings", true)?,
+    })
+}
+
+impl ModelConfig {
+    /// Parse a config.json's contents. Dispatch on `model_type`, else on `architectures`.
+    pub fn from_json(value: &Value) -> Parsed<Self> {
+        let Some(map) = value.as_object() else {
+            return Err(ConfigError::new("", "config.json must be a JSON object"));
+        };
+        let keys = Keys { map };
+        let architectures: Vec<&str> = keys
+            .value("architectures")
+            .and_then(Value::as_array)
+            .map(|list| list.iter().filter_map(Value::as_str).collect())
+            .unwrap_or_default();
+        let model_type = match keys.string("model_type") {
+            Some(model_type) => model_type.to_string(),
+            None => match architectures.first() {
+                Some(&"LlamaForCausalLM") => "llama".to_string(),
+                Some(&"Qwen2ForCausalLM") => "qwen2".to_string(),
+                Some(&"MistralForCausalLM") => "mistral".to_string(),
+                Some(&"GPT2LMHeadModel") => "gpt2".to_string(),
+                _ => {
+                    return Err(ConfigError::new(
+                        "model_type",
+                        format!(
+                            "missing, and architectures {architectures:?} name no supported model"
+                        ),
+                    ))
+                }
+            },
+        };
+        match model_type.as_str() {
+            "llama" | "qwen2" => Ok(Self::Llama(parse_llama(&keys, &model_type)?)),
+            "mistral" => {
+                if keys.value("sliding_window").is_some() {
+                    return Err(ConfigError::new(
+                        "sliding_window",
+                        "Mistral's sliding-window attention is not implemented",
+                    ));
+                }
+                Ok(Self::Llama(parse_llama(&keys, &model_type)?))
+            }
+            "gpt2" => Ok(Self::Gpt2(parse_gpt2(&keys)?)),
+            other => Err(ConfigError::new(
+                "model_type",
+                format!("`{other}` is not supported (supported: llama, qwen2, mistral, gpt2)"),
+            )),
+        }
+    }
+
+    pub fn architecture(&self) -> Architecture {
+        match self {
+            Self::Llama(_) => Architecture::Llama,
+            Self::Gpt2(_) => Architecture::Gpt2,
+        }
+    }
+
+    pub fn model_type(&self) -> &str {
+        match self {
+            Self::Llama(config) => &config.model_type,
+            Self::Gpt2(_) => "gpt2",
+        }
+    }
+
+    pub fn num_layers(&self) -> usize {
+        match self {
+            Self::Llama(config) => config.num_hidden_layers,
+            Self::Gpt2(config) => config.n_layer,
+        }
+    }
+
+    pub fn hidden_size(&self) -> usize {
+        match self {
+            Self::Llama(config) => config.hidden_size,
+            Self::Gpt2(config) => config.n_embd,
+        }
+    }
+
+    pub fn vocab_size(&self) -> usize {
+        match self {
+            Self::Llama(config) => config.vocab_size,
+            Self::Gpt2(config) => config.vocab_size,
+        }
+    }
+
+    pub fn num_attention_heads(&self) -> usize {
+        match self {
+            Self::Llama(config) => config.num_attention_heads,
+            Self::Gpt2(config) => config.n_head,
+        }
+    }
+
+    pub fn num_key_value_heads(&self) -> usize {
+        match self {
+            Self::Llama(config) => config.num_key_value_heads,
+            Self::Gpt2(config) => config.n_head,
+        }
+    }
+
+    pub fn head_dim(&self) -> usize {
+        match self {
+            Self::Llama(config) => config.head_dim,
+            Self::Gpt2(config) => config.n_embd / config.n_head,
+        }
+    }
+
+    /// `head_dim · num_key_value_heads`: the width of one layer's keys (prefix tuning's kv dim).
+    pub fn kv_dim(&self) -> usize {
+        self.head_dim() * self.num_key_value_heads()
+    }
+
+    /// The MLP's inner width.
+    pub fn intermediate_size(&self) -> usize {
+        match self {
+            Self::Llama(config) => config.intermediate_size,
+            Self::Gpt2(config) => config.n_inner,
+        }
+    }
+
+    /// The longest position the model has embeddings for (GPT-2) or was trained to (Llama).
+    pub fn max_positions(&self) -> usize {
+        match self {
+            Self::Llama(config) => config.max_position_embeddings,
+            Self::Gpt2(config) => config.n_positions,
+        }
+    }
+
+    pub fn tie_word_embeddings(&self) -> bool {
+        match self {
+            Self::Llama(config) => config.tie_word_embeddings,
+            Self::Gpt2(config) => config.tie_word_embeddings,
+        }
+    }
+
+    /// Every linear layer the model builds through its `LinearFactory`, in build order, with its
+    /// Hugging Face module path (GPT-2 paths always carry the `transformer.` prefix).
+    pub fn linear_layers(&self) -> Vec<LinearSpec> {
+        let spec = |path: String, in_features, out_features, bias| LinearSpec {
+            path,
+            in_features,
+            out_features,
+            bias,
+            tied_to_embeddings: false,
+        };
+        let mut layers = Vec::new();
+        match self {
+            Self::Llama(c) => {
+                let q = c.num_attention_heads * c.head_dim;
+                let kv = c.num_key_value_heads * c.head_dim;
+                for i in 0..c.num_hidden_layers {
+                    let attn = format!("model.layers.{i}.self_attn");
+                    let mlp = format!("model.layers.{i}.mlp");
+                    layers.push(spec(format!("{attn}.q_proj"), c.hidden_size, q, c.qkv_bias));
+                    layers.push(spec(
+                        format!("{attn}.k_proj"),
+                        c.hidden_size,
+                        kv,
+                        c.qkv_bias,
+                    ));
+                    layers.push(spec(
+                        format!("{attn}.v_proj"),
+                        c.hidden_size,
+                        kv,
+                        c.qkv_bias,
+                    ));
+                    layers.push(spec(
+                        format!("{attn}.o_proj"),
+                        q,
+                        c.hidden_size,
+                        c.output_bias,
+                    ));
+                    let (h, m) = (c.hidden_size, c.intermediate_size);
+                    layers.push(spec(format!("{mlp}.gate_proj"), h, m, c.mlp_bias));
+                    layers.push(spec(format!("{mlp}.up_proj"), h, m, c.mlp_bias));
+                    layers.push(spec(format!("{mlp}.down_proj"), m, h, c.mlp_bias));
+                }
+            }
+            Self::Gpt2(c) => {
+                let h = c.n_embd;
+                for i in 0..c.n_layer {
+                    let block = format!("transformer.h.{i}");
+                    layers.push(spec(format!("{block}.attn.c_attn"), h, 3 * h, true));
+                    layers.push(spec(format!("{block}.attn.c_proj"), h, h, true));
+                    layers.push(spec(format!("{block}.mlp.c_fc"), h, c.n_inner, true));
+                    layers.push(spec(format!("{block}.mlp.c_proj"), c.n_inner, h, true));
+                }
+            }
+        }
+        layers.push(LinearSpec {
+            path: "lm_head".to_string(),
+            in_features: self.hidden_size(),
+            out_features: self.vocab_size(),
+            bias: false,
+            tied_to_embeddings: self.tie_word_embeddings(),
+        });
+        layers
+    }
+
+    /// Total parameters as transformers counts them (a tied head counted once).
+    pub fn parameter_count(&self) -> u64 {
+        let linears: u64 = self
+            .linear_layers()
+            .iter()
+            .filter(|layer| !layer.tied_to_embeddings)
+            .map(|layer| {
+                (layer.in_features * layer.out_features
+                    + if layer.bias { layer.out_features } else { 0 }) as u64
+            })
+            .sum();
+        let embeddings = (self.vocab_size() * self.hidden_size()) as u64;
+        let hidden = self.hidden_size() as u64;
+        let layers = self.num_layers() as u64;
+        let norms = match self {
+            // input + post-attention RMSNorm per layer, final norm (weights only).
+            Self::Llama(_) => (2 * layers + 1) * hidden,
+            // ln_1, ln_2 per layer and ln_f (weight + bias), learned positions.
+            Self::Gpt2(c) => (2 * layers + 1) * 2 * hidden + (c.n_positions as u64) * hidden,
+        };
+        linears + embeddings + norms
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn llama_3_2_1b() -> Value {
+        serde_json::json!({
+            "architectures": ["LlamaForCausalLM"], "model_type": "llama", "head_dim": 64,
+            "hidden_act": "silu", "hidden_size": 2048, "intermediate_size": 8192,
+            "max_position_embeddings": 131072, "num_attention_heads": 32, "num_hidden_layers": 16,
+            "num_key_value_heads": 8, "rms_norm_eps": 1e-5, "rope_theta": 500000.0,
+            "rope_scaling": {"factor": 32.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
+                "original_max_position_embeddings": 8192, "rope_type": "llama3"},
+            "tie_word_embeddings": true, "vocab_size": 128256
+        })
+    }
+
+    #[test]
+    fn llama_3_2_1b_parameter_count_matches_transformers() {
+        let config = ModelConfig::from_json(&llama_3_2_1b()).expect("valid config");
+        // transformers: sum(p.numel() for p in model.parameters()) = 1,235,814,400.
+        assert_eq!(config.parameter_count(), 1_235_814_400);
+        assert_eq!(config.kv_dim(), 512);
+        assert_eq!(config.linear_layers().len(), 16 * 7 + 1);
+    }
+
+    #[test]
+    fn unknown_model_type_names_the_key() {
+        let error = ModelConfig::from_json(&serde_json::json!({"model_type": "bert"}))
+            .expect_err("bert is not supported");
+        assert_eq!(error.key, "model_type");
+    }
+
+    #[test]
+    fn qwen2_has_qkv_bias_but_no_output_bias() {
+        let mut value = llama_3_2_1b();
+        value["model_type"] = "qwen2".into();
+        let Ok(ModelConfig::Llama(config)) = ModelConfig::from_json(&value) else {
+            panic!("qwen2 parses as a Llama-family config")
+        };
+        assert!(config.qkv_bias && !config.output_bias);
+    }
+}

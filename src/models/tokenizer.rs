@@ -1,0 +1,236 @@
+//! The tokenizer side of a Hugging Face model directory: tokenizer.json (HF `tokenizers`),
+//! tokenizer_config.json (special tokens, `add_bos_token`, chat template) and
+//! generation_config.json (bos/eos/pad ids).
+//!
+//! Owns [`ModelTokenizer`] (encode/decode with the model's BOS/EOS conventions) and
+//! [`GenerationConfig`]. Must not: know about datasets, templates or batching.
+
+use std::path::{Path, PathBuf};
+
+use serde_json::Value;
+use tokenizers::Tokenizer;
+
+use super::load::{read_json, ModelError};
+
+/// generation_config.json (falling back to config.json's token ids when the file is absent).
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct GenerationConfig {
+    pub bos_token_id: Option<u32>,
+    /// `eos_token_id` may be one id or a list (Llama 3 instruct models list several).
+    pub eos_token_ids: Vec<u32>,
+    pub pad_token_id: Option<u32>,
+    pub max_new_tokens: Option<usize>,
+}
+
+fn token_id(value: Option<&Value>) -> Option<u32> {
+    value
+        .and_then(Value::as_u64)
+        .and_then(|id| u32::try_from(id).ok())
+}
+
+fn token_ids(value: Option<&Value>) -> Vec<u32> {
+    match value {
+        Some(Value::Array(list)) => list.iter().filter_map(|v| token_id(Some(v))).collect(),
+        other => token_id(other).into_iter().collect(),
+    }
+}
+
+impl GenerationConfig {
+    /// Read `generation_config.json` if present; missing ids fall back to `config.json`'s.
+    pub fn load(dir: &Path, model_config: &Value) -> Result<Self, ModelError> {
+        let path = dir.join("generation_config.json");
+        let generation = if path.is_file() {
+            read_json(&path)?
+        } else {
+            Value::Null
+        };
+        let pick = |key: &str| generation.get(key).or_else(|| model_config.get(key));
+        let max_new_tokens = generation
+            .get("max_new_tokens")
+            .and_then(Value::as_u64)
+            .and_then(|n| usize::try_from(n).ok());
+        Ok(Self {
+            bos_token_id: token_id(pick("bos_token_id")),
+            eos_token_ids: token_ids(pick("eos_token_id")),
+            pad_token_id: token_id(pick("pad_token_id")),
+            max_new_tokens,
+        })
+    }
+}
+
+/// A special token of tokenizer_config.json: a string or an AddedToken object with `content`.
+fn special_token(config: &Value, key: &str) -> Option<String> {
+    match config.get(key)? {
+        Value::String(token) => Some(token.clone()),
+        Value::Object(object) => object
+            .get("content")
+            .and_then(Value::as_str)
+            .map(str::to_string),
+        _ => None,
+    }
+}
+
+/// A model's tokenizer with its special-token conventions.
+#[derive(Clone)]
+pub struct ModelTokenizer {
+    tokenizer: Tokenizer,
+    path: PathBuf,
+    pub bos_token: Option<String>,
+    pub eos_token: Option<String>,
+    pub pad_token: Option<String>,
+    pub bos_token_id: Option<u32>,
+    /// The ids that end generation (generation_config's list, else the tokenizer's eos).
+    pub eos_token_ids: Vec<u32>,
+    pub pad_token_id: Option<u32>,
+    /// tokenizer_config.json `add_bos_token` (default: what the tokenizer.json post-processor does).
+    pub add_bos_token: bool,
+    pub add_eos_token: bool,
+    /// The Jinja chat template (tokenizer_config.json `chat_template`, or chat_template.jinja).
+    pub chat_template: Option<String>,
+}
+
+impl std::fmt::Debug for ModelTokenizer {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter
+            .debug_struct("ModelTokenizer")
+            .field("path", &self.path)
+            .field("vocab_size", &self.vocab_size())
+            .field("bos_token_id", &self.bos_token_id)
+            .field("eos_token_ids", &self.eos_token_ids)
+            .field("pad_token_id", &self.pad_token_id)
+            .field("add_bos_token", &self.add_bos_token)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ModelTokenizer {
+    /// Load `dir/tokenizer.json` with `dir/tokenizer_config.json` (optional) and the generation
+    /// config's token ids.
+    pub fn load(dir: &Path, generation: &GenerationConfig) -> Result<Self, ModelError> {
+        let path = dir.join("tokenizer.json");
+        if !path.is_file() {
+            return Err(ModelError::Tokenizer {
+                path,
+                message: "not found (a Hugging Face tokenizer.json is required)".to_string(),
+            });
+        }
+        let tokenizer = Tokenizer::from_file(&path).map_err(|error| ModelError::Tokenizer {
+            path: path.clone(),
+            message: error.to_string(),
+        })?;
+        let config_path = dir.join("tokenizer_config.json");
+        let config = if config_path.is_file() {
+            read_json(&config_path)?
+        } else {
+            Value::Null
+        };
+        let bos_token = special_token(&config, "bos_token");
+        let eos_token = special_token(&config, "eos_token");
+        let pad_token = special_token(&config, "pad_token");
+        let lookup =
+            |token: &Option<String>| token.as_deref().and_then(|t| tokenizer.token_to_id(t));
+        let bos_token_id = generation.bos_token_id.or_else(|| lookup(&bos_token));
+        let mut eos_token_ids = generation.eos_token_ids.clone();
+        if eos_token_ids.is_empty() {
+            eos_token_ids.extend(lookup(&eos_token));
+        }
+        let pad_token_id = lookup(&pad_token).or(generation.pad_token_id);
+        let probe = tokenizer
+            .encode("a", true)
+            .map_err(|error| ModelError::Tokenizer {
+                path: path.clone(),
+                message: error.to_string(),
+            })?;
+        let post_processor_adds_bos =
+            bos_token_id.is_some() && probe.get_ids().first().copied() == bos_token_id;
+        let add_bos_token = config
+            .get("add_bos_token")
+            .and_then(Value::as_bool)
+            .unwrap_or(post_processor_adds_bos);
+        let add_eos_token = config
+            .get("add_eos_token")
+            .and_then(Value::as_bool)
+            .unwrap_or(false);
+        let template_file = dir.join("chat_template.jinja");
+        let chat_template = match config.get("chat_template") {
+            Some(Value::String(template)) => Some(template.clone()),
+            Some(Value::Array(named)) => named
+                .iter()
+                .find(|entry| entry.get("name").and_then(Value::as_str) == Some("default"))
+                .or_else(|| named.first())
+                .and_then(|entry| entry.get("template"))
+                .and_then(Value::as_str)
+                .map(str::to_string),
+            _ if template_file.is_file() => Some(std::fs::read_to_string(&template_file).map_err(
+                |source| ModelError::Io {
+                    path: template_file.clone(),
+                    source,
+                },
+            )?),
+            _ => None,
+        };
+        Ok(Self {
+            tokenizer,
+            path,
+            bos_token,
+            eos_token,
+            pad_token,
+            bos_token_id,
+            eos_token_ids,
+            pad_token_id,
+            add_bos_token,
+            add_eos_token,
+            chat_template,
+        })
+    }
+
+    /// The underlying HF tokenizer.
+    pub fn inner(&self) -> &Tokenizer {
+        &self.tokenizer
+    }
+
+    /// Vocabulary size including added tokens.
+    pub fn vocab_size(&self) -> usize {
+        self.tokenizer.get_vocab_size(true)
+    }
+
+    pub fn token_to_id(&self, token: &str) -> Option<u32> {
+        self.tokenizer.token_to_id(token)
+    }
+
+    /// Encode `text`. With `add_special_tokens`, the tokenizer.json post-processor runs, and BOS/EOS
+    /// are added per tokenizer_config.json when the post-processor did not add them (as
+    /// transformers does for `add_bos_token`/`add_eos_token`).
+    pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>, ModelError> {
+        let encoding = self
+            .tokenizer
+            .encode(text, add_special_tokens)
+            .map_err(|error| ModelError::Tokenizer {
+                path: self.path.clone(),
+                message: format!("encoding {text:?}: {error}"),
+            })?;
+        let mut ids = encoding.get_ids().to_vec();
+        if add_special_tokens {
+            if let Some(bos) = self.bos_token_id.filter(|_| self.add_bos_token) {
+                if ids.first() != Some(&bos) {
+                    ids.insert(0, bos);
+                }
+            }
+            if let Some(&eos) = self.eos_token_ids.first().filter(|_| self.add_eos_token) {
+                if ids.last() != Some(&eos) {
+                    ids.push(eos);
+                }
+            }
+        }
+        Ok(ids)
+    }
+
+    pub fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String, ModelError> {
+        self.tokenizer
+            .decode(ids, skip_special_tokens)
+            .map_err(|error| ModelError::Tokenizer {
+                path: self.path.clone(),
+                message: format!("decoding {} ids: {error}", ids.len()),
+            })
+    }
+}

@@ -1,0 +1,173 @@
+//! Rotary position embeddings in Hugging Face's rotate-half layout, with Llama-3 and linear scaling.
+//!
+//! Owns the inverse frequencies (computed like transformers' `_compute_default_rope_parameters` /
+//! `_compute_llama3_parameters`), the per-token cos/sin tables for arbitrary position ids (left padding
+//! and prefixes give every row its own positions), and [`apply_rope`]: forward through candle's fused
+//! `rope` kernel on a detached input, backward `dx = rope(g, cos, −sin)` (RoPE is a rotation, so its
+//! transpose is the rotation by the opposite angle). Must not: apply positions to anything but the
+//! tensors it is given (prefix keys and adapter keys get no rotation; the caller decides).
+
+use std::f64::consts::PI;
+
+use candle_core::{bail, DType, Device, Result, Tensor};
+
+use super::attach::with_backward;
+
+/// The `rope_scaling` of a config.json.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RopeScaling {
+    /// `rope_type: llama3` (Llama 3.1/3.2).
+    Llama3 {
+        factor: f64,
+        low_freq_factor: f64,
+        high_freq_factor: f64,
+        original_max_position_embeddings: f64,
+    },
+    /// `rope_type: linear`: positions divided by `factor`.
+    Linear { factor: f64 },
+}
+
+/// The inverse frequencies of one model (length `head_dim / 2`).
+#[derive(Debug, Clone)]
+pub struct RotaryEmbedding {
+    inverse_frequencies: Vec<f32>,
+}
+
+impl RotaryEmbedding {
+    pub fn new(head_dim: usize, theta: f64, scaling: Option<&RopeScaling>) -> Result<Self> {
+        if head_dim == 0 || head_dim % 2 != 0 {
+            bail!("rotary embedding: head_dim must be even and positive, got {head_dim}")
+        }
+        // transformers: 1 / base ** (arange(0, dim, 2) / dim), in f32.
+        let mut inverse: Vec<f64> = (0..head_dim / 2)
+            .map(|i| {
+                let exponent = (2 * i) as f32 / head_dim as f32;
+                f64::from(1.0 / (theta as f32).powf(exponent))
+            })
+            .collect();
+        match scaling {
+            None => {}
+            Some(RopeScaling::Linear { factor }) => {
+                for value in &mut inverse {
+                    *value /= factor;
+                }
+            }
+            Some(RopeScaling::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_position_embeddings,
+            }) => {
+                let low_freq_wavelength = original_max_position_embeddings / low_freq_factor;
+                let high_freq_wavelength = original_max_position_embeddings / high_freq_factor;
+                for value in &mut inverse {
+                    let wavelength = 2.0 * PI / *value;
+                    let scaled = if wavelength > low_freq_wavelength {
+                        *value / factor
+                    } else {
+                        *value
+                    };
+                    // Frequencies are finite, so "not below and not above" is a closed range.
+                    let is_medium =
+                        (high_freq_wavelength..=low_freq_wavelength).contains(&wavelength);
+                    *value = if is_medium {
+                        let smooth = (original_max_position_embeddings / wavelength
+                            - low_freq_factor)
+                            / (high_freq_factor - low_freq_factor);
+                        (1.0 - smooth) * scaled / factor + smooth * scaled
+                    } else {
+                        scaled
+                    };
+                }
+            }
+        }
+        Ok(Self {
+            inverse_frequencies: inverse.into_iter().map(|v| v as f32).collect(),
+        })
+    }
+
+    pub fn inverse_frequencies(&self) -> &[f32] {
+        &self.inverse_frequencies
+    }
+
+    /// cos and sin tables `[B, T, head_dim/2]` in `dtype` for position ids `positions[b][t]`.
+    pub fn tables(
+        &self,
+        positions: &[Vec<u32>],
+        device: &Device,
+        dtype: DType,
+    ) -> Result<(Tensor, Tensor)> {
+        let batch = positions.len();
+        let length = positions.first().map_or(0, Vec::len);
+        if positions.iter().any(|row| row.len() != length) {
+            bail!("rotary embedding: position rows have different lengths")
+        }
+        let half = self.inverse_frequencies.len();
+        let mut cos = Vec::with_capacity(batch * length * half);
+        let mut sin = Vec::with_capacity(batch * length * half);
+        for row in positions {
+            for &position in row {
+                for &frequency in &self.inverse_frequencies {
+                    // transformers computes the angle in f32 (position · inv_freq), then cos/sin.
+                    let angle = position as f32 * frequency;
+                    cos.push(angle.cos());
+                    sin.push(angle.sin());
+                }
+            }
+        }
+        let shape = (batch, length, half);
+        let cos = Tensor::from_vec(cos, shape, device)?.to_dtype(dtype)?;
+        let sin = Tensor::from_vec(sin, shape, device)?.to_dtype(dtype)?;
+        Ok((cos, sin))
+    }
+}
+
+/// Rotate `x [B, H, T, D]` by the tables `cos`, `sin` `[B, T, D/2]` (rotate-half layout):
+/// `x·cos + rotate_half(x)·sin`. The gradient reaches `x` only.
+pub fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let dtype = x.dtype();
+    let cos = cos.detach().to_dtype(dtype)?.contiguous()?;
+    let sin = sin.detach().to_dtype(dtype)?.contiguous()?;
+    let output = candle_nn::rotary_emb::rope(&x.detach().contiguous()?, &cos, &sin)?;
+    let negative_sin = sin.neg()?;
+    with_backward("rope", x, output, move |_x, _y, grad| {
+        candle_nn::rotary_emb::rope(&grad.contiguous()?, &cos, &negative_sin)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn llama3_scaling_matches_transformers_formula_on_band_edges() -> Result<()> {
+        let scaling = RopeScaling::Llama3 {
+            factor: 32.0,
+            low_freq_factor: 1.0,
+            high_freq_factor: 4.0,
+            original_max_position_embeddings: 8192.0,
+        };
+        let plain = RotaryEmbedding::new(64, 500000.0, None)?;
+        let scaled = RotaryEmbedding::new(64, 500000.0, Some(&scaling))?;
+        // The highest frequency (wavelength 2π < 2048) is unchanged; the lowest is divided by 32.
+        assert_eq!(
+            plain.inverse_frequencies()[0],
+            scaled.inverse_frequencies()[0]
+        );
+        let last = plain.inverse_frequencies().len() - 1;
+        let ratio = plain.inverse_frequencies()[last] / scaled.inverse_frequencies()[last];
+        assert!((ratio - 32.0).abs() < 1e-3, "ratio {ratio}");
+        Ok(())
+    }
+
+    #[test]
+    fn position_zero_is_identity() -> Result<()> {
+        let rope = RotaryEmbedding::new(8, 10000.0, None)?;
+        let (cos, sin) = rope.tables(&[vec![0, 0]], &Device::Cpu, DType::F64)?;
+        let x = Tensor::randn(0f64, 1.0, (1, 2, 2, 8), &Device::Cpu)?;
+        let y = apply_rope(&x, &cos, &sin)?;
+        let difference = (y - &x)?.abs()?.max_all()?.to_scalar::<f64>()?;
+        assert!(difference < 1e-12);
+        Ok(())
+    }
+}

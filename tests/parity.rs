@@ -1,0 +1,207 @@
+//! Logit parity of our Llama and GPT-2 with Hugging Face transformers on the shared tiny models,
+//! plus the measured facts about stories260k (perplexity of a fixed sentence, greedy generation).
+//! Needs `PEFTPIPE_SHARED` (skips with a printed reason when it is unset).
+#![expect(
+    clippy::print_stderr,
+    reason = "tests print skip reasons and the measured errors"
+)]
+
+use std::path::PathBuf;
+
+use candle_core::{DType, Device, Tensor, D};
+use peftpipe::models::generate::{greedy, GreedyOptions};
+use peftpipe::models::{CausalLm, FrozenLinearFactory, Hooks, ModelDir};
+use peftpipe::ops::next_token_cross_entropy;
+
+type TestResult = Result<(), Box<dyn std::error::Error>>;
+
+fn shared_dir() -> Option<PathBuf> {
+    std::env::var_os("PEFTPIPE_SHARED").map(PathBuf::from)
+}
+
+fn load(dir: &std::path::Path) -> Result<Box<dyn CausalLm>, Box<dyn std::error::Error>> {
+    Ok(ModelDir::open(dir)?.load(&Device::Cpu, DType::F32, &FrozenLinearFactory)?)
+}
+
+/// Max |ours − reference| over positions where the mask is 1.
+fn masked_max_abs(ours: &Tensor, reference: &Tensor, mask: &Tensor) -> candle_core::Result<f32> {
+    let per_position = (ours - reference)?.abs()?.max(D::Minus1)?;
+    (per_position * mask.to_dtype(DType::F32)?)?
+        .max_all()?
+        .to_scalar::<f32>()
+}
+
+fn check_reference_logits(model_dir: PathBuf, reference: PathBuf, name: &str) -> TestResult {
+    let model = load(&model_dir)?;
+    let tensors = candle_core::safetensors::load(&reference, &Device::Cpu)?;
+    let input_ids = &tensors["input_ids"];
+    let attention_mask = &tensors["attention_mask"];
+    let logits = model.forward(input_ids, Some(attention_mask), &Hooks::none())?;
+    assert_eq!(logits.dims(), tensors["logits"].dims());
+    let error = masked_max_abs(&logits, &tensors["logits"], attention_mask)?;
+    eprintln!("{name}: max abs logit error vs transformers = {error:e}");
+    assert!(error < 1e-4, "{name}: max abs error {error} ≥ 1e-4");
+    Ok(())
+}
+
+#[test]
+fn stories260k_logits_match_transformers() -> TestResult {
+    let Some(shared) = shared_dir() else {
+        eprintln!("skipped: PEFTPIPE_SHARED not set");
+        return Ok(());
+    };
+    let dir = shared.join("models/stories260k");
+    check_reference_logits(
+        dir.clone(),
+        dir.join("reference/base_logits.safetensors"),
+        "stories260k",
+    )
+}
+
+#[test]
+fn tiny_gpt2_logits_match_transformers() -> TestResult {
+    let Some(shared) = shared_dir() else {
+        eprintln!("skipped: PEFTPIPE_SHARED not set");
+        return Ok(());
+    };
+    let dir = shared.join("models/tiny-gpt2-random");
+    check_reference_logits(
+        dir.clone(),
+        dir.join("reference_logits.safetensors"),
+        "tiny-gpt2-random",
+    )
+}
+
+/// Left padding gives the real tokens the same logits as right padding (positions from the mask).
+#[test]
+fn left_padding_matches_right_padding() -> TestResult {
+    let Some(shared) = shared_dir() else {
+        eprintln!("skipped: PEFTPIPE_SHARED not set");
+        return Ok(());
+    };
+    for name in ["stories260k", "tiny-gpt2-random"] {
+        let model = load(&shared.join("models").join(name))?;
+        let prompt: Vec<u32> = vec![1, 403, 407, 261, 378, 300];
+        let right = Tensor::new(&[[1u32, 403, 407, 261, 378, 300, 0, 0]], &Device::Cpu)?;
+        let right_mask = Tensor::new(&[[1u32, 1, 1, 1, 1, 1, 0, 0]], &Device::Cpu)?;
+        let left = Tensor::new(&[[0u32, 0, 1, 403, 407, 261, 378, 300]], &Device::Cpu)?;
+        let left_mask = Tensor::new(&[[0u32, 0, 1, 1, 1, 1, 1, 1]], &Device::Cpu)?;
+        let right_logits = model.forward(&right, Some(&right_mask), &Hooks::none())?;
+        let left_logits = model.forward(&left, Some(&left_mask), &Hooks::none())?;
+        let n = prompt.len();
+        let difference = (right_logits.narrow(1, 0, n)? - left_logits.narrow(1, 2, n)?)?
+            .abs()?
+            .max_all()?
+            .to_scalar::<f32>()?;
+        assert!(
+            difference < 1e-5,
+            "{name}: left vs right padding differ by {difference}"
+        );
+    }
+    Ok(())
+}
+
+#[test]
+fn stories260k_perplexity_of_the_fox_sentence() -> TestResult {
+    let Some(shared) = shared_dir() else {
+        eprintln!("skipped: PEFTPIPE_SHARED not set");
+        return Ok(());
+    };
+    let dir = ModelDir::open(&shared.join("models/stories260k"))?;
+    let tokenizer = dir.tokenizer()?;
+    let model = dir.load(&Device::Cpu, DType::F32, &FrozenLinearFactory)?;
+    let ids = tokenizer.encode(
+        "One day, a clever fox found a shiny key under the old oak tree.",
+        true,
+    )?;
+    assert_eq!(ids.first(), Some(&1), "BOS is added");
+    let length = ids.len();
+    let input = Tensor::from_vec(ids, (1, length), &Device::Cpu)?;
+    let logits = model.forward(&input, None, &Hooks::none())?;
+    let loss_mask = Tensor::ones((1, length), DType::U32, &Device::Cpu)?;
+    let loss = next_token_cross_entropy(&logits, &input, &loss_mask)?;
+    let sum = loss.sum.to_scalar::<f32>()?;
+    let perplexity = loss.perplexity()?;
+    eprintln!(
+        "stories260k fox sentence: summed NLL {sum:.4} over {} tokens, perplexity {perplexity:.4}",
+        loss.count
+    );
+    assert_eq!(loss.count, 34);
+    assert!((sum - 54.404).abs() < 5e-3, "summed NLL {sum}");
+    assert!((perplexity - 4.954).abs() < 5e-4, "perplexity {perplexity}");
+    Ok(())
+}
+
+#[test]
+fn stories260k_greedy_generation_with_and_without_cache() -> TestResult {
+    let Some(shared) = shared_dir() else {
+        eprintln!("skipped: PEFTPIPE_SHARED not set");
+        return Ok(());
+    };
+    let dir = ModelDir::open(&shared.join("models/stories260k"))?;
+    let tokenizer = dir.tokenizer()?;
+    let model = dir.load(&Device::Cpu, DType::F32, &FrozenLinearFactory)?;
+    let prompt = tokenizer.encode("Once upon a time", true)?;
+    let mut options = GreedyOptions {
+        max_new_tokens: 40,
+        stop_token_ids: tokenizer.eos_token_ids.clone(),
+        use_cache: true,
+        pad_token_id: 0,
+    };
+    let cached = greedy(
+        model.as_ref(),
+        std::slice::from_ref(&prompt),
+        &Hooks::none(),
+        &options,
+    )?;
+    options.use_cache = false;
+    let uncached = greedy(
+        model.as_ref(),
+        std::slice::from_ref(&prompt),
+        &Hooks::none(),
+        &options,
+    )?;
+    assert_eq!(cached, uncached, "the KV cache changes greedy decoding");
+    let mut all = prompt;
+    all.extend(&cached[0].tokens);
+    let text = tokenizer.decode(&all, true)?;
+    eprintln!("stories260k greedy: {text:?}");
+    let expected =
+        "Once upon a time, there was a little girl named Lily. She loved to play outside \
+                    in the park. One day, she saw a big, red ball.";
+    assert!(text.starts_with(expected), "generated {text:?}");
+    Ok(())
+}
+
+/// A batch of prompts of different lengths (left-padded) decodes each row as it would alone.
+#[test]
+fn batched_greedy_equals_single_prompts() -> TestResult {
+    let Some(shared) = shared_dir() else {
+        eprintln!("skipped: PEFTPIPE_SHARED not set");
+        return Ok(());
+    };
+    let dir = ModelDir::open(&shared.join("models/stories260k"))?;
+    let tokenizer = dir.tokenizer()?;
+    let model = dir.load(&Device::Cpu, DType::F32, &FrozenLinearFactory)?;
+    let prompts = vec![
+        tokenizer.encode("Once upon a time", true)?,
+        tokenizer.encode("Tom and his mom went to the store", true)?,
+    ];
+    let options = GreedyOptions {
+        max_new_tokens: 12,
+        stop_token_ids: tokenizer.eos_token_ids.clone(),
+        use_cache: true,
+        pad_token_id: 0,
+    };
+    let batched = greedy(model.as_ref(), &prompts, &Hooks::none(), &options)?;
+    for (prompt, together) in prompts.iter().zip(&batched) {
+        let alone = greedy(
+            model.as_ref(),
+            std::slice::from_ref(prompt),
+            &Hooks::none(),
+            &options,
+        )?;
+        assert_eq!(&alone[0], together);
+    }
+    Ok(())
+}
