@@ -1,1 +1,273 @@
-//! (skeleton)
+//! The cache: a content-addressed store of stage artifacts plus the records that say which
+//! artifact belongs to which fingerprint. It knows bytes, files and digests; it knows nothing of
+//! ML, of stage kinds or of how to decide freshness (that is `exec::plan`).
+//!
+//! Layout under the cache root (default `.peftpipe/cache` next to the pipeline file, overridden
+//! by `--cache-dir` / `PEFTPIPE_CACHE_DIR`):
+//!
+//! ```text
+//! objects/<aa>/<digest>/manifest.json   files of the artifact with size + blake3 (see Manifest)
+//! objects/<aa>/<digest>/data/...        the artifact itself (read-only files)
+//! runs/<aa>/<fingerprint>.json          fingerprint digest → output digest (the "run cache")
+//! locks/<pipeline>.lock.json            per pipeline: each stage's last fingerprint components
+//! index/files.json                      size+mtime index of hashed input files (a hint only)
+//! tmp/                                  staging dirs; anything here is garbage once no run holds
+//!                                       the cache lock
+//! cache.lock                            the exclusive lock a run or gc holds (fs4)
+//! ```
+//!
+//! Every file a later run trusts is written to a temporary name and renamed into place, so a
+//! crash never leaves a half-written object, record or lock file behind under its final name.
+
+pub mod gc;
+pub mod index;
+pub mod lock_file;
+pub mod objects;
+
+use std::fs::File;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use fs4::fs_std::FileExt;
+
+pub use index::FileIndex;
+pub use lock_file::{LockEntry, LockFile};
+pub use objects::{Manifest, RunRecord};
+
+/// Something went wrong reading or writing the cache. Messages name the path.
+#[derive(Debug, thiserror::Error)]
+pub enum CacheError {
+    #[error("cannot {action} `{path}`: {source}")]
+    Io {
+        action: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("`{path}` is not valid: {message}")]
+    Invalid { path: PathBuf, message: String },
+}
+
+impl CacheError {
+    pub(crate) fn io(action: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> Self {
+        let path = path.to_path_buf();
+        move |source| CacheError::Io {
+            action,
+            path,
+            source,
+        }
+    }
+}
+
+/// The cache directory default for a pipeline file: `.peftpipe/cache` next to it.
+pub fn default_cache_dir(project_dir: &Path) -> PathBuf {
+    project_dir.join(".peftpipe").join("cache")
+}
+
+/// A cache rooted at a directory. Opening it creates the layout; it takes no lock.
+#[derive(Debug, Clone)]
+pub struct Cache {
+    root: PathBuf,
+}
+
+/// The exclusive lock on a cache, released when dropped.
+#[derive(Debug)]
+pub struct CacheLock {
+    file: File,
+}
+
+impl Drop for CacheLock {
+    fn drop(&mut self) {
+        // Closing the file releases the lock too; unlocking first makes it immediate.
+        let _ = FileExt::unlock(&self.file);
+    }
+}
+
+impl Cache {
+    /// Open (creating if needed) the cache at `root`.
+    pub fn open(root: &Path) -> Result<Cache, CacheError> {
+        for sub in ["objects", "runs", "locks", "index", "tmp"] {
+            let dir = root.join(sub);
+            std::fs::create_dir_all(&dir).map_err(CacheError::io("create", &dir))?;
+        }
+        let tag = root.join("CACHEDIR.TAG");
+        if !tag.exists() {
+            // Tells backup tools to skip the cache (https://bford.info/cachedir/).
+            write_atomic(
+                &tag,
+                b"Signature: 8a477f597d28d172789f06886806bc55\n# peftpipe cache\n",
+                root,
+            )?;
+        }
+        Ok(Cache {
+            root: root.to_path_buf(),
+        })
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    pub fn tmp_dir(&self) -> PathBuf {
+        self.root.join("tmp")
+    }
+
+    /// Take the cache's exclusive lock. When another process holds it, `on_wait` is called once
+    /// and this blocks until the other process is done (like cargo's package cache lock).
+    pub fn lock_exclusive(&self, on_wait: impl FnOnce()) -> Result<CacheLock, CacheError> {
+        let path = self.root.join("cache.lock");
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .read(true)
+            .write(true)
+            .open(&path)
+            .map_err(CacheError::io("open", &path))?;
+        let acquired = FileExt::try_lock_exclusive(&file).map_err(CacheError::io("lock", &path))?;
+        if !acquired {
+            on_wait();
+            FileExt::lock_exclusive(&file).map_err(CacheError::io("lock", &path))?;
+        }
+        Ok(CacheLock { file })
+    }
+
+    /// Remove leftovers of crashed or killed runs. Only call while holding the exclusive lock.
+    pub fn clear_tmp(&self) -> Result<(), CacheError> {
+        let tmp = self.tmp_dir();
+        let entries = std::fs::read_dir(&tmp).map_err(CacheError::io("list", &tmp))?;
+        for entry in entries {
+            let entry = entry.map_err(CacheError::io("list", &tmp))?;
+            let path = entry.path();
+            remove_path(&path)?;
+        }
+        Ok(())
+    }
+
+    /// A fresh, empty, uniquely named directory under `tmp/`.
+    pub fn staging_dir(&self, label: &str) -> Result<PathBuf, CacheError> {
+        let tmp = self.tmp_dir();
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("{}-", sanitize_name(label)))
+            .tempdir_in(&tmp)
+            .map_err(CacheError::io("create a staging directory in", &tmp))?;
+        Ok(dir.keep())
+    }
+}
+
+/// Remove a file or a directory tree (making read-only files writable as needed).
+pub fn remove_path(path: &Path) -> Result<(), CacheError> {
+    let metadata = match std::fs::symlink_metadata(path) {
+        Ok(metadata) => metadata,
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(error) => return Err(CacheError::io("inspect", path)(error)),
+    };
+    if metadata.is_dir() {
+        std::fs::remove_dir_all(path).map_err(CacheError::io("remove", path))
+    } else {
+        std::fs::remove_file(path).map_err(CacheError::io("remove", path))
+    }
+}
+
+/// A file-name-safe spelling of a pipeline or stage name.
+pub fn sanitize_name(name: &str) -> String {
+    let cleaned: String = name
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    let trimmed = cleaned.trim_start_matches('.');
+    if trimmed.is_empty() {
+        "_".to_string()
+    } else {
+        trimmed.to_string()
+    }
+}
+
+/// Write `bytes` to `path` atomically: a temporary file in `temp_in` (same filesystem), synced,
+/// then renamed over `path`.
+pub fn write_atomic(path: &Path, bytes: &[u8], temp_in: &Path) -> Result<(), CacheError> {
+    let mut file = tempfile::Builder::new()
+        .prefix(".write-")
+        .tempfile_in(temp_in)
+        .map_err(CacheError::io("create a temporary file in", temp_in))?;
+    file.write_all(bytes)
+        .map_err(CacheError::io("write", file.path()))?;
+    file.as_file()
+        .sync_all()
+        .map_err(CacheError::io("sync", path))?;
+    file.persist(path).map_err(|error| CacheError::Io {
+        action: "replace",
+        path: path.to_path_buf(),
+        source: error.error,
+    })?;
+    Ok(())
+}
+
+/// blake3 of a file's content, hex.
+pub fn hash_file(path: &Path) -> Result<String, CacheError> {
+    let file = File::open(path).map_err(CacheError::io("open", path))?;
+    let mut hasher = blake3::Hasher::new();
+    hasher
+        .update_reader(std::io::BufReader::with_capacity(1 << 20, file))
+        .map_err(CacheError::io("read", path))?;
+    Ok(hasher.finalize().to_hex().to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sanitize_name_keeps_safe_characters() {
+        assert_eq!(sanitize_name("quick start/v2"), "quick_start_v2");
+        assert_eq!(sanitize_name("..hidden"), "hidden");
+        assert_eq!(sanitize_name(""), "_");
+    }
+
+    #[test]
+    fn write_atomic_replaces_content() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.json");
+        write_atomic(&path, b"one", dir.path()).unwrap();
+        write_atomic(&path, b"two", dir.path()).unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), b"two");
+        let names: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
+        assert_eq!(names.len(), 1, "no temporary file is left behind");
+    }
+
+    #[test]
+    fn second_lock_waits_for_the_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Cache::open(dir.path()).unwrap();
+        let first = cache
+            .lock_exclusive(|| panic!("first lock must not wait"))
+            .unwrap();
+        let waited = std::sync::atomic::AtomicBool::new(false);
+        std::thread::scope(|scope| {
+            let handle = scope.spawn(|| {
+                let other = Cache::open(dir.path()).unwrap();
+                other
+                    .lock_exclusive(|| waited.store(true, std::sync::atomic::Ordering::SeqCst))
+                    .unwrap()
+            });
+            std::thread::sleep(std::time::Duration::from_millis(100));
+            drop(first);
+            drop(handle.join().unwrap());
+        });
+        assert!(waited.load(std::sync::atomic::Ordering::SeqCst));
+    }
+
+    #[test]
+    fn clear_tmp_removes_staging_leftovers() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Cache::open(dir.path()).unwrap();
+        let staging = cache.staging_dir("train").unwrap();
+        std::fs::write(staging.join("partial.bin"), b"half").unwrap();
+        cache.clear_tmp().unwrap();
+        assert!(!staging.exists());
+    }
+}

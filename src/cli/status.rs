@@ -1,13 +1,42 @@
-//! `peftpipe status` (skeleton: its owner fills in the arguments and the call into the core).
+//! `peftpipe status FILE [--check]`: per stage, fresh or dirty and why. Instant: plans only (input
+//! files through the size+mtime index, the lock file); runs no stage code and loads no weights.
+//! Exit 3 with `--check` when anything is stale (for CI).
 
 use clap::Args;
 
-use super::GlobalArgs;
+use super::run::{load_pipeline, report_exec_error, settings_for};
+use super::{GlobalArgs, PipelineArgs, EXIT_OK, EXIT_STALE};
+use crate::report;
+use crate::report::run::Style;
 
 #[derive(Debug, Args)]
-pub struct StatusArgs {}
+pub struct StatusArgs {
+    #[command(flatten)]
+    pub pipeline: PipelineArgs,
+    /// Exit with code 3 when any stage is stale.
+    #[arg(long)]
+    pub check: bool,
+}
 
-pub fn run(_global: &GlobalArgs, _args: StatusArgs) -> u8 {
-    crate::report::error("this command is not built yet");
-    super::EXIT_FAILED
+pub fn run(global: &GlobalArgs, args: StatusArgs) -> u8 {
+    let pipeline = match load_pipeline(&args.pipeline) {
+        Ok(pipeline) => pipeline,
+        Err(code) => return code,
+    };
+    let settings = settings_for(global, &pipeline);
+    let plan = match crate::exec::plan::plan_only(&pipeline, &settings) {
+        Ok(plan) => plan,
+        Err(error) => return report_exec_error(&error),
+    };
+    if global.json {
+        report::json(&report::status::plan_json(&plan));
+    } else if !global.quiet {
+        let style = Style::detect();
+        report::write_stdout(&report::status::plan_lines(&style, &plan, false));
+    }
+    if args.check && !plan.all_fresh() {
+        EXIT_STALE
+    } else {
+        EXIT_OK
+    }
 }

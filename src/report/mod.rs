@@ -2,8 +2,12 @@
 //! rendered diagnostics, `--json` output. Everything else returns data or sends events.
 #![expect(
     clippy::print_stderr,
+    clippy::print_stdout,
     reason = "the reporter is the one place that writes to the terminal"
 )]
+
+pub mod run;
+pub mod status;
 
 /// Set up `tracing` (RUST_LOG, default warn; stderr).
 pub fn init_logging(quiet: bool) {
@@ -19,4 +23,35 @@ pub fn init_logging(quiet: bool) {
 /// Print an error line to stderr.
 pub fn error(message: &str) {
     eprintln!("error: {message}");
+}
+
+/// Print a warning line to stderr.
+pub fn warning(message: &str) {
+    eprintln!("warning: {message}");
+}
+
+/// A block of text on stderr (a trailing newline is added when missing).
+pub fn write_stderr(text: &str) {
+    if text.ends_with('\n') {
+        eprint!("{text}");
+    } else {
+        eprintln!("{text}");
+    }
+}
+
+/// A block of text on stdout (a trailing newline is added when missing).
+pub fn write_stdout(text: &str) {
+    if text.ends_with('\n') {
+        print!("{text}");
+    } else {
+        println!("{text}");
+    }
+}
+
+/// Pretty JSON on stdout (`--json`).
+pub fn json<T: serde::Serialize>(value: &T) {
+    match serde_json::to_string_pretty(value) {
+        Ok(text) => println!("{text}"),
+        Err(error) => eprintln!("error: cannot encode the JSON output: {error}"),
+    }
 }

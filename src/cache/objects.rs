@@ -1,0 +1,424 @@
+//! The content-addressed object store and the run cache.
+//!
+//! An object is a directory `objects/<aa>/<digest>/` holding `manifest.json` (every file of the
+//! artifact with its size and blake3) and `data/` (the artifact). `digest` is the blake3 of the
+//! manifest's canonical JSON, so an object's name proves its content: [`Cache::verify_object`]
+//! rehashes the files and compares. Objects are moved into place by one rename of a complete
+//! staging directory, and their files are made read-only.
+//!
+//! A run record `runs/<aa>/<fingerprint>.json` maps a fingerprint digest to the output digest it
+//! produced, so going back to earlier parameters restores instead of rerunning.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use super::{hash_file, remove_path, write_atomic, Cache, CacheError};
+use crate::fingerprint::canonical_json;
+
+/// Format version of `manifest.json`.
+pub const MANIFEST_FORMAT: u32 = 1;
+
+/// One file of an artifact.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ManifestEntry {
+    /// Path relative to the artifact root, `/`-separated.
+    pub path: String,
+    pub size: u64,
+    pub blake3: String,
+}
+
+/// Every file of an artifact, sorted by path. Empty directories are not recorded.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Manifest {
+    pub format: u32,
+    pub files: Vec<ManifestEntry>,
+}
+
+impl Manifest {
+    /// Hash every file under `root`. Symlinks and special files are refused: an artifact is plain
+    /// files, so that it means the same thing on every machine.
+    pub fn of_directory(root: &Path) -> Result<Manifest, CacheError> {
+        let mut files = Vec::new();
+        collect_files(root, root, &mut files)?;
+        files.sort_by(|a, b| a.path.cmp(&b.path));
+        Ok(Manifest {
+            format: MANIFEST_FORMAT,
+            files,
+        })
+    }
+
+    /// The digest naming the object: blake3 of the canonical JSON.
+    pub fn digest(&self) -> String {
+        let value = serde_json::to_value(self).unwrap_or(serde_json::Value::Null);
+        blake3::hash(canonical_json(&value).as_bytes())
+            .to_hex()
+            .to_string()
+    }
+
+    pub fn total_size(&self) -> u64 {
+        self.files.iter().map(|file| file.size).sum()
+    }
+}
+
+fn collect_files(
+    root: &Path,
+    dir: &Path,
+    files: &mut Vec<ManifestEntry>,
+) -> Result<(), CacheError> {
+    let entries = std::fs::read_dir(dir).map_err(CacheError::io("list", dir))?;
+    for entry in entries {
+        let entry = entry.map_err(CacheError::io("list", dir))?;
+        let path = entry.path();
+        let file_type = entry
+            .file_type()
+            .map_err(CacheError::io("inspect", &path))?;
+        if file_type.is_dir() {
+            collect_files(root, &path, files)?;
+        } else if file_type.is_file() {
+            let relative = relative_key(root, &path)?;
+            let size = entry
+                .metadata()
+                .map_err(CacheError::io("inspect", &path))?
+                .len();
+            files.push(ManifestEntry {
+                path: relative,
+                size,
+                blake3: hash_file(&path)?,
+            });
+        } else {
+            return Err(CacheError::Invalid {
+                path,
+                message: "stage artifacts may only contain plain files and directories \
+                          (found a symlink or special file)"
+                    .into(),
+            });
+        }
+    }
+    Ok(())
+}
+
+fn relative_key(root: &Path, path: &Path) -> Result<String, CacheError> {
+    let relative = path.strip_prefix(root).map_err(|_| CacheError::Invalid {
+        path: path.to_path_buf(),
+        message: format!("is not under `{}`", root.display()),
+    })?;
+    let mut parts = Vec::new();
+    for component in relative.components() {
+        match component.as_os_str().to_str() {
+            Some(text) => parts.push(text.to_string()),
+            None => {
+                return Err(CacheError::Invalid {
+                    path: path.to_path_buf(),
+                    message: "file names in artifacts must be valid UTF-8".into(),
+                })
+            }
+        }
+    }
+    Ok(parts.join("/"))
+}
+
+/// What the run cache records for one fingerprint.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RunRecord {
+    /// Output digest.
+    pub output: String,
+    /// The stage's reported figures.
+    #[serde(default)]
+    pub outcome: BTreeMap<String, serde_json::Value>,
+    /// Seconds the run took.
+    #[serde(default)]
+    pub wall_time_seconds: f64,
+}
+
+/// A cached artifact failed its check.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Corruption {
+    pub detail: String,
+}
+
+fn shard(digest: &str) -> &str {
+    digest.get(..2).unwrap_or("__")
+}
+
+impl Cache {
+    /// `objects/<aa>/<digest>`.
+    pub fn object_dir(&self, digest: &str) -> PathBuf {
+        self.root.join("objects").join(shard(digest)).join(digest)
+    }
+
+    /// The artifact files of an object.
+    pub fn object_data(&self, digest: &str) -> PathBuf {
+        self.object_dir(digest).join("data")
+    }
+
+    /// Cheap presence check (no hashing): the manifest exists.
+    pub fn has_object(&self, digest: &str) -> bool {
+        self.object_dir(digest).join("manifest.json").is_file()
+    }
+
+    /// Store the artifact in `staging/data` (a directory from [`Cache::staging_dir`]) and return
+    /// its digest. `staging` is consumed: renamed into place, or removed when an intact object
+    /// with the same digest already exists. A corrupted object of the same digest is replaced.
+    pub fn store(&self, staging: &Path) -> Result<(String, Manifest), CacheError> {
+        let data = staging.join("data");
+        if !data.is_dir() {
+            std::fs::create_dir_all(&data).map_err(CacheError::io("create", &data))?;
+        }
+        let manifest = Manifest::of_directory(&data)?;
+        let digest = manifest.digest();
+        let target = self.object_dir(&digest);
+        if self.has_object(&digest) {
+            if self.verify_object(&digest)?.is_ok() {
+                remove_path(staging)?;
+                return Ok((digest, manifest));
+            }
+            // Move the corrupted object out of the way first, then delete it.
+            let trash = self.staging_dir("corrupted")?;
+            let moved = trash.join("object");
+            std::fs::rename(&target, &moved).map_err(CacheError::io("move away", &target))?;
+            remove_path(&trash)?;
+        }
+        let manifest_json =
+            serde_json::to_vec_pretty(&manifest).map_err(|error| CacheError::Invalid {
+                path: staging.to_path_buf(),
+                message: error.to_string(),
+            })?;
+        write_atomic(&staging.join("manifest.json"), &manifest_json, staging)?;
+        make_read_only(&data)?;
+        let parent = target.parent().unwrap_or(&self.root).to_path_buf();
+        std::fs::create_dir_all(&parent).map_err(CacheError::io("create", &parent))?;
+        std::fs::rename(staging, &target).map_err(CacheError::io("move into place", &target))?;
+        Ok((digest, manifest))
+    }
+
+    /// Rehash an object and compare with its manifest and name. `Ok(Err(_))` describes the
+    /// corruption; `Err` is an I/O failure other than a missing or unreadable object file.
+    pub fn verify_object(&self, digest: &str) -> Result<Result<Manifest, Corruption>, CacheError> {
+        let dir = self.object_dir(digest);
+        let manifest_path = dir.join("manifest.json");
+        let text = match std::fs::read_to_string(&manifest_path) {
+            Ok(text) => text,
+            Err(error) => {
+                return Ok(Err(Corruption {
+                    detail: format!("manifest unreadable: {error}"),
+                }))
+            }
+        };
+        let manifest: Manifest = match serde_json::from_str(&text) {
+            Ok(manifest) => manifest,
+            Err(error) => {
+                return Ok(Err(Corruption {
+                    detail: format!("manifest is not valid JSON: {error}"),
+                }))
+            }
+        };
+        if manifest.digest() != digest {
+            return Ok(Err(Corruption {
+                detail: "manifest does not match the object's digest".into(),
+            }));
+        }
+        let actual = match Manifest::of_directory(&dir.join("data")) {
+            Ok(actual) => actual,
+            Err(error) => {
+                return Ok(Err(Corruption {
+                    detail: error.to_string(),
+                }))
+            }
+        };
+        if actual.files == manifest.files {
+            return Ok(Ok(manifest));
+        }
+        let expected: BTreeMap<&str, &ManifestEntry> = manifest
+            .files
+            .iter()
+            .map(|file| (file.path.as_str(), file))
+            .collect();
+        let found: BTreeMap<&str, &ManifestEntry> = actual
+            .files
+            .iter()
+            .map(|file| (file.path.as_str(), file))
+            .collect();
+        let detail = expected
+            .iter()
+            .find_map(|(path, entry)| match found.get(path) {
+                None => Some(format!("{path} is missing")),
+                Some(other) if other.size != entry.size => Some(format!(
+                    "{path} has {} bytes, expected {}",
+                    other.size, entry.size
+                )),
+                Some(other) if other.blake3 != entry.blake3 => {
+                    Some(format!("{path} content differs"))
+                }
+                _ => None,
+            })
+            .or_else(|| {
+                found
+                    .keys()
+                    .find(|path| !expected.contains_key(*path))
+                    .map(|path| format!("{path} is unexpected"))
+            })
+            .unwrap_or_else(|| "files differ from the manifest".into());
+        Ok(Err(Corruption { detail }))
+    }
+
+    /// Remove an object (gc, or a corrupted one). Renamed away first so no half-deleted object is
+    /// ever visible under its name.
+    pub fn remove_object(&self, digest: &str) -> Result<(), CacheError> {
+        let target = self.object_dir(digest);
+        if !target.exists() {
+            return Ok(());
+        }
+        let trash = self.staging_dir("removed")?;
+        let moved = trash.join("object");
+        std::fs::rename(&target, &moved).map_err(CacheError::io("move away", &target))?;
+        remove_path(&trash)
+    }
+
+    fn run_record_path(&self, fingerprint: &str) -> PathBuf {
+        self.root
+            .join("runs")
+            .join(shard(fingerprint))
+            .join(format!("{fingerprint}.json"))
+    }
+
+    /// The run record for a fingerprint digest, if any (unreadable records count as absent).
+    pub fn run_record(&self, fingerprint: &str) -> Option<RunRecord> {
+        let text = std::fs::read_to_string(self.run_record_path(fingerprint)).ok()?;
+        serde_json::from_str(&text).ok()
+    }
+
+    /// Record (atomically) that `fingerprint` produced `record.output`.
+    pub fn put_run_record(&self, fingerprint: &str, record: &RunRecord) -> Result<(), CacheError> {
+        let path = self.run_record_path(fingerprint);
+        let parent = path.parent().unwrap_or(&self.root).to_path_buf();
+        std::fs::create_dir_all(&parent).map_err(CacheError::io("create", &parent))?;
+        let bytes = serde_json::to_vec_pretty(record).map_err(|error| CacheError::Invalid {
+            path: path.clone(),
+            message: error.to_string(),
+        })?;
+        write_atomic(&path, &bytes, &self.tmp_dir())
+    }
+}
+
+/// Make every file under `dir` read-only, so an accidental write through a hard link fails.
+fn make_read_only(dir: &Path) -> Result<(), CacheError> {
+    let entries = std::fs::read_dir(dir).map_err(CacheError::io("list", dir))?;
+    for entry in entries {
+        let entry = entry.map_err(CacheError::io("list", dir))?;
+        let path = entry.path();
+        let metadata = entry.metadata().map_err(CacheError::io("inspect", &path))?;
+        if metadata.is_dir() {
+            make_read_only(&path)?;
+        } else {
+            let mut permissions = metadata.permissions();
+            permissions.set_readonly(true);
+            std::fs::set_permissions(&path, permissions)
+                .map_err(CacheError::io("make read-only", &path))?;
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn staged(cache: &Cache, files: &[(&str, &str)]) -> PathBuf {
+        let staging = cache.staging_dir("test").unwrap();
+        for (path, content) in files {
+            let full = staging.join("data").join(path);
+            std::fs::create_dir_all(full.parent().unwrap()).unwrap();
+            std::fs::write(full, content).unwrap();
+        }
+        staging
+    }
+
+    fn make_writable(path: &Path) {
+        let mut permissions = std::fs::metadata(path).unwrap().permissions();
+        #[expect(
+            clippy::permissions_set_readonly_false,
+            reason = "test corrupts a file"
+        )]
+        permissions.set_readonly(false);
+        std::fs::set_permissions(path, permissions).unwrap();
+    }
+
+    #[test]
+    fn store_is_content_addressed_and_deduplicated() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Cache::open(dir.path()).unwrap();
+        let first = staged(&cache, &[("a.txt", "one"), ("sub/b.txt", "two")]);
+        let (digest, manifest) = cache.store(&first).unwrap();
+        assert_eq!(manifest.files.len(), 2);
+        assert_eq!(manifest.files[1].path, "sub/b.txt");
+        assert!(cache.has_object(&digest));
+        assert!(!first.exists(), "staging is consumed");
+        let second = staged(&cache, &[("sub/b.txt", "two"), ("a.txt", "one")]);
+        let (again, _) = cache.store(&second).unwrap();
+        assert_eq!(digest, again);
+        assert!(!second.exists());
+        let third = staged(&cache, &[("a.txt", "ONE"), ("sub/b.txt", "two")]);
+        let (other, _) = cache.store(&third).unwrap();
+        assert_ne!(digest, other);
+        assert!(cache.verify_object(&digest).unwrap().is_ok());
+    }
+
+    #[test]
+    fn verify_detects_changed_missing_and_extra_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Cache::open(dir.path()).unwrap();
+        let (digest, _) = cache
+            .store(&staged(&cache, &[("a.txt", "one"), ("b.txt", "two")]))
+            .unwrap();
+        let file = cache.object_data(&digest).join("a.txt");
+        make_writable(&file);
+        std::fs::write(&file, "0ne").unwrap();
+        let detail = cache.verify_object(&digest).unwrap().unwrap_err().detail;
+        assert_eq!(detail, "a.txt content differs");
+        std::fs::remove_file(&file).unwrap();
+        let detail = cache.verify_object(&digest).unwrap().unwrap_err().detail;
+        assert_eq!(detail, "a.txt is missing");
+        std::fs::write(&file, "one").unwrap();
+        std::fs::write(cache.object_data(&digest).join("c.txt"), "x").unwrap();
+        let detail = cache.verify_object(&digest).unwrap().unwrap_err().detail;
+        assert_eq!(detail, "c.txt is unexpected");
+    }
+
+    #[test]
+    fn storing_again_replaces_a_corrupted_object() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Cache::open(dir.path()).unwrap();
+        let (digest, _) = cache.store(&staged(&cache, &[("a.txt", "one")])).unwrap();
+        let file = cache.object_data(&digest).join("a.txt");
+        make_writable(&file);
+        std::fs::write(&file, "bad").unwrap();
+        let (again, _) = cache.store(&staged(&cache, &[("a.txt", "one")])).unwrap();
+        assert_eq!(digest, again);
+        assert!(cache.verify_object(&digest).unwrap().is_ok());
+    }
+
+    #[test]
+    fn stored_files_are_read_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Cache::open(dir.path()).unwrap();
+        let (digest, _) = cache.store(&staged(&cache, &[("a.txt", "one")])).unwrap();
+        let metadata = std::fs::metadata(cache.object_data(&digest).join("a.txt")).unwrap();
+        assert!(metadata.permissions().readonly());
+    }
+
+    #[test]
+    fn run_records_round_trip() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Cache::open(dir.path()).unwrap();
+        assert!(cache.run_record("abcd").is_none());
+        let record = RunRecord {
+            output: "ff".into(),
+            outcome: BTreeMap::from([("rows".to_string(), serde_json::json!(3))]),
+            wall_time_seconds: 1.5,
+        };
+        cache.put_run_record("abcd", &record).unwrap();
+        assert_eq!(cache.run_record("abcd"), Some(record));
+    }
+}

@@ -1,0 +1,552 @@
+//! The runner: takes the cache lock, plans, then walks the selected stages in topological order.
+//! A stage starts once all its upstream stages are done; it is then re-decided with their actual
+//! output digests and either restored (digest-checked, materialized, published) or run in a fresh
+//! staging directory and stored. Up to `jobs` stages are in flight at once (scoped threads).
+//!
+//! Failure policy: after a stage fails, or after Ctrl-C, no new stage starts; stages already
+//! running finish (and are stored when they succeed); the rest are reported as skipped. The lock
+//! file is rewritten (atomically) after every stage, so whatever finished before a crash is kept
+//! and nothing unfinished is ever recorded.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use super::materialize::materialize;
+use super::plan::{decide, forced_stages, make_plan, CachedOutput, Freshness, StagePlan};
+use super::{
+    graph, CacheUse, EventSink, ExecError, ExecEvent, RunSettings, RunSummary, StageBuilder,
+    StageReport, StageStatus, STAGE_DELAY_ENV,
+};
+use crate::cache::{Cache, FileIndex, LockEntry, RunRecord};
+use crate::config::{Pipeline, StageConfig};
+use crate::fingerprint::{DirtyReason, StageFingerprint};
+use crate::stages::{Progress, ProgressSink, StageContext, StageError, StageOutcome};
+
+/// Run a pipeline. Stage failures are in the summary; `Err` means nothing could start.
+pub fn execute(
+    pipeline: &Pipeline,
+    settings: &RunSettings,
+    builder: &StageBuilder<'_>,
+    events: &dyn EventSink,
+    cancel: &AtomicBool,
+) -> Result<RunSummary, ExecError> {
+    let started = Instant::now();
+    let cache = Cache::open(&settings.cache_dir)?;
+    let _lock = cache.lock_exclusive(|| {
+        events.event(ExecEvent::WaitingForLock {
+            cache: settings.cache_dir.clone(),
+        })
+    })?;
+    cache.clear_tmp()?;
+    let order = graph::topological_order(&pipeline.stages)?;
+    let selected = graph::select(&pipeline.stages, &order, &settings.targets)?;
+    let mut lock_file = cache.read_lock_file(&pipeline.name)?;
+    lock_file
+        .stages
+        .retain(|name, _| pipeline.stages.contains_key(name));
+    let mut index = FileIndex::load(&cache);
+    let forced = forced_stages(settings, &selected);
+    let plan = make_plan(pipeline, &cache, &lock_file, &mut index, &selected, &forced)?;
+    index.save()?;
+    events.event(ExecEvent::Planned {
+        stages: plan
+            .stages
+            .iter()
+            .map(|stage| (stage.name.clone(), stage.kind.clone()))
+            .collect(),
+    });
+
+    let count = plan.stages.len();
+    let mut states: Vec<State> = vec![State::Waiting; count];
+    let mut reports: Vec<Option<StageReport>> = vec![None; count];
+    let mut interrupted = false;
+    let mut failed = false;
+    let jobs = settings.jobs.max(1);
+    let delay = stage_delay();
+
+    std::thread::scope(|scope| {
+        let (sender, receiver) = mpsc::channel::<(usize, JobResult)>();
+        let mut running = 0usize;
+        loop {
+            if cancel.load(Ordering::SeqCst) && !interrupted {
+                interrupted = true;
+                events.event(ExecEvent::Interrupting);
+            }
+            if !interrupted && !failed {
+                for position in 0..count {
+                    if running >= jobs {
+                        break;
+                    }
+                    if states[position] != State::Waiting {
+                        continue;
+                    }
+                    let stage_plan = &plan.stages[position];
+                    let Some(upstream) = upstream_outputs(&plan.stages, &states, stage_plan) else {
+                        continue;
+                    };
+                    let Some(config) = pipeline.stages.get(&stage_plan.name) else {
+                        continue;
+                    };
+                    let fingerprint = StageFingerprint::new(
+                        config,
+                        upstream.clone(),
+                        stage_plan.inputs.clone(),
+                        pipeline.seed,
+                    );
+                    let freshness = decide(
+                        &cache,
+                        lock_file.stages.get(&stage_plan.name),
+                        &fingerprint,
+                        forced.contains(&stage_plan.name),
+                    );
+                    states[position] = State::Running;
+                    running += 1;
+                    let job = Job {
+                        name: stage_plan.name.clone(),
+                        kind: stage_plan.kind.clone(),
+                        config,
+                        fingerprint,
+                        freshness,
+                        upstream,
+                    };
+                    let sender = sender.clone();
+                    let cache = &cache;
+                    let delay = delay.clone();
+                    scope.spawn(move || {
+                        let result = run_job(
+                            job, pipeline, settings, cache, builder, events, cancel, delay,
+                        );
+                        // The receiver outlives every job (same scope).
+                        let _ = sender.send((position, result));
+                    });
+                }
+            }
+            if running == 0 {
+                break;
+            }
+            let (position, result) = match receiver.recv_timeout(Duration::from_millis(50)) {
+                Ok(message) => message,
+                Err(mpsc::RecvTimeoutError::Timeout) => continue,
+                Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            };
+            running -= 1;
+            let mut report = result.report;
+            match (&report.status, result.lock_entry) {
+                (StageStatus::Fresh | StageStatus::Ran, Some(entry)) => {
+                    let output = entry.output.clone();
+                    let changed = lock_file.stages.get(&report.name) != Some(&entry);
+                    lock_file.stages.insert(report.name.clone(), entry);
+                    let written = if changed {
+                        cache.write_lock_file(&lock_file)
+                    } else {
+                        Ok(())
+                    };
+                    match written {
+                        Ok(()) => states[position] = State::Done(output),
+                        Err(error) => {
+                            report.status = StageStatus::Failed;
+                            report.error = Some(error.to_string());
+                            states[position] = State::Failed;
+                            failed = true;
+                        }
+                    }
+                }
+                (StageStatus::Cancelled, _) => {
+                    states[position] = State::Failed;
+                    interrupted = true;
+                }
+                _ => {
+                    states[position] = State::Failed;
+                    failed = true;
+                }
+            }
+            events.event(ExecEvent::StageFinished(report.clone()));
+            reports[position] = Some(report);
+        }
+    });
+
+    // Whatever did not start is skipped, with the reason.
+    for position in 0..count {
+        if reports[position].is_some() {
+            continue;
+        }
+        let stage_plan = &plan.stages[position];
+        let blocker = stage_plan.upstream.iter().find(|name| {
+            plan.stages
+                .iter()
+                .position(|stage| &stage.name == *name)
+                .is_some_and(|index| states[index] == State::Failed)
+        });
+        let error = match (blocker, interrupted) {
+            (Some(name), _) => format!("not run: upstream stage {name} did not finish"),
+            (None, true) => "not run: interrupted".to_string(),
+            (None, false) => "not run: an earlier stage failed".to_string(),
+        };
+        states[position] = State::Failed;
+        let report = StageReport {
+            name: stage_plan.name.clone(),
+            kind: stage_plan.kind.clone(),
+            status: StageStatus::Skipped,
+            cache: CacheUse::None,
+            reasons: Vec::new(),
+            wall_time: Duration::ZERO,
+            outcome: BTreeMap::new(),
+            output: None,
+            output_dir: None,
+            error: Some(error),
+        };
+        events.event(ExecEvent::StageFinished(report.clone()));
+        reports[position] = Some(report);
+    }
+
+    Ok(RunSummary {
+        pipeline: pipeline.name.clone(),
+        stages: reports.into_iter().flatten().collect(),
+        interrupted,
+        wall_time: started.elapsed(),
+    })
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum State {
+    Waiting,
+    Running,
+    /// Finished with this output digest.
+    Done(String),
+    /// Failed, cancelled or skipped.
+    Failed,
+}
+
+/// Upstream name → output digest, once every upstream stage is done.
+fn upstream_outputs(
+    stages: &[StagePlan],
+    states: &[State],
+    stage: &StagePlan,
+) -> Option<BTreeMap<String, String>> {
+    let mut out = BTreeMap::new();
+    for name in &stage.upstream {
+        let index = stages.iter().position(|other| &other.name == name)?;
+        match &states[index] {
+            State::Done(output) => {
+                out.insert(name.clone(), output.clone());
+            }
+            _ => return None,
+        }
+    }
+    Some(out)
+}
+
+struct Job<'a> {
+    name: String,
+    kind: String,
+    config: &'a StageConfig,
+    fingerprint: StageFingerprint,
+    freshness: Freshness,
+    /// Upstream name → output digest.
+    upstream: BTreeMap<String, String>,
+}
+
+struct JobResult {
+    report: StageReport,
+    lock_entry: Option<LockEntry>,
+}
+
+/// Forwards a running stage's progress to the event stream.
+struct StageSink<'a> {
+    stage: &'a str,
+    events: &'a dyn EventSink,
+}
+
+impl ProgressSink for StageSink<'_> {
+    fn progress(&self, progress: Progress) {
+        self.events.event(ExecEvent::StageProgress {
+            stage: self.stage.to_string(),
+            progress,
+        });
+    }
+
+    fn note(&self, message: String) {
+        self.events.event(ExecEvent::StageNote {
+            stage: self.stage.to_string(),
+            message,
+        });
+    }
+}
+
+/// What every [`StageContext`] of one job shares.
+struct ContextParts<'a> {
+    name: &'a str,
+    pipeline: &'a Pipeline,
+    upstream: &'a BTreeMap<String, PathBuf>,
+    sink: &'a StageSink<'a>,
+    cancel: &'a AtomicBool,
+    settings: &'a RunSettings,
+}
+
+impl<'a> ContextParts<'a> {
+    fn context(&'a self, dir: &'a std::path::Path) -> StageContext<'a> {
+        StageContext {
+            name: self.name,
+            project_dir: &self.pipeline.project_dir,
+            out_dir: dir,
+            upstream: self.upstream,
+            seed: self.pipeline.seed,
+            progress: self.sink,
+            cancel: self.cancel,
+            options: &self.settings.options,
+        }
+    }
+}
+
+#[expect(
+    clippy::too_many_arguments,
+    reason = "one job carries the whole run context"
+)]
+fn run_job(
+    job: Job<'_>,
+    pipeline: &Pipeline,
+    settings: &RunSettings,
+    cache: &Cache,
+    builder: &StageBuilder<'_>,
+    events: &dyn EventSink,
+    cancel: &AtomicBool,
+    delay: Option<(String, Duration)>,
+) -> JobResult {
+    let started = Instant::now();
+    let upstream: BTreeMap<String, PathBuf> = job
+        .upstream
+        .iter()
+        .map(|(name, digest)| (name.clone(), cache.object_data(digest)))
+        .collect();
+    let out_dir = settings
+        .out_root
+        .join(crate::cache::sanitize_name(&job.name));
+    let sink = StageSink {
+        stage: &job.name,
+        events,
+    };
+    let stage = match builder(&job.name, job.config) {
+        Ok(stage) => stage,
+        Err(error) => {
+            return failed(&job, started, Vec::new(), error.to_string(), false);
+        }
+    };
+    let parts = ContextParts {
+        name: &job.name,
+        pipeline,
+        upstream: &upstream,
+        sink: &sink,
+        cancel,
+        settings,
+    };
+    let context = |dir| parts.context(dir);
+
+    let reasons = match &job.freshness {
+        Freshness::Fresh(cached) => match cache.verify_object(&cached.output) {
+            Ok(Ok(_manifest)) => {
+                let source = cache.object_data(&cached.output);
+                let published = materialize(&source, &out_dir)
+                    .map_err(|error| error.to_string())
+                    .and_then(|()| {
+                        stage
+                            .publish(&source, &context(&source))
+                            .map_err(|error| error.to_string())
+                    });
+                return match published {
+                    Ok(()) => fresh(&job, cached, started, out_dir),
+                    Err(message) => failed(&job, started, Vec::new(), message, false),
+                };
+            }
+            Ok(Err(corruption)) => {
+                events.event(ExecEvent::StageNote {
+                    stage: job.name.clone(),
+                    message: format!(
+                        "cached output is corrupted ({}); rebuilding",
+                        corruption.detail
+                    ),
+                });
+                if let Err(error) = cache.remove_object(&cached.output) {
+                    return failed(&job, started, Vec::new(), error.to_string(), false);
+                }
+                vec![DirtyReason::OutputCorrupted {
+                    detail: corruption.detail,
+                }]
+            }
+            Err(error) => return failed(&job, started, Vec::new(), error.to_string(), false),
+        },
+        Freshness::Dirty { reasons } => reasons.clone(),
+    };
+
+    events.event(ExecEvent::StageStarted {
+        stage: job.name.clone(),
+        kind: job.kind.clone(),
+        reasons: reasons.clone(),
+    });
+    let staging = match cache.staging_dir(&job.name) {
+        Ok(staging) => staging,
+        Err(error) => return failed(&job, started, reasons, error.to_string(), false),
+    };
+    let data = staging.join("data");
+    if let Err(error) = std::fs::create_dir_all(&data) {
+        return failed(&job, started, reasons, error.to_string(), false);
+    }
+    let outcome =
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| stage.run(&context(&data))))
+            .unwrap_or_else(|panic| {
+                let message = panic
+                    .downcast_ref::<&str>()
+                    .map(|text| text.to_string())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "unknown panic".to_string());
+                Err(StageError::Internal(format!(
+                    "the stage panicked: {message}"
+                )))
+            });
+    let outcome = outcome.and_then(|outcome| {
+        hold_for_tests(&job.name, &delay, cancel)?;
+        Ok(outcome)
+    });
+    let outcome: StageOutcome = match outcome {
+        Ok(outcome) => outcome,
+        Err(error) => {
+            let _ = crate::cache::remove_path(&staging);
+            let cancelled = matches!(error, StageError::Cancelled);
+            return failed(&job, started, reasons, error.to_string(), cancelled);
+        }
+    };
+    let stored = cache.store(&staging).and_then(|(output, _manifest)| {
+        let source = cache.object_data(&output);
+        materialize(&source, &out_dir)?;
+        Ok((output, source))
+    });
+    let (output, source) = match stored {
+        Ok(stored) => stored,
+        Err(error) => {
+            let _ = crate::cache::remove_path(&staging);
+            return failed(&job, started, reasons, error.to_string(), false);
+        }
+    };
+    if let Err(error) = stage.publish(&source, &context(&source)) {
+        return failed(&job, started, reasons, error.to_string(), false);
+    }
+    let wall_time = started.elapsed();
+    let fingerprint_digest = job.fingerprint.digest();
+    let record = RunRecord {
+        output: output.clone(),
+        outcome: outcome.summary.clone(),
+        wall_time_seconds: wall_time.as_secs_f64(),
+    };
+    if let Err(error) = cache.put_run_record(&fingerprint_digest, &record) {
+        return failed(&job, started, reasons, error.to_string(), false);
+    }
+    JobResult {
+        report: StageReport {
+            name: job.name.clone(),
+            kind: job.kind.clone(),
+            status: StageStatus::Ran,
+            cache: CacheUse::Miss,
+            reasons,
+            wall_time,
+            outcome: outcome.summary.clone(),
+            output: Some(output.clone()),
+            output_dir: Some(out_dir),
+            error: None,
+        },
+        lock_entry: Some(LockEntry {
+            fingerprint: fingerprint_digest,
+            components: job.fingerprint,
+            output,
+            outcome: outcome.summary,
+            wall_time_seconds: wall_time.as_secs_f64(),
+        }),
+    }
+}
+
+fn fresh(job: &Job<'_>, cached: &CachedOutput, started: Instant, out_dir: PathBuf) -> JobResult {
+    let wall_time = started.elapsed();
+    JobResult {
+        report: StageReport {
+            name: job.name.clone(),
+            kind: job.kind.clone(),
+            status: StageStatus::Fresh,
+            cache: CacheUse::Hit,
+            reasons: Vec::new(),
+            wall_time,
+            outcome: cached.outcome.clone(),
+            output: Some(cached.output.clone()),
+            output_dir: Some(out_dir),
+            error: None,
+        },
+        lock_entry: Some(LockEntry {
+            fingerprint: job.fingerprint.digest(),
+            components: job.fingerprint.clone(),
+            output: cached.output.clone(),
+            outcome: cached.outcome.clone(),
+            wall_time_seconds: cached.wall_time_seconds,
+        }),
+    }
+}
+
+fn failed(
+    job: &Job<'_>,
+    started: Instant,
+    reasons: Vec<DirtyReason>,
+    message: String,
+    cancelled: bool,
+) -> JobResult {
+    JobResult {
+        report: StageReport {
+            name: job.name.clone(),
+            kind: job.kind.clone(),
+            status: if cancelled {
+                StageStatus::Cancelled
+            } else {
+                StageStatus::Failed
+            },
+            cache: CacheUse::None,
+            reasons,
+            wall_time: started.elapsed(),
+            outcome: BTreeMap::new(),
+            output: None,
+            output_dir: None,
+            error: Some(message),
+        },
+        lock_entry: None,
+    }
+}
+
+/// The test-only delay from [`STAGE_DELAY_ENV`], if set and well-formed.
+fn stage_delay() -> Option<(String, Duration)> {
+    let value = std::env::var(STAGE_DELAY_ENV).ok()?;
+    let (stage, milliseconds) = value.split_once('=')?;
+    let milliseconds: u64 = milliseconds.trim().parse().ok()?;
+    Some((
+        stage.trim().to_string(),
+        Duration::from_millis(milliseconds),
+    ))
+}
+
+/// Wait (test-only) between a stage's run and the store, giving up on Ctrl-C.
+fn hold_for_tests(
+    stage: &str,
+    delay: &Option<(String, Duration)>,
+    cancel: &AtomicBool,
+) -> Result<(), StageError> {
+    let Some((name, duration)) = delay else {
+        return Ok(());
+    };
+    if name != stage {
+        return Ok(());
+    }
+    let until = Instant::now() + *duration;
+    while Instant::now() < until {
+        if cancel.load(Ordering::SeqCst) {
+            return Err(StageError::Cancelled);
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    Ok(())
+}

@@ -1,0 +1,537 @@
+//! Executor tests with fake stages (through the injectable builder): freshness, reasons, early
+//! cutoff, the run cache, selection, failures, cancellation, corruption and concurrency.
+
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use super::*;
+use crate::config::RawPipeline;
+use crate::fingerprint::DirtyReason;
+use crate::stages::{StageContext, StageOutcome};
+
+/// What the fake stages did, shared by all of them.
+#[derive(Default)]
+struct World {
+    /// Names of stages whose `run` was called, in order.
+    ran: Mutex<Vec<String>>,
+    /// Names of stages whose `publish` was called.
+    published: Mutex<Vec<String>>,
+    running_now: AtomicUsize,
+    most_at_once: AtomicUsize,
+}
+
+struct FakeStage<'a> {
+    world: &'a World,
+    name: String,
+    config: StageConfig,
+}
+
+impl Stage for FakeStage<'_> {
+    fn run(&self, ctx: &StageContext<'_>) -> Result<StageOutcome, StageError> {
+        self.world.ran.lock().unwrap().push(self.name.clone());
+        let now = self.world.running_now.fetch_add(1, Ordering::SeqCst) + 1;
+        self.world.most_at_once.fetch_max(now, Ordering::SeqCst);
+        let result = self.work(ctx);
+        self.world.running_now.fetch_sub(1, Ordering::SeqCst);
+        result
+    }
+
+    fn publish(&self, artifact: &Path, _ctx: &StageContext<'_>) -> Result<(), StageError> {
+        assert!(artifact.is_dir());
+        self.world.published.lock().unwrap().push(self.name.clone());
+        Ok(())
+    }
+}
+
+impl FakeStage<'_> {
+    fn work(&self, ctx: &StageContext<'_>) -> Result<StageOutcome, StageError> {
+        if self.name.starts_with("slow") {
+            std::thread::sleep(Duration::from_millis(150));
+        }
+        if self.name.starts_with("bad") {
+            std::fs::write(ctx.out_dir.join("half.txt"), "half")?;
+            return Err(StageError::user("bad input row 3"));
+        }
+        if self.name.starts_with("panicky") {
+            panic!("index out of range");
+        }
+        if self.name.starts_with("interrupted") {
+            ctx.cancel.store(true, Ordering::SeqCst);
+            ctx.check_cancel()?;
+        }
+        let text = match &self.config {
+            // Output depends on the path, case-insensitively (so a case change is a parameter
+            // change with identical output: early cutoff).
+            StageConfig::Ingest(config) => format!("rows of {}", config.path.to_lowercase()),
+            StageConfig::Template(config) => {
+                let upstream = ctx.upstream_dir(&config.input)?;
+                let rows = std::fs::read_to_string(upstream.join("out.txt"))?;
+                format!("prompts over [{rows}]")
+            }
+            other => format!("{:?}", other.kind()),
+        };
+        std::fs::create_dir_all(ctx.out_dir.join("sub"))?;
+        std::fs::write(ctx.out_dir.join("out.txt"), &text)?;
+        std::fs::write(ctx.out_dir.join("sub/len.txt"), text.len().to_string())?;
+        let mut outcome = StageOutcome::default();
+        outcome
+            .summary
+            .insert("bytes".into(), serde_json::json!(text.len()));
+        Ok(outcome)
+    }
+}
+
+struct Setup {
+    _dir: tempfile::TempDir,
+    root: std::path::PathBuf,
+}
+
+impl Setup {
+    fn new() -> Setup {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().to_path_buf();
+        Setup { _dir: dir, root }
+    }
+
+    fn pipeline(&self, yaml: &str) -> Pipeline {
+        let value: serde_norway::Value = serde_norway::from_str(yaml).unwrap();
+        let raw: RawPipeline =
+            serde_json::from_value(serde_json::to_value(value).unwrap()).unwrap();
+        Pipeline {
+            name: raw.name.clone().unwrap_or_else(|| "test".into()),
+            file: self.root.join("pipeline.yaml"),
+            project_dir: self.root.clone(),
+            seed: raw.seed,
+            stages: raw.stages,
+            overrides: Vec::new(),
+        }
+    }
+
+    fn settings(&self, pipeline: &Pipeline) -> RunSettings {
+        let mut settings = RunSettings::for_pipeline(pipeline);
+        settings.jobs = 2;
+        settings
+    }
+}
+
+fn run(world: &World, pipeline: &Pipeline, settings: &RunSettings) -> RunSummary {
+    let builder = |name: &str, config: &StageConfig| -> Result<Box<dyn Stage + '_>, StageError> {
+        Ok(Box::new(FakeStage {
+            world,
+            name: name.to_string(),
+            config: config.clone(),
+        }))
+    };
+    execute(
+        pipeline,
+        settings,
+        &builder,
+        &IgnoreEvents,
+        &AtomicBool::new(false),
+    )
+    .unwrap()
+}
+
+fn statuses(summary: &RunSummary) -> Vec<(String, StageStatus)> {
+    summary
+        .stages
+        .iter()
+        .map(|stage| (stage.name.clone(), stage.status))
+        .collect()
+}
+
+fn reasons(summary: &RunSummary, stage: &str) -> Vec<String> {
+    summary
+        .stages
+        .iter()
+        .find(|report| report.name == stage)
+        .unwrap()
+        .reasons
+        .iter()
+        .map(ToString::to_string)
+        .collect()
+}
+
+const TWO_STAGES: &str = "
+stages:
+  data: {ingest: {path: A.parquet}}
+  prompts: {template: {input: data}}
+";
+
+#[test]
+fn second_run_restores_everything_without_running() {
+    let setup = Setup::new();
+    let world = World::default();
+    let pipeline = setup.pipeline(TWO_STAGES);
+    let settings = setup.settings(&pipeline);
+    let first = run(&world, &pipeline, &settings);
+    assert_eq!(
+        statuses(&first),
+        [
+            ("data".into(), StageStatus::Ran),
+            ("prompts".into(), StageStatus::Ran)
+        ]
+    );
+    assert_eq!(reasons(&first, "data"), ["never run"]);
+    let second = run(&world, &pipeline, &settings);
+    assert!(second
+        .stages
+        .iter()
+        .all(|stage| stage.status == StageStatus::Fresh && stage.cache == CacheUse::Hit));
+    assert_eq!(*world.ran.lock().unwrap(), ["data", "prompts"]);
+    // Restored stages are published again and keep their recorded figures.
+    assert_eq!(world.published.lock().unwrap().len(), 4);
+    assert_eq!(second.stages[0].outcome["bytes"], serde_json::json!(17));
+    // Outputs are visible at the stable path.
+    let out = settings.out_root.join("prompts/out.txt");
+    assert_eq!(
+        std::fs::read_to_string(out).unwrap(),
+        "prompts over [rows of a.parquet]"
+    );
+    assert!(settings.out_root.join("data/sub/len.txt").is_file());
+    let plan = plan::plan_only(&pipeline, &settings).unwrap();
+    assert!(plan.all_fresh());
+}
+
+#[test]
+fn a_parameter_change_reruns_the_stage_and_its_dependents_with_reasons() {
+    let setup = Setup::new();
+    let world = World::default();
+    let settings = setup.settings(&setup.pipeline(TWO_STAGES));
+    run(&world, &setup.pipeline(TWO_STAGES), &settings);
+    let changed = setup.pipeline(&TWO_STAGES.replace("A.parquet", "B.parquet"));
+    let plan = plan::plan_only(&changed, &settings).unwrap();
+    let plan_reasons: Vec<Vec<String>> = plan
+        .stages
+        .iter()
+        .map(|stage| match &stage.freshness {
+            Freshness::Dirty { reasons } => reasons.iter().map(ToString::to_string).collect(),
+            Freshness::Fresh(_) => vec![],
+        })
+        .collect();
+    assert_eq!(
+        plan_reasons,
+        [
+            vec![r#"parameter ingest.path changed ("A.parquet" → "B.parquet")"#.to_string()],
+            vec!["upstream stage data is dirty".to_string()],
+        ]
+    );
+    let summary = run(&world, &changed, &settings);
+    assert_eq!(
+        reasons(&summary, "data"),
+        [r#"parameter ingest.path changed ("A.parquet" → "B.parquet")"#]
+    );
+    assert_eq!(
+        reasons(&summary, "prompts"),
+        ["upstream stage data was rebuilt"]
+    );
+}
+
+#[test]
+fn identical_upstream_output_keeps_dependents_fresh() {
+    let setup = Setup::new();
+    let world = World::default();
+    let settings = setup.settings(&setup.pipeline(TWO_STAGES));
+    run(&world, &setup.pipeline(TWO_STAGES), &settings);
+    // The fake ingest lowercases its path: same output, so prompts stays fresh.
+    let changed = setup.pipeline(&TWO_STAGES.replace("A.parquet", "a.parquet"));
+    let summary = run(&world, &changed, &settings);
+    assert_eq!(
+        statuses(&summary),
+        [
+            ("data".into(), StageStatus::Ran),
+            ("prompts".into(), StageStatus::Fresh)
+        ]
+    );
+}
+
+#[test]
+fn going_back_to_earlier_parameters_restores_from_the_run_cache() {
+    let setup = Setup::new();
+    let world = World::default();
+    let original = setup.pipeline(TWO_STAGES);
+    let settings = setup.settings(&original);
+    run(&world, &original, &settings);
+    run(
+        &world,
+        &setup.pipeline(&TWO_STAGES.replace("A.parquet", "B.parquet")),
+        &settings,
+    );
+    let plan = plan::plan_only(&original, &settings).unwrap();
+    assert!(plan.all_fresh(), "{plan:?}");
+    let back = run(&world, &original, &settings);
+    assert!(back
+        .stages
+        .iter()
+        .all(|stage| stage.status == StageStatus::Fresh));
+    assert_eq!(world.ran.lock().unwrap().len(), 4);
+}
+
+#[test]
+fn seed_and_tool_version_are_reasons() {
+    let setup = Setup::new();
+    let world = World::default();
+    let settings = setup.settings(&setup.pipeline(TWO_STAGES));
+    run(&world, &setup.pipeline(TWO_STAGES), &settings);
+    let reseeded = setup.pipeline(&format!("seed: 5\n{TWO_STAGES}"));
+    let summary = run(&world, &reseeded, &settings);
+    assert_eq!(reasons(&summary, "data"), ["seed changed (0 → 5)"]);
+}
+
+#[test]
+fn stage_selection_runs_only_what_is_needed() {
+    let setup = Setup::new();
+    let world = World::default();
+    let pipeline = setup.pipeline(
+        "
+stages:
+  data: {ingest: {path: a}}
+  prompts: {template: {input: data}}
+  other: {ingest: {path: b}}
+",
+    );
+    let mut settings = setup.settings(&pipeline);
+    settings.targets = vec!["data".into()];
+    let summary = run(&world, &pipeline, &settings);
+    assert_eq!(statuses(&summary), [("data".into(), StageStatus::Ran)]);
+    settings.targets = vec!["prompts".into()];
+    let summary = run(&world, &pipeline, &settings);
+    assert_eq!(
+        statuses(&summary),
+        [
+            ("data".into(), StageStatus::Fresh),
+            ("prompts".into(), StageStatus::Ran)
+        ]
+    );
+    assert_eq!(reasons(&summary, "prompts"), ["never run"]);
+    // --force with --stage forces the target only; its upstream is restored.
+    settings.force = true;
+    let summary = run(&world, &pipeline, &settings);
+    assert_eq!(summary.stages[0].status, StageStatus::Fresh);
+    assert_eq!(reasons(&summary, "prompts"), ["forced"]);
+}
+
+#[test]
+fn a_failed_stage_records_nothing_and_skips_dependents() {
+    let setup = Setup::new();
+    let world = World::default();
+    let pipeline = setup.pipeline(
+        "
+stages:
+  bad: {ingest: {path: a}}
+  prompts: {template: {input: bad}}
+",
+    );
+    let settings = setup.settings(&pipeline);
+    let summary = run(&world, &pipeline, &settings);
+    assert!(summary.failed());
+    assert_eq!(
+        statuses(&summary),
+        [
+            ("bad".into(), StageStatus::Failed),
+            ("prompts".into(), StageStatus::Skipped)
+        ]
+    );
+    assert_eq!(summary.stages[0].error.as_deref(), Some("bad input row 3"));
+    assert_eq!(
+        summary.stages[1].error.as_deref(),
+        Some("not run: upstream stage bad did not finish")
+    );
+    let cache = crate::cache::Cache::open(&settings.cache_dir).unwrap();
+    assert!(cache.read_lock_file("test").unwrap().stages.is_empty());
+    let leftovers = std::fs::read_dir(cache.tmp_dir()).unwrap().count();
+    assert_eq!(leftovers, 0, "the failed stage's staging dir is removed");
+    // Still dirty, still never run.
+    let plan = plan::plan_only(&pipeline, &settings).unwrap();
+    assert!(!plan.stages[0].freshness.is_fresh());
+}
+
+#[test]
+fn a_panicking_stage_fails_with_its_message() {
+    let setup = Setup::new();
+    let world = World::default();
+    let pipeline = setup.pipeline("stages:\n  panicky: {ingest: {path: a}}\n");
+    let summary = run(&world, &pipeline, &setup.settings(&pipeline));
+    assert_eq!(summary.stages[0].status, StageStatus::Failed);
+    assert_eq!(
+        summary.stages[0].error.as_deref(),
+        Some("internal error: the stage panicked: index out of range")
+    );
+}
+
+#[test]
+fn an_interrupted_run_keeps_finished_stages_only() {
+    let setup = Setup::new();
+    let world = World::default();
+    let pipeline = setup.pipeline(
+        "
+stages:
+  data: {ingest: {path: a}}
+  interrupted: {template: {input: data}}
+  after: {template: {input: interrupted}}
+",
+    );
+    let settings = setup.settings(&pipeline);
+    let summary = run(&world, &pipeline, &settings);
+    assert!(summary.interrupted);
+    assert_eq!(
+        statuses(&summary),
+        [
+            ("data".into(), StageStatus::Ran),
+            ("interrupted".into(), StageStatus::Cancelled),
+            ("after".into(), StageStatus::Skipped)
+        ]
+    );
+    let cache = crate::cache::Cache::open(&settings.cache_dir).unwrap();
+    let lock = cache.read_lock_file("test").unwrap();
+    assert_eq!(lock.stages.keys().collect::<Vec<_>>(), ["data"]);
+}
+
+#[test]
+fn a_corrupted_object_is_detected_and_rebuilt() {
+    let setup = Setup::new();
+    let world = World::default();
+    let pipeline = setup.pipeline(TWO_STAGES);
+    let settings = setup.settings(&pipeline);
+    let first = run(&world, &pipeline, &settings);
+    let digest = first.stages[0].output.clone().unwrap();
+    let cache = crate::cache::Cache::open(&settings.cache_dir).unwrap();
+    let file = cache.object_data(&digest).join("out.txt");
+    let mut permissions = std::fs::metadata(&file).unwrap().permissions();
+    #[expect(
+        clippy::permissions_set_readonly_false,
+        reason = "test corrupts a file"
+    )]
+    permissions.set_readonly(false);
+    std::fs::set_permissions(&file, permissions).unwrap();
+    std::fs::write(&file, "rows of a.parquex").unwrap();
+
+    let summary = run(&world, &pipeline, &settings);
+    assert_eq!(
+        reasons(&summary, "data"),
+        ["cached output corrupted (out.txt content differs)"]
+    );
+    assert_eq!(summary.stages[0].output.as_deref(), Some(digest.as_str()));
+    assert_eq!(summary.stages[1].status, StageStatus::Fresh);
+    assert!(cache.verify_object(&digest).unwrap().is_ok());
+}
+
+#[test]
+fn a_missing_object_is_a_reason() {
+    let setup = Setup::new();
+    let world = World::default();
+    let pipeline = setup.pipeline(TWO_STAGES);
+    let settings = setup.settings(&pipeline);
+    let first = run(&world, &pipeline, &settings);
+    let cache = crate::cache::Cache::open(&settings.cache_dir).unwrap();
+    cache
+        .remove_object(first.stages[0].output.as_deref().unwrap())
+        .unwrap();
+    let plan = plan::plan_only(&pipeline, &settings).unwrap();
+    assert_eq!(
+        plan.stages[0].freshness,
+        Freshness::Dirty {
+            reasons: vec![DirtyReason::OutputMissing]
+        }
+    );
+}
+
+#[test]
+fn independent_stages_run_concurrently_within_the_bound() {
+    let yaml = "
+stages:
+  slow1: {ingest: {path: a}}
+  slow2: {ingest: {path: b}}
+  slow3: {ingest: {path: c}}
+";
+    for (jobs, expected) in [(1, 1), (3, 3)] {
+        let setup = Setup::new();
+        let world = World::default();
+        let pipeline = setup.pipeline(yaml);
+        let mut settings = setup.settings(&pipeline);
+        settings.jobs = jobs;
+        let summary = run(&world, &pipeline, &settings);
+        assert!(!summary.failed());
+        assert_eq!(
+            world.most_at_once.load(Ordering::SeqCst),
+            expected,
+            "jobs = {jobs}"
+        );
+    }
+}
+
+#[test]
+fn unknown_stage_is_an_error_with_a_hint() {
+    let setup = Setup::new();
+    let world = World::default();
+    let pipeline = setup.pipeline(TWO_STAGES);
+    let mut settings = setup.settings(&pipeline);
+    settings.targets = vec!["prompt".into()];
+    let builder = |name: &str, config: &StageConfig| -> Result<Box<dyn Stage + '_>, StageError> {
+        Ok(Box::new(FakeStage {
+            world: &world,
+            name: name.to_string(),
+            config: config.clone(),
+        }))
+    };
+    let error = execute(
+        &pipeline,
+        &settings,
+        &builder,
+        &IgnoreEvents,
+        &AtomicBool::new(false),
+    )
+    .unwrap_err();
+    assert_eq!(
+        error.to_string(),
+        "no stage named `prompt` (did you mean `prompts`?)"
+    );
+}
+
+#[test]
+fn events_tell_the_story_in_order() {
+    let setup = Setup::new();
+    let world = World::default();
+    let pipeline = setup.pipeline(TWO_STAGES);
+    let settings = setup.settings(&pipeline);
+    let events = CollectEvents::default();
+    let builder = |name: &str, config: &StageConfig| -> Result<Box<dyn Stage + '_>, StageError> {
+        Ok(Box::new(FakeStage {
+            world: &world,
+            name: name.to_string(),
+            config: config.clone(),
+        }))
+    };
+    execute(
+        &pipeline,
+        &settings,
+        &builder,
+        &events,
+        &AtomicBool::new(false),
+    )
+    .unwrap();
+    let story: Vec<String> = events
+        .0
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|event| match event {
+            ExecEvent::Planned { stages } => format!("planned {}", stages.len()),
+            ExecEvent::StageStarted { stage, .. } => format!("started {stage}"),
+            ExecEvent::StageFinished(report) => format!("finished {}", report.name),
+            other => format!("{other:?}"),
+        })
+        .collect();
+    assert_eq!(
+        story,
+        [
+            "planned 2",
+            "started data",
+            "finished data",
+            "started prompts",
+            "finished prompts"
+        ]
+    );
+}

@@ -1,0 +1,78 @@
+//! Rendering of plans: `peftpipe status` (`[FRESH] data`, `[DIRTY] prompts: parameter template.k
+//! changed (3 → 4)`) and `run --dry-run`, plus their `--json` form. Only renders.
+
+use crate::exec::{Freshness, Plan};
+
+use super::run::Style;
+
+/// One line per stage, cargo style.
+pub fn plan_lines(style: &Style, plan: &Plan, dry_run: bool) -> String {
+    let mut text = String::new();
+    for stage in &plan.stages {
+        let line = match &stage.freshness {
+            Freshness::Fresh(cached) => {
+                let tag = style_tag(style, "[FRESH]", "1;32");
+                let mut line = format!("{tag} {}", stage.name);
+                if cached.from_run_cache {
+                    line.push_str(" (cached output of an earlier run with these inputs)");
+                }
+                if dry_run {
+                    line.push_str(" — would restore");
+                }
+                line
+            }
+            Freshness::Dirty { reasons } => {
+                let tag = style_tag(style, "[DIRTY]", "1;33");
+                let why = reasons
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", ");
+                let mut line = format!("{tag} {}: {why}", stage.name);
+                if dry_run {
+                    line.push_str(" — would run");
+                }
+                line
+            }
+        };
+        text.push_str(&line);
+        text.push('\n');
+    }
+    text
+}
+
+fn style_tag(style: &Style, tag: &str, code: &str) -> String {
+    if style.color {
+        format!("\x1b[{code}m{tag}\x1b[0m")
+    } else {
+        tag.to_string()
+    }
+}
+
+/// The plan as JSON: per stage its name, kind, state, reasons (text and structured) and digest.
+pub fn plan_json(plan: &Plan) -> serde_json::Value {
+    let stages: Vec<serde_json::Value> = plan
+        .stages
+        .iter()
+        .map(|stage| {
+            let (state, reasons, output) = match &stage.freshness {
+                Freshness::Fresh(cached) => ("fresh", Vec::new(), Some(cached.output.clone())),
+                Freshness::Dirty { reasons } => ("dirty", reasons.clone(), None),
+            };
+            serde_json::json!({
+                "name": stage.name,
+                "kind": stage.kind,
+                "state": state,
+                "reasons": reasons.iter().map(ToString::to_string).collect::<Vec<_>>(),
+                "reason_details": reasons,
+                "fingerprint": stage.fingerprint.digest(),
+                "output": output,
+            })
+        })
+        .collect();
+    serde_json::json!({
+        "pipeline": plan.pipeline,
+        "fresh": plan.all_fresh(),
+        "stages": stages,
+    })
+}
