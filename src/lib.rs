@@ -11,6 +11,7 @@ pub mod dag;
 pub mod device;
 pub mod exec;
 pub mod fingerprint;
+pub mod infer;
 pub mod report;
 pub mod schema;
 pub mod stages;

@@ -1,36 +1,684 @@
-//! Config of the `evaluate` stage kind and its semantic checks. (Skeleton: the owner of this stage
-//! kind fills in the fields.)
+//! Config of the `evaluate` stage kind and its semantic checks: which trained model and which
+//! rendered split to evaluate, and which metrics (loss / perplexity over completion tokens,
+//! classification accuracy by candidate scoring, exact match of greedy generations, samples).
+//! Pure data plus checks: this module never loads a model or reads Parquet beyond what
+//! [`CheckContext`] already knows (the template stage's output columns).
 
+use std::collections::BTreeMap;
 use std::path::Path;
 
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use super::{CheckContext, InputFile, Problem, StageSpec, UpstreamRef};
+use super::{CheckContext, InputFile, Problem, StageConfig, StageKind, StageSpec, UpstreamRef};
 
-/// The `evaluate` stage.
-#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+/// The `evaluate` stage: every metric for the base model **and** the adapted model, side by side,
+/// written to `metrics.json`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct EvaluateConfig {
-    /// Upstream train stage.
+    /// Upstream `train` stage: its base model and its adapter are both evaluated.
     pub model: String,
+    /// Upstream `template` stage whose rendered rows (`prompt`, `completion`) are evaluated.
+    pub data: String,
+    /// Split of the template stage to evaluate (its `<split>.parquet`).
+    #[serde(default = "default_split")]
+    #[schemars(default = "default_split")]
+    pub split: String,
+    /// Evaluate only the first N rows of the split (file order); every row when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_rows: Option<usize>,
+    /// Which metrics to compute.
+    #[serde(default)]
+    pub metrics: MetricsConfig,
+    /// Number of sample generations (greedy) to show for the base and the adapted model,
+    /// taken from the first rows of the split.
+    #[serde(default = "default_samples")]
+    #[schemars(default = "default_samples")]
+    pub samples: usize,
+    /// Longest sample generation, in new tokens.
+    #[serde(default = "default_sample_max_new_tokens")]
+    #[schemars(default = "default_sample_max_new_tokens")]
+    pub sample_max_new_tokens: usize,
+    /// Sequences scored per forward pass (padded to the longest in the batch).
+    #[serde(default = "default_batch_size")]
+    #[schemars(default = "default_batch_size")]
+    pub batch_size: usize,
+    /// Longest sequence in tokens; longer prompts lose tokens from the left (the completion is
+    /// kept whole). Default: the model's `max_position_embeddings`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_length: Option<usize>,
+    /// Where to evaluate: `auto` (CUDA when built with it and present, else CPU), `cpu`, `cuda`
+    /// or `cuda:N`.
+    #[serde(default = "default_device")]
+    #[schemars(default = "default_device")]
+    pub device: String,
+}
+
+/// The metrics of an evaluate stage.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Loss (mean negative log-likelihood per completion token, token-weighted over the split)
+    /// and perplexity = exp(loss). Prompt tokens are context only.
+    #[serde(default = "default_true")]
+    #[schemars(default = "default_true")]
+    pub loss: bool,
+    /// Classification accuracy: each candidate completion is scored by its log-likelihood after
+    /// the prompt; the best-scoring candidate is the prediction.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub accuracy: Option<Box<AccuracyConfig>>,
+    /// Exact match of a greedy generation against a reference column, after normalization.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exact_match: Option<Box<ExactMatchConfig>>,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        MetricsConfig {
+            loss: true,
+            accuracy: None,
+            exact_match: None,
+        }
+    }
+}
+
+/// Accuracy by scoring candidate completions.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AccuracyConfig {
+    /// The candidate completions, as they follow the prompt (mind leading spaces, e.g.
+    /// `" positive"`). Give either `choices` or `choices_column`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub choices: Option<Vec<String>>,
+    /// Take the candidates from this column's distinct values over the evaluated split (sorted).
+    /// Give either `choices` or `choices_column`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub choices_column: Option<String>,
+    /// Column holding each row's correct answer.
+    #[serde(default = "default_completion_column")]
+    #[schemars(default = "default_completion_column")]
+    pub label_column: String,
+    /// The label-column value each choice stands for, in the order of `choices` (e.g. `["0",
+    /// "1"]` when the label column holds class ids). Default: the choice text itself. Values are
+    /// compared as text with surrounding whitespace trimmed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub labels: Option<Vec<String>>,
+    /// How a candidate's log-likelihood is aggregated over its tokens.
+    #[serde(default)]
+    pub score: CandidateScore,
+}
+
+/// How candidate log-likelihoods are compared.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum CandidateScore {
+    /// Total log-likelihood of the candidate's tokens (what a language model assigns to it).
+    #[default]
+    Sum,
+    /// Mean log-likelihood per token (does not favour short candidates).
+    Mean,
+}
+
+/// Exact match of greedy generations.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ExactMatchConfig {
+    /// Longest generation in new tokens; generation also stops at the tokenizer's EOS.
+    #[serde(default = "default_exact_match_max_new_tokens")]
+    #[schemars(default = "default_exact_match_max_new_tokens")]
+    pub max_new_tokens: usize,
+    /// Column holding the reference answer.
+    #[serde(default = "default_completion_column")]
+    #[schemars(default = "default_completion_column")]
+    pub reference_column: String,
+    /// Cut the generation at the first occurrence of any of these strings.
+    #[serde(default)]
+    pub stop: Vec<String>,
+    /// How generation and reference are normalized before comparing.
+    #[serde(default)]
+    pub normalize: NormalizeConfig,
+}
+
+/// Text normalization for exact match.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NormalizeConfig {
+    /// Remove leading and trailing whitespace.
+    #[serde(default = "default_true")]
+    #[schemars(default = "default_true")]
+    pub trim: bool,
+    /// Replace every run of whitespace with one space.
+    #[serde(default = "default_true")]
+    #[schemars(default = "default_true")]
+    pub collapse_whitespace: bool,
+    /// Compare case-insensitively.
+    #[serde(default)]
+    pub lowercase: bool,
+    /// Remove ASCII punctuation.
+    #[serde(default)]
+    pub strip_punctuation: bool,
+}
+
+impl Default for NormalizeConfig {
+    fn default() -> Self {
+        NormalizeConfig {
+            trim: true,
+            collapse_whitespace: true,
+            lowercase: false,
+            strip_punctuation: false,
+        }
+    }
+}
+
+impl NormalizeConfig {
+    /// Apply the normalization to one text.
+    pub fn apply(&self, text: &str) -> String {
+        let mut out: String = if self.strip_punctuation {
+            text.chars().filter(|c| !c.is_ascii_punctuation()).collect()
+        } else {
+            text.to_string()
+        };
+        if self.lowercase {
+            out = out.to_lowercase();
+        }
+        if self.collapse_whitespace {
+            let mut collapsed = String::with_capacity(out.len());
+            let mut in_space = false;
+            for c in out.chars() {
+                if c.is_whitespace() {
+                    if !in_space {
+                        collapsed.push(' ');
+                    }
+                    in_space = true;
+                } else {
+                    collapsed.push(c);
+                    in_space = false;
+                }
+            }
+            out = collapsed;
+        }
+        if self.trim {
+            out = out.trim().to_string();
+        }
+        out
+    }
+}
+
+fn default_split() -> String {
+    "eval".to_string()
+}
+
+fn default_samples() -> usize {
+    3
+}
+
+fn default_sample_max_new_tokens() -> usize {
+    48
+}
+
+fn default_batch_size() -> usize {
+    8
+}
+
+fn default_device() -> String {
+    "auto".to_string()
+}
+
+fn default_true() -> bool {
+    true
+}
+
+fn default_completion_column() -> String {
+    "completion".to_string()
+}
+
+fn default_exact_match_max_new_tokens() -> usize {
+    32
+}
+
+/// Is `text` a device spelling we accept (`auto`, `cpu`, `cuda`, `cuda:N`)?
+pub fn is_valid_device(text: &str) -> bool {
+    match text {
+        "auto" | "cpu" | "cuda" => true,
+        other => other
+            .strip_prefix("cuda:")
+            .is_some_and(|index| !index.is_empty() && index.bytes().all(|b| b.is_ascii_digit())),
+    }
+}
+
+/// Check that `stage` names a stage of kind `kind` (unknown names are reported by the loader).
+pub(crate) fn check_upstream_kind(
+    cx: &CheckContext<'_>,
+    stage: &str,
+    kind: StageKind,
+    path: String,
+    problems: &mut Vec<Problem>,
+) {
+    if let Some(found) = cx.pipeline.stages.get(stage).map(StageConfig::kind) {
+        if found != kind {
+            problems.push(Problem::new(
+                path,
+                format!("stage `{stage}` is a {found} stage, but a {kind} stage is needed here"),
+            ));
+        }
+    }
+}
+
+/// Check that `column` is among the known output columns of stage `data` (when known).
+fn check_column(
+    cx: &CheckContext<'_>,
+    data: &str,
+    column: &str,
+    path: String,
+    problems: &mut Vec<Problem>,
+) {
+    let Some(columns) = cx.columns.get(data) else {
+        return;
+    };
+    if !columns.iter().any(|c| c == column) {
+        let mut problem = Problem::new(
+            path,
+            format!("column `{column}` is not an output of stage `{data}`"),
+        );
+        let hint = match super::problem::did_you_mean(column, columns.iter().map(String::as_str)) {
+            Some(close) => format!("did you mean `{close}`? available: {}", columns.join(", ")),
+            None => format!("available columns: {}", columns.join(", ")),
+        };
+        problem = problem.with_hint(hint);
+        problems.push(problem);
+    }
 }
 
 impl StageSpec for EvaluateConfig {
     fn upstream(&self) -> Vec<UpstreamRef> {
-        vec![UpstreamRef {
-            key: "model",
-            stage: self.model.clone(),
-        }]
+        vec![
+            UpstreamRef {
+                key: "model",
+                stage: self.model.clone(),
+            },
+            UpstreamRef {
+                key: "data",
+                stage: self.data.clone(),
+            },
+        ]
     }
 
     fn input_files(&self, _project_dir: &Path) -> Result<Vec<InputFile>, String> {
+        // Everything it reads comes from the upstream artifacts.
         Ok(Vec::new())
     }
 
     fn output_columns(&self, _cx: &CheckContext<'_>, _stage: &str) -> Option<Vec<String>> {
+        // The artifact is metrics.json, not a table.
         None
     }
 
-    fn check(&self, _cx: &CheckContext<'_>, _at: &str, _problems: &mut Vec<Problem>) {}
+    fn check(&self, cx: &CheckContext<'_>, at: &str, problems: &mut Vec<Problem>) {
+        check_upstream_kind(
+            cx,
+            &self.model,
+            StageKind::Train,
+            format!("{at}.model"),
+            problems,
+        );
+        check_upstream_kind(
+            cx,
+            &self.data,
+            StageKind::Template,
+            format!("{at}.data"),
+            problems,
+        );
+        if self.split.trim().is_empty() {
+            problems.push(Problem::new(
+                format!("{at}.split"),
+                "the split name is empty",
+            ));
+        }
+        if self.max_rows == Some(0) {
+            problems.push(
+                Problem::new(
+                    format!("{at}.max_rows"),
+                    "max_rows is 0: nothing to evaluate",
+                )
+                .with_hint("leave max_rows out to evaluate every row"),
+            );
+        }
+        if self.batch_size == 0 {
+            problems.push(Problem::new(
+                format!("{at}.batch_size"),
+                "batch_size must be at least 1",
+            ));
+        }
+        if self.max_length == Some(0) {
+            problems.push(Problem::new(
+                format!("{at}.max_length"),
+                "max_length must be at least 1",
+            ));
+        }
+        if self.samples > 0 && self.sample_max_new_tokens == 0 {
+            problems.push(Problem::new(
+                format!("{at}.sample_max_new_tokens"),
+                "sample_max_new_tokens must be at least 1 when samples are requested",
+            ));
+        }
+        if !is_valid_device(&self.device) {
+            problems.push(
+                Problem::new(
+                    format!("{at}.device"),
+                    format!("unknown device `{}`", self.device),
+                )
+                .with_hint("use auto, cpu, cuda or cuda:N"),
+            );
+        }
+        let metrics = &self.metrics;
+        if !metrics.loss
+            && metrics.accuracy.is_none()
+            && metrics.exact_match.is_none()
+            && self.samples == 0
+        {
+            problems.push(
+                Problem::new(
+                    format!("{at}.metrics"),
+                    "no metric is enabled and no samples are requested: the stage would do nothing",
+                )
+                .with_hint("enable metrics.loss, metrics.accuracy or metrics.exact_match"),
+            );
+        }
+        if let Some(accuracy) = &metrics.accuracy {
+            self.check_accuracy(cx, accuracy, &format!("{at}.metrics.accuracy"), problems);
+        }
+        if let Some(exact) = &metrics.exact_match {
+            let path = format!("{at}.metrics.exact_match");
+            if exact.max_new_tokens == 0 {
+                problems.push(Problem::new(
+                    format!("{path}.max_new_tokens"),
+                    "max_new_tokens must be at least 1",
+                ));
+            }
+            if exact.stop.iter().any(String::is_empty) {
+                problems.push(Problem::new(
+                    format!("{path}.stop"),
+                    "an empty stop string would cut every generation to nothing",
+                ));
+            }
+            check_column(
+                cx,
+                &self.data,
+                &exact.reference_column,
+                format!("{path}.reference_column"),
+                problems,
+            );
+        }
+    }
+
+    fn environment(&self) -> BTreeMap<String, String> {
+        BTreeMap::from([("device".to_string(), self.device.clone())])
+    }
+}
+
+impl EvaluateConfig {
+    fn check_accuracy(
+        &self,
+        cx: &CheckContext<'_>,
+        accuracy: &AccuracyConfig,
+        path: &str,
+        problems: &mut Vec<Problem>,
+    ) {
+        match (&accuracy.choices, &accuracy.choices_column) {
+            (Some(_), Some(_)) => problems.push(
+                Problem::new(
+                    path.to_string(),
+                    "give either `choices` or `choices_column`, not both",
+                )
+                .with_hint(
+                    "`choices` lists the candidates; `choices_column` takes them from a column",
+                ),
+            ),
+            (None, None) => problems.push(
+                Problem::new(path.to_string(), "the candidates are missing")
+                    .with_hint("add `choices: [...]` or `choices_column: COLUMN`"),
+            ),
+            (Some(choices), None) => {
+                if choices.len() < 2 {
+                    problems.push(Problem::new(
+                        format!("{path}.choices"),
+                        format!("accuracy needs at least 2 choices, found {}", choices.len()),
+                    ));
+                }
+                if let Some(index) = choices.iter().position(String::is_empty) {
+                    problems.push(Problem::new(
+                        format!("{path}.choices"),
+                        format!("choice {index} is empty: an empty completion cannot be scored"),
+                    ));
+                }
+                let mut seen = std::collections::BTreeSet::new();
+                for choice in choices {
+                    if !seen.insert(choice) {
+                        problems.push(Problem::new(
+                            format!("{path}.choices"),
+                            format!("choice `{choice}` is listed twice"),
+                        ));
+                    }
+                }
+                if let Some(labels) = &accuracy.labels {
+                    if labels.len() != choices.len() {
+                        problems.push(Problem::new(
+                            format!("{path}.labels"),
+                            format!(
+                                "{} labels for {} choices: give one label per choice, in order",
+                                labels.len(),
+                                choices.len()
+                            ),
+                        ));
+                    }
+                }
+            }
+            (None, Some(column)) => {
+                check_column(
+                    cx,
+                    &self.data,
+                    column,
+                    format!("{path}.choices_column"),
+                    problems,
+                );
+                if accuracy.labels.is_some() {
+                    problems.push(
+                        Problem::new(
+                            format!("{path}.labels"),
+                            "`labels` needs `choices` (their order defines which label is which)",
+                        )
+                        .with_hint("with `choices_column` each choice stands for itself"),
+                    );
+                }
+            }
+        }
+        check_column(
+            cx,
+            &self.data,
+            &accuracy.label_column,
+            format!("{path}.label_column"),
+            problems,
+        );
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::config::RawPipeline;
+
+    /// YAML → JSON value → type (as the loader does: serde_norway alone reads enums as tags).
+    pub(crate) fn from_yaml<T: serde::de::DeserializeOwned>(yaml: &str) -> Result<T, String> {
+        let value: serde_json::Value = serde_norway::from_str(yaml).map_err(|e| e.to_string())?;
+        serde_json::from_value(value).map_err(|e| e.to_string())
+    }
+
+    fn pipeline(yaml: &str) -> RawPipeline {
+        crate::config::evaluate::tests::from_yaml(yaml).unwrap()
+    }
+
+    fn problems_of(yaml: &str, columns: &[&str]) -> Vec<Problem> {
+        let raw = pipeline(yaml);
+        let columns = BTreeMap::from([(
+            "prompts".to_string(),
+            columns.iter().map(|c| c.to_string()).collect(),
+        )]);
+        let cx = CheckContext {
+            pipeline: &raw,
+            project_dir: Path::new("."),
+            columns: &columns,
+        };
+        let mut problems = Vec::new();
+        let StageConfig::Evaluate(config) = &raw.stages["eval"] else {
+            panic!("test pipeline has no evaluate stage `eval`");
+        };
+        config.check(&cx, "stages.eval.evaluate", &mut problems);
+        problems
+    }
+
+    const HEAD: &str = "
+stages:
+  data: { ingest: { path: x.parquet } }
+  prompts: { template: { input: data } }
+  tune: { train: { data: prompts } }
+";
+
+    #[test]
+    fn defaults_fill_every_field() {
+        let raw = pipeline(&format!(
+            "{HEAD}  eval: {{ evaluate: {{ model: tune, data: prompts }} }}\n"
+        ));
+        let StageConfig::Evaluate(config) = &raw.stages["eval"] else {
+            panic!("not an evaluate stage");
+        };
+        assert_eq!(config.split, "eval");
+        assert!(config.metrics.loss);
+        assert_eq!(config.batch_size, 8);
+        assert_eq!(config.samples, 3);
+        assert_eq!(config.device, "auto");
+        assert!(config.metrics.accuracy.is_none());
+    }
+
+    #[test]
+    fn unknown_keys_are_errors() {
+        let text = format!(
+            "{HEAD}  eval: {{ evaluate: {{ model: tune, data: prompts, metrics: {{ acuracy: {{}} }} }} }}\n"
+        );
+        let error = from_yaml::<RawPipeline>(&text).unwrap_err();
+        assert!(error.to_string().contains("acuracy"), "{error}");
+    }
+
+    #[test]
+    fn a_valid_accuracy_config_has_no_problems() {
+        let problems = problems_of(
+            &format!(
+                "{HEAD}  eval: {{ evaluate: {{ model: tune, data: prompts, metrics: {{ accuracy: {{ choices: [' negative', ' positive'], label_column: label, labels: ['0', '1'] }} }} }} }}\n"
+            ),
+            &["prompt", "completion", "text", "label"],
+        );
+        assert!(problems.is_empty(), "{problems:?}");
+    }
+
+    #[test]
+    fn accuracy_problems_are_all_reported() {
+        let problems = problems_of(
+            &format!(
+                "{HEAD}  eval: {{ evaluate: {{ model: tune, data: prompts, batch_size: 0, device: gpu, metrics: {{ accuracy: {{ choices: [' yes'], label_column: lable, labels: ['0', '1'] }} }} }} }}\n"
+            ),
+            &["prompt", "completion", "text", "label"],
+        );
+        let paths: Vec<&str> = problems.iter().map(|p| p.path.as_str()).collect();
+        assert_eq!(
+            paths,
+            [
+                "stages.eval.evaluate.batch_size",
+                "stages.eval.evaluate.device",
+                "stages.eval.evaluate.metrics.accuracy.choices",
+                "stages.eval.evaluate.metrics.accuracy.labels",
+                "stages.eval.evaluate.metrics.accuracy.label_column",
+            ]
+        );
+        let column = &problems[4];
+        assert!(column
+            .hint
+            .as_deref()
+            .unwrap()
+            .contains("did you mean `label`"));
+    }
+
+    #[test]
+    fn choices_and_choices_column_are_exclusive() {
+        let both = problems_of(
+            &format!(
+                "{HEAD}  eval: {{ evaluate: {{ model: tune, data: prompts, metrics: {{ accuracy: {{ choices: [a, b], choices_column: completion }} }} }} }}\n"
+            ),
+            &["prompt", "completion", "text"],
+        );
+        assert_eq!(both.len(), 1, "{both:?}");
+        assert!(both[0].message.contains("not both"));
+        let neither = problems_of(
+            &format!(
+                "{HEAD}  eval: {{ evaluate: {{ model: tune, data: prompts, metrics: {{ accuracy: {{}} }} }} }}\n"
+            ),
+            &["prompt", "completion", "text"],
+        );
+        assert_eq!(neither.len(), 1, "{neither:?}");
+        assert!(neither[0].message.contains("missing"));
+    }
+
+    #[test]
+    fn wrong_upstream_kinds_are_reported() {
+        let problems = problems_of(
+            &format!("{HEAD}  eval: {{ evaluate: {{ model: prompts, data: tune }} }}\n"),
+            &[],
+        );
+        let paths: Vec<&str> = problems.iter().map(|p| p.path.as_str()).collect();
+        assert_eq!(
+            paths,
+            ["stages.eval.evaluate.model", "stages.eval.evaluate.data"]
+        );
+        assert!(problems[0].message.contains("a train stage is needed"));
+    }
+
+    #[test]
+    fn a_stage_that_does_nothing_is_refused() {
+        let problems = problems_of(
+            &format!(
+                "{HEAD}  eval: {{ evaluate: {{ model: tune, data: prompts, samples: 0, metrics: {{ loss: false }} }} }}\n"
+            ),
+            &[],
+        );
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert_eq!(problems[0].path, "stages.eval.evaluate.metrics");
+    }
+
+    #[test]
+    fn normalization_options_apply_in_order() {
+        let default = NormalizeConfig::default();
+        assert_eq!(default.apply("  The  cat\n sat "), "The cat sat");
+        let strict = NormalizeConfig {
+            lowercase: true,
+            strip_punctuation: true,
+            ..NormalizeConfig::default()
+        };
+        assert_eq!(strict.apply(" Hello, World! "), "hello world");
+        let none = NormalizeConfig {
+            trim: false,
+            collapse_whitespace: false,
+            lowercase: false,
+            strip_punctuation: false,
+        };
+        assert_eq!(none.apply(" a  b "), " a  b ");
+    }
+
+    #[test]
+    fn device_spellings() {
+        for good in ["auto", "cpu", "cuda", "cuda:0", "cuda:12"] {
+            assert!(is_valid_device(good), "{good}");
+        }
+        for bad in ["gpu", "cuda:", "cuda:x", "CPU", ""] {
+            assert!(!is_valid_device(bad), "{bad}");
+        }
+    }
 }

@@ -1,8 +1,29 @@
-//! The `evaluate` stage. (Skeleton: the owner of this stage kind implements it.)
+//! The `evaluate` stage: the base model and the adapted model of an upstream train stage, side by
+//! side, on one split of a template stage — loss and perplexity over completion tokens, accuracy
+//! by candidate scoring, exact match of greedy generations, a few sample generations — written to
+//! `metrics.json` as `{base, adapted, delta, samples, ...}`.
+//!
+//! No graph is built: the models are loaded with frozen base weights and the adapter's weights
+//! as plain tensors (no `Var`), and everything goes through `crate::infer`. Progress goes through
+//! `ctx.progress`; this module never prints.
 
-use crate::config::EvaluateConfig;
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs::File;
+use std::path::Path;
 
-use super::{Stage, StageContext, StageError, StageOutcome};
+use arrow::array::Array;
+use arrow::util::display::{ArrayFormatter, FormatOptions};
+use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use parquet::arrow::ProjectionMask;
+use serde::Serialize;
+use serde_json::Value;
+
+use crate::config::evaluate::{CandidateScore, EvaluateConfig, ExactMatchConfig};
+use crate::infer::generate::{generate, GenerationSettings, StopReason};
+use crate::infer::score::{score_examples, NllTotal, SequenceScore};
+use crate::infer::{encode_pair, Example, LanguageModel, Sampling, TextCodec};
+
+use super::{Progress, Stage, StageContext, StageError, StageOutcome};
 
 pub struct EvaluateStage {
     config: EvaluateConfig,
@@ -14,11 +35,998 @@ impl EvaluateStage {
     }
 }
 
-impl Stage for EvaluateStage {
-    fn run(&self, _ctx: &StageContext<'_>) -> Result<StageOutcome, StageError> {
-        let _ = &self.config;
-        Err(StageError::Internal(
-            "the evaluate stage is not built yet".into(),
+// ---------------------------------------------------------------------------------------------
+// Rows of the evaluated split
+// ---------------------------------------------------------------------------------------------
+
+/// The evaluated rows: every needed column as text, in file order.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Rows {
+    pub count: usize,
+    /// Column name → one text per row.
+    pub columns: BTreeMap<String, Vec<String>>,
+}
+
+impl Rows {
+    pub fn column(&self, name: &str) -> Result<&[String], StageError> {
+        self.columns
+            .get(name)
+            .map(Vec::as_slice)
+            .ok_or_else(|| StageError::Internal(format!("column `{name}` was not read")))
+    }
+}
+
+/// Read `columns` of a Parquet file as text (numbers and booleans as they print), at most
+/// `max_rows` rows. Errors name the file, column and row; nulls are errors.
+pub fn read_rows(
+    path: &Path,
+    columns: &BTreeSet<String>,
+    max_rows: Option<usize>,
+) -> Result<Rows, StageError> {
+    let file = File::open(path)
+        .map_err(|error| StageError::user(format!("cannot open {}: {error}", path.display())))?;
+    let builder = ParquetRecordBatchReaderBuilder::try_new(file).map_err(|error| {
+        StageError::user(format!(
+            "{} is not a readable Parquet file: {error}",
+            path.display()
         ))
+    })?;
+    let schema = builder.schema().clone();
+    let mut indices = Vec::with_capacity(columns.len());
+    for name in columns {
+        let index = schema.index_of(name).map_err(|_| {
+            let available: Vec<&str> = schema.fields().iter().map(|f| f.name().as_str()).collect();
+            StageError::user(format!(
+                "{} has no column `{name}` (columns: {})",
+                path.display(),
+                available.join(", ")
+            ))
+        })?;
+        indices.push(index);
+    }
+    let mask = ProjectionMask::roots(builder.parquet_schema(), indices);
+    let mut builder = builder.with_projection(mask);
+    if let Some(limit) = max_rows {
+        builder = builder.with_limit(limit);
+    }
+    let reader = builder
+        .build()
+        .map_err(|error| StageError::user(format!("cannot read {}: {error}", path.display())))?;
+    let mut rows = Rows::default();
+    for name in columns {
+        rows.columns.insert(name.clone(), Vec::new());
+    }
+    let options = FormatOptions::default();
+    for batch in reader {
+        let batch = batch.map_err(|error| {
+            StageError::user(format!(
+                "cannot read {} after row {}: {error}",
+                path.display(),
+                rows.count
+            ))
+        })?;
+        for name in columns {
+            let array = batch.column_by_name(name).ok_or_else(|| {
+                StageError::Internal(format!("projected column `{name}` missing"))
+            })?;
+            let formatter = ArrayFormatter::try_new(array.as_ref(), &options).map_err(|error| {
+                StageError::user(format!(
+                    "{}: column `{name}` cannot be read as text: {error}",
+                    path.display()
+                ))
+            })?;
+            let out = rows
+                .columns
+                .get_mut(name)
+                .ok_or_else(|| StageError::Internal(format!("column `{name}` has no buffer")))?;
+            for index in 0..array.len() {
+                if array.is_null(index) {
+                    return Err(StageError::user(format!(
+                        "{}: column `{name}` is null in row {}",
+                        path.display(),
+                        rows.count + index
+                    )));
+                }
+                out.push(formatter.value(index).to_string());
+            }
+        }
+        rows.count += batch.num_rows();
+        if max_rows.is_some_and(|limit| rows.count >= limit) {
+            break;
+        }
+    }
+    if let Some(limit) = max_rows {
+        rows.count = rows.count.min(limit);
+        for values in rows.columns.values_mut() {
+            values.truncate(limit);
+        }
+    }
+    Ok(rows)
+}
+
+// ---------------------------------------------------------------------------------------------
+// What gets evaluated: the encoded work, shared by the base and the adapted model
+// ---------------------------------------------------------------------------------------------
+
+/// Candidates of the accuracy metric and which label each stands for.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Candidates {
+    pub choices: Vec<String>,
+    /// The label-column value each choice stands for (compared trimmed).
+    pub labels: Vec<String>,
+}
+
+/// Accuracy: the candidates, one example per row × candidate (row-major), each row's label.
+pub struct AccuracyWork {
+    pub candidates: Candidates,
+    pub examples: Vec<Example>,
+    pub labels: Vec<String>,
+    pub score: CandidateScore,
+}
+
+/// Exact match: prompt ids and normalized reference per row.
+pub struct ExactMatchWork {
+    pub config: ExactMatchConfig,
+    pub prompts: Vec<Vec<u32>>,
+    pub references: Vec<String>,
+}
+
+/// One sample generation to make.
+pub struct SampleWork {
+    pub prompt: String,
+    pub prompt_ids: Vec<u32>,
+    pub reference: String,
+}
+
+/// Everything both models are evaluated on, encoded once.
+pub struct EvalPlan {
+    pub rows: usize,
+    /// Prompt + completion per row (loss / perplexity).
+    pub loss_examples: Option<Vec<Example>>,
+    pub accuracy: Option<AccuracyWork>,
+    pub exact_match: Option<ExactMatchWork>,
+    /// Sample generations of the first rows.
+    pub samples: Vec<SampleWork>,
+    pub sample_max_new_tokens: usize,
+    /// Rows whose prompt had to be truncated to fit `max_length`.
+    pub truncated_rows: usize,
+    pub max_length: usize,
+}
+
+/// Keep BOS (one leading special token) when truncating prompts from the left.
+const KEEP_FIRST: usize = 1;
+
+impl EvalPlan {
+    /// Encode the rows for every configured metric. `max_length`: the model's context length
+    /// unless the config sets a shorter one.
+    pub fn new(
+        config: &EvaluateConfig,
+        rows: &Rows,
+        codec: &dyn TextCodec,
+        max_length: usize,
+        add_eos: bool,
+    ) -> Result<Self, StageError> {
+        let max_length = config.max_length.map_or(max_length, |m| m.min(max_length));
+        let prompts = rows.column("prompt")?;
+        let completions = rows.column("completion")?;
+        let encode_error = |row: usize, error: String| {
+            StageError::user(format!("row {row} of split `{}`: {error}", config.split))
+        };
+        let mut truncated = BTreeSet::new();
+        let mut fit = |row: usize, mut example: Example| {
+            if example.fit(max_length, KEEP_FIRST).any() {
+                truncated.insert(row);
+            }
+            example
+        };
+        let metrics = &config.metrics;
+        let loss_examples = if metrics.loss {
+            let mut examples = Vec::with_capacity(rows.count);
+            for row in 0..rows.count {
+                let example = encode_pair(codec, &prompts[row], &completions[row], add_eos)
+                    .map_err(|e| encode_error(row, e))?;
+                examples.push(fit(row, example));
+            }
+            Some(examples)
+        } else {
+            None
+        };
+        let accuracy = match &metrics.accuracy {
+            None => None,
+            Some(accuracy) => {
+                let candidates = match (&accuracy.choices, &accuracy.choices_column) {
+                    (Some(choices), _) => Candidates {
+                        choices: choices.clone(),
+                        labels: accuracy.labels.clone().unwrap_or_else(|| choices.clone()),
+                    },
+                    (None, Some(column)) => {
+                        let distinct: BTreeSet<&String> = rows.column(column)?.iter().collect();
+                        let choices: Vec<String> = distinct.into_iter().cloned().collect();
+                        if choices.len() < 2 {
+                            return Err(StageError::user(format!(
+                                "accuracy: column `{column}` has {} distinct value(s) in split `{}`; at least 2 candidates are needed",
+                                choices.len(),
+                                config.split
+                            )));
+                        }
+                        Candidates {
+                            labels: choices.clone(),
+                            choices,
+                        }
+                    }
+                    (None, None) => {
+                        return Err(StageError::Internal(
+                            "accuracy has no candidates (validation should have caught this)"
+                                .into(),
+                        ))
+                    }
+                };
+                let labels = rows.column(&accuracy.label_column)?.to_vec();
+                let known: BTreeSet<&str> = candidates.labels.iter().map(|l| l.trim()).collect();
+                if !labels.is_empty() && labels.iter().all(|l| !known.contains(l.trim())) {
+                    return Err(StageError::user(format!(
+                        "accuracy: no row's `{}` value is one of the candidates' labels ({}); e.g. row 0 has {:?}",
+                        accuracy.label_column,
+                        candidates.labels.join(", "),
+                        labels[0]
+                    )));
+                }
+                let mut examples = Vec::with_capacity(rows.count * candidates.choices.len());
+                for (row, prompt) in prompts.iter().enumerate() {
+                    for choice in &candidates.choices {
+                        let example = encode_pair(codec, prompt, choice, add_eos)
+                            .map_err(|e| encode_error(row, e))?;
+                        if example.scored_tokens() == 0 {
+                            return Err(StageError::user(format!(
+                                "accuracy: candidate {choice:?} encodes to no tokens"
+                            )));
+                        }
+                        examples.push(fit(row, example));
+                    }
+                }
+                Some(AccuracyWork {
+                    candidates,
+                    examples,
+                    labels,
+                    score: accuracy.score,
+                })
+            }
+        };
+        let exact_match = match &metrics.exact_match {
+            None => None,
+            Some(exact) => {
+                let references = rows.column(&exact.reference_column)?;
+                let mut prompt_ids = Vec::with_capacity(rows.count);
+                for (row, prompt) in prompts.iter().enumerate() {
+                    prompt_ids.push(fit_prompt(
+                        codec
+                            .encode_prompt(prompt)
+                            .map_err(|e| encode_error(row, e))?,
+                        max_length,
+                        exact.max_new_tokens,
+                        &mut || {
+                            truncated.insert(row);
+                        },
+                    ));
+                }
+                let references = references
+                    .iter()
+                    .map(|r| exact.normalize.apply(r))
+                    .collect();
+                Some(ExactMatchWork {
+                    config: (**exact).clone(),
+                    prompts: prompt_ids,
+                    references,
+                })
+            }
+        };
+        let mut samples = Vec::new();
+        for row in 0..rows.count.min(config.samples) {
+            let ids = codec
+                .encode_prompt(&prompts[row])
+                .map_err(|e| encode_error(row, e))?;
+            let ids = fit_prompt(ids, max_length, config.sample_max_new_tokens, &mut || {});
+            samples.push(SampleWork {
+                prompt: prompts[row].clone(),
+                prompt_ids: ids,
+                reference: completions[row].clone(),
+            });
+        }
+        Ok(EvalPlan {
+            rows: rows.count,
+            loss_examples,
+            accuracy,
+            exact_match,
+            samples,
+            sample_max_new_tokens: config.sample_max_new_tokens,
+            truncated_rows: truncated.len(),
+            max_length,
+        })
+    }
+}
+
+/// Leave room for at least one new token (`min(max_new_tokens, max_length / 2)` when possible)
+/// by dropping prompt tokens from the left after BOS.
+fn fit_prompt(
+    mut ids: Vec<u32>,
+    max_length: usize,
+    max_new_tokens: usize,
+    on_cut: &mut dyn FnMut(),
+) -> Vec<u32> {
+    let room = max_new_tokens.clamp(1, (max_length / 2).max(1));
+    let limit = max_length.saturating_sub(room).max(KEEP_FIRST + 1);
+    if ids.len() > limit {
+        let keep = KEEP_FIRST.min(ids.len());
+        let drop = ids.len() - limit;
+        ids.drain(keep..keep + drop);
+        on_cut();
+    }
+    ids
+}
+
+// ---------------------------------------------------------------------------------------------
+// Metrics of one model
+// ---------------------------------------------------------------------------------------------
+
+/// Accuracy details.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct AccuracyReport {
+    pub accuracy: f64,
+    pub correct: usize,
+    pub total: usize,
+    /// Reference label → predicted label → rows.
+    pub confusion: BTreeMap<String, BTreeMap<String, usize>>,
+}
+
+/// Exact-match details.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ExactMatchReport {
+    pub exact_match: f64,
+    pub matches: usize,
+    pub total: usize,
+    /// How many generations ended at EOS (the rest hit the token budget, a stop string or the
+    /// context length).
+    pub ended_at_eos: usize,
+}
+
+/// Every metric of one model.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct ModelMetrics {
+    /// Mean NLL per completion token (token-weighted over the split).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub loss: Option<f64>,
+    /// exp(loss).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub perplexity: Option<f64>,
+    /// Completion tokens the loss is over.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub loss_tokens: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub accuracy: Option<AccuracyReport>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub exact_match: Option<ExactMatchReport>,
+    /// Sample generations (not serialized here: metrics.json pairs them per row).
+    #[serde(skip)]
+    pub samples: Vec<String>,
+}
+
+impl ModelMetrics {
+    /// Headline numbers by name (for the delta and the summary).
+    pub fn figures(&self) -> BTreeMap<&'static str, f64> {
+        let mut out = BTreeMap::new();
+        if let Some(loss) = self.loss {
+            out.insert("loss", loss);
+        }
+        if let Some(perplexity) = self.perplexity {
+            out.insert("perplexity", perplexity);
+        }
+        if let Some(accuracy) = &self.accuracy {
+            out.insert("accuracy", accuracy.accuracy);
+        }
+        if let Some(exact) = &self.exact_match {
+            out.insert("exact_match", exact.exact_match);
+        }
+        out
+    }
+}
+
+/// Error type for the inference callbacks: candle errors and stage errors (cancellation).
+struct Failure(StageError);
+
+impl From<candle_core::Error> for Failure {
+    fn from(error: candle_core::Error) -> Self {
+        Failure(StageError::Internal(format!("inference failed: {error}")))
+    }
+}
+
+impl From<StageError> for Failure {
+    fn from(error: StageError) -> Self {
+        Failure(error)
+    }
+}
+
+/// How a model's progress is reported.
+pub struct Reporter<'a> {
+    pub ctx: &'a StageContext<'a>,
+    /// `base` or `adapted`.
+    pub label: &'a str,
+}
+
+impl Reporter<'_> {
+    fn report(&self, phase: &str, position: usize, length: usize) -> Result<(), StageError> {
+        self.ctx.check_cancel()?;
+        self.ctx.progress.progress(Progress {
+            position: position as u64,
+            length: Some(length as u64),
+            unit: "examples",
+            message: format!("{} · {phase}", self.label),
+        });
+        Ok(())
+    }
+}
+
+/// Evaluate one model on the plan.
+pub fn evaluate_model<M: LanguageModel>(
+    model: &M,
+    codec: &dyn TextCodec,
+    plan: &EvalPlan,
+    batch_size: usize,
+    reporter: &Reporter<'_>,
+) -> Result<ModelMetrics, StageError> {
+    let mut metrics = ModelMetrics::default();
+    let pad = codec.pad_token_id();
+    if let Some(examples) = &plan.loss_examples {
+        let scores = score_examples(model, examples, batch_size, pad, |done| {
+            reporter
+                .report("loss", done, examples.len())
+                .map_err(Failure)
+        })
+        .map_err(|Failure(error)| error)?;
+        let mut total = NllTotal::default();
+        scores.iter().for_each(|score| total.add(score));
+        metrics.loss = total.loss();
+        metrics.perplexity = total.perplexity();
+        metrics.loss_tokens = Some(total.tokens);
+    }
+    if let Some(work) = &plan.accuracy {
+        let scores = score_examples(model, &work.examples, batch_size, pad, |done| {
+            reporter
+                .report("accuracy", done, work.examples.len())
+                .map_err(Failure)
+        })
+        .map_err(|Failure(error)| error)?;
+        metrics.accuracy = Some(accuracy_of(
+            &work.candidates,
+            &scores,
+            &work.labels,
+            work.score,
+        ));
+    }
+    if let Some(ExactMatchWork {
+        config: exact,
+        prompts,
+        references,
+    }) = &plan.exact_match
+    {
+        let settings = GenerationSettings {
+            max_new_tokens: exact.max_new_tokens,
+            sampling: Sampling::Greedy,
+            eos_token_ids: codec.eos_token_ids().to_vec(),
+            max_length: Some(plan.max_length),
+        };
+        let mut report = ExactMatchReport {
+            exact_match: 0.0,
+            matches: 0,
+            total: prompts.len(),
+            ended_at_eos: 0,
+        };
+        for (row, (prompt, reference)) in prompts.iter().zip(references).enumerate() {
+            let (text, stop) = generate_text(model, codec, prompt, &settings, &exact.stop)?;
+            if stop == StopReason::Eos {
+                report.ended_at_eos += 1;
+            }
+            if exact.normalize.apply(&text) == *reference {
+                report.matches += 1;
+            }
+            reporter.report("exact match", row + 1, prompts.len())?;
+        }
+        report.exact_match = ratio(report.matches, report.total);
+        metrics.exact_match = Some(report);
+    }
+    let settings = GenerationSettings {
+        max_new_tokens: plan.sample_max_new_tokens,
+        sampling: Sampling::Greedy,
+        eos_token_ids: codec.eos_token_ids().to_vec(),
+        max_length: Some(plan.max_length),
+    };
+    for (index, sample) in plan.samples.iter().enumerate() {
+        let (text, _) = generate_text(model, codec, &sample.prompt_ids, &settings, &[])?;
+        metrics.samples.push(text);
+        reporter.report("samples", index + 1, plan.samples.len())?;
+    }
+    Ok(metrics)
+}
+
+/// Greedy text after `prompt_ids`, cut at the first stop string.
+fn generate_text<M: LanguageModel>(
+    model: &M,
+    codec: &dyn TextCodec,
+    prompt_ids: &[u32],
+    settings: &GenerationSettings,
+    stop: &[String],
+) -> Result<(String, StopReason), StageError> {
+    let mut decode_error = None;
+    let generated = generate(model, prompt_ids, settings, |tokens| {
+        if stop.is_empty() {
+            return false;
+        }
+        match codec.decode(tokens) {
+            Ok(text) => stop.iter().any(|s| text.contains(s.as_str())),
+            Err(error) => {
+                decode_error = Some(error);
+                true
+            }
+        }
+    })
+    .map_err(|error| StageError::Internal(format!("generation failed: {error}")))?;
+    if let Some(error) = decode_error {
+        return Err(StageError::Internal(error));
+    }
+    let mut text = codec
+        .decode(&generated.token_ids)
+        .map_err(StageError::Internal)?;
+    if let Some(cut) = stop.iter().filter_map(|s| text.find(s.as_str())).min() {
+        text.truncate(cut);
+    }
+    Ok((text, generated.stop_reason))
+}
+
+fn ratio(part: usize, whole: usize) -> f64 {
+    if whole == 0 {
+        0.0
+    } else {
+        part as f64 / whole as f64
+    }
+}
+
+/// Pick the best candidate per row and compare its label with the row's.
+pub fn accuracy_of(
+    candidates: &Candidates,
+    scores: &[SequenceScore],
+    labels: &[String],
+    score: CandidateScore,
+) -> AccuracyReport {
+    let count = candidates.choices.len();
+    let mut report = AccuracyReport {
+        accuracy: 0.0,
+        correct: 0,
+        total: labels.len(),
+        confusion: BTreeMap::new(),
+    };
+    for (row, label) in labels.iter().enumerate() {
+        let row_scores = &scores[row * count..(row + 1) * count];
+        let value = |s: &SequenceScore| match score {
+            CandidateScore::Sum => s.log_likelihood,
+            CandidateScore::Mean => s.mean(),
+        };
+        let mut best = 0;
+        for (index, candidate) in row_scores.iter().enumerate() {
+            if value(candidate) > value(&row_scores[best]) {
+                best = index;
+            }
+        }
+        let predicted = candidates.labels[best].trim();
+        if predicted == label.trim() {
+            report.correct += 1;
+        }
+        *report
+            .confusion
+            .entry(label.trim().to_string())
+            .or_default()
+            .entry(predicted.to_string())
+            .or_default() += 1;
+    }
+    report.accuracy = ratio(report.correct, report.total);
+    report
+}
+
+// ---------------------------------------------------------------------------------------------
+// metrics.json and the summary
+// ---------------------------------------------------------------------------------------------
+
+/// One sample generation of both models.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Sample {
+    pub prompt: String,
+    pub reference: String,
+    pub base: String,
+    pub adapted: String,
+}
+
+/// The content of metrics.json.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct MetricsFile {
+    pub split: String,
+    pub rows: usize,
+    /// Rows whose prompt lost tokens on the left to fit the context length.
+    pub truncated_rows: usize,
+    pub base: ModelMetrics,
+    pub adapted: ModelMetrics,
+    /// adapted − base for every headline figure both have.
+    pub delta: BTreeMap<&'static str, f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub candidates: Option<Vec<String>>,
+    pub samples: Vec<Sample>,
+}
+
+impl MetricsFile {
+    pub fn new(
+        config: &EvaluateConfig,
+        plan: &EvalPlan,
+        base: ModelMetrics,
+        adapted: ModelMetrics,
+    ) -> Self {
+        let base_figures = base.figures();
+        let delta = adapted
+            .figures()
+            .into_iter()
+            .filter_map(|(name, value)| base_figures.get(name).map(|b| (name, value - b)))
+            .collect();
+        let samples = plan
+            .samples
+            .iter()
+            .enumerate()
+            .map(|(index, sample)| Sample {
+                prompt: sample.prompt.clone(),
+                reference: sample.reference.clone(),
+                base: base.samples.get(index).cloned().unwrap_or_default(),
+                adapted: adapted.samples.get(index).cloned().unwrap_or_default(),
+            })
+            .collect();
+        MetricsFile {
+            split: config.split.clone(),
+            rows: plan.rows,
+            truncated_rows: plan.truncated_rows,
+            candidates: plan
+                .accuracy
+                .as_ref()
+                .map(|work| work.candidates.choices.clone()),
+            base,
+            adapted,
+            delta,
+            samples,
+        }
+    }
+
+    /// Headline figures for the run summary: `"0.520 → 0.970"` per metric.
+    pub fn summary(&self) -> BTreeMap<String, Value> {
+        let base = self.base.figures();
+        let mut out = BTreeMap::new();
+        for (name, adapted) in self.adapted.figures() {
+            let Some(before) = base.get(name) else {
+                continue;
+            };
+            let digits = match name {
+                "perplexity" => 2,
+                _ => 3,
+            };
+            out.insert(
+                name.to_string(),
+                Value::String(format!("{before:.digits$} → {adapted:.digits$}")),
+            );
+        }
+        out.insert("rows".into(), Value::from(self.rows));
+        out
+    }
+}
+
+/// Write JSON atomically (temp file + rename) so a crash never leaves half a file.
+pub fn write_json_atomic(path: &Path, value: &impl Serialize) -> Result<(), StageError> {
+    let text = serde_json::to_string_pretty(value).map_err(|error| {
+        StageError::Internal(format!("cannot encode {}: {error}", path.display()))
+    })?;
+    let directory = path.parent().unwrap_or(Path::new("."));
+    let mut temporary = tempfile::NamedTempFile::new_in(directory)?;
+    std::io::Write::write_all(&mut temporary, text.as_bytes())?;
+    std::io::Write::write_all(&mut temporary, b"\n")?;
+    temporary.as_file().sync_all()?;
+    temporary.persist(path).map_err(|error| {
+        StageError::user(format!("cannot write {}: {}", path.display(), error.error))
+    })?;
+    Ok(())
+}
+
+impl Stage for EvaluateStage {
+    fn run(&self, ctx: &StageContext<'_>) -> Result<StageOutcome, StageError> {
+        let _ = (ctx, &self.config);
+        Err(StageError::Internal(
+            "model loading is not wired yet".into(),
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::evaluate::AccuracyConfig;
+    use crate::infer::score::tests::BigramModel;
+    use crate::infer::text::tests::LetterCodec;
+    use crate::stages::{NullSink, RunOptions};
+
+    fn config(yaml: &str) -> EvaluateConfig {
+        crate::config::evaluate::tests::from_yaml(yaml).unwrap()
+    }
+
+    fn rows(prompts: &[&str], completions: &[&str]) -> Rows {
+        Rows {
+            count: prompts.len(),
+            columns: BTreeMap::from([
+                (
+                    "prompt".into(),
+                    prompts.iter().map(|s| s.to_string()).collect(),
+                ),
+                (
+                    "completion".into(),
+                    completions.iter().map(|s| s.to_string()).collect(),
+                ),
+            ]),
+        }
+    }
+
+    fn with_context<T>(f: impl FnOnce(&StageContext<'_>) -> T) -> T {
+        let upstream = BTreeMap::new();
+        let cancel = std::sync::atomic::AtomicBool::new(false);
+        let options = RunOptions::default();
+        let ctx = StageContext {
+            name: "eval",
+            project_dir: Path::new("."),
+            out_dir: Path::new("."),
+            upstream: &upstream,
+            seed: 0,
+            progress: &NullSink,
+            cancel: &cancel,
+            options: &options,
+        };
+        f(&ctx)
+    }
+
+    /// Tokens: 0 pad, 1 BOS, 2 EOS, 3 `a`, 4 `b`, 5 `c` (LetterCodec's ids). After `a` the
+    /// model strongly prefers `b` over `c`; after `b` it prefers EOS.
+    fn prefers_b_after_a() -> BigramModel {
+        let mut table = vec![vec![0.0f32; 6]; 6];
+        table[1][3] = 4.0; // BOS → a
+        table[3][4] = 3.0; // a → b
+        table[3][5] = 1.0; // a → c (less likely)
+        table[4][2] = 5.0; // b → EOS
+        table[5][2] = 5.0; // c → EOS
+        BigramModel {
+            table,
+            device: candle_core::Device::Cpu,
+        }
+    }
+
+    #[test]
+    fn loss_accuracy_exact_match_and_samples_on_a_model_with_a_known_preference() {
+        let model = prefers_b_after_a();
+        let rows = rows(&["a", "a"], &["b", "c"]);
+        let config = config(
+            "{ model: t, data: p, samples: 2, sample_max_new_tokens: 4, metrics: { accuracy: { choices: [b, c] }, exact_match: { max_new_tokens: 4 } } }",
+        );
+        let plan = EvalPlan::new(&config, &rows, &LetterCodec, 64, false).unwrap();
+        let metrics = with_context(|ctx| {
+            evaluate_model(
+                &model,
+                &LetterCodec,
+                &plan,
+                2,
+                &Reporter { ctx, label: "base" },
+            )
+        })
+        .unwrap();
+        // Loss over completion tokens only: log p(b | a) and log p(c | a); the prompt's BOS → a
+        // is context.
+        let expected = -(model.log_prob(3, 4) + model.log_prob(3, 5)) / 2.0;
+        assert!((metrics.loss.unwrap() - expected).abs() < 1e-6);
+        assert!((metrics.perplexity.unwrap() - expected.exp()).abs() < 1e-5);
+        assert_eq!(metrics.loss_tokens, Some(2));
+        // The model always picks `b`: right on row 0, wrong on row 1.
+        let accuracy = metrics.accuracy.unwrap();
+        assert_eq!((accuracy.correct, accuracy.total), (1, 2));
+        assert_eq!(accuracy.confusion["c"]["b"], 1);
+        // Greedy: a → b → EOS, so the generation is `b` on both rows.
+        let exact = metrics.exact_match.unwrap();
+        assert_eq!((exact.matches, exact.total, exact.ended_at_eos), (1, 2, 2));
+        assert_eq!(metrics.samples, ["b", "b"]);
+    }
+
+    #[test]
+    fn eos_is_scored_when_appended() {
+        let model = prefers_b_after_a();
+        let rows = rows(&["a"], &["b"]);
+        let config = config("{ model: t, data: p, samples: 0 }");
+        let plan = EvalPlan::new(&config, &rows, &LetterCodec, 64, true).unwrap();
+        let metrics = with_context(|ctx| {
+            evaluate_model(
+                &model,
+                &LetterCodec,
+                &plan,
+                2,
+                &Reporter { ctx, label: "base" },
+            )
+        })
+        .unwrap();
+        let expected = -(model.log_prob(3, 4) + model.log_prob(4, 2)) / 2.0;
+        assert!((metrics.loss.unwrap() - expected).abs() < 1e-6);
+        assert_eq!(metrics.loss_tokens, Some(2));
+    }
+
+    #[test]
+    fn cancellation_stops_evaluation() {
+        let model = prefers_b_after_a();
+        let rows = rows(&["a"], &["b"]);
+        let config = config("{ model: t, data: p }");
+        let plan = EvalPlan::new(&config, &rows, &LetterCodec, 64, false).unwrap();
+        let upstream = BTreeMap::new();
+        let cancel = std::sync::atomic::AtomicBool::new(true);
+        let options = RunOptions::default();
+        let ctx = StageContext {
+            name: "eval",
+            project_dir: Path::new("."),
+            out_dir: Path::new("."),
+            upstream: &upstream,
+            seed: 0,
+            progress: &NullSink,
+            cancel: &cancel,
+            options: &options,
+        };
+        let error = evaluate_model(
+            &model,
+            &LetterCodec,
+            &plan,
+            2,
+            &Reporter {
+                ctx: &ctx,
+                label: "base",
+            },
+        )
+        .unwrap_err();
+        assert!(matches!(error, StageError::Cancelled));
+    }
+
+    #[test]
+    fn accuracy_picks_the_most_likely_candidate() {
+        let candidates = Candidates {
+            choices: vec![" no".into(), " yes".into()],
+            labels: vec!["0".into(), "1".into()],
+        };
+        let score = |log_likelihood, tokens| SequenceScore {
+            log_likelihood,
+            tokens,
+        };
+        // Row 0 prefers yes, row 1 prefers no by sum but yes by mean.
+        let scores = [
+            score(-3.0, 1),
+            score(-1.0, 1),
+            score(-2.0, 1),
+            score(-3.0, 3),
+        ];
+        let labels = ["1".to_string(), " 1 ".to_string()];
+        let sum = accuracy_of(&candidates, &scores, &labels, CandidateScore::Sum);
+        assert_eq!((sum.correct, sum.total), (1, 2));
+        assert_eq!(sum.confusion["1"]["0"], 1);
+        assert_eq!(sum.confusion["1"]["1"], 1);
+        let mean = accuracy_of(&candidates, &scores, &labels, CandidateScore::Mean);
+        assert_eq!((mean.correct, mean.accuracy), (2, 1.0));
+    }
+
+    #[test]
+    fn metrics_file_has_base_adapted_delta_and_samples() {
+        let config = config("{ model: t, data: p }");
+        let rows = rows(&["ab"], &["c"]);
+        let plan = EvalPlan::new(&config, &rows, &LetterCodec, 64, true).unwrap();
+        let base = ModelMetrics {
+            loss: Some(2.0),
+            perplexity: Some(2f64.exp()),
+            loss_tokens: Some(10),
+            samples: vec!["x".into()],
+            ..ModelMetrics::default()
+        };
+        let adapted = ModelMetrics {
+            loss: Some(1.5),
+            perplexity: Some(1.5f64.exp()),
+            loss_tokens: Some(10),
+            samples: vec!["c".into()],
+            ..ModelMetrics::default()
+        };
+        let file = MetricsFile::new(&config, &plan, base, adapted);
+        let json = serde_json::to_value(&file).unwrap();
+        assert_eq!(json["delta"]["loss"], -0.5);
+        assert_eq!(json["samples"][0]["prompt"], "ab");
+        assert_eq!(json["samples"][0]["reference"], "c");
+        assert_eq!(json["samples"][0]["base"], "x");
+        assert_eq!(json["samples"][0]["adapted"], "c");
+        assert_eq!(json["base"]["loss_tokens"], 10);
+        let summary = file.summary();
+        assert_eq!(
+            summary["perplexity"],
+            format!("{:.2} → {:.2}", 2f64.exp(), 1.5f64.exp())
+        );
+        assert_eq!(summary["loss"], "2.000 → 1.500");
+    }
+
+    #[test]
+    fn candidates_from_a_column_and_unknown_labels() {
+        let mut rows = rows(&["a", "a", "a"], &["b", "c", "b"]);
+        rows.columns
+            .insert("label".into(), vec!["x".into(), "y".into(), "z".into()]);
+        let from_column = config(
+            "{ model: t, data: p, metrics: { loss: false, accuracy: { choices_column: completion } } }",
+        );
+        let plan = EvalPlan::new(&from_column, &rows, &LetterCodec, 64, false).unwrap();
+        let work = plan.accuracy.as_ref().unwrap();
+        assert_eq!(work.candidates.choices, ["b", "c"]);
+        assert_eq!(work.examples.len(), 6);
+        let mismatched = EvaluateConfig {
+            metrics: crate::config::evaluate::MetricsConfig {
+                loss: false,
+                accuracy: Some(Box::new(AccuracyConfig {
+                    choices: Some(vec!["b".into(), "c".into()]),
+                    choices_column: None,
+                    label_column: "label".into(),
+                    labels: None,
+                    score: CandidateScore::Sum,
+                })),
+                exact_match: None,
+            },
+            ..from_column
+        };
+        let error = EvalPlan::new(&mismatched, &rows, &LetterCodec, 64, false)
+            .err()
+            .unwrap();
+        assert!(
+            error.to_string().contains("no row's `label` value"),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn read_rows_reads_text_and_numbers_and_refuses_nulls() {
+        use arrow::array::{Int64Array, StringArray};
+        use arrow::datatypes::{DataType, Field, Schema};
+        use arrow::record_batch::RecordBatch;
+        use std::sync::Arc;
+
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("eval.parquet");
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("prompt", DataType::Utf8, true),
+            Field::new("label", DataType::Int64, true),
+        ]));
+        let batch = RecordBatch::try_new(
+            schema.clone(),
+            vec![
+                Arc::new(StringArray::from(vec![Some("p0"), Some("p1"), None])),
+                Arc::new(Int64Array::from(vec![0, 1, 1])),
+            ],
+        )
+        .unwrap();
+        let mut writer =
+            parquet::arrow::ArrowWriter::try_new(File::create(&path).unwrap(), schema, None)
+                .unwrap();
+        writer.write(&batch).unwrap();
+        writer.close().unwrap();
+        let wanted: BTreeSet<String> = ["prompt".to_string(), "label".to_string()].into();
+        let two = read_rows(&path, &wanted, Some(2)).unwrap();
+        assert_eq!(two.count, 2);
+        assert_eq!(two.columns["prompt"], ["p0", "p1"]);
+        assert_eq!(two.columns["label"], ["0", "1"]);
+        let error = read_rows(&path, &wanted, None).unwrap_err();
+        assert!(
+            error.to_string().contains("`prompt` is null in row 2"),
+            "{error}"
+        );
+        let missing: BTreeSet<String> = ["answer".to_string()].into();
+        let error = read_rows(&path, &missing, None).unwrap_err();
+        assert!(error.to_string().contains("no column `answer`"), "{error}");
     }
 }

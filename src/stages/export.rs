@@ -1,8 +1,46 @@
-//! The `export` stage. (Skeleton: the owner of this stage kind implements it.)
+//! The `export` stage: builds, in its artifact, (a) `adapter/` — the trained LoRA adapter as a PEFT
+//! folder (adapter_config.json, adapter_model.safetensors with PEFT's tensor names, a README.md
+//! model card) and/or (b) `merged/` — the base model with the adapter merged in, in Hugging Face
+//! layout (config.json, model.safetensors with the base checkpoint's tensor names and dtypes,
+//! tokenizer files, generation_config.json). [`Stage::publish`] then copies each folder to its
+//! declared destination atomically (temp folder + rename), also when restored from the cache.
+//!
+//! The merge streams the base checkpoint tensor by tensor (W' = W + scale·B·A in f32, cast back to
+//! the tensor's dtype), so memory stays near one tensor, whatever the model size. This module must
+//! not train, print, or write outside `ctx.out_dir` except through `publish`.
 
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs::{self, File};
+use std::io::{BufWriter, Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use safetensors::tensor::{Metadata, TensorInfo};
+use safetensors::Dtype;
+use serde_json::Value;
+
+use crate::config::export::escape_reason;
 use crate::config::ExportConfig;
 
-use super::{Stage, StageContext, StageError, StageOutcome};
+use super::{Progress, Stage, StageContext, StageError, StageOutcome};
+
+/// Name of the marker file that says a destination folder was written by `peftpipe export`
+/// (only such folders, or empty ones, are ever replaced).
+pub const EXPORT_MARKER: &str = ".peftpipe-export.json";
+
+/// Tokenizer and generation files copied into a merged model folder when the base has them.
+const TOKENIZER_FILES: &[&str] = &[
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "generation_config.json",
+];
 
 pub struct ExportStage {
     config: ExportConfig,
@@ -12,13 +50,1052 @@ impl ExportStage {
     pub fn new(config: ExportConfig) -> Self {
         ExportStage { config }
     }
+
+    /// The declared destinations: (artifact subfolder, destination as written).
+    fn destinations(&self) -> Vec<(&'static str, &str)> {
+        let mut out = Vec::new();
+        if let Some(adapter) = &self.config.adapter {
+            out.push(("adapter", adapter.as_str()));
+        }
+        if let Some(merged) = &self.config.merged {
+            out.push(("merged", merged.as_str()));
+        }
+        out
+    }
 }
 
 impl Stage for ExportStage {
-    fn run(&self, _ctx: &StageContext<'_>) -> Result<StageOutcome, StageError> {
-        let _ = &self.config;
-        Err(StageError::Internal(
-            "the export stage is not built yet".into(),
+    fn run(&self, ctx: &StageContext<'_>) -> Result<StageOutcome, StageError> {
+        let train_dir = ctx.upstream_dir(&self.config.from)?;
+        let adapter_dir = train_dir.join("adapter");
+        let adapter = LoraAdapter::read(&adapter_dir)?;
+        let base_dir = read_base_model_dir(train_dir)?;
+        let mut outcome = StageOutcome::default();
+        outcome.summary.insert(
+            "adapter_parameters".into(),
+            adapter.parameter_count().into(),
+        );
+        let total_steps =
+            u64::from(self.config.adapter.is_some()) + u64::from(self.config.merged.is_some());
+        let mut done = 0;
+        if self.config.adapter.is_some() {
+            let out = ctx.out_dir.join("adapter");
+            write_adapter_folder(&adapter, &adapter_dir, &base_dir, train_dir, &out)?;
+            done += 1;
+            ctx.progress.progress(Progress {
+                position: done,
+                length: Some(total_steps),
+                unit: "folders",
+                message: "adapter written".into(),
+            });
+        }
+        ctx.check_cancel()?;
+        if self.config.merged.is_some() {
+            let out = ctx.out_dir.join("merged");
+            let merged = write_merged_folder(&adapter, &base_dir, &out, &|| ctx.check_cancel())?;
+            outcome
+                .summary
+                .insert("merged_tensors".into(), merged.merged_tensors.into());
+            outcome
+                .summary
+                .insert("merged_bytes".into(), merged.bytes.into());
+            done += 1;
+            ctx.progress.progress(Progress {
+                position: done,
+                length: Some(total_steps),
+                unit: "folders",
+                message: format!("merged {} weight matrices", merged.merged_tensors),
+            });
+        }
+        for (kind, written) in self.destinations() {
+            outcome
+                .summary
+                .insert(format!("{kind}_destination"), written.into());
+        }
+        Ok(outcome)
+    }
+
+    fn publish(&self, artifact: &Path, ctx: &StageContext<'_>) -> Result<(), StageError> {
+        for (kind, written) in self.destinations() {
+            let source = artifact.join(kind);
+            if !source.is_dir() {
+                return Err(StageError::Internal(format!(
+                    "the export artifact has no `{kind}` folder to publish"
+                )));
+            }
+            let destination =
+                resolve_destination(ctx.project_dir, written, ctx.options.allow_outside_project)?;
+            publish_folder(&source, &destination, ctx.name)?;
+            ctx.progress
+                .note(format!("published {kind} to {}", destination.display()));
+        }
+        Ok(())
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Destinations and atomic publishing
+// ---------------------------------------------------------------------------------------------
+
+/// Resolve a destination as written (env vars expanded, relative to the project directory) and
+/// refuse one that leaves the project directory — through `..`, an absolute path or a symbolic
+/// link — unless `allow_outside` is set. Even then, never the project directory, one of its
+/// ancestors, or the filesystem root (publishing replaces the destination as a whole).
+pub fn resolve_destination(
+    project_dir: &Path,
+    written: &str,
+    allow_outside: bool,
+) -> Result<PathBuf, StageError> {
+    let expanded = crate::config::expand_env(written).map_err(StageError::User)?;
+    let hint = "pass --allow-outside-project to `peftpipe run` to allow it";
+    if !allow_outside {
+        if let Some(reason) = escape_reason(&expanded) {
+            return Err(StageError::user(format!(
+                "export destination {reason}: it would leave the project directory {} ({hint})",
+                project_dir.display()
+            )));
+        }
+    }
+    let destination = if Path::new(&expanded).is_absolute() {
+        PathBuf::from(&expanded)
+    } else {
+        project_dir.join(&expanded)
+    };
+    let project = project_dir.canonicalize().map_err(|error| {
+        StageError::user(format!(
+            "cannot resolve the project directory {}: {error}",
+            project_dir.display()
         ))
+    })?;
+    let resolved = canonicalize_lenient(&destination)?;
+    if project.starts_with(&resolved) {
+        return Err(StageError::user(format!(
+            "export destination `{written}` is the project directory or one of its parents: \
+             publishing replaces the destination as a whole"
+        )));
+    }
+    if !allow_outside {
+        if !resolved.starts_with(&project) {
+            return Err(StageError::user(format!(
+                "export destination `{written}` resolves (through a symbolic link) to {}, outside \
+                 the project directory {} ({hint})",
+                resolved.display(),
+                project.display()
+            )));
+        }
+        if fs::symlink_metadata(&destination).is_ok_and(|m| m.file_type().is_symlink()) {
+            return Err(StageError::user(format!(
+                "export destination `{written}` is a symbolic link ({hint})"
+            )));
+        }
+    }
+    Ok(destination)
+}
+
+/// Canonicalize the longest existing ancestor of `path` and append the rest (so symbolic links
+/// in existing parents are resolved even though the destination may not exist yet).
+fn canonicalize_lenient(path: &Path) -> Result<PathBuf, StageError> {
+    let mut existing = path.to_path_buf();
+    let mut rest = Vec::new();
+    loop {
+        if fs::symlink_metadata(&existing).is_ok() {
+            break;
+        }
+        match (existing.file_name(), existing.parent()) {
+            (Some(name), Some(parent)) => {
+                rest.push(name.to_os_string());
+                existing = parent.to_path_buf();
+            }
+            _ => break,
+        }
+    }
+    let mut resolved = existing.canonicalize().map_err(|error| {
+        StageError::user(format!("cannot resolve {}: {error}", existing.display()))
+    })?;
+    for name in rest.into_iter().rev() {
+        resolved.push(name);
+    }
+    Ok(resolved)
+}
+
+/// Copy `source` (a folder) to `destination`, replacing an earlier export there: the copy is
+/// written to a temporary sibling folder first and renamed into place, so the destination is
+/// never half written. A non-empty destination that peftpipe did not write is refused.
+pub fn publish_folder(source: &Path, destination: &Path, stage: &str) -> Result<(), StageError> {
+    let name = destination.file_name().ok_or_else(|| {
+        StageError::user(format!(
+            "export destination {} has no folder name",
+            destination.display()
+        ))
+    })?;
+    let parent = destination.parent().unwrap_or(Path::new("."));
+    fs::create_dir_all(parent).map_err(|error| {
+        StageError::user(format!("cannot create {}: {error}", parent.display()))
+    })?;
+    if let Ok(metadata) = fs::symlink_metadata(destination) {
+        if !metadata.is_dir() {
+            return Err(StageError::user(format!(
+                "export destination {} exists and is not a folder",
+                destination.display()
+            )));
+        }
+        let is_empty = fs::read_dir(destination)?.next().is_none();
+        if !is_empty && !destination.join(EXPORT_MARKER).is_file() {
+            return Err(StageError::user(format!(
+                "export destination {} already exists and was not written by peftpipe export; \
+                 remove it or choose another folder",
+                destination.display()
+            )));
+        }
+    }
+    let name = name.to_string_lossy();
+    let temporary = tempfile::Builder::new()
+        .prefix(&format!(".{name}.peftpipe-tmp-"))
+        .tempdir_in(parent)
+        .map_err(|error| {
+            StageError::user(format!(
+                "cannot create a temporary folder in {}: {error}",
+                parent.display()
+            ))
+        })?;
+    copy_tree(source, temporary.path())?;
+    let marker = serde_json::json!({
+        "written_by": "peftpipe export",
+        "stage": stage,
+        "peftpipe_version": crate::TOOL_VERSION,
+    });
+    write_json(&temporary.path().join(EXPORT_MARKER), &marker)?;
+    let staged = temporary.keep();
+    let old = if destination.exists() {
+        let old = parent.join(format!(
+            ".{name}.peftpipe-old-{}",
+            staged
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default()
+        ));
+        fs::rename(destination, &old).map_err(|error| {
+            StageError::user(format!(
+                "cannot move the old {} aside: {error}",
+                destination.display()
+            ))
+        })?;
+        Some(old)
+    } else {
+        None
+    };
+    if let Err(error) = fs::rename(&staged, destination) {
+        // Put the old export back so the destination is left as it was.
+        if let Some(old) = &old {
+            let _ = fs::rename(old, destination);
+        }
+        let _ = fs::remove_dir_all(&staged);
+        return Err(StageError::user(format!(
+            "cannot move the export into {}: {error}",
+            destination.display()
+        )));
+    }
+    if let Some(old) = old {
+        fs::remove_dir_all(&old).map_err(|error| {
+            StageError::user(format!(
+                "published, but cannot remove the previous export at {}: {error}",
+                old.display()
+            ))
+        })?;
+    }
+    Ok(())
+}
+
+/// Copy a folder tree: regular files get fresh permissions (the cache's may be read-only);
+/// symbolic links are refused (an artifact never contains them).
+fn copy_tree(source: &Path, destination: &Path) -> Result<(), StageError> {
+    fs::create_dir_all(destination)?;
+    let mut entries: Vec<_> = fs::read_dir(source)?.collect::<Result<_, _>>()?;
+    entries.sort_by_key(|entry| entry.file_name());
+    for entry in entries {
+        let kind = entry.file_type()?;
+        let target = destination.join(entry.file_name());
+        if kind.is_dir() {
+            copy_tree(&entry.path(), &target)?;
+        } else if kind.is_file() {
+            let mut reader = File::open(entry.path())?;
+            let mut writer = File::create(&target)?;
+            std::io::copy(&mut reader, &mut writer).map_err(|error| {
+                StageError::user(format!(
+                    "cannot copy {} to {}: {error}",
+                    entry.path().display(),
+                    target.display()
+                ))
+            })?;
+            writer.sync_all()?;
+        } else {
+            return Err(StageError::Internal(format!(
+                "unexpected non-file {} in an export artifact",
+                entry.path().display()
+            )));
+        }
+    }
+    Ok(())
+}
+
+fn write_json(path: &Path, value: &Value) -> Result<(), StageError> {
+    let text = serde_json::to_string_pretty(value)
+        .map_err(|error| StageError::Internal(format!("cannot encode JSON: {error}")))?;
+    fs::write(path, text + "\n")
+        .map_err(|error| StageError::user(format!("cannot write {}: {error}", path.display())))
+}
+
+fn read_json(path: &Path) -> Result<Value, StageError> {
+    let text = fs::read_to_string(path)
+        .map_err(|error| StageError::user(format!("cannot read {}: {error}", path.display())))?;
+    serde_json::from_str(&text)
+        .map_err(|error| StageError::user(format!("{} is not valid JSON: {error}", path.display())))
+}
+
+/// The base model folder the train stage used, from its `base_model.json`.
+pub fn read_base_model_dir(train_dir: &Path) -> Result<PathBuf, StageError> {
+    let file = train_dir.join("base_model.json");
+    let value = read_json(&file)?;
+    let path = ["path", "dir", "base_model_dir"]
+        .iter()
+        .find_map(|key| value.get(key).and_then(Value::as_str))
+        .ok_or_else(|| {
+            StageError::Internal(format!(
+                "{} does not name the base model folder (key `path`)",
+                file.display()
+            ))
+        })?;
+    let dir = PathBuf::from(path);
+    if !dir.join("config.json").is_file() {
+        return Err(StageError::user(format!(
+            "the base model folder {} (from {}) has no config.json",
+            dir.display(),
+            file.display()
+        )));
+    }
+    Ok(dir)
+}
+
+// ---------------------------------------------------------------------------------------------
+// The LoRA adapter as PEFT stores it
+// ---------------------------------------------------------------------------------------------
+
+/// One adapted module: `base_model.model.<path>.lora_{A,B}.weight`.
+#[derive(Debug, Clone)]
+pub struct LoraPair {
+    /// Module path as Hugging Face names it, e.g. `model.layers.0.self_attn.q_proj`.
+    pub path: String,
+    /// `[r, in]`.
+    pub a: Tensor,
+    /// `[out, r]`.
+    pub b: Tensor,
+    /// alpha / r, or alpha / √r with rsLoRA (rank_pattern / alpha_pattern applied).
+    pub scale: f64,
+}
+
+/// A PEFT LoRA adapter folder, read and checked.
+#[derive(Debug, Clone)]
+pub struct LoraAdapter {
+    pub config: Value,
+    pub pairs: Vec<LoraPair>,
+    pub fan_in_fan_out: bool,
+}
+
+const PEFT_PREFIX: &str = "base_model.model.";
+
+impl LoraAdapter {
+    /// Read `adapter_config.json` and `adapter_model.safetensors` from `dir`.
+    pub fn read(dir: &Path) -> Result<Self, StageError> {
+        let config_path = dir.join("adapter_config.json");
+        let config = read_json(&config_path)?;
+        let field = |key: &str| config.get(key).filter(|v| !v.is_null());
+        let peft_type = field("peft_type").and_then(Value::as_str).unwrap_or("");
+        if peft_type != "LORA" {
+            return Err(StageError::user(format!(
+                "{}: peft_type is `{peft_type}`; export supports LORA adapters",
+                config_path.display()
+            )));
+        }
+        for unsupported in ["use_dora", "lora_bias"] {
+            if field(unsupported).and_then(Value::as_bool) == Some(true) {
+                return Err(StageError::user(format!(
+                    "{}: `{unsupported}` is set, which export does not support",
+                    config_path.display()
+                )));
+            }
+        }
+        if field("bias")
+            .and_then(Value::as_str)
+            .is_some_and(|b| b != "none")
+        {
+            return Err(StageError::user(format!(
+                "{}: `bias` other than \"none\" is not supported by export",
+                config_path.display()
+            )));
+        }
+        if field("modules_to_save").is_some_and(|v| v.as_array().is_none_or(|a| !a.is_empty())) {
+            return Err(StageError::user(format!(
+                "{}: `modules_to_save` is not supported by export",
+                config_path.display()
+            )));
+        }
+        let number = |key: &str| field(key).and_then(Value::as_f64);
+        let rank = number("r").ok_or_else(|| {
+            StageError::user(format!("{}: `r` is missing", config_path.display()))
+        })?;
+        let alpha = number("lora_alpha").unwrap_or(8.0);
+        let rslora = field("use_rslora")
+            .and_then(Value::as_bool)
+            .unwrap_or(false);
+        let fan_in_fan_out = field("fan_in_fan_out")
+            .and_then(Value::as_bool)
+            .unwrap_or(false);
+        let rank_pattern = pattern_map(field("rank_pattern"), &config_path)?;
+        let alpha_pattern = pattern_map(field("alpha_pattern"), &config_path)?;
+
+        let weights_path = dir.join("adapter_model.safetensors");
+        let tensors =
+            candle_core::safetensors::load(&weights_path, &Device::Cpu).map_err(|error| {
+                StageError::user(format!("cannot read {}: {error}", weights_path.display()))
+            })?;
+        let mut modules: BTreeMap<String, (Option<Tensor>, Option<Tensor>)> = BTreeMap::new();
+        for (name, tensor) in tensors {
+            let Some(path) = name.strip_prefix(PEFT_PREFIX) else {
+                return Err(StageError::user(format!(
+                    "{}: tensor `{name}` does not start with `{PEFT_PREFIX}` (not a PEFT LoRA file)",
+                    weights_path.display()
+                )));
+            };
+            let tensor = tensor.to_dtype(DType::F32).map_err(candle_error)?;
+            if let Some(module) = path.strip_suffix(".lora_A.weight") {
+                modules.entry(module.to_string()).or_default().0 = Some(tensor);
+            } else if let Some(module) = path.strip_suffix(".lora_B.weight") {
+                modules.entry(module.to_string()).or_default().1 = Some(tensor);
+            } else {
+                return Err(StageError::user(format!(
+                    "{}: tensor `{name}` is not a LoRA A/B weight; export supports plain LoRA on linear layers",
+                    weights_path.display()
+                )));
+            }
+        }
+        let mut pairs = Vec::with_capacity(modules.len());
+        for (path, (a, b)) in modules {
+            let (Some(a), Some(b)) = (a, b) else {
+                return Err(StageError::user(format!(
+                    "{}: module `{path}` has only one of lora_A / lora_B",
+                    weights_path.display()
+                )));
+            };
+            let (rank_a, _in) = a.dims2().map_err(candle_error)?;
+            let (_out, rank_b) = b.dims2().map_err(candle_error)?;
+            let module_rank = lookup_pattern(&rank_pattern, &path).unwrap_or(rank);
+            if rank_a != rank_b || rank_a as f64 != module_rank {
+                return Err(StageError::user(format!(
+                    "{}: module `{path}` has lora_A {:?} and lora_B {:?}, but the rank is {module_rank}",
+                    weights_path.display(),
+                    a.dims(),
+                    b.dims()
+                )));
+            }
+            let module_alpha = lookup_pattern(&alpha_pattern, &path).unwrap_or(alpha);
+            let scale = if rslora {
+                module_alpha / module_rank.sqrt()
+            } else {
+                module_alpha / module_rank
+            };
+            pairs.push(LoraPair { path, a, b, scale });
+        }
+        if pairs.is_empty() {
+            return Err(StageError::user(format!(
+                "{} holds no LoRA weights",
+                weights_path.display()
+            )));
+        }
+        Ok(LoraAdapter {
+            config,
+            pairs,
+            fan_in_fan_out,
+        })
+    }
+
+    /// Trainable parameters: Σ r·(in + out).
+    pub fn parameter_count(&self) -> u64 {
+        self.pairs
+            .iter()
+            .map(|p| (p.a.elem_count() + p.b.elem_count()) as u64)
+            .sum()
+    }
+}
+
+fn pattern_map(value: Option<&Value>, file: &Path) -> Result<Vec<(regex::Regex, f64)>, StageError> {
+    let Some(Value::Object(map)) = value else {
+        return Ok(Vec::new());
+    };
+    map.iter()
+        .map(|(key, value)| {
+            let regex = regex::Regex::new(&format!(r"^(.*\.)?(?:{key})$")).map_err(|error| {
+                StageError::user(format!("{}: pattern `{key}`: {error}", file.display()))
+            })?;
+            let number = value.as_f64().ok_or_else(|| {
+                StageError::user(format!("{}: pattern `{key}` has no number", file.display()))
+            })?;
+            Ok((regex, number))
+        })
+        .collect()
+}
+
+/// PEFT matches rank/alpha patterns against the module name: the first key that matches wins.
+fn lookup_pattern(patterns: &[(regex::Regex, f64)], path: &str) -> Option<f64> {
+    patterns
+        .iter()
+        .find(|(regex, _)| regex.is_match(path))
+        .map(|(_, value)| *value)
+}
+
+fn candle_error(error: candle_core::Error) -> StageError {
+    StageError::Internal(error.to_string())
+}
+
+// ---------------------------------------------------------------------------------------------
+// (a) The PEFT adapter folder
+// ---------------------------------------------------------------------------------------------
+
+/// Copy the adapter's two PEFT files and write a model card.
+fn write_adapter_folder(
+    adapter: &LoraAdapter,
+    adapter_dir: &Path,
+    base_dir: &Path,
+    train_dir: &Path,
+    out: &Path,
+) -> Result<(), StageError> {
+    fs::create_dir_all(out)?;
+    for file in ["adapter_config.json", "adapter_model.safetensors"] {
+        fs::copy(adapter_dir.join(file), out.join(file)).map_err(|error| {
+            StageError::user(format!(
+                "cannot copy {}: {error}",
+                adapter_dir.join(file).display()
+            ))
+        })?;
+    }
+    let summary = read_json(&train_dir.join("summary.json")).ok();
+    fs::write(
+        out.join("README.md"),
+        model_card(adapter, base_dir, summary.as_ref()),
+    )?;
+    Ok(())
+}
+
+/// A short model card in the shape PEFT's own cards have (YAML front matter + text).
+fn model_card(adapter: &LoraAdapter, base_dir: &Path, summary: Option<&Value>) -> String {
+    let config = &adapter.config;
+    let text = |key: &str| match config.get(key) {
+        Some(Value::String(s)) => s.clone(),
+        Some(Value::Null) | None => "—".to_string(),
+        Some(other) => other.to_string(),
+    };
+    let base_name = config
+        .get("base_model_name_or_path")
+        .and_then(Value::as_str)
+        .map(str::to_string)
+        .unwrap_or_else(|| base_dir.display().to_string());
+    let mut card = format!(
+        "---\nbase_model: {base_name}\nlibrary_name: peft\ntags:\n- lora\n- peftpipe\n---\n\n\
+         # LoRA adapter\n\nTrained and exported by peftpipe {version}. Load it with PEFT:\n\n\
+         ```python\nfrom transformers import AutoModelForCausalLM\nfrom peft import PeftModel\n\n\
+         base = AutoModelForCausalLM.from_pretrained(\"{base_name}\")\n\
+         model = PeftModel.from_pretrained(base, \"path/to/this/folder\")\n```\n\n\
+         | setting | value |\n|---|---|\n| rank (r) | {r} |\n| lora_alpha | {alpha} |\n\
+         | rsLoRA | {rslora} |\n| target modules | {targets} |\n| adapted layers | {layers} |\n\
+         | trainable parameters | {params} |\n",
+        version = crate::TOOL_VERSION,
+        r = text("r"),
+        alpha = text("lora_alpha"),
+        rslora = text("use_rslora"),
+        targets = text("target_modules"),
+        layers = adapter.pairs.len(),
+        params = adapter.parameter_count(),
+    );
+    if let Some(Value::Object(summary)) = summary {
+        card.push_str("\n## Training summary\n\n| figure | value |\n|---|---|\n");
+        for (key, value) in summary {
+            if value.is_number() || value.is_string() || value.is_boolean() {
+                card.push_str(&format!("| {key} | {value} |\n"));
+            }
+        }
+    }
+    card
+}
+
+// ---------------------------------------------------------------------------------------------
+// (b) The merged model folder
+// ---------------------------------------------------------------------------------------------
+
+/// What writing the merged folder did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MergedFolder {
+    pub merged_tensors: usize,
+    pub bytes: u64,
+}
+
+/// One tensor of a safetensors file: where its bytes are.
+#[derive(Debug, Clone)]
+struct SourceTensor {
+    file: PathBuf,
+    dtype: Dtype,
+    shape: Vec<usize>,
+    /// Absolute byte range in `file`.
+    start: u64,
+    end: u64,
+}
+
+/// Read the headers of a model folder's weight files (single file or sharded index).
+fn read_checkpoint_index(base_dir: &Path) -> Result<BTreeMap<String, SourceTensor>, StageError> {
+    let single = base_dir.join("model.safetensors");
+    let files: Vec<PathBuf> = if single.is_file() {
+        vec![single]
+    } else {
+        let index_path = base_dir.join("model.safetensors.index.json");
+        let index = read_json(&index_path)?;
+        let map = index
+            .get("weight_map")
+            .and_then(Value::as_object)
+            .ok_or_else(|| {
+                StageError::user(format!("{} has no `weight_map`", index_path.display()))
+            })?;
+        let names: BTreeSet<&str> = map.values().filter_map(Value::as_str).collect();
+        names.into_iter().map(|name| base_dir.join(name)).collect()
+    };
+    let mut tensors = BTreeMap::new();
+    for file in files {
+        let mut reader = File::open(&file).map_err(|error| {
+            StageError::user(format!("cannot open {}: {error}", file.display()))
+        })?;
+        let mut length = [0u8; 8];
+        reader.read_exact(&mut length).map_err(|error| {
+            StageError::user(format!(
+                "{}: not a safetensors file: {error}",
+                file.display()
+            ))
+        })?;
+        let header_length = u64::from_le_bytes(length);
+        if header_length > 100_000_000 {
+            return Err(StageError::user(format!(
+                "{}: safetensors header of {header_length} bytes is implausible",
+                file.display()
+            )));
+        }
+        let mut header = vec![0u8; header_length as usize];
+        reader.read_exact(&mut header).map_err(|error| {
+            StageError::user(format!(
+                "{}: truncated safetensors header: {error}",
+                file.display()
+            ))
+        })?;
+        let metadata: Metadata = serde_json::from_slice(&header).map_err(|error| {
+            StageError::user(format!(
+                "{}: bad safetensors header: {error}",
+                file.display()
+            ))
+        })?;
+        let data_start = 8 + header_length;
+        let file_length = reader.metadata()?.len();
+        if data_start + metadata.data_len() as u64 != file_length {
+            return Err(StageError::user(format!(
+                "{}: the file is {file_length} bytes but its header describes {}",
+                file.display(),
+                data_start + metadata.data_len() as u64
+            )));
+        }
+        for (name, info) in metadata.tensors() {
+            tensors.insert(
+                name,
+                SourceTensor {
+                    file: file.clone(),
+                    dtype: info.dtype,
+                    shape: info.shape.clone(),
+                    start: data_start + info.data_offsets.0 as u64,
+                    end: data_start + info.data_offsets.1 as u64,
+                },
+            );
+        }
+    }
+    Ok(tensors)
+}
+
+/// The checkpoint tensor name of a module's weight (GPT-2 checkpoints may omit `transformer.`).
+fn weight_name(tensors: &BTreeMap<String, SourceTensor>, path: &str) -> Option<String> {
+    let direct = format!("{path}.weight");
+    if tensors.contains_key(&direct) {
+        return Some(direct);
+    }
+    let short = path.strip_prefix("transformer.")?;
+    let short = format!("{short}.weight");
+    tensors.contains_key(&short).then_some(short)
+}
+
+fn element_size(dtype: Dtype) -> Option<usize> {
+    match dtype {
+        Dtype::F32 => Some(4),
+        Dtype::F16 | Dtype::BF16 => Some(2),
+        Dtype::F64 => Some(8),
+        _ => None,
+    }
+}
+
+fn bytes_to_f32(dtype: Dtype, bytes: &[u8]) -> Option<Vec<f32>> {
+    Some(match dtype {
+        Dtype::F32 => bytes
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect(),
+        Dtype::F16 => bytes
+            .chunks_exact(2)
+            .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect(),
+        Dtype::BF16 => bytes
+            .chunks_exact(2)
+            .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect(),
+        Dtype::F64 => bytes
+            .chunks_exact(8)
+            .map(|c| f64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]) as f32)
+            .collect(),
+        _ => return None,
+    })
+}
+
+fn f32_to_bytes(dtype: Dtype, values: &[f32]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(values.len() * element_size(dtype).unwrap_or(4));
+    for &value in values {
+        match dtype {
+            Dtype::F16 => out.extend(half::f16::from_f32(value).to_le_bytes()),
+            Dtype::BF16 => out.extend(half::bf16::from_f32(value).to_le_bytes()),
+            Dtype::F64 => out.extend(f64::from(value).to_le_bytes()),
+            _ => out.extend(value.to_le_bytes()),
+        }
+    }
+    out
+}
+
+/// The merge delta scale·B·A for one module, `[out, in]`, transposed to `[in, out]` for
+/// Conv1D-style weights (GPT-2) so it matches the stored layout.
+fn delta_for(
+    pair: &LoraPair,
+    stored_shape: &[usize],
+    fan_in_fan_out: bool,
+) -> Result<Vec<f32>, StageError> {
+    let (out_features, _) = pair.b.dims2().map_err(candle_error)?;
+    let (_, in_features) = pair.a.dims2().map_err(candle_error)?;
+    let delta =
+        (pair.b.matmul(&pair.a).map_err(candle_error)? * pair.scale).map_err(candle_error)?;
+    let linear = stored_shape == [out_features, in_features];
+    let conv1d = stored_shape == [in_features, out_features];
+    let transpose = match (linear, conv1d) {
+        (true, true) => fan_in_fan_out,
+        (false, true) => true,
+        (true, false) => false,
+        (false, false) => {
+            return Err(StageError::user(format!(
+                "module `{}`: the base weight has shape {stored_shape:?}, the adapter expects \
+                 [{out_features}, {in_features}]: the adapter was trained on another model",
+                pair.path
+            )))
+        }
+    };
+    let delta = if transpose {
+        delta.t().map_err(candle_error)?
+    } else {
+        delta
+    };
+    delta
+        .contiguous()
+        .and_then(|d| d.flatten_all())
+        .and_then(|d| d.to_vec1::<f32>())
+        .map_err(candle_error)
+}
+
+/// Write the merged model folder: every base tensor under its original name and dtype, the
+/// adapted weights as W + scale·B·A; config, tokenizer and generation files copied.
+pub fn write_merged_folder(
+    adapter: &LoraAdapter,
+    base_dir: &Path,
+    out: &Path,
+    check_cancel: &dyn Fn() -> Result<(), StageError>,
+) -> Result<MergedFolder, StageError> {
+    fs::create_dir_all(out)?;
+    let source = read_checkpoint_index(base_dir)?;
+    let mut config = read_json(&base_dir.join("config.json"))?;
+    let tied = config
+        .get("tie_word_embeddings")
+        .and_then(Value::as_bool)
+        .unwrap_or(true);
+
+    // Output name → (source tensor, optional LoRA pair merged into it).
+    let mut plan: BTreeMap<String, (SourceTensor, Option<&LoraPair>)> = source
+        .iter()
+        .map(|(name, tensor)| (name.clone(), (tensor.clone(), None)))
+        .collect();
+    let mut untie = false;
+    for pair in &adapter.pairs {
+        if let Some(name) = weight_name(&source, &pair.path) {
+            plan.insert(name.clone(), (source[&name].clone(), Some(pair)));
+        } else if pair.path == "lm_head" && tied {
+            // The head is the embedding matrix; adapting it unties them.
+            let embedding = ["model.embed_tokens.weight", "transformer.wte.weight", "wte.weight"]
+                .into_iter()
+                .find(|name| source.contains_key(*name))
+                .ok_or_else(|| {
+                    StageError::user("the adapter targets lm_head, but the base model has neither lm_head.weight nor a known embedding to tie it to")
+                })?;
+            plan.insert(
+                "lm_head.weight".into(),
+                (source[embedding].clone(), Some(pair)),
+            );
+            untie = true;
+        } else {
+            return Err(StageError::user(format!(
+                "the adapter adapts `{}`, but the base model in {} has no weight `{}.weight`",
+                pair.path,
+                base_dir.display(),
+                pair.path
+            )));
+        }
+    }
+    if untie {
+        if let Value::Object(map) = &mut config {
+            map.insert("tie_word_embeddings".into(), Value::Bool(false));
+        }
+    }
+
+    // Header: same names and dtypes, contiguous offsets in name order.
+    let mut infos = Vec::with_capacity(plan.len());
+    let mut offset = 0usize;
+    for (name, (tensor, _)) in &plan {
+        let size = (tensor.end - tensor.start) as usize;
+        infos.push((
+            name.clone(),
+            TensorInfo {
+                dtype: tensor.dtype,
+                shape: tensor.shape.clone(),
+                data_offsets: (offset, offset + size),
+            },
+        ));
+        offset += size;
+    }
+    let metadata = Metadata::new(
+        Some(std::collections::HashMap::from([(
+            "format".to_string(),
+            "pt".to_string(),
+        )])),
+        infos,
+    )
+    .map_err(|error| StageError::Internal(format!("merged safetensors header: {error}")))?;
+    let mut header = serde_json::to_vec(&metadata)
+        .map_err(|error| StageError::Internal(format!("merged safetensors header: {error}")))?;
+    while header.len() % 8 != 0 {
+        header.push(b' ');
+    }
+
+    let weights_path = out.join("model.safetensors");
+    let mut writer = BufWriter::new(File::create(&weights_path)?);
+    writer.write_all(&(header.len() as u64).to_le_bytes())?;
+    writer.write_all(&header)?;
+    let mut open: Option<(PathBuf, File)> = None;
+    let mut merged_tensors = 0;
+    for (name, (tensor, pair)) in &plan {
+        check_cancel()?;
+        if open.as_ref().is_none_or(|(path, _)| path != &tensor.file) {
+            open = Some((tensor.file.clone(), File::open(&tensor.file)?));
+        }
+        let Some((_, file)) = open.as_mut() else {
+            return Err(StageError::Internal("no open checkpoint file".into()));
+        };
+        let mut bytes = vec![0u8; (tensor.end - tensor.start) as usize];
+        file.seek(SeekFrom::Start(tensor.start))?;
+        file.read_exact(&mut bytes).map_err(|error| {
+            StageError::user(format!(
+                "{}: cannot read tensor `{name}`: {error}",
+                tensor.file.display()
+            ))
+        })?;
+        if let Some(pair) = pair {
+            let mut values = bytes_to_f32(tensor.dtype, &bytes).ok_or_else(|| {
+                StageError::user(format!(
+                    "cannot merge into `{name}`: its dtype {:?} is not a float type (quantized bases are merged by dequantizing first)",
+                    tensor.dtype
+                ))
+            })?;
+            let delta = delta_for(pair, &tensor.shape, adapter.fan_in_fan_out)?;
+            if delta.len() != values.len() {
+                return Err(StageError::Internal(format!(
+                    "merge of `{name}`: {} delta values for {} weights",
+                    delta.len(),
+                    values.len()
+                )));
+            }
+            for (value, change) in values.iter_mut().zip(&delta) {
+                *value += change;
+            }
+            bytes = f32_to_bytes(tensor.dtype, &values);
+            merged_tensors += 1;
+        }
+        writer.write_all(&bytes)?;
+    }
+    writer.flush()?;
+    writer
+        .into_inner()
+        .map_err(|error| {
+            StageError::user(format!("cannot write {}: {error}", weights_path.display()))
+        })?
+        .sync_all()?;
+    let bytes = fs::metadata(&weights_path)?.len();
+
+    write_json(&out.join("config.json"), &config)?;
+    for file in TOKENIZER_FILES {
+        let from = base_dir.join(file);
+        if from.is_file() {
+            fs::copy(&from, out.join(file)).map_err(|error| {
+                StageError::user(format!("cannot copy {}: {error}", from.display()))
+            })?;
+        }
+    }
+    if !out.join("generation_config.json").is_file() {
+        let mut generation = serde_json::Map::new();
+        for key in ["bos_token_id", "eos_token_id", "pad_token_id"] {
+            if let Some(value) = config.get(key).filter(|v| !v.is_null()) {
+                generation.insert(key.into(), value.clone());
+            }
+        }
+        write_json(
+            &out.join("generation_config.json"),
+            &Value::Object(generation),
+        )?;
+    }
+    Ok(MergedFolder {
+        merged_tensors,
+        bytes,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn publish_replaces_an_earlier_export_and_refuses_foreign_folders() {
+        let root = tempfile::tempdir().unwrap();
+        let source = root.path().join("artifact");
+        fs::create_dir_all(source.join("sub")).unwrap();
+        fs::write(source.join("a.txt"), "one").unwrap();
+        fs::write(source.join("sub/b.txt"), "two").unwrap();
+        let destination = root.path().join("out/adapter");
+        publish_folder(&source, &destination, "export").unwrap();
+        assert_eq!(
+            fs::read_to_string(destination.join("a.txt")).unwrap(),
+            "one"
+        );
+        assert_eq!(
+            fs::read_to_string(destination.join("sub/b.txt")).unwrap(),
+            "two"
+        );
+        assert!(destination.join(EXPORT_MARKER).is_file());
+
+        // A second publish replaces the folder as a whole (stale files vanish).
+        fs::write(destination.join("stale.txt"), "old").unwrap();
+        fs::write(source.join("a.txt"), "three").unwrap();
+        publish_folder(&source, &destination, "export").unwrap();
+        assert_eq!(
+            fs::read_to_string(destination.join("a.txt")).unwrap(),
+            "three"
+        );
+        assert!(!destination.join("stale.txt").exists());
+        // No temporary or old folders are left beside it.
+        let siblings: Vec<_> = fs::read_dir(root.path().join("out"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(siblings, ["adapter"]);
+
+        let foreign = root.path().join("mine");
+        fs::create_dir_all(&foreign).unwrap();
+        fs::write(foreign.join("notes.txt"), "keep me").unwrap();
+        let error = publish_folder(&source, &foreign, "export").unwrap_err();
+        assert!(
+            error.to_string().contains("not written by peftpipe"),
+            "{error}"
+        );
+        assert_eq!(
+            fs::read_to_string(foreign.join("notes.txt")).unwrap(),
+            "keep me"
+        );
+    }
+
+    #[test]
+    fn destinations_may_not_escape_the_project() {
+        let root = tempfile::tempdir().unwrap();
+        let project = root.path().join("project");
+        fs::create_dir_all(&project).unwrap();
+        let inside = resolve_destination(&project, "out/adapter", false).unwrap();
+        assert_eq!(inside, project.join("out/adapter"));
+        for escaping in ["../elsewhere", "/tmp/peftpipe-export-test", "out/../../x"] {
+            let error = resolve_destination(&project, escaping, false).unwrap_err();
+            assert!(
+                error.to_string().contains("--allow-outside-project"),
+                "{escaping}: {error}"
+            );
+        }
+        // Through a symbolic link inside the project.
+        let outside = root.path().join("outside");
+        fs::create_dir_all(&outside).unwrap();
+        std::os::unix::fs::symlink(&outside, project.join("link")).unwrap();
+        let error = resolve_destination(&project, "link/adapter", false).unwrap_err();
+        assert!(error.to_string().contains("symbolic link"), "{error}");
+        // Allowed with the flag, except the project itself or its parents.
+        assert!(resolve_destination(&project, "../elsewhere", true).is_ok());
+        assert!(resolve_destination(&project, "link/adapter", true).is_ok());
+        assert!(resolve_destination(&project, "..", true).is_err());
+        assert!(resolve_destination(&project, "/", true).is_err());
+    }
+
+    #[test]
+    fn float_conversions_round_trip() {
+        let values = [1.5f32, -2.25, 0.0, 1e-3];
+        for dtype in [Dtype::F32, Dtype::F16, Dtype::BF16, Dtype::F64] {
+            let bytes = f32_to_bytes(dtype, &values);
+            assert_eq!(bytes.len(), values.len() * element_size(dtype).unwrap());
+            let back = bytes_to_f32(dtype, &bytes).unwrap();
+            for (a, b) in values.iter().zip(&back) {
+                assert!(
+                    (a - b).abs() <= 1e-2 * a.abs().max(1e-3),
+                    "{dtype:?}: {a} vs {b}"
+                );
+            }
+        }
+        assert!(bytes_to_f32(Dtype::I64, &[0; 8]).is_none());
+    }
+
+    #[test]
+    fn rank_patterns_match_like_peft() {
+        let patterns = pattern_map(
+            Some(&serde_json::json!({"q_proj": 16, "layers.1.self_attn.v_proj": 2})),
+            Path::new("adapter_config.json"),
+        )
+        .unwrap();
+        assert_eq!(
+            lookup_pattern(&patterns, "model.layers.0.self_attn.q_proj"),
+            Some(16.0)
+        );
+        assert_eq!(
+            lookup_pattern(&patterns, "model.layers.1.self_attn.v_proj"),
+            Some(2.0)
+        );
+        assert_eq!(
+            lookup_pattern(&patterns, "model.layers.0.self_attn.v_proj"),
+            None
+        );
+        assert_eq!(
+            lookup_pattern(&patterns, "model.layers.0.self_attn.xq_proj"),
+            None
+        );
     }
 }

@@ -1,0 +1,45 @@
+//! Inference without a graph: log-likelihood scoring of completions (loss, perplexity, candidate
+//! scoring for accuracy) and text generation (greedy or seeded temperature / top-p sampling) with
+//! the model's KV cache, stopping at EOS.
+//!
+//! Owns: the [`LanguageModel`] view of a causal LM that inference needs, batching of encoded
+//! examples, the scoring and generation loops, and the samplers. Must not: train, build
+//! autograd graphs (every weight it sees is a plain detached tensor, never a `Var`), read
+//! pipelines, Parquet or adapter files, or print.
+
+pub mod batch;
+pub mod generate;
+pub mod sample;
+pub mod score;
+pub mod text;
+
+use candle_core::{Device, Result, Tensor};
+
+pub use batch::{Batch, Example};
+pub use generate::{generate, Generated, GenerationSettings, StopReason};
+pub use sample::Sampling;
+pub use score::{score_examples, NllTotal, SequenceScore};
+pub use text::{encode_pair, TextCodec};
+
+/// What inference needs from a causal language model.
+///
+/// Implementations must not track gradients: weights are plain tensors (no `Var`), so the
+/// forward passes build no autograd graph.
+pub trait LanguageModel {
+    /// Per-generation state (the KV cache).
+    type Cache;
+
+    /// The device the weights live on; inputs are created there.
+    fn device(&self) -> &Device;
+
+    /// Full-sequence logits `[batch, time, vocab]` for right-padded `input_ids` `[batch, time]`
+    /// (u32) with `attention_mask` `[batch, time]` (u32, 1 = token, 0 = padding).
+    fn logits(&self, input_ids: &Tensor, attention_mask: &Tensor) -> Result<Tensor>;
+
+    /// A fresh, empty cache for one sequence.
+    fn new_cache(&self) -> Result<Self::Cache>;
+
+    /// Feed `input_ids` `[1, time]` after everything already in `cache`; returns the logits of
+    /// the new positions `[1, time, vocab]` and extends the cache.
+    fn forward_cached(&self, input_ids: &Tensor, cache: &mut Self::Cache) -> Result<Tensor>;
+}

@@ -1,0 +1,96 @@
+//! Text ↔ token ids for inference: the [`TextCodec`] view of a tokenizer, the Hugging Face
+//! tokenizer behind it, and how a (prompt, completion) pair becomes a scored [`Example`].
+
+use super::batch::Example;
+
+/// What inference needs from a tokenizer: the same prompt / completion split training uses
+/// (the prompt with the tokenizer's leading special tokens, the completion as plain tokens).
+pub trait TextCodec {
+    /// Leading special tokens (BOS) + the prompt's tokens.
+    fn encode_prompt(&self, text: &str) -> Result<Vec<u32>, String>;
+    /// Plain tokens of a continuation (no special tokens).
+    fn encode_continuation(&self, text: &str) -> Result<Vec<u32>, String>;
+    /// Text of `ids`, special tokens skipped.
+    fn decode(&self, ids: &[u32]) -> Result<String, String>;
+    /// Token ids that end a sequence (the first is the one training appends).
+    fn eos_token_ids(&self) -> &[u32];
+    /// Id used to pad batches (never scored, masked out of attention).
+    fn pad_token_id(&self) -> u32;
+}
+
+/// Encode a prompt followed by a completion whose tokens are scored, the way training encodes
+/// it: prompt and completion tokenized separately, then joined; with `append_eos`, the first EOS
+/// id follows the completion and is scored too.
+pub fn encode_pair(
+    codec: &dyn TextCodec,
+    prompt: &str,
+    completion: &str,
+    append_eos: bool,
+) -> Result<Example, String> {
+    let prompt_ids = codec.encode_prompt(prompt)?;
+    let mut completion_ids = codec.encode_continuation(completion)?;
+    if append_eos {
+        let eos = codec
+            .eos_token_ids()
+            .first()
+            .copied()
+            .ok_or("the tokenizer declares no EOS token to append")?;
+        completion_ids.push(eos);
+    }
+    Ok(Example::from_parts(&prompt_ids, &completion_ids))
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    /// One token per character: `a` = 3, `b` = 4, ...; BOS 1, EOS 2 — enough for hand-made cases.
+    pub struct LetterCodec;
+
+    impl TextCodec for LetterCodec {
+        fn encode_prompt(&self, text: &str) -> Result<Vec<u32>, String> {
+            let mut ids = vec![1];
+            ids.extend(self.encode_continuation(text)?);
+            Ok(ids)
+        }
+
+        fn encode_continuation(&self, text: &str) -> Result<Vec<u32>, String> {
+            text.chars()
+                .map(|c| {
+                    if c.is_ascii_lowercase() {
+                        Ok(u32::from(c as u8 - b'a') + 3)
+                    } else {
+                        Err(format!("LetterCodec cannot encode {c:?}"))
+                    }
+                })
+                .collect()
+        }
+
+        fn decode(&self, ids: &[u32]) -> Result<String, String> {
+            Ok(ids
+                .iter()
+                .filter(|&&id| id >= 3)
+                .map(|&id| char::from(b'a' + (id - 3) as u8))
+                .collect())
+        }
+
+        fn eos_token_ids(&self) -> &[u32] {
+            &[2]
+        }
+
+        fn pad_token_id(&self) -> u32 {
+            0
+        }
+    }
+
+    #[test]
+    fn the_completion_is_scored_and_eos_appended() {
+        let example = encode_pair(&LetterCodec, "ab", "c", true).unwrap();
+        assert_eq!(example.ids, [1, 3, 4, 5, 2]);
+        assert_eq!(example.scored_from, 3);
+        assert_eq!(example.scored_tokens(), 2);
+        let example = encode_pair(&LetterCodec, "ab", "c", false).unwrap();
+        assert_eq!(example.ids, [1, 3, 4, 5]);
+        assert_eq!(example.scored_tokens(), 1);
+    }
+}
