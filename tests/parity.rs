@@ -205,3 +205,112 @@ fn batched_greedy_equals_single_prompts() -> TestResult {
     }
     Ok(())
 }
+
+/// Our hooks reproduce PEFT's prompt-based methods on stories260k: each reference adapter, fed
+/// through [`Hooks`] with the frozen base model, gives PEFT's logits.
+fn check_hooks_parity(
+    method: &str,
+    hooks: impl Fn(&std::collections::HashMap<String, Tensor>) -> candle_core::Result<Hooks>,
+    virtual_tokens: usize,
+) -> TestResult {
+    let Some(shared) = shared_dir() else {
+        eprintln!("skipped: PEFTPIPE_SHARED not set");
+        return Ok(());
+    };
+    let dir = shared.join("models/stories260k");
+    let model = load(&dir)?;
+    let base = candle_core::safetensors::load(
+        dir.join("reference/base_logits.safetensors"),
+        &Device::Cpu,
+    )?;
+    let adapter_dir = dir.join("reference").join(format!("peft_{method}"));
+    let adapter = candle_core::safetensors::load(
+        adapter_dir.join("adapter_model.safetensors"),
+        &Device::Cpu,
+    )?;
+    let expected = candle_core::safetensors::load(
+        adapter_dir.join("expected_logits.safetensors"),
+        &Device::Cpu,
+    )?;
+    let mask = &base["attention_mask"];
+    let logits = model.forward(&base["input_ids"], Some(mask), &hooks(&adapter)?)?;
+    assert_eq!(logits.dims(), expected["logits"].dims());
+    let full_mask = if virtual_tokens > 0 {
+        let ones = Tensor::ones((mask.dim(0)?, virtual_tokens), mask.dtype(), &Device::Cpu)?;
+        Tensor::cat(&[&ones, mask], 1)?
+    } else {
+        mask.clone()
+    };
+    let error = masked_max_abs(&logits, &expected["logits"], &full_mask)?;
+    eprintln!("stories260k + PEFT {method}: max abs logit error = {error:e}");
+    assert!(error < 1e-4, "{method}: max abs error {error}");
+    Ok(())
+}
+
+#[test]
+fn prompt_tuning_hook_matches_peft() -> TestResult {
+    check_hooks_parity(
+        "prompt_tuning",
+        |adapter| {
+            Ok(Hooks {
+                input_prefix: Some(adapter["prompt_embeddings"].unsqueeze(0)?),
+                ..Hooks::default()
+            })
+        },
+        8,
+    )
+}
+
+#[test]
+fn prefix_tuning_hook_matches_peft() -> TestResult {
+    check_hooks_parity(
+        "prefix_tuning",
+        |adapter| {
+            // PEFT: [n, L·2·kv_dim] → view(n, 2L, kv_heads, head_dim) → per layer (2i: key, 2i+1: value).
+            let (layers, kv_heads, head_dim) = (5, 4, 8);
+            let table = &adapter["prompt_embeddings"];
+            let n = table.dim(0)?;
+            let table = table.reshape((n, 2 * layers, kv_heads, head_dim))?;
+            let per_layer = (0..layers)
+                .map(|layer| {
+                    let pick = |index: usize| -> candle_core::Result<Tensor> {
+                        table
+                            .narrow(1, index, 1)?
+                            .squeeze(1)?
+                            .transpose(0, 1)?
+                            .unsqueeze(0)
+                    };
+                    Ok((pick(2 * layer)?, pick(2 * layer + 1)?))
+                })
+                .collect::<candle_core::Result<Vec<_>>>()?;
+            Ok(Hooks {
+                layer_prefix: Some(per_layer),
+                ..Hooks::default()
+            })
+        },
+        0,
+    )
+}
+
+#[test]
+fn adaption_prompt_hook_matches_peft() -> TestResult {
+    check_hooks_parity(
+        "adaption_prompt",
+        |adapter| {
+            let mut hooks = Hooks::default();
+            for layer in 2..5 {
+                let key =
+                    |name: &str| format!("base_model.model.model.layers.{layer}.self_attn.{name}");
+                hooks.adapters.insert(
+                    layer,
+                    peftpipe::models::AdapterPrompt {
+                        prompt: adapter[&key("adaption_prompt")].squeeze(0)?,
+                        gate: adapter[&key("adaption_gate")].clone(),
+                    },
+                );
+            }
+            Ok(hooks)
+        },
+        0,
+    )
+}

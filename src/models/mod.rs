@@ -26,6 +26,7 @@ pub mod generate;
 pub mod gpt2;
 pub mod llama;
 pub mod load;
+pub mod random;
 mod sequence;
 pub mod tokenizer;
 

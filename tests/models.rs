@@ -1,0 +1,394 @@
+//! Our Llama and GPT-2 on tiny random models built in-test: gradient flow into trainable tensors
+//! (LoRA-like vars in every linear, prompt/prefix/adapter hooks) and none into frozen weights, the
+//! KV cache against full forwards, factory paths, checkpoint naming variants.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use candle_core::{DType, Device, Result, Tensor, Var};
+use peftpipe::models::random::{load_from_tensors, random_weights};
+use peftpipe::models::{
+    AdapterPrompt, CausalLm, FrozenLinearFactory, Hooks, LinearFactory, LinearLayer, LinearWeights,
+    ModelConfig,
+};
+use peftpipe::ops::{frozen_linear, linear, next_token_cross_entropy};
+
+fn tiny_llama(extra: serde_json::Value) -> ModelConfig {
+    let mut config = serde_json::json!({
+        "model_type": "llama", "vocab_size": 40, "hidden_size": 16, "intermediate_size": 24,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "rms_norm_eps": 1e-5, "max_position_embeddings": 64, "tie_word_embeddings": true
+    });
+    if let (Some(base), Some(extra)) = (config.as_object_mut(), extra.as_object()) {
+        base.extend(extra.clone());
+    }
+    ModelConfig::from_json(&config).expect("a valid tiny Llama config")
+}
+
+fn tiny_gpt2() -> ModelConfig {
+    ModelConfig::from_json(&serde_json::json!({
+        "model_type": "gpt2", "vocab_size": 40, "n_embd": 16, "n_layer": 2, "n_head": 4,
+        "n_positions": 32
+    }))
+    .expect("a valid tiny GPT-2 config")
+}
+
+/// `y = base(x) + (x·Aᵀ)·Bᵀ` with f64 vars A, B (both random, so both get gradients).
+struct LoraLikeLayer {
+    base: LinearWeights,
+    a: Var,
+    b: Var,
+}
+
+impl LinearLayer for LoraLikeLayer {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let base = linear(x, &self.base.weight, self.base.bias.as_ref())?;
+        let low_rank = x
+            .broadcast_matmul(&self.a.t()?)?
+            .broadcast_matmul(&self.b.t()?)?;
+        base + low_rank
+    }
+}
+
+#[derive(Default)]
+struct LoraLikeFactory {
+    built: Mutex<Vec<(String, Var, Var, LinearWeights)>>,
+}
+
+impl LinearFactory for LoraLikeFactory {
+    fn build(&self, path: &str, base: LinearWeights) -> Result<Box<dyn LinearLayer>> {
+        let (out_features, in_features) = base.dims()?;
+        let device = base.weight.device();
+        let a = Var::randn(0f64, 0.3, (2, in_features), device)?;
+        let b = Var::randn(0f64, 0.3, (out_features, 2), device)?;
+        if let Ok(mut built) = self.built.lock() {
+            built.push((path.to_string(), a.clone(), b.clone(), base.clone()));
+        }
+        Ok(Box::new(LoraLikeLayer { base, a, b }))
+    }
+}
+
+/// Records the paths it builds, and builds frozen layers.
+#[derive(Default)]
+struct RecordingFactory {
+    paths: Mutex<Vec<String>>,
+}
+
+impl LinearFactory for RecordingFactory {
+    fn build(&self, path: &str, base: LinearWeights) -> Result<Box<dyn LinearLayer>> {
+        if let Ok(mut paths) = self.paths.lock() {
+            paths.push(path.to_string());
+        }
+        FrozenLinearFactory.build(path, base)
+    }
+}
+
+fn model(config: &ModelConfig, factory: &dyn LinearFactory) -> Result<Box<dyn CausalLm>> {
+    let tensors = random_weights(config, 3, 0.2, DType::F64, &Device::Cpu)?;
+    load_from_tensors(config, tensors, DType::F64, &Device::Cpu, factory)
+}
+
+/// A right-padded and a left-padded row.
+fn batch() -> Result<(Tensor, Tensor)> {
+    let ids = Tensor::new(&[[1u32, 5, 9, 13, 2, 0], [0, 0, 1, 7, 11, 3]], &Device::Cpu)?;
+    let mask = Tensor::new(&[[1u32, 1, 1, 1, 1, 0], [0, 0, 1, 1, 1, 1]], &Device::Cpu)?;
+    Ok((ids, mask))
+}
+
+struct HookVars {
+    input_prefix: Var,
+    prefix: Vec<(Var, Var)>,
+    adapter_prompt: Var,
+    adapter_gate: Var,
+}
+
+fn hook_vars(config: &ModelConfig, gate: f64) -> Result<HookVars> {
+    let device = Device::Cpu;
+    let (kv_heads, head_dim, hidden) = (
+        config.num_key_value_heads(),
+        config.head_dim(),
+        config.hidden_size(),
+    );
+    let prefix = (0..config.num_layers())
+        .map(|_| {
+            Ok((
+                Var::randn(0f64, 0.5, (1, kv_heads, 3, head_dim), &device)?,
+                Var::randn(0f64, 0.5, (1, kv_heads, 3, head_dim), &device)?,
+            ))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok(HookVars {
+        input_prefix: Var::randn(0f64, 0.5, (1, 2, hidden), &device)?,
+        prefix,
+        adapter_prompt: Var::randn(0f64, 0.5, (4, hidden), &device)?,
+        adapter_gate: Var::from_tensor(&Tensor::new(&[gate], &device)?)?,
+    })
+}
+
+fn hooks_from(vars: &HookVars, adapter_layer: usize) -> Hooks {
+    let mut hooks = Hooks {
+        input_prefix: Some(vars.input_prefix.as_tensor().clone()),
+        layer_prefix: Some(
+            vars.prefix
+                .iter()
+                .map(|(k, v)| (k.as_tensor().clone(), v.as_tensor().clone()))
+                .collect(),
+        ),
+        ..Hooks::default()
+    };
+    hooks.adapters.insert(
+        adapter_layer,
+        AdapterPrompt {
+            prompt: vars.adapter_prompt.as_tensor().clone(),
+            gate: vars.adapter_gate.as_tensor().clone(),
+        },
+    );
+    hooks
+}
+
+fn assert_gradient_flow(config: &ModelConfig) -> Result<()> {
+    let factory = LoraLikeFactory::default();
+    let model = model(config, &factory)?;
+    let vars = hook_vars(config, 0.5)?;
+    let hooks = hooks_from(&vars, 0);
+    let (ids, mask) = batch()?;
+    let logits = model.forward(&ids, Some(&mask), &hooks)?;
+    // Drop the 2 virtual positions; the loss counts real target tokens only.
+    let logits = logits.narrow(1, 2, ids.dim(1)?)?;
+    let loss = next_token_cross_entropy(&logits, &ids, &mask)?;
+    let grads = loss.mean.backward()?;
+
+    let built = factory
+        .built
+        .lock()
+        .map_err(|_| candle_core::Error::Msg("poisoned".into()))?;
+    assert_eq!(built.len(), config.linear_layers().len());
+    let mut trainable: Vec<(String, Tensor)> = Vec::new();
+    for (path, a, b, _) in built.iter() {
+        trainable.push((format!("{path}.A"), a.as_tensor().clone()));
+        trainable.push((format!("{path}.B"), b.as_tensor().clone()));
+    }
+    trainable.push(("input_prefix".into(), vars.input_prefix.as_tensor().clone()));
+    for (layer, (k, v)) in vars.prefix.iter().enumerate() {
+        trainable.push((format!("prefix key {layer}"), k.as_tensor().clone()));
+        trainable.push((format!("prefix value {layer}"), v.as_tensor().clone()));
+    }
+    trainable.push((
+        "adapter prompt".into(),
+        vars.adapter_prompt.as_tensor().clone(),
+    ));
+    trainable.push(("adapter gate".into(), vars.adapter_gate.as_tensor().clone()));
+    for (name, tensor) in &trainable {
+        let Some(grad) = grads.get(tensor) else {
+            panic!("{name}: no gradient")
+        };
+        let values = grad.flatten_all()?.to_vec1::<f64>()?;
+        assert!(
+            values.iter().all(|g| g.is_finite()),
+            "{name}: non-finite gradient"
+        );
+        assert!(
+            values.iter().any(|&g| g != 0.0),
+            "{name}: gradient is all zero"
+        );
+    }
+    for (path, _, _, base) in built.iter() {
+        assert!(
+            grads.get(&base.weight).is_none(),
+            "{path}: frozen weight got a gradient"
+        );
+        if let Some(bias) = &base.bias {
+            assert!(
+                grads.get(bias).is_none(),
+                "{path}: frozen bias got a gradient"
+            );
+        }
+    }
+    assert!(
+        grads.get(model.token_embeddings()).is_none(),
+        "embeddings got a gradient"
+    );
+    Ok(())
+}
+
+#[test]
+fn llama_gradient_reaches_every_trainable_tensor_and_no_frozen_weight() -> Result<()> {
+    assert_gradient_flow(&tiny_llama(serde_json::json!({})))
+}
+
+#[test]
+fn gpt2_gradient_reaches_every_trainable_tensor_and_no_frozen_weight() -> Result<()> {
+    assert_gradient_flow(&tiny_gpt2())
+}
+
+fn max_difference(a: &Tensor, b: &Tensor) -> Result<f64> {
+    (a - b)?.abs()?.max_all()?.to_scalar::<f64>()
+}
+
+/// Incremental decoding with the cache (prompt, then one token at a time) gives the full forward's
+/// logits, with every hook active and a left-padded row.
+fn assert_cache_matches_full_forward(config: &ModelConfig) -> Result<()> {
+    let model = model(config, &FrozenLinearFactory)?;
+    let vars = hook_vars(config, 0.7)?;
+    let hooks = hooks_from(&vars, 1);
+    let (ids, mask) = batch()?;
+    let full = model.forward(&ids, Some(&mask), &hooks)?;
+    let mut cache = model.new_cache();
+    let mut pieces = vec![model.forward_cached(
+        &ids.narrow(1, 0, 3)?,
+        Some(&mask.narrow(1, 0, 3)?),
+        &hooks,
+        &mut cache,
+    )?];
+    for position in 3..ids.dim(1)? {
+        pieces.push(model.forward_cached(
+            &ids.narrow(1, position, 1)?,
+            Some(&mask.narrow(1, position, 1)?),
+            &hooks,
+            &mut cache,
+        )?);
+    }
+    let incremental = Tensor::cat(&pieces, 1)?;
+    assert_eq!(incremental.dims(), full.dims());
+    // Compare where the query is a real token (or a virtual one): 2 virtual + the mask.
+    let keep = Tensor::cat(&[Tensor::ones((2, 2), DType::U32, &Device::Cpu)?, mask], 1)?
+        .to_dtype(DType::F64)?
+        .unsqueeze(2)?;
+    let difference = max_difference(
+        &full.broadcast_mul(&keep)?,
+        &incremental.broadcast_mul(&keep)?,
+    )?;
+    assert!(
+        difference < 1e-10,
+        "cache vs full forward differ by {difference}"
+    );
+    Ok(())
+}
+
+#[test]
+fn llama_kv_cache_matches_full_forward_with_hooks() -> Result<()> {
+    assert_cache_matches_full_forward(&tiny_llama(serde_json::json!({})))
+}
+
+#[test]
+fn gpt2_kv_cache_matches_full_forward_with_hooks() -> Result<()> {
+    assert_cache_matches_full_forward(&tiny_gpt2())
+}
+
+/// A zero gate makes the adapter branch a no-op (PEFT's step-0 identity).
+#[test]
+fn zero_adapter_gate_leaves_logits_unchanged() -> Result<()> {
+    for config in [tiny_llama(serde_json::json!({})), tiny_gpt2()] {
+        let model = model(&config, &FrozenLinearFactory)?;
+        let vars = hook_vars(&config, 0.0)?;
+        let mut hooks = Hooks::default();
+        hooks.adapters.insert(
+            1,
+            AdapterPrompt {
+                prompt: vars.adapter_prompt.as_tensor().clone(),
+                gate: vars.adapter_gate.as_tensor().clone(),
+            },
+        );
+        let (ids, mask) = batch()?;
+        let base = model.forward(&ids, Some(&mask), &Hooks::none())?;
+        let adapted = model.forward(&ids, Some(&mask), &hooks)?;
+        assert_eq!(max_difference(&base, &adapted)?, 0.0);
+    }
+    Ok(())
+}
+
+/// Every linear is built through the factory with its HF module path, in `linear_layers` order.
+#[test]
+fn factory_sees_hugging_face_module_paths() -> Result<()> {
+    for config in [tiny_llama(serde_json::json!({})), tiny_gpt2()] {
+        let factory = RecordingFactory::default();
+        model(&config, &factory)?;
+        let paths = factory.paths.lock().map(|p| p.clone()).unwrap_or_default();
+        let expected: Vec<String> = config.linear_layers().into_iter().map(|l| l.path).collect();
+        assert_eq!(paths, expected);
+    }
+    let factory = RecordingFactory::default();
+    model(&tiny_gpt2(), &factory)?;
+    let paths = factory.paths.lock().map(|p| p.clone()).unwrap_or_default();
+    assert!(paths.contains(&"transformer.h.1.attn.c_attn".to_string()));
+    Ok(())
+}
+
+/// Qwen2-style q/k/v bias, a separate lm_head and Llama-3 rope scaling load and run.
+#[test]
+fn llama_variants_load_and_run() -> Result<()> {
+    let config = tiny_llama(serde_json::json!({
+        "model_type": "qwen2", "tie_word_embeddings": false,
+        "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 16}
+    }));
+    let tensors = random_weights(&config, 5, 0.2, DType::F32, &Device::Cpu)?;
+    assert!(tensors.contains_key("model.layers.0.self_attn.q_proj.bias"));
+    assert!(!tensors.contains_key("model.layers.0.self_attn.o_proj.bias"));
+    assert!(tensors.contains_key("lm_head.weight"));
+    let model = load_from_tensors(
+        &config,
+        tensors,
+        DType::F32,
+        &Device::Cpu,
+        &FrozenLinearFactory,
+    )?;
+    let (ids, mask) = batch()?;
+    let logits = model.forward(&ids, Some(&mask), &Hooks::none())?;
+    assert_eq!(logits.dims(), [2, 6, 40]);
+    let values = logits.flatten_all()?.to_vec1::<f32>()?;
+    assert!(values.iter().all(|v| v.is_finite()));
+    Ok(())
+}
+
+/// openai-community/gpt2 names tensors without `transformer.`: both namings give the same model.
+#[test]
+fn gpt2_loads_with_and_without_transformer_prefix() -> Result<()> {
+    let config = tiny_gpt2();
+    let tensors = random_weights(&config, 9, 0.2, DType::F64, &Device::Cpu)?;
+    let stripped: HashMap<String, Tensor> = tensors
+        .iter()
+        .map(|(name, tensor)| {
+            let name = name.strip_prefix("transformer.").unwrap_or(name);
+            (name.to_string(), tensor.clone())
+        })
+        .collect();
+    let (ids, mask) = batch()?;
+    let with_prefix = load_from_tensors(
+        &config,
+        tensors,
+        DType::F64,
+        &Device::Cpu,
+        &FrozenLinearFactory,
+    )?;
+    let without = load_from_tensors(
+        &config,
+        stripped,
+        DType::F64,
+        &Device::Cpu,
+        &FrozenLinearFactory,
+    )?;
+    let a = with_prefix.forward(&ids, Some(&mask), &Hooks::none())?;
+    let b = without.forward(&ids, Some(&mask), &Hooks::none())?;
+    assert_eq!(max_difference(&a, &b)?, 0.0);
+    Ok(())
+}
+
+/// The frozen path of a LoRA-like layer is exactly `frozen_linear` (sanity of the test helper).
+#[test]
+fn frozen_factory_layer_is_the_frozen_linear() -> Result<()> {
+    let weight = Tensor::randn(0f64, 1.0, (3, 4), &Device::Cpu)?;
+    let layer = FrozenLinearFactory.build(
+        "x",
+        LinearWeights {
+            weight: weight.clone(),
+            bias: None,
+        },
+    )?;
+    let x = Tensor::randn(0f64, 1.0, (2, 4), &Device::Cpu)?;
+    assert_eq!(
+        max_difference(&layer.forward(&x)?, &frozen_linear(&x, &weight)?)?,
+        0.0
+    );
+    Ok(())
+}

@@ -1,0 +1,254 @@
+//! Finite-difference checks (f64, CPU) of every differentiable op in `peftpipe::ops`, and that the
+//! constants each op takes (weights, masks, rope tables, targets) never receive a gradient.
+
+use candle_core::{DType, Device, Result, Tensor, Var, D};
+use peftpipe::ops;
+
+const STEP: f64 = 1e-6;
+const TOLERANCE: f64 = 1e-6;
+
+/// A fixed random projection so that `Σ r·f(x)` has a non-trivial gradient (plain `Σ f(x)` is
+/// constant for softmax).
+fn projection(shape: &[usize], seed: u64) -> Result<Tensor> {
+    let count: usize = shape.iter().product();
+    let values: Vec<f64> = (0..count)
+        .map(|i| {
+            let z = (i as u64)
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(seed)
+                >> 11;
+            (z % 2000) as f64 / 1000.0 - 1.0
+        })
+        .collect();
+    Tensor::from_vec(values, shape, &Device::Cpu)
+}
+
+/// Compare the analytic gradient of `Σ r·f(x)` with central differences, element by element.
+fn check_gradient(name: &str, x: &Tensor, f: impl Fn(&Tensor) -> Result<Tensor>) -> Result<()> {
+    let variable = Var::from_tensor(x)?;
+    let output = f(variable.as_tensor())?;
+    let weights = projection(output.dims(), 17)?;
+    let loss = (&output * &weights)?.sum_all()?;
+    let grads = loss.backward()?;
+    let Some(analytic) = grads.get(variable.as_tensor()) else {
+        panic!("{name}: no gradient reached the input")
+    };
+    let analytic = analytic.flatten_all()?.to_vec1::<f64>()?;
+    let base = x.flatten_all()?.to_vec1::<f64>()?;
+    let mut worst = 0f64;
+    for index in 0..base.len() {
+        let evaluate = |delta: f64| -> Result<f64> {
+            let mut values = base.clone();
+            values[index] += delta;
+            let shifted = Tensor::from_vec(values, x.shape(), &Device::Cpu)?;
+            (f(&shifted)? * &weights)?.sum_all()?.to_scalar::<f64>()
+        };
+        let numeric = (evaluate(STEP)? - evaluate(-STEP)?) / (2.0 * STEP);
+        let error = (numeric - analytic[index]).abs() / (1.0 + numeric.abs());
+        worst = worst.max(error);
+    }
+    assert!(
+        worst < TOLERANCE,
+        "{name}: worst relative gradient error {worst:e}"
+    );
+    assert!(
+        analytic.iter().any(|&g| g != 0.0),
+        "{name}: gradient is all zero"
+    );
+    Ok(())
+}
+
+fn random(shape: &[usize]) -> Result<Tensor> {
+    Tensor::randn(0f64, 1.0, shape, &Device::Cpu)
+}
+
+#[test]
+fn frozen_linear_backward_matches_finite_differences() -> Result<()> {
+    let weight = random(&[4, 5])?;
+    let bias = random(&[4])?;
+    check_gradient("frozen_linear", &random(&[2, 3, 5])?, |x| {
+        ops::frozen_linear(x, &weight)
+    })?;
+    check_gradient("linear+bias", &random(&[2, 3, 5])?, |x| {
+        ops::linear(x, &weight, Some(&bias))
+    })
+}
+
+#[test]
+fn rms_norm_backward_matches_finite_differences() -> Result<()> {
+    let weight = random(&[6])?;
+    check_gradient("rms_norm", &random(&[2, 3, 6])?, |x| {
+        ops::rms_norm(x, &weight, 1e-5)
+    })
+}
+
+#[test]
+fn layer_norm_backward_matches_finite_differences() -> Result<()> {
+    let weight = random(&[6])?;
+    let bias = random(&[6])?;
+    check_gradient("layer_norm", &random(&[2, 3, 6])?, |x| {
+        ops::layer_norm(x, &weight, Some(&bias), 1e-5)
+    })
+}
+
+#[test]
+fn rope_backward_matches_finite_differences() -> Result<()> {
+    let rope = ops::RotaryEmbedding::new(8, 10000.0, None)?;
+    // Per-row positions, as with left padding and prefixes.
+    let (cos, sin) = rope.tables(&[vec![0, 1, 2], vec![5, 6, 9]], &Device::Cpu, DType::F64)?;
+    check_gradient("rope", &random(&[2, 3, 3, 8])?, |x| {
+        ops::apply_rope(x, &cos, &sin)
+    })
+}
+
+#[test]
+fn softmax_backward_matches_finite_differences() -> Result<()> {
+    check_gradient("softmax", &random(&[2, 3, 5])?, ops::softmax_last_dim)?;
+    // Causal + left padding, queries from key 1 on (no row fully masked).
+    let mask = ops::causal_mask(&[vec![false, true, true, true]], 1, 3, &Device::Cpu)?;
+    check_gradient("masked_softmax", &random(&[1, 2, 3, 4])?, |x| {
+        ops::masked_softmax(x, Some(&mask))
+    })?;
+    // A fully masked row (a padding query) stays finite: uniform, like transformers' finfo.min.
+    let mask = ops::causal_mask(&[vec![false, true]], 0, 2, &Device::Cpu)?;
+    let y = ops::masked_softmax(&random(&[1, 1, 2, 2])?, Some(&mask))?;
+    assert_eq!(y.flatten_all()?.to_vec1::<f64>()?[..2], [0.5, 0.5]);
+    Ok(())
+}
+
+#[test]
+fn attention_backward_matches_finite_differences_for_q_k_v() -> Result<()> {
+    // 4 query heads over 2 key/value heads, causal + padding, 2 cached keys before 3 queries.
+    let mask = ops::causal_mask(
+        &[vec![true; 5], vec![false, true, true, true, true]],
+        2,
+        3,
+        &Device::Cpu,
+    )?;
+    let (q, k, v) = (
+        random(&[2, 4, 3, 4])?,
+        random(&[2, 2, 5, 4])?,
+        random(&[2, 2, 5, 4])?,
+    );
+    let scale = 0.5;
+    check_gradient("attention dq", &q, |q| {
+        ops::attention(q, &k, &v, Some(&mask), scale)
+    })?;
+    check_gradient("attention dk", &k, |k| {
+        ops::attention(&q, k, &v, Some(&mask), scale)
+    })?;
+    check_gradient("attention dv", &v, |v| {
+        ops::attention(&q, &k, v, Some(&mask), scale)
+    })
+}
+
+#[test]
+fn cross_entropy_backward_matches_finite_differences() -> Result<()> {
+    // The ignored position holds an out-of-vocabulary target (like -100): it must not be read.
+    let targets = Tensor::new(&[[1i64, 4, -100], [0, 2, 3]], &Device::Cpu)?;
+    let mask = Tensor::new(&[[1u8, 1, 0], [1, 0, 1]], &Device::Cpu)?;
+    check_gradient("token_nll", &random(&[2, 3, 5])?, |logits| {
+        ops::token_nll(logits, &targets, &mask)
+    })?;
+    check_gradient("cross_entropy mean", &random(&[2, 3, 5])?, |logits| {
+        ops::cross_entropy(logits, &targets, &mask).map(|loss| loss.mean)
+    })
+}
+
+#[test]
+fn cross_entropy_counts_and_values_are_exact() -> Result<()> {
+    let logits = random(&[2, 3, 5])?;
+    let targets = Tensor::new(&[[1u32, 4, 0], [0, 2, 3]], &Device::Cpu)?;
+    let mask = Tensor::new(&[[1f32, 1.0, 0.0], [1.0, 0.0, 1.0]], &Device::Cpu)?;
+    let loss = ops::cross_entropy(&logits, &targets, &mask)?;
+    assert_eq!(loss.count, 4);
+    // Reference: candle's log_softmax + explicit picking.
+    let log_probs = candle_nn::ops::log_softmax(&logits, D::Minus1)?.to_vec3::<f64>()?;
+    let expected: f64 = [(0, 0, 1), (0, 1, 4), (1, 0, 0), (1, 2, 3)]
+        .iter()
+        .map(|&(b, t, v)| -log_probs[b][t][v])
+        .sum();
+    let sum = loss.sum.to_scalar::<f64>()?;
+    assert!((sum - expected).abs() < 1e-12);
+    assert!((loss.mean.to_scalar::<f64>()? - expected / 4.0).abs() < 1e-12);
+    // A counted target outside the vocabulary is an error, not a wrong number.
+    let bad = Tensor::new(&[[1u32, 9, 0], [0, 2, 3]], &Device::Cpu)?;
+    assert!(ops::cross_entropy(&logits, &bad, &mask).is_err());
+    Ok(())
+}
+
+#[test]
+fn constant_ops_backward_matches_finite_differences() -> Result<()> {
+    let constant = random(&[1, 5])?;
+    check_gradient("add_constant", &random(&[3, 5])?, |x| {
+        ops::add_constant(x, &constant)
+    })?;
+    check_gradient("mul_constant", &random(&[3, 5])?, |x| {
+        ops::mul_constant(x, &constant)
+    })
+}
+
+/// The activations the models use are candle's own ops: their backward must be right too.
+#[test]
+fn activations_backward_matches_finite_differences() -> Result<()> {
+    check_gradient("silu", &random(&[4, 5])?, |x| x.silu())?;
+    check_gradient("gelu (tanh)", &random(&[4, 5])?, |x| x.gelu())?;
+    check_gradient("gelu (erf)", &random(&[4, 5])?, |x| x.gelu_erf())
+}
+
+/// Constants passed to the ops (weights, masks, tables) never get a GradStore entry, even when
+/// they are `Var`s.
+#[test]
+fn constants_never_receive_gradients() -> Result<()> {
+    let x = Var::from_tensor(&random(&[2, 3, 4, 8])?)?;
+    let weight = Var::from_tensor(&random(&[8])?)?;
+    let bias = Var::from_tensor(&random(&[8])?)?;
+    let linear_weight = Var::from_tensor(&random(&[8, 8])?)?;
+    let rope = ops::RotaryEmbedding::new(8, 10000.0, None)?;
+    let (cos, sin) = rope.tables(
+        &[vec![0, 1, 2, 3], vec![0, 1, 2, 3]],
+        &Device::Cpu,
+        DType::F64,
+    )?;
+    let cos = Var::from_tensor(&cos)?;
+    let sin = Var::from_tensor(&sin)?;
+    let mask = Var::from_tensor(&ops::causal_mask(
+        &[vec![true; 4], vec![true; 4]],
+        0,
+        4,
+        &Device::Cpu,
+    )?)?;
+
+    let h = ops::rms_norm(x.as_tensor(), weight.as_tensor(), 1e-5)?;
+    let h = ops::layer_norm(&h, weight.as_tensor(), Some(bias.as_tensor()), 1e-5)?;
+    let h = ops::linear(&h, linear_weight.as_tensor(), Some(bias.as_tensor()))?;
+    let h = ops::apply_rope(&h, cos.as_tensor(), sin.as_tensor())?;
+    let h = ops::attention(&h, &h, &h, Some(mask.as_tensor()), 0.3)?;
+    let grads = h.sqr()?.sum_all()?.backward()?;
+    assert!(grads.get(x.as_tensor()).is_some());
+    for (name, constant) in [
+        ("norm weight", &weight),
+        ("bias", &bias),
+        ("linear weight", &linear_weight),
+        ("cos", &cos),
+        ("sin", &sin),
+        ("mask", &mask),
+    ] {
+        assert!(
+            grads.get(constant.as_tensor()).is_none(),
+            "{name} got a gradient"
+        );
+    }
+    Ok(())
+}
+
+/// Untracked inputs build no graph: evaluation is graph-free.
+#[test]
+fn untracked_inputs_build_no_graph() -> Result<()> {
+    let x = random(&[2, 3, 8])?;
+    let weight = random(&[8])?;
+    let y = ops::rms_norm(&x, &weight, 1e-5)?;
+    let y = ops::softmax_last_dim(&ops::frozen_linear(&y, &random(&[8, 8])?)?)?;
+    assert!(!y.track_op(), "an evaluation forward built graph nodes");
+    Ok(())
+}
