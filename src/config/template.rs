@@ -1,20 +1,401 @@
-//! Config of the `template` stage kind and its semantic checks. (Skeleton: the owner of this stage
-//! kind fills in the fields.)
+//! Config of the `template` stage kind and its semantic checks: where the prompt and completion
+//! templates come from (inline, files next to the pipeline, or a model's chat template), few-shot
+//! settings, and which columns are carried through.
+//!
+//! Pure data plus checks. Checks compile the templates with minijinja (syntax errors, variables no
+//! input column provides) and read template files and `tokenizer_config.json`; they never read
+//! rows. The stage itself lives in `stages/template.rs`.
 
+use std::collections::BTreeSet;
 use std::path::Path;
 
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use super::{CheckContext, InputFile, Problem, StageSpec, UpstreamRef};
+use super::problem::did_you_mean;
+use super::{resolve_path, CheckContext, InputFile, Problem, StageConfig, StageSpec, UpstreamRef};
+use crate::data::chat::{load_chat_template, ChatTemplate, ChatTemplateSource};
+use crate::data::render::{row_environment, undeclared_variables};
 
-/// The `template` stage.
-#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+/// The `template` stage: renders each row of the input stage's splits into `prompt`, `completion`
+/// and `text` (= prompt + completion) with minijinja, in strict mode (an undefined variable is an
+/// error naming the row and the variable).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TemplateConfig {
-    /// Upstream stage whose rows are rendered.
+    /// Upstream stage whose rows are rendered (an `ingest` stage: its train / eval / test splits).
     pub input: String,
+    /// Prompt template (minijinja), inline. Row columns are variables; with `few_shot`,
+    /// `examples` is the list of demonstrations (each with the row's columns).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prompt: Option<String>,
+    /// Prompt template file, relative to the pipeline file (instead of `prompt`). Includes and
+    /// imports resolve relative to the pipeline directory.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prompt_file: Option<String>,
+    /// Completion template (minijinja), inline: the text the model learns to produce.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub completion: Option<String>,
+    /// Completion template file, relative to the pipeline file (instead of `completion`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub completion_file: Option<String>,
+    /// Render conversations with a model's chat template instead of `prompt` / `completion`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chat: Option<ChatConfig>,
+    /// Few-shot demonstrations drawn from a split and given to the templates as `examples`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub few_shot: Option<FewShotConfig>,
+    /// Label column carried through to the output unchanged (classification accuracy, stratified
+    /// few-shot).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub label: Option<String>,
+    /// Other input columns carried through unchanged.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub carry: Vec<String>,
 }
+
+/// A chat-template rendering: each row becomes a conversation (optional system message, the user
+/// turn, the assistant turn), rendered as transformers' `apply_chat_template` does. The prompt is
+/// the conversation up to the user turn with `add_generation_prompt=true`; the completion is the
+/// assistant content plus the template's end-of-turn text.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ChatConfig {
+    /// A model's `tokenizer_config.json` (its `chat_template`, `bos_token`, `eos_token`) or a
+    /// `.jinja` chat-template file, relative to the pipeline file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tokenizer_config: Option<String>,
+    /// An inline chat template (Jinja), instead of `tokenizer_config`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub template: Option<String>,
+    /// Overrides the BOS token text the chat template sees.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bos_token: Option<String>,
+    /// Overrides the EOS token text the chat template sees.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eos_token: Option<String>,
+    /// Template of the system message (omitted when absent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub system: Option<String>,
+    /// Template of the user message.
+    pub user: String,
+    /// Template of the assistant message (the completion's content).
+    pub assistant: String,
+}
+
+/// How few-shot demonstrations are drawn.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct FewShotConfig {
+    /// Demonstrations per row.
+    pub k: usize,
+    /// Split the demonstrations come from. Only `train`: evaluation rows never go into training
+    /// prompts.
+    #[serde(default = "default_split")]
+    pub split: String,
+    /// How demonstrations are chosen.
+    #[serde(default)]
+    pub strategy: FewShotStrategy,
+    /// Column the `stratified` strategy balances (default: the stage's `label`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stratify_by: Option<String>,
+    /// Demonstrations come from a seeded sample of at most this many rows of the split (per
+    /// label value when stratified), so memory stays bounded.
+    #[serde(default = "default_pool_size")]
+    pub pool_size: usize,
+    /// Seed of the draws (default: derived from the pipeline seed and the stage name).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seed: Option<u64>,
+}
+
+fn default_split() -> String {
+    "train".to_string()
+}
+
+fn default_pool_size() -> usize {
+    1000
+}
+
+/// How demonstrations are chosen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum FewShotStrategy {
+    /// `k` rows drawn at random (without replacement) for every rendered row.
+    #[default]
+    Random,
+    /// Balanced over the values of a label column: round-robin over the labels in a random order,
+    /// a random row of each.
+    Stratified,
+    /// The first `k` rows of the split (skipping the row itself), the same for every row.
+    FirstK,
+}
+
+/// A template's source as resolved for a run (recorded in `template.json`).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct NamedSource {
+    /// The name minijinja knows it by (`prompt`, `completion`, `chat_user`, …).
+    pub name: String,
+    /// The file it came from (as written), if any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub file: Option<String>,
+    pub source: String,
+}
+
+/// The chat part of the resolved templates.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ResolvedChat {
+    pub chat_template: ChatTemplateSource,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub system: Option<NamedSource>,
+    pub user: NamedSource,
+    pub assistant: NamedSource,
+}
+
+/// Every template of the stage, sources loaded.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ResolvedTemplates {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub prompt: Option<NamedSource>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub completion: Option<NamedSource>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub chat: Option<ResolvedChat>,
+}
+
+impl ResolvedTemplates {
+    /// The row templates (name, key suffix for problems).
+    pub fn row_templates(&self) -> Vec<(&NamedSource, &'static str)> {
+        let mut all = Vec::new();
+        if let Some(prompt) = &self.prompt {
+            all.push((
+                prompt,
+                if prompt.file.is_some() {
+                    "prompt_file"
+                } else {
+                    "prompt"
+                },
+            ));
+        }
+        if let Some(completion) = &self.completion {
+            all.push((
+                completion,
+                if completion.file.is_some() {
+                    "completion_file"
+                } else {
+                    "completion"
+                },
+            ));
+        }
+        if let Some(chat) = &self.chat {
+            if let Some(system) = &chat.system {
+                all.push((system, "chat.system"));
+            }
+            all.push((&chat.user, "chat.user"));
+            all.push((&chat.assistant, "chat.assistant"));
+        }
+        all
+    }
+
+    /// The row-template environment with every row template added. Errors: (key suffix, message).
+    pub fn environment(
+        &self,
+        project_dir: &Path,
+    ) -> Result<minijinja::Environment<'static>, (String, String)> {
+        let mut env = row_environment(project_dir);
+        for (source, key) in self.row_templates() {
+            env.add_template_owned(source.name.clone(), source.source.clone())
+                .map_err(|e| (key.to_string(), syntax_message(&e)))?;
+        }
+        Ok(env)
+    }
+}
+
+fn syntax_message(error: &minijinja::Error) -> String {
+    let detail = error.detail().unwrap_or("invalid template");
+    match error.line() {
+        Some(line) => format!("template syntax error on line {line}: {detail}"),
+        None => format!("template syntax error: {detail}"),
+    }
+}
+
+/// Files named by `{% include %}`, `{% import %}`, `{% from … import %}`, `{% extends %}`.
+fn referenced_templates(source: &str) -> Vec<String> {
+    let pattern =
+        regex::Regex::new(r#"\{%-?\s*(?:include|import|from|extends)\s+\[?\s*["']([^"']+)["']"#);
+    match pattern {
+        Ok(pattern) => pattern
+            .captures_iter(source)
+            .filter_map(|c| c.get(1).map(|m| m.as_str().to_string()))
+            .collect(),
+        Err(_) => Vec::new(),
+    }
+}
+
+impl TemplateConfig {
+    /// Load every template source (files relative to the pipeline directory). Errors: (key
+    /// suffix, message).
+    pub fn resolve(&self, project_dir: &Path) -> Result<ResolvedTemplates, (String, String)> {
+        let load = |name: &str,
+                    inline: &Option<String>,
+                    file: &Option<String>,
+                    key: &str|
+         -> Result<Option<NamedSource>, (String, String)> {
+            match (inline, file) {
+                (Some(source), None) => Ok(Some(NamedSource {
+                    name: name.to_string(),
+                    file: None,
+                    source: source.clone(),
+                })),
+                (None, Some(file)) => {
+                    let path =
+                        resolve_path(project_dir, file).map_err(|e| (format!("{key}_file"), e))?;
+                    let source = std::fs::read_to_string(&path).map_err(|e| {
+                        (
+                            format!("{key}_file"),
+                            format!("cannot read template {file} ({}): {e}", path.display()),
+                        )
+                    })?;
+                    Ok(Some(NamedSource {
+                        name: name.to_string(),
+                        file: Some(file.clone()),
+                        source,
+                    }))
+                }
+                (Some(_), Some(_)) => Err((
+                    key.to_string(),
+                    format!("both `{key}` and `{key}_file` are given; keep one"),
+                )),
+                (None, None) => Ok(None),
+            }
+        };
+        let prompt = load("prompt", &self.prompt, &self.prompt_file, "prompt")?;
+        let completion = load(
+            "completion",
+            &self.completion,
+            &self.completion_file,
+            "completion",
+        )?;
+        let chat = match &self.chat {
+            None => {
+                if prompt.is_none() {
+                    return Err((
+                        "prompt".into(),
+                        "no prompt template: give `prompt`, `prompt_file` or `chat`".into(),
+                    ));
+                }
+                if completion.is_none() {
+                    return Err((
+                        "completion".into(),
+                        "no completion template: give `completion` or `completion_file`".into(),
+                    ));
+                }
+                None
+            }
+            Some(chat) => {
+                if prompt.is_some() || completion.is_some() {
+                    return Err((
+                        "chat".into(),
+                        "`chat` renders prompt and completion itself; remove `prompt`/`completion`"
+                            .into(),
+                    ));
+                }
+                let mut template = match (&chat.tokenizer_config, &chat.template) {
+                    (Some(file), None) => {
+                        let path = resolve_path(project_dir, file)
+                            .map_err(|e| ("chat.tokenizer_config".to_string(), e))?;
+                        load_chat_template(&path)
+                            .map_err(|e| ("chat.tokenizer_config".to_string(), e))?
+                    }
+                    (None, Some(source)) => ChatTemplateSource {
+                        template: source.clone(),
+                        bos_token: String::new(),
+                        eos_token: String::new(),
+                        pad_token: None,
+                        unk_token: None,
+                    },
+                    (Some(_), Some(_)) => {
+                        return Err((
+                            "chat".into(),
+                            "both `tokenizer_config` and `template` are given; keep one".into(),
+                        ))
+                    }
+                    (None, None) => {
+                        return Err((
+                            "chat".into(),
+                            "no chat template: give `tokenizer_config` or `template`".into(),
+                        ))
+                    }
+                };
+                if let Some(bos) = &chat.bos_token {
+                    template.bos_token = bos.clone();
+                }
+                if let Some(eos) = &chat.eos_token {
+                    template.eos_token = eos.clone();
+                }
+                let named = |name: &str, source: &String| NamedSource {
+                    name: name.to_string(),
+                    file: None,
+                    source: source.clone(),
+                };
+                Some(ResolvedChat {
+                    chat_template: template,
+                    system: chat.system.as_ref().map(|s| named("chat_system", s)),
+                    user: named("chat_user", &chat.user),
+                    assistant: named("chat_assistant", &chat.assistant),
+                })
+            }
+        };
+        Ok(ResolvedTemplates {
+            prompt,
+            completion,
+            chat,
+        })
+    }
+
+    /// Columns carried to the output (label first, then `carry`, without repeats).
+    pub fn carried_columns(&self) -> Vec<String> {
+        let mut carried: Vec<String> = Vec::new();
+        for name in self.label.iter().chain(&self.carry) {
+            if !carried.contains(name) {
+                carried.push(name.clone());
+            }
+        }
+        carried
+    }
+
+    /// The label column the stratified few-shot strategy balances.
+    pub fn few_shot_label(&self) -> Option<&str> {
+        let few_shot = self.few_shot.as_ref()?;
+        few_shot.stratify_by.as_deref().or(self.label.as_deref())
+    }
+}
+
+/// The splits an upstream stage writes, when known from its config.
+fn upstream_splits(cx: &CheckContext<'_>, stage: &str) -> Option<Vec<String>> {
+    match cx.pipeline.stages.get(stage)? {
+        StageConfig::Ingest(ingest) => Some(
+            ingest
+                .split
+                .split_names()
+                .into_iter()
+                .map(str::to_string)
+                .collect(),
+        ),
+        StageConfig::Template(template) => upstream_splits(cx, &template.input),
+        _ => None,
+    }
+}
+
+fn column_hint(name: &str, available: &[String]) -> String {
+    let list = available.join(", ");
+    match did_you_mean(name, available.iter().map(String::as_str)) {
+        Some(close) => format!("did you mean `{close}`? available columns: {list}"),
+        None => format!("available columns: {list}"),
+    }
+}
+
+/// Output columns every template stage writes.
+pub const RENDERED_COLUMNS: [&str; 3] = ["prompt", "completion", "text"];
 
 impl StageSpec for TemplateConfig {
     fn upstream(&self) -> Vec<UpstreamRef> {
@@ -24,13 +405,333 @@ impl StageSpec for TemplateConfig {
         }]
     }
 
-    fn input_files(&self, _project_dir: &Path) -> Result<Vec<InputFile>, String> {
-        Ok(Vec::new())
+    fn input_files(&self, project_dir: &Path) -> Result<Vec<InputFile>, String> {
+        let mut files = Vec::new();
+        let mut pending: Vec<String> = Vec::new();
+        for written in [&self.prompt_file, &self.completion_file]
+            .into_iter()
+            .flatten()
+        {
+            pending.push(written.clone());
+        }
+        if let Some(config) = self.chat.as_ref().and_then(|c| c.tokenizer_config.as_ref()) {
+            files.push(InputFile {
+                key: config.clone(),
+                path: resolve_path(project_dir, config)?,
+            });
+        }
+        // Inline sources may include files too.
+        let mut inline: Vec<&String> = vec![];
+        inline.extend(self.prompt.iter());
+        inline.extend(self.completion.iter());
+        if let Some(chat) = &self.chat {
+            inline.extend(chat.system.iter());
+            inline.push(&chat.user);
+            inline.push(&chat.assistant);
+        }
+        for source in inline {
+            pending.extend(referenced_templates(source));
+        }
+        let mut seen = BTreeSet::new();
+        while let Some(written) = pending.pop() {
+            if !seen.insert(written.clone()) {
+                continue;
+            }
+            let path = resolve_path(project_dir, &written)?;
+            let source = std::fs::read_to_string(&path)
+                .map_err(|e| format!("cannot read template {written} ({}): {e}", path.display()))?;
+            pending.extend(referenced_templates(&source));
+            files.push(InputFile { key: written, path });
+        }
+        files.sort_by(|a, b| a.key.cmp(&b.key));
+        Ok(files)
     }
 
     fn output_columns(&self, _cx: &CheckContext<'_>, _stage: &str) -> Option<Vec<String>> {
-        None
+        let mut columns: Vec<String> = RENDERED_COLUMNS.iter().map(|c| c.to_string()).collect();
+        for name in self.carried_columns() {
+            if !columns.contains(&name) {
+                columns.push(name);
+            }
+        }
+        Some(columns)
     }
 
-    fn check(&self, _cx: &CheckContext<'_>, _at: &str, _problems: &mut Vec<Problem>) {}
+    fn check(&self, cx: &CheckContext<'_>, at: &str, problems: &mut Vec<Problem>) {
+        let columns = cx.columns.get(&self.input);
+
+        for (index, name) in self.carried_columns().iter().enumerate() {
+            let key = if self.label.as_deref() == Some(name.as_str()) && index == 0 {
+                format!("{at}.label")
+            } else {
+                let position = self.carry.iter().position(|c| c == name).unwrap_or(0);
+                format!("{at}.carry[{position}]")
+            };
+            if RENDERED_COLUMNS.contains(&name.as_str()) {
+                problems.push(Problem::new(
+                    key.clone(),
+                    format!("`{name}` is a column the template stage writes itself"),
+                ));
+            }
+            if let Some(columns) = columns {
+                if !columns.contains(name) {
+                    problems.push(
+                        Problem::new(
+                            key,
+                            format!("column `{name}` is not an output of stage `{}`", self.input),
+                        )
+                        .with_hint(column_hint(name, columns)),
+                    );
+                }
+            }
+        }
+
+        if let Some(few_shot) = &self.few_shot {
+            let base = format!("{at}.few_shot");
+            if few_shot.k == 0 {
+                problems.push(
+                    Problem::new(format!("{base}.k"), "k is 0: no demonstrations")
+                        .with_hint("remove `few_shot` or set k ≥ 1"),
+                );
+            }
+            if few_shot.pool_size < few_shot.k {
+                problems.push(Problem::new(
+                    format!("{base}.pool_size"),
+                    format!(
+                        "pool_size ({}) is smaller than k ({})",
+                        few_shot.pool_size, few_shot.k
+                    ),
+                ));
+            }
+            let splits = upstream_splits(cx, &self.input)
+                .unwrap_or_else(|| vec!["train".into(), "eval".into(), "test".into()]);
+            if !splits.contains(&few_shot.split) {
+                problems.push(
+                    Problem::new(
+                        format!("{base}.split"),
+                        format!(
+                            "stage `{}` writes no split named `{}`",
+                            self.input, few_shot.split
+                        ),
+                    )
+                    .with_hint(format!("its splits: {}", splits.join(", "))),
+                );
+            } else if few_shot.split != "train" {
+                problems.push(
+                    Problem::new(
+                        format!("{base}.split"),
+                        format!(
+                            "demonstrations from the `{}` split would put evaluation rows into training prompts",
+                            few_shot.split
+                        ),
+                    )
+                    .with_hint("draw demonstrations from `train`"),
+                );
+            }
+            if few_shot.strategy == FewShotStrategy::Stratified {
+                match self.few_shot_label() {
+                    None => problems.push(
+                        Problem::new(
+                            format!("{base}.strategy"),
+                            "the stratified strategy needs a label column",
+                        )
+                        .with_hint("set `label` on the stage or `few_shot.stratify_by`"),
+                    ),
+                    Some(label) => {
+                        if let (Some(columns), Some(_)) = (columns, &few_shot.stratify_by) {
+                            if !columns.iter().any(|c| c == label) {
+                                problems.push(
+                                    Problem::new(
+                                        format!("{base}.stratify_by"),
+                                        format!(
+                                            "column `{label}` is not an output of stage `{}`",
+                                            self.input
+                                        ),
+                                    )
+                                    .with_hint(column_hint(label, columns)),
+                                );
+                            }
+                        }
+                    }
+                }
+            }
+        }
+
+        let resolved = match self.resolve(cx.project_dir) {
+            Ok(resolved) => resolved,
+            Err((key, message)) => {
+                problems.push(Problem::new(format!("{at}.{key}"), message));
+                return;
+            }
+        };
+        if let Some(chat) = &resolved.chat {
+            if let Err(message) = ChatTemplate::new(chat.chat_template.clone()) {
+                let key = if self.chat.as_ref().is_some_and(|c| c.template.is_some()) {
+                    "chat.template"
+                } else {
+                    "chat.tokenizer_config"
+                };
+                problems.push(Problem::new(format!("{at}.{key}"), message));
+            }
+        }
+        // Compile each row template on its own so every syntax error is reported.
+        let mut env = row_environment(cx.project_dir);
+        let mut compiled = Vec::new();
+        for (source, key) in resolved.row_templates() {
+            match env.add_template_owned(source.name.clone(), source.source.clone()) {
+                Ok(()) => compiled.push((source.name.clone(), key)),
+                Err(error) => {
+                    problems.push(Problem::new(format!("{at}.{key}"), syntax_message(&error)))
+                }
+            }
+        }
+        for (name, key) in compiled {
+            let variables = match undeclared_variables(&env, &name) {
+                Ok(variables) => variables,
+                Err(error) => {
+                    problems.push(Problem::new(format!("{at}.{key}"), syntax_message(&error)));
+                    continue;
+                }
+            };
+            for variable in variables {
+                if variable == "examples" {
+                    if self.few_shot.is_none() {
+                        problems.push(
+                            Problem::new(
+                                format!("{at}.{key}"),
+                                "the template uses `examples` but the stage has no `few_shot`",
+                            )
+                            .with_hint("add `few_shot: {k: 3}`"),
+                        );
+                    }
+                    continue;
+                }
+                if let Some(columns) = columns {
+                    if !columns.contains(&variable) {
+                        problems.push(
+                            Problem::new(
+                                format!("{at}.{key}"),
+                                format!(
+                                    "template variable `{variable}` is not a column of stage `{}`",
+                                    self.input
+                                ),
+                            )
+                            .with_hint(column_hint(&variable, columns)),
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use indexmap::IndexMap;
+
+    use super::*;
+    use crate::config::RawPipeline;
+
+    fn check(yaml: &str, columns: &[&str]) -> Vec<Problem> {
+        let value: serde_json::Value = serde_norway::from_str(yaml).unwrap();
+        let pipeline: RawPipeline = serde_json::from_value(value).unwrap();
+        let mut known = BTreeMap::new();
+        known.insert(
+            "data".to_string(),
+            columns.iter().map(|c| c.to_string()).collect(),
+        );
+        let cx = CheckContext {
+            pipeline: &pipeline,
+            project_dir: Path::new("."),
+            columns: &known,
+        };
+        let mut problems = Vec::new();
+        if let Some(StageConfig::Template(template)) = pipeline.stages.get("prompts") {
+            template.check(&cx, "stages.prompts.template", &mut problems);
+        }
+        problems
+    }
+
+    const HEADER: &str = "stages:\n  data:\n    ingest: {path: x.parquet}\n  prompts:\n    template:\n      input: data\n";
+
+    #[test]
+    fn unknown_variables_are_reported_with_the_available_columns() {
+        let problems = check(
+            &format!("{HEADER}      prompt: \"review: {{{{ txt }}}}\"\n      completion: \" {{{{ label }}}}\"\n"),
+            &["text", "label"],
+        );
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert_eq!(problems[0].path, "stages.prompts.template.prompt");
+        assert!(problems[0].message.contains("`txt`"));
+        assert!(problems[0]
+            .hint
+            .as_deref()
+            .unwrap()
+            .contains("did you mean `text`"));
+    }
+
+    #[test]
+    fn syntax_errors_and_bad_few_shot_splits_are_reported() {
+        let problems = check(
+            &format!("{HEADER}      prompt: \"{{{{ text \"\n      completion: \"{{{{ label }}}}\"\n      few_shot: {{k: 2, split: validation}}\n"),
+            &["text", "label"],
+        );
+        let paths: Vec<&str> = problems.iter().map(|p| p.path.as_str()).collect();
+        assert!(
+            paths.contains(&"stages.prompts.template.prompt"),
+            "{problems:?}"
+        );
+        assert!(
+            paths.contains(&"stages.prompts.template.few_shot.split"),
+            "{problems:?}"
+        );
+        let problems = check(
+            &format!("{HEADER}      prompt: \"{{{{ text }}}}\"\n      completion: \"{{{{ label }}}}\"\n      few_shot: {{k: 2, split: eval}}\n"),
+            &["text", "label"],
+        );
+        assert!(
+            problems[0].message.contains("evaluation rows"),
+            "{problems:?}"
+        );
+    }
+
+    #[test]
+    fn output_columns_are_rendered_plus_carried() {
+        let config = TemplateConfig {
+            input: "data".into(),
+            prompt: Some("x".into()),
+            prompt_file: None,
+            completion: Some("y".into()),
+            completion_file: None,
+            chat: None,
+            few_shot: None,
+            label: Some("label".into()),
+            carry: vec!["id".into(), "label".into()],
+        };
+        let pipeline = RawPipeline {
+            name: None,
+            seed: 0,
+            stages: IndexMap::new(),
+        };
+        let known = BTreeMap::new();
+        let cx = CheckContext {
+            pipeline: &pipeline,
+            project_dir: Path::new("."),
+            columns: &known,
+        };
+        assert_eq!(
+            config.output_columns(&cx, "prompts").unwrap(),
+            vec!["prompt", "completion", "text", "label", "id"]
+        );
+    }
+
+    #[test]
+    fn referenced_templates_finds_includes_and_imports() {
+        let found = referenced_templates(
+            "{% include 'templates/a.j2' %}{%- from \"templates/m.j2\" import shot %}{% extends 'base.j2' %}",
+        );
+        assert_eq!(found, vec!["templates/a.j2", "templates/m.j2", "base.j2"]);
+    }
 }

@@ -1,8 +1,50 @@
-//! The `ingest` stage. (Skeleton: the owner of this stage kind implements it.)
+//! The `ingest` stage: streams Parquet / JSONL / CSV input through column mapping, row filters,
+//! null dropping and deduplication, then splits the kept rows into train / eval (/ test).
+//!
+//! # Artifact (the contract downstream stages rely on)
+//! In `ctx.out_dir`:
+//! * `train.parquet`, `eval.parquet`, and `test.parquet` when the config declares a test split —
+//!   all with the same columns: the selected columns after renaming, in selection order, with the
+//!   input's Arrow types (snappy-compressed Parquet, row groups of at most 64k rows).
+//! * `stats.json`: rows read, rows kept, rows per split (and per stratum), nulls per column of the
+//!   input and of each split, string-length percentiles (characters) of the kept rows, and the
+//!   rows dropped by each filter, by `drop_nulls` and by `dedup`.
+//!
+//! # How memory stays flat
+//! Two passes over the input, one record batch at a time. Pass 1 evaluates the filters and
+//! records one bit per input row (kept or not); dedup key hashes go to hash-partitioned scratch
+//! files (resolved one partition at a time, first occurrence wins), giving the kept-row count of
+//! each stratum. Exact per-stratum split quotas follow; pass 2 re-reads the input, assigns each kept
+//! row its split by sequential sampling from the remaining quotas (seeded), and streams rows into
+//! an external shuffle (random buckets, permuted one at a time) or straight into the writers.
+//! Memory: one batch, one bucket (≤ ~32 MB estimated), 1 bit per input row, one counter per
+//! stratum. Scratch files live in `out_dir/.scratch*` and are removed before returning.
+//!
+//! The stage never prints: progress goes through `ctx.progress`.
 
+use std::collections::BTreeMap;
+
+use arrow::array::{Array, RecordBatch};
+use indexmap::IndexMap;
+use serde::Serialize;
+
+use crate::config::ingest::SplitSizes;
 use crate::config::IngestConfig;
+use crate::data::artifact::{write_json, ParquetSink};
+use crate::data::filter::{key_hashes, stratum_values, RowFilters};
+use crate::data::source::{self, SourceSpec};
+use crate::data::spill::{take_rows, DedupSpill, RowBitmap, Shuffler};
+use crate::data::split::{split_quotas, SplitAssigner, SPLITS, SPLIT_NAMES};
+use crate::data::stats::{ColumnStats, LengthSummary};
 
-use super::{Stage, StageContext, StageError, StageOutcome};
+use super::{derive_seed, Progress, Stage, StageContext, StageError, StageOutcome};
+
+/// Most distinct values a stratify column may have.
+const MAX_STRATA: usize = 100_000;
+/// Target (estimated in-memory) size of one shuffle bucket.
+const SHUFFLE_BUCKET_BYTES: f64 = 32.0 * 1024.0 * 1024.0;
+/// Stratum name used when the split is not stratified.
+const ALL_ROWS: &str = "*";
 
 pub struct IngestStage {
     config: IngestConfig,
@@ -14,11 +56,354 @@ impl IngestStage {
     }
 }
 
+/// `stats.json`.
+#[derive(Debug, Serialize)]
+pub struct IngestStats {
+    /// Input file keys (paths as written).
+    pub files: Vec<String>,
+    pub rows_read: u64,
+    /// Nulls per (mapped) column among the rows read.
+    pub input_nulls: BTreeMap<String, u64>,
+    pub dropped: DroppedRows,
+    pub rows_kept: u64,
+    pub splits: IndexMap<String, SplitStats>,
+    /// Character-length percentiles of each string column over the kept rows.
+    pub text_lengths: BTreeMap<String, LengthSummary>,
+    /// Column the split was stratified by, if any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stratify_by: Option<String>,
+}
+
+/// Rows dropped, by cause.
+#[derive(Debug, Serialize)]
+pub struct DroppedRows {
+    /// Per filter, in order (a row counts against the first filter that drops it).
+    pub filters: Vec<FilterDrop>,
+    pub drop_nulls: u64,
+    pub dedup: u64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct FilterDrop {
+    pub filter: String,
+    pub rows: u64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct SplitStats {
+    pub rows: u64,
+    pub nulls: BTreeMap<String, u64>,
+    /// Rows per stratum value (when stratified).
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub strata: BTreeMap<String, u64>,
+}
+
+enum SplitWriter {
+    Direct(Box<ParquetSink>),
+    Shuffled(Box<(Shuffler, ParquetSink)>),
+}
+
 impl Stage for IngestStage {
-    fn run(&self, _ctx: &StageContext<'_>) -> Result<StageOutcome, StageError> {
-        let _ = &self.config;
-        Err(StageError::Internal(
-            "the ingest stage is not built yet".into(),
-        ))
+    fn run(&self, ctx: &StageContext<'_>) -> Result<StageOutcome, StageError> {
+        let config = &self.config;
+        let files = config.files(ctx.project_dir).map_err(StageError::User)?;
+        let spec = SourceSpec {
+            files: files.clone(),
+            format: config.format,
+            columns: config.columns.clone(),
+            rename: config.rename.clone(),
+            limit: config.limit,
+        };
+        let schema = source::mapped_schema(&spec)?;
+        let filters = RowFilters::compile(&config.filters, config.drop_nulls, &schema)?;
+        let column_index = |name: &str, what: &str| {
+            schema.index_of(name).map_err(|_| {
+                StageError::user(format!("{what} column `{name}` is not an output column"))
+            })
+        };
+        let dedup_columns: Vec<usize> = config
+            .dedup
+            .iter()
+            .map(|name| column_index(name, "dedup"))
+            .collect::<Result<_, _>>()?;
+        let stratify = match &config.split.stratify_by {
+            Some(name) => Some(column_index(name, "stratify_by")?),
+            None => None,
+        };
+        let known_rows = source::known_row_count(&spec);
+        let scratch = tempfile::Builder::new()
+            .prefix(".scratch")
+            .tempdir_in(ctx.out_dir)
+            .map_err(|e| StageError::user(format!("cannot create a scratch directory: {e}")))?;
+
+        // Pass 1: filters, dedup keys, strata.
+        let mut keep = RowBitmap::default();
+        let mut dedup = if dedup_columns.is_empty() {
+            None
+        } else {
+            Some(DedupSpill::new(scratch.path())?)
+        };
+        let mut strata_ids: IndexMap<String, u32> = IndexMap::new();
+        let mut strata_counts: Vec<u64> = Vec::new();
+        let mut dropped_by_filter = vec![0u64; config.filters.len()];
+        let mut dropped_by_nulls = 0u64;
+        let mut input_stats = ColumnStats::default();
+        let mut kept_bytes = 0f64;
+        let (rows_read, _) = source::scan(&spec, |batch, origin| {
+            ctx.check_cancel()?;
+            let outcome = filters
+                .apply(&batch)
+                .map_err(|e| StageError::user(format!("{origin}: {e}")))?;
+            for (total, dropped) in dropped_by_filter.iter_mut().zip(&outcome.dropped_by_filter) {
+                *total += dropped;
+            }
+            dropped_by_nulls += outcome.dropped_by_nulls;
+            input_stats.add(&batch, false);
+            let kept_here = outcome.keep.true_count();
+            if batch.num_rows() > 0 {
+                kept_bytes += batch.get_array_memory_size() as f64 * kept_here as f64
+                    / batch.num_rows() as f64;
+            }
+            let hashes = match &dedup {
+                Some(_) => Some(
+                    key_hashes(&batch, &dedup_columns)
+                        .map_err(|e| StageError::user(format!("{origin}: {e}")))?,
+                ),
+                None => None,
+            };
+            let strata = match stratify {
+                Some(index) => Some(
+                    stratum_values(&batch, index)
+                        .map_err(|e| StageError::user(format!("{origin}: {e}")))?,
+                ),
+                None => None,
+            };
+            for row in 0..batch.num_rows() {
+                let kept = outcome.keep.value(row);
+                keep.push(kept);
+                if !kept {
+                    continue;
+                }
+                let name = match &strata {
+                    Some(values) if values.is_null(row) => "null",
+                    Some(values) => values.value(row),
+                    None => ALL_ROWS,
+                };
+                let id = match strata_ids.get(name) {
+                    Some(&id) => id,
+                    None => {
+                        if strata_ids.len() >= MAX_STRATA {
+                            return Err(StageError::user(format!(
+                                "split.stratify_by: column `{}` has more than {MAX_STRATA} distinct values; stratify by a label column",
+                                config.split.stratify_by.as_deref().unwrap_or_default()
+                            )));
+                        }
+                        let id = strata_ids.len() as u32;
+                        strata_ids.insert(name.to_string(), id);
+                        strata_counts.push(0);
+                        id
+                    }
+                };
+                match (&mut dedup, &hashes) {
+                    (Some(spill), Some(hashes)) => {
+                        spill.push(hashes[row], origin.first_row + row as u64, id)?
+                    }
+                    _ => strata_counts[id as usize] += 1,
+                }
+            }
+            ctx.progress.progress(Progress {
+                position: origin.first_row + batch.num_rows() as u64,
+                length: known_rows,
+                unit: "rows",
+                message: "pass 1/2: filter and dedup".into(),
+            });
+            Ok(())
+        })?;
+        let duplicates = match dedup {
+            Some(spill) => {
+                let mut counts = vec![0u64; strata_counts.len()];
+                let duplicates = spill.resolve(&mut keep, &mut counts)?;
+                counts.resize(strata_counts.len(), 0);
+                strata_counts = counts;
+                duplicates
+            }
+            None => 0,
+        };
+        let strata: BTreeMap<String, u64> = strata_ids
+            .iter()
+            .map(|(name, &id)| (name.clone(), strata_counts[id as usize]))
+            .collect();
+        let rows_kept: u64 = strata.values().sum();
+        let quotas = split_quotas(&strata, &config.split.sizes()).map_err(StageError::User)?;
+        let mut split_rows = [0u64; SPLITS];
+        for quota in quotas.values() {
+            for (total, rows) in split_rows.iter_mut().zip(quota) {
+                *total += rows;
+            }
+        }
+        if let SplitSizes::Fractions(_) = config.split.sizes() {
+            if split_rows[0] == 0 && rows_kept > 0 {
+                return Err(StageError::user(
+                    "no rows are left for the train split; lower the eval/test fractions",
+                ));
+            }
+        }
+
+        // Pass 2: assign splits and write.
+        let stage_seed = ctx.stage_seed();
+        let split_count = if config.split.has_test() { 3 } else { 2 };
+        let mut writers: Vec<SplitWriter> = Vec::with_capacity(split_count);
+        for (split, name) in SPLIT_NAMES.iter().enumerate().take(split_count) {
+            let sink = ParquetSink::create(
+                &ctx.out_dir.join(format!("{name}.parquet")),
+                schema.clone(),
+                true,
+            )?;
+            writers.push(if config.shuffle {
+                let estimate = if rows_kept == 0 {
+                    0.0
+                } else {
+                    kept_bytes * split_rows[split] as f64 / rows_kept as f64
+                };
+                let buckets = (estimate / SHUFFLE_BUCKET_BYTES).ceil().clamp(1.0, 4096.0) as usize;
+                let shuffler = Shuffler::new(
+                    scratch.path(),
+                    name,
+                    schema.clone(),
+                    buckets,
+                    derive_seed(stage_seed, &format!("shuffle-{name}")),
+                )?;
+                SplitWriter::Shuffled(Box::new((shuffler, sink)))
+            } else {
+                SplitWriter::Direct(Box::new(sink))
+            });
+        }
+        let mut assigner = SplitAssigner::new(quotas.clone(), derive_seed(stage_seed, "split"));
+        let mut split_stats: Vec<ColumnStats> = vec![ColumnStats::default(); split_count];
+        let mut kept_stats = ColumnStats::default();
+        let pass_two_spec = SourceSpec {
+            limit: Some(rows_read),
+            ..spec.clone()
+        };
+        source::scan(&pass_two_spec, |batch, origin| {
+            ctx.check_cancel()?;
+            let strata = match stratify {
+                Some(index) => Some(
+                    stratum_values(&batch, index)
+                        .map_err(|e| StageError::user(format!("{origin}: {e}")))?,
+                ),
+                None => None,
+            };
+            let mut rows: Vec<Vec<u32>> = vec![Vec::new(); split_count];
+            for row in 0..batch.num_rows() {
+                if !keep.get(origin.first_row + row as u64) {
+                    continue;
+                }
+                let name = match &strata {
+                    Some(values) if values.is_null(row) => "null",
+                    Some(values) => values.value(row),
+                    None => ALL_ROWS,
+                };
+                let split = assigner
+                    .assign(name)
+                    .map_err(|e| StageError::user(format!("{origin}: {e}")))?;
+                rows[split].push(row as u32);
+            }
+            for (split, rows) in rows.into_iter().enumerate() {
+                if rows.is_empty() {
+                    continue;
+                }
+                let part: RecordBatch = take_rows(&batch, rows)?;
+                split_stats[split].add(&part, false);
+                kept_stats.add(&part, true);
+                match &mut writers[split] {
+                    SplitWriter::Direct(sink) => sink.write(&part)?,
+                    SplitWriter::Shuffled(pair) => pair.0.push(part)?,
+                }
+            }
+            ctx.progress.progress(Progress {
+                position: origin.first_row + batch.num_rows() as u64,
+                length: Some(rows_read),
+                unit: "rows",
+                message: "pass 2/2: split and write".into(),
+            });
+            Ok(())
+        })?;
+        for writer in writers {
+            ctx.check_cancel()?;
+            match writer {
+                SplitWriter::Direct(sink) => {
+                    sink.finish()?;
+                }
+                SplitWriter::Shuffled(pair) => {
+                    let (shuffler, mut sink) = *pair;
+                    shuffler.finish(&mut sink)?;
+                    sink.finish()?;
+                }
+            }
+        }
+        drop(scratch);
+
+        let mut splits = IndexMap::new();
+        for (split, stats) in split_stats.iter().enumerate() {
+            let per_stratum: BTreeMap<String, u64> = if stratify.is_some() {
+                quotas
+                    .iter()
+                    .map(|(name, quota)| (name.clone(), quota[split]))
+                    .collect()
+            } else {
+                BTreeMap::new()
+            };
+            splits.insert(
+                SPLIT_NAMES[split].to_string(),
+                SplitStats {
+                    rows: stats.rows,
+                    nulls: schema
+                        .fields()
+                        .iter()
+                        .map(|f| {
+                            (
+                                f.name().clone(),
+                                stats.nulls.get(f.name()).copied().unwrap_or(0),
+                            )
+                        })
+                        .collect(),
+                    strata: per_stratum,
+                },
+            );
+        }
+        let stats = IngestStats {
+            files: files.iter().map(|f| f.key.clone()).collect(),
+            rows_read,
+            input_nulls: input_stats.nulls.clone(),
+            dropped: DroppedRows {
+                filters: filters
+                    .descriptions()
+                    .into_iter()
+                    .zip(&dropped_by_filter)
+                    .map(|(filter, &rows)| FilterDrop { filter, rows })
+                    .collect(),
+                drop_nulls: dropped_by_nulls,
+                dedup: duplicates,
+            },
+            rows_kept,
+            splits,
+            text_lengths: kept_stats.length_summaries(),
+            stratify_by: config.split.stratify_by.clone(),
+        };
+        write_json(&ctx.out_dir.join("stats.json"), &stats)?;
+        ctx.progress.note(format!(
+            "read {rows_read} rows, kept {rows_kept} ({} filtered, {dropped_by_nulls} with nulls, {duplicates} duplicates)",
+            dropped_by_filter.iter().sum::<u64>()
+        ));
+
+        let mut summary = BTreeMap::new();
+        summary.insert("rows_read".into(), rows_read.into());
+        summary.insert("rows_kept".into(), rows_kept.into());
+        for (split, name) in SPLIT_NAMES.iter().enumerate().take(split_count) {
+            summary.insert(format!("{name}_rows"), split_rows[split].into());
+        }
+        summary.insert("duplicates".into(), duplicates.into());
+        Ok(StageOutcome { summary })
     }
 }

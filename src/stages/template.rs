@@ -1,8 +1,41 @@
-//! The `template` stage. (Skeleton: the owner of this stage kind implements it.)
+//! The `template` stage: renders every row of the input stage's splits with minijinja.
+//!
+//! # Artifact (the contract downstream stages rely on)
+//! In `ctx.out_dir`, for each split the input stage wrote (`train`, `eval`, `test` when present):
+//! * `<split>.parquet` with Utf8 columns `prompt`, `completion` and `text` (= `prompt` +
+//!   `completion`, exactly the string the train stage tokenizes: it tokenizes `prompt` and
+//!   `completion` separately and puts the loss on completion tokens only), followed by the carried
+//!   columns (`label`, then `carry`) with their input types. Row order is the input's.
+//! * `template.json`: the resolved template sources (inline or from files, the chat template with
+//!   its special tokens), the few-shot settings and the rows per split.
+//!
+//! With a chat template, `prompt` is the rendering of the conversation up to the user turn with
+//! `add_generation_prompt=true` (it may begin with the template's `bos_token` text: tokenize it
+//! without adding special tokens again) and `completion` is the assistant content plus the
+//! template's end-of-turn text.
+//!
+//! Memory: one batch at a time plus the few-shot pool (at most `pool_size` rows). Never prints.
 
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
+
+use arrow::array::{ArrayRef, RecordBatch, StringArray};
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+use minijinja::value::Value;
+use minijinja::Environment;
+use serde::Serialize;
+
+use crate::config::template::{FewShotConfig, ResolvedTemplates};
 use crate::config::TemplateConfig;
+use crate::data::artifact::{write_json, ParquetSink};
+use crate::data::chat::{ChatTemplate, Message};
+use crate::data::few_shot::{FewShotPool, FewShotSettings};
+use crate::data::render::{describe_render_error, BatchColumns, RowContext};
+use crate::data::source::{parquet_row_count, read_artifact};
+use crate::data::split::SPLIT_NAMES;
 
-use super::{Stage, StageContext, StageError, StageOutcome};
+use super::{derive_seed, Progress, Stage, StageContext, StageError, StageOutcome};
 
 pub struct TemplateStage {
     config: TemplateConfig,
@@ -14,11 +47,307 @@ impl TemplateStage {
     }
 }
 
-impl Stage for TemplateStage {
-    fn run(&self, _ctx: &StageContext<'_>) -> Result<StageOutcome, StageError> {
-        let _ = &self.config;
-        Err(StageError::Internal(
-            "the template stage is not built yet".into(),
-        ))
+/// Renders rows of record batches into prompts and completions. Shared by the stage and
+/// `peftpipe preview`.
+pub struct RowRenderer {
+    env: Environment<'static>,
+    resolved: ResolvedTemplates,
+    chat: Option<ChatTemplate>,
+    pool: Option<FewShotPool>,
+}
+
+/// One rendered row.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct RenderedRow {
+    pub prompt: String,
+    pub completion: String,
+}
+
+impl RowRenderer {
+    /// Compile the templates and build the few-shot pool from `input_dir/<split>.parquet`.
+    pub fn new(
+        config: &TemplateConfig,
+        project_dir: &Path,
+        input_dir: &Path,
+        stage_seed: u64,
+    ) -> Result<Self, StageError> {
+        let resolved = config
+            .resolve(project_dir)
+            .map_err(|(key, message)| StageError::user(format!("template.{key}: {message}")))?;
+        let env = resolved
+            .environment(project_dir)
+            .map_err(|(key, message)| StageError::user(format!("template.{key}: {message}")))?;
+        let chat = match &resolved.chat {
+            Some(chat) => Some(
+                ChatTemplate::new(chat.chat_template.clone())
+                    .map_err(|e| StageError::user(format!("template.chat: {e}")))?,
+            ),
+            None => None,
+        };
+        let pool = match &config.few_shot {
+            Some(few_shot) => Some(build_pool(config, few_shot, input_dir, stage_seed)?),
+            None => None,
+        };
+        Ok(RowRenderer {
+            env,
+            resolved,
+            chat,
+            pool,
+        })
     }
+
+    pub fn resolved(&self) -> &ResolvedTemplates {
+        &self.resolved
+    }
+
+    fn render_one(
+        &self,
+        name: &str,
+        context: &Value,
+        split: &str,
+        row: u64,
+    ) -> Result<String, StageError> {
+        let template = self
+            .env
+            .get_template(name)
+            .map_err(|e| StageError::Internal(format!("template {name}: {e}")))?;
+        template
+            .render(context)
+            .map_err(|e| StageError::user(describe_render_error(&e, name, split, row)))
+    }
+
+    /// Render the rows of `batch`, the first of which is row `first_row` of `split`.
+    pub fn render_batch(
+        &self,
+        batch: &RecordBatch,
+        split: &str,
+        first_row: u64,
+    ) -> Result<Vec<RenderedRow>, StageError> {
+        let columns = BatchColumns::new(batch);
+        let mut rendered = Vec::with_capacity(batch.num_rows());
+        for index in 0..batch.num_rows() {
+            let row = first_row + index as u64;
+            let examples = match &self.pool {
+                Some(pool) => Some(
+                    pool.draw(split, row)
+                        .map_err(|e| StageError::user(format!("split {split}, row {row}: {e}")))?,
+                ),
+                None => None,
+            };
+            let mut extra = Vec::new();
+            if let Some(examples) = &examples {
+                extra.push(("examples", Value::from(examples.clone())));
+            }
+            let context = Value::from_object(RowContext {
+                columns: Arc::clone(&columns),
+                row: index,
+                extra,
+            });
+            rendered.push(match (&self.chat, &self.resolved.chat) {
+                (Some(chat), Some(resolved)) => {
+                    let mut messages = Vec::new();
+                    if let Some(system) = &resolved.system {
+                        messages.push(Message::new(
+                            "system",
+                            self.render_one(&system.name, &context, split, row)?,
+                        ));
+                    }
+                    for example in examples.iter().flatten() {
+                        messages.push(Message::new(
+                            "user",
+                            self.render_one(&resolved.user.name, example, split, row)?,
+                        ));
+                        messages.push(Message::new(
+                            "assistant",
+                            self.render_one(&resolved.assistant.name, example, split, row)?,
+                        ));
+                    }
+                    messages.push(Message::new(
+                        "user",
+                        self.render_one(&resolved.user.name, &context, split, row)?,
+                    ));
+                    messages.push(Message::new(
+                        "assistant",
+                        self.render_one(&resolved.assistant.name, &context, split, row)?,
+                    ));
+                    let (prompt, completion) = chat
+                        .prompt_and_completion(&messages)
+                        .map_err(|e| StageError::user(format!("split {split}, row {row}: {e}")))?;
+                    RenderedRow { prompt, completion }
+                }
+                _ => RenderedRow {
+                    prompt: self.render_one("prompt", &context, split, row)?,
+                    completion: self.render_one("completion", &context, split, row)?,
+                },
+            });
+        }
+        Ok(rendered)
+    }
+}
+
+fn build_pool(
+    config: &TemplateConfig,
+    few_shot: &FewShotConfig,
+    input_dir: &Path,
+    stage_seed: u64,
+) -> Result<FewShotPool, StageError> {
+    let path = input_dir.join(format!("{}.parquet", few_shot.split));
+    if !path.is_file() {
+        return Err(StageError::user(format!(
+            "few_shot.split: the input stage wrote no `{}` split",
+            few_shot.split
+        )));
+    }
+    if few_shot.split != "train" {
+        return Err(StageError::user(format!(
+            "few_shot.split: demonstrations from `{}` would put evaluation rows into training prompts",
+            few_shot.split
+        )));
+    }
+    FewShotPool::build(
+        &path,
+        FewShotSettings {
+            k: few_shot.k,
+            strategy: few_shot.strategy,
+            label: config.few_shot_label().map(str::to_string),
+            pool_size: few_shot.pool_size,
+            seed: few_shot
+                .seed
+                .unwrap_or_else(|| derive_seed(stage_seed, "few-shot")),
+            split: few_shot.split.clone(),
+        },
+    )
+}
+
+/// `template.json`.
+#[derive(Debug, Serialize)]
+struct TemplateRecord<'a> {
+    templates: &'a ResolvedTemplates,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    few_shot: Option<&'a FewShotConfig>,
+    carried: Vec<String>,
+    rows: BTreeMap<String, u64>,
+}
+
+/// The output schema: rendered columns then carried ones (with their input types).
+fn output_schema(input: &Schema, carried: &[String], split: &str) -> Result<SchemaRef, StageError> {
+    let mut fields = vec![
+        Field::new("prompt", DataType::Utf8, false),
+        Field::new("completion", DataType::Utf8, false),
+        Field::new("text", DataType::Utf8, false),
+    ];
+    for name in carried {
+        let field = input.field_with_name(name).map_err(|_| {
+            let available: Vec<&str> = input.fields().iter().map(|f| f.name().as_str()).collect();
+            StageError::user(format!(
+                "carried column `{name}` is not in the input's {split} split; available: {}",
+                available.join(", ")
+            ))
+        })?;
+        fields.push(Field::new(name, field.data_type().clone(), true));
+    }
+    Ok(Arc::new(Schema::new(fields)))
+}
+
+impl Stage for TemplateStage {
+    fn run(&self, ctx: &StageContext<'_>) -> Result<StageOutcome, StageError> {
+        let input_dir = ctx.upstream_dir(&self.config.input)?;
+        let renderer =
+            RowRenderer::new(&self.config, ctx.project_dir, input_dir, ctx.stage_seed())?;
+        let carried = self.config.carried_columns();
+        let splits: Vec<&str> = SPLIT_NAMES
+            .iter()
+            .copied()
+            .filter(|split| input_dir.join(format!("{split}.parquet")).is_file())
+            .collect();
+        if splits.is_empty() {
+            return Err(StageError::user(format!(
+                "stage `{}` wrote no train/eval/test Parquet files",
+                self.config.input
+            )));
+        }
+        let mut total = 0;
+        for split in &splits {
+            total += parquet_row_count(&input_dir.join(format!("{split}.parquet")))?;
+        }
+        let mut rows_per_split = BTreeMap::new();
+        let mut done = 0u64;
+        for split in splits {
+            let input = input_dir.join(format!("{split}.parquet"));
+            let output = ctx.out_dir.join(format!("{split}.parquet"));
+            let mut sink: Option<ParquetSink> = None;
+            let mut row = 0u64;
+            let schema = read_artifact(&input, |batch| {
+                ctx.check_cancel()?;
+                if sink.is_none() {
+                    sink = Some(ParquetSink::create(
+                        &output,
+                        output_schema(&batch.schema(), &carried, split)?,
+                        true,
+                    )?);
+                }
+                let rendered = renderer.render_batch(&batch, split, row)?;
+                let out = assemble(&batch, &rendered, &carried)?;
+                if let Some(sink) = sink.as_mut() {
+                    sink.write(&out)?;
+                }
+                row += batch.num_rows() as u64;
+                done += batch.num_rows() as u64;
+                ctx.progress.progress(Progress {
+                    position: done,
+                    length: Some(total),
+                    unit: "rows",
+                    message: format!("rendering {split}"),
+                });
+                Ok(())
+            })?;
+            let sink = match sink {
+                Some(sink) => sink,
+                None => {
+                    ParquetSink::create(&output, output_schema(&schema, &carried, split)?, true)?
+                }
+            };
+            rows_per_split.insert(split.to_string(), sink.finish()?);
+        }
+        write_json(
+            &ctx.out_dir.join("template.json"),
+            &TemplateRecord {
+                templates: renderer.resolved(),
+                few_shot: self.config.few_shot.as_ref(),
+                carried,
+                rows: rows_per_split.clone(),
+            },
+        )?;
+        let mut summary = BTreeMap::new();
+        for (split, rows) in rows_per_split {
+            summary.insert(format!("{split}_rows"), rows.into());
+        }
+        Ok(StageOutcome { summary })
+    }
+}
+
+/// The output batch: rendered columns, then the carried input columns.
+fn assemble(
+    batch: &RecordBatch,
+    rendered: &[RenderedRow],
+    carried: &[String],
+) -> Result<RecordBatch, StageError> {
+    let schema = output_schema(&batch.schema(), carried, "input")?;
+    let prompts = StringArray::from_iter_values(rendered.iter().map(|r| r.prompt.as_str()));
+    let completions = StringArray::from_iter_values(rendered.iter().map(|r| r.completion.as_str()));
+    let texts = StringArray::from_iter_values(
+        rendered
+            .iter()
+            .map(|r| format!("{}{}", r.prompt, r.completion)),
+    );
+    let mut columns: Vec<ArrayRef> =
+        vec![Arc::new(prompts), Arc::new(completions), Arc::new(texts)];
+    for name in carried {
+        let index = batch
+            .schema()
+            .index_of(name)
+            .map_err(|_| StageError::user(format!("carried column `{name}` is missing")))?;
+        columns.push(batch.column(index).clone());
+    }
+    RecordBatch::try_new(schema, columns).map_err(|e| StageError::Internal(e.to_string()))
 }

@@ -1,0 +1,309 @@
+//! minijinja rendering of rows: the strict environment every row template uses, rows of record
+//! batches exposed to templates lazily (a column is converted only when a template reads it), and
+//! error messages that name the row and the undefined or null variable.
+//!
+//! Environment rules (documented for users in the template stage): undefined variables are errors
+//! (strict), printing a null cell is an error (`{% if x %}` still works on nulls), no
+//! autoescaping, one trailing newline of a template is dropped (as in Jinja2), Python string
+//! methods (`.strip()`, `.upper()`, …) work through minijinja-contrib's pycompat, and
+//! `{% include %}` / `{% import %}` resolve relative to the pipeline directory. Never prints.
+
+use std::collections::{BTreeSet, HashMap};
+use std::path::Path;
+use std::sync::Arc;
+
+use arrow::array::{Array, ArrayRef, AsArray, RecordBatch};
+use arrow::datatypes::{
+    DataType, Float32Type, Float64Type, Int16Type, Int32Type, Int64Type, Int8Type, UInt16Type,
+    UInt32Type, UInt64Type, UInt8Type,
+};
+use minijinja::value::{Enumerator, Object, ObjectRepr, Value};
+use minijinja::{Environment, Error, ErrorKind, UndefinedBehavior};
+
+/// Names minijinja provides itself (not columns): excluded from "unknown variable" checks.
+pub const BUILTIN_NAMES: &[&str] = &[
+    "range",
+    "dict",
+    "namespace",
+    "debug",
+    "loop",
+    "self",
+    "caller",
+    "varargs",
+    "kwargs",
+    "true",
+    "false",
+    "none",
+    "True",
+    "False",
+    "None",
+];
+
+/// The environment for row templates (prompt, completion, chat turns).
+pub fn row_environment(project_dir: &Path) -> Environment<'static> {
+    let mut env = Environment::new();
+    env.set_undefined_behavior(UndefinedBehavior::Strict);
+    env.set_loader(minijinja::path_loader(project_dir));
+    env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+    env.set_auto_escape_callback(|_| minijinja::AutoEscape::None);
+    env.set_formatter(|out, state, value| {
+        if value.is_none() {
+            return Err(Error::new(
+                ErrorKind::InvalidOperation,
+                "the value is null (test it with `{% if … %}` or use `| default(…)`)",
+            ));
+        }
+        minijinja::escape_formatter(out, state, value)
+    });
+    env
+}
+
+/// The top-level variables a template reads that neither it nor minijinja defines.
+pub fn undeclared_variables(env: &Environment<'_>, name: &str) -> Result<BTreeSet<String>, Error> {
+    let template = env.get_template(name)?;
+    Ok(template
+        .undeclared_variables(false)
+        .into_iter()
+        .filter(|v| !BUILTIN_NAMES.contains(&v.as_str()))
+        .collect())
+}
+
+/// The columns of one record batch, shared by the rows rendered from it.
+#[derive(Debug)]
+pub struct BatchColumns {
+    index: HashMap<String, usize>,
+    names: Vec<String>,
+    arrays: Vec<ArrayRef>,
+}
+
+impl BatchColumns {
+    pub fn new(batch: &RecordBatch) -> Arc<Self> {
+        let schema = batch.schema();
+        let names: Vec<String> = schema.fields().iter().map(|f| f.name().clone()).collect();
+        Arc::new(BatchColumns {
+            index: names
+                .iter()
+                .enumerate()
+                .map(|(i, n)| (n.clone(), i))
+                .collect(),
+            names,
+            arrays: batch.columns().to_vec(),
+        })
+    }
+
+    pub fn len(&self) -> usize {
+        self.arrays.first().map_or(0, |a| a.len())
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// A column's cell as a template value (None: no such column).
+    pub fn cell(&self, column: &str, row: usize) -> Option<Value> {
+        let index = *self.index.get(column)?;
+        Some(cell_value(self.arrays[index].as_ref(), row))
+    }
+
+    /// All cells of a row as an owned map (for few-shot demonstrations kept across batches).
+    pub fn row_map(&self, row: usize) -> Value {
+        let map: Vec<(String, Value)> = self
+            .names
+            .iter()
+            .zip(&self.arrays)
+            .map(|(name, array)| (name.clone(), cell_value(array.as_ref(), row)))
+            .collect();
+        Value::from_iter(map)
+    }
+}
+
+/// One row as the template context: its columns plus extra named values (`examples`).
+#[derive(Debug)]
+pub struct RowContext {
+    pub columns: Arc<BatchColumns>,
+    pub row: usize,
+    pub extra: Vec<(&'static str, Value)>,
+}
+
+impl Object for RowContext {
+    fn repr(self: &Arc<Self>) -> ObjectRepr {
+        ObjectRepr::Map
+    }
+
+    fn get_value(self: &Arc<Self>, key: &Value) -> Option<Value> {
+        let key = key.as_str()?;
+        self.get_value_by_str(key)
+    }
+
+    fn get_value_by_str(self: &Arc<Self>, key: &str) -> Option<Value> {
+        if let Some((_, value)) = self.extra.iter().find(|(name, _)| *name == key) {
+            return Some(value.clone());
+        }
+        self.columns.cell(key, self.row)
+    }
+
+    fn enumerate(self: &Arc<Self>) -> Enumerator {
+        let mut keys: Vec<Value> = self
+            .columns
+            .names
+            .iter()
+            .map(|n| Value::from(n.as_str()))
+            .collect();
+        keys.extend(self.extra.iter().map(|(n, _)| Value::from(*n)));
+        Enumerator::Values(keys)
+    }
+}
+
+/// A cell as a template value: strings, integers, floats, booleans, lists and structs map to
+/// their template equivalents, nulls to `none`, anything else to its display text.
+pub fn cell_value(array: &dyn Array, row: usize) -> Value {
+    if array.is_null(row) {
+        return Value::from(());
+    }
+    match array.data_type() {
+        DataType::Utf8 => Value::from(array.as_string::<i32>().value(row)),
+        DataType::LargeUtf8 => Value::from(array.as_string::<i64>().value(row)),
+        DataType::Utf8View => Value::from(array.as_string_view().value(row)),
+        DataType::Boolean => Value::from(array.as_boolean().value(row)),
+        DataType::Int8 => Value::from(array.as_primitive::<Int8Type>().value(row)),
+        DataType::Int16 => Value::from(array.as_primitive::<Int16Type>().value(row)),
+        DataType::Int32 => Value::from(array.as_primitive::<Int32Type>().value(row)),
+        DataType::Int64 => Value::from(array.as_primitive::<Int64Type>().value(row)),
+        DataType::UInt8 => Value::from(array.as_primitive::<UInt8Type>().value(row)),
+        DataType::UInt16 => Value::from(array.as_primitive::<UInt16Type>().value(row)),
+        DataType::UInt32 => Value::from(array.as_primitive::<UInt32Type>().value(row)),
+        DataType::UInt64 => Value::from(array.as_primitive::<UInt64Type>().value(row)),
+        DataType::Float32 => Value::from(array.as_primitive::<Float32Type>().value(row)),
+        DataType::Float64 => Value::from(array.as_primitive::<Float64Type>().value(row)),
+        DataType::List(_) => list_value(array.as_list::<i32>().value(row).as_ref()),
+        DataType::LargeList(_) => list_value(array.as_list::<i64>().value(row).as_ref()),
+        DataType::Struct(fields) => {
+            let structure = array.as_struct();
+            Value::from_iter(
+                fields
+                    .iter()
+                    .zip(structure.columns())
+                    .map(|(f, c)| (f.name().clone(), cell_value(c.as_ref(), row)))
+                    .collect::<Vec<_>>(),
+            )
+        }
+        _ => match arrow::util::display::array_value_to_string(array, row) {
+            Ok(text) => Value::from(text),
+            Err(_) => Value::from(()),
+        },
+    }
+}
+
+fn list_value(values: &dyn Array) -> Value {
+    Value::from(
+        (0..values.len())
+            .map(|i| cell_value(values, i))
+            .collect::<Vec<_>>(),
+    )
+}
+
+/// A rendering error as a user message naming the split, the row and the variable.
+pub fn describe_render_error(error: &Error, template: &str, split: &str, row: u64) -> String {
+    let location = match error.line() {
+        Some(line) => format!("{template} template, line {line}"),
+        None => format!("{template} template"),
+    };
+    // The expression that failed, when minijinja knows its span.
+    let expression = match (error.template_source(), error.range()) {
+        (Some(source), Some(range)) => source.get(range).map(str::trim).map(str::to_string),
+        _ => None,
+    };
+    let what = match (error.kind(), expression) {
+        (ErrorKind::UndefinedError, Some(expression)) => {
+            format!("undefined variable `{expression}`")
+        }
+        (ErrorKind::UndefinedError, None) => "undefined variable".to_string(),
+        (_, Some(expression)) => format!(
+            "`{expression}`: {}",
+            error.detail().unwrap_or("rendering failed")
+        ),
+        (_, None) => error.detail().unwrap_or("rendering failed").to_string(),
+    };
+    format!("split {split}, row {row}: {what} ({location})")
+}
+
+#[cfg(test)]
+mod tests {
+    use arrow::array::{Int64Array, StringArray};
+    use arrow::datatypes::{Field, Schema};
+
+    use super::*;
+
+    fn batch() -> RecordBatch {
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("text", DataType::Utf8, true),
+            Field::new("label", DataType::Int64, true),
+        ]));
+        RecordBatch::try_new(
+            schema,
+            vec![
+                Arc::new(StringArray::from(vec![Some("  Great film "), None])),
+                Arc::new(Int64Array::from(vec![Some(1), Some(0)])),
+            ],
+        )
+        .unwrap()
+    }
+
+    fn render(source: &str, row: usize) -> Result<String, Error> {
+        let mut env = row_environment(Path::new("."));
+        env.add_template_owned("prompt", source.to_string())
+            .unwrap();
+        let context = Value::from_object(RowContext {
+            columns: BatchColumns::new(&batch()),
+            row,
+            extra: vec![],
+        });
+        env.get_template("prompt")?.render(context)
+    }
+
+    #[test]
+    fn rows_render_with_python_string_methods() {
+        assert_eq!(
+            render(
+                "{{ text.strip().lower() }} / {{ ['neg', 'pos'][label] }}",
+                0
+            )
+            .unwrap(),
+            "great film / pos"
+        );
+    }
+
+    #[test]
+    fn undefined_and_null_variables_are_errors_naming_the_variable() {
+        let error = render("review: {{ txt }}", 0).unwrap_err();
+        let message = describe_render_error(&error, "prompt", "train", 0);
+        assert!(message.contains("`txt`"), "{message}");
+        assert!(message.contains("row 0"), "{message}");
+        let error = render("review: {{ text }}", 1).unwrap_err();
+        let message = describe_render_error(&error, "prompt", "eval", 1);
+        assert!(
+            message.contains("text") && message.contains("null"),
+            "{message}"
+        );
+        assert_eq!(
+            render("{% if text %}x{% else %}y{% endif %}", 1).unwrap(),
+            "y"
+        );
+    }
+
+    #[test]
+    fn undeclared_variables_skip_loop_variables_and_builtins() {
+        let mut env = row_environment(Path::new("."));
+        env.add_template_owned(
+            "t",
+            "{% for ex in examples %}{{ ex.text }}{% endfor %}{{ range(3) | length }}{{ text }}"
+                .to_string(),
+        )
+        .unwrap();
+        let names = undeclared_variables(&env, "t").unwrap();
+        assert_eq!(
+            names.into_iter().collect::<Vec<_>>(),
+            vec!["examples", "text"]
+        );
+    }
+}
