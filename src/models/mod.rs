@@ -28,6 +28,7 @@ pub mod llama;
 pub mod load;
 pub mod random;
 mod sequence;
+pub mod summary;
 pub mod tokenizer;
 
 pub use config::{Architecture, Gpt2Config, LinearSpec, LlamaConfig, ModelConfig};

@@ -1,0 +1,191 @@
+//! A description of a model for `peftpipe inspect`: architecture, dimensions, parameter counts
+//! (from config.json, and from the safetensors headers when weights are present), stored dtype,
+//! tokenizer conventions, and the linear layers grouped by name.
+//!
+//! Reads config.json, safetensors headers and tokenizer files only, never weights. Must not: print
+//! (report/inspect.rs renders it) or know PEFT methods.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use serde::Serialize;
+
+use super::config::{Architecture, LinearSpec, ModelConfig};
+use super::load::{read_json, ModelDir, ModelError};
+use crate::ops::RopeScaling;
+
+/// Linear layers of one name (e.g. every `q_proj`), as the factory sees them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct LinearGroup {
+    pub name: String,
+    pub in_features: usize,
+    pub out_features: usize,
+    pub bias: bool,
+    pub count: usize,
+    pub tied_to_embeddings: bool,
+}
+
+/// The tokenizer side, when tokenizer.json is present.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct TokenizerSummary {
+    pub vocab_size: usize,
+    pub bos_token: Option<String>,
+    pub bos_token_id: Option<u32>,
+    pub eos_token_ids: Vec<u32>,
+    pub pad_token_id: Option<u32>,
+    pub add_bos_token: bool,
+    pub has_chat_template: bool,
+}
+
+/// Everything `inspect` reports about a model.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ModelSummary {
+    pub path: String,
+    pub architecture: Architecture,
+    pub model_type: String,
+    pub architectures: Vec<String>,
+    /// Parameters as transformers counts them, from config.json (a tied head counted once).
+    pub parameters: u64,
+    /// Elements stored in the safetensors files (None without weights).
+    pub stored_parameters: Option<u64>,
+    /// The dominant stored dtype (`F32`, `BF16`, ...), or config.json's `torch_dtype`.
+    pub dtype: Option<String>,
+    pub weight_files: usize,
+    pub layers: usize,
+    pub hidden_size: usize,
+    pub attention_heads: usize,
+    pub key_value_heads: usize,
+    pub head_dim: usize,
+    pub intermediate_size: usize,
+    pub vocab_size: usize,
+    pub max_positions: usize,
+    pub tie_word_embeddings: bool,
+    /// RoPE description (Llama family), e.g. `theta 500000, llama3 ×32`.
+    pub rope: Option<String>,
+    pub linear_layers: Vec<LinearGroup>,
+    pub tokenizer: Option<TokenizerSummary>,
+}
+
+fn group_linear_layers(layers: &[LinearSpec]) -> Vec<LinearGroup> {
+    let mut groups: Vec<LinearGroup> = Vec::new();
+    let mut index: BTreeMap<String, usize> = BTreeMap::new();
+    for layer in layers {
+        let key = layer
+            .path
+            .split('.')
+            .rev()
+            .take(2)
+            .collect::<Vec<_>>()
+            .into_iter()
+            .rev()
+            .collect::<Vec<_>>()
+            .join(".");
+        // GPT-2 has `attn.c_proj` and `mlp.c_proj`: group by the last two components when the
+        // last one alone is ambiguous, otherwise by the last one.
+        let name = if layer.name() == "c_proj" {
+            key
+        } else {
+            layer.name().to_string()
+        };
+        match index.get(&name) {
+            Some(&position) => groups[position].count += 1,
+            None => {
+                index.insert(name.clone(), groups.len());
+                groups.push(LinearGroup {
+                    name,
+                    in_features: layer.in_features,
+                    out_features: layer.out_features,
+                    bias: layer.bias,
+                    count: 1,
+                    tied_to_embeddings: layer.tied_to_embeddings,
+                });
+            }
+        }
+    }
+    groups
+}
+
+fn describe_rope(config: &ModelConfig) -> Option<String> {
+    let ModelConfig::Llama(llama) = config else {
+        return None;
+    };
+    let scaling = match &llama.rope_scaling {
+        None => String::new(),
+        Some(RopeScaling::Linear { factor }) => format!(", linear ×{factor}"),
+        Some(RopeScaling::Llama3 { factor, .. }) => format!(", llama3 ×{factor}"),
+    };
+    Some(format!("theta {}{scaling}", llama.rope_theta))
+}
+
+fn summarize_config(path: &Path, config: &ModelConfig, json: &serde_json::Value) -> ModelSummary {
+    let architectures = json
+        .get("architectures")
+        .and_then(serde_json::Value::as_array)
+        .map(|list| {
+            list.iter()
+                .filter_map(serde_json::Value::as_str)
+                .map(str::to_string)
+                .collect()
+        })
+        .unwrap_or_default();
+    let torch_dtype = json
+        .get("torch_dtype")
+        .or_else(|| json.get("dtype"))
+        .and_then(serde_json::Value::as_str)
+        .map(str::to_string);
+    ModelSummary {
+        path: path.display().to_string(),
+        architecture: config.architecture(),
+        model_type: config.model_type().to_string(),
+        architectures,
+        parameters: config.parameter_count(),
+        stored_parameters: None,
+        dtype: torch_dtype,
+        weight_files: 0,
+        layers: config.num_layers(),
+        hidden_size: config.hidden_size(),
+        attention_heads: config.num_attention_heads(),
+        key_value_heads: config.num_key_value_heads(),
+        head_dim: config.head_dim(),
+        intermediate_size: config.intermediate_size(),
+        vocab_size: config.vocab_size(),
+        max_positions: config.max_positions(),
+        tie_word_embeddings: config.tie_word_embeddings(),
+        rope: describe_rope(config),
+        linear_layers: group_linear_layers(&config.linear_layers()),
+        tokenizer: None,
+    }
+}
+
+/// Describe `path`: a model directory (config, weight headers, tokenizer), or a lone config.json
+/// file (dimensions and counts only). Also returns the parsed config for further analysis.
+pub fn summarize(path: &Path) -> Result<(ModelSummary, ModelConfig), ModelError> {
+    if path.is_file() {
+        let json = read_json(path)?;
+        let config = ModelConfig::from_json(&json).map_err(|error| ModelError::Config {
+            path: path.to_path_buf(),
+            key: error.key,
+            message: error.message,
+        })?;
+        return Ok((summarize_config(path, &config, &json), config));
+    }
+    let dir = ModelDir::open(path)?;
+    let mut summary = summarize_config(path, dir.config(), dir.config_json());
+    let tensors = dir.tensor_infos()?;
+    summary.stored_parameters = Some(tensors.values().map(|info| info.element_count()).sum());
+    summary.dtype = Some(dir.stored_dtype()?);
+    summary.weight_files = dir.weight_files().len();
+    if path.join("tokenizer.json").is_file() {
+        let tokenizer = dir.tokenizer()?;
+        summary.tokenizer = Some(TokenizerSummary {
+            vocab_size: tokenizer.vocab_size(),
+            bos_token: tokenizer.bos_token.clone(),
+            bos_token_id: tokenizer.bos_token_id,
+            eos_token_ids: tokenizer.eos_token_ids.clone(),
+            pad_token_id: tokenizer.pad_token_id,
+            add_bos_token: tokenizer.add_bos_token,
+            has_chat_template: tokenizer.chat_template.is_some(),
+        });
+    }
+    Ok((summary, dir.config().clone()))
+}

@@ -1,0 +1,156 @@
+//! Rendering of `peftpipe inspect`: a model summary and, when asked, what a LoRA target spec
+//! matches. Must not: compute anything (the numbers come from models::summary and peft).
+
+use serde::Serialize;
+
+use crate::models::summary::ModelSummary;
+
+/// What a LoRA target spec selects on the model, for `--target`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct LoraTargets {
+    /// The spec as given (`q_proj,v_proj`, `all-linear`, a regex).
+    pub target: String,
+    pub rank: usize,
+    /// Matched modules by last path component, with counts, in model order.
+    pub matched: Vec<(String, usize)>,
+    pub matched_modules: usize,
+    /// PEFT's count: Σ r·(in + out) over the matched modules.
+    pub trainable_parameters: u64,
+}
+
+/// The whole `inspect` output (also its `--json` form).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct InspectReport {
+    pub model: ModelSummary,
+    pub lora: Option<LoraTargets>,
+}
+
+/// `1234567` → `1,234,567`.
+fn thousands(value: u64) -> String {
+    let digits = value.to_string();
+    let mut out = String::with_capacity(digits.len() + digits.len() / 3);
+    for (index, digit) in digits.chars().enumerate() {
+        if index > 0 && (digits.len() - index) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(digit);
+    }
+    out
+}
+
+/// The human-readable report.
+pub fn render(report: &InspectReport) -> String {
+    use std::fmt::Write as _;
+    let m = &report.model;
+    let mut out = String::new();
+    let names = if m.architectures.is_empty() {
+        String::new()
+    } else {
+        format!(", {}", m.architectures.join(", "))
+    };
+    let _ = writeln!(out, "model       {} ({}{names})", m.path, m.model_type);
+    let stored = match m.stored_parameters {
+        Some(stored) => format!(
+            " · stored {} in {} file(s)",
+            thousands(stored),
+            m.weight_files
+        ),
+        None => " · no weights (config only)".to_string(),
+    };
+    let _ = writeln!(out, "parameters  {}{stored}", thousands(m.parameters));
+    let _ = writeln!(
+        out,
+        "dtype       {}",
+        m.dtype.as_deref().unwrap_or("unknown")
+    );
+    let _ = writeln!(
+        out,
+        "shape       {} layers · hidden {} · heads {} (kv {}, head dim {}) · MLP {} · vocab {} · max positions {}",
+        m.layers,
+        m.hidden_size,
+        m.attention_heads,
+        m.key_value_heads,
+        m.head_dim,
+        m.intermediate_size,
+        m.vocab_size,
+        m.max_positions
+    );
+    if let Some(rope) = &m.rope {
+        let _ = writeln!(out, "rope        {rope}");
+    }
+    let _ = writeln!(
+        out,
+        "embeddings  {}",
+        if m.tie_word_embeddings {
+            "tied to lm_head"
+        } else {
+            "separate lm_head"
+        }
+    );
+    if let Some(t) = &m.tokenizer {
+        let bos = match (&t.bos_token, t.bos_token_id) {
+            (Some(token), Some(id)) => format!("{token} ({id})"),
+            (_, Some(id)) => id.to_string(),
+            _ => "none".to_string(),
+        };
+        let pad = t
+            .pad_token_id
+            .map_or("none".to_string(), |id| id.to_string());
+        let _ = writeln!(
+            out,
+            "tokenizer   vocab {} · bos {bos}{} · eos {:?} · pad {pad} · chat template {}",
+            t.vocab_size,
+            if t.add_bos_token { " (added)" } else { "" },
+            t.eos_token_ids,
+            if t.has_chat_template { "yes" } else { "no" }
+        );
+    }
+    let _ = writeln!(out, "linear layers (LinearFactory paths):");
+    for group in &m.linear_layers {
+        let _ = writeln!(
+            out,
+            "  {:<14} {:>6} → {:<7} ×{}{}{}",
+            group.name,
+            group.in_features,
+            group.out_features,
+            group.count,
+            if group.bias { " · bias" } else { "" },
+            if group.tied_to_embeddings {
+                " · tied"
+            } else {
+                ""
+            }
+        );
+    }
+    if let Some(lora) = &report.lora {
+        let matched: Vec<String> = lora
+            .matched
+            .iter()
+            .map(|(name, count)| format!("{name} ×{count}"))
+            .collect();
+        let share = 100.0 * lora.trainable_parameters as f64 / m.parameters.max(1) as f64;
+        let _ = writeln!(
+            out,
+            "LoRA        target {} · rank {}: {} modules ({}) · {} trainable parameters ({share:.4} % of the model)",
+            lora.target,
+            lora.rank,
+            lora.matched_modules,
+            if matched.is_empty() { "none".to_string() } else { matched.join(", ") },
+            thousands(lora.trainable_parameters)
+        );
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::thousands;
+
+    #[test]
+    fn groups_digits_by_thousands() {
+        assert_eq!(thousands(0), "0");
+        assert_eq!(thousands(999), "999");
+        assert_eq!(thousands(1000), "1,000");
+        assert_eq!(thousands(1_235_814_400), "1,235,814,400");
+    }
+}
