@@ -1,4 +1,5 @@
-//! `peftpipe schema` (skeleton: its owner fills in the arguments and the call into the core).
+//! `peftpipe schema`: print the JSON Schema of pipeline files on stdout
+//! (`peftpipe schema > schemas/pipeline.schema.json`).
 
 use clap::Args;
 
@@ -8,6 +9,6 @@ use super::GlobalArgs;
 pub struct SchemaArgs {}
 
 pub fn run(_global: &GlobalArgs, _args: SchemaArgs) -> u8 {
-    crate::report::error("this command is not built yet");
-    super::EXIT_FAILED
+    crate::report::problems::print_data(&crate::schema::pipeline_schema_json());
+    super::EXIT_OK
 }

@@ -1,2 +1,1908 @@
 //! Parse a pipeline file: YAML with spans, `--set` overrides, every problem collected with its
 //! file:line:column and key path, then semantic checks into a [`super::Pipeline`].
+//!
+//! The passes, each of which keeps going after a problem so that `validate` reports all of them:
+//! 1. [`parse_yaml`]: yaml-rust2 marked events → a JSON value tree plus a [`SpanIndex`] (key path →
+//!    where the key was written). Duplicate keys, unsupported tags and non-finite numbers are
+//!    problems here; a syntax error stops this file.
+//! 2. [`apply_override`]: `--set a.b.c=VALUE` edits the tree (VALUE is YAML); the edited paths
+//!    remember the argument they came from.
+//! 3. Deserialization into [`RawPipeline`], the top level and each stage separately, through
+//!    `serde_path_to_error`; after an error the offending key is taken out and deserialization is
+//!    retried, so every bad key of every stage is reported.
+//! 4. Semantic checks ([`check_pipeline`]): stage references, cycles, input files, then each
+//!    kind's own checks (`StageSpec::check`) in topological order with the columns known so far.
+//!
+//! This module reads the pipeline file and whatever `StageSpec` implementations read (file
+//! metadata, Parquet footers, template files); it never hashes or runs anything.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::{Path, PathBuf};
+
+use indexmap::IndexMap;
+use serde::de::DeserializeOwned;
+use serde_json::{Map, Value};
+use yaml_rust2::parser::{Event, MarkedEventReceiver, Parser, Tag};
+use yaml_rust2::scanner::{Marker, TScalarStyle};
+
+use super::problem::{hint_for_unknown, quoted_list};
+use super::{CheckContext, Pipeline, Problem, Problems, RawPipeline, StageConfig, StageKind};
+use crate::dag::{GraphError, StageGraph};
+
+/// Where a value of the pipeline came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Origin {
+    /// Written in the file at this 1-based line and column (of its key, or of the item for
+    /// sequence items).
+    File { line: usize, column: usize },
+    /// Set on the command line by this `--set KEY=VALUE` argument.
+    Override(String),
+}
+
+/// Key path → origin, for every key and sequence item of the document.
+#[derive(Debug, Clone, Default)]
+pub struct SpanIndex {
+    entries: HashMap<String, Origin>,
+}
+
+impl SpanIndex {
+    /// Where exactly this path was written, if it was.
+    pub fn get(&self, path: &str) -> Option<&Origin> {
+        self.entries.get(path)
+    }
+
+    /// Where this path, or else its nearest written ancestor, came from.
+    pub fn locate(&self, path: &str) -> Option<&Origin> {
+        let mut current = path;
+        loop {
+            if let Some(origin) = self.entries.get(current) {
+                return Some(origin);
+            }
+            current = parent_path(current)?;
+        }
+    }
+
+    /// Fill in a problem's line/column (or its `--set` argument) from its key path, unless it
+    /// already has a position.
+    pub fn place(&self, problem: &mut Problem) {
+        if problem.line.is_some() || problem.from_override.is_some() {
+            return;
+        }
+        match self.locate(&problem.path) {
+            Some(Origin::File { line, column }) => {
+                problem.line = Some(*line);
+                problem.column = Some(*column);
+            }
+            Some(Origin::Override(argument)) => problem.from_override = Some(argument.clone()),
+            None => {}
+        }
+    }
+
+    fn insert(&mut self, path: String, origin: Origin) {
+        self.entries.insert(path, origin);
+    }
+
+    /// Forget `path` and everything under it.
+    fn remove_subtree(&mut self, path: &str) {
+        self.entries
+            .retain(|key, _| !(key == path || is_descendant(key, path)));
+    }
+}
+
+/// `a.b[2]` → `a.b`, `a.b` → `a`, `a` → `` (the document root), `` → None.
+fn parent_path(path: &str) -> Option<&str> {
+    if path.is_empty() {
+        return None;
+    }
+    let cut = path.rfind(['.', '[']).unwrap_or(0);
+    Some(&path[..cut])
+}
+
+fn is_descendant(key: &str, ancestor: &str) -> bool {
+    if ancestor.is_empty() {
+        return !key.is_empty();
+    }
+    key.len() > ancestor.len()
+        && key.starts_with(ancestor)
+        && matches!(key.as_bytes()[ancestor.len()], b'.' | b'[')
+}
+
+/// `parent.key` (or `key` at the root).
+pub fn join_key(parent: &str, key: &str) -> String {
+    if parent.is_empty() {
+        key.to_string()
+    } else {
+        format!("{parent}.{key}")
+    }
+}
+
+/// `parent[index]`.
+pub fn join_index(parent: &str, index: usize) -> String {
+    format!("{parent}[{index}]")
+}
+
+// ---------------------------------------------------------------------------------------------
+// Pass 1: YAML with spans.
+// ---------------------------------------------------------------------------------------------
+
+/// A YAML document as a JSON value tree with the position of every key.
+#[derive(Debug, Clone)]
+pub struct ParsedYaml {
+    /// The document; `None` when the file holds no document (empty or only comments).
+    pub value: Option<Value>,
+    pub spans: SpanIndex,
+    /// Problems that did not stop parsing (duplicate keys, unsupported tags).
+    pub problems: Vec<Problem>,
+    /// Paths of values rejected here (unsupported tag, non-finite number) and read as null.
+    pub rejected_values: HashSet<String>,
+}
+
+/// Parse YAML text (one document) into a value tree with spans. A syntax error is returned as
+/// the only problem.
+pub fn parse_yaml(source: &str) -> Result<ParsedYaml, Box<Problem>> {
+    let mut builder = TreeBuilder::default();
+    let mut parser = Parser::new_from_str(source);
+    if let Err(error) = parser.load(&mut builder, true) {
+        let marker = error.marker();
+        let hint = unclosed_bracket(source, marker.line())
+            .map(|(bracket, line, column)| {
+                format!("the `{bracket}` on line {line}, column {column} is never closed")
+            })
+            .or_else(|| scan_error_hint(error.info()));
+        return Err(Box::new(
+            Problem::new(
+                "",
+                format!("YAML syntax error: {}", describe_scan_error(error.info())),
+            )
+            .with_optional_hint(hint)
+            .at(marker.line(), marker.col() + 1),
+        ));
+    }
+    let mut problems = builder.problems;
+    if builder.documents > 1 {
+        problems.push(
+            Problem::new(
+                "",
+                format!(
+                    "the file holds {} YAML documents; a pipeline is one document",
+                    builder.documents
+                ),
+            )
+            .with_hint("remove the `---` separators and keep one pipeline per file")
+            .at(builder.second_document_line.unwrap_or(1), 1),
+        );
+    }
+    Ok(ParsedYaml {
+        value: builder.root,
+        spans: builder.spans,
+        problems,
+        rejected_values: builder.rejected_values,
+    })
+}
+
+fn describe_scan_error(info: &str) -> String {
+    info.to_string()
+}
+
+/// The innermost flow bracket (`[` or `{`) opened before `error_line` and not closed by then,
+/// outside quotes and comments: the usual cause of a confusing syntax error further down.
+fn unclosed_bracket(source: &str, error_line: usize) -> Option<(char, usize, usize)> {
+    let mut open: Vec<(char, usize, usize)> = Vec::new();
+    for (index, line) in source
+        .lines()
+        .enumerate()
+        .take(error_line.saturating_sub(1))
+    {
+        let mut quote: Option<char> = None;
+        let mut previous = ' ';
+        for (column, c) in line.chars().enumerate() {
+            match quote {
+                Some(q) => {
+                    if c == q {
+                        quote = None;
+                    }
+                }
+                None => match c {
+                    '#' if previous.is_whitespace() => break,
+                    '"' | '\'' if previous.is_whitespace() || "[{,:".contains(previous) => {
+                        quote = Some(c)
+                    }
+                    '[' | '{' => open.push((c, index + 1, column + 1)),
+                    ']' | '}' => {
+                        open.pop();
+                    }
+                    _ => {}
+                },
+            }
+            previous = c;
+        }
+    }
+    open.pop()
+}
+
+fn scan_error_hint(info: &str) -> Option<String> {
+    if info.contains("tab") {
+        Some("YAML indents with spaces; replace the tab characters with spaces".to_string())
+    } else if info.contains("mapping values are not allowed") {
+        Some("a value containing `: ` must be quoted, or a key is indented wrongly".to_string())
+    } else if info.contains("did not find expected key") || info.contains("block end") {
+        Some("check the indentation of this line against the lines above it".to_string())
+    } else {
+        None
+    }
+}
+
+/// A key waiting for its value inside a mapping frame.
+#[derive(Debug)]
+struct PendingKey {
+    name: String,
+    /// The value is dropped (duplicate or unusable key) but its events are still consumed.
+    discard: bool,
+    /// `<<`: merge the value's mapping(s) into this mapping.
+    merge: bool,
+}
+
+#[derive(Debug)]
+enum Frame {
+    Mapping {
+        path: String,
+        entries: Map<String, Value>,
+        key: Option<PendingKey>,
+        anchor: usize,
+        /// Where each key was first written (for duplicate-key messages).
+        first_seen: HashMap<String, usize>,
+        merged: Vec<Map<String, Value>>,
+        /// This mapping is itself used as a key (not supported): it is consumed and dropped.
+        is_key: bool,
+        /// A mapping that is a sequence item: its position is its first key's (the parser's
+        /// mark for a block mapping start lies after that key).
+        span_pending: bool,
+    },
+    Sequence {
+        path: String,
+        items: Vec<Value>,
+        anchor: usize,
+        is_key: bool,
+    },
+}
+
+#[derive(Debug, Default)]
+struct TreeBuilder {
+    stack: Vec<Frame>,
+    root: Option<Value>,
+    anchors: HashMap<usize, Value>,
+    spans: SpanIndex,
+    problems: Vec<Problem>,
+    documents: usize,
+    second_document_line: Option<usize>,
+    rejected_values: HashSet<String>,
+}
+
+fn position(marker: Marker) -> Origin {
+    Origin::File {
+        line: marker.line(),
+        column: marker.col() + 1,
+    }
+}
+
+impl TreeBuilder {
+    /// Path of the node that starts now, and whether it is used as a mapping key.
+    fn next_node_path(&mut self, marker: Marker) -> (String, bool) {
+        match self.stack.last_mut() {
+            None => (String::new(), false),
+            Some(Frame::Mapping {
+                path, key: None, ..
+            }) => (format!("{path}.<key>"), true),
+            Some(Frame::Mapping {
+                path,
+                key: Some(key),
+                ..
+            }) => {
+                if key.discard || key.merge {
+                    (format!("{path}.<discarded:{}>", marker.index()), false)
+                } else {
+                    (join_key(path, &key.name), false)
+                }
+            }
+            Some(Frame::Sequence {
+                path,
+                items,
+                is_key,
+                ..
+            }) => {
+                let item_path = join_index(path, items.len());
+                if !*is_key {
+                    self.spans.insert(item_path.clone(), position(marker));
+                }
+                (item_path, false)
+            }
+        }
+    }
+
+    fn in_key_position(&self) -> bool {
+        matches!(self.stack.last(), Some(Frame::Mapping { key: None, .. }))
+    }
+
+    /// A scalar (or alias) in key position.
+    fn take_key(&mut self, name: String, plain: bool, marker: Marker) {
+        let Some(Frame::Mapping {
+            path,
+            key,
+            first_seen,
+            is_key,
+            span_pending,
+            ..
+        }) = self.stack.last_mut()
+        else {
+            return;
+        };
+        if *span_pending && !*is_key {
+            *span_pending = false;
+            self.spans.insert(path.clone(), position(marker));
+        }
+        let line = marker.line();
+        let key_path = join_key(path, &name);
+        if *is_key {
+            *key = Some(PendingKey {
+                name,
+                discard: true,
+                merge: false,
+            });
+            return;
+        }
+        if plain && name == "<<" {
+            *key = Some(PendingKey {
+                name,
+                discard: false,
+                merge: true,
+            });
+            return;
+        }
+        if let Some(first_line) = first_seen.get(&name) {
+            let (message, hint) = if path == "stages" {
+                (
+                    format!("duplicate stage name `{name}` (first defined on line {first_line})"),
+                    "stage names must be unique: rename one of the two stages".to_string(),
+                )
+            } else {
+                (
+                    format!("duplicate key `{name}` (first written on line {first_line})"),
+                    "YAML keys must be unique in a mapping: remove one of them".to_string(),
+                )
+            };
+            self.problems.push(
+                Problem::new(key_path, message)
+                    .with_hint(hint)
+                    .at(line, marker.col() + 1),
+            );
+            *key = Some(PendingKey {
+                name,
+                discard: true,
+                merge: false,
+            });
+            return;
+        }
+        first_seen.insert(name.clone(), line);
+        self.spans.insert(key_path, position(marker));
+        *key = Some(PendingKey {
+            name,
+            discard: false,
+            merge: false,
+        });
+    }
+
+    /// A complete node: store its anchor, attach it to its parent.
+    fn complete(&mut self, value: Value, anchor: usize, marker: Marker) {
+        if anchor > 0 {
+            self.anchors.insert(anchor, value.clone());
+        }
+        match self.stack.last_mut() {
+            None => {
+                if self.root.is_none() {
+                    self.root = Some(value);
+                }
+            }
+            Some(Frame::Sequence { items, .. }) => items.push(value),
+            Some(Frame::Mapping { key: None, .. }) => {
+                // A non-scalar (or aliased) node in key position.
+                let name = match &value {
+                    Value::String(text) => Some(text.clone()),
+                    Value::Number(number) => Some(number.to_string()),
+                    Value::Bool(flag) => Some(flag.to_string()),
+                    _ => None,
+                };
+                match name {
+                    Some(name) => self.take_key(name, false, marker),
+                    None => {
+                        let path = match self.stack.last() {
+                            Some(Frame::Mapping { path, .. }) => path.clone(),
+                            _ => String::new(),
+                        };
+                        self.problems.push(
+                            Problem::new(
+                                path,
+                                "a mapping key must be a plain name, not a mapping or a list",
+                            )
+                            .at(marker.line(), marker.col() + 1),
+                        );
+                        if let Some(Frame::Mapping { key, .. }) = self.stack.last_mut() {
+                            *key = Some(PendingKey {
+                                name: String::new(),
+                                discard: true,
+                                merge: false,
+                            });
+                        }
+                    }
+                }
+            }
+            Some(Frame::Mapping {
+                key: key @ Some(_),
+                entries,
+                merged,
+                path,
+                ..
+            }) => {
+                let Some(pending) = key.take() else {
+                    return;
+                };
+                if pending.discard {
+                    return;
+                }
+                if pending.merge {
+                    let merge_path = join_key(path, "<<");
+                    match value {
+                        Value::Object(map) => merged.push(map),
+                        Value::Array(items) => {
+                            for item in items {
+                                match item {
+                                    Value::Object(map) => merged.push(map),
+                                    _ => self.problems.push(
+                                        Problem::new(
+                                            merge_path.clone(),
+                                            "`<<` merges mappings only",
+                                        )
+                                        .at(marker.line(), marker.col() + 1),
+                                    ),
+                                }
+                            }
+                        }
+                        _ => self.problems.push(
+                            Problem::new(merge_path, "`<<` merges mappings only")
+                                .with_hint("write `<<: *anchor` where the anchor names a mapping")
+                                .at(marker.line(), marker.col() + 1),
+                        ),
+                    }
+                    return;
+                }
+                entries.insert(pending.name, value);
+            }
+        }
+    }
+
+    fn scalar(
+        &mut self,
+        text: String,
+        style: TScalarStyle,
+        anchor: usize,
+        tag: Option<Tag>,
+        marker: Marker,
+    ) {
+        if self.in_key_position() && anchor == 0 {
+            let plain = matches!(style, TScalarStyle::Plain);
+            self.take_key(text, plain, marker);
+            return;
+        }
+        let (path, _) = if self.in_key_position() {
+            (String::new(), true)
+        } else {
+            self.next_node_path(marker)
+        };
+        let value = match resolve_scalar(&text, style, tag.as_ref()) {
+            Ok(value) => value,
+            Err(message) => {
+                self.rejected_values.insert(path.clone());
+                self.problems
+                    .push(Problem::new(path, message).at(marker.line(), marker.col() + 1));
+                Value::Null
+            }
+        };
+        self.complete(value, anchor, marker);
+    }
+
+    fn start_collection(&mut self, mapping: bool, anchor: usize, marker: Marker) {
+        let (path, is_key) = self.next_node_path(marker);
+        let is_key = is_key
+            || matches!(
+                self.stack.last(),
+                Some(Frame::Mapping { is_key: true, .. })
+                    | Some(Frame::Sequence { is_key: true, .. })
+            );
+        let span_pending = !is_key && matches!(self.stack.last(), Some(Frame::Sequence { .. }));
+        if mapping {
+            if span_pending {
+                self.spans.entries.remove(&path);
+            }
+            self.stack.push(Frame::Mapping {
+                span_pending,
+                path,
+                entries: Map::new(),
+                key: None,
+                anchor,
+                first_seen: HashMap::new(),
+                merged: Vec::new(),
+                is_key,
+            });
+        } else {
+            self.stack.push(Frame::Sequence {
+                path,
+                items: Vec::new(),
+                anchor,
+                is_key,
+            });
+        }
+    }
+
+    fn end_collection(&mut self, marker: Marker) {
+        match self.stack.pop() {
+            Some(Frame::Mapping {
+                mut entries,
+                anchor,
+                merged,
+                ..
+            }) => {
+                for map in merged {
+                    for (key, value) in map {
+                        if !entries.contains_key(&key) {
+                            entries.insert(key, value);
+                        }
+                    }
+                }
+                self.complete(Value::Object(entries), anchor, marker);
+            }
+            Some(Frame::Sequence { items, anchor, .. }) => {
+                self.complete(Value::Array(items), anchor, marker);
+            }
+            None => {}
+        }
+    }
+}
+
+impl MarkedEventReceiver for TreeBuilder {
+    fn on_event(&mut self, event: Event, marker: Marker) {
+        match event {
+            Event::DocumentStart => {
+                self.documents += 1;
+                if self.documents == 2 {
+                    self.second_document_line = Some(marker.line());
+                }
+            }
+            Event::Scalar(text, style, anchor, tag) => {
+                if self.documents > 1 {
+                    return;
+                }
+                self.scalar(text, style, anchor, tag, marker);
+            }
+            Event::MappingStart(anchor, _) => {
+                if self.documents <= 1 {
+                    self.start_collection(true, anchor, marker);
+                }
+            }
+            Event::SequenceStart(anchor, _) => {
+                if self.documents <= 1 {
+                    self.start_collection(false, anchor, marker);
+                }
+            }
+            Event::MappingEnd | Event::SequenceEnd => {
+                if self.documents <= 1 {
+                    self.end_collection(marker);
+                }
+            }
+            Event::Alias(anchor) => {
+                if self.documents > 1 {
+                    return;
+                }
+                let value = self.anchors.get(&anchor).cloned().unwrap_or(Value::Null);
+                if !self.in_key_position() {
+                    self.next_node_path(marker);
+                }
+                self.complete(value, 0, marker);
+            }
+            Event::Nothing | Event::StreamStart | Event::StreamEnd | Event::DocumentEnd => {}
+        }
+    }
+}
+
+const CORE_SCHEMA: &str = "tag:yaml.org,2002:";
+
+/// YAML 1.2 core schema resolution of a scalar into a JSON value.
+fn resolve_scalar(text: &str, style: TScalarStyle, tag: Option<&Tag>) -> Result<Value, String> {
+    if let Some(tag) = tag {
+        if tag.handle == CORE_SCHEMA || tag.handle == "!!" {
+            return match tag.suffix.as_str() {
+                "str" => Ok(Value::String(text.to_string())),
+                "null" | "bool" | "int" | "float" => {
+                    let value = resolve_plain(text)?;
+                    let matches = match tag.suffix.as_str() {
+                        "null" => value.is_null(),
+                        "bool" => value.is_boolean(),
+                        "int" => value.is_i64() || value.is_u64(),
+                        _ => value.is_number(),
+                    };
+                    if matches {
+                        Ok(value)
+                    } else {
+                        Err(format!("`{text}` is not a valid !!{}", tag.suffix))
+                    }
+                }
+                other => Err(format!("the YAML tag `!!{other}` is not supported here")),
+            };
+        }
+        if tag.handle.is_empty() && tag.suffix == "!" {
+            return Ok(Value::String(text.to_string()));
+        }
+        return Err(format!(
+            "the YAML tag `{}{}` is not supported: pipelines use plain YAML values",
+            tag.handle, tag.suffix
+        ));
+    }
+    match style {
+        TScalarStyle::Plain => resolve_plain(text),
+        _ => Ok(Value::String(text.to_string())),
+    }
+}
+
+fn resolve_plain(text: &str) -> Result<Value, String> {
+    match text {
+        "" | "~" | "null" | "Null" | "NULL" => return Ok(Value::Null),
+        "true" | "True" | "TRUE" => return Ok(Value::Bool(true)),
+        "false" | "False" | "FALSE" => return Ok(Value::Bool(false)),
+        ".inf" | ".Inf" | ".INF" | "+.inf" | "+.Inf" | "+.INF" | "-.inf" | "-.Inf" | "-.INF"
+        | ".nan" | ".NaN" | ".NAN" => {
+            return Err(format!(
+                "`{text}` is not supported: numbers in a pipeline must be finite"
+            ))
+        }
+        _ => {}
+    }
+    let unsigned = text.strip_prefix(['-', '+']).unwrap_or(text);
+    if let Some(hex) = text.strip_prefix("0x") {
+        if !hex.is_empty() && hex.chars().all(|c| c.is_ascii_hexdigit()) {
+            if let Ok(number) = u64::from_str_radix(hex, 16) {
+                return Ok(Value::from(number));
+            }
+        }
+    }
+    if let Some(octal) = text.strip_prefix("0o") {
+        if !octal.is_empty() && octal.chars().all(|c| ('0'..='7').contains(&c)) {
+            if let Ok(number) = u64::from_str_radix(octal, 8) {
+                return Ok(Value::from(number));
+            }
+        }
+    }
+    if !unsigned.is_empty() && unsigned.chars().all(|c| c.is_ascii_digit()) {
+        if let Ok(number) = text.parse::<i64>() {
+            return Ok(Value::from(number));
+        }
+        if let Ok(number) = text.trim_start_matches('+').parse::<u64>() {
+            return Ok(Value::from(number));
+        }
+    }
+    if is_core_float(unsigned) {
+        if let Ok(number) = text.parse::<f64>() {
+            if let Some(number) = serde_json::Number::from_f64(number) {
+                return Ok(Value::Number(number));
+            }
+        }
+    }
+    Ok(Value::String(text.to_string()))
+}
+
+/// `( \. [0-9]+ | [0-9]+ ( \. [0-9]* )? ) ( [eE] [-+]? [0-9]+ )?` (sign already stripped).
+fn is_core_float(text: &str) -> bool {
+    let (mantissa, exponent) = match text.find(['e', 'E']) {
+        Some(at) => (&text[..at], Some(&text[at + 1..])),
+        None => (text, None),
+    };
+    let mantissa_ok = match mantissa.split_once('.') {
+        Some((whole, fraction)) => {
+            whole.chars().all(|c| c.is_ascii_digit())
+                && fraction.chars().all(|c| c.is_ascii_digit())
+                && !(whole.is_empty() && fraction.is_empty())
+        }
+        None => !mantissa.is_empty() && mantissa.chars().all(|c| c.is_ascii_digit()),
+    };
+    let exponent_ok = match exponent {
+        None => true,
+        Some(exponent) => {
+            let digits = exponent.strip_prefix(['-', '+']).unwrap_or(exponent);
+            !digits.is_empty() && digits.chars().all(|c| c.is_ascii_digit())
+        }
+    };
+    mantissa_ok && exponent_ok
+}
+
+// ---------------------------------------------------------------------------------------------
+// The document: file, text, tree.
+// ---------------------------------------------------------------------------------------------
+
+/// A pipeline file read and parsed, overrides applied, not yet deserialized.
+#[derive(Debug, Clone)]
+pub struct Document {
+    /// The file as given on the command line.
+    pub file: PathBuf,
+    pub source: String,
+    /// The document (a mapping at the top, once [`read_document`] accepted it).
+    pub value: Value,
+    pub spans: SpanIndex,
+    /// Paths of values the YAML layer rejected (their problem is already reported).
+    pub rejected_values: HashSet<String>,
+}
+
+impl Document {
+    /// The file name as shown in messages (as given on the command line).
+    pub fn display_name(&self) -> String {
+        self.file.display().to_string()
+    }
+
+    /// Place problems with the span index and wrap them for this file.
+    pub fn problems(&self, mut problems: Vec<Problem>) -> Problems {
+        for problem in &mut problems {
+            self.spans.place(problem);
+        }
+        // In file order, as a compiler reports them; command-line problems first.
+        problems.sort_by_key(|problem| (problem.line.unwrap_or(0), problem.column.unwrap_or(0)));
+        Problems::new(self.display_name(), problems).with_source(self.source.clone())
+    }
+}
+
+/// Read and parse a pipeline file into a document whose top level is a mapping.
+/// Returns every problem found at this level (the file is unusable past them).
+pub fn read_document(file: &Path) -> Result<(Document, Vec<Problem>), Problems> {
+    let display = file.display().to_string();
+    let source = match std::fs::read_to_string(file) {
+        Ok(source) => source,
+        Err(error) => {
+            let message = match error.kind() {
+                std::io::ErrorKind::NotFound => "no such file".to_string(),
+                std::io::ErrorKind::InvalidData => "the file is not UTF-8 text".to_string(),
+                _ => format!("cannot read the file: {error}"),
+            };
+            return Err(Problems::new(display, vec![Problem::new("", message)]));
+        }
+    };
+    let wrap = |problems: Vec<Problem>| {
+        Problems::new(display.clone(), problems).with_source(source.clone())
+    };
+    let parsed = match parse_yaml(&source) {
+        Ok(parsed) => parsed,
+        Err(problem) => return Err(wrap(vec![*problem])),
+    };
+    let mut problems = parsed.problems;
+    let value = match parsed.value {
+        None | Some(Value::Null) => {
+            problems.push(
+                Problem::new("", "the file is empty: a pipeline needs a `stages` mapping")
+                    .with_hint("start from pipelines/quickstart.yaml, or see `peftpipe schema`")
+                    .at(1, 1),
+            );
+            return Err(wrap(problems));
+        }
+        Some(Value::Object(map)) => Value::Object(map),
+        Some(other) => {
+            problems.push(
+                Problem::new(
+                    "",
+                    format!(
+                        "a pipeline is a mapping with a `stages` key, found {}",
+                        describe_value(&other)
+                    ),
+                )
+                .at(first_content_line(&source), 1),
+            );
+            return Err(wrap(problems));
+        }
+    };
+    Ok((
+        Document {
+            file: file.to_path_buf(),
+            source,
+            value,
+            spans: parsed.spans,
+            rejected_values: parsed.rejected_values,
+        },
+        problems,
+    ))
+}
+
+fn first_content_line(source: &str) -> usize {
+    source
+        .lines()
+        .position(|line| {
+            let trimmed = line.trim();
+            !trimmed.is_empty() && !trimmed.starts_with('#') && trimmed != "---"
+        })
+        .map_or(1, |index| index + 1)
+}
+
+/// `a list`, `the string "x"`, ...
+pub fn describe_value(value: &Value) -> String {
+    match value {
+        Value::Null => "null".to_string(),
+        Value::Bool(flag) => format!("the boolean `{flag}`"),
+        Value::Number(number) => format!("the number `{number}`"),
+        Value::String(text) => format!("the string \"{text}\""),
+        Value::Array(_) => "a list".to_string(),
+        Value::Object(_) => "a mapping".to_string(),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Pass 2: `--set` overrides.
+// ---------------------------------------------------------------------------------------------
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Segment {
+    Key(String),
+    Index(usize),
+}
+
+/// `stages.data.ingest.filters[0].column` → segments. Digits after a dot index a list too.
+fn parse_key_path(path: &str) -> Result<Vec<Segment>, String> {
+    let mut segments = Vec::new();
+    if path.is_empty() {
+        return Err("the key is empty".to_string());
+    }
+    for part in path.split('.') {
+        let (name, mut rest) = match part.find('[') {
+            Some(at) => (&part[..at], &part[at..]),
+            None => (part, ""),
+        };
+        if name.is_empty() && segments.is_empty() {
+            return Err(format!("`{path}` has an empty key"));
+        }
+        if !name.is_empty() {
+            match name.parse::<usize>() {
+                Ok(index) if name.chars().all(|c| c.is_ascii_digit()) => {
+                    segments.push(Segment::Index(index))
+                }
+                _ => segments.push(Segment::Key(name.to_string())),
+            }
+        } else if rest.is_empty() {
+            return Err(format!("`{path}` has an empty key"));
+        }
+        while !rest.is_empty() {
+            let Some(close) = rest.find(']') else {
+                return Err(format!("`{path}`: unclosed `[`"));
+            };
+            let index = rest[1..close]
+                .parse::<usize>()
+                .map_err(|_| format!("`{path}`: `{}` is not a list index", &rest[1..close]))?;
+            segments.push(Segment::Index(index));
+            rest = &rest[close + 1..];
+            if !rest.is_empty() && !rest.starts_with('[') {
+                return Err(format!("`{path}`: unexpected `{rest}` after `]`"));
+            }
+        }
+    }
+    Ok(segments)
+}
+
+fn render_segments(segments: &[Segment]) -> String {
+    let mut path = String::new();
+    for segment in segments {
+        match segment {
+            Segment::Key(key) => path = join_key(&path, key),
+            Segment::Index(index) => path = join_index(&path, *index),
+        }
+    }
+    path
+}
+
+/// Apply one `--set KEY=VALUE` to the document. VALUE is parsed as YAML. The key's parents must
+/// exist up to the stage kind (an override never creates a stage or gives it a second kind);
+/// below that, missing mappings are created and deserialization judges the keys.
+pub fn apply_override(document: &mut Document, argument: &str) -> Result<(), Box<Problem>> {
+    apply_override_unboxed(document, argument).map_err(Box::new)
+}
+
+#[expect(
+    clippy::result_large_err,
+    reason = "private helper with many early returns; the public function boxes the error"
+)]
+fn apply_override_unboxed(document: &mut Document, argument: &str) -> Result<(), Problem> {
+    let origin_problem = |path: &str, message: String| {
+        let mut problem = Problem::new(path, message);
+        problem.from_override = Some(argument.to_string());
+        problem
+    };
+    let Some((key, text)) = argument.split_once('=') else {
+        return Err(
+            origin_problem("", format!("`--set {argument}` is not KEY=VALUE"))
+                .with_hint("e.g. `--set stages.prompts.template.k=4`"),
+        );
+    };
+    let key = key.trim();
+    let segments = parse_key_path(key).map_err(|message| origin_problem(key, message))?;
+    let new_value = match parse_yaml(text) {
+        Ok(parsed) => {
+            if let Some(problem) = parsed.problems.into_iter().next() {
+                return Err(origin_problem(
+                    key,
+                    format!("the value `{text}` is not valid: {}", problem.message),
+                ));
+            }
+            parsed.value.unwrap_or(Value::Null)
+        }
+        Err(problem) => {
+            return Err(origin_problem(
+                key,
+                format!("the value `{text}` is not valid YAML: {}", problem.message),
+            )
+            .with_hint("quote values that contain YAML syntax, e.g. `--set 'stages.x.template.prompt=\"a: b\"'`"))
+        }
+    };
+
+    let mut current = &mut document.value;
+    let mut walked: Vec<Segment> = Vec::new();
+    let last = segments.len() - 1;
+    for (depth, segment) in segments.iter().enumerate() {
+        let here = render_segments(&walked);
+        let in_stages = walked.len() == 1 && walked[0] == Segment::Key("stages".to_string());
+        let in_stage = walked.len() == 2 && walked[0] == Segment::Key("stages".to_string());
+        match segment {
+            Segment::Key(name) => {
+                let Value::Object(map) = current else {
+                    return Err(origin_problem(
+                        key,
+                        format!(
+                            "`{here}` is {}, so it has no key `{name}`",
+                            describe_value(current)
+                        ),
+                    ));
+                };
+                if in_stages && !map.contains_key(name) {
+                    let names: Vec<&str> = map.keys().map(String::as_str).collect();
+                    return Err(origin_problem(key, format!("no stage named `{name}`"))
+                        .with_optional_hint(hint_for_unknown(name, names, "stages")));
+                }
+                if in_stage && !map.contains_key(name) {
+                    let existing: Vec<&str> = map.keys().map(String::as_str).collect();
+                    let message = match existing.as_slice() {
+                        [kind] => format!("stage `{here}` is a `{kind}` stage, not `{name}`"),
+                        _ => format!("`{here}` has no key `{name}`"),
+                    };
+                    return Err(origin_problem(key, message)
+                        .with_optional_hint(hint_for_unknown(name, existing, "keys")));
+                }
+                if depth == last {
+                    map.insert(name.clone(), new_value);
+                    break;
+                }
+                current = map
+                    .entry(name.clone())
+                    .or_insert_with(|| Value::Object(Map::new()));
+                if current.is_null() {
+                    *current = Value::Object(Map::new());
+                }
+            }
+            Segment::Index(index) => {
+                let Value::Array(items) = current else {
+                    return Err(origin_problem(
+                        key,
+                        format!(
+                            "`{here}` is {}, not a list, so `[{index}]` does not apply",
+                            describe_value(current)
+                        ),
+                    ));
+                };
+                let length = items.len();
+                let Some(item) = items.get_mut(*index) else {
+                    return Err(origin_problem(
+                        key,
+                        format!("`{here}` has {length} item(s); index {index} is out of range"),
+                    ));
+                };
+                if depth == last {
+                    *item = new_value;
+                    break;
+                }
+                current = item;
+            }
+        }
+        walked.push(segment.clone());
+    }
+    let path = render_segments(&segments);
+    document.spans.remove_subtree(&path);
+    document
+        .spans
+        .insert(path, Origin::Override(argument.to_string()));
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Pass 3: deserialization, every problem.
+// ---------------------------------------------------------------------------------------------
+
+/// Deserialize `value` (found at key path `prefix`) into `T`, collecting every problem: after an
+/// error the offending entry is taken out and deserialization is retried.
+pub fn deserialize_all<T: DeserializeOwned>(
+    value: &Value,
+    prefix: &str,
+    problems: &mut Vec<Problem>,
+) -> Option<T> {
+    const MAX_ROUNDS: usize = 64;
+    let mut value = value.clone();
+    // Original key paths already reported and taken out.
+    let mut removed: HashSet<String> = HashSet::new();
+    // Original key paths a did-you-mean pointed at (`a.path` for `a.pathh`): a "missing" error
+    // for them repeats the typo's problem.
+    let mut suggested: HashSet<String> = HashSet::new();
+    // Original indices taken out of each sequence (by its original path), to map the indices
+    // serde reports after a removal back to the file.
+    let mut removed_items: HashMap<String, Vec<usize>> = HashMap::new();
+    for _ in 0..MAX_ROUNDS {
+        let error = match serde_path_to_error::deserialize::<_, T>(&value) {
+            Ok(parsed) => return Some(parsed),
+            Err(error) => error,
+        };
+        // Current (post-removal) segments and their original counterparts.
+        let mut target = Vec::new();
+        let mut original_path = prefix.to_string();
+        let mut ends_in_variant = false;
+        for segment in error.path().iter() {
+            ends_in_variant = false;
+            match segment {
+                serde_path_to_error::Segment::Seq { index } => {
+                    let original = original_index(removed_items.get(&original_path), *index);
+                    target.push(Segment::Index(*index));
+                    original_path = join_index(&original_path, original);
+                }
+                serde_path_to_error::Segment::Map { key } => {
+                    target.push(Segment::Key(key.clone()));
+                    original_path = join_key(&original_path, key);
+                }
+                serde_path_to_error::Segment::Enum { variant } => {
+                    target.push(Segment::Key(variant.clone()));
+                    original_path = join_key(&original_path, variant);
+                    ends_in_variant = true;
+                }
+                serde_path_to_error::Segment::Unknown => {}
+            }
+        }
+        let explained = explain_serde_error(&error.inner().to_string());
+        let mut report = !removed.contains(&original_path);
+        match &explained.kind {
+            // The path may or may not already name the unknown key; make it name it.
+            SerdeErrorKind::UnknownField(field) => {
+                let names_key = matches!(target.last(), Some(Segment::Key(last)) if last == field)
+                    && !ends_in_variant;
+                if !names_key {
+                    target.push(Segment::Key(field.clone()));
+                    original_path = join_key(&original_path, field);
+                    ends_in_variant = false;
+                }
+                if let Some(close) = explained.hint.as_deref().and_then(suggestion) {
+                    if let Some(parent) = parent_path(&original_path) {
+                        suggested.insert(join_key(parent, close));
+                    }
+                }
+            }
+            // Missing keys point at the mapping that lacks them: report, then take the whole
+            // mapping out (its parent then misses it, which is not reported twice).
+            SerdeErrorKind::MissingField(field) => {
+                let missing = join_key(&original_path, field);
+                if removed.contains(&missing) || suggested.contains(&missing) {
+                    report = false;
+                }
+            }
+            SerdeErrorKind::Other => {}
+        }
+        if report {
+            problems.push(
+                Problem::new(original_path.clone(), explained.message)
+                    .with_optional_hint(explained.hint),
+            );
+        }
+        // Removing the document itself or an enum's variant would only produce a confusing
+        // second error about the enum: stop here.
+        if target.is_empty() || ends_in_variant {
+            return None;
+        }
+        removed.insert(original_path.clone());
+        match remove_at(&mut value, &target) {
+            Some(Segment::Index(index)) => {
+                let sequence_path = parent_path(&original_path)?;
+                let original = original_index(removed_items.get(sequence_path), index);
+                removed_items
+                    .entry(sequence_path.to_string())
+                    .or_default()
+                    .push(original);
+            }
+            Some(Segment::Key(_)) => {}
+            None => return None,
+        }
+    }
+    None
+}
+
+/// `did you mean `x`?` → `x`.
+fn suggestion(hint: &str) -> Option<&str> {
+    hint.strip_prefix("did you mean `")?.strip_suffix("`?")
+}
+
+/// The original index of the `index`-th remaining item when `removed` were taken out.
+fn original_index(removed: Option<&Vec<usize>>, index: usize) -> usize {
+    let Some(removed) = removed else {
+        return index;
+    };
+    let mut remaining = index;
+    let mut original = 0;
+    loop {
+        if !removed.contains(&original) {
+            if remaining == 0 {
+                return original;
+            }
+            remaining -= 1;
+        }
+        original += 1;
+    }
+}
+
+/// Remove the node at `segments`; returns the removed last segment.
+fn remove_at(value: &mut Value, segments: &[Segment]) -> Option<Segment> {
+    let (last, parents) = segments.split_last()?;
+    let mut current = value;
+    for segment in parents {
+        current = match (segment, current) {
+            (Segment::Key(key), Value::Object(map)) => map.get_mut(key)?,
+            (Segment::Index(index), Value::Array(items)) => items.get_mut(*index)?,
+            _ => return None,
+        };
+    }
+    match (last, current) {
+        (Segment::Key(key), Value::Object(map)) => {
+            map.shift_remove(key)?;
+        }
+        (Segment::Index(index), Value::Array(items)) => {
+            if *index >= items.len() {
+                return None;
+            }
+            items.remove(*index);
+        }
+        _ => return None,
+    }
+    Some(last.clone())
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum SerdeErrorKind {
+    UnknownField(String),
+    MissingField(String),
+    Other,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct ExplainedError {
+    kind: SerdeErrorKind,
+    message: String,
+    hint: Option<String>,
+}
+
+/// Turn serde's messages into a pipeline author's words, with did-you-mean from serde's
+/// "expected one of" lists.
+fn explain_serde_error(message: &str) -> ExplainedError {
+    let plain = |message: String| ExplainedError {
+        kind: SerdeErrorKind::Other,
+        message,
+        hint: None,
+    };
+    if let Some(rest) = message.strip_prefix("unknown field ") {
+        let (name, expected) = split_name_and_expected(rest);
+        let hint = if expected.is_empty() {
+            Some("this mapping takes no keys".to_string())
+        } else {
+            hint_for_unknown(&name, expected.iter().map(String::as_str), "keys")
+        };
+        return ExplainedError {
+            kind: SerdeErrorKind::UnknownField(name.clone()),
+            message: format!("unknown key `{name}`"),
+            hint,
+        };
+    }
+    if let Some(rest) = message.strip_prefix("unknown variant ") {
+        let (name, expected) = split_name_and_expected(rest);
+        return ExplainedError {
+            kind: SerdeErrorKind::Other,
+            message: format!("unknown value `{name}`"),
+            hint: hint_for_unknown(&name, expected.iter().map(String::as_str), "values"),
+        };
+    }
+    if let Some(rest) = message.strip_prefix("missing field ") {
+        let name = rest.trim_matches('`').to_string();
+        return ExplainedError {
+            kind: SerdeErrorKind::MissingField(name.clone()),
+            message: format!("missing required key `{name}`"),
+            hint: None,
+        };
+    }
+    for prefix in ["invalid type: ", "invalid value: "] {
+        if let Some(rest) = message.strip_prefix(prefix) {
+            if let Some((found, expected)) = rest.split_once(", expected ") {
+                return plain(format!(
+                    "expected {}, found {}",
+                    describe_expected(expected),
+                    describe_found(found)
+                ));
+            }
+        }
+    }
+    if let Some(rest) = message.strip_prefix("invalid length ") {
+        if let Some((found, expected)) = rest.split_once(", expected ") {
+            return plain(format!("expected {expected}, found {found} item(s)"));
+        }
+    }
+    plain(message.to_string())
+}
+
+/// "`name`, expected one of `a`, `b`" → ("name", ["a", "b"]).
+fn split_name_and_expected(rest: &str) -> (String, Vec<String>) {
+    let (name_part, expected_part) = match rest.split_once(", expected ") {
+        Some((name, expected)) => (name, expected),
+        None => match rest.split_once(", there are no ") {
+            Some((name, _)) => (name, ""),
+            None => (rest, ""),
+        },
+    };
+    let name = name_part.trim().trim_matches('`').to_string();
+    let expected = expected_part
+        .trim_start_matches("one of ")
+        .split(", ")
+        .map(|item| item.trim().trim_matches('`').to_string())
+        .filter(|item| !item.is_empty())
+        .collect();
+    (name, expected)
+}
+
+fn describe_expected(expected: &str) -> String {
+    let expected = expected.trim();
+    match expected {
+        "u8" | "u16" | "u32" | "u64" | "u128" | "usize" => "a non-negative integer".to_string(),
+        "i8" | "i16" | "i32" | "i64" | "i128" | "isize" => "an integer".to_string(),
+        "f32" | "f64" => "a number".to_string(),
+        "a sequence" => "a list".to_string(),
+        "a map" => "a mapping".to_string(),
+        "a boolean" | "a string" | "a character" => expected.to_string(),
+        _ if expected.starts_with("struct ") => "a mapping".to_string(),
+        _ if expected.starts_with("a borrowed") => "a string".to_string(),
+        _ if expected.starts_with("tuple struct ") || expected.starts_with("a tuple") => {
+            "a list".to_string()
+        }
+        _ => expected.to_string(),
+    }
+}
+
+fn describe_found(found: &str) -> String {
+    let found = found.trim();
+    if let Some(text) = found.strip_prefix("string ") {
+        return text.to_string();
+    }
+    for prefix in ["integer ", "floating point ", "boolean "] {
+        if let Some(value) = found.strip_prefix(prefix) {
+            return value.trim_matches('`').to_string();
+        }
+    }
+    match found {
+        "map" => "a mapping".to_string(),
+        "sequence" => "a list".to_string(),
+        "unit value" | "unit" => "null".to_string(),
+        _ => found.to_string(),
+    }
+}
+
+/// The result of parsing: the pipeline as written (stages whose config could not be read are
+/// left out of `raw` and named in `invalid_stages`), the document it came from, every problem.
+#[derive(Debug, Clone)]
+pub struct Parsed {
+    pub raw: RawPipeline,
+    pub document: Document,
+    pub overrides: Vec<String>,
+    /// Names of stages written in the file, in file order (including invalid ones).
+    pub stage_names: Vec<String>,
+    /// Stages that exist but whose config has problems.
+    pub invalid_stages: HashSet<String>,
+    pub problems: Vec<Problem>,
+}
+
+impl Parsed {
+    /// The pipeline file's directory (relative paths in the pipeline resolve against it).
+    pub fn project_dir(&self) -> PathBuf {
+        project_dir_of(&self.document.file)
+    }
+}
+
+fn project_dir_of(file: &Path) -> PathBuf {
+    match file.parent() {
+        Some(parent) if !parent.as_os_str().is_empty() => parent.to_path_buf(),
+        _ => PathBuf::from("."),
+    }
+}
+
+/// Letters, digits, `-` and `_`: stage names appear in key paths, `--set` keys, artifact paths.
+fn valid_stage_name(name: &str) -> bool {
+    !name.is_empty()
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+}
+
+/// Parse a pipeline file and apply overrides: syntax and schema, no semantic checks. Problems
+/// found on the way are in `Parsed::problems` (not yet placed); the error case is a file that
+/// cannot be read as a pipeline at all.
+pub fn parse_pipeline(file: &Path, overrides: &[String]) -> Result<Parsed, Problems> {
+    let (mut document, mut problems) = read_document(file)?;
+    let yaml_problem_count = problems.len();
+    for argument in overrides {
+        if let Err(problem) = apply_override(&mut document, argument) {
+            problems.push(*problem);
+        }
+    }
+    let Value::Object(top) = &document.value else {
+        problems.push(Problem::new(
+            "",
+            "a pipeline is a mapping with a `stages` key",
+        ));
+        return Err(document.problems(problems));
+    };
+
+    // The top level, with `stages` stood in for by an empty mapping (stages are read one by one).
+    let mut top_level = top.clone();
+    let stages_value = top_level.get("stages").cloned();
+    if matches!(stages_value, Some(Value::Object(_))) {
+        top_level.insert("stages".to_string(), Value::Object(Map::new()));
+    }
+    let mut raw: Option<RawPipeline> =
+        deserialize_all(&Value::Object(top_level), "", &mut problems);
+    if stages_value.is_none() {
+        for problem in &mut problems {
+            if problem.path.is_empty() && problem.message == "missing required key `stages`" {
+                problem.hint = Some(
+                    "a pipeline lists its stages under `stages:`, e.g. `stages: { data: { ingest: { path: data.parquet } } }`"
+                        .to_string(),
+                );
+                problem.line = Some(first_content_line(&document.source));
+                problem.column = Some(1);
+            }
+        }
+    }
+
+    let mut stages: IndexMap<String, StageConfig> = IndexMap::new();
+    let mut stage_names = Vec::new();
+    let mut invalid_stages = HashSet::new();
+    if let Some(Value::Object(stage_map)) = &stages_value {
+        if stage_map.is_empty() {
+            problems.push(
+                Problem::new("stages", "the pipeline has no stages").with_hint(
+                    "add at least one stage, e.g. `data: { ingest: { path: data.parquet } }`",
+                ),
+            );
+        }
+        for (name, value) in stage_map {
+            stage_names.push(name.clone());
+            let at = join_key("stages", name);
+            let before = problems.len();
+            if !valid_stage_name(name) {
+                problems.push(
+                    Problem::new(
+                        at.clone(),
+                        format!(
+                            "stage name `{name}` may only contain letters, digits, `-` and `_`"
+                        ),
+                    )
+                    .with_hint("stage names appear in key paths, `--set` keys and artifact paths"),
+                );
+            }
+            if let Some(config) = parse_stage(value, &at, &mut problems) {
+                if problems.len() == before {
+                    stages.insert(name.clone(), config);
+                }
+            }
+            if problems.len() != before {
+                invalid_stages.insert(name.clone());
+            }
+        }
+    }
+    if let Some(raw) = raw.as_mut() {
+        raw.stages = stages;
+    }
+    // Values the YAML layer already rejected (and replaced by null) are not reported again.
+    let mut index = 0;
+    problems.retain(|problem| {
+        index += 1;
+        index <= yaml_problem_count || !document.rejected_values.contains(&problem.path)
+    });
+    let raw = raw.unwrap_or(RawPipeline {
+        name: None,
+        seed: 0,
+        stages: IndexMap::new(),
+    });
+    Ok(Parsed {
+        raw,
+        document,
+        overrides: overrides.to_vec(),
+        stage_names,
+        invalid_stages,
+        problems,
+    })
+}
+
+/// One stage's value: a mapping with exactly one kind key.
+fn parse_stage(value: &Value, at: &str, problems: &mut Vec<Problem>) -> Option<StageConfig> {
+    let kinds = StageKind::ALL.map(StageKind::as_str);
+    let kind_list = quoted_list(&kinds);
+    let Value::Object(map) = value else {
+        problems.push(
+            Problem::new(
+                at,
+                format!(
+                    "a stage is a mapping with one kind key, found {}",
+                    describe_value(value)
+                ),
+            )
+            .with_hint(format!("the kinds are {kind_list}")),
+        );
+        return None;
+    };
+    let known: Vec<&String> = map
+        .keys()
+        .filter(|key| kinds.contains(&key.as_str()))
+        .collect();
+    let unknown: Vec<&String> = map
+        .keys()
+        .filter(|key| !kinds.contains(&key.as_str()))
+        .collect();
+    match (known.as_slice(), unknown.as_slice()) {
+        ([], []) => {
+            problems.push(
+                Problem::new(at, "the stage has no kind")
+                    .with_hint(format!("a stage has exactly one kind key: {kind_list}")),
+            );
+            None
+        }
+        ([kind], extra) => {
+            for key in extra {
+                problems.push(
+                    Problem::new(
+                        join_key(at, key),
+                        format!("unknown key `{key}` next to the stage kind `{kind}`"),
+                    )
+                    .with_hint(format!(
+                        "a stage holds only its kind: indent `{key}` under `{kind}:` if it is one of its settings"
+                    )),
+                );
+            }
+            let mut single = Map::new();
+            let kind_value = map.get(kind.as_str()).cloned().unwrap_or(Value::Null);
+            // `ingest:` with nothing under it means an empty mapping (serde needs the struct).
+            let kind_value = if kind_value.is_null() {
+                Value::Object(Map::new())
+            } else {
+                kind_value
+            };
+            single.insert((*kind).clone(), kind_value);
+            deserialize_all::<StageConfig>(&Value::Object(single), at, problems)
+        }
+        ([], [only]) => {
+            problems.push(
+                Problem::new(join_key(at, only), format!("unknown stage kind `{only}`"))
+                    .with_optional_hint(
+                        hint_for_unknown(only, kinds, "kinds")
+                            .or_else(|| Some(format!("the kinds are {kind_list}"))),
+                    ),
+            );
+            None
+        }
+        ([], several) => {
+            let names: Vec<&str> = several.iter().map(|key| key.as_str()).collect();
+            problems.push(
+                Problem::new(
+                    at,
+                    format!(
+                        "the stage has no kind, only the keys {}",
+                        quoted_list(&names)
+                    ),
+                )
+                .with_hint(format!("a stage has exactly one kind key: {kind_list}")),
+            );
+            None
+        }
+        (several, _) => {
+            let names: Vec<&str> = several.iter().map(|key| key.as_str()).collect();
+            problems.push(
+                Problem::new(
+                    join_key(at, several[1]),
+                    format!("the stage has {} kinds ({}); a stage has exactly one", names.len(), quoted_list(&names)),
+                )
+                .with_hint("split it into one stage per kind, the later one naming the earlier as its input"),
+            );
+            None
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Pass 4: semantic checks.
+// ---------------------------------------------------------------------------------------------
+
+/// Stage references, cycles, input files and each kind's checks. Stages whose config could not
+/// be read are still valid reference targets (their own problems are already reported).
+pub fn check_pipeline(parsed: &Parsed) -> Vec<Problem> {
+    let mut problems = Vec::new();
+    let project_dir = parsed.project_dir();
+    let stages = &parsed.raw.stages;
+
+    let (graph, graph_errors) = StageGraph::build(
+        stages
+            .iter()
+            .map(|(name, config)| (name.as_str(), config.kind(), config.spec().upstream())),
+        parsed.stage_names.iter().map(String::as_str),
+    );
+    for error in &graph_errors {
+        problems.push(graph_problem(error, stages));
+    }
+
+    for (name, config) in stages {
+        if let Err(message) = config.spec().input_files(&project_dir) {
+            problems.push(Problem::new(
+                join_key(&join_key("stages", name), config.kind().as_str()),
+                message,
+            ));
+        }
+    }
+
+    // Kind checks in topological order, then whatever sits on or behind a cycle.
+    let mut columns: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    let mut order: Vec<&str> = graph.order().collect();
+    for name in stages.keys() {
+        if !order.contains(&name.as_str()) {
+            order.push(name);
+        }
+    }
+    for name in order {
+        let Some(config) = stages.get(name) else {
+            continue;
+        };
+        let at = join_key(&join_key("stages", name), config.kind().as_str());
+        let context = CheckContext {
+            pipeline: &parsed.raw,
+            project_dir: &project_dir,
+            columns: &columns,
+        };
+        config.spec().check(&context, &at, &mut problems);
+        if let Some(output) = config.spec().output_columns(&context, name) {
+            columns.insert(name.to_string(), output);
+        }
+    }
+    problems
+}
+
+/// A graph error as a problem at the key that holds the reference.
+pub fn graph_problem(error: &GraphError, stages: &IndexMap<String, StageConfig>) -> Problem {
+    let reference_path = |stage: &str, key: &str| match stages.get(stage) {
+        Some(config) => join_key(
+            &join_key(&join_key("stages", stage), config.kind().as_str()),
+            key,
+        ),
+        None => join_key("stages", stage),
+    };
+    match error {
+        GraphError::UnknownStage {
+            stage,
+            key,
+            reference,
+            candidates,
+        } => Problem::new(
+            reference_path(stage, key),
+            format!("stage `{stage}` reads `{reference}`, but there is no stage of that name"),
+        )
+        .with_optional_hint(hint_for_unknown(
+            reference,
+            candidates.iter().map(String::as_str),
+            "stages",
+        )),
+        GraphError::SelfReference { stage, key } => Problem::new(
+            reference_path(stage, key),
+            format!("stage `{stage}` reads itself"),
+        )
+        .with_hint("name the upstream stage whose output this stage reads"),
+        GraphError::Cycle { path } => {
+            // path = [a, b, c, a]: b reads a, c reads b, a reads c. Report it at the reference
+            // in the first stage that closes the cycle (a reading c).
+            let first = path.first().map(String::as_str).unwrap_or_default();
+            let closing = path.len().checked_sub(2).and_then(|i| path.get(i));
+            let key = closing.and_then(|closing| {
+                stages.get(first).and_then(|config| {
+                    config
+                        .spec()
+                        .upstream()
+                        .into_iter()
+                        .find(|reference| reference.stage == *closing)
+                        .map(|reference| reference.key)
+                })
+            });
+            let at = match key {
+                Some(key) => reference_path(first, key),
+                None => join_key("stages", first),
+            };
+            Problem::new(
+                at,
+                format!(
+                    "the stages form a cycle: {} (each reads the one before it)",
+                    path.join(" → ")
+                ),
+            )
+            .with_hint("a stage cannot depend, directly or through others, on its own output")
+        }
+    }
+}
+
+/// Parse, apply overrides, deserialize and check a pipeline: every problem, or the validated
+/// pipeline.
+pub fn load_pipeline(file: &Path, overrides: &[String]) -> Result<Pipeline, Problems> {
+    let parsed = parse_pipeline(file, overrides)?;
+    let mut problems = parsed.problems.clone();
+    problems.extend(check_pipeline(&parsed));
+    if !problems.is_empty() {
+        return Err(parsed.document.problems(problems));
+    }
+    let name = parsed.raw.name.clone().unwrap_or_else(|| {
+        file.file_stem()
+            .map(|stem| stem.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "pipeline".to_string())
+    });
+    Ok(Pipeline {
+        name,
+        file: file.to_path_buf(),
+        project_dir: parsed.project_dir(),
+        seed: parsed.raw.seed,
+        stages: parsed.raw.stages,
+        overrides: parsed.overrides,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> ParsedYaml {
+        match parse_yaml(text) {
+            Ok(parsed) => parsed,
+            Err(problem) => panic!("unexpected syntax error: {problem:?}"),
+        }
+    }
+
+    fn file_origin(line: usize, column: usize) -> Origin {
+        Origin::File { line, column }
+    }
+
+    #[test]
+    fn spans_point_at_keys_and_items() {
+        let parsed = parse("# comment\nstages:\n  data:\n    ingest:\n      path: a.parquet\n      filters:\n        - column: x\n        - column: y\n");
+        assert_eq!(parsed.spans.get("stages"), Some(&file_origin(2, 1)));
+        assert_eq!(
+            parsed.spans.get("stages.data.ingest.path"),
+            Some(&file_origin(5, 7))
+        );
+        assert_eq!(
+            parsed.spans.get("stages.data.ingest.filters[1]"),
+            Some(&file_origin(8, 11))
+        );
+        assert_eq!(
+            parsed.spans.get("stages.data.ingest.filters[1].column"),
+            Some(&file_origin(8, 11))
+        );
+        assert_eq!(
+            parsed.spans.locate("stages.data.ingest.missing.deeper"),
+            Some(&file_origin(4, 5))
+        );
+    }
+
+    #[test]
+    fn scalars_follow_the_yaml_core_schema() {
+        let parsed = parse("a: 4\nb: '4'\nc: 4.5\nd: true\ne: ~\nf: yes\ng: 0x10\nh: 1e3\ni: 18446744073709551615\nj: inf\n");
+        let value = parsed.value.unwrap_or_default();
+        assert_eq!(value["a"], Value::from(4));
+        assert_eq!(value["b"], Value::from("4"));
+        assert_eq!(value["c"], Value::from(4.5));
+        assert_eq!(value["d"], Value::from(true));
+        assert_eq!(value["e"], Value::Null);
+        assert_eq!(value["f"], Value::from("yes"));
+        assert_eq!(value["g"], Value::from(16));
+        assert_eq!(value["h"], Value::from(1000.0));
+        assert_eq!(value["i"], Value::from(u64::MAX));
+        assert_eq!(value["j"], Value::from("inf"));
+    }
+
+    #[test]
+    fn non_finite_numbers_are_problems() {
+        let parsed = parse("a: .inf\n");
+        assert_eq!(parsed.problems.len(), 1);
+        assert_eq!(parsed.problems[0].path, "a");
+    }
+
+    #[test]
+    fn duplicate_keys_are_reported_and_the_first_wins() {
+        let parsed = parse("stages:\n  a: {x: 1}\n  a: {x: 2}\n");
+        assert_eq!(parsed.problems.len(), 1);
+        let problem = &parsed.problems[0];
+        assert_eq!(problem.path, "stages.a");
+        assert!(problem.message.contains("duplicate stage name `a`"));
+        assert_eq!((problem.line, problem.column), (Some(3), Some(3)));
+        let value = parsed.value.unwrap_or_default();
+        assert_eq!(value["stages"]["a"]["x"], Value::from(1));
+        // The duplicate's subtree did not overwrite the first one's spans.
+        assert_eq!(parsed.spans.get("stages.a.x"), Some(&file_origin(2, 7)));
+    }
+
+    #[test]
+    fn anchors_aliases_and_merge_keys_work() {
+        let parsed =
+            parse("base: &base {r: 8, alpha: 16}\nuse:\n  <<: *base\n  r: 4\nlist: [*base]\n");
+        assert!(parsed.problems.is_empty(), "{:?}", parsed.problems);
+        let value = parsed.value.unwrap_or_default();
+        assert_eq!(value["use"]["r"], Value::from(4));
+        assert_eq!(value["use"]["alpha"], Value::from(16));
+        assert_eq!(value["list"][0]["r"], Value::from(8));
+    }
+
+    #[test]
+    fn syntax_errors_and_tabs_are_located() {
+        let Err(problem) = parse_yaml("stages:\n  a: [1, 2\n") else {
+            panic!("expected a syntax error");
+        };
+        assert!(problem.message.starts_with("YAML syntax error"));
+        assert!(problem.line.is_some());
+        let Err(problem) = parse_yaml("stages:\n\ta: 1\n") else {
+            panic!("expected a tab error");
+        };
+        assert_eq!(problem.line, Some(2));
+        assert!(problem.hint.unwrap_or_default().contains("tab"));
+    }
+
+    #[test]
+    fn key_paths_parse_with_indices() {
+        assert_eq!(
+            parse_key_path("a.b[2].c").unwrap_or_default(),
+            vec![
+                Segment::Key("a".into()),
+                Segment::Key("b".into()),
+                Segment::Index(2),
+                Segment::Key("c".into())
+            ]
+        );
+        assert_eq!(
+            parse_key_path("a.0").unwrap_or_default(),
+            vec![Segment::Key("a".into()), Segment::Index(0)]
+        );
+        assert!(parse_key_path("a[x]").is_err());
+        assert!(parse_key_path("").is_err());
+    }
+
+    fn document(text: &str) -> Document {
+        let parsed = parse(text);
+        Document {
+            file: PathBuf::from("p.yaml"),
+            source: text.to_string(),
+            value: parsed.value.unwrap_or_default(),
+            spans: parsed.spans,
+            rejected_values: parsed.rejected_values,
+        }
+    }
+
+    #[test]
+    fn overrides_set_values_and_remember_their_origin() {
+        let mut doc = document("seed: 1\nstages:\n  p:\n    template:\n      k: 3\n");
+        apply_override(&mut doc, "stages.p.template.k=4").unwrap_or_else(|p| panic!("{p:?}"));
+        apply_override(&mut doc, "stages.p.template.extra.deep=[1, 2]")
+            .unwrap_or_else(|p| panic!("{p:?}"));
+        assert_eq!(doc.value["stages"]["p"]["template"]["k"], Value::from(4));
+        assert_eq!(
+            doc.value["stages"]["p"]["template"]["extra"]["deep"],
+            serde_json::json!([1, 2])
+        );
+        assert_eq!(
+            doc.spans.locate("stages.p.template.k"),
+            Some(&Origin::Override("stages.p.template.k=4".into()))
+        );
+        assert_eq!(doc.spans.get("seed"), Some(&file_origin(1, 1)));
+    }
+
+    #[test]
+    fn overrides_never_invent_stages_or_kinds() {
+        let mut doc = document("stages:\n  prompts:\n    template:\n      k: 3\n");
+        let problem = apply_override(&mut doc, "stages.prmpts.template.k=4")
+            .err()
+            .unwrap_or_else(|| Box::new(Problem::new("", "")));
+        assert_eq!(problem.message, "no stage named `prmpts`");
+        assert_eq!(problem.hint.as_deref(), Some("did you mean `prompts`?"));
+        let problem = apply_override(&mut doc, "stages.prompts.ingest.path=x")
+            .err()
+            .unwrap_or_else(|| Box::new(Problem::new("", "")));
+        assert!(
+            problem.message.contains("is a `template` stage"),
+            "{problem:?}"
+        );
+        assert!(apply_override(&mut doc, "stages.prompts.template.k.x=4").is_err());
+        assert!(apply_override(&mut doc, "novalue").is_err());
+    }
+
+    #[test]
+    fn serde_messages_become_readable() {
+        let explained = explain_serde_error("invalid type: string \"four\", expected u32");
+        assert_eq!(
+            explained.message,
+            "expected a non-negative integer, found \"four\""
+        );
+        let explained =
+            explain_serde_error("unknown field `promt`, expected one of `input`, `prompt`");
+        assert_eq!(explained.kind, SerdeErrorKind::UnknownField("promt".into()));
+        assert_eq!(explained.hint.as_deref(), Some("did you mean `prompt`?"));
+        let explained = explain_serde_error("unknown field `zzz`, expected `input`");
+        assert_eq!(explained.hint.as_deref(), Some("available keys: `input`"));
+    }
+
+    #[derive(Debug, serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    #[expect(dead_code, reason = "fields exist to be deserialized")]
+    struct Inner {
+        name: String,
+        #[serde(default)]
+        size: u32,
+    }
+
+    #[derive(Debug, serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    #[expect(dead_code, reason = "fields exist to be deserialized")]
+    struct Outer {
+        count: u32,
+        items: Vec<Inner>,
+        #[serde(default)]
+        flag: bool,
+    }
+
+    #[test]
+    fn deserialize_all_reports_every_problem_with_original_paths() {
+        let value = serde_json::json!({
+            "count": "four",
+            "items": [
+                {"name": "a", "sise": 1},
+                {"name": "b", "size": "big"},
+                {"name": "c"},
+                {"size": 2},
+            ],
+            "flg": true,
+        });
+        let mut problems = Vec::new();
+        let parsed: Option<Outer> = deserialize_all(&value, "root", &mut problems);
+        assert!(parsed.is_none());
+        let found: Vec<(&str, &str)> = problems
+            .iter()
+            .map(|p| (p.path.as_str(), p.message.as_str()))
+            .collect();
+        assert_eq!(
+            found,
+            vec![
+                (
+                    "root.count",
+                    "expected a non-negative integer, found \"four\""
+                ),
+                ("root.items[0].sise", "unknown key `sise`"),
+                (
+                    "root.items[1].size",
+                    "expected a non-negative integer, found \"big\""
+                ),
+                ("root.items[3]", "missing required key `name`"),
+                ("root.flg", "unknown key `flg`"),
+            ]
+        );
+    }
+}

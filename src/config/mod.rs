@@ -41,7 +41,9 @@ pub struct RawPipeline {
     #[serde(default)]
     pub seed: u64,
     /// The stages, by name. Each stage has exactly one kind key (`ingest`, `template`, `train`,
-    /// `evaluate`, `export`) and names the upstream stages it reads.
+    /// `evaluate`, `export`) and names the upstream stages it reads. Stage names use letters,
+    /// digits, `-` and `_`.
+    #[schemars(extend("propertyNames" = { "pattern": "^[A-Za-z0-9_-]+$" }, "minProperties" = 1))]
     pub stages: IndexMap<String, StageConfig>,
 }
 
@@ -73,6 +75,15 @@ pub enum StageKind {
 }
 
 impl StageKind {
+    /// Every kind, in pipeline order.
+    pub const ALL: [StageKind; 5] = [
+        StageKind::Ingest,
+        StageKind::Template,
+        StageKind::Train,
+        StageKind::Evaluate,
+        StageKind::Export,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             StageKind::Ingest => "ingest",

@@ -56,3 +56,4 @@ pub fn json<T: serde::Serialize>(value: &T) {
         Err(error) => eprintln!("error: cannot encode the JSON output: {error}"),
     }
 }
+pub mod problems;
