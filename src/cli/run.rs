@@ -2,14 +2,14 @@
 //! line into [`RunSettings`], installs the Ctrl-C handler, and hands events to the reporter.
 //! Also holds the pipeline loading used by `status` and `gc` (one place to switch loaders).
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use clap::Args;
 
 use super::{GlobalArgs, PipelineArgs, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_INVALID, EXIT_OK};
-use crate::config::{Pipeline, RawPipeline};
+use crate::config::Pipeline;
 use crate::exec::{ExecError, RunSettings};
 use crate::report;
 use crate::report::run::{RunReporter, Style};
@@ -55,81 +55,16 @@ fn parse_device(text: &str) -> Result<String, String> {
 /// Load and validate a pipeline; on failure the problems are reported and the exit code
 /// returned.
 pub(crate) fn load_pipeline(args: &PipelineArgs) -> Result<Pipeline, u8> {
-    load_pipeline_file(&args.pipeline, &args.overrides).map_err(|message| {
-        report::error(&message);
+    crate::config::load::load_pipeline(&args.pipeline, &args.overrides).map_err(|problems| {
+        report::problems::print_problems(&problems);
         EXIT_INVALID
     })
 }
 
-/// Minimal loader used until `config::load::load_pipeline` lands: YAML → `--set` overrides →
-/// [`RawPipeline`]. Semantic validation is the config loader's job.
+/// Load and validate a pipeline; the problems, rendered, as the error.
 pub(crate) fn load_pipeline_file(file: &Path, overrides: &[String]) -> Result<Pipeline, String> {
-    let text = std::fs::read_to_string(file)
-        .map_err(|error| format!("cannot read `{}`: {error}", file.display()))?;
-    let mut value: serde_norway::Value =
-        serde_norway::from_str(&text).map_err(|error| format!("{}: {error}", file.display()))?;
-    for assignment in overrides {
-        apply_override(&mut value, assignment)?;
-    }
-    // Through JSON: serde_norway reads enums only from YAML tags, the pipeline format uses
-    // single-key mappings (`ingest: {...}`).
-    let json =
-        serde_json::to_value(&value).map_err(|error| format!("{}: {error}", file.display()))?;
-    let raw: RawPipeline =
-        serde_json::from_value(json).map_err(|error| format!("{}: {error}", file.display()))?;
-    let project_dir = match file.parent() {
-        Some(parent) if !parent.as_os_str().is_empty() => parent.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    let project_dir = std::path::absolute(&project_dir).unwrap_or(project_dir);
-    let name = raw.name.clone().unwrap_or_else(|| {
-        file.file_stem()
-            .map(|stem| stem.to_string_lossy().into_owned())
-            .unwrap_or_else(|| "pipeline".to_string())
-    });
-    Ok(Pipeline {
-        name,
-        file: file.to_path_buf(),
-        project_dir,
-        seed: raw.seed,
-        stages: raw.stages,
-        overrides: overrides.to_vec(),
-    })
-}
-
-fn apply_override(root: &mut serde_norway::Value, assignment: &str) -> Result<(), String> {
-    let Some((path, text)) = assignment.split_once('=') else {
-        return Err(format!(
-            "--set `{assignment}`: expected KEY=VALUE, e.g. stages.prompts.template.k=4"
-        ));
-    };
-    let value: serde_norway::Value = serde_norway::from_str(text)
-        .map_err(|error| format!("--set `{assignment}`: the value is not YAML: {error}"))?;
-    let mut current = root;
-    let keys: Vec<&str> = path.split('.').collect();
-    for (position, key) in keys.iter().enumerate() {
-        let serde_norway::Value::Mapping(map) = current else {
-            return Err(format!(
-                "--set `{assignment}`: `{}` is not a mapping",
-                keys[..position].join(".")
-            ));
-        };
-        let key_value = serde_norway::Value::String((*key).to_string());
-        if position + 1 == keys.len() {
-            map.insert(key_value, value);
-            return Ok(());
-        }
-        if !map.contains_key(&key_value) {
-            map.insert(
-                key_value.clone(),
-                serde_norway::Value::Mapping(serde_norway::Mapping::new()),
-            );
-        }
-        current = map
-            .get_mut(&key_value)
-            .ok_or_else(|| format!("--set `{assignment}`: cannot set `{key}`"))?;
-    }
-    Ok(())
+    crate::config::load::load_pipeline(file, overrides)
+        .map_err(|problems| report::problems::render_problems(&problems, false))
 }
 
 /// Resolve the cache directory and output root for a pipeline.
@@ -231,16 +166,5 @@ mod tests {
         assert!(parse_device("cuda:1").is_ok());
         assert!(parse_device("cuda:").is_err());
         assert!(parse_device("gpu").is_err());
-    }
-
-    #[test]
-    fn overrides_set_nested_values() {
-        let mut value: serde_norway::Value =
-            serde_norway::from_str("stages: {p: {template: {k: 3}}}").unwrap();
-        apply_override(&mut value, "stages.p.template.k=4").unwrap();
-        let k = &value["stages"]["p"]["template"]["k"];
-        assert_eq!(k.as_u64(), Some(4));
-        assert!(apply_override(&mut value, "stages.p.template.k.x=1").is_err());
-        assert!(apply_override(&mut value, "novalue").is_err());
     }
 }

@@ -1659,10 +1659,14 @@ pub fn load_pipeline(file: &Path, overrides: &[String]) -> Result<Pipeline, Prob
             .map(|stem| stem.to_string_lossy().into_owned())
             .unwrap_or_else(|| "pipeline".to_string())
     });
+    // Absolute, so stages that run on other threads or change directory resolve paths alike;
+    // fingerprints use the paths as written, never this one.
+    let project_dir = parsed.project_dir();
+    let project_dir = std::path::absolute(&project_dir).unwrap_or(project_dir);
     Ok(Pipeline {
         name,
         file: file.to_path_buf(),
-        project_dir: parsed.project_dir(),
+        project_dir,
         seed: parsed.raw.seed,
         stages: parsed.raw.stages,
         overrides: parsed.overrides,
