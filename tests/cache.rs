@@ -1,0 +1,116 @@
+//! The cache as a user sees it: where it lives (`--cache-dir`, `PEFTPIPE_CACHE_DIR`, default next
+//! to the pipeline), the stable output paths, `--json` summaries, `--stage`, and `gc`.
+
+mod exec_support;
+
+use exec_support::{stderr, stdout, Project};
+
+#[test]
+fn outputs_are_materialized_at_the_stable_path() {
+    let project = Project::new();
+    let output = project.run(&["run", "pipeline.yaml"]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    for stage in ["data", "prompts"] {
+        let dir = project.path(&format!(".peftpipe/out/reviews/{stage}"));
+        let files = exec_support::tree(&dir);
+        assert!(
+            files.keys().any(|name| name.ends_with(".parquet")),
+            "{stage}: {:?}",
+            files.keys()
+        );
+        // The materialized tree is the cache object's content.
+        let digest = project.recorded_output(stage).expect("recorded");
+        assert_eq!(files, exec_support::tree(&project.object_data(&digest)));
+    }
+}
+
+#[test]
+fn the_cache_dir_comes_from_the_flag_or_the_environment() {
+    let project = Project::new();
+    let flag = project.path("ci-cache");
+    let output = project.run(&["--cache-dir", "ci-cache", "run", "pipeline.yaml"]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    assert!(flag.join("locks/reviews.lock.json").is_file());
+    assert!(!project.path(".peftpipe/cache").exists());
+
+    // Restoring the CI cache elsewhere: a fresh checkout with PEFTPIPE_CACHE_DIR pointing at it.
+    let checkout = Project::new();
+    let output = checkout
+        .command(&["status", "--check", "pipeline.yaml"])
+        .env("PEFTPIPE_CACHE_DIR", &flag)
+        .output()
+        .expect("run peftpipe");
+    assert_eq!(
+        output.status.code(),
+        Some(0),
+        "a copied project with the same inputs is fresh: {}",
+        stdout(&output)
+    );
+}
+
+#[test]
+fn json_summary_reports_time_and_cache_use_per_stage() {
+    let project = Project::new();
+    let first = project.run(&["--json", "run", "pipeline.yaml"]);
+    assert!(first.status.success(), "{}", stderr(&first));
+    let summary: serde_json::Value = serde_json::from_slice(&first.stdout).expect("JSON on stdout");
+    let stages = summary["stages"].as_array().expect("stages");
+    assert_eq!(stages.len(), 2);
+    for stage in stages {
+        assert_eq!(stage["status"], "ran");
+        assert_eq!(stage["cache"], "miss");
+        assert!(stage["wall_time_seconds"].as_f64().is_some());
+        assert_eq!(stage["reasons"][0]["reason"], "never_run");
+    }
+    let second = project.run(&["--json", "run", "pipeline.yaml"]);
+    let summary: serde_json::Value =
+        serde_json::from_slice(&second.stdout).expect("JSON on stdout");
+    assert!(summary["stages"]
+        .as_array()
+        .expect("stages")
+        .iter()
+        .all(|stage| stage["status"] == "fresh" && stage["cache"] == "hit"));
+}
+
+#[test]
+fn stage_selection_runs_the_stage_and_what_it_needs() {
+    let project = Project::new();
+    let output = project.run(&["run", "pipeline.yaml", "--stage", "data"]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    assert!(project.recorded_output("data").is_some());
+    assert!(project.recorded_output("prompts").is_none());
+    let unknown = project.run(&["run", "pipeline.yaml", "--stage", "prompt"]);
+    assert_eq!(unknown.status.code(), Some(2));
+    assert_eq!(
+        stderr(&unknown),
+        "error: no stage named `prompt` (did you mean `prompts`?)\n"
+    );
+    let forced = project.run(&["run", "pipeline.yaml", "--stage", "data", "--force"]);
+    assert!(stderr(&forced).contains("Running data (ingest): forced"));
+}
+
+#[test]
+fn gc_drops_only_unreferenced_objects() {
+    let project = Project::new();
+    assert!(project.run(&["run", "pipeline.yaml"]).status.success());
+    let set = "stages.prompts.template.few_shot.k=2";
+    assert!(project
+        .run(&["run", "pipeline.yaml", "--set", set])
+        .status
+        .success());
+    let preview = project.run(&["--json", "gc", "pipeline.yaml", "--dry-run"]);
+    let report: serde_json::Value = serde_json::from_slice(&preview.stdout).expect("JSON");
+    assert_eq!(report["objects_removed"], 1, "the k = 1 prompts output");
+    assert_eq!(report["objects_kept"], 2);
+
+    let output = project.run(&["gc", "pipeline.yaml"]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    // The current outputs are intact; the k = 1 output is gone, so going back reruns.
+    let status = project.run(&["status", "pipeline.yaml", "--set", set]);
+    assert_eq!(stdout(&status), "[FRESH] data\n[FRESH] prompts\n");
+    let back = project.run(&["status", "pipeline.yaml"]);
+    assert_eq!(
+        stdout(&back),
+        "[FRESH] data\n[DIRTY] prompts: parameter template.few_shot.k changed (2 → 1)\n"
+    );
+}

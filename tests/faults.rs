@@ -1,0 +1,179 @@
+//! Fault tests: a run killed (SIGKILL) or interrupted (SIGINT) mid-stage leaves nothing a later
+//! run trusts, and the rerun is correct; a corrupted cache object is detected and rebuilt; two
+//! concurrent runs on one cache do not corrupt it. Uses the test-only `PEFTPIPE_TEST_STAGE_DELAY`
+//! to hold a stage after it wrote its output and before it is stored.
+
+mod exec_support;
+
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+
+use exec_support::{stderr, tree, Project};
+
+/// Start `peftpipe run` holding the `prompts` stage for a long time.
+fn start_held_run(project: &Project) -> Child {
+    project
+        .command(&["run", "pipeline.yaml"])
+        .env("PEFTPIPE_TEST_STAGE_DELAY", "prompts=60000")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn peftpipe")
+}
+
+/// Wait until `data` is recorded and `prompts` has a staging directory with files in it.
+fn wait_until_prompts_is_mid_stage(project: &Project, child: &mut Child) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        if let Some(status) = child.try_wait().expect("poll child") {
+            panic!("peftpipe exited early with {status}");
+        }
+        let staged = std::fs::read_dir(project.path(".peftpipe/cache/tmp"))
+            .map(|entries| {
+                entries.flatten().any(|entry| {
+                    entry.file_name().to_string_lossy().starts_with("prompts-")
+                        && entry.path().join("data").read_dir().is_ok_and(|mut d| d.next().is_some())
+                })
+            })
+            .unwrap_or(false);
+        if staged && project.recorded_output("data").is_some() {
+            return;
+        }
+        assert!(Instant::now() < deadline, "the prompts stage never started");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The outputs of a clean run of the same pipeline in a fresh project.
+fn clean_outputs() -> (String, std::collections::BTreeMap<String, Vec<u8>>) {
+    let reference = Project::new();
+    let output = reference.run(&["run", "pipeline.yaml"]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    (
+        reference.recorded_output("prompts").expect("recorded"),
+        tree(&reference.path(".peftpipe/out/reviews/prompts")),
+    )
+}
+
+#[test]
+fn killed_mid_stage_then_a_correct_rerun() {
+    let project = Project::new();
+    let mut child = start_held_run(&project);
+    wait_until_prompts_is_mid_stage(&project, &mut child);
+    child.kill().expect("SIGKILL");
+    child.wait().expect("reap");
+
+    // Nothing about prompts was recorded; its half-done staging dir is not an object.
+    assert!(project.recorded_output("prompts").is_none());
+    let status = project.run(&["status", "pipeline.yaml"]);
+    assert_eq!(
+        String::from_utf8_lossy(&status.stdout),
+        "[FRESH] data\n[DIRTY] prompts: never run\n"
+    );
+
+    let rerun = project.run(&["run", "pipeline.yaml"]);
+    assert!(rerun.status.success(), "{}", stderr(&rerun));
+    let text = stderr(&rerun);
+    assert!(text.contains("Fresh data"), "{text}");
+    assert!(text.contains("Running prompts (template): never run"), "{text}");
+    let leftovers = std::fs::read_dir(project.path(".peftpipe/cache/tmp"))
+        .expect("tmp")
+        .count();
+    assert_eq!(leftovers, 0, "the killed run's staging dir was cleaned up");
+
+    let (digest, files) = clean_outputs();
+    assert_eq!(project.recorded_output("prompts"), Some(digest));
+    assert_eq!(tree(&project.path(".peftpipe/out/reviews/prompts")), files);
+}
+
+#[test]
+fn ctrl_c_mid_stage_exits_130_and_records_nothing_unfinished() {
+    let project = Project::new();
+    let mut child = start_held_run(&project);
+    wait_until_prompts_is_mid_stage(&project, &mut child);
+    let killed = std::process::Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .expect("send SIGINT");
+    assert!(killed.success());
+    let output = child.wait_with_output().expect("wait");
+    assert_eq!(output.status.code(), Some(130), "{}", stderr(&output));
+    let text = project.redact(&stderr(&output));
+    assert!(text.contains("Interrupted"), "{text}");
+    assert!(text.contains("Cancelled prompts"), "{text}");
+    assert!(project.recorded_output("data").is_some());
+    assert!(project.recorded_output("prompts").is_none());
+    let rerun = project.run(&["run", "pipeline.yaml"]);
+    assert!(rerun.status.success(), "{}", stderr(&rerun));
+    assert_eq!(project.recorded_output("prompts"), Some(clean_outputs().0));
+}
+
+#[test]
+fn a_corrupted_cache_object_is_detected_and_rebuilt() {
+    let project = Project::new();
+    let first = project.run(&["run", "pipeline.yaml"]);
+    assert!(first.status.success(), "{}", stderr(&first));
+    let digest = project.recorded_output("data").expect("recorded");
+    let data = project.object_data(&digest);
+    let victim = tree(&data)
+        .into_keys()
+        .find(|name| name.ends_with(".parquet"))
+        .expect("a parquet file in the ingest output");
+    let path = data.join(&victim);
+    let mut bytes = std::fs::read(&path).expect("read object file");
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0xff;
+    let mut permissions = std::fs::metadata(&path).expect("metadata").permissions();
+    #[expect(clippy::permissions_set_readonly_false, reason = "the test corrupts the object")]
+    permissions.set_readonly(false);
+    std::fs::set_permissions(&path, permissions).expect("chmod");
+    std::fs::write(&path, bytes).expect("corrupt");
+
+    let rerun = project.run(&["run", "pipeline.yaml"]);
+    assert!(rerun.status.success(), "{}", stderr(&rerun));
+    let text = project.redact(&stderr(&rerun));
+    assert!(
+        text.contains(&format!(
+            "Running data (ingest): cached output corrupted ({victim} content differs)"
+        )),
+        "{text}"
+    );
+    // Same inputs, same output: the rebuilt object has the old digest and verifies again;
+    // prompts, whose input did not change, is restored.
+    assert_eq!(project.recorded_output("data"), Some(digest));
+    assert!(text.contains("Fresh prompts"), "{text}");
+    let again = project.run(&["run", "pipeline.yaml"]);
+    assert!(!stderr(&again).contains("Running"), "{}", stderr(&again));
+}
+
+#[test]
+fn two_concurrent_runs_on_one_cache_are_safe() {
+    let project = Project::new();
+    let spawn = || {
+        project
+            .command(&["run", "pipeline.yaml"])
+            .env("PEFTPIPE_TEST_STAGE_DELAY", "data=1500")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn peftpipe")
+    };
+    let first = spawn();
+    std::thread::sleep(Duration::from_millis(300));
+    let second = spawn();
+    let first = first.wait_with_output().expect("wait");
+    let second = second.wait_with_output().expect("wait");
+    assert!(first.status.success(), "{}", stderr(&first));
+    assert!(second.status.success(), "{}", stderr(&second));
+    let texts = [stderr(&first), stderr(&second)];
+    assert!(
+        texts.iter().any(|text| text.contains("Waiting for the cache lock")),
+        "one run waited: {texts:?}"
+    );
+    // The run that waited found everything done by the other.
+    assert!(texts
+        .iter()
+        .any(|text| text.contains("Fresh data") && text.contains("Fresh prompts")));
+    let status = project.run(&["status", "--check", "pipeline.yaml"]);
+    assert_eq!(status.status.code(), Some(0));
+}
