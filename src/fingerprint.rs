@@ -86,6 +86,16 @@ impl StageFingerprint {
         }
     }
 
+    /// Apply the run's `--device` override: a stage whose environment has a `device` component
+    /// gets the override's device kind (`cuda:1` → `cuda`; the index does not change results).
+    pub fn with_device_override(mut self, device: Option<&str>) -> Self {
+        if let (Some(device), Some(slot)) = (device, self.environment.get_mut("device")) {
+            let kind = device.split(':').next().unwrap_or(device);
+            *slot = kind.to_string();
+        }
+        self
+    }
+
     /// Canonical JSON: objects with sorted keys, no whitespace.
     pub fn canonical_json(&self) -> String {
         // Serializing a struct of strings, integers and JSON values cannot fail.
@@ -425,8 +435,8 @@ impl fmt::Display for DirtyReason {
                 write!(f, "no longer reads upstream stage {stage}")
             }
             DirtyReason::InputChanged { path } => write!(f, "the file {path} changed"),
-            DirtyReason::InputAdded { path } => write!(f, "the file {path} is new"),
-            DirtyReason::InputRemoved { path } => write!(f, "the file {path} is gone"),
+            DirtyReason::InputAdded { path } => write!(f, "now reads the file {path}"),
+            DirtyReason::InputRemoved { path } => write!(f, "no longer reads the file {path}"),
         }
     }
 }
@@ -507,7 +517,7 @@ mod tests {
                 "environment device changed (unset → cuda)",
                 "upstream stage data was rebuilt",
                 "the file datasets/x.parquet changed",
-                "the file datasets/y.parquet is new",
+                "now reads the file datasets/y.parquet",
             ]
         );
     }
@@ -516,6 +526,25 @@ mod tests {
     fn equal_fingerprints_have_no_reasons() {
         let a = fingerprint(json!({"k": 3}));
         assert!(a.diff(&a.clone()).is_empty());
+    }
+
+    #[test]
+    fn device_override_replaces_the_device_kind_only_where_it_matters() {
+        let mut with_device = fingerprint(json!({"k": 3}));
+        with_device
+            .environment
+            .insert("device".into(), "cpu".into());
+        let overridden = with_device.clone().with_device_override(Some("cuda:1"));
+        assert_eq!(overridden.environment["device"], "cuda");
+        assert_eq!(
+            overridden.diff(&with_device)[0].to_string(),
+            "environment device changed (cpu → cuda)"
+        );
+        let data_stage = fingerprint(json!({"k": 3}));
+        assert_eq!(
+            data_stage.clone().with_device_override(Some("cuda")),
+            data_stage
+        );
     }
 
     #[test]

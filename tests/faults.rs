@@ -32,7 +32,11 @@ fn wait_until_prompts_is_mid_stage(project: &Project, child: &mut Child) {
             .map(|entries| {
                 entries.flatten().any(|entry| {
                     entry.file_name().to_string_lossy().starts_with("prompts-")
-                        && entry.path().join("data").read_dir().is_ok_and(|mut d| d.next().is_some())
+                        && entry
+                            .path()
+                            .join("data")
+                            .read_dir()
+                            .is_ok_and(|mut d| d.next().is_some())
                 })
             })
             .unwrap_or(false);
@@ -75,7 +79,10 @@ fn killed_mid_stage_then_a_correct_rerun() {
     assert!(rerun.status.success(), "{}", stderr(&rerun));
     let text = stderr(&rerun);
     assert!(text.contains("Fresh data"), "{text}");
-    assert!(text.contains("Running prompts (template): never run"), "{text}");
+    assert!(
+        text.contains("Running prompts (template): never run"),
+        "{text}"
+    );
     let leftovers = std::fs::read_dir(project.path(".peftpipe/cache/tmp"))
         .expect("tmp")
         .count();
@@ -124,7 +131,10 @@ fn a_corrupted_cache_object_is_detected_and_rebuilt() {
     let middle = bytes.len() / 2;
     bytes[middle] ^= 0xff;
     let mut permissions = std::fs::metadata(&path).expect("metadata").permissions();
-    #[expect(clippy::permissions_set_readonly_false, reason = "the test corrupts the object")]
+    #[expect(
+        clippy::permissions_set_readonly_false,
+        reason = "the test corrupts the object"
+    )]
     permissions.set_readonly(false);
     std::fs::set_permissions(&path, permissions).expect("chmod");
     std::fs::write(&path, bytes).expect("corrupt");
@@ -167,7 +177,9 @@ fn two_concurrent_runs_on_one_cache_are_safe() {
     assert!(second.status.success(), "{}", stderr(&second));
     let texts = [stderr(&first), stderr(&second)];
     assert!(
-        texts.iter().any(|text| text.contains("Waiting for the cache lock")),
+        texts
+            .iter()
+            .any(|text| text.contains("Waiting for the cache lock")),
         "one run waited: {texts:?}"
     );
     // The run that waited found everything done by the other.

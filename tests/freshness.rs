@@ -110,9 +110,17 @@ fn a_template_change_reruns_only_the_template() {
     let rerun = run_ok(&project, &[]);
     assert_eq!(ran(&rerun), ["prompts"]);
     // An inline template is a parameter.
-    let inline = run_ok(&project, &["--set", "stages.prompts.template.completion=' {{ label }}!'"]);
+    let inline = run_ok(
+        &project,
+        &[
+            "--set",
+            "stages.prompts.template.completion=' {{ label }}!'",
+        ],
+    );
     assert!(
-        inline.contains(r#"parameter template.completion changed (" {{ label }}" → " {{ label }}!")"#),
+        inline.contains(
+            r#"parameter template.completion changed (" {{ label }}" → " {{ label }}!")"#
+        ),
         "{inline}"
     );
 }

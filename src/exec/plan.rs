@@ -154,7 +154,8 @@ pub fn input_digests(
     Ok(digests)
 }
 
-/// Plan the given stages (topological order). `forced` stages are dirty with reason `forced`.
+/// Plan the given stages (topological order). `forced` stages are dirty with reason `forced`;
+/// `device` is the run's `--device` override (see [`StageFingerprint::with_device_override`]).
 pub fn make_plan(
     pipeline: &Pipeline,
     cache: &Cache,
@@ -162,6 +163,7 @@ pub fn make_plan(
     index: &mut FileIndex,
     selected: &[String],
     forced: &BTreeSet<String>,
+    device: Option<&str>,
 ) -> Result<Plan, ExecError> {
     let mut stages: Vec<StagePlan> = Vec::with_capacity(selected.len());
     for name in selected {
@@ -194,7 +196,8 @@ pub fn make_plan(
             }
         }
         let fingerprint =
-            StageFingerprint::new(config, upstream_digests, inputs.clone(), pipeline.seed);
+            StageFingerprint::new(config, upstream_digests, inputs.clone(), pipeline.seed)
+                .with_device_override(device);
         let forced_here = forced.contains(name);
         let freshness =
             if dirty_upstream.is_empty() || forced_here {
@@ -238,7 +241,15 @@ pub fn plan_only(pipeline: &Pipeline, settings: &RunSettings) -> Result<Plan, Ex
     let lock = cache.read_lock_file(&pipeline.name)?;
     let mut index = FileIndex::load(&cache);
     let forced = forced_stages(settings, &selected);
-    let plan = make_plan(pipeline, &cache, &lock, &mut index, &selected, &forced)?;
+    let plan = make_plan(
+        pipeline,
+        &cache,
+        &lock,
+        &mut index,
+        &selected,
+        &forced,
+        settings.options.device.as_deref(),
+    )?;
     index.save()?;
     Ok(plan)
 }

@@ -49,7 +49,10 @@ pub fn execute(
         .retain(|name, _| pipeline.stages.contains_key(name));
     let mut index = FileIndex::load(&cache);
     let forced = forced_stages(settings, &selected);
-    let plan = make_plan(pipeline, &cache, &lock_file, &mut index, &selected, &forced)?;
+    let device = settings.options.device.as_deref();
+    let plan = make_plan(
+        pipeline, &cache, &lock_file, &mut index, &selected, &forced, device,
+    )?;
     index.save()?;
     events.event(ExecEvent::Planned {
         stages: plan
@@ -95,7 +98,8 @@ pub fn execute(
                         upstream.clone(),
                         stage_plan.inputs.clone(),
                         pipeline.seed,
-                    );
+                    )
+                    .with_device_override(device);
                     let freshness = decide(
                         &cache,
                         lock_file.stages.get(&stage_plan.name),

@@ -92,6 +92,10 @@ impl Setup {
     fn new() -> Setup {
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path().to_path_buf();
+        // The input files the pipelines below name (ingest stages hash them).
+        for name in ["a", "b", "c", "A.parquet", "B.parquet", "a.parquet"] {
+            std::fs::write(root.join(name), format!("content of {name}")).unwrap();
+        }
         Setup { _dir: dir, root }
     }
 
@@ -214,14 +218,22 @@ fn a_parameter_change_reruns_the_stage_and_its_dependents_with_reasons() {
     assert_eq!(
         plan_reasons,
         [
-            vec![r#"parameter ingest.path changed ("A.parquet" → "B.parquet")"#.to_string()],
+            vec![
+                r#"parameter ingest.path changed ("A.parquet" → "B.parquet")"#.to_string(),
+                "no longer reads the file A.parquet".to_string(),
+                "now reads the file B.parquet".to_string(),
+            ],
             vec!["upstream stage data is dirty".to_string()],
         ]
     );
     let summary = run(&world, &changed, &settings);
     assert_eq!(
         reasons(&summary, "data"),
-        [r#"parameter ingest.path changed ("A.parquet" → "B.parquet")"#]
+        [
+            r#"parameter ingest.path changed ("A.parquet" → "B.parquet")"#,
+            "no longer reads the file A.parquet",
+            "now reads the file B.parquet",
+        ]
     );
     assert_eq!(
         reasons(&summary, "prompts"),

@@ -29,7 +29,11 @@ pub const PROMPT_TEMPLATE: &str = "{% for example in examples %}Review: {{ examp
 pub fn rows() -> Vec<(String, &'static str)> {
     (0..40)
         .map(|index| {
-            let label = if index % 2 == 0 { "positive" } else { "negative" };
+            let label = if index % 2 == 0 {
+                "positive"
+            } else {
+                "negative"
+            };
             (format!("review number {index} was {label}"), label)
         })
         .collect()
@@ -54,7 +58,10 @@ impl Project {
 
     pub fn with_pipeline(yaml: &str) -> Project {
         let dir = tempfile::tempdir().expect("temporary directory");
-        let root = dir.path().canonicalize().expect("canonical temporary directory");
+        let root = dir
+            .path()
+            .canonicalize()
+            .expect("canonical temporary directory");
         let project = Project { _dir: dir, root };
         project.write("datasets/reviews.jsonl", &jsonl(&rows()));
         project.write("templates/prompt.j2", PROMPT_TEMPLATE);
@@ -140,7 +147,11 @@ pub fn redact(text: &str, root: &Path) -> String {
     text.lines()
         .map(|line| {
             let leading = line.len() - line.trim_start().len();
-            format!("{}{}", &line[..leading], spaces.replace_all(line.trim_start(), "  "))
+            format!(
+                "{}{}",
+                &line[..leading],
+                spaces.replace_all(line.trim_start(), "  ")
+            )
         })
         .collect::<Vec<_>>()
         .join("\n")
