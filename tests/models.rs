@@ -43,9 +43,10 @@ struct LoraLikeLayer {
 impl LinearLayer for LoraLikeLayer {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let base = linear(x, &self.base.weight, self.base.bias.as_ref())?;
-        let low_rank = x
-            .broadcast_matmul(&self.a.t()?)?
-            .broadcast_matmul(&self.b.t()?)?;
+        // Vars are f64 and cast to the compute dtype, as f32 adapters over a bf16 base.
+        let a = self.a.as_tensor().to_dtype(x.dtype())?;
+        let b = self.b.as_tensor().to_dtype(x.dtype())?;
+        let low_rank = x.broadcast_matmul(&a.t()?)?.broadcast_matmul(&b.t()?)?;
         base + low_rank
     }
 }
@@ -84,8 +85,16 @@ impl LinearFactory for RecordingFactory {
 }
 
 fn model(config: &ModelConfig, factory: &dyn LinearFactory) -> Result<Box<dyn CausalLm>> {
-    let tensors = random_weights(config, 3, 0.2, DType::F64, &Device::Cpu)?;
-    load_from_tensors(config, tensors, DType::F64, &Device::Cpu, factory)
+    model_in(config, factory, DType::F64)
+}
+
+fn model_in(
+    config: &ModelConfig,
+    factory: &dyn LinearFactory,
+    dtype: DType,
+) -> Result<Box<dyn CausalLm>> {
+    let tensors = random_weights(config, 3, 0.2, dtype, &Device::Cpu)?;
+    load_from_tensors(config, tensors, dtype, &Device::Cpu, factory)
 }
 
 /// A right-padded and a left-padded row.
@@ -146,9 +155,9 @@ fn hooks_from(vars: &HookVars, adapter_layer: usize) -> Hooks {
     hooks
 }
 
-fn assert_gradient_flow(config: &ModelConfig) -> Result<()> {
+fn assert_gradient_flow(config: &ModelConfig, dtype: DType) -> Result<()> {
     let factory = LoraLikeFactory::default();
-    let model = model(config, &factory)?;
+    let model = model_in(config, &factory, dtype)?;
     let vars = hook_vars(config, 0.5)?;
     let hooks = hooks_from(&vars, 0);
     let (ids, mask) = batch()?;
@@ -182,7 +191,7 @@ fn assert_gradient_flow(config: &ModelConfig) -> Result<()> {
         let Some(grad) = grads.get(tensor) else {
             panic!("{name}: no gradient")
         };
-        let values = grad.flatten_all()?.to_vec1::<f64>()?;
+        let values = grad.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()?;
         assert!(
             values.iter().all(|g| g.is_finite()),
             "{name}: non-finite gradient"
@@ -213,12 +222,19 @@ fn assert_gradient_flow(config: &ModelConfig) -> Result<()> {
 
 #[test]
 fn llama_gradient_reaches_every_trainable_tensor_and_no_frozen_weight() -> Result<()> {
-    assert_gradient_flow(&tiny_llama(serde_json::json!({})))
+    assert_gradient_flow(&tiny_llama(serde_json::json!({})), DType::F64)
+}
+
+/// The bf16 compute path (f32/f64 vars cast to bf16) trains too: the GPU's default precision.
+#[test]
+fn bf16_gradient_reaches_every_trainable_tensor() -> Result<()> {
+    assert_gradient_flow(&tiny_llama(serde_json::json!({})), DType::BF16)?;
+    assert_gradient_flow(&tiny_gpt2(), DType::BF16)
 }
 
 #[test]
 fn gpt2_gradient_reaches_every_trainable_tensor_and_no_frozen_weight() -> Result<()> {
-    assert_gradient_flow(&tiny_gpt2())
+    assert_gradient_flow(&tiny_gpt2(), DType::F64)
 }
 
 fn max_difference(a: &Tensor, b: &Tensor) -> Result<f64> {
