@@ -48,6 +48,11 @@ pub struct EvaluateConfig {
     /// kept whole). Default: the model's `max_position_embeddings`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_length: Option<usize>,
+    /// Append the tokenizer's EOS token to every scored completion and candidate, as the train
+    /// stage's `add_eos` does (keep the two equal so the loss is measured on what was trained).
+    #[serde(default = "default_true")]
+    #[schemars(default = "default_true")]
+    pub add_eos: bool,
     /// Where to evaluate: `auto` (CUDA when built with it and present, else CPU), `cpu`, `cuda`
     /// or `cuda:N`.
     #[serde(default = "default_device")]
@@ -413,7 +418,14 @@ impl StageSpec for EvaluateConfig {
     }
 
     fn environment(&self) -> BTreeMap<String, String> {
-        BTreeMap::from([("device".to_string(), self.device.clone())])
+        // The device kind decides the compute dtype (f32 on CPU, bf16 on CUDA), which changes
+        // the figures; `auto` means CUDA exactly in a CUDA build.
+        let kind = match self.device.as_str() {
+            "auto" if crate::device::built_with_cuda() => "cuda",
+            "auto" | "cpu" => "cpu",
+            _ => "cuda",
+        };
+        BTreeMap::from([("device".to_string(), kind.to_string())])
     }
 }
 

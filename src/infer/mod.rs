@@ -9,8 +9,10 @@
 
 pub mod batch;
 pub mod generate;
+pub mod model;
 pub mod sample;
 pub mod score;
+pub mod session;
 pub mod text;
 
 use candle_core::{Device, Result, Tensor};

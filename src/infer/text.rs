@@ -40,6 +40,23 @@ pub fn encode_pair(
     Ok(Example::from_parts(&prompt_ids, &completion_ids))
 }
 
+/// The text `ids` add after `prompt_ids`: decoded together and the prompt's text cut off, so a
+/// leading space that tokenizers drop when decoding a sequence on its own is kept.
+pub fn decode_continuation(
+    codec: &dyn TextCodec,
+    prompt_ids: &[u32],
+    ids: &[u32],
+) -> Result<String, String> {
+    let prompt = codec.decode(prompt_ids)?;
+    let mut all = prompt_ids.to_vec();
+    all.extend_from_slice(ids);
+    let full = codec.decode(&all)?;
+    match full.strip_prefix(&prompt) {
+        Some(rest) => Ok(rest.to_string()),
+        None => codec.decode(ids),
+    }
+}
+
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;

@@ -6,6 +6,7 @@
     reason = "the reporter is the one place that writes to the terminal"
 )]
 
+pub mod generate;
 pub mod inspect;
 pub mod run;
 pub mod status;

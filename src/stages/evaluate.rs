@@ -21,9 +21,13 @@ use serde_json::Value;
 use crate::config::evaluate::{CandidateScore, EvaluateConfig, ExactMatchConfig};
 use crate::infer::generate::{generate, GenerationSettings, StopReason};
 use crate::infer::score::{score_examples, NllTotal, SequenceScore};
+use crate::infer::text::decode_continuation;
 use crate::infer::{encode_pair, Example, LanguageModel, Sampling, TextCodec};
 
+use super::export::BaseModelRecord;
 use super::{Progress, Stage, StageContext, StageError, StageOutcome};
+use crate::device::{compute_dtype, resolve_device, DTypeSpec, DeviceSpec};
+use crate::infer::session::InferenceModel;
 
 pub struct EvaluateStage {
     config: EvaluateConfig,
@@ -560,7 +564,7 @@ fn generate_text<M: LanguageModel>(
         if stop.is_empty() {
             return false;
         }
-        match codec.decode(tokens) {
+        match decode_continuation(codec, prompt_ids, tokens) {
             Ok(text) => stop.iter().any(|s| text.contains(s.as_str())),
             Err(error) => {
                 decode_error = Some(error);
@@ -572,8 +576,7 @@ fn generate_text<M: LanguageModel>(
     if let Some(error) = decode_error {
         return Err(StageError::Internal(error));
     }
-    let mut text = codec
-        .decode(&generated.token_ids)
+    let mut text = decode_continuation(codec, prompt_ids, &generated.token_ids)
         .map_err(StageError::Internal)?;
     if let Some(cut) = stop.iter().filter_map(|s| text.find(s.as_str())).min() {
         text.truncate(cut);
@@ -736,12 +739,115 @@ pub fn write_json_atomic(path: &Path, value: &impl Serialize) -> Result<(), Stag
     Ok(())
 }
 
+impl EvaluateStage {
+    /// The columns of the split the configured metrics read.
+    fn needed_columns(&self) -> BTreeSet<String> {
+        let mut columns: BTreeSet<String> = ["prompt".to_string(), "completion".to_string()].into();
+        if let Some(accuracy) = &self.config.metrics.accuracy {
+            columns.insert(accuracy.label_column.clone());
+            if let Some(column) = &accuracy.choices_column {
+                columns.insert(column.clone());
+            }
+        }
+        if let Some(exact) = &self.config.metrics.exact_match {
+            columns.insert(exact.reference_column.clone());
+        }
+        columns
+    }
+}
+
+/// The split files a template artifact holds (for error hints).
+fn available_splits(data_dir: &Path) -> Vec<String> {
+    let mut splits: Vec<String> = std::fs::read_dir(data_dir)
+        .map(|entries| {
+            entries
+                .filter_map(Result::ok)
+                .filter_map(|entry| {
+                    entry
+                        .file_name()
+                        .to_str()
+                        .and_then(|name| name.strip_suffix(".parquet"))
+                        .map(str::to_string)
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    splits.sort();
+    splits
+}
+
 impl Stage for EvaluateStage {
     fn run(&self, ctx: &StageContext<'_>) -> Result<StageOutcome, StageError> {
-        let _ = (ctx, &self.config);
-        Err(StageError::Internal(
-            "model loading is not wired yet".into(),
-        ))
+        let config = &self.config;
+        let train_dir = ctx.upstream_dir(&config.model)?;
+        let data_dir = ctx.upstream_dir(&config.data)?;
+        let table = data_dir.join(format!("{}.parquet", config.split));
+        if !table.is_file() {
+            return Err(StageError::user(format!(
+                "stage `{}` has no split `{}` (splits: {})",
+                config.data,
+                config.split,
+                available_splits(data_dir).join(", ")
+            )));
+        }
+        let rows = read_rows(&table, &self.needed_columns(), config.max_rows)?;
+        if rows.count == 0 {
+            return Err(StageError::user(format!(
+                "split `{}` of stage `{}` has no rows to evaluate",
+                config.split, config.data
+            )));
+        }
+        let base_record = BaseModelRecord::read(train_dir, ctx.project_dir)?;
+        let device_text = ctx.options.device.as_deref().unwrap_or(&config.device);
+        let device_spec: DeviceSpec = device_text
+            .parse()
+            .map_err(|error: crate::device::DeviceError| StageError::user(error.to_string()))?;
+        let device =
+            resolve_device(device_spec).map_err(|error| StageError::user(error.to_string()))?;
+        let dtype = compute_dtype(&device, DTypeSpec::Auto);
+        let load = |adapter: Option<&Path>| {
+            InferenceModel::load(&base_record.path, adapter, &device, dtype)
+                .map_err(StageError::User)
+        };
+
+        let base = load(None)?;
+        let plan = EvalPlan::new(
+            config,
+            &rows,
+            &base.tokenizer,
+            base.max_length(),
+            config.add_eos,
+        )?;
+        if plan.truncated_rows > 0 {
+            ctx.progress.note(format!(
+                "{} of {} rows had prompt tokens dropped on the left to fit {} tokens",
+                plan.truncated_rows, plan.rows, plan.max_length
+            ));
+        }
+        let base_metrics = evaluate_model(
+            &base.language_model(),
+            &base.tokenizer,
+            &plan,
+            config.batch_size,
+            &Reporter { ctx, label: "base" },
+        )?;
+        drop(base);
+        let adapted = load(Some(&train_dir.join("adapter")))?;
+        let adapted_metrics = evaluate_model(
+            &adapted.language_model(),
+            &adapted.tokenizer,
+            &plan,
+            config.batch_size,
+            &Reporter {
+                ctx,
+                label: "adapted",
+            },
+        )?;
+        let file = MetricsFile::new(config, &plan, base_metrics, adapted_metrics);
+        write_json_atomic(&ctx.out_dir.join("metrics.json"), &file)?;
+        Ok(StageOutcome {
+            summary: file.summary(),
+        })
     }
 }
 

@@ -69,7 +69,7 @@ impl Stage for ExportStage {
         let train_dir = ctx.upstream_dir(&self.config.from)?;
         let adapter_dir = train_dir.join("adapter");
         let adapter = LoraAdapter::read(&adapter_dir)?;
-        let base_dir = read_base_model_dir(train_dir)?;
+        let base = BaseModelRecord::read(train_dir, ctx.project_dir)?;
         let mut outcome = StageOutcome::default();
         outcome.summary.insert(
             "adapter_parameters".into(),
@@ -80,7 +80,7 @@ impl Stage for ExportStage {
         let mut done = 0;
         if self.config.adapter.is_some() {
             let out = ctx.out_dir.join("adapter");
-            write_adapter_folder(&adapter, &adapter_dir, &base_dir, train_dir, &out)?;
+            write_adapter_folder(&adapter, &adapter_dir, &base, train_dir, &out)?;
             done += 1;
             ctx.progress.progress(Progress {
                 position: done,
@@ -92,7 +92,7 @@ impl Stage for ExportStage {
         ctx.check_cancel()?;
         if self.config.merged.is_some() {
             let out = ctx.out_dir.join("merged");
-            let merged = write_merged_folder(&adapter, &base_dir, &out, &|| ctx.check_cancel())?;
+            let merged = write_merged_folder(&adapter, &base.path, &out, &|| ctx.check_cancel())?;
             outcome
                 .summary
                 .insert("merged_tensors".into(), merged.merged_tensors.into());
@@ -352,28 +352,68 @@ fn read_json(path: &Path) -> Result<Value, StageError> {
         .map_err(|error| StageError::user(format!("{} is not valid JSON: {error}", path.display())))
 }
 
-/// The base model folder the train stage used, from its `base_model.json`.
-pub fn read_base_model_dir(train_dir: &Path) -> Result<PathBuf, StageError> {
-    let file = train_dir.join("base_model.json");
-    let value = read_json(&file)?;
-    let path = ["path", "dir", "base_model_dir"]
-        .iter()
-        .find_map(|key| value.get(key).and_then(Value::as_str))
-        .ok_or_else(|| {
-            StageError::Internal(format!(
-                "{} does not name the base model folder (key `path`)",
+/// What a train artifact's `base_model.json` says about the base model.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BaseModelRecord {
+    /// The model as written in the pipeline (e.g. `${PEFTPIPE_SHARED}/models/stories260k`).
+    pub model: String,
+    /// The model folder on this machine.
+    pub path: PathBuf,
+}
+
+impl BaseModelRecord {
+    /// Read `base_model.json` of a train artifact. The recorded `path` is used when it exists on
+    /// this machine, else the model as written is resolved again against the project directory
+    /// (a cache restored on another machine). When the record holds `config_digest`, the folder's
+    /// config.json must still have it: the base model may not change under a trained adapter.
+    pub fn read(train_dir: &Path, project_dir: &Path) -> Result<Self, StageError> {
+        let file = train_dir.join("base_model.json");
+        let value = read_json(&file)?;
+        let text = |key: &str| value.get(key).and_then(Value::as_str);
+        let model = text("model").unwrap_or_default().to_string();
+        let recorded = text("path").map(PathBuf::from);
+        let path = match recorded.filter(|p| p.join("config.json").is_file()) {
+            Some(path) => path,
+            None if !model.is_empty() && !model.starts_with("hf://") => {
+                crate::config::resolve_path(project_dir, &model)
+                    .map_err(|message| StageError::user(format!("{}: {message}", file.display())))?
+            }
+            None => {
+                return Err(StageError::user(format!(
+                    "{}: the base model folder it names is not on this machine",
+                    file.display()
+                )))
+            }
+        };
+        if !path.join("config.json").is_file() {
+            return Err(StageError::user(format!(
+                "the base model folder {} (from {}) has no config.json",
+                path.display(),
                 file.display()
-            ))
-        })?;
-    let dir = PathBuf::from(path);
-    if !dir.join("config.json").is_file() {
-        return Err(StageError::user(format!(
-            "the base model folder {} (from {}) has no config.json",
-            dir.display(),
-            file.display()
-        )));
+            )));
+        }
+        if let Some(expected) = text("config_digest") {
+            let bytes = fs::read(path.join("config.json"))?;
+            let actual = blake3::hash(&bytes).to_hex().to_string();
+            if actual != expected {
+                return Err(StageError::user(format!(
+                    "the base model's config.json in {} changed since the adapter was trained \
+                     (digest {actual}, trained with {expected}); rerun the train stage",
+                    path.display()
+                )));
+            }
+        }
+        Ok(BaseModelRecord { model, path })
     }
-    Ok(dir)
+
+    /// What to write as `base_model_name_or_path` in an exported adapter: the Hub id for
+    /// `hf://org/name`, else the model folder on this machine.
+    pub fn name_or_path(&self) -> String {
+        match self.model.strip_prefix("hf://") {
+            Some(id) => id.to_string(),
+            None => self.path.display().to_string(),
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -560,44 +600,43 @@ fn candle_error(error: candle_core::Error) -> StageError {
 // (a) The PEFT adapter folder
 // ---------------------------------------------------------------------------------------------
 
-/// Copy the adapter's two PEFT files and write a model card.
+/// Write the adapter's PEFT files (the weights byte for byte; the config with
+/// `base_model_name_or_path` pointing at a loadable base model) and a model card.
 fn write_adapter_folder(
     adapter: &LoraAdapter,
     adapter_dir: &Path,
-    base_dir: &Path,
+    base: &BaseModelRecord,
     train_dir: &Path,
     out: &Path,
 ) -> Result<(), StageError> {
     fs::create_dir_all(out)?;
-    for file in ["adapter_config.json", "adapter_model.safetensors"] {
-        fs::copy(adapter_dir.join(file), out.join(file)).map_err(|error| {
-            StageError::user(format!(
-                "cannot copy {}: {error}",
-                adapter_dir.join(file).display()
-            ))
-        })?;
+    let weights = adapter_dir.join("adapter_model.safetensors");
+    fs::copy(&weights, out.join("adapter_model.safetensors"))
+        .map_err(|error| StageError::user(format!("cannot copy {}: {error}", weights.display())))?;
+    let mut config = adapter.config.clone();
+    if let Value::Object(map) = &mut config {
+        map.insert(
+            "base_model_name_or_path".into(),
+            Value::String(base.name_or_path()),
+        );
     }
+    write_json(&out.join("adapter_config.json"), &config)?;
     let summary = read_json(&train_dir.join("summary.json")).ok();
     fs::write(
         out.join("README.md"),
-        model_card(adapter, base_dir, summary.as_ref()),
+        model_card(adapter, &base.name_or_path(), summary.as_ref()),
     )?;
     Ok(())
 }
 
 /// A short model card in the shape PEFT's own cards have (YAML front matter + text).
-fn model_card(adapter: &LoraAdapter, base_dir: &Path, summary: Option<&Value>) -> String {
+fn model_card(adapter: &LoraAdapter, base_name: &str, summary: Option<&Value>) -> String {
     let config = &adapter.config;
     let text = |key: &str| match config.get(key) {
         Some(Value::String(s)) => s.clone(),
         Some(Value::Null) | None => "—".to_string(),
         Some(other) => other.to_string(),
     };
-    let base_name = config
-        .get("base_model_name_or_path")
-        .and_then(Value::as_str)
-        .map(str::to_string)
-        .unwrap_or_else(|| base_dir.display().to_string());
     let mut card = format!(
         "---\nbase_model: {base_name}\nlibrary_name: peft\ntags:\n- lora\n- peftpipe\n---\n\n\
          # LoRA adapter\n\nTrained and exported by peftpipe {version}. Load it with PEFT:\n\n\

@@ -1,0 +1,115 @@
+//! A model folder loaded for inference (optionally with a PEFT adapter), and one-prompt generation
+//! as `peftpipe generate` runs it.
+
+use std::path::Path;
+
+use candle_core::{DType, Device};
+use serde::Serialize;
+
+use super::generate::{generate, GenerationSettings, StopReason};
+use super::model::HookedModel;
+use super::sample::Sampling;
+use super::text::decode_continuation;
+use super::TextCodec;
+use crate::models::{CausalLm, FrozenLinearFactory, Hooks, ModelDir, ModelTokenizer};
+
+/// A model ready for inference: weights (adapter applied), tokenizer, hooks.
+pub struct InferenceModel {
+    pub dir: ModelDir,
+    pub model: Box<dyn CausalLm>,
+    pub tokenizer: ModelTokenizer,
+    pub hooks: Hooks,
+}
+
+impl InferenceModel {
+    /// Load a Hugging Face model folder (a base model or a merged export) on `device` in `dtype`,
+    /// with a PEFT adapter folder applied when given.
+    pub fn load(
+        model_dir: &Path,
+        adapter_dir: Option<&Path>,
+        device: &Device,
+        dtype: DType,
+    ) -> Result<Self, String> {
+        if let Some(adapter_dir) = adapter_dir {
+            return Err(format!(
+                "{}: adapters are not supported yet",
+                adapter_dir.display()
+            ));
+        }
+        let dir = ModelDir::open(model_dir).map_err(|e| e.to_string())?;
+        let tokenizer = dir.tokenizer().map_err(|e| e.to_string())?;
+        let model = dir
+            .load(device, dtype, &FrozenLinearFactory)
+            .map_err(|e| e.to_string())?;
+        Ok(InferenceModel {
+            dir,
+            model,
+            tokenizer,
+            hooks: Hooks::none(),
+        })
+    }
+
+    /// The model as [`super::LanguageModel`].
+    pub fn language_model(&self) -> HookedModel<'_> {
+        HookedModel {
+            model: self.model.as_ref(),
+            hooks: &self.hooks,
+        }
+    }
+
+    /// Longest sequence the model takes.
+    pub fn max_length(&self) -> usize {
+        self.dir.config().max_positions()
+    }
+}
+
+/// What `peftpipe generate` asks for.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GenerateRequest {
+    pub prompt: String,
+    pub max_new_tokens: usize,
+    pub sampling: Sampling,
+}
+
+/// What it gives back (also the `--json` output).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct GenerateOutput {
+    pub prompt: String,
+    /// The generated text (special tokens skipped), without the prompt.
+    pub completion: String,
+    /// Generated token ids (without the final EOS).
+    pub token_ids: Vec<u32>,
+    /// The prompt's token ids (BOS included when the tokenizer adds it).
+    pub prompt_token_ids: Vec<u32>,
+    pub stop_reason: StopReason,
+}
+
+/// Generate a continuation of one prompt.
+pub fn generate_one(
+    model: &InferenceModel,
+    request: &GenerateRequest,
+) -> Result<GenerateOutput, String> {
+    let prompt_token_ids = model.tokenizer.encode_prompt(&request.prompt)?;
+    let settings = GenerationSettings {
+        max_new_tokens: request.max_new_tokens,
+        sampling: request.sampling,
+        eos_token_ids: model.tokenizer.eos_token_ids.clone(),
+        max_length: Some(model.max_length()),
+    };
+    let generated = generate(
+        &model.language_model(),
+        &prompt_token_ids,
+        &settings,
+        |_| false,
+    )
+    .map_err(|e| format!("generation failed: {e}"))?;
+    let completion =
+        decode_continuation(&model.tokenizer, &prompt_token_ids, &generated.token_ids)?;
+    Ok(GenerateOutput {
+        prompt: request.prompt.clone(),
+        completion,
+        token_ids: generated.token_ids,
+        prompt_token_ids,
+        stop_reason: generated.stop_reason,
+    })
+}

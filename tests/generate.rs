@@ -1,0 +1,147 @@
+//! `peftpipe generate`: greedy text and token ids on the real tiny model, seeded sampling, and
+//! argument errors. Needs `PEFTPIPE_SHARED` for the model tests (skips with a printed reason).
+#![expect(clippy::print_stderr, reason = "tests print skip reasons")]
+
+use std::path::PathBuf;
+use std::process::Command;
+
+fn shared_dir() -> Option<PathBuf> {
+    std::env::var_os("PEFTPIPE_SHARED").map(PathBuf::from)
+}
+
+fn peftpipe() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_peftpipe"))
+}
+
+#[test]
+fn generate_json_gives_the_known_greedy_text_of_stories260k() {
+    let Some(shared) = shared_dir() else {
+        eprintln!("skipped: PEFTPIPE_SHARED not set");
+        return;
+    };
+    let model = shared.join("models/stories260k");
+    let output = peftpipe()
+        .args(["--json", "generate"])
+        .arg(&model)
+        .args([
+            "--prompt",
+            "Once upon a time",
+            "--max-new-tokens",
+            "40",
+            "--device",
+            "cpu",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let json: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    // /work/shared/README.md: greedy from "Once upon a time" with the real model.
+    let expected = ", there was a little girl named Lily. She loved to play outside in the park. \
+                    One day, she saw a big, red ball.";
+    assert_eq!(json["prompt"], "Once upon a time");
+    assert_eq!(json["completion"], expected);
+    assert_eq!(json["prompt_token_ids"][0], 1, "BOS first");
+    assert_eq!(json["token_ids"].as_array().unwrap().len(), 40);
+    assert_eq!(json["stop_reason"], "max_new_tokens");
+
+    // The human form prints prompt + completion on stdout.
+    let output = peftpipe()
+        .arg("generate")
+        .arg(&model)
+        .args([
+            "--prompt",
+            "Once upon a time",
+            "--max-new-tokens",
+            "40",
+            "--device",
+            "cpu",
+        ])
+        .output()
+        .unwrap();
+    assert!(output.status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&output.stdout).trim_end(),
+        format!("Once upon a time{expected}")
+    );
+}
+
+#[test]
+fn sampling_is_reproducible_with_a_seed() {
+    let Some(shared) = shared_dir() else {
+        eprintln!("skipped: PEFTPIPE_SHARED not set");
+        return;
+    };
+    let model = shared.join("models/stories260k");
+    let run = |seed: &str| {
+        let output = peftpipe()
+            .args(["--json", "generate"])
+            .arg(&model)
+            .args([
+                "--prompt",
+                "Tom had a dog",
+                "--max-new-tokens",
+                "24",
+                "--device",
+                "cpu",
+            ])
+            .args(["--temperature", "1.0", "--top-p", "0.9", "--seed", seed])
+            .output()
+            .unwrap();
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let json: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+        json["token_ids"].clone()
+    };
+    let first = run("7");
+    assert_eq!(first, run("7"));
+    assert_ne!(first, run("8"));
+}
+
+#[test]
+fn bad_arguments_are_refused_with_exit_code_2() {
+    let output = peftpipe()
+        .args([
+            "generate",
+            "no-such-model",
+            "--prompt",
+            "x",
+            "--temperature",
+            "0",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("temperature"));
+    let output = peftpipe()
+        .args([
+            "generate",
+            "no-such-model",
+            "--prompt",
+            "x",
+            "--top-p",
+            "0.5",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(2), "--top-p needs --temperature");
+    let output = peftpipe()
+        .args([
+            "generate",
+            "no-such-model",
+            "--prompt",
+            "x",
+            "--device",
+            "cpu",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("no-such-model"));
+}
