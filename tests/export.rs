@@ -1,0 +1,347 @@
+//! The export stage: the PEFT adapter folder keeps PEFT's tensor names and values, the merged
+//! model folder reloads with our loader and gives the adapted model's logits (Llama with PEFT's own
+//! reference adapter, GPT-2 with Conv1D weights), publishing is atomic and refuses destinations
+//! outside the project. Needs `PEFTPIPE_SHARED` for the model tests (skips with a printed reason).
+#![expect(
+    clippy::print_stderr,
+    reason = "tests print skip reasons and the measured errors"
+)]
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+
+use candle_core::{DType, Device, Tensor, D};
+use peftpipe::config::ExportConfig;
+use peftpipe::models::{
+    FrozenLinearFactory, Hooks, LinearFactory, LinearLayer, LinearWeights, ModelDir,
+};
+use peftpipe::stages::export::{ExportStage, EXPORT_MARKER};
+use peftpipe::stages::{NullSink, RunOptions, Stage, StageContext};
+
+type TestResult = Result<(), Box<dyn std::error::Error>>;
+
+fn shared_dir() -> Option<PathBuf> {
+    std::env::var_os("PEFTPIPE_SHARED").map(PathBuf::from)
+}
+
+/// A train artifact as the train stage writes it: `adapter/` + `base_model.json`.
+fn fake_train_artifact(root: &Path, adapter_source: &Path, base: &Path) -> PathBuf {
+    let train = root.join("train-artifact");
+    std::fs::create_dir_all(train.join("adapter")).unwrap();
+    for file in ["adapter_config.json", "adapter_model.safetensors"] {
+        std::fs::copy(adapter_source.join(file), train.join("adapter").join(file)).unwrap();
+    }
+    let record = serde_json::json!({"model": base.display().to_string(), "path": base.display().to_string()});
+    std::fs::write(train.join("base_model.json"), record.to_string()).unwrap();
+    std::fs::write(
+        train.join("summary.json"),
+        r#"{"final_loss": 1.25, "steps": 60}"#,
+    )
+    .unwrap();
+    train
+}
+
+/// Run the export stage (run + publish) in `project` with the given train artifact.
+fn export(
+    project: &Path,
+    train: &Path,
+    config: ExportConfig,
+    allow_outside_project: bool,
+) -> Result<PathBuf, peftpipe::stages::StageError> {
+    let out_dir = project.join(".artifact");
+    std::fs::create_dir_all(&out_dir)?;
+    let upstream = BTreeMap::from([("tune".to_string(), train.to_path_buf())]);
+    let cancel = AtomicBool::new(false);
+    let options = RunOptions {
+        allow_outside_project,
+        ..RunOptions::default()
+    };
+    let ctx = StageContext {
+        name: "export",
+        project_dir: project,
+        out_dir: &out_dir,
+        upstream: &upstream,
+        seed: 0,
+        progress: &NullSink,
+        cancel: &cancel,
+        options: &options,
+    };
+    let stage = ExportStage::new(config);
+    stage.run(&ctx)?;
+    stage.publish(&out_dir, &ctx)?;
+    Ok(out_dir)
+}
+
+fn config(adapter: Option<&str>, merged: Option<&str>) -> ExportConfig {
+    ExportConfig {
+        from: "tune".into(),
+        adapter: adapter.map(str::to_string),
+        merged: merged.map(str::to_string),
+    }
+}
+
+/// Max |a − b| over positions where the mask is 1.
+fn masked_max_abs(ours: &Tensor, reference: &Tensor, mask: &Tensor) -> candle_core::Result<f32> {
+    let per_position = (ours - reference)?.abs()?.max(D::Minus1)?;
+    (per_position * mask.to_dtype(DType::F32)?)?
+        .max_all()?
+        .to_scalar::<f32>()
+}
+
+#[test]
+fn merged_export_of_peft_reference_lora_gives_peft_logits() -> TestResult {
+    let Some(shared) = shared_dir() else {
+        eprintln!("skipped: PEFTPIPE_SHARED not set");
+        return Ok(());
+    };
+    let base = shared.join("models/stories260k");
+    let reference = base.join("reference/peft_lora");
+    let project = tempfile::tempdir()?;
+    let train = fake_train_artifact(project.path(), &reference, &base);
+    export(
+        project.path(),
+        &train,
+        config(Some("out/adapter"), Some("out/merged")),
+        false,
+    )?;
+    if let Some(keep) = std::env::var_os("PEFTPIPE_KEEP_EXPORT") {
+        // For tests/python/check_peft_export.py: keep the published folders.
+        let keep = PathBuf::from(keep);
+        for kind in ["adapter", "merged"] {
+            peftpipe::stages::export::publish_folder(
+                &project.path().join("out").join(kind),
+                &keep.join("out").join(kind),
+                "export",
+            )?;
+        }
+    }
+    let merged = project.path().join("out/merged");
+    for file in [
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "generation_config.json",
+        EXPORT_MARKER,
+    ] {
+        assert!(merged.join(file).is_file(), "merged folder lacks {file}");
+    }
+    // Same tensor names, shapes and dtypes as the base checkpoint.
+    let base_tensors =
+        candle_core::safetensors::load(base.join("model.safetensors"), &Device::Cpu)?;
+    let merged_tensors =
+        candle_core::safetensors::load(merged.join("model.safetensors"), &Device::Cpu)?;
+    let mut base_names: Vec<_> = base_tensors.keys().collect();
+    let mut merged_names: Vec<_> = merged_tensors.keys().collect();
+    base_names.sort();
+    merged_names.sort();
+    assert_eq!(base_names, merged_names);
+    for (name, tensor) in &base_tensors {
+        assert_eq!(tensor.dims(), merged_tensors[name].dims(), "{name}");
+        assert_eq!(tensor.dtype(), merged_tensors[name].dtype(), "{name}");
+    }
+
+    // Our loader on the merged folder reproduces PEFT's logits for the adapted model.
+    let model = ModelDir::open(&merged)?.load(&Device::Cpu, DType::F32, &FrozenLinearFactory)?;
+    let inputs = candle_core::safetensors::load(
+        base.join("reference/base_logits.safetensors"),
+        &Device::Cpu,
+    )?;
+    let expected = candle_core::safetensors::load(
+        reference.join("expected_logits.safetensors"),
+        &Device::Cpu,
+    )?;
+    let logits = model.forward(
+        &inputs["input_ids"],
+        Some(&inputs["attention_mask"]),
+        &Hooks::none(),
+    )?;
+    let error = masked_max_abs(&logits, &expected["logits"], &inputs["attention_mask"])?;
+    eprintln!("merged stories260k + peft_lora vs PEFT: max abs logit error = {error:e}");
+    assert!(error <= 1e-4, "max abs error {error}");
+    // And the merge changed the model (the reference adapter is not a no-op).
+    let base_logits = &inputs["logits"];
+    let moved = masked_max_abs(&logits, base_logits, &inputs["attention_mask"])?;
+    assert!(
+        moved > 1e-2,
+        "merged logits equal the base model's ({moved})"
+    );
+    Ok(())
+}
+
+#[test]
+fn exported_adapter_keeps_peft_names_and_values() -> TestResult {
+    let Some(shared) = shared_dir() else {
+        eprintln!("skipped: PEFTPIPE_SHARED not set");
+        return Ok(());
+    };
+    let base = shared.join("models/stories260k");
+    let reference = base.join("reference/peft_lora");
+    let project = tempfile::tempdir()?;
+    let train = fake_train_artifact(project.path(), &reference, &base);
+    export(project.path(), &train, config(Some("adapter"), None), false)?;
+    let exported = project.path().join("adapter");
+    assert!(!project.path().join("merged").exists());
+    let ours =
+        candle_core::safetensors::load(exported.join("adapter_model.safetensors"), &Device::Cpu)?;
+    let peft =
+        candle_core::safetensors::load(reference.join("adapter_model.safetensors"), &Device::Cpu)?;
+    let mut our_names: Vec<&String> = ours.keys().collect();
+    let mut peft_names: Vec<&String> = peft.keys().collect();
+    our_names.sort();
+    peft_names.sort();
+    assert_eq!(our_names, peft_names, "tensor names differ from PEFT's");
+    assert!(our_names
+        .iter()
+        .all(|name| name.starts_with("base_model.model.model.layers.")));
+    for (name, tensor) in &peft {
+        let difference = (tensor - &ours[name])?
+            .abs()?
+            .max_all()?
+            .to_scalar::<f32>()?;
+        assert_eq!(difference, 0.0, "{name}");
+    }
+    let config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(
+        exported.join("adapter_config.json"),
+    )?)?;
+    assert_eq!(config["peft_type"], "LORA");
+    assert_eq!(config["r"], 4);
+    assert_eq!(
+        config["base_model_name_or_path"],
+        base.display().to_string()
+    );
+    let card = std::fs::read_to_string(exported.join("README.md"))?;
+    assert!(card.contains("library_name: peft"));
+    assert!(card.contains("| trainable parameters | 23120 |"), "{card}");
+    assert!(card.contains("| steps | 60 |"), "{card}");
+    Ok(())
+}
+
+#[test]
+fn export_destinations_may_not_escape_the_project() -> TestResult {
+    let Some(shared) = shared_dir() else {
+        eprintln!("skipped: PEFTPIPE_SHARED not set");
+        return Ok(());
+    };
+    let base = shared.join("models/stories260k");
+    let root = tempfile::tempdir()?;
+    let project = root.path().join("project");
+    std::fs::create_dir_all(&project)?;
+    let train = fake_train_artifact(root.path(), &base.join("reference/peft_lora"), &base);
+    let error = export(&project, &train, config(Some("../outside"), None), false).unwrap_err();
+    assert!(
+        error.to_string().contains("--allow-outside-project"),
+        "{error}"
+    );
+    assert!(!root.path().join("outside").exists());
+    // With the flag, the same destination is written.
+    export(&project, &train, config(Some("../outside"), None), true)?;
+    assert!(root
+        .path()
+        .join("outside/adapter_model.safetensors")
+        .is_file());
+    // Republishing replaces the earlier export.
+    std::fs::write(root.path().join("outside/stale.txt"), "old")?;
+    export(&project, &train, config(Some("../outside"), None), true)?;
+    assert!(!root.path().join("outside/stale.txt").exists());
+    Ok(())
+}
+
+/// A test-side LoRA (y = x·Wᵀ + b + s·(x·Aᵀ)·Bᵀ on plain tensors): the oracle the merged
+/// weights are checked against.
+struct OracleLora {
+    pairs: HashMap<String, (Tensor, Tensor)>,
+    scale: f64,
+}
+
+struct OracleLayer {
+    base: LinearWeights,
+    lora: Option<(Tensor, Tensor, f64)>,
+}
+
+impl LinearLayer for OracleLayer {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let y = x.broadcast_matmul(&self.base.weight.t()?)?;
+        let y = match &self.base.bias {
+            Some(bias) => y.broadcast_add(bias)?,
+            None => y,
+        };
+        match &self.lora {
+            None => Ok(y),
+            Some((a, b, scale)) => {
+                let delta = (x.broadcast_matmul(&a.t()?)?.broadcast_matmul(&b.t()?)? * *scale)?;
+                y + delta
+            }
+        }
+    }
+}
+
+impl LinearFactory for OracleLora {
+    fn build(&self, path: &str, base: LinearWeights) -> candle_core::Result<Box<dyn LinearLayer>> {
+        let lora = self
+            .pairs
+            .get(path)
+            .map(|(a, b)| (a.clone(), b.clone(), self.scale));
+        Ok(Box::new(OracleLayer { base, lora }))
+    }
+}
+
+#[test]
+fn merged_gpt2_conv1d_weights_give_the_adapted_logits() -> TestResult {
+    let Some(shared) = shared_dir() else {
+        eprintln!("skipped: PEFTPIPE_SHARED not set");
+        return Ok(());
+    };
+    let base = shared.join("models/tiny-gpt2-random");
+    let project = tempfile::tempdir()?;
+    // A LoRA adapter on c_attn (64 → 192, Conv1D stored [64, 192]) and mlp.c_proj (256 → 64,
+    // stored [256, 64]) of both layers, rank 2, alpha 4, random non-zero A and B.
+    let adapter_dir = project.path().join("adapter-source");
+    std::fs::create_dir_all(&adapter_dir)?;
+    let device = Device::Cpu;
+    let mut tensors = HashMap::new();
+    let mut pairs = HashMap::new();
+    for layer in 0..2 {
+        for (module, input, output) in [("attn.c_attn", 64, 192), ("mlp.c_proj", 256, 64)] {
+            let path = format!("transformer.h.{layer}.{module}");
+            let a = Tensor::randn(0f32, 0.2, (2, input), &device)?;
+            let b = Tensor::randn(0f32, 0.2, (output, 2), &device)?;
+            tensors.insert(format!("base_model.model.{path}.lora_A.weight"), a.clone());
+            tensors.insert(format!("base_model.model.{path}.lora_B.weight"), b.clone());
+            pairs.insert(path, (a, b));
+        }
+    }
+    candle_core::safetensors::save(&tensors, adapter_dir.join("adapter_model.safetensors"))?;
+    let adapter_config = serde_json::json!({
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": 2, "lora_alpha": 4,
+        "lora_dropout": 0.0, "fan_in_fan_out": true, "bias": "none", "use_rslora": false,
+        "target_modules": ["c_attn", "c_proj"], "modules_to_save": null,
+        "base_model_name_or_path": base.display().to_string(),
+    });
+    std::fs::write(
+        adapter_dir.join("adapter_config.json"),
+        adapter_config.to_string(),
+    )?;
+    let train = fake_train_artifact(project.path(), &adapter_dir, &base);
+    export(project.path(), &train, config(None, Some("merged")), false)?;
+
+    let inputs =
+        candle_core::safetensors::load(base.join("reference_logits.safetensors"), &device)?;
+    let (ids, mask) = (&inputs["input_ids"], &inputs["attention_mask"]);
+    let merged = ModelDir::open(&project.path().join("merged"))?.load(
+        &device,
+        DType::F32,
+        &FrozenLinearFactory,
+    )?;
+    let oracle = OracleLora { pairs, scale: 2.0 };
+    let adapted = ModelDir::open(&base)?.load(&device, DType::F32, &oracle)?;
+    let merged_logits = merged.forward(ids, Some(mask), &Hooks::none())?;
+    let adapted_logits = adapted.forward(ids, Some(mask), &Hooks::none())?;
+    let error = masked_max_abs(&merged_logits, &adapted_logits, mask)?;
+    eprintln!("merged tiny-gpt2 vs unmerged LoRA: max abs logit error = {error:e}");
+    assert!(error <= 1e-4, "max abs error {error}");
+    let moved = masked_max_abs(&merged_logits, &inputs["logits"], mask)?;
+    assert!(moved > 1e-3, "the merge did not change the model ({moved})");
+    Ok(())
+}
