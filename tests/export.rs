@@ -345,3 +345,44 @@ fn merged_gpt2_conv1d_weights_give_the_adapted_logits() -> TestResult {
     assert!(moved > 1e-3, "the merge did not change the model ({moved})");
     Ok(())
 }
+
+#[test]
+fn exported_adapter_reimports_with_peft_logits_and_matches_the_merged_model() -> TestResult {
+    let Some(shared) = shared_dir() else {
+        eprintln!("skipped: PEFTPIPE_SHARED not set");
+        return Ok(());
+    };
+    use peftpipe::infer::session::InferenceModel;
+    use peftpipe::infer::LanguageModel;
+    let base = shared.join("models/stories260k");
+    let reference = base.join("reference/peft_lora");
+    let project = tempfile::tempdir()?;
+    let train = fake_train_artifact(project.path(), &reference, &base);
+    export(project.path(), &train, config(Some("a"), Some("m")), false)?;
+    let inputs = candle_core::safetensors::load(
+        base.join("reference/base_logits.safetensors"),
+        &Device::Cpu,
+    )?;
+    let expected = candle_core::safetensors::load(
+        reference.join("expected_logits.safetensors"),
+        &Device::Cpu,
+    )?;
+    let (ids, mask) = (&inputs["input_ids"], &inputs["attention_mask"]);
+    let adapted = InferenceModel::load(
+        &base,
+        Some(&project.path().join("a")),
+        &Device::Cpu,
+        DType::F32,
+    )?;
+    let merged = InferenceModel::load(&project.path().join("m"), None, &Device::Cpu, DType::F32)?;
+    let ids = ids.to_dtype(DType::U32)?;
+    let mask = mask.to_dtype(DType::U32)?;
+    let adapted_logits = adapted.language_model().logits(&ids, &mask)?;
+    let merged_logits = merged.language_model().logits(&ids, &mask)?;
+    let versus_peft = masked_max_abs(&adapted_logits, &expected["logits"], &mask)?;
+    let versus_merged = masked_max_abs(&adapted_logits, &merged_logits, &mask)?;
+    eprintln!("re-imported adapter vs PEFT: {versus_peft:e}; vs merged export: {versus_merged:e}");
+    assert!(versus_peft <= 1e-4, "{versus_peft}");
+    assert!(versus_merged <= 1e-4, "{versus_merged}");
+    Ok(())
+}

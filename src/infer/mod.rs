@@ -3,12 +3,14 @@
 //! the model's KV cache, stopping at EOS.
 //!
 //! Owns: the [`LanguageModel`] view of a causal LM that inference needs, batching of encoded
-//! examples, the scoring and generation loops, and the samplers. Must not: train, build
-//! autograd graphs (every weight it sees is a plain detached tensor, never a `Var`), read
-//! pipelines, Parquet or adapter files, or print.
+//! examples, the scoring and generation loops, the samplers, and loading a model folder (with an
+//! inference-only LoRA, `lora.rs`) for `generate` and `evaluate`. Must not: train, build autograd
+//! graphs (every weight it sees is a plain tensor, never a `Var`), read pipelines or Parquet, or
+//! print.
 
 pub mod batch;
 pub mod generate;
+pub mod lora;
 pub mod model;
 pub mod sample;
 pub mod score;

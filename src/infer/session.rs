@@ -7,6 +7,7 @@ use candle_core::{DType, Device};
 use serde::Serialize;
 
 use super::generate::{generate, GenerationSettings, StopReason};
+use super::lora::InferenceLora;
 use super::model::HookedModel;
 use super::sample::Sampling;
 use super::text::decode_continuation;
@@ -30,17 +31,20 @@ impl InferenceModel {
         device: &Device,
         dtype: DType,
     ) -> Result<Self, String> {
-        if let Some(adapter_dir) = adapter_dir {
-            return Err(format!(
-                "{}: adapters are not supported yet",
-                adapter_dir.display()
-            ));
-        }
         let dir = ModelDir::open(model_dir).map_err(|e| e.to_string())?;
         let tokenizer = dir.tokenizer().map_err(|e| e.to_string())?;
-        let model = dir
-            .load(device, dtype, &FrozenLinearFactory)
-            .map_err(|e| e.to_string())?;
+        let model = match adapter_dir {
+            None => dir
+                .load(device, dtype, &FrozenLinearFactory)
+                .map_err(|e| e.to_string())?,
+            Some(adapter_dir) => {
+                let lora = InferenceLora::load(adapter_dir, device)?;
+                let model = dir.load(device, dtype, &lora).map_err(|e| e.to_string())?;
+                lora.finish()
+                    .map_err(|e| format!("{}: {e}", adapter_dir.display()))?;
+                model
+            }
+        };
         Ok(InferenceModel {
             dir,
             model,

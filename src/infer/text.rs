@@ -1,5 +1,6 @@
-//! Text ↔ token ids for inference: the [`TextCodec`] view of a tokenizer, the Hugging Face
-//! tokenizer behind it, and how a (prompt, completion) pair becomes a scored [`Example`].
+//! Text ↔ token ids for inference: the [`TextCodec`] view of a tokenizer (implemented for the
+//! models' `ModelTokenizer` in `model.rs`) and how a (prompt, completion) pair becomes a scored
+//! [`Example`].
 
 use super::batch::Example;
 
