@@ -48,7 +48,7 @@ pub fn pipeline_schema_json() -> String {
 /// the config types must be documented).
 pub fn undocumented_properties(schema: &Value) -> Vec<String> {
     let mut missing = Vec::new();
-    collect_undocumented(schema, schema, "", &mut missing, 0);
+    collect_undocumented(schema, schema, "", &mut missing, 0, false);
     missing.sort();
     missing.dedup();
     missing
@@ -60,6 +60,7 @@ fn collect_undocumented(
     path: &str,
     missing: &mut Vec<String>,
     depth: usize,
+    is_variant: bool,
 ) {
     if depth > 64 {
         return;
@@ -67,13 +68,20 @@ fn collect_undocumented(
     let Value::Object(map) = node else {
         if let Value::Array(items) = node {
             for item in items {
-                collect_undocumented(root, item, path, missing, depth + 1);
+                collect_undocumented(root, item, path, missing, depth + 1, is_variant);
             }
         }
         return;
     };
     if let Some(Value::Object(properties)) = map.get("properties") {
+        // An externally tagged enum variant is an object with one property; its doc comment
+        // sits on that object.
+        let variant_documented =
+            is_variant && properties.len() == 1 && map.get("description").is_some();
         for (name, property) in properties {
+            if variant_documented {
+                continue;
+            }
             let property_path = if path.is_empty() {
                 name.clone()
             } else {
@@ -89,7 +97,7 @@ fn collect_undocumented(
             "definitions" | "$defs" => {
                 if let Value::Object(definitions) = value {
                     for (name, definition) in definitions {
-                        collect_undocumented(root, definition, name, missing, depth + 1);
+                        collect_undocumented(root, definition, name, missing, depth + 1, false);
                     }
                 }
                 continue;
@@ -102,7 +110,14 @@ fn collect_undocumented(
                         } else {
                             format!("{path}.{name}")
                         };
-                        collect_undocumented(root, property, &property_path, missing, depth + 1);
+                        collect_undocumented(
+                            root,
+                            property,
+                            &property_path,
+                            missing,
+                            depth + 1,
+                            false,
+                        );
                     }
                 }
                 continue;
@@ -110,7 +125,8 @@ fn collect_undocumented(
             _ => path.to_string(),
         };
         if matches!(value, Value::Object(_) | Value::Array(_)) {
-            collect_undocumented(root, value, &child_path, missing, depth + 1);
+            let variants = matches!(key.as_str(), "oneOf" | "anyOf");
+            collect_undocumented(root, value, &child_path, missing, depth + 1, variants);
         }
     }
 }

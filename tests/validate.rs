@@ -113,6 +113,12 @@ const INVALID: &[(&str, &[&str])] = &[
     ("every_problem_reported", &[]),
     ("non_finite_number", &[]),
     ("unsupported_tag", &[]),
+    ("missing_input_file", &[]),
+    ("missing_parquet_column", &[]),
+    ("template_syntax_error", &[]),
+    ("template_variable_no_column_provides", &[]),
+    ("split_fractions_do_not_add_up", &[]),
+    ("evaluate_reads_a_non_train_stage", &[]),
 ];
 
 macro_rules! invalid_fixture_tests {
@@ -159,6 +165,12 @@ invalid_fixture_tests!(
     every_problem_reported,
     non_finite_number,
     unsupported_tag,
+    missing_input_file,
+    missing_parquet_column,
+    template_syntax_error,
+    template_variable_no_column_provides,
+    split_fractions_do_not_add_up,
+    evaluate_reads_a_non_train_stage,
 );
 
 fn yaml_files(dir: &Path) -> Vec<String> {

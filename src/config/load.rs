@@ -1550,18 +1550,12 @@ pub fn check_pipeline(parsed: &Parsed) -> Vec<Problem> {
         problems.push(graph_problem(error, stages));
     }
 
-    for (name, config) in stages {
-        if let Err(message) = config.spec().input_files(&project_dir) {
-            problems.push(Problem::new(
-                join_key(&join_key("stages", name), config.kind().as_str()),
-                message,
-            ));
-        }
-    }
-
     // Kind checks in topological order, then whatever sits on or behind a cycle.
     let mut columns: BTreeMap<String, Vec<String>> = BTreeMap::new();
-    let mut order: Vec<&str> = graph.order().collect();
+    // Stages on or behind a cycle are checked too, but their outputs are not offered as
+    // columns: the graph there is broken and its problem already reported.
+    let ordered: Vec<&str> = graph.order().collect();
+    let mut order = ordered.clone();
     for name in stages.keys() {
         if !order.contains(&name.as_str()) {
             order.push(name);
@@ -1577,7 +1571,20 @@ pub fn check_pipeline(parsed: &Parsed) -> Vec<Problem> {
             project_dir: &project_dir,
             columns: &columns,
         };
+        let before = problems.len();
         config.spec().check(&context, &at, &mut problems);
+        // Missing input files, unless the kind's own check already said so (at its key).
+        if let Err(message) = config.spec().input_files(&project_dir) {
+            if !problems[before..]
+                .iter()
+                .any(|problem| problem.message == message)
+            {
+                problems.push(Problem::new(at.clone(), message));
+            }
+        }
+        if !ordered.contains(&name) {
+            continue;
+        }
         if let Some(output) = config.spec().output_columns(&context, name) {
             columns.insert(name.to_string(), output);
         }
