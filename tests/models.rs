@@ -408,3 +408,39 @@ fn frozen_factory_layer_is_the_frozen_linear() -> Result<()> {
     );
     Ok(())
 }
+
+/// The committed quickstart model fits its tokenizer, loads, runs, and stays under 1 MB.
+#[test]
+fn quickstart_model_matches_its_tokenizer() -> Result<()> {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("datasets/quickstart/model");
+    if !dir.join("tokenizer.json").is_file() || !dir.join("model.safetensors").is_file() {
+        // Both are committed together once the quickstart dataset lands.
+        return Ok(());
+    }
+    let model_dir = peftpipe::models::ModelDir::open(&dir)
+        .map_err(|error| candle_core::Error::Msg(error.to_string()))?;
+    let tokenizer = model_dir
+        .tokenizer()
+        .map_err(|error| candle_core::Error::Msg(error.to_string()))?;
+    assert_eq!(
+        tokenizer.vocab_size(),
+        model_dir.config().vocab_size(),
+        "rerun `cargo run --example make_quickstart_model` after changing the tokenizer"
+    );
+    let size = std::fs::metadata(dir.join("model.safetensors"))?.len();
+    assert!(size < 1_000_000, "quickstart model is {size} bytes");
+    let model = model_dir
+        .load(&Device::Cpu, DType::F32, &FrozenLinearFactory)
+        .map_err(|error| candle_core::Error::Msg(error.to_string()))?;
+    let ids = tokenizer
+        .encode("a small test", true)
+        .map_err(|error| candle_core::Error::Msg(error.to_string()))?;
+    let length = ids.len();
+    let logits = model.forward(
+        &Tensor::from_vec(ids, (1, length), &Device::Cpu)?,
+        None,
+        &Hooks::none(),
+    )?;
+    assert_eq!(logits.dims(), [1, length, tokenizer.vocab_size()]);
+    Ok(())
+}
