@@ -189,3 +189,30 @@ fn two_concurrent_runs_on_one_cache_are_safe() {
     let status = project.run(&["status", "--check", "pipeline.yaml"]);
     assert_eq!(status.status.code(), Some(0));
 }
+
+#[test]
+fn a_failing_stage_exits_1_records_nothing_and_skips_its_dependents() {
+    let project = Project::new();
+    // Broken far below the lines validation peeks at: only the stage finds it.
+    let many: Vec<(String, &str)> = (0..5000)
+        .map(|index| (format!("review {index}"), "positive"))
+        .collect();
+    let mut text = exec_support::jsonl(&many);
+    text.push_str("{\"text\": \"broken row\", \"label\": \n");
+    project.write("datasets/reviews.jsonl", &text);
+    let output = project.run(&["run", "pipeline.yaml"]);
+    assert_eq!(output.status.code(), Some(1), "{}", stderr(&output));
+    insta::assert_snapshot!("failing_stage", project.redact(&stderr(&output)));
+    assert!(project.recorded_output("data").is_none());
+    let leftovers = std::fs::read_dir(project.path(".peftpipe/cache/tmp"))
+        .expect("tmp")
+        .count();
+    assert_eq!(leftovers, 0);
+    // Fixing the input makes the next run succeed.
+    project.write(
+        "datasets/reviews.jsonl",
+        &exec_support::jsonl(&exec_support::rows()),
+    );
+    let fixed = project.run(&["run", "pipeline.yaml"]);
+    assert!(fixed.status.success(), "{}", stderr(&fixed));
+}

@@ -1,13 +1,15 @@
-//! The executor's view of the stage graph: upstream names per stage, a topological order (file
-//! order breaks ties, so runs are reproducible) and `--stage` selection (targets plus everything
-//! they need). Pure; no I/O.
+//! The executor's view of the stage graph, on top of [`crate::dag::StageGraph`]: upstream names
+//! per stage, the topological order (file order breaks ties, so runs are reproducible) and
+//! `--stage` selection (targets plus everything they need) as owned names. Pure; no I/O.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 
 use indexmap::IndexMap;
 
 use super::ExecError;
+use crate::config::problem::did_you_mean;
 use crate::config::StageConfig;
+use crate::dag::StageGraph;
 
 /// Upstream stage names of a config (deduplicated, in declaration order).
 pub fn upstream_names(config: &StageConfig) -> Vec<String> {
@@ -20,43 +22,23 @@ pub fn upstream_names(config: &StageConfig) -> Vec<String> {
     names
 }
 
+/// The stage graph of `stages` (see [`crate::dag::StageGraph`]); its first problem is an error.
+fn graph(stages: &IndexMap<String, StageConfig>) -> Result<StageGraph, ExecError> {
+    let (graph, errors) = StageGraph::build(
+        stages
+            .iter()
+            .map(|(name, config)| (name.as_str(), config.kind(), config.spec().upstream())),
+        stages.keys().map(String::as_str),
+    );
+    match errors.first() {
+        Some(error) => Err(ExecError::Graph(error.to_string())),
+        None => Ok(graph),
+    }
+}
+
 /// Stages in an order where every stage comes after its upstream stages. Ties keep file order.
 pub fn topological_order(stages: &IndexMap<String, StageConfig>) -> Result<Vec<String>, ExecError> {
-    let mut remaining: BTreeMap<&str, BTreeSet<String>> = BTreeMap::new();
-    for (name, config) in stages {
-        let upstream: BTreeSet<String> = upstream_names(config).into_iter().collect();
-        for needed in &upstream {
-            if !stages.contains_key(needed) {
-                return Err(ExecError::Graph(format!(
-                    "stage `{name}` reads unknown stage `{needed}`"
-                )));
-            }
-        }
-        remaining.insert(name, upstream);
-    }
-    let mut order: Vec<String> = Vec::with_capacity(stages.len());
-    while order.len() < stages.len() {
-        let next = stages.keys().find(|name| {
-            remaining
-                .get(name.as_str())
-                .is_some_and(|upstream| upstream.iter().all(|u| order.contains(u)))
-                && !order.contains(name)
-        });
-        match next {
-            Some(name) => {
-                remaining.remove(name.as_str());
-                order.push(name.clone());
-            }
-            None => {
-                let cycle: Vec<&str> = remaining.keys().copied().collect();
-                return Err(ExecError::Graph(format!(
-                    "the stages {} form a cycle",
-                    cycle.join(", ")
-                )));
-            }
-        }
-    }
-    Ok(order)
+    Ok(graph(stages)?.order().map(String::from).collect())
 }
 
 /// The stages a run needs, in topological order: every stage when `targets` is empty, else the
@@ -69,27 +51,17 @@ pub fn select(
     if targets.is_empty() {
         return Ok(order.to_vec());
     }
+    let graph = graph(stages)?;
     let mut wanted: BTreeSet<String> = BTreeSet::new();
-    let mut stack: Vec<String> = Vec::new();
     for target in targets {
-        if !stages.contains_key(target) {
-            return Err(ExecError::UnknownStage {
-                name: target.clone(),
-                hint: crate::config::problem::did_you_mean(
-                    target,
-                    stages.keys().map(String::as_str),
-                )
-                .map(String::from),
-            });
-        }
-        stack.push(target.clone());
-    }
-    while let Some(name) = stack.pop() {
-        if wanted.insert(name.clone()) {
-            if let Some(config) = stages.get(&name) {
-                stack.extend(upstream_names(config));
-            }
-        }
+        let needed = graph
+            .select(target)
+            .map_err(|error| ExecError::UnknownStage {
+                hint: did_you_mean(target, error.candidates.iter().map(String::as_str))
+                    .map(String::from),
+                name: error.name,
+            })?;
+        wanted.extend(needed.into_iter().map(String::from));
     }
     Ok(order
         .iter()
@@ -145,6 +117,6 @@ other: {ingest: {path: b.parquet}}
     fn cycles_are_reported() {
         let stages = stages("a: {template: {input: b}}\nb: {template: {input: a}}\n");
         let error = topological_order(&stages).unwrap_err().to_string();
-        assert_eq!(error, "the stages a, b form a cycle");
+        assert!(error.starts_with("cycle: "), "{error}");
     }
 }
