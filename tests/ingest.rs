@@ -1,0 +1,449 @@
+//! The ingest stage on small generated Parquet / JSONL / CSV files in temp dirs: filters, dedup,
+//! stratified split proportions, determinism, shards, row limits and errors on corrupt or
+//! mistyped input.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
+use arrow::array::{ArrayRef, Int64Array, RecordBatch, StringArray};
+use arrow::datatypes::{DataType, Field, Schema};
+use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use parquet::arrow::ArrowWriter;
+use peftpipe::config::IngestConfig;
+use peftpipe::stages::{self, NullSink, RunOptions, StageContext, StageError, StageOutcome};
+
+fn write_parquet(path: &Path, columns: Vec<(&str, ArrayRef)>) {
+    let schema = Arc::new(Schema::new(
+        columns
+            .iter()
+            .map(|(name, array)| Field::new(*name, array.data_type().clone(), true))
+            .collect::<Vec<_>>(),
+    ));
+    let batch =
+        RecordBatch::try_new(schema.clone(), columns.into_iter().map(|c| c.1).collect()).unwrap();
+    let mut writer =
+        ArrowWriter::try_new(std::fs::File::create(path).unwrap(), schema, None).unwrap();
+    writer.write(&batch).unwrap();
+    writer.close().unwrap();
+}
+
+fn strings(values: &[Option<&str>]) -> ArrayRef {
+    Arc::new(StringArray::from(values.to_vec()))
+}
+
+fn config(yaml: &str) -> IngestConfig {
+    let value: serde_json::Value = serde_norway::from_str(yaml).unwrap();
+    serde_json::from_value(value).unwrap()
+}
+
+/// Run an ingest config with the pipeline directory `project`, writing into `out`.
+fn run(
+    config: &IngestConfig,
+    project: &Path,
+    out: &Path,
+    seed: u64,
+) -> Result<StageOutcome, StageError> {
+    std::fs::create_dir_all(out).unwrap();
+    let upstream = BTreeMap::new();
+    let cancel = AtomicBool::new(false);
+    let options = RunOptions::default();
+    let ctx = StageContext {
+        name: "data",
+        project_dir: project,
+        out_dir: out,
+        upstream: &upstream,
+        seed,
+        progress: &NullSink,
+        cancel: &cancel,
+        options: &options,
+    };
+    stages::build(&peftpipe::config::StageConfig::Ingest(config.clone())).run(&ctx)
+}
+
+/// Read a column of a Parquet artifact as strings (numbers in text form).
+fn column(path: &Path, name: &str) -> Vec<Option<String>> {
+    let reader = ParquetRecordBatchReaderBuilder::try_new(std::fs::File::open(path).unwrap())
+        .unwrap()
+        .build()
+        .unwrap();
+    let mut values = Vec::new();
+    for batch in reader {
+        let batch = batch.unwrap();
+        let array = batch.column(batch.schema().index_of(name).unwrap());
+        let text = arrow::compute::cast(array, &DataType::Utf8).unwrap();
+        let text = text.as_any().downcast_ref::<StringArray>().unwrap();
+        values.extend(text.iter().map(|v| v.map(str::to_string)));
+    }
+    values
+}
+
+fn stats(out: &Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(out.join("stats.json")).unwrap()).unwrap()
+}
+
+fn labelled_rows(dir: &Path, positives: usize, negatives: usize) -> PathBuf {
+    let total = positives + negatives;
+    let texts: Vec<String> = (0..total).map(|i| format!("review number {i}")).collect();
+    let labels: Vec<&str> = (0..total)
+        .map(|i| {
+            if i < positives {
+                "positive"
+            } else {
+                "negative"
+            }
+        })
+        .collect();
+    let ids: Vec<i64> = (0..total as i64).collect();
+    let path = dir.join("rows.parquet");
+    write_parquet(
+        &path,
+        vec![
+            ("id", Arc::new(Int64Array::from(ids))),
+            ("text", Arc::new(StringArray::from(texts))),
+            ("label", Arc::new(StringArray::from(labels))),
+        ],
+    );
+    path
+}
+
+#[test]
+fn filters_nulls_and_dedup_drop_the_right_rows_and_are_counted() {
+    let dir = tempfile::tempdir().unwrap();
+    write_parquet(
+        &dir.path().join("in.parquet"),
+        vec![
+            (
+                "text",
+                strings(&[
+                    Some("good film"),
+                    None,
+                    Some("ok"),
+                    Some("good film"),
+                    Some("bad plot"),
+                    Some("fine acting"),
+                    Some("bad plot"),
+                    Some("nice"),
+                ]),
+            ),
+            (
+                "label",
+                strings(&[
+                    Some("positive"),
+                    Some("negative"),
+                    Some("positive"),
+                    Some("positive"),
+                    Some("negative"),
+                    None,
+                    Some("negative"),
+                    Some("unsure"),
+                ]),
+            ),
+        ],
+    );
+    let config = config(
+        "path: in.parquet\nfilters:\n  - not_null: text\n  - length: {column: text, min: 3}\n  - in_set: {column: label, values: [positive, negative]}\ndrop_nulls: true\ndedup: [text]\nsplit: {fractions: {train: 0.5, eval: 0.5}}\n",
+    );
+    let out = dir.path().join("out");
+    let outcome = run(&config, dir.path(), &out, 1).unwrap();
+    let stats = stats(&out);
+    assert_eq!(stats["rows_read"], 8);
+    let dropped: Vec<u64> = stats["dropped"]["filters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["rows"].as_u64().unwrap())
+        .collect();
+    // not_null drops the null text, length drops "ok", in_set drops "unsure" and the null label.
+    assert_eq!(dropped, vec![1, 1, 2]);
+    assert_eq!(stats["dropped"]["drop_nulls"], 0);
+    assert_eq!(stats["dropped"]["dedup"], 2);
+    assert_eq!(stats["rows_kept"], 2);
+    assert_eq!(stats["input_nulls"]["text"], 1);
+    assert_eq!(outcome.summary["rows_kept"], 2);
+    let mut kept: Vec<Option<String>> = column(&out.join("train.parquet"), "text");
+    kept.extend(column(&out.join("eval.parquet"), "text"));
+    kept.sort();
+    assert_eq!(
+        kept,
+        vec![Some("bad plot".into()), Some("good film".into())]
+    );
+    assert!(!out.join("test.parquet").exists());
+    let leftovers: Vec<_> = std::fs::read_dir(&out)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(
+        leftovers.len(),
+        3,
+        "only the artifact files remain: {leftovers:?}"
+    );
+}
+
+#[test]
+fn stratified_split_keeps_label_proportions_exactly() {
+    let dir = tempfile::tempdir().unwrap();
+    labelled_rows(dir.path(), 700, 300);
+    let config = config(
+        "path: rows.parquet\nsplit: {fractions: {train: 0.7, eval: 0.2, test: 0.1}, stratify_by: label}\n",
+    );
+    let out = dir.path().join("out");
+    run(&config, dir.path(), &out, 3).unwrap();
+    let count = |split: &str, label: &str| {
+        column(&out.join(format!("{split}.parquet")), "label")
+            .iter()
+            .filter(|v| v.as_deref() == Some(label))
+            .count()
+    };
+    assert_eq!(
+        (count("train", "positive"), count("train", "negative")),
+        (490, 210)
+    );
+    assert_eq!(
+        (count("eval", "positive"), count("eval", "negative")),
+        (140, 60)
+    );
+    assert_eq!(
+        (count("test", "positive"), count("test", "negative")),
+        (70, 30)
+    );
+    let stats = stats(&out);
+    assert_eq!(stats["splits"]["eval"]["strata"]["negative"], 60);
+    // Every id lands in exactly one split.
+    let mut ids: Vec<i64> = ["train", "eval", "test"]
+        .iter()
+        .flat_map(|s| column(&out.join(format!("{s}.parquet")), "id"))
+        .map(|v| v.unwrap().parse().unwrap())
+        .collect();
+    ids.sort_unstable();
+    assert_eq!(ids, (0..1000).collect::<Vec<i64>>());
+}
+
+#[test]
+fn counts_split_gives_train_the_rest_and_writes_a_test_file() {
+    let dir = tempfile::tempdir().unwrap();
+    labelled_rows(dir.path(), 50, 50);
+    let config =
+        config("path: rows.parquet\nshuffle: false\nsplit: {counts: {eval: 10, test: 5}}\n");
+    let out = dir.path().join("out");
+    run(&config, dir.path(), &out, 3).unwrap();
+    assert_eq!(column(&out.join("train.parquet"), "id").len(), 85);
+    assert_eq!(column(&out.join("eval.parquet"), "id").len(), 10);
+    assert_eq!(column(&out.join("test.parquet"), "id").len(), 5);
+    // Without shuffling, rows keep their input order within a split.
+    let train: Vec<i64> = column(&out.join("train.parquet"), "id")
+        .into_iter()
+        .map(|v| v.unwrap().parse().unwrap())
+        .collect();
+    assert!(train.windows(2).all(|w| w[0] < w[1]));
+    let too_many = config_with_counts(200);
+    let error = run(&too_many, dir.path(), &dir.path().join("out2"), 3).unwrap_err();
+    assert!(error.to_string().contains("only 100 rows"), "{error}");
+}
+
+fn config_with_counts(eval: u64) -> IngestConfig {
+    config(&format!(
+        "path: rows.parquet\nsplit: {{counts: {{eval: {eval}}}}}\n"
+    ))
+}
+
+#[test]
+fn same_seed_gives_identical_files_and_another_seed_does_not() {
+    let dir = tempfile::tempdir().unwrap();
+    labelled_rows(dir.path(), 120, 80);
+    let config = config("path: rows.parquet\ndedup: [text]\nsplit: {fractions: {train: 0.8, eval: 0.2}, stratify_by: label}\n");
+    let first = dir.path().join("first");
+    let second = dir.path().join("second");
+    let other = dir.path().join("other");
+    run(&config, dir.path(), &first, 42).unwrap();
+    run(&config, dir.path(), &second, 42).unwrap();
+    run(&config, dir.path(), &other, 43).unwrap();
+    for name in ["train.parquet", "eval.parquet", "stats.json"] {
+        assert_eq!(
+            std::fs::read(first.join(name)).unwrap(),
+            std::fs::read(second.join(name)).unwrap(),
+            "{name} differs between two runs with one seed"
+        );
+    }
+    assert_ne!(
+        std::fs::read(first.join("train.parquet")).unwrap(),
+        std::fs::read(other.join("train.parquet")).unwrap()
+    );
+}
+
+#[test]
+fn shards_in_a_glob_or_directory_are_read_in_order_with_stable_keys() {
+    let dir = tempfile::tempdir().unwrap();
+    let shards = dir.path().join("shards");
+    std::fs::create_dir(&shards).unwrap();
+    for shard in 0..3 {
+        let texts: Vec<String> = (0..10).map(|i| format!("shard {shard} row {i}")).collect();
+        write_parquet(
+            &shards.join(format!("part-{shard}.parquet")),
+            vec![("text", Arc::new(StringArray::from(texts)) as ArrayRef)],
+        );
+    }
+    let from_glob = config(
+        "path: shards/part-*.parquet\nshuffle: false\nlimit: 25\nsplit: {counts: {eval: 0}}\n",
+    );
+    let files = from_glob.files(dir.path()).unwrap();
+    let keys: Vec<&str> = files.iter().map(|f| f.key.as_str()).collect();
+    assert_eq!(
+        keys,
+        vec![
+            "shards/part-0.parquet",
+            "shards/part-1.parquet",
+            "shards/part-2.parquet"
+        ]
+    );
+    let out = dir.path().join("out");
+    run(&from_glob, dir.path(), &out, 0).unwrap();
+    let texts = column(&out.join("train.parquet"), "text");
+    assert_eq!(texts.len(), 25, "limit stops reading after 25 rows");
+    assert_eq!(texts[24].as_deref(), Some("shard 2 row 4"));
+    let from_dir = config("path: shards\n");
+    assert_eq!(
+        from_dir.files(dir.path()).unwrap()[2].key,
+        "shards/part-2.parquet"
+    );
+}
+
+#[test]
+fn jsonl_and_csv_inputs_are_selected_and_renamed() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut jsonl = String::new();
+    for i in 0..20 {
+        jsonl.push_str(&format!(
+            "{{\"sentence\": \"line {i}\", \"score\": {i}, \"extra\": true}}\n"
+        ));
+    }
+    std::fs::write(dir.path().join("rows.jsonl"), jsonl).unwrap();
+    let mut csv = String::from("sentence,score,extra\n");
+    for i in 0..20 {
+        csv.push_str(&format!("\"line, {i}\",{i},x\n"));
+    }
+    std::fs::write(dir.path().join("rows.csv"), csv).unwrap();
+    for file in ["rows.jsonl", "rows.csv"] {
+        let config = config(&format!(
+            "path: {file}\ncolumns: [score, sentence]\nrename: {{sentence: text}}\nfilters: [{{equals: {{column: score, value: 3}}}}]\nsplit: {{counts: {{eval: 0}}}}\n"
+        ));
+        let out = dir.path().join(format!("out-{file}"));
+        run(&config, dir.path(), &out, 0).unwrap();
+        let reader = ParquetRecordBatchReaderBuilder::try_new(
+            std::fs::File::open(out.join("train.parquet")).unwrap(),
+        )
+        .unwrap();
+        let names: Vec<String> = reader
+            .schema()
+            .fields()
+            .iter()
+            .map(|f| f.name().clone())
+            .collect();
+        assert_eq!(names, vec!["score", "text"], "{file}");
+        let texts = column(&out.join("train.parquet"), "text");
+        let expected = if file.ends_with("csv") {
+            "line, 3"
+        } else {
+            "line 3"
+        };
+        assert_eq!(texts, vec![Some(expected.to_string())], "{file}");
+    }
+}
+
+#[test]
+fn corrupt_parquet_is_an_error_naming_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("broken.parquet"),
+        b"PAR1 this is not parquet",
+    )
+    .unwrap();
+    let error = run(
+        &config("path: broken.parquet\n"),
+        dir.path(),
+        &dir.path().join("out"),
+        0,
+    )
+    .unwrap_err();
+    assert!(error.to_string().contains("broken.parquet"), "{error}");
+}
+
+#[test]
+fn corrupt_row_group_is_an_error_naming_file_row_group_and_column() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = labelled_rows(dir.path(), 300, 300);
+    // Overwrite bytes inside the first column chunk's pages (after the 4-byte magic).
+    let mut bytes = std::fs::read(&path).unwrap();
+    let metadata = ParquetRecordBatchReaderBuilder::try_new(std::fs::File::open(&path).unwrap())
+        .unwrap()
+        .metadata()
+        .clone();
+    let text_chunk = metadata.row_group(0).column(1);
+    let (start, length) = text_chunk.byte_range();
+    for byte in &mut bytes[start as usize + 40..(start + length) as usize - 8] {
+        *byte = 0xAB;
+    }
+    std::fs::write(&path, bytes).unwrap();
+    let error = run(
+        &config("path: rows.parquet\n"),
+        dir.path(),
+        &dir.path().join("out"),
+        0,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(error.contains("rows.parquet"), "{error}");
+    assert!(error.contains("row group 0"), "{error}");
+    assert!(error.contains("column `text`"), "{error}");
+}
+
+#[test]
+fn mistyped_shard_is_an_error_naming_file_and_column() {
+    let dir = tempfile::tempdir().unwrap();
+    write_parquet(
+        &dir.path().join("a.parquet"),
+        vec![("label", Arc::new(Int64Array::from(vec![1, 0])) as ArrayRef)],
+    );
+    write_parquet(
+        &dir.path().join("b.parquet"),
+        vec![("label", strings(&[Some("positive")]))],
+    );
+    let error = run(
+        &config("path: '*.parquet'\n"),
+        dir.path(),
+        &dir.path().join("out"),
+        0,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        error.contains("b.parquet") && error.contains("`label`"),
+        "{error}"
+    );
+    let error = run(
+        &config("path: a.parquet\nfilters: [{equals: {column: label, value: positive}}]\n"),
+        dir.path(),
+        &dir.path().join("out2"),
+        0,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(error.contains("Int64"), "{error}");
+}
+
+#[test]
+fn stats_report_length_percentiles_and_nulls_per_split() {
+    let dir = tempfile::tempdir().unwrap();
+    labelled_rows(dir.path(), 60, 40);
+    let out = dir.path().join("out");
+    run(&config("path: rows.parquet\n"), dir.path(), &out, 0).unwrap();
+    let stats = stats(&out);
+    let lengths = &stats["text_lengths"]["text"];
+    // "review number 0" .. "review number 99": 15 or 16 characters.
+    assert_eq!(lengths["min"], 15);
+    assert_eq!(lengths["max"], 16);
+    assert_eq!(lengths["count"], 100);
+    assert_eq!(stats["splits"]["train"]["rows"], 90);
+    assert_eq!(stats["splits"]["eval"]["nulls"]["text"], 0);
+}

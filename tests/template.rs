@@ -1,0 +1,381 @@
+//! The template stage on small generated splits in temp dirs: prompt/completion/text output,
+//! strict-undefined errors naming row and variable, few-shot draws (never the row itself, never
+//! evaluation rows), chat templates (Llama-3 and ChatML style) against hand-written strings,
+//! template files with macros, and the quickstart tokenizer.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
+use arrow::array::{ArrayRef, Int64Array, RecordBatch, StringArray};
+use arrow::datatypes::{DataType, Field, Schema};
+use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use parquet::arrow::ArrowWriter;
+use peftpipe::config::{StageConfig, TemplateConfig};
+use peftpipe::data::chat::{ChatTemplate, ChatTemplateSource, Message};
+use peftpipe::stages::{self, NullSink, RunOptions, StageContext, StageError};
+
+fn write_split(path: &Path, ids: std::ops::Range<i64>) {
+    let texts: Vec<Option<String>> = ids
+        .clone()
+        .map(|i| {
+            if i == 1002 {
+                None
+            } else {
+                Some(format!("text {i}"))
+            }
+        })
+        .collect();
+    let labels: Vec<&str> = ids
+        .clone()
+        .map(|i| if i % 2 == 0 { "positive" } else { "negative" })
+        .collect();
+    let schema = Arc::new(Schema::new(vec![
+        Field::new("id", DataType::Int64, true),
+        Field::new("text", DataType::Utf8, true),
+        Field::new("label", DataType::Utf8, true),
+    ]));
+    let columns: Vec<ArrayRef> = vec![
+        Arc::new(Int64Array::from(ids.collect::<Vec<_>>())),
+        Arc::new(StringArray::from(texts)),
+        Arc::new(StringArray::from(labels)),
+    ];
+    let batch = RecordBatch::try_new(schema.clone(), columns).unwrap();
+    let mut writer =
+        ArrowWriter::try_new(std::fs::File::create(path).unwrap(), schema, None).unwrap();
+    writer.write(&batch).unwrap();
+    writer.close().unwrap();
+}
+
+/// An input artifact with train ids 0..40 and eval ids 1000..1010 (row 1002's text is null).
+fn input_artifact(dir: &Path) -> std::path::PathBuf {
+    let input = dir.join("data");
+    std::fs::create_dir_all(&input).unwrap();
+    write_split(&input.join("train.parquet"), 0..40);
+    write_split(&input.join("eval.parquet"), 1000..1010);
+    input
+}
+
+fn config(yaml: &str) -> TemplateConfig {
+    let value: serde_json::Value = serde_norway::from_str(yaml).unwrap();
+    serde_json::from_value(value).unwrap()
+}
+
+fn run(
+    config: &TemplateConfig,
+    project: &Path,
+    input: &Path,
+    out: &Path,
+) -> Result<(), StageError> {
+    std::fs::create_dir_all(out).unwrap();
+    let upstream: BTreeMap<String, std::path::PathBuf> =
+        [("data".to_string(), input.to_path_buf())].into();
+    let cancel = AtomicBool::new(false);
+    let options = RunOptions::default();
+    let ctx = StageContext {
+        name: "prompts",
+        project_dir: project,
+        out_dir: out,
+        upstream: &upstream,
+        seed: 7,
+        progress: &NullSink,
+        cancel: &cancel,
+        options: &options,
+    };
+    stages::build(&StageConfig::Template(config.clone()))
+        .run(&ctx)
+        .map(|_| ())
+}
+
+fn read(path: &Path, name: &str) -> Vec<Option<String>> {
+    let reader = ParquetRecordBatchReaderBuilder::try_new(std::fs::File::open(path).unwrap())
+        .unwrap()
+        .build()
+        .unwrap();
+    let mut values = Vec::new();
+    for batch in reader {
+        let batch = batch.unwrap();
+        let array = batch.column(batch.schema().index_of(name).unwrap());
+        let text = arrow::compute::cast(array, &DataType::Utf8).unwrap();
+        let text = text.as_any().downcast_ref::<StringArray>().unwrap();
+        values.extend(text.iter().map(|v| v.map(str::to_string)));
+    }
+    values
+}
+
+#[test]
+fn rows_render_into_prompt_completion_and_text_with_the_label_carried() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = input_artifact(dir.path());
+    let out = dir.path().join("out");
+    let config = config(
+        "input: data\nprompt: \"review: {{ text if text else 'empty' }}\\nsentiment:\"\ncompletion: \" {{ label }}\"\nlabel: label\n",
+    );
+    run(&config, dir.path(), &input, &out).unwrap();
+    let train = out.join("train.parquet");
+    assert_eq!(
+        read(&train, "prompt")[3].as_deref(),
+        Some("review: text 3\nsentiment:")
+    );
+    assert_eq!(read(&train, "completion")[3].as_deref(), Some(" negative"));
+    assert_eq!(
+        read(&train, "text")[3].as_deref(),
+        Some("review: text 3\nsentiment: negative")
+    );
+    assert_eq!(read(&train, "label")[3].as_deref(), Some("negative"));
+    assert_eq!(
+        read(&out.join("eval.parquet"), "prompt")[2].as_deref(),
+        Some("review: empty\nsentiment:")
+    );
+    let record: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("template.json")).unwrap()).unwrap();
+    assert_eq!(record["rows"]["train"], 40);
+    assert_eq!(record["templates"]["completion"]["source"], " {{ label }}");
+}
+
+#[test]
+fn undefined_variable_error_names_the_row_and_the_variable() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = input_artifact(dir.path());
+    let error = run(
+        &config("input: data\nprompt: \"{{ txet }}\"\ncompletion: \"{{ label }}\"\n"),
+        dir.path(),
+        &input,
+        &dir.path().join("out"),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        error.contains("row 0") && error.contains("`txet`"),
+        "{error}"
+    );
+    // A null cell printed: the eval split's row 2.
+    let error = run(
+        &config("input: data\nprompt: \"{{ text }}\"\ncompletion: \"{{ label }}\"\n"),
+        dir.path(),
+        &input,
+        &dir.path().join("out2"),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        error.contains("split eval, row 2") && error.contains("text"),
+        "{error}"
+    );
+}
+
+#[test]
+fn few_shot_never_uses_the_row_itself_nor_evaluation_rows() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = input_artifact(dir.path());
+    for strategy in ["random", "stratified", "first_k"] {
+        let out = dir.path().join(format!("out-{strategy}"));
+        let config = config(&format!(
+            "input: data\nprompt: \"{{% for ex in examples %}}[{{{{ ex.id }}}}]{{% endfor %}}\"\ncompletion: \"{{{{ id }}}}\"\nlabel: label\nfew_shot: {{k: 4, strategy: {strategy}}}\n"
+        ));
+        run(&config, dir.path(), &input, &out).unwrap();
+        for split in ["train", "eval"] {
+            let prompts = read(&out.join(format!("{split}.parquet")), "prompt");
+            let ids = read(&out.join(format!("{split}.parquet")), "completion");
+            for (prompt, id) in prompts.iter().zip(&ids) {
+                let prompt = prompt.as_deref().unwrap();
+                let shots: Vec<i64> = prompt
+                    .trim_matches(|c| c == '[' || c == ']')
+                    .split("][")
+                    .map(|s| s.parse().unwrap())
+                    .collect();
+                assert_eq!(shots.len(), 4, "{strategy} {split}: {prompt}");
+                let id: i64 = id.as_deref().unwrap().parse().unwrap();
+                assert!(
+                    !shots.contains(&id),
+                    "{strategy}: row {id} is its own demonstration"
+                );
+                assert!(
+                    shots.iter().all(|s| *s < 1000),
+                    "{strategy}: an eval row in {prompt}"
+                );
+                if strategy == "stratified" {
+                    let positives = shots.iter().filter(|s| *s % 2 == 0).count();
+                    assert_eq!(positives, 2, "balanced labels: {prompt}");
+                }
+            }
+        }
+    }
+    let error = run(
+        &config("input: data\nprompt: \"x\"\ncompletion: \"y\"\nfew_shot: {k: 2, split: eval}\n"),
+        dir.path(),
+        &input,
+        &dir.path().join("refused"),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(error.contains("evaluation rows"), "{error}");
+}
+
+#[test]
+fn template_files_with_macros_and_includes_render_and_are_input_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = input_artifact(dir.path());
+    let templates = dir.path().join("templates");
+    std::fs::create_dir(&templates).unwrap();
+    std::fs::write(
+        templates.join("macros.j2"),
+        "{% macro shout(x) %}{{ x | upper }}{% endmacro %}",
+    )
+    .unwrap();
+    std::fs::write(templates.join("header.j2"), "Review").unwrap();
+    std::fs::write(
+        templates.join("prompt.j2"),
+        "{% from 'templates/macros.j2' import shout %}{% include 'templates/header.j2' %}: {{ shout(text or '') }}\n",
+    )
+    .unwrap();
+    let config =
+        config("input: data\nprompt_file: templates/prompt.j2\ncompletion: \" {{ label }}\"\n");
+    let out = dir.path().join("out");
+    run(&config, dir.path(), &input, &out).unwrap();
+    assert_eq!(
+        read(&out.join("train.parquet"), "prompt")[0].as_deref(),
+        Some("Review: TEXT 0")
+    );
+    use peftpipe::config::StageSpec;
+    let keys: Vec<String> = config
+        .input_files(dir.path())
+        .unwrap()
+        .into_iter()
+        .map(|f| f.key)
+        .collect();
+    assert_eq!(
+        keys,
+        vec![
+            "templates/header.j2",
+            "templates/macros.j2",
+            "templates/prompt.j2"
+        ]
+    );
+}
+
+const LLAMA3: &str = "{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim + '<|eot_id|>' %}{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}";
+
+const CHATML: &str = "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
+
+fn chat(template: &str, bos: &str, eos: &str) -> ChatTemplate {
+    ChatTemplate::new(ChatTemplateSource {
+        template: template.into(),
+        bos_token: bos.into(),
+        eos_token: eos.into(),
+        pad_token: None,
+        unk_token: None,
+    })
+    .unwrap()
+}
+
+#[test]
+fn llama3_chat_template_matches_the_hand_written_rendering() {
+    let chat = chat(LLAMA3, "<|begin_of_text|>", "<|eot_id|>");
+    let messages = [
+        Message::new("system", "Be brief."),
+        Message::new("user", "Is this good? "),
+        Message::new("assistant", "Yes."),
+    ];
+    let (prompt, completion) = chat.prompt_and_completion(&messages).unwrap();
+    assert_eq!(
+        prompt,
+        "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nBe brief.<|eot_id|><|start_header_id|>user<|end_header_id|>\n\nIs this good?<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"
+    );
+    assert_eq!(completion, "Yes.<|eot_id|>");
+}
+
+#[test]
+fn chatml_chat_template_matches_the_hand_written_rendering() {
+    let chat = chat(CHATML, "", "<|im_end|>");
+    let messages = [
+        Message::new("user", "Hi"),
+        Message::new("assistant", "Hello!"),
+    ];
+    assert_eq!(
+        chat.render(&messages[..1], true).unwrap(),
+        "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+    );
+    let (prompt, completion) = chat.prompt_and_completion(&messages).unwrap();
+    assert_eq!(
+        prompt,
+        "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+    );
+    assert_eq!(completion, "Hello!<|im_end|>\n");
+}
+
+#[test]
+fn chat_stage_renders_turns_and_few_shot_demonstrations_as_prior_turns() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = input_artifact(dir.path());
+    let out = dir.path().join("out");
+    let yaml = format!(
+        "input: data\nchat:\n  template: {}\n  system: Classify.\n  user: \"{{{{ text or '' }}}}\"\n  assistant: \"{{{{ label }}}}\"\nfew_shot: {{k: 1, strategy: first_k}}\n",
+        serde_json::to_string(CHATML).unwrap()
+    );
+    run(&config(&yaml), dir.path(), &input, &out).unwrap();
+    let prompt = read(&out.join("eval.parquet"), "prompt")[0]
+        .clone()
+        .unwrap();
+    assert_eq!(
+        prompt,
+        "<|im_start|>system\nClassify.<|im_end|>\n<|im_start|>user\ntext 0<|im_end|>\n<|im_start|>assistant\npositive<|im_end|>\n<|im_start|>user\ntext 1000<|im_end|>\n<|im_start|>assistant\n"
+    );
+    assert_eq!(
+        read(&out.join("eval.parquet"), "completion")[0].as_deref(),
+        Some("positive<|im_end|>\n")
+    );
+}
+
+#[test]
+fn quickstart_tokenizer_loads_and_covers_the_dataset_and_templates() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("datasets/quickstart");
+    let tokenizer = tokenizers::Tokenizer::from_file(root.join("model/tokenizer.json")).unwrap();
+    assert_eq!(tokenizer.token_to_id("<unk>"), Some(0));
+    assert_eq!(tokenizer.token_to_id("<s>"), Some(1));
+    assert_eq!(tokenizer.token_to_id("</s>"), Some(2));
+    assert_eq!(tokenizer.token_to_id("<pad>"), Some(3));
+    let text = "review: The film was REALLY great!\nsentiment: positive</s>";
+    let encoding = tokenizer.encode(text, false).unwrap();
+    assert!(
+        !encoding.get_ids().contains(&0),
+        "no <unk> in {:?}",
+        encoding.get_tokens()
+    );
+    assert_eq!(encoding.get_ids().last(), Some(&2));
+    // Every row of the committed dataset tokenizes without <unk>, and the file matches the
+    // generator (regenerate with `cargo run --example make_quickstart_data`).
+    let rows = peftpipe::data::synthetic::quickstart_rows();
+    let mut committed_texts = Vec::new();
+    let reader = ParquetRecordBatchReaderBuilder::try_new(
+        std::fs::File::open(root.join("reviews.parquet")).unwrap(),
+    )
+    .unwrap()
+    .build()
+    .unwrap();
+    for batch in reader {
+        let batch = batch.unwrap();
+        let text = batch
+            .column(0)
+            .as_any()
+            .downcast_ref::<StringArray>()
+            .unwrap();
+        committed_texts.extend(text.iter().map(|v| v.map(str::to_string)));
+    }
+    let generated: Vec<Option<String>> = rows.iter().map(|r| r.0.clone()).collect();
+    assert_eq!(
+        committed_texts, generated,
+        "datasets/quickstart/reviews.parquet is stale"
+    );
+    for text in generated.iter().flatten() {
+        let ids = tokenizer.encode(text.as_str(), false).unwrap();
+        assert!(!ids.get_ids().contains(&0), "<unk> in {text}");
+    }
+    let vocab_size = tokenizer.get_vocab_size(true);
+    let readme = std::fs::read_to_string(root.join("model/README.md")).unwrap();
+    assert!(
+        readme.contains(&format!("vocab_size = {vocab_size}")),
+        "model/README.md must state vocab_size = {vocab_size}"
+    );
+}
