@@ -79,9 +79,15 @@ pub enum InputFormat {
 #[serde(rename_all = "snake_case", deny_unknown_fields)]
 pub enum RowFilter {
     /// Keep rows where this column is null.
-    IsNull(String),
+    IsNull(
+        /// Column name (after renaming) that must be null.
+        String,
+    ),
     /// Keep rows where this column is not null.
-    NotNull(String),
+    NotNull(
+        /// Column name (after renaming) that must not be null.
+        String,
+    ),
     /// Keep rows where the column equals a value (string, number or boolean).
     Equals(ValueFilter),
     /// Keep rows where the column does not equal a value (nulls are dropped too).

@@ -171,30 +171,18 @@ impl FewShotPool {
                 .take(k)
                 .collect(),
             FewShotStrategy::Random => {
-                let eligible: Vec<&Demonstration> = self
-                    .groups
-                    .values()
-                    .flatten()
-                    .filter(|d| !is_self(d))
-                    .collect();
-                if eligible.len() < k {
-                    return Err(self.too_few(eligible.len()));
-                }
-                let picks = rand::seq::index::sample(&mut rng, eligible.len(), k);
-                let mut picks: Vec<usize> = picks.into_iter().collect();
-                picks.sort_unstable();
-                picks.shuffle(&mut rng);
-                picks.into_iter().map(|i| eligible[i]).collect()
+                let all: Vec<&Demonstration> = self.groups.values().flatten().collect();
+                sample_excluding(&all, k, &is_self, &mut rng)
             }
             FewShotStrategy::Stratified => {
+                // A random sample of up to k rows of each label, then round-robin over the
+                // labels in a random order.
                 let mut per_label: Vec<Vec<&Demonstration>> = self
                     .groups
                     .values()
                     .map(|candidates| {
-                        let mut eligible: Vec<&Demonstration> =
-                            candidates.iter().filter(|d| !is_self(d)).collect();
-                        eligible.shuffle(&mut rng);
-                        eligible
+                        let refs: Vec<&Demonstration> = candidates.iter().collect();
+                        sample_excluding(&refs, k.min(refs.len()), &is_self, &mut rng)
                     })
                     .collect();
                 per_label.shuffle(&mut rng);
@@ -240,4 +228,24 @@ impl FewShotPool {
             .map(|d| d.row)
             .collect())
     }
+}
+
+/// `want` distinct random candidates that are not `is_self` (fewer when there are not enough),
+/// in random order. Samples `want + 1` indices so skipping the row itself costs nothing extra.
+fn sample_excluding<'a>(
+    candidates: &[&'a Demonstration],
+    want: usize,
+    is_self: &dyn Fn(&Demonstration) -> bool,
+    rng: &mut ChaCha8Rng,
+) -> Vec<&'a Demonstration> {
+    let draw = (want + 1).min(candidates.len());
+    let mut picks: Vec<usize> = rand::seq::index::sample(rng, candidates.len(), draw).into_vec();
+    picks.sort_unstable();
+    picks.shuffle(rng);
+    picks
+        .into_iter()
+        .map(|i| candidates[i])
+        .filter(|d| !is_self(d))
+        .take(want)
+        .collect()
 }

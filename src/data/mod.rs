@@ -7,6 +7,7 @@
 //! Never prints.
 
 pub mod artifact;
+pub mod bench;
 pub mod chat;
 pub mod few_shot;
 pub mod filter;

@@ -8,6 +8,7 @@
 
 pub mod generate;
 pub mod inspect;
+pub mod preview;
 pub mod run;
 pub mod status;
 

@@ -1,0 +1,87 @@
+//! Printing `peftpipe preview`: rendered rows with the prompt/completion boundary visible
+//! (`⟦PROMPT⟧ … ⟦COMPLETION⟧ …`), or the columns of ingested rows; `--json` prints the data.
+//! Also the `bench data` figures (the data benchmark belongs to the same owner).
+#![expect(
+    clippy::print_stdout,
+    reason = "the reporter is the one place that writes to the terminal"
+)]
+
+use crate::stages::template::Preview;
+
+/// Print a preview (human form, or JSON on stdout with `json`).
+pub fn print_preview(preview: &Preview, json: bool) {
+    if json {
+        super::json(preview);
+        return;
+    }
+    println!(
+        "stage {} ({}), split {}: {} of {} row(s){}",
+        preview.stage,
+        preview.kind,
+        preview.split,
+        preview.rows.len(),
+        preview.split_rows,
+        preview
+            .note
+            .as_deref()
+            .map(|n| format!(" — {n}"))
+            .unwrap_or_default()
+    );
+    for row in &preview.rows {
+        println!("── row {} ──", row.index);
+        if let (Some(prompt), Some(completion)) = (&row.prompt, &row.completion) {
+            println!("⟦PROMPT⟧{prompt}⟦COMPLETION⟧{completion}⟦END⟧");
+        }
+        for (name, value) in &row.columns {
+            println!("  {name}: {value}");
+        }
+    }
+}
+
+/// Print the `bench data` figures.
+pub fn print_bench_data(report: &crate::data::bench::BenchReport, json: bool) {
+    if json {
+        super::json(report);
+        return;
+    }
+    let mib = |kb: u64| kb as f64 / 1024.0;
+    println!(
+        "bench data: {} rows, input {:.1} MB (snappy Parquet)",
+        report.rows,
+        report.input_bytes as f64 / 1e6
+    );
+    let ours = &report.ours;
+    println!(
+        "  peftpipe  ingest+template {:>8.2} s  (ingest {:.2} s, template {:.2} s)  peak RSS {:.0} MiB  kept {} of {} rows",
+        ours.wall_s,
+        ours.ingest_s,
+        ours.template_s,
+        mib(ours.peak_rss_kb),
+        ours.rows_kept,
+        ours.rows_read
+    );
+    match (&report.python, &report.python_skipped) {
+        (Some(python), _) => println!(
+            "  python    pyarrow+jinja2  {:>8.2} s  peak RSS {:.0} MiB  kept {} rows",
+            python.wall_s,
+            mib(python.max_rss_kb),
+            python.rows_kept
+        ),
+        (None, Some(reason)) => println!("  python    skipped: {reason}"),
+        (None, None) => {}
+    }
+    if let Some(speedup) = report.speedup {
+        println!("  speedup   {speedup:.1}× (goal ≥ 5×)");
+    }
+    if let Some((rows, large)) = &report.large {
+        println!(
+            "  memory    peak RSS {:.0} MiB at {} rows vs {:.0} MiB at {} rows ({:.2} s)",
+            mib(ours.peak_rss_kb),
+            report.rows,
+            mib(large.peak_rss_kb),
+            rows,
+            large.wall_s
+        );
+    }
+    println!("  command   {}", report.command);
+}
