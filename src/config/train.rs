@@ -1,19 +1,369 @@
-//! Config of the `train` stage kind and its semantic checks. (Skeleton: the owner of this stage
-//! kind fills in the fields.)
+//! Config of the `train` stage kind (pure data: every field documented and defaulted where a
+//! default makes sense) and its semantic checks. The PEFT method is an externally tagged enum
+//! (`method: { lora: { r: 16 } }`) so further methods slot in beside LoRA.
+//! Never loads weights: checks read `config.json` and the tokenizer files' existence only.
 
-use std::path::Path;
+use std::borrow::Cow;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 
-use schemars::JsonSchema;
-use serde::{Deserialize, Serialize};
+use schemars::{json_schema, JsonSchema, Schema, SchemaGenerator};
+use serde::de::{self, MapAccess, SeqAccess, Visitor};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
-use super::{CheckContext, InputFile, Problem, StageSpec, UpstreamRef};
+use super::{resolve_path, CheckContext, InputFile, Problem, StageSpec, UpstreamRef};
 
-/// The `train` stage.
-#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+/// The `train` stage: attach a PEFT adapter to a pre-trained model and train it on the
+/// prompt/completion pairs of an upstream template stage (loss on completion tokens only).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TrainConfig {
-    /// Upstream template stage with the rendered prompts.
+    /// Upstream stage (a template stage) whose artifact holds `<split>.parquet` with Utf8
+    /// columns `prompt` and `completion`.
     pub data: String,
+    /// Which split file of the upstream artifact to train on (`<split>.parquet`).
+    #[serde(default = "default_split")]
+    pub split: String,
+    /// Hugging Face model directory (config.json, model.safetensors or a sharded index,
+    /// tokenizer.json, tokenizer_config.json). `$VAR`/`${VAR}` are expanded; relative paths
+    /// resolve against the pipeline file's directory. Its files are part of the fingerprint.
+    pub model: String,
+    /// The PEFT method and its hyperparameters (externally tagged: `lora: {...}`).
+    #[serde(default)]
+    pub method: MethodConfig,
+    /// Peak learning rate (after warmup).
+    #[serde(default = "default_learning_rate")]
+    pub learning_rate: f64,
+    /// Decoupled (AdamW) weight decay, applied to matrices only (never to biases or norms).
+    #[serde(default)]
+    pub weight_decay: f64,
+    /// AdamW β1.
+    #[serde(default = "default_beta1")]
+    pub adam_beta1: f64,
+    /// AdamW β2.
+    #[serde(default = "default_beta2")]
+    pub adam_beta2: f64,
+    /// AdamW ε.
+    #[serde(default = "default_epsilon")]
+    pub adam_epsilon: f64,
+    /// Learning-rate decay after warmup (transformers' semantics).
+    #[serde(default)]
+    pub schedule: ScheduleKind,
+    /// Optimizer steps of linear warmup from 0.
+    #[serde(default)]
+    pub warmup_steps: u64,
+    /// Clip the global gradient norm to this value; null disables clipping.
+    #[serde(default = "default_max_grad_norm")]
+    pub max_grad_norm: Option<f64>,
+    /// Examples per micro-batch.
+    #[serde(default = "default_batch_size")]
+    pub batch_size: usize,
+    /// Micro-batches per optimizer step (the loss is averaged over all scored tokens of a step).
+    #[serde(default = "default_one")]
+    pub gradient_accumulation_steps: usize,
+    /// Passes over the training split (ignored when `max_steps` is set).
+    #[serde(default = "default_epochs")]
+    pub epochs: u32,
+    /// Stop after this many optimizer steps (cycling through epochs as needed); overrides `epochs`.
+    #[serde(default)]
+    pub max_steps: Option<u64>,
+    /// Maximum tokens per example (prompt + completion, special tokens included).
+    #[serde(default = "default_max_seq_len")]
+    pub max_seq_len: usize,
+    /// What to do with an example longer than `max_seq_len`.
+    #[serde(default)]
+    pub truncation: Truncation,
+    /// Bucket examples of similar length into batches (less padding; the batch order stays seeded).
+    #[serde(default)]
+    pub sort_by_length: bool,
+    /// Append the tokenizer's EOS token to every completion (so the model learns to stop).
+    #[serde(default = "default_true")]
+    pub add_eos: bool,
+    /// Save a resumable checkpoint every N optimizer steps (0: never). Checkpoints live outside
+    /// the artifact, under `.peftpipe/checkpoints/<pipeline>/<stage>/`.
+    #[serde(default = "default_checkpoint_every")]
+    pub checkpoint_every: u64,
+    /// `auto` (CUDA when built with it, else CPU), `cpu`, `cuda` or `cuda:N`.
+    #[serde(default = "default_device")]
+    pub device: String,
+    /// Compute dtype of the frozen model; adapter weights and optimizer state stay f32.
+    #[serde(default)]
+    pub dtype: DTypeChoice,
+    /// Seed of initialisation, data order and dropout; default: derived from the pipeline seed
+    /// and the stage name.
+    #[serde(default)]
+    pub seed: Option<u64>,
+}
+
+fn default_split() -> String {
+    "train".into()
+}
+fn default_learning_rate() -> f64 {
+    2e-4
+}
+fn default_beta1() -> f64 {
+    0.9
+}
+fn default_beta2() -> f64 {
+    0.999
+}
+fn default_epsilon() -> f64 {
+    1e-8
+}
+fn default_max_grad_norm() -> Option<f64> {
+    Some(1.0)
+}
+fn default_batch_size() -> usize {
+    4
+}
+fn default_one() -> usize {
+    1
+}
+fn default_epochs() -> u32 {
+    1
+}
+fn default_max_seq_len() -> usize {
+    512
+}
+fn default_true() -> bool {
+    true
+}
+fn default_checkpoint_every() -> u64 {
+    100
+}
+fn default_device() -> String {
+    "auto".into()
+}
+
+/// A PEFT method.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum MethodConfig {
+    /// LoRA (Hu et al. 2021) with Hugging Face PEFT's semantics.
+    Lora(LoraConfig),
+}
+
+impl Default for MethodConfig {
+    fn default() -> Self {
+        MethodConfig::Lora(LoraConfig::default())
+    }
+}
+
+/// LoRA hyperparameters (PEFT's names and defaults).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct LoraConfig {
+    /// Rank of the update B·A.
+    #[serde(default = "default_rank")]
+    pub r: usize,
+    /// Scaling numerator: the update is scaled by alpha/r (alpha/√r with rsLoRA).
+    #[serde(default = "default_alpha")]
+    pub alpha: f64,
+    /// Dropout on the adapter's input during training.
+    #[serde(default)]
+    pub dropout: f64,
+    /// Which linear layers to adapt: a list of names (`[q_proj, v_proj]`, matching a module
+    /// path or its suffix), `all-linear`, or `{regex: "..."}` (must match the whole path).
+    /// Default: PEFT's default for the architecture (q_proj, v_proj for Llama; c_attn for GPT-2).
+    #[serde(default)]
+    pub target_modules: Option<TargetModulesConfig>,
+    /// Rank-stabilised LoRA: scale by alpha/√r.
+    #[serde(default)]
+    pub use_rslora: bool,
+}
+
+fn default_rank() -> usize {
+    8
+}
+fn default_alpha() -> f64 {
+    8.0
+}
+
+impl Default for LoraConfig {
+    fn default() -> Self {
+        LoraConfig {
+            r: default_rank(),
+            alpha: default_alpha(),
+            dropout: 0.0,
+            target_modules: None,
+            use_rslora: false,
+        }
+    }
+}
+
+/// `target_modules` as written: a list of names, `all-linear`, or `{regex: ...}`.
+#[derive(Debug, Clone, PartialEq)]
+pub enum TargetModulesConfig {
+    Names(Vec<String>),
+    AllLinear,
+    Regex(String),
+}
+
+impl Serialize for TargetModulesConfig {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        match self {
+            TargetModulesConfig::Names(names) => names.serialize(serializer),
+            TargetModulesConfig::AllLinear => serializer.serialize_str("all-linear"),
+            TargetModulesConfig::Regex(pattern) => {
+                BTreeMap::from([("regex", pattern)]).serialize(serializer)
+            }
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for TargetModulesConfig {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct TargetVisitor;
+        impl<'de> Visitor<'de> for TargetVisitor {
+            type Value = TargetModulesConfig;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a list of module names, `all-linear`, or `{regex: \"...\"}`")
+            }
+            fn visit_str<E: de::Error>(self, value: &str) -> Result<Self::Value, E> {
+                if value == "all-linear" {
+                    Ok(TargetModulesConfig::AllLinear)
+                } else {
+                    Err(E::custom(format!(
+                        "`{value}`: write a list (`[{value}]`), `all-linear`, or `{{regex: \"{value}\"}}`"
+                    )))
+                }
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+                let mut names = Vec::new();
+                while let Some(name) = seq.next_element::<String>()? {
+                    names.push(name);
+                }
+                Ok(TargetModulesConfig::Names(names))
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+                let mut pattern = None;
+                while let Some(key) = map.next_key::<String>()? {
+                    if key != "regex" || pattern.is_some() {
+                        return Err(de::Error::custom(format!(
+                            "unknown key `{key}` in target_modules (expected `regex`)"
+                        )));
+                    }
+                    pattern = Some(map.next_value::<String>()?);
+                }
+                pattern
+                    .map(TargetModulesConfig::Regex)
+                    .ok_or_else(|| de::Error::custom("target_modules mapping needs `regex`"))
+            }
+        }
+        deserializer.deserialize_any(TargetVisitor)
+    }
+}
+
+impl JsonSchema for TargetModulesConfig {
+    fn schema_name() -> Cow<'static, str> {
+        "TargetModules".into()
+    }
+
+    fn json_schema(_generator: &mut SchemaGenerator) -> Schema {
+        json_schema!({
+            "description": "Linear layers to adapt: module names or path suffixes, `all-linear` (every linear layer but lm_head), or a regex matching the whole module path.",
+            "oneOf": [
+                {"type": "array", "items": {"type": "string"}},
+                {"const": "all-linear"},
+                {
+                    "type": "object",
+                    "properties": {"regex": {"type": "string"}},
+                    "required": ["regex"],
+                    "additionalProperties": false
+                }
+            ]
+        })
+    }
+}
+
+/// Learning-rate decay after warmup.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ScheduleKind {
+    /// Constant after warmup.
+    Constant,
+    /// Linear decay to 0 at the last step.
+    #[default]
+    Linear,
+    /// Half a cosine from the peak to 0 at the last step.
+    Cosine,
+}
+
+/// What happens to an example longer than `max_seq_len`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Truncation {
+    /// Drop prompt tokens from the left (BOS kept) so the completion survives; a completion that
+    /// alone is too long is cut on the right.
+    #[default]
+    PromptLeft,
+    /// Cut the joined prompt + completion on the right.
+    Right,
+    /// Skip the example (counted in the summary).
+    Drop,
+}
+
+/// Compute dtype of the frozen model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum DTypeChoice {
+    /// bf16 on CUDA, f32 on CPU.
+    #[default]
+    Auto,
+    F32,
+    Bf16,
+    F16,
+}
+
+impl DTypeChoice {
+    /// The dtype name for a device kind (`cpu` / `cuda`).
+    pub fn resolve(self, device_kind: &str) -> &'static str {
+        match self {
+            DTypeChoice::Auto if device_kind == "cuda" => "bf16",
+            DTypeChoice::Auto | DTypeChoice::F32 => "f32",
+            DTypeChoice::Bf16 => "bf16",
+            DTypeChoice::F16 => "f16",
+        }
+    }
+}
+
+/// The device kind a device string selects (`cpu` or `cuda`), without touching any device:
+/// `auto` is CUDA exactly when this binary was built with the `cuda` feature.
+pub fn device_kind(device: &str) -> Result<&'static str, String> {
+    match device {
+        "auto" if cfg!(feature = "cuda") => Ok("cuda"),
+        "auto" | "cpu" => Ok("cpu"),
+        "cuda" => Ok("cuda"),
+        other => match other.strip_prefix("cuda:") {
+            Some(index) if index.parse::<usize>().is_ok() => Ok("cuda"),
+            _ => Err(format!(
+                "unknown device `{other}` (expected auto, cpu, cuda or cuda:N)"
+            )),
+        },
+    }
+}
+
+/// Files of a model directory that change what training computes.
+pub fn model_files(dir: &Path) -> Result<Vec<PathBuf>, String> {
+    let entries = std::fs::read_dir(dir)
+        .map_err(|error| format!("model directory {}: {error}", dir.display()))?;
+    let mut files = Vec::new();
+    for entry in entries {
+        let entry = entry.map_err(|error| format!("model directory {}: {error}", dir.display()))?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let wanted = matches!(
+            name.as_str(),
+            "config.json" | "tokenizer.json" | "tokenizer_config.json" | "model.safetensors.index.json"
+        ) || name.ends_with(".safetensors");
+        if wanted && entry.path().is_file() {
+            files.push(entry.path());
+        }
+    }
+    files.sort();
+    if !files.iter().any(|f| f.ends_with("config.json")) {
+        return Err(format!("model directory {} has no config.json", dir.display()));
+    }
+    Ok(files)
 }
 
 impl StageSpec for TrainConfig {
@@ -24,13 +374,223 @@ impl StageSpec for TrainConfig {
         }]
     }
 
-    fn input_files(&self, _project_dir: &Path) -> Result<Vec<InputFile>, String> {
-        Ok(Vec::new())
+    fn input_files(&self, project_dir: &Path) -> Result<Vec<InputFile>, String> {
+        let dir = resolve_path(project_dir, &self.model)?;
+        let written = self.model.trim_end_matches('/');
+        Ok(model_files(&dir)?
+            .into_iter()
+            .map(|path| InputFile {
+                key: format!(
+                    "{written}/{}",
+                    path.file_name().unwrap_or_default().to_string_lossy()
+                ),
+                path,
+            })
+            .collect())
     }
 
     fn output_columns(&self, _cx: &CheckContext<'_>, _stage: &str) -> Option<Vec<String>> {
         None
     }
 
-    fn check(&self, _cx: &CheckContext<'_>, _at: &str, _problems: &mut Vec<Problem>) {}
+    fn check(&self, cx: &CheckContext<'_>, at: &str, problems: &mut Vec<Problem>) {
+        let mut problem = |key: &str, message: String| {
+            problems.push(Problem::new(format!("{at}.{key}"), message));
+        };
+        if let Some(columns) = cx.columns.get(&self.data) {
+            for needed in ["prompt", "completion"] {
+                if !columns.iter().any(|c| c == needed) {
+                    problem(
+                        "data",
+                        format!(
+                            "stage `{}` has no `{needed}` column (columns: {})",
+                            self.data,
+                            columns.join(", ")
+                        ),
+                    );
+                }
+            }
+        }
+        if let Err(message) = device_kind(&self.device) {
+            problem("device", message);
+        }
+        if !(self.learning_rate > 0.0 && self.learning_rate.is_finite()) {
+            problem("learning_rate", format!("must be positive, got {}", self.learning_rate));
+        }
+        if self.weight_decay < 0.0 {
+            problem("weight_decay", "must not be negative".into());
+        }
+        for (key, value) in [("adam_beta1", self.adam_beta1), ("adam_beta2", self.adam_beta2)] {
+            if !(0.0..1.0).contains(&value) {
+                problem(key, format!("must be in [0, 1), got {value}"));
+            }
+        }
+        if self.max_grad_norm.is_some_and(|norm| norm <= 0.0) {
+            problem("max_grad_norm", "must be positive (or null to disable)".into());
+        }
+        if self.batch_size == 0 {
+            problem("batch_size", "must be at least 1".into());
+        }
+        if self.gradient_accumulation_steps == 0 {
+            problem("gradient_accumulation_steps", "must be at least 1".into());
+        }
+        if self.max_steps.is_none() && self.epochs == 0 {
+            problem("epochs", "must be at least 1 (or set max_steps)".into());
+        }
+        if self.max_steps == Some(0) {
+            problem("max_steps", "must be at least 1".into());
+        }
+        if self.max_seq_len < 2 {
+            problem("max_seq_len", "must be at least 2".into());
+        }
+        let MethodConfig::Lora(lora) = &self.method;
+        if lora.r == 0 {
+            problem("method.lora.r", "must be at least 1".into());
+        }
+        if !(0.0..1.0).contains(&lora.dropout) {
+            problem("method.lora.dropout", format!("must be in [0, 1), got {}", lora.dropout));
+        }
+        if let Some(TargetModulesConfig::Regex(pattern)) = &lora.target_modules {
+            if let Err(message) = crate::peft::TargetModules::regex(pattern) {
+                problem("method.lora.target_modules", message);
+            }
+        }
+        // The model: config.json must exist and the targets must match some linear layer.
+        let dir = match resolve_path(cx.project_dir, &self.model) {
+            Ok(dir) => dir,
+            Err(message) => {
+                problem("model", message);
+                return;
+            }
+        };
+        let config_path = dir.join("config.json");
+        let config: serde_json::Value = match std::fs::read_to_string(&config_path)
+            .map_err(|error| error.to_string())
+            .and_then(|text| serde_json::from_str(&text).map_err(|error| error.to_string()))
+        {
+            Ok(config) => config,
+            Err(error) => {
+                problem("model", format!("{}: {error}", config_path.display()));
+                return;
+            }
+        };
+        if !dir.join("tokenizer.json").is_file() {
+            problem("model", format!("{} has no tokenizer.json", dir.display()));
+        }
+        match crate::models::ModelConfig::from_json(&config) {
+            Err(error) => problem(
+                "model",
+                format!("{}: key `{}`: {}", config_path.display(), error.key, error.message),
+            ),
+            Ok(model_config) => {
+                let modules = model_config.linear_layers();
+                let targets = match resolve_targets(lora.target_modules.as_ref(), &config) {
+                    Ok(targets) => targets,
+                    Err(message) => {
+                        problem("method.lora.target_modules", message);
+                        return;
+                    }
+                };
+                if crate::peft::targets::matched_modules(&modules, &targets).is_empty() {
+                    let mut names: Vec<&str> = modules.iter().map(|m| m.name()).collect();
+                    names.sort_unstable();
+                    names.dedup();
+                    problems.push(
+                        Problem::new(
+                            format!("{at}.method.lora.target_modules"),
+                            format!("{targets} matches no linear layer of the model"),
+                        )
+                        .with_hint(format!("the model's linear layers: {}", names.join(", "))),
+                    );
+                }
+            }
+        }
+    }
+
+    fn environment(&self) -> BTreeMap<String, String> {
+        let kind = device_kind(&self.device).unwrap_or("cpu");
+        BTreeMap::from([
+            ("device".to_string(), kind.to_string()),
+            ("dtype".to_string(), self.dtype.resolve(kind).to_string()),
+        ])
+    }
+}
+
+/// The PEFT target spec of a LoRA config for a model (its `config.json`), defaults resolved.
+pub fn resolve_targets(
+    written: Option<&TargetModulesConfig>,
+    model_config: &serde_json::Value,
+) -> Result<crate::peft::TargetModules, String> {
+    use crate::peft::TargetModules;
+    match written {
+        Some(TargetModulesConfig::Names(names)) if names.is_empty() => {
+            Err("target_modules is an empty list".into())
+        }
+        Some(TargetModulesConfig::Names(names)) => Ok(TargetModules::Names(names.clone())),
+        Some(TargetModulesConfig::AllLinear) => Ok(TargetModules::AllLinear),
+        Some(TargetModulesConfig::Regex(pattern)) => TargetModules::regex(pattern),
+        None => TargetModules::default_for(
+            model_config
+                .get("model_type")
+                .and_then(serde_json::Value::as_str)
+                .unwrap_or(""),
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// As the loader does: YAML → JSON value → the typed config.
+    fn parse(yaml: &str) -> Result<TrainConfig, String> {
+        let value: serde_json::Value = serde_norway::from_str(yaml).map_err(|e| e.to_string())?;
+        serde_json::from_value(value).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn defaults_fill_everything_but_data_and_model() {
+        let config = parse("data: prompts\nmodel: models/x\n").unwrap();
+        assert_eq!(config.method, MethodConfig::Lora(LoraConfig::default()));
+        assert_eq!((config.batch_size, config.epochs, config.max_seq_len), (4, 1, 512));
+        assert_eq!(config.truncation, Truncation::PromptLeft);
+        assert_eq!(config.schedule, ScheduleKind::Linear);
+        assert_eq!(config.max_grad_norm, Some(1.0));
+    }
+
+    #[test]
+    fn target_modules_forms() {
+        let names = parse("data: d\nmodel: m\nmethod: {lora: {r: 4, target_modules: [q_proj, v_proj]}}").unwrap();
+        let MethodConfig::Lora(lora) = names.method;
+        assert_eq!(lora.target_modules, Some(TargetModulesConfig::Names(vec!["q_proj".into(), "v_proj".into()])));
+        let all = parse("data: d\nmodel: m\nmethod: {lora: {target_modules: all-linear}}").unwrap();
+        let MethodConfig::Lora(lora) = all.method;
+        assert_eq!(lora.target_modules, Some(TargetModulesConfig::AllLinear));
+        let regex = parse("data: d\nmodel: m\nmethod: {lora: {target_modules: {regex: '.*q_proj'}}}").unwrap();
+        let MethodConfig::Lora(lora) = regex.method;
+        assert_eq!(lora.target_modules, Some(TargetModulesConfig::Regex(".*q_proj".into())));
+        // A bare string other than all-linear is ambiguous: rejected with a hint.
+        let error = parse("data: d\nmodel: m\nmethod: {lora: {target_modules: q_proj}}").unwrap_err();
+        assert!(error.contains("[q_proj]"), "{error}");
+        // Round trip through serde (what the fingerprint hashes).
+        let value = serde_json::to_value(TargetModulesConfig::Regex("x".into())).unwrap();
+        assert_eq!(value, serde_json::json!({"regex": "x"}));
+    }
+
+    #[test]
+    fn unknown_keys_are_errors() {
+        assert!(parse("data: d\nmodel: m\nlerning_rate: 1").is_err());
+        assert!(parse("data: d\nmodel: m\nmethod: {lora: {rank: 4}}").is_err());
+        assert!(parse("data: d\nmodel: m\nmethod: {dora: {}}").is_err());
+    }
+
+    #[test]
+    fn device_and_dtype_resolution() {
+        assert_eq!(device_kind("cpu").unwrap(), "cpu");
+        assert_eq!(device_kind("cuda:1").unwrap(), "cuda");
+        assert!(device_kind("cuda:x").is_err());
+        assert!(device_kind("tpu").is_err());
+        assert_eq!(DTypeChoice::Auto.resolve("cuda"), "bf16");
+        assert_eq!(DTypeChoice::Auto.resolve("cpu"), "f32");
+    }
 }

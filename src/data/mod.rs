@@ -7,6 +7,7 @@
 //! Never prints.
 
 pub mod artifact;
+pub mod batch;
 pub mod bench;
 pub mod chat;
 pub mod few_shot;
@@ -17,3 +18,4 @@ pub mod spill;
 pub mod split;
 pub mod stats;
 pub mod synthetic;
+pub mod tokenize;

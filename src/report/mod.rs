@@ -59,3 +59,40 @@ pub fn json<T: serde::Serialize>(value: &T) {
     }
 }
 pub mod problems;
+
+/// `peftpipe bench train`: a readable summary on stderr and the `RESULT {...}` JSON line on stdout
+/// (with `--json`, only the JSON object).
+pub fn bench_train(result: &crate::train::bench::BenchResult, json_only: bool) {
+    let line = serde_json::to_string(result).unwrap_or_default();
+    if json_only {
+        println!("{line}");
+        return;
+    }
+    eprintln!(
+        "LoRA r{} α{} on {} ({} params, {} trainable), {} {}, batch {} × {}",
+        result.rank,
+        result.alpha,
+        result.model_type,
+        result.base_parameters,
+        result.trainable_parameters,
+        result.device,
+        result.dtype,
+        result.batch,
+        result.sequence_length
+    );
+    eprintln!(
+        "  {:.0} tokens/s (median of {} steps after {} warm-up) · step {:.1} ms = forward {:.1} + backward {:.1} + optimizer {:.1}",
+        result.tokens_per_second,
+        result.timed_steps,
+        result.warmup_steps,
+        result.step_ms,
+        result.forward_ms,
+        result.backward_ms,
+        result.optimizer_ms
+    );
+    eprintln!(
+        "  peak memory {:.2} GiB ({})",
+        result.peak_memory_bytes as f64 / (1u64 << 30) as f64,
+        result.peak_memory_source
+    );
+    println!("RESULT {line}");

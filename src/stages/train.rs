@@ -1,8 +1,38 @@
-//! The `train` stage. (Skeleton: the owner of this stage kind implements it.)
+//! The `train` stage: read the upstream `<split>.parquet` (columns `prompt`, `completion`),
+//! tokenize, load the base model with the PEFT adapter injected, train, and write the artifact.
+//!
+//! Artifact layout (`out_dir`):
+//! ```text
+//! adapter/adapter_config.json        PEFT format: PeftModel.from_pretrained(base, "adapter") loads it
+//! adapter/adapter_model.safetensors  base_model.model.<module>.lora_A.weight / lora_B.weight (f32)
+//! metrics.jsonl                      one line per optimizer step: step, epoch, loss, lr, grad_norm,
+//!                                    tokens_per_second, tokens, scored_tokens
+//! summary.json                       final loss, steps, tokens, wall time, trainable parameters,
+//!                                    examples used / truncated / dropped, resumed_from
+//! base_model.json                    the base model as written in the pipeline and resolved on this
+//!                                    machine, its config.json digest, architecture, device, dtype
+//! ```
+//! Checkpoints (adapter + optimizer + step/data position + seed) live outside the artifact in
+//! `<project>/.peftpipe/checkpoints/<stage>/<run key>/`, so a killed run resumes where it stopped;
+//! they are removed once the artifact is complete. Only `train/` knows how to train; this file
+//! translates the config and does the I/O. Never prints: progress goes through `ctx.progress`.
 
-use crate::config::TrainConfig;
+use std::path::{Path, PathBuf};
 
-use super::{Stage, StageContext, StageError, StageOutcome};
+use arrow::array::{Array, AsArray};
+use arrow::datatypes::DataType;
+use candle_core::{DType, Device, Tensor};
+use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use parquet::arrow::ProjectionMask;
+
+use super::{Progress, Stage, StageContext, StageError, StageOutcome};
+use crate::config::train::{device_kind, resolve_targets, MethodConfig, TrainConfig};
+use crate::config::resolve_path;
+use crate::data::batch::{fit, HostBatch, Sequence};
+use crate::data::tokenize::TextTokenizer;
+use crate::models::{CausalLm, Hooks, ModelDir};
+use crate::peft::{Adapter, LoraAdapter, LoraSettings};
+use crate::train::{AdamWSettings, LossModel, TrainError, TrainerSettings};
 
 pub struct TrainStage {
     config: TrainConfig,
@@ -14,11 +44,363 @@ impl TrainStage {
     }
 }
 
-impl Stage for TrainStage {
-    fn run(&self, _ctx: &StageContext<'_>) -> Result<StageOutcome, StageError> {
-        let _ = &self.config;
-        Err(StageError::Internal(
-            "the train stage is not built yet".into(),
-        ))
+/// The candle device for a device string (`auto`, `cpu`, `cuda`, `cuda:N`).
+pub fn select_device(spec: &str) -> Result<Device, String> {
+    let kind = device_kind(spec)?;
+    if kind == "cpu" {
+        return Ok(Device::Cpu);
     }
+    let ordinal = spec
+        .strip_prefix("cuda:")
+        .and_then(|index| index.parse::<usize>().ok())
+        .unwrap_or(0);
+    if !cfg!(feature = "cuda") {
+        return Err(format!(
+            "device `{spec}`: this peftpipe was built without CUDA (rebuild with `--features cuda`)"
+        ));
+    }
+    Device::new_cuda(ordinal).map_err(|error| format!("device `{spec}`: {error}"))
+}
+
+/// The candle dtype for a dtype name from [`crate::config::train::DTypeChoice::resolve`].
+pub fn dtype_from_name(name: &str) -> DType {
+    match name {
+        "bf16" => DType::BF16,
+        "f16" => DType::F16,
+        _ => DType::F32,
+    }
+}
+
+/// Read two Utf8 columns of a Parquet file, row by row. Errors name the file, column and row.
+pub fn read_text_columns(path: &Path, columns: [&str; 2]) -> Result<Vec<(String, String)>, StageError> {
+    let file = std::fs::File::open(path)
+        .map_err(|error| StageError::user(format!("{}: {error}", path.display())))?;
+    let builder = ParquetRecordBatchReaderBuilder::try_new(file)
+        .map_err(|error| StageError::user(format!("{}: {error}", path.display())))?;
+    let schema = builder.schema().clone();
+    let mut indices = Vec::new();
+    for column in columns {
+        let index = schema.index_of(column).map_err(|_| {
+            let available: Vec<&str> = schema.fields().iter().map(|f| f.name().as_str()).collect();
+            StageError::user(format!(
+                "{}: no column `{column}` (columns: {})",
+                path.display(),
+                available.join(", ")
+            ))
+        })?;
+        indices.push(index);
+    }
+    let mask = ProjectionMask::roots(builder.parquet_schema(), indices.iter().copied());
+    let reader = builder
+        .with_projection(mask)
+        .build()
+        .map_err(|error| StageError::user(format!("{}: {error}", path.display())))?;
+    let mut rows = Vec::new();
+    for (batch_index, batch) in reader.enumerate() {
+        let batch = batch.map_err(|error| {
+            StageError::user(format!("{}: record batch {batch_index}: {error}", path.display()))
+        })?;
+        let mut texts: Vec<Vec<String>> = Vec::new();
+        for column in columns {
+            let array = batch.column_by_name(column).ok_or_else(|| {
+                StageError::Internal(format!("projected column `{column}` missing"))
+            })?;
+            let start = rows.len();
+            let values: Vec<Option<&str>> = match array.data_type() {
+                DataType::Utf8 => array.as_string::<i32>().iter().collect(),
+                DataType::LargeUtf8 => array.as_string::<i64>().iter().collect(),
+                DataType::Utf8View => array.as_string_view().iter().collect(),
+                other => {
+                    return Err(StageError::user(format!(
+                        "{}: column `{column}` is {other}, expected text",
+                        path.display()
+                    )))
+                }
+            };
+            let mut owned = Vec::with_capacity(values.len());
+            for (offset, value) in values.into_iter().enumerate() {
+                let Some(value) = value else {
+                    return Err(StageError::user(format!(
+                        "{}: column `{column}` is null in row {}",
+                        path.display(),
+                        start + offset
+                    )));
+                };
+                owned.push(value.to_string());
+            }
+            texts.push(owned);
+        }
+        let mut columns_iter = texts.into_iter();
+        let (Some(first), Some(second)) = (columns_iter.next(), columns_iter.next()) else {
+            return Err(StageError::Internal("two columns expected".into()));
+        };
+        rows.extend(first.into_iter().zip(second));
+    }
+    Ok(rows)
+}
+
+/// The model with its adapter, as the trainer sees it: batch → summed NLL over completion tokens.
+pub struct AdaptedModel {
+    pub model: Box<dyn CausalLm>,
+}
+
+impl LossModel for AdaptedModel {
+    fn loss_sum(&self, batch: &HostBatch) -> candle_core::Result<Tensor> {
+        let device = self.model.device();
+        let shape = (batch.batch, batch.length);
+        let input_ids = Tensor::from_vec(batch.input_ids.clone(), shape, device)?;
+        let attention_mask = Tensor::from_vec(batch.attention_mask(), shape, device)?;
+        let loss_mask = Tensor::from_vec(batch.loss_mask.clone(), shape, device)?;
+        let logits = self
+            .model
+            .forward(&input_ids, Some(&attention_mask), &Hooks::none())?;
+        Ok(crate::ops::next_token_cross_entropy(&logits, &input_ids, &loss_mask)?.sum)
+    }
+
+    fn device(&self) -> &Device {
+        self.model.device()
+    }
+}
+
+/// How the examples fared when fitted into `max_seq_len`.
+#[derive(Debug, Default, Clone, Copy, serde::Serialize)]
+pub struct FitCounts {
+    pub examples: usize,
+    pub truncated: usize,
+    pub dropped: usize,
+    pub without_completion: usize,
+}
+
+/// Tokenize and fit prompt/completion pairs.
+pub fn prepare_sequences(
+    tokenizer: &TextTokenizer,
+    rows: &[(String, String)],
+    config: &TrainConfig,
+    max_length: usize,
+) -> Result<(Vec<Sequence>, FitCounts), String> {
+    let mut counts = FitCounts::default();
+    let mut sequences = Vec::with_capacity(rows.len());
+    for (row, (prompt, completion)) in rows.iter().enumerate() {
+        let example = tokenizer
+            .encode_example(prompt, completion, config.add_eos)
+            .map_err(|error| format!("row {row}: {error}"))?;
+        let total = example.prompt.len() + example.completion.len();
+        match fit(&example, max_length, tokenizer.prefix().len(), config.truncation) {
+            None => counts.dropped += 1,
+            Some(sequence) if sequence.scored_tokens() == 0 => counts.without_completion += 1,
+            Some(sequence) => {
+                if total > max_length {
+                    counts.truncated += 1;
+                }
+                sequences.push(sequence);
+            }
+        }
+    }
+    counts.examples = sequences.len();
+    Ok((sequences, counts))
+}
+
+fn file_digest(path: &Path) -> Result<String, StageError> {
+    let bytes = std::fs::read(path)
+        .map_err(|error| StageError::user(format!("{}: {error}", path.display())))?;
+    Ok(blake3::hash(&bytes).to_hex().to_string())
+}
+
+/// Human duration for the ETA.
+fn short_duration(seconds: f64) -> String {
+    let seconds = seconds.max(0.0).round() as u64;
+    if seconds >= 3600 {
+        format!("{}h{:02}m", seconds / 3600, (seconds % 3600) / 60)
+    } else if seconds >= 60 {
+        format!("{}m{:02}s", seconds / 60, seconds % 60)
+    } else {
+        format!("{seconds}s")
+    }
+}
+
+fn write_json(path: &Path, value: &serde_json::Value) -> Result<(), StageError> {
+    let mut text = serde_json::to_string_pretty(value)
+        .map_err(|error| StageError::Internal(format!("serializing {}: {error}", path.display())))?;
+    text.push('\n');
+    crate::peft::write_atomic(path, text.as_bytes()).map_err(|error| StageError::user(error.to_string()))
+}
+
+impl Stage for TrainStage {
+    fn run(&self, ctx: &StageContext<'_>) -> Result<StageOutcome, StageError> {
+        let config = &self.config;
+        let user = |message: String| StageError::User(message);
+        let MethodConfig::Lora(lora) = &config.method;
+
+        // Device and dtype: RunOptions.device overrides the config.
+        let device_spec = ctx.options.device.clone().unwrap_or_else(|| config.device.clone());
+        let device = select_device(&device_spec).map_err(user)?;
+        let kind = if device.is_cuda() { "cuda" } else { "cpu" };
+        let dtype_name = config.dtype.resolve(kind);
+        let dtype = dtype_from_name(dtype_name);
+
+        // Base model and tokenizer.
+        let model_root = resolve_path(ctx.project_dir, &config.model).map_err(user)?;
+        let model_dir = ModelDir::open(&model_root).map_err(|error| user(error.to_string()))?;
+        let tokenizer = TextTokenizer::from_model_dir(&model_root).map_err(user)?;
+        let max_length = config.max_seq_len.min(model_dir.config().max_positions());
+
+        // Data.
+        let data_path = ctx.upstream_dir(&config.data)?.join(format!("{}.parquet", config.split));
+        let rows = read_text_columns(&data_path, ["prompt", "completion"])?;
+        let (sequences, counts) = prepare_sequences(&tokenizer, &rows, config, max_length)
+            .map_err(|error| user(format!("{}: {error}", data_path.display())))?;
+        if sequences.is_empty() {
+            return Err(user(format!(
+                "{}: no example left to train on ({} rows, {} dropped as too long, {} without completion tokens)",
+                data_path.display(),
+                rows.len(),
+                counts.dropped,
+                counts.without_completion
+            )));
+        }
+
+        // Adapter + model.
+        let seed = config.seed.unwrap_or_else(|| ctx.stage_seed());
+        let targets = resolve_targets(lora.target_modules.as_ref(), model_dir.config_json()).map_err(user)?;
+        let settings = LoraSettings {
+            rank: lora.r,
+            alpha: lora.alpha,
+            dropout: lora.dropout as f32,
+            targets,
+            use_rslora: lora.use_rslora,
+            fan_in_fan_out: model_dir.config().model_type() == "gpt2",
+            seed: crate::peft::mix_seed(seed, "lora init"),
+        };
+        let adapter = LoraAdapter::new(settings, &device).map_err(|error| user(error.to_string()))?;
+        let model = model_dir
+            .load(&device, dtype, adapter.linear_factory())
+            .map_err(|error| user(error.to_string()))?;
+        adapter.finish_injection().map_err(|error| user(error.to_string()))?;
+        let trainable = adapter.trainable_parameter_count();
+        let model = AdaptedModel { model };
+
+        // The run key: what determines the result, so only this run's checkpoints resume.
+        let config_digest = file_digest(&model_root.join("config.json"))?;
+        let run_key = {
+            let mut hasher = blake3::Hasher::new();
+            hasher.update(
+                serde_json::to_string(config)
+                    .map_err(|error| StageError::Internal(error.to_string()))?
+                    .as_bytes(),
+            );
+            hasher.update(file_digest(&data_path)?.as_bytes());
+            hasher.update(config_digest.as_bytes());
+            hasher.update(&seed.to_le_bytes());
+            hasher.update(kind.as_bytes());
+            hasher.update(dtype_name.as_bytes());
+            hasher.update(crate::TOOL_VERSION.as_bytes());
+            hasher.finalize().to_hex().to_string()
+        };
+        let checkpoint_dir = checkpoint_root(ctx.project_dir, ctx.name).join(&run_key[..16]);
+        let trainer_settings = TrainerSettings {
+            adamw: AdamWSettings {
+                beta1: config.adam_beta1,
+                beta2: config.adam_beta2,
+                epsilon: config.adam_epsilon,
+                weight_decay: config.weight_decay,
+            },
+            learning_rate: config.learning_rate,
+            schedule: config.schedule,
+            warmup_steps: config.warmup_steps,
+            max_grad_norm: config.max_grad_norm,
+            batch_size: config.batch_size,
+            accumulation: config.gradient_accumulation_steps,
+            epochs: config.epochs,
+            max_steps: config.max_steps,
+            sort_by_length: config.sort_by_length,
+            seed,
+            pad_id: tokenizer.pad_id(),
+            checkpoint_every: config.checkpoint_every,
+            checkpoint_dir: Some(checkpoint_dir.clone()),
+            run_key,
+            synchronize_phases: false,
+        };
+
+        let mut observe = |metrics: &crate::train::StepMetrics| {
+            let remaining = metrics.total_steps.saturating_sub(metrics.step) as f64;
+            let per_step = metrics.elapsed_seconds / metrics.step.max(1) as f64;
+            ctx.progress.progress(Progress {
+                position: metrics.step,
+                length: Some(metrics.total_steps),
+                unit: "steps",
+                message: format!(
+                    "loss {:.4} · {:.0} tok/s · ETA {}",
+                    metrics.loss,
+                    metrics.tokens_per_second,
+                    short_duration(per_step * remaining)
+                ),
+            });
+        };
+        let outcome = crate::train::train(
+            &model,
+            &adapter,
+            &sequences,
+            &trainer_settings,
+            ctx.cancel,
+            &mut observe,
+        )
+        .map_err(|error| match error {
+            TrainError::Cancelled { .. } => StageError::Cancelled,
+            other => user(format!("training: {other}")),
+        })?;
+        if let Some(step) = outcome.resumed_from {
+            ctx.progress.note(format!(
+                "resumed from the checkpoint at step {step} in {}",
+                checkpoint_dir.display()
+            ));
+        }
+
+        // The artifact.
+        adapter
+            .save(&ctx.out_dir.join("adapter"), &config.model)
+            .map_err(|error| user(error.to_string()))?;
+        crate::peft::write_atomic(&ctx.out_dir.join("metrics.jsonl"), outcome.metrics_jsonl.as_bytes())
+            .map_err(|error| user(error.to_string()))?;
+        let summary = serde_json::json!({
+            "final_loss": outcome.final_loss,
+            "steps": outcome.steps,
+            "tokens": outcome.tokens,
+            "scored_tokens": outcome.scored_tokens,
+            "wall_seconds": outcome.wall_seconds,
+            "trainable_parameters": trainable,
+            "examples": counts.examples,
+            "truncated_examples": counts.truncated,
+            "dropped_examples": counts.dropped,
+            "examples_without_completion": counts.without_completion,
+            "resumed_from": outcome.resumed_from,
+            "seed": seed,
+        });
+        write_json(&ctx.out_dir.join("summary.json"), &summary)?;
+        write_json(
+            &ctx.out_dir.join("base_model.json"),
+            &serde_json::json!({
+                "model": config.model,
+                "resolved_path": model_root.display().to_string(),
+                "config_digest": config_digest,
+                "model_type": model_dir.config().model_type(),
+                "device": kind,
+                "dtype": dtype_name,
+            }),
+        )?;
+        // The artifact is complete: the checkpoints are no longer needed.
+        let _ = std::fs::remove_dir_all(&checkpoint_dir);
+
+        let mut outcome_summary = std::collections::BTreeMap::new();
+        for key in ["final_loss", "steps", "tokens", "trainable_parameters", "wall_seconds"] {
+            outcome_summary.insert(key.to_string(), summary[key].clone());
+        }
+        Ok(StageOutcome {
+            summary: outcome_summary,
+        })
+    }
+}
+
+/// Where a pipeline's checkpoints for `stage` live (for docs and `gc`).
+pub fn checkpoint_root(project_dir: &Path, stage: &str) -> PathBuf {
+    project_dir.join(".peftpipe").join("checkpoints").join(stage)
 }

@@ -1,1 +1,15 @@
-//! (skeleton)
+//! Training machinery: our own AdamW (f32 moments, decoupled weight decay, parameter groups,
+//! serializable state), global-norm clipping, learning-rate schedules, resumable checkpoints and
+//! the training loop. Knows nothing of pipelines or stage configs (the train stage translates),
+//! nor of a particular model or PEFT method (it sees a [`trainer::LossModel`] and an
+//! [`crate::peft::Adapter`]). Never prints.
+
+pub mod bench;
+pub mod checkpoint;
+pub mod optimizer;
+pub mod schedule;
+pub mod trainer;
+
+pub use optimizer::{AdamW, AdamWSettings};
+pub use schedule::{Schedule, ScheduleKind};
+pub use trainer::{train, LossModel, StepMetrics, TrainError, TrainOutcome, TrainerSettings};

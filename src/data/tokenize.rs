@@ -1,0 +1,186 @@
+//! Tokenization of prompt/completion pairs for causal-LM training with a model's Hugging Face
+//! tokenizer files: `tokenizer.json` (the `tokenizers` crate) and `tokenizer_config.json` (which
+//! special tokens transformers adds). The prompt and the completion are encoded separately, so
+//! the completion tokens are exactly what the model must generate after the encoded prompt at
+//! inference time: `[BOS if the tokenizer adds one] + prompt`, then `completion [+ EOS]`.
+//! Knows nothing of tensors or batching; never prints.
+
+use std::path::Path;
+
+use crate::models::{GenerationConfig, ModelTokenizer};
+
+/// A prompt/completion pair as token ids.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenizedExample {
+    /// Leading special tokens (BOS) + prompt tokens: context, never scored.
+    pub prompt: Vec<u32>,
+    /// Completion tokens (+ EOS when asked): what the loss is computed on.
+    pub completion: Vec<u32>,
+}
+
+/// A model's tokenizer with the special-token rules transformers applies
+/// (read by [`ModelTokenizer`] from tokenizer.json, tokenizer_config.json, generation_config.json).
+#[derive(Debug)]
+pub struct TextTokenizer {
+    tokenizer: ModelTokenizer,
+    /// Special tokens transformers puts before every sequence (BOS for Llama), possibly none.
+    prefix: Vec<u32>,
+    eos: Option<u32>,
+    pad: u32,
+}
+
+impl TextTokenizer {
+    /// The tokenizer of a Hugging Face model directory.
+    pub fn from_model_dir(dir: &Path) -> Result<Self, String> {
+        let config_path = dir.join("config.json");
+        let model_config = match std::fs::read_to_string(&config_path) {
+            Ok(text) => serde_json::from_str(&text)
+                .map_err(|error| format!("{}: invalid JSON: {error}", config_path.display()))?,
+            Err(_) => serde_json::Value::Null,
+        };
+        let generation =
+            GenerationConfig::load(dir, &model_config).map_err(|error| error.to_string())?;
+        let tokenizer = ModelTokenizer::load(dir, &generation).map_err(|error| error.to_string())?;
+        Self::new(tokenizer)
+    }
+
+    /// BOS when `add_bos_token` (tokenizer_config.json, else what tokenizer.json's post-processor
+    /// does); EOS = the tokenizer's `eos_token` (else generation_config's first); pad = pad token,
+    /// else EOS, else 0.
+    pub fn new(tokenizer: ModelTokenizer) -> Result<Self, String> {
+        let prefix = match (tokenizer.add_bos_token, tokenizer.bos_token_id) {
+            (true, Some(bos)) => vec![bos],
+            (true, None) => {
+                return Err("add_bos_token is set but the tokenizer has no bos_token".into())
+            }
+            (false, _) => Vec::new(),
+        };
+        let eos = match &tokenizer.eos_token {
+            Some(token) => Some(
+                tokenizer
+                    .token_to_id(token)
+                    .ok_or_else(|| format!("eos_token `{token}` is not in the vocabulary"))?,
+            ),
+            None => tokenizer.eos_token_ids.first().copied(),
+        };
+        Ok(TextTokenizer {
+            pad: tokenizer.pad_token_id.or(eos).unwrap_or(0),
+            tokenizer,
+            prefix,
+            eos,
+        })
+    }
+
+    /// End-of-sequence id, if the tokenizer declares one.
+    pub fn eos_id(&self) -> Option<u32> {
+        self.eos
+    }
+
+    /// The id padded positions hold (pad token, else EOS, else 0); never scored or attended.
+    pub fn pad_id(&self) -> u32 {
+        self.pad
+    }
+
+    /// Leading special tokens (BOS).
+    pub fn prefix(&self) -> &[u32] {
+        &self.prefix
+    }
+
+    /// Vocabulary size including added tokens.
+    pub fn vocab_size(&self) -> usize {
+        self.tokenizer.vocab_size()
+    }
+
+    /// Plain tokens of `text`, no special tokens.
+    pub fn encode_plain(&self, text: &str) -> Result<Vec<u32>, String> {
+        self.tokenizer
+            .encode(text, false)
+            .map_err(|error| error.to_string())
+    }
+
+    /// `prefix + tokens(prompt)`.
+    pub fn encode_prompt(&self, prompt: &str) -> Result<Vec<u32>, String> {
+        let mut ids = self.prefix.clone();
+        ids.extend(self.encode_plain(prompt)?);
+        Ok(ids)
+    }
+
+    /// Prompt and completion, EOS appended to the completion when `add_eos`.
+    pub fn encode_example(&self, prompt: &str, completion: &str, add_eos: bool) -> Result<TokenizedExample, String> {
+        let mut completion_ids = self.encode_plain(completion)?;
+        if add_eos {
+            completion_ids.push(
+                self.eos
+                    .ok_or("add_eos is set but the tokenizer declares no eos_token")?,
+            );
+        }
+        Ok(TokenizedExample {
+            prompt: self.encode_prompt(prompt)?,
+            completion: completion_ids,
+        })
+    }
+
+    /// Text of token ids (special tokens skipped).
+    pub fn decode(&self, ids: &[u32]) -> Result<String, String> {
+        self.tokenizer
+            .decode(ids, true)
+            .map_err(|error| error.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+    use tokenizers::models::wordlevel::WordLevel;
+    use tokenizers::pre_tokenizers::whitespace::Whitespace;
+    use tokenizers::Tokenizer;
+
+    /// A model directory with a word-level tokenizer and the given tokenizer_config.json.
+    fn model_dir(config: serde_json::Value) -> tempfile::TempDir {
+        let vocab: HashMap<String, u32> = ["<unk>", "<s>", "</s>", "hello", "world", "yes"]
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.to_string(), i as u32))
+            .collect();
+        let model = WordLevel::builder()
+            .vocab(vocab.into_iter().collect())
+            .unk_token("<unk>".into())
+            .build()
+            .unwrap();
+        let mut tokenizer = Tokenizer::new(model);
+        tokenizer.with_pre_tokenizer(Some(Whitespace {}));
+        let dir = tempfile::tempdir().unwrap();
+        tokenizer.save(dir.path().join("tokenizer.json"), false).unwrap();
+        std::fs::write(dir.path().join("tokenizer_config.json"), config.to_string()).unwrap();
+        dir
+    }
+
+    #[test]
+    fn bos_and_eos_follow_tokenizer_config() {
+        let dir = model_dir(serde_json::json!({"bos_token": "<s>",
+            "eos_token": {"content": "</s>"}, "add_bos_token": true}));
+        let tokenizer = TextTokenizer::from_model_dir(dir.path()).unwrap();
+        let example = tokenizer.encode_example("hello world", "yes", true).unwrap();
+        assert_eq!(example.prompt, vec![1, 3, 4]);
+        assert_eq!(example.completion, vec![5, 2]);
+        assert_eq!(tokenizer.pad_id(), 2);
+        let without = tokenizer.encode_example("hello", "yes", false).unwrap();
+        assert_eq!(without.completion, vec![5]);
+    }
+
+    #[test]
+    fn no_bos_rule_and_no_post_processor_means_no_prefix() {
+        let dir = model_dir(serde_json::json!({}));
+        let tokenizer = TextTokenizer::from_model_dir(dir.path()).unwrap();
+        assert!(tokenizer.prefix().is_empty());
+        assert!(tokenizer
+            .encode_example("hello", "yes", true)
+            .unwrap_err()
+            .contains("eos_token"));
+        let bad = model_dir(serde_json::json!({"eos_token": "<nope>"}));
+        assert!(TextTokenizer::from_model_dir(bad.path())
+            .unwrap_err()
+            .contains("<nope>"));
+    }
+}

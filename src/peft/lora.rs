@@ -1,0 +1,705 @@
+//! LoRA (Hu et al. 2021) with Hugging Face PEFT's semantics: `y = W x + b + s·B(A(dropout(x)))`
+//! with `s = alpha / r` (or `alpha / √r` with rsLoRA), A `[r, in]` Kaiming-uniform(a = √5)
+//! (uniform in ±1/√in), B `[out, r]` zeros, so the adapter is a no-op at step 0. A and B are f32
+//! variables, cast to the compute dtype in forward. Merge folds `s·B·A` into the frozen weight.
+//! On disk: PEFT's folder (adapter_config.json + adapter_model.safetensors with tensors
+//! `base_model.model.<path>.lora_A.weight` `[r, in]` / `.lora_B.weight` `[out, r]`). GPT-2's
+//! Conv1D layers are recorded as `fan_in_fan_out: true`; PEFT stores the same `[r, in]`/`[out, r]`
+//! shapes for them (only its merge transposes), and our models hand every factory `[out, in]`
+//! weights, so nothing else changes.
+//! This file never reads pipeline configs and never prints.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+
+use candle_core::{DType, Device, Tensor, Var};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use serde_json::{json, Value};
+
+use super::targets::TargetModules;
+use super::{
+    mix_seed, read_adapter_config, safetensors_bytes, write_atomic, Adapter, AdapterMode,
+    PeftError, TensorContext, ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_PREFIX,
+};
+use crate::models::{LinearFactory, LinearLayer, LinearWeights};
+
+/// LoRA hyperparameters, resolved (targets known).
+#[derive(Debug, Clone)]
+pub struct LoraSettings {
+    /// Rank r.
+    pub rank: usize,
+    /// lora_alpha.
+    pub alpha: f64,
+    /// Dropout probability on the adapter input during training.
+    pub dropout: f32,
+    pub targets: TargetModules,
+    /// Scale by alpha/√r instead of alpha/r.
+    pub use_rslora: bool,
+    /// Recorded in adapter_config.json: true for GPT-2's Conv1D layers.
+    pub fan_in_fan_out: bool,
+    /// Seed of the A initialisation (each module mixes in its path) and of dropout.
+    pub seed: u64,
+}
+
+impl LoraSettings {
+    /// The factor applied to B·A.
+    pub fn scale(&self) -> f64 {
+        if self.use_rslora {
+            self.alpha / (self.rank as f64).sqrt()
+        } else {
+            self.alpha / self.rank as f64
+        }
+    }
+}
+
+/// State shared by every layer of one adapter: training mode and the dropout seed.
+#[derive(Debug, Default)]
+struct Runtime {
+    training: AtomicBool,
+    dropout_seed: AtomicU64,
+}
+
+/// One adapted linear layer.
+struct LoraLinear {
+    path: String,
+    /// The frozen weight `[out, in]`; replaced by the merged weight while merged.
+    weight: RwLock<Tensor>,
+    bias: Option<Tensor>,
+    a: Var,
+    b: Var,
+    scale: f64,
+    dropout: f32,
+    merged: AtomicBool,
+    runtime: Arc<Runtime>,
+}
+
+/// y = x·Wᵀ (+ b) through the frozen matmul (no gradient for W).
+pub(crate) fn frozen_forward(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> candle_core::Result<Tensor> {
+    crate::ops::linear(x, weight, bias)
+}
+
+/// A linear layer that is not adapted: frozen weight, optional bias.
+struct FrozenLayer(LinearWeights);
+
+impl LinearLayer for FrozenLayer {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        frozen_forward(x, &self.0.weight, self.0.bias.as_ref())
+    }
+}
+
+/// The handle a model holds; the adapter keeps another to merge and save.
+struct LoraHandle(Arc<LoraLinear>);
+
+impl LinearLayer for LoraHandle {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        self.0.forward(x)
+    }
+}
+
+fn lock_error(what: &str) -> candle_core::Error {
+    candle_core::Error::Msg(format!("lock on {what} poisoned by an earlier panic"))
+}
+
+impl LoraLinear {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let weight = self
+            .weight
+            .read()
+            .map_err(|_| lock_error(&self.path))?
+            .clone();
+        let y = frozen_forward(x, &weight, self.bias.as_ref())?;
+        if self.merged.load(Ordering::Acquire) {
+            return Ok(y);
+        }
+        let dims = x.dims().to_vec();
+        let in_features = *dims.last().unwrap_or(&0);
+        let rows = x.elem_count() / in_features.max(1);
+        let mut input = x.reshape((rows, in_features))?;
+        if self.dropout > 0.0 && self.runtime.training.load(Ordering::Acquire) {
+            let seed = mix_seed(self.runtime.dropout_seed.load(Ordering::Acquire), &self.path);
+            input = input.mul(&dropout_mask(seed, self.dropout, rows, in_features, x)?)?;
+        }
+        let a = self.a.as_tensor().to_dtype(x.dtype())?;
+        let b = self.b.as_tensor().to_dtype(x.dtype())?;
+        // s·B(A x): scaling the rank-r intermediate is the cheapest place for it.
+        let hidden = input.matmul(&a.t()?)?.affine(self.scale, 0.0)?;
+        let delta = hidden.matmul(&b.t()?)?;
+        let mut out_dims = dims;
+        if let Some(last) = out_dims.last_mut() {
+            *last = delta.dim(1)?;
+        }
+        y.add(&delta.reshape(out_dims)?)
+    }
+
+    /// s·B·A in f32, `[out, in]`.
+    fn delta_weight(&self) -> candle_core::Result<Tensor> {
+        self.b
+            .as_tensor()
+            .matmul(self.a.as_tensor())?
+            .affine(self.scale, 0.0)
+    }
+
+    fn merged_weight(&self, weight: &Tensor) -> candle_core::Result<Tensor> {
+        weight
+            .to_dtype(DType::F32)?
+            .add(&self.delta_weight()?)?
+            .to_dtype(weight.dtype())
+    }
+}
+
+/// Inverted dropout mask (0 or 1/(1-p)) drawn on the host from `seed`, in x's dtype and device.
+fn dropout_mask(
+    seed: u64,
+    probability: f32,
+    rows: usize,
+    columns: usize,
+    like: &Tensor,
+) -> candle_core::Result<Tensor> {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let keep = 1.0 / (1.0 - probability);
+    let values: Vec<f32> = (0..rows * columns)
+        .map(|_| {
+            if rng.random::<f32>() < probability {
+                0.0
+            } else {
+                keep
+            }
+        })
+        .collect();
+    Tensor::from_vec(values, (rows, columns), like.device())?.to_dtype(like.dtype())
+}
+
+/// Kaiming-uniform with a = √5 as torch's `nn.Linear` / PEFT use for lora_A: U(±1/√fan_in).
+fn kaiming_uniform(seed: u64, rows: usize, columns: usize, device: &Device) -> candle_core::Result<Tensor> {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let bound = 1.0 / (columns as f64).sqrt();
+    let values: Vec<f32> = (0..rows * columns)
+        .map(|_| ((rng.random::<f64>() * 2.0 - 1.0) * bound) as f32)
+        .collect();
+    Tensor::from_vec(values, (rows, columns), device)
+}
+
+/// Where the A/B values of new layers come from.
+enum Source {
+    /// Fresh: A Kaiming-uniform, B zero.
+    Init,
+    /// From a saved adapter: module path → (A, B) and the file they came from.
+    Loaded {
+        tensors: Mutex<BTreeMap<String, (Option<Tensor>, Option<Tensor>)>>,
+        file: String,
+    },
+}
+
+/// A LoRA adapter: the factory that injects it and the registry of adapted layers.
+pub struct LoraAdapter {
+    settings: LoraSettings,
+    device: Device,
+    source: Source,
+    runtime: Arc<Runtime>,
+    layers: Mutex<Vec<Arc<LoraLinear>>>,
+}
+
+impl LoraAdapter {
+    /// A fresh adapter (A random, B zero) to inject into a model built on `device`.
+    pub fn new(settings: LoraSettings, device: &Device) -> Result<Self, PeftError> {
+        if settings.rank == 0 {
+            return Err(PeftError::invalid("LoRA rank r must be at least 1"));
+        }
+        if !(0.0..1.0).contains(&settings.dropout) {
+            return Err(PeftError::invalid(format!(
+                "LoRA dropout must be in [0, 1), got {}",
+                settings.dropout
+            )));
+        }
+        Ok(LoraAdapter {
+            settings,
+            device: device.clone(),
+            source: Source::Init,
+            runtime: Arc::default(),
+            layers: Mutex::new(Vec::new()),
+        })
+    }
+
+    /// Load a PEFT LoRA folder. Build the model through [`Adapter::linear_factory`], then call
+    /// [`Adapter::finish_injection`] to check every tensor found its layer.
+    pub fn load(dir: &Path, device: &Device) -> Result<Self, PeftError> {
+        let config_path = dir.join(ADAPTER_CONFIG);
+        let config = read_adapter_config(dir)?;
+        let settings = settings_from_peft_config(&config)
+            .map_err(|message| PeftError::invalid(format!("{}: {message}", config_path.display())))?;
+        let weights_path = dir.join(ADAPTER_WEIGHTS);
+        let raw = candle_core::safetensors::load(&weights_path, device)
+            .context(|| format!("reading {}", weights_path.display()))?;
+        let mut tensors: BTreeMap<String, (Option<Tensor>, Option<Tensor>)> = BTreeMap::new();
+        for (name, tensor) in raw {
+            let parse = || {
+                let rest = name.strip_prefix(PEFT_PREFIX)?;
+                if let Some(path) = rest.strip_suffix(".lora_A.weight") {
+                    Some((path.to_string(), true))
+                } else {
+                    rest.strip_suffix(".lora_B.weight")
+                        .map(|path| (path.to_string(), false))
+                }
+            };
+            let Some((path, is_a)) = parse() else {
+                return Err(PeftError::invalid(format!(
+                    "{}: unexpected tensor `{name}` (expected {PEFT_PREFIX}<module>.lora_A.weight / .lora_B.weight)",
+                    weights_path.display()
+                )));
+            };
+            let tensor = tensor
+                .to_dtype(DType::F32)
+                .context(|| format!("converting `{name}` to f32"))?;
+            let entry = tensors.entry(path).or_default();
+            if is_a {
+                entry.0 = Some(tensor);
+            } else {
+                entry.1 = Some(tensor);
+            }
+        }
+        Ok(LoraAdapter {
+            settings,
+            device: device.clone(),
+            source: Source::Loaded {
+                tensors: Mutex::new(tensors),
+                file: weights_path.display().to_string(),
+            },
+            runtime: Arc::default(),
+            layers: Mutex::new(Vec::new()),
+        })
+    }
+
+    pub fn settings(&self) -> &LoraSettings {
+        &self.settings
+    }
+
+    /// Paths of the adapted layers, in build order.
+    pub fn adapted_paths(&self) -> Vec<String> {
+        self.layers()
+            .map(|layers| layers.iter().map(|layer| layer.path.clone()).collect())
+            .unwrap_or_default()
+    }
+
+    fn layers(&self) -> Result<std::sync::MutexGuard<'_, Vec<Arc<LoraLinear>>>, PeftError> {
+        self.layers
+            .lock()
+            .map_err(|_| PeftError::invalid("LoRA layer registry poisoned by an earlier panic"))
+    }
+
+    /// The adapter_config.json PEFT 0.21 writes for these settings.
+    pub fn peft_config(&self, base_model_name_or_path: &str) -> Value {
+        let targets = self.settings.targets.to_peft_json(&self.adapted_paths());
+        // Keys in sorted order, as PEFT writes them; values are PEFT's defaults except ours.
+        json!({
+            "alpha_pattern": {},
+            "auto_mapping": null,
+            "base_model_name_or_path": base_model_name_or_path,
+            "bias": "none",
+            "exclude_modules": null,
+            "fan_in_fan_out": self.settings.fan_in_fan_out,
+            "inference_mode": true,
+            "init_lora_weights": true,
+            "layer_replication": null,
+            "layers_pattern": null,
+            "layers_to_transform": null,
+            "loftq_config": {},
+            "lora_alpha": json_number(self.settings.alpha),
+            "lora_bias": false,
+            "lora_dropout": self.settings.dropout,
+            "megatron_config": null,
+            "megatron_core": "megatron.core",
+            "modules_to_save": null,
+            "peft_type": "LORA",
+            "r": self.settings.rank,
+            "rank_pattern": {},
+            "revision": null,
+            "target_modules": targets,
+            "task_type": "CAUSAL_LM",
+            "use_dora": false,
+            "use_rslora": self.settings.use_rslora,
+        })
+    }
+}
+
+/// Integers as JSON integers (PEFT writes `lora_alpha: 8`), others as floats.
+fn json_number(value: f64) -> Value {
+    if value.fract() == 0.0 && value.abs() < 1e15 {
+        json!(value as i64)
+    } else {
+        json!(value)
+    }
+}
+
+/// Read LoRA settings from a PEFT adapter_config.json, refusing features we do not implement
+/// (rather than silently computing something else).
+pub fn settings_from_peft_config(config: &Value) -> Result<LoraSettings, String> {
+    let number = |key: &str| config.get(key).and_then(Value::as_f64);
+    let rank = config
+        .get("r")
+        .and_then(Value::as_u64)
+        .ok_or("missing integer `r`")? as usize;
+    let alpha = number("lora_alpha").unwrap_or(8.0);
+    let dropout = number("lora_dropout").unwrap_or(0.0) as f32;
+    let flag = |key: &str| config.get(key).and_then(Value::as_bool).unwrap_or(false);
+    let targets = TargetModules::from_peft_json(config.get("target_modules").unwrap_or(&Value::Null))?;
+    if config.get("bias").and_then(Value::as_str).unwrap_or("none") != "none" {
+        return Err("bias other than \"none\" is not supported".into());
+    }
+    for key in ["use_dora", "lora_bias"] {
+        if flag(key) {
+            return Err(format!("`{key}: true` is not supported"));
+        }
+    }
+    for key in ["rank_pattern", "alpha_pattern"] {
+        if config
+            .get(key)
+            .and_then(Value::as_object)
+            .is_some_and(|map| !map.is_empty())
+        {
+            return Err(format!("a non-empty `{key}` is not supported"));
+        }
+    }
+    for key in ["modules_to_save", "layers_to_transform", "exclude_modules", "layer_replication"] {
+        if config.get(key).is_some_and(|value| !value.is_null()) {
+            return Err(format!("`{key}` is not supported (must be null)"));
+        }
+    }
+    Ok(LoraSettings {
+        rank,
+        alpha,
+        dropout,
+        targets,
+        use_rslora: flag("use_rslora"),
+        fan_in_fan_out: flag("fan_in_fan_out"),
+        seed: 0,
+    })
+}
+
+impl LinearFactory for LoraAdapter {
+    fn build(&self, path: &str, base: LinearWeights) -> candle_core::Result<Box<dyn LinearLayer>> {
+        if !self.settings.targets.matches(path) {
+            return Ok(Box::new(FrozenLayer(base)));
+        }
+        let (out_features, in_features) = base.weight.dims2()?;
+        let rank = self.settings.rank;
+        let (a, b) = match &self.source {
+            Source::Init => (
+                kaiming_uniform(
+                    mix_seed(self.settings.seed, path),
+                    rank,
+                    in_features,
+                    &self.device,
+                )?,
+                Tensor::zeros((out_features, rank), DType::F32, &self.device)?,
+            ),
+            Source::Loaded { tensors, file } => {
+                let mut tensors = tensors.lock().map_err(|_| lock_error("loaded tensors"))?;
+                let (Some(a), Some(b)) = tensors.remove(path).unwrap_or((None, None)) else {
+                    return Err(candle_core::Error::Msg(format!(
+                        "{file}: missing lora_A/lora_B for targeted module `{path}`"
+                    )));
+                };
+                if a.dims() != [rank, in_features] || b.dims() != [out_features, rank] {
+                    return Err(candle_core::Error::Msg(format!(
+                        "{file}: `{path}` has lora_A {:?} and lora_B {:?}, expected [{rank}, {in_features}] and [{out_features}, {rank}]",
+                        a.dims(),
+                        b.dims()
+                    )));
+                }
+                (a.to_device(&self.device)?, b.to_device(&self.device)?)
+            }
+        };
+        let layer = Arc::new(LoraLinear {
+            path: path.to_string(),
+            weight: RwLock::new(base.weight),
+            bias: base.bias,
+            a: Var::from_tensor(&a)?,
+            b: Var::from_tensor(&b)?,
+            scale: self.settings.scale(),
+            dropout: self.settings.dropout,
+            merged: AtomicBool::new(false),
+            runtime: self.runtime.clone(),
+        });
+        let mut layers = self.layers.lock().map_err(|_| lock_error("LoRA layers"))?;
+        if layers.iter().any(|existing| existing.path == path) {
+            return Err(candle_core::Error::Msg(format!(
+                "linear layer `{path}` was built twice through one LoRA adapter"
+            )));
+        }
+        layers.push(layer.clone());
+        Ok(Box::new(LoraHandle(layer)))
+    }
+}
+
+impl Adapter for LoraAdapter {
+    fn peft_type(&self) -> &'static str {
+        "LORA"
+    }
+
+    fn linear_factory(&self) -> &dyn LinearFactory {
+        self
+    }
+
+    fn finish_injection(&self) -> Result<(), PeftError> {
+        if self.layers()?.is_empty() {
+            return Err(PeftError::invalid(format!(
+                "LoRA target modules {} matched no linear layer of the model",
+                self.settings.targets
+            )));
+        }
+        if let Source::Loaded { tensors, file } = &self.source {
+            let tensors = tensors
+                .lock()
+                .map_err(|_| PeftError::invalid("loaded tensors poisoned"))?;
+            if let Some(path) = tensors.keys().next() {
+                return Err(PeftError::invalid(format!(
+                    "{file}: adapter tensors for `{path}` (and {} more) match no targeted linear layer of the model",
+                    tensors.len() - 1
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    fn trainable_vars(&self) -> Vec<(String, Var)> {
+        let mut vars = Vec::new();
+        if let Ok(layers) = self.layers() {
+            for layer in layers.iter() {
+                vars.push((format!("{PEFT_PREFIX}{}.lora_A.weight", layer.path), layer.a.clone()));
+                vars.push((format!("{PEFT_PREFIX}{}.lora_B.weight", layer.path), layer.b.clone()));
+            }
+        }
+        vars.sort_by(|x, y| x.0.cmp(&y.0));
+        vars
+    }
+
+    fn set_mode(&self, mode: AdapterMode) {
+        match mode {
+            AdapterMode::Train { seed } => {
+                self.runtime.dropout_seed.store(seed, Ordering::Release);
+                self.runtime.training.store(true, Ordering::Release);
+            }
+            AdapterMode::Eval => self.runtime.training.store(false, Ordering::Release),
+        }
+    }
+
+    fn save(&self, dir: &Path, base_model_name_or_path: &str) -> Result<(), PeftError> {
+        let tensors: Vec<(String, Tensor)> = self
+            .trainable_vars()
+            .into_iter()
+            .map(|(name, var)| (name, var.as_tensor().clone()))
+            .collect();
+        let bytes = safetensors_bytes(&tensors)?;
+        let config = self.peft_config(base_model_name_or_path);
+        let mut text = serde_json::to_string_pretty(&config)
+            .map_err(|error| PeftError::invalid(format!("serializing adapter config: {error}")))?;
+        text.push('\n');
+        write_atomic(&dir.join(ADAPTER_WEIGHTS), &bytes)?;
+        write_atomic(&dir.join(ADAPTER_CONFIG), text.as_bytes())
+    }
+
+    fn merge(&self) -> Result<(), PeftError> {
+        for layer in self.layers()?.iter() {
+            if layer.merged.load(Ordering::Acquire) {
+                continue;
+            }
+            let mut weight = layer
+                .weight
+                .write()
+                .map_err(|_| PeftError::invalid(format!("{}: lock poisoned", layer.path)))?;
+            *weight = layer
+                .merged_weight(&weight)
+                .context(|| format!("merging LoRA into `{}`", layer.path))?;
+            layer.merged.store(true, Ordering::Release);
+        }
+        Ok(())
+    }
+
+    fn unmerge(&self) -> Result<(), PeftError> {
+        for layer in self.layers()?.iter() {
+            if !layer.merged.load(Ordering::Acquire) {
+                continue;
+            }
+            let mut weight = layer
+                .weight
+                .write()
+                .map_err(|_| PeftError::invalid(format!("{}: lock poisoned", layer.path)))?;
+            let restored = weight
+                .to_dtype(DType::F32)
+                .and_then(|w| w.sub(&layer.delta_weight()?))
+                .and_then(|w| w.to_dtype(weight.dtype()))
+                .context(|| format!("unmerging LoRA from `{}`", layer.path))?;
+            *weight = restored;
+            layer.merged.store(false, Ordering::Release);
+        }
+        Ok(())
+    }
+
+    fn merged_weights(&self) -> Result<Vec<(String, Tensor)>, PeftError> {
+        let mut out = Vec::new();
+        for layer in self.layers()?.iter() {
+            let weight = layer
+                .weight
+                .read()
+                .map_err(|_| PeftError::invalid(format!("{}: lock poisoned", layer.path)))?
+                .clone();
+            let merged = if layer.merged.load(Ordering::Acquire) {
+                weight
+            } else {
+                layer
+                    .merged_weight(&weight)
+                    .context(|| format!("merging LoRA into `{}`", layer.path))?
+            };
+            out.push((layer.path.clone(), merged));
+        }
+        Ok(out)
+    }
+}
+
+/// Load only the tensors of a PEFT LoRA file as `name → tensor` (for checks and tools).
+pub fn read_adapter_tensors(dir: &Path, device: &Device) -> Result<HashMap<String, Tensor>, PeftError> {
+    let path = dir.join(ADAPTER_WEIGHTS);
+    candle_core::safetensors::load(&path, device).context(|| format!("reading {}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings(targets: &[&str]) -> LoraSettings {
+        LoraSettings {
+            rank: 2,
+            alpha: 4.0,
+            dropout: 0.0,
+            targets: TargetModules::Names(targets.iter().map(|s| s.to_string()).collect()),
+            use_rslora: false,
+            fan_in_fan_out: false,
+            seed: 7,
+        }
+    }
+
+    fn base(out: usize, input: usize, seed: u64) -> LinearWeights {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let values: Vec<f32> = (0..out * input).map(|_| rng.random::<f32>() - 0.5).collect();
+        LinearWeights {
+            weight: Tensor::from_vec(values, (out, input), &Device::Cpu).unwrap(),
+            bias: Some(Tensor::new(&[0.5f32, -0.25, 1.0][..out], &Device::Cpu).unwrap()),
+        }
+    }
+
+    fn input() -> Tensor {
+        Tensor::arange(0f32, 2.0 * 4.0 * 5.0, &Device::Cpu)
+            .unwrap()
+            .affine(0.05, -1.0)
+            .unwrap()
+            .reshape((2, 4, 5))
+            .unwrap()
+    }
+
+    #[test]
+    fn scale_follows_rslora() {
+        let mut s = settings(&["q"]);
+        s.rank = 16;
+        s.alpha = 32.0;
+        assert_eq!(s.scale(), 2.0);
+        s.use_rslora = true;
+        assert_eq!(s.scale(), 8.0);
+    }
+
+    #[test]
+    fn kaiming_init_is_bounded_seeded_and_b_is_zero() {
+        let adapter = LoraAdapter::new(settings(&["q"]), &Device::Cpu).unwrap();
+        adapter.build("layer.q", base(3, 5, 1)).unwrap();
+        let vars = adapter.trainable_vars();
+        assert_eq!(vars[0].0, "base_model.model.layer.q.lora_A.weight");
+        let a: Vec<f32> = vars[0].1.flatten_all().unwrap().to_vec1().unwrap();
+        let bound = 1.0 / 5f32.sqrt();
+        assert!(a.iter().all(|v| v.abs() <= bound) && a.iter().any(|v| *v != 0.0));
+        let b: Vec<f32> = vars[1].1.flatten_all().unwrap().to_vec1().unwrap();
+        assert!(b.iter().all(|v| *v == 0.0));
+        let again = LoraAdapter::new(settings(&["q"]), &Device::Cpu).unwrap();
+        again.build("layer.q", base(3, 5, 1)).unwrap();
+        let a2: Vec<f32> = again.trainable_vars()[0].1.flatten_all().unwrap().to_vec1().unwrap();
+        assert_eq!(a, a2);
+    }
+
+    #[test]
+    fn forward_matches_the_formula_and_merge_agrees() {
+        let adapter = LoraAdapter::new(settings(&["q"]), &Device::Cpu).unwrap();
+        let weights = base(3, 5, 2);
+        let layer = adapter.build("layer.q", weights.clone()).unwrap();
+        let frozen = adapter.build("layer.k", base(3, 5, 3)).unwrap();
+        let x = input();
+        let plain = frozen_forward(&x, &weights.weight, weights.bias.as_ref()).unwrap();
+        // Step 0: B = 0 → identical output.
+        let diff = layer.forward(&x).unwrap().sub(&plain).unwrap().abs().unwrap();
+        assert_eq!(diff.max_all().unwrap().to_scalar::<f32>().unwrap(), 0.0);
+        // Non-zero B: compare with W + s·B·A computed by hand.
+        let vars = adapter.trainable_vars();
+        let b = Tensor::new(&[[0.1f32, -0.2], [0.3, 0.4], [-0.5, 0.6]], &Device::Cpu).unwrap();
+        vars[1].1.set(&b).unwrap();
+        let a = vars[0].1.as_tensor();
+        let w = weights.weight.add(&b.matmul(a).unwrap().affine(2.0, 0.0).unwrap()).unwrap();
+        let expected = frozen_forward(&x, &w, weights.bias.as_ref()).unwrap();
+        let got = layer.forward(&x).unwrap();
+        let error = got.sub(&expected).unwrap().abs().unwrap().max_all().unwrap();
+        assert!(error.to_scalar::<f32>().unwrap() < 1e-5);
+        adapter.merge().unwrap();
+        let merged = layer.forward(&x).unwrap();
+        let error = merged.sub(&got).unwrap().abs().unwrap().max_all().unwrap();
+        assert!(error.to_scalar::<f32>().unwrap() < 1e-5);
+        adapter.unmerge().unwrap();
+        let error = layer.forward(&x).unwrap().sub(&got).unwrap().abs().unwrap().max_all().unwrap();
+        assert!(error.to_scalar::<f32>().unwrap() < 1e-5);
+        // The unadapted layer has no trainable vars.
+        assert_eq!(vars.len(), 2);
+        drop(frozen);
+    }
+
+    #[test]
+    fn dropout_only_in_training_and_seeded() {
+        let mut s = settings(&["q"]);
+        s.dropout = 0.5;
+        let adapter = LoraAdapter::new(s, &Device::Cpu).unwrap();
+        let layer = adapter.build("layer.q", base(3, 5, 2)).unwrap();
+        let vars = adapter.trainable_vars();
+        vars[1].1.set(&Tensor::ones((3, 2), DType::F32, &Device::Cpu).unwrap()).unwrap();
+        let x = input();
+        let eval = layer.forward(&x).unwrap();
+        adapter.set_mode(AdapterMode::Train { seed: 1 });
+        let first = layer.forward(&x).unwrap();
+        let again = layer.forward(&x).unwrap();
+        adapter.set_mode(AdapterMode::Train { seed: 2 });
+        let other = layer.forward(&x).unwrap();
+        let max = |t: Tensor| t.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert_eq!(max(first.sub(&again).unwrap()), 0.0);
+        assert!(max(first.sub(&eval).unwrap()) > 0.0);
+        assert!(max(first.sub(&other).unwrap()) > 0.0);
+        adapter.set_mode(AdapterMode::Eval);
+        assert_eq!(max(layer.forward(&x).unwrap().sub(&eval).unwrap()), 0.0);
+    }
+
+    #[test]
+    fn nothing_matched_is_an_error() {
+        let adapter = LoraAdapter::new(settings(&["nope"]), &Device::Cpu).unwrap();
+        adapter.build("layer.q", base(3, 5, 2)).unwrap();
+        let error = adapter.finish_injection().unwrap_err().to_string();
+        assert!(error.contains("matched no linear layer"), "{error}");
+    }
+
+    #[test]
+    fn peft_config_refuses_unsupported_features() {
+        let mut config = json!({"peft_type": "LORA", "r": 4, "lora_alpha": 8,
+            "target_modules": ["q_proj"], "use_dora": true});
+        assert!(settings_from_peft_config(&config).unwrap_err().contains("use_dora"));
+        config["use_dora"] = json!(false);
+        config["rank_pattern"] = json!({"q_proj": 2});
+        assert!(settings_from_peft_config(&config).unwrap_err().contains("rank_pattern"));
+        config["rank_pattern"] = json!({});
+        let settings = settings_from_peft_config(&config).unwrap();
+        assert_eq!((settings.rank, settings.alpha), (4, 8.0));
+    }
+}

@@ -1,0 +1,419 @@
+//! The training loop: seeded batches, gradient accumulation over micro-batches (the loss of a
+//! step is the mean NLL over all scored tokens of its micro-batches), NaN/inf detection that
+//! names the step, global-norm clipping, AdamW, the schedule, metrics lines and resumable
+//! checkpoints. Deterministic on CPU: every random draw is a function of the seed and a counter,
+//! so an interrupted run resumed from its checkpoint ends bit-identical to an uninterrupted one.
+//!
+//! Data stream: micro-batch `m` is batch `m mod B` of epoch `m div B` (B batches per epoch, each
+//! epoch a fresh seeded order); optimizer step `k` consumes micro-batches `k·A .. (k+1)·A`.
+//! Knows nothing of pipelines, files of the data stage, or which model it trains: the caller
+//! passes a [`LossModel`] and an [`Adapter`]. Never prints: it reports through a callback.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use candle_core::{DType, Device, Tensor};
+use serde::Serialize;
+
+use super::checkpoint::{self, CheckpointState, CHECKPOINT_VERSION};
+use super::optimizer::{clip_gradients, global_norm, AdamW, AdamWSettings};
+use super::schedule::{Schedule, ScheduleKind};
+use crate::data::batch::{collate, epoch_batches, HostBatch, Sequence};
+use crate::peft::{mix_seed, Adapter, AdapterMode, PeftError};
+
+/// A model (with its adapter injected) that turns a batch into a summed loss.
+pub trait LossModel {
+    /// Summed next-token NLL over the scored tokens of the batch: an f32 scalar, part of the
+    /// autograd graph of the adapter's variables.
+    fn loss_sum(&self, batch: &HostBatch) -> candle_core::Result<Tensor>;
+    /// The device the model runs on.
+    fn device(&self) -> &Device;
+}
+
+/// Everything that shapes a run.
+#[derive(Debug, Clone)]
+pub struct TrainerSettings {
+    pub adamw: AdamWSettings,
+    pub learning_rate: f64,
+    pub schedule: ScheduleKind,
+    pub warmup_steps: u64,
+    pub max_grad_norm: Option<f64>,
+    pub batch_size: usize,
+    pub accumulation: usize,
+    pub epochs: u32,
+    pub max_steps: Option<u64>,
+    pub sort_by_length: bool,
+    pub seed: u64,
+    pub pad_id: u32,
+    /// Save a checkpoint every N steps (0: never) into `checkpoint_dir`.
+    pub checkpoint_every: u64,
+    pub checkpoint_dir: Option<PathBuf>,
+    /// Identifies the run (config + data + model digests): only its own checkpoints resume.
+    pub run_key: String,
+    /// Synchronize the device around each phase so the forward/backward/optimizer split is
+    /// exact (benchmarks); off for normal runs.
+    pub synchronize_phases: bool,
+}
+
+/// One line of metrics.jsonl.
+#[derive(Debug, Clone, Serialize)]
+pub struct StepMetrics {
+    /// 1-based optimizer step.
+    pub step: u64,
+    pub total_steps: u64,
+    /// Fractional epoch reached.
+    pub epoch: f64,
+    /// Mean NLL per scored token over the step's micro-batches.
+    pub loss: f64,
+    pub lr: f64,
+    /// Global gradient norm before clipping.
+    pub grad_norm: f64,
+    /// Real (unpadded) tokens processed per second in this step.
+    pub tokens_per_second: f64,
+    pub tokens: u64,
+    pub scored_tokens: u64,
+    /// Wall time of the phases of this step, seconds.
+    pub forward_seconds: f64,
+    pub backward_seconds: f64,
+    pub optimizer_seconds: f64,
+    /// Training wall time so far (including before a resume), seconds.
+    pub elapsed_seconds: f64,
+}
+
+/// What a finished run reports.
+#[derive(Debug, Clone)]
+pub struct TrainOutcome {
+    pub steps: u64,
+    pub final_loss: f64,
+    pub tokens: u64,
+    pub scored_tokens: u64,
+    pub wall_seconds: f64,
+    /// The step the run resumed from, if it did.
+    pub resumed_from: Option<u64>,
+    /// metrics.jsonl contents, including steps before a resume.
+    pub metrics_jsonl: String,
+}
+
+/// Why training stopped early.
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    #[error("{0}")]
+    Invalid(String),
+    #[error("step {step}: {what} is not finite ({value}); lower the learning rate or check the data")]
+    NonFinite {
+        step: u64,
+        what: String,
+        value: f64,
+    },
+    #[error("cancelled at step {step}")]
+    Cancelled { step: u64 },
+    #[error("step {step}: {context}: {source}")]
+    Tensor {
+        step: u64,
+        context: String,
+        source: candle_core::Error,
+    },
+    #[error(transparent)]
+    Peft(#[from] PeftError),
+}
+
+fn at_step<T>(step: u64, context: &str, result: candle_core::Result<T>) -> Result<T, TrainError> {
+    result.map_err(|source| TrainError::Tensor {
+        step,
+        context: context.to_string(),
+        source,
+    })
+}
+
+/// The seeded stream of micro-batches over the sequences.
+struct DataStream<'a> {
+    sequences: &'a [Sequence],
+    lengths: Vec<usize>,
+    settings: &'a TrainerSettings,
+    batches_per_epoch: u64,
+    cached_epoch: Option<(u64, Vec<Vec<usize>>)>,
+}
+
+impl<'a> DataStream<'a> {
+    fn new(sequences: &'a [Sequence], settings: &'a TrainerSettings) -> Self {
+        let lengths: Vec<usize> = sequences.iter().map(|s| s.ids.len()).collect();
+        let batches_per_epoch = sequences.len().div_ceil(settings.batch_size.max(1)) as u64;
+        DataStream {
+            sequences,
+            lengths,
+            settings,
+            batches_per_epoch,
+            cached_epoch: None,
+        }
+    }
+
+    fn batch(&mut self, micro_batch: u64) -> HostBatch {
+        let epoch = micro_batch / self.batches_per_epoch;
+        let position = (micro_batch % self.batches_per_epoch) as usize;
+        if self.cached_epoch.as_ref().map(|(e, _)| *e) != Some(epoch) {
+            let order = epoch_batches(
+                &self.lengths,
+                self.settings.batch_size,
+                mix_seed(self.settings.seed, "data order"),
+                epoch,
+                self.settings.sort_by_length,
+            );
+            self.cached_epoch = Some((epoch, order));
+        }
+        let order = &self.cached_epoch.as_ref().map(|(_, o)| o).map_or(&[][..], |o| &o[..]);
+        collate(self.sequences, &order[position], self.settings.pad_id)
+    }
+}
+
+/// The number of optimizer steps a run takes.
+pub fn total_steps(examples: usize, settings: &TrainerSettings) -> u64 {
+    if let Some(max_steps) = settings.max_steps {
+        return max_steps;
+    }
+    let batches = examples.div_ceil(settings.batch_size.max(1)) as u64;
+    (batches * u64::from(settings.epochs)).div_ceil(settings.accumulation.max(1) as u64)
+}
+
+fn synchronize(device: &Device, enabled: bool) -> candle_core::Result<()> {
+    if enabled {
+        device.synchronize()
+    } else {
+        Ok(())
+    }
+}
+
+/// Train `adapter` (already injected into `model`) on `sequences`. Resumes from the newest
+/// checkpoint of the same run if one exists. `observe` sees every step's metrics.
+pub fn train(
+    model: &dyn LossModel,
+    adapter: &dyn Adapter,
+    sequences: &[Sequence],
+    settings: &TrainerSettings,
+    cancel: &AtomicBool,
+    observe: &mut dyn FnMut(&StepMetrics),
+) -> Result<TrainOutcome, TrainError> {
+    if sequences.is_empty() {
+        return Err(TrainError::Invalid("no training examples".into()));
+    }
+    if let Some(index) = sequences.iter().position(|s| s.scored_tokens() == 0) {
+        return Err(TrainError::Invalid(format!(
+            "example {index} has no completion token to train on"
+        )));
+    }
+    let device = model.device().clone();
+    let variables = adapter.trainable_vars();
+    if variables.is_empty() {
+        return Err(TrainError::Invalid("the adapter has no trainable variables".into()));
+    }
+    let mut optimizer = at_step(0, "creating the optimizer", AdamW::new(variables.clone(), settings.adamw))?;
+    let steps = total_steps(sequences.len(), settings);
+    let schedule = Schedule {
+        kind: settings.schedule,
+        base_lr: settings.learning_rate,
+        warmup_steps: settings.warmup_steps,
+        total_steps: steps,
+    };
+    let accumulation = settings.accumulation.max(1) as u64;
+    let mut stream = DataStream::new(sequences, settings);
+    let total_micro_batches = match settings.max_steps {
+        Some(_) => u64::MAX,
+        None => stream.batches_per_epoch * u64::from(settings.epochs),
+    };
+
+    let mut start_step = 0;
+    let mut metrics_jsonl = String::new();
+    let mut tokens = 0u64;
+    let mut scored = 0u64;
+    let mut elapsed_before = 0.0;
+    let mut resumed_from = None;
+    if let Some(dir) = &settings.checkpoint_dir {
+        if let Some(found) = checkpoint::latest(dir, &settings.run_key, &device)? {
+            for (name, var) in &variables {
+                let tensor = found.variables.get(name).ok_or_else(|| {
+                    TrainError::Invalid(format!(
+                        "checkpoint {} has no variable `{name}`",
+                        found.path.display()
+                    ))
+                })?;
+                at_step(found.state.step, "restoring a variable", var.set(tensor))?;
+            }
+            optimizer
+                .load_state(&found.optimizer, found.state.step)
+                .map_err(|message| TrainError::Invalid(format!("{}: {message}", found.path.display())))?;
+            start_step = found.state.step;
+            metrics_jsonl = found.metrics;
+            tokens = found.state.tokens;
+            scored = found.state.scored_tokens;
+            elapsed_before = found.state.elapsed_seconds;
+            resumed_from = Some(start_step);
+        }
+    }
+
+    let started = Instant::now();
+    let mut final_loss = f64::NAN;
+    for step in start_step..steps {
+        if cancel.load(Ordering::Relaxed) {
+            return Err(TrainError::Cancelled { step });
+        }
+        let step_started = Instant::now();
+        let first = step * accumulation;
+        let last = (first + accumulation).min(total_micro_batches);
+        let batches: Vec<HostBatch> = (first..last).map(|m| stream.batch(m)).collect();
+        let window_scored: usize = batches.iter().map(|b| b.scored_tokens).sum();
+        let window_tokens: usize = batches.iter().map(|b| b.tokens).sum();
+        let mut gradients: Vec<Option<Tensor>> = vec![None; variables.len()];
+        let mut loss_total = 0.0f64;
+        let (mut forward_seconds, mut backward_seconds) = (0.0, 0.0);
+        for (offset, batch) in batches.iter().enumerate() {
+            let micro_batch = first + offset as u64;
+            adapter.set_mode(AdapterMode::Train {
+                seed: mix_seed(settings.seed, &format!("dropout {micro_batch}")),
+            });
+            let phase = Instant::now();
+            let loss_sum = at_step(step + 1, "forward", model.loss_sum(batch))?;
+            let loss_value = at_step(
+                step + 1,
+                "reading the loss",
+                loss_sum.to_dtype(DType::F64).and_then(|l| l.to_scalar::<f64>()),
+            )?;
+            forward_seconds += phase.elapsed().as_secs_f64();
+            if !loss_value.is_finite() {
+                return Err(TrainError::NonFinite {
+                    step: step + 1,
+                    what: format!("the loss of micro-batch {}", offset + 1),
+                    value: loss_value,
+                });
+            }
+            loss_total += loss_value;
+            let phase = Instant::now();
+            let scaled = at_step(
+                step + 1,
+                "scaling the loss",
+                loss_sum.affine(1.0 / window_scored as f64, 0.0),
+            )?;
+            let grads = at_step(step + 1, "backward", scaled.backward())?;
+            for (slot, (_, var)) in gradients.iter_mut().zip(&variables) {
+                if let Some(gradient) = grads.get(var.as_tensor()) {
+                    let gradient = gradient.detach();
+                    *slot = Some(match slot.take() {
+                        Some(sum) => at_step(step + 1, "accumulating gradients", sum.add(&gradient))?,
+                        None => gradient,
+                    });
+                }
+            }
+            drop(grads);
+            at_step(step + 1, "backward", synchronize(&device, settings.synchronize_phases))?;
+            backward_seconds += phase.elapsed().as_secs_f64();
+        }
+        adapter.set_mode(AdapterMode::Eval);
+
+        let phase = Instant::now();
+        let norm = at_step(step + 1, "gradient norm", global_norm(&gradients))?;
+        if !norm.is_finite() {
+            let culprit = variables
+                .iter()
+                .zip(&gradients)
+                .find(|(_, g)| {
+                    g.as_ref()
+                        .and_then(|g| global_norm(std::slice::from_ref(&Some(g.clone()))).ok())
+                        .is_some_and(|n| !n.is_finite())
+                })
+                .map_or_else(String::new, |((name, _), _)| format!(" (first in `{name}`)"));
+            return Err(TrainError::NonFinite {
+                step: step + 1,
+                what: format!("the gradient norm{culprit}"),
+                value: norm,
+            });
+        }
+        if let Some(max_norm) = settings.max_grad_norm {
+            at_step(step + 1, "clipping", clip_gradients(&mut gradients, norm, max_norm))?;
+        }
+        let learning_rate = schedule.learning_rate(step);
+        at_step(step + 1, "optimizer", optimizer.step(&gradients, learning_rate))?;
+        at_step(step + 1, "optimizer", synchronize(&device, settings.synchronize_phases))?;
+        let optimizer_seconds = phase.elapsed().as_secs_f64();
+        drop(gradients);
+
+        let step_seconds = step_started.elapsed().as_secs_f64();
+        tokens += window_tokens as u64;
+        scored += window_scored as u64;
+        final_loss = loss_total / window_scored as f64;
+        let metrics = StepMetrics {
+            step: step + 1,
+            total_steps: steps,
+            epoch: last as f64 / stream.batches_per_epoch as f64,
+            loss: final_loss,
+            lr: learning_rate,
+            grad_norm: norm,
+            tokens_per_second: window_tokens as f64 / step_seconds.max(1e-9),
+            tokens,
+            scored_tokens: scored,
+            forward_seconds,
+            backward_seconds,
+            optimizer_seconds,
+            elapsed_seconds: elapsed_before + started.elapsed().as_secs_f64(),
+        };
+        let line = serde_json::to_string(&metrics_line(&metrics))
+            .map_err(|error| TrainError::Invalid(format!("metrics: {error}")))?;
+        metrics_jsonl.push_str(&line);
+        metrics_jsonl.push('\n');
+        observe(&metrics);
+
+        let done = step + 1;
+        if settings.checkpoint_every > 0 && done % settings.checkpoint_every == 0 && done < steps {
+            if let Some(dir) = &settings.checkpoint_dir {
+                let state = CheckpointState {
+                    version: CHECKPOINT_VERSION,
+                    run_key: settings.run_key.clone(),
+                    step: done,
+                    micro_batches: last,
+                    seed: settings.seed,
+                    tokens,
+                    scored_tokens: scored,
+                    elapsed_seconds: metrics.elapsed_seconds,
+                };
+                let current: Vec<(String, Tensor)> = variables
+                    .iter()
+                    .map(|(name, var)| (name.clone(), var.as_tensor().clone()))
+                    .collect();
+                checkpoint::save(dir, &state, &current, &optimizer.state_tensors(), &metrics_jsonl)?;
+            }
+        }
+    }
+    Ok(TrainOutcome {
+        steps,
+        final_loss,
+        tokens,
+        scored_tokens: scored,
+        wall_seconds: elapsed_before + started.elapsed().as_secs_f64(),
+        resumed_from,
+        metrics_jsonl,
+    })
+}
+
+/// The metrics.jsonl record of a step (the documented subset of [`StepMetrics`]).
+fn metrics_line(metrics: &StepMetrics) -> serde_json::Value {
+    serde_json::json!({
+        "step": metrics.step,
+        "epoch": metrics.epoch,
+        "loss": metrics.loss,
+        "lr": metrics.lr,
+        "grad_norm": metrics.grad_norm,
+        "tokens_per_second": metrics.tokens_per_second,
+        "tokens": metrics.tokens,
+        "scored_tokens": metrics.scored_tokens,
+    })
+}
+
+/// Restore named tensors into the adapter's variables (e.g. from a saved adapter).
+pub fn restore_variables(adapter: &dyn Adapter, tensors: &HashMap<String, Tensor>) -> Result<(), TrainError> {
+    for (name, var) in adapter.trainable_vars() {
+        let tensor = tensors
+            .get(&name)
+            .ok_or_else(|| TrainError::Invalid(format!("no tensor `{name}` to restore")))?;
+        at_step(0, "restoring a variable", var.set(tensor))?;
+    }
+    Ok(())
+}
