@@ -55,8 +55,8 @@ pub enum StageConfig {
     Ingest(IngestConfig),
     /// Render prompts and completions with minijinja.
     Template(TemplateConfig),
-    /// Train a PEFT adapter on a pre-trained model.
-    Train(TrainConfig),
+    /// Train a PEFT adapter on a pre-trained model (boxed: by far the largest config).
+    Train(Box<TrainConfig>),
     /// Evaluate base and adapted model on held-out data.
     Evaluate(EvaluateConfig),
     /// Export the adapter in PEFT format and/or a merged model.
@@ -166,7 +166,7 @@ impl StageConfig {
         match self {
             StageConfig::Ingest(c) => c,
             StageConfig::Template(c) => c,
-            StageConfig::Train(c) => c,
+            StageConfig::Train(c) => c.as_ref(),
             StageConfig::Evaluate(c) => c,
             StageConfig::Export(c) => c,
         }

@@ -353,7 +353,10 @@ pub fn model_files(dir: &Path) -> Result<Vec<PathBuf>, String> {
         let name = entry.file_name().to_string_lossy().into_owned();
         let wanted = matches!(
             name.as_str(),
-            "config.json" | "tokenizer.json" | "tokenizer_config.json" | "model.safetensors.index.json"
+            "config.json"
+                | "tokenizer.json"
+                | "tokenizer_config.json"
+                | "model.safetensors.index.json"
         ) || name.ends_with(".safetensors");
         if wanted && entry.path().is_file() {
             files.push(entry.path());
@@ -361,7 +364,10 @@ pub fn model_files(dir: &Path) -> Result<Vec<PathBuf>, String> {
     }
     files.sort();
     if !files.iter().any(|f| f.ends_with("config.json")) {
-        return Err(format!("model directory {} has no config.json", dir.display()));
+        return Err(format!(
+            "model directory {} has no config.json",
+            dir.display()
+        ));
     }
     Ok(files)
 }
@@ -415,18 +421,27 @@ impl StageSpec for TrainConfig {
             problem("device", message);
         }
         if !(self.learning_rate > 0.0 && self.learning_rate.is_finite()) {
-            problem("learning_rate", format!("must be positive, got {}", self.learning_rate));
+            problem(
+                "learning_rate",
+                format!("must be positive, got {}", self.learning_rate),
+            );
         }
         if self.weight_decay < 0.0 {
             problem("weight_decay", "must not be negative".into());
         }
-        for (key, value) in [("adam_beta1", self.adam_beta1), ("adam_beta2", self.adam_beta2)] {
+        for (key, value) in [
+            ("adam_beta1", self.adam_beta1),
+            ("adam_beta2", self.adam_beta2),
+        ] {
             if !(0.0..1.0).contains(&value) {
                 problem(key, format!("must be in [0, 1), got {value}"));
             }
         }
         if self.max_grad_norm.is_some_and(|norm| norm <= 0.0) {
-            problem("max_grad_norm", "must be positive (or null to disable)".into());
+            problem(
+                "max_grad_norm",
+                "must be positive (or null to disable)".into(),
+            );
         }
         if self.batch_size == 0 {
             problem("batch_size", "must be at least 1".into());
@@ -448,7 +463,10 @@ impl StageSpec for TrainConfig {
             problem("method.lora.r", "must be at least 1".into());
         }
         if !(0.0..1.0).contains(&lora.dropout) {
-            problem("method.lora.dropout", format!("must be in [0, 1), got {}", lora.dropout));
+            problem(
+                "method.lora.dropout",
+                format!("must be in [0, 1), got {}", lora.dropout),
+            );
         }
         if let Some(TargetModulesConfig::Regex(pattern)) = &lora.target_modules {
             if let Err(message) = crate::peft::TargetModules::regex(pattern) {
@@ -480,7 +498,12 @@ impl StageSpec for TrainConfig {
         match crate::models::ModelConfig::from_json(&config) {
             Err(error) => problem(
                 "model",
-                format!("{}: key `{}`: {}", config_path.display(), error.key, error.message),
+                format!(
+                    "{}: key `{}`: {}",
+                    config_path.display(),
+                    error.key,
+                    error.message
+                ),
             ),
             Ok(model_config) => {
                 let modules = model_config.linear_layers();
@@ -552,7 +575,10 @@ mod tests {
     fn defaults_fill_everything_but_data_and_model() {
         let config = parse("data: prompts\nmodel: models/x\n").unwrap();
         assert_eq!(config.method, MethodConfig::Lora(LoraConfig::default()));
-        assert_eq!((config.batch_size, config.epochs, config.max_seq_len), (4, 1, 512));
+        assert_eq!(
+            (config.batch_size, config.epochs, config.max_seq_len),
+            (4, 1, 512)
+        );
         assert_eq!(config.truncation, Truncation::PromptLeft);
         assert_eq!(config.schedule, ScheduleKind::Linear);
         assert_eq!(config.max_grad_norm, Some(1.0));
@@ -560,17 +586,31 @@ mod tests {
 
     #[test]
     fn target_modules_forms() {
-        let names = parse("data: d\nmodel: m\nmethod: {lora: {r: 4, target_modules: [q_proj, v_proj]}}").unwrap();
+        let names =
+            parse("data: d\nmodel: m\nmethod: {lora: {r: 4, target_modules: [q_proj, v_proj]}}")
+                .unwrap();
         let MethodConfig::Lora(lora) = names.method;
-        assert_eq!(lora.target_modules, Some(TargetModulesConfig::Names(vec!["q_proj".into(), "v_proj".into()])));
+        assert_eq!(
+            lora.target_modules,
+            Some(TargetModulesConfig::Names(vec![
+                "q_proj".into(),
+                "v_proj".into()
+            ]))
+        );
         let all = parse("data: d\nmodel: m\nmethod: {lora: {target_modules: all-linear}}").unwrap();
         let MethodConfig::Lora(lora) = all.method;
         assert_eq!(lora.target_modules, Some(TargetModulesConfig::AllLinear));
-        let regex = parse("data: d\nmodel: m\nmethod: {lora: {target_modules: {regex: '.*q_proj'}}}").unwrap();
+        let regex =
+            parse("data: d\nmodel: m\nmethod: {lora: {target_modules: {regex: '.*q_proj'}}}")
+                .unwrap();
         let MethodConfig::Lora(lora) = regex.method;
-        assert_eq!(lora.target_modules, Some(TargetModulesConfig::Regex(".*q_proj".into())));
+        assert_eq!(
+            lora.target_modules,
+            Some(TargetModulesConfig::Regex(".*q_proj".into()))
+        );
         // A bare string other than all-linear is ambiguous: rejected with a hint.
-        let error = parse("data: d\nmodel: m\nmethod: {lora: {target_modules: q_proj}}").unwrap_err();
+        let error =
+            parse("data: d\nmodel: m\nmethod: {lora: {target_modules: q_proj}}").unwrap_err();
         assert!(error.contains("[q_proj]"), "{error}");
         // Round trip through serde (what the fingerprint hashes).
         let value = serde_json::to_value(TargetModulesConfig::Regex("x".into())).unwrap();

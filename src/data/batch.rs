@@ -226,8 +226,14 @@ mod tests {
     #[test]
     fn collate_pads_right_and_masks_the_completion() {
         let sequences = vec![
-            Sequence { ids: vec![1, 5, 6, 7], completion_start: 2 },
-            Sequence { ids: vec![1, 8], completion_start: 1 },
+            Sequence {
+                ids: vec![1, 5, 6, 7],
+                completion_start: 2,
+            },
+            Sequence {
+                ids: vec![1, 8],
+                completion_start: 1,
+            },
         ];
         let batch = collate(&sequences, &[0, 1], 0);
         assert_eq!((batch.batch, batch.length), (2, 4));

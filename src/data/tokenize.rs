@@ -40,7 +40,8 @@ impl TextTokenizer {
         };
         let generation =
             GenerationConfig::load(dir, &model_config).map_err(|error| error.to_string())?;
-        let tokenizer = ModelTokenizer::load(dir, &generation).map_err(|error| error.to_string())?;
+        let tokenizer =
+            ModelTokenizer::load(dir, &generation).map_err(|error| error.to_string())?;
         Self::new(tokenizer)
     }
 
@@ -106,7 +107,12 @@ impl TextTokenizer {
     }
 
     /// Prompt and completion, EOS appended to the completion when `add_eos`.
-    pub fn encode_example(&self, prompt: &str, completion: &str, add_eos: bool) -> Result<TokenizedExample, String> {
+    pub fn encode_example(
+        &self,
+        prompt: &str,
+        completion: &str,
+        add_eos: bool,
+    ) -> Result<TokenizedExample, String> {
         let mut completion_ids = self.encode_plain(completion)?;
         if add_eos {
             completion_ids.push(
@@ -151,7 +157,9 @@ mod tests {
         let mut tokenizer = Tokenizer::new(model);
         tokenizer.with_pre_tokenizer(Some(Whitespace {}));
         let dir = tempfile::tempdir().unwrap();
-        tokenizer.save(dir.path().join("tokenizer.json"), false).unwrap();
+        tokenizer
+            .save(dir.path().join("tokenizer.json"), false)
+            .unwrap();
         std::fs::write(dir.path().join("tokenizer_config.json"), config.to_string()).unwrap();
         dir
     }
@@ -161,7 +169,9 @@ mod tests {
         let dir = model_dir(serde_json::json!({"bos_token": "<s>",
             "eos_token": {"content": "</s>"}, "add_bos_token": true}));
         let tokenizer = TextTokenizer::from_model_dir(dir.path()).unwrap();
-        let example = tokenizer.encode_example("hello world", "yes", true).unwrap();
+        let example = tokenizer
+            .encode_example("hello world", "yes", true)
+            .unwrap();
         assert_eq!(example.prompt, vec![1, 3, 4]);
         assert_eq!(example.completion, vec![5, 2]);
         assert_eq!(tokenizer.pad_id(), 2);

@@ -77,7 +77,11 @@ struct LoraLinear {
 }
 
 /// y = x·Wᵀ (+ b) through the frozen matmul (no gradient for W).
-pub(crate) fn frozen_forward(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> candle_core::Result<Tensor> {
+pub(crate) fn frozen_forward(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+) -> candle_core::Result<Tensor> {
     crate::ops::linear(x, weight, bias)
 }
 
@@ -119,7 +123,10 @@ impl LoraLinear {
         let rows = x.elem_count() / in_features.max(1);
         let mut input = x.reshape((rows, in_features))?;
         if self.dropout > 0.0 && self.runtime.training.load(Ordering::Acquire) {
-            let seed = mix_seed(self.runtime.dropout_seed.load(Ordering::Acquire), &self.path);
+            let seed = mix_seed(
+                self.runtime.dropout_seed.load(Ordering::Acquire),
+                &self.path,
+            );
             input = input.mul(&dropout_mask(seed, self.dropout, rows, in_features, x)?)?;
         }
         let a = self.a.as_tensor().to_dtype(x.dtype())?;
@@ -173,7 +180,12 @@ fn dropout_mask(
 }
 
 /// Kaiming-uniform with a = √5 as torch's `nn.Linear` / PEFT use for lora_A: U(±1/√fan_in).
-fn kaiming_uniform(seed: u64, rows: usize, columns: usize, device: &Device) -> candle_core::Result<Tensor> {
+fn kaiming_uniform(
+    seed: u64,
+    rows: usize,
+    columns: usize,
+    device: &Device,
+) -> candle_core::Result<Tensor> {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let bound = 1.0 / (columns as f64).sqrt();
     let values: Vec<f32> = (0..rows * columns)
@@ -182,13 +194,16 @@ fn kaiming_uniform(seed: u64, rows: usize, columns: usize, device: &Device) -> c
     Tensor::from_vec(values, (rows, columns), device)
 }
 
+/// Loaded adapter tensors by module path: (lora_A, lora_B), each None until seen.
+type LoadedPairs = BTreeMap<String, (Option<Tensor>, Option<Tensor>)>;
+
 /// Where the A/B values of new layers come from.
 enum Source {
     /// Fresh: A Kaiming-uniform, B zero.
     Init,
     /// From a saved adapter: module path → (A, B) and the file they came from.
     Loaded {
-        tensors: Mutex<BTreeMap<String, (Option<Tensor>, Option<Tensor>)>>,
+        tensors: Mutex<LoadedPairs>,
         file: String,
     },
 }
@@ -228,12 +243,13 @@ impl LoraAdapter {
     pub fn load(dir: &Path, device: &Device) -> Result<Self, PeftError> {
         let config_path = dir.join(ADAPTER_CONFIG);
         let config = read_adapter_config(dir)?;
-        let settings = settings_from_peft_config(&config)
-            .map_err(|message| PeftError::invalid(format!("{}: {message}", config_path.display())))?;
+        let settings = settings_from_peft_config(&config).map_err(|message| {
+            PeftError::invalid(format!("{}: {message}", config_path.display()))
+        })?;
         let weights_path = dir.join(ADAPTER_WEIGHTS);
         let raw = candle_core::safetensors::load(&weights_path, device)
             .context(|| format!("reading {}", weights_path.display()))?;
-        let mut tensors: BTreeMap<String, (Option<Tensor>, Option<Tensor>)> = BTreeMap::new();
+        let mut tensors = LoadedPairs::new();
         for (name, tensor) in raw {
             let parse = || {
                 let rest = name.strip_prefix(PEFT_PREFIX)?;
@@ -344,7 +360,8 @@ pub fn settings_from_peft_config(config: &Value) -> Result<LoraSettings, String>
     let alpha = number("lora_alpha").unwrap_or(8.0);
     let dropout = number("lora_dropout").unwrap_or(0.0) as f32;
     let flag = |key: &str| config.get(key).and_then(Value::as_bool).unwrap_or(false);
-    let targets = TargetModules::from_peft_json(config.get("target_modules").unwrap_or(&Value::Null))?;
+    let targets =
+        TargetModules::from_peft_json(config.get("target_modules").unwrap_or(&Value::Null))?;
     if config.get("bias").and_then(Value::as_str).unwrap_or("none") != "none" {
         return Err("bias other than \"none\" is not supported".into());
     }
@@ -362,7 +379,12 @@ pub fn settings_from_peft_config(config: &Value) -> Result<LoraSettings, String>
             return Err(format!("a non-empty `{key}` is not supported"));
         }
     }
-    for key in ["modules_to_save", "layers_to_transform", "exclude_modules", "layer_replication"] {
+    for key in [
+        "modules_to_save",
+        "layers_to_transform",
+        "exclude_modules",
+        "layer_replication",
+    ] {
         if config.get(key).is_some_and(|value| !value.is_null()) {
             return Err(format!("`{key}` is not supported (must be null)"));
         }
@@ -468,8 +490,14 @@ impl Adapter for LoraAdapter {
         let mut vars = Vec::new();
         if let Ok(layers) = self.layers() {
             for layer in layers.iter() {
-                vars.push((format!("{PEFT_PREFIX}{}.lora_A.weight", layer.path), layer.a.clone()));
-                vars.push((format!("{PEFT_PREFIX}{}.lora_B.weight", layer.path), layer.b.clone()));
+                vars.push((
+                    format!("{PEFT_PREFIX}{}.lora_A.weight", layer.path),
+                    layer.a.clone(),
+                ));
+                vars.push((
+                    format!("{PEFT_PREFIX}{}.lora_B.weight", layer.path),
+                    layer.b.clone(),
+                ));
             }
         }
         vars.sort_by(|x, y| x.0.cmp(&y.0));
@@ -560,7 +588,10 @@ impl Adapter for LoraAdapter {
 }
 
 /// Load only the tensors of a PEFT LoRA file as `name → tensor` (for checks and tools).
-pub fn read_adapter_tensors(dir: &Path, device: &Device) -> Result<HashMap<String, Tensor>, PeftError> {
+pub fn read_adapter_tensors(
+    dir: &Path,
+    device: &Device,
+) -> Result<HashMap<String, Tensor>, PeftError> {
     let path = dir.join(ADAPTER_WEIGHTS);
     candle_core::safetensors::load(&path, device).context(|| format!("reading {}", path.display()))
 }
@@ -583,7 +614,9 @@ mod tests {
 
     fn base(out: usize, input: usize, seed: u64) -> LinearWeights {
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
-        let values: Vec<f32> = (0..out * input).map(|_| rng.random::<f32>() - 0.5).collect();
+        let values: Vec<f32> = (0..out * input)
+            .map(|_| rng.random::<f32>() - 0.5)
+            .collect();
         LinearWeights {
             weight: Tensor::from_vec(values, (out, input), &Device::Cpu).unwrap(),
             bias: Some(Tensor::new(&[0.5f32, -0.25, 1.0][..out], &Device::Cpu).unwrap()),
@@ -622,7 +655,12 @@ mod tests {
         assert!(b.iter().all(|v| *v == 0.0));
         let again = LoraAdapter::new(settings(&["q"]), &Device::Cpu).unwrap();
         again.build("layer.q", base(3, 5, 1)).unwrap();
-        let a2: Vec<f32> = again.trainable_vars()[0].1.flatten_all().unwrap().to_vec1().unwrap();
+        let a2: Vec<f32> = again.trainable_vars()[0]
+            .1
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
         assert_eq!(a, a2);
     }
 
@@ -635,24 +673,47 @@ mod tests {
         let x = input();
         let plain = frozen_forward(&x, &weights.weight, weights.bias.as_ref()).unwrap();
         // Step 0: B = 0 → identical output.
-        let diff = layer.forward(&x).unwrap().sub(&plain).unwrap().abs().unwrap();
+        let diff = layer
+            .forward(&x)
+            .unwrap()
+            .sub(&plain)
+            .unwrap()
+            .abs()
+            .unwrap();
         assert_eq!(diff.max_all().unwrap().to_scalar::<f32>().unwrap(), 0.0);
         // Non-zero B: compare with W + s·B·A computed by hand.
         let vars = adapter.trainable_vars();
         let b = Tensor::new(&[[0.1f32, -0.2], [0.3, 0.4], [-0.5, 0.6]], &Device::Cpu).unwrap();
         vars[1].1.set(&b).unwrap();
         let a = vars[0].1.as_tensor();
-        let w = weights.weight.add(&b.matmul(a).unwrap().affine(2.0, 0.0).unwrap()).unwrap();
+        let w = weights
+            .weight
+            .add(&b.matmul(a).unwrap().affine(2.0, 0.0).unwrap())
+            .unwrap();
         let expected = frozen_forward(&x, &w, weights.bias.as_ref()).unwrap();
         let got = layer.forward(&x).unwrap();
-        let error = got.sub(&expected).unwrap().abs().unwrap().max_all().unwrap();
+        let error = got
+            .sub(&expected)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap();
         assert!(error.to_scalar::<f32>().unwrap() < 1e-5);
         adapter.merge().unwrap();
         let merged = layer.forward(&x).unwrap();
         let error = merged.sub(&got).unwrap().abs().unwrap().max_all().unwrap();
         assert!(error.to_scalar::<f32>().unwrap() < 1e-5);
         adapter.unmerge().unwrap();
-        let error = layer.forward(&x).unwrap().sub(&got).unwrap().abs().unwrap().max_all().unwrap();
+        let error = layer
+            .forward(&x)
+            .unwrap()
+            .sub(&got)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap();
         assert!(error.to_scalar::<f32>().unwrap() < 1e-5);
         // The unadapted layer has no trainable vars.
         assert_eq!(vars.len(), 2);
@@ -666,7 +727,10 @@ mod tests {
         let adapter = LoraAdapter::new(s, &Device::Cpu).unwrap();
         let layer = adapter.build("layer.q", base(3, 5, 2)).unwrap();
         let vars = adapter.trainable_vars();
-        vars[1].1.set(&Tensor::ones((3, 2), DType::F32, &Device::Cpu).unwrap()).unwrap();
+        vars[1]
+            .1
+            .set(&Tensor::ones((3, 2), DType::F32, &Device::Cpu).unwrap())
+            .unwrap();
         let x = input();
         let eval = layer.forward(&x).unwrap();
         adapter.set_mode(AdapterMode::Train { seed: 1 });
@@ -674,7 +738,14 @@ mod tests {
         let again = layer.forward(&x).unwrap();
         adapter.set_mode(AdapterMode::Train { seed: 2 });
         let other = layer.forward(&x).unwrap();
-        let max = |t: Tensor| t.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        let max = |t: Tensor| {
+            t.abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+        };
         assert_eq!(max(first.sub(&again).unwrap()), 0.0);
         assert!(max(first.sub(&eval).unwrap()) > 0.0);
         assert!(max(first.sub(&other).unwrap()) > 0.0);
@@ -694,10 +765,14 @@ mod tests {
     fn peft_config_refuses_unsupported_features() {
         let mut config = json!({"peft_type": "LORA", "r": 4, "lora_alpha": 8,
             "target_modules": ["q_proj"], "use_dora": true});
-        assert!(settings_from_peft_config(&config).unwrap_err().contains("use_dora"));
+        assert!(settings_from_peft_config(&config)
+            .unwrap_err()
+            .contains("use_dora"));
         config["use_dora"] = json!(false);
         config["rank_pattern"] = json!({"q_proj": 2});
-        assert!(settings_from_peft_config(&config).unwrap_err().contains("rank_pattern"));
+        assert!(settings_from_peft_config(&config)
+            .unwrap_err()
+            .contains("rank_pattern"));
         config["rank_pattern"] = json!({});
         let settings = settings_from_peft_config(&config).unwrap();
         assert_eq!((settings.rank, settings.alpha), (4, 8.0));

@@ -188,7 +188,9 @@ mod tests {
     fn all_linear_skips_the_output_layer_and_saves_expanded_names() {
         let config = serde_json::json!({"model_type": "gpt2", "n_embd": 8, "n_layer": 2, "n_head": 2, "n_positions": 16,
             "vocab_size": 10});
-        let modules = crate::models::ModelConfig::from_json(&config).unwrap().linear_layers();
+        let modules = crate::models::ModelConfig::from_json(&config)
+            .unwrap()
+            .linear_layers();
         let matched: Vec<String> = matched_modules(&modules, &TargetModules::AllLinear)
             .iter()
             .map(|m| m.path.clone())
@@ -204,7 +206,10 @@ mod tests {
     #[test]
     fn peft_json_round_trips() {
         let list = TargetModules::from_peft_json(&serde_json::json!(["v_proj", "q_proj"])).unwrap();
-        assert_eq!(list.to_peft_json(&[]), serde_json::json!(["q_proj", "v_proj"]));
+        assert_eq!(
+            list.to_peft_json(&[]),
+            serde_json::json!(["q_proj", "v_proj"])
+        );
         let regex = TargetModules::from_peft_json(&serde_json::json!(".*q_proj")).unwrap();
         assert!(regex.matches("model.layers.0.self_attn.q_proj"));
         assert!(matches!(

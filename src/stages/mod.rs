@@ -150,7 +150,7 @@ pub fn build(config: &StageConfig) -> Box<dyn Stage> {
     match config {
         StageConfig::Ingest(c) => Box::new(ingest::IngestStage::new(c.clone())),
         StageConfig::Template(c) => Box::new(template::TemplateStage::new(c.clone())),
-        StageConfig::Train(c) => Box::new(train::TrainStage::new(c.clone())),
+        StageConfig::Train(c) => Box::new(train::TrainStage::new(c.as_ref().clone())),
         StageConfig::Evaluate(c) => Box::new(evaluate::EvaluateStage::new(c.clone())),
         StageConfig::Export(c) => Box::new(export::ExportStage::new(c.clone())),
     }

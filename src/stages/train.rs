@@ -26,8 +26,8 @@ use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use parquet::arrow::ProjectionMask;
 
 use super::{Progress, Stage, StageContext, StageError, StageOutcome};
-use crate::config::train::{device_kind, resolve_targets, MethodConfig, TrainConfig};
 use crate::config::resolve_path;
+use crate::config::train::{device_kind, resolve_targets, MethodConfig, TrainConfig};
 use crate::data::batch::{fit, HostBatch, Sequence};
 use crate::data::tokenize::TextTokenizer;
 use crate::models::{CausalLm, Hooks, ModelDir};
@@ -72,7 +72,10 @@ pub fn dtype_from_name(name: &str) -> DType {
 }
 
 /// Read two Utf8 columns of a Parquet file, row by row. Errors name the file, column and row.
-pub fn read_text_columns(path: &Path, columns: [&str; 2]) -> Result<Vec<(String, String)>, StageError> {
+pub fn read_text_columns(
+    path: &Path,
+    columns: [&str; 2],
+) -> Result<Vec<(String, String)>, StageError> {
     let file = std::fs::File::open(path)
         .map_err(|error| StageError::user(format!("{}: {error}", path.display())))?;
     let builder = ParquetRecordBatchReaderBuilder::try_new(file)
@@ -98,7 +101,10 @@ pub fn read_text_columns(path: &Path, columns: [&str; 2]) -> Result<Vec<(String,
     let mut rows = Vec::new();
     for (batch_index, batch) in reader.enumerate() {
         let batch = batch.map_err(|error| {
-            StageError::user(format!("{}: record batch {batch_index}: {error}", path.display()))
+            StageError::user(format!(
+                "{}: record batch {batch_index}: {error}",
+                path.display()
+            ))
         })?;
         let mut texts: Vec<Vec<String>> = Vec::new();
         for column in columns {
@@ -185,7 +191,12 @@ pub fn prepare_sequences(
             .encode_example(prompt, completion, config.add_eos)
             .map_err(|error| format!("row {row}: {error}"))?;
         let total = example.prompt.len() + example.completion.len();
-        match fit(&example, max_length, tokenizer.prefix().len(), config.truncation) {
+        match fit(
+            &example,
+            max_length,
+            tokenizer.prefix().len(),
+            config.truncation,
+        ) {
             None => counts.dropped += 1,
             Some(sequence) if sequence.scored_tokens() == 0 => counts.without_completion += 1,
             Some(sequence) => {
@@ -219,10 +230,12 @@ fn short_duration(seconds: f64) -> String {
 }
 
 fn write_json(path: &Path, value: &serde_json::Value) -> Result<(), StageError> {
-    let mut text = serde_json::to_string_pretty(value)
-        .map_err(|error| StageError::Internal(format!("serializing {}: {error}", path.display())))?;
+    let mut text = serde_json::to_string_pretty(value).map_err(|error| {
+        StageError::Internal(format!("serializing {}: {error}", path.display()))
+    })?;
     text.push('\n');
-    crate::peft::write_atomic(path, text.as_bytes()).map_err(|error| StageError::user(error.to_string()))
+    crate::peft::write_atomic(path, text.as_bytes())
+        .map_err(|error| StageError::user(error.to_string()))
 }
 
 impl Stage for TrainStage {
@@ -232,7 +245,11 @@ impl Stage for TrainStage {
         let MethodConfig::Lora(lora) = &config.method;
 
         // Device and dtype: RunOptions.device overrides the config.
-        let device_spec = ctx.options.device.clone().unwrap_or_else(|| config.device.clone());
+        let device_spec = ctx
+            .options
+            .device
+            .clone()
+            .unwrap_or_else(|| config.device.clone());
         let device = select_device(&device_spec).map_err(user)?;
         let kind = if device.is_cuda() { "cuda" } else { "cpu" };
         let dtype_name = config.dtype.resolve(kind);
@@ -245,7 +262,9 @@ impl Stage for TrainStage {
         let max_length = config.max_seq_len.min(model_dir.config().max_positions());
 
         // Data.
-        let data_path = ctx.upstream_dir(&config.data)?.join(format!("{}.parquet", config.split));
+        let data_path = ctx
+            .upstream_dir(&config.data)?
+            .join(format!("{}.parquet", config.split));
         let rows = read_text_columns(&data_path, ["prompt", "completion"])?;
         let (sequences, counts) = prepare_sequences(&tokenizer, &rows, config, max_length)
             .map_err(|error| user(format!("{}: {error}", data_path.display())))?;
@@ -261,7 +280,8 @@ impl Stage for TrainStage {
 
         // Adapter + model.
         let seed = config.seed.unwrap_or_else(|| ctx.stage_seed());
-        let targets = resolve_targets(lora.target_modules.as_ref(), model_dir.config_json()).map_err(user)?;
+        let targets =
+            resolve_targets(lora.target_modules.as_ref(), model_dir.config_json()).map_err(user)?;
         let settings = LoraSettings {
             rank: lora.r,
             alpha: lora.alpha,
@@ -271,11 +291,14 @@ impl Stage for TrainStage {
             fan_in_fan_out: model_dir.config().model_type() == "gpt2",
             seed: crate::peft::mix_seed(seed, "lora init"),
         };
-        let adapter = LoraAdapter::new(settings, &device).map_err(|error| user(error.to_string()))?;
+        let adapter =
+            LoraAdapter::new(settings, &device).map_err(|error| user(error.to_string()))?;
         let model = model_dir
             .load(&device, dtype, adapter.linear_factory())
             .map_err(|error| user(error.to_string()))?;
-        adapter.finish_injection().map_err(|error| user(error.to_string()))?;
+        adapter
+            .finish_injection()
+            .map_err(|error| user(error.to_string()))?;
         let trainable = adapter.trainable_parameter_count();
         let model = AdaptedModel { model };
 
@@ -359,8 +382,11 @@ impl Stage for TrainStage {
         adapter
             .save(&ctx.out_dir.join("adapter"), &config.model)
             .map_err(|error| user(error.to_string()))?;
-        crate::peft::write_atomic(&ctx.out_dir.join("metrics.jsonl"), outcome.metrics_jsonl.as_bytes())
-            .map_err(|error| user(error.to_string()))?;
+        crate::peft::write_atomic(
+            &ctx.out_dir.join("metrics.jsonl"),
+            outcome.metrics_jsonl.as_bytes(),
+        )
+        .map_err(|error| user(error.to_string()))?;
         let summary = serde_json::json!({
             "final_loss": outcome.final_loss,
             "steps": outcome.steps,
@@ -391,7 +417,13 @@ impl Stage for TrainStage {
         let _ = std::fs::remove_dir_all(&checkpoint_dir);
 
         let mut outcome_summary = std::collections::BTreeMap::new();
-        for key in ["final_loss", "steps", "tokens", "trainable_parameters", "wall_seconds"] {
+        for key in [
+            "final_loss",
+            "steps",
+            "tokens",
+            "trainable_parameters",
+            "wall_seconds",
+        ] {
             outcome_summary.insert(key.to_string(), summary[key].clone());
         }
         Ok(StageOutcome {
@@ -402,5 +434,8 @@ impl Stage for TrainStage {
 
 /// Where a pipeline's checkpoints for `stage` live (for docs and `gc`).
 pub fn checkpoint_root(project_dir: &Path, stage: &str) -> PathBuf {
-    project_dir.join(".peftpipe").join("checkpoints").join(stage)
+    project_dir
+        .join(".peftpipe")
+        .join("checkpoints")
+        .join(stage)
 }

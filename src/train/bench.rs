@@ -105,7 +105,10 @@ pub fn random_llama_weights(
             normal(&[layer.out_features, layer.in_features])?,
         );
         if layer.bias {
-            weights.insert(format!("{}.bias", layer.path), normal(&[layer.out_features])?);
+            weights.insert(
+                format!("{}.bias", layer.path),
+                normal(&[layer.out_features])?,
+            );
         }
     }
     for i in 0..llama.num_hidden_layers {
@@ -218,10 +221,14 @@ pub fn run(config_path: &Path, settings: &BenchSettings) -> Result<BenchResult, 
         .map_err(|error| format!("{}: {error}", config_path.display()))?;
     let json: serde_json::Value = serde_json::from_str(&text)
         .map_err(|error| format!("{}: invalid JSON: {error}", config_path.display()))?;
-    let config = ModelConfig::from_json(&json)
-        .map_err(|error| {
-            format!("{}: key `{}`: {}", config_path.display(), error.key, error.message)
-        })?;
+    let config = ModelConfig::from_json(&json).map_err(|error| {
+        format!(
+            "{}: key `{}`: {}",
+            config_path.display(),
+            error.key,
+            error.message
+        )
+    })?;
     let adapter = LoraAdapter::new(
         LoraSettings {
             rank: settings.rank,
@@ -237,7 +244,9 @@ pub fn run(config_path: &Path, settings: &BenchSettings) -> Result<BenchResult, 
     .map_err(|error| error.to_string())?;
     let model = random_llama(&config, settings.dtype, &settings.device, &adapter)
         .map_err(|error| format!("building the model: {error}"))?;
-    adapter.finish_injection().map_err(|error| error.to_string())?;
+    adapter
+        .finish_injection()
+        .map_err(|error| error.to_string())?;
 
     let vocab = config.vocab_size() as u32;
     let mut rng = ChaCha8Rng::seed_from_u64(settings.seed);
@@ -284,7 +293,12 @@ pub fn run(config_path: &Path, settings: &BenchSettings) -> Result<BenchResult, 
     let (peak_memory_bytes, peak_memory_source) = peak_memory(&settings.device);
     Ok(BenchResult {
         model_type: config.model_type().to_string(),
-        device: if settings.device.is_cuda() { "cuda" } else { "cpu" }.to_string(),
+        device: if settings.device.is_cuda() {
+            "cuda"
+        } else {
+            "cpu"
+        }
+        .to_string(),
         dtype: format!("{:?}", settings.dtype).to_lowercase(),
         batch: settings.batch,
         sequence_length: settings.sequence_length,

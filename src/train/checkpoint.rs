@@ -79,8 +79,14 @@ pub fn save(
         std::fs::remove_dir_all(&temp).map_err(io_error(&temp))?;
     }
     std::fs::create_dir_all(&temp).map_err(io_error(&temp))?;
-    write_atomic(&temp.join("adapter.safetensors"), &safetensors_bytes(variables)?)?;
-    write_atomic(&temp.join("optimizer.safetensors"), &safetensors_bytes(optimizer)?)?;
+    write_atomic(
+        &temp.join("adapter.safetensors"),
+        &safetensors_bytes(variables)?,
+    )?;
+    write_atomic(
+        &temp.join("optimizer.safetensors"),
+        &safetensors_bytes(optimizer)?,
+    )?;
     write_atomic(&temp.join("metrics.jsonl"), metrics.as_bytes())?;
     let state_json = serde_json::to_vec_pretty(state)
         .map_err(|error| PeftError::invalid(format!("checkpoint state: {error}")))?;
@@ -167,7 +173,14 @@ mod tests {
         let vars = vec![("a".to_string(), tensor.clone())];
         let opt = vec![("exp_avg/a".to_string(), tensor)];
         save(dir.path(), &state(2, "run"), &vars, &opt, "{\"step\":1}\n").unwrap();
-        save(dir.path(), &state(4, "run"), &vars, &opt, "{\"step\":1}\n{\"step\":2}\n").unwrap();
+        save(
+            dir.path(),
+            &state(4, "run"),
+            &vars,
+            &opt,
+            "{\"step\":1}\n{\"step\":2}\n",
+        )
+        .unwrap();
         let names: Vec<String> = std::fs::read_dir(dir.path())
             .unwrap()
             .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
@@ -176,8 +189,13 @@ mod tests {
         let found = latest(dir.path(), "run", &Device::Cpu).unwrap().unwrap();
         assert_eq!(found.state, state(4, "run"));
         assert_eq!(found.metrics.lines().count(), 2);
-        assert_eq!(found.variables["a"].to_vec1::<f32>().unwrap(), vec![1.0, 2.0]);
-        assert!(latest(dir.path(), "other run", &Device::Cpu).unwrap().is_none());
+        assert_eq!(
+            found.variables["a"].to_vec1::<f32>().unwrap(),
+            vec![1.0, 2.0]
+        );
+        assert!(latest(dir.path(), "other run", &Device::Cpu)
+            .unwrap()
+            .is_none());
     }
 
     #[test]
@@ -187,6 +205,8 @@ mod tests {
         std::fs::create_dir_all(dir.path().join(".step-00000006.tmp")).unwrap();
         std::fs::create_dir_all(dir.path().join("step-00000008")).unwrap();
         assert!(latest(dir.path(), "run", &Device::Cpu).unwrap().is_none());
-        assert!(latest(&dir.path().join("missing"), "run", &Device::Cpu).unwrap().is_none());
+        assert!(latest(&dir.path().join("missing"), "run", &Device::Cpu)
+            .unwrap()
+            .is_none());
     }
 }

@@ -89,7 +89,11 @@ impl AdamW {
 
     /// One update; `gradients[i]` belongs to the i-th variable (None: no gradient, skipped as
     /// torch skips parameters whose `.grad` is None).
-    pub fn step(&mut self, gradients: &[Option<Tensor>], learning_rate: f64) -> candle_core::Result<()> {
+    pub fn step(
+        &mut self,
+        gradients: &[Option<Tensor>],
+        learning_rate: f64,
+    ) -> candle_core::Result<()> {
         if gradients.len() != self.parameters.len() {
             candle_core::bail!(
                 "AdamW: {} gradients for {} parameters",
@@ -141,7 +145,10 @@ impl AdamW {
     pub fn state_tensors(&self) -> Vec<(String, Tensor)> {
         let mut tensors = Vec::with_capacity(2 * self.parameters.len());
         for parameter in &self.parameters {
-            tensors.push((format!("exp_avg/{}", parameter.name), parameter.exp_avg.clone()));
+            tensors.push((
+                format!("exp_avg/{}", parameter.name),
+                parameter.exp_avg.clone(),
+            ));
             tensors.push((
                 format!("exp_avg_sq/{}", parameter.name),
                 parameter.exp_avg_sq.clone(),
@@ -152,7 +159,11 @@ impl AdamW {
 
     /// Restore the state written by [`AdamW::state_tensors`]. Errors name the missing or
     /// mis-shaped tensor.
-    pub fn load_state(&mut self, tensors: &HashMap<String, Tensor>, steps: u64) -> Result<(), String> {
+    pub fn load_state(
+        &mut self,
+        tensors: &HashMap<String, Tensor>,
+        steps: u64,
+    ) -> Result<(), String> {
         for parameter in &mut self.parameters {
             for (prefix, slot) in [
                 ("exp_avg", &mut parameter.exp_avg),
@@ -221,13 +232,7 @@ mod tests {
     }
 
     /// AdamW by hand, in f64, for one scalar, mirroring torch's formula.
-    fn reference(
-        mut p: f64,
-        grads: &[f64],
-        lr: f64,
-        wd: f64,
-        s: AdamWSettings,
-    ) -> f64 {
+    fn reference(mut p: f64, grads: &[f64], lr: f64, wd: f64, s: AdamWSettings) -> f64 {
         let (mut m, mut v) = (0.0, 0.0);
         for (t, g) in grads.iter().enumerate() {
             let t = (t + 1) as i32;
@@ -251,11 +256,18 @@ mod tests {
         let matrix = Var::new(&[[1.0f32, -2.0], [0.5, 3.0]], &device).unwrap();
         let bias = Var::new(&[1.0f32, -2.0], &device).unwrap();
         let mut optimizer = AdamW::new(
-            vec![("w".into(), matrix.clone()), ("layer.bias".into(), bias.clone())],
+            vec![
+                ("w".into(), matrix.clone()),
+                ("layer.bias".into(), bias.clone()),
+            ],
             settings,
         )
         .unwrap();
-        let grads = [[0.3f32, -0.1, 0.0, 2.0], [-0.2, 0.4, 1.0, -1.0], [0.05, 0.05, -0.3, 0.7]];
+        let grads = [
+            [0.3f32, -0.1, 0.0, 2.0],
+            [-0.2, 0.4, 1.0, -1.0],
+            [0.05, 0.05, -0.3, 0.7],
+        ];
         let lr = 0.01;
         for g in grads {
             let gm = Tensor::new(&[[g[0], g[1]], [g[2], g[3]]], &device).unwrap();
@@ -267,14 +279,22 @@ mod tests {
         for i in 0..4 {
             let history: Vec<f64> = grads.iter().map(|g| g[i] as f64).collect();
             let expected = reference(start[i], &history, lr, 0.1, settings);
-            assert!((got[i] as f64 - expected).abs() < 1e-6, "w[{i}] {} vs {expected}", got[i]);
+            assert!(
+                (got[i] as f64 - expected).abs() < 1e-6,
+                "w[{i}] {} vs {expected}",
+                got[i]
+            );
         }
         // The bias is in the no-decay group.
         let got = values(&bias);
         for i in 0..2 {
             let history: Vec<f64> = grads.iter().map(|g| g[i] as f64).collect();
             let expected = reference(start[i], &history, lr, 0.0, settings);
-            assert!((got[i] as f64 - expected).abs() < 1e-6, "b[{i}] {} vs {expected}", got[i]);
+            assert!(
+                (got[i] as f64 - expected).abs() < 1e-6,
+                "b[{i}] {} vs {expected}",
+                got[i]
+            );
         }
         assert_eq!(optimizer.steps(), 3);
     }
@@ -284,11 +304,17 @@ mod tests {
         // Bias correction makes step 1 a sign step: |Δ| ≈ lr for any gradient scale.
         let device = Device::Cpu;
         let var = Var::new(&[0.0f32, 0.0, 0.0], &device).unwrap();
-        let mut optimizer = AdamW::new(vec![("w".into(), var.clone())], AdamWSettings::default()).unwrap();
+        let mut optimizer =
+            AdamW::new(vec![("w".into(), var.clone())], AdamWSettings::default()).unwrap();
         let grad = Tensor::new(&[1e-3f32, -50.0, 7.0], &device).unwrap();
         optimizer.step(&[Some(grad)], 0.1).unwrap();
         let got = values(&var);
-        assert!((got[0] + 0.1).abs() < 1e-5 && (got[1] - 0.1).abs() < 1e-5 && (got[2] + 0.1).abs() < 1e-5, "{got:?}");
+        assert!(
+            (got[0] + 0.1).abs() < 1e-5
+                && (got[1] - 0.1).abs() < 1e-5
+                && (got[2] + 0.1).abs() < 1e-5,
+            "{got:?}"
+        );
     }
 
     #[test]
@@ -298,7 +324,8 @@ mod tests {
         let grad = |x: f32| Some(Tensor::new(&[[x, -x]], &device).unwrap());
         // Uninterrupted: two steps.
         let a = make();
-        let mut whole = AdamW::new(vec![("w".into(), a.clone())], AdamWSettings::default()).unwrap();
+        let mut whole =
+            AdamW::new(vec![("w".into(), a.clone())], AdamWSettings::default()).unwrap();
         whole.step(&[grad(0.5)], 0.1).unwrap();
         whole.step(&[grad(0.25)], 0.1).unwrap();
         // Interrupted after one step: keep the value and the state, rebuild, replay step 2.
@@ -307,12 +334,16 @@ mod tests {
         one.step(&[grad(0.5)], 0.1).unwrap();
         let state: HashMap<String, Tensor> = one.state_tensors().into_iter().collect();
         let d = Var::from_tensor(c.as_tensor()).unwrap();
-        let mut resumed = AdamW::new(vec![("w".into(), d.clone())], AdamWSettings::default()).unwrap();
+        let mut resumed =
+            AdamW::new(vec![("w".into(), d.clone())], AdamWSettings::default()).unwrap();
         resumed.load_state(&state, 1).unwrap();
         resumed.step(&[grad(0.25)], 0.1).unwrap();
         assert_eq!(values(&d), values(&a));
         let missing = HashMap::new();
-        assert!(resumed.load_state(&missing, 1).unwrap_err().contains("exp_avg/w"));
+        assert!(resumed
+            .load_state(&missing, 1)
+            .unwrap_err()
+            .contains("exp_avg/w"));
     }
 
     #[test]

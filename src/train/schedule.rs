@@ -55,7 +55,11 @@ mod tests {
 
     #[test]
     fn warmup_is_linear_from_zero() {
-        for kind in [ScheduleKind::Constant, ScheduleKind::Linear, ScheduleKind::Cosine] {
+        for kind in [
+            ScheduleKind::Constant,
+            ScheduleKind::Linear,
+            ScheduleKind::Cosine,
+        ] {
             let s = schedule(kind);
             assert_eq!(s.learning_rate(0), 0.0);
             assert!((s.learning_rate(1) - 0.5e-3).abs() < 1e-15);

@@ -101,12 +101,10 @@ pub struct TrainOutcome {
 pub enum TrainError {
     #[error("{0}")]
     Invalid(String),
-    #[error("step {step}: {what} is not finite ({value}); lower the learning rate or check the data")]
-    NonFinite {
-        step: u64,
-        what: String,
-        value: f64,
-    },
+    #[error(
+        "step {step}: {what} is not finite ({value}); lower the learning rate or check the data"
+    )]
+    NonFinite { step: u64, what: String, value: f64 },
     #[error("cancelled at step {step}")]
     Cancelled { step: u64 },
     #[error("step {step}: {context}: {source}")]
@@ -162,7 +160,11 @@ impl<'a> DataStream<'a> {
             );
             self.cached_epoch = Some((epoch, order));
         }
-        let order = &self.cached_epoch.as_ref().map(|(_, o)| o).map_or(&[][..], |o| &o[..]);
+        let order = &self
+            .cached_epoch
+            .as_ref()
+            .map(|(_, o)| o)
+            .map_or(&[][..], |o| &o[..]);
         collate(self.sequences, &order[position], self.settings.pad_id)
     }
 }
@@ -205,9 +207,15 @@ pub fn train(
     let device = model.device().clone();
     let variables = adapter.trainable_vars();
     if variables.is_empty() {
-        return Err(TrainError::Invalid("the adapter has no trainable variables".into()));
+        return Err(TrainError::Invalid(
+            "the adapter has no trainable variables".into(),
+        ));
     }
-    let mut optimizer = at_step(0, "creating the optimizer", AdamW::new(variables.clone(), settings.adamw))?;
+    let mut optimizer = at_step(
+        0,
+        "creating the optimizer",
+        AdamW::new(variables.clone(), settings.adamw),
+    )?;
     let steps = total_steps(sequences.len(), settings);
     let schedule = Schedule {
         kind: settings.schedule,
@@ -241,7 +249,9 @@ pub fn train(
             }
             optimizer
                 .load_state(&found.optimizer, found.state.step)
-                .map_err(|message| TrainError::Invalid(format!("{}: {message}", found.path.display())))?;
+                .map_err(|message| {
+                    TrainError::Invalid(format!("{}: {message}", found.path.display()))
+                })?;
             start_step = found.state.step;
             metrics_jsonl = found.metrics;
             tokens = found.state.tokens;
@@ -276,7 +286,9 @@ pub fn train(
             let loss_value = at_step(
                 step + 1,
                 "reading the loss",
-                loss_sum.to_dtype(DType::F64).and_then(|l| l.to_scalar::<f64>()),
+                loss_sum
+                    .to_dtype(DType::F64)
+                    .and_then(|l| l.to_scalar::<f64>()),
             )?;
             forward_seconds += phase.elapsed().as_secs_f64();
             if !loss_value.is_finite() {
@@ -298,13 +310,19 @@ pub fn train(
                 if let Some(gradient) = grads.get(var.as_tensor()) {
                     let gradient = gradient.detach();
                     *slot = Some(match slot.take() {
-                        Some(sum) => at_step(step + 1, "accumulating gradients", sum.add(&gradient))?,
+                        Some(sum) => {
+                            at_step(step + 1, "accumulating gradients", sum.add(&gradient))?
+                        }
                         None => gradient,
                     });
                 }
             }
             drop(grads);
-            at_step(step + 1, "backward", synchronize(&device, settings.synchronize_phases))?;
+            at_step(
+                step + 1,
+                "backward",
+                synchronize(&device, settings.synchronize_phases),
+            )?;
             backward_seconds += phase.elapsed().as_secs_f64();
         }
         adapter.set_mode(AdapterMode::Eval);
@@ -320,7 +338,9 @@ pub fn train(
                         .and_then(|g| global_norm(std::slice::from_ref(&Some(g.clone()))).ok())
                         .is_some_and(|n| !n.is_finite())
                 })
-                .map_or_else(String::new, |((name, _), _)| format!(" (first in `{name}`)"));
+                .map_or_else(String::new, |((name, _), _)| {
+                    format!(" (first in `{name}`)")
+                });
             return Err(TrainError::NonFinite {
                 step: step + 1,
                 what: format!("the gradient norm{culprit}"),
@@ -328,11 +348,23 @@ pub fn train(
             });
         }
         if let Some(max_norm) = settings.max_grad_norm {
-            at_step(step + 1, "clipping", clip_gradients(&mut gradients, norm, max_norm))?;
+            at_step(
+                step + 1,
+                "clipping",
+                clip_gradients(&mut gradients, norm, max_norm),
+            )?;
         }
         let learning_rate = schedule.learning_rate(step);
-        at_step(step + 1, "optimizer", optimizer.step(&gradients, learning_rate))?;
-        at_step(step + 1, "optimizer", synchronize(&device, settings.synchronize_phases))?;
+        at_step(
+            step + 1,
+            "optimizer",
+            optimizer.step(&gradients, learning_rate),
+        )?;
+        at_step(
+            step + 1,
+            "optimizer",
+            synchronize(&device, settings.synchronize_phases),
+        )?;
         let optimizer_seconds = phase.elapsed().as_secs_f64();
         drop(gradients);
 
@@ -378,7 +410,13 @@ pub fn train(
                     .iter()
                     .map(|(name, var)| (name.clone(), var.as_tensor().clone()))
                     .collect();
-                checkpoint::save(dir, &state, &current, &optimizer.state_tensors(), &metrics_jsonl)?;
+                checkpoint::save(
+                    dir,
+                    &state,
+                    &current,
+                    &optimizer.state_tensors(),
+                    &metrics_jsonl,
+                )?;
             }
         }
     }
@@ -408,7 +446,10 @@ fn metrics_line(metrics: &StepMetrics) -> serde_json::Value {
 }
 
 /// Restore named tensors into the adapter's variables (e.g. from a saved adapter).
-pub fn restore_variables(adapter: &dyn Adapter, tensors: &HashMap<String, Tensor>) -> Result<(), TrainError> {
+pub fn restore_variables(
+    adapter: &dyn Adapter,
+    tensors: &HashMap<String, Tensor>,
+) -> Result<(), TrainError> {
     for (name, var) in adapter.trainable_vars() {
         let tensor = tensors
             .get(&name)
