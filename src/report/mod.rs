@@ -96,3 +96,4 @@ pub fn bench_train(result: &crate::train::bench::BenchResult, json_only: bool) {
         result.peak_memory_source
     );
     println!("RESULT {line}");
+}

@@ -9,8 +9,9 @@
 //!                                    tokens_per_second, tokens, scored_tokens
 //! summary.json                       final loss, steps, tokens, wall time, trainable parameters,
 //!                                    examples used / truncated / dropped, resumed_from
-//! base_model.json                    the base model as written in the pipeline and resolved on this
-//!                                    machine, its config.json digest, architecture, device, dtype
+//! base_model.json                    `model` (as written in the pipeline), `path` (resolved on this
+//!                                    machine), `config_digest` (blake3 of config.json), `model_type`,
+//!                                    `device`, `dtype`
 //! ```
 //! Checkpoints (adapter + optimizer + step/data position + seed) live outside the artifact in
 //! `<project>/.peftpipe/checkpoints/<stage>/<run key>/`, so a killed run resumes where it stopped;
@@ -406,7 +407,7 @@ impl Stage for TrainStage {
             &ctx.out_dir.join("base_model.json"),
             &serde_json::json!({
                 "model": config.model,
-                "resolved_path": model_root.display().to_string(),
+                "path": model_root.display().to_string(),
                 "config_digest": config_digest,
                 "model_type": model_dir.config().model_type(),
                 "device": kind,
