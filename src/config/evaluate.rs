@@ -553,7 +553,7 @@ pub(crate) mod tests {
 stages:
   data: { ingest: { path: x.parquet } }
   prompts: { template: { input: data } }
-  tune: { train: { data: prompts } }
+  tune: { train: { data: prompts, model: base-model } }
 ";
 
     #[test]

@@ -137,7 +137,7 @@ mod tests {
 stages:
   data: {{ ingest: {{ path: x.parquet }} }}
   prompts: {{ template: {{ input: data }} }}
-  tune: {{ train: {{ data: prompts }} }}
+  tune: {{ train: {{ data: prompts, model: base-model }} }}
   out: {{ export: {export} }}
 "
         );
