@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Runs on the GPU host (no Rust toolchain there) from the repository root of a copy of the working
+# tree. Carried: target/cuda-dist (peftpipe.xz and test binaries, built here by
+# benches/gpu/build.sh) and gpu-run/ (peft_bench.py, the Llama-3.2-1B config.json, stories260k and
+# bevostories from ../shared — copied by build.sh, never committed).
+# Everything it measures is side by side on one host, in one call:
+#   1. HF PEFT's LoRA r16 (fp32 and bf16 adapters) on a random-init Llama-3.2-1B shape, 8 x 512, bf16
+#   2. `peftpipe bench train` with the same shape, rank, alpha, batch and dtype
+#   3. the CUDA test binaries (gradient flow, op gradients) with PEFTPIPE_TEST_DEVICE=cuda
+#   4. a short real LoRA run on stories260k + bevostories on the GPU and on the CPU (loss curves)
+set -uo pipefail
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+for f in target/cuda-dist/*.xz; do xz -dkf "$f"; done
+chmod +x target/cuda-dist/* 2>/dev/null
+BIN=$PWD/target/cuda-dist/peftpipe
+export PEFTPIPE_SHARED=$PWD/gpu-run/shared
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
+# warm the PTX JIT cache so start-up is not timed
+"$BIN" bench train --config gpu-run/llama-3.2-1b.config.json --device cuda --batch 1 --seq 64 --steps 2 --warmup 1 >/dev/null 2>&1
+echo "== peftpipe bench train (LoRA r16 a32, 7 linears, bf16, 8x512)"
+"$BIN" bench train --config gpu-run/llama-3.2-1b.config.json --device cuda --batch 8 --seq 512 \
+  --rank 16 --alpha 32 --steps 20 --warmup 5 2>&1 | tee "$OUT/peftpipe_bench.txt"
+echo "== HF PEFT reference, same host"
+PYTHONUNBUFFERED=1 python3 gpu-run/peft_bench.py --only lora_r16,lora_r16_bf16ad --json "$OUT/peft.json" 2>&1 \
+  | grep -vE "Warning|warn" | tee "$OUT/peft_bench.txt"
+echo "== CUDA test binaries"
+for t in target/cuda-dist/test-*; do
+  [ -x "$t" ] || continue
+  case "$t" in *.xz) continue;; esac
+  echo "-- $t"; PEFTPIPE_TEST_DEVICE=cuda "$t" --test-threads 1 2>&1 | tail -15
+done | tee "$OUT/cuda_tests.txt"
+if [ -f gpu-run/lora-stories.yaml ]; then
+  echo "== real run: LoRA on stories260k + bevostories, cuda vs cpu"
+  for dev in cuda cpu; do
+    "$BIN" run gpu-run/lora-stories.yaml --device "$dev" --cache-dir "/tmp/cache-$dev" 2>&1 | tail -25
+    cp "gpu-run/.peftpipe/out/lora-stories/train/metrics.jsonl" "$OUT/metrics-$dev.jsonl" 2>/dev/null
+    cp "gpu-run/.peftpipe/out/lora-stories/evaluate/metrics.json" "$OUT/eval-$dev.json" 2>/dev/null
+  done | tee "$OUT/real_run.txt"
+fi
