@@ -22,6 +22,8 @@ use peftpipe::models::{ModelConfig, ModelDir};
 /// Fixed so that regenerating gives byte-identical weights.
 const SEED: u64 = 20_261_128;
 const INIT_STD: f64 = 0.02;
+/// Standard deviation of the token embeddings (PyTorch's nn.Embedding default).
+const EMBEDDING_STD: f64 = 1.0;
 
 /// Write `bytes` to `path` through a temporary file in the same directory and a rename.
 fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
@@ -79,7 +81,13 @@ fn main() -> Result<()> {
     });
     let config = ModelConfig::from_json(&config_json)
         .map_err(|error| anyhow::anyhow!("config key `{}`: {}", error.key, error.message))?;
-    let tensors = random_weights(&config, SEED, INIT_STD, DType::F32, &Device::Cpu)?;
+    let mut tensors = random_weights(&config, SEED, INIT_STD, DType::F32, &Device::Cpu)?;
+    // Embeddings get PyTorch's nn.Embedding default, N(0, 1): with a tied, frozen head,
+    // std-0.02 embeddings cap every logit near ±1, so no adapter could ever make a confident
+    // prediction through it (measured: the quickstart loss plateaued at 4.0 ≈ ln(177/3.6)).
+    if let Some(embedding) = tensors.get_mut("model.embed_tokens.weight") {
+        *embedding = (&*embedding * (EMBEDDING_STD / INIT_STD))?;
+    }
 
     let config_text = serde_json::to_string_pretty(&config_json)? + "\n";
     write_atomic(&dir.join("config.json"), config_text.as_bytes())?;

@@ -267,7 +267,7 @@ impl JsonSchema for TargetModulesConfig {
                 {"const": "all-linear"},
                 {
                     "type": "object",
-                    "properties": {"regex": {"type": "string"}},
+                    "properties": {"regex": {"type": "string", "description": "A regular expression that must match the whole module path (PEFT semantics), e.g. `.*\\.(q_proj|v_proj)`."}},
                     "required": ["regex"],
                     "additionalProperties": false
                 }
