@@ -880,8 +880,13 @@ mod tests {
     }
 
     fn with_context<T>(f: impl FnOnce(&StageContext<'_>) -> T) -> T {
+        with_context_cancelled(false, f)
+    }
+
+    /// A test context whose cancel flag starts as `cancelled`.
+    fn with_context_cancelled<T>(cancelled: bool, f: impl FnOnce(&StageContext<'_>) -> T) -> T {
         let upstream = BTreeMap::new();
-        let cancel = std::sync::atomic::AtomicBool::new(false);
+        let cancel = std::sync::atomic::AtomicBool::new(cancelled);
         let options = RunOptions::default();
         let ctx = StageContext {
             name: "eval",
@@ -972,29 +977,15 @@ mod tests {
         let rows = rows(&["a"], &["b"]);
         let config = config("{ model: t, data: p }");
         let plan = EvalPlan::new(&config, &rows, &LetterCodec, 64, false).unwrap();
-        let upstream = BTreeMap::new();
-        let cancel = std::sync::atomic::AtomicBool::new(true);
-        let options = RunOptions::default();
-        let ctx = StageContext {
-            name: "eval",
-            project_dir: Path::new("."),
-            out_dir: Path::new("."),
-            upstream: &upstream,
-            seed: 0,
-            progress: &NullSink,
-            cancel: &cancel,
-            options: &options,
-        };
-        let error = evaluate_model(
-            &model,
-            &LetterCodec,
-            &plan,
-            2,
-            &Reporter {
-                ctx: &ctx,
-                label: "base",
-            },
-        )
+        let error = with_context_cancelled(true, |ctx| {
+            evaluate_model(
+                &model,
+                &LetterCodec,
+                &plan,
+                2,
+                &Reporter { ctx, label: "base" },
+            )
+        })
         .unwrap_err();
         assert!(matches!(error, StageError::Cancelled));
     }
