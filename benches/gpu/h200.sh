@@ -6,7 +6,9 @@
 # Everything it measures is side by side on one host, in one call:
 #   1. HF PEFT's LoRA r16 (fp32 and bf16 adapters) on a random-init Llama-3.2-1B shape, 8 x 512, bf16
 #   2. `peftpipe bench train` with the same shape, rank, alpha, batch and dtype
-#   3. the CUDA test binaries (gradient flow, op gradients) with PEFTPIPE_TEST_DEVICE=cuda
+#   3. the CUDA test binaries with PEFTPIPE_TEST_DEVICE=cuda: tests/device.rs (gradient flow, step-0
+#      identity, AdamW steps and GPU-vs-CPU gradients in bf16) and tests/ops_grad.rs (every op on
+#      the GPU vs the CPU); parity/lora/train check the CUDA build's CPU path
 #   4. a short real LoRA run on stories260k + bevostories on the GPU and on the CPU (loss curves)
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -27,7 +29,7 @@ echo "== CUDA test binaries"
 for t in target/cuda-dist/test-*; do
   [ -x "$t" ] || continue
   case "$t" in *.xz) continue;; esac
-  echo "-- $t"; PEFTPIPE_TEST_DEVICE=cuda "$t" --test-threads 1 2>&1 | tail -15
+  echo "-- $t"; PEFTPIPE_TEST_DEVICE=cuda "$t" --test-threads 1 --nocapture 2>&1 | grep -vE "^$" | tail -60
 done | tee "$OUT/cuda_tests.txt"
 if [ -f gpu-run/lora-stories.yaml ]; then
   echo "== real run: LoRA on stories260k + bevostories, cuda vs cpu"

@@ -1,0 +1,328 @@
+//! The training path on the device `PEFTPIPE_TEST_DEVICE` names (`cpu` when unset; `cuda` in the
+//! GPU run, benches/gpu/h200.sh, on a binary built with `--features cuda`), in that device's
+//! training dtype (f32 on CPU, bf16 on CUDA — what `train` uses): after one backward every LoRA
+//! tensor has a finite, non-zero gradient; step-0 logits equal the base model's; a few AdamW steps
+//! lower the loss; and the device agrees with the f32 CPU path on loss and adapter gradients.
+//! Llama and GPT-2 random-init models are built in the test; stories260k is added when
+//! `PEFTPIPE_SHARED` is set.
+#![expect(
+    clippy::print_stderr,
+    reason = "tests print the device, skip reasons and the measured differences"
+)]
+
+use std::path::PathBuf;
+
+use candle_core::{DType, Device, Result, Tensor};
+use peftpipe::device::{compute_dtype, device_name, resolve_device, DTypeSpec, DeviceSpec};
+use peftpipe::models::random::{load_from_tensors, random_weights};
+use peftpipe::models::{CausalLm, FrozenLinearFactory, Hooks, ModelConfig, ModelDir};
+use peftpipe::ops::next_token_cross_entropy;
+use peftpipe::peft::{Adapter, AdapterMode, LoraAdapter, LoraSettings, TargetModules};
+use peftpipe::train::optimizer::{AdamW, AdamWSettings};
+
+/// The device under test and its training dtype.
+fn device_under_test() -> (Device, DType) {
+    let spec: DeviceSpec = std::env::var("PEFTPIPE_TEST_DEVICE")
+        .unwrap_or_else(|_| "cpu".into())
+        .parse()
+        .unwrap_or_else(|error| panic!("PEFTPIPE_TEST_DEVICE: {error}"));
+    let device =
+        resolve_device(spec).unwrap_or_else(|error| panic!("PEFTPIPE_TEST_DEVICE: {error}"));
+    let dtype = compute_dtype(&device, DTypeSpec::Auto);
+    eprintln!("device under test: {} ({dtype:?})", device_name(&device));
+    (device, dtype)
+}
+
+/// Which model a check runs on: built in-test from a config, or loaded from a directory.
+enum Source {
+    Random(ModelConfig),
+    Directory(PathBuf),
+}
+
+impl Source {
+    fn label(&self) -> String {
+        match self {
+            Source::Random(config) => format!("random {}", config.model_type()),
+            Source::Directory(dir) => dir.display().to_string(),
+        }
+    }
+
+    fn config(&self) -> ModelConfig {
+        match self {
+            Source::Random(config) => config.clone(),
+            Source::Directory(dir) => ModelDir::open(dir)
+                .expect("open model dir")
+                .config()
+                .clone(),
+        }
+    }
+
+    fn load(&self, device: &Device, dtype: DType, adapter: &dyn Adapter) -> Box<dyn CausalLm> {
+        let model = match self {
+            Source::Random(config) => {
+                let tensors = random_weights(config, 3, 0.2, DType::F32, &Device::Cpu)
+                    .expect("random weights");
+                load_from_tensors(config, tensors, dtype, device, adapter.linear_factory())
+                    .expect("build random model")
+            }
+            Source::Directory(dir) => ModelDir::open(dir)
+                .and_then(|model| model.load(device, dtype, adapter.linear_factory()))
+                .expect("load model dir"),
+        };
+        adapter.finish_injection().expect("finish injection");
+        model
+    }
+
+    fn load_base(&self, device: &Device, dtype: DType) -> Box<dyn CausalLm> {
+        match self {
+            Source::Random(config) => {
+                let tensors = random_weights(config, 3, 0.2, DType::F32, &Device::Cpu)
+                    .expect("random weights");
+                load_from_tensors(config, tensors, dtype, device, &FrozenLinearFactory)
+                    .expect("build random model")
+            }
+            Source::Directory(dir) => ModelDir::open(dir)
+                .and_then(|model| model.load(device, dtype, &FrozenLinearFactory))
+                .expect("load model dir"),
+        }
+    }
+}
+
+fn sources() -> Vec<Source> {
+    let llama = ModelConfig::from_json(&serde_json::json!({
+        "model_type": "llama", "hidden_size": 32, "intermediate_size": 48,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "vocab_size": 64, "max_position_embeddings": 64, "rms_norm_eps": 1e-5,
+        "rope_theta": 10000.0, "tie_word_embeddings": false
+    }))
+    .expect("llama config");
+    let gpt2 = ModelConfig::from_json(&serde_json::json!({
+        "model_type": "gpt2", "n_embd": 32, "n_layer": 2, "n_head": 4,
+        "vocab_size": 64, "n_positions": 64, "layer_norm_epsilon": 1e-5
+    }))
+    .expect("gpt2 config");
+    let mut sources = vec![Source::Random(llama), Source::Random(gpt2)];
+    match std::env::var_os("PEFTPIPE_SHARED") {
+        Some(shared) => sources.push(Source::Directory(
+            PathBuf::from(shared).join("models/stories260k"),
+        )),
+        None => eprintln!("stories260k part skipped: PEFTPIPE_SHARED not set"),
+    }
+    sources
+}
+
+fn lora(config: &ModelConfig, device: &Device) -> LoraAdapter {
+    let targets = match config {
+        ModelConfig::Llama(_) => TargetModules::AllLinear,
+        ModelConfig::Gpt2(_) => TargetModules::Names(vec!["c_attn".into(), "c_fc".into()]),
+    };
+    let settings = LoraSettings {
+        rank: 4,
+        alpha: 8.0,
+        dropout: 0.0,
+        targets,
+        use_rslora: false,
+        fan_in_fan_out: matches!(config, ModelConfig::Gpt2(_)),
+        seed: 11,
+    };
+    LoraAdapter::new(settings, device).expect("LoRA adapter")
+}
+
+/// A padded batch of two rows: token ids below the vocabulary size and a 1/0 mask.
+fn batch(vocab: usize, device: &Device) -> (Tensor, Tensor) {
+    let length = 12;
+    let ids: Vec<u32> = (0..2 * length)
+        .map(|i| ((i * 7 + 3) % (vocab - 1) + 1) as u32)
+        .collect();
+    let mut mask = vec![1u32; 2 * length];
+    for value in &mut mask[2 * length - 4..] {
+        *value = 0;
+    }
+    (
+        Tensor::from_vec(ids, (2, length), device).expect("ids"),
+        Tensor::from_vec(mask, (2, length), device).expect("mask"),
+    )
+}
+
+/// Give every lora_B a small deterministic non-zero value (with B = 0, A's gradient is exactly
+/// zero), identically on every device.
+fn perturb(adapter: &LoraAdapter) -> Result<()> {
+    for (index, (name, var)) in adapter.trainable_vars().into_iter().enumerate() {
+        if name.ends_with("lora_B.weight") {
+            let count = var.elem_count();
+            let values: Vec<f32> = (0..count)
+                .map(|i| (((i * 31 + index * 17) % 200) as f32 / 1000.0) - 0.1)
+                .collect();
+            let host = Tensor::from_vec(values, var.shape(), &Device::Cpu)?;
+            var.set(&host.to_device(var.device())?.to_dtype(var.dtype())?)?;
+        }
+    }
+    Ok(())
+}
+
+struct Step {
+    loss: f32,
+    /// Adapter gradients by name, as f32 on the CPU.
+    gradients: Vec<(String, Tensor)>,
+}
+
+fn loss_and_gradients(source: &Source, device: &Device, dtype: DType) -> Result<Step> {
+    let config = source.config();
+    let adapter = lora(&config, device);
+    let model = source.load(device, dtype, &adapter);
+    adapter.set_mode(AdapterMode::Train { seed: 5 });
+    perturb(&adapter)?;
+    let (ids, mask) = batch(config.vocab_size(), device);
+    let logits = model.forward(&ids, Some(&mask), &Hooks::none())?;
+    let loss = next_token_cross_entropy(&logits, &ids, &mask)?;
+    let grads = loss.mean.backward()?;
+    let mut gradients = Vec::new();
+    for (name, var) in adapter.trainable_vars() {
+        let Some(grad) = grads.get(var.as_tensor()) else {
+            panic!("{}: {name} got no gradient", source.label())
+        };
+        assert_eq!(var.dtype(), DType::F32, "{name}: adapter weights stay f32");
+        gradients.push((name, grad.to_dtype(DType::F32)?.to_device(&Device::Cpu)?));
+    }
+    Ok(Step {
+        loss: loss.mean.to_dtype(DType::F32)?.to_scalar::<f32>()?,
+        gradients,
+    })
+}
+
+#[test]
+fn every_lora_tensor_gets_a_finite_nonzero_gradient_on_the_device() -> Result<()> {
+    let (device, dtype) = device_under_test();
+    for source in sources() {
+        let step = loss_and_gradients(&source, &device, dtype)?;
+        assert!(
+            step.loss.is_finite(),
+            "{}: loss {}",
+            source.label(),
+            step.loss
+        );
+        assert!(!step.gradients.is_empty());
+        for (name, grad) in &step.gradients {
+            let norm = grad.sqr()?.sum_all()?.to_scalar::<f32>()?;
+            assert!(
+                norm.is_finite() && norm > 0.0,
+                "{}: {name} |grad|² = {norm}",
+                source.label()
+            );
+        }
+        eprintln!(
+            "{}: loss {:.5}, {} adapter tensors with finite non-zero gradients",
+            source.label(),
+            step.loss,
+            step.gradients.len()
+        );
+    }
+    Ok(())
+}
+
+/// The device in its training dtype against the CPU in f32: same loss, same adapter gradients
+/// (relative to the largest gradient of each tensor). Exact-ish on a CPU run; bf16 tolerance on
+/// CUDA.
+#[test]
+fn device_gradients_agree_with_the_cpu_f32_path() -> Result<()> {
+    let (device, dtype) = device_under_test();
+    let (loss_tolerance, grad_tolerance) = if dtype == DType::F32 {
+        (1e-5, 1e-4)
+    } else {
+        (2e-2, 0.1)
+    };
+    for source in sources() {
+        let reference = loss_and_gradients(&source, &Device::Cpu, DType::F32)?;
+        let step = loss_and_gradients(&source, &device, dtype)?;
+        let loss_error = (step.loss - reference.loss).abs() / reference.loss.abs().max(1.0);
+        let mut worst = 0f32;
+        for ((name, grad), (reference_name, reference_grad)) in
+            step.gradients.iter().zip(&reference.gradients)
+        {
+            assert_eq!(name, reference_name);
+            let scale = reference_grad
+                .abs()?
+                .max_all()?
+                .to_scalar::<f32>()?
+                .max(1e-8);
+            let error = (grad - reference_grad)?
+                .abs()?
+                .max_all()?
+                .to_scalar::<f32>()?
+                / scale;
+            worst = worst.max(error);
+        }
+        eprintln!(
+            "{}: {} {dtype:?} vs cpu f32: loss {:.6} vs {:.6} (rel {loss_error:.2e}), worst relative adapter-gradient error {worst:.2e}",
+            source.label(),
+            device_name(&device),
+            step.loss,
+            reference.loss
+        );
+        assert!(loss_error < loss_tolerance, "{}: loss", source.label());
+        assert!(worst < grad_tolerance, "{}: gradients", source.label());
+    }
+    Ok(())
+}
+
+#[test]
+fn step_zero_logits_equal_the_base_model_on_the_device() -> Result<()> {
+    let (device, dtype) = device_under_test();
+    for source in sources() {
+        let config = source.config();
+        let (ids, mask) = batch(config.vocab_size(), &device);
+        let base = source
+            .load_base(&device, dtype)
+            .forward(&ids, Some(&mask), &Hooks::none())?;
+        let adapter = lora(&config, &device);
+        let adapted =
+            source
+                .load(&device, dtype, &adapter)
+                .forward(&ids, Some(&mask), &Hooks::none())?;
+        let difference = (base - adapted)?
+            .abs()?
+            .to_dtype(DType::F32)?
+            .max_all()?
+            .to_scalar::<f32>()?;
+        eprintln!("{}: step-0 max |Δlogit| {difference:e}", source.label());
+        assert_eq!(difference, 0.0, "{}", source.label());
+    }
+    Ok(())
+}
+
+#[test]
+fn a_few_adamw_steps_lower_the_loss_on_the_device() -> Result<()> {
+    let (device, dtype) = device_under_test();
+    for source in sources() {
+        let config = source.config();
+        let adapter = lora(&config, &device);
+        let model = source.load(&device, dtype, &adapter);
+        adapter.set_mode(AdapterMode::Train { seed: 5 });
+        let mut optimizer = AdamW::new(adapter.trainable_vars(), AdamWSettings::default())?;
+        let (ids, mask) = batch(config.vocab_size(), &device);
+        let mut losses = Vec::new();
+        for _ in 0..8 {
+            let loss = next_token_cross_entropy(
+                &model.forward(&ids, Some(&mask), &Hooks::none())?,
+                &ids,
+                &mask,
+            )?;
+            losses.push(loss.mean.to_dtype(DType::F32)?.to_scalar::<f32>()?);
+            let grads = loss.mean.backward()?;
+            let gradients: Vec<Option<Tensor>> = optimizer
+                .vars()
+                .into_iter()
+                .map(|var| grads.get(var.as_tensor()).cloned())
+                .collect();
+            optimizer.step(&gradients, 1e-2)?;
+        }
+        eprintln!("{}: losses {losses:?}", source.label());
+        let (first, last) = (losses[0], losses[losses.len() - 1]);
+        assert!(
+            last.is_finite() && last < first - 0.05 * first.abs().min(1.0),
+            "{}: loss {first} → {last}",
+            source.label()
+        );
+    }
+    Ok(())
+}
