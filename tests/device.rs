@@ -326,3 +326,46 @@ fn a_few_adamw_steps_lower_the_loss_on_the_device() -> Result<()> {
     }
     Ok(())
 }
+
+/// LoRA dropout is active in training only, reproducible for a seed on the device (on CUDA the mask
+/// is drawn on the GPU), and a different micro-batch seed draws a different mask.
+#[test]
+fn lora_dropout_is_seeded_and_only_active_in_training() -> Result<()> {
+    let (device, dtype) = device_under_test();
+    let Source::Random(config) = &sources()[0] else {
+        unreachable!("the first source is the random Llama")
+    };
+    let source = Source::Random(config.clone());
+    let mut settings = lora(config, &device).settings().clone();
+    settings.dropout = 0.5;
+    let adapter = LoraAdapter::new(settings, &device).expect("LoRA adapter");
+    let model = source.load(&device, dtype, &adapter);
+    perturb(&adapter)?;
+    let (ids, mask) = batch(config.vocab_size(), &device);
+    let logits = |mode: AdapterMode| -> Result<Tensor> {
+        adapter.set_mode(mode);
+        model
+            .forward(&ids, Some(&mask), &Hooks::none())?
+            .to_dtype(DType::F32)
+    };
+    let eval = logits(AdapterMode::Eval)?;
+    let first = logits(AdapterMode::Train { seed: 1 })?;
+    let again = logits(AdapterMode::Train { seed: 1 })?;
+    let other = logits(AdapterMode::Train { seed: 2 })?;
+    let eval_again = logits(AdapterMode::Eval)?;
+    let gap =
+        |a: &Tensor, b: &Tensor| -> Result<f32> { (a - b)?.abs()?.max_all()?.to_scalar::<f32>() };
+    let (same_seed, other_seed, train_vs_eval, eval_twice) = (
+        gap(&first, &again)?,
+        gap(&first, &other)?,
+        gap(&first, &eval)?,
+        gap(&eval, &eval_again)?,
+    );
+    eprintln!(
+        "dropout 0.5: same seed {same_seed:e}, other seed {other_seed:e}, train vs eval {train_vs_eval:e}, eval twice {eval_twice:e}"
+    );
+    assert_eq!(same_seed, 0.0);
+    assert_eq!(eval_twice, 0.0);
+    assert!(other_seed > 0.0 && train_vs_eval > 0.0);
+    Ok(())
+}

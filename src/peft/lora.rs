@@ -157,7 +157,10 @@ impl LoraLinear {
     }
 }
 
-/// Inverted dropout mask (0 or 1/(1-p)) drawn on the host from `seed`, in x's dtype and device.
+/// Inverted dropout mask (0 or 1/(1-p)) from `seed`, in x's dtype and device. On the CPU it is
+/// drawn from a ChaCha stream (bit-reproducible everywhere); on a GPU it is drawn on the device
+/// (curand seeded with `seed`, reproducible on that device): a host-drawn mask would copy
+/// rows × columns values to the GPU for every adapted layer of every step.
 fn dropout_mask(
     seed: u64,
     probability: f32,
@@ -165,8 +168,16 @@ fn dropout_mask(
     columns: usize,
     like: &Tensor,
 ) -> candle_core::Result<Tensor> {
-    let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let keep = 1.0 / (1.0 - probability);
+    if !like.device().is_cpu() {
+        like.device().set_seed(seed)?;
+        let uniform = Tensor::rand(0f32, 1f32, (rows, columns), like.device())?;
+        return uniform
+            .ge(probability)?
+            .to_dtype(like.dtype())?
+            .affine(f64::from(keep), 0.0);
+    }
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let values: Vec<f32> = (0..rows * columns)
         .map(|_| {
             if rng.random::<f32>() < probability {
