@@ -2,18 +2,18 @@
 //!
 //! The passes (see ARCHITECTURE.md): parse → validate → plan → execute → report.
 //! Dependencies point one way: cli → exec → stages → (data, models, peft, train) → ops.
-//! `config`, `dag`, `cache` and `fingerprint` know nothing of candle or arrow.
+//! `config`, `dag`, `cache`, `fingerprint`, `exec` and `schema` live in the `peftpipe-core`
+//! workspace crate (crates/core), which cannot name candle or arrow; they are re-exported here
+//! under their usual paths. This crate plugs the ML and Arrow side into them: [`probe`] answers
+//! validation's questions, [`stages`] supplies the stage kinds the executor runs.
 
-pub mod cache;
+pub use peftpipe_core::{cache, config, dag, exec, fingerprint, schema};
+
 pub mod cli;
-pub mod config;
-pub mod dag;
 pub mod device;
-pub mod exec;
-pub mod fingerprint;
 pub mod infer;
+pub mod probe;
 pub mod report;
-pub mod schema;
 pub mod stages;
 
 pub mod data;
@@ -23,4 +23,4 @@ pub mod peft;
 pub mod train;
 
 /// The tool version that goes into every stage fingerprint.
-pub const TOOL_VERSION: &str = env!("CARGO_PKG_VERSION");
+pub use peftpipe_core::TOOL_VERSION;

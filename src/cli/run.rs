@@ -11,6 +11,7 @@ use clap::Args;
 use super::{GlobalArgs, PipelineArgs, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_INVALID, EXIT_OK};
 use crate::config::Pipeline;
 use crate::exec::{ExecError, RunSettings};
+use crate::probe::StandardProbe;
 use crate::report;
 use crate::report::run::{RunReporter, Style};
 use crate::stages::RunOptions;
@@ -55,15 +56,17 @@ fn parse_device(text: &str) -> Result<String, String> {
 /// Load and validate a pipeline; on failure the problems are reported and the exit code
 /// returned.
 pub(crate) fn load_pipeline(args: &PipelineArgs) -> Result<Pipeline, u8> {
-    crate::config::load::load_pipeline(&args.pipeline, &args.overrides).map_err(|problems| {
-        report::problems::print_problems(&problems);
-        EXIT_INVALID
-    })
+    crate::config::load::load_pipeline(&args.pipeline, &args.overrides, &StandardProbe).map_err(
+        |problems| {
+            report::problems::print_problems(&problems);
+            EXIT_INVALID
+        },
+    )
 }
 
 /// Load and validate a pipeline; the problems, rendered, as the error.
 pub(crate) fn load_pipeline_file(file: &Path, overrides: &[String]) -> Result<Pipeline, String> {
-    crate::config::load::load_pipeline(file, overrides)
+    crate::config::load::load_pipeline(file, overrides, &StandardProbe)
         .map_err(|problems| report::problems::render_problems(&problems, false))
 }
 
@@ -133,7 +136,7 @@ pub fn run(global: &GlobalArgs, args: RunArgs) -> u8 {
     let summary = match crate::exec::execute(
         &pipeline,
         &settings,
-        &crate::exec::default_builder,
+        &crate::stages::default_builder,
         &reporter,
         &cancel,
     ) {

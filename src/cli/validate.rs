@@ -7,6 +7,7 @@ use clap::Args;
 
 use super::GlobalArgs;
 use crate::config::load::load_pipeline;
+use crate::probe::StandardProbe;
 use crate::report::problems::{print_validation, print_validation_json, FileValidation};
 
 #[derive(Debug, Args)]
@@ -23,13 +24,15 @@ pub fn run(global: &GlobalArgs, args: ValidateArgs) -> u8 {
     let outcomes: Vec<FileValidation> = args
         .pipelines
         .iter()
-        .map(|file| match load_pipeline(file, &args.overrides) {
-            Ok(pipeline) => FileValidation::valid(
-                file.display().to_string(),
-                pipeline.stages.keys().cloned().collect(),
-            ),
-            Err(problems) => FileValidation::invalid(problems),
-        })
+        .map(
+            |file| match load_pipeline(file, &args.overrides, &StandardProbe) {
+                Ok(pipeline) => FileValidation::valid(
+                    file.display().to_string(),
+                    pipeline.stages.keys().cloned().collect(),
+                ),
+                Err(problems) => FileValidation::invalid(problems),
+            },
+        )
         .collect();
     if global.json {
         print_validation_json(&outcomes);

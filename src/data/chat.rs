@@ -9,29 +9,17 @@
 //! provided, so date-stamping templates fall back to their fixed default date and renders stay
 //! reproducible.
 //!
-//! Owns loading a template from a `tokenizer_config.json` or a `.jinja` file and splitting a
+//! Owns compiling and rendering a chat template and splitting a
 //! conversation into prompt (the user turns rendered with `add_generation_prompt=true`) and
 //! completion (what the full conversation adds: the assistant content plus the template's
-//! end-of-turn text). Never prints.
-
-use std::path::Path;
+//! end-of-turn text). Loading the template's source from a `tokenizer_config.json` or a `.jinja`
+//! file is the core's `config::chat_template` (re-exported here). Never prints.
 
 use minijinja::value::{Kwargs, Value};
 use minijinja::{Environment, Error, ErrorKind, UndefinedBehavior};
 use serde::Serialize;
 
-/// A chat template's source and the special tokens it may use.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct ChatTemplateSource {
-    /// The Jinja source.
-    pub template: String,
-    pub bos_token: String,
-    pub eos_token: String,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub pad_token: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub unk_token: Option<String>,
-}
+pub use crate::config::chat_template::{load_chat_template, ChatTemplateSource};
 
 /// One chat message.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -47,97 +35,6 @@ impl Message {
             content: content.into(),
         }
     }
-}
-
-/// A special token in tokenizer_config.json: a string or an `AddedToken` object.
-fn token_text(value: Option<&serde_json::Value>) -> Option<String> {
-    match value? {
-        serde_json::Value::String(text) => Some(text.clone()),
-        serde_json::Value::Object(map) => map
-            .get("content")
-            .and_then(|c| c.as_str())
-            .map(str::to_string),
-        _ => None,
-    }
-}
-
-/// Load the chat template and special tokens of a `tokenizer_config.json`, or the raw template
-/// of a `.jinja` file (special tokens then come from a `tokenizer_config.json` beside it, if any).
-pub fn load_chat_template(path: &Path) -> Result<ChatTemplateSource, String> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-    let is_json = path.extension().is_some_and(|e| e == "json");
-    if !is_json {
-        let beside = path.with_file_name("tokenizer_config.json");
-        let tokens = if beside.is_file() {
-            tokens_of(&beside)?
-        } else {
-            (String::new(), String::new(), None, None)
-        };
-        return Ok(ChatTemplateSource {
-            template: text,
-            bos_token: tokens.0,
-            eos_token: tokens.1,
-            pad_token: tokens.2,
-            unk_token: tokens.3,
-        });
-    }
-    let config: serde_json::Value = serde_json::from_str(&text)
-        .map_err(|e| format!("{}: not valid JSON: {e}", path.display()))?;
-    let template = match config.get("chat_template") {
-        Some(serde_json::Value::String(template)) => template.clone(),
-        // The newer list form: [{"name": "default", "template": "..."}, ...].
-        Some(serde_json::Value::Array(named)) => named
-            .iter()
-            .find(|entry| entry.get("name").and_then(|n| n.as_str()) == Some("default"))
-            .and_then(|entry| entry.get("template").and_then(|t| t.as_str()))
-            .map(str::to_string)
-            .ok_or_else(|| {
-                format!(
-                    "{}: `chat_template` lists named templates but none is named `default`",
-                    path.display()
-                )
-            })?,
-        _ => {
-            let jinja = path.with_file_name("chat_template.jinja");
-            if jinja.is_file() {
-                std::fs::read_to_string(&jinja)
-                    .map_err(|e| format!("cannot read {}: {e}", jinja.display()))?
-            } else {
-                return Err(format!(
-                    "{} has no `chat_template` (and there is no chat_template.jinja beside it)",
-                    path.display()
-                ));
-            }
-        }
-    };
-    let (bos_token, eos_token, pad_token, unk_token) = tokens_from_json(&config);
-    Ok(ChatTemplateSource {
-        template,
-        bos_token,
-        eos_token,
-        pad_token,
-        unk_token,
-    })
-}
-
-type Tokens = (String, String, Option<String>, Option<String>);
-
-fn tokens_of(path: &Path) -> Result<Tokens, String> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-    let config: serde_json::Value = serde_json::from_str(&text)
-        .map_err(|e| format!("{}: not valid JSON: {e}", path.display()))?;
-    Ok(tokens_from_json(&config))
-}
-
-fn tokens_from_json(config: &serde_json::Value) -> Tokens {
-    (
-        token_text(config.get("bos_token")).unwrap_or_default(),
-        token_text(config.get("eos_token")).unwrap_or_default(),
-        token_text(config.get("pad_token")),
-        token_text(config.get("unk_token")),
-    )
 }
 
 /// Python's `json.dumps(value, ensure_ascii=False, indent=indent)` (what transformers' `tojson`

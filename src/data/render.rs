@@ -1,15 +1,12 @@
-//! minijinja rendering of rows: the strict environment every row template uses, rows of record
-//! batches exposed to templates lazily (a column is converted only when a template reads it), and
-//! error messages that name the row and the undefined or null variable.
+//! minijinja rendering of rows: rows of record batches exposed to templates lazily (a column is
+//! converted only when a template reads it), and error messages that name the row and the
+//! undefined or null variable.
 //!
-//! Environment rules (documented for users in the template stage): undefined variables are errors
-//! (strict), printing a null cell is an error (`{% if x %}` still works on nulls), no
-//! autoescaping, one trailing newline of a template is dropped (as in Jinja2), Python string
-//! methods (`.strip()`, `.upper()`, …) work through minijinja-contrib's pycompat, and
-//! `{% include %}` / `{% import %}` resolve relative to the pipeline directory. Never prints.
+//! The strict environment every row template uses (its rules are documented there) is the core's
+//! `config::jinja`, re-exported here, so validation checks templates under the same rules.
+//! Never prints.
 
-use std::collections::{BTreeSet, HashMap};
-use std::path::Path;
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use arrow::array::{Array, ArrayRef, AsArray, RecordBatch};
@@ -18,55 +15,9 @@ use arrow::datatypes::{
     UInt32Type, UInt64Type, UInt8Type,
 };
 use minijinja::value::{Enumerator, Object, ObjectRepr, Value};
-use minijinja::{Environment, Error, ErrorKind, UndefinedBehavior};
+use minijinja::{Error, ErrorKind};
 
-/// Names minijinja provides itself (not columns): excluded from "unknown variable" checks.
-pub const BUILTIN_NAMES: &[&str] = &[
-    "range",
-    "dict",
-    "namespace",
-    "debug",
-    "loop",
-    "self",
-    "caller",
-    "varargs",
-    "kwargs",
-    "true",
-    "false",
-    "none",
-    "True",
-    "False",
-    "None",
-];
-
-/// The environment for row templates (prompt, completion, chat turns).
-pub fn row_environment(project_dir: &Path) -> Environment<'static> {
-    let mut env = Environment::new();
-    env.set_undefined_behavior(UndefinedBehavior::Strict);
-    env.set_loader(minijinja::path_loader(project_dir));
-    env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
-    env.set_auto_escape_callback(|_| minijinja::AutoEscape::None);
-    env.set_formatter(|out, state, value| {
-        if value.is_none() {
-            return Err(Error::new(
-                ErrorKind::InvalidOperation,
-                "the value is null (test it with `{% if … %}` or use `| default(…)`)",
-            ));
-        }
-        minijinja::escape_formatter(out, state, value)
-    });
-    env
-}
-
-/// The top-level variables a template reads that neither it nor minijinja defines.
-pub fn undeclared_variables(env: &Environment<'_>, name: &str) -> Result<BTreeSet<String>, Error> {
-    let template = env.get_template(name)?;
-    Ok(template
-        .undeclared_variables(false)
-        .into_iter()
-        .filter(|v| !BUILTIN_NAMES.contains(&v.as_str()))
-        .collect())
-}
+pub use crate::config::jinja::{row_environment, undeclared_variables, BUILTIN_NAMES};
 
 /// The columns of one record batch, shared by the rows rendered from it.
 #[derive(Debug)]
@@ -229,6 +180,8 @@ pub fn describe_render_error(error: &Error, template: &str, split: &str, row: u6
 
 #[cfg(test)]
 mod tests {
+    use std::path::Path;
+
     use arrow::array::{Int64Array, StringArray};
     use arrow::datatypes::{Field, Schema};
 

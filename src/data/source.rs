@@ -1,6 +1,7 @@
-//! Reading tabular input: expanding a path / glob / directory into files with stable keys,
-//! peeking at column names without reading rows (Parquet footer, CSV header, first JSONL lines),
-//! and streaming mapped (selected + renamed) record batches across files.
+//! Reading tabular input: peeking at column names without reading rows (Parquet footer, CSV header, first JSONL lines),
+//! and streaming mapped (selected + renamed) record batches across files. Expanding a path / glob /
+//! directory into files with stable keys is the core's `config::input` (re-exported here: the
+//! fingerprint needs it without Arrow).
 //!
 //! Owns: format detection, projection, schema agreement across files and error messages that name
 //! the file, the row group (Parquet) or row range and, when it can be found, the column. It must not
@@ -8,7 +9,7 @@
 
 use std::fs::File;
 use std::io::{BufReader, Seek};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 
 use arrow::array::{Array, RecordBatch};
@@ -18,130 +19,16 @@ use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use parquet::arrow::ProjectionMask;
 
 use crate::config::ingest::InputFormat;
-use crate::config::{resolve_path, InputFile};
+use crate::config::InputFile;
 use crate::stages::StageError;
+
+pub use crate::config::input::{expand_input, format_of};
 
 /// Rows per record batch read from the inputs.
 pub const BATCH_ROWS: usize = 8192;
 
 /// How many records schema inference reads from a JSONL or CSV file.
 const INFER_RECORDS: usize = 1000;
-
-/// Format from a file's extension.
-pub fn format_of(path: &Path) -> Option<InputFormat> {
-    let extension = path.extension()?.to_str()?.to_ascii_lowercase();
-    match extension.as_str() {
-        "parquet" | "pq" => Some(InputFormat::Parquet),
-        "jsonl" | "ndjson" | "json" => Some(InputFormat::Jsonl),
-        "csv" => Some(InputFormat::Csv),
-        _ => None,
-    }
-}
-
-fn has_glob(text: &str) -> bool {
-    text.contains(['*', '?', '['])
-}
-
-/// Expand a path as written in the pipeline into its files, sorted by key. The key of each file
-/// is the path as written (environment variables unexpanded) plus, for globs and directories,
-/// the matched file's path below the written prefix.
-pub fn expand_input(project_dir: &Path, written: &str) -> Result<Vec<InputFile>, String> {
-    if has_glob(written) {
-        // The written prefix up to the last `/` before the first glob character.
-        let first_glob = written.find(['*', '?', '[']).unwrap_or(written.len());
-        let prefix_end = written[..first_glob].rfind('/').map(|i| i + 1).unwrap_or(0);
-        let written_prefix = &written[..prefix_end];
-        let resolved_prefix = if written_prefix.is_empty() {
-            project_dir.to_path_buf()
-        } else {
-            resolve_path(project_dir, written_prefix)?
-        };
-        let pattern = resolve_path(project_dir, written)?;
-        let pattern_text = pattern
-            .to_str()
-            .ok_or_else(|| format!("path `{written}` is not valid UTF-8"))?;
-        let paths = glob::glob(pattern_text).map_err(|e| format!("bad glob `{written}`: {e}"))?;
-        let mut files = Vec::new();
-        for entry in paths {
-            let path = entry.map_err(|e| format!("cannot read a match of `{written}`: {e}"))?;
-            if !path.is_file() {
-                continue;
-            }
-            let relative = path.strip_prefix(&resolved_prefix).unwrap_or(&path);
-            files.push(InputFile {
-                key: format!("{written_prefix}{}", slash_path(relative)),
-                path,
-            });
-        }
-        if files.is_empty() {
-            return Err(format!(
-                "no file matches `{written}` (resolved to {})",
-                pattern.display()
-            ));
-        }
-        files.sort_by(|a, b| a.key.cmp(&b.key));
-        return Ok(files);
-    }
-    let path = resolve_path(project_dir, written)?;
-    if path.is_dir() {
-        let mut found = Vec::new();
-        collect_dir(&path, &mut found)
-            .map_err(|e| format!("cannot list {}: {e}", path.display()))?;
-        let base = written.trim_end_matches('/');
-        let mut files: Vec<InputFile> = found
-            .into_iter()
-            .map(|file| {
-                let relative = file.strip_prefix(&path).unwrap_or(&file);
-                InputFile {
-                    key: format!("{base}/{}", slash_path(relative)),
-                    path: file,
-                }
-            })
-            .collect();
-        if files.is_empty() {
-            return Err(format!(
-                "directory `{written}` holds no .parquet, .jsonl or .csv file"
-            ));
-        }
-        files.sort_by(|a, b| a.key.cmp(&b.key));
-        return Ok(files);
-    }
-    if path.is_file() {
-        return Ok(vec![InputFile {
-            key: written.to_string(),
-            path,
-        }]);
-    }
-    Err(format!(
-        "input `{written}` does not exist (resolved to {})",
-        path.display()
-    ))
-}
-
-fn slash_path(path: &Path) -> String {
-    path.components()
-        .map(|c| c.as_os_str().to_string_lossy())
-        .collect::<Vec<_>>()
-        .join("/")
-}
-
-fn collect_dir(dir: &Path, found: &mut Vec<PathBuf>) -> std::io::Result<()> {
-    for entry in std::fs::read_dir(dir)? {
-        let entry = entry?;
-        let path = entry.path();
-        let name = entry.file_name();
-        let name = name.to_string_lossy();
-        if name.starts_with('.') || name.starts_with('_') {
-            continue;
-        }
-        if path.is_dir() {
-            collect_dir(&path, found)?;
-        } else if format_of(&path).is_some() {
-            found.push(path);
-        }
-    }
-    Ok(())
-}
 
 fn resolve_format(path: &Path, format: Option<InputFormat>) -> Result<InputFormat, String> {
     format.or_else(|| format_of(path)).ok_or_else(|| {

@@ -859,8 +859,10 @@ mod tests {
     use crate::infer::text::tests::LetterCodec;
     use crate::stages::{NullSink, RunOptions};
 
+    /// YAML → JSON value → the config (as the loader does).
     fn config(yaml: &str) -> EvaluateConfig {
-        crate::config::evaluate::tests::from_yaml(yaml).unwrap()
+        let value: serde_json::Value = serde_norway::from_str(yaml).unwrap();
+        serde_json::from_value(value).unwrap()
     }
 
     fn rows(prompts: &[&str], completions: &[&str]) -> Rows {

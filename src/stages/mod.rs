@@ -2,148 +2,16 @@
 //! artifacts and writes its own artifact only through a [`StageContext`]; it never prints
 //! (progress goes through [`ProgressSink`] to the executor's event stream) and never touches the
 //! cache (the executor stores `out_dir` once `run` returns Ok).
-
-use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+//!
+//! The trait and its context live in the core crate (`exec::stage`, re-exported here) so the
+//! executor needs no stage kind; [`default_builder`] is what the binary hands the executor.
 
 use crate::config::StageConfig;
 
-/// Progress of a running stage, forwarded by the executor as an event to the reporter.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Progress {
-    /// Units done so far (rows, steps, examples).
-    pub position: u64,
-    /// Total units, if known.
-    pub length: Option<u64>,
-    /// What a unit is ("rows", "steps").
-    pub unit: &'static str,
-    /// Short live message, e.g. `loss 2.31 · 5.1k tok/s`.
-    pub message: String,
-}
-
-/// Where a stage sends progress and log lines. Implemented by the executor.
-pub trait ProgressSink: Sync {
-    fn progress(&self, progress: Progress);
-    /// A line worth keeping in the run log (shown by the reporter, not by the stage).
-    fn note(&self, message: String);
-}
-
-/// A sink that drops everything (tests, `preview`).
-pub struct NullSink;
-
-impl ProgressSink for NullSink {
-    fn progress(&self, _progress: Progress) {}
-    fn note(&self, _message: String) {}
-}
-
-/// Run-wide options a stage may need; resolved from the command line by cli/.
-#[derive(Debug, Clone, Default)]
-pub struct RunOptions {
-    /// Let export write outside the project directory.
-    pub allow_outside_project: bool,
-    /// Override the device of training/evaluation (`cpu`, `cuda`, `cuda:1`).
-    pub device: Option<String>,
-}
-
-/// Everything a stage may read or write.
-pub struct StageContext<'a> {
-    /// The stage's name in the pipeline.
-    pub name: &'a str,
-    /// Directory of the pipeline file; relative paths in the config resolve against it.
-    pub project_dir: &'a Path,
-    /// Empty directory owned by the executor; everything written here becomes the artifact.
-    pub out_dir: &'a Path,
-    /// Upstream stage name → its artifact directory (read-only).
-    pub upstream: &'a BTreeMap<String, PathBuf>,
-    /// The pipeline seed (stages derive their own streams from it and their name).
-    pub seed: u64,
-    pub progress: &'a dyn ProgressSink,
-    /// Set when the user pressed Ctrl-C: long loops check it and return [`StageError::Cancelled`].
-    pub cancel: &'a AtomicBool,
-    pub options: &'a RunOptions,
-}
-
-impl StageContext<'_> {
-    /// The artifact directory of the upstream stage named `stage`.
-    pub fn upstream_dir(&self, stage: &str) -> Result<&Path, StageError> {
-        self.upstream
-            .get(stage)
-            .map(PathBuf::as_path)
-            .ok_or_else(|| {
-                StageError::Internal(format!("upstream stage `{stage}` has no artifact"))
-            })
-    }
-
-    /// Err(Cancelled) once the user asked to stop.
-    pub fn check_cancel(&self) -> Result<(), StageError> {
-        if self.cancel.load(Ordering::Relaxed) {
-            Err(StageError::Cancelled)
-        } else {
-            Ok(())
-        }
-    }
-
-    /// A seed for this stage derived from the pipeline seed and the stage name.
-    pub fn stage_seed(&self) -> u64 {
-        derive_seed(self.seed, self.name)
-    }
-}
-
-/// Mix a seed with a label (stable across platforms and versions: blake3).
-pub fn derive_seed(seed: u64, label: &str) -> u64 {
-    let mut hasher = blake3::Hasher::new();
-    hasher.update(&seed.to_le_bytes());
-    hasher.update(label.as_bytes());
-    let bytes = hasher.finalize();
-    let mut first = [0u8; 8];
-    first.copy_from_slice(&bytes.as_bytes()[..8]);
-    u64::from_le_bytes(first)
-}
-
-/// What a finished stage reports: small figures for the run summary and `--json`.
-#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
-pub struct StageOutcome {
-    pub summary: BTreeMap<String, serde_json::Value>,
-}
-
-/// Why a stage failed. Messages are for the user: name the file, column, row group, step.
-#[derive(Debug, thiserror::Error)]
-pub enum StageError {
-    /// Bad user data or environment (exit code 1).
-    #[error("{0}")]
-    User(String),
-    /// Ctrl-C.
-    #[error("cancelled")]
-    Cancelled,
-    /// A bug in peftpipe.
-    #[error("internal error: {0}")]
-    Internal(String),
-}
-
-impl StageError {
-    pub fn user(message: impl Into<String>) -> Self {
-        StageError::User(message.into())
-    }
-}
-
-impl From<std::io::Error> for StageError {
-    fn from(error: std::io::Error) -> Self {
-        StageError::User(error.to_string())
-    }
-}
-
-/// One stage kind's behaviour.
-pub trait Stage: Send + Sync {
-    /// Produce the artifact in `ctx.out_dir`.
-    fn run(&self, ctx: &StageContext<'_>) -> Result<StageOutcome, StageError>;
-
-    /// Called after `run` and also when the stage is restored from the cache: copy the artifact
-    /// to a user-declared destination (export). Default: nothing.
-    fn publish(&self, _artifact: &Path, _ctx: &StageContext<'_>) -> Result<(), StageError> {
-        Ok(())
-    }
-}
+pub use crate::exec::stage::{
+    derive_seed, NullSink, Progress, ProgressSink, RunOptions, Stage, StageContext, StageError,
+    StageOutcome,
+};
 
 /// The stage implementation for a config.
 pub fn build(config: &StageConfig) -> Box<dyn Stage> {
@@ -154,6 +22,11 @@ pub fn build(config: &StageConfig) -> Box<dyn Stage> {
         StageConfig::Evaluate(c) => Box::new(evaluate::EvaluateStage::new(c.clone())),
         StageConfig::Export(c) => Box::new(export::ExportStage::new(c.clone())),
     }
+}
+
+/// The builder `exec::execute` uses in the binary: [`build`] for every stage.
+pub fn default_builder(_name: &str, config: &StageConfig) -> Result<Box<dyn Stage>, StageError> {
+    Ok(build(config))
 }
 
 pub mod evaluate;

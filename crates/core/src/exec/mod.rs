@@ -5,13 +5,15 @@
 //!
 //! It never prints: everything a user should see is an [`ExecEvent`] sent to an [`EventSink`]
 //! (the reporter implements one). It never sees clap types: the CLI resolves [`RunSettings`].
-//! It only knows stages through `StageConfig`, `StageSpec` and a [`StageBuilder`]
-//! (`stages::build` in the binary, fakes in tests), so new stage kinds need no change here.
+//! It only knows stages through `StageConfig`, `StageSpec` and a [`StageBuilder`] that makes a
+//! [`stage::Stage`] (the main crate's `stages::default_builder` in the binary, fakes in tests), so
+//! new stage kinds need no change here.
 
 pub mod graph;
 pub mod materialize;
 pub mod plan;
 pub mod runner;
+pub mod stage;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -21,7 +23,7 @@ use serde::Serialize;
 use crate::cache::CacheError;
 use crate::config::{Pipeline, StageConfig};
 use crate::fingerprint::DirtyReason;
-use crate::stages::{Progress, RunOptions, Stage, StageError};
+use stage::{Progress, RunOptions, Stage, StageError};
 
 pub use plan::{Freshness, Plan, StagePlan};
 pub use runner::execute;
@@ -30,11 +32,6 @@ pub use runner::execute;
 /// builders hand out stages that borrow test state.
 pub type StageBuilder<'a> =
     dyn Fn(&str, &StageConfig) -> Result<Box<dyn Stage + 'a>, StageError> + Sync + 'a;
-
-/// The production builder: [`crate::stages::build`].
-pub fn default_builder(_name: &str, config: &StageConfig) -> Result<Box<dyn Stage>, StageError> {
-    Ok(crate::stages::build(config))
-}
 
 /// Test-only: `PEFTPIPE_TEST_STAGE_DELAY=<stage>=<milliseconds>` makes the executor wait that
 /// long after the named stage wrote its output and before storing it, so fault tests can kill

@@ -421,7 +421,8 @@ impl StageSpec for EvaluateConfig {
         // The device kind decides the compute dtype (f32 on CPU, bf16 on CUDA), which changes
         // the figures; `auto` means CUDA exactly in a CUDA build.
         let kind = match self.device.as_str() {
-            "auto" if crate::device::built_with_cuda() => "cuda",
+            // `cuda` here is the core's marker feature, on exactly in a CUDA build of the binary.
+            "auto" if cfg!(feature = "cuda") => "cuda",
             "auto" | "cpu" => "cpu",
             _ => "cuda",
         };
@@ -540,6 +541,7 @@ pub(crate) mod tests {
             pipeline: &raw,
             project_dir: Path::new("."),
             columns: &columns,
+            probe: &crate::config::probe::TestProbe,
         };
         let mut problems = Vec::new();
         let StageConfig::Evaluate(config) = &raw.stages["eval"] else {

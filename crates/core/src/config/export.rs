@@ -147,6 +147,7 @@ stages:
             pipeline: &raw,
             project_dir: Path::new("."),
             columns: &columns,
+            probe: &crate::config::probe::TestProbe,
         };
         let StageConfig::Export(config) = &raw.stages["out"] else {
             panic!("not an export stage");

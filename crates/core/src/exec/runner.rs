@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 
 use super::materialize::materialize;
 use super::plan::{decide, forced_stages, make_plan, CachedOutput, Freshness, StagePlan};
+use super::stage::{Progress, ProgressSink, StageContext, StageError, StageOutcome};
 use super::{
     graph, CacheUse, EventSink, ExecError, ExecEvent, RunSettings, RunSummary, StageBuilder,
     StageReport, StageStatus, STAGE_DELAY_ENV,
@@ -23,7 +24,6 @@ use super::{
 use crate::cache::{Cache, FileIndex, LockEntry, RunRecord};
 use crate::config::{Pipeline, StageConfig};
 use crate::fingerprint::{DirtyReason, StageFingerprint};
-use crate::stages::{Progress, ProgressSink, StageContext, StageError, StageOutcome};
 
 /// Run a pipeline. Stage failures are in the summary; `Err` means nothing could start.
 pub fn execute(

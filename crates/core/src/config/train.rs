@@ -1,7 +1,8 @@
 //! Config of the `train` stage kind (pure data: every field documented and defaulted where a
 //! default makes sense) and its semantic checks. The PEFT method is an externally tagged enum
 //! (`method: { lora: { r: 16 } }`) so further methods slot in beside LoRA.
-//! Never loads weights: checks read `config.json` and the tokenizer files' existence only.
+//! Never loads weights: checks read `config.json` and the tokenizer files' existence only, and
+//! ask the [`super::probe::Probe`] which linear layers that `config.json` describes.
 
 use std::borrow::Cow;
 use std::collections::BTreeMap;
@@ -11,6 +12,7 @@ use schemars::{json_schema, JsonSchema, Schema, SchemaGenerator};
 use serde::de::{self, MapAccess, SeqAccess, Visitor};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
+use super::target_modules::TargetModules;
 use super::{resolve_path, CheckContext, InputFile, Problem, StageSpec, UpstreamRef};
 
 /// The `train` stage: attach a PEFT adapter to a pre-trained model and train it on the
@@ -469,7 +471,7 @@ impl StageSpec for TrainConfig {
             );
         }
         if let Some(TargetModulesConfig::Regex(pattern)) = &lora.target_modules {
-            if let Err(message) = crate::peft::TargetModules::regex(pattern) {
+            if let Err(message) = TargetModules::regex(pattern) {
                 problem("method.lora.target_modules", message);
             }
         }
@@ -495,7 +497,7 @@ impl StageSpec for TrainConfig {
         if !dir.join("tokenizer.json").is_file() {
             problem("model", format!("{} has no tokenizer.json", dir.display()));
         }
-        match crate::models::ModelConfig::from_json(&config) {
+        match cx.probe.model_linear_layers(&config) {
             Err(error) => problem(
                 "model",
                 format!(
@@ -505,8 +507,7 @@ impl StageSpec for TrainConfig {
                     error.message
                 ),
             ),
-            Ok(model_config) => {
-                let modules = model_config.linear_layers();
+            Ok(modules) => {
                 let targets = match resolve_targets(lora.target_modules.as_ref(), &config) {
                     Ok(targets) => targets,
                     Err(message) => {
@@ -514,8 +515,11 @@ impl StageSpec for TrainConfig {
                         return;
                     }
                 };
-                if crate::peft::targets::matched_modules(&modules, &targets).is_empty() {
-                    let mut names: Vec<&str> = modules.iter().map(|m| m.name()).collect();
+                if !modules.iter().any(|path| targets.matches(path)) {
+                    let mut names: Vec<&str> = modules
+                        .iter()
+                        .map(|path| super::target_modules::last_component(path))
+                        .collect();
                     names.sort_unstable();
                     names.dedup();
                     problems.push(
@@ -543,8 +547,7 @@ impl StageSpec for TrainConfig {
 pub fn resolve_targets(
     written: Option<&TargetModulesConfig>,
     model_config: &serde_json::Value,
-) -> Result<crate::peft::TargetModules, String> {
-    use crate::peft::TargetModules;
+) -> Result<TargetModules, String> {
     match written {
         Some(TargetModulesConfig::Names(names)) if names.is_empty() => {
             Err("target_modules is an empty list".into())

@@ -1,17 +1,27 @@
 //! The YAML surface: raw serde types (as written), per-kind stage configs as pure data, and
 //! validation into a checked [`Pipeline`]. Errors carry file:line:column and the key path.
-//! This module never hashes, runs or loads anything beyond file metadata and Parquet footers.
+//! This module never hashes, runs or loads anything beyond file metadata; what needs Arrow or a
+//! model (Parquet footers, chat-template compilation, a model's linear layers) it asks a
+//! [`probe::Probe`] the caller supplies.
 //!
 //! Ownership of files: `mod.rs` (top-level types, the `StageSpec` trait), `load.rs` (parse, spans,
-//! `--set` overrides, collecting every problem), `problem.rs` (diagnostics); one file per stage kind
-//! (`ingest.rs`, `template.rs`, `train.rs`, `evaluate.rs`, `export.rs`) holding that kind's config and
-//! its semantic checks.
+//! `--set` overrides, collecting every problem), `problem.rs` (diagnostics), `probe.rs` (the
+//! questions validation asks the main crate); one file per stage kind (`ingest.rs`, `template.rs`,
+//! `train.rs`, `evaluate.rs`, `export.rs`) holding that kind's config and its semantic checks, with
+//! the pure helpers they share with the stages: `input.rs` (input paths → files),
+//! `jinja.rs` (the row-template environment), `chat_template.rs` (loading chat templates),
+//! `target_modules.rs` (PEFT target specs).
 
+pub mod chat_template;
 pub mod evaluate;
 pub mod export;
 pub mod ingest;
+pub mod input;
+pub mod jinja;
 pub mod load;
+pub mod probe;
 pub mod problem;
+pub mod target_modules;
 pub mod template;
 pub mod train;
 
@@ -25,6 +35,7 @@ use serde::{Deserialize, Serialize};
 pub use evaluate::EvaluateConfig;
 pub use export::ExportConfig;
 pub use ingest::IngestConfig;
+pub use probe::Probe;
 pub use problem::{Problem, Problems};
 pub use template::TemplateConfig;
 pub use train::TrainConfig;
@@ -128,6 +139,9 @@ pub struct CheckContext<'a> {
     /// Output columns of each stage that could be determined (ingest from Parquet footers,
     /// template from its outputs). Filled in topological order before `check` runs.
     pub columns: &'a BTreeMap<String, Vec<String>>,
+    /// Answers what needs Arrow or a model (column names of input files, chat templates, a
+    /// model's linear layers).
+    pub probe: &'a dyn Probe,
 }
 
 /// What every stage-kind config provides to validation, planning and fingerprinting.

@@ -2,9 +2,10 @@
 //! templates come from (inline, files next to the pipeline, or a model's chat template), few-shot
 //! settings, and which columns are carried through.
 //!
-//! Pure data plus checks. Checks compile the templates with minijinja (syntax errors, variables no
-//! input column provides) and read template files and `tokenizer_config.json`; they never read
-//! rows. The stage itself lives in `stages/template.rs`.
+//! Pure data plus checks. Checks compile the row templates with minijinja (syntax errors, variables
+//! no input column provides) and read template files and `tokenizer_config.json`; a chat template
+//! is compiled by the [`super::probe::Probe`] (as the stage renders it). They never read rows. The
+//! stage itself lives in the main crate's `stages/template.rs`.
 
 use std::collections::BTreeSet;
 use std::path::Path;
@@ -12,10 +13,10 @@ use std::path::Path;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+use super::chat_template::{load_chat_template, ChatTemplateSource};
+use super::jinja::{row_environment, undeclared_variables};
 use super::problem::did_you_mean;
 use super::{resolve_path, CheckContext, InputFile, Problem, StageConfig, StageSpec, UpstreamRef};
-use crate::data::chat::{load_chat_template, ChatTemplate, ChatTemplateSource};
-use crate::data::render::{row_environment, undeclared_variables};
 
 /// The `template` stage: renders each row of the input stage's splits into `prompt`, `completion`
 /// and `text` (= prompt + completion) with minijinja, in strict mode (an undefined variable is an
@@ -565,7 +566,7 @@ impl StageSpec for TemplateConfig {
             }
         };
         if let Some(chat) = &resolved.chat {
-            if let Err(message) = ChatTemplate::new(chat.chat_template.clone()) {
+            if let Err(message) = cx.probe.check_chat_template(&chat.chat_template) {
                 let key = if self.chat.as_ref().is_some_and(|c| c.template.is_some()) {
                     "chat.template"
                 } else {
@@ -646,6 +647,7 @@ mod tests {
             pipeline: &pipeline,
             project_dir: Path::new("."),
             columns: &known,
+            probe: &crate::config::probe::TestProbe,
         };
         let mut problems = Vec::new();
         if let Some(StageConfig::Template(template)) = pipeline.stages.get("prompts") {
@@ -720,6 +722,7 @@ mod tests {
             pipeline: &pipeline,
             project_dir: Path::new("."),
             columns: &known,
+            probe: &crate::config::probe::TestProbe,
         };
         assert_eq!(
             config.output_columns(&cx, "prompts").unwrap(),

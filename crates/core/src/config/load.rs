@@ -14,7 +14,8 @@
 //!    kind's own checks (`StageSpec::check`) in topological order with the columns known so far.
 //!
 //! This module reads the pipeline file and whatever `StageSpec` implementations read (file
-//! metadata, Parquet footers, template files); it never hashes or runs anything.
+//! metadata, template files, and through the caller's [`super::Probe`] Parquet footers and model
+//! configs); it never hashes or runs anything.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -26,7 +27,9 @@ use yaml_rust2::parser::{Event, MarkedEventReceiver, Parser, Tag};
 use yaml_rust2::scanner::{Marker, TScalarStyle};
 
 use super::problem::{hint_for_unknown, quoted_list};
-use super::{CheckContext, Pipeline, Problem, Problems, RawPipeline, StageConfig, StageKind};
+use super::{
+    CheckContext, Pipeline, Probe, Problem, Problems, RawPipeline, StageConfig, StageKind,
+};
 use crate::dag::{GraphError, StageGraph};
 
 /// Where a value of the pipeline came from.
@@ -1534,8 +1537,9 @@ fn parse_stage(value: &Value, at: &str, problems: &mut Vec<Problem>) -> Option<S
 // ---------------------------------------------------------------------------------------------
 
 /// Stage references, cycles, input files and each kind's checks. Stages whose config could not
-/// be read are still valid reference targets (their own problems are already reported).
-pub fn check_pipeline(parsed: &Parsed) -> Vec<Problem> {
+/// be read are still valid reference targets (their own problems are already reported). `probe`
+/// answers what needs Arrow or a model.
+pub fn check_pipeline(parsed: &Parsed, probe: &dyn Probe) -> Vec<Problem> {
     let mut problems = Vec::new();
     let project_dir = parsed.project_dir();
     let stages = &parsed.raw.stages;
@@ -1570,6 +1574,7 @@ pub fn check_pipeline(parsed: &Parsed) -> Vec<Problem> {
             pipeline: &parsed.raw,
             project_dir: &project_dir,
             columns: &columns,
+            probe,
         };
         let before = problems.len();
         config.spec().check(&context, &at, &mut problems);
@@ -1653,11 +1658,15 @@ pub fn graph_problem(error: &GraphError, stages: &IndexMap<String, StageConfig>)
 }
 
 /// Parse, apply overrides, deserialize and check a pipeline: every problem, or the validated
-/// pipeline.
-pub fn load_pipeline(file: &Path, overrides: &[String]) -> Result<Pipeline, Problems> {
+/// pipeline. `probe` answers what semantic checks need from Arrow or a model.
+pub fn load_pipeline(
+    file: &Path,
+    overrides: &[String],
+    probe: &dyn Probe,
+) -> Result<Pipeline, Problems> {
     let parsed = parse_pipeline(file, overrides)?;
     let mut problems = parsed.problems.clone();
-    problems.extend(check_pipeline(&parsed));
+    problems.extend(check_pipeline(&parsed, probe));
     if !problems.is_empty() {
         return Err(parsed.document.problems(problems));
     }

@@ -6,10 +6,10 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
+use super::stage::{StageContext, StageOutcome};
 use super::*;
 use crate::config::RawPipeline;
 use crate::fingerprint::DirtyReason;
-use crate::stages::{StageContext, StageOutcome};
 
 /// What the fake stages did, shared by all of them.
 #[derive(Default)]

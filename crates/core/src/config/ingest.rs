@@ -2,8 +2,8 @@
 //! selected and renamed, which rows are filtered, deduplicated and how they are split.
 //!
 //! Pure data plus checks. It must not read row data: the only I/O is listing the input files and
-//! peeking at their column names (Parquet footer, CSV header, the first JSONL lines) through
-//! [`crate::data::source`]. The stage itself lives in `stages/ingest.rs`.
+//! peeking at their column names (Parquet footer, CSV header, the first JSONL lines) through the
+//! [`super::probe::Probe`]. The stage itself lives in the main crate's `stages/ingest.rs`.
 
 use std::path::Path;
 
@@ -13,7 +13,6 @@ use serde::{Deserialize, Serialize};
 
 use super::problem::did_you_mean;
 use super::{CheckContext, InputFile, Problem, StageSpec, UpstreamRef};
-use crate::data::source;
 
 /// The `ingest` stage: read Parquet / JSONL / CSV files, map columns, filter, deduplicate and split
 /// into `train.parquet`, `eval.parquet` (and `test.parquet` when a test split is declared).
@@ -271,7 +270,7 @@ impl SplitConfig {
 impl IngestConfig {
     /// The input files (pattern expanded, sorted), with machine-independent keys.
     pub fn files(&self, project_dir: &Path) -> Result<Vec<InputFile>, String> {
-        source::expand_input(project_dir, &self.path)
+        super::input::expand_input(project_dir, &self.path)
     }
 
     /// The mapped column names given the column names found in the files (selection, then
@@ -299,10 +298,10 @@ impl IngestConfig {
             .collect())
     }
 
-    fn peek_available(&self, project_dir: &Path) -> Option<Vec<String>> {
-        let files = self.files(project_dir).ok()?;
+    fn peek_available(&self, cx: &CheckContext<'_>) -> Option<Vec<String>> {
+        let files = self.files(cx.project_dir).ok()?;
         let first = files.first()?;
-        source::peek_columns(&first.path, self.format).ok()
+        cx.probe.input_columns(&first.path, self.format).ok()
     }
 }
 
@@ -331,7 +330,7 @@ impl StageSpec for IngestConfig {
     }
 
     fn output_columns(&self, cx: &CheckContext<'_>, _stage: &str) -> Option<Vec<String>> {
-        let available = self.peek_available(cx.project_dir)?;
+        let available = self.peek_available(cx)?;
         self.map_columns(&available).ok()
     }
 
@@ -350,7 +349,7 @@ impl StageSpec for IngestConfig {
         let Some(first) = files.first() else {
             return;
         };
-        let available = match source::peek_columns(&first.path, self.format) {
+        let available = match cx.probe.input_columns(&first.path, self.format) {
             Ok(columns) => columns,
             Err(message) => {
                 problems.push(Problem::new(format!("{at}.path"), message));

@@ -1,0 +1,116 @@
+//! Where a chat template comes from: a model's `tokenizer_config.json` (`chat_template` as a
+//! string or the named-list form, else a `chat_template.jinja` beside it) or a `.jinja` file, with
+//! the special tokens (`bos_token`, `eos_token`, …) the template may use.
+//!
+//! Only loading, as plain data: validation and the template stage both resolve templates through
+//! here so they see the same source. Compiling and rendering the template the way transformers
+//! does is the main crate's `data::chat` (reached from validation through
+//! [`super::probe::Probe::check_chat_template`]). Never prints.
+
+use std::path::Path;
+
+use serde::Serialize;
+
+/// A chat template's source and the special tokens it may use.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ChatTemplateSource {
+    /// The Jinja source.
+    pub template: String,
+    pub bos_token: String,
+    pub eos_token: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pad_token: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub unk_token: Option<String>,
+}
+
+/// A special token in tokenizer_config.json: a string or an `AddedToken` object.
+fn token_text(value: Option<&serde_json::Value>) -> Option<String> {
+    match value? {
+        serde_json::Value::String(text) => Some(text.clone()),
+        serde_json::Value::Object(map) => map
+            .get("content")
+            .and_then(|c| c.as_str())
+            .map(str::to_string),
+        _ => None,
+    }
+}
+
+/// Load the chat template and special tokens of a `tokenizer_config.json`, or the raw template
+/// of a `.jinja` file (special tokens then come from a `tokenizer_config.json` beside it, if any).
+pub fn load_chat_template(path: &Path) -> Result<ChatTemplateSource, String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let is_json = path.extension().is_some_and(|e| e == "json");
+    if !is_json {
+        let beside = path.with_file_name("tokenizer_config.json");
+        let tokens = if beside.is_file() {
+            tokens_of(&beside)?
+        } else {
+            (String::new(), String::new(), None, None)
+        };
+        return Ok(ChatTemplateSource {
+            template: text,
+            bos_token: tokens.0,
+            eos_token: tokens.1,
+            pad_token: tokens.2,
+            unk_token: tokens.3,
+        });
+    }
+    let config: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| format!("{}: not valid JSON: {e}", path.display()))?;
+    let template = match config.get("chat_template") {
+        Some(serde_json::Value::String(template)) => template.clone(),
+        // The newer list form: [{"name": "default", "template": "..."}, ...].
+        Some(serde_json::Value::Array(named)) => named
+            .iter()
+            .find(|entry| entry.get("name").and_then(|n| n.as_str()) == Some("default"))
+            .and_then(|entry| entry.get("template").and_then(|t| t.as_str()))
+            .map(str::to_string)
+            .ok_or_else(|| {
+                format!(
+                    "{}: `chat_template` lists named templates but none is named `default`",
+                    path.display()
+                )
+            })?,
+        _ => {
+            let jinja = path.with_file_name("chat_template.jinja");
+            if jinja.is_file() {
+                std::fs::read_to_string(&jinja)
+                    .map_err(|e| format!("cannot read {}: {e}", jinja.display()))?
+            } else {
+                return Err(format!(
+                    "{} has no `chat_template` (and there is no chat_template.jinja beside it)",
+                    path.display()
+                ));
+            }
+        }
+    };
+    let (bos_token, eos_token, pad_token, unk_token) = tokens_from_json(&config);
+    Ok(ChatTemplateSource {
+        template,
+        bos_token,
+        eos_token,
+        pad_token,
+        unk_token,
+    })
+}
+
+type Tokens = (String, String, Option<String>, Option<String>);
+
+fn tokens_of(path: &Path) -> Result<Tokens, String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let config: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| format!("{}: not valid JSON: {e}", path.display()))?;
+    Ok(tokens_from_json(&config))
+}
+
+fn tokens_from_json(config: &serde_json::Value) -> Tokens {
+    (
+        token_text(config.get("bos_token")).unwrap_or_default(),
+        token_text(config.get("eos_token")).unwrap_or_default(),
+        token_text(config.get("pad_token")),
+        token_text(config.get("unk_token")),
+    )
+}
