@@ -102,3 +102,59 @@ fn a_cycle_is_reported_not_drawn() {
         "{stderr}"
     );
 }
+
+#[test]
+fn a_pipeline_with_other_problems_is_still_drawn() {
+    let output = peftpipe(&["dag", "dag/problems.yaml"]);
+    assert_eq!(output.status.code(), Some(2), "validate's exit code");
+    assert_eq!(
+        String::from_utf8_lossy(&output.stdout),
+        "reviews (ingest)\narchive (ingest)\nreview_prompts (template)\n  ← reviews (input)\n"
+    );
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr
+            .contains("dag/problems.yaml:15:7: stages.review_prompts.template.shots: unknown key"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("stages.archive.ingest.path: input `archive-not-there.csv` does not exist"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn json_carries_the_problems_beside_the_graph() {
+    let output = peftpipe(&["dag", "dag/problems.yaml", "--json"]);
+    assert_eq!(output.status.code(), Some(2));
+    let json: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap_or_default();
+    assert_eq!(json["stages"].as_array().map(Vec::len), Some(3), "{json}");
+    let paths: Vec<&str> = json["problems"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|problem| problem["path"].as_str())
+        .collect();
+    assert_eq!(
+        paths,
+        vec![
+            "stages.archive.ingest.path",
+            "stages.review_prompts.template.shots"
+        ]
+    );
+    let valid = peftpipe(&["dag", "dag/branches.yaml", "--json"]);
+    let json: serde_json::Value = serde_json::from_slice(&valid.stdout).unwrap_or_default();
+    assert_eq!(json["problems"], serde_json::json!([]));
+}
+
+#[test]
+fn a_stage_whose_kind_cannot_be_read_is_reported_not_drawn() {
+    let output = peftpipe(&["dag", "dag/unreadable.yaml"]);
+    assert_eq!(output.status.code(), Some(2));
+    assert!(output.stdout.is_empty());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("stages.prompts.templat: unknown stage kind `templat`"),
+        "{stderr}"
+    );
+}

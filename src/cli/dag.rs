@@ -1,14 +1,16 @@
 //! `peftpipe dag FILE [--format text|mermaid|dot] [--stage NAME]`: print the stage graph on
-//! stdout. Needs a pipeline whose stages parse and whose references resolve; input files and
-//! per-kind checks are `validate`'s business, so a graph can be drawn before the data exists.
+//! stdout. The graph is drawn whenever every stage's kind and references can be read, the
+//! references resolve and there is no cycle, even if the pipeline has other problems (a bad key,
+//! a missing input file). Every problem `validate` would report is reported too (stderr, or the
+//! `problems` list with `--json`), and the exit code is `validate`'s: 2 when there is any.
 
 use clap::{Args, ValueEnum};
 
 use super::{GlobalArgs, PipelineArgs};
-use crate::config::load::{graph_problem, parse_pipeline};
+use crate::config::load::{check_pipeline, drawable_graph, parse_pipeline};
 use crate::config::problem::hint_for_unknown;
 use crate::dag::render::{render, GraphFormat};
-use crate::dag::StageGraph;
+use crate::probe::StandardProbe;
 use crate::report::problems::{print_data, print_json, print_problems, print_usage_error};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -42,24 +44,38 @@ pub fn run(global: &GlobalArgs, args: DagArgs) -> u8 {
             return super::EXIT_INVALID;
         }
     };
-    let (graph, errors) = StageGraph::build(
-        parsed
-            .raw
-            .stages
-            .iter()
-            .map(|(name, config)| (name.as_str(), config.kind(), config.spec().upstream())),
-        parsed.stage_names.iter().map(String::as_str),
-    );
+    // What validate reports, plus graph problems of stages validate leaves out because their
+    // config has other problems (their references are still checked here, to draw them).
     let mut problems = parsed.problems.clone();
-    problems.extend(
-        errors
+    problems.extend(check_pipeline(&parsed, &StandardProbe));
+    let (graph, graph_problems) = drawable_graph(&parsed);
+    for problem in graph_problems {
+        if !problems
             .iter()
-            .map(|error| graph_problem(error, &parsed.raw.stages)),
-    );
-    if !problems.is_empty() {
-        print_problems(&parsed.document.problems(problems));
-        return super::EXIT_INVALID;
+            .any(|known| known.path == problem.path && known.message == problem.message)
+        {
+            problems.push(problem);
+        }
     }
+    let problems = (!problems.is_empty()).then(|| parsed.document.problems(problems));
+    let exit_code = match &problems {
+        Some(_) => super::EXIT_INVALID,
+        None => super::EXIT_OK,
+    };
+    if !global.json {
+        if let Some(problems) = &problems {
+            print_problems(problems);
+        }
+    }
+    let Some(graph) = graph else {
+        if global.json {
+            print_json(&serde_json::json!({
+                "stages": null,
+                "problems": problems.as_ref().map(|p| p.problems.as_slice()).unwrap_or_default(),
+            }));
+        }
+        return exit_code;
+    };
     let graph = match &args.stage {
         None => graph,
         Some(stage) => match graph.select(stage) {
@@ -96,8 +112,11 @@ pub fn run(global: &GlobalArgs, args: DagArgs) -> u8 {
                 })
             })
             .collect();
-        print_json(&serde_json::json!({ "stages": stages }));
-        return super::EXIT_OK;
+        print_json(&serde_json::json!({
+            "stages": stages,
+            "problems": problems.as_ref().map(|p| p.problems.as_slice()).unwrap_or_default(),
+        }));
+        return exit_code;
     }
     let format = match args.format {
         FormatArg::Text => GraphFormat::Text,
@@ -110,5 +129,5 @@ pub fn run(global: &GlobalArgs, args: DagArgs) -> u8 {
             .unwrap_or_else(|| "pipeline".to_string())
     });
     print_data(&render(&graph, format, &title));
-    super::EXIT_OK
+    exit_code
 }

@@ -1313,6 +1313,10 @@ pub struct Parsed {
     pub stage_names: Vec<String>,
     /// Stages that exist but whose config has problems.
     pub invalid_stages: HashSet<String>,
+    /// Invalid stages whose kind and upstream references could still be read once the offending
+    /// keys were taken out (no problem sits at a reference key). Good for drawing the graph
+    /// ([`drawable_graph`]), never for running.
+    pub readable_stages: IndexMap<String, StageConfig>,
     pub problems: Vec<Problem>,
 }
 
@@ -1381,6 +1385,7 @@ pub fn parse_pipeline(file: &Path, overrides: &[String]) -> Result<Parsed, Probl
     let mut stages: IndexMap<String, StageConfig> = IndexMap::new();
     let mut stage_names = Vec::new();
     let mut invalid_stages = HashSet::new();
+    let mut readable_stages = IndexMap::new();
     if let Some(Value::Object(stage_map)) = &stages_value {
         if stage_map.is_empty() {
             problems.push(
@@ -1407,6 +1412,8 @@ pub fn parse_pipeline(file: &Path, overrides: &[String]) -> Result<Parsed, Probl
             if let Some(config) = parse_stage(value, &at, &mut problems) {
                 if problems.len() == before {
                     stages.insert(name.clone(), config);
+                } else if references_intact(&config, &at, &problems[before..]) {
+                    readable_stages.insert(name.clone(), config);
                 }
             }
             if problems.len() != before {
@@ -1434,8 +1441,63 @@ pub fn parse_pipeline(file: &Path, overrides: &[String]) -> Result<Parsed, Probl
         overrides: overrides.to_vec(),
         stage_names,
         invalid_stages,
+        readable_stages,
         problems,
     })
+}
+
+/// Whether none of `problems` (of the stage at `at`) is about one of the stage's upstream
+/// references, so the references `config` holds are the ones written. (References are required
+/// keys: one that had to be taken out leaves no config at all.)
+fn references_intact(config: &StageConfig, at: &str, problems: &[Problem]) -> bool {
+    let kind_at = join_key(at, config.kind().as_str());
+    let reference_keys: Vec<String> = config
+        .spec()
+        .upstream()
+        .iter()
+        .map(|reference| join_key(&kind_at, reference.key))
+        .collect();
+    !problems.iter().any(|problem| {
+        problem.path == kind_at
+            || reference_keys
+                .iter()
+                .any(|key| problem.path == *key || is_descendant(&problem.path, key))
+    })
+}
+
+/// The stage graph as written, for drawing it (`peftpipe dag`) even when the pipeline has other
+/// problems: stages with problems take part when their kind and references could be read
+/// ([`Parsed::readable_stages`]). Returns the graph when it can be drawn faithfully — every
+/// stage's kind and references were read, every reference resolves and there is no cycle — and
+/// the graph's problems (unknown references, cycles) either way.
+pub fn drawable_graph(parsed: &Parsed) -> (Option<StageGraph>, Vec<Problem>) {
+    let mut stages = parsed.raw.stages.clone();
+    for (name, config) in &parsed.readable_stages {
+        stages.insert(name.clone(), config.clone());
+    }
+    // File order, as the graph's tie-break.
+    let ordered: IndexMap<String, StageConfig> = parsed
+        .stage_names
+        .iter()
+        .filter_map(|name| {
+            stages
+                .get(name)
+                .map(|config| (name.clone(), config.clone()))
+        })
+        .collect();
+    let (graph, errors) = StageGraph::build(
+        ordered
+            .iter()
+            .map(|(name, config)| (name.as_str(), config.kind(), config.spec().upstream())),
+        parsed.stage_names.iter().map(String::as_str),
+    );
+    let problems: Vec<Problem> = errors
+        .iter()
+        .map(|error| graph_problem(error, &ordered))
+        .collect();
+    let complete = ordered.len() == parsed.stage_names.len();
+    let graph = (complete && problems.is_empty()).then_some(graph);
+    (graph, problems)
 }
 
 /// One stage's value: a mapping with exactly one kind key.
@@ -1924,5 +1986,62 @@ mod tests {
                 ("root.flg", "unknown key `flg`"),
             ]
         );
+    }
+
+    fn parsed(text: &str) -> Parsed {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("pipeline.yaml");
+        std::fs::write(&file, text).unwrap();
+        parse_pipeline(&file, &[]).unwrap()
+    }
+
+    #[test]
+    fn stages_with_other_problems_are_drawable_when_their_references_are_readable() {
+        let parsed = parsed(
+            "stages:\n  data: {ingest: {path: x.csv, colums: [a]}}\n  prompts: {template: {input: data, prompt: p, completion: c}}\n",
+        );
+        assert!(parsed.invalid_stages.contains("data"));
+        assert!(parsed.readable_stages.contains_key("data"));
+        let (graph, problems) = drawable_graph(&parsed);
+        assert!(problems.is_empty(), "{problems:?}");
+        let graph = graph.expect("drawable");
+        assert_eq!(graph.order().collect::<Vec<_>>(), vec!["data", "prompts"]);
+    }
+
+    #[test]
+    fn unreadable_references_unknown_stages_and_cycles_are_not_drawn() {
+        // The reference itself is wrong: the stage's config cannot be read.
+        let wrong_type = parsed(
+            "stages:\n  data: {ingest: {path: x.csv}}\n  prompts: {template: {input: [data], prompt: p, completion: c}}\n",
+        );
+        assert!(!wrong_type.readable_stages.contains_key("prompts"));
+        assert!(drawable_graph(&wrong_type).0.is_none());
+        // A readable stage (bad key elsewhere) that names an unknown stage.
+        let unknown = parsed(
+            "stages:\n  data: {ingest: {path: x.csv}}\n  prompts: {template: {input: dta, prompt: p, completion: c, shots: 3}}\n",
+        );
+        let (graph, problems) = drawable_graph(&unknown);
+        assert!(graph.is_none());
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert_eq!(problems[0].path, "stages.prompts.template.input");
+        let cycle = parsed(
+            "stages:\n  a: {template: {input: b, prompt: p, completion: c}}\n  b: {template: {input: a, prompt: p, completion: c}}\n",
+        );
+        assert!(drawable_graph(&cycle).0.is_none());
+    }
+
+    #[test]
+    fn a_problem_at_a_reference_key_makes_the_references_unreadable() {
+        let value =
+            serde_json::json!({"template": {"input": "data", "prompt": "p", "completion": "c"}});
+        let config: StageConfig = serde_json::from_value(value).unwrap();
+        let at = "stages.prompts";
+        let elsewhere = [Problem::new(
+            "stages.prompts.template.shots",
+            "unknown key `shots`",
+        )];
+        assert!(references_intact(&config, at, &elsewhere));
+        let at_reference = [Problem::new("stages.prompts.template.input", "bad")];
+        assert!(!references_intact(&config, at, &at_reference));
     }
 }
