@@ -98,7 +98,7 @@ fn a_cycle_is_reported_not_drawn() {
     assert!(output.stdout.is_empty());
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(
-        stderr.starts_with("invalid/cycle.yaml:7:7: stages.first.template.input: the stages form a cycle: first → second → third → first"),
+        stderr.starts_with("invalid/cycle.yaml:7:14: stages.first.template.input: the stages form a cycle: first → second → third → first"),
         "{stderr}"
     );
 }

@@ -233,8 +233,8 @@ fn several_files_are_all_checked_and_one_invalid_file_fails_the_run() {
     let stderr = text(&output.stderr);
     assert_eq!(output.status.code(), Some(2), "{stderr}");
     assert!(stderr.contains("valid: valid/minimal.yaml (2 stages: data, prompts)"));
-    assert!(stderr.contains("invalid/cycle.yaml:7:7: stages.first.template.input:"));
-    assert!(stderr.contains("invalid/self_reference.yaml:4:7:"));
+    assert!(stderr.contains("invalid/cycle.yaml:7:14: stages.first.template.input:"));
+    assert!(stderr.contains("invalid/self_reference.yaml:4:14:"));
     assert!(
         stderr.ends_with("error: 2 problems in 2 of 3 files\n"),
         "{stderr}"
@@ -277,8 +277,9 @@ fn json_output_lists_every_problem_with_its_position() {
         ]
     );
     let first = &problems[0];
+    // `seed: -1`: the value is wrong, so the position is the value's.
     assert_eq!(first["line"], serde_json::json!(1));
-    assert_eq!(first["column"], serde_json::json!(1));
+    assert_eq!(first["column"], serde_json::json!(7));
     assert!(first["message"]
         .as_str()
         .unwrap_or_default()

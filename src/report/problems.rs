@@ -13,6 +13,7 @@ use std::io::{IsTerminal, Write};
 
 use serde::Serialize;
 
+use crate::config::problem::Subject;
 use crate::config::{Problem, Problems};
 
 /// Whether stderr gets ANSI colors: a terminal, and `NO_COLOR` unset or empty.
@@ -95,7 +96,10 @@ fn render_problem(file: &str, problem: &Problem, source: Option<&str>, style: &S
                     .iter()
                     .map(|&c| if c == '\t' { '\t' } else { ' ' })
                     .collect();
-                let underline = underline_length(&chars[start..]);
+                let underline = match problem.subject {
+                    Subject::Key => underline_length(&chars[start..]),
+                    Subject::Value => value_length(&chars[..start], &chars[start..]),
+                };
                 out.push_str(&format!("{gutter}{}\n", style.blue("|")));
                 out.push_str(&format!(
                     "{} {} {}\n",
@@ -143,6 +147,71 @@ fn underline_length(rest: &[char]) -> usize {
         }
     }
     length.max(1)
+}
+
+/// The length of the value starting here: a quoted string to its closing quote, a flow
+/// collection to its closing bracket (or the end of the line), a plain scalar to the end of the
+/// line or a comment — or, inside a flow collection (`before` opens one), to the next `,`, `]`
+/// or `}`. At least one character.
+fn value_length(before: &[char], rest: &[char]) -> usize {
+    let trimmed_end = |length: usize| {
+        let mut length = length;
+        while length > 1 && rest[length - 1].is_whitespace() {
+            length -= 1;
+        }
+        length.max(1)
+    };
+    match rest.first() {
+        None => 1,
+        Some('"' | '\'') => underline_length(rest),
+        Some('[' | '{') => {
+            let mut depth = 0usize;
+            let mut quote: Option<char> = None;
+            for (i, &c) in rest.iter().enumerate() {
+                match quote {
+                    Some(q) if c == q => quote = None,
+                    Some(_) => {}
+                    None => match c {
+                        '"' | '\'' => quote = Some(c),
+                        '[' | '{' => depth += 1,
+                        ']' | '}' => {
+                            depth -= 1;
+                            if depth == 0 {
+                                return i + 1;
+                            }
+                        }
+                        _ => {}
+                    },
+                }
+            }
+            trimmed_end(rest.len())
+        }
+        Some(_) => {
+            let in_flow = {
+                let mut depth = 0i32;
+                for &c in before {
+                    match c {
+                        '[' | '{' => depth += 1,
+                        ']' | '}' => depth -= 1,
+                        _ => {}
+                    }
+                }
+                depth > 0
+            };
+            let mut end = rest.len();
+            for (i, &c) in rest.iter().enumerate() {
+                let comment = c == '#' && i > 0 && rest[i - 1].is_whitespace();
+                let key_indicator =
+                    c == ':' && rest.get(i + 1).is_none_or(|next| next.is_whitespace());
+                let flow_end = in_flow && matches!(c, ',' | ']' | '}');
+                if comment || key_indicator || flow_end {
+                    end = i;
+                    break;
+                }
+            }
+            trimmed_end(end)
+        }
+    }
 }
 
 /// The outcome of validating one file.
@@ -324,6 +393,42 @@ mod tests {
         let chars: Vec<char> = "\"a b\": x".chars().collect();
         assert_eq!(underline_length(&chars), 5);
         assert_eq!(underline_length(&[]), 1);
+    }
+
+    #[test]
+    fn value_underline_covers_the_whole_value() {
+        let value = |line: &str, column: usize| {
+            let chars: Vec<char> = line.chars().collect();
+            value_length(&chars[..column - 1], &chars[column - 1..])
+        };
+        // Plain scalars run to the end of the line or a comment, spaces included.
+        assert_eq!(value("name: my pipeline  # note", 7), "my pipeline".len());
+        assert_eq!(value("k: -3", 4), 2);
+        // Quoted strings to their closing quote, flow collections to their closing bracket.
+        assert_eq!(
+            value("prompt: \"a: {{ b }}\" # c", 9),
+            "\"a: {{ b }}\"".len()
+        );
+        assert_eq!(value("name: [not, a, name]", 7), "[not, a, name]".len());
+        assert_eq!(value("split: {fractions: {train: 0.8, eval: 0.3}}", 20), 23);
+        // Inside a flow collection a plain scalar ends at `,`, `]` or `}`.
+        assert_eq!(value("columns: [text, lable]", 17), "lable".len());
+        assert_eq!(value("x: {a: 1, b: two}", 14), "two".len());
+    }
+
+    #[test]
+    fn a_value_problem_underlines_the_value() {
+        let problems = Problems::new(
+            "x.yaml",
+            vec![Problem::new("k", "must be at least 1")
+                .about_value()
+                .at(1, 4)],
+        )
+        .with_source("k: -3\n");
+        assert_eq!(
+            render_problems(&problems, false),
+            "x.yaml:1:4: k: must be at least 1\n  |\n1 | k: -3\n  |    ^^\n"
+        );
     }
 
     #[test]

@@ -262,10 +262,15 @@ pub(crate) fn check_upstream_kind(
 ) {
     if let Some(found) = cx.pipeline.stages.get(stage).map(StageConfig::kind) {
         if found != kind {
-            problems.push(Problem::new(
-                path,
-                format!("stage `{stage}` is a {found} stage, but a {kind} stage is needed here"),
-            ));
+            problems.push(
+                Problem::new(
+                    path,
+                    format!(
+                        "stage `{stage}` is a {found} stage, but a {kind} stage is needed here"
+                    ),
+                )
+                .about_value(),
+            );
         }
     }
 }
@@ -285,7 +290,8 @@ fn check_column(
         let mut problem = Problem::new(
             path,
             format!("column `{column}` is not an output of stage `{data}`"),
-        );
+        )
+        .about_value();
         let hint = match super::problem::did_you_mean(column, columns.iter().map(String::as_str)) {
             Some(close) => format!("did you mean `{close}`? available: {}", columns.join(", ")),
             None => format!("available columns: {}", columns.join(", ")),
@@ -335,10 +341,8 @@ impl StageSpec for EvaluateConfig {
             problems,
         );
         if self.split.trim().is_empty() {
-            problems.push(Problem::new(
-                format!("{at}.split"),
-                "the split name is empty",
-            ));
+            problems
+                .push(Problem::new(format!("{at}.split"), "the split name is empty").about_value());
         }
         if self.max_rows == Some(0) {
             problems.push(
@@ -346,26 +350,30 @@ impl StageSpec for EvaluateConfig {
                     format!("{at}.max_rows"),
                     "max_rows is 0: nothing to evaluate",
                 )
+                .about_value()
                 .with_hint("leave max_rows out to evaluate every row"),
             );
         }
         if self.batch_size == 0 {
-            problems.push(Problem::new(
-                format!("{at}.batch_size"),
-                "batch_size must be at least 1",
-            ));
+            problems.push(
+                Problem::new(format!("{at}.batch_size"), "batch_size must be at least 1")
+                    .about_value(),
+            );
         }
         if self.max_length == Some(0) {
-            problems.push(Problem::new(
-                format!("{at}.max_length"),
-                "max_length must be at least 1",
-            ));
+            problems.push(
+                Problem::new(format!("{at}.max_length"), "max_length must be at least 1")
+                    .about_value(),
+            );
         }
         if self.samples > 0 && self.sample_max_new_tokens == 0 {
-            problems.push(Problem::new(
-                format!("{at}.sample_max_new_tokens"),
-                "sample_max_new_tokens must be at least 1 when samples are requested",
-            ));
+            problems.push(
+                Problem::new(
+                    format!("{at}.sample_max_new_tokens"),
+                    "sample_max_new_tokens must be at least 1 when samples are requested",
+                )
+                .about_value(),
+            );
         }
         if !is_valid_device(&self.device) {
             problems.push(
@@ -373,6 +381,7 @@ impl StageSpec for EvaluateConfig {
                     format!("{at}.device"),
                     format!("unknown device `{}`", self.device),
                 )
+                .about_value()
                 .with_hint("use auto, cpu, cuda or cuda:N"),
             );
         }
@@ -387,6 +396,7 @@ impl StageSpec for EvaluateConfig {
                     format!("{at}.metrics"),
                     "no metric is enabled and no samples are requested: the stage would do nothing",
                 )
+                .about_value()
                 .with_hint("enable metrics.loss, metrics.accuracy or metrics.exact_match"),
             );
         }
@@ -396,16 +406,22 @@ impl StageSpec for EvaluateConfig {
         if let Some(exact) = &metrics.exact_match {
             let path = format!("{at}.metrics.exact_match");
             if exact.max_new_tokens == 0 {
-                problems.push(Problem::new(
-                    format!("{path}.max_new_tokens"),
-                    "max_new_tokens must be at least 1",
-                ));
+                problems.push(
+                    Problem::new(
+                        format!("{path}.max_new_tokens"),
+                        "max_new_tokens must be at least 1",
+                    )
+                    .about_value(),
+                );
             }
             if exact.stop.iter().any(String::is_empty) {
-                problems.push(Problem::new(
-                    format!("{path}.stop"),
-                    "an empty stop string would cut every generation to nothing",
-                ));
+                problems.push(
+                    Problem::new(
+                        format!("{path}.stop"),
+                        "an empty stop string would cut every generation to nothing",
+                    )
+                    .about_value(),
+                );
             }
             check_column(
                 cx,
@@ -454,36 +470,50 @@ impl EvaluateConfig {
             ),
             (Some(choices), None) => {
                 if choices.len() < 2 {
-                    problems.push(Problem::new(
-                        format!("{path}.choices"),
-                        format!("accuracy needs at least 2 choices, found {}", choices.len()),
-                    ));
+                    problems.push(
+                        Problem::new(
+                            format!("{path}.choices"),
+                            format!("accuracy needs at least 2 choices, found {}", choices.len()),
+                        )
+                        .about_value(),
+                    );
                 }
                 if let Some(index) = choices.iter().position(String::is_empty) {
-                    problems.push(Problem::new(
-                        format!("{path}.choices"),
-                        format!("choice {index} is empty: an empty completion cannot be scored"),
-                    ));
+                    problems.push(
+                        Problem::new(
+                            format!("{path}.choices"),
+                            format!(
+                                "choice {index} is empty: an empty completion cannot be scored"
+                            ),
+                        )
+                        .about_value(),
+                    );
                 }
                 let mut seen = std::collections::BTreeSet::new();
                 for choice in choices {
                     if !seen.insert(choice) {
-                        problems.push(Problem::new(
-                            format!("{path}.choices"),
-                            format!("choice `{choice}` is listed twice"),
-                        ));
+                        problems.push(
+                            Problem::new(
+                                format!("{path}.choices"),
+                                format!("choice `{choice}` is listed twice"),
+                            )
+                            .about_value(),
+                        );
                     }
                 }
                 if let Some(labels) = &accuracy.labels {
                     if labels.len() != choices.len() {
-                        problems.push(Problem::new(
-                            format!("{path}.labels"),
-                            format!(
-                                "{} labels for {} choices: give one label per choice, in order",
-                                labels.len(),
-                                choices.len()
-                            ),
-                        ));
+                        problems.push(
+                            Problem::new(
+                                format!("{path}.labels"),
+                                format!(
+                                    "{} labels for {} choices: give one label per choice, in order",
+                                    labels.len(),
+                                    choices.len()
+                                ),
+                            )
+                            .about_value(),
+                        );
                     }
                 }
             }

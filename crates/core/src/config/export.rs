@@ -87,7 +87,7 @@ impl StageSpec for ExportConfig {
             let Some(written) = value else { continue };
             let path = format!("{at}.{key}");
             if written.trim().is_empty() {
-                problems.push(Problem::new(path, "the destination is empty"));
+                problems.push(Problem::new(path, "the destination is empty").about_value());
                 continue;
             }
             match super::expand_env(written) {
@@ -97,15 +97,18 @@ impl StageSpec for ExportConfig {
                         .all(|c| c == Component::CurDir)
                     {
                         // Publishing replaces the destination as a whole: never the project.
-                        problems.push(Problem::new(
-                            path,
-                            format!("`{written}` is the project directory itself"),
-                        ));
+                        problems.push(
+                            Problem::new(
+                                path,
+                                format!("`{written}` is the project directory itself"),
+                            )
+                            .about_value(),
+                        );
                         continue;
                     }
                     expanded.push((key, path, text));
                 }
-                Err(message) => problems.push(Problem::new(path, message)),
+                Err(message) => problems.push(Problem::new(path, message).about_value()),
             }
         }
         if let [(_, _, first), (_, second_path, second)] = expanded.as_slice() {
@@ -117,6 +120,7 @@ impl StageSpec for ExportConfig {
                         second_path.clone(),
                         "the adapter and merged destinations overlap: publishing one would replace the other",
                     )
+                    .about_value()
                     .with_hint("use two separate folders, e.g. `out/adapter` and `out/merged`"),
                 );
             }

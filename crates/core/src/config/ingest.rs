@@ -340,7 +340,7 @@ impl StageSpec for IngestConfig {
         let files = match self.files(cx.project_dir) {
             Ok(files) => files,
             Err(message) => {
-                problems.push(Problem::new(format!("{at}.path"), message).with_hint(
+                problems.push(Problem::new(format!("{at}.path"), message).about_value().with_hint(
                     "paths are relative to the pipeline file; globs and directories of shards work",
                 ));
                 return;
@@ -352,7 +352,7 @@ impl StageSpec for IngestConfig {
         let available = match cx.probe.input_columns(&first.path, self.format) {
             Ok(columns) => columns,
             Err(message) => {
-                problems.push(Problem::new(format!("{at}.path"), message));
+                problems.push(Problem::new(format!("{at}.path"), message).about_value());
                 return;
             }
         };
@@ -364,6 +364,7 @@ impl StageSpec for IngestConfig {
                         format!("{at}.columns[{index}]"),
                         format!("column `{name}` is not in {}", first.key),
                     )
+                    .about_value()
                     .with_hint(column_hint(name, &available)),
                 );
             }
@@ -380,6 +381,7 @@ impl StageSpec for IngestConfig {
                         format!("{at}.rename.{old}"),
                         format!("renamed column `{old}` is not among the selected columns"),
                     )
+                    .about_value()
                     .with_hint(column_hint(old, &selected)),
                 );
             }
@@ -391,10 +393,13 @@ impl StageSpec for IngestConfig {
         let mut seen = std::collections::BTreeSet::new();
         for name in &mapped {
             if !seen.insert(name.as_str()) {
-                problems.push(Problem::new(
-                    format!("{at}.rename"),
-                    format!("two output columns would be named `{name}`"),
-                ));
+                problems.push(
+                    Problem::new(
+                        format!("{at}.rename"),
+                        format!("two output columns would be named `{name}`"),
+                    )
+                    .about_value(),
+                );
             }
         }
 
@@ -406,6 +411,7 @@ impl StageSpec for IngestConfig {
                         format!("{at}.filters[{index}].{}", filter.column_key()),
                         format!("filter on column `{column}`, which the stage does not output"),
                     )
+                    .about_value()
                     .with_hint(column_hint(column, &mapped)),
                 );
             }
@@ -418,6 +424,7 @@ impl StageSpec for IngestConfig {
                         format!("{at}.dedup[{index}]"),
                         format!("dedup column `{column}` is not an output column"),
                     )
+                    .about_value()
                     .with_hint(column_hint(column, &mapped)),
                 );
             }
@@ -429,6 +436,7 @@ impl StageSpec for IngestConfig {
                         format!("{at}.split.stratify_by"),
                         format!("stratify column `{column}` is not an output column"),
                     )
+                    .about_value()
                     .with_hint(column_hint(column, &mapped)),
                 );
             }
@@ -447,39 +455,52 @@ fn check_filter_values(filter: &RowFilter, at: &str, problems: &mut Vec<Problem>
     };
     match filter {
         RowFilter::Equals(f) | RowFilter::NotEquals(f) if !scalar(&f.value) => {
-            problems.push(Problem::new(
-                format!("{at}.{}.value", filter.kind()),
-                "the value must be a string, number or boolean",
-            ));
+            problems.push(
+                Problem::new(
+                    format!("{at}.{}.value", filter.kind()),
+                    "the value must be a string, number or boolean",
+                )
+                .about_value(),
+            );
         }
         RowFilter::InSet(f) => {
             if f.values.is_empty() {
-                problems.push(Problem::new(
-                    format!("{at}.in_set.values"),
-                    "the set is empty: no row would be kept",
-                ));
+                problems.push(
+                    Problem::new(
+                        format!("{at}.in_set.values"),
+                        "the set is empty: no row would be kept",
+                    )
+                    .about_value(),
+                );
             }
             for (index, value) in f.values.iter().enumerate() {
                 if !scalar(value) {
-                    problems.push(Problem::new(
-                        format!("{at}.in_set.values[{index}]"),
-                        "each value must be a string, number or boolean",
-                    ));
+                    problems.push(
+                        Problem::new(
+                            format!("{at}.in_set.values[{index}]"),
+                            "each value must be a string, number or boolean",
+                        )
+                        .about_value(),
+                    );
                 }
             }
         }
         RowFilter::Length(f) => {
             if let (Some(min), Some(max)) = (f.min, f.max) {
                 if min > max {
-                    problems.push(Problem::new(
-                        format!("{at}.length"),
-                        format!("min ({min}) is greater than max ({max})"),
-                    ));
+                    problems.push(
+                        Problem::new(
+                            format!("{at}.length"),
+                            format!("min ({min}) is greater than max ({max})"),
+                        )
+                        .about_value(),
+                    );
                 }
             }
             if f.min.is_none() && f.max.is_none() {
                 problems.push(
                     Problem::new(format!("{at}.length"), "neither min nor max is given")
+                        .about_value()
                         .with_hint("give `min`, `max` or both"),
                 );
             }
@@ -505,10 +526,13 @@ fn check_split(split: &SplitConfig, at: &str, problems: &mut Vec<Problem>) {
         for (name, value) in parts {
             let Some(value) = value else { continue };
             if !(0.0..=1.0).contains(&value) || !value.is_finite() {
-                problems.push(Problem::new(
-                    format!("{at}.fractions.{name}"),
-                    format!("fraction {value} is not between 0 and 1"),
-                ));
+                problems.push(
+                    Problem::new(
+                        format!("{at}.fractions.{name}"),
+                        format!("fraction {value} is not between 0 and 1"),
+                    )
+                    .about_value(),
+                );
             }
             total += value;
         }
@@ -518,6 +542,7 @@ fn check_split(split: &SplitConfig, at: &str, problems: &mut Vec<Problem>) {
                     format!("{at}.fractions"),
                     format!("split fractions add up to {total}, not 1"),
                 )
+                .about_value()
                 .with_hint(format!(
                     "for example train: {}, eval: {}",
                     round4(1.0 - f.eval - f.test.unwrap_or(0.0)),
@@ -526,10 +551,13 @@ fn check_split(split: &SplitConfig, at: &str, problems: &mut Vec<Problem>) {
             );
         }
         if f.train <= 0.0 {
-            problems.push(Problem::new(
-                format!("{at}.fractions.train"),
-                "the train fraction must be greater than 0",
-            ));
+            problems.push(
+                Problem::new(
+                    format!("{at}.fractions.train"),
+                    "the train fraction must be greater than 0",
+                )
+                .about_value(),
+            );
         }
     }
 }

@@ -26,7 +26,7 @@ use serde_json::{Map, Value};
 use yaml_rust2::parser::{Event, MarkedEventReceiver, Parser, Tag};
 use yaml_rust2::scanner::{Marker, TScalarStyle};
 
-use super::problem::{hint_for_unknown, quoted_list};
+use super::problem::{hint_for_unknown, quoted_list, Subject};
 use super::{
     CheckContext, Pipeline, Probe, Problem, Problems, RawPipeline, StageConfig, StageKind,
 };
@@ -42,10 +42,13 @@ pub enum Origin {
     Override(String),
 }
 
-/// Key path → origin, for every key and sequence item of the document.
+/// Key path → origin, for every key and sequence item of the document, and where each value
+/// written in the file starts (scalars and flow collections; a block collection starts on the
+/// line after its key, so its key stands for it).
 #[derive(Debug, Clone, Default)]
 pub struct SpanIndex {
     entries: HashMap<String, Origin>,
+    values: HashMap<String, (usize, usize)>,
 }
 
 impl SpanIndex {
@@ -65,11 +68,25 @@ impl SpanIndex {
         }
     }
 
+    /// Where the value at exactly this path starts in the file (1-based line and column), if it
+    /// was written there as a scalar or a flow collection.
+    pub fn value(&self, path: &str) -> Option<(usize, usize)> {
+        self.values.get(path).copied()
+    }
+
     /// Fill in a problem's line/column (or its `--set` argument) from its key path, unless it
-    /// already has a position.
+    /// already has a position: at the value when the problem is about the value and the value
+    /// was written in the file, else at the key (or its nearest written ancestor).
     pub fn place(&self, problem: &mut Problem) {
         if problem.line.is_some() || problem.from_override.is_some() {
             return;
+        }
+        if problem.subject == Subject::Value {
+            if let Some((line, column)) = self.value(&problem.path) {
+                problem.line = Some(line);
+                problem.column = Some(column);
+                return;
+            }
         }
         match self.locate(&problem.path) {
             Some(Origin::File { line, column }) => {
@@ -85,9 +102,15 @@ impl SpanIndex {
         self.entries.insert(path, origin);
     }
 
+    fn insert_value(&mut self, path: String, marker: Marker) {
+        self.values.insert(path, (marker.line(), marker.col() + 1));
+    }
+
     /// Forget `path` and everything under it.
     fn remove_subtree(&mut self, path: &str) {
         self.entries
+            .retain(|key, _| !(key == path || is_descendant(key, path)));
+        self.values
             .retain(|key, _| !(key == path || is_descendant(key, path)));
     }
 }
@@ -143,7 +166,10 @@ pub struct ParsedYaml {
 /// Parse YAML text (one document) into a value tree with spans. A syntax error is returned as
 /// the only problem.
 pub fn parse_yaml(source: &str) -> Result<ParsedYaml, Box<Problem>> {
-    let mut builder = TreeBuilder::default();
+    let mut builder = TreeBuilder {
+        source_lines: source.lines().map(|line| line.chars().collect()).collect(),
+        ..TreeBuilder::default()
+    };
     let mut parser = Parser::new_from_str(source);
     if let Err(error) = parser.load(&mut builder, true) {
         let marker = error.marker();
@@ -279,6 +305,8 @@ struct TreeBuilder {
     documents: usize,
     second_document_line: Option<usize>,
     rejected_values: HashSet<String>,
+    /// The source's lines, to tell flow collections (`[`, `{`) from block ones.
+    source_lines: Vec<Vec<char>>,
 }
 
 fn position(marker: Marker) -> Origin {
@@ -498,7 +526,11 @@ impl TreeBuilder {
         let (path, _) = if self.in_key_position() {
             (String::new(), true)
         } else {
-            self.next_node_path(marker)
+            let (path, is_key) = self.next_node_path(marker);
+            if !is_key {
+                self.spans.insert_value(path.clone(), marker);
+            }
+            (path, is_key)
         };
         let value = match resolve_scalar(&text, style, tag.as_ref()) {
             Ok(value) => value,
@@ -512,6 +544,18 @@ impl TreeBuilder {
         self.complete(value, anchor, marker);
     }
 
+    /// Whether the collection starting at `marker` is a flow collection (`[…]`, `{…}`).
+    fn is_flow_start(&self, marker: Marker) -> bool {
+        let line = marker
+            .line()
+            .checked_sub(1)
+            .and_then(|i| self.source_lines.get(i));
+        matches!(
+            line.and_then(|chars| chars.get(marker.col())),
+            Some('[' | '{')
+        )
+    }
+
     fn start_collection(&mut self, mapping: bool, anchor: usize, marker: Marker) {
         let (path, is_key) = self.next_node_path(marker);
         let is_key = is_key
@@ -520,6 +564,9 @@ impl TreeBuilder {
                 Some(Frame::Mapping { is_key: true, .. })
                     | Some(Frame::Sequence { is_key: true, .. })
             );
+        if !is_key && self.is_flow_start(marker) {
+            self.spans.insert_value(path.clone(), marker);
+        }
         let span_pending = !is_key && matches!(self.stack.last(), Some(Frame::Sequence { .. }));
         if mapping {
             if span_pending {
@@ -606,7 +653,10 @@ impl MarkedEventReceiver for TreeBuilder {
                 }
                 let value = self.anchors.get(&anchor).cloned().unwrap_or(Value::Null);
                 if !self.in_key_position() {
-                    self.next_node_path(marker);
+                    let (path, is_key) = self.next_node_path(marker);
+                    if !is_key {
+                        self.spans.insert_value(path, marker);
+                    }
                 }
                 self.complete(value, 0, marker);
             }
@@ -1101,10 +1151,13 @@ pub fn deserialize_all<T: DeserializeOwned>(
             SerdeErrorKind::Other => {}
         }
         if report {
-            problems.push(
-                Problem::new(original_path.clone(), explained.message)
-                    .with_optional_hint(explained.hint),
-            );
+            let mut problem = Problem::new(original_path.clone(), explained.message)
+                .with_optional_hint(explained.hint);
+            // A wrong type, an invalid or unknown value: the value is what is wrong.
+            if matches!(explained.kind, SerdeErrorKind::Other) {
+                problem.subject = Subject::Value;
+            }
+            problems.push(problem);
         }
         // Removing the document itself or an enum's variant would only produce a confusing
         // second error about the enum: stop here.
@@ -1513,7 +1566,8 @@ fn parse_stage(value: &Value, at: &str, problems: &mut Vec<Problem>) -> Option<S
                     describe_value(value)
                 ),
             )
-            .with_hint(format!("the kinds are {kind_list}")),
+            .with_hint(format!("the kinds are {kind_list}"))
+            .about_value(),
         );
         return None;
     };
@@ -1659,8 +1713,12 @@ pub fn check_pipeline(parsed: &Parsed, probe: &dyn Probe) -> Vec<Problem> {
     problems
 }
 
-/// A graph error as a problem at the key that holds the reference.
+/// A graph error as a problem at the reference (the value naming the upstream stage).
 pub fn graph_problem(error: &GraphError, stages: &IndexMap<String, StageConfig>) -> Problem {
+    graph_problem_at_key(error, stages).about_value()
+}
+
+fn graph_problem_at_key(error: &GraphError, stages: &IndexMap<String, StageConfig>) -> Problem {
     let reference_path = |stage: &str, key: &str| match stages.get(stage) {
         Some(config) => join_key(
             &join_key(&join_key("stages", stage), config.kind().as_str()),
@@ -1785,6 +1843,47 @@ mod tests {
         assert_eq!(
             parsed.spans.locate("stages.data.ingest.missing.deeper"),
             Some(&file_origin(4, 5))
+        );
+    }
+
+    #[test]
+    fn value_positions_cover_scalars_and_flow_collections_not_block_ones() {
+        let parsed = parse("a: 1\nb: [x, y]\nc:\n  d: z\ne: {f: 'g h'}\nl:\n  - item\n");
+        let spans = &parsed.spans;
+        assert_eq!(spans.value("a"), Some((1, 4)));
+        assert_eq!(spans.value("b"), Some((2, 4)));
+        assert_eq!(spans.value("b[1]"), Some((2, 8)));
+        assert_eq!(
+            spans.value("c"),
+            None,
+            "a block mapping: its key stands for it"
+        );
+        assert_eq!(spans.value("c.d"), Some((4, 6)));
+        assert_eq!(spans.value("e"), Some((5, 4)));
+        assert_eq!(spans.value("e.f"), Some((5, 8)));
+        assert_eq!(spans.value("l[0]"), Some((7, 5)));
+    }
+
+    #[test]
+    fn value_problems_are_placed_at_the_value_key_problems_at_the_key() {
+        let mut document = document("stages:\n  data:\n    ingest: {path: x.csv}\nseed: four\n");
+        let place = |document: &Document, problem: Problem| {
+            let mut problem = problem;
+            document.spans.place(&mut problem);
+            (problem.line, problem.column, problem.from_override)
+        };
+        let value = Problem::new("seed", "wrong").about_value();
+        assert_eq!(place(&document, value.clone()), (Some(4), Some(7), None));
+        let key = Problem::new("seed", "unknown");
+        assert_eq!(place(&document, key), (Some(4), Some(1), None));
+        // A value that was never written (a missing key's default) falls back to the key path.
+        let unwritten = Problem::new("stages.data.ingest.format", "wrong").about_value();
+        assert_eq!(place(&document, unwritten), (Some(3), Some(5), None));
+        // A value set on the command line points at the argument, not the file.
+        apply_override(&mut document, "seed=5").unwrap();
+        assert_eq!(
+            place(&document, value),
+            (None, None, Some("seed=5".to_string()))
         );
     }
 

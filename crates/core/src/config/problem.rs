@@ -23,6 +23,23 @@ pub struct Problem {
     /// the file (then `line`/`column` are absent).
     #[serde(rename = "set", skip_serializing_if = "Option::is_none")]
     pub from_override: Option<String>,
+    /// Whether the key or its value is wrong: decides where `line`/`column` (and the caret under
+    /// the excerpt) point.
+    #[serde(skip)]
+    pub subject: Subject,
+}
+
+/// What a problem is about, for placing it in the file.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Subject {
+    /// The key as written: unknown, misplaced, duplicated, conflicting with another key, or a
+    /// mapping that lacks a key.
+    #[default]
+    Key,
+    /// The value written under the key (or the sequence item): wrong type, out of range, an
+    /// unknown stage or column name, a missing file, a template that does not compile. Placed
+    /// at the value when it was written in the file, else at its key.
+    Value,
 }
 
 impl Problem {
@@ -34,7 +51,14 @@ impl Problem {
             line: None,
             column: None,
             from_override: None,
+            subject: Subject::Key,
         }
+    }
+
+    /// The problem is about the value, not the key (see [`Subject`]).
+    pub fn about_value(mut self) -> Self {
+        self.subject = Subject::Value;
+        self
     }
 
     pub fn with_hint(mut self, hint: impl Into<String>) -> Self {

@@ -469,10 +469,13 @@ impl StageSpec for TemplateConfig {
                 format!("{at}.carry[{position}]")
             };
             if RENDERED_COLUMNS.contains(&name.as_str()) {
-                problems.push(Problem::new(
-                    key.clone(),
-                    format!("`{name}` is a column the template stage writes itself"),
-                ));
+                problems.push(
+                    Problem::new(
+                        key.clone(),
+                        format!("`{name}` is a column the template stage writes itself"),
+                    )
+                    .about_value(),
+                );
             }
             if let Some(columns) = columns {
                 if !columns.contains(name) {
@@ -481,6 +484,7 @@ impl StageSpec for TemplateConfig {
                             key,
                             format!("column `{name}` is not an output of stage `{}`", self.input),
                         )
+                        .about_value()
                         .with_hint(column_hint(name, columns)),
                     );
                 }
@@ -492,17 +496,21 @@ impl StageSpec for TemplateConfig {
             if few_shot.k == 0 {
                 problems.push(
                     Problem::new(format!("{base}.k"), "k is 0: no demonstrations")
+                        .about_value()
                         .with_hint("remove `few_shot` or set k ≥ 1"),
                 );
             }
             if few_shot.pool_size < few_shot.k {
-                problems.push(Problem::new(
-                    format!("{base}.pool_size"),
-                    format!(
-                        "pool_size ({}) is smaller than k ({})",
-                        few_shot.pool_size, few_shot.k
-                    ),
-                ));
+                problems.push(
+                    Problem::new(
+                        format!("{base}.pool_size"),
+                        format!(
+                            "pool_size ({}) is smaller than k ({})",
+                            few_shot.pool_size, few_shot.k
+                        ),
+                    )
+                    .about_value(),
+                );
             }
             let splits = upstream_splits(cx, &self.input)
                 .unwrap_or_else(|| vec!["train".into(), "eval".into(), "test".into()]);
@@ -515,6 +523,7 @@ impl StageSpec for TemplateConfig {
                             self.input, few_shot.split
                         ),
                     )
+                    .about_value()
                     .with_hint(format!("its splits: {}", splits.join(", "))),
                 );
             } else if few_shot.split != "train" {
@@ -526,6 +535,7 @@ impl StageSpec for TemplateConfig {
                             few_shot.split
                         ),
                     )
+                    .about_value()
                     .with_hint("draw demonstrations from `train`"),
                 );
             }
@@ -536,6 +546,7 @@ impl StageSpec for TemplateConfig {
                             format!("{base}.strategy"),
                             "the stratified strategy needs a label column",
                         )
+                        .about_value()
                         .with_hint("set `label` on the stage or `few_shot.stratify_by`"),
                     ),
                     Some(label) => {
@@ -549,6 +560,7 @@ impl StageSpec for TemplateConfig {
                                             self.input
                                         ),
                                     )
+                                    .about_value()
                                     .with_hint(column_hint(label, columns)),
                                 );
                             }
@@ -561,7 +573,16 @@ impl StageSpec for TemplateConfig {
         let resolved = match self.resolve(cx.project_dir) {
             Ok(resolved) => resolved,
             Err((key, message)) => {
-                problems.push(Problem::new(format!("{at}.{key}"), message));
+                let problem = Problem::new(format!("{at}.{key}"), message);
+                // A template or tokenizer_config file that cannot be read is about the path
+                // written; the other resolve errors are about which keys are given.
+                problems.push(
+                    if key.ends_with("_file") || key.ends_with("tokenizer_config") {
+                        problem.about_value()
+                    } else {
+                        problem
+                    },
+                );
                 return;
             }
         };
@@ -572,7 +593,7 @@ impl StageSpec for TemplateConfig {
                 } else {
                     "chat.tokenizer_config"
                 };
-                problems.push(Problem::new(format!("{at}.{key}"), message));
+                problems.push(Problem::new(format!("{at}.{key}"), message).about_value());
             }
         }
         // Compile each row template on its own so every syntax error is reported.
@@ -581,16 +602,18 @@ impl StageSpec for TemplateConfig {
         for (source, key) in resolved.row_templates() {
             match env.add_template_owned(source.name.clone(), source.source.clone()) {
                 Ok(()) => compiled.push((source.name.clone(), key)),
-                Err(error) => {
-                    problems.push(Problem::new(format!("{at}.{key}"), syntax_message(&error)))
-                }
+                Err(error) => problems.push(
+                    Problem::new(format!("{at}.{key}"), syntax_message(&error)).about_value(),
+                ),
             }
         }
         for (name, key) in compiled {
             let variables = match undeclared_variables(&env, &name) {
                 Ok(variables) => variables,
                 Err(error) => {
-                    problems.push(Problem::new(format!("{at}.{key}"), syntax_message(&error)));
+                    problems.push(
+                        Problem::new(format!("{at}.{key}"), syntax_message(&error)).about_value(),
+                    );
                     continue;
                 }
             };
@@ -602,6 +625,7 @@ impl StageSpec for TemplateConfig {
                                 format!("{at}.{key}"),
                                 "the template uses `examples` but the stage has no `few_shot`",
                             )
+                            .about_value()
                             .with_hint("add `few_shot: {k: 3}`"),
                         );
                     }
@@ -617,6 +641,7 @@ impl StageSpec for TemplateConfig {
                                     self.input
                                 ),
                             )
+                            .about_value()
                             .with_hint(column_hint(&variable, columns)),
                         );
                     }

@@ -403,7 +403,7 @@ impl StageSpec for TrainConfig {
 
     fn check(&self, cx: &CheckContext<'_>, at: &str, problems: &mut Vec<Problem>) {
         let mut problem = |key: &str, message: String| {
-            problems.push(Problem::new(format!("{at}.{key}"), message));
+            problems.push(Problem::new(format!("{at}.{key}"), message).about_value());
         };
         if let Some(columns) = cx.columns.get(&self.data) {
             for needed in ["prompt", "completion"] {
@@ -527,6 +527,7 @@ impl StageSpec for TrainConfig {
                             format!("{at}.method.lora.target_modules"),
                             format!("{targets} matches no linear layer of the model"),
                         )
+                        .about_value()
                         .with_hint(format!("the model's linear layers: {}", names.join(", "))),
                     );
                 }
