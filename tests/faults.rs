@@ -191,6 +191,46 @@ fn two_concurrent_runs_on_one_cache_are_safe() {
 }
 
 #[test]
+fn two_pipelines_run_at_once_on_one_cache() {
+    let project = Project::new();
+    // A second pipeline in the same project (same cache), with the same stages: they even share
+    // objects.
+    project.write(
+        "questions.yaml",
+        &exec_support::PIPELINE.replace("name: reviews", "name: questions"),
+    );
+    let spawn = |file: &str| {
+        project
+            .command(&["run", file])
+            .env("PEFTPIPE_TEST_STAGE_DELAY", "data=1500")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn peftpipe")
+    };
+    let first = spawn("pipeline.yaml");
+    std::thread::sleep(Duration::from_millis(300));
+    let second = spawn("questions.yaml");
+    let first = first.wait_with_output().expect("wait");
+    let second = second.wait_with_output().expect("wait");
+    assert!(first.status.success(), "{}", stderr(&first));
+    assert!(second.status.success(), "{}", stderr(&second));
+    for text in [stderr(&first), stderr(&second)] {
+        // Neither took turns with the other: each ran its own stages while the other held its
+        // `data` stage.
+        assert!(!text.contains("Waiting"), "{text}");
+        assert!(text.contains("Running data (ingest)"), "{text}");
+    }
+    for file in ["pipeline.yaml", "questions.yaml"] {
+        let status = project.run(&["status", "--check", file]);
+        assert_eq!(status.status.code(), Some(0), "{}", stderr(&status));
+    }
+    assert!(project
+        .path(".peftpipe/cache/locks/questions.lock.json")
+        .is_file());
+}
+
+#[test]
 fn a_failing_stage_exits_1_records_nothing_and_skips_its_dependents() {
     let project = Project::new();
     // Broken far below the lines validation peeks at: only the stage finds it.

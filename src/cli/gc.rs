@@ -40,7 +40,7 @@ pub fn run(global: &GlobalArgs, args: GcArgs) -> u8 {
     let result = Cache::open(&cache_dir).and_then(|cache| {
         let _lock = cache.lock_exclusive(|| {
             report::write_stderr(&format!(
-                "waiting for the cache lock on {} (a run holds it)",
+                "waiting for the cache lock on {} (a run is using the cache)",
                 cache_dir.display()
             ))
         })?;

@@ -152,7 +152,12 @@ impl EventSink for RunReporter {
         let style = self.style;
         match event {
             ExecEvent::WaitingForLock { cache } => self.line(format!(
-                "{} for the cache lock on {} (another peftpipe run or gc holds it)",
+                "{} for the cache lock on {} (peftpipe gc holds it)",
+                style.verb("Waiting", CYAN),
+                cache.display()
+            )),
+            ExecEvent::WaitingForPipeline { pipeline, cache } => self.line(format!(
+                "{} for the cache lock of pipeline `{pipeline}` on {} (another run of it holds it)",
                 style.verb("Waiting", CYAN),
                 cache.display()
             )),

@@ -10,11 +10,19 @@
 //! objects/<aa>/<digest>/data/...        the artifact itself (read-only files)
 //! runs/<aa>/<fingerprint>.json          fingerprint digest → output digest (the "run cache")
 //! locks/<pipeline>.lock.json            per pipeline: each stage's last fingerprint components
+//! locks/<pipeline>.flock                the file lock a run of that pipeline holds (exclusive)
 //! index/files.json                      size+mtime index of hashed input files (a hint only)
-//! tmp/                                  staging dirs; anything here is garbage once no run holds
-//!                                       the cache lock
-//! cache.lock                            the exclusive lock a run or gc holds (fs4)
+//! tmp/                                  staging dirs; anything here is garbage once nothing
+//!                                       holds the cache lock
+//! cache.lock                            shared by runs, exclusive for gc (fs4)
 //! ```
+//!
+//! Locking: a run holds `cache.lock` shared and its pipeline's `.flock` exclusively, so runs of
+//! different pipelines proceed at once while two runs of one pipeline take turns; `gc` holds
+//! `cache.lock` exclusively, so it never deletes what a run is about to use. What runs of
+//! different pipelines share is safe to share: objects are content-addressed and moved into
+//! place whole (a second writer of the same digest finds the first one's), run records and the
+//! file index are replaced atomically (the index is a hint, a lost update only costs a rehash).
 //!
 //! Every file a later run trusts is written to a temporary name and renamed into place, so a
 //! crash never leaves a half-written object, record or lock file behind under its final name.
@@ -69,7 +77,7 @@ pub struct Cache {
     root: PathBuf,
 }
 
-/// The exclusive lock on a cache, released when dropped.
+/// A file lock on a cache (the cache's, or one pipeline's), released when dropped.
 #[derive(Debug)]
 pub struct CacheLock {
     file: File,
@@ -111,17 +119,12 @@ impl Cache {
         self.root.join("tmp")
     }
 
-    /// Take the cache's exclusive lock. When another process holds it, `on_wait` is called once
-    /// and this blocks until the other process is done (like cargo's package cache lock).
+    /// Take the cache's exclusive lock (gc: no run may be in flight). When another process holds
+    /// it, `on_wait` is called once and this blocks until the other process is done (like
+    /// cargo's package cache lock).
     pub fn lock_exclusive(&self, on_wait: impl FnOnce()) -> Result<CacheLock, CacheError> {
         let path = self.root.join("cache.lock");
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .read(true)
-            .write(true)
-            .open(&path)
-            .map_err(CacheError::io("open", &path))?;
+        let file = open_lock(&path)?;
         let acquired = FileExt::try_lock_exclusive(&file).map_err(CacheError::io("lock", &path))?;
         if !acquired {
             on_wait();
@@ -130,7 +133,49 @@ impl Cache {
         Ok(CacheLock { file })
     }
 
-    /// Remove leftovers of crashed or killed runs. Only call while holding the exclusive lock.
+    /// Take the cache's lock for a run: shared with other runs, exclusive of gc (`on_wait` is
+    /// called once when gc holds it). When nothing else holds the cache, the leftovers of crashed
+    /// or killed runs in `tmp/` are removed first: only then is no staging directory there in use.
+    pub fn lock_for_run(&self, on_wait: impl FnOnce()) -> Result<CacheLock, CacheError> {
+        let path = self.root.join("cache.lock");
+        let file = open_lock(&path)?;
+        if FileExt::try_lock_exclusive(&file).map_err(CacheError::io("lock", &path))? {
+            let lock = CacheLock { file };
+            self.clear_tmp()?;
+            // Downgrade to shared (flock converts the lock on the same file).
+            FileExt::lock_shared(&lock.file).map_err(CacheError::io("lock", &path))?;
+            return Ok(lock);
+        }
+        if !FileExt::try_lock_shared(&file).map_err(CacheError::io("lock", &path))? {
+            on_wait();
+            FileExt::lock_shared(&file).map_err(CacheError::io("lock", &path))?;
+        }
+        Ok(CacheLock { file })
+    }
+
+    /// Take one pipeline's exclusive lock (`locks/<pipeline>.flock`), held by a run of that
+    /// pipeline next to [`Cache::lock_for_run`]. When another run of the pipeline holds it,
+    /// `on_wait` is called once and this blocks until that run is done.
+    pub fn lock_pipeline(
+        &self,
+        pipeline: &str,
+        on_wait: impl FnOnce(),
+    ) -> Result<CacheLock, CacheError> {
+        let path = self
+            .root
+            .join("locks")
+            .join(format!("{}.flock", sanitize_name(pipeline)));
+        let file = open_lock(&path)?;
+        let acquired = FileExt::try_lock_exclusive(&file).map_err(CacheError::io("lock", &path))?;
+        if !acquired {
+            on_wait();
+            FileExt::lock_exclusive(&file).map_err(CacheError::io("lock", &path))?;
+        }
+        Ok(CacheLock { file })
+    }
+
+    /// Remove leftovers of crashed or killed runs. Only call while holding the cache lock
+    /// exclusively ([`Cache::lock_exclusive`], or inside [`Cache::lock_for_run`]).
     pub fn clear_tmp(&self) -> Result<(), CacheError> {
         let tmp = self.tmp_dir();
         let entries = std::fs::read_dir(&tmp).map_err(CacheError::io("list", &tmp))?;
@@ -151,6 +196,16 @@ impl Cache {
             .map_err(CacheError::io("create a staging directory in", &tmp))?;
         Ok(dir.keep())
     }
+}
+
+fn open_lock(path: &Path) -> Result<File, CacheError> {
+    std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .read(true)
+        .write(true)
+        .open(path)
+        .map_err(CacheError::io("open", path))
 }
 
 /// Remove a file or a directory tree (making read-only files writable as needed).
@@ -259,6 +314,72 @@ mod tests {
             drop(handle.join().unwrap());
         });
         assert!(waited.load(std::sync::atomic::Ordering::SeqCst));
+    }
+
+    /// Whether taking a lock with `take` had to wait while `held` is held.
+    fn waits(held: CacheLock, take: impl FnOnce(&dyn Fn()) -> CacheLock + Send) -> bool {
+        let waited = std::sync::atomic::AtomicBool::new(false);
+        std::thread::scope(|scope| {
+            let handle =
+                scope.spawn(|| take(&|| waited.store(true, std::sync::atomic::Ordering::SeqCst)));
+            std::thread::sleep(std::time::Duration::from_millis(100));
+            drop(held);
+            drop(handle.join().unwrap());
+        });
+        waited.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    #[test]
+    fn runs_share_the_cache_lock_gc_excludes_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Cache::open(dir.path()).unwrap();
+        let run = cache
+            .lock_for_run(|| panic!("nothing else holds it"))
+            .unwrap();
+        let other_run = cache
+            .lock_for_run(|| panic!("runs share the cache lock"))
+            .unwrap();
+        drop(other_run);
+        assert!(waits(run, |on_wait| cache.lock_exclusive(on_wait).unwrap()));
+        let gc = cache.lock_exclusive(|| panic!("free again")).unwrap();
+        assert!(waits(gc, |on_wait| cache.lock_for_run(on_wait).unwrap()));
+    }
+
+    #[test]
+    fn pipeline_locks_exclude_runs_of_one_pipeline_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Cache::open(dir.path()).unwrap();
+        let reviews = cache.lock_pipeline("reviews", || panic!("free")).unwrap();
+        let questions = cache
+            .lock_pipeline("questions", || {
+                panic!("another pipeline's lock is independent")
+            })
+            .unwrap();
+        drop(questions);
+        assert!(waits(reviews, |on_wait| cache
+            .lock_pipeline("reviews", on_wait)
+            .unwrap()));
+        // The pipeline locks are not lock files gc reads.
+        assert!(cache.all_lock_files().unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_run_clears_leftovers_only_when_it_has_the_cache_to_itself() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Cache::open(dir.path()).unwrap();
+        let leftover = cache.staging_dir("killed").unwrap();
+        let running = cache.lock_for_run(|| panic!("free")).unwrap();
+        assert!(
+            !leftover.exists(),
+            "nothing else held the cache: leftovers removed"
+        );
+        let in_use = cache.staging_dir("running").unwrap();
+        let second = cache.lock_for_run(|| panic!("shared")).unwrap();
+        assert!(
+            in_use.exists(),
+            "another run holds the cache: its staging dir stays"
+        );
+        drop((running, second));
     }
 
     #[test]

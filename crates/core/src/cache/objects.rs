@@ -189,7 +189,14 @@ impl Cache {
         make_read_only(&data)?;
         let parent = target.parent().unwrap_or(&self.root).to_path_buf();
         std::fs::create_dir_all(&parent).map_err(CacheError::io("create", &parent))?;
-        std::fs::rename(staging, &target).map_err(CacheError::io("move into place", &target))?;
+        if let Err(error) = std::fs::rename(staging, &target) {
+            // A run of another pipeline stored the same content meanwhile: keep its object.
+            if self.has_object(&digest) && self.verify_object(&digest)?.is_ok() {
+                remove_path(staging)?;
+                return Ok((digest, manifest));
+            }
+            return Err(CacheError::io("move into place", &target)(error));
+        }
         Ok((digest, manifest))
     }
 

@@ -176,8 +176,13 @@ impl RunSummary {
 /// What the executor tells the reporter, in order per stage.
 #[derive(Debug, Clone)]
 pub enum ExecEvent {
-    /// Another process holds the cache lock; this run waits for it.
+    /// Another process holds the cache lock exclusively (gc); this run waits for it.
     WaitingForLock {
+        cache: PathBuf,
+    },
+    /// Another run of the same pipeline holds its lock on this cache; this run waits for it.
+    WaitingForPipeline {
+        pipeline: String,
         cache: PathBuf,
     },
     /// The stages this run will consider, in topological order, with the plan's view.

@@ -1,4 +1,5 @@
-//! The runner: takes the cache lock, plans, then walks the selected stages in topological order.
+//! The runner: takes the cache lock (shared with runs of other pipelines, exclusive of gc) and
+//! the pipeline's own lock, plans, then walks the selected stages in topological order.
 //! A stage starts once all its upstream stages are done; it is then re-decided with their actual
 //! output digests and either restored (digest-checked, materialized, published) or run in a fresh
 //! staging directory and stored. Up to `jobs` stages are in flight at once (scoped threads).
@@ -35,12 +36,18 @@ pub fn execute(
 ) -> Result<RunSummary, ExecError> {
     let started = Instant::now();
     let cache = Cache::open(&settings.cache_dir)?;
-    let _lock = cache.lock_exclusive(|| {
+    // Shared with runs of other pipelines, exclusive of gc; then this pipeline's own lock.
+    let _cache_lock = cache.lock_for_run(|| {
         events.event(ExecEvent::WaitingForLock {
             cache: settings.cache_dir.clone(),
         })
     })?;
-    cache.clear_tmp()?;
+    let _pipeline_lock = cache.lock_pipeline(&pipeline.name, || {
+        events.event(ExecEvent::WaitingForPipeline {
+            pipeline: pipeline.name.clone(),
+            cache: settings.cache_dir.clone(),
+        })
+    })?;
     let order = graph::topological_order(&pipeline.stages)?;
     let selected = graph::select(&pipeline.stages, &order, &settings.targets)?;
     let mut lock_file = cache.read_lock_file(&pipeline.name)?;
