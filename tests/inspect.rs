@@ -1,19 +1,28 @@
-//! `peftpipe inspect` on a tiny random model directory written in-test, and on a shared config.
+//! `peftpipe inspect`: a tiny random model directory written in-test, the real configs in
+//! /work/shared (PEFT's LoRA trainable-parameter counts without weights), the LoRA target listing
+//! on stories260k, the did-you-mean error for an unknown target, and `hf://` ids resolved through
+//! a fake Hugging Face cache.
 #![expect(clippy::print_stderr, reason = "tests print skip reasons")]
 
-use std::process::Command;
+mod support;
+
+use std::path::Path;
 
 use candle_core::{DType, Device};
 use peftpipe::models::random::random_weights;
 use peftpipe::models::ModelConfig;
+use support::{peftpipe, redact, shared_dir, TestResult};
 
-type TestResult = Result<(), Box<dyn std::error::Error>>;
+fn inspect(args: &[&str]) -> std::process::Output {
+    peftpipe()
+        .arg("inspect")
+        .args(args)
+        .output()
+        .expect("the binary runs")
+}
 
-fn inspect_json(path: &std::path::Path) -> Result<serde_json::Value, Box<dyn std::error::Error>> {
-    let output = Command::new(env!("CARGO_BIN_EXE_peftpipe"))
-        .args(["inspect", "--json"])
-        .arg(path)
-        .output()?;
+fn inspect_json(args: &[&str]) -> Result<serde_json::Value, Box<dyn std::error::Error>> {
+    let output = inspect(&[&["--json"], args].concat());
     assert!(
         output.status.success(),
         "inspect failed: {}",
@@ -22,20 +31,26 @@ fn inspect_json(path: &std::path::Path) -> Result<serde_json::Value, Box<dyn std
     Ok(serde_json::from_slice(&output.stdout)?)
 }
 
-#[test]
-fn inspect_reports_a_model_directory() -> TestResult {
+fn tiny_model_dir(dir: &Path) -> Result<ModelConfig, Box<dyn std::error::Error>> {
     let config_json = serde_json::json!({
         "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 40,
         "hidden_size": 16, "intermediate_size": 24, "num_hidden_layers": 2,
         "num_attention_heads": 4, "num_key_value_heads": 2, "tie_word_embeddings": true
     });
     let config = ModelConfig::from_json(&config_json).map_err(|e| e.message)?;
-    let dir = tempfile::tempdir()?;
-    std::fs::write(dir.path().join("config.json"), config_json.to_string())?;
+    std::fs::create_dir_all(dir)?;
+    std::fs::write(dir.join("config.json"), config_json.to_string())?;
     let tensors = random_weights(&config, 1, 0.02, DType::BF16, &Device::Cpu)?;
-    candle_core::safetensors::save(&tensors, dir.path().join("model.safetensors"))?;
+    candle_core::safetensors::save(&tensors, dir.join("model.safetensors"))?;
+    Ok(config)
+}
 
-    let report = inspect_json(dir.path())?;
+#[test]
+fn inspect_reports_a_model_directory() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let config = tiny_model_dir(dir.path())?;
+    let path = dir.path().to_string_lossy().to_string();
+    let report = inspect_json(&[&path])?;
     let model = &report["model"];
     assert_eq!(model["architecture"], "llama");
     assert_eq!(model["dtype"], "BF16");
@@ -44,22 +59,180 @@ fn inspect_reports_a_model_directory() -> TestResult {
     assert_eq!(model["key_value_heads"], 2);
     assert_eq!(model["linear_layers"][1]["name"], "k_proj");
     assert_eq!(model["linear_layers"][1]["out_features"], 8);
+    assert_eq!(report["lora"], serde_json::json!([]));
     Ok(())
 }
 
 #[test]
 fn inspect_reports_a_lone_config_file() -> TestResult {
-    let Some(shared) = std::env::var_os("PEFTPIPE_SHARED") else {
+    let Some(shared) = shared_dir() else {
         eprintln!("skipped: PEFTPIPE_SHARED not set");
         return Ok(());
     };
-    let path = std::path::Path::new(&shared).join("models/configs/llama-3.2-3b.config.json");
-    let report = inspect_json(&path)?;
+    let path = shared.join("models/configs/llama-3.2-3b.config.json");
+    let report = inspect_json(&[&path.to_string_lossy()])?;
     // transformers: LlamaForCausalLM(Llama-3.2-3B config) has 3,212,749,824 parameters.
     assert_eq!(report["model"]["parameters"], 3_212_749_824u64);
     assert_eq!(
         report["model"]["stored_parameters"],
         serde_json::Value::Null
     );
+    Ok(())
+}
+
+/// PEFT's own numbers (peft-reference.md, PEFT's benchmark) from config.json alone.
+#[test]
+fn lora_counts_equal_peft_on_the_real_configs() -> TestResult {
+    let Some(shared) = shared_dir() else {
+        eprintln!("skipped: PEFTPIPE_SHARED not set");
+        return Ok(());
+    };
+    let configs = shared.join("models/configs");
+    let cases: [(&str, &str, &str, u64, u64); 4] = [
+        ("llama-3.2-3b", "q_proj,v_proj", "32", 9_175_040, 56),
+        ("llama-3.2-1b", "all-linear", "16", 11_272_192, 112),
+        ("llama-3.1-8b", "q_proj,v_proj", "16", 6_815_744, 64),
+        ("llama-7b", "q_proj,v_proj", "8", 4_194_304, 64),
+    ];
+    for (name, target, rank, expected, modules) in cases {
+        let path = configs.join(format!("{name}.config.json"));
+        let report = inspect_json(&[&path.to_string_lossy(), "--target", target, "--rank", rank])?;
+        let lora = &report["lora"][0];
+        assert_eq!(
+            lora["trainable_parameters"], expected,
+            "{name} {target} r{rank}"
+        );
+        assert_eq!(lora["matched_modules"], modules, "{name} {target}");
+    }
+    // A regex selecting q and v in every layer counts the same as the name list.
+    let path = configs.join("llama-3.2-3b.config.json");
+    let report = inspect_json(&[
+        &path.to_string_lossy(),
+        "--target",
+        r".*\.self_attn\.(q|v)_proj",
+        "--target",
+        "q_proj,v_proj",
+        "--rank",
+        "32",
+    ])?;
+    assert_eq!(report["lora"][0]["trainable_parameters"], 9_175_040);
+    assert_eq!(report["lora"][1]["trainable_parameters"], 9_175_040);
+    assert_eq!(
+        report["lora"][0]["adapter_config_target_modules"],
+        r".*\.self_attn\.(q|v)_proj"
+    );
+
+    let output = inspect(&[
+        &path.to_string_lossy(),
+        "--target",
+        "q_proj,v_proj",
+        "--rank",
+        "32",
+    ]);
+    assert!(output.status.success());
+    let text = redact(&String::from_utf8(output.stdout)?, &path, "[CONFIG]");
+    insta::assert_snapshot!("llama_3_2_3b_q_v_r32", text);
+    Ok(())
+}
+
+#[test]
+fn lora_targets_listed_on_stories260k() -> TestResult {
+    let Some(shared) = shared_dir() else {
+        eprintln!("skipped: PEFTPIPE_SHARED not set");
+        return Ok(());
+    };
+    let path = shared.join("models/stories260k");
+    let output = inspect(&[
+        &path.to_string_lossy(),
+        "--target",
+        "q_proj,v_proj",
+        "--target",
+        r"model\.layers\.[0-1]\.mlp\..*",
+        "--target",
+        "all-linear",
+        "--rank",
+        "8",
+    ]);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let text = redact(&String::from_utf8(output.stdout)?, &path, "[STORIES260K]");
+    insta::assert_snapshot!("stories260k_targets", text);
+    // --rank alone: PEFT's default targets for Llama (q_proj, v_proj).
+    let report = inspect_json(&[&path.to_string_lossy(), "--rank", "4"])?;
+    assert_eq!(report["lora"][0]["target"], "[q_proj, v_proj]");
+    // 5 layers × 4 · ((64 + 64) + (64 + 32)).
+    assert_eq!(report["lora"][0]["trainable_parameters"], 4480);
+    Ok(())
+}
+
+#[test]
+fn unknown_target_is_refused_with_a_suggestion() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    tiny_model_dir(dir.path())?;
+    let path = dir.path().to_string_lossy().to_string();
+    let output = inspect(&[&path, "--target", "q_proj,v_prj", "--rank", "8"]);
+    assert_eq!(output.status.code(), Some(2));
+    assert!(output.stdout.is_empty());
+    insta::assert_snapshot!("unknown_target", String::from_utf8(output.stderr)?);
+    let output = inspect(&[&path, "--target", r".*\.attention\..*"]);
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8(output.stderr)?;
+    assert!(stderr.contains("matches no linear layer"), "{stderr}");
+    Ok(())
+}
+
+/// A fake Hugging Face cache: `models--org--tiny/refs/main` → `snapshots/<hash>/`.
+#[test]
+fn hub_ids_resolve_through_the_huggingface_cache() -> TestResult {
+    let cache = tempfile::tempdir()?;
+    let hash = "a1b2c3d4e5f60718293a4b5c6d7e8f9012345678";
+    let repo = cache.path().join("models--org--tiny");
+    let snapshot = repo.join("snapshots").join(hash);
+    tiny_model_dir(&snapshot)?;
+    std::fs::create_dir_all(repo.join("refs"))?;
+    std::fs::write(repo.join("refs/main"), hash)?;
+    let run = |id: &str, variable: &str, value: &Path| {
+        peftpipe()
+            .args(["inspect", "--json", id])
+            .env_remove("HF_HUB_CACHE")
+            .env_remove("HUGGINGFACE_HUB_CACHE")
+            .env(variable, value)
+            .output()
+            .expect("the binary runs")
+    };
+    for id in ["hf://org/tiny", &format!("hf://org/tiny@{hash}")] {
+        let output = run(id, "HF_HUB_CACHE", cache.path());
+        assert!(
+            output.status.success(),
+            "{id}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let report: serde_json::Value = serde_json::from_slice(&output.stdout)?;
+        assert_eq!(report["model"]["path"], snapshot.to_string_lossy().as_ref());
+        assert_eq!(report["model"]["dtype"], "BF16");
+    }
+    // Without HF_HUB_CACHE, HF_HOME/hub is the cache.
+    let home = tempfile::tempdir()?;
+    std::fs::create_dir_all(home.path().join("hub"))?;
+    std::fs::rename(&repo, home.path().join("hub/models--org--tiny"))?;
+    let output = run("hf://org/tiny", "HF_HOME", home.path());
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    // Not in the cache: a clear error that says how to get it.
+    let output = run("hf://org/tiny", "HF_HUB_CACHE", cache.path());
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8(output.stderr)?;
+    assert!(
+        stderr.contains("hf://org/tiny is not in the Hugging Face cache"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("refs/main does not exist"), "{stderr}");
+    assert!(stderr.contains("--features hub"), "{stderr}");
     Ok(())
 }

@@ -24,6 +24,7 @@ use candle_core::{DType, Device, Result, Tensor};
 pub mod config;
 pub mod generate;
 pub mod gpt2;
+pub mod hub;
 pub mod llama;
 pub mod load;
 pub mod random;
@@ -32,6 +33,7 @@ pub mod summary;
 pub mod tokenizer;
 
 pub use config::{Architecture, Gpt2Config, LinearSpec, LlamaConfig, ModelConfig};
+pub use hub::{resolve_model_path, HubError, HubId};
 pub use load::{ModelDir, ModelError, TensorInfo};
 pub use tokenizer::{GenerationConfig, ModelTokenizer};
 

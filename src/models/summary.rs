@@ -66,7 +66,8 @@ pub struct ModelSummary {
     pub tokenizer: Option<TokenizerSummary>,
 }
 
-fn group_linear_layers(layers: &[LinearSpec]) -> Vec<LinearGroup> {
+/// Group linear layers by name (GPT-2's `c_proj` by its last two components), in model order.
+pub fn group_linear_layers(layers: &[LinearSpec]) -> Vec<LinearGroup> {
     let mut groups: Vec<LinearGroup> = Vec::new();
     let mut index: BTreeMap<String, usize> = BTreeMap::new();
     for layer in layers {

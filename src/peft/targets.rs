@@ -29,6 +29,50 @@ pub fn lora_parameter_count(modules: &[LinearSpec], targets: &TargetModules, ran
         .sum()
 }
 
+/// The distinct last path components of the linear layers, in model order (`q_proj`, ...).
+pub fn linear_names(modules: &[LinearSpec]) -> Vec<&str> {
+    let mut names: Vec<&str> = Vec::new();
+    for module in modules {
+        if !names.contains(&module.name()) {
+            names.push(module.name());
+        }
+    }
+    names
+}
+
+/// The linear-layer name closest to a misspelled `name` (the project's did-you-mean rule), if
+/// one is plausibly meant.
+pub fn closest_name<'a>(name: &str, candidates: &[&'a str]) -> Option<&'a str> {
+    crate::config::problem::did_you_mean(last_component(name), candidates.iter().copied())
+}
+
+/// Check that a spec fits the model: every listed name selects at least one linear layer, and a
+/// regex or `all-linear` selects something. The error names the offending entry, suggests the
+/// closest linear-layer name, and lists them all.
+pub fn check_targets(modules: &[LinearSpec], targets: &TargetModules) -> Result<(), String> {
+    let names = linear_names(modules);
+    let listing = format!("the model's linear layers: {}", names.join(", "));
+    if let TargetModules::Names(wanted) = targets {
+        for name in wanted {
+            let single = TargetModules::Names(vec![name.clone()]);
+            if matched_modules(modules, &single).is_empty() {
+                let hint = match closest_name(name, &names) {
+                    Some(close) => format!("; did you mean `{close}`?"),
+                    None => String::new(),
+                };
+                return Err(format!(
+                    "target module `{name}` matches no linear layer{hint} ({listing})"
+                ));
+            }
+        }
+        return Ok(());
+    }
+    if matched_modules(modules, targets).is_empty() {
+        return Err(format!("{targets} matches no linear layer ({listing})"));
+    }
+    Ok(())
+}
+
 /// Whether a GPT-2 style model stores its linear weights as Conv1D (`[in, out]`), which PEFT
 /// records as `fan_in_fan_out: true`.
 pub fn uses_conv1d(model_type: &str) -> bool {
@@ -56,5 +100,34 @@ mod tests {
             TargetModules::AllLinear.to_peft_json(&matched),
             serde_json::json!(["c_attn", "c_fc", "c_proj"])
         );
+    }
+
+    fn names(list: &[&str]) -> TargetModules {
+        TargetModules::Names(list.iter().map(|s| s.to_string()).collect())
+    }
+
+    #[test]
+    fn unknown_names_get_a_suggestion_and_the_listing() {
+        let config = serde_json::json!({"model_type": "llama", "hidden_size": 16,
+            "intermediate_size": 24, "num_hidden_layers": 2, "num_attention_heads": 4,
+            "num_key_value_heads": 2, "vocab_size": 40});
+        let modules = crate::models::ModelConfig::from_json(&config)
+            .unwrap()
+            .linear_layers();
+        assert!(check_targets(&modules, &names(&["q_proj", "v_proj"])).is_ok());
+        let error = check_targets(&modules, &names(&["q_proj", "q_prj"])).unwrap_err();
+        assert!(error.contains("`q_prj`"), "{error}");
+        assert!(error.contains("did you mean `q_proj`?"), "{error}");
+        assert!(
+            error.contains("gate_proj, up_proj, down_proj, lm_head"),
+            "{error}"
+        );
+        let error = check_targets(&modules, &names(&["c_attn_weird_name"])).unwrap_err();
+        assert!(!error.contains("did you mean"), "{error}");
+        let regex = TargetModules::regex(r".*\.q_projection").unwrap();
+        assert!(check_targets(&modules, &regex)
+            .unwrap_err()
+            .contains("matches no linear layer"));
+        assert!(check_targets(&modules, &TargetModules::AllLinear).is_ok());
     }
 }

@@ -3,26 +3,29 @@
 
 use serde::Serialize;
 
-use crate::models::summary::ModelSummary;
+use crate::models::summary::{LinearGroup, ModelSummary};
 
 /// What a LoRA target spec selects on the model, for `--target`.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct LoraTargets {
-    /// The spec as given (`q_proj,v_proj`, `all-linear`, a regex).
+    /// The spec as resolved (`[q_proj, v_proj]`, `all-linear`, regex `...`).
     pub target: String,
     pub rank: usize,
-    /// Matched modules by last path component, with counts, in model order.
-    pub matched: Vec<(String, usize)>,
+    /// Matched linear layers grouped by name, in model order.
+    pub matched: Vec<LinearGroup>,
     pub matched_modules: usize,
     /// PEFT's count: Σ r·(in + out) over the matched modules.
     pub trainable_parameters: u64,
+    /// What PEFT would write as `target_modules` in adapter_config.json.
+    pub adapter_config_target_modules: serde_json::Value,
 }
 
 /// The whole `inspect` output (also its `--json` form).
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct InspectReport {
     pub model: ModelSummary,
-    pub lora: Option<LoraTargets>,
+    /// One entry per `--target` (empty without `--target` / `--rank`).
+    pub lora: Vec<LoraTargets>,
 }
 
 /// `1234567` → `1,234,567`.
@@ -122,21 +125,32 @@ pub fn render(report: &InspectReport) -> String {
             }
         );
     }
-    if let Some(lora) = &report.lora {
-        let matched: Vec<String> = lora
-            .matched
-            .iter()
-            .map(|(name, count)| format!("{name} ×{count}"))
-            .collect();
+    for lora in &report.lora {
         let share = 100.0 * lora.trainable_parameters as f64 / m.parameters.max(1) as f64;
         let _ = writeln!(
             out,
-            "LoRA        target {} · rank {}: {} modules ({}) · {} trainable parameters ({share:.4} % of the model)",
-            lora.target,
-            lora.rank,
+            "LoRA        target {} · rank {}",
+            lora.target, lora.rank
+        );
+        for group in &lora.matched {
+            let _ = writeln!(
+                out,
+                "  {:<14} {:>6} → {:<7} ×{:<4} {:>14}",
+                group.name,
+                group.in_features,
+                group.out_features,
+                group.count,
+                thousands(
+                    (lora.rank * (group.in_features + group.out_features) * group.count) as u64
+                )
+            );
+        }
+        let _ = writeln!(
+            out,
+            "  {} modules · {} trainable parameters ({share:.4} % of the model) · adapter_config target_modules {}",
             lora.matched_modules,
-            if matched.is_empty() { "none".to_string() } else { matched.join(", ") },
-            thousands(lora.trainable_parameters)
+            thousands(lora.trainable_parameters),
+            lora.adapter_config_target_modules
         );
     }
     out

@@ -1,0 +1,139 @@
+//! Helpers shared by the model/PEFT integration tests (inspect, lora, train, export, generate,
+//! parity): where /work/shared is, the binary, a tiny seeded Llama (config, checkpoint-named
+//! weights, a model folder on disk), and tensor comparisons. Each test file includes it with
+//! `mod support;` and uses a subset.
+#![allow(dead_code, reason = "each test file uses a different subset")]
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
+use peftpipe::models::{llama::Llama, LinearFactory, ModelConfig};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+pub type TestResult = Result<(), Box<dyn std::error::Error>>;
+
+/// `PEFTPIPE_SHARED` (the read-only shared folder), when set.
+pub fn shared_dir() -> Option<PathBuf> {
+    std::env::var_os("PEFTPIPE_SHARED").map(PathBuf::from)
+}
+
+/// The peftpipe binary of this build.
+pub fn peftpipe() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_peftpipe"))
+}
+
+/// config.json of the tiny Llama: 2 layers, hidden 16, GQA 4/2 heads, vocabulary 40, untied head.
+pub fn tiny_llama_json() -> serde_json::Value {
+    serde_json::json!({
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama", "hidden_size": 16, "intermediate_size": 24,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "vocab_size": 40, "max_position_embeddings": 64, "rms_norm_eps": 1e-5,
+        "rope_theta": 10000.0, "tie_word_embeddings": false, "bos_token_id": 1, "eos_token_id": 2
+    })
+}
+
+pub fn tiny_llama_config() -> ModelConfig {
+    ModelConfig::from_json(&tiny_llama_json()).expect("the tiny Llama config is valid")
+}
+
+/// Seeded base weights of a Llama config, named as in a checkpoint: matrices uniform in
+/// ±`spread`, norm weights uniform in 1 ± `spread` (large enough that LoRA changes are visible).
+pub fn llama_weights(config: &ModelConfig, seed: u64, spread: f32) -> HashMap<String, Tensor> {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let mut random = |shape: &[usize], offset: f32| {
+        let count: usize = shape.iter().product();
+        let values: Vec<f32> = (0..count)
+            .map(|_| rng.random::<f32>() * 2.0 * spread - spread + offset)
+            .collect();
+        Tensor::from_vec(values, shape, &Device::Cpu).expect("shape and values agree")
+    };
+    let ModelConfig::Llama(llama) = config else {
+        panic!("llama_weights needs a Llama config")
+    };
+    let mut weights = HashMap::new();
+    weights.insert(
+        "model.embed_tokens.weight".to_string(),
+        random(&[llama.vocab_size, llama.hidden_size], 0.0),
+    );
+    for layer in config.linear_layers() {
+        if layer.tied_to_embeddings {
+            continue;
+        }
+        weights.insert(
+            format!("{}.weight", layer.path),
+            random(&[layer.out_features, layer.in_features], 0.0),
+        );
+    }
+    for i in 0..llama.num_hidden_layers {
+        for norm in ["input_layernorm", "post_attention_layernorm"] {
+            weights.insert(
+                format!("model.layers.{i}.{norm}.weight"),
+                random(&[llama.hidden_size], 1.0),
+            );
+        }
+    }
+    weights.insert(
+        "model.norm.weight".to_string(),
+        random(&[llama.hidden_size], 1.0),
+    );
+    weights
+}
+
+/// Build a Llama from in-memory weights (f32, CPU) through `factory`.
+pub fn build_llama(
+    config: &ModelConfig,
+    weights: &HashMap<String, Tensor>,
+    factory: &dyn LinearFactory,
+) -> Llama {
+    let ModelConfig::Llama(llama) = config else {
+        panic!("build_llama needs a Llama config")
+    };
+    let builder = VarBuilder::from_tensors(weights.clone(), DType::F32, &Device::Cpu);
+    Llama::load(builder, llama, config, factory).expect("the tiny Llama loads")
+}
+
+/// Write a model folder (config.json + model.safetensors) for `config_json` with `weights`.
+pub fn write_model_dir(
+    dir: &Path,
+    config_json: &serde_json::Value,
+    weights: &HashMap<String, Tensor>,
+) -> TestResult {
+    std::fs::create_dir_all(dir)?;
+    std::fs::write(
+        dir.join("config.json"),
+        serde_json::to_string_pretty(config_json)?,
+    )?;
+    candle_core::safetensors::save(weights, dir.join("model.safetensors"))?;
+    Ok(())
+}
+
+/// max |a − b| over all elements (f32).
+pub fn max_difference(a: &Tensor, b: &Tensor) -> f32 {
+    a.to_dtype(DType::F32)
+        .and_then(|a| a.sub(&b.to_dtype(DType::F32)?))
+        .and_then(|d| d.abs()?.max_all()?.to_scalar::<f32>())
+        .expect("tensors of one shape")
+}
+
+/// max |ours − reference| over the positions where `mask` ([batch, time], 1 = token) is set;
+/// logits are `[batch, time, vocab]`.
+pub fn masked_max_abs(
+    ours: &Tensor,
+    reference: &Tensor,
+    mask: &Tensor,
+) -> candle_core::Result<f32> {
+    let per_position = (ours - reference)?.abs()?.max(candle_core::D::Minus1)?;
+    (per_position * mask.to_dtype(DType::F32)?)?
+        .max_all()?
+        .to_scalar::<f32>()
+}
+
+/// Replace `text` occurrences of `path` with `[NAME]` for snapshots.
+pub fn redact(text: &str, path: &Path, name: &str) -> String {
+    text.replace(&path.display().to_string(), name)
+}
