@@ -7,23 +7,21 @@
     reason = "tests print skip reasons and the measured errors"
 )]
 
+mod support;
+
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 
-use candle_core::{DType, Device, Tensor, D};
+use candle_core::{DType, Device, Tensor};
+use peftpipe::config::export::ExportDtype;
 use peftpipe::config::ExportConfig;
 use peftpipe::models::{
     FrozenLinearFactory, Hooks, LinearFactory, LinearLayer, LinearWeights, ModelDir,
 };
 use peftpipe::stages::export::{ExportStage, EXPORT_MARKER};
 use peftpipe::stages::{NullSink, RunOptions, Stage, StageContext};
-
-type TestResult = Result<(), Box<dyn std::error::Error>>;
-
-fn shared_dir() -> Option<PathBuf> {
-    std::env::var_os("PEFTPIPE_SHARED").map(PathBuf::from)
-}
+use support::{masked_max_abs, max_difference, shared_dir, TestResult};
 
 /// A train artifact as the train stage writes it: `adapter/` + `base_model.json`.
 fn fake_train_artifact(root: &Path, adapter_source: &Path, base: &Path) -> PathBuf {
@@ -74,19 +72,22 @@ fn export(
 }
 
 fn config(adapter: Option<&str>, merged: Option<&str>) -> ExportConfig {
+    merged_config(adapter, merged, None, None)
+}
+
+fn merged_config(
+    adapter: Option<&str>,
+    merged: Option<&str>,
+    max_shard_size: Option<&str>,
+    dtype: Option<ExportDtype>,
+) -> ExportConfig {
     ExportConfig {
         from: "tune".into(),
         adapter: adapter.map(str::to_string),
         merged: merged.map(str::to_string),
+        max_shard_size: max_shard_size.map(str::to_string),
+        dtype,
     }
-}
-
-/// Max |a − b| over positions where the mask is 1.
-fn masked_max_abs(ours: &Tensor, reference: &Tensor, mask: &Tensor) -> candle_core::Result<f32> {
-    let per_position = (ours - reference)?.abs()?.max(D::Minus1)?;
-    (per_position * mask.to_dtype(DType::F32)?)?
-        .max_all()?
-        .to_scalar::<f32>()
 }
 
 #[test]
@@ -379,10 +380,130 @@ fn exported_adapter_reimports_with_peft_logits_and_matches_the_merged_model() ->
     let mask = mask.to_dtype(DType::U32)?;
     let adapted_logits = adapted.language_model().logits(&ids, &mask)?;
     let merged_logits = merged.language_model().logits(&ids, &mask)?;
+    // The adapter came in through crate::peft in inference mode: no autograd graph was built.
+    assert!(!adapted_logits.track_op(), "inference built graph nodes");
     let versus_peft = masked_max_abs(&adapted_logits, &expected["logits"], &mask)?;
     let versus_merged = masked_max_abs(&adapted_logits, &merged_logits, &mask)?;
     eprintln!("re-imported adapter vs PEFT: {versus_peft:e}; vs merged export: {versus_merged:e}");
     assert!(versus_peft <= 1e-4, "{versus_peft}");
     assert!(versus_merged <= 1e-4, "{versus_merged}");
+    Ok(())
+}
+
+/// Sharded like transformers above `max_shard_size` (index with total_size and weight_map), and
+/// the round trip export → load → logits gives exactly the unsharded export's logits; `dtype:
+/// bf16` stores every tensor as the f32 merge rounded to bf16 and says so in config.json.
+#[test]
+fn merged_export_shards_and_converts_dtype() -> TestResult {
+    let Some(shared) = shared_dir() else {
+        eprintln!("skipped: PEFTPIPE_SHARED not set");
+        return Ok(());
+    };
+    let base = shared.join("models/stories260k");
+    let reference = base.join("reference/peft_lora");
+    let project = tempfile::tempdir()?;
+    let train = fake_train_artifact(project.path(), &reference, &base);
+    export(project.path(), &train, config(None, Some("single")), false)?;
+    let limit = 256 * 1024;
+    export(
+        project.path(),
+        &train,
+        merged_config(None, Some("sharded"), Some("256KiB"), None),
+        false,
+    )?;
+    export(
+        project.path(),
+        &train,
+        merged_config(None, Some("bf16"), None, Some(ExportDtype::Bf16)),
+        false,
+    )?;
+    let single = project.path().join("single");
+    let sharded = project.path().join("sharded");
+    assert!(single.join("model.safetensors").is_file());
+    assert!(!single.join("model.safetensors.index.json").exists());
+
+    // The index: every tensor mapped to an existing shard, total_size = the tensor bytes.
+    assert!(!sharded.join("model.safetensors").exists());
+    let index: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(
+        sharded.join("model.safetensors.index.json"),
+    )?)?;
+    let weight_map = index["weight_map"].as_object().ok_or("no weight_map")?;
+    let single_tensors =
+        candle_core::safetensors::load(single.join("model.safetensors"), &Device::Cpu)?;
+    let mut names: Vec<&String> = single_tensors.keys().collect();
+    names.sort();
+    assert_eq!(weight_map.keys().collect::<Vec<_>>(), names);
+    let tensor_bytes: usize = single_tensors
+        .values()
+        .map(|t| t.elem_count() * t.dtype().size_in_bytes())
+        .sum();
+    assert_eq!(index["metadata"]["total_size"], tensor_bytes as u64);
+    let shards: std::collections::BTreeSet<&str> =
+        weight_map.values().filter_map(|v| v.as_str()).collect();
+    assert!(
+        shards.len() >= 4,
+        "{} shards for {tensor_bytes} bytes",
+        shards.len()
+    );
+    for (position, shard) in shards.iter().enumerate() {
+        assert_eq!(
+            *shard,
+            format!(
+                "model-{:05}-of-{:05}.safetensors",
+                position + 1,
+                shards.len()
+            )
+        );
+        let tensors = candle_core::safetensors::load(sharded.join(shard), &Device::Cpu)?;
+        let bytes: usize = tensors
+            .values()
+            .map(|t| t.elem_count() * t.dtype().size_in_bytes())
+            .sum();
+        assert!(
+            bytes <= limit || tensors.len() == 1,
+            "{shard}: {bytes} bytes"
+        );
+        for (name, tensor) in &tensors {
+            assert_eq!(weight_map[name], *shard);
+            assert_eq!(max_difference(tensor, &single_tensors[name]), 0.0, "{name}");
+        }
+    }
+
+    // Round trip: our loader on the shards gives the unsharded export's logits exactly.
+    let inputs = candle_core::safetensors::load(
+        base.join("reference/base_logits.safetensors"),
+        &Device::Cpu,
+    )?;
+    let (ids, mask) = (&inputs["input_ids"], &inputs["attention_mask"]);
+    let logits = |dir: &Path| -> Result<Tensor, Box<dyn std::error::Error>> {
+        let model = ModelDir::open(dir)?.load(&Device::Cpu, DType::F32, &FrozenLinearFactory)?;
+        Ok(model.forward(ids, Some(mask), &Hooks::none())?)
+    };
+    let single_logits = logits(&single)?;
+    let sharded_logits = logits(&sharded)?;
+    let error = masked_max_abs(&sharded_logits, &single_logits, mask)?;
+    eprintln!(
+        "sharded ({} files) vs single-file merged export: max abs logit error = {error:e}",
+        shards.len()
+    );
+    assert_eq!(error, 0.0);
+
+    // dtype: bf16 — every tensor is the f32 merge rounded to bf16; config.json says bfloat16.
+    let bf16 = project.path().join("bf16");
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(bf16.join("config.json"))?)?;
+    assert_eq!(config["torch_dtype"], "bfloat16");
+    let bf16_tensors =
+        candle_core::safetensors::load(bf16.join("model.safetensors"), &Device::Cpu)?;
+    assert_eq!(bf16_tensors.len(), single_tensors.len());
+    for (name, tensor) in &bf16_tensors {
+        assert_eq!(tensor.dtype(), DType::BF16, "{name}");
+        let expected = single_tensors[name].to_dtype(DType::BF16)?;
+        assert_eq!(max_difference(tensor, &expected), 0.0, "{name}");
+    }
+    let bf16_logits = logits(&bf16)?;
+    let error = masked_max_abs(&bf16_logits, &single_logits, mask)?;
+    eprintln!("bf16 merged export vs f32: max abs logit error = {error:e}");
+    assert!(error < 0.25, "{error}");
     Ok(())
 }

@@ -2,16 +2,9 @@
 //! argument errors. Needs `PEFTPIPE_SHARED` for the model tests (skips with a printed reason).
 #![expect(clippy::print_stderr, reason = "tests print skip reasons")]
 
-use std::path::PathBuf;
-use std::process::Command;
+mod support;
 
-fn shared_dir() -> Option<PathBuf> {
-    std::env::var_os("PEFTPIPE_SHARED").map(PathBuf::from)
-}
-
-fn peftpipe() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_peftpipe"))
-}
+use support::{peftpipe, shared_dir};
 
 #[test]
 fn generate_json_gives_the_known_greedy_text_of_stories260k() {

@@ -6,81 +6,15 @@
     reason = "tests print why they skip and the parity they measured"
 )]
 
-use std::collections::HashMap;
-use std::path::PathBuf;
+mod support;
 
 use candle_core::{DType, Device, Tensor, Var};
-use candle_nn::VarBuilder;
-use peftpipe::models::{llama::Llama, CausalLm, FrozenLinearFactory, Hooks, ModelConfig, ModelDir};
+use peftpipe::models::{CausalLm, FrozenLinearFactory, Hooks, ModelConfig, ModelDir};
 use peftpipe::peft::targets::{lora_parameter_count, matched_modules};
 use peftpipe::peft::{load_adapter, Adapter, LoraAdapter, LoraSettings, TargetModules};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-
-fn shared_dir() -> Option<PathBuf> {
-    std::env::var_os("PEFTPIPE_SHARED").map(PathBuf::from)
-}
-
-fn tiny_llama_config() -> ModelConfig {
-    ModelConfig::from_json(&serde_json::json!({
-        "model_type": "llama", "hidden_size": 16, "intermediate_size": 24,
-        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
-        "vocab_size": 40, "max_position_embeddings": 64, "rms_norm_eps": 1e-5,
-        "rope_theta": 10000.0, "tie_word_embeddings": false
-    }))
-    .unwrap()
-}
-
-/// Seeded random weights for the tiny Llama (std 0.2 so LoRA changes are visible).
-fn tiny_weights(config: &ModelConfig, seed: u64) -> HashMap<String, Tensor> {
-    let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    let mut weights = HashMap::new();
-    let mut random = |shape: &[usize]| {
-        let count: usize = shape.iter().product();
-        let values: Vec<f32> = (0..count)
-            .map(|_| rng.random::<f32>() * 0.4 - 0.2)
-            .collect();
-        Tensor::from_vec(values, shape, &Device::Cpu).unwrap()
-    };
-    let ModelConfig::Llama(llama) = config else {
-        unreachable!()
-    };
-    weights.insert(
-        "model.embed_tokens.weight".into(),
-        random(&[llama.vocab_size, llama.hidden_size]),
-    );
-    for layer in config.linear_layers() {
-        weights.insert(
-            format!("{}.weight", layer.path),
-            random(&[layer.out_features, layer.in_features]),
-        );
-    }
-    for i in 0..llama.num_hidden_layers {
-        for norm in ["input_layernorm", "post_attention_layernorm"] {
-            weights.insert(
-                format!("model.layers.{i}.{norm}.weight"),
-                random(&[llama.hidden_size]).affine(1.0, 1.0).unwrap(),
-            );
-        }
-    }
-    weights.insert(
-        "model.norm.weight".into(),
-        Tensor::ones(llama.hidden_size, DType::F32, &Device::Cpu).unwrap(),
-    );
-    weights
-}
-
-fn build(
-    config: &ModelConfig,
-    weights: &HashMap<String, Tensor>,
-    factory: &dyn peftpipe::models::LinearFactory,
-) -> Llama {
-    let ModelConfig::Llama(llama) = config else {
-        unreachable!()
-    };
-    let builder = VarBuilder::from_tensors(weights.clone(), DType::F32, &Device::Cpu);
-    Llama::load(builder, llama, config, factory).unwrap()
-}
+use support::{build_llama, llama_weights, max_difference, shared_dir, tiny_llama_config};
 
 fn settings(targets: TargetModules) -> LoraSettings {
     LoraSettings {
@@ -109,17 +43,6 @@ fn logits(model: &dyn CausalLm) -> Tensor {
     model.forward(&ids, Some(&mask), &Hooks::none()).unwrap()
 }
 
-fn max_difference(a: &Tensor, b: &Tensor) -> f32 {
-    a.sub(b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
-}
-
 /// Give every lora_B small random values so the adapter is not a no-op.
 fn perturb(adapter: &dyn Adapter, seed: u64) {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
@@ -137,10 +60,10 @@ fn perturb(adapter: &dyn Adapter, seed: u64) {
 #[test]
 fn step_zero_lora_logits_equal_the_base_model() {
     let config = tiny_llama_config();
-    let weights = tiny_weights(&config, 1);
-    let base = build(&config, &weights, &FrozenLinearFactory);
+    let weights = llama_weights(&config, 1, 0.2);
+    let base = build_llama(&config, &weights, &FrozenLinearFactory);
     let adapter = LoraAdapter::new(settings(TargetModules::AllLinear), &Device::Cpu).unwrap();
-    let adapted = build(&config, &weights, &adapter);
+    let adapted = build_llama(&config, &weights, &adapter);
     adapter.finish_injection().unwrap();
     // 2 layers × 7 linears, lm_head excluded.
     assert_eq!(adapter.trainable_vars().len(), 2 * 14);
@@ -150,10 +73,10 @@ fn step_zero_lora_logits_equal_the_base_model() {
 #[test]
 fn merged_and_unmerged_logits_agree() {
     let config = tiny_llama_config();
-    let weights = tiny_weights(&config, 2);
-    let base = build(&config, &weights, &FrozenLinearFactory);
+    let weights = llama_weights(&config, 2, 0.2);
+    let base = build_llama(&config, &weights, &FrozenLinearFactory);
     let adapter = LoraAdapter::new(settings(TargetModules::AllLinear), &Device::Cpu).unwrap();
-    let adapted = build(&config, &weights, &adapter);
+    let adapted = build_llama(&config, &weights, &adapter);
     perturb(&adapter, 3);
     let unmerged = logits(&adapted);
     assert!(
@@ -169,7 +92,7 @@ fn merged_and_unmerged_logits_agree() {
     for (path, weight) in adapter.merged_weights().unwrap() {
         merged_weights.insert(format!("{path}.weight"), weight);
     }
-    let exported = build(&config, &merged_weights, &FrozenLinearFactory);
+    let exported = build_llama(&config, &merged_weights, &FrozenLinearFactory);
     let error = max_difference(&logits(&exported), &unmerged);
     assert!(error < 1e-5, "exported merged model vs adapter: {error}");
     adapter.unmerge().unwrap();
@@ -180,9 +103,9 @@ fn merged_and_unmerged_logits_agree() {
 #[test]
 fn every_lora_tensor_gets_a_finite_nonzero_gradient() {
     let config = tiny_llama_config();
-    let weights = tiny_weights(&config, 4);
+    let weights = llama_weights(&config, 4, 0.2);
     let adapter = LoraAdapter::new(settings(TargetModules::AllLinear), &Device::Cpu).unwrap();
-    let model = build(&config, &weights, &adapter);
+    let model = build_llama(&config, &weights, &adapter);
     // With B = 0, A's gradient is exactly zero (dL/dA = Bᵀ·…): perturb B first, as after a step.
     perturb(&adapter, 5);
     let (ids, mask) = inputs();
@@ -207,10 +130,10 @@ fn every_lora_tensor_gets_a_finite_nonzero_gradient() {
 #[test]
 fn saved_adapter_loads_back_to_identical_logits() {
     let config = tiny_llama_config();
-    let weights = tiny_weights(&config, 6);
+    let weights = llama_weights(&config, 6, 0.2);
     let targets = TargetModules::Names(vec!["q_proj".into(), "v_proj".into(), "down_proj".into()]);
     let adapter = LoraAdapter::new(settings(targets), &Device::Cpu).unwrap();
-    let model = build(&config, &weights, &adapter);
+    let model = build_llama(&config, &weights, &adapter);
     perturb(&adapter, 7);
     let expected = logits(&model);
     let dir = tempfile::tempdir().unwrap();
@@ -241,7 +164,7 @@ fn saved_adapter_loads_back_to_identical_logits() {
     );
 
     let loaded = load_adapter(dir.path(), &Device::Cpu).unwrap();
-    let reloaded = build(&config, &weights, loaded.linear_factory());
+    let reloaded = build_llama(&config, &weights, loaded.linear_factory());
     loaded.finish_injection().unwrap();
     assert_eq!(max_difference(&logits(&reloaded), &expected), 0.0);
     // Saving the loaded adapter gives the same bytes.
@@ -259,13 +182,13 @@ fn saved_adapter_loads_back_to_identical_logits() {
 #[test]
 fn an_adapter_for_other_modules_is_refused() {
     let config = tiny_llama_config();
-    let weights = tiny_weights(&config, 8);
+    let weights = llama_weights(&config, 8, 0.2);
     let adapter = LoraAdapter::new(
         settings(TargetModules::Names(vec!["q_proj".into()])),
         &Device::Cpu,
     )
     .unwrap();
-    build(&config, &weights, &adapter);
+    build_llama(&config, &weights, &adapter);
     let dir = tempfile::tempdir().unwrap();
     adapter.save(dir.path(), "x").unwrap();
     // Loaded with a model that lacks layer 1: its tensors match nothing → an error naming them.
@@ -275,9 +198,9 @@ fn an_adapter_for_other_modules_is_refused() {
         "vocab_size": 40, "max_position_embeddings": 64, "tie_word_embeddings": false
     }))
     .unwrap();
-    let small_weights = tiny_weights(&small, 9);
+    let small_weights = llama_weights(&small, 9, 0.2);
     let loaded = load_adapter(dir.path(), &Device::Cpu).unwrap();
-    build(&small, &small_weights, loaded.linear_factory());
+    build_llama(&small, &small_weights, loaded.linear_factory());
     let error = loaded.finish_injection().unwrap_err().to_string();
     assert!(error.contains("model.layers.1.self_attn.q_proj"), "{error}");
 }
@@ -484,13 +407,13 @@ fn stories260k_all_seven_count_matches_the_reference_adapter() {
 #[test]
 fn var_count_is_two_per_targeted_layer() {
     let config = tiny_llama_config();
-    let weights = tiny_weights(&config, 10);
+    let weights = llama_weights(&config, 10, 0.2);
     let adapter = LoraAdapter::new(
         settings(TargetModules::regex(r".*\.layers\.1\.mlp\..*").unwrap()),
         &Device::Cpu,
     )
     .unwrap();
-    build(&config, &weights, &adapter);
+    build_llama(&config, &weights, &adapter);
     adapter.finish_injection().unwrap();
     let vars: Vec<(String, Var)> = adapter.trainable_vars();
     assert_eq!(vars.len(), 6);

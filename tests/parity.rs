@@ -6,29 +6,18 @@
     reason = "tests print skip reasons and the measured errors"
 )]
 
+mod support;
+
 use std::path::PathBuf;
 
-use candle_core::{DType, Device, Tensor, D};
+use candle_core::{DType, Device, Tensor};
 use peftpipe::models::generate::{greedy, GreedyOptions};
 use peftpipe::models::{CausalLm, FrozenLinearFactory, Hooks, ModelDir};
 use peftpipe::ops::next_token_cross_entropy;
-
-type TestResult = Result<(), Box<dyn std::error::Error>>;
-
-fn shared_dir() -> Option<PathBuf> {
-    std::env::var_os("PEFTPIPE_SHARED").map(PathBuf::from)
-}
+use support::{masked_max_abs, shared_dir, TestResult};
 
 fn load(dir: &std::path::Path) -> Result<Box<dyn CausalLm>, Box<dyn std::error::Error>> {
     Ok(ModelDir::open(dir)?.load(&Device::Cpu, DType::F32, &FrozenLinearFactory)?)
-}
-
-/// Max |ours − reference| over positions where the mask is 1.
-fn masked_max_abs(ours: &Tensor, reference: &Tensor, mask: &Tensor) -> candle_core::Result<f32> {
-    let per_position = (ours - reference)?.abs()?.max(D::Minus1)?;
-    (per_position * mask.to_dtype(DType::F32)?)?
-        .max_all()?
-        .to_scalar::<f32>()
 }
 
 fn check_reference_logits(model_dir: PathBuf, reference: PathBuf, name: &str) -> TestResult {

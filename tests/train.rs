@@ -7,12 +7,13 @@
     reason = "tests print why they skip and the figures they measured"
 )]
 
+mod support;
+
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use candle_core::{DType, Device, Tensor};
-use candle_nn::VarBuilder;
 use peftpipe::config::train::{ScheduleKind, Truncation};
 use peftpipe::data::batch::{fit, HostBatch, Sequence};
 use peftpipe::data::tokenize::TextTokenizer;
@@ -22,58 +23,7 @@ use peftpipe::train::bench::EveryToken;
 use peftpipe::train::{train, AdamWSettings, LossModel, TrainError, TrainOutcome, TrainerSettings};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-
-fn shared_dir() -> Option<PathBuf> {
-    std::env::var_os("PEFTPIPE_SHARED").map(PathBuf::from)
-}
-
-fn tiny_config_json() -> serde_json::Value {
-    serde_json::json!({
-        "model_type": "llama", "hidden_size": 16, "intermediate_size": 24,
-        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
-        "vocab_size": 40, "max_position_embeddings": 64, "rms_norm_eps": 1e-5,
-        "rope_theta": 10000.0, "tie_word_embeddings": false, "bos_token_id": 1, "eos_token_id": 2
-    })
-}
-
-/// Seeded base weights of the tiny Llama, named as in a checkpoint.
-fn tiny_weights(config: &ModelConfig, seed: u64) -> HashMap<String, Tensor> {
-    let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    let mut random = |shape: &[usize], offset: f32| {
-        let count: usize = shape.iter().product();
-        let values: Vec<f32> = (0..count)
-            .map(|_| rng.random::<f32>() * 0.6 - 0.3 + offset)
-            .collect();
-        Tensor::from_vec(values, shape, &Device::Cpu).unwrap()
-    };
-    let ModelConfig::Llama(llama) = config else {
-        unreachable!()
-    };
-    let mut weights = HashMap::new();
-    weights.insert(
-        "model.embed_tokens.weight".to_string(),
-        random(&[llama.vocab_size, llama.hidden_size], 0.0),
-    );
-    for layer in config.linear_layers() {
-        weights.insert(
-            format!("{}.weight", layer.path),
-            random(&[layer.out_features, layer.in_features], 0.0),
-        );
-    }
-    for i in 0..llama.num_hidden_layers {
-        for norm in ["input_layernorm", "post_attention_layernorm"] {
-            weights.insert(
-                format!("model.layers.{i}.{norm}.weight"),
-                random(&[llama.hidden_size], 1.0),
-            );
-        }
-    }
-    weights.insert(
-        "model.norm.weight".to_string(),
-        random(&[llama.hidden_size], 1.0),
-    );
-    weights
-}
+use support::{build_llama, llama_weights, shared_dir, tiny_llama_json};
 
 /// Prompt/completion sequences over the tiny vocabulary, with a learnable pattern: the completion
 /// repeats the prompt's last token pattern.
@@ -101,10 +51,7 @@ struct Run {
 }
 
 fn setup(weights: &HashMap<String, Tensor>, seed: u64, dropout: f32) -> Run {
-    let config = ModelConfig::from_json(&tiny_config_json()).unwrap();
-    let ModelConfig::Llama(llama) = &config else {
-        unreachable!()
-    };
+    let config = ModelConfig::from_json(&tiny_llama_json()).unwrap();
     let adapter = LoraAdapter::new(
         LoraSettings {
             rank: 4,
@@ -118,8 +65,7 @@ fn setup(weights: &HashMap<String, Tensor>, seed: u64, dropout: f32) -> Run {
         &Device::Cpu,
     )
     .unwrap();
-    let builder = VarBuilder::from_tensors(weights.clone(), DType::F32, &Device::Cpu);
-    let model = Llama::load(builder, llama, &config, &adapter).unwrap();
+    let model = build_llama(&config, weights, &adapter);
     adapter.finish_injection().unwrap();
     Run { model, adapter }
 }
@@ -197,8 +143,8 @@ fn train_once(
 
 #[test]
 fn same_seed_gives_identical_adapter_bytes() {
-    let config = ModelConfig::from_json(&tiny_config_json()).unwrap();
-    let weights = tiny_weights(&config, 1);
+    let config = ModelConfig::from_json(&tiny_llama_json()).unwrap();
+    let weights = llama_weights(&config, 1, 0.3);
     let data = sequences(12, 2);
     let settings = trainer_settings(7);
     let (first, first_bytes) = train_once(&weights, &data, &settings, 0.1, None);
@@ -212,8 +158,8 @@ fn same_seed_gives_identical_adapter_bytes() {
 
 #[test]
 fn resume_from_a_checkpoint_is_bit_identical_to_an_uninterrupted_run() {
-    let config = ModelConfig::from_json(&tiny_config_json()).unwrap();
-    let weights = tiny_weights(&config, 3);
+    let config = ModelConfig::from_json(&tiny_llama_json()).unwrap();
+    let weights = llama_weights(&config, 3, 0.3);
     let data = sequences(12, 4);
     let mut settings = trainer_settings(9);
     settings.checkpoint_every = 3;
@@ -253,8 +199,8 @@ fn resume_from_a_checkpoint_is_bit_identical_to_an_uninterrupted_run() {
 
 #[test]
 fn accumulating_two_half_batches_equals_one_full_batch() {
-    let config = ModelConfig::from_json(&tiny_config_json()).unwrap();
-    let weights = tiny_weights(&config, 5);
+    let config = ModelConfig::from_json(&tiny_llama_json()).unwrap();
+    let weights = llama_weights(&config, 5, 0.3);
     let data = sequences(8, 6);
     let mut full = trainer_settings(3);
     full.sort_by_length = false;
@@ -321,8 +267,8 @@ impl LossModel for Broken<'_> {
 
 #[test]
 fn non_finite_loss_or_gradient_stops_with_the_step() {
-    let config = ModelConfig::from_json(&tiny_config_json()).unwrap();
-    let weights = tiny_weights(&config, 7);
+    let config = ModelConfig::from_json(&tiny_llama_json()).unwrap();
+    let weights = llama_weights(&config, 7, 0.3);
     let data = sequences(8, 8);
     let mut settings = trainer_settings(1);
     settings.accumulation = 1;
@@ -374,8 +320,8 @@ fn non_finite_loss_or_gradient_stops_with_the_step() {
 
 #[test]
 fn training_lowers_the_loss_on_a_learnable_pattern() {
-    let config = ModelConfig::from_json(&tiny_config_json()).unwrap();
-    let weights = tiny_weights(&config, 9);
+    let config = ModelConfig::from_json(&tiny_llama_json()).unwrap();
+    let weights = llama_weights(&config, 9, 0.3);
     let data = sequences(16, 10);
     let mut settings = trainer_settings(2);
     settings.max_steps = Some(40);
@@ -405,8 +351,8 @@ fn training_lowers_the_loss_on_a_learnable_pattern() {
 #[test]
 fn every_token_loss_model_trains_too() {
     // The benchmark's loss model (all tokens scored) on the same tiny model.
-    let config = ModelConfig::from_json(&tiny_config_json()).unwrap();
-    let weights = tiny_weights(&config, 11);
+    let config = ModelConfig::from_json(&tiny_llama_json()).unwrap();
+    let weights = llama_weights(&config, 11, 0.3);
     let data: Vec<Sequence> = sequences(4, 12)
         .into_iter()
         .map(|s| Sequence {
@@ -438,10 +384,10 @@ fn every_token_loss_model_trains_too() {
 fn tiny_model_dir(dir: &Path) {
     use tokenizers::models::wordlevel::WordLevel;
     use tokenizers::pre_tokenizers::whitespace::Whitespace;
-    let config = tiny_config_json();
+    let config = tiny_llama_json();
     std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
     let model_config = ModelConfig::from_json(&config).unwrap();
-    let weights = tiny_weights(&model_config, 13);
+    let weights = llama_weights(&model_config, 13, 0.3);
     candle_core::safetensors::save(&weights, dir.join("model.safetensors")).unwrap();
     let mut words = vec!["<unk>".to_string(), "<s>".into(), "</s>".into()];
     words.extend((3..40).map(|i| format!("w{i}")));

@@ -2,15 +2,15 @@
 //! scoring for accuracy) and text generation (greedy or seeded temperature / top-p sampling) with
 //! the model's KV cache, stopping at EOS.
 //!
-//! Owns: the [`LanguageModel`] view of a causal LM that inference needs, batching of encoded
-//! examples, the scoring and generation loops, the samplers, and loading a model folder (with an
-//! inference-only LoRA, `lora.rs`) for `generate` and `evaluate`. Must not: train, build autograd
-//! graphs (every weight it sees is a plain tensor, never a `Var`), read pipelines or Parquet, or
-//! print.
+//! Owns: the [`LanguageModel`] view of a causal LM that inference needs, the tensor form of
+//! scoring batches (padding and masks come from `data::batch`, as in training), the scoring and
+//! generation loops, the samplers, and loading a model folder (with a PEFT adapter through
+//! `crate::peft`, switched to inference mode) for `generate` and `evaluate`. Must not: train,
+//! build autograd graphs (base weights are plain tensors; adapters in `AdapterMode::Eval` hand
+//! their variables to the forward pass detached), read pipelines or Parquet, or print.
 
 pub mod batch;
 pub mod generate;
-pub mod lora;
 pub mod model;
 pub mod sample;
 pub mod score;
@@ -19,7 +19,7 @@ pub mod text;
 
 use candle_core::{Device, Result, Tensor};
 
-pub use batch::{Batch, Example};
+pub use batch::{joined, Batch, Sequence};
 pub use generate::{generate, Generated, GenerationSettings, StopReason};
 pub use sample::Sampling;
 pub use score::{score_examples, NllTotal, SequenceScore};

@@ -4,7 +4,7 @@
 
 use candle_core::{DType, D};
 
-use super::batch::{Batch, Example};
+use super::batch::{Batch, Sequence};
 use super::LanguageModel;
 
 /// The log-likelihood of one example's scored tokens.
@@ -54,19 +54,20 @@ impl NllTotal {
 /// Score one batch: per example, the log-likelihood of its scored tokens.
 pub fn score_batch<M: LanguageModel>(
     model: &M,
-    examples: &[&Example],
+    sequences: &[Sequence],
+    indices: &[usize],
     pad_id: u32,
 ) -> candle_core::Result<Vec<SequenceScore>> {
-    let batch = Batch::new(examples, pad_id, model.device())?;
+    let batch = Batch::new(sequences, indices, pad_id, model.device())?;
     let logits = model
         .logits(&batch.input_ids, &batch.attention_mask)?
         .to_dtype(DType::F32)?;
     let (count, time, _vocab) = logits.dims3()?;
-    if count != examples.len() || time != batch.scored[0].len() {
+    if count != indices.len() || time != batch.scored[0].len() {
         candle_core::bail!(
             "the model returned logits of shape {:?} for a batch of {} × {}",
             logits.dims(),
-            examples.len(),
+            indices.len(),
             batch.scored[0].len()
         )
     }
@@ -105,7 +106,7 @@ pub fn score_batch<M: LanguageModel>(
 /// with the number of examples scored so far; an error from it (e.g. cancellation) stops.
 pub fn score_examples<M, E>(
     model: &M,
-    examples: &[Example],
+    examples: &[Sequence],
     batch_size: usize,
     pad_id: u32,
     mut after_batch: impl FnMut(usize) -> Result<(), E>,
@@ -126,8 +127,7 @@ where
     ];
     let mut done = 0;
     for chunk in order.chunks(batch_size) {
-        let batch: Vec<&Example> = chunk.iter().map(|&index| &examples[index]).collect();
-        let batch_scores = score_batch(model, &batch, pad_id)?;
+        let batch_scores = score_batch(model, examples, chunk, pad_id)?;
         for (&index, score) in chunk.iter().zip(batch_scores) {
             scores[index] = score;
         }
@@ -142,6 +142,7 @@ pub(crate) mod tests {
     use candle_core::{Device, Result, Tensor};
 
     use super::*;
+    use crate::infer::batch::joined;
 
     /// A bigram model: the logits at each position are row `token` of a fixed table, so every
     /// probability is known by hand. Its cache is the last token seen.
@@ -201,10 +202,7 @@ pub(crate) mod tests {
     #[test]
     fn perplexity_is_exp_of_mean_nll_over_completion_tokens_only() {
         let model = bigram();
-        let examples = vec![
-            Example::from_parts(&[0, 1], &[2, 3]),
-            Example::from_parts(&[3], &[1, 0, 2]),
-        ];
+        let examples = vec![joined(&[0, 1], &[2, 3]), joined(&[3], &[1, 0, 2])];
         let scores =
             score_examples::<_, candle_core::Error>(&model, &examples, 1, 0, |_| Ok(())).unwrap();
         // By hand: completion tokens only (the prompt's 0→1 is context).
@@ -224,9 +222,9 @@ pub(crate) mod tests {
     fn batching_and_padding_do_not_change_scores() {
         let model = bigram();
         let examples = vec![
-            Example::from_parts(&[0, 1, 2, 3, 0], &[1]),
-            Example::from_parts(&[2], &[3, 3]),
-            Example::from_parts(&[1, 1], &[0]),
+            joined(&[0, 1, 2, 3, 0], &[1]),
+            joined(&[2], &[3, 3]),
+            joined(&[1, 1], &[0]),
         ];
         let one =
             score_examples::<_, candle_core::Error>(&model, &examples, 1, 0, |_| Ok(())).unwrap();

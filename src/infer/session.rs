@@ -7,12 +7,12 @@ use candle_core::{DType, Device};
 use serde::Serialize;
 
 use super::generate::{generate, GenerationSettings, StopReason};
-use super::lora::InferenceLora;
 use super::model::HookedModel;
 use super::sample::Sampling;
 use super::text::decode_continuation;
 use super::TextCodec;
 use crate::models::{CausalLm, FrozenLinearFactory, Hooks, ModelDir, ModelTokenizer};
+use crate::peft::{load_adapter, Adapter, AdapterMode};
 
 /// A model ready for inference: weights (adapter applied), tokenizer, hooks.
 pub struct InferenceModel {
@@ -20,6 +20,8 @@ pub struct InferenceModel {
     pub model: Box<dyn CausalLm>,
     pub tokenizer: ModelTokenizer,
     pub hooks: Hooks,
+    /// The PEFT adapter built into `model`, in inference mode (no dropout, no graph).
+    pub adapter: Option<Box<dyn Adapter>>,
 }
 
 impl InferenceModel {
@@ -33,16 +35,22 @@ impl InferenceModel {
     ) -> Result<Self, String> {
         let dir = ModelDir::open(model_dir).map_err(|e| e.to_string())?;
         let tokenizer = dir.tokenizer().map_err(|e| e.to_string())?;
-        let model = match adapter_dir {
-            None => dir
-                .load(device, dtype, &FrozenLinearFactory)
-                .map_err(|e| e.to_string())?,
+        let (model, adapter) = match adapter_dir {
+            None => (
+                dir.load(device, dtype, &FrozenLinearFactory)
+                    .map_err(|e| e.to_string())?,
+                None,
+            ),
             Some(adapter_dir) => {
-                let lora = InferenceLora::load(adapter_dir, device)?;
-                let model = dir.load(device, dtype, &lora).map_err(|e| e.to_string())?;
-                lora.finish()
+                let adapter = load_adapter(adapter_dir, device).map_err(|e| e.to_string())?;
+                adapter.set_mode(AdapterMode::Eval);
+                let model = dir
+                    .load(device, dtype, adapter.linear_factory())
                     .map_err(|e| format!("{}: {e}", adapter_dir.display()))?;
-                model
+                adapter
+                    .finish_injection()
+                    .map_err(|e| format!("{}: {e}", adapter_dir.display()))?;
+                (model, Some(adapter))
             }
         };
         Ok(InferenceModel {
@@ -50,6 +58,7 @@ impl InferenceModel {
             model,
             tokenizer,
             hooks: Hooks::none(),
+            adapter,
         })
     }
 

@@ -1,8 +1,8 @@
 //! Text ↔ token ids for inference: the [`TextCodec`] view of a tokenizer (implemented for the
 //! models' `ModelTokenizer` in `model.rs`) and how a (prompt, completion) pair becomes a scored
-//! [`Example`].
+//! [`TokenizedExample`] (training's form).
 
-use super::batch::Example;
+use crate::data::tokenize::TokenizedExample;
 
 /// What inference needs from a tokenizer: the same prompt / completion split training uses
 /// (the prompt with the tokenizer's leading special tokens, the completion as plain tokens).
@@ -27,7 +27,7 @@ pub fn encode_pair(
     prompt: &str,
     completion: &str,
     append_eos: bool,
-) -> Result<Example, String> {
+) -> Result<TokenizedExample, String> {
     let prompt_ids = codec.encode_prompt(prompt)?;
     let mut completion_ids = codec.encode_continuation(completion)?;
     if append_eos {
@@ -38,7 +38,10 @@ pub fn encode_pair(
             .ok_or("the tokenizer declares no EOS token to append")?;
         completion_ids.push(eos);
     }
-    Ok(Example::from_parts(&prompt_ids, &completion_ids))
+    Ok(TokenizedExample {
+        prompt: prompt_ids,
+        completion: completion_ids,
+    })
 }
 
 /// The text `ids` add after `prompt_ids`: decoded together and the prompt's text cut off, so a
@@ -104,11 +107,9 @@ pub(crate) mod tests {
     #[test]
     fn the_completion_is_scored_and_eos_appended() {
         let example = encode_pair(&LetterCodec, "ab", "c", true).unwrap();
-        assert_eq!(example.ids, [1, 3, 4, 5, 2]);
-        assert_eq!(example.scored_from, 3);
-        assert_eq!(example.scored_tokens(), 2);
+        assert_eq!(example.prompt, [1, 3, 4]);
+        assert_eq!(example.completion, [5, 2]);
         let example = encode_pair(&LetterCodec, "ab", "c", false).unwrap();
-        assert_eq!(example.ids, [1, 3, 4, 5]);
-        assert_eq!(example.scored_tokens(), 1);
+        assert_eq!(example.completion, [5]);
     }
 }

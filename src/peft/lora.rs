@@ -19,6 +19,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde_json::{json, Value};
 
+use super::lora_file::LoraFile;
 use super::targets::TargetModules;
 use super::{
     mix_seed, read_adapter_config, safetensors_bytes, write_atomic, Adapter, AdapterMode,
@@ -122,15 +123,23 @@ impl LoraLinear {
         let in_features = *dims.last().unwrap_or(&0);
         let rows = x.elem_count() / in_features.max(1);
         let mut input = x.reshape((rows, in_features))?;
-        if self.dropout > 0.0 && self.runtime.training.load(Ordering::Acquire) {
+        let training = self.runtime.training.load(Ordering::Acquire);
+        if self.dropout > 0.0 && training {
             let seed = mix_seed(
                 self.runtime.dropout_seed.load(Ordering::Acquire),
                 &self.path,
             );
             input = input.mul(&dropout_mask(seed, self.dropout, rows, in_features, x)?)?;
         }
-        let a = self.a.as_tensor().to_dtype(x.dtype())?;
-        let b = self.b.as_tensor().to_dtype(x.dtype())?;
+        // In inference mode A and B enter detached: with a frozen base and untracked inputs the
+        // forward pass then builds no autograd graph (evaluation, generation).
+        let (a, b) = if training {
+            (self.a.as_tensor().clone(), self.b.as_tensor().clone())
+        } else {
+            (self.a.as_tensor().detach(), self.b.as_tensor().detach())
+        };
+        let a = a.to_dtype(x.dtype())?;
+        let b = b.to_dtype(x.dtype())?;
         // s·B(A x): scaling the rank-r intermediate is the cheapest place for it.
         let hidden = input.matmul(&a.t()?)?.affine(self.scale, 0.0)?;
         let delta = hidden.matmul(&b.t()?)?;
@@ -240,11 +249,15 @@ impl LoraAdapter {
                 settings.dropout
             )));
         }
+        let runtime = Arc::new(Runtime {
+            training: AtomicBool::new(true),
+            dropout_seed: AtomicU64::new(settings.seed),
+        });
         Ok(LoraAdapter {
             settings,
             device: device.clone(),
             source: Source::Init,
-            runtime: Arc::default(),
+            runtime,
             layers: Mutex::new(Vec::new()),
         })
     }
@@ -257,36 +270,13 @@ impl LoraAdapter {
         let settings = settings_from_peft_config(&config).map_err(|message| {
             PeftError::invalid(format!("{}: {message}", config_path.display()))
         })?;
-        let weights_path = dir.join(ADAPTER_WEIGHTS);
-        let raw = candle_core::safetensors::load(&weights_path, device)
-            .context(|| format!("reading {}", weights_path.display()))?;
-        let mut tensors = LoadedPairs::new();
-        for (name, tensor) in raw {
-            let parse = || {
-                let rest = name.strip_prefix(PEFT_PREFIX)?;
-                if let Some(path) = rest.strip_suffix(".lora_A.weight") {
-                    Some((path.to_string(), true))
-                } else {
-                    rest.strip_suffix(".lora_B.weight")
-                        .map(|path| (path.to_string(), false))
-                }
-            };
-            let Some((path, is_a)) = parse() else {
-                return Err(PeftError::invalid(format!(
-                    "{}: unexpected tensor `{name}` (expected {PEFT_PREFIX}<module>.lora_A.weight / .lora_B.weight)",
-                    weights_path.display()
-                )));
-            };
-            let tensor = tensor
-                .to_dtype(DType::F32)
-                .context(|| format!("converting `{name}` to f32"))?;
-            let entry = tensors.entry(path).or_default();
-            if is_a {
-                entry.0 = Some(tensor);
-            } else {
-                entry.1 = Some(tensor);
-            }
-        }
+        let file = LoraFile::read(dir, device)?;
+        let tensors: LoadedPairs = file
+            .pairs
+            .into_iter()
+            .map(|pair| (pair.path, (Some(pair.a), Some(pair.b))))
+            .collect();
+        let weights_path = file.weights_path;
         Ok(LoraAdapter {
             settings,
             device: device.clone(),
@@ -743,6 +733,7 @@ mod tests {
             .set(&Tensor::ones((3, 2), DType::F32, &Device::Cpu).unwrap())
             .unwrap();
         let x = input();
+        adapter.set_mode(AdapterMode::Eval);
         let eval = layer.forward(&x).unwrap();
         adapter.set_mode(AdapterMode::Train { seed: 1 });
         let first = layer.forward(&x).unwrap();
@@ -762,6 +753,19 @@ mod tests {
         assert!(max(first.sub(&other).unwrap()) > 0.0);
         adapter.set_mode(AdapterMode::Eval);
         assert_eq!(max(layer.forward(&x).unwrap().sub(&eval).unwrap()), 0.0);
+    }
+
+    #[test]
+    fn inference_mode_builds_no_graph_and_training_mode_does() {
+        let adapter = LoraAdapter::new(settings(&["q"]), &Device::Cpu).unwrap();
+        let layer = adapter.build("layer.q", base(3, 5, 2)).unwrap();
+        // A fresh adapter trains: its variables are tracked.
+        assert!(layer.forward(&input()).unwrap().track_op());
+        adapter.set_mode(AdapterMode::Eval);
+        let y = layer.forward(&input()).unwrap();
+        assert!(!y.track_op(), "an inference forward built graph nodes");
+        adapter.set_mode(AdapterMode::Train { seed: 3 });
+        assert!(layer.forward(&input()).unwrap().track_op());
     }
 
     #[test]

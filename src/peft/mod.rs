@@ -1,11 +1,13 @@
 //! PEFT methods behind one [`Adapter`] trait: inject into a model (as a [`LinearFactory`] the
 //! model builds its linear layers through), list the trainable variables by their on-disk names,
 //! save and load Hugging Face PEFT's adapter format, merge into the frozen weights.
-//! One file per method (`lora.rs`; prompt/prefix tuning, LLaMA-Adapter and QLoRA come later and
+//! One file per method (`lora.rs`, with `lora_file.rs` the one reader of PEFT LoRA folders as
+//! data; prompt/prefix tuning, LLaMA-Adapter and QLoRA come later and
 //! implement the same trait); `targets.rs` holds PEFT's module-matching rules and parameter counts.
 //! This module never reads pipeline configs or training data, and never prints.
 
 pub mod lora;
+pub mod lora_file;
 pub mod targets;
 
 use std::path::{Path, PathBuf};
@@ -15,6 +17,7 @@ use candle_core::{Device, Tensor, Var};
 use crate::models::LinearFactory;
 
 pub use lora::{LoraAdapter, LoraSettings};
+pub use lora_file::{LoraFile, LoraPair};
 pub use targets::TargetModules;
 
 /// Why a PEFT operation failed. Messages name the file, tensor or module involved.
@@ -58,8 +61,10 @@ impl<T> TensorContext<T> for candle_core::Result<T> {
 }
 
 /// Whether the adapter runs in training mode (dropout active, with the given seed for this
-/// micro-batch) or inference mode. Randomness is a pure function of the seed so a resumed run
-/// draws exactly what an uninterrupted one would.
+/// micro-batch; trainable variables tracked) or inference mode (no dropout; the variables enter
+/// the forward pass detached, so it builds no autograd graph). Randomness is a pure function of
+/// the seed so a resumed run draws exactly what an uninterrupted one would. A fresh adapter
+/// starts in training mode, a loaded one in inference mode (as PEFT's `from_pretrained`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AdapterMode {
     Train { seed: u64 },

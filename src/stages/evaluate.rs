@@ -3,8 +3,10 @@
 //! by candidate scoring, exact match of greedy generations, a few sample generations — written to
 //! `metrics.json` as `{base, adapted, delta, samples, ...}`.
 //!
-//! No graph is built: the models are loaded with frozen base weights and the adapter's weights
-//! as plain tensors (no `Var`), and everything goes through `crate::infer`. Progress goes through
+//! No graph is built: the models are loaded with frozen base weights and the adapter through
+//! `crate::peft` in inference mode (its variables enter the forward pass detached), and
+//! everything goes through `crate::infer`. Examples are fitted into the context length with
+//! training's prompt-left truncation (`data::batch::fit`). Progress goes through
 //! `ctx.progress`; this module never prints.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -22,10 +24,13 @@ use crate::config::evaluate::{CandidateScore, EvaluateConfig, ExactMatchConfig};
 use crate::infer::generate::{generate, GenerationSettings, StopReason};
 use crate::infer::score::{score_examples, NllTotal, SequenceScore};
 use crate::infer::text::decode_continuation;
-use crate::infer::{encode_pair, Example, LanguageModel, Sampling, TextCodec};
+use crate::infer::{encode_pair, LanguageModel, Sampling, Sequence, TextCodec};
 
 use super::export::BaseModelRecord;
 use super::{Progress, Stage, StageContext, StageError, StageOutcome};
+use crate::config::train::Truncation;
+use crate::data::batch::fit as fit_sequence;
+use crate::data::tokenize::TokenizedExample;
 use crate::device::{compute_dtype, resolve_device, DTypeSpec, DeviceSpec};
 use crate::infer::session::InferenceModel;
 
@@ -163,7 +168,7 @@ pub struct Candidates {
 /// Accuracy: the candidates, one example per row × candidate (row-major), each row's label.
 pub struct AccuracyWork {
     pub candidates: Candidates,
-    pub examples: Vec<Example>,
+    pub examples: Vec<Sequence>,
     pub labels: Vec<String>,
     pub score: CandidateScore,
 }
@@ -186,7 +191,7 @@ pub struct SampleWork {
 pub struct EvalPlan {
     pub rows: usize,
     /// Prompt + completion per row (loss / perplexity).
-    pub loss_examples: Option<Vec<Example>>,
+    pub loss_examples: Option<Vec<Sequence>>,
     pub accuracy: Option<AccuracyWork>,
     pub exact_match: Option<ExactMatchWork>,
     /// Sample generations of the first rows.
@@ -217,11 +222,20 @@ impl EvalPlan {
             StageError::user(format!("row {row} of split `{}`: {error}", config.split))
         };
         let mut truncated = BTreeSet::new();
-        let mut fit = |row: usize, mut example: Example| {
-            if example.fit(max_length, KEEP_FIRST).any() {
+        // Training's truncation: prompt tokens go from the left (BOS kept), the completion is cut
+        // on the right only when it alone does not fit.
+        let mut fit = |row: usize, example: TokenizedExample| -> Result<Sequence, StageError> {
+            let total = example.prompt.len() + example.completion.len();
+            let sequence = fit_sequence(&example, max_length, KEEP_FIRST, Truncation::PromptLeft)
+                .ok_or_else(|| {
+                StageError::Internal(format!(
+                    "row {row}: prompt-left truncation dropped the example"
+                ))
+            })?;
+            if sequence.ids.len() < total {
                 truncated.insert(row);
             }
-            example
+            Ok(sequence)
         };
         let metrics = &config.metrics;
         let loss_examples = if metrics.loss {
@@ -229,7 +243,7 @@ impl EvalPlan {
             for row in 0..rows.count {
                 let example = encode_pair(codec, &prompts[row], &completions[row], add_eos)
                     .map_err(|e| encode_error(row, e))?;
-                examples.push(fit(row, example));
+                examples.push(fit(row, example)?);
             }
             Some(examples)
         } else {
@@ -280,12 +294,12 @@ impl EvalPlan {
                     for choice in &candidates.choices {
                         let example = encode_pair(codec, prompt, choice, add_eos)
                             .map_err(|e| encode_error(row, e))?;
-                        if example.scored_tokens() == 0 {
+                        if example.completion.is_empty() {
                             return Err(StageError::user(format!(
                                 "accuracy: candidate {choice:?} encodes to no tokens"
                             )));
                         }
-                        examples.push(fit(row, example));
+                        examples.push(fit(row, example)?);
                     }
                 }
                 Some(AccuracyWork {

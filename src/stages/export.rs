@@ -14,13 +14,14 @@ use std::fs::{self, File};
 use std::io::{BufWriter, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::Device;
 use safetensors::tensor::{Metadata, TensorInfo};
 use safetensors::Dtype;
 use serde_json::Value;
 
-use crate::config::export::escape_reason;
+use crate::config::export::{escape_reason, parse_size, ExportDtype, DEFAULT_MAX_SHARD_SIZE};
 use crate::config::ExportConfig;
+use crate::peft::{LoraFile, LoraPair};
 
 use super::{Progress, Stage, StageContext, StageError, StageOutcome};
 
@@ -68,7 +69,7 @@ impl Stage for ExportStage {
     fn run(&self, ctx: &StageContext<'_>) -> Result<StageOutcome, StageError> {
         let train_dir = ctx.upstream_dir(&self.config.from)?;
         let adapter_dir = train_dir.join("adapter");
-        let adapter = LoraAdapter::read(&adapter_dir)?;
+        let adapter = read_adapter(&adapter_dir)?;
         let base = BaseModelRecord::read(train_dir, ctx.project_dir)?;
         let mut outcome = StageOutcome::default();
         outcome.summary.insert(
@@ -92,13 +93,18 @@ impl Stage for ExportStage {
         ctx.check_cancel()?;
         if self.config.merged.is_some() {
             let out = ctx.out_dir.join("merged");
-            let merged = write_merged_folder(&adapter, &base.path, &out, &|| ctx.check_cancel())?;
+            let options = MergedOptions::from_config(&self.config)?;
+            let merged =
+                write_merged_folder(&adapter, &base.path, &out, options, &|| ctx.check_cancel())?;
             outcome
                 .summary
                 .insert("merged_tensors".into(), merged.merged_tensors.into());
             outcome
                 .summary
                 .insert("merged_bytes".into(), merged.bytes.into());
+            outcome
+                .summary
+                .insert("merged_files".into(), merged.files.into());
             done += 1;
             ctx.progress.progress(Progress {
                 position: done,
@@ -420,176 +426,9 @@ impl BaseModelRecord {
 // The LoRA adapter as PEFT stores it
 // ---------------------------------------------------------------------------------------------
 
-/// One adapted module: `base_model.model.<path>.lora_{A,B}.weight`.
-#[derive(Debug, Clone)]
-pub struct LoraPair {
-    /// Module path as Hugging Face names it, e.g. `model.layers.0.self_attn.q_proj`.
-    pub path: String,
-    /// `[r, in]`.
-    pub a: Tensor,
-    /// `[out, r]`.
-    pub b: Tensor,
-    /// alpha / r, or alpha / √r with rsLoRA (rank_pattern / alpha_pattern applied).
-    pub scale: f64,
-}
-
-/// A PEFT LoRA adapter folder, read and checked.
-#[derive(Debug, Clone)]
-pub struct LoraAdapter {
-    pub config: Value,
-    pub pairs: Vec<LoraPair>,
-    pub fan_in_fan_out: bool,
-}
-
-const PEFT_PREFIX: &str = "base_model.model.";
-
-impl LoraAdapter {
-    /// Read `adapter_config.json` and `adapter_model.safetensors` from `dir`.
-    pub fn read(dir: &Path) -> Result<Self, StageError> {
-        let config_path = dir.join("adapter_config.json");
-        let config = read_json(&config_path)?;
-        let field = |key: &str| config.get(key).filter(|v| !v.is_null());
-        let peft_type = field("peft_type").and_then(Value::as_str).unwrap_or("");
-        if peft_type != "LORA" {
-            return Err(StageError::user(format!(
-                "{}: peft_type is `{peft_type}`; export supports LORA adapters",
-                config_path.display()
-            )));
-        }
-        for unsupported in ["use_dora", "lora_bias"] {
-            if field(unsupported).and_then(Value::as_bool) == Some(true) {
-                return Err(StageError::user(format!(
-                    "{}: `{unsupported}` is set, which export does not support",
-                    config_path.display()
-                )));
-            }
-        }
-        if field("bias")
-            .and_then(Value::as_str)
-            .is_some_and(|b| b != "none")
-        {
-            return Err(StageError::user(format!(
-                "{}: `bias` other than \"none\" is not supported by export",
-                config_path.display()
-            )));
-        }
-        if field("modules_to_save").is_some_and(|v| v.as_array().is_none_or(|a| !a.is_empty())) {
-            return Err(StageError::user(format!(
-                "{}: `modules_to_save` is not supported by export",
-                config_path.display()
-            )));
-        }
-        let number = |key: &str| field(key).and_then(Value::as_f64);
-        let rank = number("r").ok_or_else(|| {
-            StageError::user(format!("{}: `r` is missing", config_path.display()))
-        })?;
-        let alpha = number("lora_alpha").unwrap_or(8.0);
-        let rslora = field("use_rslora")
-            .and_then(Value::as_bool)
-            .unwrap_or(false);
-        let fan_in_fan_out = field("fan_in_fan_out")
-            .and_then(Value::as_bool)
-            .unwrap_or(false);
-        let rank_pattern = pattern_map(field("rank_pattern"), &config_path)?;
-        let alpha_pattern = pattern_map(field("alpha_pattern"), &config_path)?;
-
-        let weights_path = dir.join("adapter_model.safetensors");
-        let tensors =
-            candle_core::safetensors::load(&weights_path, &Device::Cpu).map_err(|error| {
-                StageError::user(format!("cannot read {}: {error}", weights_path.display()))
-            })?;
-        let mut modules: BTreeMap<String, (Option<Tensor>, Option<Tensor>)> = BTreeMap::new();
-        for (name, tensor) in tensors {
-            let Some(path) = name.strip_prefix(PEFT_PREFIX) else {
-                return Err(StageError::user(format!(
-                    "{}: tensor `{name}` does not start with `{PEFT_PREFIX}` (not a PEFT LoRA file)",
-                    weights_path.display()
-                )));
-            };
-            let tensor = tensor.to_dtype(DType::F32).map_err(candle_error)?;
-            if let Some(module) = path.strip_suffix(".lora_A.weight") {
-                modules.entry(module.to_string()).or_default().0 = Some(tensor);
-            } else if let Some(module) = path.strip_suffix(".lora_B.weight") {
-                modules.entry(module.to_string()).or_default().1 = Some(tensor);
-            } else {
-                return Err(StageError::user(format!(
-                    "{}: tensor `{name}` is not a LoRA A/B weight; export supports plain LoRA on linear layers",
-                    weights_path.display()
-                )));
-            }
-        }
-        let mut pairs = Vec::with_capacity(modules.len());
-        for (path, (a, b)) in modules {
-            let (Some(a), Some(b)) = (a, b) else {
-                return Err(StageError::user(format!(
-                    "{}: module `{path}` has only one of lora_A / lora_B",
-                    weights_path.display()
-                )));
-            };
-            let (rank_a, _in) = a.dims2().map_err(candle_error)?;
-            let (_out, rank_b) = b.dims2().map_err(candle_error)?;
-            let module_rank = lookup_pattern(&rank_pattern, &path).unwrap_or(rank);
-            if rank_a != rank_b || rank_a as f64 != module_rank {
-                return Err(StageError::user(format!(
-                    "{}: module `{path}` has lora_A {:?} and lora_B {:?}, but the rank is {module_rank}",
-                    weights_path.display(),
-                    a.dims(),
-                    b.dims()
-                )));
-            }
-            let module_alpha = lookup_pattern(&alpha_pattern, &path).unwrap_or(alpha);
-            let scale = if rslora {
-                module_alpha / module_rank.sqrt()
-            } else {
-                module_alpha / module_rank
-            };
-            pairs.push(LoraPair { path, a, b, scale });
-        }
-        if pairs.is_empty() {
-            return Err(StageError::user(format!(
-                "{} holds no LoRA weights",
-                weights_path.display()
-            )));
-        }
-        Ok(LoraAdapter {
-            config,
-            pairs,
-            fan_in_fan_out,
-        })
-    }
-
-    /// Trainable parameters: Σ r·(in + out).
-    pub fn parameter_count(&self) -> u64 {
-        self.pairs
-            .iter()
-            .map(|p| (p.a.elem_count() + p.b.elem_count()) as u64)
-            .sum()
-    }
-}
-
-fn pattern_map(value: Option<&Value>, file: &Path) -> Result<Vec<(regex::Regex, f64)>, StageError> {
-    let Some(Value::Object(map)) = value else {
-        return Ok(Vec::new());
-    };
-    map.iter()
-        .map(|(key, value)| {
-            let regex = regex::Regex::new(&format!(r"^(.*\.)?(?:{key})$")).map_err(|error| {
-                StageError::user(format!("{}: pattern `{key}`: {error}", file.display()))
-            })?;
-            let number = value.as_f64().ok_or_else(|| {
-                StageError::user(format!("{}: pattern `{key}` has no number", file.display()))
-            })?;
-            Ok((regex, number))
-        })
-        .collect()
-}
-
-/// PEFT matches rank/alpha patterns against the module name: the first key that matches wins.
-fn lookup_pattern(patterns: &[(regex::Regex, f64)], path: &str) -> Option<f64> {
-    patterns
-        .iter()
-        .find(|(regex, _)| regex.is_match(path))
-        .map(|(_, value)| *value)
+/// Read the trained adapter through `crate::peft` (the one reader of PEFT LoRA folders).
+fn read_adapter(dir: &Path) -> Result<LoraFile, StageError> {
+    LoraFile::read(dir, &Device::Cpu).map_err(|error| StageError::user(error.to_string()))
 }
 
 fn candle_error(error: candle_core::Error) -> StageError {
@@ -603,7 +442,7 @@ fn candle_error(error: candle_core::Error) -> StageError {
 /// Write the adapter's PEFT files (the weights byte for byte; the config with
 /// `base_model_name_or_path` pointing at a loadable base model) and a model card.
 fn write_adapter_folder(
-    adapter: &LoraAdapter,
+    adapter: &LoraFile,
     adapter_dir: &Path,
     base: &BaseModelRecord,
     train_dir: &Path,
@@ -630,7 +469,7 @@ fn write_adapter_folder(
 }
 
 /// A short model card in the shape PEFT's own cards have (YAML front matter + text).
-fn model_card(adapter: &LoraAdapter, base_name: &str, summary: Option<&Value>) -> String {
+fn model_card(adapter: &LoraFile, base_name: &str, summary: Option<&Value>) -> String {
     let config = &adapter.config;
     let text = |key: &str| match config.get(key) {
         Some(Value::String(s)) => s.clone(),
@@ -673,7 +512,81 @@ fn model_card(adapter: &LoraAdapter, base_name: &str, summary: Option<&Value>) -
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct MergedFolder {
     pub merged_tensors: usize,
+    /// Bytes of all weight files written.
     pub bytes: u64,
+    /// Weight files written (1: `model.safetensors`; more: shards with an index).
+    pub files: usize,
+}
+
+/// How the merged weights are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MergedOptions {
+    /// Largest weight file in tensor bytes; a bigger model is sharded like transformers does.
+    pub max_shard_size: u64,
+    /// dtype of the floating-point tensors (None: each keeps the base checkpoint's).
+    pub dtype: Option<ExportDtype>,
+}
+
+impl Default for MergedOptions {
+    fn default() -> Self {
+        MergedOptions {
+            max_shard_size: DEFAULT_MAX_SHARD_SIZE,
+            dtype: None,
+        }
+    }
+}
+
+impl MergedOptions {
+    /// The options an export config asks for (its `max_shard_size` already validated).
+    pub fn from_config(config: &ExportConfig) -> Result<Self, StageError> {
+        let max_shard_size = match &config.max_shard_size {
+            None => DEFAULT_MAX_SHARD_SIZE,
+            Some(written) => parse_size(written)
+                .map_err(|message| StageError::user(format!("max_shard_size: {message}")))?,
+        };
+        Ok(MergedOptions {
+            max_shard_size,
+            dtype: config.dtype,
+        })
+    }
+}
+
+/// The safetensors dtype of an export dtype.
+fn safetensors_dtype(dtype: ExportDtype) -> Dtype {
+    match dtype {
+        ExportDtype::F32 => Dtype::F32,
+        ExportDtype::Bf16 => Dtype::BF16,
+        ExportDtype::F16 => Dtype::F16,
+    }
+}
+
+/// The index transformers writes beside sharded weights.
+pub const SHARD_INDEX: &str = "model.safetensors.index.json";
+
+/// Shard file names as transformers writes them: `model-00001-of-00003.safetensors`.
+pub fn shard_name(index: usize, count: usize) -> String {
+    format!("model-{:05}-of-{count:05}.safetensors", index + 1)
+}
+
+/// Split tensor sizes (in order) into shards of at most `max` bytes, as transformers'
+/// `shard_checkpoint` does: a tensor that does not fit starts a new shard; one bigger than `max`
+/// gets a shard of its own.
+pub fn plan_shards(sizes: &[u64], max: u64) -> Vec<Vec<usize>> {
+    let mut shards: Vec<Vec<usize>> = Vec::new();
+    let mut current: Vec<usize> = Vec::new();
+    let mut current_size = 0u64;
+    for (index, &size) in sizes.iter().enumerate() {
+        if !current.is_empty() && current_size + size > max {
+            shards.push(std::mem::take(&mut current));
+            current_size = 0;
+        }
+        current.push(index);
+        current_size += size;
+    }
+    if !current.is_empty() || shards.is_empty() {
+        shards.push(current);
+    }
+    shards
 }
 
 /// One tensor of a safetensors file: where its bytes are.
@@ -853,14 +766,158 @@ fn delta_for(
         .map_err(candle_error)
 }
 
-/// Write the merged model folder: every base tensor under its original name and dtype, the
-/// adapted weights as W + scale·B·A; config, tokenizer and generation files copied.
+/// One tensor of the merged output: where it comes from, the LoRA pair merged into it, and its
+/// output dtype and byte size.
+struct OutputTensor<'a> {
+    name: &'a str,
+    source: &'a SourceTensor,
+    pair: Option<&'a LoraPair>,
+    dtype: Dtype,
+    size: u64,
+}
+
+/// Reads tensor bytes from the base checkpoint, keeping the last file open.
+#[derive(Default)]
+struct SourceReader {
+    open: Option<(PathBuf, File)>,
+}
+
+impl SourceReader {
+    fn read(&mut self, name: &str, tensor: &SourceTensor) -> Result<Vec<u8>, StageError> {
+        if self
+            .open
+            .as_ref()
+            .is_none_or(|(path, _)| path != &tensor.file)
+        {
+            self.open = Some((tensor.file.clone(), File::open(&tensor.file)?));
+        }
+        let Some((_, file)) = self.open.as_mut() else {
+            return Err(StageError::Internal("no open checkpoint file".into()));
+        };
+        let mut bytes = vec![0u8; (tensor.end - tensor.start) as usize];
+        file.seek(SeekFrom::Start(tensor.start))?;
+        file.read_exact(&mut bytes).map_err(|error| {
+            StageError::user(format!(
+                "{}: cannot read tensor `{name}`: {error}",
+                tensor.file.display()
+            ))
+        })?;
+        Ok(bytes)
+    }
+}
+
+/// The output bytes of one tensor: the source bytes as they are, or converted through f32 (to
+/// merge W + scale·B·A and/or change the dtype).
+fn output_bytes(
+    entry: &OutputTensor<'_>,
+    source_bytes: Vec<u8>,
+    fan_in_fan_out: bool,
+) -> Result<Vec<u8>, StageError> {
+    let source = entry.source;
+    if entry.pair.is_none() && entry.dtype == source.dtype {
+        return Ok(source_bytes);
+    }
+    let mut values = bytes_to_f32(source.dtype, &source_bytes).ok_or_else(|| {
+        StageError::user(format!(
+            "cannot merge into or convert `{}`: its dtype {:?} is not a float type (quantized bases are merged by dequantizing first)",
+            entry.name, source.dtype
+        ))
+    })?;
+    if let Some(pair) = entry.pair {
+        let delta = delta_for(pair, &source.shape, fan_in_fan_out)?;
+        if delta.len() != values.len() {
+            return Err(StageError::Internal(format!(
+                "merge of `{}`: {} delta values for {} weights",
+                entry.name,
+                delta.len(),
+                values.len()
+            )));
+        }
+        for (value, change) in values.iter_mut().zip(&delta) {
+            *value += change;
+        }
+    }
+    Ok(f32_to_bytes(entry.dtype, &values))
+}
+
+/// Write one safetensors file holding `tensors` (in order, `{"format": "pt"}` metadata), streamed
+/// tensor by tensor. Returns how many tensors had a LoRA merged in.
+fn write_shard(
+    path: &Path,
+    tensors: &[&OutputTensor<'_>],
+    fan_in_fan_out: bool,
+    reader: &mut SourceReader,
+    check_cancel: &dyn Fn() -> Result<(), StageError>,
+) -> Result<usize, StageError> {
+    let mut infos = Vec::with_capacity(tensors.len());
+    let mut offset = 0usize;
+    for entry in tensors {
+        let size = entry.size as usize;
+        infos.push((
+            entry.name.to_string(),
+            TensorInfo {
+                dtype: entry.dtype,
+                shape: entry.source.shape.clone(),
+                data_offsets: (offset, offset + size),
+            },
+        ));
+        offset += size;
+    }
+    let metadata = Metadata::new(
+        Some(std::collections::HashMap::from([(
+            "format".to_string(),
+            "pt".to_string(),
+        )])),
+        infos,
+    )
+    .map_err(|error| StageError::Internal(format!("merged safetensors header: {error}")))?;
+    let mut header = serde_json::to_vec(&metadata)
+        .map_err(|error| StageError::Internal(format!("merged safetensors header: {error}")))?;
+    while header.len() % 8 != 0 {
+        header.push(b' ');
+    }
+    let mut writer = BufWriter::new(File::create(path)?);
+    writer.write_all(&(header.len() as u64).to_le_bytes())?;
+    writer.write_all(&header)?;
+    let mut merged = 0;
+    for entry in tensors {
+        check_cancel()?;
+        let source_bytes = reader.read(entry.name, entry.source)?;
+        let bytes = output_bytes(entry, source_bytes, fan_in_fan_out)?;
+        if bytes.len() as u64 != entry.size {
+            return Err(StageError::Internal(format!(
+                "`{}`: {} bytes written for a declared {}",
+                entry.name,
+                bytes.len(),
+                entry.size
+            )));
+        }
+        merged += usize::from(entry.pair.is_some());
+        writer.write_all(&bytes)?;
+    }
+    writer.flush()?;
+    writer
+        .into_inner()
+        .map_err(|error| StageError::user(format!("cannot write {}: {error}", path.display())))?
+        .sync_all()?;
+    Ok(merged)
+}
+
+/// Write the merged model folder: every base tensor under its original name (in its original
+/// dtype unless `options.dtype` asks for another), the adapted weights as W + scale·B·A, in one
+/// `model.safetensors` or, above `options.max_shard_size`, in transformers' shards with
+/// `model.safetensors.index.json`; config (dtype updated), tokenizer and generation files copied.
 pub fn write_merged_folder(
-    adapter: &LoraAdapter,
+    adapter: &LoraFile,
     base_dir: &Path,
     out: &Path,
+    options: MergedOptions,
     check_cancel: &dyn Fn() -> Result<(), StageError>,
 ) -> Result<MergedFolder, StageError> {
+    // Start empty: weight files of an earlier layout (one file vs shards) must not linger.
+    if out.exists() {
+        fs::remove_dir_all(out)?;
+    }
     fs::create_dir_all(out)?;
     let source = read_checkpoint_index(base_dir)?;
     let mut config = read_json(&base_dir.join("config.json"))?;
@@ -906,88 +963,75 @@ pub fn write_merged_folder(
         }
     }
 
-    // Header: same names and dtypes, contiguous offsets in name order.
-    let mut infos = Vec::with_capacity(plan.len());
-    let mut offset = 0usize;
-    for (name, (tensor, _)) in &plan {
-        let size = (tensor.end - tensor.start) as usize;
-        infos.push((
-            name.clone(),
-            TensorInfo {
-                dtype: tensor.dtype,
-                shape: tensor.shape.clone(),
-                data_offsets: (offset, offset + size),
-            },
-        ));
-        offset += size;
-    }
-    let metadata = Metadata::new(
-        Some(std::collections::HashMap::from([(
-            "format".to_string(),
-            "pt".to_string(),
-        )])),
-        infos,
-    )
-    .map_err(|error| StageError::Internal(format!("merged safetensors header: {error}")))?;
-    let mut header = serde_json::to_vec(&metadata)
-        .map_err(|error| StageError::Internal(format!("merged safetensors header: {error}")))?;
-    while header.len() % 8 != 0 {
-        header.push(b' ');
-    }
-
-    let weights_path = out.join("model.safetensors");
-    let mut writer = BufWriter::new(File::create(&weights_path)?);
-    writer.write_all(&(header.len() as u64).to_le_bytes())?;
-    writer.write_all(&header)?;
-    let mut open: Option<(PathBuf, File)> = None;
+    // Every output tensor with its dtype and size, in name order.
+    let entries: Vec<OutputTensor> = plan
+        .iter()
+        .map(|(name, (source, pair))| {
+            let dtype = match options.dtype {
+                Some(wanted) if element_size(source.dtype).is_some() => safetensors_dtype(wanted),
+                _ => source.dtype,
+            };
+            let size = match element_size(dtype) {
+                Some(bytes) if dtype != source.dtype => {
+                    source.shape.iter().product::<usize>() as u64 * bytes as u64
+                }
+                _ => source.end - source.start,
+            };
+            OutputTensor {
+                name,
+                source,
+                pair: *pair,
+                dtype,
+                size,
+            }
+        })
+        .collect();
+    let sizes: Vec<u64> = entries.iter().map(|entry| entry.size).collect();
+    let total_size: u64 = sizes.iter().sum();
+    let shards = if total_size <= options.max_shard_size {
+        vec![(0..entries.len()).collect()]
+    } else {
+        plan_shards(&sizes, options.max_shard_size)
+    };
+    let mut reader = SourceReader::default();
     let mut merged_tensors = 0;
-    for (name, (tensor, pair)) in &plan {
-        check_cancel()?;
-        if open.as_ref().is_none_or(|(path, _)| path != &tensor.file) {
-            open = Some((tensor.file.clone(), File::open(&tensor.file)?));
-        }
-        let Some((_, file)) = open.as_mut() else {
-            return Err(StageError::Internal("no open checkpoint file".into()));
+    let mut bytes = 0;
+    let mut weight_map = serde_json::Map::new();
+    for (index, members) in shards.iter().enumerate() {
+        let file_name = if shards.len() == 1 {
+            "model.safetensors".to_string()
+        } else {
+            shard_name(index, shards.len())
         };
-        let mut bytes = vec![0u8; (tensor.end - tensor.start) as usize];
-        file.seek(SeekFrom::Start(tensor.start))?;
-        file.read_exact(&mut bytes).map_err(|error| {
-            StageError::user(format!(
-                "{}: cannot read tensor `{name}`: {error}",
-                tensor.file.display()
-            ))
-        })?;
-        if let Some(pair) = pair {
-            let mut values = bytes_to_f32(tensor.dtype, &bytes).ok_or_else(|| {
-                StageError::user(format!(
-                    "cannot merge into `{name}`: its dtype {:?} is not a float type (quantized bases are merged by dequantizing first)",
-                    tensor.dtype
-                ))
-            })?;
-            let delta = delta_for(pair, &tensor.shape, adapter.fan_in_fan_out)?;
-            if delta.len() != values.len() {
-                return Err(StageError::Internal(format!(
-                    "merge of `{name}`: {} delta values for {} weights",
-                    delta.len(),
-                    values.len()
-                )));
-            }
-            for (value, change) in values.iter_mut().zip(&delta) {
-                *value += change;
-            }
-            bytes = f32_to_bytes(tensor.dtype, &values);
-            merged_tensors += 1;
+        let shard: Vec<&OutputTensor> = members.iter().map(|&member| &entries[member]).collect();
+        for entry in &shard {
+            weight_map.insert(entry.name.to_string(), Value::String(file_name.clone()));
         }
-        writer.write_all(&bytes)?;
+        let path = out.join(&file_name);
+        merged_tensors += write_shard(
+            &path,
+            &shard,
+            adapter.fan_in_fan_out,
+            &mut reader,
+            check_cancel,
+        )?;
+        bytes += fs::metadata(&path)?.len();
     }
-    writer.flush()?;
-    writer
-        .into_inner()
-        .map_err(|error| {
-            StageError::user(format!("cannot write {}: {error}", weights_path.display()))
-        })?
-        .sync_all()?;
-    let bytes = fs::metadata(&weights_path)?.len();
+    if shards.len() > 1 {
+        let index = serde_json::json!({
+            "metadata": {"total_size": total_size},
+            "weight_map": weight_map,
+        });
+        write_json(&out.join(SHARD_INDEX), &index)?;
+    }
+    if let (Some(dtype), Value::Object(map)) = (options.dtype, &mut config) {
+        // transformers < 4.56 reads `torch_dtype`, later versions `dtype`: keep both in step.
+        let name = Value::String(dtype.torch_name().to_string());
+        if map.contains_key("dtype") {
+            map.insert("dtype".into(), name.clone());
+        }
+        map.insert("torch_dtype".into(), name);
+    }
 
     write_json(&out.join("config.json"), &config)?;
     for file in TOKENIZER_FILES {
@@ -1013,6 +1057,7 @@ pub fn write_merged_folder(
     Ok(MergedFolder {
         merged_tensors,
         bytes,
+        files: shards.len(),
     })
 }
 
@@ -1097,6 +1142,18 @@ mod tests {
     }
 
     #[test]
+    fn shards_are_cut_like_transformers() {
+        assert_eq!(plan_shards(&[4, 4, 4], 8), vec![vec![0, 1], vec![2]]);
+        // A tensor larger than the limit gets a shard of its own.
+        assert_eq!(
+            plan_shards(&[2, 20, 2, 2], 5),
+            vec![vec![0], vec![1], vec![2, 3]]
+        );
+        assert_eq!(plan_shards(&[], 5), vec![Vec::<usize>::new()]);
+        assert_eq!(shard_name(0, 3), "model-00001-of-00003.safetensors");
+    }
+
+    #[test]
     fn float_conversions_round_trip() {
         let values = [1.5f32, -2.25, 0.0, 1e-3];
         for dtype in [Dtype::F32, Dtype::F16, Dtype::BF16, Dtype::F64] {
@@ -1111,30 +1168,5 @@ mod tests {
             }
         }
         assert!(bytes_to_f32(Dtype::I64, &[0; 8]).is_none());
-    }
-
-    #[test]
-    fn rank_patterns_match_like_peft() {
-        let patterns = pattern_map(
-            Some(&serde_json::json!({"q_proj": 16, "layers.1.self_attn.v_proj": 2})),
-            Path::new("adapter_config.json"),
-        )
-        .unwrap();
-        assert_eq!(
-            lookup_pattern(&patterns, "model.layers.0.self_attn.q_proj"),
-            Some(16.0)
-        );
-        assert_eq!(
-            lookup_pattern(&patterns, "model.layers.1.self_attn.v_proj"),
-            Some(2.0)
-        );
-        assert_eq!(
-            lookup_pattern(&patterns, "model.layers.0.self_attn.v_proj"),
-            None
-        );
-        assert_eq!(
-            lookup_pattern(&patterns, "model.layers.0.self_attn.xq_proj"),
-            None
-        );
     }
 }

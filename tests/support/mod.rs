@@ -48,7 +48,7 @@ pub fn llama_weights(config: &ModelConfig, seed: u64, spread: f32) -> HashMap<St
     let mut random = |shape: &[usize], offset: f32| {
         let count: usize = shape.iter().product();
         let values: Vec<f32> = (0..count)
-            .map(|_| rng.random::<f32>() * 2.0 * spread - spread + offset)
+            .map(|_| rng.random::<f32>() * (2.0 * spread) - spread + offset)
             .collect();
         Tensor::from_vec(values, shape, &Device::Cpu).expect("shape and values agree")
     };

@@ -28,6 +28,70 @@ pub struct ExportConfig {
     /// directory. Replaced as a whole on each publish.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub merged: Option<String>,
+    /// Largest weight file of the merged model, e.g. `5GB` (the default, as transformers'
+    /// `save_pretrained`), `500MB`, `2GiB`, `64KB` or `1000B` (GB/MB/KB are powers of 10,
+    /// GiB/MiB/KiB of 2). A bigger model is written as `model-0000k-of-0000n.safetensors` with a
+    /// `model.safetensors.index.json`; a smaller one as one `model.safetensors`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_shard_size: Option<String>,
+    /// dtype of the merged model's floating-point weights: `f32`, `bf16` or `f16` (config.json's
+    /// `torch_dtype` follows). Default: the base checkpoint's dtype, tensor by tensor.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dtype: Option<ExportDtype>,
+}
+
+/// A floating-point dtype to export the merged model in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum ExportDtype {
+    F32,
+    Bf16,
+    F16,
+}
+
+impl ExportDtype {
+    /// The name transformers writes as `torch_dtype`.
+    pub fn torch_name(self) -> &'static str {
+        match self {
+            ExportDtype::F32 => "float32",
+            ExportDtype::Bf16 => "bfloat16",
+            ExportDtype::F16 => "float16",
+        }
+    }
+}
+
+/// The default `max_shard_size` (transformers' `save_pretrained` default).
+pub const DEFAULT_MAX_SHARD_SIZE: u64 = 5_000_000_000;
+
+/// Parse a size as transformers' `convert_file_size_to_int` does: `5GB` = 5·10⁹, `2GiB` = 2·2³⁰,
+/// also MB/MiB, KB/KiB and plain bytes (`1000B` or `1000`).
+pub fn parse_size(written: &str) -> Result<u64, String> {
+    let text = written.trim();
+    let units: [(&str, u64); 7] = [
+        ("GIB", 1 << 30),
+        ("MIB", 1 << 20),
+        ("KIB", 1 << 10),
+        ("GB", 1_000_000_000),
+        ("MB", 1_000_000),
+        ("KB", 1_000),
+        ("B", 1),
+    ];
+    let upper = text.to_ascii_uppercase();
+    let (number, factor) = units
+        .iter()
+        .find_map(|(unit, factor)| upper.strip_suffix(unit).map(|n| (n.trim(), *factor)))
+        .unwrap_or((upper.as_str(), 1));
+    let bad =
+        || format!("`{written}` is not a size (write e.g. `5GB`, `500MB`, `2GiB` or `1000B`)");
+    let value: f64 = number.parse().map_err(|_| bad())?;
+    if !value.is_finite() || value <= 0.0 {
+        return Err(bad());
+    }
+    let bytes = value * factor as f64;
+    if bytes < 1.0 || bytes > u64::MAX as f64 {
+        return Err(bad());
+    }
+    Ok(bytes as u64)
 }
 
 /// Why a destination as written is not acceptable inside the project (None: it is fine).
@@ -81,6 +145,20 @@ impl StageSpec for ExportConfig {
             problems.push(Problem::new(at.to_string(), "nothing to export").with_hint(
                 "add `adapter: DIR` (PEFT adapter) and/or `merged: DIR` (merged model)",
             ));
+        }
+        if let Some(size) = &self.max_shard_size {
+            if let Err(message) = parse_size(size) {
+                problems.push(Problem::new(format!("{at}.max_shard_size"), message));
+            }
+        }
+        if self.merged.is_none() && (self.max_shard_size.is_some() || self.dtype.is_some()) {
+            problems.push(
+                Problem::new(
+                    at.to_string(),
+                    "`max_shard_size` and `dtype` apply to the merged model, but there is no `merged` destination",
+                )
+                .with_hint("add `merged: DIR`, or drop them"),
+            );
         }
         let mut expanded = Vec::new();
         for (key, value) in [("adapter", &self.adapter), ("merged", &self.merged)] {
@@ -193,6 +271,32 @@ stages:
         let problems = problems_of("{ from: prompts, adapter: a }");
         assert_eq!(problems.len(), 1);
         assert_eq!(problems[0].path, "stages.out.export.from");
+    }
+
+    #[test]
+    fn shard_size_and_dtype_are_checked() {
+        assert!(
+            problems_of("{ from: tune, merged: m, max_shard_size: 2GiB, dtype: bf16 }").is_empty()
+        );
+        let problems = problems_of("{ from: tune, merged: m, max_shard_size: lots }");
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert_eq!(problems[0].path, "stages.out.export.max_shard_size");
+        let problems = problems_of("{ from: tune, adapter: a, dtype: f16 }");
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert!(problems[0].message.contains("no `merged` destination"));
+    }
+
+    #[test]
+    fn sizes_parse_like_transformers() {
+        assert_eq!(parse_size("5GB"), Ok(5_000_000_000));
+        assert_eq!(parse_size("2GiB"), Ok(2 << 30));
+        assert_eq!(parse_size("500mb"), Ok(500_000_000));
+        assert_eq!(parse_size("1.5KiB"), Ok(1536));
+        assert_eq!(parse_size("1000B"), Ok(1000));
+        assert_eq!(parse_size("4096"), Ok(4096));
+        for bad in ["", "GB", "-1GB", "0", "five", "1TB"] {
+            assert!(parse_size(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]
