@@ -28,7 +28,11 @@ fn device_under_test() -> (Device, DType) {
         .unwrap_or_else(|error| panic!("PEFTPIPE_TEST_DEVICE: {error}"));
     let device =
         resolve_device(spec).unwrap_or_else(|error| panic!("PEFTPIPE_TEST_DEVICE: {error}"));
-    let dtype = compute_dtype(&device, DTypeSpec::Auto);
+    let dtype_spec: DTypeSpec = std::env::var("PEFTPIPE_TEST_DTYPE")
+        .unwrap_or_else(|_| "auto".into())
+        .parse()
+        .unwrap_or_else(|error| panic!("PEFTPIPE_TEST_DTYPE: {error}"));
+    let dtype = compute_dtype(&device, dtype_spec);
     eprintln!("device under test: {} ({dtype:?})", device_name(&device));
     (device, dtype)
 }
@@ -220,22 +224,33 @@ fn every_lora_tensor_gets_a_finite_nonzero_gradient_on_the_device() -> Result<()
     Ok(())
 }
 
-/// The device in its training dtype against the CPU in f32: same loss, same adapter gradients
-/// (relative to the largest gradient of each tensor). Exact-ish on a CPU run; bf16 tolerance on
-/// CUDA.
+/// The device in its training dtype against the CPU in f32: the same loss, and the same adapter
+/// gradients. In f32 every tensor must agree to 1e-4 of its own largest entry. In bf16 that holds
+/// (to 0.1) for every tensor that carries a real share of the gradient (norm ≥ 1% of the largest
+/// tensor's); the rest — q/k adapters of saturated attention heads, 10⁴× smaller than the MLP
+/// ones on stories260k — only have to agree on the scale of the whole gradient (5%): PyTorch's own
+/// bf16 autocast misses those tiny q/k gradients by the same factors (up to 10× on stories260k's
+/// layer 4, measured with transformers 5.24 eager attention + PEFT 0.21.2 on this batch).
 #[test]
 fn device_gradients_agree_with_the_cpu_f32_path() -> Result<()> {
     let (device, dtype) = device_under_test();
-    let (loss_tolerance, grad_tolerance) = if dtype == DType::F32 {
-        (1e-5, 1e-4)
-    } else {
-        (2e-2, 0.1)
-    };
+    let exact = dtype == DType::F32;
     for source in sources() {
         let reference = loss_and_gradients(&source, &Device::Cpu, DType::F32)?;
         let step = loss_and_gradients(&source, &device, dtype)?;
         let loss_error = (step.loss - reference.loss).abs() / reference.loss.abs().max(1.0);
-        let mut worst = 0f32;
+        let norm =
+            |t: &Tensor| -> Result<f32> { t.sqr()?.sum_all()?.to_scalar::<f32>().map(f32::sqrt) };
+        let largest_norm = reference
+            .gradients
+            .iter()
+            .map(|(_, grad)| norm(grad))
+            .collect::<Result<Vec<f32>>>()?
+            .into_iter()
+            .fold(0f32, f32::max);
+        let mut global_scale = 0f32;
+        let mut global_error = 0f32;
+        let mut worst_carrying = (0f32, String::new());
         for ((name, grad), (reference_name, reference_grad)) in
             step.gradients.iter().zip(&reference.gradients)
         {
@@ -244,23 +259,45 @@ fn device_gradients_agree_with_the_cpu_f32_path() -> Result<()> {
                 .abs()?
                 .max_all()?
                 .to_scalar::<f32>()?
-                .max(1e-8);
+                .max(1e-12);
             let error = (grad - reference_grad)?
                 .abs()?
                 .max_all()?
-                .to_scalar::<f32>()?
-                / scale;
-            worst = worst.max(error);
+                .to_scalar::<f32>()?;
+            global_scale = global_scale.max(scale);
+            global_error = global_error.max(error);
+            let carries = exact || norm(reference_grad)? >= 0.01 * largest_norm;
+            if carries && error / scale > worst_carrying.0 {
+                worst_carrying = (error / scale, name.clone());
+            }
         }
+        let global = global_error / global_scale;
         eprintln!(
-            "{}: {} {dtype:?} vs cpu f32: loss {:.6} vs {:.6} (rel {loss_error:.2e}), worst relative adapter-gradient error {worst:.2e}",
+            "{}: {} {dtype:?} vs cpu f32: loss {:.6} vs {:.6} (rel {loss_error:.2e}); adapter gradients: max |Δ| / max |g| = {global:.2e}, worst tensor (of those carrying the gradient) {:.2e} ({})",
             source.label(),
             device_name(&device),
             step.loss,
-            reference.loss
+            reference.loss,
+            worst_carrying.0,
+            worst_carrying.1
         );
+        let (loss_tolerance, tensor_tolerance, global_tolerance) = if exact {
+            (1e-5, 1e-4, 1e-4)
+        } else {
+            (2e-2, 0.1, 0.05)
+        };
         assert!(loss_error < loss_tolerance, "{}: loss", source.label());
-        assert!(worst < grad_tolerance, "{}: gradients", source.label());
+        assert!(
+            global < global_tolerance,
+            "{}: gradient scale",
+            source.label()
+        );
+        assert!(
+            worst_carrying.0 < tensor_tolerance,
+            "{}: gradient of {}",
+            source.label(),
+            worst_carrying.1
+        );
     }
     Ok(())
 }

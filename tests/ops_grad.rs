@@ -332,3 +332,35 @@ fn cuda_ops_agree_with_cpu() -> Result<()> {
     assert!(logit_error < 0.1 && grad_error < 0.05 * grad_scale.max(1e-3));
     Ok(())
 }
+
+/// A peaked softmax in bf16: the backward must use the f32 probabilities (recomputed from the
+/// input), not the bf16-rounded output, whose `1 − y` near 1 is all rounding error. Against an f64
+/// reference, the bf16 input gradient stays within bf16 precision of the gradient's scale.
+#[test]
+fn bf16_softmax_backward_keeps_peaked_rows_accurate() -> Result<()> {
+    let logits = Tensor::new(&[[9.0f64, 0.5, -1.0, 1.5, 0.0, 2.0]], &Device::Cpu)?;
+    let weights = projection(&[1, 6], 5)?;
+    let gradient = |dtype: DType| -> Result<Vec<f64>> {
+        let variable = Var::from_tensor(&logits.to_dtype(dtype)?)?;
+        let output = ops::softmax_last_dim(variable.as_tensor())?;
+        let loss = (output.to_dtype(DType::F64)? * &weights)?.sum_all()?;
+        let grads = loss.backward()?;
+        let Some(grad) = grads.get(variable.as_tensor()) else {
+            candle_core::bail!("no gradient in {dtype:?}")
+        };
+        grad.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()
+    };
+    let reference = gradient(DType::F64)?;
+    let bf16 = gradient(DType::BF16)?;
+    let scale = reference.iter().fold(0f64, |m, g| m.max(g.abs()));
+    let error = reference
+        .iter()
+        .zip(&bf16)
+        .fold(0f64, |m, (a, b)| m.max((a - b).abs()));
+    eprintln!("bf16 peaked softmax: max |Δgrad| {error:e} of max |grad| {scale:e}");
+    assert!(
+        error < 0.02 * scale,
+        "bf16 softmax gradient {error:e} vs scale {scale:e}"
+    );
+    Ok(())
+}

@@ -27,18 +27,33 @@ pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
 pub fn masked_softmax(x: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
     let dtype = x.dtype();
     let internal = internal_dtype(dtype);
-    let mut scores = x.detach().to_dtype(internal)?;
-    if let Some(mask) = mask {
-        scores = add_constant(&scores, &mask.detach().to_dtype(internal)?)?;
-    }
-    let probabilities = candle_nn::ops::softmax_last_dim(&scores.contiguous()?)?;
+    let mask = mask
+        .map(|mask| mask.detach().to_dtype(internal))
+        .transpose()?;
+    let probabilities = softmax_in(x, mask.as_ref(), internal)?;
     let output = probabilities.to_dtype(dtype)?;
-    // The backward reads y from the op's own output (the graph keeps it anyway) instead of
-    // capturing the f32 probabilities: one score-sized tensor per layer saved, not two.
-    with_backward("softmax", x, output, move |_x, y, grad| {
-        let y = y.to_dtype(internal)?;
+    with_backward("softmax", x, output, move |x, y, grad| {
+        // In f32/f64 the backward reads y from the op's own output. For half types it recomputes
+        // the f32 probabilities from the (kept) input instead: y rounded to bf16 loses 1 − y of a
+        // peaked row entirely (bf16 steps by 2⁻⁸ near 1), which made bf16 q/k gradients 10× off
+        // on stories260k. This is what transformers' eager attention gets by saving its f32
+        // softmax, without keeping an f32 copy of every score matrix alive until the backward.
+        let y = if internal == dtype {
+            y.clone()
+        } else {
+            softmax_in(x, mask.as_ref(), internal)?
+        };
         let grad = grad.to_dtype(internal)?;
         let projection = (&grad * &y)?.sum_keepdim(D::Minus1)?;
         (grad.broadcast_sub(&projection)? * &y)?.to_dtype(dtype)
     })
+}
+
+/// `softmax(x + mask)` of a detached `x`, in `internal` precision.
+fn softmax_in(x: &Tensor, mask: Option<&Tensor>, internal: DType) -> Result<Tensor> {
+    let mut scores = x.detach().to_dtype(internal)?;
+    if let Some(mask) = mask {
+        scores = add_constant(&scores, mask)?;
+    }
+    candle_nn::ops::softmax_last_dim(&scores.contiguous()?)
 }
