@@ -138,3 +138,57 @@ fn bad_arguments_are_refused_with_exit_code_2() {
     assert_eq!(output.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&output.stderr).contains("no-such-model"));
 }
+
+/// `hf://org/name` resolves through the Hugging Face cache layout (a fake cache holding a copy of
+/// stories260k) and generates what the folder itself does; an id missing from the cache is
+/// refused with exit code 2 and says how to get it.
+#[test]
+fn hub_ids_generate_like_the_cached_folder() {
+    let Some(shared) = shared_dir() else {
+        eprintln!("skipped: PEFTPIPE_SHARED not set");
+        return;
+    };
+    let model = shared.join("models/stories260k");
+    let cache = tempfile::tempdir().unwrap();
+    let hash = "0f1e2d3c4b5a69788796a5b4c3d2e1f001234567";
+    let repo = cache.path().join("models--karpathy--stories260k");
+    let snapshot = repo.join("snapshots").join(hash);
+    std::fs::create_dir_all(&snapshot).unwrap();
+    for entry in std::fs::read_dir(&model).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_file() {
+            std::fs::copy(&path, snapshot.join(path.file_name().unwrap())).unwrap();
+        }
+    }
+    std::fs::create_dir_all(repo.join("refs")).unwrap();
+    std::fs::write(repo.join("refs/main"), hash).unwrap();
+    let run = |model: &str| {
+        peftpipe()
+            .args(["--json", "generate", model, "--prompt", "Once upon a time"])
+            .args(["--max-new-tokens", "12", "--device", "cpu"])
+            .env("HF_HUB_CACHE", cache.path())
+            .output()
+            .unwrap()
+    };
+    let direct = run(&model.to_string_lossy());
+    let hub = run("hf://karpathy/stories260k");
+    assert!(
+        hub.status.success(),
+        "{}",
+        String::from_utf8_lossy(&hub.stderr)
+    );
+    let tokens = |output: &std::process::Output| {
+        serde_json::from_slice::<serde_json::Value>(&output.stdout).unwrap()["token_ids"].clone()
+    };
+    assert_eq!(tokens(&hub), tokens(&direct));
+    // Without the `hub` feature nothing is downloaded (with it, this would try the network).
+    if cfg!(not(feature = "hub")) {
+        let missing = run("hf://karpathy/stories15M");
+        assert_eq!(missing.status.code(), Some(2));
+        let stderr = String::from_utf8_lossy(&missing.stderr);
+        assert!(
+            stderr.contains("hf://karpathy/stories15M is not in the Hugging Face cache"),
+            "{stderr}"
+        );
+    }
+}

@@ -1,4 +1,4 @@
-//! `peftpipe generate MODEL_DIR [--adapter DIR] --prompt TEXT`: try a model (a base model, a merged
+//! `peftpipe generate MODEL [--adapter DIR] --prompt TEXT`: try a model (a base model, a merged
 //! export, or a base model with a PEFT adapter). Resolves the arguments into an
 //! [`crate::infer::session::GenerateRequest`] and hands the result to the reporter.
 
@@ -10,14 +10,16 @@ use super::{GlobalArgs, EXIT_FAILED, EXIT_INVALID, EXIT_OK};
 use crate::device::{compute_dtype, resolve_device, DTypeSpec, DeviceSpec};
 use crate::infer::session::{generate_one, GenerateRequest, InferenceModel};
 use crate::infer::Sampling;
+use crate::models::resolve_model_path;
 use crate::report;
 
 #[derive(Debug, Args)]
 pub struct GenerateArgs {
     /// Model folder in Hugging Face layout (config.json, model.safetensors, tokenizer.json): a
-    /// base model or a merged export.
-    #[arg(value_name = "MODEL_DIR")]
-    pub model: PathBuf,
+    /// base model or a merged export; or a Hub id `hf://org/name[@revision]` found in the local
+    /// Hugging Face cache (downloaded when built with the `hub` feature).
+    #[arg(value_name = "MODEL")]
+    pub model: String,
     /// PEFT adapter folder (adapter_config.json + adapter_model.safetensors) applied on the model.
     #[arg(long, value_name = "DIR")]
     pub adapter: Option<PathBuf>,
@@ -80,7 +82,14 @@ pub fn run(global: &GlobalArgs, args: GenerateArgs) -> u8 {
         }
     };
     let dtype = compute_dtype(&device, dtype_spec);
-    let model = match InferenceModel::load(&args.model, args.adapter.as_deref(), &device, dtype) {
+    let model_dir = match resolve_model_path(&args.model) {
+        Ok(path) => path,
+        Err(error) => {
+            report::error(&error.to_string());
+            return EXIT_INVALID;
+        }
+    };
+    let model = match InferenceModel::load(&model_dir, args.adapter.as_deref(), &device, dtype) {
         Ok(model) => model,
         Err(message) => {
             report::error(&message);
