@@ -25,6 +25,9 @@ pub struct BenchDataArgs {
     /// Internal: run the measured work in DIR and write DIR/figures.json.
     #[arg(long, hide = true, value_name = "DIR")]
     pub child: Option<PathBuf>,
+    /// Write the generated input to DIR/input.parquet and stop (to profile `--child DIR` by hand).
+    #[arg(long, value_name = "DIR", conflicts_with = "child")]
+    pub generate: Option<PathBuf>,
 }
 
 fn child_run(dir: &Path) -> Result<(), String> {
@@ -119,6 +122,28 @@ fn bench_all(args: &BenchDataArgs) -> Result<BenchReport, String> {
 }
 
 pub fn run(global: &GlobalArgs, args: BenchDataArgs) -> u8 {
+    if let Some(dir) = &args.generate {
+        let written = std::fs::create_dir_all(dir)
+            .map_err(|e| format!("cannot create {}: {e}", dir.display()))
+            .and_then(|()| {
+                bench::generate_input(&dir.join("input.parquet"), args.rows)
+                    .map_err(|e| e.to_string())
+            });
+        return match written {
+            Ok(bytes) => {
+                crate::report::write_stderr(&format!(
+                    "wrote {} rows ({bytes} bytes) to {}",
+                    args.rows,
+                    dir.join("input.parquet").display()
+                ));
+                EXIT_OK
+            }
+            Err(message) => {
+                crate::report::error(&message);
+                EXIT_FAILED
+            }
+        };
+    }
     if let Some(dir) = &args.child {
         return match child_run(dir) {
             Ok(()) => EXIT_OK,

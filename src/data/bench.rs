@@ -44,6 +44,8 @@ pub struct RunFigures {
     pub template_s: f64,
     /// Peak resident set size of the process (VmHWM), KiB.
     pub peak_rss_kb: u64,
+    /// Peak resident set size when ingest had finished (before template), KiB.
+    pub ingest_peak_rss_kb: u64,
     pub rows_read: u64,
     pub rows_kept: u64,
 }
@@ -109,6 +111,7 @@ pub fn run_pipeline(dir: &Path) -> Result<RunFigures, StageError> {
         options: &options,
     })?;
     let ingest_s = start.elapsed().as_secs_f64();
+    let ingest_peak_rss_kb = peak_rss_kb();
     let upstream = [("data".to_string(), data_dir.clone())].into();
     let template = stages::build(&StageConfig::Template(template_config()?));
     template.run(&StageContext {
@@ -134,6 +137,7 @@ pub fn run_pipeline(dir: &Path) -> Result<RunFigures, StageError> {
         ingest_s,
         template_s: wall_s - ingest_s,
         peak_rss_kb: peak_rss_kb(),
+        ingest_peak_rss_kb,
         rows_read: number("rows_read"),
         rows_kept: number("rows_kept"),
     })

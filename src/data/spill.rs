@@ -4,9 +4,11 @@
 //! * [`DedupSpill`]: exact deduplication by 128-bit blake3 key hashes, partitioned by hash into
 //!   bucket files and resolved one bucket at a time (first occurrence in input order wins).
 //! * [`Shuffler`]: an external shuffle — rows go to uniformly random buckets (in memory when a
-//!   single bucket suffices, otherwise uncompressed Parquet scratch files), then each bucket is
-//!   permuted in memory and appended to the output. Random bucket assignment followed by a uniform
-//!   permutation within each bucket yields a uniform permutation of all rows.
+//!   single bucket suffices, otherwise Arrow IPC stream scratch files written batch by batch
+//!   through a small fixed buffer, so many open buckets cost a few KiB each, not a buffered row
+//!   group each), then each bucket is permuted in memory and appended to the output. Random
+//!   bucket assignment followed by a uniform permutation within each bucket yields a uniform
+//!   permutation of all rows.
 //!
 //! Scratch files live in a directory the caller owns and deletes. Nothing here prints.
 
@@ -17,12 +19,14 @@ use std::sync::Arc;
 
 use arrow::array::{RecordBatch, UInt32Array};
 use arrow::datatypes::SchemaRef;
+use arrow::ipc::reader::StreamReader;
+use arrow::ipc::writer::StreamWriter;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use super::artifact::ParquetSink;
-use super::source::{read_artifact, BATCH_ROWS};
+use super::source::BATCH_ROWS;
 use crate::stages::StageError;
 
 /// One bit per input row.
@@ -154,14 +158,20 @@ impl DedupSpill {
     }
 }
 
+/// Write buffer of one scratch bucket file.
+const BUCKET_BUFFER_BYTES: usize = 64 * 1024;
+
 enum Bucket {
     Memory(Vec<RecordBatch>),
-    File(Box<ParquetSink>, PathBuf),
+    File(Box<StreamWriter<BufWriter<File>>>, PathBuf),
+}
+
+fn scratch_error(path: &Path, error: impl std::fmt::Display) -> StageError {
+    StageError::user(format!("scratch file {}: {error}", path.display()))
 }
 
 /// External shuffle of one split.
 pub struct Shuffler {
-    schema: SchemaRef,
     buckets: Vec<Bucket>,
     rng: ChaCha8Rng,
 }
@@ -180,13 +190,17 @@ impl Shuffler {
             buckets.push(Bucket::Memory(Vec::new()));
         } else {
             for index in 0..bucket_count {
-                let path = dir.join(format!("shuffle-{label}-{index:04}.parquet"));
-                let sink = ParquetSink::create(&path, schema.clone(), false)?;
-                buckets.push(Bucket::File(Box::new(sink), path));
+                let path = dir.join(format!("shuffle-{label}-{index:04}.arrows"));
+                let file = File::create(&path).map_err(|e| scratch_error(&path, e))?;
+                let writer = StreamWriter::try_new(
+                    BufWriter::with_capacity(BUCKET_BUFFER_BYTES, file),
+                    &schema,
+                )
+                .map_err(|e| scratch_error(&path, e))?;
+                buckets.push(Bucket::File(Box::new(writer), path));
             }
         }
         Ok(Shuffler {
-            schema,
             buckets,
             rng: ChaCha8Rng::seed_from_u64(seed),
         })
@@ -215,7 +229,9 @@ impl Shuffler {
             let part = take_rows(&batch, rows)?;
             match bucket {
                 Bucket::Memory(batches) => batches.push(part),
-                Bucket::File(sink, _) => sink.write(&part)?,
+                Bucket::File(writer, path) => {
+                    writer.write(&part).map_err(|e| scratch_error(path, e))?
+                }
             }
         }
         Ok(())
@@ -223,32 +239,49 @@ impl Shuffler {
 
     /// Permute each bucket and append it to `sink`.
     pub fn finish(self, sink: &mut ParquetSink) -> Result<(), StageError> {
-        let Shuffler {
-            schema,
-            buckets,
-            mut rng,
-        } = self;
+        let Shuffler { buckets, mut rng } = self;
         for bucket in buckets {
             let batches = match bucket {
                 Bucket::Memory(batches) => batches,
-                Bucket::File(scratch, path) => {
-                    scratch.finish()?;
-                    let mut batches = Vec::new();
-                    read_artifact(&path, |batch| {
-                        batches.push(batch);
-                        Ok(())
-                    })?;
+                Bucket::File(mut writer, path) => {
+                    writer.finish().map_err(|e| scratch_error(&path, e))?;
+                    writer
+                        .into_inner()
+                        .map_err(|e| scratch_error(&path, e))?
+                        .into_inner()
+                        .map_err(|e| scratch_error(&path, e.error()))?;
+                    let file = File::open(&path).map_err(|e| scratch_error(&path, e))?;
+                    let reader = StreamReader::try_new(BufReader::new(file), None)
+                        .map_err(|e| scratch_error(&path, e))?;
+                    let batches = reader
+                        .collect::<Result<Vec<_>, _>>()
+                        .map_err(|e| scratch_error(&path, e))?;
                     std::fs::remove_file(&path).ok();
                     batches
                 }
             };
-            let all = arrow::compute::concat_batches(&schema, &batches)
-                .map_err(|e| StageError::Internal(e.to_string()))?;
-            drop(batches);
-            let mut order: Vec<u32> = (0..all.num_rows() as u32).collect();
+            if batches.is_empty() {
+                continue;
+            }
+            // Row i of the bucket (in arrival order) is (batch, row within it); gathering
+            // straight from the batches avoids copying the bucket into one array first.
+            let mut locations: Vec<(u32, u32)> = Vec::new();
+            for (index, batch) in batches.iter().enumerate() {
+                locations.extend((0..batch.num_rows() as u32).map(|row| (index as u32, row)));
+            }
+            let mut order: Vec<u32> = (0..locations.len() as u32).collect();
             order.shuffle(&mut rng);
+            let sources: Vec<&RecordBatch> = batches.iter().collect();
+            let mut picks: Vec<(usize, usize)> = Vec::with_capacity(BATCH_ROWS);
             for chunk in order.chunks(BATCH_ROWS) {
-                sink.write(&take_rows(&all, chunk.to_vec())?)?;
+                picks.clear();
+                picks.extend(chunk.iter().map(|&i| {
+                    let (batch, row) = locations[i as usize];
+                    (batch as usize, row as usize)
+                }));
+                let part = arrow::compute::interleave_record_batch(&sources, &picks)
+                    .map_err(|e| StageError::Internal(e.to_string()))?;
+                sink.write(&part)?;
             }
         }
         Ok(())
@@ -273,6 +306,7 @@ mod tests {
     use arrow::array::{Array, Int64Array};
     use arrow::datatypes::{DataType, Field, Schema};
 
+    use super::super::source::read_artifact;
     use super::*;
 
     #[test]

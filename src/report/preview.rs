@@ -52,11 +52,12 @@ pub fn print_bench_data(report: &crate::data::bench::BenchReport, json: bool) {
     );
     let ours = &report.ours;
     println!(
-        "  peftpipe  ingest+template {:>8.2} s  (ingest {:.2} s, template {:.2} s)  peak RSS {:.0} MiB  kept {} of {} rows",
+        "  peftpipe  ingest+template {:>8.2} s  (ingest {:.2} s, template {:.2} s)  peak RSS {:.0} MiB (after ingest {:.0} MiB)  kept {} of {} rows",
         ours.wall_s,
         ours.ingest_s,
         ours.template_s,
         mib(ours.peak_rss_kb),
+        mib(ours.ingest_peak_rss_kb),
         ours.rows_kept,
         ours.rows_read
     );

@@ -20,7 +20,9 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
 
-use arrow::array::{ArrayRef, RecordBatch, StringArray};
+use std::fmt::Write as _;
+
+use arrow::array::{ArrayRef, RecordBatch, StringBuilder};
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use minijinja::value::Value;
 use minijinja::Environment;
@@ -100,22 +102,6 @@ impl RowRenderer {
         &self.resolved
     }
 
-    fn render_one(
-        &self,
-        name: &str,
-        context: &Value,
-        split: &str,
-        row: u64,
-    ) -> Result<String, StageError> {
-        let template = self
-            .env
-            .get_template(name)
-            .map_err(|e| StageError::Internal(format!("template {name}: {e}")))?;
-        template
-            .render(context)
-            .map_err(|e| StageError::user(describe_render_error(&e, name, split, row)))
-    }
-
     /// Render the rows of `batch`, the first of which is row `first_row` of `split`.
     pub fn render_batch(
         &self,
@@ -123,8 +109,90 @@ impl RowRenderer {
         split: &str,
         first_row: u64,
     ) -> Result<Vec<RenderedRow>, StageError> {
-        let columns = BatchColumns::new(batch);
         let mut rendered = Vec::with_capacity(batch.num_rows());
+        self.for_each_rendered(batch, split, first_row, |prompt, completion| {
+            rendered.push(RenderedRow {
+                prompt: prompt.to_string(),
+                completion: completion.to_string(),
+            });
+        })?;
+        Ok(rendered)
+    }
+
+    /// The output columns `prompt`, `completion` and `text` of `batch` (see [`Self::render_batch`]),
+    /// built straight into Arrow arrays.
+    pub fn render_columns(
+        &self,
+        batch: &RecordBatch,
+        split: &str,
+        first_row: u64,
+    ) -> Result<[ArrayRef; 3], StageError> {
+        let rows = batch.num_rows();
+        let text_bytes = batch
+            .columns()
+            .iter()
+            .map(|column| column.get_buffer_memory_size())
+            .sum::<usize>();
+        let mut prompts = StringBuilder::with_capacity(rows, text_bytes);
+        let mut completions = StringBuilder::with_capacity(rows, rows * 16);
+        let mut texts = StringBuilder::with_capacity(rows, text_bytes + rows * 16);
+        self.for_each_rendered(batch, split, first_row, |prompt, completion| {
+            prompts.append_value(prompt);
+            completions.append_value(completion);
+            // `write_str` extends the pending value; `append_value("")` ends it.
+            let _ = texts.write_str(prompt);
+            let _ = texts.write_str(completion);
+            texts.append_value("");
+        })?;
+        Ok([
+            Arc::new(prompts.finish()),
+            Arc::new(completions.finish()),
+            Arc::new(texts.finish()),
+        ])
+    }
+
+    /// Render each row of `batch` and hand its prompt and completion to `emit`, in row order.
+    fn for_each_rendered(
+        &self,
+        batch: &RecordBatch,
+        split: &str,
+        first_row: u64,
+        mut emit: impl FnMut(&str, &str),
+    ) -> Result<(), StageError> {
+        let template = |name: &str| {
+            self.env
+                .get_template(name)
+                .map_err(|e| StageError::Internal(format!("template {name}: {e}")))
+        };
+        let render = |template: &minijinja::Template<'_, '_>,
+                      name: &str,
+                      context: &Value,
+                      row: u64|
+         -> Result<String, StageError> {
+            template
+                .render(context)
+                .map_err(|e| StageError::user(describe_render_error(&e, name, split, row)))
+        };
+        let columns = BatchColumns::new(batch);
+        let plain = match &self.resolved.chat {
+            Some(_) => None,
+            None => Some((template("prompt")?, template("completion")?)),
+        };
+        let chat = match (&self.chat, &self.resolved.chat) {
+            (Some(chat), Some(resolved)) => Some((
+                chat,
+                match &resolved.system {
+                    Some(system) => Some((system.name.as_str(), template(&system.name)?)),
+                    None => None,
+                },
+                (resolved.user.name.as_str(), template(&resolved.user.name)?),
+                (
+                    resolved.assistant.name.as_str(),
+                    template(&resolved.assistant.name)?,
+                ),
+            )),
+            _ => None,
+        };
         for index in 0..batch.num_rows() {
             let row = first_row + index as u64;
             let examples = match &self.pool {
@@ -143,45 +211,44 @@ impl RowRenderer {
                 row: index,
                 extra,
             });
-            rendered.push(match (&self.chat, &self.resolved.chat) {
-                (Some(chat), Some(resolved)) => {
-                    let mut messages = Vec::new();
-                    if let Some(system) = &resolved.system {
-                        messages.push(Message::new(
-                            "system",
-                            self.render_one(&system.name, &context, split, row)?,
-                        ));
-                    }
-                    for example in examples.iter().flatten() {
-                        messages.push(Message::new(
-                            "user",
-                            self.render_one(&resolved.user.name, example, split, row)?,
-                        ));
-                        messages.push(Message::new(
-                            "assistant",
-                            self.render_one(&resolved.assistant.name, example, split, row)?,
-                        ));
-                    }
-                    messages.push(Message::new(
-                        "user",
-                        self.render_one(&resolved.user.name, &context, split, row)?,
-                    ));
-                    messages.push(Message::new(
-                        "assistant",
-                        self.render_one(&resolved.assistant.name, &context, split, row)?,
-                    ));
-                    let (prompt, completion) = chat
-                        .prompt_and_completion(&messages)
-                        .map_err(|e| StageError::user(format!("split {split}, row {row}: {e}")))?;
-                    RenderedRow { prompt, completion }
-                }
-                _ => RenderedRow {
-                    prompt: self.render_one("prompt", &context, split, row)?,
-                    completion: self.render_one("completion", &context, split, row)?,
-                },
-            });
+            if let Some((prompt, completion)) = &plain {
+                emit(
+                    &render(prompt, "prompt", &context, row)?,
+                    &render(completion, "completion", &context, row)?,
+                );
+                continue;
+            }
+            let Some((chat, system, (user_name, user), (assistant_name, assistant))) = &chat
+            else {
+                return Err(StageError::Internal(
+                    "chat settings without a chat template".into(),
+                ));
+            };
+            let mut messages = Vec::new();
+            if let Some((name, system)) = system {
+                messages.push(Message::new("system", render(system, name, &context, row)?));
+            }
+            for example in examples.iter().flatten() {
+                messages.push(Message::new(
+                    "user",
+                    render(user, user_name, example, row)?,
+                ));
+                messages.push(Message::new(
+                    "assistant",
+                    render(assistant, assistant_name, example, row)?,
+                ));
+            }
+            messages.push(Message::new("user", render(user, user_name, &context, row)?));
+            messages.push(Message::new(
+                "assistant",
+                render(assistant, assistant_name, &context, row)?,
+            ));
+            let (prompt, completion) = chat
+                .prompt_and_completion(&messages)
+                .map_err(|e| StageError::user(format!("split {split}, row {row}: {e}")))?;
+            emit(&prompt, &completion);
         }
-        Ok(rendered)
+        Ok(())
     }
 }
 
@@ -286,8 +353,8 @@ impl Stage for TemplateStage {
                         true,
                     )?);
                 }
-                let rendered = renderer.render_batch(&batch, split, row)?;
-                let out = assemble(&batch, &rendered, &carried)?;
+                let rendered = renderer.render_columns(&batch, split, row)?;
+                let out = assemble(&batch, rendered, &carried)?;
                 if let Some(sink) = sink.as_mut() {
                     sink.write(&out)?;
                 }
@@ -329,19 +396,11 @@ impl Stage for TemplateStage {
 /// The output batch: rendered columns, then the carried input columns.
 fn assemble(
     batch: &RecordBatch,
-    rendered: &[RenderedRow],
+    rendered: [ArrayRef; 3],
     carried: &[String],
 ) -> Result<RecordBatch, StageError> {
     let schema = output_schema(&batch.schema(), carried, "input")?;
-    let prompts = StringArray::from_iter_values(rendered.iter().map(|r| r.prompt.as_str()));
-    let completions = StringArray::from_iter_values(rendered.iter().map(|r| r.completion.as_str()));
-    let texts = StringArray::from_iter_values(
-        rendered
-            .iter()
-            .map(|r| format!("{}{}", r.prompt, r.completion)),
-    );
-    let mut columns: Vec<ArrayRef> =
-        vec![Arc::new(prompts), Arc::new(completions), Arc::new(texts)];
+    let mut columns: Vec<ArrayRef> = rendered.into();
     for name in carried {
         let index = batch
             .schema()
