@@ -1,7 +1,9 @@
-//! `peftpipe bench data --rows 1000000 [--python] [--large-rows 4000000]`: generate a synthetic
-//! review Parquet in a temp dir, run ingest + template over it in a child process (wall time,
+//! `peftpipe bench data --rows 1000000 [--python] [--large-rows N]`: generate a synthetic review
+//! Parquet in a temp dir, run ingest + template over it in a child process (wall time, rows/s,
 //! peak RSS), optionally the Python reference (benches/data_reference.py: pyarrow + jinja2) on the
-//! same file, and a second run at `--large-rows` to show memory stays flat.
+//! same file, and a second run at `--large-rows` (default 4 × `--rows`; the Python reference too
+//! with `--python`) to show whether memory stays flat. The interpreter is `$PEFTPIPE_PYTHON`, or
+//! `python3` on the PATH.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -9,7 +11,7 @@ use std::process::Command;
 use clap::Args;
 
 use super::{GlobalArgs, EXIT_FAILED, EXIT_OK};
-use crate::data::bench::{self, BenchReport, PythonFigures, RunFigures};
+use crate::data::bench::{self, BenchReport, LargeRun, PythonFigures, RunFigures};
 
 #[derive(Debug, Args)]
 pub struct BenchDataArgs {
@@ -19,9 +21,9 @@ pub struct BenchDataArgs {
     /// Also run the Python reference (needs python3 with pyarrow and jinja2).
     #[arg(long)]
     pub python: bool,
-    /// Rows of a second, larger run of ours for the peak-RSS comparison (0: skip).
-    #[arg(long, default_value_t = 4_000_000)]
-    pub large_rows: u64,
+    /// Rows of a second, larger run for the peak-RSS comparison (default: 4 × --rows; 0: skip).
+    #[arg(long)]
+    pub large_rows: Option<u64>,
     /// Internal: run the measured work in DIR and write DIR/figures.json.
     #[arg(long, hide = true, value_name = "DIR")]
     pub child: Option<PathBuf>,
@@ -50,14 +52,18 @@ fn measure(dir: &Path) -> Result<RunFigures, String> {
     serde_json::from_str(&text).map_err(|e| e.to_string())
 }
 
+/// Environment variable naming the Python interpreter of the reference run.
+pub const PYTHON_ENV: &str = "PEFTPIPE_PYTHON";
+
 fn python_reference(dir: &Path) -> Result<PythonFigures, String> {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/data_reference.py");
-    let output = Command::new("python3")
+    let python = std::env::var_os(PYTHON_ENV).unwrap_or_else(|| "python3".into());
+    let output = Command::new(&python)
         .arg(&script)
         .arg(dir.join("input.parquet"))
         .arg(dir.join("python-out"))
         .output()
-        .map_err(|e| format!("cannot run python3: {e}"))?;
+        .map_err(|e| format!("cannot run {}: {e}", python.to_string_lossy()))?;
     if !output.status.success() {
         return Err(format!(
             "{} failed: {}",
@@ -90,17 +96,28 @@ fn bench_all(args: &BenchDataArgs) -> Result<BenchReport, String> {
     };
     let speedup = python.as_ref().map(|p| p.wall_s / ours.wall_s);
     std::fs::remove_dir_all(&dir).ok();
-    let large = if args.large_rows > 0 {
+    let large_rows = args.large_rows.unwrap_or(args.rows.saturating_mul(4));
+    let large = if large_rows > 0 {
         let large_dir = scratch.path().join("large");
         std::fs::create_dir_all(&large_dir).map_err(|e| e.to_string())?;
         crate::report::write_stderr(&format!(
-            "generating {} rows for the memory check …",
-            args.large_rows
+            "generating {large_rows} rows for the memory check …"
         ));
-        bench::generate_input(&large_dir.join("input.parquet"), args.large_rows)
+        bench::generate_input(&large_dir.join("input.parquet"), large_rows)
             .map_err(|e| e.to_string())?;
         crate::report::write_stderr("running ingest + template (peftpipe) …");
-        Some((args.large_rows, measure(&large_dir)?))
+        let ours = measure(&large_dir)?;
+        let python = if python.is_some() {
+            crate::report::write_stderr("running the Python reference (pyarrow + jinja2) …");
+            python_reference(&large_dir).ok()
+        } else {
+            None
+        };
+        Some(LargeRun {
+            rows: large_rows,
+            ours,
+            python,
+        })
     } else {
         None
     };
@@ -113,10 +130,9 @@ fn bench_all(args: &BenchDataArgs) -> Result<BenchReport, String> {
         python_skipped,
         large,
         command: format!(
-            "peftpipe bench data --rows {}{} --large-rows {}",
+            "peftpipe bench data --rows {}{} --large-rows {large_rows}",
             args.rows,
             if args.python { " --python" } else { "" },
-            args.large_rows
         ),
     })
 }

@@ -1,10 +1,24 @@
-//! `peftpipe preview FILE --stage NAME [-n 3] [--split train]`: render a few rows of an ingest
-//! or template stage (running its ingest in a temporary directory) and hand them to the
-//! reporter, which shows the prompt/completion boundary.
+//! `peftpipe preview FILE --stage NAME [-n 3] [--split train]`: show the first rows of an ingest
+//! or template stage's artifact, the prompt/completion boundary visible.
+//!
+//! Reads the artifact from the cache when the stage is fresh (nothing runs). When it is stale,
+//! the stage and the stale stages it needs run first through the normal executor (progress on
+//! stderr, outputs stored in the cache and materialized as `peftpipe run --stage NAME` would),
+//! and the preview says so. Printing is the reporter's.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 use clap::Args;
 
-use super::{GlobalArgs, PipelineArgs, EXIT_FAILED, EXIT_OK};
+use super::run::{load_pipeline, report_exec_error, settings_for};
+use super::{GlobalArgs, PipelineArgs, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_INVALID, EXIT_OK};
+use crate::cache::Cache;
+use crate::config::StageConfig;
+use crate::data::preview::{read_rows, PreviewSource};
+use crate::exec::{Freshness, StageStatus};
+use crate::report;
+use crate::report::run::{RunReporter, Style};
 
 #[derive(Debug, Args)]
 pub struct PreviewArgs {
@@ -22,17 +36,114 @@ pub struct PreviewArgs {
 }
 
 pub fn run(global: &GlobalArgs, args: PreviewArgs) -> u8 {
-    let pipeline = match super::run::load_pipeline(&args.pipeline) {
+    let pipeline = match load_pipeline(&args.pipeline) {
         Ok(pipeline) => pipeline,
         Err(code) => return code,
     };
-    match crate::stages::template::preview(&pipeline, &args.stage, &args.split, args.rows) {
+    let stage = args.stage.as_str();
+    let kind = match pipeline.stages.get(stage) {
+        Some(StageConfig::Ingest(_)) => "ingest",
+        Some(StageConfig::Template(_)) => "template",
+        Some(other) => {
+            report::error(&format!(
+                "preview shows ingest and template stages; `{stage}` is a {} stage",
+                other.kind()
+            ));
+            return EXIT_INVALID;
+        }
+        None => {
+            let names: Vec<&str> = pipeline.stages.keys().map(String::as_str).collect();
+            report::error(&format!(
+                "no stage named `{stage}`; stages: {}",
+                names.join(", ")
+            ));
+            return EXIT_INVALID;
+        }
+    };
+    let mut settings = settings_for(global, &pipeline);
+    settings.targets = vec![stage.to_string()];
+    let plan = match crate::exec::plan::plan_only(&pipeline, &settings) {
+        Ok(plan) => plan,
+        Err(error) => return report_exec_error(&error),
+    };
+    let cache = match Cache::open(&settings.cache_dir) {
+        Ok(cache) => cache,
+        Err(error) => {
+            report::error(&error.to_string());
+            return EXIT_FAILED;
+        }
+    };
+    let fresh_output = plan
+        .stage(stage)
+        .and_then(|planned| match &planned.freshness {
+            Freshness::Fresh(cached) => Some(cached.output.clone()),
+            Freshness::Dirty { .. } => None,
+        });
+    let (output, source) = match fresh_output {
+        Some(output) => (output, PreviewSource::Cache),
+        None => {
+            let cancel = Arc::new(AtomicBool::new(false));
+            let handler_flag = Arc::clone(&cancel);
+            if let Err(error) = ctrlc::set_handler(move || {
+                if handler_flag.swap(true, Ordering::SeqCst) {
+                    std::process::exit(i32::from(EXIT_INTERRUPTED));
+                }
+            }) {
+                report::warning(&format!("cannot install the Ctrl-C handler: {error}"));
+            }
+            let style = Style::detect();
+            let reporter = RunReporter::new(style, global.quiet);
+            let summary = match crate::exec::execute(
+                &pipeline,
+                &settings,
+                &crate::exec::default_builder,
+                &reporter,
+                &cancel,
+            ) {
+                Ok(summary) => summary,
+                Err(error) => return report_exec_error(&error),
+            };
+            drop(reporter);
+            if summary.interrupted || summary.failed() {
+                report::run::print_summary(&style, &summary);
+                return if summary.interrupted {
+                    EXIT_INTERRUPTED
+                } else {
+                    EXIT_FAILED
+                };
+            }
+            let ran: Vec<String> = summary
+                .stages
+                .iter()
+                .filter(|report| report.status == StageStatus::Ran)
+                .map(|report| report.name.clone())
+                .collect();
+            let output = summary
+                .stages
+                .iter()
+                .find(|report| report.name == stage)
+                .and_then(|report| report.output.clone());
+            let Some(output) = output else {
+                report::error(&format!("stage `{stage}` produced no output"));
+                return EXIT_FAILED;
+            };
+            (output, PreviewSource::Ran { stages: ran })
+        }
+    };
+    match read_rows(
+        &cache.object_data(&output),
+        stage,
+        kind,
+        &args.split,
+        args.rows,
+        source,
+    ) {
         Ok(preview) => {
-            crate::report::preview::print_preview(&preview, global.json);
+            report::preview::print_preview(&preview, global.json);
             EXIT_OK
         }
         Err(error) => {
-            crate::report::error(&error.to_string());
+            report::error(&error.to_string());
             EXIT_FAILED
         }
     }

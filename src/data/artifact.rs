@@ -102,7 +102,10 @@ impl ParquetSink {
             StageError::Internal(format!("{}: writer already finished", self.path.display()))
         })?;
         worker.join().map_err(|_| {
-            StageError::Internal(format!("the writer thread of {} panicked", self.path.display()))
+            StageError::Internal(format!(
+                "the writer thread of {} panicked",
+                self.path.display()
+            ))
         })?
     }
 

@@ -151,6 +151,27 @@ pub struct PythonFigures {
     pub rows_kept: u64,
 }
 
+/// The runs at the larger row count.
+#[derive(Debug, Clone, Serialize)]
+pub struct LargeRun {
+    pub rows: u64,
+    pub ours: RunFigures,
+    /// The Python reference at this size (when requested and it succeeded).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub python: Option<PythonFigures>,
+}
+
+impl RunFigures {
+    /// Input rows per second of wall time.
+    pub fn rows_per_second(&self) -> f64 {
+        if self.wall_s > 0.0 {
+            self.rows_read as f64 / self.wall_s
+        } else {
+            0.0
+        }
+    }
+}
+
 /// Everything `bench data` reports.
 #[derive(Debug, Clone, Serialize)]
 pub struct BenchReport {
@@ -165,8 +186,8 @@ pub struct BenchReport {
     /// Why the Python reference did not run, if it did not.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub python_skipped: Option<String>,
-    /// Our run at a larger row count, for the flat-memory check.
+    /// The runs at a larger row count, for the flat-memory check.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub large: Option<(u64, RunFigures)>,
+    pub large: Option<LargeRun>,
     pub command: String,
 }

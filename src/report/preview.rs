@@ -6,7 +6,7 @@
     reason = "the reporter is the one place that writes to the terminal"
 )]
 
-use crate::stages::template::Preview;
+use crate::data::preview::{Preview, PreviewSource};
 
 /// Print a preview (human form, or JSON on stdout with `json`).
 pub fn print_preview(preview: &Preview, json: bool) {
@@ -14,18 +14,20 @@ pub fn print_preview(preview: &Preview, json: bool) {
         super::json(preview);
         return;
     }
+    let source = match &preview.source {
+        PreviewSource::Cache => "fresh, read from the cache".to_string(),
+        PreviewSource::Ran { stages } => format!(
+            "ran {} first (stale), stored in the cache",
+            stages.join(", ")
+        ),
+    };
     println!(
-        "stage {} ({}), split {}: {} of {} row(s){}",
+        "stage {} ({}), split {}: {} of {} row(s) — {source}",
         preview.stage,
         preview.kind,
         preview.split,
         preview.rows.len(),
         preview.split_rows,
-        preview
-            .note
-            .as_deref()
-            .map(|n| format!(" — {n}"))
-            .unwrap_or_default()
     );
     for row in &preview.rows {
         println!("── row {} ──", row.index);
@@ -52,8 +54,9 @@ pub fn print_bench_data(report: &crate::data::bench::BenchReport, json: bool) {
     );
     let ours = &report.ours;
     println!(
-        "  peftpipe  ingest+template {:>8.2} s  (ingest {:.2} s, template {:.2} s)  peak RSS {:.0} MiB (after ingest {:.0} MiB)  kept {} of {} rows",
+        "  peftpipe  ingest+template {:>8.2} s  {:.0} rows/s  (ingest {:.2} s, template {:.2} s)  peak RSS {:.0} MiB (after ingest {:.0} MiB)  kept {} of {} rows",
         ours.wall_s,
+        ours.rows_per_second(),
         ours.ingest_s,
         ours.template_s,
         mib(ours.peak_rss_kb),
@@ -63,8 +66,9 @@ pub fn print_bench_data(report: &crate::data::bench::BenchReport, json: bool) {
     );
     match (&report.python, &report.python_skipped) {
         (Some(python), _) => println!(
-            "  python    pyarrow+jinja2  {:>8.2} s  peak RSS {:.0} MiB  kept {} rows",
+            "  python    pyarrow+jinja2  {:>8.2} s  {:.0} rows/s  peak RSS {:.0} MiB  kept {} rows",
             python.wall_s,
+            report.rows as f64 / python.wall_s.max(f64::MIN_POSITIVE),
             mib(python.max_rss_kb),
             python.rows_kept
         ),
@@ -74,15 +78,34 @@ pub fn print_bench_data(report: &crate::data::bench::BenchReport, json: bool) {
     if let Some(speedup) = report.speedup {
         println!("  speedup   {speedup:.1}× (goal ≥ 5×)");
     }
-    if let Some((rows, large)) = &report.large {
+    if let Some(large) = &report.large {
+        let growth = if ours.peak_rss_kb > 0 {
+            format!(
+                " ({:+.0}%)",
+                (large.ours.peak_rss_kb as f64 / ours.peak_rss_kb as f64 - 1.0) * 100.0
+            )
+        } else {
+            String::new()
+        };
         println!(
-            "  memory    peak RSS {:.0} MiB at {} rows vs {:.0} MiB at {} rows ({:.2} s)",
+            "  memory    peftpipe peak RSS {:.0} MiB at {} rows vs {:.0} MiB at {} rows{growth} ({:.2} s, {:.0} rows/s)",
             mib(ours.peak_rss_kb),
             report.rows,
-            mib(large.peak_rss_kb),
-            rows,
-            large.wall_s
+            mib(large.ours.peak_rss_kb),
+            large.rows,
+            large.ours.wall_s,
+            large.ours.rows_per_second()
         );
+        if let (Some(python), Some(large_python)) = (&report.python, &large.python) {
+            println!(
+                "            python peak RSS {:.0} MiB at {} rows vs {:.0} MiB at {} rows ({:.2} s)",
+                mib(python.max_rss_kb),
+                report.rows,
+                mib(large_python.max_rss_kb),
+                large.rows,
+                large_python.wall_s
+            );
+        }
     }
     println!("  command   {}", report.command);
 }

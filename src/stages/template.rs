@@ -17,10 +17,9 @@
 //! Memory: one batch at a time plus the few-shot pool (at most `pool_size` rows). Never prints.
 
 use std::collections::BTreeMap;
+use std::fmt::Write as _;
 use std::path::Path;
 use std::sync::Arc;
-
-use std::fmt::Write as _;
 
 use arrow::array::{ArrayRef, RecordBatch, StringBuilder};
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
@@ -49,20 +48,12 @@ impl TemplateStage {
     }
 }
 
-/// Renders rows of record batches into prompts and completions. Shared by the stage and
-/// `peftpipe preview`.
+/// Renders rows of record batches into prompts and completions.
 pub struct RowRenderer {
     env: Environment<'static>,
     resolved: ResolvedTemplates,
     chat: Option<ChatTemplate>,
     pool: Option<FewShotPool>,
-}
-
-/// One rendered row.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct RenderedRow {
-    pub prompt: String,
-    pub completion: String,
 }
 
 impl RowRenderer {
@@ -102,25 +93,8 @@ impl RowRenderer {
         &self.resolved
     }
 
-    /// Render the rows of `batch`, the first of which is row `first_row` of `split`.
-    pub fn render_batch(
-        &self,
-        batch: &RecordBatch,
-        split: &str,
-        first_row: u64,
-    ) -> Result<Vec<RenderedRow>, StageError> {
-        let mut rendered = Vec::with_capacity(batch.num_rows());
-        self.for_each_rendered(batch, split, first_row, |prompt, completion| {
-            rendered.push(RenderedRow {
-                prompt: prompt.to_string(),
-                completion: completion.to_string(),
-            });
-        })?;
-        Ok(rendered)
-    }
-
-    /// The output columns `prompt`, `completion` and `text` of `batch` (see [`Self::render_batch`]),
-    /// built straight into Arrow arrays.
+    /// The output columns `prompt`, `completion` and `text` of `batch`, whose first row is row
+    /// `first_row` of `split`, built straight into Arrow arrays.
     pub fn render_columns(
         &self,
         batch: &RecordBatch,
@@ -218,8 +192,7 @@ impl RowRenderer {
                 );
                 continue;
             }
-            let Some((chat, system, (user_name, user), (assistant_name, assistant))) = &chat
-            else {
+            let Some((chat, system, (user_name, user), (assistant_name, assistant))) = &chat else {
                 return Err(StageError::Internal(
                     "chat settings without a chat template".into(),
                 ));
@@ -229,16 +202,16 @@ impl RowRenderer {
                 messages.push(Message::new("system", render(system, name, &context, row)?));
             }
             for example in examples.iter().flatten() {
-                messages.push(Message::new(
-                    "user",
-                    render(user, user_name, example, row)?,
-                ));
+                messages.push(Message::new("user", render(user, user_name, example, row)?));
                 messages.push(Message::new(
                     "assistant",
                     render(assistant, assistant_name, example, row)?,
                 ));
             }
-            messages.push(Message::new("user", render(user, user_name, &context, row)?));
+            messages.push(Message::new(
+                "user",
+                render(user, user_name, &context, row)?,
+            ));
             messages.push(Message::new(
                 "assistant",
                 render(assistant, assistant_name, &context, row)?,
@@ -409,156 +382,4 @@ fn assemble(
         columns.push(batch.column(index).clone());
     }
     RecordBatch::try_new(schema, columns).map_err(|e| StageError::Internal(e.to_string()))
-}
-
-/// Most input rows `peftpipe preview` ingests (rendering needs only a few rows; splits of bigger
-/// inputs are previewed from their first rows).
-const PREVIEW_INPUT_ROWS: u64 = 100_000;
-
-/// Rows shown by `peftpipe preview`.
-#[derive(Debug, Clone, Serialize)]
-pub struct Preview {
-    pub stage: String,
-    pub kind: &'static str,
-    pub split: String,
-    /// Rows in the previewed split.
-    pub split_rows: u64,
-    /// A caveat (e.g. only the first input rows were ingested).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub note: Option<String>,
-    pub rows: Vec<PreviewRow>,
-}
-
-/// One previewed row: the rendered prompt and completion (template stages) and other columns
-/// as text.
-#[derive(Debug, Clone, Serialize)]
-pub struct PreviewRow {
-    pub index: u64,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub prompt: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub completion: Option<String>,
-    pub columns: Vec<(String, String)>,
-}
-
-/// Render the first `count` rows of `split` of an ingest or template stage, running the ingest
-/// stage it depends on in a temporary directory (nothing touches the cache).
-pub fn preview(
-    pipeline: &crate::config::Pipeline,
-    stage: &str,
-    split: &str,
-    count: usize,
-) -> Result<Preview, StageError> {
-    use crate::config::StageConfig;
-    let config = pipeline.stages.get(stage).ok_or_else(|| {
-        let names: Vec<&str> = pipeline.stages.keys().map(String::as_str).collect();
-        StageError::user(format!(
-            "no stage named `{stage}`; stages: {}",
-            names.join(", ")
-        ))
-    })?;
-    let (ingest_name, template) = match config {
-        StageConfig::Ingest(_) => (stage.to_string(), None),
-        StageConfig::Template(template) => (template.input.clone(), Some(template)),
-        other => {
-            return Err(StageError::user(format!(
-                "preview shows ingest and template stages; `{stage}` is a {} stage",
-                other.kind()
-            )))
-        }
-    };
-    let Some(StageConfig::Ingest(ingest)) = pipeline.stages.get(&ingest_name) else {
-        return Err(StageError::user(format!(
-            "preview renders template stages whose input is an ingest stage; `{ingest_name}` is not"
-        )));
-    };
-    let mut ingest = ingest.clone();
-    let capped = ingest.limit.is_none_or(|limit| limit > PREVIEW_INPUT_ROWS);
-    if capped {
-        ingest.limit = Some(PREVIEW_INPUT_ROWS);
-    }
-    let scratch = tempfile::tempdir()
-        .map_err(|e| StageError::user(format!("cannot create a temporary directory: {e}")))?;
-    let ingest_dir = scratch.path().join(&ingest_name);
-    std::fs::create_dir_all(&ingest_dir)?;
-    let cancel = std::sync::atomic::AtomicBool::new(false);
-    let options = super::RunOptions::default();
-    let no_upstream = BTreeMap::new();
-    let ingest_ctx = StageContext {
-        name: &ingest_name,
-        project_dir: &pipeline.project_dir,
-        out_dir: &ingest_dir,
-        upstream: &no_upstream,
-        seed: pipeline.seed,
-        progress: &super::NullSink,
-        cancel: &cancel,
-        options: &options,
-    };
-    let outcome = super::ingest::IngestStage::new(ingest).run(&ingest_ctx)?;
-    let note = match outcome.summary.get("rows_read").and_then(|v| v.as_u64()) {
-        Some(read) if capped && read >= PREVIEW_INPUT_ROWS => Some(format!(
-            "splits previewed from the first {PREVIEW_INPUT_ROWS} input rows"
-        )),
-        _ => None,
-    };
-    let split_path = ingest_dir.join(format!("{split}.parquet"));
-    if !split_path.is_file() {
-        return Err(StageError::user(format!(
-            "stage `{ingest_name}` writes no `{split}` split (train, eval, and test when declared)"
-        )));
-    }
-    let split_rows = parquet_row_count(&split_path)?;
-    let renderer = match template {
-        Some(template) => Some(RowRenderer::new(
-            template,
-            &pipeline.project_dir,
-            &ingest_dir,
-            derive_seed(pipeline.seed, stage),
-        )?),
-        None => None,
-    };
-    let carried: Vec<String> = template.map(|t| t.carried_columns()).unwrap_or_default();
-    let mut rows = Vec::new();
-    read_artifact(&split_path, |batch| {
-        if rows.len() >= count {
-            return Ok(());
-        }
-        let take = (count - rows.len()).min(batch.num_rows());
-        let batch = batch.slice(0, take);
-        let first = rows.len() as u64;
-        let rendered = match &renderer {
-            Some(renderer) => Some(renderer.render_batch(&batch, split, first)?),
-            None => None,
-        };
-        let schema = batch.schema();
-        for index in 0..take {
-            let columns = schema
-                .fields()
-                .iter()
-                .zip(batch.columns())
-                .filter(|(field, _)| renderer.is_none() || carried.contains(field.name()))
-                .map(|(field, column)| {
-                    let text = arrow::util::display::array_value_to_string(column, index)
-                        .unwrap_or_default();
-                    (field.name().clone(), text)
-                })
-                .collect();
-            let row = rendered.as_ref().and_then(|r| r.get(index));
-            rows.push(PreviewRow {
-                index: first + index as u64,
-                prompt: row.map(|r| r.prompt.clone()),
-                completion: row.map(|r| r.completion.clone()),
-                columns,
-            });
-        }
-        Ok(())
-    })?;
-    Ok(Preview {
-        stage: stage.to_string(),
-        kind: config.kind().as_str(),
-        split: split.to_string(),
-        split_rows,
-        note,
-        rows,
-    })
 }
