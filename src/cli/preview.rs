@@ -96,7 +96,7 @@ pub fn run(global: &GlobalArgs, args: PreviewArgs) -> u8 {
             let summary = match crate::exec::execute(
                 &pipeline,
                 &settings,
-                &crate::exec::default_builder,
+                &crate::stages::default_builder,
                 &reporter,
                 &cancel,
             ) {
