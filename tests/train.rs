@@ -671,3 +671,37 @@ fn lora_on_stories260k_lowers_bevostories_validation_perplexity() {
         "{base_perplexity} → {adapted_perplexity}"
     );
 }
+
+/// `model: hf://org/name` trains on the snapshot the Hugging Face cache holds (a fake cache
+/// here); base_model.json keeps the id and records the snapshot folder.
+#[test]
+fn train_stage_takes_a_hub_id_from_the_cache() {
+    let project = tempfile::tempdir().unwrap();
+    let cache = tempfile::tempdir().unwrap();
+    let hash = "5a4b3c2d1e0f5a4b3c2d1e0f5a4b3c2d1e0f5a4b";
+    let repo = cache.path().join("models--org--tiny");
+    let snapshot = repo.join("snapshots").join(hash);
+    std::fs::create_dir_all(&snapshot).unwrap();
+    tiny_model_dir(&snapshot);
+    std::fs::create_dir_all(repo.join("refs")).unwrap();
+    std::fs::write(repo.join("refs/main"), hash).unwrap();
+    // The only test of this binary that reads the Hub cache variable.
+    std::env::set_var("HF_HUB_CACHE", cache.path());
+    let upstream = project.path().join("prompts-artifact");
+    std::fs::create_dir_all(&upstream).unwrap();
+    let rows: Vec<(String, String)> = (0..4)
+        .map(|i| (format!("w{} w{}", 3 + i, 10 + i), format!("w{}", 20 + i)))
+        .collect();
+    write_pairs(&upstream.join("train.parquet"), &rows);
+    let yaml = "data: prompts\nmodel: hf://org/tiny\nmethod:\n  lora:\n    r: 2\nbatch_size: 4\nepochs: 1\n";
+    let out = project.path().join("out");
+    std::fs::create_dir_all(&out).unwrap();
+    let (outcome, _) = run_stage(project.path(), &upstream, &out, yaml);
+    std::env::remove_var("HF_HUB_CACHE");
+    assert_eq!(outcome.summary["steps"], 1);
+    let base: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("base_model.json")).unwrap())
+            .unwrap();
+    assert_eq!(base["model"], "hf://org/tiny");
+    assert_eq!(base["path"], snapshot.to_string_lossy().as_ref());
+}

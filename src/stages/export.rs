@@ -380,10 +380,8 @@ impl BaseModelRecord {
         let recorded = text("path").map(PathBuf::from);
         let path = match recorded.filter(|p| p.join("config.json").is_file()) {
             Some(path) => path,
-            None if !model.is_empty() && !model.starts_with("hf://") => {
-                crate::config::resolve_path(project_dir, &model)
-                    .map_err(|message| StageError::user(format!("{}: {message}", file.display())))?
-            }
+            None if !model.is_empty() => crate::config::hub::resolve_model_dir(project_dir, &model)
+                .map_err(|message| StageError::user(format!("{}: {message}", file.display())))?,
             None => {
                 return Err(StageError::user(format!(
                     "{}: the base model folder it names is not on this machine",

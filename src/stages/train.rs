@@ -27,7 +27,7 @@ use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use parquet::arrow::ProjectionMask;
 
 use super::{Progress, Stage, StageContext, StageError, StageOutcome};
-use crate::config::resolve_path;
+use crate::config::hub::resolve_model_dir;
 use crate::config::train::{device_kind, resolve_targets, MethodConfig, TrainConfig};
 use crate::data::batch::{fit, HostBatch, Sequence};
 use crate::data::tokenize::TextTokenizer;
@@ -257,7 +257,7 @@ impl Stage for TrainStage {
         let dtype = dtype_from_name(dtype_name);
 
         // Base model and tokenizer.
-        let model_root = resolve_path(ctx.project_dir, &config.model).map_err(user)?;
+        let model_root = resolve_model_dir(ctx.project_dir, &config.model).map_err(user)?;
         let model_dir = ModelDir::open(&model_root).map_err(|error| user(error.to_string()))?;
         let tokenizer = TextTokenizer::from_model_dir(&model_root).map_err(user)?;
         let max_length = config.max_seq_len.min(model_dir.config().max_positions());

@@ -10,11 +10,13 @@
 //! `train.rs`, `evaluate.rs`, `export.rs`) holding that kind's config and its semantic checks, with
 //! the pure helpers they share with the stages: `input.rs` (input paths → files),
 //! `jinja.rs` (the row-template environment), `chat_template.rs` (loading chat templates),
-//! `target_modules.rs` (PEFT target specs).
+//! `target_modules.rs` (PEFT target specs), `hub.rs` (`hf://` model ids in the local Hugging Face
+//! cache).
 
 pub mod chat_template;
 pub mod evaluate;
 pub mod export;
+pub mod hub;
 pub mod ingest;
 pub mod input;
 pub mod jinja;

@@ -13,7 +13,7 @@ use serde::de::{self, MapAccess, SeqAccess, Visitor};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use super::target_modules::TargetModules;
-use super::{resolve_path, CheckContext, InputFile, Problem, StageSpec, UpstreamRef};
+use super::{CheckContext, InputFile, Problem, StageSpec, UpstreamRef};
 
 /// The `train` stage: attach a PEFT adapter to a pre-trained model and train it on the
 /// prompt/completion pairs of an upstream template stage (loss on completion tokens only).
@@ -28,7 +28,8 @@ pub struct TrainConfig {
     pub split: String,
     /// Hugging Face model directory (config.json, model.safetensors or a sharded index,
     /// tokenizer.json, tokenizer_config.json). `$VAR`/`${VAR}` are expanded; relative paths
-    /// resolve against the pipeline file's directory. Its files are part of the fingerprint.
+    /// resolve against the pipeline file's directory; `hf://org/name[@revision]` is a snapshot in
+    /// the local Hugging Face cache. Its files are part of the fingerprint.
     pub model: String,
     /// The PEFT method and its hyperparameters (externally tagged: `lora: {...}`).
     #[serde(default)]
@@ -383,7 +384,7 @@ impl StageSpec for TrainConfig {
     }
 
     fn input_files(&self, project_dir: &Path) -> Result<Vec<InputFile>, String> {
-        let dir = resolve_path(project_dir, &self.model)?;
+        let dir = super::hub::resolve_model_dir(project_dir, &self.model)?;
         let written = self.model.trim_end_matches('/');
         Ok(model_files(&dir)?
             .into_iter()
@@ -476,7 +477,7 @@ impl StageSpec for TrainConfig {
             }
         }
         // The model: config.json must exist and the targets must match some linear layer.
-        let dir = match resolve_path(cx.project_dir, &self.model) {
+        let dir = match super::hub::resolve_model_dir(cx.project_dir, &self.model) {
             Ok(dir) => dir,
             Err(message) => {
                 problem("model", message);
