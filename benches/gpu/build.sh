@@ -31,6 +31,6 @@ done
 rm -rf gpu-run && mkdir -p gpu-run/shared
 cp "$SHARED/gpu/peft_bench.py" "$SHARED/models/configs/llama-3.2-1b.config.json" gpu-run/
 cp -r "$SHARED/models" "$SHARED/datasets" gpu-run/shared/
-cp pipelines/lora-stories.yaml gpu-run/
+cp pipelines/lora-stories.yaml pipelines/sst2.yaml gpu-run/
 chmod -R u+w gpu-run
 du -sh gpu-run target/cuda-dist

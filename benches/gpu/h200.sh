@@ -39,3 +39,8 @@ if [ -f gpu-run/lora-stories.yaml ]; then
     cp "gpu-run/.peftpipe/out/lora-stories/evaluate/metrics.json" "$OUT/eval-$dev.json" 2>/dev/null
   done | tee "$OUT/real_run.txt"
 fi
+if [ -f gpu-run/sst2.yaml ]; then
+  echo "== sst2 sentiment pipeline (stories260k, 2-shot, LoRA) on the GPU"
+  "$BIN" run gpu-run/sst2.yaml --device cuda --cache-dir /tmp/cache-sst2 2>&1 | tail -12 | tee "$OUT/sst2.txt"
+  cp "gpu-run/.peftpipe/out/sst2/evaluate/metrics.json" "$OUT/sst2-eval.json" 2>/dev/null
+fi
