@@ -68,6 +68,9 @@ pub struct TensorInfo {
     pub shape: Vec<usize>,
     /// The file it lives in.
     pub file: PathBuf,
+    /// Its bytes in `file`: absolute offsets `[start, end)`.
+    pub start: u64,
+    pub end: u64,
 }
 
 impl TensorInfo {
@@ -101,30 +104,50 @@ pub fn read_safetensors_header(path: &Path) -> Result<BTreeMap<String, TensorInf
     let Some(entries) = header.as_object() else {
         return Err(invalid("header is not a JSON object".to_string()));
     };
+    let data_start = 8 + length;
+    let file_length = file.metadata().map_err(io)?.len();
     let mut tensors = BTreeMap::new();
     for (name, entry) in entries {
         if name == "__metadata__" {
             continue;
         }
         let dtype = entry.get("dtype").and_then(Value::as_str);
-        let shape = entry.get("shape").and_then(Value::as_array).map(|dims| {
-            dims.iter()
-                .map(|d| d.as_u64().and_then(|d| usize::try_from(d).ok()))
-                .collect::<Option<Vec<usize>>>()
-        });
-        match (dtype, shape) {
-            (Some(dtype), Some(Some(shape))) => {
-                tensors.insert(
-                    name.clone(),
-                    TensorInfo {
-                        dtype: dtype.to_string(),
-                        shape,
-                        file: path.to_path_buf(),
-                    },
-                );
-            }
-            _ => return Err(invalid(format!("tensor `{name}` has no valid dtype/shape"))),
+        let numbers = |key: &str| {
+            entry.get(key).and_then(Value::as_array).map(|items| {
+                items
+                    .iter()
+                    .map(|d| d.as_u64().and_then(|d| usize::try_from(d).ok()))
+                    .collect::<Option<Vec<usize>>>()
+            })
+        };
+        let (Some(dtype), Some(Some(shape)), Some(Some(offsets))) =
+            (dtype, numbers("shape"), numbers("data_offsets"))
+        else {
+            return Err(invalid(format!(
+                "tensor `{name}` has no valid dtype/shape/data_offsets"
+            )));
+        };
+        let [begin, end] = offsets[..] else {
+            return Err(invalid(format!(
+                "tensor `{name}`: data_offsets is not [begin, end]"
+            )));
+        };
+        let (start, end) = (data_start + begin as u64, data_start + end as u64);
+        if start > end || end > file_length {
+            return Err(invalid(format!(
+                "tensor `{name}`: bytes {start}..{end} are outside the {file_length}-byte file"
+            )));
         }
+        tensors.insert(
+            name.clone(),
+            TensorInfo {
+                dtype: dtype.to_string(),
+                shape,
+                file: path.to_path_buf(),
+                start,
+                end,
+            },
+        );
     }
     Ok(tensors)
 }

@@ -9,7 +9,7 @@
 //! the tensor's dtype), so memory stays near one tensor, whatever the model size. This module must
 //! not train, print, or write outside `ctx.out_dir` except through `publish`.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::fs::{self, File};
 use std::io::{BufWriter, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
@@ -21,6 +21,7 @@ use serde_json::Value;
 
 use crate::config::export::{escape_reason, parse_size, ExportDtype, DEFAULT_MAX_SHARD_SIZE};
 use crate::config::ExportConfig;
+use crate::models::ModelDir;
 use crate::peft::{LoraFile, LoraPair};
 
 use super::{Progress, Stage, StageContext, StageError, StageOutcome};
@@ -598,76 +599,32 @@ struct SourceTensor {
     end: u64,
 }
 
-/// Read the headers of a model folder's weight files (single file or sharded index).
-fn read_checkpoint_index(base_dir: &Path) -> Result<BTreeMap<String, SourceTensor>, StageError> {
-    let single = base_dir.join("model.safetensors");
-    let files: Vec<PathBuf> = if single.is_file() {
-        vec![single]
-    } else {
-        let index_path = base_dir.join("model.safetensors.index.json");
-        let index = read_json(&index_path)?;
-        let map = index
-            .get("weight_map")
-            .and_then(Value::as_object)
-            .ok_or_else(|| {
-                StageError::user(format!("{} has no `weight_map`", index_path.display()))
-            })?;
-        let names: BTreeSet<&str> = map.values().filter_map(Value::as_str).collect();
-        names.into_iter().map(|name| base_dir.join(name)).collect()
-    };
+/// Every tensor of a model folder (single file or sharded index), from its safetensors headers
+/// as `models::ModelDir` reads them.
+fn read_checkpoint_index(base: &ModelDir) -> Result<BTreeMap<String, SourceTensor>, StageError> {
+    let infos = base
+        .tensor_infos()
+        .map_err(|error| StageError::user(error.to_string()))?;
     let mut tensors = BTreeMap::new();
-    for file in files {
-        let mut reader = File::open(&file).map_err(|error| {
-            StageError::user(format!("cannot open {}: {error}", file.display()))
-        })?;
-        let mut length = [0u8; 8];
-        reader.read_exact(&mut length).map_err(|error| {
-            StageError::user(format!(
-                "{}: not a safetensors file: {error}",
-                file.display()
-            ))
-        })?;
-        let header_length = u64::from_le_bytes(length);
-        if header_length > 100_000_000 {
-            return Err(StageError::user(format!(
-                "{}: safetensors header of {header_length} bytes is implausible",
-                file.display()
-            )));
-        }
-        let mut header = vec![0u8; header_length as usize];
-        reader.read_exact(&mut header).map_err(|error| {
-            StageError::user(format!(
-                "{}: truncated safetensors header: {error}",
-                file.display()
-            ))
-        })?;
-        let metadata: Metadata = serde_json::from_slice(&header).map_err(|error| {
-            StageError::user(format!(
-                "{}: bad safetensors header: {error}",
-                file.display()
-            ))
-        })?;
-        let data_start = 8 + header_length;
-        let file_length = reader.metadata()?.len();
-        if data_start + metadata.data_len() as u64 != file_length {
-            return Err(StageError::user(format!(
-                "{}: the file is {file_length} bytes but its header describes {}",
-                file.display(),
-                data_start + metadata.data_len() as u64
-            )));
-        }
-        for (name, info) in metadata.tensors() {
-            tensors.insert(
-                name,
-                SourceTensor {
-                    file: file.clone(),
-                    dtype: info.dtype,
-                    shape: info.shape.clone(),
-                    start: data_start + info.data_offsets.0 as u64,
-                    end: data_start + info.data_offsets.1 as u64,
-                },
-            );
-        }
+    for (name, info) in infos {
+        let dtype: Dtype =
+            serde_json::from_value(Value::String(info.dtype.clone())).map_err(|_| {
+                StageError::user(format!(
+                    "{}: tensor `{name}` has the unknown dtype `{}`",
+                    info.file.display(),
+                    info.dtype
+                ))
+            })?;
+        tensors.insert(
+            name,
+            SourceTensor {
+                file: info.file,
+                dtype,
+                shape: info.shape,
+                start: info.start,
+                end: info.end,
+            },
+        );
     }
     Ok(tensors)
 }
@@ -917,8 +874,9 @@ pub fn write_merged_folder(
         fs::remove_dir_all(out)?;
     }
     fs::create_dir_all(out)?;
-    let source = read_checkpoint_index(base_dir)?;
-    let mut config = read_json(&base_dir.join("config.json"))?;
+    let base = ModelDir::open(base_dir).map_err(|error| StageError::user(error.to_string()))?;
+    let source = read_checkpoint_index(&base)?;
+    let mut config = base.config_json().clone();
     let tied = config
         .get("tie_word_embeddings")
         .and_then(Value::as_bool)
