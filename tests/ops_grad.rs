@@ -266,10 +266,12 @@ fn cuda_ops_agree_with_cpu() -> Result<()> {
     let positions = [vec![0, 1, 2, 3], vec![3, 4, 5, 6]];
     let targets = Tensor::new(&[[1u32, 4, 0, 2], [0, 2, 3, 7]], &Device::Cpu)?;
     let loss_mask = Tensor::new(&[[1u8, 1, 0, 1], [1, 0, 1, 1]], &Device::Cpu)?;
-    let weight = random(&[8])?;
-    let bias = random(&[8])?;
-    let linear_weight = random(&[8, 8])?;
-    let x = random(&[2, 2, 4, 8])?;
+    // Fixed inputs (not `random`): the tolerances below are checked against the same values on
+    // every run.
+    let weight = projection(&[8], 3)?;
+    let bias = projection(&[8], 4)?;
+    let linear_weight = (projection(&[8, 8], 5)? * 2.0)?;
+    let x = (projection(&[2, 2, 4, 8], 6)? * 2.0)?;
 
     // The whole op chain as one function of the input, on any device and dtype.
     let chain = |x: &Tensor, device: &Device, dtype: DType| -> Result<(Tensor, Tensor)> {
@@ -310,26 +312,38 @@ fn cuda_ops_agree_with_cpu() -> Result<()> {
     let (f64_logits, f64_grad) = chain(&x, &Device::Cpu, DType::F64)?;
     assert!(difference(&cpu_logits, &f64_logits)? < 1e-4);
     assert!(difference(&cpu_grad, &f64_grad)? < 1e-4);
+    // The bf16 path on the CPU too, against the same tolerance the GPU gets below.
+    let (bf16_logits, bf16_grad) = chain(&x, &Device::Cpu, DType::BF16)?;
+    let relative = |a: &Tensor, b: &Tensor| -> Result<f32> {
+        Ok(difference(a, b)? / b.abs()?.max_all()?.to_scalar::<f32>()?.max(1e-3))
+    };
+    let (logit_error, grad_error) = (
+        relative(&bf16_logits, &cpu_logits)?,
+        relative(&bf16_grad, &cpu_grad)?,
+    );
+    eprintln!("cpu bf16 vs cpu f32 (relative to max |value|): logits {logit_error:e}, input gradient {grad_error:e}");
+    assert!(logit_error < 0.06 && grad_error < 0.06);
     if !peftpipe::device::built_with_cuda() || !candle_core::utils::cuda_is_available() {
         eprintln!("skipped the GPU half: not a CUDA build, or no GPU visible");
         return Ok(());
     }
     let gpu = Device::new_cuda(0)?;
+    let logit_scale = cpu_logits.abs()?.max_all()?.to_scalar::<f32>()?.max(1e-3);
+    let grad_scale = cpu_grad.abs()?.max_all()?.to_scalar::<f32>()?.max(1e-3);
     let (gpu_logits, gpu_grad) = chain(&x, &gpu, DType::F32)?;
     let (logit_error, grad_error) = (
-        difference(&cpu_logits, &gpu_logits)?,
-        difference(&cpu_grad, &gpu_grad)?,
+        difference(&cpu_logits, &gpu_logits)? / logit_scale,
+        difference(&cpu_grad, &gpu_grad)? / grad_scale,
     );
-    eprintln!("cuda f32 vs cpu: logits {logit_error:e}, input gradient {grad_error:e}");
-    assert!(logit_error < 1e-4 && grad_error < 1e-4);
+    eprintln!("cuda f32 vs cpu (relative to max |value|): logits {logit_error:e}, input gradient {grad_error:e}");
+    assert!(logit_error < 1e-5 && grad_error < 1e-5);
     let (bf16_logits, bf16_grad) = chain(&x, &gpu, DType::BF16)?;
     let (logit_error, grad_error) = (
-        difference(&cpu_logits, &bf16_logits)?,
-        difference(&cpu_grad, &bf16_grad)?,
+        difference(&cpu_logits, &bf16_logits)? / logit_scale,
+        difference(&cpu_grad, &bf16_grad)? / grad_scale,
     );
-    let grad_scale = cpu_grad.abs()?.max_all()?.to_scalar::<f32>()?;
-    eprintln!("cuda bf16 vs cpu f32: logits {logit_error:e}, input gradient {grad_error:e} (max |g| {grad_scale:e})");
-    assert!(logit_error < 0.1 && grad_error < 0.05 * grad_scale.max(1e-3));
+    eprintln!("cuda bf16 vs cpu f32 (relative to max |value|): logits {logit_error:e}, input gradient {grad_error:e}");
+    assert!(logit_error < 0.06 && grad_error < 0.06);
     Ok(())
 }
 
