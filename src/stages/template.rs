@@ -14,7 +14,9 @@
 //! without adding special tokens again) and `completion` is the assistant content plus the
 //! template's end-of-turn text.
 //!
-//! Memory: one batch at a time plus the few-shot pool (at most `pool_size` rows). Never prints.
+//! Memory: one batch at a time, the few-shot pool (at most `pool_size` rows) and the output
+//! writer's row group plus its queue (`data::artifact::QUEUED_BATCHES` batches; encoding runs on
+//! the writer's thread while the next batch renders). Never prints.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
