@@ -107,6 +107,8 @@ impl ChatTemplate {
     /// Compile; a syntax error is returned as a message with its line.
     pub fn new(source: ChatTemplateSource) -> Result<Self, String> {
         let mut env = Environment::new();
+        // Error spans in release builds too (minijinja's debug mode follows debug_assertions).
+        env.set_debug(true);
         env.set_trim_blocks(true);
         env.set_lstrip_blocks(true);
         env.set_undefined_behavior(UndefinedBehavior::Lenient);

@@ -36,6 +36,10 @@ pub const BUILTIN_NAMES: &[&str] = &[
 /// The environment for row templates (prompt, completion, chat turns).
 pub fn row_environment(project_dir: &Path) -> Environment<'static> {
     let mut env = Environment::new();
+    // minijinja keeps template sources and error spans only in debug mode, which defaults to
+    // `cfg!(debug_assertions)`: without this, a release build's errors lose the expression that
+    // failed (`undefined variable` instead of ``undefined variable `txet` ``).
+    env.set_debug(true);
     env.set_undefined_behavior(UndefinedBehavior::Strict);
     env.set_loader(minijinja::path_loader(project_dir));
     env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
@@ -60,4 +64,25 @@ pub fn undeclared_variables(env: &Environment<'_>, name: &str) -> Result<BTreeSe
         .into_iter()
         .filter(|v| !BUILTIN_NAMES.contains(&v.as_str()))
         .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Release builds too: the error must still carry the failing expression's span.
+    #[test]
+    fn errors_keep_the_failing_expression_in_every_build_profile() {
+        let mut env = row_environment(Path::new("."));
+        env.add_template("row", "{{ txet }}").unwrap();
+        let error = env
+            .get_template("row")
+            .unwrap()
+            .render(minijinja::context! {})
+            .unwrap_err();
+        let (Some(source), Some(range)) = (error.template_source(), error.range()) else {
+            panic!("no span in {error}")
+        };
+        assert_eq!(source.get(range).map(str::trim), Some("txet"));
+    }
 }
