@@ -103,7 +103,16 @@ mod download {
             id: id.to_string(),
             message,
         };
-        let api = ApiBuilder::new()
+        // HF_ENDPOINT (a mirror or an enterprise hub) as huggingface_hub reads it.
+        let endpoint = std::env::var("HF_ENDPOINT")
+            .ok()
+            .map(|endpoint| endpoint.trim_end_matches('/').to_string())
+            .filter(|endpoint| !endpoint.is_empty());
+        let mut builder = ApiBuilder::new();
+        if let Some(endpoint) = endpoint {
+            builder = builder.with_endpoint(endpoint);
+        }
+        let api = builder
             .with_cache_dir(cache.to_path_buf())
             .with_token(std::env::var("HF_TOKEN").ok().filter(|t| !t.is_empty()))
             .with_progress(false)
