@@ -19,7 +19,7 @@ use peftpipe::data::batch::{fit, HostBatch, Sequence};
 use peftpipe::data::tokenize::TextTokenizer;
 use peftpipe::models::{llama::Llama, CausalLm, Hooks, ModelConfig, ModelDir};
 use peftpipe::peft::{Adapter, LoraAdapter, LoraSettings, TargetModules};
-use peftpipe::train::bench::EveryToken;
+use peftpipe::train::CausalLmLoss;
 use peftpipe::train::{train, AdamWSettings, LossModel, TrainError, TrainOutcome, TrainerSettings};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -364,7 +364,7 @@ fn every_token_loss_model_trains_too() {
     settings.max_steps = Some(3);
     let run = setup(&weights, 4, 0.0);
     let outcome = train(
-        &EveryToken { model: &run.model },
+        &CausalLmLoss { model: &run.model },
         &run.adapter,
         &data,
         &settings,

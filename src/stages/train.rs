@@ -22,18 +22,18 @@ use std::path::{Path, PathBuf};
 
 use arrow::array::{Array, AsArray};
 use arrow::datatypes::DataType;
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device};
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use parquet::arrow::ProjectionMask;
 
 use super::{Progress, Stage, StageContext, StageError, StageOutcome};
 use crate::config::hub::resolve_model_dir;
 use crate::config::train::{device_kind, resolve_targets, MethodConfig, TrainConfig};
-use crate::data::batch::{fit, HostBatch, Sequence};
+use crate::data::batch::{fit, Sequence};
 use crate::data::tokenize::TextTokenizer;
-use crate::models::{CausalLm, Hooks, ModelDir};
+use crate::models::ModelDir;
 use crate::peft::{Adapter, LoraAdapter, LoraSettings};
-use crate::train::{AdamWSettings, LossModel, TrainError, TrainerSettings};
+use crate::train::{AdamWSettings, CausalLmLoss, TrainError, TrainerSettings};
 
 pub struct TrainStage {
     config: TrainConfig,
@@ -144,29 +144,6 @@ pub fn read_text_columns(
         rows.extend(first.into_iter().zip(second));
     }
     Ok(rows)
-}
-
-/// The model with its adapter, as the trainer sees it: batch → summed NLL over completion tokens.
-pub struct AdaptedModel {
-    pub model: Box<dyn CausalLm>,
-}
-
-impl LossModel for AdaptedModel {
-    fn loss_sum(&self, batch: &HostBatch) -> candle_core::Result<Tensor> {
-        let device = self.model.device();
-        let shape = (batch.batch, batch.length);
-        let input_ids = Tensor::from_vec(batch.input_ids.clone(), shape, device)?;
-        let attention_mask = Tensor::from_vec(batch.attention_mask(), shape, device)?;
-        let loss_mask = Tensor::from_vec(batch.loss_mask.clone(), shape, device)?;
-        let logits = self
-            .model
-            .forward(&input_ids, Some(&attention_mask), &Hooks::none())?;
-        Ok(crate::ops::next_token_cross_entropy(&logits, &input_ids, &loss_mask)?.sum)
-    }
-
-    fn device(&self) -> &Device {
-        self.model.device()
-    }
 }
 
 /// How the examples fared when fitted into `max_seq_len`.
@@ -301,7 +278,7 @@ impl Stage for TrainStage {
             .finish_injection()
             .map_err(|error| user(error.to_string()))?;
         let trainable = adapter.trainable_parameter_count();
-        let model = AdaptedModel { model };
+        let model = CausalLmLoss { model: &*model };
 
         // The run key: what determines the result, so only this run's checkpoints resume.
         let config_digest = file_digest(&model_root.join("config.json"))?;

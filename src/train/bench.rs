@@ -15,10 +15,10 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
 
-use super::trainer::{train, LossModel, StepMetrics, TrainerSettings};
+use super::trainer::{train, CausalLmLoss, StepMetrics, TrainerSettings};
 use super::{AdamWSettings, ScheduleKind};
-use crate::data::batch::{HostBatch, Sequence};
-use crate::models::{llama::Llama, CausalLm, Hooks, ModelConfig};
+use crate::data::batch::Sequence;
+use crate::models::{llama::Llama, ModelConfig};
 use crate::peft::{Adapter, LoraAdapter, LoraSettings, TargetModules};
 
 /// What to measure.
@@ -136,29 +136,6 @@ pub fn random_llama(
     let weights = random_llama_weights(config, dtype, device)?;
     let builder = VarBuilder::from_tensors(weights, dtype, device);
     Llama::load(builder, llama, config, factory)
-}
-
-/// A causal LM scored on every token of the batch.
-pub struct EveryToken<'a> {
-    pub model: &'a dyn CausalLm,
-}
-
-impl LossModel for EveryToken<'_> {
-    fn loss_sum(&self, batch: &HostBatch) -> candle_core::Result<Tensor> {
-        let device = self.model.device();
-        let shape = (batch.batch, batch.length);
-        let input_ids = Tensor::from_vec(batch.input_ids.clone(), shape, device)?;
-        let attention_mask = Tensor::from_vec(batch.attention_mask(), shape, device)?;
-        let loss_mask = Tensor::from_vec(batch.loss_mask.clone(), shape, device)?;
-        let logits = self
-            .model
-            .forward(&input_ids, Some(&attention_mask), &Hooks::none())?;
-        Ok(crate::ops::next_token_cross_entropy(&logits, &input_ids, &loss_mask)?.sum)
-    }
-
-    fn device(&self) -> &Device {
-        self.model.device()
-    }
 }
 
 /// Peak memory: CUDA pool high-water mark (used) on CUDA, peak RSS on CPU.
@@ -280,7 +257,7 @@ pub fn run(config_path: &Path, settings: &BenchSettings) -> Result<BenchResult, 
     let mut steps: Vec<StepMetrics> = Vec::with_capacity(total_steps);
     let cancel = AtomicBool::new(false);
     train(
-        &EveryToken { model: &model },
+        &CausalLmLoss { model: &model },
         &adapter,
         &sequences,
         &trainer,

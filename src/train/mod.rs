@@ -12,4 +12,6 @@ pub mod trainer;
 
 pub use optimizer::{AdamW, AdamWSettings};
 pub use schedule::{Schedule, ScheduleKind};
-pub use trainer::{train, LossModel, StepMetrics, TrainError, TrainOutcome, TrainerSettings};
+pub use trainer::{
+    train, CausalLmLoss, LossModel, StepMetrics, TrainError, TrainOutcome, TrainerSettings,
+};

@@ -21,6 +21,7 @@ use super::checkpoint::{self, CheckpointState, CHECKPOINT_VERSION};
 use super::optimizer::{clip_gradients, global_norm, AdamW, AdamWSettings};
 use super::schedule::{Schedule, ScheduleKind};
 use crate::data::batch::{collate, epoch_batches, HostBatch, Sequence};
+use crate::models::{CausalLm, Hooks};
 use crate::peft::{mix_seed, Adapter, AdapterMode, PeftError};
 
 /// A model (with its adapter injected) that turns a batch into a summed loss.
@@ -30,6 +31,30 @@ pub trait LossModel {
     fn loss_sum(&self, batch: &HostBatch) -> candle_core::Result<Tensor>;
     /// The device the model runs on.
     fn device(&self) -> &Device;
+}
+
+/// A causal LM (adapter injected through its linear factory) scored with next-token
+/// cross-entropy on the batch's loss mask: the loss model of the train stage and the benchmark.
+pub struct CausalLmLoss<'a> {
+    pub model: &'a dyn CausalLm,
+}
+
+impl LossModel for CausalLmLoss<'_> {
+    fn loss_sum(&self, batch: &HostBatch) -> candle_core::Result<Tensor> {
+        let device = self.model.device();
+        let shape = (batch.batch, batch.length);
+        let input_ids = Tensor::from_vec(batch.input_ids.clone(), shape, device)?;
+        let attention_mask = Tensor::from_vec(batch.attention_mask(), shape, device)?;
+        let loss_mask = Tensor::from_vec(batch.loss_mask.clone(), shape, device)?;
+        let logits = self
+            .model
+            .forward(&input_ids, Some(&attention_mask), &Hooks::none())?;
+        Ok(crate::ops::next_token_cross_entropy(&logits, &input_ids, &loss_mask)?.sum)
+    }
+
+    fn device(&self) -> &Device {
+        self.model.device()
+    }
 }
 
 /// Everything that shapes a run.
