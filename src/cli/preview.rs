@@ -6,19 +6,16 @@
 //! stderr, outputs stored in the cache and materialized as `peftpipe run --stage NAME` would),
 //! and the preview says so. Printing is the reporter's.
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
-
 use clap::Args;
 
-use super::run::{load_pipeline, report_exec_error, settings_for};
+use super::run::{execute_reported, load_pipeline, report_exec_error, settings_for};
 use super::{GlobalArgs, PipelineArgs, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_INVALID, EXIT_OK};
 use crate::cache::Cache;
 use crate::config::StageConfig;
 use crate::data::preview::{read_rows, PreviewSource};
 use crate::exec::{Freshness, StageStatus};
 use crate::report;
-use crate::report::run::{RunReporter, Style};
+use crate::report::run::Style;
 
 #[derive(Debug, Args)]
 pub struct PreviewArgs {
@@ -82,28 +79,11 @@ pub fn run(global: &GlobalArgs, args: PreviewArgs) -> u8 {
     let (output, source) = match fresh_output {
         Some(output) => (output, PreviewSource::Cache),
         None => {
-            let cancel = Arc::new(AtomicBool::new(false));
-            let handler_flag = Arc::clone(&cancel);
-            if let Err(error) = ctrlc::set_handler(move || {
-                if handler_flag.swap(true, Ordering::SeqCst) {
-                    std::process::exit(i32::from(EXIT_INTERRUPTED));
-                }
-            }) {
-                report::warning(&format!("cannot install the Ctrl-C handler: {error}"));
-            }
             let style = Style::detect();
-            let reporter = RunReporter::new(style, global.quiet);
-            let summary = match crate::exec::execute(
-                &pipeline,
-                &settings,
-                &crate::stages::default_builder,
-                &reporter,
-                &cancel,
-            ) {
+            let summary = match execute_reported(&pipeline, &settings, style, global.quiet) {
                 Ok(summary) => summary,
-                Err(error) => return report_exec_error(&error),
+                Err(code) => return code,
             };
-            drop(reporter);
             if summary.interrupted || summary.failed() {
                 report::run::print_summary(&style, &summary);
                 return if summary.interrupted {

@@ -10,7 +10,7 @@ use clap::Args;
 
 use super::{GlobalArgs, PipelineArgs, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_INVALID, EXIT_OK};
 use crate::config::Pipeline;
-use crate::exec::{ExecError, RunSettings};
+use crate::exec::{ExecError, RunSettings, RunSummary};
 use crate::probe::StandardProbe;
 use crate::report;
 use crate::report::run::{RunReporter, Style};
@@ -80,6 +80,34 @@ pub(crate) fn settings_for(global: &GlobalArgs, pipeline: &Pipeline) -> RunSetti
 }
 
 /// Map an error that kept a run from starting to an exit code (and report it).
+/// Run the executor with the terminal reporter and a Ctrl-C handler (first Ctrl-C: stop after the
+/// running stages; second: exit now). An executor error is reported and becomes its exit code.
+pub(crate) fn execute_reported(
+    pipeline: &Pipeline,
+    settings: &RunSettings,
+    style: Style,
+    quiet: bool,
+) -> Result<RunSummary, u8> {
+    let cancel = Arc::new(AtomicBool::new(false));
+    let handler_flag = Arc::clone(&cancel);
+    if let Err(error) = ctrlc::set_handler(move || {
+        if handler_flag.swap(true, Ordering::SeqCst) {
+            std::process::exit(i32::from(EXIT_INTERRUPTED));
+        }
+    }) {
+        report::warning(&format!("cannot install the Ctrl-C handler: {error}"));
+    }
+    let reporter = RunReporter::new(style, quiet);
+    crate::exec::execute(
+        pipeline,
+        settings,
+        &crate::stages::default_builder,
+        &reporter,
+        &cancel,
+    )
+    .map_err(|error| report_exec_error(&error))
+}
+
 pub(crate) fn report_exec_error(error: &ExecError) -> u8 {
     report::error(&error.to_string());
     match error {
@@ -121,29 +149,10 @@ pub fn run(global: &GlobalArgs, args: RunArgs) -> u8 {
         };
     }
 
-    let cancel = Arc::new(AtomicBool::new(false));
-    let handler_flag = Arc::clone(&cancel);
-    if let Err(error) = ctrlc::set_handler(move || {
-        // First Ctrl-C: stop after the running stages; second: exit now.
-        if handler_flag.swap(true, Ordering::SeqCst) {
-            std::process::exit(i32::from(EXIT_INTERRUPTED));
-        }
-    }) {
-        report::warning(&format!("cannot install the Ctrl-C handler: {error}"));
-    }
-
-    let reporter = RunReporter::new(style, global.quiet);
-    let summary = match crate::exec::execute(
-        &pipeline,
-        &settings,
-        &crate::stages::default_builder,
-        &reporter,
-        &cancel,
-    ) {
+    let summary = match execute_reported(&pipeline, &settings, style, global.quiet) {
         Ok(summary) => summary,
-        Err(error) => return report_exec_error(&error),
+        Err(code) => return code,
     };
-    drop(reporter);
     if global.json {
         report::json(&summary);
     }
