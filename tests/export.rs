@@ -64,6 +64,9 @@ fn export(
         progress: &NullSink,
         cancel: &cancel,
         options: &options,
+        fingerprint: "",
+        checkpoint_dir: None,
+        resume: true,
     };
     let stage = ExportStage::new(config);
     stage.run(&ctx)?;

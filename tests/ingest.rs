@@ -58,6 +58,9 @@ fn run(
         progress: &NullSink,
         cancel: &cancel,
         options: &options,
+        fingerprint: "",
+        checkpoint_dir: None,
+        resume: true,
     };
     stages::build(&peftpipe::config::StageConfig::Ingest(config.clone())).run(&ctx)
 }

@@ -82,6 +82,9 @@ fn run(
         progress: &NullSink,
         cancel: &cancel,
         options: &options,
+        fingerprint: "",
+        checkpoint_dir: None,
+        resume: true,
     };
     stages::build(&StageConfig::Template(config.clone()))
         .run(&ctx)

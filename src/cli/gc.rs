@@ -1,14 +1,18 @@
 //! `peftpipe gc [FILE]`: drop cache objects that no lock file references (and run records that
-//! point at them, and staging leftovers). The cache is `--cache-dir` / `PEFTPIPE_CACHE_DIR`, else
-//! `.peftpipe/cache` next to FILE, else `.peftpipe/cache` in the current directory. Waits for the
-//! cache lock like `run` does.
+//! point at them, and staging leftovers), orphaned training checkpoints (see `cache::gc`), and
+//! the leftovers of interrupted publishes: hidden `.<name>.peftpipe-tmp-*` / `-old-*` folders next
+//! to FILE's export destinations and interrupted materializations under `.peftpipe/out/`. The
+//! cache is `--cache-dir` / `PEFTPIPE_CACHE_DIR`, else `.peftpipe/cache` next to FILE, else
+//! `.peftpipe/cache` in the current directory. Waits for the cache lock like `run` does: holding
+//! it exclusively, it never removes what a run of this cache is using.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use clap::Args;
 
 use super::{GlobalArgs, EXIT_FAILED, EXIT_OK};
 use crate::cache::Cache;
+use crate::config::StageConfig;
 use crate::report;
 
 #[derive(Debug, Args)]
@@ -21,17 +25,31 @@ pub struct GcArgs {
 }
 
 pub fn run(global: &GlobalArgs, args: GcArgs) -> u8 {
-    let cache_dir = match (&global.cache_dir, &args.pipeline) {
+    let project_dir = args.pipeline.as_ref().map(|file| {
+        file.parent()
+            .filter(|parent| !parent.as_os_str().is_empty())
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from("."))
+    });
+    let cache_dir = match (&global.cache_dir, &project_dir) {
         (Some(dir), _) => dir.clone(),
-        (None, Some(file)) => {
-            let parent = file
-                .parent()
-                .filter(|parent| !parent.as_os_str().is_empty())
-                .map(PathBuf::from)
-                .unwrap_or_else(|| PathBuf::from("."));
-            crate::cache::default_cache_dir(&parent)
-        }
-        (None, None) => crate::cache::default_cache_dir(std::path::Path::new(".")),
+        (None, Some(project)) => crate::cache::default_cache_dir(project),
+        (None, None) => crate::cache::default_cache_dir(Path::new(".")),
+    };
+    // Where published outputs are: this project's `.peftpipe/out/` (the project of FILE, or the
+    // current directory when the cache is the default one there) and FILE's export folders.
+    let project = match (&project_dir, &global.cache_dir) {
+        (Some(project), _) => Some(project.clone()),
+        (None, None) => Some(PathBuf::from(".")),
+        (None, Some(_)) => None,
+    };
+    let output_roots = project
+        .as_deref()
+        .map(|project| subfolders(&project.join(".peftpipe").join("out")))
+        .unwrap_or_default();
+    let publish_parents = match &args.pipeline {
+        Some(file) => export_parents(file),
+        None => Vec::new(),
     };
     if !cache_dir.join("objects").is_dir() {
         report::error(&format!("no peftpipe cache at `{}`", cache_dir.display()));
@@ -44,7 +62,13 @@ pub fn run(global: &GlobalArgs, args: GcArgs) -> u8 {
                 cache_dir.display()
             ))
         })?;
-        cache.gc(args.dry_run)
+        let mut gc = cache.gc(args.dry_run)?;
+        gc.publish_leftovers_removed = crate::cache::gc::remove_publish_leftovers(
+            &output_roots,
+            &publish_parents,
+            args.dry_run,
+        )?;
+        Ok(gc)
     });
     match result {
         Ok(gc) => {
@@ -65,6 +89,21 @@ pub fn run(global: &GlobalArgs, args: GcArgs) -> u8 {
                     gc.objects_kept,
                     gc.lock_files
                 ));
+                if gc.checkpoints_removed + gc.checkpoints_kept > 0 {
+                    report::write_stderr(&format!(
+                        "{verb} {} orphaned checkpoint folder(s) ({:.1} MB); kept {} of \
+                         unfinished stages",
+                        gc.checkpoints_removed,
+                        gc.checkpoint_bytes_removed as f64 / 1e6,
+                        gc.checkpoints_kept
+                    ));
+                }
+                if gc.publish_leftovers_removed > 0 {
+                    report::write_stderr(&format!(
+                        "{verb} {} leftover(s) of interrupted publishes",
+                        gc.publish_leftovers_removed
+                    ));
+                }
             }
             EXIT_OK
         }
@@ -73,4 +112,48 @@ pub fn run(global: &GlobalArgs, args: GcArgs) -> u8 {
             EXIT_FAILED
         }
     }
+}
+
+/// The folders directly under `dir` (none when it does not exist).
+fn subfolders(dir: &Path) -> Vec<PathBuf> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut folders: Vec<PathBuf> = entries
+        .flatten()
+        .map(|entry| entry.path())
+        .filter(|path| path.is_dir())
+        .collect();
+    folders.sort();
+    folders
+}
+
+/// The folders holding the export destinations of the pipeline `file` (where a killed publish
+/// leaves its temporaries). A pipeline that does not load only costs a warning.
+fn export_parents(file: &Path) -> Vec<PathBuf> {
+    let pipeline = match super::run::load_pipeline_file(file, &[]) {
+        Ok(pipeline) => pipeline,
+        Err(_) => {
+            report::warning(&format!(
+                "{} does not validate: leftovers next to its export folders are not collected",
+                file.display()
+            ));
+            return Vec::new();
+        }
+    };
+    let mut parents = Vec::new();
+    for config in pipeline.stages.values() {
+        let StageConfig::Export(export) = config else {
+            continue;
+        };
+        for written in [&export.adapter, &export.merged].into_iter().flatten() {
+            let destination = crate::config::resolve_path(&pipeline.project_dir, written);
+            if let Some(parent) = destination.ok().as_deref().and_then(Path::parent) {
+                if !parents.iter().any(|known: &PathBuf| known == parent) {
+                    parents.push(parent.to_path_buf());
+                }
+            }
+        }
+    }
+    parents
 }

@@ -109,6 +109,9 @@ pub fn run_pipeline(dir: &Path) -> Result<RunFigures, StageError> {
         progress: &NullSink,
         cancel: &cancel,
         options: &options,
+        fingerprint: "",
+        checkpoint_dir: None,
+        resume: true,
     })?;
     let ingest_s = start.elapsed().as_secs_f64();
     let ingest_peak_rss_kb = peak_rss_kb();
@@ -123,6 +126,9 @@ pub fn run_pipeline(dir: &Path) -> Result<RunFigures, StageError> {
         progress: &NullSink,
         cancel: &cancel,
         options: &options,
+        fingerprint: "",
+        checkpoint_dir: None,
+        resume: true,
     })?;
     let wall_s = start.elapsed().as_secs_f64();
     let number = |key: &str| {

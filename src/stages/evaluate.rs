@@ -913,6 +913,9 @@ mod tests {
             progress: &NullSink,
             cancel: &cancel,
             options: &options,
+            fingerprint: "",
+            checkpoint_dir: None,
+            resume: true,
         };
         f(&ctx)
     }

@@ -6,19 +6,28 @@
 //! adapter/adapter_config.json        PEFT format: PeftModel.from_pretrained(base, "adapter") loads it
 //! adapter/adapter_model.safetensors  base_model.model.<module>.lora_A.weight / lora_B.weight (f32)
 //! metrics.jsonl                      one line per optimizer step: step, epoch, loss, lr, grad_norm,
-//!                                    tokens_per_second, tokens, scored_tokens
-//! summary.json                       final loss, steps, tokens, wall time, trainable parameters,
-//!                                    examples used / truncated / dropped, resumed_from
+//!                                    tokens, scored_tokens
+//! summary.json                       final loss, steps, tokens, trainable parameters, examples
+//!                                    used / truncated / dropped, seed
 //! base_model.json                    `model` (as written in the pipeline), `path` (resolved on this
 //!                                    machine), `config_digest` (blake3 of config.json), `model_type`,
 //!                                    `device`, `dtype`
 //! ```
-//! Checkpoints (adapter + optimizer + step/data position + seed) live outside the artifact in
-//! `<project>/.peftpipe/checkpoints/<stage>/<run key>/`, so a killed run resumes where it stopped;
-//! they are removed once the artifact is complete. Only `train/` knows how to train; this file
-//! translates the config and does the I/O. Never prints: progress goes through `ctx.progress`.
+//! The artifact is content-addressed, so it holds only what the inputs determine: a retrain that
+//! produces the same adapter produces the same artifact, and downstream stages stay fresh.
+//! Timings (wall time, tokens per second) and whether the run resumed go to the stage outcome
+//! (the run summary and the cache's run record), never into these files.
+//!
+//! Checkpoints (adapter + optimizer + step/data position + seed) live outside the artifact in the
+//! directory the executor gives the stage (`ctx.checkpoint_dir`: the cache's
+//! `checkpoints/<pipeline>/<stage>/<fingerprint>/`), so a killed run resumes where it stopped, and
+//! only a run with the same full fingerprint (weights, tokenizer, data, config, name, seed, ...)
+//! resumes them; `--force` (`ctx.resume == false`) discards them and starts over. The stage holds
+//! the directory's lock while training and removes it once the artifact is complete. Only
+//! `train/` knows how to train; this file translates the config and does the I/O. Never prints:
+//! progress goes through `ctx.progress`.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use arrow::array::{Array, AsArray};
 use arrow::datatypes::DataType;
@@ -33,6 +42,7 @@ use crate::data::batch::{fit, Sequence};
 use crate::data::tokenize::TextTokenizer;
 use crate::models::ModelDir;
 use crate::peft::{Adapter, LoraAdapter, LoraSettings};
+use crate::train::checkpoint::CheckpointDir;
 use crate::train::{AdamWSettings, CausalLmLoss, TrainError, TrainerSettings};
 
 pub struct TrainStage {
@@ -280,10 +290,14 @@ impl Stage for TrainStage {
         let trainable = adapter.trainable_parameter_count();
         let model = CausalLmLoss { model: &*model };
 
-        // The run key: what determines the result, so only this run's checkpoints resume.
+        // The run key: what determines the result, so only this run's checkpoints resume. The
+        // stage's fingerprint digest covers everything (weights, tokenizer, data, config, name,
+        // seed, tool version, device); the rest is what this stage can see for itself, for
+        // contexts without a fingerprint.
         let config_digest = file_digest(&model_root.join("config.json"))?;
         let run_key = {
             let mut hasher = blake3::Hasher::new();
+            hasher.update(ctx.fingerprint.as_bytes());
             hasher.update(
                 serde_json::to_string(config)
                     .map_err(|error| StageError::Internal(error.to_string()))?
@@ -297,7 +311,28 @@ impl Stage for TrainStage {
             hasher.update(crate::TOOL_VERSION.as_bytes());
             hasher.finalize().to_hex().to_string()
         };
-        let checkpoint_dir = checkpoint_root(ctx.project_dir, ctx.name).join(&run_key[..16]);
+        // The checkpoint directory of this fingerprint, held for the whole run. Another run
+        // holding it (same pipeline, stage and fingerprint) does not stop this one: it trains
+        // without checkpoints rather than share them.
+        let checkpoints = match ctx.checkpoint_dir {
+            Some(dir) if config.checkpoint_every > 0 => {
+                let held = CheckpointDir::acquire(dir).map_err(|error| user(error.to_string()))?;
+                if held.is_none() {
+                    ctx.progress.note(format!(
+                        "another run holds the checkpoints in {}; training without checkpoints",
+                        dir.display()
+                    ));
+                }
+                held
+            }
+            _ => None,
+        };
+        if let Some(held) = &checkpoints {
+            if !ctx.resume {
+                held.clear().map_err(|error| user(error.to_string()))?;
+            }
+        }
+        let checkpoint_dir = checkpoints.as_ref().map(|held| held.path().to_path_buf());
         let trainer_settings = TrainerSettings {
             adamw: AdamWSettings {
                 beta1: config.adam_beta1,
@@ -317,7 +352,7 @@ impl Stage for TrainStage {
             seed,
             pad_id: tokenizer.pad_id(),
             checkpoint_every: config.checkpoint_every,
-            checkpoint_dir: Some(checkpoint_dir.clone()),
+            checkpoint_dir: checkpoint_dir.clone(),
             run_key,
             synchronize_phases: false,
         };
@@ -349,10 +384,10 @@ impl Stage for TrainStage {
             TrainError::Cancelled { .. } => StageError::Cancelled,
             other => user(format!("training: {other}")),
         })?;
-        if let Some(step) = outcome.resumed_from {
+        if let (Some(step), Some(dir)) = (outcome.resumed_from, &checkpoint_dir) {
             ctx.progress.note(format!(
                 "resumed from the checkpoint at step {step} in {}",
-                checkpoint_dir.display()
+                dir.display()
             ));
         }
 
@@ -365,18 +400,17 @@ impl Stage for TrainStage {
             outcome.metrics_jsonl.as_bytes(),
         )
         .map_err(|error| user(error.to_string()))?;
+        // Only what the inputs determine (no timings, no resume point): see the module docs.
         let summary = serde_json::json!({
             "final_loss": outcome.final_loss,
             "steps": outcome.steps,
             "tokens": outcome.tokens,
             "scored_tokens": outcome.scored_tokens,
-            "wall_seconds": outcome.wall_seconds,
             "trainable_parameters": trainable,
             "examples": counts.examples,
             "truncated_examples": counts.truncated,
             "dropped_examples": counts.dropped,
             "examples_without_completion": counts.without_completion,
-            "resumed_from": outcome.resumed_from,
             "seed": seed,
         });
         write_json(&ctx.out_dir.join("summary.json"), &summary)?;
@@ -391,29 +425,32 @@ impl Stage for TrainStage {
                 "dtype": dtype_name,
             }),
         )?;
-        // The artifact is complete: the checkpoints are no longer needed.
-        let _ = std::fs::remove_dir_all(&checkpoint_dir);
+        // The artifact is complete: the checkpoints are no longer needed (what stays behind,
+        // gc collects).
+        if let Some(held) = checkpoints {
+            let _ = held.remove();
+        }
 
         let mut outcome_summary = std::collections::BTreeMap::new();
-        for key in [
-            "final_loss",
-            "steps",
-            "tokens",
-            "trainable_parameters",
-            "wall_seconds",
-        ] {
+        for key in ["final_loss", "steps", "tokens", "trainable_parameters"] {
             outcome_summary.insert(key.to_string(), summary[key].clone());
+        }
+        // Timings and the resume point: shown and recorded with the run, not in the artifact.
+        outcome_summary.insert(
+            "wall_seconds".into(),
+            serde_json::json!(outcome.wall_seconds),
+        );
+        if outcome.wall_seconds > 0.0 {
+            outcome_summary.insert(
+                "tokens_per_second".into(),
+                serde_json::json!(outcome.tokens as f64 / outcome.wall_seconds),
+            );
+        }
+        if let Some(step) = outcome.resumed_from {
+            outcome_summary.insert("resumed_from".into(), serde_json::json!(step));
         }
         Ok(StageOutcome {
             summary: outcome_summary,
         })
     }
-}
-
-/// Where a pipeline's checkpoints for `stage` live (for docs and `gc`).
-pub fn checkpoint_root(project_dir: &Path, stage: &str) -> PathBuf {
-    project_dir
-        .join(".peftpipe")
-        .join("checkpoints")
-        .join(stage)
 }

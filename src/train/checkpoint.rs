@@ -8,8 +8,13 @@
 //!                     metrics.jsonl           metrics lines of steps 1..=40
 //!                     state.json              CheckpointState
 //! ```
-//! A checkpoint is written into `.step-….tmp` and renamed into place, so a kill mid-write never
-//! leaves a directory a later run trusts; older checkpoints are removed after the rename.
+//! A checkpoint is written into a uniquely named hidden `.step-….tmp-XXXXXX` and renamed into
+//! place, so a kill mid-write never leaves a directory a later run trusts; older checkpoints and
+//! leftover temporaries are removed after the rename. Only one writer at a time: the train stage
+//! holds the directory's lock ([`CheckpointDir`]) while it trains; the directory belongs to one
+//! pipeline, stage and fingerprint (the cache's `checkpoints/<pipeline>/<stage>/<fingerprint>/`,
+//! collected by `gc` once orphaned). Names not starting with `.` are complete checkpoints, the
+//! contract `gc` relies on.
 //! Randomness is counter-based (ChaCha streams derived from the seed and the step or micro-batch
 //! index), so the seed plus the step *is* the RNG state. Knows nothing of models or data files.
 
@@ -19,17 +24,34 @@ use std::path::{Path, PathBuf};
 use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
+use crate::cache::gc::{lock_checkpoint_dir, CHECKPOINT_LOCK};
+use crate::cache::CacheLock;
 use crate::peft::{safetensors_bytes, write_atomic, PeftError};
 
 /// Bump when the layout or the meaning of a field changes (older checkpoints are then ignored).
 pub const CHECKPOINT_VERSION: u32 = 1;
 
+/// Test-only: `PEFTPIPE_TEST_CHECKPOINT_DELAY=<milliseconds>` makes every checkpoint write pause
+/// that long halfway (the adapter written, the rest not), so the crash tests can kill the binary
+/// in the middle of a checkpoint write. Not for users.
+pub const CHECKPOINT_DELAY_ENV: &str = "PEFTPIPE_TEST_CHECKPOINT_DELAY";
+
+fn hold_for_tests() {
+    let delay = std::env::var(CHECKPOINT_DELAY_ENV)
+        .ok()
+        .and_then(|value| value.trim().parse::<u64>().ok());
+    if let Some(milliseconds) = delay {
+        std::thread::sleep(std::time::Duration::from_millis(milliseconds));
+    }
+}
+
 /// The small record of where a run stood.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct CheckpointState {
     pub version: u32,
-    /// Digest of everything that determines the run (config, data, model); a checkpoint of a
-    /// different run is never resumed.
+    /// Digest of everything that determines the run (the train stage's fingerprint digest:
+    /// config, stage name, seed, data, model weights, tokenizer, tool version, device); a
+    /// checkpoint of a different run is never resumed.
     pub run_key: String,
     /// Optimizer steps completed.
     pub step: u64,
@@ -64,7 +86,69 @@ fn io_error(path: &Path) -> impl Fn(std::io::Error) -> PeftError + '_ {
     }
 }
 
-/// Write a checkpoint atomically into `dir` and remove older ones. Returns its path.
+/// A checkpoint directory this process holds: its lock (fs4, `.lock` inside) is taken when it is
+/// acquired and released when it is dropped, so two runs never write one directory at once.
+pub struct CheckpointDir {
+    path: PathBuf,
+    _lock: CacheLock,
+}
+
+impl CheckpointDir {
+    /// Create `dir` if needed and take its lock without waiting; `None` when another run holds it.
+    pub fn acquire(dir: &Path) -> Result<Option<CheckpointDir>, PeftError> {
+        let lock = lock_checkpoint_dir(dir).map_err(|error| {
+            PeftError::invalid(format!("checkpoint directory {}: {error}", dir.display()))
+        })?;
+        Ok(lock.map(|lock| CheckpointDir {
+            path: dir.to_path_buf(),
+            _lock: lock,
+        }))
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Remove every checkpoint and temporary in the directory (a fresh start), keeping the lock.
+    pub fn clear(&self) -> Result<(), PeftError> {
+        for entry in std::fs::read_dir(&self.path)
+            .map_err(io_error(&self.path))?
+            .flatten()
+        {
+            if entry.file_name() != CHECKPOINT_LOCK {
+                remove_entry(&entry.path())?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Remove the directory (the run it served is complete) and release the lock.
+    pub fn remove(self) -> Result<(), PeftError> {
+        self.clear()?;
+        // The lock file goes last, while still held; an empty directory is all that could stay.
+        let _ = std::fs::remove_file(self.path.join(CHECKPOINT_LOCK));
+        let _ = std::fs::remove_dir(&self.path);
+        Ok(())
+    }
+}
+
+fn remove_entry(path: &Path) -> Result<(), PeftError> {
+    let result = if path.is_dir() {
+        std::fs::remove_dir_all(path)
+    } else {
+        std::fs::remove_file(path)
+    };
+    match result {
+        Err(error) if error.kind() != std::io::ErrorKind::NotFound => Err(PeftError::Io {
+            path: path.to_path_buf(),
+            source: error,
+        }),
+        _ => Ok(()),
+    }
+}
+
+/// Write a checkpoint atomically into `dir` and remove older ones and leftover temporaries.
+/// Returns its path. The caller is the directory's only writer (it holds its [`CheckpointDir`]).
 pub fn save(
     dir: &Path,
     state: &CheckpointState,
@@ -74,15 +158,16 @@ pub fn save(
 ) -> Result<PathBuf, PeftError> {
     std::fs::create_dir_all(dir).map_err(io_error(dir))?;
     let name = step_dir_name(state.step);
-    let temp = dir.join(format!(".{name}.tmp"));
-    if temp.exists() {
-        std::fs::remove_dir_all(&temp).map_err(io_error(&temp))?;
-    }
-    std::fs::create_dir_all(&temp).map_err(io_error(&temp))?;
+    let temp = tempfile::Builder::new()
+        .prefix(&format!(".{name}.tmp-"))
+        .tempdir_in(dir)
+        .map_err(io_error(dir))?
+        .keep();
     write_atomic(
         &temp.join("adapter.safetensors"),
         &safetensors_bytes(variables)?,
     )?;
+    hold_for_tests();
     write_atomic(
         &temp.join("optimizer.safetensors"),
         &safetensors_bytes(optimizer)?,
@@ -96,11 +181,13 @@ pub fn save(
         std::fs::remove_dir_all(&final_path).map_err(io_error(&final_path))?;
     }
     std::fs::rename(&temp, &final_path).map_err(io_error(&final_path))?;
-    // Only the newest checkpoint is needed to resume.
+    // Only the newest checkpoint is needed to resume; temporaries are a killed writer's.
     for entry in std::fs::read_dir(dir).map_err(io_error(dir))?.flatten() {
         let entry_name = entry.file_name().to_string_lossy().into_owned();
-        if entry_name.starts_with("step-") && entry_name != name {
-            std::fs::remove_dir_all(entry.path()).map_err(io_error(&entry.path()))?;
+        let older = entry_name.starts_with("step-") && entry_name != name;
+        let temporary = entry_name.starts_with(".step-");
+        if older || temporary {
+            remove_entry(&entry.path())?;
         }
     }
     Ok(final_path)
@@ -129,18 +216,18 @@ pub fn latest(dir: &Path, run_key: &str, device: &Device) -> Result<Option<Check
         if state.version != CHECKPOINT_VERSION || state.run_key != run_key {
             continue;
         }
-        let load = |file: &str| -> Result<HashMap<String, Tensor>, PeftError> {
-            let file_path = path.join(file);
-            candle_core::safetensors::load(&file_path, device).map_err(|source| PeftError::Tensor {
-                context: format!("reading checkpoint {}", file_path.display()),
-                source,
-            })
+        // A checkpoint that cannot be read whole is not trusted: try the next older one.
+        let load = |file: &str| candle_core::safetensors::load(path.join(file), device).ok();
+        let (Some(variables), Some(optimizer), Ok(metrics)) = (
+            load("adapter.safetensors"),
+            load("optimizer.safetensors"),
+            std::fs::read_to_string(path.join("metrics.jsonl")),
+        ) else {
+            continue;
         };
-        let metrics_path = path.join("metrics.jsonl");
-        let metrics = std::fs::read_to_string(&metrics_path).map_err(io_error(&metrics_path))?;
         return Ok(Some(Checkpoint {
-            variables: load("adapter.safetensors")?,
-            optimizer: load("optimizer.safetensors")?,
+            variables,
+            optimizer,
             metrics,
             state,
             path,
@@ -208,5 +295,49 @@ mod tests {
         assert!(latest(&dir.path().join("missing"), "run", &Device::Cpu)
             .unwrap()
             .is_none());
+    }
+
+    #[test]
+    fn one_holder_at_a_time_and_clear_keeps_the_lock() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("quick/train/abc");
+        let held = CheckpointDir::acquire(&path).unwrap().expect("free");
+        assert!(CheckpointDir::acquire(&path).unwrap().is_none(), "held");
+        let tensor = Tensor::new(&[1.0f32], &Device::Cpu).unwrap();
+        let vars = vec![("a".to_string(), tensor)];
+        save(held.path(), &state(2, "run"), &vars, &vars, "").unwrap();
+        held.clear().unwrap();
+        assert!(latest(held.path(), "run", &Device::Cpu).unwrap().is_none());
+        assert!(
+            CheckpointDir::acquire(&path).unwrap().is_none(),
+            "still held"
+        );
+        held.remove().unwrap();
+        assert!(!path.exists());
+        assert!(CheckpointDir::acquire(&path).unwrap().is_some());
+    }
+
+    #[test]
+    fn temporaries_are_unique_and_a_killed_writers_are_cleaned_up() {
+        let dir = tempfile::tempdir().unwrap();
+        // A writer killed mid-save left its temporary (same step, fixed name in older versions).
+        let stale = dir.path().join(".step-00000002.tmp");
+        std::fs::create_dir_all(&stale).unwrap();
+        std::fs::write(stale.join("adapter.safetensors"), "half").unwrap();
+        let tensor = Tensor::new(&[3.0f32], &Device::Cpu).unwrap();
+        let vars = vec![("a".to_string(), tensor)];
+        save(dir.path(), &state(2, "run"), &vars, &vars, "").unwrap();
+        let names: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(names, ["step-00000002"]);
+        // A checkpoint whose tensors cannot be read is skipped, never trusted.
+        std::fs::write(
+            dir.path().join("step-00000002/adapter.safetensors"),
+            "garbage",
+        )
+        .unwrap();
+        assert!(latest(dir.path(), "run", &Device::Cpu).unwrap().is_none());
     }
 }

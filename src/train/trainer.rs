@@ -75,7 +75,10 @@ pub struct TrainerSettings {
     /// Save a checkpoint every N steps (0: never) into `checkpoint_dir`.
     pub checkpoint_every: u64,
     pub checkpoint_dir: Option<PathBuf>,
-    /// Identifies the run (config + data + model digests): only its own checkpoints resume.
+    /// Identifies the run (the train stage passes its fingerprint digest, which covers config,
+    /// data, weights, tokenizer, seed and device): only its own checkpoints resume. The caller
+    /// holds `checkpoint_dir`'s lock ([`super::checkpoint::CheckpointDir`]) and decides whether
+    /// earlier checkpoints may be resumed (clearing the directory when not).
     pub run_key: String,
     /// Synchronize the device around each phase so the forward/backward/optimizer split is
     /// exact (benchmarks); off for normal runs.
@@ -456,7 +459,10 @@ pub fn train(
     })
 }
 
-/// The metrics.jsonl record of a step (the documented subset of [`StepMetrics`]).
+/// The metrics.jsonl record of a step (the documented subset of [`StepMetrics`]): only what the
+/// inputs determine, no timings, so an uninterrupted run, a resumed one and a forced retrain write
+/// the same bytes (the file is part of a content-addressed artifact). Timings reach the user
+/// through the progress callback and the run's outcome.
 fn metrics_line(metrics: &StepMetrics) -> serde_json::Value {
     serde_json::json!({
         "step": metrics.step,
@@ -464,7 +470,6 @@ fn metrics_line(metrics: &StepMetrics) -> serde_json::Value {
         "loss": metrics.loss,
         "lr": metrics.lr,
         "grad_norm": metrics.grad_norm,
-        "tokens_per_second": metrics.tokens_per_second,
         "tokens": metrics.tokens,
         "scored_tokens": metrics.scored_tokens,
     })

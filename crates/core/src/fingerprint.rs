@@ -2,8 +2,8 @@
 //! whether a stage's cached output can be reused, and [`DirtyReason`], the cargo-style explanation
 //! of why it cannot (`parameter template.k changed (3 → 4)`).
 //!
-//! What is hashed is exactly the fields of [`StageFingerprint`], nothing else: stage kind,
-//! resolved parameters (flattened to key paths, values kept so a change can be shown), upstream
+//! What is hashed is exactly the fields of [`StageFingerprint`], nothing else: stage name (it
+//! seeds the stage's random streams), stage kind, resolved parameters (flattened to key paths, values kept so a change can be shown), upstream
 //! output digests by stage name, input file content digests by their stable key, tool version,
 //! seed and the result-changing environment. Never absolute paths, mtimes or secrets.
 //!
@@ -21,7 +21,9 @@ use crate::config::StageConfig;
 /// field or the encoding changes, so every stored fingerprint is invalidated at once.
 ///
 /// - 1: kind, flattened params, upstream digests, input digests, tool version, seed, environment.
-pub const FINGERPRINT_VERSION: u32 = 1;
+/// - 2: plus the stage name, which seeds the stage's random streams (`StageContext::stage_seed`):
+///   under version 1 a renamed stage was restored with the output of its old name's seeds.
+pub const FINGERPRINT_VERSION: u32 = 2;
 
 /// Test-only: when set, replaces [`crate::TOOL_VERSION`] in fingerprints so tests can simulate an
 /// upgrade of peftpipe. Not meant for users (it would make cached outputs lie about their origin).
@@ -42,6 +44,11 @@ pub fn tool_version() -> String {
 pub struct StageFingerprint {
     /// [`FINGERPRINT_VERSION`] when this was computed.
     pub version: u32,
+    /// The stage's name in the pipeline: stages derive their random streams (split, shuffle,
+    /// few-shot draws, LoRA init, data order, dropout) from the pipeline seed and their name, so
+    /// the name changes results. Empty in entries written before version 2.
+    #[serde(default)]
+    pub stage: String,
     /// Stage kind (`ingest`, `template`, ...).
     pub kind: String,
     /// Resolved parameters, flattened to key paths relative to the stage (`template.k`,
@@ -60,9 +67,10 @@ pub struct StageFingerprint {
 }
 
 impl StageFingerprint {
-    /// The fingerprint of `config` given its upstream output digests and input file digests.
-    /// Input keys are normalized (see [`normalize_key`]).
+    /// The fingerprint of the stage `name` with `config`, given its upstream output digests and
+    /// input file digests. Input keys are normalized (see [`normalize_key`]).
     pub fn new(
+        name: &str,
         config: &StageConfig,
         upstream: BTreeMap<String, String>,
         inputs: impl IntoIterator<Item = (String, String)>,
@@ -73,6 +81,7 @@ impl StageFingerprint {
         flatten_params(&kind, &config.params(), &mut params);
         StageFingerprint {
             version: FINGERPRINT_VERSION,
+            stage: name.to_string(),
             kind,
             params,
             upstream,
@@ -124,6 +133,13 @@ impl StageFingerprint {
             reasons.push(DirtyReason::ToolVersionChanged {
                 old: previous.tool_version.clone(),
                 new: self.tool_version.clone(),
+            });
+        }
+        // Entries of version 1 have no name: the version change already says why.
+        if self.stage != previous.stage && !previous.stage.is_empty() {
+            reasons.push(DirtyReason::StageRenamed {
+                old: previous.stage.clone(),
+                new: self.stage.clone(),
             });
         }
         if self.kind != previous.kind {
@@ -322,6 +338,11 @@ pub enum DirtyReason {
         old: String,
         new: String,
     },
+    /// The stage's name, which seeds its random streams, differs.
+    StageRenamed {
+        old: String,
+        new: String,
+    },
     KindChanged {
         old: String,
         new: String,
@@ -400,6 +421,10 @@ impl fmt::Display for DirtyReason {
             DirtyReason::ToolVersionChanged { old, new } => {
                 write!(f, "peftpipe version changed ({old} → {new})")
             }
+            DirtyReason::StageRenamed { old, new } => write!(
+                f,
+                "stage name changed ({old} → {new}; the name seeds its randomness)"
+            ),
             DirtyReason::KindChanged { old, new } => {
                 write!(f, "stage kind changed ({old} → {new})")
             }
@@ -452,6 +477,7 @@ mod tests {
         flatten_params("template", &params, &mut flat);
         StageFingerprint {
             version: FINGERPRINT_VERSION,
+            stage: "prompts".into(),
             kind: "template".into(),
             params: flat,
             upstream: BTreeMap::from([("data".to_string(), "aa".to_string())]),
@@ -501,6 +527,7 @@ mod tests {
         let old = fingerprint(json!({"k": 3}));
         let mut new = old.clone();
         new.tool_version = "0.2.0".into();
+        new.stage = "prompts_v2".into();
         new.seed = 8;
         new.upstream.insert("data".into(), "bb".into());
         new.inputs.insert("datasets/x.parquet".into(), "22".into());
@@ -512,6 +539,7 @@ mod tests {
             lines,
             [
                 "peftpipe version changed (0.1.0 → 0.2.0)",
+                "stage name changed (prompts → prompts_v2; the name seeds its randomness)",
                 "parameter template.k removed (was 3)",
                 "seed changed (7 → 8)",
                 "environment device changed (unset → cuda)",
@@ -520,6 +548,31 @@ mod tests {
                 "now reads the file datasets/y.parquet",
             ]
         );
+    }
+
+    #[test]
+    fn the_stage_name_is_part_of_the_digest() {
+        // Stages seed their randomness from their name: a renamed stage must not be restored
+        // from the output of its old name.
+        let train = fingerprint(json!({"k": 3}));
+        let mut finetune = train.clone();
+        finetune.stage = "finetune".into();
+        assert_ne!(train.digest(), finetune.digest());
+        assert_eq!(finetune.diff(&train).len(), 1);
+    }
+
+    #[test]
+    fn entries_of_version_1_read_back_and_differ_by_version_only() {
+        let current = fingerprint(json!({"k": 3}));
+        let mut value = serde_json::to_value(&current).unwrap();
+        let object = value.as_object_mut().unwrap();
+        object.remove("stage");
+        object.insert("version".into(), json!(1));
+        let old: StageFingerprint = serde_json::from_value(value).unwrap();
+        assert_eq!(old.stage, "");
+        assert_ne!(old.digest(), current.digest());
+        let lines: Vec<String> = current.diff(&old).iter().map(ToString::to_string).collect();
+        assert_eq!(lines, ["fingerprint format changed (1 → 2)"]);
     }
 
     #[test]
@@ -647,6 +700,7 @@ mod tests {
                 flatten_params("template", params, &mut flat);
                 StageFingerprint {
                     version: FINGERPRINT_VERSION,
+                    stage: "prompts".into(),
                     kind: "template".into(),
                     params: flat,
                     upstream: upstream.into_iter().collect(),

@@ -1,11 +1,33 @@
 //! Garbage collection: drop objects no lock file references, run records pointing at dropped
-//! objects, and staging leftovers. Run under the cache's exclusive lock.
+//! objects, staging leftovers and orphaned checkpoint directories; and, for the CLI, the
+//! leftovers of interrupted publishes next to published outputs. Run under the cache's
+//! exclusive lock.
+//!
+//! Checkpoint directories (`checkpoints/<pipeline>/<stage>/<fingerprint>/`) are where a stage
+//! keeps state across attempts of one fingerprint (training checkpoints: a killed run's successor
+//! resumes from them). They are the cache's, not the stage's: this file owns their layout and
+//! their lock (`.lock` inside, held by the stage while it writes), and the stage's only contract
+//! is to write complete state under names that do not start with `.` and temporaries under names
+//! that do. A directory is orphaned, and collected, when nothing holds its lock and
+//! - no lock file of its pipeline is in the cache (the pipeline ran elsewhere or was removed), or
+//! - its pipeline's lock file records this fingerprint for the stage (the stage finished: the
+//!   state was for an attempt that completed), or
+//! - it holds nothing complete (a kill before the first checkpoint), or
+//! - a newer attempt of the same pipeline stage (another fingerprint) left state too: only the
+//!   latest attempt of each stage is kept, as only the latest run of each stage is kept in the
+//!   lock file.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::time::SystemTime;
 
+use fs4::fs_std::FileExt;
 use serde::Serialize;
 
-use super::{remove_path, Cache, CacheError, Manifest};
+use super::{open_lock, remove_path, sanitize_name, Cache, CacheError, CacheLock, Manifest};
+
+/// The lock file inside a checkpoint directory: held (exclusively, fs4) by the stage writing it.
+pub const CHECKPOINT_LOCK: &str = ".lock";
 
 /// What gc removed (or would remove with `dry_run`).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
@@ -15,7 +37,40 @@ pub struct GcReport {
     pub objects_removed: usize,
     pub bytes_removed: u64,
     pub run_records_removed: usize,
+    /// Checkpoint directories kept (the latest attempt of an unfinished stage, or in use).
+    pub checkpoints_kept: usize,
+    /// Orphaned checkpoint directories removed, and their bytes.
+    pub checkpoints_removed: usize,
+    pub checkpoint_bytes_removed: u64,
+    /// Leftovers of interrupted publishes (`.<name>.peftpipe-tmp-*` and the like) removed next to
+    /// published outputs (filled in by [`remove_publish_leftovers`]).
+    pub publish_leftovers_removed: usize,
     pub dry_run: bool,
+}
+
+impl Cache {
+    /// `checkpoints/<pipeline>/<stage>/<fingerprint>`: where the stage `stage` of `pipeline` keeps
+    /// state across attempts of the fingerprint `fingerprint` (a digest). Not created here.
+    pub fn checkpoint_dir(&self, pipeline: &str, stage: &str, fingerprint: &str) -> PathBuf {
+        self.root
+            .join("checkpoints")
+            .join(sanitize_name(pipeline))
+            .join(sanitize_name(stage))
+            .join(sanitize_name(fingerprint))
+    }
+}
+
+/// Create `dir` if needed and take its lock ([`CHECKPOINT_LOCK`]) without waiting. `None` when
+/// another holder has it (another process, or another handle in this one). Released on drop.
+pub fn lock_checkpoint_dir(dir: &Path) -> Result<Option<CacheLock>, CacheError> {
+    std::fs::create_dir_all(dir).map_err(CacheError::io("create", dir))?;
+    let path = dir.join(CHECKPOINT_LOCK);
+    let file = open_lock(&path)?;
+    if FileExt::try_lock_exclusive(&file).map_err(CacheError::io("lock", &path))? {
+        Ok(Some(CacheLock { file }))
+    } else {
+        Ok(None)
+    }
 }
 
 impl Cache {
@@ -76,11 +131,189 @@ impl Cache {
                 }
             }
         }
+        self.collect_checkpoints(&locks, &mut report)?;
         if !dry_run {
             self.clear_tmp()?;
         }
         Ok(report)
     }
+
+    /// Remove orphaned checkpoint directories (see the module docs).
+    fn collect_checkpoints(
+        &self,
+        locks: &[(PathBuf, super::LockFile)],
+        report: &mut GcReport,
+    ) -> Result<(), CacheError> {
+        // Sanitized pipeline name (the lock file's stem) → sanitized stage name → fingerprint
+        // of its last finished run.
+        let mut finished: BTreeMap<String, BTreeMap<String, String>> = BTreeMap::new();
+        for (path, lock) in locks {
+            let stem = path
+                .file_name()
+                .and_then(|name| name.to_str())
+                .and_then(|name| name.strip_suffix(".lock.json"))
+                .unwrap_or_default()
+                .to_string();
+            let stages = lock
+                .stages
+                .iter()
+                .map(|(name, entry)| (sanitize_name(name), entry.fingerprint.clone()))
+                .collect();
+            finished.insert(stem, stages);
+        }
+        let root = self.root.join("checkpoints");
+        for pipeline_dir in read_dir_sorted(&root)? {
+            if !pipeline_dir.is_dir() {
+                continue;
+            }
+            let pipeline = file_name(&pipeline_dir);
+            for stage_dir in read_dir_sorted(&pipeline_dir)? {
+                if !stage_dir.is_dir() {
+                    continue;
+                }
+                let stage = file_name(&stage_dir);
+                let attempts: Vec<(PathBuf, Option<SystemTime>)> = read_dir_sorted(&stage_dir)?
+                    .into_iter()
+                    .filter(|path| path.is_dir())
+                    .map(|path| {
+                        let newest = newest_complete(&path);
+                        (path, newest)
+                    })
+                    .collect();
+                let latest = attempts
+                    .iter()
+                    .filter_map(|(path, time)| time.map(|time| (time, path.clone())))
+                    .max()
+                    .map(|(_, path)| path);
+                for (dir, newest) in &attempts {
+                    let fingerprint = file_name(dir);
+                    let orphaned = match finished.get(&pipeline) {
+                        None => true,
+                        Some(stages) => {
+                            stages.get(&stage) == Some(&fingerprint)
+                                || newest.is_none()
+                                || latest.as_ref() != Some(dir)
+                        }
+                    };
+                    // Never touch a directory someone holds; hold it while removing.
+                    let Some(lock) = lock_checkpoint_dir(dir)? else {
+                        report.checkpoints_kept += 1;
+                        continue;
+                    };
+                    if !orphaned {
+                        report.checkpoints_kept += 1;
+                        if !report.dry_run {
+                            remove_hidden_leftovers(dir)?;
+                        }
+                        continue;
+                    }
+                    report.checkpoints_removed += 1;
+                    report.checkpoint_bytes_removed += tree_size(dir);
+                    if !report.dry_run {
+                        remove_path(dir)?;
+                    }
+                    drop(lock);
+                }
+                if !report.dry_run {
+                    remove_if_empty(&stage_dir)?;
+                }
+            }
+            if !report.dry_run {
+                remove_if_empty(&pipeline_dir)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Remove the leftovers of interrupted publishes, returning how many there were (with `dry_run`,
+/// only count). In `output_roots` (peftpipe's own `.peftpipe/out/<pipeline>/` folders) that is
+/// every hidden `.<name>.partial-*` / `.<name>.old-*` of an interrupted materialization and every
+/// `.<name>.peftpipe-tmp-*` / `.<name>.peftpipe-old-*`; in `publish_parents` (the folders that
+/// hold user-declared export destinations) only the latter two, which no other tool writes. Only
+/// call while holding the cache's exclusive lock: then no run of this cache is publishing.
+pub fn remove_publish_leftovers(
+    output_roots: &[PathBuf],
+    publish_parents: &[PathBuf],
+    dry_run: bool,
+) -> Result<usize, CacheError> {
+    let mut removed = 0;
+    let mut seen = BTreeSet::new();
+    let roots = output_roots.iter().map(|dir| (dir, true));
+    let parents = publish_parents.iter().map(|dir| (dir, false));
+    for (dir, owned) in roots.chain(parents) {
+        for path in read_dir_sorted(dir)? {
+            let name = file_name(&path);
+            let leftover = name.starts_with('.')
+                && (name.contains(".peftpipe-tmp-")
+                    || name.contains(".peftpipe-old-")
+                    || (owned && (name.contains(".partial-") || name.contains(".old-"))));
+            if leftover && seen.insert(path.clone()) {
+                removed += 1;
+                if !dry_run {
+                    remove_path(&path)?;
+                }
+            }
+        }
+    }
+    Ok(removed)
+}
+
+fn file_name(path: &Path) -> String {
+    path.file_name()
+        .map(|name| name.to_string_lossy().into_owned())
+        .unwrap_or_default()
+}
+
+/// The modification time of the newest complete entry (a name not starting with `.`) of a
+/// checkpoint directory; None when it has none.
+fn newest_complete(dir: &Path) -> Option<SystemTime> {
+    std::fs::read_dir(dir)
+        .ok()?
+        .flatten()
+        .filter(|entry| !entry.file_name().to_string_lossy().starts_with('.'))
+        .filter_map(|entry| entry.metadata().ok()?.modified().ok())
+        .max()
+}
+
+/// Remove the temporaries (hidden entries other than the lock) of a checkpoint directory whose
+/// lock the caller holds.
+fn remove_hidden_leftovers(dir: &Path) -> Result<(), CacheError> {
+    for path in read_dir_sorted(dir)? {
+        let name = file_name(&path);
+        if name.starts_with('.') && name != CHECKPOINT_LOCK {
+            remove_path(&path)?;
+        }
+    }
+    Ok(())
+}
+
+fn remove_if_empty(dir: &Path) -> Result<(), CacheError> {
+    if read_dir_sorted(dir)?.is_empty() {
+        remove_path(dir)?;
+    }
+    Ok(())
+}
+
+/// Bytes of the regular files under `dir` (0 for what cannot be read).
+fn tree_size(dir: &Path) -> u64 {
+    let mut total = 0;
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(current) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&current) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            match entry.file_type() {
+                Ok(kind) if kind.is_dir() => stack.push(entry.path()),
+                Ok(kind) if kind.is_file() => {
+                    total += entry.metadata().map(|m| m.len()).unwrap_or(0);
+                }
+                _ => {}
+            }
+        }
+    }
+    total
 }
 
 fn object_size(object: &std::path::Path) -> u64 {
@@ -112,6 +345,7 @@ mod tests {
     use super::*;
     use crate::cache::{LockEntry, RunRecord};
     use crate::fingerprint::{StageFingerprint, FINGERPRINT_VERSION};
+    use std::path::PathBuf;
 
     fn store(cache: &Cache, content: &str) -> String {
         let staging = cache.staging_dir("t").unwrap();
@@ -128,6 +362,7 @@ mod tests {
         let dropped = store(&cache, "dropped");
         let components = StageFingerprint {
             version: FINGERPRINT_VERSION,
+            stage: "data".into(),
             kind: "ingest".into(),
             params: BTreeMap::new(),
             upstream: BTreeMap::new(),
@@ -174,5 +409,173 @@ mod tests {
         assert!(!cache.has_object(&dropped));
         assert!(cache.run_record("f1").is_some());
         assert!(cache.run_record("f2").is_none());
+    }
+
+    /// A lock file for pipeline `pipeline` whose stage `stage` finished with `fingerprint`.
+    fn finished(cache: &Cache, pipeline: &str, stage: &str, fingerprint: &str) {
+        let output = store(cache, &format!("{pipeline}/{stage}"));
+        let components = StageFingerprint {
+            version: FINGERPRINT_VERSION,
+            stage: stage.into(),
+            kind: "train".into(),
+            params: BTreeMap::new(),
+            upstream: BTreeMap::new(),
+            inputs: BTreeMap::new(),
+            tool_version: "0".into(),
+            seed: 0,
+            environment: BTreeMap::new(),
+        };
+        let mut lock = cache.read_lock_file(pipeline).unwrap();
+        lock.stages.insert(
+            stage.into(),
+            LockEntry {
+                fingerprint: fingerprint.into(),
+                components,
+                output,
+                outcome: BTreeMap::new(),
+                wall_time_seconds: 0.0,
+            },
+        );
+        cache.write_lock_file(&lock).unwrap();
+    }
+
+    /// A checkpoint directory with a complete checkpoint written `age` seconds ago, or (with
+    /// `None`) only a killed writer's temporary.
+    fn checkpoint(
+        cache: &Cache,
+        pipeline: &str,
+        stage: &str,
+        fp: &str,
+        age: Option<u64>,
+    ) -> PathBuf {
+        let dir = cache.checkpoint_dir(pipeline, stage, fp);
+        match age {
+            Some(age) => {
+                let step = dir.join("step-00000002");
+                std::fs::create_dir_all(&step).unwrap();
+                std::fs::write(step.join("state.json"), "{}").unwrap();
+                let when = SystemTime::now() - std::time::Duration::from_secs(age);
+                std::fs::File::open(&step)
+                    .unwrap()
+                    .set_modified(when)
+                    .unwrap();
+            }
+            None => {
+                let temp = dir.join(".step-00000002.tmp-x1");
+                std::fs::create_dir_all(&temp).unwrap();
+                std::fs::write(temp.join("adapter.safetensors"), "half").unwrap();
+            }
+        }
+        dir
+    }
+
+    #[test]
+    fn gc_collects_orphaned_checkpoints_and_keeps_the_latest_unfinished_attempt() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Cache::open(dir.path()).unwrap();
+        finished(&cache, "p", "train", "fdone");
+        let done = checkpoint(&cache, "p", "train", "fdone", Some(50));
+        let superseded = checkpoint(&cache, "p", "train", "fold", Some(100));
+        let latest = checkpoint(&cache, "p", "train", "fnew", Some(10));
+        // A killed writer's temporary inside the kept one goes.
+        let stale_temp = latest.join(".step-00000004.tmp-zz");
+        std::fs::create_dir_all(&stale_temp).unwrap();
+        let nothing_complete = checkpoint(&cache, "p", "eval", "f1", None);
+        let no_lock_file = checkpoint(&cache, "gone", "train", "f2", Some(1));
+        // Held by a running trainer: never touched, whatever else is true of it.
+        let held_dir = checkpoint(&cache, "gone", "tune", "f3", Some(1));
+        let held = lock_checkpoint_dir(&held_dir).unwrap().expect("free");
+
+        let preview = cache.gc(true).unwrap();
+        assert_eq!(
+            (preview.checkpoints_removed, preview.checkpoints_kept),
+            (4, 2)
+        );
+        assert!(preview.checkpoint_bytes_removed > 0);
+        for path in [
+            &done,
+            &superseded,
+            &nothing_complete,
+            &no_lock_file,
+            &stale_temp,
+        ] {
+            assert!(path.exists(), "dry run removes nothing: {}", path.display());
+        }
+
+        let report = cache.gc(false).unwrap();
+        assert_eq!(
+            (report.checkpoints_removed, report.checkpoints_kept),
+            (4, 2)
+        );
+        for path in [
+            &done,
+            &superseded,
+            &nothing_complete,
+            &no_lock_file,
+            &stale_temp,
+        ] {
+            assert!(!path.exists(), "{} is orphaned", path.display());
+        }
+        assert!(latest.join("step-00000002/state.json").is_file());
+        assert!(held_dir.join("step-00000002/state.json").is_file());
+        // Emptied stage and pipeline folders go too.
+        assert!(!dir.path().join("checkpoints/p/eval").exists());
+        assert!(dir.path().join("checkpoints/gone/tune").exists());
+
+        // Once released, the held one is an orphan like any other (its pipeline has no lock file).
+        drop(held);
+        assert_eq!(cache.gc(false).unwrap().checkpoints_removed, 1);
+        assert!(!dir.path().join("checkpoints/gone").exists());
+    }
+
+    #[test]
+    fn a_checkpoint_dir_has_one_holder_at_a_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Cache::open(dir.path()).unwrap();
+        let path = cache.checkpoint_dir("quick start", "train", "abc");
+        assert!(path.ends_with("checkpoints/quick_start/train/abc"));
+        let first = lock_checkpoint_dir(&path).unwrap().expect("free");
+        assert!(lock_checkpoint_dir(&path).unwrap().is_none(), "held");
+        drop(first);
+        assert!(lock_checkpoint_dir(&path).unwrap().is_some(), "released");
+    }
+
+    #[test]
+    fn publish_leftovers_are_removed_and_nothing_else() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join(".peftpipe/out/quick");
+        let exports = dir.path().join("exported");
+        for path in [
+            out.join("train/adapter"),
+            out.join(".train.partial-a1/x"),
+            out.join(".train.old-b2/tree"),
+            exports.join("adapter"),
+            exports.join(".adapter.peftpipe-tmp-c3"),
+            exports.join(".adapter.peftpipe-old-d4"),
+            exports.join(".user.partial-keep"),
+            exports.join(".config"),
+        ] {
+            std::fs::create_dir_all(path).unwrap();
+        }
+        let roots = [out.clone()];
+        let parents = [exports.clone()];
+        assert_eq!(remove_publish_leftovers(&roots, &parents, true).unwrap(), 4);
+        assert!(out.join(".train.partial-a1").exists());
+        assert_eq!(
+            remove_publish_leftovers(&roots, &parents, false).unwrap(),
+            4
+        );
+        let names = |dir: &Path| -> Vec<String> {
+            read_dir_sorted(dir)
+                .unwrap()
+                .iter()
+                .map(|p| file_name(p))
+                .collect()
+        };
+        assert_eq!(names(&out), ["train"]);
+        assert_eq!(
+            names(&exports),
+            [".config", ".user.partial-keep", "adapter"]
+        );
     }
 }

@@ -127,6 +127,7 @@ mod tests {
     fn entry() -> LockEntry {
         let components = StageFingerprint {
             version: FINGERPRINT_VERSION,
+            stage: "data".into(),
             kind: "ingest".into(),
             params: BTreeMap::from([("ingest.path".to_string(), serde_json::json!("x"))]),
             upstream: BTreeMap::new(),

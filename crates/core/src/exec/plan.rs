@@ -195,9 +195,14 @@ pub fn make_plan(
                 }
             }
         }
-        let fingerprint =
-            StageFingerprint::new(config, upstream_digests, inputs.clone(), pipeline.seed)
-                .with_device_override(device);
+        let fingerprint = StageFingerprint::new(
+            name,
+            config,
+            upstream_digests,
+            inputs.clone(),
+            pipeline.seed,
+        )
+        .with_device_override(device);
         let forced_here = forced.contains(name);
         let freshness =
             if dirty_upstream.is_empty() || forced_here {

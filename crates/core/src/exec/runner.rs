@@ -101,17 +101,19 @@ pub fn execute(
                         continue;
                     };
                     let fingerprint = StageFingerprint::new(
+                        &stage_plan.name,
                         config,
                         upstream.clone(),
                         stage_plan.inputs.clone(),
                         pipeline.seed,
                     )
                     .with_device_override(device);
+                    let forced_here = forced.contains(&stage_plan.name);
                     let freshness = decide(
                         &cache,
                         lock_file.stages.get(&stage_plan.name),
                         &fingerprint,
-                        forced.contains(&stage_plan.name),
+                        forced_here,
                     );
                     states[position] = State::Running;
                     running += 1;
@@ -121,6 +123,7 @@ pub fn execute(
                         config,
                         fingerprint,
                         freshness,
+                        forced: forced_here,
                         upstream,
                     };
                     let sender = sender.clone();
@@ -256,6 +259,8 @@ struct Job<'a> {
     config: &'a StageConfig,
     fingerprint: StageFingerprint,
     freshness: Freshness,
+    /// `--force` applies: the stage recomputes from scratch (resumes no checkpoint).
+    forced: bool,
     /// Upstream name → output digest.
     upstream: BTreeMap<String, String>,
 }
@@ -295,6 +300,10 @@ struct ContextParts<'a> {
     sink: &'a StageSink<'a>,
     cancel: &'a AtomicBool,
     settings: &'a RunSettings,
+    /// Digest of the stage's fingerprint, and its checkpoint directory in the cache.
+    fingerprint: &'a str,
+    checkpoint_dir: &'a std::path::Path,
+    resume: bool,
 }
 
 impl<'a> ContextParts<'a> {
@@ -308,6 +317,9 @@ impl<'a> ContextParts<'a> {
             progress: self.sink,
             cancel: self.cancel,
             options: &self.settings.options,
+            fingerprint: self.fingerprint,
+            checkpoint_dir: Some(self.checkpoint_dir),
+            resume: self.resume,
         }
     }
 }
@@ -345,6 +357,8 @@ fn run_job(
             return failed(&job, started, Vec::new(), error.to_string(), false);
         }
     };
+    let fingerprint_digest = job.fingerprint.digest();
+    let checkpoint_dir = cache.checkpoint_dir(&pipeline.name, &job.name, &fingerprint_digest);
     let parts = ContextParts {
         name: &job.name,
         pipeline,
@@ -352,6 +366,9 @@ fn run_job(
         sink: &sink,
         cancel,
         settings,
+        fingerprint: &fingerprint_digest,
+        checkpoint_dir: &checkpoint_dir,
+        resume: !job.forced,
     };
     let context = |dir| parts.context(dir);
 
@@ -444,7 +461,6 @@ fn run_job(
         return failed(&job, started, reasons, error.to_string(), false);
     }
     let wall_time = started.elapsed();
-    let fingerprint_digest = job.fingerprint.digest();
     let record = RunRecord {
         output: output.clone(),
         outcome: outcome.summary.clone(),

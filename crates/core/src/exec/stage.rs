@@ -1,6 +1,7 @@
 //! The interface between the executor and the stage kinds: the [`Stage`] trait every kind
 //! implements, the [`StageContext`] it works through (output directory, upstream artifacts, seed,
-//! progress sink, cancel flag, run options), its [`StageOutcome`] and [`StageError`].
+//! progress sink, cancel flag, run options, fingerprint digest and checkpoint directory), its
+//! [`StageOutcome`] and [`StageError`].
 //!
 //! The kinds themselves (ingest, template, train, evaluate, export) live in the main crate's
 //! `stages/`, which re-exports everything here; the executor builds them through an
@@ -59,12 +60,25 @@ pub struct StageContext<'a> {
     pub out_dir: &'a Path,
     /// Upstream stage name → its artifact directory (read-only).
     pub upstream: &'a BTreeMap<String, PathBuf>,
-    /// The pipeline seed (stages derive their own streams from it and their name).
+    /// The pipeline seed (stages derive their own streams from it and their name; both are in
+    /// the stage's fingerprint).
     pub seed: u64,
     pub progress: &'a dyn ProgressSink,
     /// Set when the user pressed Ctrl-C: long loops check it and return [`StageError::Cancelled`].
     pub cancel: &'a AtomicBool,
     pub options: &'a RunOptions,
+    /// Digest of the stage's full fingerprint (parameters, name, seed, upstream outputs, input
+    /// files, tool version, environment): whatever the stage keeps across attempts, such as
+    /// training checkpoints, is valid for this digest only. Empty outside the executor.
+    pub fingerprint: &'a str,
+    /// A directory private to this pipeline, stage and fingerprint where the stage may keep state
+    /// across attempts (training checkpoints); created by the stage when needed. A later run with
+    /// the same fingerprint finds it after a kill; `gc` removes it once orphaned. The stage holds
+    /// its lock while writing (see `cache::gc::lock_checkpoint_dir`). None: keep nothing (tests,
+    /// benchmarks, preview).
+    pub checkpoint_dir: Option<&'a Path>,
+    /// False under `--force`: recompute from scratch and resume nothing from `checkpoint_dir`.
+    pub resume: bool,
 }
 
 impl StageContext<'_> {
@@ -87,7 +101,8 @@ impl StageContext<'_> {
         }
     }
 
-    /// A seed for this stage derived from the pipeline seed and the stage name.
+    /// A seed for this stage derived from the pipeline seed and the stage name (both are
+    /// fingerprint components, so a renamed stage is rebuilt, never restored).
     pub fn stage_seed(&self) -> u64 {
         derive_seed(self.seed, self.name)
     }

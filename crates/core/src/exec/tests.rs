@@ -20,6 +20,8 @@ struct World {
     published: Mutex<Vec<String>>,
     running_now: AtomicUsize,
     most_at_once: AtomicUsize,
+    /// What each `run` saw of its context: stage, fingerprint digest, checkpoint dir, resume.
+    contexts: Mutex<Vec<(String, String, Option<std::path::PathBuf>, bool)>>,
 }
 
 struct FakeStage<'a> {
@@ -31,6 +33,12 @@ struct FakeStage<'a> {
 impl Stage for FakeStage<'_> {
     fn run(&self, ctx: &StageContext<'_>) -> Result<StageOutcome, StageError> {
         self.world.ran.lock().unwrap().push(self.name.clone());
+        self.world.contexts.lock().unwrap().push((
+            self.name.clone(),
+            ctx.fingerprint.to_string(),
+            ctx.checkpoint_dir.map(Path::to_path_buf),
+            ctx.resume,
+        ));
         let now = self.world.running_now.fetch_add(1, Ordering::SeqCst) + 1;
         self.world.most_at_once.fetch_max(now, Ordering::SeqCst);
         let result = self.work(ctx);
@@ -290,6 +298,72 @@ fn seed_and_tool_version_are_reasons() {
     let reseeded = setup.pipeline(&format!("seed: 5\n{TWO_STAGES}"));
     let summary = run(&world, &reseeded, &settings);
     assert_eq!(reasons(&summary, "data"), ["seed changed (0 → 5)"]);
+}
+
+#[test]
+fn a_renamed_stage_is_rebuilt_not_restored() {
+    // Stages seed their randomness from their name: an identical config under another name is
+    // another fingerprint, so the old name's output is not restored from the run cache.
+    let setup = Setup::new();
+    let world = World::default();
+    let pipeline = setup.pipeline(TWO_STAGES);
+    let settings = setup.settings(&pipeline);
+    run(&world, &pipeline, &settings);
+    let renamed = setup.pipeline(
+        "
+stages:
+  rows: {ingest: {path: A.parquet}}
+  prompts: {template: {input: rows}}
+",
+    );
+    let summary = run(&world, &renamed, &setup.settings(&renamed));
+    assert_eq!(
+        statuses(&summary),
+        [
+            ("rows".into(), StageStatus::Ran),
+            ("prompts".into(), StageStatus::Ran)
+        ]
+    );
+    assert_eq!(reasons(&summary, "rows"), ["never run"]);
+    // And back: the old names are restored.
+    let back = run(&world, &pipeline, &settings);
+    assert!(back
+        .stages
+        .iter()
+        .all(|stage| stage.status == StageStatus::Fresh));
+}
+
+#[test]
+fn a_stage_sees_its_fingerprint_and_checkpoint_dir_and_force_disables_resume() {
+    let setup = Setup::new();
+    let world = World::default();
+    let pipeline = setup.pipeline(TWO_STAGES);
+    let mut settings = setup.settings(&pipeline);
+    run(&world, &pipeline, &settings);
+    let cache = crate::cache::Cache::open(&settings.cache_dir).unwrap();
+    let lock = cache.read_lock_file(&pipeline.name).unwrap();
+    let seen = world.contexts.lock().unwrap().clone();
+    assert_eq!(seen.len(), 2);
+    for (stage, fingerprint, checkpoint_dir, resume) in &seen {
+        assert_eq!(fingerprint, &lock.stages[stage].fingerprint);
+        assert_eq!(
+            checkpoint_dir.as_deref(),
+            Some(
+                cache
+                    .checkpoint_dir(&pipeline.name, stage, fingerprint)
+                    .as_path()
+            )
+        );
+        assert!(resume, "a normal run may resume");
+    }
+    settings.force = true;
+    run(&world, &pipeline, &settings);
+    let forced = world.contexts.lock().unwrap()[2..].to_vec();
+    assert_eq!(forced.len(), 2);
+    for (stage, fingerprint, _, resume) in &forced {
+        assert_eq!(fingerprint, &lock.stages[stage].fingerprint);
+        assert!(!resume, "--force recomputes from scratch");
+    }
 }
 
 #[test]
