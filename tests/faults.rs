@@ -1,14 +1,19 @@
 //! Fault tests: a run killed (SIGKILL) or interrupted (SIGINT) mid-stage leaves nothing a later
 //! run trusts, and the rerun is correct; a corrupted cache object is detected and rebuilt; two
-//! concurrent runs on one cache do not corrupt it. Uses the test-only `PEFTPIPE_TEST_STAGE_DELAY`
-//! to hold a stage after it wrote its output and before it is stored.
+//! concurrent runs on one cache do not corrupt it; a training checkpoint is resumed only by a run
+//! with the same full fingerprint (not after the weights or tokenizer changed, never under
+//! `--force`). Uses the test-only `PEFTPIPE_TEST_STAGE_DELAY` to hold a stage after it wrote its
+//! output and before it is stored. The crash and concurrency suites (tests/crash.rs,
+//! tests/concurrency.rs) do the same on a training pipeline at random points.
 
 mod exec_support;
+mod train_support;
 
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 use exec_support::{stderr, tree, Project};
+use train_support::TrainProject;
 
 /// Start `peftpipe run` holding the `prompts` stage for a long time.
 fn start_held_run(project: &Project) -> Child {
@@ -255,4 +260,78 @@ fn a_failing_stage_exits_1_records_nothing_and_skips_its_dependents() {
     );
     let fixed = project.run(&["run", "pipeline.yaml"]);
     assert!(fixed.status.success(), "{}", stderr(&fixed));
+}
+
+/// Start a training run (slow checkpoint writes) and SIGKILL it once a complete checkpoint is on
+/// disk.
+fn kill_after_a_checkpoint(project: &TrainProject, extra: &[&str]) {
+    let mut args = vec!["run", "pipeline.yaml"];
+    args.extend_from_slice(extra);
+    let mut command = project.command(&args);
+    command.env("PEFTPIPE_TEST_CHECKPOINT_DELAY", "200");
+    let mut running = train_support::Running::start(command);
+    let caught = running.wait_until(Duration::from_secs(60), || {
+        project.has_complete_checkpoint()
+    });
+    assert!(caught, "no checkpoint was written: {:?}", running.seen);
+    running.kill();
+}
+
+#[test]
+fn changed_weights_or_tokenizer_after_a_kill_do_not_resume_the_old_checkpoint() {
+    type Change = fn(&TrainProject);
+    let nudge_tokenizer: Change = |project| {
+        // Same vocabulary, other bytes: another fingerprint all the same.
+        let path = project.path("model/tokenizer.json");
+        let mut text = std::fs::read_to_string(&path).unwrap();
+        text.push('\n');
+        std::fs::write(path, text).unwrap();
+    };
+    let changes: [(&str, Change); 2] = [
+        ("weights", train_support::nudge_weights),
+        ("tokenizer", nudge_tokenizer),
+    ];
+    for (what, change) in changes {
+        let project = TrainProject::new();
+        kill_after_a_checkpoint(&project, &[]);
+        change(&project);
+        let rerun = project.run_ok("pipeline.yaml", &[]);
+        assert!(
+            !rerun.resumed(),
+            "{what} changed, yet the old checkpoint was resumed:\n{}",
+            rerun.stderr
+        );
+        assert_eq!(rerun.status("train"), "ran");
+        let outputs = project.recorded_outputs("quick");
+        project.wipe();
+        project.run_ok("pipeline.yaml", &[]);
+        assert_eq!(
+            outputs,
+            project.recorded_outputs("quick"),
+            "{what}: the rerun differs from a clean run"
+        );
+    }
+}
+
+#[test]
+fn a_killed_run_resumes_but_force_never_does() {
+    let project = TrainProject::new();
+    // Killed, then rerun: the checkpoint of the same fingerprint is resumed...
+    kill_after_a_checkpoint(&project, &[]);
+    let resumed = project.run_ok("pipeline.yaml", &[]);
+    assert!(resumed.resumed(), "{}", resumed.stderr);
+    let outputs = project.recorded_outputs("quick");
+    // ...and the result is the clean run's.
+    project.wipe();
+    project.run_ok("pipeline.yaml", &[]);
+    assert_eq!(outputs, project.recorded_outputs("quick"));
+
+    // Killed again: --force recomputes from scratch, it does not resume.
+    project.wipe();
+    kill_after_a_checkpoint(&project, &[]);
+    let forced = project.run_ok("pipeline.yaml", &["--force"]);
+    assert!(!forced.resumed(), "{}", forced.stderr);
+    assert_eq!(forced.status("train"), "ran");
+    assert_eq!(outputs, project.recorded_outputs("quick"));
+    assert!(project.checkpoint_dirs().is_empty());
 }

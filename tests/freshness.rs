@@ -1,11 +1,15 @@
 //! The freshness suite: run → rerun is all fresh → change one thing (a parameter, one input row,
-//! the template, the tool version) → exactly the dependent stages rerun, each with its reason.
+//! the template, the tool version, a stage's name) → exactly the dependent stages rerun, each with
+//! its reason; a forced retrain that reproduces the adapter bit for bit leaves its dependents
+//! fresh.
 //! Drives the binary on the real ingest and template stages; stderr is snapshotted with paths,
 //! digests and timings redacted.
 
 mod exec_support;
+mod train_support;
 
 use exec_support::{jsonl, rows, stderr, stdout, Project};
+use train_support::TrainProject;
 
 fn status(project: &Project, extra: &[&str]) -> String {
     let mut args = vec!["status", "pipeline.yaml"];
@@ -162,4 +166,83 @@ fn dry_run_runs_nothing() {
     );
     assert!(project.recorded_output("data").is_none());
     assert!(!project.path(".peftpipe/out").exists());
+}
+
+#[test]
+fn a_renamed_stage_is_rebuilt_and_matches_a_clean_run() {
+    // The stage name seeds the split and the few-shot draws: `rows` splits the data differently
+    // from `data`, so restoring `data`'s output under the new name would be a lie.
+    let project = Project::new();
+    run_ok(&project, &[]);
+    let before = project.recorded_output("prompts").expect("recorded");
+    let renamed = exec_support::PIPELINE
+        .replace("  data:\n", "  rows:\n")
+        .replace("input: data", "input: rows");
+    project.write("pipeline.yaml", &renamed);
+    assert_eq!(
+        status(&project, &[]),
+        "[DIRTY] rows: never run\n[DIRTY] prompts: upstream stage rows is dirty, \
+         parameter template.input changed (\"data\" → \"rows\"), no longer reads upstream stage \
+         data, now reads upstream stage rows\n"
+    );
+    let rerun = run_ok(&project, &[]);
+    assert_eq!(ran(&rerun), ["rows", "prompts"]);
+    let after = project.recorded_output("prompts");
+    assert_ne!(
+        after.as_deref(),
+        Some(before.as_str()),
+        "other seeds, other split"
+    );
+    let clean = Project::with_pipeline(&renamed);
+    run_ok(&clean, &[]);
+    for stage in ["rows", "prompts"] {
+        assert_eq!(clean.recorded_output(stage), project.recorded_output(stage));
+    }
+}
+
+#[test]
+fn renaming_the_train_stage_retrains_and_matches_a_clean_run() {
+    // The issue's case: quickstart's `train` renamed `finetune` restored the cached adapter.
+    let project = TrainProject::new();
+    let first = project.run_ok("pipeline.yaml", &[]);
+    let renamed = train_support::PIPELINE
+        .replace("  train:\n    train:", "  finetune:\n    train:")
+        .replace("model: train", "model: finetune")
+        .replace("from: train", "from: finetune");
+    project.write("pipeline.yaml", &renamed);
+    let status = project.run(&["status", "pipeline.yaml"]);
+    let text = stdout(&status);
+    assert!(text.contains("[DIRTY] finetune: never run"), "{text}");
+    let rerun = project.run_ok("pipeline.yaml", &[]);
+    assert_eq!(rerun.status("finetune"), "ran", "{}", rerun.stderr);
+    assert_ne!(
+        rerun.output("finetune"),
+        first.output("train"),
+        "another LoRA init"
+    );
+    let outputs = project.recorded_outputs("quick");
+    project.wipe();
+    project.run_ok("pipeline.yaml", &[]);
+    assert_eq!(outputs, project.recorded_outputs("quick"));
+}
+
+#[test]
+fn a_forced_retrain_with_the_same_adapter_leaves_its_dependents_fresh() {
+    // Timings live in the run record, not in the train artifact: retraining (deterministic on
+    // CPU) reproduces the artifact byte for byte, so evaluate and export are not rerun.
+    let project = TrainProject::new();
+    let first = project.run_ok("pipeline.yaml", &[]);
+    assert!(first.outcome("train")["wall_seconds"].as_f64().unwrap() > 0.0);
+    let forced = project.run_ok("pipeline.yaml", &["--force", "--stage", "train"]);
+    assert_eq!(forced.ran(), ["train"]);
+    assert_eq!(forced.output("train"), first.output("train"));
+    let status = project.run(&["status", "pipeline.yaml"]);
+    assert_eq!(
+        stdout(&status),
+        "[FRESH] data\n[FRESH] prompts\n[FRESH] train\n[FRESH] evaluate\n[FRESH] export\n"
+    );
+    let after = project.run_ok("pipeline.yaml", &[]);
+    assert!(after.ran().is_empty(), "{}", after.stderr);
+    assert_eq!(after.status("evaluate"), "fresh");
+    assert_eq!(after.status("export"), "fresh");
 }
