@@ -34,18 +34,32 @@ fn the_cache_dir_comes_from_the_flag_or_the_environment() {
     assert!(!project.path(".peftpipe/cache").exists());
 
     // Restoring the CI cache elsewhere: a fresh checkout with PEFTPIPE_CACHE_DIR pointing at it.
+    // Its outputs are cached but not yet published in this checkout: `status` says so, and
+    // `run` restores them without running a stage.
     let checkout = Project::new();
-    let output = checkout
-        .command(&["status", "--check", "pipeline.yaml"])
-        .env("PEFTPIPE_CACHE_DIR", &flag)
-        .output()
-        .expect("run peftpipe");
+    let in_checkout = |args: &[&str]| {
+        checkout
+            .command(args)
+            .env("PEFTPIPE_CACHE_DIR", &flag)
+            .output()
+            .expect("run peftpipe")
+    };
+    let output = in_checkout(&["status", "pipeline.yaml"]);
     assert_eq!(
-        output.status.code(),
-        Some(0),
-        "a copied project with the same inputs is fresh: {}",
-        stdout(&output)
+        stdout(&output),
+        "[DIRTY] data: published output .peftpipe/out/reviews/data is missing
+         [DIRTY] prompts: published output .peftpipe/out/reviews/prompts is missing
+"
     );
+    let restored = in_checkout(&["run", "pipeline.yaml"]);
+    assert!(restored.status.success(), "{}", stderr(&restored));
+    assert!(
+        !stderr(&restored).contains("Running"),
+        "a copied project with the same inputs is restored, not rerun: {}",
+        stderr(&restored)
+    );
+    let output = in_checkout(&["status", "--check", "pipeline.yaml"]);
+    assert_eq!(output.status.code(), Some(0), "{}", stdout(&output));
 }
 
 #[test]

@@ -90,6 +90,7 @@ fn merged_config(
         merged: merged.map(str::to_string),
         max_shard_size: max_shard_size.map(str::to_string),
         dtype,
+        base_model_name_or_path: None,
     }
 }
 
@@ -213,7 +214,7 @@ fn exported_adapter_keeps_peft_names_and_values() -> TestResult {
     assert_eq!(config["r"], 4);
     assert_eq!(
         config["base_model_name_or_path"],
-        base.display().to_string()
+        base.canonicalize()?.display().to_string()
     );
     let card = std::fs::read_to_string(exported.join("README.md"))?;
     assert!(card.contains("library_name: peft"));

@@ -1,6 +1,8 @@
-//! `peftpipe status FILE [--check]`: per stage, fresh or dirty and why. Instant: plans only (input
-//! files through the size+mtime index, the lock file); runs no stage code and loads no weights.
-//! Exit 3 with `--check` when anything is stale (for CI).
+//! `peftpipe status FILE [--check] [--verify]`: per stage, fresh or dirty and why. Instant: plans
+//! only (input files through the size+mtime index, the lock file, each cached object's manifest
+//! against its files' presence and sizes, published copies against what was published); runs no
+//! stage code and loads no weights. `--verify` also rehashes every cached object. Exit 3 with
+//! `--check` when anything is stale (for CI).
 
 use clap::Args;
 
@@ -16,6 +18,10 @@ pub struct StatusArgs {
     /// Exit with code 3 when any stage is stale.
     #[arg(long)]
     pub check: bool,
+    /// Also rehash every cached output against its manifest (reads all of them; without it
+    /// only presence and sizes are checked).
+    #[arg(long)]
+    pub verify: bool,
 }
 
 pub fn run(global: &GlobalArgs, args: StatusArgs) -> u8 {
@@ -24,7 +30,12 @@ pub fn run(global: &GlobalArgs, args: StatusArgs) -> u8 {
         Err(code) => return code,
     };
     let settings = settings_for(global, &pipeline);
-    let plan = match crate::exec::plan::plan_only(&pipeline, &settings) {
+    let objects = if args.verify {
+        crate::exec::plan::ObjectCheck::Hash
+    } else {
+        crate::exec::plan::ObjectCheck::Sizes
+    };
+    let plan = match crate::exec::plan::plan_checked(&pipeline, &settings, objects) {
         Ok(plan) => plan,
         Err(error) => return report_exec_error(&error),
     };

@@ -1,5 +1,6 @@
 //! Rendering of plans: `peftpipe status` (`[FRESH] data`, `[DIRTY] prompts: parameter template.k
-//! changed (3 → 4)`) and `run --dry-run`, plus their `--json` form. Only renders.
+//! changed (3 → 4)`, `[DIRTY] export: published output out/adapter changed (README.md content
+//! differs)`) and `run --dry-run`, plus their `--json` form. Only renders.
 
 use crate::exec::{Freshness, Plan};
 
@@ -10,6 +11,14 @@ pub fn plan_lines(style: &Style, plan: &Plan, dry_run: bool) -> String {
     let mut text = String::new();
     for stage in &plan.stages {
         let line = match &stage.freshness {
+            Freshness::Fresh(cached) if !cached.republish.is_empty() => {
+                let tag = style_tag(style, "[DIRTY]", "1;33");
+                let mut line = format!("{tag} {}: {}", stage.name, join(&cached.republish));
+                if dry_run {
+                    line.push_str(" — would restore and publish again");
+                }
+                line
+            }
             Freshness::Fresh(cached) => {
                 let tag = style_tag(style, "[FRESH]", "1;32");
                 let mut line = format!("{tag} {}", stage.name);
@@ -23,12 +32,7 @@ pub fn plan_lines(style: &Style, plan: &Plan, dry_run: bool) -> String {
             }
             Freshness::Dirty { reasons } => {
                 let tag = style_tag(style, "[DIRTY]", "1;33");
-                let why = reasons
-                    .iter()
-                    .map(ToString::to_string)
-                    .collect::<Vec<_>>()
-                    .join(", ");
-                let mut line = format!("{tag} {}: {why}", stage.name);
+                let mut line = format!("{tag} {}: {}", stage.name, join(reasons));
                 if dry_run {
                     line.push_str(" — would run");
                 }
@@ -39,6 +43,14 @@ pub fn plan_lines(style: &Style, plan: &Plan, dry_run: bool) -> String {
         text.push('\n');
     }
     text
+}
+
+fn join(reasons: &[crate::fingerprint::DirtyReason]) -> String {
+    reasons
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 fn style_tag(style: &Style, tag: &str, code: &str) -> String {
@@ -56,6 +68,11 @@ pub fn plan_json(plan: &Plan) -> serde_json::Value {
         .iter()
         .map(|stage| {
             let (state, reasons, output) = match &stage.freshness {
+                Freshness::Fresh(cached) if !cached.republish.is_empty() => (
+                    "dirty",
+                    cached.republish.clone(),
+                    Some(cached.output.clone()),
+                ),
                 Freshness::Fresh(cached) => ("fresh", Vec::new(), Some(cached.output.clone())),
                 Freshness::Dirty { reasons } => ("dirty", reasons.clone(), None),
             };

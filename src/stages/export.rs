@@ -55,15 +55,51 @@ impl ExportStage {
 
     /// The declared destinations: (artifact subfolder, destination as written).
     fn destinations(&self) -> Vec<(&'static str, &str)> {
-        let mut out = Vec::new();
-        if let Some(adapter) = &self.config.adapter {
-            out.push(("adapter", adapter.as_str()));
-        }
-        if let Some(merged) = &self.config.merged {
-            out.push(("merged", merged.as_str()));
-        }
-        out
+        self.config.destinations()
     }
+
+    /// `base_model_name_or_path` in the artifact (content-addressed, shared by every checkout):
+    /// the user's setting, the Hub id, else the model as written in the pipeline.
+    fn cached_base_name(&self, base: &BaseModelRecord) -> String {
+        match &self.config.base_model_name_or_path {
+            Some(name) => name.clone(),
+            None => base.portable_name(),
+        }
+    }
+
+    /// `base_model_name_or_path` in a published adapter, decided when publishing (never
+    /// cached): the user's setting, the Hub id, else the base model folder resolved for this
+    /// checkout (falling back to the model as written when it is not on this machine).
+    fn published_base_name(&self, ctx: &StageContext<'_>) -> Result<String, StageError> {
+        if let Some(name) = &self.config.base_model_name_or_path {
+            return Ok(name.clone());
+        }
+        let record = read_json(&ctx.upstream_dir(&self.config.from)?.join("base_model.json"))?;
+        let model = record
+            .get("model")
+            .and_then(Value::as_str)
+            .unwrap_or_default();
+        if let Some(id) = hub_repo_id(model) {
+            return Ok(id);
+        }
+        let resolved = crate::config::resolve_path(ctx.project_dir, model)
+            .ok()
+            .filter(|path| path.join("config.json").is_file())
+            .map(|path| path.canonicalize().unwrap_or(path));
+        Ok(match resolved {
+            Some(path) => path.display().to_string(),
+            None => model.to_string(),
+        })
+    }
+}
+
+/// The repository id of an `hf://org/name[@revision]` model (None: a local folder).
+fn hub_repo_id(model: &str) -> Option<String> {
+    let expanded = crate::config::expand_env(model).unwrap_or_else(|_| model.to_string());
+    crate::config::hub::HubId::parse(&expanded)
+        .ok()
+        .flatten()
+        .map(|id| id.repo_id)
 }
 
 impl Stage for ExportStage {
@@ -82,7 +118,8 @@ impl Stage for ExportStage {
         let mut done = 0;
         if self.config.adapter.is_some() {
             let out = ctx.out_dir.join("adapter");
-            write_adapter_folder(&adapter, &adapter_dir, &base, train_dir, &out)?;
+            let name = self.cached_base_name(&base);
+            write_adapter_folder(&adapter, &adapter_dir, &name, train_dir, &out)?;
             done += 1;
             ctx.progress.progress(Progress {
                 position: done,
@@ -132,7 +169,15 @@ impl Stage for ExportStage {
             }
             let destination =
                 resolve_destination(ctx.project_dir, written, ctx.options.allow_outside_project)?;
-            publish_folder(&source, &destination, ctx.name)?;
+            if kind == "adapter" {
+                let name = self.published_base_name(ctx)?;
+                let train_dir = ctx.upstream_dir(&self.config.from)?;
+                publish_folder_with(&source, &destination, ctx.name, |folder| {
+                    name_base_model(folder, &name, train_dir)
+                })?;
+            } else {
+                publish_folder(&source, &destination, ctx.name)?;
+            }
             ctx.progress
                 .note(format!("published {kind} to {}", destination.display()));
         }
@@ -229,6 +274,17 @@ fn canonicalize_lenient(path: &Path) -> Result<PathBuf, StageError> {
 /// written to a temporary sibling folder first and renamed into place, so the destination is
 /// never half written. A non-empty destination that peftpipe did not write is refused.
 pub fn publish_folder(source: &Path, destination: &Path, stage: &str) -> Result<(), StageError> {
+    publish_folder_with(source, destination, stage, |_| Ok(()))
+}
+
+/// [`publish_folder`], letting `finish` adjust the copy (in its temporary folder) before it is
+/// moved into place.
+pub fn publish_folder_with(
+    source: &Path,
+    destination: &Path,
+    stage: &str,
+    finish: impl FnOnce(&Path) -> Result<(), StageError>,
+) -> Result<(), StageError> {
     let name = destination.file_name().ok_or_else(|| {
         StageError::user(format!(
             "export destination {} has no folder name",
@@ -266,6 +322,7 @@ pub fn publish_folder(source: &Path, destination: &Path, stage: &str) -> Result<
             ))
         })?;
     copy_tree(source, temporary.path())?;
+    finish(temporary.path())?;
     let marker = serde_json::json!({
         "written_by": "peftpipe export",
         "stage": stage,
@@ -369,17 +426,26 @@ pub struct BaseModelRecord {
 }
 
 impl BaseModelRecord {
-    /// Read `base_model.json` of a train artifact. The recorded `path` is used when it exists on
-    /// this machine, else the model as written is resolved again against the project directory
-    /// (a cache restored on another machine). When the record holds `config_digest`, the folder's
+    /// Read `base_model.json` of a train artifact. A local model as written is resolved again
+    /// against this project directory (the artifact may have been trained in another checkout,
+    /// whose folder may still exist); the recorded `path` is the fallback, and the first choice
+    /// for a Hub model (no cache lookup). When the record holds `config_digest`, the folder's
     /// config.json must still have it: the base model may not change under a trained adapter.
     pub fn read(train_dir: &Path, project_dir: &Path) -> Result<Self, StageError> {
         let file = train_dir.join("base_model.json");
         let value = read_json(&file)?;
         let text = |key: &str| value.get(key).and_then(Value::as_str);
         let model = text("model").unwrap_or_default().to_string();
-        let recorded = text("path").map(PathBuf::from);
-        let path = match recorded.filter(|p| p.join("config.json").is_file()) {
+        let has_config = |path: &PathBuf| path.join("config.json").is_file();
+        let recorded = text("path").map(PathBuf::from).filter(has_config);
+        let here = if model.is_empty() || hub_repo_id(&model).is_some() {
+            None
+        } else {
+            crate::config::resolve_path(project_dir, &model)
+                .ok()
+                .filter(has_config)
+        };
+        let path = match here.or(recorded) {
             Some(path) => path,
             None if !model.is_empty() => crate::config::hub::resolve_model_dir(project_dir, &model)
                 .map_err(|message| StageError::user(format!("{}: {message}", file.display())))?,
@@ -411,13 +477,11 @@ impl BaseModelRecord {
         Ok(BaseModelRecord { model, path })
     }
 
-    /// What to write as `base_model_name_or_path` in an exported adapter: the Hub id for
-    /// `hf://org/name`, else the model folder on this machine.
-    pub fn name_or_path(&self) -> String {
-        match self.model.strip_prefix("hf://") {
-            Some(id) => id.to_string(),
-            None => self.path.display().to_string(),
-        }
+    /// The base model named the same way on every machine: the Hub id for `hf://org/name`,
+    /// else the model as written in the pipeline (e.g. `${PEFTPIPE_SHARED}/models/x`), which is
+    /// what a cached artifact may hold. Published copies name the folder resolved at publish.
+    pub fn portable_name(&self) -> String {
+        hub_repo_id(&self.model).unwrap_or_else(|| self.model.clone())
     }
 }
 
@@ -439,11 +503,11 @@ fn candle_error(error: candle_core::Error) -> StageError {
 // ---------------------------------------------------------------------------------------------
 
 /// Write the adapter's PEFT files (the weights byte for byte; the config with
-/// `base_model_name_or_path` pointing at a loadable base model) and a model card.
+/// `base_model_name_or_path` set to `base_name`) and a model card.
 fn write_adapter_folder(
     adapter: &LoraFile,
     adapter_dir: &Path,
-    base: &BaseModelRecord,
+    base_name: &str,
     train_dir: &Path,
     out: &Path,
 ) -> Result<(), StageError> {
@@ -451,21 +515,54 @@ fn write_adapter_folder(
     let weights = adapter_dir.join("adapter_model.safetensors");
     fs::copy(&weights, out.join("adapter_model.safetensors"))
         .map_err(|error| StageError::user(format!("cannot copy {}: {error}", weights.display())))?;
+    write_named_config_and_card(adapter, base_name, train_dir, out)
+}
+
+/// Write `adapter_config.json` (the adapter's config with `base_model_name_or_path`) and the
+/// model card `README.md` into `out`.
+fn write_named_config_and_card(
+    adapter: &LoraFile,
+    base_name: &str,
+    train_dir: &Path,
+    out: &Path,
+) -> Result<(), StageError> {
     let mut config = adapter.config.clone();
     if let Value::Object(map) = &mut config {
         map.insert(
             "base_model_name_or_path".into(),
-            Value::String(base.name_or_path()),
+            Value::String(base_name.to_string()),
         );
     }
     write_json(&out.join("adapter_config.json"), &config)?;
     let summary = read_json(&train_dir.join("summary.json")).ok();
     fs::write(
         out.join("README.md"),
-        model_card(adapter, &base.name_or_path(), summary.as_ref()),
+        model_card(adapter, base_name, summary.as_ref()),
     )?;
     Ok(())
 }
+
+/// Name the base model in a published adapter folder (a copy of the artifact's `adapter/`).
+fn name_base_model(folder: &Path, base_name: &str, train_dir: &Path) -> Result<(), StageError> {
+    let adapter = read_adapter(folder)?;
+    write_named_config_and_card(&adapter, base_name, train_dir, folder)
+}
+
+/// Training figures a model card shows: facts about the trained adapter, never timings or how
+/// the run went (wall time, throughput, a resumed checkpoint), so the card is the same for the
+/// same adapter and a content-addressed export does not change with the clock.
+const CARD_FIGURES: &[&str] = &[
+    "final_loss",
+    "steps",
+    "tokens",
+    "scored_tokens",
+    "trainable_parameters",
+    "examples",
+    "truncated_examples",
+    "dropped_examples",
+    "examples_without_completion",
+    "seed",
+];
 
 /// A short model card in the shape PEFT's own cards have (YAML front matter + text).
 fn model_card(adapter: &LoraFile, base_name: &str, summary: Option<&Value>) -> String {
@@ -495,6 +592,9 @@ fn model_card(adapter: &LoraFile, base_name: &str, summary: Option<&Value>) -> S
     if let Some(Value::Object(summary)) = summary {
         card.push_str("\n## Training summary\n\n| figure | value |\n|---|---|\n");
         for (key, value) in summary {
+            if !CARD_FIGURES.contains(&key.as_str()) {
+                continue;
+            }
             if value.is_number() || value.is_string() || value.is_boolean() {
                 card.push_str(&format!("| {key} | {value} |\n"));
             }

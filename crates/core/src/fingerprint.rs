@@ -330,6 +330,12 @@ pub enum DirtyReason {
     OutputCorrupted {
         detail: String,
     },
+    /// The cached output is intact but a published copy of it is not (deleted, edited,
+    /// overwritten, never published here): the stage is republished, not rerun.
+    PublishedOutputStale {
+        path: String,
+        detail: String,
+    },
     FingerprintVersionChanged {
         old: u32,
         new: u32,
@@ -414,6 +420,13 @@ impl fmt::Display for DirtyReason {
             DirtyReason::OutputMissing => f.write_str("output missing from cache"),
             DirtyReason::OutputCorrupted { detail } => {
                 write!(f, "cached output corrupted ({detail})")
+            }
+            DirtyReason::PublishedOutputStale { path, detail } => {
+                if detail.starts_with("is ") || detail.starts_with("was ") {
+                    write!(f, "published output {path} {detail}")
+                } else {
+                    write!(f, "published output {path} changed ({detail})")
+                }
             }
             DirtyReason::FingerprintVersionChanged { old, new } => {
                 write!(f, "fingerprint format changed ({old} → {new})")

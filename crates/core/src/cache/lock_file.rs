@@ -1,13 +1,15 @@
 //! The per-pipeline lock file `locks/<pipeline>.lock.json`: for each stage, the fingerprint
 //! *components* of its last successful run and the output digest it produced, so `status` can
 //! say why a stage is dirty, and `gc` knows which objects are still wanted. Written atomically.
+//! Beside it, `locks/<pipeline>.published.json` ([`PublishedFile`]) records what each stage's
+//! last publish wrote outside the cache (export folders), so `status` can check them.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use super::{sanitize_name, write_atomic, Cache, CacheError};
+use super::{sanitize_name, write_atomic, Cache, CacheError, Manifest};
 use crate::fingerprint::StageFingerprint;
 
 /// Format version of lock files. A lock file of another format is treated as absent (every
@@ -119,6 +121,71 @@ fn read_lock_file_at(path: &Path, pipeline: &str) -> Result<LockFile, CacheError
     })
 }
 
+/// Format version of `locks/<pipeline>.published.json`.
+pub const PUBLISHED_FORMAT: u32 = 1;
+
+/// What the last publish of one stage's output wrote outside the cache (export folders).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PublishedRecord {
+    /// The output digest that was published.
+    pub output: String,
+    /// Destination folder (absolute, on this machine: published copies may differ per checkout,
+    /// e.g. `base_model_name_or_path`) → the files written there.
+    pub destinations: BTreeMap<String, Manifest>,
+}
+
+/// `locks/<pipeline>.published.json`: per stage, what its last publish wrote, so `status` can
+/// tell a deleted, edited or overwritten export folder from one that is as published. A local
+/// record like the size+mtime index: a missing or unreadable one only means "publish again".
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PublishedFile {
+    pub format: u32,
+    pub pipeline: String,
+    pub stages: BTreeMap<String, PublishedRecord>,
+}
+
+impl Cache {
+    fn published_path(&self, pipeline: &str) -> PathBuf {
+        self.root
+            .join("locks")
+            .join(format!("{}.published.json", sanitize_name(pipeline)))
+    }
+
+    /// A pipeline's publish records; missing, unreadable or of another format: empty.
+    pub fn read_published(&self, pipeline: &str) -> Result<PublishedFile, CacheError> {
+        let path = self.published_path(pipeline);
+        let record = std::fs::read_to_string(&path)
+            .ok()
+            .and_then(|text| serde_json::from_str::<PublishedFile>(&text).ok())
+            .filter(|file| file.format == PUBLISHED_FORMAT);
+        Ok(record.unwrap_or_else(|| PublishedFile {
+            format: PUBLISHED_FORMAT,
+            pipeline: pipeline.to_string(),
+            stages: BTreeMap::new(),
+        }))
+    }
+
+    /// Record (atomically) what a stage's publish wrote. Call while holding the pipeline lock.
+    pub fn record_published(
+        &self,
+        pipeline: &str,
+        stage: &str,
+        record: PublishedRecord,
+    ) -> Result<(), CacheError> {
+        let mut file = self.read_published(pipeline)?;
+        if file.stages.get(stage) == Some(&record) {
+            return Ok(());
+        }
+        file.stages.insert(stage.to_string(), record);
+        let path = self.published_path(pipeline);
+        let bytes = serde_json::to_vec_pretty(&file).map_err(|error| CacheError::Invalid {
+            path: path.clone(),
+            message: error.to_string(),
+        })?;
+        write_atomic(&path, &bytes, &self.tmp_dir())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -174,5 +241,35 @@ mod tests {
         let cache = Cache::open(dir.path()).unwrap();
         std::fs::write(cache.lock_file_path("p"), r#"{"format": 999, "x": 1}"#).unwrap();
         assert!(cache.read_lock_file("p").unwrap().stages.is_empty());
+    }
+}
+
+#[cfg(test)]
+mod published_tests {
+    use super::*;
+
+    #[test]
+    fn published_records_round_trip_and_garbage_reads_as_empty() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Cache::open(dir.path()).unwrap();
+        assert!(cache.read_published("p").unwrap().stages.is_empty());
+        let record = PublishedRecord {
+            output: "ab".into(),
+            destinations: BTreeMap::from([(
+                "/x/out".to_string(),
+                Manifest {
+                    format: 1,
+                    files: Vec::new(),
+                },
+            )]),
+        };
+        cache
+            .record_published("p", "export", record.clone())
+            .unwrap();
+        assert_eq!(cache.read_published("p").unwrap().stages["export"], record);
+        std::fs::write(dir.path().join("locks/p.published.json"), "{garbage").unwrap();
+        assert!(cache.read_published("p").unwrap().stages.is_empty());
+        // Not a lock file: gc does not read it.
+        assert!(cache.all_lock_files().unwrap().is_empty());
     }
 }

@@ -11,6 +11,7 @@
 //! runs/<aa>/<fingerprint>.json          fingerprint digest → output digest (the "run cache")
 //! locks/<pipeline>.lock.json            per pipeline: each stage's last fingerprint components
 //! locks/<pipeline>.flock                the file lock a run of that pipeline holds (exclusive)
+//! locks/<pipeline>.published.json       what each stage's last publish wrote (export folders)
 //! index/files.json                      size+mtime index of hashed input files (a hint only)
 //! tmp/                                  staging dirs; anything here is garbage once nothing
 //!                                       holds the cache lock
@@ -39,7 +40,7 @@ use std::path::{Path, PathBuf};
 use fs4::fs_std::FileExt;
 
 pub use index::FileIndex;
-pub use lock_file::{LockEntry, LockFile};
+pub use lock_file::{LockEntry, LockFile, PublishedFile, PublishedRecord};
 pub use objects::{Manifest, RunRecord};
 
 /// Something went wrong reading or writing the cache. Messages name the path.

@@ -60,6 +60,94 @@ impl Manifest {
     pub fn total_size(&self) -> u64 {
         self.files.iter().map(|file| file.size).sum()
     }
+
+    /// Compare the files under `root` with this manifest: the same paths, the same sizes, and,
+    /// when `digest_of` is given, the same blake3 (computed by it, e.g. through the size+mtime
+    /// index). Without `digest_of` it only lists directories and reads metadata, so it is cheap
+    /// whatever the size of the files. `Ok(None)`: equal; `Ok(Some(detail))`: the first
+    /// difference (`adapter/a.bin has 3 bytes, expected 5`, `x is missing`, `y is unexpected`).
+    pub fn compare_directory(
+        &self,
+        root: &Path,
+        digest_of: Option<&mut dyn FnMut(&Path) -> Result<String, CacheError>>,
+    ) -> Result<Option<String>, CacheError> {
+        match std::fs::symlink_metadata(root) {
+            Ok(metadata) if metadata.is_dir() => {}
+            Ok(_) => return Ok(Some("is not a directory".into())),
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
+                return Ok(Some("is missing".into()))
+            }
+            Err(error) => return Err(CacheError::io("inspect", root)(error)),
+        }
+        let mut found = BTreeMap::new();
+        if let Some(problem) = list_sizes(root, root, &mut found)? {
+            return Ok(Some(problem));
+        }
+        for entry in &self.files {
+            match found.get(entry.path.as_str()) {
+                None => return Ok(Some(format!("{} is missing", entry.path))),
+                Some(size) if *size != entry.size => {
+                    return Ok(Some(format!(
+                        "{} has {size} bytes, expected {}",
+                        entry.path, entry.size
+                    )))
+                }
+                Some(_) => {}
+            }
+        }
+        let expected: std::collections::BTreeSet<&str> =
+            self.files.iter().map(|file| file.path.as_str()).collect();
+        if let Some(extra) = found.keys().find(|path| !expected.contains(path.as_str())) {
+            return Ok(Some(format!("{extra} is unexpected")));
+        }
+        if let Some(digest_of) = digest_of {
+            for entry in &self.files {
+                let path = entry
+                    .path
+                    .split('/')
+                    .fold(root.to_path_buf(), |path, part| path.join(part));
+                if digest_of(&path)? != entry.blake3 {
+                    return Ok(Some(format!("{} content differs", entry.path)));
+                }
+            }
+        }
+        Ok(None)
+    }
+}
+
+/// Relative path → size of every plain file under `dir`. `Some(problem)` when a symlink or
+/// special file (which no artifact holds) or a non-UTF-8 name is found.
+fn list_sizes(
+    root: &Path,
+    dir: &Path,
+    found: &mut BTreeMap<String, u64>,
+) -> Result<Option<String>, CacheError> {
+    let entries = std::fs::read_dir(dir).map_err(CacheError::io("list", dir))?;
+    for entry in entries {
+        let entry = entry.map_err(CacheError::io("list", dir))?;
+        let path = entry.path();
+        let file_type = entry
+            .file_type()
+            .map_err(CacheError::io("inspect", &path))?;
+        let relative = match relative_key(root, &path) {
+            Ok(relative) => relative,
+            Err(error) => return Ok(Some(error.to_string())),
+        };
+        if file_type.is_dir() {
+            if let Some(problem) = list_sizes(root, &path, found)? {
+                return Ok(Some(problem));
+            }
+        } else if file_type.is_file() {
+            let size = entry
+                .metadata()
+                .map_err(CacheError::io("inspect", &path))?
+                .len();
+            found.insert(relative, size);
+        } else {
+            return Ok(Some(format!("{relative} is a symlink or special file")));
+        }
+    }
+    Ok(None)
 }
 
 fn collect_files(
@@ -138,6 +226,11 @@ pub struct Corruption {
     pub detail: String,
 }
 
+/// The first 12 characters of a digest, for messages.
+fn short(digest: &str) -> &str {
+    digest.get(..12).unwrap_or(digest)
+}
+
 fn shard(digest: &str) -> &str {
     digest.get(..2).unwrap_or("__")
 }
@@ -198,6 +291,58 @@ impl Cache {
             return Err(CacheError::io("move into place", &target)(error));
         }
         Ok((digest, manifest))
+    }
+
+    /// Check an object against its manifest: the manifest is readable and names the object, and
+    /// the data holds exactly its files with their sizes (`verify`: and their blake3). Without
+    /// `verify` this reads metadata only (what `status` can afford on gigabytes); with it, it is
+    /// [`Cache::verify_object`]. `Ok(Err(_))` describes what is wrong.
+    pub fn check_object(
+        &self,
+        digest: &str,
+        verify: bool,
+    ) -> Result<Result<Manifest, Corruption>, CacheError> {
+        if verify {
+            return self.verify_object(digest);
+        }
+        let manifest = match self.read_manifest(digest) {
+            Ok(manifest) => manifest,
+            Err(corruption) => return Ok(Err(corruption)),
+        };
+        let data = self.object_data(digest);
+        Ok(match manifest.compare_directory(&data, None)? {
+            None => Ok(manifest),
+            Some(detail) => Err(Corruption {
+                detail: format!("{detail} in object {}", short(digest)),
+            }),
+        })
+    }
+
+    /// An object's manifest, checked to name the object.
+    fn read_manifest(&self, digest: &str) -> Result<Manifest, Corruption> {
+        let manifest_path = self.object_dir(digest).join("manifest.json");
+        let text = std::fs::read_to_string(&manifest_path).map_err(|error| Corruption {
+            detail: if error.kind() == std::io::ErrorKind::NotFound {
+                format!("object {} has no manifest.json", short(digest))
+            } else {
+                format!("manifest unreadable: {error}")
+            },
+        })?;
+        let manifest: Manifest = serde_json::from_str(&text).map_err(|error| Corruption {
+            detail: format!(
+                "manifest.json of object {} is not valid JSON: {error}",
+                short(digest)
+            ),
+        })?;
+        if manifest.digest() != digest {
+            return Err(Corruption {
+                detail: format!(
+                    "manifest.json of object {} does not match the object's digest",
+                    short(digest)
+                ),
+            });
+        }
+        Ok(manifest)
     }
 
     /// Rehash an object and compare with its manifest and name. `Ok(Err(_))` describes the

@@ -4,7 +4,7 @@
 //! `--allow-outside-project`, so that part is enforced when publishing (stages/export.rs), while
 //! everything knowable from the file alone is checked here.
 
-use std::path::{Component, Path};
+use std::path::{Component, Path, PathBuf};
 
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -38,6 +38,26 @@ pub struct ExportConfig {
     /// `torch_dtype` follows). Default: the base checkpoint's dtype, tensor by tensor.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dtype: Option<ExportDtype>,
+    /// What the published adapter's `adapter_config.json` and model card name as the base model
+    /// (`base_model_name_or_path`), verbatim, e.g. a Hub id `org/name` the model was uploaded as.
+    /// Default: the Hub id for an `hf://org/name` model, else the base model folder as resolved
+    /// for this checkout when publishing (never the path of the checkout that trained it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base_model_name_or_path: Option<String>,
+}
+
+impl ExportConfig {
+    /// The declared destinations: (artifact subfolder `adapter`/`merged`, destination as written).
+    pub fn destinations(&self) -> Vec<(&'static str, &str)> {
+        let mut out = Vec::new();
+        if let Some(adapter) = &self.adapter {
+            out.push(("adapter", adapter.as_str()));
+        }
+        if let Some(merged) = &self.merged {
+            out.push(("merged", merged.as_str()));
+        }
+        out
+    }
 }
 
 /// A floating-point dtype to export the merged model in.
@@ -133,6 +153,20 @@ impl StageSpec for ExportConfig {
         None
     }
 
+    fn published_paths(&self, project_dir: &Path) -> Result<Vec<PathBuf>, String> {
+        self.destinations()
+            .into_iter()
+            .map(|(_, written)| {
+                let expanded = super::expand_env(written)?;
+                Ok(if Path::new(&expanded).is_absolute() {
+                    PathBuf::from(expanded)
+                } else {
+                    project_dir.join(expanded)
+                })
+            })
+            .collect()
+    }
+
     fn check(&self, cx: &CheckContext<'_>, at: &str, problems: &mut Vec<Problem>) {
         check_upstream_kind(
             cx,
@@ -145,6 +179,24 @@ impl StageSpec for ExportConfig {
             problems.push(Problem::new(at.to_string(), "nothing to export").with_hint(
                 "add `adapter: DIR` (PEFT adapter) and/or `merged: DIR` (merged model)",
             ));
+        }
+        if let Some(name) = &self.base_model_name_or_path {
+            if name.trim().is_empty() {
+                problems.push(
+                    Problem::new(format!("{at}.base_model_name_or_path"), "is empty")
+                        .about_value()
+                        .with_hint("leave it out to name the base model the pipeline trained on"),
+                );
+            }
+            if self.adapter.is_none() {
+                problems.push(
+                    Problem::new(
+                        at.to_string(),
+                        "`base_model_name_or_path` applies to the adapter, but there is no `adapter` destination",
+                    )
+                    .with_hint("add `adapter: DIR`, or drop it"),
+                );
+            }
         }
         if let Some(size) = &self.max_shard_size {
             if let Err(message) = parse_size(size) {
@@ -284,6 +336,40 @@ stages:
         let problems = problems_of("{ from: tune, adapter: a, dtype: f16 }");
         assert_eq!(problems.len(), 1, "{problems:?}");
         assert!(problems[0].message.contains("no `merged` destination"));
+    }
+
+    #[test]
+    fn base_model_name_needs_an_adapter_and_a_value() {
+        assert!(
+            problems_of("{ from: tune, adapter: a, base_model_name_or_path: org/tiny }").is_empty()
+        );
+        let problems = problems_of("{ from: tune, merged: m, base_model_name_or_path: org/x }");
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert!(problems[0].message.contains("no `adapter` destination"));
+        let problems = problems_of("{ from: tune, adapter: a, base_model_name_or_path: ' ' }");
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert_eq!(
+            problems[0].path,
+            "stages.out.export.base_model_name_or_path"
+        );
+    }
+
+    #[test]
+    fn published_paths_resolve_against_the_project() {
+        let StageConfig::Export(config) =
+            crate::config::evaluate::tests::from_yaml::<BTreeMap<String, StageConfig>>(
+                "out: { export: { from: tune, adapter: out/a, merged: /abs/m } }",
+            )
+            .unwrap()
+            .remove("out")
+            .unwrap()
+        else {
+            panic!("not an export stage");
+        };
+        assert_eq!(
+            config.published_paths(Path::new("/project")).unwrap(),
+            [PathBuf::from("/project/out/a"), PathBuf::from("/abs/m")]
+        );
     }
 
     #[test]

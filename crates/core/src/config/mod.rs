@@ -164,6 +164,11 @@ pub trait StageSpec {
     fn environment(&self) -> BTreeMap<String, String> {
         BTreeMap::new()
     }
+    /// Folders outside the cache the stage publishes its output to (export destinations),
+    /// resolved against the project directory, so `status` can check them. Default: none.
+    fn published_paths(&self, _project_dir: &Path) -> Result<Vec<PathBuf>, String> {
+        Ok(Vec::new())
+    }
 }
 
 impl StageConfig {

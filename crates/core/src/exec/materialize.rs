@@ -1,15 +1,21 @@
 //! Materialization: make a stage's cached output visible at its stable path
-//! `.peftpipe/out/<pipeline>/<stage>/` by hard-linking the object's files (copying where links
-//! are impossible, e.g. across filesystems). The new tree is built beside the old one under a
-//! hidden name and swapped in by renames, so readers see the old or the new tree, never a mix.
-//! The files are the cache's read-only files: edit a copy, not them (a modified object is
-//! detected on the next restore and rebuilt).
+//! `.peftpipe/out/<pipeline>/<stage>/` by copying the object's files. The new tree is built
+//! beside the old one under a hidden name and swapped in by renames, so readers see the old or
+//! the new tree, never a mix.
+//!
+//! Copies, not hard links: an in-place edit of a published file (an editor that writes through,
+//! `>>`, a tool that opens it read-write) must never reach the cache object, which other runs and
+//! checkouts restore from. `std::fs::copy` clones the file where the filesystem supports it
+//! (copy_file_range reflinks on Btrfs and XFS, clonefile on APFS), so the copy costs no space
+//! there and a plain copy elsewhere. The copies keep the objects' read-only permissions as a hint
+//! to edit elsewhere; `status` compares them with the object's manifest and `run` replaces a copy
+//! that was deleted or changed.
 
 use std::path::Path;
 
 use crate::cache::{remove_path, CacheError};
 
-/// Replace `destination` with a tree of links to the files under `source`.
+/// Replace `destination` with a copy of the tree under `source`.
 pub fn materialize(source: &Path, destination: &Path) -> Result<(), CacheError> {
     let parent = destination
         .parent()
@@ -30,7 +36,7 @@ pub fn materialize(source: &Path, destination: &Path) -> Result<(), CacheError> 
         .tempdir_in(&parent)
         .map_err(CacheError::io("create a directory in", &parent))?
         .keep();
-    link_tree(source, &partial)?;
+    copy_tree(source, &partial)?;
     if std::fs::symlink_metadata(destination).is_ok() {
         let old = tempfile::Builder::new()
             .prefix(&format!(".{name}.old-"))
@@ -67,7 +73,7 @@ fn remove_leftovers(parent: &Path, name: &str) -> Result<(), CacheError> {
     Ok(())
 }
 
-fn link_tree(source: &Path, destination: &Path) -> Result<(), CacheError> {
+fn copy_tree(source: &Path, destination: &Path) -> Result<(), CacheError> {
     let entries = std::fs::read_dir(source).map_err(CacheError::io("list", source))?;
     for entry in entries {
         let entry = entry.map_err(CacheError::io("list", source))?;
@@ -78,8 +84,8 @@ fn link_tree(source: &Path, destination: &Path) -> Result<(), CacheError> {
             .map_err(CacheError::io("inspect", &from))?;
         if file_type.is_dir() {
             std::fs::create_dir(&to).map_err(CacheError::io("create", &to))?;
-            link_tree(&from, &to)?;
-        } else if std::fs::hard_link(&from, &to).is_err() {
+            copy_tree(&from, &to)?;
+        } else {
             std::fs::copy(&from, &to).map_err(CacheError::io("copy", &from))?;
         }
     }
@@ -115,6 +121,35 @@ mod tests {
             .map(|e| e.unwrap().file_name())
             .collect();
         assert_eq!(siblings, ["data"], "no partial or old tree is left behind");
+    }
+
+    #[test]
+    fn editing_a_materialized_file_leaves_the_source_intact() {
+        let dir = tempfile::tempdir().unwrap();
+        let source = dir.path().join("object");
+        std::fs::create_dir_all(&source).unwrap();
+        std::fs::write(source.join("metrics.json"), "{\"accuracy\": 0.9}").unwrap();
+        let out = dir.path().join("out/pipeline/evaluate");
+        materialize(&source, &out).unwrap();
+        let published = out.join("metrics.json");
+        let mut permissions = std::fs::metadata(&published).unwrap().permissions();
+        #[expect(
+            clippy::permissions_set_readonly_false,
+            reason = "the test edits the published copy as a user would"
+        )]
+        permissions.set_readonly(false);
+        std::fs::set_permissions(&published, permissions).unwrap();
+        // Write through the existing file (no new inode), as `>>` or an editor saving in place.
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&published)
+            .unwrap();
+        std::io::Write::write_all(&mut file, b"{\"accuracy\": 1.0}").unwrap();
+        drop(file);
+        assert_eq!(
+            std::fs::read_to_string(source.join("metrics.json")).unwrap(),
+            "{\"accuracy\": 0.9}"
+        );
     }
 
     #[test]

@@ -1,8 +1,10 @@
 //! The runner: takes the cache lock (shared with runs of other pipelines, exclusive of gc) and
 //! the pipeline's own lock, plans, then walks the selected stages in topological order.
 //! A stage starts once all its upstream stages are done; it is then re-decided with their actual
-//! output digests and either restored (digest-checked, materialized, published) or run in a fresh
-//! staging directory and stored. Up to `jobs` stages are in flight at once (scoped threads).
+//! output digests and either restored (digest-checked; its copies under `.peftpipe/out` and its
+//! published destinations replaced only where they differ from what was published) or run in a
+//! fresh staging directory and stored, copied out and published (what publishing wrote to the
+//! stage's destinations is recorded in the cache for `status`). Up to `jobs` stages are in flight at once (scoped threads).
 //!
 //! Failure policy: after a stage fails, or after Ctrl-C, no new stage starts; stages already
 //! running finish (and are stored when they succeed); the rest are reported as skipped. The lock
@@ -16,13 +18,16 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use super::materialize::materialize;
-use super::plan::{decide, forced_stages, make_plan, CachedOutput, Freshness, StagePlan};
+use super::plan::{
+    decide, destination_problems, forced_stages, make_plan, materialized_problem, CachedOutput,
+    Freshness, ObjectCheck, PlanChecks, StagePlan,
+};
 use super::stage::{Progress, ProgressSink, StageContext, StageError, StageOutcome};
 use super::{
     graph, CacheUse, EventSink, ExecError, ExecEvent, RunSettings, RunSummary, StageBuilder,
     StageReport, StageStatus, STAGE_DELAY_ENV,
 };
-use crate::cache::{Cache, FileIndex, LockEntry, RunRecord};
+use crate::cache::{Cache, FileIndex, LockEntry, Manifest, PublishedRecord, RunRecord};
 use crate::config::{Pipeline, StageConfig};
 use crate::fingerprint::{DirtyReason, StageFingerprint};
 
@@ -58,7 +63,14 @@ pub fn execute(
     let forced = forced_stages(settings, &selected);
     let device = settings.options.device.as_deref();
     let plan = make_plan(
-        pipeline, &cache, &lock_file, &mut index, &selected, &forced, device,
+        pipeline,
+        &cache,
+        &lock_file,
+        &mut index,
+        &selected,
+        &forced,
+        device,
+        PlanChecks::default(),
     )?;
     index.save()?;
     events.event(ExecEvent::Planned {
@@ -114,6 +126,7 @@ pub fn execute(
                         lock_file.stages.get(&stage_plan.name),
                         &fingerprint,
                         forced_here,
+                        ObjectCheck::Sizes,
                     );
                     states[position] = State::Running;
                     running += 1;
@@ -148,6 +161,13 @@ pub fn execute(
             };
             running -= 1;
             let mut report = result.report;
+            if let Some(record) = result.published {
+                // Written here, one job at a time: the record file is read-modify-write.
+                if let Err(error) = cache.record_published(&pipeline.name, &report.name, record) {
+                    report.status = StageStatus::Failed;
+                    report.error = Some(error.to_string());
+                }
+            }
             match (&report.status, result.lock_entry) {
                 (StageStatus::Fresh | StageStatus::Ran, Some(entry)) => {
                     let output = entry.output.clone();
@@ -268,6 +288,8 @@ struct Job<'a> {
 struct JobResult {
     report: StageReport,
     lock_entry: Option<LockEntry>,
+    /// What this job published to the stage's destinations (when it published).
+    published: Option<PublishedRecord>,
 }
 
 /// Forwards a running stage's progress to the event stream.
@@ -374,17 +396,24 @@ fn run_job(
 
     let reasons = match &job.freshness {
         Freshness::Fresh(cached) => match cache.verify_object(&cached.output) {
-            Ok(Ok(_manifest)) => {
+            Ok(Ok(manifest)) => {
                 let source = cache.object_data(&cached.output);
-                let published = materialize(&source, &out_dir)
-                    .map_err(|error| error.to_string())
-                    .and_then(|()| {
-                        stage
-                            .publish(&source, &context(&source))
-                            .map_err(|error| error.to_string())
-                    });
-                return match published {
-                    Ok(()) => fresh(&job, cached, started, out_dir),
+                let republished = republish(
+                    &job,
+                    pipeline,
+                    cache,
+                    &manifest,
+                    &source,
+                    &out_dir,
+                    events,
+                    || stage.publish(&source, &context(&source)),
+                );
+                return match republished {
+                    Ok(published) => {
+                        let mut result = fresh(&job, cached, started, out_dir);
+                        result.published = published;
+                        result
+                    }
                     Err(message) => failed(&job, started, Vec::new(), message, false),
                 };
             }
@@ -460,6 +489,10 @@ fn run_job(
     if let Err(error) = stage.publish(&source, &context(&source)) {
         return failed(&job, started, reasons, error.to_string(), false);
     }
+    let published = match record_destinations(&job, pipeline, &output) {
+        Ok(published) => published,
+        Err(message) => return failed(&job, started, reasons, message, false),
+    };
     let wall_time = started.elapsed();
     let record = RunRecord {
         output: output.clone(),
@@ -489,7 +522,85 @@ fn run_job(
             outcome: outcome.summary,
             wall_time_seconds: wall_time.as_secs_f64(),
         }),
+        published,
     }
+}
+
+/// Make a restored output's published copies whole again: `out_dir` is copied afresh when it
+/// differs from the object, and the stage publishes again (then recorded) when a destination
+/// differs from what was last published there. Copies that are as published are left alone
+/// (no rewrite of gigabytes on every run). Each republish is noted with its reason.
+#[expect(
+    clippy::too_many_arguments,
+    reason = "the restore path's whole context"
+)]
+fn republish(
+    job: &Job<'_>,
+    pipeline: &Pipeline,
+    cache: &Cache,
+    manifest: &Manifest,
+    source: &std::path::Path,
+    out_dir: &std::path::Path,
+    events: &dyn EventSink,
+    publish: impl FnOnce() -> Result<(), StageError>,
+) -> Result<Option<PublishedRecord>, String> {
+    let mut index = FileIndex::load(cache);
+    let note = |reason: &DirtyReason| {
+        events.event(ExecEvent::StageNote {
+            stage: job.name.clone(),
+            message: format!("{reason}: publishing it again"),
+        })
+    };
+    let stale = materialized_problem(&pipeline.project_dir, manifest, out_dir, &mut index)
+        .map_err(|error| error.to_string())?;
+    if let Some(reason) = &stale {
+        note(reason);
+        materialize(source, out_dir).map_err(|error| error.to_string())?;
+    }
+    let stale = destination_problems(
+        cache,
+        pipeline,
+        &job.name,
+        job.config,
+        &manifest.digest(),
+        &mut index,
+    )
+    .map_err(|error| error.to_string())?;
+    // The index only saves time; failing to save it loses nothing.
+    let _ = index.save();
+    if stale.is_empty() {
+        return Ok(None);
+    }
+    stale.iter().for_each(note);
+    publish().map_err(|error| error.to_string())?;
+    record_destinations(job, pipeline, &manifest.digest())
+}
+
+/// What the stage's publish just wrote to its declared destinations (None: it has none).
+fn record_destinations(
+    job: &Job<'_>,
+    pipeline: &Pipeline,
+    output: &str,
+) -> Result<Option<PublishedRecord>, String> {
+    let destinations = job
+        .config
+        .spec()
+        .published_paths(&pipeline.project_dir)
+        .map_err(|message| format!("stage `{}`: {message}", job.name))?;
+    if destinations.is_empty() {
+        return Ok(None);
+    }
+    let mut record = PublishedRecord {
+        output: output.to_string(),
+        destinations: BTreeMap::new(),
+    };
+    for destination in destinations {
+        let manifest = Manifest::of_directory(&destination).map_err(|error| error.to_string())?;
+        record
+            .destinations
+            .insert(destination.display().to_string(), manifest);
+    }
+    Ok(Some(record))
 }
 
 fn fresh(job: &Job<'_>, cached: &CachedOutput, started: Instant, out_dir: PathBuf) -> JobResult {
@@ -514,6 +625,7 @@ fn fresh(job: &Job<'_>, cached: &CachedOutput, started: Instant, out_dir: PathBu
             outcome: cached.outcome.clone(),
             wall_time_seconds: cached.wall_time_seconds,
         }),
+        published: None,
     }
 }
 
@@ -542,6 +654,7 @@ fn failed(
             error: Some(message),
         },
         lock_entry: None,
+        published: None,
     }
 }
 

@@ -1,0 +1,488 @@
+//! `status` never says FRESH over a damaged cache object or a damaged published output, and
+//! `run` repairs both (issue 7, item 5): truncated, deleted, extra object files and a garbage
+//! manifest make the stage dirty with the reason and are rebuilt; deleted, edited or overwritten
+//! copies under `.peftpipe/out/` and export folders make it dirty and are published again (not
+//! rerun). Editing a published file never reaches the cache. Exported adapters are the same bytes
+//! for the same adapter (item 6) and name this checkout's base model (item 7).
+
+mod exec_support;
+
+use std::path::{Path, PathBuf};
+
+use exec_support::{stderr, stdout, tree, Project};
+
+fn make_writable(path: &Path) {
+    let mut permissions = std::fs::metadata(path).expect("metadata").permissions();
+    #[expect(
+        clippy::permissions_set_readonly_false,
+        reason = "the tests damage files as a user or a broken disk would"
+    )]
+    permissions.set_readonly(false);
+    std::fs::set_permissions(path, permissions).expect("make writable");
+}
+
+/// The largest file of a directory tree (relative path).
+fn largest_file(dir: &Path) -> String {
+    tree(dir)
+        .into_iter()
+        .max_by_key(|(_, bytes)| bytes.len())
+        .map(|(name, _)| name)
+        .expect("a file")
+}
+
+/// `status` for the reviews pipeline: its stdout.
+fn status(project: &Project, extra: &[&str]) -> String {
+    let mut args = vec!["status", "pipeline.yaml"];
+    args.extend_from_slice(extra);
+    stdout(&project.run(&args))
+}
+
+/// Run, then check the project's outputs equal those of a clean run of the same pipeline.
+fn run_and_compare_with_clean(project: &Project) -> String {
+    let output = project.run(&["run", "pipeline.yaml"]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let clean = Project::new();
+    assert!(clean.run(&["run", "pipeline.yaml"]).status.success());
+    for stage in ["data", "prompts"] {
+        let relative = format!(".peftpipe/out/reviews/{stage}");
+        assert_eq!(
+            tree(&project.path(&relative)),
+            tree(&clean.path(&relative)),
+            "{stage} differs from a clean run"
+        );
+        let digest = project.recorded_output(stage).expect("recorded");
+        assert_eq!(
+            tree(&project.object_data(&digest)),
+            tree(&clean.path(&relative))
+        );
+    }
+    assert_eq!(status(project, &[]), "[FRESH] data\n[FRESH] prompts\n");
+    stderr(&output)
+}
+
+/// A project that has run once, with the `data` object's directory.
+fn ran() -> (Project, PathBuf) {
+    let project = Project::new();
+    let output = project.run(&["run", "pipeline.yaml"]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let digest = project.recorded_output("data").expect("recorded");
+    let object = project.object_data(&digest);
+    (project, object)
+}
+
+#[test]
+fn truncated_object_file_is_dirty_and_rebuilt() {
+    let (project, object) = ran();
+    let name = largest_file(&object);
+    let file = object.join(&name);
+    make_writable(&file);
+    let length = std::fs::metadata(&file).expect("metadata").len();
+    std::fs::File::options()
+        .write(true)
+        .open(&file)
+        .expect("open")
+        .set_len(length / 2)
+        .expect("truncate");
+    let text = status(&project, &[]);
+    assert!(
+        text.starts_with(&format!(
+            "[DIRTY] data: cached output corrupted ({name} has {} bytes, expected {length}",
+            length / 2
+        )),
+        "{text}"
+    );
+    assert_eq!(
+        project
+            .run(&["status", "--check", "pipeline.yaml"])
+            .status
+            .code(),
+        Some(3)
+    );
+    let log = run_and_compare_with_clean(&project);
+    assert!(log.contains("Running data"), "{log}");
+}
+
+#[test]
+fn deleted_object_file_is_dirty_and_rebuilt() {
+    let (project, object) = ran();
+    let name = largest_file(&object);
+    std::fs::remove_file(object.join(&name)).expect("delete");
+    let text = status(&project, &[]);
+    assert!(
+        text.starts_with(&format!(
+            "[DIRTY] data: cached output corrupted ({name} is missing"
+        )),
+        "{text}"
+    );
+    run_and_compare_with_clean(&project);
+}
+
+#[test]
+fn garbage_manifest_is_dirty_and_rebuilt() {
+    let (project, object) = ran();
+    let manifest = object.parent().expect("object dir").join("manifest.json");
+    make_writable(&manifest);
+    std::fs::write(&manifest, "\u{0}garbage{").expect("write");
+    let text = status(&project, &[]);
+    assert!(
+        text.starts_with("[DIRTY] data: cached output corrupted (manifest.json of object "),
+        "{text}"
+    );
+    assert!(text.contains("is not valid JSON"), "{text}");
+    run_and_compare_with_clean(&project);
+}
+
+#[test]
+fn extra_object_file_is_dirty_and_rebuilt() {
+    let (project, object) = ran();
+    std::fs::write(object.join("stray.txt"), "not from the stage").expect("write");
+    let text = status(&project, &[]);
+    assert!(
+        text.starts_with("[DIRTY] data: cached output corrupted (stray.txt is unexpected"),
+        "{text}"
+    );
+    run_and_compare_with_clean(&project);
+}
+
+#[test]
+fn same_size_edit_inside_an_object_is_found_by_verify() {
+    let (project, object) = ran();
+    let name = largest_file(&object);
+    let file = object.join(&name);
+    make_writable(&file);
+    let mut bytes = std::fs::read(&file).expect("read");
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0x55;
+    std::fs::write(&file, &bytes).expect("write");
+    let text = status(&project, &["--verify"]);
+    assert!(
+        text.starts_with(&format!(
+            "[DIRTY] data: cached output corrupted ({name} content differs)"
+        )),
+        "{text}"
+    );
+    run_and_compare_with_clean(&project);
+}
+
+#[test]
+fn deleted_published_file_is_dirty_and_republished_without_rerunning() {
+    let (project, object) = ran();
+    let name = largest_file(&object);
+    let published = project.path(".peftpipe/out/reviews/data").join(&name);
+    std::fs::remove_file(&published).expect("delete");
+    assert_eq!(
+        status(&project, &[]),
+        format!(
+            "[DIRTY] data: published output .peftpipe/out/reviews/data changed ({name} is missing)\n\
+             [FRESH] prompts\n"
+        )
+    );
+    let log = run_and_compare_with_clean(&project);
+    assert!(!log.contains("Running"), "restored, not rerun: {log}");
+    assert!(log.contains("publishing it again"), "{log}");
+}
+
+#[test]
+fn deleted_published_folder_is_dirty_and_republished() {
+    let (project, _object) = ran();
+    std::fs::remove_dir_all(project.path(".peftpipe/out")).expect("delete");
+    assert_eq!(
+        status(&project, &[]),
+        "[DIRTY] data: published output .peftpipe/out/reviews/data is missing\n\
+         [DIRTY] prompts: published output .peftpipe/out/reviews/prompts is missing\n"
+    );
+    run_and_compare_with_clean(&project);
+}
+
+#[test]
+fn edited_published_file_is_dirty_republished_and_never_reaches_the_cache() {
+    let (project, object) = ran();
+    let name = largest_file(&object);
+    let cached = std::fs::read(object.join(&name)).expect("read");
+    let published = project.path(".peftpipe/out/reviews/data").join(&name);
+    make_writable(&published);
+    // Same size, written in place (same inode), as an editor saving over it would.
+    let mut bytes = std::fs::read(&published).expect("read");
+    bytes[0] ^= 0x20;
+    std::fs::write(&published, &bytes).expect("write");
+    assert_eq!(
+        std::fs::read(object.join(&name)).expect("read"),
+        cached,
+        "the cached object is untouched"
+    );
+    assert_eq!(
+        status(&project, &[]),
+        format!(
+            "[DIRTY] data: published output .peftpipe/out/reviews/data changed ({name} content differs)\n\
+             [FRESH] prompts\n"
+        )
+    );
+    let log = run_and_compare_with_clean(&project);
+    assert!(!log.contains("Running"), "restored, not rerun: {log}");
+}
+
+#[test]
+fn extra_file_in_a_published_folder_is_dirty() {
+    let (project, _object) = ran();
+    project.write(".peftpipe/out/reviews/prompts/notes.txt", "mine");
+    assert_eq!(
+        status(&project, &[]),
+        "[FRESH] data\n\
+         [DIRTY] prompts: published output .peftpipe/out/reviews/prompts changed (notes.txt is unexpected)\n"
+    );
+    run_and_compare_with_clean(&project);
+}
+
+// ---------------------------------------------------------------------------------------------
+// A pipeline that trains (a few steps of the quickstart's tiny model), evaluates and exports
+// ---------------------------------------------------------------------------------------------
+
+const TINY: &str = r#"name: tiny
+seed: 3
+stages:
+  data:
+    ingest:
+      path: data/reviews.parquet
+      columns: [text, label]
+      split: {fractions: {train: 0.8, eval: 0.2}}
+  prompts:
+    template:
+      input: data
+      prompt: "review: {{ text }}\nsentiment:"
+      completion: " {{ label }}"
+      label: label
+  train:
+    train:
+      data: prompts
+      model: model
+      method: {lora: {r: 4, alpha: 8, target_modules: all-linear}}
+      learning_rate: 0.003
+      batch_size: 8
+      max_steps: 3
+      max_seq_len: 48
+      device: cpu
+  evaluate:
+    evaluate:
+      model: train
+      data: prompts
+      metrics:
+        accuracy:
+          choices: [" positive", " negative"]
+          labels: [positive, negative]
+          label_column: label
+      device: cpu
+  export:
+    export:
+      from: train
+      adapter: out/adapter
+"#;
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).expect("create");
+    for entry in std::fs::read_dir(from).expect("list") {
+        let entry = entry.expect("entry");
+        let target = to.join(entry.file_name());
+        if entry.file_type().expect("type").is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), &target).expect("copy");
+            make_writable(&target);
+        }
+    }
+}
+
+/// A project with the quickstart's data and tiny model and `pipeline.yaml` = `yaml`.
+fn tiny_project(yaml: &str) -> Project {
+    let project = Project::with_pipeline(yaml);
+    let quickstart = Path::new(env!("CARGO_MANIFEST_DIR")).join("datasets/quickstart");
+    copy_dir(&quickstart.join("model"), &project.path("model"));
+    std::fs::create_dir_all(project.path("data")).expect("create data/");
+    std::fs::copy(
+        quickstart.join("reviews.parquet"),
+        project.path("data/reviews.parquet"),
+    )
+    .expect("copy the dataset");
+    project
+}
+
+/// `peftpipe ARGS` in `root`, environment as `Project::command` sets it.
+fn run_in(root: &Path, args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_peftpipe"))
+        .args(args)
+        .current_dir(root)
+        .env_remove("PEFTPIPE_CACHE_DIR")
+        .env_remove("PEFTPIPE_VERSION_OVERRIDE")
+        .env_remove("PEFTPIPE_TEST_STAGE_DELAY")
+        .env_remove("RUST_LOG")
+        .env("NO_COLOR", "1")
+        .output()
+        .expect("run peftpipe")
+}
+
+fn tiny_status(root: &Path) -> String {
+    stdout(&run_in(root, &["status", "pipeline.yaml"]))
+}
+
+fn tiny_run(root: &Path, extra: &[&str]) -> String {
+    let mut args = vec!["run", "pipeline.yaml"];
+    args.extend_from_slice(extra);
+    let output = run_in(root, &args);
+    assert!(output.status.success(), "{}", stderr(&output));
+    stderr(&output)
+}
+
+fn tiny_output(root: &Path, stage: &str) -> Option<String> {
+    let path = root.join(".peftpipe/cache/locks/tiny.lock.json");
+    let lock: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).ok()?).ok()?;
+    lock["stages"][stage]["output"].as_str().map(String::from)
+}
+
+fn adapter_config(root: &Path) -> serde_json::Value {
+    let text = std::fs::read_to_string(root.join("out/adapter/adapter_config.json"))
+        .expect("published adapter_config.json");
+    serde_json::from_str(&text).expect("JSON")
+}
+
+#[test]
+fn export_folders_are_checked_republished_deterministic_and_name_this_checkout() {
+    let project = tiny_project(TINY);
+    tiny_run(&project.root, &[]);
+    let all_fresh =
+        "[FRESH] data\n[FRESH] prompts\n[FRESH] train\n[FRESH] evaluate\n[FRESH] export\n";
+    assert_eq!(tiny_status(&project.root), all_fresh);
+    let published = tree(&project.path("out/adapter"));
+    let model = project.path("model");
+    assert_eq!(
+        adapter_config(&project.root)["base_model_name_or_path"],
+        model.display().to_string()
+    );
+
+    // Deleted metrics.json in the evaluate object: dirty, rebuilt to the same metrics.
+    let evaluate = project.object_data(&tiny_output(&project.root, "evaluate").expect("evaluate"));
+    let metrics = std::fs::read(evaluate.join("metrics.json")).expect("metrics.json");
+    std::fs::remove_file(evaluate.join("metrics.json")).expect("delete");
+    let text = tiny_status(&project.root);
+    assert!(
+        text.contains("[DIRTY] evaluate: cached output corrupted (metrics.json is missing"),
+        "{text}"
+    );
+    let log = tiny_run(&project.root, &[]);
+    assert!(log.contains("Running evaluate"), "{log}");
+    let evaluate = project.object_data(&tiny_output(&project.root, "evaluate").expect("evaluate"));
+    assert_eq!(
+        std::fs::read(evaluate.join("metrics.json")).expect("read"),
+        metrics
+    );
+    assert_eq!(tiny_status(&project.root), all_fresh);
+
+    // An edited published adapter file: dirty, republished (not rerun), byte for byte.
+    let readme = project.path("out/adapter/README.md");
+    make_writable(&readme);
+    std::fs::write(&readme, "my notes\n").expect("edit");
+    let text = tiny_status(&project.root);
+    assert!(
+        text.contains(
+            "[DIRTY] export: published output out/adapter changed (README.md has 9 bytes, expected"
+        ),
+        "{text}"
+    );
+    let log = tiny_run(&project.root, &[]);
+    assert!(!log.contains("Running export"), "{log}");
+    assert_eq!(tree(&project.path("out/adapter")), published);
+    assert_eq!(tiny_status(&project.root), all_fresh);
+
+    // Deleted published adapter folder: dirty, republished.
+    std::fs::remove_dir_all(project.path("out/adapter")).expect("delete");
+    let text = tiny_status(&project.root);
+    assert!(
+        text.contains("[DIRTY] export: published output out/adapter is missing"),
+        "{text}"
+    );
+    tiny_run(&project.root, &[]);
+    assert_eq!(tree(&project.path("out/adapter")), published);
+
+    // Item 6: two forced runs export the same bytes (no timings in the card or config).
+    tiny_run(&project.root, &["--force"]);
+    let first = tree(&project.path("out/adapter"));
+    tiny_run(&project.root, &["--force"]);
+    assert_eq!(
+        tree(&project.path("out/adapter")),
+        first,
+        "a forced rerun exports the same adapter folder"
+    );
+    let card = String::from_utf8(first["README.md"].clone()).expect("UTF-8");
+    assert!(!card.contains("wall"), "{card}");
+
+    // Item 7: the project and its cache copied elsewhere: the published adapter names the
+    // copy's model, not the first checkout's (which still exists).
+    let copy = tempfile::tempdir().expect("temporary directory");
+    let copy_root = copy.path().canonicalize().expect("canonical").join("moved");
+    copy_dir(&project.root, &copy_root);
+    let text = tiny_status(&copy_root);
+    assert!(
+        text.contains("[DIRTY] export: published output out/adapter was not published from this output in this checkout"),
+        "{text}"
+    );
+    assert!(text.contains("[FRESH] train"), "{text}");
+    let log = tiny_run(&copy_root, &[]);
+    assert!(!log.contains("Running"), "everything restored: {log}");
+    let config = adapter_config(&copy_root);
+    assert_eq!(
+        config["base_model_name_or_path"],
+        copy_root.join("model").display().to_string()
+    );
+    let card = std::fs::read_to_string(copy_root.join("out/adapter/README.md")).expect("card");
+    assert!(
+        card.contains(&format!(
+            "base_model: {}",
+            copy_root.join("model").display()
+        )),
+        "{card}"
+    );
+    assert!(
+        !card.contains(&project.root.display().to_string()),
+        "{card}"
+    );
+    assert_eq!(tiny_status(&copy_root), all_fresh);
+}
+
+#[test]
+fn export_folder_overwritten_by_another_pipeline_is_dirty_and_republished() {
+    let project = tiny_project(TINY);
+    // A second pipeline (another name, seed and rank) exporting to the same folder.
+    let other = TINY
+        .replace("name: tiny", "name: other")
+        .replace("seed: 3", "seed: 4")
+        .replace("r: 4, alpha: 8", "r: 2, alpha: 4");
+    project.write("other.yaml", &other);
+    tiny_run(&project.root, &[]);
+    let ours = tree(&project.path("out/adapter"));
+    let output = project.run(&["run", "other.yaml"]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    assert_ne!(tree(&project.path("out/adapter")), ours);
+    let text = tiny_status(&project.root);
+    assert!(
+        text.contains("[DIRTY] export: published output out/adapter changed ("),
+        "{text}"
+    );
+    let log = tiny_run(&project.root, &[]);
+    assert!(!log.contains("Running"), "republished, not rerun: {log}");
+    assert_eq!(tree(&project.path("out/adapter")), ours);
+}
+
+#[test]
+fn a_set_base_model_name_is_published_verbatim() {
+    let yaml = TINY.replace(
+        "      adapter: out/adapter\n",
+        "      adapter: out/adapter\n      base_model_name_or_path: org/tiny-llama\n",
+    );
+    let project = tiny_project(&yaml);
+    tiny_run(&project.root, &[]);
+    assert_eq!(
+        adapter_config(&project.root)["base_model_name_or_path"],
+        "org/tiny-llama"
+    );
+    let card = std::fs::read_to_string(project.path("out/adapter/README.md")).expect("card");
+    assert!(card.contains("base_model: org/tiny-llama"), "{card}");
+}
