@@ -68,11 +68,27 @@ fn run(
     input: &Path,
     out: &Path,
 ) -> Result<(), StageError> {
+    run_with(
+        config,
+        project,
+        input,
+        out,
+        &RunOptions::default(),
+        &AtomicBool::new(false),
+    )
+}
+
+fn run_with(
+    config: &TemplateConfig,
+    project: &Path,
+    input: &Path,
+    out: &Path,
+    options: &RunOptions,
+    cancel: &AtomicBool,
+) -> Result<(), StageError> {
     std::fs::create_dir_all(out).unwrap();
     let upstream: BTreeMap<String, std::path::PathBuf> =
         [("data".to_string(), input.to_path_buf())].into();
-    let cancel = AtomicBool::new(false);
-    let options = RunOptions::default();
     let ctx = StageContext {
         name: "prompts",
         project_dir: project,
@@ -80,8 +96,8 @@ fn run(
         upstream: &upstream,
         seed: 7,
         progress: &NullSink,
-        cancel: &cancel,
-        options: &options,
+        cancel,
+        options,
         fingerprint: "",
         checkpoint_dir: None,
         resume: true,
@@ -381,4 +397,190 @@ fn quickstart_tokenizer_loads_and_covers_the_dataset_and_templates() {
         readme.contains(&format!("vocab_size = {vocab_size}")),
         "model/README.md must state vocab_size = {vocab_size}"
     );
+}
+
+/// Regression: nested `range(10000)` loops ran without end. Each rendering has fuel now: the
+/// stage fails fast with an error naming the split, row and limit.
+#[test]
+fn runaway_loops_run_out_of_fuel_fast() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = input_artifact(dir.path());
+    let started = std::time::Instant::now();
+    let error = run(
+        &config("input: data\nprompt: \"{% for i in range(10000) %}{% for j in range(10000) %}{% endfor %}{% endfor %}\"\ncompletion: \"{{ label }}\"\n"),
+        dir.path(),
+        &input,
+        &dir.path().join("out"),
+    )
+    .unwrap_err()
+    .to_string();
+    let seconds = started.elapsed().as_secs_f64();
+    assert!(seconds < 5.0, "took {seconds:.1} s");
+    assert!(
+        error.contains("split train, row 0: the prompt template ran out of fuel")
+            && error.contains("limits.fuel (10000000 instructions)"),
+        "{error}"
+    );
+}
+
+/// Regression: a template emitting 100 MB per row was accepted. Output is capped per rendering
+/// (1 MiB by default, `limits.max_row_bytes`), and the cap is configurable.
+#[test]
+fn huge_rows_are_refused_and_the_cap_is_configurable() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = input_artifact(dir.path());
+    let started = std::time::Instant::now();
+    let error = run(
+        &config("input: data\nprompt: \"{{ 'x' * 100000000 }}\"\ncompletion: \"{{ label }}\"\n"),
+        dir.path(),
+        &input,
+        &dir.path().join("out"),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(started.elapsed().as_secs_f64() < 5.0);
+    assert!(
+        error.contains("split train, row 0: the prompt template's output exceeds limits.max_row_bytes (1048576 bytes)"),
+        "{error}"
+    );
+    // Raised and lowered in the stage config.
+    let wide = "input: data\nprompt: \"{{ 'x' * 2000000 }}\"\ncompletion: \"{{ label }}\"\n";
+    run(
+        &config(&format!("{wide}limits: {{max_row_bytes: 3000000}}\n")),
+        dir.path(),
+        &input,
+        &dir.path().join("raised"),
+    )
+    .unwrap();
+    let error = run(
+        &config("input: data\nprompt: \"{{ text }}\"\ncompletion: \" {{ label }}\"\nlimits: {max_row_bytes: 5}\n"),
+        dir.path(),
+        &input,
+        &dir.path().join("lowered"),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        error.contains("split train, row 0: the prompt template's output exceeds limits.max_row_bytes (5 bytes)"),
+        "{error}"
+    );
+    let error = run(
+        &config("input: data\nprompt: \"{% for i in range(100) %}{% endfor %}\"\ncompletion: \"{{ label }}\"\nlimits: {fuel: 50}\n"),
+        dir.path(),
+        &input,
+        &dir.path().join("little-fuel"),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(error.contains("limits.fuel (50 instructions)"), "{error}");
+}
+
+/// Regression: one Ctrl-C did not stop slow templates: the cancel flag was read once per batch.
+/// It is read between rows now.
+#[test]
+fn cancellation_is_honoured_between_rows() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = input_artifact(dir.path());
+    // Each row loops 300,000 times (tens of milliseconds); the 40 train rows are one batch, so
+    // a check per batch would render all of them (seconds) before noticing.
+    let slow = config(
+        "input: data\nprompt: \"{% for i in range(300) %}{% for j in range(1000) %}{% endfor %}{% endfor %}{{ id }}\"\ncompletion: \"{{ label }}\"\n",
+    );
+    let cancel = Arc::new(AtomicBool::new(false));
+    let flag = Arc::clone(&cancel);
+    let setter = std::thread::spawn(move || {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        flag.store(true, std::sync::atomic::Ordering::SeqCst);
+    });
+    let started = std::time::Instant::now();
+    let result = run_with(
+        &slow,
+        dir.path(),
+        &input,
+        &dir.path().join("cancelled"),
+        &RunOptions::default(),
+        &cancel,
+    );
+    let stopped = started.elapsed().as_secs_f64();
+    setter.join().unwrap();
+    assert!(matches!(result, Err(StageError::Cancelled)), "{result:?}");
+    assert!(stopped < 1.0, "cancelled after {stopped:.2} s");
+}
+
+/// Regression: `{% set n = 'dyn' ~ '.j2' %}{% include n %}` rendered dyn.j2 untracked (editing it
+/// left the stage fresh). Validation refuses it; the stage's loader serves only names written
+/// literally, which are the files the fingerprint hashes.
+#[test]
+fn includes_by_computed_names_are_refused_at_render_time_too() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = input_artifact(dir.path());
+    std::fs::write(dir.path().join("dyn.j2"), "dynamic").unwrap();
+    let error = run(
+        &config("input: data\nprompt: \"{% set n = 'dyn' ~ '.j2' %}{% include n %}\"\ncompletion: \"{{ label }}\"\n"),
+        dir.path(),
+        &input,
+        &dir.path().join("out"),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        error.contains("split train, row 0") && error.contains("cannot track it"),
+        "{error}"
+    );
+    // Written literally, it renders (and is an input file of the stage).
+    let literal =
+        config("input: data\nprompt: \"{% include 'dyn.j2' %}\"\ncompletion: \"{{ label }}\"\n");
+    run(&literal, dir.path(), &input, &dir.path().join("literal")).unwrap();
+    assert_eq!(
+        read(&dir.path().join("literal/train.parquet"), "prompt")[0].as_deref(),
+        Some("dynamic")
+    );
+}
+
+/// The stage applies the path policy itself too (symbolic links resolved), honouring
+/// `--allow-outside-project`.
+#[test]
+fn template_files_outside_the_project_need_the_flag_at_run_time() {
+    let root = tempfile::tempdir().unwrap();
+    let project = root.path().join("project");
+    std::fs::create_dir_all(&project).unwrap();
+    let input = input_artifact(&project);
+    std::fs::write(root.path().join("outside.j2"), "outside {{ id }}").unwrap();
+    std::os::unix::fs::symlink(root.path().join("outside.j2"), project.join("link.j2")).unwrap();
+    for prompt in [
+        "prompt_file: link.j2",
+        "prompt_file: ../outside.j2",
+        "prompt: \"{% include 'link.j2' %}\"",
+    ] {
+        let config = config(&format!(
+            "input: data\n{prompt}\ncompletion: \"{{{{ label }}}}\"\n"
+        ));
+        let error = run(&config, &project, &input, &project.join("refused"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("outside the project directory")
+                && error.contains("--allow-outside-project"),
+            "{prompt}: {error}"
+        );
+        let allowed = RunOptions {
+            allow_outside_project: true,
+            ..RunOptions::default()
+        };
+        let out = project.join("allowed");
+        let _ = std::fs::remove_dir_all(&out);
+        run_with(
+            &config,
+            &project,
+            &input,
+            &out,
+            &allowed,
+            &AtomicBool::new(false),
+        )
+        .unwrap();
+        assert_eq!(
+            read(&out.join("train.parquet"), "prompt")[0].as_deref(),
+            Some("outside 0")
+        );
+    }
 }

@@ -119,6 +119,10 @@ const INVALID: &[(&str, &[&str])] = &[
     ("template_variable_no_column_provides", &[]),
     ("split_fractions_do_not_add_up", &[]),
     ("evaluate_reads_a_non_train_stage", &[]),
+    ("yaml_alias_bomb", &[]),
+    ("yaml_alias_bomb_merge_keys", &[]),
+    ("template_computed_include", &[]),
+    ("pipeline_name_not_a_name", &[]),
 ];
 
 macro_rules! invalid_fixture_tests {
@@ -171,6 +175,10 @@ invalid_fixture_tests!(
     template_variable_no_column_provides,
     split_fractions_do_not_add_up,
     evaluate_reads_a_non_train_stage,
+    yaml_alias_bomb,
+    yaml_alias_bomb_merge_keys,
+    template_computed_include,
+    pipeline_name_not_a_name,
 );
 
 fn yaml_files(dir: &Path) -> Vec<String> {
@@ -329,4 +337,350 @@ fn colors_follow_no_color() {
         panic!("cannot run peftpipe");
     };
     assert!(!text(&output.stderr).contains('\u{1b}'));
+}
+
+/// What a bounded run of the binary used.
+struct Bounded {
+    output: Output,
+    seconds: f64,
+    /// Highest VmHWM (peak resident set) seen while polling /proc/PID/status, in KiB: a lower
+    /// bound of the true peak, but a run that grows past `kill_above_kib` is killed and fails.
+    peak_kib: u64,
+}
+
+/// Run `peftpipe args` in `dir`, polling its peak RSS every millisecond; kill it when it runs
+/// past `kill_after` or its peak passes `kill_above_kib` (so a regression fails the test instead
+/// of taking the machine down).
+fn peftpipe_bounded(
+    dir: &Path,
+    args: &[&str],
+    kill_after: std::time::Duration,
+    kill_above_kib: u64,
+) -> Bounded {
+    // Output goes to files, not pipes: a full pipe would block the child until it is killed.
+    let outputs = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));
+    let create = |name: &str| {
+        std::fs::File::create(outputs.path().join(name)).unwrap_or_else(|e| panic!("{e}"))
+    };
+    let started = std::time::Instant::now();
+    let child = Command::new(env!("CARGO_BIN_EXE_peftpipe"))
+        .args(args)
+        .current_dir(dir)
+        .env("NO_COLOR", "1")
+        .env_remove("RUST_LOG")
+        .stdout(create("stdout"))
+        .stderr(create("stderr"))
+        .spawn();
+    let mut child = match child {
+        Ok(child) => child,
+        Err(error) => panic!("cannot run peftpipe: {error}"),
+    };
+    let status_path = format!("/proc/{}/status", child.id());
+    let mut peak_kib = 0;
+    loop {
+        if let Ok(status) = std::fs::read_to_string(&status_path) {
+            let hwm = status
+                .lines()
+                .find_map(|line| line.strip_prefix("VmHWM:"))
+                .and_then(|rest| {
+                    rest.trim()
+                        .trim_end_matches("kB")
+                        .trim()
+                        .parse::<u64>()
+                        .ok()
+                });
+            peak_kib = peak_kib.max(hwm.unwrap_or(0));
+        }
+        match child.try_wait() {
+            Ok(Some(_)) => break,
+            Ok(None) => {}
+            Err(error) => panic!("cannot wait for peftpipe: {error}"),
+        }
+        if started.elapsed() > kill_after || peak_kib > kill_above_kib {
+            let _ = child.kill();
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    let status = match child.wait() {
+        Ok(status) => status,
+        Err(error) => panic!("cannot wait for peftpipe: {error}"),
+    };
+    let read = |name: &str| std::fs::read(outputs.path().join(name)).unwrap_or_default();
+    let output = Output {
+        status,
+        stdout: read("stdout"),
+        stderr: read("stderr"),
+    };
+    Bounded {
+        output,
+        seconds: started.elapsed().as_secs_f64(),
+        peak_kib,
+    }
+}
+
+/// Regression: the 9-line billion-laughs file drove `validate` past 9.8 GB in 30 s (16.2 GB with
+/// the merge-key variant). Aliases are now bounded: an answer in well under a second, exit 2.
+#[test]
+fn yaml_alias_bombs_are_refused_fast_in_bounded_memory() {
+    let dir = fixtures("invalid");
+    for (file, line) in [
+        ("yaml_alias_bomb.yaml", 6),
+        ("yaml_alias_bomb_merge_keys.yaml", 8),
+    ] {
+        let run = peftpipe_bounded(
+            &dir,
+            &["validate", file],
+            std::time::Duration::from_secs(5),
+            1 << 20,
+        );
+        let stderr = text(&run.output.stderr);
+        assert!(
+            run.seconds < 1.0,
+            "{file}: took {:.2} s (peak {} KiB)",
+            run.seconds,
+            run.peak_kib
+        );
+        assert!(
+            run.peak_kib < 1 << 20,
+            "{file}: peak RSS {} KiB",
+            run.peak_kib
+        );
+        assert_eq!(run.output.status.code(), Some(2), "{file}: {stderr}");
+        assert!(
+            stderr.starts_with(&format!("{file}:{line}:"))
+                && stderr.contains("too many alias expansions"),
+            "{file}: {stderr}"
+        );
+    }
+}
+
+#[test]
+fn deep_nesting_and_huge_files_are_refused_without_a_crash() {
+    let temp = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));
+    let deep = format!("stages: {}{}\n", "[".repeat(100), "]".repeat(100));
+    std::fs::write(temp.path().join("deep.yaml"), deep).unwrap_or_else(|e| panic!("{e}"));
+    let mut block = String::from("stages:\n");
+    for depth in 1..100 {
+        block.push_str(&format!("{}a:\n", "  ".repeat(depth)));
+    }
+    std::fs::write(temp.path().join("block.yaml"), block).unwrap_or_else(|e| panic!("{e}"));
+    // Past the YAML scanner's own limit: a syntax error, not a crash.
+    let deepest = format!("stages: {}{}\n", "[".repeat(100_000), "]".repeat(100_000));
+    std::fs::write(temp.path().join("deepest.yaml"), deepest).unwrap_or_else(|e| panic!("{e}"));
+    let wide = format!("stages: [{}]\n", "1,".repeat(150_000));
+    std::fs::write(temp.path().join("wide.yaml"), wide).unwrap_or_else(|e| panic!("{e}"));
+    let huge = format!("# {}\n", "x".repeat(9 << 20));
+    std::fs::write(temp.path().join("huge.yaml"), huge).unwrap_or_else(|e| panic!("{e}"));
+    for (file, expected) in [
+        (
+            "deep.yaml",
+            "deep.yaml:1:72: document too large: mappings and lists nested more than 64 deep",
+        ),
+        ("block.yaml", "block.yaml:65:"),
+        ("deepest.yaml", "deepest.yaml:1:"),
+        ("wide.yaml", "wide.yaml:1:"),
+        (
+            "huge.yaml",
+            "huge.yaml: document too large: a pipeline file may hold at most 8 MiB",
+        ),
+    ] {
+        let run = peftpipe_bounded(
+            temp.path(),
+            &["validate", file],
+            std::time::Duration::from_secs(10),
+            1 << 20,
+        );
+        let stderr = text(&run.output.stderr);
+        assert_eq!(run.output.status.code(), Some(2), "{file}: {stderr}");
+        assert!(stderr.starts_with(expected), "{file}: {stderr}");
+        if file != "deepest.yaml" {
+            assert!(stderr.contains("document too large"), "{file}: {stderr}");
+        }
+        assert!(
+            run.peak_kib < 1 << 20,
+            "{file}: peak RSS {} KiB",
+            run.peak_kib
+        );
+    }
+}
+
+fn write(path: &Path, text: &str) {
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent).unwrap_or_else(|e| panic!("{e}"));
+    }
+    std::fs::write(path, text).unwrap_or_else(|e| panic!("cannot write {}: {e}", path.display()));
+}
+
+fn symlink(target: &Path, link: &Path) {
+    std::os::unix::fs::symlink(target, link)
+        .unwrap_or_else(|e| panic!("cannot link {}: {e}", link.display()));
+}
+
+/// A project `root/project` with a CSV and a secret file beside it (outside the project).
+fn project_with_a_secret_beside_it() -> (tempfile::TempDir, PathBuf) {
+    let root = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));
+    let project = root.path().join("project");
+    write(
+        &project.join("rows.csv"),
+        "text,label\ngood,positive\nbad,negative\n",
+    );
+    write(&root.path().join("secret.j2"), "the secret {{ text }}");
+    write(&project.join("prompts/ok.j2"), "Review: {{ text }}");
+    (root, project)
+}
+
+fn template_pipeline(prompt: &str) -> String {
+    format!(
+        "stages:\n  data:\n    ingest:\n      path: rows.csv\n  prompts:\n    template:\n      input: data\n      {prompt}\n      completion: \" {{{{ label }}}}\"\n"
+    )
+}
+
+/// Regression: includes were confined to the project except through symlinks, while
+/// `prompt_file: /etc/hostname` was read freely. One rule now: template files resolve (symbolic
+/// links included) inside the project unless `--allow-outside-project`.
+#[test]
+fn template_files_outside_the_project_are_refused_unless_allowed() {
+    let (root, project) = project_with_a_secret_beside_it();
+    let secret = root.path().join("secret.j2");
+    symlink(&secret, &project.join("prompts/link.j2"));
+    symlink(root.path(), &project.join("up"));
+    let absolute = format!("prompt_file: {}", secret.display());
+    let cases = [
+        ("absolute.yaml", absolute.as_str(), "prompt_file `/", false),
+        (
+            "parent.yaml",
+            "prompt_file: ../secret.j2",
+            "prompt_file `../secret.j2`",
+            false,
+        ),
+        (
+            "symlink.yaml",
+            "prompt_file: prompts/link.j2",
+            "prompt_file `prompts/link.j2`",
+            true,
+        ),
+        (
+            "include.yaml",
+            "prompt: \"{% include 'up/secret.j2' %}\"",
+            "the included template `up/secret.j2`",
+            true,
+        ),
+    ];
+    for (file, prompt, expected, via_link) in cases {
+        write(&project.join(file), &template_pipeline(prompt));
+        let output = peftpipe(&project, &["validate", file]);
+        let stderr = text(&output.stderr);
+        assert_eq!(output.status.code(), Some(2), "{file}: {stderr}");
+        assert!(stderr.contains(expected), "{file}: {stderr}");
+        assert!(
+            stderr.contains("outside the project directory")
+                && stderr.contains("--allow-outside-project"),
+            "{file}: {stderr}"
+        );
+        assert_eq!(
+            stderr.contains("through a symbolic link"),
+            via_link,
+            "{file}: {stderr}"
+        );
+        let output = peftpipe(&project, &["validate", "--allow-outside-project", file]);
+        assert_eq!(
+            output.status.code(),
+            Some(0),
+            "{file} with the flag: {}",
+            text(&output.stderr)
+        );
+    }
+    // Inside the project, no flag needed.
+    write(
+        &project.join("inside.yaml"),
+        &template_pipeline("prompt_file: prompts/ok.j2"),
+    );
+    let output = peftpipe(&project, &["validate", "inside.yaml"]);
+    assert_eq!(output.status.code(), Some(0), "{}", text(&output.stderr));
+}
+
+/// Regression: an export destination outside the project was refused only at publish, after
+/// training; `validate` (and so `run`, before anything runs) refuses it now.
+#[test]
+fn export_destinations_outside_the_project_are_refused_by_validate() {
+    let (root, project) = project_with_a_secret_beside_it();
+    symlink(root.path(), &project.join("up"));
+    let pipeline = |destination: &str| {
+        format!(
+            "stages:\n  data:\n    ingest:\n      path: rows.csv\n  prompts:\n    template:\n      input: data\n      prompt: \"{{{{ text }}}}\"\n      completion: \"{{{{ label }}}}\"\n  train:\n    train:\n      data: prompts\n      model: model\n  export:\n    export:\n      from: train\n      adapter: {destination}\n"
+        )
+    };
+    for (file, destination, expected) in [
+        ("parent.yaml", "../elsewhere", "goes up with `..`"),
+        (
+            "absolute.yaml",
+            "/tmp/peftpipe-validate-export",
+            "is an absolute path",
+        ),
+        ("symlink.yaml", "up/adapter", "through a symbolic link"),
+    ] {
+        write(&project.join(file), &pipeline(destination));
+        let output = peftpipe(&project, &["validate", file]);
+        let stderr = text(&output.stderr);
+        assert!(
+            stderr.contains("stages.export.export.adapter: export destination")
+                && stderr.contains(expected)
+                && stderr.contains("--allow-outside-project"),
+            "{file}: {stderr}"
+        );
+        let allowed = peftpipe(&project, &["validate", "--allow-outside-project", file]);
+        assert!(
+            !text(&allowed.stderr).contains("export destination"),
+            "{file} with the flag: {}",
+            text(&allowed.stderr)
+        );
+    }
+}
+
+/// Regression: two pipeline files with the same `name:` shared a lock file and
+/// `.peftpipe/out/<name>/`; `validate` of both now says so, in each file.
+#[test]
+fn two_pipelines_of_one_project_may_not_share_a_name() {
+    let (_root, project) = project_with_a_secret_beside_it();
+    let pipeline =
+        |name: &str| format!("name: {name}\nstages:\n  data:\n    ingest:\n      path: rows.csv\n");
+    write(&project.join("first.yaml"), &pipeline("reviews"));
+    write(&project.join("second.yaml"), &pipeline("reviews"));
+    write(&project.join("third.yaml"), &pipeline("other"));
+    let output = peftpipe(
+        &project,
+        &["validate", "first.yaml", "second.yaml", "third.yaml"],
+    );
+    let stderr = text(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("first.yaml:1:7: name: pipeline name `reviews` is also the name of second.yaml: the two would share its lock file and `.peftpipe/out/reviews/`"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains(
+            "second.yaml:1:7: name: pipeline name `reviews` is also the name of first.yaml"
+        ),
+        "{stderr}"
+    );
+    assert!(stderr.contains("valid: third.yaml"), "{stderr}");
+    // The same file twice is not a conflict; a file named like another's `name:` is.
+    let output = peftpipe(&project, &["validate", "first.yaml", "first.yaml"]);
+    assert_eq!(output.status.code(), Some(0), "{}", text(&output.stderr));
+    write(
+        &project.join("reviews.yaml"),
+        "stages:\n  data:\n    ingest:\n      path: rows.csv\n",
+    );
+    let output = peftpipe(
+        &project,
+        &["validate", "third.yaml", "reviews.yaml", "first.yaml"],
+    );
+    let stderr = text(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr
+            .contains("reviews.yaml: name: pipeline name `reviews` is also the name of first.yaml"),
+        "{stderr}"
+    );
 }

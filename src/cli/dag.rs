@@ -7,7 +7,7 @@
 use clap::{Args, ValueEnum};
 
 use super::{GlobalArgs, PipelineArgs};
-use crate::config::load::{check_pipeline, drawable_graph, parse_pipeline};
+use crate::config::load::{check_pipeline_with, drawable_graph, parse_pipeline};
 use crate::config::problem::hint_for_unknown;
 use crate::dag::render::{render, GraphFormat};
 use crate::probe::StandardProbe;
@@ -47,7 +47,10 @@ pub fn run(global: &GlobalArgs, args: DagArgs) -> u8 {
     // What validate reports, plus graph problems of stages validate leaves out because their
     // config has other problems (their references are still checked here, to draw them).
     let mut problems = parsed.problems.clone();
-    problems.extend(check_pipeline(&parsed, &StandardProbe));
+    let options = crate::config::LoadOptions {
+        allow_outside_project: args.pipeline.allow_outside_project,
+    };
+    problems.extend(check_pipeline_with(&parsed, &StandardProbe, &options));
     let (graph, graph_problems) = drawable_graph(&parsed);
     for problem in graph_problems {
         if !problems

@@ -64,6 +64,9 @@ pub struct PipelineArgs {
     /// Override a value: `--set stages.prompts.template.k=4` (YAML value; part of the fingerprint).
     #[arg(long = "set", value_name = "KEY=VALUE")]
     pub overrides: Vec<String>,
+    /// Let template files and export destinations resolve outside the project directory.
+    #[arg(long)]
+    pub allow_outside_project: bool,
 }
 
 #[derive(Debug, Subcommand)]

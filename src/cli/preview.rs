@@ -59,6 +59,7 @@ pub fn run(global: &GlobalArgs, args: PreviewArgs) -> u8 {
     };
     let mut settings = settings_for(global, &pipeline);
     settings.targets = vec![stage.to_string()];
+    settings.options.allow_outside_project = args.pipeline.allow_outside_project;
     let plan = match crate::exec::plan::plan_only(&pipeline, &settings) {
         Ok(plan) => plan,
         Err(error) => return report_exec_error(&error),

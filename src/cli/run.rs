@@ -35,9 +35,6 @@ pub struct RunArgs {
     /// Device for training and evaluation: `cpu`, `cuda` or `cuda:N`.
     #[arg(long, value_parser = parse_device)]
     pub device: Option<String>,
-    /// Let export stages write outside the project directory.
-    #[arg(long)]
-    pub allow_outside_project: bool,
 }
 
 fn parse_device(text: &str) -> Result<String, String> {
@@ -56,12 +53,19 @@ fn parse_device(text: &str) -> Result<String, String> {
 /// Load and validate a pipeline; on failure the problems are reported and the exit code
 /// returned.
 pub(crate) fn load_pipeline(args: &PipelineArgs) -> Result<Pipeline, u8> {
-    crate::config::load::load_pipeline(&args.pipeline, &args.overrides, &StandardProbe).map_err(
-        |problems| {
-            report::problems::print_problems(&problems);
-            EXIT_INVALID
-        },
+    let options = crate::config::LoadOptions {
+        allow_outside_project: args.allow_outside_project,
+    };
+    crate::config::load::load_pipeline_with(
+        &args.pipeline,
+        &args.overrides,
+        &StandardProbe,
+        &options,
     )
+    .map_err(|problems| {
+        report::problems::print_problems(&problems);
+        EXIT_INVALID
+    })
 }
 
 /// Load and validate a pipeline; the problems, rendered, as the error.
@@ -130,7 +134,7 @@ pub fn run(global: &GlobalArgs, args: RunArgs) -> u8 {
         settings.jobs = usize::from(jobs);
     }
     settings.options = RunOptions {
-        allow_outside_project: args.allow_outside_project,
+        allow_outside_project: args.pipeline.allow_outside_project,
         device: args.device.clone(),
     };
     let style = Style::detect();

@@ -1,12 +1,14 @@
 //! `peftpipe validate FILE...`: syntax, schema and semantic checks of every file, every problem
-//! reported; exit 2 when any file is invalid. Nothing runs.
+//! reported; pipelines of one project (or cache) that share a name are a problem of each; exit 2
+//! when any file is invalid. Nothing runs.
 
 use std::path::PathBuf;
 
 use clap::Args;
 
 use super::GlobalArgs;
-use crate::config::load::load_pipeline;
+use crate::config::load::{load_pipeline_with, read_document, shared_names, NameClaim};
+use crate::config::{LoadOptions, Pipeline, Problems};
 use crate::probe::StandardProbe;
 use crate::report::problems::{print_validation, print_validation_json, FileValidation};
 
@@ -18,21 +20,35 @@ pub struct ValidateArgs {
     /// Override a value in every file: `--set stages.prompts.template.k=4` (VALUE is YAML).
     #[arg(long = "set", value_name = "KEY=VALUE")]
     pub overrides: Vec<String>,
+    /// Accept template files and export destinations outside the project directory (as
+    /// `peftpipe run --allow-outside-project` would).
+    #[arg(long)]
+    pub allow_outside_project: bool,
 }
 
 pub fn run(global: &GlobalArgs, args: ValidateArgs) -> u8 {
-    let outcomes: Vec<FileValidation> = args
+    let options = LoadOptions {
+        allow_outside_project: args.allow_outside_project,
+    };
+    let loaded: Vec<Result<Pipeline, Problems>> = args
         .pipelines
         .iter()
-        .map(
-            |file| match load_pipeline(file, &args.overrides, &StandardProbe) {
-                Ok(pipeline) => FileValidation::valid(
-                    file.display().to_string(),
+        .map(|file| load_pipeline_with(file, &args.overrides, &StandardProbe, &options))
+        .collect();
+    let shared = name_conflicts(global, &loaded);
+    let outcomes: Vec<FileValidation> = loaded
+        .into_iter()
+        .enumerate()
+        .map(|(index, result)| match result {
+            Ok(pipeline) => match shared.iter().find(|(at, _)| *at == index) {
+                Some((_, problems)) => FileValidation::invalid(problems.clone()),
+                None => FileValidation::valid(
+                    pipeline.file.display().to_string(),
                     pipeline.stages.keys().cloned().collect(),
                 ),
-                Err(problems) => FileValidation::invalid(problems),
             },
-        )
+            Err(problems) => FileValidation::invalid(problems),
+        })
         .collect();
     if global.json {
         print_validation_json(&outcomes);
@@ -44,4 +60,49 @@ pub fn run(global: &GlobalArgs, args: ValidateArgs) -> u8 {
     } else {
         super::EXIT_INVALID
     }
+}
+
+/// Valid pipelines that share a name with another file of their project or cache, each with its
+/// problem placed in its file.
+fn name_conflicts(
+    global: &GlobalArgs,
+    loaded: &[Result<Pipeline, Problems>],
+) -> Vec<(usize, Problems)> {
+    let cache_dirs: Vec<Option<PathBuf>> = loaded
+        .iter()
+        .map(|result| {
+            result.as_ref().ok().map(|pipeline| {
+                global
+                    .cache_dir
+                    .clone()
+                    .unwrap_or_else(|| crate::cache::default_cache_dir(&pipeline.project_dir))
+            })
+        })
+        .collect();
+    let mut indices = Vec::new();
+    let mut claims = Vec::new();
+    for (index, (result, cache_dir)) in loaded.iter().zip(&cache_dirs).enumerate() {
+        if let (Ok(pipeline), Some(cache_dir)) = (result, cache_dir) {
+            indices.push(index);
+            claims.push(NameClaim {
+                file: &pipeline.file,
+                name: &pipeline.name,
+                project_dir: &pipeline.project_dir,
+                cache_dir,
+            });
+        }
+    }
+    shared_names(&claims)
+        .into_iter()
+        .map(|(claim, problem)| {
+            let index = indices[claim];
+            let file = claims[claim].file;
+            // Placed at the `name:` line when the file can still be read (it just was).
+            let problems = match read_document(file) {
+                Ok((document, _)) => document.problems(vec![problem]),
+                Err(_) => Problems::new(file.display().to_string(), vec![problem]),
+            };
+            (index, problems)
+        })
+        .collect()
 }

@@ -1,6 +1,7 @@
 //! minijinja rendering of rows: rows of record batches exposed to templates lazily (a column is
-//! converted only when a template reads it), and error messages that name the row and the
-//! undefined or null variable.
+//! converted only when a template reads it), one rendering bounded by the stage's
+//! `limits.max_row_bytes` (its fuel is the environment's), and error messages that name the row
+//! and the undefined or null variable, or the limit a rendering crossed.
 //!
 //! The strict environment every row template uses (its rules are documented there) is the core's
 //! `config::jinja`, re-exported here, so validation checks templates under the same rules.
@@ -17,7 +18,9 @@ use arrow::datatypes::{
 use minijinja::value::{Enumerator, Object, ObjectRepr, Value};
 use minijinja::{Error, ErrorKind};
 
-pub use crate::config::jinja::{row_environment, undeclared_variables, BUILTIN_NAMES};
+pub use crate::config::jinja::{
+    row_environment, undeclared_variables, Includes, RenderLimits, BUILTIN_NAMES,
+};
 
 /// The columns of one record batch, shared by the rows rendered from it.
 #[derive(Debug)]
@@ -153,6 +156,82 @@ fn list_value(values: &dyn Array) -> Value {
     )
 }
 
+/// Why one rendering failed.
+#[derive(Debug)]
+pub enum RowRenderError {
+    /// The template failed (undefined variable, null value, out of fuel, ...).
+    Template(Error),
+    /// The output passed `limits.max_row_bytes`.
+    TooLarge,
+}
+
+/// Output that refuses to grow past `limit` bytes.
+struct CappedOutput {
+    bytes: Vec<u8>,
+    limit: usize,
+    exceeded: bool,
+}
+
+impl std::io::Write for CappedOutput {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.bytes.len().saturating_add(buf.len()) > self.limit {
+            self.exceeded = true;
+            return Err(std::io::Error::other("the row output limit is reached"));
+        }
+        self.bytes.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Render `template` for one row, its output capped at `max_bytes` (the rendering stops at the
+/// first write past it).
+pub fn render_row(
+    template: &minijinja::Template<'_, '_>,
+    context: &Value,
+    max_bytes: u64,
+) -> Result<String, RowRenderError> {
+    let mut output = CappedOutput {
+        bytes: Vec::new(),
+        limit: usize::try_from(max_bytes).unwrap_or(usize::MAX),
+        exceeded: false,
+    };
+    match template.render_captured_to(context, &mut output) {
+        Ok(_) => Ok(String::from_utf8(output.bytes)
+            .unwrap_or_else(|error| String::from_utf8_lossy(error.as_bytes()).into_owned())),
+        Err(_) if output.exceeded => Err(RowRenderError::TooLarge),
+        Err(error) => Err(RowRenderError::Template(error)),
+    }
+}
+
+/// A failed rendering as a user message naming the split, the row and the variable, or the
+/// limit it crossed (with its value, and the key that raises it).
+pub fn describe_row_error(
+    error: &RowRenderError,
+    template: &str,
+    split: &str,
+    row: u64,
+    limits: &RenderLimits,
+) -> String {
+    match error {
+        RowRenderError::TooLarge => format!(
+            "split {split}, row {row}: the {template} template's output exceeds limits.max_row_bytes \
+             ({} bytes); raise `limits.max_row_bytes` in the stage if rows this large are intended",
+            limits.max_row_bytes
+        ),
+        RowRenderError::Template(error) if error.kind() == ErrorKind::OutOfFuel => format!(
+            "split {split}, row {row}: the {template} template ran out of fuel: it executed more \
+             than limits.fuel ({} instructions); a loop that runs too long? raise `limits.fuel` \
+             in the stage if the work is intended",
+            limits.fuel
+        ),
+        RowRenderError::Template(error) => describe_render_error(error, template, split, row),
+    }
+}
+
 /// A rendering error as a user message naming the split, the row and the variable.
 pub fn describe_render_error(error: &Error, template: &str, split: &str, row: u64) -> String {
     let location = match error.line() {
@@ -203,7 +282,7 @@ mod tests {
     }
 
     fn render(source: &str, row: usize) -> Result<String, Error> {
-        let mut env = row_environment(Path::new("."));
+        let mut env = row_environment(&Includes::none(Path::new(".")), None);
         env.add_template_owned("prompt", source.to_string())
             .unwrap();
         let context = Value::from_object(RowContext {
@@ -246,7 +325,7 @@ mod tests {
 
     #[test]
     fn undeclared_variables_skip_loop_variables_and_builtins() {
-        let mut env = row_environment(Path::new("."));
+        let mut env = row_environment(&Includes::none(Path::new(".")), None);
         env.add_template_owned(
             "t",
             "{% for ex in examples %}{{ ex.text }}{% endfor %}{{ range(3) | length }}{{ text }}"
@@ -257,6 +336,47 @@ mod tests {
         assert_eq!(
             names.into_iter().collect::<Vec<_>>(),
             vec!["examples", "text"]
+        );
+    }
+
+    #[test]
+    fn output_past_the_cap_and_runaway_loops_are_errors_naming_the_limit() {
+        let limits = RenderLimits {
+            fuel: 100_000,
+            max_row_bytes: 1000,
+        };
+        let mut env = row_environment(&Includes::none(Path::new(".")), Some(limits.fuel));
+        env.add_template("big", "{{ 'x' * 1001 }}").unwrap();
+        env.add_template("fits", "{{ 'x' * 1000 }}").unwrap();
+        env.add_template(
+            "loop",
+            "{% for i in range(10000) %}{% for j in range(10000) %}{% endfor %}{% endfor %}",
+        )
+        .unwrap();
+        let context = Value::from_object(RowContext {
+            columns: BatchColumns::new(&batch()),
+            row: 0,
+            extra: vec![],
+        });
+        let render = |name: &str| {
+            render_row(
+                &env.get_template(name).unwrap(),
+                &context,
+                limits.max_row_bytes,
+            )
+        };
+        assert_eq!(render("fits").unwrap().len(), 1000);
+        let error = render("big").unwrap_err();
+        let message = describe_row_error(&error, "prompt", "train", 7, &limits);
+        assert!(
+            message.starts_with("split train, row 7: the prompt template's output exceeds limits.max_row_bytes (1000 bytes)"),
+            "{message}"
+        );
+        let error = render("loop").unwrap_err();
+        let message = describe_row_error(&error, "completion", "eval", 3, &limits);
+        assert!(
+            message.starts_with("split eval, row 3: the completion template ran out of fuel: it executed more than limits.fuel (100000 instructions)"),
+            "{message}"
         );
     }
 }

@@ -14,6 +14,11 @@
 //! without adding special tokens again) and `completion` is the assistant content plus the
 //! template's end-of-turn text.
 //!
+//! Bounds: each rendering (one template, one row) runs with the stage's `limits.fuel` and its
+//! output is capped at `limits.max_row_bytes`; a row past either fails the stage with an error
+//! naming the split, row and limit. Ctrl-C is honoured between rows. Template files and includes
+//! are confined to the project unless `--allow-outside-project` (`config::paths`).
+//!
 //! Memory: one batch at a time, the few-shot pool (at most `pool_size` rows) and the output
 //! writer's row group plus its queue (`data::artifact::QUEUED_BATCHES` batches; encoding runs on
 //! the writer's thread while the next batch renders). Never prints.
@@ -21,6 +26,7 @@
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use arrow::array::{ArrayRef, RecordBatch, StringBuilder};
@@ -29,12 +35,13 @@ use minijinja::value::Value;
 use minijinja::Environment;
 use serde::Serialize;
 
+use crate::config::jinja::RenderLimits;
 use crate::config::template::{FewShotConfig, ResolvedTemplates};
 use crate::config::TemplateConfig;
 use crate::data::artifact::{write_json, ParquetSink};
 use crate::data::chat::{ChatTemplate, Message};
 use crate::data::few_shot::{FewShotPool, FewShotSettings};
-use crate::data::render::{describe_render_error, BatchColumns, RowContext};
+use crate::data::render::{describe_row_error, render_row, BatchColumns, RowContext};
 use crate::data::source::{parquet_row_count, read_artifact};
 use crate::data::split::SPLIT_NAMES;
 
@@ -56,21 +63,25 @@ pub struct RowRenderer {
     resolved: ResolvedTemplates,
     chat: Option<ChatTemplate>,
     pool: Option<FewShotPool>,
+    limits: RenderLimits,
 }
 
 impl RowRenderer {
-    /// Compile the templates and build the few-shot pool from `input_dir/<split>.parquet`.
+    /// Compile the templates (files and includes confined to the project unless
+    /// `allow_outside_project`) and build the few-shot pool from `input_dir/<split>.parquet`.
     pub fn new(
         config: &TemplateConfig,
         project_dir: &Path,
         input_dir: &Path,
         stage_seed: u64,
+        allow_outside_project: bool,
     ) -> Result<Self, StageError> {
+        let limits = config.render_limits();
         let resolved = config
-            .resolve(project_dir)
+            .resolve(project_dir, allow_outside_project)
             .map_err(|(key, message)| StageError::user(format!("template.{key}: {message}")))?;
         let env = resolved
-            .environment(project_dir)
+            .environment(project_dir, allow_outside_project, Some(limits.fuel))
             .map_err(|(key, message)| StageError::user(format!("template.{key}: {message}")))?;
         let chat = match &resolved.chat {
             Some(chat) => Some(
@@ -88,6 +99,7 @@ impl RowRenderer {
             resolved,
             chat,
             pool,
+            limits,
         })
     }
 
@@ -96,12 +108,14 @@ impl RowRenderer {
     }
 
     /// The output columns `prompt`, `completion` and `text` of `batch`, whose first row is row
-    /// `first_row` of `split`, built straight into Arrow arrays.
+    /// `first_row` of `split`, built straight into Arrow arrays. Stops with
+    /// [`StageError::Cancelled`] between rows once `cancel` is set.
     pub fn render_columns(
         &self,
         batch: &RecordBatch,
         split: &str,
         first_row: u64,
+        cancel: &AtomicBool,
     ) -> Result<[ArrayRef; 3], StageError> {
         let rows = batch.num_rows();
         let text_bytes = batch
@@ -112,7 +126,7 @@ impl RowRenderer {
         let mut prompts = StringBuilder::with_capacity(rows, text_bytes);
         let mut completions = StringBuilder::with_capacity(rows, rows * 16);
         let mut texts = StringBuilder::with_capacity(rows, text_bytes + rows * 16);
-        self.for_each_rendered(batch, split, first_row, |prompt, completion| {
+        self.for_each_rendered(batch, split, first_row, cancel, |prompt, completion| {
             prompts.append_value(prompt);
             completions.append_value(completion);
             // `write_str` extends the pending value; `append_value("")` ends it.
@@ -133,6 +147,7 @@ impl RowRenderer {
         batch: &RecordBatch,
         split: &str,
         first_row: u64,
+        cancel: &AtomicBool,
         mut emit: impl FnMut(&str, &str),
     ) -> Result<(), StageError> {
         let template = |name: &str| {
@@ -145,9 +160,9 @@ impl RowRenderer {
                       context: &Value,
                       row: u64|
          -> Result<String, StageError> {
-            template
-                .render(context)
-                .map_err(|e| StageError::user(describe_render_error(&e, name, split, row)))
+            render_row(template, context, self.limits.max_row_bytes).map_err(|e| {
+                StageError::user(describe_row_error(&e, name, split, row, &self.limits))
+            })
         };
         let columns = BatchColumns::new(batch);
         let plain = match &self.resolved.chat {
@@ -170,6 +185,9 @@ impl RowRenderer {
             _ => None,
         };
         for index in 0..batch.num_rows() {
+            if cancel.load(Ordering::Relaxed) {
+                return Err(StageError::Cancelled);
+            }
             let row = first_row + index as u64;
             let examples = match &self.pool {
                 Some(pool) => Some(
@@ -221,6 +239,19 @@ impl RowRenderer {
             let (prompt, completion) = chat
                 .prompt_and_completion(&messages)
                 .map_err(|e| StageError::user(format!("split {split}, row {row}: {e}")))?;
+            // The chat template's own rendering (the model's, in data::chat) is checked after
+            // the fact: its inputs, the messages, are each capped already.
+            for (text, name) in [(&prompt, "chat prompt"), (&completion, "chat completion")] {
+                if text.len() as u64 > self.limits.max_row_bytes {
+                    return Err(StageError::user(describe_row_error(
+                        &crate::data::render::RowRenderError::TooLarge,
+                        name,
+                        split,
+                        row,
+                        &self.limits,
+                    )));
+                }
+            }
             emit(&prompt, &completion);
         }
         Ok(())
@@ -294,8 +325,13 @@ fn output_schema(input: &Schema, carried: &[String], split: &str) -> Result<Sche
 impl Stage for TemplateStage {
     fn run(&self, ctx: &StageContext<'_>) -> Result<StageOutcome, StageError> {
         let input_dir = ctx.upstream_dir(&self.config.input)?;
-        let renderer =
-            RowRenderer::new(&self.config, ctx.project_dir, input_dir, ctx.stage_seed())?;
+        let renderer = RowRenderer::new(
+            &self.config,
+            ctx.project_dir,
+            input_dir,
+            ctx.stage_seed(),
+            ctx.options.allow_outside_project,
+        )?;
         let carried = self.config.carried_columns();
         let splits: Vec<&str> = SPLIT_NAMES
             .iter()
@@ -328,7 +364,7 @@ impl Stage for TemplateStage {
                         true,
                     )?);
                 }
-                let rendered = renderer.render_columns(&batch, split, row)?;
+                let rendered = renderer.render_columns(&batch, split, row, ctx.cancel)?;
                 let out = assemble(&batch, rendered, &carried)?;
                 if let Some(sink) = sink.as_mut() {
                     sink.write(&out)?;

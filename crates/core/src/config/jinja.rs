@@ -1,18 +1,28 @@
 //! The minijinja environment every row template (prompt, completion, chat turns) is checked and
-//! rendered with, and the variables a template reads. Validation and the template stage both use
-//! it, so a template that validates renders under the same rules.
+//! rendered with, the limits of one rendering, the templates a template includes, and the
+//! variables a template reads. Validation and the template stage both use it, so a template that
+//! validates renders under the same rules.
 //!
 //! Rules (documented for users in the template stage): undefined variables are errors (strict),
 //! printing a null cell is an error (`{% if x %}` still works on nulls), no autoescaping, one
 //! trailing newline of a template is dropped (as in Jinja2), Python string methods (`.strip()`,
-//! `.upper()`, …) work through minijinja-contrib's pycompat, and `{% include %}` / `{% import %}`
-//! resolve relative to the pipeline directory. Rows themselves (Arrow record batches) are the main
-//! crate's `data::render`. Never prints.
+//! `.upper()`, …) work through minijinja-contrib's pycompat, and `{% include %}` /
+//! `{% import %}` / `{% from %}` / `{% extends %}` name their template with a string literal
+//! (or a list of them), resolved relative to the pipeline directory and confined to it unless
+//! `--allow-outside-project` ([`super::paths`]): the loader serves only the names written
+//! literally ([`Includes::tracked`]), which are exactly the files the stage's fingerprint hashes,
+//! so a computed name can never load an untracked file. Each rendering has a fuel budget
+//! (minijinja instructions) and a cap on its output ([`RenderLimits`]). Rows themselves (Arrow
+//! record batches) are the main crate's `data::render`. Never prints.
 
 use std::collections::BTreeSet;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use minijinja::{Environment, Error, ErrorKind, UndefinedBehavior};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use super::paths::{confine_template, read_template_file};
 
 /// Names minijinja provides itself (not columns): excluded from "unknown variable" checks.
 pub const BUILTIN_NAMES: &[&str] = &[
@@ -33,15 +43,81 @@ pub const BUILTIN_NAMES: &[&str] = &[
     "None",
 ];
 
-/// The environment for row templates (prompt, completion, chat turns).
-pub fn row_environment(project_dir: &Path) -> Environment<'static> {
+/// Default fuel of one rendering: minijinja instructions (roughly one per expression step, loop
+/// iteration or output). A few-shot prompt uses thousands; ten million is ~0.1–0.5 s of work.
+pub const DEFAULT_FUEL: u64 = 10_000_000;
+
+/// Default cap on what one rendering (one template, one row) may output: 1 MiB.
+pub const DEFAULT_MAX_ROW_BYTES: u64 = 1 << 20;
+
+/// Bounds on rendering one template for one row, so no template runs without end or fills the
+/// memory. The defaults suit any real prompt; raise them for unusually large ones.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RenderLimits {
+    /// Instructions one rendering may execute (loops, expressions, output): past it the row
+    /// fails with an error naming the stage, row and limit.
+    #[serde(default = "default_fuel")]
+    #[schemars(range(min = 1))]
+    pub fuel: u64,
+    /// Bytes one rendering (one template, one row) may output: past it the row fails with an
+    /// error naming the stage, row and limit.
+    #[serde(default = "default_max_row_bytes")]
+    #[schemars(range(min = 1))]
+    pub max_row_bytes: u64,
+}
+
+fn default_fuel() -> u64 {
+    DEFAULT_FUEL
+}
+
+fn default_max_row_bytes() -> u64 {
+    DEFAULT_MAX_ROW_BYTES
+}
+
+impl Default for RenderLimits {
+    fn default() -> Self {
+        RenderLimits {
+            fuel: DEFAULT_FUEL,
+            max_row_bytes: DEFAULT_MAX_ROW_BYTES,
+        }
+    }
+}
+
+/// Where `{% include %}` and friends may load templates from.
+#[derive(Debug, Clone)]
+pub struct Includes {
+    /// The pipeline's directory: names resolve against it.
+    pub project_dir: PathBuf,
+    /// `--allow-outside-project`: names may resolve outside the project directory.
+    pub allow_outside_project: bool,
+    /// The names the stage's templates write literally (transitively): the only ones served.
+    pub tracked: BTreeSet<String>,
+}
+
+impl Includes {
+    /// No include may load anything (validation compiles templates without rendering them).
+    pub fn none(project_dir: &Path) -> Includes {
+        Includes {
+            project_dir: project_dir.to_path_buf(),
+            allow_outside_project: false,
+            tracked: BTreeSet::new(),
+        }
+    }
+}
+
+/// The environment for row templates (prompt, completion, chat turns), rendering at most
+/// `fuel` instructions per rendering (`None`: unlimited, for compiling only).
+pub fn row_environment(includes: &Includes, fuel: Option<u64>) -> Environment<'static> {
     let mut env = Environment::new();
     // minijinja keeps template sources and error spans only in debug mode, which defaults to
     // `cfg!(debug_assertions)`: without this, a release build's errors lose the expression that
     // failed (`undefined variable` instead of ``undefined variable `txet` ``).
     env.set_debug(true);
+    env.set_fuel(fuel);
     env.set_undefined_behavior(UndefinedBehavior::Strict);
-    env.set_loader(minijinja::path_loader(project_dir));
+    let includes = includes.clone();
+    env.set_loader(move |name| load_included(&includes, name));
     env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
     env.set_auto_escape_callback(|_| minijinja::AutoEscape::None);
     env.set_formatter(|out, state, value| {
@@ -54,6 +130,237 @@ pub fn row_environment(project_dir: &Path) -> Environment<'static> {
         minijinja::escape_formatter(out, state, value)
     });
     env
+}
+
+/// The loader: a tracked name, confined to the project, read as a bounded regular file.
+fn load_included(includes: &Includes, name: &str) -> Result<Option<String>, Error> {
+    let refuse = |message: String| Err(Error::new(ErrorKind::InvalidOperation, message));
+    if !includes.tracked.contains(name) {
+        return refuse(format!(
+            "template `{name}` is not named by a string literal in the stage's templates, so \
+             peftpipe cannot track it: write `{{% include \"{name}\" %}}`"
+        ));
+    }
+    let path = match confine_template(
+        &includes.project_dir,
+        name,
+        "the included template",
+        includes.allow_outside_project,
+    ) {
+        Ok(path) => path,
+        Err(message) => return refuse(message),
+    };
+    if !path.exists() {
+        return Ok(None);
+    }
+    match read_template_file(&path, name) {
+        Ok(source) => Ok(Some(source)),
+        Err(message) => refuse(message),
+    }
+}
+
+/// A template that `{% include %}`, `{% import %}`, `{% from %}` or `{% extends %}` names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TemplateReference {
+    /// Written as a string literal, or a list of them (the first that exists is used).
+    Literal(Vec<String>),
+    /// Computed at render time: the tag as written and its 1-based line.
+    Computed { tag: String, line: usize },
+}
+
+/// Every template reference of `source`, in order. Tags inside `{% raw %}` blocks, comments and
+/// string literals of expressions are not references.
+pub fn template_references(source: &str) -> Vec<TemplateReference> {
+    let mut found = Vec::new();
+    let mut rest = source;
+    let mut offset = 0;
+    let line_of = |at: usize| source[..at].matches('\n').count() + 1;
+    while let Some(start) = rest.find('{') {
+        let after = &rest[start..];
+        let (close, is_tag) = if after.starts_with("{%") {
+            ("%}", true)
+        } else if after.starts_with("{{") {
+            ("}}", false)
+        } else if after.starts_with("{#") {
+            ("#}", false)
+        } else {
+            offset += start + 1;
+            rest = &rest[start + 1..];
+            continue;
+        };
+        let body_start = start + 2;
+        let Some(body_len) =
+            find_outside_strings(&rest[body_start..], close, after.starts_with("{#"))
+        else {
+            break;
+        };
+        let body = &rest[body_start..body_start + body_len];
+        let mut consumed = body_start + body_len + 2;
+        if is_tag {
+            let inner = body
+                .trim_start_matches(['-', '+'])
+                .trim_end_matches(['-', '+'])
+                .trim();
+            let (keyword, argument) = match inner.split_once(char::is_whitespace) {
+                Some((keyword, argument)) => (keyword, argument.trim()),
+                None => (inner, ""),
+            };
+            match keyword {
+                "raw" => {
+                    // Skip to the end of the raw block.
+                    let tail = &rest[consumed..];
+                    consumed += raw_block_end(tail).unwrap_or(tail.len());
+                }
+                "include" | "import" | "from" | "extends" => {
+                    found.push(match literal_names(keyword, argument) {
+                        Some(names) => TemplateReference::Literal(names),
+                        None => TemplateReference::Computed {
+                            tag: format!("{{% {inner} %}}"),
+                            line: line_of(offset + start),
+                        },
+                    });
+                }
+                _ => {}
+            }
+        }
+        offset += consumed;
+        rest = &rest[consumed..];
+    }
+    found
+}
+
+/// Where `close` occurs in `text`, not counting occurrences inside string literals (comments
+/// have no strings).
+fn find_outside_strings(text: &str, close: &str, comment: bool) -> Option<usize> {
+    if comment {
+        return text.find(close);
+    }
+    let bytes = text.as_bytes();
+    let mut index = 0;
+    let mut quote: Option<u8> = None;
+    while index < bytes.len() {
+        let byte = bytes[index];
+        match quote {
+            Some(q) => {
+                if byte == b'\\' {
+                    index += 1;
+                } else if byte == q {
+                    quote = None;
+                }
+            }
+            None => {
+                if byte == b'"' || byte == b'\'' {
+                    quote = Some(byte);
+                } else if text[index..].starts_with(close) {
+                    return Some(index);
+                }
+            }
+        }
+        index += 1;
+    }
+    None
+}
+
+/// Length up to and including the `{% endraw %}` tag that ends a raw block.
+fn raw_block_end(text: &str) -> Option<usize> {
+    let mut searched = 0;
+    while let Some(start) = text[searched..].find("{%") {
+        let at = searched + start;
+        let end = text[at..].find("%}")? + at + 2;
+        let inner = text[at + 2..end - 2]
+            .trim_start_matches(['-', '+'])
+            .trim_end_matches(['-', '+'])
+            .trim();
+        if inner == "endraw" {
+            return Some(end);
+        }
+        searched = end;
+    }
+    None
+}
+
+/// The names of a reference tag's argument when they are string literals: `"a.j2"`,
+/// `["a.j2", "b.j2"]` or `("a.j2",)`, followed only by what the keyword allows (`ignore missing`,
+/// `with context`, `as name`, `import names`). None: computed.
+fn literal_names(keyword: &str, argument: &str) -> Option<Vec<String>> {
+    let (names, rest) = match argument.chars().next()? {
+        '"' | '\'' => {
+            let (name, rest) = string_literal(argument)?;
+            (vec![name], rest)
+        }
+        open @ ('[' | '(') => {
+            let close = if open == '[' { ']' } else { ')' };
+            let mut names = Vec::new();
+            let mut rest = argument[1..].trim_start();
+            loop {
+                if let Some(after) = rest.strip_prefix(close) {
+                    rest = after;
+                    break;
+                }
+                let (name, after) = string_literal(rest)?;
+                names.push(name);
+                rest = after.trim_start();
+                if let Some(after) = rest.strip_prefix(',') {
+                    rest = after.trim_start();
+                } else if !rest.starts_with(close) {
+                    return None;
+                }
+            }
+            if names.is_empty() {
+                return None;
+            }
+            (names, rest)
+        }
+        _ => return None,
+    };
+    let words: Vec<&str> = rest.split_whitespace().collect();
+    let context =
+        |words: &[&str]| matches!(words, [] | ["with", "context"] | ["without", "context"]);
+    let allowed = match keyword {
+        "include" => match words.as_slice() {
+            ["ignore", "missing", more @ ..] => context(more),
+            more => context(more),
+        },
+        "import" => match words.as_slice() {
+            ["as", name, more @ ..] => is_identifier(name) && context(more),
+            _ => false,
+        },
+        "from" => matches!(words.first(), Some(&"import")) && words.len() > 1,
+        _ => words.is_empty(),
+    };
+    allowed.then_some(names)
+}
+
+/// `"a.j2" rest` → ("a.j2", " rest"), for single or double quotes, with backslash escapes.
+fn string_literal(text: &str) -> Option<(String, &str)> {
+    let mut chars = text.char_indices();
+    let (_, quote) = chars.next()?;
+    if quote != '"' && quote != '\'' {
+        return None;
+    }
+    let mut value = String::new();
+    let mut escaped = false;
+    for (index, c) in chars {
+        if escaped {
+            value.push(c);
+            escaped = false;
+        } else if c == '\\' {
+            escaped = true;
+        } else if c == quote {
+            return Some((value, &text[index + c.len_utf8()..]));
+        } else {
+            value.push(c);
+        }
+    }
+    None
+}
+
+fn is_identifier(word: &str) -> bool {
+    let mut chars = word.chars();
+    chars
+        .next()
+        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
 }
 
 /// The top-level variables a template reads that neither it nor minijinja defines.
@@ -73,7 +380,7 @@ mod tests {
     /// Release builds too: the error must still carry the failing expression's span.
     #[test]
     fn errors_keep_the_failing_expression_in_every_build_profile() {
-        let mut env = row_environment(Path::new("."));
+        let mut env = row_environment(&Includes::none(Path::new(".")), Some(DEFAULT_FUEL));
         env.add_template("row", "{{ txet }}").unwrap();
         let error = env
             .get_template("row")
@@ -84,5 +391,91 @@ mod tests {
             panic!("no span in {error}")
         };
         assert_eq!(source.get(range).map(str::trim), Some("txet"));
+    }
+
+    #[test]
+    fn references_are_literal_or_computed() {
+        use TemplateReference::{Computed, Literal};
+        let literal = |names: &[&str]| Literal(names.iter().map(|n| n.to_string()).collect());
+        let source = "{% include 'a.j2' %}{%- include [\"b.j2\", 'c.j2'] ignore missing -%}\n\
+            {% import \"m.j2\" as m %}{% from 'f.j2' import x, y %}{% extends \"base.j2\" %}\n\
+            {% set n = 'dyn' ~ '.j2' %}{% include n %}{% include 'x' ~ n %}\n\
+            {{ '{% include q %}' }}{# {% include r %} #}{% raw %}{% include s %}{% endraw %}";
+        assert_eq!(
+            template_references(source),
+            vec![
+                literal(&["a.j2"]),
+                literal(&["b.j2", "c.j2"]),
+                literal(&["m.j2"]),
+                literal(&["f.j2"]),
+                literal(&["base.j2"]),
+                Computed {
+                    tag: "{% include n %}".into(),
+                    line: 3
+                },
+                Computed {
+                    tag: "{% include 'x' ~ n %}".into(),
+                    line: 3
+                },
+            ]
+        );
+    }
+
+    #[test]
+    fn the_loader_serves_only_tracked_names_inside_the_project() {
+        let root = tempfile::tempdir().unwrap();
+        let project = root.path().join("project");
+        std::fs::create_dir_all(&project).unwrap();
+        std::fs::write(project.join("part.j2"), "part").unwrap();
+        std::fs::write(project.join("dyn.j2"), "dyn").unwrap();
+        std::fs::write(root.path().join("secret.j2"), "secret").unwrap();
+        std::os::unix::fs::symlink(root.path().join("secret.j2"), project.join("link.j2")).unwrap();
+        let includes = Includes {
+            project_dir: project.clone(),
+            allow_outside_project: false,
+            tracked: ["part.j2", "link.j2"].map(String::from).into(),
+        };
+        let render = |includes: &Includes, source: &str| {
+            let mut env = row_environment(includes, Some(DEFAULT_FUEL));
+            env.add_template_owned("row", source.to_string()).unwrap();
+            env.get_template("row")
+                .unwrap()
+                .render(minijinja::context! {})
+                .map_err(|e| format!("{e:#}"))
+        };
+        assert_eq!(
+            render(&includes, "{% include 'part.j2' %}").unwrap(),
+            "part"
+        );
+        let error = render(&includes, "{% set n = 'dyn' ~ '.j2' %}{% include n %}").unwrap_err();
+        assert!(error.contains("cannot track it"), "{error}");
+        let error = render(&includes, "{% include 'link.j2' %}").unwrap_err();
+        assert!(error.contains("outside the project directory"), "{error}");
+        let allowed = Includes {
+            allow_outside_project: true,
+            ..includes
+        };
+        assert_eq!(
+            render(&allowed, "{% include 'link.j2' %}").unwrap(),
+            "secret"
+        );
+    }
+
+    #[test]
+    fn fuel_stops_runaway_loops() {
+        let mut env = row_environment(&Includes::none(Path::new(".")), Some(100_000));
+        env.add_template(
+            "row",
+            "{% for i in range(10000) %}{% for j in range(10000) %}x{% endfor %}{% endfor %}",
+        )
+        .unwrap();
+        let started = std::time::Instant::now();
+        let error = env
+            .get_template("row")
+            .unwrap()
+            .render(minijinja::context! {})
+            .unwrap_err();
+        assert_eq!(error.kind(), ErrorKind::OutOfFuel);
+        assert!(started.elapsed().as_secs_f64() < 1.0);
     }
 }

@@ -5,13 +5,20 @@
 //! 1. [`parse_yaml`]: yaml-rust2 marked events → a JSON value tree plus a [`SpanIndex`] (key path →
 //!    where the key was written). Duplicate keys, unsupported tags and non-finite numbers are
 //!    problems here; a syntax error stops this file.
+//!    Limits keep a hostile file cheap: at most [`MAX_PIPELINE_FILE_BYTES`], [`MAX_DOCUMENT_VALUES`]
+//!    values, [`MAX_NESTING_DEPTH`] levels, and aliases copying at most [`MAX_ALIAS_EXPANSION`]
+//!    values and characters (a "billion laughs" file stops at the alias that crosses it).
 //! 2. [`apply_override`]: `--set a.b.c=VALUE` edits the tree (VALUE is YAML); the edited paths
 //!    remember the argument they came from.
 //! 3. Deserialization into [`RawPipeline`], the top level and each stage separately, through
 //!    `serde_path_to_error`; after an error the offending key is taken out and deserialization is
 //!    retried, so every bad key of every stage is reported.
-//! 4. Semantic checks ([`check_pipeline`]): stage references, cycles, input files, then each
-//!    kind's own checks (`StageSpec::check`) in topological order with the columns known so far.
+//! 4. Semantic checks ([`check_pipeline_with`]): stage references, cycles, input files, then each
+//!    kind's own checks (`StageSpec::check`) in topological order with the columns known so far,
+//!    and the path policy (`super::paths`) under the command line's [`LoadOptions`].
+//!
+//! Pipeline and stage names follow one rule ([`name_problem`]); [`shared_names`] finds files of
+//! one project (or cache) that would share a name, hence a lock file and an output folder.
 //!
 //! This module reads the pipeline file and whatever `StageSpec` implementations read (file
 //! metadata, template files, and through the caller's [`super::Probe`] Parquet footers and model
@@ -26,9 +33,11 @@ use serde_json::{Map, Value};
 use yaml_rust2::parser::{Event, MarkedEventReceiver, Parser, Tag};
 use yaml_rust2::scanner::{Marker, TScalarStyle};
 
+use super::paths::confine_destination;
 use super::problem::{hint_for_unknown, quoted_list, Subject};
 use super::{
-    CheckContext, Pipeline, Probe, Problem, Problems, RawPipeline, StageConfig, StageKind,
+    CheckContext, LoadOptions, Pipeline, Probe, Problem, Problems, RawPipeline, StageConfig,
+    StageKind,
 };
 use crate::dag::{GraphError, StageGraph};
 
@@ -171,7 +180,23 @@ pub fn parse_yaml(source: &str) -> Result<ParsedYaml, Box<Problem>> {
         ..TreeBuilder::default()
     };
     let mut parser = Parser::new_from_str(source);
-    if let Err(error) = parser.load(&mut builder, true) {
+    // Events one by one rather than `Parser::load`, which recurses once per nesting level (a
+    // deeply nested file would overflow the stack) and cannot be stopped by the receiver.
+    let scanned = loop {
+        let (event, marker) = match parser.next_token() {
+            Ok(next) => next,
+            Err(error) => break Err(error),
+        };
+        let end = event == Event::StreamEnd;
+        builder.on_event(event, marker);
+        if let Some(problem) = builder.limit_exceeded.take() {
+            return Err(Box::new(problem));
+        }
+        if end {
+            break Ok(());
+        }
+    };
+    if let Err(error) = scanned {
         let marker = error.marker();
         let hint = unclosed_bracket(source, marker.line())
             .map(|(bracket, line, column)| {
@@ -295,11 +320,29 @@ enum Frame {
     },
 }
 
+/// Most values (scalars, mappings, sequences) a pipeline document may hold as written.
+pub const MAX_DOCUMENT_VALUES: usize = 100_000;
+/// Most values plus characters that aliases (`*name`, `<<: *name`) may copy in one document:
+/// each alias copies its anchor's whole value, so a few lines can otherwise expand
+/// exponentially ("billion laughs").
+pub const MAX_ALIAS_EXPANSION: usize = 1_000_000;
+/// Deepest nesting of mappings and sequences in a pipeline document.
+pub const MAX_NESTING_DEPTH: usize = 64;
+/// Largest pipeline file read (bytes).
+pub const MAX_PIPELINE_FILE_BYTES: u64 = 8 << 20;
+
 #[derive(Debug, Default)]
 struct TreeBuilder {
     stack: Vec<Frame>,
     root: Option<Value>,
-    anchors: HashMap<usize, Value>,
+    /// Anchor id → its value and that value's [`expansion_weight`].
+    anchors: HashMap<usize, (Value, usize)>,
+    /// Values written in the document so far (aliases not counted: see `alias_expansion`).
+    values: usize,
+    /// The weight aliases have copied so far.
+    alias_expansion: usize,
+    /// Set when a limit is crossed: parsing stops with this problem.
+    limit_exceeded: Option<Problem>,
     spans: SpanIndex,
     problems: Vec<Problem>,
     documents: usize,
@@ -425,7 +468,8 @@ impl TreeBuilder {
     /// A complete node: store its anchor, attach it to its parent.
     fn complete(&mut self, value: Value, anchor: usize, marker: Marker) {
         if anchor > 0 {
-            self.anchors.insert(anchor, value.clone());
+            let weight = expansion_weight(&value);
+            self.anchors.insert(anchor, (value.clone(), weight));
         }
         match self.stack.last_mut() {
             None => {
@@ -617,8 +661,118 @@ impl TreeBuilder {
     }
 }
 
+impl TreeBuilder {
+    /// Count a value written in the document; false (and `limit_exceeded` set) past the limit.
+    fn count_value(&mut self, marker: Marker) -> bool {
+        self.values += 1;
+        if self.values > MAX_DOCUMENT_VALUES {
+            self.limit_exceeded = Some(
+                Problem::new(
+                    "",
+                    format!(
+                        "document too large: more than {} values (a pipeline holds a few hundred)",
+                        thousands(MAX_DOCUMENT_VALUES)
+                    ),
+                )
+                .at(marker.line(), marker.col() + 1),
+            );
+            return false;
+        }
+        true
+    }
+
+    /// A collection starts: false (and `limit_exceeded` set) when it nests too deeply.
+    fn check_depth(&mut self, marker: Marker) -> bool {
+        if self.stack.len() >= MAX_NESTING_DEPTH {
+            self.limit_exceeded = Some(
+                Problem::new(
+                    "",
+                    format!(
+                        "document too large: mappings and lists nested more than {MAX_NESTING_DEPTH} deep"
+                    ),
+                )
+                .at(marker.line(), marker.col() + 1),
+            );
+            return false;
+        }
+        true
+    }
+
+    /// The value an alias stands for, counted against [`MAX_ALIAS_EXPANSION`]; None (and
+    /// `limit_exceeded` set) past the limit.
+    fn expand_alias(&mut self, anchor: usize, marker: Marker) -> Option<Value> {
+        let Some((value, weight)) = self.anchors.get(&anchor) else {
+            return Some(Value::Null);
+        };
+        self.alias_expansion = self.alias_expansion.saturating_add(*weight);
+        if self.alias_expansion > MAX_ALIAS_EXPANSION {
+            self.limit_exceeded = Some(
+                Problem::new(
+                    "",
+                    format!(
+                        "too many alias expansions: the aliases up to here copy more than {} values and characters",
+                        thousands(MAX_ALIAS_EXPANSION)
+                    ),
+                )
+                .with_hint("an alias (`*name`, `<<: *name`) copies its anchor's whole value; write the values out or use fewer nested aliases")
+                .at(marker.line(), marker.col() + 1),
+            );
+            return None;
+        }
+        Some(value.clone())
+    }
+}
+
+/// What copying `value` costs: one per value (scalar, mapping, sequence) plus the characters of
+/// its strings and keys. Iterative: aliases can nest values deeper than the written document.
+fn expansion_weight(value: &Value) -> usize {
+    let mut weight = 0usize;
+    let mut pending = vec![value];
+    while let Some(value) = pending.pop() {
+        weight = weight.saturating_add(1);
+        match value {
+            Value::String(text) => weight = weight.saturating_add(text.len()),
+            Value::Array(items) => pending.extend(items),
+            Value::Object(map) => {
+                for (key, item) in map {
+                    weight = weight.saturating_add(key.len());
+                    pending.push(item);
+                }
+            }
+            Value::Null | Value::Bool(_) | Value::Number(_) => {}
+        }
+    }
+    weight
+}
+
+/// `1000000` → `1,000,000`.
+fn thousands(number: usize) -> String {
+    let digits = number.to_string();
+    let mut out = String::new();
+    for (index, digit) in digits.chars().enumerate() {
+        if index > 0 && (digits.len() - index) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(digit);
+    }
+    out
+}
+
 impl MarkedEventReceiver for TreeBuilder {
     fn on_event(&mut self, event: Event, marker: Marker) {
+        match &event {
+            Event::Scalar(..) | Event::MappingStart(..) | Event::SequenceStart(..)
+                if self.documents <= 1 =>
+            {
+                if !self.count_value(marker) {
+                    return;
+                }
+                if !matches!(event, Event::Scalar(..)) && !self.check_depth(marker) {
+                    return;
+                }
+            }
+            _ => {}
+        }
         match event {
             Event::DocumentStart => {
                 self.documents += 1;
@@ -651,7 +805,9 @@ impl MarkedEventReceiver for TreeBuilder {
                 if self.documents > 1 {
                     return;
                 }
-                let value = self.anchors.get(&anchor).cloned().unwrap_or(Value::Null);
+                let Some(value) = self.expand_alias(anchor, marker) else {
+                    return;
+                };
                 if !self.in_key_position() {
                     let (path, is_key) = self.next_node_path(marker);
                     if !is_key {
@@ -812,16 +968,9 @@ impl Document {
 /// Returns every problem found at this level (the file is unusable past them).
 pub fn read_document(file: &Path) -> Result<(Document, Vec<Problem>), Problems> {
     let display = file.display().to_string();
-    let source = match std::fs::read_to_string(file) {
+    let source = match read_bounded(file) {
         Ok(source) => source,
-        Err(error) => {
-            let message = match error.kind() {
-                std::io::ErrorKind::NotFound => "no such file".to_string(),
-                std::io::ErrorKind::InvalidData => "the file is not UTF-8 text".to_string(),
-                _ => format!("cannot read the file: {error}"),
-            };
-            return Err(Problems::new(display, vec![Problem::new("", message)]));
-        }
+        Err(message) => return Err(Problems::new(display, vec![Problem::new("", message)])),
     };
     let wrap = |problems: Vec<Problem>| {
         Problems::new(display.clone(), problems).with_source(source.clone())
@@ -865,6 +1014,33 @@ pub fn read_document(file: &Path) -> Result<(Document, Vec<Problem>), Problems> 
         },
         problems,
     ))
+}
+
+/// The file's text, refused past [`MAX_PIPELINE_FILE_BYTES`] (read no further than that, so a
+/// huge or endless file such as a device costs nothing). Errors are messages for the user.
+fn read_bounded(file: &Path) -> Result<String, String> {
+    use std::io::Read as _;
+    let describe = |error: std::io::Error| match error.kind() {
+        std::io::ErrorKind::NotFound => "no such file".to_string(),
+        std::io::ErrorKind::InvalidData => "the file is not UTF-8 text".to_string(),
+        _ => format!("cannot read the file: {error}"),
+    };
+    let opened = std::fs::File::open(file).map_err(describe)?;
+    if opened.metadata().is_ok_and(|metadata| metadata.is_dir()) {
+        return Err("cannot read the file: it is a directory".to_string());
+    }
+    let mut bytes = Vec::new();
+    opened
+        .take(MAX_PIPELINE_FILE_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(describe)?;
+    if bytes.len() as u64 > MAX_PIPELINE_FILE_BYTES {
+        return Err(format!(
+            "document too large: a pipeline file may hold at most {} MiB",
+            MAX_PIPELINE_FILE_BYTES >> 20
+        ));
+    }
+    String::from_utf8(bytes).map_err(|_| "the file is not UTF-8 text".to_string())
 }
 
 fn first_content_line(source: &str) -> usize {
@@ -1387,12 +1563,113 @@ fn project_dir_of(file: &Path) -> PathBuf {
     }
 }
 
-/// Letters, digits, `-` and `_`: stage names appear in key paths, `--set` keys, artifact paths.
-fn valid_stage_name(name: &str) -> bool {
-    !name.is_empty()
-        && name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+/// Longest stage or pipeline name: names become file and folder names (lock files, artifact
+/// and checkpoint folders, temporary folders with a suffix), which most filesystems cap at 255
+/// bytes.
+pub const MAX_NAME_LENGTH: usize = 64;
+
+/// Why `name` cannot name a stage or a pipeline, if it cannot: names may hold only letters,
+/// digits, `-` and `_` (they appear in key paths, `--set` keys, artifact and lock file paths,
+/// spelled as written, so two different names never share a folder) and at most
+/// [`MAX_NAME_LENGTH`] characters.
+pub fn name_problem(name: &str) -> Option<String> {
+    if name.is_empty() {
+        return Some("is empty".to_string());
+    }
+    if !name
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+    {
+        return Some("may only contain letters, digits, `-` and `_`".to_string());
+    }
+    if name.len() > MAX_NAME_LENGTH {
+        return Some(format!(
+            "is {} characters long; at most {MAX_NAME_LENGTH} are allowed",
+            name.len()
+        ));
+    }
+    None
+}
+
+/// The pipeline's name: `name:` when written, else the file stem.
+pub fn pipeline_name(raw: &RawPipeline, file: &Path) -> String {
+    raw.name.clone().unwrap_or_else(|| {
+        file.file_stem()
+            .map(|stem| stem.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "pipeline".to_string())
+    })
+}
+
+/// A valid pipeline as `validate` compares it with the other files it was given.
+#[derive(Debug, Clone)]
+pub struct NameClaim<'a> {
+    /// The pipeline file as given.
+    pub file: &'a Path,
+    pub name: &'a str,
+    /// Where its `.peftpipe/out/<name>/` lives.
+    pub project_dir: &'a Path,
+    /// Where its lock file lives.
+    pub cache_dir: &'a Path,
+}
+
+/// Pipelines of different files that share a name and a project or cache directory: they would
+/// share a lock file (each run reading the other's fingerprints) and an output folder. For each
+/// such pipeline, its index and a problem naming the other file.
+pub fn shared_names(claims: &[NameClaim<'_>]) -> Vec<(usize, Problem)> {
+    let same = |a: &Path, b: &Path| match (a.canonicalize(), b.canonicalize()) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => std::path::absolute(a).ok() == std::path::absolute(b).ok(),
+    };
+    let mut found = Vec::new();
+    for (index, claim) in claims.iter().enumerate() {
+        let other = claims.iter().enumerate().find(|(other_index, other)| {
+            *other_index != index
+                && other.name == claim.name
+                && !same(other.file, claim.file)
+                && (same(other.project_dir, claim.project_dir)
+                    || same(other.cache_dir, claim.cache_dir))
+        });
+        let Some((_, other)) = other else {
+            continue;
+        };
+        let shared = if same(other.project_dir, claim.project_dir) {
+            format!("its lock file and `.peftpipe/out/{}/`", claim.name)
+        } else {
+            "its lock file in the cache".to_string()
+        };
+        found.push((
+            index,
+            Problem::new(
+                "name",
+                format!(
+                    "pipeline name `{}` is also the name of {}: the two would share {shared}",
+                    claim.name,
+                    other.file.display()
+                ),
+            )
+            .with_hint("give each pipeline its own `name:`")
+            .about_value(),
+        ));
+    }
+    found
+}
+
+/// The problem with the pipeline's name (written, or the file stem standing in for it).
+fn pipeline_name_problem(raw: &RawPipeline, file: &Path) -> Option<Problem> {
+    let name = pipeline_name(raw, file);
+    let reason = name_problem(&name)?;
+    let hint = "the pipeline name names its lock file and its `.peftpipe/out/<name>/` folder";
+    Some(match &raw.name {
+        Some(_) => Problem::new("name", format!("pipeline name `{name}` {reason}"))
+            .with_hint(hint)
+            .about_value(),
+        None => Problem::new(
+            "",
+            format!("the pipeline is named after its file, and `{name}` {reason}"),
+        )
+        .with_hint(format!("add a `name:` line, or rename the file ({hint})"))
+        .at(1, 1),
+    })
 }
 
 /// Parse a pipeline file and apply overrides: syntax and schema, no semantic checks. Problems
@@ -1451,15 +1728,11 @@ pub fn parse_pipeline(file: &Path, overrides: &[String]) -> Result<Parsed, Probl
             stage_names.push(name.clone());
             let at = join_key("stages", name);
             let before = problems.len();
-            if !valid_stage_name(name) {
+            if let Some(reason) = name_problem(name) {
                 problems.push(
-                    Problem::new(
-                        at.clone(),
-                        format!(
-                            "stage name `{name}` may only contain letters, digits, `-` and `_`"
-                        ),
-                    )
-                    .with_hint("stage names appear in key paths, `--set` keys and artifact paths"),
+                    Problem::new(at.clone(), format!("stage name `{name}` {reason}")).with_hint(
+                        "stage names appear in key paths, `--set` keys and artifact paths",
+                    ),
                 );
             }
             if let Some(config) = parse_stage(value, &at, &mut problems) {
@@ -1476,6 +1749,7 @@ pub fn parse_pipeline(file: &Path, overrides: &[String]) -> Result<Parsed, Probl
     }
     if let Some(raw) = raw.as_mut() {
         raw.stages = stages;
+        problems.extend(pipeline_name_problem(raw, file));
     }
     // Values the YAML layer already rejected (and replaced by null) are not reported again.
     let mut index = 0;
@@ -1652,10 +1926,21 @@ fn parse_stage(value: &Value, at: &str, problems: &mut Vec<Problem>) -> Option<S
 // Pass 4: semantic checks.
 // ---------------------------------------------------------------------------------------------
 
-/// Stage references, cycles, input files and each kind's checks. Stages whose config could not
-/// be read are still valid reference targets (their own problems are already reported). `probe`
-/// answers what needs Arrow or a model.
+/// Stage references, cycles, input files and each kind's checks, under the default
+/// [`LoadOptions`] (nothing outside the project). See [`check_pipeline_with`].
 pub fn check_pipeline(parsed: &Parsed, probe: &dyn Probe) -> Vec<Problem> {
+    check_pipeline_with(parsed, probe, &LoadOptions::default())
+}
+
+/// Stage references, cycles, input files, each kind's checks and the path policy (template
+/// files and export destinations inside the project unless `options.allow_outside_project`).
+/// Stages whose config could not be read are still valid reference targets (their own problems
+/// are already reported). `probe` answers what needs Arrow or a model.
+pub fn check_pipeline_with(
+    parsed: &Parsed,
+    probe: &dyn Probe,
+    options: &LoadOptions,
+) -> Vec<Problem> {
     let mut problems = Vec::new();
     let project_dir = parsed.project_dir();
     let stages = &parsed.raw.stages;
@@ -1703,6 +1988,7 @@ pub fn check_pipeline(parsed: &Parsed, probe: &dyn Probe) -> Vec<Problem> {
                 problems.push(Problem::new(at.clone(), message));
             }
         }
+        path_policy(config, &project_dir, options, &at, &mut problems);
         if !ordered.contains(&name) {
             continue;
         }
@@ -1711,6 +1997,38 @@ pub fn check_pipeline(parsed: &Parsed, probe: &dyn Probe) -> Vec<Problem> {
         }
     }
     problems
+}
+
+/// The path policy ([`super::paths`]) for one stage: template files and export destinations
+/// stay inside the project unless `--allow-outside-project`. A destination that already has a
+/// problem (empty, the project itself) is not judged again.
+fn path_policy(
+    config: &StageConfig,
+    project_dir: &Path,
+    options: &LoadOptions,
+    at: &str,
+    problems: &mut Vec<Problem>,
+) {
+    match config {
+        StageConfig::Template(template) => {
+            problems.extend(template.path_problems(project_dir, options.allow_outside_project, at));
+        }
+        StageConfig::Export(export) => {
+            for (key, written) in [("adapter", &export.adapter), ("merged", &export.merged)] {
+                let Some(written) = written else { continue };
+                let path = join_key(at, key);
+                if problems.iter().any(|problem| problem.path == path) {
+                    continue;
+                }
+                if let Err(message) =
+                    confine_destination(project_dir, written, options.allow_outside_project)
+                {
+                    problems.push(Problem::new(path, message).about_value());
+                }
+            }
+        }
+        StageConfig::Ingest(_) | StageConfig::Train(_) | StageConfig::Evaluate(_) => {}
+    }
 }
 
 /// A graph error as a problem at the reference (the value naming the upstream stage).
@@ -1777,24 +2095,31 @@ fn graph_problem_at_key(error: &GraphError, stages: &IndexMap<String, StageConfi
     }
 }
 
-/// Parse, apply overrides, deserialize and check a pipeline: every problem, or the validated
-/// pipeline. `probe` answers what semantic checks need from Arrow or a model.
+/// Parse, apply overrides, deserialize and check a pipeline under the default [`LoadOptions`]
+/// (nothing outside the project): every problem, or the validated pipeline. `probe` answers what
+/// semantic checks need from Arrow or a model.
 pub fn load_pipeline(
     file: &Path,
     overrides: &[String],
     probe: &dyn Probe,
 ) -> Result<Pipeline, Problems> {
+    load_pipeline_with(file, overrides, probe, &LoadOptions::default())
+}
+
+/// [`load_pipeline`] with the command line's options (`--allow-outside-project`).
+pub fn load_pipeline_with(
+    file: &Path,
+    overrides: &[String],
+    probe: &dyn Probe,
+    options: &LoadOptions,
+) -> Result<Pipeline, Problems> {
     let parsed = parse_pipeline(file, overrides)?;
     let mut problems = parsed.problems.clone();
-    problems.extend(check_pipeline(&parsed, probe));
+    problems.extend(check_pipeline_with(&parsed, probe, options));
     if !problems.is_empty() {
         return Err(parsed.document.problems(problems));
     }
-    let name = parsed.raw.name.clone().unwrap_or_else(|| {
-        file.file_stem()
-            .map(|stem| stem.to_string_lossy().into_owned())
-            .unwrap_or_else(|| "pipeline".to_string())
-    });
+    let name = pipeline_name(&parsed.raw, file);
     // Absolute, so stages that run on other threads or change directory resolve paths alike;
     // fingerprints use the paths as written, never this one.
     let project_dir = parsed.project_dir();
@@ -2142,5 +2467,73 @@ mod tests {
         assert!(references_intact(&config, at, &elsewhere));
         let at_reference = [Problem::new("stages.prompts.template.input", "bad")];
         assert!(!references_intact(&config, at, &at_reference));
+    }
+
+    #[test]
+    fn alias_expansion_depth_and_size_are_bounded() {
+        let mut bomb = String::from("a0: &a0 [lol, lol, lol, lol, lol, lol, lol, lol, lol]\n");
+        for level in 1..10 {
+            let previous = format!("*a{}", level - 1);
+            bomb.push_str(&format!(
+                "a{level}: &a{level} [{}]\n",
+                [previous.as_str(); 9].join(", ")
+            ));
+        }
+        let Err(problem) = parse_yaml(&bomb) else {
+            panic!("the alias bomb was accepted")
+        };
+        assert!(
+            problem.message.starts_with("too many alias expansions"),
+            "{problem:?}"
+        );
+        assert_eq!(problem.line, Some(6));
+        // Merge keys count too.
+        let mut merges =
+            String::from("b0: &b0 {x: [lol, lol, lol, lol, lol, lol, lol, lol, lol]}\n");
+        for level in 1..10 {
+            let previous = format!("*b{}", level - 1);
+            merges.push_str(&format!(
+                "b{level}: &b{level} {{<<: {previous}, y: [{}]}}\n",
+                [previous.as_str(); 9].join(", ")
+            ));
+        }
+        let Err(problem) = parse_yaml(&merges) else {
+            panic!("the merge-key bomb was accepted")
+        };
+        assert!(
+            problem.message.starts_with("too many alias expansions"),
+            "{problem:?}"
+        );
+        let deep = format!("a: {}{}", "[".repeat(70), "]".repeat(70));
+        let Err(problem) = parse_yaml(&deep) else {
+            panic!("70 levels were accepted")
+        };
+        assert!(
+            problem.message.contains("nested more than 64 deep"),
+            "{problem:?}"
+        );
+        let wide = format!("a: [{}]", "1, ".repeat(MAX_DOCUMENT_VALUES));
+        let Err(problem) = parse_yaml(&wide) else {
+            panic!("{MAX_DOCUMENT_VALUES} values were accepted")
+        };
+        assert!(
+            problem.message.starts_with("document too large"),
+            "{problem:?}"
+        );
+        // Ordinary anchors stay fine.
+        let parsed = parse("base: &base {r: 8}\none: {<<: *base}\ntwo: [*base, *base]\n");
+        assert_eq!(parsed.value.unwrap()["two"][1]["r"], 8);
+    }
+
+    #[test]
+    fn names_follow_one_rule() {
+        assert_eq!(name_problem("quickstart_v2-a"), None);
+        assert!(name_problem("a/b").unwrap().contains("letters, digits"));
+        assert!(name_problem("a.b").unwrap().contains("letters, digits"));
+        assert!(name_problem("").unwrap().contains("empty"));
+        assert!(name_problem(&"x".repeat(65))
+            .unwrap()
+            .contains("at most 64"));
+        assert_eq!(name_problem(&"x".repeat(64)), None);
     }
 }

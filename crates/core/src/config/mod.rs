@@ -11,7 +11,8 @@
 //! the pure helpers they share with the stages: `input.rs` (input paths → files),
 //! `jinja.rs` (the row-template environment), `chat_template.rs` (loading chat templates),
 //! `target_modules.rs` (PEFT target specs), `hub.rs` (`hf://` model ids in the local Hugging Face
-//! cache).
+//! cache), `paths.rs` (the path policy: templates and export destinations stay inside the
+//! project unless `--allow-outside-project`).
 
 pub mod chat_template;
 pub mod evaluate;
@@ -21,6 +22,7 @@ pub mod ingest;
 pub mod input;
 pub mod jinja;
 pub mod load;
+pub mod paths;
 pub mod probe;
 pub mod problem;
 pub mod target_modules;
@@ -42,12 +44,23 @@ pub use problem::{Problem, Problems};
 pub use template::TemplateConfig;
 pub use train::TrainConfig;
 
+/// What the command line decides about validation.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LoadOptions {
+    /// `--allow-outside-project`: template files and export destinations may resolve outside
+    /// the project directory (see [`paths`]).
+    pub allow_outside_project: bool,
+}
+
 /// A pipeline as written in YAML.
 #[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RawPipeline {
-    /// Optional human name of the pipeline (defaults to the file stem).
+    /// Name of the pipeline (defaults to the file stem): letters, digits, `-` and `_`, at most
+    /// 64 characters. It names the pipeline's lock file in the cache and its
+    /// `.peftpipe/out/<name>/` folder, so two pipelines of one project need different names.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^[A-Za-z0-9_-]{1,64}$"))]
     pub name: Option<String>,
     /// Global seed; every stage's randomness (shuffles, splits, few-shot draws, init, dropout)
     /// derives from it and the stage name. Part of every fingerprint.
@@ -55,8 +68,8 @@ pub struct RawPipeline {
     pub seed: u64,
     /// The stages, by name. Each stage has exactly one kind key (`ingest`, `template`, `train`,
     /// `evaluate`, `export`) and names the upstream stages it reads. Stage names use letters,
-    /// digits, `-` and `_`.
-    #[schemars(extend("propertyNames" = { "pattern": "^[A-Za-z0-9_-]+$" }, "minProperties" = 1))]
+    /// digits, `-` and `_`, at most 64 characters.
+    #[schemars(extend("propertyNames" = { "pattern": "^[A-Za-z0-9_-]{1,64}$" }, "minProperties" = 1))]
     pub stages: IndexMap<String, StageConfig>,
 }
 

@@ -3,18 +3,24 @@
 //! settings, and which columns are carried through.
 //!
 //! Pure data plus checks. Checks compile the row templates with minijinja (syntax errors, variables
-//! no input column provides) and read template files and `tokenizer_config.json`; a chat template
-//! is compiled by the [`super::probe::Probe`] (as the stage renders it). They never read rows. The
-//! stage itself lives in the main crate's `stages/template.rs`.
+//! no input column provides, includes by computed names) and read template files and
+//! `tokenizer_config.json`; a chat template is compiled by the [`super::probe::Probe`] (as the
+//! stage renders it). Where template files may be is the path policy ([`super::paths`]), checked
+//! by [`TemplateConfig::path_problems`] with the command line's `--allow-outside-project`. Checks
+//! never read rows. The stage itself lives in the main crate's `stages/template.rs`.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use super::chat_template::{load_chat_template, ChatTemplateSource};
-use super::jinja::{row_environment, undeclared_variables};
+use super::jinja::{
+    row_environment, template_references, undeclared_variables, Includes, RenderLimits,
+    TemplateReference,
+};
+use super::paths::{confine_template, read_template_file};
 use super::problem::did_you_mean;
 use super::{resolve_path, CheckContext, InputFile, Problem, StageConfig, StageSpec, UpstreamRef};
 
@@ -31,7 +37,10 @@ pub struct TemplateConfig {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub prompt: Option<String>,
     /// Prompt template file, relative to the pipeline file (instead of `prompt`). Includes and
-    /// imports resolve relative to the pipeline directory.
+    /// imports resolve relative to the pipeline directory and name their template with a string
+    /// literal (`{% include "parts/header.j2" %}`), so that editing it reruns the stage. Template
+    /// files must lie inside the pipeline's directory tree (symbolic links resolved) unless
+    /// `--allow-outside-project` is given.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub prompt_file: Option<String>,
     /// Completion template (minijinja), inline: the text the model learns to produce.
@@ -53,6 +62,10 @@ pub struct TemplateConfig {
     /// Other input columns carried through unchanged.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub carry: Vec<String>,
+    /// Bounds on rendering one template for one row (default: fuel 10,000,000 instructions,
+    /// max_row_bytes 1 MiB), so that no template runs without end or fills the memory.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limits: Option<RenderLimits>,
 }
 
 /// A chat-template rendering: each row becomes a conversation (optional system message, the user
@@ -155,6 +168,9 @@ pub struct ResolvedChat {
 /// Every template of the stage, sources loaded.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct ResolvedTemplates {
+    /// The names the templates include literally (transitively): what the loader may serve.
+    #[serde(skip)]
+    pub included: BTreeSet<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub prompt: Option<NamedSource>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -197,12 +213,21 @@ impl ResolvedTemplates {
         all
     }
 
-    /// The row-template environment with every row template added. Errors: (key suffix, message).
+    /// The row-template environment with every row template added, rendering at most `fuel`
+    /// instructions per rendering, its includes confined to the project unless
+    /// `allow_outside_project`. Errors: (key suffix, message).
     pub fn environment(
         &self,
         project_dir: &Path,
+        allow_outside_project: bool,
+        fuel: Option<u64>,
     ) -> Result<minijinja::Environment<'static>, (String, String)> {
-        let mut env = row_environment(project_dir);
+        let includes = Includes {
+            project_dir: project_dir.to_path_buf(),
+            allow_outside_project,
+            tracked: self.included.clone(),
+        };
+        let mut env = row_environment(&includes, fuel);
         for (source, key) in self.row_templates() {
             env.add_template_owned(source.name.clone(), source.source.clone())
                 .map_err(|e| (key.to_string(), syntax_message(&e)))?;
@@ -219,23 +244,145 @@ fn syntax_message(error: &minijinja::Error) -> String {
     }
 }
 
-/// Files named by `{% include %}`, `{% import %}`, `{% from … import %}`, `{% extends %}`.
-fn referenced_templates(source: &str) -> Vec<String> {
-    let pattern =
-        regex::Regex::new(r#"\{%-?\s*(?:include|import|from|extends)\s+\[?\s*["']([^"']+)["']"#);
-    match pattern {
-        Ok(pattern) => pattern
-            .captures_iter(source)
-            .filter_map(|c| c.get(1).map(|m| m.as_str().to_string()))
-            .collect(),
-        Err(_) => Vec::new(),
+/// The template files a stage's templates read, found by following literal includes.
+#[derive(Debug, Clone, Default)]
+struct TemplateWalk {
+    /// `prompt_file`, `completion_file` and every included file, by the name written.
+    files: Vec<InputFile>,
+    /// Names written literally in include tags (transitively), each with the key of the
+    /// stage's template it was first reached from.
+    included: BTreeMap<String, &'static str>,
+    /// Includes by computed names: (key of the stage's template they stem from, the file they
+    /// are in if not that template itself, the tag, its line).
+    computed: Vec<(&'static str, Option<String>, String, usize)>,
+}
+
+impl TemplateWalk {
+    fn scan(
+        &mut self,
+        source: &str,
+        key: &'static str,
+        file: Option<&str>,
+        pending: &mut Vec<(String, &'static str, bool)>,
+    ) {
+        for reference in template_references(source) {
+            match reference {
+                TemplateReference::Literal(names) => {
+                    pending.extend(names.into_iter().map(|name| (name, key, true)))
+                }
+                TemplateReference::Computed { tag, line } => {
+                    self.computed
+                        .push((key, file.map(str::to_string), tag, line))
+                }
+            }
+        }
     }
 }
 
 impl TemplateConfig {
-    /// Load every template source (files relative to the pipeline directory). Errors: (key
+    /// The stage's inline row templates with their keys.
+    fn inline_sources(&self) -> Vec<(&String, &'static str)> {
+        let mut inline = Vec::new();
+        inline.extend(self.prompt.iter().map(|s| (s, "prompt")));
+        inline.extend(self.completion.iter().map(|s| (s, "completion")));
+        if let Some(chat) = &self.chat {
+            inline.extend(chat.system.iter().map(|s| (s, "chat.system")));
+            inline.push((&chat.user, "chat.user"));
+            inline.push((&chat.assistant, "chat.assistant"));
+        }
+        inline
+    }
+
+    /// Follow the templates' literal includes from the inline templates and template files.
+    /// Every file is resolved under the path policy (`allow_outside_project`) and read bounded.
+    fn walk_templates(
+        &self,
+        project_dir: &Path,
+        allow_outside_project: bool,
+    ) -> Result<TemplateWalk, String> {
+        let mut walk = TemplateWalk::default();
+        let mut pending: Vec<(String, &'static str, bool)> = Vec::new();
+        for (file, key) in [
+            (&self.completion_file, "completion_file"),
+            (&self.prompt_file, "prompt_file"),
+        ] {
+            if let Some(file) = file {
+                pending.push((file.clone(), key, false));
+            }
+        }
+        for (source, key) in self.inline_sources() {
+            walk.scan(source, key, None, &mut pending);
+        }
+        let mut seen = BTreeSet::new();
+        while let Some((written, key, included)) = pending.pop() {
+            if included {
+                walk.included.entry(written.clone()).or_insert(key);
+            }
+            if !seen.insert(written.clone()) {
+                continue;
+            }
+            let what = if included {
+                "the included template"
+            } else {
+                key
+            };
+            let path = confine_template(project_dir, &written, what, allow_outside_project)?;
+            let source = read_template_file(&path, &written)?;
+            walk.scan(&source, key, Some(&written), &mut pending);
+            walk.files.push(InputFile { key: written, path });
+        }
+        Ok(walk)
+    }
+
+    /// Template files that resolve outside the project directory (symbolic links included),
+    /// unless `allow_outside_project`: one problem per file, at the key that names it (an
+    /// included file: at the template that includes it).
+    pub fn path_problems(
+        &self,
+        project_dir: &Path,
+        allow_outside_project: bool,
+        at: &str,
+    ) -> Vec<Problem> {
+        if allow_outside_project {
+            return Vec::new();
+        }
+        let mut problems = Vec::new();
+        for (file, key) in [
+            (&self.prompt_file, "prompt_file"),
+            (&self.completion_file, "completion_file"),
+        ] {
+            if let Some(file) = file {
+                if let Err(message) = confine_template(project_dir, file, key, false) {
+                    problems.push(Problem::new(format!("{at}.{key}"), message).about_value());
+                }
+            }
+        }
+        // Includes, found by following every file (the refusals above are reported already).
+        if let Ok(walk) = self.walk_templates(project_dir, true) {
+            for (name, key) in walk.included {
+                if let Err(message) =
+                    confine_template(project_dir, &name, "the included template", false)
+                {
+                    problems.push(Problem::new(format!("{at}.{key}"), message).about_value());
+                }
+            }
+        }
+        problems
+    }
+
+    /// The rendering limits in force (the defaults unless `limits` is given).
+    pub fn render_limits(&self) -> RenderLimits {
+        self.limits.unwrap_or_default()
+    }
+
+    /// Load every template source (files relative to the pipeline directory, confined to it
+    /// unless `allow_outside_project`) and the names the templates include. Errors: (key
     /// suffix, message).
-    pub fn resolve(&self, project_dir: &Path) -> Result<ResolvedTemplates, (String, String)> {
+    pub fn resolve(
+        &self,
+        project_dir: &Path,
+        allow_outside_project: bool,
+    ) -> Result<ResolvedTemplates, (String, String)> {
         let load = |name: &str,
                     inline: &Option<String>,
                     file: &Option<String>,
@@ -248,14 +395,11 @@ impl TemplateConfig {
                     source: source.clone(),
                 })),
                 (None, Some(file)) => {
+                    let file_key = format!("{key}_file");
                     let path =
-                        resolve_path(project_dir, file).map_err(|e| (format!("{key}_file"), e))?;
-                    let source = std::fs::read_to_string(&path).map_err(|e| {
-                        (
-                            format!("{key}_file"),
-                            format!("cannot read template {file} ({}): {e}", path.display()),
-                        )
-                    })?;
+                        confine_template(project_dir, file, &file_key, allow_outside_project)
+                            .map_err(|e| (file_key.clone(), e))?;
+                    let source = read_template_file(&path, file).map_err(|e| (file_key, e))?;
                     Ok(Some(NamedSource {
                         name: name.to_string(),
                         file: Some(file.clone()),
@@ -346,7 +490,21 @@ impl TemplateConfig {
                 })
             }
         };
+        let included = self
+            .walk_templates(project_dir, allow_outside_project)
+            .map_err(|message| {
+                let key = if self.prompt_file.is_some() {
+                    "prompt_file"
+                } else {
+                    "prompt"
+                };
+                (key.to_string(), message)
+            })?
+            .included
+            .into_keys()
+            .collect();
         Ok(ResolvedTemplates {
+            included,
             prompt,
             completion,
             chat,
@@ -407,42 +565,14 @@ impl StageSpec for TemplateConfig {
     }
 
     fn input_files(&self, project_dir: &Path) -> Result<Vec<InputFile>, String> {
-        let mut files = Vec::new();
-        let mut pending: Vec<String> = Vec::new();
-        for written in [&self.prompt_file, &self.completion_file]
-            .into_iter()
-            .flatten()
-        {
-            pending.push(written.clone());
-        }
+        // Every file a run may read, wherever it is: the path policy is validation's and the
+        // stage's to enforce; the fingerprint hashes what is there.
+        let mut files = self.walk_templates(project_dir, true)?.files;
         if let Some(config) = self.chat.as_ref().and_then(|c| c.tokenizer_config.as_ref()) {
             files.push(InputFile {
                 key: config.clone(),
                 path: resolve_path(project_dir, config)?,
             });
-        }
-        // Inline sources may include files too.
-        let mut inline: Vec<&String> = vec![];
-        inline.extend(self.prompt.iter());
-        inline.extend(self.completion.iter());
-        if let Some(chat) = &self.chat {
-            inline.extend(chat.system.iter());
-            inline.push(&chat.user);
-            inline.push(&chat.assistant);
-        }
-        for source in inline {
-            pending.extend(referenced_templates(source));
-        }
-        let mut seen = BTreeSet::new();
-        while let Some(written) = pending.pop() {
-            if !seen.insert(written.clone()) {
-                continue;
-            }
-            let path = resolve_path(project_dir, &written)?;
-            let source = std::fs::read_to_string(&path)
-                .map_err(|e| format!("cannot read template {written} ({}): {e}", path.display()))?;
-            pending.extend(referenced_templates(&source));
-            files.push(InputFile { key: written, path });
         }
         files.sort_by(|a, b| a.key.cmp(&b.key));
         Ok(files)
@@ -570,7 +700,42 @@ impl StageSpec for TemplateConfig {
             }
         }
 
-        let resolved = match self.resolve(cx.project_dir) {
+        if let Some(limits) = &self.limits {
+            for (value, key) in [
+                (limits.fuel, "fuel"),
+                (limits.max_row_bytes, "max_row_bytes"),
+            ] {
+                if value == 0 {
+                    problems.push(
+                        Problem::new(
+                            format!("{at}.limits.{key}"),
+                            format!("{key} is 0: no row could render"),
+                        )
+                        .about_value()
+                        .with_hint("remove it to use the default, or give a positive number"),
+                    );
+                }
+            }
+        }
+        if let Ok(walk) = self.walk_templates(cx.project_dir, true) {
+            for (key, file, tag, line) in walk.computed {
+                let place = match file {
+                    Some(file) => format!("line {line} of {file}"),
+                    None => format!("line {line}"),
+                };
+                problems.push(
+                    Problem::new(
+                        format!("{at}.{key}"),
+                        format!("`{tag}` ({place}) names its template by a computed expression: peftpipe tracks included templates by the names written, so editing that file would not rerun the stage"),
+                    )
+                    .about_value()
+                    .with_hint("write the name as a string literal, e.g. `{% include \"parts/example.j2\" %}`, or a list of literals"),
+                );
+            }
+        }
+        // Validation reads template files wherever they are, to compile them; whether they may
+        // be there is `path_problems`' question.
+        let resolved = match self.resolve(cx.project_dir, true) {
             Ok(resolved) => resolved,
             Err((key, message)) => {
                 let problem = Problem::new(format!("{at}.{key}"), message);
@@ -597,7 +762,7 @@ impl StageSpec for TemplateConfig {
             }
         }
         // Compile each row template on its own so every syntax error is reported.
-        let mut env = row_environment(cx.project_dir);
+        let mut env = row_environment(&Includes::none(cx.project_dir), None);
         let mut compiled = Vec::new();
         for (source, key) in resolved.row_templates() {
             match env.add_template_owned(source.name.clone(), source.source.clone()) {
@@ -736,6 +901,7 @@ mod tests {
             few_shot: None,
             label: Some("label".into()),
             carry: vec!["id".into(), "label".into()],
+            limits: None,
         };
         let pipeline = RawPipeline {
             name: None,
@@ -756,10 +922,17 @@ mod tests {
     }
 
     #[test]
-    fn referenced_templates_finds_includes_and_imports() {
-        let found = referenced_templates(
-            "{% include 'templates/a.j2' %}{%- from \"templates/m.j2\" import shot %}{% extends 'base.j2' %}",
+    fn includes_by_computed_names_are_reported() {
+        let problems = check(
+            &format!("{HEADER}      prompt: \"{{% set n = 'dyn' ~ '.j2' %}}{{% include n %}}{{{{ text }}}}\"\n      completion: \"{{{{ label }}}}\"\n"),
+            &["text", "label"],
         );
-        assert_eq!(found, vec!["templates/a.j2", "templates/m.j2", "base.j2"]);
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert_eq!(problems[0].path, "stages.prompts.template.prompt");
+        assert!(
+            problems[0].message.contains("`{% include n %}`")
+                && problems[0].message.contains("computed expression"),
+            "{problems:?}"
+        );
     }
 }
