@@ -54,8 +54,11 @@ fn inspect_reports_a_model_directory() -> TestResult {
     let model = &report["model"];
     assert_eq!(model["architecture"], "llama");
     assert_eq!(model["dtype"], "BF16");
-    assert_eq!(model["parameters"], config.parameter_count());
-    assert_eq!(model["stored_parameters"], config.parameter_count());
+    assert_eq!(model["parameters"], config.parameter_count().unwrap());
+    assert_eq!(
+        model["stored_parameters"],
+        config.parameter_count().unwrap()
+    );
     assert_eq!(model["key_value_heads"], 2);
     assert_eq!(model["linear_layers"][1]["name"], "k_proj");
     assert_eq!(model["linear_layers"][1]["out_features"], 8);
