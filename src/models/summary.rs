@@ -254,3 +254,36 @@ pub fn summarize(path: &Path) -> Result<(ModelSummary, ModelConfig), ModelError>
     }
     Ok((summary, dir.config().clone()))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tensor(shape: Vec<usize>) -> TensorInfo {
+        TensorInfo {
+            dtype: "F32".into(),
+            shape,
+            file: "model/model.safetensors".into(),
+            start: 8,
+            end: 8,
+        }
+    }
+
+    #[test]
+    fn stored_element_counts_are_checked() {
+        let fine = BTreeMap::from([
+            ("a".to_string(), tensor(vec![3, 4])),
+            ("b".to_string(), tensor(vec![5])),
+        ]);
+        assert_eq!(stored_elements(&fine).unwrap(), (17, "F32".to_string()));
+        let huge = BTreeMap::from([("a".to_string(), tensor(vec![1 << 40, 1 << 40]))]);
+        let error = stored_elements(&huge).unwrap_err().to_string();
+        assert!(error.contains("model/model.safetensors"), "{error}");
+        assert!(error.contains("tensor `a`"), "{error}");
+        let many = BTreeMap::from([
+            ("a".to_string(), tensor(vec![1 << 32, 1 << 31])),
+            ("b".to_string(), tensor(vec![1 << 32, 1 << 31])),
+        ]);
+        assert!(stored_elements(&many).is_err());
+    }
+}

@@ -104,6 +104,25 @@ mod tests {
     use super::*;
 
     #[test]
+    fn lora_counts_that_overflow_are_none() {
+        let huge = LinearSpec {
+            path: "model.layers.0.self_attn.q_proj".into(),
+            in_features: usize::MAX,
+            out_features: 2,
+            bias: false,
+            tied_to_embeddings: false,
+        };
+        assert_eq!(lora_module_parameters(usize::MAX, 2, 1), None);
+        assert_eq!(lora_module_parameters(1 << 40, 1 << 40, 1 << 30), None);
+        assert_eq!(lora_module_parameters(64, 32, 8), Some(768));
+        let twice = [huge.clone(), huge];
+        assert_eq!(
+            lora_parameter_count(&twice, &TargetModules::AllLinear, 1),
+            None
+        );
+    }
+
+    #[test]
     fn all_linear_skips_the_output_layer_and_saves_expanded_names() {
         let config = serde_json::json!({"model_type": "gpt2", "n_embd": 8, "n_layer": 2, "n_head": 2, "n_positions": 16,
             "vocab_size": 10});
