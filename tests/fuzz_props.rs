@@ -1,7 +1,7 @@
 //! The fuzz targets of fuzz/ as proptest properties, so `cargo test` keeps them: the pipeline
 //! loader, the safetensors header reader and the Parquet/CSV/JSONL readers return (Ok or an
-//! error) on mutated valid files — truncated, with bytes overwritten or inserted — and on
-//! arbitrary bytes, and never panic. Few cases each, so the whole file takes seconds.
+//! error) on mutated valid files — truncated, with bytes overwritten or inserted — on arbitrary
+//! bytes, and on safetensors headers with hostile shapes and offsets, and never panic. Few cases each, so the whole file takes seconds.
 
 use std::path::Path;
 
@@ -29,6 +29,11 @@ fn mutation() -> impl Strategy<Value = Mutation> {
         (any::<usize>(), prop::collection::vec(any::<u8>(), 1..16))
             .prop_map(|(at, bytes)| Mutation::Insert(at, bytes)),
     ]
+}
+
+/// A size from a header: small, anywhere, or at the top of the range (where sums overflow).
+fn size() -> impl Strategy<Value = u64> {
+    prop_oneof![0u64..64, any::<u64>(), (u64::MAX - 64)..=u64::MAX]
 }
 
 fn mutate(original: &[u8], mutations: &[Mutation]) -> Vec<u8> {
@@ -126,6 +131,32 @@ proptest! {
     ) {
         let mut bytes = length.to_le_bytes().to_vec();
         bytes.extend_from_slice(&header);
+        read_safetensors_bytes(&bytes);
+    }
+
+    #[test]
+    fn the_safetensors_header_reader_survives_hostile_sizes(
+        tensors in prop::collection::vec(
+            (
+                prop::sample::select(vec!["F32", "BF16", "I64", "U8", "F8_E4M3", "??"]),
+                prop::collection::vec(size(), 0..4),
+                size(),
+                size(),
+            ),
+            1..4,
+        ),
+    ) {
+        let mut header = serde_json::Map::new();
+        for (index, (dtype, shape, begin, end)) in tensors.into_iter().enumerate() {
+            header.insert(
+                format!("t{index}"),
+                serde_json::json!({"dtype": dtype, "shape": shape, "data_offsets": [begin, end]}),
+            );
+        }
+        let json = serde_json::to_vec(&header).expect("encode");
+        let mut bytes = (json.len() as u64).to_le_bytes().to_vec();
+        bytes.extend_from_slice(&json);
+        bytes.extend_from_slice(&[0u8; 64]);
         read_safetensors_bytes(&bytes);
     }
 
