@@ -108,7 +108,7 @@ fn main() -> Result<()> {
     println!(
         "wrote {}: {} parameters (random init, seed {SEED}), vocab {vocab_size}, {} bytes",
         dir.display(),
-        written.config().parameter_count(),
+        written.config().parameter_count().unwrap_or_default(),
         bytes.len()
     );
     Ok(())

@@ -54,8 +54,11 @@ fn inspect_reports_a_model_directory() -> TestResult {
     let model = &report["model"];
     assert_eq!(model["architecture"], "llama");
     assert_eq!(model["dtype"], "BF16");
-    assert_eq!(model["parameters"], config.parameter_count());
-    assert_eq!(model["stored_parameters"], config.parameter_count());
+    assert_eq!(model["parameters"], config.parameter_count().unwrap());
+    assert_eq!(
+        model["stored_parameters"],
+        config.parameter_count().unwrap()
+    );
     assert_eq!(model["key_value_heads"], 2);
     assert_eq!(model["linear_layers"][1]["name"], "k_proj");
     assert_eq!(model["linear_layers"][1]["out_features"], 8);
@@ -238,5 +241,27 @@ fn hub_ids_resolve_through_the_huggingface_cache() -> TestResult {
     );
     assert!(stderr.contains("refs/main does not exist"), "{stderr}");
     assert!(stderr.contains("--features hub"), "{stderr}");
+    Ok(())
+}
+
+#[test]
+fn sizes_whose_counts_overflow_are_an_error_naming_the_file() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    // Each size is accepted alone; hidden × vocab and the layer products exceed 2^64.
+    let config = serde_json::json!({
+        "model_type": "llama", "hidden_size": 1u64 << 40, "intermediate_size": 1u64 << 41,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "head_dim": 1u64 << 38, "vocab_size": 1u64 << 40
+    });
+    let file = dir.path().join("config.json");
+    std::fs::write(&file, config.to_string())?;
+    for args in [vec![], vec!["--target", "all-linear"]] {
+        let output = inspect(&[&[file.to_str().ok_or("path")?][..], &args].concat());
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(1), "{stderr}");
+        assert!(!stderr.contains("panicked"), "{stderr}");
+        assert!(stderr.contains("config.json"), "{stderr}");
+        assert!(stderr.contains("does not fit in 64 bits"), "{stderr}");
+    }
     Ok(())
 }

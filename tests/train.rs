@@ -170,28 +170,35 @@ fn resume_from_a_checkpoint_is_bit_identical_to_an_uninterrupted_run() {
     let whole = whole.unwrap();
     assert_eq!((whole.steps, whole.resumed_from), (6, None));
 
-    // Killed after step 4: the checkpoint of step 3 survives.
-    let dir = tempfile::tempdir().unwrap();
-    settings.checkpoint_dir = Some(dir.path().to_path_buf());
-    let (stopped, _) = train_once(&weights, &data, &settings, 0.1, Some(4));
-    assert!(
-        matches!(stopped, Err(TrainError::Cancelled { step: 4 })),
-        "{stopped:?}"
-    );
-    assert!(dir.path().join("step-00000003/state.json").is_file());
-
-    // A fresh process (new model, new adapter) resumes from it.
-    let (resumed, resumed_bytes) = train_once(&weights, &data, &settings, 0.1, None);
-    let resumed = resumed.unwrap();
-    assert_eq!(resumed.resumed_from, Some(3));
-    assert_eq!(
-        resumed_bytes, whole_bytes,
-        "resumed run differs from the uninterrupted one"
-    );
-    assert_eq!(resumed.metrics_jsonl.lines().count(), 6);
-    assert_eq!(resumed.final_loss, whole.final_loss);
-    // No timings in the metrics: resumed and uninterrupted runs write the same bytes.
-    assert_eq!(resumed.metrics_jsonl, whole.metrics_jsonl);
+    // Cancelled (Ctrl-C, SIGTERM) after step 4: it stops there and checkpoints step 4 (the
+    // newest checkpoint replaces step 3's); after step 3, step 3's periodic one is what remains.
+    // A fresh process (new model, new adapter) resumes from it bit-identical.
+    let mut dirs = Vec::new();
+    for stop in [4, 3] {
+        let dir = tempfile::tempdir().unwrap();
+        settings.checkpoint_dir = Some(dir.path().to_path_buf());
+        let (stopped, _) = train_once(&weights, &data, &settings, 0.1, Some(stop));
+        assert!(
+            matches!(stopped, Err(TrainError::Cancelled { step }) if step == stop),
+            "{stopped:?}"
+        );
+        assert!(dir
+            .path()
+            .join(format!("step-0000000{stop}/state.json"))
+            .is_file());
+        let (resumed, resumed_bytes) = train_once(&weights, &data, &settings, 0.1, None);
+        let resumed = resumed.unwrap();
+        assert_eq!(resumed.resumed_from, Some(stop));
+        assert_eq!(
+            resumed_bytes, whole_bytes,
+            "run resumed at step {stop} differs from the uninterrupted one"
+        );
+        assert_eq!(resumed.metrics_jsonl.lines().count(), 6);
+        assert_eq!(resumed.final_loss, whole.final_loss);
+        // No timings in the metrics: resumed and uninterrupted runs write the same bytes.
+        assert_eq!(resumed.metrics_jsonl, whole.metrics_jsonl);
+        dirs.push(dir);
+    }
 
     // A checkpoint of another run (different key) is ignored.
     settings.run_key = "another run".into();

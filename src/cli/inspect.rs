@@ -2,7 +2,9 @@
 //! config.json; no weights are read): architecture, parameter count, dtype, dimensions, tokenizer,
 //! its linear layers, and for each `--target` what a LoRA of rank R would adapt and PEFT's
 //! trainable-parameter count. Resolves the arguments and calls models::summary and peft::targets;
-//! the report renders.
+//! the report renders. Counts from file sizes are checked (clippy denies unchecked arithmetic
+//! and `unwrap` here outside the tests): an overflow is an error naming the model, never a panic.
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::arithmetic_side_effects))]
 
 use clap::Args;
 
@@ -10,10 +12,12 @@ use super::GlobalArgs;
 use crate::config::train::{resolve_targets, TargetModulesConfig};
 use crate::models::summary::{group_linear_layers, summarize};
 use crate::models::{resolve_model_path, ModelConfig};
-use crate::peft::targets::{check_targets, lora_parameter_count, matched_modules};
+use crate::peft::targets::{
+    check_targets, lora_module_parameters, lora_parameter_count, matched_modules,
+};
 use crate::peft::TargetModules;
 use crate::report;
-use crate::report::inspect::{InspectReport, LoraTargets};
+use crate::report::inspect::{InspectReport, LoraGroup, LoraTargets};
 
 /// PEFT's default LoRA rank.
 const DEFAULT_RANK: usize = 8;
@@ -77,12 +81,25 @@ fn lora_targets(
         .cloned()
         .collect();
     let paths: Vec<String> = matched.iter().map(|module| module.path.clone()).collect();
+    let too_many =
+        || format!("the trainable-parameter count at rank {rank} does not fit in 64 bits");
+    let mut groups = Vec::new();
+    for layers in group_linear_layers(&matched) {
+        let per_module = lora_module_parameters(layers.in_features, layers.out_features, rank);
+        let trainable_parameters = per_module
+            .and_then(|count| count.checked_mul(u64::try_from(layers.count).ok()?))
+            .ok_or_else(too_many)?;
+        groups.push(LoraGroup {
+            layers,
+            trainable_parameters,
+        });
+    }
     Ok(LoraTargets {
         target: targets.to_string(),
         rank,
-        matched: group_linear_layers(&matched),
+        matched: groups,
         matched_modules: matched.len(),
-        trainable_parameters: lora_parameter_count(&modules, targets, rank),
+        trainable_parameters: lora_parameter_count(&modules, targets, rank).ok_or_else(too_many)?,
         adapter_config_target_modules: targets.to_peft_json(&paths),
     })
 }

@@ -2,7 +2,8 @@
 //! types: each subcommand resolves its arguments into plain settings and calls the core.
 //!
 //! Exit codes (documented in README.md): 0 success; 1 a stage or command failed (bad data, I/O);
-//! 2 invalid pipeline or arguments; 3 `status --check` found stale stages; 130 interrupted.
+//! 2 invalid pipeline or arguments; 3 `status --check` found stale stages; 130 interrupted by
+//! Ctrl-C, 143 by SIGTERM (see [`interrupt`]).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -16,6 +17,7 @@ pub mod dag;
 pub mod gc;
 pub mod generate;
 pub mod inspect;
+pub mod interrupt;
 pub mod preview;
 pub mod run;
 pub mod schema;
@@ -27,6 +29,7 @@ pub const EXIT_OK: u8 = 0;
 pub const EXIT_FAILED: u8 = 1;
 pub const EXIT_INVALID: u8 = 2;
 pub const EXIT_STALE: u8 = 3;
+/// Ctrl-C; an interrupted command returns [`interrupt::exit_code`] (143 after SIGTERM).
 pub const EXIT_INTERRUPTED: u8 = 130;
 
 #[derive(Debug, Parser)]
@@ -106,8 +109,13 @@ pub enum BenchCommand {
 
 /// Parse the command line, run, map the outcome to an exit code.
 pub fn main() -> ExitCode {
+    // First, while this is the only thread: every later thread inherits the signal mask.
+    let installed = interrupt::install();
     let cli = Cli::parse();
     crate::report::init_logging(cli.global.quiet);
+    if let Err(message) = installed {
+        crate::report::warning(&message);
+    }
     let code = match cli.command {
         Command::Validate(args) => validate::run(&cli.global, args),
         Command::Run(args) => run::run(&cli.global, args),

@@ -9,7 +9,7 @@
 use clap::Args;
 
 use super::run::{execute_reported, load_pipeline, report_exec_error, settings_for};
-use super::{GlobalArgs, PipelineArgs, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_INVALID, EXIT_OK};
+use super::{interrupt, GlobalArgs, PipelineArgs, EXIT_FAILED, EXIT_INVALID, EXIT_OK};
 use crate::cache::Cache;
 use crate::config::StageConfig;
 use crate::data::preview::{read_rows, PreviewSource};
@@ -88,7 +88,7 @@ pub fn run(global: &GlobalArgs, args: PreviewArgs) -> u8 {
             if summary.interrupted || summary.failed() {
                 report::run::print_summary(&style, &summary);
                 return if summary.interrupted {
-                    EXIT_INTERRUPTED
+                    interrupt::exit_code()
                 } else {
                     EXIT_FAILED
                 };

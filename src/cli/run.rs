@@ -1,14 +1,13 @@
 //! `peftpipe run FILE`: run what is stale, restore the rest from the cache. Resolves the command
-//! line into [`RunSettings`], installs the Ctrl-C handler, and hands events to the reporter.
+//! line into [`RunSettings`], arms the interrupt flag (Ctrl-C, SIGTERM: see [`super::interrupt`]),
+//! and hands events to the reporter.
 //! Also holds the pipeline loading used by `status` and `gc` (one place to switch loaders).
 
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 
 use clap::Args;
 
-use super::{GlobalArgs, PipelineArgs, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_INVALID, EXIT_OK};
+use super::{interrupt, GlobalArgs, PipelineArgs, EXIT_FAILED, EXIT_INVALID, EXIT_OK};
 use crate::config::Pipeline;
 use crate::exec::{ExecError, RunSettings, RunSummary};
 use crate::probe::StandardProbe;
@@ -83,24 +82,16 @@ pub(crate) fn settings_for(global: &GlobalArgs, pipeline: &Pipeline) -> RunSetti
     settings
 }
 
-/// Map an error that kept a run from starting to an exit code (and report it).
-/// Run the executor with the terminal reporter and a Ctrl-C handler (first Ctrl-C: stop after the
-/// running stages; second: exit now). An executor error is reported and becomes its exit code.
+/// Run the executor with the terminal reporter, the interrupt flag armed (first Ctrl-C or
+/// SIGTERM: stop at the running stages' next safe point; second: exit now). An executor error is
+/// reported and becomes its exit code.
 pub(crate) fn execute_reported(
     pipeline: &Pipeline,
     settings: &RunSettings,
     style: Style,
     quiet: bool,
 ) -> Result<RunSummary, u8> {
-    let cancel = Arc::new(AtomicBool::new(false));
-    let handler_flag = Arc::clone(&cancel);
-    if let Err(error) = ctrlc::set_handler(move || {
-        if handler_flag.swap(true, Ordering::SeqCst) {
-            std::process::exit(i32::from(EXIT_INTERRUPTED));
-        }
-    }) {
-        report::warning(&format!("cannot install the Ctrl-C handler: {error}"));
-    }
+    let cancel = interrupt::arm();
     let reporter = RunReporter::new(style, quiet);
     crate::exec::execute(
         pipeline,
@@ -112,6 +103,7 @@ pub(crate) fn execute_reported(
     .map_err(|error| report_exec_error(&error))
 }
 
+/// Map an error that kept a run from starting to an exit code (and report it).
 pub(crate) fn report_exec_error(error: &ExecError) -> u8 {
     report::error(&error.to_string());
     match error {
@@ -164,7 +156,7 @@ pub fn run(global: &GlobalArgs, args: RunArgs) -> u8 {
         report::run::print_summary(&style, &summary);
     }
     if summary.interrupted {
-        EXIT_INTERRUPTED
+        interrupt::exit_code()
     } else if summary.failed() {
         EXIT_FAILED
     } else {

@@ -512,27 +512,32 @@ impl ModelConfig {
         layers
     }
 
-    /// Total parameters as transformers counts them (a tied head counted once).
-    pub fn parameter_count(&self) -> u64 {
-        let linears: u64 = self
-            .linear_layers()
-            .iter()
-            .filter(|layer| !layer.tied_to_embeddings)
-            .map(|layer| {
-                (layer.in_features * layer.out_features
-                    + if layer.bias { layer.out_features } else { 0 }) as u64
-            })
-            .sum();
-        let embeddings = (self.vocab_size() * self.hidden_size()) as u64;
-        let hidden = self.hidden_size() as u64;
-        let layers = self.num_layers() as u64;
+    /// Total parameters as transformers counts them (a tied head counted once); `None` when the
+    /// count does not fit in 64 bits (a config.json with absurd sizes: checked, never wrapped).
+    pub fn parameter_count(&self) -> Option<u64> {
+        let wide = |value: usize| u64::try_from(value).ok();
+        let mut total = 0u64;
+        for layer in self.linear_layers() {
+            if layer.tied_to_embeddings {
+                continue;
+            }
+            let (inputs, outputs) = (wide(layer.in_features)?, wide(layer.out_features)?);
+            let bias = if layer.bias { outputs } else { 0 };
+            total = total.checked_add(inputs.checked_mul(outputs)?.checked_add(bias)?)?;
+        }
+        let hidden = wide(self.hidden_size())?;
+        let embeddings = wide(self.vocab_size())?.checked_mul(hidden)?;
+        let layer_norms = wide(self.num_layers())?.checked_mul(2)?.checked_add(1)?;
         let norms = match self {
             // input + post-attention RMSNorm per layer, final norm (weights only).
-            Self::Llama(_) => (2 * layers + 1) * hidden,
+            Self::Llama(_) => layer_norms.checked_mul(hidden)?,
             // ln_1, ln_2 per layer and ln_f (weight + bias), learned positions.
-            Self::Gpt2(c) => (2 * layers + 1) * 2 * hidden + (c.n_positions as u64) * hidden,
+            Self::Gpt2(c) => layer_norms
+                .checked_mul(2)?
+                .checked_mul(hidden)?
+                .checked_add(wide(c.n_positions)?.checked_mul(hidden)?)?,
         };
-        linears + embeddings + norms
+        total.checked_add(embeddings)?.checked_add(norms)
     }
 }
 
@@ -556,7 +561,7 @@ mod tests {
     fn llama_3_2_1b_parameter_count_matches_transformers() {
         let config = ModelConfig::from_json(&llama_3_2_1b()).expect("valid config");
         // transformers: sum(p.numel() for p in model.parameters()) = 1,235,814,400.
-        assert_eq!(config.parameter_count(), 1_235_814_400);
+        assert_eq!(config.parameter_count(), Some(1_235_814_400));
         assert_eq!(config.kv_dim(), 512);
         assert_eq!(config.linear_layers().len(), 16 * 7 + 1);
     }

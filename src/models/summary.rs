@@ -3,7 +3,10 @@
 //! tokenizer conventions, and the linear layers grouped by name.
 //!
 //! Reads config.json, safetensors headers and tokenizer files only, never weights. Must not: print
-//! (report/inspect.rs renders it) or know PEFT methods.
+//! (report/inspect.rs renders it) or know PEFT methods. Every size comes from a file, so counts use
+//! checked arithmetic (clippy denies unchecked arithmetic and `unwrap` outside the tests): a count
+//! that does not fit in 64 bits is an error naming the file, not a panic or a wrapped number.
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::arithmetic_side_effects))]
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -11,7 +14,7 @@ use std::path::Path;
 use serde::Serialize;
 
 use super::config::{Architecture, LinearSpec, ModelConfig};
-use super::load::{read_json, ModelDir, ModelError};
+use super::load::{read_json, ModelDir, ModelError, TensorInfo};
 use crate::ops::RopeScaling;
 
 /// Linear layers of one name (e.g. every `q_proj`), as the factory sees them.
@@ -88,8 +91,12 @@ pub fn group_linear_layers(layers: &[LinearSpec]) -> Vec<LinearGroup> {
         } else {
             layer.name().to_string()
         };
-        match index.get(&name) {
-            Some(&position) => groups[position].count += 1,
+        match index
+            .get(&name)
+            .and_then(|&position| groups.get_mut(position))
+        {
+            // At most one per layer in memory: cannot overflow.
+            Some(group) => group.count = group.count.saturating_add(1),
             None => {
                 index.insert(name.clone(), groups.len());
                 groups.push(LinearGroup {
@@ -118,7 +125,60 @@ fn describe_rope(config: &ModelConfig) -> Option<String> {
     Some(format!("theta {}{scaling}", llama.rope_theta))
 }
 
-fn summarize_config(path: &Path, config: &ModelConfig, json: &serde_json::Value) -> ModelSummary {
+/// The error of a config.json whose sizes give a count that does not fit in 64 bits.
+fn too_large(path: &Path, config: &ModelConfig) -> ModelError {
+    let message = format!(
+        "the parameter count does not fit in 64 bits: implausible sizes (hidden {}, MLP {}, \
+         layers {}, heads {}, head dim {}, vocab {})",
+        config.hidden_size(),
+        config.intermediate_size(),
+        config.num_layers(),
+        config.num_attention_heads(),
+        config.head_dim(),
+        config.vocab_size()
+    );
+    ModelError::Io {
+        path: path.to_path_buf(),
+        source: std::io::Error::new(std::io::ErrorKind::InvalidData, message),
+    }
+}
+
+/// Elements of one stored tensor (checked product of its shape).
+fn element_count(info: &TensorInfo) -> Option<u64> {
+    info.shape.iter().try_fold(1u64, |count, &dimension| {
+        count.checked_mul(u64::try_from(dimension).ok()?)
+    })
+}
+
+/// Elements stored in all the tensors, and the dominant dtype by element count.
+fn stored_elements(tensors: &BTreeMap<String, TensorInfo>) -> Result<(u64, String), ModelError> {
+    let mut total = 0u64;
+    let mut by_dtype: BTreeMap<&str, u64> = BTreeMap::new();
+    for (name, info) in tensors {
+        let overflow = || ModelError::Safetensors {
+            path: info.file.clone(),
+            message: format!(
+                "tensor `{name}` of shape {:?}: the element count does not fit in 64 bits",
+                info.shape
+            ),
+        };
+        let count = element_count(info).ok_or_else(overflow)?;
+        total = total.checked_add(count).ok_or_else(overflow)?;
+        let slot = by_dtype.entry(info.dtype.as_str()).or_default();
+        *slot = slot.checked_add(count).ok_or_else(overflow)?;
+    }
+    let dtype = by_dtype
+        .into_iter()
+        .max_by_key(|(_, count)| *count)
+        .map_or_else(|| "none".to_string(), |(dtype, _)| dtype.to_string());
+    Ok((total, dtype))
+}
+
+fn summarize_config(
+    path: &Path,
+    config: &ModelConfig,
+    json: &serde_json::Value,
+) -> Result<ModelSummary, ModelError> {
     let architectures = json
         .get("architectures")
         .and_then(serde_json::Value::as_array)
@@ -134,12 +194,15 @@ fn summarize_config(path: &Path, config: &ModelConfig, json: &serde_json::Value)
         .or_else(|| json.get("dtype"))
         .and_then(serde_json::Value::as_str)
         .map(str::to_string);
-    ModelSummary {
+    let parameters = config
+        .parameter_count()
+        .ok_or_else(|| too_large(path, config))?;
+    Ok(ModelSummary {
         path: path.display().to_string(),
         architecture: config.architecture(),
         model_type: config.model_type().to_string(),
         architectures,
-        parameters: config.parameter_count(),
+        parameters,
         stored_parameters: None,
         dtype: torch_dtype,
         weight_files: 0,
@@ -155,7 +218,7 @@ fn summarize_config(path: &Path, config: &ModelConfig, json: &serde_json::Value)
         rope: describe_rope(config),
         linear_layers: group_linear_layers(&config.linear_layers()),
         tokenizer: None,
-    }
+    })
 }
 
 /// Describe `path`: a model directory (config, weight headers, tokenizer), or a lone config.json
@@ -168,13 +231,14 @@ pub fn summarize(path: &Path) -> Result<(ModelSummary, ModelConfig), ModelError>
             key: error.key,
             message: error.message,
         })?;
-        return Ok((summarize_config(path, &config, &json), config));
+        return Ok((summarize_config(path, &config, &json)?, config));
     }
     let dir = ModelDir::open(path)?;
-    let mut summary = summarize_config(path, dir.config(), dir.config_json());
-    let tensors = dir.tensor_infos()?;
-    summary.stored_parameters = Some(tensors.values().map(|info| info.element_count()).sum());
-    summary.dtype = Some(dir.stored_dtype()?);
+    let mut summary = summarize_config(&path.join("config.json"), dir.config(), dir.config_json())?;
+    summary.path = path.display().to_string();
+    let (stored, dtype) = stored_elements(&dir.tensor_infos()?)?;
+    summary.stored_parameters = Some(stored);
+    summary.dtype = Some(dtype);
     summary.weight_files = dir.weight_files().len();
     if path.join("tokenizer.json").is_file() {
         let tokenizer = dir.tokenizer()?;
@@ -189,4 +253,37 @@ pub fn summarize(path: &Path) -> Result<(ModelSummary, ModelConfig), ModelError>
         });
     }
     Ok((summary, dir.config().clone()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tensor(shape: Vec<usize>) -> TensorInfo {
+        TensorInfo {
+            dtype: "F32".into(),
+            shape,
+            file: "model/model.safetensors".into(),
+            start: 8,
+            end: 8,
+        }
+    }
+
+    #[test]
+    fn stored_element_counts_are_checked() {
+        let fine = BTreeMap::from([
+            ("a".to_string(), tensor(vec![3, 4])),
+            ("b".to_string(), tensor(vec![5])),
+        ]);
+        assert_eq!(stored_elements(&fine).unwrap(), (17, "F32".to_string()));
+        let huge = BTreeMap::from([("a".to_string(), tensor(vec![1 << 40, 1 << 40]))]);
+        let error = stored_elements(&huge).unwrap_err().to_string();
+        assert!(error.contains("model/model.safetensors"), "{error}");
+        assert!(error.contains("tensor `a`"), "{error}");
+        let many = BTreeMap::from([
+            ("a".to_string(), tensor(vec![1 << 32, 1 << 31])),
+            ("b".to_string(), tensor(vec![1 << 32, 1 << 31])),
+        ]);
+        assert!(stored_elements(&many).is_err());
+    }
 }

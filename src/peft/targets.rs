@@ -1,7 +1,9 @@
 //! Which linear layers a PEFT target spec selects, with PEFT's exact matching rules, and PEFT's
 //! LoRA parameter count over the linear layers a model's `config.json` describes
 //! (`models::ModelConfig::linear_layers`), for `peftpipe inspect` and checks without weights.
-//! Pure: no tensors, no files.
+//! Pure: no tensors, no files. Sizes come from files, so counts use checked arithmetic (clippy
+//! denies unchecked arithmetic and `unwrap` outside the tests).
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::arithmetic_side_effects))]
 //!
 //! The spec itself ([`TargetModules`], PEFT's matching rules) is pure data in the core crate
 //! (`config::target_modules`), re-exported here, so validation can check it without models.
@@ -21,12 +23,30 @@ pub fn matched_modules<'a>(
         .collect()
 }
 
-/// PEFT's LoRA trainable-parameter count: Σ r·(in + out) over the selected linear layers.
-pub fn lora_parameter_count(modules: &[LinearSpec], targets: &TargetModules, rank: usize) -> u64 {
+/// A LoRA's trainable parameters on one `in → out` linear layer: r·(in + out); `None` when that
+/// does not fit in 64 bits (sizes come from config.json: checked, never wrapped).
+pub fn lora_module_parameters(in_features: usize, out_features: usize, rank: usize) -> Option<u64> {
+    let wide = |value: usize| u64::try_from(value).ok();
+    let features = wide(in_features)?.checked_add(wide(out_features)?)?;
+    wide(rank)?.checked_mul(features)
+}
+
+/// PEFT's LoRA trainable-parameter count: Σ r·(in + out) over the selected linear layers;
+/// `None` when it does not fit in 64 bits.
+pub fn lora_parameter_count(
+    modules: &[LinearSpec],
+    targets: &TargetModules,
+    rank: usize,
+) -> Option<u64> {
     matched_modules(modules, targets)
         .iter()
-        .map(|module| (rank * (module.in_features + module.out_features)) as u64)
-        .sum()
+        .try_fold(0u64, |total, module| {
+            total.checked_add(lora_module_parameters(
+                module.in_features,
+                module.out_features,
+                rank,
+            )?)
+        })
 }
 
 /// The distinct last path components of the linear layers, in model order (`q_proj`, ...).
@@ -82,6 +102,25 @@ pub fn uses_conv1d(model_type: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn lora_counts_that_overflow_are_none() {
+        let huge = LinearSpec {
+            path: "model.layers.0.self_attn.q_proj".into(),
+            in_features: usize::MAX,
+            out_features: 2,
+            bias: false,
+            tied_to_embeddings: false,
+        };
+        assert_eq!(lora_module_parameters(usize::MAX, 2, 1), None);
+        assert_eq!(lora_module_parameters(1 << 40, 1 << 40, 1 << 30), None);
+        assert_eq!(lora_module_parameters(64, 32, 8), Some(768));
+        let twice = [huge.clone(), huge];
+        assert_eq!(
+            lora_parameter_count(&twice, &TargetModules::AllLinear, 1),
+            None
+        );
+    }
 
     #[test]
     fn all_linear_skips_the_output_layer_and_saves_expanded_names() {

@@ -1,9 +1,19 @@
 //! Rendering of `peftpipe inspect`: a model summary and, when asked, what a LoRA target spec
 //! matches. Must not: compute anything (the numbers come from models::summary and peft).
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::arithmetic_side_effects))]
 
 use serde::Serialize;
 
 use crate::models::summary::{LinearGroup, ModelSummary};
+
+/// Matched linear layers of one name and the LoRA parameters they get.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct LoraGroup {
+    #[serde(flatten)]
+    pub layers: LinearGroup,
+    /// r·(in + out)·count.
+    pub trainable_parameters: u64,
+}
 
 /// What a LoRA target spec selects on the model, for `--target`.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -12,7 +22,7 @@ pub struct LoraTargets {
     pub target: String,
     pub rank: usize,
     /// Matched linear layers grouped by name, in model order.
-    pub matched: Vec<LinearGroup>,
+    pub matched: Vec<LoraGroup>,
     pub matched_modules: usize,
     /// PEFT's count: Σ r·(in + out) over the matched modules.
     pub trainable_parameters: u64,
@@ -31,9 +41,10 @@ pub struct InspectReport {
 /// `1234567` → `1,234,567`.
 fn thousands(value: u64) -> String {
     let digits = value.to_string();
-    let mut out = String::with_capacity(digits.len() + digits.len() / 3);
+    let mut out = String::with_capacity(digits.len().saturating_mul(2));
     for (index, digit) in digits.chars().enumerate() {
-        if index > 0 && (digits.len() - index) % 3 == 0 {
+        let remaining = digits.len().saturating_sub(index);
+        if index > 0 && remaining.checked_rem(3) == Some(0) {
             out.push(',');
         }
         out.push(digit);
@@ -136,13 +147,11 @@ pub fn render(report: &InspectReport) -> String {
             let _ = writeln!(
                 out,
                 "  {:<14} {:>6} → {:<7} ×{:<4} {:>14}",
-                group.name,
-                group.in_features,
-                group.out_features,
-                group.count,
-                thousands(
-                    (lora.rank * (group.in_features + group.out_features) * group.count) as u64
-                )
+                group.layers.name,
+                group.layers.in_features,
+                group.layers.out_features,
+                group.layers.count,
+                thousands(group.trainable_parameters)
             );
         }
         let _ = writeln!(

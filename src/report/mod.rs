@@ -1,14 +1,19 @@
 //! The only code that writes to the terminal: logging setup, progress bars, run summaries,
 //! rendered diagnostics, `--json` output. Everything else returns data or sends events.
-#![expect(
-    clippy::print_stderr,
-    clippy::print_stdout,
-    reason = "the reporter is the one place that writes to the terminal"
-)]
+//!
+//! Every write goes through [`write_stdout`] / [`write_stderr`] (the `print!` family is refused
+//! by clippy here too): they never panic. A closed pipe (`peftpipe status x.yaml | head -1`)
+//! makes the rest of that stream's output go nowhere and the command ends with its own exit
+//! code. Rust ignores SIGPIPE, so the write returns EPIPE; `print!` would panic on it (exit 101).
+//! Restoring SIGPIPE's default instead would kill `run` mid-training, without summary or
+//! checkpoint, whenever a log reader went away.
+
+use std::io::Write;
 
 pub mod generate;
 pub mod inspect;
 pub mod preview;
+pub mod problems;
 pub mod run;
 pub mod status;
 
@@ -23,53 +28,70 @@ pub fn init_logging(quiet: bool) {
         .try_init();
 }
 
+/// Write `text` to `stream` and flush. Errors (a closed pipe, a full disk behind a
+/// redirection) are dropped: output is a courtesy, never a reason to fail or panic.
+fn emit(mut stream: impl Write, text: &str) {
+    let _ = stream.write_all(text.as_bytes());
+    let _ = stream.flush();
+}
+
+/// `text` with a trailing newline added when missing.
+fn as_lines(text: &str) -> std::borrow::Cow<'_, str> {
+    if text.ends_with('\n') {
+        std::borrow::Cow::Borrowed(text)
+    } else {
+        std::borrow::Cow::Owned(format!("{text}\n"))
+    }
+}
+
 /// Print an error line to stderr.
 pub fn error(message: &str) {
-    eprintln!("error: {message}");
+    write_stderr(&format!("error: {message}"));
 }
 
 /// Print a warning line to stderr.
 pub fn warning(message: &str) {
-    eprintln!("warning: {message}");
+    write_stderr(&format!("warning: {message}"));
 }
 
 /// A block of text on stderr (a trailing newline is added when missing).
 pub fn write_stderr(text: &str) {
-    if text.ends_with('\n') {
-        eprint!("{text}");
-    } else {
-        eprintln!("{text}");
-    }
+    emit(std::io::stderr().lock(), &as_lines(text));
 }
 
 /// A block of text on stdout (a trailing newline is added when missing).
 pub fn write_stdout(text: &str) {
-    if text.ends_with('\n') {
-        print!("{text}");
-    } else {
-        println!("{text}");
-    }
+    emit(std::io::stdout().lock(), &as_lines(text));
+}
+
+/// Text on stdout exactly as given (no newline added).
+pub fn write_stdout_raw(text: &str) {
+    emit(std::io::stdout().lock(), text);
+}
+
+/// Text on stderr exactly as given (no newline added).
+pub fn write_stderr_raw(text: &str) {
+    emit(std::io::stderr().lock(), text);
 }
 
 /// Pretty JSON on stdout (`--json`).
 pub fn json<T: serde::Serialize>(value: &T) {
     match serde_json::to_string_pretty(value) {
-        Ok(text) => println!("{text}"),
-        Err(error) => eprintln!("error: cannot encode the JSON output: {error}"),
+        Ok(text) => write_stdout(&text),
+        Err(error) => self::error(&format!("cannot encode the JSON output: {error}")),
     }
 }
-pub mod problems;
 
 /// `peftpipe bench train`: a readable summary on stderr and the `RESULT {...}` JSON line on stdout
 /// (with `--json`, only the JSON object).
 pub fn bench_train(result: &crate::train::bench::BenchResult, json_only: bool) {
     let line = serde_json::to_string(result).unwrap_or_default();
     if json_only {
-        println!("{line}");
+        write_stdout(&line);
         return;
     }
-    eprintln!(
-        "LoRA r{} α{} on {} ({} params, {} trainable), {} {}, batch {} × {}",
+    write_stderr(&format!(
+        "LoRA r{} α{} on {} ({} params, {} trainable), {} {}, batch {} × {}\n  {:.0} tokens/s (median of {} steps after {} warm-up) · step {:.1} ms = forward {:.1} + backward {:.1} + optimizer {:.1}\n  peak memory {:.2} GiB ({})",
         result.rank,
         result.alpha,
         result.model_type,
@@ -78,22 +100,16 @@ pub fn bench_train(result: &crate::train::bench::BenchResult, json_only: bool) {
         result.device,
         result.dtype,
         result.batch,
-        result.sequence_length
-    );
-    eprintln!(
-        "  {:.0} tokens/s (median of {} steps after {} warm-up) · step {:.1} ms = forward {:.1} + backward {:.1} + optimizer {:.1}",
+        result.sequence_length,
         result.tokens_per_second,
         result.timed_steps,
         result.warmup_steps,
         result.step_ms,
         result.forward_ms,
         result.backward_ms,
-        result.optimizer_ms
-    );
-    eprintln!(
-        "  peak memory {:.2} GiB ({})",
+        result.optimizer_ms,
         result.peak_memory_bytes as f64 / (1u64 << 30) as f64,
         result.peak_memory_source
-    );
-    println!("RESULT {line}");
+    ));
+    write_stdout(&format!("RESULT {line}"));
 }

@@ -1,10 +1,9 @@
 //! Printing `peftpipe preview`: rendered rows with the prompt/completion boundary visible
 //! (`⟦PROMPT⟧ … ⟦COMPLETION⟧ …`), or the columns of ingested rows; `--json` prints the data.
-//! Also the `bench data` figures (the data benchmark belongs to the same owner).
-#![expect(
-    clippy::print_stdout,
-    reason = "the reporter is the one place that writes to the terminal"
-)]
+//! Also the `bench data` figures (the data benchmark belongs to the same owner). Output goes
+//! through [`super::write_stdout_raw`] (never panics on a closed pipe).
+
+use std::fmt::Write as _;
 
 use crate::data::preview::{Preview, PreviewSource};
 
@@ -21,7 +20,9 @@ pub fn print_preview(preview: &Preview, json: bool) {
             stages.join(", ")
         ),
     };
-    println!(
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
         "stage {} ({}), split {}: {} of {} row(s) — {source}",
         preview.stage,
         preview.kind,
@@ -30,14 +31,15 @@ pub fn print_preview(preview: &Preview, json: bool) {
         preview.split_rows,
     );
     for row in &preview.rows {
-        println!("── row {} ──", row.index);
+        let _ = writeln!(out, "── row {} ──", row.index);
         if let (Some(prompt), Some(completion)) = (&row.prompt, &row.completion) {
-            println!("⟦PROMPT⟧{prompt}⟦COMPLETION⟧{completion}⟦END⟧");
+            let _ = writeln!(out, "⟦PROMPT⟧{prompt}⟦COMPLETION⟧{completion}⟦END⟧");
         }
         for (name, value) in &row.columns {
-            println!("  {name}: {value}");
+            let _ = writeln!(out, "  {name}: {value}");
         }
     }
+    super::write_stdout_raw(&out);
 }
 
 /// Print the `bench data` figures.
@@ -47,13 +49,16 @@ pub fn print_bench_data(report: &crate::data::bench::BenchReport, json: bool) {
         return;
     }
     let mib = |kb: u64| kb as f64 / 1024.0;
-    println!(
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
         "bench data: {} rows, input {:.1} MB (snappy Parquet)",
         report.rows,
         report.input_bytes as f64 / 1e6
     );
     let ours = &report.ours;
-    println!(
+    let _ = writeln!(
+        out,
         "  peftpipe  ingest+template {:>8.2} s  {:.0} rows/s  (ingest {:.2} s, template {:.2} s)  peak RSS {:.0} MiB (after ingest {:.0} MiB)  kept {} of {} rows",
         ours.wall_s,
         ours.rows_per_second(),
@@ -65,18 +70,23 @@ pub fn print_bench_data(report: &crate::data::bench::BenchReport, json: bool) {
         ours.rows_read
     );
     match (&report.python, &report.python_skipped) {
-        (Some(python), _) => println!(
+        (Some(python), _) => {
+            let _ = writeln!(
+        out,
             "  python    pyarrow+jinja2  {:>8.2} s  {:.0} rows/s  peak RSS {:.0} MiB  kept {} rows",
             python.wall_s,
             report.rows as f64 / python.wall_s.max(f64::MIN_POSITIVE),
             mib(python.max_rss_kb),
             python.rows_kept
-        ),
-        (None, Some(reason)) => println!("  python    skipped: {reason}"),
+            );
+        }
+        (None, Some(reason)) => {
+            let _ = writeln!(out, "  python    skipped: {reason}");
+        }
         (None, None) => {}
     }
     if let Some(speedup) = report.speedup {
-        println!("  speedup   {speedup:.1}× (goal ≥ 5×)");
+        let _ = writeln!(out, "  speedup   {speedup:.1}× (goal ≥ 5×)");
     }
     if let Some(large) = &report.large {
         let growth = if ours.peak_rss_kb > 0 {
@@ -87,7 +97,8 @@ pub fn print_bench_data(report: &crate::data::bench::BenchReport, json: bool) {
         } else {
             String::new()
         };
-        println!(
+        let _ = writeln!(
+        out,
             "  memory    peftpipe peak RSS {:.0} MiB at {} rows vs {:.0} MiB at {} rows{growth} ({:.2} s, {:.0} rows/s)",
             mib(ours.peak_rss_kb),
             report.rows,
@@ -97,7 +108,8 @@ pub fn print_bench_data(report: &crate::data::bench::BenchReport, json: bool) {
             large.ours.rows_per_second()
         );
         if let (Some(python), Some(large_python)) = (&report.python, &large.python) {
-            println!(
+            let _ = writeln!(
+        out,
                 "            python peak RSS {:.0} MiB at {} rows vs {:.0} MiB at {} rows ({:.2} s)",
                 mib(python.max_rss_kb),
                 report.rows,
@@ -107,5 +119,6 @@ pub fn print_bench_data(report: &crate::data::bench::BenchReport, json: bool) {
             );
         }
     }
-    println!("  command   {}", report.command);
+    let _ = writeln!(out, "  command   {}", report.command);
+    super::write_stdout_raw(&out);
 }

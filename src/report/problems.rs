@@ -4,12 +4,8 @@
 //! commands print on stdout (`schema`, `dag`).
 //!
 //! Pure string building plus the few functions that write it out; it decides nothing.
-#![expect(
-    clippy::print_stderr,
-    reason = "the reporter is the one place that writes to the terminal"
-)]
 
-use std::io::{IsTerminal, Write};
+use std::io::IsTerminal;
 
 use serde::Serialize;
 
@@ -296,21 +292,21 @@ pub fn render_validation(outcomes: &[FileValidation], quiet: bool, color: bool) 
 
 /// Print `validate`'s human report to stderr.
 pub fn print_validation(outcomes: &[FileValidation], quiet: bool) {
-    eprint!("{}", render_validation(outcomes, quiet, stderr_color()));
+    super::write_stderr_raw(&render_validation(outcomes, quiet, stderr_color()));
 }
 
 /// Print the problems of a pipeline that another command could not load.
 pub fn print_problems(problems: &Problems) {
     let color = stderr_color();
     let style = Style { color };
-    eprint!("{}", render_problems(problems, color));
     let count = problems.problems.len();
     let noun = if count == 1 { "problem" } else { "problems" };
-    eprintln!(
-        "{} {} is not a valid pipeline ({count} {noun}; `peftpipe validate` checks it)",
+    super::write_stderr(&format!(
+        "{}{} {} is not a valid pipeline ({count} {noun}; `peftpipe validate` checks it)",
+        render_problems(problems, color),
         style.red("error:"),
         problems.file
-    );
+    ));
 }
 
 /// An error about the command line (not the pipeline file), with an optional hint.
@@ -318,10 +314,11 @@ pub fn print_usage_error(message: &str, hint: Option<&str>) {
     let style = Style {
         color: stderr_color(),
     };
-    eprintln!("{} {message}", style.red("error:"));
+    let mut text = format!("{} {message}\n", style.red("error:"));
     if let Some(hint) = hint {
-        eprintln!("  {} {hint}", style.blue("= hint:"));
+        text.push_str(&format!("  {} {hint}\n", style.blue("= hint:")));
     }
+    super::write_stderr_raw(&text);
 }
 
 /// `validate --json`: `{"valid": bool, "files": [...]}` on stdout.
@@ -342,9 +339,7 @@ pub fn print_json(value: &serde_json::Value) {
 
 /// Data on stdout as is (`schema`, `dag`). A closed pipe (`| head`) is not an error.
 pub fn print_data(text: &str) {
-    let mut stdout = std::io::stdout().lock();
-    let _ = stdout.write_all(text.as_bytes());
-    let _ = stdout.flush();
+    super::write_stdout_raw(text);
 }
 
 #[cfg(test)]

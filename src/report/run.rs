@@ -1,6 +1,7 @@
 //! The run reporter: turns the executor's [`ExecEvent`] stream into cargo-style lines on stderr
 //! (one per stage start/finish, with the reason a stage runs), live indicatif progress bars when
-//! stderr is a terminal, and the summary table at the end. Colors only on a terminal without
+//! stderr is a terminal (otherwise progress is logged at debug level), and the summary table at
+//! the end. Colors only on a terminal without
 //! `NO_COLOR`. Never decides anything: it only renders what the executor reports.
 
 use std::collections::BTreeMap;
@@ -119,6 +120,20 @@ impl RunReporter {
     }
 
     fn progress(&self, stage: &str, progress: &crate::stages::Progress) {
+        if self.multi.is_none() {
+            // No bars (not a terminal: CI, Slurm logs): progress at debug level
+            // (`RUST_LOG=peftpipe=debug`).
+            let length = progress
+                .length
+                .map_or_else(String::new, |length| format!("/{length}"));
+            tracing::debug!(
+                "{stage}: {}{length} {} {}",
+                progress.position,
+                progress.unit,
+                progress.message
+            );
+            return;
+        }
         let Ok(bars) = self.bars.lock() else {
             return;
         };
@@ -187,8 +202,8 @@ impl EventSink for RunReporter {
                 self.line(finished_line(&style, &report));
             }
             ExecEvent::Interrupting => self.line(format!(
-                "{} waiting for running stages to stop (Ctrl-C again exits at once; \
-                 nothing unfinished is kept)",
+                "{} waiting for running stages to stop (training saves a checkpoint; a second \
+                 Ctrl-C or SIGTERM exits at once; nothing unfinished is cached)",
                 style.verb("Interrupted", YELLOW)
             )),
         }

@@ -1,7 +1,8 @@
 //! The training loop: seeded batches, gradient accumulation over micro-batches (the loss of a
 //! step is the mean NLL over all scored tokens of its micro-batches), NaN/inf detection that
 //! names the step, global-norm clipping, AdamW, the schedule, metrics lines and resumable
-//! checkpoints. Deterministic on CPU: every random draw is a function of the seed and a counter,
+//! checkpoints (every `checkpoint_every` steps, and when cancelled, at the step boundary where it
+//! stops). Deterministic on CPU: every random draw is a function of the seed and a counter,
 //! so an interrupted run resumed from its checkpoint ends bit-identical to an uninterrupted one.
 //!
 //! Data stream: micro-batch `m` is batch `m mod B` of epoch `m div B` (B batches per epoch, each
@@ -293,6 +294,24 @@ pub fn train(
     let mut final_loss = f64::NAN;
     for step in start_step..steps {
         if cancel.load(Ordering::Relaxed) {
+            // Stopping at a step boundary (Ctrl-C, SIGTERM): keep the steps done since the last
+            // checkpoint, unless checkpoints are off or this step already has one.
+            let unsaved = step > start_step
+                && settings.checkpoint_every > 0
+                && step % settings.checkpoint_every != 0;
+            if let (true, Some(dir)) = (unsaved, &settings.checkpoint_dir) {
+                let state = CheckpointState {
+                    version: CHECKPOINT_VERSION,
+                    run_key: settings.run_key.clone(),
+                    step,
+                    micro_batches: step.saturating_mul(accumulation).min(total_micro_batches),
+                    seed: settings.seed,
+                    tokens,
+                    scored_tokens: scored,
+                    elapsed_seconds: elapsed_before + started.elapsed().as_secs_f64(),
+                };
+                save_checkpoint(dir, &state, &variables, &optimizer, &metrics_jsonl)?;
+            }
             return Err(TrainError::Cancelled { step });
         }
         let step_started = Instant::now();
@@ -434,17 +453,7 @@ pub fn train(
                     scored_tokens: scored,
                     elapsed_seconds: metrics.elapsed_seconds,
                 };
-                let current: Vec<(String, Tensor)> = variables
-                    .iter()
-                    .map(|(name, var)| (name.clone(), var.as_tensor().clone()))
-                    .collect();
-                checkpoint::save(
-                    dir,
-                    &state,
-                    &current,
-                    &optimizer.state_tensors(),
-                    &metrics_jsonl,
-                )?;
+                save_checkpoint(dir, &state, &variables, &optimizer, &metrics_jsonl)?;
             }
         }
     }
@@ -457,6 +466,28 @@ pub fn train(
         resumed_from,
         metrics_jsonl,
     })
+}
+
+/// Save a resumable checkpoint of the adapter variables and the optimizer.
+fn save_checkpoint(
+    dir: &std::path::Path,
+    state: &CheckpointState,
+    variables: &[(String, candle_core::Var)],
+    optimizer: &AdamW,
+    metrics_jsonl: &str,
+) -> Result<(), TrainError> {
+    let current: Vec<(String, Tensor)> = variables
+        .iter()
+        .map(|(name, var)| (name.clone(), var.as_tensor().clone()))
+        .collect();
+    checkpoint::save(
+        dir,
+        state,
+        &current,
+        &optimizer.state_tensors(),
+        metrics_jsonl,
+    )?;
+    Ok(())
 }
 
 /// The metrics.jsonl record of a step (the documented subset of [`StepMetrics`]): only what the
