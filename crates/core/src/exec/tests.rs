@@ -20,9 +20,12 @@ struct World {
     published: Mutex<Vec<String>>,
     running_now: AtomicUsize,
     most_at_once: AtomicUsize,
-    /// What each `run` saw of its context: stage, fingerprint digest, checkpoint dir, resume.
-    contexts: Mutex<Vec<(String, String, Option<std::path::PathBuf>, bool)>>,
+    /// What each `run` saw of its context.
+    contexts: Mutex<Vec<SeenContext>>,
 }
+
+/// Stage, fingerprint digest, checkpoint dir, resume.
+type SeenContext = (String, String, Option<std::path::PathBuf>, bool);
 
 struct FakeStage<'a> {
     world: &'a World,
