@@ -3,9 +3,11 @@
 //! directory into files with stable keys is the core's `config::input` (re-exported here: the
 //! fingerprint needs it without Arrow).
 //!
-//! Owns: format detection, projection, schema agreement across files and error messages that name
-//! the file, the row group (Parquet) or row range and, when it can be found, the column. It must not
-//! filter, split or hold more than one batch at a time.
+//! Owns: format detection, projection, schema agreement across files, the stored type of a column
+//! (Arrow's `Null` type becomes a string column of nulls) and error messages that name the file,
+//! the row group (Parquet) or the file line (CSV, JSONL) and, when it can be found, the column. Only
+//! regular files are opened (a device would be read forever). It must not filter, split or hold
+//! more than one batch at a time.
 
 use std::fs::File;
 use std::io::{BufReader, Seek};

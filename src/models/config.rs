@@ -3,7 +3,10 @@
 //! Owns parsing (dispatch on `model_type`, then `architectures`), defaults as transformers applies
 //! them, and everything derivable without weights: the linear layers with their HF module paths and
 //! shapes ([`ModelConfig::linear_layers`], what LoRA targeting and trainable-parameter counts use) and
-//! the total parameter count. Must not: read weights or tokenizer files.
+//! the tensors a checkpoint must store for the loader ([`ModelConfig::layer_tensors`],
+//! [`ModelConfig::global_tensors`]) and the total parameter count. Values that would make every
+//! forward pass NaN (a norm epsilon or RoPE base ≤ 0) or overflow size arithmetic (a width past
+//! [`MAX_DIMENSION`]) are refused here. Must not: read weights or tokenizer files.
 
 use serde::Serialize;
 use serde_json::{Map, Value};

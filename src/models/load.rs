@@ -2,8 +2,11 @@
 //! model.safetensors.index.json), tokenizer and generation config.
 //!
 //! Owns [`ModelDir`] (opening and validating the directory without reading weights; safetensors
-//! headers for dtype and parameter counts; the one memory map of the weight files) and
-//! [`ModelError`]. Must not: build trainable vars, or read more than headers in `open`.
+//! headers, checked as the format requires and against config.json before anything is mapped
+//! ([`ModelDir::check_weights`], what `validate` runs too); the tokenizer checked against
+//! `vocab_size`; the one memory map of the weight files) and [`ModelError`], whose messages name
+//! the file and, where one is at fault, the tensor. Must not: build trainable vars, or read more
+//! than headers in `open` and `check_weights`.
 
 use std::collections::BTreeMap;
 use std::io::Read;

@@ -6,6 +6,8 @@
 //! * `train.parquet`, `eval.parquet`, and `test.parquet` when the config declares a test split —
 //!   all with the same columns: the selected columns after renaming, in selection order, with the
 //!   input's Arrow types (snappy-compressed Parquet, row groups of at most 64k rows).
+//! * No split the config asks rows for is written empty: the stage fails instead, naming itself and
+//!   the split (an empty file would only fail a later stage, pointing into the cache).
 //! * `stats.json`: rows read, rows kept, rows per split (and per stratum), nulls per column of the
 //!   input and of each split, string-length percentiles (characters) of the kept rows, and the
 //!   rows dropped by each filter, by `drop_nulls` and by `dedup`.
