@@ -1,19 +1,21 @@
 //! The binary's answers to what validation asks beyond the pipeline file
 //! ([`crate::config::probe::Probe`]): input columns from Parquet footers / CSV headers / JSONL
 //! records (`data::source`), chat-template compilation as the template stage renders it
-//! (`data::chat`), and the linear layers a model's `config.json` describes (`models`).
+//! (`data::chat`), and whether a model directory will load, with its linear layers (`models`:
+//! config.json, safetensors headers, tokenizer; `data::tokenize`: the special-token rules).
 //!
-//! Glue only: each answer is one call into the module that owns it, so validation checks exactly
-//! what the stages will do. Reads file metadata, never rows or weights; never prints.
+//! Glue only: each answer calls into the modules that own it, so validation checks exactly what
+//! the stages will do. Reads file metadata, never rows or weights; never prints.
 
 use std::path::Path;
 
 use crate::config::chat_template::ChatTemplateSource;
 use crate::config::ingest::InputFormat;
-use crate::config::probe::{ModelConfigProblem, Probe};
+use crate::config::probe::{LinearLayerShape, ModelFacts, Probe};
 use crate::data::chat::ChatTemplate;
 use crate::data::source::peek_columns;
-use crate::models::ModelConfig;
+use crate::data::tokenize::TextTokenizer;
+use crate::models::ModelDir;
 
 /// The probe `validate`, `run`, `status` and `dag` pass to the core.
 pub struct StandardProbe;
@@ -31,20 +33,62 @@ impl Probe for StandardProbe {
         ChatTemplate::new(source.clone()).map(|_| ())
     }
 
-    fn model_linear_layers(
-        &self,
-        config: &serde_json::Value,
-    ) -> Result<Vec<String>, ModelConfigProblem> {
-        let model = ModelConfig::from_json(config).map_err(|error| ModelConfigProblem {
-            key: error.key,
-            message: error.message,
-        })?;
-        Ok(model
-            .linear_layers()
-            .into_iter()
-            .map(|layer| layer.path)
-            .collect())
+    fn check_model(&self, dir: &Path) -> ModelFacts {
+        check_model_dir(dir)
     }
+}
+
+/// Open a model directory as training will and check it from metadata alone: config.json
+/// (values included), the safetensors headers against it, the tokenizer against `vocab_size`
+/// and its special-token rules. The linear layers are listed only once config.json agrees with
+/// the stored weights, so their number is bounded by the files, not by config.json.
+fn check_model_dir(dir: &Path) -> ModelFacts {
+    let mut facts = ModelFacts::default();
+    if !dir.is_dir() {
+        facts
+            .problems
+            .push(format!("model directory {} does not exist", dir.display()));
+        return facts;
+    }
+    let model = match ModelDir::open(dir) {
+        Ok(model) => model,
+        Err(error) => {
+            facts.problems.push(error.to_string());
+            return facts;
+        }
+    };
+    facts.model_type = Some(model.config().model_type().to_string());
+    let weight_problems = model.check_weights();
+    let weights_agree = weight_problems.is_empty();
+    facts
+        .problems
+        .extend(weight_problems.iter().map(ToString::to_string));
+    match model
+        .tokenizer()
+        .map_err(|error| error.to_string())
+        .and_then(|tokenizer| {
+            TextTokenizer::new(tokenizer).map_err(|error| {
+                format!("{}: {error}", dir.join("tokenizer_config.json").display())
+            })
+        }) {
+        Ok(tokenizer) => facts.has_eos = Some(tokenizer.eos_id().is_some()),
+        Err(message) => facts.problems.push(message),
+    }
+    if weights_agree {
+        facts.linear_layers = Some(
+            model
+                .config()
+                .linear_layers()
+                .into_iter()
+                .map(|layer| LinearLayerShape {
+                    path: layer.path,
+                    in_features: layer.in_features,
+                    out_features: layer.out_features,
+                })
+                .collect(),
+        );
+    }
+    facts
 }
 
 #[cfg(test)]
@@ -52,18 +96,22 @@ mod tests {
     use super::*;
 
     #[test]
-    fn model_layers_come_from_the_config_and_errors_name_the_key() {
-        let gpt2 = serde_json::json!({"model_type": "gpt2", "n_embd": 8, "n_layer": 1, "n_head": 2,
-            "n_positions": 16, "vocab_size": 10});
-        let layers = StandardProbe.model_linear_layers(&gpt2).unwrap();
-        assert!(layers
-            .iter()
-            .any(|path| path == "transformer.h.0.attn.c_attn"));
-        assert!(layers.iter().any(|path| path == "lm_head"));
-        let error = StandardProbe
-            .model_linear_layers(&serde_json::json!({"model_type": "bert"}))
-            .unwrap_err();
-        assert_eq!(error.key, "model_type");
+    fn the_quickstart_model_is_described_without_problems() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("datasets/quickstart/model");
+        let facts = StandardProbe.check_model(&dir);
+        assert_eq!(facts.problems, Vec::<String>::new());
+        assert_eq!(facts.model_type.as_deref(), Some("llama"));
+        assert_eq!(facts.has_eos, Some(true));
+        let layers = facts.linear_layers.unwrap();
+        assert_eq!(layers.len(), 2 * 7 + 1);
+        assert_eq!(
+            layers[0],
+            LinearLayerShape {
+                path: "model.layers.0.self_attn.q_proj".into(),
+                in_features: 64,
+                out_features: 64
+            }
+        );
     }
 
     #[test]

@@ -450,3 +450,136 @@ fn stats_report_length_percentiles_and_nulls_per_split() {
     assert_eq!(stats["splits"]["train"]["rows"], 90);
     assert_eq!(stats["splits"]["eval"]["nulls"]["text"], 0);
 }
+
+// Issue 7, item 15: errors name the file, the line and the real cause; an empty split fails at
+// ingest; an all-null column is a column of nulls.
+
+fn ingest_error(dir: &Path, yaml: &str) -> String {
+    match run(&config(yaml), dir, &dir.join("out"), 0) {
+        Ok(_) => panic!("ingest of {yaml:?} succeeded"),
+        Err(error) => error.to_string(),
+    }
+}
+
+#[test]
+fn an_empty_split_fails_at_ingest_naming_the_stage_and_the_split() {
+    let dir = tempfile::tempdir().unwrap();
+    labelled_rows(dir.path(), 2, 1);
+    // 10% of 3 rows rounds to no eval row: train would pass, evaluate would fail on an empty file.
+    let error = ingest_error(
+        dir.path(),
+        "path: rows.parquet\nsplit: {fractions: {train: 0.9, eval: 0.1}}\n",
+    );
+    assert!(
+        error.contains("ingest stage `data` would write an empty `eval` split"),
+        "{error}"
+    );
+    assert!(error.contains("3 rows are kept"), "{error}");
+    // Every row filtered out: the train split is empty.
+    let error = ingest_error(
+        dir.path(),
+        "path: rows.parquet\nfilters: [{equals: {column: label, value: neutral}}]\n",
+    );
+    assert!(error.contains("empty `train` split"), "{error}");
+    assert!(error.contains("no row of the 3 read"), "{error}");
+    // A split declared with size 0 may stay empty.
+    run(
+        &config("path: rows.parquet\nsplit: {counts: {eval: 0}}\n"),
+        dir.path(),
+        &dir.path().join("out-zero"),
+        0,
+    )
+    .unwrap();
+}
+
+#[test]
+fn a_bad_csv_record_names_its_line_not_the_header() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("rows.csv"),
+        "text,label\ngreat,positive,extra\nbad,negative\n",
+    )
+    .unwrap();
+    let error = ingest_error(dir.path(), "path: rows.csv\n");
+    assert!(error.contains("rows.csv"), "{error}");
+    assert!(!error.contains("header"), "{error}");
+    assert!(error.contains("line 2"), "{error}");
+    // Past the records type inference reads, a value of another type: file line 1052.
+    let mut rows = String::from("text,score\n");
+    for i in 0..1050 {
+        rows.push_str(&format!("row {i},{i}\n"));
+    }
+    rows.push_str("late,high\n");
+    std::fs::write(dir.path().join("typed.csv"), rows).unwrap();
+    let error = ingest_error(dir.path(), "path: typed.csv\n");
+    assert!(error.contains("typed.csv: bad CSV record"), "{error}");
+    assert!(
+        error.contains("'high'") && error.contains("at line 1052"),
+        "{error}"
+    );
+}
+
+#[test]
+fn jsonl_errors_name_the_file_line() {
+    let dir = tempfile::tempdir().unwrap();
+    // A syntax error on line 4 (line 3 is blank).
+    std::fs::write(
+        dir.path().join("syntax.jsonl"),
+        "{\"text\": \"a\"}\n{\"text\": \"b\"}\n\n{\"text\": \"c\",}\n",
+    )
+    .unwrap();
+    let error = ingest_error(dir.path(), "path: syntax.jsonl\n");
+    assert!(error.contains("syntax.jsonl: line 4: column"), "{error}");
+    // A type error past the records schema inference reads (1000): line 1002.
+    let mut rows = String::new();
+    for i in 0..1001 {
+        rows.push_str(&format!("{{\"text\": \"row {i}\", \"score\": {i}}}\n"));
+    }
+    rows.push_str("{\"text\": \"late\", \"score\": \"high\"}\n");
+    std::fs::write(dir.path().join("typed.jsonl"), rows).unwrap();
+    let error = ingest_error(dir.path(), "path: typed.jsonl\n");
+    assert!(error.contains("typed.jsonl: line 1002: "), "{error}");
+}
+
+#[cfg(unix)]
+#[test]
+fn a_device_is_not_a_regular_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let error = ingest_error(dir.path(), "path: /dev/zero\nformat: csv\n");
+    assert!(error.contains("/dev/zero"), "{error}");
+    assert!(error.contains("is not a regular file"), "{error}");
+    assert!(!error.contains("does not exist"), "{error}");
+}
+
+#[test]
+fn an_all_null_column_is_a_string_column_of_nulls() {
+    let dir = tempfile::tempdir().unwrap();
+    // Arrow infers `note` as the Null type: it must reach the artifact as nulls of a string
+    // column, which templates and filters treat as nulls (a Null-typed cell rendered as "").
+    std::fs::write(
+        dir.path().join("rows.jsonl"),
+        "{\"text\": \"a\", \"note\": null}\n{\"text\": \"b\", \"note\": null}\n",
+    )
+    .unwrap();
+    let out = dir.path().join("out");
+    run(
+        &config("path: rows.jsonl\nsplit: {counts: {eval: 0}}\n"),
+        dir.path(),
+        &out,
+        0,
+    )
+    .unwrap();
+    let reader = ParquetRecordBatchReaderBuilder::try_new(
+        std::fs::File::open(out.join("train.parquet")).unwrap(),
+    )
+    .unwrap();
+    let schema = reader.schema().clone();
+    assert_eq!(
+        schema.field_with_name("note").unwrap().data_type(),
+        &DataType::Utf8
+    );
+    assert_eq!(column(&out.join("train.parquet"), "note"), vec![None, None]);
+    // drop_nulls sees them as nulls.
+    let error = ingest_error(dir.path(), "path: rows.jsonl\ndrop_nulls: true\n");
+    assert!(error.contains("no row of the 2 read"), "{error}");
+}

@@ -444,3 +444,65 @@ fn quickstart_model_matches_its_tokenizer() -> Result<()> {
     assert_eq!(logits.dims(), [1, length, tokenizer.vocab_size()]);
     Ok(())
 }
+
+/// A copy of the quickstart model in a temp dir.
+fn quickstart_copy() -> tempfile::TempDir {
+    let source = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("datasets/quickstart/model");
+    let dir = tempfile::tempdir().unwrap();
+    for entry in std::fs::read_dir(&source).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), dir.path().join(entry.file_name())).unwrap();
+    }
+    dir
+}
+
+/// Issue 7, item 15: candle's "invalid shape, data type, or offset for tensor" named no tensor
+/// and no file. Loading now names both.
+#[test]
+fn a_corrupt_tensor_entry_is_named_when_loading() {
+    let dir = quickstart_copy();
+    let path = dir.path().join("model.safetensors");
+    let mut bytes = std::fs::read(&path).unwrap();
+    // Same header length: `[64]` → `[65]` in model.norm.weight's entry (its bytes stay 256).
+    let entry = br#""model.norm.weight":{"dtype":"F32","shape":[64]"#;
+    let at = bytes
+        .windows(entry.len())
+        .position(|window| window == entry)
+        .unwrap();
+    bytes[at + entry.len() - 2] = b'5';
+    std::fs::write(&path, bytes).unwrap();
+    let model = peftpipe::models::ModelDir::open(dir.path()).unwrap();
+    let error = match model.load(&Device::Cpu, DType::F32, &FrozenLinearFactory) {
+        Ok(_) => panic!("a corrupt safetensors header loaded"),
+        Err(error) => error.to_string(),
+    };
+    assert!(error.contains("model.safetensors"), "{error}");
+    assert!(error.contains("tensor `model.norm.weight`"), "{error}");
+    assert!(
+        error.contains("shape [65] of F32 needs 260 bytes"),
+        "{error}"
+    );
+}
+
+/// Issue 7, item 15: a tokenizer id past `vocab_size` failed in the first forward pass as
+/// `index-select invalid index 1130 with dim size 177`; the train stage's tokenizer now says so
+/// when it is loaded.
+#[test]
+fn a_tokenizer_id_past_vocab_size_is_refused_when_loading() {
+    let dir = quickstart_copy();
+    let path = dir.path().join("tokenizer.json");
+    let mut tokenizer: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    tokenizer["model"]["vocab"]["phablet"] = serde_json::json!(1130);
+    std::fs::write(&path, tokenizer.to_string()).unwrap();
+    let error = peftpipe::data::tokenize::TextTokenizer::from_model_dir(dir.path()).unwrap_err();
+    assert!(
+        error.contains(
+            "tokenizer.json: produces id 1130 (token \"phablet\") ≥ config.json vocab_size 177"
+        ),
+        "{error}"
+    );
+    let model = peftpipe::models::ModelDir::open(dir.path()).unwrap();
+    let error = model.tokenizer().unwrap_err().to_string();
+    assert!(error.contains("produces id 1130"), "{error}");
+}

@@ -3,17 +3,19 @@
 //! directory into files with stable keys is the core's `config::input` (re-exported here: the
 //! fingerprint needs it without Arrow).
 //!
-//! Owns: format detection, projection, schema agreement across files and error messages that name
-//! the file, the row group (Parquet) or row range and, when it can be found, the column. It must not
-//! filter, split or hold more than one batch at a time.
+//! Owns: format detection, projection, schema agreement across files, the stored type of a column
+//! (Arrow's `Null` type becomes a string column of nulls) and error messages that name the file,
+//! the row group (Parquet) or the file line (CSV, JSONL) and, when it can be found, the column. Only
+//! regular files are opened (a device would be read forever). It must not filter, split or hold
+//! more than one batch at a time.
 
 use std::fs::File;
 use std::io::{BufReader, Seek};
 use std::path::Path;
 use std::sync::Arc;
 
-use arrow::array::{Array, RecordBatch};
-use arrow::datatypes::{Field, Schema, SchemaRef};
+use arrow::array::{new_null_array, Array, RecordBatch};
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use indexmap::IndexMap;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use parquet::arrow::ProjectionMask;
@@ -52,19 +54,116 @@ pub fn peek_schema(path: &Path, format: Option<InputFormat>) -> Result<Schema, S
         InputFormat::Jsonl => {
             let mut reader = BufReader::new(open(path)?);
             let (schema, _) =
-                arrow::json::reader::infer_json_schema(&mut reader, Some(INFER_RECORDS))
-                    .map_err(|e| format!("{}: not valid JSON lines: {e}", path.display()))?;
+                arrow::json::reader::infer_json_schema(&mut reader, Some(INFER_RECORDS)).map_err(
+                    |e| jsonl_error(&path.display().to_string(), path, None, &e.to_string()),
+                )?;
             Ok(schema)
         }
-        InputFormat::Csv => {
-            let reader = open(path)?;
-            let (schema, _) = arrow::csv::reader::Format::default()
-                .with_header(true)
-                .infer_schema(reader, Some(INFER_RECORDS))
-                .map_err(|e| format!("{}: cannot read the CSV header: {e}", path.display()))?;
-            Ok(schema)
+        InputFormat::Csv => infer_csv_schema(&path.display().to_string(), open(path)?),
+    }
+}
+
+/// The schema of a CSV file: its header (line 1), then column types inferred from the first
+/// records. Errors say which of the two failed, and arrow's message gives the record's line.
+fn infer_csv_schema(shown: &str, mut file: File) -> Result<Schema, String> {
+    let format = arrow::csv::reader::Format::default().with_header(true);
+    format
+        .infer_schema(BufReader::new(&mut file), Some(0))
+        .map_err(|e| format!("{shown}: cannot read the CSV header (line 1): {e}"))?;
+    file.rewind().map_err(|e| format!("{shown}: {e}"))?;
+    let (schema, _) = format
+        .infer_schema(BufReader::new(file), Some(INFER_RECORDS))
+        .map_err(|e| {
+            format!("{shown}: bad CSV record among the first {INFER_RECORDS} (read to infer column types): {e}")
+        })?;
+    Ok(schema)
+}
+
+/// A CSV record Arrow could not read, with the file's line. Arrow counts two ways: a record with
+/// the wrong number of fields is reported at its file line, a value that does not parse "at line
+/// N" with N counting data rows from 1 (the header line not included): that N becomes N + 1.
+fn csv_record_error(key: &str, message: &str) -> String {
+    const MARKER: &str = " at line ";
+    let unparsable = message.contains("Error while parsing value");
+    if let (true, Some(at)) = (unparsable, message.find(MARKER)) {
+        let start = at + MARKER.len();
+        let digits = message[start..]
+            .find(|c: char| !c.is_ascii_digit())
+            .map_or(message.len(), |end| start + end);
+        if let Ok(row) = message[start..digits].parse::<u64>() {
+            return format!(
+                "{key}: bad CSV record: {}{MARKER}{}{} (column types are inferred from the first {INFER_RECORDS} records)",
+                &message[..at],
+                row.saturating_add(1),
+                &message[digits..]
+            );
         }
     }
+    format!("{key}: bad CSV record: {message}")
+}
+
+/// An error decoding a JSON-lines file, located: the file's first line that is not a JSON value
+/// (serde_json's reason and column) or, given the schema, that Arrow cannot decode into it.
+/// Falls back to Arrow's own message when no single line is at fault. Reads the file again,
+/// which only happens on this error path.
+fn jsonl_error(
+    shown: &str,
+    path: &Path,
+    schema: Option<&SchemaRef>,
+    arrow_message: &str,
+) -> String {
+    match locate_jsonl_error(path, schema) {
+        Some((line, cause)) => format!("{shown}: line {line}: {cause}"),
+        None => format!("{shown}: not valid JSON lines: {arrow_message}"),
+    }
+}
+
+fn locate_jsonl_error(path: &Path, schema: Option<&SchemaRef>) -> Option<(u64, String)> {
+    use std::io::BufRead;
+    let reader = BufReader::new(open(path).ok()?);
+    let mut decoder = match schema {
+        Some(schema) => Some(
+            arrow::json::ReaderBuilder::new(schema.clone())
+                .build_decoder()
+                .ok()?,
+        ),
+        None => None,
+    };
+    for (index, line) in reader.split(b'\n').enumerate() {
+        let number = index as u64 + 1;
+        let line = match line {
+            Ok(line) => line,
+            Err(error) => return Some((number, format!("cannot read: {error}"))),
+        };
+        let Ok(text) = std::str::from_utf8(&line) else {
+            return Some((number, "not valid UTF-8".to_string()));
+        };
+        if text.trim().is_empty() {
+            continue;
+        }
+        let value: serde_json::Value = match serde_json::from_str(text) {
+            Ok(value) => value,
+            Err(error) => {
+                let message = error.to_string();
+                let reason = message
+                    .rsplit_once(" at line ")
+                    .map_or(message.as_str(), |(reason, _)| reason);
+                return Some((number, format!("column {}: {reason}", error.column())));
+            }
+        };
+        if !value.is_object() {
+            return Some((number, format!("expected a JSON object, found {value}")));
+        }
+        if let Some(decoder) = &mut decoder {
+            let decoded = decoder
+                .serialize(std::slice::from_ref(&value))
+                .and_then(|()| decoder.flush());
+            if let Err(error) = decoded {
+                return Some((number, error.to_string()));
+            }
+        }
+    }
+    None
 }
 
 /// Column names of a file (see [`peek_schema`]).
@@ -76,8 +175,31 @@ pub fn peek_columns(path: &Path, format: Option<InputFormat>) -> Result<Vec<Stri
         .collect())
 }
 
+/// Open an input file, refusing anything but a regular file: a device such as /dev/zero or a
+/// FIFO would be read forever.
 fn open(path: &Path) -> Result<File, String> {
-    File::open(path).map_err(|e| format!("cannot open {}: {e}", path.display()))
+    let file = File::open(path).map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+    let metadata = file
+        .metadata()
+        .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+    if !metadata.is_file() {
+        return Err(format!(
+            "{} is not a regular file (a device, FIFO or socket cannot be an input)",
+            path.display()
+        ));
+    }
+    Ok(file)
+}
+
+/// An input column's type as peftpipe stores it: Arrow's `Null` type (a JSONL key whose values
+/// are all null in the records schema inference saw, a Parquet column of nulls) becomes a
+/// string column of nulls, so templates and filters treat its values as nulls rather than as a
+/// type of their own that renders as "".
+fn stored_type(data_type: &DataType) -> DataType {
+    match data_type {
+        DataType::Null => DataType::Utf8,
+        other => other.clone(),
+    }
 }
 
 /// What to read and how to map it.
@@ -129,7 +251,7 @@ pub fn mapped_schema(spec: &SourceSpec) -> Result<SchemaRef, StageError> {
         .map(|&index| {
             let field = schema.field(index);
             let name = spec.rename.get(field.name()).unwrap_or(field.name());
-            Field::new(name, field.data_type().clone(), true)
+            Field::new(name, stored_type(field.data_type()), true)
         })
         .collect();
     Ok(Arc::new(Schema::new(fields)))
@@ -217,8 +339,14 @@ impl Mapper {
                 .map_err(|_| StageError::user(format!("{file_key}: column `{name}` not found")))?;
             let field = batch_schema.field(index);
             let new_name = spec.rename.get(name).unwrap_or(name);
-            fields.push(Field::new(new_name, field.data_type().clone(), true));
-            columns.push(batch.column(index).clone());
+            let column = batch.column(index);
+            let data_type = stored_type(field.data_type());
+            fields.push(Field::new(new_name, data_type.clone(), true));
+            columns.push(if column.data_type() == &data_type {
+                column.clone()
+            } else {
+                new_null_array(&data_type, column.len())
+            });
         }
         let schema = match &self.schema {
             Some(schema) => {
@@ -293,8 +421,7 @@ pub fn scan(
         };
         match format {
             InputFormat::Parquet => {
-                let handle = File::open(&file.path)
-                    .map_err(|e| StageError::user(format!("{}: cannot open: {e}", file.key)))?;
+                let handle = open(&file.path).map_err(StageError::User)?;
                 let builder = ParquetRecordBatchReaderBuilder::try_new(handle).map_err(|e| {
                     StageError::user(format!(
                         "{}: not a readable Parquet file (footer): {e}",
@@ -330,34 +457,50 @@ pub fn scan(
                 let schema = match &jsonl_schema {
                     Some(schema) => schema.clone(),
                     None => {
-                        let mut reader = BufReader::new(File::open(&file.path).map_err(|e| {
-                            StageError::user(format!("{}: cannot open: {e}", file.key))
-                        })?);
+                        let mut reader =
+                            BufReader::new(open(&file.path).map_err(StageError::User)?);
                         let (schema, _) = arrow::json::reader::infer_json_schema_from_seekable(
                             &mut reader,
                             Some(INFER_RECORDS),
                         )
                         .map_err(|e| {
-                            StageError::user(format!("{}: not valid JSON lines: {e}", file.key))
+                            StageError::user(jsonl_error(
+                                &file.key,
+                                &file.path,
+                                None,
+                                &e.to_string(),
+                            ))
                         })?;
-                        let schema = Arc::new(schema);
+                        // A key seen only with null values decodes as strings, so a later
+                        // file's text values fit it (see `stored_type`).
+                        let fields: Vec<Field> = schema
+                            .fields()
+                            .iter()
+                            .map(|field| {
+                                field
+                                    .as_ref()
+                                    .clone()
+                                    .with_data_type(stored_type(field.data_type()))
+                            })
+                            .collect();
+                        let schema = Arc::new(Schema::new(fields));
                         jsonl_schema = Some(schema.clone());
                         schema
                     }
                 };
                 Mapper::indices(spec, &file.key, &schema)?;
-                let handle = File::open(&file.path)
-                    .map_err(|e| StageError::user(format!("{}: cannot open: {e}", file.key)))?;
-                let reader = arrow::json::ReaderBuilder::new(schema)
+                let handle = open(&file.path).map_err(StageError::User)?;
+                let reader = arrow::json::ReaderBuilder::new(schema.clone())
                     .with_batch_size(BATCH_ROWS)
                     .build(BufReader::new(handle))
                     .map_err(|e| StageError::user(format!("{}: {e}", file.key)))?;
                 for batch in reader {
                     let batch = batch.map_err(|e| {
-                        StageError::user(format!(
-                            "{}: invalid JSON line in the batch starting at line {}: {e}",
-                            file.key,
-                            in_file + 1
+                        StageError::user(jsonl_error(
+                            &file.key,
+                            &file.path,
+                            Some(&schema),
+                            &e.to_string(),
                         ))
                     })?;
                     if !emit(batch, None, &mut in_file, &mut total)? {
@@ -366,15 +509,10 @@ pub fn scan(
                 }
             }
             InputFormat::Csv => {
-                let mut handle = File::open(&file.path)
-                    .map_err(|e| StageError::user(format!("{}: cannot open: {e}", file.key)))?;
-                let (schema, _) = arrow::csv::reader::Format::default()
-                    .with_header(true)
-                    .infer_schema(BufReader::new(&mut handle), Some(INFER_RECORDS))
-                    .map_err(|e| StageError::user(format!("{}: bad CSV header: {e}", file.key)))?;
-                handle
-                    .rewind()
-                    .map_err(|e| StageError::user(format!("{}: {e}", file.key)))?;
+                let schema =
+                    infer_csv_schema(&file.key, open(&file.path).map_err(StageError::User)?)
+                        .map_err(StageError::User)?;
+                let handle = open(&file.path).map_err(StageError::User)?;
                 let schema = Arc::new(schema);
                 Mapper::indices(spec, &file.key, &schema)?;
                 let reader = arrow::csv::ReaderBuilder::new(schema)
@@ -384,11 +522,7 @@ pub fn scan(
                     .map_err(|e| StageError::user(format!("{}: {e}", file.key)))?;
                 for batch in reader {
                     let batch = batch.map_err(|e| {
-                        StageError::user(format!(
-                            "{}: bad CSV record in the batch starting at data row {}: {e}",
-                            file.key,
-                            in_file + 1
-                        ))
+                        StageError::user(csv_record_error(&file.key, &e.to_string()))
                     })?;
                     if !emit(batch, None, &mut in_file, &mut total)? {
                         break;

@@ -42,7 +42,16 @@ impl TextTokenizer {
             GenerationConfig::load(dir, &model_config).map_err(|error| error.to_string())?;
         let tokenizer =
             ModelTokenizer::load(dir, &generation).map_err(|error| error.to_string())?;
+        if let Some(vocab_size) = model_config
+            .get("vocab_size")
+            .and_then(serde_json::Value::as_u64)
+        {
+            tokenizer
+                .check_vocab_size(usize::try_from(vocab_size).unwrap_or(usize::MAX))
+                .map_err(|error| error.to_string())?;
+        }
         Self::new(tokenizer)
+            .map_err(|error| format!("{}: {error}", dir.join("tokenizer_config.json").display()))
     }
 
     /// BOS when `add_bos_token` (tokenizer_config.json, else what tokenizer.json's post-processor

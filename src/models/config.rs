@@ -3,7 +3,10 @@
 //! Owns parsing (dispatch on `model_type`, then `architectures`), defaults as transformers applies
 //! them, and everything derivable without weights: the linear layers with their HF module paths and
 //! shapes ([`ModelConfig::linear_layers`], what LoRA targeting and trainable-parameter counts use) and
-//! the total parameter count. Must not: read weights or tokenizer files.
+//! the tensors a checkpoint must store for the loader ([`ModelConfig::layer_tensors`],
+//! [`ModelConfig::global_tensors`]) and the total parameter count. Values that would make every
+//! forward pass NaN (a norm epsilon or RoPE base ≤ 0) or overflow size arithmetic (a width past
+//! [`MAX_DIMENSION`]) are refused here. Must not: read weights or tokenizer files.
 
 use serde::Serialize;
 use serde_json::{Map, Value};
@@ -116,6 +119,22 @@ impl LinearSpec {
     }
 }
 
+/// The module path of the output layer.
+const OUTPUT_LAYER_PATH: &str = "lm_head";
+
+/// A tensor the loader reads from a checkpoint: its stored name and shape.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TensorSpec {
+    pub name: String,
+    pub shape: Vec<usize>,
+}
+
+impl TensorSpec {
+    fn new(name: String, shape: Vec<usize>) -> Self {
+        Self { name, shape }
+    }
+}
+
 struct Keys<'a> {
     map: &'a Map<String, Value>,
 }
@@ -138,7 +157,10 @@ impl<'a> Keys<'a> {
                 .and_then(|v| usize::try_from(v).ok())
                 .map(Some)
                 .ok_or_else(|| {
-                    ConfigError::new(key, format!("expected an integer, found {value}"))
+                    ConfigError::new(
+                        key,
+                        format!("expected a non-negative integer, found {value}"),
+                    )
                 }),
         }
     }
@@ -166,9 +188,31 @@ impl<'a> Keys<'a> {
     }
 }
 
+/// The largest width or count a config.json may give: products of two such values (a weight's
+/// element count) cannot overflow, and nothing near it is a real model.
+pub const MAX_DIMENSION: usize = (1 << 31) - 1;
+
 fn positive(key: &str, value: usize) -> Parsed<usize> {
     if value == 0 {
         return Err(ConfigError::new(key, "must be positive"));
+    }
+    if value > MAX_DIMENSION {
+        return Err(ConfigError::new(
+            key,
+            format!("{value} is implausibly large (at most {MAX_DIMENSION})"),
+        ));
+    }
+    Ok(value)
+}
+
+/// A float that must be finite and > 0 (norm epsilons, RoPE base and factors): 0 or a negative
+/// value makes every forward pass NaN.
+fn positive_number(key: &str, value: f64) -> Parsed<f64> {
+    if !(value.is_finite() && value > 0.0) {
+        return Err(ConfigError::new(
+            key,
+            format!("must be a positive number, found {value}"),
+        ));
     }
     Ok(value)
 }
@@ -192,10 +236,12 @@ fn parse_rope_scaling(keys: &Keys) -> Parsed<Option<RopeScaling>> {
         .or_else(|| inner.string("type"))
         .unwrap_or("default");
     let number = |name: &str| -> Parsed<f64> {
-        inner
+        let full = format!("{key}.{name}");
+        let value = inner
             .value(name)
             .and_then(Value::as_f64)
-            .ok_or_else(|| ConfigError::new(&format!("{key}.{name}"), "missing or not a number"))
+            .ok_or_else(|| ConfigError::new(&full, "missing or not a number"))?;
+        positive_number(&full, value)
     };
     match kind {
         "default" => Ok(None),
@@ -218,9 +264,10 @@ fn parse_rope_scaling(keys: &Keys) -> Parsed<Option<RopeScaling>> {
 fn parse_llama(keys: &Keys, model_type: &str) -> Parsed<LlamaConfig> {
     let hidden_size = positive("hidden_size", keys.usize("hidden_size")?)?;
     let num_attention_heads = positive("num_attention_heads", keys.usize("num_attention_heads")?)?;
-    let num_key_value_heads = keys
-        .optional_usize("num_key_value_heads")?
-        .unwrap_or(num_attention_heads);
+    let num_key_value_heads = match keys.optional_usize("num_key_value_heads")? {
+        Some(heads) => positive("num_key_value_heads", heads)?,
+        None => num_attention_heads,
+    };
     if num_key_value_heads == 0 || num_attention_heads % num_key_value_heads != 0 {
         return Err(ConfigError::new(
             "num_key_value_heads",
@@ -239,6 +286,13 @@ fn parse_llama(keys: &Keys, model_type: &str) -> Parsed<LlamaConfig> {
             ))
         }
     };
+    let head_dim = positive("head_dim", head_dim)?;
+    if head_dim % 2 != 0 {
+        return Err(ConfigError::new(
+            "head_dim",
+            format!("{head_dim} is odd; rotary embeddings rotate pairs of dimensions"),
+        ));
+    }
     if let Some(activation) = keys.string("hidden_act") {
         if activation != "silu" {
             return Err(ConfigError::new(
@@ -258,6 +312,7 @@ fn parse_llama(keys: &Keys, model_type: &str) -> Parsed<LlamaConfig> {
             .ok_or_else(|| ConfigError::new("rope_parameters.rope_theta", "not a number"))?,
         _ => keys.f64_or("rope_theta", 10000.0)?,
     };
+    let rope_theta = positive_number("rope_theta", rope_theta)?;
     Ok(LlamaConfig {
         model_type: model_type.to_string(),
         vocab_size: positive("vocab_size", keys.usize("vocab_size")?)?,
@@ -266,13 +321,15 @@ fn parse_llama(keys: &Keys, model_type: &str) -> Parsed<LlamaConfig> {
         num_hidden_layers: positive("num_hidden_layers", keys.usize("num_hidden_layers")?)?,
         num_attention_heads,
         num_key_value_heads,
-        head_dim: positive("head_dim", head_dim)?,
-        rms_norm_eps: keys.f64_or("rms_norm_eps", 1e-6)?,
+        head_dim,
+        rms_norm_eps: positive_number("rms_norm_eps", keys.f64_or("rms_norm_eps", 1e-6)?)?,
         rope_theta,
         rope_scaling: parse_rope_scaling(keys)?,
-        max_position_embeddings: keys
-            .optional_usize("max_position_embeddings")?
-            .unwrap_or(2048),
+        max_position_embeddings: positive(
+            "max_position_embeddings",
+            keys.optional_usize("max_position_embeddings")?
+                .unwrap_or(2048),
+        )?,
         tie_word_embeddings: keys.bool_or("tie_word_embeddings", false)?,
         qkv_bias: is_qwen2 || attention_bias,
         output_bias: !is_qwen2 && attention_bias,
@@ -307,8 +364,14 @@ fn parse_gpt2(keys: &Keys) -> Parsed<Gpt2Config> {
         n_embd,
         n_layer: positive("n_layer", keys.usize("n_layer")?)?,
         n_head,
-        n_inner: keys.optional_usize("n_inner")?.unwrap_or(4 * n_embd),
-        layer_norm_epsilon: keys.f64_or("layer_norm_epsilon", 1e-5)?,
+        n_inner: positive(
+            "n_inner",
+            keys.optional_usize("n_inner")?.unwrap_or(4 * n_embd),
+        )?,
+        layer_norm_epsilon: positive_number(
+            "layer_norm_epsilon",
+            keys.f64_or("layer_norm_epsilon", 1e-5)?,
+        )?,
         activation,
         scale_attn_weights: keys.bool_or("scale_attn_weights", true)?,
         scale_attn_by_inverse_layer_idx: keys.bool_or("scale_attn_by_inverse_layer_idx", false)?,
@@ -385,6 +448,14 @@ impl ModelConfig {
         }
     }
 
+    /// The config.json key holding the number of decoder layers.
+    pub fn layer_count_key(&self) -> &'static str {
+        match self {
+            Self::Llama(_) => "num_hidden_layers",
+            Self::Gpt2(_) => "n_layer",
+        }
+    }
+
     pub fn hidden_size(&self) -> usize {
         match self {
             Self::Llama(config) => config.hidden_size,
@@ -451,6 +522,15 @@ impl ModelConfig {
     /// Every linear layer the model builds through its `LinearFactory`, in build order, with its
     /// Hugging Face module path (GPT-2 paths always carry the `transformer.` prefix).
     pub fn linear_layers(&self) -> Vec<LinearSpec> {
+        let mut layers: Vec<LinearSpec> = (0..self.num_layers())
+            .flat_map(|layer| self.layer_linear_layers(layer))
+            .collect();
+        layers.push(self.output_layer());
+        layers
+    }
+
+    /// The linear layers of decoder layer `layer` (a slice of [`ModelConfig::linear_layers`]).
+    pub fn layer_linear_layers(&self, layer: usize) -> Vec<LinearSpec> {
         let spec = |path: String, in_features, out_features, bias| LinearSpec {
             path,
             in_features,
@@ -458,58 +538,127 @@ impl ModelConfig {
             bias,
             tied_to_embeddings: false,
         };
-        let mut layers = Vec::new();
         match self {
             Self::Llama(c) => {
                 let q = c.num_attention_heads * c.head_dim;
                 let kv = c.num_key_value_heads * c.head_dim;
-                for i in 0..c.num_hidden_layers {
-                    let attn = format!("model.layers.{i}.self_attn");
-                    let mlp = format!("model.layers.{i}.mlp");
-                    layers.push(spec(format!("{attn}.q_proj"), c.hidden_size, q, c.qkv_bias));
-                    layers.push(spec(
-                        format!("{attn}.k_proj"),
-                        c.hidden_size,
-                        kv,
-                        c.qkv_bias,
-                    ));
-                    layers.push(spec(
-                        format!("{attn}.v_proj"),
-                        c.hidden_size,
-                        kv,
-                        c.qkv_bias,
-                    ));
-                    layers.push(spec(
-                        format!("{attn}.o_proj"),
-                        q,
-                        c.hidden_size,
-                        c.output_bias,
-                    ));
-                    let (h, m) = (c.hidden_size, c.intermediate_size);
-                    layers.push(spec(format!("{mlp}.gate_proj"), h, m, c.mlp_bias));
-                    layers.push(spec(format!("{mlp}.up_proj"), h, m, c.mlp_bias));
-                    layers.push(spec(format!("{mlp}.down_proj"), m, h, c.mlp_bias));
-                }
+                let (h, m) = (c.hidden_size, c.intermediate_size);
+                let attn = format!("model.layers.{layer}.self_attn");
+                let mlp = format!("model.layers.{layer}.mlp");
+                vec![
+                    spec(format!("{attn}.q_proj"), h, q, c.qkv_bias),
+                    spec(format!("{attn}.k_proj"), h, kv, c.qkv_bias),
+                    spec(format!("{attn}.v_proj"), h, kv, c.qkv_bias),
+                    spec(format!("{attn}.o_proj"), q, h, c.output_bias),
+                    spec(format!("{mlp}.gate_proj"), h, m, c.mlp_bias),
+                    spec(format!("{mlp}.up_proj"), h, m, c.mlp_bias),
+                    spec(format!("{mlp}.down_proj"), m, h, c.mlp_bias),
+                ]
             }
             Self::Gpt2(c) => {
                 let h = c.n_embd;
-                for i in 0..c.n_layer {
-                    let block = format!("transformer.h.{i}");
-                    layers.push(spec(format!("{block}.attn.c_attn"), h, 3 * h, true));
-                    layers.push(spec(format!("{block}.attn.c_proj"), h, h, true));
-                    layers.push(spec(format!("{block}.mlp.c_fc"), h, c.n_inner, true));
-                    layers.push(spec(format!("{block}.mlp.c_proj"), c.n_inner, h, true));
-                }
+                let block = format!("transformer.h.{layer}");
+                vec![
+                    spec(format!("{block}.attn.c_attn"), h, 3 * h, true),
+                    spec(format!("{block}.attn.c_proj"), h, h, true),
+                    spec(format!("{block}.mlp.c_fc"), h, c.n_inner, true),
+                    spec(format!("{block}.mlp.c_proj"), c.n_inner, h, true),
+                ]
             }
         }
-        layers.push(LinearSpec {
-            path: "lm_head".to_string(),
+    }
+
+    /// The output layer (`lm_head`), the last of [`ModelConfig::linear_layers`].
+    pub fn output_layer(&self) -> LinearSpec {
+        LinearSpec {
+            path: OUTPUT_LAYER_PATH.to_string(),
             in_features: self.hidden_size(),
             out_features: self.vocab_size(),
             bias: false,
             tied_to_embeddings: self.tie_word_embeddings(),
-        });
-        layers
+        }
+    }
+
+    /// Where the tensors of decoder layer `N` are stored: the name prefix before `N`
+    /// (`model.layers.`, or `{root}h.` for GPT-2, whose checkpoints may lack the `transformer.`
+    /// root: see [`ModelConfig::checkpoint_root`]).
+    pub fn layer_name_prefix(&self, root: &str) -> String {
+        match self {
+            Self::Llama(_) => "model.layers.".to_string(),
+            Self::Gpt2(_) => format!("{root}h."),
+        }
+    }
+
+    /// The prefix the loader reads GPT-2 tensors under, given the stored names (`transformer.` when
+    /// the checkpoint has `transformer.wte.weight`, else none); empty for Llama, whose names
+    /// always start with `model.`.
+    pub fn checkpoint_root(&self, has_tensor: impl Fn(&str) -> bool) -> &'static str {
+        match self {
+            Self::Gpt2(_) if has_tensor("transformer.wte.weight") => "transformer.",
+            _ => "",
+        }
+    }
+
+    /// The tensors the loader reads for decoder layer `layer`, named and shaped as the checkpoint
+    /// stores them (GPT-2's Conv1D weights `[in, out]`), under `root` ([`ModelConfig::checkpoint_root`]).
+    pub fn layer_tensors(&self, layer: usize, root: &str) -> Vec<TensorSpec> {
+        let hidden = self.hidden_size();
+        let prefix = format!("{}{layer}.", self.layer_name_prefix(root));
+        let mut tensors = Vec::new();
+        let norms: &[&str] = match self {
+            Self::Llama(_) => &["input_layernorm.weight", "post_attention_layernorm.weight"],
+            Self::Gpt2(_) => &["ln_1.weight", "ln_1.bias", "ln_2.weight", "ln_2.bias"],
+        };
+        for norm in norms {
+            tensors.push(TensorSpec::new(format!("{prefix}{norm}"), vec![hidden]));
+        }
+        let conv1d = matches!(self, Self::Gpt2(_));
+        for linear in self.layer_linear_layers(layer) {
+            // The module path after `model.layers.N.` / `transformer.h.N.`.
+            let local = linear
+                .path
+                .splitn(4, '.')
+                .nth(3)
+                .unwrap_or(linear.path.as_str());
+            let shape = if conv1d {
+                vec![linear.in_features, linear.out_features]
+            } else {
+                vec![linear.out_features, linear.in_features]
+            };
+            tensors.push(TensorSpec::new(format!("{prefix}{local}.weight"), shape));
+            if linear.bias {
+                tensors.push(TensorSpec::new(
+                    format!("{prefix}{local}.bias"),
+                    vec![linear.out_features],
+                ));
+            }
+        }
+        tensors
+    }
+
+    /// The tensors the loader reads outside the decoder layers: embeddings, the final norm and an
+    /// untied output layer (`lm_head.weight`, never under `root`).
+    pub fn global_tensors(&self, root: &str) -> Vec<TensorSpec> {
+        let (vocab, hidden) = (self.vocab_size(), self.hidden_size());
+        let mut tensors = match self {
+            Self::Llama(_) => vec![
+                TensorSpec::new("model.embed_tokens.weight".into(), vec![vocab, hidden]),
+                TensorSpec::new("model.norm.weight".into(), vec![hidden]),
+            ],
+            Self::Gpt2(c) => vec![
+                TensorSpec::new(format!("{root}wte.weight"), vec![vocab, hidden]),
+                TensorSpec::new(format!("{root}wpe.weight"), vec![c.n_positions, hidden]),
+                TensorSpec::new(format!("{root}ln_f.weight"), vec![hidden]),
+                TensorSpec::new(format!("{root}ln_f.bias"), vec![hidden]),
+            ],
+        };
+        if !self.tie_word_embeddings() {
+            tensors.push(TensorSpec::new(
+                format!("{OUTPUT_LAYER_PATH}.weight"),
+                vec![vocab, hidden],
+            ));
+        }
+        tensors
     }
 
     /// Total parameters as transformers counts them (a tied head counted once); `None` when the
@@ -564,6 +713,92 @@ mod tests {
         assert_eq!(config.parameter_count(), Some(1_235_814_400));
         assert_eq!(config.kv_dim(), 512);
         assert_eq!(config.linear_layers().len(), 16 * 7 + 1);
+    }
+
+    /// The tensors validation expects are exactly those a random-init checkpoint stores (the
+    /// loader reads both), with the same shapes, for every layout variant.
+    #[test]
+    fn expected_tensors_match_what_a_checkpoint_stores() {
+        let llama = |extra: Value| {
+            let mut config = serde_json::json!({"model_type": "llama", "hidden_size": 16,
+                "intermediate_size": 24, "num_hidden_layers": 2, "num_attention_heads": 4,
+                "num_key_value_heads": 2, "vocab_size": 40});
+            for (key, value) in extra.as_object().unwrap() {
+                config[key] = value.clone();
+            }
+            config
+        };
+        let configs = [
+            llama(serde_json::json!({})),
+            llama(
+                serde_json::json!({"tie_word_embeddings": true, "attention_bias": true,
+                "mlp_bias": true}),
+            ),
+            llama(serde_json::json!({"model_type": "qwen2"})),
+            serde_json::json!({"model_type": "gpt2", "n_embd": 8, "n_layer": 2, "n_head": 2,
+                "n_positions": 16, "vocab_size": 10}),
+            serde_json::json!({"model_type": "gpt2", "n_embd": 8, "n_layer": 1, "n_head": 2,
+                "n_positions": 16, "vocab_size": 10, "tie_word_embeddings": false}),
+        ];
+        for value in configs {
+            let config = ModelConfig::from_json(&value).unwrap();
+            let stored = crate::models::random::random_weights(
+                &config,
+                0,
+                0.02,
+                candle_core::DType::F32,
+                &candle_core::Device::Cpu,
+            )
+            .unwrap();
+            let mut stored: Vec<(String, Vec<usize>)> = stored
+                .iter()
+                .map(|(name, tensor)| (name.clone(), tensor.dims().to_vec()))
+                .collect();
+            stored.sort();
+            let root = config.checkpoint_root(|name| stored.iter().any(|(n, _)| n == name));
+            let mut expected: Vec<(String, Vec<usize>)> = config
+                .global_tensors(root)
+                .into_iter()
+                .chain((0..config.num_layers()).flat_map(|i| config.layer_tensors(i, root)))
+                .map(|spec| (spec.name, spec.shape))
+                .collect();
+            expected.sort();
+            assert_eq!(expected, stored, "{value}");
+        }
+    }
+
+    #[test]
+    fn values_that_make_every_forward_nan_or_overflow_are_refused() {
+        let mut value = llama_3_2_1b();
+        value["rms_norm_eps"] = serde_json::json!(-1);
+        assert_eq!(
+            ModelConfig::from_json(&value).unwrap_err().key,
+            "rms_norm_eps"
+        );
+        let mut value = llama_3_2_1b();
+        value["rope_theta"] = serde_json::json!(0);
+        assert_eq!(
+            ModelConfig::from_json(&value).unwrap_err().key,
+            "rope_theta"
+        );
+        let mut value = llama_3_2_1b();
+        value["rope_scaling"]["factor"] = serde_json::json!(-2.0);
+        assert_eq!(
+            ModelConfig::from_json(&value).unwrap_err().key,
+            "rope_scaling.factor"
+        );
+        let mut value = llama_3_2_1b();
+        value["vocab_size"] = serde_json::json!(u64::MAX);
+        assert!(ModelConfig::from_json(&value)
+            .unwrap_err()
+            .message
+            .contains("implausibly large"));
+        let gpt2 = serde_json::json!({"model_type": "gpt2", "n_embd": 8, "n_layer": 1,
+            "n_head": 2, "n_positions": 16, "vocab_size": 10, "layer_norm_epsilon": 0.0});
+        assert_eq!(
+            ModelConfig::from_json(&gpt2).unwrap_err().key,
+            "layer_norm_epsilon"
+        );
     }
 
     #[test]

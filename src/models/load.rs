@@ -2,8 +2,11 @@
 //! model.safetensors.index.json), tokenizer and generation config.
 //!
 //! Owns [`ModelDir`] (opening and validating the directory without reading weights; safetensors
-//! headers for dtype and parameter counts; the one memory map of the weight files) and
-//! [`ModelError`]. Must not: build trainable vars, or read more than headers in `open`.
+//! headers, checked as the format requires and against config.json before anything is mapped
+//! ([`ModelDir::check_weights`], what `validate` runs too); the tokenizer checked against
+//! `vocab_size`; the one memory map of the weight files) and [`ModelError`], whose messages name
+//! the file and, where one is at fault, the tensor. Must not: build trainable vars, or read more
+//! than headers in `open` and `check_weights`.
 
 use std::collections::BTreeMap;
 use std::io::Read;
@@ -42,6 +45,9 @@ pub enum ModelError {
     Safetensors { path: PathBuf, message: String },
     #[error("{path}: {message}")]
     Tokenizer { path: PathBuf, message: String },
+    /// The stored tensors disagree with config.json (missing, wrong shape, unusable dtype).
+    #[error("{path}: {message}")]
+    Weights { path: PathBuf, message: String },
     #[error("{dir}: loading the model: {source}")]
     Load {
         dir: PathBuf,
@@ -79,7 +85,36 @@ impl TensorInfo {
     }
 }
 
-/// Read only the JSON header of a safetensors file (8-byte little-endian length, then JSON).
+/// The largest header the safetensors format allows (its reference implementation's limit).
+const MAX_HEADER_BYTES: u64 = 100_000_000;
+
+/// At most this many tensor problems are listed for one model; the rest are counted.
+const LISTED_TENSOR_PROBLEMS: usize = 8;
+/// Counting tensor problems stops here (a header naming layer 10^9 must not cost 10^9 checks).
+const COUNTED_TENSOR_PROBLEMS: usize = 10_000;
+
+/// Bytes per element of a safetensors dtype, and whether it can hold weights peftpipe loads
+/// (floats candle converts from). `None`: not a safetensors dtype peftpipe knows.
+fn dtype_size(dtype: &str) -> Option<(u64, bool)> {
+    Some(match dtype {
+        "F64" => (8, true),
+        "F32" => (4, true),
+        "F16" | "BF16" => (2, true),
+        "I64" | "U64" => (8, false),
+        "I32" | "U32" => (4, false),
+        "I16" | "U16" => (2, false),
+        "I8" | "U8" | "BOOL" | "F8_E4M3" | "F8_E5M2" => (1, false),
+        _ => return None,
+    })
+}
+
+/// Read only the JSON header of a safetensors file (8-byte little-endian length, then JSON) and
+/// check it the way the safetensors format requires before anything is memory-mapped: the
+/// header fits in the file, every tensor has a known dtype and a shape whose byte size equals its
+/// `data_offsets` span, the spans tile the data section exactly (no gap, no overlap) and the
+/// data section ends at the end of the file. Errors name the file and, where one is at fault,
+/// the tensor. Reads at most the header; sizes are checked arithmetic (no overflow on hostile
+/// numbers).
 pub fn read_safetensors_header(path: &Path) -> Result<BTreeMap<String, TensorInfo>, ModelError> {
     let invalid = |message: String| ModelError::Safetensors {
         path: path.to_path_buf(),
@@ -90,14 +125,31 @@ pub fn read_safetensors_header(path: &Path) -> Result<BTreeMap<String, TensorInf
         source,
     };
     let mut file = std::fs::File::open(path).map_err(io)?;
+    let metadata = file.metadata().map_err(io)?;
+    if !metadata.is_file() {
+        return Err(invalid("not a regular file".to_string()));
+    }
+    let file_length = metadata.len();
+    if file_length < 8 {
+        return Err(invalid(format!(
+            "the file is {file_length} bytes, shorter than the 8-byte header length"
+        )));
+    }
     let mut length = [0u8; 8];
     file.read_exact(&mut length).map_err(io)?;
     let length = u64::from_le_bytes(length);
-    // safetensors caps headers at 100 MB.
-    if length > 100_000_000 {
-        return Err(invalid(format!("header length {length} is implausible")));
+    let available = file_length - 8;
+    if length > available {
+        return Err(invalid(format!(
+            "the header length {length} runs past the end of the {file_length}-byte file (truncated or not a safetensors file)"
+        )));
     }
-    let mut header = vec![0u8; length as usize];
+    if length > MAX_HEADER_BYTES {
+        return Err(invalid(format!(
+            "the header length {length} exceeds safetensors' limit of {MAX_HEADER_BYTES} bytes"
+        )));
+    }
+    let mut header = vec![0u8; usize::try_from(length).unwrap_or(0)];
     file.read_exact(&mut header).map_err(io)?;
     let header: Value = serde_json::from_slice(&header)
         .map_err(|error| invalid(format!("header is not JSON: {error}")))?;
@@ -105,8 +157,10 @@ pub fn read_safetensors_header(path: &Path) -> Result<BTreeMap<String, TensorInf
         return Err(invalid("header is not a JSON object".to_string()));
     };
     let data_start = 8 + length;
-    let file_length = file.metadata().map_err(io)?.len();
+    let data_length = available - length;
     let mut tensors = BTreeMap::new();
+    // (begin, end, name) relative to the data section, to check that they tile it.
+    let mut spans: Vec<(u64, u64, &str)> = Vec::with_capacity(entries.len());
     for (name, entry) in entries {
         if name == "__metadata__" {
             continue;
@@ -132,24 +186,62 @@ pub fn read_safetensors_header(path: &Path) -> Result<BTreeMap<String, TensorInf
                 "tensor `{name}`: data_offsets is not [begin, end]"
             )));
         };
-        let (start, end) = (data_start + begin as u64, data_start + end as u64);
-        if start > end || end > file_length {
+        let Some((element_bytes, _)) = dtype_size(dtype) else {
             return Err(invalid(format!(
-                "tensor `{name}`: bytes {start}..{end} are outside the {file_length}-byte file"
+                "tensor `{name}`: dtype `{dtype}` is not supported"
+            )));
+        };
+        let (begin, end) = (begin as u64, end as u64);
+        let bytes = shape
+            .iter()
+            .try_fold(element_bytes, |total, &d| total.checked_mul(d as u64));
+        if bytes != end.checked_sub(begin) {
+            return Err(invalid(format!(
+                "tensor `{name}`: shape {shape:?} of {dtype} needs {} bytes but data_offsets [{begin}, {end}] span {}",
+                bytes.map_or_else(|| "more than 2^64".to_string(), |b| b.to_string()),
+                end.checked_sub(begin).map_or_else(|| "a negative range".to_string(), |b| format!("{b} bytes")),
             )));
         }
+        if end > data_length {
+            return Err(invalid(format!(
+                "tensor `{name}`: data_offsets [{begin}, {end}] run past the end of the data ({data_length} bytes after the header): the file is truncated"
+            )));
+        }
+        spans.push((begin, end, name));
         tensors.insert(
             name.clone(),
             TensorInfo {
                 dtype: dtype.to_string(),
                 shape,
                 file: path.to_path_buf(),
-                start,
-                end,
+                start: data_start + begin,
+                end: data_start + end,
             },
         );
     }
+    spans.sort_unstable();
+    let mut expected = 0u64;
+    for &(begin, end, name) in &spans {
+        if begin != expected {
+            return Err(invalid(format!(
+                "tensor `{name}` starts at data offset {begin}, but the previous tensor ends at {expected} (tensors must be stored back to back)"
+            )));
+        }
+        expected = end;
+    }
+    if expected != data_length {
+        return Err(invalid(format!(
+            "the tensors end at data offset {expected} but the file holds {data_length} bytes of data (trailing bytes)"
+        )));
+    }
     Ok(tensors)
+}
+
+fn file_name(path: &Path) -> String {
+    path.file_name().map_or_else(
+        || path.display().to_string(),
+        |name| name.to_string_lossy().into_owned(),
+    )
 }
 
 /// An opened Hugging Face model directory (config parsed, weight files located; no weights read).
@@ -250,6 +342,116 @@ impl ModelDir {
         Ok(all)
     }
 
+    /// Check the stored tensors against config.json from the safetensors headers alone (no
+    /// weight is read): every header is well formed (see [`read_safetensors_header`]), the
+    /// checkpoint stores as many decoder layers as config.json declares, and every tensor the
+    /// loader reads is present with the shape config.json implies and a float dtype. Returns
+    /// every problem found (tensor problems past the first few are counted in one more); empty
+    /// when the model will load. Work is bounded by the headers, not by config.json's numbers.
+    pub fn check_weights(&self) -> Vec<ModelError> {
+        let mut problems = Vec::new();
+        let mut stored = BTreeMap::new();
+        for file in &self.weight_files {
+            match read_safetensors_header(file) {
+                Ok(tensors) => stored.extend(tensors),
+                Err(error) => problems.push(error),
+            }
+        }
+        if !problems.is_empty() {
+            return problems;
+        }
+        // Where a missing tensor should have been: the one weight file, or the shard index.
+        let weights_file = match &self.weight_files[..] {
+            [single] if single.ends_with("model.safetensors") => single.clone(),
+            _ => self.root.join("model.safetensors.index.json"),
+        };
+        let config = &self.config;
+        let root = config.checkpoint_root(|name| stored.contains_key(name));
+        let layer_prefix = config.layer_name_prefix(root);
+        let stored_layers = stored
+            .keys()
+            .filter_map(|name| name.strip_prefix(layer_prefix.as_str()))
+            .filter_map(|rest| rest.split('.').next()?.parse::<usize>().ok())
+            .max()
+            .map_or(0, |last| last.saturating_add(1));
+        let declared_layers = config.num_layers();
+        if declared_layers != stored_layers {
+            let stored_text = match stored_layers {
+                0 => format!("no decoder layer (no tensor named {layer_prefix}N.*)"),
+                1 => format!("1 decoder layer ({layer_prefix}0)"),
+                n => format!(
+                    "{n} decoder layers ({layer_prefix}0 to {layer_prefix}{})",
+                    n - 1
+                ),
+            };
+            problems.push(ModelError::Config {
+                path: self.root.join("config.json"),
+                key: config.layer_count_key().to_string(),
+                message: format!(
+                    "{declared_layers} layers, but {} stores {stored_text}",
+                    file_name(&weights_file)
+                ),
+            });
+        }
+        let mut listed = 0usize;
+        let mut unlisted = 0usize;
+        let checked_layers = declared_layers.min(stored_layers);
+        let expected = config
+            .global_tensors(root)
+            .into_iter()
+            .chain((0..checked_layers).flat_map(|layer| config.layer_tensors(layer, root)));
+        for spec in expected {
+            let problem = match stored.get(&spec.name) {
+                None => (
+                    weights_file.clone(),
+                    format!(
+                        "tensor `{}` (shape {:?}) is missing; config.json's model needs it",
+                        spec.name, spec.shape
+                    ),
+                ),
+                Some(info) if info.shape != spec.shape => (
+                    info.file.clone(),
+                    format!(
+                        "tensor `{}` has shape {:?}, but config.json implies {:?}",
+                        spec.name, info.shape, spec.shape
+                    ),
+                ),
+                Some(info) if !dtype_size(&info.dtype).is_some_and(|(_, float)| float) => (
+                    info.file.clone(),
+                    format!(
+                        "tensor `{}` is stored as {}; model weights must be floats (F32, BF16, F16 or F64)",
+                        spec.name, info.dtype
+                    ),
+                ),
+                Some(_) => continue,
+            };
+            if listed < LISTED_TENSOR_PROBLEMS {
+                listed += 1;
+                problems.push(ModelError::Weights {
+                    path: problem.0,
+                    message: problem.1,
+                });
+            } else {
+                unlisted += 1;
+                if unlisted >= COUNTED_TENSOR_PROBLEMS {
+                    break;
+                }
+            }
+        }
+        if unlisted > 0 {
+            let at_least = if unlisted >= COUNTED_TENSOR_PROBLEMS {
+                "at least "
+            } else {
+                ""
+            };
+            problems.push(ModelError::Weights {
+                path: weights_file,
+                message: format!("and {at_least}{unlisted} more tensor problems like these"),
+            });
+        }
+        problems
+    }
+
     /// The dtype the weights are stored in (the most common one, by element count).
     pub fn stored_dtype(&self) -> Result<String, ModelError> {
         let mut counts: BTreeMap<String, u64> = BTreeMap::new();
@@ -267,8 +469,12 @@ impl ModelDir {
         GenerationConfig::load(&self.root, &self.config_json)
     }
 
+    /// The tokenizer, checked against config.json's `vocab_size` (every id it can produce, and
+    /// the BOS/EOS/pad ids, must index the embedding table).
     pub fn tokenizer(&self) -> Result<ModelTokenizer, ModelError> {
-        ModelTokenizer::load(&self.root, &self.generation_config()?)
+        let tokenizer = ModelTokenizer::load(&self.root, &self.generation_config()?)?;
+        tokenizer.check_vocab_size(self.config.vocab_size())?;
+        Ok(tokenizer)
     }
 
     /// A VarBuilder over the memory-mapped weight files; tensors are converted to `dtype` on read.
@@ -286,9 +492,15 @@ impl ModelDir {
         // directory it loads from (exports go to a fresh directory, renamed into place).
         let builder =
             unsafe { VarBuilder::from_mmaped_safetensors(&self.weight_files, dtype, device) };
-        builder.map_err(|source| ModelError::Load {
-            dir: self.root.clone(),
-            source,
+        builder.map_err(|source| {
+            // candle's safetensors errors name no file or tensor; our header check names both.
+            self.weight_files
+                .iter()
+                .find_map(|file| read_safetensors_header(file).err())
+                .unwrap_or(ModelError::Load {
+                    dir: self.root.clone(),
+                    source,
+                })
         })
     }
 
@@ -299,6 +511,9 @@ impl ModelDir {
         dtype: DType,
         factory: &dyn LinearFactory,
     ) -> Result<Box<dyn CausalLm>, ModelError> {
+        if let Some(problem) = self.check_weights().into_iter().next() {
+            return Err(problem);
+        }
         let builder = self.var_builder(dtype, device)?;
         let model: candle_core::Result<Box<dyn CausalLm>> = match &self.config {
             ModelConfig::Llama(config) => {

@@ -5,6 +5,7 @@
 //! Owns [`ModelTokenizer`] (encode/decode with the model's BOS/EOS conventions) and
 //! [`GenerationConfig`]. Must not: know about datasets, templates or batching.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use serde_json::Value;
@@ -20,6 +21,10 @@ pub struct GenerationConfig {
     pub eos_token_ids: Vec<u32>,
     pub pad_token_id: Option<u32>,
     pub max_new_tokens: Option<usize>,
+    /// Which file each id above came from (`bos_token_id` → `generation_config.json` or
+    /// `config.json`), for error messages.
+    #[serde(skip)]
+    pub id_files: BTreeMap<&'static str, &'static str>,
 }
 
 fn token_id(value: Option<&Value>) -> Option<u32> {
@@ -44,6 +49,14 @@ impl GenerationConfig {
         } else {
             Value::Null
         };
+        let mut id_files = BTreeMap::new();
+        for key in ["bos_token_id", "eos_token_id", "pad_token_id"] {
+            if generation.get(key).is_some_and(|value| !value.is_null()) {
+                id_files.insert(key, "generation_config.json");
+            } else if model_config.get(key).is_some_and(|value| !value.is_null()) {
+                id_files.insert(key, "config.json");
+            }
+        }
         let pick = |key: &str| generation.get(key).or_else(|| model_config.get(key));
         let max_new_tokens = generation
             .get("max_new_tokens")
@@ -54,6 +67,7 @@ impl GenerationConfig {
             eos_token_ids: token_ids(pick("eos_token_id")),
             pad_token_id: token_id(pick("pad_token_id")),
             max_new_tokens,
+            id_files,
         })
     }
 }
@@ -87,6 +101,9 @@ pub struct ModelTokenizer {
     pub add_eos_token: bool,
     /// The Jinja chat template (tokenizer_config.json `chat_template`, or chat_template.jinja).
     pub chat_template: Option<String>,
+    /// The file each of the BOS/EOS/pad ids came from (see [`GenerationConfig::id_files`];
+    /// `tokenizer_config.json` when looked up from its token names).
+    id_files: BTreeMap<&'static str, &'static str>,
 }
 
 impl std::fmt::Debug for ModelTokenizer {
@@ -129,12 +146,23 @@ impl ModelTokenizer {
         let pad_token = special_token(&config, "pad_token");
         let lookup =
             |token: &Option<String>| token.as_deref().and_then(|t| tokenizer.token_to_id(t));
-        let bos_token_id = generation.bos_token_id.or_else(|| lookup(&bos_token));
+        let mut id_files = generation.id_files.clone();
+        let bos_token_id = generation.bos_token_id.or_else(|| {
+            id_files.insert("bos_token_id", "tokenizer_config.json");
+            lookup(&bos_token)
+        });
         let mut eos_token_ids = generation.eos_token_ids.clone();
         if eos_token_ids.is_empty() {
+            id_files.insert("eos_token_id", "tokenizer_config.json");
             eos_token_ids.extend(lookup(&eos_token));
         }
-        let pad_token_id = lookup(&pad_token).or(generation.pad_token_id);
+        let pad_token_id = match lookup(&pad_token) {
+            Some(id) => {
+                id_files.insert("pad_token_id", "tokenizer_config.json");
+                Some(id)
+            }
+            None => generation.pad_token_id,
+        };
         let probe = tokenizer
             .encode("a", true)
             .map_err(|error| ModelError::Tokenizer {
@@ -181,7 +209,52 @@ impl ModelTokenizer {
             add_bos_token,
             add_eos_token,
             chat_template,
+            id_files,
         })
+    }
+
+    /// The largest id the tokenizer can produce (its vocabulary with added tokens) and its token.
+    pub fn max_token_id(&self) -> Option<(u32, String)> {
+        self.tokenizer
+            .get_vocab(true)
+            .into_iter()
+            .max_by_key(|(_, id)| *id)
+            .map(|(token, id)| (id, token))
+    }
+
+    /// Check that every id this tokenizer can produce, and the BOS/EOS/pad ids, index a row of
+    /// the model's embedding table (config.json `vocab_size`): an id past it fails deep inside
+    /// the first forward pass (`index-select invalid index`).
+    pub fn check_vocab_size(&self, vocab_size: usize) -> Result<(), ModelError> {
+        let dir = self.path.parent().unwrap_or(Path::new("."));
+        if let Some((id, token)) = self.max_token_id() {
+            if id as usize >= vocab_size {
+                return Err(ModelError::Tokenizer {
+                    path: self.path.clone(),
+                    message: format!(
+                        "produces id {id} (token {token:?}) ≥ config.json vocab_size {vocab_size}: the model has no embedding for it"
+                    ),
+                });
+            }
+        }
+        let special = self
+            .bos_token_id
+            .map(|id| ("bos_token_id", id))
+            .into_iter()
+            .chain(self.eos_token_ids.iter().map(|&id| ("eos_token_id", id)))
+            .chain(self.pad_token_id.map(|id| ("pad_token_id", id)));
+        for (key, id) in special {
+            if id as usize >= vocab_size {
+                let file = self.id_files.get(key).copied().unwrap_or("config.json");
+                return Err(ModelError::Tokenizer {
+                    path: dir.join(file),
+                    message: format!(
+                        "{key} {id} ≥ config.json vocab_size {vocab_size}: the model has no embedding for it"
+                    ),
+                });
+            }
+        }
+        Ok(())
     }
 
     /// The underlying HF tokenizer.

@@ -66,31 +66,19 @@ pub fn closest_name<'a>(name: &str, candidates: &[&'a str]) -> Option<&'a str> {
     crate::config::problem::did_you_mean(last_component(name), candidates.iter().copied())
 }
 
-/// Check that a spec fits the model: every listed name selects at least one linear layer, and a
-/// regex or `all-linear` selects something. The error names the offending entry, suggests the
-/// closest linear-layer name, and lists them all.
+/// Check that a spec fits the model (the core's [`crate::config::target_modules::check_targets`]):
+/// every listed name selects at least one linear layer, and a regex or `all-linear` selects
+/// something. The error names the offending entry, suggests the closest linear-layer name, and
+/// lists them all.
 pub fn check_targets(modules: &[LinearSpec], targets: &TargetModules) -> Result<(), String> {
-    let names = linear_names(modules);
-    let listing = format!("the model's linear layers: {}", names.join(", "));
-    if let TargetModules::Names(wanted) = targets {
-        for name in wanted {
-            let single = TargetModules::Names(vec![name.clone()]);
-            if matched_modules(modules, &single).is_empty() {
-                let hint = match closest_name(name, &names) {
-                    Some(close) => format!("; did you mean `{close}`?"),
-                    None => String::new(),
-                };
-                return Err(format!(
-                    "target module `{name}` matches no linear layer{hint} ({listing})"
-                ));
-            }
-        }
-        return Ok(());
-    }
-    if matched_modules(modules, targets).is_empty() {
-        return Err(format!("{targets} matches no linear layer ({listing})"));
-    }
-    Ok(())
+    let paths: Vec<&str> = modules.iter().map(|module| module.path.as_str()).collect();
+    crate::config::target_modules::check_targets(targets, &paths).map_err(|mismatch| {
+        let hint = mismatch
+            .suggestion
+            .map(|close| format!("; did you mean `{close}`?"))
+            .unwrap_or_default();
+        format!("{}{hint} ({})", mismatch.message, mismatch.listing)
+    })
 }
 
 /// Whether a GPT-2 style model stores its linear weights as Conv1D (`[in, out]`), which PEFT

@@ -6,6 +6,8 @@
 //! * `train.parquet`, `eval.parquet`, and `test.parquet` when the config declares a test split —
 //!   all with the same columns: the selected columns after renaming, in selection order, with the
 //!   input's Arrow types (snappy-compressed Parquet, row groups of at most 64k rows).
+//! * No split the config asks rows for is written empty: the stage fails instead, naming itself and
+//!   the split (an empty file would only fail a later stage, pointing into the cache).
 //! * `stats.json`: rows read, rows kept, rows per split (and per stratum), nulls per column of the
 //!   input and of each split, string-length percentiles (characters) of the kept rows, and the
 //!   rows dropped by each filter, by `drop_nulls` and by `dedup`.
@@ -47,6 +49,47 @@ const MAX_STRATA: usize = 100_000;
 const SHUFFLE_BUCKET_BYTES: f64 = 32.0 * 1024.0 * 1024.0;
 /// Stratum name used when the split is not stratified.
 const ALL_ROWS: &str = "*";
+
+/// Fail when a split the config asks rows for would be written empty: downstream stages (train,
+/// evaluate, few-shot draws) would fail later on an empty file inside the cache, far from the
+/// cause. A split declared with size 0 may stay empty.
+fn check_no_empty_split(
+    stage: &str,
+    sizes: &SplitSizes,
+    split_rows: &[u64],
+    rows_read: u64,
+    rows_kept: u64,
+) -> Result<(), StageError> {
+    for (index, &rows) in split_rows.iter().enumerate() {
+        let (wanted, asked) = match sizes {
+            SplitSizes::Fractions(fractions) => (
+                fractions[index] > 0.0,
+                format!("fraction {}", fractions[index]),
+            ),
+            SplitSizes::Counts(counts) => match index {
+                0 => (true, "the rows the counts leave".to_string()),
+                _ => (
+                    counts[index - 1] > 0,
+                    format!("count {}", counts[index - 1]),
+                ),
+            },
+        };
+        if wanted && rows == 0 {
+            let name = SPLIT_NAMES[index];
+            let cause = if rows_kept == 0 {
+                format!(
+                    "no row of the {rows_read} read is left after filters, drop_nulls and dedup"
+                )
+            } else {
+                format!("{rows_kept} rows are kept and the split's {asked} of them rounds to none")
+            };
+            return Err(StageError::user(format!(
+                "ingest stage `{stage}` would write an empty `{name}` split: {cause}; add rows, loosen the filters or change split sizes"
+            )));
+        }
+    }
+    Ok(())
+}
 
 pub struct IngestStage {
     config: IngestConfig,
@@ -243,17 +286,17 @@ impl Stage for IngestStage {
                 *total += rows;
             }
         }
-        if let SplitSizes::Fractions(_) = config.split.sizes() {
-            if split_rows[0] == 0 && rows_kept > 0 {
-                return Err(StageError::user(
-                    "no rows are left for the train split; lower the eval/test fractions",
-                ));
-            }
-        }
+        let split_count = if config.split.has_test() { 3 } else { 2 };
+        check_no_empty_split(
+            ctx.name,
+            &config.split.sizes(),
+            &split_rows[..split_count],
+            rows_read,
+            rows_kept,
+        )?;
 
         // Pass 2: assign splits and write.
         let stage_seed = ctx.stage_seed();
-        let split_count = if config.split.has_test() { 3 } else { 2 };
         let mut writers: Vec<SplitWriter> = Vec::with_capacity(split_count);
         for (split, name) in SPLIT_NAMES.iter().enumerate().take(split_count) {
             let sink = ParquetSink::create(

@@ -95,6 +95,12 @@ pub fn expand_input(project_dir: &Path, written: &str) -> Result<Vec<InputFile>,
             path,
         }]);
     }
+    if path.exists() {
+        return Err(format!(
+            "input `{written}` is not a regular file or directory (resolved to {}): a device, FIFO or socket cannot be read as a table",
+            path.display()
+        ));
+    }
     Err(format!(
         "input `{written}` does not exist (resolved to {})",
         path.display()

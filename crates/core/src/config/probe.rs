@@ -1,24 +1,41 @@
 //! What semantic validation asks of the world beyond the pipeline file that only the ML and Arrow
 //! side of peftpipe can answer: the columns of a tabular input file, whether a chat template
-//! compiles the way transformers renders it, and the linear layers a model's `config.json`
-//! describes.
+//! compiles the way transformers renders it, and whether a model directory will load (its
+//! `config.json` against the safetensors headers, its tokenizer against `vocab_size`) with the
+//! linear layers it has.
 //!
 //! The core defines the question, the main crate answers it (`peftpipe::probe::StandardProbe`,
 //! passed in by the CLI), so config stays free of arrow, parquet and candle while validation
 //! checks exactly what the stages will later do. A probe only reads file metadata (footers,
-//! headers, config files); it never reads rows or weights.
+//! safetensors headers, config and tokenizer files); it never reads rows or weights.
 
 use std::path::Path;
 
 use super::chat_template::ChatTemplateSource;
 use super::ingest::InputFormat;
 
-/// A problem with a model's `config.json`: the key that is wrong (empty for the whole file) and
-/// what is wrong with it.
+/// One linear layer of a model: its module path (`model.layers.0.self_attn.q_proj`) and shape.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ModelConfigProblem {
-    pub key: String,
-    pub message: String,
+pub struct LinearLayerShape {
+    pub path: String,
+    pub in_features: usize,
+    pub out_features: usize,
+}
+
+/// What validation learns from a model directory's files.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ModelFacts {
+    /// config.json's `model_type` (PEFT's default targets depend on it), when it has one.
+    pub model_type: Option<String>,
+    /// Every linear layer, in model order. `None` when config.json cannot describe them or
+    /// disagrees with the stored weights (a problem says why): the list is only built once its
+    /// length is bounded by what the weight files hold.
+    pub linear_layers: Option<Vec<LinearLayerShape>>,
+    /// Whether the tokenizer has an EOS token (`add_eos` needs one); `None` when the tokenizer
+    /// could not be read (a problem says why).
+    pub has_eos: Option<bool>,
+    /// What will fail when the model is loaded, each naming the file and the cause.
+    pub problems: Vec<String>,
 }
 
 /// The questions semantic checks ask (see the module docs). Errors are messages for the user that
@@ -36,16 +53,13 @@ pub trait Probe: Sync {
     /// error with its line.
     fn check_chat_template(&self, source: &ChatTemplateSource) -> Result<(), String>;
 
-    /// The module paths (`model.layers.0.self_attn.q_proj`, …) of every linear layer of the
-    /// model a `config.json` describes, in model order.
-    fn model_linear_layers(
-        &self,
-        config: &serde_json::Value,
-    ) -> Result<Vec<String>, ModelConfigProblem>;
+    /// Check the model directory `dir` as loading it will (config.json, the safetensors
+    /// headers, the tokenizer files) and describe it; never reads weights.
+    fn check_model(&self, dir: &Path) -> ModelFacts;
 }
 
 /// A probe for unit tests of the core: knows no file, compiles chat templates with plain
-/// minijinja, and answers model questions with a small Llama-like layer list.
+/// minijinja, and describes every model directory as a small valid Llama (64-wide attention).
 #[cfg(test)]
 pub(crate) struct TestProbe;
 
@@ -66,14 +80,22 @@ impl Probe for TestProbe {
             .map_err(|error| error.to_string())
     }
 
-    fn model_linear_layers(
-        &self,
-        _config: &serde_json::Value,
-    ) -> Result<Vec<String>, ModelConfigProblem> {
-        Ok(["q_proj", "k_proj", "v_proj", "o_proj"]
+    fn check_model(&self, _dir: &Path) -> ModelFacts {
+        let layer = |name: &str, width: usize| LinearLayerShape {
+            path: name.to_string(),
+            in_features: 64,
+            out_features: width,
+        };
+        let layers = ["q_proj", "k_proj", "v_proj", "o_proj"]
             .iter()
-            .map(|name| format!("model.layers.0.self_attn.{name}"))
-            .chain(std::iter::once("lm_head".to_string()))
-            .collect())
+            .map(|name| layer(&format!("model.layers.0.self_attn.{name}"), 64))
+            .chain(std::iter::once(layer("lm_head", 100)))
+            .collect();
+        ModelFacts {
+            model_type: Some("llama".to_string()),
+            linear_layers: Some(layers),
+            has_eos: Some(true),
+            problems: Vec::new(),
+        }
     }
 }

@@ -1,7 +1,8 @@
 //! A LoRA target spec as PEFT understands it (`target_modules`: names, a regex, `all-linear`),
-//! resolved from the pipeline's written form, with PEFT's exact matching rules. Pure data: the
-//! linear layers of a concrete model are the main crate's (`models`, `peft::targets`); validation
-//! gets their paths through [`super::probe::Probe::model_linear_layers`].
+//! resolved from the pipeline's written form, with PEFT's exact matching rules, and the check that
+//! a spec fits a model's layers ([`check_targets`]). Pure data: the linear layers of a concrete
+//! model are the main crate's (`models`, `peft::targets`); validation gets them through
+//! [`super::probe::Probe::check_model`].
 //!
 //! PEFT's rules (`peft.tuners.tuners_utils.check_target_module_exists`):
 //! - a list of names matches a module whose path equals a name or ends with `.` + name;
@@ -121,6 +122,62 @@ impl std::fmt::Display for TargetModules {
             TargetModules::AllLinear => f.write_str("all-linear"),
         }
     }
+}
+
+/// Why a target spec does not fit a model (see [`check_targets`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TargetMismatch {
+    /// The entry of a name list at fault (its index), or `None` for the whole spec.
+    pub index: Option<usize>,
+    /// What is wrong, e.g. "target module `q_prj` matches no linear layer".
+    pub message: String,
+    /// The closest linear-layer name, when one is plausibly meant.
+    pub suggestion: Option<String>,
+    /// "the model's linear layers: q_proj, k_proj, ...".
+    pub listing: String,
+}
+
+/// Check a spec against the module paths of a model's linear layers. Every listed name must
+/// select at least one layer: PEFT adapts whatever the other names match and says nothing, so
+/// `[q_prj, v_proj]` would silently train `v_proj` alone. A regex or `all-linear` must select
+/// something. The first entry at fault is reported, with the closest layer name (the project's
+/// did-you-mean rule) and the list of all of them.
+pub fn check_targets(targets: &TargetModules, paths: &[&str]) -> Result<(), TargetMismatch> {
+    let mut names: Vec<&str> = Vec::new();
+    for path in paths {
+        let name = last_component(path);
+        if !names.contains(&name) {
+            names.push(name);
+        }
+    }
+    let listing = format!("the model's linear layers: {}", names.join(", "));
+    if let TargetModules::Names(wanted) = targets {
+        for (index, name) in wanted.iter().enumerate() {
+            let single = TargetModules::Names(vec![name.clone()]);
+            if !paths.iter().any(|path| single.matches(path)) {
+                return Err(TargetMismatch {
+                    index: Some(index),
+                    message: format!("target module `{name}` matches no linear layer"),
+                    suggestion: super::problem::did_you_mean(
+                        last_component(name),
+                        names.iter().copied(),
+                    )
+                    .map(str::to_string),
+                    listing,
+                });
+            }
+        }
+        return Ok(());
+    }
+    if !paths.iter().any(|path| targets.matches(path)) {
+        return Err(TargetMismatch {
+            index: None,
+            message: format!("{targets} matches no linear layer"),
+            suggestion: None,
+            listing,
+        });
+    }
+    Ok(())
 }
 
 /// The last `.`-separated component of a module path.

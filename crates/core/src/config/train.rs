@@ -1,8 +1,9 @@
 //! Config of the `train` stage kind (pure data: every field documented and defaulted where a
 //! default makes sense) and its semantic checks. The PEFT method is an externally tagged enum
 //! (`method: { lora: { r: 16 } }`) so further methods slot in beside LoRA.
-//! Never loads weights: checks read `config.json` and the tokenizer files' existence only, and
-//! ask the [`super::probe::Probe`] which linear layers that `config.json` describes.
+//! Never loads weights: the model directory is checked by the [`super::probe::Probe`] (config.json
+//! against the safetensors headers, the tokenizer against `vocab_size`), which also says which
+//! linear layers the model has, so targets and rank are checked against their shapes.
 
 use std::borrow::Cow;
 use std::collections::BTreeMap;
@@ -403,135 +404,181 @@ impl StageSpec for TrainConfig {
     }
 
     fn check(&self, cx: &CheckContext<'_>, at: &str, problems: &mut Vec<Problem>) {
-        let mut problem = |key: &str, message: String| {
-            problems.push(Problem::new(format!("{at}.{key}"), message).about_value());
-        };
+        let problem =
+            |key: &str, message: String| Problem::new(format!("{at}.{key}"), message).about_value();
         if let Some(columns) = cx.columns.get(&self.data) {
             for needed in ["prompt", "completion"] {
                 if !columns.iter().any(|c| c == needed) {
-                    problem(
+                    problems.push(problem(
                         "data",
                         format!(
                             "stage `{}` has no `{needed}` column (columns: {})",
                             self.data,
                             columns.join(", ")
                         ),
-                    );
+                    ));
                 }
             }
         }
         if let Err(message) = device_kind(&self.device) {
-            problem("device", message);
+            problems.push(problem("device", message));
         }
         if !(self.learning_rate > 0.0 && self.learning_rate.is_finite()) {
-            problem(
+            problems.push(problem(
                 "learning_rate",
                 format!("must be positive, got {}", self.learning_rate),
-            );
+            ));
         }
         if self.weight_decay < 0.0 {
-            problem("weight_decay", "must not be negative".into());
+            problems.push(problem("weight_decay", "must not be negative".into()));
         }
         for (key, value) in [
             ("adam_beta1", self.adam_beta1),
             ("adam_beta2", self.adam_beta2),
         ] {
             if !(0.0..1.0).contains(&value) {
-                problem(key, format!("must be in [0, 1), got {value}"));
+                problems.push(problem(key, format!("must be in [0, 1), got {value}")));
             }
         }
         if self.max_grad_norm.is_some_and(|norm| norm <= 0.0) {
-            problem(
+            problems.push(problem(
                 "max_grad_norm",
                 "must be positive (or null to disable)".into(),
-            );
+            ));
         }
         if self.batch_size == 0 {
-            problem("batch_size", "must be at least 1".into());
+            problems.push(problem("batch_size", "must be at least 1".into()));
         }
         if self.gradient_accumulation_steps == 0 {
-            problem("gradient_accumulation_steps", "must be at least 1".into());
+            problems.push(problem(
+                "gradient_accumulation_steps",
+                "must be at least 1".into(),
+            ));
         }
         if self.max_steps.is_none() && self.epochs == 0 {
-            problem("epochs", "must be at least 1 (or set max_steps)".into());
+            problems.push(problem(
+                "epochs",
+                "must be at least 1 (or set max_steps)".into(),
+            ));
         }
         if self.max_steps == Some(0) {
-            problem("max_steps", "must be at least 1".into());
+            problems.push(problem("max_steps", "must be at least 1".into()));
         }
         if self.max_seq_len < 2 {
-            problem("max_seq_len", "must be at least 2".into());
+            problems.push(problem("max_seq_len", "must be at least 2".into()));
+        }
+        if !(self.adam_epsilon > 0.0 && self.adam_epsilon.is_finite()) {
+            problems.push(problem(
+                "adam_epsilon",
+                format!("must be positive, got {}", self.adam_epsilon),
+            ));
+        }
+        if let Some(max_steps) = self.max_steps.filter(|&steps| steps > 0) {
+            if self.warmup_steps >= max_steps {
+                problems.push(problem(
+                    "warmup_steps",
+                    format!(
+                        "{} warmup steps leave none of the {max_steps} max_steps at the peak learning rate; use fewer",
+                        self.warmup_steps
+                    ),
+                ));
+            }
         }
         let MethodConfig::Lora(lora) = &self.method;
         if lora.r == 0 {
-            problem("method.lora.r", "must be at least 1".into());
+            problems.push(problem("method.lora.r", "must be at least 1".into()));
+        }
+        if !(lora.alpha > 0.0 && lora.alpha.is_finite()) {
+            problems.push(problem(
+                "method.lora.alpha",
+                format!(
+                    "must be positive (the update is scaled by alpha/r), got {}",
+                    lora.alpha
+                ),
+            ));
         }
         if !(0.0..1.0).contains(&lora.dropout) {
-            problem(
+            problems.push(problem(
                 "method.lora.dropout",
                 format!("must be in [0, 1), got {}", lora.dropout),
-            );
+            ));
         }
         if let Some(TargetModulesConfig::Regex(pattern)) = &lora.target_modules {
             if let Err(message) = TargetModules::regex(pattern) {
-                problem("method.lora.target_modules", message);
+                problems.push(problem("method.lora.target_modules", message));
             }
         }
-        // The model: config.json must exist and the targets must match some linear layer.
+        // The model: it must load (config.json, weights, tokenizer) and the targets must fit it.
         let dir = match super::hub::resolve_model_dir(cx.project_dir, &self.model) {
             Ok(dir) => dir,
             Err(message) => {
-                problem("model", message);
+                problems.push(problem("model", message));
                 return;
             }
         };
-        let config_path = dir.join("config.json");
-        let config: serde_json::Value = match std::fs::read_to_string(&config_path)
-            .map_err(|error| error.to_string())
-            .and_then(|text| serde_json::from_str(&text).map_err(|error| error.to_string()))
-        {
-            Ok(config) => config,
-            Err(error) => {
-                problem("model", format!("{}: {error}", config_path.display()));
-                return;
-            }
-        };
-        if !dir.join("tokenizer.json").is_file() {
-            problem("model", format!("{} has no tokenizer.json", dir.display()));
+        let facts = cx.probe.check_model(&dir);
+        for message in &facts.problems {
+            problems.push(problem("model", message.clone()));
         }
-        match cx.probe.model_linear_layers(&config) {
-            Err(error) => problem(
-                "model",
-                format!(
-                    "{}: key `{}`: {}",
-                    config_path.display(),
-                    error.key,
-                    error.message
-                ),
-            ),
-            Ok(modules) => {
-                let targets = match resolve_targets(lora.target_modules.as_ref(), &config) {
-                    Ok(targets) => targets,
-                    Err(message) => {
-                        problem("method.lora.target_modules", message);
-                        return;
-                    }
-                };
-                if !modules.iter().any(|path| targets.matches(path)) {
-                    let mut names: Vec<&str> = modules
-                        .iter()
-                        .map(|path| super::target_modules::last_component(path))
-                        .collect();
-                    names.sort_unstable();
-                    names.dedup();
-                    problems.push(
-                        Problem::new(
-                            format!("{at}.method.lora.target_modules"),
-                            format!("{targets} matches no linear layer of the model"),
-                        )
-                        .about_value()
-                        .with_hint(format!("the model's linear layers: {}", names.join(", "))),
-                    );
-                }
+        if self.add_eos && facts.has_eos == Some(false) {
+            problems.push(
+                Problem::new(
+                    format!("{at}.add_eos"),
+                    format!(
+                        "the tokenizer of {} declares no EOS token to append",
+                        dir.display()
+                    ),
+                )
+                .about_value()
+                .with_hint("set add_eos: false, or give tokenizer_config.json an eos_token"),
+            );
+        }
+        let Some(layers) = &facts.linear_layers else {
+            return;
+        };
+        let targets = match resolve_targets_for(
+            lora.target_modules.as_ref(),
+            facts.model_type.as_deref().unwrap_or(""),
+        ) {
+            Ok(targets) => targets,
+            Err(message) => {
+                problems.push(problem("method.lora.target_modules", message));
+                return;
+            }
+        };
+        let paths: Vec<&str> = layers.iter().map(|layer| layer.path.as_str()).collect();
+        if let Err(mismatch) = super::target_modules::check_targets(&targets, &paths) {
+            let key = match mismatch.index {
+                Some(index) => format!("{at}.method.lora.target_modules[{index}]"),
+                None => format!("{at}.method.lora.target_modules"),
+            };
+            let message = match &mismatch.suggestion {
+                Some(close) => format!("{}; did you mean `{close}`?", mismatch.message),
+                None => mismatch.message.clone(),
+            };
+            problems.push(
+                Problem::new(key, message)
+                    .about_value()
+                    .with_hint(mismatch.listing),
+            );
+            return;
+        }
+        // A rank above a layer's smaller side adds nothing a full-rank update lacks and its
+        // matrices grow with r: `r: 100000` on 64-wide layers allocates gigabytes.
+        if let Some(narrowest) = layers
+            .iter()
+            .filter(|layer| targets.matches(&layer.path))
+            .min_by_key(|layer| layer.in_features.min(layer.out_features))
+        {
+            let limit = narrowest.in_features.min(narrowest.out_features);
+            if lora.r > limit {
+                problems.push(problem(
+                    "method.lora.r",
+                    format!(
+                        "{} exceeds the rank of the targeted layer {} ({} → {} features): r must be at most {limit}",
+                        lora.r, narrowest.path, narrowest.in_features, narrowest.out_features
+                    ),
+                ));
             }
         }
     }
@@ -550,6 +597,20 @@ pub fn resolve_targets(
     written: Option<&TargetModulesConfig>,
     model_config: &serde_json::Value,
 ) -> Result<TargetModules, String> {
+    resolve_targets_for(
+        written,
+        model_config
+            .get("model_type")
+            .and_then(serde_json::Value::as_str)
+            .unwrap_or(""),
+    )
+}
+
+/// [`resolve_targets`] given config.json's `model_type` alone.
+pub fn resolve_targets_for(
+    written: Option<&TargetModulesConfig>,
+    model_type: &str,
+) -> Result<TargetModules, String> {
     match written {
         Some(TargetModulesConfig::Names(names)) if names.is_empty() => {
             Err("target_modules is an empty list".into())
@@ -557,12 +618,7 @@ pub fn resolve_targets(
         Some(TargetModulesConfig::Names(names)) => Ok(TargetModules::Names(names.clone())),
         Some(TargetModulesConfig::AllLinear) => Ok(TargetModules::AllLinear),
         Some(TargetModulesConfig::Regex(pattern)) => TargetModules::regex(pattern),
-        None => TargetModules::default_for(
-            model_config
-                .get("model_type")
-                .and_then(serde_json::Value::as_str)
-                .unwrap_or(""),
-        ),
+        None => TargetModules::default_for(model_type),
     }
 }
 
