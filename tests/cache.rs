@@ -47,9 +47,8 @@ fn the_cache_dir_comes_from_the_flag_or_the_environment() {
     let output = in_checkout(&["status", "pipeline.yaml"]);
     assert_eq!(
         stdout(&output),
-        "[DIRTY] data: published output .peftpipe/out/reviews/data is missing
-         [DIRTY] prompts: published output .peftpipe/out/reviews/prompts is missing
-"
+        "[DIRTY] data: published output .peftpipe/out/reviews/data is missing\n\
+         [DIRTY] prompts: published output .peftpipe/out/reviews/prompts is missing\n"
     );
     let restored = in_checkout(&["run", "pipeline.yaml"]);
     assert!(restored.status.success(), "{}", stderr(&restored));

@@ -244,6 +244,10 @@ stages:
     ingest:
       path: data/reviews.parquet
       columns: [text, label]
+      filters:
+        - in_set: {column: label, values: [positive, negative]}
+      drop_nulls: true
+      limit: 200
       split: {fractions: {train: 0.8, eval: 0.2}}
   prompts:
     template:
@@ -270,6 +274,8 @@ stages:
           choices: [" positive", " negative"]
           labels: [positive, negative]
           label_column: label
+      max_rows: 16
+      samples: 0
       device: cpu
   export:
     export:

@@ -29,6 +29,9 @@ pub struct ManifestEntry {
     pub blake3: String,
 }
 
+/// Computes a file's blake3 (hex), e.g. through the size+mtime index.
+pub type DigestOf<'a> = &'a mut dyn FnMut(&Path) -> Result<String, CacheError>;
+
 /// Every file of an artifact, sorted by path. Empty directories are not recorded.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Manifest {
@@ -69,7 +72,7 @@ impl Manifest {
     pub fn compare_directory(
         &self,
         root: &Path,
-        digest_of: Option<&mut dyn FnMut(&Path) -> Result<String, CacheError>>,
+        digest_of: Option<DigestOf<'_>>,
     ) -> Result<Option<String>, CacheError> {
         match std::fs::symlink_metadata(root) {
             Ok(metadata) if metadata.is_dir() => {}

@@ -312,6 +312,10 @@ pub fn input_digests(
 
 /// Plan the given stages (topological order). `forced` stages are dirty with reason `forced`;
 /// `device` is the run's `--device` override (see [`StageFingerprint::with_device_override`]).
+#[expect(
+    clippy::too_many_arguments,
+    reason = "the plan's whole context, each a different record"
+)]
 pub fn make_plan(
     pipeline: &Pipeline,
     cache: &Cache,

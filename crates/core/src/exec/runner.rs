@@ -528,7 +528,8 @@ fn run_job(
 
 /// Make a restored output's published copies whole again: `out_dir` is copied afresh when it
 /// differs from the object, and the stage publishes again (then recorded) when a destination
-/// differs from what was last published there. Copies that are as published are left alone
+/// differs from what was last published there (a stage that declares no destinations publishes
+/// on every restore, as it cannot be checked). Copies that are as published are left alone
 /// (no rewrite of gigabytes on every run). Each republish is noted with its reason.
 #[expect(
     clippy::too_many_arguments,
@@ -556,6 +557,17 @@ fn republish(
     if let Some(reason) = &stale {
         note(reason);
         materialize(source, out_dir).map_err(|error| error.to_string())?;
+    }
+    let declared = job
+        .config
+        .spec()
+        .published_paths(&pipeline.project_dir)
+        .map_err(|message| format!("stage `{}`: {message}", job.name))?;
+    if declared.is_empty() {
+        // A publish without declared destinations cannot be checked: it runs on every restore.
+        let _ = index.save();
+        publish().map_err(|error| error.to_string())?;
+        return Ok(None);
     }
     let stale = destination_problems(
         cache,
