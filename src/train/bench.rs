@@ -62,6 +62,22 @@ pub struct BenchResult {
     /// Loss of the first and the last step (random data: it only shows the loop runs).
     pub first_loss: f64,
     pub last_loss: f64,
+    /// peftpipe's fused CUDA kernels in use (`ops::cuda::KERNELS` minus those switched off with
+    /// `PEFTPIPE_FUSED=0` / `PEFTPIPE_UNFUSED`); empty on the CPU.
+    pub fused_kernels: Vec<String>,
+}
+
+fn fused_kernels(device: &Device) -> Vec<String> {
+    #[cfg(feature = "cuda")]
+    if device.is_cuda() {
+        return crate::ops::cuda::KERNELS
+            .iter()
+            .filter(|kernel| crate::ops::cuda::enabled(kernel))
+            .map(|kernel| kernel.to_string())
+            .collect();
+    }
+    let _ = device;
+    Vec::new()
 }
 
 fn median(mut values: Vec<f64>) -> f64 {
@@ -294,6 +310,7 @@ pub fn run(config_path: &Path, settings: &BenchSettings) -> Result<BenchResult, 
         peak_memory_source,
         first_loss: steps.first().map_or(f64::NAN, |m| m.loss),
         last_loss: steps.last().map_or(f64::NAN, |m| m.loss),
+        fused_kernels: fused_kernels(&settings.device),
     })
 }
 
