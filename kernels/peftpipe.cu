@@ -260,6 +260,15 @@ __device__ __forceinline__ int find_tensor(const int64_t* offsets, int tensors, 
     return lo;
 }
 
+// Gradients may be the transposed view of a contiguous buffer (what a matmul's backward gives a
+// weight used as wᵀ): `cols[t]` = 0 for a contiguous tensor, else the view's column count C, and
+// element j = (r, c) of the [R, C] view lives at c·R + r of the buffer.
+__device__ __forceinline__ int64_t source_index(int64_t j, int64_t count, int64_t cols) {
+    if (cols == 0) return j;
+    const int64_t rows = count / cols;
+    return (j % cols) * rows + j / cols;
+}
+
 // Σ g² over all tensors, accumulated in f64 (one atomic per block).
 template <typename G>
 __device__ void sum_squares(const uint64_t* grads, const int64_t* offsets, int tensors, double* out) {
@@ -280,7 +289,7 @@ extern "C" __global__ void sum_squares_f32(const uint64_t* g, const int64_t* o, 
 // torch's AdamW order: p ← p·decay[t]; m ← m + (1−β1)(g − m); v ← β2·v + (1−β2)·g²;
 // p ← p − step_size · m / (sqrt(v)/bc2 + eps). g is scaled by `grad_scale` (clipping) first.
 template <typename P>
-__device__ void adamw(const uint64_t* params, const uint64_t* grads, const uint64_t* exp_avg, const uint64_t* exp_avg_sq,
+__device__ void adamw(const uint64_t* params, const uint64_t* grads, const int64_t* grad_cols, const uint64_t* exp_avg, const uint64_t* exp_avg_sq,
                       const float* decay, const int64_t* offsets, int tensors, float grad_scale, float beta1, float beta2,
                       float epsilon, float step_size, float bias_correction2_sqrt) {
     const int64_t total = offsets[tensors];
@@ -288,7 +297,8 @@ __device__ void adamw(const uint64_t* params, const uint64_t* grads, const uint6
         const int t = find_tensor(offsets, tensors, e);
         const int64_t j = e - offsets[t];
         P* p = reinterpret_cast<P*>(params[t]);
-        const float g = to_float(reinterpret_cast<const P*>(grads[t])[j]) * grad_scale;
+        const int64_t source = source_index(j, offsets[t + 1] - offsets[t], grad_cols[t]);
+        const float g = to_float(reinterpret_cast<const P*>(grads[t])[source]) * grad_scale;
         float* m = reinterpret_cast<float*>(exp_avg[t]);
         float* v = reinterpret_cast<float*>(exp_avg_sq[t]);
         float value = to_float(p[j]) * decay[t];
@@ -300,7 +310,7 @@ __device__ void adamw(const uint64_t* params, const uint64_t* grads, const uint6
         p[j] = from_float<P>(value);
     }
 }
-extern "C" __global__ void adamw_bf16(const uint64_t* p, const uint64_t* g, const uint64_t* m, const uint64_t* v, const float* d, const int64_t* o, int n,
-                                      float s, float b1, float b2, float eps, float step, float bc2) { adamw<bf16>(p, g, m, v, d, o, n, s, b1, b2, eps, step, bc2); }
-extern "C" __global__ void adamw_f32(const uint64_t* p, const uint64_t* g, const uint64_t* m, const uint64_t* v, const float* d, const int64_t* o, int n,
-                                     float s, float b1, float b2, float eps, float step, float bc2) { adamw<float>(p, g, m, v, d, o, n, s, b1, b2, eps, step, bc2); }
+extern "C" __global__ void adamw_bf16(const uint64_t* p, const uint64_t* g, const int64_t* gc, const uint64_t* m, const uint64_t* v, const float* d, const int64_t* o, int n,
+                                      float s, float b1, float b2, float eps, float step, float bc2) { adamw<bf16>(p, g, gc, m, v, d, o, n, s, b1, b2, eps, step, bc2); }
+extern "C" __global__ void adamw_f32(const uint64_t* p, const uint64_t* g, const int64_t* gc, const uint64_t* m, const uint64_t* v, const float* d, const int64_t* o, int n,
+                                     float s, float b1, float b2, float eps, float step, float bc2) { adamw<float>(p, g, gc, m, v, d, o, n, s, b1, b2, eps, step, bc2); }

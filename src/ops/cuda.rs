@@ -60,6 +60,28 @@ pub fn applies(kernel: &str, x: &Tensor) -> bool {
     x.device().is_cuda() && matches!(x.dtype(), DType::BF16 | DType::F32) && enabled(kernel)
 }
 
+/// Candle runs a CUDA device on one stream, where cudarc's per-buffer events (two created and
+/// destroyed with every tensor) order nothing; switch them off for buffers allocated from now on,
+/// unless `PEFTPIPE_EVENT_TRACKING=1`. Returns whether they were switched off.
+pub fn single_stream(device: &Device) -> bool {
+    let Device::Cuda(cuda) = device else {
+        return false;
+    };
+    if std::env::var("PEFTPIPE_EVENT_TRACKING").is_ok_and(|v| v == "1") {
+        return false;
+    }
+    // SAFETY: every candle op, cuBLAS call and peftpipe kernel on this device runs on the
+    // device's one stream, so stream order alone orders every use and free of a buffer.
+    unsafe { cuda.disable_event_tracking() };
+    true
+}
+
+/// Whether the multi-tensor kernels read `gradient` as it is (contiguous, or a transposed 2-D
+/// view); otherwise the caller makes it contiguous first.
+pub fn gradient_readable(gradient: &Tensor) -> Result<bool> {
+    Ok(gradient_view(gradient)?.is_some())
+}
+
 fn suffix(dtype: DType) -> Result<&'static str> {
     Ok(match dtype {
         DType::BF16 => "bf16",
@@ -82,6 +104,11 @@ fn address(storage: &CudaStorage, layout: &Layout) -> Result<u64> {
     let Some((start, _)) = layout.contiguous_offsets() else {
         bail!("peftpipe kernels: the input must be contiguous")
     };
+    address_at(storage, start)
+}
+
+/// The device address of element `start` of `storage`.
+fn address_at(storage: &CudaStorage, start: usize) -> Result<u64> {
     let stream = storage.device.cuda_stream();
     let base = match storage.dtype() {
         DType::BF16 => storage.as_cuda_slice::<half::bf16>()?.device_ptr(&stream).0,
@@ -102,6 +129,26 @@ fn tensor_address(tensor: &Tensor) -> Result<u64> {
         bail!("peftpipe kernels: a tensor is not on a CUDA device")
     };
     address(cuda, layout)
+}
+
+/// The address of a gradient for the multi-tensor kernels and its `cols` code: 0 when contiguous,
+/// `C` when it is the `[R, C]` transposed view of a contiguous `[C, R]` buffer (a matmul backward's
+/// gradient of a weight used as `wᵀ`); `None` for any other layout (the caller copies it).
+fn gradient_view(tensor: &Tensor) -> Result<Option<(u64, i64)>> {
+    let (storage, layout) = tensor.storage_and_layout();
+    let Storage::Cuda(cuda) = &*storage else {
+        bail!("peftpipe kernels: a tensor is not on a CUDA device")
+    };
+    if layout.is_contiguous() {
+        return Ok(Some((address(cuda, layout)?, 0)));
+    }
+    match (layout.dims(), layout.stride()) {
+        ([rows, cols], [1, stride]) if stride == rows => Ok(Some((
+            address_at(cuda, layout.start_offset())?,
+            *cols as i64,
+        ))),
+        _ => Ok(None),
+    }
 }
 
 fn cuda_device(tensor: &Tensor) -> Result<&CudaDevice> {
@@ -844,7 +891,15 @@ fn sum_squares_into(device: &CudaDevice, gradients: &[&Tensor], accumulator: u64
     };
     let offsets = offsets(gradients);
     let total = *offsets.last().unwrap_or(&0);
-    let table = device.clone_htod(&addresses(gradients)?)?;
+    let views = gradients
+        .iter()
+        .map(|g| {
+            gradient_view(g)?.map(|(a, _)| a).ok_or_else(|| {
+                candle_core::Error::Msg("sum_squares: unsupported gradient layout".into())
+            })
+        })
+        .collect::<Result<Vec<u64>>>()?;
+    let table = device.clone_htod(&views)?;
     let offsets_device = device.clone_htod(&offsets)?;
     let stream = device.cuda_stream();
     let (table_ptr, offsets_ptr) = (
@@ -874,9 +929,12 @@ pub fn global_norm(gradients: &[&Tensor]) -> Result<f64> {
     let accumulator = device.alloc_zeros::<f64>(1)?;
     let stream = device.cuda_stream();
     let accumulator_ptr = accumulator.device_ptr(&stream).0;
+    // Transposed views are read in place (the sum does not care about order); other layouts
+    // and dtypes are copied.
     let contiguous: Vec<Tensor> = gradients
         .iter()
         .map(|g| match g.dtype() {
+            DType::BF16 | DType::F32 if gradient_view(g)?.is_some() => Ok((*g).clone()),
             DType::BF16 | DType::F32 => g.contiguous(),
             _ => g.to_dtype(DType::F32),
         })
@@ -892,7 +950,8 @@ pub fn global_norm(gradients: &[&Tensor]) -> Result<f64> {
 /// One AdamW update of every parameter given, in one launch per parameter dtype.
 pub struct AdamWLaunch<'a> {
     /// `(parameter, gradient, exp_avg, exp_avg_sq, decay factor)`; the parameter and the
-    /// moments are updated in place, the gradient has the parameter's dtype and is contiguous.
+    /// moments (contiguous) are updated in place; the gradient has the parameter's dtype and is
+    /// contiguous or a transposed 2-D view ([`gradient_view`]).
     pub tensors: Vec<(&'a Tensor, &'a Tensor, &'a Tensor, &'a Tensor, f32)>,
     pub grad_scale: f32,
     pub beta1: f32,
@@ -922,10 +981,7 @@ impl AdamWLaunch<'_> {
                 if gradient.dtype() != dtype || m.dtype() != DType::F32 || v.dtype() != DType::F32 {
                     bail!("multi-tensor AdamW: a gradient or moment has the wrong dtype")
                 }
-                if parameter.dims() != gradient.dims()
-                    || !parameter.is_contiguous()
-                    || !gradient.is_contiguous()
-                {
+                if parameter.dims() != gradient.dims() || !parameter.is_contiguous() {
                     bail!("multi-tensor AdamW: parameter and gradient must be contiguous and of one shape")
                 }
             }
@@ -942,9 +998,26 @@ impl AdamWLaunch<'_> {
             };
             let offsets = offsets(&column(0));
             let total = *offsets.last().unwrap_or(&0);
+            let mut gradient_cols = Vec::with_capacity(group.len());
+            let mut gradient_addresses = Vec::with_capacity(group.len());
+            for t in &group {
+                let Some((address, cols)) = gradient_view(t.1)? else {
+                    bail!(
+                        "multi-tensor AdamW: unsupported gradient layout {:?}",
+                        t.1.layout()
+                    )
+                };
+                gradient_addresses.push(address);
+                gradient_cols.push(cols);
+            }
             let tables: Vec<_> = (0..4)
-                .map(|index| device.clone_htod(&addresses(&column(index))?))
+                .map(|index| match index {
+                    1 => device.clone_htod(&gradient_addresses),
+                    _ => device.clone_htod(&addresses(&column(index))?),
+                })
                 .collect::<Result<_>>()?;
+            let gradient_cols = device.clone_htod(&gradient_cols)?;
+            let gradient_cols_ptr = gradient_cols.device_ptr(&stream).0;
             let decay: Vec<f32> = group.iter().map(|t| t.4).collect();
             let decay = device.clone_htod(&decay)?;
             let offsets_device = device.clone_htod(&offsets)?;
@@ -959,6 +1032,7 @@ impl AdamWLaunch<'_> {
                 multi_tensor_config(total),
                 &pointers[0],
                 &pointers[1],
+                &gradient_cols_ptr,
                 &pointers[2],
                 &pointers[3],
                 &decay_ptr,

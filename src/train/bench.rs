@@ -65,6 +65,8 @@ pub struct BenchResult {
     /// peftpipe's fused CUDA kernels in use (`ops::cuda::KERNELS` minus those switched off with
     /// `PEFTPIPE_FUSED=0` / `PEFTPIPE_UNFUSED`); empty on the CPU.
     pub fused_kernels: Vec<String>,
+    /// Whether cudarc's per-buffer event tracking was switched off (one stream: it orders nothing).
+    pub events_off: bool,
 }
 
 fn fused_kernels(device: &Device) -> Vec<String> {
@@ -210,6 +212,10 @@ fn cuda_pool_used_high(device: &candle_core::CudaDevice) -> Result<u64, String> 
 
 /// Run the benchmark on a model of `config_path`'s shape.
 pub fn run(config_path: &Path, settings: &BenchSettings) -> Result<BenchResult, String> {
+    #[cfg(feature = "cuda")]
+    let single_stream = crate::ops::cuda::single_stream(&settings.device);
+    #[cfg(not(feature = "cuda"))]
+    let single_stream = false;
     let text = std::fs::read_to_string(config_path)
         .map_err(|error| format!("{}: {error}", config_path.display()))?;
     let json: serde_json::Value = serde_json::from_str(&text)
@@ -311,6 +317,7 @@ pub fn run(config_path: &Path, settings: &BenchSettings) -> Result<BenchResult, 
         first_loss: steps.first().map_or(f64::NAN, |m| m.loss),
         last_loss: steps.last().map_or(f64::NAN, |m| m.loss),
         fused_kernels: fused_kernels(&settings.device),
+        events_off: single_stream,
     })
 }
 

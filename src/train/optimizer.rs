@@ -199,10 +199,14 @@ impl AdamW {
             .zip(gradients)
             .filter_map(|(parameter, gradient)| {
                 let gradient = gradient.as_ref()?;
+                // Same dtype: a no-op; transposed 2-D views are read in place by the kernel.
                 Some(
                     gradient
                         .to_dtype(parameter.var.dtype())
-                        .and_then(|g| g.contiguous())
+                        .and_then(|g| match crate::ops::cuda::gradient_readable(&g)? {
+                            true => Ok(g),
+                            false => g.contiguous(),
+                        })
                         .map(|g| (parameter, g)),
                 )
             })
