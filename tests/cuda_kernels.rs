@@ -233,7 +233,7 @@ fn linear_cross_entropy_matches_the_cpu_reference() -> Result<()> {
             "next_token_linear_cross_entropy",
             &gpu,
             dtype,
-            &[hidden.clone()],
+            std::slice::from_ref(&hidden),
             &|t| {
                 let w = weight.to_device(t[0].device())?.to_dtype(t[0].dtype())?;
                 let loss = ops::next_token_linear_cross_entropy(
@@ -323,9 +323,15 @@ fn multi_tensor_adamw_matches_the_cpu_optimizer() -> Result<()> {
                     if i == 3 && step == 1 {
                         return Ok(None);
                     }
-                    random(s, 0.01 * (step + 1) as f64)
-                        .and_then(|t| t.to_dtype(dtype))
-                        .map(Some)
+                    let scale = 0.01 * (step + 1) as f64;
+                    // The first gradient is a transposed view, as a matmul backward gives a
+                    // weight used as wᵀ: the kernels read it in place.
+                    let gradient = if i == 0 {
+                        random(&[s[1], s[0]], scale)?.t()?
+                    } else {
+                        random(s, scale)?
+                    };
+                    gradient.to_dtype(dtype).map(Some)
                 })
                 .collect::<Result<_>>()?;
             let on_gpu: Vec<Option<Tensor>> = grads

@@ -3,8 +3,9 @@
 # copy of the working tree with the folder CARRY (default gpu-carry) carried beside it, holding:
 #   peftpipe.xz, test-cuda_kernels.xz, test-ops_grad.xz, test-device.xz   (benches/gpu/build.sh)
 #   llama-3.2-1b.config.json, fast_lora_bench.py, .whl/ (../shared/gpu/fetch-anchor-wheels.sh)
-# MODE=tests: the CUDA test binaries only. MODE=all (default): tests, then `peftpipe bench train`
-# with the fused kernels and without (PEFTPIPE_FUSED=0, the candle compositions: "before") at
+# MODE=tests: the CUDA test binaries only; MODE=noanchors: tests and bench. MODE=all (default): tests, then `peftpipe bench train`
+# with the fused kernels and without (PEFTPIPE_FUSED=0 PEFTPIPE_EVENT_TRACKING=1: the candle
+# compositions with cudarc's per-buffer events, i.e. "before") at
 # 8 x 512 and 2 x 2048, then the anchors (PEFT default/bf16, torch.compile, Unsloth) in the same
 # call, so every ratio compares figures from one host and one call. ABLATE lists the kernels
 # (PEFTPIPE_UNFUSED values) to switch off one run at a time, to see what each one buys.
@@ -38,15 +39,17 @@ bench() {  # label, batch, seq, env...
 echo "== peftpipe bench train (Llama-3.2-1B shape, bf16, LoRA r16 a32 on 7 linears)"
 {
   bench "fused 8x512" 8 512 PEFTPIPE_FUSED=1
-  bench "unfused (before) 8x512" 8 512 PEFTPIPE_FUSED=0
+  bench "unfused (before) 8x512" 8 512 PEFTPIPE_FUSED=0 PEFTPIPE_EVENT_TRACKING=1
   bench "fused 2x2048" 2 2048 PEFTPIPE_FUSED=1
-  STEPS=10 WARMUP=3 bench "unfused (before) 2x2048" 2 2048 PEFTPIPE_FUSED=0
+  STEPS=10 WARMUP=3 bench "unfused (before) 2x2048" 2 2048 PEFTPIPE_FUSED=0 PEFTPIPE_EVENT_TRACKING=1
   # What each kernel buys: all fused but one (8 x 512, 10 timed steps).
   for k in ${ABLATE-softmax cross_entropy adamw rms_norm,rope,swiglu}; do
     STEPS=10 WARMUP=3 bench "fused except $k 8x512" 8 512 PEFTPIPE_UNFUSED=$k
   done
+  STEPS=10 WARMUP=3 bench "fused, cudarc event tracking on 8x512" 8 512 PEFTPIPE_EVENT_TRACKING=1
 } 2>&1 | tee "$OUT/bench.txt"
 echo "bench done after $(( $(date +%s) - start )) s"
+[ "$MODE" = noanchors ] && exit 0
 echo "== anchors, same call"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$C"/.whl/*.whl \
   && export PYTHONPATH=/tmp/site
