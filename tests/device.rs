@@ -16,7 +16,7 @@ use candle_core::{DType, Device, Result, Tensor};
 use peftpipe::device::{compute_dtype, device_name, resolve_device, DTypeSpec, DeviceSpec};
 use peftpipe::models::random::{load_from_tensors, random_weights};
 use peftpipe::models::{CausalLm, FrozenLinearFactory, Hooks, ModelConfig, ModelDir};
-use peftpipe::ops::next_token_cross_entropy;
+use peftpipe::ops::{next_token_cross_entropy, next_token_linear_cross_entropy, CrossEntropy};
 use peftpipe::peft::{Adapter, AdapterMode, LoraAdapter, LoraSettings, TargetModules};
 use peftpipe::train::optimizer::{AdamW, AdamWSettings};
 
@@ -170,6 +170,16 @@ struct Step {
     gradients: Vec<(String, Tensor)>,
 }
 
+/// The training loss as the trainer computes it: a frozen lm_head is fused into the loss
+/// (`ops::next_token_linear_cross_entropy`: chunked kernels on CUDA, the same ops on the CPU).
+fn training_loss(model: &dyn CausalLm, ids: &Tensor, mask: &Tensor) -> Result<CrossEntropy> {
+    let hidden = model.forward_hidden(ids, Some(mask), &Hooks::none(), None)?;
+    match model.lm_head().frozen_weight() {
+        Some(weight) => next_token_linear_cross_entropy(&hidden, weight, ids, mask),
+        None => next_token_cross_entropy(&model.lm_head().forward(&hidden)?, ids, mask),
+    }
+}
+
 fn loss_and_gradients(source: &Source, device: &Device, dtype: DType) -> Result<Step> {
     let config = source.config();
     let adapter = lora(&config, device);
@@ -177,8 +187,7 @@ fn loss_and_gradients(source: &Source, device: &Device, dtype: DType) -> Result<
     adapter.set_mode(AdapterMode::Train { seed: 5 });
     perturb(&adapter)?;
     let (ids, mask) = batch(config.vocab_size(), device);
-    let logits = model.forward(&ids, Some(&mask), &Hooks::none())?;
-    let loss = next_token_cross_entropy(&logits, &ids, &mask)?;
+    let loss = training_loss(model.as_ref(), &ids, &mask)?;
     let grads = loss.mean.backward()?;
     let mut gradients = Vec::new();
     for (name, var) in adapter.trainable_vars() {
@@ -404,5 +413,54 @@ fn lora_dropout_is_seeded_and_only_active_in_training() -> Result<()> {
     assert_eq!(same_seed, 0.0);
     assert_eq!(eval_twice, 0.0);
     assert!(other_seed > 0.0 && train_vs_eval > 0.0);
+    Ok(())
+}
+
+/// Issue 8, item 3: after one backward the gradient store should hold about the adapter's
+/// gradients and nothing for constants (masks, tables, norm weights, frozen weights). Prints both
+/// sizes. Not reached yet: on the random Llama the store holds 7 tensors besides the 28 adapter
+/// gradients (2.2x the adapter's bytes in f32 on the CPU, 1.6x in bf16 on the H200), so this guards
+/// against growth (at most 3x) until those entries are gone.
+#[test]
+fn the_gradient_store_holds_about_the_adapter_after_backward() -> Result<()> {
+    let (device, dtype) = device_under_test();
+    let Some(source) = sources().into_iter().next() else {
+        return Ok(());
+    };
+    let config = source.config();
+    let adapter = lora(&config, &device);
+    let model = source.load(&device, dtype, &adapter);
+    adapter.set_mode(AdapterMode::Train { seed: 5 });
+    perturb(&adapter)?;
+    let (ids, mask) = batch(config.vocab_size(), &device);
+    let loss = training_loss(model.as_ref(), &ids, &mask)?;
+    let grads = loss.mean.backward()?;
+    let ids_in_store: Vec<_> = grads.get_ids().copied().collect();
+    let store_bytes: usize = ids_in_store
+        .iter()
+        .filter_map(|id| grads.get_id(*id))
+        .map(|t| t.elem_count() * t.dtype().size_in_bytes())
+        .sum();
+    let adapter_bytes: usize = adapter
+        .trainable_vars()
+        .iter()
+        .map(|(_, v)| v.elem_count() * v.dtype().size_in_bytes())
+        .sum();
+    eprintln!(
+        "{}: gradient store after backward: {} tensors, {store_bytes} bytes; adapter: {} tensors, {adapter_bytes} bytes",
+        source.label(),
+        ids_in_store.len(),
+        adapter.trainable_vars().len()
+    );
+    for (name, var) in adapter.trainable_vars() {
+        assert!(
+            grads.get(var.as_tensor()).is_some(),
+            "{name} has no gradient"
+        );
+    }
+    assert!(
+        store_bytes <= 3 * adapter_bytes,
+        "the gradient store ({store_bytes} B) holds more than 3x the adapter ({adapter_bytes} B)"
+    );
     Ok(())
 }

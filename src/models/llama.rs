@@ -13,7 +13,7 @@ use candle_nn::VarBuilder;
 use super::config::{LlamaConfig, ModelConfig};
 use super::sequence::{expand_batch, plan, Step};
 use super::{AdapterPrompt, CausalLm, Hooks, KvCache, LinearFactory, LinearLayer, LinearWeights};
-use crate::ops::{apply_rope, attention, rms_norm, RotaryEmbedding};
+use crate::ops::{apply_rope, attention, rms_norm, swiglu, RotaryEmbedding};
 
 /// Build one linear layer from `vb` (`weight [out, in]`, optional `bias [out]`) via the factory.
 pub(crate) fn build_linear(
@@ -219,9 +219,9 @@ impl Mlp {
 
     /// SwiGLU: `down(silu(gate(x)) · up(x))`.
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let gate = self.gate_proj.forward(x)?.silu()?;
+        let gate = self.gate_proj.forward(x)?;
         let up = self.up_proj.forward(x)?;
-        self.down_proj.forward(&(gate * up)?)
+        self.down_proj.forward(&swiglu(&gate, &up)?)
     }
 }
 

@@ -40,6 +40,12 @@ pub use tokenizer::{GenerationConfig, ModelTokenizer};
 /// A linear layer as a model uses it: `y = x·Wᵀ (+ b)` or any adapted variant.
 pub trait LinearLayer: Send + Sync {
     fn forward(&self, x: &Tensor) -> Result<Tensor>;
+
+    /// `Some(W)` when the layer is exactly the frozen `x·Wᵀ` (no bias, no adapter), so a loss may
+    /// fuse the projection (`ops::next_token_linear_cross_entropy`); `None` otherwise.
+    fn frozen_weight(&self) -> Option<&Tensor> {
+        None
+    }
 }
 
 /// The frozen base weights of one linear layer, in `[out, in]` layout (GPT-2's Conv1D weights are
@@ -84,6 +90,10 @@ impl FrozenLinear {
 impl LinearLayer for FrozenLinear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         crate::ops::linear(x, &self.weights.weight, self.weights.bias.as_ref())
+    }
+
+    fn frozen_weight(&self) -> Option<&Tensor> {
+        self.weights.bias.is_none().then_some(&self.weights.weight)
     }
 }
 

@@ -11,21 +11,30 @@
 //! candle's no-backward ops on a tensor that is part of the graph.
 //!
 //! Every op has a finite-difference test of its backward (f64, CPU) in `tests/ops_grad.rs` and beside
-//! the code.
+//! the code. With `--features cuda`, RMSNorm, RoPE, SwiGLU and the linear + cross-entropy run on
+//! CUDA (bf16/f32) as peftpipe's own fused kernels ([`cuda`]); the candle composition each replaces
+//! stays the CPU path and the reference `tests/cuda_kernels.rs` compares them against.
 
 mod attach;
 pub mod attention;
 pub mod constant;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod linear;
 pub mod loss;
 pub mod norm;
 pub mod rope;
 pub mod softmax;
+pub mod swiglu;
 
 pub use attention::{attention, causal_mask, MASK_VALUE};
 pub use constant::{add_constant, mul_constant};
 pub use linear::{frozen_linear, linear};
-pub use loss::{cross_entropy, next_token_cross_entropy, token_nll, CrossEntropy};
+pub use loss::{
+    cross_entropy, linear_cross_entropy, next_token_cross_entropy, next_token_linear_cross_entropy,
+    token_nll, CrossEntropy,
+};
 pub use norm::{layer_norm, rms_norm};
 pub use rope::{apply_rope, RopeScaling, RotaryEmbedding};
 pub use softmax::{masked_softmax, softmax_last_dim};
+pub use swiglu::swiglu;

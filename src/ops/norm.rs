@@ -55,6 +55,10 @@ fn layer_normalize(x: &Tensor, eps: f64) -> Result<Tensor> {
 /// RMSNorm over the last dimension: `weight · (x / sqrt(mean(x²) + eps))`.
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
     check_weight("rms_norm", x, weight)?;
+    #[cfg(feature = "cuda")]
+    if super::cuda::applies("rms_norm", x) {
+        return super::cuda::rms_norm(x, weight, eps);
+    }
     let dtype = x.dtype();
     let internal = internal_dtype(dtype);
     let weight = weight.detach().to_dtype(dtype)?;

@@ -125,6 +125,12 @@ impl RotaryEmbedding {
 /// Rotate `x [B, H, T, D]` by the tables `cos`, `sin` `[B, T, D/2]` (rotate-half layout):
 /// `x·cos + rotate_half(x)·sin`. The gradient reaches `x` only.
 pub fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if super::cuda::applies("rope", x) {
+        if let Some(rotated) = super::cuda::rope(x, cos, sin)? {
+            return Ok(rotated);
+        }
+    }
     let dtype = x.dtype();
     let cos = cos.detach().to_dtype(dtype)?.contiguous()?;
     let sin = sin.detach().to_dtype(dtype)?.contiguous()?;

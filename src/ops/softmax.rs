@@ -25,6 +25,12 @@ pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
 /// `softmax(x + mask)` over the last dimension; `mask` (additive, broadcast into `x`) is constant.
 /// The result has `x`'s dtype; the arithmetic runs in f32 (f64 stays f64).
 pub fn masked_softmax(x: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if super::cuda::applies("softmax", x) {
+        if let Some(probabilities) = super::cuda::masked_softmax(x, mask)? {
+            return Ok(probabilities);
+        }
+    }
     let dtype = x.dtype();
     let internal = internal_dtype(dtype);
     let mask = mask

@@ -93,6 +93,10 @@ impl LinearLayer for FrozenLayer {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         frozen_forward(x, &self.0.weight, self.0.bias.as_ref())
     }
+
+    fn frozen_weight(&self) -> Option<&Tensor> {
+        self.0.bias.is_none().then_some(&self.0.weight)
+    }
 }
 
 /// The handle a model holds; the adapter keeps another to merge and save.

@@ -62,6 +62,24 @@ pub struct BenchResult {
     /// Loss of the first and the last step (random data: it only shows the loop runs).
     pub first_loss: f64,
     pub last_loss: f64,
+    /// peftpipe's fused CUDA kernels in use (`ops::cuda::KERNELS` minus those switched off with
+    /// `PEFTPIPE_FUSED=0` / `PEFTPIPE_UNFUSED`); empty on the CPU.
+    pub fused_kernels: Vec<String>,
+    /// Whether cudarc's per-buffer event tracking was switched off (one stream: it orders nothing).
+    pub events_off: bool,
+}
+
+fn fused_kernels(device: &Device) -> Vec<String> {
+    #[cfg(feature = "cuda")]
+    if device.is_cuda() {
+        return crate::ops::cuda::KERNELS
+            .iter()
+            .filter(|kernel| crate::ops::cuda::enabled(kernel))
+            .map(|kernel| kernel.to_string())
+            .collect();
+    }
+    let _ = device;
+    Vec::new()
 }
 
 fn median(mut values: Vec<f64>) -> f64 {
@@ -194,6 +212,10 @@ fn cuda_pool_used_high(device: &candle_core::CudaDevice) -> Result<u64, String> 
 
 /// Run the benchmark on a model of `config_path`'s shape.
 pub fn run(config_path: &Path, settings: &BenchSettings) -> Result<BenchResult, String> {
+    #[cfg(feature = "cuda")]
+    let single_stream = crate::ops::cuda::single_stream(&settings.device);
+    #[cfg(not(feature = "cuda"))]
+    let single_stream = false;
     let text = std::fs::read_to_string(config_path)
         .map_err(|error| format!("{}: {error}", config_path.display()))?;
     let json: serde_json::Value = serde_json::from_str(&text)
@@ -294,6 +316,8 @@ pub fn run(config_path: &Path, settings: &BenchSettings) -> Result<BenchResult, 
         peak_memory_source,
         first_loss: steps.first().map_or(f64::NAN, |m| m.loss),
         last_loss: steps.last().map_or(f64::NAN, |m| m.loss),
+        fused_kernels: fused_kernels(&settings.device),
+        events_off: single_stream,
     })
 }
 

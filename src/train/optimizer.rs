@@ -2,6 +2,11 @@
 //! dtype, decoupled weight decay per parameter group, serializable state for exact resume; and
 //! global-norm gradient clipping as `torch.nn.utils.clip_grad_norm_`.
 //! Knows nothing of models, adapters or data: it sees named variables and their gradients.
+//!
+//! On CUDA (bf16/f32 parameters, `--features cuda`) the update is the multi-tensor kernel of
+//! `ops::cuda` (every parameter in one launch per dtype, moments and parameters updated in place,
+//! clipping folded in as a gradient scale) and the global norm is one launch and one read; the
+//! tensor-op path below is the CPU path and the reference the kernel is tested against.
 
 use std::collections::HashMap;
 
@@ -55,13 +60,14 @@ impl AdamW {
         let parameters = vars
             .into_iter()
             .map(|(name, var)| {
-                let zeros = Tensor::zeros(var.shape(), DType::F32, var.device())?;
+                // Two allocations: the CUDA path updates the moments in place.
+                let zeros = || Tensor::zeros(var.shape(), DType::F32, var.device());
                 Ok(Parameter {
                     decay: decays(&name, var.rank()),
+                    exp_avg: zeros()?,
+                    exp_avg_sq: zeros()?,
                     name,
                     var,
-                    exp_avg: zeros.clone(),
-                    exp_avg_sq: zeros,
                 })
             })
             .collect::<candle_core::Result<Vec<_>>>()?;
@@ -94,6 +100,17 @@ impl AdamW {
         gradients: &[Option<Tensor>],
         learning_rate: f64,
     ) -> candle_core::Result<()> {
+        self.step_scaled(gradients, learning_rate, 1.0)
+    }
+
+    /// [`AdamW::step`] on the gradients multiplied by `grad_scale` (the clipping coefficient of
+    /// [`clip_coefficient`]; 1 leaves them as they are), without materialising scaled copies on CUDA.
+    pub fn step_scaled(
+        &mut self,
+        gradients: &[Option<Tensor>],
+        learning_rate: f64,
+        grad_scale: f64,
+    ) -> candle_core::Result<()> {
         if gradients.len() != self.parameters.len() {
             candle_core::bail!(
                 "AdamW: {} gradients for {} parameters",
@@ -112,9 +129,22 @@ impl AdamW {
         let bias_correction1 = 1.0 - beta1.powi(step);
         let bias_correction2_sqrt = (1.0 - beta2.powi(step)).sqrt();
         let step_size = learning_rate / bias_correction1;
+        #[cfg(feature = "cuda")]
+        if self.step_cuda(
+            gradients,
+            learning_rate,
+            grad_scale,
+            step_size,
+            bias_correction2_sqrt,
+        )? {
+            return Ok(());
+        }
         for (parameter, gradient) in self.parameters.iter_mut().zip(gradients) {
             let Some(gradient) = gradient else { continue };
-            let gradient = gradient.to_dtype(DType::F32)?;
+            let mut gradient = gradient.to_dtype(DType::F32)?;
+            if grad_scale != 1.0 {
+                gradient = gradient.affine(grad_scale, 0.0)?;
+            }
             let mut value = parameter.var.as_tensor().to_dtype(DType::F32)?;
             if parameter.decay && weight_decay != 0.0 {
                 value = value.affine(1.0 - learning_rate * weight_decay, 0.0)?;
@@ -138,6 +168,77 @@ impl AdamW {
             parameter.exp_avg_sq = exp_avg_sq.detach();
         }
         Ok(())
+    }
+
+    /// The multi-tensor CUDA update; `false` (nothing done) when a parameter is not a contiguous
+    /// bf16/f32 CUDA tensor or the fused kernels are switched off.
+    #[cfg(feature = "cuda")]
+    fn step_cuda(
+        &self,
+        gradients: &[Option<Tensor>],
+        learning_rate: f64,
+        grad_scale: f64,
+        step_size: f64,
+        bias_correction2_sqrt: f64,
+    ) -> candle_core::Result<bool> {
+        let suitable = |t: &Tensor| {
+            crate::ops::cuda::applies("adamw", t)
+                && t.is_contiguous()
+                && t.layout().start_offset() == 0
+        };
+        if !self
+            .parameters
+            .iter()
+            .all(|p| suitable(p.var.as_tensor()) && suitable(&p.exp_avg) && suitable(&p.exp_avg_sq))
+        {
+            return Ok(false);
+        }
+        let prepared = self
+            .parameters
+            .iter()
+            .zip(gradients)
+            .filter_map(|(parameter, gradient)| {
+                let gradient = gradient.as_ref()?;
+                // Same dtype: a no-op; transposed 2-D views are read in place by the kernel.
+                Some(
+                    gradient
+                        .to_dtype(parameter.var.dtype())
+                        .and_then(|g| match crate::ops::cuda::gradient_readable(&g)? {
+                            true => Ok(g),
+                            false => g.contiguous(),
+                        })
+                        .map(|g| (parameter, g)),
+                )
+            })
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let weight_decay = self.settings.weight_decay;
+        let launch = crate::ops::cuda::AdamWLaunch {
+            tensors: prepared
+                .iter()
+                .map(|(parameter, gradient)| {
+                    let decay = if parameter.decay && weight_decay != 0.0 {
+                        1.0 - learning_rate * weight_decay
+                    } else {
+                        1.0
+                    };
+                    (
+                        parameter.var.as_tensor(),
+                        gradient,
+                        &parameter.exp_avg,
+                        &parameter.exp_avg_sq,
+                        decay as f32,
+                    )
+                })
+                .collect(),
+            grad_scale: grad_scale as f32,
+            beta1: self.settings.beta1 as f32,
+            beta2: self.settings.beta2 as f32,
+            epsilon: self.settings.epsilon as f32,
+            step_size: step_size as f32,
+            bias_correction2_sqrt: bias_correction2_sqrt as f32,
+        };
+        launch.run()?;
+        Ok(true)
     }
 
     /// The state as named f32 tensors (`exp_avg/<name>`, `exp_avg_sq/<name>`); the step count
@@ -180,9 +281,11 @@ impl AdamW {
                         parameter.var.dims()
                     ));
                 }
+                // `copy`: the moments own their storage (the CUDA path updates them in place).
                 *slot = tensor
                     .to_dtype(DType::F32)
                     .and_then(|t| t.to_device(parameter.var.device()))
+                    .and_then(|t| t.copy())
                     .map_err(|error| format!("optimizer state `{key}`: {error}"))?;
             }
         }
@@ -193,6 +296,17 @@ impl AdamW {
 
 /// The global L2 norm of all gradients (computed in f32 on the device, one host sync).
 pub fn global_norm(gradients: &[Option<Tensor>]) -> candle_core::Result<f64> {
+    #[cfg(feature = "cuda")]
+    {
+        let present: Vec<&Tensor> = gradients.iter().flatten().collect();
+        if !present.is_empty()
+            && present
+                .iter()
+                .all(|g| crate::ops::cuda::applies("adamw", g))
+        {
+            return crate::ops::cuda::global_norm(&present);
+        }
+    }
     let squares = gradients
         .iter()
         .flatten()
@@ -205,6 +319,11 @@ pub fn global_norm(gradients: &[Option<Tensor>]) -> candle_core::Result<f64> {
     Ok(f64::from(total).sqrt())
 }
 
+/// torch's `clip_grad_norm_` factor: `max_norm / (norm + 1e-6)`, clamped to at most 1.
+pub fn clip_coefficient(norm: f64, max_norm: f64) -> f64 {
+    (max_norm / (norm + 1e-6)).min(1.0)
+}
+
 /// Scale gradients so their global norm is at most `max_norm`, like torch's `clip_grad_norm_`
 /// (coefficient `max_norm / (norm + 1e-6)`, clamped to 1). `norm` is [`global_norm`]'s value.
 pub fn clip_gradients(
@@ -212,7 +331,7 @@ pub fn clip_gradients(
     norm: f64,
     max_norm: f64,
 ) -> candle_core::Result<()> {
-    let coefficient = max_norm / (norm + 1e-6);
+    let coefficient = clip_coefficient(norm, max_norm);
     if coefficient >= 1.0 {
         return Ok(());
     }

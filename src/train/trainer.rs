@@ -19,7 +19,7 @@ use candle_core::{DType, Device, Tensor};
 use serde::Serialize;
 
 use super::checkpoint::{self, CheckpointState, CHECKPOINT_VERSION};
-use super::optimizer::{clip_gradients, global_norm, AdamW, AdamWSettings};
+use super::optimizer::{clip_coefficient, global_norm, AdamW, AdamWSettings};
 use super::schedule::{Schedule, ScheduleKind};
 use crate::data::batch::{collate, epoch_batches, HostBatch, Sequence};
 use crate::models::{CausalLm, Hooks};
@@ -47,9 +47,17 @@ impl LossModel for CausalLmLoss<'_> {
         let input_ids = Tensor::from_vec(batch.input_ids.clone(), shape, device)?;
         let attention_mask = Tensor::from_vec(batch.attention_mask(), shape, device)?;
         let loss_mask = Tensor::from_vec(batch.loss_mask.clone(), shape, device)?;
-        let logits = self
-            .model
-            .forward(&input_ids, Some(&attention_mask), &Hooks::none())?;
+        let hidden =
+            self.model
+                .forward_hidden(&input_ids, Some(&attention_mask), &Hooks::none(), None)?;
+        // A frozen lm_head is fused into the loss (chunked on CUDA; the same ops on the CPU).
+        if let Some(weight) = self.model.lm_head().frozen_weight() {
+            let loss = crate::ops::next_token_linear_cross_entropy(
+                &hidden, weight, &input_ids, &loss_mask,
+            )?;
+            return Ok(loss.sum);
+        }
+        let logits = self.model.lm_head().forward(&hidden)?;
         Ok(crate::ops::next_token_cross_entropy(&logits, &input_ids, &loss_mask)?.sum)
     }
 
@@ -394,18 +402,15 @@ pub fn train(
                 value: norm,
             });
         }
-        if let Some(max_norm) = settings.max_grad_norm {
-            at_step(
-                step + 1,
-                "clipping",
-                clip_gradients(&mut gradients, norm, max_norm),
-            )?;
-        }
+        // Clipping is folded into the update (one multi-tensor launch on CUDA).
+        let grad_scale = settings
+            .max_grad_norm
+            .map_or(1.0, |max_norm| clip_coefficient(norm, max_norm));
         let learning_rate = schedule.learning_rate(step);
         at_step(
             step + 1,
             "optimizer",
-            optimizer.step(&gradients, learning_rate),
+            optimizer.step_scaled(&gradients, learning_rate, grad_scale),
         )?;
         at_step(
             step + 1,

@@ -1,0 +1,40 @@
+//! Compiles `kernels/*.cu` to PTX with nvcc, only for `--features cuda` (the default build has no
+//! CUDA toolchain and needs none). The PTX lands in `$OUT_DIR/peftpipe_kernels.ptx`, which
+//! `src/ops/cuda.rs` embeds; the driver JIT-compiles it for the GPU at first use. nvcc is found as
+//! `$NVCC`, `$CUDA_HOME/bin/nvcc` or `nvcc` on PATH; the virtual architecture is
+//! `compute_$CUDA_COMPUTE_CAP` (default 90, Hopper), as candle-kernels does.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+fn main() {
+    println!("cargo:rerun-if-changed=build.rs");
+    println!("cargo:rerun-if-changed=kernels");
+    for variable in ["NVCC", "CUDA_HOME", "CUDA_COMPUTE_CAP"] {
+        println!("cargo:rerun-if-env-changed={variable}");
+    }
+    if std::env::var_os("CARGO_FEATURE_CUDA").is_none() {
+        return;
+    }
+    let out = PathBuf::from(std::env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
+    let nvcc = std::env::var("NVCC").unwrap_or_else(|_| match std::env::var("CUDA_HOME") {
+        Ok(home) => format!("{home}/bin/nvcc"),
+        Err(_) => "nvcc".to_string(),
+    });
+    let cap = std::env::var("CUDA_COMPUTE_CAP").unwrap_or_else(|_| "90".to_string());
+    let cap: String = cap.chars().filter(char::is_ascii_digit).collect();
+    let target = out.join("peftpipe_kernels.ptx");
+    let result = Command::new(&nvcc)
+        .args(["--ptx", "-O3", "-std=c++17", "-lineinfo"])
+        .arg(format!("-arch=compute_{cap}"))
+        .arg("kernels/peftpipe.cu")
+        .arg("-o")
+        .arg(&target)
+        .output()
+        .unwrap_or_else(|error| panic!("running {nvcc}: {error} (set NVCC or CUDA_HOME)"));
+    assert!(
+        result.status.success(),
+        "nvcc failed on kernels/peftpipe.cu:\n{}",
+        String::from_utf8_lossy(&result.stderr)
+    );
+}

@@ -1,0 +1,316 @@
+// peftpipe's fused CUDA kernels, compiled to PTX by build.rs (only with `--features cuda`) and
+// launched from src/ops/cuda.rs. Every kernel has a CPU reference: the op in src/ops it replaces
+// on CUDA; tests/cuda_kernels.rs compares the two on fresh random inputs.
+//
+// Conventions: bf16 and f32 variants of each kernel (suffix _bf16 / _f32), arithmetic in f32,
+// one rounding to the storage type at the end; all tensors contiguous; sizes as 64-bit where a
+// product of dimensions can pass 2^31.
+#include <cuda_bf16.h>
+#include <stdint.h>
+
+typedef __nv_bfloat16 bf16;
+
+__device__ __forceinline__ float to_float(float v) { return v; }
+__device__ __forceinline__ float to_float(bf16 v) { return __bfloat162float(v); }
+template <typename T> __device__ __forceinline__ T from_float(float v);
+template <> __device__ __forceinline__ float from_float<float>(float v) { return v; }
+template <> __device__ __forceinline__ bf16 from_float<bf16>(float v) { return __float2bfloat16_rn(v); }
+
+// Sum over the block; `scratch` holds 32 floats. Ends with a barrier, so it can be called again.
+__device__ float block_sum(float value, float* scratch) {
+    for (int offset = 16; offset > 0; offset >>= 1) value += __shfl_xor_sync(0xffffffffu, value, offset);
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int warps = (blockDim.x + 31) >> 5;
+    if (lane == 0) scratch[warp] = value;
+    __syncthreads();
+    if (warp == 0) {
+        value = lane < warps ? scratch[lane] : 0.0f;
+        for (int offset = 16; offset > 0; offset >>= 1) value += __shfl_xor_sync(0xffffffffu, value, offset);
+        __syncwarp();
+        if (lane == 0) scratch[0] = value;
+    }
+    __syncthreads();
+    const float total = scratch[0];
+    __syncthreads();
+    return total;
+}
+
+__device__ float block_max(float value, float* scratch) {
+    for (int offset = 16; offset > 0; offset >>= 1) value = fmaxf(value, __shfl_xor_sync(0xffffffffu, value, offset));
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int warps = (blockDim.x + 31) >> 5;
+    if (lane == 0) scratch[warp] = value;
+    __syncthreads();
+    if (warp == 0) {
+        value = lane < warps ? scratch[lane] : -INFINITY;
+        for (int offset = 16; offset > 0; offset >>= 1) value = fmaxf(value, __shfl_xor_sync(0xffffffffu, value, offset));
+        __syncwarp();
+        if (lane == 0) scratch[0] = value;
+    }
+    __syncthreads();
+    const float total = scratch[0];
+    __syncthreads();
+    return total;
+}
+
+// ---------------------------------------------------------------------------------------------
+// RMSNorm, one block per row. Forward as Hugging Face: y = w · (x·r rounded to T), r = 1/sqrt(mean(x²) + eps).
+// Backward for x only: dx = r·(g·w) − x·r³·mean((g·w)·x).
+template <typename T>
+__device__ void rms_norm_forward(const T* x, const T* w, T* y, int cols, float eps) {
+    __shared__ float scratch[32];
+    const size_t row = blockIdx.x;
+    const T* xr = x + row * cols;
+    T* yr = y + row * cols;
+    float squares = 0.0f;
+    for (int i = threadIdx.x; i < cols; i += blockDim.x) { const float v = to_float(xr[i]); squares += v * v; }
+    squares = block_sum(squares, scratch);
+    const float r = rsqrtf(squares / cols + eps);
+    for (int i = threadIdx.x; i < cols; i += blockDim.x) {
+        const float normalized = to_float(from_float<T>(to_float(xr[i]) * r));
+        yr[i] = from_float<T>(normalized * to_float(w[i]));
+    }
+}
+
+template <typename T>
+__device__ void rms_norm_backward(const T* x, const T* w, const T* g, T* dx, int cols, float eps) {
+    __shared__ float scratch[32];
+    const size_t row = blockIdx.x;
+    const T* xr = x + row * cols;
+    const T* gr = g + row * cols;
+    T* dr = dx + row * cols;
+    float squares = 0.0f, projection = 0.0f;
+    for (int i = threadIdx.x; i < cols; i += blockDim.x) {
+        const float v = to_float(xr[i]);
+        squares += v * v;
+        projection += to_float(gr[i]) * to_float(w[i]) * v;
+    }
+    squares = block_sum(squares, scratch);
+    projection = block_sum(projection, scratch);
+    const float r = rsqrtf(squares / cols + eps);
+    const float c = r * r * r * projection / cols;
+    for (int i = threadIdx.x; i < cols; i += blockDim.x) {
+        const float gw = to_float(gr[i]) * to_float(w[i]);
+        dr[i] = from_float<T>(r * gw - to_float(xr[i]) * c);
+    }
+}
+
+extern "C" __global__ void rms_norm_forward_bf16(const bf16* x, const bf16* w, bf16* y, int cols, float eps) { rms_norm_forward(x, w, y, cols, eps); }
+extern "C" __global__ void rms_norm_forward_f32(const float* x, const float* w, float* y, int cols, float eps) { rms_norm_forward(x, w, y, cols, eps); }
+extern "C" __global__ void rms_norm_backward_bf16(const bf16* x, const bf16* w, const bf16* g, bf16* dx, int cols, float eps) { rms_norm_backward(x, w, g, dx, cols, eps); }
+extern "C" __global__ void rms_norm_backward_f32(const float* x, const float* w, const float* g, float* dx, int cols, float eps) { rms_norm_backward(x, w, g, dx, cols, eps); }
+
+// ---------------------------------------------------------------------------------------------
+// RoPE, rotate-half layout: x [B, H, T, D], tables cos/sin [B, T, D/2]. One thread per pair
+// (i, i + D/2). `sign` = +1 forward, −1 backward (the transpose of a rotation is the rotation by −θ).
+template <typename T>
+__device__ void rope(const T* x, const T* cos, const T* sin, T* y, int heads, int length, int half, float sign, size_t pairs) {
+    for (size_t p = blockIdx.x * (size_t)blockDim.x + threadIdx.x; p < pairs; p += (size_t)gridDim.x * blockDim.x) {
+        const size_t row = p / half;                 // (b, h, t) flattened
+        const int i = (int)(p % half);
+        const size_t t = row % length;
+        const size_t b = row / ((size_t)length * heads);
+        const size_t table = (b * length + t) * half + i;
+        const float c = to_float(cos[table]), s = sign * to_float(sin[table]);
+        const size_t base = row * 2 * half + i;
+        const float x1 = to_float(x[base]), x2 = to_float(x[base + half]);
+        y[base] = from_float<T>(x1 * c - x2 * s);
+        y[base + half] = from_float<T>(x2 * c + x1 * s);
+    }
+}
+extern "C" __global__ void rope_bf16(const bf16* x, const bf16* c, const bf16* s, bf16* y, int heads, int length, int half, float sign, size_t pairs) { rope(x, c, s, y, heads, length, half, sign, pairs); }
+extern "C" __global__ void rope_f32(const float* x, const float* c, const float* s, float* y, int heads, int length, int half, float sign, size_t pairs) { rope(x, c, s, y, heads, length, half, sign, pairs); }
+
+// ---------------------------------------------------------------------------------------------
+// SwiGLU: h = silu(gate) · up. Backward writes [2, n]: d_gate = g·up·silu'(gate), d_up = g·silu(gate),
+// silu'(z) = σ(z)·(1 + z·(1 − σ(z))).
+template <typename T>
+__device__ void swiglu_forward(const T* gate, const T* up, T* h, size_t n) {
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
+        const float z = to_float(gate[i]);
+        const float silu = z / (1.0f + expf(-z));
+        h[i] = from_float<T>(silu * to_float(up[i]));
+    }
+}
+template <typename T>
+__device__ void swiglu_backward(const T* gate, const T* up, const T* g, T* out, size_t n) {
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
+        const float z = to_float(gate[i]);
+        const float sigma = 1.0f / (1.0f + expf(-z));
+        const float gi = to_float(g[i]);
+        out[i] = from_float<T>(gi * to_float(up[i]) * sigma * (1.0f + z * (1.0f - sigma)));
+        out[n + i] = from_float<T>(gi * z * sigma);
+    }
+}
+extern "C" __global__ void swiglu_forward_bf16(const bf16* a, const bf16* b, bf16* h, size_t n) { swiglu_forward(a, b, h, n); }
+extern "C" __global__ void swiglu_forward_f32(const float* a, const float* b, float* h, size_t n) { swiglu_forward(a, b, h, n); }
+extern "C" __global__ void swiglu_backward_bf16(const bf16* a, const bf16* b, const bf16* g, bf16* o, size_t n) { swiglu_backward(a, b, g, o, n); }
+extern "C" __global__ void swiglu_backward_f32(const float* a, const float* b, const float* g, float* o, size_t n) { swiglu_backward(a, b, g, o, n); }
+
+// ---------------------------------------------------------------------------------------------
+// Cross-entropy on a chunk of logits [R, V], one block per row. `targets` [R] (u32, only read
+// where weight ≠ 0), `weights` [R] (f32, 0 = ignored). Stats [R, 4]: lse, weighted NLL, weight,
+// and the target's bits, so that the backward needs only (logits, stats).
+template <typename T>
+__device__ void cross_entropy_forward(const T* logits, const uint32_t* targets, const float* weights, float* stats, int vocab) {
+    __shared__ float scratch[32];
+    const size_t row = blockIdx.x;
+    const T* lr = logits + row * vocab;
+    float m = -INFINITY;
+    for (int i = threadIdx.x; i < vocab; i += blockDim.x) m = fmaxf(m, to_float(lr[i]));
+    m = block_max(m, scratch);
+    float sum = 0.0f;
+    for (int i = threadIdx.x; i < vocab; i += blockDim.x) sum += expf(to_float(lr[i]) - m);
+    sum = block_sum(sum, scratch);
+    if (threadIdx.x == 0) {
+        const float lse = logf(sum) + m;
+        const float w = weights[row];
+        const uint32_t target = w != 0.0f ? targets[row] : 0xffffffffu;
+        stats[4 * row] = lse;
+        stats[4 * row + 1] = w != 0.0f ? (lse - to_float(lr[target])) * w : 0.0f;
+        stats[4 * row + 2] = w;
+        stats[4 * row + 3] = __uint_as_float(target);
+    }
+}
+// dlogits = (softmax − onehot(target)) · weight, from the lse of the forward.
+template <typename T>
+__device__ void cross_entropy_backward(const T* logits, const float* stats, T* dlogits, int vocab) {
+    const size_t row = blockIdx.x;
+    const T* lr = logits + row * vocab;
+    T* dr = dlogits + row * vocab;
+    const float lse = stats[4 * row];
+    const float w = stats[4 * row + 2];
+    const uint32_t target = __float_as_uint(stats[4 * row + 3]);
+    for (int i = threadIdx.x; i < vocab; i += blockDim.x) {
+        const float p = expf(to_float(lr[i]) - lse);
+        dr[i] = from_float<T>(w * (p - ((uint32_t)i == target ? 1.0f : 0.0f)));
+    }
+}
+extern "C" __global__ void cross_entropy_forward_bf16(const bf16* l, const uint32_t* t, const float* w, float* s, int v) { cross_entropy_forward(l, t, w, s, v); }
+extern "C" __global__ void cross_entropy_forward_f32(const float* l, const uint32_t* t, const float* w, float* s, int v) { cross_entropy_forward(l, t, w, s, v); }
+extern "C" __global__ void cross_entropy_backward_bf16(const bf16* l, const float* s, bf16* d, int v) { cross_entropy_backward(l, s, d, v); }
+extern "C" __global__ void cross_entropy_backward_f32(const float* l, const float* s, float* d, int v) { cross_entropy_backward(l, s, d, v); }
+
+// ---------------------------------------------------------------------------------------------
+// Softmax over the last dimension after adding a constant f32 mask (attention: scores [B, H, T, S],
+// mask [B, 1, T, S] shared by the heads; `mask` may be null). One block per row. The backward
+// recomputes the f32 probabilities from the input (never from the rounded output):
+// dx = y·(g − Σ g·y).
+template <typename T>
+__device__ __forceinline__ float masked_value(const T* x, const float* mask, size_t row, int i, int cols, int heads, int length) {
+    float v = to_float(x[row * cols + i]);
+    if (mask != nullptr) {
+        const size_t t = row % length;
+        const size_t b = row / ((size_t)length * heads);
+        v += mask[(b * length + t) * cols + i];
+    }
+    return v;
+}
+
+template <typename T>
+__device__ void masked_softmax_forward(const T* x, const float* mask, T* y, int cols, int heads, int length) {
+    __shared__ float scratch[32];
+    const size_t row = blockIdx.x;
+    float m = -INFINITY;
+    for (int i = threadIdx.x; i < cols; i += blockDim.x) m = fmaxf(m, masked_value(x, mask, row, i, cols, heads, length));
+    m = block_max(m, scratch);
+    float sum = 0.0f;
+    for (int i = threadIdx.x; i < cols; i += blockDim.x) sum += expf(masked_value(x, mask, row, i, cols, heads, length) - m);
+    sum = block_sum(sum, scratch);
+    const float inverse = 1.0f / sum;
+    for (int i = threadIdx.x; i < cols; i += blockDim.x)
+        y[row * cols + i] = from_float<T>(expf(masked_value(x, mask, row, i, cols, heads, length) - m) * inverse);
+}
+
+template <typename T>
+__device__ void masked_softmax_backward(const T* x, const float* mask, const T* g, T* dx, int cols, int heads, int length) {
+    __shared__ float scratch[32];
+    const size_t row = blockIdx.x;
+    float m = -INFINITY;
+    for (int i = threadIdx.x; i < cols; i += blockDim.x) m = fmaxf(m, masked_value(x, mask, row, i, cols, heads, length));
+    m = block_max(m, scratch);
+    float sum = 0.0f, dot = 0.0f;
+    for (int i = threadIdx.x; i < cols; i += blockDim.x) {
+        const float e = expf(masked_value(x, mask, row, i, cols, heads, length) - m);
+        sum += e;
+        dot += e * to_float(g[row * cols + i]);
+    }
+    sum = block_sum(sum, scratch);
+    dot = block_sum(dot, scratch) / sum;
+    const float inverse = 1.0f / sum;
+    for (int i = threadIdx.x; i < cols; i += blockDim.x) {
+        const float p = expf(masked_value(x, mask, row, i, cols, heads, length) - m) * inverse;
+        dx[row * cols + i] = from_float<T>(p * (to_float(g[row * cols + i]) - dot));
+    }
+}
+extern "C" __global__ void masked_softmax_forward_bf16(const bf16* x, const float* m, bf16* y, int c, int h, int l) { masked_softmax_forward(x, m, y, c, h, l); }
+extern "C" __global__ void masked_softmax_forward_f32(const float* x, const float* m, float* y, int c, int h, int l) { masked_softmax_forward(x, m, y, c, h, l); }
+extern "C" __global__ void masked_softmax_backward_bf16(const bf16* x, const float* m, const bf16* g, bf16* d, int c, int h, int l) { masked_softmax_backward(x, m, g, d, c, h, l); }
+extern "C" __global__ void masked_softmax_backward_f32(const float* x, const float* m, const float* g, float* d, int c, int h, int l) { masked_softmax_backward(x, m, g, d, c, h, l); }
+
+// ---------------------------------------------------------------------------------------------
+// Multi-tensor AdamW over a list of tensors given as device pointer tables. `offsets` [n + 1] are
+// the prefix sums of the element counts; element e belongs to tensor t with offsets[t] ≤ e < offsets[t+1].
+__device__ __forceinline__ int find_tensor(const int64_t* offsets, int tensors, int64_t e) {
+    int lo = 0, hi = tensors - 1;
+    while (lo < hi) {
+        const int mid = (lo + hi + 1) >> 1;
+        if (offsets[mid] <= e) lo = mid; else hi = mid - 1;
+    }
+    return lo;
+}
+
+// Gradients may be the transposed view of a contiguous buffer (what a matmul's backward gives a
+// weight used as wᵀ): `cols[t]` = 0 for a contiguous tensor, else the view's column count C, and
+// element j = (r, c) of the [R, C] view lives at c·R + r of the buffer.
+__device__ __forceinline__ int64_t source_index(int64_t j, int64_t count, int64_t cols) {
+    if (cols == 0) return j;
+    const int64_t rows = count / cols;
+    return (j % cols) * rows + j / cols;
+}
+
+// Σ g² over all tensors, accumulated in f64 (one atomic per block).
+template <typename G>
+__device__ void sum_squares(const uint64_t* grads, const int64_t* offsets, int tensors, double* out) {
+    __shared__ float scratch[32];
+    const int64_t total = offsets[tensors];
+    float local = 0.0f;
+    for (int64_t e = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; e < total; e += (int64_t)gridDim.x * blockDim.x) {
+        const int t = find_tensor(offsets, tensors, e);
+        const float g = to_float(reinterpret_cast<const G*>(grads[t])[e - offsets[t]]);
+        local += g * g;
+    }
+    const float block = block_sum(local, scratch);
+    if (threadIdx.x == 0) atomicAdd(out, (double)block);
+}
+extern "C" __global__ void sum_squares_bf16(const uint64_t* g, const int64_t* o, int n, double* out) { sum_squares<bf16>(g, o, n, out); }
+extern "C" __global__ void sum_squares_f32(const uint64_t* g, const int64_t* o, int n, double* out) { sum_squares<float>(g, o, n, out); }
+
+// torch's AdamW order: p ← p·decay[t]; m ← m + (1−β1)(g − m); v ← β2·v + (1−β2)·g²;
+// p ← p − step_size · m / (sqrt(v)/bc2 + eps). g is scaled by `grad_scale` (clipping) first.
+template <typename P>
+__device__ void adamw(const uint64_t* params, const uint64_t* grads, const int64_t* grad_cols, const uint64_t* exp_avg, const uint64_t* exp_avg_sq,
+                      const float* decay, const int64_t* offsets, int tensors, float grad_scale, float beta1, float beta2,
+                      float epsilon, float step_size, float bias_correction2_sqrt) {
+    const int64_t total = offsets[tensors];
+    for (int64_t e = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; e < total; e += (int64_t)gridDim.x * blockDim.x) {
+        const int t = find_tensor(offsets, tensors, e);
+        const int64_t j = e - offsets[t];
+        P* p = reinterpret_cast<P*>(params[t]);
+        const int64_t source = source_index(j, offsets[t + 1] - offsets[t], grad_cols[t]);
+        const float g = to_float(reinterpret_cast<const P*>(grads[t])[source]) * grad_scale;
+        float* m = reinterpret_cast<float*>(exp_avg[t]);
+        float* v = reinterpret_cast<float*>(exp_avg_sq[t]);
+        float value = to_float(p[j]) * decay[t];
+        const float mj = m[j] + (1.0f - beta1) * (g - m[j]);
+        const float vj = beta2 * v[j] + (1.0f - beta2) * g * g;
+        m[j] = mj;
+        v[j] = vj;
+        value -= step_size * (mj / (sqrtf(vj) / bias_correction2_sqrt + epsilon));
+        p[j] = from_float<P>(value);
+    }
+}
+extern "C" __global__ void adamw_bf16(const uint64_t* p, const uint64_t* g, const int64_t* gc, const uint64_t* m, const uint64_t* v, const float* d, const int64_t* o, int n,
+                                      float s, float b1, float b2, float eps, float step, float bc2) { adamw<bf16>(p, g, gc, m, v, d, o, n, s, b1, b2, eps, step, bc2); }
+extern "C" __global__ void adamw_f32(const uint64_t* p, const uint64_t* g, const int64_t* gc, const uint64_t* m, const uint64_t* v, const float* d, const int64_t* o, int n,
+                                     float s, float b1, float b2, float eps, float step, float bc2) { adamw<float>(p, g, gc, m, v, d, o, n, s, b1, b2, eps, step, bc2); }

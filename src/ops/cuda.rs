@@ -1,0 +1,1051 @@
+//! peftpipe's own CUDA kernels (`kernels/peftpipe.cu`, compiled to PTX by build.rs with
+//! `--features cuda`): loading, launching, and the custom ops that wrap them.
+//!
+//! Owns every launch of a peftpipe kernel: fused RMSNorm, RoPE, SwiGLU and masked softmax forward +
+//! backward, the row-wise cross-entropy of the chunked linear + cross-entropy, and the multi-tensor
+//! AdamW with its global gradient norm. The PTX is loaded once per device through candle's
+//! `CudaDevice::get_or_load_custom_func` (module `peftpipe`) and launched on candle's stream, so
+//! ordering with candle's own kernels and its stream-ordered allocator holds without events.
+//! Each op here has a CPU reference: the candle composition in `src/ops` it replaces on CUDA
+//! (tests/cuda_kernels.rs compares them). Must not: be reached for dtypes other than bf16/f32 or
+//! for non-CUDA tensors (the callers check [`applies`]).
+#![expect(
+    unsafe_code,
+    reason = "launching CUDA kernels and reading device pointers are FFI calls"
+)]
+
+use std::sync::OnceLock;
+
+use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::cudarc::driver::{DevicePtr, LaunchConfig, PushKernelArg};
+use candle_core::cuda_backend::WrapErr;
+use candle_core::{
+    bail, CpuStorage, CudaDevice, CudaStorage, CustomOp1, CustomOp2, CustomOp3, DType, Device,
+    Layout, Result, Shape, Storage, Tensor,
+};
+
+use super::attach::with_backward;
+
+const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/peftpipe_kernels.ptx"));
+const MODULE: &str = "peftpipe";
+
+/// The fused kernels, by the names `PEFTPIPE_UNFUSED` takes.
+pub const KERNELS: [&str; 6] = [
+    "rms_norm",
+    "rope",
+    "swiglu",
+    "softmax",
+    "cross_entropy",
+    "adamw",
+];
+
+/// Whether the fused kernel `kernel` (one of [`KERNELS`]) is used: yes unless `PEFTPIPE_FUSED=0`
+/// (all off: the candle compositions run on CUDA too, "before") or `kernel` is listed in
+/// `PEFTPIPE_UNFUSED` (comma-separated), for before/after measurements kernel by kernel.
+pub fn enabled(kernel: &str) -> bool {
+    static OFF: OnceLock<Vec<String>> = OnceLock::new();
+    let off = OFF.get_or_init(|| {
+        if std::env::var("PEFTPIPE_FUSED").is_ok_and(|v| v == "0") {
+            return KERNELS.iter().map(|k| k.to_string()).collect();
+        }
+        std::env::var("PEFTPIPE_UNFUSED")
+            .map(|v| v.split(',').map(|k| k.trim().to_string()).collect())
+            .unwrap_or_default()
+    });
+    !off.iter().any(|k| k == kernel)
+}
+
+/// A tensor the kernel `kernel` can take: on CUDA, bf16 or f32, and that kernel switched on.
+pub fn applies(kernel: &str, x: &Tensor) -> bool {
+    x.device().is_cuda() && matches!(x.dtype(), DType::BF16 | DType::F32) && enabled(kernel)
+}
+
+/// Candle runs a CUDA device on one stream, where cudarc's per-buffer events (two created and
+/// destroyed with every tensor) order nothing; switch them off for buffers allocated from now on,
+/// unless `PEFTPIPE_EVENT_TRACKING=1`. Returns whether they were switched off.
+pub fn single_stream(device: &Device) -> bool {
+    let Device::Cuda(cuda) = device else {
+        return false;
+    };
+    if std::env::var("PEFTPIPE_EVENT_TRACKING").is_ok_and(|v| v == "1") {
+        return false;
+    }
+    // SAFETY: every candle op, cuBLAS call and peftpipe kernel on this device runs on the
+    // device's one stream, so stream order alone orders every use and free of a buffer.
+    unsafe { cuda.disable_event_tracking() };
+    true
+}
+
+/// Whether the multi-tensor kernels read `gradient` as it is (contiguous, or a transposed 2-D
+/// view); otherwise the caller makes it contiguous first.
+pub fn gradient_readable(gradient: &Tensor) -> Result<bool> {
+    Ok(gradient_view(gradient)?.is_some())
+}
+
+fn suffix(dtype: DType) -> Result<&'static str> {
+    Ok(match dtype {
+        DType::BF16 => "bf16",
+        DType::F32 => "f32",
+        other => bail!("peftpipe kernels: unsupported dtype {other:?}"),
+    })
+}
+
+fn element_size(dtype: DType) -> Result<usize> {
+    Ok(match dtype {
+        DType::BF16 => 2,
+        DType::F32 | DType::U32 => 4,
+        DType::F64 | DType::I64 => 8,
+        other => bail!("peftpipe kernels: unsupported dtype {other:?}"),
+    })
+}
+
+/// The device address of the first element of a contiguous view of `storage`.
+fn address(storage: &CudaStorage, layout: &Layout) -> Result<u64> {
+    let Some((start, _)) = layout.contiguous_offsets() else {
+        bail!("peftpipe kernels: the input must be contiguous")
+    };
+    address_at(storage, start)
+}
+
+/// The device address of element `start` of `storage`.
+fn address_at(storage: &CudaStorage, start: usize) -> Result<u64> {
+    let stream = storage.device.cuda_stream();
+    let base = match storage.dtype() {
+        DType::BF16 => storage.as_cuda_slice::<half::bf16>()?.device_ptr(&stream).0,
+        DType::F32 => storage.as_cuda_slice::<f32>()?.device_ptr(&stream).0,
+        DType::U32 => storage.as_cuda_slice::<u32>()?.device_ptr(&stream).0,
+        DType::F64 => storage.as_cuda_slice::<f64>()?.device_ptr(&stream).0,
+        DType::I64 => storage.as_cuda_slice::<i64>()?.device_ptr(&stream).0,
+        other => bail!("peftpipe kernels: unsupported dtype {other:?}"),
+    };
+    Ok(base + (start * element_size(storage.dtype())?) as u64)
+}
+
+/// The device address of a contiguous CUDA tensor (the tensor must outlive the launch's enqueue;
+/// frees are stream-ordered, so dropping it right after is safe).
+fn tensor_address(tensor: &Tensor) -> Result<u64> {
+    let (storage, layout) = tensor.storage_and_layout();
+    let Storage::Cuda(cuda) = &*storage else {
+        bail!("peftpipe kernels: a tensor is not on a CUDA device")
+    };
+    address(cuda, layout)
+}
+
+/// The address of a gradient for the multi-tensor kernels and its `cols` code: 0 when contiguous,
+/// `C` when it is the `[R, C]` transposed view of a contiguous `[C, R]` buffer (a matmul backward's
+/// gradient of a weight used as `wᵀ`); `None` for any other layout (the caller copies it).
+fn gradient_view(tensor: &Tensor) -> Result<Option<(u64, i64)>> {
+    let (storage, layout) = tensor.storage_and_layout();
+    let Storage::Cuda(cuda) = &*storage else {
+        bail!("peftpipe kernels: a tensor is not on a CUDA device")
+    };
+    if layout.is_contiguous() {
+        return Ok(Some((address(cuda, layout)?, 0)));
+    }
+    match (layout.dims(), layout.stride()) {
+        ([rows, cols], [1, stride]) if stride == rows => Ok(Some((
+            address_at(cuda, layout.start_offset())?,
+            *cols as i64,
+        ))),
+        _ => Ok(None),
+    }
+}
+
+fn cuda_device(tensor: &Tensor) -> Result<&CudaDevice> {
+    match tensor.device() {
+        Device::Cuda(device) => Ok(device),
+        _ => bail!("peftpipe kernels: a tensor is not on a CUDA device"),
+    }
+}
+
+/// An uninitialised output of `count` elements of `dtype`, and its address.
+fn output(device: &CudaDevice, dtype: DType, count: usize) -> Result<(CudaStorage, u64)> {
+    // SAFETY (of the callers): every element is written by the kernel launched next.
+    let storage = match dtype {
+        DType::BF16 => CudaStorage::wrap_cuda_slice(
+            unsafe { device.alloc::<half::bf16>(count)? },
+            device.clone(),
+        ),
+        DType::F32 => {
+            CudaStorage::wrap_cuda_slice(unsafe { device.alloc::<f32>(count)? }, device.clone())
+        }
+        other => bail!("peftpipe kernels: unsupported output dtype {other:?}"),
+    };
+    let layout = Layout::contiguous(count);
+    let pointer = address(&storage, &layout)?;
+    Ok((storage, pointer))
+}
+
+fn rows_config(rows: usize, threads: u32) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (rows as u32, 1, 1),
+        block_dim: (threads, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+fn elementwise_config(count: usize) -> LaunchConfig {
+    let blocks = count.div_ceil(256).clamp(1, 132 * 16);
+    LaunchConfig {
+        grid_dim: (blocks as u32, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// Threads per row for a row of `cols` elements: a multiple of 32, at most 1024.
+fn row_threads(cols: usize) -> u32 {
+    (cols.div_ceil(8).next_multiple_of(32)).clamp(32, 1024) as u32
+}
+
+macro_rules! launch {
+    ($device:expr, $name:expr, $config:expr, $($arg:expr),+ $(,)?) => {{
+        let function = $device.get_or_load_custom_func($name, MODULE, PTX)?;
+        let mut builder = function.builder();
+        $( builder.arg($arg); )+
+        // SAFETY: the arguments match the kernel's signature in kernels/peftpipe.cu (pointers to
+        // live, contiguous buffers of the sizes the kernel reads and writes).
+        unsafe { builder.launch($config) }.w()?;
+    }};
+}
+
+fn no_cpu(name: &str) -> Result<(CpuStorage, Shape)> {
+    bail!("{name}: a CUDA-only op was applied to a CPU tensor")
+}
+
+// ---- RMSNorm ------------------------------------------------------------------------------------
+
+struct RmsNorm {
+    eps: f32,
+}
+
+impl CustomOp2 for RmsNorm {
+    fn name(&self) -> &'static str {
+        "fused-rms-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        no_cpu(self.name())
+    }
+
+    fn cuda_fwd(
+        &self,
+        x: &CudaStorage,
+        xl: &Layout,
+        w: &CudaStorage,
+        wl: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let cols = *xl.dims().last().unwrap_or(&1);
+        let count = xl.shape().elem_count();
+        let rows = count / cols.max(1);
+        let device = &x.device;
+        let (out, y) = output(device, x.dtype(), count)?;
+        let (xp, wp) = (address(x, xl)?, address(w, wl)?);
+        let (cols, eps) = (cols as i32, self.eps);
+        let name = format!("rms_norm_forward_{}", suffix(x.dtype())?);
+        launch!(
+            device,
+            &name,
+            rows_config(rows, row_threads(cols as usize)),
+            &xp,
+            &wp,
+            &y,
+            &cols,
+            &eps
+        );
+        Ok((out, xl.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _y: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let dx = x.apply_op3_no_bwd(w, &grad.contiguous()?, &RmsNormBackward { eps: self.eps })?;
+        Ok((Some(dx), None))
+    }
+}
+
+struct RmsNormBackward {
+    eps: f32,
+}
+
+impl CustomOp3 for RmsNormBackward {
+    fn name(&self) -> &'static str {
+        "fused-rms-norm-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        no_cpu(self.name())
+    }
+
+    fn cuda_fwd(
+        &self,
+        x: &CudaStorage,
+        xl: &Layout,
+        w: &CudaStorage,
+        wl: &Layout,
+        g: &CudaStorage,
+        gl: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let cols = *xl.dims().last().unwrap_or(&1);
+        let count = xl.shape().elem_count();
+        let rows = count / cols.max(1);
+        let device = &x.device;
+        let (out, dx) = output(device, x.dtype(), count)?;
+        let (xp, wp, gp) = (address(x, xl)?, address(w, wl)?, address(g, gl)?);
+        let (cols, eps) = (cols as i32, self.eps);
+        let name = format!("rms_norm_backward_{}", suffix(x.dtype())?);
+        launch!(
+            device,
+            &name,
+            rows_config(rows, row_threads(cols as usize)),
+            &xp,
+            &wp,
+            &gp,
+            &dx,
+            &cols,
+            &eps
+        );
+        Ok((out, xl.shape().clone()))
+    }
+}
+
+/// RMSNorm forward and backward in one kernel each; the weight (frozen) gets no gradient.
+pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
+    let x = x.contiguous()?;
+    let weight = weight.detach().to_dtype(x.dtype())?.contiguous()?;
+    let op = RmsNorm { eps: eps as f32 };
+    if x.track_op() {
+        x.apply_op2(&weight, op)
+    } else {
+        x.apply_op2_no_bwd(&weight, &op)
+    }
+}
+
+// ---- RoPE ---------------------------------------------------------------------------------------
+
+struct Rope {
+    sign: f32,
+}
+
+impl CustomOp3 for Rope {
+    fn name(&self) -> &'static str {
+        "fused-rope"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        no_cpu(self.name())
+    }
+
+    fn cuda_fwd(
+        &self,
+        x: &CudaStorage,
+        xl: &Layout,
+        cos: &CudaStorage,
+        cl: &Layout,
+        sin: &CudaStorage,
+        sl: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let (_batch, heads, length, dim) = xl.shape().dims4()?;
+        let count = xl.shape().elem_count();
+        let device = &x.device;
+        let (out, y) = output(device, x.dtype(), count)?;
+        let (xp, cp, sp) = (address(x, xl)?, address(cos, cl)?, address(sin, sl)?);
+        let (heads, length, half) = (heads as i32, length as i32, (dim / 2) as i32);
+        let pairs = (count / 2) as u64;
+        let sign = self.sign;
+        let name = format!("rope_{}", suffix(x.dtype())?);
+        launch!(
+            device,
+            &name,
+            elementwise_config(count / 2),
+            &xp,
+            &cp,
+            &sp,
+            &y,
+            &heads,
+            &length,
+            &half,
+            &sign,
+            &pairs
+        );
+        Ok((out, xl.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        _y: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let dx = grad
+            .contiguous()?
+            .apply_op3_no_bwd(cos, sin, &Rope { sign: -self.sign })?;
+        Ok((Some(dx), None, None))
+    }
+}
+
+/// RoPE (rotate-half) of `x [B, H, T, D]` with tables `[B, T, D/2]` (same batch), one kernel each
+/// way; `None` when the shapes are not the ones the kernel takes (the caller falls back).
+pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Option<Tensor>> {
+    let (batch, _heads, length, dim) = x.dims4()?;
+    if dim % 2 != 0 || cos.dims() != [batch, length, dim / 2] || sin.dims() != cos.dims() {
+        return Ok(None);
+    }
+    let x = x.contiguous()?;
+    let cos = cos.detach().to_dtype(x.dtype())?.contiguous()?;
+    let sin = sin.detach().to_dtype(x.dtype())?.contiguous()?;
+    let op = Rope { sign: 1.0 };
+    Ok(Some(if x.track_op() {
+        x.apply_op3(&cos, &sin, op)?
+    } else {
+        x.apply_op3_no_bwd(&cos, &sin, &op)?
+    }))
+}
+
+// ---- SwiGLU -------------------------------------------------------------------------------------
+
+struct Swiglu;
+
+impl CustomOp2 for Swiglu {
+    fn name(&self) -> &'static str {
+        "fused-swiglu"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        no_cpu(self.name())
+    }
+
+    fn cuda_fwd(
+        &self,
+        a: &CudaStorage,
+        al: &Layout,
+        b: &CudaStorage,
+        bl: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let count = al.shape().elem_count();
+        let device = &a.device;
+        let (out, h) = output(device, a.dtype(), count)?;
+        let (ap, bp) = (address(a, al)?, address(b, bl)?);
+        let n = count as u64;
+        let name = format!("swiglu_forward_{}", suffix(a.dtype())?);
+        launch!(device, &name, elementwise_config(count), &ap, &bp, &h, &n);
+        Ok((out, al.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        gate: &Tensor,
+        up: &Tensor,
+        _h: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let both = gate.apply_op3_no_bwd(up, &grad.contiguous()?, &SwigluBackward)?;
+        Ok((Some(both.get(0)?), Some(both.get(1)?)))
+    }
+}
+
+struct SwigluBackward;
+
+impl CustomOp3 for SwigluBackward {
+    fn name(&self) -> &'static str {
+        "fused-swiglu-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        no_cpu(self.name())
+    }
+
+    /// Output `[2, ..]`: the gradients of gate and up.
+    fn cuda_fwd(
+        &self,
+        a: &CudaStorage,
+        al: &Layout,
+        b: &CudaStorage,
+        bl: &Layout,
+        g: &CudaStorage,
+        gl: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let count = al.shape().elem_count();
+        let device = &a.device;
+        let (out, o) = output(device, a.dtype(), 2 * count)?;
+        let (ap, bp, gp) = (address(a, al)?, address(b, bl)?, address(g, gl)?);
+        let n = count as u64;
+        let name = format!("swiglu_backward_{}", suffix(a.dtype())?);
+        launch!(
+            device,
+            &name,
+            elementwise_config(count),
+            &ap,
+            &bp,
+            &gp,
+            &o,
+            &n
+        );
+        let mut dims = vec![2];
+        dims.extend_from_slice(al.dims());
+        Ok((out, Shape::from(dims)))
+    }
+}
+
+/// `silu(gate) · up` in one kernel; its backward in one kernel giving both gradients.
+pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    let gate = gate.contiguous()?;
+    let up = up.contiguous()?;
+    if gate.track_op() || up.track_op() {
+        gate.apply_op2(&up, Swiglu)
+    } else {
+        gate.apply_op2_no_bwd(&up, &Swiglu)
+    }
+}
+
+// ---- Masked softmax -----------------------------------------------------------------------------
+
+/// Softmax of `x + mask` over the last dimension; `mask` `[B, 1, T, S]` f32 for `x [B, H, T, S]`.
+struct MaskedSoftmax {
+    mask: Option<Tensor>,
+    heads: i32,
+    length: i32,
+}
+
+impl MaskedSoftmax {
+    fn mask_address(&self) -> Result<u64> {
+        self.mask.as_ref().map_or(Ok(0), tensor_address)
+    }
+}
+
+impl CustomOp1 for MaskedSoftmax {
+    fn name(&self) -> &'static str {
+        "fused-masked-softmax"
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+        no_cpu(self.name())
+    }
+
+    fn cuda_fwd(&self, x: &CudaStorage, xl: &Layout) -> Result<(CudaStorage, Shape)> {
+        let cols = *xl.dims().last().unwrap_or(&1);
+        let count = xl.shape().elem_count();
+        let rows = count / cols.max(1);
+        let device = &x.device;
+        let (out, y) = output(device, x.dtype(), count)?;
+        let (xp, mp) = (address(x, xl)?, self.mask_address()?);
+        let (cols, heads, length) = (cols as i32, self.heads, self.length);
+        let name = format!("masked_softmax_forward_{}", suffix(x.dtype())?);
+        launch!(
+            device,
+            &name,
+            rows_config(rows, row_threads(cols as usize).min(256)),
+            &xp,
+            &mp,
+            &y,
+            &cols,
+            &heads,
+            &length
+        );
+        Ok((out, xl.shape().clone()))
+    }
+
+    fn bwd(&self, x: &Tensor, _y: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let backward = MaskedSoftmaxBackward {
+            mask: self.mask.clone(),
+            heads: self.heads,
+            length: self.length,
+        };
+        Ok(Some(x.apply_op2_no_bwd(&grad.contiguous()?, &backward)?))
+    }
+}
+
+struct MaskedSoftmaxBackward {
+    mask: Option<Tensor>,
+    heads: i32,
+    length: i32,
+}
+
+impl CustomOp2 for MaskedSoftmaxBackward {
+    fn name(&self) -> &'static str {
+        "fused-masked-softmax-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        no_cpu(self.name())
+    }
+
+    fn cuda_fwd(
+        &self,
+        x: &CudaStorage,
+        xl: &Layout,
+        g: &CudaStorage,
+        gl: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let cols = *xl.dims().last().unwrap_or(&1);
+        let count = xl.shape().elem_count();
+        let rows = count / cols.max(1);
+        let device = &x.device;
+        let (out, dx) = output(device, x.dtype(), count)?;
+        let mask = self.mask.as_ref().map_or(Ok(0), tensor_address)?;
+        let (xp, gp) = (address(x, xl)?, address(g, gl)?);
+        let (cols, heads, length) = (cols as i32, self.heads, self.length);
+        let name = format!("masked_softmax_backward_{}", suffix(x.dtype())?);
+        launch!(
+            device,
+            &name,
+            rows_config(rows, row_threads(cols as usize).min(256)),
+            &xp,
+            &mask,
+            &gp,
+            &dx,
+            &cols,
+            &heads,
+            &length
+        );
+        Ok((out, xl.shape().clone()))
+    }
+}
+
+/// `softmax(x + mask)` over the last dimension in one kernel each way (f32 inside, the backward
+/// recomputing the probabilities from `x`); `None` when the mask is not `[B, 1, T, S]` for
+/// `x [B, H, T, S]` (the caller falls back).
+pub fn masked_softmax(x: &Tensor, mask: Option<&Tensor>) -> Result<Option<Tensor>> {
+    let (mask, heads, length) = match mask {
+        None => (None, 1, 1),
+        Some(mask) => {
+            let Ok((batch, heads, length, keys)) = x.dims4() else {
+                return Ok(None);
+            };
+            if mask.dims() != [batch, 1, length, keys] {
+                return Ok(None);
+            }
+            let mask = mask.detach().to_dtype(DType::F32)?.contiguous()?;
+            (Some(mask), heads as i32, length as i32)
+        }
+    };
+    let x = x.contiguous()?;
+    let op = MaskedSoftmax {
+        mask,
+        heads,
+        length,
+    };
+    Ok(Some(if x.track_op() {
+        x.apply_op1(op)?
+    } else {
+        x.apply_op1_no_bwd(&op)?
+    }))
+}
+
+// ---- Linear + cross-entropy, chunked -----------------------------------------------------------
+
+struct CrossEntropyRows;
+
+impl CustomOp3 for CrossEntropyRows {
+    fn name(&self) -> &'static str {
+        "fused-cross-entropy-rows"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        no_cpu(self.name())
+    }
+
+    /// `(logits [R, V], targets u32 [R], weights f32 [R])` → stats `[R, 4]` (lse, weighted NLL,
+    /// weight, target bits).
+    fn cuda_fwd(
+        &self,
+        l: &CudaStorage,
+        ll: &Layout,
+        t: &CudaStorage,
+        tl: &Layout,
+        w: &CudaStorage,
+        wl: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let (rows, vocab) = ll.shape().dims2()?;
+        let device = &l.device;
+        let (out, s) = output(device, DType::F32, 4 * rows)?;
+        let (lp, tp, wp) = (address(l, ll)?, address(t, tl)?, address(w, wl)?);
+        let vocab_i = vocab as i32;
+        let name = format!("cross_entropy_forward_{}", suffix(l.dtype())?);
+        launch!(
+            device,
+            &name,
+            rows_config(rows, 1024),
+            &lp,
+            &tp,
+            &wp,
+            &s,
+            &vocab_i
+        );
+        Ok((out, Shape::from((rows, 4))))
+    }
+}
+
+struct CrossEntropyGradient;
+
+impl CustomOp2 for CrossEntropyGradient {
+    fn name(&self) -> &'static str {
+        "fused-cross-entropy-gradient"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        no_cpu(self.name())
+    }
+
+    /// `(logits [R, V], stats [R, 4])` → `dlogits [R, V] = (softmax − onehot)·weight`.
+    fn cuda_fwd(
+        &self,
+        l: &CudaStorage,
+        ll: &Layout,
+        s: &CudaStorage,
+        sl: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let (rows, vocab) = ll.shape().dims2()?;
+        let device = &l.device;
+        let (out, d) = output(device, l.dtype(), rows * vocab)?;
+        let (lp, sp) = (address(l, ll)?, address(s, sl)?);
+        let vocab_i = vocab as i32;
+        let name = format!("cross_entropy_backward_{}", suffix(l.dtype())?);
+        launch!(
+            device,
+            &name,
+            rows_config(rows, 1024),
+            &lp,
+            &sp,
+            &d,
+            &vocab_i
+        );
+        Ok((out, ll.shape().clone()))
+    }
+}
+
+/// Bytes of logits one chunk may hold (bf16 at a 128k vocabulary: 1024 rows).
+const CHUNK_BYTES: usize = 256 << 20;
+
+/// Summed weighted NLL of `hidden [N, H] · weightᵀ` (weight `[V, H]`, frozen) against `targets`
+/// (`N` u32, validated by the caller) with `weights` (`N` f32, 0 = ignored), without ever holding
+/// more than one chunk of logits: per chunk one GEMM, the row kernel, and (when `hidden` is
+/// tracked) the gradient kernel and one GEMM for `dhidden`, which is kept (`N × H`) and scaled by
+/// the upstream gradient in the backward. Returns the f32 scalar sum.
+pub fn linear_cross_entropy_sum(
+    hidden: &Tensor,
+    weight: &Tensor,
+    targets: &[u32],
+    weights: &[f32],
+) -> Result<Tensor> {
+    let vocab = weight.dim(0)?;
+    let chunk = CHUNK_BYTES / (vocab * element_size(hidden.dtype())?).max(1);
+    linear_cross_entropy_sum_chunked(hidden, weight, targets, weights, chunk)
+}
+
+/// [`linear_cross_entropy_sum`] with chunks of `chunk` rows (tests use tiny ones).
+pub fn linear_cross_entropy_sum_chunked(
+    hidden: &Tensor,
+    weight: &Tensor,
+    targets: &[u32],
+    weights: &[f32],
+    chunk: usize,
+) -> Result<Tensor> {
+    let (rows, _width) = hidden.dims2()?;
+    if targets.len() != rows || weights.len() != rows {
+        bail!(
+            "linear_cross_entropy: {rows} rows but {} targets and {} weights",
+            targets.len(),
+            weights.len()
+        )
+    }
+    let device = hidden.device();
+    let flat = hidden.detach().contiguous()?;
+    let weight = weight.detach();
+    let targets = Tensor::from_slice(targets, rows, device)?;
+    let weights = Tensor::from_slice(weights, rows, device)?;
+    let chunk = chunk.clamp(1, rows.max(1));
+    let track = hidden.track_op();
+    let mut sums = Vec::with_capacity(rows.div_ceil(chunk));
+    let mut gradients = Vec::with_capacity(rows.div_ceil(chunk));
+    let mut start = 0;
+    while start < rows {
+        let size = chunk.min(rows - start);
+        let logits = flat.narrow(0, start, size)?.matmul(&weight.t()?)?;
+        let stats = logits.apply_op3_no_bwd(
+            &targets.narrow(0, start, size)?,
+            &weights.narrow(0, start, size)?,
+            &CrossEntropyRows,
+        )?;
+        sums.push(stats.narrow(1, 1, 1)?.sum_all()?);
+        if track {
+            let dlogits = logits.apply_op2_no_bwd(&stats, &CrossEntropyGradient)?;
+            gradients.push(dlogits.matmul(&weight)?);
+        }
+        start += size;
+    }
+    let sum = Tensor::stack(&sums, 0)?.sum_all()?;
+    if !track {
+        return Ok(sum);
+    }
+    let dhidden = Tensor::cat(&gradients, 0)?;
+    drop(gradients);
+    let dtype = hidden.dtype();
+    with_backward(
+        "fused-linear-cross-entropy",
+        hidden,
+        sum,
+        move |_x, _y, grad| {
+            dhidden
+                .to_dtype(DType::F32)?
+                .broadcast_mul(&grad.to_dtype(DType::F32)?)?
+                .to_dtype(dtype)
+        },
+    )
+}
+
+// ---- Multi-tensor AdamW ---------------------------------------------------------------------
+
+/// Prefix sums of the element counts, `[0, n0, n0 + n1, ..]`.
+fn offsets(tensors: &[&Tensor]) -> Vec<i64> {
+    let mut offsets = Vec::with_capacity(tensors.len() + 1);
+    let mut total = 0i64;
+    offsets.push(0);
+    for tensor in tensors {
+        total += tensor.elem_count() as i64;
+        offsets.push(total);
+    }
+    offsets
+}
+
+fn addresses(tensors: &[&Tensor]) -> Result<Vec<u64>> {
+    tensors.iter().map(|t| tensor_address(t)).collect()
+}
+
+fn multi_tensor_config(total: i64) -> LaunchConfig {
+    let blocks = (total as usize).div_ceil(256).clamp(1, 132 * 8);
+    LaunchConfig {
+        grid_dim: (blocks as u32, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// `Σ g²` over contiguous CUDA gradients of one dtype (bf16 or f32), accumulated in f64 on the
+/// device into `accumulator` (one launch).
+fn sum_squares_into(device: &CudaDevice, gradients: &[&Tensor], accumulator: u64) -> Result<()> {
+    let Some(first) = gradients.first() else {
+        return Ok(());
+    };
+    let offsets = offsets(gradients);
+    let total = *offsets.last().unwrap_or(&0);
+    let views = gradients
+        .iter()
+        .map(|g| {
+            gradient_view(g)?.map(|(a, _)| a).ok_or_else(|| {
+                candle_core::Error::Msg("sum_squares: unsupported gradient layout".into())
+            })
+        })
+        .collect::<Result<Vec<u64>>>()?;
+    let table = device.clone_htod(&views)?;
+    let offsets_device = device.clone_htod(&offsets)?;
+    let stream = device.cuda_stream();
+    let (table_ptr, offsets_ptr) = (
+        table.device_ptr(&stream).0,
+        offsets_device.device_ptr(&stream).0,
+    );
+    let count = gradients.len() as i32;
+    let name = format!("sum_squares_{}", suffix(first.dtype())?);
+    launch!(
+        device,
+        &name,
+        multi_tensor_config(total),
+        &table_ptr,
+        &offsets_ptr,
+        &count,
+        &accumulator
+    );
+    Ok(())
+}
+
+/// The global L2 norm of CUDA gradients (any mix of bf16 and f32): one launch per dtype, one read.
+pub fn global_norm(gradients: &[&Tensor]) -> Result<f64> {
+    let Some(first) = gradients.first() else {
+        return Ok(0.0);
+    };
+    let device = cuda_device(first)?.clone();
+    let accumulator = device.alloc_zeros::<f64>(1)?;
+    let stream = device.cuda_stream();
+    let accumulator_ptr = accumulator.device_ptr(&stream).0;
+    // Transposed views are read in place (the sum does not care about order); other layouts
+    // and dtypes are copied.
+    let contiguous: Vec<Tensor> = gradients
+        .iter()
+        .map(|g| match g.dtype() {
+            DType::BF16 | DType::F32 if gradient_view(g)?.is_some() => Ok((*g).clone()),
+            DType::BF16 | DType::F32 => g.contiguous(),
+            _ => g.to_dtype(DType::F32),
+        })
+        .collect::<Result<_>>()?;
+    for dtype in [DType::BF16, DType::F32] {
+        let group: Vec<&Tensor> = contiguous.iter().filter(|g| g.dtype() == dtype).collect();
+        sum_squares_into(&device, &group, accumulator_ptr)?;
+    }
+    let total = device.clone_dtoh(&accumulator)?;
+    Ok(total.first().copied().unwrap_or(0.0).sqrt())
+}
+
+/// One AdamW update of every parameter given, in one launch per parameter dtype.
+pub struct AdamWLaunch<'a> {
+    /// `(parameter, gradient, exp_avg, exp_avg_sq, decay factor)`; the parameter and the
+    /// moments (contiguous) are updated in place; the gradient has the parameter's dtype and is
+    /// contiguous or a transposed 2-D view ([`gradient_view`]).
+    pub tensors: Vec<(&'a Tensor, &'a Tensor, &'a Tensor, &'a Tensor, f32)>,
+    pub grad_scale: f32,
+    pub beta1: f32,
+    pub beta2: f32,
+    pub epsilon: f32,
+    pub step_size: f32,
+    pub bias_correction2_sqrt: f32,
+}
+
+impl AdamWLaunch<'_> {
+    pub fn run(&self) -> Result<()> {
+        let Some(first) = self.tensors.first() else {
+            return Ok(());
+        };
+        let device = cuda_device(first.0)?.clone();
+        let stream = device.cuda_stream();
+        for dtype in [DType::BF16, DType::F32] {
+            let group: Vec<_> = self
+                .tensors
+                .iter()
+                .filter(|t| t.0.dtype() == dtype)
+                .collect();
+            if group.is_empty() {
+                continue;
+            }
+            for (parameter, gradient, m, v, _) in &group {
+                if gradient.dtype() != dtype || m.dtype() != DType::F32 || v.dtype() != DType::F32 {
+                    bail!("multi-tensor AdamW: a gradient or moment has the wrong dtype")
+                }
+                if parameter.dims() != gradient.dims() || !parameter.is_contiguous() {
+                    bail!("multi-tensor AdamW: parameter and gradient must be contiguous and of one shape")
+                }
+            }
+            let column = |index: usize| -> Vec<&Tensor> {
+                group
+                    .iter()
+                    .map(|t| match index {
+                        0 => t.0,
+                        1 => t.1,
+                        2 => t.2,
+                        _ => t.3,
+                    })
+                    .collect()
+            };
+            let offsets = offsets(&column(0));
+            let total = *offsets.last().unwrap_or(&0);
+            let mut gradient_cols = Vec::with_capacity(group.len());
+            let mut gradient_addresses = Vec::with_capacity(group.len());
+            for t in &group {
+                let Some((address, cols)) = gradient_view(t.1)? else {
+                    bail!(
+                        "multi-tensor AdamW: unsupported gradient layout {:?}",
+                        t.1.layout()
+                    )
+                };
+                gradient_addresses.push(address);
+                gradient_cols.push(cols);
+            }
+            let tables: Vec<_> = (0..4)
+                .map(|index| match index {
+                    1 => device.clone_htod(&gradient_addresses),
+                    _ => device.clone_htod(&addresses(&column(index))?),
+                })
+                .collect::<Result<_>>()?;
+            let gradient_cols = device.clone_htod(&gradient_cols)?;
+            let gradient_cols_ptr = gradient_cols.device_ptr(&stream).0;
+            let decay: Vec<f32> = group.iter().map(|t| t.4).collect();
+            let decay = device.clone_htod(&decay)?;
+            let offsets_device = device.clone_htod(&offsets)?;
+            let pointers: Vec<u64> = tables.iter().map(|t| t.device_ptr(&stream).0).collect();
+            let decay_ptr = decay.device_ptr(&stream).0;
+            let offsets_ptr = offsets_device.device_ptr(&stream).0;
+            let count = group.len() as i32;
+            let name = format!("adamw_{}", suffix(dtype)?);
+            launch!(
+                device,
+                &name,
+                multi_tensor_config(total),
+                &pointers[0],
+                &pointers[1],
+                &gradient_cols_ptr,
+                &pointers[2],
+                &pointers[3],
+                &decay_ptr,
+                &offsets_ptr,
+                &count,
+                &self.grad_scale,
+                &self.beta1,
+                &self.beta2,
+                &self.epsilon,
+                &self.step_size,
+                &self.bias_correction2_sqrt,
+            );
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,389 @@
+//! peftpipe's fused CUDA kernels (`ops::cuda`, built with `--features cuda`) against their CPU
+//! references (the candle compositions in `peftpipe::ops` and the tensor-op AdamW), forward and
+//! backward, on fresh random inputs every run, in bf16 and f32. A non-finite value anywhere fails.
+//! Without a CUDA build or a visible GPU every test prints why and passes.
+#![expect(
+    clippy::print_stderr,
+    reason = "tests print skip reasons and measured errors"
+)]
+
+use candle_core::{DType, Device, Result, Tensor, Var};
+use peftpipe::ops;
+use peftpipe::train::{AdamW, AdamWSettings};
+
+fn gpu() -> Option<Device> {
+    if !peftpipe::device::built_with_cuda() || !candle_core::utils::cuda_is_available() {
+        eprintln!("skipped: not a CUDA build, or no GPU visible");
+        return None;
+    }
+    Some(Device::new_cuda(0).expect("CUDA device 0"))
+}
+
+/// Fresh normal values (candle's CPU generator is seeded from the OS: new inputs every run).
+fn random(shape: &[usize], scale: f64) -> Result<Tensor> {
+    Tensor::randn(0f32, scale as f32, shape, &Device::Cpu)
+}
+
+fn values(t: &Tensor) -> Result<Vec<f32>> {
+    t.to_device(&Device::Cpu)?
+        .to_dtype(DType::F32)?
+        .flatten_all()?
+        .to_vec1::<f32>()
+}
+
+/// max |a − b| / max(|reference|, floor); panics on any non-finite value of `got`.
+fn relative_error(what: &str, got: &Tensor, reference: &Tensor) -> Result<f32> {
+    let got = values(got)?;
+    let reference = values(reference)?;
+    assert_eq!(got.len(), reference.len(), "{what}: sizes differ");
+    assert!(
+        got.iter().all(|v| v.is_finite()),
+        "{what}: the CUDA result has a non-finite value"
+    );
+    let scale = reference.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-6);
+    let worst = got
+        .iter()
+        .zip(&reference)
+        .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+    Ok(worst / scale)
+}
+
+/// The bf16 band: a few bf16 ulps of the largest value; f32: accumulation-order noise.
+fn tolerance(dtype: DType) -> f32 {
+    match dtype {
+        DType::BF16 => 3e-2,
+        _ => 1e-4,
+    }
+}
+
+/// Runs `f` on the CPU in f32 (the reference, on inputs rounded to `dtype` first) and on the GPU
+/// in `dtype`; compares the output and the gradient of every input under `Σ r·f(x)`.
+fn compare(
+    name: &str,
+    gpu: &Device,
+    dtype: DType,
+    inputs: &[Tensor],
+    f: &dyn Fn(&[Tensor]) -> Result<Tensor>,
+) -> Result<()> {
+    let run = |device: &Device, compute: DType| -> Result<(Tensor, Vec<Tensor>)> {
+        let vars = inputs
+            .iter()
+            .map(|t| {
+                let rounded = t.to_dtype(dtype)?.to_dtype(compute)?;
+                Var::from_tensor(&rounded.to_device(device)?)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let tensors: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+        let output = f(&tensors)?;
+        let projection = projection(output.dims())?.to_device(device)?;
+        let loss = (output.to_dtype(DType::F32)? * projection)?.sum_all()?;
+        let grads = loss.backward()?;
+        let gradients = vars
+            .iter()
+            .map(|v| {
+                grads.get(v.as_tensor()).cloned().ok_or_else(|| {
+                    candle_core::Error::Msg(format!("{name}: an input got no gradient"))
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok((output, gradients))
+    };
+    let (reference, reference_grads) = run(&Device::Cpu, DType::F32)?;
+    let (output, grads) = run(gpu, dtype)?;
+    let limit = tolerance(dtype);
+    let error = relative_error(&format!("{name} forward"), &output, &reference)?;
+    eprintln!("{name} {dtype:?}: forward max rel. error {error:.2e} (limit {limit:.0e})");
+    assert!(error < limit, "{name} {dtype:?} forward: {error:e}");
+    for (index, (grad, reference)) in grads.iter().zip(&reference_grads).enumerate() {
+        let error = relative_error(&format!("{name} gradient {index}"), grad, reference)?;
+        eprintln!("{name} {dtype:?}: gradient of input {index} max rel. error {error:.2e}");
+        assert!(
+            error < limit,
+            "{name} {dtype:?} gradient {index}: {error:e}"
+        );
+    }
+    Ok(())
+}
+
+/// A fixed-seed-free projection: random too, but the same on both devices.
+fn projection(shape: &[usize]) -> Result<Tensor> {
+    thread_local! {
+        static CACHE: std::cell::RefCell<Vec<(Vec<usize>, Tensor)>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
+    CACHE.with(|cache| {
+        let mut cache = cache.borrow_mut();
+        if let Some((_, t)) = cache.iter().find(|(s, _)| s == shape) {
+            return Ok(t.clone());
+        }
+        let t = random(shape, 1.0)?;
+        cache.push((shape.to_vec(), t.clone()));
+        Ok(t)
+    })
+}
+
+#[test]
+fn rms_norm_matches_the_cpu_reference() -> Result<()> {
+    let Some(gpu) = gpu() else { return Ok(()) };
+    for dtype in [DType::BF16, DType::F32] {
+        for (shape, cols) in [(vec![3, 5, 2048], 2048), (vec![7, 1000], 1000)] {
+            let x = random(&shape, 2.0)?;
+            let weight = (random(&[cols], 0.3)? + 1.0)?.to_dtype(dtype)?;
+            compare("rms_norm", &gpu, dtype, &[x], &|t| {
+                ops::rms_norm(
+                    &t[0],
+                    &weight.to_device(t[0].device())?.to_dtype(t[0].dtype())?,
+                    1e-5,
+                )
+            })?;
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn rope_with_llama3_scaling_matches_the_cpu_reference() -> Result<()> {
+    let Some(gpu) = gpu() else { return Ok(()) };
+    let scaling = ops::RopeScaling::Llama3 {
+        factor: 32.0,
+        low_freq_factor: 1.0,
+        high_freq_factor: 4.0,
+        original_max_position_embeddings: 8192.0,
+    };
+    let rotary = ops::RotaryEmbedding::new(64, 500000.0, Some(&scaling))?;
+    // Left padding gives rows their own positions.
+    let positions = vec![
+        (0..37u32).collect::<Vec<_>>(),
+        (0..37u32).map(|p| p.saturating_sub(5) + 1000).collect(),
+    ];
+    for dtype in [DType::BF16, DType::F32] {
+        let q = random(&[2, 4, 37, 64], 1.0)?;
+        let k = random(&[2, 2, 37, 64], 1.0)?;
+        compare("rope(q, k)", &gpu, dtype, &[q, k], &|t| {
+            let (cos, sin) = rotary.tables(&positions, t[0].device(), t[0].dtype())?;
+            let q = ops::apply_rope(&t[0], &cos, &sin)?;
+            let k = ops::apply_rope(&t[1], &cos, &sin)?;
+            Tensor::cat(&[q.flatten_all()?, k.flatten_all()?], 0)
+        })?;
+    }
+    Ok(())
+}
+
+#[test]
+fn swiglu_matches_the_cpu_reference() -> Result<()> {
+    let Some(gpu) = gpu() else { return Ok(()) };
+    for dtype in [DType::BF16, DType::F32] {
+        let gate = random(&[3, 7, 333], 3.0)?;
+        let up = random(&[3, 7, 333], 1.0)?;
+        compare("swiglu", &gpu, dtype, &[gate, up], &|t| {
+            ops::swiglu(&t[0], &t[1])
+        })?;
+    }
+    Ok(())
+}
+
+/// Attention (GQA, causal + left-padding mask) through the fused masked softmax, q/k/v gradients.
+#[test]
+fn attention_masked_softmax_matches_the_cpu_reference() -> Result<()> {
+    let Some(gpu) = gpu() else { return Ok(()) };
+    let length = 37;
+    let valid = vec![
+        vec![true; length],
+        (0..length).map(|j| j >= 3).collect::<Vec<_>>(),
+    ];
+    for dtype in [DType::BF16, DType::F32] {
+        let q = random(&[2, 4, length, 64], 1.0)?;
+        let k = random(&[2, 2, length, 64], 1.0)?;
+        let v = random(&[2, 2, length, 64], 1.0)?;
+        compare(
+            "attention (masked softmax)",
+            &gpu,
+            dtype,
+            &[q, k, v],
+            &|t| {
+                let mask = ops::causal_mask(&valid, 0, length, t[0].device())?;
+                ops::attention(&t[0], &t[1], &t[2], Some(&mask), 0.125)
+            },
+        )?;
+        let x = random(&[5, 1000], 3.0)?;
+        compare("softmax (no mask)", &gpu, dtype, &[x], &|t| {
+            ops::softmax_last_dim(&t[0])
+        })?;
+    }
+    Ok(())
+}
+
+/// The fused, chunked linear + cross-entropy against `cross_entropy(frozen_linear(..))` on the
+/// CPU, with ignored positions (whose targets hold out-of-range junk), through the public op and
+/// through the kernel path with tiny chunks (many chunks, a ragged last one).
+#[test]
+fn linear_cross_entropy_matches_the_cpu_reference() -> Result<()> {
+    let Some(gpu) = gpu() else { return Ok(()) };
+    let (batch, length, width, vocab) = (3, 11, 64, 3001);
+    let ids: Vec<u32> = (0..batch * length)
+        .map(|i| ((i as u64 * 2654435761) % vocab as u64) as u32)
+        .collect();
+    let mask: Vec<u8> = (0..batch * length).map(|i| u8::from(i % 4 != 1)).collect();
+    let input_ids = Tensor::from_vec(ids, (batch, length), &Device::Cpu)?;
+    let loss_mask = Tensor::from_vec(mask, (batch, length), &Device::Cpu)?;
+    for dtype in [DType::BF16, DType::F32] {
+        let hidden = random(&[batch, length, width], 1.0)?;
+        let weight = random(&[vocab, width], 0.3)?.to_dtype(dtype)?;
+        let on = |t: &Tensor, like: &Tensor| -> Result<Tensor> { t.to_device(like.device()) };
+        compare(
+            "next_token_linear_cross_entropy",
+            &gpu,
+            dtype,
+            std::slice::from_ref(&hidden),
+            &|t| {
+                let w = weight.to_device(t[0].device())?.to_dtype(t[0].dtype())?;
+                let loss = ops::next_token_linear_cross_entropy(
+                    &t[0],
+                    &w,
+                    &on(&input_ids, &t[0])?,
+                    &on(&loss_mask, &t[0])?,
+                )?;
+                loss.sum.reshape(1)
+            },
+        )?;
+        #[cfg(feature = "cuda")]
+        {
+            // Many small chunks through the kernel path directly.
+            let rows = batch * length;
+            let targets: Vec<u32> = (0..rows as u32).map(|i| (i * 7) % vocab as u32).collect();
+            let weights: Vec<f32> = (0..rows)
+                .map(|i| if i % 3 == 0 { 0.0 } else { 1.0 })
+                .collect();
+            let flat = hidden.reshape((rows, width))?;
+            compare(
+                "linear_cross_entropy (chunks of 4 rows)",
+                &gpu,
+                dtype,
+                &[flat],
+                &|t| {
+                    let w = weight.to_device(t[0].device())?.to_dtype(t[0].dtype())?;
+                    if t[0].device().is_cuda() {
+                        ops::cuda::linear_cross_entropy_sum_chunked(
+                            &t[0], &w, &targets, &weights, 4,
+                        )?
+                        .reshape(1)
+                    } else {
+                        let target = Tensor::new(targets.as_slice(), &Device::Cpu)?;
+                        let mask = Tensor::new(weights.as_slice(), &Device::Cpu)?;
+                        ops::linear_cross_entropy(&t[0], &w, &target, &mask)?
+                            .sum
+                            .reshape(1)
+                    }
+                },
+            )?;
+        }
+    }
+    Ok(())
+}
+
+/// Three multi-tensor AdamW steps (weight decay, a no-decay vector, clipping scale < 1, one
+/// parameter without a gradient) against the CPU tensor-op AdamW on the same values.
+#[test]
+fn multi_tensor_adamw_matches_the_cpu_optimizer() -> Result<()> {
+    let Some(gpu) = gpu() else { return Ok(()) };
+    let settings = AdamWSettings {
+        weight_decay: 0.1,
+        ..AdamWSettings::default()
+    };
+    for dtype in [DType::BF16, DType::F32] {
+        let shapes: [&[usize]; 4] = [&[16, 2048], &[2048, 16], &[333], &[8, 8]];
+        let names = [
+            "a.lora_A.weight",
+            "a.lora_B.weight",
+            "a.bias",
+            "frozen_this_step",
+        ];
+        let initial: Vec<Tensor> = shapes
+            .iter()
+            .map(|s| random(s, 0.5).and_then(|t| t.to_dtype(dtype)))
+            .collect::<Result<_>>()?;
+        let build = |device: &Device| -> Result<(AdamW, Vec<Var>)> {
+            let vars = initial
+                .iter()
+                .map(|t| Var::from_tensor(&t.to_device(device)?))
+                .collect::<Result<Vec<_>>>()?;
+            let named = names
+                .iter()
+                .map(|n| n.to_string())
+                .zip(vars.iter().cloned())
+                .collect();
+            Ok((AdamW::new(named, settings)?, vars))
+        };
+        let (mut cpu_optimizer, cpu_vars) = build(&Device::Cpu)?;
+        let (mut gpu_optimizer, gpu_vars) = build(&gpu)?;
+        for step in 0..3 {
+            let grads: Vec<Option<Tensor>> = shapes
+                .iter()
+                .enumerate()
+                .map(|(i, s)| {
+                    if i == 3 && step == 1 {
+                        return Ok(None);
+                    }
+                    let scale = 0.01 * (step + 1) as f64;
+                    // The first gradient is a transposed view, as a matmul backward gives a
+                    // weight used as wᵀ: the kernels read it in place.
+                    let gradient = if i == 0 {
+                        random(&[s[1], s[0]], scale)?.t()?
+                    } else {
+                        random(s, scale)?
+                    };
+                    gradient.to_dtype(dtype).map(Some)
+                })
+                .collect::<Result<_>>()?;
+            let on_gpu: Vec<Option<Tensor>> = grads
+                .iter()
+                .map(|g| g.as_ref().map(|g| g.to_device(&gpu)).transpose())
+                .collect::<Result<_>>()?;
+            let cpu_norm = peftpipe::train::optimizer::global_norm(&grads)?;
+            let gpu_norm = peftpipe::train::optimizer::global_norm(&on_gpu)?;
+            eprintln!("global norm {dtype:?}: cpu {cpu_norm} gpu {gpu_norm}");
+            assert!(gpu_norm.is_finite() && (gpu_norm - cpu_norm).abs() <= 1e-4 * cpu_norm);
+            let scale = peftpipe::train::optimizer::clip_coefficient(cpu_norm, 0.5 * cpu_norm);
+            cpu_optimizer.step_scaled(&grads, 1e-2, scale)?;
+            gpu_optimizer.step_scaled(&on_gpu, 1e-2, scale)?;
+        }
+        let limit = match dtype {
+            DType::BF16 => 1e-2,
+            _ => 1e-5,
+        };
+        for (index, (cpu, gpu)) in cpu_vars.iter().zip(&gpu_vars).enumerate() {
+            let error = relative_error("adamw parameter", gpu.as_tensor(), cpu.as_tensor())?;
+            eprintln!("adamw {dtype:?} parameter {index}: max rel. error {error:.2e}");
+            assert!(
+                error < limit,
+                "adamw {dtype:?} parameter {index}: {error:e}"
+            );
+        }
+        let cpu_state = cpu_optimizer.state_tensors();
+        for (name, gpu_tensor) in gpu_optimizer.state_tensors() {
+            let (_, cpu_tensor) = cpu_state
+                .iter()
+                .find(|(n, _)| *n == name)
+                .expect("same names");
+            let error = relative_error(&name, &gpu_tensor, cpu_tensor)?;
+            assert!(error < 1e-3, "adamw {dtype:?} state {name}: {error:e}");
+        }
+    }
+    Ok(())
+}
+
+/// A NaN in the input must come out as a failure of the comparison helpers, not pass silently.
+#[test]
+fn a_nan_never_passes() -> Result<()> {
+    let Some(gpu) = gpu() else { return Ok(()) };
+    let mut x = values(&random(&[4, 256], 1.0)?)?;
+    x[17] = f32::NAN;
+    let x = Tensor::from_vec(x, (4, 256), &gpu)?.to_dtype(DType::BF16)?;
+    let weight = Tensor::ones(256, DType::BF16, &gpu)?;
+    let y = ops::rms_norm(&x, &weight, 1e-5)?;
+    let reference = Tensor::zeros((4, 256), DType::F32, &Device::Cpu)?;
+    let caught = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        relative_error("nan", &y, &reference)
+    }));
+    assert!(caught.is_err(), "a NaN output passed the comparison");
+    Ok(())
+}
