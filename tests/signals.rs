@@ -81,10 +81,10 @@ fn trained(root: &Path) -> (Vec<u8>, serde_json::Value) {
     (adapter, summary)
 }
 
-/// Checkpoint step folders under `.peftpipe/checkpoints`.
+/// Checkpoint step folders under the cache's `checkpoints/<pipeline>/<stage>/<fingerprint>/`.
 fn checkpoints(root: &Path) -> Vec<String> {
     let mut found = Vec::new();
-    let mut stack = vec![root.join(".peftpipe/checkpoints")];
+    let mut stack = vec![root.join(".peftpipe/cache/checkpoints")];
     while let Some(dir) = stack.pop() {
         let Ok(entries) = std::fs::read_dir(&dir) else {
             continue;
