@@ -105,6 +105,25 @@ const CSV: &[u8] = b"text,label\ngreat album,positive\n\"awful, really\",negativ
 const JSONL: &[u8] =
     b"{\"text\": \"great album\", \"label\": \"positive\"}\n{\"text\": null, \"label\": 3}\n";
 
+/// The crashing inputs kept under fuzz/corpus/safetensors_header/ read back as an error, not a
+/// panic; among them an overflowing shape with a reversed span (both sizes unknown, once taken
+/// as "equal", then `data_start + begin` overflowed).
+#[test]
+fn the_safetensors_crash_corpus_is_refused_cleanly() {
+    let corpus = repo().join("fuzz/corpus/safetensors_header");
+    for entry in std::fs::read_dir(&corpus).expect("corpus") {
+        let path = entry.expect("entry").path();
+        if path
+            .file_name()
+            .is_some_and(|name| name == "two_tensors.safetensors")
+        {
+            continue; // a valid seed
+        }
+        let result = peftpipe::models::load::read_safetensors_header(&path);
+        assert!(result.is_err(), "{} was accepted", path.display());
+    }
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 48, failure_persistence: None, ..ProptestConfig::default() })]
 

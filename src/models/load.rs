@@ -195,11 +195,14 @@ pub fn read_safetensors_header(path: &Path) -> Result<BTreeMap<String, TensorInf
         let bytes = shape
             .iter()
             .try_fold(element_bytes, |total, &d| total.checked_mul(d as u64));
-        if bytes != end.checked_sub(begin) {
+        // Both must be known and equal: an overflowing shape (None) and a reversed span (None)
+        // must not pass as "equal" and let a hostile `begin` through.
+        let span = end.checked_sub(begin);
+        if bytes.is_none() || bytes != span {
             return Err(invalid(format!(
                 "tensor `{name}`: shape {shape:?} of {dtype} needs {} bytes but data_offsets [{begin}, {end}] span {}",
                 bytes.map_or_else(|| "more than 2^64".to_string(), |b| b.to_string()),
-                end.checked_sub(begin).map_or_else(|| "a negative range".to_string(), |b| format!("{b} bytes")),
+                span.map_or_else(|| "a negative range".to_string(), |b| format!("{b} bytes")),
             )));
         }
         if end > data_length {
@@ -214,8 +217,18 @@ pub fn read_safetensors_header(path: &Path) -> Result<BTreeMap<String, TensorInf
                 dtype: dtype.to_string(),
                 shape,
                 file: path.to_path_buf(),
-                start: data_start + begin,
-                end: data_start + end,
+                // Cannot overflow (begin <= end <= data_length, data_start + data_length is the
+                // file length), but the sizes come from the file: checked all the same.
+                start: data_start.checked_add(begin).ok_or_else(|| {
+                    invalid(format!(
+                        "tensor `{name}`: data offset {begin} is out of range"
+                    ))
+                })?,
+                end: data_start.checked_add(end).ok_or_else(|| {
+                    invalid(format!(
+                        "tensor `{name}`: data offset {end} is out of range"
+                    ))
+                })?,
             },
         );
     }
