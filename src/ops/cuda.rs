@@ -76,6 +76,39 @@ pub fn single_stream(device: &Device) -> bool {
     true
 }
 
+/// Keep freed memory in the device's default (async) memory pool instead of returning it to the
+/// driver at every synchronisation (CUDA's default release threshold is 0, so each step would
+/// unmap and re-map its activations), as torch's caching allocator does; unless
+/// `PEFTPIPE_POOL_RELEASE=1`. Returns whether the threshold was raised.
+pub fn keep_pool(device: &Device) -> Result<bool> {
+    use candle_core::cuda_backend::cudarc::driver::sys;
+    let Device::Cuda(cuda) = device else {
+        return Ok(false);
+    };
+    if std::env::var("PEFTPIPE_POOL_RELEASE").is_ok_and(|v| v == "1") {
+        return Ok(false);
+    }
+    let stream = cuda.cuda_stream();
+    let context = stream.context();
+    context.bind_to_thread().w()?;
+    let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
+    let mut threshold: u64 = u64::MAX;
+    // SAFETY: valid out-pointer and attribute value of the types the driver API reads/writes.
+    let (first, second) = unsafe {
+        let first = sys::cuDeviceGetDefaultMemPool(&mut pool, context.cu_device());
+        let second = sys::cuMemPoolSetAttribute(
+            pool,
+            sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+            (&mut threshold as *mut u64).cast(),
+        );
+        (first, second)
+    };
+    if first != sys::CUresult::CUDA_SUCCESS || second != sys::CUresult::CUDA_SUCCESS {
+        bail!("setting the memory pool's release threshold: {first:?} / {second:?}")
+    }
+    Ok(true)
+}
+
 /// Whether the multi-tensor kernels read `gradient` as it is (contiguous, or a transposed 2-D
 /// view); otherwise the caller makes it contiguous first.
 pub fn gradient_readable(gradient: &Tensor) -> Result<bool> {

@@ -67,6 +67,8 @@ pub struct BenchResult {
     pub fused_kernels: Vec<String>,
     /// Whether cudarc's per-buffer event tracking was switched off (one stream: it orders nothing).
     pub events_off: bool,
+    /// Whether the memory pool keeps freed memory (release threshold raised; see `ops::cuda`).
+    pub pool_kept: bool,
 }
 
 fn fused_kernels(device: &Device) -> Vec<String> {
@@ -216,6 +218,11 @@ pub fn run(config_path: &Path, settings: &BenchSettings) -> Result<BenchResult, 
     let single_stream = crate::ops::cuda::single_stream(&settings.device);
     #[cfg(not(feature = "cuda"))]
     let single_stream = false;
+    #[cfg(feature = "cuda")]
+    let pool_kept =
+        crate::ops::cuda::keep_pool(&settings.device).map_err(|error| error.to_string())?;
+    #[cfg(not(feature = "cuda"))]
+    let pool_kept = false;
     let text = std::fs::read_to_string(config_path)
         .map_err(|error| format!("{}: {error}", config_path.display()))?;
     let json: serde_json::Value = serde_json::from_str(&text)
@@ -318,6 +325,7 @@ pub fn run(config_path: &Path, settings: &BenchSettings) -> Result<BenchResult, 
         last_loss: steps.last().map_or(f64::NAN, |m| m.loss),
         fused_kernels: fused_kernels(&settings.device),
         events_off: single_stream,
+        pool_kept,
     })
 }
 
