@@ -409,7 +409,7 @@ fn an_over_long_stage_name_is_refused() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert_eq!(output.status.code(), Some(2), "{stderr}");
     assert!(
-        stderr.contains("is 300 characters long (at most 64)"),
+        stderr.contains("is 300 characters long; at most 64 are allowed"),
         "{stderr}"
     );
 }

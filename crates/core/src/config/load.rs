@@ -1672,10 +1672,6 @@ fn pipeline_name_problem(raw: &RawPipeline, file: &Path) -> Option<Problem> {
     })
 }
 
-/// The longest stage name: a stage name is a file-name component of artifact, checkpoint and
-/// temporary folders (with suffixes), and file systems refuse components over 255 bytes.
-pub const MAX_STAGE_NAME_LENGTH: usize = 64;
-
 /// Parse a pipeline file and apply overrides: syntax and schema, no semantic checks. Problems
 /// found on the way are in `Parsed::problems` (not yet placed); the error case is a file that
 /// cannot be read as a pipeline at all.
@@ -1737,17 +1733,6 @@ pub fn parse_pipeline(file: &Path, overrides: &[String]) -> Result<Parsed, Probl
                     Problem::new(at.clone(), format!("stage name `{name}` {reason}")).with_hint(
                         "stage names appear in key paths, `--set` keys and artifact paths",
                     ),
-                );
-            } else if name.len() > MAX_STAGE_NAME_LENGTH {
-                problems.push(
-                    Problem::new(
-                        at.clone(),
-                        format!(
-                            "stage name `{name}` is {} characters long (at most {MAX_STAGE_NAME_LENGTH})",
-                            name.len()
-                        ),
-                    )
-                    .with_hint("stage names become folder names, which file systems limit"),
                 );
             }
             if let Some(config) = parse_stage(value, &at, &mut problems) {
