@@ -247,11 +247,12 @@ fn hub_ids_resolve_through_the_huggingface_cache() -> TestResult {
 #[test]
 fn sizes_whose_counts_overflow_are_an_error_naming_the_file() -> TestResult {
     let dir = tempfile::tempdir()?;
-    // Each size is accepted alone; hidden × vocab and the layer products exceed 2^64.
+    // Each size is accepted alone (within MAX_DIMENSION and MAX_LAYERS, so each product of two
+    // fits); the MLP weights summed over the layers (16 × 3 × 2^30 × 2^31) exceed 2^64.
     let config = serde_json::json!({
-        "model_type": "llama", "hidden_size": 1u64 << 40, "intermediate_size": 1u64 << 41,
-        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
-        "head_dim": 1u64 << 38, "vocab_size": 1u64 << 40
+        "model_type": "llama", "hidden_size": 1u64 << 30, "intermediate_size": (1u64 << 31) - 1,
+        "num_hidden_layers": 16, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "head_dim": 1u64 << 30, "vocab_size": 1u64 << 30
     });
     let file = dir.path().join("config.json");
     std::fs::write(&file, config.to_string())?;
