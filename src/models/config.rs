@@ -5,8 +5,9 @@
 //! shapes ([`ModelConfig::linear_layers`], what LoRA targeting and trainable-parameter counts use) and
 //! the tensors a checkpoint must store for the loader ([`ModelConfig::layer_tensors`],
 //! [`ModelConfig::global_tensors`]) and the total parameter count. Values that would make every
-//! forward pass NaN (a norm epsilon or RoPE base ≤ 0) or overflow size arithmetic (a width past
-//! [`MAX_DIMENSION`]) are refused here. Must not: read weights or tokenizer files.
+//! forward pass NaN (a norm epsilon or RoPE base ≤ 0), overflow size arithmetic (a width past
+//! [`MAX_DIMENSION`]) or allocate per layer without bound (more than [`MAX_LAYERS`]) are refused
+//! here. Must not: read weights or tokenizer files.
 
 use serde::Serialize;
 use serde_json::{Map, Value};
@@ -192,6 +193,23 @@ impl<'a> Keys<'a> {
 /// element count) cannot overflow, and nothing near it is a real model.
 pub const MAX_DIMENSION: usize = (1 << 31) - 1;
 
+/// The most layers a config.json may give. The deepest released models have under 200; per-layer
+/// lists (linear layers, expected tensors) are built from this count, so `num_hidden_layers:
+/// 10000000` must be refused before anything allocates for it.
+pub const MAX_LAYERS: usize = 4096;
+
+/// A positive layer count of at most [`MAX_LAYERS`].
+fn layer_count(key: &str, value: usize) -> Parsed<usize> {
+    let value = positive(key, value)?;
+    if value > MAX_LAYERS {
+        return Err(ConfigError::new(
+            key,
+            format!("{value} layers is implausibly many (at most {MAX_LAYERS})"),
+        ));
+    }
+    Ok(value)
+}
+
 fn positive(key: &str, value: usize) -> Parsed<usize> {
     if value == 0 {
         return Err(ConfigError::new(key, "must be positive"));
@@ -318,7 +336,7 @@ fn parse_llama(keys: &Keys, model_type: &str) -> Parsed<LlamaConfig> {
         vocab_size: positive("vocab_size", keys.usize("vocab_size")?)?,
         hidden_size,
         intermediate_size: positive("intermediate_size", keys.usize("intermediate_size")?)?,
-        num_hidden_layers: positive("num_hidden_layers", keys.usize("num_hidden_layers")?)?,
+        num_hidden_layers: layer_count("num_hidden_layers", keys.usize("num_hidden_layers")?)?,
         num_attention_heads,
         num_key_value_heads,
         head_dim,
@@ -362,7 +380,7 @@ fn parse_gpt2(keys: &Keys) -> Parsed<Gpt2Config> {
         vocab_size: positive("vocab_size", keys.usize("vocab_size")?)?,
         n_positions: positive("n_positions", keys.usize("n_positions")?)?,
         n_embd,
-        n_layer: positive("n_layer", keys.usize("n_layer")?)?,
+        n_layer: layer_count("n_layer", keys.usize("n_layer")?)?,
         n_head,
         n_inner: positive(
             "n_inner",
@@ -787,6 +805,11 @@ mod tests {
             ModelConfig::from_json(&value).unwrap_err().key,
             "rope_scaling.factor"
         );
+        let mut value = llama_3_2_1b();
+        value["num_hidden_layers"] = serde_json::json!(10_000_000);
+        let error = ModelConfig::from_json(&value).unwrap_err();
+        assert_eq!(error.key, "num_hidden_layers");
+        assert!(error.message.contains("at most 4096"), "{}", error.message);
         let mut value = llama_3_2_1b();
         value["vocab_size"] = serde_json::json!(u64::MAX);
         assert!(ModelConfig::from_json(&value)
