@@ -253,12 +253,29 @@ fn write(path: &Path, bytes: &[u8]) {
     std::fs::write(path, bytes).expect("write file");
 }
 
-/// A few rows every quickstart-model word fits.
+/// Twenty rows (words of the quickstart tokenizer's vocabulary only): enough that the default
+/// 0.1 eval split is not empty, which ingest refuses.
 const ROWS_JSONL: &str = concat!(
     "{\"text\": \"great album\", \"label\": \"positive\"}\n",
     "{\"text\": \"awful battery\", \"label\": \"negative\"}\n",
     "{\"text\": \"beautiful album\", \"label\": \"positive\"}\n",
     "{\"text\": \"awful acting\", \"label\": \"negative\"}\n",
+    "{\"text\": \"loved the story\", \"label\": \"positive\"}\n",
+    "{\"text\": \"boring plot\", \"label\": \"negative\"}\n",
+    "{\"text\": \"excellent camera\", \"label\": \"positive\"}\n",
+    "{\"text\": \"terrible service\", \"label\": \"negative\"}\n",
+    "{\"text\": \"wonderful music\", \"label\": \"positive\"}\n",
+    "{\"text\": \"dull movie\", \"label\": \"negative\"}\n",
+    "{\"text\": \"superb acting\", \"label\": \"positive\"}\n",
+    "{\"text\": \"cheap shoes\", \"label\": \"negative\"}\n",
+    "{\"text\": \"lovely hotel\", \"label\": \"positive\"}\n",
+    "{\"text\": \"noisy room\", \"label\": \"negative\"}\n",
+    "{\"text\": \"brilliant film\", \"label\": \"positive\"}\n",
+    "{\"text\": \"slow pacing\", \"label\": \"negative\"}\n",
+    "{\"text\": \"charming hero\", \"label\": \"positive\"}\n",
+    "{\"text\": \"weak ending\", \"label\": \"negative\"}\n",
+    "{\"text\": \"perfect phone\", \"label\": \"positive\"}\n",
+    "{\"text\": \"cold food\", \"label\": \"negative\"}\n",
 );
 
 /// A pipeline that only ingests `data/FILE`.
