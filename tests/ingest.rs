@@ -482,6 +482,12 @@ fn an_empty_split_fails_at_ingest_naming_the_stage_and_the_split() {
     );
     assert!(error.contains("empty `train` split"), "{error}");
     assert!(error.contains("no row of the 3 read"), "{error}");
+    // Nothing read at all: the input file is at fault and is named.
+    let empty = tempfile::tempdir().unwrap();
+    labelled_rows(empty.path(), 0, 0);
+    let error = ingest_error(empty.path(), "path: rows.parquet\n");
+    assert!(error.contains("empty `train` split"), "{error}");
+    assert!(error.contains("rows.parquet holds no rows"), "{error}");
     // A split declared with size 0 may stay empty.
     run(
         &config("path: rows.parquet\nsplit: {counts: {eval: 0}}\n"),

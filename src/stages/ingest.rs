@@ -33,7 +33,7 @@ use indexmap::IndexMap;
 use serde::Serialize;
 
 use crate::config::ingest::SplitSizes;
-use crate::config::IngestConfig;
+use crate::config::{IngestConfig, InputFile};
 use crate::data::artifact::{write_json, ParquetSink};
 use crate::data::filter::{key_hashes, stratum_values, RowFilters};
 use crate::data::source::{self, SourceSpec};
@@ -55,6 +55,7 @@ const ALL_ROWS: &str = "*";
 /// cause. A split declared with size 0 may stay empty.
 fn check_no_empty_split(
     stage: &str,
+    files: &[InputFile],
     sizes: &SplitSizes,
     split_rows: &[u64],
     rows_read: u64,
@@ -76,7 +77,10 @@ fn check_no_empty_split(
         };
         if wanted && rows == 0 {
             let name = SPLIT_NAMES[index];
-            let cause = if rows_kept == 0 {
+            let cause = if rows_read == 0 {
+                // Nothing was read at all: the input is at fault, so name it.
+                format!("{} no rows", describe_inputs(files))
+            } else if rows_kept == 0 {
                 format!(
                     "no row of the {rows_read} read is left after filters, drop_nulls and dedup"
                 )
@@ -89,6 +93,26 @@ fn check_no_empty_split(
         }
     }
     Ok(())
+}
+
+/// The input files as the pipeline names them, for "… hold(s) no rows" (the first few of many).
+fn describe_inputs(files: &[InputFile]) -> String {
+    const SHOWN: usize = 3;
+    let names: Vec<&str> = files
+        .iter()
+        .take(SHOWN)
+        .map(|file| file.key.as_str())
+        .collect();
+    match files.len() {
+        0 => "the input holds".to_string(),
+        1 => format!("{} holds", names.join("")),
+        count if count <= SHOWN => format!("the inputs {} hold", names.join(", ")),
+        count => format!(
+            "the {count} inputs ({}, and {} more) hold",
+            names.join(", "),
+            count - SHOWN
+        ),
+    }
 }
 
 pub struct IngestStage {
@@ -289,6 +313,7 @@ impl Stage for IngestStage {
         let split_count = if config.split.has_test() { 3 } else { 2 };
         check_no_empty_split(
             ctx.name,
+            &files,
             &config.split.sizes(),
             &split_rows[..split_count],
             rows_read,
