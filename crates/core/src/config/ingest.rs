@@ -386,13 +386,34 @@ impl StageSpec for IngestConfig {
                 );
             }
         }
+        // A name the file itself gives to two selected columns (a CSV header `text,,text`) is the
+        // file's fault, not the stage's: say which file.
+        let mut file_duplicates = std::collections::BTreeSet::new();
+        for name in &selected {
+            if available.iter().filter(|column| *column == name).count() > 1
+                && file_duplicates.insert(name.clone())
+            {
+                problems.push(
+                    Problem::new(
+                        format!("{at}.path"),
+                        format!("{} has more than one column named `{name}`", first.key),
+                    )
+                    .about_value()
+                    .with_hint(
+                        "columns must have distinct names: fix the file's header, or select other columns with `columns:`",
+                    ),
+                );
+            }
+        }
         let mapped: Vec<String> = selected
             .into_iter()
             .map(|name| self.rename.get(&name).cloned().unwrap_or(name))
             .collect();
         let mut seen = std::collections::BTreeSet::new();
         for name in &mapped {
-            if !seen.insert(name.as_str()) {
+            let from_the_file =
+                file_duplicates.contains(name) && !self.rename.values().any(|new| new == name);
+            if !seen.insert(name.as_str()) && !from_the_file {
                 problems.push(
                     Problem::new(
                         format!("{at}.rename"),
