@@ -107,6 +107,23 @@ impl RowRenderer {
         &self.resolved
     }
 
+    /// The file (as written in the pipeline) the template minijinja knows as `name` came from,
+    /// if it came from one.
+    fn template_file(&self, name: &str) -> Option<&str> {
+        let resolved = &self.resolved;
+        let chat = resolved
+            .chat
+            .iter()
+            .flat_map(|chat| chat.system.iter().chain([&chat.user, &chat.assistant]));
+        resolved
+            .prompt
+            .iter()
+            .chain(&resolved.completion)
+            .chain(chat)
+            .find(|source| source.name == name)
+            .and_then(|source| source.file.as_deref())
+    }
+
     /// The output columns `prompt`, `completion` and `text` of `batch`, whose first row is row
     /// `first_row` of `split`, built straight into Arrow arrays. Stops with
     /// [`StageError::Cancelled`] between rows once `cancel` is set.
@@ -161,7 +178,12 @@ impl RowRenderer {
                       row: u64|
          -> Result<String, StageError> {
             render_row(template, context, self.limits.max_row_bytes).map_err(|e| {
-                StageError::user(describe_row_error(&e, name, split, row, &self.limits))
+                let message = describe_row_error(&e, name, split, row, &self.limits);
+                // A template read from a file: the error names the file first.
+                StageError::user(match self.template_file(name) {
+                    Some(file) => format!("{file}: {message}"),
+                    None => message,
+                })
             })
         };
         let columns = BatchColumns::new(batch);
