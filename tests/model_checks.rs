@@ -302,8 +302,14 @@ const CASES: &[(&str, &str, Break, &[&str])] = &[
     (
         "layer count far past the stored layers",
         "",
+        |p| p.edit_json("config.json", |c| c["num_hidden_layers"] = json!(4000)),
+        &["config.json: key `num_hidden_layers`: 4000 layers, but model.safetensors stores 2 decoder layers (model.layers.0 to model.layers.1)"],
+    ),
+    (
+        "layer count past any real model",
+        "",
         |p| p.edit_json("config.json", |c| c["num_hidden_layers"] = json!(10_000_000)),
-        &["config.json: key `num_hidden_layers`: 10000000 layers, but model.safetensors stores 2 decoder layers (model.layers.0 to model.layers.1)"],
+        &["config.json: key `num_hidden_layers`: 10000000 layers is implausibly many (at most 4096)"],
     ),
     (
         "size that disagrees with the stored tensors",
