@@ -19,7 +19,7 @@ use safetensors::tensor::{Metadata, TensorInfo};
 use safetensors::Dtype;
 use serde_json::Value;
 
-use crate::config::export::{escape_reason, parse_size, ExportDtype, DEFAULT_MAX_SHARD_SIZE};
+use crate::config::export::{parse_size, ExportDtype, DEFAULT_MAX_SHARD_SIZE};
 use crate::config::ExportConfig;
 use crate::models::ModelDir;
 use crate::peft::{LoraFile, LoraPair};
@@ -190,84 +190,16 @@ impl Stage for ExportStage {
 // ---------------------------------------------------------------------------------------------
 
 /// Resolve a destination as written (env vars expanded, relative to the project directory) and
-/// refuse one that leaves the project directory — through `..`, an absolute path or a symbolic
-/// link — unless `allow_outside` is set. Even then, never the project directory, one of its
-/// ancestors, or the filesystem root (publishing replaces the destination as a whole).
+/// refuse one that leaves the project directory unless `allow_outside`: the one rule `validate`
+/// applies too ([`crate::config::paths::confine_destination`]), checked again here because the
+/// filesystem may have changed since.
 pub fn resolve_destination(
     project_dir: &Path,
     written: &str,
     allow_outside: bool,
 ) -> Result<PathBuf, StageError> {
-    let expanded = crate::config::expand_env(written).map_err(StageError::User)?;
-    let hint = "pass --allow-outside-project to `peftpipe run` to allow it";
-    if !allow_outside {
-        if let Some(reason) = escape_reason(&expanded) {
-            return Err(StageError::user(format!(
-                "export destination {reason}: it would leave the project directory {} ({hint})",
-                project_dir.display()
-            )));
-        }
-    }
-    let destination = if Path::new(&expanded).is_absolute() {
-        PathBuf::from(&expanded)
-    } else {
-        project_dir.join(&expanded)
-    };
-    let project = project_dir.canonicalize().map_err(|error| {
-        StageError::user(format!(
-            "cannot resolve the project directory {}: {error}",
-            project_dir.display()
-        ))
-    })?;
-    let resolved = canonicalize_lenient(&destination)?;
-    if project.starts_with(&resolved) {
-        return Err(StageError::user(format!(
-            "export destination `{written}` is the project directory or one of its parents: \
-             publishing replaces the destination as a whole"
-        )));
-    }
-    if !allow_outside {
-        if !resolved.starts_with(&project) {
-            return Err(StageError::user(format!(
-                "export destination `{written}` resolves (through a symbolic link) to {}, outside \
-                 the project directory {} ({hint})",
-                resolved.display(),
-                project.display()
-            )));
-        }
-        if fs::symlink_metadata(&destination).is_ok_and(|m| m.file_type().is_symlink()) {
-            return Err(StageError::user(format!(
-                "export destination `{written}` is a symbolic link ({hint})"
-            )));
-        }
-    }
-    Ok(destination)
-}
-
-/// Canonicalize the longest existing ancestor of `path` and append the rest (so symbolic links
-/// in existing parents are resolved even though the destination may not exist yet).
-fn canonicalize_lenient(path: &Path) -> Result<PathBuf, StageError> {
-    let mut existing = path.to_path_buf();
-    let mut rest = Vec::new();
-    loop {
-        if fs::symlink_metadata(&existing).is_ok() {
-            break;
-        }
-        match (existing.file_name(), existing.parent()) {
-            (Some(name), Some(parent)) => {
-                rest.push(name.to_os_string());
-                existing = parent.to_path_buf();
-            }
-            _ => break,
-        }
-    }
-    let mut resolved = existing.canonicalize().map_err(|error| {
-        StageError::user(format!("cannot resolve {}: {error}", existing.display()))
-    })?;
-    for name in rest.into_iter().rev() {
-        resolved.push(name);
-    }
-    Ok(resolved)
+    crate::config::paths::confine_destination(project_dir, written, allow_outside)
+        .map_err(StageError::User)
 }
 
 /// Copy `source` (a folder) to `destination`, replacing an earlier export there: the copy is
