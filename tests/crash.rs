@@ -122,8 +122,27 @@ fn killed_at_random_points_of_every_stage_then_a_rerun_matches_a_clean_run() {
             }
         }
     }
-    // Kills inside training happen after the first checkpoint often enough to resume at least
-    // once; the resumed runs matched the clean one bit for bit above.
+    // The random points above may all land before the first checkpoint on a loaded machine, so
+    // one more kill waits for a complete checkpoint (later writes pause, keeping training alive
+    // until the kill) and must resume from it.
+    project.wipe();
+    let mut running = project.spawn(
+        "pipeline.yaml",
+        &[("PEFTPIPE_TEST_CHECKPOINT_DELAY", "300")],
+    );
+    let checkpointed = running.wait_until(Duration::from_secs(60), || {
+        project.has_complete_checkpoint()
+    });
+    assert!(
+        checkpointed,
+        "no checkpoint was ever completed: {:?}",
+        running.seen
+    );
+    running.kill();
+    if rerun_matches(&project, &reference, "killed after the first checkpoint") {
+        resumed += 1;
+    }
+    // The resumed runs matched the clean one bit for bit above.
     assert!(resumed >= 1, "no rerun resumed a checkpoint");
 }
 
