@@ -119,10 +119,17 @@ pub fn resolve_device(spec: DeviceSpec) -> Result<Device, DeviceError> {
 }
 
 fn open_cuda(ordinal: usize) -> Result<Device, DeviceError> {
-    Device::new_cuda(ordinal).map_err(|error| DeviceError::Cuda {
+    let cuda_error = |error: candle_core::Error| DeviceError::Cuda {
         ordinal,
         message: error.to_string(),
-    })
+    };
+    let device = Device::new_cuda(ordinal).map_err(cuda_error)?;
+    // Keep freed memory in CUDA's pool instead of handing it back to the driver at every
+    // synchronisation (the 1B LoRA optimizer phase went from 22 to 0.6 ms on the H200);
+    // `PEFTPIPE_POOL_RELEASE=1` restores CUDA's default.
+    #[cfg(feature = "cuda")]
+    crate::ops::cuda::keep_pool(&device).map_err(cuda_error)?;
+    Ok(device)
 }
 
 /// The compute dtype for `device`: `Auto` is f32 on CPU and bf16 on CUDA.
