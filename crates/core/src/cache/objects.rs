@@ -43,9 +43,26 @@ impl Manifest {
     /// Hash every file under `root`. Symlinks and special files are refused: an artifact is plain
     /// files, so that it means the same thing on every machine.
     pub fn of_directory(root: &Path) -> Result<Manifest, CacheError> {
-        let mut files = Vec::new();
-        collect_files(root, root, &mut files)?;
-        files.sort_by(|a, b| a.path.cmp(&b.path));
+        let mut sizes = BTreeMap::new();
+        if let Some(problem) = list_sizes(root, root, &mut sizes)? {
+            return Err(CacheError::Invalid {
+                path: root.to_path_buf(),
+                message: format!(
+                    "stage artifacts may only contain plain files and directories: {problem}"
+                ),
+            });
+        }
+        // BTreeMap order: sorted by path.
+        let files = sizes
+            .into_iter()
+            .map(|(path, size)| {
+                Ok(ManifestEntry {
+                    blake3: hash_file(&root.join(&path))?,
+                    path,
+                    size,
+                })
+            })
+            .collect::<Result<Vec<_>, CacheError>>()?;
         Ok(Manifest {
             format: MANIFEST_FORMAT,
             files,
@@ -118,8 +135,9 @@ impl Manifest {
     }
 }
 
-/// Relative path → size of every plain file under `dir`. `Some(problem)` when a symlink or
-/// special file (which no artifact holds) or a non-UTF-8 name is found.
+/// Relative path → size of every plain file under `dir` (what a manifest is made from and checked
+/// against). `Some(problem)` when a symlink or special file (which no artifact holds) or a
+/// non-UTF-8 name is found.
 fn list_sizes(
     root: &Path,
     dir: &Path,
@@ -151,43 +169,6 @@ fn list_sizes(
         }
     }
     Ok(None)
-}
-
-fn collect_files(
-    root: &Path,
-    dir: &Path,
-    files: &mut Vec<ManifestEntry>,
-) -> Result<(), CacheError> {
-    let entries = std::fs::read_dir(dir).map_err(CacheError::io("list", dir))?;
-    for entry in entries {
-        let entry = entry.map_err(CacheError::io("list", dir))?;
-        let path = entry.path();
-        let file_type = entry
-            .file_type()
-            .map_err(CacheError::io("inspect", &path))?;
-        if file_type.is_dir() {
-            collect_files(root, &path, files)?;
-        } else if file_type.is_file() {
-            let relative = relative_key(root, &path)?;
-            let size = entry
-                .metadata()
-                .map_err(CacheError::io("inspect", &path))?
-                .len();
-            files.push(ManifestEntry {
-                path: relative,
-                size,
-                blake3: hash_file(&path)?,
-            });
-        } else {
-            return Err(CacheError::Invalid {
-                path,
-                message: "stage artifacts may only contain plain files and directories \
-                          (found a symlink or special file)"
-                    .into(),
-            });
-        }
-    }
-    Ok(())
 }
 
 fn relative_key(root: &Path, path: &Path) -> Result<String, CacheError> {
