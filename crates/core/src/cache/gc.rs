@@ -347,6 +347,21 @@ mod tests {
     use crate::fingerprint::{StageFingerprint, FINGERPRINT_VERSION};
     use std::path::PathBuf;
 
+    /// Fingerprint components with nothing but a stage name and kind.
+    fn components(stage: &str, kind: &str) -> StageFingerprint {
+        StageFingerprint {
+            version: FINGERPRINT_VERSION,
+            stage: stage.into(),
+            kind: kind.into(),
+            params: BTreeMap::new(),
+            upstream: BTreeMap::new(),
+            inputs: BTreeMap::new(),
+            tool_version: "0".into(),
+            seed: 0,
+            environment: BTreeMap::new(),
+        }
+    }
+
     fn store(cache: &Cache, content: &str) -> String {
         let staging = cache.staging_dir("t").unwrap();
         std::fs::create_dir_all(staging.join("data")).unwrap();
@@ -360,17 +375,7 @@ mod tests {
         let cache = Cache::open(dir.path()).unwrap();
         let kept = store(&cache, "kept");
         let dropped = store(&cache, "dropped");
-        let components = StageFingerprint {
-            version: FINGERPRINT_VERSION,
-            stage: "data".into(),
-            kind: "ingest".into(),
-            params: BTreeMap::new(),
-            upstream: BTreeMap::new(),
-            inputs: BTreeMap::new(),
-            tool_version: "0".into(),
-            seed: 0,
-            environment: BTreeMap::new(),
-        };
+        let components = components("data", "ingest");
         let mut lock = cache.read_lock_file("p").unwrap();
         lock.stages.insert(
             "data".into(),
@@ -414,17 +419,7 @@ mod tests {
     /// A lock file for pipeline `pipeline` whose stage `stage` finished with `fingerprint`.
     fn finished(cache: &Cache, pipeline: &str, stage: &str, fingerprint: &str) {
         let output = store(cache, &format!("{pipeline}/{stage}"));
-        let components = StageFingerprint {
-            version: FINGERPRINT_VERSION,
-            stage: stage.into(),
-            kind: "train".into(),
-            params: BTreeMap::new(),
-            upstream: BTreeMap::new(),
-            inputs: BTreeMap::new(),
-            tool_version: "0".into(),
-            seed: 0,
-            environment: BTreeMap::new(),
-        };
+        let components = components(stage, "train");
         let mut lock = cache.read_lock_file(pipeline).unwrap();
         lock.stages.insert(
             stage.into(),
