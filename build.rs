@@ -1,6 +1,7 @@
-//! Compiles `kernels/*.cu` to PTX with nvcc, only for `--features cuda` (the default build has no
-//! CUDA toolchain and needs none). The PTX lands in `$OUT_DIR/peftpipe_kernels.ptx`, which
-//! `src/ops/cuda.rs` embeds; the driver JIT-compiles it for the GPU at first use. nvcc is found as
+//! Compiles each `kernels/NAME.cu` to PTX with nvcc, only for `--features cuda` (the default build
+//! has no CUDA toolchain and needs none). The PTX lands in `$OUT_DIR/NAME.ptx` (`peftpipe.cu` keeps
+//! the name `peftpipe_kernels.ptx`), which the Rust module that launches its kernels embeds
+//! (`src/ops/cuda.rs`, ...); the driver JIT-compiles it for the GPU at first use. nvcc is found as
 //! `$NVCC`, `$CUDA_HOME/bin/nvcc` or `nvcc` on PATH; the virtual architecture is
 //! `compute_$CUDA_COMPUTE_CAP` (default 90, Hopper), as candle-kernels does.
 
@@ -23,18 +24,38 @@ fn main() {
     });
     let cap = std::env::var("CUDA_COMPUTE_CAP").unwrap_or_else(|_| "90".to_string());
     let cap: String = cap.chars().filter(char::is_ascii_digit).collect();
-    let target = out.join("peftpipe_kernels.ptx");
-    let result = Command::new(&nvcc)
-        .args(["--ptx", "-O3", "-std=c++17", "-lineinfo"])
-        .arg(format!("-arch=compute_{cap}"))
-        .arg("kernels/peftpipe.cu")
-        .arg("-o")
-        .arg(&target)
-        .output()
-        .unwrap_or_else(|error| panic!("running {nvcc}: {error} (set NVCC or CUDA_HOME)"));
-    assert!(
-        result.status.success(),
-        "nvcc failed on kernels/peftpipe.cu:\n{}",
-        String::from_utf8_lossy(&result.stderr)
-    );
+    let mut sources: Vec<PathBuf> = std::fs::read_dir("kernels")
+        .expect("reading kernels/")
+        .map(|entry| entry.expect("reading kernels/").path())
+        .filter(|path| path.extension().is_some_and(|ext| ext == "cu"))
+        .collect();
+    sources.sort();
+    for source in sources {
+        // kernels/peftpipe.cu keeps its historical PTX name; every other kernels/NAME.cu becomes
+        // $OUT_DIR/NAME.ptx, embedded by the Rust module that launches it.
+        let stem = source
+            .file_stem()
+            .and_then(|stem| stem.to_str())
+            .expect("kernel file names are UTF-8");
+        let name = if stem == "peftpipe" {
+            "peftpipe_kernels"
+        } else {
+            stem
+        };
+        let target = out.join(format!("{name}.ptx"));
+        let result = Command::new(&nvcc)
+            .args(["--ptx", "-O3", "-std=c++17", "-lineinfo"])
+            .arg(format!("-arch=compute_{cap}"))
+            .arg(&source)
+            .arg("-o")
+            .arg(&target)
+            .output()
+            .unwrap_or_else(|error| panic!("running {nvcc}: {error} (set NVCC or CUDA_HOME)"));
+        assert!(
+            result.status.success(),
+            "nvcc failed on {}:\n{}",
+            source.display(),
+            String::from_utf8_lossy(&result.stderr)
+        );
+    }
 }
