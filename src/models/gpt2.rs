@@ -12,7 +12,7 @@ use candle_nn::VarBuilder;
 use super::config::{Gpt2Activation, Gpt2Config, ModelConfig};
 use super::llama::{adapter_branch, check_cache, merge_heads, split_heads};
 use super::sequence::{expand_batch, plan, Step};
-use super::{CausalLm, Hooks, KvCache, LinearFactory, LinearLayer, LinearWeights};
+use super::{CausalLm, Hooks, KvCache, LayerPlan, LinearFactory, LinearLayer, LinearWeights};
 use crate::ops::{add_constant, attention, layer_norm};
 
 /// A Conv1D layer (`weight [in, out]`, `bias [out]`) built through the factory as `[out, in]`.
@@ -225,6 +225,80 @@ impl Gpt2 {
     }
 }
 
+impl Gpt2 {
+    fn check_prefix(&self, step: &Step, hooks: &Hooks) -> Result<()> {
+        if let Some(layers) = hooks.layer_prefix.as_ref().filter(|_| step.prefix_len > 0) {
+            if layers.len() != self.blocks.len() {
+                bail!(
+                    "prefix hooks give {} layers; the model has {}",
+                    layers.len(),
+                    self.blocks.len()
+                )
+            }
+        }
+        Ok(())
+    }
+
+    /// Token embeddings, prompt tuning's virtual tokens prepended, position embeddings added.
+    fn input_embeddings(&self, input_ids: &Tensor, step: &Step, hooks: &Hooks) -> Result<Tensor> {
+        let c = &self.gpt2;
+        let mut x = self.embed(input_ids)?;
+        if let Some(prefix) = hooks.input_prefix.as_ref().filter(|_| step.virtual_len > 0) {
+            let prefix = expand_batch(prefix, step.batch, self.dtype, "input prefix")?;
+            x = Tensor::cat(&[prefix, x], 1)?;
+        }
+        let queries = step.positions.first().map_or(0, Vec::len);
+        let positions: Vec<u32> = step.positions.iter().flatten().copied().collect();
+        if let Some(&last) = positions.iter().max() {
+            if last as usize >= c.n_positions {
+                bail!(
+                    "position {last} is beyond GPT-2's {} learned positions (n_positions)",
+                    c.n_positions
+                )
+            }
+        }
+        let positions = Tensor::from_vec(positions, step.batch * queries, &self.device)?;
+        let position_embeddings = self
+            .wpe
+            .index_select(&positions, 0)?
+            .reshape((step.batch, queries, c.n_embd))?;
+        add_constant(&x, &position_embeddings)
+    }
+
+    /// Block `index` on `x`: its output and this call's keys/values (for the cache).
+    fn block(
+        &self,
+        index: usize,
+        x: &Tensor,
+        step: &Step,
+        hooks: &Hooks,
+        cached: Option<&(Tensor, Tensor)>,
+    ) -> Result<(Tensor, (Tensor, Tensor))> {
+        let c = &self.gpt2;
+        let block = self
+            .blocks
+            .get(index)
+            .ok_or_else(|| candle_core::Error::Msg(format!("no GPT-2 block {index}")))?;
+        let head_dim = c.n_embd / c.n_head;
+        let mut scale = if c.scale_attn_weights {
+            1.0 / (head_dim as f64).sqrt()
+        } else {
+            1.0
+        };
+        if c.scale_attn_by_inverse_layer_idx {
+            scale /= (index + 1) as f64;
+        }
+        let normed = block.ln_1.forward(x, c.layer_norm_epsilon)?;
+        let (attended, key_values) =
+            self.attention(index, block, &normed, step, hooks, cached, scale)?;
+        let x = (x + attended)?;
+        let normed = block.ln_2.forward(&x, c.layer_norm_epsilon)?;
+        let hidden = self.activation(&block.c_fc.forward(&normed)?)?;
+        let x = (&x + block.mlp_c_proj.forward(&hidden)?)?;
+        Ok((x, key_values))
+    }
+}
+
 impl CausalLm for Gpt2 {
     fn config(&self) -> &ModelConfig {
         &self.config
@@ -253,7 +327,6 @@ impl CausalLm for Gpt2 {
         hooks: &Hooks,
         mut cache: Option<&mut KvCache>,
     ) -> Result<Tensor> {
-        let c = &self.gpt2;
         if let Some(cache) = cache.as_deref() {
             check_cache(cache, self.blocks.len())?;
         }
@@ -264,64 +337,44 @@ impl CausalLm for Gpt2 {
             cache.as_deref(),
             &self.device,
         )?;
-        if let Some(layers) = hooks.layer_prefix.as_ref().filter(|_| step.prefix_len > 0) {
-            if layers.len() != self.blocks.len() {
-                bail!(
-                    "prefix hooks give {} layers; the model has {}",
-                    layers.len(),
-                    self.blocks.len()
-                )
-            }
-        }
-        let mut x = self.embed(input_ids)?;
-        if let Some(prefix) = hooks.input_prefix.as_ref().filter(|_| step.virtual_len > 0) {
-            let prefix = expand_batch(prefix, step.batch, self.dtype, "input prefix")?;
-            x = Tensor::cat(&[prefix, x], 1)?;
-        }
-        let queries = step.positions.first().map_or(0, Vec::len);
-        let positions: Vec<u32> = step.positions.iter().flatten().copied().collect();
-        if let Some(&last) = positions.iter().max() {
-            if last as usize >= c.n_positions {
-                bail!(
-                    "position {last} is beyond GPT-2's {} learned positions (n_positions)",
-                    c.n_positions
-                )
-            }
-        }
-        let positions = Tensor::from_vec(positions, step.batch * queries, &self.device)?;
-        let position_embeddings = self
-            .wpe
-            .index_select(&positions, 0)?
-            .reshape((step.batch, queries, c.n_embd))?;
-        x = add_constant(&x, &position_embeddings)?;
-
-        let head_dim = c.n_embd / c.n_head;
-        for (index, block) in self.blocks.iter().enumerate() {
-            let mut scale = if c.scale_attn_weights {
-                1.0 / (head_dim as f64).sqrt()
-            } else {
-                1.0
-            };
-            if c.scale_attn_by_inverse_layer_idx {
-                scale /= (index + 1) as f64;
-            }
+        self.check_prefix(&step, hooks)?;
+        let mut x = self.input_embeddings(input_ids, &step, hooks)?;
+        for index in 0..self.blocks.len() {
             let cached = cache
                 .as_deref()
                 .and_then(|cache| cache.layers.get(index).cloned().flatten());
-            let normed = block.ln_1.forward(&x, c.layer_norm_epsilon)?;
-            let (attended, key_values) =
-                self.attention(index, block, &normed, &step, hooks, cached.as_ref(), scale)?;
+            let key_values;
+            (x, key_values) = self.block(index, &x, &step, hooks, cached.as_ref())?;
             if let Some(cache) = cache.as_deref_mut() {
                 cache.layers[index] = Some(key_values);
             }
-            x = (x + attended)?;
-            let normed = block.ln_2.forward(&x, c.layer_norm_epsilon)?;
-            let hidden = self.activation(&block.c_fc.forward(&normed)?)?;
-            x = (&x + block.mlp_c_proj.forward(&hidden)?)?;
         }
         if let Some(cache) = cache {
             cache.valid = step.key_valid;
         }
-        self.ln_f.forward(&x, c.layer_norm_epsilon)
+        self.ln_f.forward(&x, self.gpt2.layer_norm_epsilon)
+    }
+
+    fn layer_plan(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+        hooks: &Hooks,
+    ) -> Result<LayerPlan> {
+        let step = plan(input_ids, attention_mask, hooks, None, &self.device)?;
+        self.check_prefix(&step, hooks)?;
+        Ok(LayerPlan { step, rope: None })
+    }
+
+    fn layer_input(&self, input_ids: &Tensor, plan: &LayerPlan, hooks: &Hooks) -> Result<Tensor> {
+        self.input_embeddings(input_ids, &plan.step, hooks)
+    }
+
+    fn layer(&self, index: usize, x: &Tensor, plan: &LayerPlan, hooks: &Hooks) -> Result<Tensor> {
+        Ok(self.block(index, x, &plan.step, hooks, None)?.0)
+    }
+
+    fn final_norm(&self, x: &Tensor) -> Result<Tensor> {
+        self.ln_f.forward(x, self.gpt2.layer_norm_epsilon)
     }
 }

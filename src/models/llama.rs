@@ -12,7 +12,9 @@ use candle_nn::VarBuilder;
 
 use super::config::{LlamaConfig, ModelConfig};
 use super::sequence::{expand_batch, plan, Step};
-use super::{AdapterPrompt, CausalLm, Hooks, KvCache, LinearFactory, LinearLayer, LinearWeights};
+use super::{
+    AdapterPrompt, CausalLm, Hooks, KvCache, LayerPlan, LinearFactory, LinearLayer, LinearWeights,
+};
 use crate::ops::{apply_rope, attention, rms_norm, swiglu, RotaryEmbedding};
 
 /// Build one linear layer from `vb` (`weight [out, in]`, optional `bias [out]`) via the factory.
@@ -316,6 +318,61 @@ impl Llama {
     }
 }
 
+impl Llama {
+    fn check_prefix(&self, step: &Step, hooks: &Hooks) -> Result<()> {
+        if let Some(layers) = hooks.layer_prefix.as_ref().filter(|_| step.prefix_len > 0) {
+            if layers.len() != self.layers.len() {
+                bail!(
+                    "prefix hooks give {} layers; the model has {}",
+                    layers.len(),
+                    self.layers.len()
+                )
+            }
+        }
+        Ok(())
+    }
+
+    /// Token embeddings with prompt tuning's virtual tokens prepended.
+    fn input_embeddings(&self, input_ids: &Tensor, step: &Step, hooks: &Hooks) -> Result<Tensor> {
+        let mut x = self.embed(input_ids)?;
+        if let Some(prefix) = hooks.input_prefix.as_ref().filter(|_| step.virtual_len > 0) {
+            let prefix = expand_batch(prefix, step.batch, self.dtype, "input prefix")?;
+            x = Tensor::cat(&[prefix, x], 1)?;
+        }
+        Ok(x)
+    }
+
+    /// Decoder layer `index` on `x`: its output and this call's keys/values (for the cache).
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "one layer's full context; private"
+    )]
+    fn decoder_layer(
+        &self,
+        index: usize,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        step: &Step,
+        hooks: &Hooks,
+        cached: Option<&(Tensor, Tensor)>,
+    ) -> Result<(Tensor, (Tensor, Tensor))> {
+        let layer = self
+            .layers
+            .get(index)
+            .ok_or_else(|| candle_core::Error::Msg(format!("no decoder layer {index}")))?;
+        let normed = rms_norm(x, &layer.input_layernorm, self.rms_norm_eps)?;
+        let (attended, key_values) =
+            layer
+                .self_attn
+                .forward(index, &normed, cos, sin, step, hooks, cached)?;
+        let x = (x + attended)?;
+        let normed = rms_norm(&x, &layer.post_attention_layernorm, self.rms_norm_eps)?;
+        let x = (&x + layer.mlp.forward(&normed)?)?;
+        Ok((x, key_values))
+    }
+}
+
 impl CausalLm for Llama {
     fn config(&self) -> &ModelConfig {
         &self.config
@@ -354,47 +411,59 @@ impl CausalLm for Llama {
             cache.as_deref(),
             &self.device,
         )?;
-        if let Some(layers) = hooks.layer_prefix.as_ref().filter(|_| step.prefix_len > 0) {
-            if layers.len() != self.layers.len() {
-                bail!(
-                    "prefix hooks give {} layers; the model has {}",
-                    layers.len(),
-                    self.layers.len()
-                )
-            }
-        }
-        let mut x = self.embed(input_ids)?;
-        if let Some(prefix) = hooks.input_prefix.as_ref().filter(|_| step.virtual_len > 0) {
-            let prefix = expand_batch(prefix, step.batch, self.dtype, "input prefix")?;
-            x = Tensor::cat(&[prefix, x], 1)?;
-        }
+        self.check_prefix(&step, hooks)?;
+        let mut x = self.input_embeddings(input_ids, &step, hooks)?;
         let (cos, sin) = self
             .rotary
             .tables(&step.positions, &self.device, self.dtype)?;
-        for (index, layer) in self.layers.iter().enumerate() {
+        for index in 0..self.layers.len() {
             let cached = cache
                 .as_deref()
                 .and_then(|cache| cache.layers.get(index).cloned().flatten());
-            let normed = rms_norm(&x, &layer.input_layernorm, self.rms_norm_eps)?;
-            let (attended, key_values) = layer.self_attn.forward(
-                index,
-                &normed,
-                &cos,
-                &sin,
-                &step,
-                hooks,
-                cached.as_ref(),
-            )?;
+            let key_values;
+            (x, key_values) =
+                self.decoder_layer(index, &x, &cos, &sin, &step, hooks, cached.as_ref())?;
             if let Some(cache) = cache.as_deref_mut() {
                 cache.layers[index] = Some(key_values);
             }
-            x = (x + attended)?;
-            let normed = rms_norm(&x, &layer.post_attention_layernorm, self.rms_norm_eps)?;
-            x = (&x + layer.mlp.forward(&normed)?)?;
         }
         if let Some(cache) = cache {
             cache.valid = step.key_valid;
         }
         rms_norm(&x, &self.norm, self.rms_norm_eps)
+    }
+
+    fn layer_plan(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+        hooks: &Hooks,
+    ) -> Result<LayerPlan> {
+        let step = plan(input_ids, attention_mask, hooks, None, &self.device)?;
+        self.check_prefix(&step, hooks)?;
+        let rope = self
+            .rotary
+            .tables(&step.positions, &self.device, self.dtype)?;
+        Ok(LayerPlan {
+            step,
+            rope: Some(rope),
+        })
+    }
+
+    fn layer_input(&self, input_ids: &Tensor, plan: &LayerPlan, hooks: &Hooks) -> Result<Tensor> {
+        self.input_embeddings(input_ids, &plan.step, hooks)
+    }
+
+    fn layer(&self, index: usize, x: &Tensor, plan: &LayerPlan, hooks: &Hooks) -> Result<Tensor> {
+        let Some((cos, sin)) = plan.rope.as_ref() else {
+            bail!("a Llama layer plan has RoPE tables")
+        };
+        Ok(self
+            .decoder_layer(index, x, cos, sin, &plan.step, hooks, None)?
+            .0)
+    }
+
+    fn final_norm(&self, x: &Tensor) -> Result<Tensor> {
+        rms_norm(x, &self.norm, self.rms_norm_eps)
     }
 }

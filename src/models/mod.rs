@@ -169,6 +169,22 @@ impl KvCache {
     }
 }
 
+/// What the pieces of one layer-by-layer forward share (see [`CausalLm::layer_plan`]): the
+/// sequence bookkeeping (masks, positions) and, for Llama, the RoPE tables. Made once per batch;
+/// opaque outside the models.
+pub struct LayerPlan {
+    pub(crate) step: sequence::Step,
+    /// Llama: `(cos, sin)` for the queries' positions.
+    pub(crate) rope: Option<(Tensor, Tensor)>,
+}
+
+impl LayerPlan {
+    /// Prompt tuning's virtual tokens in front of the real ones in every layer's input.
+    pub fn virtual_tokens(&self) -> usize {
+        self.step.virtual_len
+    }
+}
+
 /// A causal language model: what train and eval code need, whatever the architecture.
 ///
 /// Inputs: `input_ids [B, T]` (integer dtype) and `attention_mask [B, T]` (1 = token, 0 = padding;
@@ -233,4 +249,27 @@ pub trait CausalLm: Send + Sync {
     fn new_cache(&self) -> KvCache {
         KvCache::new(self.config().num_layers())
     }
+
+    // The forward in pieces, for layer-by-layer execution (activation checkpointing):
+    // `final_norm(layer(L-1, … layer(0, embed_layer_input(ids))))` is `forward_hidden` without a
+    // cache, op for op (both run the same code), so its values and gradients are the same.
+
+    /// The bookkeeping of a cache-less forward of `input_ids` with `hooks` (checked as
+    /// `forward_hidden` checks it).
+    fn layer_plan(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+        hooks: &Hooks,
+    ) -> Result<LayerPlan>;
+
+    /// The input of decoder layer 0 `[B, n + T, hidden]`: token embeddings, prompt tuning's
+    /// `hooks.input_prefix` prepended, position embeddings added (GPT-2).
+    fn layer_input(&self, input_ids: &Tensor, plan: &LayerPlan, hooks: &Hooks) -> Result<Tensor>;
+
+    /// Decoder layer `index` (residuals included) applied to `x`, the previous layer's output.
+    fn layer(&self, index: usize, x: &Tensor, plan: &LayerPlan, hooks: &Hooks) -> Result<Tensor>;
+
+    /// The final norm of the last layer's output: the hidden states `forward_hidden` returns.
+    fn final_norm(&self, x: &Tensor) -> Result<Tensor>;
 }

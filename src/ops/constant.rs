@@ -38,3 +38,48 @@ pub fn mul_constant(x: &Tensor, constant: &Tensor) -> Result<Tensor> {
         grad.broadcast_mul(&constant)
     })
 }
+
+/// `Σ x · c` over all elements (an f32 scalar; `c` has `x`'s shape); the gradient reaches `x` only:
+/// `dx = g · c`. The loss of a local backward: backpropagating it through the graph of `x` gives
+/// every tracked input of `x` its gradient for an upstream gradient `c` of `x` (activation
+/// checkpointing walks a model layer by layer this way). With `g = 1` the gradient is `c` exactly.
+pub fn dot_constant(x: &Tensor, constant: &Tensor) -> Result<Tensor> {
+    if x.shape() != constant.shape() {
+        bail!(
+            "dot_constant: the constant {:?} must have the input's shape {:?}",
+            constant.shape(),
+            x.shape()
+        )
+    }
+    let constant = constant.detach();
+    let output = x
+        .detach()
+        .to_dtype(candle_core::DType::F32)?
+        .mul(&constant.to_dtype(candle_core::DType::F32)?)?
+        .sum_all()?;
+    with_backward("dot-constant", x, output, move |_x, _y, grad| {
+        constant.broadcast_mul(&grad.to_dtype(constant.dtype())?)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{Device, Tensor, Var};
+
+    use super::dot_constant;
+
+    #[test]
+    fn dot_constant_value_and_gradient() -> candle_core::Result<()> {
+        let x = Var::from_vec(vec![1f32, -2., 3., 0.5], (2, 2), &Device::Cpu)?;
+        let c = Tensor::from_vec(vec![0.25f32, 4., -1., 2.], (2, 2), &Device::Cpu)?;
+        let y = dot_constant(x.as_tensor(), &c)?;
+        assert_eq!(y.to_scalar::<f32>()?, 0.25 - 8. - 3. + 1.);
+        // Through a further op: d(3·y)/dx = 3·c.
+        let grads = y.affine(3.0, 0.0)?.backward()?;
+        let gx = grads.get(x.as_tensor()).expect("x has a gradient");
+        assert_eq!(gx.to_vec2::<f32>()?, vec![vec![0.75, 12.], vec![-3., 6.]]);
+        assert!(grads.get(&c).is_none(), "the constant gets no gradient");
+        assert!(dot_constant(x.as_tensor(), &c.reshape(4)?).is_err());
+        Ok(())
+    }
+}

@@ -40,10 +40,12 @@ use crate::config::hub::resolve_model_dir;
 use crate::config::train::{device_kind, resolve_targets, MethodConfig, TrainConfig};
 use crate::data::batch::{fit, Sequence};
 use crate::data::tokenize::TextTokenizer;
-use crate::models::ModelDir;
+use crate::models::{Hooks, ModelDir};
 use crate::peft::{Adapter, LoraAdapter, LoraSettings};
 use crate::train::checkpoint::CheckpointDir;
-use crate::train::{AdamWSettings, CausalLmLoss, TrainError, TrainerSettings};
+use crate::train::{
+    AdamWSettings, CausalLmLoss, CheckpointedLoss, LossModel, TrainError, TrainerSettings,
+};
 
 pub struct TrainStage {
     config: TrainConfig,
@@ -288,7 +290,17 @@ impl Stage for TrainStage {
             .finish_injection()
             .map_err(|error| user(error.to_string()))?;
         let trainable = adapter.trainable_parameter_count();
-        let model = CausalLmLoss { model: &*model };
+        // Activation checkpointing changes what is kept and recomputed, not the gradients.
+        let whole_graph = CausalLmLoss { model: &*model };
+        let checkpointed = CheckpointedLoss {
+            model: &*model,
+            hooks: Hooks::none(),
+        };
+        let model: &dyn LossModel = if config.activation_checkpointing {
+            &checkpointed
+        } else {
+            &whole_graph
+        };
 
         // The run key: what determines the result, so only this run's checkpoints resume. The
         // stage's fingerprint digest covers everything (weights, tokenizer, data, config, name,
@@ -373,7 +385,7 @@ impl Stage for TrainStage {
             });
         };
         let outcome = crate::train::train(
-            &model,
+            model,
             &adapter,
             &sequences,
             &trainer_settings,

@@ -6,10 +6,13 @@
 
 pub mod bench;
 pub mod checkpoint;
+pub mod layered;
 pub mod optimizer;
+pub mod pass;
 pub mod schedule;
 pub mod trainer;
 
+pub use layered::CheckpointedLoss;
 pub use optimizer::{AdamW, AdamWSettings};
 pub use schedule::{Schedule, ScheduleKind};
 pub use trainer::{

@@ -20,6 +20,7 @@ use serde::Serialize;
 
 use super::checkpoint::{self, CheckpointState, CHECKPOINT_VERSION};
 use super::optimizer::{clip_coefficient, global_norm, AdamW, AdamWSettings};
+pub use super::pass::{ForwardPass, GraphPass};
 use super::schedule::{Schedule, ScheduleKind};
 use crate::data::batch::{collate, epoch_batches, HostBatch, Sequence};
 use crate::models::{CausalLm, Hooks};
@@ -32,6 +33,11 @@ pub trait LossModel {
     fn loss_sum(&self, batch: &HostBatch) -> candle_core::Result<Tensor>;
     /// The device the model runs on.
     fn device(&self) -> &Device;
+    /// The training forward of one micro-batch: its summed loss and what its backward needs.
+    /// By default candle's whole graph ([`GraphPass`]); a checkpointed model keeps less.
+    fn forward_pass(&self, batch: &HostBatch) -> candle_core::Result<Box<dyn ForwardPass + '_>> {
+        Ok(Box::new(GraphPass::new(self.loss_sum(batch)?)))
+    }
 }
 
 /// A causal LM (adapter injected through its linear factory) scored with next-token
@@ -248,6 +254,8 @@ pub fn train(
             "the adapter has no trainable variables".into(),
         ));
     }
+    let variable_list: Vec<candle_core::Var> =
+        variables.iter().map(|(_, var)| var.clone()).collect();
     let mut optimizer = at_step(
         0,
         "creating the optimizer",
@@ -337,11 +345,11 @@ pub fn train(
                 seed: mix_seed(settings.seed, &format!("dropout {micro_batch}")),
             });
             let phase = Instant::now();
-            let loss_sum = at_step(step + 1, "forward", model.loss_sum(batch))?;
+            let pass = at_step(step + 1, "forward", model.forward_pass(batch))?;
             let loss_value = at_step(
                 step + 1,
                 "reading the loss",
-                loss_sum
+                pass.loss_sum()
                     .to_dtype(DType::F64)
                     .and_then(|l| l.to_scalar::<f64>()),
             )?;
@@ -355,15 +363,14 @@ pub fn train(
             }
             loss_total += loss_value;
             let phase = Instant::now();
-            let scaled = at_step(
+            // Only the variables' gradients come back; the rest of the store is already freed.
+            let grads = at_step(
                 step + 1,
-                "scaling the loss",
-                loss_sum.affine(1.0 / window_scored as f64, 0.0),
+                "backward",
+                pass.backward(1.0 / window_scored as f64, &variable_list),
             )?;
-            let grads = at_step(step + 1, "backward", scaled.backward())?;
-            for (slot, (_, var)) in gradients.iter_mut().zip(&variables) {
-                if let Some(gradient) = grads.get(var.as_tensor()) {
-                    let gradient = gradient.detach();
+            for (slot, gradient) in gradients.iter_mut().zip(grads) {
+                if let Some(gradient) = gradient {
                     *slot = Some(match slot.take() {
                         Some(sum) => {
                             at_step(step + 1, "accumulating gradients", sum.add(&gradient))?
@@ -372,7 +379,6 @@ pub fn train(
                     });
                 }
             }
-            drop(grads);
             at_step(
                 step + 1,
                 "backward",

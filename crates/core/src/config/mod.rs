@@ -206,12 +206,20 @@ impl StageConfig {
         }
     }
 
-    /// The kind's parameters as JSON (resolved, defaults filled in): what the fingerprint hashes.
+    /// The kind's parameters as JSON (resolved, defaults filled in, without the fields that do
+    /// not change results, e.g. [`TrainConfig::NOT_HASHED`]): what the fingerprint hashes.
     pub fn params(&self) -> serde_json::Value {
         let value = match self {
             StageConfig::Ingest(c) => serde_json::to_value(c),
             StageConfig::Template(c) => serde_json::to_value(c),
-            StageConfig::Train(c) => serde_json::to_value(c),
+            StageConfig::Train(c) => serde_json::to_value(c).map(|mut value| {
+                if let Some(object) = value.as_object_mut() {
+                    for key in TrainConfig::NOT_HASHED {
+                        object.remove(*key);
+                    }
+                }
+                value
+            }),
             StageConfig::Evaluate(c) => serde_json::to_value(c),
             StageConfig::Export(c) => serde_json::to_value(c),
         };

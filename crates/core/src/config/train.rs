@@ -65,6 +65,12 @@ pub struct TrainConfig {
     /// Micro-batches per optimizer step (the loss is averaged over all scored tokens of a step).
     #[serde(default = "default_one")]
     pub gradient_accumulation_steps: usize,
+    /// Activation checkpointing: the forward keeps only each decoder layer's input and the backward
+    /// recomputes the layer (less activation memory for about one more forward of compute). The
+    /// gradients are the same as without it (bit-identical on the CPU), so it is not part of the
+    /// stage fingerprint: toggling it does not retrain.
+    #[serde(default)]
+    pub activation_checkpointing: bool,
     /// Passes over the training split (ignored when `max_steps` is set).
     #[serde(default = "default_epochs")]
     pub epochs: u32,
@@ -97,6 +103,12 @@ pub struct TrainConfig {
     /// and the stage name.
     #[serde(default)]
     pub seed: Option<u64>,
+}
+
+impl TrainConfig {
+    /// Fields that change how a run executes but not its results: left out of the parameters the
+    /// fingerprint hashes (see [`super::StageConfig::params`]).
+    pub const NOT_HASHED: &'static [&'static str] = &["activation_checkpointing"];
 }
 
 fn default_split() -> String {
