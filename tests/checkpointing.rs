@@ -387,3 +387,46 @@ fn train_stage_with_checkpointing_matches_and_stays_fresh() {
         plain.outcome("train")["final_loss"]
     );
 }
+
+/// What candle's `backward` keeps (issue 8 item 3): after the whole-graph backward of the
+/// training loss the gradient store holds the adapter's gradients and (almost) nothing else — no
+/// gradient for a constant operand (the embeddings entering layer 0, a frozen layer's output, a
+/// dropout mask). Prints the ratio of the store's bytes to the adapter's bytes.
+#[test]
+fn the_gradient_store_holds_only_the_adapter_after_backward() {
+    for (config, dropout) in [(random_llama_gqa(), 0.1), (random_gpt2(), 0.1)] {
+        let adapter = lora(&config, dropout);
+        let model = random_model(&config, &adapter);
+        let variables = adapter.trainable_vars();
+        randomize(&variables, 3);
+        adapter.set_mode(AdapterMode::Train { seed: 4 });
+        let batch = batch(config.vocab_size(), 5);
+        let loss = CausalLmLoss { model: &*model }
+            .loss_sum(&batch)
+            .expect("forward");
+        let store = loss.backward().expect("backward");
+        let store_bytes = peftpipe::train::pass::store_bytes(&store);
+        let entries = store.get_ids().count();
+        let adapter_bytes: u64 = variables
+            .iter()
+            .map(|(_, var)| peftpipe::train::pass::tensor_bytes(var.as_tensor()))
+            .sum();
+        let ratio = store_bytes as f64 / adapter_bytes as f64;
+        eprintln!(
+            "{}: gradient store {entries} tensors, {store_bytes} B; adapter {} tensors, \
+             {adapter_bytes} B; ratio {ratio:.3}",
+            config.model_type(),
+            variables.len()
+        );
+        for (name, var) in &variables {
+            assert!(store.get(var.as_tensor()).is_some(), "{name}: no gradient");
+        }
+        assert_eq!(
+            entries,
+            variables.len(),
+            "{}: the store holds gradients of non-variables",
+            config.model_type()
+        );
+        assert!(ratio <= 1.0 + 1e-9, "ratio {ratio}");
+    }
+}

@@ -13,7 +13,7 @@ use super::config::{Gpt2Activation, Gpt2Config, ModelConfig};
 use super::llama::{adapter_branch, check_cache, merge_heads, split_heads};
 use super::sequence::{expand_batch, plan, Step};
 use super::{CausalLm, Hooks, KvCache, LayerPlan, LinearFactory, LinearLayer, LinearWeights};
-use crate::ops::{add_constant, attention, layer_norm};
+use crate::ops::{add_constant, add_tracked, attention, layer_norm};
 
 /// A Conv1D layer (`weight [in, out]`, `bias [out]`) built through the factory as `[out, in]`.
 fn build_conv1d(
@@ -291,10 +291,11 @@ impl Gpt2 {
         let normed = block.ln_1.forward(x, c.layer_norm_epsilon)?;
         let (attended, key_values) =
             self.attention(index, block, &normed, step, hooks, cached, scale)?;
-        let x = (x + attended)?;
+        // `add_tracked`: block 0's input (the embeddings) is a constant; it gets no gradient.
+        let x = add_tracked(x, &attended)?;
         let normed = block.ln_2.forward(&x, c.layer_norm_epsilon)?;
         let hidden = self.activation(&block.c_fc.forward(&normed)?)?;
-        let x = (&x + block.mlp_c_proj.forward(&hidden)?)?;
+        let x = add_tracked(&x, &block.mlp_c_proj.forward(&hidden)?)?;
         Ok((x, key_values))
     }
 }

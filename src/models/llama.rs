@@ -15,7 +15,7 @@ use super::sequence::{expand_batch, plan, Step};
 use super::{
     AdapterPrompt, CausalLm, Hooks, KvCache, LayerPlan, LinearFactory, LinearLayer, LinearWeights,
 };
-use crate::ops::{apply_rope, attention, rms_norm, swiglu, RotaryEmbedding};
+use crate::ops::{add_tracked, apply_rope, attention, rms_norm, swiglu, RotaryEmbedding};
 
 /// Build one linear layer from `vb` (`weight [out, in]`, optional `bias [out]`) via the factory.
 pub(crate) fn build_linear(
@@ -366,9 +366,10 @@ impl Llama {
             layer
                 .self_attn
                 .forward(index, &normed, cos, sin, step, hooks, cached)?;
-        let x = (x + attended)?;
+        // `add_tracked`: layer 0's input (the embeddings) is a constant; it gets no gradient.
+        let x = add_tracked(x, &attended)?;
         let normed = rms_norm(&x, &layer.post_attention_layernorm, self.rms_norm_eps)?;
-        let x = (&x + layer.mlp.forward(&normed)?)?;
+        let x = add_tracked(&x, &layer.mlp.forward(&normed)?)?;
         Ok((x, key_values))
     }
 }

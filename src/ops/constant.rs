@@ -62,11 +62,66 @@ pub fn dot_constant(x: &Tensor, constant: &Tensor) -> Result<Tensor> {
     })
 }
 
+/// `a + b` (same shape) differentiating only the operands that are part of the graph: where one
+/// is a constant (e.g. the embeddings entering layer 0, a frozen layer's output), it is added
+/// through [`add_constant`], so the store keeps no gradient for it. The same values as `a + b`.
+pub fn add_tracked(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    match (a.track_op(), b.track_op()) {
+        (true, false) if a.shape() == b.shape() => add_constant(a, b),
+        (false, true) if a.shape() == b.shape() => add_constant(b, a),
+        _ => a.add(b),
+    }
+}
+
+/// `a · b` (matmul) where a constant `a` (e.g. the untracked input of a layer-0 adapter) gets no
+/// gradient: `db = aᵀ · g`, as candle computes it. The same values as `a.matmul(b)`.
+pub fn matmul_tracked(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    if a.track_op() || !b.track_op() {
+        return a.matmul(b);
+    }
+    let constant = a.detach();
+    let output = constant.matmul(&b.detach())?;
+    with_backward("matmul-constant-lhs", b, output, move |_b, _y, grad| {
+        constant.t()?.matmul(grad)
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use candle_core::{Device, Tensor, Var};
 
-    use super::dot_constant;
+    use super::{add_tracked, dot_constant, matmul_tracked};
+
+    /// Same values and the same tracked gradient as candle's ops, and no entry for the constant.
+    #[test]
+    fn tracked_add_and_matmul_match_candle_and_skip_the_constant() -> candle_core::Result<()> {
+        let device = Device::Cpu;
+        let c = Tensor::from_vec(vec![0.5f32, -1., 2., 3., 0.25, -4.], (2, 3), &device)?;
+        let w = Var::from_vec(vec![1f32, 2., -3., 0.5, 4., -1.], (3, 2), &device)?;
+        let ours = matmul_tracked(&c, w.as_tensor())?;
+        let theirs = c.matmul(w.as_tensor())?;
+        assert_eq!(ours.to_vec2::<f32>()?, theirs.to_vec2::<f32>()?);
+        let v = Var::from_vec(vec![1f32, -2., 0.5, 3.], (2, 2), &device)?;
+        let our_store = add_tracked(&ours, &c.narrow(1, 0, 2)?)?
+            .mul(v.as_tensor())?
+            .sum_all()?
+            .backward()?;
+        let their_store = (theirs + c.narrow(1, 0, 2)?)?
+            .mul(v.as_tensor())?
+            .sum_all()?
+            .backward()?;
+        for var in [&w, &v] {
+            let a = our_store.get(var.as_tensor()).expect("gradient");
+            let b = their_store.get(var.as_tensor()).expect("gradient");
+            assert_eq!(a.to_vec2::<f32>()?, b.to_vec2::<f32>()?);
+        }
+        assert!(our_store.get(&c).is_none());
+        // Only the two variables and the (tracked) sum's inputs were ever stored: candle's ops
+        // leave entries for `c` and the narrowed constant.
+        assert_eq!(our_store.get_ids().count(), 2);
+        assert!(their_store.get_ids().count() > 2);
+        Ok(())
+    }
 
     #[test]
     fn dot_constant_value_and_gradient() -> candle_core::Result<()> {

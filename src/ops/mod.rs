@@ -28,7 +28,7 @@ pub mod softmax;
 pub mod swiglu;
 
 pub use attention::{attention, causal_mask, MASK_VALUE};
-pub use constant::{add_constant, dot_constant, mul_constant};
+pub use constant::{add_constant, add_tracked, dot_constant, matmul_tracked, mul_constant};
 pub use linear::{frozen_linear, linear};
 pub use loss::{
     cross_entropy, linear_cross_entropy, next_token_cross_entropy, next_token_linear_cross_entropy,

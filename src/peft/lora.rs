@@ -133,7 +133,9 @@ impl LoraLinear {
                 self.runtime.dropout_seed.load(Ordering::Acquire),
                 &self.path,
             );
-            input = input.mul(&dropout_mask(seed, self.dropout, rows, in_features, x)?)?;
+            // The mask is a constant: no gradient is stored for it.
+            let mask = dropout_mask(seed, self.dropout, rows, in_features, x)?;
+            input = crate::ops::mul_constant(&input, &mask)?;
         }
         // In inference mode A and B enter detached: with a frozen base and untracked inputs the
         // forward pass then builds no autograd graph (evaluation, generation).
@@ -145,13 +147,14 @@ impl LoraLinear {
         let a = a.to_dtype(x.dtype())?;
         let b = b.to_dtype(x.dtype())?;
         // s·B(A x): scaling the rank-r intermediate is the cheapest place for it.
-        let hidden = input.matmul(&a.t()?)?.affine(self.scale, 0.0)?;
+        // `*_tracked`: an untracked input (layer 0's) or base output gets no stored gradient.
+        let hidden = crate::ops::matmul_tracked(&input, &a.t()?)?.affine(self.scale, 0.0)?;
         let delta = hidden.matmul(&b.t()?)?;
         let mut out_dims = dims;
         if let Some(last) = out_dims.last_mut() {
             *last = delta.dim(1)?;
         }
-        y.add(&delta.reshape(out_dims)?)
+        crate::ops::add_tracked(&y, &delta.reshape(out_dims)?)
     }
 
     /// s·B·A in f32, `[out, in]`.
