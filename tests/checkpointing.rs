@@ -4,6 +4,8 @@
 //! random GPT-2 and stories260k with LoRA (dropout included), for prompt methods through `Hooks`
 //! (prompt tuning, prefix tuning, LLaMA-Adapter), and in a train-stage run, which ends with the
 //! same adapter; since the results are identical, the option is not in the stage fingerprint.
+//! Also: the gradient store after backward holds only the adapter's gradients (issue 8 item 3),
+//! and `peftpipe bench train` measures several shapes with and without checkpointing in one table.
 #![expect(
     clippy::print_stderr,
     reason = "tests print why they skip and the figures they measured"
@@ -255,10 +257,15 @@ fn prompt_methods_through_hooks_gradients_are_bit_identical() {
     let ModelConfig::Llama(llama) = &config else {
         unreachable!()
     };
-    let (hidden, kv_heads, head_dim) = (llama.hidden_size, llama.num_key_value_heads, llama.head_dim);
+    let (hidden, kv_heads, head_dim) =
+        (llama.hidden_size, llama.num_key_value_heads, llama.head_dim);
     let layers = llama.num_hidden_layers;
     let var = |shape: &[usize]| Var::zeros(shape, DType::F32, &Device::Cpu).expect("var");
-    let cases: Vec<(&str, Vec<(String, Var)>, Box<dyn Fn(&[(String, Var)]) -> Hooks>)> = vec![
+    let cases: Vec<(
+        &str,
+        Vec<(String, Var)>,
+        Box<dyn Fn(&[(String, Var)]) -> Hooks>,
+    )> = vec![
         (
             "prompt tuning",
             vec![("prompt".into(), var(&[1, 3, hidden]))],
@@ -429,4 +436,108 @@ fn the_gradient_store_holds_only_the_adapter_after_backward() {
         );
         assert!(ratio <= 1.0 + 1e-9, "ratio {ratio}");
     }
+}
+
+fn bench_config(dir: &std::path::Path) -> std::path::PathBuf {
+    let path = dir.join("tiny.config.json");
+    let json = serde_json::json!({
+        "model_type": "llama", "hidden_size": 32, "intermediate_size": 48,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "vocab_size": 64, "max_position_embeddings": 64, "rms_norm_eps": 1e-5,
+        "rope_theta": 10000.0, "tie_word_embeddings": false
+    });
+    std::fs::write(&path, json.to_string()).expect("write config");
+    path
+}
+
+/// `bench train --shapes A,B --checkpointing both`: one row per shape and setting, each with
+/// finite positive figures and the FLOPs of `lora_flops_per_token`; the text form is one table
+/// plus a RESULT line per row; a single shape keeps the one-configuration report.
+#[test]
+fn bench_train_table_over_shapes_and_checkpointing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config_path = bench_config(dir.path());
+    let config_arg = config_path.to_str().expect("utf-8 path");
+    let common = [
+        "--config", config_arg, "--device", "cpu", "--rank", "4", "--steps", "2", "--warmup", "1",
+    ];
+    let mut args = vec!["--json", "bench", "train"];
+    args.extend(common);
+    args.extend(["--shapes", "2x16,1x24", "--checkpointing", "both"]);
+    let output = support::peftpipe().args(&args).output().expect("run");
+    assert!(output.status.success(), "{}", exec_support::stderr(&output));
+    let rows: Vec<serde_json::Value> =
+        serde_json::from_str(&exec_support::stdout(&output)).expect("a JSON array");
+    let config = ModelConfig::from_json(
+        &serde_json::from_str(&std::fs::read_to_string(&config_path).expect("read")).expect("json"),
+    )
+    .expect("config");
+    let expected = [(2, 16, false), (2, 16, true), (1, 24, false), (1, 24, true)];
+    assert_eq!(rows.len(), expected.len(), "{rows:?}");
+    for (row, (batch, seq, checkpointing)) in rows.iter().zip(expected) {
+        assert_eq!(row["batch"], batch, "{row}");
+        assert_eq!(row["sequence_length"], seq, "{row}");
+        assert_eq!(row["activation_checkpointing"], checkpointing, "{row}");
+        for key in [
+            "tokens_per_second",
+            "step_ms",
+            "forward_ms",
+            "backward_ms",
+            "mfu",
+            "flops_per_token",
+        ] {
+            let value = row[key].as_f64().unwrap_or(f64::NAN);
+            assert!(value.is_finite() && value > 0.0, "{key} = {value} in {row}");
+        }
+        assert!(row["peak_memory_bytes"].as_u64().unwrap_or(0) > 0, "{row}");
+        let trainable = row["trainable_parameters"].as_u64().expect("trainable");
+        assert_eq!(
+            row["flops_per_token"].as_f64(),
+            Some(peftpipe::train::bench::lora_flops_per_token(
+                &config, seq, trainable
+            ))
+        );
+    }
+
+    let mut args = vec!["bench", "train"];
+    args.extend(common);
+    args.extend(["--shapes", "2x16,1x24", "--checkpointing", "both"]);
+    let output = support::peftpipe().args(&args).output().expect("run");
+    assert!(output.status.success(), "{}", exec_support::stderr(&output));
+    let table = exec_support::stderr(&output);
+    assert!(
+        table.contains("shape") && table.contains("MFU") && table.contains("peak GiB"),
+        "{table}"
+    );
+    let table_rows = table
+        .lines()
+        .filter(|line| line.starts_with("2x16 ") || line.starts_with("1x24 "))
+        .count();
+    assert_eq!(table_rows, 4, "{table}");
+    let results = exec_support::stdout(&output)
+        .lines()
+        .filter(|line| line.starts_with("RESULT {"))
+        .count();
+    assert_eq!(results, 4);
+
+    // One shape, one setting: the one-configuration report, as the GPU scripts read it.
+    let mut args = vec!["bench", "train"];
+    args.extend(common);
+    args.extend(["--batch", "2", "--seq", "16", "--checkpointing", "on"]);
+    let output = support::peftpipe().args(&args).output().expect("run");
+    assert!(output.status.success(), "{}", exec_support::stderr(&output));
+    let text = exec_support::stderr(&output);
+    assert!(
+        text.contains("batch 2 × 16, activation checkpointing"),
+        "{text}"
+    );
+    assert!(
+        text.contains("tokens/s (median of 2 steps") && text.contains("MFU"),
+        "{text}"
+    );
+    let stdout = exec_support::stdout(&output);
+    let line = stdout.strip_prefix("RESULT ").expect("a RESULT line");
+    let result: serde_json::Value = serde_json::from_str(line.trim()).expect("JSON");
+    assert_eq!(result["activation_checkpointing"], true);
+    eprintln!("{table}");
 }

@@ -1,13 +1,29 @@
 //! `peftpipe bench train`: LoRA training-step throughput and memory on a random-initialised model
 //! of the shape a config.json describes. Resolves the arguments and calls
 //! [`crate::train::bench::run`]; the reporter prints the figures and a `RESULT {...}` JSON line.
+//!
+//! Several shapes (`--shapes 8x512,2x2048`) and/or `--checkpointing both` make a table: each
+//! configuration runs in its own child process (`peftpipe --json bench train ...` with one shape
+//! and one setting), so each has its own memory pool and its peak memory is its own; a
+//! configuration that fails (e.g. out of memory) becomes a failed row and the others still run.
 
 use std::path::PathBuf;
+use std::process::Command;
 
-use clap::Args;
+use clap::{Args, ValueEnum};
 
 use super::GlobalArgs;
-use crate::train::bench::{run as run_bench, BenchSettings};
+use crate::train::bench::{
+    run as run_bench, BenchResult, BenchRow, BenchSettings, H200_PEAK_TFLOPS,
+};
+
+/// `--checkpointing`: which activation-checkpointing settings to measure.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Checkpointing {
+    Off,
+    On,
+    Both,
+}
 
 #[derive(Debug, Args)]
 pub struct BenchTrainArgs {
@@ -41,6 +57,87 @@ pub struct BenchTrainArgs {
     /// Seed of the random weights and tokens.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Several shapes in one table, `BATCHxSEQ` separated by commas (e.g. `8x512,2x2048`);
+    /// replaces --batch and --seq.
+    #[arg(long)]
+    pub shapes: Option<String>,
+    /// Activation checkpointing: off, on, or both (a row each).
+    #[arg(long, value_enum, default_value_t = Checkpointing::Off)]
+    pub checkpointing: Checkpointing,
+    /// The device's peak dense bf16 TFLOP/s, the denominator of MFU (989: H200 / H100 SXM).
+    #[arg(long, default_value_t = H200_PEAK_TFLOPS)]
+    pub peak_tflops: f64,
+}
+
+/// `8x512,2x2048` → `[(8, 512), (2, 2048)]`.
+fn parse_shapes(text: &str) -> Result<Vec<(usize, usize)>, String> {
+    text.split(',')
+        .map(str::trim)
+        .filter(|part| !part.is_empty())
+        .map(|part| {
+            let parse = |value: Option<&str>| value.and_then(|v| v.trim().parse::<usize>().ok());
+            let mut pieces = part.split(['x', 'X']);
+            match (parse(pieces.next()), parse(pieces.next()), pieces.next()) {
+                (Some(batch), Some(seq), None) => Ok((batch, seq)),
+                _ => Err(format!("--shapes: `{part}` is not BATCHxSEQ (e.g. 8x512)")),
+            }
+        })
+        .collect()
+}
+
+/// One configuration in a child process; its `--json` result, or why it failed.
+fn run_child(args: &BenchTrainArgs, batch: usize, seq: usize, checkpointing: bool) -> BenchRow {
+    let failed = |error: String| BenchRow::Failed {
+        batch,
+        sequence_length: seq,
+        activation_checkpointing: checkpointing,
+        error,
+    };
+    let exe = match std::env::current_exe() {
+        Ok(exe) => exe,
+        Err(error) => return failed(format!("finding the peftpipe executable: {error}")),
+    };
+    let mut command = Command::new(exe);
+    command
+        .args(["--json", "bench", "train", "--config"])
+        .arg(&args.config)
+        .args(["--device", &args.device])
+        .args(["--batch", &batch.to_string(), "--seq", &seq.to_string()])
+        .args(["--rank", &args.rank.to_string()])
+        .args(["--steps", &args.steps.to_string()])
+        .args(["--warmup", &args.warmup.to_string()])
+        .args(["--seed", &args.seed.to_string()])
+        .args(["--peak-tflops", &args.peak_tflops.to_string()])
+        .args(["--checkpointing", if checkpointing { "on" } else { "off" }]);
+    if let Some(dtype) = &args.dtype {
+        command.args(["--dtype", dtype]);
+    }
+    if let Some(alpha) = args.alpha {
+        command.args(["--alpha", &alpha.to_string()]);
+    }
+    let output = match command.output() {
+        Ok(output) => output,
+        Err(error) => return failed(format!("starting peftpipe: {error}")),
+    };
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let parsed = stdout
+        .lines()
+        .rev()
+        .find_map(|line| serde_json::from_str::<BenchResult>(line.trim()).ok());
+    match (output.status.success(), parsed) {
+        (true, Some(result)) => BenchRow::Measured(Box::new(result)),
+        _ => {
+            let stderr = String::from_utf8_lossy(&output.stderr);
+            let last = stderr
+                .lines()
+                .rev()
+                .find(|line| !line.trim().is_empty())
+                .unwrap_or("no output")
+                .trim()
+                .to_string();
+            failed(format!("{} ({})", last, output.status))
+        }
+    }
 }
 
 pub fn run(global: &GlobalArgs, args: BenchTrainArgs) -> u8 {
@@ -59,20 +156,64 @@ pub fn run(global: &GlobalArgs, args: BenchTrainArgs) -> u8 {
         crate::report::error(&format!("--dtype {dtype_name}: expected bf16, f32 or f16"));
         return super::EXIT_INVALID;
     }
-    if args.batch == 0 || args.seq < 2 || args.rank == 0 || args.steps == 0 {
+    let shapes = match &args.shapes {
+        Some(text) => match parse_shapes(text) {
+            Ok(shapes) if !shapes.is_empty() => shapes,
+            Ok(_) => {
+                crate::report::error("--shapes: no shape given");
+                return super::EXIT_INVALID;
+            }
+            Err(message) => {
+                crate::report::error(&message);
+                return super::EXIT_INVALID;
+            }
+        },
+        None => vec![(args.batch, args.seq)],
+    };
+    if shapes.iter().any(|&(batch, seq)| batch == 0 || seq < 2) || args.rank == 0 || args.steps == 0
+    {
         crate::report::error("--batch, --rank and --steps must be at least 1 and --seq at least 2");
         return super::EXIT_INVALID;
     }
+    if !(args.peak_tflops.is_finite() && args.peak_tflops > 0.0) {
+        crate::report::error("--peak-tflops must be a positive number");
+        return super::EXIT_INVALID;
+    }
+    let settings_list: Vec<bool> = match args.checkpointing {
+        Checkpointing::Off => vec![false],
+        Checkpointing::On => vec![true],
+        Checkpointing::Both => vec![false, true],
+    };
+    if shapes.len() * settings_list.len() > 1 {
+        let mut rows = Vec::new();
+        for &(batch, seq) in &shapes {
+            for &checkpointing in &settings_list {
+                rows.push(run_child(&args, batch, seq, checkpointing));
+            }
+        }
+        let all_failed = rows
+            .iter()
+            .all(|row| matches!(row, BenchRow::Failed { .. }));
+        crate::report::bench_train_table(&rows, global.json);
+        return if all_failed {
+            super::EXIT_FAILED
+        } else {
+            super::EXIT_OK
+        };
+    }
+    let (batch, seq) = shapes[0];
     let settings = BenchSettings {
         device,
         dtype: crate::stages::train::dtype_from_name(&dtype_name),
-        batch: args.batch,
-        sequence_length: args.seq,
+        batch,
+        sequence_length: seq,
         rank: args.rank,
         alpha: args.alpha.unwrap_or(2.0 * args.rank as f64),
         steps: args.steps,
         warmup: args.warmup,
         seed: args.seed,
+        activation_checkpointing: settings_list[0],
+        peak_tflops: args.peak_tflops,
     };
     match run_bench(&args.config, &settings) {
         Ok(result) => {
@@ -83,5 +224,21 @@ pub fn run(global: &GlobalArgs, args: BenchTrainArgs) -> u8 {
             crate::report::error(&message);
             super::EXIT_FAILED
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_shapes;
+
+    #[test]
+    fn shapes_parse_and_bad_ones_are_named() {
+        assert_eq!(
+            parse_shapes("8x512, 2X2048").unwrap(),
+            vec![(8, 512), (2, 2048)]
+        );
+        let error = parse_shapes("8x512,2048").unwrap_err();
+        assert!(error.contains("`2048`"), "{error}");
+        assert!(parse_shapes("8x512x2").is_err());
     }
 }

@@ -362,10 +362,9 @@ impl Llama {
             .get(index)
             .ok_or_else(|| candle_core::Error::Msg(format!("no decoder layer {index}")))?;
         let normed = rms_norm(x, &layer.input_layernorm, self.rms_norm_eps)?;
-        let (attended, key_values) =
-            layer
-                .self_attn
-                .forward(index, &normed, cos, sin, step, hooks, cached)?;
+        let (attended, key_values) = layer
+            .self_attn
+            .forward(index, &normed, cos, sin, step, hooks, cached)?;
         // `add_tracked`: layer 0's input (the embeddings) is a constant; it gets no gradient.
         let x = add_tracked(x, &attended)?;
         let normed = rms_norm(&x, &layer.post_attention_layernorm, self.rms_norm_eps)?;

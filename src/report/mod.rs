@@ -91,7 +91,7 @@ pub fn bench_train(result: &crate::train::bench::BenchResult, json_only: bool) {
         return;
     }
     write_stderr(&format!(
-        "LoRA r{} α{} on {} ({} params, {} trainable), {} {}, batch {} × {}\n  {:.0} tokens/s (median of {} steps after {} warm-up) · step {:.1} ms = forward {:.1} + backward {:.1} + optimizer {:.1}\n  peak memory {:.2} GiB ({})",
+        "LoRA r{} α{} on {} ({} params, {} trainable), {} {}, batch {} × {}{}\n  {:.0} tokens/s (median of {} steps after {} warm-up) · step {:.1} ms = forward {:.1} + backward {:.1} + optimizer {:.1} · MFU {:.1}% of {} TFLOP/s\n  peak memory {:.2} GiB ({})",
         result.rank,
         result.alpha,
         result.model_type,
@@ -101,6 +101,11 @@ pub fn bench_train(result: &crate::train::bench::BenchResult, json_only: bool) {
         result.dtype,
         result.batch,
         result.sequence_length,
+        if result.activation_checkpointing {
+            ", activation checkpointing"
+        } else {
+            ""
+        },
         result.tokens_per_second,
         result.timed_steps,
         result.warmup_steps,
@@ -108,8 +113,79 @@ pub fn bench_train(result: &crate::train::bench::BenchResult, json_only: bool) {
         result.forward_ms,
         result.backward_ms,
         result.optimizer_ms,
+        100.0 * result.mfu,
+        result.peak_tflops,
         result.peak_memory_bytes as f64 / (1u64 << 30) as f64,
         result.peak_memory_source
     ));
     write_stdout(&format!("RESULT {line}"));
+}
+
+/// `bench train` over several shapes / checkpointing settings: one table on stderr and a
+/// `RESULT {...}` line per row on stdout; with `--json`, one JSON array on stdout.
+pub fn bench_train_table(rows: &[crate::train::bench::BenchRow], json_only: bool) {
+    use crate::train::bench::BenchRow;
+    if json_only {
+        write_stdout(&serde_json::to_string(rows).unwrap_or_default());
+        return;
+    }
+    let mut text = String::new();
+    if let Some(BenchRow::Measured(first)) = rows.first() {
+        text.push_str(&format!(
+            "LoRA r{} α{} on {} ({} params, {} trainable), {} {}; MFU against {} TFLOP/s\n",
+            first.rank,
+            first.alpha,
+            first.model_type,
+            first.base_parameters,
+            first.trainable_parameters,
+            first.device,
+            first.dtype,
+            first.peak_tflops
+        ));
+    }
+    text.push_str(&format!(
+        "{:<11} {:<13} {:>10} {:>28} {:>7} {:>9}\n",
+        "shape", "checkpointing", "tokens/s", "step ms (fwd/bwd/opt)", "MFU", "peak GiB"
+    ));
+    for row in rows {
+        match row {
+            BenchRow::Measured(r) => text.push_str(&format!(
+                "{:<11} {:<13} {:>10.0} {:>28} {:>6.1}% {:>9.2}\n",
+                format!("{}x{}", r.batch, r.sequence_length),
+                if r.activation_checkpointing {
+                    "on"
+                } else {
+                    "off"
+                },
+                r.tokens_per_second,
+                format!(
+                    "{:.1} ({:.1}/{:.1}/{:.1})",
+                    r.step_ms, r.forward_ms, r.backward_ms, r.optimizer_ms
+                ),
+                100.0 * r.mfu,
+                r.peak_memory_bytes as f64 / (1u64 << 30) as f64,
+            )),
+            BenchRow::Failed {
+                batch,
+                sequence_length,
+                activation_checkpointing,
+                error,
+            } => text.push_str(&format!(
+                "{:<11} {:<13} failed: {error}\n",
+                format!("{batch}x{sequence_length}"),
+                if *activation_checkpointing {
+                    "on"
+                } else {
+                    "off"
+                },
+            )),
+        }
+    }
+    write_stderr(text.trim_end());
+    for row in rows {
+        write_stdout(&format!(
+            "RESULT {}",
+            serde_json::to_string(row).unwrap_or_default()
+        ));
+    }
 }

@@ -3,7 +3,8 @@
 //! training loop (AdamW, clipping, loss on every token), timed per phase with device
 //! synchronisation. Reports tokens/s (median over the steps after warm-up), the peak device memory
 //! (CUDA: the async memory pool's high-water marks; CPU: the process's peak RSS) and the
-//! forward / backward / optimizer split. Never prints: the CLI renders [`BenchResult`].
+//! forward / backward / optimizer split, and the model FLOPs utilisation ([`lora_flops_per_token`]),
+//! with or without activation checkpointing. Never prints: the CLI renders [`BenchResult`].
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -13,12 +14,13 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
-use super::trainer::{train, CausalLmLoss, StepMetrics, TrainerSettings};
+use super::layered::CheckpointedLoss;
+use super::trainer::{train, CausalLmLoss, LossModel, StepMetrics, TrainerSettings};
 use super::{AdamWSettings, ScheduleKind};
 use crate::data::batch::Sequence;
-use crate::models::{llama::Llama, ModelConfig};
+use crate::models::{llama::Llama, Hooks, ModelConfig};
 use crate::peft::{Adapter, LoraAdapter, LoraSettings, TargetModules};
 
 /// What to measure.
@@ -34,10 +36,48 @@ pub struct BenchSettings {
     pub steps: usize,
     pub warmup: usize,
     pub seed: u64,
+    /// Train through [`CheckpointedLoss`] (activation checkpointing).
+    pub activation_checkpointing: bool,
+    /// The device's peak dense bf16 throughput in TFLOP/s, the MFU's denominator (H200: 989).
+    pub peak_tflops: f64,
+}
+
+/// The H200's (and H100 SXM's) peak dense bf16 tensor throughput, TFLOP/s.
+pub const H200_PEAK_TFLOPS: f64 = 989.0;
+
+/// Model FLOPs per trained token of LoRA training on a decoder of `config`'s shape with
+/// sequences of `sequence_length` tokens and `trainable` adapter parameters, the numerator of MFU:
+///
+/// ```text
+/// flops/token = 4·P  +  L · 6 · heads · head_dim · (T + 1)  +  6·R
+/// ```
+/// - `P` = Σ in·out over every linear layer of the model, `lm_head` included (the frozen weights):
+///   2·P for the forward GEMMs and 2·P for the backward's input gradients — no weight gradient is
+///   computed for a frozen weight (it would be 6·P in full fine-tuning).
+/// - Attention (causal, per layer): the forward's `Q·Kᵀ` and `P·V` are 2·2·heads·head_dim FLOPs per
+///   query and key, and a query attends to (T + 1)/2 keys on average: 2·heads·head_dim·(T + 1);
+///   the backward is twice the forward (`dQ`, `dK` from `dS`; `dV`, `dP`): 3× in all.
+/// - The adapter: LoRA's `R = Σ r·(in + out)` parameters each cost 2 FLOPs in the forward
+///   (`x·Aᵀ`, `·Bᵀ`) and 4 in the backward (input and weight gradients of both): 6·R.
+///
+/// Embedding lookups, norms, RoPE, activations, the softmax and the loss are not counted (as in the
+/// usual MFU convention), nor is activation checkpointing's recomputation: MFU counts the model's
+/// FLOPs, so recomputing costs MFU. MFU = flops/token × tokens/s ÷ peak FLOP/s.
+pub fn lora_flops_per_token(config: &ModelConfig, sequence_length: usize, trainable: u64) -> f64 {
+    let frozen: f64 = config
+        .linear_layers()
+        .iter()
+        .map(|layer| (layer.in_features * layer.out_features) as f64)
+        .sum();
+    let attention = config.num_layers() as f64
+        * 6.0
+        * (config.num_attention_heads() * config.head_dim()) as f64
+        * (sequence_length as f64 + 1.0);
+    4.0 * frozen + attention + 6.0 * trainable as f64
 }
 
 /// The figures.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct BenchResult {
     pub model_type: String,
     pub device: String,
@@ -50,12 +90,19 @@ pub struct BenchResult {
     pub trainable_parameters: u64,
     pub warmup_steps: usize,
     pub timed_steps: usize,
+    /// Whether the loss model was the checkpointed one.
+    pub activation_checkpointing: bool,
     /// Median over the timed steps.
     pub tokens_per_second: f64,
     pub step_ms: f64,
     pub forward_ms: f64,
     pub backward_ms: f64,
     pub optimizer_ms: f64,
+    /// Model FLOPs per token ([`lora_flops_per_token`]) and the MFU they give at the median
+    /// tokens/s against `peak_tflops`.
+    pub flops_per_token: f64,
+    pub peak_tflops: f64,
+    pub mfu: f64,
     /// Peak memory in bytes and where it was read from.
     pub peak_memory_bytes: u64,
     pub peak_memory_source: String,
@@ -69,6 +116,20 @@ pub struct BenchResult {
     pub events_off: bool,
     /// Whether the memory pool keeps freed memory (release threshold raised; see `ops::cuda`).
     pub pool_kept: bool,
+}
+
+/// One row of a `bench train` table: the figures, or why that configuration failed (e.g. out of
+/// memory), so the other rows still print.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum BenchRow {
+    Measured(Box<BenchResult>),
+    Failed {
+        batch: usize,
+        sequence_length: usize,
+        activation_checkpointing: bool,
+        error: String,
+    },
 }
 
 fn fused_kernels(device: &Device) -> Vec<String> {
@@ -285,8 +346,18 @@ pub fn run(config_path: &Path, settings: &BenchSettings) -> Result<BenchResult, 
     };
     let mut steps: Vec<StepMetrics> = Vec::with_capacity(total_steps);
     let cancel = AtomicBool::new(false);
+    let whole_graph = CausalLmLoss { model: &model };
+    let checkpointed = CheckpointedLoss {
+        model: &model,
+        hooks: Hooks::none(),
+    };
+    let loss_model: &dyn LossModel = if settings.activation_checkpointing {
+        &checkpointed
+    } else {
+        &whole_graph
+    };
     train(
-        &CausalLmLoss { model: &model },
+        loss_model,
         &adapter,
         &sequences,
         &trainer,
@@ -297,6 +368,10 @@ pub fn run(config_path: &Path, settings: &BenchSettings) -> Result<BenchResult, 
     let timed: Vec<&StepMetrics> = steps.iter().skip(settings.warmup).collect();
     let pick = |f: fn(&StepMetrics) -> f64| median(timed.iter().map(|m| f(m)).collect());
     let (peak_memory_bytes, peak_memory_source) = peak_memory(&settings.device);
+    let trainable_parameters = adapter.trainable_parameter_count();
+    let flops_per_token =
+        lora_flops_per_token(&config, settings.sequence_length, trainable_parameters);
+    let tokens_per_second = pick(|m| m.tokens_per_second);
     Ok(BenchResult {
         model_type: config.model_type().to_string(),
         device: if settings.device.is_cuda() {
@@ -311,10 +386,14 @@ pub fn run(config_path: &Path, settings: &BenchSettings) -> Result<BenchResult, 
         rank: settings.rank,
         alpha: settings.alpha,
         base_parameters: config.parameter_count().unwrap_or(u64::MAX),
-        trainable_parameters: adapter.trainable_parameter_count(),
+        trainable_parameters,
         warmup_steps: settings.warmup,
         timed_steps: timed.len(),
-        tokens_per_second: pick(|m| m.tokens_per_second),
+        activation_checkpointing: settings.activation_checkpointing,
+        tokens_per_second,
+        flops_per_token,
+        peak_tflops: settings.peak_tflops,
+        mfu: flops_per_token * tokens_per_second / (settings.peak_tflops * 1e12),
         step_ms: pick(|m| 1e3 * (m.forward_seconds + m.backward_seconds + m.optimizer_seconds)),
         forward_ms: pick(|m| 1e3 * m.forward_seconds),
         backward_ms: pick(|m| 1e3 * m.backward_seconds),
@@ -331,7 +410,34 @@ pub fn run(config_path: &Path, settings: &BenchSettings) -> Result<BenchResult, 
 
 #[cfg(test)]
 mod tests {
-    use super::median;
+    use super::{lora_flops_per_token, median};
+    use crate::models::ModelConfig;
+
+    /// By hand for a tiny Llama: hidden 8, 2 layers, 2 heads of 4 (1 KV head), MLP 16, vocab 10.
+    /// Linears per layer: q 8·8 = 64, k 8·4 = 32, v 32, o 64, gate 8·16 = 128, up 128, down 128
+    /// → 576; two layers 1152; lm_head 8·10 = 80 → P = 1232, 4·P = 4928. Attention at T = 5:
+    /// 2 layers · 6 · (2·4) · 6 = 576. LoRA r 2 on the 14 layer linears: R = Σ 2·(in + out) =
+    /// 2·2·(16 + 12 + 12 + 16 + 24 + 24 + 24) = 512, 6·R = 3072. Total 4928 + 576 + 3072 = 8576.
+    #[test]
+    fn lora_flops_per_token_by_hand() {
+        let config = ModelConfig::from_json(&serde_json::json!({
+            "model_type": "llama", "hidden_size": 8, "intermediate_size": 16,
+            "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1,
+            "vocab_size": 10, "max_position_embeddings": 32, "rms_norm_eps": 1e-5,
+            "tie_word_embeddings": false
+        }))
+        .expect("config");
+        assert_eq!(lora_flops_per_token(&config, 5, 512), 8576.0);
+        // Tied embeddings: lm_head is still a GEMM of the same size.
+        let tied = ModelConfig::from_json(&serde_json::json!({
+            "model_type": "llama", "hidden_size": 8, "intermediate_size": 16,
+            "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1,
+            "vocab_size": 10, "max_position_embeddings": 32, "rms_norm_eps": 1e-5,
+            "tie_word_embeddings": true
+        }))
+        .expect("config");
+        assert_eq!(lora_flops_per_token(&tied, 5, 512), 8576.0);
+    }
 
     #[test]
     fn median_of_odd_and_even() {

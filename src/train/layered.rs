@@ -152,7 +152,9 @@ impl ForwardPass for LayeredPass<'_, '_> {
         accumulate(&mut sums, store, variables)?;
         // The decoder layers, last first, each recomputed from its saved input.
         for index in (0..inputs.len()).rev() {
-            let saved = inputs.pop().unwrap_or_else(|| unreachable!("one input per layer"));
+            let saved = inputs
+                .pop()
+                .unwrap_or_else(|| unreachable!("one input per layer"));
             let input = Var::from_tensor(&saved)?;
             drop(saved);
             let output = model.layer(index, input.as_tensor(), &plan, hooks)?;
