@@ -201,13 +201,15 @@ fn lock_at_revision(path: &Path, revision: &str) -> Result<LockFile, String> {
         )
     })?;
     let top = PathBuf::from(top.trim());
-    let absolute = std::fs::canonicalize(&directory)
-        .unwrap_or_else(|_| directory.clone())
-        .join(path.file_name().unwrap_or_default());
     let top = std::fs::canonicalize(&top).unwrap_or(top);
-    let relative = absolute
-        .strip_prefix(&top)
-        .map_err(|_| format!("{} is outside the git repository {}", path.display(), top.display()))?;
+    let absolute = resolved(path);
+    let relative = absolute.strip_prefix(&top).map_err(|_| {
+        format!(
+            "{} is outside the git repository {}",
+            path.display(),
+            top.display()
+        )
+    })?;
     let spec = format!("{revision}:{}", relative.display());
     let text = git(&["show", &spec]).map_err(|error| {
         format!(
@@ -224,4 +226,26 @@ fn lock_at_revision(path: &Path, revision: &str) -> Result<LockFile, String> {
             relative.display()
         )
     })
+}
+
+/// `path` made absolute with its deepest existing ancestor canonicalized (the rest need not
+/// exist yet), so it compares with git's canonical top-level folder.
+fn resolved(path: &Path) -> PathBuf {
+    let absolute = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
+    let mut existing = absolute.as_path();
+    let mut rest = Vec::new();
+    while !existing.exists() {
+        match (existing.parent(), existing.file_name()) {
+            (Some(parent), Some(name)) => {
+                rest.push(name.to_os_string());
+                existing = parent;
+            }
+            _ => return absolute,
+        }
+    }
+    let mut out = std::fs::canonicalize(existing).unwrap_or_else(|_| existing.to_path_buf());
+    for name in rest.iter().rev() {
+        out.push(name);
+    }
+    out
 }

@@ -107,25 +107,36 @@ pub struct PipelineArgs {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Check pipelines (syntax, schema, semantics) without running anything.
+    #[command(after_help = "Examples:\n  peftpipe validate pipelines/*.yaml\n  peftpipe validate pipelines/quickstart.yaml --json\n  peftpipe validate pipelines/quickstart.yaml --set stages.train.train.epochs=2")]
     Validate(validate::ValidateArgs),
     /// Run what is stale, restore the rest from the cache.
     Run(run::RunArgs),
     /// Per stage: fresh, or dirty and why.
     Status(status::StatusArgs),
     /// Print the JSON schema of pipeline files.
+    #[command(after_help = "Examples:\n  peftpipe schema > schemas/pipeline.schema.json")]
     Schema(schema::SchemaArgs),
     /// Print the stage graph (text, mermaid or dot).
+    #[command(after_help = "Examples:\n  peftpipe dag pipelines/quickstart.yaml\n  peftpipe dag pipelines/quickstart.yaml --format mermaid\n  peftpipe dag pipelines/quickstart.yaml --format dot | dot -Tsvg > dag.svg")]
     Dag(dag::DagArgs),
     /// Show rendered rows of a template stage with the prompt/completion boundary visible.
+    #[command(after_help = "Examples:\n  peftpipe preview pipelines/quickstart.yaml --stage prompts -n 3\n  peftpipe preview pipelines/quickstart.yaml --stage prompts --split eval")]
     Preview(preview::PreviewArgs),
     /// Drop cache objects that no lock file references.
+    #[command(after_help = "Examples:\n  peftpipe gc pipelines/quickstart.yaml --dry-run\n  peftpipe gc pipelines/quickstart.yaml")]
     Gc(gc::GcArgs),
     /// Describe a model: architecture, parameters, dtype, what LoRA targets would match.
+    #[command(after_help = "Examples:\n  peftpipe inspect datasets/quickstart/model\n  peftpipe inspect datasets/quickstart/model --target all-linear --rank 8")]
     Inspect(inspect::InspectArgs),
     /// Generate text from a model (optionally with an adapter).
+    #[command(after_help = "Examples:\n  peftpipe generate datasets/quickstart/model --prompt \"review: a fine film.\\nsentiment:\"\n  peftpipe generate datasets/quickstart/model --adapter pipelines/out/quickstart/adapter --prompt \"review: dull.\\nsentiment:\" --max-new-tokens 4")]
     Generate(generate::GenerateArgs),
     /// Each stage's metrics (`show`), or how two runs differ (`diff`).
-    #[command(subcommand)]
+    #[command(
+        subcommand,
+        after_help = "Examples:\n  peftpipe metrics show pipelines/quickstart.yaml\n  \
+            peftpipe metrics diff --rev HEAD~1 pipelines/quickstart.yaml"
+    )]
     Metrics(metrics::MetricsCommand),
     /// Write the run report: one self-contained HTML page (stages, curves, metrics, samples).
     Report(report::ReportArgs),
@@ -140,7 +151,7 @@ pub enum Command {
         peftpipe man run > peftpipe-run.1")]
     Man(ManArgs),
     /// Benchmarks (data, status, training).
-    #[command(subcommand)]
+    #[command(subcommand, after_help = "Examples:\n  peftpipe bench data\n  peftpipe bench status")]
     Bench(BenchCommand),
 }
 
@@ -196,10 +207,13 @@ pub fn man_page(subcommand: Option<&str>) -> Result<String, String> {
 #[derive(Debug, Subcommand)]
 pub enum BenchCommand {
     /// ingest + template throughput and peak memory on generated Parquet.
+    #[command(after_help = "Examples:\n  peftpipe bench data --rows 100000\n  peftpipe bench data --python")]
     Data(bench_data::BenchDataArgs),
     /// `status` latency on a pipeline with large inputs.
+    #[command(after_help = "Examples:\n  peftpipe bench status --size-mib 256 --runs 5")]
     Status(bench_status::BenchStatusArgs),
     /// LoRA training step throughput and memory.
+    #[command(after_help = "Examples:\n  peftpipe bench train --config datasets/quickstart/model/config.json --device cpu")]
     Train(bench_train::BenchTrainArgs),
 }
 
