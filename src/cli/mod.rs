@@ -16,9 +16,12 @@ pub mod bench_train;
 pub mod dag;
 pub mod gc;
 pub mod generate;
+pub mod init;
 pub mod inspect;
 pub mod interrupt;
+pub mod metrics;
 pub mod preview;
+pub mod report;
 pub mod run;
 pub mod schema;
 pub mod status;
@@ -36,7 +39,11 @@ pub const EXIT_INTERRUPTED: u8 = 130;
 #[command(
     name = "peftpipe",
     version,
-    about = "One YAML file to a reproducible, cached PEFT fine-tuning run"
+    about = "One YAML file to a reproducible, cached PEFT fine-tuning run",
+    after_help = "Examples:\n  peftpipe init --data data/reviews.parquet --model models/tiny\n  \
+        peftpipe run pipelines/quickstart.yaml\n  peftpipe status pipelines/quickstart.yaml\n  \
+        peftpipe metrics diff --rev HEAD~1 pipelines/quickstart.yaml\n  \
+        peftpipe report pipelines/quickstart.yaml -o report.html"
 )]
 pub struct Cli {
     #[command(flatten)]
@@ -55,8 +62,33 @@ pub struct GlobalArgs {
     #[arg(long, global = true)]
     pub json: bool,
     /// Only errors on stderr.
-    #[arg(long, short, global = true)]
+    #[arg(long, short, global = true, conflicts_with = "verbose")]
     pub quiet: bool,
+    /// More detail: `-v` every figure in the run summary and info logs, `-vv` debug logs
+    /// (progress lines too when stderr is not a terminal).
+    #[arg(long, short, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+    /// Colors on stderr: `auto` (a terminal without NO_COLOR), `always` or `never`.
+    #[arg(long, global = true, value_enum, default_value_t = ColorArg::Auto, value_name = "WHEN")]
+    pub color: ColorArg,
+}
+
+/// `--color WHEN`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ColorArg {
+    Auto,
+    Always,
+    Never,
+}
+
+impl From<ColorArg> for crate::report::ColorChoice {
+    fn from(value: ColorArg) -> Self {
+        match value {
+            ColorArg::Auto => crate::report::ColorChoice::Auto,
+            ColorArg::Always => crate::report::ColorChoice::Always,
+            ColorArg::Never => crate::report::ColorChoice::Never,
+        }
+    }
 }
 
 /// Options naming a pipeline and overrides.
@@ -75,35 +107,113 @@ pub struct PipelineArgs {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Check pipelines (syntax, schema, semantics) without running anything.
+    #[command(after_help = "Examples:\n  peftpipe validate pipelines/*.yaml\n  peftpipe validate pipelines/quickstart.yaml --json\n  peftpipe validate pipelines/quickstart.yaml --set stages.train.train.epochs=2")]
     Validate(validate::ValidateArgs),
     /// Run what is stale, restore the rest from the cache.
     Run(run::RunArgs),
     /// Per stage: fresh, or dirty and why.
     Status(status::StatusArgs),
     /// Print the JSON schema of pipeline files.
+    #[command(after_help = "Examples:\n  peftpipe schema > schemas/pipeline.schema.json")]
     Schema(schema::SchemaArgs),
     /// Print the stage graph (text, mermaid or dot).
+    #[command(after_help = "Examples:\n  peftpipe dag pipelines/quickstart.yaml\n  peftpipe dag pipelines/quickstart.yaml --format mermaid\n  peftpipe dag pipelines/quickstart.yaml --format dot | dot -Tsvg > dag.svg")]
     Dag(dag::DagArgs),
     /// Show rendered rows of a template stage with the prompt/completion boundary visible.
+    #[command(after_help = "Examples:\n  peftpipe preview pipelines/quickstart.yaml --stage prompts -n 3\n  peftpipe preview pipelines/quickstart.yaml --stage prompts --split eval")]
     Preview(preview::PreviewArgs),
     /// Drop cache objects that no lock file references.
+    #[command(after_help = "Examples:\n  peftpipe gc pipelines/quickstart.yaml --dry-run\n  peftpipe gc pipelines/quickstart.yaml")]
     Gc(gc::GcArgs),
     /// Describe a model: architecture, parameters, dtype, what LoRA targets would match.
+    #[command(after_help = "Examples:\n  peftpipe inspect datasets/quickstart/model\n  peftpipe inspect datasets/quickstart/model --target all-linear --rank 8")]
     Inspect(inspect::InspectArgs),
     /// Generate text from a model (optionally with an adapter).
+    #[command(after_help = "Examples:\n  peftpipe generate datasets/quickstart/model --prompt \"review: a fine film.\\nsentiment:\"\n  peftpipe generate datasets/quickstart/model --adapter pipelines/out/quickstart/adapter --prompt \"review: dull.\\nsentiment:\" --max-new-tokens 4")]
     Generate(generate::GenerateArgs),
+    /// Each stage's metrics (`show`), or how two runs differ (`diff`).
+    #[command(
+        subcommand,
+        after_help = "Examples:\n  peftpipe metrics show pipelines/quickstart.yaml\n  \
+            peftpipe metrics diff --rev HEAD~1 pipelines/quickstart.yaml"
+    )]
+    Metrics(metrics::MetricsCommand),
+    /// Write the run report: one self-contained HTML page (stages, curves, metrics, samples).
+    Report(report::ReportArgs),
+    /// Write a commented starter pipeline (columns read from the data file).
+    Init(init::InitArgs),
+    /// Print a shell completion script.
+    #[command(after_help = "Examples:\n  peftpipe completions bash > ~/.local/share/bash-completion/completions/peftpipe\n  \
+        peftpipe completions zsh > ~/.zfunc/_peftpipe\n  peftpipe completions fish > ~/.config/fish/completions/peftpipe.fish")]
+    Completions(CompletionsArgs),
+    /// Print the man page (roff).
+    #[command(after_help = "Examples:\n  peftpipe man > peftpipe.1 && man ./peftpipe.1\n  \
+        peftpipe man run > peftpipe-run.1")]
+    Man(ManArgs),
     /// Benchmarks (data, status, training).
-    #[command(subcommand)]
+    #[command(subcommand, after_help = "Examples:\n  peftpipe bench data\n  peftpipe bench status")]
     Bench(BenchCommand),
+}
+
+#[derive(Debug, Args)]
+pub struct CompletionsArgs {
+    /// The shell.
+    #[arg(value_enum)]
+    pub shell: clap_complete::Shell,
+}
+
+#[derive(Debug, Args)]
+pub struct ManArgs {
+    /// A subcommand's page instead (`peftpipe man run` is peftpipe-run(1)).
+    pub command: Option<String>,
+}
+
+/// The completion script for `shell`.
+pub fn completions(shell: clap_complete::Shell) -> String {
+    let mut command = <Cli as clap::CommandFactory>::command();
+    let mut bytes = Vec::new();
+    clap_complete::generate(shell, &mut command, "peftpipe", &mut bytes);
+    String::from_utf8_lossy(&bytes).into_owned()
+}
+
+/// The man page (roff) of the tool, or of one subcommand (`peftpipe-run(1)`).
+pub fn man_page(subcommand: Option<&str>) -> Result<String, String> {
+    let command = <Cli as clap::CommandFactory>::command();
+    let page = match subcommand {
+        None => command,
+        Some(name) => {
+            let found = command
+                .get_subcommands()
+                .find(|sub| sub.get_name() == name)
+                .cloned()
+                .ok_or_else(|| {
+                    let names: Vec<&str> = command
+                        .get_subcommands()
+                        .map(clap::Command::get_name)
+                        .collect();
+                    format!("no subcommand `{name}` (subcommands: {})", names.join(", "))
+                })?;
+            let full: &'static str = Box::leak(format!("peftpipe-{name}").into_boxed_str());
+            found.name(full)
+        }
+    };
+    let mut bytes = Vec::new();
+    clap_mangen::Man::new(page)
+        .render(&mut bytes)
+        .map_err(|error| error.to_string())?;
+    Ok(String::from_utf8_lossy(&bytes).into_owned())
 }
 
 #[derive(Debug, Subcommand)]
 pub enum BenchCommand {
     /// ingest + template throughput and peak memory on generated Parquet.
+    #[command(after_help = "Examples:\n  peftpipe bench data --rows 100000\n  peftpipe bench data --python")]
     Data(bench_data::BenchDataArgs),
     /// `status` latency on a pipeline with large inputs.
+    #[command(after_help = "Examples:\n  peftpipe bench status --size-mib 256 --runs 5")]
     Status(bench_status::BenchStatusArgs),
     /// LoRA training step throughput and memory.
+    #[command(after_help = "Examples:\n  peftpipe bench train --config datasets/quickstart/model/config.json --device cpu")]
     Train(bench_train::BenchTrainArgs),
 }
 
@@ -112,7 +222,8 @@ pub fn main() -> ExitCode {
     // First, while this is the only thread: every later thread inherits the signal mask.
     let installed = interrupt::install();
     let cli = Cli::parse();
-    crate::report::init_logging(cli.global.quiet);
+    crate::report::set_color(cli.global.color.into());
+    crate::report::init_logging(cli.global.quiet, cli.global.verbose);
     if let Err(message) = installed {
         crate::report::warning(&message);
     }
@@ -126,6 +237,23 @@ pub fn main() -> ExitCode {
         Command::Gc(args) => gc::run(&cli.global, args),
         Command::Inspect(args) => inspect::run(&cli.global, args),
         Command::Generate(args) => generate::run(&cli.global, args),
+        Command::Metrics(command) => metrics::run(&cli.global, command),
+        Command::Report(args) => report::run(&cli.global, args),
+        Command::Init(args) => init::run(&cli.global, args),
+        Command::Completions(args) => {
+            crate::report::write_stdout_raw(&completions(args.shell));
+            EXIT_OK
+        }
+        Command::Man(args) => match man_page(args.command.as_deref()) {
+            Ok(page) => {
+                crate::report::write_stdout_raw(&page);
+                EXIT_OK
+            }
+            Err(message) => {
+                crate::report::error(&message);
+                EXIT_INVALID
+            }
+        },
         Command::Bench(BenchCommand::Data(args)) => bench_data::run(&cli.global, args),
         Command::Bench(BenchCommand::Status(args)) => bench_status::run(&cli.global, args),
         Command::Bench(BenchCommand::Train(args)) => bench_train::run(&cli.global, args),

@@ -33,7 +33,7 @@ pub struct PreviewArgs {
 }
 
 pub fn run(global: &GlobalArgs, args: PreviewArgs) -> u8 {
-    let pipeline = match load_pipeline(&args.pipeline) {
+    let pipeline = match load_pipeline(&args.pipeline, global.json) {
         Ok(pipeline) => pipeline,
         Err(code) => return code,
     };
@@ -86,7 +86,14 @@ pub fn run(global: &GlobalArgs, args: PreviewArgs) -> u8 {
                 Err(code) => return code,
             };
             if summary.interrupted || summary.failed() {
-                report::run::print_summary(&style, &summary);
+                report::run::print_summary(
+                    &style,
+                    &summary,
+                    report::run::SummaryOptions {
+                        verbose: global.verbose > 0,
+                    },
+                    None,
+                );
                 return if summary.interrupted {
                     interrupt::exit_code()
                 } else {

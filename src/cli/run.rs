@@ -16,6 +16,10 @@ use crate::report::run::{RunReporter, Style};
 use crate::stages::RunOptions;
 
 #[derive(Debug, Args)]
+#[command(after_help = "Examples:\n  peftpipe run pipelines/quickstart.yaml\n  \
+    peftpipe run pipelines/quickstart.yaml --set stages.train.train.method.lora.r=4\n  \
+    peftpipe run pipelines/quickstart.yaml --stage train --force --device cuda\n  \
+    peftpipe run pipelines/quickstart.yaml --dry-run")]
 pub struct RunArgs {
     #[command(flatten)]
     pub pipeline: PipelineArgs,
@@ -34,6 +38,9 @@ pub struct RunArgs {
     /// Device for training and evaluation: `cpu`, `cuda` or `cuda:N`.
     #[arg(long, value_parser = parse_device)]
     pub device: Option<String>,
+    /// Do not write the HTML run report (`.peftpipe/out/<pipeline>/report.html`).
+    #[arg(long)]
+    pub no_report: bool,
 }
 
 fn parse_device(text: &str) -> Result<String, String> {
@@ -51,7 +58,8 @@ fn parse_device(text: &str) -> Result<String, String> {
 
 /// Load and validate a pipeline; on failure the problems are reported and the exit code
 /// returned.
-pub(crate) fn load_pipeline(args: &PipelineArgs) -> Result<Pipeline, u8> {
+/// With `json`, the problems go to stdout as `validate --json` prints them.
+pub(crate) fn load_pipeline(args: &PipelineArgs, json: bool) -> Result<Pipeline, u8> {
     let options = crate::config::LoadOptions {
         allow_outside_project: args.allow_outside_project,
     };
@@ -62,7 +70,13 @@ pub(crate) fn load_pipeline(args: &PipelineArgs) -> Result<Pipeline, u8> {
         &options,
     )
     .map_err(|problems| {
-        report::problems::print_problems(&problems);
+        if json {
+            report::problems::print_validation_json(&[report::problems::FileValidation::invalid(
+                problems,
+            )]);
+        } else {
+            report::problems::print_problems(&problems);
+        }
         EXIT_INVALID
     })
 }
@@ -115,7 +129,7 @@ pub(crate) fn report_exec_error(error: &ExecError) -> u8 {
 }
 
 pub fn run(global: &GlobalArgs, args: RunArgs) -> u8 {
-    let pipeline = match load_pipeline(&args.pipeline) {
+    let pipeline = match load_pipeline(&args.pipeline, global.json) {
         Ok(pipeline) => pipeline,
         Err(code) => return code,
     };
@@ -149,11 +163,38 @@ pub fn run(global: &GlobalArgs, args: RunArgs) -> u8 {
         Ok(summary) => summary,
         Err(code) => return code,
     };
+    // The report page, after every run that got to run stages (a failure to write it is a
+    // warning: the run itself succeeded or failed on its own).
+    let report_path = (!args.no_report).then(|| super::report::default_report_path(&settings));
+    let report_path = report_path.filter(|path| {
+        match super::report::write_report(&pipeline, &settings, Some(&summary), path) {
+            Ok(()) => true,
+            Err(super::report::Failure::Write(message)) => {
+                report::warning(&format!("no run report: {message}"));
+                false
+            }
+            Err(super::report::Failure::Exec(error)) => {
+                report::warning(&format!("no run report: {error}"));
+                false
+            }
+        }
+    });
     if global.json {
-        report::json(&summary);
+        let mut value = serde_json::to_value(&summary).unwrap_or_default();
+        if let (Some(object), Some(path)) = (value.as_object_mut(), &report_path) {
+            object.insert("report".into(), path.display().to_string().into());
+        }
+        report::json(&value);
     }
     if !global.quiet {
-        report::run::print_summary(&style, &summary);
+        report::run::print_summary(
+            &style,
+            &summary,
+            report::run::SummaryOptions {
+                verbose: global.verbose > 0,
+            },
+            report_path.as_deref(),
+        );
     }
     if summary.interrupted {
         interrupt::exit_code()

@@ -12,6 +12,9 @@ use crate::report;
 use crate::report::run::Style;
 
 #[derive(Debug, Args)]
+#[command(after_help = "Examples:\n  peftpipe status pipelines/quickstart.yaml\n  \
+    peftpipe status pipelines/quickstart.yaml --check   # exit 3 when anything is stale (CI)\n  \
+    peftpipe status pipelines/quickstart.yaml --json --verify")]
 pub struct StatusArgs {
     #[command(flatten)]
     pub pipeline: PipelineArgs,
@@ -25,7 +28,7 @@ pub struct StatusArgs {
 }
 
 pub fn run(global: &GlobalArgs, args: StatusArgs) -> u8 {
-    let pipeline = match load_pipeline(&args.pipeline) {
+    let pipeline = match load_pipeline(&args.pipeline, global.json) {
         Ok(pipeline) => pipeline,
         Err(code) => return code,
     };

@@ -8,18 +8,62 @@
 //! Restoring SIGPIPE's default instead would kill `run` mid-training, without summary or
 //! checkpoint, whenever a log reader went away.
 
-use std::io::Write;
+use std::io::{IsTerminal, Write};
+use std::sync::atomic::{AtomicU8, Ordering};
 
+pub mod format;
 pub mod generate;
+pub mod html;
 pub mod inspect;
+pub mod metrics;
 pub mod preview;
 pub mod problems;
 pub mod run;
 pub mod status;
 
-/// Set up `tracing` (RUST_LOG, default warn; stderr).
-pub fn init_logging(quiet: bool) {
-    let default = if quiet { "error" } else { "warn" };
+/// `--color`: when stderr gets ANSI colors.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ColorChoice {
+    /// A terminal, and `NO_COLOR` unset or empty.
+    #[default]
+    Auto,
+    Always,
+    Never,
+}
+
+/// The process's color choice (set once by the command line; `Auto` until then).
+static COLOR: AtomicU8 = AtomicU8::new(0);
+
+/// Set the color choice for every later write.
+pub fn set_color(choice: ColorChoice) {
+    let code = match choice {
+        ColorChoice::Auto => 0,
+        ColorChoice::Always => 1,
+        ColorChoice::Never => 2,
+    };
+    COLOR.store(code, Ordering::Relaxed);
+}
+
+/// Whether stderr gets ANSI colors under the color choice.
+pub fn color_stderr() -> bool {
+    match COLOR.load(Ordering::Relaxed) {
+        1 => true,
+        2 => false,
+        _ => {
+            let no_color = std::env::var_os("NO_COLOR").is_some_and(|value| !value.is_empty());
+            !no_color && std::io::stderr().is_terminal()
+        }
+    }
+}
+
+/// Set up `tracing` (RUST_LOG, else warn; `-q` error, `-v` info, `-vv` debug; stderr).
+pub fn init_logging(quiet: bool, verbose: u8) {
+    let default = match (quiet, verbose) {
+        (true, _) => "error",
+        (false, 0) => "warn",
+        (false, 1) => "info",
+        (false, _) => "debug",
+    };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     let _ = tracing_subscriber::fmt()

@@ -5,8 +5,6 @@
 //!
 //! Pure string building plus the few functions that write it out; it decides nothing.
 
-use std::io::IsTerminal;
-
 use serde::Serialize;
 
 use crate::config::problem::Subject;
@@ -14,8 +12,7 @@ use crate::config::{Problem, Problems};
 
 /// Whether stderr gets ANSI colors: a terminal, and `NO_COLOR` unset or empty.
 pub fn stderr_color() -> bool {
-    let no_color = std::env::var_os("NO_COLOR").is_some_and(|value| !value.is_empty());
-    !no_color && std::io::stderr().is_terminal()
+    super::color_stderr()
 }
 
 struct Style {

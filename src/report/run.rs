@@ -23,13 +23,11 @@ pub struct Style {
 }
 
 impl Style {
-    /// Decide from the environment: stderr a terminal? `NO_COLOR` set?
+    /// Decide from the environment and `--color`: stderr a terminal? `NO_COLOR` set?
     pub fn detect() -> Style {
-        let terminal = std::io::stderr().is_terminal();
-        let no_color = std::env::var_os("NO_COLOR").is_some_and(|value| !value.is_empty());
         Style {
-            color: terminal && !no_color,
-            bars: terminal,
+            color: super::color_stderr(),
+            bars: std::io::stderr().is_terminal(),
         }
     }
 
@@ -141,11 +139,15 @@ impl RunReporter {
             return;
         };
         if let Some(length) = progress.length {
-            if bar.length() != Some(length) {
+            // A new phase (evaluate: base, then adapted; loss, accuracy, samples) has its own
+            // length: the bar, its elapsed time and its ETA start over, so the count is always
+            // of the phase shown (never `460/3`).
+            if bar.length() != Some(length) || progress.position < bar.position() {
+                bar.reset();
                 bar.set_length(length);
                 bar.set_style(
                     ProgressStyle::with_template(
-                        "{prefix:.bold} [{bar:30}] {pos}/{len} {msg} ({elapsed}, eta {eta})",
+                        "{prefix:.bold} [{bar:30}] {pos}/{len} {msg} · {elapsed} elapsed, ETA {eta}",
                     )
                     .unwrap_or_else(|_| ProgressStyle::default_bar())
                     .progress_chars("=> "),
@@ -229,81 +231,157 @@ fn finished_line(style: &Style, report: &StageReport) -> String {
     }
 }
 
-/// `0.12s`, `3.4s`, `2m05s`.
+/// `4ms`, `0.58s`, `12.5s`, `3m04s` (see [`super::format::duration`]).
 pub fn seconds(duration: Duration) -> String {
-    let total = duration.as_secs_f64();
-    if total < 10.0 {
-        format!("{total:.2}s")
-    } else if total < 60.0 {
-        format!("{total:.1}s")
-    } else {
-        let whole = duration.as_secs();
-        format!("{}m{:02}s", whole / 60, whole % 60)
-    }
+    super::format::duration(duration)
 }
 
-/// `key=value, key=value` from a stage's outcome (strings without quotes).
-pub fn outcome_text(outcome: &BTreeMap<String, serde_json::Value>) -> String {
-    outcome
-        .iter()
-        .map(|(key, value)| match value {
-            serde_json::Value::String(text) => format!("{key}={text}"),
-            other => format!("{key}={other}"),
+/// Widest a summary line gets (details past it go behind `-v`).
+pub const SUMMARY_WIDTH: usize = 120;
+
+/// Figures shown in the summary by default; the rest only with `-v`.
+const HEADLINE: &[&str] = &[
+    "rows_kept",
+    "train_rows",
+    "eval_rows",
+    "final_loss",
+    "steps",
+    "tokens_per_second",
+    "accuracy",
+    "exact_match",
+    "loss",
+    "perplexity",
+    "merged_bytes",
+];
+
+/// Figures never shown in the summary: the time column already says it.
+const NEVER: &[&str] = &["wall_seconds"];
+
+/// `key=value` for each figure of a stage's outcome, in human numbers (strings without quotes):
+/// headline figures only, or all of them when `all`.
+pub fn outcome_items(outcome: &BTreeMap<String, serde_json::Value>, all: bool) -> Vec<String> {
+    let mut keys: Vec<&String> = outcome
+        .keys()
+        .filter(|key| !NEVER.contains(&key.as_str()))
+        .filter(|key| all || HEADLINE.contains(&key.as_str()))
+        .collect();
+    // Headline figures first, in the order above; the rest alphabetically.
+    keys.sort_by_key(|key| {
+        (
+            HEADLINE
+                .iter()
+                .position(|name| name == key)
+                .unwrap_or(usize::MAX),
+            key.to_string(),
+        )
+    });
+    keys.into_iter()
+        .map(|key| {
+            let label = match key.as_str() {
+                "tokens_per_second" => "tokens/s",
+                other => other,
+            };
+            format!("{label}={}", super::format::figure(key, &outcome[key]))
         })
-        .collect::<Vec<_>>()
-        .join(", ")
+        .collect()
 }
 
-/// The summary table and the final line, on stderr.
-pub fn print_summary(style: &Style, summary: &RunSummary) {
-    let mut rows: Vec<[String; 6]> = vec![[
+/// `key=value, key=value` from a stage's outcome: every figure, human numbers.
+pub fn outcome_text(outcome: &BTreeMap<String, serde_json::Value>) -> String {
+    outcome_items(outcome, true).join(", ")
+}
+
+/// What the summary shows.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SummaryOptions {
+    /// `-v`: every figure, wrapped onto more lines, instead of the headline figures on one.
+    pub verbose: bool,
+}
+
+/// The summary table and the final line, each line at most [`SUMMARY_WIDTH`] columns.
+/// `report` names the HTML report when one was written.
+pub fn summary_text(
+    style: &Style,
+    summary: &RunSummary,
+    options: SummaryOptions,
+    report: Option<&std::path::Path>,
+) -> String {
+    let mut rows: Vec<[String; 5]> = vec![[
         "stage".into(),
         "kind".into(),
         "result".into(),
-        "cache".into(),
         "time".into(),
         "summary".into(),
     ]];
+    let mut details: Vec<Vec<String>> = vec![Vec::new()];
     for stage in &summary.stages {
-        let result = match stage.status {
-            StageStatus::Fresh => "fresh",
-            StageStatus::Ran => "ran",
-            StageStatus::Failed => "failed",
-            StageStatus::Cancelled => "cancelled",
-            StageStatus::Skipped => "skipped",
+        let result = match (stage.status, stage.cache) {
+            (StageStatus::Fresh, _) => "fresh",
+            (StageStatus::Ran, crate::exec::CacheUse::Hit) => "restored",
+            (StageStatus::Ran, _) => "ran",
+            (StageStatus::Failed, _) => "failed",
+            (StageStatus::Cancelled, _) => "cancelled",
+            (StageStatus::Skipped, _) => "skipped",
         };
-        let cache = match stage.cache {
-            crate::exec::CacheUse::Hit => "hit",
-            crate::exec::CacheUse::Miss => "miss",
-            crate::exec::CacheUse::None => "-",
+        let time = match stage.status {
+            StageStatus::Fresh | StageStatus::Skipped => "-".to_string(),
+            _ => seconds(stage.wall_time),
         };
         rows.push([
             stage.name.clone(),
             stage.kind.clone(),
             result.into(),
-            cache.into(),
-            seconds(stage.wall_time),
-            outcome_text(&stage.outcome),
+            time,
+            String::new(),
         ]);
+        details.push(outcome_items(&stage.outcome, options.verbose));
     }
-    let mut widths = [0usize; 5];
+    let mut widths = [0usize; 4];
     for row in &rows {
         for (width, cell) in widths.iter_mut().zip(row.iter()) {
             *width = (*width).max(cell.chars().count());
         }
     }
+    let indent: usize = widths.iter().map(|width| width + 2).sum();
+    let room = SUMMARY_WIDTH.saturating_sub(indent).max(20);
     let mut text = String::new();
-    for row in &rows {
+    for (row_index, (row, items)) in rows.iter().zip(&details).enumerate() {
         let mut line = String::new();
-        for (index, cell) in row.iter().enumerate() {
-            if index < 5 {
-                line.push_str(&format!("{cell:<width$}  ", width = widths[index]));
-            } else {
-                line.push_str(cell);
-            }
+        for (index, cell) in row.iter().take(4).enumerate() {
+            line.push_str(&format!("{cell:<width$}  ", width = widths[index]));
         }
-        text.push_str(line.trim_end());
-        text.push('\n');
+        let mut cells: Vec<String> = Vec::new();
+        if row_index == 0 {
+            cells.push(row[4].clone());
+        } else if options.verbose {
+            // Every figure, wrapped under the summary column.
+            let mut current = String::new();
+            for item in items {
+                let added = if current.is_empty() {
+                    item.clone()
+                } else {
+                    format!("{current}, {item}")
+                };
+                if added.chars().count() > room && !current.is_empty() {
+                    cells.push(format!("{current},"));
+                    current = item.clone();
+                } else {
+                    current = added;
+                }
+            }
+            cells.push(current);
+        } else {
+            cells.push(super::format::fit(&items.join(", "), room));
+        }
+        for (index, cell) in cells.iter().enumerate() {
+            let prefix = if index == 0 {
+                line.clone()
+            } else {
+                " ".repeat(indent)
+            };
+            text.push_str(super::format::fit(&format!("{prefix}{cell}"), SUMMARY_WIDTH).trim_end());
+            text.push('\n');
+        }
     }
     let count = |status: StageStatus| {
         summary
@@ -340,7 +418,25 @@ pub fn print_summary(style: &Style, summary: &RunSummary) {
         )
     };
     text.push_str(&closing);
-    super::write_stderr(&text);
+    if let Some(report) = report {
+        text.push('\n');
+        text.push_str(&format!(
+            "{} {}",
+            style.verb("Report", CYAN),
+            report.display()
+        ));
+    }
+    text
+}
+
+/// The summary table and the final line, on stderr.
+pub fn print_summary(
+    style: &Style,
+    summary: &RunSummary,
+    options: SummaryOptions,
+    report: Option<&std::path::Path>,
+) {
+    super::write_stderr(&summary_text(style, summary, options, report));
 }
 
 #[cfg(test)]
@@ -354,6 +450,79 @@ mod tests {
         assert_eq!(seconds(Duration::from_secs(125)), "2m05s");
     }
 
+    fn quickstart_summary() -> RunSummary {
+        use crate::exec::{CacheUse, StageReport};
+        let stage = |name: &str, kind: &str, seconds: f64, outcome: serde_json::Value| StageReport {
+            name: name.into(),
+            kind: kind.into(),
+            status: StageStatus::Ran,
+            cache: CacheUse::Miss,
+            reasons: Vec::new(),
+            wall_time: Duration::from_secs_f64(seconds),
+            outcome: serde_json::from_value(outcome).unwrap(),
+            output: None,
+            output_dir: None,
+            error: None,
+        };
+        RunSummary {
+            pipeline: "quickstart".into(),
+            interrupted: false,
+            wall_time: Duration::from_secs_f64(8.38),
+            stages: vec![
+                stage("data", "ingest", 0.004, serde_json::json!({"duplicates": 40, "eval_rows": 230,
+                    "rows_kept": 1150, "rows_read": 1202, "train_rows": 920})),
+                stage("train", "train", 7.76, serde_json::json!({"final_loss": 0.006208181381225586,
+                    "steps": 464, "tokens": 111800, "tokens_per_second": 14488.319760111659,
+                    "trainable_parameters": 18496, "wall_seconds": 7.716560778})),
+                stage("evaluate", "evaluate", 0.58, serde_json::json!({
+                    "accuracy": {"base": 0.5, "adapted": 0.9826086956521739},
+                    "loss": {"base": 70.59368998486063, "adapted": 0.04652185854704484},
+                    "perplexity": {"base": 4.5545976487822755e30, "adapted": 1.0476209782907002},
+                    "rows": 230})),
+                stage("export", "export", 0.07, serde_json::json!({
+                    "adapter_destination": "out/quickstart/adapter", "adapter_parameters": 18496,
+                    "merged_bytes": 411152, "merged_destination": "out/quickstart/merged",
+                    "merged_files": 1, "merged_tensors": 14})),
+            ],
+        }
+    }
+
+    #[test]
+    fn summary_has_human_numbers_and_fits_120_columns() {
+        let summary = quickstart_summary();
+        let text = summary_text(
+            &Style::plain(),
+            &summary,
+            SummaryOptions::default(),
+            Some(std::path::Path::new("report.html")),
+        );
+        insta::assert_snapshot!("run_summary", text);
+        for line in text.lines() {
+            assert!(line.chars().count() <= SUMMARY_WIDTH, "too wide: {line}");
+        }
+        assert!(text.contains("perplexity=4.6e30 → 1.048"), "{text}");
+        assert!(!text.contains("wall_seconds"), "{text}");
+    }
+
+    #[test]
+    fn verbose_summary_shows_every_figure_within_120_columns() {
+        let summary = quickstart_summary();
+        let text = summary_text(
+            &Style::plain(),
+            &summary,
+            SummaryOptions { verbose: true },
+            None,
+        );
+        insta::assert_snapshot!("run_summary_verbose", text);
+        for line in text.lines() {
+            assert!(line.chars().count() <= SUMMARY_WIDTH, "too wide: {line}");
+        }
+        for figure in ["merged_tensors=14", "rows_read=1202", "trainable_parameters=18,496"] {
+            assert!(text.contains(figure), "{figure} missing: {text}");
+        }
+        assert!(!text.contains("wall_seconds"), "{text}");
+    }
+
     #[test]
     fn outcome_text_lists_figures() {
         let outcome = BTreeMap::from([
@@ -361,6 +530,11 @@ mod tests {
             ("split".to_string(), serde_json::json!("train")),
         ]);
         assert_eq!(outcome_text(&outcome), "rows=10, split=train");
+        let outcome = BTreeMap::from([(
+            "merged_bytes".to_string(),
+            serde_json::json!(411_152),
+        )]);
+        assert_eq!(outcome_text(&outcome), "merged_bytes=402 KiB");
     }
 
     #[test]

@@ -715,7 +715,8 @@ impl MetricsFile {
         }
     }
 
-    /// Headline figures for the run summary: `"0.520 → 0.970"` per metric.
+    /// Headline figures for the run summary, as numbers: `{"base": 0.52, "adapted": 0.97}` per
+    /// metric (the reporter formats them; `run --json` keeps them numbers).
     pub fn summary(&self) -> BTreeMap<String, Value> {
         let base = self.base.figures();
         let mut out = BTreeMap::new();
@@ -723,13 +724,9 @@ impl MetricsFile {
             let Some(before) = base.get(name) else {
                 continue;
             };
-            let digits = match name {
-                "perplexity" => 2,
-                _ => 3,
-            };
             out.insert(
                 name.to_string(),
-                Value::String(format!("{before:.digits$} → {adapted:.digits$}")),
+                serde_json::json!({"base": before, "adapted": adapted}),
             );
         }
         out.insert("rows".into(), Value::from(self.rows));
@@ -1065,9 +1062,9 @@ mod tests {
         let summary = file.summary();
         assert_eq!(
             summary["perplexity"],
-            format!("{:.2} → {:.2}", 2f64.exp(), 1.5f64.exp())
+            serde_json::json!({"base": 2f64.exp(), "adapted": 1.5f64.exp()})
         );
-        assert_eq!(summary["loss"], "2.000 → 1.500");
+        assert_eq!(summary["loss"], serde_json::json!({"base": 2.0, "adapted": 1.5}));
     }
 
     #[test]

@@ -207,18 +207,6 @@ fn file_digest(path: &Path) -> Result<String, StageError> {
     Ok(blake3::hash(&bytes).to_hex().to_string())
 }
 
-/// Human duration for the ETA.
-fn short_duration(seconds: f64) -> String {
-    let seconds = seconds.max(0.0).round() as u64;
-    if seconds >= 3600 {
-        format!("{}h{:02}m", seconds / 3600, (seconds % 3600) / 60)
-    } else if seconds >= 60 {
-        format!("{}m{:02}s", seconds / 60, seconds % 60)
-    } else {
-        format!("{seconds}s")
-    }
-}
-
 fn write_json(path: &Path, value: &serde_json::Value) -> Result<(), StageError> {
     let mut text = serde_json::to_string_pretty(value).map_err(|error| {
         StageError::Internal(format!("serializing {}: {error}", path.display()))
@@ -369,18 +357,23 @@ impl Stage for TrainStage {
             synchronize_phases: false,
         };
 
+        // The bar shows the raw and the smoothed loss (exponential moving average, bias
+        // corrected as TensorBoard's smoothing) and the learning rate; the reporter adds the ETA.
+        let mut smoothed = 0.0;
+        let mut weight = 0.0;
         let mut observe = |metrics: &crate::train::StepMetrics| {
-            let remaining = metrics.total_steps.saturating_sub(metrics.step) as f64;
-            let per_step = metrics.elapsed_seconds / metrics.step.max(1) as f64;
+            smoothed = 0.9 * smoothed + 0.1 * metrics.loss;
+            weight = 0.9 * weight + 0.1;
             ctx.progress.progress(Progress {
                 position: metrics.step,
                 length: Some(metrics.total_steps),
                 unit: "steps",
                 message: format!(
-                    "loss {:.4} · {:.0} tok/s · ETA {}",
+                    "loss {:.4} (smoothed {:.4}) · lr {:.1e} · {:.0} tok/s",
                     metrics.loss,
+                    smoothed / weight,
+                    metrics.lr,
                     metrics.tokens_per_second,
-                    short_duration(per_step * remaining)
                 ),
             });
         };

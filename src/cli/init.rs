@@ -1,0 +1,274 @@
+//! `peftpipe init [--model DIR] [--data FILE] [-o pipeline.yaml]`: write a commented starter
+//! pipeline that validates, with the `$schema` line (the schema written beside it), its columns
+//! read from the data file (Parquet footer, CSV header, first JSONL record). Without `--data`,
+//! a small example dataset is written next to it; without `--model`, the train, evaluate and
+//! export stages are written commented out, ready to fill in. Never overwrites a file.
+
+use std::path::{Path, PathBuf};
+
+use clap::Args;
+
+use super::{GlobalArgs, EXIT_FAILED, EXIT_INVALID, EXIT_OK};
+use crate::report;
+
+#[derive(Debug, Args)]
+#[command(after_help = "Examples:\n  peftpipe init\n  \
+    peftpipe init --data data/reviews.parquet --model models/tiny-llama\n  \
+    peftpipe init -o pipelines/sft.yaml --data data/chat.jsonl")]
+pub struct InitArgs {
+    /// A Hugging Face model directory to fine-tune (or `hf://org/name`).
+    #[arg(long, value_name = "DIR")]
+    pub model: Option<String>,
+    /// The training data: Parquet, CSV or JSONL (default: an example dataset is written).
+    #[arg(long, value_name = "FILE")]
+    pub data: Option<PathBuf>,
+    /// The pipeline file to write.
+    #[arg(long, short, value_name = "FILE", default_value = "pipeline.yaml")]
+    pub output: PathBuf,
+}
+
+/// Columns that play the prompt and the completion, guessed from their names.
+pub fn guess_roles(columns: &[String]) -> Option<(String, String)> {
+    let has = |name: &str| columns.iter().any(|column| column == name);
+    for (prompt, completion) in [
+        ("prompt", "completion"),
+        ("instruction", "output"),
+        ("question", "answer"),
+        ("input", "output"),
+        ("text", "label"),
+        ("sentence", "label"),
+        ("source", "target"),
+    ] {
+        if has(prompt) && has(completion) {
+            return Some((prompt.into(), completion.into()));
+        }
+    }
+    match columns {
+        [first, second, ..] => Some((first.clone(), second.clone())),
+        _ => None,
+    }
+}
+
+/// The example dataset written when no `--data` is given: 40 one-digit additions.
+fn example_rows() -> String {
+    let mut text = String::new();
+    for left in 0..8 {
+        for right in 0..5 {
+            text.push_str(&format!(
+                "{{\"prompt\": \"{left} + {right} =\", \"completion\": \" {}\"}}\n",
+                left + right
+            ));
+        }
+    }
+    text
+}
+
+/// `path` relative to `base` when it is inside it, else as given (both as written).
+fn relative_to(path: &Path, base: &Path) -> String {
+    let absolute = |path: &Path| std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
+    let (path_abs, base_abs) = (absolute(path), absolute(base));
+    match path_abs.strip_prefix(&base_abs) {
+        Ok(inner) => inner.display().to_string(),
+        Err(_) => path_abs.display().to_string(),
+    }
+}
+
+/// The pipeline text.
+pub fn pipeline_text(
+    name: &str,
+    data: &str,
+    columns: &[String],
+    prompt: &str,
+    completion: &str,
+    model: Option<&str>,
+) -> String {
+    let quoted = |text: &str| serde_json::to_string(text).unwrap_or_default();
+    let column_list = columns
+        .iter()
+        .map(|column| quoted(column))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let mut text = format!(
+        "# yaml-language-server: $schema=pipeline.schema.json\n\
+         # Written by `peftpipe init`. Check it: `peftpipe validate {name}.yaml`;\n\
+         # run it: `peftpipe run {name}.yaml`; see it: `peftpipe report {name}.yaml`.\n\
+         # Every key is described in pipeline.schema.json (editors with YAML support complete them).\n\
+         name: {name}\n\
+         seed: 1\n\
+         stages:\n\
+         \x20 # Read the data, keep the columns the prompts use, split train/eval.\n\
+         \x20 data:\n\
+         \x20   ingest:\n\
+         \x20     path: {data}\n\
+         \x20     columns: [{column_list}]\n\
+         \x20     drop_nulls: true\n\
+         \x20     split:\n\
+         \x20       fractions: {{train: 0.9, eval: 0.1}}\n\
+         \x20 # Render each row as prompt + completion (minijinja templates over the columns).\n\
+         \x20 # Look at the result: `peftpipe preview {name}.yaml --stage prompts -n 3`.\n\
+         \x20 prompts:\n\
+         \x20   template:\n\
+         \x20     input: data\n\
+         \x20     prompt: {}\n\
+         \x20     completion: {}\n",
+        quoted(&format!("{{{{ {prompt} }}}}")),
+        quoted(&format!(" {{{{ {completion} }}}}")),
+    );
+    let model_line = model.unwrap_or("path/to/model   # a Hugging Face model directory or hf://org/name");
+    let training = format!(
+        "# Fine-tune with LoRA (the base model stays untouched; only the adapter is trained).\n\
+         train:\n\
+         \x20 train:\n\
+         \x20   data: prompts\n\
+         \x20   model: {model_line}\n\
+         \x20   method:\n\
+         \x20     lora: {{r: 8, alpha: 16, target_modules: all-linear}}\n\
+         \x20   learning_rate: 0.001\n\
+         \x20   batch_size: 8\n\
+         \x20   epochs: 3\n\
+         # Base vs adapted on the eval split (loss and perplexity by default).\n\
+         evaluate:\n\
+         \x20 evaluate:\n\
+         \x20   model: train\n\
+         \x20   data: prompts\n\
+         \x20   samples: 3\n\
+         # Write the adapter (PEFT format) and the merged model (Hugging Face layout).\n\
+         export:\n\
+         \x20 export:\n\
+         \x20   from: train\n\
+         \x20   adapter: out/{name}/adapter\n\
+         \x20   merged: out/{name}/merged\n"
+    );
+    let prefix = if model.is_some() { "  " } else { "  # " };
+    if model.is_none() {
+        text.push_str("  # Add a model (`--model DIR` to init, or here) and uncomment:\n");
+    }
+    for line in training.lines() {
+        text.push_str(prefix);
+        text.push_str(line);
+        text.push('\n');
+    }
+    text
+}
+
+pub fn run(_global: &GlobalArgs, args: InitArgs) -> u8 {
+    match init(&args) {
+        Ok(written) => {
+            for path in &written {
+                report::write_stderr(&format!("     Created {}", path.display()));
+            }
+            report::write_stderr(&format!(
+                "        Next peftpipe validate {0} && peftpipe run {0}",
+                args.output.display()
+            ));
+            EXIT_OK
+        }
+        Err((message, code)) => {
+            report::error(&message);
+            code
+        }
+    }
+}
+
+fn write_new(path: &Path, text: &str) -> Result<(), (String, u8)> {
+    if path.exists() {
+        return Err((
+            format!("{} already exists; init never overwrites a file", path.display()),
+            EXIT_INVALID,
+        ));
+    }
+    if let Some(parent) = path.parent().filter(|parent| !parent.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent)
+            .map_err(|error| (format!("cannot create {}: {error}", parent.display()), EXIT_FAILED))?;
+    }
+    crate::peft::write_atomic(path, text.as_bytes())
+        .map_err(|error| (format!("cannot write {}: {error}", path.display()), EXIT_FAILED))
+}
+
+fn init(args: &InitArgs) -> Result<Vec<PathBuf>, (String, u8)> {
+    let output = &args.output;
+    if output.exists() {
+        return Err((
+            format!("{} already exists; init never overwrites a file", output.display()),
+            EXIT_INVALID,
+        ));
+    }
+    let project = output
+        .parent()
+        .filter(|parent| !parent.as_os_str().is_empty())
+        .unwrap_or(Path::new("."))
+        .to_path_buf();
+    let name = output
+        .file_stem()
+        .and_then(|stem| stem.to_str())
+        .unwrap_or("pipeline")
+        .to_string();
+    let mut written = Vec::new();
+    let data = match &args.data {
+        Some(data) => data.clone(),
+        None => {
+            let example = project.join("data").join("examples.jsonl");
+            write_new(&example, &example_rows())?;
+            written.push(example.clone());
+            example
+        }
+    };
+    let columns = crate::data::source::peek_columns(&data, None)
+        .map_err(|error| (format!("{}: {error}", data.display()), EXIT_INVALID))?;
+    let (prompt, completion) = guess_roles(&columns).ok_or_else(|| {
+        (
+            format!(
+                "{}: needs at least two columns (a prompt and a completion); it has {}",
+                data.display(),
+                columns.join(", ")
+            ),
+            EXIT_INVALID,
+        )
+    })?;
+    std::fs::create_dir_all(&project)
+        .map_err(|error| (format!("cannot create {}: {error}", project.display()), EXIT_FAILED))?;
+    let data_text = relative_to(&data, &project);
+    let model_text = args.model.as_ref().map(|model| {
+        if model.starts_with("hf://") {
+            model.clone()
+        } else {
+            relative_to(Path::new(model), &project)
+        }
+    });
+    let used = vec![prompt.clone(), completion.clone()];
+    let text = pipeline_text(
+        &name,
+        &data_text,
+        &used,
+        &prompt,
+        &completion,
+        model_text.as_deref(),
+    );
+    let schema = project.join("pipeline.schema.json");
+    if !schema.exists() {
+        write_new(&schema, &crate::schema::pipeline_schema_json())?;
+        written.push(schema);
+    }
+    write_new(output, &text)?;
+    written.push(output.clone());
+    Ok(written)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn roles_from_column_names() {
+        let columns = |names: &[&str]| names.iter().map(|name| name.to_string()).collect::<Vec<_>>();
+        assert_eq!(
+            guess_roles(&columns(&["id", "instruction", "output"])),
+            Some(("instruction".into(), "output".into()))
+        );
+        assert_eq!(
+            guess_roles(&columns(&["a", "b", "c"])),
+            Some(("a".into(), "b".into()))
+        );
+        assert_eq!(guess_roles(&columns(&["only"])), None);
+    }
+}

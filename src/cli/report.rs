@@ -1,0 +1,238 @@
+//! `peftpipe report FILE [-o report.html]`: write the run report, one self-contained HTML page,
+//! from what the last runs left (the plan, the lock file, each stage's materialized output:
+//! metrics.jsonl, metrics.json, base_model.json) and print its path. `run` writes the same page
+//! through [`write_report`] after every run.
+
+use std::path::{Path, PathBuf};
+
+use clap::Args;
+
+use super::run::{load_pipeline, report_exec_error, settings_for};
+use super::{GlobalArgs, PipelineArgs, EXIT_FAILED, EXIT_OK};
+use crate::config::Pipeline;
+use crate::exec::{Freshness, RunSettings, RunSummary, StageStatus};
+use crate::report;
+use crate::report::html::{ReportInput, StageRow, StepRow, TrainCurves};
+
+#[derive(Debug, Args)]
+#[command(after_help = "Examples:\n  peftpipe report pipelines/quickstart.yaml\n  \
+    peftpipe report pipelines/quickstart.yaml -o /tmp/quickstart.html")]
+pub struct ReportArgs {
+    #[command(flatten)]
+    pub pipeline: PipelineArgs,
+    /// Where to write the page (default: `.peftpipe/out/<pipeline>/report.html`).
+    #[arg(long, short, value_name = "FILE")]
+    pub output: Option<PathBuf>,
+}
+
+/// Where `run` and `report` put the page by default.
+pub fn default_report_path(settings: &RunSettings) -> PathBuf {
+    settings.out_root.join("report.html")
+}
+
+pub fn run(global: &GlobalArgs, args: ReportArgs) -> u8 {
+    let pipeline = match load_pipeline(&args.pipeline, global.json) {
+        Ok(pipeline) => pipeline,
+        Err(code) => return code,
+    };
+    let settings = settings_for(global, &pipeline);
+    let path = args
+        .output
+        .clone()
+        .unwrap_or_else(|| default_report_path(&settings));
+    match write_report(&pipeline, &settings, None, &path) {
+        Ok(()) => {
+            if global.json {
+                report::json(&serde_json::json!({"report": path.display().to_string()}));
+            } else {
+                report::write_stdout(&path.display().to_string());
+            }
+            EXIT_OK
+        }
+        Err(Failure::Exec(error)) => report_exec_error(&error),
+        Err(Failure::Write(message)) => {
+            report::error(&message);
+            EXIT_FAILED
+        }
+    }
+}
+
+/// Why no page was written.
+pub enum Failure {
+    Exec(crate::exec::ExecError),
+    Write(String),
+}
+
+/// Gather the page's data and write it to `path` atomically (parent folders created).
+pub fn write_report(
+    pipeline: &Pipeline,
+    settings: &RunSettings,
+    summary: Option<&RunSummary>,
+    path: &Path,
+) -> Result<(), Failure> {
+    let input = gather(pipeline, settings, summary).map_err(Failure::Exec)?;
+    let page = report::html::render(&input);
+    let directory = path
+        .parent()
+        .filter(|parent| !parent.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    std::fs::create_dir_all(directory)
+        .map_err(|error| Failure::Write(format!("cannot create {}: {error}", directory.display())))?;
+    crate::peft::write_atomic(path, page.as_bytes())
+        .map_err(|error| Failure::Write(format!("cannot write {}: {error}", path.display())))?;
+    // A page to open and share: readable like any file the user writes (the temporary file
+    // behind the atomic write is private).
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o644));
+    }
+    Ok(())
+}
+
+/// What the page shows, from the plan, the lock file, the run (when there was one) and the
+/// stages' materialized outputs.
+pub fn gather(
+    pipeline: &Pipeline,
+    settings: &RunSettings,
+    summary: Option<&RunSummary>,
+) -> Result<ReportInput, crate::exec::ExecError> {
+    let plan = crate::exec::plan::plan_only(pipeline, settings)?;
+    let lock = crate::cache::Cache::open(&settings.cache_dir)
+        .and_then(|cache| cache.read_lock_file(&pipeline.name))
+        .ok();
+    let mut input = ReportInput {
+        pipeline: pipeline.name.clone(),
+        file: pipeline.file.display().to_string(),
+        ..ReportInput::default()
+    };
+    for planned in &plan.stages {
+        let entry = lock
+            .as_ref()
+            .and_then(|lock| lock.stages.get(&planned.name));
+        let ran = summary.and_then(|summary| {
+            summary
+                .stages
+                .iter()
+                .find(|stage| stage.name == planned.name)
+        });
+        let mut row = StageRow {
+            name: planned.name.clone(),
+            kind: planned.kind.clone(),
+            needs: planned.upstream.clone(),
+            fingerprint: entry.map(|entry| entry.fingerprint.clone()),
+            outcome: entry.map(|entry| entry.outcome.clone()).unwrap_or_default(),
+            seconds: entry.map(|entry| entry.wall_time_seconds),
+            ..StageRow::default()
+        };
+        match ran {
+            Some(stage) => {
+                row.status = match stage.status {
+                    StageStatus::Fresh => "fresh",
+                    StageStatus::Ran => "ran",
+                    StageStatus::Failed => "failed",
+                    StageStatus::Cancelled => "cancelled",
+                    StageStatus::Skipped => "skipped",
+                }
+                .into();
+                row.cache = match stage.cache {
+                    crate::exec::CacheUse::Hit => "hit",
+                    crate::exec::CacheUse::Miss => "miss",
+                    crate::exec::CacheUse::None => "-",
+                }
+                .into();
+                if stage.status != StageStatus::Fresh {
+                    row.seconds = Some(stage.wall_time.as_secs_f64());
+                }
+                if !stage.outcome.is_empty() {
+                    row.outcome = stage.outcome.clone();
+                }
+            }
+            None => {
+                let (status, cache) = match (&planned.freshness, entry) {
+                    (Freshness::Fresh(_), _) => ("fresh", "hit"),
+                    (Freshness::Dirty { .. }, Some(_)) => ("stale", "miss"),
+                    (Freshness::Dirty { .. }, None) => ("never run", "-"),
+                };
+                row.status = status.into();
+                row.cache = cache.into();
+            }
+        }
+        input.stages.push(row);
+
+        let out_dir = ran
+            .and_then(|stage| stage.output_dir.clone())
+            .unwrap_or_else(|| settings.out_root.join(&planned.name));
+        read_outputs(&mut input, &planned.name, &out_dir);
+    }
+    input.environment.push(("peftpipe".into(), crate::TOOL_VERSION.into()));
+    input.environment.push((
+        "platform".into(),
+        format!("{}-{}", std::env::consts::OS, std::env::consts::ARCH),
+    ));
+    input
+        .environment
+        .push(("seed".into(), pipeline.seed.to_string()));
+    if !pipeline.overrides.is_empty() {
+        input
+            .environment
+            .push(("overrides".into(), pipeline.overrides.join(" ")));
+    }
+    Ok(input)
+}
+
+/// What a stage's output folder holds that the page shows: per-step training metrics
+/// (metrics.jsonl), evaluation metrics (metrics.json with `base`/`adapted`) and the base model
+/// record (device, dtype). A file that cannot be read becomes a note on the page.
+fn read_outputs(input: &mut ReportInput, stage: &str, out_dir: &Path) {
+    let steps_file = out_dir.join("metrics.jsonl");
+    if steps_file.is_file() {
+        match std::fs::read_to_string(&steps_file) {
+            Ok(text) => {
+                let steps: Vec<StepRow> = text
+                    .lines()
+                    .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+                    .filter_map(|value| StepRow::from_json(&value))
+                    .collect();
+                input.trains.push(TrainCurves {
+                    stage: stage.to_string(),
+                    steps,
+                });
+            }
+            Err(error) => input
+                .notes
+                .push(format!("{}: {error}", steps_file.display())),
+        }
+    }
+    let metrics_file = out_dir.join("metrics.json");
+    if metrics_file.is_file() {
+        match read_json(&metrics_file) {
+            Ok(value) if value.get("base").is_some() || value.get("adapted").is_some() => {
+                input.evaluations.push((stage.to_string(), value));
+            }
+            Ok(_) => {}
+            Err(message) => input.notes.push(message),
+        }
+    }
+    let base_file = out_dir.join("base_model.json");
+    if base_file.is_file() {
+        match read_json(&base_file) {
+            Ok(value) => {
+                for key in ["model", "model_type", "device", "dtype", "config_digest"] {
+                    if let Some(text) = value.get(key).and_then(|value| value.as_str()) {
+                        input
+                            .environment
+                            .push((format!("{stage}: {}", key.replace('_', " ")), text.into()));
+                    }
+                }
+            }
+            Err(message) => input.notes.push(message),
+        }
+    }
+}
+
+fn read_json(path: &Path) -> Result<serde_json::Value, String> {
+    let text =
+        std::fs::read_to_string(path).map_err(|error| format!("{}: {error}", path.display()))?;
+    serde_json::from_str(&text).map_err(|error| format!("{}: {error}", path.display()))
+}

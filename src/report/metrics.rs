@@ -1,0 +1,357 @@
+//! `peftpipe metrics show` / `metrics diff`: each stage's figures as flat metric names
+//! (`accuracy.adapted`, `final_loss`), taken from what lock files record of each stage's last
+//! run, and their rendering as tables (human numbers) or JSON (numbers as numbers). Reads no
+//! file itself: the command hands it lock files.
+
+use std::collections::BTreeMap;
+
+use serde::Serialize;
+
+use super::format;
+use crate::cache::LockFile;
+
+/// One metric of one stage.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Metric {
+    pub stage: String,
+    /// Flat name: `final_loss`, `accuracy.adapted`.
+    pub metric: String,
+    pub value: f64,
+}
+
+/// Every numeric figure a lock file records, stage by stage in `order` (stages the order does
+/// not name follow alphabetically). Nested figures (`{"base": 0.5, "adapted": 0.98}`) flatten
+/// to `accuracy.base`, `accuracy.adapted`; a figure written as text `"0.500 → 0.983"` (lock
+/// files of earlier versions) reads as the same two numbers; other text is not a metric.
+pub fn metrics_of(lock: &LockFile, order: &[String]) -> Vec<Metric> {
+    let outcomes: Outcomes = lock
+        .stages
+        .iter()
+        .map(|(stage, entry)| (stage.clone(), entry.outcome.clone()))
+        .collect();
+    metrics_of_outcomes(&outcomes, order)
+}
+
+/// Each stage's recorded figures by stage name.
+pub type Outcomes = BTreeMap<String, BTreeMap<String, serde_json::Value>>;
+
+/// [`metrics_of`] on the outcomes themselves.
+pub fn metrics_of_outcomes(outcomes: &Outcomes, order: &[String]) -> Vec<Metric> {
+    let mut stages: Vec<&String> = outcomes.keys().collect();
+    stages.sort_by_key(|stage| {
+        (
+            order
+                .iter()
+                .position(|name| name == *stage)
+                .unwrap_or(usize::MAX),
+            stage.to_string(),
+        )
+    });
+    let mut out = Vec::new();
+    for stage in stages {
+        for (key, value) in &outcomes[stage] {
+            let mut flat = Vec::new();
+            flatten(key, value, &mut flat);
+            out.extend(flat.into_iter().map(|(metric, value)| Metric {
+                stage: stage.clone(),
+                metric,
+                value,
+            }));
+        }
+    }
+    out
+}
+
+fn flatten(name: &str, value: &serde_json::Value, out: &mut Vec<(String, f64)>) {
+    use serde_json::Value;
+    match value {
+        Value::Number(number) => {
+            if let Some(value) = number.as_f64() {
+                out.push((name.to_string(), value));
+            }
+        }
+        Value::Object(fields) => {
+            for (key, inner) in fields {
+                flatten(&format!("{name}.{key}"), inner, out);
+            }
+        }
+        Value::String(text) => {
+            if let Some((before, after)) = text.split_once(" → ") {
+                if let (Ok(before), Ok(after)) =
+                    (before.trim().parse::<f64>(), after.trim().parse::<f64>())
+                {
+                    out.push((format!("{name}.base"), before));
+                    out.push((format!("{name}.adapted"), after));
+                }
+            }
+        }
+        _ => {}
+    }
+}
+
+/// The last part of a flat metric name (`accuracy.adapted` → `accuracy`), which decides how it
+/// reads (`merged_bytes` in bytes, `*_seconds` as a duration).
+fn leaf(metric: &str) -> &str {
+    match metric.rsplit_once('.') {
+        Some((head, "base" | "adapted")) => head.rsplit('.').next().unwrap_or(head),
+        Some((_, tail)) => tail,
+        None => metric,
+    }
+}
+
+/// A metric value for people.
+pub fn human(metric: &str, value: f64) -> String {
+    let json = if value.fract() == 0.0 && value >= 0.0 && value < 9.0e15 {
+        serde_json::json!(value as u64)
+    } else {
+        serde_json::json!(value)
+    };
+    format::figure(leaf(metric), &json)
+}
+
+/// Left-aligned columns, two spaces apart, trailing spaces trimmed.
+fn table(rows: &[Vec<String>]) -> String {
+    let columns = rows.iter().map(Vec::len).max().unwrap_or(0);
+    let mut widths = vec![0usize; columns];
+    for row in rows {
+        for (width, cell) in widths.iter_mut().zip(row) {
+            *width = (*width).max(cell.chars().count());
+        }
+    }
+    let mut text = String::new();
+    for row in rows {
+        let mut line = String::new();
+        for (index, cell) in row.iter().enumerate() {
+            line.push_str(&format!("{cell:<width$}  ", width = widths[index]));
+        }
+        text.push_str(line.trim_end());
+        text.push('\n');
+    }
+    text
+}
+
+/// `metrics show`: stage, metric, value.
+pub fn show_text(pipeline: &str, metrics: &[Metric]) -> String {
+    if metrics.is_empty() {
+        return format!(
+            "pipeline {pipeline} has no recorded metrics yet (`peftpipe run` records them)\n"
+        );
+    }
+    let mut rows = vec![vec!["stage".into(), "metric".into(), "value".into()]];
+    for metric in metrics {
+        rows.push(vec![
+            metric.stage.clone(),
+            metric.metric.clone(),
+            human(&metric.metric, metric.value),
+        ]);
+    }
+    table(&rows)
+}
+
+/// `metrics show --json`: `{"pipeline": ..., "stages": {stage: {metric: value}}}`.
+pub fn show_json(pipeline: &str, metrics: &[Metric]) -> serde_json::Value {
+    let mut stages: serde_json::Map<String, serde_json::Value> = serde_json::Map::new();
+    for metric in metrics {
+        let entry = stages
+            .entry(metric.stage.clone())
+            .or_insert_with(|| serde_json::json!({}));
+        if let Some(object) = entry.as_object_mut() {
+            object.insert(metric.metric.clone(), serde_json::json!(metric.value));
+        }
+    }
+    serde_json::json!({"pipeline": pipeline, "stages": stages})
+}
+
+/// One row of `metrics diff`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct MetricChange {
+    pub stage: String,
+    pub metric: String,
+    pub old: Option<f64>,
+    pub new: Option<f64>,
+    /// `new - old` when both exist.
+    pub change: Option<f64>,
+}
+
+/// Every metric of either side, in the new side's order, then those only the old side has.
+pub fn diff(old: &[Metric], new: &[Metric]) -> Vec<MetricChange> {
+    let old_values: BTreeMap<(&str, &str), f64> = old
+        .iter()
+        .map(|metric| ((metric.stage.as_str(), metric.metric.as_str()), metric.value))
+        .collect();
+    let new_keys: std::collections::BTreeSet<(&str, &str)> = new
+        .iter()
+        .map(|metric| (metric.stage.as_str(), metric.metric.as_str()))
+        .collect();
+    let mut out: Vec<MetricChange> = new
+        .iter()
+        .map(|metric| {
+            let before = old_values
+                .get(&(metric.stage.as_str(), metric.metric.as_str()))
+                .copied();
+            MetricChange {
+                stage: metric.stage.clone(),
+                metric: metric.metric.clone(),
+                old: before,
+                new: Some(metric.value),
+                change: before.map(|before| metric.value - before),
+            }
+        })
+        .collect();
+    out.extend(
+        old.iter()
+            .filter(|metric| !new_keys.contains(&(metric.stage.as_str(), metric.metric.as_str())))
+            .map(|metric| MetricChange {
+                stage: metric.stage.clone(),
+                metric: metric.metric.clone(),
+                old: Some(metric.value),
+                new: None,
+                change: None,
+            }),
+    );
+    out
+}
+
+/// `metrics diff`: stage, metric, old, new, change (`+0.4826 (+96.5%)`); unchanged metrics
+/// only with `all`.
+pub fn diff_text(old_label: &str, new_label: &str, changes: &[MetricChange], all: bool) -> String {
+    let shown: Vec<&MetricChange> = changes
+        .iter()
+        .filter(|change| all || change.change != Some(0.0))
+        .collect();
+    if shown.is_empty() {
+        return format!(
+            "no metric changed between {old_label} and {new_label} ({} compared; --all lists them)\n",
+            changes.len()
+        );
+    }
+    let mut rows = vec![vec![
+        "stage".into(),
+        "metric".into(),
+        old_label.to_string(),
+        new_label.to_string(),
+        "change".into(),
+    ]];
+    let value = |metric: &str, value: Option<f64>| {
+        value.map_or_else(|| "-".to_string(), |value| human(metric, value))
+    };
+    for change in shown {
+        let difference = match (change.old, change.new, change.change) {
+            (Some(old), Some(new), Some(difference)) => {
+                let percent = format::percent_change(old, new);
+                let absolute = if leaf(&change.metric).ends_with("bytes")
+                    || leaf(&change.metric).ends_with("seconds")
+                {
+                    let sign = if difference < 0.0 { "-" } else { "+" };
+                    format!("{sign}{}", human(&change.metric, difference.abs()))
+                } else {
+                    format::signed(difference)
+                };
+                if percent.is_empty() {
+                    absolute
+                } else {
+                    format!("{absolute} ({percent})")
+                }
+            }
+            (None, Some(_), _) => "added".into(),
+            (Some(_), None, _) => "removed".into(),
+            _ => "-".into(),
+        };
+        rows.push(vec![
+            change.stage.clone(),
+            change.metric.clone(),
+            value(&change.metric, change.old),
+            value(&change.metric, change.new),
+            difference,
+        ]);
+    }
+    table(&rows)
+}
+
+/// `metrics diff --json`.
+pub fn diff_json(old_label: &str, new_label: &str, changes: &[MetricChange]) -> serde_json::Value {
+    serde_json::json!({"old": old_label, "new": new_label, "metrics": changes})
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn outcomes(value: serde_json::Value) -> Outcomes {
+        serde_json::from_value(value).unwrap()
+    }
+
+    #[test]
+    fn nested_and_legacy_figures_flatten() {
+        let file = outcomes(serde_json::json!({
+            "evaluate": {"accuracy": {"base": 0.5, "adapted": 0.98}, "loss": "70.594 → 0.047",
+                          "rows": 230},
+            "export": {"merged_destination": "out/x", "merged_bytes": 411152},
+        }));
+        let metrics = metrics_of_outcomes(&file, &["export".into(), "evaluate".into()]);
+        let names: Vec<String> = metrics
+            .iter()
+            .map(|metric| format!("{}:{}={}", metric.stage, metric.metric, metric.value))
+            .collect();
+        assert_eq!(
+            names,
+            [
+                "export:merged_bytes=411152",
+                "evaluate:accuracy.base=0.5",
+                "evaluate:accuracy.adapted=0.98",
+                "evaluate:loss.base=70.594",
+                "evaluate:loss.adapted=0.047",
+                "evaluate:rows=230",
+            ]
+        );
+        assert_eq!(human("merged_bytes", 411152.0), "402 KiB");
+        assert_eq!(human("perplexity.base", 4.55e30), "4.6e30");
+    }
+
+    #[test]
+    fn diff_pairs_metrics_and_marks_added_and_removed() {
+        let old = vec![
+            Metric {
+                stage: "train".into(),
+                metric: "final_loss".into(),
+                value: 0.5,
+            },
+            Metric {
+                stage: "train".into(),
+                metric: "steps".into(),
+                value: 10.0,
+            },
+            Metric {
+                stage: "gone".into(),
+                metric: "x".into(),
+                value: 1.0,
+            },
+        ];
+        let new = vec![
+            Metric {
+                stage: "train".into(),
+                metric: "final_loss".into(),
+                value: 0.25,
+            },
+            Metric {
+                stage: "train".into(),
+                metric: "steps".into(),
+                value: 10.0,
+            },
+            Metric {
+                stage: "evaluate".into(),
+                metric: "accuracy.adapted".into(),
+                value: 0.9,
+            },
+        ];
+        let changes = diff(&old, &new);
+        assert_eq!(changes.len(), 4);
+        assert_eq!(changes[0].change, Some(-0.25));
+        let text = diff_text("old", "new", &changes, false);
+        assert!(text.contains("final_loss        0.5  0.25  -0.25 (-50.0%)"), "{text}");
+        assert!(!text.contains("steps"), "unchanged shown without --all: {text}");
+        assert!(text.contains("added"), "{text}");
+        assert!(text.contains("removed"), "{text}");
+        assert!(diff_text("old", "new", &changes, true).contains("steps"));
+    }
+}

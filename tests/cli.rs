@@ -1,0 +1,185 @@
+//! The first things users type (issue 11, item 7): `init` writes a commented pipeline that
+//! validates, `completions` and `man` print what shells and man read, every `--help` has
+//! examples, `--color` and `-v` do what they say.
+
+mod report_support;
+
+use report_support::{stderr, stdout, Project};
+
+#[test]
+fn init_without_arguments_writes_a_pipeline_that_validates() {
+    let project = Project::empty();
+    let output = project.ok(&["init"]);
+    let log = stderr(&output);
+    for written in ["data/examples.jsonl", "pipeline.schema.json", "pipeline.yaml"] {
+        assert!(project.path(written).is_file(), "{written}: {log}");
+    }
+    let text = std::fs::read_to_string(project.path("pipeline.yaml")).expect("pipeline");
+    assert!(
+        text.starts_with("# yaml-language-server: $schema=pipeline.schema.json\n"),
+        "{text}"
+    );
+    assert!(text.contains("columns: [\"prompt\", \"completion\"]"), "{text}");
+    assert!(text.contains("  # train:"), "train commented out without --model: {text}");
+    let schema: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(project.path("pipeline.schema.json")).expect("schema"),
+    )
+    .expect("the schema is JSON");
+    assert!(schema.get("$schema").is_some() || schema.get("properties").is_some());
+    let validated = project.peftpipe(&["validate", "pipeline.yaml"]);
+    assert!(validated.status.success(), "{}\n{text}", stderr(&validated));
+
+    // Never overwrites.
+    let again = project.peftpipe(&["init"]);
+    assert_eq!(again.status.code(), Some(2));
+    assert!(stderr(&again).contains("already exists"), "{}", stderr(&again));
+}
+
+#[test]
+fn init_reads_the_columns_of_the_data_and_uses_the_model() {
+    let project = Project::tiny();
+    let output = project.ok(&[
+        "init",
+        "--data",
+        "data/reviews.parquet",
+        "--model",
+        "model",
+        "-o",
+        "reviews.yaml",
+    ]);
+    let text = std::fs::read_to_string(project.path("reviews.yaml")).expect("pipeline");
+    assert!(text.contains("columns: [\"text\", \"label\"]"), "{text}");
+    assert!(text.contains("prompt: \"{{ text }}\""), "{text}");
+    assert!(text.contains("completion: \" {{ label }}\""), "{text}");
+    assert!(text.contains("\n      model: model\n"), "{text}");
+    assert!(!text.contains("# train:"), "{text}");
+    let validated = project.peftpipe(&["validate", "reviews.yaml"]);
+    assert!(
+        validated.status.success(),
+        "{}\n{}\n{text}",
+        stderr(&output),
+        stderr(&validated)
+    );
+    let stages = stdout(&project.ok(&["validate", "reviews.yaml", "--json"]));
+    for stage in ["data", "prompts", "train", "evaluate", "export"] {
+        assert!(stages.contains(&format!("\"{stage}\"")), "{stage}: {stages}");
+    }
+}
+
+#[test]
+fn init_names_a_data_file_it_cannot_read() {
+    let project = Project::empty();
+    project.write("notes.txt", "hello\n");
+    let output = project.peftpipe(&["init", "--data", "missing.parquet"]);
+    assert_eq!(output.status.code(), Some(2));
+    assert!(stderr(&output).contains("missing.parquet"), "{}", stderr(&output));
+    assert!(!project.path("pipeline.yaml").exists());
+}
+
+#[test]
+fn completions_for_each_shell() {
+    let project = Project::empty();
+    for shell in ["bash", "zsh", "fish", "elvish", "powershell"] {
+        let script = stdout(&project.ok(&["completions", shell]));
+        assert!(script.contains("peftpipe"), "{shell}");
+        for subcommand in ["metrics", "report", "init", "status"] {
+            assert!(script.contains(subcommand), "{shell}: {subcommand}");
+        }
+    }
+    assert_eq!(project.peftpipe(&["completions", "tcsh"]).status.code(), Some(2));
+}
+
+#[test]
+fn man_pages_of_the_tool_and_of_a_subcommand() {
+    let project = Project::empty();
+    let page = stdout(&project.ok(&["man"]));
+    assert!(page.contains(".TH peftpipe"), "{}", &page[..200.min(page.len())]);
+    assert!(page.contains("metrics"));
+    let run = stdout(&project.ok(&["man", "run"]));
+    assert!(run.contains(".TH peftpipe-run"), "{}", &run[..200.min(run.len())]);
+    assert!(run.contains("dry\\-run"), "run's options");
+    let unknown = project.peftpipe(&["man", "runn"]);
+    assert_eq!(unknown.status.code(), Some(2));
+    assert!(stderr(&unknown).contains("no subcommand `runn`"));
+}
+
+/// Every subcommand path (`run`, `metrics diff`, `bench train`, ...).
+fn subcommands() -> Vec<Vec<String>> {
+    let help = |args: &[String]| {
+        let output = std::process::Command::new(env!("CARGO_BIN_EXE_peftpipe"))
+            .args(args)
+            .arg("--help")
+            .output()
+            .expect("run");
+        stdout(&output)
+    };
+    let listed = |text: &str| -> Vec<String> {
+        text.split("Commands:")
+            .nth(1)
+            .map(|section| {
+                section
+                    .lines()
+                    .skip(1)
+                    .take_while(|line| line.starts_with("  "))
+                    .filter_map(|line| line.split_whitespace().next())
+                    .filter(|name| *name != "help")
+                    .map(str::to_string)
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let mut out = Vec::new();
+    for name in listed(&help(&[])) {
+        let path = vec![name];
+        let nested = listed(&help(&path));
+        out.push(path.clone());
+        for inner in nested {
+            out.push(vec![path[0].clone(), inner]);
+        }
+    }
+    out
+}
+
+#[test]
+fn every_help_has_examples() {
+    let paths = subcommands();
+    assert!(paths.len() >= 20, "{paths:?}");
+    let mut without = Vec::new();
+    for path in std::iter::once(Vec::new()).chain(paths) {
+        let output = std::process::Command::new(env!("CARGO_BIN_EXE_peftpipe"))
+            .args(&path)
+            .arg("--help")
+            .output()
+            .expect("run");
+        if !stdout(&output).contains("Examples:\n  peftpipe ") {
+            without.push(path.join(" "));
+        }
+    }
+    assert!(without.is_empty(), "--help without examples: {without:?}");
+}
+
+#[test]
+fn color_always_and_never_override_the_terminal_check() {
+    let project = Project::empty();
+    project.write("bad.yaml", "name: bad\nstages:\n  x:\n    ingset: {}\n");
+    let colored = project.peftpipe(&["validate", "bad.yaml", "--color", "always"]);
+    assert!(stderr(&colored).contains("\x1b["), "{}", stderr(&colored));
+    let plain = project.peftpipe(&["validate", "bad.yaml", "--color", "never"]);
+    assert!(!stderr(&plain).contains("\x1b["), "{}", stderr(&plain));
+    // Not a terminal: auto means no colors.
+    let auto = project.peftpipe(&["validate", "bad.yaml"]);
+    assert!(!stderr(&auto).contains("\x1b["));
+}
+
+#[test]
+fn verbose_summary_shows_every_figure() {
+    let project = Project::tiny();
+    let quiet_summary = stderr(&project.ok(&["run", "pipeline.yaml", "--stage", "data"]));
+    assert!(!quiet_summary.contains("rows_read="), "{quiet_summary}");
+    assert!(quiet_summary.contains("rows_kept="), "{quiet_summary}");
+    let verbose = stderr(&project.ok(&["run", "pipeline.yaml", "--stage", "data", "-v"]));
+    assert!(verbose.contains("rows_read="), "{verbose}");
+    for line in verbose.lines().chain(quiet_summary.lines()) {
+        assert!(line.chars().count() <= 120, "wider than 120 columns: {line}");
+    }
+}

@@ -1,0 +1,187 @@
+//! The run report (issue 11, item 1): `run` writes one self-contained HTML page and names it in
+//! its summary; `peftpipe report` writes it where asked. Checked offline (structure: every
+//! section, every chart with data, nothing loaded from the network) and, where a Chromium is
+//! installed, in a real headless browser (skipped with the reason otherwise).
+
+mod report_support;
+
+use std::path::{Path, PathBuf};
+
+use report_support::{stderr, stdout, Project};
+
+/// The charts of a page: (class, data-points, the figure's markup).
+fn charts(page: &str) -> Vec<(String, usize, String)> {
+    page.split("<figure class=\"chart ")
+        .skip(1)
+        .map(|rest| {
+            let figure = rest.split("</figure>").next().unwrap_or("").to_string();
+            let class = figure.split('"').next().unwrap_or("").to_string();
+            let points = figure
+                .split("data-points=\"")
+                .nth(1)
+                .and_then(|tail| tail.split('"').next())
+                .and_then(|number| number.parse().ok())
+                .unwrap_or(0);
+            (class, points, figure)
+        })
+        .collect()
+}
+
+/// Points of every `<polyline points="x,y x,y ...">` in `svg`.
+fn polyline_points(svg: &str) -> Vec<usize> {
+    svg.split("<polyline")
+        .skip(1)
+        .map(|rest| {
+            rest.split("points=\"")
+                .nth(1)
+                .and_then(|tail| tail.split('"').next())
+                .map_or(0, |points| points.split_whitespace().count())
+        })
+        .collect()
+}
+
+fn check_page(page: &str) {
+    assert!(page.starts_with("<!DOCTYPE html>"), "{}", &page[..100]);
+    assert!(page.trim_end().ends_with("</html>"));
+    // Self-contained: no script, stylesheet link, image or frame to fetch; the only URL is
+    // SVG's XML namespace.
+    for banned in ["<script", "<link", "<img", "<iframe", "src=", "@import", "url("] {
+        assert!(!page.contains(banned), "the page loads something: {banned}");
+    }
+    let without_namespace = page.replace("http://www.w3.org/2000/svg", "");
+    assert!(
+        !without_namespace.contains("http://") && !without_namespace.contains("https://"),
+        "the page names a URL"
+    );
+    for section in [
+        "id=\"stages\"",
+        "id=\"train-train\"",
+        "id=\"evaluate-evaluate\"",
+        "<h3>Samples</h3>",
+        "id=\"environment\"",
+    ] {
+        assert!(page.contains(section), "section {section} missing");
+    }
+    let charts = charts(page);
+    let classes: Vec<&str> = charts.iter().map(|(class, _, _)| class.as_str()).collect();
+    assert_eq!(
+        classes.iter().filter(|class| **class == "line").count(),
+        3,
+        "loss, learning rate, gradient norm: {classes:?}"
+    );
+    assert_eq!(classes.iter().filter(|class| **class == "dag").count(), 1);
+    assert!(
+        classes.iter().filter(|class| **class == "bars").count() >= 3,
+        "accuracy, loss, perplexity: {classes:?}"
+    );
+    for (class, points, figure) in &charts {
+        assert!(*points > 0, "an empty {class} chart");
+        assert!(figure.contains("<svg"), "{class} chart without SVG");
+        match class.as_str() {
+            "line" => {
+                let lines = polyline_points(figure);
+                assert!(
+                    lines.iter().any(|count| *count >= 2),
+                    "a line chart without a drawn line: {lines:?}"
+                );
+            }
+            "bars" => assert!(
+                figure.matches("<rect").count() > *points,
+                "a bar chart without its bars"
+            ),
+            _ => {}
+        }
+    }
+    // Three training steps: the loss chart draws loss and smoothed loss, 3 points each.
+    assert_eq!(charts[1].1, 6, "loss chart: {:?}", charts[1].0);
+    // Stage table: every stage with its status and cache use.
+    for stage in ["data", "prompts", "train", "evaluate", "export"] {
+        assert!(page.contains(&format!("<tr><td>{stage}</td>")), "{stage} row");
+    }
+    assert!(page.contains("<th>fingerprint of train</th>"));
+    assert!(page.contains("train: device</th><td><code>cpu</code>"));
+}
+
+#[test]
+fn run_writes_a_self_contained_report_and_names_it() {
+    let project = Project::tiny();
+    let output = project.ok(&["run", "pipeline.yaml"]);
+    let log = stderr(&output);
+    let path = project.path(".peftpipe/out/tiny/report.html");
+    assert!(
+        log.contains(&format!("Report {}", path.display())),
+        "the summary names the report:\n{log}"
+    );
+    let page = std::fs::read_to_string(&path).expect("the report");
+    check_page(&page);
+    assert!(page.contains("<td>ran</td>"), "statuses of this run");
+
+    // `--no-report` writes none.
+    std::fs::remove_file(&path).expect("remove");
+    let output = project.ok(&["run", "pipeline.yaml", "--no-report"]);
+    assert!(!path.exists());
+    assert!(!stderr(&output).contains("Report"));
+}
+
+#[test]
+fn report_command_writes_where_asked_and_prints_the_path() {
+    let project = Project::tiny();
+    project.ok(&["run", "pipeline.yaml", "--no-report"]);
+    let output = project.ok(&["report", "pipeline.yaml", "-o", "pages/tiny.html"]);
+    assert_eq!(stdout(&output).trim(), "pages/tiny.html");
+    let page = std::fs::read_to_string(project.path("pages/tiny.html")).expect("the report");
+    check_page(&page);
+    // Without a run, the statuses come from the plan: everything is fresh.
+    assert!(page.contains("<td>fresh</td><td class=\"num\">"), "fresh rows");
+    assert!(!page.contains("<td>ran</td>"));
+}
+
+fn browser() -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    ["chromium", "chromium-browser", "google-chrome", "google-chrome-stable"]
+        .iter()
+        .flat_map(|name| std::env::split_paths(&path).map(move |dir| dir.join(name)))
+        .find(|candidate| candidate.is_file())
+}
+
+#[test]
+fn report_loads_in_a_headless_browser_without_console_errors() {
+    let Some(browser) = browser() else {
+        eprintln!(
+            "skipped: no chromium, chromium-browser or google-chrome on PATH (Debian: apt-get \
+             install chromium)"
+        );
+        return;
+    };
+    let project = Project::tiny();
+    project.ok(&["run", "pipeline.yaml"]);
+    let page = project.path(".peftpipe/out/tiny/report.html");
+    let profile = project.path("browser-profile");
+    let output = std::process::Command::new(&browser)
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--enable-logging=stderr",
+            "--v=0",
+        ])
+        .arg(format!("--user-data-dir={}", profile.display()))
+        .arg("--dump-dom")
+        .arg(format!("file://{}", Path::new(&page).display()))
+        .output()
+        .expect("run the browser");
+    let dom = stdout(&output);
+    let log = stderr(&output);
+    assert!(output.status.success(), "{}: {log}", browser.display());
+    let console: Vec<&str> = log
+        .lines()
+        .filter(|line| line.contains("CONSOLE") || line.contains("Uncaught"))
+        .collect();
+    assert!(console.is_empty(), "console messages: {console:?}");
+    // The browser parsed every chart with its drawn data.
+    let parsed = charts(&dom);
+    assert!(parsed.len() >= 7, "{} charts in the DOM", parsed.len());
+    for (class, points, figure) in parsed {
+        assert!(points > 0 && figure.contains("<svg"), "{class} chart");
+    }
+}
