@@ -115,6 +115,56 @@ impl SpanIndex {
         self.values.insert(path, (marker.line(), marker.col() + 1));
     }
 
+    /// Give `to` and everything under it the positions of `from` and everything under it (a
+    /// matrix expansion is placed where its stage, or a substituted value, was written).
+    pub(crate) fn copy_subtree(&mut self, from: &str, to: &str) {
+        let rename = |key: &str| format!("{to}{}", &key[from.len()..]);
+        let in_subtree = |key: &String| key == from || is_descendant(key, from);
+        let entries: Vec<(String, Origin)> = self
+            .entries
+            .iter()
+            .filter(|(key, _)| in_subtree(key))
+            .map(|(key, origin)| (rename(key), origin.clone()))
+            .collect();
+        let values: Vec<(String, (usize, usize))> = self
+            .values
+            .iter()
+            .filter(|(key, _)| in_subtree(key))
+            .map(|(key, position)| (rename(key), *position))
+            .collect();
+        self.entries.extend(entries);
+        self.values.extend(values);
+    }
+
+    /// Forget `path` and everything under it.
+    pub(crate) fn forget_subtree(&mut self, path: &str) {
+        self.remove_subtree(path);
+    }
+
+    /// Move each `(from, to)` subtree at once (list items renumbered after an item became
+    /// several); a `from` may be the `to` of another move, and several moves may share a `from`.
+    pub(crate) fn move_subtrees(&mut self, moves: &[(String, String)]) {
+        let mut moved = SpanIndex::default();
+        for (from, to) in moves {
+            let mut copy = SpanIndex::default();
+            copy.entries = self.entries.clone();
+            copy.values = self.values.clone();
+            // Only this subtree, renamed.
+            copy.entries.retain(|key, _| key == from || is_descendant(key, from));
+            copy.values.retain(|key, _| key == from || is_descendant(key, from));
+            copy.copy_subtree(from, to);
+            copy.entries.retain(|key, _| key == to || is_descendant(key, to));
+            copy.values.retain(|key, _| key == to || is_descendant(key, to));
+            moved.entries.extend(copy.entries);
+            moved.values.extend(copy.values);
+        }
+        for (from, _) in moves {
+            self.remove_subtree(from);
+        }
+        self.entries.extend(moved.entries);
+        self.values.extend(moved.values);
+    }
+
     /// Forget `path` and everything under it.
     fn remove_subtree(&mut self, path: &str) {
         self.entries
@@ -1546,6 +1596,9 @@ pub struct Parsed {
     /// keys were taken out (no problem sits at a reference key). Good for drawing the graph
     /// ([`drawable_graph`]), never for running.
     pub readable_stages: IndexMap<String, StageConfig>,
+    /// Each stage with a `matrix:` and the names of its expansions (which stand in its place in
+    /// `raw.stages` and `stage_names`); see [`super::matrix`].
+    pub expansions: IndexMap<String, Vec<String>>,
     pub problems: Vec<Problem>,
 }
 
@@ -1716,6 +1769,7 @@ pub fn parse_pipeline(file: &Path, overrides: &[String]) -> Result<Parsed, Probl
     let mut stage_names = Vec::new();
     let mut invalid_stages = HashSet::new();
     let mut readable_stages = IndexMap::new();
+    let mut expansions = IndexMap::new();
     if let Some(Value::Object(stage_map)) = &stages_value {
         if stage_map.is_empty() {
             problems.push(
@@ -1724,16 +1778,32 @@ pub fn parse_pipeline(file: &Path, overrides: &[String]) -> Result<Parsed, Probl
                 ),
             );
         }
-        for (name, value) in stage_map {
+        let mut misnamed = HashSet::new();
+        for name in stage_map.keys() {
+            if let Some(reason) = name_problem(name) {
+                problems.push(
+                    Problem::new(join_key("stages", name), format!("stage name `{name}` {reason}"))
+                        .with_hint(
+                            "stage names appear in key paths, `--set` keys and artifact paths",
+                        ),
+                );
+                misnamed.insert(name.clone());
+            }
+        }
+        let expanded = super::matrix::expand(stage_map, &mut document.spans, &mut problems);
+        for name in &expanded.invalid {
+            stage_names.push(name.clone());
+            invalid_stages.insert(name.clone());
+        }
+        for (name, value) in &expanded.stages {
+            if expanded.invalid.contains(name) {
+                continue;
+            }
             stage_names.push(name.clone());
             let at = join_key("stages", name);
             let before = problems.len();
-            if let Some(reason) = name_problem(name) {
-                problems.push(
-                    Problem::new(at.clone(), format!("stage name `{name}` {reason}")).with_hint(
-                        "stage names appear in key paths, `--set` keys and artifact paths",
-                    ),
-                );
+            if misnamed.contains(name) {
+                invalid_stages.insert(name.clone());
             }
             if let Some(config) = parse_stage(value, &at, &mut problems) {
                 if problems.len() == before {
@@ -1746,6 +1816,13 @@ pub fn parse_pipeline(file: &Path, overrides: &[String]) -> Result<Parsed, Probl
                 invalid_stages.insert(name.clone());
             }
         }
+        // A misnamed stage with no other problem is still left out of the pipeline.
+        for name in &misnamed {
+            if let Some(config) = stages.shift_remove(name) {
+                readable_stages.insert(name.clone(), config);
+            }
+        }
+        expansions = expanded.expansions;
     }
     if let Some(raw) = raw.as_mut() {
         raw.stages = stages;
@@ -1769,6 +1846,7 @@ pub fn parse_pipeline(file: &Path, overrides: &[String]) -> Result<Parsed, Probl
         stage_names,
         invalid_stages,
         readable_stages,
+        expansions,
         problems,
     })
 }
@@ -1820,7 +1898,7 @@ pub fn drawable_graph(parsed: &Parsed) -> (Option<StageGraph>, Vec<Problem>) {
     );
     let problems: Vec<Problem> = errors
         .iter()
-        .map(|error| graph_problem(error, &ordered))
+        .map(|error| matrix_reference(graph_problem(error, &ordered), error, &parsed.expansions))
         .collect();
     let complete = ordered.len() == parsed.stage_names.len();
     let graph = (complete && problems.is_empty()).then_some(graph);
@@ -1952,7 +2030,11 @@ pub fn check_pipeline_with(
         parsed.stage_names.iter().map(String::as_str),
     );
     for error in &graph_errors {
-        problems.push(graph_problem(error, stages));
+        problems.push(matrix_reference(
+            graph_problem(error, stages),
+            error,
+            &parsed.expansions,
+        ));
     }
 
     // Kind checks in topological order, then whatever sits on or behind a cycle.
@@ -2028,6 +2110,35 @@ fn path_policy(
             }
         }
         StageConfig::Ingest(_) | StageConfig::Train(_) | StageConfig::Evaluate(_) => {}
+    }
+}
+
+/// A reference to a stage that a matrix replaced by its expansions says so.
+fn matrix_reference(
+    problem: Problem,
+    error: &GraphError,
+    expansions: &IndexMap<String, Vec<String>>,
+) -> Problem {
+    let GraphError::UnknownStage {
+        stage, reference, ..
+    } = error
+    else {
+        return problem;
+    };
+    let Some(names) = expansions.get(reference) else {
+        return problem;
+    };
+    let names: Vec<&str> = names.iter().map(String::as_str).collect();
+    Problem {
+        message: format!(
+            "stage `{stage}` reads `{reference}`, but its `matrix:` expands it into {} stages",
+            names.len()
+        ),
+        hint: Some(format!(
+            "name one of them ({}), or, in a list, all of them as `{reference}@*`",
+            quoted_list(&names)
+        )),
+        ..problem
     }
 }
 
