@@ -1010,6 +1010,19 @@ impl Document {
         }
         // In file order, as a compiler reports them; command-line problems first.
         problems.sort_by_key(|problem| (problem.line.unwrap_or(0), problem.column.unwrap_or(0)));
+        // One problem of a matrix value shared by several expansions is reported once (for the
+        // first expansion it breaks).
+        let mut seen = HashSet::new();
+        problems.retain(|problem| {
+            problem.line.is_none()
+                || seen.insert((
+                    problem.line,
+                    problem.column,
+                    problem.message.clone(),
+                    problem.hint.clone(),
+                    super::matrix::without_expansion(&problem.path),
+                ))
+        });
         Problems::new(self.display_name(), problems).with_source(self.source.clone())
     }
 }
@@ -1898,7 +1911,9 @@ pub fn drawable_graph(parsed: &Parsed) -> (Option<StageGraph>, Vec<Problem>) {
     );
     let problems: Vec<Problem> = errors
         .iter()
-        .map(|error| matrix_reference(graph_problem(error, &ordered), error, &parsed.expansions))
+        .filter_map(|error| {
+            matrix_reference(graph_problem(error, &ordered), error, &parsed.expansions)
+        })
         .collect();
     let complete = ordered.len() == parsed.stage_names.len();
     let graph = (complete && problems.is_empty()).then_some(graph);
@@ -2030,7 +2045,7 @@ pub fn check_pipeline_with(
         parsed.stage_names.iter().map(String::as_str),
     );
     for error in &graph_errors {
-        problems.push(matrix_reference(
+        problems.extend(matrix_reference(
             graph_problem(error, stages),
             error,
             &parsed.expansions,
@@ -2113,23 +2128,27 @@ fn path_policy(
     }
 }
 
-/// A reference to a stage that a matrix replaced by its expansions says so.
+/// A reference to a stage that a matrix replaced by its expansions says so; a `STAGE@*` where
+/// one stage is read is no problem of the graph (the expansion already reported it).
 fn matrix_reference(
     problem: Problem,
     error: &GraphError,
     expansions: &IndexMap<String, Vec<String>>,
-) -> Problem {
+) -> Option<Problem> {
     let GraphError::UnknownStage {
         stage, reference, ..
     } = error
     else {
-        return problem;
+        return Some(problem);
     };
+    if super::matrix::all_of(reference).is_some() {
+        return None;
+    }
     let Some(names) = expansions.get(reference) else {
-        return problem;
+        return Some(problem);
     };
     let names: Vec<&str> = names.iter().map(String::as_str).collect();
-    Problem {
+    Some(Problem {
         message: format!(
             "stage `{stage}` reads `{reference}`, but its `matrix:` expands it into {} stages",
             names.len()
@@ -2139,7 +2158,7 @@ fn matrix_reference(
             quoted_list(&names)
         )),
         ..problem
-    }
+    })
 }
 
 /// A graph error as a problem at the reference (the value naming the upstream stage).

@@ -97,13 +97,6 @@ pub struct Expansion {
     pub invalid: Vec<String>,
 }
 
-impl Expansion {
-    /// The matrix stage `name` was expanded from, if it is an expansion.
-    pub fn base_of(name: &str) -> Option<&str> {
-        name.split_once('@').map(|(base, _)| base)
-    }
-}
-
 /// One matrix key's values: (name part, value, key path of the value in the file).
 struct Axis {
     key: String,
@@ -627,8 +620,21 @@ fn expand_all_references(
     }
 }
 
+/// A key path with its stage's expansion part left out (`stages.t@a-b.train.x` →
+/// `stages.t.train.x`), to tell problems that several expansions share.
+pub fn without_expansion(path: &str) -> String {
+    let Some(rest) = path.strip_prefix("stages.") else {
+        return path.to_string();
+    };
+    let end = rest.find(['.', '[']).unwrap_or(rest.len());
+    match rest[..end].split_once('@') {
+        Some((base, _)) => format!("stages.{base}{}", &rest[end..]),
+        None => path.to_string(),
+    }
+}
+
 /// `STAGE@*` → `STAGE`.
-fn all_of(text: &str) -> Option<&str> {
+pub fn all_of(text: &str) -> Option<&str> {
     let base = text.strip_suffix("@*")?;
     name_problem(base).is_none().then_some(base)
 }
@@ -736,6 +742,14 @@ mod tests {
         assert!(stray[0].2.contains("has no `matrix:`"));
         let scalar_all = messages("stages:\n  t:\n    matrix: {m: [1]}\n    train: {x: '${item.m}'}\n  e:\n    export: {from: 't@*'}\n");
         assert!(scalar_all[0].2.contains("only be an item of a list"), "{scalar_all:?}");
+    }
+
+    #[test]
+    fn expansion_parts_are_left_out_of_key_paths() {
+        assert_eq!(without_expansion("stages.t@a-b.train.x"), "stages.t.train.x");
+        assert_eq!(without_expansion("stages.t@a[0]"), "stages.t[0]");
+        assert_eq!(without_expansion("stages.t.train.x"), "stages.t.train.x");
+        assert_eq!(without_expansion("seed"), "seed");
     }
 
     #[test]
