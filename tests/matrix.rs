@@ -61,7 +61,9 @@ fn status(project: &TrainProject, file: &str) -> String {
 }
 
 fn adapter_rank(project: &TrainProject, stage: &str) -> serde_json::Value {
-    let path = project.path(&format!(".peftpipe/out/ranks/{stage}/adapter/adapter_config.json"));
+    let path = project.path(&format!(
+        ".peftpipe/out/ranks/{stage}/adapter/adapter_config.json"
+    ));
     let text = std::fs::read_to_string(&path)
         .unwrap_or_else(|error| panic!("{}: {error}", path.display()));
     let config: serde_json::Value = serde_json::from_str(&text).expect("adapter_config.json");
@@ -80,7 +82,14 @@ fn a_two_rank_matrix_runs_each_expansion_over_data_prepared_once() {
     let first = project.run_ok("pipeline.yaml", &[]);
     assert_eq!(
         first.ran(),
-        ["data", "prompts", "train@small", "train@big", "evaluate@small", "evaluate@big"]
+        [
+            "data",
+            "prompts",
+            "train@small",
+            "train@big",
+            "evaluate@small",
+            "evaluate@big"
+        ]
     );
     // Both adapters are there, each with its own rank and its own cache entry.
     assert_eq!(adapter_rank(&project, "train@small"), 2);

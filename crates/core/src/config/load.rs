@@ -144,25 +144,29 @@ impl SpanIndex {
     /// Move each `(from, to)` subtree at once (list items renumbered after an item became
     /// several); a `from` may be the `to` of another move, and several moves may share a `from`.
     pub(crate) fn move_subtrees(&mut self, moves: &[(String, String)]) {
-        let mut moved = SpanIndex::default();
+        let in_subtree = |key: &str, root: &str| key == root || is_descendant(key, root);
+        let mut entries = Vec::new();
+        let mut values = Vec::new();
         for (from, to) in moves {
-            let mut copy = SpanIndex::default();
-            copy.entries = self.entries.clone();
-            copy.values = self.values.clone();
-            // Only this subtree, renamed.
-            copy.entries.retain(|key, _| key == from || is_descendant(key, from));
-            copy.values.retain(|key, _| key == from || is_descendant(key, from));
-            copy.copy_subtree(from, to);
-            copy.entries.retain(|key, _| key == to || is_descendant(key, to));
-            copy.values.retain(|key, _| key == to || is_descendant(key, to));
-            moved.entries.extend(copy.entries);
-            moved.values.extend(copy.values);
+            let rename = |key: &str| format!("{to}{}", &key[from.len()..]);
+            entries.extend(
+                self.entries
+                    .iter()
+                    .filter(|(key, _)| in_subtree(key, from))
+                    .map(|(key, origin)| (rename(key), origin.clone())),
+            );
+            values.extend(
+                self.values
+                    .iter()
+                    .filter(|(key, _)| in_subtree(key, from))
+                    .map(|(key, position)| (rename(key), *position)),
+            );
         }
         for (from, _) in moves {
             self.remove_subtree(from);
         }
-        self.entries.extend(moved.entries);
-        self.values.extend(moved.values);
+        self.entries.extend(entries);
+        self.values.extend(values);
     }
 
     /// Forget `path` and everything under it.
@@ -1254,10 +1258,18 @@ fn apply_override_unboxed(document: &mut Document, argument: &str) -> Result<(),
                 };
                 if in_stages && !map.contains_key(name) {
                     let names: Vec<&str> = map.keys().map(String::as_str).collect();
+                    // `--set` edits the file as written, before `matrix:` expansion.
+                    let hint = match name.split_once('@') {
+                        Some((base, _)) if map.contains_key(base) => Some(format!(
+                            "`{name}` is an expansion of `{base}`'s matrix: set `stages.{base}.…` (every expansion) or its values, `stages.{base}.matrix.KEY`"
+                        )),
+                        _ => hint_for_unknown(name, names, "stages"),
+                    };
                     return Err(origin_problem(key, format!("no stage named `{name}`"))
-                        .with_optional_hint(hint_for_unknown(name, names, "stages")));
+                        .with_optional_hint(hint));
                 }
-                if in_stage && !map.contains_key(name) {
+                // A `matrix:` may be added next to the kind.
+                if in_stage && !map.contains_key(name) && name != super::matrix::MATRIX_KEY {
                     let existing: Vec<&str> = map.keys().map(String::as_str).collect();
                     let message = match existing.as_slice() {
                         [kind] => format!("stage `{here}` is a `{kind}` stage, not `{name}`"),
@@ -1795,10 +1807,11 @@ pub fn parse_pipeline(file: &Path, overrides: &[String]) -> Result<Parsed, Probl
         for name in stage_map.keys() {
             if let Some(reason) = name_problem(name) {
                 problems.push(
-                    Problem::new(join_key("stages", name), format!("stage name `{name}` {reason}"))
-                        .with_hint(
-                            "stage names appear in key paths, `--set` keys and artifact paths",
-                        ),
+                    Problem::new(
+                        join_key("stages", name),
+                        format!("stage name `{name}` {reason}"),
+                    )
+                    .with_hint("stage names appear in key paths, `--set` keys and artifact paths"),
                 );
                 misnamed.insert(name.clone());
             }
@@ -2469,6 +2482,27 @@ mod tests {
         );
         assert!(apply_override(&mut doc, "stages.prompts.template.k.x=4").is_err());
         assert!(apply_override(&mut doc, "novalue").is_err());
+    }
+
+    #[test]
+    fn overrides_may_add_a_matrix_and_point_expansions_at_their_matrix_stage() {
+        let mut doc = document("stages:\n  train:\n    train:\n      r: 3\n");
+        apply_override(&mut doc, "stages.train.matrix={r: [4, 8]}").unwrap();
+        assert_eq!(
+            doc.value["stages"]["train"]["matrix"],
+            serde_json::json!({"r": [4, 8]})
+        );
+        let problem = apply_override(&mut doc, "stages.train@4.train.r=5")
+            .err()
+            .unwrap_or_else(|| Box::new(Problem::new("", "")));
+        assert_eq!(problem.message, "no stage named `train@4`");
+        assert!(
+            problem
+                .hint
+                .as_deref()
+                .is_some_and(|hint| hint.contains("stages.train.matrix.KEY")),
+            "{problem:?}"
+        );
     }
 
     #[test]

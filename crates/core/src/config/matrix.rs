@@ -105,7 +105,11 @@ struct Axis {
 
 /// Expand every stage with a `matrix:` key of `stages` (found at `stages`), then replace
 /// `STAGE@*` list items. Problems go to `problems`; spans of expanded stages are added to `spans`.
-pub fn expand(stages: &Map<String, Value>, spans: &mut SpanIndex, problems: &mut Vec<Problem>) -> Expansion {
+pub fn expand(
+    stages: &Map<String, Value>,
+    spans: &mut SpanIndex,
+    problems: &mut Vec<Problem>,
+) -> Expansion {
     let mut out = Expansion::default();
     for (name, value) in stages {
         let at = join_key("stages", name);
@@ -181,9 +185,15 @@ fn read_axes(matrix: &Value, at: &str, problems: &mut Vec<Problem>) -> Option<Ve
     let example = "e.g. `matrix: {lr: [0.001, 0.01]}` with `learning_rate: ${item.lr}`";
     let Value::Object(keys) = matrix else {
         problems.push(
-            Problem::new(at, format!("`matrix` is a mapping of keys to lists of values, found {}", super::load::describe_value(matrix)))
-                .with_hint(example)
-                .about_value(),
+            Problem::new(
+                at,
+                format!(
+                    "`matrix` is a mapping of keys to lists of values, found {}",
+                    super::load::describe_value(matrix)
+                ),
+            )
+            .with_hint(example)
+            .about_value(),
         );
         return None;
     };
@@ -207,19 +217,32 @@ fn read_axes(matrix: &Value, at: &str, problems: &mut Vec<Problem>) -> Option<Ve
             Value::Array(items) => items
                 .iter()
                 .enumerate()
-                .map(|(index, value)| (list_part(key, index, value), value.clone(), join_index(&key_at, index)))
+                .map(|(index, value)| {
+                    (
+                        list_part(key, index, value),
+                        value.clone(),
+                        join_index(&key_at, index),
+                    )
+                })
                 .collect::<Vec<_>>(),
             Value::Object(named) => {
                 let mut values = Vec::new();
                 for (value_name, value) in named {
                     if let Some(reason) = name_problem(value_name) {
                         problems.push(
-                            Problem::new(join_key(&key_at, value_name), format!("value name `{value_name}` {reason}"))
-                                .with_hint("a value's name is part of its expansions' stage names"),
+                            Problem::new(
+                                join_key(&key_at, value_name),
+                                format!("value name `{value_name}` {reason}"),
+                            )
+                            .with_hint("a value's name is part of its expansions' stage names"),
                         );
                         usable = false;
                     }
-                    values.push((value_name.clone(), value.clone(), join_key(&key_at, value_name)));
+                    values.push((
+                        value_name.clone(),
+                        value.clone(),
+                        join_key(&key_at, value_name),
+                    ));
                 }
                 values
             }
@@ -235,23 +258,32 @@ fn read_axes(matrix: &Value, at: &str, problems: &mut Vec<Problem>) -> Option<Ve
         };
         if values.is_empty() {
             problems.push(
-                Problem::new(&key_at, format!("matrix key `{key}` has no values: the stage would expand to nothing"))
-                    .with_hint("give at least one value, or remove the key")
-                    .about_value(),
+                Problem::new(
+                    &key_at,
+                    format!("matrix key `{key}` has no values: the stage would expand to nothing"),
+                )
+                .with_hint("give at least one value, or remove the key")
+                .about_value(),
             );
             usable = false;
             continue;
         }
-        axes.push(Axis { key: key.clone(), values });
+        axes.push(Axis {
+            key: key.clone(),
+            values,
+        });
     }
     if !usable {
         return None;
     }
-    let count = axes
-        .iter()
-        .fold(1usize, |count, axis| count.saturating_mul(axis.values.len()));
+    let count = axes.iter().fold(1usize, |count, axis| {
+        count.saturating_mul(axis.values.len())
+    });
     if count > MAX_EXPANSIONS {
-        let sizes: Vec<String> = axes.iter().map(|axis| axis.values.len().to_string()).collect();
+        let sizes: Vec<String> = axes
+            .iter()
+            .map(|axis| axis.values.len().to_string())
+            .collect();
         problems.push(
             Problem::new(at, format!("the matrix expands to {count} stages ({}); at most {MAX_EXPANSIONS} are allowed", sizes.join(" × ")))
                 .with_hint("split it into several stages, or drop values"),
@@ -278,7 +310,13 @@ fn list_part(key: &str, index: usize, value: &Value) -> String {
         _ => return format!("{key}{index}"),
     };
     text.chars()
-        .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
         .collect()
 }
 
@@ -359,23 +397,27 @@ fn references(text: &str) -> Result<Vec<Reference>, String> {
             return Err(format!("unterminated `{REFERENCE_START}` reference"));
         };
         let inner = &after[..close];
-        let segments: Vec<String> = inner
-            .split('.')
-            .skip(1)
-            .map(str::to_string)
-            .collect();
+        let segments: Vec<String> = inner.split('.').skip(1).map(str::to_string).collect();
         if segments.iter().any(String::is_empty) {
             return Err(format!("`${{item{inner}}}` has an empty field name"));
         }
         let end = start + REFERENCE_START.len() + close + 1;
-        found.push(Reference { start, end, segments });
+        found.push(Reference {
+            start,
+            end,
+            segments,
+        });
         from = end;
     }
     Ok(found)
 }
 
 /// Follow `fields` into `value`; the resolved value and its key path under `path`.
-fn follow<'a>(value: &'a Value, path: &str, fields: &[String]) -> Result<(&'a Value, String), String> {
+fn follow<'a>(
+    value: &'a Value,
+    path: &str,
+    fields: &[String],
+) -> Result<(&'a Value, String), String> {
     let mut current = value;
     let mut current_path = path.to_string();
     for field in fields {
@@ -387,14 +429,23 @@ fn follow<'a>(value: &'a Value, path: &str, fields: &[String]) -> Result<(&'a Va
                 }
                 None => return Err(format!("has no field `{field}`")),
             },
-            Value::Array(items) => match field.parse::<usize>().ok().and_then(|i| items.get(i).map(|v| (i, v))) {
+            Value::Array(items) => match field
+                .parse::<usize>()
+                .ok()
+                .and_then(|i| items.get(i).map(|v| (i, v)))
+            {
                 Some((index, next)) => {
                     current_path = join_index(&current_path, index);
                     next
                 }
                 None => return Err(format!("has no item `{field}`")),
             },
-            _ => return Err(format!("is {}, which has no field `{field}`", super::load::describe_value(current))),
+            _ => {
+                return Err(format!(
+                    "is {}, which has no field `{field}`",
+                    super::load::describe_value(current)
+                ))
+            }
         };
     }
     Ok((current, current_path))
@@ -435,9 +486,12 @@ fn check_references(body: &Value, at: &str, axes: &[Axis], problems: &mut Vec<Pr
             };
             let Some(axis) = axes.iter().find(|axis| axis.key == *key) else {
                 problems.push(
-                    Problem::new(path, format!("`${{item.{key}}}` names no key of the stage's matrix"))
-                        .with_optional_hint(hint_for_unknown(key, keys.iter().copied(), "matrix keys"))
-                        .about_value(),
+                    Problem::new(
+                        path,
+                        format!("`${{item.{key}}}` names no key of the stage's matrix"),
+                    )
+                    .with_optional_hint(hint_for_unknown(key, keys.iter().copied(), "matrix keys"))
+                    .about_value(),
                 );
                 continue;
             };
@@ -483,9 +537,15 @@ fn stray_references(value: &Value, at: &str, problems: &mut Vec<Problem>) {
         if let Ok(found) = references(text) {
             if let Some(first) = found.first() {
                 problems.push(
-                    Problem::new(path, format!("`{}` refers to a matrix, but the stage has no `matrix:`", &text[first.start..first.end]))
-                        .with_hint("add `matrix: {KEY: [values…]}` next to the stage's kind")
-                        .about_value(),
+                    Problem::new(
+                        path,
+                        format!(
+                            "`{}` refers to a matrix, but the stage has no `matrix:`",
+                            &text[first.start..first.end]
+                        ),
+                    )
+                    .with_hint("add `matrix: {KEY: [values…]}` next to the stage's kind")
+                    .about_value(),
                 );
             }
         }
@@ -512,7 +572,12 @@ fn walk_strings(value: &Value, path: &str, visit: &mut dyn FnMut(&str, &str)) {
 /// The stage body with the item's values substituted (references already checked). `copies`
 /// receives (matrix value path, expanded path) for values substituted whole, so their spans
 /// point at the matrix.
-fn substitute(value: &Value, path: &str, item: &Item<'_>, copies: &mut Vec<(String, String)>) -> Value {
+fn substitute(
+    value: &Value,
+    path: &str,
+    item: &Item<'_>,
+    copies: &mut Vec<(String, String)>,
+) -> Value {
     match value {
         Value::String(text) => {
             let Ok(found) = references(text) else {
@@ -550,12 +615,19 @@ fn substitute(value: &Value, path: &str, item: &Item<'_>, copies: &mut Vec<(Stri
             items
                 .iter()
                 .enumerate()
-                .map(|(index, item_value)| substitute(item_value, &join_index(path, index), item, copies))
+                .map(|(index, item_value)| {
+                    substitute(item_value, &join_index(path, index), item, copies)
+                })
                 .collect(),
         ),
         Value::Object(map) => Value::Object(
             map.iter()
-                .map(|(key, item_value)| (key.clone(), substitute(item_value, &join_key(path, key), item, copies)))
+                .map(|(key, item_value)| {
+                    (
+                        key.clone(),
+                        substitute(item_value, &join_key(path, key), item, copies),
+                    )
+                })
                 .collect(),
         ),
         other => other.clone(),
@@ -681,7 +753,13 @@ mod tests {
         let names: Vec<&String> = expansion.stages.keys().collect();
         assert_eq!(
             names,
-            ["train@small-0_001", "train@small-0_01", "train@big-0_001", "train@big-0_01", "eval"]
+            [
+                "train@small-0_001",
+                "train@small-0_01",
+                "train@big-0_001",
+                "train@big-0_01",
+                "eval"
+            ]
         );
         let big = &expansion.stages["train@big-0_01"]["train"];
         assert_eq!(big["method"], serde_json::json!({"lora": {"r": 8}}));
@@ -689,7 +767,14 @@ mod tests {
         assert_eq!(big["note"], "rank 8 at 0.01");
         assert_eq!(
             expansion.stages["eval"]["evaluate"]["models"],
-            serde_json::json!(["base", "train@small-0_001", "train@small-0_01", "train@big-0_001", "train@big-0_01", "other"])
+            serde_json::json!([
+                "base",
+                "train@small-0_001",
+                "train@small-0_01",
+                "train@big-0_001",
+                "train@big-0_01",
+                "other"
+            ])
         );
     }
 
@@ -701,10 +786,12 @@ mod tests {
         spans.place(&mut problem);
         assert_eq!((problem.line, problem.column), (Some(9), Some(7)));
         // A substituted value: the matrix value it came from.
-        let mut problem = Problem::new("stages.train@big-0_01.train.method.lora.r", "x").about_value();
+        let mut problem =
+            Problem::new("stages.train@big-0_01.train.method.lora.r", "x").about_value();
         spans.place(&mut problem);
         assert_eq!(problem.line, Some(6));
-        let mut problem = Problem::new("stages.train@small-0_01.train.learning_rate", "x").about_value();
+        let mut problem =
+            Problem::new("stages.train@small-0_01.train.learning_rate", "x").about_value();
         spans.place(&mut problem);
         assert_eq!((problem.line, problem.column), (Some(7), Some(19)));
         // Items after an `@*` moved with their list.
@@ -715,38 +802,64 @@ mod tests {
 
     fn messages(yaml: &str) -> Vec<(String, Option<usize>, String)> {
         let (_, problems, _) = expand_text(yaml);
-        problems.into_iter().map(|p| (p.path, p.line, p.message)).collect()
+        problems
+            .into_iter()
+            .map(|p| (p.path, p.line, p.message))
+            .collect()
     }
 
     #[test]
     fn matrix_problems_point_at_the_matrix() {
-        let bad_key = messages("stages:\n  t:\n    matrix: {lr: [1], 2x: [3]}\n    train: {a: '${item.lr}'}\n");
+        let bad_key = messages(
+            "stages:\n  t:\n    matrix: {lr: [1], 2x: [3]}\n    train: {a: '${item.lr}'}\n",
+        );
         assert_eq!(bad_key[0].0, "stages.t.matrix.2x");
         assert!(bad_key[0].2.contains("is not a name"));
-        let empty = messages("stages:\n  t:\n    matrix:\n      lr: []\n    train: {a: '${item.lr}'}\n");
-        assert_eq!((empty[0].0.as_str(), empty[0].1), ("stages.t.matrix.lr", Some(4)));
+        let empty =
+            messages("stages:\n  t:\n    matrix:\n      lr: []\n    train: {a: '${item.lr}'}\n");
+        assert_eq!(
+            (empty[0].0.as_str(), empty[0].1),
+            ("stages.t.matrix.lr", Some(4))
+        );
         assert!(empty[0].2.contains("has no values"));
-        let unknown = messages("stages:\n  t:\n    matrix: {lr: [1]}\n    train: {a: '${item.rl}'}\n");
+        let unknown =
+            messages("stages:\n  t:\n    matrix: {lr: [1]}\n    train: {a: '${item.rl}'}\n");
         assert_eq!(unknown[0].0, "stages.t.train.a");
         assert!(unknown[0].2.contains("names no key"), "{unknown:?}");
-        let unused = messages("stages:\n  t:\n    matrix: {lr: [1], r: [2]}\n    train: {a: '${item.lr}'}\n");
+        let unused = messages(
+            "stages:\n  t:\n    matrix: {lr: [1], r: [2]}\n    train: {a: '${item.lr}'}\n",
+        );
         assert_eq!(unused[0].0, "stages.t.matrix.r");
-        let collision = messages("stages:\n  t:\n    matrix: {lr: [0.1, '0_1']}\n    train: {a: '${item.lr}'}\n");
-        assert_eq!((collision[0].0.as_str(), collision[0].1), ("stages.t.matrix", Some(3)));
+        let collision = messages(
+            "stages:\n  t:\n    matrix: {lr: [0.1, '0_1']}\n    train: {a: '${item.lr}'}\n",
+        );
+        assert_eq!(
+            (collision[0].0.as_str(), collision[0].1),
+            ("stages.t.matrix", Some(3))
+        );
         assert!(collision[0].2.contains("`t@0_1`"));
         let many = messages("stages:\n  t:\n    matrix: {a: [1,2,3,4,5,6,7,8,9], b: [1,2,3,4,5,6,7,8]}\n    train: {x: '${item.a}${item.b}'}\n");
         assert!(many[0].2.contains("72 stages (9 × 8)"), "{many:?}");
-        let inline_mapping = messages("stages:\n  t:\n    matrix: {m: [{a: 1}]}\n    train: {x: 'm=${item.m}'}\n");
-        assert!(inline_mapping[0].2.contains("cannot be part of a longer string"));
+        let inline_mapping =
+            messages("stages:\n  t:\n    matrix: {m: [{a: 1}]}\n    train: {x: 'm=${item.m}'}\n");
+        assert!(inline_mapping[0]
+            .2
+            .contains("cannot be part of a longer string"));
         let stray = messages("stages:\n  t:\n    train: {x: '${item.m}'}\n");
         assert!(stray[0].2.contains("has no `matrix:`"));
         let scalar_all = messages("stages:\n  t:\n    matrix: {m: [1]}\n    train: {x: '${item.m}'}\n  e:\n    export: {from: 't@*'}\n");
-        assert!(scalar_all[0].2.contains("only be an item of a list"), "{scalar_all:?}");
+        assert!(
+            scalar_all[0].2.contains("only be an item of a list"),
+            "{scalar_all:?}"
+        );
     }
 
     #[test]
     fn expansion_parts_are_left_out_of_key_paths() {
-        assert_eq!(without_expansion("stages.t@a-b.train.x"), "stages.t.train.x");
+        assert_eq!(
+            without_expansion("stages.t@a-b.train.x"),
+            "stages.t.train.x"
+        );
         assert_eq!(without_expansion("stages.t@a[0]"), "stages.t[0]");
         assert_eq!(without_expansion("stages.t.train.x"), "stages.t.train.x");
         assert_eq!(without_expansion("seed"), "seed");
@@ -754,7 +867,9 @@ mod tests {
 
     #[test]
     fn environment_variables_are_left_alone() {
-        let (expansion, problems, _) = expand_text("stages:\n  t:\n    matrix: {m: [a]}\n    train: {x: '${items}/${HOME}/${item.m}'}\n");
+        let (expansion, problems, _) = expand_text(
+            "stages:\n  t:\n    matrix: {m: [a]}\n    train: {x: '${items}/${HOME}/${item.m}'}\n",
+        );
         assert!(problems.is_empty(), "{problems:?}");
         assert_eq!(expansion.stages["t@a"]["train"]["x"], "${items}/${HOME}/a");
     }

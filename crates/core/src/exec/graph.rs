@@ -60,15 +60,19 @@ pub fn select(
             .keys()
             .filter(|name| {
                 !stages.contains_key(target)
-                    && name.strip_prefix(target.as_str()).is_some_and(|rest| rest.starts_with('@'))
+                    && name
+                        .strip_prefix(target.as_str())
+                        .is_some_and(|rest| rest.starts_with('@'))
             })
             .collect();
         if !group.is_empty() {
             for member in group {
-                let needed = graph.select(member).map_err(|error| ExecError::UnknownStage {
-                    hint: None,
-                    name: error.name,
-                })?;
+                let needed = graph
+                    .select(member)
+                    .map_err(|error| ExecError::UnknownStage {
+                        hint: None,
+                        name: error.name,
+                    })?;
                 wanted.extend(needed.into_iter().map(String::from));
             }
             continue;

@@ -62,7 +62,13 @@ impl Stage for FakeStage<'_> {
         }
         let result = self.work(ctx);
         if let Some(device) = &device {
-            self.world.devices.lock().unwrap().entry(device.clone()).or_default().0 -= 1;
+            self.world
+                .devices
+                .lock()
+                .unwrap()
+                .entry(device.clone())
+                .or_default()
+                .0 -= 1;
         }
         self.world.running_now.fetch_sub(1, Ordering::SeqCst);
         result
@@ -704,7 +710,14 @@ fn two_expanded_train_stages_never_share_a_gpu_while_cpu_stages_overlap() {
     let names: Vec<&String> = pipeline.stages.keys().collect();
     assert_eq!(
         names,
-        ["data", "slow_train@r4", "slow_train@r8", "slow_train@r16", "meet_a", "meet_b"]
+        [
+            "data",
+            "slow_train@r4",
+            "slow_train@r8",
+            "slow_train@r16",
+            "meet_a",
+            "meet_b"
+        ]
     );
     let mut settings = setup.settings(&pipeline);
     settings.jobs = 4;
@@ -727,7 +740,9 @@ fn trains_overlap_again_when_the_run_puts_them_on_the_cpu() {
     let world = World::default();
     // Both trains meet: they can only finish by running at once.
     let yaml = matrix_yaml("[4, 8]", "cuda:0").replace("slow_train", "meet_train");
-    let yaml = yaml.replace("meet_a", "other_a").replace("meet_b", "other_b");
+    let yaml = yaml
+        .replace("meet_a", "other_a")
+        .replace("meet_b", "other_b");
     let pipeline = expanded_pipeline(&setup, &yaml);
     let mut settings = setup.settings(&pipeline);
     settings.jobs = 4;
@@ -765,7 +780,9 @@ fn expansions_have_their_own_stable_fingerprints_and_rerun_alone() {
     let pipeline = expanded_pipeline(&setup, &matrix_yaml("{r4: 4, r8: 8}", "cpu"));
     let summary = run(&again, &pipeline, &settings);
     assert!(again.ran.lock().unwrap().is_empty());
-    assert!(statuses(&summary).iter().all(|(_, status)| *status == StageStatus::Fresh));
+    assert!(statuses(&summary)
+        .iter()
+        .all(|(_, status)| *status == StageStatus::Fresh));
 
     // One value changes: only its expansion reruns, saying why.
     let changed = World::default();
@@ -777,7 +794,10 @@ fn expansions_have_their_own_stable_fingerprints_and_rerun_alone() {
         ["parameter train.method.lora.r changed (8 → 16)"]
     );
     let changed_fingerprints = fingerprints(&changed);
-    assert_ne!(changed_fingerprints["slow_train@r8"], first["slow_train@r8"]);
+    assert_ne!(
+        changed_fingerprints["slow_train@r8"],
+        first["slow_train@r8"]
+    );
 
     // Renaming the matrix key (and its reference) changes no stage.
     let renamed = World::default();
