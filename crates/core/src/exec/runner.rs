@@ -94,6 +94,7 @@ pub fn execute(
     // The device slot each running stage holds (see `super::slots`).
     let mut slots = Slots::default();
     let mut held: Vec<Option<String>> = vec![None; count];
+    let mut told_to_wait = vec![false; count];
 
     std::thread::scope(|scope| {
         let (sender, receiver) = mpsc::channel::<(usize, JobResult)>();
@@ -120,7 +121,17 @@ pub fn execute(
                     };
                     // A GPU another stage holds: wait for it (later stages may still start).
                     let slot = device_slot(config, device);
-                    if !slots.take(slot.as_deref()) {
+                    if let Err(holder) = slots.take(slot.as_deref(), &stage_plan.name) {
+                        if !told_to_wait[position] {
+                            told_to_wait[position] = true;
+                            events.event(ExecEvent::StageNote {
+                                stage: stage_plan.name.clone(),
+                                message: format!(
+                                    "waits for {}, which {holder} is using",
+                                    slot.as_deref().unwrap_or_default()
+                                ),
+                            });
+                        }
                         continue;
                     }
                     held[position] = slot;

@@ -8,7 +8,7 @@
 //! `cpu` → no slot; `cuda` → `cuda:0`; `cuda:N` → `cuda:N`; `auto` → `cuda:0` in a CUDA build
 //! (where `auto` picks the first GPU), else no slot. Pure; the runner keeps the busy set.
 
-use std::collections::BTreeSet;
+use std::collections::BTreeMap;
 
 use crate::config::StageConfig;
 
@@ -30,18 +30,24 @@ pub fn resolve(device: &str) -> Option<String> {
     }
 }
 
-/// The slots held by running stages.
+/// The slots held by running stages, each with the stage that holds it.
 #[derive(Debug, Default)]
 pub struct Slots {
-    busy: BTreeSet<String>,
+    busy: BTreeMap<String, String>,
 }
 
 impl Slots {
-    /// Take `slot` (None: nothing to take). False when another stage holds it.
-    pub fn take(&mut self, slot: Option<&str>) -> bool {
-        match slot {
-            None => true,
-            Some(slot) => self.busy.insert(slot.to_string()),
+    /// Take `slot` for `stage` (None: nothing to take). Err: the stage that holds it.
+    pub fn take(&mut self, slot: Option<&str>, stage: &str) -> Result<(), String> {
+        let Some(slot) = slot else {
+            return Ok(());
+        };
+        match self.busy.get(slot) {
+            Some(holder) => Err(holder.clone()),
+            None => {
+                self.busy.insert(slot.to_string(), stage.to_string());
+                Ok(())
+            }
         }
     }
 
@@ -70,13 +76,13 @@ mod tests {
     #[test]
     fn a_slot_is_held_by_one_stage_at_a_time() {
         let mut slots = Slots::default();
-        assert!(slots.take(Some("cuda:0")));
-        assert!(!slots.take(Some("cuda:0")));
-        assert!(slots.take(Some("cuda:1")));
-        assert!(slots.take(None));
-        assert!(slots.take(None));
+        assert_eq!(slots.take(Some("cuda:0"), "a"), Ok(()));
+        assert_eq!(slots.take(Some("cuda:0"), "b"), Err("a".to_string()));
+        assert_eq!(slots.take(Some("cuda:1"), "b"), Ok(()));
+        assert_eq!(slots.take(None, "c"), Ok(()));
+        assert_eq!(slots.take(None, "d"), Ok(()));
         slots.release(Some("cuda:0"));
-        assert!(slots.take(Some("cuda:0")));
+        assert_eq!(slots.take(Some("cuda:0"), "b"), Ok(()));
     }
 
     fn stage(yaml: &str) -> StageConfig {

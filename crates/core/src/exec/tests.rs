@@ -171,6 +171,15 @@ impl Setup {
 }
 
 fn run(world: &World, pipeline: &Pipeline, settings: &RunSettings) -> RunSummary {
+    run_with_events(world, pipeline, settings, &IgnoreEvents)
+}
+
+fn run_with_events(
+    world: &World,
+    pipeline: &Pipeline,
+    settings: &RunSettings,
+    events: &dyn EventSink,
+) -> RunSummary {
     let builder = |name: &str, config: &StageConfig| -> Result<Box<dyn Stage + '_>, StageError> {
         Ok(Box::new(FakeStage {
             world,
@@ -182,7 +191,7 @@ fn run(world: &World, pipeline: &Pipeline, settings: &RunSettings) -> RunSummary
         pipeline,
         settings,
         &builder,
-        &IgnoreEvents,
+        events,
         &AtomicBool::new(false),
     )
     .unwrap()
@@ -721,10 +730,31 @@ fn two_expanded_train_stages_never_share_a_gpu_while_cpu_stages_overlap() {
     );
     let mut settings = setup.settings(&pipeline);
     settings.jobs = 4;
-    let summary = run(&world, &pipeline, &settings);
+    let events = CollectEvents::default();
+    let summary = run_with_events(&world, &pipeline, &settings, &events);
     assert!(!summary.failed(), "{summary:?}");
     let devices = world.devices.lock().unwrap();
     assert_eq!(devices["cuda:0"], (0, 1), "one train at a time on cuda:0");
+    // Each waiting train says once what it waits for.
+    let waits: Vec<String> = events
+        .0
+        .lock()
+        .unwrap()
+        .iter()
+        .filter_map(|event| match event {
+            ExecEvent::StageNote { stage, message } if message.starts_with("waits for") => {
+                Some(format!("{stage}: {message}"))
+            }
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        waits,
+        [
+            "slow_train@r8: waits for cuda:0, which slow_train@r4 is using",
+            "slow_train@r16: waits for cuda:0, which slow_train@r4 is using",
+        ]
+    );
     // The CPU stages met while running (each waits for the other).
     let mut met = world.met.lock().unwrap().clone();
     met.sort();
