@@ -123,6 +123,9 @@ const INVALID: &[(&str, &[&str])] = &[
     ("yaml_alias_bomb_merge_keys", &[]),
     ("template_computed_include", &[]),
     ("pipeline_name_not_a_name", &[]),
+    ("matrix_block_problems", &[]),
+    ("matrix_reference_problems", &[]),
+    ("matrix_value_invalid_in_one_expansion", &[]),
 ];
 
 macro_rules! invalid_fixture_tests {
@@ -179,6 +182,9 @@ invalid_fixture_tests!(
     yaml_alias_bomb_merge_keys,
     template_computed_include,
     pipeline_name_not_a_name,
+    matrix_block_problems,
+    matrix_reference_problems,
+    matrix_value_invalid_in_one_expansion,
 );
 
 fn yaml_files(dir: &Path) -> Vec<String> {

@@ -21,6 +21,7 @@ pub const REGENERATE_COMMAND: &str = "cargo run -- schema > schemas/pipeline.sch
 pub fn pipeline_schema() -> Schema {
     let generator = SchemaSettings::draft07().into_generator();
     let mut schema = generator.into_root_schema_for::<RawPipeline>();
+    add_matrix(&mut schema);
     schema.insert(
         "title".to_string(),
         Value::String("peftpipe pipeline".to_string()),
@@ -34,6 +35,28 @@ pub fn pipeline_schema() -> Schema {
         )),
     );
     schema
+}
+
+/// Every stage kind may sit next to a `matrix:` (expanded before deserialization, so it is no
+/// field of the config types; see `config::matrix`).
+fn add_matrix(schema: &mut Schema) {
+    let Some(Value::Object(definitions)) = schema.get_mut("definitions") else {
+        return;
+    };
+    if let Some(Value::Array(variants)) = definitions
+        .get_mut("StageConfig")
+        .and_then(|stage| stage.get_mut("oneOf"))
+    {
+        for variant in variants {
+            if let Some(Value::Object(properties)) = variant.get_mut("properties") {
+                properties.insert(
+                    crate::config::matrix::MATRIX_KEY.to_string(),
+                    serde_json::json!({ "$ref": "#/definitions/Matrix" }),
+                );
+            }
+        }
+    }
+    definitions.insert("Matrix".to_string(), crate::config::matrix::matrix_schema());
 }
 
 /// The schema as committed: pretty JSON with a trailing newline.

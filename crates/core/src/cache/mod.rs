@@ -223,12 +223,13 @@ pub fn remove_path(path: &Path) -> Result<(), CacheError> {
     }
 }
 
-/// A file-name-safe spelling of a pipeline or stage name.
+/// A file-name-safe spelling of a pipeline or stage name. `@` (of matrix expansions,
+/// `train@lora`) is kept, so `train@lora` and a stage named `train_lora` never share a folder.
 pub fn sanitize_name(name: &str) -> String {
     let cleaned: String = name
         .chars()
         .map(|c| {
-            if c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.' {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.' || c == '@' {
                 c
             } else {
                 '_'
@@ -282,6 +283,7 @@ mod tests {
         assert_eq!(sanitize_name("quick start/v2"), "quick_start_v2");
         assert_eq!(sanitize_name("..hidden"), "hidden");
         assert_eq!(sanitize_name(""), "_");
+        assert_eq!(sanitize_name("train@r8-0_01"), "train@r8-0_01");
     }
 
     #[test]

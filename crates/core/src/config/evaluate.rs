@@ -433,6 +433,10 @@ impl StageSpec for EvaluateConfig {
         }
     }
 
+    fn device(&self) -> Option<&str> {
+        Some(&self.device)
+    }
+
     fn environment(&self) -> BTreeMap<String, String> {
         // The device kind decides the compute dtype (f32 on CPU, bf16 on CUDA), which changes
         // the figures; `auto` means CUDA exactly in a CUDA build.

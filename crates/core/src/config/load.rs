@@ -115,6 +115,60 @@ impl SpanIndex {
         self.values.insert(path, (marker.line(), marker.col() + 1));
     }
 
+    /// Give `to` and everything under it the positions of `from` and everything under it (a
+    /// matrix expansion is placed where its stage, or a substituted value, was written).
+    pub(crate) fn copy_subtree(&mut self, from: &str, to: &str) {
+        let rename = |key: &str| format!("{to}{}", &key[from.len()..]);
+        let in_subtree = |key: &String| key == from || is_descendant(key, from);
+        let entries: Vec<(String, Origin)> = self
+            .entries
+            .iter()
+            .filter(|(key, _)| in_subtree(key))
+            .map(|(key, origin)| (rename(key), origin.clone()))
+            .collect();
+        let values: Vec<(String, (usize, usize))> = self
+            .values
+            .iter()
+            .filter(|(key, _)| in_subtree(key))
+            .map(|(key, position)| (rename(key), *position))
+            .collect();
+        self.entries.extend(entries);
+        self.values.extend(values);
+    }
+
+    /// Forget `path` and everything under it.
+    pub(crate) fn forget_subtree(&mut self, path: &str) {
+        self.remove_subtree(path);
+    }
+
+    /// Move each `(from, to)` subtree at once (list items renumbered after an item became
+    /// several); a `from` may be the `to` of another move, and several moves may share a `from`.
+    pub(crate) fn move_subtrees(&mut self, moves: &[(String, String)]) {
+        let in_subtree = |key: &str, root: &str| key == root || is_descendant(key, root);
+        let mut entries = Vec::new();
+        let mut values = Vec::new();
+        for (from, to) in moves {
+            let rename = |key: &str| format!("{to}{}", &key[from.len()..]);
+            entries.extend(
+                self.entries
+                    .iter()
+                    .filter(|(key, _)| in_subtree(key, from))
+                    .map(|(key, origin)| (rename(key), origin.clone())),
+            );
+            values.extend(
+                self.values
+                    .iter()
+                    .filter(|(key, _)| in_subtree(key, from))
+                    .map(|(key, position)| (rename(key), *position)),
+            );
+        }
+        for (from, _) in moves {
+            self.remove_subtree(from);
+        }
+        self.entries.extend(entries);
+        self.values.extend(values);
+    }
+
     /// Forget `path` and everything under it.
     fn remove_subtree(&mut self, path: &str) {
         self.entries
@@ -960,6 +1014,19 @@ impl Document {
         }
         // In file order, as a compiler reports them; command-line problems first.
         problems.sort_by_key(|problem| (problem.line.unwrap_or(0), problem.column.unwrap_or(0)));
+        // One problem of a matrix value shared by several expansions is reported once (for the
+        // first expansion it breaks).
+        let mut seen = HashSet::new();
+        problems.retain(|problem| {
+            problem.line.is_none()
+                || seen.insert((
+                    problem.line,
+                    problem.column,
+                    problem.message.clone(),
+                    problem.hint.clone(),
+                    super::matrix::without_expansion(&problem.path),
+                ))
+        });
         Problems::new(self.display_name(), problems).with_source(self.source.clone())
     }
 }
@@ -1191,10 +1258,18 @@ fn apply_override_unboxed(document: &mut Document, argument: &str) -> Result<(),
                 };
                 if in_stages && !map.contains_key(name) {
                     let names: Vec<&str> = map.keys().map(String::as_str).collect();
+                    // `--set` edits the file as written, before `matrix:` expansion.
+                    let hint = match name.split_once('@') {
+                        Some((base, _)) if map.contains_key(base) => Some(format!(
+                            "`{name}` is an expansion of `{base}`'s matrix: set `stages.{base}.…` (every expansion) or its values, `stages.{base}.matrix.KEY`"
+                        )),
+                        _ => hint_for_unknown(name, names, "stages"),
+                    };
                     return Err(origin_problem(key, format!("no stage named `{name}`"))
-                        .with_optional_hint(hint_for_unknown(name, names, "stages")));
+                        .with_optional_hint(hint));
                 }
-                if in_stage && !map.contains_key(name) {
+                // A `matrix:` may be added next to the kind.
+                if in_stage && !map.contains_key(name) && name != super::matrix::MATRIX_KEY {
                     let existing: Vec<&str> = map.keys().map(String::as_str).collect();
                     let message = match existing.as_slice() {
                         [kind] => format!("stage `{here}` is a `{kind}` stage, not `{name}`"),
@@ -1546,6 +1621,9 @@ pub struct Parsed {
     /// keys were taken out (no problem sits at a reference key). Good for drawing the graph
     /// ([`drawable_graph`]), never for running.
     pub readable_stages: IndexMap<String, StageConfig>,
+    /// Each stage with a `matrix:` and the names of its expansions (which stand in its place in
+    /// `raw.stages` and `stage_names`); see [`super::matrix`].
+    pub expansions: IndexMap<String, Vec<String>>,
     pub problems: Vec<Problem>,
 }
 
@@ -1716,6 +1794,7 @@ pub fn parse_pipeline(file: &Path, overrides: &[String]) -> Result<Parsed, Probl
     let mut stage_names = Vec::new();
     let mut invalid_stages = HashSet::new();
     let mut readable_stages = IndexMap::new();
+    let mut expansions = IndexMap::new();
     if let Some(Value::Object(stage_map)) = &stages_value {
         if stage_map.is_empty() {
             problems.push(
@@ -1724,16 +1803,33 @@ pub fn parse_pipeline(file: &Path, overrides: &[String]) -> Result<Parsed, Probl
                 ),
             );
         }
-        for (name, value) in stage_map {
+        let mut misnamed = HashSet::new();
+        for name in stage_map.keys() {
+            if let Some(reason) = name_problem(name) {
+                problems.push(
+                    Problem::new(
+                        join_key("stages", name),
+                        format!("stage name `{name}` {reason}"),
+                    )
+                    .with_hint("stage names appear in key paths, `--set` keys and artifact paths"),
+                );
+                misnamed.insert(name.clone());
+            }
+        }
+        let expanded = super::matrix::expand(stage_map, &mut document.spans, &mut problems);
+        for name in &expanded.invalid {
+            stage_names.push(name.clone());
+            invalid_stages.insert(name.clone());
+        }
+        for (name, value) in &expanded.stages {
+            if expanded.invalid.contains(name) {
+                continue;
+            }
             stage_names.push(name.clone());
             let at = join_key("stages", name);
             let before = problems.len();
-            if let Some(reason) = name_problem(name) {
-                problems.push(
-                    Problem::new(at.clone(), format!("stage name `{name}` {reason}")).with_hint(
-                        "stage names appear in key paths, `--set` keys and artifact paths",
-                    ),
-                );
+            if misnamed.contains(name) {
+                invalid_stages.insert(name.clone());
             }
             if let Some(config) = parse_stage(value, &at, &mut problems) {
                 if problems.len() == before {
@@ -1746,6 +1842,13 @@ pub fn parse_pipeline(file: &Path, overrides: &[String]) -> Result<Parsed, Probl
                 invalid_stages.insert(name.clone());
             }
         }
+        // A misnamed stage with no other problem is still left out of the pipeline.
+        for name in &misnamed {
+            if let Some(config) = stages.shift_remove(name) {
+                readable_stages.insert(name.clone(), config);
+            }
+        }
+        expansions = expanded.expansions;
     }
     if let Some(raw) = raw.as_mut() {
         raw.stages = stages;
@@ -1769,6 +1872,7 @@ pub fn parse_pipeline(file: &Path, overrides: &[String]) -> Result<Parsed, Probl
         stage_names,
         invalid_stages,
         readable_stages,
+        expansions,
         problems,
     })
 }
@@ -1820,7 +1924,9 @@ pub fn drawable_graph(parsed: &Parsed) -> (Option<StageGraph>, Vec<Problem>) {
     );
     let problems: Vec<Problem> = errors
         .iter()
-        .map(|error| graph_problem(error, &ordered))
+        .filter_map(|error| {
+            matrix_reference(graph_problem(error, &ordered), error, &parsed.expansions)
+        })
         .collect();
     let complete = ordered.len() == parsed.stage_names.len();
     let graph = (complete && problems.is_empty()).then_some(graph);
@@ -1952,7 +2058,11 @@ pub fn check_pipeline_with(
         parsed.stage_names.iter().map(String::as_str),
     );
     for error in &graph_errors {
-        problems.push(graph_problem(error, stages));
+        problems.extend(matrix_reference(
+            graph_problem(error, stages),
+            error,
+            &parsed.expansions,
+        ));
     }
 
     // Kind checks in topological order, then whatever sits on or behind a cycle.
@@ -2029,6 +2139,39 @@ fn path_policy(
         }
         StageConfig::Ingest(_) | StageConfig::Train(_) | StageConfig::Evaluate(_) => {}
     }
+}
+
+/// A reference to a stage that a matrix replaced by its expansions says so; a `STAGE@*` where
+/// one stage is read is no problem of the graph (the expansion already reported it).
+fn matrix_reference(
+    problem: Problem,
+    error: &GraphError,
+    expansions: &IndexMap<String, Vec<String>>,
+) -> Option<Problem> {
+    let GraphError::UnknownStage {
+        stage, reference, ..
+    } = error
+    else {
+        return Some(problem);
+    };
+    if super::matrix::all_of(reference).is_some() {
+        return None;
+    }
+    let Some(names) = expansions.get(reference) else {
+        return Some(problem);
+    };
+    let names: Vec<&str> = names.iter().map(String::as_str).collect();
+    Some(Problem {
+        message: format!(
+            "stage `{stage}` reads `{reference}`, but its `matrix:` expands it into {} stages",
+            names.len()
+        ),
+        hint: Some(format!(
+            "name one of them ({}), or, in a list, all of them as `{reference}@*`",
+            quoted_list(&names)
+        )),
+        ..problem
+    })
 }
 
 /// A graph error as a problem at the reference (the value naming the upstream stage).
@@ -2339,6 +2482,27 @@ mod tests {
         );
         assert!(apply_override(&mut doc, "stages.prompts.template.k.x=4").is_err());
         assert!(apply_override(&mut doc, "novalue").is_err());
+    }
+
+    #[test]
+    fn overrides_may_add_a_matrix_and_point_expansions_at_their_matrix_stage() {
+        let mut doc = document("stages:\n  train:\n    train:\n      r: 3\n");
+        apply_override(&mut doc, "stages.train.matrix={r: [4, 8]}").unwrap();
+        assert_eq!(
+            doc.value["stages"]["train"]["matrix"],
+            serde_json::json!({"r": [4, 8]})
+        );
+        let problem = apply_override(&mut doc, "stages.train@4.train.r=5")
+            .err()
+            .unwrap_or_else(|| Box::new(Problem::new("", "")));
+        assert_eq!(problem.message, "no stage named `train@4`");
+        assert!(
+            problem
+                .hint
+                .as_deref()
+                .is_some_and(|hint| hint.contains("stages.train.matrix.KEY")),
+            "{problem:?}"
+        );
     }
 
     #[test]

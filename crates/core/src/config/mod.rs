@@ -5,7 +5,8 @@
 //! [`probe::Probe`] the caller supplies.
 //!
 //! Ownership of files: `mod.rs` (top-level types, the `StageSpec` trait), `load.rs` (parse, spans,
-//! `--set` overrides, collecting every problem), `problem.rs` (diagnostics), `probe.rs` (the
+//! `--set` overrides, collecting every problem), `matrix.rs` (`matrix:` expansion of a stage
+//! into `stage@…` stages, on the value tree before deserialization), `problem.rs` (diagnostics), `probe.rs` (the
 //! questions validation asks the main crate); one file per stage kind (`ingest.rs`, `template.rs`,
 //! `train.rs`, `evaluate.rs`, `export.rs`) holding that kind's config and its semantic checks, with
 //! the pure helpers they share with the stages: `input.rs` (input paths → files),
@@ -22,6 +23,7 @@ pub mod ingest;
 pub mod input;
 pub mod jinja;
 pub mod load;
+pub mod matrix;
 pub mod paths;
 pub mod probe;
 pub mod problem;
@@ -67,8 +69,9 @@ pub struct RawPipeline {
     #[serde(default)]
     pub seed: u64,
     /// The stages, by name. Each stage has exactly one kind key (`ingest`, `template`, `train`,
-    /// `evaluate`, `export`) and names the upstream stages it reads. Stage names use letters,
-    /// digits, `-` and `_`, at most 64 characters.
+    /// `evaluate`, `export`), optionally a `matrix:` next to it (one stage per combination of
+    /// values, named `<stage>@…`), and names the upstream stages it reads. Stage names use
+    /// letters, digits, `-` and `_`, at most 64 characters.
     #[schemars(extend("propertyNames" = { "pattern": "^[A-Za-z0-9_-]{1,64}$" }, "minProperties" = 1))]
     pub stages: IndexMap<String, StageConfig>,
 }
@@ -176,6 +179,12 @@ pub trait StageSpec {
     /// components. Empty for data stages.
     fn environment(&self) -> BTreeMap<String, String> {
         BTreeMap::new()
+    }
+    /// The device the stage computes on, as written (`auto`, `cpu`, `cuda`, `cuda:N`), for kinds
+    /// that compute on one; None for kinds that only move data. The executor gives each GPU to
+    /// one such stage at a time (`exec::slots`). Default: None.
+    fn device(&self) -> Option<&str> {
+        None
     }
     /// Folders outside the cache the stage publishes its output to (export destinations),
     /// resolved against the project directory, so `status` can check them. Default: none.

@@ -595,6 +595,10 @@ impl StageSpec for TrainConfig {
         }
     }
 
+    fn device(&self) -> Option<&str> {
+        Some(&self.device)
+    }
+
     fn environment(&self) -> BTreeMap<String, String> {
         let kind = device_kind(&self.device).unwrap_or("cpu");
         BTreeMap::from([

@@ -42,7 +42,8 @@ pub fn topological_order(stages: &IndexMap<String, StageConfig>) -> Result<Vec<S
 }
 
 /// The stages a run needs, in topological order: every stage when `targets` is empty, else the
-/// targets and their transitive upstream stages.
+/// targets and their transitive upstream stages. A target that names a matrix stage (`train`,
+/// expanded into `train@…`) selects every expansion, as DVC does.
 pub fn select(
     stages: &IndexMap<String, StageConfig>,
     order: &[String],
@@ -54,6 +55,28 @@ pub fn select(
     let graph = graph(stages)?;
     let mut wanted: BTreeSet<String> = BTreeSet::new();
     for target in targets {
+        // A matrix stage's name selects all its expansions (`train` → `train@a`, `train@b`).
+        let group: Vec<&String> = stages
+            .keys()
+            .filter(|name| {
+                !stages.contains_key(target)
+                    && name
+                        .strip_prefix(target.as_str())
+                        .is_some_and(|rest| rest.starts_with('@'))
+            })
+            .collect();
+        if !group.is_empty() {
+            for member in group {
+                let needed = graph
+                    .select(member)
+                    .map_err(|error| ExecError::UnknownStage {
+                        hint: None,
+                        name: error.name,
+                    })?;
+                wanted.extend(needed.into_iter().map(String::from));
+            }
+            continue;
+        }
         let needed = graph
             .select(target)
             .map_err(|error| ExecError::UnknownStage {
@@ -111,6 +134,16 @@ other: {ingest: {path: b.parquet}}
             error.to_string(),
             "no stage named `eval_prompt` (did you mean `eval_prompts`?)"
         );
+    }
+
+    #[test]
+    fn a_matrix_stage_name_selects_every_expansion() {
+        let stages = stages(
+            "data: {ingest: {path: a.parquet}}\nt@a: {template: {input: data}}\nt@b: {template: {input: data}}\nother: {ingest: {path: b.parquet}}\n",
+        );
+        let order = topological_order(&stages).unwrap();
+        let selected = select(&stages, &order, &["t".to_string()]).unwrap();
+        assert_eq!(selected, ["data", "t@a", "t@b"]);
     }
 
     #[test]

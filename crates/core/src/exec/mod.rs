@@ -13,6 +13,7 @@ pub mod graph;
 pub mod materialize;
 pub mod plan;
 pub mod runner;
+pub mod slots;
 pub mod stage;
 
 use std::path::PathBuf;

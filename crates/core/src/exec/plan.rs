@@ -456,6 +456,18 @@ pub fn forced_stages(settings: &RunSettings, selected: &[String]) -> BTreeSet<St
     } else if settings.targets.is_empty() {
         selected.iter().cloned().collect()
     } else {
-        settings.targets.iter().cloned().collect()
+        // A target naming a matrix stage forces each of its expansions.
+        selected
+            .iter()
+            .filter(|name| {
+                settings.targets.iter().any(|target| {
+                    *name == target
+                        || name
+                            .strip_prefix(target.as_str())
+                            .is_some_and(|rest| rest.starts_with('@'))
+                })
+            })
+            .cloned()
+            .collect()
     }
 }

@@ -4,7 +4,9 @@
 //! output digests and either restored (digest-checked; its copies under `.peftpipe/out` and its
 //! published destinations replaced only where they differ from what was published) or run in a
 //! fresh staging directory and stored, copied out and published (what publishing wrote to the
-//! stage's destinations is recorded in the cache for `status`). Up to `jobs` stages are in flight at once (scoped threads).
+//! stage's destinations is recorded in the cache for `status`). Up to `jobs` stages are in flight at once (scoped threads),
+//! and at most one of them per GPU (a stage that computes on a GPU holds its slot, see
+//! [`super::slots`]; a stage waiting for a GPU does not hold back the stages after it).
 //!
 //! Failure policy: after a stage fails, or after Ctrl-C, no new stage starts; stages already
 //! running finish (and are stored when they succeed); the rest are reported as skipped. The lock
@@ -22,6 +24,7 @@ use super::plan::{
     decide, destination_problems, forced_stages, make_plan, materialized_problem, CachedOutput,
     Freshness, ObjectCheck, PlanChecks, StagePlan,
 };
+use super::slots::{device_slot, Slots};
 use super::stage::{Progress, ProgressSink, StageContext, StageError, StageOutcome};
 use super::{
     graph, CacheUse, EventSink, ExecError, ExecEvent, RunSettings, RunSummary, StageBuilder,
@@ -88,6 +91,10 @@ pub fn execute(
     let mut failed = false;
     let jobs = settings.jobs.max(1);
     let delay = stage_delay();
+    // The device slot each running stage holds (see `super::slots`).
+    let mut slots = Slots::default();
+    let mut held: Vec<Option<String>> = vec![None; count];
+    let mut told_to_wait = vec![false; count];
 
     std::thread::scope(|scope| {
         let (sender, receiver) = mpsc::channel::<(usize, JobResult)>();
@@ -112,6 +119,22 @@ pub fn execute(
                     let Some(config) = pipeline.stages.get(&stage_plan.name) else {
                         continue;
                     };
+                    // A GPU another stage holds: wait for it (later stages may still start).
+                    let slot = device_slot(config, device);
+                    if let Err(holder) = slots.take(slot.as_deref(), &stage_plan.name) {
+                        if !told_to_wait[position] {
+                            told_to_wait[position] = true;
+                            events.event(ExecEvent::StageNote {
+                                stage: stage_plan.name.clone(),
+                                message: format!(
+                                    "waits for {}, which {holder} is using",
+                                    slot.as_deref().unwrap_or_default()
+                                ),
+                            });
+                        }
+                        continue;
+                    }
+                    held[position] = slot;
                     let fingerprint = StageFingerprint::new(
                         &stage_plan.name,
                         config,
@@ -160,6 +183,7 @@ pub fn execute(
                 Err(mpsc::RecvTimeoutError::Disconnected) => break,
             };
             running -= 1;
+            slots.release(held[position].take().as_deref());
             let mut report = result.report;
             if let Some(record) = result.published {
                 // Written here, one job at a time: the record file is read-modify-write.

@@ -1,6 +1,7 @@
 //! Executor tests with fake stages (through the injectable builder): freshness, reasons, early
 //! cutoff, the run cache, selection, failures, cancellation, corruption and concurrency.
 
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Mutex;
@@ -22,6 +23,11 @@ struct World {
     most_at_once: AtomicUsize,
     /// What each `run` saw of its context.
     contexts: Mutex<Vec<SeenContext>>,
+    /// Device as written → (stages running on it now, most at once).
+    devices: Mutex<BTreeMap<String, (usize, usize)>>,
+    /// Stages named `meet…` that met another `meet…` stage running at the same time.
+    met: Mutex<Vec<String>>,
+    meeting: AtomicUsize,
 }
 
 /// Stage, fingerprint digest, checkpoint dir, resume.
@@ -44,7 +50,26 @@ impl Stage for FakeStage<'_> {
         ));
         let now = self.world.running_now.fetch_add(1, Ordering::SeqCst) + 1;
         self.world.most_at_once.fetch_max(now, Ordering::SeqCst);
+        let device = self.config.spec().device().map(str::to_string);
+        if let Some(device) = &device {
+            let mut devices = self.world.devices.lock().unwrap();
+            let (running, most) = devices.entry(device.clone()).or_default();
+            *running += 1;
+            *most = (*most).max(*running);
+        }
+        if self.name.starts_with("meet") {
+            self.meet();
+        }
         let result = self.work(ctx);
+        if let Some(device) = &device {
+            self.world
+                .devices
+                .lock()
+                .unwrap()
+                .entry(device.clone())
+                .or_default()
+                .0 -= 1;
+        }
         self.world.running_now.fetch_sub(1, Ordering::SeqCst);
         result
     }
@@ -57,6 +82,20 @@ impl Stage for FakeStage<'_> {
 }
 
 impl FakeStage<'_> {
+    /// Wait (at most 10 s) until another `meet…` stage has started: it met one when both ran at
+    /// once.
+    fn meet(&self) {
+        self.world.meeting.fetch_add(1, Ordering::SeqCst);
+        let until = std::time::Instant::now() + Duration::from_secs(10);
+        while std::time::Instant::now() < until {
+            if self.world.meeting.load(Ordering::SeqCst) >= 2 {
+                self.world.met.lock().unwrap().push(self.name.clone());
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
     fn work(&self, ctx: &StageContext<'_>) -> Result<StageOutcome, StageError> {
         if self.name.starts_with("slow") {
             std::thread::sleep(Duration::from_millis(150));
@@ -132,6 +171,15 @@ impl Setup {
 }
 
 fn run(world: &World, pipeline: &Pipeline, settings: &RunSettings) -> RunSummary {
+    run_with_events(world, pipeline, settings, &IgnoreEvents)
+}
+
+fn run_with_events(
+    world: &World,
+    pipeline: &Pipeline,
+    settings: &RunSettings,
+    events: &dyn EventSink,
+) -> RunSummary {
     let builder = |name: &str, config: &StageConfig| -> Result<Box<dyn Stage + '_>, StageError> {
         Ok(Box::new(FakeStage {
             world,
@@ -143,7 +191,7 @@ fn run(world: &World, pipeline: &Pipeline, settings: &RunSettings) -> RunSummary
         pipeline,
         settings,
         &builder,
-        &IgnoreEvents,
+        events,
         &AtomicBool::new(false),
     )
     .unwrap()
@@ -623,4 +671,168 @@ fn events_tell_the_story_in_order() {
             "finished prompts"
         ]
     );
+}
+
+/// A pipeline read as `peftpipe` reads it up to the semantic checks (which need real files):
+/// YAML, `matrix:` expansion, deserialization. Panics on any problem.
+fn expanded_pipeline(setup: &Setup, yaml: &str) -> Pipeline {
+    let file = setup.root.join("pipeline.yaml");
+    std::fs::write(&file, yaml).unwrap();
+    let parsed = crate::config::load::parse_pipeline(&file, &[]).unwrap();
+    assert!(parsed.problems.is_empty(), "{:?}", parsed.problems);
+    Pipeline {
+        name: "test".into(),
+        file,
+        project_dir: setup.root.clone(),
+        seed: parsed.raw.seed,
+        stages: parsed.raw.stages,
+        overrides: Vec::new(),
+    }
+}
+
+fn matrix_yaml(ranks: &str, device: &str) -> String {
+    format!(
+        "
+stages:
+  data: {{ingest: {{path: a}}}}
+  slow_train:
+    matrix:
+      rank: {ranks}
+    train: {{data: data, model: model, method: {{lora: {{r: '${{item.rank}}'}}}}, device: '{device}'}}
+  meet_a: {{ingest: {{path: b}}}}
+  meet_b: {{ingest: {{path: c}}}}
+"
+    )
+}
+
+fn model_dir(setup: &Setup) {
+    std::fs::create_dir_all(setup.root.join("model")).unwrap();
+    std::fs::write(setup.root.join("model/config.json"), "{}").unwrap();
+}
+
+#[test]
+fn two_expanded_train_stages_never_share_a_gpu_while_cpu_stages_overlap() {
+    let setup = Setup::new();
+    model_dir(&setup);
+    let world = World::default();
+    let pipeline = expanded_pipeline(&setup, &matrix_yaml("{r4: 4, r8: 8, r16: 16}", "cuda:0"));
+    let names: Vec<&String> = pipeline.stages.keys().collect();
+    assert_eq!(
+        names,
+        [
+            "data",
+            "slow_train@r4",
+            "slow_train@r8",
+            "slow_train@r16",
+            "meet_a",
+            "meet_b"
+        ]
+    );
+    let mut settings = setup.settings(&pipeline);
+    settings.jobs = 4;
+    let events = CollectEvents::default();
+    let summary = run_with_events(&world, &pipeline, &settings, &events);
+    assert!(!summary.failed(), "{summary:?}");
+    let devices = world.devices.lock().unwrap();
+    assert_eq!(devices["cuda:0"], (0, 1), "one train at a time on cuda:0");
+    // Each waiting train says once what it waits for.
+    let waits: Vec<String> = events
+        .0
+        .lock()
+        .unwrap()
+        .iter()
+        .filter_map(|event| match event {
+            ExecEvent::StageNote { stage, message } if message.starts_with("waits for") => {
+                Some(format!("{stage}: {message}"))
+            }
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        waits,
+        [
+            "slow_train@r8: waits for cuda:0, which slow_train@r4 is using",
+            "slow_train@r16: waits for cuda:0, which slow_train@r4 is using",
+        ]
+    );
+    // The CPU stages met while running (each waits for the other).
+    let mut met = world.met.lock().unwrap().clone();
+    met.sort();
+    assert_eq!(met, ["meet_a", "meet_b"]);
+    // The waiting trains ran one after the other, not after the whole run.
+    assert_eq!(world.ran.lock().unwrap().len(), 6);
+}
+
+#[test]
+fn trains_overlap_again_when_the_run_puts_them_on_the_cpu() {
+    let setup = Setup::new();
+    model_dir(&setup);
+    let world = World::default();
+    // Both trains meet: they can only finish by running at once.
+    let yaml = matrix_yaml("[4, 8]", "cuda:0").replace("slow_train", "meet_train");
+    let yaml = yaml
+        .replace("meet_a", "other_a")
+        .replace("meet_b", "other_b");
+    let pipeline = expanded_pipeline(&setup, &yaml);
+    let mut settings = setup.settings(&pipeline);
+    settings.jobs = 4;
+    settings.options.device = Some("cpu".into());
+    let summary = run(&world, &pipeline, &settings);
+    assert!(!summary.failed(), "{summary:?}");
+    let mut met = world.met.lock().unwrap().clone();
+    met.sort();
+    assert_eq!(met, ["meet_train@4", "meet_train@8"]);
+    assert_eq!(world.devices.lock().unwrap()["cuda:0"], (0, 2));
+}
+
+#[test]
+fn expansions_have_their_own_stable_fingerprints_and_rerun_alone() {
+    let setup = Setup::new();
+    model_dir(&setup);
+    let world = World::default();
+    let pipeline = expanded_pipeline(&setup, &matrix_yaml("{r4: 4, r8: 8}", "cpu"));
+    let settings = setup.settings(&pipeline);
+    run(&world, &pipeline, &settings);
+    let fingerprints = |world: &World| -> BTreeMap<String, String> {
+        world
+            .contexts
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(name, fingerprint, _, _)| (name.clone(), fingerprint.clone()))
+            .collect()
+    };
+    let first = fingerprints(&world);
+    assert_ne!(first["slow_train@r4"], first["slow_train@r8"]);
+
+    // Stable: a second read of the file runs nothing.
+    let again = World::default();
+    let pipeline = expanded_pipeline(&setup, &matrix_yaml("{r4: 4, r8: 8}", "cpu"));
+    let summary = run(&again, &pipeline, &settings);
+    assert!(again.ran.lock().unwrap().is_empty());
+    assert!(statuses(&summary)
+        .iter()
+        .all(|(_, status)| *status == StageStatus::Fresh));
+
+    // One value changes: only its expansion reruns, saying why.
+    let changed = World::default();
+    let pipeline = expanded_pipeline(&setup, &matrix_yaml("{r4: 4, r8: 16}", "cpu"));
+    let summary = run(&changed, &pipeline, &settings);
+    assert_eq!(*changed.ran.lock().unwrap(), ["slow_train@r8"]);
+    assert_eq!(
+        reasons(&summary, "slow_train@r8"),
+        ["parameter train.method.lora.r changed (8 → 16)"]
+    );
+    let changed_fingerprints = fingerprints(&changed);
+    assert_ne!(
+        changed_fingerprints["slow_train@r8"],
+        first["slow_train@r8"]
+    );
+
+    // Renaming the matrix key (and its reference) changes no stage.
+    let renamed = World::default();
+    let yaml = matrix_yaml("{r4: 4, r8: 16}", "cpu").replace("rank", "lora_rank");
+    let pipeline = expanded_pipeline(&setup, &yaml);
+    run(&renamed, &pipeline, &settings);
+    assert!(renamed.ran.lock().unwrap().is_empty());
 }
