@@ -18,7 +18,7 @@ use candle_core::{
 
 use super::double_quant;
 use super::nf4::QuantType;
-use super::tensor::{Absmax, QuantizedTensor};
+use super::tensor::{Absmax, NestedAbsmax, QuantizedTensor};
 
 /// The absmax of a [`QuantizedWeight`] on its device.
 pub(super) enum DeviceAbsmax {
@@ -35,6 +35,8 @@ pub(super) enum DeviceAbsmax {
 }
 
 pub(super) struct Inner {
+    /// The dtype the weight had before quantization (bitsandbytes' `quant_state.dtype`).
+    pub(super) dtype: DType,
     pub(super) out_features: usize,
     pub(super) in_features: usize,
     pub(super) quant_type: QuantType,
@@ -88,6 +90,7 @@ impl QuantizedWeight {
         };
         Ok(Self {
             inner: Arc::new(Inner {
+                dtype: tensor.dtype,
                 out_features: *out_features,
                 in_features: *in_features,
                 quant_type: tensor.quant_type,
@@ -97,6 +100,40 @@ impl QuantizedWeight {
                 absmax,
             }),
         })
+    }
+
+    /// The host copy (bitsandbytes' layout), e.g. to save it or compare it bit for bit.
+    pub fn to_host(&self) -> Result<QuantizedTensor> {
+        let inner = &self.inner;
+        let absmax = match &inner.absmax {
+            DeviceAbsmax::Plain(values) => Absmax::Plain(values.to_vec1::<f32>()?),
+            DeviceAbsmax::Nested {
+                quantized,
+                scale,
+                code,
+                block_size,
+                offset,
+            } => Absmax::Nested(NestedAbsmax {
+                quantized: quantized.to_vec1::<u8>()?,
+                scale: scale.to_vec1::<f32>()?,
+                code: code.to_vec1::<f32>()?,
+                block_size: *block_size,
+                offset: *offset,
+            }),
+        };
+        Ok(QuantizedTensor {
+            shape: vec![inner.out_features, inner.in_features],
+            dtype: inner.dtype,
+            quant_type: inner.quant_type,
+            block_size: inner.block_size,
+            packed: inner.packed.to_vec1::<u8>()?,
+            absmax,
+        })
+    }
+
+    /// The dtype the weight had before quantization.
+    pub fn original_dtype(&self) -> DType {
+        self.inner.dtype
     }
 
     pub fn out_features(&self) -> usize {
