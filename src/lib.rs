@@ -19,6 +19,7 @@ pub mod stages;
 pub mod data;
 pub mod models;
 pub mod ops;
+pub mod quant;
 pub mod peft;
 pub mod train;
 

@@ -26,6 +26,7 @@ pub mod generate;
 pub mod gpt2;
 pub mod hub;
 pub mod llama;
+pub mod quantized;
 pub mod load;
 pub mod random;
 mod sequence;

@@ -1,0 +1,457 @@
+//! A base model whose decoder linear weights are 4-bit ([`crate::quant`]): quantized at load time
+//! from a 16-bit Hugging Face checkpoint, or read from a checkpoint transformers saved with
+//! bitsandbytes 4-bit; and the base-weight memory such a model takes.
+//!
+//! Owns: which tensors are quantized ([`is_quantized_linear`]: the 2-D `.weight` of every linear
+//! layer inside the decoder blocks, `model.layers.N.*`; norms, embeddings and `lm_head` stay
+//! 16-bit, as transformers + bitsandbytes leave them by default); streaming quantization shard
+//! by shard (each shard is mapped, its tensors quantized or loaded one at a time, and unmapped
+//! before the next, so host memory peaks near one shard plus one tensor in `f32`); parsing
+//! `quantization_config` in config.json and the serialized bitsandbytes state (`W.weight` packed
+//! bytes, `W.weight.absmax`, `W.weight.quant_map`, `W.weight.nested_absmax`,
+//! `W.weight.nested_quant_map`, `W.weight.quant_state.bitsandbytes__nf4|fp4` JSON); and
+//! [`base_memory`]. Must not: build model layers (the model code and PEFT methods take
+//! [`QuantizedBase`] from here), know PEFT configs, or print.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::safetensors::{Load, MmapedSafetensors};
+use candle_core::{DType, Device, Tensor};
+use safetensors::tensor::TensorView;
+use serde_json::Value;
+
+use super::config::ModelConfig;
+use super::load::ModelError;
+use crate::quant::{
+    quantized_bytes, Absmax, NestedAbsmax, QuantConfig, QuantType, QuantizedTensor,
+    QuantizedWeight,
+};
+
+/// A base model's weights with the decoder linear layers in 4 bits.
+#[derive(Debug, Default)]
+pub struct QuantizedBase {
+    /// 4-bit weights by checkpoint name (`model.layers.0.self_attn.q_proj.weight`), on the device.
+    pub quantized: BTreeMap<String, QuantizedWeight>,
+    /// Every other tensor by checkpoint name, in the dtype asked for, on the device.
+    pub dense: BTreeMap<String, Tensor>,
+}
+
+/// Whether the checkpoint tensor `name` of `shape` is quantized: a 2-D `.weight` inside a decoder
+/// block (`model.layers.N.…`): the seven projections of a Llama layer. Norms (1-D), biases,
+/// embeddings and `lm_head` are not.
+pub fn is_quantized_linear(name: &str, shape: &[usize]) -> bool {
+    shape.len() == 2 && name.starts_with("model.layers.") && name.ends_with(".weight")
+}
+
+fn safetensors_error(path: &Path, message: impl std::fmt::Display) -> ModelError {
+    ModelError::Safetensors {
+        path: path.to_path_buf(),
+        message: message.to_string(),
+    }
+}
+
+fn weights_error(path: &Path, message: impl std::fmt::Display) -> ModelError {
+    ModelError::Weights {
+        path: path.to_path_buf(),
+        message: message.to_string(),
+    }
+}
+
+fn map_files(files: &[PathBuf]) -> Result<MmapedSafetensors, ModelError> {
+    let first = files.first().map(PathBuf::as_path).unwrap_or(Path::new(""));
+    #[expect(
+        unsafe_code,
+        reason = "memory-mapping the checkpoint is an FFI-level contract (see below)"
+    )]
+    // SAFETY: the mapped files are model weights we only read; the contract of mmap is that
+    // nobody truncates or rewrites them while mapped, which peftpipe never does.
+    let mapped = unsafe { MmapedSafetensors::multi(files) };
+    mapped.map_err(|error| safetensors_error(first, error))
+}
+
+/// Quantize the decoder linear weights of a 16-bit safetensors checkpoint (`files`, the shards in
+/// order) while loading it, shard by shard and tensor by tensor; every other tensor is loaded as
+/// `dtype`. Quantization is bitsandbytes' (bit-exact with its CPU backend).
+pub fn quantize_checkpoint(
+    files: &[PathBuf],
+    config: &QuantConfig,
+    dtype: DType,
+    device: &Device,
+) -> Result<QuantizedBase, ModelError> {
+    let first = files.first().map(PathBuf::as_path).unwrap_or(Path::new(""));
+    config
+        .validate()
+        .map_err(|error| weights_error(first, error))?;
+    let mut base = QuantizedBase::default();
+    for path in files {
+        // One shard mapped at a time: its pages are released when `shard` drops.
+        let shard = map_files(std::slice::from_ref(path))?;
+        let mut tensors = shard.tensors();
+        tensors.sort_by(|a, b| a.0.cmp(&b.0));
+        for (name, view) in tensors {
+            let failed = |error: candle_core::Error| weights_error(path, format!("`{name}`: {error}"));
+            if is_quantized_linear(&name, view.shape()) {
+                let tensor = view.load(&Device::Cpu).map_err(failed)?;
+                let quantized = QuantizedTensor::from_tensor(&tensor, config)
+                    .map_err(|error| weights_error(path, format!("`{name}`: {error}")))?;
+                drop(tensor);
+                let weight = QuantizedWeight::new(&quantized, device).map_err(failed)?;
+                base.quantized.insert(name, weight);
+            } else {
+                let tensor = view
+                    .load(device)
+                    .and_then(|tensor| tensor.to_dtype(dtype))
+                    .map_err(failed)?;
+                base.dense.insert(name, tensor);
+            }
+        }
+    }
+    Ok(base)
+}
+
+/// `quantization_config` of a transformers config.json saved with bitsandbytes 4-bit.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BnbQuantization {
+    pub quant_type: QuantType,
+    /// `bnb_4bit_use_double_quant`.
+    pub double_quant: bool,
+    /// `bnb_4bit_compute_dtype` (`bfloat16`, `float16`, `float32`), when given.
+    pub compute_dtype: Option<DType>,
+}
+
+fn torch_dtype(name: &str) -> Option<DType> {
+    match name.trim_start_matches("torch.") {
+        "bfloat16" => Some(DType::BF16),
+        "float16" | "half" => Some(DType::F16),
+        "float32" | "float" => Some(DType::F32),
+        _ => None,
+    }
+}
+
+/// The bitsandbytes 4-bit `quantization_config` of a config.json (`path` for errors): `None` when
+/// the model is not quantized; an error for a quantization peftpipe cannot read (8-bit, another
+/// method, an unknown 4-bit type).
+pub fn bnb_quantization(
+    config_json: &Value,
+    path: &Path,
+) -> Result<Option<BnbQuantization>, ModelError> {
+    let Some(section) = config_json.get("quantization_config") else {
+        return Ok(None);
+    };
+    let error = |key: &str, message: String| ModelError::Config {
+        path: path.to_path_buf(),
+        key: format!("quantization_config.{key}"),
+        message,
+    };
+    let method = section.get("quant_method").and_then(Value::as_str).unwrap_or("bitsandbytes");
+    if method != "bitsandbytes" {
+        return Err(error(
+            "quant_method",
+            format!("`{method}` is not supported (only bitsandbytes 4-bit)"),
+        ));
+    }
+    let flag = |key: &str| section.get(key).and_then(Value::as_bool).unwrap_or(false);
+    if flag("load_in_8bit") || !flag("load_in_4bit") {
+        return Err(error(
+            "load_in_4bit",
+            "only bitsandbytes 4-bit checkpoints are supported (load_in_4bit: true)".into(),
+        ));
+    }
+    let type_name = section
+        .get("bnb_4bit_quant_type")
+        .and_then(Value::as_str)
+        .unwrap_or("fp4");
+    let quant_type = QuantType::from_name(type_name).ok_or_else(|| {
+        error("bnb_4bit_quant_type", format!("`{type_name}` is not nf4 or fp4"))
+    })?;
+    let compute_dtype = match section.get("bnb_4bit_compute_dtype").and_then(Value::as_str) {
+        None => None,
+        Some(name) => Some(torch_dtype(name).ok_or_else(|| {
+            error("bnb_4bit_compute_dtype", format!("unknown dtype `{name}`"))
+        })?),
+    };
+    Ok(Some(BnbQuantization {
+        quant_type,
+        double_quant: flag("bnb_4bit_use_double_quant"),
+        compute_dtype,
+    }))
+}
+
+/// The suffix of the packed quantization state bitsandbytes saves beside each 4-bit weight.
+const STATE_SUFFIX: &str = ".quant_state.bitsandbytes__";
+
+fn f32_values(view: &TensorView<'_>, path: &Path, name: &str) -> Result<Vec<f32>, ModelError> {
+    if view.dtype() != safetensors::Dtype::F32 {
+        return Err(weights_error(
+            path,
+            format!("`{name}`: stored as {:?}, expected F32", view.dtype()),
+        ));
+    }
+    Ok(view
+        .data()
+        .chunks_exact(4)
+        .map(|bytes| f32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]))
+        .collect())
+}
+
+/// Read a checkpoint saved by transformers with bitsandbytes 4-bit (`files`, all shards): the
+/// 4-bit weights keep their stored codes and state (no requantization); every other tensor is
+/// loaded as `dtype`.
+pub fn load_bnb_checkpoint(
+    files: &[PathBuf],
+    dtype: DType,
+    device: &Device,
+) -> Result<QuantizedBase, ModelError> {
+    // Which shard holds each tensor (headers only, checked before anything is mapped).
+    let mut owner: BTreeMap<String, PathBuf> = BTreeMap::new();
+    for path in files {
+        for name in super::load::read_safetensors_header(path)?.into_keys() {
+            owner.insert(name, path.clone());
+        }
+    }
+    let mapped = map_files(files)?;
+    let mut tensors = mapped.tensors();
+    tensors.sort_by(|a, b| a.0.cmp(&b.0));
+    let names: Vec<&str> = tensors.iter().map(|(name, _)| name.as_str()).collect();
+    let file_of = |name: &str| -> PathBuf {
+        owner
+            .get(name)
+            .cloned()
+            .unwrap_or_else(|| files.first().cloned().unwrap_or_default())
+    };
+    // Weight name (`….weight`) → its packed-state tensor name.
+    let states: BTreeMap<String, String> = names
+        .iter()
+        .filter_map(|name| {
+            let index = name.find(STATE_SUFFIX)?;
+            Some((name[..index].to_string(), name.to_string()))
+        })
+        .collect();
+    let mut base = QuantizedBase::default();
+    for (weight_name, state_name) in &states {
+        let path = file_of(state_name);
+        let get = |name: &str| {
+            mapped
+                .get(name)
+                .map_err(|error| weights_error(&path, format!("`{name}`: {error}")))
+        };
+        let state_view = get(state_name)?;
+        let state: Value = serde_json::from_slice(state_view.data()).map_err(|error| {
+            weights_error(&path, format!("`{state_name}`: invalid JSON: {error}"))
+        })?;
+        let field = |key: &str| {
+            state.get(key).ok_or_else(|| {
+                weights_error(&path, format!("`{state_name}`: no `{key}`"))
+            })
+        };
+        let as_usize = |value: &Value, key: &str| {
+            value.as_u64().map(|v| v as usize).ok_or_else(|| {
+                weights_error(&path, format!("`{state_name}`: `{key}` is not a count"))
+            })
+        };
+        let type_name = field("quant_type")?.as_str().unwrap_or_default();
+        let quant_type = QuantType::from_name(type_name).ok_or_else(|| {
+            weights_error(&path, format!("`{state_name}`: quant_type `{type_name}` is not nf4 or fp4"))
+        })?;
+        let block_size = as_usize(field("blocksize")?, "blocksize")?;
+        let shape: Vec<usize> = field("shape")?
+            .as_array()
+            .map(|dims| dims.iter().filter_map(Value::as_u64).map(|d| d as usize).collect())
+            .unwrap_or_default();
+        let dtype_name = field("dtype")?.as_str().unwrap_or_default();
+        let original = torch_dtype(dtype_name).ok_or_else(|| {
+            weights_error(&path, format!("`{state_name}`: unknown dtype `{dtype_name}`"))
+        })?;
+        // The packed codes, whatever `quant_storage` dtype they were viewed as.
+        let packed = get(weight_name)?.data().to_vec();
+        let quant_map_name = format!("{weight_name}.quant_map");
+        let quant_map = f32_values(&get(&quant_map_name)?, &path, &quant_map_name)?;
+        let expected = quant_type.code();
+        if quant_map.len() != 16
+            || quant_map.iter().zip(&expected).any(|(a, b)| a.to_bits() != b.to_bits())
+        {
+            return Err(weights_error(
+                &path,
+                format!("`{quant_map_name}` is not bitsandbytes' {type_name} code book"),
+            ));
+        }
+        let absmax_name = format!("{weight_name}.absmax");
+        let absmax_view = get(&absmax_name)?;
+        let absmax = if state.get("nested_blocksize").is_some() {
+            let nested_name = format!("{weight_name}.nested_absmax");
+            let nested_code_name = format!("{weight_name}.nested_quant_map");
+            let offset = field("nested_offset")?.as_f64().ok_or_else(|| {
+                weights_error(&path, format!("`{state_name}`: `nested_offset` is not a number"))
+            })?;
+            if absmax_view.dtype() != safetensors::Dtype::U8 {
+                return Err(weights_error(
+                    &path,
+                    format!("`{absmax_name}`: a nested absmax must be U8, found {:?}", absmax_view.dtype()),
+                ));
+            }
+            Absmax::Nested(NestedAbsmax {
+                quantized: absmax_view.data().to_vec(),
+                scale: f32_values(&get(&nested_name)?, &path, &nested_name)?,
+                code: f32_values(&get(&nested_code_name)?, &path, &nested_code_name)?,
+                block_size: as_usize(field("nested_blocksize")?, "nested_blocksize")?,
+                // Saved as `offset.item()`: the f32 value widened to a python float.
+                offset: offset as f32,
+            })
+        } else {
+            Absmax::Plain(f32_values(&absmax_view, &path, &absmax_name)?)
+        };
+        let quantized = QuantizedTensor {
+            shape,
+            dtype: original,
+            quant_type,
+            block_size,
+            packed,
+            absmax,
+        };
+        quantized
+            .check()
+            .map_err(|error| weights_error(&path, format!("`{weight_name}`: {error}")))?;
+        let weight = QuantizedWeight::new(&quantized, device)
+            .map_err(|error| weights_error(&path, format!("`{weight_name}`: {error}")))?;
+        base.quantized.insert(weight_name.clone(), weight);
+    }
+    let is_state_part = |name: &str| {
+        states.contains_key(name)
+            || states.keys().any(|weight| {
+                name.strip_prefix(weight.as_str()).is_some_and(|rest| {
+                    rest.starts_with(".absmax")
+                        || rest.starts_with(".quant_map")
+                        || rest.starts_with(".nested_")
+                        || rest.starts_with(STATE_SUFFIX)
+                })
+            })
+    };
+    for (name, view) in &tensors {
+        if is_state_part(name) {
+            continue;
+        }
+        let tensor = view
+            .load(device)
+            .and_then(|tensor| tensor.to_dtype(dtype))
+            .map_err(|error| weights_error(&file_of(name), format!("`{name}`: {error}")))?;
+        base.dense.insert(name.clone(), tensor);
+    }
+    Ok(base)
+}
+
+/// Base-weight bytes of a model with its decoder linear weights quantized, against bf16.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct BaseMemory {
+    /// Parameters in the quantized linear weights.
+    pub quantized_parameters: u64,
+    /// Every other parameter (embeddings, norms, an untied head, biases).
+    pub dense_parameters: u64,
+    /// The quantized weights' bytes: packed codes, absmax state, code books.
+    pub quantized_bytes: u64,
+}
+
+impl BaseMemory {
+    /// The quantized weights in bf16.
+    pub fn linear_bf16_bytes(&self) -> u64 {
+        self.quantized_parameters * 2
+    }
+
+    /// The linear layers' share: quantized bytes / bf16 bytes.
+    pub fn linear_ratio(&self) -> f64 {
+        self.quantized_bytes as f64 / self.linear_bf16_bytes().max(1) as f64
+    }
+
+    /// The whole base in bf16.
+    pub fn total_bf16_bytes(&self) -> u64 {
+        (self.quantized_parameters + self.dense_parameters) * 2
+    }
+
+    /// The whole base with the linear layers quantized and the rest in bf16.
+    pub fn total_quantized_bytes(&self) -> u64 {
+        self.quantized_bytes + self.dense_parameters * 2
+    }
+
+    pub fn total_ratio(&self) -> f64 {
+        self.total_quantized_bytes() as f64 / self.total_bf16_bytes().max(1) as f64
+    }
+}
+
+/// The base-weight memory of `config` with its decoder linear weights quantized under `quant`
+/// (the tensors [`is_quantized_linear`] selects); `None` when a count overflows 64 bits.
+pub fn base_memory(config: &ModelConfig, quant: &QuantConfig) -> Option<BaseMemory> {
+    let mut quantized_parameters = 0u64;
+    let mut quantized = 0u64;
+    for layer in 0..config.num_layers() {
+        for linear in config.layer_linear_layers(layer) {
+            let count = linear.in_features.checked_mul(linear.out_features)?;
+            quantized_parameters = quantized_parameters.checked_add(count as u64)?;
+            quantized = quantized.checked_add(quantized_bytes(count, quant) as u64)?;
+        }
+    }
+    let total = config.parameter_count()?;
+    Some(BaseMemory {
+        quantized_parameters,
+        dense_parameters: total.checked_sub(quantized_parameters)?,
+        quantized_bytes: quantized,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn shared_config(name: &str) -> Option<ModelConfig> {
+        let Some(shared) = std::env::var_os("PEFTPIPE_SHARED") else {
+            #[expect(clippy::print_stderr, reason = "a test says why it skips")]
+            {
+                eprintln!("skipped: PEFTPIPE_SHARED is not set");
+            }
+            return None;
+        };
+        let path = PathBuf::from(shared).join("models/configs").join(name);
+        let text = std::fs::read_to_string(&path).expect("reading the shared config");
+        let json: Value = serde_json::from_str(&text).expect("the shared config is JSON");
+        Some(ModelConfig::from_json(&json).expect("the shared config parses"))
+    }
+
+    #[test]
+    fn the_linear_share_of_llama_bases_is_about_a_quarter_of_bf16_with_double_quant() {
+        for (name, total_low, total_high) in [
+            ("llama-3.2-1b.config.json", 0.40, 0.50),
+            ("llama-3.1-8b.config.json", 0.33, 0.38),
+        ] {
+            let Some(config) = shared_config(name) else {
+                return;
+            };
+            let double = base_memory(&config, &QuantConfig::default()).expect("counts fit");
+            let plain = base_memory(
+                &config,
+                &QuantConfig {
+                    double_quant: false,
+                    ..QuantConfig::default()
+                },
+            )
+            .expect("counts fit");
+            // 4 bits + 8 bits per 64 values + 32 bits per 16 384 values = 4.127 bits per weight.
+            assert!((double.linear_ratio() - 0.2579).abs() < 0.0005, "{name}: {double:?}");
+            // 4 bits + 32 bits per 64 values = 4.5 bits per weight.
+            assert!((plain.linear_ratio() - 0.28125).abs() < 0.0005, "{name}: {plain:?}");
+            // Embeddings (and the untied head of the 8B) stay bf16.
+            assert!(
+                (total_low..total_high).contains(&double.total_ratio()),
+                "{name}: total ratio {}",
+                double.total_ratio()
+            );
+        }
+    }
+
+    #[test]
+    fn only_decoder_block_matrices_are_quantized() {
+        assert!(is_quantized_linear("model.layers.3.mlp.down_proj.weight", &[16, 24]));
+        assert!(!is_quantized_linear("model.layers.3.input_layernorm.weight", &[16]));
+        assert!(!is_quantized_linear("model.embed_tokens.weight", &[40, 16]));
+        assert!(!is_quantized_linear("lm_head.weight", &[40, 16]));
+        assert!(!is_quantized_linear("model.layers.0.self_attn.q_proj.bias", &[16]));
+    }
+}

@@ -1,0 +1,394 @@
+//! [`QuantizedWeight`] (a 4-bit linear weight resident on a device) and [`quantized_linear`], the
+//! frozen linear map over it.
+//!
+//! Owns the custom op `y = x·dequant(W)ᵀ`: its forward dequantizes `W` into a scratch tensor of
+//! `x`'s dtype (CPU: the bit-exact reference of [`super::blockwise`]; CUDA: `kernels/nf4.cu`) and
+//! runs the backend's GEMM (cuBLAS on CUDA), then drops the scratch; its backward dequantizes again
+//! and returns `dx = dy·dequant(W)` and nothing for `W` (a frozen base: no weight gradient, and no
+//! dense copy of `W` kept alive between forward and backward). Must not: produce a gradient for
+//! the weight or the bias, or keep a dequantized copy.
+
+use std::sync::Arc;
+
+use candle_core::backend::BackendStorage;
+use candle_core::{
+    bail, CpuStorage, CudaStorage, CustomOp1, DType, Device, Layout, MetalStorage, Result,
+    Shape, Storage, Tensor,
+};
+
+use super::double_quant;
+use super::nf4::QuantType;
+use super::tensor::{Absmax, NestedAbsmax, QuantizedTensor};
+
+/// The absmax of a [`QuantizedWeight`] on its device.
+pub(super) enum DeviceAbsmax {
+    /// `f32 [blocks]`.
+    Plain(Tensor),
+    /// `u8 [blocks]` codes, `f32 [blocks / 256]` scales, the `f32 [256]` code and the offset.
+    Nested {
+        quantized: Tensor,
+        scale: Tensor,
+        code: Tensor,
+        block_size: usize,
+        offset: f32,
+    },
+}
+
+pub(super) struct Inner {
+    /// The dtype the weight had before quantization (bitsandbytes' `quant_state.dtype`).
+    pub(super) dtype: DType,
+    pub(super) out_features: usize,
+    pub(super) in_features: usize,
+    pub(super) quant_type: QuantType,
+    pub(super) block_size: usize,
+    /// `u8 [ceil(out · in / 2)]`.
+    pub(super) packed: Tensor,
+    /// `f32 [16]`: the levels of `quant_type`.
+    pub(super) code: Tensor,
+    pub(super) absmax: DeviceAbsmax,
+}
+
+/// A frozen 4-bit linear weight `[out, in]` on one device (cheap to clone: shared).
+#[derive(Clone)]
+pub struct QuantizedWeight {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for QuantizedWeight {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("QuantizedWeight")
+            .field("out_features", &self.inner.out_features)
+            .field("in_features", &self.inner.in_features)
+            .field("quant_type", &self.inner.quant_type)
+            .field("block_size", &self.inner.block_size)
+            .field("device", self.inner.packed.device())
+            .finish()
+    }
+}
+
+impl QuantizedWeight {
+    /// Upload a 2-D quantized tensor (`[out, in]`) to `device`.
+    pub fn new(tensor: &QuantizedTensor, device: &Device) -> Result<Self> {
+        tensor.check()?;
+        let [out_features, in_features] = tensor.shape.as_slice() else {
+            bail!(
+                "a quantized linear weight must be 2-D ([out, in]), got shape {:?}",
+                tensor.shape
+            )
+        };
+        let packed = Tensor::from_slice(&tensor.packed, tensor.packed.len(), device)?;
+        let code = Tensor::new(&tensor.quant_type.code(), device)?;
+        let absmax = match &tensor.absmax {
+            Absmax::Plain(values) => DeviceAbsmax::Plain(Tensor::new(values.as_slice(), device)?),
+            Absmax::Nested(nested) => DeviceAbsmax::Nested {
+                quantized: Tensor::new(nested.quantized.as_slice(), device)?,
+                scale: Tensor::new(nested.scale.as_slice(), device)?,
+                code: Tensor::new(nested.code.as_slice(), device)?,
+                block_size: nested.block_size,
+                offset: nested.offset,
+            },
+        };
+        Ok(Self {
+            inner: Arc::new(Inner {
+                dtype: tensor.dtype,
+                out_features: *out_features,
+                in_features: *in_features,
+                quant_type: tensor.quant_type,
+                block_size: tensor.block_size,
+                packed,
+                code,
+                absmax,
+            }),
+        })
+    }
+
+    /// The host copy (bitsandbytes' layout), e.g. to save it or compare it bit for bit.
+    pub fn to_host(&self) -> Result<QuantizedTensor> {
+        let inner = &self.inner;
+        let absmax = match &inner.absmax {
+            DeviceAbsmax::Plain(values) => Absmax::Plain(values.to_vec1::<f32>()?),
+            DeviceAbsmax::Nested {
+                quantized,
+                scale,
+                code,
+                block_size,
+                offset,
+            } => Absmax::Nested(NestedAbsmax {
+                quantized: quantized.to_vec1::<u8>()?,
+                scale: scale.to_vec1::<f32>()?,
+                code: code.to_vec1::<f32>()?,
+                block_size: *block_size,
+                offset: *offset,
+            }),
+        };
+        Ok(QuantizedTensor {
+            shape: vec![inner.out_features, inner.in_features],
+            dtype: inner.dtype,
+            quant_type: inner.quant_type,
+            block_size: inner.block_size,
+            packed: inner.packed.to_vec1::<u8>()?,
+            absmax,
+        })
+    }
+
+    /// The dtype the weight had before quantization.
+    pub fn original_dtype(&self) -> DType {
+        self.inner.dtype
+    }
+
+    pub fn out_features(&self) -> usize {
+        self.inner.out_features
+    }
+
+    pub fn in_features(&self) -> usize {
+        self.inner.in_features
+    }
+
+    pub fn quant_type(&self) -> QuantType {
+        self.inner.quant_type
+    }
+
+    pub fn block_size(&self) -> usize {
+        self.inner.block_size
+    }
+
+    pub fn device(&self) -> &Device {
+        self.inner.packed.device()
+    }
+
+    /// Device bytes of the packed codes and absmax state.
+    pub fn storage_bytes(&self) -> usize {
+        let bytes = |t: &Tensor| t.elem_count() * t.dtype().size_in_bytes();
+        let inner = &self.inner;
+        bytes(&inner.packed)
+            + bytes(&inner.code)
+            + match &inner.absmax {
+                DeviceAbsmax::Plain(values) => bytes(values),
+                DeviceAbsmax::Nested {
+                    quantized,
+                    scale,
+                    code,
+                    ..
+                } => bytes(quantized) + bytes(scale) + bytes(code),
+            }
+    }
+
+    /// The dense weight `[out, in]` in `dtype` (bf16, f16 or f32), on the weight's device:
+    /// `level · absmax` in `f32`, rounded once to `dtype` (to nearest-even).
+    pub fn dequantize(&self, dtype: DType) -> Result<Tensor> {
+        if !matches!(dtype, DType::F32 | DType::BF16 | DType::F16) {
+            bail!("dequantize: unsupported dtype {dtype:?} (bf16, f16 or f32)")
+        }
+        match self.device() {
+            Device::Cpu => self.dequantize_cpu(dtype),
+            #[cfg(feature = "cuda")]
+            Device::Cuda(_) => super::cuda::dequantize(&self.inner, dtype),
+            other => bail!("dequantize: no kernel for device {other:?}"),
+        }
+    }
+
+    fn dequantize_cpu(&self, dtype: DType) -> Result<Tensor> {
+        let inner = &self.inner;
+        let absmax = match &inner.absmax {
+            DeviceAbsmax::Plain(values) => values.to_vec1::<f32>()?,
+            DeviceAbsmax::Nested {
+                quantized,
+                scale,
+                code,
+                block_size,
+                offset,
+            } => double_quant::dequantize_absmax(
+                &quantized.to_vec1::<u8>()?,
+                &scale.to_vec1::<f32>()?,
+                &code.to_vec1::<f32>()?,
+                *block_size,
+                *offset,
+            ),
+        };
+        let values = super::blockwise::dequantize_4bit(
+            &inner.packed.to_vec1::<u8>()?,
+            &absmax,
+            &inner.quant_type.code(),
+            inner.block_size,
+            inner.out_features * inner.in_features,
+        );
+        Tensor::from_vec(values, (inner.out_features, inner.in_features), &Device::Cpu)?
+            .to_dtype(dtype)
+    }
+}
+
+type MatmulPlan = ((usize, usize, usize, usize), Layout, Layout, Shape);
+
+/// `y = x·wᵀ` for a contiguous `x [.., k]` and a contiguous `w [n, k]`: the (b, m, n, k) of the
+/// GEMM, `x` seen as `[m, k]`, `wᵀ` as `[k, n]`, and the output shape `[.., n]`.
+fn plan(x_layout: &Layout, w_layout: &Layout) -> Result<MatmulPlan> {
+    let (n, k) = w_layout.shape().dims2()?;
+    let dims = x_layout.dims();
+    if dims.last() != Some(&k) {
+        bail!(
+            "quantized_linear: input {:?} does not match weight {:?} ([out, in])",
+            x_layout.shape(),
+            w_layout.shape()
+        )
+    }
+    if !x_layout.is_contiguous() {
+        bail!("quantized_linear: the input must be contiguous")
+    }
+    let m = x_layout.shape().elem_count() / k.max(1);
+    let x2 = Layout::new((m, k).into(), vec![k, 1], x_layout.start_offset());
+    let mut out: Vec<usize> = dims[..dims.len() - 1].to_vec();
+    out.push(n);
+    Ok((
+        (1, m, n, k),
+        x2,
+        w_layout.transpose(0, 1)?,
+        Shape::from(out),
+    ))
+}
+
+struct QuantizedMatmul {
+    weight: QuantizedWeight,
+}
+
+impl CustomOp1 for QuantizedMatmul {
+    fn name(&self) -> &'static str {
+        "quantized-linear"
+    }
+
+    fn cpu_fwd(&self, x: &CpuStorage, x_layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let w = self.weight.dequantize(x.dtype())?;
+        let (storage, w_layout) = w.storage_and_layout();
+        let Storage::Cpu(w) = &*storage else {
+            bail!("quantized_linear: the weight is not on the CPU like the input")
+        };
+        let (bmnk, x2, wt, shape) = plan(x_layout, w_layout)?;
+        Ok((x.matmul(w, bmnk, &x2, &wt)?, shape))
+    }
+
+    fn cuda_fwd(&self, x: &CudaStorage, x_layout: &Layout) -> Result<(CudaStorage, Shape)> {
+        let w = self.weight.dequantize(x.dtype())?;
+        let (storage, w_layout) = w.storage_and_layout();
+        let Storage::Cuda(w) = &*storage else {
+            bail!("quantized_linear: the weight is not on the GPU like the input")
+        };
+        let (bmnk, x2, wt, shape) = plan(x_layout, w_layout)?;
+        Ok((x.matmul(w, bmnk, &x2, &wt)?, shape))
+    }
+
+    fn metal_fwd(&self, _: &MetalStorage, _: &Layout) -> Result<(MetalStorage, Shape)> {
+        bail!("quantized_linear: no Metal kernel")
+    }
+
+    /// `dx = dy·dequant(W)`; the weight is rebuilt here, not kept from the forward.
+    fn bwd(&self, x: &Tensor, _y: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
+        let w = self.weight.dequantize(dy.dtype())?;
+        let dx = dy
+            .reshape(((), self.weight.out_features()))?
+            .matmul(&w)?
+            .reshape(x.shape())?;
+        Ok(Some(dx))
+    }
+}
+
+/// `y = x·dequant(W)ᵀ (+ b)` for `x [.., in]` (bf16, f16 or f32; the weight is dequantized to
+/// `x`'s dtype) and a frozen bias `[out]`; the gradient reaches `x` only.
+pub fn quantized_linear(x: &Tensor, weight: &QuantizedWeight, bias: Option<&Tensor>) -> Result<Tensor> {
+    if !x.device().same_device(weight.device()) {
+        bail!(
+            "quantized_linear: input on {:?}, weight on {:?}",
+            x.device(),
+            weight.device()
+        )
+    }
+    let x = x.contiguous()?;
+    let op = QuantizedMatmul {
+        weight: weight.clone(),
+    };
+    // An untracked input builds no graph node.
+    let y = if x.track_op() {
+        x.apply_op1(op)?
+    } else {
+        x.apply_op1_no_bwd(&op)?
+    };
+    match bias {
+        Some(bias) => crate::ops::add_constant(&y, bias),
+        None => Ok(y),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::quant::QuantConfig;
+    use candle_core::Var;
+
+    fn weight(out: usize, inp: usize, double_quant: bool) -> Result<(QuantizedTensor, QuantizedWeight)> {
+        let w = Tensor::randn(0f32, 0.05, (out, inp), &Device::Cpu)?;
+        let config = QuantConfig {
+            double_quant,
+            ..QuantConfig::default()
+        };
+        let q = QuantizedTensor::from_tensor(&w, &config)?;
+        let device_weight = QuantizedWeight::new(&q, &Device::Cpu)?;
+        Ok((q, device_weight))
+    }
+
+    #[test]
+    fn forward_is_the_dense_matmul_over_the_dequantized_weight() -> Result<()> {
+        for double_quant in [false, true] {
+            let (q, w) = weight(24, 128, double_quant)?;
+            let dense = q.dequantize(DType::F32, &Device::Cpu)?;
+            assert_eq!(
+                w.dequantize(DType::F32)?.flatten_all()?.to_vec1::<f32>()?,
+                dense.flatten_all()?.to_vec1::<f32>()?
+            );
+            let x = Tensor::randn(0f32, 1.0, (2, 3, 128), &Device::Cpu)?;
+            let bias = Tensor::randn(0f32, 1.0, 24, &Device::Cpu)?;
+            let y = quantized_linear(&x, &w, Some(&bias))?;
+            let reference = x.broadcast_matmul(&dense.t()?)?.broadcast_add(&bias)?;
+            let difference = (&y - &reference)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            assert!(difference < 1e-5, "max |Δ| = {difference}");
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn backward_reaches_the_input_only_and_equals_dy_times_w() -> Result<()> {
+        let (q, w) = weight(16, 64, true)?;
+        let dense = q.dequantize(DType::F32, &Device::Cpu)?;
+        let x = Var::randn(0f32, 1.0, (5, 64), &Device::Cpu)?;
+        let bias = Var::randn(0f32, 1.0, 16, &Device::Cpu)?;
+        let y = quantized_linear(x.as_tensor(), &w, Some(bias.as_tensor()))?;
+        let grads = y.sqr()?.sum_all()?.backward()?;
+        assert!(grads.get(bias.as_tensor()).is_none(), "the frozen bias got a gradient");
+        let dx = grads.get(x.as_tensor()).expect("the input has a gradient");
+        let expected = (y.detach() * 2.0)?.matmul(&dense)?;
+        let difference = (dx - &expected)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert!(difference < 1e-4, "max |Δ| = {difference}");
+        Ok(())
+    }
+
+    #[test]
+    fn untracked_input_builds_no_graph() -> Result<()> {
+        let (_, w) = weight(8, 64, false)?;
+        let x = Tensor::randn(0f32, 1.0, (2, 64), &Device::Cpu)?;
+        assert!(!quantized_linear(&x, &w, None)?.track_op());
+        Ok(())
+    }
+
+    #[test]
+    fn bf16_forward_dequantizes_to_bf16() -> Result<()> {
+        let (q, w) = weight(8, 64, true)?;
+        let x = Tensor::randn(0f32, 1.0, (4, 64), &Device::Cpu)?.to_dtype(DType::BF16)?;
+        let y = quantized_linear(&x, &w, None)?;
+        assert_eq!(y.dtype(), DType::BF16);
+        let dense = q.dequantize(DType::BF16, &Device::Cpu)?;
+        let reference = x.matmul(&dense.t()?)?;
+        let difference = (y.to_dtype(DType::F32)? - reference.to_dtype(DType::F32)?)?
+            .abs()?
+            .max_all()?
+            .to_scalar::<f32>()?;
+        assert!(difference < 0.05, "max |Δ| = {difference}");
+        Ok(())
+    }
+}
