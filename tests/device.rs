@@ -467,3 +467,104 @@ fn the_gradient_store_holds_about_the_adapter_after_backward() -> Result<()> {
     );
     Ok(())
 }
+
+/// Activation checkpointing on the device: the layer-by-layer loss model (`CheckpointedLoss`) gives
+/// the loss and adapter gradients of the whole-graph one (`CausalLmLoss`), here with LoRA dropout
+/// (its masks are redrawn in the recompute from the same seed). Bit-identical on the CPU
+/// (`tests/checkpointing.rs`); on a GPU the test prints whether it is and holds it to the bf16 band
+/// (a kernel with atomics may sum in another order).
+#[test]
+fn checkpointed_gradients_equal_the_whole_graph_on_the_device() -> Result<()> {
+    use peftpipe::data::batch::{collate, Sequence};
+    use peftpipe::train::{CausalLmLoss, CheckpointedLoss, LossModel};
+    let (device, dtype) = device_under_test();
+    for source in sources() {
+        let config = source.config();
+        let adapter = {
+            let targets = match config {
+                ModelConfig::Llama(_) => TargetModules::AllLinear,
+                ModelConfig::Gpt2(_) => TargetModules::Names(vec!["c_attn".into(), "c_fc".into()]),
+            };
+            LoraAdapter::new(
+                LoraSettings {
+                    rank: 4,
+                    alpha: 8.0,
+                    dropout: 0.1,
+                    targets,
+                    use_rslora: false,
+                    fan_in_fan_out: matches!(config, ModelConfig::Gpt2(_)),
+                    seed: 11,
+                },
+                &device,
+            )
+            .expect("LoRA adapter")
+        };
+        let model = source.load(&device, dtype, &adapter);
+        perturb(&adapter)?;
+        let vocab = config.vocab_size() as u32;
+        let sequences: Vec<Sequence> = [12usize, 9]
+            .iter()
+            .enumerate()
+            .map(|(row, &length)| Sequence {
+                ids: (0..length)
+                    .map(|i| ((i * 7 + row * 5 + 3) as u32) % (vocab - 1) + 1)
+                    .collect(),
+                completion_start: 2,
+            })
+            .collect();
+        let batch = collate(&sequences, &[0, 1], 0);
+        let variables: Vec<candle_core::Var> = adapter
+            .trainable_vars()
+            .into_iter()
+            .map(|(_, var)| var)
+            .collect();
+        let scale = 1.0 / batch.scored_tokens as f64;
+        let run = |loss_model: &dyn LossModel| -> Result<(f32, Vec<Vec<f32>>)> {
+            adapter.set_mode(AdapterMode::Train { seed: 21 });
+            let pass = loss_model.forward_pass(&batch)?;
+            let loss = pass.loss_sum().to_dtype(DType::F32)?.to_scalar::<f32>()?;
+            let gradients = pass.backward(scale, &variables)?;
+            let mut flat = Vec::new();
+            for gradient in gradients {
+                let gradient = gradient.expect("every variable gets a gradient");
+                flat.push(
+                    gradient
+                        .to_dtype(DType::F32)?
+                        .flatten_all()?
+                        .to_device(&Device::Cpu)?
+                        .to_vec1::<f32>()?,
+                );
+            }
+            Ok((loss, flat))
+        };
+        let (whole_loss, whole) = run(&CausalLmLoss {
+            model: model.as_ref(),
+        })?;
+        let (ckpt_loss, ckpt) = run(&CheckpointedLoss {
+            model: model.as_ref(),
+            hooks: Hooks::none(),
+        })?;
+        let identical = whole_loss.to_bits() == ckpt_loss.to_bits() && whole == ckpt;
+        let mut worst = 0f32;
+        for (a, b) in whole.iter().zip(&ckpt) {
+            let scale = a.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-12);
+            for (x, y) in a.iter().zip(b) {
+                assert!(x.is_finite() && y.is_finite(), "non-finite gradient");
+                worst = worst.max((x - y).abs() / scale);
+            }
+        }
+        eprintln!(
+            "{}: checkpointed vs whole graph: loss {whole_loss} vs {ckpt_loss}, bit-identical {identical}, max relative gradient difference {worst:e}",
+            source.label()
+        );
+        assert!(
+            (whole_loss - ckpt_loss).abs() <= 1e-3 * whole_loss.abs().max(1.0),
+            "loss {whole_loss} vs {ckpt_loss}"
+        );
+        assert!(worst <= 2e-2, "max relative difference {worst}");
+        if device.is_cpu() {
+            assert!(identical, "bit-identical on the CPU");
+        }
+    }
+    Ok(())
+}

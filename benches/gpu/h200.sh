@@ -5,7 +5,8 @@
 # bevostories from ../shared — copied by build.sh, never committed).
 # Everything it measures is side by side on one host, in one call:
 #   1. HF PEFT's LoRA r16 (fp32 and bf16 adapters) on a random-init Llama-3.2-1B shape, 8 x 512, bf16
-#   2. `peftpipe bench train` with the same shape, rank, alpha, batch and dtype
+#   2. `peftpipe bench train` with the same shape, rank, alpha, batch and dtype, then its table
+#      (8 x 512 and 2 x 2048, activation checkpointing off and on: tokens/s, MFU, peak memory)
 #   3. the CUDA test binaries with PEFTPIPE_TEST_DEVICE=cuda: tests/device.rs (gradient flow, step-0
 #      identity, AdamW steps and GPU-vs-CPU gradients in bf16) and tests/ops_grad.rs (every op on
 #      the GPU vs the CPU); parity/lora/train check the CUDA build's CPU path
@@ -22,6 +23,10 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT
 echo "== peftpipe bench train (LoRA r16 a32, 7 linears, bf16, 8x512)"
 "$BIN" bench train --config gpu-run/llama-3.2-1b.config.json --device cuda --batch 8 --seq 512 \
   --rank 16 --alpha 32 --steps 20 --warmup 5 2>&1 | tee "$OUT/peftpipe_bench.txt"
+echo "== peftpipe bench train table: 8x512 and 2x2048, activation checkpointing off and on"
+"$BIN" bench train --config gpu-run/llama-3.2-1b.config.json --device cuda --shapes 8x512,2x2048 \
+  --checkpointing both --rank 16 --alpha 32 --steps 10 --warmup 3 --peak-tflops 989 2>&1 \
+  | grep -v "^RESULT" | tee "$OUT/peftpipe_bench_table.txt"
 echo "== HF PEFT reference, same host"
 PYTHONUNBUFFERED=1 python3 gpu-run/peft_bench.py --only lora_r16,lora_r16_bf16ad --json "$OUT/peft.json" 2>&1 \
   | grep -vE "Warning|warn" | tee "$OUT/peft_bench.txt"
