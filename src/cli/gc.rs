@@ -81,20 +81,20 @@ pub fn run(global: &GlobalArgs, args: GcArgs) -> u8 {
                     "removed"
                 };
                 report::write_stderr(&format!(
-                    "{verb} {} object(s) ({:.1} MB) and {} run record(s); kept {} object(s) \
+                    "{verb} {} object(s) ({}) and {} run record(s); kept {} object(s) \
                      referenced by {} lock file(s)",
                     gc.objects_removed,
-                    gc.bytes_removed as f64 / 1e6,
+                    report::format::bytes(gc.bytes_removed),
                     gc.run_records_removed,
                     gc.objects_kept,
                     gc.lock_files
                 ));
                 if gc.checkpoints_removed + gc.checkpoints_kept > 0 {
                     report::write_stderr(&format!(
-                        "{verb} {} orphaned checkpoint folder(s) ({:.1} MB); kept {} of \
+                        "{verb} {} orphaned checkpoint folder(s) ({}); kept {} of \
                          unfinished stages",
                         gc.checkpoints_removed,
-                        gc.checkpoint_bytes_removed as f64 / 1e6,
+                        report::format::bytes(gc.checkpoint_bytes_removed),
                         gc.checkpoints_kept
                     ));
                 }

@@ -538,6 +538,45 @@ mod tests {
     }
 
     #[test]
+    fn a_new_phase_restarts_the_bar_at_its_own_count() {
+        let reporter = RunReporter {
+            style: Style::plain(),
+            quiet: false,
+            multi: Some(MultiProgress::with_draw_target(ProgressDrawTarget::hidden())),
+            bars: Mutex::new(BTreeMap::new()),
+        };
+        reporter.event(ExecEvent::StageStarted {
+            stage: "evaluate".into(),
+            kind: "evaluate".into(),
+            reasons: Vec::new(),
+        });
+        let step = |position: u64, length: u64, message: &str| {
+            reporter.event(ExecEvent::StageProgress {
+                stage: "evaluate".into(),
+                progress: crate::stages::Progress {
+                    position,
+                    length: Some(length),
+                    unit: "examples",
+                    message: message.into(),
+                },
+            })
+        };
+        let state = || {
+            let bars = reporter.bars.lock().unwrap();
+            let bar = &bars["evaluate"];
+            (bar.position(), bar.length())
+        };
+        step(460, 460, "base · accuracy");
+        assert_eq!(state(), (460, Some(460)));
+        step(1, 3, "base · samples");
+        assert_eq!(state(), (1, Some(3)), "the samples phase counts its own rows");
+        step(3, 3, "base · samples");
+        // Same length, position back to the start: the adapted model's pass of a phase.
+        step(1, 3, "adapted · samples");
+        assert_eq!(state(), (1, Some(3)));
+    }
+
+    #[test]
     fn plain_style_has_no_escape_codes() {
         assert_eq!(Style::plain().verb("Fresh", GREEN), "       Fresh");
     }
