@@ -153,3 +153,32 @@ fn a_two_rank_matrix_runs_each_expansion_over_data_prepared_once() {
     assert_eq!(selected.ran(), ["train@small", "train@big"]);
     assert_eq!(selected.status("data"), "fresh");
 }
+
+#[test]
+fn the_quickstart_sweep_pipeline_is_valid_and_expands_to_ten_stages() {
+    let pipeline =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("pipelines/quickstart-sweep.yaml");
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_peftpipe"))
+        .args(["--json", "validate"])
+        .arg(&pipeline)
+        .env("NO_COLOR", "1")
+        .output()
+        .expect("run peftpipe");
+    assert!(output.status.success(), "{}", stderr(&output));
+    let json: serde_json::Value = serde_json::from_slice(&output.stdout).expect("JSON");
+    assert_eq!(
+        json["files"][0]["stages"],
+        serde_json::json!([
+            "data",
+            "prompts",
+            "train@r4-0_003",
+            "train@r4-0_01",
+            "train@r8-0_003",
+            "train@r8-0_01",
+            "evaluate@r4-0_003",
+            "evaluate@r4-0_01",
+            "evaluate@r8-0_003",
+            "evaluate@r8-0_01"
+        ])
+    );
+}

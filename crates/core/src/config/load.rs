@@ -1018,14 +1018,9 @@ impl Document {
         // first expansion it breaks).
         let mut seen = HashSet::new();
         problems.retain(|problem| {
+            let (path, message, hint) = super::matrix::without_expansion(problem);
             problem.line.is_none()
-                || seen.insert((
-                    problem.line,
-                    problem.column,
-                    problem.message.clone(),
-                    problem.hint.clone(),
-                    super::matrix::without_expansion(&problem.path),
-                ))
+                || seen.insert((problem.line, problem.column, path, message, hint))
         });
         Problems::new(self.display_name(), problems).with_source(self.source.clone())
     }

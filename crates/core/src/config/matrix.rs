@@ -692,17 +692,35 @@ fn expand_all_references(
     }
 }
 
-/// A key path with its stage's expansion part left out (`stages.t@a-b.train.x` →
-/// `stages.t.train.x`), to tell problems that several expansions share.
-pub fn without_expansion(path: &str) -> String {
-    let Some(rest) = path.strip_prefix("stages.") else {
-        return path.to_string();
+/// A problem's key path, message and hint with its stage's expansion part left out
+/// (`stages.t@a-b.train.x` → `stages.t.train.x`, "stage `t@a-b` reads …" → "stage `t` reads …"),
+/// to tell problems that several expansions share.
+pub fn without_expansion(problem: &Problem) -> (String, String, Option<String>) {
+    let unchanged = || {
+        (
+            problem.path.clone(),
+            problem.message.clone(),
+            problem.hint.clone(),
+        )
+    };
+    let Some(rest) = problem.path.strip_prefix("stages.") else {
+        return unchanged();
     };
     let end = rest.find(['.', '[']).unwrap_or(rest.len());
-    match rest[..end].split_once('@') {
-        Some((base, _)) => format!("stages.{base}{}", &rest[end..]),
-        None => path.to_string(),
-    }
+    let stage = &rest[..end];
+    let Some((base, _)) = stage.split_once('@') else {
+        return unchanged();
+    };
+    let quoted = format!("`{stage}`");
+    let base_quoted = format!("`{base}`");
+    (
+        format!("stages.{base}{}", &rest[end..]),
+        problem.message.replace(&quoted, &base_quoted),
+        problem
+            .hint
+            .as_ref()
+            .map(|hint| hint.replace(&quoted, &base_quoted)),
+    )
 }
 
 /// `STAGE@*` → `STAGE`.
@@ -855,14 +873,21 @@ mod tests {
     }
 
     #[test]
-    fn expansion_parts_are_left_out_of_key_paths() {
+    fn expansion_parts_are_left_out_of_key_paths_and_messages() {
+        let shared = |path: &str, message: &str| {
+            let (path, message, _) = without_expansion(&Problem::new(path, message));
+            (path, message)
+        };
         assert_eq!(
-            without_expansion("stages.t@a-b.train.x"),
-            "stages.t.train.x"
+            shared("stages.t@a-b.train.x", "stage `t@a-b` reads `p`"),
+            (
+                "stages.t.train.x".to_string(),
+                "stage `t` reads `p`".to_string()
+            )
         );
-        assert_eq!(without_expansion("stages.t@a[0]"), "stages.t[0]");
-        assert_eq!(without_expansion("stages.t.train.x"), "stages.t.train.x");
-        assert_eq!(without_expansion("seed"), "seed");
+        assert_eq!(shared("stages.t@a[0]", "m").0, "stages.t[0]");
+        assert_eq!(shared("stages.t.train.x", "m").0, "stages.t.train.x");
+        assert_eq!(shared("seed", "m").0, "seed");
     }
 
     #[test]
