@@ -108,7 +108,8 @@ impl Bounds {
     /// below it, through the sorted order. NaN compares below nothing and gets the lowest level.
     #[inline]
     pub fn encode(&self, scaled: f32) -> u8 {
-        let position = self.midpoints.iter().filter(|&&mid| mid < scaled).count();
+        // The midpoints are sorted: a binary search counts those below `scaled`.
+        let position = self.midpoints.partition_point(|&mid| mid < scaled);
         self.order[position]
     }
 }
