@@ -378,3 +378,229 @@ fn bf16_softmax_backward_keeps_peaked_rows_accurate() -> Result<()> {
     );
     Ok(())
 }
+
+// ---- Flash attention (the op's CPU reference loops) ------------------------------------------
+
+/// One attention case: shapes, which keys each query sees, and the explicit composition's mask.
+struct AttentionCase {
+    name: &'static str,
+    batch: usize,
+    heads: usize,
+    kv_heads: usize,
+    queries: usize,
+    key_valid: Vec<Vec<bool>>,
+    /// `Some(offset)`: causal with the queries at keys `offset..`; `None`: every key visible.
+    causal: Option<usize>,
+}
+
+impl AttentionCase {
+    fn keys(&self) -> usize {
+        self.key_valid[0].len()
+    }
+
+    fn visible(&self, b: usize, i: usize, j: usize) -> bool {
+        self.key_valid[b][j] && self.causal.is_none_or(|offset| j <= offset + i)
+    }
+
+    /// `[B, 1, T, S]`: 0 where visible, `MASK_VALUE` elsewhere (the explicit composition's mask).
+    fn additive(&self) -> Result<Tensor> {
+        let mut values = Vec::new();
+        for b in 0..self.batch {
+            for i in 0..self.queries {
+                for j in 0..self.keys() {
+                    values.push(if self.visible(b, i, j) {
+                        0f32
+                    } else {
+                        ops::MASK_VALUE
+                    });
+                }
+            }
+        }
+        Tensor::from_vec(
+            values,
+            (self.batch, 1, self.queries, self.keys()),
+            &Device::Cpu,
+        )
+    }
+
+    /// `[B, 1, T, 1]` f64: 1 for a query that sees some key, 0 for one that sees none.
+    fn rows_seen(&self) -> Result<Tensor> {
+        let values: Vec<f64> = (0..self.batch)
+            .flat_map(|b| (0..self.queries).map(move |i| (b, i)))
+            .map(|(b, i)| f64::from(u8::from((0..self.keys()).any(|j| self.visible(b, i, j)))))
+            .collect();
+        Tensor::from_vec(values, (self.batch, 1, self.queries, 1), &Device::Cpu)
+    }
+
+    fn visibility(&self) -> Result<ops::Visibility> {
+        let flat: Vec<u8> = self
+            .key_valid
+            .iter()
+            .flatten()
+            .map(|&v| u8::from(v))
+            .collect();
+        let valid = Tensor::from_vec(flat, (self.batch, self.keys()), &Device::Cpu)?;
+        Ok(ops::Visibility {
+            causal: self.causal.is_some(),
+            offset: self.causal.unwrap_or(0),
+            key_valid: Some(valid),
+        })
+    }
+
+    fn inputs(&self, dim: usize) -> Result<(Tensor, Tensor, Tensor)> {
+        Ok((
+            random(&[self.batch, self.heads, self.queries, dim])?,
+            random(&[self.batch, self.kv_heads, self.keys(), dim])?,
+            random(&[self.batch, self.kv_heads, self.keys(), dim])?,
+        ))
+    }
+}
+
+fn attention_cases() -> Vec<AttentionCase> {
+    vec![
+        AttentionCase {
+            name: "gqa causal, 2 cached keys, left padding with a fully padded query",
+            batch: 2,
+            heads: 4,
+            kv_heads: 2,
+            queries: 4,
+            key_valid: vec![vec![true; 6], vec![false, false, false, true, true, true]],
+            causal: Some(2),
+        },
+        AttentionCase {
+            name: "causal with a 3-key prefix visible to every query, right padding",
+            batch: 2,
+            heads: 2,
+            kv_heads: 1,
+            queries: 5,
+            key_valid: vec![vec![true; 8], {
+                let mut row = vec![true; 8];
+                row[7] = false;
+                row
+            }],
+            causal: Some(3),
+        },
+        AttentionCase {
+            name: "non-causal (adapter prompt), all valid",
+            batch: 1,
+            heads: 3,
+            kv_heads: 3,
+            queries: 4,
+            key_valid: vec![vec![true; 3]],
+            causal: None,
+        },
+    ]
+}
+
+/// The flash op's forward and all three gradients equal the explicit composition on every row
+/// that sees a key; a row that sees none gives 0 (not the composition's uniform average).
+#[test]
+fn flash_attention_matches_the_explicit_composition() -> Result<()> {
+    let scale = 0.4;
+    for case in attention_cases() {
+        let (q, k, v) = case.inputs(5)?;
+        let seen = case.rows_seen()?;
+        let run = |flash: bool| -> Result<(Tensor, Vec<Tensor>)> {
+            let vars = [
+                Var::from_tensor(&q)?,
+                Var::from_tensor(&k)?,
+                Var::from_tensor(&v)?,
+            ];
+            let (q, k, v) = (
+                vars[0].as_tensor(),
+                vars[1].as_tensor(),
+                vars[2].as_tensor(),
+            );
+            let output = if flash {
+                ops::flash_attention(q, k, v, &case.visibility()?, scale)?
+            } else {
+                ops::attention(q, k, v, Some(&case.additive()?), scale)?
+            };
+            let weights = projection(output.dims(), 5)?;
+            let loss = (output.broadcast_mul(&seen)? * weights)?.sum_all()?;
+            let grads = loss.backward()?;
+            let grads = vars
+                .iter()
+                .map(|var| grads.get(var.as_tensor()).cloned().expect("a gradient"))
+                .collect();
+            Ok((output, grads))
+        };
+        let (flash, flash_grads) = run(true)?;
+        let (explicit, explicit_grads) = run(false)?;
+        let worst = |a: &Tensor, b: &Tensor| -> Result<f64> {
+            (a - b)?.abs()?.max_all()?.to_scalar::<f64>()
+        };
+        let error = worst(&flash, &explicit.broadcast_mul(&seen)?)?;
+        assert!(error < 1e-12, "{}: forward differs by {error:e}", case.name);
+        // Rows that see no key are exactly 0 (the explicit output is not, there).
+        let unseen = (flash.broadcast_mul(&(1.0 - &seen)?)?).abs()?.max_all()?;
+        assert_eq!(unseen.to_scalar::<f64>()?, 0.0, "{}", case.name);
+        for (index, (a, b)) in flash_grads.iter().zip(&explicit_grads).enumerate() {
+            let error = worst(a, b)?;
+            assert!(
+                error < 1e-12,
+                "{}: gradient {index} differs by {error:e}",
+                case.name
+            );
+            assert!(a.abs()?.max_all()?.to_scalar::<f64>()? > 0.0);
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn flash_attention_backward_matches_finite_differences_for_q_k_v() -> Result<()> {
+    let scale = 0.5;
+    for case in attention_cases() {
+        let (q, k, v) = case.inputs(4)?;
+        let visibility = case.visibility()?;
+        let seen = case.rows_seen()?;
+        let f = |q: &Tensor, k: &Tensor, v: &Tensor| {
+            ops::flash_attention(q, k, v, &visibility, scale)?.broadcast_mul(&seen)
+        };
+        check_gradient("flash dq", &q, |q| f(q, &k, &v))?;
+        check_gradient("flash dk", &k, |k| f(&q, k, &v))?;
+        check_gradient("flash dv", &v, |v| f(&q, &k, v))?;
+    }
+    Ok(())
+}
+
+/// On the CPU, `causal_attention` is today's explicit composition, bit for bit (the models' CPU
+/// outputs do not move), and the key validity never gets a gradient.
+#[test]
+fn causal_attention_on_the_cpu_is_the_explicit_composition() -> Result<()> {
+    let key_valid = vec![
+        vec![true; 7],
+        vec![false, true, true, true, true, true, false],
+    ];
+    let mask = ops::CausalMask::new(key_valid.clone(), 3, 4, &Device::Cpu)?;
+    let (q, k, v) = (
+        random(&[2, 4, 4, 8])?,
+        random(&[2, 2, 7, 8])?,
+        random(&[2, 2, 7, 8])?,
+    );
+    let got = ops::causal_attention(&q, &k, &v, &mask, 0.3)?;
+    let explicit = ops::attention(
+        &q,
+        &k,
+        &v,
+        Some(&ops::causal_mask(&key_valid, 3, 4, &Device::Cpu)?),
+        0.3,
+    )?;
+    assert_eq!(
+        got.flatten_all()?.to_vec1::<f64>()?,
+        explicit.flatten_all()?.to_vec1::<f64>()?
+    );
+    let full = ops::full_attention(&q, &k, &v, 0.3)?;
+    let explicit = ops::attention(&q, &k, &v, None, 0.3)?;
+    assert_eq!(
+        full.flatten_all()?.to_vec1::<f64>()?,
+        explicit.flatten_all()?.to_vec1::<f64>()?
+    );
+    // The validity the kernels would take: None when all keys are real.
+    assert!(mask.key_valid()?.is_some());
+    let all = ops::CausalMask::new(vec![vec![true; 3]], 1, 2, &Device::Cpu)?;
+    assert!(all.key_valid()?.is_none());
+    assert!(ops::CausalMask::new(vec![vec![true; 3]], 2, 2, &Device::Cpu).is_err());
+    Ok(())
+}

@@ -13,7 +13,7 @@ use super::config::{Gpt2Activation, Gpt2Config, ModelConfig};
 use super::llama::{adapter_branch, check_cache, merge_heads, split_heads};
 use super::sequence::{expand_batch, plan, Step};
 use super::{CausalLm, Hooks, KvCache, LayerPlan, LinearFactory, LinearLayer, LinearWeights};
-use crate::ops::{add_constant, add_tracked, attention, layer_norm};
+use crate::ops::{add_constant, add_tracked, causal_attention, layer_norm};
 
 /// A Conv1D layer (`weight [in, out]`, `bias [out]`) built through the factory as `[out, in]`.
 fn build_conv1d(
@@ -210,7 +210,7 @@ impl Gpt2 {
         values.push(value);
         let keys = Tensor::cat(&keys, 2)?;
         let values = Tensor::cat(&values, 2)?;
-        let mut output = attention(&query, &keys, &values, Some(&step.mask), scale)?;
+        let mut output = causal_attention(&query, &keys, &values, &step.mask, scale)?;
         if let Some(adapter) = hooks.adapters.get(&layer) {
             let prompt = adapter.prompt.to_dtype(dtype)?.unsqueeze(0)?;
             let (_, adapter_keys, adapter_values) =

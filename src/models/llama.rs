@@ -15,7 +15,9 @@ use super::sequence::{expand_batch, plan, Step};
 use super::{
     AdapterPrompt, CausalLm, Hooks, KvCache, LayerPlan, LinearFactory, LinearLayer, LinearWeights,
 };
-use crate::ops::{add_tracked, apply_rope, attention, rms_norm, swiglu, RotaryEmbedding};
+use crate::ops::{
+    add_tracked, apply_rope, causal_attention, full_attention, rms_norm, swiglu, RotaryEmbedding,
+};
 
 /// Build one linear layer from `vb` (`weight [out, in]`, optional `bias [out]`) via the factory.
 pub(crate) fn build_linear(
@@ -69,7 +71,7 @@ pub(crate) fn adapter_branch(
     scale: f64,
 ) -> Result<Tensor> {
     let heads = query.dim(1)?;
-    let output = attention(query, adapter_keys, adapter_values, None, scale)?;
+    let output = full_attention(query, adapter_keys, adapter_values, scale)?;
     let gate = adapter.gate.to_dtype(query.dtype())?;
     let gate = match gate.elem_count() {
         1 => gate.reshape((1, 1, 1, 1))?,
@@ -171,7 +173,7 @@ impl SelfAttention {
         let values = Tensor::cat(&values, 2)?;
 
         let scale = 1.0 / (self.head_dim as f64).sqrt();
-        let mut output = attention(&query, &keys, &values, Some(&step.mask), scale)?;
+        let mut output = causal_attention(&query, &keys, &values, &step.mask, scale)?;
         if let Some(adapter) = hooks.adapters.get(&layer) {
             let prompt = adapter.prompt.to_dtype(dtype)?.unsqueeze(0)?;
             let adapter_keys =

@@ -9,7 +9,7 @@
 use candle_core::{bail, DType, Device, Result, Tensor};
 
 use super::{Hooks, KvCache};
-use crate::ops::causal_mask;
+use crate::ops::CausalMask;
 
 /// What one forward call attends over.
 pub(crate) struct Step {
@@ -20,8 +20,8 @@ pub(crate) struct Step {
     pub virtual_len: usize,
     /// Position ids of this call's queries (virtual + new tokens), `[B][virtual_len + T]`.
     pub positions: Vec<Vec<u32>>,
-    /// Additive mask `[B, 1, virtual_len + T, keys]`.
-    pub mask: Tensor,
+    /// What the `virtual_len + T` queries see of the keys (validity + causality).
+    pub mask: CausalMask,
     /// Validity of all keys after this call (what the cache keeps).
     pub key_valid: Vec<Vec<bool>>,
 }
@@ -106,7 +106,7 @@ pub(crate) fn plan(
             counts[first_query..first_query + queries].to_vec()
         })
         .collect();
-    let mask = causal_mask(&key_valid, first_query, queries, device)?;
+    let mask = CausalMask::new(key_valid.clone(), first_query, queries, device)?;
     Ok(Step {
         batch,
         prefix_len,

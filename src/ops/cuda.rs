@@ -30,13 +30,14 @@ const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/peftpipe_kernels.ptx")
 const MODULE: &str = "peftpipe";
 
 /// The fused kernels, by the names `PEFTPIPE_UNFUSED` takes.
-pub const KERNELS: [&str; 6] = [
+pub const KERNELS: [&str; 7] = [
     "rms_norm",
     "rope",
     "swiglu",
     "softmax",
     "cross_entropy",
     "adamw",
+    "flash_attention",
 ];
 
 /// Whether the fused kernel `kernel` (one of [`KERNELS`]) is used: yes unless `PEFTPIPE_FUSED=0`

@@ -13,13 +13,15 @@
 //! Every op has a finite-difference test of its backward (f64, CPU) in `tests/ops_grad.rs` and beside
 //! the code. With `--features cuda`, RMSNorm, RoPE, SwiGLU and the linear + cross-entropy run on
 //! CUDA (bf16/f32) as peftpipe's own fused kernels ([`cuda`]); the candle composition each replaces
-//! stays the CPU path and the reference `tests/cuda_kernels.rs` compares them against.
+//! stays the CPU path and the reference `tests/cuda_kernels.rs` compares them against. Attention
+//! runs as a flash-attention kernel on CUDA ([`flash`], `kernels/flash_attn.cu`).
 
 mod attach;
 pub mod attention;
 pub mod constant;
 #[cfg(feature = "cuda")]
 pub mod cuda;
+pub mod flash;
 pub mod linear;
 pub mod loss;
 pub mod norm;
@@ -29,6 +31,7 @@ pub mod swiglu;
 
 pub use attention::{attention, causal_mask, MASK_VALUE};
 pub use constant::{add_constant, add_tracked, dot_constant, matmul_tracked, mul_constant};
+pub use flash::{causal_attention, flash_attention, full_attention, CausalMask, Visibility};
 pub use linear::{frozen_linear, linear};
 pub use loss::{
     cross_entropy, linear_cross_entropy, next_token_cross_entropy, next_token_linear_cross_entropy,

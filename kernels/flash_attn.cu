@@ -1,0 +1,834 @@
+// Flash-attention-style scaled dot-product attention (forward and backward), compiled to PTX by
+// build.rs ($OUT_DIR/flash_attn.ptx) and launched from src/ops/flash.rs. The CPU reference is the
+// explicit composition in src/ops/attention.rs (and the op's own CPU loops in src/ops/flash.rs);
+// tests/cuda_kernels.rs compares them on fresh random inputs.
+//
+// Shapes (all contiguous): q, o, dq [B, H, T, D]; k, v, dk, dv [B, KVH, S, D] with H a multiple of
+// KVH (query head h reads kv head h / (H/KVH), never copied); valid [B, S] u8 (null = all valid);
+// lse, delta [B, H, T] f32. Key j is visible to query i iff valid[b][j] and, when causal,
+// j <= offset + i (the queries are the last T of the S keys after `offset` earlier ones). A row
+// with no visible key gets output 0, lse -inf, and no gradient.
+//
+// The kernels are tiled over keys with the online softmax (forward) and FA2's recomputation of P
+// from q, k and the saved log-sum-exp (backward: delta = rowsum(dO∘O), then dK/dV per key tile
+// summed over the query heads of a group, then dQ per query tile: no atomics, deterministic).
+// Two families: `flash_*` (f32 arithmetic on CUDA cores, shared-memory tiles with 16×16 threads
+// and register micro-tiles; inputs bf16, f16 or f32) and `flash_tc_*` (bf16/f16 on tensor cores,
+// nvcuda::wmma with f32 accumulation; namespace tc). head_dim 64 and 128.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <mma.h>
+#include <stdint.h>
+
+typedef __nv_bfloat16 bf16;
+
+namespace {
+
+__device__ __forceinline__ float to_f(float v) { return v; }
+__device__ __forceinline__ float to_f(bf16 v) { return __bfloat162float(v); }
+__device__ __forceinline__ float to_f(__half v) { return __half2float(v); }
+template <typename T> __device__ __forceinline__ T from_f(float v);
+template <> __device__ __forceinline__ float from_f<float>(float v) { return v; }
+template <> __device__ __forceinline__ bf16 from_f<bf16>(float v) { return __float2bfloat16_rn(v); }
+template <> __device__ __forceinline__ __half from_f<__half>(float v) { return __float2half_rn(v); }
+
+constexpr int THREADS = 256;  // 16 × 16
+constexpr int PAD = 1;        // odd row strides: column walks hit distinct banks
+
+__device__ __forceinline__ bool visible(const unsigned char* valid_row, int key, int row, int queries,
+                                        int keys, int offset, int causal) {
+    return row < queries && key < keys && (valid_row == nullptr || valid_row[key] != 0) &&
+           (!causal || key <= offset + row);
+}
+
+// rows × D elements of `src` (row stride D, `available` rows exist) into `dst` (row stride D + PAD)
+// as f32, zero past the end.
+template <typename T, int ROWS, int D>
+__device__ __forceinline__ void load_tile(float (*dst)[D + PAD], const T* __restrict__ src, int available) {
+    for (int index = threadIdx.x; index < ROWS * D; index += THREADS) {
+        const int r = index / D, c = index % D;
+        dst[r][c] = r < available ? to_f(src[(size_t)r * D + c]) : 0.0f;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Forward: one block per (query tile, b·H + h).
+template <typename T, int D, int BQ, int BK>
+__device__ void flash_forward(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
+                              const unsigned char* __restrict__ valid, T* __restrict__ o,
+                              float* __restrict__ lse, int heads, int kv_heads, int queries, int keys,
+                              int offset, int causal, float scale) {
+    constexpr int RI = BQ / 16, CS = BK / 16, CD = D / 16;
+    __shared__ float qs[BQ][D + PAD];
+    __shared__ float kvs[BK][D + PAD];
+    __shared__ float ss[BQ][BK + PAD];
+    __shared__ float row_m[BQ], row_l[BQ], row_alpha[BQ];
+
+    const int tid = threadIdx.x, tx = tid % 16, ty = tid / 16;
+    const int warp = tid / 32, lane = tid % 32;
+    const int bh = blockIdx.y, b = bh / heads, h = bh % heads;
+    const int kvh = h / (heads / kv_heads);
+    const int q0 = blockIdx.x * BQ;
+    const T* qb = q + ((size_t)bh * queries + q0) * D;
+    const T* kb = k + (size_t)(b * kv_heads + kvh) * keys * D;
+    const T* vb = v + (size_t)(b * kv_heads + kvh) * keys * D;
+    const unsigned char* valid_row = valid ? valid + (size_t)b * keys : nullptr;
+
+    load_tile<T, BQ, D>(qs, qb, queries - q0);
+    if (tid < BQ) {
+        row_m[tid] = -INFINITY;
+        row_l[tid] = 0.0f;
+        row_alpha[tid] = 0.0f;
+    }
+    float acc[RI][CD];
+#pragma unroll
+    for (int i = 0; i < RI; ++i)
+#pragma unroll
+        for (int j = 0; j < CD; ++j) acc[i][j] = 0.0f;
+    const int last_row = min(q0 + BQ, queries) - 1;
+    const int key_end = causal ? min(keys, offset + last_row + 1) : keys;
+    __syncthreads();
+
+    for (int k0 = 0; k0 < key_end; k0 += BK) {
+        load_tile<T, BK, D>(kvs, kb + (size_t)k0 * D, keys - k0);
+        __syncthreads();
+        float s[RI][CS];
+#pragma unroll
+        for (int i = 0; i < RI; ++i)
+#pragma unroll
+            for (int j = 0; j < CS; ++j) s[i][j] = 0.0f;
+#pragma unroll 8
+        for (int d = 0; d < D; ++d) {
+            float a[RI], bk[CS];
+#pragma unroll
+            for (int i = 0; i < RI; ++i) a[i] = qs[ty + 16 * i][d];
+#pragma unroll
+            for (int j = 0; j < CS; ++j) bk[j] = kvs[tx + 16 * j][d];
+#pragma unroll
+            for (int i = 0; i < RI; ++i)
+#pragma unroll
+                for (int j = 0; j < CS; ++j) s[i][j] = fmaf(a[i], bk[j], s[i][j]);
+        }
+#pragma unroll
+        for (int i = 0; i < RI; ++i)
+#pragma unroll
+            for (int j = 0; j < CS; ++j) {
+                const int r = ty + 16 * i, c = tx + 16 * j;
+                ss[r][c] = visible(valid_row, k0 + c, q0 + r, queries, keys, offset, causal)
+                               ? s[i][j] * scale
+                               : -INFINITY;
+            }
+        __syncthreads();
+        // Online softmax, one warp per row; then V replaces K in shared memory.
+        for (int r = warp; r < BQ; r += THREADS / 32) {
+            float mx = -INFINITY;
+            for (int c = lane; c < BK; c += 32) mx = fmaxf(mx, ss[r][c]);
+#pragma unroll
+            for (int step = 16; step > 0; step >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, step));
+            const float m_old = row_m[r];
+            const float m_new = fmaxf(m_old, mx);
+            float sum = 0.0f;
+            for (int c = lane; c < BK; c += 32) {
+                const float x = ss[r][c];
+                const float p = x == -INFINITY ? 0.0f : __expf(x - m_new);
+                ss[r][c] = p;
+                sum += p;
+            }
+#pragma unroll
+            for (int step = 16; step > 0; step >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, step);
+            if (lane == 0) {
+                const float alpha = m_old == -INFINITY ? 0.0f : __expf(m_old - m_new);
+                row_alpha[r] = alpha;
+                row_l[r] = row_l[r] * alpha + sum;
+                row_m[r] = m_new;
+            }
+        }
+        load_tile<T, BK, D>(kvs, vb + (size_t)k0 * D, keys - k0);
+        __syncthreads();
+#pragma unroll
+        for (int i = 0; i < RI; ++i) {
+            const float alpha = row_alpha[ty + 16 * i];
+#pragma unroll
+            for (int j = 0; j < CD; ++j) acc[i][j] *= alpha;
+        }
+#pragma unroll 4
+        for (int c = 0; c < BK; ++c) {
+            float p[RI], vv[CD];
+#pragma unroll
+            for (int i = 0; i < RI; ++i) p[i] = ss[ty + 16 * i][c];
+#pragma unroll
+            for (int j = 0; j < CD; ++j) vv[j] = kvs[c][tx + 16 * j];
+#pragma unroll
+            for (int i = 0; i < RI; ++i)
+#pragma unroll
+                for (int j = 0; j < CD; ++j) acc[i][j] = fmaf(p[i], vv[j], acc[i][j]);
+        }
+        __syncthreads();
+    }
+#pragma unroll
+    for (int i = 0; i < RI; ++i) {
+        const int r = ty + 16 * i;
+        if (q0 + r >= queries) continue;
+        const float l = row_l[r];
+        const float inverse = l > 0.0f ? 1.0f / l : 0.0f;
+        T* out = o + ((size_t)bh * queries + q0 + r) * D;
+#pragma unroll
+        for (int j = 0; j < CD; ++j) out[tx + 16 * j] = from_f<T>(acc[i][j] * inverse);
+    }
+    if (tid < BQ && q0 + tid < queries) {
+        const float l = row_l[tid];
+        lse[(size_t)bh * queries + q0 + tid] = l > 0.0f ? row_m[tid] + logf(l) : -INFINITY;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Backward, step 1: delta[row] = Σ_d dO[row][d]·O[row][d], one warp per row.
+template <typename T>
+__device__ void flash_backward_delta(const T* __restrict__ o, const T* __restrict__ grad,
+                                     float* __restrict__ delta, long long rows, int dim) {
+    const long long row = (long long)blockIdx.x * (THREADS / 32) + threadIdx.x / 32;
+    const int lane = threadIdx.x % 32;
+    if (row >= rows) return;
+    float sum = 0.0f;
+    for (int d = lane; d < dim; d += 32)
+        sum += to_f(o[row * dim + d]) * to_f(grad[row * dim + d]);
+#pragma unroll
+    for (int step = 16; step > 0; step >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, step);
+    if (lane == 0) delta[row] = sum;
+}
+
+// S = Q·Kᵀ and dP = dO·Vᵀ for one (query tile, key tile) pair, then P = exp(S·scale − lse) and
+// dS = P∘(dP − delta) (unscaled) into `ps` / `ds` (rows: queries, cols: keys).
+template <int D, int BQ, int BK>
+__device__ __forceinline__ void probabilities_and_ds(
+    const float (*qs)[D + PAD], const float (*dos)[D + PAD], const float (*ks)[D + PAD],
+    const float (*vs)[D + PAD], const float* lse_s, const float* delta_s, float (*ps)[BK + PAD],
+    float (*ds)[BK + PAD], const unsigned char* valid_row, int q0, int k0, int queries, int keys,
+    int offset, int causal, float scale) {
+    constexpr int RI = BQ / 16, CS = BK / 16;
+    const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
+    float s[RI][CS], dp[RI][CS];
+#pragma unroll
+    for (int i = 0; i < RI; ++i)
+#pragma unroll
+        for (int j = 0; j < CS; ++j) s[i][j] = dp[i][j] = 0.0f;
+#pragma unroll 8
+    for (int d = 0; d < D; ++d) {
+        float a[RI], g[RI], bk[CS], bv[CS];
+#pragma unroll
+        for (int i = 0; i < RI; ++i) {
+            a[i] = qs[ty + 16 * i][d];
+            g[i] = dos[ty + 16 * i][d];
+        }
+#pragma unroll
+        for (int j = 0; j < CS; ++j) {
+            bk[j] = ks[tx + 16 * j][d];
+            bv[j] = vs[tx + 16 * j][d];
+        }
+#pragma unroll
+        for (int i = 0; i < RI; ++i)
+#pragma unroll
+            for (int j = 0; j < CS; ++j) {
+                s[i][j] = fmaf(a[i], bk[j], s[i][j]);
+                dp[i][j] = fmaf(g[i], bv[j], dp[i][j]);
+            }
+    }
+#pragma unroll
+    for (int i = 0; i < RI; ++i)
+#pragma unroll
+        for (int j = 0; j < CS; ++j) {
+            const int r = ty + 16 * i, c = tx + 16 * j;
+            const bool seen = visible(valid_row, k0 + c, q0 + r, queries, keys, offset, causal);
+            const float p = seen ? __expf(s[i][j] * scale - lse_s[r]) : 0.0f;
+            ps[r][c] = p;
+            ds[r][c] = seen ? p * (dp[i][j] - delta_s[r]) : 0.0f;
+        }
+}
+
+// Backward, step 2: dK, dV for one key tile of one kv head, over every query head of its group
+// and every query tile that can see it. One block per (key tile, b·KVH + kvh).
+template <typename T, int D, int BQ, int BK>
+__device__ void flash_backward_dkdv(const T* __restrict__ q, const T* __restrict__ k,
+                                    const T* __restrict__ v, const unsigned char* __restrict__ valid,
+                                    const T* __restrict__ grad, const float* __restrict__ lse,
+                                    const float* __restrict__ delta, T* __restrict__ dk,
+                                    T* __restrict__ dv, int heads, int kv_heads, int queries, int keys,
+                                    int offset, int causal, float scale) {
+    constexpr int RK = BK / 16, CD = D / 16;
+    __shared__ float ks[BK][D + PAD];
+    __shared__ float vs[BK][D + PAD];
+    __shared__ float qs[BQ][D + PAD];
+    __shared__ float dos[BQ][D + PAD];
+    __shared__ float ps[BQ][BK + PAD];
+    __shared__ float ds[BQ][BK + PAD];
+    __shared__ float lse_s[BQ], delta_s[BQ];
+
+    const int tid = threadIdx.x, tx = tid % 16, ty = tid / 16;
+    const int bkv = blockIdx.y, b = bkv / kv_heads, kvh = bkv % kv_heads;
+    const int group = heads / kv_heads;
+    const int k0 = blockIdx.x * BK;
+    const unsigned char* valid_row = valid ? valid + (size_t)b * keys : nullptr;
+    load_tile<T, BK, D>(ks, k + ((size_t)bkv * keys + k0) * D, keys - k0);
+    load_tile<T, BK, D>(vs, v + ((size_t)bkv * keys + k0) * D, keys - k0);
+    float acc_dk[RK][CD], acc_dv[RK][CD];
+#pragma unroll
+    for (int i = 0; i < RK; ++i)
+#pragma unroll
+        for (int j = 0; j < CD; ++j) acc_dk[i][j] = acc_dv[i][j] = 0.0f;
+    // The first query that can see key k0 is k0 − offset.
+    const int first_query = causal ? max(0, k0 - offset) : 0;
+    const int q_start = (first_query / BQ) * BQ;
+
+    for (int g = 0; g < group; ++g) {
+        const int bh = b * heads + kvh * group + g;
+        for (int q0 = q_start; q0 < queries; q0 += BQ) {
+            __syncthreads();  // the previous pass is done with qs/dos/ps/ds
+            load_tile<T, BQ, D>(qs, q + ((size_t)bh * queries + q0) * D, queries - q0);
+            load_tile<T, BQ, D>(dos, grad + ((size_t)bh * queries + q0) * D, queries - q0);
+            if (tid < BQ) {
+                const bool inside = q0 + tid < queries;
+                const float l = inside ? lse[(size_t)bh * queries + q0 + tid] : -INFINITY;
+                lse_s[tid] = l == -INFINITY ? 0.0f : l;  // no visible key: P is 0 anyway
+                delta_s[tid] = inside ? delta[(size_t)bh * queries + q0 + tid] : 0.0f;
+            }
+            __syncthreads();
+            probabilities_and_ds<D, BQ, BK>(qs, dos, ks, vs, lse_s, delta_s, ps, ds, valid_row, q0, k0,
+                                            queries, keys, offset, causal, scale);
+            __syncthreads();
+            // dV += Pᵀ·dO, dK += dSᵀ·Q (rows: keys ty + 16i, cols: d tx + 16j).
+#pragma unroll 4
+            for (int r = 0; r < BQ; ++r) {
+                float p[RK], dsv[RK], g_row[CD], q_row[CD];
+#pragma unroll
+                for (int i = 0; i < RK; ++i) {
+                    p[i] = ps[r][ty + 16 * i];
+                    dsv[i] = ds[r][ty + 16 * i];
+                }
+#pragma unroll
+                for (int j = 0; j < CD; ++j) {
+                    g_row[j] = dos[r][tx + 16 * j];
+                    q_row[j] = qs[r][tx + 16 * j];
+                }
+#pragma unroll
+                for (int i = 0; i < RK; ++i)
+#pragma unroll
+                    for (int j = 0; j < CD; ++j) {
+                        acc_dv[i][j] = fmaf(p[i], g_row[j], acc_dv[i][j]);
+                        acc_dk[i][j] = fmaf(dsv[i], q_row[j], acc_dk[i][j]);
+                    }
+            }
+        }
+    }
+#pragma unroll
+    for (int i = 0; i < RK; ++i) {
+        const int r = ty + 16 * i;
+        if (k0 + r >= keys) continue;
+        const size_t base = ((size_t)bkv * keys + k0 + r) * D;
+#pragma unroll
+        for (int j = 0; j < CD; ++j) {
+            dk[base + tx + 16 * j] = from_f<T>(acc_dk[i][j] * scale);
+            dv[base + tx + 16 * j] = from_f<T>(acc_dv[i][j]);
+        }
+    }
+}
+
+// Backward, step 3: dQ for one query tile, over the key tiles it can see. One block per
+// (query tile, b·H + h).
+template <typename T, int D, int BQ, int BK>
+__device__ void flash_backward_dq(const T* __restrict__ q, const T* __restrict__ k,
+                                  const T* __restrict__ v, const unsigned char* __restrict__ valid,
+                                  const T* __restrict__ grad, const float* __restrict__ lse,
+                                  const float* __restrict__ delta, T* __restrict__ dq, int heads,
+                                  int kv_heads, int queries, int keys, int offset, int causal,
+                                  float scale) {
+    constexpr int RI = BQ / 16, CD = D / 16;
+    __shared__ float qs[BQ][D + PAD];
+    __shared__ float dos[BQ][D + PAD];
+    __shared__ float ks[BK][D + PAD];
+    __shared__ float vs[BK][D + PAD];
+    __shared__ float ps[BQ][BK + PAD];
+    __shared__ float ds[BQ][BK + PAD];
+    __shared__ float lse_s[BQ], delta_s[BQ];
+
+    const int tid = threadIdx.x, tx = tid % 16, ty = tid / 16;
+    const int bh = blockIdx.y, b = bh / heads, h = bh % heads;
+    const int kvh = h / (heads / kv_heads);
+    const int q0 = blockIdx.x * BQ;
+    const size_t kv_base = (size_t)(b * kv_heads + kvh) * keys * D;
+    const unsigned char* valid_row = valid ? valid + (size_t)b * keys : nullptr;
+    load_tile<T, BQ, D>(qs, q + ((size_t)bh * queries + q0) * D, queries - q0);
+    load_tile<T, BQ, D>(dos, grad + ((size_t)bh * queries + q0) * D, queries - q0);
+    if (tid < BQ) {
+        const bool inside = q0 + tid < queries;
+        const float l = inside ? lse[(size_t)bh * queries + q0 + tid] : -INFINITY;
+        lse_s[tid] = l == -INFINITY ? 0.0f : l;
+        delta_s[tid] = inside ? delta[(size_t)bh * queries + q0 + tid] : 0.0f;
+    }
+    float acc[RI][CD];
+#pragma unroll
+    for (int i = 0; i < RI; ++i)
+#pragma unroll
+        for (int j = 0; j < CD; ++j) acc[i][j] = 0.0f;
+    const int last_row = min(q0 + BQ, queries) - 1;
+    const int key_end = causal ? min(keys, offset + last_row + 1) : keys;
+
+    for (int k0 = 0; k0 < key_end; k0 += BK) {
+        __syncthreads();  // the previous pass is done with ks/vs/ds
+        load_tile<T, BK, D>(ks, k + kv_base + (size_t)k0 * D, keys - k0);
+        load_tile<T, BK, D>(vs, v + kv_base + (size_t)k0 * D, keys - k0);
+        __syncthreads();
+        probabilities_and_ds<D, BQ, BK>(qs, dos, ks, vs, lse_s, delta_s, ps, ds, valid_row, q0, k0,
+                                        queries, keys, offset, causal, scale);
+        __syncthreads();
+        // dQ += dS·K (rows: queries ty + 16i, cols: d tx + 16j).
+#pragma unroll 4
+        for (int c = 0; c < BK; ++c) {
+            float dsv[RI], k_row[CD];
+#pragma unroll
+            for (int i = 0; i < RI; ++i) dsv[i] = ds[ty + 16 * i][c];
+#pragma unroll
+            for (int j = 0; j < CD; ++j) k_row[j] = ks[c][tx + 16 * j];
+#pragma unroll
+            for (int i = 0; i < RI; ++i)
+#pragma unroll
+                for (int j = 0; j < CD; ++j) acc[i][j] = fmaf(dsv[i], k_row[j], acc[i][j]);
+        }
+    }
+#pragma unroll
+    for (int i = 0; i < RI; ++i) {
+        const int r = ty + 16 * i;
+        if (q0 + r >= queries) continue;
+        T* out = dq + ((size_t)bh * queries + q0 + r) * D;
+#pragma unroll
+        for (int j = 0; j < CD; ++j) out[tx + 16 * j] = from_f<T>(acc[i][j] * scale);
+    }
+}
+
+
+// ---------------------------------------------------------------------------------------------
+// Tensor-core variants for bf16/f16 (nvcuda::wmma 16×16×16, f32 accumulation): the same
+// algorithms, with the tiles kept in the input type in shared memory, every tile product on
+// tensor cores, and P / dS rounded to the input type as the operand of the second product (as
+// FlashAttention-2 does). Row strides are padded by 8 elements (16 bytes), which keeps every
+// 16-row / 16-column fragment pointer 32-byte aligned.
+namespace tc {
+using namespace nvcuda;
+
+constexpr int HPAD = 8;  // 16-bit tiles
+constexpr int FPAD = 4;  // f32 tiles
+
+typedef wmma::fragment<wmma::accumulator, 16, 16, 16, float> Acc;
+
+// ROWS × D elements of `src` (row stride D) into `dst` (row stride D + HPAD), 16 bytes at a
+// time; zero past `available` rows. D is a multiple of 8 and `src` 16-byte aligned.
+template <typename T, int ROWS, int D>
+__device__ __forceinline__ void load_tile(T (*dst)[D + HPAD], const T* __restrict__ src, int available) {
+    constexpr int CHUNKS = D / 8;
+    for (int index = threadIdx.x; index < ROWS * CHUNKS; index += THREADS) {
+        const int r = index / CHUNKS, c = (index % CHUNKS) * 8;
+        uint4 value = make_uint4(0, 0, 0, 0);
+        if (r < available) value = *reinterpret_cast<const uint4*>(src + (size_t)r * D + c);
+        *reinterpret_cast<uint4*>(&dst[r][c]) = value;
+    }
+}
+
+// out[m0.., n0..] (16×16, f32, row stride ldo) = A·B over K, A row-major (lda), B given by
+// `B_LAYOUT` (ldb); `a` and `b` point at the block's first row / column.
+template <typename T, typename B_LAYOUT, int K>
+__device__ __forceinline__ void block_product(Acc& acc, const T* a, int lda, const T* b, int ldb, int b_step) {
+    wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa;
+    wmma::fragment<wmma::matrix_b, 16, 16, 16, T, B_LAYOUT> fb;
+#pragma unroll
+    for (int k = 0; k < K; k += 16) {
+        wmma::load_matrix_sync(fa, a + k, lda);
+        wmma::load_matrix_sync(fb, b + (size_t)k * b_step, ldb);
+        wmma::mma_sync(acc, fa, fb, acc);
+    }
+}
+
+// Forward: as flash_forward, S = Q·Kᵀ and P·V on tensor cores.
+template <typename T, int D, int BQ, int BK>
+__device__ void forward(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
+                        const unsigned char* __restrict__ valid, T* __restrict__ o, float* __restrict__ lse,
+                        int heads, int kv_heads, int queries, int keys, int offset, int causal, float scale) {
+    constexpr int RI = BQ / 16, CD = D / 16;
+    constexpr int LS = BK + FPAD, LO = D + FPAD;
+    constexpr int SCRATCH = BQ * LS > BQ * LO ? BQ * LS : BQ * LO;
+    __shared__ __align__(32) T qs[BQ][D + HPAD];
+    __shared__ __align__(32) T ks[BK][D + HPAD];
+    __shared__ __align__(32) T vs[BK][D + HPAD];
+    __shared__ __align__(32) T ps[BQ][BK + HPAD];
+    __shared__ __align__(32) float scratch[SCRATCH];  // S (BQ × LS), then P·V (BQ × LO)
+    __shared__ float row_m[BQ], row_l[BQ], row_alpha[BQ];
+
+    const int tid = threadIdx.x, tx = tid % 16, ty = tid / 16;
+    const int warp = tid / 32, lane = tid % 32;
+    const int bh = blockIdx.y, b = bh / heads, h = bh % heads;
+    const int kvh = h / (heads / kv_heads);
+    const int q0 = blockIdx.x * BQ;
+    const T* kb = k + (size_t)(b * kv_heads + kvh) * keys * D;
+    const T* vb = v + (size_t)(b * kv_heads + kvh) * keys * D;
+    const unsigned char* valid_row = valid ? valid + (size_t)b * keys : nullptr;
+
+    load_tile<T, BQ, D>(qs, q + ((size_t)bh * queries + q0) * D, queries - q0);
+    if (tid < BQ) {
+        row_m[tid] = -INFINITY;
+        row_l[tid] = 0.0f;
+        row_alpha[tid] = 0.0f;
+    }
+    float acc[RI][CD];
+#pragma unroll
+    for (int i = 0; i < RI; ++i)
+#pragma unroll
+        for (int j = 0; j < CD; ++j) acc[i][j] = 0.0f;
+    const int last_row = min(q0 + BQ, queries) - 1;
+    const int key_end = causal ? min(keys, offset + last_row + 1) : keys;
+
+    for (int k0 = 0; k0 < key_end; k0 += BK) {
+        __syncthreads();  // the previous tile is done with ks, vs, ps, scratch
+        load_tile<T, BK, D>(ks, kb + (size_t)k0 * D, keys - k0);
+        load_tile<T, BK, D>(vs, vb + (size_t)k0 * D, keys - k0);
+        __syncthreads();
+        // S blocks (BQ/16 × BK/16), one per warp in turn; Kᵀ is K read column-major.
+        for (int block = warp; block < (BQ / 16) * (BK / 16); block += THREADS / 32) {
+            const int m0 = (block / (BK / 16)) * 16, n0 = (block % (BK / 16)) * 16;
+            Acc s;
+            wmma::fill_fragment(s, 0.0f);
+            block_product<T, wmma::col_major, D>(s, &qs[m0][0], D + HPAD, &ks[n0][0], D + HPAD, 1);
+            wmma::store_matrix_sync(scratch + m0 * LS + n0, s, LS, wmma::mem_row_major);
+        }
+        __syncthreads();
+        for (int r = warp; r < BQ; r += THREADS / 32) {
+            float x[(BK + 31) / 32];
+            float mx = -INFINITY;
+#pragma unroll
+            for (int t = 0; t < (BK + 31) / 32; ++t) {
+                const int c = lane + 32 * t;
+                x[t] = -INFINITY;
+                if (c < BK && visible(valid_row, k0 + c, q0 + r, queries, keys, offset, causal))
+                    x[t] = scratch[r * LS + c] * scale;
+                mx = fmaxf(mx, x[t]);
+            }
+#pragma unroll
+            for (int step = 16; step > 0; step >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, step));
+            const float m_old = row_m[r];
+            const float m_new = fmaxf(m_old, mx);
+            float sum = 0.0f;
+#pragma unroll
+            for (int t = 0; t < (BK + 31) / 32; ++t) {
+                const int c = lane + 32 * t;
+                const float p = x[t] == -INFINITY ? 0.0f : __expf(x[t] - m_new);
+                if (c < BK) ps[r][c] = from_f<T>(p);
+                sum += p;
+            }
+#pragma unroll
+            for (int step = 16; step > 0; step >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, step);
+            if (lane == 0) {
+                const float alpha = m_old == -INFINITY ? 0.0f : __expf(m_old - m_new);
+                row_alpha[r] = alpha;
+                row_l[r] = row_l[r] * alpha + sum;
+                row_m[r] = m_new;
+            }
+        }
+        __syncthreads();
+        // P·V blocks (BQ/16 × D/16) into scratch (S is consumed).
+        for (int block = warp; block < (BQ / 16) * (D / 16); block += THREADS / 32) {
+            const int m0 = (block / (D / 16)) * 16, n0 = (block % (D / 16)) * 16;
+            Acc pv;
+            wmma::fill_fragment(pv, 0.0f);
+            block_product<T, wmma::row_major, BK>(pv, &ps[m0][0], BK + HPAD, &vs[0][n0], D + HPAD, D + HPAD);
+            wmma::store_matrix_sync(scratch + m0 * LO + n0, pv, LO, wmma::mem_row_major);
+        }
+        __syncthreads();
+#pragma unroll
+        for (int i = 0; i < RI; ++i) {
+            const int r = ty + 16 * i;
+            const float alpha = row_alpha[r];
+#pragma unroll
+            for (int j = 0; j < CD; ++j) acc[i][j] = acc[i][j] * alpha + scratch[r * LO + tx + 16 * j];
+        }
+    }
+    __syncthreads();
+#pragma unroll
+    for (int i = 0; i < RI; ++i) {
+        const int r = ty + 16 * i;
+        if (q0 + r >= queries) continue;
+        const float l = row_l[r];
+        const float inverse = l > 0.0f ? 1.0f / l : 0.0f;
+        T* out = o + ((size_t)bh * queries + q0 + r) * D;
+#pragma unroll
+        for (int j = 0; j < CD; ++j) out[tx + 16 * j] = from_f<T>(acc[i][j] * inverse);
+    }
+    if (tid < BQ && q0 + tid < queries) {
+        const float l = row_l[tid];
+        lse[(size_t)bh * queries + q0 + tid] = l > 0.0f ? row_m[tid] + logf(l) : -INFINITY;
+    }
+}
+
+// S = Q·Kᵀ and dP = dO·Vᵀ (tensor cores) into f32 `sf` / `dpf`, then P and dS = P∘(dP − δ)
+// (unscaled) in the input type into `ps` / `ds` (rows: queries, cols: keys). Ends synchronised.
+template <typename T, int D, int BQ, int BK>
+__device__ __forceinline__ void probabilities_and_ds(
+    T (*qs)[D + HPAD], T (*dos)[D + HPAD], T (*ks)[D + HPAD], T (*vs)[D + HPAD], const float* lse_s,
+    const float* delta_s, float* sf, float* dpf, T (*ps)[BK + HPAD], T (*ds)[BK + HPAD],
+    const unsigned char* valid_row, int q0, int k0, int queries, int keys, int offset, int causal,
+    float scale) {
+    constexpr int LS = BK + FPAD;
+    constexpr int BLOCKS = (BQ / 16) * (BK / 16);
+    const int warp = threadIdx.x / 32;
+    for (int job = warp; job < 2 * BLOCKS; job += THREADS / 32) {
+        const int block = job % BLOCKS;
+        const int m0 = (block / (BK / 16)) * 16, n0 = (block % (BK / 16)) * 16;
+        Acc acc;
+        wmma::fill_fragment(acc, 0.0f);
+        if (job < BLOCKS) {
+            block_product<T, wmma::col_major, D>(acc, &qs[m0][0], D + HPAD, &ks[n0][0], D + HPAD, 1);
+            wmma::store_matrix_sync(sf + m0 * LS + n0, acc, LS, wmma::mem_row_major);
+        } else {
+            block_product<T, wmma::col_major, D>(acc, &dos[m0][0], D + HPAD, &vs[n0][0], D + HPAD, 1);
+            wmma::store_matrix_sync(dpf + m0 * LS + n0, acc, LS, wmma::mem_row_major);
+        }
+    }
+    __syncthreads();
+    for (int index = threadIdx.x; index < BQ * BK; index += THREADS) {
+        const int r = index / BK, c = index % BK;
+        const bool seen = visible(valid_row, k0 + c, q0 + r, queries, keys, offset, causal);
+        const float p = seen ? __expf(sf[r * LS + c] * scale - lse_s[r]) : 0.0f;
+        ps[r][c] = from_f<T>(p);
+        ds[r][c] = from_f<T>(seen ? p * (dpf[r * LS + c] - delta_s[r]) : 0.0f);
+    }
+    __syncthreads();
+}
+
+// Per-warp staging of an accumulator block to global memory in the input type, times `factor`,
+// rows past `rows_left` skipped. `stage` is this warp's 16 × 16 f32 scratch.
+template <typename T>
+__device__ __forceinline__ void store_block(T* dst, int ld, Acc& acc, float factor, int rows_left, float* stage) {
+    wmma::store_matrix_sync(stage, acc, 16, wmma::mem_row_major);
+    __syncwarp();
+    const int lane = threadIdx.x % 32;
+    for (int e = lane; e < 256; e += 32) {
+        const int r = e / 16, c = e % 16;
+        if (r < rows_left) dst[(size_t)r * ld + c] = from_f<T>(stage[e] * factor);
+    }
+    __syncwarp();
+}
+
+// dK, dV for one key tile of one kv head (as flash_backward_dkdv), accumulated in fragments.
+template <typename T, int D, int BQ, int BK>
+__device__ void backward_dkdv(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
+                              const unsigned char* __restrict__ valid, const T* __restrict__ grad,
+                              const float* __restrict__ lse, const float* __restrict__ delta,
+                              T* __restrict__ dk, T* __restrict__ dv, int heads, int kv_heads, int queries,
+                              int keys, int offset, int causal, float scale) {
+    constexpr int LS = BK + FPAD;
+    constexpr int BLOCKS = (BK / 16) * (D / 16);
+    constexpr int PER_WARP = (BLOCKS + THREADS / 32 - 1) / (THREADS / 32);
+    __shared__ __align__(32) T ks[BK][D + HPAD];
+    __shared__ __align__(32) T vs[BK][D + HPAD];
+    __shared__ __align__(32) T qs[BQ][D + HPAD];
+    __shared__ __align__(32) T dos[BQ][D + HPAD];
+    __shared__ __align__(32) T ps[BQ][BK + HPAD];
+    __shared__ __align__(32) T ds[BQ][BK + HPAD];
+    __shared__ __align__(32) float sf[BQ * LS];
+    __shared__ __align__(32) float dpf[BQ * LS];
+    __shared__ __align__(32) float stage[THREADS / 32][256];
+    __shared__ float lse_s[BQ], delta_s[BQ];
+
+    const int tid = threadIdx.x, warp = tid / 32;
+    const int bkv = blockIdx.y, b = bkv / kv_heads, kvh = bkv % kv_heads;
+    const int group = heads / kv_heads;
+    const int k0 = blockIdx.x * BK;
+    const unsigned char* valid_row = valid ? valid + (size_t)b * keys : nullptr;
+    load_tile<T, BK, D>(ks, k + ((size_t)bkv * keys + k0) * D, keys - k0);
+    load_tile<T, BK, D>(vs, v + ((size_t)bkv * keys + k0) * D, keys - k0);
+    Acc acc_dk[PER_WARP], acc_dv[PER_WARP];
+#pragma unroll
+    for (int t = 0; t < PER_WARP; ++t) {
+        wmma::fill_fragment(acc_dk[t], 0.0f);
+        wmma::fill_fragment(acc_dv[t], 0.0f);
+    }
+    const int first_query = causal ? max(0, k0 - offset) : 0;
+    const int q_start = (first_query / BQ) * BQ;
+
+    for (int g = 0; g < group; ++g) {
+        const int bh = b * heads + kvh * group + g;
+        for (int q0 = q_start; q0 < queries; q0 += BQ) {
+            __syncthreads();
+            load_tile<T, BQ, D>(qs, q + ((size_t)bh * queries + q0) * D, queries - q0);
+            load_tile<T, BQ, D>(dos, grad + ((size_t)bh * queries + q0) * D, queries - q0);
+            if (tid < BQ) {
+                const bool inside = q0 + tid < queries;
+                const float l = inside ? lse[(size_t)bh * queries + q0 + tid] : -INFINITY;
+                lse_s[tid] = l == -INFINITY ? 0.0f : l;
+                delta_s[tid] = inside ? delta[(size_t)bh * queries + q0 + tid] : 0.0f;
+            }
+            __syncthreads();
+            probabilities_and_ds<T, D, BQ, BK>(qs, dos, ks, vs, lse_s, delta_s, sf, dpf, ps, ds, valid_row,
+                                               q0, k0, queries, keys, offset, causal, scale);
+            // dV += Pᵀ·dO and dK += dSᵀ·Q: Pᵀ is P read column-major.
+#pragma unroll
+            for (int t = 0; t < PER_WARP; ++t) {
+                const int block = warp + t * (THREADS / 32);
+                if (block >= BLOCKS) break;
+                const int m0 = (block / (D / 16)) * 16, n0 = (block % (D / 16)) * 16;
+                wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::col_major> fa;
+                wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> fb;
+#pragma unroll
+                for (int kk = 0; kk < BQ; kk += 16) {
+                    wmma::load_matrix_sync(fa, &ps[kk][m0], BK + HPAD);
+                    wmma::load_matrix_sync(fb, &dos[kk][n0], D + HPAD);
+                    wmma::mma_sync(acc_dv[t], fa, fb, acc_dv[t]);
+                    wmma::load_matrix_sync(fa, &ds[kk][m0], BK + HPAD);
+                    wmma::load_matrix_sync(fb, &qs[kk][n0], D + HPAD);
+                    wmma::mma_sync(acc_dk[t], fa, fb, acc_dk[t]);
+                }
+            }
+        }
+    }
+#pragma unroll
+    for (int t = 0; t < PER_WARP; ++t) {
+        const int block = warp + t * (THREADS / 32);
+        if (block >= BLOCKS) break;
+        const int m0 = (block / (D / 16)) * 16, n0 = (block % (D / 16)) * 16;
+        const size_t base = ((size_t)bkv * keys + k0 + m0) * D + n0;
+        store_block<T>(dk + base, D, acc_dk[t], scale, keys - k0 - m0, stage[warp]);
+        store_block<T>(dv + base, D, acc_dv[t], 1.0f, keys - k0 - m0, stage[warp]);
+    }
+}
+
+// dQ for one query tile (as flash_backward_dq), accumulated in fragments.
+template <typename T, int D, int BQ, int BK>
+__device__ void backward_dq(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
+                            const unsigned char* __restrict__ valid, const T* __restrict__ grad,
+                            const float* __restrict__ lse, const float* __restrict__ delta, T* __restrict__ dq,
+                            int heads, int kv_heads, int queries, int keys, int offset, int causal, float scale) {
+    constexpr int LS = BK + FPAD;
+    constexpr int BLOCKS = (BQ / 16) * (D / 16);
+    constexpr int PER_WARP = (BLOCKS + THREADS / 32 - 1) / (THREADS / 32);
+    __shared__ __align__(32) T qs[BQ][D + HPAD];
+    __shared__ __align__(32) T dos[BQ][D + HPAD];
+    __shared__ __align__(32) T ks[BK][D + HPAD];
+    __shared__ __align__(32) T vs[BK][D + HPAD];
+    __shared__ __align__(32) T ps[BQ][BK + HPAD];
+    __shared__ __align__(32) T ds[BQ][BK + HPAD];
+    __shared__ __align__(32) float sf[BQ * LS];
+    __shared__ __align__(32) float dpf[BQ * LS];
+    __shared__ __align__(32) float stage[THREADS / 32][256];
+    __shared__ float lse_s[BQ], delta_s[BQ];
+
+    const int tid = threadIdx.x, warp = tid / 32;
+    const int bh = blockIdx.y, b = bh / heads, h = bh % heads;
+    const int kvh = h / (heads / kv_heads);
+    const int q0 = blockIdx.x * BQ;
+    const size_t kv_base = (size_t)(b * kv_heads + kvh) * keys * D;
+    const unsigned char* valid_row = valid ? valid + (size_t)b * keys : nullptr;
+    load_tile<T, BQ, D>(qs, q + ((size_t)bh * queries + q0) * D, queries - q0);
+    load_tile<T, BQ, D>(dos, grad + ((size_t)bh * queries + q0) * D, queries - q0);
+    if (tid < BQ) {
+        const bool inside = q0 + tid < queries;
+        const float l = inside ? lse[(size_t)bh * queries + q0 + tid] : -INFINITY;
+        lse_s[tid] = l == -INFINITY ? 0.0f : l;
+        delta_s[tid] = inside ? delta[(size_t)bh * queries + q0 + tid] : 0.0f;
+    }
+    Acc acc[PER_WARP];
+#pragma unroll
+    for (int t = 0; t < PER_WARP; ++t) wmma::fill_fragment(acc[t], 0.0f);
+    const int last_row = min(q0 + BQ, queries) - 1;
+    const int key_end = causal ? min(keys, offset + last_row + 1) : keys;
+
+    for (int k0 = 0; k0 < key_end; k0 += BK) {
+        __syncthreads();
+        load_tile<T, BK, D>(ks, k + kv_base + (size_t)k0 * D, keys - k0);
+        load_tile<T, BK, D>(vs, v + kv_base + (size_t)k0 * D, keys - k0);
+        __syncthreads();
+        probabilities_and_ds<T, D, BQ, BK>(qs, dos, ks, vs, lse_s, delta_s, sf, dpf, ps, ds, valid_row, q0,
+                                           k0, queries, keys, offset, causal, scale);
+        // dQ += dS·K.
+#pragma unroll
+        for (int t = 0; t < PER_WARP; ++t) {
+            const int block = warp + t * (THREADS / 32);
+            if (block >= BLOCKS) break;
+            const int m0 = (block / (D / 16)) * 16, n0 = (block % (D / 16)) * 16;
+            block_product<T, wmma::row_major, BK>(acc[t], &ds[m0][0], BK + HPAD, &ks[0][n0], D + HPAD, D + HPAD);
+        }
+    }
+#pragma unroll
+    for (int t = 0; t < PER_WARP; ++t) {
+        const int block = warp + t * (THREADS / 32);
+        if (block >= BLOCKS) break;
+        const int m0 = (block / (D / 16)) * 16, n0 = (block % (D / 16)) * 16;
+        store_block<T>(dq + ((size_t)bh * queries + q0 + m0) * D + n0, D, acc[t], scale, queries - q0 - m0,
+                       stage[warp]);
+    }
+}
+
+}  // namespace tc
+}  // namespace
+
+// ---------------------------------------------------------------------------------------------
+// Entry points: flash_{forward,backward_dkdv,backward_dq}_{bf16,f16,f32}_d{64,128} and
+// flash_backward_delta_{bf16,f16,f32}. Tiles (BQ × BK): forward 64×32 (d64) and 32×32 (d128);
+// backward 32×32 (d64) and 16×16 (d128), all within 48 KiB of static shared memory.
+#define FLASH_ENTRIES(T, SUFFIX, D, FQ, FK, BQ, BK)                                                       \
+    extern "C" __global__ void __launch_bounds__(THREADS) flash_forward_##SUFFIX##_d##D(                   \
+        const T* q, const T* k, const T* v, const unsigned char* valid, T* o, float* lse, int heads,      \
+        int kv_heads, int queries, int keys, int offset, int causal, float scale) {                       \
+        flash_forward<T, D, FQ, FK>(q, k, v, valid, o, lse, heads, kv_heads, queries, keys, offset,      \
+                                    causal, scale);                                                      \
+    }                                                                                                    \
+    extern "C" __global__ void __launch_bounds__(THREADS) flash_backward_dkdv_##SUFFIX##_d##D(             \
+        const T* q, const T* k, const T* v, const unsigned char* valid, const T* grad, const float* lse,  \
+        const float* delta, T* dk, T* dv, int heads, int kv_heads, int queries, int keys, int offset,     \
+        int causal, float scale) {                                                                       \
+        flash_backward_dkdv<T, D, BQ, BK>(q, k, v, valid, grad, lse, delta, dk, dv, heads, kv_heads,      \
+                                          queries, keys, offset, causal, scale);                          \
+    }                                                                                                    \
+    extern "C" __global__ void __launch_bounds__(THREADS) flash_backward_dq_##SUFFIX##_d##D(               \
+        const T* q, const T* k, const T* v, const unsigned char* valid, const T* grad, const float* lse,  \
+        const float* delta, T* dq, int heads, int kv_heads, int queries, int keys, int offset,            \
+        int causal, float scale) {                                                                       \
+        flash_backward_dq<T, D, BQ, BK>(q, k, v, valid, grad, lse, delta, dq, heads, kv_heads, queries,   \
+                                        keys, offset, causal, scale);                                    \
+    }
+
+#define FLASH_DTYPE(T, SUFFIX)                                                                           \
+    FLASH_ENTRIES(T, SUFFIX, 64, 64, 32, 32, 32)                                                         \
+    FLASH_ENTRIES(T, SUFFIX, 128, 32, 32, 16, 16)                                                        \
+    extern "C" __global__ void __launch_bounds__(THREADS) flash_backward_delta_##SUFFIX(                   \
+        const T* o, const T* grad, float* delta, long long rows, int dim) {                              \
+        flash_backward_delta<T>(o, grad, delta, rows, dim);                                              \
+    }
+
+FLASH_DTYPE(bf16, bf16)
+FLASH_DTYPE(__half, f16)
+FLASH_DTYPE(float, f32)
+
+// Tensor-core entry points (bf16/f16): flash_tc_{forward,backward_dkdv,backward_dq}_{bf16,f16}_d{64,128}.
+// Tiles: forward 64×32 (d64) and 32×32 (d128); backward 32×32 (d64) and 16×32 (d128).
+#define FLASH_TC_ENTRIES(T, SUFFIX, D, FQ, FK, BQ, BK)                                                    \
+    extern "C" __global__ void __launch_bounds__(THREADS) flash_tc_forward_##SUFFIX##_d##D(                \
+        const T* q, const T* k, const T* v, const unsigned char* valid, T* o, float* lse, int heads,      \
+        int kv_heads, int queries, int keys, int offset, int causal, float scale) {                       \
+        tc::forward<T, D, FQ, FK>(q, k, v, valid, o, lse, heads, kv_heads, queries, keys, offset, causal, \
+                                  scale);                                                                \
+    }                                                                                                    \
+    extern "C" __global__ void __launch_bounds__(THREADS) flash_tc_backward_dkdv_##SUFFIX##_d##D(          \
+        const T* q, const T* k, const T* v, const unsigned char* valid, const T* grad, const float* lse,  \
+        const float* delta, T* dk, T* dv, int heads, int kv_heads, int queries, int keys, int offset,     \
+        int causal, float scale) {                                                                       \
+        tc::backward_dkdv<T, D, BQ, BK>(q, k, v, valid, grad, lse, delta, dk, dv, heads, kv_heads,        \
+                                        queries, keys, offset, causal, scale);                            \
+    }                                                                                                    \
+    extern "C" __global__ void __launch_bounds__(THREADS) flash_tc_backward_dq_##SUFFIX##_d##D(            \
+        const T* q, const T* k, const T* v, const unsigned char* valid, const T* grad, const float* lse,  \
+        const float* delta, T* dq, int heads, int kv_heads, int queries, int keys, int offset,            \
+        int causal, float scale) {                                                                       \
+        tc::backward_dq<T, D, BQ, BK>(q, k, v, valid, grad, lse, delta, dq, heads, kv_heads, queries,     \
+                                      keys, offset, causal, scale);                                      \
+    }
+
+FLASH_TC_ENTRIES(bf16, bf16, 64, 64, 32, 32, 32)
+FLASH_TC_ENTRIES(bf16, bf16, 128, 32, 32, 16, 32)
+FLASH_TC_ENTRIES(__half, f16, 64, 64, 32, 32, 32)
+FLASH_TC_ENTRIES(__half, f16, 128, 32, 32, 16, 32)

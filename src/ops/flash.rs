@@ -1,0 +1,953 @@
+//! Flash-attention-style attention: `softmax(q·kᵀ·scale)·v` over the keys each query may see,
+//! without ever materialising a score matrix on CUDA.
+//!
+//! Owns [`flash_attention`], a differentiable op over `(q, k, v)` (candle `CustomOp3`): its
+//! forward keeps only the output and the log-sum-exp of every row (f32 on CUDA, f64 on the CPU),
+//! its backward recomputes the probabilities from them (FA2: `δ = rowsum(dO∘O)`,
+//! `dS = P∘(dP − δ)`) and returns all three gradients, `dk`/`dv` summed over the query heads that
+//! share a key/value head. On CUDA it runs
+//! `kernels/flash_attn.cu` (bf16/f16/f32, head_dim 64 and 128); on the CPU it runs plain f64 loops
+//! of the same algorithm (the reference the tests hold both the kernels and the explicit
+//! composition against). Also owns [`CausalMask`] (what a model call attends over, as validity +
+//! offset and, built on demand, as the additive mask) and the dispatchers the models call,
+//! [`causal_attention`] and [`full_attention`]: the kernels where they apply
+//! ([`kernel_applies`], switched off by `PEFTPIPE_UNFUSED=flash_attention`), otherwise the explicit
+//! composition of `ops::attention` (always on the CPU, which stays the tested reference).
+//!
+//! Semantics: key `j` is visible to query `i` iff `key_valid[b][j]` and, when causal,
+//! `j <= offset + i`. A row with no visible key gives output 0 and no gradient (the explicit
+//! composition's finite mask gives such a row, a padding query, a uniform average instead; the two
+//! agree on every other row). Must not: know about models, or give the validity a gradient.
+
+use std::sync::OnceLock;
+
+use candle_core::backend::BackendStorage;
+use candle_core::{
+    bail, CpuStorage, CudaStorage, CustomOp3, DType, Device, Layout, MetalStorage, Result, Shape,
+    Storage, Tensor,
+};
+
+use super::attention::{attention, causal_mask};
+
+/// Head dimensions the CUDA kernels take (others use the explicit composition).
+pub const HEAD_DIMS: [usize; 2] = [64, 128];
+
+/// Which keys each query sees.
+#[derive(Clone, Debug, Default)]
+pub struct Visibility {
+    /// `j <= offset + i` (the queries are the last keys after `offset` earlier ones).
+    pub causal: bool,
+    pub offset: usize,
+    /// `[B, S]`, nonzero = a real key; `None`: every key is real.
+    pub key_valid: Option<Tensor>,
+}
+
+impl Visibility {
+    /// Every key visible to every query (LLaMA-Adapter's prompt branch).
+    pub fn all() -> Self {
+        Self::default()
+    }
+
+    /// Causal over queries that are the keys `offset..offset + T`, keys `key_valid` (`[B, S]`).
+    pub fn causal(offset: usize, key_valid: Option<Tensor>) -> Self {
+        Self {
+            causal: true,
+            offset,
+            key_valid,
+        }
+    }
+}
+
+/// What one model call attends over: per-key validity rows and the first query's key index, with
+/// the two tensors the attention paths take built on first use (validity `[B, S]` u8 for the
+/// kernels, the additive `[B, 1, T, S]` f32 mask of [`causal_mask`] for the explicit composition).
+#[derive(Debug)]
+pub struct CausalMask {
+    key_valid: Vec<Vec<bool>>,
+    first_query: usize,
+    num_queries: usize,
+    device: Device,
+    additive: OnceLock<Tensor>,
+    valid: OnceLock<Option<Tensor>>,
+}
+
+impl CausalMask {
+    /// Key `j` visible to query `i` iff `key_valid[b][j]` and `j <= first_query + i`.
+    pub fn new(
+        key_valid: Vec<Vec<bool>>,
+        first_query: usize,
+        num_queries: usize,
+        device: &Device,
+    ) -> Result<Self> {
+        let keys = key_valid.first().map_or(0, Vec::len);
+        if key_valid.iter().any(|row| row.len() != keys) {
+            bail!("causal mask: key rows have different lengths")
+        }
+        if first_query + num_queries > keys {
+            bail!("causal mask: {num_queries} queries from key {first_query} exceed {keys} keys")
+        }
+        Ok(Self {
+            key_valid,
+            first_query,
+            num_queries,
+            device: device.clone(),
+            additive: OnceLock::new(),
+            valid: OnceLock::new(),
+        })
+    }
+
+    /// Index of the first query among the keys.
+    pub fn first_query(&self) -> usize {
+        self.first_query
+    }
+
+    /// The additive mask `[B, 1, T, S]` (f32, 0 or [`super::MASK_VALUE`]).
+    pub fn additive(&self) -> Result<Tensor> {
+        if let Some(mask) = self.additive.get() {
+            return Ok(mask.clone());
+        }
+        let mask = causal_mask(
+            &self.key_valid,
+            self.first_query,
+            self.num_queries,
+            &self.device,
+        )?;
+        Ok(self.additive.get_or_init(|| mask).clone())
+    }
+
+    /// Validity `[B, S]` (u8, 1 = real key); `None` when every key is real.
+    pub fn key_valid(&self) -> Result<Option<Tensor>> {
+        if let Some(valid) = self.valid.get() {
+            return Ok(valid.clone());
+        }
+        let valid = if self.key_valid.iter().flatten().all(|&v| v) {
+            None
+        } else {
+            let batch = self.key_valid.len();
+            let keys = self.key_valid.first().map_or(0, Vec::len);
+            let flat: Vec<u8> = self
+                .key_valid
+                .iter()
+                .flatten()
+                .map(|&v| u8::from(v))
+                .collect();
+            Some(Tensor::from_vec(flat, (batch, keys), &self.device)?)
+        };
+        Ok(self.valid.get_or_init(|| valid).clone())
+    }
+
+    /// The visibility the kernels take.
+    pub fn visibility(&self) -> Result<Visibility> {
+        Ok(Visibility::causal(self.first_query, self.key_valid()?))
+    }
+}
+
+/// Whether [`causal_attention`] / [`full_attention`] run the CUDA kernels for `q` (on CUDA, bf16,
+/// f16 or f32, head_dim in [`HEAD_DIMS`], at most 65535 batch × heads (the grid's second
+/// dimension), and `flash_attention` not listed in `PEFTPIPE_UNFUSED`, nor `PEFTPIPE_FUSED=0`).
+/// bf16/f16 run on tensor cores unless `PEFTPIPE_UNFUSED` also lists `flash_tensor_cores`.
+pub fn kernel_applies(q: &Tensor) -> bool {
+    #[cfg(feature = "cuda")]
+    {
+        q.device().is_cuda()
+            && matches!(q.dtype(), DType::BF16 | DType::F16 | DType::F32)
+            && q.rank() == 4
+            && HEAD_DIMS.contains(&q.dims()[3])
+            && q.dims()[0] * q.dims()[1] <= 65_535
+            && super::cuda::enabled("flash_attention")
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = q;
+        false
+    }
+}
+
+/// `attention(q, k, v, Some(mask.additive()), scale)` (`q [B, H, T, D]`, `k`, `v`
+/// `[B, KVH, S, D]`): the flash kernels where [`kernel_applies`], else that explicit composition.
+pub fn causal_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: &CausalMask,
+    scale: f64,
+) -> Result<Tensor> {
+    if kernel_applies(q) {
+        return flash_attention(q, k, v, &mask.visibility()?, scale);
+    }
+    attention(q, k, v, Some(&mask.additive()?), scale)
+}
+
+/// `attention(q, k, v, None, scale)`: every key visible to every query.
+pub fn full_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
+    if kernel_applies(q) {
+        return flash_attention(q, k, v, &Visibility::all(), scale);
+    }
+    attention(q, k, v, None, scale)
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Dims {
+    batch: usize,
+    heads: usize,
+    kv_heads: usize,
+    queries: usize,
+    keys: usize,
+    head_dim: usize,
+}
+
+impl Dims {
+    fn group(&self) -> usize {
+        self.heads / self.kv_heads
+    }
+}
+
+fn check(q: &Tensor, k: &Tensor, v: &Tensor, visibility: &Visibility) -> Result<Dims> {
+    let (batch, heads, queries, head_dim) = q.dims4()?;
+    let (k_batch, kv_heads, keys, k_dim) = k.dims4()?;
+    if k.dims() != v.dims() || k_batch != batch || k_dim != head_dim {
+        bail!(
+            "flash attention: q {:?}, k {:?}, v {:?} are inconsistent",
+            q.shape(),
+            k.shape(),
+            v.shape()
+        )
+    }
+    if q.dtype() != k.dtype() || q.dtype() != v.dtype() {
+        bail!("flash attention: q, k and v must have one dtype")
+    }
+    if kv_heads == 0 || heads % kv_heads != 0 {
+        bail!(
+            "flash attention: {heads} query heads are not a multiple of {kv_heads} key/value heads"
+        )
+    }
+    if visibility.causal && visibility.offset + queries > keys {
+        bail!(
+            "flash attention: {queries} causal queries from key {} exceed {keys} keys",
+            visibility.offset
+        )
+    }
+    if let Some(valid) = &visibility.key_valid {
+        if valid.dims() != [batch, keys] {
+            bail!(
+                "flash attention: key validity {:?} is not [{batch}, {keys}]",
+                valid.shape()
+            )
+        }
+    }
+    Ok(Dims {
+        batch,
+        heads,
+        kv_heads,
+        queries,
+        keys,
+        head_dim,
+    })
+}
+
+/// The flash op itself (no dispatch): `q [B, H, T, D]`, `k`, `v` `[B, KVH, S, D]` → `[B, H, T, D]`,
+/// differentiable in all three. CUDA: the kernels (bf16/f16/f32, head_dim 64/128, errors
+/// otherwise); CPU: the f64 reference loops.
+pub fn flash_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    visibility: &Visibility,
+    scale: f64,
+) -> Result<Tensor> {
+    let dims = check(q, k, v, visibility)?;
+    let valid = match &visibility.key_valid {
+        None => None,
+        Some(valid) if valid.dtype() == DType::U8 => Some(valid.detach().contiguous()?),
+        Some(valid) => Some(valid.detach().to_dtype(DType::F32)?.ne(0f32)?),
+    };
+    let valid = valid.map(|v| v.to_device(q.device())).transpose()?;
+    let params = Params {
+        dims,
+        causal: visibility.causal,
+        offset: visibility.offset,
+        scale,
+        valid,
+    };
+    let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
+    let (output, lse) = forward(&q.detach(), &k.detach(), &v.detach(), &params)?;
+    if !(q.track_op() || k.track_op() || v.track_op()) {
+        return Ok(output);
+    }
+    q.apply_op3(
+        &k,
+        &v,
+        FlashNode {
+            params,
+            output,
+            lse,
+        },
+    )
+}
+
+#[derive(Clone, Debug)]
+struct Params {
+    dims: Dims,
+    causal: bool,
+    offset: usize,
+    scale: f64,
+    /// `[B, S]` u8 on the inputs' device.
+    valid: Option<Tensor>,
+}
+
+fn forward(q: &Tensor, k: &Tensor, v: &Tensor, params: &Params) -> Result<(Tensor, Tensor)> {
+    match q.device() {
+        Device::Cpu => reference::forward(q, k, v, params),
+        #[cfg(feature = "cuda")]
+        Device::Cuda(_) => gpu::forward(q, k, v, params),
+        other => bail!("flash attention: no implementation on {other:?}"),
+    }
+}
+
+fn backward(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    output: &Tensor,
+    lse: &Tensor,
+    grad: &Tensor,
+    params: &Params,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    match q.device() {
+        Device::Cpu => reference::backward(q, k, v, output, lse, grad, params),
+        #[cfg(feature = "cuda")]
+        Device::Cuda(_) => gpu::backward(q, k, v, output, lse, grad, params),
+        other => bail!("flash attention: no implementation on {other:?}"),
+    }
+}
+
+/// The graph node: its forward hands out the output computed beforehand (a contiguous copy, as
+/// `ops::attach`), its backward runs the flash backward from the kept output and log-sum-exp.
+struct FlashNode {
+    params: Params,
+    output: Tensor,
+    lse: Tensor,
+}
+
+impl FlashNode {
+    fn copy_output<S: BackendStorage>(
+        &self,
+        pick: impl Fn(&Storage) -> Option<&S>,
+    ) -> Result<(S, Shape)> {
+        let (storage, layout) = self.output.storage_and_layout();
+        let Some(storage) = pick(&storage) else {
+            bail!("flash attention: the output is on another device than the inputs")
+        };
+        Ok((storage.affine(layout, 1.0, 0.0)?, layout.shape().clone()))
+    }
+}
+
+impl CustomOp3 for FlashNode {
+    fn name(&self) -> &'static str {
+        "flash-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        self.copy_output(|s| match s {
+            Storage::Cpu(s) => Some(s),
+            _ => None,
+        })
+    }
+
+    fn cuda_fwd(
+        &self,
+        _: &CudaStorage,
+        _: &Layout,
+        _: &CudaStorage,
+        _: &Layout,
+        _: &CudaStorage,
+        _: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        self.copy_output(|s| match s {
+            Storage::Cuda(s) => Some(s),
+            _ => None,
+        })
+    }
+
+    fn metal_fwd(
+        &self,
+        _: &MetalStorage,
+        _: &Layout,
+        _: &MetalStorage,
+        _: &Layout,
+        _: &MetalStorage,
+        _: &Layout,
+    ) -> Result<(MetalStorage, Shape)> {
+        bail!("flash attention: no Metal implementation")
+    }
+
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        _output: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let grad = grad.detach().to_dtype(q.dtype())?.contiguous()?;
+        let (dq, dk, dv) = backward(
+            &q.detach(),
+            &k.detach(),
+            &v.detach(),
+            &self.output,
+            &self.lse,
+            &grad,
+            &self.params,
+        )?;
+        Ok((Some(dq), Some(dk), Some(dv)))
+    }
+}
+
+/// The CPU implementation: the kernels' algorithm as plain f64 loops.
+mod reference {
+    use super::*;
+
+    fn values(t: &Tensor) -> Result<Vec<f64>> {
+        t.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()
+    }
+
+    struct Inputs {
+        q: Vec<f64>,
+        k: Vec<f64>,
+        v: Vec<f64>,
+        valid: Option<Vec<u8>>,
+    }
+
+    impl Inputs {
+        fn new(q: &Tensor, k: &Tensor, v: &Tensor, params: &Params) -> Result<Self> {
+            let valid = params
+                .valid
+                .as_ref()
+                .map(|t| t.flatten_all()?.to_vec1::<u8>())
+                .transpose()?;
+            Ok(Self {
+                q: values(q)?,
+                k: values(k)?,
+                v: values(v)?,
+                valid,
+            })
+        }
+
+        fn visible(&self, params: &Params, b: usize, i: usize, j: usize) -> bool {
+            let keys = params.dims.keys;
+            self.valid.as_ref().is_none_or(|v| v[b * keys + j] != 0)
+                && (!params.causal || j <= params.offset + i)
+        }
+    }
+
+    /// Row offsets of query row `(b, h, i)` and of key row `(b, h / group, j)`.
+    fn q_row(d: &Dims, b: usize, h: usize, i: usize) -> usize {
+        ((b * d.heads + h) * d.queries + i) * d.head_dim
+    }
+
+    fn k_row(d: &Dims, b: usize, h: usize, j: usize) -> usize {
+        ((b * d.kv_heads + h / d.group()) * d.keys + j) * d.head_dim
+    }
+
+    fn dot(a: &[f64], b: &[f64]) -> f64 {
+        a.iter().zip(b).map(|(x, y)| x * y).sum()
+    }
+
+    /// Scores of row `(b, h, i)` (scaled; `None` where invisible).
+    fn scores(x: &Inputs, p: &Params, b: usize, h: usize, i: usize) -> Vec<Option<f64>> {
+        let d = &p.dims;
+        let qi = q_row(d, b, h, i);
+        let query = &x.q[qi..qi + d.head_dim];
+        (0..d.keys)
+            .map(|j| {
+                x.visible(p, b, i, j).then(|| {
+                    let kj = k_row(d, b, h, j);
+                    dot(query, &x.k[kj..kj + d.head_dim]) * p.scale
+                })
+            })
+            .collect()
+    }
+
+    pub(super) fn forward(
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        params: &Params,
+    ) -> Result<(Tensor, Tensor)> {
+        let x = Inputs::new(q, k, v, params)?;
+        let d = params.dims;
+        let mut output = vec![0f64; d.batch * d.heads * d.queries * d.head_dim];
+        let mut lse = vec![f64::NEG_INFINITY; d.batch * d.heads * d.queries];
+        for b in 0..d.batch {
+            for h in 0..d.heads {
+                for i in 0..d.queries {
+                    let scores = scores(&x, params, b, h, i);
+                    let max = scores
+                        .iter()
+                        .flatten()
+                        .fold(f64::NEG_INFINITY, |m, &s| m.max(s));
+                    if max == f64::NEG_INFINITY {
+                        continue;
+                    }
+                    let sum: f64 = scores.iter().flatten().map(|s| (s - max).exp()).sum();
+                    let qi = q_row(&d, b, h, i);
+                    for (j, score) in scores.iter().enumerate() {
+                        let Some(score) = score else { continue };
+                        let weight = (score - max).exp() / sum;
+                        let vj = k_row(&d, b, h, j);
+                        for c in 0..d.head_dim {
+                            output[qi + c] += weight * x.v[vj + c];
+                        }
+                    }
+                    lse[(b * d.heads + h) * d.queries + i] = max + sum.ln();
+                }
+            }
+        }
+        let shape = (d.batch, d.heads, d.queries, d.head_dim);
+        Ok((
+            Tensor::from_vec(output, shape, &Device::Cpu)?.to_dtype(q.dtype())?,
+            Tensor::from_vec(lse, (d.batch, d.heads, d.queries), &Device::Cpu)?,
+        ))
+    }
+
+    pub(super) fn backward(
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        output: &Tensor,
+        lse: &Tensor,
+        grad: &Tensor,
+        params: &Params,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
+        let x = Inputs::new(q, k, v, params)?;
+        let (output, grad) = (values(output)?, values(grad)?);
+        let lse = values(lse)?;
+        let d = params.dims;
+        let mut dq = vec![0f64; x.q.len()];
+        let mut dk = vec![0f64; x.k.len()];
+        let mut dv = vec![0f64; x.v.len()];
+        for b in 0..d.batch {
+            for h in 0..d.heads {
+                for i in 0..d.queries {
+                    let row = (b * d.heads + h) * d.queries + i;
+                    let qi = q_row(&d, b, h, i);
+                    let g = &grad[qi..qi + d.head_dim];
+                    let delta = dot(g, &output[qi..qi + d.head_dim]);
+                    for (j, score) in scores(&x, params, b, h, i).into_iter().enumerate() {
+                        let Some(score) = score else { continue };
+                        let kj = k_row(&d, b, h, j);
+                        let probability = (score - lse[row]).exp();
+                        let dp = dot(g, &x.v[kj..kj + d.head_dim]);
+                        let ds = probability * (dp - delta) * params.scale;
+                        for c in 0..d.head_dim {
+                            dq[qi + c] += ds * x.k[kj + c];
+                            dk[kj + c] += ds * x.q[qi + c];
+                            dv[kj + c] += probability * g[c];
+                        }
+                    }
+                }
+            }
+        }
+        let dtype = q.dtype();
+        let tensor = |data: Vec<f64>, like: &Tensor| {
+            Tensor::from_vec(data, like.shape(), &Device::Cpu)?.to_dtype(dtype)
+        };
+        Ok((tensor(dq, q)?, tensor(dk, k)?, tensor(dv, v)?))
+    }
+}
+
+/// The CUDA implementation: launches of `kernels/flash_attn.cu`.
+#[cfg(feature = "cuda")]
+#[expect(
+    unsafe_code,
+    reason = "launching CUDA kernels and reading device pointers are FFI calls"
+)]
+mod gpu {
+    use candle_core::cuda_backend::cudarc::driver::{DevicePtr, LaunchConfig, PushKernelArg};
+    use candle_core::cuda_backend::WrapErr;
+    use candle_core::CudaDevice;
+
+    use super::*;
+
+    const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/flash_attn.ptx"));
+    const MODULE: &str = "flash_attn";
+    const THREADS: u32 = 256;
+
+    fn suffix(dtype: DType) -> Result<&'static str> {
+        Ok(match dtype {
+            DType::BF16 => "bf16",
+            DType::F16 => "f16",
+            DType::F32 => "f32",
+            other => bail!("flash attention kernels: unsupported dtype {other:?}"),
+        })
+    }
+
+    /// The kernel family for `dtype` and whether every buffer allows it: the tensor-core kernels
+    /// (`flash_tc_*`) for bf16/f16 with 16-byte aligned buffers, unless `PEFTPIPE_UNFUSED` lists
+    /// `flash_tensor_cores`; otherwise the f32-arithmetic kernels (`flash_*`), as for f32.
+    fn tensor_cores(dtype: DType, addresses: &[u64]) -> bool {
+        matches!(dtype, DType::BF16 | DType::F16)
+            && addresses.iter().all(|a| a % 16 == 0)
+            && crate::ops::cuda::enabled("flash_tensor_cores")
+    }
+
+    /// `(forward query tile, backward query tile, backward key tile)` for a head dimension and
+    /// kernel family, as instantiated in kernels/flash_attn.cu.
+    fn tiles(head_dim: usize, tensor_cores: bool) -> Result<(usize, usize, usize)> {
+        Ok(match (head_dim, tensor_cores) {
+            (64, _) => (64, 32, 32),
+            (128, false) => (32, 16, 16),
+            (128, true) => (32, 16, 32),
+            (other, _) => bail!("flash attention kernels: unsupported head_dim {other}"),
+        })
+    }
+
+    fn family(tensor_cores: bool) -> &'static str {
+        if tensor_cores {
+            "flash_tc"
+        } else {
+            "flash"
+        }
+    }
+
+    fn element_size(dtype: DType) -> Result<usize> {
+        Ok(match dtype {
+            DType::U8 => 1,
+            DType::BF16 | DType::F16 => 2,
+            DType::F32 => 4,
+            other => bail!("flash attention kernels: unsupported dtype {other:?}"),
+        })
+    }
+
+    /// The device address of the first element of a contiguous view of `storage`.
+    fn address(storage: &CudaStorage, layout: &Layout) -> Result<u64> {
+        let Some((start, _)) = layout.contiguous_offsets() else {
+            bail!("flash attention kernels: an input is not contiguous")
+        };
+        let stream = storage.device.cuda_stream();
+        let base = match storage.dtype() {
+            DType::U8 => storage.as_cuda_slice::<u8>()?.device_ptr(&stream).0,
+            DType::BF16 => storage.as_cuda_slice::<half::bf16>()?.device_ptr(&stream).0,
+            DType::F16 => storage.as_cuda_slice::<half::f16>()?.device_ptr(&stream).0,
+            DType::F32 => storage.as_cuda_slice::<f32>()?.device_ptr(&stream).0,
+            other => bail!("flash attention kernels: unsupported dtype {other:?}"),
+        };
+        Ok(base + (start * element_size(storage.dtype())?) as u64)
+    }
+
+    /// The address of a contiguous CUDA tensor; 0 (a null pointer) for `None`.
+    fn tensor_address(tensor: Option<&Tensor>) -> Result<u64> {
+        let Some(tensor) = tensor else { return Ok(0) };
+        let (storage, layout) = tensor.storage_and_layout();
+        let Storage::Cuda(cuda) = &*storage else {
+            bail!("flash attention kernels: a tensor is not on a CUDA device")
+        };
+        address(cuda, layout)
+    }
+
+    /// An uninitialised buffer of `count` elements (every one written by the next launches).
+    fn alloc(device: &CudaDevice, dtype: DType, count: usize) -> Result<(CudaStorage, u64)> {
+        // SAFETY (of the callers): the kernels launched next write every element.
+        let storage = match dtype {
+            DType::BF16 => CudaStorage::wrap_cuda_slice(
+                unsafe { device.alloc::<half::bf16>(count.max(1))? },
+                device.clone(),
+            ),
+            DType::F16 => CudaStorage::wrap_cuda_slice(
+                unsafe { device.alloc::<half::f16>(count.max(1))? },
+                device.clone(),
+            ),
+            DType::F32 => CudaStorage::wrap_cuda_slice(
+                unsafe { device.alloc::<f32>(count.max(1))? },
+                device.clone(),
+            ),
+            other => bail!("flash attention kernels: unsupported dtype {other:?}"),
+        };
+        let pointer = address(&storage, &Layout::contiguous(count.max(1)))?;
+        Ok((storage, pointer))
+    }
+
+    fn grid(x: usize, y: usize) -> LaunchConfig {
+        LaunchConfig {
+            grid_dim: (x as u32, y as u32, 1),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        }
+    }
+
+    macro_rules! launch {
+        ($device:expr, $name:expr, $config:expr, $($arg:expr),+ $(,)?) => {{
+            let config: LaunchConfig = $config;
+            if config.grid_dim.0 > 0 && config.grid_dim.1 > 0 {
+                let function = $device.get_or_load_custom_func($name, MODULE, PTX)?;
+                let mut builder = function.builder();
+                $( builder.arg($arg); )+
+                // SAFETY: the arguments match the kernel's signature in kernels/flash_attn.cu
+                // (pointers to live, contiguous buffers of the sizes the kernel reads and writes).
+                unsafe { builder.launch(config) }.w()?;
+            }
+        }};
+    }
+
+    /// The scalar arguments every kernel takes after its pointers.
+    struct Scalars {
+        heads: i32,
+        kv_heads: i32,
+        queries: i32,
+        keys: i32,
+        offset: i32,
+        causal: i32,
+        scale: f32,
+    }
+
+    impl Scalars {
+        fn new(params: &Params) -> Result<Self> {
+            let d = &params.dims;
+            let int = |value: usize| {
+                i32::try_from(value).map_err(|_| {
+                    candle_core::Error::Msg(format!("flash attention: {value} exceeds i32"))
+                })
+            };
+            Ok(Self {
+                heads: int(d.heads)?,
+                kv_heads: int(d.kv_heads)?,
+                queries: int(d.queries)?,
+                keys: int(d.keys)?,
+                offset: int(params.offset)?,
+                causal: i32::from(params.causal),
+                scale: params.scale as f32,
+            })
+        }
+    }
+
+    /// Forward over `(q, k, v)`; writes the log-sum-exp into `lse` (a fresh f32 `[B, H, T]`).
+    struct Forward {
+        params: Params,
+        lse: Tensor,
+    }
+
+    impl CustomOp3 for Forward {
+        fn name(&self) -> &'static str {
+            "flash-attention-forward"
+        }
+
+        fn cpu_fwd(
+            &self,
+            _: &CpuStorage,
+            _: &Layout,
+            _: &CpuStorage,
+            _: &Layout,
+            _: &CpuStorage,
+            _: &Layout,
+        ) -> Result<(CpuStorage, Shape)> {
+            bail!("flash attention: a CUDA-only op was applied to a CPU tensor")
+        }
+
+        fn cuda_fwd(
+            &self,
+            q: &CudaStorage,
+            ql: &Layout,
+            k: &CudaStorage,
+            kl: &Layout,
+            v: &CudaStorage,
+            vl: &Layout,
+        ) -> Result<(CudaStorage, Shape)> {
+            let d = self.params.dims;
+            let device = &q.device;
+            let count = ql.shape().elem_count();
+            let (out, o) = alloc(device, q.dtype(), count)?;
+            let (qp, kp, vp) = (address(q, ql)?, address(k, kl)?, address(v, vl)?);
+            let tc = tensor_cores(q.dtype(), &[qp, kp, vp, o]);
+            let (block_queries, _, _) = tiles(d.head_dim, tc)?;
+            let valid = tensor_address(self.params.valid.as_ref())?;
+            let lse = tensor_address(Some(&self.lse))?;
+            let s = Scalars::new(&self.params)?;
+            let name = format!(
+                "{}_forward_{}_d{}",
+                family(tc),
+                suffix(q.dtype())?,
+                d.head_dim
+            );
+            launch!(
+                device,
+                &name,
+                grid(d.queries.div_ceil(block_queries), d.batch * d.heads),
+                &qp,
+                &kp,
+                &vp,
+                &valid,
+                &o,
+                &lse,
+                &s.heads,
+                &s.kv_heads,
+                &s.queries,
+                &s.keys,
+                &s.offset,
+                &s.causal,
+                &s.scale
+            );
+            Ok((out, ql.shape().clone()))
+        }
+    }
+
+    pub(super) fn forward(
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        params: &Params,
+    ) -> Result<(Tensor, Tensor)> {
+        let d = params.dims;
+        let lse = Tensor::zeros((d.batch, d.heads, d.queries), DType::F32, q.device())?;
+        let output = q.apply_op3_no_bwd(
+            k,
+            v,
+            &Forward {
+                params: params.clone(),
+                lse: lse.clone(),
+            },
+        )?;
+        Ok((output, lse))
+    }
+
+    /// Backward over `(q, k, v)` → `[dq | dk | dv]` flattened into one buffer.
+    struct Backward {
+        params: Params,
+        output: Tensor,
+        grad: Tensor,
+        lse: Tensor,
+    }
+
+    impl CustomOp3 for Backward {
+        fn name(&self) -> &'static str {
+            "flash-attention-backward"
+        }
+
+        fn cpu_fwd(
+            &self,
+            _: &CpuStorage,
+            _: &Layout,
+            _: &CpuStorage,
+            _: &Layout,
+            _: &CpuStorage,
+            _: &Layout,
+        ) -> Result<(CpuStorage, Shape)> {
+            bail!("flash attention: a CUDA-only op was applied to a CPU tensor")
+        }
+
+        fn cuda_fwd(
+            &self,
+            q: &CudaStorage,
+            ql: &Layout,
+            k: &CudaStorage,
+            kl: &Layout,
+            v: &CudaStorage,
+            vl: &Layout,
+        ) -> Result<(CudaStorage, Shape)> {
+            let d = self.params.dims;
+            let device = &q.device;
+            let dtype = q.dtype();
+            let (nq, nk) = (ql.shape().elem_count(), kl.shape().elem_count());
+            let total = nq + 2 * nk;
+            let (out, dq) = alloc(device, dtype, total)?;
+            let size = element_size(dtype)? as u64;
+            let (dk, dv) = (dq + nq as u64 * size, dq + (nq + nk) as u64 * size);
+            let rows = d.batch * d.heads * d.queries;
+            let (_delta_storage, delta) = alloc(device, DType::F32, rows)?;
+            let (qp, kp, vp) = (address(q, ql)?, address(k, kl)?, address(v, vl)?);
+            let valid = tensor_address(self.params.valid.as_ref())?;
+            let lse = tensor_address(Some(&self.lse))?;
+            let op = tensor_address(Some(&self.output))?;
+            let gp = tensor_address(Some(&self.grad))?;
+            let tc = tensor_cores(dtype, &[qp, kp, vp, gp, dq, dk, dv]);
+            let (_, block_queries, block_keys) = tiles(d.head_dim, tc)?;
+            let s = Scalars::new(&self.params)?;
+            let sfx = suffix(dtype)?;
+            let family = family(tc);
+            let (rows_i, dim_i) = (rows as i64, d.head_dim as i32);
+            launch!(
+                device,
+                &format!("flash_backward_delta_{sfx}"),
+                grid(rows.div_ceil(THREADS as usize / 32), 1),
+                &op,
+                &gp,
+                &delta,
+                &rows_i,
+                &dim_i
+            );
+            launch!(
+                device,
+                &format!("{family}_backward_dkdv_{sfx}_d{}", d.head_dim),
+                grid(d.keys.div_ceil(block_keys), d.batch * d.kv_heads),
+                &qp,
+                &kp,
+                &vp,
+                &valid,
+                &gp,
+                &lse,
+                &delta,
+                &dk,
+                &dv,
+                &s.heads,
+                &s.kv_heads,
+                &s.queries,
+                &s.keys,
+                &s.offset,
+                &s.causal,
+                &s.scale
+            );
+            launch!(
+                device,
+                &format!("{family}_backward_dq_{sfx}_d{}", d.head_dim),
+                grid(d.queries.div_ceil(block_queries), d.batch * d.heads),
+                &qp,
+                &kp,
+                &vp,
+                &valid,
+                &gp,
+                &lse,
+                &delta,
+                &dq,
+                &s.heads,
+                &s.kv_heads,
+                &s.queries,
+                &s.keys,
+                &s.offset,
+                &s.causal,
+                &s.scale
+            );
+            Ok((out, Shape::from(total)))
+        }
+    }
+
+    pub(super) fn backward(
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        output: &Tensor,
+        lse: &Tensor,
+        grad: &Tensor,
+        params: &Params,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
+        let op = Backward {
+            params: params.clone(),
+            output: output.contiguous()?,
+            grad: grad.contiguous()?,
+            lse: lse.contiguous()?,
+        };
+        let packed = q.apply_op3_no_bwd(k, v, &op)?;
+        let (nq, nk) = (q.elem_count(), k.elem_count());
+        Ok((
+            packed.narrow(0, 0, nq)?.reshape(q.shape())?,
+            packed.narrow(0, nq, nk)?.reshape(k.shape())?,
+            packed.narrow(0, nq + nk, nk)?.reshape(v.shape())?,
+        ))
+    }
+}
