@@ -73,7 +73,9 @@ impl Source {
                 .and_then(|model| model.load(device, dtype, adapter.linear_factory()))
                 .expect("load model dir"),
         };
-        adapter.finish_injection().expect("finish injection");
+        adapter
+            .finish_injection(model.as_ref())
+            .expect("finish injection");
         model
     }
 

@@ -37,11 +37,11 @@ use parquet::arrow::ProjectionMask;
 
 use super::{Progress, Stage, StageContext, StageError, StageOutcome};
 use crate::config::hub::resolve_model_dir;
-use crate::config::train::{device_kind, resolve_targets, MethodConfig, TrainConfig};
+use crate::config::train::{device_kind, TrainConfig};
 use crate::data::batch::{fit, Sequence};
 use crate::data::tokenize::TextTokenizer;
 use crate::models::ModelDir;
-use crate::peft::{Adapter, LoraAdapter, LoraSettings};
+use crate::peft::{new_adapter, MethodContext};
 use crate::train::checkpoint::CheckpointDir;
 use crate::train::{AdamWSettings, CausalLmLoss, TrainError, TrainerSettings};
 
@@ -230,7 +230,6 @@ impl Stage for TrainStage {
     fn run(&self, ctx: &StageContext<'_>) -> Result<StageOutcome, StageError> {
         let config = &self.config;
         let user = |message: String| StageError::User(message);
-        let MethodConfig::Lora(lora) = &config.method;
 
         // Device and dtype: RunOptions.device overrides the config.
         let device_spec = ctx
@@ -268,27 +267,28 @@ impl Stage for TrainStage {
 
         // Adapter + model.
         let seed = config.seed.unwrap_or_else(|| ctx.stage_seed());
-        let targets =
-            resolve_targets(lora.target_modules.as_ref(), model_dir.config_json()).map_err(user)?;
-        let settings = LoraSettings {
-            rank: lora.r,
-            alpha: lora.alpha,
-            dropout: lora.dropout as f32,
-            targets,
-            use_rslora: lora.use_rslora,
-            fan_in_fan_out: model_dir.config().model_type() == "gpt2",
-            seed: crate::peft::mix_seed(seed, "lora init"),
-        };
-        let adapter =
-            LoraAdapter::new(settings, &device).map_err(|error| user(error.to_string()))?;
+        let tokenize = |text: &str| tokenizer.encode_prompt(text);
+        let adapter = new_adapter(
+            &config.method,
+            &MethodContext {
+                model_config: model_dir.config_json(),
+                device: &device,
+                seed,
+                tokenize: Some(&tokenize),
+            },
+        )
+        .map_err(|error| user(error.to_string()))?;
         let model = model_dir
             .load(&device, dtype, adapter.linear_factory())
             .map_err(|error| user(error.to_string()))?;
         adapter
-            .finish_injection()
+            .finish_injection(model.as_ref())
             .map_err(|error| user(error.to_string()))?;
         let trainable = adapter.trainable_parameter_count();
-        let model = CausalLmLoss { model: &*model };
+        let model = CausalLmLoss {
+            model: &*model,
+            adapter: adapter.as_ref(),
+        };
 
         // The run key: what determines the result, so only this run's checkpoints resume. The
         // stage's fingerprint digest covers everything (weights, tokenizer, data, config, name,
@@ -374,7 +374,7 @@ impl Stage for TrainStage {
         };
         let outcome = crate::train::train(
             &model,
-            &adapter,
+            adapter.as_ref(),
             &sequences,
             &trainer_settings,
             ctx.cancel,

@@ -251,7 +251,7 @@ pub fn run(config_path: &Path, settings: &BenchSettings) -> Result<BenchResult, 
     let model = random_llama(&config, settings.dtype, &settings.device, &adapter)
         .map_err(|error| format!("building the model: {error}"))?;
     adapter
-        .finish_injection()
+        .finish_injection(&model)
         .map_err(|error| error.to_string())?;
 
     let vocab = config.vocab_size() as u32;
@@ -286,7 +286,10 @@ pub fn run(config_path: &Path, settings: &BenchSettings) -> Result<BenchResult, 
     let mut steps: Vec<StepMetrics> = Vec::with_capacity(total_steps);
     let cancel = AtomicBool::new(false);
     train(
-        &CausalLmLoss { model: &model },
+        &CausalLmLoss {
+            model: &model,
+            adapter: &adapter,
+        },
         &adapter,
         &sequences,
         &trainer,

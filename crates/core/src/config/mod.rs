@@ -22,6 +22,7 @@ pub mod ingest;
 pub mod input;
 pub mod jinja;
 pub mod load;
+pub mod method;
 pub mod paths;
 pub mod probe;
 pub mod problem;
