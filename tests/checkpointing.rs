@@ -166,7 +166,10 @@ fn assert_identical(
         model,
         hooks: hooks.clone(),
     };
-    let checkpointed = CheckpointedLoss { model, hooks };
+    let checkpointed = CheckpointedLoss {
+        model,
+        hooks: hooks.into(),
+    };
     set_mode(42);
     let (whole_loss, whole_grads) = loss_and_gradients(&whole, &batch, &vars);
     set_mode(42);
@@ -341,7 +344,7 @@ fn dropout_is_in_play_and_redrawn_identically() {
     let batch = batch(config.vocab_size(), 5);
     let checkpointed = CheckpointedLoss {
         model: &*model,
-        hooks: Hooks::none(),
+        hooks: Hooks::none().into(),
     };
     let mut runs = Vec::new();
     for seed in [1, 2, 1] {
@@ -354,7 +357,10 @@ fn dropout_is_in_play_and_redrawn_identically() {
     assert_eq!(runs[0], runs[2], "the same seed, the same gradients");
     // And the plain loss model agrees with the same seed.
     adapter.set_mode(AdapterMode::Train { seed: 1 });
-    let (loss, _) = loss_and_gradients(&CausalLmLoss { model: &*model }, &batch, &vars);
+    let (loss, _) = loss_and_gradients(&CausalLmLoss {
+        model: &*model,
+        adapter: &adapter,
+    }, &batch, &vars);
     assert_eq!(loss.to_bits(), runs[0].0.to_bits());
 }
 
@@ -408,7 +414,10 @@ fn the_gradient_store_holds_only_the_adapter_after_backward() {
         randomize(&variables, 3);
         adapter.set_mode(AdapterMode::Train { seed: 4 });
         let batch = batch(config.vocab_size(), 5);
-        let loss = CausalLmLoss { model: &*model }
+        let loss = CausalLmLoss {
+        model: &*model,
+        adapter: &adapter,
+    }
             .loss_sum(&batch)
             .expect("forward");
         let store = loss.backward().expect("backward");

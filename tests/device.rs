@@ -73,7 +73,9 @@ impl Source {
                 .and_then(|model| model.load(device, dtype, adapter.linear_factory()))
                 .expect("load model dir"),
         };
-        adapter.finish_injection().expect("finish injection");
+        adapter
+            .finish_injection(model.as_ref())
+            .expect("finish injection");
         model
     }
 
@@ -542,7 +544,7 @@ fn checkpointed_gradients_equal_the_whole_graph_on_the_device() -> Result<()> {
         })?;
         let (ckpt_loss, ckpt) = run(&CheckpointedLoss {
             model: model.as_ref(),
-            hooks: Hooks::none(),
+            hooks: Hooks::none().into(),
         })?;
         let identical = whole_loss.to_bits() == ckpt_loss.to_bits() && whole == ckpt;
         let mut worst = 0f32;

@@ -64,7 +64,7 @@ fn step_zero_lora_logits_equal_the_base_model() {
     let base = build_llama(&config, &weights, &FrozenLinearFactory);
     let adapter = LoraAdapter::new(settings(TargetModules::AllLinear), &Device::Cpu).unwrap();
     let adapted = build_llama(&config, &weights, &adapter);
-    adapter.finish_injection().unwrap();
+    adapter.finish_injection(&adapted).unwrap();
     // 2 layers × 7 linears, lm_head excluded.
     assert_eq!(adapter.trainable_vars().len(), 2 * 14);
     assert_eq!(max_difference(&logits(&base), &logits(&adapted)), 0.0);
@@ -89,8 +89,10 @@ fn merged_and_unmerged_logits_agree() {
     assert!(error < 1e-5, "merged vs unmerged: {error}");
     // The merged weights handed to export give the same model when loaded as a plain model.
     let mut merged_weights = weights.clone();
-    for (path, weight) in adapter.merged_weights().unwrap() {
-        merged_weights.insert(format!("{path}.weight"), weight);
+    for patch in adapter.merge_patches().unwrap().unwrap() {
+        let name = format!("{}.weight", patch.path);
+        let weight = patch.apply(&weights[&name]).unwrap();
+        merged_weights.insert(name, weight);
     }
     let exported = build_llama(&config, &merged_weights, &FrozenLinearFactory);
     let error = max_difference(&logits(&exported), &unmerged);
@@ -165,7 +167,7 @@ fn saved_adapter_loads_back_to_identical_logits() {
 
     let loaded = load_adapter(dir.path(), &Device::Cpu).unwrap();
     let reloaded = build_llama(&config, &weights, loaded.linear_factory());
-    loaded.finish_injection().unwrap();
+    loaded.finish_injection(&reloaded).unwrap();
     assert_eq!(max_difference(&logits(&reloaded), &expected), 0.0);
     // Saving the loaded adapter gives the same bytes.
     let again = tempfile::tempdir().unwrap();
@@ -200,8 +202,11 @@ fn an_adapter_for_other_modules_is_refused() {
     .unwrap();
     let small_weights = llama_weights(&small, 9, 0.2);
     let loaded = load_adapter(dir.path(), &Device::Cpu).unwrap();
-    build_llama(&small, &small_weights, loaded.linear_factory());
-    let error = loaded.finish_injection().unwrap_err().to_string();
+    let small_model = build_llama(&small, &small_weights, loaded.linear_factory());
+    let error = loaded
+        .finish_injection(&small_model)
+        .unwrap_err()
+        .to_string();
     assert!(error.contains("model.layers.1.self_attn.q_proj"), "{error}");
 }
 
@@ -227,7 +232,7 @@ fn peft_adapter_import_reproduces_the_reference_logits() {
         .unwrap()
         .load(&Device::Cpu, DType::F32, adapter.linear_factory())
         .unwrap();
-    adapter.finish_injection().unwrap();
+    adapter.finish_injection(model.as_ref()).unwrap();
     assert_eq!(adapter.trainable_parameter_count(), 23_120);
     let ids = &reference["input_ids"];
     let mask = &reference["attention_mask"];
@@ -279,7 +284,7 @@ fn gpt2_conv1d_layers_save_linear_shapes_and_merge_exactly() {
     )
     .unwrap();
     let model = dir.load(&Device::Cpu, DType::F32, &adapter).unwrap();
-    adapter.finish_injection().unwrap();
+    adapter.finish_injection(model.as_ref()).unwrap();
     let base = dir
         .load(&Device::Cpu, DType::F32, &FrozenLinearFactory)
         .unwrap();
@@ -419,8 +424,8 @@ fn var_count_is_two_per_targeted_layer() {
         &Device::Cpu,
     )
     .unwrap();
-    build_llama(&config, &weights, &adapter);
-    adapter.finish_injection().unwrap();
+    let model = build_llama(&config, &weights, &adapter);
+    adapter.finish_injection(&model).unwrap();
     let vars: Vec<(String, Var)> = adapter.trainable_vars();
     assert_eq!(vars.len(), 6);
     let count = lora_parameter_count(&config.linear_layers(), &adapter.settings().targets, 4);

@@ -66,7 +66,7 @@ fn setup(weights: &HashMap<String, Tensor>, seed: u64, dropout: f32) -> Run {
     )
     .unwrap();
     let model = build_llama(&config, weights, &adapter);
-    adapter.finish_injection().unwrap();
+    adapter.finish_injection(&model).unwrap();
     Run { model, adapter }
 }
 
@@ -373,7 +373,10 @@ fn every_token_loss_model_trains_too() {
     settings.max_steps = Some(3);
     let run = setup(&weights, 4, 0.0);
     let outcome = train(
-        &CausalLmLoss { model: &run.model },
+        &CausalLmLoss {
+            model: &run.model,
+            adapter: &run.adapter,
+        },
         &run.adapter,
         &data,
         &settings,
@@ -544,11 +547,11 @@ fn train_stage_writes_a_loadable_peft_artifact() {
     assert!(!project.path().join("checkpoints").exists());
     // The adapter loads back onto the model.
     let adapter = peftpipe::peft::load_adapter(&out.join("adapter"), &Device::Cpu).unwrap();
-    ModelDir::open(&model_dir)
+    let reloaded = ModelDir::open(&model_dir)
         .unwrap()
         .load(&Device::Cpu, DType::F32, adapter.linear_factory())
         .unwrap();
-    adapter.finish_injection().unwrap();
+    adapter.finish_injection(reloaded.as_ref()).unwrap();
     // Same inputs, same seed: the same adapter bytes.
     let again = project.path().join("again");
     std::fs::create_dir_all(&again).unwrap();
@@ -646,7 +649,7 @@ fn lora_on_stories260k_lowers_bevostories_validation_perplexity() {
     )
     .unwrap();
     let model = dir.load(&Device::Cpu, DType::F32, &adapter).unwrap();
-    adapter.finish_injection().unwrap();
+    adapter.finish_injection(model.as_ref()).unwrap();
     let settings = TrainerSettings {
         learning_rate: 5e-3,
         schedule: ScheduleKind::Constant,

@@ -48,16 +48,23 @@ impl InferenceModel {
                     .load(device, dtype, adapter.linear_factory())
                     .map_err(|e| format!("{}: {e}", adapter_dir.display()))?;
                 adapter
-                    .finish_injection()
+                    .finish_injection(model.as_ref())
                     .map_err(|e| format!("{}: {e}", adapter_dir.display()))?;
                 (model, Some(adapter))
             }
+        };
+        // The adapter's hooks, computed once: in inference mode they are plain tensors.
+        let hooks = match &adapter {
+            Some(adapter) => adapter
+                .hooks()
+                .map_err(|e| format!("{}: {e}", adapter_dir.unwrap_or(model_dir).display()))?,
+            None => Hooks::none(),
         };
         Ok(InferenceModel {
             dir,
             model,
             tokenizer,
-            hooks: Hooks::none(),
+            hooks,
             adapter,
         })
     }

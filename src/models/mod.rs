@@ -21,6 +21,7 @@ use std::collections::BTreeMap;
 
 use candle_core::{DType, Device, Result, Tensor};
 
+pub mod checkpoint;
 pub mod config;
 pub mod generate;
 pub mod gpt2;

@@ -5,44 +5,27 @@
 //! tokenizer files, generation_config.json). [`Stage::publish`] then copies each folder to its
 //! declared destination atomically (temp folder + rename), also when restored from the cache.
 //!
-//! The merge streams the base checkpoint tensor by tensor (W' = W + scale·B·A in f32, cast back to
-//! the tensor's dtype), so memory stays near one tensor, whatever the model size. This module must
-//! not train, print, or write outside `ctx.out_dir` except through `publish`.
+//! The adapter is read through `peft::registry` (any method); a mergeable method's per-tensor
+//! patches are written by the one checkpoint writer, `models::checkpoint` (streamed tensor by
+//! tensor). This stage only translates config and moves artifacts: it must not merge weights
+//! itself, train, print, or write outside `ctx.out_dir` except through `publish`.
 
-use std::collections::BTreeMap;
 use std::fs::{self, File};
-use std::io::{BufWriter, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
-use candle_core::Device;
-use safetensors::tensor::{Metadata, TensorInfo};
-use safetensors::Dtype;
+use candle_core::{DType, Device};
 use serde_json::Value;
 
 use crate::config::export::{parse_size, ExportDtype, DEFAULT_MAX_SHARD_SIZE};
 use crate::config::ExportConfig;
-use crate::models::ModelDir;
-use crate::peft::{LoraFile, LoraPair};
+use crate::models::checkpoint::{write_merged_folder, CheckpointError, MergedOptions};
+use crate::peft::{load_adapter, AdapterFiles};
 
 use super::{Progress, Stage, StageContext, StageError, StageOutcome};
 
 /// Name of the marker file that says a destination folder was written by `peftpipe export`
 /// (only such folders, or empty ones, are ever replaced).
 pub const EXPORT_MARKER: &str = ".peftpipe-export.json";
-
-/// Tokenizer and generation files copied into a merged model folder when the base has them.
-const TOKENIZER_FILES: &[&str] = &[
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "tokenizer.model",
-    "vocab.json",
-    "merges.txt",
-    "added_tokens.json",
-    "chat_template.jinja",
-    "chat_template.json",
-    "generation_config.json",
-];
 
 pub struct ExportStage {
     config: ExportConfig,
@@ -131,9 +114,23 @@ impl Stage for ExportStage {
         ctx.check_cancel()?;
         if self.config.merged.is_some() {
             let out = ctx.out_dir.join("merged");
-            let options = MergedOptions::from_config(&self.config)?;
-            let merged =
-                write_merged_folder(&adapter, &base.path, &out, options, &|| ctx.check_cancel())?;
+            let options = merged_options(&self.config)?;
+            let loaded = load_adapter(&adapter_dir, &Device::Cpu)
+                .map_err(|error| StageError::user(error.to_string()))?;
+            let patches = loaded
+                .merge_patches()
+                .map_err(|error| StageError::user(error.to_string()))?
+                .ok_or_else(|| {
+                    StageError::user(format!(
+                        "{}: {} adapters cannot be merged into the base weights; export `adapter:` only",
+                        adapter_dir.display(),
+                        loaded.peft_type()
+                    ))
+                })?;
+            let merged = write_merged_folder(&patches, &base.path, &out, options, &|| {
+                ctx.check_cancel().is_err()
+            })
+            .map_err(checkpoint_error)?;
             outcome
                 .summary
                 .insert("merged_tensors".into(), merged.merged_tensors.into());
@@ -421,13 +418,35 @@ impl BaseModelRecord {
 // The LoRA adapter as PEFT stores it
 // ---------------------------------------------------------------------------------------------
 
-/// Read the trained adapter through `crate::peft` (the one reader of PEFT LoRA folders).
-fn read_adapter(dir: &Path) -> Result<LoraFile, StageError> {
-    LoraFile::read(dir, &Device::Cpu).map_err(|error| StageError::user(error.to_string()))
+/// Read the trained adapter's files through `crate::peft::format` (the one reader of PEFT
+/// folders).
+fn read_adapter(dir: &Path) -> Result<AdapterFiles, StageError> {
+    AdapterFiles::read(dir, &Device::Cpu).map_err(|error| StageError::user(error.to_string()))
 }
 
-fn candle_error(error: candle_core::Error) -> StageError {
-    StageError::Internal(error.to_string())
+fn checkpoint_error(error: CheckpointError) -> StageError {
+    match error {
+        CheckpointError::Cancelled => StageError::Cancelled,
+        CheckpointError::Internal(message) => StageError::Internal(message),
+        other => StageError::user(other.to_string()),
+    }
+}
+
+/// The options an export config asks for (its `max_shard_size` already validated).
+fn merged_options(config: &ExportConfig) -> Result<MergedOptions, StageError> {
+    let max_shard_size = match &config.max_shard_size {
+        None => DEFAULT_MAX_SHARD_SIZE,
+        Some(written) => parse_size(written)
+            .map_err(|message| StageError::user(format!("max_shard_size: {message}")))?,
+    };
+    Ok(MergedOptions {
+        max_shard_size,
+        dtype: config.dtype.map(|dtype| match dtype {
+            ExportDtype::F32 => DType::F32,
+            ExportDtype::Bf16 => DType::BF16,
+            ExportDtype::F16 => DType::F16,
+        }),
+    })
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -437,7 +456,7 @@ fn candle_error(error: candle_core::Error) -> StageError {
 /// Write the adapter's PEFT files (the weights byte for byte; the config with
 /// `base_model_name_or_path` set to `base_name`) and a model card.
 fn write_adapter_folder(
-    adapter: &LoraFile,
+    adapter: &AdapterFiles,
     adapter_dir: &Path,
     base_name: &str,
     train_dir: &Path,
@@ -453,7 +472,7 @@ fn write_adapter_folder(
 /// Write `adapter_config.json` (the adapter's config with `base_model_name_or_path`) and the
 /// model card `README.md` into `out`.
 fn write_named_config_and_card(
-    adapter: &LoraFile,
+    adapter: &AdapterFiles,
     base_name: &str,
     train_dir: &Path,
     out: &Path,
@@ -497,30 +516,45 @@ const CARD_FIGURES: &[&str] = &[
 ];
 
 /// A short model card in the shape PEFT's own cards have (YAML front matter + text).
-fn model_card(adapter: &LoraFile, base_name: &str, summary: Option<&Value>) -> String {
+fn model_card(adapter: &AdapterFiles, base_name: &str, summary: Option<&Value>) -> String {
     let config = &adapter.config;
     let text = |key: &str| match config.get(key) {
         Some(Value::String(s)) => s.clone(),
         Some(Value::Null) | None => "—".to_string(),
         Some(other) => other.to_string(),
     };
+    let peft_type = text("peft_type");
+    let tag = peft_type.to_lowercase().replace('_', "-");
     let mut card = format!(
-        "---\nbase_model: {base_name}\nlibrary_name: peft\ntags:\n- lora\n- peftpipe\n---\n\n\
-         # LoRA adapter\n\nTrained and exported by peftpipe {version}. Load it with PEFT:\n\n\
+        "---\nbase_model: {base_name}\nlibrary_name: peft\ntags:\n- {tag}\n- peftpipe\n---\n\n\
+         # {peft_type} adapter\n\nTrained and exported by peftpipe {version}. Load it with PEFT:\n\n\
          ```python\nfrom transformers import AutoModelForCausalLM\nfrom peft import PeftModel\n\n\
          base = AutoModelForCausalLM.from_pretrained(\"{base_name}\")\n\
          model = PeftModel.from_pretrained(base, \"path/to/this/folder\")\n```\n\n\
-         | setting | value |\n|---|---|\n| rank (r) | {r} |\n| lora_alpha | {alpha} |\n\
-         | rsLoRA | {rslora} |\n| target modules | {targets} |\n| adapted layers | {layers} |\n\
-         | trainable parameters | {params} |\n",
+         | setting | value |\n|---|---|\n",
         version = crate::TOOL_VERSION,
-        r = text("r"),
-        alpha = text("lora_alpha"),
-        rslora = text("use_rslora"),
-        targets = text("target_modules"),
-        layers = adapter.pairs.len(),
-        params = adapter.parameter_count(),
     );
+    // The settings that shape each method (PEFT's names), those the config has.
+    for (label, key) in [
+        ("rank (r)", "r"),
+        ("lora_alpha", "lora_alpha"),
+        ("rsLoRA", "use_rslora"),
+        ("target modules", "target_modules"),
+        ("virtual tokens", "num_virtual_tokens"),
+        ("prompt init", "prompt_tuning_init"),
+        ("prefix projection", "prefix_projection"),
+        ("adapter length", "adapter_len"),
+        ("adapter layers", "adapter_layers"),
+    ] {
+        if config.get(key).is_some() {
+            card.push_str(&format!("| {label} | {} |\n", text(key)));
+        }
+    }
+    card.push_str(&format!(
+        "| adapter tensors | {} |\n| trainable parameters | {} |\n",
+        adapter.tensors.len(),
+        adapter.parameter_count()
+    ));
     if let Some(Value::Object(summary)) = summary {
         card.push_str("\n## Training summary\n\n| figure | value |\n|---|---|\n");
         for (key, value) in summary {
@@ -533,520 +567,6 @@ fn model_card(adapter: &LoraFile, base_name: &str, summary: Option<&Value>) -> S
         }
     }
     card
-}
-
-// ---------------------------------------------------------------------------------------------
-// (b) The merged model folder
-// ---------------------------------------------------------------------------------------------
-
-/// What writing the merged folder did.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct MergedFolder {
-    pub merged_tensors: usize,
-    /// Bytes of all weight files written.
-    pub bytes: u64,
-    /// Weight files written (1: `model.safetensors`; more: shards with an index).
-    pub files: usize,
-}
-
-/// How the merged weights are written.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct MergedOptions {
-    /// Largest weight file in tensor bytes; a bigger model is sharded like transformers does.
-    pub max_shard_size: u64,
-    /// dtype of the floating-point tensors (None: each keeps the base checkpoint's).
-    pub dtype: Option<ExportDtype>,
-}
-
-impl Default for MergedOptions {
-    fn default() -> Self {
-        MergedOptions {
-            max_shard_size: DEFAULT_MAX_SHARD_SIZE,
-            dtype: None,
-        }
-    }
-}
-
-impl MergedOptions {
-    /// The options an export config asks for (its `max_shard_size` already validated).
-    pub fn from_config(config: &ExportConfig) -> Result<Self, StageError> {
-        let max_shard_size = match &config.max_shard_size {
-            None => DEFAULT_MAX_SHARD_SIZE,
-            Some(written) => parse_size(written)
-                .map_err(|message| StageError::user(format!("max_shard_size: {message}")))?,
-        };
-        Ok(MergedOptions {
-            max_shard_size,
-            dtype: config.dtype,
-        })
-    }
-}
-
-/// The safetensors dtype of an export dtype.
-fn safetensors_dtype(dtype: ExportDtype) -> Dtype {
-    match dtype {
-        ExportDtype::F32 => Dtype::F32,
-        ExportDtype::Bf16 => Dtype::BF16,
-        ExportDtype::F16 => Dtype::F16,
-    }
-}
-
-/// The index transformers writes beside sharded weights.
-pub const SHARD_INDEX: &str = "model.safetensors.index.json";
-
-/// Shard file names as transformers writes them: `model-00001-of-00003.safetensors`.
-pub fn shard_name(index: usize, count: usize) -> String {
-    format!("model-{:05}-of-{count:05}.safetensors", index + 1)
-}
-
-/// Split tensor sizes (in order) into shards of at most `max` bytes, as transformers'
-/// `shard_checkpoint` does: a tensor that does not fit starts a new shard; one bigger than `max`
-/// gets a shard of its own.
-pub fn plan_shards(sizes: &[u64], max: u64) -> Vec<Vec<usize>> {
-    let mut shards: Vec<Vec<usize>> = Vec::new();
-    let mut current: Vec<usize> = Vec::new();
-    let mut current_size = 0u64;
-    for (index, &size) in sizes.iter().enumerate() {
-        if !current.is_empty() && current_size + size > max {
-            shards.push(std::mem::take(&mut current));
-            current_size = 0;
-        }
-        current.push(index);
-        current_size += size;
-    }
-    if !current.is_empty() || shards.is_empty() {
-        shards.push(current);
-    }
-    shards
-}
-
-/// One tensor of a safetensors file: where its bytes are.
-#[derive(Debug, Clone)]
-struct SourceTensor {
-    file: PathBuf,
-    dtype: Dtype,
-    shape: Vec<usize>,
-    /// Absolute byte range in `file`.
-    start: u64,
-    end: u64,
-}
-
-/// Every tensor of a model folder (single file or sharded index), from its safetensors headers
-/// as `models::ModelDir` reads them.
-fn read_checkpoint_index(base: &ModelDir) -> Result<BTreeMap<String, SourceTensor>, StageError> {
-    let infos = base
-        .tensor_infos()
-        .map_err(|error| StageError::user(error.to_string()))?;
-    let mut tensors = BTreeMap::new();
-    for (name, info) in infos {
-        let dtype: Dtype =
-            serde_json::from_value(Value::String(info.dtype.clone())).map_err(|_| {
-                StageError::user(format!(
-                    "{}: tensor `{name}` has the unknown dtype `{}`",
-                    info.file.display(),
-                    info.dtype
-                ))
-            })?;
-        tensors.insert(
-            name,
-            SourceTensor {
-                file: info.file,
-                dtype,
-                shape: info.shape,
-                start: info.start,
-                end: info.end,
-            },
-        );
-    }
-    Ok(tensors)
-}
-
-/// The checkpoint tensor name of a module's weight (GPT-2 checkpoints may omit `transformer.`).
-fn weight_name(tensors: &BTreeMap<String, SourceTensor>, path: &str) -> Option<String> {
-    let direct = format!("{path}.weight");
-    if tensors.contains_key(&direct) {
-        return Some(direct);
-    }
-    let short = path.strip_prefix("transformer.")?;
-    let short = format!("{short}.weight");
-    tensors.contains_key(&short).then_some(short)
-}
-
-fn element_size(dtype: Dtype) -> Option<usize> {
-    match dtype {
-        Dtype::F32 => Some(4),
-        Dtype::F16 | Dtype::BF16 => Some(2),
-        Dtype::F64 => Some(8),
-        _ => None,
-    }
-}
-
-fn bytes_to_f32(dtype: Dtype, bytes: &[u8]) -> Option<Vec<f32>> {
-    Some(match dtype {
-        Dtype::F32 => bytes
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect(),
-        Dtype::F16 => bytes
-            .chunks_exact(2)
-            .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
-            .collect(),
-        Dtype::BF16 => bytes
-            .chunks_exact(2)
-            .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
-            .collect(),
-        Dtype::F64 => bytes
-            .chunks_exact(8)
-            .map(|c| f64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]) as f32)
-            .collect(),
-        _ => return None,
-    })
-}
-
-fn f32_to_bytes(dtype: Dtype, values: &[f32]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(values.len() * element_size(dtype).unwrap_or(4));
-    for &value in values {
-        match dtype {
-            Dtype::F16 => out.extend(half::f16::from_f32(value).to_le_bytes()),
-            Dtype::BF16 => out.extend(half::bf16::from_f32(value).to_le_bytes()),
-            Dtype::F64 => out.extend(f64::from(value).to_le_bytes()),
-            _ => out.extend(value.to_le_bytes()),
-        }
-    }
-    out
-}
-
-/// The merge delta scale·B·A for one module, `[out, in]`, transposed to `[in, out]` for
-/// Conv1D-style weights (GPT-2) so it matches the stored layout.
-fn delta_for(
-    pair: &LoraPair,
-    stored_shape: &[usize],
-    fan_in_fan_out: bool,
-) -> Result<Vec<f32>, StageError> {
-    let (out_features, _) = pair.b.dims2().map_err(candle_error)?;
-    let (_, in_features) = pair.a.dims2().map_err(candle_error)?;
-    let delta =
-        (pair.b.matmul(&pair.a).map_err(candle_error)? * pair.scale).map_err(candle_error)?;
-    let linear = stored_shape == [out_features, in_features];
-    let conv1d = stored_shape == [in_features, out_features];
-    let transpose = match (linear, conv1d) {
-        (true, true) => fan_in_fan_out,
-        (false, true) => true,
-        (true, false) => false,
-        (false, false) => {
-            return Err(StageError::user(format!(
-                "module `{}`: the base weight has shape {stored_shape:?}, the adapter expects \
-                 [{out_features}, {in_features}]: the adapter was trained on another model",
-                pair.path
-            )))
-        }
-    };
-    let delta = if transpose {
-        delta.t().map_err(candle_error)?
-    } else {
-        delta
-    };
-    delta
-        .contiguous()
-        .and_then(|d| d.flatten_all())
-        .and_then(|d| d.to_vec1::<f32>())
-        .map_err(candle_error)
-}
-
-/// One tensor of the merged output: where it comes from, the LoRA pair merged into it, and its
-/// output dtype and byte size.
-struct OutputTensor<'a> {
-    name: &'a str,
-    source: &'a SourceTensor,
-    pair: Option<&'a LoraPair>,
-    dtype: Dtype,
-    size: u64,
-}
-
-/// Reads tensor bytes from the base checkpoint, keeping the last file open.
-#[derive(Default)]
-struct SourceReader {
-    open: Option<(PathBuf, File)>,
-}
-
-impl SourceReader {
-    fn read(&mut self, name: &str, tensor: &SourceTensor) -> Result<Vec<u8>, StageError> {
-        if self
-            .open
-            .as_ref()
-            .is_none_or(|(path, _)| path != &tensor.file)
-        {
-            self.open = Some((tensor.file.clone(), File::open(&tensor.file)?));
-        }
-        let Some((_, file)) = self.open.as_mut() else {
-            return Err(StageError::Internal("no open checkpoint file".into()));
-        };
-        let mut bytes = vec![0u8; (tensor.end - tensor.start) as usize];
-        file.seek(SeekFrom::Start(tensor.start))?;
-        file.read_exact(&mut bytes).map_err(|error| {
-            StageError::user(format!(
-                "{}: cannot read tensor `{name}`: {error}",
-                tensor.file.display()
-            ))
-        })?;
-        Ok(bytes)
-    }
-}
-
-/// The output bytes of one tensor: the source bytes as they are, or converted through f32 (to
-/// merge W + scale·B·A and/or change the dtype).
-fn output_bytes(
-    entry: &OutputTensor<'_>,
-    source_bytes: Vec<u8>,
-    fan_in_fan_out: bool,
-) -> Result<Vec<u8>, StageError> {
-    let source = entry.source;
-    if entry.pair.is_none() && entry.dtype == source.dtype {
-        return Ok(source_bytes);
-    }
-    let mut values = bytes_to_f32(source.dtype, &source_bytes).ok_or_else(|| {
-        StageError::user(format!(
-            "cannot merge into or convert `{}`: its dtype {:?} is not a float type (quantized bases are merged by dequantizing first)",
-            entry.name, source.dtype
-        ))
-    })?;
-    if let Some(pair) = entry.pair {
-        let delta = delta_for(pair, &source.shape, fan_in_fan_out)?;
-        if delta.len() != values.len() {
-            return Err(StageError::Internal(format!(
-                "merge of `{}`: {} delta values for {} weights",
-                entry.name,
-                delta.len(),
-                values.len()
-            )));
-        }
-        for (value, change) in values.iter_mut().zip(&delta) {
-            *value += change;
-        }
-    }
-    Ok(f32_to_bytes(entry.dtype, &values))
-}
-
-/// Write one safetensors file holding `tensors` (in order, `{"format": "pt"}` metadata), streamed
-/// tensor by tensor. Returns how many tensors had a LoRA merged in.
-fn write_shard(
-    path: &Path,
-    tensors: &[&OutputTensor<'_>],
-    fan_in_fan_out: bool,
-    reader: &mut SourceReader,
-    check_cancel: &dyn Fn() -> Result<(), StageError>,
-) -> Result<usize, StageError> {
-    let mut infos = Vec::with_capacity(tensors.len());
-    let mut offset = 0usize;
-    for entry in tensors {
-        let size = entry.size as usize;
-        infos.push((
-            entry.name.to_string(),
-            TensorInfo {
-                dtype: entry.dtype,
-                shape: entry.source.shape.clone(),
-                data_offsets: (offset, offset + size),
-            },
-        ));
-        offset += size;
-    }
-    let metadata = Metadata::new(
-        Some(std::collections::HashMap::from([(
-            "format".to_string(),
-            "pt".to_string(),
-        )])),
-        infos,
-    )
-    .map_err(|error| StageError::Internal(format!("merged safetensors header: {error}")))?;
-    let mut header = serde_json::to_vec(&metadata)
-        .map_err(|error| StageError::Internal(format!("merged safetensors header: {error}")))?;
-    while header.len() % 8 != 0 {
-        header.push(b' ');
-    }
-    let mut writer = BufWriter::new(File::create(path)?);
-    writer.write_all(&(header.len() as u64).to_le_bytes())?;
-    writer.write_all(&header)?;
-    let mut merged = 0;
-    for entry in tensors {
-        check_cancel()?;
-        let source_bytes = reader.read(entry.name, entry.source)?;
-        let bytes = output_bytes(entry, source_bytes, fan_in_fan_out)?;
-        if bytes.len() as u64 != entry.size {
-            return Err(StageError::Internal(format!(
-                "`{}`: {} bytes written for a declared {}",
-                entry.name,
-                bytes.len(),
-                entry.size
-            )));
-        }
-        merged += usize::from(entry.pair.is_some());
-        writer.write_all(&bytes)?;
-    }
-    writer.flush()?;
-    writer
-        .into_inner()
-        .map_err(|error| StageError::user(format!("cannot write {}: {error}", path.display())))?
-        .sync_all()?;
-    Ok(merged)
-}
-
-/// Write the merged model folder: every base tensor under its original name (in its original
-/// dtype unless `options.dtype` asks for another), the adapted weights as W + scale·B·A, in one
-/// `model.safetensors` or, above `options.max_shard_size`, in transformers' shards with
-/// `model.safetensors.index.json`; config (dtype updated), tokenizer and generation files copied.
-pub fn write_merged_folder(
-    adapter: &LoraFile,
-    base_dir: &Path,
-    out: &Path,
-    options: MergedOptions,
-    check_cancel: &dyn Fn() -> Result<(), StageError>,
-) -> Result<MergedFolder, StageError> {
-    // Start empty: weight files of an earlier layout (one file vs shards) must not linger.
-    if out.exists() {
-        fs::remove_dir_all(out)?;
-    }
-    fs::create_dir_all(out)?;
-    let base = ModelDir::open(base_dir).map_err(|error| StageError::user(error.to_string()))?;
-    let source = read_checkpoint_index(&base)?;
-    let mut config = base.config_json().clone();
-    let tied = config
-        .get("tie_word_embeddings")
-        .and_then(Value::as_bool)
-        .unwrap_or(true);
-
-    // Output name → (source tensor, optional LoRA pair merged into it).
-    let mut plan: BTreeMap<String, (SourceTensor, Option<&LoraPair>)> = source
-        .iter()
-        .map(|(name, tensor)| (name.clone(), (tensor.clone(), None)))
-        .collect();
-    let mut untie = false;
-    for pair in &adapter.pairs {
-        if let Some(name) = weight_name(&source, &pair.path) {
-            plan.insert(name.clone(), (source[&name].clone(), Some(pair)));
-        } else if pair.path == "lm_head" && tied {
-            // The head is the embedding matrix; adapting it unties them.
-            let embedding = ["model.embed_tokens.weight", "transformer.wte.weight", "wte.weight"]
-                .into_iter()
-                .find(|name| source.contains_key(*name))
-                .ok_or_else(|| {
-                    StageError::user("the adapter targets lm_head, but the base model has neither lm_head.weight nor a known embedding to tie it to")
-                })?;
-            plan.insert(
-                "lm_head.weight".into(),
-                (source[embedding].clone(), Some(pair)),
-            );
-            untie = true;
-        } else {
-            return Err(StageError::user(format!(
-                "the adapter adapts `{}`, but the base model in {} has no weight `{}.weight`",
-                pair.path,
-                base_dir.display(),
-                pair.path
-            )));
-        }
-    }
-    if untie {
-        if let Value::Object(map) = &mut config {
-            map.insert("tie_word_embeddings".into(), Value::Bool(false));
-        }
-    }
-
-    // Every output tensor with its dtype and size, in name order.
-    let entries: Vec<OutputTensor> = plan
-        .iter()
-        .map(|(name, (source, pair))| {
-            let dtype = match options.dtype {
-                Some(wanted) if element_size(source.dtype).is_some() => safetensors_dtype(wanted),
-                _ => source.dtype,
-            };
-            let size = match element_size(dtype) {
-                Some(bytes) if dtype != source.dtype => {
-                    source.shape.iter().product::<usize>() as u64 * bytes as u64
-                }
-                _ => source.end - source.start,
-            };
-            OutputTensor {
-                name,
-                source,
-                pair: *pair,
-                dtype,
-                size,
-            }
-        })
-        .collect();
-    let sizes: Vec<u64> = entries.iter().map(|entry| entry.size).collect();
-    let total_size: u64 = sizes.iter().sum();
-    let shards = if total_size <= options.max_shard_size {
-        vec![(0..entries.len()).collect()]
-    } else {
-        plan_shards(&sizes, options.max_shard_size)
-    };
-    let mut reader = SourceReader::default();
-    let mut merged_tensors = 0;
-    let mut bytes = 0;
-    let mut weight_map = serde_json::Map::new();
-    for (index, members) in shards.iter().enumerate() {
-        let file_name = if shards.len() == 1 {
-            "model.safetensors".to_string()
-        } else {
-            shard_name(index, shards.len())
-        };
-        let shard: Vec<&OutputTensor> = members.iter().map(|&member| &entries[member]).collect();
-        for entry in &shard {
-            weight_map.insert(entry.name.to_string(), Value::String(file_name.clone()));
-        }
-        let path = out.join(&file_name);
-        merged_tensors += write_shard(
-            &path,
-            &shard,
-            adapter.fan_in_fan_out,
-            &mut reader,
-            check_cancel,
-        )?;
-        bytes += fs::metadata(&path)?.len();
-    }
-    if shards.len() > 1 {
-        let index = serde_json::json!({
-            "metadata": {"total_size": total_size},
-            "weight_map": weight_map,
-        });
-        write_json(&out.join(SHARD_INDEX), &index)?;
-    }
-    if let (Some(dtype), Value::Object(map)) = (options.dtype, &mut config) {
-        // transformers < 4.56 reads `torch_dtype`, later versions `dtype`: keep both in step.
-        let name = Value::String(dtype.torch_name().to_string());
-        if map.contains_key("dtype") {
-            map.insert("dtype".into(), name.clone());
-        }
-        map.insert("torch_dtype".into(), name);
-    }
-
-    write_json(&out.join("config.json"), &config)?;
-    for file in TOKENIZER_FILES {
-        let from = base_dir.join(file);
-        if from.is_file() {
-            fs::copy(&from, out.join(file)).map_err(|error| {
-                StageError::user(format!("cannot copy {}: {error}", from.display()))
-            })?;
-        }
-    }
-    if !out.join("generation_config.json").is_file() {
-        let mut generation = serde_json::Map::new();
-        for key in ["bos_token_id", "eos_token_id", "pad_token_id"] {
-            if let Some(value) = config.get(key).filter(|v| !v.is_null()) {
-                generation.insert(key.into(), value.clone());
-            }
-        }
-        write_json(
-            &out.join("generation_config.json"),
-            &Value::Object(generation),
-        )?;
-    }
-    Ok(MergedFolder {
-        merged_tensors,
-        bytes,
-        files: shards.len(),
-    })
 }
 
 #[cfg(test)]
@@ -1127,34 +647,5 @@ mod tests {
         assert!(resolve_destination(&project, "link/adapter", true).is_ok());
         assert!(resolve_destination(&project, "..", true).is_err());
         assert!(resolve_destination(&project, "/", true).is_err());
-    }
-
-    #[test]
-    fn shards_are_cut_like_transformers() {
-        assert_eq!(plan_shards(&[4, 4, 4], 8), vec![vec![0, 1], vec![2]]);
-        // A tensor larger than the limit gets a shard of its own.
-        assert_eq!(
-            plan_shards(&[2, 20, 2, 2], 5),
-            vec![vec![0], vec![1], vec![2, 3]]
-        );
-        assert_eq!(plan_shards(&[], 5), vec![Vec::<usize>::new()]);
-        assert_eq!(shard_name(0, 3), "model-00001-of-00003.safetensors");
-    }
-
-    #[test]
-    fn float_conversions_round_trip() {
-        let values = [1.5f32, -2.25, 0.0, 1e-3];
-        for dtype in [Dtype::F32, Dtype::F16, Dtype::BF16, Dtype::F64] {
-            let bytes = f32_to_bytes(dtype, &values);
-            assert_eq!(bytes.len(), values.len() * element_size(dtype).unwrap());
-            let back = bytes_to_f32(dtype, &bytes).unwrap();
-            for (a, b) in values.iter().zip(&back) {
-                assert!(
-                    (a - b).abs() <= 1e-2 * a.abs().max(1e-3),
-                    "{dtype:?}: {a} vs {b}"
-                );
-            }
-        }
-        assert!(bytes_to_f32(Dtype::I64, &[0; 8]).is_none());
     }
 }

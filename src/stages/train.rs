@@ -37,14 +37,15 @@ use parquet::arrow::ProjectionMask;
 
 use super::{Progress, Stage, StageContext, StageError, StageOutcome};
 use crate::config::hub::resolve_model_dir;
-use crate::config::train::{device_kind, resolve_targets, MethodConfig, TrainConfig};
+use crate::config::train::{device_kind, TrainConfig};
 use crate::data::batch::{fit, Sequence};
 use crate::data::tokenize::TextTokenizer;
-use crate::models::{Hooks, ModelDir};
-use crate::peft::{Adapter, LoraAdapter, LoraSettings};
+use crate::models::ModelDir;
+use crate::peft::{new_adapter, MethodContext};
 use crate::train::checkpoint::CheckpointDir;
 use crate::train::{
-    AdamWSettings, CausalLmLoss, CheckpointedLoss, LossModel, TrainError, TrainerSettings,
+    AdamWSettings, CausalLmLoss, CheckpointedLoss, HookSource, LossModel, TrainError,
+    TrainerSettings,
 };
 
 pub struct TrainStage {
@@ -220,7 +221,6 @@ impl Stage for TrainStage {
     fn run(&self, ctx: &StageContext<'_>) -> Result<StageOutcome, StageError> {
         let config = &self.config;
         let user = |message: String| StageError::User(message);
-        let MethodConfig::Lora(lora) = &config.method;
 
         // Device and dtype: RunOptions.device overrides the config.
         let device_spec = ctx
@@ -258,31 +258,32 @@ impl Stage for TrainStage {
 
         // Adapter + model.
         let seed = config.seed.unwrap_or_else(|| ctx.stage_seed());
-        let targets =
-            resolve_targets(lora.target_modules.as_ref(), model_dir.config_json()).map_err(user)?;
-        let settings = LoraSettings {
-            rank: lora.r,
-            alpha: lora.alpha,
-            dropout: lora.dropout as f32,
-            targets,
-            use_rslora: lora.use_rslora,
-            fan_in_fan_out: model_dir.config().model_type() == "gpt2",
-            seed: crate::peft::mix_seed(seed, "lora init"),
-        };
-        let adapter =
-            LoraAdapter::new(settings, &device).map_err(|error| user(error.to_string()))?;
+        let tokenize = |text: &str| tokenizer.encode_prompt(text);
+        let adapter = new_adapter(
+            &config.method,
+            &MethodContext {
+                model_config: model_dir.config_json(),
+                device: &device,
+                seed,
+                tokenize: Some(&tokenize),
+            },
+        )
+        .map_err(|error| user(error.to_string()))?;
         let model = model_dir
             .load(&device, dtype, adapter.linear_factory())
             .map_err(|error| user(error.to_string()))?;
         adapter
-            .finish_injection()
+            .finish_injection(model.as_ref())
             .map_err(|error| user(error.to_string()))?;
         let trainable = adapter.trainable_parameter_count();
         // Activation checkpointing changes what is kept and recomputed, not the gradients.
-        let whole_graph = CausalLmLoss { model: &*model };
+        let whole_graph = CausalLmLoss {
+            model: &*model,
+            adapter: adapter.as_ref(),
+        };
         let checkpointed = CheckpointedLoss {
             model: &*model,
-            hooks: Hooks::none(),
+            hooks: HookSource::Adapter(adapter.as_ref()),
         };
         let model: &dyn LossModel = if config.activation_checkpointing {
             &checkpointed
@@ -379,7 +380,7 @@ impl Stage for TrainStage {
         };
         let outcome = crate::train::train(
             model,
-            &adapter,
+            adapter.as_ref(),
             &sequences,
             &trainer_settings,
             ctx.cancel,

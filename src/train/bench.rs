@@ -16,7 +16,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
-use super::layered::CheckpointedLoss;
+use super::layered::{CheckpointedLoss, HookSource};
 use super::trainer::{train, CausalLmLoss, LossModel, StepMetrics, TrainerSettings};
 use super::{AdamWSettings, ScheduleKind};
 use crate::data::batch::Sequence;
@@ -312,7 +312,7 @@ pub fn run(config_path: &Path, settings: &BenchSettings) -> Result<BenchResult, 
     let model = random_llama(&config, settings.dtype, &settings.device, &adapter)
         .map_err(|error| format!("building the model: {error}"))?;
     adapter
-        .finish_injection()
+        .finish_injection(&model)
         .map_err(|error| error.to_string())?;
 
     let vocab = config.vocab_size() as u32;
@@ -346,10 +346,13 @@ pub fn run(config_path: &Path, settings: &BenchSettings) -> Result<BenchResult, 
     };
     let mut steps: Vec<StepMetrics> = Vec::with_capacity(total_steps);
     let cancel = AtomicBool::new(false);
-    let whole_graph = CausalLmLoss { model: &model };
+    let whole_graph = CausalLmLoss {
+        model: &model,
+        adapter: &adapter,
+    };
     let checkpointed = CheckpointedLoss {
         model: &model,
-        hooks: Hooks::none(),
+        hooks: HookSource::Adapter(&adapter),
     };
     let loss_model: &dyn LossModel = if settings.activation_checkpointing {
         &checkpointed

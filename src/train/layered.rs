@@ -24,14 +24,40 @@ use super::pass::{accumulate, ForwardPass};
 use super::trainer::LossModel;
 use crate::data::batch::HostBatch;
 use crate::models::{CausalLm, Hooks, LayerPlan};
+use crate::peft::Adapter;
 use crate::ops::dot_constant;
 
 /// A causal LM (adapter injected) scored with next-token cross-entropy like
 /// [`super::CausalLmLoss`], trained with activation checkpointing.
 pub struct CheckpointedLoss<'a> {
     pub model: &'a dyn CausalLm,
-    /// What prompt-based methods add to each forward (`Hooks::none()` for layer methods).
-    pub hooks: Hooks,
+    /// What prompt-based methods add to each forward.
+    pub hooks: HookSource<'a>,
+}
+
+/// Where a forward's [`Hooks`] come from.
+pub enum HookSource<'a> {
+    /// The same hooks for every micro-batch (`Hooks::none()` for layer methods).
+    Fixed(Hooks),
+    /// The adapter's, asked once per micro-batch: they follow its variables and its mode.
+    Adapter(&'a dyn Adapter),
+}
+
+impl From<Hooks> for HookSource<'_> {
+    fn from(hooks: Hooks) -> Self {
+        HookSource::Fixed(hooks)
+    }
+}
+
+impl HookSource<'_> {
+    fn hooks(&self) -> Result<Hooks> {
+        match self {
+            HookSource::Fixed(hooks) => Ok(hooks.clone()),
+            HookSource::Adapter(adapter) => adapter
+                .hooks()
+                .map_err(|error| candle_core::Error::Msg(error.to_string())),
+        }
+    }
 }
 
 /// The batch as tensors: `(input_ids, attention_mask, loss_mask)`, each `[B, T]`.
@@ -76,18 +102,19 @@ impl LossModel for CheckpointedLoss<'_> {
 }
 
 impl<'a> CheckpointedLoss<'a> {
-    fn layered(&self, batch: &HostBatch) -> Result<LayeredPass<'a, '_>> {
+    fn layered(&self, batch: &HostBatch) -> Result<LayeredPass<'a>> {
         let model = self.model;
         let (input_ids, attention_mask, loss_mask) = batch_tensors(batch, model.device())?;
-        let plan = model.layer_plan(&input_ids, Some(&attention_mask), &self.hooks)?;
-        let embedded = model.layer_input(&input_ids, &plan, &self.hooks)?;
+        let hooks = self.hooks.hooks()?;
+        let plan = model.layer_plan(&input_ids, Some(&attention_mask), &hooks)?;
+        let embedded = model.layer_input(&input_ids, &plan, &hooks)?;
         let embedding_tracked = embedded.track_op();
         let layers = model.config().num_layers();
         let mut inputs = Vec::with_capacity(layers);
         let mut x = embedded.detach();
         drop(embedded);
         for index in 0..layers {
-            let output = model.layer(index, &x, &plan, &self.hooks)?.detach();
+            let output = model.layer(index, &x, &plan, &hooks)?.detach();
             inputs.push(x);
             x = output;
         }
@@ -103,7 +130,7 @@ impl<'a> CheckpointedLoss<'a> {
         let loss_sum = head_loss(model, &hidden, &input_ids, &loss_mask)?;
         Ok(LayeredPass {
             model,
-            hooks: &self.hooks,
+            hooks,
             input_ids,
             plan,
             embedding_tracked,
@@ -115,9 +142,9 @@ impl<'a> CheckpointedLoss<'a> {
 }
 
 /// What a checkpointed forward keeps: every layer's input, the head's graph, the plan.
-struct LayeredPass<'a, 'h> {
+struct LayeredPass<'a> {
     model: &'a dyn CausalLm,
-    hooks: &'h Hooks,
+    hooks: Hooks,
     input_ids: Tensor,
     plan: LayerPlan,
     embedding_tracked: bool,
@@ -127,7 +154,7 @@ struct LayeredPass<'a, 'h> {
     loss_sum: Tensor,
 }
 
-impl ForwardPass for LayeredPass<'_, '_> {
+impl ForwardPass for LayeredPass<'_> {
     fn loss_sum(&self) -> &Tensor {
         &self.loss_sum
     }
@@ -157,7 +184,7 @@ impl ForwardPass for LayeredPass<'_, '_> {
                 .unwrap_or_else(|| unreachable!("one input per layer"));
             let input = Var::from_tensor(&saved)?;
             drop(saved);
-            let output = model.layer(index, input.as_tensor(), &plan, hooks)?;
+            let output = model.layer(index, input.as_tensor(), &plan, &hooks)?;
             let mut store = dot_constant(&output, &gradient)?.backward()?;
             drop(output);
             gradient = take_input_gradient(&mut store, input.as_tensor())?;
@@ -165,7 +192,7 @@ impl ForwardPass for LayeredPass<'_, '_> {
         }
         // The embedding part, when trainable inputs (prompt tuning) reach it.
         if embedding_tracked {
-            let embedded = model.layer_input(&input_ids, &plan, hooks)?;
+            let embedded = model.layer_input(&input_ids, &plan, &hooks)?;
             let store = dot_constant(&embedded, &gradient)?.backward()?;
             accumulate(&mut sums, store, variables)?;
         }

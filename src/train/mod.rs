@@ -12,7 +12,7 @@ pub mod pass;
 pub mod schedule;
 pub mod trainer;
 
-pub use layered::CheckpointedLoss;
+pub use layered::{CheckpointedLoss, HookSource};
 pub use optimizer::{AdamW, AdamWSettings};
 pub use schedule::{Schedule, ScheduleKind};
 pub use trainer::{

@@ -23,7 +23,7 @@ use super::optimizer::{clip_coefficient, global_norm, AdamW, AdamWSettings};
 pub use super::pass::{ForwardPass, GraphPass};
 use super::schedule::{Schedule, ScheduleKind};
 use crate::data::batch::{collate, epoch_batches, HostBatch, Sequence};
-use crate::models::{CausalLm, Hooks};
+use crate::models::CausalLm;
 use crate::peft::{mix_seed, Adapter, AdapterMode, PeftError};
 
 /// A model (with its adapter injected) that turns a batch into a summed loss.
@@ -40,10 +40,13 @@ pub trait LossModel {
     }
 }
 
-/// A causal LM (adapter injected through its linear factory) scored with next-token
-/// cross-entropy on the batch's loss mask: the loss model of the train stage and the benchmark.
+/// A causal LM with its adapter (injected through the linear factory, and/or acting through the
+/// hooks it gives for every forward pass) scored with next-token cross-entropy on the batch's
+/// loss mask: the loss model of the train stage and the benchmark. Virtual-token positions
+/// (prompt tuning) are never scored.
 pub struct CausalLmLoss<'a> {
     pub model: &'a dyn CausalLm,
+    pub adapter: &'a dyn Adapter,
 }
 
 impl LossModel for CausalLmLoss<'_> {
@@ -53,9 +56,20 @@ impl LossModel for CausalLmLoss<'_> {
         let input_ids = Tensor::from_vec(batch.input_ids.clone(), shape, device)?;
         let attention_mask = Tensor::from_vec(batch.attention_mask(), shape, device)?;
         let loss_mask = Tensor::from_vec(batch.loss_mask.clone(), shape, device)?;
-        let hidden =
-            self.model
-                .forward_hidden(&input_ids, Some(&attention_mask), &Hooks::none(), None)?;
+        let hooks = self
+            .adapter
+            .hooks()
+            .map_err(|error| candle_core::Error::Msg(error.to_string()))?;
+        let hidden = self
+            .model
+            .forward_hidden(&input_ids, Some(&attention_mask), &hooks, None)?;
+        // Drop the leading virtual-token positions: the loss masks them.
+        let total = hidden.dim(1)?;
+        let hidden = if total > batch.length {
+            hidden.narrow(1, total - batch.length, batch.length)?
+        } else {
+            hidden
+        };
         // A frozen lm_head is fused into the loss (chunked on CUDA; the same ops on the CPU).
         if let Some(weight) = self.model.lm_head().frozen_weight() {
             let loss = crate::ops::next_token_linear_cross_entropy(

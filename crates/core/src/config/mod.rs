@@ -24,6 +24,7 @@ pub mod input;
 pub mod jinja;
 pub mod load;
 pub mod matrix;
+pub mod method;
 pub mod paths;
 pub mod probe;
 pub mod problem;

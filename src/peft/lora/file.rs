@@ -1,8 +1,9 @@
 //! A PEFT LoRA folder read as data, without a model: adapter_config.json (kept as written) and
 //! adapter_model.safetensors split into per-module (A, B) pairs in f32, each with its scale
 //! (`lora_alpha / r`, or `/ √r` with rsLoRA; PEFT's `rank_pattern` / `alpha_pattern` applied).
-//! The one reader of PEFT LoRA files: [`super::LoraAdapter::load`] injects its pairs into a model,
-//! the export stage merges them into a checkpoint.
+//! The one reader of PEFT LoRA configs and weights (through `peft::format`):
+//! [`super::LoraAdapter::load`] injects its pairs into a model, and its settings come from
+//! [`LoraFile::settings`].
 //!
 //! Refuses what it cannot represent (DoRA, LoRA bias, trained biases, modules_to_save, tensors
 //! that are not `base_model.model.<module>.lora_{A,B}.weight`). Never prints.
@@ -13,9 +14,10 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Tensor};
 use serde_json::Value;
 
-use super::{
-    read_adapter_config, PeftError, TensorContext, ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_PREFIX,
-};
+use super::LoraSettings;
+use crate::peft::format::{AdapterFiles, PEFT_PREFIX};
+use crate::peft::targets::TargetModules;
+use crate::peft::{PeftError, TensorContext};
 
 /// One adapted module: `base_model.model.<path>.lora_{A,B}.weight`.
 #[derive(Debug, Clone)]
@@ -41,13 +43,16 @@ pub struct LoraFile {
     pub fan_in_fan_out: bool,
     /// The weights file, for messages.
     pub weights_path: PathBuf,
+    /// The adapter-wide settings (`r`, `lora_alpha`, targets, ...; seed 0).
+    settings: LoraSettings,
 }
 
 impl LoraFile {
     /// Read `adapter_config.json` and `adapter_model.safetensors` from `dir`, tensors on `device`.
     pub fn read(dir: &Path, device: &Device) -> Result<Self, PeftError> {
-        let config_path = dir.join(ADAPTER_CONFIG);
-        let config = read_adapter_config(dir)?;
+        let files = AdapterFiles::read(dir, device)?;
+        let config = files.config.clone();
+        let config_path = files.config_path.clone();
         let invalid =
             |message: String| PeftError::invalid(format!("{}: {message}", config_path.display()));
         let field = |key: &str| config.get(key).filter(|v| !v.is_null());
@@ -71,23 +76,41 @@ impl LoraFile {
         if field("modules_to_save").is_some_and(|v| v.as_array().is_none_or(|a| !a.is_empty())) {
             return Err(invalid("`modules_to_save` is not supported".into()));
         }
+        for key in [
+            "layers_to_transform",
+            "exclude_modules",
+            "layer_replication",
+        ] {
+            if field(key).is_some() {
+                return Err(invalid(format!("`{key}` is not supported (must be null)")));
+            }
+        }
         let number = |key: &str| field(key).and_then(Value::as_f64);
         let rank = number("r").ok_or_else(|| invalid("`r` is missing".into()))?;
+        if rank < 1.0 || rank.fract() != 0.0 {
+            return Err(invalid(format!(
+                "`r` must be a positive integer, got {rank}"
+            )));
+        }
         let alpha = number("lora_alpha").unwrap_or(8.0);
+        let dropout = number("lora_dropout").unwrap_or(0.0) as f32;
         let rslora = field("use_rslora")
             .and_then(Value::as_bool)
             .unwrap_or(false);
         let fan_in_fan_out = field("fan_in_fan_out")
             .and_then(Value::as_bool)
             .unwrap_or(false);
+        let targets = field("target_modules")
+            .map(TargetModules::from_peft_json)
+            .transpose()
+            .map_err(&invalid)?;
         let rank_pattern = pattern_map(field("rank_pattern")).map_err(&invalid)?;
         let alpha_pattern = pattern_map(field("alpha_pattern")).map_err(&invalid)?;
 
-        let weights_path = dir.join(ADAPTER_WEIGHTS);
+        let weights_path = files.weights_path.clone();
         let in_weights =
             |message: String| PeftError::invalid(format!("{}: {message}", weights_path.display()));
-        let tensors = candle_core::safetensors::load(&weights_path, device)
-            .context(|| format!("reading {}", weights_path.display()))?;
+        let tensors = files.tensors;
         let mut modules: BTreeMap<String, (Option<Tensor>, Option<Tensor>)> = BTreeMap::new();
         for (name, tensor) in tensors {
             let module = name.strip_prefix(PEFT_PREFIX).and_then(|rest| {
@@ -145,12 +168,31 @@ impl LoraFile {
         if pairs.is_empty() {
             return Err(in_weights("holds no LoRA weights".into()));
         }
+        // Without `target_modules` the adapted modules themselves are the targets.
+        let targets = targets.unwrap_or_else(|| {
+            TargetModules::Names(pairs.iter().map(|pair| pair.path.clone()).collect())
+        });
+        let settings = LoraSettings {
+            rank: rank as usize,
+            alpha,
+            dropout,
+            targets,
+            use_rslora: rslora,
+            fan_in_fan_out,
+            seed: 0,
+        };
         Ok(LoraFile {
             config,
             pairs,
             fan_in_fan_out,
             weights_path,
+            settings,
         })
+    }
+
+    /// The adapter-wide settings the config declares (per-module scales are in the pairs).
+    pub fn settings(&self) -> &LoraSettings {
+        &self.settings
     }
 
     /// Trainable parameters: Σ r·(in + out).
@@ -191,6 +233,7 @@ fn lookup_pattern(patterns: &[(regex::Regex, f64)], path: &str) -> Option<f64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::peft::format::{ADAPTER_CONFIG, ADAPTER_WEIGHTS};
 
     #[test]
     fn rank_patterns_match_like_peft() {

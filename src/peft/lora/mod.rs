@@ -7,7 +7,12 @@
 //! Conv1D layers are recorded as `fan_in_fan_out: true`; PEFT stores the same `[r, in]`/`[out, r]`
 //! shapes for them (only its merge transposes), and our models hand every factory `[out, in]`
 //! weights, so nothing else changes.
-//! This file never reads pipeline configs and never prints.
+//! The folder: this file (the adapter and its layers), `file.rs` (the one reader of PEFT LoRA
+//! folders, with `rank_pattern` / `alpha_pattern`). Never reads pipeline configs, never prints.
+
+pub mod file;
+
+pub use file::{LoraFile, LoraPair};
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
@@ -19,13 +24,11 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde_json::{json, Value};
 
-use super::lora_file::LoraFile;
+use super::adapter::{PatchChange, WeightPatch};
+use super::format::{json_number, write_adapter_folder, PEFT_PREFIX};
 use super::targets::TargetModules;
-use super::{
-    mix_seed, read_adapter_config, safetensors_bytes, write_atomic, Adapter, AdapterMode,
-    PeftError, TensorContext, ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_PREFIX,
-};
-use crate::models::{LinearFactory, LinearLayer, LinearWeights};
+use super::{mix_seed, Adapter, AdapterMode, PeftError, TensorContext};
+use crate::models::{CausalLm, LinearFactory, LinearLayer, LinearWeights};
 
 /// LoRA hyperparameters, resolved (targets known).
 #[derive(Debug, Clone)]
@@ -221,17 +224,20 @@ fn kaiming_uniform(
     Tensor::from_vec(values, (rows, columns), device)
 }
 
-/// Loaded adapter tensors by module path: (lora_A, lora_B), each None until seen.
-type LoadedPairs = BTreeMap<String, (Option<Tensor>, Option<Tensor>)>;
+/// Loaded adapter pairs by module path (removed as their layers are built).
+type LoadedPairs = BTreeMap<String, LoraPair>;
 
 /// Where the A/B values of new layers come from.
 enum Source {
     /// Fresh: A Kaiming-uniform, B zero.
     Init,
-    /// From a saved adapter: module path → (A, B) and the file they came from.
+    /// From a saved adapter: module path → pair (with its scale), the file they came from, and
+    /// every pair as read (for merge patches without a model, and to save the patterns again).
     Loaded {
         tensors: Mutex<LoadedPairs>,
         file: String,
+        all: Vec<LoraPair>,
+        config: Value,
     },
 }
 
@@ -272,24 +278,20 @@ impl LoraAdapter {
     /// Load a PEFT LoRA folder. Build the model through [`Adapter::linear_factory`], then call
     /// [`Adapter::finish_injection`] to check every tensor found its layer.
     pub fn load(dir: &Path, device: &Device) -> Result<Self, PeftError> {
-        let config_path = dir.join(ADAPTER_CONFIG);
-        let config = read_adapter_config(dir)?;
-        let settings = settings_from_peft_config(&config).map_err(|message| {
-            PeftError::invalid(format!("{}: {message}", config_path.display()))
-        })?;
         let file = LoraFile::read(dir, device)?;
         let tensors: LoadedPairs = file
             .pairs
-            .into_iter()
-            .map(|pair| (pair.path, (Some(pair.a), Some(pair.b))))
+            .iter()
+            .map(|pair| (pair.path.clone(), pair.clone()))
             .collect();
-        let weights_path = file.weights_path;
         Ok(LoraAdapter {
-            settings,
+            settings: file.settings().clone(),
             device: device.clone(),
             source: Source::Loaded {
                 tensors: Mutex::new(tensors),
-                file: weights_path.display().to_string(),
+                file: file.weights_path.display().to_string(),
+                all: file.pairs,
+                config: file.config,
             },
             runtime: Arc::default(),
             layers: Mutex::new(Vec::new()),
@@ -313,12 +315,39 @@ impl LoraAdapter {
             .map_err(|_| PeftError::invalid("LoRA layer registry poisoned by an earlier panic"))
     }
 
+    /// Every targeted layer was built, and every loaded pair found its layer.
+    fn check_injection(&self) -> Result<(), PeftError> {
+        if self.layers()?.is_empty() {
+            return Err(PeftError::invalid(format!(
+                "LoRA target modules {} matched no linear layer of the model",
+                self.settings.targets
+            )));
+        }
+        if let Source::Loaded { tensors, file, .. } = &self.source {
+            let tensors = tensors
+                .lock()
+                .map_err(|_| PeftError::invalid("loaded tensors poisoned"))?;
+            if let Some(path) = tensors.keys().next() {
+                return Err(PeftError::invalid(format!(
+                    "{file}: adapter tensors for `{path}` (and {} more) match no targeted linear layer of the model",
+                    tensors.len() - 1
+                )));
+            }
+        }
+        Ok(())
+    }
+
     /// The adapter_config.json PEFT 0.21 writes for these settings.
     pub fn peft_config(&self, base_model_name_or_path: &str) -> Value {
         let targets = self.settings.targets.to_peft_json(&self.adapted_paths());
+        // A loaded adapter keeps its per-module ranks and alphas.
+        let pattern = |key: &str| match &self.source {
+            Source::Loaded { config, .. } => config.get(key).cloned().unwrap_or_else(|| json!({})),
+            Source::Init => json!({}),
+        };
         // Keys in sorted order, as PEFT writes them; values are PEFT's defaults except ours.
         json!({
-            "alpha_pattern": {},
+            "alpha_pattern": pattern("alpha_pattern"),
             "auto_mapping": null,
             "base_model_name_or_path": base_model_name_or_path,
             "bias": "none",
@@ -338,7 +367,7 @@ impl LoraAdapter {
             "modules_to_save": null,
             "peft_type": "LORA",
             "r": self.settings.rank,
-            "rank_pattern": {},
+            "rank_pattern": pattern("rank_pattern"),
             "revision": null,
             "target_modules": targets,
             "task_type": "CAUSAL_LM",
@@ -348,66 +377,6 @@ impl LoraAdapter {
     }
 }
 
-/// Integers as JSON integers (PEFT writes `lora_alpha: 8`), others as floats.
-fn json_number(value: f64) -> Value {
-    if value.fract() == 0.0 && value.abs() < 1e15 {
-        json!(value as i64)
-    } else {
-        json!(value)
-    }
-}
-
-/// Read LoRA settings from a PEFT adapter_config.json, refusing features we do not implement
-/// (rather than silently computing something else).
-pub fn settings_from_peft_config(config: &Value) -> Result<LoraSettings, String> {
-    let number = |key: &str| config.get(key).and_then(Value::as_f64);
-    let rank = config
-        .get("r")
-        .and_then(Value::as_u64)
-        .ok_or("missing integer `r`")? as usize;
-    let alpha = number("lora_alpha").unwrap_or(8.0);
-    let dropout = number("lora_dropout").unwrap_or(0.0) as f32;
-    let flag = |key: &str| config.get(key).and_then(Value::as_bool).unwrap_or(false);
-    let targets =
-        TargetModules::from_peft_json(config.get("target_modules").unwrap_or(&Value::Null))?;
-    if config.get("bias").and_then(Value::as_str).unwrap_or("none") != "none" {
-        return Err("bias other than \"none\" is not supported".into());
-    }
-    for key in ["use_dora", "lora_bias"] {
-        if flag(key) {
-            return Err(format!("`{key}: true` is not supported"));
-        }
-    }
-    for key in ["rank_pattern", "alpha_pattern"] {
-        if config
-            .get(key)
-            .and_then(Value::as_object)
-            .is_some_and(|map| !map.is_empty())
-        {
-            return Err(format!("a non-empty `{key}` is not supported"));
-        }
-    }
-    for key in [
-        "modules_to_save",
-        "layers_to_transform",
-        "exclude_modules",
-        "layer_replication",
-    ] {
-        if config.get(key).is_some_and(|value| !value.is_null()) {
-            return Err(format!("`{key}` is not supported (must be null)"));
-        }
-    }
-    Ok(LoraSettings {
-        rank,
-        alpha,
-        dropout,
-        targets,
-        use_rslora: flag("use_rslora"),
-        fan_in_fan_out: flag("fan_in_fan_out"),
-        seed: 0,
-    })
-}
-
 impl LinearFactory for LoraAdapter {
     fn build(&self, path: &str, base: LinearWeights) -> candle_core::Result<Box<dyn LinearLayer>> {
         if !self.settings.targets.matches(path) {
@@ -415,7 +384,7 @@ impl LinearFactory for LoraAdapter {
         }
         let (out_features, in_features) = base.weight.dims2()?;
         let rank = self.settings.rank;
-        let (a, b) = match &self.source {
+        let (a, b, scale) = match &self.source {
             Source::Init => (
                 kaiming_uniform(
                     mix_seed(self.settings.seed, path),
@@ -424,14 +393,17 @@ impl LinearFactory for LoraAdapter {
                     &self.device,
                 )?,
                 Tensor::zeros((out_features, rank), DType::F32, &self.device)?,
+                self.settings.scale(),
             ),
-            Source::Loaded { tensors, file } => {
+            Source::Loaded { tensors, file, .. } => {
                 let mut tensors = tensors.lock().map_err(|_| lock_error("loaded tensors"))?;
-                let (Some(a), Some(b)) = tensors.remove(path).unwrap_or((None, None)) else {
+                let Some(LoraPair { a, b, scale, .. }) = tensors.remove(path) else {
                     return Err(candle_core::Error::Msg(format!(
                         "{file}: missing lora_A/lora_B for targeted module `{path}`"
                     )));
                 };
+                // rank_pattern may give this module its own rank.
+                let rank = a.dim(0)?;
                 if a.dims() != [rank, in_features] || b.dims() != [out_features, rank] {
                     return Err(candle_core::Error::Msg(format!(
                         "{file}: `{path}` has lora_A {:?} and lora_B {:?}, expected [{rank}, {in_features}] and [{out_features}, {rank}]",
@@ -439,7 +411,11 @@ impl LinearFactory for LoraAdapter {
                         b.dims()
                     )));
                 }
-                (a.to_device(&self.device)?, b.to_device(&self.device)?)
+                (
+                    a.to_device(&self.device)?,
+                    b.to_device(&self.device)?,
+                    scale,
+                )
             }
         };
         let layer = Arc::new(LoraLinear {
@@ -448,7 +424,7 @@ impl LinearFactory for LoraAdapter {
             bias: base.bias,
             a: Var::from_tensor(&a)?,
             b: Var::from_tensor(&b)?,
-            scale: self.settings.scale(),
+            scale,
             dropout: self.settings.dropout,
             merged: AtomicBool::new(false),
             runtime: self.runtime.clone(),
@@ -473,25 +449,8 @@ impl Adapter for LoraAdapter {
         self
     }
 
-    fn finish_injection(&self) -> Result<(), PeftError> {
-        if self.layers()?.is_empty() {
-            return Err(PeftError::invalid(format!(
-                "LoRA target modules {} matched no linear layer of the model",
-                self.settings.targets
-            )));
-        }
-        if let Source::Loaded { tensors, file } = &self.source {
-            let tensors = tensors
-                .lock()
-                .map_err(|_| PeftError::invalid("loaded tensors poisoned"))?;
-            if let Some(path) = tensors.keys().next() {
-                return Err(PeftError::invalid(format!(
-                    "{file}: adapter tensors for `{path}` (and {} more) match no targeted linear layer of the model",
-                    tensors.len() - 1
-                )));
-            }
-        }
-        Ok(())
+    fn finish_injection(&self, _model: &dyn CausalLm) -> Result<(), PeftError> {
+        self.check_injection()
     }
 
     fn trainable_vars(&self) -> Vec<(String, Var)> {
@@ -528,13 +487,32 @@ impl Adapter for LoraAdapter {
             .into_iter()
             .map(|(name, var)| (name, var.as_tensor().clone()))
             .collect();
-        let bytes = safetensors_bytes(&tensors)?;
-        let config = self.peft_config(base_model_name_or_path);
-        let mut text = serde_json::to_string_pretty(&config)
-            .map_err(|error| PeftError::invalid(format!("serializing adapter config: {error}")))?;
-        text.push('\n');
-        write_atomic(&dir.join(ADAPTER_WEIGHTS), &bytes)?;
-        write_atomic(&dir.join(ADAPTER_CONFIG), text.as_bytes())
+        write_adapter_folder(dir, &self.peft_config(base_model_name_or_path), &tensors)
+    }
+
+    fn merge_patches(&self) -> Result<Option<Vec<WeightPatch>>, PeftError> {
+        let layers = self.layers()?;
+        let mut patches = Vec::new();
+        if layers.is_empty() {
+            // A loaded adapter whose model was never built: the pairs as read.
+            if let Source::Loaded { all, .. } = &self.source {
+                for pair in all {
+                    let delta = pair
+                        .b
+                        .matmul(&pair.a)
+                        .and_then(|d| d.affine(pair.scale, 0.0))
+                        .context(|| format!("merging LoRA into `{}`", pair.path))?;
+                    patches.push(patch(&pair.path, delta)?);
+                }
+            }
+        }
+        for layer in layers.iter() {
+            let delta = layer
+                .delta_weight()
+                .context(|| format!("merging LoRA into `{}`", layer.path))?;
+            patches.push(patch(&layer.path, delta)?);
+        }
+        Ok(Some(patches))
     }
 
     fn merge(&self) -> Result<(), PeftError> {
@@ -573,26 +551,18 @@ impl Adapter for LoraAdapter {
         }
         Ok(())
     }
+}
 
-    fn merged_weights(&self) -> Result<Vec<(String, Tensor)>, PeftError> {
-        let mut out = Vec::new();
-        for layer in self.layers()?.iter() {
-            let weight = layer
-                .weight
-                .read()
-                .map_err(|_| PeftError::invalid(format!("{}: lock poisoned", layer.path)))?
-                .clone();
-            let merged = if layer.merged.load(Ordering::Acquire) {
-                weight
-            } else {
-                layer
-                    .merged_weight(&weight)
-                    .context(|| format!("merging LoRA into `{}`", layer.path))?
-            };
-            out.push((layer.path.clone(), merged));
-        }
-        Ok(out)
-    }
+/// The additive patch `W + Δ` of one module.
+fn patch(path: &str, delta: Tensor) -> Result<WeightPatch, PeftError> {
+    let dims = delta
+        .dims2()
+        .context(|| format!("the LoRA delta of `{path}`"))?;
+    Ok(WeightPatch {
+        path: path.to_string(),
+        dims,
+        change: PatchChange::Add(delta),
+    })
 }
 
 /// Load only the tensors of a PEFT LoRA file as `name → tensor` (for checks and tools).
@@ -600,7 +570,7 @@ pub fn read_adapter_tensors(
     dir: &Path,
     device: &Device,
 ) -> Result<HashMap<String, Tensor>, PeftError> {
-    let path = dir.join(ADAPTER_WEIGHTS);
+    let path = dir.join(super::format::ADAPTER_WEIGHTS);
     candle_core::safetensors::load(&path, device).context(|| format!("reading {}", path.display()))
 }
 
@@ -779,24 +749,7 @@ mod tests {
     fn nothing_matched_is_an_error() {
         let adapter = LoraAdapter::new(settings(&["nope"]), &Device::Cpu).unwrap();
         adapter.build("layer.q", base(3, 5, 2)).unwrap();
-        let error = adapter.finish_injection().unwrap_err().to_string();
+        let error = adapter.check_injection().unwrap_err().to_string();
         assert!(error.contains("matched no linear layer"), "{error}");
-    }
-
-    #[test]
-    fn peft_config_refuses_unsupported_features() {
-        let mut config = json!({"peft_type": "LORA", "r": 4, "lora_alpha": 8,
-            "target_modules": ["q_proj"], "use_dora": true});
-        assert!(settings_from_peft_config(&config)
-            .unwrap_err()
-            .contains("use_dora"));
-        config["use_dora"] = json!(false);
-        config["rank_pattern"] = json!({"q_proj": 2});
-        assert!(settings_from_peft_config(&config)
-            .unwrap_err()
-            .contains("rank_pattern"));
-        config["rank_pattern"] = json!({});
-        let settings = settings_from_peft_config(&config).unwrap();
-        assert_eq!((settings.rank, settings.alpha), (4, 8.0));
     }
 }

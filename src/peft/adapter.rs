@@ -1,0 +1,97 @@
+//! The [`Adapter`] trait: what every PEFT method offers to the trainer, evaluation, generation and
+//! export, whichever family it belongs to.
+//!
+//! - Layer methods (LoRA, and later DoRA, IA3, QLoRA) inject through the model's
+//!   [`LinearFactory`]: the model is built through [`Adapter::linear_factory`].
+//! - Prompt methods (prompt tuning, prefix tuning, LLaMA-Adapter) act through the model's
+//!   [`Hooks`]: [`Adapter::hooks`] gives them for each forward pass.
+//!
+//! Lifecycle: make the adapter (`peft::registry::new_adapter` from a method config, or
+//! `peft::registry::load_adapter` from a PEFT folder) → build the model through its factory →
+//! [`Adapter::finish_injection`] with the built model (checks the targets, creates prompt
+//! variables that need the model's sizes or embeddings) → train / evaluate with
+//! [`Adapter::hooks`] on every forward → [`Adapter::save`]. Merging is optional: a mergeable
+//! method yields per-tensor [`WeightPatch`]es that `models::checkpoint` writes into a merged
+//! checkpoint. Never prints, never reads pipeline configs.
+
+use std::path::Path;
+
+use candle_core::Var;
+
+use super::PeftError;
+use crate::models::{CausalLm, FrozenLinearFactory, Hooks, LinearFactory};
+
+pub use crate::models::checkpoint::{PatchChange, WeightPatch};
+
+/// Whether the adapter runs in training mode (dropout active, with the given seed for this
+/// micro-batch; trainable variables tracked) or inference mode (no dropout; the variables enter
+/// the forward pass detached, so it builds no autograd graph). Randomness is a pure function of
+/// the seed so a resumed run draws exactly what an uninterrupted one would. A fresh adapter
+/// starts in training mode, a loaded one in inference mode (as PEFT's `from_pretrained`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AdapterMode {
+    Train { seed: u64 },
+    Eval,
+}
+
+/// One PEFT method attached to one model.
+pub trait Adapter: Send + Sync {
+    /// PEFT's `peft_type` (`LORA`, `PROMPT_TUNING`, ...).
+    fn peft_type(&self) -> &'static str;
+
+    /// The factory to build the model's linear layers with (the injection point of layer
+    /// methods). Prompt methods keep the frozen layers.
+    fn linear_factory(&self) -> &dyn LinearFactory {
+        &FrozenLinearFactory
+    }
+
+    /// Called once the model is built: layer methods error when the targets matched nothing or
+    /// loaded tensors were left unused (PEFT's "missing/unexpected keys"); prompt methods check
+    /// their sizes against the model and create their variables.
+    fn finish_injection(&self, model: &dyn CausalLm) -> Result<(), PeftError>;
+
+    /// What this adapter adds to a forward pass (tracked in training mode, detached in
+    /// inference mode). Layer methods add nothing.
+    fn hooks(&self) -> Result<Hooks, PeftError> {
+        Ok(Hooks::none())
+    }
+
+    /// Trainable variables by their PEFT on-disk names, sorted by name.
+    fn trainable_vars(&self) -> Vec<(String, Var)>;
+
+    /// Number of trainable scalars.
+    fn trainable_parameter_count(&self) -> u64 {
+        self.trainable_vars()
+            .iter()
+            .map(|(_, var)| var.elem_count() as u64)
+            .sum()
+    }
+
+    /// Switch between training (dropout on) and inference.
+    fn set_mode(&self, mode: AdapterMode);
+
+    /// Write the adapter folder in PEFT's format (adapter_config.json + adapter_model.safetensors)
+    /// through `peft::format`.
+    fn save(&self, dir: &Path, base_model_name_or_path: &str) -> Result<(), PeftError>;
+
+    /// The merge as per-tensor patches of the base weights, computed without changing the model
+    /// (also on a loaded adapter whose model was never built); `None` when the method cannot be
+    /// merged (prompt methods).
+    fn merge_patches(&self) -> Result<Option<Vec<WeightPatch>>, PeftError> {
+        Ok(None)
+    }
+
+    /// Fold the adapter into the frozen weights of the built model (forward then skips the
+    /// adapter branch).
+    fn merge(&self) -> Result<(), PeftError> {
+        Err(PeftError::invalid(format!(
+            "{} adapters cannot be merged into the base weights",
+            self.peft_type()
+        )))
+    }
+
+    /// Undo [`Adapter::merge`].
+    fn unmerge(&self) -> Result<(), PeftError> {
+        self.merge()
+    }
+}

@@ -1,0 +1,157 @@
+//! Hugging Face PEFT's on-disk adapter format, read and written in one place: a folder with
+//! `adapter_config.json` (the method's settings, `peft_type` names the method) and
+//! `adapter_model.safetensors` (the adapter tensors by PEFT's names, `{"format": "pt"}` metadata).
+//! Every method reads its folder through [`AdapterFiles::read`] and writes it through
+//! [`write_adapter_folder`]; what the config keys mean is each method's business (its `config`
+//! module). Writes are atomic (temp file + rename). Never prints.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{Device, Tensor};
+use serde_json::Value;
+
+use super::{PeftError, TensorContext};
+
+/// PEFT's file names.
+pub const ADAPTER_CONFIG: &str = "adapter_config.json";
+pub const ADAPTER_WEIGHTS: &str = "adapter_model.safetensors";
+/// The prefix PEFT puts before every module path in tensor names.
+pub const PEFT_PREFIX: &str = "base_model.model.";
+
+/// An adapter folder as written: the config JSON and the tensors, with their paths for messages.
+#[derive(Debug, Clone)]
+pub struct AdapterFiles {
+    pub config: Value,
+    pub config_path: PathBuf,
+    pub tensors: HashMap<String, Tensor>,
+    pub weights_path: PathBuf,
+}
+
+impl AdapterFiles {
+    /// Read both files of `dir`, tensors on `device` in their stored dtype.
+    pub fn read(dir: &Path, device: &Device) -> Result<Self, PeftError> {
+        let config = read_adapter_config(dir)?;
+        let weights_path = dir.join(ADAPTER_WEIGHTS);
+        let tensors = candle_core::safetensors::load(&weights_path, device)
+            .context(|| format!("reading {}", weights_path.display()))?;
+        Ok(AdapterFiles {
+            config,
+            config_path: dir.join(ADAPTER_CONFIG),
+            tensors,
+            weights_path,
+        })
+    }
+
+    /// `peft_type` of the config.
+    pub fn peft_type(&self) -> Option<&str> {
+        peft_type(&self.config)
+    }
+
+    /// An error about the config file.
+    pub fn config_error(&self, message: impl std::fmt::Display) -> PeftError {
+        PeftError::invalid(format!("{}: {message}", self.config_path.display()))
+    }
+
+    /// An error about the weights file.
+    pub fn weights_error(&self, message: impl std::fmt::Display) -> PeftError {
+        PeftError::invalid(format!("{}: {message}", self.weights_path.display()))
+    }
+
+    /// Take one tensor by name, or say which file lacks it.
+    pub fn take(&mut self, name: &str) -> Result<Tensor, PeftError> {
+        self.tensors
+            .remove(name)
+            .ok_or_else(|| self.weights_error(format!("no tensor `{name}`")))
+    }
+
+    /// Error when tensors were left unused (PEFT's "unexpected keys").
+    pub fn expect_all_used(&self) -> Result<(), PeftError> {
+        let mut left: Vec<&String> = self.tensors.keys().collect();
+        left.sort();
+        match left.first() {
+            None => Ok(()),
+            Some(first) => Err(self.weights_error(format!(
+                "unexpected tensor `{first}` ({} left unused)",
+                left.len()
+            ))),
+        }
+    }
+
+    /// Trainable scalars stored.
+    pub fn parameter_count(&self) -> u64 {
+        self.tensors.values().map(|t| t.elem_count() as u64).sum()
+    }
+}
+
+/// `peft_type` of a parsed config.
+pub fn peft_type(config: &Value) -> Option<&str> {
+    config.get("peft_type").and_then(Value::as_str)
+}
+
+/// Read and parse `adapter_config.json`.
+pub fn read_adapter_config(dir: &Path) -> Result<Value, PeftError> {
+    let path = dir.join(ADAPTER_CONFIG);
+    let text = std::fs::read_to_string(&path).map_err(|source| PeftError::Io {
+        path: path.clone(),
+        source,
+    })?;
+    serde_json::from_str(&text)
+        .map_err(|error| PeftError::invalid(format!("{}: invalid JSON: {error}", path.display())))
+}
+
+/// Write an adapter folder: `adapter_model.safetensors` then `adapter_config.json` (pretty JSON
+/// with a trailing newline), each atomically.
+pub fn write_adapter_folder(
+    dir: &Path,
+    config: &Value,
+    tensors: &[(String, Tensor)],
+) -> Result<(), PeftError> {
+    let bytes = safetensors_bytes(tensors)?;
+    let mut text = serde_json::to_string_pretty(config)
+        .map_err(|error| PeftError::invalid(format!("serializing adapter config: {error}")))?;
+    text.push('\n');
+    write_atomic(&dir.join(ADAPTER_WEIGHTS), &bytes)?;
+    write_atomic(&dir.join(ADAPTER_CONFIG), text.as_bytes())
+}
+
+/// Write `bytes` to `path` atomically (temp file in the same directory, then rename).
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), PeftError> {
+    let io = |source| PeftError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let dir = path.parent().unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir).map_err(io)?;
+    let mut temp = tempfile::NamedTempFile::new_in(dir).map_err(io)?;
+    std::io::Write::write_all(&mut temp, bytes).map_err(io)?;
+    temp.as_file().sync_all().map_err(io)?;
+    temp.persist(path).map_err(|error| io(error.error))?;
+    Ok(())
+}
+
+/// Serialize named tensors to safetensors bytes (moved to CPU first), with PEFT's
+/// `{"format": "pt"}` metadata. Output is deterministic (sorted by name).
+pub fn safetensors_bytes(tensors: &[(String, Tensor)]) -> Result<Vec<u8>, PeftError> {
+    let mut cpu = Vec::with_capacity(tensors.len());
+    for (name, tensor) in tensors {
+        let host = tensor
+            .to_device(&Device::Cpu)
+            .and_then(|t| t.contiguous())
+            .context(|| format!("copying tensor `{name}` to the host"))?;
+        cpu.push((name.clone(), host));
+    }
+    cpu.sort_by(|a, b| a.0.cmp(&b.0));
+    let metadata = std::collections::HashMap::from([("format".to_string(), "pt".to_string())]);
+    safetensors::serialize(cpu.iter().map(|(n, t)| (n.as_str(), t)), Some(metadata))
+        .map_err(|error| PeftError::invalid(format!("serializing safetensors: {error}")))
+}
+
+/// Integers as JSON integers (PEFT writes `lora_alpha: 8`), others as floats.
+pub fn json_number(value: f64) -> Value {
+    if value.fract() == 0.0 && value.abs() < 1e15 {
+        serde_json::json!(value as i64)
+    } else {
+        serde_json::json!(value)
+    }
+}
