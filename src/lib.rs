@@ -19,8 +19,8 @@ pub mod stages;
 pub mod data;
 pub mod models;
 pub mod ops;
-pub mod quant;
 pub mod peft;
+pub mod quant;
 pub mod train;
 
 /// The tool version that goes into every stage fingerprint.

@@ -217,7 +217,7 @@ fn random_model(config: &ModelConfig, adapter: &LoraAdapter) -> Box<dyn CausalLm
         adapter.linear_factory(),
     )
     .expect("model");
-    adapter.finish_injection().expect("injection");
+    adapter.finish_injection(&*model).expect("injection");
     model
 }
 
@@ -249,7 +249,7 @@ fn stories260k_lora_with_dropout_gradients_are_bit_identical() {
     let model = dir
         .load(&Device::Cpu, DType::F32, adapter.linear_factory())
         .expect("load stories260k");
-    adapter.finish_injection().expect("injection");
+    adapter.finish_injection(&*model).expect("injection");
     check_lora("stories260k", &config, model, &adapter);
 }
 

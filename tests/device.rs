@@ -541,6 +541,7 @@ fn checkpointed_gradients_equal_the_whole_graph_on_the_device() -> Result<()> {
         };
         let (whole_loss, whole) = run(&CausalLmLoss {
             model: model.as_ref(),
+            adapter: &adapter,
         })?;
         let (ckpt_loss, ckpt) = run(&CheckpointedLoss {
             model: model.as_ref(),

@@ -59,9 +59,11 @@ fn fixture_path() -> Option<PathBuf> {
 
 fn fixture() -> Option<Fixture> {
     let path = fixture_path()?;
-    let tensors = candle_core::safetensors::load(&path, &Device::Cpu).expect("the NF4 fixture loads");
+    let tensors =
+        candle_core::safetensors::load(&path, &Device::Cpu).expect("the NF4 fixture loads");
     let bytes = std::fs::read(&path).expect("reading the NF4 fixture");
-    let (_, metadata) = safetensors::SafeTensors::read_metadata(&bytes).expect("a safetensors header");
+    let (_, metadata) =
+        safetensors::SafeTensors::read_metadata(&bytes).expect("a safetensors header");
     let offset: f64 = metadata
         .metadata()
         .as_ref()
@@ -95,7 +97,10 @@ fn assert_bytes_equal(ours: &[u8], theirs: &[u8], what: &str) {
     assert_eq!(ours.len(), theirs.len(), "{what}: lengths");
     let differing = ours.iter().zip(theirs).filter(|(a, b)| a != b).count();
     let first = ours.iter().zip(theirs).position(|(a, b)| a != b);
-    assert_eq!(differing, 0, "{what}: {differing} bytes differ, first at {first:?}");
+    assert_eq!(
+        differing, 0,
+        "{what}: {differing} bytes differ, first at {first:?}"
+    );
 }
 
 fn quantize(fixture: &Fixture, double_quant: bool) -> QuantizedTensor {
@@ -138,7 +143,11 @@ fn nf4_packed_bytes_and_absmax_equal_bitsandbytes() {
 fn nf4_dequantization_equals_bitsandbytes_to_the_bit() {
     let Some(fixture) = fixture() else { return };
     let ours = quantize(&fixture, false);
-    assert_bits_equal(&ours.dequantize_f32(), &fixture.f32s("dequantized"), "dequantized");
+    assert_bits_equal(
+        &ours.dequantize_f32(),
+        &fixture.f32s("dequantized"),
+        "dequantized",
+    );
 }
 
 #[test]
@@ -150,8 +159,16 @@ fn double_quant_bytes_scales_and_offset_equal_bitsandbytes() {
         panic!("double quantization was asked for")
     };
     assert_eq!(nested.offset.to_bits(), fixture.offset.to_bits(), "offset");
-    assert_bytes_equal(&nested.quantized, &fixture.bytes("dq_absmax_u8"), "absmax codes");
-    assert_bits_equal(&nested.scale, &fixture.f32s("dq_absmax_scale"), "absmax scales");
+    assert_bytes_equal(
+        &nested.quantized,
+        &fixture.bytes("dq_absmax_u8"),
+        "absmax codes",
+    );
+    assert_bits_equal(
+        &nested.scale,
+        &fixture.f32s("dq_absmax_scale"),
+        "absmax scales",
+    );
     assert_eq!(nested.block_size, 256);
 }
 
@@ -159,14 +176,20 @@ fn double_quant_bytes_scales_and_offset_equal_bitsandbytes() {
 fn double_quant_dequantization_equals_bitsandbytes_to_the_bit() {
     let Some(fixture) = fixture() else { return };
     let ours = quantize(&fixture, true);
-    assert_bits_equal(&ours.dequantize_f32(), &fixture.f32s("dq_dequantized"), "dq_dequantized");
+    assert_bits_equal(
+        &ours.dequantize_f32(),
+        &fixture.f32s("dq_dequantized"),
+        "dq_dequantized",
+    );
 }
 
 /// The fixture's own state (not our quantization of it) dequantized by us: the dequantization
 /// rule alone is bit-exact, on the CPU op path too.
 #[test]
 fn dequantizing_bitsandbytes_own_state_equals_its_output() -> TestResult {
-    let Some(fixture) = fixture() else { return Ok(()) };
+    let Some(fixture) = fixture() else {
+        return Ok(());
+    };
     let state = QuantizedTensor {
         shape: vec![192, 256],
         dtype: DType::F32,
@@ -185,10 +208,16 @@ fn dequantizing_bitsandbytes_own_state_equals_its_output() -> TestResult {
     let expected = fixture.f32s("dq_dequantized");
     assert_bits_equal(&state.dequantize_f32(), &expected, "host dequantization");
     let weight = QuantizedWeight::new(&state, &Device::Cpu)?;
-    let dense = weight.dequantize(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+    let dense = weight
+        .dequantize(DType::F32)?
+        .flatten_all()?
+        .to_vec1::<f32>()?;
     assert_bits_equal(&dense, &expected, "QuantizedWeight::dequantize");
     // bf16 is the f32 result rounded once to nearest-even.
-    let bf16 = weight.dequantize(DType::BF16)?.flatten_all()?.to_vec1::<half::bf16>()?;
+    let bf16 = weight
+        .dequantize(DType::BF16)?
+        .flatten_all()?
+        .to_vec1::<half::bf16>()?;
     let rounded: Vec<half::bf16> = expected.iter().map(|&x| half::bf16::from_f32(x)).collect();
     assert_eq!(bf16, rounded);
     Ok(())
@@ -196,7 +225,9 @@ fn dequantizing_bitsandbytes_own_state_equals_its_output() -> TestResult {
 
 #[test]
 fn fp4_round_trip_stays_within_half_the_widest_level_gap() -> TestResult {
-    let values: Vec<f32> = (0..1000).map(|i| ((i * 7919 % 1000) as f32 / 500.0 - 1.0) * 0.03).collect();
+    let values: Vec<f32> = (0..1000)
+        .map(|i| ((i * 7919 % 1000) as f32 / 500.0 - 1.0) * 0.03)
+        .collect();
     let config = QuantConfig {
         quant_type: QuantType::Fp4,
         block_size: 64,
@@ -216,7 +247,10 @@ fn fp4_round_trip_stays_within_half_the_widest_level_gap() -> TestResult {
 // ---- loading ------------------------------------------------------------------------------------
 
 fn save(path: &Path, tensors: Vec<(&str, Tensor)>) -> TestResult {
-    let map: HashMap<String, Tensor> = tensors.into_iter().map(|(n, t)| (n.to_string(), t)).collect();
+    let map: HashMap<String, Tensor> = tensors
+        .into_iter()
+        .map(|(n, t)| (n.to_string(), t))
+        .collect();
     candle_core::safetensors::save(&map, path)?;
     Ok(())
 }
@@ -224,8 +258,11 @@ fn save(path: &Path, tensors: Vec<(&str, Tensor)>) -> TestResult {
 /// A 16-bit checkpoint in two shards: the fixture weight as a decoder projection (f32 here, so
 /// the bitsandbytes bytes apply), another projection in bf16, embeddings, a norm and a head.
 #[test]
-fn quantizing_a_checkpoint_while_loading_it_matches_bitsandbytes_and_keeps_the_rest_dense() -> TestResult {
-    let Some(fixture) = fixture() else { return Ok(()) };
+fn quantizing_a_checkpoint_while_loading_it_matches_bitsandbytes_and_keeps_the_rest_dense(
+) -> TestResult {
+    let Some(fixture) = fixture() else {
+        return Ok(());
+    };
     let dir = tempfile::tempdir()?;
     let first = dir.path().join("model-00001-of-00002.safetensors");
     let second = dir.path().join("model-00002-of-00002.safetensors");
@@ -233,36 +270,73 @@ fn quantizing_a_checkpoint_while_loading_it_matches_bitsandbytes_and_keeps_the_r
     save(
         &first,
         vec![
-            ("model.embed_tokens.weight", Tensor::randn(0f32, 1.0, (40, 256), &Device::Cpu)?.to_dtype(DType::BF16)?),
+            (
+                "model.embed_tokens.weight",
+                Tensor::randn(0f32, 1.0, (40, 256), &Device::Cpu)?.to_dtype(DType::BF16)?,
+            ),
             ("model.layers.0.mlp.down_proj.weight", weight),
-            ("model.layers.0.input_layernorm.weight", Tensor::ones(256, DType::BF16, &Device::Cpu)?),
+            (
+                "model.layers.0.input_layernorm.weight",
+                Tensor::ones(256, DType::BF16, &Device::Cpu)?,
+            ),
         ],
     )?;
     save(
         &second,
         vec![
-            ("model.layers.1.self_attn.q_proj.weight", Tensor::randn(0f32, 0.02, (64, 256), &Device::Cpu)?.to_dtype(DType::BF16)?),
-            ("model.norm.weight", Tensor::ones(256, DType::BF16, &Device::Cpu)?),
-            ("lm_head.weight", Tensor::randn(0f32, 1.0, (40, 256), &Device::Cpu)?.to_dtype(DType::BF16)?),
+            (
+                "model.layers.1.self_attn.q_proj.weight",
+                Tensor::randn(0f32, 0.02, (64, 256), &Device::Cpu)?.to_dtype(DType::BF16)?,
+            ),
+            (
+                "model.norm.weight",
+                Tensor::ones(256, DType::BF16, &Device::Cpu)?,
+            ),
+            (
+                "lm_head.weight",
+                Tensor::randn(0f32, 1.0, (40, 256), &Device::Cpu)?.to_dtype(DType::BF16)?,
+            ),
         ],
     )?;
-    let base = quantize_checkpoint(&[first, second], &QuantConfig::default(), DType::BF16, &Device::Cpu)?;
+    let base = quantize_checkpoint(
+        &[first, second],
+        &QuantConfig::default(),
+        DType::BF16,
+        &Device::Cpu,
+    )?;
     let quantized: Vec<&str> = base.quantized.keys().map(String::as_str).collect();
     assert_eq!(
         quantized,
-        ["model.layers.0.mlp.down_proj.weight", "model.layers.1.self_attn.q_proj.weight"]
+        [
+            "model.layers.0.mlp.down_proj.weight",
+            "model.layers.1.self_attn.q_proj.weight"
+        ]
     );
     let dense: Vec<&str> = base.dense.keys().map(String::as_str).collect();
     assert_eq!(
         dense,
-        ["lm_head.weight", "model.embed_tokens.weight", "model.layers.0.input_layernorm.weight", "model.norm.weight"]
+        [
+            "lm_head.weight",
+            "model.embed_tokens.weight",
+            "model.layers.0.input_layernorm.weight",
+            "model.norm.weight"
+        ]
     );
     assert!(base.dense.values().all(|t| t.dtype() == DType::BF16));
     let host = base.quantized["model.layers.0.mlp.down_proj.weight"].to_host()?;
     assert_eq!(host.dtype, DType::F32);
     assert_bytes_equal(&host.packed, &fixture.bytes("dq_packed"), "loaded packed");
-    assert_bits_equal(&host.dequantize_f32(), &fixture.f32s("dq_dequantized"), "loaded dequantized");
-    assert_eq!(base.quantized["model.layers.1.self_attn.q_proj.weight"].to_host()?.dtype, DType::BF16);
+    assert_bits_equal(
+        &host.dequantize_f32(),
+        &fixture.f32s("dq_dequantized"),
+        "loaded dequantized",
+    );
+    assert_eq!(
+        base.quantized["model.layers.1.self_attn.q_proj.weight"]
+            .to_host()?
+            .dtype,
+        DType::BF16
+    );
     Ok(())
 }
 
@@ -285,7 +359,9 @@ fn state_json(double_quant: bool, offset: f32) -> Tensor {
 /// 4-bit model), built from the fixture: one double-quantized and one plain 4-bit projection.
 #[test]
 fn reading_a_bitsandbytes_saved_checkpoint_dequantizes_like_bitsandbytes() -> TestResult {
-    let Some(fixture) = fixture() else { return Ok(()) };
+    let Some(fixture) = fixture() else {
+        return Ok(());
+    };
     let dir = tempfile::tempdir()?;
     let config = serde_json::json!({
         "architectures": ["LlamaForCausalLM"], "model_type": "llama",
@@ -315,26 +391,55 @@ fn reading_a_bitsandbytes_saved_checkpoint_dequantizes_like_bitsandbytes() -> Te
         &path,
         vec![
             (nested, packed("dq_packed")),
-            (name(nested, ".absmax"), fixture.tensors["dq_absmax_u8"].clone()),
+            (
+                name(nested, ".absmax"),
+                fixture.tensors["dq_absmax_u8"].clone(),
+            ),
             (name(nested, ".quant_map"), fixture.tensors["code"].clone()),
-            (name(nested, ".nested_absmax"), fixture.tensors["dq_absmax_scale"].clone()),
-            (name(nested, ".nested_quant_map"), fixture.tensors["dq_absmax_code"].clone()),
-            (name(nested, ".quant_state.bitsandbytes__nf4"), state_json(true, fixture.offset)),
+            (
+                name(nested, ".nested_absmax"),
+                fixture.tensors["dq_absmax_scale"].clone(),
+            ),
+            (
+                name(nested, ".nested_quant_map"),
+                fixture.tensors["dq_absmax_code"].clone(),
+            ),
+            (
+                name(nested, ".quant_state.bitsandbytes__nf4"),
+                state_json(true, fixture.offset),
+            ),
             (plain, packed("packed")),
             (name(plain, ".absmax"), fixture.tensors["absmax"].clone()),
             (name(plain, ".quant_map"), fixture.tensors["code"].clone()),
-            (name(plain, ".quant_state.bitsandbytes__nf4"), state_json(false, 0.0)),
-            ("model.norm.weight", Tensor::ones(256, DType::BF16, &Device::Cpu)?),
+            (
+                name(plain, ".quant_state.bitsandbytes__nf4"),
+                state_json(false, 0.0),
+            ),
+            (
+                "model.norm.weight",
+                Tensor::ones(256, DType::BF16, &Device::Cpu)?,
+            ),
         ],
     )?;
     let base = load_bnb_checkpoint(&[path], DType::BF16, &Device::Cpu)?;
     let dense: Vec<&str> = base.dense.keys().map(String::as_str).collect();
     assert_eq!(dense, ["model.norm.weight"]);
     let read = |weight: &str| -> Result<Vec<f32>, candle_core::Error> {
-        base.quantized[weight].dequantize(DType::F32)?.flatten_all()?.to_vec1::<f32>()
+        base.quantized[weight]
+            .dequantize(DType::F32)?
+            .flatten_all()?
+            .to_vec1::<f32>()
     };
-    assert_bits_equal(&read(nested)?, &fixture.f32s("dq_dequantized"), "saved, double quant");
-    assert_bits_equal(&read(plain)?, &fixture.f32s("dequantized"), "saved, plain absmax");
+    assert_bits_equal(
+        &read(nested)?,
+        &fixture.f32s("dq_dequantized"),
+        "saved, double quant",
+    );
+    assert_bits_equal(
+        &read(plain)?,
+        &fixture.f32s("dequantized"),
+        "saved, plain absmax",
+    );
     assert_eq!(base.quantized[nested].original_dtype(), DType::BF16);
     assert!(is_quantized_linear(nested, &[192, 256]));
     Ok(())
@@ -345,18 +450,25 @@ fn a_checkpoint_whose_state_disagrees_with_its_shape_is_a_clear_error() -> TestR
     let dir = tempfile::tempdir()?;
     let path = dir.path().join("model.safetensors");
     let weight = "model.layers.0.mlp.up_proj.weight";
-    let name = |part: &str| -> &'static str { Box::leak(format!("{weight}{part}").into_boxed_str()) };
+    let name =
+        |part: &str| -> &'static str { Box::leak(format!("{weight}{part}").into_boxed_str()) };
     save(
         &path,
         vec![
             // 10 bytes = 20 values, but the state says [192, 256].
             (weight, Tensor::zeros((10, 1), DType::U8, &Device::Cpu)?),
             (name(".absmax"), Tensor::zeros(1, DType::F32, &Device::Cpu)?),
-            (name(".quant_map"), Tensor::new(&QuantType::Nf4.code(), &Device::Cpu)?),
-            (name(".quant_state.bitsandbytes__nf4"), state_json(false, 0.0)),
+            (
+                name(".quant_map"),
+                Tensor::new(&QuantType::Nf4.code(), &Device::Cpu)?,
+            ),
+            (
+                name(".quant_state.bitsandbytes__nf4"),
+                state_json(false, 0.0),
+            ),
         ],
     )?;
-    let error = load_bnb_checkpoint(&[path.clone()], DType::F32, &Device::Cpu)
+    let error = load_bnb_checkpoint(std::slice::from_ref(&path), DType::F32, &Device::Cpu)
         .expect_err("an inconsistent state is refused")
         .to_string();
     assert!(error.contains(&path.display().to_string()), "{error}");

@@ -122,7 +122,10 @@ fn quantized_linear_forward_and_input_gradient_match_the_cpu() -> Result<()> {
         let (forward, backward) = (max_relative(&y_cpu, &y_gpu), max_relative(&dx_cpu, &dx_gpu));
         eprintln!("{dtype:?}: forward max rel |Δ| {forward:e}, input gradient {backward:e}");
         assert!(forward <= tolerance, "{dtype:?} forward: {forward}");
-        assert!(backward <= tolerance, "{dtype:?} input gradient: {backward}");
+        assert!(
+            backward <= tolerance,
+            "{dtype:?} input gradient: {backward}"
+        );
     }
     Ok(())
 }
@@ -133,7 +136,9 @@ fn an_eval_forward_on_the_gpu_builds_no_graph() -> Result<()> {
     let weight = random(&[64, 128], 0.02)?;
     let quantized = QuantizedTensor::from_tensor(&weight, &QuantConfig::default())?;
     let cuda_weight = QuantizedWeight::new(&quantized, &device)?;
-    let x = random(&[4, 128], 1.0)?.to_dtype(DType::BF16)?.to_device(&device)?;
+    let x = random(&[4, 128], 1.0)?
+        .to_dtype(DType::BF16)?
+        .to_device(&device)?;
     let y = quantized_linear(&x, &cuda_weight, None)?;
     assert!(!y.track_op());
     all_finite("forward", &values(&y)?);

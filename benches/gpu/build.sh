@@ -6,6 +6,8 @@
 # `--features cuda` (release, same target dir) and puts them beside the binary as test-NAME.xz.
 # Then run on the device, carrying target/cuda-dist and gpu-run:
 #   bash benches/gpu/h200.sh
+# or, for the engine comparison against the fastest stacks (also carrying .whl/, fetched by
+# ../shared/gpu/fetch-anchor-wheels.sh):  bash benches/gpu/engine.sh 1b   (then 8b)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 SHARED=${PEFTPIPE_SHARED:-../shared}
@@ -29,7 +31,8 @@ for line in sys.stdin:
 done
 
 rm -rf gpu-run && mkdir -p gpu-run/shared
-cp "$SHARED/gpu/peft_bench.py" "$SHARED/models/configs/llama-3.2-1b.config.json" gpu-run/
+cp "$SHARED/gpu/peft_bench.py" "$SHARED/gpu/fast_lora_bench.py" \
+  "$SHARED/models/configs/llama-3.2-1b.config.json" "$SHARED/models/configs/llama-3.1-8b.config.json" gpu-run/
 cp -r "$SHARED/models" "$SHARED/datasets" gpu-run/shared/
 cp pipelines/lora-stories.yaml pipelines/sst2.yaml gpu-run/
 chmod -R u+w gpu-run

@@ -63,7 +63,8 @@ pub enum PatchChange {
 pub struct WeightPatch {
     /// The module path as Hugging Face names it (`model.layers.0.self_attn.q_proj`, `lm_head`).
     pub path: String,
-    /// `(out_features, in_features)` of the layer.
+    /// `(out_features, in_features)` of the layer; 0 for a side the adapter does not know (an
+    /// IA3 vector read from a file gives only one side), which the stored weight then decides.
     pub dims: (usize, usize),
     pub change: PatchChange,
 }
@@ -270,9 +271,14 @@ fn patched_values(
     values: Vec<f32>,
     fan_in_fan_out: bool,
 ) -> Result<Vec<f32>, CheckpointError> {
-    let (out_features, in_features) = patch.dims;
-    let linear = stored_shape == [out_features, in_features];
-    let conv1d = stored_shape == [in_features, out_features];
+    let side = |wanted: usize, stored: usize| wanted == 0 || wanted == stored;
+    let (linear, conv1d) = match stored_shape {
+        [rows, columns] => (
+            side(patch.dims.0, *rows) && side(patch.dims.1, *columns),
+            side(patch.dims.1, *rows) && side(patch.dims.0, *columns),
+        ),
+        _ => (false, false),
+    };
     let transpose = match (linear, conv1d) {
         (true, true) => fan_in_fan_out,
         (false, true) => true,
@@ -280,10 +286,15 @@ fn patched_values(
         (false, false) => {
             return Err(CheckpointError::invalid(format!(
                 "module `{}`: the base weight has shape {stored_shape:?}, the adapter expects \
-                 [{out_features}, {in_features}]: the adapter was trained on another model",
-                patch.path
+                 [{}, {}]: the adapter was trained on another model",
+                patch.path, patch.dims.0, patch.dims.1
             )))
         }
+    };
+    let (out_features, in_features) = if transpose {
+        (stored_shape[1], stored_shape[0])
+    } else {
+        (stored_shape[0], stored_shape[1])
     };
     let stored = Tensor::from_vec(values, stored_shape, &Device::Cpu).map_err(candle_error)?;
     let weight = if transpose {

@@ -27,8 +27,8 @@ pub mod generate;
 pub mod gpt2;
 pub mod hub;
 pub mod llama;
-pub mod quantized;
 pub mod load;
+pub mod quantized;
 pub mod random;
 mod sequence;
 pub mod summary;
@@ -168,6 +168,11 @@ impl KvCache {
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// The cached `(key, value)` of one layer, each `[B, kv_heads, S, head_dim]` (keys rotated).
+    pub fn layer(&self, index: usize) -> Option<&(Tensor, Tensor)> {
+        self.layers.get(index)?.as_ref()
     }
 }
 

@@ -24,8 +24,7 @@ use serde_json::Value;
 use super::config::ModelConfig;
 use super::load::ModelError;
 use crate::quant::{
-    quantized_bytes, Absmax, NestedAbsmax, QuantConfig, QuantType, QuantizedTensor,
-    QuantizedWeight,
+    quantized_bytes, Absmax, NestedAbsmax, QuantConfig, QuantType, QuantizedTensor, QuantizedWeight,
 };
 
 /// A base model's weights with the decoder linear layers in 4 bits.
@@ -90,7 +89,8 @@ pub fn quantize_checkpoint(
         let mut tensors = shard.tensors();
         tensors.sort_by(|a, b| a.0.cmp(&b.0));
         for (name, view) in tensors {
-            let failed = |error: candle_core::Error| weights_error(path, format!("`{name}`: {error}"));
+            let failed =
+                |error: candle_core::Error| weights_error(path, format!("`{name}`: {error}"));
             if is_quantized_linear(&name, view.shape()) {
                 let tensor = view.load(&Device::Cpu).map_err(failed)?;
                 let quantized = QuantizedTensor::from_tensor(&tensor, config)
@@ -144,7 +144,10 @@ pub fn bnb_quantization(
         key: format!("quantization_config.{key}"),
         message,
     };
-    let method = section.get("quant_method").and_then(Value::as_str).unwrap_or("bitsandbytes");
+    let method = section
+        .get("quant_method")
+        .and_then(Value::as_str)
+        .unwrap_or("bitsandbytes");
     if method != "bitsandbytes" {
         return Err(error(
             "quant_method",
@@ -163,14 +166,21 @@ pub fn bnb_quantization(
         .and_then(Value::as_str)
         .unwrap_or("fp4");
     let quant_type = QuantType::from_name(type_name).ok_or_else(|| {
-        error("bnb_4bit_quant_type", format!("`{type_name}` is not nf4 or fp4"))
+        error(
+            "bnb_4bit_quant_type",
+            format!("`{type_name}` is not nf4 or fp4"),
+        )
     })?;
-    let compute_dtype = match section.get("bnb_4bit_compute_dtype").and_then(Value::as_str) {
-        None => None,
-        Some(name) => Some(torch_dtype(name).ok_or_else(|| {
-            error("bnb_4bit_compute_dtype", format!("unknown dtype `{name}`"))
-        })?),
-    };
+    let compute_dtype =
+        match section
+            .get("bnb_4bit_compute_dtype")
+            .and_then(Value::as_str)
+        {
+            None => None,
+            Some(name) => Some(torch_dtype(name).ok_or_else(|| {
+                error("bnb_4bit_compute_dtype", format!("unknown dtype `{name}`"))
+            })?),
+        };
     Ok(Some(BnbQuantization {
         quant_type,
         double_quant: flag("bnb_4bit_use_double_quant"),
@@ -241,9 +251,9 @@ pub fn load_bnb_checkpoint(
             weights_error(&path, format!("`{state_name}`: invalid JSON: {error}"))
         })?;
         let field = |key: &str| {
-            state.get(key).ok_or_else(|| {
-                weights_error(&path, format!("`{state_name}`: no `{key}`"))
-            })
+            state
+                .get(key)
+                .ok_or_else(|| weights_error(&path, format!("`{state_name}`: no `{key}`")))
         };
         let as_usize = |value: &Value, key: &str| {
             value.as_u64().map(|v| v as usize).ok_or_else(|| {
@@ -252,16 +262,27 @@ pub fn load_bnb_checkpoint(
         };
         let type_name = field("quant_type")?.as_str().unwrap_or_default();
         let quant_type = QuantType::from_name(type_name).ok_or_else(|| {
-            weights_error(&path, format!("`{state_name}`: quant_type `{type_name}` is not nf4 or fp4"))
+            weights_error(
+                &path,
+                format!("`{state_name}`: quant_type `{type_name}` is not nf4 or fp4"),
+            )
         })?;
         let block_size = as_usize(field("blocksize")?, "blocksize")?;
         let shape: Vec<usize> = field("shape")?
             .as_array()
-            .map(|dims| dims.iter().filter_map(Value::as_u64).map(|d| d as usize).collect())
+            .map(|dims| {
+                dims.iter()
+                    .filter_map(Value::as_u64)
+                    .map(|d| d as usize)
+                    .collect()
+            })
             .unwrap_or_default();
         let dtype_name = field("dtype")?.as_str().unwrap_or_default();
         let original = torch_dtype(dtype_name).ok_or_else(|| {
-            weights_error(&path, format!("`{state_name}`: unknown dtype `{dtype_name}`"))
+            weights_error(
+                &path,
+                format!("`{state_name}`: unknown dtype `{dtype_name}`"),
+            )
         })?;
         // The packed codes, whatever `quant_storage` dtype they were viewed as.
         let packed = get(weight_name)?.data().to_vec();
@@ -269,7 +290,10 @@ pub fn load_bnb_checkpoint(
         let quant_map = f32_values(&get(&quant_map_name)?, &path, &quant_map_name)?;
         let expected = quant_type.code();
         if quant_map.len() != 16
-            || quant_map.iter().zip(&expected).any(|(a, b)| a.to_bits() != b.to_bits())
+            || quant_map
+                .iter()
+                .zip(&expected)
+                .any(|(a, b)| a.to_bits() != b.to_bits())
         {
             return Err(weights_error(
                 &path,
@@ -282,12 +306,18 @@ pub fn load_bnb_checkpoint(
             let nested_name = format!("{weight_name}.nested_absmax");
             let nested_code_name = format!("{weight_name}.nested_quant_map");
             let offset = field("nested_offset")?.as_f64().ok_or_else(|| {
-                weights_error(&path, format!("`{state_name}`: `nested_offset` is not a number"))
+                weights_error(
+                    &path,
+                    format!("`{state_name}`: `nested_offset` is not a number"),
+                )
             })?;
             if absmax_view.dtype() != safetensors::Dtype::U8 {
                 return Err(weights_error(
                     &path,
-                    format!("`{absmax_name}`: a nested absmax must be U8, found {:?}", absmax_view.dtype()),
+                    format!(
+                        "`{absmax_name}`: a nested absmax must be U8, found {:?}",
+                        absmax_view.dtype()
+                    ),
                 ));
             }
             Absmax::Nested(NestedAbsmax {
@@ -434,9 +464,15 @@ mod tests {
             )
             .expect("counts fit");
             // 4 bits + 8 bits per 64 values + 32 bits per 16 384 values = 4.127 bits per weight.
-            assert!((double.linear_ratio() - 0.2579).abs() < 0.0005, "{name}: {double:?}");
+            assert!(
+                (double.linear_ratio() - 0.2579).abs() < 0.0005,
+                "{name}: {double:?}"
+            );
             // 4 bits + 32 bits per 64 values = 4.5 bits per weight.
-            assert!((plain.linear_ratio() - 0.28125).abs() < 0.0005, "{name}: {plain:?}");
+            assert!(
+                (plain.linear_ratio() - 0.28125).abs() < 0.0005,
+                "{name}: {plain:?}"
+            );
             // Embeddings (and the untied head of the 8B) stay bf16.
             assert!(
                 (total_low..total_high).contains(&double.total_ratio()),
@@ -448,10 +484,19 @@ mod tests {
 
     #[test]
     fn only_decoder_block_matrices_are_quantized() {
-        assert!(is_quantized_linear("model.layers.3.mlp.down_proj.weight", &[16, 24]));
-        assert!(!is_quantized_linear("model.layers.3.input_layernorm.weight", &[16]));
+        assert!(is_quantized_linear(
+            "model.layers.3.mlp.down_proj.weight",
+            &[16, 24]
+        ));
+        assert!(!is_quantized_linear(
+            "model.layers.3.input_layernorm.weight",
+            &[16]
+        ));
         assert!(!is_quantized_linear("model.embed_tokens.weight", &[40, 16]));
         assert!(!is_quantized_linear("lm_head.weight", &[40, 16]));
-        assert!(!is_quantized_linear("model.layers.0.self_attn.q_proj.bias", &[16]));
+        assert!(!is_quantized_linear(
+            "model.layers.0.self_attn.q_proj.bias",
+            &[16]
+        ));
     }
 }

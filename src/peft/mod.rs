@@ -1,7 +1,8 @@
 //! PEFT methods, one folder each (the shape Hugging Face PEFT uses: a tuner's config, layer and
 //! model code together), behind one [`Adapter`] trait (`adapter.rs`) that covers both families:
-//! layer methods inject through the model's `LinearFactory` (`lora/`), prompt methods through its
-//! `Hooks` (`prompt_tuning/`, `prefix_tuning/`, `llama_adapter/`).
+//! layer methods inject through the model's `LinearFactory` (`lora/` with DoRA, `ia3/`), prompt
+//! methods through its `Hooks` (`prompt_tuning/`, `prefix_tuning/`, `llama_adapter/`).
+//! - `counts.rs`: trainable-parameter counts of every method from a model's config alone.
 //! - `registry.rs`: PEFT's `peft_type` → loader, and a pipeline's method config → constructor;
 //!   the only place that lists the methods.
 //! - `format.rs`: the one reader/writer of PEFT folders (adapter_config.json +
@@ -12,19 +13,30 @@
 //! This module never reads pipeline files or training data, and never prints.
 
 pub mod adapter;
+pub mod counts;
 pub mod format;
+pub mod ia3;
+pub mod llama_adapter;
 pub mod lora;
+pub mod prefix_tuning;
+pub mod prompt_tuning;
 pub mod registry;
 pub mod targets;
 
 use std::path::PathBuf;
+
+use candle_core::{Tensor, Var};
 
 pub use adapter::{Adapter, AdapterMode, PatchChange, WeightPatch};
 pub use format::{
     read_adapter_config, safetensors_bytes, write_atomic, AdapterFiles, ADAPTER_CONFIG,
     ADAPTER_WEIGHTS, PEFT_PREFIX,
 };
+pub use ia3::{Ia3Adapter, Ia3Settings};
+pub use llama_adapter::{LlamaAdapter, LlamaAdapterSettings};
 pub use lora::{LoraAdapter, LoraFile, LoraPair, LoraSettings};
+pub use prefix_tuning::{PrefixTuningAdapter, PrefixTuningSettings};
+pub use prompt_tuning::{PromptTuningAdapter, PromptTuningSettings};
 pub use registry::{load_adapter, new_adapter, MethodContext};
 pub use targets::TargetModules;
 
@@ -76,4 +88,49 @@ pub fn mix_seed(seed: u64, label: &str) -> u64 {
     let mut first = [0u8; 8];
     first.copy_from_slice(&hasher.finalize().as_bytes()[..8]);
     u64::from_le_bytes(first)
+}
+
+/// A variable as a forward pass uses it: tracked while training, detached in inference (so an
+/// inference forward builds no autograd graph).
+pub(crate) fn live(var: &Var, training: bool) -> Tensor {
+    if training {
+        var.as_tensor().clone()
+    } else {
+        var.as_tensor().detach()
+    }
+}
+
+/// `count` standard-normal f32 values from `seed` (Box–Muller over a ChaCha stream: the same
+/// values on every platform), as torch's `normal_()` / `nn.Embedding` initialise.
+pub(crate) fn standard_normal(seed: u64, count: usize) -> Vec<f32> {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    (0..count)
+        .map(|_| {
+            let u1: f64 = rng.random::<f64>().max(f64::MIN_POSITIVE);
+            let u2: f64 = rng.random::<f64>();
+            ((-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()) as f32
+        })
+        .collect()
+}
+
+/// Train/eval mode shared by the pieces of one prompt-method adapter.
+#[derive(Debug)]
+pub(crate) struct Training(std::sync::atomic::AtomicBool);
+
+impl Training {
+    pub(crate) fn new(training: bool) -> Self {
+        Training(std::sync::atomic::AtomicBool::new(training))
+    }
+
+    pub(crate) fn get(&self) -> bool {
+        self.0.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    pub(crate) fn set(&self, mode: AdapterMode) {
+        self.0.store(
+            matches!(mode, AdapterMode::Train { .. }),
+            std::sync::atomic::Ordering::Release,
+        );
+    }
 }

@@ -9,9 +9,13 @@ use candle_core::Device;
 use serde_json::Value;
 
 use super::format::{read_adapter_config, ADAPTER_CONFIG};
+use super::llama_adapter::{LlamaAdapter, LlamaAdapterSettings};
+use super::ia3::{Ia3Adapter, Ia3Settings};
 use super::lora::{LoraAdapter, LoraSettings};
+use super::prefix_tuning::{PrefixTuningAdapter, PrefixTuningSettings};
+use super::prompt_tuning::{PromptTuningAdapter, PromptTuningSettings};
 use super::{mix_seed, Adapter, PeftError};
-use crate::config::method::{resolve_targets, MethodConfig};
+use crate::config::method::{resolve_ia3_for, resolve_targets, MethodConfig, PromptInit};
 
 /// What a method's constructor may need besides its config: the model's `config.json`, the
 /// device, the seed, and a tokenizer for text initialisations.
@@ -27,7 +31,8 @@ pub struct MethodContext<'a> {
 }
 
 /// PEFT `peft_type`s this registry loads.
-pub const SUPPORTED_PEFT_TYPES: &[&str] = &["LORA"];
+pub const SUPPORTED_PEFT_TYPES: &[&str] =
+    &["LORA", "PROMPT_TUNING", "PREFIX_TUNING", "ADAPTION_PROMPT", "IA3"];
 
 /// Load a PEFT adapter folder (any supported `peft_type`) onto `device`. The returned adapter is
 /// in inference mode: build the model through its factory, then call `finish_injection`.
@@ -36,6 +41,10 @@ pub fn load_adapter(dir: &Path, device: &Device) -> Result<Box<dyn Adapter>, Pef
     let path = dir.join(ADAPTER_CONFIG);
     match super::format::peft_type(&config) {
         Some("LORA") => Ok(Box::new(LoraAdapter::load(dir, device)?)),
+        Some("PROMPT_TUNING") => Ok(Box::new(PromptTuningAdapter::load(dir, device)?)),
+        Some("PREFIX_TUNING") => Ok(Box::new(PrefixTuningAdapter::load(dir, device)?)),
+        Some("ADAPTION_PROMPT") => Ok(Box::new(LlamaAdapter::load(dir, device)?)),
+        Some("IA3") => Ok(Box::new(Ia3Adapter::load(dir, device)?)),
         Some(other) => Err(PeftError::invalid(format!(
             "{}: peft_type `{other}` is not supported (supported: {})",
             path.display(),
@@ -71,7 +80,64 @@ pub fn new_adapter(
                 fan_in_fan_out: model_type == "gpt2",
                 seed: mix_seed(cx.seed, "lora init"),
             };
-            Ok(Box::new(LoraAdapter::new(settings, cx.device)?))
+            Ok(Box::new(
+                LoraAdapter::new(settings, cx.device)?.with_dora(lora.use_dora),
+            ))
+        }
+        MethodConfig::Ia3(ia3) => {
+            let (targets, feedforward) =
+                resolve_ia3_for(ia3, model_type).map_err(PeftError::invalid)?;
+            let settings = Ia3Settings {
+                targets,
+                feedforward,
+                fan_in_fan_out: model_type == "gpt2",
+            };
+            Ok(Box::new(Ia3Adapter::new(settings, cx.device)?))
+        }
+        MethodConfig::PromptTuning(prompt) => {
+            let init_token_ids = match (prompt.init, &prompt.init_text) {
+                (PromptInit::Text, Some(text)) => {
+                    let tokenize = cx.tokenize.ok_or_else(|| {
+                        PeftError::invalid("prompt tuning `init: text` needs the model's tokenizer")
+                    })?;
+                    Some(tokenize(text).map_err(|error| {
+                        PeftError::invalid(format!("tokenizing init_text: {error}"))
+                    })?)
+                }
+                _ => None,
+            };
+            let settings = PromptTuningSettings {
+                num_virtual_tokens: prompt.num_virtual_tokens,
+                init: prompt.init,
+                init_text: prompt.init_text.clone(),
+                init_token_ids,
+                seed: mix_seed(cx.seed, "prompt tuning init"),
+            };
+            Ok(Box::new(PromptTuningAdapter::new(settings, cx.device)?))
+        }
+        MethodConfig::PrefixTuning(prefix) => {
+            let settings = PrefixTuningSettings {
+                num_virtual_tokens: prefix.num_virtual_tokens,
+                prefix_projection: prefix.prefix_projection,
+                encoder_hidden_size: prefix.encoder_hidden_size,
+                init: prefix.init,
+                seed: mix_seed(cx.seed, "prefix tuning init"),
+            };
+            Ok(Box::new(PrefixTuningAdapter::new(settings, cx.device)?))
+        }
+        MethodConfig::LlamaAdapter(adapter) => {
+            if model_type == "gpt2" {
+                return Err(PeftError::invalid(
+                    "LLaMA-Adapter (PEFT's adaption_prompt) needs a Llama-family model, not gpt2",
+                ));
+            }
+            let settings = LlamaAdapterSettings {
+                adapter_len: adapter.adapter_len,
+                adapter_layers: adapter.adapter_layers,
+                per_head_gate: adapter.per_head_gate,
+                seed: mix_seed(cx.seed, "llama adapter init"),
+            };
+            Ok(Box::new(LlamaAdapter::new(settings, cx.device)?))
         }
     }
 }

@@ -17,7 +17,11 @@ use super::nf4::{Bounds, QuantType};
 const ABSMAX_FLOOR: f32 = 1e-38_f64 as f32;
 
 /// The packed codes (`ceil(n / 2)` bytes, high nibble first) and one absmax per block.
-pub fn quantize_4bit(values: &[f32], quant_type: QuantType, block_size: usize) -> (Vec<u8>, Vec<f32>) {
+pub fn quantize_4bit(
+    values: &[f32],
+    quant_type: QuantType,
+    block_size: usize,
+) -> (Vec<u8>, Vec<f32>) {
     let bounds = quant_type.bounds();
     let block_size = block_size.max(1);
     let mut codes: Vec<u8> = Vec::with_capacity(values.len() + 1);
@@ -38,7 +42,10 @@ pub fn quantize_4bit(values: &[f32], quant_type: QuantType, block_size: usize) -
     if codes.len() % 2 == 1 {
         codes.push(bounds.encode(0.0));
     }
-    let packed = codes.chunks_exact(2).map(|pair| (pair[0] << 4) | pair[1]).collect();
+    let packed = codes
+        .chunks_exact(2)
+        .map(|pair| (pair[0] << 4) | pair[1])
+        .collect();
     (packed, absmax)
 }
 
@@ -91,7 +98,10 @@ mod tests {
     fn packs_high_nibble_first_and_round_trips_levels() {
         let code = QuantType::Nf4.code();
         // Levels times 2: the absmax is 2 and every value is a level exactly.
-        let values: Vec<f32> = [15usize, 0, 7, 8, 15].iter().map(|&q| code[q] * 2.0).collect();
+        let values: Vec<f32> = [15usize, 0, 7, 8, 15]
+            .iter()
+            .map(|&q| code[q] * 2.0)
+            .collect();
         let (packed, absmax) = quantize_4bit(&values, QuantType::Nf4, 4);
         assert_eq!(absmax, vec![2.0, 2.0]);
         // 15,0 | 7,8 | 15,<pad: the code of 0 = 7>

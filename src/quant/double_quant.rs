@@ -71,7 +71,10 @@ pub struct Lookup {
 
 impl Lookup {
     pub fn new(code: &[f32; 256]) -> Self {
-        let midpoints: Vec<f32> = code.windows(2).map(|pair| 0.5 * (pair[0] + pair[1])).collect();
+        let midpoints: Vec<f32> = code
+            .windows(2)
+            .map(|pair| 0.5 * (pair[0] + pair[1]))
+            .collect();
         let mut bins = Vec::with_capacity(LUT_BINS);
         let mut index = 0usize;
         for bin in 0..LUT_BINS {
@@ -160,7 +163,9 @@ mod tests {
 
     #[test]
     fn round_trip_error_is_below_a_percent_of_the_block_max() {
-        let values: Vec<f32> = (0..600).map(|i| ((i * 37 % 101) as f32 - 50.0) / 1000.0).collect();
+        let values: Vec<f32> = (0..600)
+            .map(|i| ((i * 37 % 101) as f32 - 50.0) / 1000.0)
+            .collect();
         let map = dynamic_map();
         let (codes, absmax) = quantize_8bit(&values, &map, NESTED_BLOCK_SIZE);
         let back = dequantize_absmax(&codes, &absmax, &map, NESTED_BLOCK_SIZE, 0.0);

@@ -12,8 +12,8 @@ use std::sync::Arc;
 
 use candle_core::backend::BackendStorage;
 use candle_core::{
-    bail, CpuStorage, CudaStorage, CustomOp1, DType, Device, Layout, MetalStorage, Result,
-    Shape, Storage, Tensor,
+    bail, CpuStorage, CudaStorage, CustomOp1, DType, Device, Layout, MetalStorage, Result, Shape,
+    Storage, Tensor,
 };
 
 use super::double_quant;
@@ -212,8 +212,12 @@ impl QuantizedWeight {
             inner.block_size,
             inner.out_features * inner.in_features,
         );
-        Tensor::from_vec(values, (inner.out_features, inner.in_features), &Device::Cpu)?
-            .to_dtype(dtype)
+        Tensor::from_vec(
+            values,
+            (inner.out_features, inner.in_features),
+            &Device::Cpu,
+        )?
+        .to_dtype(dtype)
     }
 }
 
@@ -292,7 +296,11 @@ impl CustomOp1 for QuantizedMatmul {
 
 /// `y = x·dequant(W)ᵀ (+ b)` for `x [.., in]` (bf16, f16 or f32; the weight is dequantized to
 /// `x`'s dtype) and a frozen bias `[out]`; the gradient reaches `x` only.
-pub fn quantized_linear(x: &Tensor, weight: &QuantizedWeight, bias: Option<&Tensor>) -> Result<Tensor> {
+pub fn quantized_linear(
+    x: &Tensor,
+    weight: &QuantizedWeight,
+    bias: Option<&Tensor>,
+) -> Result<Tensor> {
     if !x.device().same_device(weight.device()) {
         bail!(
             "quantized_linear: input on {:?}, weight on {:?}",
@@ -322,7 +330,11 @@ mod tests {
     use crate::quant::QuantConfig;
     use candle_core::Var;
 
-    fn weight(out: usize, inp: usize, double_quant: bool) -> Result<(QuantizedTensor, QuantizedWeight)> {
+    fn weight(
+        out: usize,
+        inp: usize,
+        double_quant: bool,
+    ) -> Result<(QuantizedTensor, QuantizedWeight)> {
         let w = Tensor::randn(0f32, 0.05, (out, inp), &Device::Cpu)?;
         let config = QuantConfig {
             double_quant,
@@ -360,7 +372,10 @@ mod tests {
         let bias = Var::randn(0f32, 1.0, 16, &Device::Cpu)?;
         let y = quantized_linear(x.as_tensor(), &w, Some(bias.as_tensor()))?;
         let grads = y.sqr()?.sum_all()?.backward()?;
-        assert!(grads.get(bias.as_tensor()).is_none(), "the frozen bias got a gradient");
+        assert!(
+            grads.get(bias.as_tensor()).is_none(),
+            "the frozen bias got a gradient"
+        );
         let dx = grads.get(x.as_tensor()).expect("the input has a gradient");
         let expected = (y.detach() * 2.0)?.matmul(&dense)?;
         let difference = (dx - &expected)?.abs()?.max_all()?.to_scalar::<f32>()?;

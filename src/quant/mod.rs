@@ -25,7 +25,9 @@ mod tensor;
 
 pub use linear::{quantized_linear, QuantizedWeight};
 pub use nf4::QuantType;
-pub use tensor::{quantized_bytes, Absmax, NestedAbsmax, QuantConfig, QuantizedTensor, BLOCK_SIZES};
+pub use tensor::{
+    quantized_bytes, Absmax, NestedAbsmax, QuantConfig, QuantizedTensor, BLOCK_SIZES,
+};
 
 /// A quantization state that does not hold together, or a setting bitsandbytes does not accept.
 #[derive(Debug, thiserror::Error)]

@@ -92,7 +92,8 @@ trait EqualZeroOrder {
 
 impl EqualZeroOrder for f32 {
     fn total_cmp_equal_zero(self, other: f32) -> std::cmp::Ordering {
-        self.partial_cmp(&other).unwrap_or(std::cmp::Ordering::Equal)
+        self.partial_cmp(&other)
+            .unwrap_or(std::cmp::Ordering::Equal)
     }
 }
 
@@ -123,12 +124,19 @@ mod tests {
         let code = QuantType::Nf4.code();
         assert!(code.windows(2).all(|pair| pair[0] < pair[1]));
         assert_eq!((code[0], code[7], code[15]), (-1.0, 0.0, 1.0));
-        assert_eq!(QuantType::Nf4.bounds().order, std::array::from_fn(|i| i as u8));
+        assert_eq!(
+            QuantType::Nf4.bounds().order,
+            std::array::from_fn(|i| i as u8)
+        );
     }
 
     #[test]
     fn fp4_levels_match_the_cpp_table_of_bitsandbytes() {
         // csrc/cpu_ops.cpp writes the normalised FP4 levels as decimal float literals.
+        #[expect(
+            clippy::excessive_precision,
+            reason = "the literals exactly as bitsandbytes' C++ writes them"
+        )]
         let cpp: [f32; 8] = [
             0.0,
             0.005208333333,
@@ -142,7 +150,12 @@ mod tests {
         let code = QuantType::Fp4.code();
         for (index, level) in cpp.iter().enumerate() {
             assert_eq!(code[index].to_bits(), level.to_bits(), "level {index}");
-            assert_eq!(code[index + 8].to_bits(), (-level).to_bits(), "level {}", index + 8);
+            assert_eq!(
+                code[index + 8].to_bits(),
+                (-level).to_bits(),
+                "level {}",
+                index + 8
+            );
         }
     }
 
@@ -153,7 +166,10 @@ mod tests {
         assert_eq!(nf4.encode(1.0), 15);
         assert_eq!(nf4.encode(-1.0), 0);
         assert_eq!(nf4.encode(nf4.midpoints[7]), 7);
-        assert_eq!(nf4.encode(f32::from_bits(nf4.midpoints[7].to_bits() + 1)), 8);
+        assert_eq!(
+            nf4.encode(f32::from_bits(nf4.midpoints[7].to_bits() + 1)),
+            8
+        );
         let fp4 = QuantType::Fp4.bounds();
         assert_eq!(fp4.encode(0.0), 0);
         // Above the +0/-0 midpoint (0) and below the one to 0.0052: the sorted slot of -0.

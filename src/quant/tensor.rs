@@ -107,7 +107,8 @@ impl QuantizedTensor {
             let offset = double_quant::mean_offset(&absmax);
             let centred: Vec<f32> = absmax.iter().map(|&x| x - offset).collect();
             let code = double_quant::dynamic_map();
-            let (quantized, scale) = double_quant::quantize_8bit(&centred, &code, NESTED_BLOCK_SIZE);
+            let (quantized, scale) =
+                double_quant::quantize_8bit(&centred, &code, NESTED_BLOCK_SIZE);
             Absmax::Nested(NestedAbsmax {
                 quantized,
                 scale,

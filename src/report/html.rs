@@ -11,6 +11,7 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
 use plotters::prelude::*;
+use plotters::style::text_anchor::{HPos, Pos, VPos};
 
 use super::format;
 
@@ -268,6 +269,7 @@ pub fn line_chart(title: &str, lines: &[(&str, Vec<(f64, f64)>)]) -> String {
                 chart
                     .configure_mesh()
                     .x_desc("step")
+                    .x_label_formatter(&|value| format::number(*value))
                     .y_label_formatter(&|value| format::number(*value))
                     .light_line_style(WHITE.mix(0.0))
                     .draw()?;
@@ -326,9 +328,9 @@ pub fn bar_chart(title: &str, bars: &[(String, f64)]) -> String {
     let (low, high) = bounds(finite.iter().map(|(_, value)| *value));
     let log = low > 0.0 && high / low > 100.0;
     let (y_min, y_max) = if log {
-        (low / 2.0, high * 2.0)
+        (low / 2.0, high * 20.0)
     } else {
-        (low.min(0.0), if high <= 0.0 { 1.0 } else { high * 1.1 })
+        (low.min(0.0), if high <= 0.0 { 1.0 } else { high * 1.15 })
     };
     let count = finite.len();
     let mut svg = String::new();
@@ -349,24 +351,42 @@ pub fn bar_chart(title: &str, bars: &[(String, f64)]) -> String {
                     .configure_mesh()
                     .disable_x_mesh()
                     .x_labels(count.max(1))
-                    .x_label_formatter(&|x: &f64| {
-                        let index = x.floor();
-                        if (x - index - 0.5).abs() < 1e-9 && index >= 0.0 {
-                            names.get(index as usize).cloned().unwrap_or_default()
-                        } else {
-                            String::new()
-                        }
+                    .x_label_formatter(&|x: &SegmentValue<i32>| match x {
+                        SegmentValue::CenterOf(index) => usize::try_from(*index)
+                            .ok()
+                            .and_then(|index| names.get(index).cloned())
+                            .unwrap_or_default(),
+                        _ => String::new(),
                     })
                     .y_label_formatter(&|value| format::number(*value))
                     .draw()?;
                 chart.draw_series(finite.iter().enumerate().map(|(index, (_, value))| {
                     let color = PALETTE[index % PALETTE.len()];
-                    let x = index as f64;
-                    Rectangle::new([(x + 0.2, $base), (x + 0.8, *value)], color.filled())
+                    let at = index as i32;
+                    let mut bar = Rectangle::new(
+                        [
+                            (SegmentValue::Exact(at), $base),
+                            (SegmentValue::Exact(at + 1), *value),
+                        ],
+                        color.filled(),
+                    );
+                    bar.set_margin(0, 0, 12, 12);
+                    bar
+                }))?;
+                chart.draw_series(finite.iter().enumerate().map(|(index, (_, value))| {
+                    Text::new(
+                        format::number(*value),
+                        (SegmentValue::CenterOf(index as i32), *value),
+                        ("sans-serif", 12)
+                            .into_font()
+                            .color(&BLACK)
+                            .pos(Pos::new(HPos::Center, VPos::Bottom)),
+                    )
                 }))?;
             }};
         }
-        let x_range = 0.0..(count.max(1) as f64);
+        // A segmented range of 0..n has n + 1 segments.
+        let x_range = (0..count.max(1) as i32 - 1).into_segmented();
         if log {
             draw!(
                 builder.build_cartesian_2d(x_range, (y_min..y_max).log_scale())?,
@@ -416,7 +436,7 @@ pub fn dag_chart(stages: &[StageRow]) -> String {
     }
     let tallest = rows_in.iter().copied().max().unwrap_or(1) as i32;
     let width = (20 + columns as i32 * (box_width + gap_x) - gap_x) as u32;
-    let height = (20 + tallest * (box_height + gap_y) - gap_y) as u32;
+    let height = (20 + tallest * (box_height + gap_y)) as u32;
     let mut svg = String::new();
     let drawn = (|| -> Result<(), Box<dyn std::error::Error>> {
         let root = SVGBackend::with_string(&mut svg, (width, height)).into_drawing_area();
@@ -427,7 +447,20 @@ pub fn dag_chart(stages: &[StageRow]) -> String {
                 if let Some(&(from_x, from_y)) = place.get(need.as_str()) {
                     let start = (from_x + box_width, from_y + box_height / 2);
                     let end = (x, y + box_height / 2);
-                    root.draw(&PathElement::new(vec![start, end], BLACK.mix(0.5)))?;
+                    // An edge past a column runs through the gap under its source's row, not
+                    // behind the boxes between.
+                    let path = if x - from_x > box_width + gap_x {
+                        let lane = from_y + box_height + gap_y / 2;
+                        vec![
+                            start,
+                            (start.0 + 12, lane),
+                            (end.0 - 20, lane),
+                            end,
+                        ]
+                    } else {
+                        vec![start, end]
+                    };
+                    root.draw(&PathElement::new(path, BLACK.mix(0.5)))?;
                     root.draw(&Polygon::new(
                         vec![end, (end.0 - 8, end.1 - 4), (end.0 - 8, end.1 + 4)],
                         BLACK.mix(0.5).filled(),

@@ -5,6 +5,7 @@
 use serde::Serialize;
 
 use crate::models::summary::{LinearGroup, ModelSummary};
+use crate::train::memory::MemoryEstimate;
 
 /// Matched linear layers of one name and the LoRA parameters they get.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -30,12 +31,40 @@ pub struct LoraTargets {
     pub adapter_config_target_modules: serde_json::Value,
 }
 
+/// One `--method`: PEFT's trainable-parameter count and, with `--batch`/`--sequence`, the
+/// training-memory estimate.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct MethodCount {
+    /// The method as written (`--method` value).
+    pub written: String,
+    /// The method's YAML name (`prompt_tuning`, ...).
+    pub method: String,
+    /// Its hyperparameters as resolved (`200 virtual tokens`, ...).
+    pub settings: String,
+    pub trainable_parameters: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub memory: Option<MemoryEstimate>,
+}
+
 /// The whole `inspect` output (also its `--json` form).
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct InspectReport {
     pub model: ModelSummary,
     /// One entry per `--target` (empty without `--target` / `--rank`).
     pub lora: Vec<LoraTargets>,
+    /// One entry per `--method`.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub methods: Vec<MethodCount>,
+}
+
+/// Bytes → `12.34 GiB` (or MiB below 1 GiB).
+fn gibibytes(bytes: f64) -> String {
+    const MIB: f64 = 1024.0 * 1024.0;
+    if bytes >= 1024.0 * MIB {
+        format!("{:.2} GiB", bytes / (1024.0 * MIB))
+    } else {
+        format!("{:.1} MiB", bytes / MIB)
+    }
 }
 
 /// `1234567` → `1,234,567`.
@@ -161,6 +190,37 @@ pub fn render(report: &InspectReport) -> String {
             thousands(lora.trainable_parameters),
             lora.adapter_config_target_modules
         );
+    }
+    for method in &report.methods {
+        let share = 100.0 * method.trainable_parameters as f64 / m.parameters.max(1) as f64;
+        let _ = writeln!(
+            out,
+            "method      {} ({}) · {} trainable parameters ({share:.4} % of the model)",
+            method.method,
+            method.settings,
+            thousands(method.trainable_parameters)
+        );
+        if let Some(memory) = &method.memory {
+            let _ = writeln!(
+                out,
+                "  memory estimate, batch {} × sequence {} ({} bytes/element): weights {} · adapter {} · gradients {} · optimizer {}",
+                memory.batch,
+                memory.sequence,
+                memory.weight_bytes_per_element,
+                gibibytes(memory.weights),
+                gibibytes(memory.adapter),
+                gibibytes(memory.gradients),
+                gibibytes(memory.optimizer)
+            );
+            let _ = writeln!(
+                out,
+                "  activations {} → total {} · with activation checkpointing: activations {} → total {}",
+                gibibytes(memory.activations),
+                gibibytes(memory.total),
+                gibibytes(memory.activations_checkpointed),
+                gibibytes(memory.total_checkpointed)
+            );
+        }
     }
     out
 }

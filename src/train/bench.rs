@@ -20,7 +20,7 @@ use super::layered::{CheckpointedLoss, HookSource};
 use super::trainer::{train, CausalLmLoss, LossModel, StepMetrics, TrainerSettings};
 use super::{AdamWSettings, ScheduleKind};
 use crate::data::batch::Sequence;
-use crate::models::{llama::Llama, Hooks, ModelConfig};
+use crate::models::{llama::Llama, ModelConfig};
 use crate::peft::{Adapter, LoraAdapter, LoraSettings, TargetModules};
 
 /// What to measure.

@@ -7,6 +7,7 @@
 pub mod bench;
 pub mod checkpoint;
 pub mod layered;
+pub mod memory;
 pub mod optimizer;
 pub mod pass;
 pub mod schedule;

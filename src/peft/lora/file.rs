@@ -5,7 +5,8 @@
 //! [`super::LoraAdapter::load`] injects its pairs into a model, and its settings come from
 //! [`LoraFile::settings`].
 //!
-//! Refuses what it cannot represent (DoRA, LoRA bias, trained biases, modules_to_save, tensors
+//! DoRA folders (`use_dora: true`) carry one `<module>.lora_magnitude_vector` `[out]` per module.
+//! Refuses what it cannot represent (LoRA bias, trained biases, modules_to_save, tensors
 //! that are not `base_model.model.<module>.lora_{A,B}.weight`). Never prints.
 
 use std::collections::BTreeMap;
@@ -30,6 +31,8 @@ pub struct LoraPair {
     pub b: Tensor,
     /// alpha / r, or alpha / √r with rsLoRA (rank_pattern / alpha_pattern applied).
     pub scale: f64,
+    /// DoRA's magnitude vector `[out]`, f32 (`use_dora: true` folders).
+    pub magnitude: Option<Tensor>,
 }
 
 /// A PEFT LoRA adapter folder, read and checked.
@@ -41,6 +44,8 @@ pub struct LoraFile {
     pub pairs: Vec<LoraPair>,
     /// PEFT's `fan_in_fan_out` (GPT-2 Conv1D weights).
     pub fan_in_fan_out: bool,
+    /// PEFT's `use_dora`: every pair has its magnitude vector.
+    pub use_dora: bool,
     /// The weights file, for messages.
     pub weights_path: PathBuf,
     /// The adapter-wide settings (`r`, `lora_alpha`, targets, ...; seed 0).
@@ -60,11 +65,10 @@ impl LoraFile {
         if peft_type != "LORA" {
             return Err(invalid(format!("peft_type is `{peft_type}`, not LORA")));
         }
-        for unsupported in ["use_dora", "lora_bias"] {
-            if field(unsupported).and_then(Value::as_bool) == Some(true) {
-                return Err(invalid(format!("`{unsupported}: true` is not supported")));
-            }
+        if field("lora_bias").and_then(Value::as_bool) == Some(true) {
+            return Err(invalid("`lora_bias: true` is not supported".into()));
         }
+        let use_dora = field("use_dora").and_then(Value::as_bool).unwrap_or(false);
         if field("bias")
             .and_then(Value::as_str)
             .is_some_and(|b| b != "none")
@@ -111,33 +115,38 @@ impl LoraFile {
         let in_weights =
             |message: String| PeftError::invalid(format!("{}: {message}", weights_path.display()));
         let tensors = files.tensors;
-        let mut modules: BTreeMap<String, (Option<Tensor>, Option<Tensor>)> = BTreeMap::new();
+        // Module path → (A, B, DoRA magnitude).
+        type Parts = (Option<Tensor>, Option<Tensor>, Option<Tensor>);
+        let mut modules: BTreeMap<String, Parts> = BTreeMap::new();
         for (name, tensor) in tensors {
             let module = name.strip_prefix(PEFT_PREFIX).and_then(|rest| {
-                rest.strip_suffix(".lora_A.weight")
-                    .map(|path| (path, true))
-                    .or_else(|| {
-                        rest.strip_suffix(".lora_B.weight")
-                            .map(|path| (path, false))
-                    })
+                [".lora_A.weight", ".lora_B.weight", ".lora_magnitude_vector"]
+                    .iter()
+                    .enumerate()
+                    .find_map(|(kind, suffix)| rest.strip_suffix(suffix).map(|path| (path, kind)))
             });
-            let Some((path, is_a)) = module else {
+            let expected = if use_dora {
+                " / .lora_magnitude_vector"
+            } else {
+                ""
+            };
+            let Some((path, kind)) = module.filter(|(_, kind)| *kind < 2 || use_dora) else {
                 return Err(in_weights(format!(
-                    "unexpected tensor `{name}` (expected {PEFT_PREFIX}<module>.lora_A.weight / .lora_B.weight)"
+                    "unexpected tensor `{name}` (expected {PEFT_PREFIX}<module>.lora_A.weight / .lora_B.weight{expected})"
                 )));
             };
             let tensor = tensor
                 .to_dtype(DType::F32)
                 .context(|| format!("converting `{name}` to f32"))?;
             let entry = modules.entry(path.to_string()).or_default();
-            if is_a {
-                entry.0 = Some(tensor);
-            } else {
-                entry.1 = Some(tensor);
+            match kind {
+                0 => entry.0 = Some(tensor),
+                1 => entry.1 = Some(tensor),
+                _ => entry.2 = Some(tensor),
             }
         }
         let mut pairs = Vec::with_capacity(modules.len());
-        for (path, (a, b)) in modules {
+        for (path, (a, b, magnitude)) in modules {
             let (Some(a), Some(b)) = (a, b) else {
                 return Err(in_weights(format!(
                     "module `{path}` has only one of lora_A / lora_B"
@@ -163,7 +172,28 @@ impl LoraFile {
             } else {
                 module_alpha / module_rank
             };
-            pairs.push(LoraPair { path, a, b, scale });
+            match &magnitude {
+                Some(m) if m.dims() != [b.dim(0).unwrap_or(0)] => {
+                    return Err(in_weights(format!(
+                        "module `{path}` has lora_magnitude_vector {:?}, expected [{}] (lora_B's rows)",
+                        m.dims(),
+                        b.dim(0).unwrap_or(0)
+                    )));
+                }
+                None if use_dora => {
+                    return Err(in_weights(format!(
+                        "module `{path}` has no lora_magnitude_vector, but the config says use_dora: true"
+                    )));
+                }
+                _ => {}
+            }
+            pairs.push(LoraPair {
+                path,
+                a,
+                b,
+                scale,
+                magnitude,
+            });
         }
         if pairs.is_empty() {
             return Err(in_weights("holds no LoRA weights".into()));
@@ -185,6 +215,7 @@ impl LoraFile {
             config,
             pairs,
             fan_in_fan_out,
+            use_dora,
             weights_path,
             settings,
         })
@@ -292,7 +323,7 @@ mod tests {
         let error = LoraFile::read(dir.path(), &Device::Cpu)
             .unwrap_err()
             .to_string();
-        assert!(error.contains("use_dora"), "{error}");
+        assert!(error.contains("no lora_magnitude_vector"), "{error}");
         let only_a = std::collections::HashMap::from([(format!("{prefix}.lora_A.weight"), a)]);
         candle_core::safetensors::save(&only_a, dir.path().join(ADAPTER_WEIGHTS)).unwrap();
         write_config(serde_json::json!({"peft_type": "LORA", "r": 2}));

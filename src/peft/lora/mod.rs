@@ -7,9 +7,13 @@
 //! Conv1D layers are recorded as `fan_in_fan_out: true`; PEFT stores the same `[r, in]`/`[out, r]`
 //! shapes for them (only its merge transposes), and our models hand every factory `[out, in]`
 //! weights, so nothing else changes.
+//! With `use_dora` (PEFT's option, [`LoraAdapter::with_dora`]) each adapted layer also trains a
+//! magnitude vector (`<path>.lora_magnitude_vector`, `[out]`): see `dora.rs`.
 //! The folder: this file (the adapter and its layers), `file.rs` (the one reader of PEFT LoRA
-//! folders, with `rank_pattern` / `alpha_pattern`). Never reads pipeline configs, never prints.
+//! folders, with `rank_pattern` / `alpha_pattern`), `dora.rs` (DoRA's norm, forward and merge).
+//! Never reads pipeline configs, never prints.
 
+pub mod dora;
 pub mod file;
 
 pub use file::{LoraFile, LoraPair};
@@ -76,6 +80,10 @@ struct LoraLinear {
     b: Var,
     scale: f64,
     dropout: f32,
+    /// DoRA's magnitude vector `[out]` (f32), when `use_dora`.
+    magnitude: Option<Var>,
+    /// The base weight while a DoRA layer is merged (its merge is not a plain addition).
+    original: Mutex<Option<Tensor>>,
     merged: AtomicBool,
     runtime: Arc<Runtime>,
 }
@@ -126,6 +134,7 @@ impl LoraLinear {
         if self.merged.load(Ordering::Acquire) {
             return Ok(y);
         }
+        let dropped = self.dropout > 0.0 && self.runtime.training.load(Ordering::Acquire);
         let dims = x.dims().to_vec();
         let in_features = *dims.last().unwrap_or(&0);
         let rows = x.elem_count() / in_features.max(1);
@@ -157,7 +166,26 @@ impl LoraLinear {
         if let Some(last) = out_dims.last_mut() {
             *last = delta.dim(1)?;
         }
-        crate::ops::add_tracked(&y, &delta.reshape(out_dims)?)
+        let delta = delta.reshape(out_dims)?;
+        let Some(magnitude) = &self.magnitude else {
+            return crate::ops::add_tracked(&y, &delta);
+        };
+        // DoRA (PEFT's DoraLinearLayer.forward): the norm of W + s·B·A enters detached.
+        let norm = dora::weight_norm(&weight, &self.delta_weight()?.detach())?.detach();
+        let magnitude = if training {
+            magnitude.as_tensor().clone()
+        } else {
+            magnitude.as_tensor().detach()
+        };
+        let base = if dropped {
+            frozen_forward(&input.reshape(x.shape())?, &weight, None)?
+        } else {
+            match &self.bias {
+                Some(bias) => y.broadcast_sub(bias)?,
+                None => y.clone(),
+            }
+        };
+        crate::ops::add_tracked(&y, &dora::dora_update(&base, &delta, &magnitude, &norm)?)
     }
 
     /// s·B·A in f32, `[out, in]`.
@@ -169,10 +197,13 @@ impl LoraLinear {
     }
 
     fn merged_weight(&self, weight: &Tensor) -> candle_core::Result<Tensor> {
-        weight
-            .to_dtype(DType::F32)?
-            .add(&self.delta_weight()?)?
-            .to_dtype(weight.dtype())
+        let merged = match &self.magnitude {
+            Some(magnitude) => {
+                dora::merged_weight(weight, &self.delta_weight()?, magnitude.as_tensor())?
+            }
+            None => weight.to_dtype(DType::F32)?.add(&self.delta_weight()?)?,
+        };
+        merged.to_dtype(weight.dtype())
     }
 }
 
@@ -244,6 +275,8 @@ enum Source {
 /// A LoRA adapter: the factory that injects it and the registry of adapted layers.
 pub struct LoraAdapter {
     settings: LoraSettings,
+    /// PEFT's `use_dora`: every adapted layer also trains a magnitude vector.
+    use_dora: bool,
     device: Device,
     source: Source,
     runtime: Arc<Runtime>,
@@ -268,6 +301,7 @@ impl LoraAdapter {
         });
         Ok(LoraAdapter {
             settings,
+            use_dora: false,
             device: device.clone(),
             source: Source::Init,
             runtime,
@@ -286,6 +320,7 @@ impl LoraAdapter {
             .collect();
         Ok(LoraAdapter {
             settings: file.settings().clone(),
+            use_dora: file.use_dora,
             device: device.clone(),
             source: Source::Loaded {
                 tensors: Mutex::new(tensors),
@@ -300,6 +335,18 @@ impl LoraAdapter {
 
     pub fn settings(&self) -> &LoraSettings {
         &self.settings
+    }
+
+    /// Make a fresh adapter DoRA (PEFT's `use_dora`): each layer's magnitude vector starts at the
+    /// row norms of its weight.
+    pub fn with_dora(mut self, use_dora: bool) -> Self {
+        self.use_dora = use_dora;
+        self
+    }
+
+    /// Whether the layers are DoRA layers.
+    pub fn use_dora(&self) -> bool {
+        self.use_dora
     }
 
     /// Paths of the adapted layers, in build order.
@@ -371,7 +418,7 @@ impl LoraAdapter {
             "revision": null,
             "target_modules": targets,
             "task_type": "CAUSAL_LM",
-            "use_dora": false,
+            "use_dora": self.use_dora,
             "use_rslora": self.settings.use_rslora,
         })
     }
@@ -384,7 +431,7 @@ impl LinearFactory for LoraAdapter {
         }
         let (out_features, in_features) = base.weight.dims2()?;
         let rank = self.settings.rank;
-        let (a, b, scale) = match &self.source {
+        let (a, b, scale, magnitude) = match &self.source {
             Source::Init => (
                 kaiming_uniform(
                     mix_seed(self.settings.seed, path),
@@ -394,10 +441,18 @@ impl LinearFactory for LoraAdapter {
                 )?,
                 Tensor::zeros((out_features, rank), DType::F32, &self.device)?,
                 self.settings.scale(),
+                None,
             ),
             Source::Loaded { tensors, file, .. } => {
                 let mut tensors = tensors.lock().map_err(|_| lock_error("loaded tensors"))?;
-                let Some(LoraPair { a, b, scale, .. }) = tensors.remove(path) else {
+                let Some(LoraPair {
+                    a,
+                    b,
+                    scale,
+                    magnitude,
+                    ..
+                }) = tensors.remove(path)
+                else {
                     return Err(candle_core::Error::Msg(format!(
                         "{file}: missing lora_A/lora_B for targeted module `{path}`"
                     )));
@@ -411,11 +466,29 @@ impl LinearFactory for LoraAdapter {
                         b.dims()
                     )));
                 }
+                if let Some(magnitude) = &magnitude {
+                    if magnitude.dims() != [out_features] {
+                        return Err(candle_core::Error::Msg(format!(
+                            "{file}: `{path}` has lora_magnitude_vector {:?}, expected [{out_features}]",
+                            magnitude.dims()
+                        )));
+                    }
+                }
                 (
                     a.to_device(&self.device)?,
                     b.to_device(&self.device)?,
                     scale,
+                    magnitude.map(|m| m.to_device(&self.device)).transpose()?,
                 )
+            }
+        };
+        let magnitude = match (self.use_dora, magnitude) {
+            (false, _) => None,
+            (true, Some(loaded)) => Some(loaded),
+            // PEFT's init: the row norms of W + s·B·A (B = 0: of W), as the forward computes them.
+            (true, None) => {
+                let delta = b.matmul(&a)?.affine(scale, 0.0)?;
+                Some(dora::weight_norm(&base.weight, &delta.to_device(base.weight.device())?)?)
             }
         };
         let layer = Arc::new(LoraLinear {
@@ -426,6 +499,8 @@ impl LinearFactory for LoraAdapter {
             b: Var::from_tensor(&b)?,
             scale,
             dropout: self.settings.dropout,
+            magnitude: magnitude.map(|m| Var::from_tensor(&m)).transpose()?,
+            original: Mutex::new(None),
             merged: AtomicBool::new(false),
             runtime: self.runtime.clone(),
         });
@@ -465,6 +540,13 @@ impl Adapter for LoraAdapter {
                     format!("{PEFT_PREFIX}{}.lora_B.weight", layer.path),
                     layer.b.clone(),
                 ));
+                if let Some(magnitude) = &layer.magnitude {
+                    // PEFT saves `lora_magnitude_vector.default.weight` as `lora_magnitude_vector`.
+                    vars.push((
+                        format!("{PEFT_PREFIX}{}.lora_magnitude_vector", layer.path),
+                        magnitude.clone(),
+                    ));
+                }
             }
         }
         vars.sort_by(|x, y| x.0.cmp(&y.0));
@@ -502,7 +584,7 @@ impl Adapter for LoraAdapter {
                         .matmul(&pair.a)
                         .and_then(|d| d.affine(pair.scale, 0.0))
                         .context(|| format!("merging LoRA into `{}`", pair.path))?;
-                    patches.push(patch(&pair.path, delta)?);
+                    patches.push(patch(&pair.path, delta, pair.magnitude.clone())?);
                 }
             }
         }
@@ -510,7 +592,8 @@ impl Adapter for LoraAdapter {
             let delta = layer
                 .delta_weight()
                 .context(|| format!("merging LoRA into `{}`", layer.path))?;
-            patches.push(patch(&layer.path, delta)?);
+            let magnitude = layer.magnitude.as_ref().map(|m| m.as_tensor().clone());
+            patches.push(patch(&layer.path, delta, magnitude)?);
         }
         Ok(Some(patches))
     }
@@ -524,9 +607,17 @@ impl Adapter for LoraAdapter {
                 .weight
                 .write()
                 .map_err(|_| PeftError::invalid(format!("{}: lock poisoned", layer.path)))?;
-            *weight = layer
+            let merged = layer
                 .merged_weight(&weight)
                 .context(|| format!("merging LoRA into `{}`", layer.path))?;
+            if layer.magnitude.is_some() {
+                *layer
+                    .original
+                    .lock()
+                    .map_err(|_| PeftError::invalid(format!("{}: lock poisoned", layer.path)))? =
+                    Some(weight.clone());
+            }
+            *weight = merged;
             layer.merged.store(true, Ordering::Release);
         }
         Ok(())
@@ -541,6 +632,17 @@ impl Adapter for LoraAdapter {
                 .weight
                 .write()
                 .map_err(|_| PeftError::invalid(format!("{}: lock poisoned", layer.path)))?;
+            let original = layer
+                .original
+                .lock()
+                .map_err(|_| PeftError::invalid(format!("{}: lock poisoned", layer.path)))?
+                .take();
+            if let Some(original) = original {
+                // DoRA: its merge scales rows, so the base weight kept at merge comes back.
+                *weight = original;
+                layer.merged.store(false, Ordering::Release);
+                continue;
+            }
             let restored = weight
                 .to_dtype(DType::F32)
                 .and_then(|w| w.sub(&layer.delta_weight()?))
@@ -553,15 +655,21 @@ impl Adapter for LoraAdapter {
     }
 }
 
-/// The additive patch `W + Δ` of one module.
-fn patch(path: &str, delta: Tensor) -> Result<WeightPatch, PeftError> {
+/// The patch of one module: `W + Δ`, or with DoRA's magnitude `(m / ‖W + Δ‖) ⊙ (W + Δ)`.
+fn patch(path: &str, delta: Tensor, magnitude: Option<Tensor>) -> Result<WeightPatch, PeftError> {
     let dims = delta
         .dims2()
         .context(|| format!("the LoRA delta of `{path}`"))?;
+    let change = match magnitude {
+        None => PatchChange::Add(delta),
+        Some(magnitude) => PatchChange::Map(Arc::new(move |weight: &Tensor| {
+            dora::merged_weight(weight, &delta, &magnitude)
+        })),
+    };
     Ok(WeightPatch {
         path: path.to_string(),
         dims,
-        change: PatchChange::Add(delta),
+        change,
     })
 }
 

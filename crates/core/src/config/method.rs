@@ -21,6 +21,113 @@ use super::Problem;
 pub enum MethodConfig {
     /// LoRA (Hu et al. 2021) with Hugging Face PEFT's semantics.
     Lora(LoraConfig),
+    /// Prompt tuning (Lester et al. 2021): trainable virtual-token embeddings before the input.
+    PromptTuning(PromptTuningConfig),
+    /// Prefix tuning (Li & Liang 2021): trainable keys/values prepended in every layer.
+    PrefixTuning(PrefixTuningConfig),
+    /// LLaMA-Adapter (Zhang et al. 2023; PEFT's `adaption_prompt`): a zero-gated adaption prompt
+    /// in the top layers (Llama-family models).
+    LlamaAdapter(LlamaAdapterConfig),
+    /// IA3 (Liu et al. 2022) with Hugging Face PEFT's semantics: learned scaling vectors.
+    Ia3(Ia3Config),
+}
+
+/// How prompt tuning initialises its virtual tokens (PEFT's `prompt_tuning_init`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum PromptInit {
+    /// Standard normal values (PEFT's `RANDOM`, an `nn.Embedding`'s default).
+    #[default]
+    Random,
+    /// Embeddings of tokens drawn uniformly from the vocabulary (PEFT's `SAMPLE_VOCAB`).
+    SampleVocab,
+    /// Embeddings of `init_text`'s tokens, repeated or truncated to `num_virtual_tokens`
+    /// (PEFT's `TEXT`; the text is tokenized as PEFT does, BOS included).
+    Text,
+}
+
+impl PromptInit {
+    /// PEFT's name.
+    pub fn peft_name(self) -> &'static str {
+        match self {
+            PromptInit::Random => "RANDOM",
+            PromptInit::SampleVocab => "SAMPLE_VOCAB",
+            PromptInit::Text => "TEXT",
+        }
+    }
+}
+
+/// Prompt tuning hyperparameters (PEFT's meaning).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PromptTuningConfig {
+    /// Virtual tokens prepended to every input.
+    #[serde(default = "default_virtual_tokens")]
+    pub num_virtual_tokens: usize,
+    /// How the virtual tokens start.
+    #[serde(default)]
+    pub init: PromptInit,
+    /// The text of `init: text`.
+    #[serde(default)]
+    pub init_text: Option<String>,
+}
+
+/// Prefix tuning hyperparameters (PEFT's meaning).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PrefixTuningConfig {
+    /// Prefix positions per layer.
+    #[serde(default = "default_virtual_tokens")]
+    pub num_virtual_tokens: usize,
+    /// Reparameterize the prefix through an MLP (embedding → Linear → tanh → Linear), as the
+    /// paper does for stability; the saved adapter holds the projected prefix, as PEFT saves it.
+    #[serde(default)]
+    pub prefix_projection: bool,
+    /// Hidden width of that MLP (default: the key/value width, PEFT's `token_dim`).
+    #[serde(default)]
+    pub encoder_hidden_size: Option<usize>,
+    /// How the prefix starts (without `prefix_projection`).
+    #[serde(default)]
+    pub init: PrefixInit,
+}
+
+/// How prefix tuning initialises its keys and values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum PrefixInit {
+    /// Standard normal values (PEFT's default, an `nn.Embedding`'s).
+    #[default]
+    Random,
+    /// The model's own keys and values of uniformly drawn vocabulary tokens (Li & Liang 2021,
+    /// §7.2: "initialize with activations of real words"); starts far closer to the base model
+    /// than standard-normal keys do on small models.
+    SampleVocab,
+}
+
+/// LLaMA-Adapter hyperparameters (PEFT's `adaption_prompt` names).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct LlamaAdapterConfig {
+    /// Adaption-prompt length per adapted layer.
+    #[serde(default = "default_adapter_len")]
+    pub adapter_len: usize,
+    /// How many of the top layers get an adaption prompt.
+    #[serde(default = "default_adapter_layers")]
+    pub adapter_layers: usize,
+    /// One gate per attention head (the paper's form) instead of PEFT's single gate per layer;
+    /// such an adapter is saved in PEFT's layout but only peftpipe loads its gates.
+    #[serde(default)]
+    pub per_head_gate: bool,
+}
+
+fn default_virtual_tokens() -> usize {
+    20
+}
+fn default_adapter_len() -> usize {
+    10
+}
+fn default_adapter_layers() -> usize {
+    1
 }
 
 impl Default for MethodConfig {
@@ -50,6 +157,28 @@ pub struct LoraConfig {
     /// Rank-stabilised LoRA: scale by alpha/√r.
     #[serde(default)]
     pub use_rslora: bool,
+    /// DoRA (Liu et al. 2024), as PEFT's `use_dora`: the adapted weight is split into a trained
+    /// magnitude vector (one per output feature, initialised to the weight's row norms) and the
+    /// LoRA-updated direction.
+    #[serde(default)]
+    pub use_dora: bool,
+}
+
+/// IA3 hyperparameters (PEFT's names and defaults).
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Ia3Config {
+    /// Which linear layers get a scaling vector (same forms as LoRA's `target_modules`).
+    /// Default: PEFT's for the architecture (k_proj, v_proj, down_proj for Llama; c_attn,
+    /// mlp.c_proj for GPT-2).
+    #[serde(default)]
+    pub target_modules: Option<TargetModulesConfig>,
+    /// Which of the targeted layers are feed-forward: their vector scales the layer's input
+    /// (one value per input feature) instead of its output. Names match a module path's end, as
+    /// PEFT matches them; each must also be a target. Default: PEFT's for the architecture
+    /// (down_proj for Llama; mlp.c_proj for GPT-2).
+    #[serde(default)]
+    pub feedforward_modules: Option<Vec<String>>,
 }
 
 fn default_rank() -> usize {
@@ -67,6 +196,7 @@ impl Default for LoraConfig {
             dropout: 0.0,
             target_modules: None,
             use_rslora: false,
+            use_dora: false,
         }
     }
 }
@@ -186,11 +316,58 @@ pub fn resolve_targets_for(
     }
 }
 
+/// PEFT's IA3 targets and feed-forward modules for a model type
+/// (`TRANSFORMERS_MODELS_TO_IA3_{TARGET,FEEDFORWARD}_MODULES_MAPPING`).
+pub fn ia3_defaults(model_type: &str) -> Option<(&'static [&'static str], &'static [&'static str])> {
+    match model_type {
+        "llama" | "mistral" => Some((&["k_proj", "v_proj", "down_proj"], &["down_proj"])),
+        "gemma" | "gemma2" | "qwen2" => Some((&["q_proj", "v_proj", "down_proj"], &["down_proj"])),
+        "gpt2" => Some((&["c_attn", "mlp.c_proj"], &["mlp.c_proj"])),
+        _ => None,
+    }
+}
+
+/// An IA3 config's targets and feed-forward module names for a model type, defaults resolved.
+pub fn resolve_ia3_for(
+    config: &Ia3Config,
+    model_type: &str,
+) -> Result<(TargetModules, Vec<String>), String> {
+    let defaults = ia3_defaults(model_type);
+    let missing = |what: &str| {
+        format!("no default IA3 {what} for model_type `{model_type}`: set {what}")
+    };
+    let targets = match &config.target_modules {
+        Some(written) => resolve_targets_for(Some(written), model_type)?,
+        None => {
+            let (targets, _) = defaults.ok_or_else(|| missing("target_modules"))?;
+            TargetModules::Names(targets.iter().map(|name| name.to_string()).collect())
+        }
+    };
+    let feedforward = match &config.feedforward_modules {
+        Some(names) => names.clone(),
+        None => {
+            let (_, feedforward) = defaults.ok_or_else(|| missing("feedforward_modules"))?;
+            feedforward.iter().map(|name| name.to_string()).collect()
+        }
+    };
+    Ok((targets, feedforward))
+}
+
+/// Whether IA3 treats the module at `path` as feed-forward: PEFT's rule, the path ends with one
+/// of the names (a plain string suffix).
+pub fn ia3_is_feedforward(path: &str, feedforward: &[String]) -> bool {
+    feedforward.iter().any(|name| path.ends_with(name.as_str()))
+}
+
 impl MethodConfig {
     /// The method's name as written in YAML (`lora`).
     pub fn name(&self) -> &'static str {
         match self {
             MethodConfig::Lora(_) => "lora",
+            MethodConfig::PromptTuning(_) => "prompt_tuning",
+            MethodConfig::PrefixTuning(_) => "prefix_tuning",
+            MethodConfig::LlamaAdapter(_) => "llama_adapter",
+            MethodConfig::Ia3(_) => "ia3",
         }
     }
 
@@ -221,6 +398,101 @@ impl MethodConfig {
                 if let Some(TargetModulesConfig::Regex(pattern)) = &lora.target_modules {
                     if let Err(message) = TargetModules::regex(pattern) {
                         problems.push(problem("method.lora.target_modules", message));
+                    }
+                }
+            }
+            MethodConfig::PromptTuning(prompt) => {
+                if prompt.num_virtual_tokens == 0 {
+                    problems.push(problem(
+                        "method.prompt_tuning.num_virtual_tokens",
+                        "must be at least 1".into(),
+                    ));
+                }
+                let has_text = prompt.init_text.as_deref().is_some_and(|t| !t.is_empty());
+                match (prompt.init, has_text) {
+                    (PromptInit::Text, false) => problems.push(problem(
+                        "method.prompt_tuning.init_text",
+                        "`init: text` needs a non-empty init_text".into(),
+                    )),
+                    (PromptInit::Random | PromptInit::SampleVocab, true) => problems.push(problem(
+                        "method.prompt_tuning.init_text",
+                        "init_text is only used with `init: text`".into(),
+                    )),
+                    _ => {}
+                }
+            }
+            MethodConfig::PrefixTuning(prefix) => {
+                if prefix.num_virtual_tokens == 0 {
+                    problems.push(problem(
+                        "method.prefix_tuning.num_virtual_tokens",
+                        "must be at least 1".into(),
+                    ));
+                }
+                if prefix.encoder_hidden_size == Some(0) {
+                    problems.push(problem(
+                        "method.prefix_tuning.encoder_hidden_size",
+                        "must be at least 1".into(),
+                    ));
+                }
+                if prefix.init == PrefixInit::SampleVocab && prefix.prefix_projection {
+                    problems.push(problem(
+                        "method.prefix_tuning.init",
+                        "`init: sample_vocab` sets the prefix itself; it does not apply with `prefix_projection: true`".into(),
+                    ));
+                }
+                if prefix.encoder_hidden_size.is_some() && !prefix.prefix_projection {
+                    problems.push(problem(
+                        "method.prefix_tuning.encoder_hidden_size",
+                        "is only used with `prefix_projection: true`".into(),
+                    ));
+                }
+            }
+            MethodConfig::LlamaAdapter(adapter) => {
+                if adapter.adapter_len == 0 {
+                    problems.push(problem(
+                        "method.llama_adapter.adapter_len",
+                        "must be at least 1".into(),
+                    ));
+                }
+                if adapter.adapter_layers == 0 {
+                    problems.push(problem(
+                        "method.llama_adapter.adapter_layers",
+                        "must be at least 1".into(),
+                    ));
+                }
+            }
+            MethodConfig::Ia3(ia3) => {
+                match &ia3.target_modules {
+                    Some(TargetModulesConfig::Regex(pattern)) => {
+                        if let Err(message) = TargetModules::regex(pattern) {
+                            problems.push(problem("method.ia3.target_modules", message));
+                        }
+                    }
+                    Some(TargetModulesConfig::Names(names)) if names.is_empty() => problems.push(
+                        problem("method.ia3.target_modules", "is an empty list".into()),
+                    ),
+                    _ => {}
+                }
+                let Some(feedforward) = &ia3.feedforward_modules else {
+                    return;
+                };
+                for (index, name) in feedforward.iter().enumerate() {
+                    let key = format!("method.ia3.feedforward_modules[{index}]");
+                    if name.is_empty() {
+                        problems.push(problem(&key, "is an empty name".into()));
+                        continue;
+                    }
+                    // PEFT's rule: feed-forward modules must be a subset of the targets.
+                    if let Some(TargetModulesConfig::Names(targets)) = &ia3.target_modules {
+                        if !targets.contains(name) {
+                            problems.push(problem(
+                                &key,
+                                format!(
+                                    "`{name}` is not in target_modules ({}): feed-forward modules must be a subset of the targets, as PEFT requires",
+                                    targets.join(", ")
+                                ),
+                            ));
+                        }
                     }
                 }
             }
@@ -282,6 +554,178 @@ impl MethodConfig {
                     }
                 }
             }
+            MethodConfig::PromptTuning(_) | MethodConfig::PrefixTuning(_) => {}
+            MethodConfig::LlamaAdapter(adapter) => {
+                if model_type == "gpt2" {
+                    problems.push(problem(
+                        "method.llama_adapter",
+                        "LLaMA-Adapter (PEFT's adaption_prompt) needs a Llama-family model, not gpt2"
+                            .into(),
+                    ));
+                    return;
+                }
+                let layer_count = layers
+                    .iter()
+                    .filter_map(|layer| layer_index(&layer.path))
+                    .max()
+                    .map_or(0, |last| last + 1);
+                if layer_count > 0 && adapter.adapter_layers > layer_count {
+                    problems.push(problem(
+                        "method.llama_adapter.adapter_layers",
+                        format!(
+                            "{} exceeds the model's {layer_count} layers",
+                            adapter.adapter_layers
+                        ),
+                    ));
+                }
+            }
+            MethodConfig::Ia3(ia3) => {
+                let (targets, feedforward) = match resolve_ia3_for(ia3, model_type) {
+                    Ok(resolved) => resolved,
+                    Err(message) => {
+                        problems.push(problem("method.ia3.target_modules", message));
+                        return;
+                    }
+                };
+                let paths: Vec<&str> = layers.iter().map(|layer| layer.path.as_str()).collect();
+                if let Err(mismatch) = super::target_modules::check_targets(&targets, &paths) {
+                    let key = match mismatch.index {
+                        Some(index) => format!("{at}.method.ia3.target_modules[{index}]"),
+                        None => format!("{at}.method.ia3.target_modules"),
+                    };
+                    let message = match &mismatch.suggestion {
+                        Some(close) => format!("{}; did you mean `{close}`?", mismatch.message),
+                        None => mismatch.message.clone(),
+                    };
+                    problems.push(
+                        Problem::new(key, message)
+                            .about_value()
+                            .with_hint(mismatch.listing),
+                    );
+                    return;
+                }
+                if ia3.feedforward_modules.is_none() {
+                    return;
+                }
+                for (index, name) in feedforward.iter().enumerate() {
+                    let single = [name.clone()];
+                    if !paths
+                        .iter()
+                        .any(|path| targets.matches(path) && ia3_is_feedforward(path, &single))
+                    {
+                        problems.push(problem(
+                            &format!("method.ia3.feedforward_modules[{index}]"),
+                            format!("`{name}` matches no targeted linear layer"),
+                        ));
+                    }
+                }
+            }
         }
+    }
+}
+
+/// The layer index in a module path (`model.layers.3.self_attn.q_proj` → 3).
+fn layer_index(path: &str) -> Option<usize> {
+    let mut parts = path.split('.');
+    while let Some(part) = parts.next() {
+        if part == "layers" || part == "h" {
+            return parts.next()?.parse().ok();
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(yaml: &str) -> MethodConfig {
+        let value: serde_json::Value = serde_norway::from_str(yaml).unwrap();
+        serde_json::from_value(value).unwrap()
+    }
+
+    fn problem_keys(yaml: &str) -> Vec<String> {
+        let mut problems = Vec::new();
+        parse(yaml).check("stages.train", &mut problems);
+        problems.into_iter().map(|p| p.path).collect()
+    }
+
+    #[test]
+    fn every_method_parses_with_peft_defaults() {
+        let MethodConfig::PromptTuning(prompt) = parse("prompt_tuning: {}") else {
+            panic!("prompt tuning")
+        };
+        assert_eq!(
+            (prompt.num_virtual_tokens, prompt.init),
+            (20, PromptInit::Random)
+        );
+        let MethodConfig::PrefixTuning(prefix) = parse("prefix_tuning: {num_virtual_tokens: 8}")
+        else {
+            panic!("prefix tuning")
+        };
+        assert!(!prefix.prefix_projection && prefix.encoder_hidden_size.is_none());
+        let MethodConfig::LlamaAdapter(adapter) = parse("llama_adapter: {adapter_layers: 3}")
+        else {
+            panic!("llama adapter")
+        };
+        assert_eq!((adapter.adapter_len, adapter.adapter_layers), (10, 3));
+        let value: serde_json::Value =
+            serde_norway::from_str("prompt_tuning: {virtual_tokens: 8}").unwrap();
+        assert!(serde_json::from_value::<MethodConfig>(value).is_err());
+    }
+
+    #[test]
+    fn method_checks_name_the_field() {
+        assert_eq!(
+            problem_keys("prompt_tuning: {init: text}"),
+            ["stages.train.method.prompt_tuning.init_text"]
+        );
+        assert_eq!(
+            problem_keys("prompt_tuning: {init_text: hello}"),
+            ["stages.train.method.prompt_tuning.init_text"]
+        );
+        assert!(problem_keys("prompt_tuning: {init: text, init_text: hello}").is_empty());
+        assert_eq!(
+            problem_keys("prefix_tuning: {num_virtual_tokens: 0, encoder_hidden_size: 8}"),
+            [
+                "stages.train.method.prefix_tuning.num_virtual_tokens",
+                "stages.train.method.prefix_tuning.encoder_hidden_size"
+            ]
+        );
+        assert_eq!(
+            problem_keys("prefix_tuning: {prefix_projection: true, init: sample_vocab}"),
+            ["stages.train.method.prefix_tuning.init"]
+        );
+        assert_eq!(
+            problem_keys("llama_adapter: {adapter_len: 0}"),
+            ["stages.train.method.llama_adapter.adapter_len"]
+        );
+    }
+
+    #[test]
+    fn llama_adapter_layers_are_checked_against_the_model() {
+        let layers: Vec<LinearLayerShape> = (0..4)
+            .map(|i| LinearLayerShape {
+                path: format!("model.layers.{i}.self_attn.q_proj"),
+                in_features: 8,
+                out_features: 8,
+            })
+            .collect();
+        let mut problems = Vec::new();
+        parse("llama_adapter: {adapter_layers: 5}").check_against_model(
+            "stages.train",
+            "llama",
+            &layers,
+            &mut problems,
+        );
+        assert_eq!(problems.len(), 1);
+        let mut problems = Vec::new();
+        parse("llama_adapter: {adapter_layers: 4}").check_against_model(
+            "stages.train",
+            "gpt2",
+            &layers,
+            &mut problems,
+        );
+        assert_eq!(problems.len(), 1);
     }
 }

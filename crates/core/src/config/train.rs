@@ -432,7 +432,9 @@ mod tests {
         let names =
             parse("data: d\nmodel: m\nmethod: {lora: {r: 4, target_modules: [q_proj, v_proj]}}")
                 .unwrap();
-        let MethodConfig::Lora(lora) = names.method;
+        let MethodConfig::Lora(lora) = names.method else {
+            panic!("a LoRA method")
+        };
         assert_eq!(
             lora.target_modules,
             Some(TargetModulesConfig::Names(vec![
@@ -441,12 +443,16 @@ mod tests {
             ]))
         );
         let all = parse("data: d\nmodel: m\nmethod: {lora: {target_modules: all-linear}}").unwrap();
-        let MethodConfig::Lora(lora) = all.method;
+        let MethodConfig::Lora(lora) = all.method else {
+            panic!("a LoRA method")
+        };
         assert_eq!(lora.target_modules, Some(TargetModulesConfig::AllLinear));
         let regex =
             parse("data: d\nmodel: m\nmethod: {lora: {target_modules: {regex: '.*q_proj'}}}")
                 .unwrap();
-        let MethodConfig::Lora(lora) = regex.method;
+        let MethodConfig::Lora(lora) = regex.method else {
+            panic!("a LoRA method")
+        };
         assert_eq!(
             lora.target_modules,
             Some(TargetModulesConfig::Regex(".*q_proj".into()))
