@@ -293,100 +293,124 @@ fn pulling_a_pipeline_never_pushed_names_the_remote_and_key() {
     );
 }
 
-/// A storage server of `tests/python/remote_server.py` on loopback; stopped when dropped.
-struct Server {
-    child: Child,
-    port: u16,
-}
+/// The cloud remotes (`--features cloud`): a real S3-compatible server on loopback.
+#[cfg(feature = "cloud")]
+mod cloud {
+    use super::*;
 
-impl Server {
-    /// Start one, or None with the reason printed (no python3, or its package missing).
-    fn start(kind: &str, argument: &str) -> Option<Server> {
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/python/remote_server.py");
-        let child = Command::new("python3")
-            .arg(&script)
-            .args([kind, argument])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn();
-        let mut child = match child {
-            Ok(child) => child,
-            Err(error) => {
-                eprintln!("skipped: cannot start python3 for the {kind} server: {error}");
-                return None;
-            }
-        };
-        let mut line = String::new();
-        let stdout = child.stdout.take().expect("stdout");
-        let read = std::io::BufReader::new(stdout).read_line(&mut line);
-        match (read, line.trim().parse::<u16>()) {
-            (Ok(_), Ok(port)) => Some(Server { child, port }),
-            _ => {
-                let output = child.wait_with_output().expect("wait");
-                eprintln!(
-                    "skipped: the {kind} server did not start: {}",
-                    String::from_utf8_lossy(&output.stderr).trim()
-                );
-                None
+    /// A storage server of `tests/python/remote_server.py` on loopback; stopped when dropped.
+    struct Server {
+        child: Child,
+        port: u16,
+    }
+
+    impl Server {
+        /// Start one, or None with the reason printed (no python3, or its package missing).
+        fn start(kind: &str, argument: &str) -> Option<Server> {
+            let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/python/remote_server.py");
+            let child = Command::new("python3")
+                .arg(&script)
+                .args([kind, argument])
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn();
+            let mut child = match child {
+                Ok(child) => child,
+                Err(error) => {
+                    eprintln!("skipped: cannot start python3 for the {kind} server: {error}");
+                    return None;
+                }
+            };
+            let mut line = String::new();
+            let stdout = child.stdout.take().expect("stdout");
+            let read = std::io::BufReader::new(stdout).read_line(&mut line);
+            match (read, line.trim().parse::<u16>()) {
+                (Ok(_), Ok(port)) => Some(Server { child, port }),
+                _ => {
+                    let output = child.wait_with_output().expect("wait");
+                    eprintln!(
+                        "skipped: the {kind} server did not start: {}",
+                        String::from_utf8_lossy(&output.stderr).trim()
+                    );
+                    None
+                }
             }
         }
     }
-}
 
-impl Drop for Server {
-    fn drop(&mut self) {
-        // Closing its stdin stops it; kill it if it does not stop.
-        drop(self.child.stdin.take());
-        for _ in 0..50 {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
+    impl Drop for Server {
+        fn drop(&mut self) {
+            // Closing its stdin stops it; kill it if it does not stop.
+            drop(self.child.stdin.take());
+            for _ in 0..50 {
+                if let Ok(Some(_)) = self.child.try_wait() {
+                    return;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(100));
             }
-            std::thread::sleep(std::time::Duration::from_millis(100));
+            let _ = self.child.kill();
+            let _ = self.child.wait();
         }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
-}
 
-/// Requests to loopback never go through a proxy of the environment.
-const NO_PROXY: [(&str, &str); 2] = [
-    ("NO_PROXY", "127.0.0.1,localhost"),
-    ("no_proxy", "127.0.0.1,localhost"),
-];
-
-#[test]
-fn round_trip_through_an_s3_compatible_server() {
-    let Some(server) = Server::start("s3", "peftpipe-test") else {
-        return;
-    };
-    let endpoint = format!("http://127.0.0.1:{}", server.port);
-    let env = [
-        ("AWS_ENDPOINT", endpoint.as_str()),
-        ("AWS_ALLOW_HTTP", "true"),
-        ("AWS_ACCESS_KEY_ID", "test-key"),
-        ("AWS_SECRET_ACCESS_KEY", "test-secret-never-shown"),
-        ("AWS_REGION", "us-east-1"),
-        NO_PROXY[0],
-        NO_PROXY[1],
+    /// Requests to loopback never go through a proxy of the environment.
+    const NO_PROXY: [(&str, &str); 2] = [
+        ("NO_PROXY", "127.0.0.1,localhost"),
+        ("no_proxy", "127.0.0.1,localhost"),
     ];
-    round_trip("s3://peftpipe-test/team/cache", &env);
 
-    // A bucket that does not exist: an error naming the remote and the key, without secrets.
+    #[test]
+    fn round_trip_through_an_s3_compatible_server() {
+        let Some(server) = Server::start("s3", "peftpipe-test") else {
+            return;
+        };
+        let endpoint = format!("http://127.0.0.1:{}", server.port);
+        let env = [
+            ("AWS_ENDPOINT", endpoint.as_str()),
+            ("AWS_ALLOW_HTTP", "true"),
+            ("AWS_ACCESS_KEY_ID", "test-key"),
+            ("AWS_SECRET_ACCESS_KEY", "test-secret-never-shown"),
+            ("AWS_REGION", "us-east-1"),
+            NO_PROXY[0],
+            NO_PROXY[1],
+        ];
+        round_trip("s3://peftpipe-test/team/cache", &env);
+
+        // A bucket that does not exist: an error naming the remote and the key, without secrets.
+        let project = Project::new();
+        assert!(peftpipe(&project, &["run", "pipeline.yaml"], &env)
+            .status
+            .success());
+        let failed = peftpipe(
+            &project,
+            &["push", "pipeline.yaml", "--remote", "s3://no-such-bucket/x"],
+            &env,
+        );
+        assert_eq!(failed.status.code(), Some(1));
+        let message = stderr(&failed);
+        assert!(
+            message.starts_with("error: remote `s3://no-such-bucket/x`: cannot "),
+            "{message}"
+        );
+        assert!(!message.contains("test-secret-never-shown"), "{message}");
+    }
+}
+
+/// Without the `cloud` feature a cloud URL is refused at once, saying which build reads it.
+#[test]
+#[cfg(not(feature = "cloud"))]
+fn a_cloud_remote_without_the_cloud_feature_says_how_to_get_it() {
     let project = Project::new();
-    assert!(peftpipe(&project, &["run", "pipeline.yaml"], &env)
+    assert!(peftpipe(&project, &["run", "pipeline.yaml"], &[])
         .status
         .success());
     let failed = peftpipe(
         &project,
-        &["push", "pipeline.yaml", "--remote", "s3://no-such-bucket/x"],
-        &env,
+        &["push", "pipeline.yaml", "--remote", "s3://bucket/cache"],
+        &[],
     );
     assert_eq!(failed.status.code(), Some(1));
     let message = stderr(&failed);
-    assert!(
-        message.starts_with("error: remote `s3://no-such-bucket/x`: cannot "),
-        "{message}"
-    );
-    assert!(!message.contains("test-secret-never-shown"), "{message}");
+    assert!(message.contains("`s3://` remotes need a build with the `cloud` feature"), "{message}");
 }

@@ -170,6 +170,7 @@ pub fn display_url(text: &str) -> String {
 
 /// Retries of transient failures: a few, within half a minute, so an unreachable remote fails
 /// in seconds rather than minutes.
+#[cfg(feature = "cloud")]
 fn retry_config() -> object_store::RetryConfig {
     object_store::RetryConfig {
         backoff: object_store::BackoffConfig::default(),
@@ -810,21 +811,25 @@ fn cloud_store(
                 .map_err(|()| format!("`{url}` is not a local path"))?;
             return local_store(&path);
         }
+        #[cfg(feature = "cloud")]
         Scheme::AmazonS3 => object_store::aws::AmazonS3Builder::from_env()
             .with_url(url.as_str())
             .with_retry(retry_config())
             .build()
             .map(|store| Arc::new(store) as _),
+        #[cfg(feature = "cloud")]
         Scheme::GoogleCloudStorage => object_store::gcp::GoogleCloudStorageBuilder::from_env()
             .with_url(url.as_str())
             .with_retry(retry_config())
             .build()
             .map(|store| Arc::new(store) as _),
+        #[cfg(feature = "cloud")]
         Scheme::MicrosoftAzure => object_store::azure::MicrosoftAzureBuilder::from_env()
             .with_url(url.as_str())
             .with_retry(retry_config())
             .build()
             .map(|store| Arc::new(store) as _),
+        #[cfg(feature = "cloud")]
         Scheme::Http => {
             // The store is the server; the URL's path is the prefix of every key.
             let origin = &url[..url::Position::BeforePath];
@@ -837,6 +842,13 @@ fn cloud_store(
                 .with_retry(retry_config())
                 .build()
                 .map(|store| Arc::new(store) as _)
+        }
+        #[cfg(not(feature = "cloud"))]
+        Scheme::AmazonS3 | Scheme::GoogleCloudStorage | Scheme::MicrosoftAzure | Scheme::Http => {
+            return Err(format!(
+                "`{}://` remotes need a build with the `cloud` feature (`cargo install --features cloud` / `cargo build --release --features cloud`); this build reads and writes directory remotes only",
+                url.scheme()
+            ))
         }
         other => return Err(format!("unsupported kind of store {other:?}")),
     };
