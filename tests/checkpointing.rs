@@ -264,11 +264,9 @@ fn prompt_methods_through_hooks_gradients_are_bit_identical() {
         (llama.hidden_size, llama.num_key_value_heads, llama.head_dim);
     let layers = llama.num_hidden_layers;
     let var = |shape: &[usize]| Var::zeros(shape, DType::F32, &Device::Cpu).expect("var");
-    let cases: Vec<(
-        &str,
-        Vec<(String, Var)>,
-        Box<dyn Fn(&[(String, Var)]) -> Hooks>,
-    )> = vec![
+    type HooksOf = Box<dyn Fn(&[(String, Var)]) -> Hooks>;
+    type Case = (&'static str, Vec<(String, Var)>, HooksOf);
+    let cases: Vec<Case> = vec![
         (
             "prompt tuning",
             vec![("prompt".into(), var(&[1, 3, hidden]))],
@@ -357,10 +355,14 @@ fn dropout_is_in_play_and_redrawn_identically() {
     assert_eq!(runs[0], runs[2], "the same seed, the same gradients");
     // And the plain loss model agrees with the same seed.
     adapter.set_mode(AdapterMode::Train { seed: 1 });
-    let (loss, _) = loss_and_gradients(&CausalLmLoss {
-        model: &*model,
-        adapter: &adapter,
-    }, &batch, &vars);
+    let (loss, _) = loss_and_gradients(
+        &CausalLmLoss {
+            model: &*model,
+            adapter: &adapter,
+        },
+        &batch,
+        &vars,
+    );
     assert_eq!(loss.to_bits(), runs[0].0.to_bits());
 }
 
@@ -415,11 +417,11 @@ fn the_gradient_store_holds_only_the_adapter_after_backward() {
         adapter.set_mode(AdapterMode::Train { seed: 4 });
         let batch = batch(config.vocab_size(), 5);
         let loss = CausalLmLoss {
-        model: &*model,
-        adapter: &adapter,
-    }
-            .loss_sum(&batch)
-            .expect("forward");
+            model: &*model,
+            adapter: &adapter,
+        }
+        .loss_sum(&batch)
+        .expect("forward");
         let store = loss.backward().expect("backward");
         let store_bytes = peftpipe::train::pass::store_bytes(&store);
         let entries = store.get_ids().count();

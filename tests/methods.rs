@@ -534,9 +534,11 @@ fn ia3_and_dora_save_peft_names_and_config_keys() {
             &std::fs::read_to_string(dir.path().join("adapter_config.json")).unwrap(),
         )
         .unwrap();
-        let tensors =
-            candle_core::safetensors::load(dir.path().join("adapter_model.safetensors"), &Device::Cpu)
-                .unwrap();
+        let tensors = candle_core::safetensors::load(
+            dir.path().join("adapter_model.safetensors"),
+            &Device::Cpu,
+        )
+        .unwrap();
         let mut shapes: Vec<(String, Vec<usize>)> = tensors
             .into_iter()
             .map(|(name, tensor)| (name, tensor.dims().to_vec()))
@@ -551,12 +553,20 @@ fn ia3_and_dora_save_peft_names_and_config_keys() {
     assert_eq!(json["base_model_name_or_path"], "models/tiny");
     assert_eq!(json["init_ia3_weights"], true);
     assert_eq!(json["fan_in_fan_out"], false);
-    assert_eq!(json["feedforward_modules"], serde_json::json!(["down_proj"]));
+    assert_eq!(
+        json["feedforward_modules"],
+        serde_json::json!(["down_proj"])
+    );
     assert_eq!(
         json["target_modules"],
         serde_json::json!(["down_proj", "k_proj", "v_proj"])
     );
-    for key in ["modules_to_save", "exclude_modules", "revision", "inference_mode"] {
+    for key in [
+        "modules_to_save",
+        "exclude_modules",
+        "revision",
+        "inference_mode",
+    ] {
         assert!(json.get(key).is_some(), "adapter_config.json lacks `{key}`");
     }
     let layer = |i: usize, module: &str, shape: &[usize]| {
@@ -585,7 +595,12 @@ fn ia3_and_dora_save_peft_names_and_config_keys() {
     let names: Vec<&str> = shapes.iter().map(|(name, _)| name.as_str()).collect();
     assert_eq!(names.len(), 2 * 2 * 3, "{names:?}");
     let q = "base_model.model.model.layers.0.self_attn.q_proj";
-    let find = |name: String| shapes.iter().find(|(n, _)| *n == name).map(|(_, s)| s.clone());
+    let find = |name: String| {
+        shapes
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, s)| s.clone())
+    };
     assert_eq!(find(format!("{q}.lora_A.weight")), Some(vec![2, 16]));
     assert_eq!(find(format!("{q}.lora_B.weight")), Some(vec![16, 2]));
     assert_eq!(find(format!("{q}.lora_magnitude_vector")), Some(vec![16]));
@@ -613,7 +628,9 @@ fn dora_magnitude_starts_at_the_weight_row_norms_and_ia3_at_ones() {
     let vars = dora.trainable_vars();
     let (_, magnitude) = vars
         .iter()
-        .find(|(name, _)| name == "base_model.model.model.layers.1.self_attn.q_proj.lora_magnitude_vector")
+        .find(|(name, _)| {
+            name == "base_model.model.model.layers.1.self_attn.q_proj.lora_magnitude_vector"
+        })
         .expect("a magnitude vector");
     let expected = weights["model.layers.1.self_attn.q_proj.weight"]
         .sqr()
@@ -647,10 +664,17 @@ fn ia3_and_dora_merge_in_place_equals_the_unmerged_forward() {
         adapter.merge().unwrap();
         let merged = logits(&model, Some(adapter.as_ref()));
         let difference = max_difference(&merged, &unmerged);
-        eprintln!("{}: merged vs unmerged max |Δlogit| = {difference:e}", case.yaml);
+        eprintln!(
+            "{}: merged vs unmerged max |Δlogit| = {difference:e}",
+            case.yaml
+        );
         assert!(difference < 1e-5, "{}: {difference}", case.yaml);
         adapter.unmerge().unwrap();
         let difference = max_difference(&logits(&model, Some(adapter.as_ref())), &unmerged);
-        assert!(difference < 1e-6, "{}: unmerged again {difference}", case.yaml);
+        assert!(
+            difference < 1e-6,
+            "{}: unmerged again {difference}",
+            case.yaml
+        );
     }
 }

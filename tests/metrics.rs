@@ -56,7 +56,12 @@ fn run_and_status_json_report_an_invalid_pipeline_as_problems_on_stdout() {
     );
     for command in ["run", "status"] {
         let output = project.peftpipe(&[command, "pipeline.yaml", "--json"]);
-        assert_eq!(output.status.code(), Some(2), "{command}: {}", stderr(&output));
+        assert_eq!(
+            output.status.code(),
+            Some(2),
+            "{command}: {}",
+            stderr(&output)
+        );
         let document = json(&stdout(&output));
         assert_eq!(document["valid"], false, "{command}: {document}");
         let problems = document["files"][0]["problems"]
@@ -160,6 +165,7 @@ fn git(project: &Project, args: &[&str]) -> bool {
 }
 
 #[test]
+#[allow(clippy::print_stderr)] // a skipped test says why
 fn metrics_diff_rev_reads_the_lock_file_at_a_git_revision() {
     let project = Project::tiny();
     if !git(&project, &["init", "-q"]) {

@@ -15,10 +15,10 @@ use super::GlobalArgs;
 use crate::config::train::{resolve_targets, TargetModulesConfig};
 use crate::models::summary::{group_linear_layers, summarize};
 use crate::models::{resolve_model_path, ModelConfig};
+use crate::peft::counts::{trainable_parameters, MethodShape};
 use crate::peft::targets::{
     check_targets, lora_module_parameters, lora_parameter_count, matched_modules,
 };
-use crate::peft::counts::{trainable_parameters, MethodShape};
 use crate::peft::TargetModules;
 use crate::report;
 use crate::report::inspect::{InspectReport, LoraGroup, LoraTargets, MethodCount};
@@ -233,6 +233,7 @@ fn method_text(written: &str) -> Result<String, String> {
 /// do not change the count (dropout, init, ...) are accepted and ignored.
 #[derive(Debug, Default, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
+#[allow(dead_code)] // every accepted key is listed so unknown ones are rejected; counts read a few
 struct MethodFields {
     r: Option<usize>,
     target_modules: Option<TargetModulesConfig>,
@@ -295,7 +296,8 @@ pub fn parse_method(written: &str, config: &ModelConfig) -> Result<(MethodShape,
             )
         }
     };
-    let fields: MethodFields = serde_json::from_value(body).map_err(|error| format!("{name}: {error}"))?;
+    let fields: MethodFields =
+        serde_json::from_value(body).map_err(|error| format!("{name}: {error}"))?;
     let model_type = config.model_type();
     let resolve = |written: Option<&TargetModulesConfig>| {
         resolve_targets(written, &serde_json::json!({ "model_type": model_type }))

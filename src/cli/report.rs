@@ -15,8 +15,10 @@ use crate::report;
 use crate::report::html::{ReportInput, StageRow, StepRow, TrainCurves};
 
 #[derive(Debug, Args)]
-#[command(after_help = "Examples:\n  peftpipe report pipelines/quickstart.yaml\n  \
-    peftpipe report pipelines/quickstart.yaml -o /tmp/quickstart.html")]
+#[command(
+    after_help = "Examples:\n  peftpipe report pipelines/quickstart.yaml\n  \
+    peftpipe report pipelines/quickstart.yaml -o /tmp/quickstart.html"
+)]
 pub struct ReportArgs {
     #[command(flatten)]
     pub pipeline: PipelineArgs,
@@ -76,8 +78,9 @@ pub fn write_report(
         .parent()
         .filter(|parent| !parent.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
-    std::fs::create_dir_all(directory)
-        .map_err(|error| Failure::Write(format!("cannot create {}: {error}", directory.display())))?;
+    std::fs::create_dir_all(directory).map_err(|error| {
+        Failure::Write(format!("cannot create {}: {error}", directory.display()))
+    })?;
     crate::peft::write_atomic(path, page.as_bytes())
         .map_err(|error| Failure::Write(format!("cannot write {}: {error}", path.display())))?;
     // A page to open and share: readable like any file the user writes (the temporary file
@@ -165,7 +168,9 @@ pub fn gather(
             .unwrap_or_else(|| settings.out_root.join(&planned.name));
         read_outputs(&mut input, &planned.name, &out_dir);
     }
-    input.environment.push(("peftpipe".into(), crate::TOOL_VERSION.into()));
+    input
+        .environment
+        .push(("peftpipe".into(), crate::TOOL_VERSION.into()));
     input.environment.push((
         "platform".into(),
         format!("{}-{}", std::env::consts::OS, std::env::consts::ARCH),

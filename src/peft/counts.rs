@@ -205,7 +205,10 @@ mod tests {
         let config = tiny();
         // kv_dim = 4 (head_dim 4 × 1 kv head).
         assert_eq!(prompt_tuning_parameters(&config, 5), Some(40));
-        assert_eq!(prefix_tuning_parameters(&config, 5, None), Some(5 * 3 * 2 * 4));
+        assert_eq!(
+            prefix_tuning_parameters(&config, 5, None),
+            Some(5 * 3 * 2 * 4)
+        );
         // Embedding 5·4 + Linear(4, 6) 24 + 6 + Linear(6, 24) 144 + 24.
         assert_eq!(
             prefix_tuning_parameters(&config, 5, Some(6)),

@@ -147,7 +147,10 @@ fn stages_section(input: &ReportInput) -> String {
             escape(&stage.kind),
             escape(&stage.needs.join(", ")),
             escape(&stage.status),
-            stage.seconds.map(format::seconds).unwrap_or_else(|| "-".into()),
+            stage
+                .seconds
+                .map(format::seconds)
+                .unwrap_or_else(|| "-".into()),
             escape(&stage.cache),
             escape(&super::run::outcome_text(&stage.outcome)),
         );
@@ -184,7 +187,10 @@ fn training_section(input: &ReportInput) -> String {
         let charts = [
             ("Loss", loss_series),
             ("Learning rate", vec![("lr", series(|row| row.lr))]),
-            ("Gradient norm", vec![("grad norm", series(|row| row.grad_norm))]),
+            (
+                "Gradient norm",
+                vec![("grad norm", series(|row| row.grad_norm))],
+            ),
             (
                 "Tokens per second",
                 vec![("tokens/s", series(|row| row.tokens_per_second))],
@@ -451,12 +457,7 @@ pub fn dag_chart(stages: &[StageRow]) -> String {
                     // behind the boxes between.
                     let path = if x - from_x > box_width + gap_x {
                         let lane = from_y + box_height + gap_y / 2;
-                        vec![
-                            start,
-                            (start.0 + 12, lane),
-                            (end.0 - 20, lane),
-                            end,
-                        ]
+                        vec![start, (start.0 + 12, lane), (end.0 - 20, lane), end]
                     } else {
                         vec![start, end]
                     };
@@ -533,17 +534,18 @@ fn evaluation_section(input: &ReportInput) -> String {
             .into_iter()
             .filter(|name| metrics.get(*name).is_some_and(|v| v.is_object()))
             .collect();
-        let figures: Vec<(&str, Vec<Option<f64>>)> = ["accuracy", "exact_match", "loss", "perplexity"]
-            .into_iter()
-            .map(|figure| {
-                let values = models
-                    .iter()
-                    .map(|model| headline(&metrics[*model], figure))
-                    .collect::<Vec<_>>();
-                (figure, values)
-            })
-            .filter(|(_, values)| values.iter().any(Option::is_some))
-            .collect();
+        let figures: Vec<(&str, Vec<Option<f64>>)> =
+            ["accuracy", "exact_match", "loss", "perplexity"]
+                .into_iter()
+                .map(|figure| {
+                    let values = models
+                        .iter()
+                        .map(|model| headline(&metrics[*model], figure))
+                        .collect::<Vec<_>>();
+                    (figure, values)
+                })
+                .filter(|(_, values)| values.iter().any(Option::is_some))
+                .collect();
         html.push_str("<table>\n<tr><th>metric</th>");
         for model in &models {
             let _ = write!(html, "<th>{model}</th>");
@@ -558,7 +560,10 @@ fn evaluation_section(input: &ReportInput) -> String {
                     value.map(format::number).unwrap_or_else(|| "-".into())
                 );
             }
-            let change = match (values.first().copied().flatten(), values.last().copied().flatten()) {
+            let change = match (
+                values.first().copied().flatten(),
+                values.last().copied().flatten(),
+            ) {
                 (Some(before), Some(after)) if values.len() > 1 => format!(
                     "{} {}",
                     format::signed(after - before),
@@ -566,7 +571,11 @@ fn evaluation_section(input: &ReportInput) -> String {
                 ),
                 _ => "-".into(),
             };
-            let _ = writeln!(html, "<td class=\"num\">{}</td></tr>", escape(change.trim()));
+            let _ = writeln!(
+                html,
+                "<td class=\"num\">{}</td></tr>",
+                escape(change.trim())
+            );
         }
         html.push_str("</table>\n");
         for (figure, values) in &figures {
@@ -651,7 +660,10 @@ mod tests {
 
     #[test]
     fn escaping() {
-        assert_eq!(escape("<a href=\"x\">&'"), "&lt;a href=&quot;x&quot;&gt;&amp;&#39;");
+        assert_eq!(
+            escape("<a href=\"x\">&'"),
+            "&lt;a href=&quot;x&quot;&gt;&amp;&#39;"
+        );
     }
 
     #[test]
@@ -663,7 +675,10 @@ mod tests {
         assert!(chart.contains("data-points=\"3\""), "{chart}");
         assert!(chart.contains("<polyline"), "{chart}");
         assert!(chart.contains("(log scale)"));
-        let bars = bar_chart("accuracy", &[("base".into(), 0.5), ("adapted".into(), 0.98)]);
+        let bars = bar_chart(
+            "accuracy",
+            &[("base".into(), 0.5), ("adapted".into(), 0.98)],
+        );
         assert!(bars.contains("data-points=\"2\""), "{bars}");
         assert!(bars.matches("<rect").count() >= 3, "{bars}");
     }

@@ -452,37 +452,58 @@ mod tests {
 
     fn quickstart_summary() -> RunSummary {
         use crate::exec::{CacheUse, StageReport};
-        let stage = |name: &str, kind: &str, seconds: f64, outcome: serde_json::Value| StageReport {
-            name: name.into(),
-            kind: kind.into(),
-            status: StageStatus::Ran,
-            cache: CacheUse::Miss,
-            reasons: Vec::new(),
-            wall_time: Duration::from_secs_f64(seconds),
-            outcome: serde_json::from_value(outcome).unwrap(),
-            output: None,
-            output_dir: None,
-            error: None,
-        };
+        let stage =
+            |name: &str, kind: &str, seconds: f64, outcome: serde_json::Value| StageReport {
+                name: name.into(),
+                kind: kind.into(),
+                status: StageStatus::Ran,
+                cache: CacheUse::Miss,
+                reasons: Vec::new(),
+                wall_time: Duration::from_secs_f64(seconds),
+                outcome: serde_json::from_value(outcome).unwrap(),
+                output: None,
+                output_dir: None,
+                error: None,
+            };
         RunSummary {
             pipeline: "quickstart".into(),
             interrupted: false,
             wall_time: Duration::from_secs_f64(8.38),
             stages: vec![
-                stage("data", "ingest", 0.004, serde_json::json!({"duplicates": 40, "eval_rows": 230,
-                    "rows_kept": 1150, "rows_read": 1202, "train_rows": 920})),
-                stage("train", "train", 7.76, serde_json::json!({"final_loss": 0.006208181381225586,
+                stage(
+                    "data",
+                    "ingest",
+                    0.004,
+                    serde_json::json!({"duplicates": 40, "eval_rows": 230,
+                    "rows_kept": 1150, "rows_read": 1202, "train_rows": 920}),
+                ),
+                stage(
+                    "train",
+                    "train",
+                    7.76,
+                    serde_json::json!({"final_loss": 0.006208181381225586,
                     "steps": 464, "tokens": 111800, "tokens_per_second": 14488.319760111659,
-                    "trainable_parameters": 18496, "wall_seconds": 7.716560778})),
-                stage("evaluate", "evaluate", 0.58, serde_json::json!({
+                    "trainable_parameters": 18496, "wall_seconds": 7.716560778}),
+                ),
+                stage(
+                    "evaluate",
+                    "evaluate",
+                    0.58,
+                    serde_json::json!({
                     "accuracy": {"base": 0.5, "adapted": 0.9826086956521739},
                     "loss": {"base": 70.59368998486063, "adapted": 0.04652185854704484},
                     "perplexity": {"base": 4.5545976487822755e30, "adapted": 1.0476209782907002},
-                    "rows": 230})),
-                stage("export", "export", 0.07, serde_json::json!({
+                    "rows": 230}),
+                ),
+                stage(
+                    "export",
+                    "export",
+                    0.07,
+                    serde_json::json!({
                     "adapter_destination": "out/quickstart/adapter", "adapter_parameters": 18496,
                     "merged_bytes": 411152, "merged_destination": "out/quickstart/merged",
-                    "merged_files": 1, "merged_tensors": 14})),
+                    "merged_files": 1, "merged_tensors": 14}),
+                ),
             ],
         }
     }
@@ -517,7 +538,11 @@ mod tests {
         for line in text.lines() {
             assert!(line.chars().count() <= SUMMARY_WIDTH, "too wide: {line}");
         }
-        for figure in ["merged_tensors=14", "rows_read=1202", "trainable_parameters=18,496"] {
+        for figure in [
+            "merged_tensors=14",
+            "rows_read=1202",
+            "trainable_parameters=18,496",
+        ] {
             assert!(text.contains(figure), "{figure} missing: {text}");
         }
         assert!(!text.contains("wall_seconds"), "{text}");
@@ -530,10 +555,7 @@ mod tests {
             ("split".to_string(), serde_json::json!("train")),
         ]);
         assert_eq!(outcome_text(&outcome), "rows=10, split=train");
-        let outcome = BTreeMap::from([(
-            "merged_bytes".to_string(),
-            serde_json::json!(411_152),
-        )]);
+        let outcome = BTreeMap::from([("merged_bytes".to_string(), serde_json::json!(411_152))]);
         assert_eq!(outcome_text(&outcome), "merged_bytes=402 KiB");
     }
 
@@ -569,7 +591,11 @@ mod tests {
         step(460, 460, "base · accuracy");
         assert_eq!(state(), (460, Some(460)));
         step(1, 3, "base · samples");
-        assert_eq!(state(), (1, Some(3)), "the samples phase counts its own rows");
+        assert_eq!(
+            state(),
+            (1, Some(3)),
+            "the samples phase counts its own rows"
+        );
         step(3, 3, "base · samples");
         // Same length, position back to the start: the adapted model's pass of a phase.
         step(1, 3, "adapted · samples");

@@ -1064,7 +1064,10 @@ mod tests {
             summary["perplexity"],
             serde_json::json!({"base": 2f64.exp(), "adapted": 1.5f64.exp()})
         );
-        assert_eq!(summary["loss"], serde_json::json!({"base": 2.0, "adapted": 1.5}));
+        assert_eq!(
+            summary["loss"],
+            serde_json::json!({"base": 2.0, "adapted": 1.5})
+        );
     }
 
     #[test]

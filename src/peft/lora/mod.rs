@@ -488,7 +488,10 @@ impl LinearFactory for LoraAdapter {
             // PEFT's init: the row norms of W + s·B·A (B = 0: of W), as the forward computes them.
             (true, None) => {
                 let delta = b.matmul(&a)?.affine(scale, 0.0)?;
-                Some(dora::weight_norm(&base.weight, &delta.to_device(base.weight.device())?)?)
+                Some(dora::weight_norm(
+                    &base.weight,
+                    &delta.to_device(base.weight.device())?,
+                )?)
             }
         };
         let layer = Arc::new(LoraLinear {

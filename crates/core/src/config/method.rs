@@ -318,7 +318,9 @@ pub fn resolve_targets_for(
 
 /// PEFT's IA3 targets and feed-forward modules for a model type
 /// (`TRANSFORMERS_MODELS_TO_IA3_{TARGET,FEEDFORWARD}_MODULES_MAPPING`).
-pub fn ia3_defaults(model_type: &str) -> Option<(&'static [&'static str], &'static [&'static str])> {
+pub fn ia3_defaults(
+    model_type: &str,
+) -> Option<(&'static [&'static str], &'static [&'static str])> {
     match model_type {
         "llama" | "mistral" => Some((&["k_proj", "v_proj", "down_proj"], &["down_proj"])),
         "gemma" | "gemma2" | "qwen2" => Some((&["q_proj", "v_proj", "down_proj"], &["down_proj"])),
@@ -333,9 +335,8 @@ pub fn resolve_ia3_for(
     model_type: &str,
 ) -> Result<(TargetModules, Vec<String>), String> {
     let defaults = ia3_defaults(model_type);
-    let missing = |what: &str| {
-        format!("no default IA3 {what} for model_type `{model_type}`: set {what}")
-    };
+    let missing =
+        |what: &str| format!("no default IA3 {what} for model_type `{model_type}`: set {what}");
     let targets = match &config.target_modules {
         Some(written) => resolve_targets_for(Some(written), model_type)?,
         None => {
