@@ -442,6 +442,11 @@ fn every_method_lowers_bevostories_validation_perplexity() {
             3e-3,
         ),
         ("llama_adapter: {adapter_len: 10, adapter_layers: 5}", 1e-2),
+        ("ia3: {}", 3e-2),
+        (
+            "lora: {r: 16, alpha: 32, use_dora: true, target_modules: all-linear}",
+            5e-3,
+        ),
     ];
     for (yaml, learning_rate) in runs {
         let case = Case {
