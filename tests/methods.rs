@@ -20,6 +20,9 @@ use std::collections::HashMap;
 use candle_core::{DType, Device, Tensor};
 use peftpipe::config::method::MethodConfig;
 use peftpipe::data::batch::{collate, Sequence};
+use peftpipe::models::quantized::{
+    dequantized_base_patches, is_quantized_linear, QuantizingFactory,
+};
 use peftpipe::models::{CausalLm, FrozenLinearFactory, ModelDir};
 use peftpipe::peft::{load_adapter, new_adapter, Adapter, AdapterMode, MethodContext};
 use peftpipe::train::trainer::{CausalLmLoss, LossModel};
@@ -112,7 +115,52 @@ fn cases() -> Vec<Case> {
         ),
     ];
     cases.extend(ia3_and_dora_cases());
+    cases.extend(qlora_cases());
     cases
+}
+
+/// QLoRA: LoRA over a 4-bit base. Its step-0 identity is against the *dequantized* base, and a
+/// reload goes onto the same quantized base (the adapter folder is plain PEFT LoRA; the run
+/// records the quantization beside it).
+fn qlora_cases() -> Vec<Case> {
+    let case = |yaml| Case {
+        yaml,
+        identity_at_step_zero: true,
+        reference: None,
+        reference_virtual_tokens: 0,
+        saves_what_it_trains: true,
+    };
+    vec![
+        case("qlora: {r: 4, alpha: 8, target_modules: all-linear}"),
+        case("qlora: {r: 2, alpha: 4, quant_type: fp4, double_quant: false, block_size: 128, dropout: 0.1}"),
+        case("qlora: {r: 2, alpha: 4, use_dora: true, target_modules: [q_proj, down_proj, lm_head]}"),
+    ]
+}
+
+/// The base a method's adapter computes over: the weights as given, or for a quantized base
+/// (QLoRA) every quantizable linear weight dequantized from its 4-bit form.
+fn effective_base(
+    adapter: &dyn Adapter,
+    weights: &HashMap<String, Tensor>,
+) -> HashMap<String, Tensor> {
+    let Some(quantization) = adapter.base_quantization() else {
+        return weights.clone();
+    };
+    weights
+        .iter()
+        .map(|(name, weight)| {
+            let value = if is_quantized_linear(name, weight.dims()) {
+                quantization
+                    .round_trip(weight)
+                    .unwrap()
+                    .to_dtype(weight.dtype())
+                    .unwrap()
+            } else {
+                weight.clone()
+            };
+            (name.clone(), value)
+        })
+        .collect()
 }
 
 /// IA3 (PEFT's default Llama targets, and a custom set) and DoRA (LoRA's `use_dora`). No PEFT
@@ -202,12 +250,16 @@ fn perturb(adapter: &dyn Adapter, seed: u64) {
 fn every_method_keeps_the_base_model_at_step_zero_where_it_promises_to() {
     let config = tiny_llama_config();
     let weights = llama_weights(&config, 1, 0.2);
-    let base = build_llama(&config, &weights, &FrozenLinearFactory);
     for case in cases() {
         let adapter = fresh(&case, &tiny_llama_json());
         let model = build_llama(&config, &weights, adapter.linear_factory());
         adapter.finish_injection(&model).unwrap();
         assert!(adapter.trainable_parameter_count() > 0, "{}", case.yaml);
+        let base = build_llama(
+            &config,
+            &effective_base(adapter.as_ref(), &weights),
+            &FrozenLinearFactory,
+        );
         let difference = max_difference(
             &logits(&model, Some(adapter.as_ref())),
             &logits(&base, None),
@@ -269,7 +321,15 @@ fn every_method_saves_and_loads_back_to_identical_logits() {
         let loaded = load_adapter(dir.path(), &Device::Cpu)
             .unwrap_or_else(|error| panic!("{}: {error}", case.yaml));
         assert_eq!(loaded.peft_type(), adapter.peft_type());
-        let reloaded = build_llama(&config, &weights, loaded.linear_factory());
+        // A QLoRA adapter reloads onto the same 4-bit base.
+        let reloaded = match adapter.base_quantization() {
+            Some(quantization) => build_llama(
+                &config,
+                &weights,
+                &QuantizingFactory::new(loaded.linear_factory(), quantization),
+            ),
+            None => build_llama(&config, &weights, loaded.linear_factory()),
+        };
         loaded.finish_injection(&reloaded).unwrap();
         let difference = max_difference(&logits(&reloaded, Some(loaded.as_ref())), &expected);
         assert_eq!(difference, 0.0, "{}: reloaded logits differ", case.yaml);
@@ -282,7 +342,22 @@ fn every_method_saves_and_loads_back_to_identical_logits() {
             );
         }
         // A mergeable method's patches give the adapted model as a plain one.
-        if let Some(patches) = loaded.merge_patches().unwrap() {
+        // (A QLoRA adapter's over the dequantized base, as the export stage writes it.)
+        let patches =
+            loaded
+                .merge_patches()
+                .unwrap()
+                .map(|patches| match adapter.base_quantization() {
+                    Some(quantization) => {
+                        let shapes = weights
+                            .iter()
+                            .map(|(name, weight)| (name.clone(), weight.dims().to_vec()))
+                            .collect();
+                        dequantized_base_patches(patches, &quantization, DType::F32, &shapes)
+                    }
+                    None => patches,
+                });
+        if let Some(patches) = patches {
             let mut merged = weights.clone();
             for patch in patches {
                 let name = format!("{}.weight", patch.path);
@@ -534,9 +609,11 @@ fn ia3_and_dora_save_peft_names_and_config_keys() {
             &std::fs::read_to_string(dir.path().join("adapter_config.json")).unwrap(),
         )
         .unwrap();
-        let tensors =
-            candle_core::safetensors::load(dir.path().join("adapter_model.safetensors"), &Device::Cpu)
-                .unwrap();
+        let tensors = candle_core::safetensors::load(
+            dir.path().join("adapter_model.safetensors"),
+            &Device::Cpu,
+        )
+        .unwrap();
         let mut shapes: Vec<(String, Vec<usize>)> = tensors
             .into_iter()
             .map(|(name, tensor)| (name, tensor.dims().to_vec()))
@@ -551,12 +628,20 @@ fn ia3_and_dora_save_peft_names_and_config_keys() {
     assert_eq!(json["base_model_name_or_path"], "models/tiny");
     assert_eq!(json["init_ia3_weights"], true);
     assert_eq!(json["fan_in_fan_out"], false);
-    assert_eq!(json["feedforward_modules"], serde_json::json!(["down_proj"]));
+    assert_eq!(
+        json["feedforward_modules"],
+        serde_json::json!(["down_proj"])
+    );
     assert_eq!(
         json["target_modules"],
         serde_json::json!(["down_proj", "k_proj", "v_proj"])
     );
-    for key in ["modules_to_save", "exclude_modules", "revision", "inference_mode"] {
+    for key in [
+        "modules_to_save",
+        "exclude_modules",
+        "revision",
+        "inference_mode",
+    ] {
         assert!(json.get(key).is_some(), "adapter_config.json lacks `{key}`");
     }
     let layer = |i: usize, module: &str, shape: &[usize]| {
@@ -585,7 +670,12 @@ fn ia3_and_dora_save_peft_names_and_config_keys() {
     let names: Vec<&str> = shapes.iter().map(|(name, _)| name.as_str()).collect();
     assert_eq!(names.len(), 2 * 2 * 3, "{names:?}");
     let q = "base_model.model.model.layers.0.self_attn.q_proj";
-    let find = |name: String| shapes.iter().find(|(n, _)| *n == name).map(|(_, s)| s.clone());
+    let find = |name: String| {
+        shapes
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, s)| s.clone())
+    };
     assert_eq!(find(format!("{q}.lora_A.weight")), Some(vec![2, 16]));
     assert_eq!(find(format!("{q}.lora_B.weight")), Some(vec![16, 2]));
     assert_eq!(find(format!("{q}.lora_magnitude_vector")), Some(vec![16]));
@@ -613,7 +703,9 @@ fn dora_magnitude_starts_at_the_weight_row_norms_and_ia3_at_ones() {
     let vars = dora.trainable_vars();
     let (_, magnitude) = vars
         .iter()
-        .find(|(name, _)| name == "base_model.model.model.layers.1.self_attn.q_proj.lora_magnitude_vector")
+        .find(|(name, _)| {
+            name == "base_model.model.model.layers.1.self_attn.q_proj.lora_magnitude_vector"
+        })
         .expect("a magnitude vector");
     let expected = weights["model.layers.1.self_attn.q_proj.weight"]
         .sqr()
@@ -647,10 +739,17 @@ fn ia3_and_dora_merge_in_place_equals_the_unmerged_forward() {
         adapter.merge().unwrap();
         let merged = logits(&model, Some(adapter.as_ref()));
         let difference = max_difference(&merged, &unmerged);
-        eprintln!("{}: merged vs unmerged max |Δlogit| = {difference:e}", case.yaml);
+        eprintln!(
+            "{}: merged vs unmerged max |Δlogit| = {difference:e}",
+            case.yaml
+        );
         assert!(difference < 1e-5, "{}: {difference}", case.yaml);
         adapter.unmerge().unwrap();
         let difference = max_difference(&logits(&model, Some(adapter.as_ref())), &unmerged);
-        assert!(difference < 1e-6, "{}: unmerged again {difference}", case.yaml);
+        assert!(
+            difference < 1e-6,
+            "{}: unmerged again {difference}",
+            case.yaml
+        );
     }
 }
