@@ -817,8 +817,14 @@ impl Stage for EvaluateStage {
             resolve_device(device_spec).map_err(|error| StageError::user(error.to_string()))?;
         let dtype = compute_dtype(&device, DTypeSpec::Auto);
         let load = |adapter: Option<&Path>| {
-            InferenceModel::load(&base_record.path, adapter, &device, dtype)
-                .map_err(StageError::User)
+            InferenceModel::load(
+                &base_record.path,
+                adapter,
+                base_record.quantization.as_ref(),
+                &device,
+                dtype,
+            )
+            .map_err(StageError::User)
         };
 
         let base = load(None)?;
@@ -1064,7 +1070,10 @@ mod tests {
             summary["perplexity"],
             serde_json::json!({"base": 2f64.exp(), "adapted": 1.5f64.exp()})
         );
-        assert_eq!(summary["loss"], serde_json::json!({"base": 2.0, "adapted": 1.5}));
+        assert_eq!(
+            summary["loss"],
+            serde_json::json!({"base": 2.0, "adapted": 1.5})
+        );
     }
 
     #[test]
