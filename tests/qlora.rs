@@ -348,3 +348,96 @@ fn qlora_lowers_bevostories_validation_perplexity_like_lora() {
         "LoRA ×{lora_gain:.3}, QLoRA ×{qlora_gain:.3}"
     );
 }
+
+/// The example pipeline validates; a shortened copy runs (train → evaluate over the same 4-bit
+/// base → export). The exported adapter is PEFT LoRA; the merged model is 16-bit over the
+/// dequantized base: its logits equal the adapter applied over the 4-bit base, not over the
+/// original 16-bit base.
+#[test]
+fn the_qlora_pipeline_runs_and_exports_a_peft_lora_adapter_and_a_merged_16bit_model() {
+    use peftpipe::infer::session::InferenceModel;
+    let Some(shared) = shared_dir() else {
+        eprintln!("skipped: PEFTPIPE_SHARED not set");
+        return;
+    };
+    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("pipelines/qlora-stories.yaml");
+    let validated = peftpipe().arg("validate").arg(&example).output().unwrap();
+    assert!(
+        validated.status.success(),
+        "{}",
+        String::from_utf8_lossy(&validated.stderr)
+    );
+    let project = tempfile::tempdir().unwrap();
+    let text = std::fs::read_to_string(&example)
+        .unwrap()
+        .replace("max_steps: 60", "max_steps: 12");
+    let pipeline = project.path().join("qlora-stories.yaml");
+    std::fs::write(&pipeline, text).unwrap();
+    let run = peftpipe()
+        .arg("run")
+        .arg(&pipeline)
+        .env("PEFTPIPE_SHARED", &shared)
+        .env("PEFTPIPE_CACHE_DIR", project.path().join("cache"))
+        .output()
+        .unwrap();
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+
+    let out = project.path().join("out/qlora-stories");
+    let config: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(out.join("adapter/adapter_config.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(config["peft_type"], "LORA");
+    assert_eq!(config["r"], 16);
+    assert_eq!(config["lora_alpha"], 32);
+    let tensors =
+        candle_core::safetensors::load(out.join("adapter/adapter_model.safetensors"), &Device::Cpu)
+            .unwrap();
+    assert_eq!(tensors.len(), 70, "A and B of 5 layers × 7 linears");
+    assert!(tensors.contains_key("base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"));
+    let merged_config = std::fs::read_to_string(out.join("merged/config.json")).unwrap();
+    assert!(
+        !merged_config.contains("quantization_config"),
+        "the merged model is 16-bit"
+    );
+
+    let base = shared.join("models/stories260k");
+    let quantization = BaseQuantization {
+        config: QuantConfig::default(),
+        compute_dtype: None,
+    };
+    let (ids, mask) = batch_inputs();
+    let logits = |model: &InferenceModel| {
+        model
+            .model
+            .forward(&ids, Some(&mask), &model.hooks)
+            .unwrap()
+    };
+    let adapter_dir = out.join("adapter");
+    let over_4bit = InferenceModel::load(
+        &base,
+        Some(&adapter_dir),
+        Some(&quantization),
+        &Device::Cpu,
+        DType::F32,
+    )
+    .unwrap();
+    let over_16bit =
+        InferenceModel::load(&base, Some(&adapter_dir), None, &Device::Cpu, DType::F32).unwrap();
+    let merged =
+        InferenceModel::load(&out.join("merged"), None, None, &Device::Cpu, DType::F32).unwrap();
+    let error = max_difference(&logits(&merged), &logits(&over_4bit));
+    let moved = max_difference(&logits(&merged), &logits(&over_16bit));
+    eprintln!(
+        "merged 16-bit QLoRA model vs the adapter over the 4-bit base: max |Δlogit| = {error:e} (vs over the original 16-bit base: {moved:e})"
+    );
+    assert!(error < 1e-4, "merged vs unmerged QLoRA: {error}");
+    assert!(
+        moved > 1e-2,
+        "the merge ignored the dequantized base ({moved})"
+    );
+}

@@ -697,6 +697,98 @@ mod tests {
     }
 
     #[test]
+    fn the_base_quantization_record_round_trips_and_names_bad_fields() {
+        let record = BaseQuantization {
+            config: QuantConfig {
+                quant_type: QuantType::Fp4,
+                block_size: 128,
+                double_quant: false,
+            },
+            compute_dtype: Some(DType::BF16),
+        };
+        assert_eq!(BaseQuantization::from_json(&record.to_json()), Ok(record));
+        let default = BaseQuantization {
+            config: QuantConfig::default(),
+            compute_dtype: None,
+        };
+        assert_eq!(BaseQuantization::from_json(&default.to_json()), Ok(default));
+        for (json, field) in [
+            (
+                serde_json::json!({"double_quant": true, "block_size": 64}),
+                "quant_type",
+            ),
+            (
+                serde_json::json!({"quant_type": "int4", "double_quant": true, "block_size": 64}),
+                "quant_type",
+            ),
+            (
+                serde_json::json!({"quant_type": "nf4", "double_quant": true, "block_size": 100}),
+                "block size",
+            ),
+            (
+                serde_json::json!({"quant_type": "nf4", "double_quant": true, "block_size": 64, "compute_dtype": "f64"}),
+                "compute_dtype",
+            ),
+        ] {
+            let error = BaseQuantization::from_json(&json).unwrap_err();
+            assert!(error.contains(field), "{json}: {error}");
+        }
+    }
+
+    #[test]
+    fn the_quantizing_factory_stores_linears_in_4_bits_and_leaves_the_head() {
+        use crate::models::FrozenLinearFactory;
+        let factory = QuantizingFactory::new(
+            FrozenLinearFactory,
+            BaseQuantization {
+                config: QuantConfig::default(),
+                compute_dtype: Some(DType::F32),
+            },
+        );
+        let weight = Tensor::randn(0f32, 0.1, (8, 64), &Device::Cpu).unwrap();
+        let x = Tensor::randn(0f32, 1.0, (3, 64), &Device::Cpu).unwrap();
+        let base = LinearWeights {
+            weight: weight.clone(),
+            bias: None,
+        };
+        let layer = factory
+            .build("model.layers.0.mlp.up_proj", base.clone())
+            .unwrap();
+        let head = factory.build("lm_head", base).unwrap();
+        let expected = x
+            .matmul(
+                &factory
+                    .quantization()
+                    .round_trip(&weight)
+                    .unwrap()
+                    .t()
+                    .unwrap(),
+            )
+            .unwrap();
+        let got = layer.forward(&x).unwrap();
+        let difference = got
+            .sub(&expected)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(difference < 1e-5, "{difference}");
+        assert!(
+            head.frozen_weight().is_some(),
+            "lm_head stays a dense layer"
+        );
+        let layers = factory.quantized_layers();
+        assert_eq!(
+            layers.shapes.keys().collect::<Vec<_>>(),
+            ["model.layers.0.mlp.up_proj.weight"]
+        );
+        assert_eq!(layers.load_dtype, Some(DType::F32));
+    }
+
+    #[test]
     fn only_decoder_block_matrices_are_quantized() {
         assert!(is_quantized_linear(
             "model.layers.3.mlp.down_proj.weight",
