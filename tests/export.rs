@@ -376,10 +376,17 @@ fn exported_adapter_reimports_with_peft_logits_and_matches_the_merged_model() ->
     let adapted = InferenceModel::load(
         &base,
         Some(&project.path().join("a")),
+        None,
         &Device::Cpu,
         DType::F32,
     )?;
-    let merged = InferenceModel::load(&project.path().join("m"), None, &Device::Cpu, DType::F32)?;
+    let merged = InferenceModel::load(
+        &project.path().join("m"),
+        None,
+        None,
+        &Device::Cpu,
+        DType::F32,
+    )?;
     let ids = ids.to_dtype(DType::U32)?;
     let mask = mask.to_dtype(DType::U32)?;
     let adapted_logits = adapted.language_model().logits(&ids, &mask)?;

@@ -20,6 +20,9 @@ use std::collections::HashMap;
 use candle_core::{DType, Device, Tensor};
 use peftpipe::config::method::MethodConfig;
 use peftpipe::data::batch::{collate, Sequence};
+use peftpipe::models::quantized::{
+    dequantized_base_patches, is_quantized_linear, QuantizingFactory,
+};
 use peftpipe::models::{CausalLm, FrozenLinearFactory, ModelDir};
 use peftpipe::peft::{load_adapter, new_adapter, Adapter, AdapterMode, MethodContext};
 use peftpipe::train::trainer::{CausalLmLoss, LossModel};
@@ -112,7 +115,52 @@ fn cases() -> Vec<Case> {
         ),
     ];
     cases.extend(ia3_and_dora_cases());
+    cases.extend(qlora_cases());
     cases
+}
+
+/// QLoRA: LoRA over a 4-bit base. Its step-0 identity is against the *dequantized* base, and a
+/// reload goes onto the same quantized base (the adapter folder is plain PEFT LoRA; the run
+/// records the quantization beside it).
+fn qlora_cases() -> Vec<Case> {
+    let case = |yaml| Case {
+        yaml,
+        identity_at_step_zero: true,
+        reference: None,
+        reference_virtual_tokens: 0,
+        saves_what_it_trains: true,
+    };
+    vec![
+        case("qlora: {r: 4, alpha: 8, target_modules: all-linear}"),
+        case("qlora: {r: 2, alpha: 4, quant_type: fp4, double_quant: false, block_size: 128, dropout: 0.1}"),
+        case("qlora: {r: 2, alpha: 4, use_dora: true, target_modules: [q_proj, down_proj, lm_head]}"),
+    ]
+}
+
+/// The base a method's adapter computes over: the weights as given, or for a quantized base
+/// (QLoRA) every quantizable linear weight dequantized from its 4-bit form.
+fn effective_base(
+    adapter: &dyn Adapter,
+    weights: &HashMap<String, Tensor>,
+) -> HashMap<String, Tensor> {
+    let Some(quantization) = adapter.base_quantization() else {
+        return weights.clone();
+    };
+    weights
+        .iter()
+        .map(|(name, weight)| {
+            let value = if is_quantized_linear(name, weight.dims()) {
+                quantization
+                    .round_trip(weight)
+                    .unwrap()
+                    .to_dtype(weight.dtype())
+                    .unwrap()
+            } else {
+                weight.clone()
+            };
+            (name.clone(), value)
+        })
+        .collect()
 }
 
 /// IA3 (PEFT's default Llama targets, and a custom set) and DoRA (LoRA's `use_dora`). No PEFT
@@ -202,12 +250,16 @@ fn perturb(adapter: &dyn Adapter, seed: u64) {
 fn every_method_keeps_the_base_model_at_step_zero_where_it_promises_to() {
     let config = tiny_llama_config();
     let weights = llama_weights(&config, 1, 0.2);
-    let base = build_llama(&config, &weights, &FrozenLinearFactory);
     for case in cases() {
         let adapter = fresh(&case, &tiny_llama_json());
         let model = build_llama(&config, &weights, adapter.linear_factory());
         adapter.finish_injection(&model).unwrap();
         assert!(adapter.trainable_parameter_count() > 0, "{}", case.yaml);
+        let base = build_llama(
+            &config,
+            &effective_base(adapter.as_ref(), &weights),
+            &FrozenLinearFactory,
+        );
         let difference = max_difference(
             &logits(&model, Some(adapter.as_ref())),
             &logits(&base, None),
@@ -269,7 +321,15 @@ fn every_method_saves_and_loads_back_to_identical_logits() {
         let loaded = load_adapter(dir.path(), &Device::Cpu)
             .unwrap_or_else(|error| panic!("{}: {error}", case.yaml));
         assert_eq!(loaded.peft_type(), adapter.peft_type());
-        let reloaded = build_llama(&config, &weights, loaded.linear_factory());
+        // A QLoRA adapter reloads onto the same 4-bit base.
+        let reloaded = match adapter.base_quantization() {
+            Some(quantization) => build_llama(
+                &config,
+                &weights,
+                &QuantizingFactory::new(loaded.linear_factory(), quantization),
+            ),
+            None => build_llama(&config, &weights, loaded.linear_factory()),
+        };
         loaded.finish_injection(&reloaded).unwrap();
         let difference = max_difference(&logits(&reloaded, Some(loaded.as_ref())), &expected);
         assert_eq!(difference, 0.0, "{}: reloaded logits differ", case.yaml);
@@ -282,7 +342,22 @@ fn every_method_saves_and_loads_back_to_identical_logits() {
             );
         }
         // A mergeable method's patches give the adapted model as a plain one.
-        if let Some(patches) = loaded.merge_patches().unwrap() {
+        // (A QLoRA adapter's over the dequantized base, as the export stage writes it.)
+        let patches =
+            loaded
+                .merge_patches()
+                .unwrap()
+                .map(|patches| match adapter.base_quantization() {
+                    Some(quantization) => {
+                        let shapes = weights
+                            .iter()
+                            .map(|(name, weight)| (name.clone(), weight.dims().to_vec()))
+                            .collect();
+                        dequantized_base_patches(patches, &quantization, DType::F32, &shapes)
+                    }
+                    None => patches,
+                });
+        if let Some(patches) = patches {
             let mut merged = weights.clone();
             for patch in patches {
                 let name = format!("{}.weight", patch.path);

@@ -256,6 +256,13 @@ struct MethodFields {
     prompt_tuning_init: Option<serde_json::Value>,
     prompt_tuning_init_text: Option<serde_json::Value>,
     init_ia3_weights: Option<serde_json::Value>,
+    /// QLoRA's base: `nf4` (default) or `fp4`.
+    quant_type: Option<String>,
+    /// QLoRA's base: double-quantized absmax (default true).
+    double_quant: Option<bool>,
+    /// QLoRA's base: weights per absmax (default 64).
+    block_size: Option<usize>,
+    compute_dtype: Option<serde_json::Value>,
 }
 
 /// PEFT's IA3 default targets: (target_modules, feedforward_modules) for a `model_type`.
@@ -311,7 +318,7 @@ pub fn parse_method(written: &str, config: &ModelConfig) -> Result<(MethodShape,
         }
     };
     let shape = match name.as_str() {
-        "lora" | "dora" => {
+        "lora" | "dora" | "qlora" => {
             let rank = need(Some(fields.r.unwrap_or(DEFAULT_RANK)), "r")?;
             let targets = resolve(fields.target_modules.as_ref())?;
             check_targets(&config.linear_layers(), &targets)?;
@@ -386,6 +393,10 @@ pub fn parse_method(written: &str, config: &ModelConfig) -> Result<(MethodShape,
         }
     };
     let settings = match &shape {
+        MethodShape::Lora { rank, targets, .. } if name == "qlora" => format!(
+            "r {rank} · target {targets} · {}",
+            qlora_base_memory(&fields, config)?
+        ),
         MethodShape::Lora { rank, targets, .. } => format!("r {rank} · target {targets}"),
         MethodShape::Ia3 {
             targets,
@@ -413,9 +424,71 @@ pub fn parse_method(written: &str, config: &ModelConfig) -> Result<(MethodShape,
     Ok((shape, settings))
 }
 
+/// QLoRA's base-weight memory for `inspect --method '{qlora: {...}}'`: the 4-bit linear
+/// weights (packed codes, absmax state, code books) against bf16, and the whole base with
+/// embeddings, norms and the head in bf16.
+fn qlora_base_memory(fields: &MethodFields, config: &ModelConfig) -> Result<String, String> {
+    use crate::models::quantized::base_memory;
+    use crate::quant::{QuantConfig, QuantType};
+    let type_name = fields.quant_type.as_deref().unwrap_or("nf4");
+    let quant_type = QuantType::from_name(type_name)
+        .ok_or_else(|| format!("qlora.quant_type `{type_name}`: write nf4 or fp4"))?;
+    let block_size = fields.block_size.unwrap_or(64);
+    if !crate::config::method::QLORA_BLOCK_SIZES.contains(&block_size) {
+        return Err(format!(
+            "qlora.block_size {block_size}: must be a power of two from 64 to 4096"
+        ));
+    }
+    let double_quant = fields.double_quant.unwrap_or(true);
+    let quant = QuantConfig {
+        quant_type,
+        block_size,
+        double_quant,
+    };
+    let memory =
+        base_memory(config, &quant).ok_or("the base-weight memory does not fit in 64 bits")?;
+    let mib = |bytes: u64| bytes as f64 / (1024.0 * 1024.0);
+    Ok(format!(
+        "4-bit {type_name} base ({}blocks of {block_size}): linear weights {:.2} MiB vs {:.2} MiB bf16 (×{:.3}), whole base {:.2} MiB vs {:.2} MiB (×{:.3})",
+        if double_quant { "double quant, " } else { "" },
+        mib(memory.quantized_bytes),
+        mib(memory.linear_bf16_bytes()),
+        memory.linear_ratio(),
+        mib(memory.total_quantized_bytes()),
+        mib(memory.total_bf16_bytes()),
+        memory.total_ratio()
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn qlora_counts_as_lora_and_reports_its_4bit_base_memory() {
+        let config = ModelConfig::from_json(&serde_json::json!({
+            "model_type": "llama", "hidden_size": 2048, "intermediate_size": 8192,
+            "num_hidden_layers": 16, "num_attention_heads": 32, "num_key_value_heads": 8,
+            "vocab_size": 128256, "tie_word_embeddings": true
+        }))
+        .unwrap();
+        let (shape, settings) = parse_method("{qlora: {r: 16}}", &config).unwrap();
+        let (lora, _) = parse_method("{lora: {r: 16}}", &config).unwrap();
+        assert_eq!(
+            trainable_parameters(&shape, &config),
+            trainable_parameters(&lora, &config)
+        );
+        // 4 bits + 8 bits per 64 weights + the nested state: ×0.258 of bf16 (Llama-3.2-1B shape).
+        assert!(settings.contains("(×0.258)"), "{settings}");
+        let (_, plain) =
+            parse_method("{qlora: {double_quant: false, quant_type: fp4}}", &config).unwrap();
+        assert!(
+            plain.contains("4-bit fp4") && plain.contains("(×0.281)"),
+            "{plain}"
+        );
+        assert!(parse_method("{qlora: {block_size: 32}}", &config).is_err());
+        assert!(parse_method("{qlora: {quant_type: int4}}", &config).is_err());
+    }
 
     #[test]
     fn target_specs_parse_as_names_regex_or_all_linear() {

@@ -4,7 +4,9 @@
 //! Knows nothing of pipelines or PEFT configs. PEFT methods plug in through two seams:
 //! - [`LinearFactory`]: every linear layer (attention, MLP, `lm_head`) is built by the factory from
 //!   its frozen base weights and its Hugging Face module path, so LoRA/QLoRA wrap layers without
-//!   forking model code. [`FrozenLinearFactory`] builds plain frozen layers.
+//!   forking model code. [`FrozenLinearFactory`] builds plain frozen layers. A layer whose base
+//!   is stored in 4 bits ([`QuantizedLinearWeights`], made by `quantized::QuantizingFactory`
+//!   while the model loads) is built through [`LinearFactory::build_quantized`].
 //! - [`Hooks`]: per forward call, extra input embeddings prepended (prompt tuning), extra key/values
 //!   per layer prepended (prefix tuning: no RoPE on them, real positions start after them) and a
 //!   gated adapter branch per layer (LLaMA-Adapter / PEFT `adaption_prompt`).
@@ -65,12 +67,78 @@ impl LinearWeights {
     }
 }
 
+/// The frozen base of one linear layer stored in 4 bits (a QLoRA base, see [`quantized`]): the
+/// weight `[out, in]`, its frozen bias (in the model's dtype) and the dtype its matmul runs in
+/// (bitsandbytes' `compute_dtype`).
+#[derive(Debug, Clone)]
+pub struct QuantizedLinearWeights {
+    pub weight: crate::quant::QuantizedWeight,
+    pub bias: Option<Tensor>,
+    pub compute_dtype: DType,
+}
+
+impl QuantizedLinearWeights {
+    /// `(out_features, in_features)`.
+    pub fn dims(&self) -> (usize, usize) {
+        (self.weight.out_features(), self.weight.in_features())
+    }
+
+    /// `y = x·dequant(W)ᵀ (+ b)` as bitsandbytes' `Linear4bit` computes it: `x` cast to the
+    /// compute dtype, the product cast back to `x`'s dtype, then the bias added. The gradient
+    /// reaches `x` only ([`crate::quant::quantized_linear`]).
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let y =
+            crate::quant::quantized_linear(&x.to_dtype(self.compute_dtype)?, &self.weight, None)?
+                .to_dtype(x.dtype())?;
+        match &self.bias {
+            Some(bias) => crate::ops::add_constant(&y, &bias.to_dtype(x.dtype())?),
+            None => Ok(y),
+        }
+    }
+}
+
 /// Builds each linear layer of a model. `path` is the module path as Hugging Face names it,
 /// e.g. `model.layers.0.self_attn.q_proj` or `transformer.h.0.attn.c_attn` (no `.weight`).
 /// `lm_head` is built through the factory too (path `lm_head`, also when tied to the embeddings),
 /// so targeting rules decide. Paths are the same whatever prefix the checkpoint's tensor names use.
 pub trait LinearFactory {
     fn build(&self, path: &str, base: LinearWeights) -> Result<Box<dyn LinearLayer>>;
+
+    /// Build a layer over a 4-bit base weight (a QLoRA base: [`quantized::QuantizingFactory`]
+    /// quantizes while the model loads). A factory that cannot wrap a quantized layer refuses.
+    fn build_quantized(
+        &self,
+        path: &str,
+        _base: QuantizedLinearWeights,
+    ) -> Result<Box<dyn LinearLayer>> {
+        candle_core::bail!(
+            "linear layer `{path}`: its base weight is stored in 4 bits, and this method cannot adapt a quantized layer"
+        )
+    }
+}
+
+impl<T: LinearFactory + ?Sized> LinearFactory for &T {
+    fn build(&self, path: &str, base: LinearWeights) -> Result<Box<dyn LinearLayer>> {
+        (**self).build(path, base)
+    }
+
+    fn build_quantized(
+        &self,
+        path: &str,
+        base: QuantizedLinearWeights,
+    ) -> Result<Box<dyn LinearLayer>> {
+        (**self).build_quantized(path, base)
+    }
+}
+
+/// A frozen linear layer over a 4-bit base weight (no adapter).
+#[derive(Debug, Clone)]
+pub struct FrozenQuantizedLinear(pub QuantizedLinearWeights);
+
+impl LinearLayer for FrozenQuantizedLinear {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.0.forward(x)
+    }
 }
 
 /// `y = x·Wᵀ + b` with frozen `W`, `b`: the gradient reaches `x` only (see `ops::linear`).
@@ -106,6 +174,14 @@ pub struct FrozenLinearFactory;
 impl LinearFactory for FrozenLinearFactory {
     fn build(&self, _path: &str, base: LinearWeights) -> Result<Box<dyn LinearLayer>> {
         Ok(Box::new(FrozenLinear::new(base)))
+    }
+
+    fn build_quantized(
+        &self,
+        _path: &str,
+        base: QuantizedLinearWeights,
+    ) -> Result<Box<dyn LinearLayer>> {
+        Ok(Box::new(FrozenQuantizedLinear(base)))
     }
 }
 

@@ -10,7 +10,10 @@
 //! `quantization_config` in config.json and the serialized bitsandbytes state (`W.weight` packed
 //! bytes, `W.weight.absmax`, `W.weight.quant_map`, `W.weight.nested_absmax`,
 //! `W.weight.nested_quant_map`, `W.weight.quant_state.bitsandbytes__nf4|fp4` JSON); and
-//! [`base_memory`]. Must not: build model layers (the model code and PEFT methods take
+//! [`base_memory`]; [`QuantizingFactory`], which quantizes the linear layers of any model build
+//! tensor by tensor (what a QLoRA run loads), with the [`BaseQuantization`] it records, and
+//! [`dequantized_base_patches`], the merge of a QLoRA adapter over the dequantized base.
+//! Must not: build model layers itself (the model code and PEFT methods take
 //! [`QuantizedBase`] from here), know PEFT configs, or print.
 
 use std::collections::BTreeMap;
@@ -21,8 +24,10 @@ use candle_core::{DType, Device, Tensor};
 use safetensors::tensor::TensorView;
 use serde_json::Value;
 
+use super::checkpoint::{PatchChange, WeightPatch};
 use super::config::ModelConfig;
 use super::load::ModelError;
+use super::{LinearFactory, LinearLayer, LinearWeights, QuantizedLinearWeights};
 use crate::quant::{
     quantized_bytes, Absmax, NestedAbsmax, QuantConfig, QuantType, QuantizedTensor, QuantizedWeight,
 };
@@ -370,6 +375,215 @@ pub fn load_bnb_checkpoint(
     Ok(base)
 }
 
+/// How a QLoRA base is stored: bitsandbytes' 4-bit settings and the dtype its 4-bit layers
+/// compute in (`None`: the model's dtype). Recorded beside a trained adapter (the adapter itself
+/// is a plain PEFT LoRA folder) so evaluation, generation and export rebuild the same base.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BaseQuantization {
+    pub config: QuantConfig,
+    pub compute_dtype: Option<DType>,
+}
+
+fn dtype_name(dtype: DType) -> &'static str {
+    match dtype {
+        DType::BF16 => "bf16",
+        DType::F16 => "f16",
+        _ => "f32",
+    }
+}
+
+impl BaseQuantization {
+    /// The JSON record (`{"quant_type": "nf4", "double_quant": true, "block_size": 64,
+    /// "compute_dtype": "bf16" | null}`).
+    pub fn to_json(&self) -> Value {
+        serde_json::json!({
+            "quant_type": self.config.quant_type.name(),
+            "double_quant": self.config.double_quant,
+            "block_size": self.config.block_size,
+            "compute_dtype": self.compute_dtype.map(dtype_name),
+        })
+    }
+
+    /// Read [`BaseQuantization::to_json`]'s record; the message names the field at fault.
+    pub fn from_json(value: &Value) -> Result<Self, String> {
+        let type_name = value
+            .get("quant_type")
+            .and_then(Value::as_str)
+            .ok_or("`quant_type` is missing or not a string")?;
+        let quant_type = QuantType::from_name(type_name)
+            .ok_or_else(|| format!("`quant_type` `{type_name}` is not nf4 or fp4"))?;
+        let double_quant = value
+            .get("double_quant")
+            .and_then(Value::as_bool)
+            .ok_or("`double_quant` is missing or not a boolean")?;
+        let block_size = value
+            .get("block_size")
+            .and_then(Value::as_u64)
+            .and_then(|size| usize::try_from(size).ok())
+            .ok_or("`block_size` is missing or not a count")?;
+        let compute_dtype = match value.get("compute_dtype") {
+            None | Some(Value::Null) => None,
+            Some(Value::String(name)) => Some(match name.as_str() {
+                "bf16" => DType::BF16,
+                "f16" => DType::F16,
+                "f32" => DType::F32,
+                other => return Err(format!("`compute_dtype` `{other}` is not bf16, f16 or f32")),
+            }),
+            Some(_) => return Err("`compute_dtype` is not a string".into()),
+        };
+        let config = QuantConfig {
+            quant_type,
+            block_size,
+            double_quant,
+        };
+        config.validate().map_err(|error| error.to_string())?;
+        Ok(Self {
+            config,
+            compute_dtype,
+        })
+    }
+
+    /// `dequant(quant(weight))` in `f32`: the values a 4-bit layer made from `weight` computes
+    /// with (before the rounding to its compute dtype).
+    pub fn round_trip(&self, weight: &Tensor) -> candle_core::Result<Tensor> {
+        let quantized = QuantizedTensor::from_tensor(weight, &self.config)?;
+        quantized.dequantize(DType::F32, weight.device())
+    }
+}
+
+/// A [`LinearFactory`] that stores the base weight of every quantizable linear layer
+/// ([`is_quantized_linear`]: all but `lm_head`) in 4 bits while the model loads, one tensor at
+/// a time (the dense tensor is dropped as soon as it is quantized), and builds the layer through
+/// `inner`'s [`LinearFactory::build_quantized`]; other layers go to `inner.build` unchanged.
+/// The weight is quantized from the values the model loaded (the checkpoint converted to the
+/// run's dtype), as transformers quantizes a checkpoint loaded with `torch_dtype`.
+pub struct QuantizingFactory<F> {
+    inner: F,
+    quantization: BaseQuantization,
+    /// What was quantized: checkpoint name (`….weight`) → shape, and the dtype it was loaded in.
+    quantized: std::sync::Mutex<QuantizedLayers>,
+}
+
+/// The layers a [`QuantizingFactory`] stored in 4 bits.
+#[derive(Debug, Clone, Default)]
+pub struct QuantizedLayers {
+    /// Checkpoint name (`model.layers.0.self_attn.q_proj.weight`) → `[out, in]`.
+    pub shapes: BTreeMap<String, Vec<usize>>,
+    /// The dtype the dense weights had when quantized (the run's dtype).
+    pub load_dtype: Option<DType>,
+}
+
+impl<F: LinearFactory> QuantizingFactory<F> {
+    pub fn new(inner: F, quantization: BaseQuantization) -> Self {
+        Self {
+            inner,
+            quantization,
+            quantized: std::sync::Mutex::default(),
+        }
+    }
+
+    /// The layers quantized so far.
+    pub fn quantized_layers(&self) -> QuantizedLayers {
+        self.quantized
+            .lock()
+            .map(|layers| layers.clone())
+            .unwrap_or_default()
+    }
+
+    pub fn inner(&self) -> &F {
+        &self.inner
+    }
+
+    pub fn quantization(&self) -> &BaseQuantization {
+        &self.quantization
+    }
+}
+
+impl<F: LinearFactory> LinearFactory for QuantizingFactory<F> {
+    fn build(&self, path: &str, base: LinearWeights) -> candle_core::Result<Box<dyn LinearLayer>> {
+        let (out_features, in_features) = base.dims()?;
+        if !is_quantized_linear(&format!("{path}.weight"), &[out_features, in_features]) {
+            return self.inner.build(path, base);
+        }
+        let LinearWeights { weight, bias } = base;
+        let quantized = QuantizedTensor::from_tensor(&weight, &self.quantization.config)
+            .map_err(|error| candle_core::Error::Msg(format!("quantizing `{path}`: {error}")))?;
+        {
+            let mut layers = self.quantized.lock().map_err(|_| {
+                candle_core::Error::Msg("the quantized-layer record was poisoned by a panic".into())
+            })?;
+            layers
+                .shapes
+                .insert(format!("{path}.weight"), vec![out_features, in_features]);
+            layers.load_dtype = Some(weight.dtype());
+        }
+        let compute_dtype = self.quantization.compute_dtype.unwrap_or(weight.dtype());
+        let device = weight.device().clone();
+        drop(weight);
+        let weight = QuantizedWeight::new(&quantized, &device)?;
+        self.inner.build_quantized(
+            path,
+            QuantizedLinearWeights {
+                weight,
+                bias,
+                compute_dtype,
+            },
+        )
+    }
+
+    fn build_quantized(
+        &self,
+        path: &str,
+        base: QuantizedLinearWeights,
+    ) -> candle_core::Result<Box<dyn LinearLayer>> {
+        self.inner.build_quantized(path, base)
+    }
+}
+
+/// The patches that write a QLoRA model as a 16-bit checkpoint: every quantizable linear weight
+/// of the base (`tensors`: checkpoint name → shape, e.g. from the safetensors headers) becomes
+/// its dequantized 4-bit value, quantized from the weight converted to `load_dtype` as training
+/// loaded it, plus the adapter's change where `adapter` has one for that layer. The merge is
+/// computed in `f32` and rounded once to the output dtype; never re-quantized.
+pub fn dequantized_base_patches(
+    adapter: Vec<WeightPatch>,
+    quantization: &BaseQuantization,
+    load_dtype: DType,
+    tensors: &BTreeMap<String, Vec<usize>>,
+) -> Vec<WeightPatch> {
+    let mut by_path: BTreeMap<String, WeightPatch> = adapter
+        .into_iter()
+        .map(|patch| (patch.path.clone(), patch))
+        .collect();
+    let mut patches = Vec::new();
+    for (name, shape) in tensors {
+        if !is_quantized_linear(name, shape) {
+            continue;
+        }
+        let Some(path) = name.strip_suffix(".weight") else {
+            continue;
+        };
+        let adapter_patch = by_path.remove(path);
+        let quantization = *quantization;
+        let dims = (shape[0], shape[1]);
+        let change = PatchChange::Map(std::sync::Arc::new(move |weight: &Tensor| {
+            let base = quantization.round_trip(&weight.to_dtype(load_dtype)?)?;
+            match &adapter_patch {
+                Some(patch) => patch.apply(&base),
+                None => Ok(base),
+            }
+        }));
+        patches.push(WeightPatch {
+            path: path.to_string(),
+            dims,
+            change,
+        });
+    }
+    // Adapted layers that are not quantized (`lm_head`) merge as LoRA does.
+    patches.extend(by_path.into_values());
+    patches
+}
+
 /// Base-weight bytes of a model with its decoder linear weights quantized, against bf16.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct BaseMemory {
@@ -480,6 +694,98 @@ mod tests {
                 double.total_ratio()
             );
         }
+    }
+
+    #[test]
+    fn the_base_quantization_record_round_trips_and_names_bad_fields() {
+        let record = BaseQuantization {
+            config: QuantConfig {
+                quant_type: QuantType::Fp4,
+                block_size: 128,
+                double_quant: false,
+            },
+            compute_dtype: Some(DType::BF16),
+        };
+        assert_eq!(BaseQuantization::from_json(&record.to_json()), Ok(record));
+        let default = BaseQuantization {
+            config: QuantConfig::default(),
+            compute_dtype: None,
+        };
+        assert_eq!(BaseQuantization::from_json(&default.to_json()), Ok(default));
+        for (json, field) in [
+            (
+                serde_json::json!({"double_quant": true, "block_size": 64}),
+                "quant_type",
+            ),
+            (
+                serde_json::json!({"quant_type": "int4", "double_quant": true, "block_size": 64}),
+                "quant_type",
+            ),
+            (
+                serde_json::json!({"quant_type": "nf4", "double_quant": true, "block_size": 100}),
+                "block size",
+            ),
+            (
+                serde_json::json!({"quant_type": "nf4", "double_quant": true, "block_size": 64, "compute_dtype": "f64"}),
+                "compute_dtype",
+            ),
+        ] {
+            let error = BaseQuantization::from_json(&json).unwrap_err();
+            assert!(error.contains(field), "{json}: {error}");
+        }
+    }
+
+    #[test]
+    fn the_quantizing_factory_stores_linears_in_4_bits_and_leaves_the_head() {
+        use crate::models::FrozenLinearFactory;
+        let factory = QuantizingFactory::new(
+            FrozenLinearFactory,
+            BaseQuantization {
+                config: QuantConfig::default(),
+                compute_dtype: Some(DType::F32),
+            },
+        );
+        let weight = Tensor::randn(0f32, 0.1, (8, 64), &Device::Cpu).unwrap();
+        let x = Tensor::randn(0f32, 1.0, (3, 64), &Device::Cpu).unwrap();
+        let base = LinearWeights {
+            weight: weight.clone(),
+            bias: None,
+        };
+        let layer = factory
+            .build("model.layers.0.mlp.up_proj", base.clone())
+            .unwrap();
+        let head = factory.build("lm_head", base).unwrap();
+        let expected = x
+            .matmul(
+                &factory
+                    .quantization()
+                    .round_trip(&weight)
+                    .unwrap()
+                    .t()
+                    .unwrap(),
+            )
+            .unwrap();
+        let got = layer.forward(&x).unwrap();
+        let difference = got
+            .sub(&expected)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(difference < 1e-5, "{difference}");
+        assert!(
+            head.frozen_weight().is_some(),
+            "lm_head stays a dense layer"
+        );
+        let layers = factory.quantized_layers();
+        assert_eq!(
+            layers.shapes.keys().collect::<Vec<_>>(),
+            ["model.layers.0.mlp.up_proj.weight"]
+        );
+        assert_eq!(layers.load_dtype, Some(DType::F32));
     }
 
     #[test]

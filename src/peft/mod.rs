@@ -1,6 +1,7 @@
 //! PEFT methods, one folder each (the shape Hugging Face PEFT uses: a tuner's config, layer and
 //! model code together), behind one [`Adapter`] trait (`adapter.rs`) that covers both families:
-//! layer methods inject through the model's `LinearFactory` (`lora/` with DoRA, `ia3/`), prompt
+//! layer methods inject through the model's `LinearFactory` (`lora/` with DoRA, `ia3/`, `qlora/`:
+//! LoRA over a 4-bit base), prompt
 //! methods through its `Hooks` (`prompt_tuning/`, `prefix_tuning/`, `llama_adapter/`).
 //! - `counts.rs`: trainable-parameter counts of every method from a model's config alone.
 //! - `registry.rs`: PEFT's `peft_type` → loader, and a pipeline's method config → constructor;
@@ -20,6 +21,7 @@ pub mod llama_adapter;
 pub mod lora;
 pub mod prefix_tuning;
 pub mod prompt_tuning;
+pub mod qlora;
 pub mod registry;
 pub mod targets;
 
@@ -37,6 +39,7 @@ pub use llama_adapter::{LlamaAdapter, LlamaAdapterSettings};
 pub use lora::{LoraAdapter, LoraFile, LoraPair, LoraSettings};
 pub use prefix_tuning::{PrefixTuningAdapter, PrefixTuningSettings};
 pub use prompt_tuning::{PromptTuningAdapter, PromptTuningSettings};
+pub use qlora::QloraAdapter;
 pub use registry::{load_adapter, new_adapter, MethodContext};
 pub use targets::TargetModules;
 

@@ -5,7 +5,7 @@
 
 use std::path::Path;
 
-use candle_core::Device;
+use candle_core::{DType, Device};
 use serde_json::Value;
 
 use super::format::{read_adapter_config, ADAPTER_CONFIG};
@@ -14,8 +14,13 @@ use super::llama_adapter::{LlamaAdapter, LlamaAdapterSettings};
 use super::lora::{LoraAdapter, LoraSettings};
 use super::prefix_tuning::{PrefixTuningAdapter, PrefixTuningSettings};
 use super::prompt_tuning::{PromptTuningAdapter, PromptTuningSettings};
+use super::qlora::QloraAdapter;
 use super::{mix_seed, Adapter, PeftError};
-use crate::config::method::{resolve_ia3_for, resolve_targets, MethodConfig, PromptInit};
+use crate::config::method::{
+    resolve_ia3_for, resolve_targets, ComputeDtypeChoice, MethodConfig, PromptInit, QuantTypeChoice,
+};
+use crate::models::quantized::BaseQuantization;
+use crate::quant::{QuantConfig, QuantType};
 
 /// Tokenizes text as PEFT's `tokenizer(text)` does (special tokens included).
 pub type Tokenize<'a> = &'a dyn Fn(&str) -> Result<Vec<u32>, String>;
@@ -91,6 +96,45 @@ pub fn new_adapter(
             Ok(Box::new(
                 LoraAdapter::new(settings, cx.device)?.with_dora(lora.use_dora),
             ))
+        }
+        MethodConfig::Qlora(qlora) => {
+            if model_type == "gpt2" {
+                return Err(PeftError::invalid(
+                    "QLoRA's 4-bit base is supported for Llama-family models, not gpt2 (use lora)",
+                ));
+            }
+            let targets = resolve_targets(qlora.target_modules.as_ref(), cx.model_config)
+                .map_err(PeftError::invalid)?;
+            let settings = LoraSettings {
+                rank: qlora.r,
+                alpha: qlora.alpha,
+                dropout: qlora.dropout as f32,
+                targets,
+                use_rslora: qlora.use_rslora,
+                fan_in_fan_out: false,
+                seed: mix_seed(cx.seed, "lora init"),
+            };
+            let quantization = BaseQuantization {
+                config: QuantConfig {
+                    quant_type: match qlora.quant_type {
+                        QuantTypeChoice::Nf4 => QuantType::Nf4,
+                        QuantTypeChoice::Fp4 => QuantType::Fp4,
+                    },
+                    block_size: qlora.block_size,
+                    double_quant: qlora.double_quant,
+                },
+                compute_dtype: qlora.compute_dtype.map(|dtype| match dtype {
+                    ComputeDtypeChoice::Bf16 => DType::BF16,
+                    ComputeDtypeChoice::F16 => DType::F16,
+                    ComputeDtypeChoice::F32 => DType::F32,
+                }),
+            };
+            Ok(Box::new(QloraAdapter::new(
+                settings,
+                qlora.use_dora,
+                quantization,
+                cx.device,
+            )?))
         }
         MethodConfig::Ia3(ia3) => {
             let (targets, feedforward) =

@@ -817,8 +817,14 @@ impl Stage for EvaluateStage {
             resolve_device(device_spec).map_err(|error| StageError::user(error.to_string()))?;
         let dtype = compute_dtype(&device, DTypeSpec::Auto);
         let load = |adapter: Option<&Path>| {
-            InferenceModel::load(&base_record.path, adapter, &device, dtype)
-                .map_err(StageError::User)
+            InferenceModel::load(
+                &base_record.path,
+                adapter,
+                base_record.quantization.as_ref(),
+                &device,
+                dtype,
+            )
+            .map_err(StageError::User)
         };
 
         let base = load(None)?;

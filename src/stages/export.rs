@@ -19,6 +19,8 @@ use serde_json::Value;
 use crate::config::export::{parse_size, ExportDtype, DEFAULT_MAX_SHARD_SIZE};
 use crate::config::ExportConfig;
 use crate::models::checkpoint::{write_merged_folder, CheckpointError, MergedOptions};
+use crate::models::quantized::{dequantized_base_patches, BaseQuantization};
+use crate::models::ModelDir;
 use crate::peft::{load_adapter, AdapterFiles};
 
 use super::{Progress, Stage, StageContext, StageError, StageOutcome};
@@ -127,6 +129,24 @@ impl Stage for ExportStage {
                         loaded.peft_type()
                     ))
                 })?;
+            // A QLoRA run: a 16-bit model over the dequantized base (never re-quantized).
+            let patches = match &base.quantization {
+                Some(quantization) => {
+                    let shapes = ModelDir::open(&base.path)
+                        .and_then(|dir| dir.tensor_infos())
+                        .map_err(|error| StageError::user(error.to_string()))?
+                        .into_iter()
+                        .map(|(name, info)| (name, info.shape))
+                        .collect();
+                    dequantized_base_patches(
+                        patches,
+                        quantization,
+                        base.dtype.unwrap_or(DType::F32),
+                        &shapes,
+                    )
+                }
+                None => patches,
+            };
             let merged = write_merged_folder(&patches, &base.path, &out, options, &|| {
                 ctx.check_cancel().is_err()
             })
@@ -352,6 +372,10 @@ pub struct BaseModelRecord {
     pub model: String,
     /// The model folder on this machine.
     pub path: PathBuf,
+    /// The 4-bit base a QLoRA run trained over (`quantization`), `None` for other methods.
+    pub quantization: Option<BaseQuantization>,
+    /// The dtype the run loaded the base in (`dtype`: `f32`, `bf16`, `f16`), when recorded.
+    pub dtype: Option<DType>,
 }
 
 impl BaseModelRecord {
@@ -403,7 +427,19 @@ impl BaseModelRecord {
                 )));
             }
         }
-        Ok(BaseModelRecord { model, path })
+        let quantization = match value.get("quantization") {
+            None | Some(Value::Null) => None,
+            Some(record) => Some(BaseQuantization::from_json(record).map_err(|message| {
+                StageError::user(format!("{}: quantization: {message}", file.display()))
+            })?),
+        };
+        let dtype = text("dtype").map(crate::stages::train::dtype_from_name);
+        Ok(BaseModelRecord {
+            model,
+            path,
+            quantization,
+            dtype,
+        })
     }
 
     /// The base model named the same way on every machine: the Hub id for `hf://org/name`,

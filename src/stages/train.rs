@@ -420,17 +420,22 @@ impl Stage for TrainStage {
             "seed": seed,
         });
         write_json(&ctx.out_dir.join("summary.json"), &summary)?;
-        write_json(
-            &ctx.out_dir.join("base_model.json"),
-            &serde_json::json!({
-                "model": config.model,
-                "path": model_root.display().to_string(),
-                "config_digest": config_digest,
-                "model_type": model_dir.config().model_type(),
-                "device": kind,
-                "dtype": dtype_name,
-            }),
-        )?;
+        let mut base_record = serde_json::json!({
+            "model": config.model,
+            "path": model_root.display().to_string(),
+            "config_digest": config_digest,
+            "model_type": model_dir.config().model_type(),
+            "device": kind,
+            "dtype": dtype_name,
+        });
+        // A QLoRA run: the 4-bit base evaluation, generation and export must rebuild (the
+        // adapter folder itself is plain PEFT LoRA).
+        if let (Some(quantization), Some(record)) =
+            (adapter.base_quantization(), base_record.as_object_mut())
+        {
+            record.insert("quantization".into(), quantization.to_json());
+        }
+        write_json(&ctx.out_dir.join("base_model.json"), &base_record)?;
         // The artifact is complete: the checkpoints are no longer needed (what stays behind,
         // gc collects).
         if let Some(held) = checkpoints {

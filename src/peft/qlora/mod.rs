@@ -1,0 +1,141 @@
+//! QLoRA (Dettmers et al. 2023): LoRA over a frozen base whose linear layers are stored in 4 bits
+//! (NF4 or FP4, blockwise absmax, optionally double-quantized; bit-exact with bitsandbytes, see
+//! `crate::quant`), computing in the compute dtype.
+//!
+//! Shape (PEFT's and torchtune's): not a second LoRA. The layer is the LoRA layer of `lora/`
+//! with a quantized base ([`LoraAdapter`]'s `build_quantized`: `y = Linear4bit(x) + s·B(A x)`,
+//! the base through `quant::quantized_linear`, whose backward reaches the input only), and the
+//! quantization is the model-loading side's ([`QuantizingFactory`] in `models/quantized.rs`:
+//! every linear layer but `lm_head` is quantized as the model loads, one tensor at a time; norms,
+//! embeddings and the head stay in the model's 16-bit dtype, as bitsandbytes leaves them). This
+//! folder only puts the two together: a [`QloraAdapter`] is a LoRA adapter behind a quantizing
+//! factory, and it says which [`BaseQuantization`] its base needs so evaluation, generation and
+//! export rebuild the same base. A quantized-base option inside `lora/` alone would not do: the
+//! quantization belongs to the base model, not to the adapter, and a plain LoRA folder must load
+//! onto either base.
+//!
+//! On disk the adapter is a plain PEFT LoRA folder (`peft_type: LORA`), what PEFT saves for a
+//! QLoRA run and what `PeftModel.from_pretrained` loads onto the bitsandbytes-quantized base.
+//!
+//! Merging and its rounding. The adapter is never merged into the 4-bit weights: a LoRA update
+//! is typically far smaller than one NF4 step (`absmax · ~0.1` between neighbouring levels), so
+//! re-quantizing `W + ΔW` would round most of the update away. [`Adapter::merge`] refuses;
+//! [`Adapter::merge_patches`] gives a 16-bit model over the *dequantized* base: every quantized
+//! layer's weight becomes `dequant(quant(W)) + s·B·A`, computed in `f32` and rounded once to the
+//! output dtype, and every quantized layer is replaced even where no update applies (the trained
+//! model never saw the original `W`). Consequences: the merged model reproduces the QLoRA
+//! model's outputs up to that one rounding (exactly in f32 up to summation order; in bf16 the
+//! merged weight is rounded where the QLoRA forward used the dequantized weight in the compute
+//! dtype and added the LoRA branch separately), and it differs from the original 16-bit base by
+//! the quantization error in every linear layer; it is the model that was trained, not the
+//! original base plus the update.
+//!
+//! Never reads pipeline configs, never prints.
+
+use std::path::Path;
+
+use candle_core::{Device, Var};
+
+use super::adapter::WeightPatch;
+use super::lora::{LoraAdapter, LoraSettings};
+use super::{Adapter, AdapterMode, PeftError};
+use crate::models::quantized::{dequantized_base_patches, BaseQuantization, QuantizingFactory};
+use crate::models::{CausalLm, LinearFactory};
+
+/// A QLoRA adapter: LoRA layers built over the 4-bit base a [`QuantizingFactory`] makes.
+pub struct QloraAdapter {
+    factory: QuantizingFactory<LoraAdapter>,
+}
+
+impl QloraAdapter {
+    /// A fresh adapter (A random, B zero; DoRA's magnitude from the dequantized weight with
+    /// `use_dora`) for a model built on `device` through [`Adapter::linear_factory`].
+    pub fn new(
+        settings: LoraSettings,
+        use_dora: bool,
+        quantization: BaseQuantization,
+        device: &Device,
+    ) -> Result<Self, PeftError> {
+        quantization
+            .config
+            .validate()
+            .map_err(|error| PeftError::invalid(format!("QLoRA quantization: {error}")))?;
+        let lora = LoraAdapter::new(settings, device)?.with_dora(use_dora);
+        Ok(Self {
+            factory: QuantizingFactory::new(lora, quantization),
+        })
+    }
+
+    /// The LoRA adapter inside.
+    pub fn lora(&self) -> &LoraAdapter {
+        self.factory.inner()
+    }
+
+    pub fn quantization(&self) -> &BaseQuantization {
+        self.factory.quantization()
+    }
+}
+
+impl Adapter for QloraAdapter {
+    fn peft_type(&self) -> &'static str {
+        "LORA"
+    }
+
+    fn linear_factory(&self) -> &dyn LinearFactory {
+        &self.factory
+    }
+
+    fn finish_injection(&self, model: &dyn CausalLm) -> Result<(), PeftError> {
+        if self.factory.quantized_layers().shapes.is_empty() {
+            return Err(PeftError::invalid(format!(
+                "QLoRA quantized no linear layer of this {} model (its 4-bit base covers the linear layers of Llama-family decoder blocks)",
+                model.config().model_type()
+            )));
+        }
+        self.lora().finish_injection(model)
+    }
+
+    fn trainable_vars(&self) -> Vec<(String, Var)> {
+        self.lora().trainable_vars()
+    }
+
+    fn set_mode(&self, mode: AdapterMode) {
+        self.lora().set_mode(mode);
+    }
+
+    fn save(&self, dir: &Path, base_model_name_or_path: &str) -> Result<(), PeftError> {
+        self.lora().save(dir, base_model_name_or_path)
+    }
+
+    /// A 16-bit model over the dequantized base (see the module docs): every quantized layer's
+    /// `dequant(quant(W))`, plus `s·B·A` where adapted.
+    fn merge_patches(&self) -> Result<Option<Vec<WeightPatch>>, PeftError> {
+        let layers = self.factory.quantized_layers();
+        let Some(load_dtype) = layers.load_dtype else {
+            return Err(PeftError::invalid(
+                "a QLoRA adapter merges over the base it quantized: build the model through it first",
+            ));
+        };
+        let lora = self.lora().merge_patches()?.unwrap_or_default();
+        Ok(Some(dequantized_base_patches(
+            lora,
+            self.quantization(),
+            load_dtype,
+            &layers.shapes,
+        )))
+    }
+
+    fn merge(&self) -> Result<(), PeftError> {
+        Err(PeftError::invalid(
+            "a QLoRA adapter is not merged into its 4-bit base (the update would mostly round away); export a merged 16-bit model over the dequantized base instead",
+        ))
+    }
+
+    fn unmerge(&self) -> Result<(), PeftError> {
+        Ok(())
+    }
+
+    fn base_quantization(&self) -> Option<BaseQuantization> {
+        Some(*self.quantization())
+    }
+}
