@@ -91,6 +91,8 @@ fn merged_config(
         max_shard_size: max_shard_size.map(str::to_string),
         dtype,
         base_model_name_or_path: None,
+        gguf: None,
+        gguf_type: None,
     }
 }
 

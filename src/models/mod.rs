@@ -26,6 +26,7 @@ use candle_core::{DType, Device, Result, Tensor};
 pub mod checkpoint;
 pub mod config;
 pub mod generate;
+pub mod gguf;
 pub mod gpt2;
 pub mod hub;
 pub mod llama;
