@@ -789,6 +789,45 @@ mod tests {
     }
 
     #[test]
+    fn a_4bit_layer_computes_in_its_compute_dtype_and_returns_the_input_dtype() {
+        let weight = Tensor::randn(0f32, 0.1, (8, 64), &Device::Cpu).unwrap();
+        let quantized = QuantizedTensor::from_tensor(&weight, &QuantConfig::default()).unwrap();
+        let layer = |compute_dtype| QuantizedLinearWeights {
+            weight: QuantizedWeight::new(&quantized, &Device::Cpu).unwrap(),
+            bias: Some(Tensor::ones(8, DType::F32, &Device::Cpu).unwrap()),
+            compute_dtype,
+        };
+        let x = Tensor::randn(0f32, 1.0, (3, 64), &Device::Cpu).unwrap();
+        let dense = quantized.dequantize(DType::F32, &Device::Cpu).unwrap();
+        let in_f32 = layer(DType::F32).forward(&x).unwrap();
+        let in_bf16 = layer(DType::BF16).forward(&x).unwrap();
+        assert_eq!((in_f32.dtype(), in_bf16.dtype()), (DType::F32, DType::F32));
+        // bf16 compute: the input and weight rounded to bf16, the product returned as f32.
+        let expected = x
+            .to_dtype(DType::BF16)
+            .unwrap()
+            .matmul(&dense.to_dtype(DType::BF16).unwrap().t().unwrap())
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap()
+            .affine(1.0, 1.0)
+            .unwrap();
+        let max = |t: Tensor| {
+            t.abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+        };
+        assert_eq!(max(in_bf16.sub(&expected).unwrap()), 0.0);
+        assert!(
+            max(in_bf16.sub(&in_f32).unwrap()) > 0.0,
+            "bf16 compute changed nothing"
+        );
+    }
+
+    #[test]
     fn only_decoder_block_matrices_are_quantized() {
         assert!(is_quantized_linear(
             "model.layers.3.mlp.down_proj.weight",
