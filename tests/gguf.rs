@@ -651,3 +651,83 @@ fn the_gguf_python_package_reads_the_export() -> TestResult {
     assert!(stdout.contains("ok:"), "{stdout}");
     Ok(())
 }
+
+/// `peftpipe` in `dir` with `args`: (exit code, stdout and stderr).
+fn run_in(dir: &Path, args: &[&str]) -> (Option<i32>, String) {
+    let output = support::peftpipe()
+        .args(args)
+        .current_dir(dir)
+        .env("NO_COLOR", "1")
+        .env_remove("PEFTPIPE_CACHE_DIR")
+        .output()
+        .expect("peftpipe runs");
+    (
+        output.status.code(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        ),
+    )
+}
+
+#[test]
+fn a_published_gguf_file_is_tracked_like_a_published_folder() -> TestResult {
+    let Some(shared) = shared_dir() else {
+        eprintln!("skipped: PEFTPIPE_SHARED not set");
+        return Ok(());
+    };
+    let project = tempfile::tempdir()?;
+    let dir = project.path();
+    std::fs::write(
+        dir.join("rows.csv"),
+        "text\nOnce upon a time there was a cat.\nThe dog ran to the park.\nLily had a red ball.\n\
+         Tom and Sue went home.\n",
+    )?;
+    let model = shared.join("models/stories260k");
+    std::fs::write(
+        dir.join("pipeline.yaml"),
+        format!(
+            "name: gguf-fresh\nseed: 1\nstages:\n  data: {{ ingest: {{ path: rows.csv, split: {{ counts: {{ eval: 1 }} }} }} }}\n  \
+             prompts: {{ template: {{ input: data, prompt: '', completion: '{{{{ text }}}}' }} }}\n  \
+             train: {{ train: {{ data: prompts, model: '{}', method: {{ lora: {{ r: 2, alpha: 4, \
+             target_modules: all-linear }} }}, max_steps: 2, batch_size: 2 }} }}\n  \
+             out: {{ export: {{ from: train, gguf: out/model.gguf, gguf_type: q8_0 }} }}\n",
+            model.display()
+        ),
+    )?;
+    let (code, stderr) = run_in(dir, &["run", "pipeline.yaml"]);
+    assert_eq!(code, Some(0), "{stderr}");
+    let published = dir.join("out/model.gguf");
+    let first = std::fs::read(&published)?;
+    let content = read_content(&published)?;
+    assert_eq!(
+        tensor_types(&content)["blk.0.attn_q.weight"],
+        GgmlDType::Q8_0
+    );
+
+    // A rerun restores nothing and republishes nothing.
+    let (code, stderr) = run_in(dir, &["run", "pipeline.yaml"]);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(stderr.contains("0 ran, 4 fresh"), "{stderr}");
+    // A changed file is stale, and the next run publishes it again from the cache.
+    std::fs::write(&published, b"edited by hand")?;
+    let (code, stderr) = run_in(dir, &["status", "pipeline.yaml"]);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(
+        stderr.contains("[DIRTY] out: published output out/model.gguf changed"),
+        "{stderr}"
+    );
+    // The hand-edited file is not a GGUF file peftpipe wrote: publishing refuses to replace it.
+    let (code, stderr) = run_in(dir, &["run", "pipeline.yaml"]);
+    assert_ne!(code, Some(0), "{stderr}");
+    assert!(stderr.contains("not a GGUF file written by"), "{stderr}");
+    assert_eq!(std::fs::read(&published)?, b"edited by hand");
+    // Removed, it is published again (restored from the cache, not rebuilt).
+    std::fs::remove_file(&published)?;
+    let (code, stderr) = run_in(dir, &["run", "pipeline.yaml"]);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(stderr.contains("0 ran"), "{stderr}");
+    assert_eq!(std::fs::read(&published)?, first);
+    Ok(())
+}

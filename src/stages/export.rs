@@ -444,6 +444,12 @@ pub fn publish_gguf(source: &Path, destination: &Path) -> Result<(), StageError>
             parent.display()
         ))
     })?;
+    // A temporary file is private (0600); the published model is an ordinary file.
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        fs::set_permissions(temporary.path(), fs::Permissions::from_mode(0o644))?;
+    }
     temporary.as_file().sync_all()?;
     temporary.persist(destination).map_err(|error| {
         StageError::user(format!(

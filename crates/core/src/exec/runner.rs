@@ -631,7 +631,7 @@ fn record_destinations(
         destinations: BTreeMap::new(),
     };
     for destination in destinations {
-        let manifest = Manifest::of_directory(&destination).map_err(|error| error.to_string())?;
+        let manifest = Manifest::of_published(&destination).map_err(|error| error.to_string())?;
         record
             .destinations
             .insert(destination.display().to_string(), manifest);
