@@ -264,6 +264,7 @@ fn prompt_methods_through_hooks_gradients_are_bit_identical() {
         (llama.hidden_size, llama.num_key_value_heads, llama.head_dim);
     let layers = llama.num_hidden_layers;
     let var = |shape: &[usize]| Var::zeros(shape, DType::F32, &Device::Cpu).expect("var");
+    #[expect(clippy::type_complexity, reason = "one table of cases")]
     let cases: Vec<(
         &str,
         Vec<(String, Var)>,

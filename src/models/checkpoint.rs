@@ -49,13 +49,16 @@ fn candle_error(error: candle_core::Error) -> CheckpointError {
     CheckpointError::Internal(error.to_string())
 }
 
+/// A weight's new value as a function of the base weight (see [`PatchChange::Map`]).
+pub type WeightMap = Arc<dyn Fn(&Tensor) -> candle_core::Result<Tensor> + Send + Sync>;
+
 /// How one weight changes: a function of the base weight in `[out, in]` layout, f32.
 #[derive(Clone)]
 pub enum PatchChange {
     /// `W' = W + Δ` with `Δ` `[out, in]` (f32).
     Add(Tensor),
     /// `W' = f(W)` (for merges that depend on the base weight: DoRA's norm, IA3's scaling).
-    Map(Arc<dyn Fn(&Tensor) -> candle_core::Result<Tensor> + Send + Sync>),
+    Map(WeightMap),
 }
 
 /// A change to one linear layer's weight: what a mergeable adapter yields per adapted layer.

@@ -9,13 +9,16 @@ use candle_core::Device;
 use serde_json::Value;
 
 use super::format::{read_adapter_config, ADAPTER_CONFIG};
-use super::llama_adapter::{LlamaAdapter, LlamaAdapterSettings};
 use super::ia3::{Ia3Adapter, Ia3Settings};
+use super::llama_adapter::{LlamaAdapter, LlamaAdapterSettings};
 use super::lora::{LoraAdapter, LoraSettings};
 use super::prefix_tuning::{PrefixTuningAdapter, PrefixTuningSettings};
 use super::prompt_tuning::{PromptTuningAdapter, PromptTuningSettings};
 use super::{mix_seed, Adapter, PeftError};
 use crate::config::method::{resolve_ia3_for, resolve_targets, MethodConfig, PromptInit};
+
+/// Text → token ids, special tokens included (see [`MethodContext::tokenize`]).
+pub type Tokenize<'a> = &'a dyn Fn(&str) -> Result<Vec<u32>, String>;
 
 /// What a method's constructor may need besides its config: the model's `config.json`, the
 /// device, the seed, and a tokenizer for text initialisations.
@@ -27,12 +30,17 @@ pub struct MethodContext<'a> {
     pub seed: u64,
     /// Tokenize text as PEFT's `tokenizer(text)` does, special tokens (BOS) included (prompt
     /// tuning's `init_text`); `None` when no tokenizer is at hand.
-    pub tokenize: Option<&'a dyn Fn(&str) -> Result<Vec<u32>, String>>,
+    pub tokenize: Option<Tokenize<'a>>,
 }
 
 /// PEFT `peft_type`s this registry loads.
-pub const SUPPORTED_PEFT_TYPES: &[&str] =
-    &["LORA", "PROMPT_TUNING", "PREFIX_TUNING", "ADAPTION_PROMPT", "IA3"];
+pub const SUPPORTED_PEFT_TYPES: &[&str] = &[
+    "LORA",
+    "PROMPT_TUNING",
+    "PREFIX_TUNING",
+    "ADAPTION_PROMPT",
+    "IA3",
+];
 
 /// Load a PEFT adapter folder (any supported `peft_type`) onto `device`. The returned adapter is
 /// in inference mode: build the model through its factory, then call `finish_injection`.
