@@ -173,3 +173,64 @@ fn every_method_and_few_shot_k_get_a_row_with_numbers() {
     );
     assert!(page.contains("train@prefix_tuning"));
 }
+
+/// Few-shot prompting alone: no train stage, the base model named by `base_model` (its files in
+/// the fingerprint: a changed model file makes the stage dirty), k = 0 and 2 with the `first_k`
+/// strategy.
+#[test]
+fn few_shot_alone_evaluates_a_base_model_without_training() {
+    let project = TrainProject::with_pipeline(
+        r#"name: shots
+seed: 3
+stages:
+  data:
+    ingest:
+      path: data/reviews.parquet
+      columns: [text, label]
+      drop_nulls: true
+      limit: 200
+      split:
+        fractions: {train: 0.8, eval: 0.2}
+        stratify_by: label
+  prompts:
+    template:
+      input: data
+      prompt: "review: {{ text }}\nsentiment:"
+      completion: " {{ label }}"
+      label: label
+  compare:
+    evaluate:
+      base_model: model
+      data: prompts
+      max_rows: 8
+      few_shot: {k: [0, 2], strategy: first_k}
+      metrics:
+        accuracy: {choices: [" positive", " negative"], labels: [positive, negative], label_column: label}
+      samples: 0
+      device: cpu
+"#,
+    );
+    project.run_ok("pipeline.yaml", &[]);
+    let comparison: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(project.path(".peftpipe/out/shots/compare/comparison.json"))
+            .expect("comparison.json"),
+    )
+    .expect("JSON");
+    let rows = comparison["candidates"].as_array().expect("candidates");
+    assert_eq!(rows.len(), 2);
+    assert_eq!(rows[0]["candidate"], "base");
+    assert_eq!(rows[1]["candidate"], "few-shot k=2");
+    assert_eq!(rows[1]["k"], 2);
+    for row in rows {
+        assert!(row["accuracy"].as_f64().is_some(), "{row}");
+        assert!(row["train_seconds"].is_null(), "{row}");
+    }
+    // The base model's files are inputs of the stage.
+    let tokenizer_config = project.path("model/tokenizer_config.json");
+    let text = std::fs::read_to_string(&tokenizer_config).expect("tokenizer_config.json");
+    std::fs::write(&tokenizer_config, format!("{text}\n")).expect("write");
+    let output = project.run(&["status", "pipeline.yaml"]);
+    let status = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert!(status.contains("[DIRTY] compare"), "{status}");
+    assert!(status.contains("[FRESH] prompts"), "{status}");
+}
