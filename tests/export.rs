@@ -65,6 +65,7 @@ fn export(
         cancel: &cancel,
         options: &options,
         fingerprint: "",
+        upstream_outcomes: &Default::default(),
         checkpoint_dir: None,
         resume: true,
     };

@@ -483,6 +483,7 @@ fn run_stage(
         cancel: &cancel,
         options: &options,
         fingerprint: "test fingerprint",
+        upstream_outcomes: &Default::default(),
         checkpoint_dir: Some(&checkpoints),
         resume: true,
     };

@@ -187,7 +187,8 @@ pub fn gather(
 }
 
 /// What a stage's output folder holds that the page shows: per-step training metrics
-/// (metrics.jsonl), evaluation metrics (metrics.json with `base`/`adapted`) and the base model
+/// (metrics.jsonl), evaluation metrics (metrics.json with `base`/`adapted`, and comparison.json
+/// when the stage compared candidates) and the base model
 /// record (device, dtype). A file that cannot be read becomes a note on the page.
 fn read_outputs(input: &mut ReportInput, stage: &str, out_dir: &Path) {
     let steps_file = out_dir.join("metrics.jsonl");
@@ -212,7 +213,15 @@ fn read_outputs(input: &mut ReportInput, stage: &str, out_dir: &Path) {
     let metrics_file = out_dir.join("metrics.json");
     if metrics_file.is_file() {
         match read_json(&metrics_file) {
-            Ok(value) if value.get("base").is_some() || value.get("adapted").is_some() => {
+            Ok(mut value) if value.get("base").is_some() || value.get("adapted").is_some() => {
+                // The comparison table of every candidate, beside the metrics.
+                let comparison_file = out_dir.join("comparison.json");
+                if comparison_file.is_file() {
+                    match read_json(&comparison_file) {
+                        Ok(comparison) => value["comparison"] = comparison,
+                        Err(message) => input.notes.push(message),
+                    }
+                }
                 input.evaluations.push((stage.to_string(), value));
             }
             Ok(_) => {}

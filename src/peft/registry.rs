@@ -25,6 +25,9 @@ use crate::quant::{QuantConfig, QuantType};
 /// Tokenizes text as PEFT's `tokenizer(text)` does (special tokens included).
 pub type Tokenize<'a> = &'a dyn Fn(&str) -> Result<Vec<u32>, String>;
 
+/// Text → token ids, special tokens included (see [`MethodContext::tokenize`]).
+pub type Tokenize<'a> = &'a dyn Fn(&str) -> Result<Vec<u32>, String>;
+
 /// What a method's constructor may need besides its config: the model's `config.json`, the
 /// device, the seed, and a tokenizer for text initialisations.
 pub struct MethodContext<'a> {

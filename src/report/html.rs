@@ -341,7 +341,9 @@ pub fn bar_chart(title: &str, bars: &[(String, f64)]) -> String {
     let count = finite.len();
     let mut svg = String::new();
     let drawn = (|| -> Result<(), Box<dyn std::error::Error>> {
-        let root = SVGBackend::with_string(&mut svg, (300, 260)).into_drawing_area();
+        // Wider for many bars (a comparison of every method), at least the pair's 300 px.
+        let width = u32::try_from((90 * count).clamp(300, 1100)).unwrap_or(300);
+        let root = SVGBackend::with_string(&mut svg, (width, 260)).into_drawing_area();
         root.fill(&WHITE)?;
         let mut builder = ChartBuilder::on(&root);
         builder
@@ -529,6 +531,13 @@ fn evaluation_section(input: &ReportInput) -> String {
             escape(split),
             format::count(rows)
         );
+        if let Some(comparison) = metrics.get("comparison") {
+            html.push_str(&comparison_table(comparison));
+            if metrics.get("adapted").is_none() {
+                // No single base-vs-adapted pair: the comparison is the whole story.
+                continue;
+            }
+        }
         // Models compared: base and adapted (or whatever model objects the file holds).
         let models: Vec<&str> = ["base", "adapted"]
             .into_iter()
@@ -610,6 +619,56 @@ fn evaluation_section(input: &ReportInput) -> String {
                 }
                 html.push_str("</table>\n");
             }
+        }
+    }
+    html
+}
+
+/// The evaluate stage's comparison.json: one row per candidate, and a bar chart per figure.
+fn comparison_table(comparison: &serde_json::Value) -> String {
+    let parsed: Result<crate::stages::comparison::Comparison, _> =
+        serde_json::from_value(comparison.clone());
+    let comparison = match parsed {
+        Ok(comparison) => comparison,
+        Err(error) => {
+            return format!(
+                "<p class=\"note\">comparison.json cannot be read: {}</p>\n",
+                escape(&error.to_string())
+            )
+        }
+    };
+    let mut html = String::from("<h3>Comparison</h3>\n<table class=\"comparison\">\n");
+    for (index, line) in crate::stages::comparison::table(&comparison)
+        .iter()
+        .enumerate()
+    {
+        html.push_str("<tr>");
+        for (column, cell) in line.iter().enumerate() {
+            let tag = if index == 0 { "th" } else { "td" };
+            let class = if index > 0 && column >= 2 {
+                " class=\"num\""
+            } else {
+                ""
+            };
+            let _ = write!(html, "<{tag}{class}>{}</{tag}>", escape(cell));
+        }
+        html.push_str("</tr>\n");
+    }
+    html.push_str("</table>\n");
+    type Pick = fn(&crate::stages::comparison::ComparisonRow) -> Option<f64>;
+    let figures: [(&str, Pick); 3] = [
+        ("perplexity", |row| row.perplexity),
+        ("accuracy", |row| row.accuracy),
+        ("exact_match", |row| row.exact_match),
+    ];
+    for (figure, pick) in figures {
+        let bars: Vec<(String, f64)> = comparison
+            .candidates
+            .iter()
+            .filter_map(|row| pick(row).map(|value| (row.candidate.clone(), value)))
+            .collect();
+        if !bars.is_empty() {
+            html.push_str(&bar_chart(figure, &bars));
         }
     }
     html

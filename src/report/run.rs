@@ -255,7 +255,7 @@ const HEADLINE: &[&str] = &[
 ];
 
 /// Figures never shown in the summary: the time column already says it.
-const NEVER: &[&str] = &["wall_seconds"];
+const NEVER: &[&str] = &["wall_seconds", "comparison"];
 
 /// `key=value` for each figure of a stage's outcome, in human numbers (strings without quotes):
 /// headline figures only, or all of them when `all`.
@@ -383,6 +383,11 @@ pub fn summary_text(
             text.push('\n');
         }
     }
+    for stage in &summary.stages {
+        if let Some(table) = comparison_text(stage) {
+            text.push_str(&table);
+        }
+    }
     let count = |status: StageStatus| {
         summary
             .stages
@@ -427,6 +432,44 @@ pub fn summary_text(
         ));
     }
     text
+}
+
+/// An evaluate stage's comparison table (its outcome's `comparison`), columns aligned, numbers
+/// right-aligned; `None` when the stage compared nothing.
+pub fn comparison_text(stage: &StageReport) -> Option<String> {
+    let value = stage.outcome.get("comparison")?;
+    let comparison: crate::stages::comparison::Comparison =
+        serde_json::from_value(value.clone()).ok()?;
+    let lines = crate::stages::comparison::table(&comparison);
+    let columns = lines.first()?.len();
+    let mut widths = vec![0usize; columns];
+    for line in &lines {
+        for (width, cell) in widths.iter_mut().zip(line) {
+            *width = (*width).max(cell.chars().count());
+        }
+    }
+    let mut text = format!(
+        "\n{}: {} candidates on split `{}` ({} rows)\n",
+        stage.name,
+        comparison.candidates.len(),
+        comparison.split,
+        comparison.rows
+    );
+    for line in &lines {
+        let mut row = String::new();
+        for (index, cell) in line.iter().enumerate() {
+            let width = widths[index];
+            if index < 2 {
+                row.push_str(&format!("{cell:<width$}  "));
+            } else {
+                row.push_str(&format!("{cell:>width$}  "));
+            }
+        }
+        text.push_str(row.trim_end());
+        text.push('\n');
+    }
+    text.push('\n');
+    Some(text)
 }
 
 /// The summary table and the final line, on stderr.
