@@ -81,6 +81,7 @@ fn export(
         project_dir: project,
         out_dir: &out_dir,
         upstream: &upstream,
+        upstream_outcomes: &Default::default(),
         seed: 0,
         progress: &NullSink,
         cancel: &cancel,
@@ -359,10 +360,11 @@ fn q4_k_applies_to_block_aligned_rows_with_a_measured_deviation() -> TestResult 
     Ok(())
 }
 
+/// One SentencePiece piece: (piece, score, type).
+type Piece = (String, f32, i32);
+
 /// SentencePiece's `tokenizer.model` pieces: (piece, score, type), type 1 (normal) when absent.
-fn sentencepiece_pieces(
-    path: &Path,
-) -> Result<Vec<(String, f32, i32)>, Box<dyn std::error::Error>> {
+fn sentencepiece_pieces(path: &Path) -> Result<Vec<Piece>, Box<dyn std::error::Error>> {
     fn varint(bytes: &[u8], at: &mut usize) -> Result<u64, String> {
         let mut value = 0u64;
         for shift in (0..64).step_by(7) {

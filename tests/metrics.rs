@@ -166,7 +166,6 @@ fn git(project: &Project, args: &[&str]) -> bool {
 }
 
 #[test]
-#[allow(clippy::print_stderr)] // a skipped test says why
 fn metrics_diff_rev_reads_the_lock_file_at_a_git_revision() {
     let project = Project::tiny();
     if !git(&project, &["init", "-q"]) {

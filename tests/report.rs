@@ -159,7 +159,6 @@ fn browser() -> Option<PathBuf> {
 }
 
 #[test]
-#[allow(clippy::print_stderr)] // a skipped test says why
 fn report_loads_in_a_headless_browser_without_console_errors() {
     let Some(browser) = browser() else {
         eprintln!(

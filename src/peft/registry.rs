@@ -22,9 +22,6 @@ use crate::config::method::{
 use crate::models::quantized::BaseQuantization;
 use crate::quant::{QuantConfig, QuantType};
 
-/// Tokenizes text as PEFT's `tokenizer(text)` does (special tokens included).
-pub type Tokenize<'a> = &'a dyn Fn(&str) -> Result<Vec<u32>, String>;
-
 /// Text → token ids, special tokens included (see [`MethodContext::tokenize`]).
 pub type Tokenize<'a> = &'a dyn Fn(&str) -> Result<Vec<u32>, String>;
 

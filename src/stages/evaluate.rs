@@ -890,7 +890,7 @@ impl Stage for EvaluateStage {
         let mut quantization_of: BTreeMap<String, Option<BaseQuantization>> = BTreeMap::new();
         for stage in &adapter_stages {
             let record = BaseModelRecord::read(ctx.upstream_dir(stage)?, ctx.project_dir)?;
-            quantization_of.insert(stage.to_string(), record.quantization.clone());
+            quantization_of.insert(stage.to_string(), record.quantization);
             match &base_path {
                 None => base_path = Some(record.path),
                 Some(path) if *path != record.path => {
@@ -927,7 +927,7 @@ impl Stage for EvaluateStage {
         let shared_quantization = {
             let mut all = quantization_of.values();
             match all.next() {
-                Some(first) if all.all(|other| other == first) => first.clone(),
+                Some(first) if all.all(|other| other == first) => *first,
                 _ => None,
             }
         };
@@ -1009,7 +1009,7 @@ impl Stage for EvaluateStage {
             let train_dir = ctx.upstream_dir(stage)?;
             let adapter_dir = train_dir.join("adapter");
             let method = adapter_method(&adapter_dir)?;
-            let quantization = quantization_of.get(stage.as_str()).cloned().flatten();
+            let quantization = quantization_of.get(*stage).copied().flatten();
             let adapted = load(Some(&adapter_dir), quantization.as_ref())?;
             let metrics = evaluate(&adapted, &plan, stage)?;
             drop(adapted);
