@@ -22,9 +22,10 @@ fn validate(pipeline: &Path) -> serde_json::Value {
     serde_json::from_slice(&output.stdout).expect("JSON")
 }
 
-const METHODS: [&str; 6] = [
+const METHODS: [&str; 7] = [
     "lora",
     "dora",
+    "qlora",
     "ia3",
     "prompt_tuning",
     "prefix_tuning",
@@ -107,11 +108,9 @@ fn every_method_and_few_shot_k_get_a_row_with_numbers() {
                     row["trainable_parameters"].as_u64().unwrap_or(0) > 0,
                     "{name}"
                 );
-                assert!(row["train_seconds"].as_f64().unwrap_or(0.0) > 0.0, "{name}");
-                assert!(
-                    row["tokens_per_second"].as_f64().unwrap_or(0.0) > 0.0,
-                    "{name}"
-                );
+                // Timings differ between runs of the same inputs: never in the cached output.
+                assert!(row["train_seconds"].is_null(), "{name}");
+                assert!(row["tokens_per_second"].is_null(), "{name}");
             }
             _ => assert_eq!(row["trainable_parameters"], 0, "{name}"),
         }
@@ -141,11 +140,11 @@ fn every_method_and_few_shot_k_get_a_row_with_numbers() {
         );
     }
     assert!(
-        markdown.contains("| trainable params | train time | tokens/s |"),
+        markdown.contains("| trainable params | eval loss |"),
         "{markdown}"
     );
     // The run's summary carries the table for the reporter; metrics.json keeps every candidate.
-    assert_eq!(run.outcome("compare")["candidates"], 10);
+    assert_eq!(run.outcome("compare")["candidates"], 11);
     let metrics: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(out.join("metrics.json")).expect("metrics.json"),
     )
@@ -157,7 +156,7 @@ fn every_method_and_few_shot_k_get_a_row_with_numbers() {
     assert!(output.status.success(), "{}", stderr(&output));
     let text = stderr(&output);
     assert!(
-        text.contains("compare: 10 candidates on split `eval` (24 rows)"),
+        text.contains("compare: 11 candidates on split `eval` (24 rows)"),
         "{text}"
     );
     assert!(text.contains("few-shot k=4"), "{text}");

@@ -6,6 +6,7 @@
 #
 # usage: bash benches/gpu/engine.sh PART[,PART...]   (each call must fit the device's 10 minutes)
 #   tests    the CUDA test binaries (PEFTPIPE_TEST_DEVICE=cuda)
+#   real     lora-stories on cuda and on cpu (loss curves, eval), qlora-stories on cuda
 #   1b       Llama-3.2-1B shape: peftpipe's table at 8x512 and 2x2048, activation checkpointing off
 #            and on; the anchors peft_default, peft_bf16, compile, unsloth, unsloth_gc at 8x512
 #   noflash  the same 1B shapes with the flash-attention kernels off (PEFTPIPE_UNFUSED)
@@ -58,6 +59,21 @@ tests() {
 for part in ${MODE//,/ }; do
 case "$part" in
   tests) tests ;;
+  real)
+    # A real run stays right: lora-stories on cuda vs cpu (loss curves, eval perplexity), and
+    # qlora-stories on cuda.
+    export PEFTPIPE_SHARED=$PWD/gpu-run/shared
+    for dev in cuda cpu; do
+      echo "-- lora-stories on $dev"
+      timeout 120 "$BIN" run gpu-run/lora-stories.yaml --device "$dev" --cache-dir "/tmp/cache-$dev" 2>&1 | tail -8
+      cp gpu-run/.peftpipe/out/lora-stories/train/metrics.jsonl "$OUT/metrics-$dev.jsonl" 2>/dev/null
+      cp gpu-run/.peftpipe/out/lora-stories/evaluate/metrics.json "$OUT/eval-$dev.json" 2>/dev/null
+    done | tee "$OUT/real_run.txt"
+    if [ -f gpu-run/qlora-stories.yaml ]; then
+      echo "-- qlora-stories on cuda"
+      timeout 120 "$BIN" run gpu-run/qlora-stories.yaml --device cuda --cache-dir /tmp/cache-q 2>&1 | tail -8 | tee "$OUT/qlora_run.txt"
+    fi
+    ;;
   1b)
     C=gpu-run/llama-3.2-1b.config.json
     echo "== peftpipe (flash attention on): 8x512, 2x2048; checkpointing off and on"

@@ -1008,14 +1008,22 @@ impl Stage for EvaluateStage {
         for stage in &adapter_stages {
             let train_dir = ctx.upstream_dir(stage)?;
             let adapter_dir = train_dir.join("adapter");
-            let method = adapter_method(&adapter_dir)?;
             let quantization = quantization_of.get(*stage).copied().flatten();
+            // A QLoRA adapter is a plain LoRA folder; its 4-bit base says what it is.
+            let method = match (adapter_method(&adapter_dir)?, &quantization) {
+                (method, Some(_)) if method == "lora" => "qlora".to_string(),
+                (method, Some(_)) if method == "dora" => "qdora".to_string(),
+                (method, _) => method,
+            };
             let adapted = load(Some(&adapter_dir), quantization.as_ref())?;
             let metrics = evaluate(&adapted, &plan, stage)?;
             drop(adapted);
             rows_out.push(
                 ComparisonRow::new(stage.to_string(), CandidateKind::Adapter, &method, &metrics)
-                    .with_training(train_dir, ctx.upstream_outcomes.get(*stage))?,
+                    // Parameters only: a run's wall time and tokens/s vary between runs of the same
+                    // inputs, so they must not enter this stage's output (the cache would then
+                    // hold what a clean run does not reproduce); they stay in the run records.
+                    .with_training(train_dir, None)?,
             );
             if config.model.as_deref() == Some(*stage) {
                 adapted_of_model = Some(metrics.clone());
