@@ -428,53 +428,9 @@ fn every_method_imports_its_peft_reference_adapter() {
 // Each method lowers stories260k's validation perplexity on bevostories (base 13.37).
 // ---------------------------------------------------------------------------------------------
 
-fn read_texts(path: &std::path::Path) -> Vec<String> {
-    use arrow::array::AsArray;
-    let file = std::fs::File::open(path).unwrap();
-    let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file)
-        .unwrap()
-        .build()
-        .unwrap();
-    let mut texts = Vec::new();
-    for batch in reader {
-        let batch = batch.unwrap();
-        let column = batch.column_by_name("text").unwrap();
-        texts.extend(
-            column
-                .as_string::<i32>()
-                .iter()
-                .map(|t| t.unwrap().to_string()),
-        );
-    }
-    texts
-}
-
-/// Perplexity over every token after BOS (virtual-token positions dropped), no graph.
-fn perplexity(model: &dyn CausalLm, adapter: Option<&dyn Adapter>, sequences: &[Sequence]) -> f64 {
-    let hooks = match adapter {
-        Some(adapter) => adapter.hooks().unwrap(),
-        None => peftpipe::models::Hooks::none(),
-    };
-    let (mut total, mut count) = (0.0, 0usize);
-    for sequence in sequences {
-        let length = sequence.ids.len();
-        let ids = Tensor::from_vec(sequence.ids.clone(), (1, length), &Device::Cpu).unwrap();
-        let mask = Tensor::ones((1, length), DType::F32, &Device::Cpu).unwrap();
-        let logits = model.forward(&ids, None, &hooks).unwrap();
-        let total_positions = logits.dim(1).unwrap();
-        let logits = logits.narrow(1, total_positions - length, length).unwrap();
-        let loss = peftpipe::ops::next_token_cross_entropy(&logits, &ids, &mask).unwrap();
-        total += f64::from(loss.sum.to_scalar::<f32>().unwrap());
-        count += loss.count;
-    }
-    (total / count as f64).exp()
-}
-
 #[test]
 fn every_method_lowers_bevostories_validation_perplexity() {
-    use peftpipe::config::train::{ScheduleKind, Truncation};
-    use peftpipe::data::batch::fit;
-    use peftpipe::data::tokenize::TextTokenizer;
+    use peftpipe::config::train::ScheduleKind;
     use peftpipe::train::{train, AdamWSettings, TrainerSettings};
     use std::sync::atomic::AtomicBool;
 
@@ -483,27 +439,13 @@ fn every_method_lowers_bevostories_validation_perplexity() {
         return;
     };
     let root = shared.join("models/stories260k");
-    let tokenizer = TextTokenizer::from_model_dir(&root).unwrap();
-    let encode = |texts: Vec<String>| -> Vec<Sequence> {
-        texts
-            .iter()
-            .map(|text| {
-                let example = tokenizer.encode_example("", text, false).unwrap();
-                fit(&example, 512, 1, Truncation::PromptLeft).unwrap()
-            })
-            .collect()
-    };
-    let train_set = encode(read_texts(
-        &shared.join("datasets/bevostories/train.parquet"),
-    ));
-    let validation = encode(read_texts(
-        &shared.join("datasets/bevostories/validation.parquet"),
-    ));
+    let (train_set, validation) = support::bevostories(&shared);
     let dir = ModelDir::open(&root).unwrap();
     let base = dir
         .load(&Device::Cpu, DType::F32, &FrozenLinearFactory)
         .unwrap();
-    let base_perplexity = perplexity(base.as_ref(), None, &validation);
+    let base_perplexity =
+        support::perplexity(base.as_ref(), &peftpipe::models::Hooks::none(), &validation);
     assert!(
         (base_perplexity - 13.37).abs() < 0.05,
         "base validation perplexity {base_perplexity} (documented 13.37)"
@@ -540,7 +482,7 @@ fn every_method_lowers_bevostories_validation_perplexity() {
             .unwrap();
         adapter.finish_injection(model.as_ref()).unwrap();
         adapter.set_mode(AdapterMode::Eval);
-        let initial = perplexity(model.as_ref(), Some(adapter.as_ref()), &validation);
+        let initial = support::perplexity(model.as_ref(), &adapter.hooks().unwrap(), &validation);
         adapter.set_mode(AdapterMode::Train { seed: 0 });
         let settings = TrainerSettings {
             adamw: AdamWSettings::default(),
@@ -575,7 +517,7 @@ fn every_method_lowers_bevostories_validation_perplexity() {
         )
         .unwrap();
         adapter.set_mode(AdapterMode::Eval);
-        let adapted = perplexity(model.as_ref(), Some(adapter.as_ref()), &validation);
+        let adapted = support::perplexity(model.as_ref(), &adapter.hooks().unwrap(), &validation);
         eprintln!(
             "stories260k + bevostories, {yaml} ({} params), batch 1, lr {learning_rate}, 40 steps in {:.1}s: validation perplexity {base_perplexity:.2} (base; {initial:.2} at step 0) → {adapted:.2} (final train loss {:.3})",
             adapter.trainable_parameter_count(),

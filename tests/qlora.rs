@@ -17,8 +17,7 @@ use peftpipe::config::method::MethodConfig;
 use peftpipe::data::batch::{collate, Sequence};
 use peftpipe::models::quantized::{is_quantized_linear, BaseQuantization, QuantizingFactory};
 use peftpipe::models::{
-    CausalLm, FrozenLinear, FrozenLinearFactory, Hooks, LinearFactory, LinearLayer, LinearWeights,
-    ModelDir,
+    FrozenLinear, FrozenLinearFactory, Hooks, LinearFactory, LinearLayer, LinearWeights, ModelDir,
 };
 use peftpipe::peft::{new_adapter, Adapter, AdapterMode, MethodContext};
 use peftpipe::quant::QuantConfig;
@@ -205,48 +204,11 @@ fn a_qlora_adapter_is_not_merged_into_its_4bit_base() {
     assert!(error.contains("4-bit"), "{error}");
 }
 
-fn read_texts(path: &Path) -> Vec<String> {
-    use arrow::array::AsArray;
-    let file = std::fs::File::open(path).unwrap();
-    let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file)
-        .unwrap()
-        .build()
-        .unwrap();
-    let mut texts = Vec::new();
-    for batch in reader {
-        let batch = batch.unwrap();
-        let column = batch.column_by_name("text").unwrap();
-        texts.extend(
-            column
-                .as_string::<i32>()
-                .iter()
-                .map(|t| t.unwrap().to_string()),
-        );
-    }
-    texts
-}
-
-fn perplexity(model: &dyn CausalLm, sequences: &[Sequence]) -> f64 {
-    let (mut total, mut count) = (0.0, 0usize);
-    for sequence in sequences {
-        let length = sequence.ids.len();
-        let ids = Tensor::from_vec(sequence.ids.clone(), (1, length), &Device::Cpu).unwrap();
-        let mask = Tensor::ones((1, length), DType::F32, &Device::Cpu).unwrap();
-        let logits = model.forward(&ids, None, &Hooks::none()).unwrap();
-        let loss = peftpipe::ops::next_token_cross_entropy(&logits, &ids, &mask).unwrap();
-        total += f64::from(loss.sum.to_scalar::<f32>().unwrap());
-        count += loss.count;
-    }
-    (total / count as f64).exp()
-}
-
 /// QLoRA and LoRA, same rank, targets, data, steps and learning rate: both lower bevostories'
 /// validation perplexity, QLoRA from its own (4-bit) starting point by about LoRA's factor.
 #[test]
 fn qlora_lowers_bevostories_validation_perplexity_like_lora() {
-    use peftpipe::config::train::{ScheduleKind, Truncation};
-    use peftpipe::data::batch::fit;
-    use peftpipe::data::tokenize::TextTokenizer;
+    use peftpipe::config::train::ScheduleKind;
     use peftpipe::train::{train, AdamWSettings, TrainerSettings};
     use std::sync::atomic::AtomicBool;
 
@@ -254,23 +216,7 @@ fn qlora_lowers_bevostories_validation_perplexity_like_lora() {
         eprintln!("skipped: PEFTPIPE_SHARED not set");
         return;
     };
-    let root = shared.join("models/stories260k");
-    let tokenizer = TextTokenizer::from_model_dir(&root).unwrap();
-    let encode = |texts: Vec<String>| -> Vec<Sequence> {
-        texts
-            .iter()
-            .map(|text| {
-                let example = tokenizer.encode_example("", text, false).unwrap();
-                fit(&example, 512, 1, Truncation::PromptLeft).unwrap()
-            })
-            .collect()
-    };
-    let train_set = encode(read_texts(
-        &shared.join("datasets/bevostories/train.parquet"),
-    ));
-    let validation = encode(read_texts(
-        &shared.join("datasets/bevostories/validation.parquet"),
-    ));
+    let (train_set, validation) = support::bevostories(&shared);
     let dir = stories(&shared);
     let mut results = Vec::new();
     for yaml in [
@@ -283,7 +229,7 @@ fn qlora_lowers_bevostories_validation_perplexity_like_lora() {
             .unwrap();
         adapter.finish_injection(model.as_ref()).unwrap();
         adapter.set_mode(AdapterMode::Eval);
-        let initial = perplexity(model.as_ref(), &validation);
+        let initial = support::perplexity(model.as_ref(), &Hooks::none(), &validation);
         adapter.set_mode(AdapterMode::Train { seed: 0 });
         let settings = TrainerSettings {
             adamw: AdamWSettings::default(),
@@ -318,7 +264,7 @@ fn qlora_lowers_bevostories_validation_perplexity_like_lora() {
         )
         .unwrap();
         adapter.set_mode(AdapterMode::Eval);
-        let adapted = perplexity(model.as_ref(), &validation);
+        let adapted = support::perplexity(model.as_ref(), &Hooks::none(), &validation);
         eprintln!(
             "stories260k + bevostories, {yaml}, 40 steps of batch 1 at lr 5e-3 in {:.1}s: validation perplexity {initial:.3} at step 0 → {adapted:.3} (×{:.3})",
             started.elapsed().as_secs_f64(),

@@ -14,9 +14,8 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use candle_core::{DType, Device, Tensor};
-use peftpipe::config::train::{ScheduleKind, Truncation};
-use peftpipe::data::batch::{fit, HostBatch, Sequence};
-use peftpipe::data::tokenize::TextTokenizer;
+use peftpipe::config::train::ScheduleKind;
+use peftpipe::data::batch::{HostBatch, Sequence};
 use peftpipe::models::{llama::Llama, CausalLm, Hooks, ModelConfig, ModelDir};
 use peftpipe::peft::{Adapter, LoraAdapter, LoraSettings, TargetModules};
 use peftpipe::train::CausalLmLoss;
@@ -567,42 +566,6 @@ fn train_stage_writes_a_loadable_peft_artifact() {
 // stories260k + bevostories.
 // ---------------------------------------------------------------------------------------------
 
-fn read_texts(path: &Path) -> Vec<String> {
-    use arrow::array::AsArray;
-    let file = std::fs::File::open(path).unwrap();
-    let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file)
-        .unwrap()
-        .build()
-        .unwrap();
-    let mut texts = Vec::new();
-    for batch in reader {
-        let batch = batch.unwrap();
-        let column = batch.column_by_name("text").unwrap();
-        texts.extend(
-            column
-                .as_string::<i32>()
-                .iter()
-                .map(|t| t.unwrap().to_string()),
-        );
-    }
-    texts
-}
-
-/// Perplexity over every token after BOS, summed over the stories (no graph: detached inputs).
-fn perplexity(model: &dyn CausalLm, sequences: &[Sequence]) -> f64 {
-    let (mut total, mut count) = (0.0, 0usize);
-    for sequence in sequences {
-        let length = sequence.ids.len();
-        let ids = Tensor::from_vec(sequence.ids.clone(), (1, length), &Device::Cpu).unwrap();
-        let mask = Tensor::ones((1, length), DType::F32, &Device::Cpu).unwrap();
-        let logits = model.forward(&ids, None, &Hooks::none()).unwrap();
-        let loss = peftpipe::ops::next_token_cross_entropy(&logits, &ids, &mask).unwrap();
-        total += loss.sum.to_scalar::<f32>().unwrap() as f64;
-        count += loss.count;
-    }
-    (total / count as f64).exp()
-}
-
 #[test]
 fn lora_on_stories260k_lowers_bevostories_validation_perplexity() {
     let Some(shared) = shared_dir() else {
@@ -610,22 +573,7 @@ fn lora_on_stories260k_lowers_bevostories_validation_perplexity() {
         return;
     };
     let root = shared.join("models/stories260k");
-    let tokenizer = TextTokenizer::from_model_dir(&root).unwrap();
-    let encode = |texts: Vec<String>| -> Vec<Sequence> {
-        texts
-            .iter()
-            .map(|text| {
-                let example = tokenizer.encode_example("", text, false).unwrap();
-                fit(&example, 512, 1, Truncation::PromptLeft).unwrap()
-            })
-            .collect()
-    };
-    let train_set = encode(read_texts(
-        &shared.join("datasets/bevostories/train.parquet"),
-    ));
-    let validation = encode(read_texts(
-        &shared.join("datasets/bevostories/validation.parquet"),
-    ));
+    let (train_set, validation) = support::bevostories(&shared);
     let dir = ModelDir::open(&root).unwrap();
     let base = dir
         .load(
@@ -634,7 +582,7 @@ fn lora_on_stories260k_lowers_bevostories_validation_perplexity() {
             &peftpipe::models::FrozenLinearFactory,
         )
         .unwrap();
-    let base_perplexity = perplexity(base.as_ref(), &validation);
+    let base_perplexity = support::perplexity(base.as_ref(), &Hooks::none(), &validation);
 
     let adapter = LoraAdapter::new(
         LoraSettings {
@@ -672,7 +620,7 @@ fn lora_on_stories260k_lowers_bevostories_validation_perplexity() {
         &mut |_| {},
     )
     .unwrap();
-    let adapted_perplexity = perplexity(model.as_ref(), &validation);
+    let adapted_perplexity = support::perplexity(model.as_ref(), &Hooks::none(), &validation);
     eprintln!(
         "stories260k + bevostories, LoRA r16 α32 all-linear ({} params), batch 1, lr 5e-3, 60 steps in {:.1}s: validation perplexity {base_perplexity:.2} → {adapted_perplexity:.2} (final train loss {:.3})",
         adapter.trainable_parameter_count(),
