@@ -285,7 +285,7 @@ fn method_counts_equal_peft_on_the_real_configs() -> TestResult {
         "prefix_tuning:\n  num_virtual_tokens: 200\n  prefix_projection: false\n",
     )?;
     let file = file.to_string_lossy().to_string();
-    let cases: [(&Path, &str, &str, u64); 7] = [
+    let cases: [(&Path, &str, &str, u64); 8] = [
         (
             &llama_3b,
             "prompt_tuning: {num_virtual_tokens: 200}",
@@ -317,6 +317,13 @@ fn method_counts_equal_peft_on_the_real_configs() -> TestResult {
             &llama_3b,
             "lora: {r: 32, target_modules: [q_proj, v_proj]}",
             "lora",
+            9_175_040,
+        ),
+        // QLoRA trains LoRA's parameters over a 4-bit base, and says so.
+        (
+            &llama_3b,
+            "qlora: {r: 32, target_modules: [q_proj, v_proj]}",
+            "qlora",
             9_175_040,
         ),
     ];

@@ -213,7 +213,12 @@ pub fn run(global: &GlobalArgs, args: InspectArgs) -> u8 {
         };
         methods.push(MethodCount {
             written: written.clone(),
-            method: shape.name().to_string(),
+            // QLoRA counts as LoRA; its name says the base is 4-bit.
+            method: match parse_method_config(written) {
+                Ok(MethodConfig::Qlora(_)) => "qlora",
+                _ => shape.name(),
+            }
+            .to_string(),
             settings,
             trainable_parameters: count,
             memory,
