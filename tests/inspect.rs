@@ -418,5 +418,24 @@ fn memory_estimate_depends_on_the_device() -> TestResult {
     );
     // CPU: 28 layers × 8 × 24 heads × 2048² × 2 bytes of probabilities alone ≈ 42 GiB.
     assert!(cpu - cuda > 40.0 * 1024f64.powi(3), "cpu {cpu} cuda {cuda}");
+    // QLoRA's estimate counts its 4-bit base: the linears at ≈ 0.26× bf16, the rest 16-bit.
+    let report = inspect_json(&[
+        &config,
+        "--method",
+        "qlora: {r: 16}",
+        "--method",
+        "lora: {r: 16}",
+        "--batch",
+        "8",
+        "--sequence",
+        "2048",
+    ])?;
+    let weights = |index: usize| {
+        report["methods"][index]["memory"]["weights"]
+            .as_f64()
+            .unwrap()
+    };
+    let ratio = weights(0) / weights(1);
+    assert!((0.3..0.5).contains(&ratio), "qlora/lora base bytes {ratio}");
     Ok(())
 }

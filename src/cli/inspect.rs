@@ -207,6 +207,7 @@ pub fn run(global: &GlobalArgs, args: InspectArgs) -> u8 {
                     } else {
                         MemoryDevice::Cuda
                     },
+                    base_bytes: qlora_base_bytes(written, &config),
                 },
             )),
             _ => None,
@@ -407,6 +408,20 @@ pub fn parse_method(written: &str, config: &ModelConfig) -> Result<(MethodShape,
         ),
     };
     Ok((shape, settings))
+}
+
+/// The whole base's bytes under QLoRA (4-bit linears, 16-bit rest); `None` for other methods.
+fn qlora_base_bytes(written: &str, config: &ModelConfig) -> Option<u64> {
+    let Ok(MethodConfig::Qlora(qlora)) = parse_method_config(written) else {
+        return None;
+    };
+    let quant = crate::quant::QuantConfig {
+        quant_type: crate::quant::QuantType::from_name(qlora.quant_type.name())?,
+        block_size: qlora.block_size,
+        double_quant: qlora.double_quant,
+    };
+    crate::models::quantized::base_memory(config, &quant)
+        .map(|memory| memory.total_quantized_bytes())
 }
 
 /// QLoRA's base-weight memory for `inspect --method '{qlora: {...}}'`: the 4-bit linear

@@ -7,7 +7,7 @@
 //! s = sequence, L = layers, h = hidden, kv = kv_dim, i = intermediate, a = attention heads,
 //! V = vocabulary, P = base parameters, T = trainable parameters, w = bytes per element of the
 //! compute dtype: 2 for bf16, 4 for f32):
-//! - weights      P · w (the frozen base in the compute dtype)
+//! - weights      P · w (the frozen base in the compute dtype; QLoRA: its 4-bit base's bytes)
 //! - adapter      T · 4 (trainable variables are f32)
 //! - gradients    T · 4
 //! - optimizer    T · 8 (AdamW's two f32 moments)
@@ -46,6 +46,9 @@ pub struct MemoryQuery {
     pub trainable_parameters: u64,
     /// Where it trains: what attention and the loss keep differs (see the module docs).
     pub device: MemoryDevice,
+    /// The frozen base's bytes when they are not P · w: QLoRA's 4-bit base (packed codes, absmax
+    /// state, and the 16-bit embeddings, norms and head).
+    pub base_bytes: Option<u64>,
 }
 
 /// The device kind of an estimate.
@@ -96,7 +99,7 @@ pub fn estimate_training_memory(config: &ModelConfig, query: &MemoryQuery) -> Me
     let base = config.parameter_count().map_or(0.0, |count| count as f64);
     let trainable = query.trainable_parameters as f64;
 
-    let weights = base * w;
+    let weights = query.base_bytes.map_or(base * w, |bytes| bytes as f64);
     let adapter = trainable * 4.0;
     let gradients = trainable * 4.0;
     let optimizer = trainable * 8.0;
@@ -152,6 +155,7 @@ mod tests {
                 weight_bytes: 2,
                 trainable_parameters: 100,
                 device: MemoryDevice::Cpu,
+                base_bytes: None,
             },
         );
         assert_eq!(estimate.adapter, 400.0);
@@ -179,6 +183,7 @@ mod tests {
                 weight_bytes: 2,
                 trainable_parameters: 100,
                 device: MemoryDevice::Cuda,
+                base_bytes: None,
             },
         );
         assert_eq!(
@@ -202,6 +207,7 @@ mod tests {
             weight_bytes: 2,
             trainable_parameters: 0,
             device,
+            base_bytes: None,
         };
         let cpu = estimate_training_memory(&config, &query(MemoryDevice::Cpu));
         let cuda = estimate_training_memory(&config, &query(MemoryDevice::Cuda));
