@@ -19,6 +19,9 @@ pub const ADAPTER_WEIGHTS: &str = "adapter_model.safetensors";
 /// The prefix PEFT puts before every module path in tensor names.
 pub const PEFT_PREFIX: &str = "base_model.model.";
 
+/// The tensor name PEFT saves for prompt-learning methods (prompt and prefix tuning).
+pub const PROMPT_EMBEDDINGS: &str = "prompt_embeddings";
+
 /// An adapter folder as written: the config JSON and the tensors, with their paths for messages.
 #[derive(Debug, Clone)]
 pub struct AdapterFiles {
@@ -63,6 +66,20 @@ impl AdapterFiles {
         self.tensors
             .remove(name)
             .ok_or_else(|| self.weights_error(format!("no tensor `{name}`")))
+    }
+
+    /// The one tensor of a prompt-learning folder (prompt and prefix tuning), `[rows, width]` in
+    /// f32; any other tensor is an error.
+    pub fn take_prompt_embeddings(&mut self) -> Result<(Tensor, usize, usize), PeftError> {
+        let table = self
+            .take(PROMPT_EMBEDDINGS)?
+            .to_dtype(candle_core::DType::F32)
+            .context(|| format!("{}: {PROMPT_EMBEDDINGS}", self.weights_path.display()))?;
+        self.expect_all_used()?;
+        let (rows, width) = table
+            .dims2()
+            .map_err(|_| self.weights_error(format!("{PROMPT_EMBEDDINGS} is not a matrix")))?;
+        Ok((table, rows, width))
     }
 
     /// Error when tensors were left unused (PEFT's "unexpected keys").
