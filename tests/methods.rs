@@ -188,6 +188,18 @@ fn method(case: &Case) -> MethodConfig {
     serde_json::from_value(value).expect("a valid method config")
 }
 
+/// A fresh adapter for `case` injected into a tiny Llama built from `weights`.
+fn injected(
+    case: &Case,
+    config: &peftpipe::models::ModelConfig,
+    weights: &HashMap<String, Tensor>,
+) -> (Box<dyn Adapter>, peftpipe::models::llama::Llama) {
+    let adapter = fresh(case, &tiny_llama_json());
+    let model = build_llama(config, weights, adapter.linear_factory());
+    adapter.finish_injection(&model).unwrap();
+    (adapter, model)
+}
+
 fn fresh(case: &Case, model_config: &serde_json::Value) -> Box<dyn Adapter> {
     let tokenize = |text: &str| -> Result<Vec<u32>, String> {
         Ok(text.bytes().map(|b| 3 + u32::from(b) % 30).collect())
@@ -251,9 +263,7 @@ fn every_method_keeps_the_base_model_at_step_zero_where_it_promises_to() {
     let config = tiny_llama_config();
     let weights = llama_weights(&config, 1, 0.2);
     for case in cases() {
-        let adapter = fresh(&case, &tiny_llama_json());
-        let model = build_llama(&config, &weights, adapter.linear_factory());
-        adapter.finish_injection(&model).unwrap();
+        let (adapter, model) = injected(&case, &config, &weights);
         assert!(adapter.trainable_parameter_count() > 0, "{}", case.yaml);
         let base = build_llama(
             &config,
@@ -275,9 +285,7 @@ fn every_trainable_tensor_of_every_method_gets_a_finite_nonzero_gradient() {
     let config = tiny_llama_config();
     let weights = llama_weights(&config, 2, 0.2);
     for case in cases() {
-        let adapter = fresh(&case, &tiny_llama_json());
-        let model = build_llama(&config, &weights, adapter.linear_factory());
-        adapter.finish_injection(&model).unwrap();
+        let (adapter, model) = injected(&case, &config, &weights);
         perturb(adapter.as_ref(), 3);
         adapter.set_mode(AdapterMode::Train { seed: 1 });
         let loss_model = CausalLmLoss {
@@ -310,9 +318,7 @@ fn every_method_saves_and_loads_back_to_identical_logits() {
     let config = tiny_llama_config();
     let weights = llama_weights(&config, 4, 0.2);
     for case in cases() {
-        let adapter = fresh(&case, &tiny_llama_json());
-        let model = build_llama(&config, &weights, adapter.linear_factory());
-        adapter.finish_injection(&model).unwrap();
+        let (adapter, model) = injected(&case, &config, &weights);
         perturb(adapter.as_ref(), 5);
         adapter.set_mode(AdapterMode::Eval);
         let expected = logits(&model, Some(adapter.as_ref()));
@@ -547,9 +553,7 @@ fn ia3_and_dora_save_peft_names_and_config_keys() {
             reference_virtual_tokens: 0,
             saves_what_it_trains: true,
         };
-        let adapter = fresh(&case, &tiny_llama_json());
-        let model = build_llama(&config, &weights, adapter.linear_factory());
-        adapter.finish_injection(&model).unwrap();
+        let (adapter, _model) = injected(&case, &config, &weights);
         let dir = tempfile::tempdir().unwrap();
         adapter.save(dir.path(), "models/tiny").unwrap();
         let json: serde_json::Value = serde_json::from_str(
@@ -677,9 +681,7 @@ fn ia3_and_dora_merge_in_place_equals_the_unmerged_forward() {
     let config = tiny_llama_config();
     let weights = llama_weights(&config, 9, 0.2);
     for case in ia3_and_dora_cases() {
-        let adapter = fresh(&case, &tiny_llama_json());
-        let model = build_llama(&config, &weights, adapter.linear_factory());
-        adapter.finish_injection(&model).unwrap();
+        let (adapter, model) = injected(&case, &config, &weights);
         perturb(adapter.as_ref(), 10);
         adapter.set_mode(AdapterMode::Eval);
         let unmerged = logits(&model, Some(adapter.as_ref()));
