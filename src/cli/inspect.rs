@@ -181,13 +181,14 @@ pub fn run(global: &GlobalArgs, args: InspectArgs) -> u8 {
     }
     let mut methods = Vec::with_capacity(args.methods.len());
     for written in &args.methods {
-        let counted = parse_method(written, &config).and_then(|(shape, settings)| {
+        let counted = parse_method_config(written).and_then(|method| {
+            let (shape, settings) = describe_method(&method, &config)?;
             let count = trainable_parameters(&shape, &config).ok_or_else(|| {
                 "the trainable-parameter count does not fit in 64 bits".to_string()
             })?;
-            Ok((shape, settings, count))
+            Ok((method, shape, settings, count))
         });
-        let (shape, settings, count) = match counted {
+        let (method, shape, settings, count) = match counted {
             Ok(counted) => counted,
             Err(message) => {
                 report::error(&format!("--method {written}: {message}"));
@@ -207,7 +208,7 @@ pub fn run(global: &GlobalArgs, args: InspectArgs) -> u8 {
                     } else {
                         MemoryDevice::Cuda
                     },
-                    base_bytes: qlora_base_bytes(written, &config),
+                    base_bytes: qlora_base_bytes(&method, &config),
                 },
             )),
             _ => None,
@@ -215,8 +216,8 @@ pub fn run(global: &GlobalArgs, args: InspectArgs) -> u8 {
         methods.push(MethodCount {
             written: written.clone(),
             // QLoRA counts as LoRA; its name says the base is 4-bit.
-            method: match parse_method_config(written) {
-                Ok(MethodConfig::Qlora(_)) => "qlora",
+            method: match method {
+                MethodConfig::Qlora(_) => "qlora",
                 _ => shape.name(),
             }
             .to_string(),
@@ -374,8 +375,15 @@ pub fn method_shape(method: &MethodConfig, config: &ModelConfig) -> Result<Metho
 
 /// Parse `--method` into the shape its count needs, plus a one-line description.
 pub fn parse_method(written: &str, config: &ModelConfig) -> Result<(MethodShape, String), String> {
-    let method = parse_method_config(written)?;
-    let shape = method_shape(&method, config)?;
+    describe_method(&parse_method_config(written)?, config)
+}
+
+/// A parsed method on a model → the shape its count needs, plus a one-line description.
+fn describe_method(
+    method: &MethodConfig,
+    config: &ModelConfig,
+) -> Result<(MethodShape, String), String> {
+    let shape = method_shape(method, config)?;
     let settings = match &shape {
         MethodShape::Lora { rank, targets, .. } => match &method {
             MethodConfig::Qlora(qlora) => format!(
@@ -411,8 +419,8 @@ pub fn parse_method(written: &str, config: &ModelConfig) -> Result<(MethodShape,
 }
 
 /// The whole base's bytes under QLoRA (4-bit linears, 16-bit rest); `None` for other methods.
-fn qlora_base_bytes(written: &str, config: &ModelConfig) -> Option<u64> {
-    let Ok(MethodConfig::Qlora(qlora)) = parse_method_config(written) else {
+fn qlora_base_bytes(method: &MethodConfig, config: &ModelConfig) -> Option<u64> {
+    let MethodConfig::Qlora(qlora) = method else {
         return None;
     };
     let quant = crate::quant::QuantConfig {
