@@ -10,6 +10,8 @@
 #   1b       Llama-3.2-1B shape: peftpipe's table at 8x512 and 2x2048, activation checkpointing off
 #            and on; the anchors peft_default, peft_bf16, compile, unsloth, unsloth_gc at 8x512
 #   noflash  the same 1B shapes with the flash-attention kernels off (PEFTPIPE_UNFUSED)
+#   methods  every PEFT method at 8x512 (`bench train --method`), beside ../shared/gpu/peft_bench.py's
+#            rows for the same methods; QLoRA beside PEFT + bitsandbytes and Unsloth's QLoRA
 #   8b       Llama-3.1-8B shape: peftpipe at 1x1024 and 1x4096 (off/on) and 1x16384 (on); PEFT (bf16
 #            adapters) and Unsloth at 1x4096
 # Every figure is LoRA r16 alpha 32 on all seven linears of a random-init model, bf16 base, AdamW.
@@ -85,6 +87,22 @@ case "$part" in
     C=gpu-run/llama-3.2-1b.config.json
     echo "== peftpipe, flash attention off (PEFTPIPE_UNFUSED=flash_attention) vs on: 8x512"
     PEFTPIPE_UNFUSED=flash_attention timeout 100 bash -c "$(declare -f table); BIN=$BIN; table $C 8x512,2x2048 off 10" | tee "$OUT/peftpipe-1b-noflash.txt"
+    ;;
+  methods)
+    C=gpu-run/llama-3.2-1b.config.json
+    echo "== peftpipe, every method, 1B shape, 8x512 (the same settings as peft_bench.py's rows)"
+    for m in "prompt_tuning: {num_virtual_tokens: 20}" "prefix_tuning: {num_virtual_tokens: 20}" \
+             "llama_adapter: {adapter_len: 10, adapter_layers: 8}" "ia3" "dora: {r: 16, alpha: 32}" \
+             "qlora: {r: 16, alpha: 32}"; do
+      timeout 120 "$BIN" bench train --config "$C" --device cuda --batch 8 --seq 512 --method "$m" \
+        --steps 10 --warmup 3 2>&1 | grep -v "^RESULT" | grep -E "on llama|tokens/s|peak|rror"
+    done | tee "$OUT/peftpipe-methods.txt"
+    echo "== peft_bench.py, same host"
+    PYTHONUNBUFFERED=1 timeout 200 python3 gpu-run/peft_bench.py --device cuda \
+      --only prompt_tuning_20,prefix_tuning_20,adaption_prompt_10x8,ia3 --json "$OUT/peft-methods.json" 2>&1 \
+      | grep -vE "Warning|warn|^\s*$" | tail -8 | tee -a "$OUT/peftpipe-methods.txt"
+    echo "== QLoRA anchors, same host"
+    anchors peft_qlora,unsloth_qlora 8 512 240 | tee "$OUT/anchors-qlora.txt"
     ;;
   8b)
     C=gpu-run/llama-3.1-8b.config.json
