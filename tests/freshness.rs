@@ -250,7 +250,7 @@ fn a_forced_retrain_with_the_same_adapter_leaves_its_dependents_fresh() {
 #[test]
 fn evaluation_settings_are_part_of_the_train_fingerprint() {
     // Evaluating during training changes what the stage writes (metrics, summary, the kept
-    // adapter), so eval_steps, early stopping, and keep each retrain; and the cached
+    // adapter), so eval_steps, early stopping, keep and tensorboard each retrain; and the cached
     // result is what a clean run produces.
     let project = TrainProject::new();
     project.run_ok("pipeline.yaml", &[]);
@@ -291,6 +291,10 @@ fn evaluation_settings_are_part_of_the_train_fingerprint() {
         (
             "stages.train.train.eval_max_rows=null",
             "parameter train.eval_max_rows added (null)",
+        ),
+        (
+            "stages.train.train.tensorboard=true",
+            "parameter train.tensorboard added (true)",
         ),
     ] {
         assert_eq!(

@@ -463,6 +463,18 @@ fn run_stage(
     out: &Path,
     yaml: &str,
 ) -> (peftpipe::stages::StageOutcome, usize) {
+    match try_run_stage(project, upstream, out, yaml) {
+        Ok(result) => result,
+        Err(error) => panic!("the train stage failed: {error}"),
+    }
+}
+
+fn try_run_stage(
+    project: &Path,
+    upstream: &Path,
+    out: &Path,
+    yaml: &str,
+) -> Result<(peftpipe::stages::StageOutcome, usize), peftpipe::stages::StageError> {
     let value: serde_json::Value = serde_norway::from_str(yaml).unwrap();
     let config: peftpipe::config::TrainConfig = serde_json::from_value(value).unwrap();
     let stage = peftpipe::stages::train::TrainStage::new(config);
@@ -489,9 +501,9 @@ fn run_stage(
         checkpoint_dir: Some(&checkpoints),
         resume: true,
     };
-    let outcome = peftpipe::stages::Stage::run(&stage, &ctx).unwrap();
+    let outcome = peftpipe::stages::Stage::run(&stage, &ctx)?;
     let steps = recorder.0.lock().unwrap().len();
-    (outcome, steps)
+    Ok((outcome, steps))
 }
 
 #[test]
@@ -883,4 +895,111 @@ fn evaluation_state_survives_a_resume() {
         resumed_bytes, whole_bytes,
         "the kept adapter differs after a resume"
     );
+}
+
+/// The tiny model and a template artifact with `train` (10 rows) and `eval` (4 rows) splits.
+fn tiny_project_with_eval() -> (tempfile::TempDir, std::path::PathBuf) {
+    let project = tempfile::tempdir().unwrap();
+    let model_dir = project.path().join("tiny-model");
+    std::fs::create_dir_all(&model_dir).unwrap();
+    tiny_model_dir(&model_dir);
+    let upstream = project.path().join("prompts-artifact");
+    std::fs::create_dir_all(&upstream).unwrap();
+    let pairs = |range: std::ops::Range<usize>| -> Vec<(String, String)> {
+        range
+            .map(|i| {
+                (
+                    format!("w{} w{} w{}", 3 + i, 10 + i, 20 + i),
+                    format!("w{} w{}", 20 + i, 21 + i),
+                )
+            })
+            .collect()
+    };
+    write_pairs(&upstream.join("train.parquet"), &pairs(0..10));
+    write_pairs(&upstream.join("eval.parquet"), &pairs(10..14));
+    (project, upstream)
+}
+
+const TINY_EVALUATING: &str =
+    "data: prompts\nmodel: tiny-model\nmethod: {lora: {r: 2, alpha: 4}}\n\
+batch_size: 4\nmax_steps: 6\ncheckpoint_every: 0\nlearning_rate: 0.01\neval_steps: 2\n";
+
+#[test]
+fn a_missing_eval_split_names_the_file_and_the_splits() {
+    let (project, upstream) = tiny_project_with_eval();
+    let out = project.path().join("out");
+    std::fs::create_dir_all(&out).unwrap();
+    let yaml = format!("{TINY_EVALUATING}eval_split: validation\n");
+    let error = try_run_stage(project.path(), &upstream, &out, &yaml)
+        .map(|(outcome, _)| outcome.summary)
+        .expect_err("no validation split");
+    let message = error.to_string();
+    assert!(
+        message.contains("eval_split: stage `prompts` has no split `validation`"),
+        "{message}"
+    );
+    assert!(
+        message.contains("validation.parquet is missing"),
+        "{message}"
+    );
+    assert!(message.contains("its splits: eval, train"), "{message}");
+}
+
+/// `tensorboard: true` writes a deterministic event file (a rerun writes the same bytes), and
+/// tests/python/check_tensorboard.py reads it with TensorBoard's own EventAccumulator and checks
+/// every scalar against metrics.jsonl, when `PEFTPIPE_TENSORBOARD_PYTHON` (default `python3`)
+/// can import tensorboard; that part is skipped with a printed reason otherwise.
+#[test]
+fn the_tensorboard_package_reads_the_event_file() {
+    let (project, upstream) = tiny_project_with_eval();
+    let yaml = format!("{TINY_EVALUATING}tensorboard: true\n");
+    let mut events = Vec::new();
+    let mut outs = Vec::new();
+    for name in ["first", "again"] {
+        let out = project.path().join(name);
+        std::fs::create_dir_all(&out).unwrap();
+        run_stage(project.path(), &upstream, &out, &yaml);
+        events.push(std::fs::read(out.join(peftpipe::train::tensorboard::EVENTS_FILE)).unwrap());
+        outs.push(out);
+    }
+    assert_eq!(
+        events[0], events[1],
+        "the event file differs between two runs"
+    );
+    // Without the option, no event file.
+    let plain = project.path().join("plain");
+    std::fs::create_dir_all(&plain).unwrap();
+    run_stage(project.path(), &upstream, &plain, TINY_EVALUATING);
+    assert!(!plain.join("tensorboard").exists());
+
+    let python = std::env::var("PEFTPIPE_TENSORBOARD_PYTHON").unwrap_or_else(|_| "python3".into());
+    let importable = std::process::Command::new(&python)
+        .args([
+            "-c",
+            "import tensorboard.backend.event_processing.event_accumulator",
+        ])
+        .output()
+        .is_ok_and(|output| output.status.success());
+    if !importable {
+        eprintln!(
+            "skipped the TensorBoard reader: `{python}` cannot import tensorboard (pip install \
+             tensorboard, or set PEFTPIPE_TENSORBOARD_PYTHON to a Python that has it)"
+        );
+        return;
+    }
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/python/check_tensorboard.py");
+    let output = std::process::Command::new(&python)
+        .arg(script)
+        .arg(&outs[0])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    eprintln!("{stdout}{stderr}");
+    assert!(
+        output.status.success(),
+        "check_tensorboard.py failed:\n{stdout}{stderr}"
+    );
+    assert!(stdout.contains("ok:"), "{stdout}");
+    assert!(stdout.contains("eval/loss: 3"), "{stdout}");
 }

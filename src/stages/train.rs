@@ -12,6 +12,9 @@
 //!                                    used / truncated / dropped, seed; with `eval_steps`, an
 //!                                    `evaluation` record: split, rows, best step and loss, the
 //!                                    step whose adapter was kept, and why training stopped
+//! tensorboard/events.out.tfevents.0.peftpipe
+//!                                    with `tensorboard: true`: the metrics as TensorBoard
+//!                                    scalars (wall times 0, see train::tensorboard)
 //! base_model.json                    `model` (as written in the pipeline), `path` (resolved on this
 //!                                    machine), `config_digest` (blake3 of config.json), `model_type`,
 //!                                    `device`, `dtype`
@@ -546,6 +549,13 @@ impl Stage for TrainStage {
             );
         }
         write_json(&ctx.out_dir.join("summary.json"), &summary)?;
+        if config.tensorboard {
+            crate::train::tensorboard::write_metrics(
+                &ctx.out_dir.join(crate::train::tensorboard::EVENTS_FILE),
+                &outcome.metrics_jsonl,
+            )
+            .map_err(|error| user(error.to_string()))?;
+        }
         let mut base_record = serde_json::json!({
             "model": config.model,
             "path": model_root.display().to_string(),

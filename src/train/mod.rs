@@ -12,6 +12,7 @@ pub mod memory;
 pub mod optimizer;
 pub mod pass;
 pub mod schedule;
+pub mod tensorboard;
 pub mod trainer;
 
 pub use evaluation::{EarlyStopping, EvalMetrics, Evaluation, EvaluationState};

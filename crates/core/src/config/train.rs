@@ -122,6 +122,13 @@ pub struct TrainConfig {
     /// choice, without evaluation). summary.json records the best step and why training stopped.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub keep: Option<KeepChoice>,
+    /// Also write the metrics as TensorBoard scalars to `tensorboard/events.out.tfevents.0.peftpipe`
+    /// in the stage's output (`tensorboard --logdir .peftpipe/out/<pipeline>/<stage>`). The file
+    /// is part of the cached artifact, so it holds only what the inputs determine: wall times are
+    /// 0 and timings (tokens/s) stay out, as in metrics.jsonl.
+    #[serde(default, skip_serializing_if = "is_false")]
+    #[schemars(extend("default" = false))]
+    pub tensorboard: bool,
     /// `auto` (CUDA when built with it, else CPU), `cpu`, `cuda` or `cuda:N`.
     #[serde(default = "default_device")]
     pub device: String,
@@ -155,6 +162,9 @@ fn default_eval_max_rows() -> Option<usize> {
 }
 fn is_default_eval_max_rows(value: &Option<usize>) -> bool {
     *value == default_eval_max_rows()
+}
+fn is_false(value: &bool) -> bool {
+    !*value
 }
 fn default_min_delta() -> f64 {
     0.0
@@ -648,6 +658,7 @@ mod tests {
             "eval_max_rows",
             "early_stopping",
             "keep",
+            "tensorboard",
         ] {
             assert!(plain.get(key).is_none(), "{key} in {plain}");
         }
@@ -662,6 +673,10 @@ mod tests {
         assert_eq!(
             params("data: d\nmodel: m\neval_steps: 8\neval_max_rows: null\n")["eval_max_rows"],
             serde_json::Value::Null
+        );
+        assert_eq!(
+            params("data: d\nmodel: m\ntensorboard: true\n")["tensorboard"],
+            true
         );
     }
 
