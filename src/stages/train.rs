@@ -468,23 +468,33 @@ impl Stage for TrainStage {
         };
 
         // The bar shows the raw and the smoothed loss (exponential moving average, bias
-        // corrected as TensorBoard's smoothing) and the learning rate; the reporter adds the ETA.
+        // corrected as TensorBoard's smoothing), the learning rate and the latest evaluation;
+        // the reporter adds the ETA.
         let mut smoothed = 0.0;
         let mut weight = 0.0;
+        let mut last_eval: Option<(f64, u64)> = None;
         let mut observe = |metrics: &crate::train::StepMetrics| {
             smoothed = 0.9 * smoothed + 0.1 * metrics.loss;
             weight = 0.9 * weight + 0.1;
+            let mut message = format!(
+                "loss {:.4} (smoothed {:.4}) · lr {:.1e} · {:.0} tok/s",
+                metrics.loss,
+                smoothed / weight,
+                metrics.lr,
+                metrics.tokens_per_second,
+            );
+            if let Some(eval) = &metrics.eval {
+                last_eval = Some((eval.loss, metrics.step));
+            }
+            // The latest evaluation stays on the bar until the next one.
+            if let Some((loss, step)) = last_eval {
+                message.push_str(&format!(" · eval loss {loss:.4} (step {step})"));
+            }
             ctx.progress.progress(Progress {
                 position: metrics.step,
                 length: Some(metrics.total_steps),
                 unit: "steps",
-                message: format!(
-                    "loss {:.4} (smoothed {:.4}) · lr {:.1e} · {:.0} tok/s",
-                    metrics.loss,
-                    smoothed / weight,
-                    metrics.lr,
-                    metrics.tokens_per_second,
-                ),
+                message,
             });
         };
         let evaluation = match (config.eval_steps, &evaluated) {
