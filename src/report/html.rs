@@ -726,6 +726,30 @@ mod tests {
     }
 
     #[test]
+    fn the_eval_loss_of_a_train_stage_joins_the_loss_chart() {
+        // metrics.jsonl lines as the train stage writes them with `eval_steps: 2`.
+        let lines = [
+            serde_json::json!({"step": 1, "loss": 2.0, "lr": 0.01, "grad_norm": 1.0}),
+            serde_json::json!({"step": 2, "loss": 1.5, "lr": 0.01, "grad_norm": 0.8,
+                "eval_loss": 1.7, "eval_perplexity": 5.47, "eval_scored_tokens": 12}),
+        ];
+        let steps: Vec<StepRow> = lines.iter().filter_map(StepRow::from_json).collect();
+        assert_eq!(steps[1].eval_loss, Some(1.7));
+        let input = ReportInput {
+            trains: vec![TrainCurves {
+                stage: "train".into(),
+                steps,
+            }],
+            ..ReportInput::default()
+        };
+        let html = training_section(&input);
+        // Loss: 2 raw + 2 smoothed + 1 evaluation.
+        let loss_chart = html.split("<figure").nth(1).unwrap_or_default();
+        assert!(loss_chart.contains("data-points=\"5\""), "{loss_chart}");
+        assert!(loss_chart.contains("eval loss"), "{loss_chart}");
+    }
+
+    #[test]
     fn charts_draw_their_points() {
         let chart = line_chart(
             "Loss",

@@ -246,6 +246,8 @@ const HEADLINE: &[&str] = &[
     "eval_rows",
     "final_loss",
     "steps",
+    "early_stopped_at",
+    "best_eval_loss",
     "tokens_per_second",
     "accuracy",
     "exact_match",

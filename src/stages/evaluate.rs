@@ -773,7 +773,7 @@ impl EvaluateStage {
 }
 
 /// The split files a template artifact holds (for error hints).
-fn available_splits(data_dir: &Path) -> Vec<String> {
+pub(crate) fn available_splits(data_dir: &Path) -> Vec<String> {
     let mut splits: Vec<String> = std::fs::read_dir(data_dir)
         .map(|entries| {
             entries
