@@ -126,6 +126,13 @@ impl Stage for ExportStage {
             let patches = merge_patches(&adapter_dir)?;
             // A QLoRA run: a 16-bit model over the dequantized base (never re-quantized).
             match &base.quantization {
+                Some(quantization) if quantization.prequantized => {
+                    return Err(StageError::user(format!(
+                        "{}: {}",
+                        train_dir.join("base_model.json").display(),
+                        crate::peft::qlora::PREQUANTIZED_MERGE
+                    )));
+                }
                 Some(quantization) => {
                     let shapes = ModelDir::open(&base.path)
                         .and_then(|dir| dir.tensor_infos())
