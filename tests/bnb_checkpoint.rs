@@ -19,7 +19,8 @@
 //! state and bit for bit once dequantized, and so do the model's logits; (2) a QLoRA pipeline
 //! over the pre-quantized checkpoint gives the same loss curve as QLoRA over the 16-bit one,
 //! records `prequantized` in base_model.json, evaluates over the same base, and refuses a merged
-//! export; (3) what is not supported is refused with the file and field named. Without
+//! export, and the train stage's fingerprint sees a model folder rewritten in 4 bits; (3) what
+//! is not supported is refused with the file and field named. Without
 //! PEFTPIPE_SHARED the tests print why and pass.
 #![expect(
     clippy::print_stderr,
@@ -259,6 +260,18 @@ fn loaded_4bit_weights_equal_quantizing_the_16bit_model_bit_for_bit() -> TestRes
             over_stored.iter().zip(&dense).any(|(a, b)| a != b),
             "the 4-bit base computes like the 16-bit one: nothing was read in 4 bits"
         );
+        // `inspect` describes the storage, not the U8 tensors it is made of.
+        let (summary, _) = peftpipe::models::summary::summarize(&dir)?;
+        let expected = format!(
+            "F32 · 35 linear weights in bitsandbytes 4-bit {}{}",
+            config.quant_type.name(),
+            if config.double_quant {
+                " (double quant)"
+            } else {
+                ""
+            }
+        );
+        assert_eq!(summary.dtype.as_deref(), Some(expected.as_str()));
         // Through a QLoRA base that matches it, too.
         let through_qlora = logits(
             &dir,
@@ -431,10 +444,33 @@ fn qlora_over_the_prequantized_checkpoint_trains_like_qlora_over_the_16bit_one()
     let method = "qlora: {r: 8, alpha: 16, target_modules: all-linear}";
     let evaluate = "  evaluate:\n    evaluate:\n      model: train\n      data: prompts\n      samples: 1\n      device: cpu\n  export:\n    export:\n      from: train\n      adapter: out/adapter\n";
 
+    // The 16-bit run trains over a copy of the model, which then becomes the pre-quantized
+    // checkpoint in place: the train stage's fingerprint must see it.
     let sixteen = temp.path().join("sixteen");
+    let model = temp.path().join("model");
     std::fs::create_dir_all(&sixteen)?;
-    let (ok, stderr) = run(&sixteen, &pipeline(&source, method, ""))?;
+    std::fs::create_dir_all(&model)?;
+    for entry in std::fs::read_dir(&source)? {
+        let entry = entry?;
+        if entry.path().is_file() {
+            std::fs::copy(entry.path(), model.join(entry.file_name()))?;
+        }
+    }
+    let (ok, stderr) = run(&sixteen, &pipeline(&model, method, ""))?;
     assert!(ok, "{stderr}");
+    write_bnb_checkpoint(&source, &model, &QuantConfig::default())?;
+    let status = peftpipe()
+        .arg("status")
+        .arg(sixteen.join("pipeline.yaml"))
+        .env("PEFTPIPE_SHARED", shared_dir().ok_or("PEFTPIPE_SHARED")?)
+        .env("PEFTPIPE_CACHE_DIR", sixteen.join("cache"))
+        .env("NO_COLOR", "1")
+        .output()?;
+    let status = String::from_utf8_lossy(&status.stdout).into_owned();
+    eprintln!("status once the model is saved in 4 bits:\n{status}");
+    assert!(status.contains("[FRESH] prompts"), "{status}");
+    assert!(status.contains("[DIRTY] train"), "{status}");
+    assert!(status.contains("config.json"), "{status}");
     let stored = temp.path().join("stored");
     std::fs::create_dir_all(&stored)?;
     let (ok, stderr) = run(&stored, &pipeline(&bnb, method, evaluate))?;
