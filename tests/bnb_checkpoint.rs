@@ -18,8 +18,9 @@
 //! Checked: (1) the loaded 4-bit weights equal quantizing the 16-bit model directly, state for
 //! state and bit for bit once dequantized, and so do the model's logits; (2) a QLoRA pipeline
 //! over the pre-quantized checkpoint gives the same loss curve as QLoRA over the 16-bit one,
-//! records `prequantized` in base_model.json, evaluates over the same base, and refuses a merged
-//! export, and the train stage's fingerprint sees a model folder rewritten in 4 bits; (3) what
+//! records `prequantized` in base_model.json, evaluates over the same base, exports a merged
+//! 16-bit model equal bit for bit to the one over the 16-bit checkpoint, and the train stage's
+//! fingerprint sees a model folder rewritten in 4 bits; (3) what
 //! is not supported is refused with the file and field named. Without
 //! PEFTPIPE_SHARED the tests print why and pass.
 #![expect(
@@ -442,7 +443,8 @@ fn qlora_over_the_prequantized_checkpoint_trains_like_qlora_over_the_16bit_one()
     let bnb = temp.path().join("stories260k-bnb");
     write_bnb_checkpoint(&source, &bnb, &QuantConfig::default())?;
     let method = "qlora: {r: 8, alpha: 16, target_modules: all-linear}";
-    let evaluate = "  evaluate:\n    evaluate:\n      model: train\n      data: prompts\n      samples: 1\n      device: cpu\n  export:\n    export:\n      from: train\n      adapter: out/adapter\n";
+    let export = "  export:\n    export:\n      from: train\n      adapter: out/adapter\n      merged: out/merged\n";
+    let evaluate = format!("  evaluate:\n    evaluate:\n      model: train\n      data: prompts\n      samples: 1\n      device: cpu\n{export}");
 
     // The 16-bit run trains over a copy of the model, which then becomes the pre-quantized
     // checkpoint in place: the train stage's fingerprint must see it.
@@ -456,7 +458,7 @@ fn qlora_over_the_prequantized_checkpoint_trains_like_qlora_over_the_16bit_one()
             std::fs::copy(entry.path(), model.join(entry.file_name()))?;
         }
     }
-    let (ok, stderr) = run(&sixteen, &pipeline(&model, method, ""))?;
+    let (ok, stderr) = run(&sixteen, &pipeline(&model, method, export))?;
     assert!(ok, "{stderr}");
     write_bnb_checkpoint(&source, &model, &QuantConfig::default())?;
     let status = peftpipe()
@@ -473,7 +475,7 @@ fn qlora_over_the_prequantized_checkpoint_trains_like_qlora_over_the_16bit_one()
     assert!(status.contains("config.json"), "{status}");
     let stored = temp.path().join("stored");
     std::fs::create_dir_all(&stored)?;
-    let (ok, stderr) = run(&stored, &pipeline(&bnb, method, evaluate))?;
+    let (ok, stderr) = run(&stored, &pipeline(&bnb, method, &evaluate))?;
     assert!(ok, "{stderr}");
 
     let expected = losses(&sixteen)?;
@@ -495,12 +497,54 @@ fn qlora_over_the_prequantized_checkpoint_trains_like_qlora_over_the_16bit_one()
         .join("out/adapter/adapter_model.safetensors")
         .is_file());
 
-    // A merged export would need the stored base dequantized: refused, naming the record.
-    let merged = format!("{evaluate}      merged: out/merged\n");
-    let (ok, stderr) = run(&stored, &pipeline(&bnb, method, &merged))?;
-    assert!(!ok, "a merged export over a pre-quantized base is refused");
-    assert!(stderr.contains("base_model.json"), "{stderr}");
-    assert!(stderr.contains("saved in bitsandbytes 4-bit"), "{stderr}");
+    // The merged 16-bit model over the checkpoint's dequantized copy is the one over the
+    // 16-bit checkpoint quantized at load: the same tensors bit for bit, the same config
+    // (without `quantization_config`).
+    let read = |project: &Path| -> Result<
+        (HashMap<String, Tensor>, serde_json::Value),
+        Box<dyn std::error::Error>,
+    > {
+        let merged = project.join("out/merged");
+        Ok((
+            candle_core::safetensors::load(merged.join("model.safetensors"), &Device::Cpu)?,
+            serde_json::from_str(&std::fs::read_to_string(merged.join("config.json"))?)?,
+        ))
+    };
+    let (expected, expected_config) = read(&sixteen)?;
+    let (got, got_config) = read(&stored)?;
+    assert_eq!(got_config, expected_config);
+    assert!(got_config.get("quantization_config").is_none());
+    let mut names: Vec<&String> = got.keys().collect();
+    names.sort();
+    let mut expected_names: Vec<&String> = expected.keys().collect();
+    expected_names.sort();
+    assert_eq!(names, expected_names);
+    for name in names {
+        let bits = |t: &Tensor| -> candle_core::Result<Vec<u32>> {
+            Ok(t.flatten_all()?
+                .to_vec1::<f32>()?
+                .iter()
+                .map(|x| x.to_bits())
+                .collect())
+        };
+        assert_eq!(got[name].dims(), expected[name].dims(), "{name}");
+        assert_eq!(bits(&got[name])?, bits(&expected[name])?, "{name}");
+    }
+    // The dequantized scratch copy is not part of the export artifact.
+    let mut stack = vec![stored.join("cache")];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir)? {
+            let path = entry?.path();
+            assert!(
+                !path.to_string_lossy().contains(".dequantized-base"),
+                "left behind: {}",
+                path.display()
+            );
+            if path.is_dir() {
+                stack.push(path);
+            }
+        }
+    }
     Ok(())
 }
 
@@ -718,5 +762,89 @@ fn unsupported_or_inconsistent_checkpoints_are_refused_naming_the_file_and_field
         refused(&bnb, base(QuantConfig::default(), true)).is_empty(),
         "the recorded base loads"
     );
+    Ok(())
+}
+
+/// Split `dir/model.safetensors` into two shards with transformers' index; one weight's state
+/// is cut across them (sharding works tensor by tensor, not module by module).
+fn shard(dir: &Path) -> TestResult {
+    let single = dir.join("model.safetensors");
+    let tensors = candle_core::safetensors::load(&single, &Device::Cpu)?;
+    let files = [
+        "model-00001-of-00002.safetensors",
+        "model-00002-of-00002.safetensors",
+    ];
+    let mut shards: [HashMap<String, Tensor>; 2] = Default::default();
+    let mut weight_map = serde_json::Map::new();
+    for (name, tensor) in tensors {
+        let second = name.starts_with("model.layers.3")
+            || name.starts_with("model.layers.4")
+            || name.starts_with("model.norm")
+            || name == "model.layers.2.mlp.up_proj.weight.absmax";
+        weight_map.insert(name.clone(), files[usize::from(second)].into());
+        shards[usize::from(second)].insert(name, tensor);
+    }
+    for (file, tensors) in files.iter().zip(&shards) {
+        candle_core::safetensors::save(tensors, dir.join(file))?;
+    }
+    std::fs::remove_file(single)?;
+    std::fs::write(
+        dir.join("model.safetensors.index.json"),
+        serde_json::json!({"metadata": {}, "weight_map": weight_map}).to_string(),
+    )?;
+    Ok(())
+}
+
+#[test]
+fn a_sharded_4bit_checkpoint_loads_and_dequantizes_to_a_16bit_copy() -> TestResult {
+    let Some(source) = stories() else {
+        return Ok(());
+    };
+    let temp = tempfile::tempdir()?;
+    let single = temp.path().join("single");
+    let sharded = temp.path().join("sharded");
+    write_bnb_checkpoint(&source, &single, &QuantConfig::default())?;
+    write_bnb_checkpoint(&source, &sharded, &QuantConfig::default())?;
+    shard(&sharded)?;
+    let expected = logits(&single, &FrozenLinearFactory)?;
+    assert_eq!(logits(&sharded, &FrozenLinearFactory)?, expected);
+
+    let copy = temp.path().join("dequantized");
+    peftpipe::models::quantized::write_dequantized_checkpoint(&ModelDir::open(&sharded)?, &copy)?;
+    let dense = ModelDir::open(&copy)?;
+    assert!(dense.stored_quantization().is_none());
+    assert_eq!(dense.weight_files().len(), 2);
+    assert!(copy.join("tokenizer.json").is_file());
+    let infos = dense.tensor_infos()?;
+    assert!(infos.keys().all(|name| !name.contains(".absmax")
+        && !name.contains(".quant_")
+        && !name.contains(".nested_")));
+    assert_eq!(
+        infos["model.layers.2.mlp.up_proj.weight"].shape,
+        [172, 64],
+        "dequantized to [out, in]"
+    );
+    // The 16-bit copy holds exactly the dequantized values the 4-bit model computes with.
+    let stored = read_bnb_weights(&[single.join("model.safetensors")], &Device::Cpu)?;
+    let copied = candle_core::safetensors::load(
+        &infos["model.layers.2.mlp.up_proj.weight"].file,
+        &Device::Cpu,
+    )?;
+    let name = "model.layers.2.mlp.up_proj.weight";
+    assert_eq!(
+        copied[name].flatten_all()?.to_vec1::<f32>()?,
+        stored.weights[name]
+            .weight
+            .dequantize(DType::F32)?
+            .flatten_all()?
+            .to_vec1::<f32>()?
+    );
+    let from_copy = logits(&copy, &FrozenLinearFactory)?;
+    let difference = from_copy
+        .iter()
+        .zip(&expected)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0f32, f32::max);
+    assert!(difference < 1e-5, "max |Δlogit| = {difference}");
     Ok(())
 }

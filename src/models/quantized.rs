@@ -471,6 +471,75 @@ pub fn load_bnb_checkpoint(
     Ok(base)
 }
 
+/// Write a 16-bit copy of `dir`, a checkpoint saved in bitsandbytes 4-bit, to `out` (what a
+/// merged export starts from, as transformers' `model.dequantize()`): each 4-bit weight
+/// dequantized bit-exactly (`level · absmax` in `f32`) and rounded once to the dtype it had
+/// before quantization (its state's `dtype`), under its own name and `[out, in]` shape; its
+/// state tensors dropped; every other tensor as stored; the shards and their file names kept
+/// (with an index rewritten to the new names); config.json without `quantization_config`;
+/// the other files (tokenizer, generation config) copied. One shard in memory at a time.
+pub fn write_dequantized_checkpoint(dir: &super::ModelDir, out: &Path) -> Result<(), ModelError> {
+    let io = |path: &Path, source| ModelError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let files = dir.weight_files();
+    let stored = read_bnb_weights(files, &Device::Cpu)?;
+    std::fs::create_dir_all(out).map_err(|error| io(out, error))?;
+    let mut weight_map = serde_json::Map::new();
+    for path in files {
+        let file_name = path
+            .file_name()
+            .map(|name| name.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let shard = map_files(std::slice::from_ref(path))?;
+        let mut tensors: std::collections::HashMap<String, Tensor> = Default::default();
+        for (name, view) in shard.tensors() {
+            let failed =
+                |error: candle_core::Error| weights_error(path, format!("`{name}`: {error}"));
+            let tensor = match stored.weights.get(&name) {
+                Some(weight) => {
+                    let host = weight.weight.to_host().map_err(failed)?;
+                    host.dequantize(host.dtype, &Device::Cpu).map_err(failed)?
+                }
+                None if stored.state_tensors.contains(&name) => continue,
+                None => view.load(&Device::Cpu).map_err(failed)?,
+            };
+            weight_map.insert(name.clone(), Value::String(file_name.clone()));
+            tensors.insert(name, tensor);
+        }
+        let target = out.join(&file_name);
+        candle_core::safetensors::save(&tensors, &target)
+            .map_err(|error| weights_error(&target, error))?;
+    }
+    let write_json = |path: &Path, value: &Value| {
+        let text = serde_json::to_string_pretty(value).unwrap_or_default();
+        std::fs::write(path, text + "\n").map_err(|error| io(path, error))
+    };
+    if files.len() > 1 {
+        write_json(
+            &out.join("model.safetensors.index.json"),
+            &serde_json::json!({"metadata": {}, "weight_map": weight_map}),
+        )?;
+    }
+    let mut config = dir.config_json().clone();
+    if let Some(fields) = config.as_object_mut() {
+        fields.remove("quantization_config");
+    }
+    write_json(&out.join("config.json"), &config)?;
+    let entries = std::fs::read_dir(dir.root()).map_err(|error| io(dir.root(), error))?;
+    for entry in entries {
+        let entry = entry.map_err(|error| io(dir.root(), error))?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let weights = name.ends_with(".safetensors") || name == "model.safetensors.index.json";
+        if entry.path().is_file() && !weights && name != "config.json" {
+            std::fs::copy(entry.path(), out.join(&name))
+                .map_err(|error| io(&entry.path(), error))?;
+        }
+    }
+    Ok(())
+}
+
 /// The [`LinearFactory`] [`super::ModelDir::load`] puts around the caller's for a checkpoint
 /// saved in bitsandbytes 4-bit: it hands each stored 4-bit weight to the model once
 /// ([`LinearFactory::stored_quantized`], its shape checked against the layer's), forwards every

@@ -38,9 +38,10 @@
 //! differs from a weight's state (the checkpoint never silently overrides what the pipeline says,
 //! and the pipeline never silently re-quantizes the checkpoint). The compute dtype is a run
 //! setting, not a storage one: the method's `compute_dtype` (default: the run's dtype) applies,
-//! not config.json's `bnb_4bit_compute_dtype`. Such a base is recorded as `prequantized`.
-//! Merging over it is not supported yet (its merge would dequantize the stored weights); the
-//! adapter exports as usual.
+//! not config.json's `bnb_4bit_compute_dtype`. Such a base is recorded as `prequantized`; the
+//! export stage merges over the checkpoint's dequantized copy
+//! (`models::quantized::write_dequantized_checkpoint`), while [`Adapter::merge_patches`] in
+//! process refuses (it has no 16-bit weights to patch).
 //!
 //! Never reads pipeline configs, never prints.
 
@@ -157,8 +158,8 @@ impl Adapter for QloraAdapter {
     }
 }
 
-/// Why a merged model over a pre-quantized base is refused (export says it too).
-pub const PREQUANTIZED_MERGE: &str = "a QLoRA adapter trained over a checkpoint saved in bitsandbytes 4-bit is not merged into a 16-bit model yet (its base would be the dequantized stored weights); export the adapter, which PeftModel loads onto the same 4-bit checkpoint";
+/// Why [`Adapter::merge_patches`] refuses over a pre-quantized base.
+pub const PREQUANTIZED_MERGE: &str = "a QLoRA adapter trained over a checkpoint saved in bitsandbytes 4-bit has no 16-bit base weights to patch in process; the export stage's `merged:` writes it over the checkpoint's dequantized copy";
 
 /// Check a QLoRA run's base settings against the bitsandbytes `quantization_config` of the
 /// checkpoint (`stored`, from `config_path`): the 4-bit type and double quantization must be the
