@@ -154,6 +154,17 @@ fn quantization_config(config: &QuantConfig) -> serde_json::Value {
 /// as transformers quantizes the loaded `torch_dtype` tensor), the rest as stored, the
 /// tokenizer files copied, config.json with `quantization_config`.
 fn write_bnb_checkpoint(source: &Path, dir: &Path, config: &QuantConfig) -> TestResult {
+    write_bnb_checkpoint_with(source, dir, config, &[])
+}
+
+/// [`write_bnb_checkpoint`] with the linear modules `skip` left dense (transformers'
+/// `llm_int8_skip_modules`, matched on the module name as its quantizer does).
+fn write_bnb_checkpoint_with(
+    source: &Path,
+    dir: &Path,
+    config: &QuantConfig,
+    skip: &[&str],
+) -> TestResult {
     std::fs::create_dir_all(dir)?;
     for entry in std::fs::read_dir(source)? {
         let entry = entry?;
@@ -165,6 +176,9 @@ fn write_bnb_checkpoint(source: &Path, dir: &Path, config: &QuantConfig) -> Test
     let mut json: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(source.join("config.json"))?)?;
     json["quantization_config"] = quantization_config(config);
+    if !skip.is_empty() {
+        json["quantization_config"]["llm_int8_skip_modules"] = serde_json::json!(skip);
+    }
     std::fs::write(
         dir.join("config.json"),
         serde_json::to_string_pretty(&json)?,
@@ -172,7 +186,10 @@ fn write_bnb_checkpoint(source: &Path, dir: &Path, config: &QuantConfig) -> Test
     let tensors = candle_core::safetensors::load(source.join("model.safetensors"), &Device::Cpu)?;
     let mut saved: HashMap<String, Tensor> = HashMap::new();
     for (name, tensor) in tensors {
-        if is_quantized_linear(&name, tensor.dims()) {
+        let skipped = skip
+            .iter()
+            .any(|module| name.contains(&format!(".{module}.")));
+        if is_quantized_linear(&name, tensor.dims()) && !skipped {
             let quantized = QuantizedTensor::from_tensor(&tensor, config)?;
             saved.extend(bnb_state_dict(&name, &quantized));
         } else {
@@ -846,5 +863,83 @@ fn a_sharded_4bit_checkpoint_loads_and_dequantizes_to_a_16bit_copy() -> TestResu
         .map(|(a, b)| (a - b).abs())
         .fold(0.0f32, f32::max);
     assert!(difference < 1e-5, "max |Δlogit| = {difference}");
+    Ok(())
+}
+
+/// Stores every quantizable layer in 4 bits like [`QuantizingFactory`], except the modules
+/// named in `skip`, which stay dense: the base a checkpoint saved with `llm_int8_skip_modules`
+/// computes.
+struct SkippingFactory {
+    quantizing: QuantizingFactory<FrozenLinearFactory>,
+    skip: Vec<&'static str>,
+}
+
+impl LinearFactory for SkippingFactory {
+    fn build(
+        &self,
+        path: &str,
+        base: peftpipe::models::LinearWeights,
+    ) -> candle_core::Result<Box<dyn peftpipe::models::LinearLayer>> {
+        if self
+            .skip
+            .iter()
+            .any(|module| path.ends_with(&format!(".{module}")))
+        {
+            return FrozenLinearFactory.build(path, base);
+        }
+        self.quantizing.build(path, base)
+    }
+}
+
+#[test]
+fn skipped_modules_stay_dense_and_packed_codes_load_from_any_quant_storage_dtype() -> TestResult {
+    let Some(source) = stories() else {
+        return Ok(());
+    };
+    let temp = tempfile::tempdir()?;
+    let dir = temp.path().join("skipping");
+    write_bnb_checkpoint_with(&source, &dir, &QuantConfig::default(), &["down_proj"])?;
+    // `bnb_4bit_quant_storage: bfloat16` (FSDP QLoRA): the same bytes viewed as bf16 pairs,
+    // `[(n + 1) // 4, 1]`.
+    let path = dir.join("model.safetensors");
+    let mut tensors = candle_core::safetensors::load(&path, &Device::Cpu)?;
+    let packed: Vec<String> = tensors
+        .keys()
+        .filter(|name| tensors.contains_key(&format!("{name}.quant_state.bitsandbytes__nf4")))
+        .cloned()
+        .collect();
+    assert_eq!(packed.len(), 5 * 6, "down_proj stays dense");
+    for name in packed {
+        let bytes = tensors[&name].flatten_all()?.to_vec1::<u8>()?;
+        let pairs: Vec<half::bf16> = bytes
+            .chunks_exact(2)
+            .map(|pair| half::bf16::from_bits(u16::from_le_bytes([pair[0], pair[1]])))
+            .collect();
+        let count = pairs.len();
+        tensors.insert(name, Tensor::from_vec(pairs, (count, 1), &Device::Cpu)?);
+    }
+    candle_core::safetensors::save(&tensors, &path)?;
+    let mut config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("config.json"))?)?;
+    config["quantization_config"]["bnb_4bit_quant_storage"] = "bfloat16".into();
+    std::fs::write(dir.join("config.json"), config.to_string())?;
+
+    let expected = logits(
+        &source,
+        &SkippingFactory {
+            quantizing: QuantizingFactory::new(
+                FrozenLinearFactory,
+                base(QuantConfig::default(), false),
+            ),
+            skip: vec!["down_proj"],
+        },
+    )?;
+    assert_eq!(logits(&dir, &FrozenLinearFactory)?, expected);
+    // A QLoRA base over it records the 4-bit layers only and leaves down_proj dense.
+    let factory = QuantizingFactory::new(FrozenLinearFactory, base(QuantConfig::default(), true));
+    assert_eq!(logits(&dir, &factory)?, expected);
+    let layers = factory.quantized_layers();
+    assert_eq!(layers.shapes.len(), 5 * 6);
+    assert!(layers.shapes.keys().all(|name| !name.contains("down_proj")));
     Ok(())
 }
