@@ -576,31 +576,37 @@ fn a_method_or_setting_that_disagrees_with_the_stored_base_is_refused_naming_the
     write_bnb_checkpoint(&source, &bnb, &QuantConfig::default())?;
     let config = bnb.join("config.json").display().to_string();
     for (method, expected) in [
+        // Caught by validation, pointing at the pipeline's line.
         (
             "lora: {r: 8}",
             vec![
+                "pipeline.yaml:",
                 config.as_str(),
                 "quantization_config",
                 "method `lora`",
-                "qlora",
+                "use method qlora",
             ],
         ),
         (
             "qlora: {r: 8, double_quant: false}",
             vec![
+                "pipeline.yaml:",
+                "method.qlora.double_quant",
                 config.as_str(),
-                "quantization_config.bnb_4bit_use_double_quant",
-                "method.qlora.double_quant: true",
+                "quantization_config.bnb_4bit_use_double_quant true",
+                "set double_quant: true",
             ],
         ),
         (
             "qlora: {r: 8, quant_type: fp4}",
             vec![
-                config.as_str(),
-                "quantization_config.bnb_4bit_quant_type",
-                "method.qlora.quant_type: nf4",
+                "pipeline.yaml:",
+                "method.qlora.quant_type",
+                "quantization_config.bnb_4bit_quant_type nf4",
+                "set quant_type: nf4",
             ],
         ),
+        // The block size is in each weight's state: caught as the model loads.
         (
             "qlora: {r: 8, block_size: 128}",
             vec![

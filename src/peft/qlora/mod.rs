@@ -195,3 +195,42 @@ pub fn check_stored_base(
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::quant::{QuantConfig, QuantType};
+
+    #[test]
+    fn a_stored_base_that_differs_from_the_method_names_the_key_and_the_value_to_write() {
+        let wanted = BaseQuantization {
+            config: QuantConfig::default(),
+            compute_dtype: None,
+            prequantized: true,
+        };
+        let stored = |quant_type, double_quant| BnbQuantization {
+            quant_type,
+            double_quant,
+            compute_dtype: None,
+        };
+        let path = Path::new("/models/x/config.json");
+        assert!(check_stored_base(&wanted, &stored(QuantType::Nf4, true), path).is_ok());
+        let error = check_stored_base(&wanted, &stored(QuantType::Fp4, true), path)
+            .unwrap_err()
+            .to_string();
+        for text in [
+            "/models/x/config.json",
+            "quantization_config.bnb_4bit_quant_type",
+            "set method.qlora.quant_type: fp4",
+        ] {
+            assert!(error.contains(text), "{error}");
+        }
+        let error = check_stored_base(&wanted, &stored(QuantType::Nf4, false), path)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("set method.qlora.double_quant: false"),
+            "{error}"
+        );
+    }
+}
