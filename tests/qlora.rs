@@ -191,6 +191,7 @@ fn a_qlora_adapter_is_not_merged_into_its_4bit_base() {
     let quantization = BaseQuantization {
         config: QuantConfig::default(),
         compute_dtype: None,
+        prequantized: false,
     };
     let model = dir
         .load(
@@ -355,6 +356,7 @@ fn the_qlora_pipeline_runs_and_exports_a_peft_lora_adapter_and_a_merged_16bit_mo
     let quantization = BaseQuantization {
         config: QuantConfig::default(),
         compute_dtype: None,
+        prequantized: false,
     };
     let (ids, mask) = batch_inputs();
     let logits = |model: &InferenceModel| {

@@ -15,6 +15,7 @@ use crate::models::quantized::{BaseQuantization, QuantizingFactory};
 use crate::models::{
     CausalLm, FrozenLinearFactory, Hooks, LinearFactory, ModelDir, ModelTokenizer,
 };
+use crate::peft::qlora::check_stored_base;
 use crate::peft::{load_adapter, Adapter, AdapterMode};
 
 /// A model ready for inference: weights (adapter applied), tokenizer, hooks.
@@ -39,6 +40,9 @@ impl InferenceModel {
         dtype: DType,
     ) -> Result<Self, String> {
         let dir = ModelDir::open(model_dir).map_err(|e| e.to_string())?;
+        if let Some(quantization) = quantization {
+            check_recorded_base(quantization, &dir)?;
+        }
         let tokenizer = dir.tokenizer().map_err(|e| e.to_string())?;
         let build = |factory: &dyn LinearFactory| match quantization {
             Some(quantization) => dir.load(
@@ -115,6 +119,25 @@ pub fn recorded_base_quantization(adapter_dir: &Path) -> Result<Option<BaseQuant
         Some(quantization) => BaseQuantization::from_json(quantization)
             .map(Some)
             .map_err(|message| format!("{}: quantization: {message}", record.display())),
+    }
+}
+
+/// The recorded 4-bit base of a QLoRA run must be the one this folder gives: pre-quantized
+/// exactly when its config.json has a bitsandbytes `quantization_config`, and then with the same
+/// settings (a base that changed under the adapter is an error, never a silent other base).
+fn check_recorded_base(quantization: &BaseQuantization, dir: &ModelDir) -> Result<(), String> {
+    match (quantization.prequantized, dir.stored_quantization()) {
+        (true, Some(stored)) => check_stored_base(quantization, stored, &dir.config_path())
+            .map_err(|error| error.to_string()),
+        (false, None) => Ok(()),
+        (true, None) => Err(format!(
+            "{}: no `quantization_config`, but the adapter was trained over this model saved in bitsandbytes 4-bit (base_model.json: prequantized); point at that checkpoint",
+            dir.config_path().display()
+        )),
+        (false, Some(_)) => Err(format!(
+            "{}: key `quantization_config`: this checkpoint is saved in bitsandbytes 4-bit, but the adapter was trained over a 16-bit checkpoint quantized as it loaded; point at that 16-bit checkpoint",
+            dir.config_path().display()
+        )),
     }
 }
 

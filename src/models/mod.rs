@@ -116,6 +116,20 @@ pub trait LinearFactory {
             "linear layer `{path}`: its base weight is stored in 4 bits, and this method cannot adapt a quantized layer"
         )
     }
+
+    /// The base weight of the layer at `path` (`[out_features, in_features]`) when the checkpoint
+    /// already stores it in 4 bits (a checkpoint saved by transformers with bitsandbytes 4-bit,
+    /// see [`quantized`]): the model then builds the layer through [`Self::build_quantized`]
+    /// instead of reading a dense weight. `None` (the default): the weight is dense. Answered by
+    /// the factory [`ModelDir::load`] wraps around the caller's for such a checkpoint.
+    fn stored_quantized(
+        &self,
+        _path: &str,
+        _out_features: usize,
+        _in_features: usize,
+    ) -> Result<Option<crate::quant::QuantizedWeight>> {
+        Ok(None)
+    }
 }
 
 impl<T: LinearFactory + ?Sized> LinearFactory for &T {
@@ -129,6 +143,15 @@ impl<T: LinearFactory + ?Sized> LinearFactory for &T {
         base: QuantizedLinearWeights,
     ) -> Result<Box<dyn LinearLayer>> {
         (**self).build_quantized(path, base)
+    }
+
+    fn stored_quantized(
+        &self,
+        path: &str,
+        out_features: usize,
+        in_features: usize,
+    ) -> Result<Option<crate::quant::QuantizedWeight>> {
+        (**self).stored_quantized(path, out_features, in_features)
     }
 }
 

@@ -128,6 +128,9 @@ pub fn new_adapter(
                     ComputeDtypeChoice::F16 => DType::F16,
                     ComputeDtypeChoice::F32 => DType::F32,
                 }),
+                // A checkpoint saved with bitsandbytes 4-bit: its weights are used as stored
+                // (the train stage checks config.json's settings against these first).
+                prequantized: cx.model_config.get("quantization_config").is_some(),
             };
             Ok(Box::new(QloraAdapter::new(
                 settings,

@@ -23,7 +23,9 @@ use crate::config::export::{parse_size, ExportDtype, GgufType, DEFAULT_MAX_SHARD
 use crate::config::ExportConfig;
 use crate::models::checkpoint::{write_merged_folder, CheckpointError, MergedOptions, WeightPatch};
 use crate::models::gguf::{write_gguf, WRITER_KEY};
-use crate::models::quantized::{dequantized_base_patches, BaseQuantization};
+use crate::models::quantized::{
+    dequantized_base_patches, write_dequantized_checkpoint, BaseQuantization,
+};
 use crate::models::ModelDir;
 use crate::peft::{load_adapter, AdapterFiles};
 
@@ -122,10 +124,39 @@ impl Stage for ExportStage {
             });
         }
         ctx.check_cancel()?;
-        let patches = if self.config.merged.is_some() || self.config.gguf.is_some() {
+        let merging = self.config.merged.is_some() || self.config.gguf.is_some();
+        // A QLoRA run over a checkpoint saved in bitsandbytes 4-bit: the merge starts from its
+        // dequantized copy (a scratch folder removed before the stage ends), with LoRA's patches.
+        let dequantized = match &base.quantization {
+            Some(quantization) if merging && quantization.prequantized => {
+                let scratch = tempfile::Builder::new()
+                    .prefix(".dequantized-base-")
+                    .tempdir_in(ctx.out_dir)
+                    .map_err(|error| {
+                        StageError::user(format!("{}: {error}", ctx.out_dir.display()))
+                    })?;
+                let stored = ModelDir::open(&base.path)
+                    .map_err(|error| StageError::user(error.to_string()))?;
+                if stored.stored_quantization().is_none() {
+                    return Err(StageError::user(format!(
+                        "{}: no `quantization_config`, but the adapter was trained over this model saved in bitsandbytes 4-bit (base_model.json: prequantized)",
+                        stored.config_path().display()
+                    )));
+                }
+                write_dequantized_checkpoint(&stored, scratch.path())
+                    .map_err(|error| StageError::user(error.to_string()))?;
+                Some(scratch)
+            }
+            _ => None,
+        };
+        let merge_base = dequantized
+            .as_ref()
+            .map_or(base.path.clone(), |scratch| scratch.path().to_path_buf());
+        let patches = if merging {
             let patches = merge_patches(&adapter_dir)?;
             // A QLoRA run: a 16-bit model over the dequantized base (never re-quantized).
             match &base.quantization {
+                Some(quantization) if quantization.prequantized => patches,
                 Some(quantization) => {
                     let shapes = ModelDir::open(&base.path)
                         .and_then(|dir| dir.tensor_infos())
@@ -148,7 +179,7 @@ impl Stage for ExportStage {
         if self.config.merged.is_some() {
             let out = ctx.out_dir.join("merged");
             let options = merged_options(&self.config)?;
-            let merged = write_merged_folder(&patches, &base.path, &out, options, &|| {
+            let merged = write_merged_folder(&patches, &merge_base, &out, options, &|| {
                 ctx.check_cancel().is_err()
             })
             .map_err(checkpoint_error)?;
@@ -180,7 +211,7 @@ impl Stage for ExportStage {
                 .unwrap_or_else(|| base.portable_name());
             let written = write_gguf(
                 &patches,
-                &base.path,
+                &merge_base,
                 &out,
                 ggml_type(gguf_type),
                 &name,

@@ -17,7 +17,9 @@
 //!                                    scalars (wall times 0, see train::tensorboard)
 //! base_model.json                    `model` (as written in the pipeline), `path` (resolved on this
 //!                                    machine), `config_digest` (blake3 of config.json), `model_type`,
-//!                                    `device`, `dtype`
+//!                                    `device`, `dtype`; a QLoRA run adds `quantization` (its 4-bit
+//!                                    settings, `prequantized: true` over a checkpoint saved in
+//!                                    bitsandbytes 4-bit)
 //! ```
 //! The artifact is content-addressed, so it holds only what the inputs determine: a retrain that
 //! produces the same adapter produces the same artifact, and downstream stages stay fresh.
@@ -48,6 +50,7 @@ use crate::config::train::{device_kind, TrainConfig};
 use crate::data::batch::{fit, Sequence};
 use crate::data::tokenize::TextTokenizer;
 use crate::models::ModelDir;
+use crate::peft::qlora::check_stored_base;
 use crate::peft::{new_adapter, MethodContext};
 use crate::train::checkpoint::CheckpointDir;
 use crate::train::{
@@ -375,6 +378,22 @@ impl Stage for TrainStage {
             },
         )
         .map_err(|error| user(error.to_string()))?;
+        // A checkpoint saved in bitsandbytes 4-bit trains only with qlora, with its settings.
+        if let Some(stored) = model_dir.stored_quantization() {
+            match adapter.base_quantization() {
+                Some(quantization) => {
+                    check_stored_base(&quantization, stored, &model_dir.config_path())
+                        .map_err(|error| user(error.to_string()))?;
+                }
+                None => {
+                    return Err(user(format!(
+                        "{}: key `quantization_config`: the checkpoint is stored in bitsandbytes 4-bit, and method `{}` trains over a 16-bit base; use method qlora (LoRA over the 4-bit base as stored) or the checkpoint's 16-bit original",
+                        model_dir.config_path().display(),
+                        config.method.name()
+                    )))
+                }
+            }
+        }
         let model = model_dir
             .load(&device, dtype, adapter.linear_factory())
             .map_err(|error| user(error.to_string()))?;

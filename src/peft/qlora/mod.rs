@@ -30,6 +30,19 @@
 //! the quantization error in every linear layer; it is the model that was trained, not the
 //! original base plus the update.
 //!
+//! A checkpoint transformers saved with bitsandbytes 4-bit (`quantization_config` in its
+//! config.json) is trained over as stored: its packed codes and absmax state become the base
+//! layers without being dequantized and re-quantized (`models/quantized.rs` reads them). The run's
+//! settings must then describe that storage: [`check_stored_base`] refuses a `quant_type` or
+//! `double_quant` that differs from config.json's, and the quantizing factory a block size that
+//! differs from a weight's state (the checkpoint never silently overrides what the pipeline says,
+//! and the pipeline never silently re-quantizes the checkpoint). The compute dtype is a run
+//! setting, not a storage one: the method's `compute_dtype` (default: the run's dtype) applies,
+//! not config.json's `bnb_4bit_compute_dtype`. Such a base is recorded as `prequantized`; the
+//! export stage merges over the checkpoint's dequantized copy
+//! (`models::quantized::write_dequantized_checkpoint`), while [`Adapter::merge_patches`] in
+//! process refuses (it has no 16-bit weights to patch).
+//!
 //! Never reads pipeline configs, never prints.
 
 use std::path::Path;
@@ -39,7 +52,9 @@ use candle_core::{Device, Var};
 use super::adapter::WeightPatch;
 use super::lora::{LoraAdapter, LoraSettings};
 use super::{Adapter, AdapterMode, PeftError};
-use crate::models::quantized::{dequantized_base_patches, BaseQuantization, QuantizingFactory};
+use crate::models::quantized::{
+    dequantized_base_patches, BaseQuantization, BnbQuantization, QuantizingFactory,
+};
 use crate::models::{CausalLm, LinearFactory};
 
 /// A QLoRA adapter: LoRA layers built over the 4-bit base a [`QuantizingFactory`] makes.
@@ -110,6 +125,9 @@ impl Adapter for QloraAdapter {
     /// A 16-bit model over the dequantized base (see the module docs): every quantized layer's
     /// `dequant(quant(W))`, plus `s·B·A` where adapted.
     fn merge_patches(&self) -> Result<Option<Vec<WeightPatch>>, PeftError> {
+        if self.quantization().prequantized {
+            return Err(PeftError::invalid(PREQUANTIZED_MERGE));
+        }
         let layers = self.factory.quantized_layers();
         let Some(load_dtype) = layers.load_dtype else {
             return Err(PeftError::invalid(
@@ -137,5 +155,82 @@ impl Adapter for QloraAdapter {
 
     fn base_quantization(&self) -> Option<BaseQuantization> {
         Some(*self.quantization())
+    }
+}
+
+/// Why [`Adapter::merge_patches`] refuses over a pre-quantized base.
+pub const PREQUANTIZED_MERGE: &str = "a QLoRA adapter trained over a checkpoint saved in bitsandbytes 4-bit has no 16-bit base weights to patch in process; the export stage's `merged:` writes it over the checkpoint's dequantized copy";
+
+/// Check a QLoRA run's base settings against the bitsandbytes `quantization_config` of the
+/// checkpoint (`stored`, from `config_path`): the 4-bit type and double quantization must be the
+/// checkpoint's, since its weights are used as stored. The error names config.json's key, the
+/// method's field and the value to write.
+pub fn check_stored_base(
+    quantization: &BaseQuantization,
+    stored: &BnbQuantization,
+    config_path: &Path,
+) -> Result<(), PeftError> {
+    let differ = |key: &str, field: &str, stored: String, asked: String| {
+        Err(PeftError::invalid(format!(
+            "{}: key `quantization_config.{key}`: the checkpoint is stored with {field} {stored}, but method.qlora.{field} is {asked}; a checkpoint saved in 4 bits is trained over as stored (never re-quantized): set method.qlora.{field}: {stored}, or train from its 16-bit original",
+            config_path.display()
+        )))
+    };
+    let wanted = &quantization.config;
+    if stored.quant_type != wanted.quant_type {
+        return differ(
+            "bnb_4bit_quant_type",
+            "quant_type",
+            stored.quant_type.name().into(),
+            wanted.quant_type.name().into(),
+        );
+    }
+    if stored.double_quant != wanted.double_quant {
+        return differ(
+            "bnb_4bit_use_double_quant",
+            "double_quant",
+            stored.double_quant.to_string(),
+            wanted.double_quant.to_string(),
+        );
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::quant::{QuantConfig, QuantType};
+
+    #[test]
+    fn a_stored_base_that_differs_from_the_method_names_the_key_and_the_value_to_write() {
+        let wanted = BaseQuantization {
+            config: QuantConfig::default(),
+            compute_dtype: None,
+            prequantized: true,
+        };
+        let stored = |quant_type, double_quant| BnbQuantization {
+            quant_type,
+            double_quant,
+            compute_dtype: None,
+        };
+        let path = Path::new("/models/x/config.json");
+        assert!(check_stored_base(&wanted, &stored(QuantType::Nf4, true), path).is_ok());
+        let error = check_stored_base(&wanted, &stored(QuantType::Fp4, true), path)
+            .unwrap_err()
+            .to_string();
+        for text in [
+            "/models/x/config.json",
+            "quantization_config.bnb_4bit_quant_type",
+            "set method.qlora.quant_type: fp4",
+        ] {
+            assert!(error.contains(text), "{error}");
+        }
+        let error = check_stored_base(&wanted, &stored(QuantType::Nf4, false), path)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("set method.qlora.double_quant: false"),
+            "{error}"
+        );
     }
 }

@@ -419,6 +419,60 @@ impl TrainConfig {
     }
 }
 
+/// A model saved in bitsandbytes 4-bit trains only with qlora, whose `quant_type` and
+/// `double_quant` must be the checkpoint's (its weights are used as stored; block sizes are
+/// checked per weight when the model loads).
+fn check_stored_4bit(
+    method: &MethodConfig,
+    stored: &super::probe::Stored4bit,
+    at: &str,
+    problems: &mut Vec<Problem>,
+) {
+    let MethodConfig::Qlora(qlora) = method else {
+        problems.push(
+            Problem::new(
+                format!("{at}.method"),
+                format!(
+                    "{}: the model is saved in bitsandbytes 4-bit (quantization_config), and method `{}` trains over a 16-bit base",
+                    stored.config_path,
+                    method.name()
+                ),
+            )
+            .with_hint("use method qlora (LoRA over the 4-bit base as stored), or the model's 16-bit original"),
+        );
+        return;
+    };
+    let mut differ = |field: &str, key: &str, stored_value: String, asked: String| {
+        problems.push(
+            Problem::new(
+                format!("{at}.method.qlora.{field}"),
+                format!(
+                    "{}: the model is saved with quantization_config.{key} {stored_value}, but this asks for {asked}; a checkpoint saved in 4 bits is trained over as stored, never re-quantized",
+                    stored.config_path
+                ),
+            )
+            .about_value()
+            .with_hint(format!("set {field}: {stored_value}, or train from the 16-bit original")),
+        );
+    };
+    if qlora.quant_type.name() != stored.quant_type {
+        differ(
+            "quant_type",
+            "bnb_4bit_quant_type",
+            stored.quant_type.clone(),
+            qlora.quant_type.name().to_string(),
+        );
+    }
+    if qlora.double_quant != stored.double_quant {
+        differ(
+            "double_quant",
+            "bnb_4bit_use_double_quant",
+            stored.double_quant.to_string(),
+            qlora.double_quant.to_string(),
+        );
+    }
+}
+
 impl StageSpec for TrainConfig {
     fn upstream(&self) -> Vec<UpstreamRef> {
         vec![UpstreamRef {
@@ -553,6 +607,9 @@ impl StageSpec for TrainConfig {
                 .about_value()
                 .with_hint("set add_eos: false, or give tokenizer_config.json an eos_token"),
             );
+        }
+        if let Some(stored) = &facts.stored_4bit {
+            check_stored_4bit(&self.method, stored, at, problems);
         }
         if let Some(layers) = &facts.linear_layers {
             self.method.check_against_model(
