@@ -77,9 +77,7 @@ impl LoraFile {
                 "`bias` other than \"none\" is not supported".into(),
             ));
         }
-        if field("modules_to_save").is_some_and(|v| v.as_array().is_none_or(|a| !a.is_empty())) {
-            return Err(invalid("`modules_to_save` is not supported".into()));
-        }
+        // `modules_to_save` and `trainable_token_indices` are `peft::auxiliary`'s.
         for key in [
             "layers_to_transform",
             "exclude_modules",
