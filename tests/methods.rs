@@ -768,6 +768,16 @@ fn merged_weights(
     merged
 }
 
+/// Tensor names and shapes, sorted by name.
+fn shapes(tensors: &HashMap<String, Tensor>) -> Vec<(String, Vec<usize>)> {
+    let mut shapes: Vec<(String, Vec<usize>)> = tensors
+        .iter()
+        .map(|(name, tensor)| (name.clone(), tensor.dims().to_vec()))
+        .collect();
+    shapes.sort();
+    shapes
+}
+
 /// Rows of `a` and `b` (`[vocab, hidden]`) that differ at all.
 fn changed_rows(a: &Tensor, b: &Tensor) -> Vec<usize> {
     let a: Vec<Vec<f32>> = a.to_vec2().unwrap();
@@ -976,7 +986,9 @@ fn modules_to_save_copy_the_embedding_of_a_tied_model_and_untie_the_merge() {
 /// the wrapped module (nothing for a tied head, whose `tied_adapter` shares the embedding's),
 /// `ModulesToSaveWrapper.adapter_state_dict` the copy's own `state_dict` keys under the module
 /// (`lm_head.weight`, the `modules_to_save.default.` part removed); `trainable_token_indices` and
-/// `modules_to_save` are kept in adapter_config.json as written (`LoraConfig` fields).
+/// `modules_to_save` are kept in adapter_config.json as written (`LoraConfig` fields). The names
+/// and shapes are compared with what PEFT 0.21 wrote for the same configs
+/// (tests/fixtures/peft_auxiliary, see `peft_made_auxiliary_adapters_import_with_peft_logits`).
 #[test]
 fn auxiliary_modules_save_peft_names_and_config_fields() {
     let (json, config) = tied_llama();
@@ -996,23 +1008,33 @@ fn auxiliary_modules_save_peft_names_and_config_fields() {
             &Device::Cpu,
         )
         .unwrap();
-        let mut extra: Vec<(String, Vec<usize>)> = tensors
-            .into_iter()
+        let all = shapes(&tensors);
+        let extra: Vec<(String, Vec<usize>)> = all
+            .iter()
             .filter(|(name, _)| !name.contains(".lora_"))
-            .map(|(name, tensor)| (name, tensor.dims().to_vec()))
+            .cloned()
             .collect();
-        extra.sort();
-        (config, extra)
+        (config, extra, all)
     };
-    let (config, extra) = saved("lora: {r: 2, alpha: 4, trainable_token_indices: [2, 7]}");
+    // What PEFT itself wrote for the same configs on a model of the same shape.
+    let peft_wrote = |case: &str| {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/peft_auxiliary")
+            .join(case)
+            .join("adapter_model.safetensors");
+        shapes(&candle_core::safetensors::load(path, &Device::Cpu).unwrap())
+    };
+    let (config, extra, all) = saved("lora: {r: 2, alpha: 4, trainable_token_indices: [2, 7]}");
+    assert_eq!(all, peft_wrote("tokens"));
     assert_eq!(config["trainable_token_indices"], serde_json::json!([2, 7]));
     assert_eq!(config["modules_to_save"], serde_json::Value::Null);
     assert_eq!(config["peft_type"], "LORA");
     assert_eq!(extra, [(EMBED_DELTA.to_string(), vec![2, 16])]);
 
-    let (config, extra) = saved(
+    let (config, extra, all) = saved(
         "lora: {r: 2, alpha: 4, trainable_token_indices: {embed_tokens: [2], lm_head: [5, 9]}}",
     );
+    assert_eq!(all, peft_wrote("tokens_head"));
     assert_eq!(
         config["trainable_token_indices"],
         serde_json::json!({"embed_tokens": [2], "lm_head": [5, 9]})
@@ -1025,7 +1047,9 @@ fn auxiliary_modules_save_peft_names_and_config_fields() {
         ]
     );
 
-    let (config, extra) = saved("lora: {r: 2, alpha: 4, modules_to_save: [lm_head, embed_tokens]}");
+    let (config, extra, all) =
+        saved("lora: {r: 2, alpha: 4, modules_to_save: [lm_head, embed_tokens]}");
+    assert_eq!(all, peft_wrote("save"));
     assert_eq!(
         config["modules_to_save"],
         serde_json::json!(["lm_head", "embed_tokens"])
@@ -1086,4 +1110,50 @@ fn auxiliary_modules_that_do_not_fit_the_model_are_errors() {
         error.contains("adapter_config.json") && error.contains("token id 99"),
         "{error}"
     );
+}
+
+/// PEFT-made adapters with auxiliary modules (tests/fixtures/peft_auxiliary: PEFT 0.21 and
+/// transformers 5.17 on a random tied Llama of the tiny shape, LoRA r=2 on q/v with every
+/// trainable tensor moved by seeded noise, saved with `save_pretrained`, with PEFT's logits for
+/// two rows): `trainable_token_indices` as a list (the tied head follows) and as a mapping (the
+/// head with its own rows), and `modules_to_save: [lm_head, embed_tokens]`. Each loads through
+/// the registry, uses every tensor, and reproduces PEFT's logits.
+#[test]
+fn peft_made_auxiliary_adapters_import_with_peft_logits() {
+    let root =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/peft_auxiliary");
+    for case in ["tokens", "tokens_head", "save"] {
+        let dir = root.join(case);
+        let adapter = load_adapter(&dir, &Device::Cpu).unwrap_or_else(|e| panic!("{case}: {e}"));
+        let model = ModelDir::open(&root.join("base"))
+            .unwrap()
+            .load(&Device::Cpu, DType::F32, adapter.linear_factory())
+            .unwrap();
+        adapter
+            .finish_injection(model.as_ref())
+            .unwrap_or_else(|e| panic!("{case}: {e}"));
+        let expected =
+            candle_core::safetensors::load(dir.join("expected_logits.safetensors"), &Device::Cpu)
+                .unwrap();
+        let (ids, mask) = (&expected["input_ids"], &expected["attention_mask"]);
+        let logits = model
+            .forward(ids, Some(mask), &adapter.hooks().unwrap())
+            .unwrap();
+        let error = masked_max_abs(&logits, &expected["logits"], mask).unwrap();
+        let base = ModelDir::open(&root.join("base"))
+            .unwrap()
+            .load(&Device::Cpu, DType::F32, &FrozenLinearFactory)
+            .unwrap();
+        let moved = masked_max_abs(
+            &base
+                .forward(ids, Some(mask), &peftpipe::models::Hooks::none())
+                .unwrap(),
+            &expected["logits"],
+            mask,
+        )
+        .unwrap();
+        eprintln!("PEFT {case}: max abs logit error {error:e} (the adapter moves them {moved:e})");
+        assert!(error < 1e-5, "{case}: {error}");
+        assert!(moved > 1e-2, "{case}: the fixture adapter is a no-op");
+    }
 }

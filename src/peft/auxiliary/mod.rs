@@ -553,3 +553,76 @@ impl Adapter for WithAuxiliary {
         self.inner.base_quantization()
     }
 }
+
+/// PEFT's trainable-parameter count of a method config's auxiliary modules on the model `config`
+/// describes (what `print_trainable_parameters` adds): `n · hidden` per module with trainable
+/// token rows (a tied head that follows the embedding shares its tensor), `vocab · hidden` per
+/// module to save. Errors are the settings' problems (as `peftpipe validate` reports them).
+pub fn auxiliary_parameters(
+    method: &MethodConfig,
+    config: &crate::models::ModelConfig,
+) -> Result<u64, String> {
+    let (tokens, modules) = method.auxiliary();
+    if tokens.is_none() && modules.is_none() {
+        return Ok(0);
+    }
+    let resolved = resolve(
+        tokens,
+        modules,
+        config.model_type(),
+        config.num_layers(),
+        config.vocab_size(),
+        config.tie_word_embeddings(),
+    )
+    .map_err(|problems| {
+        problems
+            .iter()
+            .map(|problem| format!("`{}`: {}", problem.field, problem.message))
+            .collect::<Vec<_>>()
+            .join("; ")
+    })?;
+    let hidden = config.hidden_size() as u64;
+    let whole = config.vocab_size() as u64 * hidden;
+    let rows = |ids: &Option<Vec<u32>>| ids.as_ref().map_or(0, |ids| ids.len() as u64 * hidden);
+    Ok(rows(&resolved.embedding_tokens)
+        + rows(&resolved.head_tokens)
+        + u64::from(resolved.save_embedding) * whole
+        + u64::from(resolved.save_head) * whole)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn method(yaml: &str) -> MethodConfig {
+        let value: Value = serde_norway::from_str(yaml).unwrap();
+        serde_json::from_value(value).unwrap()
+    }
+
+    #[test]
+    fn auxiliary_counts_follow_peft() {
+        // stories260k's shape: hidden 64, vocabulary 512, tied head.
+        let config = crate::models::ModelConfig::from_json(&serde_json::json!({
+            "model_type": "llama", "hidden_size": 64, "intermediate_size": 172,
+            "num_hidden_layers": 5, "num_attention_heads": 8, "num_key_value_heads": 4,
+            "vocab_size": 512, "tie_word_embeddings": true
+        }))
+        .unwrap();
+        let count = |yaml: &str| auxiliary_parameters(&method(yaml), &config);
+        assert_eq!(count("lora: {}"), Ok(0));
+        // The tied head shares the embedding's rows.
+        assert_eq!(count("lora: {trainable_token_indices: [2]}"), Ok(64));
+        assert_eq!(
+            count("lora: {trainable_token_indices: {embed_tokens: [2], lm_head: [5, 9]}}"),
+            Ok(3 * 64)
+        );
+        assert_eq!(count("ia3: {modules_to_save: [lm_head]}"), Ok(512 * 64));
+        assert_eq!(
+            count("qlora: {modules_to_save: [lm_head, embed_tokens]}"),
+            Ok(2 * 512 * 64)
+        );
+        assert!(count("lora: {trainable_token_indices: [512]}")
+            .unwrap_err()
+            .contains("outside the vocabulary"));
+    }
+}
