@@ -654,3 +654,69 @@ fn merged_export_writes_trained_token_rows_and_modules_to_save() -> TestResult {
     }
     Ok(())
 }
+
+/// GPT-2 (tied head, embedding `transformer.wte`, Conv1D linears): `trainable_token_indices` in
+/// PEFT's mapping form names `wte`; the merged checkpoint changes exactly those rows of
+/// `wte.weight`, stays tied, and gives the adapter's logits.
+#[test]
+fn merged_gpt2_export_writes_trained_token_rows() -> TestResult {
+    let Some(shared) = shared_dir() else {
+        eprintln!("skipped: PEFTPIPE_SHARED not set");
+        return Ok(());
+    };
+    use peftpipe::infer::session::InferenceModel;
+    use peftpipe::infer::LanguageModel;
+    let base = shared.join("models/tiny-gpt2-random");
+    let project = tempfile::tempdir()?;
+    let trained = project.path().join("trained");
+    auxiliary_adapter(
+        &base,
+        "lora: {r: 2, alpha: 4, trainable_token_indices: {wte: [2, 5]}}",
+        &trained,
+    )?;
+    let saved =
+        candle_core::safetensors::load(trained.join("adapter_model.safetensors"), &Device::Cpu)?;
+    assert_eq!(
+        saved["base_model.model.transformer.wte.token_adapter.trainable_tokens_delta"].dims(),
+        [2, 64]
+    );
+    let train = fake_train_artifact(project.path(), &trained, &base);
+    export(project.path(), &train, config(Some("a"), Some("m")), false)?;
+    let merged_dir = project.path().join("m");
+    let base_tensors =
+        candle_core::safetensors::load(base.join("model.safetensors"), &Device::Cpu)?;
+    let merged_tensors =
+        candle_core::safetensors::load(merged_dir.join("model.safetensors"), &Device::Cpu)?;
+    let name = base_tensors
+        .keys()
+        .find(|name| name.ends_with("wte.weight"))
+        .expect("a wte weight")
+        .clone();
+    let a: Vec<Vec<f32>> = merged_tensors[&name].to_vec2()?;
+    let b: Vec<Vec<f32>> = base_tensors[&name].to_vec2()?;
+    let changed: Vec<usize> = (0..a.len()).filter(|&row| a[row] != b[row]).collect();
+    assert_eq!(changed, [2, 5]);
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(merged_dir.join("config.json"))?)?;
+    assert_eq!(config["tie_word_embeddings"], serde_json::json!(true));
+    let inputs =
+        candle_core::safetensors::load(base.join("reference_logits.safetensors"), &Device::Cpu)?;
+    let ids = inputs["input_ids"].to_dtype(DType::U32)?;
+    let mask = inputs["attention_mask"].to_dtype(DType::U32)?;
+    let adapted = InferenceModel::load(
+        &base,
+        Some(&project.path().join("a")),
+        None,
+        &Device::Cpu,
+        DType::F32,
+    )?;
+    let merged = InferenceModel::load(&merged_dir, None, None, &Device::Cpu, DType::F32)?;
+    let adapted_logits = adapted.language_model().logits(&ids, &mask)?;
+    let merged_logits = merged.language_model().logits(&ids, &mask)?;
+    let error = masked_max_abs(&adapted_logits, &merged_logits, &mask)?;
+    let moved = masked_max_abs(&adapted_logits, &inputs["logits"], &mask)?;
+    eprintln!("gpt2 trainable tokens: adapter vs merged export {error:e}; vs base {moved:e}");
+    assert!(error <= 1e-4, "{error}");
+    assert!(moved > 1e-3, "the adapter is a no-op ({moved})");
+    Ok(())
+}
