@@ -1110,6 +1110,16 @@ fn auxiliary_modules_that_do_not_fit_the_model_are_errors() {
         error.contains("adapter_config.json") && error.contains("token id 99"),
         "{error}"
     );
+    // PEFT's `ensure_weight_tying` with a module to save would tie lm_head to the copy: refused.
+    saved["trainable_token_indices"] = serde_json::json!([2]);
+    saved["modules_to_save"] = serde_json::json!(["lm_head"]);
+    saved["ensure_weight_tying"] = serde_json::json!(true);
+    std::fs::write(&config_path, saved.to_string()).unwrap();
+    let error = load_adapter(dir.path(), &Device::Cpu)
+        .err()
+        .expect("ensure_weight_tying is refused")
+        .to_string();
+    assert!(error.contains("`ensure_weight_tying: true`"), "{error}");
 }
 
 /// PEFT-made adapters with auxiliary modules (tests/fixtures/peft_auxiliary: PEFT 0.21 and

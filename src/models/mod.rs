@@ -9,7 +9,8 @@
 //!   while the model loads) is built through [`LinearFactory::build_quantized`].
 //! - [`Hooks`]: per forward call, extra input embeddings prepended (prompt tuning), extra key/values
 //!   per layer prepended (prefix tuning: no RoPE on them, real positions start after them) and a
-//!   gated adapter branch per layer (LLaMA-Adapter / PEFT `adaption_prompt`).
+//!   gated adapter branch per layer (LLaMA-Adapter / PEFT `adaption_prompt`), and replaced rows
+//!   of the token-embedding table ([`EmbeddingRows`]: PEFT's trainable tokens, a trained copy).
 //!
 //! The public surface for train/eval code is [`CausalLm`] (one trait for both architectures),
 //! [`ModelDir`] (a Hugging Face model directory: config, weights, tokenizer files) and

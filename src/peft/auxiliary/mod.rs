@@ -71,6 +71,16 @@ impl AuxiliarySpec {
         let invalid = |key: &str, error: serde_json::Error| {
             PeftError::invalid(format!("{}: `{key}`: {error}", path.display()))
         };
+        // PEFT's `ensure_weight_tying` ties a tied head to a trained copy of the embedding
+        // (`modules_to_tie`); peftpipe keeps PEFT's default, where the head keeps the base weights.
+        if field("ensure_weight_tying").and_then(Value::as_bool) == Some(true)
+            && field(MODULES_KEY).is_some()
+        {
+            return Err(PeftError::invalid(format!(
+                "{}: `ensure_weight_tying: true` with `{MODULES_KEY}` is not supported (peftpipe trains a copy of a tied embedding without tying lm_head to it, PEFT's default)",
+                path.display()
+            )));
+        }
         Ok(AuxiliarySpec {
             trainable_token_indices: field(TOKENS_KEY)
                 .map(|value| serde_json::from_value(value.clone()))
