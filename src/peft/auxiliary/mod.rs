@@ -26,7 +26,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};
 
-use candle_core::{DType, Device, Tensor, Var};
+use candle_core::{Device, Tensor, Var};
 use serde_json::Value;
 
 use self::head::{AuxiliaryHead, HeadRows};
@@ -396,10 +396,8 @@ impl Adapter for WithAuxiliary {
                 if resolved.save_head { MODULES_KEY } else { TOKENS_KEY }
             )));
         }
-        let embeddings = model
-            .token_embeddings()
-            .to_dtype(DType::F32)
-            .map_err(|error| PeftError::invalid(format!("reading the embeddings: {error}")))?;
+        // In the model's dtype: only the chosen rows (or a whole copy) become f32 variables.
+        let embeddings = model.token_embeddings().clone();
         let embedding = if resolved.save_embedding {
             Some(self.rows_for(&resolved.embedding_name, None, &embeddings)?)
         } else if let Some(ids) = &resolved.embedding_tokens {
@@ -421,9 +419,7 @@ impl Adapter for WithAuxiliary {
                     "lm_head has a bias; peftpipe's trainable lm_head rows cover bias-free heads only",
                 ));
             }
-            base.weight
-                .to_dtype(DType::F32)
-                .map_err(|error| PeftError::invalid(format!("reading lm_head: {error}")))
+            Ok(base.weight)
         };
         let head = if resolved.save_head {
             HeadRows::Own(Arc::new(self.rows_for(
