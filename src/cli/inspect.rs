@@ -17,6 +17,7 @@ use crate::config::probe::LinearLayerShape;
 use crate::config::train::{resolve_targets, TargetModulesConfig};
 use crate::models::summary::{group_linear_layers, summarize};
 use crate::models::{resolve_model_path, ModelConfig};
+use crate::peft::auxiliary::auxiliary_parameters;
 use crate::peft::counts::{trainable_parameters, MethodShape};
 use crate::peft::targets::{
     check_targets, lora_module_parameters, lora_parameter_count, matched_modules,
@@ -183,9 +184,12 @@ pub fn run(global: &GlobalArgs, args: InspectArgs) -> u8 {
     for written in &args.methods {
         let counted = parse_method_config(written).and_then(|method| {
             let (shape, settings) = describe_method(&method, &config)?;
-            let count = trainable_parameters(&shape, &config).ok_or_else(|| {
-                "the trainable-parameter count does not fit in 64 bits".to_string()
-            })?;
+            let too_many = || "the trainable-parameter count does not fit in 64 bits".to_string();
+            // PEFT's `trainable_token_indices` / `modules_to_save` train too.
+            let count = trainable_parameters(&shape, &config)
+                .ok_or_else(too_many)?
+                .checked_add(auxiliary_parameters(&method, &config)?)
+                .ok_or_else(too_many)?;
             Ok((method, shape, settings, count))
         });
         let (method, shape, settings, count) = match counted {

@@ -486,6 +486,9 @@ fn merge_plan<'a>(
     for pair in patches {
         if let Some(name) = weight_name(source, &pair.path) {
             plan.insert(name.clone(), (source[&name].clone(), Some(pair)));
+            // A tied checkpoint may store `lm_head.weight` too (stories260k does); loaders
+            // ignore it while the config says tied, so a patched head must untie them.
+            untie |= pair.path == "lm_head" && tied;
         } else if pair.path == "lm_head" && tied {
             // The head is the embedding matrix; adapting it unties them.
             let embedding = ["model.embed_tokens.weight", "transformer.wte.weight", "wte.weight"]

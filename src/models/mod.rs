@@ -9,7 +9,8 @@
 //!   while the model loads) is built through [`LinearFactory::build_quantized`].
 //! - [`Hooks`]: per forward call, extra input embeddings prepended (prompt tuning), extra key/values
 //!   per layer prepended (prefix tuning: no RoPE on them, real positions start after them) and a
-//!   gated adapter branch per layer (LLaMA-Adapter / PEFT `adaption_prompt`).
+//!   gated adapter branch per layer (LLaMA-Adapter / PEFT `adaption_prompt`), and replaced rows
+//!   of the token-embedding table ([`EmbeddingRows`]: PEFT's trainable tokens, a trained copy).
 //!
 //! The public surface for train/eval code is [`CausalLm`] (one trait for both architectures),
 //! [`ModelDir`] (a Hugging Face model directory: config, weights, tokenizer files) and
@@ -222,9 +223,50 @@ pub struct AdapterPrompt {
     pub gate: Tensor,
 }
 
+/// Rows of the token-embedding table replaced for one forward pass (PEFT's trainable tokens, or a
+/// trained copy of the whole table). A token whose slot is `k > 0` is embedded as row `k − 1` of
+/// `rows`; slot 0 keeps the frozen row. Only `rows` can carry a gradient.
+#[derive(Debug, Clone)]
+pub struct EmbeddingRows {
+    /// `[vocab]` u32 slots; `None`: `rows` is the whole table (`[vocab, hidden]`).
+    pub slots: Option<Tensor>,
+    /// `[n, hidden]` (any float dtype; cast to the compute dtype).
+    pub rows: Tensor,
+}
+
+impl EmbeddingRows {
+    /// Embeddings `[B, T, hidden]` of `input_ids [B, T]`: `base` (the frozen lookup) where the
+    /// token keeps its frozen row, the replacement row where it has one.
+    pub fn embed(&self, input_ids: &Tensor, base: &Tensor) -> Result<Tensor> {
+        let (batch, length) = input_ids.dims2()?;
+        let ids = input_ids
+            .to_device(base.device())?
+            .to_dtype(DType::U32)?
+            .flatten_all()?;
+        let rows = self.rows.to_dtype(base.dtype())?;
+        let Some(slots) = &self.slots else {
+            return rows.index_select(&ids, 0)?.reshape((batch, length, ()));
+        };
+        let slot = slots.index_select(&ids, 0)?;
+        let hidden = rows.dim(1)?;
+        // Row 0 of the extended table is a placeholder for "no replacement".
+        let extended = Tensor::cat(&[&rows.zeros_like()?.narrow(0, 0, 1)?, &rows], 0)?;
+        let replaced = extended
+            .index_select(&slot, 0)?
+            .reshape((batch, length, hidden))?;
+        let keep = slot
+            .ne(0u32)?
+            .reshape((batch, length, 1))?
+            .broadcast_as((batch, length, hidden))?;
+        keep.where_cond(&replaced, base)
+    }
+}
+
 /// What prompt-based PEFT methods add to a forward pass. `Hooks::default()` is the plain model.
 #[derive(Debug, Clone, Default)]
 pub struct Hooks {
+    /// Replaced rows of the token-embedding table (used on every call).
+    pub embedding_rows: Option<EmbeddingRows>,
     /// Prompt tuning: `[1 | B, n, hidden]` embeddings prepended to the input embeddings. They are
     /// attended to like tokens (positions `0..n`, real tokens from `n`), and the returned logits have
     /// `n` extra leading positions. With a KV cache they are used on the first call only.
@@ -303,6 +345,16 @@ pub trait CausalLm: Send + Sync {
     fn dtype(&self) -> DType;
     /// The token embedding table `[vocab, hidden]` (frozen, compute dtype).
     fn token_embeddings(&self) -> &Tensor;
+
+    /// Token embeddings `[B, T, hidden]` of `input_ids [B, T]` with `hooks.embedding_rows`
+    /// applied (no position embeddings).
+    fn embed_hooked(&self, input_ids: &Tensor, hooks: &Hooks) -> Result<Tensor> {
+        let base = self.embed(input_ids)?;
+        match &hooks.embedding_rows {
+            Some(rows) => rows.embed(input_ids, &base),
+            None => Ok(base),
+        }
+    }
 
     /// Token embeddings `[B, T, hidden]` of `input_ids [B, T]` (no position embeddings).
     fn embed(&self, input_ids: &Tensor) -> Result<Tensor> {

@@ -28,6 +28,9 @@ pub struct AdapterFiles {
     pub config: Value,
     pub config_path: PathBuf,
     pub tensors: HashMap<String, Tensor>,
+    /// The tensors of PEFT's auxiliary modules (`trainable_token_indices`, `modules_to_save`;
+    /// see `peft::auxiliary`), kept apart so a method's reader sees only its own.
+    pub auxiliary: HashMap<String, Tensor>,
     pub weights_path: PathBuf,
 }
 
@@ -36,12 +39,24 @@ impl AdapterFiles {
     pub fn read(dir: &Path, device: &Device) -> Result<Self, PeftError> {
         let config = read_adapter_config(dir)?;
         let weights_path = dir.join(ADAPTER_WEIGHTS);
-        let tensors = candle_core::safetensors::load(&weights_path, device)
+        let mut tensors = candle_core::safetensors::load(&weights_path, device)
             .context(|| format!("reading {}", weights_path.display()))?;
+        let config_path = dir.join(ADAPTER_CONFIG);
+        let spec = super::auxiliary::AuxiliarySpec::from_peft_config(&config, &config_path)?;
+        let auxiliary_names: Vec<String> = tensors
+            .keys()
+            .filter(|name| spec.owns_tensor(name))
+            .cloned()
+            .collect();
+        let auxiliary = auxiliary_names
+            .into_iter()
+            .filter_map(|name| tensors.remove_entry(&name))
+            .collect();
         Ok(AdapterFiles {
             config,
-            config_path: dir.join(ADAPTER_CONFIG),
+            config_path,
             tensors,
+            auxiliary,
             weights_path,
         })
     }
@@ -97,7 +112,11 @@ impl AdapterFiles {
 
     /// Trainable scalars stored.
     pub fn parameter_count(&self) -> u64 {
-        self.tensors.values().map(|t| t.elem_count() as u64).sum()
+        self.tensors
+            .values()
+            .chain(self.auxiliary.values())
+            .map(|t| t.elem_count() as u64)
+            .sum()
     }
 }
 

@@ -3,6 +3,8 @@
 //! layer methods inject through the model's `LinearFactory` (`lora/` with DoRA, `ia3/`, `qlora/`:
 //! LoRA over a 4-bit base), prompt
 //! methods through its `Hooks` (`prompt_tuning/`, `prefix_tuning/`, `llama_adapter/`).
+//! - `auxiliary/`: PEFT's `trainable_token_indices` and `modules_to_save` for any method whose
+//!   config carries them, wrapping the method's adapter.
 //! - `counts.rs`: trainable-parameter counts of every method from a model's config alone.
 //! - `registry.rs`: PEFT's `peft_type` → loader, and a pipeline's method config → constructor;
 //!   the only place that lists the methods.
@@ -14,6 +16,7 @@
 //! This module never reads pipeline files or training data, and never prints.
 
 pub mod adapter;
+pub mod auxiliary;
 pub mod counts;
 pub mod format;
 pub mod ia3;

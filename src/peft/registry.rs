@@ -8,6 +8,7 @@ use std::path::Path;
 use candle_core::{DType, Device};
 use serde_json::Value;
 
+use super::auxiliary::{AuxiliarySpec, WithAuxiliary};
 use super::format::{read_adapter_config, ADAPTER_CONFIG};
 use super::ia3::{Ia3Adapter, Ia3Settings};
 use super::llama_adapter::{LlamaAdapter, LlamaAdapterSettings};
@@ -52,7 +53,18 @@ pub const SUPPORTED_PEFT_TYPES: &[&str] = &[
 pub fn load_adapter(dir: &Path, device: &Device) -> Result<Box<dyn Adapter>, PeftError> {
     let config = read_adapter_config(dir)?;
     let path = dir.join(ADAPTER_CONFIG);
-    match super::format::peft_type(&config) {
+    let method = load_method(dir, device, &config, &path)?;
+    WithAuxiliary::load(method, dir, device)
+}
+
+/// The method's own adapter of a PEFT folder (without its auxiliary modules).
+fn load_method(
+    dir: &Path,
+    device: &Device,
+    config: &Value,
+    path: &Path,
+) -> Result<Box<dyn Adapter>, PeftError> {
+    match super::format::peft_type(config) {
         Some("LORA") => Ok(Box::new(LoraAdapter::load(dir, device)?)),
         Some("PROMPT_TUNING") => Ok(Box::new(PromptTuningAdapter::load(dir, device)?)),
         Some("PREFIX_TUNING") => Ok(Box::new(PrefixTuningAdapter::load(dir, device)?)),
@@ -70,8 +82,21 @@ pub fn load_adapter(dir: &Path, device: &Device) -> Result<Box<dyn Adapter>, Pef
     }
 }
 
-/// A fresh adapter (in training mode) for a pipeline's method config.
+/// A fresh adapter (in training mode) for a pipeline's method config, with the auxiliary
+/// trainable modules it asks for (`trainable_token_indices`, `modules_to_save`).
 pub fn new_adapter(
+    method: &MethodConfig,
+    cx: &MethodContext<'_>,
+) -> Result<Box<dyn Adapter>, PeftError> {
+    let adapter = new_method_adapter(method, cx)?;
+    Ok(match AuxiliarySpec::from_method(method) {
+        Some(spec) => Box::new(WithAuxiliary::new(adapter, spec, cx.device)),
+        None => adapter,
+    })
+}
+
+/// The method's own fresh adapter.
+fn new_method_adapter(
     method: &MethodConfig,
     cx: &MethodContext<'_>,
 ) -> Result<Box<dyn Adapter>, PeftError> {

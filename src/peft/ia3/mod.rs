@@ -179,9 +179,7 @@ impl Ia3Adapter {
                 files.peft_type().unwrap_or("")
             )));
         }
-        if field("modules_to_save").is_some_and(|v| v.as_array().is_none_or(|a| !a.is_empty())) {
-            return Err(files.config_error("`modules_to_save` is not supported for IA3"));
-        }
+        // `modules_to_save` is `peft::auxiliary`'s.
         for key in ["layers_to_transform", "exclude_modules"] {
             if field(key).is_some() {
                 return Err(files.config_error(format!("`{key}` is not supported (must be null)")));

@@ -11,6 +11,7 @@ use serde::de::{self, MapAccess, SeqAccess, Visitor};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use std::borrow::Cow;
 
+pub use super::auxiliary::TrainableTokenIndices;
 use super::probe::LinearLayerShape;
 use super::target_modules::TargetModules;
 use super::Problem;
@@ -166,6 +167,17 @@ pub struct LoraConfig {
     /// LoRA-updated direction.
     #[serde(default)]
     pub use_dora: bool,
+    /// Token ids whose embedding rows train besides the method (PEFT's `trainable_token_indices`,
+    /// e.g. an EOS the base model never learned): `[ids]` targets the input embedding, and a tied
+    /// `lm_head` follows it; `{embed_tokens: [ids], lm_head: [ids]}` names the modules. Only those
+    /// rows change; they are saved as PEFT's `token_adapter.trainable_tokens_delta`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trainable_token_indices: Option<TrainableTokenIndices>,
+    /// Modules trained fully beside the method, as a trainable copy (PEFT's `modules_to_save`):
+    /// `lm_head` and/or the input embedding (`embed_tokens`, GPT-2's `wte`); names match a module
+    /// name's end, as PEFT matches them. Saved under the module's own weight names.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub modules_to_save: Option<Vec<String>>,
 }
 
 /// IA3 hyperparameters (PEFT's names and defaults).
@@ -183,6 +195,11 @@ pub struct Ia3Config {
     /// (down_proj for Llama; mlp.c_proj for GPT-2).
     #[serde(default)]
     pub feedforward_modules: Option<Vec<String>>,
+    /// Modules trained fully beside the method, as a trainable copy (PEFT's `modules_to_save`):
+    /// `lm_head` and/or the input embedding (`embed_tokens`, GPT-2's `wte`); names match a module
+    /// name's end, as PEFT matches them. Saved under the module's own weight names.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub modules_to_save: Option<Vec<String>>,
 }
 
 fn default_rank() -> usize {
@@ -201,6 +218,8 @@ impl Default for LoraConfig {
             target_modules: None,
             use_rslora: false,
             use_dora: false,
+            trainable_token_indices: None,
+            modules_to_save: None,
         }
     }
 }
@@ -286,6 +305,17 @@ pub struct QloraConfig {
     /// Default: the train stage's dtype.
     #[serde(default)]
     pub compute_dtype: Option<ComputeDtypeChoice>,
+    /// Token ids whose embedding rows train besides the method (PEFT's `trainable_token_indices`,
+    /// e.g. an EOS the base model never learned): `[ids]` targets the input embedding, and a tied
+    /// `lm_head` follows it; `{embed_tokens: [ids], lm_head: [ids]}` names the modules. Only those
+    /// rows change; they are saved as PEFT's `token_adapter.trainable_tokens_delta`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trainable_token_indices: Option<TrainableTokenIndices>,
+    /// Modules trained fully beside the method, as a trainable copy (PEFT's `modules_to_save`):
+    /// `lm_head` and/or the input embedding (`embed_tokens`, GPT-2's `wte`); names match a module
+    /// name's end, as PEFT matches them. Saved under the module's own weight names.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub modules_to_save: Option<Vec<String>>,
 }
 
 fn default_true() -> bool {
@@ -315,6 +345,8 @@ impl QloraConfig {
             double_quant: true,
             block_size: default_block_size(),
             compute_dtype: None,
+            trainable_token_indices: lora.trainable_token_indices.clone(),
+            modules_to_save: lora.modules_to_save.clone(),
         }
     }
 
@@ -327,6 +359,8 @@ impl QloraConfig {
             target_modules: self.target_modules.clone(),
             use_rslora: self.use_rslora,
             use_dora: self.use_dora,
+            trainable_token_indices: self.trainable_token_indices.clone(),
+            modules_to_save: self.modules_to_save.clone(),
         }
     }
 }
@@ -507,6 +541,25 @@ impl MethodConfig {
         }
     }
 
+    /// The auxiliary trainable modules the method carries (PEFT's `trainable_token_indices` and
+    /// `modules_to_save`; see `config::auxiliary`): LoRA, QLoRA and IA3 (modules only) have them.
+    pub fn auxiliary(&self) -> (Option<&TrainableTokenIndices>, Option<&[String]>) {
+        match self {
+            MethodConfig::Lora(lora) => (
+                lora.trainable_token_indices.as_ref(),
+                lora.modules_to_save.as_deref(),
+            ),
+            MethodConfig::Qlora(qlora) => (
+                qlora.trainable_token_indices.as_ref(),
+                qlora.modules_to_save.as_deref(),
+            ),
+            MethodConfig::Ia3(ia3) => (None, ia3.modules_to_save.as_deref()),
+            MethodConfig::PromptTuning(_)
+            | MethodConfig::PrefixTuning(_)
+            | MethodConfig::LlamaAdapter(_) => (None, None),
+        }
+    }
+
     /// Checks on the values alone; keys are reported under `{at}.method.<name>.<field>`.
     pub fn check(&self, at: &str, problems: &mut Vec<Problem>) {
         let problem =
@@ -586,6 +639,9 @@ impl MethodConfig {
                 }
             }
             MethodConfig::Ia3(ia3) => {
+                for item in super::auxiliary::check_values(None, ia3.modules_to_save.as_deref()) {
+                    problems.push(problem(&format!("method.ia3.{}", item.field), item.message));
+                }
                 match &ia3.target_modules {
                     Some(TargetModulesConfig::Regex(pattern)) => {
                         if let Err(message) = TargetModules::regex(pattern) {
@@ -686,6 +742,14 @@ impl MethodConfig {
                 }
             }
             MethodConfig::Ia3(ia3) => {
+                super::auxiliary::check_against_model(
+                    None,
+                    ia3.modules_to_save.as_deref(),
+                    &format!("{at}.method.ia3"),
+                    model_type,
+                    layers,
+                    problems,
+                );
                 let (targets, feedforward) = match resolve_ia3_for(ia3, model_type) {
                     Ok(resolved) => resolved,
                     Err(message) => {
@@ -760,6 +824,12 @@ fn check_lora(
             problems.push(problem(&format!("{key}.target_modules"), message));
         }
     }
+    for item in super::auxiliary::check_values(
+        lora.trainable_token_indices.as_ref(),
+        lora.modules_to_save.as_deref(),
+    ) {
+        problems.push(problem(&format!("{key}.{}", item.field), item.message));
+    }
 }
 
 /// LoRA's checks against the model's linear layers; `key` is the full key of the method
@@ -778,6 +848,14 @@ fn check_lora_against_model(
             return;
         }
     };
+    super::auxiliary::check_against_model(
+        lora.trainable_token_indices.as_ref(),
+        lora.modules_to_save.as_deref(),
+        key,
+        model_type,
+        layers,
+        problems,
+    );
     let paths: Vec<&str> = layers.iter().map(|layer| layer.path.as_str()).collect();
     if let Err(mismatch) = super::target_modules::check_targets(&targets, &paths) {
         let key = match mismatch.index {

@@ -15,6 +15,7 @@
 //! cache), `paths.rs` (the path policy: templates and export destinations stay inside the
 //! project unless `--allow-outside-project`).
 
+pub mod auxiliary;
 pub mod chat_template;
 pub mod evaluate;
 pub mod export;

@@ -696,6 +696,39 @@ mod tests {
         assert_eq!(value, serde_json::json!({"regex": "x"}));
     }
 
+    /// The auxiliary fields are hashed when given (a change reruns the train stage, with the
+    /// changed key as the reason) and absent otherwise (caches of existing pipelines stay fresh).
+    #[test]
+    fn auxiliary_fields_enter_the_fingerprint_only_when_given() {
+        let params = |yaml: &str| {
+            let config = parse(yaml).unwrap();
+            let mut flat = BTreeMap::new();
+            crate::fingerprint::flatten_params(
+                "train",
+                &super::super::StageConfig::Train(Box::new(config)).params(),
+                &mut flat,
+            );
+            flat
+        };
+        let plain = params("data: d\nmodel: m\nmethod: {lora: {r: 4}}");
+        assert!(!plain
+            .keys()
+            .any(|key| key.contains("trainable_token") || key.contains("modules_to_save")));
+        let eos = params("data: d\nmodel: m\nmethod: {lora: {r: 4, trainable_token_indices: [2]}}");
+        assert_eq!(
+            eos.get("train.method.lora.trainable_token_indices[0]"),
+            Some(&serde_json::json!(2))
+        );
+        let other =
+            params("data: d\nmodel: m\nmethod: {lora: {r: 4, trainable_token_indices: [3]}}");
+        assert_ne!(eos, other);
+        let head = params("data: d\nmodel: m\nmethod: {lora: {r: 4, modules_to_save: [lm_head]}}");
+        assert_eq!(
+            head.get("train.method.lora.modules_to_save[0]"),
+            Some(&serde_json::json!("lm_head"))
+        );
+    }
+
     #[test]
     fn unknown_keys_are_errors() {
         assert!(parse("data: d\nmodel: m\nlerning_rate: 1").is_err());
