@@ -12,6 +12,7 @@
 #   noflash  the same 1B shapes with the flash-attention kernels off (PEFTPIPE_UNFUSED)
 #   methods  every PEFT method at 8x512 (`bench train --method`), beside ../shared/gpu/peft_bench.py's
 #            rows for the same methods; QLoRA beside PEFT + bitsandbytes and Unsloth's QLoRA
+#   8b-short Llama-3.1-8B shape at 1x4096 only: peftpipe (checkpointing off and on) and PEFT (bf16)
 #   8b       Llama-3.1-8B shape: peftpipe at 1x1024 and 1x4096 (off/on) and 1x16384 (on); PEFT (bf16
 #            adapters) and Unsloth at 1x4096
 # Every figure is LoRA r16 alpha 32 on all seven linears of a random-init model, bf16 base, AdamW.
@@ -103,6 +104,13 @@ case "$part" in
       | grep -vE "Warning|warn|^\s*$" | tail -8 | tee -a "$OUT/peftpipe-methods.txt"
     echo "== QLoRA anchors, same host"
     anchors peft_qlora,unsloth_qlora 8 512 240 | tee "$OUT/anchors-qlora.txt"
+    ;;
+  8b-short)
+    C=gpu-run/llama-3.1-8b.config.json
+    echo "== peftpipe 8B: 1x4096, checkpointing off and on"
+    timeout 150 bash -c "$(declare -f table); BIN=$BIN; table $C 1x4096 both 5" | tee "$OUT/peftpipe-8b.txt"
+    echo "== PEFT (bf16 adapters) 8B, same host, 1x4096"
+    ANCHOR_SHAPE=8b anchors peft_bf16 1 4096 120 | tee "$OUT/anchors-8b.txt"
     ;;
   8b)
     C=gpu-run/llama-3.1-8b.config.json
