@@ -11,7 +11,7 @@ use std::path::Path;
 
 use crate::config::chat_template::ChatTemplateSource;
 use crate::config::ingest::InputFormat;
-use crate::config::probe::{LinearLayerShape, ModelFacts, Probe};
+use crate::config::probe::{LinearLayerShape, ModelFacts, Probe, Stored4bit};
 use crate::data::chat::ChatTemplate;
 use crate::data::source::peek_columns;
 use crate::data::tokenize::TextTokenizer;
@@ -58,6 +58,11 @@ fn check_model_dir(dir: &Path) -> ModelFacts {
         }
     };
     facts.model_type = Some(model.config().model_type().to_string());
+    facts.stored_4bit = model.stored_quantization().map(|stored| Stored4bit {
+        config_path: model.config_path().display().to_string(),
+        quant_type: stored.quant_type.name().to_string(),
+        double_quant: stored.double_quant,
+    });
     let weight_problems = model.check_weights();
     let weights_agree = weight_problems.is_empty();
     facts

@@ -264,11 +264,9 @@ fn prompt_methods_through_hooks_gradients_are_bit_identical() {
         (llama.hidden_size, llama.num_key_value_heads, llama.head_dim);
     let layers = llama.num_hidden_layers;
     let var = |shape: &[usize]| Var::zeros(shape, DType::F32, &Device::Cpu).expect("var");
-    let cases: Vec<(
-        &str,
-        Vec<(String, Var)>,
-        Box<dyn Fn(&[(String, Var)]) -> Hooks>,
-    )> = vec![
+    type HooksOf = Box<dyn Fn(&[(String, Var)]) -> Hooks>;
+    type Case = (&'static str, Vec<(String, Var)>, HooksOf);
+    let cases: Vec<Case> = vec![
         (
             "prompt tuning",
             vec![("prompt".into(), var(&[1, 3, hidden]))],
@@ -357,10 +355,14 @@ fn dropout_is_in_play_and_redrawn_identically() {
     assert_eq!(runs[0], runs[2], "the same seed, the same gradients");
     // And the plain loss model agrees with the same seed.
     adapter.set_mode(AdapterMode::Train { seed: 1 });
-    let (loss, _) = loss_and_gradients(&CausalLmLoss {
-        model: &*model,
-        adapter: &adapter,
-    }, &batch, &vars);
+    let (loss, _) = loss_and_gradients(
+        &CausalLmLoss {
+            model: &*model,
+            adapter: &adapter,
+        },
+        &batch,
+        &vars,
+    );
     assert_eq!(loss.to_bits(), runs[0].0.to_bits());
 }
 
@@ -415,11 +417,11 @@ fn the_gradient_store_holds_only_the_adapter_after_backward() {
         adapter.set_mode(AdapterMode::Train { seed: 4 });
         let batch = batch(config.vocab_size(), 5);
         let loss = CausalLmLoss {
-        model: &*model,
-        adapter: &adapter,
-    }
-            .loss_sum(&batch)
-            .expect("forward");
+            model: &*model,
+            adapter: &adapter,
+        }
+        .loss_sum(&batch)
+        .expect("forward");
         let store = loss.backward().expect("backward");
         let store_bytes = peftpipe::train::pass::store_bytes(&store);
         let entries = store.get_ids().count();
@@ -549,4 +551,104 @@ fn bench_train_table_over_shapes_and_checkpointing() {
     let result: serde_json::Value = serde_json::from_str(line.trim()).expect("JSON");
     assert_eq!(result["activation_checkpointing"], true);
     eprintln!("{table}");
+}
+
+/// PEFT's auxiliary modules (trainable token rows through `Hooks::embedding_rows` and the wrapped
+/// lm_head, a trained lm_head copy) give bit-identical gradients with checkpointing: a random
+/// Llama (untied; embedding rows and lm_head rows of their own), a random GPT-2 (tied; the head
+/// follows the embedding rows) and a GPT-2 with an lm_head copy beside the rows.
+#[test]
+fn auxiliary_modules_gradients_are_bit_identical() {
+    use peftpipe::config::auxiliary::TrainableTokenIndices;
+    use peftpipe::config::method::{LoraConfig, MethodConfig, TargetModulesConfig};
+    use peftpipe::peft::{new_adapter, MethodContext};
+    // Two distinct tokens of the test batch (so their embedding rows get a gradient).
+    let tokens: Vec<u32> = {
+        let ids = batch(64, 5).input_ids;
+        let first = *ids.iter().find(|&&id| id != 0).expect("a token");
+        let second = *ids
+            .iter()
+            .find(|&&id| id != 0 && id != first)
+            .expect("another token");
+        vec![first, second]
+    };
+    let llama_json = serde_json::json!({
+        "model_type": "llama", "hidden_size": 32, "intermediate_size": 48,
+        "num_hidden_layers": 3, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "vocab_size": 64, "max_position_embeddings": 64, "rms_norm_eps": 1e-5,
+        "rope_theta": 10000.0, "tie_word_embeddings": false
+    });
+    let gpt2_json = serde_json::json!({
+        "model_type": "gpt2", "n_embd": 32, "n_layer": 3, "n_head": 4,
+        "vocab_size": 64, "n_positions": 64, "layer_norm_epsilon": 1e-5
+    });
+    let gpt2_targets = Some(TargetModulesConfig::Names(vec!["c_attn".into()]));
+    let cases = [
+        (
+            "random Llama, embedding and lm_head rows",
+            llama_json,
+            LoraConfig {
+                trainable_token_indices: Some(TrainableTokenIndices::Modules(BTreeMap::from([
+                    ("embed_tokens".to_string(), tokens.clone()),
+                    ("lm_head".to_string(), vec![5, 9]),
+                ]))),
+                ..LoraConfig::default()
+            },
+        ),
+        (
+            "random GPT-2, tied rows",
+            gpt2_json.clone(),
+            LoraConfig {
+                target_modules: gpt2_targets.clone(),
+                trainable_token_indices: Some(TrainableTokenIndices::List(tokens.clone())),
+                ..LoraConfig::default()
+            },
+        ),
+        (
+            "random GPT-2, rows and an lm_head copy",
+            gpt2_json,
+            LoraConfig {
+                target_modules: gpt2_targets,
+                trainable_token_indices: Some(TrainableTokenIndices::List(tokens.clone())),
+                modules_to_save: Some(vec!["lm_head".into()]),
+                ..LoraConfig::default()
+            },
+        ),
+    ];
+    for (what, json, lora) in cases {
+        let config = ModelConfig::from_json(&json).expect("config");
+        let adapter = new_adapter(
+            &MethodConfig::Lora(lora),
+            &MethodContext {
+                model_config: &json,
+                device: &Device::Cpu,
+                seed: 5,
+                tokenize: None,
+            },
+        )
+        .expect("adapter");
+        let weights = random_weights(&config, 7, 0.2, DType::F32, &Device::Cpu).expect("weights");
+        let model = load_from_tensors(
+            &config,
+            weights,
+            DType::F32,
+            &Device::Cpu,
+            adapter.linear_factory(),
+        )
+        .expect("model");
+        adapter.finish_injection(&*model).expect("injection");
+        let variables = adapter.trainable_vars();
+        assert!(
+            variables
+                .iter()
+                .any(|(name, _)| name.contains("token_adapter")),
+            "{what}"
+        );
+        randomize(&variables, 3);
+        adapter.set_mode(AdapterMode::Train { seed: 42 });
+        let hooks = adapter.hooks().expect("hooks");
+        let set_mode = |seed| adapter.set_mode(AdapterMode::Train { seed });
+        let compared = assert_identical(what, &*model, hooks, &variables, &set_mode);
+        eprintln!("{what}: {compared} gradient values bit-identical");
+    }
 }

@@ -11,7 +11,11 @@ fn init_without_arguments_writes_a_pipeline_that_validates() {
     let project = Project::empty();
     let output = project.ok(&["init"]);
     let log = stderr(&output);
-    for written in ["data/examples.jsonl", "pipeline.schema.json", "pipeline.yaml"] {
+    for written in [
+        "data/examples.jsonl",
+        "pipeline.schema.json",
+        "pipeline.yaml",
+    ] {
         assert!(project.path(written).is_file(), "{written}: {log}");
     }
     let text = std::fs::read_to_string(project.path("pipeline.yaml")).expect("pipeline");
@@ -19,8 +23,14 @@ fn init_without_arguments_writes_a_pipeline_that_validates() {
         text.starts_with("# yaml-language-server: $schema=pipeline.schema.json\n"),
         "{text}"
     );
-    assert!(text.contains("columns: [\"prompt\", \"completion\"]"), "{text}");
-    assert!(text.contains("  # train:"), "train commented out without --model: {text}");
+    assert!(
+        text.contains("columns: [\"prompt\", \"completion\"]"),
+        "{text}"
+    );
+    assert!(
+        text.contains("  # train:"),
+        "train commented out without --model: {text}"
+    );
     let schema: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(project.path("pipeline.schema.json")).expect("schema"),
     )
@@ -32,7 +42,11 @@ fn init_without_arguments_writes_a_pipeline_that_validates() {
     // Never overwrites.
     let again = project.peftpipe(&["init"]);
     assert_eq!(again.status.code(), Some(2));
-    assert!(stderr(&again).contains("already exists"), "{}", stderr(&again));
+    assert!(
+        stderr(&again).contains("already exists"),
+        "{}",
+        stderr(&again)
+    );
 }
 
 #[test]
@@ -62,7 +76,10 @@ fn init_reads_the_columns_of_the_data_and_uses_the_model() {
     );
     let stages = stdout(&project.ok(&["validate", "reviews.yaml", "--json"]));
     for stage in ["data", "prompts", "train", "evaluate", "export"] {
-        assert!(stages.contains(&format!("\"{stage}\"")), "{stage}: {stages}");
+        assert!(
+            stages.contains(&format!("\"{stage}\"")),
+            "{stage}: {stages}"
+        );
     }
 }
 
@@ -72,7 +89,11 @@ fn init_names_a_data_file_it_cannot_read() {
     project.write("notes.txt", "hello\n");
     let output = project.peftpipe(&["init", "--data", "missing.parquet"]);
     assert_eq!(output.status.code(), Some(2));
-    assert!(stderr(&output).contains("missing.parquet"), "{}", stderr(&output));
+    assert!(
+        stderr(&output).contains("missing.parquet"),
+        "{}",
+        stderr(&output)
+    );
     assert!(!project.path("pipeline.yaml").exists());
 }
 
@@ -86,17 +107,28 @@ fn completions_for_each_shell() {
             assert!(script.contains(subcommand), "{shell}: {subcommand}");
         }
     }
-    assert_eq!(project.peftpipe(&["completions", "tcsh"]).status.code(), Some(2));
+    assert_eq!(
+        project.peftpipe(&["completions", "tcsh"]).status.code(),
+        Some(2)
+    );
 }
 
 #[test]
 fn man_pages_of_the_tool_and_of_a_subcommand() {
     let project = Project::empty();
     let page = stdout(&project.ok(&["man"]));
-    assert!(page.contains(".TH peftpipe"), "{}", &page[..200.min(page.len())]);
+    assert!(
+        page.contains(".TH peftpipe"),
+        "{}",
+        &page[..200.min(page.len())]
+    );
     assert!(page.contains("metrics"));
     let run = stdout(&project.ok(&["man", "run"]));
-    assert!(run.contains(".TH peftpipe-run"), "{}", &run[..200.min(run.len())]);
+    assert!(
+        run.contains(".TH peftpipe-run"),
+        "{}",
+        &run[..200.min(run.len())]
+    );
     assert!(run.contains("dry\\-run"), "run's options");
     let unknown = project.peftpipe(&["man", "runn"]);
     assert_eq!(unknown.status.code(), Some(2));
@@ -180,6 +212,9 @@ fn verbose_summary_shows_every_figure() {
     let verbose = stderr(&project.ok(&["run", "pipeline.yaml", "--stage", "data", "-v"]));
     assert!(verbose.contains("rows_read="), "{verbose}");
     for line in verbose.lines().chain(quiet_summary.lines()) {
-        assert!(line.chars().count() <= 120, "wider than 120 columns: {line}");
+        assert!(
+            line.chars().count() <= 120,
+            "wider than 120 columns: {line}"
+        );
     }
 }

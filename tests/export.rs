@@ -65,6 +65,7 @@ fn export(
         cancel: &cancel,
         options: &options,
         fingerprint: "",
+        upstream_outcomes: &Default::default(),
         checkpoint_dir: None,
         resume: true,
     };
@@ -91,6 +92,8 @@ fn merged_config(
         max_shard_size: max_shard_size.map(str::to_string),
         dtype,
         base_model_name_or_path: None,
+        gguf: None,
+        gguf_type: None,
     }
 }
 
@@ -376,10 +379,17 @@ fn exported_adapter_reimports_with_peft_logits_and_matches_the_merged_model() ->
     let adapted = InferenceModel::load(
         &base,
         Some(&project.path().join("a")),
+        None,
         &Device::Cpu,
         DType::F32,
     )?;
-    let merged = InferenceModel::load(&project.path().join("m"), None, &Device::Cpu, DType::F32)?;
+    let merged = InferenceModel::load(
+        &project.path().join("m"),
+        None,
+        None,
+        &Device::Cpu,
+        DType::F32,
+    )?;
     let ids = ids.to_dtype(DType::U32)?;
     let mask = mask.to_dtype(DType::U32)?;
     let adapted_logits = adapted.language_model().logits(&ids, &mask)?;
@@ -509,5 +519,204 @@ fn merged_export_shards_and_converts_dtype() -> TestResult {
     let error = masked_max_abs(&bf16_logits, &single_logits, mask)?;
     eprintln!("bf16 merged export vs f32: max abs logit error = {error:e}");
     assert!(error < 0.25, "{error}");
+    Ok(())
+}
+
+/// A trained-looking adapter for stories260k (its variables moved by seeded noise) with PEFT's
+/// auxiliary modules, saved in PEFT's format into `dir`.
+fn auxiliary_adapter(base: &Path, yaml: &str, dir: &Path) -> TestResult {
+    use peftpipe::peft::{new_adapter, MethodContext};
+    use rand::{Rng, SeedableRng};
+    let value: serde_json::Value = serde_norway::from_str(yaml)?;
+    let method: peftpipe::config::method::MethodConfig = serde_json::from_value(value)?;
+    let model_dir = ModelDir::open(base)?;
+    let adapter = new_adapter(
+        &method,
+        &MethodContext {
+            model_config: model_dir.config_json(),
+            device: &Device::Cpu,
+            seed: 3,
+            tokenize: None,
+        },
+    )?;
+    let model = model_dir.load(&Device::Cpu, DType::F32, adapter.linear_factory())?;
+    adapter.finish_injection(model.as_ref())?;
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(4);
+    for (_, var) in adapter.trainable_vars() {
+        let noise: Vec<f32> = (0..var.elem_count())
+            .map(|_| rng.random::<f32>() * 0.4 - 0.2)
+            .collect();
+        let noise = Tensor::from_vec(noise, var.shape(), &Device::Cpu)?;
+        var.set(&var.as_tensor().add(&noise)?)?;
+    }
+    adapter.save(dir, "stories260k")?;
+    Ok(())
+}
+
+/// The merged export of an adapter with trainable token rows (stories260k's head is tied): the
+/// merged checkpoint has the trained rows in `model.embed_tokens.weight` and no other change to
+/// it, stays tied (the head follows the rows, as PEFT's tied adapter does), and gives the logits
+/// of the base model with the exported adapter loaded. A trained copy of the tied embedding
+/// (`modules_to_save`) unties the merged head, which keeps the base weights.
+#[test]
+fn merged_export_writes_trained_token_rows_and_modules_to_save() -> TestResult {
+    let Some(shared) = shared_dir() else {
+        eprintln!("skipped: PEFTPIPE_SHARED not set");
+        return Ok(());
+    };
+    use peftpipe::infer::session::InferenceModel;
+    use peftpipe::infer::LanguageModel;
+    let base = shared.join("models/stories260k");
+    let inputs = candle_core::safetensors::load(
+        base.join("reference/base_logits.safetensors"),
+        &Device::Cpu,
+    )?;
+    let ids = inputs["input_ids"].to_dtype(DType::U32)?;
+    let mask = inputs["attention_mask"].to_dtype(DType::U32)?;
+    let base_tensors =
+        candle_core::safetensors::load(base.join("model.safetensors"), &Device::Cpu)?;
+    let embed = "model.embed_tokens.weight";
+    // (method, the merged model stays tied, embedding rows changed: `None` = all)
+    let cases: [(&str, bool, Option<Vec<usize>>); 4] = [
+        (
+            "lora: {r: 4, alpha: 8, target_modules: all-linear, trainable_token_indices: [2, 5]}",
+            true,
+            Some(vec![2, 5]),
+        ),
+        (
+            "lora: {r: 4, alpha: 8, trainable_token_indices: {embed_tokens: [2], lm_head: [5, 9]}}",
+            false,
+            Some(vec![2]),
+        ),
+        (
+            "lora: {r: 4, alpha: 8, modules_to_save: [lm_head]}",
+            false,
+            Some(vec![]),
+        ),
+        (
+            "lora: {r: 4, alpha: 8, modules_to_save: [embed_tokens]}",
+            false,
+            None,
+        ),
+    ];
+    for (yaml, tied_after, expected_rows) in cases {
+        let project = tempfile::tempdir()?;
+        let trained = project.path().join("trained");
+        auxiliary_adapter(&base, yaml, &trained)?;
+        let train = fake_train_artifact(project.path(), &trained, &base);
+        export(project.path(), &train, config(Some("a"), Some("m")), false)?;
+        let merged_dir = project.path().join("m");
+        let merged_tensors =
+            candle_core::safetensors::load(merged_dir.join("model.safetensors"), &Device::Cpu)?;
+        let config: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(merged_dir.join("config.json"))?)?;
+        assert_eq!(
+            config["tie_word_embeddings"],
+            serde_json::json!(tied_after),
+            "{yaml}"
+        );
+        // (stories260k's checkpoint stores lm_head.weight beside the tied embedding.)
+        let changed: Vec<usize> = {
+            let a: Vec<Vec<f32>> = merged_tensors[embed].to_vec2()?;
+            let b: Vec<Vec<f32>> = base_tensors[embed].to_vec2()?;
+            (0..a.len()).filter(|&row| a[row] != b[row]).collect()
+        };
+        match expected_rows {
+            Some(rows) => assert_eq!(changed, rows, "{yaml}"),
+            None => {
+                assert!(
+                    changed.len() > 400,
+                    "{yaml}: {} rows changed",
+                    changed.len()
+                );
+                assert_eq!(
+                    max_difference(&merged_tensors["lm_head.weight"], &base_tensors[embed]),
+                    0.0,
+                    "the untied head keeps the base weights"
+                );
+            }
+        }
+        let adapted = InferenceModel::load(
+            &base,
+            Some(&project.path().join("a")),
+            None,
+            &Device::Cpu,
+            DType::F32,
+        )?;
+        let merged = InferenceModel::load(&merged_dir, None, None, &Device::Cpu, DType::F32)?;
+        let adapted_logits = adapted.language_model().logits(&ids, &mask)?;
+        let merged_logits = merged.language_model().logits(&ids, &mask)?;
+        let versus_merged = masked_max_abs(&adapted_logits, &merged_logits, &mask)?;
+        let moved = masked_max_abs(&adapted_logits, &inputs["logits"], &mask)?;
+        eprintln!("{yaml}: adapter vs merged export {versus_merged:e}; vs base {moved:e}");
+        assert!(versus_merged <= 1e-4, "{yaml}: {versus_merged}");
+        assert!(moved > 1e-2, "{yaml}: the adapter is a no-op ({moved})");
+    }
+    Ok(())
+}
+
+/// GPT-2 (tied head, embedding `transformer.wte`, Conv1D linears): `trainable_token_indices` in
+/// PEFT's mapping form names `wte`; the merged checkpoint changes exactly those rows of
+/// `wte.weight`, stays tied, and gives the adapter's logits.
+#[test]
+fn merged_gpt2_export_writes_trained_token_rows() -> TestResult {
+    let Some(shared) = shared_dir() else {
+        eprintln!("skipped: PEFTPIPE_SHARED not set");
+        return Ok(());
+    };
+    use peftpipe::infer::session::InferenceModel;
+    use peftpipe::infer::LanguageModel;
+    let base = shared.join("models/tiny-gpt2-random");
+    let project = tempfile::tempdir()?;
+    let trained = project.path().join("trained");
+    auxiliary_adapter(
+        &base,
+        "lora: {r: 2, alpha: 4, trainable_token_indices: {wte: [2, 5]}}",
+        &trained,
+    )?;
+    let saved =
+        candle_core::safetensors::load(trained.join("adapter_model.safetensors"), &Device::Cpu)?;
+    assert_eq!(
+        saved["base_model.model.transformer.wte.token_adapter.trainable_tokens_delta"].dims(),
+        [2, 64]
+    );
+    let train = fake_train_artifact(project.path(), &trained, &base);
+    export(project.path(), &train, config(Some("a"), Some("m")), false)?;
+    let merged_dir = project.path().join("m");
+    let base_tensors =
+        candle_core::safetensors::load(base.join("model.safetensors"), &Device::Cpu)?;
+    let merged_tensors =
+        candle_core::safetensors::load(merged_dir.join("model.safetensors"), &Device::Cpu)?;
+    let name = base_tensors
+        .keys()
+        .find(|name| name.ends_with("wte.weight"))
+        .expect("a wte weight")
+        .clone();
+    let a: Vec<Vec<f32>> = merged_tensors[&name].to_vec2()?;
+    let b: Vec<Vec<f32>> = base_tensors[&name].to_vec2()?;
+    let changed: Vec<usize> = (0..a.len()).filter(|&row| a[row] != b[row]).collect();
+    assert_eq!(changed, [2, 5]);
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(merged_dir.join("config.json"))?)?;
+    assert_eq!(config["tie_word_embeddings"], serde_json::json!(true));
+    let inputs =
+        candle_core::safetensors::load(base.join("reference_logits.safetensors"), &Device::Cpu)?;
+    let ids = inputs["input_ids"].to_dtype(DType::U32)?;
+    let mask = inputs["attention_mask"].to_dtype(DType::U32)?;
+    let adapted = InferenceModel::load(
+        &base,
+        Some(&project.path().join("a")),
+        None,
+        &Device::Cpu,
+        DType::F32,
+    )?;
+    let merged = InferenceModel::load(&merged_dir, None, None, &Device::Cpu, DType::F32)?;
+    let adapted_logits = adapted.language_model().logits(&ids, &mask)?;
+    let merged_logits = merged.language_model().logits(&ids, &mask)?;
+    let error = masked_max_abs(&adapted_logits, &merged_logits, &mask)?;
+    let moved = masked_max_abs(&adapted_logits, &inputs["logits"], &mask)?;
+    eprintln!("gpt2 trainable tokens: adapter vs merged export {error:e}; vs base {moved:e}");
+    assert!(error <= 1e-4, "{error}");
+    assert!(moved > 1e-3, "the adapter is a no-op ({moved})");
     Ok(())
 }

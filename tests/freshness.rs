@@ -246,3 +246,71 @@ fn a_forced_retrain_with_the_same_adapter_leaves_its_dependents_fresh() {
     assert_eq!(after.status("evaluate"), "fresh");
     assert_eq!(after.status("export"), "fresh");
 }
+
+#[test]
+fn evaluation_settings_are_part_of_the_train_fingerprint() {
+    // Evaluating during training changes what the stage writes (metrics, summary, the kept
+    // adapter), so eval_steps, early stopping, keep and tensorboard each retrain; and the cached
+    // result is what a clean run produces.
+    let project = TrainProject::new();
+    project.run_ok("pipeline.yaml", &[]);
+    let train_line = |set: &[&str]| {
+        let mut args = vec!["status", "pipeline.yaml"];
+        for item in set {
+            args.extend(["--set", item]);
+        }
+        let text = stdout(&project.run(&args));
+        text.lines()
+            .find(|line| line.contains(" train"))
+            .unwrap_or_default()
+            .to_string()
+    };
+    let every = "stages.train.train.eval_steps=8";
+    assert_eq!(
+        train_line(&[every]),
+        "[DIRTY] train: parameter train.eval_steps added (8)"
+    );
+    let evaluating = project.run_ok("pipeline.yaml", &["--set", every]);
+    assert_eq!(evaluating.status("train"), "ran", "{}", evaluating.stderr);
+    assert!(evaluating.outcome("train")["best_step"].as_u64().is_some());
+    assert_eq!(
+        train_line(&[every.replace("=8", "=4").as_str()]),
+        "[DIRTY] train: parameter train.eval_steps changed (8 → 4)"
+    );
+    for (set, reason) in [
+        (
+            "stages.train.train.early_stopping={patience: 1}",
+            "parameter train.early_stopping.metric added (\"eval_loss\"), \
+             parameter train.early_stopping.min_delta added (0.0), \
+             parameter train.early_stopping.patience added (1)",
+        ),
+        (
+            "stages.train.train.keep=last",
+            "parameter train.keep added (\"last\")",
+        ),
+        (
+            "stages.train.train.eval_max_rows=null",
+            "parameter train.eval_max_rows added (null)",
+        ),
+        (
+            "stages.train.train.tensorboard=true",
+            "parameter train.tensorboard added (true)",
+        ),
+    ] {
+        assert_eq!(
+            train_line(&[every, set]),
+            format!("[DIRTY] train: {reason}"),
+            "{set}"
+        );
+    }
+    // Back without evaluation: the first run's cached output, not rerun.
+    assert_eq!(
+        train_line(&[]),
+        "[FRESH] train (cached output of an earlier run with these inputs)"
+    );
+    // The cached output with evaluation is what a clean run produces.
+    let outputs = project.recorded_outputs("quick");
+    project.wipe();
+    project.run_ok("pipeline.yaml", &["--set", every]);
+    assert_eq!(outputs, project.recorded_outputs("quick"));
+}

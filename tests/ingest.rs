@@ -59,6 +59,7 @@ fn run(
         cancel: &cancel,
         options: &options,
         fingerprint: "",
+        upstream_outcomes: &Default::default(),
         checkpoint_dir: None,
         resume: true,
     };

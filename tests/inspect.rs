@@ -266,3 +266,176 @@ fn sizes_whose_counts_overflow_are_an_error_naming_the_file() -> TestResult {
     }
     Ok(())
 }
+
+/// PEFT's trainable-parameter counts of every method (issue 9's numbers), `--method` read by the
+/// pipeline's own method config, inline or from a file, with PEFT's spellings `dora:` and
+/// `adaption_prompt:` accepted.
+#[test]
+fn method_counts_equal_peft_on_the_real_configs() -> TestResult {
+    let Some(shared) = shared_dir() else {
+        eprintln!("skipped: PEFTPIPE_SHARED not set");
+        return Ok(());
+    };
+    let configs = shared.join("models/configs");
+    let llama_3b = configs.join("llama-3.2-3b.config.json");
+    let dir = tempfile::tempdir()?;
+    let file = dir.path().join("prefix.yaml");
+    std::fs::write(
+        &file,
+        "prefix_tuning:\n  num_virtual_tokens: 200\n  prefix_projection: false\n",
+    )?;
+    let file = file.to_string_lossy().to_string();
+    let cases: [(&Path, &str, &str, u64); 8] = [
+        (
+            &llama_3b,
+            "prompt_tuning: {num_virtual_tokens: 200}",
+            "prompt_tuning",
+            614_400,
+        ),
+        (&llama_3b, &file, "prefix_tuning", 11_468_800),
+        (
+            &llama_3b,
+            "llama_adapter: {adapter_len: 100, adapter_layers: 28}",
+            "llama_adapter",
+            8_601_628,
+        ),
+        (
+            &llama_3b,
+            "adaption_prompt: {adapter_len: 100, adapter_layers: 28}",
+            "llama_adapter",
+            8_601_628,
+        ),
+        (&llama_3b, "ia3", "ia3", 286_720),
+        (
+            &configs.join("llama-7b.config.json"),
+            "llama_adapter: {adapter_len: 10, adapter_layers: 30}",
+            "llama_adapter",
+            1_228_830,
+        ),
+        // LoRA through --method agrees with --target/--rank (9,175,040 at r 32 on q, v).
+        (
+            &llama_3b,
+            "lora: {r: 32, target_modules: [q_proj, v_proj]}",
+            "lora",
+            9_175_040,
+        ),
+        // QLoRA trains LoRA's parameters over a 4-bit base, and says so.
+        (
+            &llama_3b,
+            "qlora: {r: 32, target_modules: [q_proj, v_proj]}",
+            "qlora",
+            9_175_040,
+        ),
+    ];
+    for (config, method, name, expected) in cases {
+        let report = inspect_json(&[&config.to_string_lossy(), "--method", method])?;
+        let counted = &report["methods"][0];
+        assert_eq!(counted["method"], name, "{method}");
+        assert_eq!(counted["trainable_parameters"], expected, "{method}");
+    }
+    // DoRA adds one magnitude per output feature of each adapted layer: q 3072 + v 1024 per
+    // layer × 28 on top of LoRA's count.
+    let report = inspect_json(&[
+        &llama_3b.to_string_lossy(),
+        "--method",
+        "dora: {r: 32, target_modules: [q_proj, v_proj]}",
+        "--method",
+        "lora: {r: 32, target_modules: [q_proj, v_proj], use_dora: true}",
+    ])?;
+    for index in 0..2 {
+        assert_eq!(report["methods"][index]["method"], "dora");
+        assert_eq!(
+            report["methods"][index]["trainable_parameters"],
+            9_175_040u64 + 28 * (3072 + 1024)
+        );
+    }
+    Ok(())
+}
+
+/// `--method` problems are the pipeline's: same checks, named field, exit code 2.
+#[test]
+fn method_problems_name_the_field() -> TestResult {
+    let Some(shared) = shared_dir() else {
+        eprintln!("skipped: PEFTPIPE_SHARED not set");
+        return Ok(());
+    };
+    let config = shared.join("models/configs/llama-3.2-3b.config.json");
+    let config = config.to_string_lossy();
+    for (method, expected) in [
+        (
+            "prompt_tuning: {num_virtual_tokens: 0}",
+            "num_virtual_tokens: must be at least 1",
+        ),
+        ("lora: {rank: 8}", "unknown field `rank`"),
+        (
+            "llama_adapter: {adapter_layers: 99}",
+            "adapter_layers: 99 exceeds the model's 28 layers",
+        ),
+        ("ia3: {target_modules: [q_prj]}", "q_prj"),
+        ("loha: {}", "unknown variant `loha`"),
+    ] {
+        let output = inspect(&[&config, "--method", method]);
+        assert_eq!(output.status.code(), Some(2), "{method}");
+        let stderr = String::from_utf8(output.stderr)?;
+        assert!(stderr.contains(expected), "{method}: {stderr}");
+    }
+    Ok(())
+}
+
+/// The memory estimate follows what each device keeps: on CUDA neither the attention
+/// probabilities nor the whole logits, so at 8 × 2048 on Llama-3.2-3B the CUDA activations are
+/// far below the CPU's.
+#[test]
+fn memory_estimate_depends_on_the_device() -> TestResult {
+    let Some(shared) = shared_dir() else {
+        eprintln!("skipped: PEFTPIPE_SHARED not set");
+        return Ok(());
+    };
+    let config = shared.join("models/configs/llama-3.2-3b.config.json");
+    let config = config.to_string_lossy();
+    let estimate = |device: &str| -> Result<serde_json::Value, Box<dyn std::error::Error>> {
+        let report = inspect_json(&[
+            &config,
+            "--method",
+            "lora: {r: 16}",
+            "--batch",
+            "8",
+            "--sequence",
+            "2048",
+            "--device",
+            device,
+        ])?;
+        Ok(report["methods"][0]["memory"].clone())
+    };
+    let cuda = estimate("cuda")?;
+    let cpu = estimate("cpu")?;
+    assert_eq!(cuda["device"], "cuda");
+    assert_eq!(cpu["device"], "cpu");
+    assert_eq!(cuda["weights"], cpu["weights"]);
+    let (cuda, cpu) = (
+        cuda["activations"].as_f64().unwrap(),
+        cpu["activations"].as_f64().unwrap(),
+    );
+    // CPU: 28 layers × 8 × 24 heads × 2048² × 2 bytes of probabilities alone ≈ 42 GiB.
+    assert!(cpu - cuda > 40.0 * 1024f64.powi(3), "cpu {cpu} cuda {cuda}");
+    // QLoRA's estimate counts its 4-bit base: the linears at ≈ 0.26× bf16, the rest 16-bit.
+    let report = inspect_json(&[
+        &config,
+        "--method",
+        "qlora: {r: 16}",
+        "--method",
+        "lora: {r: 16}",
+        "--batch",
+        "8",
+        "--sequence",
+        "2048",
+    ])?;
+    let weights = |index: usize| {
+        report["methods"][index]["memory"]["weights"]
+            .as_f64()
+            .unwrap()
+    };
+    let ratio = weights(0) / weights(1);
+    assert!((0.3..0.5).contains(&ratio), "qlora/lora base bytes {ratio}");
+    Ok(())
+}

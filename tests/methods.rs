@@ -20,6 +20,9 @@ use std::collections::HashMap;
 use candle_core::{DType, Device, Tensor};
 use peftpipe::config::method::MethodConfig;
 use peftpipe::data::batch::{collate, Sequence};
+use peftpipe::models::quantized::{
+    dequantized_base_patches, is_quantized_linear, QuantizingFactory,
+};
 use peftpipe::models::{CausalLm, FrozenLinearFactory, ModelDir};
 use peftpipe::peft::{load_adapter, new_adapter, Adapter, AdapterMode, MethodContext};
 use peftpipe::train::trainer::{CausalLmLoss, LossModel};
@@ -112,7 +115,74 @@ fn cases() -> Vec<Case> {
         ),
     ];
     cases.extend(ia3_and_dora_cases());
+    cases.extend(qlora_cases());
+    cases.extend(auxiliary_cases());
     cases
+}
+
+/// PEFT's auxiliary trainable modules riding along with a method (`peft::auxiliary`): trainable
+/// token rows (list and mapping form) and modules to save. The tiny Llama's head is untied;
+/// `auxiliary_modules_on_a_tied_model_*` cover the tied case.
+fn auxiliary_cases() -> Vec<Case> {
+    let case = |yaml| Case {
+        yaml,
+        identity_at_step_zero: true,
+        reference: None,
+        reference_virtual_tokens: 0,
+        saves_what_it_trains: true,
+    };
+    vec![
+        case("lora: {r: 4, alpha: 8, trainable_token_indices: [2, 7]}"),
+        case("lora: {r: 2, alpha: 4, trainable_token_indices: {embed_tokens: [2], lm_head: [2, 39]}}"),
+        case("lora: {r: 2, alpha: 4, modules_to_save: [lm_head]}"),
+        case("lora: {r: 2, alpha: 4, use_dora: true, modules_to_save: [embed_tokens]}"),
+        case("qlora: {r: 2, alpha: 4, trainable_token_indices: [2], modules_to_save: [lm_head]}"),
+        case("ia3: {modules_to_save: [embed_tokens, lm_head]}"),
+    ]
+}
+
+/// QLoRA: LoRA over a 4-bit base. Its step-0 identity is against the *dequantized* base, and a
+/// reload goes onto the same quantized base (the adapter folder is plain PEFT LoRA; the run
+/// records the quantization beside it).
+fn qlora_cases() -> Vec<Case> {
+    let case = |yaml| Case {
+        yaml,
+        identity_at_step_zero: true,
+        reference: None,
+        reference_virtual_tokens: 0,
+        saves_what_it_trains: true,
+    };
+    vec![
+        case("qlora: {r: 4, alpha: 8, target_modules: all-linear}"),
+        case("qlora: {r: 2, alpha: 4, quant_type: fp4, double_quant: false, block_size: 128, dropout: 0.1}"),
+        case("qlora: {r: 2, alpha: 4, use_dora: true, target_modules: [q_proj, down_proj, lm_head]}"),
+    ]
+}
+
+/// The base a method's adapter computes over: the weights as given, or for a quantized base
+/// (QLoRA) every quantizable linear weight dequantized from its 4-bit form.
+fn effective_base(
+    adapter: &dyn Adapter,
+    weights: &HashMap<String, Tensor>,
+) -> HashMap<String, Tensor> {
+    let Some(quantization) = adapter.base_quantization() else {
+        return weights.clone();
+    };
+    weights
+        .iter()
+        .map(|(name, weight)| {
+            let value = if is_quantized_linear(name, weight.dims()) {
+                quantization
+                    .round_trip(weight)
+                    .unwrap()
+                    .to_dtype(weight.dtype())
+                    .unwrap()
+            } else {
+                weight.clone()
+            };
+            (name.clone(), value)
+        })
+        .collect()
 }
 
 /// IA3 (PEFT's default Llama targets, and a custom set) and DoRA (LoRA's `use_dora`). No PEFT
@@ -138,6 +208,18 @@ fn ia3_and_dora_cases() -> Vec<Case> {
 fn method(case: &Case) -> MethodConfig {
     let value: serde_json::Value = serde_norway::from_str(case.yaml).expect("YAML of the case");
     serde_json::from_value(value).expect("a valid method config")
+}
+
+/// A fresh adapter for `case` injected into a tiny Llama built from `weights`.
+fn injected(
+    case: &Case,
+    config: &peftpipe::models::ModelConfig,
+    weights: &HashMap<String, Tensor>,
+) -> (Box<dyn Adapter>, peftpipe::models::llama::Llama) {
+    let adapter = fresh(case, &tiny_llama_json());
+    let model = build_llama(config, weights, adapter.linear_factory());
+    adapter.finish_injection(&model).unwrap();
+    (adapter, model)
 }
 
 fn fresh(case: &Case, model_config: &serde_json::Value) -> Box<dyn Adapter> {
@@ -202,12 +284,14 @@ fn perturb(adapter: &dyn Adapter, seed: u64) {
 fn every_method_keeps_the_base_model_at_step_zero_where_it_promises_to() {
     let config = tiny_llama_config();
     let weights = llama_weights(&config, 1, 0.2);
-    let base = build_llama(&config, &weights, &FrozenLinearFactory);
     for case in cases() {
-        let adapter = fresh(&case, &tiny_llama_json());
-        let model = build_llama(&config, &weights, adapter.linear_factory());
-        adapter.finish_injection(&model).unwrap();
+        let (adapter, model) = injected(&case, &config, &weights);
         assert!(adapter.trainable_parameter_count() > 0, "{}", case.yaml);
+        let base = build_llama(
+            &config,
+            &effective_base(adapter.as_ref(), &weights),
+            &FrozenLinearFactory,
+        );
         let difference = max_difference(
             &logits(&model, Some(adapter.as_ref())),
             &logits(&base, None),
@@ -223,9 +307,7 @@ fn every_trainable_tensor_of_every_method_gets_a_finite_nonzero_gradient() {
     let config = tiny_llama_config();
     let weights = llama_weights(&config, 2, 0.2);
     for case in cases() {
-        let adapter = fresh(&case, &tiny_llama_json());
-        let model = build_llama(&config, &weights, adapter.linear_factory());
-        adapter.finish_injection(&model).unwrap();
+        let (adapter, model) = injected(&case, &config, &weights);
         perturb(adapter.as_ref(), 3);
         adapter.set_mode(AdapterMode::Train { seed: 1 });
         let loss_model = CausalLmLoss {
@@ -258,9 +340,7 @@ fn every_method_saves_and_loads_back_to_identical_logits() {
     let config = tiny_llama_config();
     let weights = llama_weights(&config, 4, 0.2);
     for case in cases() {
-        let adapter = fresh(&case, &tiny_llama_json());
-        let model = build_llama(&config, &weights, adapter.linear_factory());
-        adapter.finish_injection(&model).unwrap();
+        let (adapter, model) = injected(&case, &config, &weights);
         perturb(adapter.as_ref(), 5);
         adapter.set_mode(AdapterMode::Eval);
         let expected = logits(&model, Some(adapter.as_ref()));
@@ -269,7 +349,15 @@ fn every_method_saves_and_loads_back_to_identical_logits() {
         let loaded = load_adapter(dir.path(), &Device::Cpu)
             .unwrap_or_else(|error| panic!("{}: {error}", case.yaml));
         assert_eq!(loaded.peft_type(), adapter.peft_type());
-        let reloaded = build_llama(&config, &weights, loaded.linear_factory());
+        // A QLoRA adapter reloads onto the same 4-bit base.
+        let reloaded = match adapter.base_quantization() {
+            Some(quantization) => build_llama(
+                &config,
+                &weights,
+                &QuantizingFactory::new(loaded.linear_factory(), quantization),
+            ),
+            None => build_llama(&config, &weights, loaded.linear_factory()),
+        };
         loaded.finish_injection(&reloaded).unwrap();
         let difference = max_difference(&logits(&reloaded, Some(loaded.as_ref())), &expected);
         assert_eq!(difference, 0.0, "{}: reloaded logits differ", case.yaml);
@@ -282,7 +370,22 @@ fn every_method_saves_and_loads_back_to_identical_logits() {
             );
         }
         // A mergeable method's patches give the adapted model as a plain one.
-        if let Some(patches) = loaded.merge_patches().unwrap() {
+        // (A QLoRA adapter's over the dequantized base, as the export stage writes it.)
+        let patches =
+            loaded
+                .merge_patches()
+                .unwrap()
+                .map(|patches| match adapter.base_quantization() {
+                    Some(quantization) => {
+                        let shapes = weights
+                            .iter()
+                            .map(|(name, weight)| (name.clone(), weight.dims().to_vec()))
+                            .collect();
+                        dequantized_base_patches(patches, &quantization, DType::F32, &shapes)
+                    }
+                    None => patches,
+                });
+        if let Some(patches) = patches {
             let mut merged = weights.clone();
             for patch in patches {
                 let name = format!("{}.weight", patch.path);
@@ -353,53 +456,9 @@ fn every_method_imports_its_peft_reference_adapter() {
 // Each method lowers stories260k's validation perplexity on bevostories (base 13.37).
 // ---------------------------------------------------------------------------------------------
 
-fn read_texts(path: &std::path::Path) -> Vec<String> {
-    use arrow::array::AsArray;
-    let file = std::fs::File::open(path).unwrap();
-    let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file)
-        .unwrap()
-        .build()
-        .unwrap();
-    let mut texts = Vec::new();
-    for batch in reader {
-        let batch = batch.unwrap();
-        let column = batch.column_by_name("text").unwrap();
-        texts.extend(
-            column
-                .as_string::<i32>()
-                .iter()
-                .map(|t| t.unwrap().to_string()),
-        );
-    }
-    texts
-}
-
-/// Perplexity over every token after BOS (virtual-token positions dropped), no graph.
-fn perplexity(model: &dyn CausalLm, adapter: Option<&dyn Adapter>, sequences: &[Sequence]) -> f64 {
-    let hooks = match adapter {
-        Some(adapter) => adapter.hooks().unwrap(),
-        None => peftpipe::models::Hooks::none(),
-    };
-    let (mut total, mut count) = (0.0, 0usize);
-    for sequence in sequences {
-        let length = sequence.ids.len();
-        let ids = Tensor::from_vec(sequence.ids.clone(), (1, length), &Device::Cpu).unwrap();
-        let mask = Tensor::ones((1, length), DType::F32, &Device::Cpu).unwrap();
-        let logits = model.forward(&ids, None, &hooks).unwrap();
-        let total_positions = logits.dim(1).unwrap();
-        let logits = logits.narrow(1, total_positions - length, length).unwrap();
-        let loss = peftpipe::ops::next_token_cross_entropy(&logits, &ids, &mask).unwrap();
-        total += f64::from(loss.sum.to_scalar::<f32>().unwrap());
-        count += loss.count;
-    }
-    (total / count as f64).exp()
-}
-
 #[test]
 fn every_method_lowers_bevostories_validation_perplexity() {
-    use peftpipe::config::train::{ScheduleKind, Truncation};
-    use peftpipe::data::batch::fit;
-    use peftpipe::data::tokenize::TextTokenizer;
+    use peftpipe::config::train::ScheduleKind;
     use peftpipe::train::{train, AdamWSettings, TrainerSettings};
     use std::sync::atomic::AtomicBool;
 
@@ -408,27 +467,13 @@ fn every_method_lowers_bevostories_validation_perplexity() {
         return;
     };
     let root = shared.join("models/stories260k");
-    let tokenizer = TextTokenizer::from_model_dir(&root).unwrap();
-    let encode = |texts: Vec<String>| -> Vec<Sequence> {
-        texts
-            .iter()
-            .map(|text| {
-                let example = tokenizer.encode_example("", text, false).unwrap();
-                fit(&example, 512, 1, Truncation::PromptLeft).unwrap()
-            })
-            .collect()
-    };
-    let train_set = encode(read_texts(
-        &shared.join("datasets/bevostories/train.parquet"),
-    ));
-    let validation = encode(read_texts(
-        &shared.join("datasets/bevostories/validation.parquet"),
-    ));
+    let (train_set, validation) = support::bevostories(&shared);
     let dir = ModelDir::open(&root).unwrap();
     let base = dir
         .load(&Device::Cpu, DType::F32, &FrozenLinearFactory)
         .unwrap();
-    let base_perplexity = perplexity(base.as_ref(), None, &validation);
+    let base_perplexity =
+        support::perplexity(base.as_ref(), &peftpipe::models::Hooks::none(), &validation);
     assert!(
         (base_perplexity - 13.37).abs() < 0.05,
         "base validation perplexity {base_perplexity} (documented 13.37)"
@@ -442,6 +487,11 @@ fn every_method_lowers_bevostories_validation_perplexity() {
             3e-3,
         ),
         ("llama_adapter: {adapter_len: 10, adapter_layers: 5}", 1e-2),
+        ("ia3: {}", 3e-2),
+        (
+            "lora: {r: 16, alpha: 32, use_dora: true, target_modules: all-linear}",
+            5e-3,
+        ),
     ];
     for (yaml, learning_rate) in runs {
         let case = Case {
@@ -460,7 +510,7 @@ fn every_method_lowers_bevostories_validation_perplexity() {
             .unwrap();
         adapter.finish_injection(model.as_ref()).unwrap();
         adapter.set_mode(AdapterMode::Eval);
-        let initial = perplexity(model.as_ref(), Some(adapter.as_ref()), &validation);
+        let initial = support::perplexity(model.as_ref(), &adapter.hooks().unwrap(), &validation);
         adapter.set_mode(AdapterMode::Train { seed: 0 });
         let settings = TrainerSettings {
             adamw: AdamWSettings::default(),
@@ -495,7 +545,7 @@ fn every_method_lowers_bevostories_validation_perplexity() {
         )
         .unwrap();
         adapter.set_mode(AdapterMode::Eval);
-        let adapted = perplexity(model.as_ref(), Some(adapter.as_ref()), &validation);
+        let adapted = support::perplexity(model.as_ref(), &adapter.hooks().unwrap(), &validation);
         eprintln!(
             "stories260k + bevostories, {yaml} ({} params), batch 1, lr {learning_rate}, 40 steps in {:.1}s: validation perplexity {base_perplexity:.2} (base; {initial:.2} at step 0) → {adapted:.2} (final train loss {:.3})",
             adapter.trainable_parameter_count(),
@@ -525,18 +575,18 @@ fn ia3_and_dora_save_peft_names_and_config_keys() {
             reference_virtual_tokens: 0,
             saves_what_it_trains: true,
         };
-        let adapter = fresh(&case, &tiny_llama_json());
-        let model = build_llama(&config, &weights, adapter.linear_factory());
-        adapter.finish_injection(&model).unwrap();
+        let (adapter, _model) = injected(&case, &config, &weights);
         let dir = tempfile::tempdir().unwrap();
         adapter.save(dir.path(), "models/tiny").unwrap();
         let json: serde_json::Value = serde_json::from_str(
             &std::fs::read_to_string(dir.path().join("adapter_config.json")).unwrap(),
         )
         .unwrap();
-        let tensors =
-            candle_core::safetensors::load(dir.path().join("adapter_model.safetensors"), &Device::Cpu)
-                .unwrap();
+        let tensors = candle_core::safetensors::load(
+            dir.path().join("adapter_model.safetensors"),
+            &Device::Cpu,
+        )
+        .unwrap();
         let mut shapes: Vec<(String, Vec<usize>)> = tensors
             .into_iter()
             .map(|(name, tensor)| (name, tensor.dims().to_vec()))
@@ -551,12 +601,20 @@ fn ia3_and_dora_save_peft_names_and_config_keys() {
     assert_eq!(json["base_model_name_or_path"], "models/tiny");
     assert_eq!(json["init_ia3_weights"], true);
     assert_eq!(json["fan_in_fan_out"], false);
-    assert_eq!(json["feedforward_modules"], serde_json::json!(["down_proj"]));
+    assert_eq!(
+        json["feedforward_modules"],
+        serde_json::json!(["down_proj"])
+    );
     assert_eq!(
         json["target_modules"],
         serde_json::json!(["down_proj", "k_proj", "v_proj"])
     );
-    for key in ["modules_to_save", "exclude_modules", "revision", "inference_mode"] {
+    for key in [
+        "modules_to_save",
+        "exclude_modules",
+        "revision",
+        "inference_mode",
+    ] {
         assert!(json.get(key).is_some(), "adapter_config.json lacks `{key}`");
     }
     let layer = |i: usize, module: &str, shape: &[usize]| {
@@ -585,7 +643,12 @@ fn ia3_and_dora_save_peft_names_and_config_keys() {
     let names: Vec<&str> = shapes.iter().map(|(name, _)| name.as_str()).collect();
     assert_eq!(names.len(), 2 * 2 * 3, "{names:?}");
     let q = "base_model.model.model.layers.0.self_attn.q_proj";
-    let find = |name: String| shapes.iter().find(|(n, _)| *n == name).map(|(_, s)| s.clone());
+    let find = |name: String| {
+        shapes
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, s)| s.clone())
+    };
     assert_eq!(find(format!("{q}.lora_A.weight")), Some(vec![2, 16]));
     assert_eq!(find(format!("{q}.lora_B.weight")), Some(vec![16, 2]));
     assert_eq!(find(format!("{q}.lora_magnitude_vector")), Some(vec![16]));
@@ -613,7 +676,9 @@ fn dora_magnitude_starts_at_the_weight_row_norms_and_ia3_at_ones() {
     let vars = dora.trainable_vars();
     let (_, magnitude) = vars
         .iter()
-        .find(|(name, _)| name == "base_model.model.model.layers.1.self_attn.q_proj.lora_magnitude_vector")
+        .find(|(name, _)| {
+            name == "base_model.model.model.layers.1.self_attn.q_proj.lora_magnitude_vector"
+        })
         .expect("a magnitude vector");
     let expected = weights["model.layers.1.self_attn.q_proj.weight"]
         .sqr()
@@ -638,19 +703,467 @@ fn ia3_and_dora_merge_in_place_equals_the_unmerged_forward() {
     let config = tiny_llama_config();
     let weights = llama_weights(&config, 9, 0.2);
     for case in ia3_and_dora_cases() {
-        let adapter = fresh(&case, &tiny_llama_json());
-        let model = build_llama(&config, &weights, adapter.linear_factory());
-        adapter.finish_injection(&model).unwrap();
+        let (adapter, model) = injected(&case, &config, &weights);
         perturb(adapter.as_ref(), 10);
         adapter.set_mode(AdapterMode::Eval);
         let unmerged = logits(&model, Some(adapter.as_ref()));
         adapter.merge().unwrap();
         let merged = logits(&model, Some(adapter.as_ref()));
         let difference = max_difference(&merged, &unmerged);
-        eprintln!("{}: merged vs unmerged max |Δlogit| = {difference:e}", case.yaml);
+        eprintln!(
+            "{}: merged vs unmerged max |Δlogit| = {difference:e}",
+            case.yaml
+        );
         assert!(difference < 1e-5, "{}: {difference}", case.yaml);
         adapter.unmerge().unwrap();
         let difference = max_difference(&logits(&model, Some(adapter.as_ref())), &unmerged);
-        assert!(difference < 1e-6, "{}: unmerged again {difference}", case.yaml);
+        assert!(
+            difference < 1e-6,
+            "{}: unmerged again {difference}",
+            case.yaml
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// PEFT's auxiliary modules (`trainable_token_indices`, `modules_to_save`) beyond the table rows
+// ---------------------------------------------------------------------------------------------
+
+/// The tiny Llama with a tied head (stories260k's layout).
+fn tied_llama() -> (serde_json::Value, peftpipe::models::ModelConfig) {
+    let mut json = tiny_llama_json();
+    json["tie_word_embeddings"] = serde_json::json!(true);
+    let config = peftpipe::models::ModelConfig::from_json(&json).unwrap();
+    (json, config)
+}
+
+fn case_of(yaml: &'static str) -> Case {
+    Case {
+        yaml,
+        identity_at_step_zero: true,
+        reference: None,
+        reference_virtual_tokens: 0,
+        saves_what_it_trains: true,
+    }
+}
+
+/// Apply merge patches to checkpoint-named weights the way `models::checkpoint` does for a tied
+/// model: a patch of an absent `lm_head` unties it (starting from the embedding matrix).
+fn merged_weights(
+    adapter: &dyn Adapter,
+    weights: &HashMap<String, Tensor>,
+) -> HashMap<String, Tensor> {
+    let mut merged = weights.clone();
+    for patch in adapter.merge_patches().unwrap().expect("mergeable") {
+        let name = format!("{}.weight", patch.path);
+        let base = match merged.get(&name) {
+            Some(weight) => weight.clone(),
+            None => {
+                assert_eq!(patch.path, "lm_head", "patch of an absent weight");
+                weights["model.embed_tokens.weight"].clone()
+            }
+        };
+        merged.insert(name, patch.apply(&base).unwrap());
+    }
+    merged
+}
+
+/// Tensor names and shapes, sorted by name.
+fn shapes(tensors: &HashMap<String, Tensor>) -> Vec<(String, Vec<usize>)> {
+    let mut shapes: Vec<(String, Vec<usize>)> = tensors
+        .iter()
+        .map(|(name, tensor)| (name.clone(), tensor.dims().to_vec()))
+        .collect();
+    shapes.sort();
+    shapes
+}
+
+/// Rows of `a` and `b` (`[vocab, hidden]`) that differ at all.
+fn changed_rows(a: &Tensor, b: &Tensor) -> Vec<usize> {
+    let a: Vec<Vec<f32>> = a.to_vec2().unwrap();
+    let b: Vec<Vec<f32>> = b.to_vec2().unwrap();
+    (0..a.len()).filter(|&row| a[row] != b[row]).collect()
+}
+
+/// One SGD step on every trainable tensor from the trainer's loss; returns the loss gradients
+/// by variable name.
+fn sgd_step(adapter: &dyn Adapter, model: &dyn CausalLm) -> HashMap<String, Tensor> {
+    adapter.set_mode(AdapterMode::Train { seed: 1 });
+    let loss_model = CausalLmLoss { model, adapter };
+    let loss = loss_model
+        .loss_sum(&collate(&sequences(), &[0, 1], 0))
+        .unwrap();
+    let grads = loss.backward().unwrap();
+    let mut by_name = HashMap::new();
+    for (name, var) in adapter.trainable_vars() {
+        let grad = grads.get(var.as_tensor()).unwrap().clone();
+        var.set(&(var.as_tensor() - (&grad * 0.5).unwrap()).unwrap())
+            .unwrap();
+        by_name.insert(name, grad);
+    }
+    adapter.set_mode(AdapterMode::Eval);
+    by_name
+}
+
+const EMBED_DELTA: &str =
+    "base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta";
+const HEAD_DELTA: &str = "base_model.model.lm_head.token_adapter.trainable_tokens_delta";
+
+/// `trainable_token_indices: [2, 7]` on a tied model: only rows 2 and 7 of the embedding train
+/// (every other row of the merged embedding is bit-identical to the base after a training step),
+/// the tied lm_head follows them (the merged tied model, whose head *is* the patched embedding,
+/// gives the adapter's logits), and the head has no variable of its own (PEFT's `tied_adapter`).
+#[test]
+fn trainable_tokens_train_only_their_rows_and_a_tied_head_follows() {
+    let (json, config) = tied_llama();
+    let weights = llama_weights(&config, 11, 0.2);
+    assert!(!weights.contains_key("lm_head.weight"));
+    let adapter = fresh(
+        &case_of("lora: {r: 2, alpha: 4, trainable_token_indices: [2, 7]}"),
+        &json,
+    );
+    let model = build_llama(&config, &weights, adapter.linear_factory());
+    adapter.finish_injection(&model).unwrap();
+    let base = build_llama(&config, &weights, &FrozenLinearFactory);
+    assert_eq!(
+        max_difference(
+            &logits(&model, Some(adapter.as_ref())),
+            &logits(&base, None)
+        ),
+        0.0,
+        "step-0 identity"
+    );
+    let names: Vec<String> = adapter
+        .trainable_vars()
+        .into_iter()
+        .map(|(name, _)| name)
+        .filter(|name| !name.contains(".lora_"))
+        .collect();
+    assert_eq!(names, [EMBED_DELTA]);
+
+    let grads = sgd_step(adapter.as_ref(), &model);
+    // Both chosen tokens occur in the batch: each of their rows gets a gradient.
+    let grad: Vec<Vec<f32>> = grads[EMBED_DELTA].to_vec2().unwrap();
+    for (row, values) in grad.iter().enumerate() {
+        assert!(
+            values.iter().all(|v| v.is_finite()) && values.iter().any(|v| *v != 0.0),
+            "row {row}: {values:?}"
+        );
+    }
+    let merged = merged_weights(adapter.as_ref(), &weights);
+    assert!(
+        !merged.contains_key("lm_head.weight"),
+        "the head stays tied"
+    );
+    assert_eq!(
+        changed_rows(
+            &merged["model.embed_tokens.weight"],
+            &weights["model.embed_tokens.weight"]
+        ),
+        [2, 7]
+    );
+    let plain = build_llama(&config, &merged, &FrozenLinearFactory);
+    let adapted = logits(&model, Some(adapter.as_ref()));
+    let difference = max_difference(&logits(&plain, None), &adapted);
+    assert!(difference < 1e-5, "merged tied model: {difference}");
+    // The head followed: the same merged embedding with the *base* head gives other logits.
+    let mut untied = merged.clone();
+    untied.insert(
+        "lm_head.weight".into(),
+        weights["model.embed_tokens.weight"].clone(),
+    );
+    let (_, untied_config) = {
+        let mut json = json.clone();
+        json["tie_word_embeddings"] = serde_json::json!(false);
+        let config = peftpipe::models::ModelConfig::from_json(&json).unwrap();
+        (json, config)
+    };
+    let base_head = build_llama(&untied_config, &untied, &FrozenLinearFactory);
+    assert!(max_difference(&logits(&base_head, None), &adapted) > 1e-3);
+
+    // Save → load onto the tied model gives the same logits.
+    let dir = tempfile::tempdir().unwrap();
+    adapter.save(dir.path(), "models/tiny").unwrap();
+    let loaded = load_adapter(dir.path(), &Device::Cpu).unwrap();
+    let reloaded = build_llama(&config, &weights, loaded.linear_factory());
+    loaded.finish_injection(&reloaded).unwrap();
+    assert_eq!(
+        max_difference(&logits(&reloaded, Some(loaded.as_ref())), &adapted),
+        0.0
+    );
+}
+
+/// A tied head given other ids than the embedding trains its own rows (PEFT wraps it with its own
+/// `TrainableTokensWrapper`); its columns of the output change, no other.
+#[test]
+fn a_tied_head_with_its_own_ids_trains_only_its_columns() {
+    let (json, config) = tied_llama();
+    let weights = llama_weights(&config, 12, 0.2);
+    let adapter = fresh(
+        &case_of(
+            "lora: {r: 2, alpha: 4, trainable_token_indices: {embed_tokens: [2], lm_head: [5, 9]}}",
+        ),
+        &json,
+    );
+    let model = build_llama(&config, &weights, adapter.linear_factory());
+    adapter.finish_injection(&model).unwrap();
+    let names: Vec<String> = adapter
+        .trainable_vars()
+        .into_iter()
+        .map(|(name, _)| name)
+        .filter(|name| !name.contains(".lora_"))
+        .collect();
+    assert_eq!(names, [HEAD_DELTA, EMBED_DELTA]);
+    let grads = sgd_step(adapter.as_ref(), &model);
+    assert_eq!(grads[HEAD_DELTA].dims(), [2, 16]);
+    let merged = merged_weights(adapter.as_ref(), &weights);
+    // The merge unties the head: lm_head.weight is the base embedding with rows 5 and 9 trained.
+    assert_eq!(
+        changed_rows(
+            &merged["lm_head.weight"],
+            &weights["model.embed_tokens.weight"]
+        ),
+        [5, 9]
+    );
+    assert_eq!(
+        changed_rows(
+            &merged["model.embed_tokens.weight"],
+            &weights["model.embed_tokens.weight"]
+        ),
+        [2]
+    );
+    let mut json = json.clone();
+    json["tie_word_embeddings"] = serde_json::json!(false);
+    let untied = peftpipe::models::ModelConfig::from_json(&json).unwrap();
+    let plain = build_llama(&untied, &merged, &FrozenLinearFactory);
+    let difference = max_difference(
+        &logits(&plain, None),
+        &logits(&model, Some(adapter.as_ref())),
+    );
+    assert!(difference < 1e-5, "merged model: {difference}");
+}
+
+/// A trained copy of a tied model's embedding (`modules_to_save: [embed_tokens]`) leaves the head
+/// on the base weights, as PEFT's `ModulesToSaveWrapper` (a deep copy) does: the merge unties it.
+#[test]
+fn modules_to_save_copy_the_embedding_of_a_tied_model_and_untie_the_merge() {
+    let (json, config) = tied_llama();
+    let weights = llama_weights(&config, 13, 0.2);
+    let adapter = fresh(
+        &case_of("lora: {r: 2, alpha: 4, modules_to_save: [embed_tokens]}"),
+        &json,
+    );
+    let model = build_llama(&config, &weights, adapter.linear_factory());
+    adapter.finish_injection(&model).unwrap();
+    sgd_step(adapter.as_ref(), &model);
+    let merged = merged_weights(adapter.as_ref(), &weights);
+    assert_eq!(
+        changed_rows(
+            &merged["lm_head.weight"],
+            &weights["model.embed_tokens.weight"]
+        ),
+        Vec::<usize>::new()
+    );
+    assert!(!changed_rows(
+        &merged["model.embed_tokens.weight"],
+        &weights["model.embed_tokens.weight"]
+    )
+    .is_empty());
+    let mut json = json.clone();
+    json["tie_word_embeddings"] = serde_json::json!(false);
+    let untied = peftpipe::models::ModelConfig::from_json(&json).unwrap();
+    let plain = build_llama(&untied, &merged, &FrozenLinearFactory);
+    let difference = max_difference(
+        &logits(&plain, None),
+        &logits(&model, Some(adapter.as_ref())),
+    );
+    assert!(difference < 1e-5, "merged model: {difference}");
+}
+
+/// The folder peftpipe writes carries PEFT's tensor names and config fields for the auxiliary
+/// modules, as `peft.utils.save_and_load.get_peft_model_state_dict` writes them (PEFT 0.21):
+/// `TrainableTokensWrapper.adapter_state_dict` gives `token_adapter.trainable_tokens_delta` under
+/// the wrapped module (nothing for a tied head, whose `tied_adapter` shares the embedding's),
+/// `ModulesToSaveWrapper.adapter_state_dict` the copy's own `state_dict` keys under the module
+/// (`lm_head.weight`, the `modules_to_save.default.` part removed); `trainable_token_indices` and
+/// `modules_to_save` are kept in adapter_config.json as written (`LoraConfig` fields). The names
+/// and shapes are compared with what PEFT 0.21 wrote for the same configs
+/// (tests/fixtures/peft_auxiliary, see `peft_made_auxiliary_adapters_import_with_peft_logits`).
+#[test]
+fn auxiliary_modules_save_peft_names_and_config_fields() {
+    let (json, config) = tied_llama();
+    let weights = llama_weights(&config, 14, 0.2);
+    let saved = |yaml: &'static str| {
+        let adapter = fresh(&case_of(yaml), &json);
+        let model = build_llama(&config, &weights, adapter.linear_factory());
+        adapter.finish_injection(&model).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        adapter.save(dir.path(), "models/tiny").unwrap();
+        let config: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(dir.path().join("adapter_config.json")).unwrap(),
+        )
+        .unwrap();
+        let tensors = candle_core::safetensors::load(
+            dir.path().join("adapter_model.safetensors"),
+            &Device::Cpu,
+        )
+        .unwrap();
+        let all = shapes(&tensors);
+        let extra: Vec<(String, Vec<usize>)> = all
+            .iter()
+            .filter(|(name, _)| !name.contains(".lora_"))
+            .cloned()
+            .collect();
+        (config, extra, all)
+    };
+    // What PEFT itself wrote for the same configs on a model of the same shape.
+    let peft_wrote = |case: &str| {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/peft_auxiliary")
+            .join(case)
+            .join("adapter_model.safetensors");
+        shapes(&candle_core::safetensors::load(path, &Device::Cpu).unwrap())
+    };
+    let (config, extra, all) = saved("lora: {r: 2, alpha: 4, trainable_token_indices: [2, 7]}");
+    assert_eq!(all, peft_wrote("tokens"));
+    assert_eq!(config["trainable_token_indices"], serde_json::json!([2, 7]));
+    assert_eq!(config["modules_to_save"], serde_json::Value::Null);
+    assert_eq!(config["peft_type"], "LORA");
+    assert_eq!(extra, [(EMBED_DELTA.to_string(), vec![2, 16])]);
+
+    let (config, extra, all) = saved(
+        "lora: {r: 2, alpha: 4, trainable_token_indices: {embed_tokens: [2], lm_head: [5, 9]}}",
+    );
+    assert_eq!(all, peft_wrote("tokens_head"));
+    assert_eq!(
+        config["trainable_token_indices"],
+        serde_json::json!({"embed_tokens": [2], "lm_head": [5, 9]})
+    );
+    assert_eq!(
+        extra,
+        [
+            (HEAD_DELTA.to_string(), vec![2, 16]),
+            (EMBED_DELTA.to_string(), vec![1, 16]),
+        ]
+    );
+
+    let (config, extra, all) =
+        saved("lora: {r: 2, alpha: 4, modules_to_save: [lm_head, embed_tokens]}");
+    assert_eq!(all, peft_wrote("save"));
+    assert_eq!(
+        config["modules_to_save"],
+        serde_json::json!(["lm_head", "embed_tokens"])
+    );
+    assert_eq!(config["trainable_token_indices"], serde_json::Value::Null);
+    assert_eq!(
+        extra,
+        [
+            ("base_model.model.lm_head.weight".to_string(), vec![40, 16]),
+            (
+                "base_model.model.model.embed_tokens.weight".to_string(),
+                vec![40, 16]
+            ),
+        ]
+    );
+}
+
+/// Bad auxiliary settings fail when the adapter meets the model, naming the field (fresh) or the
+/// adapter_config.json (loaded); a saved folder missing a tensor names the weights file.
+#[test]
+fn auxiliary_modules_that_do_not_fit_the_model_are_errors() {
+    let (json, config) = tied_llama();
+    let weights = llama_weights(&config, 15, 0.2);
+    let error_of = |yaml: &'static str| {
+        let adapter = fresh(&case_of(yaml), &json);
+        let model = build_llama(&config, &weights, adapter.linear_factory());
+        adapter.finish_injection(&model).unwrap_err().to_string()
+    };
+    let range = error_of("lora: {trainable_token_indices: [2, 40]}");
+    assert!(
+        range.contains(
+            "`trainable_token_indices[1]`: token id 40 is outside the vocabulary (vocab_size 40"
+        ),
+        "{range}"
+    );
+    let unknown = error_of("lora: {modules_to_save: [lm_haed]}");
+    assert!(unknown.contains("`lm_haed` matches no module"), "{unknown}");
+    let linear = error_of("lora: {modules_to_save: [q_proj]}");
+    assert!(linear.contains("not an embedding or lm_head"), "{linear}");
+    let both = error_of("lora: {target_modules: [q_proj, lm_head], trainable_token_indices: [2]}");
+    assert!(both.contains("the method adapts lm_head"), "{both}");
+
+    // A loaded folder whose config asks for rows its weights file lacks.
+    let adapter = fresh(&case_of("lora: {trainable_token_indices: [2]}"), &json);
+    let model = build_llama(&config, &weights, adapter.linear_factory());
+    adapter.finish_injection(&model).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    adapter.save(dir.path(), "models/tiny").unwrap();
+    let config_path = dir.path().join("adapter_config.json");
+    let mut saved: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&config_path).unwrap()).unwrap();
+    saved["trainable_token_indices"] = serde_json::json!([2, 99]);
+    std::fs::write(&config_path, saved.to_string()).unwrap();
+    let loaded = load_adapter(dir.path(), &Device::Cpu).unwrap();
+    let reloaded = build_llama(&config, &weights, loaded.linear_factory());
+    let error = loaded.finish_injection(&reloaded).unwrap_err().to_string();
+    assert!(
+        error.contains("adapter_config.json") && error.contains("token id 99"),
+        "{error}"
+    );
+    // PEFT's `ensure_weight_tying` with a module to save would tie lm_head to the copy: refused.
+    saved["trainable_token_indices"] = serde_json::json!([2]);
+    saved["modules_to_save"] = serde_json::json!(["lm_head"]);
+    saved["ensure_weight_tying"] = serde_json::json!(true);
+    std::fs::write(&config_path, saved.to_string()).unwrap();
+    let error = load_adapter(dir.path(), &Device::Cpu)
+        .err()
+        .expect("ensure_weight_tying is refused")
+        .to_string();
+    assert!(error.contains("`ensure_weight_tying: true`"), "{error}");
+}
+
+/// PEFT-made adapters with auxiliary modules (tests/fixtures/peft_auxiliary: PEFT 0.21 and
+/// transformers 5.17 on a random tied Llama of the tiny shape, LoRA r=2 on q/v with every
+/// trainable tensor moved by seeded noise, saved with `save_pretrained`, with PEFT's logits for
+/// two rows): `trainable_token_indices` as a list (the tied head follows) and as a mapping (the
+/// head with its own rows), and `modules_to_save: [lm_head, embed_tokens]`. Each loads through
+/// the registry, uses every tensor, and reproduces PEFT's logits.
+#[test]
+fn peft_made_auxiliary_adapters_import_with_peft_logits() {
+    let root =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/peft_auxiliary");
+    for case in ["tokens", "tokens_head", "save"] {
+        let dir = root.join(case);
+        let adapter = load_adapter(&dir, &Device::Cpu).unwrap_or_else(|e| panic!("{case}: {e}"));
+        let model = ModelDir::open(&root.join("base"))
+            .unwrap()
+            .load(&Device::Cpu, DType::F32, adapter.linear_factory())
+            .unwrap();
+        adapter
+            .finish_injection(model.as_ref())
+            .unwrap_or_else(|e| panic!("{case}: {e}"));
+        let expected =
+            candle_core::safetensors::load(dir.join("expected_logits.safetensors"), &Device::Cpu)
+                .unwrap();
+        let (ids, mask) = (&expected["input_ids"], &expected["attention_mask"]);
+        let logits = model
+            .forward(ids, Some(mask), &adapter.hooks().unwrap())
+            .unwrap();
+        let error = masked_max_abs(&logits, &expected["logits"], mask).unwrap();
+        let base = ModelDir::open(&root.join("base"))
+            .unwrap()
+            .load(&Device::Cpu, DType::F32, &FrozenLinearFactory)
+            .unwrap();
+        let moved = masked_max_abs(
+            &base
+                .forward(ids, Some(mask), &peftpipe::models::Hooks::none())
+                .unwrap(),
+            &expected["logits"],
+            mask,
+        )
+        .unwrap();
+        eprintln!("PEFT {case}: max abs logit error {error:e} (the adapter moves them {moved:e})");
+        assert!(error < 1e-5, "{case}: {error}");
+        assert!(moved > 1e-2, "{case}: the fixture adapter is a no-op");
     }
 }

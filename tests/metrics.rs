@@ -2,6 +2,7 @@
 //! numbers, `run`/`status --json` report an invalid pipeline as structured problems on stdout,
 //! `metrics show` lists each stage's figures, `metrics diff` compares two pipelines or one
 //! pipeline with its lock file at a git revision.
+#![expect(clippy::print_stderr, reason = "a skipped check says why")]
 
 mod report_support;
 
@@ -56,7 +57,12 @@ fn run_and_status_json_report_an_invalid_pipeline_as_problems_on_stdout() {
     );
     for command in ["run", "status"] {
         let output = project.peftpipe(&[command, "pipeline.yaml", "--json"]);
-        assert_eq!(output.status.code(), Some(2), "{command}: {}", stderr(&output));
+        assert_eq!(
+            output.status.code(),
+            Some(2),
+            "{command}: {}",
+            stderr(&output)
+        );
         let document = json(&stdout(&output));
         assert_eq!(document["valid"], false, "{command}: {document}");
         let problems = document["files"][0]["problems"]

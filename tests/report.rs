@@ -2,6 +2,7 @@
 //! its summary; `peftpipe report` writes it where asked. Checked offline (structure: every
 //! section, every chart with data, nothing loaded from the network) and, where a Chromium is
 //! installed, in a real headless browser (skipped with the reason otherwise).
+#![expect(clippy::print_stderr, reason = "a skipped check says why")]
 
 mod report_support;
 
@@ -45,7 +46,9 @@ fn check_page(page: &str) {
     assert!(page.trim_end().ends_with("</html>"));
     // Self-contained: no script, stylesheet link, image or frame to fetch; the only URL is
     // SVG's XML namespace.
-    for banned in ["<script", "<link", "<img", "<iframe", "src=", "@import", "url("] {
+    for banned in [
+        "<script", "<link", "<img", "<iframe", "src=", "@import", "url(",
+    ] {
         assert!(!page.contains(banned), "the page loads something: {banned}");
     }
     let without_namespace = page.replace("http://www.w3.org/2000/svg", "");
@@ -96,7 +99,10 @@ fn check_page(page: &str) {
     assert_eq!(charts[1].1, 6, "loss chart: {:?}", charts[1].0);
     // Stage table: every stage with its status and cache use.
     for stage in ["data", "prompts", "train", "evaluate", "export"] {
-        assert!(page.contains(&format!("<tr><td>{stage}</td>")), "{stage} row");
+        assert!(
+            page.contains(&format!("<tr><td>{stage}</td>")),
+            "{stage} row"
+        );
     }
     assert!(page.contains("<th>fingerprint of train</th>"));
     assert!(page.contains("train: device</th><td><code>cpu</code>"));
@@ -132,16 +138,24 @@ fn report_command_writes_where_asked_and_prints_the_path() {
     let page = std::fs::read_to_string(project.path("pages/tiny.html")).expect("the report");
     check_page(&page);
     // Without a run, the statuses come from the plan: everything is fresh.
-    assert!(page.contains("<td>fresh</td><td class=\"num\">"), "fresh rows");
+    assert!(
+        page.contains("<td>fresh</td><td class=\"num\">"),
+        "fresh rows"
+    );
     assert!(!page.contains("<td>ran</td>"));
 }
 
 fn browser() -> Option<PathBuf> {
     let path = std::env::var_os("PATH")?;
-    ["chromium", "chromium-browser", "google-chrome", "google-chrome-stable"]
-        .iter()
-        .flat_map(|name| std::env::split_paths(&path).map(move |dir| dir.join(name)))
-        .find(|candidate| candidate.is_file())
+    [
+        "chromium",
+        "chromium-browser",
+        "google-chrome",
+        "google-chrome-stable",
+    ]
+    .iter()
+    .flat_map(|name| std::env::split_paths(&path).map(move |dir| dir.join(name)))
+    .find(|candidate| candidate.is_file())
 }
 
 #[test]

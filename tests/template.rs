@@ -99,6 +99,7 @@ fn run_with(
         cancel,
         options,
         fingerprint: "",
+        upstream_outcomes: &Default::default(),
         checkpoint_dir: None,
         resume: true,
     };

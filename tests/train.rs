@@ -14,13 +14,15 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use candle_core::{DType, Device, Tensor};
-use peftpipe::config::train::{ScheduleKind, Truncation};
-use peftpipe::data::batch::{fit, HostBatch, Sequence};
-use peftpipe::data::tokenize::TextTokenizer;
+use peftpipe::config::train::ScheduleKind;
+use peftpipe::data::batch::{HostBatch, Sequence};
 use peftpipe::models::{llama::Llama, CausalLm, Hooks, ModelConfig, ModelDir};
 use peftpipe::peft::{Adapter, LoraAdapter, LoraSettings, TargetModules};
 use peftpipe::train::CausalLmLoss;
-use peftpipe::train::{train, AdamWSettings, LossModel, TrainError, TrainOutcome, TrainerSettings};
+use peftpipe::train::{
+    train, train_with_evaluation, AdamWSettings, EarlyStopping, Evaluation, LossModel, TrainError,
+    TrainOutcome, TrainerSettings,
+};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use support::{build_llama, llama_weights, shared_dir, tiny_llama_json};
@@ -461,6 +463,18 @@ fn run_stage(
     out: &Path,
     yaml: &str,
 ) -> (peftpipe::stages::StageOutcome, usize) {
+    match try_run_stage(project, upstream, out, yaml) {
+        Ok(result) => result,
+        Err(error) => panic!("the train stage failed: {error}"),
+    }
+}
+
+fn try_run_stage(
+    project: &Path,
+    upstream: &Path,
+    out: &Path,
+    yaml: &str,
+) -> Result<(peftpipe::stages::StageOutcome, usize), peftpipe::stages::StageError> {
     let value: serde_json::Value = serde_norway::from_str(yaml).unwrap();
     let config: peftpipe::config::TrainConfig = serde_json::from_value(value).unwrap();
     let stage = peftpipe::stages::train::TrainStage::new(config);
@@ -483,12 +497,13 @@ fn run_stage(
         cancel: &cancel,
         options: &options,
         fingerprint: "test fingerprint",
+        upstream_outcomes: &Default::default(),
         checkpoint_dir: Some(&checkpoints),
         resume: true,
     };
-    let outcome = peftpipe::stages::Stage::run(&stage, &ctx).unwrap();
+    let outcome = peftpipe::stages::Stage::run(&stage, &ctx)?;
     let steps = recorder.0.lock().unwrap().len();
-    (outcome, steps)
+    Ok((outcome, steps))
 }
 
 #[test]
@@ -566,42 +581,6 @@ fn train_stage_writes_a_loadable_peft_artifact() {
 // stories260k + bevostories.
 // ---------------------------------------------------------------------------------------------
 
-fn read_texts(path: &Path) -> Vec<String> {
-    use arrow::array::AsArray;
-    let file = std::fs::File::open(path).unwrap();
-    let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file)
-        .unwrap()
-        .build()
-        .unwrap();
-    let mut texts = Vec::new();
-    for batch in reader {
-        let batch = batch.unwrap();
-        let column = batch.column_by_name("text").unwrap();
-        texts.extend(
-            column
-                .as_string::<i32>()
-                .iter()
-                .map(|t| t.unwrap().to_string()),
-        );
-    }
-    texts
-}
-
-/// Perplexity over every token after BOS, summed over the stories (no graph: detached inputs).
-fn perplexity(model: &dyn CausalLm, sequences: &[Sequence]) -> f64 {
-    let (mut total, mut count) = (0.0, 0usize);
-    for sequence in sequences {
-        let length = sequence.ids.len();
-        let ids = Tensor::from_vec(sequence.ids.clone(), (1, length), &Device::Cpu).unwrap();
-        let mask = Tensor::ones((1, length), DType::F32, &Device::Cpu).unwrap();
-        let logits = model.forward(&ids, None, &Hooks::none()).unwrap();
-        let loss = peftpipe::ops::next_token_cross_entropy(&logits, &ids, &mask).unwrap();
-        total += loss.sum.to_scalar::<f32>().unwrap() as f64;
-        count += loss.count;
-    }
-    (total / count as f64).exp()
-}
-
 #[test]
 fn lora_on_stories260k_lowers_bevostories_validation_perplexity() {
     let Some(shared) = shared_dir() else {
@@ -609,22 +588,7 @@ fn lora_on_stories260k_lowers_bevostories_validation_perplexity() {
         return;
     };
     let root = shared.join("models/stories260k");
-    let tokenizer = TextTokenizer::from_model_dir(&root).unwrap();
-    let encode = |texts: Vec<String>| -> Vec<Sequence> {
-        texts
-            .iter()
-            .map(|text| {
-                let example = tokenizer.encode_example("", text, false).unwrap();
-                fit(&example, 512, 1, Truncation::PromptLeft).unwrap()
-            })
-            .collect()
-    };
-    let train_set = encode(read_texts(
-        &shared.join("datasets/bevostories/train.parquet"),
-    ));
-    let validation = encode(read_texts(
-        &shared.join("datasets/bevostories/validation.parquet"),
-    ));
+    let (train_set, validation) = support::bevostories(&shared);
     let dir = ModelDir::open(&root).unwrap();
     let base = dir
         .load(
@@ -633,7 +597,7 @@ fn lora_on_stories260k_lowers_bevostories_validation_perplexity() {
             &peftpipe::models::FrozenLinearFactory,
         )
         .unwrap();
-    let base_perplexity = perplexity(base.as_ref(), &validation);
+    let base_perplexity = support::perplexity(base.as_ref(), &Hooks::none(), &validation);
 
     let adapter = LoraAdapter::new(
         LoraSettings {
@@ -671,7 +635,7 @@ fn lora_on_stories260k_lowers_bevostories_validation_perplexity() {
         &mut |_| {},
     )
     .unwrap();
-    let adapted_perplexity = perplexity(model.as_ref(), &validation);
+    let adapted_perplexity = support::perplexity(model.as_ref(), &Hooks::none(), &validation);
     eprintln!(
         "stories260k + bevostories, LoRA r16 α32 all-linear ({} params), batch 1, lr 5e-3, 60 steps in {:.1}s: validation perplexity {base_perplexity:.2} → {adapted_perplexity:.2} (final train loss {:.3})",
         adapter.trainable_parameter_count(),
@@ -720,4 +684,322 @@ fn train_stage_takes_a_hub_id_from_the_cache() {
             .unwrap();
     assert_eq!(base["model"], "hf://org/tiny");
     assert_eq!(base["path"], snapshot.to_string_lossy().as_ref());
+}
+
+// ---------------------------------------------------------------------------------------------
+// Evaluation during training: eval_steps, early stopping, keep best.
+// ---------------------------------------------------------------------------------------------
+
+/// A template artifact of bevostories (empty prompt, the story as the completion): `train` and
+/// `eval` (the validation stories), and the stories260k model directory.
+fn bevostories_artifact(shared: &Path, dir: &Path) {
+    let read = |file: &str| -> Vec<(String, String)> {
+        support::read_texts(&shared.join("datasets/bevostories").join(file))
+            .into_iter()
+            .map(|text| (String::new(), text))
+            .collect()
+    };
+    write_pairs(&dir.join("train.parquet"), &read("train.parquet"));
+    write_pairs(&dir.join("eval.parquet"), &read("validation.parquet"));
+}
+
+fn read_json(path: &Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+fn metrics_lines(out: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap())
+        .collect()
+}
+
+/// Early stopping with a tiny patience stops the run; `keep: best` outputs the adapter of the
+/// best evaluation, byte for byte the adapter of a run that stops at that step; `keep: last`
+/// the adapter after the last step.
+#[test]
+fn early_stopping_keeps_the_best_adapter_on_stories260k() {
+    let Some(shared) = shared_dir() else {
+        eprintln!("skipped: PEFTPIPE_SHARED not set");
+        return;
+    };
+    let project = tempfile::tempdir().unwrap();
+    let upstream = project.path().join("prompts-artifact");
+    std::fs::create_dir_all(&upstream).unwrap();
+    bevostories_artifact(&shared, &upstream);
+    let model = shared.join("models/stories260k");
+    // A constant learning rate: a run cut at step k trains exactly the first k steps of a longer
+    // one. The learning rate is high enough that the held-out loss turns back up.
+    let base = format!(
+        "data: prompts\nmodel: {}\nmethod: {{lora: {{r: 4, alpha: 8, target_modules: all-linear}}}}\n\
+         learning_rate: 0.02\nschedule: constant\nbatch_size: 4\nmax_seq_len: 96\ncheckpoint_every: 0\n",
+        model.display()
+    );
+    let evaluating = format!(
+        "{base}max_steps: 40\neval_steps: 2\neval_max_rows: 8\nearly_stopping: {{patience: 2}}\n"
+    );
+    let run = |name: &str, yaml: &str| {
+        let out = project.path().join(name);
+        std::fs::create_dir_all(&out).unwrap();
+        let started = std::time::Instant::now();
+        let (outcome, _) = run_stage(project.path(), &upstream, &out, yaml);
+        eprintln!("{name}: {:.1}s", started.elapsed().as_secs_f64());
+        (out, outcome)
+    };
+    let (best_out, outcome) = run("best", &evaluating);
+    let summary = read_json(&best_out.join("summary.json"));
+    let evaluation = &summary["evaluation"];
+    eprintln!("{}", serde_json::to_string_pretty(evaluation).unwrap());
+    assert_eq!(evaluation["stopped_early"], true, "{evaluation}");
+    let stopped_at = summary["steps"].as_u64().unwrap();
+    assert!(stopped_at < 40, "{summary}");
+    assert_eq!(outcome.summary["early_stopped_at"], stopped_at);
+    // Every second step evaluated; the best is the lowest eval_loss recorded.
+    let lines = metrics_lines(&best_out);
+    assert_eq!(lines.len() as u64, stopped_at);
+    let evaluations: Vec<(u64, f64)> = lines
+        .iter()
+        .filter_map(|line| Some((line["step"].as_u64()?, line["eval_loss"].as_f64()?)))
+        .collect();
+    assert_eq!(
+        evaluations.iter().map(|e| e.0).collect::<Vec<_>>(),
+        (1..=stopped_at / 2).map(|k| 2 * k).collect::<Vec<_>>()
+    );
+    let (best_step, best_loss) =
+        evaluations.iter().copied().fold(
+            (0, f64::INFINITY),
+            |best, e| if e.1 < best.1 { e } else { best },
+        );
+    assert_eq!(evaluation["best_step"], best_step);
+    assert_eq!(evaluation["best_eval_loss"].as_f64(), Some(best_loss));
+    assert_eq!(evaluation["kept_step"], best_step);
+    // Patience 2: the last two evaluations did not improve on the best, which is not the first.
+    assert_eq!(best_step, stopped_at - 4, "{evaluations:?}");
+    assert!(best_step > 2, "{evaluations:?}");
+    let first = lines[1]["eval_perplexity"].as_f64().unwrap();
+    assert!((first - lines[1]["eval_loss"].as_f64().unwrap().exp()).abs() < 1e-9 * first);
+
+    let adapter =
+        |out: &Path| std::fs::read(out.join("adapter/adapter_model.safetensors")).unwrap();
+    let (cut_out, _) = run("cut", &format!("{base}max_steps: {best_step}\n"));
+    assert_eq!(
+        adapter(&best_out),
+        adapter(&cut_out),
+        "keep: best ≠ the step-{best_step} adapter"
+    );
+    let (last_out, last) = run("last", &format!("{evaluating}keep: last\n"));
+    assert_eq!(last.summary["kept_step"], stopped_at);
+    let (cut_last, _) = run("cut-last", &format!("{base}max_steps: {stopped_at}\n"));
+    assert_eq!(adapter(&last_out), adapter(&cut_last));
+    assert_ne!(adapter(&best_out), adapter(&last_out));
+}
+
+/// Train with evaluation (every step, keep best, early stopping) and return the saved adapter's
+/// bytes with the outcome.
+fn train_evaluating_once(
+    weights: &HashMap<String, Tensor>,
+    data: &[Sequence],
+    held_out: &[Sequence],
+    settings: &TrainerSettings,
+    cancel_after: Option<u64>,
+) -> (Result<TrainOutcome, TrainError>, Vec<u8>) {
+    let run = setup(weights, settings.seed, 0.1);
+    let cancel = AtomicBool::new(false);
+    let evaluation = Evaluation {
+        sequences: held_out,
+        every: 1,
+        batch_size: 4,
+        early_stopping: Some(EarlyStopping {
+            patience: 3,
+            min_delta: 0.0,
+        }),
+        keep_best: true,
+    };
+    let result = train_with_evaluation(
+        &CompletionLoss(&run.model),
+        &run.adapter,
+        data,
+        Some(&evaluation),
+        settings,
+        &cancel,
+        &mut |metrics| {
+            if Some(metrics.step) == cancel_after {
+                cancel.store(true, Ordering::Relaxed);
+            }
+        },
+    );
+    let dir = tempfile::tempdir().unwrap();
+    run.adapter.save(dir.path(), "tiny").unwrap();
+    (
+        result,
+        std::fs::read(dir.path().join("adapter_model.safetensors")).unwrap(),
+    )
+}
+
+/// The best evaluation so far, its adapter and the patience counter survive a resume: a run
+/// cancelled after the best step and resumed ends as the uninterrupted one (same kept adapter,
+/// same stop, same metrics).
+#[test]
+fn evaluation_state_survives_a_resume() {
+    let config = ModelConfig::from_json(&tiny_llama_json()).unwrap();
+    let weights = llama_weights(&config, 3, 0.3);
+    let data = sequences(16, 4);
+    // Held-out sequences of another pattern: once the training pattern is learned, their loss
+    // goes back up.
+    let held_out: Vec<Sequence> = sequences(8, 5)
+        .into_iter()
+        .map(|mut sequence| {
+            let start = sequence.completion_start;
+            sequence.ids[start + 1] = (sequence.ids[start] + 7) % 40;
+            sequence
+        })
+        .collect();
+    let mut settings = trainer_settings(9);
+    settings.learning_rate = 0.05;
+    settings.schedule = ScheduleKind::Constant;
+    settings.max_steps = Some(40);
+    settings.checkpoint_every = 2;
+    let whole_dir = tempfile::tempdir().unwrap();
+    settings.checkpoint_dir = Some(whole_dir.path().to_path_buf());
+    let (whole, whole_bytes) = train_evaluating_once(&weights, &data, &held_out, &settings, None);
+    let whole = whole.unwrap();
+    let best = whole.evaluation.best_step.unwrap();
+    eprintln!(
+        "best step {best}, stopped after {} (early: {})",
+        whole.steps, whole.stopped_early
+    );
+    assert!(whole.stopped_early);
+    assert_eq!(whole.kept_step, best);
+    assert!(best < whole.steps);
+    // Cancel after the best step, before patience runs out; resume in a fresh process.
+    let dir = tempfile::tempdir().unwrap();
+    settings.checkpoint_dir = Some(dir.path().to_path_buf());
+    let stop = best + 1;
+    let (stopped, _) = train_evaluating_once(&weights, &data, &held_out, &settings, Some(stop));
+    assert!(
+        matches!(stopped, Err(TrainError::Cancelled { .. })),
+        "{stopped:?}"
+    );
+    let (resumed, resumed_bytes) =
+        train_evaluating_once(&weights, &data, &held_out, &settings, None);
+    let resumed = resumed.unwrap();
+    assert_eq!(resumed.resumed_from, Some(stop));
+    assert_eq!(resumed.evaluation, whole.evaluation);
+    assert_eq!(
+        (resumed.steps, resumed.kept_step, resumed.stopped_early),
+        (whole.steps, whole.kept_step, whole.stopped_early)
+    );
+    assert_eq!(resumed.metrics_jsonl, whole.metrics_jsonl);
+    assert_eq!(
+        resumed_bytes, whole_bytes,
+        "the kept adapter differs after a resume"
+    );
+}
+
+/// The tiny model and a template artifact with `train` (10 rows) and `eval` (4 rows) splits.
+fn tiny_project_with_eval() -> (tempfile::TempDir, std::path::PathBuf) {
+    let project = tempfile::tempdir().unwrap();
+    let model_dir = project.path().join("tiny-model");
+    std::fs::create_dir_all(&model_dir).unwrap();
+    tiny_model_dir(&model_dir);
+    let upstream = project.path().join("prompts-artifact");
+    std::fs::create_dir_all(&upstream).unwrap();
+    let pairs = |range: std::ops::Range<usize>| -> Vec<(String, String)> {
+        range
+            .map(|i| {
+                (
+                    format!("w{} w{} w{}", 3 + i, 10 + i, 20 + i),
+                    format!("w{} w{}", 20 + i, 21 + i),
+                )
+            })
+            .collect()
+    };
+    write_pairs(&upstream.join("train.parquet"), &pairs(0..10));
+    write_pairs(&upstream.join("eval.parquet"), &pairs(10..14));
+    (project, upstream)
+}
+
+const TINY_EVALUATING: &str =
+    "data: prompts\nmodel: tiny-model\nmethod: {lora: {r: 2, alpha: 4}}\n\
+batch_size: 4\nmax_steps: 6\ncheckpoint_every: 0\nlearning_rate: 0.01\neval_steps: 2\n";
+
+#[test]
+fn a_missing_eval_split_names_the_file_and_the_splits() {
+    let (project, upstream) = tiny_project_with_eval();
+    let out = project.path().join("out");
+    std::fs::create_dir_all(&out).unwrap();
+    let yaml = format!("{TINY_EVALUATING}eval_split: validation\n");
+    let error = try_run_stage(project.path(), &upstream, &out, &yaml)
+        .map(|(outcome, _)| outcome.summary)
+        .expect_err("no validation split");
+    let message = error.to_string();
+    assert!(
+        message.contains("eval_split: stage `prompts` has no split `validation`"),
+        "{message}"
+    );
+    assert!(
+        message.contains("validation.parquet is missing"),
+        "{message}"
+    );
+    assert!(message.contains("its splits: eval, train"), "{message}");
+}
+
+/// `tensorboard: true` writes a deterministic event file (a rerun writes the same bytes), and
+/// tests/python/check_tensorboard.py reads it with TensorBoard's own EventAccumulator and checks
+/// every scalar against metrics.jsonl, when `PEFTPIPE_TENSORBOARD_PYTHON` (default `python3`)
+/// can import tensorboard; that part is skipped with a printed reason otherwise.
+#[test]
+fn the_tensorboard_package_reads_the_event_file() {
+    let (project, upstream) = tiny_project_with_eval();
+    let yaml = format!("{TINY_EVALUATING}tensorboard: true\n");
+    let mut events = Vec::new();
+    let mut outs = Vec::new();
+    for name in ["first", "again"] {
+        let out = project.path().join(name);
+        std::fs::create_dir_all(&out).unwrap();
+        run_stage(project.path(), &upstream, &out, &yaml);
+        events.push(std::fs::read(out.join(peftpipe::train::tensorboard::EVENTS_FILE)).unwrap());
+        outs.push(out);
+    }
+    assert_eq!(
+        events[0], events[1],
+        "the event file differs between two runs"
+    );
+    // Without the option, no event file.
+    let plain = project.path().join("plain");
+    std::fs::create_dir_all(&plain).unwrap();
+    run_stage(project.path(), &upstream, &plain, TINY_EVALUATING);
+    assert!(!plain.join("tensorboard").exists());
+
+    let python = std::env::var("PEFTPIPE_TENSORBOARD_PYTHON").unwrap_or_else(|_| "python3".into());
+    let importable = std::process::Command::new(&python)
+        .args([
+            "-c",
+            "import tensorboard.backend.event_processing.event_accumulator",
+        ])
+        .output()
+        .is_ok_and(|output| output.status.success());
+    if !importable {
+        eprintln!(
+            "skipped the TensorBoard reader: `{python}` cannot import tensorboard (pip install \
+             tensorboard, or set PEFTPIPE_TENSORBOARD_PYTHON to a Python that has it)"
+        );
+        return;
+    }
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/python/check_tensorboard.py");
+    let output = std::process::Command::new(&python)
+        .arg(script)
+        .arg(&outs[0])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    eprintln!("{stdout}{stderr}");
+    assert!(
+        output.status.success(),
+        "check_tensorboard.py failed:\n{stdout}{stderr}"
+    );
+    assert!(stdout.contains("ok:"), "{stdout}");
+    assert!(stdout.contains("eval/loss: 3"), "{stdout}");
 }

@@ -4,12 +4,17 @@
 # test binaries, from benches/gpu/build.sh), gpu-run/ (configs + fast_lora_bench.py, from build.sh)
 # and .whl/ (the anchors' wheels: bash ../shared/gpu/fetch-anchor-wheels.sh .whl).
 #
-# usage: bash benches/gpu/engine.sh 1b    Llama-3.2-1B shape: CUDA test binaries; peftpipe's table
-#                                         at 8x512 and 2x2048 with activation checkpointing off and
-#                                         on, flash attention on and off; the anchors peft_default,
-#                                         peft_bf16, compile, unsloth, unsloth_gc at 8x512
-#        bash benches/gpu/engine.sh 8b    Llama-3.1-8B shape: peftpipe at 1x1024, 1x4096 (off/on) and
-#                                         1x16384 (on); PEFT (bf16 adapters) and Unsloth at 1x4096
+# usage: bash benches/gpu/engine.sh PART[,PART...]   (each call must fit the device's 10 minutes)
+#   tests    the CUDA test binaries (PEFTPIPE_TEST_DEVICE=cuda)
+#   real     lora-stories on cuda and on cpu (loss curves, eval), qlora-stories on cuda
+#   1b       Llama-3.2-1B shape: peftpipe's table at 8x512 and 2x2048, activation checkpointing off
+#            and on; the anchors peft_default, peft_bf16, compile, unsloth, unsloth_gc at 8x512
+#   noflash  the same 1B shapes with the flash-attention kernels off (PEFTPIPE_UNFUSED)
+#   methods  every PEFT method at 8x512 (`bench train --method`), beside ../shared/gpu/peft_bench.py's
+#            rows for the same methods; QLoRA beside PEFT + bitsandbytes and Unsloth's QLoRA
+#   8b-short Llama-3.1-8B shape at 1x4096 only: peftpipe (checkpointing off and on) and PEFT (bf16)
+#   8b       Llama-3.1-8B shape: peftpipe at 1x1024 and 1x4096 (off/on) and 1x16384 (on); PEFT (bf16
+#            adapters) and Unsloth at 1x4096
 # Every figure is LoRA r16 alpha 32 on all seven linears of a random-init model, bf16 base, AdamW.
 set -uo pipefail
 MODE=${1:-1b}
@@ -32,7 +37,7 @@ table() { # CONFIG SHAPES CHECKPOINTING STEPS [label]
 }
 anchors() { # MODEL_CONFIGS BATCH SEQ BUDGET
   local script=gpu-run/fast_lora_bench.py
-  if [ "$MODE" = 8b ]; then
+  if [ "${ANCHOR_SHAPE:-1b}" = 8b ]; then
     # the same script with the Llama-3.1-8B shape in place of the 1B one
     sed -e 's/hidden_size=2048, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,/hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,/' \
         -e 's/intermediate_size=8192, vocab_size=128256, head_dim=64/intermediate_size=14336, vocab_size=128256, head_dim=128/' \
@@ -41,32 +46,79 @@ anchors() { # MODEL_CONFIGS BATCH SEQ BUDGET
     script=/tmp/fast_lora_bench_8b.py
   fi
   PYTHONUNBUFFERED=1 python3 "$script" --only "$1" --batch "$2" --seq "$3" --budget "$4" \
-    --steps 10 --warmup 3 --json "$OUT/anchors-$MODE.json" 2>&1 | grep -vE "Warning|warn|^\s*$" | tail -30
+    --steps 10 --warmup 3 --json "$OUT/anchors-${ANCHOR_SHAPE:-1b}.json" 2>&1 | grep -vE "Warning|warn|^\s*$" | tail -30
 }
 
-case "$MODE" in
+tests() {
+  echo "== CUDA test binaries"
+  for t in target/cuda-dist/test-*; do
+    [ -x "$t" ] || continue
+    case "$t" in *.xz) continue ;; esac
+    echo "-- $t"; PEFTPIPE_TEST_DEVICE=cuda timeout 150 "$t" --test-threads 1 --nocapture 2>&1 \
+      | grep -E "^test |test result|panicked|FAILED|store|ratio|verdict|worst" | tail -40
+  done | tee "$OUT/cuda_tests.txt"
+}
+
+for part in ${MODE//,/ }; do
+case "$part" in
+  tests) tests ;;
+  real)
+    # A real run stays right: lora-stories on cuda vs cpu (loss curves, eval perplexity), and
+    # qlora-stories on cuda.
+    export PEFTPIPE_SHARED=$PWD/gpu-run/shared
+    for dev in cuda cpu; do
+      echo "-- lora-stories on $dev"
+      timeout 120 "$BIN" run gpu-run/lora-stories.yaml --device "$dev" --cache-dir "/tmp/cache-$dev" 2>&1 | tail -8
+      cp gpu-run/.peftpipe/out/lora-stories/train/metrics.jsonl "$OUT/metrics-$dev.jsonl" 2>/dev/null
+      cp gpu-run/.peftpipe/out/lora-stories/evaluate/metrics.json "$OUT/eval-$dev.json" 2>/dev/null
+    done | tee "$OUT/real_run.txt"
+    if [ -f gpu-run/qlora-stories.yaml ]; then
+      echo "-- qlora-stories on cuda"
+      timeout 120 "$BIN" run gpu-run/qlora-stories.yaml --device cuda --cache-dir /tmp/cache-q 2>&1 | tail -8 | tee "$OUT/qlora_run.txt"
+    fi
+    ;;
   1b)
     C=gpu-run/llama-3.2-1b.config.json
-    echo "== CUDA test binaries"
-    for t in target/cuda-dist/test-*; do
-      [ -x "$t" ] || continue
-      case "$t" in *.xz) continue ;; esac
-      echo "-- $t"; PEFTPIPE_TEST_DEVICE=cuda timeout 120 "$t" --test-threads 1 2>&1 \
-        | grep -E "^test |test result|panicked|FAILED" | tail -40
-    done | tee "$OUT/cuda_tests.txt"
     echo "== peftpipe (flash attention on): 8x512, 2x2048; checkpointing off and on"
-    table $C 8x512,2x2048 both 10 | tee "$OUT/peftpipe-1b.txt"
-    echo "== peftpipe, flash attention off (PEFTPIPE_UNFUSED=flash_attention): 8x512, 2x2048"
-    PEFTPIPE_UNFUSED=flash_attention table $C 8x512,2x2048 off 10 | tee "$OUT/peftpipe-1b-noflash.txt"
+    timeout 200 bash -c "$(declare -f table); BIN=$BIN; table $C 8x512,2x2048 both 10" | tee "$OUT/peftpipe-1b.txt"
     echo "== anchors, same host, 8x512"
-    anchors peft_default,peft_bf16,compile,unsloth,unsloth_gc 8 512 330 | tee "$OUT/anchors-1b.txt"
+    anchors peft_default,peft_bf16,compile,unsloth,unsloth_gc 8 512 300 | tee "$OUT/anchors-1b.txt"
+    ;;
+  noflash)
+    C=gpu-run/llama-3.2-1b.config.json
+    echo "== peftpipe, flash attention off (PEFTPIPE_UNFUSED=flash_attention) vs on: 8x512"
+    PEFTPIPE_UNFUSED=flash_attention timeout 100 bash -c "$(declare -f table); BIN=$BIN; table $C 8x512,2x2048 off 10" | tee "$OUT/peftpipe-1b-noflash.txt"
+    ;;
+  methods)
+    C=gpu-run/llama-3.2-1b.config.json
+    echo "== peftpipe, every method, 1B shape, 8x512 (the same settings as peft_bench.py's rows)"
+    for m in "prompt_tuning: {num_virtual_tokens: 20}" "prefix_tuning: {num_virtual_tokens: 20}" \
+             "llama_adapter: {adapter_len: 10, adapter_layers: 8}" "ia3" "dora: {r: 16, alpha: 32}" \
+             "qlora: {r: 16, alpha: 32}"; do
+      timeout 120 "$BIN" bench train --config "$C" --device cuda --batch 8 --seq 512 --method "$m" \
+        --steps 10 --warmup 3 2>&1 | grep -v "^RESULT" | grep -E "on llama|tokens/s|peak|rror"
+    done | tee "$OUT/peftpipe-methods.txt"
+    echo "== peft_bench.py, same host"
+    PYTHONUNBUFFERED=1 timeout 200 python3 gpu-run/peft_bench.py --device cuda \
+      --only prompt_tuning_20,prefix_tuning_20,adaption_prompt_10x8,ia3 --json "$OUT/peft-methods.json" 2>&1 \
+      | grep -vE "Warning|warn|^\s*$" | tail -8 | tee -a "$OUT/peftpipe-methods.txt"
+    echo "== QLoRA anchors, same host"
+    anchors peft_qlora,unsloth_qlora 8 512 240 | tee "$OUT/anchors-qlora.txt"
+    ;;
+  8b-short)
+    C=gpu-run/llama-3.1-8b.config.json
+    echo "== peftpipe 8B: 1x4096, checkpointing off and on"
+    timeout 150 bash -c "$(declare -f table); BIN=$BIN; table $C 1x4096 both 5" | tee "$OUT/peftpipe-8b.txt"
+    echo "== PEFT (bf16 adapters) 8B, same host, 1x4096"
+    ANCHOR_SHAPE=8b anchors peft_bf16 1 4096 120 | tee "$OUT/anchors-8b.txt"
     ;;
   8b)
     C=gpu-run/llama-3.1-8b.config.json
     echo "== peftpipe 8B: 1x1024 and 1x4096, checkpointing off and on; 1x16384 on"
-    table $C 1x1024,1x4096 both 6 | tee "$OUT/peftpipe-8b.txt"
-    table $C 1x16384 on 4 | tee -a "$OUT/peftpipe-8b.txt"
+    timeout 200 bash -c "$(declare -f table); BIN=$BIN; table $C 1x1024,1x4096 both 6" | tee "$OUT/peftpipe-8b.txt"
+    timeout 90 bash -c "$(declare -f table); BIN=$BIN; table $C 1x16384 on 3" | tee -a "$OUT/peftpipe-8b.txt"
     echo "== anchors 8B, same host, 1x4096"
-    anchors peft_bf16,unsloth 1 4096 260 | tee "$OUT/anchors-8b.txt"
+    ANCHOR_SHAPE=8b anchors peft_bf16,unsloth 1 4096 200 | tee "$OUT/anchors-8b.txt"
     ;;
 esac
+done

@@ -1,4 +1,4 @@
-//! `peftpipe bench train`: LoRA training-step throughput and memory on a random-initialised model
+//! `peftpipe bench train`: PEFT (default LoRA) training-step throughput and memory on a random-initialised model
 //! of the shape a config.json describes. Resolves the arguments and calls
 //! [`crate::train::bench::run`]; the reporter prints the figures and a `RESULT {...}` JSON line.
 //!
@@ -14,7 +14,7 @@ use clap::{Args, ValueEnum};
 
 use super::GlobalArgs;
 use crate::train::bench::{
-    run as run_bench, BenchResult, BenchRow, BenchSettings, H200_PEAK_TFLOPS,
+    run as run_bench, BenchMethod, BenchResult, BenchRow, BenchSettings, H200_PEAK_TFLOPS,
 };
 
 /// `--checkpointing`: which activation-checkpointing settings to measure.
@@ -67,6 +67,11 @@ pub struct BenchTrainArgs {
     /// The device's peak dense bf16 TFLOP/s, the denominator of MFU (989: H200 / H100 SXM).
     #[arg(long, default_value_t = H200_PEAK_TFLOPS)]
     pub peak_tflops: f64,
+    /// A PEFT method in place of the default LoRA (--rank/--alpha then do not apply), as YAML
+    /// inline or a file, written as a pipeline's `method:`: `qlora: {r: 16}`,
+    /// `prompt_tuning: {num_virtual_tokens: 20}`, `ia3`, `dora: {r: 16}`.
+    #[arg(long, value_name = "FILE_OR_INLINE")]
+    pub method: Option<String>,
 }
 
 /// `8x512,2x2048` → `[(8, 512), (2, 2048)]`.
@@ -114,6 +119,9 @@ fn run_child(args: &BenchTrainArgs, batch: usize, seq: usize, checkpointing: boo
     }
     if let Some(alpha) = args.alpha {
         command.args(["--alpha", &alpha.to_string()]);
+    }
+    if let Some(method) = &args.method {
+        command.args(["--method", method]);
     }
     let output = match command.output() {
         Ok(output) => output,
@@ -179,6 +187,19 @@ pub fn run(global: &GlobalArgs, args: BenchTrainArgs) -> u8 {
         crate::report::error("--peak-tflops must be a positive number");
         return super::EXIT_INVALID;
     }
+    let method = match &args.method {
+        None => None,
+        Some(written) => match super::inspect::parse_method_config(written) {
+            Ok(config) => Some(BenchMethod {
+                written: written.clone(),
+                config,
+            }),
+            Err(message) => {
+                crate::report::error(&format!("--method {written}: {message}"));
+                return super::EXIT_INVALID;
+            }
+        },
+    };
     let settings_list: Vec<bool> = match args.checkpointing {
         Checkpointing::Off => vec![false],
         Checkpointing::On => vec![true],
@@ -214,6 +235,7 @@ pub fn run(global: &GlobalArgs, args: BenchTrainArgs) -> u8 {
         seed: args.seed,
         activation_checkpointing: settings_list[0],
         peak_tflops: args.peak_tflops,
+        method,
     };
     match run_bench(&args.config, &settings) {
         Ok(result) => {

@@ -8,7 +8,9 @@ use clap::Args;
 
 use super::{GlobalArgs, EXIT_FAILED, EXIT_INVALID, EXIT_OK};
 use crate::device::{compute_dtype, resolve_device, DTypeSpec, DeviceSpec};
-use crate::infer::session::{generate_one, GenerateRequest, InferenceModel};
+use crate::infer::session::{
+    generate_one, recorded_base_quantization, GenerateRequest, InferenceModel,
+};
 use crate::infer::Sampling;
 use crate::models::resolve_model_path;
 use crate::report;
@@ -21,6 +23,8 @@ pub struct GenerateArgs {
     #[arg(value_name = "MODEL")]
     pub model: String,
     /// PEFT adapter folder (adapter_config.json + adapter_model.safetensors) applied on the model.
+    /// A train artifact's adapter of a QLoRA run is applied over the same 4-bit base, as its
+    /// run recorded in the sibling base_model.json.
     #[arg(long, value_name = "DIR")]
     pub adapter: Option<PathBuf>,
     /// The prompt (BOS is added when the tokenizer adds it).
@@ -89,7 +93,21 @@ pub fn run(global: &GlobalArgs, args: GenerateArgs) -> u8 {
             return EXIT_INVALID;
         }
     };
-    let model = match InferenceModel::load(&model_dir, args.adapter.as_deref(), &device, dtype) {
+    let quantization = match args.adapter.as_deref().map(recorded_base_quantization) {
+        Some(Err(message)) => {
+            report::error(&message);
+            return EXIT_INVALID;
+        }
+        Some(Ok(quantization)) => quantization,
+        None => None,
+    };
+    let model = match InferenceModel::load(
+        &model_dir,
+        args.adapter.as_deref(),
+        quantization.as_ref(),
+        &device,
+        dtype,
+    ) {
         Ok(model) => model,
         Err(message) => {
             report::error(&message);

@@ -114,7 +114,8 @@ pub fn pipeline_text(
         quoted(&format!("{{{{ {prompt} }}}}")),
         quoted(&format!(" {{{{ {completion} }}}}")),
     );
-    let model_line = model.unwrap_or("path/to/model   # a Hugging Face model directory or hf://org/name");
+    let model_line =
+        model.unwrap_or("path/to/model   # a Hugging Face model directory or hf://org/name");
     let training = format!(
         "# Fine-tune with LoRA (the base model stays untouched; only the adapter is trained).\n\
          train:\n\
@@ -173,23 +174,40 @@ pub fn run(_global: &GlobalArgs, args: InitArgs) -> u8 {
 fn write_new(path: &Path, text: &str) -> Result<(), (String, u8)> {
     if path.exists() {
         return Err((
-            format!("{} already exists; init never overwrites a file", path.display()),
+            format!(
+                "{} already exists; init never overwrites a file",
+                path.display()
+            ),
             EXIT_INVALID,
         ));
     }
-    if let Some(parent) = path.parent().filter(|parent| !parent.as_os_str().is_empty()) {
-        std::fs::create_dir_all(parent)
-            .map_err(|error| (format!("cannot create {}: {error}", parent.display()), EXIT_FAILED))?;
+    if let Some(parent) = path
+        .parent()
+        .filter(|parent| !parent.as_os_str().is_empty())
+    {
+        std::fs::create_dir_all(parent).map_err(|error| {
+            (
+                format!("cannot create {}: {error}", parent.display()),
+                EXIT_FAILED,
+            )
+        })?;
     }
-    crate::peft::write_atomic(path, text.as_bytes())
-        .map_err(|error| (format!("cannot write {}: {error}", path.display()), EXIT_FAILED))
+    crate::peft::write_atomic(path, text.as_bytes()).map_err(|error| {
+        (
+            format!("cannot write {}: {error}", path.display()),
+            EXIT_FAILED,
+        )
+    })
 }
 
 fn init(args: &InitArgs) -> Result<Vec<PathBuf>, (String, u8)> {
     let output = &args.output;
     if output.exists() {
         return Err((
-            format!("{} already exists; init never overwrites a file", output.display()),
+            format!(
+                "{} already exists; init never overwrites a file",
+                output.display()
+            ),
             EXIT_INVALID,
         ));
     }
@@ -225,8 +243,12 @@ fn init(args: &InitArgs) -> Result<Vec<PathBuf>, (String, u8)> {
             EXIT_INVALID,
         )
     })?;
-    std::fs::create_dir_all(&project)
-        .map_err(|error| (format!("cannot create {}: {error}", project.display()), EXIT_FAILED))?;
+    std::fs::create_dir_all(&project).map_err(|error| {
+        (
+            format!("cannot create {}: {error}", project.display()),
+            EXIT_FAILED,
+        )
+    })?;
     let data_text = relative_to(&data, &project);
     let model_text = args.model.as_ref().map(|model| {
         if model.starts_with("hf://") {
@@ -260,7 +282,12 @@ mod tests {
 
     #[test]
     fn roles_from_column_names() {
-        let columns = |names: &[&str]| names.iter().map(|name| name.to_string()).collect::<Vec<_>>();
+        let columns = |names: &[&str]| {
+            names
+                .iter()
+                .map(|name| name.to_string())
+                .collect::<Vec<_>>()
+        };
         assert_eq!(
             guess_roles(&columns(&["id", "instruction", "output"])),
             Some(("instruction".into(), "output".into()))

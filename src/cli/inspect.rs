@@ -12,17 +12,20 @@
 use clap::Args;
 
 use super::GlobalArgs;
+use crate::config::method::{resolve_ia3_for, resolve_targets_for, MethodConfig, QloraConfig};
+use crate::config::probe::LinearLayerShape;
 use crate::config::train::{resolve_targets, TargetModulesConfig};
 use crate::models::summary::{group_linear_layers, summarize};
 use crate::models::{resolve_model_path, ModelConfig};
+use crate::peft::auxiliary::auxiliary_parameters;
+use crate::peft::counts::{trainable_parameters, MethodShape};
 use crate::peft::targets::{
     check_targets, lora_module_parameters, lora_parameter_count, matched_modules,
 };
-use crate::peft::counts::{trainable_parameters, MethodShape};
 use crate::peft::TargetModules;
 use crate::report;
 use crate::report::inspect::{InspectReport, LoraGroup, LoraTargets, MethodCount};
-use crate::train::memory::{estimate_training_memory, MemoryQuery};
+use crate::train::memory::{estimate_training_memory, MemoryDevice, MemoryQuery};
 
 /// PEFT's default LoRA rank.
 const DEFAULT_RANK: usize = 8;
@@ -40,11 +43,13 @@ pub struct InspectArgs {
     /// LoRA rank r for the trainable-parameter count (default 8, PEFT's default).
     #[arg(long)]
     pub rank: Option<usize>,
-    /// A PEFT method to count, as YAML inline or a YAML file holding it:
-    /// `lora: {r: 16}`, `dora: {r: 8}`, `ia3: {}`, `prompt_tuning: {num_virtual_tokens: 200}`,
+    /// A PEFT method to count, as YAML inline or a YAML file holding it, written as a
+    /// pipeline's `method:` (same fields, defaults and checks): `lora: {r: 16}`,
+    /// `lora: {r: 8, use_dora: true}` (or `dora: {r: 8}`), `ia3: {}`,
+    /// `prompt_tuning: {num_virtual_tokens: 200}`,
     /// `prefix_tuning: {num_virtual_tokens: 200, prefix_projection: false}`,
-    /// `llama_adapter: {adapter_len: 10, adapter_layers: 30}` (PEFT's field names and
-    /// defaults). Repeatable.
+    /// `llama_adapter: {adapter_len: 10, adapter_layers: 30}` (or PEFT's `adaption_prompt:`).
+    /// Repeatable.
     #[arg(long = "method", value_name = "FILE_OR_INLINE")]
     pub methods: Vec<String>,
     /// Batch size for the training-memory estimate of each `--method`.
@@ -56,6 +61,10 @@ pub struct InspectArgs {
     /// Compute dtype of the estimate: bf16 (CUDA's default) or f32 (CPU's).
     #[arg(long, default_value = "bf16", value_parser = ["bf16", "f32"])]
     pub dtype: String,
+    /// Device of the estimate: cuda (flash attention, chunked fused loss) or cpu (attention
+    /// probabilities and whole logits kept).
+    #[arg(long, default_value = "cuda", value_parser = ["cuda", "cpu"])]
+    pub device: String,
 }
 
 /// Characters that make a `--target` value a regular expression rather than a name list.
@@ -173,13 +182,17 @@ pub fn run(global: &GlobalArgs, args: InspectArgs) -> u8 {
     }
     let mut methods = Vec::with_capacity(args.methods.len());
     for written in &args.methods {
-        let counted = parse_method(written, &config).and_then(|(shape, settings)| {
-            let count = trainable_parameters(&shape, &config).ok_or_else(|| {
-                "the trainable-parameter count does not fit in 64 bits".to_string()
-            })?;
-            Ok((shape, settings, count))
+        let counted = parse_method_config(written).and_then(|method| {
+            let (shape, settings) = describe_method(&method, &config)?;
+            let too_many = || "the trainable-parameter count does not fit in 64 bits".to_string();
+            // PEFT's `trainable_token_indices` / `modules_to_save` train too.
+            let count = trainable_parameters(&shape, &config)
+                .ok_or_else(too_many)?
+                .checked_add(auxiliary_parameters(&method, &config)?)
+                .ok_or_else(too_many)?;
+            Ok((method, shape, settings, count))
         });
-        let (shape, settings, count) = match counted {
+        let (method, shape, settings, count) = match counted {
             Ok(counted) => counted,
             Err(message) => {
                 report::error(&format!("--method {written}: {message}"));
@@ -194,13 +207,24 @@ pub fn run(global: &GlobalArgs, args: InspectArgs) -> u8 {
                     sequence,
                     weight_bytes: if args.dtype == "f32" { 4 } else { 2 },
                     trainable_parameters: count,
+                    device: if args.device == "cpu" {
+                        MemoryDevice::Cpu
+                    } else {
+                        MemoryDevice::Cuda
+                    },
+                    base_bytes: qlora_base_bytes(&method, &config),
                 },
             )),
             _ => None,
         };
         methods.push(MethodCount {
             written: written.clone(),
-            method: shape.name().to_string(),
+            // QLoRA counts as LoRA; its name says the base is 4-bit.
+            method: match method {
+                MethodConfig::Qlora(_) => "qlora",
+                _ => shape.name(),
+            }
+            .to_string(),
             settings,
             trainable_parameters: count,
             memory,
@@ -229,64 +253,26 @@ fn method_text(written: &str) -> Result<String, String> {
     Ok(written.to_string())
 }
 
-/// The fields of a `--method` body that the count reads, PEFT's names and defaults; fields that
-/// do not change the count (dropout, init, ...) are accepted and ignored.
-#[derive(Debug, Default, serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-struct MethodFields {
-    r: Option<usize>,
-    target_modules: Option<TargetModulesConfig>,
-    feedforward_modules: Option<TargetModulesConfig>,
-    num_virtual_tokens: Option<usize>,
-    prefix_projection: Option<bool>,
-    encoder_hidden_size: Option<usize>,
-    adapter_len: Option<usize>,
-    adapter_layers: Option<usize>,
-    /// `scalar` (PEFT) or `per_head` (the paper).
-    gate: Option<String>,
-    #[serde(alias = "lora_alpha")]
-    alpha: Option<serde_json::Value>,
-    #[serde(alias = "lora_dropout")]
-    dropout: Option<serde_json::Value>,
-    use_rslora: Option<serde_json::Value>,
-    use_dora: Option<bool>,
-    init: Option<serde_json::Value>,
-    init_text: Option<serde_json::Value>,
-    prompt_tuning_init: Option<serde_json::Value>,
-    prompt_tuning_init_text: Option<serde_json::Value>,
-    init_ia3_weights: Option<serde_json::Value>,
-}
-
-/// PEFT's IA3 default targets: (target_modules, feedforward_modules) for a `model_type`.
-fn ia3_defaults(model_type: &str) -> Result<(TargetModules, TargetModules), String> {
-    let names = |list: &[&str]| TargetModules::Names(list.iter().map(|s| s.to_string()).collect());
-    match model_type {
-        "llama" | "mistral" | "qwen2" => Ok((
-            names(&["k_proj", "v_proj", "down_proj"]),
-            names(&["down_proj"]),
-        )),
-        "gpt2" => Ok((names(&["c_attn", "mlp.c_proj"]), names(&["mlp.c_proj"]))),
-        other => Err(format!(
-            "PEFT has no default IA3 targets for `{other}`: give target_modules and feedforward_modules"
-        )),
-    }
-}
-
-/// Parse `--method` into the shape its count needs, plus a one-line description.
-pub fn parse_method(written: &str, config: &ModelConfig) -> Result<(MethodShape, String), String> {
+/// `--method` as written → the pipeline's method config (the core's `MethodConfig`, the one
+/// reader of `method:`), two spellings accepted besides its own: `dora: {...}` is
+/// `lora: {use_dora: true, ...}` and `adaption_prompt: {...}` (PEFT's name) is
+/// `llama_adapter: {...}`. A bare name (`ia3`) takes the method's defaults.
+pub fn parse_method_config(written: &str) -> Result<MethodConfig, String> {
     let text = method_text(written)?;
     let value: serde_json::Value =
         serde_norway::from_str(&text).map_err(|error| format!("not YAML: {error}"))?;
-    let (name, body) = match &value {
-        serde_json::Value::String(name) => (name.clone(), serde_json::json!({})),
+    let (name, mut body) = match value {
+        serde_json::Value::String(name) => (name, serde_json::json!({})),
         serde_json::Value::Object(map) if map.len() == 1 => {
-            let (name, body) = map.iter().next().ok_or("an empty mapping")?;
+            let Some((name, body)) = map.into_iter().next() else {
+                return Err("an empty mapping".into());
+            };
             let body = if body.is_null() {
                 serde_json::json!({})
             } else {
-                body.clone()
+                body
             };
-            (name.clone(), body)
+            (name, body)
         }
         _ => {
             return Err(
@@ -295,100 +281,125 @@ pub fn parse_method(written: &str, config: &ModelConfig) -> Result<(MethodShape,
             )
         }
     };
-    let fields: MethodFields = serde_json::from_value(body).map_err(|error| format!("{name}: {error}"))?;
-    let model_type = config.model_type();
-    let resolve = |written: Option<&TargetModulesConfig>| {
-        resolve_targets(written, &serde_json::json!({ "model_type": model_type }))
-    };
-    let layers = config.num_layers();
-    let need = |value: Option<usize>, key: &str| -> Result<usize, String> {
-        match value {
-            Some(0) => Err(format!("{name}.{key} must be at least 1")),
-            Some(value) => Ok(value),
-            None => Err(format!("{name} needs `{key}`")),
-        }
-    };
-    let shape = match name.as_str() {
-        "lora" | "dora" => {
-            let rank = need(Some(fields.r.unwrap_or(DEFAULT_RANK)), "r")?;
-            let targets = resolve(fields.target_modules.as_ref())?;
-            check_targets(&config.linear_layers(), &targets)?;
-            MethodShape::Lora {
-                rank,
-                targets,
-                dora: name == "dora" || fields.use_dora == Some(true),
+    let name = match name.as_str() {
+        "dora" => {
+            match body.as_object_mut() {
+                Some(fields) => {
+                    fields.insert("use_dora".into(), serde_json::Value::Bool(true));
+                }
+                None => return Err("dora: write its fields as a mapping".into()),
             }
+            "lora".to_string()
         }
-        "ia3" => {
-            let (default_targets, default_feedforward) = ia3_defaults(model_type)?;
-            let targets = match &fields.target_modules {
-                Some(written) => resolve(Some(written))?,
-                None => default_targets,
-            };
-            let feedforward = match &fields.feedforward_modules {
-                Some(written) => resolve(Some(written))?,
-                None if fields.target_modules.is_some() => TargetModules::Names(Vec::new()),
-                None => default_feedforward,
-            };
-            check_targets(&config.linear_layers(), &targets)?;
+        "adaption_prompt" => "llama_adapter".to_string(),
+        _ => name,
+    };
+    let method: MethodConfig = serde_json::from_value(serde_json::json!({ &name: body }))
+        .map_err(|error| format!("{name}: {error}"))?;
+    let mut problems = Vec::new();
+    method.check("--method", &mut problems);
+    first_problem(problems)?;
+    Ok(method)
+}
+
+/// The first problem as an error message (`method.lora.r: must be at least 1`).
+fn first_problem(problems: Vec<crate::config::Problem>) -> Result<(), String> {
+    match problems.into_iter().next() {
+        None => Ok(()),
+        Some(problem) => {
+            let path = problem.path.trim_start_matches("--method.");
+            let hint = problem
+                .hint
+                .map(|hint| format!(" ({hint})"))
+                .unwrap_or_default();
+            Err(format!("{path}: {}{hint}", problem.message))
+        }
+    }
+}
+
+/// A method config on a model → the shape its count needs (the model checks first: targets
+/// that match no layer, more adapter layers than the model has).
+pub fn method_shape(method: &MethodConfig, config: &ModelConfig) -> Result<MethodShape, String> {
+    let model_type = config.model_type();
+    let layers: Vec<LinearLayerShape> = config
+        .linear_layers()
+        .into_iter()
+        .map(|layer| LinearLayerShape {
+            path: layer.path,
+            in_features: layer.in_features,
+            out_features: layer.out_features,
+        })
+        .collect();
+    let mut problems = Vec::new();
+    method.check_against_model("--method", model_type, &layers, &mut problems);
+    first_problem(problems)?;
+    Ok(match method {
+        MethodConfig::Lora(lora) => MethodShape::Lora {
+            rank: lora.r,
+            targets: resolve_targets_for(lora.target_modules.as_ref(), model_type)?,
+            dora: lora.use_dora,
+        },
+        MethodConfig::Qlora(qlora) => MethodShape::Lora {
+            rank: qlora.r,
+            targets: resolve_targets_for(qlora.target_modules.as_ref(), model_type)?,
+            dora: qlora.use_dora,
+        },
+        MethodConfig::Ia3(ia3) => {
+            let (targets, feedforward) = resolve_ia3_for(ia3, model_type)?;
             MethodShape::Ia3 {
                 targets,
                 feedforward,
             }
         }
-        "prompt_tuning" => MethodShape::PromptTuning {
-            num_virtual_tokens: need(fields.num_virtual_tokens, "num_virtual_tokens")?,
+        MethodConfig::PromptTuning(prompt) => MethodShape::PromptTuning {
+            num_virtual_tokens: prompt.num_virtual_tokens,
         },
-        "prefix_tuning" => {
-            let num_virtual_tokens = need(fields.num_virtual_tokens, "num_virtual_tokens")?;
-            let encoder_hidden_size = if fields.prefix_projection == Some(true) {
-                Some(need(
-                    Some(fields.encoder_hidden_size.unwrap_or(config.kv_dim())),
-                    "encoder_hidden_size",
-                )?)
-            } else {
-                None
-            };
-            MethodShape::PrefixTuning {
-                num_virtual_tokens,
-                encoder_hidden_size,
-            }
-        }
-        "llama_adapter" | "adaption_prompt" => {
-            let adapter_len = need(fields.adapter_len, "adapter_len")?;
-            let adapter_layers = need(fields.adapter_layers, "adapter_layers")?;
-            if adapter_layers > layers {
+        MethodConfig::PrefixTuning(prefix) => MethodShape::PrefixTuning {
+            num_virtual_tokens: prefix.num_virtual_tokens,
+            encoder_hidden_size: prefix
+                .prefix_projection
+                .then(|| prefix.encoder_hidden_size.unwrap_or(config.kv_dim())),
+        },
+        MethodConfig::LlamaAdapter(adapter) => {
+            if adapter.adapter_layers > config.num_layers() {
                 return Err(format!(
-                    "{name}.adapter_layers is {adapter_layers} but the model has {layers} layers"
+                    "llama_adapter.adapter_layers is {} but the model has {} layers",
+                    adapter.adapter_layers,
+                    config.num_layers()
                 ));
             }
-            let per_head_gate = match fields.gate.as_deref() {
-                None | Some("scalar") => false,
-                Some("per_head") => true,
-                Some(other) => {
-                    return Err(format!(
-                        "{name}.gate `{other}`: write `scalar` (PEFT) or `per_head` (the paper)"
-                    ))
-                }
-            };
             MethodShape::LlamaAdapter {
-                adapter_len,
-                adapter_layers,
-                per_head_gate,
+                adapter_len: adapter.adapter_len,
+                adapter_layers: adapter.adapter_layers,
+                per_head_gate: adapter.per_head_gate,
             }
         }
-        other => {
-            return Err(format!(
-                "unknown method `{other}` (known: lora, dora, ia3, prompt_tuning, prefix_tuning, llama_adapter)"
-            ))
-        }
-    };
+    })
+}
+
+/// Parse `--method` into the shape its count needs, plus a one-line description.
+pub fn parse_method(written: &str, config: &ModelConfig) -> Result<(MethodShape, String), String> {
+    describe_method(&parse_method_config(written)?, config)
+}
+
+/// A parsed method on a model → the shape its count needs, plus a one-line description.
+fn describe_method(
+    method: &MethodConfig,
+    config: &ModelConfig,
+) -> Result<(MethodShape, String), String> {
+    let shape = method_shape(method, config)?;
     let settings = match &shape {
-        MethodShape::Lora { rank, targets, .. } => format!("r {rank} · target {targets}"),
+        MethodShape::Lora { rank, targets, .. } => match &method {
+            MethodConfig::Qlora(qlora) => format!(
+                "r {rank} · target {targets} · {}",
+                qlora_base_memory(qlora, config)?
+            ),
+            _ => format!("r {rank} · target {targets}"),
+        },
         MethodShape::Ia3 {
             targets,
             feedforward,
-        } => format!("target {targets} · feed-forward {feedforward}"),
+        } => format!("target {targets} · feed-forward {}", feedforward.join(", ")),
         MethodShape::PromptTuning { num_virtual_tokens } => {
             format!("{num_virtual_tokens} virtual tokens")
         }
@@ -411,9 +422,79 @@ pub fn parse_method(written: &str, config: &ModelConfig) -> Result<(MethodShape,
     Ok((shape, settings))
 }
 
+/// The whole base's bytes under QLoRA (4-bit linears, 16-bit rest); `None` for other methods.
+fn qlora_base_bytes(method: &MethodConfig, config: &ModelConfig) -> Option<u64> {
+    let MethodConfig::Qlora(qlora) = method else {
+        return None;
+    };
+    let quant = crate::quant::QuantConfig {
+        quant_type: crate::quant::QuantType::from_name(qlora.quant_type.name())?,
+        block_size: qlora.block_size,
+        double_quant: qlora.double_quant,
+    };
+    crate::models::quantized::base_memory(config, &quant)
+        .map(|memory| memory.total_quantized_bytes())
+}
+
+/// QLoRA's base-weight memory for `inspect --method '{qlora: {...}}'`: the 4-bit linear
+/// weights (packed codes, absmax state, code books) against bf16, and the whole base with
+/// embeddings, norms and the head in bf16.
+fn qlora_base_memory(qlora: &QloraConfig, config: &ModelConfig) -> Result<String, String> {
+    use crate::models::quantized::base_memory;
+    use crate::quant::{QuantConfig, QuantType};
+    let type_name = qlora.quant_type.name();
+    let quant_type = QuantType::from_name(type_name)
+        .ok_or_else(|| format!("qlora.quant_type `{type_name}`: write nf4 or fp4"))?;
+    let quant = QuantConfig {
+        quant_type,
+        block_size: qlora.block_size,
+        double_quant: qlora.double_quant,
+    };
+    let memory =
+        base_memory(config, &quant).ok_or("the base-weight memory does not fit in 64 bits")?;
+    let mib = |bytes: u64| bytes as f64 / (1024.0 * 1024.0);
+    Ok(format!(
+        "4-bit {type_name} base ({}blocks of {}): linear weights {:.2} MiB vs {:.2} MiB bf16 (×{:.3}), whole base {:.2} MiB vs {:.2} MiB (×{:.3})",
+        if qlora.double_quant { "double quant, " } else { "" },
+        qlora.block_size,
+        mib(memory.quantized_bytes),
+        mib(memory.linear_bf16_bytes()),
+        memory.linear_ratio(),
+        mib(memory.total_quantized_bytes()),
+        mib(memory.total_bf16_bytes()),
+        memory.total_ratio()
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn qlora_counts_as_lora_and_reports_its_4bit_base_memory() {
+        let config = ModelConfig::from_json(&serde_json::json!({
+            "model_type": "llama", "hidden_size": 2048, "intermediate_size": 8192,
+            "num_hidden_layers": 16, "num_attention_heads": 32, "num_key_value_heads": 8,
+            "vocab_size": 128256, "tie_word_embeddings": true
+        }))
+        .unwrap();
+        let (shape, settings) = parse_method("{qlora: {r: 16}}", &config).unwrap();
+        let (lora, _) = parse_method("{lora: {r: 16}}", &config).unwrap();
+        assert_eq!(
+            trainable_parameters(&shape, &config),
+            trainable_parameters(&lora, &config)
+        );
+        // 4 bits + 8 bits per 64 weights + the nested state: ×0.258 of bf16 (Llama-3.2-1B shape).
+        assert!(settings.contains("(×0.258)"), "{settings}");
+        let (_, plain) =
+            parse_method("{qlora: {double_quant: false, quant_type: fp4}}", &config).unwrap();
+        assert!(
+            plain.contains("4-bit fp4") && plain.contains("(×0.281)"),
+            "{plain}"
+        );
+        assert!(parse_method("{qlora: {block_size: 32}}", &config).is_err());
+        assert!(parse_method("{qlora: {quant_type: int4}}", &config).is_err());
+    }
 
     #[test]
     fn target_specs_parse_as_names_regex_or_all_linear() {

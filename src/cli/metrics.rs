@@ -18,8 +18,10 @@ use crate::report::metrics::{self as render, Metric};
 #[derive(Debug, Subcommand)]
 pub enum MetricsCommand {
     /// Each stage's metrics from its last run (the lock file).
-    #[command(after_help = "Examples:\n  peftpipe metrics show pipelines/quickstart.yaml\n  \
-        peftpipe metrics show pipelines/quickstart.yaml --json")]
+    #[command(
+        after_help = "Examples:\n  peftpipe metrics show pipelines/quickstart.yaml\n  \
+        peftpipe metrics show pipelines/quickstart.yaml --json"
+    )]
     Show(ShowArgs),
     /// Compare metrics: two pipelines, or one pipeline now and at a git revision.
     #[command(after_help = "Examples:\n  \
@@ -119,7 +121,9 @@ fn diff(global: &GlobalArgs, args: DiffArgs) -> u8 {
     if global.json {
         report::json(&render::diff_json(&old_label, &new_label, &changes));
     } else {
-        report::write_stdout_raw(&render::diff_text(&old_label, &new_label, &changes, args.all));
+        report::write_stdout_raw(&render::diff_text(
+            &old_label, &new_label, &changes, args.all,
+        ));
     }
     EXIT_OK
 }

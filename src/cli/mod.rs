@@ -108,7 +108,9 @@ pub struct PipelineArgs {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Check pipelines (syntax, schema, semantics) without running anything.
-    #[command(after_help = "Examples:\n  peftpipe validate pipelines/*.yaml\n  peftpipe validate pipelines/quickstart.yaml --json\n  peftpipe validate pipelines/quickstart.yaml --set stages.train.train.epochs=2")]
+    #[command(
+        after_help = "Examples:\n  peftpipe validate pipelines/*.yaml\n  peftpipe validate pipelines/quickstart.yaml --json\n  peftpipe validate pipelines/quickstart.yaml --set stages.train.train.epochs=2"
+    )]
     Validate(validate::ValidateArgs),
     /// Run what is stale, restore the rest from the cache.
     Run(run::RunArgs),
@@ -118,13 +120,19 @@ pub enum Command {
     #[command(after_help = "Examples:\n  peftpipe schema > schemas/pipeline.schema.json")]
     Schema(schema::SchemaArgs),
     /// Print the stage graph (text, mermaid or dot).
-    #[command(after_help = "Examples:\n  peftpipe dag pipelines/quickstart.yaml\n  peftpipe dag pipelines/quickstart.yaml --format mermaid\n  peftpipe dag pipelines/quickstart.yaml --format dot | dot -Tsvg > dag.svg")]
+    #[command(
+        after_help = "Examples:\n  peftpipe dag pipelines/quickstart.yaml\n  peftpipe dag pipelines/quickstart.yaml --format mermaid\n  peftpipe dag pipelines/quickstart.yaml --format dot | dot -Tsvg > dag.svg"
+    )]
     Dag(dag::DagArgs),
     /// Show rendered rows of a template stage with the prompt/completion boundary visible.
-    #[command(after_help = "Examples:\n  peftpipe preview pipelines/quickstart.yaml --stage prompts -n 3\n  peftpipe preview pipelines/quickstart.yaml --stage prompts --split eval")]
+    #[command(
+        after_help = "Examples:\n  peftpipe preview pipelines/quickstart.yaml --stage prompts -n 3\n  peftpipe preview pipelines/quickstart.yaml --stage prompts --split eval"
+    )]
     Preview(preview::PreviewArgs),
     /// Drop cache objects that no lock file references.
-    #[command(after_help = "Examples:\n  peftpipe gc pipelines/quickstart.yaml --dry-run\n  peftpipe gc pipelines/quickstart.yaml")]
+    #[command(
+        after_help = "Examples:\n  peftpipe gc pipelines/quickstart.yaml --dry-run\n  peftpipe gc pipelines/quickstart.yaml"
+    )]
     Gc(gc::GcArgs),
     /// Copy the cache's outputs, run records and lock files to a remote cache.
     #[command(after_help = "Examples:\n  peftpipe push pipelines/quickstart.yaml --remote s3://team-bucket/peftpipe\n  \
@@ -139,10 +147,14 @@ pub enum Command {
         PEFTPIPE_REMOTE=https://dav.example/peftpipe peftpipe pull   # everything on the remote")]
     Pull(remote::RemoteArgs),
     /// Describe a model: architecture, parameters, dtype, what LoRA targets would match.
-    #[command(after_help = "Examples:\n  peftpipe inspect datasets/quickstart/model\n  peftpipe inspect datasets/quickstart/model --target all-linear --rank 8")]
+    #[command(
+        after_help = "Examples:\n  peftpipe inspect datasets/quickstart/model\n  peftpipe inspect datasets/quickstart/model --target all-linear --rank 8"
+    )]
     Inspect(inspect::InspectArgs),
     /// Generate text from a model (optionally with an adapter).
-    #[command(after_help = "Examples:\n  peftpipe generate datasets/quickstart/model --prompt \"review: a fine film.\\nsentiment:\"\n  peftpipe generate datasets/quickstart/model --adapter pipelines/out/quickstart/adapter --prompt \"review: dull.\\nsentiment:\" --max-new-tokens 4")]
+    #[command(
+        after_help = "Examples:\n  peftpipe generate datasets/quickstart/model --prompt \"review: a fine film.\\nsentiment:\"\n  peftpipe generate datasets/quickstart/model --adapter pipelines/out/quickstart/adapter --prompt \"review: dull.\\nsentiment:\" --max-new-tokens 4"
+    )]
     Generate(generate::GenerateArgs),
     /// Each stage's metrics (`show`), or how two runs differ (`diff`).
     #[command(
@@ -156,15 +168,22 @@ pub enum Command {
     /// Write a commented starter pipeline (columns read from the data file).
     Init(init::InitArgs),
     /// Print a shell completion script.
-    #[command(after_help = "Examples:\n  peftpipe completions bash > ~/.local/share/bash-completion/completions/peftpipe\n  \
-        peftpipe completions zsh > ~/.zfunc/_peftpipe\n  peftpipe completions fish > ~/.config/fish/completions/peftpipe.fish")]
+    #[command(
+        after_help = "Examples:\n  peftpipe completions bash > ~/.local/share/bash-completion/completions/peftpipe\n  \
+        peftpipe completions zsh > ~/.zfunc/_peftpipe\n  peftpipe completions fish > ~/.config/fish/completions/peftpipe.fish"
+    )]
     Completions(CompletionsArgs),
     /// Print the man page (roff).
-    #[command(after_help = "Examples:\n  peftpipe man > peftpipe.1 && man ./peftpipe.1\n  \
-        peftpipe man run > peftpipe-run.1")]
+    #[command(
+        after_help = "Examples:\n  peftpipe man > peftpipe.1 && man ./peftpipe.1\n  \
+        peftpipe man run > peftpipe-run.1"
+    )]
     Man(ManArgs),
     /// Benchmarks (data, status, training).
-    #[command(subcommand, after_help = "Examples:\n  peftpipe bench data\n  peftpipe bench status")]
+    #[command(
+        subcommand,
+        after_help = "Examples:\n  peftpipe bench data\n  peftpipe bench status"
+    )]
     Bench(BenchCommand),
 }
 
@@ -220,13 +239,17 @@ pub fn man_page(subcommand: Option<&str>) -> Result<String, String> {
 #[derive(Debug, Subcommand)]
 pub enum BenchCommand {
     /// ingest + template throughput and peak memory on generated Parquet.
-    #[command(after_help = "Examples:\n  peftpipe bench data --rows 100000\n  peftpipe bench data --python")]
+    #[command(
+        after_help = "Examples:\n  peftpipe bench data --rows 100000\n  peftpipe bench data --python"
+    )]
     Data(bench_data::BenchDataArgs),
     /// `status` latency on a pipeline with large inputs.
     #[command(after_help = "Examples:\n  peftpipe bench status --size-mib 256 --runs 5")]
     Status(bench_status::BenchStatusArgs),
     /// LoRA training step throughput and memory.
-    #[command(after_help = "Examples:\n  peftpipe bench train --config datasets/quickstart/model/config.json --device cpu")]
+    #[command(
+        after_help = "Examples:\n  peftpipe bench train --config datasets/quickstart/model/config.json --device cpu"
+    )]
     Train(bench_train::BenchTrainArgs),
 }
 

@@ -15,8 +15,10 @@ use crate::report;
 use crate::report::html::{ReportInput, StageRow, StepRow, TrainCurves};
 
 #[derive(Debug, Args)]
-#[command(after_help = "Examples:\n  peftpipe report pipelines/quickstart.yaml\n  \
-    peftpipe report pipelines/quickstart.yaml -o /tmp/quickstart.html")]
+#[command(
+    after_help = "Examples:\n  peftpipe report pipelines/quickstart.yaml\n  \
+    peftpipe report pipelines/quickstart.yaml -o /tmp/quickstart.html"
+)]
 pub struct ReportArgs {
     #[command(flatten)]
     pub pipeline: PipelineArgs,
@@ -76,8 +78,9 @@ pub fn write_report(
         .parent()
         .filter(|parent| !parent.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
-    std::fs::create_dir_all(directory)
-        .map_err(|error| Failure::Write(format!("cannot create {}: {error}", directory.display())))?;
+    std::fs::create_dir_all(directory).map_err(|error| {
+        Failure::Write(format!("cannot create {}: {error}", directory.display()))
+    })?;
     crate::peft::write_atomic(path, page.as_bytes())
         .map_err(|error| Failure::Write(format!("cannot write {}: {error}", path.display())))?;
     // A page to open and share: readable like any file the user writes (the temporary file
@@ -165,7 +168,9 @@ pub fn gather(
             .unwrap_or_else(|| settings.out_root.join(&planned.name));
         read_outputs(&mut input, &planned.name, &out_dir);
     }
-    input.environment.push(("peftpipe".into(), crate::TOOL_VERSION.into()));
+    input
+        .environment
+        .push(("peftpipe".into(), crate::TOOL_VERSION.into()));
     input.environment.push((
         "platform".into(),
         format!("{}-{}", std::env::consts::OS, std::env::consts::ARCH),
@@ -182,7 +187,8 @@ pub fn gather(
 }
 
 /// What a stage's output folder holds that the page shows: per-step training metrics
-/// (metrics.jsonl), evaluation metrics (metrics.json with `base`/`adapted`) and the base model
+/// (metrics.jsonl), evaluation metrics (metrics.json with `base`/`adapted`, and comparison.json
+/// when the stage compared candidates) and the base model
 /// record (device, dtype). A file that cannot be read becomes a note on the page.
 fn read_outputs(input: &mut ReportInput, stage: &str, out_dir: &Path) {
     let steps_file = out_dir.join("metrics.jsonl");
@@ -207,7 +213,15 @@ fn read_outputs(input: &mut ReportInput, stage: &str, out_dir: &Path) {
     let metrics_file = out_dir.join("metrics.json");
     if metrics_file.is_file() {
         match read_json(&metrics_file) {
-            Ok(value) if value.get("base").is_some() || value.get("adapted").is_some() => {
+            Ok(mut value) if value.get("base").is_some() || value.get("adapted").is_some() => {
+                // The comparison table of every candidate, beside the metrics.
+                let comparison_file = out_dir.join("comparison.json");
+                if comparison_file.is_file() {
+                    match read_json(&comparison_file) {
+                        Ok(comparison) => value["comparison"] = comparison,
+                        Err(message) => input.notes.push(message),
+                    }
+                }
                 input.evaluations.push((stage.to_string(), value));
             }
             Ok(_) => {}

@@ -12,9 +12,11 @@ use crate::report;
 use crate::report::run::Style;
 
 #[derive(Debug, Args)]
-#[command(after_help = "Examples:\n  peftpipe status pipelines/quickstart.yaml\n  \
+#[command(
+    after_help = "Examples:\n  peftpipe status pipelines/quickstart.yaml\n  \
     peftpipe status pipelines/quickstart.yaml --check   # exit 3 when anything is stale (CI)\n  \
-    peftpipe status pipelines/quickstart.yaml --json --verify")]
+    peftpipe status pipelines/quickstart.yaml --json --verify"
+)]
 pub struct StatusArgs {
     #[command(flatten)]
     pub pipeline: PipelineArgs,

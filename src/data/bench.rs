@@ -110,6 +110,7 @@ pub fn run_pipeline(dir: &Path) -> Result<RunFigures, StageError> {
         cancel: &cancel,
         options: &options,
         fingerprint: "",
+        upstream_outcomes: &Default::default(),
         checkpoint_dir: None,
         resume: true,
     })?;
@@ -127,6 +128,7 @@ pub fn run_pipeline(dir: &Path) -> Result<RunFigures, StageError> {
         cancel: &cancel,
         options: &options,
         fingerprint: "",
+        upstream_outcomes: &Default::default(),
         checkpoint_dir: None,
         resume: true,
     })?;

@@ -13,11 +13,14 @@ pub struct HookedModel<'a> {
 }
 
 impl HookedModel<'_> {
-    /// Drop the logits of prompt-tuning virtual tokens (they lead the sequence).
+    /// Drop the logits of prompt-tuning virtual tokens (they lead the sequence). The rest is
+    /// made contiguous: scoring gathers from it, and candle's gather refuses a strided view
+    /// (evaluating a prompt-tuning adapter failed with "gather only supports contiguous
+    /// tensors").
     fn without_virtual(&self, logits: Tensor, length: usize) -> Result<Tensor> {
         let total = logits.dim(1)?;
         if total > length {
-            logits.narrow(1, total - length, length)
+            logits.narrow(1, total - length, length)?.contiguous()
         } else {
             Ok(logits)
         }

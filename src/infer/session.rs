@@ -11,7 +11,11 @@ use super::model::HookedModel;
 use super::sample::Sampling;
 use super::text::decode_continuation;
 use super::TextCodec;
-use crate::models::{CausalLm, FrozenLinearFactory, Hooks, ModelDir, ModelTokenizer};
+use crate::models::quantized::{BaseQuantization, QuantizingFactory};
+use crate::models::{
+    CausalLm, FrozenLinearFactory, Hooks, LinearFactory, ModelDir, ModelTokenizer,
+};
+use crate::peft::qlora::check_stored_base;
 use crate::peft::{load_adapter, Adapter, AdapterMode};
 
 /// A model ready for inference: weights (adapter applied), tokenizer, hooks.
@@ -26,26 +30,37 @@ pub struct InferenceModel {
 
 impl InferenceModel {
     /// Load a Hugging Face model folder (a base model or a merged export) on `device` in `dtype`,
-    /// with a PEFT adapter folder applied when given.
+    /// with a PEFT adapter folder applied when given; with `quantization` (a QLoRA run's base)
+    /// the linear layers are stored in 4 bits as they load, as the run trained them.
     pub fn load(
         model_dir: &Path,
         adapter_dir: Option<&Path>,
+        quantization: Option<&BaseQuantization>,
         device: &Device,
         dtype: DType,
     ) -> Result<Self, String> {
         let dir = ModelDir::open(model_dir).map_err(|e| e.to_string())?;
+        if let Some(quantization) = quantization {
+            check_recorded_base(quantization, &dir)?;
+        }
         let tokenizer = dir.tokenizer().map_err(|e| e.to_string())?;
+        let build = |factory: &dyn LinearFactory| match quantization {
+            Some(quantization) => dir.load(
+                device,
+                dtype,
+                &QuantizingFactory::new(factory, *quantization),
+            ),
+            None => dir.load(device, dtype, factory),
+        };
         let (model, adapter) = match adapter_dir {
             None => (
-                dir.load(device, dtype, &FrozenLinearFactory)
-                    .map_err(|e| e.to_string())?,
+                build(&FrozenLinearFactory).map_err(|e| e.to_string())?,
                 None,
             ),
             Some(adapter_dir) => {
                 let adapter = load_adapter(adapter_dir, device).map_err(|e| e.to_string())?;
                 adapter.set_mode(AdapterMode::Eval);
-                let model = dir
-                    .load(device, dtype, adapter.linear_factory())
+                let model = build(adapter.linear_factory())
                     .map_err(|e| format!("{}: {e}", adapter_dir.display()))?;
                 adapter
                     .finish_injection(model.as_ref())
@@ -80,6 +95,49 @@ impl InferenceModel {
     /// Longest sequence the model takes.
     pub fn max_length(&self) -> usize {
         self.dir.config().max_positions()
+    }
+}
+
+/// The 4-bit base a train artifact's adapter folder was trained over: the `quantization` its
+/// run recorded in the sibling `base_model.json` (a QLoRA run); `None` for any other folder.
+pub fn recorded_base_quantization(adapter_dir: &Path) -> Result<Option<BaseQuantization>, String> {
+    let Some(record) = adapter_dir
+        .parent()
+        .map(|parent| parent.join("base_model.json"))
+    else {
+        return Ok(None);
+    };
+    if !record.is_file() {
+        return Ok(None);
+    }
+    let text =
+        std::fs::read_to_string(&record).map_err(|e| format!("{}: {e}", record.display()))?;
+    let value: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| format!("{}: invalid JSON: {e}", record.display()))?;
+    match value.get("quantization") {
+        None | Some(serde_json::Value::Null) => Ok(None),
+        Some(quantization) => BaseQuantization::from_json(quantization)
+            .map(Some)
+            .map_err(|message| format!("{}: quantization: {message}", record.display())),
+    }
+}
+
+/// The recorded 4-bit base of a QLoRA run must be the one this folder gives: pre-quantized
+/// exactly when its config.json has a bitsandbytes `quantization_config`, and then with the same
+/// settings (a base that changed under the adapter is an error, never a silent other base).
+fn check_recorded_base(quantization: &BaseQuantization, dir: &ModelDir) -> Result<(), String> {
+    match (quantization.prequantized, dir.stored_quantization()) {
+        (true, Some(stored)) => check_stored_base(quantization, stored, &dir.config_path())
+            .map_err(|error| error.to_string()),
+        (false, None) => Ok(()),
+        (true, None) => Err(format!(
+            "{}: no `quantization_config`, but the adapter was trained over this model saved in bitsandbytes 4-bit (base_model.json: prequantized); point at that checkpoint",
+            dir.config_path().display()
+        )),
+        (false, Some(_)) => Err(format!(
+            "{}: key `quantization_config`: this checkpoint is saved in bitsandbytes 4-bit, but the adapter was trained over a 16-bit checkpoint quantized as it loaded; point at that 16-bit checkpoint",
+            dir.config_path().display()
+        )),
     }
 }
 

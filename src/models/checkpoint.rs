@@ -49,13 +49,16 @@ fn candle_error(error: candle_core::Error) -> CheckpointError {
     CheckpointError::Internal(error.to_string())
 }
 
+/// A function of a base weight (`[out, in]`, f32) giving the merged weight.
+pub type WeightMap = Arc<dyn Fn(&Tensor) -> candle_core::Result<Tensor> + Send + Sync>;
+
 /// How one weight changes: a function of the base weight in `[out, in]` layout, f32.
 #[derive(Clone)]
 pub enum PatchChange {
     /// `W' = W + Δ` with `Δ` `[out, in]` (f32).
     Add(Tensor),
     /// `W' = f(W)` (for merges that depend on the base weight: DoRA's norm, IA3's scaling).
-    Map(Arc<dyn Fn(&Tensor) -> candle_core::Result<Tensor> + Send + Sync>),
+    Map(WeightMap),
 }
 
 /// A change to one linear layer's weight: what a mergeable adapter yields per adapted layer.
@@ -464,6 +467,113 @@ fn write_shard(
     Ok(merged)
 }
 
+/// Output name → (source tensor, optional patch applied to it) of a merge, and whether adapting a
+/// tied `lm_head` unties it from the embeddings (it is then written as `lm_head.weight`).
+type MergePlan<'a> = BTreeMap<String, (SourceTensor, Option<&'a WeightPatch>)>;
+
+/// Which base tensor each output tensor comes from and which patch applies to it.
+fn merge_plan<'a>(
+    patches: &'a [WeightPatch],
+    source: &BTreeMap<String, SourceTensor>,
+    tied: bool,
+    base_dir: &Path,
+) -> Result<(MergePlan<'a>, bool), CheckpointError> {
+    let mut plan: MergePlan<'a> = source
+        .iter()
+        .map(|(name, tensor)| (name.clone(), (tensor.clone(), None)))
+        .collect();
+    let mut untie = false;
+    for pair in patches {
+        if let Some(name) = weight_name(source, &pair.path) {
+            plan.insert(name.clone(), (source[&name].clone(), Some(pair)));
+            // A tied checkpoint may store `lm_head.weight` too (stories260k does); loaders
+            // ignore it while the config says tied, so a patched head must untie them.
+            untie |= pair.path == "lm_head" && tied;
+        } else if pair.path == "lm_head" && tied {
+            // The head is the embedding matrix; adapting it unties them.
+            let embedding = ["model.embed_tokens.weight", "transformer.wte.weight", "wte.weight"]
+                .into_iter()
+                .find(|name| source.contains_key(*name))
+                .ok_or_else(|| {
+                    CheckpointError::invalid("the adapter targets lm_head, but the base model has neither lm_head.weight nor a known embedding to tie it to")
+                })?;
+            plan.insert(
+                "lm_head.weight".into(),
+                (source[embedding].clone(), Some(pair)),
+            );
+            untie = true;
+        } else {
+            return Err(CheckpointError::invalid(format!(
+                "the adapter adapts `{}`, but the base model in {} has no weight `{}.weight`",
+                pair.path,
+                base_dir.display(),
+                pair.path
+            )));
+        }
+    }
+    Ok((plan, untie))
+}
+
+/// One tensor of a merged model in f32: its checkpoint name, shape (as stored) and values.
+#[derive(Debug, Clone)]
+pub struct MergedTensor {
+    pub name: String,
+    pub shape: Vec<usize>,
+    pub values: Vec<f32>,
+    /// Whether a patch changed it.
+    pub patched: bool,
+}
+
+/// Visit every tensor of the merged model (each base tensor with its patch applied; `lm_head.weight`
+/// too when a patch of a tied head unties it), in f32 and name order, one at a time, so memory
+/// stays near one tensor. The tensors keep the checkpoint's names and stored layouts (GPT-2's
+/// Conv1D weights stay `[in, out]`). Returns the base folder's config.json with
+/// `tie_word_embeddings` false where the merge untied the head.
+pub fn visit_merged_tensors(
+    patches: &[WeightPatch],
+    base_dir: &Path,
+    cancelled: &dyn Fn() -> bool,
+    mut visit: impl FnMut(MergedTensor) -> Result<(), CheckpointError>,
+) -> Result<Value, CheckpointError> {
+    let base =
+        ModelDir::open(base_dir).map_err(|error| CheckpointError::invalid(error.to_string()))?;
+    let source = read_checkpoint_index(&base)?;
+    let mut config = base.config_json().clone();
+    let fan_in_fan_out = base.config().model_type() == "gpt2";
+    let tied = config
+        .get("tie_word_embeddings")
+        .and_then(Value::as_bool)
+        .unwrap_or(true);
+    let (plan, untie) = merge_plan(patches, &source, tied, base_dir)?;
+    if let (true, Value::Object(map)) = (untie, &mut config) {
+        map.insert("tie_word_embeddings".into(), Value::Bool(false));
+    }
+    let mut reader = SourceReader::default();
+    for (name, (tensor, patch)) in &plan {
+        if cancelled() {
+            return Err(CheckpointError::Cancelled);
+        }
+        let bytes = reader.read(name, tensor)?;
+        let mut values = bytes_to_f32(tensor.dtype, &bytes).ok_or_else(|| {
+            CheckpointError::invalid(format!(
+                "{}: tensor `{name}` has dtype {:?}, not a float type",
+                tensor.file.display(),
+                tensor.dtype
+            ))
+        })?;
+        if let Some(patch) = patch {
+            values = patched_values(patch, &tensor.shape, values, fan_in_fan_out)?;
+        }
+        visit(MergedTensor {
+            name: name.clone(),
+            shape: tensor.shape.clone(),
+            values,
+            patched: patch.is_some(),
+        })?;
+    }
+    Ok(config)
+}
+
 /// Write the merged model folder: every base tensor under its original name (in its original
 /// dtype unless `options.dtype` asks for another), each patched weight as its patch says, in one
 /// `model.safetensors` or, above `options.max_shard_size`, in transformers' shards with
@@ -491,37 +601,7 @@ pub fn write_merged_folder(
         .and_then(Value::as_bool)
         .unwrap_or(true);
 
-    // Output name → (source tensor, optional patch applied to it).
-    let mut plan: BTreeMap<String, (SourceTensor, Option<&WeightPatch>)> = source
-        .iter()
-        .map(|(name, tensor)| (name.clone(), (tensor.clone(), None)))
-        .collect();
-    let mut untie = false;
-    for pair in patches {
-        if let Some(name) = weight_name(&source, &pair.path) {
-            plan.insert(name.clone(), (source[&name].clone(), Some(pair)));
-        } else if pair.path == "lm_head" && tied {
-            // The head is the embedding matrix; adapting it unties them.
-            let embedding = ["model.embed_tokens.weight", "transformer.wte.weight", "wte.weight"]
-                .into_iter()
-                .find(|name| source.contains_key(*name))
-                .ok_or_else(|| {
-                    CheckpointError::invalid("the adapter targets lm_head, but the base model has neither lm_head.weight nor a known embedding to tie it to")
-                })?;
-            plan.insert(
-                "lm_head.weight".into(),
-                (source[embedding].clone(), Some(pair)),
-            );
-            untie = true;
-        } else {
-            return Err(CheckpointError::invalid(format!(
-                "the adapter adapts `{}`, but the base model in {} has no weight `{}.weight`",
-                pair.path,
-                base_dir.display(),
-                pair.path
-            )));
-        }
-    }
+    let (plan, untie) = merge_plan(patches, &source, tied, base_dir)?;
     if untie {
         if let Value::Object(map) = &mut config {
             map.insert("tie_word_embeddings".into(), Value::Bool(false));

@@ -242,7 +242,7 @@ impl Gpt2 {
     /// Token embeddings, prompt tuning's virtual tokens prepended, position embeddings added.
     fn input_embeddings(&self, input_ids: &Tensor, step: &Step, hooks: &Hooks) -> Result<Tensor> {
         let c = &self.gpt2;
-        let mut x = self.embed(input_ids)?;
+        let mut x = self.embed_hooked(input_ids, hooks)?;
         if let Some(prefix) = hooks.input_prefix.as_ref().filter(|_| step.virtual_len > 0) {
             let prefix = expand_batch(prefix, step.batch, self.dtype, "input prefix")?;
             x = Tensor::cat(&[prefix, x], 1)?;

@@ -14,12 +14,15 @@ use super::config::{LlamaConfig, ModelConfig};
 use super::sequence::{expand_batch, plan, Step};
 use super::{
     AdapterPrompt, CausalLm, Hooks, KvCache, LayerPlan, LinearFactory, LinearLayer, LinearWeights,
+    QuantizedLinearWeights,
 };
 use crate::ops::{
     add_tracked, apply_rope, causal_attention, full_attention, rms_norm, swiglu, RotaryEmbedding,
 };
 
-/// Build one linear layer from `vb` (`weight [out, in]`, optional `bias [out]`) via the factory.
+/// Build one linear layer from `vb` (`weight [out, in]`, optional `bias [out]`) via the factory;
+/// a weight the checkpoint stores in 4 bits ([`LinearFactory::stored_quantized`]) is used as
+/// stored, through [`LinearFactory::build_quantized`], computing in the model's dtype.
 pub(crate) fn build_linear(
     vb: &VarBuilder,
     factory: &dyn LinearFactory,
@@ -28,12 +31,22 @@ pub(crate) fn build_linear(
     out_features: usize,
     bias: bool,
 ) -> Result<Box<dyn LinearLayer>> {
-    let weight = vb.get((out_features, in_features), "weight")?;
     let bias = if bias {
         Some(vb.get(out_features, "bias")?)
     } else {
         None
     };
+    if let Some(weight) = factory.stored_quantized(path, out_features, in_features)? {
+        return factory.build_quantized(
+            path,
+            QuantizedLinearWeights {
+                weight,
+                bias,
+                compute_dtype: vb.dtype(),
+            },
+        );
+    }
+    let weight = vb.get((out_features, in_features), "weight")?;
     factory.build(path, LinearWeights { weight, bias })
 }
 
@@ -336,7 +349,7 @@ impl Llama {
 
     /// Token embeddings with prompt tuning's virtual tokens prepended.
     fn input_embeddings(&self, input_ids: &Tensor, step: &Step, hooks: &Hooks) -> Result<Tensor> {
-        let mut x = self.embed(input_ids)?;
+        let mut x = self.embed_hooked(input_ids, hooks)?;
         if let Some(prefix) = hooks.input_prefix.as_ref().filter(|_| step.virtual_len > 0) {
             let prefix = expand_batch(prefix, step.batch, self.dtype, "input prefix")?;
             x = Tensor::cat(&[prefix, x], 1)?;

@@ -5,8 +5,11 @@
 //! headers, checked as the format requires and against config.json before anything is mapped
 //! ([`ModelDir::check_weights`], what `validate` runs too); the tokenizer checked against
 //! `vocab_size`; the one memory map of the weight files) and [`ModelError`], whose messages name
-//! the file and, where one is at fault, the tensor. Must not: build trainable vars, or read more
-//! than headers in `open` and `check_weights`.
+//! the file and, where one is at fault, the tensor. A checkpoint saved by transformers with
+//! bitsandbytes 4-bit (`quantization_config` in config.json, parsed by `open`) is checked from
+//! its headers (the packed bytes fit config.json's shapes) and loads with its 4-bit weights as
+//! stored (`quantized::read_bnb_weights` + `StoredQuantizedFactory`), whatever factory the caller
+//! gives. Must not: build trainable vars, or read more than headers in `open` and `check_weights`.
 
 use std::collections::BTreeMap;
 use std::io::Read;
@@ -17,6 +20,7 @@ use candle_nn::VarBuilder;
 use serde_json::Value;
 
 use super::config::ModelConfig;
+use super::quantized::{bnb_quantization, BnbQuantization, StoredQuantizedFactory, STATE_SUFFIX};
 use super::tokenizer::{GenerationConfig, ModelTokenizer};
 use super::{gpt2, llama, CausalLm, LinearFactory};
 
@@ -250,6 +254,49 @@ pub fn read_safetensors_header(path: &Path) -> Result<BTreeMap<String, TensorInf
     Ok(tensors)
 }
 
+/// For a checkpoint saved in bitsandbytes 4-bit, the header-level check of a linear weight
+/// `name` that config.json shapes `shape`: `None` when it is not stored in 4 bits (no
+/// `name.quant_state.bitsandbytes__*` tensor; the dense checks apply), `Some(None)` when its
+/// packed bytes fit `shape` (`(n + 1) / 2` bytes, in whatever `quant_storage` dtype), and
+/// `Some(Some(problem))` otherwise. The state itself is checked when the model loads.
+fn stored_4bit_problem(
+    stored: &BTreeMap<String, TensorInfo>,
+    name: &str,
+    shape: &[usize],
+) -> Option<Option<(PathBuf, String)>> {
+    let state = format!("{name}{STATE_SUFFIX}");
+    stored
+        .range(state.clone()..)
+        .next()
+        .filter(|(key, _)| key.starts_with(&state))?;
+    let Some(info) = stored.get(name) else {
+        let file = stored
+            .range(state..)
+            .next()
+            .map(|(_, info)| info.file.clone())
+            .unwrap_or_default();
+        return Some(Some((
+            file,
+            format!("tensor `{name}` has a 4-bit quantization state but no packed weight"),
+        )));
+    };
+    let count = shape
+        .iter()
+        .try_fold(1u64, |total, &d| total.checked_mul(d as u64))?;
+    let (element_bytes, _) = dtype_size(&info.dtype)?;
+    let needed = count.div_ceil(2) / element_bytes * element_bytes;
+    let held = info.element_count().checked_mul(element_bytes)?;
+    if held == needed {
+        return Some(None);
+    }
+    Some(Some((
+        info.file.clone(),
+        format!(
+            "tensor `{name}` holds {held} bytes of 4-bit codes, but config.json's shape {shape:?} needs {needed}"
+        ),
+    )))
+}
+
 fn file_name(path: &Path) -> String {
     path.file_name().map_or_else(
         || path.display().to_string(),
@@ -264,6 +311,9 @@ pub struct ModelDir {
     config: ModelConfig,
     config_json: Value,
     weight_files: Vec<PathBuf>,
+    /// config.json's bitsandbytes 4-bit `quantization_config`: the checkpoint stores its
+    /// decoder linear weights in 4 bits (read as stored, see [`super::quantized`]).
+    stored_quantization: Option<BnbQuantization>,
 }
 
 impl ModelDir {
@@ -276,6 +326,14 @@ impl ModelDir {
             key: error.key,
             message: error.message,
         })?;
+        let stored_quantization = bnb_quantization(&config_json, &config_path)?;
+        if stored_quantization.is_some() && matches!(config, ModelConfig::Gpt2(_)) {
+            return Err(ModelError::Config {
+                path: config_path,
+                key: "quantization_config".to_string(),
+                message: "a checkpoint saved in bitsandbytes 4-bit is read for Llama-family models; this is gpt2 (use its 16-bit checkpoint)".to_string(),
+            });
+        }
         let single = root.join("model.safetensors");
         let index = root.join("model.safetensors.index.json");
         let weight_files = if single.is_file() {
@@ -326,7 +384,19 @@ impl ModelDir {
             config,
             config_json,
             weight_files,
+            stored_quantization,
         })
+    }
+
+    /// config.json's path (errors about its keys name it).
+    pub fn config_path(&self) -> PathBuf {
+        self.root.join("config.json")
+    }
+
+    /// The bitsandbytes 4-bit `quantization_config` of a checkpoint transformers saved in 4 bits;
+    /// `None` for a 16-bit (or 32-bit) checkpoint.
+    pub fn stored_quantization(&self) -> Option<&BnbQuantization> {
+        self.stored_quantization.as_ref()
     }
 
     pub fn root(&self) -> &Path {
@@ -414,29 +484,35 @@ impl ModelDir {
             .into_iter()
             .chain((0..checked_layers).flat_map(|layer| config.layer_tensors(layer, root)));
         for spec in expected {
-            let problem = match stored.get(&spec.name) {
-                None => (
+            let packed = match self.stored_quantization {
+                Some(_) => stored_4bit_problem(&stored, &spec.name, &spec.shape),
+                None => None,
+            };
+            let problem = match (packed, stored.get(&spec.name)) {
+                (Some(None), _) => continue,
+                (Some(Some(problem)), _) => problem,
+                (None, None) => (
                     weights_file.clone(),
                     format!(
                         "tensor `{}` (shape {:?}) is missing; config.json's model needs it",
                         spec.name, spec.shape
                     ),
                 ),
-                Some(info) if info.shape != spec.shape => (
+                (None, Some(info)) if info.shape != spec.shape => (
                     info.file.clone(),
                     format!(
                         "tensor `{}` has shape {:?}, but config.json implies {:?}",
                         spec.name, info.shape, spec.shape
                     ),
                 ),
-                Some(info) if !dtype_size(&info.dtype).is_some_and(|(_, float)| float) => (
+                (None, Some(info)) if !dtype_size(&info.dtype).is_some_and(|(_, float)| float) => (
                     info.file.clone(),
                     format!(
                         "tensor `{}` is stored as {}; model weights must be floats (F32, BF16, F16 or F64)",
                         spec.name, info.dtype
                     ),
                 ),
-                Some(_) => continue,
+                (None, Some(_)) => continue,
             };
             if listed < LISTED_TENSOR_PROBLEMS {
                 listed += 1;
@@ -527,6 +603,24 @@ impl ModelDir {
         if let Some(problem) = self.check_weights().into_iter().next() {
             return Err(problem);
         }
+        if self.stored_quantization.is_none() {
+            return self.build(device, dtype, factory);
+        }
+        // Saved in bitsandbytes 4-bit: the decoder linear layers take their stored 4-bit
+        // weights (never dequantized and re-quantized), every other tensor loads as usual.
+        let stored = super::quantized::read_bnb_weights(&self.weight_files, device)?;
+        let stored = StoredQuantizedFactory::new(factory, stored.weights);
+        let model = self.build(device, dtype, &stored)?;
+        stored.finish()?;
+        Ok(model)
+    }
+
+    fn build(
+        &self,
+        device: &Device,
+        dtype: DType,
+        factory: &dyn LinearFactory,
+    ) -> Result<Box<dyn CausalLm>, ModelError> {
         let builder = self.var_builder(dtype, device)?;
         let model: candle_core::Result<Box<dyn CausalLm>> = match &self.config {
             ModelConfig::Llama(config) => {

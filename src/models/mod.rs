@@ -4,10 +4,13 @@
 //! Knows nothing of pipelines or PEFT configs. PEFT methods plug in through two seams:
 //! - [`LinearFactory`]: every linear layer (attention, MLP, `lm_head`) is built by the factory from
 //!   its frozen base weights and its Hugging Face module path, so LoRA/QLoRA wrap layers without
-//!   forking model code. [`FrozenLinearFactory`] builds plain frozen layers.
+//!   forking model code. [`FrozenLinearFactory`] builds plain frozen layers. A layer whose base
+//!   is stored in 4 bits ([`QuantizedLinearWeights`], made by `quantized::QuantizingFactory`
+//!   while the model loads) is built through [`LinearFactory::build_quantized`].
 //! - [`Hooks`]: per forward call, extra input embeddings prepended (prompt tuning), extra key/values
 //!   per layer prepended (prefix tuning: no RoPE on them, real positions start after them) and a
-//!   gated adapter branch per layer (LLaMA-Adapter / PEFT `adaption_prompt`).
+//!   gated adapter branch per layer (LLaMA-Adapter / PEFT `adaption_prompt`), and replaced rows
+//!   of the token-embedding table ([`EmbeddingRows`]: PEFT's trainable tokens, a trained copy).
 //!
 //! The public surface for train/eval code is [`CausalLm`] (one trait for both architectures),
 //! [`ModelDir`] (a Hugging Face model directory: config, weights, tokenizer files) and
@@ -24,6 +27,7 @@ use candle_core::{DType, Device, Result, Tensor};
 pub mod checkpoint;
 pub mod config;
 pub mod generate;
+pub mod gguf;
 pub mod gpt2;
 pub mod hub;
 pub mod llama;
@@ -65,12 +69,101 @@ impl LinearWeights {
     }
 }
 
+/// The frozen base of one linear layer stored in 4 bits (a QLoRA base, see [`quantized`]): the
+/// weight `[out, in]`, its frozen bias (in the model's dtype) and the dtype its matmul runs in
+/// (bitsandbytes' `compute_dtype`).
+#[derive(Debug, Clone)]
+pub struct QuantizedLinearWeights {
+    pub weight: crate::quant::QuantizedWeight,
+    pub bias: Option<Tensor>,
+    pub compute_dtype: DType,
+}
+
+impl QuantizedLinearWeights {
+    /// `(out_features, in_features)`.
+    pub fn dims(&self) -> (usize, usize) {
+        (self.weight.out_features(), self.weight.in_features())
+    }
+
+    /// `y = x·dequant(W)ᵀ (+ b)` as bitsandbytes' `Linear4bit` computes it: `x` cast to the
+    /// compute dtype, the product cast back to `x`'s dtype, then the bias added. The gradient
+    /// reaches `x` only ([`crate::quant::quantized_linear`]).
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let y =
+            crate::quant::quantized_linear(&x.to_dtype(self.compute_dtype)?, &self.weight, None)?
+                .to_dtype(x.dtype())?;
+        match &self.bias {
+            Some(bias) => crate::ops::add_constant(&y, &bias.to_dtype(x.dtype())?),
+            None => Ok(y),
+        }
+    }
+}
+
 /// Builds each linear layer of a model. `path` is the module path as Hugging Face names it,
 /// e.g. `model.layers.0.self_attn.q_proj` or `transformer.h.0.attn.c_attn` (no `.weight`).
 /// `lm_head` is built through the factory too (path `lm_head`, also when tied to the embeddings),
 /// so targeting rules decide. Paths are the same whatever prefix the checkpoint's tensor names use.
 pub trait LinearFactory {
     fn build(&self, path: &str, base: LinearWeights) -> Result<Box<dyn LinearLayer>>;
+
+    /// Build a layer over a 4-bit base weight (a QLoRA base: [`quantized::QuantizingFactory`]
+    /// quantizes while the model loads). A factory that cannot wrap a quantized layer refuses.
+    fn build_quantized(
+        &self,
+        path: &str,
+        _base: QuantizedLinearWeights,
+    ) -> Result<Box<dyn LinearLayer>> {
+        candle_core::bail!(
+            "linear layer `{path}`: its base weight is stored in 4 bits, and this method cannot adapt a quantized layer"
+        )
+    }
+
+    /// The base weight of the layer at `path` (`[out_features, in_features]`) when the checkpoint
+    /// already stores it in 4 bits (a checkpoint saved by transformers with bitsandbytes 4-bit,
+    /// see [`quantized`]): the model then builds the layer through [`Self::build_quantized`]
+    /// instead of reading a dense weight. `None` (the default): the weight is dense. Answered by
+    /// the factory [`ModelDir::load`] wraps around the caller's for such a checkpoint.
+    fn stored_quantized(
+        &self,
+        _path: &str,
+        _out_features: usize,
+        _in_features: usize,
+    ) -> Result<Option<crate::quant::QuantizedWeight>> {
+        Ok(None)
+    }
+}
+
+impl<T: LinearFactory + ?Sized> LinearFactory for &T {
+    fn build(&self, path: &str, base: LinearWeights) -> Result<Box<dyn LinearLayer>> {
+        (**self).build(path, base)
+    }
+
+    fn build_quantized(
+        &self,
+        path: &str,
+        base: QuantizedLinearWeights,
+    ) -> Result<Box<dyn LinearLayer>> {
+        (**self).build_quantized(path, base)
+    }
+
+    fn stored_quantized(
+        &self,
+        path: &str,
+        out_features: usize,
+        in_features: usize,
+    ) -> Result<Option<crate::quant::QuantizedWeight>> {
+        (**self).stored_quantized(path, out_features, in_features)
+    }
+}
+
+/// A frozen linear layer over a 4-bit base weight (no adapter).
+#[derive(Debug, Clone)]
+pub struct FrozenQuantizedLinear(pub QuantizedLinearWeights);
+
+impl LinearLayer for FrozenQuantizedLinear {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.0.forward(x)
+    }
 }
 
 /// `y = x·Wᵀ + b` with frozen `W`, `b`: the gradient reaches `x` only (see `ops::linear`).
@@ -107,6 +200,14 @@ impl LinearFactory for FrozenLinearFactory {
     fn build(&self, _path: &str, base: LinearWeights) -> Result<Box<dyn LinearLayer>> {
         Ok(Box::new(FrozenLinear::new(base)))
     }
+
+    fn build_quantized(
+        &self,
+        _path: &str,
+        base: QuantizedLinearWeights,
+    ) -> Result<Box<dyn LinearLayer>> {
+        Ok(Box::new(FrozenQuantizedLinear(base)))
+    }
 }
 
 /// A LLaMA-Adapter branch for one layer (PEFT `adaption_prompt` semantics): the prompt is projected
@@ -122,9 +223,50 @@ pub struct AdapterPrompt {
     pub gate: Tensor,
 }
 
+/// Rows of the token-embedding table replaced for one forward pass (PEFT's trainable tokens, or a
+/// trained copy of the whole table). A token whose slot is `k > 0` is embedded as row `k − 1` of
+/// `rows`; slot 0 keeps the frozen row. Only `rows` can carry a gradient.
+#[derive(Debug, Clone)]
+pub struct EmbeddingRows {
+    /// `[vocab]` u32 slots; `None`: `rows` is the whole table (`[vocab, hidden]`).
+    pub slots: Option<Tensor>,
+    /// `[n, hidden]` (any float dtype; cast to the compute dtype).
+    pub rows: Tensor,
+}
+
+impl EmbeddingRows {
+    /// Embeddings `[B, T, hidden]` of `input_ids [B, T]`: `base` (the frozen lookup) where the
+    /// token keeps its frozen row, the replacement row where it has one.
+    pub fn embed(&self, input_ids: &Tensor, base: &Tensor) -> Result<Tensor> {
+        let (batch, length) = input_ids.dims2()?;
+        let ids = input_ids
+            .to_device(base.device())?
+            .to_dtype(DType::U32)?
+            .flatten_all()?;
+        let rows = self.rows.to_dtype(base.dtype())?;
+        let Some(slots) = &self.slots else {
+            return rows.index_select(&ids, 0)?.reshape((batch, length, ()));
+        };
+        let slot = slots.index_select(&ids, 0)?;
+        let hidden = rows.dim(1)?;
+        // Row 0 of the extended table is a placeholder for "no replacement".
+        let extended = Tensor::cat(&[&rows.zeros_like()?.narrow(0, 0, 1)?, &rows], 0)?;
+        let replaced = extended
+            .index_select(&slot, 0)?
+            .reshape((batch, length, hidden))?;
+        let keep = slot
+            .ne(0u32)?
+            .reshape((batch, length, 1))?
+            .broadcast_as((batch, length, hidden))?;
+        keep.where_cond(&replaced, base)
+    }
+}
+
 /// What prompt-based PEFT methods add to a forward pass. `Hooks::default()` is the plain model.
 #[derive(Debug, Clone, Default)]
 pub struct Hooks {
+    /// Replaced rows of the token-embedding table (used on every call).
+    pub embedding_rows: Option<EmbeddingRows>,
     /// Prompt tuning: `[1 | B, n, hidden]` embeddings prepended to the input embeddings. They are
     /// attended to like tokens (positions `0..n`, real tokens from `n`), and the returned logits have
     /// `n` extra leading positions. With a KV cache they are used on the first call only.
@@ -203,6 +345,16 @@ pub trait CausalLm: Send + Sync {
     fn dtype(&self) -> DType;
     /// The token embedding table `[vocab, hidden]` (frozen, compute dtype).
     fn token_embeddings(&self) -> &Tensor;
+
+    /// Token embeddings `[B, T, hidden]` of `input_ids [B, T]` with `hooks.embedding_rows`
+    /// applied (no position embeddings).
+    fn embed_hooked(&self, input_ids: &Tensor, hooks: &Hooks) -> Result<Tensor> {
+        let base = self.embed(input_ids)?;
+        match &hooks.embedding_rows {
+            Some(rows) => rows.embed(input_ids, &base),
+            None => Ok(base),
+        }
+    }
 
     /// Token embeddings `[B, T, hidden]` of `input_ids [B, T]` (no position embeddings).
     fn embed(&self, input_ids: &Tensor) -> Result<Tensor> {

@@ -15,6 +15,7 @@ use serde::Serialize;
 
 use super::config::{Architecture, LinearSpec, ModelConfig};
 use super::load::{read_json, ModelDir, ModelError, TensorInfo};
+use super::quantized::STATE_SUFFIX;
 use crate::ops::RopeScaling;
 
 /// Linear layers of one name (e.g. every `q_proj`), as the factory sees them.
@@ -236,9 +237,41 @@ pub fn summarize(path: &Path) -> Result<(ModelSummary, ModelConfig), ModelError>
     let dir = ModelDir::open(path)?;
     let mut summary = summarize_config(&path.join("config.json"), dir.config(), dir.config_json())?;
     summary.path = path.display().to_string();
-    let (stored, dtype) = stored_elements(&dir.tensor_infos()?)?;
+    let tensors = dir.tensor_infos()?;
+    let (stored, dtype) = stored_elements(&tensors)?;
     summary.stored_parameters = Some(stored);
-    summary.dtype = Some(dtype);
+    summary.dtype = Some(match dir.stored_quantization() {
+        None => dtype,
+        // Saved in bitsandbytes 4-bit: the dtype of the dense tensors, and the 4-bit storage
+        // (the packed codes and their state are U8/F32 tensors that say nothing of the model).
+        Some(quantization) => {
+            let weights: Vec<&str> = tensors
+                .keys()
+                .filter_map(|name| name.find(STATE_SUFFIX).map(|index| &name[..index]))
+                .collect();
+            let dense: BTreeMap<String, TensorInfo> = tensors
+                .iter()
+                .filter(|(name, _)| {
+                    !weights.iter().any(|weight| {
+                        name.strip_prefix(weight)
+                            .is_some_and(|rest| rest.is_empty() || rest.starts_with('.'))
+                    })
+                })
+                .map(|(name, info)| (name.clone(), info.clone()))
+                .collect();
+            let (_, dense_dtype) = stored_elements(&dense)?;
+            format!(
+                "{dense_dtype} · {} linear weights in bitsandbytes 4-bit {}{}",
+                weights.len(),
+                quantization.quant_type.name(),
+                if quantization.double_quant {
+                    " (double quant)"
+                } else {
+                    ""
+                }
+            )
+        }
+    });
     summary.weight_files = dir.weight_files().len();
     if path.join("tokenizer.json").is_file() {
         let tokenizer = dir.tokenizer()?;

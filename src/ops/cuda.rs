@@ -110,6 +110,33 @@ pub fn keep_pool(device: &Device) -> Result<bool> {
     Ok(true)
 }
 
+/// Marks the profiled range for an attached profiler (CUPTI's callback on `cuProfilerStart` /
+/// `cuProfilerStop`: `benches/gpu/kprof`, or `nsys --capture-range=cudaProfilerApi`): `true`
+/// opens it, `false` closes it. Without a profiler the calls do nothing; a CPU device is a no-op.
+pub fn profiler_range(device: &Device, open: bool) -> Result<()> {
+    use candle_core::cuda_backend::cudarc::driver::sys;
+    let Device::Cuda(cuda) = device else {
+        return Ok(());
+    };
+    device.synchronize()?;
+    cuda.cuda_stream().context().bind_to_thread().w()?;
+    // SAFETY: no arguments; the context is bound to this thread.
+    let result = unsafe {
+        if open {
+            sys::cuProfilerStart()
+        } else {
+            sys::cuProfilerStop()
+        }
+    };
+    if result != sys::CUresult::CUDA_SUCCESS {
+        bail!(
+            "cuProfiler{}: {result:?}",
+            if open { "Start" } else { "Stop" }
+        )
+    }
+    Ok(())
+}
+
 /// Whether the multi-tensor kernels read `gradient` as it is (contiguous, or a transposed 2-D
 /// view); otherwise the caller makes it contiguous first.
 pub fn gradient_readable(gradient: &Tensor) -> Result<bool> {

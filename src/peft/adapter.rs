@@ -1,7 +1,7 @@
 //! The [`Adapter`] trait: what every PEFT method offers to the trainer, evaluation, generation and
 //! export, whichever family it belongs to.
 //!
-//! - Layer methods (LoRA, and later DoRA, IA3, QLoRA) inject through the model's
+//! - Layer methods (LoRA with DoRA, IA3, QLoRA) inject through the model's
 //!   [`LinearFactory`]: the model is built through [`Adapter::linear_factory`].
 //! - Prompt methods (prompt tuning, prefix tuning, LLaMA-Adapter) act through the model's
 //!   [`Hooks`]: [`Adapter::hooks`] gives them for each forward pass.
@@ -19,6 +19,7 @@ use std::path::Path;
 use candle_core::Var;
 
 use super::PeftError;
+use crate::models::quantized::BaseQuantization;
 use crate::models::{CausalLm, FrozenLinearFactory, Hooks, LinearFactory};
 
 pub use crate::models::checkpoint::{PatchChange, WeightPatch};
@@ -93,5 +94,11 @@ pub trait Adapter: Send + Sync {
     /// Undo [`Adapter::merge`].
     fn unmerge(&self) -> Result<(), PeftError> {
         self.merge()
+    }
+
+    /// The 4-bit storage the base model needs (QLoRA), recorded beside the saved adapter so
+    /// evaluation, generation and export load the same base; `None`: the base as stored.
+    fn base_quantization(&self) -> Option<BaseQuantization> {
+        None
     }
 }

@@ -20,6 +20,7 @@
 //! Pure; sizes come from files, so counts use checked arithmetic and return `None` on overflow.
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::arithmetic_side_effects))]
 
+use crate::config::method::ia3_is_feedforward;
 use crate::models::ModelConfig;
 
 use super::targets::{matched_modules, TargetModules};
@@ -33,10 +34,11 @@ pub enum MethodShape {
         targets: TargetModules,
         dora: bool,
     },
-    /// IA3 scaling vectors on `targets`; those also matching `feedforward` scale their input.
+    /// IA3 scaling vectors on `targets`; those whose path ends with a `feedforward` name
+    /// (PEFT's rule, `config::method::ia3_is_feedforward`) scale their input.
     Ia3 {
         targets: TargetModules,
-        feedforward: TargetModules,
+        feedforward: Vec<String>,
     },
     /// Prompt tuning: `num_virtual_tokens` trainable input embeddings.
     PromptTuning { num_virtual_tokens: usize },
@@ -131,13 +133,13 @@ pub fn lora_parameters(
 pub fn ia3_parameters(
     config: &ModelConfig,
     targets: &TargetModules,
-    feedforward: &TargetModules,
+    feedforward: &[String],
 ) -> Option<u64> {
     let modules = config.linear_layers();
     matched_modules(&modules, targets)
         .iter()
         .try_fold(0u64, |total, module| {
-            let width = if feedforward.matches(&module.path) {
+            let width = if ia3_is_feedforward(&module.path, feedforward) {
                 module.in_features
             } else {
                 module.out_features
@@ -205,7 +207,10 @@ mod tests {
         let config = tiny();
         // kv_dim = 4 (head_dim 4 × 1 kv head).
         assert_eq!(prompt_tuning_parameters(&config, 5), Some(40));
-        assert_eq!(prefix_tuning_parameters(&config, 5, None), Some(5 * 3 * 2 * 4));
+        assert_eq!(
+            prefix_tuning_parameters(&config, 5, None),
+            Some(5 * 3 * 2 * 4)
+        );
         // Embedding 5·4 + Linear(4, 6) 24 + 6 + Linear(6, 24) 144 + 24.
         assert_eq!(
             prefix_tuning_parameters(&config, 5, Some(6)),
@@ -224,7 +229,7 @@ mod tests {
             Some(3 * (2 * 16 + 2 * 12 + 8 + 4))
         );
         let ia3 = TargetModules::Names(vec!["k_proj".into(), "down_proj".into()]);
-        let ff = TargetModules::Names(vec!["down_proj".into()]);
+        let ff = ["down_proj".to_string()];
         assert_eq!(ia3_parameters(&config, &ia3, &ff), Some(3 * (4 + 16)));
     }
 }

@@ -19,12 +19,18 @@ pub const ADAPTER_WEIGHTS: &str = "adapter_model.safetensors";
 /// The prefix PEFT puts before every module path in tensor names.
 pub const PEFT_PREFIX: &str = "base_model.model.";
 
+/// The tensor name PEFT saves for prompt-learning methods (prompt and prefix tuning).
+pub const PROMPT_EMBEDDINGS: &str = "prompt_embeddings";
+
 /// An adapter folder as written: the config JSON and the tensors, with their paths for messages.
 #[derive(Debug, Clone)]
 pub struct AdapterFiles {
     pub config: Value,
     pub config_path: PathBuf,
     pub tensors: HashMap<String, Tensor>,
+    /// The tensors of PEFT's auxiliary modules (`trainable_token_indices`, `modules_to_save`;
+    /// see `peft::auxiliary`), kept apart so a method's reader sees only its own.
+    pub auxiliary: HashMap<String, Tensor>,
     pub weights_path: PathBuf,
 }
 
@@ -33,12 +39,24 @@ impl AdapterFiles {
     pub fn read(dir: &Path, device: &Device) -> Result<Self, PeftError> {
         let config = read_adapter_config(dir)?;
         let weights_path = dir.join(ADAPTER_WEIGHTS);
-        let tensors = candle_core::safetensors::load(&weights_path, device)
+        let mut tensors = candle_core::safetensors::load(&weights_path, device)
             .context(|| format!("reading {}", weights_path.display()))?;
+        let config_path = dir.join(ADAPTER_CONFIG);
+        let spec = super::auxiliary::AuxiliarySpec::from_peft_config(&config, &config_path)?;
+        let auxiliary_names: Vec<String> = tensors
+            .keys()
+            .filter(|name| spec.owns_tensor(name))
+            .cloned()
+            .collect();
+        let auxiliary = auxiliary_names
+            .into_iter()
+            .filter_map(|name| tensors.remove_entry(&name))
+            .collect();
         Ok(AdapterFiles {
             config,
-            config_path: dir.join(ADAPTER_CONFIG),
+            config_path,
             tensors,
+            auxiliary,
             weights_path,
         })
     }
@@ -65,6 +83,20 @@ impl AdapterFiles {
             .ok_or_else(|| self.weights_error(format!("no tensor `{name}`")))
     }
 
+    /// The one tensor of a prompt-learning folder (prompt and prefix tuning), `[rows, width]` in
+    /// f32; any other tensor is an error.
+    pub fn take_prompt_embeddings(&mut self) -> Result<(Tensor, usize, usize), PeftError> {
+        let table = self
+            .take(PROMPT_EMBEDDINGS)?
+            .to_dtype(candle_core::DType::F32)
+            .context(|| format!("{}: {PROMPT_EMBEDDINGS}", self.weights_path.display()))?;
+        self.expect_all_used()?;
+        let (rows, width) = table
+            .dims2()
+            .map_err(|_| self.weights_error(format!("{PROMPT_EMBEDDINGS} is not a matrix")))?;
+        Ok((table, rows, width))
+    }
+
     /// Error when tensors were left unused (PEFT's "unexpected keys").
     pub fn expect_all_used(&self) -> Result<(), PeftError> {
         let mut left: Vec<&String> = self.tensors.keys().collect();
@@ -80,7 +112,11 @@ impl AdapterFiles {
 
     /// Trainable scalars stored.
     pub fn parameter_count(&self) -> u64 {
-        self.tensors.values().map(|t| t.elem_count() as u64).sum()
+        self.tensors
+            .values()
+            .chain(self.auxiliary.values())
+            .map(|t| t.elem_count() as u64)
+            .sum()
     }
 }
 

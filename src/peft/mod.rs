@@ -1,7 +1,10 @@
 //! PEFT methods, one folder each (the shape Hugging Face PEFT uses: a tuner's config, layer and
 //! model code together), behind one [`Adapter`] trait (`adapter.rs`) that covers both families:
-//! layer methods inject through the model's `LinearFactory` (`lora/` with DoRA, `ia3/`), prompt
+//! layer methods inject through the model's `LinearFactory` (`lora/` with DoRA, `ia3/`, `qlora/`:
+//! LoRA over a 4-bit base), prompt
 //! methods through its `Hooks` (`prompt_tuning/`, `prefix_tuning/`, `llama_adapter/`).
+//! - `auxiliary/`: PEFT's `trainable_token_indices` and `modules_to_save` for any method whose
+//!   config carries them, wrapping the method's adapter.
 //! - `counts.rs`: trainable-parameter counts of every method from a model's config alone.
 //! - `registry.rs`: PEFT's `peft_type` → loader, and a pipeline's method config → constructor;
 //!   the only place that lists the methods.
@@ -13,6 +16,7 @@
 //! This module never reads pipeline files or training data, and never prints.
 
 pub mod adapter;
+pub mod auxiliary;
 pub mod counts;
 pub mod format;
 pub mod ia3;
@@ -20,6 +24,7 @@ pub mod llama_adapter;
 pub mod lora;
 pub mod prefix_tuning;
 pub mod prompt_tuning;
+pub mod qlora;
 pub mod registry;
 pub mod targets;
 
@@ -37,6 +42,7 @@ pub use llama_adapter::{LlamaAdapter, LlamaAdapterSettings};
 pub use lora::{LoraAdapter, LoraFile, LoraPair, LoraSettings};
 pub use prefix_tuning::{PrefixTuningAdapter, PrefixTuningSettings};
 pub use prompt_tuning::{PromptTuningAdapter, PromptTuningSettings};
+pub use qlora::QloraAdapter;
 pub use registry::{load_adapter, new_adapter, MethodContext};
 pub use targets::TargetModules;
 

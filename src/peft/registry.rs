@@ -5,17 +5,26 @@
 
 use std::path::Path;
 
-use candle_core::Device;
+use candle_core::{DType, Device};
 use serde_json::Value;
 
+use super::auxiliary::{AuxiliarySpec, WithAuxiliary};
 use super::format::{read_adapter_config, ADAPTER_CONFIG};
-use super::llama_adapter::{LlamaAdapter, LlamaAdapterSettings};
 use super::ia3::{Ia3Adapter, Ia3Settings};
+use super::llama_adapter::{LlamaAdapter, LlamaAdapterSettings};
 use super::lora::{LoraAdapter, LoraSettings};
 use super::prefix_tuning::{PrefixTuningAdapter, PrefixTuningSettings};
 use super::prompt_tuning::{PromptTuningAdapter, PromptTuningSettings};
+use super::qlora::QloraAdapter;
 use super::{mix_seed, Adapter, PeftError};
-use crate::config::method::{resolve_ia3_for, resolve_targets, MethodConfig, PromptInit};
+use crate::config::method::{
+    resolve_ia3_for, resolve_targets, ComputeDtypeChoice, MethodConfig, PromptInit, QuantTypeChoice,
+};
+use crate::models::quantized::BaseQuantization;
+use crate::quant::{QuantConfig, QuantType};
+
+/// Text → token ids, special tokens included (see [`MethodContext::tokenize`]).
+pub type Tokenize<'a> = &'a dyn Fn(&str) -> Result<Vec<u32>, String>;
 
 /// What a method's constructor may need besides its config: the model's `config.json`, the
 /// device, the seed, and a tokenizer for text initialisations.
@@ -27,19 +36,35 @@ pub struct MethodContext<'a> {
     pub seed: u64,
     /// Tokenize text as PEFT's `tokenizer(text)` does, special tokens (BOS) included (prompt
     /// tuning's `init_text`); `None` when no tokenizer is at hand.
-    pub tokenize: Option<&'a dyn Fn(&str) -> Result<Vec<u32>, String>>,
+    pub tokenize: Option<Tokenize<'a>>,
 }
 
 /// PEFT `peft_type`s this registry loads.
-pub const SUPPORTED_PEFT_TYPES: &[&str] =
-    &["LORA", "PROMPT_TUNING", "PREFIX_TUNING", "ADAPTION_PROMPT", "IA3"];
+pub const SUPPORTED_PEFT_TYPES: &[&str] = &[
+    "LORA",
+    "PROMPT_TUNING",
+    "PREFIX_TUNING",
+    "ADAPTION_PROMPT",
+    "IA3",
+];
 
 /// Load a PEFT adapter folder (any supported `peft_type`) onto `device`. The returned adapter is
 /// in inference mode: build the model through its factory, then call `finish_injection`.
 pub fn load_adapter(dir: &Path, device: &Device) -> Result<Box<dyn Adapter>, PeftError> {
     let config = read_adapter_config(dir)?;
     let path = dir.join(ADAPTER_CONFIG);
-    match super::format::peft_type(&config) {
+    let method = load_method(dir, device, &config, &path)?;
+    WithAuxiliary::load(method, dir, device)
+}
+
+/// The method's own adapter of a PEFT folder (without its auxiliary modules).
+fn load_method(
+    dir: &Path,
+    device: &Device,
+    config: &Value,
+    path: &Path,
+) -> Result<Box<dyn Adapter>, PeftError> {
+    match super::format::peft_type(config) {
         Some("LORA") => Ok(Box::new(LoraAdapter::load(dir, device)?)),
         Some("PROMPT_TUNING") => Ok(Box::new(PromptTuningAdapter::load(dir, device)?)),
         Some("PREFIX_TUNING") => Ok(Box::new(PrefixTuningAdapter::load(dir, device)?)),
@@ -57,8 +82,21 @@ pub fn load_adapter(dir: &Path, device: &Device) -> Result<Box<dyn Adapter>, Pef
     }
 }
 
-/// A fresh adapter (in training mode) for a pipeline's method config.
+/// A fresh adapter (in training mode) for a pipeline's method config, with the auxiliary
+/// trainable modules it asks for (`trainable_token_indices`, `modules_to_save`).
 pub fn new_adapter(
+    method: &MethodConfig,
+    cx: &MethodContext<'_>,
+) -> Result<Box<dyn Adapter>, PeftError> {
+    let adapter = new_method_adapter(method, cx)?;
+    Ok(match AuxiliarySpec::from_method(method) {
+        Some(spec) => Box::new(WithAuxiliary::new(adapter, spec, cx.device)),
+        None => adapter,
+    })
+}
+
+/// The method's own fresh adapter.
+fn new_method_adapter(
     method: &MethodConfig,
     cx: &MethodContext<'_>,
 ) -> Result<Box<dyn Adapter>, PeftError> {
@@ -83,6 +121,48 @@ pub fn new_adapter(
             Ok(Box::new(
                 LoraAdapter::new(settings, cx.device)?.with_dora(lora.use_dora),
             ))
+        }
+        MethodConfig::Qlora(qlora) => {
+            if model_type == "gpt2" {
+                return Err(PeftError::invalid(
+                    "QLoRA's 4-bit base is supported for Llama-family models, not gpt2 (use lora)",
+                ));
+            }
+            let targets = resolve_targets(qlora.target_modules.as_ref(), cx.model_config)
+                .map_err(PeftError::invalid)?;
+            let settings = LoraSettings {
+                rank: qlora.r,
+                alpha: qlora.alpha,
+                dropout: qlora.dropout as f32,
+                targets,
+                use_rslora: qlora.use_rslora,
+                fan_in_fan_out: false,
+                seed: mix_seed(cx.seed, "lora init"),
+            };
+            let quantization = BaseQuantization {
+                config: QuantConfig {
+                    quant_type: match qlora.quant_type {
+                        QuantTypeChoice::Nf4 => QuantType::Nf4,
+                        QuantTypeChoice::Fp4 => QuantType::Fp4,
+                    },
+                    block_size: qlora.block_size,
+                    double_quant: qlora.double_quant,
+                },
+                compute_dtype: qlora.compute_dtype.map(|dtype| match dtype {
+                    ComputeDtypeChoice::Bf16 => DType::BF16,
+                    ComputeDtypeChoice::F16 => DType::F16,
+                    ComputeDtypeChoice::F32 => DType::F32,
+                }),
+                // A checkpoint saved with bitsandbytes 4-bit: its weights are used as stored
+                // (the train stage checks config.json's settings against these first).
+                prequantized: cx.model_config.get("quantization_config").is_some(),
+            };
+            Ok(Box::new(QloraAdapter::new(
+                settings,
+                qlora.use_dora,
+                quantization,
+                cx.device,
+            )?))
         }
         MethodConfig::Ia3(ia3) => {
             let (targets, feedforward) =

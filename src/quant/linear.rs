@@ -152,6 +152,11 @@ impl QuantizedWeight {
         self.inner.block_size
     }
 
+    /// Whether the absmax values are double-quantized (8-bit, bitsandbytes' `compress_statistics`).
+    pub fn double_quant(&self) -> bool {
+        matches!(self.inner.absmax, DeviceAbsmax::Nested { .. })
+    }
+
     pub fn device(&self) -> &Device {
         self.inner.packed.device()
     }

@@ -95,7 +95,11 @@ pub fn duration(duration: Duration) -> String {
 
 /// [`duration`] of a number of seconds (negative and non-finite values read as 0).
 pub fn seconds(total: f64) -> String {
-    let total = if total.is_finite() { total.max(0.0) } else { 0.0 };
+    let total = if total.is_finite() {
+        total.max(0.0)
+    } else {
+        0.0
+    };
     if total < 0.995 {
         let millis = (total * 1000.0).round() as u64;
         if millis < 100 {
@@ -300,7 +304,10 @@ mod tests {
         assert_eq!(figure("merged_bytes", &json!(411_152)), "402 KiB");
         assert_eq!(figure("wall_seconds", &json!(7.716560778)), "7.72s");
         assert_eq!(figure("tokens_per_second", &json!(14488.3)), "14.5k");
-        assert_eq!(figure("final_loss", &json!(0.006208181381225586)), "0.006208");
+        assert_eq!(
+            figure("final_loss", &json!(0.006208181381225586)),
+            "0.006208"
+        );
         assert_eq!(figure("tokens", &json!(111_800)), "111,800");
         assert_eq!(
             figure(

@@ -147,7 +147,10 @@ fn stages_section(input: &ReportInput) -> String {
             escape(&stage.kind),
             escape(&stage.needs.join(", ")),
             escape(&stage.status),
-            stage.seconds.map(format::seconds).unwrap_or_else(|| "-".into()),
+            stage
+                .seconds
+                .map(format::seconds)
+                .unwrap_or_else(|| "-".into()),
             escape(&stage.cache),
             escape(&super::run::outcome_text(&stage.outcome)),
         );
@@ -184,7 +187,10 @@ fn training_section(input: &ReportInput) -> String {
         let charts = [
             ("Loss", loss_series),
             ("Learning rate", vec![("lr", series(|row| row.lr))]),
-            ("Gradient norm", vec![("grad norm", series(|row| row.grad_norm))]),
+            (
+                "Gradient norm",
+                vec![("grad norm", series(|row| row.grad_norm))],
+            ),
             (
                 "Tokens per second",
                 vec![("tokens/s", series(|row| row.tokens_per_second))],
@@ -335,7 +341,9 @@ pub fn bar_chart(title: &str, bars: &[(String, f64)]) -> String {
     let count = finite.len();
     let mut svg = String::new();
     let drawn = (|| -> Result<(), Box<dyn std::error::Error>> {
-        let root = SVGBackend::with_string(&mut svg, (300, 260)).into_drawing_area();
+        // Wider for many bars (a comparison of every method), at least the pair's 300 px.
+        let width = u32::try_from((90 * count).clamp(300, 1100)).unwrap_or(300);
+        let root = SVGBackend::with_string(&mut svg, (width, 260)).into_drawing_area();
         root.fill(&WHITE)?;
         let mut builder = ChartBuilder::on(&root);
         builder
@@ -451,12 +459,7 @@ pub fn dag_chart(stages: &[StageRow]) -> String {
                     // behind the boxes between.
                     let path = if x - from_x > box_width + gap_x {
                         let lane = from_y + box_height + gap_y / 2;
-                        vec![
-                            start,
-                            (start.0 + 12, lane),
-                            (end.0 - 20, lane),
-                            end,
-                        ]
+                        vec![start, (start.0 + 12, lane), (end.0 - 20, lane), end]
                     } else {
                         vec![start, end]
                     };
@@ -528,22 +531,30 @@ fn evaluation_section(input: &ReportInput) -> String {
             escape(split),
             format::count(rows)
         );
+        if let Some(comparison) = metrics.get("comparison") {
+            html.push_str(&comparison_table(comparison));
+            if metrics.get("adapted").is_none() {
+                // No single base-vs-adapted pair: the comparison is the whole story.
+                continue;
+            }
+        }
         // Models compared: base and adapted (or whatever model objects the file holds).
         let models: Vec<&str> = ["base", "adapted"]
             .into_iter()
             .filter(|name| metrics.get(*name).is_some_and(|v| v.is_object()))
             .collect();
-        let figures: Vec<(&str, Vec<Option<f64>>)> = ["accuracy", "exact_match", "loss", "perplexity"]
-            .into_iter()
-            .map(|figure| {
-                let values = models
-                    .iter()
-                    .map(|model| headline(&metrics[*model], figure))
-                    .collect::<Vec<_>>();
-                (figure, values)
-            })
-            .filter(|(_, values)| values.iter().any(Option::is_some))
-            .collect();
+        let figures: Vec<(&str, Vec<Option<f64>>)> =
+            ["accuracy", "exact_match", "loss", "perplexity"]
+                .into_iter()
+                .map(|figure| {
+                    let values = models
+                        .iter()
+                        .map(|model| headline(&metrics[*model], figure))
+                        .collect::<Vec<_>>();
+                    (figure, values)
+                })
+                .filter(|(_, values)| values.iter().any(Option::is_some))
+                .collect();
         html.push_str("<table>\n<tr><th>metric</th>");
         for model in &models {
             let _ = write!(html, "<th>{model}</th>");
@@ -558,7 +569,10 @@ fn evaluation_section(input: &ReportInput) -> String {
                     value.map(format::number).unwrap_or_else(|| "-".into())
                 );
             }
-            let change = match (values.first().copied().flatten(), values.last().copied().flatten()) {
+            let change = match (
+                values.first().copied().flatten(),
+                values.last().copied().flatten(),
+            ) {
                 (Some(before), Some(after)) if values.len() > 1 => format!(
                     "{} {}",
                     format::signed(after - before),
@@ -566,7 +580,11 @@ fn evaluation_section(input: &ReportInput) -> String {
                 ),
                 _ => "-".into(),
             };
-            let _ = writeln!(html, "<td class=\"num\">{}</td></tr>", escape(change.trim()));
+            let _ = writeln!(
+                html,
+                "<td class=\"num\">{}</td></tr>",
+                escape(change.trim())
+            );
         }
         html.push_str("</table>\n");
         for (figure, values) in &figures {
@@ -601,6 +619,56 @@ fn evaluation_section(input: &ReportInput) -> String {
                 }
                 html.push_str("</table>\n");
             }
+        }
+    }
+    html
+}
+
+/// The evaluate stage's comparison.json: one row per candidate, and a bar chart per figure.
+fn comparison_table(comparison: &serde_json::Value) -> String {
+    let parsed: Result<crate::stages::comparison::Comparison, _> =
+        serde_json::from_value(comparison.clone());
+    let comparison = match parsed {
+        Ok(comparison) => comparison,
+        Err(error) => {
+            return format!(
+                "<p class=\"note\">comparison.json cannot be read: {}</p>\n",
+                escape(&error.to_string())
+            )
+        }
+    };
+    let mut html = String::from("<h3>Comparison</h3>\n<table class=\"comparison\">\n");
+    for (index, line) in crate::stages::comparison::table(&comparison)
+        .iter()
+        .enumerate()
+    {
+        html.push_str("<tr>");
+        for (column, cell) in line.iter().enumerate() {
+            let tag = if index == 0 { "th" } else { "td" };
+            let class = if index > 0 && column >= 2 {
+                " class=\"num\""
+            } else {
+                ""
+            };
+            let _ = write!(html, "<{tag}{class}>{}</{tag}>", escape(cell));
+        }
+        html.push_str("</tr>\n");
+    }
+    html.push_str("</table>\n");
+    type Pick = fn(&crate::stages::comparison::ComparisonRow) -> Option<f64>;
+    let figures: [(&str, Pick); 3] = [
+        ("perplexity", |row| row.perplexity),
+        ("accuracy", |row| row.accuracy),
+        ("exact_match", |row| row.exact_match),
+    ];
+    for (figure, pick) in figures {
+        let bars: Vec<(String, f64)> = comparison
+            .candidates
+            .iter()
+            .filter_map(|row| pick(row).map(|value| (row.candidate.clone(), value)))
+            .collect();
+        if !bars.is_empty() {
+            html.push_str(&bar_chart(figure, &bars));
         }
     }
     html
@@ -651,7 +719,34 @@ mod tests {
 
     #[test]
     fn escaping() {
-        assert_eq!(escape("<a href=\"x\">&'"), "&lt;a href=&quot;x&quot;&gt;&amp;&#39;");
+        assert_eq!(
+            escape("<a href=\"x\">&'"),
+            "&lt;a href=&quot;x&quot;&gt;&amp;&#39;"
+        );
+    }
+
+    #[test]
+    fn the_eval_loss_of_a_train_stage_joins_the_loss_chart() {
+        // metrics.jsonl lines as the train stage writes them with `eval_steps: 2`.
+        let lines = [
+            serde_json::json!({"step": 1, "loss": 2.0, "lr": 0.01, "grad_norm": 1.0}),
+            serde_json::json!({"step": 2, "loss": 1.5, "lr": 0.01, "grad_norm": 0.8,
+                "eval_loss": 1.7, "eval_perplexity": 5.47, "eval_scored_tokens": 12}),
+        ];
+        let steps: Vec<StepRow> = lines.iter().filter_map(StepRow::from_json).collect();
+        assert_eq!(steps[1].eval_loss, Some(1.7));
+        let input = ReportInput {
+            trains: vec![TrainCurves {
+                stage: "train".into(),
+                steps,
+            }],
+            ..ReportInput::default()
+        };
+        let html = training_section(&input);
+        // Loss: 2 raw + 2 smoothed + 1 evaluation.
+        let loss_chart = html.split("<figure").nth(1).unwrap_or_default();
+        assert!(loss_chart.contains("data-points=\"5\""), "{loss_chart}");
+        assert!(loss_chart.contains("eval loss"), "{loss_chart}");
     }
 
     #[test]
@@ -663,7 +758,10 @@ mod tests {
         assert!(chart.contains("data-points=\"3\""), "{chart}");
         assert!(chart.contains("<polyline"), "{chart}");
         assert!(chart.contains("(log scale)"));
-        let bars = bar_chart("accuracy", &[("base".into(), 0.5), ("adapted".into(), 0.98)]);
+        let bars = bar_chart(
+            "accuracy",
+            &[("base".into(), 0.5), ("adapted".into(), 0.98)],
+        );
         assert!(bars.contains("data-points=\"2\""), "{bars}");
         assert!(bars.matches("<rect").count() >= 3, "{bars}");
     }

@@ -203,7 +203,11 @@ pub fn render(report: &InspectReport) -> String {
         if let Some(memory) = &method.memory {
             let _ = writeln!(
                 out,
-                "  memory estimate, batch {} × sequence {} ({} bytes/element): weights {} · adapter {} · gradients {} · optimizer {}",
+                "  memory estimate on {}, batch {} × sequence {} ({} bytes/element): weights {} · adapter {} · gradients {} · optimizer {}",
+                match memory.device {
+                    crate::train::memory::MemoryDevice::Cuda => "CUDA",
+                    crate::train::memory::MemoryDevice::Cpu => "CPU",
+                },
                 memory.batch,
                 memory.sequence,
                 memory.weight_bytes_per_element,

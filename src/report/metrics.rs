@@ -101,7 +101,7 @@ fn leaf(metric: &str) -> &str {
 
 /// A metric value for people.
 pub fn human(metric: &str, value: f64) -> String {
-    let json = if value.fract() == 0.0 && value >= 0.0 && value < 9.0e15 {
+    let json = if value.fract() == 0.0 && (0.0..9.0e15).contains(&value) {
         serde_json::json!(value as u64)
     } else {
         serde_json::json!(value)
@@ -177,7 +177,12 @@ pub struct MetricChange {
 pub fn diff(old: &[Metric], new: &[Metric]) -> Vec<MetricChange> {
     let old_values: BTreeMap<(&str, &str), f64> = old
         .iter()
-        .map(|metric| ((metric.stage.as_str(), metric.metric.as_str()), metric.value))
+        .map(|metric| {
+            (
+                (metric.stage.as_str(), metric.metric.as_str()),
+                metric.value,
+            )
+        })
         .collect();
     let new_keys: std::collections::BTreeSet<(&str, &str)> = new
         .iter()
@@ -348,8 +353,14 @@ mod tests {
         assert_eq!(changes.len(), 4);
         assert_eq!(changes[0].change, Some(-0.25));
         let text = diff_text("old", "new", &changes, false);
-        assert!(text.contains("final_loss        0.5  0.25  -0.25 (-50.0%)"), "{text}");
-        assert!(!text.contains("steps"), "unchanged shown without --all: {text}");
+        assert!(
+            text.contains("final_loss        0.5  0.25  -0.25 (-50.0%)"),
+            "{text}"
+        );
+        assert!(
+            !text.contains("steps"),
+            "unchanged shown without --all: {text}"
+        );
         assert!(text.contains("added"), "{text}");
         assert!(text.contains("removed"), "{text}");
         assert!(diff_text("old", "new", &changes, true).contains("steps"));

@@ -135,9 +135,8 @@ pub fn bench_train(result: &crate::train::bench::BenchResult, json_only: bool) {
         return;
     }
     write_stderr(&format!(
-        "LoRA r{} α{} on {} ({} params, {} trainable), {} {}, batch {} × {}{}\n  {:.0} tokens/s (median of {} steps after {} warm-up) · step {:.1} ms = forward {:.1} + backward {:.1} + optimizer {:.1} · MFU {:.1}% of {} TFLOP/s\n  peak memory {:.2} GiB ({})",
-        result.rank,
-        result.alpha,
+        "{} on {} ({} params, {} trainable), {} {}, batch {} × {}{}\n  {:.0} tokens/s (median of {} steps after {} warm-up) · step {:.1} ms = forward {:.1} + backward {:.1} + optimizer {:.1} · MFU {:.1}% of {} TFLOP/s\n  peak memory {:.2} GiB ({})",
+        result.method,
         result.model_type,
         result.base_parameters,
         result.trainable_parameters,
@@ -176,9 +175,8 @@ pub fn bench_train_table(rows: &[crate::train::bench::BenchRow], json_only: bool
     let mut text = String::new();
     if let Some(BenchRow::Measured(first)) = rows.first() {
         text.push_str(&format!(
-            "LoRA r{} α{} on {} ({} params, {} trainable), {} {}; MFU against {} TFLOP/s\n",
-            first.rank,
-            first.alpha,
+            "{} on {} ({} params, {} trainable), {} {}; MFU against {} TFLOP/s\n",
+            first.method,
             first.model_type,
             first.base_parameters,
             first.trainable_parameters,

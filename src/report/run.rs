@@ -246,6 +246,8 @@ const HEADLINE: &[&str] = &[
     "eval_rows",
     "final_loss",
     "steps",
+    "early_stopped_at",
+    "best_eval_loss",
     "tokens_per_second",
     "accuracy",
     "exact_match",
@@ -255,7 +257,7 @@ const HEADLINE: &[&str] = &[
 ];
 
 /// Figures never shown in the summary: the time column already says it.
-const NEVER: &[&str] = &["wall_seconds"];
+const NEVER: &[&str] = &["wall_seconds", "comparison"];
 
 /// `key=value` for each figure of a stage's outcome, in human numbers (strings without quotes):
 /// headline figures only, or all of them when `all`.
@@ -383,6 +385,11 @@ pub fn summary_text(
             text.push('\n');
         }
     }
+    for stage in &summary.stages {
+        if let Some(table) = comparison_text(stage) {
+            text.push_str(&table);
+        }
+    }
     let count = |status: StageStatus| {
         summary
             .stages
@@ -429,6 +436,44 @@ pub fn summary_text(
     text
 }
 
+/// An evaluate stage's comparison table (its outcome's `comparison`), columns aligned, numbers
+/// right-aligned; `None` when the stage compared nothing.
+pub fn comparison_text(stage: &StageReport) -> Option<String> {
+    let value = stage.outcome.get("comparison")?;
+    let comparison: crate::stages::comparison::Comparison =
+        serde_json::from_value(value.clone()).ok()?;
+    let lines = crate::stages::comparison::table(&comparison);
+    let columns = lines.first()?.len();
+    let mut widths = vec![0usize; columns];
+    for line in &lines {
+        for (width, cell) in widths.iter_mut().zip(line) {
+            *width = (*width).max(cell.chars().count());
+        }
+    }
+    let mut text = format!(
+        "\n{}: {} candidates on split `{}` ({} rows)\n",
+        stage.name,
+        comparison.candidates.len(),
+        comparison.split,
+        comparison.rows
+    );
+    for line in &lines {
+        let mut row = String::new();
+        for (index, cell) in line.iter().enumerate() {
+            let width = widths[index];
+            if index < 2 {
+                row.push_str(&format!("{cell:<width$}  "));
+            } else {
+                row.push_str(&format!("{cell:>width$}  "));
+            }
+        }
+        text.push_str(row.trim_end());
+        text.push('\n');
+    }
+    text.push('\n');
+    Some(text)
+}
+
 /// The summary table and the final line, on stderr.
 pub fn print_summary(
     style: &Style,
@@ -452,37 +497,58 @@ mod tests {
 
     fn quickstart_summary() -> RunSummary {
         use crate::exec::{CacheUse, StageReport};
-        let stage = |name: &str, kind: &str, seconds: f64, outcome: serde_json::Value| StageReport {
-            name: name.into(),
-            kind: kind.into(),
-            status: StageStatus::Ran,
-            cache: CacheUse::Miss,
-            reasons: Vec::new(),
-            wall_time: Duration::from_secs_f64(seconds),
-            outcome: serde_json::from_value(outcome).unwrap(),
-            output: None,
-            output_dir: None,
-            error: None,
-        };
+        let stage =
+            |name: &str, kind: &str, seconds: f64, outcome: serde_json::Value| StageReport {
+                name: name.into(),
+                kind: kind.into(),
+                status: StageStatus::Ran,
+                cache: CacheUse::Miss,
+                reasons: Vec::new(),
+                wall_time: Duration::from_secs_f64(seconds),
+                outcome: serde_json::from_value(outcome).unwrap(),
+                output: None,
+                output_dir: None,
+                error: None,
+            };
         RunSummary {
             pipeline: "quickstart".into(),
             interrupted: false,
             wall_time: Duration::from_secs_f64(8.38),
             stages: vec![
-                stage("data", "ingest", 0.004, serde_json::json!({"duplicates": 40, "eval_rows": 230,
-                    "rows_kept": 1150, "rows_read": 1202, "train_rows": 920})),
-                stage("train", "train", 7.76, serde_json::json!({"final_loss": 0.006208181381225586,
+                stage(
+                    "data",
+                    "ingest",
+                    0.004,
+                    serde_json::json!({"duplicates": 40, "eval_rows": 230,
+                    "rows_kept": 1150, "rows_read": 1202, "train_rows": 920}),
+                ),
+                stage(
+                    "train",
+                    "train",
+                    7.76,
+                    serde_json::json!({"final_loss": 0.006208181381225586,
                     "steps": 464, "tokens": 111800, "tokens_per_second": 14488.319760111659,
-                    "trainable_parameters": 18496, "wall_seconds": 7.716560778})),
-                stage("evaluate", "evaluate", 0.58, serde_json::json!({
+                    "trainable_parameters": 18496, "wall_seconds": 7.716560778}),
+                ),
+                stage(
+                    "evaluate",
+                    "evaluate",
+                    0.58,
+                    serde_json::json!({
                     "accuracy": {"base": 0.5, "adapted": 0.9826086956521739},
                     "loss": {"base": 70.59368998486063, "adapted": 0.04652185854704484},
                     "perplexity": {"base": 4.5545976487822755e30, "adapted": 1.0476209782907002},
-                    "rows": 230})),
-                stage("export", "export", 0.07, serde_json::json!({
+                    "rows": 230}),
+                ),
+                stage(
+                    "export",
+                    "export",
+                    0.07,
+                    serde_json::json!({
                     "adapter_destination": "out/quickstart/adapter", "adapter_parameters": 18496,
                     "merged_bytes": 411152, "merged_destination": "out/quickstart/merged",
-                    "merged_files": 1, "merged_tensors": 14})),
+                    "merged_files": 1, "merged_tensors": 14}),
+                ),
             ],
         }
     }
@@ -517,7 +583,11 @@ mod tests {
         for line in text.lines() {
             assert!(line.chars().count() <= SUMMARY_WIDTH, "too wide: {line}");
         }
-        for figure in ["merged_tensors=14", "rows_read=1202", "trainable_parameters=18,496"] {
+        for figure in [
+            "merged_tensors=14",
+            "rows_read=1202",
+            "trainable_parameters=18,496",
+        ] {
             assert!(text.contains(figure), "{figure} missing: {text}");
         }
         assert!(!text.contains("wall_seconds"), "{text}");
@@ -530,10 +600,7 @@ mod tests {
             ("split".to_string(), serde_json::json!("train")),
         ]);
         assert_eq!(outcome_text(&outcome), "rows=10, split=train");
-        let outcome = BTreeMap::from([(
-            "merged_bytes".to_string(),
-            serde_json::json!(411_152),
-        )]);
+        let outcome = BTreeMap::from([("merged_bytes".to_string(), serde_json::json!(411_152))]);
         assert_eq!(outcome_text(&outcome), "merged_bytes=402 KiB");
     }
 
@@ -569,7 +636,11 @@ mod tests {
         step(460, 460, "base · accuracy");
         assert_eq!(state(), (460, Some(460)));
         step(1, 3, "base · samples");
-        assert_eq!(state(), (1, Some(3)), "the samples phase counts its own rows");
+        assert_eq!(
+            state(),
+            (1, Some(3)),
+            "the samples phase counts its own rows"
+        );
         step(3, 3, "base · samples");
         // Same length, position back to the start: the adapted model's pass of a phase.
         step(1, 3, "adapted · samples");

@@ -20,19 +20,24 @@ use parquet::arrow::ProjectionMask;
 use serde::Serialize;
 use serde_json::Value;
 
-use crate::config::evaluate::{CandidateScore, EvaluateConfig, ExactMatchConfig};
+use crate::config::evaluate::{
+    CandidateScore, EvaluateConfig, ExactMatchConfig, FewShotEvaluation,
+};
+use crate::data::few_shot::{FewShotPool, FewShotSettings};
 use crate::infer::generate::{generate, GenerationSettings, StopReason};
 use crate::infer::score::{score_examples, NllTotal, SequenceScore};
 use crate::infer::text::decode_continuation;
 use crate::infer::{encode_pair, LanguageModel, Sampling, Sequence, TextCodec};
 
+use super::comparison::{adapter_method, markdown, CandidateKind, Comparison, ComparisonRow};
 use super::export::BaseModelRecord;
-use super::{Progress, Stage, StageContext, StageError, StageOutcome};
+use super::{derive_seed, Progress, Stage, StageContext, StageError, StageOutcome};
 use crate::config::train::Truncation;
 use crate::data::batch::fit as fit_sequence;
 use crate::data::tokenize::TokenizedExample;
 use crate::device::{compute_dtype, resolve_device, DTypeSpec, DeviceSpec};
 use crate::infer::session::InferenceModel;
+use crate::models::quantized::BaseQuantization;
 
 pub struct EvaluateStage {
     config: EvaluateConfig,
@@ -768,7 +773,7 @@ impl EvaluateStage {
 }
 
 /// The split files a template artifact holds (for error hints).
-fn available_splits(data_dir: &Path) -> Vec<String> {
+pub(crate) fn available_splits(data_dir: &Path) -> Vec<String> {
     let mut splits: Vec<String> = std::fs::read_dir(data_dir)
         .map(|entries| {
             entries
@@ -787,10 +792,79 @@ fn available_splits(data_dir: &Path) -> Vec<String> {
     splits
 }
 
+/// The few-shot candidates' prompts: each row's prompt preceded by `k` demonstrations (their
+/// prompt and completion, each followed by the separator) drawn by the template stage's pool
+/// from `source`'s `train.parquet`.
+fn few_shot_rows(
+    rows: &Rows,
+    split: &str,
+    few_shot: &FewShotEvaluation,
+    k: usize,
+    source: &Path,
+    seed: u64,
+) -> Result<Rows, StageError> {
+    let path = source.join("train.parquet");
+    if !path.is_file() {
+        return Err(StageError::user(format!(
+            "few_shot: the demonstrations' stage wrote no `train` split ({} is missing)",
+            path.display()
+        )));
+    }
+    let pool = FewShotPool::build(
+        &path,
+        FewShotSettings {
+            k,
+            strategy: few_shot.strategy,
+            label: few_shot.stratify_by.clone(),
+            pool_size: few_shot.pool_size,
+            seed,
+            split: "train".to_string(),
+        },
+    )?;
+    let prompts = rows.column("prompt")?;
+    let mut with_demonstrations = Vec::with_capacity(prompts.len());
+    for (row, prompt) in prompts.iter().enumerate() {
+        let demonstrations = pool
+            .draw(split, row as u64)
+            .map_err(|error| StageError::user(format!("few_shot k={k}: {error}")))?;
+        let mut text = String::new();
+        for demonstration in demonstrations {
+            for column in ["prompt", "completion"] {
+                let value = demonstration.get_attr(column).map_err(|error| {
+                    StageError::Internal(format!("demonstration without `{column}`: {error}"))
+                })?;
+                text.push_str(value.as_str().ok_or_else(|| {
+                    StageError::user(format!(
+                        "few_shot: column `{column}` of {} is not text",
+                        path.display()
+                    ))
+                })?);
+            }
+            text.push_str(&few_shot.separator);
+        }
+        text.push_str(prompt);
+        with_demonstrations.push(text);
+    }
+    let mut out = rows.clone();
+    out.columns
+        .insert("prompt".to_string(), with_demonstrations);
+    Ok(out)
+}
+
+/// `metrics.json` when no single `model` is named: the base model's metrics and every
+/// candidate's, by candidate name.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct CandidatesMetricsFile {
+    pub split: String,
+    pub rows: usize,
+    pub truncated_rows: usize,
+    pub base: ModelMetrics,
+    pub candidates: BTreeMap<String, ModelMetrics>,
+}
+
 impl Stage for EvaluateStage {
     fn run(&self, ctx: &StageContext<'_>) -> Result<StageOutcome, StageError> {
         let config = &self.config;
-        let train_dir = ctx.upstream_dir(&config.model)?;
         let data_dir = ctx.upstream_dir(&config.data)?;
         let table = data_dir.join(format!("{}.parquet", config.split));
         if !table.is_file() {
@@ -808,7 +882,39 @@ impl Stage for EvaluateStage {
                 config.split, config.data
             )));
         }
-        let base_record = BaseModelRecord::read(train_dir, ctx.project_dir)?;
+        // The base model: the train stages' (all the same, checked by validation and here by
+        // path), else `base_model`.
+        let adapter_stages = config.adapter_stages();
+        let mut base_path: Option<std::path::PathBuf> = None;
+        // Each candidate's 4-bit base (QLoRA), by stage.
+        let mut quantization_of: BTreeMap<String, Option<BaseQuantization>> = BTreeMap::new();
+        for stage in &adapter_stages {
+            let record = BaseModelRecord::read(ctx.upstream_dir(stage)?, ctx.project_dir)?;
+            quantization_of.insert(stage.to_string(), record.quantization);
+            match &base_path {
+                None => base_path = Some(record.path),
+                Some(path) if *path != record.path => {
+                    return Err(StageError::user(format!(
+                        "stage `{stage}` trained {} but another candidate trained {}: every candidate must share one base model",
+                        record.path.display(),
+                        path.display()
+                    )))
+                }
+                Some(_) => {}
+            }
+        }
+        let base_path = match (base_path, &config.base_model) {
+            (Some(path), _) => path,
+            (None, Some(written)) => {
+                crate::config::hub::resolve_model_dir(ctx.project_dir, written)
+                    .map_err(StageError::user)?
+            }
+            (None, None) => {
+                return Err(StageError::Internal(
+                    "no base model (validation should have caught this)".into(),
+                ))
+            }
+        };
         let device_text = ctx.options.device.as_deref().unwrap_or(&config.device);
         let device_spec: DeviceSpec = device_text
             .parse()
@@ -816,12 +922,21 @@ impl Stage for EvaluateStage {
         let device =
             resolve_device(device_spec).map_err(|error| StageError::user(error.to_string()))?;
         let dtype = compute_dtype(&device, DTypeSpec::Auto);
-        let load = |adapter: Option<&Path>| {
-            InferenceModel::load(&base_record.path, adapter, &device, dtype)
+        // The base row runs on the base every candidate shares: the 4-bit one when all of them are
+        // QLoRA runs over the same quantization, else the 16-bit model.
+        let shared_quantization = {
+            let mut all = quantization_of.values();
+            match all.next() {
+                Some(first) if all.all(|other| other == first) => *first,
+                _ => None,
+            }
+        };
+        let load = |adapter: Option<&Path>, quantization: Option<&BaseQuantization>| {
+            InferenceModel::load(&base_path, adapter, quantization, &device, dtype)
                 .map_err(StageError::User)
         };
 
-        let base = load(None)?;
+        let base = load(None, shared_quantization.as_ref())?;
         let plan = EvalPlan::new(
             config,
             &rows,
@@ -835,30 +950,133 @@ impl Stage for EvaluateStage {
                 plan.truncated_rows, plan.rows, plan.max_length
             ));
         }
-        let base_metrics = evaluate_model(
-            &base.language_model(),
-            &base.tokenizer,
-            &plan,
-            config.batch_size,
-            &Reporter { ctx, label: "base" },
-        )?;
+        let evaluate = |model: &InferenceModel, plan: &EvalPlan, label: &str| {
+            evaluate_model(
+                &model.language_model(),
+                &model.tokenizer,
+                plan,
+                config.batch_size,
+                &Reporter { ctx, label },
+            )
+        };
+        let base_metrics = evaluate(&base, &plan, "base")?;
+        let mut rows_out = vec![ComparisonRow::new(
+            "base".to_string(),
+            CandidateKind::Base,
+            "base",
+            &base_metrics,
+        )];
+        let mut candidates: BTreeMap<String, ModelMetrics> = BTreeMap::new();
+        if let (Some(few_shot), Some(source)) = (&config.few_shot, config.few_shot_source()) {
+            let source_dir = ctx.upstream_dir(source)?;
+            let seed = few_shot
+                .seed
+                .unwrap_or_else(|| derive_seed(derive_seed(ctx.seed, ctx.name), "few-shot"));
+            for &k in few_shot.k.iter().filter(|&&k| k > 0) {
+                // The pool leaves out "the row itself" only when the evaluated rows are its own
+                // split's; rows of another stage share no identity with them.
+                let evaluated = if source == config.data {
+                    config.split.clone()
+                } else {
+                    format!("{}/{}", config.data, config.split)
+                };
+                let shot_rows = few_shot_rows(&rows, &evaluated, few_shot, k, source_dir, seed)?;
+                let shot_plan = EvalPlan::new(
+                    config,
+                    &shot_rows,
+                    &base.tokenizer,
+                    base.max_length(),
+                    config.add_eos,
+                )?;
+                if shot_plan.truncated_rows > 0 {
+                    ctx.progress.note(format!(
+                        "few-shot k={k}: {} of {} prompts lost demonstration tokens on the left to fit {} tokens",
+                        shot_plan.truncated_rows, shot_plan.rows, shot_plan.max_length
+                    ));
+                }
+                let name = format!("few-shot k={k}");
+                let metrics = evaluate(&base, &shot_plan, &name)?;
+                let mut row =
+                    ComparisonRow::new(name.clone(), CandidateKind::FewShot, "few_shot", &metrics);
+                row.k = Some(k);
+                rows_out.push(row);
+                candidates.insert(name, metrics);
+            }
+        }
         drop(base);
-        let adapted = load(Some(&train_dir.join("adapter")))?;
-        let adapted_metrics = evaluate_model(
-            &adapted.language_model(),
-            &adapted.tokenizer,
-            &plan,
-            config.batch_size,
-            &Reporter {
-                ctx,
-                label: "adapted",
-            },
-        )?;
-        let file = MetricsFile::new(config, &plan, base_metrics, adapted_metrics);
-        write_json_atomic(&ctx.out_dir.join("metrics.json"), &file)?;
-        Ok(StageOutcome {
-            summary: file.summary(),
-        })
+        let mut adapted_of_model = None;
+        for stage in &adapter_stages {
+            let train_dir = ctx.upstream_dir(stage)?;
+            let adapter_dir = train_dir.join("adapter");
+            let quantization = quantization_of.get(*stage).copied().flatten();
+            // A QLoRA adapter is a plain LoRA folder; its 4-bit base says what it is.
+            let method = match (adapter_method(&adapter_dir)?, &quantization) {
+                (method, Some(_)) if method == "lora" => "qlora".to_string(),
+                (method, Some(_)) if method == "dora" => "qdora".to_string(),
+                (method, _) => method,
+            };
+            let adapted = load(Some(&adapter_dir), quantization.as_ref())?;
+            let metrics = evaluate(&adapted, &plan, stage)?;
+            drop(adapted);
+            rows_out.push(
+                ComparisonRow::new(stage.to_string(), CandidateKind::Adapter, &method, &metrics)
+                    // Parameters only: a run's wall time and tokens/s vary between runs of the same
+                    // inputs, so they must not enter this stage's output (the cache would then
+                    // hold what a clean run does not reproduce); they stay in the run records.
+                    .with_training(train_dir, None)?,
+            );
+            if config.model.as_deref() == Some(*stage) {
+                adapted_of_model = Some(metrics.clone());
+            }
+            candidates.insert(stage.to_string(), metrics);
+        }
+        let comparison = Comparison {
+            split: config.split.clone(),
+            rows: plan.rows,
+            candidates: rows_out,
+        };
+        write_json_atomic(&ctx.out_dir.join("comparison.json"), &comparison)?;
+        crate::peft::write_atomic(
+            &ctx.out_dir.join("comparison.md"),
+            markdown(&comparison).as_bytes(),
+        )
+        .map_err(|error| StageError::user(error.to_string()))?;
+        let mut summary = match adapted_of_model {
+            Some(adapted) => {
+                let file = MetricsFile::new(config, &plan, base_metrics, adapted);
+                write_json_atomic(&ctx.out_dir.join("metrics.json"), &file)?;
+                file.summary()
+            }
+            None => {
+                let mut summary = BTreeMap::new();
+                for (name, value) in base_metrics.figures() {
+                    summary.insert(format!("base_{name}"), Value::from(value));
+                }
+                summary.insert("rows".into(), Value::from(plan.rows));
+                let file = CandidatesMetricsFile {
+                    split: config.split.clone(),
+                    rows: plan.rows,
+                    truncated_rows: plan.truncated_rows,
+                    base: base_metrics,
+                    candidates,
+                };
+                write_json_atomic(&ctx.out_dir.join("metrics.json"), &file)?;
+                summary
+            }
+        };
+        if comparison.candidates.len() > 2 || config.model.is_none() {
+            summary.insert(
+                "candidates".into(),
+                Value::from(comparison.candidates.len()),
+            );
+            summary.insert(
+                "comparison".into(),
+                serde_json::to_value(&comparison).map_err(|error| {
+                    StageError::Internal(format!("cannot encode the comparison: {error}"))
+                })?,
+            );
+        }
+        Ok(StageOutcome { summary })
     }
 }
 
@@ -911,6 +1129,7 @@ mod tests {
             cancel: &cancel,
             options: &options,
             fingerprint: "",
+            upstream_outcomes: &Default::default(),
             checkpoint_dir: None,
             resume: true,
         };
@@ -1064,7 +1283,10 @@ mod tests {
             summary["perplexity"],
             serde_json::json!({"base": 2f64.exp(), "adapted": 1.5f64.exp()})
         );
-        assert_eq!(summary["loss"], serde_json::json!({"base": 2.0, "adapted": 1.5}));
+        assert_eq!(
+            summary["loss"],
+            serde_json::json!({"base": 2.0, "adapted": 1.5})
+        );
     }
 
     #[test]

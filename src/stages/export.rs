@@ -2,12 +2,13 @@
 //! folder (adapter_config.json, adapter_model.safetensors with PEFT's tensor names, a README.md
 //! model card) and/or (b) `merged/` — the base model with the adapter merged in, in Hugging Face
 //! layout (config.json, model.safetensors with the base checkpoint's tensor names and dtypes,
-//! tokenizer files, generation_config.json). [`Stage::publish`] then copies each folder to its
-//! declared destination atomically (temp folder + rename), also when restored from the cache.
+//! tokenizer files, generation_config.json) and/or (c) `gguf/model.gguf` — the merged model as one
+//! llama.cpp GGUF file. [`Stage::publish`] then copies each folder (or the file) to its declared
+//! destination atomically (temp folder or file + rename), also when restored from the cache.
 //!
 //! The adapter is read through `peft::registry` (any method); a mergeable method's per-tensor
 //! patches are written by the one checkpoint writer, `models::checkpoint` (streamed tensor by
-//! tensor). This stage only translates config and moves artifacts: it must not merge weights
+//! tensor), and by the GGUF writer, `models::gguf`. This stage only translates config and moves artifacts: it must not merge weights
 //! itself, train, print, or write outside `ctx.out_dir` except through `publish`.
 
 use std::fs::{self, File};
@@ -16,9 +17,16 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device};
 use serde_json::Value;
 
-use crate::config::export::{parse_size, ExportDtype, DEFAULT_MAX_SHARD_SIZE};
+use candle_core::quantized::GgmlDType;
+
+use crate::config::export::{parse_size, ExportDtype, GgufType, DEFAULT_MAX_SHARD_SIZE};
 use crate::config::ExportConfig;
-use crate::models::checkpoint::{write_merged_folder, CheckpointError, MergedOptions};
+use crate::models::checkpoint::{write_merged_folder, CheckpointError, MergedOptions, WeightPatch};
+use crate::models::gguf::{write_gguf, WRITER_KEY};
+use crate::models::quantized::{
+    dequantized_base_patches, write_dequantized_checkpoint, BaseQuantization,
+};
+use crate::models::ModelDir;
 use crate::peft::{load_adapter, AdapterFiles};
 
 use super::{Progress, Stage, StageContext, StageError, StageOutcome};
@@ -26,6 +34,9 @@ use super::{Progress, Stage, StageContext, StageError, StageOutcome};
 /// Name of the marker file that says a destination folder was written by `peftpipe export`
 /// (only such folders, or empty ones, are ever replaced).
 pub const EXPORT_MARKER: &str = ".peftpipe-export.json";
+
+/// The GGUF file's place in the export artifact.
+pub const GGUF_ARTIFACT: &str = "gguf/model.gguf";
 
 pub struct ExportStage {
     config: ExportConfig,
@@ -96,8 +107,9 @@ impl Stage for ExportStage {
             "adapter_parameters".into(),
             adapter.parameter_count().into(),
         );
-        let total_steps =
-            u64::from(self.config.adapter.is_some()) + u64::from(self.config.merged.is_some());
+        let total_steps = u64::from(self.config.adapter.is_some())
+            + u64::from(self.config.merged.is_some())
+            + u64::from(self.config.gguf.is_some());
         let mut done = 0;
         if self.config.adapter.is_some() {
             let out = ctx.out_dir.join("adapter");
@@ -107,27 +119,67 @@ impl Stage for ExportStage {
             ctx.progress.progress(Progress {
                 position: done,
                 length: Some(total_steps),
-                unit: "folders",
+                unit: "files",
                 message: "adapter written".into(),
             });
         }
         ctx.check_cancel()?;
+        let merging = self.config.merged.is_some() || self.config.gguf.is_some();
+        // A QLoRA run over a checkpoint saved in bitsandbytes 4-bit: the merge starts from its
+        // dequantized copy (a scratch folder removed before the stage ends), with LoRA's patches.
+        let dequantized = match &base.quantization {
+            Some(quantization) if merging && quantization.prequantized => {
+                let scratch = tempfile::Builder::new()
+                    .prefix(".dequantized-base-")
+                    .tempdir_in(ctx.out_dir)
+                    .map_err(|error| {
+                        StageError::user(format!("{}: {error}", ctx.out_dir.display()))
+                    })?;
+                let stored = ModelDir::open(&base.path)
+                    .map_err(|error| StageError::user(error.to_string()))?;
+                if stored.stored_quantization().is_none() {
+                    return Err(StageError::user(format!(
+                        "{}: no `quantization_config`, but the adapter was trained over this model saved in bitsandbytes 4-bit (base_model.json: prequantized)",
+                        stored.config_path().display()
+                    )));
+                }
+                write_dequantized_checkpoint(&stored, scratch.path())
+                    .map_err(|error| StageError::user(error.to_string()))?;
+                Some(scratch)
+            }
+            _ => None,
+        };
+        let merge_base = dequantized
+            .as_ref()
+            .map_or(base.path.clone(), |scratch| scratch.path().to_path_buf());
+        let patches = if merging {
+            let patches = merge_patches(&adapter_dir)?;
+            // A QLoRA run: a 16-bit model over the dequantized base (never re-quantized).
+            match &base.quantization {
+                Some(quantization) if quantization.prequantized => patches,
+                Some(quantization) => {
+                    let shapes = ModelDir::open(&base.path)
+                        .and_then(|dir| dir.tensor_infos())
+                        .map_err(|error| StageError::user(error.to_string()))?
+                        .into_iter()
+                        .map(|(name, info)| (name, info.shape))
+                        .collect();
+                    dequantized_base_patches(
+                        patches,
+                        quantization,
+                        base.dtype.unwrap_or(DType::F32),
+                        &shapes,
+                    )
+                }
+                None => patches,
+            }
+        } else {
+            Vec::new()
+        };
         if self.config.merged.is_some() {
             let out = ctx.out_dir.join("merged");
             let options = merged_options(&self.config)?;
-            let loaded = load_adapter(&adapter_dir, &Device::Cpu)
-                .map_err(|error| StageError::user(error.to_string()))?;
-            let patches = loaded
-                .merge_patches()
-                .map_err(|error| StageError::user(error.to_string()))?
-                .ok_or_else(|| {
-                    StageError::user(format!(
-                        "{}: {} adapters cannot be merged into the base weights; export `adapter:` only",
-                        adapter_dir.display(),
-                        loaded.peft_type()
-                    ))
-                })?;
-            let merged = write_merged_folder(&patches, &base.path, &out, options, &|| {
+            let merged = write_merged_folder(&patches, &merge_base, &out, options, &|| {
                 ctx.check_cancel().is_err()
             })
             .map_err(checkpoint_error)?;
@@ -144,8 +196,48 @@ impl Stage for ExportStage {
             ctx.progress.progress(Progress {
                 position: done,
                 length: Some(total_steps),
-                unit: "folders",
+                unit: "files",
                 message: format!("merged {} weight matrices", merged.merged_tensors),
+            });
+        }
+        ctx.check_cancel()?;
+        if self.config.gguf.is_some() {
+            let gguf_type = self.config.gguf_type.unwrap_or_default();
+            let out = ctx.out_dir.join(GGUF_ARTIFACT);
+            let name = base
+                .path
+                .file_name()
+                .map(|name| name.to_string_lossy().into_owned())
+                .unwrap_or_else(|| base.portable_name());
+            let written = write_gguf(
+                &patches,
+                &merge_base,
+                &out,
+                ggml_type(gguf_type),
+                &name,
+                &|| ctx.check_cancel().is_err(),
+            )
+            .map_err(checkpoint_error)?;
+            outcome
+                .summary
+                .insert("gguf_type".into(), gguf_type.name().into());
+            outcome
+                .summary
+                .insert("gguf_bytes".into(), written.bytes.into());
+            outcome
+                .summary
+                .insert("gguf_tensors".into(), written.tensors.into());
+            // llama.cpp's fallbacks for matrices whose rows are not a multiple of the block.
+            outcome.summary.insert(
+                "gguf_fallback_tensors".into(),
+                written.fallbacks.len().into(),
+            );
+            done += 1;
+            ctx.progress.progress(Progress {
+                position: done,
+                length: Some(total_steps),
+                unit: "files",
+                message: format!("GGUF ({}) written", gguf_type.name()),
             });
         }
         for (kind, written) in self.destinations() {
@@ -158,14 +250,26 @@ impl Stage for ExportStage {
 
     fn publish(&self, artifact: &Path, ctx: &StageContext<'_>) -> Result<(), StageError> {
         for (kind, written) in self.destinations() {
+            let destination =
+                resolve_destination(ctx.project_dir, written, ctx.options.allow_outside_project)?;
+            if kind == "gguf" {
+                let source = artifact.join(GGUF_ARTIFACT);
+                if !source.is_file() {
+                    return Err(StageError::Internal(format!(
+                        "the export artifact has no `{GGUF_ARTIFACT}` to publish"
+                    )));
+                }
+                publish_gguf(&source, &destination)?;
+                ctx.progress
+                    .note(format!("published {kind} to {}", destination.display()));
+                continue;
+            }
             let source = artifact.join(kind);
             if !source.is_dir() {
                 return Err(StageError::Internal(format!(
                     "the export artifact has no `{kind}` folder to publish"
                 )));
             }
-            let destination =
-                resolve_destination(ctx.project_dir, written, ctx.options.allow_outside_project)?;
             if kind == "adapter" {
                 let name = self.published_base_name(ctx)?;
                 let train_dir = ctx.upstream_dir(&self.config.from)?;
@@ -180,6 +284,31 @@ impl Stage for ExportStage {
         }
         Ok(())
     }
+}
+
+/// The GGML type of a GGUF export's matrices.
+fn ggml_type(gguf_type: GgufType) -> GgmlDType {
+    match gguf_type {
+        GgufType::F16 => GgmlDType::F16,
+        GgufType::Q8_0 => GgmlDType::Q8_0,
+        GgufType::Q4K => GgmlDType::Q4K,
+    }
+}
+
+/// The per-tensor patches of the trained adapter (any mergeable method).
+fn merge_patches(adapter_dir: &Path) -> Result<Vec<WeightPatch>, StageError> {
+    let loaded = load_adapter(adapter_dir, &Device::Cpu)
+        .map_err(|error| StageError::user(error.to_string()))?;
+    loaded
+        .merge_patches()
+        .map_err(|error| StageError::user(error.to_string()))?
+        .ok_or_else(|| {
+            StageError::user(format!(
+                "{}: {} adapters cannot be merged into the base weights; export `adapter:` only",
+                adapter_dir.display(),
+                loaded.peft_type()
+            ))
+        })
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -299,6 +428,78 @@ pub fn publish_folder_with(
     Ok(())
 }
 
+/// Copy the GGUF file `source` to `destination`, replacing an earlier export there: the copy is
+/// written to a temporary sibling file and renamed into place, so the destination is never half
+/// written. An existing file that is not a GGUF file written by peftpipe export is refused.
+pub fn publish_gguf(source: &Path, destination: &Path) -> Result<(), StageError> {
+    let parent = match destination.parent() {
+        Some(parent) if !parent.as_os_str().is_empty() => parent,
+        _ => Path::new("."),
+    };
+    fs::create_dir_all(parent).map_err(|error| {
+        StageError::user(format!("cannot create {}: {error}", parent.display()))
+    })?;
+    if let Ok(metadata) = fs::symlink_metadata(destination) {
+        if !metadata.is_file() {
+            return Err(StageError::user(format!(
+                "export destination {} exists and is not a file",
+                destination.display()
+            )));
+        }
+        if !written_by_export(destination) {
+            return Err(StageError::user(format!(
+                "export destination {} already exists and is not a GGUF file written by \
+                 peftpipe export; remove it or choose another file name",
+                destination.display()
+            )));
+        }
+    }
+    let name = destination
+        .file_name()
+        .map(|name| name.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let temporary = tempfile::Builder::new()
+        .prefix(&format!(".{name}.peftpipe-tmp-"))
+        .tempfile_in(parent)
+        .map_err(|error| {
+            StageError::user(format!(
+                "cannot create a temporary file in {}: {error}",
+                parent.display()
+            ))
+        })?;
+    let mut reader = File::open(source)?;
+    std::io::copy(&mut reader, &mut temporary.as_file()).map_err(|error| {
+        StageError::user(format!(
+            "cannot copy {} to {}: {error}",
+            source.display(),
+            parent.display()
+        ))
+    })?;
+    // A temporary file is private (0600); the published model is an ordinary file.
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        fs::set_permissions(temporary.path(), fs::Permissions::from_mode(0o644))?;
+    }
+    temporary.as_file().sync_all()?;
+    temporary.persist(destination).map_err(|error| {
+        StageError::user(format!(
+            "cannot move the GGUF file into {}: {error}",
+            destination.display()
+        ))
+    })?;
+    Ok(())
+}
+
+/// Whether `path` is a GGUF file whose metadata says peftpipe export wrote it.
+fn written_by_export(path: &Path) -> bool {
+    let Ok(mut file) = File::open(path) else {
+        return false;
+    };
+    candle_core::quantized::gguf_file::Content::read(&mut file)
+        .is_ok_and(|content| content.metadata.contains_key(WRITER_KEY))
+}
+
 /// Copy a folder tree: regular files get fresh permissions (the cache's may be read-only);
 /// symbolic links are refused (an artifact never contains them).
 fn copy_tree(source: &Path, destination: &Path) -> Result<(), StageError> {
@@ -352,6 +553,10 @@ pub struct BaseModelRecord {
     pub model: String,
     /// The model folder on this machine.
     pub path: PathBuf,
+    /// The 4-bit base a QLoRA run trained over (`quantization`), `None` for other methods.
+    pub quantization: Option<BaseQuantization>,
+    /// The dtype the run loaded the base in (`dtype`: `f32`, `bf16`, `f16`), when recorded.
+    pub dtype: Option<DType>,
 }
 
 impl BaseModelRecord {
@@ -403,7 +608,19 @@ impl BaseModelRecord {
                 )));
             }
         }
-        Ok(BaseModelRecord { model, path })
+        let quantization = match value.get("quantization") {
+            None | Some(Value::Null) => None,
+            Some(record) => Some(BaseQuantization::from_json(record).map_err(|message| {
+                StageError::user(format!("{}: quantization: {message}", file.display()))
+            })?),
+        };
+        let dtype = text("dtype").map(crate::stages::train::dtype_from_name);
+        Ok(BaseModelRecord {
+            model,
+            path,
+            quantization,
+            dtype,
+        })
     }
 
     /// The base model named the same way on every machine: the Hub id for `hf://org/name`,

@@ -29,6 +29,7 @@ pub fn default_builder(_name: &str, config: &StageConfig) -> Result<Box<dyn Stag
     Ok(build(config))
 }
 
+pub mod comparison;
 pub mod evaluate;
 pub mod export;
 pub mod ingest;

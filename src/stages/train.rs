@@ -6,12 +6,20 @@
 //! adapter/adapter_config.json        PEFT format: PeftModel.from_pretrained(base, "adapter") loads it
 //! adapter/adapter_model.safetensors  base_model.model.<module>.lora_A.weight / lora_B.weight (f32)
 //! metrics.jsonl                      one line per optimizer step: step, epoch, loss, lr, grad_norm,
-//!                                    tokens, scored_tokens
+//!                                    tokens, scored_tokens; with `eval_steps`, the steps that
+//!                                    evaluated add eval_loss, eval_perplexity, eval_scored_tokens
 //! summary.json                       final loss, steps, tokens, trainable parameters, examples
-//!                                    used / truncated / dropped, seed
+//!                                    used / truncated / dropped, seed; with `eval_steps`, an
+//!                                    `evaluation` record: split, rows, best step and loss, the
+//!                                    step whose adapter was kept, and why training stopped
+//! tensorboard/events.out.tfevents.0.peftpipe
+//!                                    with `tensorboard: true`: the metrics as TensorBoard
+//!                                    scalars (wall times 0, see train::tensorboard)
 //! base_model.json                    `model` (as written in the pipeline), `path` (resolved on this
 //!                                    machine), `config_digest` (blake3 of config.json), `model_type`,
-//!                                    `device`, `dtype`
+//!                                    `device`, `dtype`; a QLoRA run adds `quantization` (its 4-bit
+//!                                    settings, `prequantized: true` over a checkpoint saved in
+//!                                    bitsandbytes 4-bit)
 //! ```
 //! The artifact is content-addressed, so it holds only what the inputs determine: a retrain that
 //! produces the same adapter produces the same artifact, and downstream stages stay fresh.
@@ -37,15 +45,17 @@ use parquet::arrow::ProjectionMask;
 
 use super::{Progress, Stage, StageContext, StageError, StageOutcome};
 use crate::config::hub::resolve_model_dir;
+use crate::config::train::KeepChoice;
 use crate::config::train::{device_kind, TrainConfig};
 use crate::data::batch::{fit, Sequence};
 use crate::data::tokenize::TextTokenizer;
 use crate::models::ModelDir;
+use crate::peft::qlora::check_stored_base;
 use crate::peft::{new_adapter, MethodContext};
 use crate::train::checkpoint::CheckpointDir;
 use crate::train::{
-    AdamWSettings, CausalLmLoss, CheckpointedLoss, HookSource, LossModel, TrainError,
-    TrainerSettings,
+    AdamWSettings, CausalLmLoss, CheckpointedLoss, EarlyStopping, Evaluation, HookSource,
+    LossModel, TrainError, TrainOutcome, TrainerSettings,
 };
 
 pub struct TrainStage {
@@ -202,6 +212,99 @@ pub fn prepare_sequences(
     Ok((sequences, counts))
 }
 
+/// The evaluation split as training reads it.
+struct EvaluatedSplit {
+    path: std::path::PathBuf,
+    /// Rows read (at most `eval_max_rows`) and how they fitted.
+    rows: usize,
+    counts: FitCounts,
+    sequences: Vec<Sequence>,
+}
+
+/// Read and tokenize the first `eval_max_rows` rows of `<eval_split>.parquet` of the data stage.
+/// A missing split names the file and the splits the artifact has.
+fn read_eval_split(
+    ctx: &StageContext<'_>,
+    config: &TrainConfig,
+    tokenizer: &TextTokenizer,
+    max_length: usize,
+) -> Result<EvaluatedSplit, StageError> {
+    let split = config.eval_split();
+    let data_dir = ctx.upstream_dir(&config.data)?;
+    let path = data_dir.join(format!("{split}.parquet"));
+    if !path.is_file() {
+        let splits = super::evaluate::available_splits(data_dir);
+        return Err(StageError::user(format!(
+            "eval_split: stage `{}` has no split `{split}` ({} is missing; its splits: {})",
+            config.data,
+            path.display(),
+            splits.join(", ")
+        )));
+    }
+    let mut rows = read_text_columns(&path, ["prompt", "completion"])?;
+    if let Some(limit) = config.eval_max_rows {
+        rows.truncate(limit);
+    }
+    let (sequences, counts) = prepare_sequences(tokenizer, &rows, config, max_length)
+        .map_err(|error| StageError::user(format!("{}: {error}", path.display())))?;
+    if sequences.is_empty() {
+        return Err(StageError::user(format!(
+            "{}: no example left to evaluate on ({} rows, {} dropped as too long, {} without completion tokens)",
+            path.display(),
+            rows.len(),
+            counts.dropped,
+            counts.without_completion
+        )));
+    }
+    Ok(EvaluatedSplit {
+        path,
+        rows: rows.len(),
+        counts,
+        sequences,
+    })
+}
+
+/// summary.json's `evaluation` record: what was evaluated, the best step, the adapter kept and
+/// why training stopped.
+fn evaluation_record(
+    config: &TrainConfig,
+    evaluated: &EvaluatedSplit,
+    outcome: &TrainOutcome,
+) -> serde_json::Value {
+    let state = &outcome.evaluation;
+    let stopped = if outcome.stopped_early {
+        let early = config.early_stopping.as_ref();
+        format!(
+            "early stopping at step {}: eval_loss did not improve by more than {} for {} evaluation(s)",
+            outcome.steps,
+            early.map_or(0.0, |early| early.min_delta),
+            early.map_or(0, |early| early.patience),
+        )
+    } else {
+        format!("completed all {} steps", outcome.planned_steps)
+    };
+    let keep = match config.keep() {
+        KeepChoice::Best => "best",
+        KeepChoice::Last => "last",
+    };
+    serde_json::json!({
+        "split": config.eval_split(),
+        "rows": evaluated.rows,
+        "examples": evaluated.counts.examples,
+        "truncated_examples": evaluated.counts.truncated,
+        "dropped_examples": evaluated.counts.dropped,
+        "every": config.eval_steps,
+        "best_step": state.best_step,
+        "best_eval_loss": state.best_loss,
+        "best_eval_perplexity": state.best_loss.map(f64::exp),
+        "keep": keep,
+        "kept_step": outcome.kept_step,
+        "stopped_early": outcome.stopped_early,
+        "stopped": stopped,
+        "planned_steps": outcome.planned_steps,
+    })
+}
+
 fn file_digest(path: &Path) -> Result<String, StageError> {
     let bytes = std::fs::read(path)
         .map_err(|error| StageError::user(format!("{}: {error}", path.display())))?;
@@ -256,6 +359,12 @@ impl Stage for TrainStage {
             )));
         }
 
+        // The held-out split evaluated during training (its first `eval_max_rows` rows).
+        let evaluated = match config.eval_steps {
+            Some(_) => Some(read_eval_split(ctx, config, &tokenizer, max_length)?),
+            None => None,
+        };
+
         // Adapter + model.
         let seed = config.seed.unwrap_or_else(|| ctx.stage_seed());
         let tokenize = |text: &str| tokenizer.encode_prompt(text);
@@ -269,6 +378,22 @@ impl Stage for TrainStage {
             },
         )
         .map_err(|error| user(error.to_string()))?;
+        // A checkpoint saved in bitsandbytes 4-bit trains only with qlora, with its settings.
+        if let Some(stored) = model_dir.stored_quantization() {
+            match adapter.base_quantization() {
+                Some(quantization) => {
+                    check_stored_base(&quantization, stored, &model_dir.config_path())
+                        .map_err(|error| user(error.to_string()))?;
+                }
+                None => {
+                    return Err(user(format!(
+                        "{}: key `quantization_config`: the checkpoint is stored in bitsandbytes 4-bit, and method `{}` trains over a 16-bit base; use method qlora (LoRA over the 4-bit base as stored) or the checkpoint's 16-bit original",
+                        model_dir.config_path().display(),
+                        config.method.name()
+                    )))
+                }
+            }
+        }
         let model = model_dir
             .load(&device, dtype, adapter.linear_factory())
             .map_err(|error| user(error.to_string()))?;
@@ -305,6 +430,9 @@ impl Stage for TrainStage {
                     .as_bytes(),
             );
             hasher.update(file_digest(&data_path)?.as_bytes());
+            if let Some(evaluated) = &evaluated {
+                hasher.update(file_digest(&evaluated.path)?.as_bytes());
+            }
             hasher.update(config_digest.as_bytes());
             hasher.update(&seed.to_le_bytes());
             hasher.update(kind.as_bytes());
@@ -359,29 +487,53 @@ impl Stage for TrainStage {
         };
 
         // The bar shows the raw and the smoothed loss (exponential moving average, bias
-        // corrected as TensorBoard's smoothing) and the learning rate; the reporter adds the ETA.
+        // corrected as TensorBoard's smoothing), the learning rate and the latest evaluation;
+        // the reporter adds the ETA.
         let mut smoothed = 0.0;
         let mut weight = 0.0;
+        let mut last_eval: Option<(f64, u64)> = None;
         let mut observe = |metrics: &crate::train::StepMetrics| {
             smoothed = 0.9 * smoothed + 0.1 * metrics.loss;
             weight = 0.9 * weight + 0.1;
+            let mut message = format!(
+                "loss {:.4} (smoothed {:.4}) · lr {:.1e} · {:.0} tok/s",
+                metrics.loss,
+                smoothed / weight,
+                metrics.lr,
+                metrics.tokens_per_second,
+            );
+            if let Some(eval) = &metrics.eval {
+                last_eval = Some((eval.loss, metrics.step));
+            }
+            // The latest evaluation stays on the bar until the next one.
+            if let Some((loss, step)) = last_eval {
+                message.push_str(&format!(" · eval loss {loss:.4} (step {step})"));
+            }
             ctx.progress.progress(Progress {
                 position: metrics.step,
                 length: Some(metrics.total_steps),
                 unit: "steps",
-                message: format!(
-                    "loss {:.4} (smoothed {:.4}) · lr {:.1e} · {:.0} tok/s",
-                    metrics.loss,
-                    smoothed / weight,
-                    metrics.lr,
-                    metrics.tokens_per_second,
-                ),
+                message,
             });
         };
-        let outcome = crate::train::train(
+        let evaluation = match (config.eval_steps, &evaluated) {
+            (Some(every), Some(evaluated)) => Some(Evaluation {
+                sequences: &evaluated.sequences,
+                every,
+                batch_size: config.batch_size,
+                early_stopping: config.early_stopping.as_ref().map(|early| EarlyStopping {
+                    patience: early.patience,
+                    min_delta: early.min_delta,
+                }),
+                keep_best: config.keep() == KeepChoice::Best,
+            }),
+            _ => None,
+        };
+        let outcome = crate::train::train_with_evaluation(
             model,
             adapter.as_ref(),
             &sequences,
+            evaluation.as_ref(),
             &trainer_settings,
             ctx.cancel,
             &mut observe,
@@ -407,7 +559,7 @@ impl Stage for TrainStage {
         )
         .map_err(|error| user(error.to_string()))?;
         // Only what the inputs determine (no timings, no resume point): see the module docs.
-        let summary = serde_json::json!({
+        let mut summary = serde_json::json!({
             "final_loss": outcome.final_loss,
             "steps": outcome.steps,
             "tokens": outcome.tokens,
@@ -419,18 +571,36 @@ impl Stage for TrainStage {
             "examples_without_completion": counts.without_completion,
             "seed": seed,
         });
+        if let (Some(evaluated), Some(object)) = (&evaluated, summary.as_object_mut()) {
+            object.insert(
+                "evaluation".into(),
+                evaluation_record(config, evaluated, &outcome),
+            );
+        }
         write_json(&ctx.out_dir.join("summary.json"), &summary)?;
-        write_json(
-            &ctx.out_dir.join("base_model.json"),
-            &serde_json::json!({
-                "model": config.model,
-                "path": model_root.display().to_string(),
-                "config_digest": config_digest,
-                "model_type": model_dir.config().model_type(),
-                "device": kind,
-                "dtype": dtype_name,
-            }),
-        )?;
+        if config.tensorboard {
+            crate::train::tensorboard::write_metrics(
+                &ctx.out_dir.join(crate::train::tensorboard::EVENTS_FILE),
+                &outcome.metrics_jsonl,
+            )
+            .map_err(|error| user(error.to_string()))?;
+        }
+        let mut base_record = serde_json::json!({
+            "model": config.model,
+            "path": model_root.display().to_string(),
+            "config_digest": config_digest,
+            "model_type": model_dir.config().model_type(),
+            "device": kind,
+            "dtype": dtype_name,
+        });
+        // A QLoRA run: the 4-bit base evaluation, generation and export must rebuild (the
+        // adapter folder itself is plain PEFT LoRA).
+        if let (Some(quantization), Some(record)) =
+            (adapter.base_quantization(), base_record.as_object_mut())
+        {
+            record.insert("quantization".into(), quantization.to_json());
+        }
+        write_json(&ctx.out_dir.join("base_model.json"), &base_record)?;
         // The artifact is complete: the checkpoints are no longer needed (what stays behind,
         // gc collects).
         if let Some(held) = checkpoints {
@@ -454,6 +624,16 @@ impl Stage for TrainStage {
         }
         if let Some(step) = outcome.resumed_from {
             outcome_summary.insert("resumed_from".into(), serde_json::json!(step));
+        }
+        if let Some(record) = summary.get("evaluation") {
+            for key in ["best_step", "best_eval_loss", "kept_step"] {
+                if let Some(value) = record.get(key) {
+                    outcome_summary.insert(key.into(), value.clone());
+                }
+            }
+            if outcome.stopped_early {
+                outcome_summary.insert("early_stopped_at".into(), serde_json::json!(outcome.steps));
+            }
         }
         Ok(StageOutcome {
             summary: outcome_summary,

@@ -40,6 +40,16 @@ pub struct BenchSettings {
     pub activation_checkpointing: bool,
     /// The device's peak dense bf16 throughput in TFLOP/s, the MFU's denominator (H200: 989).
     pub peak_tflops: f64,
+    /// The PEFT method, as a pipeline's `method:` (the registry builds it); `None`: LoRA of
+    /// `rank`/`alpha` on all seven linears.
+    pub method: Option<BenchMethod>,
+}
+
+/// A method to measure: the config the registry builds and how it was written (its label).
+#[derive(Debug, Clone)]
+pub struct BenchMethod {
+    pub written: String,
+    pub config: crate::config::method::MethodConfig,
 }
 
 /// The H200's (and H100 SXM's) peak dense bf16 tensor throughput, TFLOP/s.
@@ -84,6 +94,9 @@ pub struct BenchResult {
     pub dtype: String,
     pub batch: usize,
     pub sequence_length: usize,
+    /// What was trained: `LoRA r16 α32` by default, else the `--method` as written.
+    #[serde(default)]
+    pub method: String,
     pub rank: usize,
     pub alpha: f64,
     pub base_parameters: u64,
@@ -296,21 +309,41 @@ pub fn run(config_path: &Path, settings: &BenchSettings) -> Result<BenchResult, 
             error.message
         )
     })?;
-    let adapter = LoraAdapter::new(
-        LoraSettings {
-            rank: settings.rank,
-            alpha: settings.alpha,
-            dropout: 0.0,
-            targets: TargetModules::AllLinear,
-            use_rslora: false,
-            fan_in_fan_out: false,
-            seed: settings.seed,
-        },
+    let adapter: Box<dyn Adapter> = match &settings.method {
+        None => Box::new(
+            LoraAdapter::new(
+                LoraSettings {
+                    rank: settings.rank,
+                    alpha: settings.alpha,
+                    dropout: 0.0,
+                    targets: TargetModules::AllLinear,
+                    use_rslora: false,
+                    fan_in_fan_out: false,
+                    seed: settings.seed,
+                },
+                &settings.device,
+            )
+            .map_err(|error| error.to_string())?,
+        ),
+        Some(method) => crate::peft::registry::new_adapter(
+            &method.config,
+            &crate::peft::registry::MethodContext {
+                model_config: &json,
+                device: &settings.device,
+                seed: settings.seed,
+                tokenize: None,
+            },
+        )
+        .map_err(|error| format!("--method: {error}"))?,
+    };
+    let adapter = adapter.as_ref();
+    let model = random_llama(
+        &config,
+        settings.dtype,
         &settings.device,
+        adapter.linear_factory(),
     )
-    .map_err(|error| error.to_string())?;
-    let model = random_llama(&config, settings.dtype, &settings.device, &adapter)
-        .map_err(|error| format!("building the model: {error}"))?;
+    .map_err(|error| format!("building the model: {error}"))?;
     adapter
         .finish_injection(&model)
         .map_err(|error| error.to_string())?;
@@ -348,11 +381,11 @@ pub fn run(config_path: &Path, settings: &BenchSettings) -> Result<BenchResult, 
     let cancel = AtomicBool::new(false);
     let whole_graph = CausalLmLoss {
         model: &model,
-        adapter: &adapter,
+        adapter,
     };
     let checkpointed = CheckpointedLoss {
         model: &model,
-        hooks: HookSource::Adapter(&adapter),
+        hooks: HookSource::Adapter(adapter),
     };
     let loss_model: &dyn LossModel = if settings.activation_checkpointing {
         &checkpointed
@@ -361,13 +394,22 @@ pub fn run(config_path: &Path, settings: &BenchSettings) -> Result<BenchResult, 
     };
     train(
         loss_model,
-        &adapter,
+        adapter,
         &sequences,
         &trainer,
         &cancel,
-        &mut |metrics| steps.push(metrics.clone()),
+        &mut |metrics| {
+            steps.push(metrics.clone());
+            // The timed steps are the profiled range (benches/gpu/kprof reads it).
+            #[cfg(feature = "cuda")]
+            if steps.len() == settings.warmup {
+                let _ = crate::ops::cuda::profiler_range(&settings.device, true);
+            }
+        },
     )
     .map_err(|error| error.to_string())?;
+    #[cfg(feature = "cuda")]
+    let _ = crate::ops::cuda::profiler_range(&settings.device, false);
     let timed: Vec<&StepMetrics> = steps.iter().skip(settings.warmup).collect();
     let pick = |f: fn(&StepMetrics) -> f64| median(timed.iter().map(|m| f(m)).collect());
     let (peak_memory_bytes, peak_memory_source) = peak_memory(&settings.device);
@@ -386,6 +428,10 @@ pub fn run(config_path: &Path, settings: &BenchSettings) -> Result<BenchResult, 
         dtype: format!("{:?}", settings.dtype).to_lowercase(),
         batch: settings.batch,
         sequence_length: settings.sequence_length,
+        method: match &settings.method {
+            None => format!("LoRA r{} α{}", settings.rank, settings.alpha),
+            Some(method) => method.written.clone(),
+        },
         rank: settings.rank,
         alpha: settings.alpha,
         base_parameters: config.parameter_count().unwrap_or(u64::MAX),

@@ -7,6 +7,8 @@
 //!                     optimizer.safetensors   exp_avg/<name>, exp_avg_sq/<name> (f32)
 //!                     metrics.jsonl           metrics lines of steps 1..=40
 //!                     state.json              CheckpointState
+//!                     best.safetensors        the best evaluation's variables (only when the
+//!                                             run evaluates and keeps its best adapter)
 //! ```
 //! A checkpoint is written into a uniquely named hidden `.step-….tmp-XXXXXX` and renamed into
 //! place, so a kill mid-write never leaves a directory a later run trusts; older checkpoints and
@@ -24,6 +26,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
+use super::evaluation::EvaluationState;
 use crate::cache::gc::{lock_checkpoint_dir, CHECKPOINT_LOCK};
 use crate::cache::CacheLock;
 use crate::peft::{safetensors_bytes, write_atomic, PeftError};
@@ -64,6 +67,10 @@ pub struct CheckpointState {
     pub scored_tokens: u64,
     /// Training wall time before this checkpoint, seconds.
     pub elapsed_seconds: f64,
+    /// Evaluation during training: the best step and loss so far and the patience counter
+    /// (absent when the run does not evaluate).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub evaluation: Option<EvaluationState>,
 }
 
 /// A checkpoint read back.
@@ -72,6 +79,8 @@ pub struct Checkpoint {
     pub variables: HashMap<String, Tensor>,
     pub optimizer: HashMap<String, Tensor>,
     pub metrics: String,
+    /// The best evaluation's variables, when the run keeps its best adapter.
+    pub best: Option<HashMap<String, Tensor>>,
     pub path: PathBuf,
 }
 
@@ -155,6 +164,7 @@ pub fn save(
     variables: &[(String, Tensor)],
     optimizer: &[(String, Tensor)],
     metrics: &str,
+    best: Option<&[(String, Tensor)]>,
 ) -> Result<PathBuf, PeftError> {
     std::fs::create_dir_all(dir).map_err(io_error(dir))?;
     let name = step_dir_name(state.step);
@@ -173,6 +183,9 @@ pub fn save(
         &safetensors_bytes(optimizer)?,
     )?;
     write_atomic(&temp.join("metrics.jsonl"), metrics.as_bytes())?;
+    if let Some(best) = best {
+        write_atomic(&temp.join("best.safetensors"), &safetensors_bytes(best)?)?;
+    }
     let state_json = serde_json::to_vec_pretty(state)
         .map_err(|error| PeftError::invalid(format!("checkpoint state: {error}")))?;
     write_atomic(&temp.join("state.json"), &state_json)?;
@@ -225,10 +238,19 @@ pub fn latest(dir: &Path, run_key: &str, device: &Device) -> Result<Option<Check
         ) else {
             continue;
         };
+        let best = if path.join("best.safetensors").exists() {
+            let Some(best) = load("best.safetensors") else {
+                continue;
+            };
+            Some(best)
+        } else {
+            None
+        };
         return Ok(Some(Checkpoint {
             variables,
             optimizer,
             metrics,
+            best,
             state,
             path,
         }));
@@ -250,6 +272,7 @@ mod tests {
             tokens: 100,
             scored_tokens: 40,
             elapsed_seconds: 1.5,
+            evaluation: None,
         }
     }
 
@@ -259,13 +282,22 @@ mod tests {
         let tensor = Tensor::new(&[1.0f32, 2.0], &Device::Cpu).unwrap();
         let vars = vec![("a".to_string(), tensor.clone())];
         let opt = vec![("exp_avg/a".to_string(), tensor)];
-        save(dir.path(), &state(2, "run"), &vars, &opt, "{\"step\":1}\n").unwrap();
+        save(
+            dir.path(),
+            &state(2, "run"),
+            &vars,
+            &opt,
+            "{\"step\":1}\n",
+            None,
+        )
+        .unwrap();
         save(
             dir.path(),
             &state(4, "run"),
             &vars,
             &opt,
             "{\"step\":1}\n{\"step\":2}\n",
+            None,
         )
         .unwrap();
         let names: Vec<String> = std::fs::read_dir(dir.path())
@@ -283,6 +315,43 @@ mod tests {
         assert!(latest(dir.path(), "other run", &Device::Cpu)
             .unwrap()
             .is_none());
+    }
+
+    #[test]
+    fn the_evaluation_state_and_the_best_adapter_round_trip() {
+        let dir = tempfile::tempdir().unwrap();
+        let current = vec![(
+            "a".to_string(),
+            Tensor::new(&[1.0f32], &Device::Cpu).unwrap(),
+        )];
+        let best = vec![(
+            "a".to_string(),
+            Tensor::new(&[0.5f32], &Device::Cpu).unwrap(),
+        )];
+        let mut with_evaluation = state(6, "run");
+        with_evaluation.evaluation = Some(EvaluationState {
+            best_step: Some(4),
+            best_loss: Some(1.25),
+            evaluations_without_improvement: 1,
+        });
+        save(
+            dir.path(),
+            &with_evaluation,
+            &current,
+            &current,
+            "",
+            Some(&best),
+        )
+        .unwrap();
+        let found = latest(dir.path(), "run", &Device::Cpu).unwrap().unwrap();
+        assert_eq!(found.state, with_evaluation);
+        assert_eq!(
+            found.best.unwrap()["a"].to_vec1::<f32>().unwrap(),
+            vec![0.5]
+        );
+        // A best adapter that cannot be read makes the whole checkpoint untrusted.
+        std::fs::write(dir.path().join("step-00000006/best.safetensors"), "half").unwrap();
+        assert!(latest(dir.path(), "run", &Device::Cpu).unwrap().is_none());
     }
 
     #[test]
@@ -305,7 +374,7 @@ mod tests {
         assert!(CheckpointDir::acquire(&path).unwrap().is_none(), "held");
         let tensor = Tensor::new(&[1.0f32], &Device::Cpu).unwrap();
         let vars = vec![("a".to_string(), tensor)];
-        save(held.path(), &state(2, "run"), &vars, &vars, "").unwrap();
+        save(held.path(), &state(2, "run"), &vars, &vars, "", None).unwrap();
         held.clear().unwrap();
         assert!(latest(held.path(), "run", &Device::Cpu).unwrap().is_none());
         assert!(
@@ -326,7 +395,7 @@ mod tests {
         std::fs::write(stale.join("adapter.safetensors"), "half").unwrap();
         let tensor = Tensor::new(&[3.0f32], &Device::Cpu).unwrap();
         let vars = vec![("a".to_string(), tensor)];
-        save(dir.path(), &state(2, "run"), &vars, &vars, "").unwrap();
+        save(dir.path(), &state(2, "run"), &vars, &vars, "", None).unwrap();
         let names: Vec<String> = std::fs::read_dir(dir.path())
             .unwrap()
             .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())

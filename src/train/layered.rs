@@ -24,8 +24,8 @@ use super::pass::{accumulate, ForwardPass};
 use super::trainer::LossModel;
 use crate::data::batch::HostBatch;
 use crate::models::{CausalLm, Hooks, LayerPlan};
-use crate::peft::Adapter;
 use crate::ops::dot_constant;
+use crate::peft::Adapter;
 
 /// A causal LM (adapter injected) scored with next-token cross-entropy like
 /// [`super::CausalLmLoss`], trained with activation checkpointing.

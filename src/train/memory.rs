@@ -1,23 +1,32 @@
 //! A pre-flight estimate of training memory for a batch × sequence, from a model's `config.json`
 //! and a method's trainable-parameter count alone (`peftpipe inspect --method ... --batch B
-//! --sequence S`). An estimate, not a measurement: the GPU figures check it. Pure arithmetic in
-//! f64 bytes; never allocates a tensor, never prints.
+//! --sequence S [--device cuda|cpu]`). An estimate, not a measurement: the GPU figures check it.
+//! Pure arithmetic in f64 bytes; never allocates a tensor, never prints.
 //!
-//! The formula (b = batch, s = sequence, L = layers, h = hidden, kv = kv_dim, i = intermediate,
-//! a = attention heads, V = vocabulary, P = base parameters, T = trainable parameters,
-//! w = bytes per weight/activation element of the compute dtype: 2 for bf16, 4 for f32):
-//! - weights      P · w (the frozen base in the compute dtype)
+//! The formula follows what the code keeps for the backward pass on each device (b = batch,
+//! s = sequence, L = layers, h = hidden, kv = kv_dim, i = intermediate, a = attention heads,
+//! V = vocabulary, P = base parameters, T = trainable parameters, w = bytes per element of the
+//! compute dtype: 2 for bf16, 4 for f32):
+//! - weights      P · w (the frozen base in the compute dtype; QLoRA: its 4-bit base's bytes)
 //! - adapter      T · 4 (trainable variables are f32)
 //! - gradients    T · 4
 //! - optimizer    T · 8 (AdamW's two f32 moments)
-//! - activations  what autograd keeps for the backward pass, per layer and token:
+//! - activations  per layer and token, what autograd keeps:
 //!   attention block: norm input h, normed h, q h, k kv, v kv, context h  → 4h + 2kv;
 //!   MLP block: norm input h, normed h, gate i, up i, silu(gate)·up i      → 2h + 3i;
-//!   plus the attention probabilities a · s per token (no fused attention kernel on the
-//!   backward path). Per layer: b·s·(6h + 2kv + 3i)·w + b·a·s²·w.
+//!   so b·s·(6h + 2kv + 3i)·w per layer, plus what attention keeps:
+//!   - CUDA: the flash kernel (`ops::flash`) saves only its output (the context, counted above)
+//!     and one f32 log-sum-exp per head and query: b·a·s·4; the backward recomputes the
+//!     probabilities.
+//!   - CPU: the explicit composition (`ops::attention`) keeps the probabilities: b·a·s²·w.
+//!
 //!   Without checkpointing: L × that. With activation checkpointing: only each layer's input
 //!   (b·s·h·w per layer) plus one layer recomputed during backward: L·b·s·h·w + one layer.
-//! - logits       b·s·V·4 · 2 (f32 logits for the cross-entropy and their gradient), both ways.
+//! - logits (lm_head + cross-entropy):
+//!   - CUDA: fused and chunked (`ops::next_token_linear_cross_entropy`): the `[b·s, V]` logits
+//!     never exist whole; one chunk of at most 256 MiB of logits and its f32 gradient are live at
+//!     a time, and the hidden-state gradient b·s·h·w is kept for the backward.
+//!   - CPU: the whole f32 logits and their gradient, b·s·V·4 · 2.
 //!
 //! Not counted: the CUDA context and allocator slack (≈0.5–1 GB on a GPU), the tokenized data,
 //! and prompt methods' extra virtual positions (add them to `s`).
@@ -35,11 +44,30 @@ pub struct MemoryQuery {
     pub weight_bytes: usize,
     /// PEFT's trainable-parameter count of the method.
     pub trainable_parameters: u64,
+    /// Where it trains: what attention and the loss keep differs (see the module docs).
+    pub device: MemoryDevice,
+    /// The frozen base's bytes when they are not P · w: QLoRA's 4-bit base (packed codes, absmax
+    /// state, and the 16-bit embeddings, norms and head).
+    pub base_bytes: Option<u64>,
 }
+
+/// The device kind of an estimate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MemoryDevice {
+    /// The flash-attention kernel and the chunked fused lm_head + cross-entropy.
+    Cuda,
+    /// The explicit compositions: attention probabilities and whole logits are kept.
+    Cpu,
+}
+
+/// Bytes of logits one chunk of the fused CUDA lm_head + cross-entropy holds (`ops::cuda`).
+const LOGIT_CHUNK_BYTES: f64 = (256u64 << 20) as f64;
 
 /// The estimate, in bytes, by part.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
 pub struct MemoryEstimate {
+    pub device: MemoryDevice,
     pub batch: usize,
     pub sequence: usize,
     pub weight_bytes_per_element: usize,
@@ -71,16 +99,28 @@ pub fn estimate_training_memory(config: &ModelConfig, query: &MemoryQuery) -> Me
     let base = config.parameter_count().map_or(0.0, |count| count as f64);
     let trainable = query.trainable_parameters as f64;
 
-    let weights = base * w;
+    let weights = query.base_bytes.map_or(base * w, |bytes| bytes as f64);
     let adapter = trainable * 4.0;
     let gradients = trainable * 4.0;
     let optimizer = trainable * 8.0;
-    let per_layer = b * s * (6.0 * h + 2.0 * kv + 3.0 * i) * w + b * a * s * s * w;
-    let logits = b * s * vocab * 4.0 * 2.0;
+    let kept_by_attention = match query.device {
+        MemoryDevice::Cuda => b * a * s * 4.0,
+        MemoryDevice::Cpu => b * a * s * s * w,
+    };
+    let per_layer = b * s * (6.0 * h + 2.0 * kv + 3.0 * i) * w + kept_by_attention;
+    let logits = match query.device {
+        MemoryDevice::Cuda => {
+            // One chunk of logits (compute dtype) and its f32 gradient, plus dhidden.
+            let chunk = (b * s * vocab * w).min(LOGIT_CHUNK_BYTES);
+            chunk + chunk / w * 4.0 + b * s * h * w
+        }
+        MemoryDevice::Cpu => b * s * vocab * 4.0 * 2.0,
+    };
     let activations = layers * per_layer + logits;
     let activations_checkpointed = layers * b * s * h * w + per_layer + logits;
     let fixed = weights + adapter + gradients + optimizer;
     MemoryEstimate {
+        device: query.device,
         batch: query.batch,
         sequence: query.sequence,
         weight_bytes_per_element: query.weight_bytes,
@@ -114,6 +154,8 @@ mod tests {
                 sequence: 4,
                 weight_bytes: 2,
                 trainable_parameters: 100,
+                device: MemoryDevice::Cpu,
+                base_bytes: None,
             },
         );
         assert_eq!(estimate.adapter, 400.0);
@@ -128,6 +170,56 @@ mod tests {
         assert_eq!(
             estimate.weights,
             config.parameter_count().unwrap() as f64 * 2.0
+        );
+        // CUDA: the flash kernel keeps an f32 lse per head and query instead of the
+        // probabilities (2·2·4·4 = 64 per layer), and the chunked loss one chunk of logits
+        // (2·4·32·2 = 512 bytes, under the 256 MiB cap) + its f32 gradient (1024) + dhidden
+        // (2·4·8·2 = 128).
+        let cuda = estimate_training_memory(
+            &config,
+            &MemoryQuery {
+                batch: 2,
+                sequence: 4,
+                weight_bytes: 2,
+                trainable_parameters: 100,
+                device: MemoryDevice::Cuda,
+                base_bytes: None,
+            },
+        );
+        assert_eq!(
+            cuda.activations,
+            3.0 * (1664.0 + 64.0) + 512.0 + 1024.0 + 128.0
+        );
+    }
+
+    #[test]
+    fn the_cuda_logits_stay_within_one_chunk_at_a_large_vocabulary() {
+        // Llama-3-sized vocabulary, 8 × 512 tokens: whole f32 logits + gradient are 3.9 GiB.
+        let config = ModelConfig::from_json(&serde_json::json!({
+            "model_type": "llama", "hidden_size": 64, "intermediate_size": 128,
+            "num_attention_heads": 4, "num_key_value_heads": 4, "num_hidden_layers": 1,
+            "vocab_size": 128256, "max_position_embeddings": 1024, "rms_norm_eps": 1e-5
+        }))
+        .unwrap();
+        let query = |device| MemoryQuery {
+            batch: 8,
+            sequence: 512,
+            weight_bytes: 2,
+            trainable_parameters: 0,
+            device,
+            base_bytes: None,
+        };
+        let cpu = estimate_training_memory(&config, &query(MemoryDevice::Cpu));
+        let cuda = estimate_training_memory(&config, &query(MemoryDevice::Cuda));
+        assert!(
+            cpu.activations > 3.9 * 1024f64.powi(3),
+            "{}",
+            cpu.activations
+        );
+        assert!(
+            cuda.activations < 1.0 * 1024f64.powi(3),
+            "{}",
+            cuda.activations
         );
     }
 }

@@ -6,16 +6,20 @@
 
 pub mod bench;
 pub mod checkpoint;
+pub mod evaluation;
 pub mod layered;
 pub mod memory;
 pub mod optimizer;
 pub mod pass;
 pub mod schedule;
+pub mod tensorboard;
 pub mod trainer;
 
+pub use evaluation::{EarlyStopping, EvalMetrics, Evaluation, EvaluationState};
 pub use layered::{CheckpointedLoss, HookSource};
 pub use optimizer::{AdamW, AdamWSettings};
 pub use schedule::{Schedule, ScheduleKind};
 pub use trainer::{
-    train, CausalLmLoss, LossModel, StepMetrics, TrainError, TrainOutcome, TrainerSettings,
+    train, train_with_evaluation, CausalLmLoss, LossModel, StepMetrics, TrainError, TrainOutcome,
+    TrainerSettings,
 };

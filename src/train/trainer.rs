@@ -19,6 +19,7 @@ use candle_core::{DType, Device, Tensor};
 use serde::Serialize;
 
 use super::checkpoint::{self, CheckpointState, CHECKPOINT_VERSION};
+use super::evaluation::{evaluate, EvalMetrics, Evaluation, EvaluationState};
 use super::optimizer::{clip_coefficient, global_norm, AdamW, AdamWSettings};
 pub use super::pass::{ForwardPass, GraphPass};
 use super::schedule::{Schedule, ScheduleKind};
@@ -137,12 +138,17 @@ pub struct StepMetrics {
     pub optimizer_seconds: f64,
     /// Training wall time so far (including before a resume), seconds.
     pub elapsed_seconds: f64,
+    /// The evaluation after this step, when one ran.
+    pub eval: Option<EvalMetrics>,
 }
 
 /// What a finished run reports.
 #[derive(Debug, Clone)]
 pub struct TrainOutcome {
+    /// Optimizer steps trained (fewer than `planned_steps` when early stopping stopped the run).
     pub steps: u64,
+    /// Optimizer steps the run was set up for (`max_steps`, or the epochs' steps).
+    pub planned_steps: u64,
     pub final_loss: f64,
     pub tokens: u64,
     pub scored_tokens: u64,
@@ -151,6 +157,13 @@ pub struct TrainOutcome {
     pub resumed_from: Option<u64>,
     /// metrics.jsonl contents, including steps before a resume.
     pub metrics_jsonl: String,
+    /// Evaluation during training: the best step and the patience counter (default without).
+    pub evaluation: EvaluationState,
+    /// Early stopping ended the run (after `steps`).
+    pub stopped_early: bool,
+    /// The step whose adapter the variables hold at the end: the best evaluation's with
+    /// `keep_best`, else the last step.
+    pub kept_step: u64,
 }
 
 /// Why training stopped early.
@@ -253,6 +266,33 @@ pub fn train(
     cancel: &AtomicBool,
     observe: &mut dyn FnMut(&StepMetrics),
 ) -> Result<TrainOutcome, TrainError> {
+    train_with_evaluation(model, adapter, sequences, None, settings, cancel, observe)
+}
+
+/// [`train`], evaluating on held-out sequences every `evaluation.every` steps and after the
+/// last one: the figures go into the step's metrics, early stopping may end the run before
+/// its planned steps, and with `keep_best` the adapter's variables end holding the best
+/// evaluation's values. The best-so-far state, the patience counter and the best adapter travel
+/// in checkpoints, so a resumed run ends as an uninterrupted one.
+pub fn train_with_evaluation(
+    model: &dyn LossModel,
+    adapter: &dyn Adapter,
+    sequences: &[Sequence],
+    evaluation: Option<&Evaluation<'_>>,
+    settings: &TrainerSettings,
+    cancel: &AtomicBool,
+    observe: &mut dyn FnMut(&StepMetrics),
+) -> Result<TrainOutcome, TrainError> {
+    if let Some(evaluation) = evaluation {
+        if evaluation.every == 0 {
+            return Err(TrainError::Invalid(
+                "evaluation every 0 steps: use at least 1".into(),
+            ));
+        }
+        if evaluation.sequences.is_empty() {
+            return Err(TrainError::Invalid("no evaluation examples".into()));
+        }
+    }
     if sequences.is_empty() {
         return Err(TrainError::Invalid("no training examples".into()));
     }
@@ -295,6 +335,11 @@ pub fn train(
     let mut scored = 0u64;
     let mut elapsed_before = 0.0;
     let mut resumed_from = None;
+    let mut eval_state = EvaluationState::default();
+    // A copy (own storage: the optimizer updates the variables in place) of the best
+    // evaluation's variables, when the best adapter is kept.
+    let mut best_variables: Option<Vec<(String, Tensor)>> = None;
+    let keep_best = evaluation.is_some_and(|evaluation| evaluation.keep_best);
     if let Some(dir) = &settings.checkpoint_dir {
         if let Some(found) = checkpoint::latest(dir, &settings.run_key, &device)? {
             for (name, var) in &variables {
@@ -317,12 +362,44 @@ pub fn train(
             scored = found.state.scored_tokens;
             elapsed_before = found.state.elapsed_seconds;
             resumed_from = Some(start_step);
+            eval_state = found.state.evaluation.clone().unwrap_or_default();
+            if keep_best && eval_state.best_step.is_some() {
+                let Some(best) = found.best else {
+                    return Err(TrainError::Invalid(format!(
+                        "checkpoint {} records a best step but holds no best adapter",
+                        found.path.display()
+                    )));
+                };
+                best_variables = Some(
+                    variables
+                        .iter()
+                        .map(|(name, _)| {
+                            best.get(name)
+                                .cloned()
+                                .map(|t| (name.clone(), t))
+                                .ok_or_else(|| {
+                                    TrainError::Invalid(format!(
+                                        "checkpoint {}: the best adapter has no variable `{name}`",
+                                        found.path.display()
+                                    ))
+                                })
+                        })
+                        .collect::<Result<_, _>>()?,
+                );
+            }
         }
     }
 
     let started = Instant::now();
     let mut final_loss = f64::NAN;
+    let early_stopping = evaluation.and_then(|evaluation| evaluation.early_stopping);
+    // A run resumed from the checkpoint of the step where patience ran out stops there.
+    let mut stopped_early = eval_state.patience_ran_out(early_stopping);
+    let mut trained = start_step;
     for step in start_step..steps {
+        if stopped_early {
+            break;
+        }
         if cancel.load(Ordering::Relaxed) {
             // Stopping at a step boundary (Ctrl-C, SIGTERM): keep the steps done since the last
             // checkpoint, unless checkpoints are off or this step already has one.
@@ -339,8 +416,16 @@ pub fn train(
                     tokens,
                     scored_tokens: scored,
                     elapsed_seconds: elapsed_before + started.elapsed().as_secs_f64(),
+                    evaluation: evaluation.map(|_| eval_state.clone()),
                 };
-                save_checkpoint(dir, &state, &variables, &optimizer, &metrics_jsonl)?;
+                save_checkpoint(
+                    dir,
+                    &state,
+                    &variables,
+                    &optimizer,
+                    &metrics_jsonl,
+                    best_variables.as_deref(),
+                )?;
             }
             return Err(TrainError::Cancelled { step });
         }
@@ -444,6 +529,36 @@ pub fn train(
         tokens += window_tokens as u64;
         scored += window_scored as u64;
         final_loss = loss_total / window_scored as f64;
+        let done = step + 1;
+        trained = done;
+        // Evaluation (not counted in the step's tokens per second).
+        let mut eval = None;
+        if let Some(evaluation) = evaluation.filter(|e| done % e.every == 0 || done == steps) {
+            let figures = evaluate(
+                model,
+                adapter,
+                evaluation.sequences,
+                evaluation.batch_size,
+                settings.pad_id,
+                done,
+            )?;
+            let verdict = eval_state.record(done, figures.loss, evaluation.early_stopping);
+            if verdict.new_best && evaluation.keep_best {
+                best_variables = Some(
+                    variables
+                        .iter()
+                        .map(|(name, var)| Ok((name.clone(), var.as_tensor().copy()?)))
+                        .collect::<candle_core::Result<_>>()
+                        .map_err(|source| TrainError::Tensor {
+                            step: done,
+                            context: "keeping the best adapter".into(),
+                            source,
+                        })?,
+                );
+            }
+            stopped_early = verdict.stop;
+            eval = Some(figures);
+        }
         let metrics = StepMetrics {
             step: step + 1,
             total_steps: steps,
@@ -458,6 +573,7 @@ pub fn train(
             backward_seconds,
             optimizer_seconds,
             elapsed_seconds: elapsed_before + started.elapsed().as_secs_f64(),
+            eval,
         };
         let line = serde_json::to_string(&metrics_line(&metrics))
             .map_err(|error| TrainError::Invalid(format!("metrics: {error}")))?;
@@ -465,7 +581,6 @@ pub fn train(
         metrics_jsonl.push('\n');
         observe(&metrics);
 
-        let done = step + 1;
         if settings.checkpoint_every > 0 && done % settings.checkpoint_every == 0 && done < steps {
             if let Some(dir) = &settings.checkpoint_dir {
                 let state = CheckpointState {
@@ -477,19 +592,39 @@ pub fn train(
                     tokens,
                     scored_tokens: scored,
                     elapsed_seconds: metrics.elapsed_seconds,
+                    evaluation: evaluation.map(|_| eval_state.clone()),
                 };
-                save_checkpoint(dir, &state, &variables, &optimizer, &metrics_jsonl)?;
+                save_checkpoint(
+                    dir,
+                    &state,
+                    &variables,
+                    &optimizer,
+                    &metrics_jsonl,
+                    best_variables.as_deref(),
+                )?;
             }
         }
     }
+    // The kept adapter: the best evaluation's, restored into the variables.
+    let mut kept_step = trained;
+    if let (Some(best), Some(best_step)) = (&best_variables, eval_state.best_step) {
+        for ((_, var), (_, tensor)) in variables.iter().zip(best) {
+            at_step(trained, "restoring the best adapter", var.set(tensor))?;
+        }
+        kept_step = best_step;
+    }
     Ok(TrainOutcome {
-        steps,
+        steps: trained,
+        planned_steps: steps,
         final_loss,
         tokens,
         scored_tokens: scored,
         wall_seconds: elapsed_before + started.elapsed().as_secs_f64(),
         resumed_from,
         metrics_jsonl,
+        evaluation: eval_state,
+        stopped_early,
+        kept_step,
     })
 }
 
@@ -500,6 +635,7 @@ fn save_checkpoint(
     variables: &[(String, candle_core::Var)],
     optimizer: &AdamW,
     metrics_jsonl: &str,
+    best: Option<&[(String, Tensor)]>,
 ) -> Result<(), TrainError> {
     let current: Vec<(String, Tensor)> = variables
         .iter()
@@ -511,6 +647,7 @@ fn save_checkpoint(
         &current,
         &optimizer.state_tensors(),
         metrics_jsonl,
+        best,
     )?;
     Ok(())
 }
@@ -519,8 +656,9 @@ fn save_checkpoint(
 /// inputs determine, no timings, so an uninterrupted run, a resumed one and a forced retrain write
 /// the same bytes (the file is part of a content-addressed artifact). Timings reach the user
 /// through the progress callback and the run's outcome.
+/// A step with an evaluation adds `eval_loss`, `eval_perplexity` and `eval_scored_tokens`.
 fn metrics_line(metrics: &StepMetrics) -> serde_json::Value {
-    serde_json::json!({
+    let mut line = serde_json::json!({
         "step": metrics.step,
         "epoch": metrics.epoch,
         "loss": metrics.loss,
@@ -528,7 +666,13 @@ fn metrics_line(metrics: &StepMetrics) -> serde_json::Value {
         "grad_norm": metrics.grad_norm,
         "tokens": metrics.tokens,
         "scored_tokens": metrics.scored_tokens,
-    })
+    });
+    if let (Some(eval), Some(object)) = (&metrics.eval, line.as_object_mut()) {
+        object.insert("eval_loss".into(), eval.loss.into());
+        object.insert("eval_perplexity".into(), eval.perplexity.into());
+        object.insert("eval_scored_tokens".into(), eval.scored_tokens.into());
+    }
+    line
 }
 
 /// Restore named tensors into the adapter's variables (e.g. from a saved adapter).

@@ -140,7 +140,8 @@ pub fn redact(text: &str, root: &Path) -> String {
     let text = text.replace(&root.display().to_string(), "[PROJECT]");
     let digests = regex::Regex::new(r"\b[0-9a-f]{64}\b").expect("regex");
     let text = digests.replace_all(&text, "[HASH]");
-    let times = regex::Regex::new(r"\b\d+(\.\d+)?m?s\b|\b\d+m\d\ds\b|\b\d+h\d\dm\b").expect("regex");
+    let times =
+        regex::Regex::new(r"\b\d+(\.\d+)?m?s\b|\b\d+m\d\ds\b|\b\d+h\d\dm\b").expect("regex");
     let text = times.replace_all(&text, "[TIME]");
     // Timing columns change width: collapse runs of spaces in table rows.
     let spaces = regex::Regex::new(r" {2,}").expect("regex");

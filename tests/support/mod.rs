@@ -10,7 +10,10 @@ use std::process::Command;
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
-use peftpipe::models::{llama::Llama, LinearFactory, ModelConfig};
+use peftpipe::config::train::Truncation;
+use peftpipe::data::batch::{fit, Sequence};
+use peftpipe::data::tokenize::TextTokenizer;
+use peftpipe::models::{llama::Llama, CausalLm, Hooks, LinearFactory, ModelConfig};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -136,4 +139,60 @@ pub fn masked_max_abs(
 /// Replace `text` occurrences of `path` with `[NAME]` for snapshots.
 pub fn redact(text: &str, path: &Path, name: &str) -> String {
     text.replace(&path.display().to_string(), name)
+}
+
+/// The stories of one of bevostories' Parquet files (its `text` column).
+pub fn read_texts(path: &Path) -> Vec<String> {
+    use arrow::array::AsArray;
+    let file = std::fs::File::open(path).unwrap();
+    let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file)
+        .unwrap()
+        .build()
+        .unwrap();
+    let mut texts = Vec::new();
+    for batch in reader {
+        let batch = batch.unwrap();
+        let column = batch.column_by_name("text").unwrap();
+        texts.extend(
+            column
+                .as_string::<i32>()
+                .iter()
+                .map(|t| t.unwrap().to_string()),
+        );
+    }
+    texts
+}
+
+/// bevostories' train and validation stories as stories260k sequences (BOS, no EOS, at most 512
+/// tokens): what the perplexity tests train on and score (base validation perplexity 13.37).
+pub fn bevostories(shared: &Path) -> (Vec<Sequence>, Vec<Sequence>) {
+    let tokenizer = TextTokenizer::from_model_dir(&shared.join("models/stories260k")).unwrap();
+    let encode = |file: &str| -> Vec<Sequence> {
+        read_texts(&shared.join("datasets/bevostories").join(file))
+            .iter()
+            .map(|text| {
+                let example = tokenizer.encode_example("", text, false).unwrap();
+                fit(&example, 512, 1, Truncation::PromptLeft).unwrap()
+            })
+            .collect()
+    };
+    (encode("train.parquet"), encode("validation.parquet"))
+}
+
+/// Perplexity over every token after BOS, summed over the sequences, with `hooks` (positions a
+/// prompt method adds in front are dropped); no graph is built (detached inputs).
+pub fn perplexity(model: &dyn CausalLm, hooks: &Hooks, sequences: &[Sequence]) -> f64 {
+    let (mut total, mut count) = (0.0, 0usize);
+    for sequence in sequences {
+        let length = sequence.ids.len();
+        let ids = Tensor::from_vec(sequence.ids.clone(), (1, length), &Device::Cpu).unwrap();
+        let mask = Tensor::ones((1, length), DType::F32, &Device::Cpu).unwrap();
+        let logits = model.forward(&ids, None, hooks).unwrap();
+        let positions = logits.dim(1).unwrap();
+        let logits = logits.narrow(1, positions - length, length).unwrap();
+        let loss = peftpipe::ops::next_token_cross_entropy(&logits, &ids, &mask).unwrap();
+        total += f64::from(loss.sum.to_scalar::<f32>().unwrap());
+        count += loss.count;
+    }
+    (total / count as f64).exp()
 }

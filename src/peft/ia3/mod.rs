@@ -94,7 +94,11 @@ impl Ia3Linear {
             .read()
             .map_err(|_| lock_error(&self.path))?
             .clone();
-        let bias = self.bias.read().map_err(|_| lock_error(&self.path))?.clone();
+        let bias = self
+            .bias
+            .read()
+            .map_err(|_| lock_error(&self.path))?
+            .clone();
         if self.merged.load(Ordering::Acquire) {
             return crate::ops::linear(x, &weight, bias.as_ref());
         }
@@ -175,9 +179,7 @@ impl Ia3Adapter {
                 files.peft_type().unwrap_or("")
             )));
         }
-        if field("modules_to_save").is_some_and(|v| v.as_array().is_none_or(|a| !a.is_empty())) {
-            return Err(files.config_error("`modules_to_save` is not supported for IA3"));
-        }
+        // `modules_to_save` is `peft::auxiliary`'s.
         for key in ["layers_to_transform", "exclude_modules"] {
             if field(key).is_some() {
                 return Err(files.config_error(format!("`{key}` is not supported (must be null)")));
@@ -225,7 +227,11 @@ impl Ia3Adapter {
                     dims[1] == 1
                 };
             if !fits {
-                let expected = if feedforward_shape { "[1, in]" } else { "[out, 1]" };
+                let expected = if feedforward_shape {
+                    "[1, in]"
+                } else {
+                    "[out, 1]"
+                };
                 return Err(files.weights_error(format!(
                     "`{name}` has shape {dims:?}, expected {expected} for a {} module",
                     if feedforward_shape {
@@ -597,7 +603,9 @@ mod tests {
         let other = adapter.build("layer.q", base(3, 5, false)).unwrap();
         let vars = adapter.trainable_vars();
         assert_eq!(
-            vars.iter().map(|(n, v)| (n.as_str(), v.dims().to_vec())).collect::<Vec<_>>(),
+            vars.iter()
+                .map(|(n, v)| (n.as_str(), v.dims().to_vec()))
+                .collect::<Vec<_>>(),
             vec![
                 ("base_model.model.layer.down.ia3_l", vec![1, 5]),
                 ("base_model.model.layer.k.ia3_l", vec![3, 1]),
@@ -643,6 +651,7 @@ mod tests {
     }
 
     #[test]
+    #[allow(clippy::print_stderr)] // a skipped test says why
     fn llama_3_2_3b_default_targets_count_286720_like_peft() {
         let Some(shared) = std::env::var_os("PEFTPIPE_SHARED") else {
             eprintln!("skipped: PEFTPIPE_SHARED not set");

@@ -44,7 +44,9 @@ pub(crate) fn dora_update(
     magnitude: &Tensor,
     norm: &Tensor,
 ) -> candle_core::Result<Tensor> {
-    let factor = magnitude.to_dtype(base.dtype())?.div(&norm.to_dtype(base.dtype())?)?;
+    let factor = magnitude
+        .to_dtype(base.dtype())?
+        .div(&norm.to_dtype(base.dtype())?)?;
     let shifted = factor.affine(1.0, -1.0)?;
     base.broadcast_mul(&shifted)?
         .add(&lora.broadcast_mul(&factor)?)

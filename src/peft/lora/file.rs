@@ -6,8 +6,10 @@
 //! [`LoraFile::settings`].
 //!
 //! DoRA folders (`use_dora: true`) carry one `<module>.lora_magnitude_vector` `[out]` per module.
-//! Refuses what it cannot represent (LoRA bias, trained biases, modules_to_save, tensors
-//! that are not `base_model.model.<module>.lora_{A,B}.weight`). Never prints.
+//! Refuses what it cannot represent (LoRA bias, trained biases, tensors that are not
+//! `base_model.model.<module>.lora_{A,B}.weight`); `modules_to_save` and
+//! `trainable_token_indices` tensors are `peft::auxiliary`'s (`AdapterFiles` keeps them apart).
+//! Never prints.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -77,9 +79,7 @@ impl LoraFile {
                 "`bias` other than \"none\" is not supported".into(),
             ));
         }
-        if field("modules_to_save").is_some_and(|v| v.as_array().is_none_or(|a| !a.is_empty())) {
-            return Err(invalid("`modules_to_save` is not supported".into()));
-        }
+        // `modules_to_save` and `trainable_token_indices` are `peft::auxiliary`'s.
         for key in [
             "layers_to_transform",
             "exclude_modules",

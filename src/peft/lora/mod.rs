@@ -32,7 +32,10 @@ use super::adapter::{PatchChange, WeightPatch};
 use super::format::{json_number, write_adapter_folder, PEFT_PREFIX};
 use super::targets::TargetModules;
 use super::{mix_seed, Adapter, AdapterMode, PeftError, TensorContext};
-use crate::models::{CausalLm, LinearFactory, LinearLayer, LinearWeights};
+use crate::models::{
+    CausalLm, FrozenQuantizedLinear, LinearFactory, LinearLayer, LinearWeights,
+    QuantizedLinearWeights,
+};
 
 /// LoRA hyperparameters, resolved (targets known).
 #[derive(Debug, Clone)]
@@ -70,12 +73,21 @@ struct Runtime {
     dropout_seed: AtomicU64,
 }
 
+/// The frozen base of an adapted layer.
+enum Base {
+    /// The weight `[out, in]` (replaced by the merged weight while merged) and bias.
+    Dense {
+        weight: RwLock<Tensor>,
+        bias: Option<Tensor>,
+    },
+    /// A 4-bit weight (QLoRA): run through the frozen quantized linear op, never merged in place.
+    Quantized(QuantizedLinearWeights),
+}
+
 /// One adapted linear layer.
 struct LoraLinear {
     path: String,
-    /// The frozen weight `[out, in]`; replaced by the merged weight while merged.
-    weight: RwLock<Tensor>,
-    bias: Option<Tensor>,
+    base: Base,
     a: Var,
     b: Var,
     scale: f64,
@@ -124,13 +136,32 @@ fn lock_error(what: &str) -> candle_core::Error {
 }
 
 impl LoraLinear {
+    fn bias(&self) -> Option<&Tensor> {
+        match &self.base {
+            Base::Dense { bias, .. } => bias.as_ref(),
+            Base::Quantized(base) => base.bias.as_ref(),
+        }
+    }
+
+    /// The base weight as a dense tensor: the (possibly merged) dense weight, or the 4-bit
+    /// weight dequantized to its compute dtype.
+    fn dense_weight(&self) -> candle_core::Result<Tensor> {
+        match &self.base {
+            Base::Dense { weight, .. } => {
+                Ok(weight.read().map_err(|_| lock_error(&self.path))?.clone())
+            }
+            Base::Quantized(base) => base.weight.dequantize(base.compute_dtype),
+        }
+    }
+
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let weight = self
-            .weight
-            .read()
-            .map_err(|_| lock_error(&self.path))?
-            .clone();
-        let y = frozen_forward(x, &weight, self.bias.as_ref())?;
+        let (y, dense) = match &self.base {
+            Base::Dense { weight, bias } => {
+                let weight = weight.read().map_err(|_| lock_error(&self.path))?.clone();
+                (frozen_forward(x, &weight, bias.as_ref())?, Some(weight))
+            }
+            Base::Quantized(base) => (base.forward(x)?, None),
+        };
         if self.merged.load(Ordering::Acquire) {
             return Ok(y);
         }
@@ -170,7 +201,12 @@ impl LoraLinear {
         let Some(magnitude) = &self.magnitude else {
             return crate::ops::add_tracked(&y, &delta);
         };
-        // DoRA (PEFT's DoraLinearLayer.forward): the norm of W + s·B·A enters detached.
+        // DoRA (PEFT's DoraLinearLayer.forward): the norm of W + s·B·A enters detached. Over a
+        // 4-bit base (QDoRA), W is the dequantized weight.
+        let weight = match dense {
+            Some(weight) => weight,
+            None => self.dense_weight()?.to_dtype(x.dtype())?,
+        };
         let norm = dora::weight_norm(&weight, &self.delta_weight()?.detach())?.detach();
         let magnitude = if training {
             magnitude.as_tensor().clone()
@@ -180,7 +216,7 @@ impl LoraLinear {
         let base = if dropped {
             frozen_forward(&input.reshape(x.shape())?, &weight, None)?
         } else {
-            match &self.bias {
+            match self.bias() {
                 Some(bias) => y.broadcast_sub(bias)?,
                 None => y.clone(),
             }
@@ -430,6 +466,40 @@ impl LinearFactory for LoraAdapter {
             return Ok(Box::new(FrozenLayer(base)));
         }
         let (out_features, in_features) = base.weight.dims2()?;
+        self.adapt(
+            path,
+            Base::Dense {
+                weight: RwLock::new(base.weight),
+                bias: base.bias,
+            },
+            out_features,
+            in_features,
+        )
+    }
+
+    /// QLoRA: the same layer over a 4-bit base weight (untargeted layers stay frozen 4-bit).
+    fn build_quantized(
+        &self,
+        path: &str,
+        base: QuantizedLinearWeights,
+    ) -> candle_core::Result<Box<dyn LinearLayer>> {
+        if !self.settings.targets.matches(path) {
+            return Ok(Box::new(FrozenQuantizedLinear(base)));
+        }
+        let (out_features, in_features) = base.dims();
+        self.adapt(path, Base::Quantized(base), out_features, in_features)
+    }
+}
+
+impl LoraAdapter {
+    /// Wrap the targeted layer `path` (`[out_features, in_features]`) with its A and B.
+    fn adapt(
+        &self,
+        path: &str,
+        base: Base,
+        out_features: usize,
+        in_features: usize,
+    ) -> candle_core::Result<Box<dyn LinearLayer>> {
         let rank = self.settings.rank;
         let (a, b, scale, magnitude) = match &self.source {
             Source::Init => (
@@ -488,13 +558,21 @@ impl LinearFactory for LoraAdapter {
             // PEFT's init: the row norms of W + s·B·A (B = 0: of W), as the forward computes them.
             (true, None) => {
                 let delta = b.matmul(&a)?.affine(scale, 0.0)?;
-                Some(dora::weight_norm(&base.weight, &delta.to_device(base.weight.device())?)?)
+                let weight = match &base {
+                    Base::Dense { weight, .. } => {
+                        weight.read().map_err(|_| lock_error(path))?.clone()
+                    }
+                    Base::Quantized(base) => base.weight.dequantize(base.compute_dtype)?,
+                };
+                Some(dora::weight_norm(
+                    &weight,
+                    &delta.to_device(weight.device())?,
+                )?)
             }
         };
         let layer = Arc::new(LoraLinear {
             path: path.to_string(),
-            weight: RwLock::new(base.weight),
-            bias: base.bias,
+            base,
             a: Var::from_tensor(&a)?,
             b: Var::from_tensor(&b)?,
             scale,
@@ -603,8 +681,13 @@ impl Adapter for LoraAdapter {
             if layer.merged.load(Ordering::Acquire) {
                 continue;
             }
-            let mut weight = layer
-                .weight
+            let Base::Dense { weight, .. } = &layer.base else {
+                return Err(PeftError::invalid(format!(
+                    "`{}`: a LoRA layer over a 4-bit base is not merged into the 4-bit weight (the update would mostly round away); export a merged 16-bit model over the dequantized base instead",
+                    layer.path
+                )));
+            };
+            let mut weight = weight
                 .write()
                 .map_err(|_| PeftError::invalid(format!("{}: lock poisoned", layer.path)))?;
             let merged = layer
@@ -628,8 +711,10 @@ impl Adapter for LoraAdapter {
             if !layer.merged.load(Ordering::Acquire) {
                 continue;
             }
-            let mut weight = layer
-                .weight
+            let Base::Dense { weight, .. } = &layer.base else {
+                continue;
+            };
+            let mut weight = weight
                 .write()
                 .map_err(|_| PeftError::invalid(format!("{}: lock poisoned", layer.path)))?;
             let original = layer

@@ -18,15 +18,12 @@ use std::sync::OnceLock;
 use candle_core::{DType, Device, Tensor, Var};
 use serde_json::{json, Value};
 
-use super::format::{write_adapter_folder, AdapterFiles};
+use super::format::{write_adapter_folder, AdapterFiles, PROMPT_EMBEDDINGS};
 use super::{
     live, mix_seed, standard_normal, Adapter, AdapterMode, PeftError, TensorContext, Training,
 };
 use crate::config::method::PrefixInit;
 use crate::models::{CausalLm, Hooks};
-
-/// The tensor name PEFT saves.
-pub const PROMPT_EMBEDDINGS: &str = "prompt_embeddings";
 
 /// Prefix tuning hyperparameters.
 #[derive(Debug, Clone)]
@@ -156,14 +153,7 @@ impl PrefixTuningAdapter {
     /// Load PEFT's PREFIX_TUNING folder (the projected table; inference mode).
     pub fn load(dir: &Path, device: &Device) -> Result<Self, PeftError> {
         let mut files = AdapterFiles::read(dir, device)?;
-        let table = files
-            .take(PROMPT_EMBEDDINGS)?
-            .to_dtype(DType::F32)
-            .context(|| format!("{}: prompt_embeddings", files.weights_path.display()))?;
-        files.expect_all_used()?;
-        let (rows, _) = table
-            .dims2()
-            .map_err(|_| files.weights_error("prompt_embeddings is not a matrix"))?;
+        let (table, rows, _) = files.take_prompt_embeddings()?;
         if files
             .config
             .get("num_virtual_tokens")

@@ -16,15 +16,12 @@ use candle_core::{DType, Device, Tensor, Var};
 use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
 
-use super::format::{write_adapter_folder, AdapterFiles};
+use super::format::{write_adapter_folder, AdapterFiles, PROMPT_EMBEDDINGS};
 use super::{
     live, mix_seed, standard_normal, Adapter, AdapterMode, PeftError, TensorContext, Training,
 };
 use crate::config::method::PromptInit;
 use crate::models::{CausalLm, Hooks};
-
-/// The tensor name PEFT saves.
-pub const PROMPT_EMBEDDINGS: &str = "prompt_embeddings";
 
 /// Prompt tuning hyperparameters, resolved (init text tokenized).
 #[derive(Debug, Clone)]
@@ -90,14 +87,7 @@ impl PromptTuningAdapter {
     /// Load PEFT's PROMPT_TUNING folder (inference mode).
     pub fn load(dir: &Path, device: &Device) -> Result<Self, PeftError> {
         let mut files = AdapterFiles::read(dir, device)?;
-        let table = files
-            .take(PROMPT_EMBEDDINGS)?
-            .to_dtype(DType::F32)
-            .context(|| format!("{}: prompt_embeddings", files.weights_path.display()))?;
-        files.expect_all_used()?;
-        let (rows, width) = table
-            .dims2()
-            .map_err(|_| files.weights_error("prompt_embeddings is not a matrix"))?;
+        let (table, rows, width) = files.take_prompt_embeddings()?;
         let declared = |key: &str| files.config.get(key).and_then(Value::as_u64);
         if declared("num_virtual_tokens").is_some_and(|n| n as usize != rows)
             || declared("token_dim").is_some_and(|d| d as usize != width)

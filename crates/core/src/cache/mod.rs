@@ -318,7 +318,14 @@ mod tests {
                     .lock_exclusive(|| waited.store(true, std::sync::atomic::Ordering::SeqCst))
                     .unwrap()
             });
-            std::thread::sleep(std::time::Duration::from_millis(100));
+            // Hold the first lock until the second has reported that it waits (a fixed sleep
+            // here was flaky on a loaded machine: the thread could start after the release).
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+            while !waited.load(std::sync::atomic::Ordering::SeqCst)
+                && std::time::Instant::now() < deadline
+            {
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
             drop(first);
             drop(handle.join().unwrap());
         });

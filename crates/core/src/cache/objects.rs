@@ -69,6 +69,64 @@ impl Manifest {
         })
     }
 
+    /// The manifest of a published destination: a directory's files as [`Manifest::of_directory`]
+    /// lists them, or one plain file as a single entry with an empty path.
+    pub fn of_published(path: &Path) -> Result<Manifest, CacheError> {
+        let metadata = std::fs::symlink_metadata(path).map_err(CacheError::io("inspect", path))?;
+        if !metadata.is_file() {
+            return Self::of_directory(path);
+        }
+        Ok(Manifest {
+            format: MANIFEST_FORMAT,
+            files: vec![ManifestEntry {
+                path: String::new(),
+                size: metadata.len(),
+                blake3: hash_file(path)?,
+            }],
+        })
+    }
+
+    /// The one entry of a single-file manifest ([`Manifest::of_published`] of a file).
+    fn single_file(&self) -> Option<&ManifestEntry> {
+        match self.files.as_slice() {
+            [entry] if entry.path.is_empty() => Some(entry),
+            _ => None,
+        }
+    }
+
+    /// [`Manifest::compare_directory`] for a published destination, which may be one file.
+    pub fn compare_published(
+        &self,
+        path: &Path,
+        digest_of: Option<DigestOf<'_>>,
+    ) -> Result<Option<String>, CacheError> {
+        let Some(entry) = self.single_file() else {
+            return self.compare_directory(path, digest_of);
+        };
+        match std::fs::symlink_metadata(path) {
+            Ok(metadata) if metadata.is_file() => {
+                if metadata.len() != entry.size {
+                    return Ok(Some(format!(
+                        "has {} bytes, expected {}",
+                        metadata.len(),
+                        entry.size
+                    )));
+                }
+            }
+            Ok(_) => return Ok(Some("is not a file".into())),
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
+                return Ok(Some("is missing".into()))
+            }
+            Err(error) => return Err(CacheError::io("inspect", path)(error)),
+        }
+        if let Some(digest_of) = digest_of {
+            if digest_of(path)? != entry.blake3 {
+                return Ok(Some("content differs".into()));
+            }
+        }
+        Ok(None)
+    }
+
     /// The digest naming the object: blake3 of the canonical JSON.
     pub fn digest(&self) -> String {
         let value = serde_json::to_value(self).unwrap_or(serde_json::Value::Null);
@@ -503,6 +561,51 @@ mod tests {
             std::fs::write(full, content).unwrap();
         }
         staging
+    }
+
+    #[test]
+    fn a_published_file_has_a_single_entry_manifest() {
+        let root = tempfile::tempdir().unwrap();
+        let file = root.path().join("model.gguf");
+        std::fs::write(&file, "weights").unwrap();
+        let manifest = Manifest::of_published(&file).unwrap();
+        assert_eq!(manifest.files.len(), 1);
+        assert_eq!(manifest.files[0].path, "");
+        let mut digest = |path: &Path| hash_file(path);
+        assert_eq!(
+            manifest
+                .compare_published(&file, Some(&mut digest))
+                .unwrap(),
+            None
+        );
+        std::fs::write(&file, "WEIGHTS").unwrap();
+        assert_eq!(
+            manifest
+                .compare_published(&file, Some(&mut digest))
+                .unwrap()
+                .as_deref(),
+            Some("content differs")
+        );
+        std::fs::write(&file, "more weights").unwrap();
+        assert_eq!(
+            manifest.compare_published(&file, None).unwrap().as_deref(),
+            Some("has 12 bytes, expected 7")
+        );
+        std::fs::remove_file(&file).unwrap();
+        assert_eq!(
+            manifest.compare_published(&file, None).unwrap().as_deref(),
+            Some("is missing")
+        );
+        std::fs::create_dir(&file).unwrap();
+        assert_eq!(
+            manifest.compare_published(&file, None).unwrap().as_deref(),
+            Some("is not a file")
+        );
+        // A folder keeps the directory manifest.
+        std::fs::write(file.join("a.txt"), "a").unwrap();
+        let folder = Manifest::of_published(&file).unwrap();
+        assert_eq!(folder.files[0].path, "a.txt");
+        assert_eq!(folder.compare_published(&file, None).unwrap(), None);
     }
 
     fn make_writable(path: &Path) {

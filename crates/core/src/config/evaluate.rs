@@ -10,15 +10,34 @@ use std::path::Path;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+use super::template::FewShotStrategy;
 use super::{CheckContext, InputFile, Problem, StageConfig, StageKind, StageSpec, UpstreamRef};
 
-/// The `evaluate` stage: every metric for the base model **and** the adapted model, side by side,
-/// written to `metrics.json`.
+/// The `evaluate` stage: every metric for the base model **and** each candidate — the adapter of
+/// `model`, every adapter of `adapters`, the base model with `few_shot` demonstrations — on the
+/// same rows, written to `metrics.json` and one comparison table (`comparison.json`,
+/// `comparison.md`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct EvaluateConfig {
-    /// Upstream `train` stage: its base model and its adapter are both evaluated.
-    pub model: String,
+    /// Upstream `train` stage: its base model and its adapter are both evaluated (`metrics.json`
+    /// then pairs them as `base` / `adapted`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
+    /// More upstream `train` stages whose adapters are compared on the same rows (`train@*`
+    /// stands for every expansion of a matrix stage). All must train the same base model.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub adapters: Vec<String>,
+    /// The base model to evaluate when no train stage is named (a model directory or
+    /// `hf://org/name`, as the train stage's `model`); its files are part of the fingerprint.
+    /// With train stages it must be their model.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base_model: Option<String>,
+    /// Few-shot prompting as a method: the base model, untrained, on each row's prompt preceded
+    /// by k demonstrations (their prompt and completion) drawn from a template stage's `train`
+    /// split, one candidate per k.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub few_shot: Option<FewShotEvaluation>,
     /// Upstream `template` stage whose rendered rows (`prompt`, `completion`) are evaluated.
     pub data: String,
     /// Split of the template stage to evaluate (its `<split>.parquet`).
@@ -58,6 +77,65 @@ pub struct EvaluateConfig {
     #[serde(default = "default_device")]
     #[schemars(default = "default_device")]
     pub device: String,
+}
+
+/// Few-shot candidates of an evaluate stage (the draws are the template stage's: seeded, from
+/// the `train` split only, never the evaluated row).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct FewShotEvaluation {
+    /// Demonstrations per prompt, one candidate each (`[0, 1, 2, 4]`; 0 is the base model's
+    /// row, which is always evaluated).
+    pub k: Vec<usize>,
+    /// Template stage whose `train` split holds the demonstrations (default: `data`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from: Option<String>,
+    /// How demonstrations are chosen (the template stage's strategies).
+    #[serde(default)]
+    pub strategy: FewShotStrategy,
+    /// Column the `stratified` strategy balances.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stratify_by: Option<String>,
+    /// Demonstrations come from a seeded sample of at most this many rows (per label value
+    /// when stratified).
+    #[serde(default = "default_pool_size")]
+    #[schemars(default = "default_pool_size")]
+    pub pool_size: usize,
+    /// Seed of the draws (default: derived from the pipeline seed and the stage name).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seed: Option<u64>,
+    /// Text after each demonstration (between it and the next one or the row's prompt).
+    #[serde(default = "default_separator")]
+    #[schemars(default = "default_separator")]
+    pub separator: String,
+}
+
+fn default_pool_size() -> usize {
+    1000
+}
+
+fn default_separator() -> String {
+    "\n\n".to_string()
+}
+
+impl EvaluateConfig {
+    /// Every train stage whose adapter is a candidate: `model` first, then `adapters` in
+    /// order, each once.
+    pub fn adapter_stages(&self) -> Vec<&str> {
+        let mut stages: Vec<&str> = Vec::new();
+        for stage in self.model.iter().chain(&self.adapters) {
+            if !stages.contains(&stage.as_str()) {
+                stages.push(stage);
+            }
+        }
+        stages
+    }
+
+    /// The template stage the few-shot demonstrations come from.
+    pub fn few_shot_source(&self) -> Option<&str> {
+        let few_shot = self.few_shot.as_ref()?;
+        Some(few_shot.from.as_deref().unwrap_or(&self.data))
+    }
 }
 
 /// The metrics of an evaluate stage.
@@ -303,21 +381,51 @@ fn check_column(
 
 impl StageSpec for EvaluateConfig {
     fn upstream(&self) -> Vec<UpstreamRef> {
-        vec![
-            UpstreamRef {
+        let mut references: Vec<UpstreamRef> = self
+            .model
+            .iter()
+            .map(|stage| UpstreamRef {
                 key: "model",
-                stage: self.model.clone(),
-            },
-            UpstreamRef {
-                key: "data",
-                stage: self.data.clone(),
-            },
-        ]
+                stage: stage.clone(),
+            })
+            .collect();
+        references.extend(self.adapters.iter().map(|stage| UpstreamRef {
+            key: "adapters",
+            stage: stage.clone(),
+        }));
+        references.push(UpstreamRef {
+            key: "data",
+            stage: self.data.clone(),
+        });
+        if let Some(few_shot) = &self.few_shot {
+            if let Some(from) = &few_shot.from {
+                references.push(UpstreamRef {
+                    key: "few_shot.from",
+                    stage: from.clone(),
+                });
+            }
+        }
+        references
     }
 
-    fn input_files(&self, _project_dir: &Path) -> Result<Vec<InputFile>, String> {
-        // Everything it reads comes from the upstream artifacts.
-        Ok(Vec::new())
+    fn input_files(&self, project_dir: &Path) -> Result<Vec<InputFile>, String> {
+        // Everything else it reads comes from the upstream artifacts; a `base_model` named here
+        // is hashed as the train stage hashes its model.
+        let Some(written) = &self.base_model else {
+            return Ok(Vec::new());
+        };
+        let dir = super::hub::resolve_model_dir(project_dir, written)?;
+        let written = written.trim_end_matches('/');
+        Ok(super::train::model_files(&dir)?
+            .into_iter()
+            .map(|path| InputFile {
+                key: format!(
+                    "{written}/{}",
+                    path.file_name().unwrap_or_default().to_string_lossy()
+                ),
+                path,
+            })
+            .collect())
     }
 
     fn output_columns(&self, _cx: &CheckContext<'_>, _stage: &str) -> Option<Vec<String>> {
@@ -326,13 +434,19 @@ impl StageSpec for EvaluateConfig {
     }
 
     fn check(&self, cx: &CheckContext<'_>, at: &str, problems: &mut Vec<Problem>) {
-        check_upstream_kind(
-            cx,
-            &self.model,
-            StageKind::Train,
-            format!("{at}.model"),
-            problems,
-        );
+        if let Some(model) = &self.model {
+            check_upstream_kind(cx, model, StageKind::Train, format!("{at}.model"), problems);
+        }
+        for (index, stage) in self.adapters.iter().enumerate() {
+            check_upstream_kind(
+                cx,
+                stage,
+                StageKind::Train,
+                format!("{at}.adapters[{index}]"),
+                problems,
+            );
+        }
+        self.check_candidates(cx, at, problems);
         check_upstream_kind(
             cx,
             &self.data,
@@ -451,6 +565,124 @@ impl StageSpec for EvaluateConfig {
 }
 
 impl EvaluateConfig {
+    /// A base model to evaluate, one base model for every candidate, and sound few-shot settings.
+    fn check_candidates(&self, cx: &CheckContext<'_>, at: &str, problems: &mut Vec<Problem>) {
+        let stages = self.adapter_stages();
+        if stages.is_empty() && self.base_model.is_none() {
+            problems.push(
+                Problem::new(
+                    at.to_string(),
+                    "nothing names the model to evaluate",
+                )
+                .with_hint("set `model: TRAIN_STAGE`, `adapters: [TRAIN_STAGE, ...]` or `base_model: MODEL_DIR`"),
+            );
+        }
+        // Every candidate shares the base model: the table compares methods, not models.
+        let mut first: Option<(String, &str)> = self
+            .base_model
+            .as_ref()
+            .map(|model| ("base_model".to_string(), model.as_str()));
+        for stage in &stages {
+            let Some(StageConfig::Train(train)) = cx.pipeline.stages.get(*stage) else {
+                continue;
+            };
+            match &first {
+                None => first = Some((format!("stage `{stage}`"), train.model.as_str())),
+                Some((owner, model)) if *model != train.model => {
+                    let key = if self.model.as_deref() == Some(*stage) {
+                        format!("{at}.model")
+                    } else {
+                        let index = self.adapters.iter().position(|a| a == stage).unwrap_or(0);
+                        format!("{at}.adapters[{index}]")
+                    };
+                    problems.push(
+                        Problem::new(
+                            key,
+                            format!(
+                                "stage `{stage}` trains `{}` but {owner} is `{model}`: every candidate must share one base model",
+                                train.model
+                            ),
+                        )
+                        .about_value(),
+                    );
+                }
+                Some(_) => {}
+            }
+        }
+        let Some(few_shot) = &self.few_shot else {
+            return;
+        };
+        let path = format!("{at}.few_shot");
+        if few_shot.k.is_empty() {
+            problems.push(
+                Problem::new(format!("{path}.k"), "lists no k")
+                    .about_value()
+                    .with_hint("e.g. `k: [0, 1, 2, 4]`"),
+            );
+        }
+        let mut seen = std::collections::BTreeSet::new();
+        for (index, k) in few_shot.k.iter().enumerate() {
+            if !seen.insert(*k) {
+                problems.push(
+                    Problem::new(
+                        format!("{path}.k[{index}]"),
+                        format!("k = {k} is listed twice"),
+                    )
+                    .about_value(),
+                );
+            }
+            if *k > few_shot.pool_size {
+                problems.push(
+                    Problem::new(
+                        format!("{path}.k[{index}]"),
+                        format!(
+                            "k = {k} exceeds pool_size {}: the pool cannot hold that many demonstrations",
+                            few_shot.pool_size
+                        ),
+                    )
+                    .about_value(),
+                );
+            }
+        }
+        if few_shot.pool_size == 0 {
+            problems.push(
+                Problem::new(format!("{path}.pool_size"), "pool_size must be at least 1")
+                    .about_value(),
+            );
+        }
+        if let Some(from) = &few_shot.from {
+            check_upstream_kind(
+                cx,
+                from,
+                StageKind::Template,
+                format!("{path}.from"),
+                problems,
+            );
+        }
+        let source = self.few_shot_source().unwrap_or(&self.data).to_string();
+        match (few_shot.strategy, &few_shot.stratify_by) {
+            (FewShotStrategy::Stratified, None) => problems.push(
+                Problem::new(
+                    format!("{path}.strategy"),
+                    "the `stratified` strategy needs `stratify_by`",
+                )
+                .about_value()
+                .with_hint("name the label column: `stratify_by: label`"),
+            ),
+            (FewShotStrategy::Stratified, Some(column)) => {
+                check_column(cx, &source, column, format!("{path}.stratify_by"), problems)
+            }
+            (_, Some(_)) => problems.push(
+                Problem::new(
+                    format!("{path}.stratify_by"),
+                    "is only used with `strategy: stratified`",
+                )
+                .about_value(),
+            ),
+            (_, None) => {}
+        }
+    }
+
     fn check_accuracy(
         &self,
         cx: &CheckContext<'_>,
@@ -699,6 +931,68 @@ stages:
         );
         assert_eq!(problems.len(), 1, "{problems:?}");
         assert_eq!(problems[0].path, "stages.eval.evaluate.metrics");
+    }
+
+    #[test]
+    fn candidates_need_one_base_model_and_sound_few_shot_settings() {
+        let head = format!(
+            "{HEAD}  other: {{ train: {{ data: prompts, model: another-model }} }}\n  same: {{ train: {{ data: prompts, model: base-model }} }}\n"
+        );
+        let columns = ["prompt", "completion", "label"];
+        let fine = problems_of(
+            &format!(
+                "{head}  eval: {{ evaluate: {{ adapters: [tune, same], data: prompts, few_shot: {{ k: [0, 1, 4], strategy: stratified, stratify_by: label }} }} }}\n"
+            ),
+            &columns,
+        );
+        assert!(fine.is_empty(), "{fine:?}");
+        let mixed = problems_of(
+            &format!("{head}  eval: {{ evaluate: {{ model: tune, adapters: [same, other], data: prompts }} }}\n"),
+            &columns,
+        );
+        assert_eq!(mixed.len(), 1, "{mixed:?}");
+        assert_eq!(mixed[0].path, "stages.eval.evaluate.adapters[1]");
+        assert!(
+            mixed[0].message.contains("one base model"),
+            "{}",
+            mixed[0].message
+        );
+        let nothing = problems_of(
+            &format!("{head}  eval: {{ evaluate: {{ data: prompts, few_shot: {{ k: [1] }} }} }}\n"),
+            &columns,
+        );
+        assert_eq!(nothing.len(), 1, "{nothing:?}");
+        assert!(nothing[0].message.contains("nothing names the model"));
+        let few_shot = problems_of(
+            &format!(
+                "{head}  eval: {{ evaluate: {{ base_model: m, data: prompts, few_shot: {{ k: [2, 2, 9], pool_size: 8, strategy: stratified, from: tune }} }} }}\n"
+            ),
+            &columns,
+        );
+        let paths: Vec<&str> = few_shot.iter().map(|p| p.path.as_str()).collect();
+        assert_eq!(
+            paths,
+            [
+                "stages.eval.evaluate.few_shot.k[1]",
+                "stages.eval.evaluate.few_shot.k[2]",
+                "stages.eval.evaluate.few_shot.from",
+                "stages.eval.evaluate.few_shot.strategy",
+            ]
+        );
+    }
+
+    #[test]
+    fn candidate_stages_are_upstream_in_order_each_once() {
+        let raw = pipeline(&format!(
+            "{HEAD}  eval: {{ evaluate: {{ model: tune, adapters: [tune, x, y], data: prompts, few_shot: {{ k: [1], from: demos }} }} }}\n"
+        ));
+        let StageConfig::Evaluate(config) = &raw.stages["eval"] else {
+            panic!("not an evaluate stage");
+        };
+        assert_eq!(config.adapter_stages(), ["tune", "x", "y"]);
+        let upstream: Vec<String> = config.upstream().into_iter().map(|r| r.stage).collect();
+        assert_eq!(upstream, ["tune", "tune", "x", "y", "prompts", "demos"]);
+        assert_eq!(config.few_shot_source(), Some("demos"));
     }
 
     #[test]

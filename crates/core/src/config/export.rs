@@ -1,5 +1,6 @@
 //! Config of the `export` stage kind and its semantic checks: which trained adapter to export and
-//! where the PEFT adapter folder and/or the merged model folder are published. Pure data plus
+//! where the PEFT adapter folder, the merged model folder and/or the merged model as one GGUF file
+//! are published. Pure data plus
 //! checks: whether a destination may leave the project directory depends on the `run` flag
 //! `--allow-outside-project`, so that part is enforced when publishing (stages/export.rs), while
 //! everything knowable from the file alone is checked here.
@@ -44,6 +45,17 @@ pub struct ExportConfig {
     /// for this checkout when publishing (never the path of the checkout that trained it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub base_model_name_or_path: Option<String>,
+    /// File for the merged model in llama.cpp's GGUF format (llama.cpp tensor names, model and
+    /// tokenizer metadata), relative to the pipeline's directory, e.g. `out/model.gguf`. Replaced
+    /// atomically on each publish. Llama-family models only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gguf: Option<String>,
+    /// Weight type of the GGUF file's matrices: `f16` (the default, as llama.cpp's converter),
+    /// `q8_0` or `q4_k`. Norms and other 1-D tensors stay f32; a matrix whose rows are not a
+    /// multiple of the type's block (32 for q8_0, 256 for q4_k) falls back as llama.cpp's
+    /// quantizer does (q4_k → q5_0 → q8_0 → f16).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gguf_type: Option<GgufType>,
 }
 
 impl ExportConfig {
@@ -56,9 +68,41 @@ impl ExportConfig {
         if let Some(merged) = &self.merged {
             out.push(("merged", merged.as_str()));
         }
+        if let Some(gguf) = &self.gguf {
+            out.push(("gguf", gguf.as_str()));
+        }
         out
     }
 }
+
+/// The weight type of a GGUF export's matrices (llama.cpp's names).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
+pub enum GgufType {
+    /// 16-bit floats: lossless for f16/bf16 bases up to f16 rounding.
+    #[default]
+    #[serde(rename = "f16")]
+    F16,
+    /// 8-bit blocks of 32 with one f16 scale (8.5 bits per weight).
+    #[serde(rename = "q8_0")]
+    Q8_0,
+    /// 4-bit k-quant super-blocks of 256 (4.5 bits per weight).
+    #[serde(rename = "q4_k")]
+    Q4K,
+}
+
+impl GgufType {
+    /// The name as written in the pipeline and in llama.cpp (`f16`, `q8_0`, `q4_k`).
+    pub fn name(self) -> &'static str {
+        match self {
+            GgufType::F16 => "f16",
+            GgufType::Q8_0 => "q8_0",
+            GgufType::Q4K => "q4_k",
+        }
+    }
+}
+
+/// The file name a GGUF destination must end with.
+pub const GGUF_EXTENSION: &str = ".gguf";
 
 /// A floating-point dtype to export the merged model in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
@@ -175,10 +219,20 @@ impl StageSpec for ExportConfig {
             format!("{at}.from"),
             problems,
         );
-        if self.adapter.is_none() && self.merged.is_none() {
+        if self.adapter.is_none() && self.merged.is_none() && self.gguf.is_none() {
             problems.push(Problem::new(at.to_string(), "nothing to export").with_hint(
-                "add `adapter: DIR` (PEFT adapter) and/or `merged: DIR` (merged model)",
+                "add `adapter: DIR` (PEFT adapter), `merged: DIR` (merged model) and/or \
+                 `gguf: FILE.gguf` (merged model for llama.cpp)",
             ));
+        }
+        if self.gguf.is_none() && self.gguf_type.is_some() {
+            problems.push(
+                Problem::new(
+                    at.to_string(),
+                    "`gguf_type` applies to the GGUF file, but there is no `gguf` destination",
+                )
+                .with_hint("add `gguf: out/model.gguf`, or drop it"),
+            );
         }
         if let Some(name) = &self.base_model_name_or_path {
             if name.trim().is_empty() {
@@ -213,7 +267,11 @@ impl StageSpec for ExportConfig {
             );
         }
         let mut expanded = Vec::new();
-        for (key, value) in [("adapter", &self.adapter), ("merged", &self.merged)] {
+        for (key, value) in [
+            ("adapter", &self.adapter),
+            ("merged", &self.merged),
+            ("gguf", &self.gguf),
+        ] {
             let Some(written) = value else { continue };
             let path = format!("{at}.{key}");
             if written.trim().is_empty() {
@@ -236,23 +294,39 @@ impl StageSpec for ExportConfig {
                         );
                         continue;
                     }
+                    if key == "gguf" && !text.to_ascii_lowercase().ends_with(GGUF_EXTENSION) {
+                        problems.push(
+                            Problem::new(path, format!("`{written}` is not a `.gguf` file name"))
+                                .about_value()
+                                .with_hint("`gguf` names the file to write, e.g. `out/model.gguf`"),
+                        );
+                        continue;
+                    }
                     expanded.push((key, path, text));
                 }
                 Err(message) => problems.push(Problem::new(path, message).about_value()),
             }
         }
-        if let [(_, _, first), (_, second_path, second)] = expanded.as_slice() {
-            let first_path = Path::new(first);
-            let second = Path::new(second);
-            if first_path.starts_with(second) || second.starts_with(first_path) {
-                problems.push(
-                    Problem::new(
-                        second_path.clone(),
-                        "the adapter and merged destinations overlap: publishing one would replace the other",
-                    )
-                    .about_value()
-                    .with_hint("use two separate folders, e.g. `out/adapter` and `out/merged`"),
-                );
+        for (index, (first_key, _, first)) in expanded.iter().enumerate() {
+            for (second_key, second_path, second) in &expanded[index + 1..] {
+                let first = Path::new(first);
+                let second = Path::new(second);
+                if first.starts_with(second) || second.starts_with(first) {
+                    problems.push(
+                        Problem::new(
+                            second_path.clone(),
+                            format!(
+                                "the {first_key} and {second_key} destinations overlap: \
+                                 publishing one would replace the other"
+                            ),
+                        )
+                        .about_value()
+                        .with_hint(
+                            "use separate places, e.g. `out/adapter`, `out/merged` and \
+                             `out/model.gguf`",
+                        ),
+                    );
+                }
             }
         }
     }
@@ -336,6 +410,45 @@ stages:
         let problems = problems_of("{ from: tune, adapter: a, dtype: f16 }");
         assert_eq!(problems.len(), 1, "{problems:?}");
         assert!(problems[0].message.contains("no `merged` destination"));
+    }
+
+    #[test]
+    fn a_gguf_destination_is_checked() {
+        assert!(problems_of("{ from: tune, gguf: out/model.gguf }").is_empty());
+        assert!(problems_of("{ from: tune, gguf: m.GGUF, gguf_type: q4_k }").is_empty());
+        assert!(problems_of(
+            "{ from: tune, adapter: out/a, merged: out/m, gguf: out/m.gguf, gguf_type: q8_0 }"
+        )
+        .is_empty());
+        let problems = problems_of("{ from: tune, gguf: out/model.bin }");
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert_eq!(problems[0].path, "stages.out.export.gguf");
+        assert!(problems[0].message.contains("not a `.gguf` file name"));
+        let problems = problems_of("{ from: tune, merged: m, gguf_type: f16 }");
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert!(problems[0].message.contains("no `gguf` destination"));
+        // A GGUF file inside the merged folder would be replaced by the folder's publish.
+        let problems = problems_of("{ from: tune, merged: out, gguf: out/model.gguf }");
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert_eq!(problems[0].path, "stages.out.export.gguf");
+        assert!(problems[0]
+            .message
+            .contains("merged and gguf destinations overlap"));
+    }
+
+    #[test]
+    fn gguf_types_use_llama_cpp_names() {
+        for (written, expected) in [
+            ("f16", GgufType::F16),
+            ("q8_0", GgufType::Q8_0),
+            ("q4_k", GgufType::Q4K),
+        ] {
+            let parsed: GgufType = serde_json::from_value(written.into()).unwrap();
+            assert_eq!(parsed, expected);
+            assert_eq!(parsed.name(), written);
+        }
+        assert!(serde_json::from_value::<GgufType>("q4_0".into()).is_err());
+        assert_eq!(GgufType::default(), GgufType::F16);
     }
 
     #[test]

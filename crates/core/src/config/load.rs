@@ -2119,7 +2119,11 @@ fn path_policy(
             problems.extend(template.path_problems(project_dir, options.allow_outside_project, at));
         }
         StageConfig::Export(export) => {
-            for (key, written) in [("adapter", &export.adapter), ("merged", &export.merged)] {
+            for (key, written) in [
+                ("adapter", &export.adapter),
+                ("merged", &export.merged),
+                ("gguf", &export.gguf),
+            ] {
                 let Some(written) = written else { continue };
                 let path = join_key(at, key);
                 if problems.iter().any(|problem| problem.path == path) {

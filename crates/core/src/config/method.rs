@@ -11,6 +11,7 @@ use serde::de::{self, MapAccess, SeqAccess, Visitor};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use std::borrow::Cow;
 
+pub use super::auxiliary::TrainableTokenIndices;
 use super::probe::LinearLayerShape;
 use super::target_modules::TargetModules;
 use super::Problem;
@@ -30,6 +31,10 @@ pub enum MethodConfig {
     LlamaAdapter(LlamaAdapterConfig),
     /// IA3 (Liu et al. 2022) with Hugging Face PEFT's semantics: learned scaling vectors.
     Ia3(Ia3Config),
+    /// QLoRA (Dettmers et al. 2023): LoRA over a frozen base whose linear layers (all but
+    /// `lm_head`; norms and embeddings stay 16-bit) are stored in 4 bits, bit-exact with
+    /// bitsandbytes; the saved adapter is a plain PEFT LoRA adapter (Llama-family models).
+    Qlora(QloraConfig),
 }
 
 /// How prompt tuning initialises its virtual tokens (PEFT's `prompt_tuning_init`).
@@ -162,6 +167,17 @@ pub struct LoraConfig {
     /// LoRA-updated direction.
     #[serde(default)]
     pub use_dora: bool,
+    /// Token ids whose embedding rows train besides the method (PEFT's `trainable_token_indices`,
+    /// e.g. an EOS the base model never learned): `[ids]` targets the input embedding, and a tied
+    /// `lm_head` follows it; `{embed_tokens: [ids], lm_head: [ids]}` names the modules. Only those
+    /// rows change; they are saved as PEFT's `token_adapter.trainable_tokens_delta`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trainable_token_indices: Option<TrainableTokenIndices>,
+    /// Modules trained fully beside the method, as a trainable copy (PEFT's `modules_to_save`):
+    /// `lm_head` and/or the input embedding (`embed_tokens`, GPT-2's `wte`); names match a module
+    /// name's end, as PEFT matches them. Saved under the module's own weight names.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub modules_to_save: Option<Vec<String>>,
 }
 
 /// IA3 hyperparameters (PEFT's names and defaults).
@@ -179,6 +195,11 @@ pub struct Ia3Config {
     /// (down_proj for Llama; mlp.c_proj for GPT-2).
     #[serde(default)]
     pub feedforward_modules: Option<Vec<String>>,
+    /// Modules trained fully beside the method, as a trainable copy (PEFT's `modules_to_save`):
+    /// `lm_head` and/or the input embedding (`embed_tokens`, GPT-2's `wte`); names match a module
+    /// name's end, as PEFT matches them. Saved under the module's own weight names.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub modules_to_save: Option<Vec<String>>,
 }
 
 fn default_rank() -> usize {
@@ -197,9 +218,156 @@ impl Default for LoraConfig {
             target_modules: None,
             use_rslora: false,
             use_dora: false,
+            trainable_token_indices: None,
+            modules_to_save: None,
         }
     }
 }
+
+/// The 4-bit data type of a QLoRA base (bitsandbytes' `bnb_4bit_quant_type`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum QuantTypeChoice {
+    /// 4-bit NormalFloat: 16 levels at the quantiles of a normal distribution (QLoRA's choice).
+    #[default]
+    Nf4,
+    /// bitsandbytes' 4-bit float (1 sign, 2 exponent, 1 mantissa bit).
+    Fp4,
+}
+
+impl QuantTypeChoice {
+    /// bitsandbytes' name (`nf4`, `fp4`).
+    pub fn name(self) -> &'static str {
+        match self {
+            QuantTypeChoice::Nf4 => "nf4",
+            QuantTypeChoice::Fp4 => "fp4",
+        }
+    }
+}
+
+/// The dtype a QLoRA base layer computes in (bitsandbytes' `bnb_4bit_compute_dtype`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ComputeDtypeChoice {
+    Bf16,
+    F16,
+    F32,
+}
+
+impl ComputeDtypeChoice {
+    /// The dtype name (`bf16`, `f16`, `f32`), as the train stage's `dtype` resolves to.
+    pub fn name(self) -> &'static str {
+        match self {
+            ComputeDtypeChoice::Bf16 => "bf16",
+            ComputeDtypeChoice::F16 => "f16",
+            ComputeDtypeChoice::F32 => "f32",
+        }
+    }
+}
+
+/// QLoRA hyperparameters: LoRA's (PEFT's names and defaults) and the base's 4-bit storage
+/// (bitsandbytes' `BitsAndBytesConfig` names without the `bnb_4bit_` prefix; QLoRA's defaults).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct QloraConfig {
+    /// Rank of the update B·A.
+    #[serde(default = "default_rank")]
+    pub r: usize,
+    /// Scaling numerator: the update is scaled by alpha/r (alpha/√r with rsLoRA).
+    #[serde(default = "default_alpha")]
+    pub alpha: f64,
+    /// Dropout on the adapter's input during training.
+    #[serde(default)]
+    pub dropout: f64,
+    /// Which linear layers get a LoRA update (same forms as LoRA's `target_modules`; QLoRA's
+    /// paper adapts `all-linear`). Default: PEFT's for the architecture. The base weights of
+    /// every linear layer but `lm_head` are stored in 4 bits whether targeted or not.
+    #[serde(default)]
+    pub target_modules: Option<TargetModulesConfig>,
+    /// Rank-stabilised LoRA: scale by alpha/√r.
+    #[serde(default)]
+    pub use_rslora: bool,
+    /// DoRA over the 4-bit base (PEFT's QDoRA): the magnitude starts at the row norms of the
+    /// dequantized weight.
+    #[serde(default)]
+    pub use_dora: bool,
+    /// The 4-bit code book: `nf4` (QLoRA's) or `fp4`.
+    #[serde(default)]
+    pub quant_type: QuantTypeChoice,
+    /// Quantize the per-block absmax values again to 8 bits in blocks of 256 (saves ~0.37 bit
+    /// per weight; QLoRA's default).
+    #[serde(default = "default_true")]
+    pub double_quant: bool,
+    /// Weights per absmax: a power of two from 64 to 4096 (bitsandbytes' `blocksize`).
+    #[serde(default = "default_block_size")]
+    pub block_size: usize,
+    /// The dtype the 4-bit layers compute in (their input is cast to it, their output back).
+    /// Default: the train stage's dtype.
+    #[serde(default)]
+    pub compute_dtype: Option<ComputeDtypeChoice>,
+    /// Token ids whose embedding rows train besides the method (PEFT's `trainable_token_indices`,
+    /// e.g. an EOS the base model never learned): `[ids]` targets the input embedding, and a tied
+    /// `lm_head` follows it; `{embed_tokens: [ids], lm_head: [ids]}` names the modules. Only those
+    /// rows change; they are saved as PEFT's `token_adapter.trainable_tokens_delta`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trainable_token_indices: Option<TrainableTokenIndices>,
+    /// Modules trained fully beside the method, as a trainable copy (PEFT's `modules_to_save`):
+    /// `lm_head` and/or the input embedding (`embed_tokens`, GPT-2's `wte`); names match a module
+    /// name's end, as PEFT matches them. Saved under the module's own weight names.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub modules_to_save: Option<Vec<String>>,
+}
+
+fn default_true() -> bool {
+    true
+}
+fn default_block_size() -> usize {
+    64
+}
+
+impl Default for QloraConfig {
+    fn default() -> Self {
+        QloraConfig::from_lora(&LoraConfig::default())
+    }
+}
+
+impl QloraConfig {
+    /// QLoRA with `lora`'s LoRA settings and QLoRA's quantization defaults.
+    pub fn from_lora(lora: &LoraConfig) -> Self {
+        QloraConfig {
+            r: lora.r,
+            alpha: lora.alpha,
+            dropout: lora.dropout,
+            target_modules: lora.target_modules.clone(),
+            use_rslora: lora.use_rslora,
+            use_dora: lora.use_dora,
+            quant_type: QuantTypeChoice::Nf4,
+            double_quant: true,
+            block_size: default_block_size(),
+            compute_dtype: None,
+            trainable_token_indices: lora.trainable_token_indices.clone(),
+            modules_to_save: lora.modules_to_save.clone(),
+        }
+    }
+
+    /// The LoRA part.
+    pub fn lora(&self) -> LoraConfig {
+        LoraConfig {
+            r: self.r,
+            alpha: self.alpha,
+            dropout: self.dropout,
+            target_modules: self.target_modules.clone(),
+            use_rslora: self.use_rslora,
+            use_dora: self.use_dora,
+            trainable_token_indices: self.trainable_token_indices.clone(),
+            modules_to_save: self.modules_to_save.clone(),
+        }
+    }
+}
+
+/// The block sizes a QLoRA base accepts (bitsandbytes' 4-bit block sizes from 64 up; 32 only
+/// exists for its ROCm builds).
+pub const QLORA_BLOCK_SIZES: [usize; 7] = [64, 128, 256, 512, 1024, 2048, 4096];
 
 /// `target_modules` as written: a list of names, `all-linear`, or `{regex: ...}`.
 #[derive(Debug, Clone, PartialEq)]
@@ -318,7 +486,9 @@ pub fn resolve_targets_for(
 
 /// PEFT's IA3 targets and feed-forward modules for a model type
 /// (`TRANSFORMERS_MODELS_TO_IA3_{TARGET,FEEDFORWARD}_MODULES_MAPPING`).
-pub fn ia3_defaults(model_type: &str) -> Option<(&'static [&'static str], &'static [&'static str])> {
+pub fn ia3_defaults(
+    model_type: &str,
+) -> Option<(&'static [&'static str], &'static [&'static str])> {
     match model_type {
         "llama" | "mistral" => Some((&["k_proj", "v_proj", "down_proj"], &["down_proj"])),
         "gemma" | "gemma2" | "qwen2" => Some((&["q_proj", "v_proj", "down_proj"], &["down_proj"])),
@@ -333,9 +503,8 @@ pub fn resolve_ia3_for(
     model_type: &str,
 ) -> Result<(TargetModules, Vec<String>), String> {
     let defaults = ia3_defaults(model_type);
-    let missing = |what: &str| {
-        format!("no default IA3 {what} for model_type `{model_type}`: set {what}")
-    };
+    let missing =
+        |what: &str| format!("no default IA3 {what} for model_type `{model_type}`: set {what}");
     let targets = match &config.target_modules {
         Some(written) => resolve_targets_for(Some(written), model_type)?,
         None => {
@@ -368,6 +537,26 @@ impl MethodConfig {
             MethodConfig::PrefixTuning(_) => "prefix_tuning",
             MethodConfig::LlamaAdapter(_) => "llama_adapter",
             MethodConfig::Ia3(_) => "ia3",
+            MethodConfig::Qlora(_) => "qlora",
+        }
+    }
+
+    /// The auxiliary trainable modules the method carries (PEFT's `trainable_token_indices` and
+    /// `modules_to_save`; see `config::auxiliary`): LoRA, QLoRA and IA3 (modules only) have them.
+    pub fn auxiliary(&self) -> (Option<&TrainableTokenIndices>, Option<&[String]>) {
+        match self {
+            MethodConfig::Lora(lora) => (
+                lora.trainable_token_indices.as_ref(),
+                lora.modules_to_save.as_deref(),
+            ),
+            MethodConfig::Qlora(qlora) => (
+                qlora.trainable_token_indices.as_ref(),
+                qlora.modules_to_save.as_deref(),
+            ),
+            MethodConfig::Ia3(ia3) => (None, ia3.modules_to_save.as_deref()),
+            MethodConfig::PromptTuning(_)
+            | MethodConfig::PrefixTuning(_)
+            | MethodConfig::LlamaAdapter(_) => (None, None),
         }
     }
 
@@ -376,29 +565,17 @@ impl MethodConfig {
         let problem =
             |key: &str, message: String| Problem::new(format!("{at}.{key}"), message).about_value();
         match self {
-            MethodConfig::Lora(lora) => {
-                if lora.r == 0 {
-                    problems.push(problem("method.lora.r", "must be at least 1".into()));
-                }
-                if !(lora.alpha > 0.0 && lora.alpha.is_finite()) {
+            MethodConfig::Lora(lora) => check_lora(lora, "method.lora", &problem, problems),
+            MethodConfig::Qlora(qlora) => {
+                check_lora(&qlora.lora(), "method.qlora", &problem, problems);
+                if !QLORA_BLOCK_SIZES.contains(&qlora.block_size) {
                     problems.push(problem(
-                        "method.lora.alpha",
+                        "method.qlora.block_size",
                         format!(
-                            "must be positive (the update is scaled by alpha/r), got {}",
-                            lora.alpha
+                            "must be a power of two from 64 to 4096 (bitsandbytes' 4-bit block sizes), got {}",
+                            qlora.block_size
                         ),
                     ));
-                }
-                if !(0.0..1.0).contains(&lora.dropout) {
-                    problems.push(problem(
-                        "method.lora.dropout",
-                        format!("must be in [0, 1), got {}", lora.dropout),
-                    ));
-                }
-                if let Some(TargetModulesConfig::Regex(pattern)) = &lora.target_modules {
-                    if let Err(message) = TargetModules::regex(pattern) {
-                        problems.push(problem("method.lora.target_modules", message));
-                    }
                 }
             }
             MethodConfig::PromptTuning(prompt) => {
@@ -462,6 +639,9 @@ impl MethodConfig {
                 }
             }
             MethodConfig::Ia3(ia3) => {
+                for item in super::auxiliary::check_values(None, ia3.modules_to_save.as_deref()) {
+                    problems.push(problem(&format!("method.ia3.{}", item.field), item.message));
+                }
                 match &ia3.target_modules {
                     Some(TargetModulesConfig::Regex(pattern)) => {
                         if let Err(message) = TargetModules::regex(pattern) {
@@ -511,48 +691,30 @@ impl MethodConfig {
             |key: &str, message: String| Problem::new(format!("{at}.{key}"), message).about_value();
         match self {
             MethodConfig::Lora(lora) => {
-                let targets = match resolve_targets_for(lora.target_modules.as_ref(), model_type) {
-                    Ok(targets) => targets,
-                    Err(message) => {
-                        problems.push(problem("method.lora.target_modules", message));
-                        return;
-                    }
-                };
-                let paths: Vec<&str> = layers.iter().map(|layer| layer.path.as_str()).collect();
-                if let Err(mismatch) = super::target_modules::check_targets(&targets, &paths) {
-                    let key = match mismatch.index {
-                        Some(index) => format!("{at}.method.lora.target_modules[{index}]"),
-                        None => format!("{at}.method.lora.target_modules"),
-                    };
-                    let message = match &mismatch.suggestion {
-                        Some(close) => format!("{}; did you mean `{close}`?", mismatch.message),
-                        None => mismatch.message.clone(),
-                    };
-                    problems.push(
-                        Problem::new(key, message)
-                            .about_value()
-                            .with_hint(mismatch.listing),
-                    );
+                check_lora_against_model(
+                    lora,
+                    &format!("{at}.method.lora"),
+                    model_type,
+                    layers,
+                    problems,
+                );
+            }
+            MethodConfig::Qlora(qlora) => {
+                if model_type == "gpt2" {
+                    problems.push(problem(
+                        "method.qlora",
+                        "QLoRA's 4-bit base is supported for Llama-family models, not gpt2 (use lora)"
+                            .into(),
+                    ));
                     return;
                 }
-                // A rank above a layer's smaller side adds nothing a full-rank update lacks and its
-                // matrices grow with r: `r: 100000` on 64-wide layers allocates gigabytes.
-                if let Some(narrowest) = layers
-                    .iter()
-                    .filter(|layer| targets.matches(&layer.path))
-                    .min_by_key(|layer| layer.in_features.min(layer.out_features))
-                {
-                    let limit = narrowest.in_features.min(narrowest.out_features);
-                    if lora.r > limit {
-                        problems.push(problem(
-                            "method.lora.r",
-                            format!(
-                                "{} exceeds the rank of the targeted layer {} ({} → {} features): r must be at most {limit}",
-                                lora.r, narrowest.path, narrowest.in_features, narrowest.out_features
-                            ),
-                        ));
-                    }
-                }
+                check_lora_against_model(
+                    &qlora.lora(),
+                    &format!("{at}.method.qlora"),
+                    model_type,
+                    layers,
+                    problems,
+                );
             }
             MethodConfig::PromptTuning(_) | MethodConfig::PrefixTuning(_) => {}
             MethodConfig::LlamaAdapter(adapter) => {
@@ -580,6 +742,14 @@ impl MethodConfig {
                 }
             }
             MethodConfig::Ia3(ia3) => {
+                super::auxiliary::check_against_model(
+                    None,
+                    ia3.modules_to_save.as_deref(),
+                    &format!("{at}.method.ia3"),
+                    model_type,
+                    layers,
+                    problems,
+                );
                 let (targets, feedforward) = match resolve_ia3_for(ia3, model_type) {
                     Ok(resolved) => resolved,
                     Err(message) => {
@@ -620,6 +790,104 @@ impl MethodConfig {
                     }
                 }
             }
+        }
+    }
+}
+
+/// LoRA's checks on the values alone, reported under `{at}.{key}.<field>` through `problem`.
+fn check_lora(
+    lora: &LoraConfig,
+    key: &str,
+    problem: &dyn Fn(&str, String) -> Problem,
+    problems: &mut Vec<Problem>,
+) {
+    if lora.r == 0 {
+        problems.push(problem(&format!("{key}.r"), "must be at least 1".into()));
+    }
+    if !(lora.alpha > 0.0 && lora.alpha.is_finite()) {
+        problems.push(problem(
+            &format!("{key}.alpha"),
+            format!(
+                "must be positive (the update is scaled by alpha/r), got {}",
+                lora.alpha
+            ),
+        ));
+    }
+    if !(0.0..1.0).contains(&lora.dropout) {
+        problems.push(problem(
+            &format!("{key}.dropout"),
+            format!("must be in [0, 1), got {}", lora.dropout),
+        ));
+    }
+    if let Some(TargetModulesConfig::Regex(pattern)) = &lora.target_modules {
+        if let Err(message) = TargetModules::regex(pattern) {
+            problems.push(problem(&format!("{key}.target_modules"), message));
+        }
+    }
+    for item in super::auxiliary::check_values(
+        lora.trainable_token_indices.as_ref(),
+        lora.modules_to_save.as_deref(),
+    ) {
+        problems.push(problem(&format!("{key}.{}", item.field), item.message));
+    }
+}
+
+/// LoRA's checks against the model's linear layers; `key` is the full key of the method
+/// (`stages.train.method.lora`).
+fn check_lora_against_model(
+    lora: &LoraConfig,
+    key: &str,
+    model_type: &str,
+    layers: &[LinearLayerShape],
+    problems: &mut Vec<Problem>,
+) {
+    let targets = match resolve_targets_for(lora.target_modules.as_ref(), model_type) {
+        Ok(targets) => targets,
+        Err(message) => {
+            problems.push(Problem::new(format!("{key}.target_modules"), message).about_value());
+            return;
+        }
+    };
+    super::auxiliary::check_against_model(
+        lora.trainable_token_indices.as_ref(),
+        lora.modules_to_save.as_deref(),
+        key,
+        model_type,
+        layers,
+        problems,
+    );
+    let paths: Vec<&str> = layers.iter().map(|layer| layer.path.as_str()).collect();
+    if let Err(mismatch) = super::target_modules::check_targets(&targets, &paths) {
+        let key = match mismatch.index {
+            Some(index) => format!("{key}.target_modules[{index}]"),
+            None => format!("{key}.target_modules"),
+        };
+        let message = match &mismatch.suggestion {
+            Some(close) => format!("{}; did you mean `{close}`?", mismatch.message),
+            None => mismatch.message.clone(),
+        };
+        problems.push(
+            Problem::new(key, message)
+                .about_value()
+                .with_hint(mismatch.listing),
+        );
+        return;
+    }
+    // A rank above a layer's smaller side adds nothing a full-rank update lacks and its
+    // matrices grow with r: `r: 100000` on 64-wide layers allocates gigabytes.
+    if let Some(narrowest) = layers
+        .iter()
+        .filter(|layer| targets.matches(&layer.path))
+        .min_by_key(|layer| layer.in_features.min(layer.out_features))
+    {
+        let limit = narrowest.in_features.min(narrowest.out_features);
+        if lora.r > limit {
+            problems.push(Problem::new(format!("{key}.r"),
+                            format!(
+                                "{} exceeds the rank of the targeted layer {} ({} → {} features): r must be at most {limit}",
+                                lora.r, narrowest.path, narrowest.in_features, narrowest.out_features
+                            ),
+                        ).about_value());
         }
     }
 }
@@ -699,6 +967,85 @@ mod tests {
         assert_eq!(
             problem_keys("llama_adapter: {adapter_len: 0}"),
             ["stages.train.method.llama_adapter.adapter_len"]
+        );
+    }
+
+    #[test]
+    fn qlora_parses_with_qlora_defaults_and_checks_its_fields() {
+        let MethodConfig::Qlora(qlora) = parse("qlora: {r: 16}") else {
+            panic!("qlora")
+        };
+        assert_eq!(qlora.r, 16);
+        assert_eq!(qlora.quant_type, QuantTypeChoice::Nf4);
+        assert!(qlora.double_quant);
+        assert_eq!(qlora.block_size, 64);
+        assert_eq!(qlora.compute_dtype, None);
+        assert_eq!(qlora.lora().alpha, LoraConfig::default().alpha);
+        let MethodConfig::Qlora(qlora) = parse(
+            "qlora: {quant_type: fp4, double_quant: false, block_size: 4096, compute_dtype: bf16}",
+        ) else {
+            panic!("qlora")
+        };
+        assert_eq!(
+            (qlora.quant_type, qlora.double_quant, qlora.block_size),
+            (QuantTypeChoice::Fp4, false, 4096)
+        );
+        assert_eq!(qlora.compute_dtype, Some(ComputeDtypeChoice::Bf16));
+        assert!(problem_keys("qlora: {r: 4, target_modules: all-linear}").is_empty());
+        assert_eq!(
+            problem_keys("qlora: {r: 0, alpha: -1, dropout: 1.5, block_size: 32}"),
+            [
+                "stages.train.method.qlora.r",
+                "stages.train.method.qlora.alpha",
+                "stages.train.method.qlora.dropout",
+                "stages.train.method.qlora.block_size"
+            ]
+        );
+        assert_eq!(
+            problem_keys("qlora: {block_size: 100}"),
+            ["stages.train.method.qlora.block_size"]
+        );
+        for bad in [
+            "qlora: {quant_type: int4}",
+            "qlora: {compute_dtype: f64}",
+            "qlora: {bnb_4bit_quant_type: nf4}",
+        ] {
+            let value: serde_json::Value = serde_norway::from_str(bad).unwrap();
+            assert!(
+                serde_json::from_value::<MethodConfig>(value).is_err(),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn qlora_targets_and_rank_are_checked_against_the_model_like_lora() {
+        let layers: Vec<LinearLayerShape> = ["q_proj", "v_proj"]
+            .iter()
+            .map(|name| LinearLayerShape {
+                path: format!("model.layers.0.self_attn.{name}"),
+                in_features: 8,
+                out_features: 8,
+            })
+            .collect();
+        let check = |yaml: &str, model_type: &str| {
+            let mut problems = Vec::new();
+            parse(yaml).check_against_model("stages.train", model_type, &layers, &mut problems);
+            problems.into_iter().map(|p| p.path).collect::<Vec<_>>()
+        };
+        assert!(check("qlora: {r: 8}", "llama").is_empty());
+        assert_eq!(
+            check("qlora: {r: 9}", "llama"),
+            ["stages.train.method.qlora.r"]
+        );
+        assert_eq!(
+            check("qlora: {target_modules: [q_prj]}", "llama"),
+            ["stages.train.method.qlora.target_modules[0]"]
+        );
+        assert_eq!(check("qlora: {}", "gpt2"), ["stages.train.method.qlora"]);
+        assert_eq!(
+            check("lora: {target_modules: [q_prj]}", "llama"),
+            ["stages.train.method.lora.target_modules[0]"]
         );
     }
 

@@ -16,6 +16,7 @@
 //! project unless `--allow-outside-project`), `project_config.rs` (`.peftpipe/config.yaml`, the
 //! project's settings that are not part of any pipeline: the remote cache).
 
+pub mod auxiliary;
 pub mod chat_template;
 pub mod evaluate;
 pub mod export;

@@ -22,6 +22,19 @@ pub struct LinearLayerShape {
     pub out_features: usize,
 }
 
+/// A checkpoint saved by transformers with bitsandbytes 4-bit: config.json's
+/// `quantization_config` settings that a QLoRA method must repeat (its weights are used as
+/// stored, never re-quantized).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Stored4bit {
+    /// config.json's path, for messages.
+    pub config_path: String,
+    /// `bnb_4bit_quant_type` (`nf4`, `fp4`).
+    pub quant_type: String,
+    /// `bnb_4bit_use_double_quant`.
+    pub double_quant: bool,
+}
+
 /// What validation learns from a model directory's files.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ModelFacts {
@@ -36,6 +49,8 @@ pub struct ModelFacts {
     pub has_eos: Option<bool>,
     /// What will fail when the model is loaded, each naming the file and the cause.
     pub problems: Vec<String>,
+    /// The model is saved in bitsandbytes 4-bit (`None`: 16 or 32 bits).
+    pub stored_4bit: Option<Stored4bit>,
 }
 
 /// The questions semantic checks ask (see the module docs). Errors are messages for the user that
@@ -96,6 +111,7 @@ impl Probe for TestProbe {
             linear_layers: Some(layers),
             has_eos: Some(true),
             problems: Vec::new(),
+            stored_4bit: None,
         }
     }
 }

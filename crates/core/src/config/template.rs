@@ -530,7 +530,7 @@ impl TemplateConfig {
 }
 
 /// The splits an upstream stage writes, when known from its config.
-fn upstream_splits(cx: &CheckContext<'_>, stage: &str) -> Option<Vec<String>> {
+pub(crate) fn upstream_splits(cx: &CheckContext<'_>, stage: &str) -> Option<Vec<String>> {
     match cx.pipeline.stages.get(stage)? {
         StageConfig::Ingest(ingest) => Some(
             ingest

@@ -93,6 +93,42 @@ pub struct TrainConfig {
     /// the artifact, under `.peftpipe/checkpoints/<pipeline>/<stage>/`.
     #[serde(default = "default_checkpoint_every")]
     pub checkpoint_every: u64,
+    /// Evaluate every N optimizer steps (and after the last step) on `eval_split`: the mean NLL
+    /// per completion token (the training loss's masking, no dropout) and its perplexity go into
+    /// metrics.jsonl as `eval_loss` / `eval_perplexity` on that step's line. Unset: no evaluation
+    /// during training.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub eval_steps: Option<u64>,
+    /// Which split file of the upstream artifact (`<split>.parquet`) to evaluate on during
+    /// training; default `eval` (as the evaluate stage). Only with `eval_steps`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(default = "default_eval_split")]
+    pub eval_split: Option<String>,
+    /// Evaluate on at most the first N rows of `eval_split` (file order) so an evaluation stays
+    /// bounded in time; default 256; null evaluates every row. Only with `eval_steps`.
+    #[serde(
+        default = "default_eval_max_rows",
+        skip_serializing_if = "is_default_eval_max_rows"
+    )]
+    #[schemars(extend("default" = DEFAULT_EVAL_MAX_ROWS), range(min = 1))]
+    pub eval_max_rows: Option<usize>,
+    /// Stop training when `metric` has not improved by more than `min_delta` for `patience`
+    /// evaluations in a row. Needs `eval_steps`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub early_stopping: Option<EarlyStoppingConfig>,
+    /// Which adapter is the stage's output: `best` (the lowest `eval_loss` seen; the default when
+    /// `eval_steps` is set) or `last` (the adapter after the last step; the default, and the only
+    /// choice, without evaluation). summary.json records the best step and why training stopped.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keep: Option<KeepChoice>,
+    /// Also write the metrics as TensorBoard scalars to `tensorboard/events.out.tfevents.0.peftpipe`
+    /// in the stage's output (`tensorboard --logdir .peftpipe/out/<pipeline>/<stage>`). The file
+    /// is part of the cached artifact, so it holds only what the inputs determine: wall times are
+    /// 0 and timings (tokens/s) stay out, as in metrics.jsonl.
+    #[serde(default, skip_serializing_if = "is_false")]
+    #[schemars(extend("default" = false))]
+    pub tensorboard: bool,
     /// `auto` (CUDA when built with it, else CPU), `cpu`, `cuda` or `cuda:N`.
     #[serde(default = "default_device")]
     pub device: String,
@@ -113,6 +149,76 @@ impl TrainConfig {
 
 fn default_split() -> String {
     "train".into()
+}
+/// The schema's default of `eval_split` (the field stays `None` when not written, so configs
+/// that do not evaluate keep their fingerprint).
+fn default_eval_split() -> Option<String> {
+    Some("eval".into())
+}
+/// Rows an evaluation during training reads at most, unless `eval_max_rows` says otherwise.
+pub const DEFAULT_EVAL_MAX_ROWS: usize = 256;
+fn default_eval_max_rows() -> Option<usize> {
+    Some(DEFAULT_EVAL_MAX_ROWS)
+}
+fn is_default_eval_max_rows(value: &Option<usize>) -> bool {
+    *value == default_eval_max_rows()
+}
+fn is_false(value: &bool) -> bool {
+    !*value
+}
+fn default_min_delta() -> f64 {
+    0.0
+}
+
+/// Early stopping on an evaluation metric (needs `eval_steps`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct EarlyStoppingConfig {
+    /// Evaluations in a row without improvement after which training stops.
+    #[schemars(range(min = 1))]
+    pub patience: u32,
+    /// The metric watched (lower is better).
+    #[serde(default)]
+    pub metric: EarlyStoppingMetric,
+    /// An evaluation improves only when it beats the best so far by more than this.
+    #[serde(default = "default_min_delta")]
+    pub min_delta: f64,
+}
+
+/// Metrics early stopping can watch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum EarlyStoppingMetric {
+    /// Mean NLL per completion token on `eval_split` (perplexity is its exponential, so it
+    /// ranks evaluations the same way).
+    #[default]
+    EvalLoss,
+}
+
+/// Which adapter a train stage with evaluation outputs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum KeepChoice {
+    /// The adapter of the evaluation with the lowest `eval_loss` (ties: the earliest).
+    Best,
+    /// The adapter after the last step trained.
+    Last,
+}
+
+impl TrainConfig {
+    /// The split evaluated during training (`eval_split`, default `eval`).
+    pub fn eval_split(&self) -> &str {
+        self.eval_split.as_deref().unwrap_or("eval")
+    }
+
+    /// The adapter kept: `best` by default when evaluating, else `last`.
+    pub fn keep(&self) -> KeepChoice {
+        match (self.keep, self.eval_steps) {
+            (Some(choice), _) => choice,
+            (None, Some(_)) => KeepChoice::Best,
+            (None, None) => KeepChoice::Last,
+        }
+    }
 }
 fn default_learning_rate() -> f64 {
     2e-4
@@ -247,6 +353,126 @@ pub fn model_files(dir: &Path) -> Result<Vec<PathBuf>, String> {
     Ok(files)
 }
 
+impl TrainConfig {
+    /// Evaluation during training: `eval_steps` and what depends on it.
+    fn check_evaluation(&self, cx: &CheckContext<'_>, at: &str, problems: &mut Vec<Problem>) {
+        let problem =
+            |key: &str, message: String| Problem::new(format!("{at}.{key}"), message).about_value();
+        let Some(every) = self.eval_steps else {
+            let dependents = [
+                ("eval_split", self.eval_split.is_some()),
+                (
+                    "eval_max_rows",
+                    !is_default_eval_max_rows(&self.eval_max_rows),
+                ),
+                ("early_stopping", self.early_stopping.is_some()),
+                ("keep", self.keep == Some(KeepChoice::Best)),
+            ];
+            for (key, set) in dependents {
+                if set {
+                    problems.push(
+                        problem(key, format!("`{key}` needs evaluation during training"))
+                            .with_hint("set eval_steps: N to evaluate every N optimizer steps"),
+                    );
+                }
+            }
+            return;
+        };
+        if every == 0 {
+            problems.push(problem("eval_steps", "must be at least 1".into()));
+        }
+        if self.eval_max_rows == Some(0) {
+            problems.push(
+                problem("eval_max_rows", "is 0: nothing to evaluate".into())
+                    .with_hint("use null to evaluate every row of the split"),
+            );
+        }
+        let split = self.eval_split();
+        if split.trim().is_empty() {
+            problems.push(problem("eval_split", "the split name is empty".into()));
+        } else if let Some(splits) = super::template::upstream_splits(cx, &self.data) {
+            if !splits.iter().any(|name| name == split) {
+                problems.push(
+                    Problem::new(
+                        format!("{at}.eval_split"),
+                        format!("stage `{}` writes no split named `{split}`", self.data),
+                    )
+                    .about_value()
+                    .with_hint(format!("its splits: {}", splits.join(", "))),
+                );
+            }
+        }
+        if let Some(early) = &self.early_stopping {
+            if early.patience == 0 {
+                problems.push(problem(
+                    "early_stopping.patience",
+                    "must be at least 1 (evaluations without improvement)".into(),
+                ));
+            }
+            if !(early.min_delta >= 0.0 && early.min_delta.is_finite()) {
+                problems.push(problem(
+                    "early_stopping.min_delta",
+                    format!("must be 0 or more, got {}", early.min_delta),
+                ));
+            }
+        }
+    }
+}
+
+/// A model saved in bitsandbytes 4-bit trains only with qlora, whose `quant_type` and
+/// `double_quant` must be the checkpoint's (its weights are used as stored; block sizes are
+/// checked per weight when the model loads).
+fn check_stored_4bit(
+    method: &MethodConfig,
+    stored: &super::probe::Stored4bit,
+    at: &str,
+    problems: &mut Vec<Problem>,
+) {
+    let MethodConfig::Qlora(qlora) = method else {
+        problems.push(
+            Problem::new(
+                format!("{at}.method"),
+                format!(
+                    "{}: the model is saved in bitsandbytes 4-bit (quantization_config), and method `{}` trains over a 16-bit base",
+                    stored.config_path,
+                    method.name()
+                ),
+            )
+            .with_hint("use method qlora (LoRA over the 4-bit base as stored), or the model's 16-bit original"),
+        );
+        return;
+    };
+    let mut differ = |field: &str, key: &str, stored_value: String, asked: String| {
+        problems.push(
+            Problem::new(
+                format!("{at}.method.qlora.{field}"),
+                format!(
+                    "{}: the model is saved with quantization_config.{key} {stored_value}, but this asks for {asked}; a checkpoint saved in 4 bits is trained over as stored, never re-quantized",
+                    stored.config_path
+                ),
+            )
+            .about_value()
+            .with_hint(format!("set {field}: {stored_value}, or train from the 16-bit original")),
+        );
+    };
+    if qlora.quant_type.name() != stored.quant_type {
+        differ(
+            "quant_type",
+            "bnb_4bit_quant_type",
+            stored.quant_type.clone(),
+            qlora.quant_type.name().to_string(),
+        );
+    }
+    if qlora.double_quant != stored.double_quant {
+        differ(
+            "double_quant",
+            "bnb_4bit_use_double_quant",
+            stored.double_quant.to_string(),
+            qlora.double_quant.to_string(),
+        );
+    }
+}
+
 impl StageSpec for TrainConfig {
     fn upstream(&self) -> Vec<UpstreamRef> {
         vec![UpstreamRef {
@@ -355,6 +581,7 @@ impl StageSpec for TrainConfig {
                 ));
             }
         }
+        self.check_evaluation(cx, at, problems);
         self.method.check(at, problems);
         // The model: it must load (config.json, weights, tokenizer) and the targets must fit it.
         let dir = match super::hub::resolve_model_dir(cx.project_dir, &self.model) {
@@ -380,6 +607,9 @@ impl StageSpec for TrainConfig {
                 .about_value()
                 .with_hint("set add_eos: false, or give tokenizer_config.json an eos_token"),
             );
+        }
+        if let Some(stored) = &facts.stored_4bit {
+            check_stored_4bit(&self.method, stored, at, problems);
         }
         if let Some(layers) = &facts.linear_layers {
             self.method.check_against_model(
@@ -466,11 +696,95 @@ mod tests {
         assert_eq!(value, serde_json::json!({"regex": "x"}));
     }
 
+    /// The auxiliary fields are hashed when given (a change reruns the train stage, with the
+    /// changed key as the reason) and absent otherwise (caches of existing pipelines stay fresh).
+    #[test]
+    fn auxiliary_fields_enter_the_fingerprint_only_when_given() {
+        let params = |yaml: &str| {
+            let config = parse(yaml).unwrap();
+            let mut flat = BTreeMap::new();
+            crate::fingerprint::flatten_params(
+                "train",
+                &super::super::StageConfig::Train(Box::new(config)).params(),
+                &mut flat,
+            );
+            flat
+        };
+        let plain = params("data: d\nmodel: m\nmethod: {lora: {r: 4}}");
+        assert!(!plain
+            .keys()
+            .any(|key| key.contains("trainable_token") || key.contains("modules_to_save")));
+        let eos = params("data: d\nmodel: m\nmethod: {lora: {r: 4, trainable_token_indices: [2]}}");
+        assert_eq!(
+            eos.get("train.method.lora.trainable_token_indices[0]"),
+            Some(&serde_json::json!(2))
+        );
+        let other =
+            params("data: d\nmodel: m\nmethod: {lora: {r: 4, trainable_token_indices: [3]}}");
+        assert_ne!(eos, other);
+        let head = params("data: d\nmodel: m\nmethod: {lora: {r: 4, modules_to_save: [lm_head]}}");
+        assert_eq!(
+            head.get("train.method.lora.modules_to_save[0]"),
+            Some(&serde_json::json!("lm_head"))
+        );
+    }
+
     #[test]
     fn unknown_keys_are_errors() {
         assert!(parse("data: d\nmodel: m\nlerning_rate: 1").is_err());
         assert!(parse("data: d\nmodel: m\nmethod: {lora: {rank: 4}}").is_err());
         assert!(parse("data: d\nmodel: m\nmethod: {dora: {}}").is_err());
+    }
+
+    #[test]
+    fn evaluation_settings_are_hashed_only_when_written() {
+        let params =
+            |yaml: &str| super::super::StageConfig::Train(Box::new(parse(yaml).unwrap())).params();
+        // A config that does not evaluate hashes exactly the fields it hashed before.
+        let plain = params("data: d\nmodel: m\n");
+        for key in [
+            "eval_steps",
+            "eval_split",
+            "eval_max_rows",
+            "early_stopping",
+            "keep",
+            "tensorboard",
+        ] {
+            assert!(plain.get(key).is_none(), "{key} in {plain}");
+        }
+        let every_8 = params("data: d\nmodel: m\neval_steps: 8\n");
+        assert_eq!(every_8["eval_steps"], 8);
+        assert_ne!(every_8, params("data: d\nmodel: m\neval_steps: 4\n"));
+        let early = params("data: d\nmodel: m\neval_steps: 8\nearly_stopping: {patience: 2}\n");
+        assert_eq!(
+            early["early_stopping"],
+            serde_json::json!({"patience": 2, "metric": "eval_loss", "min_delta": 0.0})
+        );
+        assert_eq!(
+            params("data: d\nmodel: m\neval_steps: 8\neval_max_rows: null\n")["eval_max_rows"],
+            serde_json::Value::Null
+        );
+        assert_eq!(
+            params("data: d\nmodel: m\ntensorboard: true\n")["tensorboard"],
+            true
+        );
+    }
+
+    #[test]
+    fn keep_defaults_to_best_only_when_evaluating() {
+        assert_eq!(
+            parse("data: d\nmodel: m\n").unwrap().keep(),
+            KeepChoice::Last
+        );
+        let evaluating = parse("data: d\nmodel: m\neval_steps: 5\n").unwrap();
+        assert_eq!(evaluating.keep(), KeepChoice::Best);
+        assert_eq!(evaluating.eval_split(), "eval");
+        assert_eq!(evaluating.eval_max_rows, Some(DEFAULT_EVAL_MAX_ROWS));
+        let last = parse("data: d\nmodel: m\neval_steps: 5\nkeep: last\n").unwrap();
+        assert_eq!(last.keep(), KeepChoice::Last);
+        assert!(parse("data: d\nmodel: m\nkeep: newest\n").is_err());
+        assert!(parse("data: d\nmodel: m\nearly_stopping: {patience: 1, metric: loss}\n").is_err());
+        assert!(parse("data: d\nmodel: m\nearly_stopping: {patients: 1}\n").is_err());
     }
 
     #[test]

@@ -268,7 +268,7 @@ pub fn destination_problems(
             continue;
         };
         let mut digest_of = |path: &Path| index.digest(path);
-        if let Some(detail) = expected.compare_directory(&destination, Some(&mut digest_of))? {
+        if let Some(detail) = expected.compare_published(&destination, Some(&mut digest_of))? {
             reasons.push(DirtyReason::PublishedOutputStale {
                 path: shown,
                 detail,

@@ -153,7 +153,15 @@ pub fn execute(
                     );
                     states[position] = State::Running;
                     running += 1;
+                    let upstream_outcomes = upstream
+                        .keys()
+                        .filter_map(|name| {
+                            let entry = lock_file.stages.get(name)?;
+                            Some((name.clone(), entry.outcome.clone()))
+                        })
+                        .collect();
                     let job = Job {
+                        upstream_outcomes,
                         name: stage_plan.name.clone(),
                         kind: stage_plan.kind.clone(),
                         config,
@@ -307,6 +315,8 @@ struct Job<'a> {
     forced: bool,
     /// Upstream name → output digest.
     upstream: BTreeMap<String, String>,
+    /// Upstream name → the outcome recorded with its output (see `StageContext`).
+    upstream_outcomes: BTreeMap<String, BTreeMap<String, serde_json::Value>>,
 }
 
 struct JobResult {
@@ -343,6 +353,7 @@ struct ContextParts<'a> {
     name: &'a str,
     pipeline: &'a Pipeline,
     upstream: &'a BTreeMap<String, PathBuf>,
+    upstream_outcomes: &'a BTreeMap<String, BTreeMap<String, serde_json::Value>>,
     sink: &'a StageSink<'a>,
     cancel: &'a AtomicBool,
     settings: &'a RunSettings,
@@ -359,6 +370,7 @@ impl<'a> ContextParts<'a> {
             project_dir: &self.pipeline.project_dir,
             out_dir: dir,
             upstream: self.upstream,
+            upstream_outcomes: self.upstream_outcomes,
             seed: self.pipeline.seed,
             progress: self.sink,
             cancel: self.cancel,
@@ -409,6 +421,7 @@ fn run_job(
         name: &job.name,
         pipeline,
         upstream: &upstream,
+        upstream_outcomes: &job.upstream_outcomes,
         sink: &sink,
         cancel,
         settings,
@@ -631,7 +644,7 @@ fn record_destinations(
         destinations: BTreeMap::new(),
     };
     for destination in destinations {
-        let manifest = Manifest::of_directory(&destination).map_err(|error| error.to_string())?;
+        let manifest = Manifest::of_published(&destination).map_err(|error| error.to_string())?;
         record
             .destinations
             .insert(destination.display().to_string(), manifest);

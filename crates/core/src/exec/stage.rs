@@ -60,6 +60,11 @@ pub struct StageContext<'a> {
     pub out_dir: &'a Path,
     /// Upstream stage name → its artifact directory (read-only).
     pub upstream: &'a BTreeMap<String, PathBuf>,
+    /// Upstream stage name → the outcome recorded with the run that produced its artifact (the
+    /// figures the run summary shows: a train stage's wall time and tokens/s). Not part of the
+    /// artifact nor of this stage's fingerprint: the record of how the (hashed) upstream output
+    /// was made. Empty outside the executor.
+    pub upstream_outcomes: &'a BTreeMap<String, BTreeMap<String, serde_json::Value>>,
     /// The pipeline seed (stages derive their own streams from it and their name; both are in
     /// the stage's fingerprint).
     pub seed: u64,

@@ -1,0 +1,336 @@
+//! The evaluate stage's comparison table: one row per candidate (the base model, the base model
+//! with k few-shot demonstrations, each upstream adapter) with what it cost to train — trainable
+//! parameters, train time, tokens/s, peak memory, where the train stage recorded them — and
+//! what it scored on the same rows. Written as `comparison.json` and `comparison.md`; the
+//! reporter prints the same rows. Pure data and text; reads an adapter's method from its
+//! `adapter_config.json` through `peft::format` (the one reader) and never prints.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use super::evaluate::ModelMetrics;
+use super::StageError;
+
+/// What a candidate is.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CandidateKind {
+    /// The base model on the rows as rendered (zero-shot).
+    Base,
+    /// The base model on each row's prompt preceded by `k` demonstrations.
+    FewShot,
+    /// An upstream train stage's adapter.
+    Adapter,
+}
+
+/// One row of the table.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ComparisonRow {
+    /// `base`, `few-shot k=2`, or the train stage's name (`train@lora`).
+    pub candidate: String,
+    pub kind: CandidateKind,
+    /// `base`, `few_shot`, or the adapter's method (`lora`, `dora`, `ia3`, `prompt_tuning`,
+    /// `prefix_tuning`, `llama_adapter`).
+    pub method: String,
+    /// Demonstrations per prompt (few-shot rows).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub k: Option<usize>,
+    /// Trained parameters (0 for the base model and few-shot prompting).
+    pub trainable_parameters: u64,
+    /// Wall time of the training run that produced the adapter.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub train_seconds: Option<f64>,
+    /// Training throughput of that run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tokens_per_second: Option<f64>,
+    /// Peak device memory of that run (recorded on CUDA).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peak_memory_bytes: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub loss: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub perplexity: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub accuracy: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exact_match: Option<f64>,
+}
+
+impl ComparisonRow {
+    /// A row with `metrics`' headline figures and no training cost.
+    pub fn new(
+        candidate: String,
+        kind: CandidateKind,
+        method: &str,
+        metrics: &ModelMetrics,
+    ) -> Self {
+        ComparisonRow {
+            candidate,
+            kind,
+            method: method.to_string(),
+            k: None,
+            trainable_parameters: 0,
+            train_seconds: None,
+            tokens_per_second: None,
+            peak_memory_bytes: None,
+            loss: metrics.loss,
+            perplexity: metrics.perplexity,
+            accuracy: metrics.accuracy.as_ref().map(|report| report.accuracy),
+            exact_match: metrics
+                .exact_match
+                .as_ref()
+                .map(|report| report.exact_match),
+        }
+    }
+
+    /// Fill the training cost from a train artifact (`summary.json`) and the outcome recorded
+    /// with the run that produced it (`wall_seconds`, `tokens_per_second`, `peak_memory_bytes`).
+    pub fn with_training(
+        mut self,
+        train_dir: &Path,
+        outcome: Option<&BTreeMap<String, Value>>,
+    ) -> Result<Self, StageError> {
+        let path = train_dir.join("summary.json");
+        let text = std::fs::read_to_string(&path).map_err(|error| {
+            StageError::user(format!("cannot read {}: {error}", path.display()))
+        })?;
+        let summary: Value = serde_json::from_str(&text).map_err(|error| {
+            StageError::user(format!("{} is not valid JSON: {error}", path.display()))
+        })?;
+        self.trainable_parameters = summary
+            .get("trainable_parameters")
+            .and_then(Value::as_u64)
+            .ok_or_else(|| {
+                StageError::user(format!("{} has no trainable_parameters", path.display()))
+            })?;
+        if let Some(outcome) = outcome {
+            self.train_seconds = outcome.get("wall_seconds").and_then(Value::as_f64);
+            self.tokens_per_second = outcome.get("tokens_per_second").and_then(Value::as_f64);
+            self.peak_memory_bytes = outcome.get("peak_memory_bytes").and_then(Value::as_u64);
+        }
+        Ok(self)
+    }
+}
+
+/// `comparison.json`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Comparison {
+    pub split: String,
+    /// Rows every candidate was scored on.
+    pub rows: usize,
+    pub candidates: Vec<ComparisonRow>,
+}
+
+/// The method of the adapter folder `dir`, as written in YAML.
+pub fn adapter_method(dir: &Path) -> Result<String, StageError> {
+    let config = crate::peft::read_adapter_config(dir)
+        .map_err(|error| StageError::user(error.to_string()))?;
+    let peft_type = crate::peft::format::peft_type(&config).unwrap_or_default();
+    let dora = config.get("use_dora").and_then(Value::as_bool) == Some(true);
+    Ok(match peft_type {
+        "LORA" if dora => "dora",
+        "LORA" => "lora",
+        "IA3" => "ia3",
+        "PROMPT_TUNING" => "prompt_tuning",
+        "PREFIX_TUNING" => "prefix_tuning",
+        "ADAPTION_PROMPT" => "llama_adapter",
+        other => {
+            return Err(StageError::user(format!(
+                "{}: unknown peft_type `{other}` in adapter_config.json",
+                dir.display()
+            )))
+        }
+    }
+    .to_string())
+}
+
+/// The columns the table shows: those with a value in some row, in a fixed order.
+fn columns(comparison: &Comparison) -> Vec<&'static str> {
+    let rows = &comparison.candidates;
+    let any = |test: &dyn Fn(&ComparisonRow) -> bool| rows.iter().any(test);
+    let mut out = vec!["candidate", "method", "trainable params"];
+    if any(&|row| row.train_seconds.is_some()) {
+        out.push("train time");
+    }
+    if any(&|row| row.tokens_per_second.is_some()) {
+        out.push("tokens/s");
+    }
+    if any(&|row| row.peak_memory_bytes.is_some()) {
+        out.push("peak memory");
+    }
+    if any(&|row| row.loss.is_some()) {
+        out.extend(["eval loss", "perplexity"]);
+    }
+    if any(&|row| row.accuracy.is_some()) {
+        out.push("accuracy");
+    }
+    if any(&|row| row.exact_match.is_some()) {
+        out.push("exact match");
+    }
+    out
+}
+
+/// `1234567` → `1,234,567`.
+fn thousands(value: u64) -> String {
+    let digits = value.to_string();
+    let mut out = String::with_capacity(digits.len() + digits.len() / 3);
+    for (index, digit) in digits.chars().enumerate() {
+        if index > 0 && (digits.len() - index) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(digit);
+    }
+    out
+}
+
+/// Seconds as `12.3 s`, `4 min 05 s`.
+fn duration(seconds: f64) -> String {
+    if seconds < 60.0 {
+        format!("{seconds:.1} s")
+    } else {
+        let whole = seconds.round() as u64;
+        format!("{} min {:02} s", whole / 60, whole % 60)
+    }
+}
+
+/// Bytes in binary units (`1.5 GiB`).
+fn binary_bytes(bytes: u64) -> String {
+    const UNITS: [&str; 4] = ["KiB", "MiB", "GiB", "TiB"];
+    let mut value = bytes as f64;
+    if value < 1024.0 {
+        return format!("{bytes} B");
+    }
+    let mut unit = "B";
+    for name in UNITS {
+        if value < 1024.0 {
+            break;
+        }
+        value /= 1024.0;
+        unit = name;
+    }
+    format!("{value:.1} {unit}")
+}
+
+fn cell(row: &ComparisonRow, column: &str) -> String {
+    let or_dash = |value: Option<String>| value.unwrap_or_else(|| "-".to_string());
+    match column {
+        "candidate" => row.candidate.clone(),
+        "method" => match row.k {
+            Some(k) => format!("few_shot (k={k})"),
+            None => row.method.clone(),
+        },
+        "trainable params" => thousands(row.trainable_parameters),
+        "train time" => or_dash(row.train_seconds.map(duration)),
+        "tokens/s" => or_dash(row.tokens_per_second.map(|v| thousands(v.round() as u64))),
+        "peak memory" => or_dash(row.peak_memory_bytes.map(binary_bytes)),
+        "eval loss" => or_dash(row.loss.map(|v| format!("{v:.4}"))),
+        "perplexity" => or_dash(row.perplexity.map(|v| {
+            // An untrained model's perplexity can be astronomically large: keep it readable.
+            if v.abs() >= 1e6 {
+                format!("{v:.3e}")
+            } else {
+                format!("{v:.2}")
+            }
+        })),
+        "accuracy" => or_dash(row.accuracy.map(|v| format!("{:.1}%", v * 100.0))),
+        "exact match" => or_dash(row.exact_match.map(|v| format!("{:.1}%", v * 100.0))),
+        _ => String::new(),
+    }
+}
+
+/// The table as text cells: the header, then one line per candidate.
+pub fn table(comparison: &Comparison) -> Vec<Vec<String>> {
+    let columns = columns(comparison);
+    let mut lines = vec![columns.iter().map(|c| c.to_string()).collect()];
+    for row in &comparison.candidates {
+        lines.push(columns.iter().map(|column| cell(row, column)).collect());
+    }
+    lines
+}
+
+/// `comparison.md`: a heading line and a GitHub-flavoured Markdown table (numbers right-aligned).
+pub fn markdown(comparison: &Comparison) -> String {
+    let lines = table(comparison);
+    let mut text = format!(
+        "Comparison on split `{}` ({} rows, the same rows for every candidate).\n\n",
+        comparison.split, comparison.rows
+    );
+    let escape = |cell: &str| cell.replace('|', "\\|");
+    for (index, line) in lines.iter().enumerate() {
+        let cells: Vec<String> = line.iter().map(|cell| escape(cell)).collect();
+        let _ = writeln!(text, "| {} |", cells.join(" | "));
+        if index == 0 {
+            let rule: Vec<&str> = line
+                .iter()
+                .map(|name| match name.as_str() {
+                    "candidate" | "method" => "---",
+                    _ => "---:",
+                })
+                .collect();
+            let _ = writeln!(text, "|{}|", rule.join("|"));
+        }
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn markdown_shows_only_recorded_columns_and_every_row() {
+        let metrics = ModelMetrics {
+            loss: Some(2.5),
+            perplexity: Some(2.5f64.exp()),
+            ..ModelMetrics::default()
+        };
+        let mut adapter = ComparisonRow::new(
+            "train@lora".into(),
+            CandidateKind::Adapter,
+            "lora",
+            &metrics,
+        );
+        adapter.trainable_parameters = 1234;
+        adapter.train_seconds = Some(3.5);
+        adapter.tokens_per_second = Some(2000.0);
+        let mut few = ComparisonRow::new(
+            "few-shot k=2".into(),
+            CandidateKind::FewShot,
+            "few_shot",
+            &metrics,
+        );
+        few.k = Some(2);
+        let comparison = Comparison {
+            split: "eval".into(),
+            rows: 5,
+            candidates: vec![
+                ComparisonRow::new("base".into(), CandidateKind::Base, "base", &metrics),
+                few,
+                adapter,
+            ],
+        };
+        let text = markdown(&comparison);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(
+            lines[2],
+            "| candidate | method | trainable params | train time | tokens/s | eval loss | perplexity |"
+        );
+        assert_eq!(lines[3], "|---|---|---:|---:|---:|---:|---:|");
+        assert!(
+            lines[5].starts_with("| few-shot k=2 | few_shot (k=2) | 0 | - | - | 2.5000 | 12.18 |"),
+            "{}",
+            lines[5]
+        );
+        assert!(
+            lines[6].starts_with("| train@lora | lora | 1,234 |"),
+            "{}",
+            lines[6]
+        );
+        assert_eq!(lines.len(), 7);
+        assert!(!text.contains("peak memory"));
+    }
+}
