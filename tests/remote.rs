@@ -4,13 +4,14 @@
 //! the remote comes from the flag, the environment or `.peftpipe/config.yaml`. Against a local
 //! directory always, and against a real S3-compatible server on loopback (moto's) where its
 //! Python package is installed (skipped with the reason otherwise).
-#![expect(clippy::print_stderr, reason = "tests print skip reasons")]
+#![cfg_attr(
+    feature = "cloud",
+    expect(clippy::print_stderr, reason = "tests print skip reasons")
+)]
 
 mod exec_support;
 
-use std::io::BufRead;
-use std::path::Path;
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Output, Stdio};
 
 use exec_support::{stderr, stdout, tree, Project};
 
@@ -297,6 +298,9 @@ fn pulling_a_pipeline_never_pushed_names_the_remote_and_key() {
 #[cfg(feature = "cloud")]
 mod cloud {
     use super::*;
+    use std::io::BufRead;
+    use std::path::Path;
+    use std::process::Command;
 
     /// A storage server of `tests/python/remote_server.py` on loopback; stopped when dropped.
     struct Server {
@@ -307,7 +311,8 @@ mod cloud {
     impl Server {
         /// Start one, or None with the reason printed (no python3, or its package missing).
         fn start(kind: &str, argument: &str) -> Option<Server> {
-            let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/python/remote_server.py");
+            let script =
+                Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/python/remote_server.py");
             let child = Command::new("python3")
                 .arg(&script)
                 .args([kind, argument])
@@ -412,5 +417,8 @@ fn a_cloud_remote_without_the_cloud_feature_says_how_to_get_it() {
     );
     assert_eq!(failed.status.code(), Some(1));
     let message = stderr(&failed);
-    assert!(message.contains("`s3://` remotes need a build with the `cloud` feature"), "{message}");
+    assert!(
+        message.contains("`s3://` remotes need a build with the `cloud` feature"),
+        "{message}"
+    );
 }

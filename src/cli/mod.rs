@@ -135,16 +135,20 @@ pub enum Command {
     )]
     Gc(gc::GcArgs),
     /// Copy the cache's outputs, run records and lock files to a remote cache.
-    #[command(after_help = "Examples:\n  peftpipe push pipelines/quickstart.yaml --remote s3://team-bucket/peftpipe\n  \
+    #[command(
+        after_help = "Examples:\n  peftpipe push pipelines/quickstart.yaml --remote s3://team-bucket/peftpipe\n  \
         peftpipe push --remote /mnt/shared/peftpipe-cache   # the whole cache\n  \
         peftpipe push pipelines/quickstart.yaml   # the remote of pipelines/.peftpipe/config.yaml\n\n\
         Credentials come from the environment (AWS_*, GOOGLE_*, AZURE_*); an S3-compatible server\n\
-        through AWS_ENDPOINT (and AWS_ALLOW_HTTP=true for plain http).")]
+        through AWS_ENDPOINT (and AWS_ALLOW_HTTP=true for plain http)."
+    )]
     Push(remote::RemoteArgs),
     /// Copy outputs, run records and lock files from a remote cache, checking every file.
-    #[command(after_help = "Examples:\n  peftpipe pull pipelines/quickstart.yaml --remote s3://team-bucket/peftpipe\n  \
+    #[command(
+        after_help = "Examples:\n  peftpipe pull pipelines/quickstart.yaml --remote s3://team-bucket/peftpipe\n  \
         peftpipe pull pipelines/quickstart.yaml && peftpipe run pipelines/quickstart.yaml   # restores, trains nothing\n  \
-        PEFTPIPE_REMOTE=https://dav.example/peftpipe peftpipe pull   # everything on the remote")]
+        PEFTPIPE_REMOTE=https://dav.example/peftpipe peftpipe pull   # everything on the remote"
+    )]
     Pull(remote::RemoteArgs),
     /// Describe a model: architecture, parameters, dtype, what LoRA targets would match.
     #[command(

@@ -37,6 +37,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+#[cfg(feature = "cloud")]
 use std::time::Duration;
 
 use futures_util::stream::{StreamExt, TryStreamExt};
@@ -804,55 +805,57 @@ fn cloud_store(
     url: &url::Url,
 ) -> Result<Arc<dyn ObjectStore>, String> {
     use object_store::ObjectStoreScheme as Scheme;
-    let built: Result<Arc<dyn ObjectStore>, object_store::Error> = match scheme {
-        Scheme::Local => {
-            let path = url
-                .to_file_path()
-                .map_err(|()| format!("`{url}` is not a local path"))?;
-            return local_store(&path);
-        }
-        #[cfg(feature = "cloud")]
-        Scheme::AmazonS3 => object_store::aws::AmazonS3Builder::from_env()
-            .with_url(url.as_str())
-            .with_retry(retry_config())
-            .build()
-            .map(|store| Arc::new(store) as _),
-        #[cfg(feature = "cloud")]
-        Scheme::GoogleCloudStorage => object_store::gcp::GoogleCloudStorageBuilder::from_env()
-            .with_url(url.as_str())
-            .with_retry(retry_config())
-            .build()
-            .map(|store| Arc::new(store) as _),
-        #[cfg(feature = "cloud")]
-        Scheme::MicrosoftAzure => object_store::azure::MicrosoftAzureBuilder::from_env()
-            .with_url(url.as_str())
-            .with_retry(retry_config())
-            .build()
-            .map(|store| Arc::new(store) as _),
-        #[cfg(feature = "cloud")]
-        Scheme::Http => {
-            // The store is the server; the URL's path is the prefix of every key.
-            let origin = &url[..url::Position::BeforePath];
-            // Plain `http://` is what the user wrote (a server on the LAN or loopback).
-            let options =
-                object_store::ClientOptions::new().with_allow_http(url.scheme() == "http");
-            object_store::http::HttpBuilder::new()
-                .with_url(origin)
-                .with_client_options(options)
-                .with_retry(retry_config())
-                .build()
-                .map(|store| Arc::new(store) as _)
-        }
-        #[cfg(not(feature = "cloud"))]
+    if let Scheme::Local = scheme {
+        let path = url
+            .to_file_path()
+            .map_err(|()| format!("`{url}` is not a local path"))?;
+        return local_store(&path);
+    }
+    #[cfg(not(feature = "cloud"))]
+    return Err(match scheme {
         Scheme::AmazonS3 | Scheme::GoogleCloudStorage | Scheme::MicrosoftAzure | Scheme::Http => {
-            return Err(format!(
+            format!(
                 "`{}://` remotes need a build with the `cloud` feature (`cargo install --features cloud` / `cargo build --release --features cloud`); this build reads and writes directory remotes only",
                 url.scheme()
-            ))
+            )
         }
-        other => return Err(format!("unsupported kind of store {other:?}")),
-    };
-    built.map_err(|error| error.to_string())
+        other => format!("unsupported kind of store {other:?}"),
+    });
+    #[cfg(feature = "cloud")]
+    {
+        let built: Result<Arc<dyn ObjectStore>, object_store::Error> = match scheme {
+            Scheme::AmazonS3 => object_store::aws::AmazonS3Builder::from_env()
+                .with_url(url.as_str())
+                .with_retry(retry_config())
+                .build()
+                .map(|store| Arc::new(store) as _),
+            Scheme::GoogleCloudStorage => object_store::gcp::GoogleCloudStorageBuilder::from_env()
+                .with_url(url.as_str())
+                .with_retry(retry_config())
+                .build()
+                .map(|store| Arc::new(store) as _),
+            Scheme::MicrosoftAzure => object_store::azure::MicrosoftAzureBuilder::from_env()
+                .with_url(url.as_str())
+                .with_retry(retry_config())
+                .build()
+                .map(|store| Arc::new(store) as _),
+            Scheme::Http => {
+                // The store is the server; the URL's path is the prefix of every key.
+                let origin = &url[..url::Position::BeforePath];
+                // Plain `http://` is what the user wrote (a server on the LAN or loopback).
+                let options =
+                    object_store::ClientOptions::new().with_allow_http(url.scheme() == "http");
+                object_store::http::HttpBuilder::new()
+                    .with_url(origin)
+                    .with_client_options(options)
+                    .with_retry(retry_config())
+                    .build()
+                    .map(|store| Arc::new(store) as _)
+            }
+            other => return Err(format!("unsupported kind of store {other:?}")),
+        };
+        built.map_err(|error| error.to_string())
+    }
 }
 
 /// `message` without `secret` in it.
