@@ -122,6 +122,37 @@ fn an_exported_adapter_scores_like_its_train_stage_and_its_files_are_fingerprint
     assert_eq!(rerun.status("external"), "ran");
     let changed = comparison(&project, "outside", "external");
     assert_ne!(row(&changed, "adapter")["loss"], from_folder["loss"]);
+
+    // The same folder as a Hub id in the Hugging Face cache layout scores the same.
+    let cache = project.path("hf-cache");
+    let hash = "2f1e2d3c4b5a69788796a5b4c3d2e1f001234567";
+    let repo = cache.join("models--someone--quick-lora");
+    let snapshot = repo.join("snapshots").join(hash);
+    std::fs::create_dir_all(&snapshot).unwrap();
+    for file in ["adapter_config.json", "adapter_model.safetensors"] {
+        std::fs::copy(folder.join(file), snapshot.join(file)).unwrap();
+    }
+    std::fs::create_dir_all(repo.join("refs")).unwrap();
+    std::fs::write(repo.join("refs/main"), hash).unwrap();
+    project.write(
+        "hub.yaml",
+        &external_pipeline(&["exported/adapter", "'hf://someone/quick-lora'"]),
+    );
+    let output = project
+        .command(&["--json", "run", "hub.yaml"])
+        .env("HF_HUB_CACHE", &cache)
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{}", stderr(&output));
+    let rows = comparison(&project, "outside", "external");
+    assert_eq!(
+        row(&rows, "someone/quick-lora")["loss"],
+        row(&rows, "adapter")["loss"]
+    );
+    assert_eq!(
+        row(&rows, "adapter")["loss"],
+        row(&changed, "adapter")["loss"]
+    );
 }
 
 fn failure(project: &TrainProject, adapters: &[&str]) -> String {

@@ -346,3 +346,54 @@ fn bad_input_lines_are_refused_with_file_and_line() {
     assert_eq!(output.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&output.stderr).contains("missing.jsonl"));
 }
+
+/// `--adapter hf://org/name` finds a PEFT adapter in the Hugging Face cache layout (a fake cache
+/// holding the reference LoRA of stories260k) and generates what the folder itself does; one
+/// missing from the cache is refused with exit code 2.
+#[test]
+fn hub_adapters_generate_like_the_cached_folder() {
+    let Some(shared) = shared_dir() else {
+        eprintln!("skipped: PEFTPIPE_SHARED not set");
+        return;
+    };
+    let model = shared.join("models/stories260k");
+    let adapter = model.join("reference/peft_lora");
+    let cache = tempfile::tempdir().unwrap();
+    let hash = "1f1e2d3c4b5a69788796a5b4c3d2e1f001234567";
+    let repo = cache.path().join("models--someone--stories-lora");
+    let snapshot = repo.join("snapshots").join(hash);
+    std::fs::create_dir_all(&snapshot).unwrap();
+    for file in ["adapter_config.json", "adapter_model.safetensors"] {
+        std::fs::copy(adapter.join(file), snapshot.join(file)).unwrap();
+    }
+    std::fs::create_dir_all(repo.join("refs")).unwrap();
+    std::fs::write(repo.join("refs/main"), hash).unwrap();
+    let run = |adapter: &str| {
+        peftpipe()
+            .args(["--json", "generate"])
+            .arg(&model)
+            .args(["--adapter", adapter, "--prompt", "Once upon a time"])
+            .args(["--max-new-tokens", "12", "--device", "cpu"])
+            .env("HF_HUB_CACHE", cache.path())
+            .output()
+            .unwrap()
+    };
+    let direct = run(&adapter.to_string_lossy());
+    let hub = run("hf://someone/stories-lora");
+    assert!(
+        hub.status.success(),
+        "{}",
+        String::from_utf8_lossy(&hub.stderr)
+    );
+    let tokens = |output: &std::process::Output| {
+        serde_json::from_slice::<serde_json::Value>(&output.stdout).unwrap()["token_ids"].clone()
+    };
+    assert_eq!(tokens(&hub), tokens(&direct));
+    let missing = run("hf://someone/other-lora");
+    assert_eq!(missing.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&missing.stderr);
+    assert!(
+        stderr.contains("--adapter: hf://someone/other-lora is not in the Hugging Face cache"),
+        "{stderr}"
+    );
+}

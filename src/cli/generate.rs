@@ -26,11 +26,13 @@ pub struct GenerateArgs {
     /// Hugging Face cache (downloaded when built with the `hub` feature).
     #[arg(value_name = "MODEL")]
     pub model: String,
-    /// PEFT adapter folder (adapter_config.json + adapter_model.safetensors) applied on the model.
-    /// A train artifact's adapter of a QLoRA run is applied over the same 4-bit base, as its
-    /// run recorded in the sibling base_model.json.
+    /// PEFT adapter folder (adapter_config.json + adapter_model.safetensors) applied on the model,
+    /// or a Hub id `hf://org/name[@revision]` found in the local Hugging Face cache (never
+    /// downloaded: fetch it with `huggingface-cli download org/name`). A train artifact's adapter
+    /// of a QLoRA run is applied over the same 4-bit base, as its run recorded in the sibling
+    /// base_model.json.
     #[arg(long, value_name = "DIR")]
-    pub adapter: Option<PathBuf>,
+    pub adapter: Option<String>,
     /// The prompt (BOS is added when the tokenizer adds it).
     #[arg(long, required_unless_present = "input", conflicts_with = "input")]
     pub prompt: Option<String>,
@@ -151,7 +153,15 @@ pub fn run(global: &GlobalArgs, args: GenerateArgs) -> u8 {
             return EXIT_INVALID;
         }
     };
-    let quantization = match args.adapter.as_deref().map(recorded_base_quantization) {
+    let adapter = match args.adapter.as_deref().map(resolve_adapter) {
+        Some(Err(message)) => {
+            report::error(&message);
+            return EXIT_INVALID;
+        }
+        Some(Ok(dir)) => Some(dir),
+        None => None,
+    };
+    let quantization = match adapter.as_deref().map(recorded_base_quantization) {
         Some(Err(message)) => {
             report::error(&message);
             return EXIT_INVALID;
@@ -161,7 +171,7 @@ pub fn run(global: &GlobalArgs, args: GenerateArgs) -> u8 {
     };
     let model = match InferenceModel::load(
         &model_dir,
-        args.adapter.as_deref(),
+        adapter.as_deref(),
         quantization.as_ref(),
         &device,
         dtype,
@@ -216,6 +226,17 @@ pub fn run(global: &GlobalArgs, args: GenerateArgs) -> u8 {
             report::error(&message);
             EXIT_FAILED
         }
+    }
+}
+
+/// The folder of `--adapter`: a path as given, or a Hub id's snapshot in the local cache (never
+/// downloaded: the `hub` feature's download fetches a model's files, not an adapter's).
+fn resolve_adapter(text: &str) -> Result<PathBuf, String> {
+    match crate::config::hub::HubId::parse(text) {
+        Ok(None) => Ok(PathBuf::from(text)),
+        Ok(Some(_)) => crate::config::hub::resolve_adapter_dir(Path::new("."), text)
+            .map_err(|message| format!("--adapter: {message}")),
+        Err(error) => Err(format!("--adapter: {error}")),
     }
 }
 

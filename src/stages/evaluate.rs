@@ -1031,7 +1031,7 @@ impl Stage for EvaluateStage {
             candidates.insert(stage.to_string(), metrics);
         }
         for (name, written) in config.external_candidates() {
-            let adapter_dir = crate::config::hub::resolve_model_dir(ctx.project_dir, written)
+            let adapter_dir = crate::config::hub::resolve_adapter_dir(ctx.project_dir, written)
                 .map_err(StageError::user)?;
             crate::config::evaluate::adapter_files(written, &adapter_dir)
                 .map_err(StageError::user)?;

@@ -506,7 +506,7 @@ impl StageSpec for EvaluateConfig {
             files.extend(keyed(written, super::train::model_files(&dir)?));
         }
         for written in &self.external_adapters {
-            let dir = super::hub::resolve_model_dir(project_dir, written)?;
+            let dir = super::hub::resolve_adapter_dir(project_dir, written)?;
             files.extend(keyed(written, adapter_files(written, &dir)?));
         }
         Ok(files)
