@@ -21,6 +21,7 @@ pub mod inspect;
 pub mod interrupt;
 pub mod metrics;
 pub mod preview;
+pub mod remote;
 pub mod report;
 pub mod run;
 pub mod schema;
@@ -133,6 +134,18 @@ pub enum Command {
         after_help = "Examples:\n  peftpipe gc pipelines/quickstart.yaml --dry-run\n  peftpipe gc pipelines/quickstart.yaml"
     )]
     Gc(gc::GcArgs),
+    /// Copy the cache's outputs, run records and lock files to a remote cache.
+    #[command(after_help = "Examples:\n  peftpipe push pipelines/quickstart.yaml --remote s3://team-bucket/peftpipe\n  \
+        peftpipe push --remote /mnt/shared/peftpipe-cache   # the whole cache\n  \
+        peftpipe push pipelines/quickstart.yaml   # the remote of pipelines/.peftpipe/config.yaml\n\n\
+        Credentials come from the environment (AWS_*, GOOGLE_*, AZURE_*); an S3-compatible server\n\
+        through AWS_ENDPOINT (and AWS_ALLOW_HTTP=true for plain http).")]
+    Push(remote::RemoteArgs),
+    /// Copy outputs, run records and lock files from a remote cache, checking every file.
+    #[command(after_help = "Examples:\n  peftpipe pull pipelines/quickstart.yaml --remote s3://team-bucket/peftpipe\n  \
+        peftpipe pull pipelines/quickstart.yaml && peftpipe run pipelines/quickstart.yaml   # restores, trains nothing\n  \
+        PEFTPIPE_REMOTE=https://dav.example/peftpipe peftpipe pull   # everything on the remote")]
+    Pull(remote::RemoteArgs),
     /// Describe a model: architecture, parameters, dtype, what LoRA targets would match.
     #[command(
         after_help = "Examples:\n  peftpipe inspect datasets/quickstart/model\n  peftpipe inspect datasets/quickstart/model --target all-linear --rank 8"
@@ -258,6 +271,8 @@ pub fn main() -> ExitCode {
         Command::Dag(args) => dag::run(&cli.global, args),
         Command::Preview(args) => preview::run(&cli.global, args),
         Command::Gc(args) => gc::run(&cli.global, args),
+        Command::Push(args) => remote::run(&cli.global, args, remote::Direction::Push),
+        Command::Pull(args) => remote::run(&cli.global, args, remote::Direction::Pull),
         Command::Inspect(args) => inspect::run(&cli.global, args),
         Command::Generate(args) => generate::run(&cli.global, args),
         Command::Metrics(command) => metrics::run(&cli.global, command),

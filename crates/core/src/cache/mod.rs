@@ -27,11 +27,16 @@
 //!
 //! Every file a later run trusts is written to a temporary name and renamed into place, so a
 //! crash never leaves a half-written object, record or lock file behind under its final name.
+//!
+//! `remote` copies objects, run records and lock files to and from a remote cache (`peftpipe
+//! push` / `pull`) with the same layout; what it pulls goes through [`Cache::store`] and the same
+//! atomic writes, after every file is checked against its digest.
 
 pub mod gc;
 pub mod index;
 pub mod lock_file;
 pub mod objects;
+pub mod remote;
 
 use std::fs::File;
 use std::io::Write;
@@ -42,6 +47,7 @@ use fs4::fs_std::FileExt;
 pub use index::FileIndex;
 pub use lock_file::{LockEntry, LockFile, PublishedFile, PublishedRecord};
 pub use objects::{Manifest, RunRecord};
+pub use remote::{Remote, RemoteError};
 
 /// Something went wrong reading or writing the cache. Messages name the path.
 #[derive(Debug, thiserror::Error)]

@@ -470,7 +470,8 @@ impl Cache {
         remove_path(&trash)
     }
 
-    fn run_record_path(&self, fingerprint: &str) -> PathBuf {
+    /// `runs/<aa>/<fingerprint>.json`.
+    pub fn run_record_path(&self, fingerprint: &str) -> PathBuf {
         self.root
             .join("runs")
             .join(shard(fingerprint))
@@ -481,6 +482,39 @@ impl Cache {
     pub fn run_record(&self, fingerprint: &str) -> Option<RunRecord> {
         let text = std::fs::read_to_string(self.run_record_path(fingerprint)).ok()?;
         serde_json::from_str(&text).ok()
+    }
+
+    /// Every readable run record (fingerprint digest → record), sorted by fingerprint; records
+    /// that are not valid JSON are left out, as [`Cache::run_record`] treats them as absent.
+    pub fn all_run_records(&self) -> Result<BTreeMap<String, RunRecord>, CacheError> {
+        let mut records = BTreeMap::new();
+        let runs = self.root.join("runs");
+        let shards = match std::fs::read_dir(&runs) {
+            Ok(shards) => shards,
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(records),
+            Err(error) => return Err(CacheError::io("list", &runs)(error)),
+        };
+        for shard in shards {
+            let shard = shard.map_err(CacheError::io("list", &runs))?.path();
+            if !shard.is_dir() {
+                continue;
+            }
+            let entries = std::fs::read_dir(&shard).map_err(CacheError::io("list", &shard))?;
+            for entry in entries {
+                let path = entry.map_err(CacheError::io("list", &shard))?.path();
+                let Some(fingerprint) = path
+                    .file_name()
+                    .and_then(|name| name.to_str())
+                    .and_then(|name| name.strip_suffix(".json"))
+                else {
+                    continue;
+                };
+                if let Some(record) = self.run_record(fingerprint) {
+                    records.insert(fingerprint.to_string(), record);
+                }
+            }
+        }
+        Ok(records)
     }
 
     /// Record (atomically) that `fingerprint` produced `record.output`.

@@ -13,7 +13,8 @@
 //! `jinja.rs` (the row-template environment), `chat_template.rs` (loading chat templates),
 //! `target_modules.rs` (PEFT target specs), `hub.rs` (`hf://` model ids in the local Hugging Face
 //! cache), `paths.rs` (the path policy: templates and export destinations stay inside the
-//! project unless `--allow-outside-project`).
+//! project unless `--allow-outside-project`), `project_config.rs` (`.peftpipe/config.yaml`, the
+//! project's settings that are not part of any pipeline: the remote cache).
 
 pub mod auxiliary;
 pub mod chat_template;
@@ -29,6 +30,7 @@ pub mod method;
 pub mod paths;
 pub mod probe;
 pub mod problem;
+pub mod project_config;
 pub mod target_modules;
 pub mod template;
 pub mod train;

@@ -1,0 +1,211 @@
+//! `peftpipe push [FILE]` / `peftpipe pull [FILE]`: copy the cache to or from a remote (see
+//! `cache::remote`). With FILE, that pipeline's lock file and the outputs it names; without,
+//! everything in the cache (push) or on the remote (pull). The remote is `--remote URL`, else
+//! `PEFTPIPE_REMOTE`, else `cache: {remote: URL}` in `.peftpipe/config.yaml` of the project (FILE's
+//! folder, or the current directory). The cache is `--cache-dir` / `PEFTPIPE_CACHE_DIR`, else
+//! `.peftpipe/cache` of the project. Both hold the cache's run lock, so `gc` never removes what
+//! they are copying.
+
+use std::path::{Path, PathBuf};
+
+use clap::Args;
+
+use super::run::load_pipeline;
+use super::{GlobalArgs, PipelineArgs, EXIT_FAILED, EXIT_INVALID, EXIT_OK};
+use crate::cache::remote::{Remote, RemoteError, Scope, SyncReport};
+use crate::cache::Cache;
+use crate::config::project_config::{project_config_path, ProjectConfig};
+use crate::report;
+
+#[derive(Debug, Args)]
+pub struct RemoteArgs {
+    /// A pipeline file: transfer its lock file and the outputs it names (default: everything).
+    pub pipeline: Option<PathBuf>,
+    /// The remote: `s3://bucket/prefix`, `gs://…`, `az://…`, `https://host/path` (WebDAV),
+    /// `file:///path` or a directory (default: `cache.remote` in `.peftpipe/config.yaml`).
+    #[arg(long, env = "PEFTPIPE_REMOTE", value_name = "URL")]
+    pub remote: Option<String>,
+    /// pull: a pipeline the remote has never seen is a warning, not an error (the first CI job
+    /// of a new pipeline). A corrupted or unreachable remote is still an error.
+    #[arg(long)]
+    pub missing_ok: bool,
+}
+
+/// Which way the copy goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    Push,
+    Pull,
+}
+
+/// What the command resolved: the cache, the remote's location and where relative remote paths
+/// are resolved from, and the scope.
+struct Resolved {
+    cache_dir: PathBuf,
+    location: String,
+    base_dir: PathBuf,
+    scope: Scope,
+}
+
+pub fn run(global: &GlobalArgs, args: RemoteArgs, direction: Direction) -> u8 {
+    let resolved = match resolve(global, &args) {
+        Ok(resolved) => resolved,
+        Err(code) => return code,
+    };
+    if direction == Direction::Push && !resolved.cache_dir.join("objects").is_dir() {
+        report::error(&format!(
+            "no peftpipe cache at `{}` (nothing to push)",
+            resolved.cache_dir.display()
+        ));
+        return EXIT_FAILED;
+    }
+    let remote = match Remote::open(&resolved.location, &resolved.base_dir) {
+        Ok(remote) => remote,
+        Err(error) => {
+            report::error(&error.to_string());
+            return EXIT_INVALID;
+        }
+    };
+    let result = Cache::open(&resolved.cache_dir)
+        .map_err(RemoteError::from)
+        .and_then(|cache| {
+            let _lock = cache.lock_for_run(|| {
+                report::write_stderr(&format!(
+                    "waiting for the cache lock on {} (gc is running)",
+                    resolved.cache_dir.display()
+                ))
+            })?;
+            match direction {
+                Direction::Push => remote.push(&cache, &resolved.scope),
+                Direction::Pull => remote.pull(&cache, &resolved.scope),
+            }
+        });
+    match result {
+        Ok(sync) => {
+            for skipped in &sync.skipped {
+                report::warning(&format!("not pushed: {skipped}"));
+            }
+            if global.json {
+                report::json(&sync);
+            } else if !global.quiet {
+                report::write_stderr(&summary(&sync, direction));
+            }
+            EXIT_OK
+        }
+        Err(error @ RemoteError::NoLockFile { .. })
+            if args.missing_ok && direction == Direction::Pull =>
+        {
+            report::warning(&format!("nothing pulled: {error}"));
+            EXIT_OK
+        }
+        Err(error) => {
+            report::error(&error.to_string());
+            EXIT_FAILED
+        }
+    }
+}
+
+/// `pushed 2 objects (7 files, 1.2 MiB), 2 run records and 1 lock file to `s3://b/p`; 1 object
+/// was already there`.
+fn summary(sync: &SyncReport, direction: Direction) -> String {
+    let (verb, preposition) = match direction {
+        Direction::Push => ("pushed", "to"),
+        Direction::Pull => ("pulled", "from"),
+    };
+    let mut text = format!(
+        "{verb} {} ({} {}, {}), {} and {} {preposition} `{}`",
+        count(sync.objects_copied, "object"),
+        sync.files_copied,
+        if sync.files_copied == 1 {
+            "file"
+        } else {
+            "files"
+        },
+        report::format::bytes(sync.bytes_copied),
+        count(sync.run_records_copied, "run record"),
+        count(sync.lock_files_written, "lock file"),
+        sync.remote
+    );
+    if sync.objects_present > 0 {
+        let there = match direction {
+            Direction::Push => "the remote had",
+            Direction::Pull => "the cache had",
+        };
+        text.push_str(&format!(
+            "; {there} {} already",
+            count(sync.objects_present, "object")
+        ));
+    }
+    text
+}
+
+fn count(n: usize, noun: &str) -> String {
+    if n == 1 {
+        format!("1 {noun}")
+    } else {
+        format!("{n} {noun}s")
+    }
+}
+
+fn resolve(global: &GlobalArgs, args: &RemoteArgs) -> Result<Resolved, u8> {
+    let (project_dir, scope, default_cache) = match &args.pipeline {
+        Some(file) => {
+            let pipeline = load_pipeline(
+                &PipelineArgs {
+                    pipeline: file.clone(),
+                    overrides: Vec::new(),
+                    allow_outside_project: true,
+                },
+                global.json,
+            )?;
+            let cache_dir = super::run::settings_for(global, &pipeline).cache_dir;
+            (
+                pipeline.project_dir.clone(),
+                Scope::Pipeline(pipeline.name.clone()),
+                cache_dir,
+            )
+        }
+        None => {
+            let project = PathBuf::from(".");
+            let cache_dir = global
+                .cache_dir
+                .clone()
+                .unwrap_or_else(|| crate::cache::default_cache_dir(&project));
+            (project, Scope::All, cache_dir)
+        }
+    };
+    // Where the remote comes from decides what a relative directory is relative to: the
+    // current directory for the flag and the variable, the project for its config file.
+    if let Some(location) = args.remote.clone().filter(|text| !text.is_empty()) {
+        return Ok(Resolved {
+            cache_dir: default_cache,
+            location,
+            base_dir: PathBuf::from("."),
+            scope,
+        });
+    }
+    let config = ProjectConfig::load(&project_dir).map_err(|message| {
+        report::error(&message);
+        EXIT_INVALID
+    })?;
+    match config.cache.remote {
+        Some(location) => Ok(Resolved {
+            cache_dir: default_cache,
+            location,
+            base_dir: project_dir,
+            scope,
+        }),
+        None => {
+            report::error(&format!(
+                "no remote: pass `--remote URL`, set PEFTPIPE_REMOTE, or add `cache: {{remote: \
+                 URL}}` to `{}`",
+                show(&project_config_path(&project_dir))
+            ));
+            Err(EXIT_INVALID)
+        }
+    }
+}
+
+fn show(path: &Path) -> String {
+    path.strip_prefix(".").unwrap_or(path).display().to_string()
+}

@@ -1,0 +1,416 @@
+//! The remote cache end to end: `push` from one checkout, `pull` into a fresh one with the same
+//! pipeline, and `run` restores every stage without running one (the CI recipe in
+//! docs/ci/github-actions.yml); a corrupted remote object is refused; concurrent pushes are safe;
+//! the remote comes from the flag, the environment or `.peftpipe/config.yaml`. Against a local
+//! directory always, and against a real S3-compatible server on loopback (moto's) where its
+//! Python package is installed (skipped with the reason otherwise).
+#![expect(clippy::print_stderr, reason = "tests print skip reasons")]
+
+mod exec_support;
+
+use std::io::BufRead;
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+
+use exec_support::{stderr, stdout, tree, Project};
+
+/// `peftpipe ARGS` in `project` with the remote variables cleared and `env` set.
+fn peftpipe(project: &Project, args: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut command = project.command(args);
+    command.env_remove("PEFTPIPE_REMOTE");
+    for (key, value) in env {
+        command.env(key, value);
+    }
+    command.output().expect("run peftpipe")
+}
+
+/// Every stage of a `run --json` summary: (name, status, cache).
+fn stage_statuses(output: &Output) -> Vec<(String, String, String)> {
+    let summary: serde_json::Value =
+        serde_json::from_slice(&output.stdout).expect("run --json prints JSON");
+    summary["stages"]
+        .as_array()
+        .expect("stages")
+        .iter()
+        .map(|stage| {
+            (
+                stage["name"].as_str().unwrap_or_default().to_string(),
+                stage["status"].as_str().unwrap_or_default().to_string(),
+                stage["cache"].as_str().unwrap_or_default().to_string(),
+            )
+        })
+        .collect()
+}
+
+/// Push from a project that ran, pull into a fresh checkout of the same files, and check the
+/// checkout restores everything and runs nothing. `remote` is the `--remote` value; `env` the
+/// environment both sides see.
+fn round_trip(remote: &str, env: &[(&str, &str)]) {
+    let origin = Project::new();
+    let ran = peftpipe(&origin, &["run", "pipeline.yaml"], env);
+    assert!(ran.status.success(), "{}", stderr(&ran));
+    let pushed = peftpipe(
+        &origin,
+        &["--json", "push", "pipeline.yaml", "--remote", remote],
+        env,
+    );
+    assert!(pushed.status.success(), "{}", stderr(&pushed));
+    let report: serde_json::Value = serde_json::from_slice(&pushed.stdout).expect("JSON");
+    assert_eq!(report["objects_copied"], 2, "{report}");
+    assert_eq!(report["lock_files_written"], 1, "{report}");
+
+    let checkout = Project::new();
+    let before = peftpipe(&checkout, &["status", "--check", "pipeline.yaml"], env);
+    assert_eq!(before.status.code(), Some(3), "nothing cached yet");
+    let pulled = peftpipe(
+        &checkout,
+        &["pull", "pipeline.yaml", "--remote", remote],
+        env,
+    );
+    assert!(pulled.status.success(), "{}", stderr(&pulled));
+    assert!(
+        stderr(&pulled).contains("pulled 2 objects"),
+        "{}",
+        stderr(&pulled)
+    );
+    // Cached, not yet published in this checkout: `status` says so, and says nothing must run.
+    let status = peftpipe(&checkout, &["status", "pipeline.yaml"], env);
+    assert_eq!(
+        stdout(&status),
+        "[DIRTY] data: published output .peftpipe/out/reviews/data is missing\n\
+         [DIRTY] prompts: published output .peftpipe/out/reviews/prompts is missing\n"
+    );
+    let restored = peftpipe(&checkout, &["--json", "run", "pipeline.yaml"], env);
+    assert!(restored.status.success(), "{}", stderr(&restored));
+    for (name, status, cache) in stage_statuses(&restored) {
+        assert_eq!(
+            (status.as_str(), cache.as_str()),
+            ("fresh", "hit"),
+            "stage {name} was restored from the pulled cache, not run"
+        );
+    }
+    let after = peftpipe(&checkout, &["status", "--check", "pipeline.yaml"], env);
+    assert_eq!(after.status.code(), Some(0), "{}", stdout(&after));
+    for stage in ["data", "prompts"] {
+        assert_eq!(
+            tree(&checkout.path(&format!(".peftpipe/out/reviews/{stage}"))),
+            tree(&origin.path(&format!(".peftpipe/out/reviews/{stage}"))),
+            "{stage}: the checkout's output is the origin's"
+        );
+    }
+    // A second push finds everything there.
+    let again = peftpipe(
+        &origin,
+        &["--json", "push", "pipeline.yaml", "--remote", remote],
+        env,
+    );
+    let report: serde_json::Value = serde_json::from_slice(&again.stdout).expect("JSON");
+    assert_eq!(
+        (&report["objects_copied"], &report["objects_present"]),
+        (&serde_json::json!(0), &serde_json::json!(2)),
+        "{report}"
+    );
+}
+
+#[test]
+fn a_fresh_checkout_with_a_pulled_cache_runs_no_stage() {
+    let remote = tempfile::tempdir().expect("remote directory");
+    round_trip(&remote.path().display().to_string(), &[]);
+    assert!(remote.path().join("locks/reviews.lock.json").is_file());
+}
+
+#[test]
+fn a_corrupted_remote_object_is_refused_by_name_and_never_cached() {
+    let origin = Project::new();
+    assert!(peftpipe(&origin, &["run", "pipeline.yaml"], &[])
+        .status
+        .success());
+    let remote = origin.path("remote");
+    let pushed = peftpipe(
+        &origin,
+        &["push", "pipeline.yaml", "--remote", "remote"],
+        &[],
+    );
+    assert!(pushed.status.success(), "{}", stderr(&pushed));
+    // Flip one byte of a file of the `prompts` output on the remote.
+    let digest = origin.recorded_output("prompts").expect("recorded");
+    let data = remote.join(format!("objects/{}/{digest}/data", &digest[..2]));
+    let (name, mut bytes) = tree(&data).into_iter().next().expect("a file");
+    let file = data.join(&name);
+    bytes[0] ^= 1;
+    std::fs::remove_file(&file).expect("remove");
+    std::fs::write(&file, &bytes).expect("write");
+
+    let checkout = Project::new();
+    let remote_arg = remote.display().to_string();
+    let pulled = peftpipe(
+        &checkout,
+        &["pull", "pipeline.yaml", "--remote", &remote_arg],
+        &[],
+    );
+    assert_eq!(pulled.status.code(), Some(1), "{}", stderr(&pulled));
+    assert_eq!(
+        checkout.redact(&stderr(&pulled)).trim_end(),
+        format!(
+            "error: remote `{remote_arg}`: `objects/{}/[HASH]/data/{name}` is corrupted: its \
+             content does not match its blake3 in the manifest; it was not placed in the local \
+             cache (push it again from a cache that holds it intact)",
+            &digest[..2]
+        )
+    );
+    assert!(!checkout.object_data(&digest).exists());
+    assert_eq!(
+        checkout.lock_file(),
+        serde_json::Value::Null,
+        "no lock file names what was not pulled"
+    );
+    // Nothing refers to the refused object: the run computes what was not pulled.
+    let run = peftpipe(&checkout, &["--json", "run", "pipeline.yaml"], &[]);
+    assert!(run.status.success(), "{}", stderr(&run));
+    let statuses = stage_statuses(&run);
+    assert!(
+        statuses
+            .iter()
+            .any(|(name, status, _)| name == "prompts" && status == "ran"),
+        "{statuses:?}"
+    );
+}
+
+#[test]
+fn concurrent_pushes_of_one_cache_are_safe() {
+    let origin = Project::new();
+    assert!(peftpipe(&origin, &["run", "pipeline.yaml"], &[])
+        .status
+        .success());
+    let pushes: Vec<Child> = (0..4)
+        .map(|_| {
+            let mut command = origin.command(&["push", "pipeline.yaml", "--remote", "remote"]);
+            command.env_remove("PEFTPIPE_REMOTE");
+            command
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()
+                .expect("spawn")
+        })
+        .collect();
+    for push in pushes {
+        let output = push.wait_with_output().expect("wait");
+        assert!(output.status.success(), "{}", stderr(&output));
+    }
+    let checkout = Project::new();
+    let remote = origin.path("remote").display().to_string();
+    let pulled = peftpipe(
+        &checkout,
+        &["pull", "pipeline.yaml", "--remote", &remote],
+        &[],
+    );
+    assert!(pulled.status.success(), "{}", stderr(&pulled));
+    let restored = peftpipe(&checkout, &["--json", "run", "pipeline.yaml"], &[]);
+    assert!(stage_statuses(&restored)
+        .iter()
+        .all(|(_, status, _)| status == "fresh"));
+}
+
+#[test]
+fn the_remote_comes_from_the_flag_the_environment_or_the_project_config() {
+    let origin = Project::new();
+    assert!(peftpipe(&origin, &["run", "pipeline.yaml"], &[])
+        .status
+        .success());
+    let none = peftpipe(&origin, &["push", "pipeline.yaml"], &[]);
+    assert_eq!(none.status.code(), Some(2));
+    assert_eq!(
+        origin.redact(&stderr(&none)).trim_end(),
+        "error: no remote: pass `--remote URL`, set PEFTPIPE_REMOTE, or add `cache: {remote: \
+         URL}` to `[PROJECT]/.peftpipe/config.yaml`"
+    );
+    // The config file's directory is relative to the project.
+    origin.write(".peftpipe/config.yaml", "cache:\n  remote: shared-cache\n");
+    let pushed = peftpipe(&origin, &["push", "pipeline.yaml"], &[]);
+    assert!(pushed.status.success(), "{}", stderr(&pushed));
+    assert!(origin
+        .path("shared-cache/locks/reviews.lock.json")
+        .is_file());
+    // The variable wins over the file, the flag over both.
+    let from_env = origin.path("from-env").display().to_string();
+    let pushed = peftpipe(
+        &origin,
+        &["push", "pipeline.yaml"],
+        &[("PEFTPIPE_REMOTE", &from_env)],
+    );
+    assert!(pushed.status.success(), "{}", stderr(&pushed));
+    assert!(origin.path("from-env/locks/reviews.lock.json").is_file());
+    // Without a pipeline: the whole cache, and a fresh cache pulls all of it.
+    let everything = peftpipe(&origin, &["push", "--remote", "all"], &[]);
+    assert!(everything.status.success(), "{}", stderr(&everything));
+    let checkout = Project::new();
+    let all = origin.path("all").display().to_string();
+    let pulled = peftpipe(&checkout, &["pull", "--remote", &all], &[]);
+    assert!(pulled.status.success(), "{}", stderr(&pulled));
+    assert_eq!(checkout.lock_file(), origin.lock_file());
+    // A bad config file is an error naming it.
+    origin.write(".peftpipe/config.yaml", "cache:\n  remtoe: x\n");
+    let bad = peftpipe(&origin, &["push", "pipeline.yaml"], &[]);
+    assert_eq!(bad.status.code(), Some(2));
+    assert!(
+        origin
+            .redact(&stderr(&bad))
+            .starts_with("error: [PROJECT]/.peftpipe/config.yaml: cache: unknown field `remtoe`"),
+        "{}",
+        stderr(&bad)
+    );
+}
+
+#[test]
+fn pulling_a_pipeline_never_pushed_names_the_remote_and_key() {
+    let checkout = Project::new();
+    let remote = tempfile::tempdir().expect("remote directory");
+    let shown = remote.path().display().to_string();
+    let pulled = peftpipe(
+        &checkout,
+        &["pull", "pipeline.yaml", "--remote", &shown],
+        &[],
+    );
+    assert_eq!(pulled.status.code(), Some(1));
+    assert_eq!(
+        stderr(&pulled).trim_end(),
+        format!(
+            "error: remote `{shown}` has no `locks/reviews.lock.json`: the pipeline `reviews` \
+             was never pushed there (run `peftpipe push` where it has run)"
+        )
+    );
+    // The first CI job of a new pipeline: a warning, and the run computes everything.
+    let tolerated = peftpipe(
+        &checkout,
+        &["pull", "pipeline.yaml", "--remote", &shown, "--missing-ok"],
+        &[],
+    );
+    assert_eq!(tolerated.status.code(), Some(0), "{}", stderr(&tolerated));
+    assert!(
+        stderr(&tolerated).starts_with("warning: nothing pulled: remote "),
+        "{}",
+        stderr(&tolerated)
+    );
+}
+
+/// The cloud remotes (`--features cloud`): a real S3-compatible server on loopback.
+#[cfg(feature = "cloud")]
+mod cloud {
+    use super::*;
+
+    /// A storage server of `tests/python/remote_server.py` on loopback; stopped when dropped.
+    struct Server {
+        child: Child,
+        port: u16,
+    }
+
+    impl Server {
+        /// Start one, or None with the reason printed (no python3, or its package missing).
+        fn start(kind: &str, argument: &str) -> Option<Server> {
+            let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/python/remote_server.py");
+            let child = Command::new("python3")
+                .arg(&script)
+                .args([kind, argument])
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn();
+            let mut child = match child {
+                Ok(child) => child,
+                Err(error) => {
+                    eprintln!("skipped: cannot start python3 for the {kind} server: {error}");
+                    return None;
+                }
+            };
+            let mut line = String::new();
+            let stdout = child.stdout.take().expect("stdout");
+            let read = std::io::BufReader::new(stdout).read_line(&mut line);
+            match (read, line.trim().parse::<u16>()) {
+                (Ok(_), Ok(port)) => Some(Server { child, port }),
+                _ => {
+                    let output = child.wait_with_output().expect("wait");
+                    eprintln!(
+                        "skipped: the {kind} server did not start: {}",
+                        String::from_utf8_lossy(&output.stderr).trim()
+                    );
+                    None
+                }
+            }
+        }
+    }
+
+    impl Drop for Server {
+        fn drop(&mut self) {
+            // Closing its stdin stops it; kill it if it does not stop.
+            drop(self.child.stdin.take());
+            for _ in 0..50 {
+                if let Ok(Some(_)) = self.child.try_wait() {
+                    return;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+
+    /// Requests to loopback never go through a proxy of the environment.
+    const NO_PROXY: [(&str, &str); 2] = [
+        ("NO_PROXY", "127.0.0.1,localhost"),
+        ("no_proxy", "127.0.0.1,localhost"),
+    ];
+
+    #[test]
+    fn round_trip_through_an_s3_compatible_server() {
+        let Some(server) = Server::start("s3", "peftpipe-test") else {
+            return;
+        };
+        let endpoint = format!("http://127.0.0.1:{}", server.port);
+        let env = [
+            ("AWS_ENDPOINT", endpoint.as_str()),
+            ("AWS_ALLOW_HTTP", "true"),
+            ("AWS_ACCESS_KEY_ID", "test-key"),
+            ("AWS_SECRET_ACCESS_KEY", "test-secret-never-shown"),
+            ("AWS_REGION", "us-east-1"),
+            NO_PROXY[0],
+            NO_PROXY[1],
+        ];
+        round_trip("s3://peftpipe-test/team/cache", &env);
+
+        // A bucket that does not exist: an error naming the remote and the key, without secrets.
+        let project = Project::new();
+        assert!(peftpipe(&project, &["run", "pipeline.yaml"], &env)
+            .status
+            .success());
+        let failed = peftpipe(
+            &project,
+            &["push", "pipeline.yaml", "--remote", "s3://no-such-bucket/x"],
+            &env,
+        );
+        assert_eq!(failed.status.code(), Some(1));
+        let message = stderr(&failed);
+        assert!(
+            message.starts_with("error: remote `s3://no-such-bucket/x`: cannot "),
+            "{message}"
+        );
+        assert!(!message.contains("test-secret-never-shown"), "{message}");
+    }
+}
+
+/// Without the `cloud` feature a cloud URL is refused at once, saying which build reads it.
+#[test]
+#[cfg(not(feature = "cloud"))]
+fn a_cloud_remote_without_the_cloud_feature_says_how_to_get_it() {
+    let project = Project::new();
+    assert!(peftpipe(&project, &["run", "pipeline.yaml"], &[])
+        .status
+        .success());
+    let failed = peftpipe(
+        &project,
+        &["push", "pipeline.yaml", "--remote", "s3://bucket/cache"],
+        &[],
+    );
+    assert_eq!(failed.status.code(), Some(1));
+    let message = stderr(&failed);
+    assert!(message.contains("`s3://` remotes need a build with the `cloud` feature"), "{message}");
+}
