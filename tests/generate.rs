@@ -192,3 +192,208 @@ fn hub_ids_generate_like_the_cached_folder() {
         );
     }
 }
+
+/// `--input FILE.jsonl`: one output line per input line, in order, the input's fields carried
+/// through, and greedy completions equal to single `--prompt` calls (batches of 2 over 3 prompts,
+/// so one batch is partial); `--output` writes the same lines to a file.
+#[test]
+fn input_jsonl_generates_like_single_prompts_in_order() {
+    let Some(shared) = shared_dir() else {
+        eprintln!("skipped: PEFTPIPE_SHARED not set");
+        return;
+    };
+    let model = shared.join("models/stories260k");
+    let prompts = ["Once upon a time", "Tom had a dog", "The sun"];
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("prompts.jsonl");
+    let mut text = String::new();
+    for (index, prompt) in prompts.iter().enumerate() {
+        text.push_str(&serde_json::json!({"id": index, "prompt": prompt}).to_string());
+        text.push_str("\n\n");
+    }
+    std::fs::write(&input, text).unwrap();
+    let common = ["--max-new-tokens", "10", "--device", "cpu"];
+    let output = peftpipe()
+        .arg("generate")
+        .arg(&model)
+        .arg("--input")
+        .arg(&input)
+        .args(["--batch-size", "2"])
+        .args(common)
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let stdout = String::from_utf8(output.stdout).unwrap();
+    let lines: Vec<serde_json::Value> = stdout
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap())
+        .collect();
+    assert_eq!(lines.len(), prompts.len(), "{stdout}");
+    for (index, (line, prompt)) in lines.iter().zip(prompts).enumerate() {
+        let keys: Vec<&str> = line
+            .as_object()
+            .unwrap()
+            .keys()
+            .map(String::as_str)
+            .collect();
+        assert_eq!(
+            keys,
+            [
+                "id",
+                "prompt",
+                "completion",
+                "completion_tokens",
+                "stop_reason"
+            ]
+        );
+        assert_eq!(line["id"], index);
+        assert_eq!(line["prompt"], prompt);
+        let single = peftpipe()
+            .args(["--json", "generate"])
+            .arg(&model)
+            .args(["--prompt", prompt])
+            .args(common)
+            .output()
+            .unwrap();
+        let single: serde_json::Value = serde_json::from_slice(&single.stdout).unwrap();
+        assert_eq!(line["completion"], single["completion"], "{prompt}");
+        assert_eq!(
+            line["completion_tokens"],
+            single["token_ids"].as_array().unwrap().len()
+        );
+        assert_eq!(line["stop_reason"], single["stop_reason"]);
+    }
+    let out = dir.path().join("out.jsonl");
+    let written = peftpipe()
+        .arg("generate")
+        .arg(&model)
+        .arg("--input")
+        .arg(&input)
+        .arg("--output")
+        .arg(&out)
+        .args(common)
+        .output()
+        .unwrap();
+    assert!(written.status.success());
+    assert!(written.stdout.is_empty());
+    assert_eq!(std::fs::read_to_string(&out).unwrap(), stdout);
+}
+
+/// A bad line is refused before the model loads, naming the file and line; `--prompt` and
+/// `--input` exclude each other.
+#[test]
+fn bad_input_lines_are_refused_with_file_and_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("prompts.jsonl");
+    std::fs::write(&input, "{\"prompt\": \"a\"}\n{\"text\": \"b\"}\n").unwrap();
+    let output = peftpipe()
+        .args(["generate", "no-such-model", "--input"])
+        .arg(&input)
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains(&format!(
+            "{}:2: no field `prompt` (the line has: text)",
+            input.display()
+        )),
+        "{stderr}"
+    );
+    // The field is configurable; then the first line lacks it.
+    let output = peftpipe()
+        .args([
+            "generate",
+            "no-such-model",
+            "--prompt-field",
+            "text",
+            "--input",
+        ])
+        .arg(&input)
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&output.stderr).contains(":1: no field `text`"));
+    std::fs::write(&input, "{\"prompt\": \"a\"\n").unwrap();
+    let output = peftpipe()
+        .args(["generate", "no-such-model", "--input"])
+        .arg(&input)
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&output.stderr).contains(":1: invalid JSON"));
+    let output = peftpipe()
+        .args(["generate", "no-such-model", "--prompt", "x", "--input"])
+        .arg(&input)
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("cannot be used with"));
+    let output = peftpipe()
+        .args(["generate", "no-such-model"])
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(2), "a prompt is required");
+    let missing = dir.path().join("missing.jsonl");
+    let output = peftpipe()
+        .args(["generate", "no-such-model", "--input"])
+        .arg(&missing)
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("missing.jsonl"));
+}
+
+/// `--adapter hf://org/name` finds a PEFT adapter in the Hugging Face cache layout (a fake cache
+/// holding the reference LoRA of stories260k) and generates what the folder itself does; one
+/// missing from the cache is refused with exit code 2.
+#[test]
+fn hub_adapters_generate_like_the_cached_folder() {
+    let Some(shared) = shared_dir() else {
+        eprintln!("skipped: PEFTPIPE_SHARED not set");
+        return;
+    };
+    let model = shared.join("models/stories260k");
+    let adapter = model.join("reference/peft_lora");
+    let cache = tempfile::tempdir().unwrap();
+    let hash = "1f1e2d3c4b5a69788796a5b4c3d2e1f001234567";
+    let repo = cache.path().join("models--someone--stories-lora");
+    let snapshot = repo.join("snapshots").join(hash);
+    std::fs::create_dir_all(&snapshot).unwrap();
+    for file in ["adapter_config.json", "adapter_model.safetensors"] {
+        std::fs::copy(adapter.join(file), snapshot.join(file)).unwrap();
+    }
+    std::fs::create_dir_all(repo.join("refs")).unwrap();
+    std::fs::write(repo.join("refs/main"), hash).unwrap();
+    let run = |adapter: &str| {
+        peftpipe()
+            .args(["--json", "generate"])
+            .arg(&model)
+            .args(["--adapter", adapter, "--prompt", "Once upon a time"])
+            .args(["--max-new-tokens", "12", "--device", "cpu"])
+            .env("HF_HUB_CACHE", cache.path())
+            .output()
+            .unwrap()
+    };
+    let direct = run(&adapter.to_string_lossy());
+    let hub = run("hf://someone/stories-lora");
+    assert!(
+        hub.status.success(),
+        "{}",
+        String::from_utf8_lossy(&hub.stderr)
+    );
+    let tokens = |output: &std::process::Output| {
+        serde_json::from_slice::<serde_json::Value>(&output.stdout).unwrap()["token_ids"].clone()
+    };
+    assert_eq!(tokens(&hub), tokens(&direct));
+    let missing = run("hf://someone/other-lora");
+    assert_eq!(missing.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&missing.stderr);
+    assert!(
+        stderr.contains("--adapter: hf://someone/other-lora is not in the Hugging Face cache"),
+        "{stderr}"
+    );
+}

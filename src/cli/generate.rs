@@ -1,13 +1,17 @@
-//! `peftpipe generate MODEL [--adapter DIR] --prompt TEXT`: try a model (a base model, a merged
-//! export, or a base model with a PEFT adapter). Resolves the arguments into an
-//! [`crate::infer::session::GenerateRequest`] and hands the result to the reporter.
+//! `peftpipe generate MODEL [--adapter DIR] (--prompt TEXT | --input FILE.jsonl)`: try a model
+//! (a base model, a merged export, or a base model with a PEFT adapter) on one prompt or on every
+//! line of a JSONL file. Resolves the arguments into
+//! [`crate::infer::session::GenerateRequest`]s and hands the results to the reporter (one prompt)
+//! or to the output JSONL (stdout through the reporter, or a file).
 
-use std::path::PathBuf;
+use std::io::Write;
+use std::path::{Path, PathBuf};
 
 use clap::Args;
 
 use super::{GlobalArgs, EXIT_FAILED, EXIT_INVALID, EXIT_OK};
 use crate::device::{compute_dtype, resolve_device, DTypeSpec, DeviceSpec};
+use crate::infer::jsonl::{OutputFields, PromptLines, PromptRecord};
 use crate::infer::session::{
     generate_one, recorded_base_quantization, GenerateRequest, InferenceModel,
 };
@@ -22,14 +26,45 @@ pub struct GenerateArgs {
     /// Hugging Face cache (downloaded when built with the `hub` feature).
     #[arg(value_name = "MODEL")]
     pub model: String,
-    /// PEFT adapter folder (adapter_config.json + adapter_model.safetensors) applied on the model.
-    /// A train artifact's adapter of a QLoRA run is applied over the same 4-bit base, as its
-    /// run recorded in the sibling base_model.json.
+    /// PEFT adapter folder (adapter_config.json + adapter_model.safetensors) applied on the model,
+    /// or a Hub id `hf://org/name[@revision]` found in the local Hugging Face cache (never
+    /// downloaded: fetch it with `huggingface-cli download org/name`). A train artifact's adapter
+    /// of a QLoRA run is applied over the same 4-bit base, as its run recorded in the sibling
+    /// base_model.json.
     #[arg(long, value_name = "DIR")]
-    pub adapter: Option<PathBuf>,
+    pub adapter: Option<String>,
     /// The prompt (BOS is added when the tokenizer adds it).
-    #[arg(long)]
-    pub prompt: String,
+    #[arg(long, required_unless_present = "input", conflicts_with = "input")]
+    pub prompt: Option<String>,
+    /// Generate for every line of this JSONL file: each line a JSON object whose `prompt` field
+    /// (see --prompt-field) is the prompt. Writes one JSON line per input line, in order: the
+    /// input's fields followed by `completion` (the generated text), `completion_tokens` and
+    /// `stop_reason`. The whole file is checked before the model loads.
+    #[arg(long, value_name = "FILE.jsonl")]
+    pub input: Option<PathBuf>,
+    /// Where --input's results go (default: stdout). Lines are written as each batch finishes.
+    #[arg(long, value_name = "FILE.jsonl", requires = "input")]
+    pub output: Option<PathBuf>,
+    /// The field of each --input line that holds the prompt.
+    #[arg(
+        long,
+        value_name = "NAME",
+        default_value = "prompt",
+        requires = "input"
+    )]
+    pub prompt_field: String,
+    /// The field the generated text is written to (also names `<NAME>_tokens`); an input line
+    /// that already has it is an error, never overwritten.
+    #[arg(
+        long,
+        value_name = "NAME",
+        default_value = "completion",
+        requires = "input"
+    )]
+    pub output_field: String,
+    /// --input lines read, generated and written per batch (memory holds one batch).
+    #[arg(long, value_name = "N", default_value_t = 16, requires = "input", value_parser = clap::value_parser!(u64).range(1..))]
+    pub batch_size: u64,
     /// Most tokens to generate (generation also stops at EOS).
     #[arg(long, default_value_t = 64, value_name = "N")]
     pub max_new_tokens: usize,
@@ -78,6 +113,31 @@ pub fn run(global: &GlobalArgs, args: GenerateArgs) -> u8 {
         report::error(&message);
         return EXIT_INVALID;
     }
+    // A bad line fails here, before any model loads or any output is written.
+    if let Some(input) = &args.input {
+        let names = OutputFields::named(&args.output_field);
+        if args.prompt_field == args.output_field {
+            report::error(&format!(
+                "--prompt-field and --output-field are both `{}`: the output would overwrite the prompt",
+                args.prompt_field
+            ));
+            return EXIT_INVALID;
+        }
+        match check_input(input, &args.prompt_field, &names) {
+            Ok(0) => {
+                report::error(&format!(
+                    "{}: no prompts (the file is empty)",
+                    input.display()
+                ));
+                return EXIT_INVALID;
+            }
+            Ok(_) => {}
+            Err(message) => {
+                report::error(&message);
+                return EXIT_INVALID;
+            }
+        }
+    }
     let device = match resolve_device(device_spec) {
         Ok(device) => device,
         Err(error) => {
@@ -93,7 +153,15 @@ pub fn run(global: &GlobalArgs, args: GenerateArgs) -> u8 {
             return EXIT_INVALID;
         }
     };
-    let quantization = match args.adapter.as_deref().map(recorded_base_quantization) {
+    let adapter = match args.adapter.as_deref().map(resolve_adapter) {
+        Some(Err(message)) => {
+            report::error(&message);
+            return EXIT_INVALID;
+        }
+        Some(Ok(dir)) => Some(dir),
+        None => None,
+    };
+    let quantization = match adapter.as_deref().map(recorded_base_quantization) {
         Some(Err(message)) => {
             report::error(&message);
             return EXIT_INVALID;
@@ -103,7 +171,7 @@ pub fn run(global: &GlobalArgs, args: GenerateArgs) -> u8 {
     };
     let model = match InferenceModel::load(
         &model_dir,
-        args.adapter.as_deref(),
+        adapter.as_deref(),
         quantization.as_ref(),
         &device,
         dtype,
@@ -114,8 +182,34 @@ pub fn run(global: &GlobalArgs, args: GenerateArgs) -> u8 {
             return EXIT_FAILED;
         }
     };
+    let Some(prompt) = args.prompt.clone() else {
+        let Some(input) = &args.input else {
+            report::error("give --prompt TEXT or --input FILE.jsonl");
+            return EXIT_INVALID;
+        };
+        let names = OutputFields::named(&args.output_field);
+        return match generate_file(&model, input, &args, &names, sampling) {
+            Ok(count) => {
+                if !global.quiet {
+                    let to = match &args.output {
+                        Some(path) => path.display().to_string(),
+                        None => "stdout".to_string(),
+                    };
+                    report::write_stderr(&format!(
+                        "{count} prompts from {} generated, written to {to}",
+                        input.display()
+                    ));
+                }
+                EXIT_OK
+            }
+            Err(message) => {
+                report::error(&message);
+                EXIT_FAILED
+            }
+        };
+    };
     let request = GenerateRequest {
-        prompt: args.prompt,
+        prompt,
         max_new_tokens: args.max_new_tokens,
         sampling,
     };
@@ -132,5 +226,116 @@ pub fn run(global: &GlobalArgs, args: GenerateArgs) -> u8 {
             report::error(&message);
             EXIT_FAILED
         }
+    }
+}
+
+/// The folder of `--adapter`: a path as given, or a Hub id's snapshot in the local cache (never
+/// downloaded: the `hub` feature's download fetches a model's files, not an adapter's).
+fn resolve_adapter(text: &str) -> Result<PathBuf, String> {
+    match crate::config::hub::HubId::parse(text) {
+        Ok(None) => Ok(PathBuf::from(text)),
+        Ok(Some(_)) => crate::config::hub::resolve_adapter_dir(Path::new("."), text)
+            .map_err(|message| format!("--adapter: {message}")),
+        Err(error) => Err(format!("--adapter: {error}")),
+    }
+}
+
+/// Read every line of `input` once (nothing kept): the number of prompts, or the first bad line.
+fn check_input(input: &Path, prompt_field: &str, names: &OutputFields) -> Result<usize, String> {
+    let mut count = 0;
+    for record in PromptLines::open(input, prompt_field, names)? {
+        record?;
+        count += 1;
+    }
+    Ok(count)
+}
+
+/// Where the output lines go.
+enum Sink {
+    Stdout,
+    File(std::io::BufWriter<std::fs::File>, PathBuf),
+}
+
+impl Sink {
+    fn write(&mut self, text: &str) -> Result<(), String> {
+        match self {
+            Sink::Stdout => {
+                report::write_stdout_raw(text);
+                Ok(())
+            }
+            Sink::File(file, path) => file
+                .write_all(text.as_bytes())
+                .and_then(|()| file.flush())
+                .map_err(|e| format!("{}: {e}", path.display())),
+        }
+    }
+}
+
+/// Generate for every line of `input`, `batch_size` lines at a time (read, generated, written in
+/// input order). An error after some lines were written says how many.
+fn generate_file(
+    model: &InferenceModel,
+    input: &Path,
+    args: &GenerateArgs,
+    names: &OutputFields,
+    sampling: Sampling,
+) -> Result<usize, String> {
+    let mut sink = match &args.output {
+        None => Sink::Stdout,
+        Some(path) => {
+            let file =
+                std::fs::File::create(path).map_err(|e| format!("{}: {e}", path.display()))?;
+            Sink::File(std::io::BufWriter::new(file), path.clone())
+        }
+    };
+    let mut written = 0;
+    generate_batches(model, input, args, names, sampling, &mut sink, &mut written)
+        .map(|()| written)
+        .map_err(|message| match (written, &args.output) {
+            (0, _) => message,
+            (written, Some(path)) => format!(
+                "{message} ({written} lines were written to {} before it)",
+                path.display()
+            ),
+            (written, None) => format!("{message} ({written} lines were written before it)"),
+        })
+}
+
+fn generate_batches(
+    model: &InferenceModel,
+    input: &Path,
+    args: &GenerateArgs,
+    names: &OutputFields,
+    sampling: Sampling,
+    sink: &mut Sink,
+    written: &mut usize,
+) -> Result<(), String> {
+    let batch_size = usize::try_from(args.batch_size).unwrap_or(usize::MAX);
+    let mut lines = PromptLines::open(input, &args.prompt_field, names)?;
+    loop {
+        let batch: Vec<PromptRecord> = lines.by_ref().take(batch_size).collect::<Result<_, _>>()?;
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let count = batch.len();
+        let mut text = String::new();
+        for record in batch {
+            let request = GenerateRequest {
+                prompt: record.prompt.clone(),
+                max_new_tokens: args.max_new_tokens,
+                sampling,
+            };
+            let line = record.line;
+            let output = generate_one(model, &request)
+                .map_err(|message| format!("{}:{line}: {message}", input.display()))?;
+            let fields = record.with_output(names, &output);
+            let json = serde_json::to_string(&fields).map_err(|e| {
+                format!("{}:{line}: cannot encode the output: {e}", input.display())
+            })?;
+            text.push_str(&json);
+            text.push('\n');
+        }
+        sink.write(&text)?;
+        *written += count;
     }
 }

@@ -157,7 +157,7 @@ pub enum Command {
     Inspect(inspect::InspectArgs),
     /// Generate text from a model (optionally with an adapter).
     #[command(
-        after_help = "Examples:\n  peftpipe generate datasets/quickstart/model --prompt \"review: a fine film.\\nsentiment:\"\n  peftpipe generate datasets/quickstart/model --adapter pipelines/out/quickstart/adapter --prompt \"review: dull.\\nsentiment:\" --max-new-tokens 4"
+        after_help = "Examples:\n  peftpipe generate datasets/quickstart/model --prompt \"review: a fine film.\\nsentiment:\"\n  peftpipe generate datasets/quickstart/model --adapter pipelines/out/quickstart/adapter --prompt \"review: dull.\\nsentiment:\" --max-new-tokens 4\n  peftpipe generate datasets/quickstart/model --input prompts.jsonl --output completions.jsonl --batch-size 32"
     )]
     Generate(generate::GenerateArgs),
     /// Each stage's metrics (`show`), or how two runs differ (`diff`).

@@ -11,6 +11,7 @@
 
 pub mod batch;
 pub mod generate;
+pub mod jsonl;
 pub mod model;
 pub mod sample;
 pub mod score;

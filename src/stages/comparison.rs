@@ -25,6 +25,8 @@ pub enum CandidateKind {
     FewShot,
     /// An upstream train stage's adapter.
     Adapter,
+    /// A PEFT adapter folder made outside the pipeline (`external_adapters`).
+    ExternalAdapter,
 }
 
 /// One row of the table.

@@ -1030,6 +1030,33 @@ impl Stage for EvaluateStage {
             }
             candidates.insert(stage.to_string(), metrics);
         }
+        for (name, written) in config.external_candidates() {
+            let adapter_dir = crate::config::hub::resolve_adapter_dir(ctx.project_dir, written)
+                .map_err(StageError::user)?;
+            crate::config::evaluate::adapter_files(written, &adapter_dir)
+                .map_err(StageError::user)?;
+            if let Some(warning) = base_mismatch(&adapter_dir, &base_path, config)? {
+                ctx.progress.note(warning);
+            }
+            // Loading first: its errors name the file and list the methods peftpipe loads.
+            let adapted = load(Some(&adapter_dir), None)?;
+            let method = adapter_method(&adapter_dir)?;
+            let parameters = adapted
+                .adapter
+                .as_ref()
+                .map_or(0, |adapter| adapter.trainable_parameter_count());
+            let metrics = evaluate(&adapted, &plan, &name)?;
+            drop(adapted);
+            let mut row = ComparisonRow::new(
+                name.clone(),
+                CandidateKind::ExternalAdapter,
+                &method,
+                &metrics,
+            );
+            row.trainable_parameters = parameters;
+            rows_out.push(row);
+            candidates.insert(name, metrics);
+        }
         let comparison = Comparison {
             split: config.split.clone(),
             rows: plan.rows,
@@ -1078,6 +1105,54 @@ impl Stage for EvaluateStage {
         }
         Ok(StageOutcome { summary })
     }
+}
+
+/// A warning when an external adapter's `base_model_name_or_path` (PEFT's record of what it was
+/// trained on) names another model than the base it is applied to, compared by the last path
+/// segment (`meta-llama/Llama-3.2-1B` ~ `models/Llama-3.2-1B`, case-insensitive). A warning, not
+/// an error: local paths differ between machines and copies keep their weights; a base of
+/// another shape fails to load with the tensor named.
+fn base_mismatch(
+    adapter_dir: &Path,
+    base_path: &Path,
+    config: &EvaluateConfig,
+) -> Result<Option<String>, StageError> {
+    let adapter_config = crate::peft::read_adapter_config(adapter_dir)
+        .map_err(|error| StageError::user(error.to_string()))?;
+    let Some(recorded) = adapter_config
+        .get("base_model_name_or_path")
+        .and_then(Value::as_str)
+        .filter(|text| !text.trim().is_empty())
+    else {
+        return Ok(None);
+    };
+    let last = |text: &str| {
+        let text = text.trim().trim_end_matches('/');
+        let text = text.strip_prefix("hf://").unwrap_or(text);
+        let text = text.split('@').next().unwrap_or(text);
+        text.rsplit('/').next().unwrap_or(text).to_lowercase()
+    };
+    let mut names = vec![last(&base_path.to_string_lossy())];
+    if let Some(written) = &config.base_model {
+        names.push(last(written));
+    }
+    // A Hub snapshot folder is named by its commit; its repository folder holds the name.
+    if let Some(repo) = base_path
+        .ancestors()
+        .filter_map(|dir| dir.file_name())
+        .map(|name| name.to_string_lossy().into_owned())
+        .find(|name| name.starts_with("models--"))
+    {
+        names.push(last(&repo.replacen("models--", "", 1).replace("--", "/")));
+    }
+    if names.contains(&last(recorded)) {
+        return Ok(None);
+    }
+    Ok(Some(format!(
+        "warning: {}: base_model_name_or_path is `{recorded}`, but the adapter is evaluated on {}; its figures are only meaningful on the model it was trained on",
+        adapter_dir.join("adapter_config.json").display(),
+        base_path.display()
+    )))
 }
 
 #[cfg(test)]
@@ -1223,6 +1298,41 @@ mod tests {
         })
         .unwrap_err();
         assert!(matches!(error, StageError::Cancelled));
+    }
+
+    #[test]
+    fn a_base_other_than_the_adapters_recorded_one_is_a_warning() {
+        let dir = tempfile::tempdir().unwrap();
+        let write = |recorded: &str| {
+            std::fs::write(
+                dir.path().join("adapter_config.json"),
+                format!(r#"{{"peft_type": "LORA", "base_model_name_or_path": "{recorded}"}}"#),
+            )
+            .unwrap();
+        };
+        let config =
+            config("{ base_model: models/Llama-3.2-1B, external_adapters: [a], data: prompts }");
+        let base = Path::new("/work/models/Llama-3.2-1B");
+        for same in ["meta-llama/Llama-3.2-1B", "/elsewhere/llama-3.2-1b/", ""] {
+            write(same);
+            assert_eq!(
+                base_mismatch(dir.path(), base, &config).unwrap(),
+                None,
+                "{same}"
+            );
+        }
+        // A Hub snapshot is named by its repository folder.
+        let snapshot = Path::new("/hf/models--meta-llama--Llama-3.2-3B/snapshots/0123abcd");
+        write("meta-llama/Llama-3.2-3B");
+        assert_eq!(base_mismatch(dir.path(), snapshot, &config).unwrap(), None);
+        write("Qwen/Qwen2.5-0.5B");
+        let warning = base_mismatch(dir.path(), base, &config).unwrap().unwrap();
+        assert!(
+            warning.contains("adapter_config.json")
+                && warning.contains("`Qwen/Qwen2.5-0.5B`")
+                && warning.contains("Llama-3.2-1B"),
+            "{warning}"
+        );
     }
 
     #[test]

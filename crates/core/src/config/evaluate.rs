@@ -28,6 +28,14 @@ pub struct EvaluateConfig {
     /// stands for every expansion of a matrix stage). All must train the same base model.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub adapters: Vec<String>,
+    /// PEFT adapters made elsewhere, each a candidate on the base model: a folder holding
+    /// `adapter_config.json` and `adapter_model.safetensors` (relative to the pipeline file;
+    /// any method PEFT saves that peftpipe loads), or `hf://org/name[@revision]` found in the
+    /// local Hugging Face cache. Their files are part of the fingerprint; the comparison names
+    /// each by its folder (`hf://` ids by `org/name`). Without a train stage, `base_model` is
+    /// required.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub external_adapters: Vec<String>,
     /// The base model to evaluate when no train stage is named (a model directory or
     /// `hf://org/name`, as the train stage's `model`); its files are part of the fingerprint.
     /// With train stages it must be their model.
@@ -129,6 +137,42 @@ impl EvaluateConfig {
             }
         }
         stages
+    }
+
+    /// The `external_adapters` with the name each has in the comparison, in order: the folder's
+    /// name (`org/name` for a Hub id), or the text as written when that name is taken (`base`,
+    /// a candidate stage, another adapter's folder name).
+    pub fn external_candidates(&self) -> Vec<(String, &str)> {
+        let short = |written: &str| -> String {
+            let trimmed = written.trim_end_matches('/');
+            match trimmed.strip_prefix("hf://") {
+                Some(id) => id.to_string(),
+                None => Path::new(trimmed)
+                    .file_name()
+                    .map(|name| name.to_string_lossy().into_owned())
+                    .unwrap_or_else(|| trimmed.to_string()),
+            }
+        };
+        let stages = self.adapter_stages();
+        let shorts: Vec<String> = self.external_adapters.iter().map(|w| short(w)).collect();
+        let mut taken: Vec<String> = stages.iter().map(|s| s.to_string()).collect();
+        taken.push("base".to_string());
+        let mut out: Vec<(String, &str)> = Vec::new();
+        for (index, written) in self.external_adapters.iter().enumerate() {
+            if out.iter().any(|(_, w)| *w == written.as_str()) {
+                continue;
+            }
+            let name = &shorts[index];
+            let shared = shorts.iter().filter(|other| *other == name).count() > 1;
+            let name = if shared || taken.contains(name) {
+                written.trim_end_matches('/').to_string()
+            } else {
+                name.clone()
+            };
+            taken.push(name.clone());
+            out.push((name, written.as_str()));
+        }
+        out
     }
 
     /// The template stage the few-shot demonstrations come from.
@@ -320,6 +364,37 @@ fn default_exact_match_max_new_tokens() -> usize {
     32
 }
 
+/// The files of a PEFT adapter folder that loading reads (`adapter_config.json`,
+/// `adapter_model.safetensors`), or why `dir` (written as `written`) is not one.
+pub fn adapter_files(written: &str, dir: &Path) -> Result<Vec<std::path::PathBuf>, String> {
+    if !dir.is_dir() {
+        return Err(format!(
+            "external adapter `{written}`: {} is not a folder",
+            dir.display()
+        ));
+    }
+    let config = dir.join("adapter_config.json");
+    if !config.is_file() {
+        return Err(format!(
+            "external adapter `{written}`: {} does not exist (a PEFT adapter folder holds adapter_config.json and adapter_model.safetensors)",
+            config.display()
+        ));
+    }
+    let weights = dir.join("adapter_model.safetensors");
+    if !weights.is_file() {
+        let hint = if dir.join("adapter_model.bin").is_file() {
+            " (only adapter_model.bin is there: save the adapter with `safe_serialization=True`)"
+        } else {
+            ""
+        };
+        return Err(format!(
+            "external adapter `{written}`: {} does not exist{hint}",
+            weights.display()
+        ));
+    }
+    Ok(vec![config, weights])
+}
+
 /// Is `text` a device spelling we accept (`auto`, `cpu`, `cuda`, `cuda:N`)?
 pub fn is_valid_device(text: &str) -> bool {
     match text {
@@ -411,21 +486,30 @@ impl StageSpec for EvaluateConfig {
     fn input_files(&self, project_dir: &Path) -> Result<Vec<InputFile>, String> {
         // Everything else it reads comes from the upstream artifacts; a `base_model` named here
         // is hashed as the train stage hashes its model.
-        let Some(written) = &self.base_model else {
-            return Ok(Vec::new());
+        // An external adapter's files are hashed by content, keyed by the text as written.
+        let keyed = |written: &str, files: Vec<std::path::PathBuf>| -> Vec<InputFile> {
+            let written = written.trim_end_matches('/');
+            files
+                .into_iter()
+                .map(|path| InputFile {
+                    key: format!(
+                        "{written}/{}",
+                        path.file_name().unwrap_or_default().to_string_lossy()
+                    ),
+                    path,
+                })
+                .collect()
         };
-        let dir = super::hub::resolve_model_dir(project_dir, written)?;
-        let written = written.trim_end_matches('/');
-        Ok(super::train::model_files(&dir)?
-            .into_iter()
-            .map(|path| InputFile {
-                key: format!(
-                    "{written}/{}",
-                    path.file_name().unwrap_or_default().to_string_lossy()
-                ),
-                path,
-            })
-            .collect())
+        let mut files = Vec::new();
+        if let Some(written) = &self.base_model {
+            let dir = super::hub::resolve_model_dir(project_dir, written)?;
+            files.extend(keyed(written, super::train::model_files(&dir)?));
+        }
+        for written in &self.external_adapters {
+            let dir = super::hub::resolve_adapter_dir(project_dir, written)?;
+            files.extend(keyed(written, adapter_files(written, &dir)?));
+        }
+        Ok(files)
     }
 
     fn output_columns(&self, _cx: &CheckContext<'_>, _stage: &str) -> Option<Vec<String>> {
@@ -445,6 +529,16 @@ impl StageSpec for EvaluateConfig {
                 format!("{at}.adapters[{index}]"),
                 problems,
             );
+        }
+        for (index, written) in self.external_adapters.iter().enumerate() {
+            let key = format!("{at}.external_adapters[{index}]");
+            if written.trim().is_empty() {
+                problems.push(Problem::new(key, "the adapter path is empty").about_value());
+            } else if self.external_adapters[..index].contains(written) {
+                problems.push(
+                    Problem::new(key, format!("adapter `{written}` is listed twice")).about_value(),
+                );
+            }
         }
         self.check_candidates(cx, at, problems);
         check_upstream_kind(
@@ -568,7 +662,15 @@ impl EvaluateConfig {
     /// A base model to evaluate, one base model for every candidate, and sound few-shot settings.
     fn check_candidates(&self, cx: &CheckContext<'_>, at: &str, problems: &mut Vec<Problem>) {
         let stages = self.adapter_stages();
-        if stages.is_empty() && self.base_model.is_none() {
+        if stages.is_empty() && self.base_model.is_none() && !self.external_adapters.is_empty() {
+            problems.push(
+                Problem::new(
+                    format!("{at}.external_adapters"),
+                    "external adapters need `base_model`: no train stage names the model they apply to",
+                )
+                .with_hint("add `base_model: MODEL_DIR` (or `hf://org/name`), the model the adapters were trained on"),
+            );
+        } else if stages.is_empty() && self.base_model.is_none() {
             problems.push(
                 Problem::new(
                     at.to_string(),
@@ -993,6 +1095,59 @@ stages:
         let upstream: Vec<String> = config.upstream().into_iter().map(|r| r.stage).collect();
         assert_eq!(upstream, ["tune", "tune", "x", "y", "prompts", "demos"]);
         assert_eq!(config.few_shot_source(), Some("demos"));
+    }
+
+    #[test]
+    fn external_adapters_need_a_base_model_and_get_readable_unique_names() {
+        let columns = ["prompt", "completion"];
+        let missing = problems_of(
+            &format!(
+                "{HEAD}  eval: {{ evaluate: {{ external_adapters: [a/lora], data: prompts }} }}\n"
+            ),
+            &columns,
+        );
+        assert_eq!(missing.len(), 1, "{missing:?}");
+        assert_eq!(missing[0].path, "stages.eval.evaluate.external_adapters");
+        assert!(missing[0].message.contains("need `base_model`"));
+        let listed = problems_of(
+            &format!("{HEAD}  eval: {{ evaluate: {{ external_adapters: [a/lora, '', a/lora], base_model: m, data: prompts }} }}\n"),
+            &columns,
+        );
+        let paths: Vec<&str> = listed.iter().map(|p| p.path.as_str()).collect();
+        assert_eq!(
+            paths,
+            [
+                "stages.eval.evaluate.external_adapters[1]",
+                "stages.eval.evaluate.external_adapters[2]"
+            ]
+        );
+        // With a train stage its model is the base; the names avoid stage names and each other.
+        let raw = pipeline(&format!(
+            "{HEAD}  eval: {{ evaluate: {{ model: tune, external_adapters: [out/sst2-lora/, 'hf://org/name@v1', x/tune, p/adapter, q/adapter], data: prompts }} }}\n"
+        ));
+        let StageConfig::Evaluate(config) = &raw.stages["eval"] else {
+            panic!("not an evaluate stage");
+        };
+        let names: Vec<String> = config
+            .external_candidates()
+            .into_iter()
+            .map(|(name, _)| name)
+            .collect();
+        assert_eq!(
+            names,
+            [
+                "sst2-lora",
+                "org/name@v1",
+                "x/tune",
+                "p/adapter",
+                "q/adapter"
+            ]
+        );
+        assert!(problems_of(
+            &format!("{HEAD}  eval: {{ evaluate: {{ model: tune, external_adapters: [a/lora], data: prompts }} }}\n"),
+            &columns,
+        )
+        .is_empty());
     }
 
     #[test]

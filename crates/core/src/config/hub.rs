@@ -127,6 +127,16 @@ fn is_commit_hash(revision: &str) -> bool {
 /// Where `id` lives in `cache`, offline: the snapshot folder of its revision. The folder must hold
 /// a config.json. `NotCached` names the first missing piece.
 pub fn resolve_in_cache(id: &HubId, cache: &Path) -> Result<PathBuf, HubCacheError> {
+    resolve_in_cache_holding(id, cache, "config.json")
+}
+
+/// [`resolve_in_cache`] for a repository whose snapshot must hold `marker` (`adapter_config.json`
+/// for a PEFT adapter).
+pub fn resolve_in_cache_holding(
+    id: &HubId,
+    cache: &Path,
+    marker: &str,
+) -> Result<PathBuf, HubCacheError> {
     let repo = cache.join(id.cache_folder_name());
     let not_cached = |missing: PathBuf| HubCacheError::NotCached {
         id: id.to_string(),
@@ -155,7 +165,7 @@ pub fn resolve_in_cache(id: &HubId, cache: &Path) -> Result<PathBuf, HubCacheErr
         commit
     };
     let snapshot = snapshots.join(&commit);
-    let config = snapshot.join("config.json");
+    let config = snapshot.join(marker);
     if !config.is_file() {
         return Err(not_cached(config));
     }
@@ -190,6 +200,36 @@ pub fn resolve_model_dir(project_dir: &Path, written: &str) -> Result<PathBuf, S
     };
     resolve_in_cache(&id, &cache).map_err(|error| match error {
         HubCacheError::NotCached { .. } => format!("{error}; {}", download_hint(&id)),
+        other => other.to_string(),
+    })
+}
+
+/// A PEFT adapter's folder as written in a pipeline or on the command line: `hf://org/name[@rev]`
+/// resolved offline through the Hugging Face cache (its snapshot must hold adapter_config.json;
+/// nothing is downloaded, with or without the `hub` feature), anything else through
+/// [`super::resolve_path`].
+pub fn resolve_adapter_dir(project_dir: &Path, written: &str) -> Result<PathBuf, String> {
+    let expanded = super::expand_env(written)?;
+    let Some(id) = HubId::parse(&expanded).map_err(|error| error.to_string())? else {
+        return super::resolve_path(project_dir, written);
+    };
+    let Some(cache) = cache_dir() else {
+        return Err(format!(
+            "{id}: no Hugging Face cache directory (none of HF_HUB_CACHE, HF_HOME, XDG_CACHE_HOME, HOME is set)"
+        ));
+    };
+    resolve_in_cache_holding(&id, &cache, "adapter_config.json").map_err(|error| match error {
+        HubCacheError::NotCached { .. } => {
+            let revision = if id.revision == DEFAULT_REVISION {
+                String::new()
+            } else {
+                format!(" --revision {}", id.revision)
+            };
+            format!(
+                "{error}; fetch it with `hf download {}{revision}` (Python huggingface_hub; set HF_HUB_CACHE or HF_HOME for another cache), or use a local adapter folder",
+                id.repo_id
+            )
+        }
         other => other.to_string(),
     })
 }
