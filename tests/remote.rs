@@ -415,7 +415,8 @@ fn a_cloud_remote_without_the_cloud_feature_says_how_to_get_it() {
         &["push", "pipeline.yaml", "--remote", "s3://bucket/cache"],
         &[],
     );
-    assert_eq!(failed.status.code(), Some(1));
+    // A remote this build cannot open is a setup error (exit 2), like a malformed URL.
+    assert_eq!(failed.status.code(), Some(2));
     let message = stderr(&failed);
     assert!(
         message.contains("`s3://` remotes need a build with the `cloud` feature"),
