@@ -2,7 +2,9 @@
 //! pipelines in pipelines/methods-*.yaml validate, and the quickstart one, made small, runs end
 //! to end on the CPU — six trained methods from one `matrix:` stage (`adapters: [train@*]`), the
 //! base model and few-shot k = 1, 2, 4 — writing comparison.json / comparison.md with a row and
-//! numbers for every candidate, which the run summary prints and the HTML report shows.
+//! numbers for every candidate, which the run summary prints and the HTML report shows; what
+//! training cost (train time, tokens/s, peak memory) is joined in from the train stages' run
+//! records when shown, never cached.
 #![expect(clippy::print_stderr, reason = "tests print skip reasons")]
 
 mod train_support;
@@ -232,4 +234,192 @@ stages:
     let status = String::from_utf8_lossy(&output.stdout).into_owned();
     assert!(status.contains("[DIRTY] compare"), "{status}");
     assert!(status.contains("[FRESH] prompts"), "{status}");
+}
+
+/// The quickstart comparison, tiny: LoRA and prompt tuning trained for one epoch, the base model
+/// and few-shot k = 1, on 16 rows.
+const TINY_COMPARISON: &str = r#"
+name: costs
+seed: 17
+stages:
+  data:
+    ingest:
+      path: data/reviews.parquet
+      columns: [text, label]
+      drop_nulls: true
+      limit: 200
+      split:
+        fractions: {train: 0.8, eval: 0.2}
+        stratify_by: label
+  prompts:
+    template:
+      input: data
+      prompt: "review: {{ text }}\nsentiment:"
+      completion: " {{ label }}"
+      label: label
+  train:
+    matrix:
+      run:
+        lora: {method: {lora: {r: 4, alpha: 8, target_modules: all-linear}}, lr: 0.003}
+        prompt_tuning: {method: {prompt_tuning: {num_virtual_tokens: 4, init: sample_vocab}}, lr: 0.3}
+    train:
+      data: prompts
+      model: model
+      method: ${item.run.method}
+      learning_rate: ${item.run.lr}
+      batch_size: 16
+      epochs: 1
+      max_seq_len: 48
+      device: cpu
+  compare:
+    evaluate:
+      adapters: [train@*]
+      data: prompts
+      few_shot:
+        k: [0, 1]
+        strategy: first_k
+      metrics:
+        accuracy:
+          choices: [" positive", " negative"]
+          labels: [positive, negative]
+          label_column: label
+      samples: 0
+      max_rows: 16
+      device: cpu
+"#;
+
+/// The comparison a user reads shows each trained candidate's train time, tokens/s and peak
+/// memory (joined from the train stages' run records at display time), while the cached
+/// comparison.json holds none of them and is byte-identical across two clean runs; a cache hit
+/// shows the figures the producing run recorded and says so.
+#[test]
+fn the_displayed_comparison_joins_training_costs_that_the_cached_one_never_holds() {
+    let project = TrainProject::with_pipeline(TINY_COMPARISON);
+    let comparison_file = ".peftpipe/out/costs/compare/comparison.json";
+    let first_run = project.run(&["run", "pipeline.yaml"]);
+    assert!(first_run.status.success(), "{}", stderr(&first_run));
+    let first = std::fs::read(project.path(comparison_file)).expect("comparison.json");
+    let first_markdown =
+        std::fs::read(project.path(".peftpipe/out/costs/compare/comparison.md")).expect("md");
+    let cached: serde_json::Value = serde_json::from_slice(&first).expect("JSON");
+    for row in cached["candidates"].as_array().expect("candidates") {
+        for figure in ["train_seconds", "tokens_per_second", "peak_memory_bytes"] {
+            assert!(row[figure].is_null(), "{figure} in the cached {row}");
+        }
+    }
+
+    // The run summary: the columns, filled for trained candidates, "—" for the others.
+    let text = stderr(&first_run);
+    let table = text
+        .split("compare: 4 candidates")
+        .nth(1)
+        .unwrap_or_else(|| panic!("no comparison table:\n{text}"));
+    let header = table.lines().nth(1).unwrap_or_default();
+    for column in ["train time", "tokens/s", "peak memory"] {
+        assert!(header.contains(column), "{header}");
+    }
+    let row_of = |table: &str, name: &str| -> String {
+        table
+            .lines()
+            .find(|line| line.starts_with(&format!("{name} ")))
+            .unwrap_or_else(|| panic!("no row {name}:\n{table}"))
+            .to_string()
+    };
+    for trained in ["train@lora", "train@prompt_tuning"] {
+        let row = row_of(table, trained);
+        assert!(!row.contains('—'), "{row}");
+        assert!(row.contains("iB"), "no peak memory in {row}");
+    }
+    for untrained in ["base", "few-shot k=1"] {
+        let row = row_of(table, untrained);
+        assert_eq!(row.matches('—').count(), 3, "{row}");
+    }
+    assert!(!table.contains("earlier run"), "{table}");
+    // The train stage recorded them with the run (lock file), not in its artifact.
+    let lock = project.lock_file("costs");
+    let recorded = &lock["stages"]["train@lora"]["outcome"];
+    let peak = recorded["peak_memory_bytes"].as_u64().unwrap_or(0);
+    assert!(peak > 1 << 20, "{recorded}");
+    assert_eq!(recorded["peak_memory_source"], "process_rss");
+    assert!(recorded["wall_seconds"].as_f64().unwrap_or(0.0) > 0.0);
+
+    // A second clean run: the cached comparison is byte-identical (no timings inside).
+    project.wipe();
+    let second_run = project.run(&["run", "pipeline.yaml"]);
+    assert!(second_run.status.success(), "{}", stderr(&second_run));
+    let second = std::fs::read(project.path(comparison_file)).expect("comparison.json");
+    assert_eq!(
+        String::from_utf8_lossy(&first),
+        String::from_utf8_lossy(&second)
+    );
+    let second_markdown =
+        std::fs::read(project.path(".peftpipe/out/costs/compare/comparison.md")).expect("md");
+    assert_eq!(first_markdown, second_markdown);
+
+    // A cache hit: the figures recorded by the run that produced the adapters, said to be so.
+    let recorded_peak = project.lock_file("costs")["stages"]["train@lora"]["outcome"]
+        ["peak_memory_bytes"]
+        .as_u64()
+        .expect("a recorded peak");
+    let fresh_run = project.run(&["run", "pipeline.yaml"]);
+    assert!(fresh_run.status.success(), "{}", stderr(&fresh_run));
+    let text = stderr(&fresh_run);
+    let table = text
+        .split("compare: 4 candidates")
+        .nth(1)
+        .unwrap_or_else(|| panic!("no comparison table:\n{text}"));
+    let shown = peftpipe::report::format::bytes(recorded_peak);
+    assert!(
+        row_of(table, "train@lora").contains(&shown),
+        "{shown}:\n{table}"
+    );
+    assert!(
+        table.contains(
+            "train figures of train@lora, train@prompt_tuning: from the earlier run that produced"
+        ),
+        "{table}"
+    );
+
+    // `metrics show`: the same table from the lock file, and numbers in --json.
+    let output = project.run(&["metrics", "show", "pipeline.yaml"]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let shown_text = String::from_utf8_lossy(&output.stdout).to_string();
+    let table = shown_text
+        .split("compare: 4 candidates")
+        .nth(1)
+        .unwrap_or_else(|| panic!("no comparison in metrics show:\n{shown_text}"));
+    assert!(row_of(table, "train@lora").contains(&shown), "{table}");
+    assert!(table.contains("peak memory: CPU"), "{table}");
+    let output = project.run(&["--json", "metrics", "show", "pipeline.yaml"]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let json: serde_json::Value = serde_json::from_slice(&output.stdout).expect("JSON");
+    let rows = json["comparisons"]["compare"]["candidates"]
+        .as_array()
+        .expect("the comparison in --json");
+    let lora = rows
+        .iter()
+        .find(|row| row["candidate"] == "train@lora")
+        .expect("train@lora");
+    assert_eq!(lora["peak_memory_bytes"].as_u64(), Some(recorded_peak));
+    assert!(lora["tokens_per_second"].as_f64().unwrap_or(0.0) > 0.0);
+    let base = rows
+        .iter()
+        .find(|row| row["candidate"] == "base")
+        .expect("base");
+    assert!(base["train_seconds"].is_null());
+
+    // The HTML report's comparison section.
+    let output = project.run(&["report", "pipeline.yaml"]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let page = std::fs::read_to_string(project.path(".peftpipe/out/costs/report.html"))
+        .expect("report.html");
+    let section = page
+        .split("<h3>Comparison</h3>")
+        .nth(1)
+        .expect("a comparison section");
+    let section = section.split("</table>").next().unwrap_or_default();
+    for column in ["train time", "tokens/s", "peak memory"] {
+        assert!(section.contains(&format!("<th>{column}</th>")), "{section}");
+    }
+    assert!(section.contains(&shown), "{section}");
 }

@@ -550,7 +550,17 @@ fn train_stage_writes_a_loadable_peft_artifact() {
     assert!(first.get("tokens_per_second").is_none(), "{first}");
     let summary = std::fs::read_to_string(out.join("summary.json")).unwrap();
     assert!(!summary.contains("wall_seconds"), "{summary}");
+    assert!(!summary.contains("peak_memory"), "{summary}");
     assert!(outcome.summary["wall_seconds"].as_f64().unwrap() > 0.0);
+    // The run's peak memory (the process's peak RSS on the CPU, where Linux lets it be reset).
+    if std::path::Path::new("/proc/self/clear_refs").exists() {
+        assert!(
+            outcome.summary["peak_memory_bytes"].as_u64().unwrap_or(0) > 1 << 20,
+            "{:?}",
+            outcome.summary
+        );
+        assert_eq!(outcome.summary["peak_memory_source"], "process_rss");
+    }
     let base: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("base_model.json")).unwrap())
             .unwrap();

@@ -71,11 +71,19 @@ fn show(global: &GlobalArgs, args: ShowArgs) -> u8 {
             return EXIT_FAILED;
         }
     };
-    let metrics = render::metrics_of(&lock, &stage_order(&pipeline));
+    let order = stage_order(&pipeline);
+    let metrics = render::metrics_of(&lock, &order);
+    let comparisons = render::comparisons_of(&lock, &order);
     if global.json {
-        report::json(&render::show_json(&pipeline.name, &metrics));
+        let mut json = render::show_json(&pipeline.name, &metrics);
+        if !comparisons.is_empty() {
+            json["comparisons"] = render::comparisons_json(&comparisons);
+        }
+        report::json(&json);
     } else {
-        report::write_stdout_raw(&render::show_text(&pipeline.name, &metrics));
+        let mut text = render::show_text(&pipeline.name, &metrics);
+        text.push_str(&render::comparisons_text(&lock, &comparisons));
+        report::write_stdout_raw(&text);
     }
     EXIT_OK
 }

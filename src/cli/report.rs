@@ -168,6 +168,7 @@ pub fn gather(
             .unwrap_or_else(|| settings.out_root.join(&planned.name));
         read_outputs(&mut input, &planned.name, &out_dir);
     }
+    join_training(&mut input);
     input
         .environment
         .push(("peftpipe".into(), crate::TOOL_VERSION.into()));
@@ -241,6 +242,33 @@ fn read_outputs(input: &mut ReportInput, stage: &str, out_dir: &Path) {
                 }
             }
             Err(message) => input.notes.push(message),
+        }
+    }
+}
+
+/// Each comparison's trained candidates get the train time, tokens/s and peak memory their train
+/// stage recorded (this run's figures, or the lock file's), which comparison.json, a cached
+/// artifact, never holds.
+fn join_training(input: &mut ReportInput) {
+    let stages = &input.stages;
+    for (_, value) in &mut input.evaluations {
+        let Some(raw) = value.get("comparison") else {
+            continue;
+        };
+        let Ok(mut comparison) =
+            serde_json::from_value::<crate::stages::comparison::Comparison>(raw.clone())
+        else {
+            // The page says it cannot read it.
+            continue;
+        };
+        comparison.join_training(|name| {
+            stages
+                .iter()
+                .find(|stage| stage.name == name)
+                .map(|stage| &stage.outcome)
+        });
+        if let Ok(joined) = serde_json::to_value(&comparison) {
+            value["comparison"] = joined;
         }
     }
 }

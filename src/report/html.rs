@@ -624,7 +624,8 @@ fn evaluation_section(input: &ReportInput) -> String {
     html
 }
 
-/// The evaluate stage's comparison.json: one row per candidate, and a bar chart per figure.
+/// The evaluate stage's comparison.json (with the train stages' recorded train time, tokens/s and
+/// peak memory joined in): one row per candidate, and a bar chart per figure.
 fn comparison_table(comparison: &serde_json::Value) -> String {
     let parsed: Result<crate::stages::comparison::Comparison, _> =
         serde_json::from_value(comparison.clone());
@@ -655,6 +656,18 @@ fn comparison_table(comparison: &serde_json::Value) -> String {
         html.push_str("</tr>\n");
     }
     html.push_str("</table>\n");
+    let trained = comparison.candidates.iter().any(|row| {
+        row.train_seconds.is_some()
+            || row.tokens_per_second.is_some()
+            || row.peak_memory_bytes.is_some()
+    });
+    if trained {
+        html.push_str(
+            "<p class=\"note\">Train time, tokens/s and peak memory: as recorded by the run of \
+             each train stage that produced its adapter (the stage table above says whether that \
+             was this run); they vary between runs, so comparison.json does not hold them.</p>\n",
+        );
+    }
     type Pick = fn(&crate::stages::comparison::ComparisonRow) -> Option<f64>;
     let figures: [(&str, Pick); 3] = [
         ("perplexity", |row| row.perplexity),

@@ -1,7 +1,9 @@
 //! `peftpipe metrics show` / `metrics diff`: each stage's figures as flat metric names
 //! (`accuracy.adapted`, `final_loss`), taken from what lock files record of each stage's last
-//! run, and their rendering as tables (human numbers) or JSON (numbers as numbers). Reads no
-//! file itself: the command hands it lock files.
+//! run, and their rendering as tables (human numbers) or JSON (numbers as numbers); `show` adds
+//! each evaluate stage's comparison table, its trained candidates' train time, tokens/s and peak
+//! memory joined from their train stages' entries. Reads no file itself: the command hands it
+//! lock files.
 
 use std::collections::BTreeMap;
 
@@ -9,6 +11,7 @@ use serde::Serialize;
 
 use super::format;
 use crate::cache::LockFile;
+use crate::stages::comparison::Comparison;
 
 /// One metric of one stage.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -160,6 +163,75 @@ pub fn show_json(pipeline: &str, metrics: &[Metric]) -> serde_json::Value {
         }
     }
     serde_json::json!({"pipeline": pipeline, "stages": stages})
+}
+
+/// Each evaluate stage's comparison the lock file records (stages in `order`), with each trained
+/// candidate's train time, tokens/s and peak memory joined from its train stage's entry.
+pub fn comparisons_of(lock: &LockFile, order: &[String]) -> Vec<(String, Comparison)> {
+    let mut out: Vec<(String, Comparison)> = lock
+        .stages
+        .iter()
+        .filter_map(|(stage, entry)| {
+            let value = entry.outcome.get("comparison")?;
+            let mut comparison: Comparison = serde_json::from_value(value.clone()).ok()?;
+            comparison.join_training(|name| lock.stages.get(name).map(|entry| &entry.outcome));
+            Some((stage.clone(), comparison))
+        })
+        .collect();
+    out.sort_by_key(|(stage, _)| {
+        (
+            order
+                .iter()
+                .position(|name| name == stage)
+                .unwrap_or(usize::MAX),
+            stage.clone(),
+        )
+    });
+    out
+}
+
+/// `metrics show`'s comparison tables, each with where its training figures come from.
+pub fn comparisons_text(lock: &LockFile, comparisons: &[(String, Comparison)]) -> String {
+    let mut text = String::new();
+    for (stage, comparison) in comparisons {
+        let trained: Vec<&str> = comparison
+            .candidates
+            .iter()
+            .filter(|row| {
+                row.train_seconds.is_some()
+                    || row.tokens_per_second.is_some()
+                    || row.peak_memory_bytes.is_some()
+            })
+            .map(|row| row.candidate.as_str())
+            .collect();
+        let mut notes = Vec::new();
+        if !trained.is_empty() {
+            notes.push("train figures: from each train stage's last run".into());
+        }
+        if let Some(note) = super::run::peak_memory_note(
+            trained
+                .iter()
+                .filter_map(|name| Some((*name, &lock.stages.get(*name)?.outcome))),
+        ) {
+            notes.push(note);
+        }
+        text.push_str(&super::run::comparison_table_text(
+            stage, comparison, &notes,
+        ));
+    }
+    text
+}
+
+/// `metrics show --json`'s `comparisons`: `{stage: comparison}` (numbers as numbers).
+pub fn comparisons_json(comparisons: &[(String, Comparison)]) -> serde_json::Value {
+    let mut out = serde_json::Map::new();
+    for (stage, comparison) in comparisons {
+        out.insert(
+            stage.clone(),
+            serde_json::to_value(comparison).unwrap_or_default(),
+        );
+    }
+    serde_json::Value::Object(out)
 }
 
 /// One row of `metrics diff`.

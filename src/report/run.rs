@@ -12,6 +12,7 @@ use std::time::Duration;
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 use crate::exec::{EventSink, ExecEvent, RunSummary, StageReport, StageStatus};
+use crate::stages::comparison::Comparison;
 
 /// Terminal styling decisions for stderr.
 #[derive(Debug, Clone, Copy)]
@@ -249,6 +250,7 @@ const HEADLINE: &[&str] = &[
     "early_stopped_at",
     "best_eval_loss",
     "tokens_per_second",
+    "peak_memory_bytes",
     "accuracy",
     "exact_match",
     "loss",
@@ -281,6 +283,7 @@ pub fn outcome_items(outcome: &BTreeMap<String, serde_json::Value>, all: bool) -
         .map(|key| {
             let label = match key.as_str() {
                 "tokens_per_second" => "tokens/s",
+                "peak_memory_bytes" => "peak_memory",
                 other => other,
             };
             format!("{label}={}", super::format::figure(key, &outcome[key]))
@@ -386,7 +389,7 @@ pub fn summary_text(
         }
     }
     for stage in &summary.stages {
-        if let Some(table) = comparison_text(stage) {
+        if let Some(table) = comparison_text(stage, &summary.stages) {
             text.push_str(&table);
         }
     }
@@ -436,14 +439,90 @@ pub fn summary_text(
     text
 }
 
-/// An evaluate stage's comparison table (its outcome's `comparison`), columns aligned, numbers
-/// right-aligned; `None` when the stage compared nothing.
-pub fn comparison_text(stage: &StageReport) -> Option<String> {
+/// An evaluate stage's comparison table (its outcome's `comparison`), with each trained
+/// candidate's train time, tokens/s and peak memory joined from its train stage's report in
+/// `stages` (this run's figures, or those recorded by the run that produced a fresh or restored
+/// adapter, which a note says); `None` when the stage compared nothing.
+pub fn comparison_text(stage: &StageReport, stages: &[StageReport]) -> Option<String> {
     let value = stage.outcome.get("comparison")?;
-    let comparison: crate::stages::comparison::Comparison =
-        serde_json::from_value(value.clone()).ok()?;
-    let lines = crate::stages::comparison::table(&comparison);
-    let columns = lines.first()?.len();
+    let mut comparison: Comparison = serde_json::from_value(value.clone()).ok()?;
+    let joined = comparison.join_training(|name| {
+        stages
+            .iter()
+            .find(|report| report.name == name)
+            .map(|report| &report.outcome)
+    });
+    let earlier: Vec<&str> = joined
+        .iter()
+        .filter_map(|name| stages.iter().find(|report| &report.name == name))
+        .filter(|report| {
+            report.status == StageStatus::Fresh || report.cache == crate::exec::CacheUse::Hit
+        })
+        .map(|report| report.name.as_str())
+        .collect();
+    let mut notes = Vec::new();
+    if !earlier.is_empty() {
+        let which = if earlier.len() <= 3 {
+            earlier.join(", ")
+        } else {
+            format!("{} train stages", earlier.len())
+        };
+        notes.push(format!(
+            "train figures of {which}: from the earlier run that produced the adapter"
+        ));
+    }
+    if let Some(note) = peak_memory_note(joined.iter().filter_map(|name| {
+        let report = stages.iter().find(|report| &report.name == name)?;
+        Some((report.name.as_str(), &report.outcome))
+    })) {
+        notes.push(note);
+    }
+    Some(comparison_table_text(&stage.name, &comparison, &notes))
+}
+
+/// What "peak memory" measured, from the outcomes of the train stages whose figures a table
+/// shows (`peak_memory_source`, `peak_memory_shared`).
+pub fn peak_memory_note<'a>(
+    outcomes: impl Iterator<Item = (&'a str, &'a BTreeMap<String, serde_json::Value>)>,
+) -> Option<String> {
+    let mut described = Vec::new();
+    let mut shared = Vec::new();
+    for (name, outcome) in outcomes {
+        let Some(source) = outcome
+            .get("peak_memory_source")
+            .and_then(serde_json::Value::as_str)
+        else {
+            continue;
+        };
+        described.push(match source {
+            "cuda_pool" => "CUDA memory pool high-water mark",
+            "process_rss" => "CPU process peak RSS while training",
+            _ => "as recorded",
+        });
+        if outcome.get("peak_memory_shared") == Some(&serde_json::Value::Bool(true)) {
+            shared.push(name);
+        }
+    }
+    described.sort_unstable();
+    described.dedup();
+    if described.is_empty() {
+        return None;
+    }
+    let mut note = format!("peak memory: {}", described.join("; "));
+    if !shared.is_empty() {
+        note.push_str(&format!(
+            "; {} trained beside other CPU stages (a shared peak)",
+            shared.join(", ")
+        ));
+    }
+    Some(note)
+}
+
+/// A comparison table for the terminal: a title line, the columns aligned (numbers
+/// right-aligned), then `notes`, one per line.
+pub fn comparison_table_text(stage: &str, comparison: &Comparison, notes: &[String]) -> String {
+    let lines = crate::stages::comparison::table(comparison);
+    let columns = lines.first().map_or(0, Vec::len);
     let mut widths = vec![0usize; columns];
     for line in &lines {
         for (width, cell) in widths.iter_mut().zip(line) {
@@ -451,8 +530,7 @@ pub fn comparison_text(stage: &StageReport) -> Option<String> {
         }
     }
     let mut text = format!(
-        "\n{}: {} candidates on split `{}` ({} rows)\n",
-        stage.name,
+        "\n{stage}: {} candidates on split `{}` ({} rows)\n",
         comparison.candidates.len(),
         comparison.split,
         comparison.rows
@@ -461,6 +539,7 @@ pub fn comparison_text(stage: &StageReport) -> Option<String> {
         let mut row = String::new();
         for (index, cell) in line.iter().enumerate() {
             let width = widths[index];
+            // `{:>width$}` pads by chars, and "—" is one.
             if index < 2 {
                 row.push_str(&format!("{cell:<width$}  "));
             } else {
@@ -470,8 +549,12 @@ pub fn comparison_text(stage: &StageReport) -> Option<String> {
         text.push_str(row.trim_end());
         text.push('\n');
     }
+    for note in notes {
+        text.push_str(note);
+        text.push('\n');
+    }
     text.push('\n');
-    Some(text)
+    text
 }
 
 /// The summary table and the final line, on stderr.

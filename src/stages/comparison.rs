@@ -1,9 +1,13 @@
 //! The evaluate stage's comparison table: one row per candidate (the base model, the base model
-//! with k few-shot demonstrations, each upstream adapter) with what it cost to train — trainable
-//! parameters, train time, tokens/s, peak memory, where the train stage recorded them — and
-//! what it scored on the same rows. Written as `comparison.json` and `comparison.md`; the
-//! reporter prints the same rows. Pure data and text; reads an adapter's method from its
-//! `adapter_config.json` through `peft::format` (the one reader) and never prints.
+//! with k few-shot demonstrations, each upstream adapter) with its trainable parameters and what
+//! it scored on the same rows. Written as `comparison.json` and `comparison.md` into the stage's
+//! artifact, which is cached, so they hold only what the inputs determine: the candidates and
+//! their deterministic figures. What training cost — train time, tokens/s, peak memory — varies
+//! between runs of the same inputs, so it lives in each train stage's run record (its outcome in
+//! the lock file and the run cache) and the reporter joins it in when it shows the table
+//! ([`Comparison::join_training`]): the run summary, `peftpipe metrics show`, the HTML report.
+//! Pure data and text; reads an adapter's method from its `adapter_config.json` through
+//! `peft::format` (the one reader) and never prints.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -43,13 +47,15 @@ pub struct ComparisonRow {
     pub k: Option<usize>,
     /// Trained parameters (0 for the base model and few-shot prompting).
     pub trainable_parameters: u64,
-    /// Wall time of the training run that produced the adapter.
+    /// Wall time of the training run that produced the adapter. Never in the stage's output:
+    /// joined from the train stage's run record for display ([`Comparison::join_training`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub train_seconds: Option<f64>,
-    /// Training throughput of that run.
+    /// Training throughput of that run (joined for display, like `train_seconds`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tokens_per_second: Option<f64>,
-    /// Peak device memory of that run (recorded on CUDA).
+    /// Peak memory of that run (joined for display, like `train_seconds`; see
+    /// `train::peak_memory` for what it counts on each device).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub peak_memory_bytes: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -89,13 +95,8 @@ impl ComparisonRow {
         }
     }
 
-    /// Fill the training cost from a train artifact (`summary.json`) and the outcome recorded
-    /// with the run that produced it (`wall_seconds`, `tokens_per_second`, `peak_memory_bytes`).
-    pub fn with_training(
-        mut self,
-        train_dir: &Path,
-        outcome: Option<&BTreeMap<String, Value>>,
-    ) -> Result<Self, StageError> {
+    /// The trainable-parameter count of the train artifact in `train_dir` (its `summary.json`).
+    pub fn with_trainable_parameters(mut self, train_dir: &Path) -> Result<Self, StageError> {
         let path = train_dir.join("summary.json");
         let text = std::fs::read_to_string(&path).map_err(|error| {
             StageError::user(format!("cannot read {}: {error}", path.display()))
@@ -109,11 +110,6 @@ impl ComparisonRow {
             .ok_or_else(|| {
                 StageError::user(format!("{} has no trainable_parameters", path.display()))
             })?;
-        if let Some(outcome) = outcome {
-            self.train_seconds = outcome.get("wall_seconds").and_then(Value::as_f64);
-            self.tokens_per_second = outcome.get("tokens_per_second").and_then(Value::as_f64);
-            self.peak_memory_bytes = outcome.get("peak_memory_bytes").and_then(Value::as_u64);
-        }
         Ok(self)
     }
 }
@@ -125,6 +121,37 @@ pub struct Comparison {
     /// Rows every candidate was scored on.
     pub rows: usize,
     pub candidates: Vec<ComparisonRow>,
+}
+
+impl Comparison {
+    /// Fill each adapter row's training cost from the outcome its train stage's run recorded
+    /// (`wall_seconds`, `tokens_per_second`, `peak_memory_bytes`), found by the row's candidate
+    /// name through `outcome_of`: for display only, never for the stage's output. Rows whose
+    /// stage has no record keep none. Returns the candidates that got figures.
+    pub fn join_training<'a>(
+        &mut self,
+        outcome_of: impl Fn(&str) -> Option<&'a BTreeMap<String, Value>>,
+    ) -> Vec<String> {
+        let mut joined = Vec::new();
+        for row in &mut self.candidates {
+            if row.kind != CandidateKind::Adapter {
+                continue;
+            }
+            let Some(outcome) = outcome_of(&row.candidate) else {
+                continue;
+            };
+            row.train_seconds = outcome.get("wall_seconds").and_then(Value::as_f64);
+            row.tokens_per_second = outcome.get("tokens_per_second").and_then(Value::as_f64);
+            row.peak_memory_bytes = outcome.get("peak_memory_bytes").and_then(Value::as_u64);
+            if row.train_seconds.is_some()
+                || row.tokens_per_second.is_some()
+                || row.peak_memory_bytes.is_some()
+            {
+                joined.push(row.candidate.clone());
+            }
+        }
+        joined
+    }
 }
 
 /// The method of the adapter folder `dir`, as written in YAML.
@@ -189,36 +216,9 @@ fn thousands(value: u64) -> String {
     out
 }
 
-/// Seconds as `12.3 s`, `4 min 05 s`.
-fn duration(seconds: f64) -> String {
-    if seconds < 60.0 {
-        format!("{seconds:.1} s")
-    } else {
-        let whole = seconds.round() as u64;
-        format!("{} min {:02} s", whole / 60, whole % 60)
-    }
-}
-
-/// Bytes in binary units (`1.5 GiB`).
-fn binary_bytes(bytes: u64) -> String {
-    const UNITS: [&str; 4] = ["KiB", "MiB", "GiB", "TiB"];
-    let mut value = bytes as f64;
-    if value < 1024.0 {
-        return format!("{bytes} B");
-    }
-    let mut unit = "B";
-    for name in UNITS {
-        if value < 1024.0 {
-            break;
-        }
-        value /= 1024.0;
-        unit = name;
-    }
-    format!("{value:.1} {unit}")
-}
-
 fn cell(row: &ComparisonRow, column: &str) -> String {
-    let or_dash = |value: Option<String>| value.unwrap_or_else(|| "-".to_string());
+    use crate::report::format;
+    let or_dash = |value: Option<String>| value.unwrap_or_else(|| "—".to_string());
     match column {
         "candidate" => row.candidate.clone(),
         "method" => match row.k {
@@ -226,9 +226,9 @@ fn cell(row: &ComparisonRow, column: &str) -> String {
             None => row.method.clone(),
         },
         "trainable params" => thousands(row.trainable_parameters),
-        "train time" => or_dash(row.train_seconds.map(duration)),
+        "train time" => or_dash(row.train_seconds.map(format::seconds)),
         "tokens/s" => or_dash(row.tokens_per_second.map(|v| thousands(v.round() as u64))),
-        "peak memory" => or_dash(row.peak_memory_bytes.map(binary_bytes)),
+        "peak memory" => or_dash(row.peak_memory_bytes.map(format::bytes)),
         "eval loss" => or_dash(row.loss.map(|v| format!("{v:.4}"))),
         "perplexity" => or_dash(row.perplexity.map(|v| {
             // An untrained model's perplexity can be astronomically large: keep it readable.
@@ -297,8 +297,6 @@ mod tests {
             &metrics,
         );
         adapter.trainable_parameters = 1234;
-        adapter.train_seconds = Some(3.5);
-        adapter.tokens_per_second = Some(2000.0);
         let mut few = ComparisonRow::new(
             "few-shot k=2".into(),
             CandidateKind::FewShot,
@@ -306,7 +304,7 @@ mod tests {
             &metrics,
         );
         few.k = Some(2);
-        let comparison = Comparison {
+        let mut comparison = Comparison {
             split: "eval".into(),
             rows: 5,
             candidates: vec![
@@ -315,6 +313,15 @@ mod tests {
                 adapter,
             ],
         };
+        // The stage's own table: no training cost columns.
+        assert!(!markdown(&comparison).contains("train time"));
+        // Joined from the train stage's record: the adapter row only, the few-shot row "—".
+        let record = BTreeMap::from([
+            ("wall_seconds".to_string(), Value::from(3.5)),
+            ("tokens_per_second".to_string(), Value::from(2000.0)),
+        ]);
+        let joined = comparison.join_training(|name| (name == "train@lora").then_some(&record));
+        assert_eq!(joined, ["train@lora"]);
         let text = markdown(&comparison);
         let lines: Vec<&str> = text.lines().collect();
         assert_eq!(
@@ -323,12 +330,12 @@ mod tests {
         );
         assert_eq!(lines[3], "|---|---|---:|---:|---:|---:|---:|");
         assert!(
-            lines[5].starts_with("| few-shot k=2 | few_shot (k=2) | 0 | - | - | 2.5000 | 12.18 |"),
+            lines[5].starts_with("| few-shot k=2 | few_shot (k=2) | 0 | — | — | 2.5000 | 12.18 |"),
             "{}",
             lines[5]
         );
         assert!(
-            lines[6].starts_with("| train@lora | lora | 1,234 |"),
+            lines[6].starts_with("| train@lora | lora | 1,234 | 3.50s | 2,000 |"),
             "{}",
             lines[6]
         );

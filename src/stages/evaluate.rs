@@ -1020,10 +1020,11 @@ impl Stage for EvaluateStage {
             drop(adapted);
             rows_out.push(
                 ComparisonRow::new(stage.to_string(), CandidateKind::Adapter, &method, &metrics)
-                    // Parameters only: a run's wall time and tokens/s vary between runs of the same
-                    // inputs, so they must not enter this stage's output (the cache would then
-                    // hold what a clean run does not reproduce); they stay in the run records.
-                    .with_training(train_dir, None)?,
+                    // Parameters only: a run's wall time, tokens/s and peak memory vary between
+                    // runs of the same inputs, so they must not enter this stage's output (the
+                    // cache would then hold what a clean run does not reproduce); they stay in
+                    // the train stages' run records, and the reporter joins them in.
+                    .with_trainable_parameters(train_dir)?,
             );
             if config.model.as_deref() == Some(*stage) {
                 adapted_of_model = Some(metrics.clone());

@@ -23,8 +23,11 @@
 //! ```
 //! The artifact is content-addressed, so it holds only what the inputs determine: a retrain that
 //! produces the same adapter produces the same artifact, and downstream stages stay fresh.
-//! Timings (wall time, tokens per second) and whether the run resumed go to the stage outcome
-//! (the run summary and the cache's run record), never into these files.
+//! Timings (wall time, tokens per second), the run's peak memory (`peak_memory_bytes`,
+//! `peak_memory_source`, and `peak_memory_shared` when CPU stages trained at the same time; see
+//! `train::peak_memory`) and whether the run resumed go to the stage
+//! outcome (the run summary, the lock file and the cache's run record), never into these files;
+//! the reporter joins them into the evaluate stage's comparison when it shows it.
 //!
 //! Checkpoints (adapter + optimizer + step/data position + seed) live outside the artifact in the
 //! directory the executor gives the stage (`ctx.checkpoint_dir`: the cache's
@@ -53,6 +56,7 @@ use crate::models::ModelDir;
 use crate::peft::qlora::check_stored_base;
 use crate::peft::{new_adapter, MethodContext};
 use crate::train::checkpoint::CheckpointDir;
+use crate::train::peak_memory::PeakMemoryWatch;
 use crate::train::{
     AdamWSettings, CausalLmLoss, CheckpointedLoss, EarlyStopping, Evaluation, HookSource,
     LossModel, TrainError, TrainOutcome, TrainerSettings,
@@ -332,6 +336,9 @@ impl Stage for TrainStage {
             .clone()
             .unwrap_or_else(|| config.device.clone());
         let device = select_device(&device_spec).map_err(user)?;
+        // The run's peak memory, from loading the model to the last step (recorded with the run,
+        // not in the artifact).
+        let peak_memory = PeakMemoryWatch::start(&device);
         let kind = if device.is_cuda() { "cuda" } else { "cpu" };
         let dtype_name = config.dtype.resolve(kind);
         let dtype = dtype_from_name(dtype_name);
@@ -542,6 +549,7 @@ impl Stage for TrainStage {
             TrainError::Cancelled { .. } => StageError::Cancelled,
             other => user(format!("training: {other}")),
         })?;
+        let peak = peak_memory.peak();
         if let (Some(step), Some(dir)) = (outcome.resumed_from, &checkpoint_dir) {
             ctx.progress.note(format!(
                 "resumed from the checkpoint at step {step} in {}",
@@ -611,7 +619,8 @@ impl Stage for TrainStage {
         for key in ["final_loss", "steps", "tokens", "trainable_parameters"] {
             outcome_summary.insert(key.to_string(), summary[key].clone());
         }
-        // Timings and the resume point: shown and recorded with the run, not in the artifact.
+        // Timings, peak memory and the resume point: shown and recorded with the run, not in the
+        // artifact.
         outcome_summary.insert(
             "wall_seconds".into(),
             serde_json::json!(outcome.wall_seconds),
@@ -621,6 +630,17 @@ impl Stage for TrainStage {
                 "tokens_per_second".into(),
                 serde_json::json!(outcome.tokens as f64 / outcome.wall_seconds),
             );
+        }
+        if let Some(peak) = peak {
+            outcome_summary.insert("peak_memory_bytes".into(), serde_json::json!(peak.bytes));
+            outcome_summary.insert(
+                "peak_memory_source".into(),
+                serde_json::to_value(peak.source).unwrap_or_default(),
+            );
+            if peak.shared {
+                // Other CPU stages trained at the same time: the process's peak, theirs included.
+                outcome_summary.insert("peak_memory_shared".into(), serde_json::json!(true));
+            }
         }
         if let Some(step) = outcome.resumed_from {
             outcome_summary.insert("resumed_from".into(), serde_json::json!(step));

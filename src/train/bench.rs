@@ -2,7 +2,8 @@
 //! shape a `config.json` describes, LoRA on every linear but lm_head, random tokens, the real
 //! training loop (AdamW, clipping, loss on every token), timed per phase with device
 //! synchronisation. Reports tokens/s (median over the steps after warm-up), the peak device memory
-//! (CUDA: the async memory pool's high-water marks; CPU: the process's peak RSS) and the
+//! of the run (`train::peak_memory`: CUDA, the async memory pool's high-water mark; CPU, the
+//! process's peak RSS) and the
 //! forward / backward / optimizer split, and the model FLOPs utilisation ([`lora_flops_per_token`]),
 //! with or without activation checkpointing. Never prints: the CLI renders [`BenchResult`].
 
@@ -17,6 +18,7 @@ use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
 use super::layered::{CheckpointedLoss, HookSource};
+use super::peak_memory::PeakMemoryWatch;
 use super::trainer::{train, CausalLmLoss, LossModel, StepMetrics, TrainerSettings};
 use super::{AdamWSettings, ScheduleKind};
 use crate::data::batch::Sequence;
@@ -116,7 +118,8 @@ pub struct BenchResult {
     pub flops_per_token: f64,
     pub peak_tflops: f64,
     pub mfu: f64,
-    /// Peak memory in bytes and where it was read from.
+    /// Peak memory in bytes during this row's run (the high-water mark is reset when it starts;
+    /// see `train::peak_memory`) and where it was read from; 0 when it cannot be measured.
     pub peak_memory_bytes: u64,
     pub peak_memory_source: String,
     /// Loss of the first and the last step (random data: it only shows the loop runs).
@@ -232,62 +235,9 @@ pub fn random_llama(
     Llama::load(builder, llama, config, factory)
 }
 
-/// Peak memory: CUDA pool high-water mark (used) on CUDA, peak RSS on CPU.
-fn peak_memory(device: &Device) -> (u64, String) {
-    #[cfg(feature = "cuda")]
-    if let Device::Cuda(cuda) = device {
-        if let Ok(bytes) = cuda_pool_used_high(cuda) {
-            return (bytes, "cuda default mempool USED_MEM_HIGH".to_string());
-        }
-    }
-    let _ = device;
-    let rss = std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|status| {
-            status
-                .lines()
-                .find(|line| line.starts_with("VmHWM:"))
-                .and_then(|line| line.split_whitespace().nth(1)?.parse::<u64>().ok())
-        })
-        .map_or(0, |kib| kib * 1024);
-    (rss, "process peak RSS (VmHWM)".to_string())
-}
-
-/// The high-water mark of bytes in use in the device's default async memory pool (what candle
-/// allocates from), read with `cuMemPoolGetAttribute(CU_MEMPOOL_ATTR_USED_MEM_HIGH)`.
-#[cfg(feature = "cuda")]
-fn cuda_pool_used_high(device: &candle_core::CudaDevice) -> Result<u64, String> {
-    use candle_core::cuda_backend::cudarc::driver::sys;
-    let stream = device.cuda_stream();
-    let context = stream.context();
-    context
-        .bind_to_thread()
-        .map_err(|error| format!("binding the CUDA context: {error:?}"))?;
-    let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
-    let mut value: u64 = 0;
-    #[expect(
-        unsafe_code,
-        reason = "reading the memory pool's high-water mark needs two CUDA driver calls"
-    )]
-    // SAFETY: `pool` and `value` are valid out-pointers of the types the driver API writes
-    // (CUmemoryPool, cuuint64_t); the device handle comes from a live context.
-    let (first, second) = unsafe {
-        let first = sys::cuDeviceGetDefaultMemPool(&mut pool, context.cu_device());
-        let second = sys::cuMemPoolGetAttribute(
-            pool,
-            sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH,
-            (&mut value as *mut u64).cast(),
-        );
-        (first, second)
-    };
-    if first != sys::CUresult::CUDA_SUCCESS || second != sys::CUresult::CUDA_SUCCESS {
-        return Err(format!("cuMemPoolGetAttribute: {first:?} / {second:?}"));
-    }
-    Ok(value)
-}
-
 /// Run the benchmark on a model of `config_path`'s shape.
 pub fn run(config_path: &Path, settings: &BenchSettings) -> Result<BenchResult, String> {
+    let peak = PeakMemoryWatch::start(&settings.device);
     #[cfg(feature = "cuda")]
     let single_stream = crate::ops::cuda::single_stream(&settings.device);
     #[cfg(not(feature = "cuda"))]
@@ -412,7 +362,14 @@ pub fn run(config_path: &Path, settings: &BenchSettings) -> Result<BenchResult, 
     let _ = crate::ops::cuda::profiler_range(&settings.device, false);
     let timed: Vec<&StepMetrics> = steps.iter().skip(settings.warmup).collect();
     let pick = |f: fn(&StepMetrics) -> f64| median(timed.iter().map(|m| f(m)).collect());
-    let (peak_memory_bytes, peak_memory_source) = peak_memory(&settings.device);
+    // The watch started with the run: this row's peak, not an earlier row's.
+    let (peak_memory_bytes, peak_memory_source) = match peak.peak() {
+        Some(peak) => (peak.bytes, peak.source.describe().to_string()),
+        None => (
+            0,
+            "unavailable (the high-water mark could not be reset)".to_string(),
+        ),
+    };
     let trainable_parameters = adapter.trainable_parameter_count();
     let flops_per_token =
         lora_flops_per_token(&config, settings.sequence_length, trainable_parameters);

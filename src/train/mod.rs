@@ -11,6 +11,7 @@ pub mod layered;
 pub mod memory;
 pub mod optimizer;
 pub mod pass;
+pub mod peak_memory;
 pub mod schedule;
 pub mod tensorboard;
 pub mod trainer;
