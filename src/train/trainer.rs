@@ -115,6 +115,32 @@ pub struct TrainerSettings {
     pub synchronize_phases: bool,
 }
 
+impl TrainerSettings {
+    /// Where this run stands after `step` optimizer steps and `micro_batches` micro-batches, with
+    /// `(tokens, scored_tokens)` seen: what a checkpoint records (the cancel path and the
+    /// periodic checkpoint both write it).
+    fn checkpoint_state(
+        &self,
+        step: u64,
+        micro_batches: u64,
+        (tokens, scored_tokens): (u64, u64),
+        elapsed_seconds: f64,
+        evaluation: Option<super::evaluation::EvaluationState>,
+    ) -> CheckpointState {
+        CheckpointState {
+            version: CHECKPOINT_VERSION,
+            run_key: self.run_key.clone(),
+            step,
+            micro_batches,
+            seed: self.seed,
+            tokens,
+            scored_tokens,
+            elapsed_seconds,
+            evaluation,
+        }
+    }
+}
+
 /// One line of metrics.jsonl.
 #[derive(Debug, Clone, Serialize)]
 pub struct StepMetrics {
@@ -407,17 +433,13 @@ pub fn train_with_evaluation(
                 && settings.checkpoint_every > 0
                 && step % settings.checkpoint_every != 0;
             if let (true, Some(dir)) = (unsaved, &settings.checkpoint_dir) {
-                let state = CheckpointState {
-                    version: CHECKPOINT_VERSION,
-                    run_key: settings.run_key.clone(),
+                let state = settings.checkpoint_state(
                     step,
-                    micro_batches: step.saturating_mul(accumulation).min(total_micro_batches),
-                    seed: settings.seed,
-                    tokens,
-                    scored_tokens: scored,
-                    elapsed_seconds: elapsed_before + started.elapsed().as_secs_f64(),
-                    evaluation: evaluation.map(|_| eval_state.clone()),
-                };
+                    step.saturating_mul(accumulation).min(total_micro_batches),
+                    (tokens, scored),
+                    elapsed_before + started.elapsed().as_secs_f64(),
+                    evaluation.map(|_| eval_state.clone()),
+                );
                 save_checkpoint(
                     dir,
                     &state,
@@ -583,17 +605,13 @@ pub fn train_with_evaluation(
 
         if settings.checkpoint_every > 0 && done % settings.checkpoint_every == 0 && done < steps {
             if let Some(dir) = &settings.checkpoint_dir {
-                let state = CheckpointState {
-                    version: CHECKPOINT_VERSION,
-                    run_key: settings.run_key.clone(),
-                    step: done,
-                    micro_batches: last,
-                    seed: settings.seed,
-                    tokens,
-                    scored_tokens: scored,
-                    elapsed_seconds: metrics.elapsed_seconds,
-                    evaluation: evaluation.map(|_| eval_state.clone()),
-                };
+                let state = settings.checkpoint_state(
+                    done,
+                    last,
+                    (tokens, scored),
+                    metrics.elapsed_seconds,
+                    evaluation.map(|_| eval_state.clone()),
+                );
                 save_checkpoint(
                     dir,
                     &state,
