@@ -99,6 +99,22 @@ impl QuantizedLinearWeights {
     }
 }
 
+/// The 4-bit base as the frozen map of a low-rank adapted linear (QLoRA through
+/// [`crate::ops::low_rank_linear`]): the same forward, and `dx = dy·dequant(W)` computed in the
+/// compute dtype, the weight dequantized again rather than kept from the forward.
+impl crate::ops::FrozenMap for QuantizedLinearWeights {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        QuantizedLinearWeights::forward(self, &x.detach())
+    }
+
+    fn input_grad(&self, dy: &Tensor) -> Result<Tensor> {
+        let w = self.weight.dequantize(self.compute_dtype)?;
+        dy.to_dtype(self.compute_dtype)?
+            .matmul(&w)?
+            .to_dtype(dy.dtype())
+    }
+}
+
 /// Builds each linear layer of a model. `path` is the module path as Hugging Face names it,
 /// e.g. `model.layers.0.self_attn.q_proj` or `transformer.h.0.attn.c_attn` (no `.weight`).
 /// `lm_head` is built through the factory too (path `lm_head`, also when tied to the embeddings),
