@@ -47,6 +47,12 @@ pub use tokenizer::{GenerationConfig, ModelTokenizer};
 pub trait LinearLayer: Send + Sync {
     fn forward(&self, x: &Tensor) -> Result<Tensor>;
 
+    /// `forward(silu(gate) · up)`: a Llama MLP's down projection. A layer may compute it without
+    /// keeping the product alive for the backward (LoRA: `ops::low_rank_swiglu_linear`).
+    fn forward_swiglu(&self, gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+        self.forward(&crate::ops::swiglu(gate, up)?)
+    }
+
     /// `Some(W)` when the layer is exactly the frozen `x·Wᵀ` (no bias, no adapter), so a loss may
     /// fuse the projection (`ops::next_token_linear_cross_entropy`); `None` otherwise.
     fn frozen_weight(&self) -> Option<&Tensor> {

@@ -603,6 +603,16 @@ pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     }
 }
 
+/// The gradients of `silu(gate) · up` for `grad`, in one kernel, without a graph: `(d_gate, d_up)`.
+pub fn swiglu_backward(gate: &Tensor, up: &Tensor, grad: &Tensor) -> Result<(Tensor, Tensor)> {
+    let both = gate.contiguous()?.apply_op3_no_bwd(
+        &up.contiguous()?,
+        &grad.contiguous()?,
+        &SwigluBackward,
+    )?;
+    Ok((both.get(0)?, both.get(1)?))
+}
+
 // ---- GEMM accumulate ----------------------------------------------------------------------------
 
 /// `c += α·a·op(b)` in place (cuBLAS `β = 1`): the low-rank update of `ops::low_rank_linear`

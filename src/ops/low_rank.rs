@@ -18,7 +18,7 @@
 
 use std::sync::Arc;
 
-use candle_core::{bail, Result, Tensor};
+use candle_core::{bail, DType, Result, Tensor};
 
 use super::attach::with_backward3;
 use super::linear::frozen_linear;
@@ -76,6 +76,130 @@ fn accumulate(c: Tensor, a: &Tensor, b: &Tensor, transposed: bool, alpha: f64) -
     c.add(&product)
 }
 
+/// The shapes and constants of one low-rank adapted linear call, shared by its forward and its
+/// backward.
+struct Plan {
+    rows: usize,
+    in_features: usize,
+    out_features: usize,
+    /// `A` and `B` in the input's dtype.
+    a: Tensor,
+    b: Tensor,
+    scale: f64,
+    mask: Option<Tensor>,
+    base: Arc<dyn FrozenMap>,
+}
+
+/// The gradients a backward computes: `[rows, in]` for the input, `A`'s and `B`'s in the input's
+/// dtype.
+type Gradients = (Option<Tensor>, Option<Tensor>, Option<Tensor>);
+
+impl Plan {
+    fn new(
+        dims: &[usize],
+        dtype: DType,
+        base: Arc<dyn FrozenMap>,
+        (a, b): (&Tensor, &Tensor),
+        scale: f64,
+        mask: Option<Tensor>,
+    ) -> Result<Self> {
+        let Some(&in_features) = dims.last() else {
+            bail!("low_rank_linear: the input must have at least one dimension")
+        };
+        let (rank, a_in) = a.dims2()?;
+        let (out_features, b_rank) = b.dims2()?;
+        if a_in != in_features || b_rank != rank {
+            bail!(
+                "low_rank_linear: input {dims:?}, A {:?} ([r, in]) and B {:?} ([out, r]) do not match",
+                a.shape(),
+                b.shape()
+            )
+        }
+        let rows = dims.iter().product::<usize>() / in_features.max(1);
+        if let Some(mask) = &mask {
+            if mask.dims() != [rows, in_features] {
+                bail!(
+                    "low_rank_linear: the mask {:?} must be [{rows}, {in_features}]",
+                    mask.shape()
+                )
+            }
+        }
+        Ok(Self {
+            rows,
+            in_features,
+            out_features,
+            a: a.detach().to_dtype(dtype)?,
+            b: b.detach().to_dtype(dtype)?,
+            scale,
+            mask,
+            base,
+        })
+    }
+
+    fn masked(&self, input: &Tensor) -> Result<Tensor> {
+        match &self.mask {
+            Some(mask) => input.mul(mask),
+            None => Ok(input.clone()),
+        }
+    }
+
+    /// `(y [rows, out], h [rows, r])` for the detached `input [rows, in]`.
+    fn forward(&self, input: &Tensor) -> Result<(Tensor, Tensor)> {
+        let hidden = self
+            .masked(input)?
+            .matmul(&self.a.t()?)?
+            .affine(self.scale, 0.0)?;
+        let y = accumulate(self.base.forward(input)?, &hidden, &self.b, true, 1.0)?;
+        Ok((y, hidden))
+    }
+
+    /// The gradients for `grad` (the output's), recomputing from the detached `input`.
+    fn backward(
+        &self,
+        grad: &Tensor,
+        input: &Tensor,
+        hidden: &Tensor,
+        [need_x, need_a, need_b]: [bool; 3],
+    ) -> Result<Gradients> {
+        let dy = grad.contiguous()?.reshape((self.rows, self.out_features))?;
+        let t = dy.matmul(&self.b)?.affine(self.scale, 0.0)?;
+        let ga = if need_a {
+            Some(t.t()?.matmul(&self.masked(input)?)?)
+        } else {
+            None
+        };
+        let gb = if need_b {
+            Some(dy.t()?.matmul(hidden)?)
+        } else {
+            None
+        };
+        let gx = if need_x {
+            let dx = self.base.input_grad(&dy)?;
+            Some(match &self.mask {
+                None => accumulate(dx, &t, &self.a, false, 1.0)?,
+                Some(mask) => dx.add(&t.matmul(&self.a)?.mul(mask)?)?,
+            })
+        } else {
+            None
+        };
+        Ok((gx, ga, gb))
+    }
+}
+
+/// `x [.., in]` as a detached, contiguous `[rows, in]`.
+fn rows_of(x: &Tensor, rows: usize, in_features: usize) -> Result<Tensor> {
+    x.detach().contiguous()?.reshape((rows, in_features))
+}
+
+/// `dims` with the last replaced by `last`.
+fn with_last(dims: &[usize], last: usize) -> Vec<usize> {
+    let mut dims = dims.to_vec();
+    if let Some(d) = dims.last_mut() {
+        *d = last;
+    }
+    dims
+}
+
 /// `y = f(x) + scale·(x∘mask)·Aᵀ·Bᵀ` for `x [.., in]`, `A [r, in]`, `B [out, r]` (any float dtype:
 /// cast to `x`'s for the products) and an optional constant `mask [rows, in]` (`rows` = all
 /// dimensions of `x` but the last). Gradients reach the tracked ones of `x`, `A`, `B`.
@@ -87,82 +211,98 @@ pub fn low_rank_linear(
     scale: f64,
     mask: Option<Tensor>,
 ) -> Result<Tensor> {
-    let dims = x.dims().to_vec();
-    let Some(&in_features) = dims.last() else {
-        bail!("low_rank_linear: the input must have at least one dimension")
-    };
-    let (rank, a_in) = a.dims2()?;
-    let (out_features, b_rank) = b.dims2()?;
-    if a_in != in_features || b_rank != rank {
-        bail!(
-            "low_rank_linear: input {:?}, A {:?} ([r, in]) and B {:?} ([out, r]) do not match",
-            x.shape(),
-            a.shape(),
-            b.shape()
-        )
-    }
-    let rows = x.elem_count() / in_features.max(1);
-    if let Some(mask) = &mask {
-        if mask.dims() != [rows, in_features] {
-            bail!(
-                "low_rank_linear: the mask {:?} must be [{rows}, {in_features}]",
-                mask.shape()
-            )
-        }
-    }
-    let dtype = x.dtype();
-    let a_c = a.detach().to_dtype(dtype)?;
-    let b_c = b.detach().to_dtype(dtype)?;
-    let masked = |x: &Tensor| -> Result<Tensor> {
-        let x = x.detach().contiguous()?.reshape((rows, in_features))?;
-        match &mask {
-            Some(mask) => x.mul(mask),
-            None => Ok(x),
-        }
-    };
-    let x2 = x.detach().contiguous()?.reshape((rows, in_features))?;
-    let input = masked(x)?;
-    let hidden = input.matmul(&a_c.t()?)?.affine(scale, 0.0)?;
-    let y = accumulate(base.forward(&x2)?, &hidden, &b_c, true, 1.0)?;
-    let mut out_dims = dims;
-    if let Some(last) = out_dims.last_mut() {
-        *last = out_features;
-    }
-    let y = y.reshape(out_dims)?;
-    drop((x2, input));
+    let plan = Plan::new(x.dims(), x.dtype(), base, (a, b), scale, mask)?;
+    let (y, hidden) = plan.forward(&rows_of(x, plan.rows, plan.in_features)?)?;
+    let y = y.reshape(with_last(x.dims(), plan.out_features))?;
     with_backward3(
         "low-rank-linear",
         [x, a, b],
         y,
         move |[x, a, b], _y, grad| {
-            let dy = grad.contiguous()?.reshape((rows, out_features))?;
-            let t = dy.matmul(&b_c)?.affine(scale, 0.0)?;
-            let ga = if a.track_op() {
-                let input = x.detach().contiguous()?.reshape((rows, in_features))?;
-                let input = match &mask {
-                    Some(mask) => input.mul(mask)?,
-                    None => input,
-                };
-                Some(t.t()?.matmul(&input)?.to_dtype(a.dtype())?)
-            } else {
-                None
+            let input = rows_of(x, plan.rows, plan.in_features)?;
+            let need = [x.track_op(), a.track_op(), b.track_op()];
+            let (gx, ga, gb) = plan.backward(grad, &input, &hidden, need)?;
+            Ok([
+                gx.map(|g| g.reshape(x.shape())).transpose()?,
+                ga.map(|g| g.to_dtype(a.dtype())).transpose()?,
+                gb.map(|g| g.to_dtype(b.dtype())).transpose()?,
+            ])
+        },
+    )
+}
+
+/// [`low_rank_linear`] of SwiGLU's `silu(gate) · up` (`gate`, `up` `[.., in]`), the down projection
+/// of a Llama MLP: the product is computed in the forward and recomputed in the backward instead
+/// of being kept alive (`[rows, in]`, the MLP's widest activation) from one to the other.
+/// Gradients reach the tracked ones of `gate`, `up`, `A` and `B` (which must share a dtype: the
+/// node's third input is their concatenation).
+pub fn low_rank_swiglu_linear(
+    gate: &Tensor,
+    up: &Tensor,
+    base: Arc<dyn FrozenMap>,
+    a: &Tensor,
+    b: &Tensor,
+    scale: f64,
+    mask: Option<Tensor>,
+) -> Result<Tensor> {
+    if gate.shape() != up.shape() {
+        bail!(
+            "low_rank_swiglu_linear: gate {:?} and up {:?} differ",
+            gate.shape(),
+            up.shape()
+        )
+    }
+    if a.dtype() != b.dtype() {
+        bail!(
+            "low_rank_swiglu_linear: A ({:?}) and B ({:?}) must share a dtype",
+            a.dtype(),
+            b.dtype()
+        )
+    }
+    let plan = Plan::new(gate.dims(), gate.dtype(), base, (a, b), scale, mask)?;
+    let product = |gate: &Tensor, up: &Tensor| -> Result<Tensor> {
+        let product = super::swiglu::swiglu(&gate.detach(), &up.detach())?;
+        rows_of(&product, plan.rows, plan.in_features)
+    };
+    let (y, hidden) = plan.forward(&product(gate, up)?)?;
+    let y = y.reshape(with_last(gate.dims(), plan.out_features))?;
+    // A and B enter as one input (a custom op takes at most three); its backward splits the
+    // gradient again.
+    let factors = Tensor::cat(&[a.flatten_all()?, b.flatten_all()?], 0)?;
+    with_backward3(
+        "low-rank-swiglu-linear",
+        [gate, up, &factors],
+        y,
+        move |[gate, up, factors], _y, grad| {
+            let input = super::swiglu::swiglu(&gate.detach(), &up.detach())?
+                .reshape((plan.rows, plan.in_features))?;
+            let need_inputs = gate.track_op() || up.track_op();
+            let need_factors = factors.track_op();
+            let (ds, ga, gb) = plan.backward(
+                grad,
+                &input,
+                &hidden,
+                [need_inputs, need_factors, need_factors],
+            )?;
+            let (g_gate, g_up) = match ds {
+                Some(ds) => {
+                    let (g_gate, g_up) =
+                        super::swiglu::swiglu_backward(gate, up, &ds.reshape(gate.shape())?)?;
+                    (
+                        gate.track_op().then_some(g_gate),
+                        up.track_op().then_some(g_up),
+                    )
+                }
+                None => (None, None),
             };
-            let gb = if b.track_op() {
-                Some(dy.t()?.matmul(&hidden)?.to_dtype(b.dtype())?)
-            } else {
-                None
+            let g_factors = match (ga, gb) {
+                (Some(ga), Some(gb)) => Some(
+                    Tensor::cat(&[ga.flatten_all()?, gb.flatten_all()?], 0)?
+                        .to_dtype(factors.dtype())?,
+                ),
+                _ => None,
             };
-            let gx = if x.track_op() {
-                let dx = base.input_grad(&dy)?;
-                let dx = match &mask {
-                    None => accumulate(dx, &t, &a_c, false, 1.0)?,
-                    Some(mask) => dx.add(&t.matmul(&a_c)?.mul(mask)?)?,
-                };
-                Some(dx.reshape(x.shape())?)
-            } else {
-                None
-            };
-            Ok([gx, ga, gb])
+            Ok([g_gate, g_up, g_factors])
         },
     )
 }
@@ -242,6 +382,61 @@ mod tests {
                 assert!(diff < 1e-12, "gradient |Δ| = {diff} (mask: {with_mask})");
             }
             assert!(g_ours.get(&w).is_none() && g_ours.get(&bias).is_none());
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn swiglu_form_equals_the_composition() -> Result<()> {
+        let device = Device::Cpu;
+        for with_mask in [false, true] {
+            let gate = Var::randn(0f64, 1.5, (2, 3, 6), &device)?;
+            let up = Var::randn(0f64, 1.0, (2, 3, 6), &device)?;
+            let w = Tensor::randn(0f64, 1.0, (4, 6), &device)?;
+            let a = Var::randn(0f64, 1.0, (2, 6), &device)?;
+            let b = Var::randn(0f64, 1.0, (4, 2), &device)?;
+            let mask = with_mask
+                .then(|| {
+                    Tensor::rand(0f64, 1.0, (6, 6), &device)?
+                        .ge(0.3)?
+                        .to_dtype(DType::F64)
+                })
+                .transpose()?;
+            let base = Arc::new(DenseMap {
+                weight: w.clone(),
+                bias: None,
+            });
+            let ours = low_rank_swiglu_linear(
+                gate.as_tensor(),
+                up.as_tensor(),
+                base,
+                a.as_tensor(),
+                b.as_tensor(),
+                0.5,
+                mask.clone(),
+            )?;
+            let product = crate::ops::swiglu(gate.as_tensor(), up.as_tensor())?;
+            let zero = Tensor::zeros(4, DType::F64, &device)?;
+            let theirs = composed(
+                &product,
+                &w,
+                &zero,
+                a.as_tensor(),
+                b.as_tensor(),
+                0.5,
+                mask.as_ref(),
+            )?;
+            let weights = Tensor::randn(0f64, 1.0, (2, 3, 4), &device)?;
+            let g_ours = ours.mul(&weights)?.sum_all()?.backward()?;
+            let g_theirs = theirs.mul(&weights)?.sum_all()?.backward()?;
+            let diff = (&ours - &theirs)?.abs()?.max_all()?.to_scalar::<f64>()?;
+            assert!(diff < 1e-12, "value |Δ| = {diff}");
+            for var in [&gate, &up, &a, &b] {
+                let g1 = g_ours.get(var.as_tensor()).expect("gradient");
+                let g2 = g_theirs.get(var.as_tensor()).expect("gradient");
+                let diff = (g1 - g2)?.abs()?.max_all()?.to_scalar::<f64>()?;
+                assert!(diff < 1e-12, "gradient |Δ| = {diff} (mask: {with_mask})");
+            }
         }
         Ok(())
     }

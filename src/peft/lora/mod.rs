@@ -127,7 +127,11 @@ struct LoraHandle(Arc<LoraLinear>);
 
 impl LinearLayer for LoraHandle {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        self.0.forward(x)
+        self.0.forward(x, None)
+    }
+
+    fn forward_swiglu(&self, gate: &Tensor, up: &Tensor) -> candle_core::Result<Tensor> {
+        self.0.forward(gate, Some(up))
     }
 }
 
@@ -154,7 +158,18 @@ impl LoraLinear {
         }
     }
 
-    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+    /// `forward(x)`, or with `up`, `forward(silu(x) · up)` (`x` is then the gate).
+    fn forward(&self, x: &Tensor, up: Option<&Tensor>) -> candle_core::Result<Tensor> {
+        let fused_swiglu = up;
+        let product;
+        let x = match up {
+            // The composition for the merged and DoRA paths (LoRA fuses SwiGLU below).
+            Some(up) if self.merged.load(Ordering::Acquire) || self.magnitude.is_some() => {
+                product = crate::ops::swiglu(x, up)?;
+                &product
+            }
+            _ => x,
+        };
         if self.merged.load(Ordering::Acquire) {
             return match &self.base {
                 Base::Dense { weight, bias } => {
@@ -195,7 +210,12 @@ impl LoraLinear {
                 }),
                 Base::Quantized(base) => Arc::new(base.clone()),
             };
-            return crate::ops::low_rank_linear(x, base, &a, &b, self.scale, mask);
+            return match fused_swiglu {
+                Some(up) => {
+                    crate::ops::low_rank_swiglu_linear(x, up, base, &a, &b, self.scale, mask)
+                }
+                None => crate::ops::low_rank_linear(x, base, &a, &b, self.scale, mask),
+            };
         };
         // DoRA: the composition, as PEFT's DoraLinearLayer writes it.
         let (y, dense) = match &self.base {
