@@ -12,6 +12,10 @@
 #   noflash  the same 1B shapes with the flash-attention kernels off (PEFTPIPE_UNFUSED)
 #   methods  every PEFT method at 8x512 (`bench train --method`), beside ../shared/gpu/peft_bench.py's
 #            rows for the same methods; QLoRA beside PEFT + bitsandbytes and Unsloth's QLoRA
+#   ab       A/B of single kernels at 8x512 (1B) and 1x4096 (8B), checkpointing off, no anchors:
+#            all on; the LoRA GEMM-accumulate off (PEFTPIPE_UNFUSED=lora_gemm); the previous (wmma)
+#            flash-attention kernels (PEFTPIPE_FLASH=wmma); QLoRA with the fused dequantize + GEMM
+#            vs dequantize + cuBLAS (PEFTPIPE_QGEMM)
 #   8b-short Llama-3.1-8B shape at 1x4096 only: peftpipe (checkpointing off and on) and PEFT (bf16)
 #   8b       Llama-3.1-8B shape: peftpipe at 1x1024 and 1x4096 (off/on) and 1x16384 (on); PEFT (bf16
 #            adapters) and Unsloth at 1x4096
@@ -104,6 +108,22 @@ case "$part" in
       | grep -vE "Warning|warn|^\s*$" | tail -8 | tee -a "$OUT/peftpipe-methods.txt"
     echo "== QLoRA anchors, same host"
     anchors peft_qlora,unsloth_qlora 8 512 240 | tee "$OUT/anchors-qlora.txt"
+    ;;
+  ab)
+    C=gpu-run/llama-3.2-1b.config.json
+    C8=gpu-run/llama-3.1-8b.config.json
+    for variant in "all on|" "lora_gemm off|PEFTPIPE_UNFUSED=lora_gemm" "flash wmma|PEFTPIPE_FLASH=wmma"; do
+      label=${variant%%|*}; envs=${variant#*|}
+      echo "-- $label: 1B 8x512"
+      env $envs timeout 60 bash -c "$(declare -f table); BIN=$BIN; table $C 8x512 off 10"
+      echo "-- $label: 8B 1x4096"
+      env $envs timeout 90 bash -c "$(declare -f table); BIN=$BIN; table $C8 1x4096 off 5"
+    done 2>&1 | tee "$OUT/ab.txt"
+    for q in fused dequant; do
+      echo "-- qlora, PEFTPIPE_QGEMM=$q: 1B 8x512"
+      PEFTPIPE_QGEMM=$q timeout 60 "$BIN" bench train --config "$C" --device cuda --batch 8 --seq 512 \
+        --method "qlora: {r: 16, alpha: 32}" --steps 10 --warmup 3 2>&1 | grep -E "tokens/s|peak|rror"
+    done 2>&1 | tee -a "$OUT/ab.txt"
     ;;
   8b-short)
     C=gpu-run/llama-3.1-8b.config.json

@@ -17,7 +17,7 @@ use super::{
     QuantizedLinearWeights,
 };
 use crate::ops::{
-    add_tracked, apply_rope, causal_attention, full_attention, rms_norm, swiglu, RotaryEmbedding,
+    add_tracked, apply_rope, causal_attention, full_attention, rms_norm, RotaryEmbedding,
 };
 
 /// Build one linear layer from `vb` (`weight [out, in]`, optional `bias [out]`) via the factory;
@@ -238,7 +238,7 @@ impl Mlp {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let gate = self.gate_proj.forward(x)?;
         let up = self.up_proj.forward(x)?;
-        self.down_proj.forward(&swiglu(&gate, &up)?)
+        self.down_proj.forward_swiglu(&gate, &up)
     }
 }
 

@@ -47,6 +47,12 @@ pub use tokenizer::{GenerationConfig, ModelTokenizer};
 pub trait LinearLayer: Send + Sync {
     fn forward(&self, x: &Tensor) -> Result<Tensor>;
 
+    /// `forward(silu(gate) · up)`: a Llama MLP's down projection. A layer may compute it without
+    /// keeping the product alive for the backward (LoRA: `ops::low_rank_swiglu_linear`).
+    fn forward_swiglu(&self, gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+        self.forward(&crate::ops::swiglu(gate, up)?)
+    }
+
     /// `Some(W)` when the layer is exactly the frozen `x·Wᵀ` (no bias, no adapter), so a loss may
     /// fuse the projection (`ops::next_token_linear_cross_entropy`); `None` otherwise.
     fn frozen_weight(&self) -> Option<&Tensor> {
@@ -96,6 +102,22 @@ impl QuantizedLinearWeights {
             Some(bias) => crate::ops::add_constant(&y, &bias.to_dtype(x.dtype())?),
             None => Ok(y),
         }
+    }
+}
+
+/// The 4-bit base as the frozen map of a low-rank adapted linear (QLoRA through
+/// [`crate::ops::low_rank_linear`]): the same forward, and `dx = dy·dequant(W)` computed in the
+/// compute dtype, the weight dequantized again rather than kept from the forward.
+impl crate::ops::FrozenMap for QuantizedLinearWeights {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        QuantizedLinearWeights::forward(self, &x.detach())
+    }
+
+    fn input_grad(&self, dy: &Tensor) -> Result<Tensor> {
+        let w = self.weight.dequantize(self.compute_dtype)?;
+        dy.to_dtype(self.compute_dtype)?
+            .matmul(&w)?
+            .to_dtype(dy.dtype())
     }
 }
 

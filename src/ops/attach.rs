@@ -1,82 +1,86 @@
 //! Attaching an analytic backward to a value computed without a graph.
 //!
-//! Owns the one generic custom op the other ops use: the forward of an op is computed by candle's
-//! (fused, per-backend) kernels on detached inputs, then [`with_backward`] inserts the result into
-//! the graph as the output of a `CustomOp2(input, output)` whose forward is a plain copy of `output`
-//! and whose backward is the closure given here. Only `input` receives a gradient; `output` and
-//! everything the closure captures (masks, tables, weights) are constants and never get a GradStore
-//! entry. Must not: run a kernel of its own or know what the ops mean.
+//! Owns the generic custom ops the other ops use: the forward of an op is computed by candle's
+//! (fused, per-backend) kernels on detached inputs, then [`with_backward`] (one tracked input) or
+//! [`with_backward3`] (three) records the result in the graph as the output of a custom op whose
+//! backward is the closure given here, *sharing the output's storage* (the vendored candle-core's
+//! `Tensor::attach_op*`, vendor/README.md): no copy is made and the node keeps only its inputs and
+//! that one output alive. Only the inputs receive gradients; everything the closure captures
+//! (masks, tables, weights, small intermediates) is a constant and never gets a GradStore entry.
+//! Must not: run a kernel of its own or know what the ops mean.
 
-use candle_core::backend::BackendStorage;
-use candle_core::{
-    CpuStorage, CudaStorage, CustomOp2, Layout, MetalStorage, Result, Shape, Tensor,
-};
+use candle_core::{bail, CpuStorage, CustomOp1, CustomOp3, Layout, Result, Shape, Tensor};
 
 /// `(input, output, grad_output) -> grad_input`.
 type Backward = dyn Fn(&Tensor, &Tensor, &Tensor) -> Result<Tensor> + Send + Sync;
+
+/// `([a, b, c], output, grad_output) -> [grad_a, grad_b, grad_c]` (`None`: no gradient).
+type Backward3 =
+    dyn Fn([&Tensor; 3], &Tensor, &Tensor) -> Result<[Option<Tensor>; 3]> + Send + Sync;
 
 struct WithBackward {
     name: &'static str,
     backward: Box<Backward>,
 }
 
-/// The op's forward: a contiguous copy of the precomputed output (`1·y + 0` is exact in every
-/// float dtype), through a `BackendStorage` method that every backend implements.
-fn copy<S: BackendStorage>(storage: &S, layout: &Layout) -> Result<(S, Shape)> {
-    Ok((storage.affine(layout, 1.0, 0.0)?, layout.shape().clone()))
+struct WithBackward3 {
+    name: &'static str,
+    backward: Box<Backward3>,
 }
 
-impl CustomOp2 for WithBackward {
+fn never_run(name: &str) -> Result<(CpuStorage, Shape)> {
+    bail!("{name}: an attached op's forward is computed by its caller, never by candle")
+}
+
+impl CustomOp1 for WithBackward {
+    fn name(&self) -> &'static str {
+        self.name
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+        never_run(self.name)
+    }
+
+    fn bwd(&self, input: &Tensor, result: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some((self.backward)(input, result, grad)?))
+    }
+}
+
+impl CustomOp3 for WithBackward3 {
     fn name(&self) -> &'static str {
         self.name
     }
 
     fn cpu_fwd(
         &self,
-        _input: &CpuStorage,
-        _input_layout: &Layout,
-        output: &CpuStorage,
-        output_layout: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        copy(output, output_layout)
-    }
-
-    fn cuda_fwd(
-        &self,
-        _input: &CudaStorage,
-        _input_layout: &Layout,
-        output: &CudaStorage,
-        output_layout: &Layout,
-    ) -> Result<(CudaStorage, Shape)> {
-        copy(output, output_layout)
-    }
-
-    fn metal_fwd(
-        &self,
-        _input: &MetalStorage,
-        _input_layout: &Layout,
-        output: &MetalStorage,
-        output_layout: &Layout,
-    ) -> Result<(MetalStorage, Shape)> {
-        copy(output, output_layout)
+        never_run(self.name)
     }
 
     fn bwd(
         &self,
-        input: &Tensor,
-        _output: &Tensor,
+        a: &Tensor,
+        b: &Tensor,
+        c: &Tensor,
         result: &Tensor,
-        grad_result: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        Ok((Some((self.backward)(input, result, grad_result)?), None))
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let [ga, gb, gc] = (self.backward)([a, b, c], result, grad)?;
+        Ok((ga, gb, gc))
     }
 }
 
 /// Return `output` (computed from `input.detach()` by the caller) as a graph node whose gradient
 /// with respect to `input` is `backward(input, output, grad_output)`.
 ///
-/// When `input` is not tracked (evaluation, or a constant), `output` is returned as it is: no copy,
-/// no graph node.
+/// When `input` is not tracked (evaluation, or a constant), `output` is returned as it is: no graph
+/// node.
 pub(crate) fn with_backward<F>(
     name: &'static str,
     input: &Tensor,
@@ -86,12 +90,33 @@ pub(crate) fn with_backward<F>(
 where
     F: Fn(&Tensor, &Tensor, &Tensor) -> Result<Tensor> + Send + Sync + 'static,
 {
-    if !input.track_op() {
-        return Ok(output);
-    }
-    input.apply_op2(
+    input.attach_op1(
         &output,
         WithBackward {
+            name,
+            backward: Box::new(backward),
+        },
+    )
+}
+
+/// [`with_backward`] for an op of three inputs; the closure returns a gradient per input (it should
+/// return `None` for an input that is not tracked, and skip computing it). When no input is
+/// tracked, `output` is returned as it is.
+pub(crate) fn with_backward3<F>(
+    name: &'static str,
+    inputs: [&Tensor; 3],
+    output: Tensor,
+    backward: F,
+) -> Result<Tensor>
+where
+    F: Fn([&Tensor; 3], &Tensor, &Tensor) -> Result<[Option<Tensor>; 3]> + Send + Sync + 'static,
+{
+    let [a, b, c] = inputs;
+    a.attach_op3(
+        b,
+        c,
+        &output,
+        WithBackward3 {
             name,
             backward: Box::new(backward),
         },

@@ -17,11 +17,12 @@
 use std::sync::OnceLock;
 
 use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::cudarc::cublas::{result as cublas, sys as cublas_sys};
 use candle_core::cuda_backend::cudarc::driver::{DevicePtr, LaunchConfig, PushKernelArg};
 use candle_core::cuda_backend::WrapErr;
 use candle_core::{
     bail, CpuStorage, CudaDevice, CudaStorage, CustomOp1, CustomOp2, CustomOp3, DType, Device,
-    Layout, Result, Shape, Storage, Tensor,
+    InplaceOp3, Layout, Result, Shape, Storage, Tensor,
 };
 
 use super::attach::with_backward;
@@ -30,7 +31,7 @@ const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/peftpipe_kernels.ptx")
 const MODULE: &str = "peftpipe";
 
 /// The fused kernels, by the names `PEFTPIPE_UNFUSED` takes.
-pub const KERNELS: [&str; 7] = [
+pub const KERNELS: [&str; 8] = [
     "rms_norm",
     "rope",
     "swiglu",
@@ -38,6 +39,7 @@ pub const KERNELS: [&str; 7] = [
     "cross_entropy",
     "adamw",
     "flash_attention",
+    "lora_gemm",
 ];
 
 /// Whether the fused kernel `kernel` (one of [`KERNELS`]) is used: yes unless `PEFTPIPE_FUSED=0`
@@ -599,6 +601,147 @@ pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     } else {
         gate.apply_op2_no_bwd(&up, &Swiglu)
     }
+}
+
+/// The gradients of `silu(gate) · up` for `grad`, in one kernel, without a graph: `(d_gate, d_up)`.
+pub fn swiglu_backward(gate: &Tensor, up: &Tensor, grad: &Tensor) -> Result<(Tensor, Tensor)> {
+    let both = gate.contiguous()?.apply_op3_no_bwd(
+        &up.contiguous()?,
+        &grad.contiguous()?,
+        &SwigluBackward,
+    )?;
+    Ok((both.get(0)?, both.get(1)?))
+}
+
+// ---- GEMM accumulate ----------------------------------------------------------------------------
+
+/// `c += α·a·op(b)` in place (cuBLAS `β = 1`): the low-rank update of `ops::low_rank_linear`
+/// added into the fresh base output / input gradient without a separate addition kernel.
+struct GemmAccumulate {
+    /// `op(b) = bᵀ` with `b [N, K]`; otherwise `b [K, N]`.
+    transposed: bool,
+    alpha: f32,
+}
+
+impl InplaceOp3 for GemmAccumulate {
+    fn name(&self) -> &'static str {
+        "gemm-accumulate"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &mut CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<()> {
+        bail!("gemm_accumulate: CUDA only (the CPU path adds a product)")
+    }
+
+    fn cuda_fwd(
+        &self,
+        c: &mut CudaStorage,
+        c_layout: &Layout,
+        a: &CudaStorage,
+        a_layout: &Layout,
+        b: &CudaStorage,
+        b_layout: &Layout,
+    ) -> Result<()> {
+        let (m, n) = c_layout.shape().dims2()?;
+        let (am, k) = a_layout.shape().dims2()?;
+        let (bn, bk) = if self.transposed {
+            b_layout.shape().dims2()?
+        } else {
+            let (bk, bn) = b_layout.shape().dims2()?;
+            (bn, bk)
+        };
+        if am != m || bn != n || bk != k {
+            bail!(
+                "gemm_accumulate: c {:?} += a {:?} · b {:?} (transposed: {}) do not match",
+                c_layout.shape(),
+                a_layout.shape(),
+                b_layout.shape(),
+                self.transposed
+            )
+        }
+        if c.dtype() != a.dtype() || c.dtype() != b.dtype() {
+            bail!("gemm_accumulate: mixed dtypes")
+        }
+        let data_type = match c.dtype() {
+            DType::BF16 => cublas_sys::cudaDataType_t::CUDA_R_16BF,
+            DType::F32 => cublas_sys::cudaDataType_t::CUDA_R_32F,
+            other => bail!("gemm_accumulate: unsupported dtype {other:?}"),
+        };
+        let (a_ptr, b_ptr, c_ptr) = (
+            address(a, a_layout)?,
+            address(b, b_layout)?,
+            address(c, c_layout)?,
+        );
+        // Row-major C[M, N] is column-major Cᵀ[N, M] = op(b)ᵀ[N, K] · aᵀ[K, M]: cuBLAS gets
+        // (m, n, k) = (N, M, K), first operand b (stored column-major as [K, N] with ld K when
+        // b is [N, K], to be transposed; as [N, K] with ld N when b is [K, N]), second a
+        // (column-major [K, M], ld K), and C with ld N.
+        let (transa, lda) = if self.transposed {
+            (cublas_sys::cublasOperation_t::CUBLAS_OP_T, k)
+        } else {
+            (cublas_sys::cublasOperation_t::CUBLAS_OP_N, n)
+        };
+        let (alpha, beta) = (self.alpha, 1f32);
+        let blas = c.device.cublas_handle();
+        // SAFETY: the three buffers are live CUDA allocations of the shapes checked above (c is
+        // held mutably by this op); cuBLAS runs on candle's stream, ordered with every other op.
+        unsafe {
+            cublas::gemm_ex(
+                *blas.handle(),
+                transa,
+                cublas_sys::cublasOperation_t::CUBLAS_OP_N,
+                n as i32,
+                m as i32,
+                k as i32,
+                (&alpha) as *const f32 as *const _,
+                b_ptr as *const _,
+                data_type,
+                lda as i32,
+                a_ptr as *const _,
+                data_type,
+                k as i32,
+                (&beta) as *const f32 as *const _,
+                c_ptr as *mut _,
+                data_type,
+                n as i32,
+                cublas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                cublas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+            )
+        }
+        .map_err(|error| candle_core::Error::Msg(format!("gemm_accumulate: {error:?}")))?;
+        Ok(())
+    }
+}
+
+/// `c += α·a·op(b)` in place for contiguous 2-D CUDA tensors of one dtype (bf16 or f32): `c [M,
+/// N]`, `a [M, K]`, `b [N, K]` when `transposed` (`op(b) = bᵀ`), else `b [K, N]`. `c` must be a
+/// tensor nobody else reads (a fresh output).
+pub fn gemm_accumulate(
+    c: &Tensor,
+    a: &Tensor,
+    b: &Tensor,
+    transposed: bool,
+    alpha: f64,
+) -> Result<()> {
+    let (a, b) = (a.contiguous()?, b.contiguous()?);
+    if !c.is_contiguous() {
+        bail!("gemm_accumulate: the accumulator must be contiguous")
+    }
+    c.inplace_op3(
+        &a,
+        &b,
+        &GemmAccumulate {
+            transposed,
+            alpha: alpha as f32,
+        },
+    )
 }
 
 // ---- Masked softmax -----------------------------------------------------------------------------

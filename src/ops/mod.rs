@@ -24,6 +24,7 @@ pub mod cuda;
 pub mod flash;
 pub mod linear;
 pub mod loss;
+pub mod low_rank;
 pub mod norm;
 pub mod rope;
 pub mod softmax;
@@ -37,7 +38,8 @@ pub use loss::{
     cross_entropy, linear_cross_entropy, next_token_cross_entropy, next_token_linear_cross_entropy,
     token_nll, CrossEntropy,
 };
+pub use low_rank::{low_rank_linear, low_rank_swiglu_linear, DenseMap, FrozenMap};
 pub use norm::{layer_norm, rms_norm};
 pub use rope::{apply_rope, RopeScaling, RotaryEmbedding};
 pub use softmax::{masked_softmax, softmax_last_dim};
-pub use swiglu::swiglu;
+pub use swiglu::{swiglu, swiglu_backward};

@@ -22,3 +22,55 @@ pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     }
     gate.silu()? * up
 }
+
+/// The gradients of `silu(gate) · up` for an upstream gradient `grad`, computed without a graph
+/// (for ops that recompute SwiGLU in their own backward, `ops::low_rank_swiglu_linear`):
+/// `d_up = grad · silu(gate)`, `d_gate = grad · up · σ(gate) · (1 + gate · (1 − σ(gate)))`.
+pub fn swiglu_backward(gate: &Tensor, up: &Tensor, grad: &Tensor) -> Result<(Tensor, Tensor)> {
+    if gate.shape() != up.shape() || gate.shape() != grad.shape() {
+        bail!(
+            "swiglu_backward: gate {:?}, up {:?} and gradient {:?} differ",
+            gate.shape(),
+            up.shape(),
+            grad.shape()
+        )
+    }
+    let (gate, up, grad) = (gate.detach(), up.detach(), grad.detach());
+    #[cfg(feature = "cuda")]
+    if super::cuda::applies("swiglu", &gate)
+        && gate.dtype() == up.dtype()
+        && gate.dtype() == grad.dtype()
+    {
+        return super::cuda::swiglu_backward(&gate, &up, &grad);
+    }
+    let sigmoid = gate.neg()?.exp()?.affine(1.0, 1.0)?.recip()?;
+    let d_up = grad.mul(&gate.mul(&sigmoid)?)?;
+    let slope = sigmoid.mul(&gate.mul(&sigmoid.affine(-1.0, 1.0)?)?.affine(1.0, 1.0)?)?;
+    let d_gate = grad.mul(&up)?.mul(&slope)?;
+    Ok((d_gate, d_up))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    #[test]
+    fn backward_equals_autograd() -> Result<()> {
+        let device = Device::Cpu;
+        let gate = Var::randn(0f64, 2.0, (3, 7), &device)?;
+        let up = Var::randn(0f64, 1.0, (3, 7), &device)?;
+        let grad = Tensor::randn(0f64, 1.0, (3, 7), &device)?;
+        let store = swiglu(gate.as_tensor(), up.as_tensor())?
+            .mul(&grad)?
+            .sum_all()?
+            .backward()?;
+        let (d_gate, d_up) = swiglu_backward(gate.as_tensor(), up.as_tensor(), &grad)?;
+        for (ours, var) in [(d_gate, &gate), (d_up, &up)] {
+            let theirs = store.get(var.as_tensor()).expect("gradient");
+            let diff = (ours - theirs)?.abs()?.max_all()?.to_scalar::<f64>()?;
+            assert!(diff < 1e-12, "|Δ| = {diff}");
+        }
+        Ok(())
+    }
+}

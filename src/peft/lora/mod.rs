@@ -127,7 +127,11 @@ struct LoraHandle(Arc<LoraLinear>);
 
 impl LinearLayer for LoraHandle {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        self.0.forward(x)
+        self.0.forward(x, None)
+    }
+
+    fn forward_swiglu(&self, gate: &Tensor, up: &Tensor) -> candle_core::Result<Tensor> {
+        self.0.forward(gate, Some(up))
     }
 }
 
@@ -154,32 +158,42 @@ impl LoraLinear {
         }
     }
 
-    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let (y, dense) = match &self.base {
-            Base::Dense { weight, bias } => {
-                let weight = weight.read().map_err(|_| lock_error(&self.path))?.clone();
-                (frozen_forward(x, &weight, bias.as_ref())?, Some(weight))
+    /// `forward(x)`, or with `up`, `forward(silu(x) · up)` (`x` is then the gate).
+    fn forward(&self, x: &Tensor, up: Option<&Tensor>) -> candle_core::Result<Tensor> {
+        let fused_swiglu = up;
+        let product;
+        let x = match up {
+            // The composition for the merged and DoRA paths (LoRA fuses SwiGLU below).
+            Some(up) if self.merged.load(Ordering::Acquire) || self.magnitude.is_some() => {
+                product = crate::ops::swiglu(x, up)?;
+                &product
             }
-            Base::Quantized(base) => (base.forward(x)?, None),
+            _ => x,
         };
         if self.merged.load(Ordering::Acquire) {
-            return Ok(y);
+            return match &self.base {
+                Base::Dense { weight, bias } => {
+                    let weight = weight.read().map_err(|_| lock_error(&self.path))?.clone();
+                    frozen_forward(x, &weight, bias.as_ref())
+                }
+                Base::Quantized(base) => base.forward(x),
+            };
         }
-        let dropped = self.dropout > 0.0 && self.runtime.training.load(Ordering::Acquire);
+        let training = self.runtime.training.load(Ordering::Acquire);
+        let dropped = self.dropout > 0.0 && training;
         let dims = x.dims().to_vec();
         let in_features = *dims.last().unwrap_or(&0);
         let rows = x.elem_count() / in_features.max(1);
-        let mut input = x.reshape((rows, in_features))?;
-        let training = self.runtime.training.load(Ordering::Acquire);
-        if self.dropout > 0.0 && training {
+        // The mask is a constant: no gradient is stored for it.
+        let mask = if dropped {
             let seed = mix_seed(
                 self.runtime.dropout_seed.load(Ordering::Acquire),
                 &self.path,
             );
-            // The mask is a constant: no gradient is stored for it.
-            let mask = dropout_mask(seed, self.dropout, rows, in_features, x)?;
-            input = crate::ops::mul_constant(&input, &mask)?;
-        }
+            Some(dropout_mask(seed, self.dropout, rows, in_features, x)?)
+        } else {
+            None
+        };
         // In inference mode A and B enter detached: with a frozen base and untracked inputs the
         // forward pass then builds no autograd graph (evaluation, generation).
         let (a, b) = if training {
@@ -187,6 +201,34 @@ impl LoraLinear {
         } else {
             (self.a.as_tensor().detach(), self.b.as_tensor().detach())
         };
+        let Some(magnitude) = &self.magnitude else {
+            // LoRA: base + s·B(A x) as one node (ops::low_rank_linear).
+            let base: Arc<dyn crate::ops::FrozenMap> = match &self.base {
+                Base::Dense { weight, bias } => Arc::new(crate::ops::DenseMap {
+                    weight: weight.read().map_err(|_| lock_error(&self.path))?.clone(),
+                    bias: bias.clone(),
+                }),
+                Base::Quantized(base) => Arc::new(base.clone()),
+            };
+            return match fused_swiglu {
+                Some(up) => {
+                    crate::ops::low_rank_swiglu_linear(x, up, base, &a, &b, self.scale, mask)
+                }
+                None => crate::ops::low_rank_linear(x, base, &a, &b, self.scale, mask),
+            };
+        };
+        // DoRA: the composition, as PEFT's DoraLinearLayer writes it.
+        let (y, dense) = match &self.base {
+            Base::Dense { weight, bias } => {
+                let weight = weight.read().map_err(|_| lock_error(&self.path))?.clone();
+                (frozen_forward(x, &weight, bias.as_ref())?, Some(weight))
+            }
+            Base::Quantized(base) => (base.forward(x)?, None),
+        };
+        let mut input = x.reshape((rows, in_features))?;
+        if let Some(mask) = &mask {
+            input = crate::ops::mul_constant(&input, mask)?;
+        }
         let a = a.to_dtype(x.dtype())?;
         let b = b.to_dtype(x.dtype())?;
         // s·B(A x): scaling the rank-r intermediate is the cheapest place for it.
@@ -198,9 +240,6 @@ impl LoraLinear {
             *last = delta.dim(1)?;
         }
         let delta = delta.reshape(out_dims)?;
-        let Some(magnitude) = &self.magnitude else {
-            return crate::ops::add_tracked(&y, &delta);
-        };
         // DoRA (PEFT's DoraLinearLayer.forward): the norm of W + s·B·A enters detached. Over a
         // 4-bit base (QDoRA), W is the dequantized weight.
         let weight = match dense {

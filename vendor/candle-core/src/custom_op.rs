@@ -244,6 +244,61 @@ impl Tensor {
     }
 }
 
+/// peftpipe patch (vendor/README.md): a forward computed outside the op, attached to the graph.
+///
+/// `apply_op*` runs the op's forward into a new storage. These record `output` (computed by the
+/// caller from detached inputs, with candle's own kernels) as the op's result *sharing its
+/// storage*: no copy, and the node keeps only the op's inputs and `output`'s storage alive. The
+/// op's `bwd` is called as usual; its forward is never run. When no input is tracked, `output` is
+/// returned as it is.
+impl Tensor {
+    pub fn attach_op1_arc(
+        &self,
+        output: &Tensor,
+        c: Arc<Box<dyn CustomOp1 + Send + Sync>>,
+    ) -> Result<Self> {
+        let op = BackpropOp::new1(self, |s| Op::CustomOp1(s, c.clone()));
+        if op.is_none() {
+            return Ok(output.clone());
+        }
+        Ok(crate::tensor::sharing_storage(output, op))
+    }
+
+    pub fn attach_op1<C: 'static + CustomOp1 + Send + Sync>(
+        &self,
+        output: &Tensor,
+        c: C,
+    ) -> Result<Self> {
+        self.attach_op1_arc(output, Arc::new(Box::new(c)))
+    }
+
+    pub fn attach_op3_arc(
+        &self,
+        t2: &Self,
+        t3: &Self,
+        output: &Tensor,
+        c: Arc<Box<dyn CustomOp3 + Send + Sync>>,
+    ) -> Result<Self> {
+        let op = BackpropOp::new3(self, t2, t3, |t1, t2, t3| {
+            Op::CustomOp3(t1, t2, t3, c.clone())
+        });
+        if op.is_none() {
+            return Ok(output.clone());
+        }
+        Ok(crate::tensor::sharing_storage(output, op))
+    }
+
+    pub fn attach_op3<C: 'static + CustomOp3 + Send + Sync>(
+        &self,
+        t2: &Self,
+        t3: &Self,
+        output: &Tensor,
+        c: C,
+    ) -> Result<Self> {
+        self.attach_op3_arc(t2, t3, output, Arc::new(Box::new(c)))
+    }
+}
+
 // In place ops.
 
 /// Unary ops that can be defined in user-land.

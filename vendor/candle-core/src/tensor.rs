@@ -178,6 +178,21 @@ pub(crate) fn from_storage<S: Into<Shape>>(
     Tensor(Arc::new(tensor_))
 }
 
+/// A new graph node with `output`'s storage (shared, not copied) and layout, recorded as the
+/// result of `op` (peftpipe patch: see vendor/README.md and `Tensor::attach_op1`).
+pub(crate) fn sharing_storage(output: &Tensor, op: BackpropOp) -> Tensor {
+    let tensor_ = Tensor_ {
+        id: TensorId::new(),
+        storage: output.storage.clone(),
+        layout: output.layout.clone(),
+        op,
+        is_variable: false,
+        dtype: output.dtype,
+        device: output.device.clone(),
+    };
+    Tensor(Arc::new(tensor_))
+}
+
 impl Tensor {
     pub(crate) fn ones_impl<S: Into<Shape>>(
         shape: S,

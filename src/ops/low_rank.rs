@@ -1,0 +1,482 @@
+//! The low-rank adapted linear map `y = f(x) + s·(x∘m)·Aᵀ·Bᵀ` as one graph node.
+//!
+//! Owns [`low_rank_linear`]: a frozen map `f` (a dense `x·Wᵀ + b`, or anything implementing
+//! [`FrozenMap`], e.g. a 4-bit weight), plus the rank-`r` update of LoRA with an optional constant
+//! (dropout) mask `m` on its input. Composed from candle's ops, the same map keeps the base output
+//! and the update alive until the backward ends (two `[rows, out]` tensors per adapted linear) and
+//! runs two extra full-size additions: one in the forward (`f(x) + update`) and one in the backward
+//! (the base's and the update's contributions to `dx`). Here the node keeps only its inputs `x`, `A`,
+//! `B`, its output and the `[rows, r]` intermediate, and on CUDA both additions happen inside cuBLAS
+//! (`β = 1`, accumulating the rank-`r` product into the fresh base output / base input gradient,
+//! [`super::cuda::gemm_accumulate`]). On the CPU the same formulas run as candle ops: the reference
+//! the CUDA path is tested against (tests/device.rs, tests/cuda_kernels.rs).
+//!
+//! Gradients: `t = s·(dy·B)`; `dA = tᵀ·(x∘m)`, `dB = dyᵀ·h` with `h = s·(x∘m)·Aᵀ`,
+//! `dx = f'(dy) + (t·A)∘m` — each only for a tracked input, in that input's dtype (`A`/`B` are cast
+//! to `x`'s dtype for the products, as a `to_dtype` in the graph would). Must not: know about PEFT
+//! methods or adapters; give the frozen map or the mask a gradient.
+
+use std::sync::Arc;
+
+use candle_core::{bail, DType, Result, Tensor};
+
+use super::attach::with_backward3;
+use super::linear::frozen_linear;
+
+/// The frozen part `f` of a low-rank adapted linear map.
+pub trait FrozenMap: Send + Sync {
+    /// `f(x)` for a detached, contiguous `x [rows, in]`: a fresh `[rows, out]` tensor (it is
+    /// accumulated into in place).
+    fn forward(&self, x: &Tensor) -> Result<Tensor>;
+
+    /// The input gradient `dy·∂f/∂x` for `dy [rows, out]`: a fresh `[rows, in]` tensor (it is
+    /// accumulated into in place).
+    fn input_grad(&self, dy: &Tensor) -> Result<Tensor>;
+}
+
+/// `f(x) = x·Wᵀ (+ b)` with a frozen `W [out, in]` and bias `[out]`.
+pub struct DenseMap {
+    pub weight: Tensor,
+    pub bias: Option<Tensor>,
+}
+
+impl FrozenMap for DenseMap {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let y = frozen_linear(x, &self.weight)?;
+        match &self.bias {
+            Some(bias) => y.broadcast_add(bias),
+            None => Ok(y),
+        }
+    }
+
+    fn input_grad(&self, dy: &Tensor) -> Result<Tensor> {
+        dy.matmul(&self.weight)
+    }
+}
+
+/// `c + α·a·op(b)` for `c [M, N]`, `a [M, K]` and `b [N, K]` (`transposed`: `op(b) = bᵀ`) or
+/// `b [K, N]`. On CUDA (bf16/f32, the GEMM kernel switched on) `c` is updated in place by one
+/// cuBLAS call with `β = 1` and returned; otherwise a new tensor.
+fn accumulate(c: Tensor, a: &Tensor, b: &Tensor, transposed: bool, alpha: f64) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if super::cuda::applies("lora_gemm", &c) && a.dtype() == c.dtype() && b.dtype() == c.dtype() {
+        super::cuda::gemm_accumulate(&c, a, b, transposed, alpha)?;
+        return Ok(c);
+    }
+    let product = if transposed {
+        a.matmul(&b.t()?)?
+    } else {
+        a.matmul(b)?
+    };
+    let product = if alpha == 1.0 {
+        product
+    } else {
+        product.affine(alpha, 0.0)?
+    };
+    c.add(&product)
+}
+
+/// The shapes and constants of one low-rank adapted linear call, shared by its forward and its
+/// backward.
+struct Plan {
+    rows: usize,
+    in_features: usize,
+    out_features: usize,
+    /// `A` and `B` in the input's dtype.
+    a: Tensor,
+    b: Tensor,
+    scale: f64,
+    mask: Option<Tensor>,
+    base: Arc<dyn FrozenMap>,
+}
+
+/// The gradients a backward computes: `[rows, in]` for the input, `A`'s and `B`'s in the input's
+/// dtype.
+type Gradients = (Option<Tensor>, Option<Tensor>, Option<Tensor>);
+
+impl Plan {
+    fn new(
+        dims: &[usize],
+        dtype: DType,
+        base: Arc<dyn FrozenMap>,
+        (a, b): (&Tensor, &Tensor),
+        scale: f64,
+        mask: Option<Tensor>,
+    ) -> Result<Self> {
+        let Some(&in_features) = dims.last() else {
+            bail!("low_rank_linear: the input must have at least one dimension")
+        };
+        let (rank, a_in) = a.dims2()?;
+        let (out_features, b_rank) = b.dims2()?;
+        if a_in != in_features || b_rank != rank {
+            bail!(
+                "low_rank_linear: input {dims:?}, A {:?} ([r, in]) and B {:?} ([out, r]) do not match",
+                a.shape(),
+                b.shape()
+            )
+        }
+        let rows = dims.iter().product::<usize>() / in_features.max(1);
+        if let Some(mask) = &mask {
+            if mask.dims() != [rows, in_features] {
+                bail!(
+                    "low_rank_linear: the mask {:?} must be [{rows}, {in_features}]",
+                    mask.shape()
+                )
+            }
+        }
+        Ok(Self {
+            rows,
+            in_features,
+            out_features,
+            a: a.detach().to_dtype(dtype)?,
+            b: b.detach().to_dtype(dtype)?,
+            scale,
+            mask,
+            base,
+        })
+    }
+
+    fn masked(&self, input: &Tensor) -> Result<Tensor> {
+        match &self.mask {
+            Some(mask) => input.mul(mask),
+            None => Ok(input.clone()),
+        }
+    }
+
+    /// `(y [rows, out], h [rows, r])` for the detached `input [rows, in]`.
+    fn forward(&self, input: &Tensor) -> Result<(Tensor, Tensor)> {
+        let hidden = self
+            .masked(input)?
+            .matmul(&self.a.t()?)?
+            .affine(self.scale, 0.0)?;
+        let y = accumulate(self.base.forward(input)?, &hidden, &self.b, true, 1.0)?;
+        Ok((y, hidden))
+    }
+
+    /// The gradients for `grad` (the output's), recomputing from the detached `input`.
+    fn backward(
+        &self,
+        grad: &Tensor,
+        input: &Tensor,
+        hidden: &Tensor,
+        [need_x, need_a, need_b]: [bool; 3],
+    ) -> Result<Gradients> {
+        let dy = grad.contiguous()?.reshape((self.rows, self.out_features))?;
+        let t = dy.matmul(&self.b)?.affine(self.scale, 0.0)?;
+        let ga = if need_a {
+            Some(t.t()?.matmul(&self.masked(input)?)?)
+        } else {
+            None
+        };
+        let gb = if need_b {
+            Some(dy.t()?.matmul(hidden)?)
+        } else {
+            None
+        };
+        let gx = if need_x {
+            let dx = self.base.input_grad(&dy)?;
+            Some(match &self.mask {
+                None => accumulate(dx, &t, &self.a, false, 1.0)?,
+                Some(mask) => dx.add(&t.matmul(&self.a)?.mul(mask)?)?,
+            })
+        } else {
+            None
+        };
+        Ok((gx, ga, gb))
+    }
+}
+
+/// `x [.., in]` as a detached, contiguous `[rows, in]`.
+fn rows_of(x: &Tensor, rows: usize, in_features: usize) -> Result<Tensor> {
+    x.detach().contiguous()?.reshape((rows, in_features))
+}
+
+/// `dims` with the last replaced by `last`.
+fn with_last(dims: &[usize], last: usize) -> Vec<usize> {
+    let mut dims = dims.to_vec();
+    if let Some(d) = dims.last_mut() {
+        *d = last;
+    }
+    dims
+}
+
+/// `y = f(x) + scale·(x∘mask)·Aᵀ·Bᵀ` for `x [.., in]`, `A [r, in]`, `B [out, r]` (any float dtype:
+/// cast to `x`'s for the products) and an optional constant `mask [rows, in]` (`rows` = all
+/// dimensions of `x` but the last). Gradients reach the tracked ones of `x`, `A`, `B`.
+pub fn low_rank_linear(
+    x: &Tensor,
+    base: Arc<dyn FrozenMap>,
+    a: &Tensor,
+    b: &Tensor,
+    scale: f64,
+    mask: Option<Tensor>,
+) -> Result<Tensor> {
+    let plan = Plan::new(x.dims(), x.dtype(), base, (a, b), scale, mask)?;
+    let (y, hidden) = plan.forward(&rows_of(x, plan.rows, plan.in_features)?)?;
+    let y = y.reshape(with_last(x.dims(), plan.out_features))?;
+    with_backward3(
+        "low-rank-linear",
+        [x, a, b],
+        y,
+        move |[x, a, b], _y, grad| {
+            let input = rows_of(x, plan.rows, plan.in_features)?;
+            let need = [x.track_op(), a.track_op(), b.track_op()];
+            let (gx, ga, gb) = plan.backward(grad, &input, &hidden, need)?;
+            Ok([
+                gx.map(|g| g.reshape(x.shape())).transpose()?,
+                ga.map(|g| g.to_dtype(a.dtype())).transpose()?,
+                gb.map(|g| g.to_dtype(b.dtype())).transpose()?,
+            ])
+        },
+    )
+}
+
+/// [`low_rank_linear`] of SwiGLU's `silu(gate) · up` (`gate`, `up` `[.., in]`), the down projection
+/// of a Llama MLP: the product is computed in the forward and recomputed in the backward instead
+/// of being kept alive (`[rows, in]`, the MLP's widest activation) from one to the other.
+/// Gradients reach the tracked ones of `gate`, `up`, `A` and `B` (which must share a dtype: the
+/// node's third input is their concatenation).
+pub fn low_rank_swiglu_linear(
+    gate: &Tensor,
+    up: &Tensor,
+    base: Arc<dyn FrozenMap>,
+    a: &Tensor,
+    b: &Tensor,
+    scale: f64,
+    mask: Option<Tensor>,
+) -> Result<Tensor> {
+    if gate.shape() != up.shape() {
+        bail!(
+            "low_rank_swiglu_linear: gate {:?} and up {:?} differ",
+            gate.shape(),
+            up.shape()
+        )
+    }
+    if a.dtype() != b.dtype() {
+        bail!(
+            "low_rank_swiglu_linear: A ({:?}) and B ({:?}) must share a dtype",
+            a.dtype(),
+            b.dtype()
+        )
+    }
+    let plan = Plan::new(gate.dims(), gate.dtype(), base, (a, b), scale, mask)?;
+    let product = |gate: &Tensor, up: &Tensor| -> Result<Tensor> {
+        let product = super::swiglu::swiglu(&gate.detach(), &up.detach())?;
+        rows_of(&product, plan.rows, plan.in_features)
+    };
+    let (y, hidden) = plan.forward(&product(gate, up)?)?;
+    let y = y.reshape(with_last(gate.dims(), plan.out_features))?;
+    // A and B enter as one input (a custom op takes at most three); its backward splits the
+    // gradient again.
+    let factors = Tensor::cat(&[a.flatten_all()?, b.flatten_all()?], 0)?;
+    with_backward3(
+        "low-rank-swiglu-linear",
+        [gate, up, &factors],
+        y,
+        move |[gate, up, factors], _y, grad| {
+            let input = super::swiglu::swiglu(&gate.detach(), &up.detach())?
+                .reshape((plan.rows, plan.in_features))?;
+            let need_inputs = gate.track_op() || up.track_op();
+            let need_factors = factors.track_op();
+            let (ds, ga, gb) = plan.backward(
+                grad,
+                &input,
+                &hidden,
+                [need_inputs, need_factors, need_factors],
+            )?;
+            let (g_gate, g_up) = match ds {
+                Some(ds) => {
+                    let (g_gate, g_up) =
+                        super::swiglu::swiglu_backward(gate, up, &ds.reshape(gate.shape())?)?;
+                    (
+                        gate.track_op().then_some(g_gate),
+                        up.track_op().then_some(g_up),
+                    )
+                }
+                None => (None, None),
+            };
+            let g_factors = match (ga, gb) {
+                (Some(ga), Some(gb)) => Some(
+                    Tensor::cat(&[ga.flatten_all()?, gb.flatten_all()?], 0)?
+                        .to_dtype(factors.dtype())?,
+                ),
+                _ => None,
+            };
+            Ok([g_gate, g_up, g_factors])
+        },
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{DType, Device, Var};
+
+    /// The composed reference: candle's own ops, as LoRA's forward was written before.
+    fn composed(
+        x: &Tensor,
+        w: &Tensor,
+        bias: &Tensor,
+        a: &Tensor,
+        b: &Tensor,
+        scale: f64,
+        mask: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        let rows = x.elem_count() / x.dim(candle_core::D::Minus1)?;
+        let x2 = x.reshape((rows, ()))?;
+        let base = x2.matmul(&w.t()?)?.broadcast_add(bias)?;
+        let input = match mask {
+            Some(mask) => x2.mul(mask)?,
+            None => x2,
+        };
+        let delta = input.matmul(&a.t()?)?.affine(scale, 0.0)?.matmul(&b.t()?)?;
+        base.add(&delta)?.reshape((x.dim(0)?, x.dim(1)?, w.dim(0)?))
+    }
+
+    #[test]
+    fn value_and_gradients_equal_the_composition() -> Result<()> {
+        let device = Device::Cpu;
+        for with_mask in [false, true] {
+            let x = Var::randn(0f64, 1.0, (2, 3, 5), &device)?;
+            let w = Tensor::randn(0f64, 1.0, (4, 5), &device)?;
+            let bias = Tensor::randn(0f64, 1.0, 4, &device)?;
+            let a = Var::randn(0f64, 1.0, (2, 5), &device)?;
+            let b = Var::randn(0f64, 1.0, (4, 2), &device)?;
+            let mask = with_mask
+                .then(|| {
+                    Tensor::rand(0f64, 1.0, (6, 5), &device)?
+                        .ge(0.3)?
+                        .to_dtype(DType::F64)
+                })
+                .transpose()?;
+            let base = Arc::new(DenseMap {
+                weight: w.clone(),
+                bias: Some(bias.clone()),
+            });
+            let ours = low_rank_linear(
+                x.as_tensor(),
+                base,
+                a.as_tensor(),
+                b.as_tensor(),
+                1.5,
+                mask.clone(),
+            )?;
+            let theirs = composed(
+                x.as_tensor(),
+                &w,
+                &bias,
+                a.as_tensor(),
+                b.as_tensor(),
+                1.5,
+                mask.as_ref(),
+            )?;
+            let weights = Tensor::randn(0f64, 1.0, (2, 3, 4), &device)?;
+            let g_ours = ours.mul(&weights)?.sum_all()?.backward()?;
+            let g_theirs = theirs.mul(&weights)?.sum_all()?.backward()?;
+            let diff = (&ours - &theirs)?.abs()?.max_all()?.to_scalar::<f64>()?;
+            assert!(diff < 1e-12, "value |Δ| = {diff}");
+            for var in [&x, &a, &b] {
+                let g1 = g_ours.get(var.as_tensor()).expect("gradient");
+                let g2 = g_theirs.get(var.as_tensor()).expect("gradient");
+                let diff = (g1 - g2)?.abs()?.max_all()?.to_scalar::<f64>()?;
+                assert!(diff < 1e-12, "gradient |Δ| = {diff} (mask: {with_mask})");
+            }
+            assert!(g_ours.get(&w).is_none() && g_ours.get(&bias).is_none());
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn swiglu_form_equals_the_composition() -> Result<()> {
+        let device = Device::Cpu;
+        for with_mask in [false, true] {
+            let gate = Var::randn(0f64, 1.5, (2, 3, 6), &device)?;
+            let up = Var::randn(0f64, 1.0, (2, 3, 6), &device)?;
+            let w = Tensor::randn(0f64, 1.0, (4, 6), &device)?;
+            let a = Var::randn(0f64, 1.0, (2, 6), &device)?;
+            let b = Var::randn(0f64, 1.0, (4, 2), &device)?;
+            let mask = with_mask
+                .then(|| {
+                    Tensor::rand(0f64, 1.0, (6, 6), &device)?
+                        .ge(0.3)?
+                        .to_dtype(DType::F64)
+                })
+                .transpose()?;
+            let base = Arc::new(DenseMap {
+                weight: w.clone(),
+                bias: None,
+            });
+            let ours = low_rank_swiglu_linear(
+                gate.as_tensor(),
+                up.as_tensor(),
+                base,
+                a.as_tensor(),
+                b.as_tensor(),
+                0.5,
+                mask.clone(),
+            )?;
+            let product = crate::ops::swiglu(gate.as_tensor(), up.as_tensor())?;
+            let zero = Tensor::zeros(4, DType::F64, &device)?;
+            let theirs = composed(
+                &product,
+                &w,
+                &zero,
+                a.as_tensor(),
+                b.as_tensor(),
+                0.5,
+                mask.as_ref(),
+            )?;
+            let weights = Tensor::randn(0f64, 1.0, (2, 3, 4), &device)?;
+            let g_ours = ours.mul(&weights)?.sum_all()?.backward()?;
+            let g_theirs = theirs.mul(&weights)?.sum_all()?.backward()?;
+            let diff = (&ours - &theirs)?.abs()?.max_all()?.to_scalar::<f64>()?;
+            assert!(diff < 1e-12, "value |Δ| = {diff}");
+            for var in [&gate, &up, &a, &b] {
+                let g1 = g_ours.get(var.as_tensor()).expect("gradient");
+                let g2 = g_theirs.get(var.as_tensor()).expect("gradient");
+                let diff = (g1 - g2)?.abs()?.max_all()?.to_scalar::<f64>()?;
+                assert!(diff < 1e-12, "gradient |Δ| = {diff} (mask: {with_mask})");
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn an_untracked_input_gets_no_gradient_and_frozen_factors_build_no_node() -> Result<()> {
+        let device = Device::Cpu;
+        let x = Tensor::randn(0f32, 1.0, (3, 5), &device)?;
+        let w = Tensor::randn(0f32, 1.0, (4, 5), &device)?;
+        let a = Var::randn(0f32, 1.0, (2, 5), &device)?;
+        let b = Var::randn(0f32, 1.0, (4, 2), &device)?;
+        let base: Arc<dyn FrozenMap> = Arc::new(DenseMap {
+            weight: w,
+            bias: None,
+        });
+        let y = low_rank_linear(&x, base.clone(), a.as_tensor(), b.as_tensor(), 2.0, None)?;
+        let grads = y.sqr()?.sum_all()?.backward()?;
+        assert!(grads.get(&x).is_none());
+        assert!(grads.get(a.as_tensor()).is_some() && grads.get(b.as_tensor()).is_some());
+        let detached = low_rank_linear(
+            &x,
+            base,
+            &a.as_tensor().detach(),
+            &b.as_tensor().detach(),
+            2.0,
+            None,
+        )?;
+        assert!(!detached.track_op(), "inference builds no graph");
+        assert!(low_rank_linear(
+            &x,
+            Arc::new(DenseMap {
+                weight: x.clone(),
+                bias: None
+            }),
+            a.as_tensor(),
+            a.as_tensor(),
+            1.0,
+            None
+        )
+        .is_err());
+        Ok(())
+    }
+}
