@@ -9,9 +9,8 @@
 
 mod support;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::AtomicBool;
 
 use candle_core::{DType, Device, Tensor};
 use peftpipe::config::export::ExportDtype;
@@ -19,8 +18,8 @@ use peftpipe::config::ExportConfig;
 use peftpipe::models::{
     FrozenLinearFactory, Hooks, LinearFactory, LinearLayer, LinearWeights, ModelDir,
 };
-use peftpipe::stages::export::{ExportStage, EXPORT_MARKER};
-use peftpipe::stages::{NullSink, RunOptions, Stage, StageContext};
+use peftpipe::stages::export::EXPORT_MARKER;
+use support::export::export;
 use support::{masked_max_abs, max_difference, shared_dir, TestResult};
 
 /// A train artifact as the train stage writes it: `adapter/` + `base_model.json`.
@@ -38,41 +37,6 @@ fn fake_train_artifact(root: &Path, adapter_source: &Path, base: &Path) -> PathB
     )
     .unwrap();
     train
-}
-
-/// Run the export stage (run + publish) in `project` with the given train artifact.
-fn export(
-    project: &Path,
-    train: &Path,
-    config: ExportConfig,
-    allow_outside_project: bool,
-) -> Result<PathBuf, peftpipe::stages::StageError> {
-    let out_dir = project.join(".artifact");
-    std::fs::create_dir_all(&out_dir)?;
-    let upstream = BTreeMap::from([("tune".to_string(), train.to_path_buf())]);
-    let cancel = AtomicBool::new(false);
-    let options = RunOptions {
-        allow_outside_project,
-        ..RunOptions::default()
-    };
-    let ctx = StageContext {
-        name: "export",
-        project_dir: project,
-        out_dir: &out_dir,
-        upstream: &upstream,
-        seed: 0,
-        progress: &NullSink,
-        cancel: &cancel,
-        options: &options,
-        fingerprint: "",
-        upstream_outcomes: &Default::default(),
-        checkpoint_dir: None,
-        resume: true,
-    };
-    let stage = ExportStage::new(config);
-    stage.run(&ctx)?;
-    stage.publish(&out_dir, &ctx)?;
-    Ok(out_dir)
 }
 
 fn config(adapter: Option<&str>, merged: Option<&str>) -> ExportConfig {

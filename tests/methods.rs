@@ -18,13 +18,12 @@ mod support;
 use std::collections::HashMap;
 
 use candle_core::{DType, Device, Tensor};
-use peftpipe::config::method::MethodConfig;
 use peftpipe::data::batch::{collate, Sequence};
 use peftpipe::models::quantized::{
     dequantized_base_patches, is_quantized_linear, QuantizingFactory,
 };
 use peftpipe::models::{CausalLm, FrozenLinearFactory, ModelDir};
-use peftpipe::peft::{load_adapter, new_adapter, Adapter, AdapterMode, MethodContext};
+use peftpipe::peft::{load_adapter, Adapter, AdapterMode};
 use peftpipe::train::trainer::{CausalLmLoss, LossModel};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -205,11 +204,6 @@ fn ia3_and_dora_cases() -> Vec<Case> {
     ]
 }
 
-fn method(case: &Case) -> MethodConfig {
-    let value: serde_json::Value = serde_norway::from_str(case.yaml).expect("YAML of the case");
-    serde_json::from_value(value).expect("a valid method config")
-}
-
 /// A fresh adapter for `case` injected into a tiny Llama built from `weights`.
 fn injected(
     case: &Case,
@@ -223,19 +217,7 @@ fn injected(
 }
 
 fn fresh(case: &Case, model_config: &serde_json::Value) -> Box<dyn Adapter> {
-    let tokenize = |text: &str| -> Result<Vec<u32>, String> {
-        Ok(text.bytes().map(|b| 3 + u32::from(b) % 30).collect())
-    };
-    new_adapter(
-        &method(case),
-        &MethodContext {
-            model_config,
-            device: &Device::Cpu,
-            seed: 17,
-            tokenize: Some(&tokenize),
-        },
-    )
-    .unwrap_or_else(|error| panic!("{}: {error}", case.yaml))
+    support::methods::new_method(case.yaml, model_config, &Device::Cpu, 17)
 }
 
 fn sequences() -> Vec<Sequence> {
