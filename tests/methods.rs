@@ -578,6 +578,30 @@ fn ia3_and_dora_save_peft_names_and_config_keys() {
     };
 
     let (json, shapes) = saved("ia3: {}");
+    // Only `IA3Config`'s fields (PEFT 0.21.2, `dataclasses.fields`): PEFT warns "Unexpected
+    // keyword arguments" about any other key (peftpipe wrote LoRA's `layers_pattern` and
+    // `layers_to_transform`, found by tests/peft_python.rs).
+    let ia3_config_fields = [
+        "task_type",
+        "peft_type",
+        "auto_mapping",
+        "peft_version",
+        "base_model_name_or_path",
+        "revision",
+        "inference_mode",
+        "target_modules",
+        "exclude_modules",
+        "feedforward_modules",
+        "fan_in_fan_out",
+        "modules_to_save",
+        "init_ia3_weights",
+    ];
+    for key in json.as_object().expect("a JSON object").keys() {
+        assert!(
+            ia3_config_fields.contains(&key.as_str()),
+            "IA3 adapter_config.json has `{key}`, not a field of PEFT's IA3Config"
+        );
+    }
     assert_eq!(json["peft_type"], "IA3");
     assert_eq!(json["task_type"], "CAUSAL_LM");
     assert_eq!(json["base_model_name_or_path"], "models/tiny");
