@@ -684,3 +684,56 @@ fn merged_gpt2_export_writes_trained_token_rows() -> TestResult {
     assert!(moved > 1e-3, "the adapter is a no-op ({moved})");
     Ok(())
 }
+
+/// A tied checkpoint that also stores its embedding as `lm_head.weight` (stories260k): the merged
+/// export of trainable token rows (the tied head follows them) writes the same patched matrix
+/// under both names. The stored copy was left at the base values, and transformers 5, which
+/// unties a stored copy that differs from the embedding, then computed with the base head
+/// (3.5 logits off; found by tests/peft_python.rs).
+#[test]
+fn merged_tied_checkpoint_keeps_its_stored_head_copy_equal_to_the_patched_embedding() -> TestResult
+{
+    let Some(shared) = shared_dir() else {
+        eprintln!("skipped: PEFTPIPE_SHARED not set");
+        return Ok(());
+    };
+    let base = shared.join("models/stories260k");
+    let model_json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(base.join("config.json"))?)?;
+    let adapter = support::methods::new_method(
+        "lora: {r: 2, alpha: 4, trainable_token_indices: [5, 9]}",
+        &model_json,
+        &Device::Cpu,
+        3,
+    );
+    let model = ModelDir::open(&base)?.load(&Device::Cpu, DType::F32, adapter.linear_factory())?;
+    adapter.finish_injection(model.as_ref())?;
+    for (_, var) in adapter.trainable_vars() {
+        var.set(&(var.as_tensor() + 0.25)?)?;
+    }
+    let project = tempfile::tempdir()?;
+    let source = project.path().join("saved");
+    adapter.save(&source, &base.display().to_string())?;
+    let train = fake_train_artifact(project.path(), &source, &base);
+    export(project.path(), &train, config(None, Some("merged")), false)?;
+    let merged = candle_core::safetensors::load(
+        project.path().join("merged/model.safetensors"),
+        &Device::Cpu,
+    )?;
+    let embedding = &merged["model.embed_tokens.weight"];
+    let original = candle_core::safetensors::load(base.join("model.safetensors"), &Device::Cpu)?;
+    assert!(
+        max_difference(embedding, &original["model.embed_tokens.weight"]) > 0.1,
+        "the embedding rows were patched"
+    );
+    assert_eq!(
+        max_difference(&merged["lm_head.weight"], embedding),
+        0.0,
+        "the stored head copy equals the patched embedding"
+    );
+    let config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(
+        project.path().join("merged/config.json"),
+    )?)?;
+    assert_eq!(config["tie_word_embeddings"], true);
+    Ok(())
+}
