@@ -9,9 +9,8 @@
 
 mod support;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::AtomicBool;
 
 use candle_core::{DType, Device, Tensor};
 use peftpipe::config::export::ExportDtype;
@@ -19,8 +18,8 @@ use peftpipe::config::ExportConfig;
 use peftpipe::models::{
     FrozenLinearFactory, Hooks, LinearFactory, LinearLayer, LinearWeights, ModelDir,
 };
-use peftpipe::stages::export::{ExportStage, EXPORT_MARKER};
-use peftpipe::stages::{NullSink, RunOptions, Stage, StageContext};
+use peftpipe::stages::export::EXPORT_MARKER;
+use support::export::export;
 use support::{masked_max_abs, max_difference, shared_dir, TestResult};
 
 /// A train artifact as the train stage writes it: `adapter/` + `base_model.json`.
@@ -38,41 +37,6 @@ fn fake_train_artifact(root: &Path, adapter_source: &Path, base: &Path) -> PathB
     )
     .unwrap();
     train
-}
-
-/// Run the export stage (run + publish) in `project` with the given train artifact.
-fn export(
-    project: &Path,
-    train: &Path,
-    config: ExportConfig,
-    allow_outside_project: bool,
-) -> Result<PathBuf, peftpipe::stages::StageError> {
-    let out_dir = project.join(".artifact");
-    std::fs::create_dir_all(&out_dir)?;
-    let upstream = BTreeMap::from([("tune".to_string(), train.to_path_buf())]);
-    let cancel = AtomicBool::new(false);
-    let options = RunOptions {
-        allow_outside_project,
-        ..RunOptions::default()
-    };
-    let ctx = StageContext {
-        name: "export",
-        project_dir: project,
-        out_dir: &out_dir,
-        upstream: &upstream,
-        seed: 0,
-        progress: &NullSink,
-        cancel: &cancel,
-        options: &options,
-        fingerprint: "",
-        upstream_outcomes: &Default::default(),
-        checkpoint_dir: None,
-        resume: true,
-    };
-    let stage = ExportStage::new(config);
-    stage.run(&ctx)?;
-    stage.publish(&out_dir, &ctx)?;
-    Ok(out_dir)
 }
 
 fn config(adapter: Option<&str>, merged: Option<&str>) -> ExportConfig {
@@ -718,5 +682,58 @@ fn merged_gpt2_export_writes_trained_token_rows() -> TestResult {
     eprintln!("gpt2 trainable tokens: adapter vs merged export {error:e}; vs base {moved:e}");
     assert!(error <= 1e-4, "{error}");
     assert!(moved > 1e-3, "the adapter is a no-op ({moved})");
+    Ok(())
+}
+
+/// A tied checkpoint that also stores its embedding as `lm_head.weight` (stories260k): the merged
+/// export of trainable token rows (the tied head follows them) writes the same patched matrix
+/// under both names. The stored copy was left at the base values, and transformers 5, which
+/// unties a stored copy that differs from the embedding, then computed with the base head
+/// (3.5 logits off; found by tests/peft_python.rs).
+#[test]
+fn merged_tied_checkpoint_keeps_its_stored_head_copy_equal_to_the_patched_embedding() -> TestResult
+{
+    let Some(shared) = shared_dir() else {
+        eprintln!("skipped: PEFTPIPE_SHARED not set");
+        return Ok(());
+    };
+    let base = shared.join("models/stories260k");
+    let model_json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(base.join("config.json"))?)?;
+    let adapter = support::methods::new_method(
+        "lora: {r: 2, alpha: 4, trainable_token_indices: [5, 9]}",
+        &model_json,
+        &Device::Cpu,
+        3,
+    );
+    let model = ModelDir::open(&base)?.load(&Device::Cpu, DType::F32, adapter.linear_factory())?;
+    adapter.finish_injection(model.as_ref())?;
+    for (_, var) in adapter.trainable_vars() {
+        var.set(&(var.as_tensor() + 0.25)?)?;
+    }
+    let project = tempfile::tempdir()?;
+    let source = project.path().join("saved");
+    adapter.save(&source, &base.display().to_string())?;
+    let train = fake_train_artifact(project.path(), &source, &base);
+    export(project.path(), &train, config(None, Some("merged")), false)?;
+    let merged = candle_core::safetensors::load(
+        project.path().join("merged/model.safetensors"),
+        &Device::Cpu,
+    )?;
+    let embedding = &merged["model.embed_tokens.weight"];
+    let original = candle_core::safetensors::load(base.join("model.safetensors"), &Device::Cpu)?;
+    assert!(
+        max_difference(embedding, &original["model.embed_tokens.weight"]) > 0.1,
+        "the embedding rows were patched"
+    );
+    assert_eq!(
+        max_difference(&merged["lm_head.weight"], embedding),
+        0.0,
+        "the stored head copy equals the patched embedding"
+    );
+    let config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(
+        project.path().join("merged/config.json"),
+    )?)?;
+    assert_eq!(config["tie_word_embeddings"], true);
     Ok(())
 }

@@ -18,13 +18,12 @@ mod support;
 use std::collections::HashMap;
 
 use candle_core::{DType, Device, Tensor};
-use peftpipe::config::method::MethodConfig;
 use peftpipe::data::batch::{collate, Sequence};
 use peftpipe::models::quantized::{
     dequantized_base_patches, is_quantized_linear, QuantizingFactory,
 };
 use peftpipe::models::{CausalLm, FrozenLinearFactory, ModelDir};
-use peftpipe::peft::{load_adapter, new_adapter, Adapter, AdapterMode, MethodContext};
+use peftpipe::peft::{load_adapter, Adapter, AdapterMode};
 use peftpipe::train::trainer::{CausalLmLoss, LossModel};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -205,11 +204,6 @@ fn ia3_and_dora_cases() -> Vec<Case> {
     ]
 }
 
-fn method(case: &Case) -> MethodConfig {
-    let value: serde_json::Value = serde_norway::from_str(case.yaml).expect("YAML of the case");
-    serde_json::from_value(value).expect("a valid method config")
-}
-
 /// A fresh adapter for `case` injected into a tiny Llama built from `weights`.
 fn injected(
     case: &Case,
@@ -223,19 +217,7 @@ fn injected(
 }
 
 fn fresh(case: &Case, model_config: &serde_json::Value) -> Box<dyn Adapter> {
-    let tokenize = |text: &str| -> Result<Vec<u32>, String> {
-        Ok(text.bytes().map(|b| 3 + u32::from(b) % 30).collect())
-    };
-    new_adapter(
-        &method(case),
-        &MethodContext {
-            model_config,
-            device: &Device::Cpu,
-            seed: 17,
-            tokenize: Some(&tokenize),
-        },
-    )
-    .unwrap_or_else(|error| panic!("{}: {error}", case.yaml))
+    support::methods::new_method(case.yaml, model_config, &Device::Cpu, 17)
 }
 
 fn sequences() -> Vec<Sequence> {
@@ -596,6 +578,30 @@ fn ia3_and_dora_save_peft_names_and_config_keys() {
     };
 
     let (json, shapes) = saved("ia3: {}");
+    // Only `IA3Config`'s fields (PEFT 0.21.2, `dataclasses.fields`): PEFT warns "Unexpected
+    // keyword arguments" about any other key (peftpipe wrote LoRA's `layers_pattern` and
+    // `layers_to_transform`, found by tests/peft_python.rs).
+    let ia3_config_fields = [
+        "task_type",
+        "peft_type",
+        "auto_mapping",
+        "peft_version",
+        "base_model_name_or_path",
+        "revision",
+        "inference_mode",
+        "target_modules",
+        "exclude_modules",
+        "feedforward_modules",
+        "fan_in_fan_out",
+        "modules_to_save",
+        "init_ia3_weights",
+    ];
+    for key in json.as_object().expect("a JSON object").keys() {
+        assert!(
+            ia3_config_fields.contains(&key.as_str()),
+            "IA3 adapter_config.json has `{key}`, not a field of PEFT's IA3Config"
+        );
+    }
     assert_eq!(json["peft_type"], "IA3");
     assert_eq!(json["task_type"], "CAUSAL_LM");
     assert_eq!(json["base_model_name_or_path"], "models/tiny");

@@ -511,6 +511,25 @@ fn merge_plan<'a>(
             )));
         }
     }
+    // A tied checkpoint that also stores its embedding as `lm_head.weight` (stories260k does, for
+    // loaders without tying): while the head stays tied, that copy follows a patched embedding.
+    // transformers 5 unties a stored copy that differs from the embedding, so a stale copy would
+    // give it the base head (trainable token rows of a tied model, measured 3.5 logits off).
+    if tied && !untie && source.contains_key("lm_head.weight") {
+        let embedding_patch = [
+            "model.embed_tokens.weight",
+            "transformer.wte.weight",
+            "wte.weight",
+        ]
+        .into_iter()
+        .find_map(|name| plan.get(name).and_then(|(_, patch)| *patch));
+        if let Some(patch) = embedding_patch {
+            plan.insert(
+                "lm_head.weight".into(),
+                (source["lm_head.weight"].clone(), Some(patch)),
+            );
+        }
+    }
     Ok((plan, untie))
 }
 

@@ -4,6 +4,9 @@
 //! `mod support;` and uses a subset.
 #![allow(dead_code, reason = "each test file uses a different subset")]
 
+pub mod export;
+pub mod methods;
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;

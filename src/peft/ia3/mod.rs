@@ -285,7 +285,8 @@ impl Ia3Adapter {
             .unwrap_or_default()
     }
 
-    /// The adapter_config.json PEFT 0.21 writes for these settings (keys sorted, as PEFT does).
+    /// The adapter_config.json PEFT 0.21 writes for these settings (keys sorted, as PEFT does;
+    /// only `IA3Config`'s fields: PEFT warns about any other key).
     pub fn peft_config(&self, base_model_name_or_path: &str) -> Value {
         let paths = self.adapted_paths();
         let mut feedforward: Vec<&String> = self.settings.feedforward.iter().collect();
@@ -299,8 +300,6 @@ impl Ia3Adapter {
             "feedforward_modules": feedforward,
             "inference_mode": true,
             "init_ia3_weights": true,
-            "layers_pattern": null,
-            "layers_to_transform": null,
             "modules_to_save": null,
             "peft_type": "IA3",
             "revision": null,
