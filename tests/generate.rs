@@ -443,3 +443,43 @@ fn input_batches_sample_the_same_tokens_as_single_prompts() {
     assert_eq!(single.lines().count(), prompts.len());
     assert_eq!(run("4"), single);
 }
+
+/// A prompt that leaves no room in the model's context fails its batch naming the file and
+/// line, and nothing of that batch is written.
+#[test]
+fn a_prompt_longer_than_the_context_names_its_line() {
+    let Some(shared) = shared_dir() else {
+        eprintln!("skipped: PEFTPIPE_SHARED not set");
+        return;
+    };
+    // The tiny GPT-2 has 128 positions.
+    let model = shared.join("models/tiny-gpt2-random");
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("prompts.jsonl");
+    let long = "word ".repeat(400);
+    std::fs::write(
+        &input,
+        format!(
+            "{}\n{}\n",
+            serde_json::json!({"prompt": "short"}),
+            serde_json::json!({ "prompt": long })
+        ),
+    )
+    .unwrap();
+    let output = peftpipe()
+        .arg("generate")
+        .arg(&model)
+        .arg("--input")
+        .arg(&input)
+        .args(["--device", "cpu"])
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    assert!(output.stdout.is_empty(), "the failed batch wrote nothing");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains(&format!("{}:2: the prompt has ", input.display()))
+            && stderr.contains("the model's context length is 128"),
+        "{stderr}"
+    );
+}
