@@ -397,3 +397,89 @@ fn hub_adapters_generate_like_the_cached_folder() {
         "{stderr}"
     );
 }
+
+/// The batch size changes how prompts are decoded (left-padded together), never what they
+/// decode to: seeded sampling over prompts of different lengths writes the same lines with
+/// batches of 1 and of 4.
+#[test]
+fn input_batches_sample_the_same_tokens_as_single_prompts() {
+    let Some(shared) = shared_dir() else {
+        eprintln!("skipped: PEFTPIPE_SHARED not set");
+        return;
+    };
+    let model = shared.join("models/stories260k");
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("prompts.jsonl");
+    let prompts = [
+        "Once",
+        "Tom and his mom went to the store to buy some",
+        "The sun",
+        "Lily",
+        "One day, a little bird flew",
+    ];
+    let text: String = prompts
+        .iter()
+        .map(|prompt| format!("{}\n", serde_json::json!({ "prompt": prompt })))
+        .collect();
+    std::fs::write(&input, text).unwrap();
+    let run = |batch_size: &str| {
+        let output = peftpipe()
+            .arg("generate")
+            .arg(&model)
+            .arg("--input")
+            .arg(&input)
+            .args(["--batch-size", batch_size, "--max-new-tokens", "16"])
+            .args(["--temperature", "0.8", "--seed", "3", "--device", "cpu"])
+            .output()
+            .unwrap();
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8(output.stdout).unwrap()
+    };
+    let single = run("1");
+    assert_eq!(single.lines().count(), prompts.len());
+    assert_eq!(run("4"), single);
+}
+
+/// A prompt that leaves no room in the model's context fails its batch naming the file and
+/// line, and nothing of that batch is written.
+#[test]
+fn a_prompt_longer_than_the_context_names_its_line() {
+    let Some(shared) = shared_dir() else {
+        eprintln!("skipped: PEFTPIPE_SHARED not set");
+        return;
+    };
+    // The tiny GPT-2 has 128 positions.
+    let model = shared.join("models/tiny-gpt2-random");
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("prompts.jsonl");
+    let long = "word ".repeat(400);
+    std::fs::write(
+        &input,
+        format!(
+            "{}\n{}\n",
+            serde_json::json!({"prompt": "short"}),
+            serde_json::json!({ "prompt": long })
+        ),
+    )
+    .unwrap();
+    let output = peftpipe()
+        .arg("generate")
+        .arg(&model)
+        .arg("--input")
+        .arg(&input)
+        .args(["--device", "cpu"])
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    assert!(output.stdout.is_empty(), "the failed batch wrote nothing");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains(&format!("{}:2: the prompt has ", input.display()))
+            && stderr.contains("the model's context length is 128"),
+        "{stderr}"
+    );
+}

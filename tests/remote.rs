@@ -2,8 +2,9 @@
 //! pipeline, and `run` restores every stage without running one (the CI recipe in
 //! docs/ci/github-actions.yml); a corrupted remote object is refused; concurrent pushes are safe;
 //! the remote comes from the flag, the environment or `.peftpipe/config.yaml`. Against a local
-//! directory always, and against a real S3-compatible server on loopback (moto's) where its
-//! Python package is installed (skipped with the reason otherwise).
+//! directory always, and with `--features cloud` against a real S3-compatible server (moto's) and
+//! a real WebDAV server (WsgiDAV) on loopback where their Python packages are installed (skipped
+//! with the reason otherwise).
 #![cfg_attr(
     feature = "cloud",
     expect(clippy::print_stderr, reason = "tests print skip reasons")
@@ -294,7 +295,8 @@ fn pulling_a_pipeline_never_pushed_names_the_remote_and_key() {
     );
 }
 
-/// The cloud remotes (`--features cloud`): a real S3-compatible server on loopback.
+/// The cloud remotes (`--features cloud`): a real S3-compatible server and a real WebDAV server
+/// on loopback.
 #[cfg(feature = "cloud")]
 mod cloud {
     use super::*;
@@ -399,6 +401,44 @@ mod cloud {
             "{message}"
         );
         assert!(!message.contains("test-secret-never-shown"), "{message}");
+    }
+
+    /// `http://` remotes through object_store's HTTP store against a WebDAV server: pushes create
+    /// the collections they need (MKCOL) and PUT the objects, which land as plain files in the
+    /// server's directory; a pull lists them (PROPFIND) and restores everything.
+    #[test]
+    fn round_trip_through_a_webdav_server() {
+        let root = tempfile::tempdir().expect("server directory");
+        let Some(server) = Server::start("webdav", &root.path().display().to_string()) else {
+            return;
+        };
+        let remote = format!("http://127.0.0.1:{}/team/cache", server.port);
+        round_trip(&remote, &NO_PROXY);
+        let served = root.path().join("team/cache");
+        assert!(
+            served.join("locks/reviews.lock.json").is_file(),
+            "the lock file is a file of the WebDAV share: {:?}",
+            tree(&served).keys().collect::<Vec<_>>()
+        );
+
+        // A server that refuses writes (a path under a file): the error names the remote.
+        let project = Project::new();
+        assert!(peftpipe(&project, &["run", "pipeline.yaml"], &NO_PROXY)
+            .status
+            .success());
+        std::fs::write(root.path().join("a-file"), b"not a collection").expect("write");
+        let blocked = format!("http://127.0.0.1:{}/a-file/cache", server.port);
+        let failed = peftpipe(
+            &project,
+            &["push", "pipeline.yaml", "--remote", &blocked],
+            &NO_PROXY,
+        );
+        assert_eq!(failed.status.code(), Some(1), "{}", stderr(&failed));
+        let message = stderr(&failed);
+        assert!(
+            message.starts_with(&format!("error: remote `{blocked}`: cannot ")),
+            "{message}"
+        );
     }
 }
 

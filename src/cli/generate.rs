@@ -13,7 +13,7 @@ use super::{GlobalArgs, EXIT_FAILED, EXIT_INVALID, EXIT_OK};
 use crate::device::{compute_dtype, resolve_device, DTypeSpec, DeviceSpec};
 use crate::infer::jsonl::{OutputFields, PromptLines, PromptRecord};
 use crate::infer::session::{
-    generate_one, recorded_base_quantization, GenerateRequest, InferenceModel,
+    generate_many, generate_one, recorded_base_quantization, GenerateRequest, InferenceModel,
 };
 use crate::infer::Sampling;
 use crate::models::resolve_model_path;
@@ -62,7 +62,10 @@ pub struct GenerateArgs {
         requires = "input"
     )]
     pub output_field: String,
-    /// --input lines read, generated and written per batch (memory holds one batch).
+    /// --input prompts decoded together: left-padded into one batch, one forward pass per token
+    /// step for the whole batch, each prompt stopping on its own; its output lines are written
+    /// when the batch finishes (memory holds one batch). The tokens of each prompt do not depend
+    /// on the batch size.
     #[arg(long, value_name = "N", default_value_t = 16, requires = "input", value_parser = clap::value_parser!(u64).range(1..))]
     pub batch_size: u64,
     /// Most tokens to generate (generation also stops at EOS).
@@ -271,8 +274,8 @@ impl Sink {
     }
 }
 
-/// Generate for every line of `input`, `batch_size` lines at a time (read, generated, written in
-/// input order). An error after some lines were written says how many.
+/// Generate for every line of `input`, `batch_size` lines at a time (read, decoded together as one
+/// batch, written in input order). An error after some lines were written says how many.
 fn generate_file(
     model: &InferenceModel,
     input: &Path,
@@ -318,17 +321,26 @@ fn generate_batches(
             return Ok(());
         }
         let count = batch.len();
+        let prompts: Vec<String> = batch.iter().map(|record| record.prompt.clone()).collect();
+        let outputs =
+            generate_many(model, &prompts, args.max_new_tokens, sampling).map_err(|error| {
+                match error.index.and_then(|index| batch.get(index)) {
+                    Some(record) => {
+                        format!("{}:{}: {}", input.display(), record.line, error.message)
+                    }
+                    None => format!(
+                        "{}:{}-{}: {}",
+                        input.display(),
+                        batch.first().map_or(0, |record| record.line),
+                        batch.last().map_or(0, |record| record.line),
+                        error.message
+                    ),
+                }
+            })?;
         let mut text = String::new();
-        for record in batch {
-            let request = GenerateRequest {
-                prompt: record.prompt.clone(),
-                max_new_tokens: args.max_new_tokens,
-                sampling,
-            };
+        for (record, output) in batch.into_iter().zip(&outputs) {
             let line = record.line;
-            let output = generate_one(model, &request)
-                .map_err(|message| format!("{}:{line}: {message}", input.display()))?;
-            let fields = record.with_output(names, &output);
+            let fields = record.with_output(names, output);
             let json = serde_json::to_string(&fields).map_err(|e| {
                 format!("{}:{line}: cannot encode the output: {e}", input.display())
             })?;

@@ -41,10 +41,20 @@ pub trait LanguageModel {
     /// (u32) with `attention_mask` `[batch, time]` (u32, 1 = token, 0 = padding).
     fn logits(&self, input_ids: &Tensor, attention_mask: &Tensor) -> Result<Tensor>;
 
-    /// A fresh, empty cache for one sequence.
+    /// A fresh, empty cache (for one sequence or a batch: the first call fixes its rows).
     fn new_cache(&self) -> Result<Self::Cache>;
 
-    /// Feed `input_ids` `[1, time]` after everything already in `cache`; returns the logits of
-    /// the new positions `[1, time, vocab]` and extends the cache.
-    fn forward_cached(&self, input_ids: &Tensor, cache: &mut Self::Cache) -> Result<Tensor>;
+    /// Feed `input_ids` `[batch, time]` after everything already in `cache`, with
+    /// `attention_mask` `[batch, time]` (u32, 1 = token, 0 = padding; `None`: all tokens) so
+    /// left-padded prompts of a batch decode as they would alone; returns the logits of the new
+    /// positions `[batch, time, vocab]` and extends the cache.
+    fn forward_cached(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+        cache: &mut Self::Cache,
+    ) -> Result<Tensor>;
+
+    /// Keep only the batch rows `rows` of `cache` (in that order): finished rows leave the batch.
+    fn keep_rows(&self, cache: &mut Self::Cache, rows: &[usize]) -> Result<()>;
 }

@@ -46,12 +46,21 @@ impl LanguageModel for HookedModel<'_> {
         Ok(self.model.new_cache())
     }
 
-    fn forward_cached(&self, input_ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+    fn forward_cached(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+        cache: &mut KvCache,
+    ) -> Result<Tensor> {
         let length = input_ids.dim(1)?;
         let logits = self
             .model
-            .forward_cached(input_ids, None, self.hooks, cache)?;
+            .forward_cached(input_ids, attention_mask, self.hooks, cache)?;
         self.without_virtual(logits, length)
+    }
+
+    fn keep_rows(&self, cache: &mut KvCache, rows: &[usize]) -> Result<()> {
+        cache.keep_rows(rows)
     }
 }
 

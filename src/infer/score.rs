@@ -145,7 +145,7 @@ pub(crate) mod tests {
     use crate::infer::batch::joined;
 
     /// A bigram model: the logits at each position are row `token` of a fixed table, so every
-    /// probability is known by hand. Its cache is the last token seen.
+    /// probability is known by hand. Its cache is the tokens seen, per batch row.
     pub struct BigramModel {
         pub table: Vec<Vec<f32>>,
         pub device: Device,
@@ -160,7 +160,7 @@ pub(crate) mod tests {
     }
 
     impl LanguageModel for BigramModel {
-        type Cache = Vec<u32>;
+        type Cache = Vec<Vec<u32>>;
 
         fn device(&self) -> &Device {
             &self.device
@@ -176,14 +176,28 @@ pub(crate) mod tests {
             Tensor::from_vec(rows, (ids.len(), ids[0].len(), vocab), &self.device)
         }
 
-        fn new_cache(&self) -> Result<Vec<u32>> {
+        fn new_cache(&self) -> Result<Vec<Vec<u32>>> {
             Ok(Vec::new())
         }
 
-        fn forward_cached(&self, input_ids: &Tensor, cache: &mut Vec<u32>) -> Result<Tensor> {
-            cache.extend(input_ids.flatten_all()?.to_vec1::<u32>()?);
+        fn forward_cached(
+            &self,
+            input_ids: &Tensor,
+            _attention_mask: Option<&Tensor>,
+            cache: &mut Vec<Vec<u32>>,
+        ) -> Result<Tensor> {
+            let rows = input_ids.to_vec2::<u32>()?;
+            cache.resize(rows.len(), Vec::new());
+            for (seen, row) in cache.iter_mut().zip(rows) {
+                seen.extend(row);
+            }
             let mask = input_ids.ones_like()?;
             self.logits(input_ids, &mask)
+        }
+
+        fn keep_rows(&self, cache: &mut Vec<Vec<u32>>, rows: &[usize]) -> Result<()> {
+            *cache = rows.iter().map(|&row| cache[row].clone()).collect();
+            Ok(())
         }
     }
 

@@ -1,12 +1,12 @@
-//! A model folder loaded for inference (optionally with a PEFT adapter), and one-prompt generation
-//! as `peftpipe generate` runs it.
+//! A model folder loaded for inference (optionally with a PEFT adapter), and generation of one
+//! prompt or a batch of prompts as `peftpipe generate` runs it.
 
 use std::path::Path;
 
 use candle_core::{DType, Device};
 use serde::Serialize;
 
-use super::generate::{generate, GenerationSettings, StopReason};
+use super::generate::{check_prompt, generate, generate_batch, GenerationSettings, StopReason};
 use super::model::HookedModel;
 use super::sample::Sampling;
 use super::text::decode_continuation;
@@ -162,18 +162,24 @@ pub struct GenerateOutput {
     pub stop_reason: StopReason,
 }
 
+impl InferenceModel {
+    fn generation_settings(&self, max_new_tokens: usize, sampling: Sampling) -> GenerationSettings {
+        GenerationSettings {
+            max_new_tokens,
+            sampling,
+            eos_token_ids: self.tokenizer.eos_token_ids.clone(),
+            max_length: Some(self.max_length()),
+        }
+    }
+}
+
 /// Generate a continuation of one prompt.
 pub fn generate_one(
     model: &InferenceModel,
     request: &GenerateRequest,
 ) -> Result<GenerateOutput, String> {
     let prompt_token_ids = model.tokenizer.encode_prompt(&request.prompt)?;
-    let settings = GenerationSettings {
-        max_new_tokens: request.max_new_tokens,
-        sampling: request.sampling,
-        eos_token_ids: model.tokenizer.eos_token_ids.clone(),
-        max_length: Some(model.max_length()),
-    };
+    let settings = model.generation_settings(request.max_new_tokens, request.sampling);
     let generated = generate(
         &model.language_model(),
         &prompt_token_ids,
@@ -190,4 +196,62 @@ pub fn generate_one(
         prompt_token_ids,
         stop_reason: generated.stop_reason,
     })
+}
+
+/// A prompt of a batch that cannot be generated from: its index in the batch and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BatchError {
+    /// The prompt's index, or None when the batch as a whole failed (the model's forward pass).
+    pub index: Option<usize>,
+    pub message: String,
+}
+
+/// Generate a continuation of every prompt at once ([`generate_batch`]: left-padded, one forward
+/// pass per step for the whole batch, each row stopping on its own, seeded samplers per row), with
+/// the same settings for each; outputs in prompt order, each what [`generate_one`] gives for it.
+pub fn generate_many(
+    model: &InferenceModel,
+    prompts: &[String],
+    max_new_tokens: usize,
+    sampling: Sampling,
+) -> Result<Vec<GenerateOutput>, BatchError> {
+    let settings = model.generation_settings(max_new_tokens, sampling);
+    let mut encoded = Vec::with_capacity(prompts.len());
+    for (index, prompt) in prompts.iter().enumerate() {
+        let ids = model
+            .tokenizer
+            .encode_prompt(prompt)
+            .and_then(|ids| check_prompt(&ids, &settings).map(|()| ids))
+            .map_err(|message| BatchError {
+                index: Some(index),
+                message,
+            })?;
+        encoded.push(ids);
+    }
+    let generated = generate_batch(&model.language_model(), &encoded, &settings, |_, _| false)
+        .map_err(|error| BatchError {
+            index: None,
+            message: format!("generation failed: {error}"),
+        })?;
+    prompts
+        .iter()
+        .zip(encoded)
+        .zip(generated)
+        .enumerate()
+        .map(|(index, ((prompt, prompt_token_ids), generated))| {
+            let completion =
+                decode_continuation(&model.tokenizer, &prompt_token_ids, &generated.token_ids)
+                    .map_err(|message| BatchError {
+                        index: Some(index),
+                        message,
+                    })?;
+            Ok(GenerateOutput {
+                prompt: prompt.clone(),
+                completion,
+                token_ids: generated.token_ids,
+                prompt_token_ids,
+                stop_reason: generated.stop_reason,
+            })
+        })
+        .collect()
 }

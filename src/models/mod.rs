@@ -338,6 +338,63 @@ impl KvCache {
     pub fn layer(&self, index: usize) -> Option<&(Tensor, Tensor)> {
         self.layers.get(index)?.as_ref()
     }
+
+    /// Keep only the batch rows `rows` (in that order) and drop the cached positions that are
+    /// padding in every kept row, so a batch whose rows finished decoding shrinks in both
+    /// dimensions. What the kept rows attend to and their position ids (counted from key
+    /// validity) are unchanged: only keys no kept query could see are removed.
+    pub fn keep_rows(&mut self, rows: &[usize]) -> Result<()> {
+        if let Some(&bad) = rows.iter().find(|&&row| row >= self.valid.len()) {
+            candle_core::bail!(
+                "KV cache row {bad} does not exist (the cache holds {})",
+                self.valid.len()
+            )
+        }
+        if rows.is_empty() {
+            self.layers.iter_mut().for_each(|layer| *layer = None);
+            self.valid.clear();
+            return Ok(());
+        }
+        let valid: Vec<Vec<bool>> = rows.iter().map(|&row| self.valid[row].clone()).collect();
+        let columns: Vec<u32> = (0..self.len())
+            .filter(|&column| valid.iter().any(|row| row[column]))
+            .map(|column| column as u32)
+            .collect();
+        let all_rows =
+            rows.len() == self.valid.len() && rows.iter().enumerate().all(|(i, &r)| i == r);
+        let all_columns = columns.len() == self.len();
+        if all_rows && all_columns {
+            return Ok(());
+        }
+        for (key, value) in self.layers.iter_mut().flatten() {
+            let device = key.device().clone();
+            let row_index = Tensor::from_vec(
+                rows.iter().map(|&row| row as u32).collect::<Vec<_>>(),
+                rows.len(),
+                &device,
+            )?;
+            let column_index = Tensor::from_slice(&columns, columns.len(), &device)?;
+            let select = |tensor: &Tensor| -> Result<Tensor> {
+                let tensor = if all_rows {
+                    tensor.clone()
+                } else {
+                    tensor.index_select(&row_index, 0)?
+                };
+                if all_columns {
+                    Ok(tensor)
+                } else {
+                    tensor.index_select(&column_index, 2)
+                }
+            };
+            *key = select(key)?;
+            *value = select(value)?;
+        }
+        self.valid = valid
+            .into_iter()
+            .map(|row| columns.iter().map(|&column| row[column as usize]).collect())
+            .collect();
+        Ok(())
+    }
 }
 
 /// What the pieces of one layer-by-layer forward share (see [`CausalLm::layer_plan`]): the
