@@ -214,6 +214,13 @@ int main(int argc, char** argv) {
         {"non-causal 37x10", 2, 4, 2, 37, 10, 0, 0, 128, nullptr},
     };
     if (small) cases = {cases[0], cases[1], cases[7]};
+    else if (argc > 2) {  // a comma-separated list of case indices
+        std::vector<Case> picked;
+        std::string list = argv[2];
+        size_t at = 0;
+        while (at < list.size()) { size_t next = list.find(',', at); if (next == std::string::npos) next = list.size(); picked.push_back(cases.at(std::stoi(list.substr(at, next - at)))); at = next + 1; }
+        cases = picked;
+    }
     bool ok = true;
     unsigned seed = 1;
     for (auto& c : cases) {

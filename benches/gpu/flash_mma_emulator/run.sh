@@ -5,7 +5,7 @@
 # markers) are replaced by prims.inc, written from the PTX ISA's ldmatrix / mma.m16n8k16 fragment
 # layouts. Checks O, lse, dQ, dK, dV (bf16, f16) against an f64 reference on GQA, causal + offset,
 # padding, non-causal and ragged-tile cases, and that rows with no visible key give exact zeros.
-#   run.sh [immediate|deferred] [small]
+#   run.sh [immediate|deferred] [small | CASES]   (CASES: comma-separated case indices of emu.cpp)
 # immediate: cp.async copies at issue (catches a tile overwritten while still read);
 # deferred: at cp.async.wait_group (catches a tile read before it is waited for).
 # Slow (minutes per case on 2 cores); `small` runs 3 cases.
