@@ -12,9 +12,12 @@
 // The kernels are tiled over keys with the online softmax (forward) and FA2's recomputation of P
 // from q, k and the saved log-sum-exp (backward: delta = rowsum(dO∘O), then dK/dV per key tile
 // summed over the query heads of a group, then dQ per query tile: no atomics, deterministic).
-// Two families: `flash_*` (f32 arithmetic on CUDA cores, shared-memory tiles with 16×16 threads
-// and register micro-tiles; inputs bf16, f16 or f32) and `flash_tc_*` (bf16/f16 on tensor cores,
-// nvcuda::wmma with f32 accumulation; namespace tc). head_dim 64 and 128.
+// Three families: `flash_*` (f32 arithmetic on CUDA cores, shared-memory tiles with 16×16 threads
+// and register micro-tiles; inputs bf16, f16 or f32), `flash_tc_*` (bf16/f16 on tensor cores,
+// nvcuda::wmma with f32 accumulation; namespace tc; kept for comparison, PEFTPIPE_FLASH=wmma) and
+// `flash_mma_*` (bf16/f16, FlashAttention-2 style: mma.sync on register fragments, ldmatrix,
+// cp.async; namespace fa2; the default). head_dim 64 and 128. The backward's delta kernel
+// (flash_backward_delta_*) serves all three.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <mma.h>
@@ -764,6 +767,529 @@ __device__ void backward_dq(const T* __restrict__ q, const T* __restrict__ k, co
 }
 
 }  // namespace tc
+
+// ---------------------------------------------------------------------------------------------
+// FlashAttention-2-style kernels for bf16/f16 (namespace fa2): mma.sync.m16n8k16 with f32
+// accumulation on fragments held in registers, operands fetched from shared memory by ldmatrix,
+// tiles brought in by cp.async (zero-filled past the end) overlapped with the math, online softmax
+// on the accumulator fragments with exp2 and a log2(e)-prescaled scale. 4 warps (128 threads) per
+// block, each warp owning 16 rows of its block's tile; dynamic shared memory (sizes in
+// fa2::*_smem below, mirrored in src/ops/flash.rs, checked at entry).
+//
+// Fragment layouts (PTX ISA, "Matrix Fragments for mma.m16n8k16 with floating point type"), with
+// lane = 0..31, g = lane / 4 (groupID), t = lane % 4 (threadID_in_group):
+//   A (16×16, row-major, 4 × .b32 = 8 × 16-bit):
+//     a[0] = A[g    ][2t, 2t+1]     a[1] = A[g + 8][2t, 2t+1]
+//     a[2] = A[g    ][2t+8, 2t+9]   a[3] = A[g + 8][2t+8, 2t+9]
+//   B (16×8, K × N, "col": 2 × .b32):
+//     b[0] = B[2t, 2t+1][g]         b[1] = B[2t+8, 2t+9][g]
+//   C/D (16×8 f32, 4 floats):
+//     c[0], c[1] = C[g][2t], C[g][2t+1]      c[2], c[3] = C[g + 8][2t], C[g + 8][2t+1]
+//   (in every .b32 the lower-indexed element sits in the low 16 bits).
+// ldmatrix.m8n8.x4.b16: lanes 8i..8i+7 give the addresses of rows 0..7 of matrix i; register i
+// of lane l receives matrix i's row l / 4, columns 2(l % 4), 2(l % 4) + 1; with .trans it receives
+// rows 2(l % 4), 2(l % 4) + 1 of column l / 4 instead (the transposed 8×8 matrix).
+// Consequences used below (all tiles row-major in shared memory, row stride LD elements):
+//   * A from rows [m0, m0+16) × cols [k0, k0+16): lane l addresses row m0 + l % 16, column
+//     k0 + 8 (l / 16): matrices (rows 0-7, cols 0-7), (8-15, 0-7), (0-7, 8-15), (8-15, 8-15)
+//     = a[0..3].
+//   * B = Xᵀ where X is stored [n][k] (K for S = Q·Kᵀ): B[k][n] = X[n][k], so b[0] of the n-block
+//     at n0 is X[n0 + g][k0 + 2t, +1] = the plain 8×8 matrix X[n0..+8][k0..+8]. Two n-blocks per
+//     x4: matrix i = l / 8 is X rows n0 + 8 (i / 2) + l % 8, columns k0 + 8 (i % 2): registers
+//     (b[0], b[1]) of n-block n0, then of n-block n0 + 8.
+//   * B = X where X is stored [k][n] (V for O = P·V): b[0] of n-block n0 is X[k0 + 2t, +1][n0 + g],
+//     the .trans load of X[k0..+8][n0..+8]. Matrix i is X rows k0 + 8 (i % 2) + l % 8, columns
+//     n0 + 8 (i / 2): (b[0], b[1]) of n-block n0, then of n-block n0 + 8.
+//   * A from an accumulator (P = softmax(S) as the A operand of P·V): the C fragments of n-blocks
+//     2kk and 2kk+1 are exactly the A fragment of k-block kk: a[0] = (c[0], c[1]) of n-block 2kk,
+//     a[1] = (c[2], c[3]) of 2kk, a[2] = (c[0], c[1]) of 2kk+1, a[3] = (c[2], c[3]) of 2kk+1.
+// Rows are padded by SPAD = 8 elements (16 bytes): a row stride of 144 or 272 bytes puts the 8 rows
+// an ldmatrix phase reads in 8 distinct 16-byte bank groups.
+namespace fa2 {
+
+constexpr int WARPS = 4;
+constexpr int NT = 32 * WARPS;
+constexpr int SPAD = 8;
+constexpr float LOG2E = 1.4426950408889634f;
+
+// Tiles: forward BQ × BK = 64 × 64; dK/dV 64 keys × (64 queries for d64, 32 for d128); dQ 64 × 64.
+constexpr int FWD_BQ = 64, FWD_BK = 64;
+constexpr int BWD_BK = 64;
+template <int D> __host__ __device__ constexpr int dkdv_bq() { return D == 64 ? 64 : 32; }
+constexpr int DQ_BQ = 64, DQ_BK = 64;
+
+// Dynamic shared memory of each kernel in bytes (16-bit elements); src/ops/flash.rs has the same.
+template <int D> __host__ __device__ constexpr int forward_smem() { return (FWD_BQ + 2 * FWD_BK) * (D + SPAD) * 2 + FWD_BK; }
+template <int D> __host__ __device__ constexpr int dkdv_smem() {
+    return (2 * BWD_BK + 4 * dkdv_bq<D>()) * (D + SPAD) * 2 + 4 * dkdv_bq<D>() * 4 + BWD_BK;
+}
+template <int D> __host__ __device__ constexpr int dq_smem() { return (2 * DQ_BQ + 4 * DQ_BK) * (D + SPAD) * 2 + 2 * DQ_BK; }
+
+// ---- fa2 primitives (the only inline PTX; everything below them is plain CUDA C++) ----
+__device__ __forceinline__ uint32_t smem_address(const void* pointer) {
+    return static_cast<uint32_t>(__cvta_generic_to_shared(pointer));
+}
+
+// A launch with less dynamic shared memory than the kernel lays out is a bug on the host side:
+// trap (a launch error) rather than scribble over shared memory.
+__device__ __forceinline__ void require_smem(int bytes) {
+    uint32_t available;
+    asm volatile("mov.u32 %0, %%dynamic_smem_size;" : "=r"(available));
+    if (available < static_cast<uint32_t>(bytes)) __trap();
+}
+
+// 16 bytes global → shared, asynchronously; `fill` false writes 16 zero bytes and reads nothing.
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool fill) {
+    const int bytes = fill ? 16 : 0;
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_address(dst)), "l"(src),
+                 "r"(bytes)
+                 : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+template <int N> __device__ __forceinline__ void cp_async_wait() {
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* pointer) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(smem_address(pointer)));
+}
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* pointer) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(smem_address(pointer)));
+}
+
+// c += a·b on one m16n8k16 tile (f32 accumulation).
+template <typename T>
+__device__ __forceinline__ void mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1);
+template <>
+__device__ __forceinline__ void mma<bf16>(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+        "{%8, %9}, {%0, %1, %2, %3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+template <>
+__device__ __forceinline__ void mma<__half>(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+        "{%8, %9}, {%0, %1, %2, %3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// Two floats as one .b32 of the input type, `lo` in the low half.
+template <typename T> __device__ __forceinline__ uint32_t pack(float lo, float hi);
+template <> __device__ __forceinline__ uint32_t pack<bf16>(float lo, float hi) {
+    __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);  // .x = lo (low 16 bits)
+    return *reinterpret_cast<uint32_t*>(&v);
+}
+template <> __device__ __forceinline__ uint32_t pack<__half>(float lo, float hi) {
+    __half2 v = __floats2half2_rn(lo, hi);  // .x = lo (low 16 bits)
+    return *reinterpret_cast<uint32_t*>(&v);
+}
+
+// ---- end of fa2 primitives ----
+
+// ROWS × D elements of `src` (row stride D, `available` rows exist, src 16-byte aligned and
+// pointing at an existing row) into `dst` (row stride D + SPAD), zero rows past `available`.
+template <typename T, int ROWS, int D>
+__device__ __forceinline__ void load_rows(T* dst, const T* __restrict__ src, int available) {
+    constexpr int CHUNKS = D / 8;
+    static_assert((ROWS * CHUNKS) % NT == 0, "every thread copies the same number of chunks");
+#pragma unroll
+    for (int pass = 0; pass < ROWS * CHUNKS / NT; ++pass) {
+        const int index = threadIdx.x + pass * NT;
+        const int r = index / CHUNKS, c = (index % CHUNKS) * 8;
+        const bool inside = r < available;
+        cp_async16(dst + r * (D + SPAD) + c, inside ? src + (size_t)r * D + c : src, inside);
+    }
+}
+
+// acc (16 × N, N/8 C fragments) += A · Xᵀ over K: A = this warp's 16 rows at `a` (row-major,
+// stride LD), X = N rows at `x` (row-major [n][k], stride LD). S = Q·Kᵀ, dP = dO·Vᵀ, and their
+// transposes K·Qᵀ, V·dOᵀ.
+template <typename T, int K, int N, int LD>
+__device__ __forceinline__ void gemm_xt(float (&acc)[N / 8][4], const T* a, const T* x) {
+    const int lane = threadIdx.x % 32;
+    const T* a_lane = a + (lane % 16) * LD + (lane / 16) * 8;
+    const int i = lane / 8;
+    const T* x_lane = x + (8 * (i / 2) + lane % 8) * LD + 8 * (i % 2);
+#pragma unroll
+    for (int kk = 0; kk < K / 16; ++kk) {
+        uint32_t fa[4];
+        ldmatrix_x4(fa, a_lane + kk * 16);
+#pragma unroll
+        for (int nn = 0; nn < N / 16; ++nn) {
+            uint32_t fb[4];
+            ldmatrix_x4(fb, x_lane + nn * 16 * LD + kk * 16);
+            mma<T>(acc[2 * nn], fa, fb[0], fb[1]);
+            mma<T>(acc[2 * nn + 1], fa, fb[2], fb[3]);
+        }
+    }
+}
+
+// acc (16 × N) += P · X over K: P (16 × K) given as the K/8 C fragments `p` of this warp
+// (rounded to T here), X = K rows at `x` (row-major [k][n], stride LD). O += P·V, dV += Pᵀ·dO,
+// dK += dSᵀ·Q, dQ += dS·K.
+template <typename T, int K, int N, int LD>
+__device__ __forceinline__ void gemm_px(float (&acc)[N / 8][4], const float (&p)[K / 8][4], const T* x) {
+    const int lane = threadIdx.x % 32;
+    const int i = lane / 8;
+    const T* x_lane = x + (8 * (i % 2) + lane % 8) * LD + 8 * (i / 2);
+#pragma unroll
+    for (int kk = 0; kk < K / 16; ++kk) {
+        uint32_t fa[4];
+        fa[0] = pack<T>(p[2 * kk][0], p[2 * kk][1]);
+        fa[1] = pack<T>(p[2 * kk][2], p[2 * kk][3]);
+        fa[2] = pack<T>(p[2 * kk + 1][0], p[2 * kk + 1][1]);
+        fa[3] = pack<T>(p[2 * kk + 1][2], p[2 * kk + 1][3]);
+#pragma unroll
+        for (int nn = 0; nn < N / 16; ++nn) {
+            uint32_t fb[4];
+            ldmatrix_x4_trans(fb, x_lane + kk * 16 * LD + nn * 16);
+            mma<T>(acc[2 * nn], fa, fb[0], fb[1]);
+            mma<T>(acc[2 * nn + 1], fa, fb[2], fb[3]);
+        }
+    }
+}
+
+// This warp's 16 × D accumulator (rows `row0 + r` relative to `dst`, which has row stride D) to
+// global memory in T, times `factor`, rows at or past `rows_left` skipped.
+template <typename T, int D>
+__device__ __forceinline__ void store_rows(T* dst, const float (&acc)[D / 8][4], float factor0, float factor1,
+                                           int rows_left) {
+    const int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+        const int r = g + 8 * half;
+        if (r >= rows_left) continue;
+        const float factor = half == 0 ? factor0 : factor1;
+        T* row = dst + (size_t)r * D + 2 * t;
+#pragma unroll
+        for (int j = 0; j < D / 8; ++j)
+            *reinterpret_cast<uint32_t*>(row + 8 * j) =
+                pack<T>(acc[j][2 * half] * factor, acc[j][2 * half + 1] * factor);
+    }
+}
+
+template <int N> __device__ __forceinline__ void zero(float (&acc)[N][4]) {
+#pragma unroll
+    for (int j = 0; j < N; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) acc[j][e] = 0.0f;
+}
+
+// Forward: one block per (64-query tile, b·H + h); warp w owns queries q0 + 16w .. q0 + 16w + 15.
+// Per key tile: S = Q·Kᵀ (V streaming in meanwhile), mask, online softmax in registers, then
+// O += P·V (the next K streaming in meanwhile).
+template <typename T, int D>
+__device__ void forward(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
+                        const unsigned char* __restrict__ valid, T* __restrict__ o, float* __restrict__ lse,
+                        int heads, int kv_heads, int queries, int keys, int offset, int causal, float scale) {
+    constexpr int BQ = FWD_BQ, BK = FWD_BK, LD = D + SPAD;
+    require_smem(forward_smem<D>());
+    extern __shared__ __align__(16) unsigned char smem[];
+    T* qs = reinterpret_cast<T*>(smem);
+    T* ks = qs + BQ * LD;
+    T* vs = ks + BK * LD;
+    unsigned char* key_ok = reinterpret_cast<unsigned char*>(vs + BK * LD);
+
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+    const int bh = blockIdx.y, b = bh / heads, h = bh % heads;
+    const int kvh = h / (heads / kv_heads);
+    const int q0 = blockIdx.x * BQ;
+    const int warp_q0 = q0 + 16 * warp;  // this warp's first query
+    const T* kb = k + (size_t)(b * kv_heads + kvh) * keys * D;
+    const T* vb = v + (size_t)(b * kv_heads + kvh) * keys * D;
+    const unsigned char* valid_row = valid ? valid + (size_t)b * keys : nullptr;
+    const int last_row = min(q0 + BQ, queries) - 1;
+    const int key_end = causal ? min(keys, offset + last_row + 1) : keys;
+    const float scale_log2 = scale * LOG2E;
+
+    load_rows<T, BQ, D>(qs, q + ((size_t)bh * queries + q0) * D, queries - q0);
+    if (key_end > 0) load_rows<T, BK, D>(ks, kb, keys);
+    cp_async_commit();
+
+    float acc[D / 8][4];
+    zero(acc);
+    float row_max[2] = {-INFINITY, -INFINITY};  // raw (unscaled) running maxima of rows g, g + 8
+    float row_sum[2] = {0.0f, 0.0f};            // this thread's share of the rows' sums
+
+    for (int k0 = 0; k0 < key_end; k0 += BK) {
+        if (valid_row)
+            for (int c = threadIdx.x; c < BK; c += NT) key_ok[c] = k0 + c < keys ? valid_row[k0 + c] : 0;
+        cp_async_wait<0>();
+        __syncthreads();  // K (and Q) landed, key_ok written; every warp is done with V and key_ok
+        load_rows<T, BK, D>(vs, vb + (size_t)k0 * D, keys - k0);
+        cp_async_commit();
+
+        float s[BK / 8][4];
+        zero(s);
+        gemm_xt<T, D, BK, LD>(s, qs + 16 * warp * LD, ks);
+        // Masking where some key of the tile may be invisible to some row of this warp.
+        const bool mask = valid_row != nullptr || k0 + BK > keys || (causal && k0 + BK - 1 > offset + warp_q0);
+        if (mask) {
+#pragma unroll
+            for (int j = 0; j < BK / 8; ++j)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const int c = 8 * j + 2 * t + (e & 1), key = k0 + c;
+                    const int row = warp_q0 + g + 8 * (e >> 1);
+                    const bool seen = key < keys && (valid_row == nullptr || key_ok[c] != 0) &&
+                                      (!causal || key <= offset + row);
+                    if (!seen) s[j][e] = -INFINITY;
+                }
+        }
+        // Online softmax: rows g (e = 0, 1) and g + 8 (e = 2, 3); a row lives in one quad.
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+            float mx = row_max[half];
+#pragma unroll
+            for (int j = 0; j < BK / 8; ++j) mx = fmaxf(mx, fmaxf(s[j][2 * half], s[j][2 * half + 1]));
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+            // Nothing visible yet: every p is exp2(-inf) = 0 with any finite subtrahend.
+            const float m_scaled = mx == -INFINITY ? 0.0f : mx * scale_log2;
+            const float alpha = row_max[half] == -INFINITY ? 0.0f : exp2f(row_max[half] * scale_log2 - m_scaled);
+            row_max[half] = mx;
+            row_sum[half] *= alpha;
+#pragma unroll
+            for (int j = 0; j < D / 8; ++j) {
+                acc[j][2 * half] *= alpha;
+                acc[j][2 * half + 1] *= alpha;
+            }
+#pragma unroll
+            for (int j = 0; j < BK / 8; ++j)
+#pragma unroll
+                for (int e = 2 * half; e < 2 * half + 2; ++e) {
+                    const float p = exp2f(fmaf(s[j][e], scale_log2, -m_scaled));
+                    s[j][e] = p;
+                    row_sum[half] += p;
+                }
+        }
+        cp_async_wait<0>();
+        __syncthreads();  // V landed; every warp is done with K
+        if (k0 + BK < key_end) load_rows<T, BK, D>(ks, kb + (size_t)(k0 + BK) * D, keys - k0 - BK);
+        cp_async_commit();
+        gemm_px<T, BK, D, LD>(acc, s, vs);
+    }
+    cp_async_wait<0>();
+
+    float inverse[2];
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+        float l = row_sum[half];
+        l += __shfl_xor_sync(0xffffffffu, l, 1);
+        l += __shfl_xor_sync(0xffffffffu, l, 2);
+        inverse[half] = l > 0.0f ? 1.0f / l : 0.0f;
+        const int row = warp_q0 + g + 8 * half;
+        if (t == 0 && row < queries)
+            lse[(size_t)bh * queries + row] = l > 0.0f ? row_max[half] * scale + logf(l) : -INFINITY;
+    }
+    store_rows<T, D>(o + ((size_t)bh * queries + warp_q0) * D, acc, inverse[0], inverse[1], queries - warp_q0);
+}
+
+// dK, dV for one 64-key tile of one kv head, over every query head of its group and every query
+// tile that can see it; warp w owns keys k0 + 16w .. k0 + 16w + 15 and computes the transposed
+// products Sᵀ = K·Qᵀ, dPᵀ = V·dOᵀ, so Pᵀ and dSᵀ come out as A operands of dV += Pᵀ·dO and
+// dK += dSᵀ·Q. Query tiles are double-buffered: the next (head, tile) streams in while the current
+// one is used. One block per (key tile, b·KVH + kvh).
+template <typename T, int D>
+__device__ void backward_dkdv(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
+                              const unsigned char* __restrict__ valid, const T* __restrict__ grad,
+                              const float* __restrict__ lse, const float* __restrict__ delta,
+                              T* __restrict__ dk, T* __restrict__ dv, int heads, int kv_heads, int queries,
+                              int keys, int offset, int causal, float scale) {
+    constexpr int BQ = dkdv_bq<D>(), BK = BWD_BK, LD = D + SPAD;
+    require_smem(dkdv_smem<D>());
+    extern __shared__ __align__(16) unsigned char smem[];
+    T* ks = reinterpret_cast<T*>(smem);
+    T* vs = ks + BK * LD;
+    T* qs0 = vs + BK * LD;       // qs[buffer] = qs0 + buffer · 2·BQ·LD, dos[buffer] = qs[buffer] + BQ·LD
+    float* lse0 = reinterpret_cast<float*>(qs0 + 4 * BQ * LD);  // lse·log2(e) [buffer][BQ], then delta
+    unsigned char* key_ok = reinterpret_cast<unsigned char*>(lse0 + 4 * BQ);
+
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+    const int bkv = blockIdx.y, b = bkv / kv_heads, kvh = bkv % kv_heads;
+    const int group = heads / kv_heads;
+    const int k0 = blockIdx.x * BK;
+    const int warp_k0 = k0 + 16 * warp;
+    const unsigned char* valid_row = valid ? valid + (size_t)b * keys : nullptr;
+    const float scale_log2 = scale * LOG2E;
+    // The first query that can see key k0 is k0 − offset.
+    const int first_query = causal ? max(0, k0 - offset) : 0;
+    const int q_start = (first_query / BQ) * BQ;
+    const int tiles = queries > q_start ? (queries - q_start + BQ - 1) / BQ : 0;
+    const int steps = group * tiles;
+
+    load_rows<T, BK, D>(ks, k + ((size_t)bkv * keys + k0) * D, keys - k0);
+    load_rows<T, BK, D>(vs, v + ((size_t)bkv * keys + k0) * D, keys - k0);
+    for (int c = threadIdx.x; c < BK; c += NT)
+        key_ok[c] = k0 + c < keys && (valid_row == nullptr || valid_row[k0 + c] != 0);
+    // Step `step` = (head kvh·group + step / tiles, query tile q_start + BQ·(step % tiles)) into
+    // `buffer`: Q and dO by cp.async, lse·log2(e) (+inf where the row sees nothing or does not
+    // exist: P = 0 there) and delta by plain stores.
+    auto issue = [&](int step, int buffer) {
+        const int bh = b * heads + kvh * group + step / tiles;
+        const int tile_q0 = q_start + BQ * (step % tiles);
+        T* qs = qs0 + buffer * 2 * BQ * LD;
+        load_rows<T, BQ, D>(qs, q + ((size_t)bh * queries + tile_q0) * D, queries - tile_q0);
+        load_rows<T, BQ, D>(qs + BQ * LD, grad + ((size_t)bh * queries + tile_q0) * D, queries - tile_q0);
+        float* lse_s = lse0 + buffer * 2 * BQ;
+        for (int r = threadIdx.x; r < BQ; r += NT) {
+            const bool inside = tile_q0 + r < queries;
+            const float l = inside ? lse[(size_t)bh * queries + tile_q0 + r] : -INFINITY;
+            lse_s[r] = l == -INFINITY ? INFINITY : l * LOG2E;
+            lse_s[BQ + r] = inside ? delta[(size_t)bh * queries + tile_q0 + r] : 0.0f;
+        }
+    };
+    if (steps > 0) issue(0, 0);
+    cp_async_commit();
+
+    float acc_dk[D / 8][4], acc_dv[D / 8][4];
+    zero(acc_dk);
+    zero(acc_dv);
+    for (int step = 0; step < steps; ++step) {
+        const int buffer = step & 1;
+        if (step + 1 < steps) {
+            issue(step + 1, buffer ^ 1);
+            cp_async_commit();
+            cp_async_wait<1>();
+        } else {
+            cp_async_wait<0>();
+        }
+        __syncthreads();  // this step's tiles (and K, V, key_ok) landed
+        const int tile_q0 = q_start + BQ * (step % tiles);
+        const T* qs = qs0 + buffer * 2 * BQ * LD;
+        const T* dos = qs + BQ * LD;
+        const float* lse_s = lse0 + buffer * 2 * BQ;
+        const float* delta_s = lse_s + BQ;
+
+        float s[BQ / 8][4], dp[BQ / 8][4];  // Sᵀ, dPᵀ: rows = keys g, g + 8; columns = queries
+        zero(s);
+        zero(dp);
+        gemm_xt<T, D, BQ, LD>(s, ks + 16 * warp * LD, qs);
+        gemm_xt<T, D, BQ, LD>(dp, vs + 16 * warp * LD, dos);
+        const bool mask = valid_row != nullptr || k0 + BK > keys || (causal && warp_k0 + 15 > offset + tile_q0);
+#pragma unroll
+        for (int j = 0; j < BQ / 8; ++j)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int c = 8 * j + 2 * t + (e & 1);  // query tile_q0 + c
+                const int r = 16 * warp + g + 8 * (e >> 1);  // key k0 + r
+                float p = exp2f(fmaf(s[j][e], scale_log2, -lse_s[c]));
+                if (mask && !(key_ok[r] && (!causal || k0 + r <= offset + tile_q0 + c))) p = 0.0f;
+                s[j][e] = p;
+                dp[j][e] = p * (dp[j][e] - delta_s[c]);
+            }
+        gemm_px<T, BQ, D, LD>(acc_dv, s, dos);
+        gemm_px<T, BQ, D, LD>(acc_dk, dp, qs);
+        __syncthreads();  // every warp is done with this buffer before step + 2 refills it
+    }
+    cp_async_wait<0>();
+    const size_t base = ((size_t)bkv * keys + warp_k0) * D;
+    store_rows<T, D>(dk + base, acc_dk, scale, scale, keys - warp_k0);
+    store_rows<T, D>(dv + base, acc_dv, 1.0f, 1.0f, keys - warp_k0);
+}
+
+// dQ for one 64-query tile over the key tiles it can see; warp w owns queries q0 + 16w ..
+// q0 + 16w + 15. K/V tiles are double-buffered. One block per (query tile, b·H + h).
+template <typename T, int D>
+__device__ void backward_dq(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
+                            const unsigned char* __restrict__ valid, const T* __restrict__ grad,
+                            const float* __restrict__ lse, const float* __restrict__ delta, T* __restrict__ dq,
+                            int heads, int kv_heads, int queries, int keys, int offset, int causal, float scale) {
+    constexpr int BQ = DQ_BQ, BK = DQ_BK, LD = D + SPAD;
+    require_smem(dq_smem<D>());
+    extern __shared__ __align__(16) unsigned char smem[];
+    T* qs = reinterpret_cast<T*>(smem);
+    T* dos = qs + BQ * LD;
+    T* ks0 = dos + BQ * LD;  // ks[buffer] = ks0 + buffer · 2·BK·LD, vs[buffer] = ks[buffer] + BK·LD
+    unsigned char* key_ok0 = reinterpret_cast<unsigned char*>(ks0 + 4 * BK * LD);  // [buffer][BK]
+
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+    const int bh = blockIdx.y, b = bh / heads, h = bh % heads;
+    const int kvh = h / (heads / kv_heads);
+    const int q0 = blockIdx.x * BQ;
+    const int warp_q0 = q0 + 16 * warp;
+    const T* kb = k + (size_t)(b * kv_heads + kvh) * keys * D;
+    const T* vb = v + (size_t)(b * kv_heads + kvh) * keys * D;
+    const unsigned char* valid_row = valid ? valid + (size_t)b * keys : nullptr;
+    const float scale_log2 = scale * LOG2E;
+    const int last_row = min(q0 + BQ, queries) - 1;
+    const int key_end = causal ? min(keys, offset + last_row + 1) : keys;
+    const int steps = (key_end + BK - 1) / BK;
+
+    auto issue = [&](int step, int buffer) {
+        const int tile_k0 = step * BK;
+        T* ks = ks0 + buffer * 2 * BK * LD;
+        load_rows<T, BK, D>(ks, kb + (size_t)tile_k0 * D, keys - tile_k0);
+        load_rows<T, BK, D>(ks + BK * LD, vb + (size_t)tile_k0 * D, keys - tile_k0);
+        unsigned char* key_ok = key_ok0 + buffer * BK;
+        for (int c = threadIdx.x; c < BK; c += NT)
+            key_ok[c] = tile_k0 + c < keys && (valid_row == nullptr || valid_row[tile_k0 + c] != 0);
+    };
+    load_rows<T, BQ, D>(qs, q + ((size_t)bh * queries + q0) * D, queries - q0);
+    load_rows<T, BQ, D>(dos, grad + ((size_t)bh * queries + q0) * D, queries - q0);
+    if (steps > 0) issue(0, 0);
+    cp_async_commit();
+    // Rows g and g + 8 of this warp: lse·log2(e) (+inf: no visible key or no such row → P = 0), delta.
+    float lse_row[2], delta_row[2];
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+        const int row = warp_q0 + g + 8 * half;
+        const bool inside = row < queries;
+        const float l = inside ? lse[(size_t)bh * queries + row] : -INFINITY;
+        lse_row[half] = l == -INFINITY ? INFINITY : l * LOG2E;
+        delta_row[half] = inside ? delta[(size_t)bh * queries + row] : 0.0f;
+    }
+
+    float acc[D / 8][4];
+    zero(acc);
+    for (int step = 0; step < steps; ++step) {
+        const int buffer = step & 1;
+        if (step + 1 < steps) {
+            issue(step + 1, buffer ^ 1);
+            cp_async_commit();
+            cp_async_wait<1>();
+        } else {
+            cp_async_wait<0>();
+        }
+        __syncthreads();  // this step's K, V, key_ok (and Q, dO) landed
+        const int k0 = step * BK;
+        const T* ks = ks0 + buffer * 2 * BK * LD;
+        const T* vs = ks + BK * LD;
+        const unsigned char* key_ok = key_ok0 + buffer * BK;
+
+        float s[BK / 8][4], dp[BK / 8][4];
+        zero(s);
+        zero(dp);
+        gemm_xt<T, D, BK, LD>(s, qs + 16 * warp * LD, ks);
+        gemm_xt<T, D, BK, LD>(dp, dos + 16 * warp * LD, vs);
+        const bool mask = valid_row != nullptr || k0 + BK > keys || (causal && k0 + BK - 1 > offset + warp_q0);
+#pragma unroll
+        for (int j = 0; j < BK / 8; ++j)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int c = 8 * j + 2 * t + (e & 1);  // key k0 + c
+                const int half = e >> 1;
+                const int row = warp_q0 + g + 8 * half;
+                float p = exp2f(fmaf(s[j][e], scale_log2, -lse_row[half]));
+                if (mask && !(key_ok[c] && (!causal || k0 + c <= offset + row))) p = 0.0f;
+                s[j][e] = p * (dp[j][e] - delta_row[half]);  // dS
+            }
+        gemm_px<T, BK, D, LD>(acc, s, ks);
+        __syncthreads();  // every warp is done with this buffer before step + 2 refills it
+    }
+    cp_async_wait<0>();
+    store_rows<T, D>(dq + ((size_t)bh * queries + warp_q0) * D, acc, scale, scale, queries - warp_q0);
+}
+
+}  // namespace fa2
 }  // namespace
 
 // ---------------------------------------------------------------------------------------------
@@ -832,3 +1358,31 @@ FLASH_TC_ENTRIES(bf16, bf16, 64, 64, 32, 32, 32)
 FLASH_TC_ENTRIES(bf16, bf16, 128, 32, 32, 16, 32)
 FLASH_TC_ENTRIES(__half, f16, 64, 64, 32, 32, 32)
 FLASH_TC_ENTRIES(__half, f16, 128, 32, 32, 16, 32)
+
+// FlashAttention-2-style entry points (bf16/f16, 128 threads, dynamic shared memory of
+// fa2::{forward,dkdv,dq}_smem<D>() bytes): flash_mma_{forward,backward_dkdv,backward_dq}_{bf16,f16}_d{64,128}.
+#define FLASH_MMA_ENTRIES(T, SUFFIX, D)                                                                   \
+    extern "C" __global__ void __launch_bounds__(fa2::NT) flash_mma_forward_##SUFFIX##_d##D(               \
+        const T* q, const T* k, const T* v, const unsigned char* valid, T* o, float* lse, int heads,      \
+        int kv_heads, int queries, int keys, int offset, int causal, float scale) {                       \
+        fa2::forward<T, D>(q, k, v, valid, o, lse, heads, kv_heads, queries, keys, offset, causal, scale); \
+    }                                                                                                    \
+    extern "C" __global__ void __launch_bounds__(fa2::NT) flash_mma_backward_dkdv_##SUFFIX##_d##D(         \
+        const T* q, const T* k, const T* v, const unsigned char* valid, const T* grad, const float* lse,  \
+        const float* delta, T* dk, T* dv, int heads, int kv_heads, int queries, int keys, int offset,     \
+        int causal, float scale) {                                                                       \
+        fa2::backward_dkdv<T, D>(q, k, v, valid, grad, lse, delta, dk, dv, heads, kv_heads, queries, keys, \
+                                 offset, causal, scale);                                                 \
+    }                                                                                                    \
+    extern "C" __global__ void __launch_bounds__(fa2::NT) flash_mma_backward_dq_##SUFFIX##_d##D(           \
+        const T* q, const T* k, const T* v, const unsigned char* valid, const T* grad, const float* lse,  \
+        const float* delta, T* dq, int heads, int kv_heads, int queries, int keys, int offset,            \
+        int causal, float scale) {                                                                       \
+        fa2::backward_dq<T, D>(q, k, v, valid, grad, lse, delta, dq, heads, kv_heads, queries, keys,     \
+                               offset, causal, scale);                                                   \
+    }
+
+FLASH_MMA_ENTRIES(bf16, bf16, 64)
+FLASH_MMA_ENTRIES(bf16, bf16, 128)
+FLASH_MMA_ENTRIES(__half, f16, 64)
+FLASH_MMA_ENTRIES(__half, f16, 128)

@@ -9,6 +9,7 @@
 
 use candle_core::{DType, Device, Result, Tensor, Var};
 use peftpipe::ops;
+use peftpipe::ops::flash::TensorCoreKernels;
 use peftpipe::train::{AdamW, AdamWSettings};
 
 fn gpu() -> Option<Device> {
@@ -424,6 +425,8 @@ impl FlashCase {
         Tensor::from_vec(values, (self.batch, 1, self.queries, 1), &Device::Cpu)
     }
 
+    /// The dispatchers (`causal_attention` / `full_attention`: on CUDA the kernels, their
+    /// tensor-core family from `PEFTPIPE_FLASH`, by default the FlashAttention-2-style ones).
     fn run(&self, t: &[Tensor], scale: f64) -> Result<Tensor> {
         if t[0].device().is_cuda() {
             assert!(
@@ -444,6 +447,22 @@ impl FlashCase {
             }
             None => ops::full_attention(&t[0], &t[1], &t[2], scale),
         }
+    }
+
+    /// On CUDA the flash op with the tensor-core family `kernels`; on the CPU the explicit
+    /// composition, as [`Self::run`].
+    fn run_with(&self, t: &[Tensor], scale: f64, kernels: TensorCoreKernels) -> Result<Tensor> {
+        if !t[0].device().is_cuda() {
+            return self.run(t, scale);
+        }
+        let visibility = match self.causal {
+            Some(offset) => {
+                ops::CausalMask::new(self.key_valid.clone(), offset, self.queries, t[0].device())?
+                    .visibility()?
+            }
+            None => ops::Visibility::all(),
+        };
+        ops::flash::flash_attention_with(&t[0], &t[1], &t[2], &visibility, scale, kernels)
     }
 
     fn inputs(&self, dim: usize) -> Result<Vec<Tensor>> {
@@ -496,6 +515,47 @@ fn flash_cases() -> Vec<FlashCase> {
             key_valid: vec![vec![true; 10]; 2],
             causal: None,
         },
+        // Several 64-row query and key tiles with ragged ends; a group of 4 query heads per
+        // key/value head, padding on both sides.
+        FlashCase {
+            name: "gqa causal 150x150, 8 heads on 2, left and right padding",
+            batch: 2,
+            heads: 8,
+            kv_heads: 2,
+            queries: 150,
+            key_valid: vec![padded(150, &|j| j < 70), padded(150, &|j| j >= 131)],
+            causal: Some(0),
+        },
+        FlashCase {
+            name: "causal 100 queries after 37 cached keys, all keys valid",
+            batch: 1,
+            heads: 6,
+            kv_heads: 3,
+            queries: 100,
+            key_valid: vec![vec![true; 137]],
+            causal: Some(37),
+        },
+        FlashCase {
+            name: "non-causal 70 queries over 150 keys with holes",
+            batch: 2,
+            heads: 2,
+            kv_heads: 2,
+            queries: 70,
+            key_valid: vec![
+                vec![true; 150],
+                padded(150, &|j| (40..107).contains(&j) || j % 7 == 3),
+            ],
+            causal: None,
+        },
+        FlashCase {
+            name: "non-causal 129 queries over 65 keys, 3 heads on 1",
+            batch: 1,
+            heads: 3,
+            kv_heads: 1,
+            queries: 129,
+            key_valid: vec![vec![true; 65]],
+            causal: None,
+        },
     ]
 }
 
@@ -519,129 +579,171 @@ fn flash_attention_matches_the_cpu_reference() -> Result<()> {
     Ok(())
 }
 
+/// The first tensor-core kernels (`PEFTPIPE_FLASH=wmma`, kept for comparison) on the same cases,
+/// bf16 and f16.
+#[test]
+fn flash_attention_wmma_matches_the_cpu_reference() -> Result<()> {
+    let Some(gpu) = gpu() else { return Ok(()) };
+    for dim in [64, 128] {
+        let scale = 1.0 / (dim as f64).sqrt();
+        for case in flash_cases() {
+            for dtype in [DType::BF16, DType::F16] {
+                let seen = case.rows_seen()?;
+                let name = format!("flash (wmma) d{dim} {}", case.name);
+                compare(&name, &gpu, dtype, &case.inputs(dim)?, &|t| {
+                    let output = case.run_with(t, scale, TensorCoreKernels::Wmma)?;
+                    let seen = seen.to_device(t[0].device())?.to_dtype(output.dtype())?;
+                    output.broadcast_mul(&seen)
+                })?;
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Queries that see no key (a fully padded row) give output 0 and send no gradient anywhere;
-/// nothing is NaN.
+/// nothing is NaN. Two cases: 5 such queries, and 70 (a whole 64-query tile and a 64-key tile of
+/// padding), at both head dims.
 #[test]
 fn flash_unseen_rows_are_zero() -> Result<()> {
     let Some(gpu) = gpu() else { return Ok(()) };
-    let case = &flash_cases()[0];
-    for dtype in [DType::BF16, DType::F32] {
-        let inputs = case.inputs(64)?;
-        let vars = inputs
-            .iter()
-            .map(|t| Var::from_tensor(&t.to_dtype(dtype)?.to_device(&gpu)?))
-            .collect::<Result<Vec<_>>>()?;
-        let tensors: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
-        let output = case.run(&tensors, 0.125)?;
-        let loss = (output.to_dtype(DType::F32)? * projection(output.dims())?.to_device(&gpu)?)?
+    let cases = flash_cases();
+    for (case, dim) in [(&cases[0], 64), (&cases[4], 64), (&cases[4], 128)] {
+        for dtype in [DType::BF16, DType::F16, DType::F32] {
+            let inputs = case.inputs(dim)?;
+            let vars = inputs
+                .iter()
+                .map(|t| Var::from_tensor(&t.to_dtype(dtype)?.to_device(&gpu)?))
+                .collect::<Result<Vec<_>>>()?;
+            let tensors: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+            let output = case.run(&tensors, 1.0 / (dim as f64).sqrt())?;
+            let loss = (output.to_dtype(DType::F32)?
+                * projection(output.dims())?.to_device(&gpu)?)?
             .sum_all()?;
-        let grads = loss.backward()?;
-        let output = values(&output)?;
-        let dq = values(grads.get(vars[0].as_tensor()).expect("dq"))?;
-        assert!(
-            output.iter().chain(&dq).all(|v| v.is_finite()),
-            "non-finite"
-        );
-        let dim = 64;
-        for h in 0..case.heads {
-            for i in 0..case.queries {
-                let start = ((case.heads + h) * case.queries + i) * dim;
-                let row = start..start + dim;
-                if case.seen(1, i) {
-                    assert!(output[row].iter().any(|&v| v != 0.0), "row {i} is 0");
-                } else {
-                    assert!(output[row.clone()].iter().all(|&v| v == 0.0), "row {i}");
-                    assert!(dq[row].iter().all(|&v| v == 0.0), "dq row {i}");
+            let grads = loss.backward()?;
+            let output = values(&output)?;
+            let dq = values(grads.get(vars[0].as_tensor()).expect("dq"))?;
+            assert!(
+                output.iter().chain(&dq).all(|v| v.is_finite()),
+                "non-finite"
+            );
+            let mut unseen = 0;
+            for b in 0..case.batch {
+                for h in 0..case.heads {
+                    for i in 0..case.queries {
+                        let start = ((b * case.heads + h) * case.queries + i) * dim;
+                        let row = start..start + dim;
+                        let what = format!("{} d{dim} {dtype:?} batch {b} row {i}", case.name);
+                        if case.seen(b, i) {
+                            assert!(output[row].iter().any(|&v| v != 0.0), "{what} is 0");
+                        } else {
+                            unseen += 1;
+                            assert!(output[row.clone()].iter().all(|&v| v == 0.0), "{what}");
+                            assert!(dq[row].iter().all(|&v| v == 0.0), "dq {what}");
+                        }
+                    }
                 }
             }
-        }
-        for var in &vars[1..] {
-            let g = values(grads.get(var.as_tensor()).expect("dk/dv"))?;
-            assert!(g.iter().all(|v| v.is_finite()), "non-finite dk/dv");
+            assert!(unseen > 0, "{}: no unseen row to check", case.name);
+            for var in &vars[1..] {
+                let g = values(grads.get(var.as_tensor()).expect("dk/dv"))?;
+                assert!(g.iter().all(|v| v.is_finite()), "non-finite dk/dv");
+            }
         }
     }
     Ok(())
 }
 
 /// Not a check: the time of one forward + backward at Llama-3.2-1B's attention shape (8 × 512,
-/// 32 heads on 8, head_dim 64, bf16), the flash kernels against the explicit composition (run with
-/// `--include-ignored --nocapture`).
+/// 32 heads on 8, head_dim 64) and Llama-3.1-8B's (1 × 4096, 32 heads on 8, head_dim 128), bf16,
+/// causal: the FlashAttention-2-style kernels, the wmma ones and (1B shape) the explicit
+/// composition (run with `--include-ignored --nocapture`).
 #[test]
 #[ignore = "a measurement; run on a GPU with --include-ignored"]
 fn flash_attention_timing() -> Result<()> {
     let Some(gpu) = gpu() else { return Ok(()) };
-    let (batch, heads, kv_heads, length, dim) = (8, 32, 8, 512, 64);
+    #[derive(Clone, Copy, PartialEq)]
+    enum Path {
+        Explicit,
+        Flash(TensorCoreKernels),
+    }
     let dtype = DType::BF16;
-    let make = |h: usize| -> Result<Var> {
-        Var::from_tensor(
-            &random(&[batch, h, length, dim], 1.0)?
-                .to_dtype(dtype)?
-                .to_device(&gpu)?,
-        )
-    };
-    let (q, k, v) = (make(heads)?, make(kv_heads)?, make(kv_heads)?);
-    let mask = ops::CausalMask::new(vec![vec![true; length]; batch], 0, length, &gpu)?;
-    let additive = mask.additive()?;
-    for (name, flash) in [
-        ("explicit", false),
-        ("flash", true),
-        ("explicit", false),
-        ("flash", true),
-    ] {
-        let step = || -> Result<f32> {
-            let output = if flash {
-                ops::flash_attention(
-                    q.as_tensor(),
-                    k.as_tensor(),
-                    v.as_tensor(),
-                    &mask.visibility()?,
-                    0.125,
-                )?
-            } else {
-                ops::attention(
-                    q.as_tensor(),
-                    k.as_tensor(),
-                    v.as_tensor(),
-                    Some(&additive),
-                    0.125,
-                )?
-            };
-            let grads = output.to_dtype(DType::F32)?.sum_all()?.backward()?;
-            let dq = grads.get(q.as_tensor()).expect("dq");
-            dq.to_dtype(DType::F32)?.sum_all()?.to_scalar::<f32>()
+    for (batch, heads, kv_heads, length, dim) in [(8, 32, 8, 512, 64), (1, 32, 8, 4096, 128)] {
+        let make = |h: usize| -> Result<Var> {
+            Var::from_tensor(
+                &random(&[batch, h, length, dim], 1.0)?
+                    .to_dtype(dtype)?
+                    .to_device(&gpu)?,
+            )
         };
-        step()?;
-        let start = std::time::Instant::now();
-        let runs = 10;
-        for _ in 0..runs {
-            step()?;
+        let (q, k, v) = (make(heads)?, make(kv_heads)?, make(kv_heads)?);
+        let mask = ops::CausalMask::new(vec![vec![true; length]; batch], 0, length, &gpu)?;
+        let scale = 1.0 / (dim as f64).sqrt();
+        let mut paths = vec![
+            Path::Flash(TensorCoreKernels::Wmma),
+            Path::Flash(TensorCoreKernels::Mma),
+        ];
+        if length <= 512 {
+            paths.insert(0, Path::Explicit);
         }
-        let forward_only = std::time::Instant::now();
-        for _ in 0..runs {
-            let output = if flash {
-                ops::flash_attention(
-                    q.as_tensor(),
-                    k.as_tensor(),
-                    v.as_tensor(),
-                    &mask.visibility()?,
-                    0.125,
-                )?
-            } else {
-                ops::attention(
-                    q.as_tensor(),
-                    k.as_tensor(),
-                    v.as_tensor(),
-                    Some(&additive),
-                    0.125,
-                )?
+        // Every path twice, the first round as warm-up.
+        for path in paths.iter().chain(&paths).copied() {
+            let attend = || -> Result<Tensor> {
+                match path {
+                    Path::Explicit => ops::attention(
+                        q.as_tensor(),
+                        k.as_tensor(),
+                        v.as_tensor(),
+                        Some(&mask.additive()?),
+                        scale,
+                    ),
+                    Path::Flash(kernels) => ops::flash::flash_attention_with(
+                        q.as_tensor(),
+                        k.as_tensor(),
+                        v.as_tensor(),
+                        &mask.visibility()?,
+                        scale,
+                        kernels,
+                    ),
+                }
             };
-            output.to_dtype(DType::F32)?.sum_all()?.to_scalar::<f32>()?;
+            let step = || -> Result<f32> {
+                let grads = attend()?.to_dtype(DType::F32)?.sum_all()?.backward()?;
+                let dq = grads.get(q.as_tensor()).expect("dq");
+                dq.to_dtype(DType::F32)?.sum_all()?.to_scalar::<f32>()
+            };
+            step()?;
+            let runs = 10;
+            let start = std::time::Instant::now();
+            for _ in 0..runs {
+                step()?;
+            }
+            let forward_only = std::time::Instant::now();
+            for _ in 0..runs {
+                attend()?
+                    .to_dtype(DType::F32)?
+                    .sum_all()?
+                    .to_scalar::<f32>()?;
+            }
+            let name = match path {
+                Path::Explicit => "explicit",
+                Path::Flash(TensorCoreKernels::Mma) => "flash mma",
+                Path::Flash(TensorCoreKernels::Wmma) => "flash wmma",
+            };
+            let both = (forward_only - start).as_secs_f64() / runs as f64;
+            let forward = forward_only.elapsed().as_secs_f64() / runs as f64;
+            // Causal: half the 4·B·H·T²·D forward FLOPs, 2.5× that for the backward.
+            let flops = 4.0 * (batch * heads * length * length * dim) as f64 / 2.0;
+            eprintln!(
+                "attention {name}: forward+backward {:.2} ms, forward {:.2} ms \
+                 ({batch}x{length}, {heads}/{kv_heads} heads, d{dim}, bf16, causal; \
+                 forward {:.0} TFLOP/s, backward {:.0} TFLOP/s incl. the output reduction)",
+                both * 1e3,
+                forward * 1e3,
+                flops / forward / 1e12,
+                2.5 * flops / (both - forward).max(1e-9) / 1e12,
+            );
         }
-        eprintln!(
-            "attention {name}: forward+backward {:.2} ms, forward {:.2} ms (8x512, 32/8 heads, d64, bf16)",
-            (forward_only - start).as_secs_f64() * 1e3 / runs as f64,
-            forward_only.elapsed().as_secs_f64() * 1e3 / runs as f64
-        );
     }
     Ok(())
 }

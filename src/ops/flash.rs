@@ -6,7 +6,9 @@
 //! its backward recomputes the probabilities from them (FA2: `δ = rowsum(dO∘O)`,
 //! `dS = P∘(dP − δ)`) and returns all three gradients, `dk`/`dv` summed over the query heads that
 //! share a key/value head. On CUDA it runs
-//! `kernels/flash_attn.cu` (bf16/f16/f32, head_dim 64 and 128); on the CPU it runs plain f64 loops
+//! `kernels/flash_attn.cu` (bf16/f16/f32, head_dim 64 and 128; bf16/f16 on tensor cores by the
+//! FlashAttention-2-style `flash_mma_*` kernels, or the older `nvcuda::wmma` ones `flash_tc_*` with
+//! `PEFTPIPE_FLASH=wmma`, see [`TensorCoreKernels`]); on the CPU it runs plain f64 loops
 //! of the same algorithm (the reference the tests hold both the kernels and the explicit
 //! composition against). Also owns [`CausalMask`] (what a model call attends over, as validity +
 //! offset and, built on demand, as the additive mask) and the dispatchers the models call,
@@ -31,6 +33,35 @@ use super::attention::{attention, causal_mask};
 
 /// Head dimensions the CUDA kernels take (others use the explicit composition).
 pub const HEAD_DIMS: [usize; 2] = [64, 128];
+
+/// Which kernels run bf16/f16 flash attention on tensor cores (CUDA only; the CPU runs the
+/// reference loops either way).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum TensorCoreKernels {
+    /// FlashAttention-2 style (`flash_mma_*`): `mma.sync` on register fragments, `ldmatrix`,
+    /// `cp.async` tiles. The default.
+    #[default]
+    Mma,
+    /// The first tensor-core kernels (`flash_tc_*`, `nvcuda::wmma` with shared-memory round trips),
+    /// kept for comparison: `PEFTPIPE_FLASH=wmma`.
+    Wmma,
+}
+
+impl TensorCoreKernels {
+    /// From `PEFTPIPE_FLASH`: unset, empty or `mma` → [`Self::Mma`], `wmma` → [`Self::Wmma`];
+    /// anything else is an error naming the variable.
+    pub fn from_env() -> Result<Self> {
+        match std::env::var("PEFTPIPE_FLASH") {
+            Err(std::env::VarError::NotPresent) => Ok(Self::Mma),
+            Ok(value) => match value.trim() {
+                "" | "mma" => Ok(Self::Mma),
+                "wmma" => Ok(Self::Wmma),
+                other => bail!("PEFTPIPE_FLASH={other:?}: expected `mma` (the default) or `wmma`"),
+            },
+            Err(error) => bail!("PEFTPIPE_FLASH: {error}"),
+        }
+    }
+}
 
 /// Which keys each query sees.
 #[derive(Clone, Debug, Default)]
@@ -145,7 +176,8 @@ impl CausalMask {
 /// Whether [`causal_attention`] / [`full_attention`] run the CUDA kernels for `q` (on CUDA, bf16,
 /// f16 or f32, head_dim in [`HEAD_DIMS`], at most 65535 batch × heads (the grid's second
 /// dimension), and `flash_attention` not listed in `PEFTPIPE_UNFUSED`, nor `PEFTPIPE_FUSED=0`).
-/// bf16/f16 run on tensor cores unless `PEFTPIPE_UNFUSED` also lists `flash_tensor_cores`.
+/// bf16/f16 run on tensor cores unless `PEFTPIPE_UNFUSED` also lists `flash_tensor_cores` (which
+/// kernels: [`TensorCoreKernels`]).
 pub fn kernel_applies(q: &Tensor) -> bool {
     #[cfg(feature = "cuda")]
     {
@@ -247,13 +279,32 @@ fn check(q: &Tensor, k: &Tensor, v: &Tensor, visibility: &Visibility) -> Result<
 
 /// The flash op itself (no dispatch): `q [B, H, T, D]`, `k`, `v` `[B, KVH, S, D]` → `[B, H, T, D]`,
 /// differentiable in all three. CUDA: the kernels (bf16/f16/f32, head_dim 64/128, errors
-/// otherwise); CPU: the f64 reference loops.
+/// otherwise; the tensor-core family from `PEFTPIPE_FLASH`, see [`TensorCoreKernels::from_env`]);
+/// CPU: the f64 reference loops.
 pub fn flash_attention(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
     visibility: &Visibility,
     scale: f64,
+) -> Result<Tensor> {
+    let kernels = if q.device().is_cuda() {
+        TensorCoreKernels::from_env()?
+    } else {
+        TensorCoreKernels::default()
+    };
+    flash_attention_with(q, k, v, visibility, scale, kernels)
+}
+
+/// [`flash_attention`] with the tensor-core kernel family given instead of read from
+/// `PEFTPIPE_FLASH` (forward and backward both use it).
+pub fn flash_attention_with(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    visibility: &Visibility,
+    scale: f64,
+    kernels: TensorCoreKernels,
 ) -> Result<Tensor> {
     let dims = check(q, k, v, visibility)?;
     let valid = match &visibility.key_valid {
@@ -268,7 +319,11 @@ pub fn flash_attention(
         offset: visibility.offset,
         scale,
         valid,
+        #[cfg(feature = "cuda")]
+        kernels,
     };
+    #[cfg(not(feature = "cuda"))]
+    let _ = kernels; // only CUDA has tensor-core kernels to choose from
     let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
     let (output, lse) = forward(&q.detach(), &k.detach(), &v.detach(), &params)?;
     if !(q.track_op() || k.track_op() || v.track_op()) {
@@ -293,6 +348,9 @@ struct Params {
     scale: f64,
     /// `[B, S]` u8 on the inputs' device.
     valid: Option<Tensor>,
+    /// The bf16/f16 tensor-core kernels (read by the CUDA launches only).
+    #[cfg(feature = "cuda")]
+    kernels: TensorCoreKernels,
 }
 
 fn forward(q: &Tensor, k: &Tensor, v: &Tensor, params: &Params) -> Result<(Tensor, Tensor)> {
@@ -571,6 +629,7 @@ mod reference {
     reason = "launching CUDA kernels and reading device pointers are FFI calls"
 )]
 mod gpu {
+    use candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute;
     use candle_core::cuda_backend::cudarc::driver::{DevicePtr, LaunchConfig, PushKernelArg};
     use candle_core::cuda_backend::WrapErr;
     use candle_core::CudaDevice;
@@ -579,7 +638,8 @@ mod gpu {
 
     const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/flash_attn.ptx"));
     const MODULE: &str = "flash_attn";
-    const THREADS: u32 = 256;
+    /// Threads of `flash_backward_delta_*` (one warp per row).
+    const DELTA_THREADS: u32 = 256;
 
     fn suffix(dtype: DType) -> Result<&'static str> {
         Ok(match dtype {
@@ -590,31 +650,87 @@ mod gpu {
         })
     }
 
-    /// The kernel family for `dtype` and whether every buffer allows it: the tensor-core kernels
-    /// (`flash_tc_*`) for bf16/f16 with 16-byte aligned buffers, unless `PEFTPIPE_UNFUSED` lists
-    /// `flash_tensor_cores`; otherwise the f32-arithmetic kernels (`flash_*`), as for f32.
-    fn tensor_cores(dtype: DType, addresses: &[u64]) -> bool {
-        matches!(dtype, DType::BF16 | DType::F16)
-            && addresses.iter().all(|a| a % 16 == 0)
-            && crate::ops::cuda::enabled("flash_tensor_cores")
+    /// A kernel family of kernels/flash_attn.cu.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    enum Family {
+        /// `flash_*`: f32 arithmetic on CUDA cores (f32, and bf16/f16 where no tensor-core
+        /// family applies), 256 threads.
+        Scalar,
+        /// `flash_tc_*`: nvcuda::wmma, 256 threads, static shared memory.
+        Wmma,
+        /// `flash_mma_*`: FlashAttention-2 style, 128 threads, dynamic shared memory.
+        Mma,
     }
 
-    /// `(forward query tile, backward query tile, backward key tile)` for a head dimension and
-    /// kernel family, as instantiated in kernels/flash_attn.cu.
-    fn tiles(head_dim: usize, tensor_cores: bool) -> Result<(usize, usize, usize)> {
-        Ok(match (head_dim, tensor_cores) {
-            (64, _) => (64, 32, 32),
-            (128, false) => (32, 16, 16),
-            (128, true) => (32, 16, 32),
-            (other, _) => bail!("flash attention kernels: unsupported head_dim {other}"),
-        })
-    }
+    impl Family {
+        /// The family for `dtype` whose every buffer (`addresses`) allows it: a tensor-core
+        /// family (`kernels` picks which) for bf16/f16 with 16-byte aligned buffers, unless
+        /// `PEFTPIPE_UNFUSED` lists `flash_tensor_cores`; otherwise the f32-arithmetic kernels,
+        /// as for f32. Both tensor-core families take every head_dim in [`HEAD_DIMS`].
+        fn pick(dtype: DType, addresses: &[u64], kernels: TensorCoreKernels) -> Self {
+            let tensor_cores = matches!(dtype, DType::BF16 | DType::F16)
+                && addresses.iter().all(|a| a % 16 == 0)
+                && crate::ops::cuda::enabled("flash_tensor_cores");
+            match (tensor_cores, kernels) {
+                (false, _) => Self::Scalar,
+                (true, TensorCoreKernels::Wmma) => Self::Wmma,
+                (true, TensorCoreKernels::Mma) => Self::Mma,
+            }
+        }
 
-    fn family(tensor_cores: bool) -> &'static str {
-        if tensor_cores {
-            "flash_tc"
-        } else {
-            "flash"
+        fn prefix(self) -> &'static str {
+            match self {
+                Self::Scalar => "flash",
+                Self::Wmma => "flash_tc",
+                Self::Mma => "flash_mma",
+            }
+        }
+
+        fn threads(self) -> u32 {
+            match self {
+                Self::Scalar | Self::Wmma => 256,
+                Self::Mma => 128,
+            }
+        }
+
+        /// `(forward query tile, dQ query tile, dK/dV key tile)` for a head dimension, as
+        /// instantiated in kernels/flash_attn.cu.
+        fn tiles(self, head_dim: usize) -> Result<(usize, usize, usize)> {
+            Ok(match (head_dim, self) {
+                (64 | 128, Self::Mma) => (64, 64, 64),
+                (64, _) => (64, 32, 32),
+                (128, Self::Scalar) => (32, 16, 16),
+                (128, Self::Wmma) => (32, 16, 32),
+                (other, _) => bail!("flash attention kernels: unsupported head_dim {other}"),
+            })
+        }
+
+        /// Dynamic shared memory of `(forward, dK/dV, dQ)` in bytes: the `fa2::*_smem<D>()` of
+        /// kernels/flash_attn.cu for [`Family::Mma`] (the kernels trap on less), 0 for the
+        /// others (static shared memory).
+        fn shared_bytes(self, head_dim: usize) -> (u32, u32, u32) {
+            if self != Self::Mma {
+                return (0, 0, 0);
+            }
+            // Tiles of 16-bit elements with rows padded by 8; forward: Q 64 rows, K and V 64
+            // rows, 64 key flags; dK/dV: K, V 64 rows, two buffers of Q and dO (64 rows for d64,
+            // 32 for d128) and of lse and delta (f32 per query), 64 key flags; dQ: Q, dO 64 rows,
+            // two buffers of K and V 64 rows and of 64 key flags.
+            let row = (head_dim as u32 + 8) * 2;
+            let dkdv_queries = if head_dim == 64 { 64 } else { 32 };
+            (
+                (64 + 2 * 64) * row + 64,
+                (2 * 64 + 4 * dkdv_queries) * row + 4 * dkdv_queries * 4 + 64,
+                (2 * 64 + 4 * 64) * row + 2 * 64,
+            )
+        }
+
+        fn config(self, x: usize, y: usize, shared_bytes: u32) -> LaunchConfig {
+            LaunchConfig {
+                grid_dim: (x as u32, y as u32, 1),
+                block_dim: (self.threads(), 1, 1),
+                shared_mem_bytes: shared_bytes,
+            }
         }
     }
 
@@ -675,19 +791,20 @@ mod gpu {
         Ok((storage, pointer))
     }
 
-    fn grid(x: usize, y: usize) -> LaunchConfig {
-        LaunchConfig {
-            grid_dim: (x as u32, y as u32, 1),
-            block_dim: (THREADS, 1, 1),
-            shared_mem_bytes: 0,
-        }
-    }
-
     macro_rules! launch {
         ($device:expr, $name:expr, $config:expr, $($arg:expr),+ $(,)?) => {{
             let config: LaunchConfig = $config;
             if config.grid_dim.0 > 0 && config.grid_dim.1 > 0 {
                 let function = $device.get_or_load_custom_func($name, MODULE, PTX)?;
+                if config.shared_mem_bytes > 0 {
+                    // Dynamic shared memory beyond the default 48 KiB must be opted into.
+                    function
+                        .set_attribute(
+                            CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                            config.shared_mem_bytes as i32,
+                        )
+                        .w()?;
+                }
                 let mut builder = function.builder();
                 $( builder.arg($arg); )+
                 // SAFETY: the arguments match the kernel's signature in kernels/flash_attn.cu
@@ -765,21 +882,26 @@ mod gpu {
             let count = ql.shape().elem_count();
             let (out, o) = alloc(device, q.dtype(), count)?;
             let (qp, kp, vp) = (address(q, ql)?, address(k, kl)?, address(v, vl)?);
-            let tc = tensor_cores(q.dtype(), &[qp, kp, vp, o]);
-            let (block_queries, _, _) = tiles(d.head_dim, tc)?;
+            let family = Family::pick(q.dtype(), &[qp, kp, vp, o], self.params.kernels);
+            let (block_queries, _, _) = family.tiles(d.head_dim)?;
+            let (shared_bytes, _, _) = family.shared_bytes(d.head_dim);
             let valid = tensor_address(self.params.valid.as_ref())?;
             let lse = tensor_address(Some(&self.lse))?;
             let s = Scalars::new(&self.params)?;
             let name = format!(
                 "{}_forward_{}_d{}",
-                family(tc),
+                family.prefix(),
                 suffix(q.dtype())?,
                 d.head_dim
             );
             launch!(
                 device,
                 &name,
-                grid(d.queries.div_ceil(block_queries), d.batch * d.heads),
+                family.config(
+                    d.queries.div_ceil(block_queries),
+                    d.batch * d.heads,
+                    shared_bytes
+                ),
                 &qp,
                 &kp,
                 &vp,
@@ -866,16 +988,21 @@ mod gpu {
             let lse = tensor_address(Some(&self.lse))?;
             let op = tensor_address(Some(&self.output))?;
             let gp = tensor_address(Some(&self.grad))?;
-            let tc = tensor_cores(dtype, &[qp, kp, vp, gp, dq, dk, dv]);
-            let (_, block_queries, block_keys) = tiles(d.head_dim, tc)?;
+            let family = Family::pick(dtype, &[qp, kp, vp, gp, dq, dk, dv], self.params.kernels);
+            let (_, block_queries, block_keys) = family.tiles(d.head_dim)?;
+            let (_, dkdv_bytes, dq_bytes) = family.shared_bytes(d.head_dim);
             let s = Scalars::new(&self.params)?;
             let sfx = suffix(dtype)?;
-            let family = family(tc);
+            let prefix = family.prefix();
             let (rows_i, dim_i) = (rows as i64, d.head_dim as i32);
             launch!(
                 device,
                 &format!("flash_backward_delta_{sfx}"),
-                grid(rows.div_ceil(THREADS as usize / 32), 1),
+                LaunchConfig {
+                    grid_dim: (rows.div_ceil(DELTA_THREADS as usize / 32) as u32, 1, 1),
+                    block_dim: (DELTA_THREADS, 1, 1),
+                    shared_mem_bytes: 0,
+                },
                 &op,
                 &gp,
                 &delta,
@@ -884,8 +1011,12 @@ mod gpu {
             );
             launch!(
                 device,
-                &format!("{family}_backward_dkdv_{sfx}_d{}", d.head_dim),
-                grid(d.keys.div_ceil(block_keys), d.batch * d.kv_heads),
+                &format!("{prefix}_backward_dkdv_{sfx}_d{}", d.head_dim),
+                family.config(
+                    d.keys.div_ceil(block_keys),
+                    d.batch * d.kv_heads,
+                    dkdv_bytes
+                ),
                 &qp,
                 &kp,
                 &vp,
@@ -905,8 +1036,12 @@ mod gpu {
             );
             launch!(
                 device,
-                &format!("{family}_backward_dq_{sfx}_d{}", d.head_dim),
-                grid(d.queries.div_ceil(block_queries), d.batch * d.heads),
+                &format!("{prefix}_backward_dq_{sfx}_d{}", d.head_dim),
+                family.config(
+                    d.queries.div_ceil(block_queries),
+                    d.batch * d.heads,
+                    dq_bytes
+                ),
                 &qp,
                 &kp,
                 &vp,
