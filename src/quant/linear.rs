@@ -1,14 +1,17 @@
 //! [`QuantizedWeight`] (a 4-bit linear weight resident on a device) and [`quantized_linear`], the
 //! frozen linear map over it.
 //!
-//! Owns the custom op `y = x·dequant(W)ᵀ`: its forward dequantizes `W` into a scratch tensor of
-//! `x`'s dtype (CPU: the bit-exact reference of [`super::blockwise`]; CUDA: `kernels/nf4.cu`) and
-//! runs the backend's GEMM (cuBLAS on CUDA), then drops the scratch; its backward dequantizes again
-//! and returns `dx = dy·dequant(W)` and nothing for `W` (a frozen base: no weight gradient, and no
-//! dense copy of `W` kept alive between forward and backward). Must not: produce a gradient for
-//! the weight or the bias, or keep a dequantized copy.
+//! Owns the custom op `y = x·dequant(W)ᵀ` and the choice of how it multiplies ([`QuantGemm`]).
+//! Two paths: *dequantize + GEMM* dequantizes `W` into a scratch tensor of `x`'s dtype (CPU: the
+//! bit-exact reference of [`super::blockwise`]; CUDA: `kernels/nf4.cu`) and runs the backend's
+//! GEMM (cuBLAS on CUDA), then drops the scratch; *fused* (CUDA, bf16 / f16) dequantizes tiles of
+//! `W` into shared memory inside one tensor-core GEMM kernel (`kernels/nf4.cu`, `nf4_gemm_*`). The
+//! backward returns `dx = dy·dequant(W)` by the same choice (rebuilding the weight, never keeping
+//! it) and nothing for `W` (a frozen base: no weight gradient). Both paths multiply the same
+//! 16-bit weights (`level · absmax` rounded once to the dtype); only the summation order differs.
+//! Must not: produce a gradient for the weight or the bias, or keep a dequantized copy.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use candle_core::backend::BackendStorage;
 use candle_core::{
@@ -161,6 +164,51 @@ impl QuantizedWeight {
         self.inner.packed.device()
     }
 
+    /// Why the fused dequantize + GEMM kernel cannot multiply a `rows`-row activation of `dtype`
+    /// by this weight (forward or input gradient), or `None` when it can: it needs a CUDA build
+    /// and device, bf16 or f16, `in_features` a multiple of 64, a power-of-two block size of at
+    /// least 16, a non-empty product, and dimensions that fit its launch grid.
+    pub fn fused_unsupported(&self, dtype: DType, rows: usize) -> Option<String> {
+        let inner = &self.inner;
+        if !cfg!(feature = "cuda") {
+            return Some("peftpipe was built without the `cuda` feature".into());
+        }
+        if !self.device().is_cuda() {
+            return Some(format!(
+                "the weight is on {:?}; the fused kernel is CUDA-only",
+                self.device()
+            ));
+        }
+        if !matches!(dtype, DType::BF16 | DType::F16) {
+            return Some(format!(
+                "{dtype:?} activations (the fused kernel takes bf16 or f16)"
+            ));
+        }
+        if inner.in_features % 64 != 0 {
+            return Some(format!(
+                "in_features {} is not a multiple of 64",
+                inner.in_features
+            ));
+        }
+        if !inner.block_size.is_power_of_two() || inner.block_size < 16 {
+            return Some(format!(
+                "block size {} (the fused kernel needs a power of two of at least 16)",
+                inner.block_size
+            ));
+        }
+        if rows == 0 || inner.out_features == 0 {
+            return Some("an empty product".into());
+        }
+        let limit = i32::MAX as usize;
+        if rows > 64 * 65_535 || inner.out_features > limit || inner.in_features > limit {
+            return Some(format!(
+                "{rows} × {} × {} exceeds the fused kernel's grid",
+                inner.out_features, inner.in_features
+            ));
+        }
+        None
+    }
+
     /// Device bytes of the packed codes and absmax state.
     pub fn storage_bytes(&self) -> usize {
         let bytes = |t: &Tensor| t.elem_count() * t.dtype().size_in_bytes();
@@ -255,8 +303,112 @@ fn plan(x_layout: &Layout, w_layout: &Layout) -> Result<MatmulPlan> {
     ))
 }
 
+/// How [`quantized_linear_with`] multiplies `x` by the 4-bit weight (and `dy` by it, backward).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum QuantGemm {
+    /// `PEFTPIPE_QGEMM` when set (`fused` or `dequant`; `auto` or unset: the rule), else the
+    /// per-shape rule: the fused kernel for at most [`FUSED_MAX_ROWS`] rows (generation and
+    /// inference, where dequantizing the whole weight for a few rows costs the most), and
+    /// dequantize-then-cuBLAS above. Either way dequantize-then-GEMM wherever the fused kernel
+    /// cannot run ([`QuantizedWeight::fused_unsupported`]), e.g. on the CPU or for `f32`.
+    #[default]
+    Auto,
+    /// The fused kernel, or an error saying why it cannot run.
+    Fused,
+    /// Dequantize into a scratch weight, then the backend's GEMM.
+    Dequantize,
+}
+
+/// Rows (the product of the input's leading dimensions) up to which [`QuantGemm::Auto`] picks
+/// the fused kernel. Chosen without measurements (small products are where a transient dense
+/// weight wastes the most); `PEFTPIPE_QGEMM` overrides it for measuring both paths.
+pub const FUSED_MAX_ROWS: usize = 64;
+
+impl QuantGemm {
+    /// The `PEFTPIPE_QGEMM` override (read once per process): `Some(Fused)`, `Some(Dequantize)`,
+    /// or `None` for the per-shape rule; any other value is an error naming the variable.
+    fn from_env() -> Result<Option<QuantGemm>> {
+        static CHOICE: OnceLock<std::result::Result<Option<QuantGemm>, String>> = OnceLock::new();
+        let choice = CHOICE.get_or_init(|| match std::env::var("PEFTPIPE_QGEMM") {
+            Err(std::env::VarError::NotPresent) => Ok(None),
+            Ok(value) => match value.trim() {
+                "" | "auto" => Ok(None),
+                "fused" => Ok(Some(QuantGemm::Fused)),
+                "dequant" => Ok(Some(QuantGemm::Dequantize)),
+                other => Err(format!(
+                    "PEFTPIPE_QGEMM={other:?}: expected `fused`, `dequant` or `auto`"
+                )),
+            },
+            Err(error) => Err(format!("PEFTPIPE_QGEMM: {error}")),
+        });
+        match choice {
+            Ok(choice) => Ok(*choice),
+            Err(message) => bail!("{message}"),
+        }
+    }
+}
+
+/// `x [.., k]` seen as `[rows, k]`: checks the last dimension and contiguity, returns `rows`.
+fn rows_of(x_layout: &Layout, k: usize) -> Result<usize> {
+    if x_layout.dims().last() != Some(&k) {
+        bail!(
+            "quantized_linear: input {:?} does not match the weight's {k} input features",
+            x_layout.shape()
+        )
+    }
+    if !x_layout.is_contiguous() {
+        bail!("quantized_linear: the input must be contiguous")
+    }
+    Ok(x_layout.shape().elem_count() / k.max(1))
+}
+
 struct QuantizedMatmul {
     weight: QuantizedWeight,
+    gemm: QuantGemm,
+}
+
+impl QuantizedMatmul {
+    /// Whether this product (`rows` rows of `dtype`) runs on the fused kernel.
+    fn fused(&self, dtype: DType, rows: usize) -> Result<bool> {
+        match self.gemm {
+            QuantGemm::Dequantize => Ok(false),
+            QuantGemm::Fused => match self.weight.fused_unsupported(dtype, rows) {
+                Some(reason) => bail!("quantized_linear: the fused kernel cannot run: {reason}"),
+                None => Ok(true),
+            },
+            QuantGemm::Auto => {
+                let wanted = match QuantGemm::from_env()? {
+                    Some(choice) => choice == QuantGemm::Fused,
+                    None => rows <= FUSED_MAX_ROWS,
+                };
+                Ok(wanted && self.weight.fused_unsupported(dtype, rows).is_none())
+            }
+        }
+    }
+
+    /// `dx = dy·dequant(W)` on the fused kernel (only reached when [`Self::fused`] said yes).
+    #[cfg(feature = "cuda")]
+    fn fused_input_gradient(&self, x: &Tensor, dy: &Tensor, rows: usize) -> Result<Tensor> {
+        let dy = dy.contiguous()?;
+        let dx = {
+            let (storage, layout) = dy.storage_and_layout();
+            let Storage::Cuda(dy) = &*storage else {
+                bail!("quantized_linear: the gradient is not on the GPU like the weight")
+            };
+            super::cuda::fused_matmul(&self.weight.inner, dy, layout, rows, true)?
+        };
+        Ok(Tensor::from_storage(
+            Storage::Cuda(dx),
+            x.shape().clone(),
+            candle_core::op::BackpropOp::none(),
+            false,
+        ))
+    }
+
+    #[cfg(not(feature = "cuda"))]
+    fn fused_input_gradient(&self, _: &Tensor, _: &Tensor, _: usize) -> Result<Tensor> {
+        bail!("quantized_linear: the fused kernel needs the `cuda` feature")
+    }
 }
 
 impl CustomOp1 for QuantizedMatmul {
@@ -265,6 +417,8 @@ impl CustomOp1 for QuantizedMatmul {
     }
 
     fn cpu_fwd(&self, x: &CpuStorage, x_layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        // Only to report an explicit `Fused` request, which cannot run on the CPU.
+        self.fused(x.dtype(), rows_of(x_layout, self.weight.in_features())?)?;
         let w = self.weight.dequantize(x.dtype())?;
         let (storage, w_layout) = w.storage_and_layout();
         let Storage::Cpu(w) = &*storage else {
@@ -275,6 +429,18 @@ impl CustomOp1 for QuantizedMatmul {
     }
 
     fn cuda_fwd(&self, x: &CudaStorage, x_layout: &Layout) -> Result<(CudaStorage, Shape)> {
+        #[cfg(feature = "cuda")]
+        {
+            let rows = rows_of(x_layout, self.weight.in_features())?;
+            if self.fused(x.dtype(), rows)? {
+                let y = super::cuda::fused_matmul(&self.weight.inner, x, x_layout, rows, false)?;
+                let mut shape = x_layout.dims().to_vec();
+                if let Some(last) = shape.last_mut() {
+                    *last = self.weight.out_features();
+                }
+                return Ok((y, Shape::from(shape)));
+            }
+        }
         let w = self.weight.dequantize(x.dtype())?;
         let (storage, w_layout) = w.storage_and_layout();
         let Storage::Cuda(w) = &*storage else {
@@ -290,6 +456,10 @@ impl CustomOp1 for QuantizedMatmul {
 
     /// `dx = dy·dequant(W)`; the weight is rebuilt here, not kept from the forward.
     fn bwd(&self, x: &Tensor, _y: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
+        let rows = dy.elem_count() / self.weight.out_features().max(1);
+        if self.fused(dy.dtype(), rows)? {
+            return self.fused_input_gradient(x, dy, rows).map(Some);
+        }
         let w = self.weight.dequantize(dy.dtype())?;
         let dx = dy
             .reshape(((), self.weight.out_features()))?
@@ -300,11 +470,22 @@ impl CustomOp1 for QuantizedMatmul {
 }
 
 /// `y = x·dequant(W)ᵀ (+ b)` for `x [.., in]` (bf16, f16 or f32; the weight is dequantized to
-/// `x`'s dtype) and a frozen bias `[out]`; the gradient reaches `x` only.
+/// `x`'s dtype) and a frozen bias `[out]`; the gradient reaches `x` only. The GEMM path is
+/// [`QuantGemm::Auto`].
 pub fn quantized_linear(
     x: &Tensor,
     weight: &QuantizedWeight,
     bias: Option<&Tensor>,
+) -> Result<Tensor> {
+    quantized_linear_with(x, weight, bias, QuantGemm::Auto)
+}
+
+/// [`quantized_linear`] on the GEMM path `gemm` (forward and input gradient alike).
+pub fn quantized_linear_with(
+    x: &Tensor,
+    weight: &QuantizedWeight,
+    bias: Option<&Tensor>,
+    gemm: QuantGemm,
 ) -> Result<Tensor> {
     if !x.device().same_device(weight.device()) {
         bail!(
@@ -316,6 +497,7 @@ pub fn quantized_linear(
     let x = x.contiguous()?;
     let op = QuantizedMatmul {
         weight: weight.clone(),
+        gemm,
     };
     // An untracked input builds no graph node.
     let y = if x.track_op() {
@@ -409,6 +591,36 @@ mod tests {
             .max_all()?
             .to_scalar::<f32>()?;
         assert!(difference < 0.05, "max |Δ| = {difference}");
+        Ok(())
+    }
+
+    #[test]
+    fn the_fused_kernel_is_refused_on_the_cpu_and_auto_falls_back() -> Result<()> {
+        let (q, w) = weight(16, 64, true)?;
+        let reason = w
+            .fused_unsupported(DType::BF16, 4)
+            .expect("no fused kernel on the CPU");
+        assert!(
+            reason.contains("cuda") || reason.contains("CUDA"),
+            "{reason}"
+        );
+        let x = Tensor::randn(0f32, 1.0, (4, 64), &Device::Cpu)?.to_dtype(DType::BF16)?;
+        let error = quantized_linear_with(&x, &w, None, QuantGemm::Fused)
+            .expect_err("an explicit fused request on the CPU is an error");
+        assert!(
+            error.to_string().contains("fused kernel cannot run"),
+            "{error}"
+        );
+        let dense = q.dequantize(DType::BF16, &Device::Cpu)?;
+        for gemm in [QuantGemm::Auto, QuantGemm::Dequantize] {
+            let y = quantized_linear_with(&x, &w, None, gemm)?;
+            let reference = x.matmul(&dense.t()?)?;
+            let difference = (y.to_dtype(DType::F32)? - reference.to_dtype(DType::F32)?)?
+                .abs()?
+                .max_all()?
+                .to_scalar::<f32>()?;
+            assert!(difference < 0.05, "{gemm:?}: max |Δ| = {difference}");
+        }
         Ok(())
     }
 }

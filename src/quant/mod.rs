@@ -6,7 +6,8 @@
 //! [`QuantizedTensor`] (bitsandbytes' `Params4bit` + `QuantState`), the device-side
 //! [`QuantizedWeight`] and [`quantized_linear`] (`y = x·dequant(W)ᵀ (+ b)`: the gradient reaches `x`
 //! only, the dequantized weight is a scratch freed after each forward and rebuilt in the
-//! backward), and with `--features cuda` the dequantization kernels (`kernels/nf4.cu`).
+//! backward, or never built when the fused kernel runs: [`QuantGemm`]), and with
+//! `--features cuda` the dequantization and fused dequantize + GEMM kernels (`kernels/nf4.cu`).
 //!
 //! bitsandbytes' CPU backend (0.50) is the reference: its quantizer rounds by nearest level with
 //! ties going down for 4 bits, by a 65 536-bin lookup table for the 8-bit absmax, and dequantizes
@@ -23,7 +24,9 @@ mod linear;
 pub mod nf4;
 mod tensor;
 
-pub use linear::{quantized_linear, QuantizedWeight};
+pub use linear::{
+    quantized_linear, quantized_linear_with, QuantGemm, QuantizedWeight, FUSED_MAX_ROWS,
+};
 pub use nf4::QuantType;
 pub use tensor::{
     quantized_bytes, Absmax, NestedAbsmax, QuantConfig, QuantizedTensor, BLOCK_SIZES,
