@@ -211,7 +211,11 @@ fn cpu_reference(
     let w = cpu.dequantize(dtype)?.to_dtype(DType::F32)?;
     let x = x.to_dtype(DType::F32)?;
     let dy = dy.to_dtype(DType::F32)?;
-    Ok((values(&x.matmul(&w.t()?)?)?, values(&dy.matmul(&w)?)?))
+    // `broadcast_matmul`: the inputs may be `[batch, tokens, features]`.
+    Ok((
+        values(&x.broadcast_matmul(&w.t()?)?)?,
+        values(&dy.broadcast_matmul(&w)?)?,
+    ))
 }
 
 #[test]

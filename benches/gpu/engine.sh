@@ -16,6 +16,12 @@
 #            all on; the LoRA GEMM-accumulate off (PEFTPIPE_UNFUSED=lora_gemm); the previous (wmma)
 #            flash-attention kernels (PEFTPIPE_FLASH=wmma); QLoRA with the fused dequantize + GEMM
 #            vs dequantize + cuBLAS (PEFTPIPE_QGEMM)
+#   qlora    QLoRA (NF4, double quant, r16 a32, all linears) at 8x512, checkpointing off and on,
+#            beside PEFT + bitsandbytes and Unsloth's QLoRA; the quant_cuda test binary and the fused
+#            dequantize + GEMM timings first
+#   8b-long  Llama-3.1-8B shape at 1x16384 (checkpointing off and on), and PEFT's default (fp32
+#            adapters) at 1x4096 beside peftpipe at 1x4096
+#   8b-unsloth Llama-3.1-8B shape at 1x4096: peftpipe beside Unsloth (16-bit LoRA)
 #   8b-short Llama-3.1-8B shape at 1x4096 only: peftpipe (checkpointing off and on) and PEFT (bf16)
 #   8b       Llama-3.1-8B shape: peftpipe at 1x1024 and 1x4096 (off/on) and 1x16384 (on); PEFT (bf16
 #            adapters) and Unsloth at 1x4096
@@ -66,6 +72,15 @@ tests() {
 for part in ${MODE//,/ }; do
 case "$part" in
   tests) tests ;;
+  real-ab)
+    # lora-stories on cuda with the LoRA GEMM-accumulate off: is a cuda-vs-cpu difference the kernel's?
+    export PEFTPIPE_SHARED=$PWD/gpu-run/shared
+    for variant in "on|" "lora_gemm off|PEFTPIPE_UNFUSED=lora_gemm"; do
+      echo "-- lora-stories on cuda, $variant"
+      env ${variant#*|} timeout 60 "$BIN" run gpu-run/lora-stories.yaml --device cuda --cache-dir "/tmp/cache-ab-${variant%%|*}" 2>&1 | grep -E "train|evaluate"
+      cp gpu-run/.peftpipe/out/lora-stories/train/metrics.jsonl "$OUT/metrics-cuda-${variant%% *}.jsonl" 2>/dev/null
+    done | tee "$OUT/real_ab.txt"
+    ;;
   real)
     # A real run stays right: lora-stories on cuda vs cpu (loss curves, eval perplexity), and
     # qlora-stories on cuda.
@@ -125,6 +140,35 @@ case "$part" in
       PEFTPIPE_QGEMM=$q timeout 60 "$BIN" bench train --config "$C" --device cuda --batch 8 --seq 512 \
         --method "qlora: {r: 16, alpha: 32}" --steps 10 --warmup 3 2>&1 | grep -E "tokens/s|peak|rror"
     done 2>&1 | tee -a "$OUT/ab.txt"
+    ;;
+  qlora)
+    C=gpu-run/llama-3.2-1b.config.json
+    if [ -x target/cuda-dist/test-quant_cuda ]; then
+      echo "== quant_cuda"
+      PEFTPIPE_TEST_DEVICE=cuda timeout 120 target/cuda-dist/test-quant_cuda --test-threads 1 2>&1 | grep -E "^test |test result|panicked" | tail -30
+      echo "== fused dequantize + GEMM vs dequantize + cuBLAS"
+      PEFTPIPE_TEST_DEVICE=cuda timeout 90 target/cuda-dist/test-quant_cuda --ignored fused_and_dequantize_timings --nocapture 2>&1 | grep -vE "^\s*$" | tail -30
+    fi 2>&1 | tee "$OUT/quant_cuda.txt"
+    echo "== peftpipe QLoRA all linears, 8x512"
+    "$BIN" bench train --config "$C" --device cuda --shapes 8x512 --checkpointing both --steps 10 --warmup 3 \
+      --method "qlora: {r: 16, alpha: 32, target_modules: all-linear}" --peak-tflops 989 2>&1 | grep -v "^RESULT" | tee "$OUT/peftpipe-qlora.txt"
+    echo "== QLoRA anchors, same host"
+    anchors peft_qlora,unsloth_qlora 8 512 240 | tee "$OUT/anchors-qlora.txt"
+    ;;
+  8b-long)
+    C=gpu-run/llama-3.1-8b.config.json
+    echo "== peftpipe 8B: 1x4096 off, 1x16384 off and on"
+    timeout 100 bash -c "$(declare -f table); BIN=$BIN; table $C 1x4096 off 5" | tee "$OUT/peftpipe-8b-long.txt"
+    timeout 200 bash -c "$(declare -f table); BIN=$BIN; table $C 1x16384 both 3" | tee -a "$OUT/peftpipe-8b-long.txt"
+    echo "== PEFT default (fp32 adapters) 8B, same host, 1x4096"
+    ANCHOR_SHAPE=8b anchors peft_default 1 4096 120 | tee "$OUT/anchors-8b-default.txt"
+    ;;
+  8b-unsloth)
+    C=gpu-run/llama-3.1-8b.config.json
+    echo "== peftpipe 8B: 1x4096, checkpointing off and on"
+    timeout 150 bash -c "$(declare -f table); BIN=$BIN; table $C 1x4096 both 5" | tee "$OUT/peftpipe-8b-u.txt"
+    echo "== Unsloth 8B, same host, 1x4096"
+    ANCHOR_SHAPE=8b anchors unsloth 1 4096 200 | tee "$OUT/anchors-8b-unsloth.txt"
     ;;
   8b-short)
     C=gpu-run/llama-3.1-8b.config.json
