@@ -86,86 +86,63 @@ struct Method {
     /// them, the whole graph sums the layers' table gradients first (the same sum in another
     /// order: ~1e-7 relative in f32); held to 1e-5 on the CPU instead.
     checkpoint_bit_identical: bool,
-    /// The most the gradient store may hold after backward, in adapter sizes (the largest ratio
-    /// measured on the four models in f32 and bf16, plus ~15%). LoRA and QLoRA: 1, only the trainable tensors'
-    /// gradients (issue 8 item 3). The other methods are not there yet: candle stores the
-    /// gradient of a constant operand of a binary op or `cat` (the embedded tokens a prompt is
-    /// concatenated with, the frozen keys/values a prefix joins, layer 0's frozen outputs that
-    /// IA3 scales or DoRA rescales, the detached DoRA norms, the base embedding rows beside the
-    /// trained ones); the test prints their shapes. These bounds guard against growth; the target
-    /// is 1 for every method.
-    store_ratio_bound: f64,
 }
 
 fn methods() -> Vec<Method> {
-    let method =
-        |yaml, llama_only, identity_at_step_zero, learning_rate, store_ratio_bound| Method {
-            yaml,
-            llama_only,
-            identity_at_step_zero,
-            learning_rate,
-            random_in_training: false,
-            checkpoint_bit_identical: true,
-            store_ratio_bound,
-        };
+    let method = |yaml, llama_only, identity_at_step_zero, learning_rate| Method {
+        yaml,
+        llama_only,
+        identity_at_step_zero,
+        learning_rate,
+        random_in_training: false,
+        checkpoint_bit_identical: true,
+    };
     vec![
-        method("lora: {r: 4, alpha: 8, target_modules: all-linear}", false, true, 1e-2, 1.0),
+        method("lora: {r: 4, alpha: 8, target_modules: all-linear}", false, true, 1e-2),
         Method {
             random_in_training: true,
             ..method(
                 "lora: {r: 4, alpha: 8, dropout: 0.1, target_modules: all-linear}",
                 false,
                 true,
-                1e-2,
-                1.0,
-            )
+                1e-2)
         },
         method(
             "lora: {r: 4, alpha: 8, use_dora: true, target_modules: all-linear}",
             false,
             true,
-            1e-2,
-            10.5,
-        ),
-        method("ia3: {}", false, true, 3e-2, 17.0),
-        method("prompt_tuning: {num_virtual_tokens: 4}", false, false, 3e-1, 19.5),
-        method("prefix_tuning: {num_virtual_tokens: 4}", false, false, 3e-2, 15.0),
+            1e-2),
+        method("ia3: {}", false, true, 3e-2),
+        method("prompt_tuning: {num_virtual_tokens: 4}", false, false, 3e-1),
+        method("prefix_tuning: {num_virtual_tokens: 4}", false, false, 3e-2),
         Method {
             checkpoint_bit_identical: false,
             ..method(
                 "prefix_tuning: {num_virtual_tokens: 3, prefix_projection: true, encoder_hidden_size: 12}",
                 false,
                 false,
-                1e-2,
-                4.5,
-            )
+                1e-2)
         },
-        method("llama_adapter: {adapter_len: 3, adapter_layers: 2}", true, true, 3e-2, 25.5),
+        method("llama_adapter: {adapter_len: 3, adapter_layers: 2}", true, true, 3e-2),
         method(
             "llama_adapter: {adapter_len: 2, adapter_layers: 1, per_head_gate: true}",
             true,
             true,
-            3e-2,
-            70.0,
-        ),
-        method("qlora: {r: 4, alpha: 8, target_modules: all-linear}", true, true, 1e-2, 1.0),
+            3e-2),
+        method("qlora: {r: 4, alpha: 8, target_modules: all-linear}", true, true, 1e-2),
         method(
             "qlora: {r: 2, alpha: 4, use_dora: true, quant_type: fp4, double_quant: false}",
             true,
             true,
-            1e-2,
-            4.9,
-        ),
-        method("lora: {r: 2, alpha: 4, trainable_token_indices: [2, 7]}", false, true, 1e-2, 5.5),
-        method("lora: {r: 2, alpha: 4, modules_to_save: [lm_head]}", false, true, 1e-2, 1.3),
+            1e-2),
+        method("lora: {r: 2, alpha: 4, trainable_token_indices: [2, 7]}", false, true, 1e-2),
+        method("lora: {r: 2, alpha: 4, modules_to_save: [lm_head]}", false, true, 1e-2),
         method(
             "qlora: {r: 2, alpha: 4, trainable_token_indices: [2], modules_to_save: [lm_head]}",
             true,
             true,
-            1e-2,
-            1.45,
-        ),
-        method("ia3: {modules_to_save: [lm_head]}", false, true, 3e-2, 2.1),
+            1e-2),
+        method("ia3: {modules_to_save: [lm_head]}", false, true, 3e-2),
     ]
 }
 
@@ -685,14 +662,21 @@ fn device_gradients_agree_with_the_cpu_f32_path() -> Result<()> {
     Ok(())
 }
 
+/// The most the gradient store may hold after backward, in adapter sizes, for every method: the
+/// trainable tensors' gradients in their own dtype and nothing else (measured 1.000 for every
+/// method on the four models, f32 and bf16). Before the `ops::*_tracked` ops the constants' entries
+/// made it up to 61× (LLaMA-Adapter with per-head gates).
+const STORE_RATIO_BOUND: f64 = 1.0;
+
 /// Issue 8, item 3, for every method: after one backward the gradient store holds the trainable
 /// tensors' gradients and nothing for constants (masks, tables, norm weights, frozen weights,
-/// the hooks' intermediate tensors). Prints both sizes and their ratio; holds the ratio to 1.
+/// the hooks' intermediate tensors). Prints both sizes and their ratio; fails on any entry that is
+/// not a variable's and on a ratio above [`STORE_RATIO_BOUND`].
 #[test]
 fn the_gradient_store_holds_about_the_adapter_after_backward() -> Result<()> {
     let (device, dtype) = device_under_test();
     let mut failures = Vec::new();
-    for (method, setup) in setups(&device, dtype) {
+    for (_, setup) in setups(&device, dtype) {
         let batch = &setup.batch;
         perturb(setup.adapter.as_ref(), 3)?;
         setup.adapter.set_mode(AdapterMode::Train { seed: 5 });
@@ -726,12 +710,17 @@ fn the_gradient_store_holds_about_the_adapter_after_backward() -> Result<()> {
             .map(|grad| format!("{:?} {:?}", grad.dims(), grad.dtype()))
             .collect();
         if !others.is_empty() {
-            eprintln!("  gradients of non-variables: {}", others.join(", "));
-        }
-        if ratio > method.store_ratio_bound + 1e-9 {
             failures.push(format!(
-                "{}: the gradient store ({store} B, {entries} tensors) holds {ratio:.3}x the adapter ({adapter} B); at most {}x",
-                setup.label, method.store_ratio_bound
+                "{}: the gradient store holds gradients of non-variables (constants given a \
+                 gradient by an op that should be a `peftpipe::ops::*_tracked` one): {}",
+                setup.label,
+                others.join(", ")
+            ));
+        }
+        if ratio > STORE_RATIO_BOUND {
+            failures.push(format!(
+                "{}: the gradient store ({store} B, {entries} tensors) holds {ratio:.3}x the adapter ({adapter} B); at most {STORE_RATIO_BOUND}x",
+                setup.label
             ));
         }
     }
@@ -838,7 +827,6 @@ fn lora_dropout_is_seeded_and_only_active_in_training() -> Result<()> {
             learning_rate: 1e-2,
             random_in_training: true,
             checkpoint_bit_identical: true,
-            store_ratio_bound: 1.0,
         },
         &device,
         dtype,

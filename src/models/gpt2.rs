@@ -208,8 +208,9 @@ impl Gpt2 {
         }
         keys.push(key);
         values.push(value);
-        let keys = Tensor::cat(&keys, 2)?;
-        let values = Tensor::cat(&values, 2)?;
+        // `cat_tracked`: layer 0's frozen keys/values beside a trained prefix get no gradient.
+        let keys = crate::ops::cat_tracked(&keys.iter().collect::<Vec<_>>(), 2)?;
+        let values = crate::ops::cat_tracked(&values.iter().collect::<Vec<_>>(), 2)?;
         let mut output = causal_attention(&query, &keys, &values, &step.mask, scale)?;
         if let Some(adapter) = hooks.adapters.get(&layer) {
             let prompt = adapter.prompt.to_dtype(dtype)?.unsqueeze(0)?;
@@ -218,7 +219,7 @@ impl Gpt2 {
             let adapter_keys = expand_batch(&adapter_keys, step.batch, dtype, "adapter key")?;
             let adapter_values = expand_batch(&adapter_values, step.batch, dtype, "adapter value")?;
             let branch = adapter_branch(&query, &adapter_keys, &adapter_values, adapter, scale)?;
-            output = (output + branch)?;
+            output = crate::ops::add_tracked(&output, &branch)?;
         }
         let output = block.attn_c_proj.forward(&merge_heads(&output)?)?;
         Ok((output, (keys, values)))
@@ -245,7 +246,7 @@ impl Gpt2 {
         let mut x = self.embed_hooked(input_ids, hooks)?;
         if let Some(prefix) = hooks.input_prefix.as_ref().filter(|_| step.virtual_len > 0) {
             let prefix = expand_batch(prefix, step.batch, self.dtype, "input prefix")?;
-            x = Tensor::cat(&[prefix, x], 1)?;
+            x = crate::ops::cat_tracked(&[&prefix, &x], 1)?;
         }
         let queries = step.positions.first().map_or(0, Vec::len);
         let positions: Vec<u32> = step.positions.iter().flatten().copied().collect();

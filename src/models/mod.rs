@@ -272,7 +272,8 @@ impl EmbeddingRows {
         let slot = slots.index_select(&ids, 0)?;
         let hidden = rows.dim(1)?;
         // Row 0 of the extended table is a placeholder for "no replacement".
-        let extended = Tensor::cat(&[&rows.zeros_like()?.narrow(0, 0, 1)?, &rows], 0)?;
+        // `*_tracked`: the placeholder row and the frozen lookup get no stored gradient.
+        let extended = crate::ops::cat_tracked(&[&rows.zeros_like()?.narrow(0, 0, 1)?, &rows], 0)?;
         let replaced = extended
             .index_select(&slot, 0)?
             .reshape((batch, length, hidden))?;
@@ -280,7 +281,7 @@ impl EmbeddingRows {
             .ne(0u32)?
             .reshape((batch, length, 1))?
             .broadcast_as((batch, length, hidden))?;
-        keep.where_cond(&replaced, base)
+        crate::ops::where_cond_tracked(&keep, &replaced, base)
     }
 }
 

@@ -8,6 +8,7 @@
 
 use candle_core::{bail, DType, Device, Result, Tensor};
 
+use super::constant::matmul_tracked;
 use super::softmax::masked_softmax;
 
 /// The additive value of a masked position: finite, so a fully masked row (a padding query) gives a
@@ -75,7 +76,9 @@ pub fn attention(
     let q = q
         .contiguous()?
         .reshape((batch, kv_heads, group * queries, head_dim))?;
-    let scores = q.matmul(&k.contiguous()?.t()?)?;
+    // `matmul_tracked`: a frozen query (layer 0's under prefix tuning) or frozen keys/values get
+    // no gradient.
+    let scores = matmul_tracked(&q, &k.contiguous()?.t()?)?;
     let scores = (scores.reshape((batch, heads, queries, keys))? * scale)?;
     let probabilities = match mask {
         Some(mask) => {
@@ -88,9 +91,7 @@ pub fn attention(
         None => masked_softmax(&scores, None)?,
     };
     let probabilities = probabilities.reshape((batch, kv_heads, group * queries, keys))?;
-    probabilities
-        .matmul(&v.contiguous()?)?
-        .reshape((batch, heads, queries, head_dim))
+    matmul_tracked(&probabilities, &v.contiguous()?)?.reshape((batch, heads, queries, head_dim))
 }
 
 #[cfg(test)]

@@ -465,7 +465,9 @@ impl CustomOp3 for FlashNode {
             &grad,
             &self.params,
         )?;
-        Ok((Some(dq), Some(dk), Some(dv)))
+        // A constant input (a frozen query or keys) gets no gradient entry.
+        let keep = |input: &Tensor, grad: Tensor| input.track_op().then_some(grad);
+        Ok((keep(q, dq), keep(k, dk), keep(v, dv)))
     }
 }
 

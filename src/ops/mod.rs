@@ -31,7 +31,10 @@ pub mod softmax;
 pub mod swiglu;
 
 pub use attention::{attention, causal_mask, MASK_VALUE};
-pub use constant::{add_constant, add_tracked, dot_constant, matmul_tracked, mul_constant};
+pub use constant::{
+    add_constant, add_tracked, broadcast_mul_tracked, cat_tracked, div_constant, dot_constant,
+    matmul_tracked, mul_constant, sub_constant, where_cond_tracked,
+};
 pub use flash::{causal_attention, flash_attention, full_attention, CausalMask, Visibility};
 pub use linear::{frozen_linear, linear};
 pub use loss::{

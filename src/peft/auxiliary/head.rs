@@ -79,18 +79,19 @@ impl LinearLayer for AuxiliaryHead {
             if let Some(last) = out.last_mut() {
                 *last = vocab;
             }
-            return flat.matmul(&weight.t()?)?.reshape(out);
+            return crate::ops::matmul_tracked(&flat, &weight.t()?)?.reshape(out);
         };
         // The trained tokens' columns of x·Wᵀ become x·rowsᵀ: the base output plus
         // x·(rows − base rows)ᵀ scattered into those columns (exactly the base at step 0).
         let Some(base_rows) = rows.base_rows() else {
             bail!("lm_head's token rows have no base rows")
         };
-        let delta = weight.sub(&base_rows.to_dtype(x.dtype())?)?;
+        // `*_tracked`: the base rows, a frozen input and the zero column get no stored gradient.
+        let delta = crate::ops::sub_constant(&weight, &base_rows.to_dtype(x.dtype())?)?;
         let base = self.inner.forward(x)?;
-        let columns = flat.matmul(&delta.t()?)?;
+        let columns = crate::ops::matmul_tracked(&flat, &delta.t()?)?;
         let zero = Tensor::zeros((positions, 1), columns.dtype(), columns.device())?;
-        let scattered = Tensor::cat(&[&zero, &columns], 1)?.index_select(slots, 1)?;
+        let scattered = crate::ops::cat_tracked(&[&zero, &columns], 1)?.index_select(slots, 1)?;
         crate::ops::add_tracked(&base, &scattered.reshape(base.shape())?)
     }
 

@@ -110,9 +110,17 @@ impl Ia3Linear {
         };
         let scale = scale.flatten_all()?.to_dtype(x.dtype())?;
         if self.feedforward {
-            crate::ops::linear(&x.broadcast_mul(&scale)?, &weight, bias.as_ref())
+            crate::ops::linear(
+                &crate::ops::broadcast_mul_tracked(x, &scale)?,
+                &weight,
+                bias.as_ref(),
+            )
         } else {
-            crate::ops::linear(x, &weight, bias.as_ref())?.broadcast_mul(&scale)
+            // `*_tracked`: layer 0's frozen input/output gets no stored gradient.
+            crate::ops::broadcast_mul_tracked(
+                &crate::ops::linear(x, &weight, bias.as_ref())?,
+                &scale,
+            )
         }
     }
 }

@@ -44,12 +44,16 @@ pub(crate) fn dora_update(
     magnitude: &Tensor,
     norm: &Tensor,
 ) -> candle_core::Result<Tensor> {
-    let factor = magnitude
-        .to_dtype(base.dtype())?
-        .div(&norm.to_dtype(base.dtype())?)?;
+    // The detached norm and a frozen base output (layer 0's) get no stored gradient.
+    let factor = crate::ops::div_constant(
+        &magnitude.to_dtype(base.dtype())?,
+        &norm.to_dtype(base.dtype())?,
+    )?;
     let shifted = factor.affine(1.0, -1.0)?;
-    base.broadcast_mul(&shifted)?
-        .add(&lora.broadcast_mul(&factor)?)
+    crate::ops::add_tracked(
+        &crate::ops::broadcast_mul_tracked(base, &shifted)?,
+        &lora.broadcast_mul(&factor)?,
+    )
 }
 
 #[cfg(test)]

@@ -256,7 +256,7 @@ impl LoraLinear {
             frozen_forward(&input.reshape(x.shape())?, &weight, None)?
         } else {
             match self.bias() {
-                Some(bias) => y.broadcast_sub(bias)?,
+                Some(bias) => crate::ops::sub_constant(&y, bias)?,
                 None => y.clone(),
             }
         };
