@@ -333,6 +333,35 @@ mod tests {
         base.add(&delta)?.reshape((x.dim(0)?, x.dim(1)?, w.dim(0)?))
     }
 
+    /// A random 0/1 mask `[rows, columns]`.
+    fn random_mask(rows: usize, columns: usize) -> Result<Tensor> {
+        Tensor::rand(0f64, 1.0, (rows, columns), &Device::Cpu)?
+            .ge(0.3)?
+            .to_dtype(DType::F64)
+    }
+
+    /// `ours` and `theirs` have equal values, and equal gradients for every one of `vars` through
+    /// the same random projection of the output; returns our gradient store.
+    fn assert_same(
+        ours: &Tensor,
+        theirs: &Tensor,
+        vars: &[&Var],
+        case: &str,
+    ) -> Result<candle_core::backprop::GradStore> {
+        let weights = Tensor::randn(0f64, 1.0, ours.dims(), &Device::Cpu)?;
+        let g_ours = ours.mul(&weights)?.sum_all()?.backward()?;
+        let g_theirs = theirs.mul(&weights)?.sum_all()?.backward()?;
+        let diff = (ours - theirs)?.abs()?.max_all()?.to_scalar::<f64>()?;
+        assert!(diff < 1e-12, "value |Δ| = {diff} ({case})");
+        for var in vars {
+            let g1 = g_ours.get(var.as_tensor()).expect("gradient");
+            let g2 = g_theirs.get(var.as_tensor()).expect("gradient");
+            let diff = (g1 - g2)?.abs()?.max_all()?.to_scalar::<f64>()?;
+            assert!(diff < 1e-12, "gradient |Δ| = {diff} ({case})");
+        }
+        Ok(g_ours)
+    }
+
     #[test]
     fn value_and_gradients_equal_the_composition() -> Result<()> {
         let device = Device::Cpu;
@@ -342,13 +371,7 @@ mod tests {
             let bias = Tensor::randn(0f64, 1.0, 4, &device)?;
             let a = Var::randn(0f64, 1.0, (2, 5), &device)?;
             let b = Var::randn(0f64, 1.0, (4, 2), &device)?;
-            let mask = with_mask
-                .then(|| {
-                    Tensor::rand(0f64, 1.0, (6, 5), &device)?
-                        .ge(0.3)?
-                        .to_dtype(DType::F64)
-                })
-                .transpose()?;
+            let mask = with_mask.then(|| random_mask(6, 5)).transpose()?;
             let base = Arc::new(DenseMap {
                 weight: w.clone(),
                 bias: Some(bias.clone()),
@@ -370,17 +393,7 @@ mod tests {
                 1.5,
                 mask.as_ref(),
             )?;
-            let weights = Tensor::randn(0f64, 1.0, (2, 3, 4), &device)?;
-            let g_ours = ours.mul(&weights)?.sum_all()?.backward()?;
-            let g_theirs = theirs.mul(&weights)?.sum_all()?.backward()?;
-            let diff = (&ours - &theirs)?.abs()?.max_all()?.to_scalar::<f64>()?;
-            assert!(diff < 1e-12, "value |Δ| = {diff}");
-            for var in [&x, &a, &b] {
-                let g1 = g_ours.get(var.as_tensor()).expect("gradient");
-                let g2 = g_theirs.get(var.as_tensor()).expect("gradient");
-                let diff = (g1 - g2)?.abs()?.max_all()?.to_scalar::<f64>()?;
-                assert!(diff < 1e-12, "gradient |Δ| = {diff} (mask: {with_mask})");
-            }
+            let g_ours = assert_same(&ours, &theirs, &[&x, &a, &b], &format!("mask: {with_mask}"))?;
             assert!(g_ours.get(&w).is_none() && g_ours.get(&bias).is_none());
         }
         Ok(())
@@ -395,13 +408,7 @@ mod tests {
             let w = Tensor::randn(0f64, 1.0, (4, 6), &device)?;
             let a = Var::randn(0f64, 1.0, (2, 6), &device)?;
             let b = Var::randn(0f64, 1.0, (4, 2), &device)?;
-            let mask = with_mask
-                .then(|| {
-                    Tensor::rand(0f64, 1.0, (6, 6), &device)?
-                        .ge(0.3)?
-                        .to_dtype(DType::F64)
-                })
-                .transpose()?;
+            let mask = with_mask.then(|| random_mask(6, 6)).transpose()?;
             let base = Arc::new(DenseMap {
                 weight: w.clone(),
                 bias: None,
@@ -426,17 +433,8 @@ mod tests {
                 0.5,
                 mask.as_ref(),
             )?;
-            let weights = Tensor::randn(0f64, 1.0, (2, 3, 4), &device)?;
-            let g_ours = ours.mul(&weights)?.sum_all()?.backward()?;
-            let g_theirs = theirs.mul(&weights)?.sum_all()?.backward()?;
-            let diff = (&ours - &theirs)?.abs()?.max_all()?.to_scalar::<f64>()?;
-            assert!(diff < 1e-12, "value |Δ| = {diff}");
-            for var in [&gate, &up, &a, &b] {
-                let g1 = g_ours.get(var.as_tensor()).expect("gradient");
-                let g2 = g_theirs.get(var.as_tensor()).expect("gradient");
-                let diff = (g1 - g2)?.abs()?.max_all()?.to_scalar::<f64>()?;
-                assert!(diff < 1e-12, "gradient |Δ| = {diff} (mask: {with_mask})");
-            }
+            let case = format!("swiglu, mask: {with_mask}");
+            assert_same(&ours, &theirs, &[&gate, &up, &a, &b], &case)?;
         }
         Ok(())
     }
