@@ -15,7 +15,9 @@
 )]
 
 use candle_core::backend::BackendStorage;
-use candle_core::cuda_backend::cudarc::driver::{DevicePtr, LaunchConfig, PushKernelArg};
+use candle_core::cuda_backend::cudarc::driver::{
+    DevicePtr, LaunchArgs, LaunchConfig, PushKernelArg,
+};
 use candle_core::cuda_backend::WrapErr;
 use candle_core::op::BackpropOp;
 use candle_core::{bail, CudaStorage, DType, Device, Layout, Result, Storage, Tensor};
@@ -72,9 +74,7 @@ pub(super) fn dequantize(inner: &Inner, dtype: DType) -> Result<Tensor> {
         }
         other => bail!("nf4 kernels: unsupported output dtype {other:?}"),
     };
-    let packed = address(&inner.packed)?;
-    let code = address(&inner.code)?;
-    let absmax = AbsmaxArgs::of(inner)?;
+    let weight = WeightArgs::of(inner)?;
     let block_size = inner.block_size as i32;
     let count64 = count as u64;
     let blocks = count.div_ceil(2).div_ceil(256).clamp(1, 132 * 32) as u32;
@@ -85,14 +85,7 @@ pub(super) fn dequantize(inner: &Inner, dtype: DType) -> Result<Tensor> {
     };
     let function = device.get_or_load_custom_func(name, MODULE, PTX)?;
     let mut builder = function.builder();
-    builder.arg(&packed);
-    builder.arg(&code);
-    builder.arg(&absmax.plain);
-    builder.arg(&absmax.quantized);
-    builder.arg(&absmax.nested_scale);
-    builder.arg(&absmax.nested_code);
-    builder.arg(&absmax.offset);
-    builder.arg(&absmax.nested_block);
+    weight.push(&mut builder);
     builder.arg(&block_size);
     builder.arg(&count64);
     builder.arg(&out);
@@ -107,8 +100,11 @@ pub(super) fn dequantize(inner: &Inner, dtype: DType) -> Result<Tensor> {
     ))
 }
 
-/// The kernels' `Absmax` arguments (`kernels/nf4.cu`): plain `f32` absmax, or the nested state.
-struct AbsmaxArgs {
+/// The weight's kernel arguments, in the order every kernel of `kernels/nf4.cu` takes them: the
+/// packed codes, the code table, then `Absmax` (plain `f32` absmax, or the nested state).
+struct WeightArgs {
+    packed: u64,
+    code: u64,
     plain: u64,
     quantized: u64,
     nested_scale: u64,
@@ -117,10 +113,13 @@ struct AbsmaxArgs {
     nested_block: i32,
 }
 
-impl AbsmaxArgs {
+impl WeightArgs {
     fn of(inner: &Inner) -> Result<Self> {
+        let (packed, table) = (address(&inner.packed)?, address(&inner.code)?);
         Ok(match &inner.absmax {
             DeviceAbsmax::Plain(values) => Self {
+                packed,
+                code: table,
                 plain: address(values)?,
                 quantized: 0,
                 nested_scale: 0,
@@ -135,6 +134,8 @@ impl AbsmaxArgs {
                 block_size,
                 offset,
             } => Self {
+                packed,
+                code: table,
                 plain: 0,
                 quantized: address(quantized)?,
                 nested_scale: address(scale)?,
@@ -145,6 +146,18 @@ impl AbsmaxArgs {
                 })?,
             },
         })
+    }
+
+    /// Push the eight arguments onto a launch.
+    fn push<'a>(&'a self, builder: &mut LaunchArgs<'a>) {
+        builder.arg(&self.packed);
+        builder.arg(&self.code);
+        builder.arg(&self.plain);
+        builder.arg(&self.quantized);
+        builder.arg(&self.nested_scale);
+        builder.arg(&self.nested_code);
+        builder.arg(&self.offset);
+        builder.arg(&self.nested_block);
     }
 }
 
@@ -231,12 +244,10 @@ pub(super) fn fused_matmul(
         }
         other => bail!("nf4 kernels: the fused GEMM takes bf16 or f16, not {other:?}"),
     };
-    let packed = address(&inner.packed)?;
-    if packed % 8 != 0 {
+    let weight = WeightArgs::of(inner)?;
+    if weight.packed % 8 != 0 {
         bail!("nf4 kernels: the packed weight is not 8-byte aligned")
     }
-    let code = address(&inner.code)?;
-    let absmax = AbsmaxArgs::of(inner)?;
     let log2_block = inner.block_size.trailing_zeros() as i32;
     let name = format!(
         "nf4_gemm_{}_{dtype_name}_{tile}",
@@ -250,14 +261,7 @@ pub(super) fn fused_matmul(
     let function = device.get_or_load_custom_func(&name, MODULE, PTX)?;
     let mut builder = function.builder();
     builder.arg(&act_address);
-    builder.arg(&packed);
-    builder.arg(&code);
-    builder.arg(&absmax.plain);
-    builder.arg(&absmax.quantized);
-    builder.arg(&absmax.nested_scale);
-    builder.arg(&absmax.nested_code);
-    builder.arg(&absmax.offset);
-    builder.arg(&absmax.nested_block);
+    weight.push(&mut builder);
     builder.arg(&log2_block);
     builder.arg(&rows32);
     builder.arg(&out32);
