@@ -17,7 +17,8 @@ use super::{
     QuantizedLinearWeights,
 };
 use crate::ops::{
-    add_tracked, apply_rope, causal_attention, full_attention, rms_norm, RotaryEmbedding,
+    add_residual, attention_heads, causal_attention, full_attention, rms_norm, rope_heads,
+    RotaryEmbedding,
 };
 
 /// Build one linear layer from `vb` (`weight [out, in]`, optional `bias [out]`) via the factory;
@@ -146,11 +147,13 @@ impl SelfAttention {
         cached: Option<&(Tensor, Tensor)>,
     ) -> Result<(Tensor, (Tensor, Tensor))> {
         let dtype = x.dtype();
-        let query = split_heads(&self.q_proj.forward(x)?, self.heads, self.head_dim)?;
-        let key = split_heads(&self.k_proj.forward(x)?, self.kv_heads, self.head_dim)?;
-        let value = split_heads(&self.v_proj.forward(x)?, self.kv_heads, self.head_dim)?;
-        let query = apply_rope(&query, cos, sin)?;
-        let key = apply_rope(&key, cos, sin)?;
+        // On CUDA the heads stay where the projections wrote them (`[B, T, heads, D]` views, RoPE
+        // written in place) and the flash kernels read them there; elsewhere they are copied into
+        // `[B, heads, T, D]` (ops::rope_heads, ops::attention_heads).
+        let (heads, kv_heads, dim) = (self.heads, self.kv_heads, self.head_dim);
+        let query = rope_heads(self.q_proj.forward(x)?, heads, dim, cos, sin)?;
+        let key = rope_heads(self.k_proj.forward(x)?, kv_heads, dim, cos, sin)?;
+        let value = attention_heads(&self.v_proj.forward(x)?, kv_heads, dim)?;
 
         let mut keys = Vec::with_capacity(3);
         let mut values = Vec::with_capacity(3);
@@ -387,10 +390,12 @@ impl Llama {
         let (attended, key_values) = layer
             .self_attn
             .forward(index, &normed, cos, sin, step, hooks, cached)?;
-        // `add_tracked`: layer 0's input (the embeddings) is a constant; it gets no gradient.
-        let x = add_tracked(x, &attended)?;
+        // `add_residual`: layer 0's input (the embeddings) is a constant and gets no gradient; on
+        // CUDA the sum is written into the branch's output (each branch output is read by nothing
+        // else, `LinearLayer::forward`).
+        let x = add_residual(attended, x)?;
         let normed = rms_norm(&x, &layer.post_attention_layernorm, self.rms_norm_eps)?;
-        let x = add_tracked(&x, &layer.mlp.forward(&normed)?)?;
+        let x = add_residual(layer.mlp.forward(&normed)?, &x)?;
         Ok((x, key_values))
     }
 }

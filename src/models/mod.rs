@@ -45,6 +45,10 @@ pub use tokenizer::{GenerationConfig, ModelTokenizer};
 
 /// A linear layer as a model uses it: `y = x·Wᵀ (+ b)` or any adapted variant.
 pub trait LinearLayer: Send + Sync {
+    /// The output is the caller's: no backward of the layer reads it (gradients come from the
+    /// inputs and weights), so a model may write into it (`ops::rope_heads`, `ops::add_residual`
+    /// do so on CUDA when its buffer is shared with no other tensor). The same holds for
+    /// [`LinearLayer::forward_swiglu`].
     fn forward(&self, x: &Tensor) -> Result<Tensor>;
 
     /// `forward(silu(gate) · up)`: a Llama MLP's down projection. A layer may compute it without
