@@ -126,12 +126,13 @@ where
     N: Fn(&Tensor) -> Result<Tensor> + Send + Sync + 'static,
     G: Fn(&Tensor, &Tensor) -> Result<Tensor> + Send + Sync + 'static,
 {
-    // A norm without a bias passes an empty constant in its place: it never gets a gradient.
+    // A norm without a bias passes an empty constant in its place: it never gets a gradient and
+    // is never read (on the CPU, so no device allocates an empty buffer for it).
     let no_bias;
     let bias = match bias {
         Some(bias) => bias,
         None => {
-            no_bias = Tensor::zeros(0, weight.dtype(), weight.device())?;
+            no_bias = Tensor::zeros(0, weight.dtype(), &candle_core::Device::Cpu)?;
             &no_bias
         }
     };
