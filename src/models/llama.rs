@@ -14,7 +14,7 @@ use super::config::{LlamaConfig, ModelConfig};
 use super::sequence::{expand_batch, plan, Step};
 use super::{
     AdapterPrompt, CausalLm, Hooks, KvCache, LayerPlan, LinearFactory, LinearLayer, LinearWeights,
-    QuantizedLinearWeights,
+    NormWeights, QuantizedLinearWeights,
 };
 use crate::ops::{
     add_residual, attention_heads, causal_attention, full_attention, rms_norm, rope_heads,
@@ -252,10 +252,45 @@ impl Mlp {
     }
 }
 
+/// One RMSNorm: its frozen weight and module path (under which [`Hooks::norms`] may replace it).
+struct RmsNorm {
+    path: String,
+    weight: Tensor,
+}
+
+impl RmsNorm {
+    fn load(vb: &VarBuilder, path: String, hidden: usize) -> Result<Self> {
+        Ok(Self {
+            path,
+            weight: vb.get(hidden, "weight")?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor, eps: f64, hooks: &Hooks) -> Result<Tensor> {
+        match hooks.norms.get(&self.path) {
+            None => rms_norm(x, &self.weight, eps),
+            Some(NormWeights { bias: Some(_), .. }) => {
+                bail!("norm `{}`: an RMSNorm has no bias", self.path)
+            }
+            Some(replaced) => rms_norm(x, &replaced.weight, eps),
+        }
+    }
+
+    fn weights(&self) -> (String, NormWeights) {
+        (
+            self.path.clone(),
+            NormWeights {
+                weight: self.weight.clone(),
+                bias: None,
+            },
+        )
+    }
+}
+
 struct DecoderLayer {
-    input_layernorm: Tensor,
+    input_layernorm: RmsNorm,
     self_attn: SelfAttention,
-    post_attention_layernorm: Tensor,
+    post_attention_layernorm: RmsNorm,
     mlp: Mlp,
 }
 
@@ -276,7 +311,7 @@ pub struct Llama {
     rms_norm_eps: f64,
     embed_tokens: Tensor,
     layers: Vec<DecoderLayer>,
-    norm: Tensor,
+    norm: RmsNorm,
     lm_head: Box<dyn LinearLayer>,
     rotary: RotaryEmbedding,
     device: Device,
@@ -302,20 +337,26 @@ impl Llama {
             let path = format!("model.layers.{i}");
             let layer = model.pp(format!("layers.{i}"));
             layers.push(DecoderLayer {
-                input_layernorm: layer.pp("input_layernorm").get(c.hidden_size, "weight")?,
+                input_layernorm: RmsNorm::load(
+                    &layer.pp("input_layernorm"),
+                    format!("{path}.input_layernorm"),
+                    c.hidden_size,
+                )?,
                 self_attn: SelfAttention::load(
                     &layer.pp("self_attn"),
                     factory,
                     &format!("{path}.self_attn"),
                     c,
                 )?,
-                post_attention_layernorm: layer
-                    .pp("post_attention_layernorm")
-                    .get(c.hidden_size, "weight")?,
+                post_attention_layernorm: RmsNorm::load(
+                    &layer.pp("post_attention_layernorm"),
+                    format!("{path}.post_attention_layernorm"),
+                    c.hidden_size,
+                )?,
                 mlp: Mlp::load(&layer.pp("mlp"), factory, &format!("{path}.mlp"), c)?,
             });
         }
-        let norm = model.pp("norm").get(c.hidden_size, "weight")?;
+        let norm = RmsNorm::load(&model.pp("norm"), "model.norm".into(), c.hidden_size)?;
         let head_weight = if c.tie_word_embeddings {
             embed_tokens.clone()
         } else {
@@ -386,7 +427,7 @@ impl Llama {
             .layers
             .get(index)
             .ok_or_else(|| candle_core::Error::Msg(format!("no decoder layer {index}")))?;
-        let normed = rms_norm(x, &layer.input_layernorm, self.rms_norm_eps)?;
+        let normed = layer.input_layernorm.forward(x, self.rms_norm_eps, hooks)?;
         let (attended, key_values) = layer
             .self_attn
             .forward(index, &normed, cos, sin, step, hooks, cached)?;
@@ -394,7 +435,9 @@ impl Llama {
         // CUDA the sum is written into the branch's output (each branch output is read by nothing
         // else, `LinearLayer::forward`).
         let x = add_residual(attended, x)?;
-        let normed = rms_norm(&x, &layer.post_attention_layernorm, self.rms_norm_eps)?;
+        let normed = layer
+            .post_attention_layernorm
+            .forward(&x, self.rms_norm_eps, hooks)?;
         let x = add_residual(layer.mlp.forward(&normed)?, &x)?;
         Ok((x, key_values))
     }
@@ -415,6 +458,16 @@ impl CausalLm for Llama {
 
     fn token_embeddings(&self) -> &Tensor {
         &self.embed_tokens
+    }
+
+    fn norms(&self) -> Vec<(String, NormWeights)> {
+        let mut norms = Vec::with_capacity(2 * self.layers.len() + 1);
+        for layer in &self.layers {
+            norms.push(layer.input_layernorm.weights());
+            norms.push(layer.post_attention_layernorm.weights());
+        }
+        norms.push(self.norm.weights());
+        norms
     }
 
     fn lm_head(&self) -> &dyn LinearLayer {
@@ -457,7 +510,7 @@ impl CausalLm for Llama {
         if let Some(cache) = cache {
             cache.valid = step.key_valid;
         }
-        rms_norm(&x, &self.norm, self.rms_norm_eps)
+        self.norm.forward(&x, self.rms_norm_eps, hooks)
     }
 
     fn layer_plan(
@@ -490,7 +543,7 @@ impl CausalLm for Llama {
             .0)
     }
 
-    fn final_norm(&self, x: &Tensor) -> Result<Tensor> {
-        rms_norm(x, &self.norm, self.rms_norm_eps)
+    fn final_norm(&self, x: &Tensor, hooks: &Hooks) -> Result<Tensor> {
+        self.norm.forward(x, self.rms_norm_eps, hooks)
     }
 }

@@ -396,11 +396,32 @@ impl CustomOp3 for RmsNormBackward {
     }
 }
 
-/// RMSNorm forward and backward in one kernel each; the weight (frozen) gets no gradient.
+/// RMSNorm forward and backward in one kernel each. A frozen weight gets no gradient (the op
+/// tracks `x` alone); a tracked one (a trained copy) gets `Σ g·x̂` through
+/// [`super::norm::attach_trained`], the input's gradient still from the backward kernel.
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
     let x = x.contiguous()?;
+    let trained_weight = weight.track_op().then(|| weight.clone());
     let weight = weight.detach().to_dtype(x.dtype())?.contiguous()?;
     let op = RmsNorm { eps: eps as f32 };
+    if let Some(trained_weight) = trained_weight {
+        let output = x.apply_op2_no_bwd(&weight, &op)?;
+        return super::norm::attach_trained(
+            "fused-rms-norm-trained",
+            &x,
+            &trained_weight,
+            None,
+            output,
+            move |x| super::norm::rms_normalized(x, eps),
+            move |x, grad| {
+                x.apply_op3_no_bwd(
+                    &weight,
+                    &grad.contiguous()?,
+                    &RmsNormBackward { eps: op.eps },
+                )
+            },
+        );
+    }
     if x.track_op() {
         x.apply_op2(&weight, op)
     } else {
