@@ -81,6 +81,26 @@ pub fn dot_constant(x: &Tensor, constant: &Tensor) -> Result<Tensor> {
     })
 }
 
+/// The root of a local backward that gives `x` exactly the upstream gradient `constant` (`x`'s
+/// shape, in `x`'s dtype): what `dot_constant(x, constant).backward()` gives, without computing
+/// `Σ x · c` (its value is never read) or multiplying the gradient by the root's 1. The returned
+/// scalar is 0 and means nothing: it must be the tensor `backward()` is called on (its own gradient
+/// is then 1, which the backward does not read), never part of a larger expression.
+pub fn gradient_seed(x: &Tensor, constant: &Tensor) -> Result<Tensor> {
+    if x.shape() != constant.shape() {
+        bail!(
+            "gradient_seed: the gradient {:?} must have the input's shape {:?}",
+            constant.shape(),
+            x.shape()
+        )
+    }
+    let constant = constant.detach().to_dtype(x.dtype())?;
+    let output = Tensor::zeros((), candle_core::DType::F32, x.device())?;
+    with_backward("gradient-seed", x, output, move |_x, _y, _grad| {
+        Ok(constant.clone())
+    })
+}
+
 /// `a + b` (same shape) differentiating only the operands that are part of the graph: where one
 /// is a constant (e.g. the embeddings entering layer 0, a frozen layer's output), it is added
 /// through [`add_constant`], so the store keeps no gradient for it. The same values as `a + b`.
@@ -200,9 +220,30 @@ mod tests {
     use candle_core::{Device, Tensor, Var};
 
     use super::{
-        add_tracked, broadcast_mul_tracked, cat_tracked, div_constant, dot_constant,
+        add_tracked, broadcast_mul_tracked, cat_tracked, div_constant, dot_constant, gradient_seed,
         matmul_tracked, mul_constant, sub_constant, where_cond_tracked,
     };
+
+    /// The seed gives every tracked input behind `x` the gradients `dot_constant(x, c)` gives
+    /// (bit for bit, as checkpointing's bit-identity needs), and the constant none.
+    #[test]
+    fn gradient_seed_gives_what_dot_constant_gives() -> candle_core::Result<()> {
+        let device = Device::Cpu;
+        let w = Var::from_tensor(&Tensor::randn(0f32, 1.0, (5, 7), &device)?)?;
+        let input = Tensor::randn(0f32, 1.0, (3, 5), &device)?;
+        let x = input.matmul(w.as_tensor())?.tanh()?;
+        let c = Tensor::randn(0f32, 1.0, (3, 7), &device)?;
+        let flat = |t: &Tensor| t.flatten_all()?.to_vec1::<f32>();
+        let seeded = gradient_seed(&x, &c)?.backward()?;
+        let dotted = dot_constant(&x, &c)?.backward()?;
+        assert_eq!(
+            flat(seeded.get(w.as_tensor()).expect("gradient"))?,
+            flat(dotted.get(w.as_tensor()).expect("gradient"))?
+        );
+        assert!(seeded.get(&c).is_none());
+        assert!(gradient_seed(&x, &c.t()?).is_err());
+        Ok(())
+    }
 
     /// `ours` and `theirs` (the same function built on our op and on candle's) give the same value
     /// and the same gradients to `vars` (summed against `weights` so every entry matters); ours

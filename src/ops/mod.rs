@@ -33,7 +33,7 @@ pub mod swiglu;
 pub use attention::{attention, causal_mask, MASK_VALUE};
 pub use constant::{
     add_constant, add_residual, add_tracked, broadcast_mul_tracked, cat_tracked, div_constant,
-    dot_constant, matmul_tracked, mul_constant, sub_constant, where_cond_tracked,
+    dot_constant, gradient_seed, matmul_tracked, mul_constant, sub_constant, where_cond_tracked,
 };
 pub use flash::{
     attention_heads, causal_attention, flash_attention, full_attention, CausalMask, Visibility,

@@ -5,7 +5,8 @@
 //! decoder layer on the *detached* previous output (so no graph outlives the layer), saving its
 //! input; then final norm + head + loss, whose graph is kept (its backward runs first, right after).
 //! Backward walks the layers in reverse: recompute layer `i` on a tracked copy of its saved input,
-//! backpropagate `Σ layer_out · grad_out` ([`crate::ops::dot_constant`]) locally, add the adapter
+//! backpropagate from a seed that hands `grad_out` to the layer's output
+//! ([`crate::ops::gradient_seed`]) locally, add the adapter
 //! variables' gradients to the running sums and pass the input's gradient down; the embedding part
 //! last when it has trainable inputs. Works for every model (through [`CausalLm`]'s pieces) and
 //! every PEFT method (layer methods through the model's linear layers, prompt methods through
@@ -15,7 +16,7 @@
 //! adapter's seed for the micro-batch and the layer's path (see `peft::lora`), which stay set from
 //! forward to backward. On the CPU the gradients are bit-identical to the whole-graph backward
 //! (`tests/checkpointing.rs`): each local backward runs the same ops in the same order as the
-//! corresponding part of the full backward, and a gradient seeded by `dot_constant` is `1 · g`.
+//! corresponding part of the full backward, and the seed hands the layer's output `g` itself.
 //! Must not: know PEFT methods, pipelines or the trainer's bookkeeping.
 
 use candle_core::{Device, Result, Tensor, Var};
@@ -24,7 +25,7 @@ use super::pass::{accumulate, ForwardPass};
 use super::trainer::LossModel;
 use crate::data::batch::HostBatch;
 use crate::models::{CausalLm, Hooks, LayerPlan};
-use crate::ops::dot_constant;
+use crate::ops::gradient_seed;
 use crate::peft::Adapter;
 
 /// A causal LM (adapter injected) scored with next-token cross-entropy like
@@ -185,7 +186,7 @@ impl ForwardPass for LayeredPass<'_> {
             let input = Var::from_tensor(&saved)?;
             drop(saved);
             let output = model.layer(index, input.as_tensor(), &plan, &hooks)?;
-            let mut store = dot_constant(&output, &gradient)?.backward()?;
+            let mut store = gradient_seed(&output, &gradient)?.backward()?;
             drop(output);
             gradient = take_input_gradient(&mut store, input.as_tensor())?;
             accumulate(&mut sums, store, variables)?;
@@ -193,7 +194,7 @@ impl ForwardPass for LayeredPass<'_> {
         // The embedding part, when trainable inputs (prompt tuning) reach it.
         if embedding_tracked {
             let embedded = model.layer_input(&input_ids, &plan, &hooks)?;
-            let store = dot_constant(&embedded, &gradient)?.backward()?;
+            let store = gradient_seed(&embedded, &gradient)?.backward()?;
             accumulate(&mut sums, store, variables)?;
         }
         Ok(sums)
