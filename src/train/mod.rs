@@ -6,6 +6,7 @@
 
 pub mod bench;
 pub mod checkpoint;
+pub mod distributed;
 pub mod evaluation;
 pub mod layered;
 pub mod memory;
