@@ -61,6 +61,8 @@
 //! `None` (AdamW skips it, as it would on one GPU).
 
 pub mod local;
+#[cfg(feature = "cuda")]
+pub mod nccl;
 pub mod rendezvous;
 mod world;
 
