@@ -5,9 +5,9 @@
 //!
 //! # The world
 //! A run of `W` ranks is one process per GPU. The processes are started either by
-//! `peftpipe run --devices N` or by an outside launcher (torchrun, accelerate, a cluster's own
-//! scripts) that sets the torchrun variables: `RANK` (global rank, `0..WORLD_SIZE`),
-//! `WORLD_SIZE`, `LOCAL_RANK` (the rank on its host, which picks the CUDA device ordinal),
+//! [`launch::launch`] (one child per GPU on this host, for `peftpipe run --devices N`) or by an
+//! outside launcher (torchrun, accelerate, a cluster's own scripts) that sets the torchrun
+//! variables: `RANK` (global rank, `0..WORLD_SIZE`), `WORLD_SIZE`, `LOCAL_RANK` (the rank on its host, which picks the CUDA device ordinal),
 //! `MASTER_ADDR`/`MASTER_PORT` (where rank 0 listens for the rendezvous) and, for several hosts,
 //! `NODE_RANK`. [`World::from_env`] reads them: none set is a world of one (single-GPU training);
 //! some set and some missing, a value that does not parse, or `RANK >= WORLD_SIZE` is an error
@@ -60,6 +60,7 @@
 //! the others (as its full-batch gradient would include them); one with none on every rank keeps
 //! `None` (AdamW skips it, as it would on one GPU).
 
+pub mod launch;
 pub mod local;
 #[cfg(feature = "cuda")]
 pub mod nccl;

@@ -409,3 +409,89 @@ fn the_rendezvous_ends_within_its_timeout_with_a_clear_error() {
     let error = server.join().unwrap().unwrap_err().to_string();
     assert!(error.contains("has WORLD_SIZE=4, rank 0 has 2"), "{error}");
 }
+
+#[cfg(unix)]
+mod launcher {
+    use super::super::launch::{launch, LaunchError, LaunchPlan};
+    use std::time::{Duration, Instant};
+
+    fn plan(script: &str, devices: Vec<usize>) -> LaunchPlan {
+        LaunchPlan {
+            program: "sh".into(),
+            args: vec!["-c".into(), script.into()],
+            devices,
+            master_port: 29517,
+        }
+    }
+
+    #[test]
+    fn every_rank_gets_the_torchrun_environment() {
+        let dir = tempfile::tempdir().unwrap();
+        let script = format!(
+            "echo \"$RANK $LOCAL_RANK $WORLD_SIZE $NODE_RANK $MASTER_ADDR $MASTER_PORT \
+             $CUDA_VISIBLE_DEVICES $NCCL_NVLS_ENABLE\" > {}/rank$RANK",
+            dir.path().display()
+        );
+        launch(&plan(&script, vec![2, 5, 7]), Duration::from_secs(30)).unwrap();
+        for rank in 0..3 {
+            let line = std::fs::read_to_string(dir.path().join(format!("rank{rank}"))).unwrap();
+            assert_eq!(
+                line.trim(),
+                format!("{rank} {rank} 3 0 127.0.0.1 29517 2,5,7 0")
+            );
+        }
+    }
+
+    #[test]
+    fn a_failing_rank_stops_the_others_and_is_named() {
+        let started = Instant::now();
+        let error = launch(
+            &plan(
+                "if [ $RANK = 1 ]; then exit 3; fi; exec sleep 30",
+                vec![0, 1, 2],
+            ),
+            Duration::from_secs(60),
+        )
+        .unwrap_err();
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "the others were not stopped"
+        );
+        assert!(
+            matches!(&error, LaunchError::RankFailed { rank: 1, device: 1, status } if status.code() == Some(3)),
+            "{error}"
+        );
+        assert!(
+            error.to_string().contains("rank 1 (GPU 1) failed"),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn a_run_past_the_timeout_is_stopped() {
+        let started = Instant::now();
+        let error = launch(
+            &plan("exec sleep 30", vec![0, 1]),
+            Duration::from_millis(300),
+        )
+        .unwrap_err();
+        assert!(started.elapsed() < Duration::from_secs(10));
+        assert!(
+            matches!(&error, LaunchError::Timeout { running, .. } if running == &[0, 1]),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn a_missing_program_is_a_clear_error() {
+        let mut plan = plan("", vec![0, 1]);
+        plan.program = "/nonexistent/peftpipe".into();
+        let error = launch(&plan, Duration::from_secs(5))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("cannot start rank 0 (/nonexistent/peftpipe)"),
+            "{error}"
+        );
+    }
+}
