@@ -7,13 +7,20 @@
 //! A run of `W` ranks is one process per GPU. The processes are started either by
 //! [`launch::launch`] (one child per GPU on this host, for `peftpipe run --devices N`) or by an
 //! outside launcher (torchrun, accelerate, a cluster's own scripts) that sets the torchrun
-//! variables: `RANK` (global rank, `0..WORLD_SIZE`), `WORLD_SIZE`, `LOCAL_RANK` (the rank on its host, which picks the CUDA device ordinal),
-//! `MASTER_ADDR`/`MASTER_PORT` (where rank 0 listens for the rendezvous) and, for several hosts,
-//! `NODE_RANK`. [`World::from_env`] reads them: none set is a world of one (single-GPU training);
+//! variables: `RANK` (global rank, `0..WORLD_SIZE`), `WORLD_SIZE`, `LOCAL_RANK` (the rank on
+//! its host, which picks the CUDA device ordinal), `MASTER_ADDR`/`MASTER_PORT` (where rank 0
+//! listens for the rendezvous) and, for several hosts, `NODE_RANK`. [`World::from_env`] reads them: none set is a world of one (single-GPU training);
 //! some set and some missing, a value that does not parse, or `RANK >= WORLD_SIZE` is an error
 //! naming the variable and its value. Several hosts work through the same variables: every host
 //! runs one process per GPU with its own `NODE_RANK` and the same `MASTER_ADDR` (a host rank 0
 //! can be reached at) and `MASTER_PORT`.
+//!
+//! # Status
+//! The pieces above and [`crate::train::train_data_parallel`] exist and are tested on the CPU
+//! with in-process ranks. Not wired yet: the `train: {devices: …}` setting, `peftpipe run
+//! --devices N` (which is to call [`launch::launch`] with the peftpipe binary), and the train
+//! stage choosing `nccl::NcclCommunicator` when [`World::from_env`] finds several ranks (with
+//! only rank 0 storing the artifact). The NCCL path compiles but has not run on several GPUs.
 //!
 //! # Communicators
 //! [`Communicator`] is the three collectives data parallelism needs: all-reduce-sum of an f32
