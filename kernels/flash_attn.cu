@@ -188,13 +188,21 @@ __device__ void flash_forward(const T* __restrict__ q, const T* __restrict__ k, 
 // Backward, step 1: delta[row] = Σ_d dO[row][d]·O[row][d], one warp per row.
 template <typename T>
 __device__ void flash_backward_delta(const T* __restrict__ o, const T* __restrict__ grad,
-                                     float* __restrict__ delta, long long rows, int dim) {
+                                     float* __restrict__ delta, long long rows, int dim, int heads,
+                                     int queries, int bthd) {
     const long long row = (long long)blockIdx.x * (THREADS / 32) + threadIdx.x / 32;
     const int lane = threadIdx.x % 32;
     if (row >= rows) return;
+    // `row` is (b·heads + h)·queries + t; o and grad are stored [B, H, T, D] or, with `bthd`,
+    // [B, T, H, D] (fa2::row_offset).
+    long long at = row * dim;
+    if (bthd) {
+        const long long bh = row / queries, t = row % queries, b = bh / heads, h = bh % heads;
+        at = ((b * queries + t) * heads + h) * dim;
+    }
     float sum = 0.0f;
     for (int d = lane; d < dim; d += 32)
-        sum += to_f(o[row * dim + d]) * to_f(grad[row * dim + d]);
+        sum += to_f(o[at + d]) * to_f(grad[at + d]);
 #pragma unroll
     for (int step = 16; step > 0; step >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, step);
     if (lane == 0) delta[row] = sum;
@@ -894,10 +902,10 @@ template <> __device__ __forceinline__ uint32_t pack<__half>(float lo, float hi)
 
 // ---- end of fa2 primitives ----
 
-// ROWS × D elements of `src` (row stride D, `available` rows exist, src 16-byte aligned and
+// ROWS × D elements of `src` (row stride `stride`, `available` rows exist, src 16-byte aligned and
 // pointing at an existing row) into `dst` (row stride D + SPAD), zero rows past `available`.
 template <typename T, int ROWS, int D>
-__device__ __forceinline__ void load_rows(T* dst, const T* __restrict__ src, int available) {
+__device__ __forceinline__ void load_rows(T* dst, const T* __restrict__ src, int available, int stride) {
     constexpr int CHUNKS = D / 8;
     static_assert((ROWS * CHUNKS) % NT == 0, "every thread copies the same number of chunks");
 #pragma unroll
@@ -905,7 +913,7 @@ __device__ __forceinline__ void load_rows(T* dst, const T* __restrict__ src, int
         const int index = threadIdx.x + pass * NT;
         const int r = index / CHUNKS, c = (index % CHUNKS) * 8;
         const bool inside = r < available;
-        cp_async16(dst + r * (D + SPAD) + c, inside ? src + (size_t)r * D + c : src, inside);
+        cp_async16(dst + r * (D + SPAD) + c, inside ? src + (size_t)r * stride + c : src, inside);
     }
 }
 
@@ -957,24 +965,32 @@ __device__ __forceinline__ void gemm_px(float (&acc)[N / 8][4], const float (&p)
     }
 }
 
-// This warp's 16 × D accumulator (rows `row0 + r` relative to `dst`, which has row stride D) to
-// global memory in T, times `factor`, rows at or past `rows_left` skipped.
+// This warp's 16 × D accumulator (rows `row0 + r` relative to `dst`, which has row stride
+// `stride`) to global memory in T, times `factor`, rows at or past `rows_left` skipped.
 template <typename T, int D>
 __device__ __forceinline__ void store_rows(T* dst, const float (&acc)[D / 8][4], float factor0, float factor1,
-                                           int rows_left) {
+                                           int rows_left, int stride) {
     const int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
         const int r = g + 8 * half;
         if (r >= rows_left) continue;
         const float factor = half == 0 ? factor0 : factor1;
-        T* row = dst + (size_t)r * D + 2 * t;
+        T* row = dst + (size_t)r * stride + 2 * t;
 #pragma unroll
         for (int j = 0; j < D / 8; ++j)
             *reinterpret_cast<uint32_t*>(row + 8 * j) =
                 pack<T>(acc[j][2 * half] * factor, acc[j][2 * half + 1] * factor);
     }
 }
+
+// Element offset of row `t` of head `h` of batch `b` of a logical [B, heads, length, D] tensor
+// stored as [B, heads, length, D] (`bthd` 0: row stride D) or as [B, length, heads, D] (`bthd` 1:
+// row stride heads·D, the layout of a projection's [B, T, heads·D] output, read without a copy).
+__device__ __forceinline__ size_t row_offset(int b, int h, int t, int heads, int length, int d, int bthd) {
+    return bthd ? (((size_t)b * length + t) * heads + h) * d : (((size_t)b * heads + h) * length + t) * d;
+}
+__device__ __forceinline__ int row_stride(int heads, int d, int bthd) { return bthd ? heads * d : d; }
 
 template <int N> __device__ __forceinline__ void zero(float (&acc)[N][4]) {
 #pragma unroll
@@ -989,7 +1005,8 @@ template <int N> __device__ __forceinline__ void zero(float (&acc)[N][4]) {
 template <typename T, int D>
 __device__ void forward(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
                         const unsigned char* __restrict__ valid, T* __restrict__ o, float* __restrict__ lse,
-                        int heads, int kv_heads, int queries, int keys, int offset, int causal, float scale) {
+                        int heads, int kv_heads, int queries, int keys, int offset, int causal, float scale,
+                        int q_bthd, int kv_bthd) {
     constexpr int BQ = FWD_BQ, BK = FWD_BK, LD = D + SPAD;
     require_smem(forward_smem<D>());
     extern __shared__ __align__(16) unsigned char smem[];
@@ -1003,15 +1020,16 @@ __device__ void forward(const T* __restrict__ q, const T* __restrict__ k, const 
     const int kvh = h / (heads / kv_heads);
     const int q0 = blockIdx.x * BQ;
     const int warp_q0 = q0 + 16 * warp;  // this warp's first query
-    const T* kb = k + (size_t)(b * kv_heads + kvh) * keys * D;
-    const T* vb = v + (size_t)(b * kv_heads + kvh) * keys * D;
+    const int qst = row_stride(heads, D, q_bthd), kst = row_stride(kv_heads, D, kv_bthd);
+    const T* kb = k + row_offset(b, kvh, 0, kv_heads, keys, D, kv_bthd);
+    const T* vb = v + row_offset(b, kvh, 0, kv_heads, keys, D, kv_bthd);
     const unsigned char* valid_row = valid ? valid + (size_t)b * keys : nullptr;
     const int last_row = min(q0 + BQ, queries) - 1;
     const int key_end = causal ? min(keys, offset + last_row + 1) : keys;
     const float scale_log2 = scale * LOG2E;
 
-    load_rows<T, BQ, D>(qs, q + ((size_t)bh * queries + q0) * D, queries - q0);
-    if (key_end > 0) load_rows<T, BK, D>(ks, kb, keys);
+    load_rows<T, BQ, D>(qs, q + row_offset(b, h, q0, heads, queries, D, q_bthd), queries - q0, qst);
+    if (key_end > 0) load_rows<T, BK, D>(ks, kb, keys, kst);
     cp_async_commit();
 
     float acc[D / 8][4];
@@ -1024,7 +1042,7 @@ __device__ void forward(const T* __restrict__ q, const T* __restrict__ k, const 
             for (int c = threadIdx.x; c < BK; c += NT) key_ok[c] = k0 + c < keys ? valid_row[k0 + c] : 0;
         cp_async_wait<0>();
         __syncthreads();  // K (and Q) landed, key_ok written; every warp is done with V and key_ok
-        load_rows<T, BK, D>(vs, vb + (size_t)k0 * D, keys - k0);
+        load_rows<T, BK, D>(vs, vb + (size_t)k0 * kst, keys - k0, kst);
         cp_async_commit();
 
         float s[BK / 8][4];
@@ -1073,7 +1091,7 @@ __device__ void forward(const T* __restrict__ q, const T* __restrict__ k, const 
         }
         cp_async_wait<0>();
         __syncthreads();  // V landed; every warp is done with K
-        if (k0 + BK < key_end) load_rows<T, BK, D>(ks, kb + (size_t)(k0 + BK) * D, keys - k0 - BK);
+        if (k0 + BK < key_end) load_rows<T, BK, D>(ks, kb + (size_t)(k0 + BK) * kst, keys - k0 - BK, kst);
         cp_async_commit();
         gemm_px<T, BK, D, LD>(acc, s, vs);
     }
@@ -1090,7 +1108,8 @@ __device__ void forward(const T* __restrict__ q, const T* __restrict__ k, const 
         if (t == 0 && row < queries)
             lse[(size_t)bh * queries + row] = l > 0.0f ? row_max[half] * scale + logf(l) : -INFINITY;
     }
-    store_rows<T, D>(o + ((size_t)bh * queries + warp_q0) * D, acc, inverse[0], inverse[1], queries - warp_q0);
+    store_rows<T, D>(o + row_offset(b, h, warp_q0, heads, queries, D, q_bthd), acc, inverse[0], inverse[1],
+                     queries - warp_q0, qst);
 }
 
 // dK, dV for one 64-key tile of one kv head, over every query head of its group and every query
@@ -1103,7 +1122,7 @@ __device__ void backward_dkdv(const T* __restrict__ q, const T* __restrict__ k, 
                               const unsigned char* __restrict__ valid, const T* __restrict__ grad,
                               const float* __restrict__ lse, const float* __restrict__ delta,
                               T* __restrict__ dk, T* __restrict__ dv, int heads, int kv_heads, int queries,
-                              int keys, int offset, int causal, float scale) {
+                              int keys, int offset, int causal, float scale, int q_bthd, int kv_bthd) {
     constexpr int BQ = dkdv_bq<D>(), BK = BWD_BK, LD = D + SPAD;
     require_smem(dkdv_smem<D>());
     extern __shared__ __align__(16) unsigned char smem[];
@@ -1126,19 +1145,22 @@ __device__ void backward_dkdv(const T* __restrict__ q, const T* __restrict__ k, 
     const int tiles = queries > q_start ? (queries - q_start + BQ - 1) / BQ : 0;
     const int steps = group * tiles;
 
-    load_rows<T, BK, D>(ks, k + ((size_t)bkv * keys + k0) * D, keys - k0);
-    load_rows<T, BK, D>(vs, v + ((size_t)bkv * keys + k0) * D, keys - k0);
+    const int qst = row_stride(heads, D, q_bthd), kst = row_stride(kv_heads, D, kv_bthd);
+    const size_t k_row0 = row_offset(b, kvh, k0, kv_heads, keys, D, kv_bthd);
+    load_rows<T, BK, D>(ks, k + k_row0, keys - k0, kst);
+    load_rows<T, BK, D>(vs, v + k_row0, keys - k0, kst);
     for (int c = threadIdx.x; c < BK; c += NT)
         key_ok[c] = k0 + c < keys && (valid_row == nullptr || valid_row[k0 + c] != 0);
     // Step `step` = (head kvh·group + step / tiles, query tile q_start + BQ·(step % tiles)) into
     // `buffer`: Q and dO by cp.async, lse·log2(e) (+inf where the row sees nothing or does not
     // exist: P = 0 there) and delta by plain stores.
     auto issue = [&](int step, int buffer) {
-        const int bh = b * heads + kvh * group + step / tiles;
+        const int h = kvh * group + step / tiles, bh = b * heads + h;
         const int tile_q0 = q_start + BQ * (step % tiles);
         T* qs = qs0 + buffer * 2 * BQ * LD;
-        load_rows<T, BQ, D>(qs, q + ((size_t)bh * queries + tile_q0) * D, queries - tile_q0);
-        load_rows<T, BQ, D>(qs + BQ * LD, grad + ((size_t)bh * queries + tile_q0) * D, queries - tile_q0);
+        const size_t q_row0 = row_offset(b, h, tile_q0, heads, queries, D, q_bthd);
+        load_rows<T, BQ, D>(qs, q + q_row0, queries - tile_q0, qst);
+        load_rows<T, BQ, D>(qs + BQ * LD, grad + q_row0, queries - tile_q0, qst);
         float* lse_s = lse0 + buffer * 2 * BQ;
         for (int r = threadIdx.x; r < BQ; r += NT) {
             const bool inside = tile_q0 + r < queries;
@@ -1191,9 +1213,9 @@ __device__ void backward_dkdv(const T* __restrict__ q, const T* __restrict__ k, 
         __syncthreads();  // every warp is done with this buffer before step + 2 refills it
     }
     cp_async_wait<0>();
-    const size_t base = ((size_t)bkv * keys + warp_k0) * D;
-    store_rows<T, D>(dk + base, acc_dk, scale, scale, keys - warp_k0);
-    store_rows<T, D>(dv + base, acc_dv, 1.0f, 1.0f, keys - warp_k0);
+    const size_t base = row_offset(b, kvh, warp_k0, kv_heads, keys, D, kv_bthd);
+    store_rows<T, D>(dk + base, acc_dk, scale, scale, keys - warp_k0, kst);
+    store_rows<T, D>(dv + base, acc_dv, 1.0f, 1.0f, keys - warp_k0, kst);
 }
 
 // dQ for one 64-query tile over the key tiles it can see; warp w owns queries q0 + 16w ..
@@ -1202,7 +1224,8 @@ template <typename T, int D>
 __device__ void backward_dq(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
                             const unsigned char* __restrict__ valid, const T* __restrict__ grad,
                             const float* __restrict__ lse, const float* __restrict__ delta, T* __restrict__ dq,
-                            int heads, int kv_heads, int queries, int keys, int offset, int causal, float scale) {
+                            int heads, int kv_heads, int queries, int keys, int offset, int causal, float scale,
+                            int q_bthd, int kv_bthd) {
     constexpr int BQ = DQ_BQ, BK = DQ_BK, LD = D + SPAD;
     require_smem(dq_smem<D>());
     extern __shared__ __align__(16) unsigned char smem[];
@@ -1216,8 +1239,9 @@ __device__ void backward_dq(const T* __restrict__ q, const T* __restrict__ k, co
     const int kvh = h / (heads / kv_heads);
     const int q0 = blockIdx.x * BQ;
     const int warp_q0 = q0 + 16 * warp;
-    const T* kb = k + (size_t)(b * kv_heads + kvh) * keys * D;
-    const T* vb = v + (size_t)(b * kv_heads + kvh) * keys * D;
+    const int qst = row_stride(heads, D, q_bthd), kst = row_stride(kv_heads, D, kv_bthd);
+    const T* kb = k + row_offset(b, kvh, 0, kv_heads, keys, D, kv_bthd);
+    const T* vb = v + row_offset(b, kvh, 0, kv_heads, keys, D, kv_bthd);
     const unsigned char* valid_row = valid ? valid + (size_t)b * keys : nullptr;
     const float scale_log2 = scale * LOG2E;
     const int last_row = min(q0 + BQ, queries) - 1;
@@ -1227,14 +1251,15 @@ __device__ void backward_dq(const T* __restrict__ q, const T* __restrict__ k, co
     auto issue = [&](int step, int buffer) {
         const int tile_k0 = step * BK;
         T* ks = ks0 + buffer * 2 * BK * LD;
-        load_rows<T, BK, D>(ks, kb + (size_t)tile_k0 * D, keys - tile_k0);
-        load_rows<T, BK, D>(ks + BK * LD, vb + (size_t)tile_k0 * D, keys - tile_k0);
+        load_rows<T, BK, D>(ks, kb + (size_t)tile_k0 * kst, keys - tile_k0, kst);
+        load_rows<T, BK, D>(ks + BK * LD, vb + (size_t)tile_k0 * kst, keys - tile_k0, kst);
         unsigned char* key_ok = key_ok0 + buffer * BK;
         for (int c = threadIdx.x; c < BK; c += NT)
             key_ok[c] = tile_k0 + c < keys && (valid_row == nullptr || valid_row[tile_k0 + c] != 0);
     };
-    load_rows<T, BQ, D>(qs, q + ((size_t)bh * queries + q0) * D, queries - q0);
-    load_rows<T, BQ, D>(dos, grad + ((size_t)bh * queries + q0) * D, queries - q0);
+    const size_t q_row0 = row_offset(b, h, q0, heads, queries, D, q_bthd);
+    load_rows<T, BQ, D>(qs, q + q_row0, queries - q0, qst);
+    load_rows<T, BQ, D>(dos, grad + q_row0, queries - q0, qst);
     if (steps > 0) issue(0, 0);
     cp_async_commit();
     // Rows g and g + 8 of this warp: lse·log2(e) (+inf: no visible key or no such row → P = 0), delta.
@@ -1286,7 +1311,8 @@ __device__ void backward_dq(const T* __restrict__ q, const T* __restrict__ k, co
         __syncthreads();  // every warp is done with this buffer before step + 2 refills it
     }
     cp_async_wait<0>();
-    store_rows<T, D>(dq + ((size_t)bh * queries + warp_q0) * D, acc, scale, scale, queries - warp_q0);
+    store_rows<T, D>(dq + row_offset(b, h, warp_q0, heads, queries, D, q_bthd), acc, scale, scale,
+                     queries - warp_q0, qst);
 }
 
 }  // namespace fa2
@@ -1322,8 +1348,9 @@ __device__ void backward_dq(const T* __restrict__ q, const T* __restrict__ k, co
     FLASH_ENTRIES(T, SUFFIX, 64, 64, 32, 32, 32)                                                         \
     FLASH_ENTRIES(T, SUFFIX, 128, 32, 32, 16, 16)                                                        \
     extern "C" __global__ void __launch_bounds__(THREADS) flash_backward_delta_##SUFFIX(                   \
-        const T* o, const T* grad, float* delta, long long rows, int dim) {                              \
-        flash_backward_delta<T>(o, grad, delta, rows, dim);                                              \
+        const T* o, const T* grad, float* delta, long long rows, int dim, int heads, int queries,         \
+        int bthd) {                                                                                      \
+        flash_backward_delta<T>(o, grad, delta, rows, dim, heads, queries, bthd);                        \
     }
 
 FLASH_DTYPE(bf16, bf16)
@@ -1364,22 +1391,24 @@ FLASH_TC_ENTRIES(__half, f16, 128, 32, 32, 16, 32)
 #define FLASH_MMA_ENTRIES(T, SUFFIX, D)                                                                   \
     extern "C" __global__ void __launch_bounds__(fa2::NT) flash_mma_forward_##SUFFIX##_d##D(               \
         const T* q, const T* k, const T* v, const unsigned char* valid, T* o, float* lse, int heads,      \
-        int kv_heads, int queries, int keys, int offset, int causal, float scale) {                       \
-        fa2::forward<T, D>(q, k, v, valid, o, lse, heads, kv_heads, queries, keys, offset, causal, scale); \
+        int kv_heads, int queries, int keys, int offset, int causal, float scale, int q_bthd,             \
+        int kv_bthd) {                                                                                   \
+        fa2::forward<T, D>(q, k, v, valid, o, lse, heads, kv_heads, queries, keys, offset, causal, scale, \
+                           q_bthd, kv_bthd);                                                             \
     }                                                                                                    \
     extern "C" __global__ void __launch_bounds__(fa2::NT) flash_mma_backward_dkdv_##SUFFIX##_d##D(         \
         const T* q, const T* k, const T* v, const unsigned char* valid, const T* grad, const float* lse,  \
         const float* delta, T* dk, T* dv, int heads, int kv_heads, int queries, int keys, int offset,     \
-        int causal, float scale) {                                                                       \
+        int causal, float scale, int q_bthd, int kv_bthd) {                                              \
         fa2::backward_dkdv<T, D>(q, k, v, valid, grad, lse, delta, dk, dv, heads, kv_heads, queries, keys, \
-                                 offset, causal, scale);                                                 \
+                                 offset, causal, scale, q_bthd, kv_bthd);                                \
     }                                                                                                    \
     extern "C" __global__ void __launch_bounds__(fa2::NT) flash_mma_backward_dq_##SUFFIX##_d##D(           \
         const T* q, const T* k, const T* v, const unsigned char* valid, const T* grad, const float* lse,  \
         const float* delta, T* dq, int heads, int kv_heads, int queries, int keys, int offset,            \
-        int causal, float scale) {                                                                       \
+        int causal, float scale, int q_bthd, int kv_bthd) {                                              \
         fa2::backward_dq<T, D>(q, k, v, valid, grad, lse, delta, dq, heads, kv_heads, queries, keys,     \
-                               offset, causal, scale);                                                   \
+                               offset, causal, scale, q_bthd, kv_bthd);                                  \
     }
 
 FLASH_MMA_ENTRIES(bf16, bf16, 64)

@@ -104,11 +104,11 @@ extern "C" __global__ void rms_norm_backward_f32(const float* x, const float* w,
 // RoPE, rotate-half layout: x [B, H, T, D], tables cos/sin [B, T, D/2]. One thread per pair
 // (i, i + D/2). `sign` = +1 forward, −1 backward (the transpose of a rotation is the rotation by −θ).
 template <typename T>
-__device__ void rope(const T* x, const T* cos, const T* sin, T* y, int heads, int length, int half, float sign, size_t pairs) {
+__device__ void rope(const T* x, const T* cos, const T* sin, T* y, int heads, int length, int half, float sign, size_t pairs, int bthd) {
     for (size_t p = blockIdx.x * (size_t)blockDim.x + threadIdx.x; p < pairs; p += (size_t)gridDim.x * blockDim.x) {
-        const size_t row = p / half;                 // (b, h, t) flattened
+        const size_t row = p / half;                 // (b, h, t) flattened, or (b, t, h) with `bthd`
         const int i = (int)(p % half);
-        const size_t t = row % length;
+        const size_t t = bthd ? (row / heads) % length : row % length;
         const size_t b = row / ((size_t)length * heads);
         const size_t table = (b * length + t) * half + i;
         const float c = to_float(cos[table]), s = sign * to_float(sin[table]);
@@ -118,8 +118,19 @@ __device__ void rope(const T* x, const T* cos, const T* sin, T* y, int heads, in
         y[base + half] = from_float<T>(x2 * c + x1 * s);
     }
 }
-extern "C" __global__ void rope_bf16(const bf16* x, const bf16* c, const bf16* s, bf16* y, int heads, int length, int half, float sign, size_t pairs) { rope(x, c, s, y, heads, length, half, sign, pairs); }
-extern "C" __global__ void rope_f32(const float* x, const float* c, const float* s, float* y, int heads, int length, int half, float sign, size_t pairs) { rope(x, c, s, y, heads, length, half, sign, pairs); }
+// `x` and `y` may be one buffer (each pair is read before it is written): RoPE in place.
+extern "C" __global__ void rope_bf16(const bf16* x, const bf16* c, const bf16* s, bf16* y, int heads, int length, int half, float sign, size_t pairs, int bthd) { rope(x, c, s, y, heads, length, half, sign, pairs, bthd); }
+extern "C" __global__ void rope_f32(const float* x, const float* c, const float* s, float* y, int heads, int length, int half, float sign, size_t pairs, int bthd) { rope(x, c, s, y, heads, length, half, sign, pairs, bthd); }
+
+// ---------------------------------------------------------------------------------------------
+// y += x in place (a residual connection added into the branch output it follows).
+template <typename T>
+__device__ void add_into(T* y, const T* x, size_t n) {
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
+        y[i] = from_float<T>(to_float(y[i]) + to_float(x[i]));
+}
+extern "C" __global__ void add_into_bf16(bf16* y, const bf16* x, size_t n) { add_into(y, x, n); }
+extern "C" __global__ void add_into_f32(float* y, const float* x, size_t n) { add_into(y, x, n); }
 
 // ---------------------------------------------------------------------------------------------
 // SwiGLU: h = silu(gate) · up. Backward writes [2, n]: d_gate = g·up·silu'(gate), d_up = g·silu(gate),

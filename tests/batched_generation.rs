@@ -2,8 +2,10 @@
 //! prompts of different lengths, left-padded into one batch, on stories260k (Llama) with and
 //! without each of its reference PEFT adapters (LoRA, prefix tuning, prompt tuning, LLaMA-Adapter)
 //! and on the tiny GPT-2 with and without a LoRA adapter; greedy and seeded sampling; rows that
-//! finish early leave the batch (the KV cache shrinks) without changing the others. Needs
-//! `PEFTPIPE_SHARED` (skips with a printed reason).
+//! finish early leave the batch (the KV cache shrinks) without changing the others; evaluate's
+//! text completions (exact match, samples: batches grouped by length, rows ending at stop
+//! strings) equal one-at-a-time greedy decoding. Needs `PEFTPIPE_SHARED` (skips with a printed
+//! reason).
 #![expect(clippy::print_stderr, reason = "tests print why they skip")]
 
 mod support;
@@ -13,6 +15,8 @@ use std::path::Path;
 use candle_core::{DType, Device, Tensor};
 use peftpipe::infer::generate::{generate, generate_batch, GenerationSettings};
 use peftpipe::infer::session::{generate_many, generate_one, GenerateRequest, InferenceModel};
+use peftpipe::infer::text::decode_continuation;
+use peftpipe::infer::{complete_prompts, Completion};
 use peftpipe::infer::{Sampling, TextCodec};
 use peftpipe::models::ModelDir;
 use peftpipe::peft::{Adapter, LoraAdapter, LoraSettings, TargetModules};
@@ -111,6 +115,125 @@ fn stories260k_batches_decode_like_single_prompts_with_and_without_adapters() ->
     ] {
         let dir = root.join("reference").join(adapter);
         batched_equals_alone(&load(&root, Some(&dir)), adapter)?;
+    }
+    Ok(())
+}
+
+/// What evaluate did before it batched: each prompt alone, greedy, stopped once its text holds a
+/// stop string, the text cut there.
+fn complete_alone(
+    model: &InferenceModel,
+    prompt: &[u32],
+    settings: &GenerationSettings,
+    stop: &[String],
+) -> Result<Completion, Box<dyn std::error::Error>> {
+    let generated = generate(&model.language_model(), prompt, settings, |tokens| {
+        let text = decode_continuation(&model.tokenizer, prompt, tokens).unwrap_or_default();
+        stop.iter().any(|s| text.contains(s.as_str()))
+    })?;
+    let mut text = decode_continuation(&model.tokenizer, prompt, &generated.token_ids)?;
+    if let Some(cut) = stop.iter().filter_map(|s| text.find(s.as_str())).min() {
+        text.truncate(cut);
+    }
+    Ok(Completion {
+        text,
+        stop_reason: generated.stop_reason,
+    })
+}
+
+/// Evaluate's completions in batches of every size equal the one-at-a-time ones, with and without
+/// stop strings; the stop strings do stop some rows (else the test proves less than it says).
+fn completions_equal_alone(model: &InferenceModel, what: &str) -> TestResult {
+    let mut prompts = PROMPTS.iter().map(|p| p.to_string()).collect::<Vec<_>>();
+    prompts.extend([
+        "Lily and Ben".to_string(),
+        "One day, a little bird".to_string(),
+        "The cat said".to_string(),
+    ]);
+    let encoded = prompts
+        .iter()
+        .map(|prompt| model.tokenizer.encode_prompt(prompt))
+        .collect::<Result<Vec<_>, _>>()?;
+    let settings = GenerationSettings {
+        max_new_tokens: 32,
+        sampling: Sampling::Greedy,
+        eos_token_ids: model.tokenizer.eos_token_ids.clone(),
+        max_length: Some(model.max_length()),
+    };
+    let unstopped = encoded
+        .iter()
+        .map(|prompt| complete_alone(model, prompt, &settings, &[]))
+        .collect::<Result<Vec<_>, _>>()?;
+    // Stop strings this model's text holds: three characters from the middle of two rows'
+    // unstopped completions (so those rows, at least, stop early).
+    let stops: Vec<String> = [0, 3]
+        .iter()
+        .filter_map(|&row| {
+            let chars: Vec<char> = unstopped[row].text.chars().collect();
+            let middle = chars.len() / 2;
+            (chars.len() >= 8).then(|| chars[middle..middle + 3].iter().collect())
+        })
+        .collect();
+    assert!(
+        !stops.is_empty(),
+        "{what}: completions too short: {unstopped:?}"
+    );
+    for stop in [vec![], stops] {
+        let alone = encoded
+            .iter()
+            .map(|prompt| complete_alone(model, prompt, &settings, &stop))
+            .collect::<Result<Vec<_>, _>>()?;
+        if !stop.is_empty() {
+            let stopped = alone
+                .iter()
+                .filter(|c| c.stop_reason == peftpipe::infer::StopReason::StopCondition)
+                .count();
+            assert!(stopped >= 1, "{what}: no row met a stop string of {stop:?}");
+        }
+        assert!(
+            alone.iter().any(|c| !c.text.is_empty()),
+            "{what}: every completion is empty"
+        );
+        for batch_size in [2, 3, encoded.len()] {
+            let mut reported = Vec::new();
+            let batched = complete_prompts(
+                &model.language_model(),
+                &model.tokenizer,
+                &encoded,
+                &settings,
+                &stop,
+                batch_size,
+                |done| {
+                    reported.push(done);
+                    Ok::<_, candle_core::Error>(())
+                },
+            )?;
+            for (row, (together, alone)) in batched.iter().zip(&alone).enumerate() {
+                assert_eq!(
+                    together, alone,
+                    "{what}, stop {stop:?}, batch_size {batch_size}: prompt {row} ({:?})",
+                    prompts[row]
+                );
+            }
+            assert_eq!(batched.len(), alone.len());
+            assert_eq!(reported.last(), Some(&encoded.len()));
+            assert_eq!(reported.len(), encoded.len().div_ceil(batch_size));
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn stories260k_evaluate_completions_in_batches_equal_one_at_a_time() -> TestResult {
+    let Some(shared) = shared_dir() else {
+        eprintln!("skipped: PEFTPIPE_SHARED not set");
+        return Ok(());
+    };
+    let root = shared.join("models/stories260k");
+    completions_equal_alone(&load(&root, None), "stories260k")?;
+    for adapter in ["peft_lora", "peft_prefix_tuning"] {
+        let dir = root.join("reference").join(adapter);
+        completions_equal_alone(&load(&root, Some(&dir)), adapter)?;
     }
     Ok(())
 }

@@ -601,6 +601,169 @@ fn flash_attention_wmma_matches_the_cpu_reference() -> Result<()> {
     Ok(())
 }
 
+/// `x` (logical `[B, H, T, D]`) stored as `[B, T, H, D]`: the layout of a projection's output
+/// viewed as heads, which the FlashAttention-2-style kernels read where it lies.
+fn stored_bthd(x: &Tensor) -> Result<Tensor> {
+    x.transpose(1, 2)?.contiguous()?.transpose(1, 2)
+}
+
+/// Output and every gradient of `f` on the GPU, in `dtype`, under the fixed projection.
+fn output_and_grads(
+    gpu: &Device,
+    dtype: DType,
+    inputs: &[Tensor],
+    f: &dyn Fn(&[Tensor]) -> Result<Tensor>,
+) -> Result<Vec<Vec<f32>>> {
+    let vars = inputs
+        .iter()
+        .map(|t| Var::from_tensor(&t.to_dtype(dtype)?.to_device(gpu)?))
+        .collect::<Result<Vec<_>>>()?;
+    let tensors: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+    let output = f(&tensors)?;
+    let projection = projection(output.dims())?.to_device(gpu)?;
+    let grads = (output.to_dtype(DType::F32)? * projection)?
+        .sum_all()?
+        .backward()?;
+    let mut all = vec![values(&output)?];
+    for var in &vars {
+        let grad = grads
+            .get(var.as_tensor())
+            .ok_or_else(|| candle_core::Error::Msg("an input got no gradient".into()))?;
+        all.push(values(grad)?);
+    }
+    Ok(all)
+}
+
+/// Heads stored `[B, T, H, D]` (q, k/v, or all three) give the same output and gradients, bit for
+/// bit, as contiguous heads — the kernels differ only in where they read and write — and both agree
+/// with the CPU reference.
+#[test]
+fn flash_attention_reads_heads_where_they_lie() -> Result<()> {
+    let Some(gpu) = gpu() else { return Ok(()) };
+    for dim in [64, 128] {
+        let scale = 1.0 / (dim as f64).sqrt();
+        for case in flash_cases() {
+            let case = &case;
+            for dtype in [DType::BF16, DType::F16] {
+                let seen = case.rows_seen()?;
+                let inputs = case.inputs(dim)?;
+                let run = |q_strided: bool, kv_strided: bool| {
+                    let seen = seen.clone();
+                    move |t: &[Tensor]| -> Result<Tensor> {
+                        let pick = |x: &Tensor, strided: bool| {
+                            if strided {
+                                stored_bthd(x)
+                            } else {
+                                Ok(x.clone())
+                            }
+                        };
+                        let q = pick(&t[0], q_strided)?;
+                        let (k, v) = (pick(&t[1], kv_strided)?, pick(&t[2], kv_strided)?);
+                        let output = case.run(&[q, k, v], scale)?;
+                        let seen = seen.to_device(t[0].device())?.to_dtype(output.dtype())?;
+                        output.broadcast_mul(&seen)
+                    }
+                };
+                let contiguous = output_and_grads(&gpu, dtype, &inputs, &run(false, false))?;
+                for (q_strided, kv_strided) in [(true, true), (true, false), (false, true)] {
+                    let name = format!(
+                        "flash d{dim} {} (q {}, k/v {})",
+                        case.name,
+                        if q_strided { "[B,T,H,D]" } else { "contiguous" },
+                        if kv_strided {
+                            "[B,T,H,D]"
+                        } else {
+                            "contiguous"
+                        },
+                    );
+                    let strided =
+                        output_and_grads(&gpu, dtype, &inputs, &run(q_strided, kv_strided))?;
+                    for (index, (a, b)) in strided.iter().zip(&contiguous).enumerate() {
+                        let differ = a.iter().zip(b).filter(|(x, y)| x.to_bits() != y.to_bits());
+                        assert_eq!(
+                            differ.count(),
+                            0,
+                            "{name} {dtype:?}: result {index} (0 = output) differs from contiguous heads"
+                        );
+                    }
+                    compare(&name, &gpu, dtype, &inputs, &run(q_strided, kv_strided))?;
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `ops::rope_heads` on CUDA (RoPE written into the projection's buffer, heads left where they
+/// lie) against the CPU's split + rotate, values and gradients; a projection output shared with
+/// another tensor is rotated into a new buffer and left as it was.
+#[test]
+fn rope_heads_in_place_matches_the_cpu_reference() -> Result<()> {
+    let Some(gpu) = gpu() else { return Ok(()) };
+    let rotary = ops::RotaryEmbedding::new(64, 500000.0, None)?;
+    let positions = vec![
+        (0..37u32).collect::<Vec<_>>(),
+        (0..37u32).map(|p| p.saturating_sub(5) + 100).collect(),
+    ];
+    for dtype in [DType::BF16, DType::F32] {
+        let x = random(&[2, 37, 4 * 64], 1.0)?;
+        // A fresh buffer (`x · 1`): rotated in place on CUDA.
+        compare(
+            "rope_heads (fresh)",
+            &gpu,
+            dtype,
+            std::slice::from_ref(&x),
+            &|t| {
+                let (cos, sin) = rotary.tables(&positions, t[0].device(), t[0].dtype())?;
+                ops::rope_heads((&t[0] * 1.0)?, 4, 64, &cos, &sin)
+            },
+        )?;
+        // The variable's own buffer is shared (the Var holds it): never written.
+        compare(
+            "rope_heads (shared)",
+            &gpu,
+            dtype,
+            std::slice::from_ref(&x),
+            &|t| {
+                let before = values(&t[0])?;
+                let (cos, sin) = rotary.tables(&positions, t[0].device(), t[0].dtype())?;
+                let rotated = ops::rope_heads(t[0].clone(), 4, 64, &cos, &sin)?;
+                assert_eq!(
+                    values(&t[0])?,
+                    before,
+                    "rope_heads wrote into a buffer it shares"
+                );
+                Ok(rotated)
+            },
+        )?;
+    }
+    Ok(())
+}
+
+/// `ops::add_residual` on CUDA (the sum written into the branch's buffer) against the CPU's add,
+/// values and both gradients; a branch shared with another tensor is left as it was.
+#[test]
+fn add_residual_in_place_matches_the_cpu_reference() -> Result<()> {
+    let Some(gpu) = gpu() else { return Ok(()) };
+    for dtype in [DType::BF16, DType::F32] {
+        let inputs = [random(&[3, 17, 256], 1.0)?, random(&[3, 17, 256], 1.0)?];
+        compare("add_residual (fresh)", &gpu, dtype, &inputs, &|t| {
+            ops::add_residual((&t[1] * 1.0)?, &t[0])
+        })?;
+        compare("add_residual (shared)", &gpu, dtype, &inputs, &|t| {
+            let before = values(&t[1])?;
+            let sum = ops::add_residual(t[1].clone(), &t[0])?;
+            assert_eq!(
+                values(&t[1])?,
+                before,
+                "add_residual wrote into a buffer it shares"
+            );
+            Ok(sum)
+        })?;
+    }
+    Ok(())
+}
+
 /// Queries that see no key (a fully padded row) give output 0 and send no gradient anywhere;
 /// nothing is NaN. Two cases: 5 such queries, and 70 (a whole 64-query tile and a 64-key tile of
 /// padding), at both head dims.

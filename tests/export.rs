@@ -619,6 +619,120 @@ fn merged_export_writes_trained_token_rows_and_modules_to_save() -> TestResult {
     Ok(())
 }
 
+/// The merged export of norms trained as modules to save (PEFT's `ModulesToSaveWrapper` around
+/// an RMSNorm / a LayerNorm), through the export stage: stories260k with `modules_to_save: [norm]`
+/// (PEFT's suffix match: every one of its 2·5 + 1 RMSNorms) and tiny-gpt2-random with
+/// `[ln_1, ln_f]` (weight and bias). The merged checkpoint holds exactly the adapter file's trained
+/// norm tensors, leaves every other norm bit-identical, and gives the adapter's logits.
+#[test]
+fn merged_export_writes_trained_norm_copies() -> TestResult {
+    let Some(shared) = shared_dir() else {
+        eprintln!("skipped: PEFTPIPE_SHARED not set");
+        return Ok(());
+    };
+    use peftpipe::infer::session::InferenceModel;
+    use peftpipe::infer::LanguageModel;
+    // (base, its logits file, method, trained norm tensors in the checkpoint)
+    let cases = [
+        (
+            "stories260k",
+            "reference/base_logits.safetensors",
+            "lora: {r: 4, alpha: 8, modules_to_save: [norm]}",
+            11,
+        ),
+        (
+            "tiny-gpt2-random",
+            "reference_logits.safetensors",
+            "lora: {r: 2, alpha: 4, modules_to_save: [ln_1, ln_f]}",
+            0,
+        ),
+    ];
+    for (model, logits_file, yaml, llama_norms) in cases {
+        let base = shared.join("models").join(model);
+        let project = tempfile::tempdir()?;
+        let trained = project.path().join("trained");
+        auxiliary_adapter(&base, yaml, &trained)?;
+        let saved = candle_core::safetensors::load(
+            trained.join("adapter_model.safetensors"),
+            &Device::Cpu,
+        )?;
+        // The adapter file's norm tensors, by checkpoint name (PEFT's prefix removed).
+        let norms: HashMap<String, Tensor> = saved
+            .iter()
+            .filter(|(name, tensor)| !name.contains(".lora_") && tensor.rank() == 1)
+            .map(|(name, tensor)| {
+                let name = name.trim_start_matches("base_model.model.");
+                (name.to_string(), tensor.clone())
+            })
+            .collect();
+        let train = fake_train_artifact(project.path(), &trained, &base);
+        export(project.path(), &train, config(Some("a"), Some("m")), false)?;
+        let merged_dir = project.path().join("m");
+        let base_tensors =
+            candle_core::safetensors::load(base.join("model.safetensors"), &Device::Cpu)?;
+        let merged_tensors =
+            candle_core::safetensors::load(merged_dir.join("model.safetensors"), &Device::Cpu)?;
+        // GPT-2 checkpoints may store names without `transformer.`.
+        let trained_value = |name: &str| {
+            norms
+                .get(name)
+                .or_else(|| norms.get(&format!("transformer.{name}")))
+        };
+        let mut written = 0;
+        for (name, merged) in &merged_tensors {
+            let is_norm = merged.rank() == 1 && (name.contains("norm") || name.contains("ln_"));
+            if !is_norm {
+                continue;
+            }
+            match trained_value(name) {
+                Some(trained) => {
+                    assert_eq!(max_difference(merged, trained), 0.0, "{yaml}: {name}");
+                    assert!(
+                        max_difference(merged, &base_tensors[name]) > 0.0,
+                        "{yaml}: {name} kept the base values"
+                    );
+                    written += 1;
+                }
+                None => assert_eq!(
+                    max_difference(merged, &base_tensors[name]),
+                    0.0,
+                    "{yaml}: the untrained {name} changed"
+                ),
+            }
+        }
+        assert_eq!(
+            written,
+            norms.len(),
+            "{yaml}: every trained norm tensor is written"
+        );
+        if llama_norms > 0 {
+            assert_eq!(written, llama_norms, "{yaml}");
+        } else {
+            // ln_1 of each of the two blocks and ln_f, weight and bias.
+            assert_eq!(written, 2 * 3, "{yaml}");
+        }
+        let inputs = candle_core::safetensors::load(base.join(logits_file), &Device::Cpu)?;
+        let ids = inputs["input_ids"].to_dtype(DType::U32)?;
+        let mask = inputs["attention_mask"].to_dtype(DType::U32)?;
+        let adapted = InferenceModel::load(
+            &base,
+            Some(&project.path().join("a")),
+            None,
+            &Device::Cpu,
+            DType::F32,
+        )?;
+        let merged = InferenceModel::load(&merged_dir, None, None, &Device::Cpu, DType::F32)?;
+        let adapted_logits = adapted.language_model().logits(&ids, &mask)?;
+        let merged_logits = merged.language_model().logits(&ids, &mask)?;
+        let versus_merged = masked_max_abs(&adapted_logits, &merged_logits, &mask)?;
+        let moved = masked_max_abs(&adapted_logits, &inputs["logits"], &mask)?;
+        eprintln!("{model} {yaml}: adapter vs merged export {versus_merged:e}; vs base {moved:e}");
+        assert!(versus_merged <= 1e-4, "{yaml}: {versus_merged}");
+        assert!(moved > 1e-3, "{yaml}: the adapter is a no-op ({moved})");
+    }
+    Ok(())
+}
+
 /// GPT-2 (tied head, embedding `transformer.wte`, Conv1D linears): `trainable_token_indices` in
 /// PEFT's mapping form names `wte`; the merged checkpoint changes exactly those rows of
 /// `wte.weight`, stays tied, and gives the adapter's logits.

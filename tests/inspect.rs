@@ -285,7 +285,7 @@ fn method_counts_equal_peft_on_the_real_configs() -> TestResult {
         "prefix_tuning:\n  num_virtual_tokens: 200\n  prefix_projection: false\n",
     )?;
     let file = file.to_string_lossy().to_string();
-    let cases: [(&Path, &str, &str, u64); 8] = [
+    let cases: [(&Path, &str, &str, u64); 10] = [
         (
             &llama_3b,
             "prompt_tuning: {num_virtual_tokens: 200}",
@@ -325,6 +325,20 @@ fn method_counts_equal_peft_on_the_real_configs() -> TestResult {
             "qlora: {r: 32, target_modules: [q_proj, v_proj]}",
             "qlora",
             9_175_040,
+        ),
+        // Norms as modules to save: hidden (3072) per RMSNorm copy; `norm` ends the name of
+        // all 2 · 28 + 1 of them (PEFT's suffix match).
+        (
+            &llama_3b,
+            "lora: {r: 32, target_modules: [q_proj, v_proj], modules_to_save: [norm]}",
+            "lora",
+            9_175_040 + 57 * 3072,
+        ),
+        (
+            &llama_3b,
+            "ia3: {modules_to_save: [model.norm, input_layernorm]}",
+            "ia3",
+            286_720 + 29 * 3072,
         ),
     ];
     for (config, method, name, expected) in cases {

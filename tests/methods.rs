@@ -137,6 +137,11 @@ fn auxiliary_cases() -> Vec<Case> {
         case("lora: {r: 2, alpha: 4, use_dora: true, modules_to_save: [embed_tokens]}"),
         case("qlora: {r: 2, alpha: 4, trainable_token_indices: [2], modules_to_save: [lm_head]}"),
         case("ia3: {modules_to_save: [embed_tokens, lm_head]}"),
+        // Norms (PEFT's ModulesToSaveWrapper around an RMSNorm): `norm` ends every norm's name.
+        case("lora: {r: 2, alpha: 4, modules_to_save: [norm]}"),
+        case("lora: {r: 2, alpha: 4, use_dora: true, modules_to_save: [input_layernorm, lm_head]}"),
+        case("qlora: {r: 2, alpha: 4, modules_to_save: [post_attention_layernorm, model.norm]}"),
+        case("ia3: {modules_to_save: [model.norm]}"),
     ]
 }
 
@@ -370,7 +375,7 @@ fn every_method_saves_and_loads_back_to_identical_logits() {
         if let Some(patches) = patches {
             let mut merged = weights.clone();
             for patch in patches {
-                let name = format!("{}.weight", patch.path);
+                let name = patch.tensor_name();
                 let weight = patch.apply(&merged[&name]).unwrap();
                 merged.insert(name, weight);
             }
@@ -761,7 +766,7 @@ fn merged_weights(
 ) -> HashMap<String, Tensor> {
     let mut merged = weights.clone();
     for patch in adapter.merge_patches().unwrap().expect("mergeable") {
-        let name = format!("{}.weight", patch.path);
+        let name = patch.tensor_name();
         let base = match merged.get(&name) {
             Some(weight) => weight.clone(),
             None => {
@@ -1053,6 +1058,15 @@ fn auxiliary_modules_save_peft_names_and_config_fields() {
         ]
     );
 
+    // Norms: PEFT's suffix match takes every RMSNorm for `norm`; `<module>.weight` each.
+    let (config, extra, all) = saved("lora: {r: 2, alpha: 4, modules_to_save: [norm]}");
+    assert_eq!(all, peft_wrote("norms"));
+    assert_eq!(config["modules_to_save"], serde_json::json!(["norm"]));
+    assert_eq!(extra.len(), 5);
+    assert!(extra
+        .iter()
+        .all(|(name, shape)| name.ends_with("norm.weight") && shape == &[16]));
+
     let (config, extra, all) =
         saved("lora: {r: 2, alpha: 4, modules_to_save: [lm_head, embed_tokens]}");
     assert_eq!(all, peft_wrote("save"));
@@ -1094,7 +1108,10 @@ fn auxiliary_modules_that_do_not_fit_the_model_are_errors() {
     let unknown = error_of("lora: {modules_to_save: [lm_haed]}");
     assert!(unknown.contains("`lm_haed` matches no module"), "{unknown}");
     let linear = error_of("lora: {modules_to_save: [q_proj]}");
-    assert!(linear.contains("not an embedding or lm_head"), "{linear}");
+    assert!(
+        linear.contains("not an embedding, lm_head or norm"),
+        "{linear}"
+    );
     let both = error_of("lora: {target_modules: [q_proj, lm_head], trainable_token_indices: [2]}");
     assert!(both.contains("the method adapts lm_head"), "{both}");
 
@@ -1132,22 +1149,35 @@ fn auxiliary_modules_that_do_not_fit_the_model_are_errors() {
 /// transformers 5.17 on a random tied Llama of the tiny shape, LoRA r=2 on q/v with every
 /// trainable tensor moved by seeded noise, saved with `save_pretrained`, with PEFT's logits for
 /// two rows): `trainable_token_indices` as a list (the tied head follows) and as a mapping (the
-/// head with its own rows), and `modules_to_save: [lm_head, embed_tokens]`. Each loads through
-/// the registry, uses every tensor, and reproduces PEFT's logits.
+/// head with its own rows), `modules_to_save: [lm_head, embed_tokens]` and `[norm]` (every
+/// RMSNorm), and on a random tiny GPT-2 LoRA on c_attn with `modules_to_save: [ln_1, ln_f]`
+/// (LayerNorm weight and bias). Each loads through the registry, uses every tensor, and
+/// reproduces PEFT's logits; the norm cases count PEFT's trainable parameters
+/// (`get_nb_trainable_parameters`: 304 and 352, of which 5·16 and 3·2·16 the norm copies).
 #[test]
 fn peft_made_auxiliary_adapters_import_with_peft_logits() {
     let root =
         std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/peft_auxiliary");
-    for case in ["tokens", "tokens_head", "save"] {
+    let cases = [
+        ("tokens", "base", None),
+        ("tokens_head", "base", None),
+        ("save", "base", None),
+        ("norms", "base", Some(304)),
+        ("gpt2_norms", "gpt2_base", Some(352)),
+    ];
+    for (case, base_folder, peft_trainable) in cases {
         let dir = root.join(case);
         let adapter = load_adapter(&dir, &Device::Cpu).unwrap_or_else(|e| panic!("{case}: {e}"));
-        let model = ModelDir::open(&root.join("base"))
+        let model = ModelDir::open(&root.join(base_folder))
             .unwrap()
             .load(&Device::Cpu, DType::F32, adapter.linear_factory())
             .unwrap();
         adapter
             .finish_injection(model.as_ref())
             .unwrap_or_else(|e| panic!("{case}: {e}"));
+        if let Some(count) = peft_trainable {
+            assert_eq!(adapter.trainable_parameter_count(), count, "{case}");
+        }
         let expected =
             candle_core::safetensors::load(dir.join("expected_logits.safetensors"), &Device::Cpu)
                 .unwrap();
@@ -1156,7 +1186,7 @@ fn peft_made_auxiliary_adapters_import_with_peft_logits() {
             .forward(ids, Some(mask), &adapter.hooks().unwrap())
             .unwrap();
         let error = masked_max_abs(&logits, &expected["logits"], mask).unwrap();
-        let base = ModelDir::open(&root.join("base"))
+        let base = ModelDir::open(&root.join(base_folder))
             .unwrap()
             .load(&Device::Cpu, DType::F32, &FrozenLinearFactory)
             .unwrap();
@@ -1172,4 +1202,269 @@ fn peft_made_auxiliary_adapters_import_with_peft_logits() {
         assert!(error < 1e-5, "{case}: {error}");
         assert!(moved > 1e-2, "{case}: the fixture adapter is a no-op");
     }
+}
+
+/// Norms as modules to save (PEFT's `ModulesToSaveWrapper` around an RMSNorm), on the tied tiny
+/// Llama: `[post_attention_layernorm, model.norm]` makes one f32 copy of each matched norm's
+/// weight (PEFT's names, `[hidden]` each, initialised from the base: step-0 identity), each gets
+/// a finite non-zero gradient and moves in a training step while the other norms stay frozen
+/// (no variable, the merged checkpoint keeps them bit-identical), the folder reloads to the same
+/// logits, the merge writes the trained weights and gives the adapter's logits, and the
+/// trainable-parameter count is PEFT's (`hidden` per RMSNorm copy).
+#[test]
+fn modules_to_save_norms_train_save_load_and_merge() {
+    let (json, config) = tied_llama();
+    let weights = llama_weights(&config, 16, 0.2);
+    let yaml = "lora: {r: 2, alpha: 4, modules_to_save: [post_attention_layernorm, model.norm]}";
+    let adapter = fresh(&case_of(yaml), &json);
+    let model = build_llama(&config, &weights, adapter.linear_factory());
+    adapter.finish_injection(&model).unwrap();
+    let norms = [
+        "model.layers.0.post_attention_layernorm",
+        "model.layers.1.post_attention_layernorm",
+        "model.norm",
+    ];
+    let names: Vec<String> = adapter
+        .trainable_vars()
+        .into_iter()
+        .map(|(name, _)| name)
+        .filter(|name| !name.contains(".lora_"))
+        .collect();
+    let expected: Vec<String> = norms
+        .iter()
+        .map(|norm| format!("base_model.model.{norm}.weight"))
+        .collect();
+    assert_eq!(names, expected);
+    let lora_only = fresh(&case_of("lora: {r: 2, alpha: 4}"), &json);
+    let plain_model = build_llama(&config, &weights, lora_only.linear_factory());
+    lora_only.finish_injection(&plain_model).unwrap();
+    assert_eq!(
+        adapter.trainable_parameter_count() - lora_only.trainable_parameter_count(),
+        3 * 16,
+        "PEFT counts hidden_size per RMSNorm copy"
+    );
+    let method = support::methods::method_config(yaml);
+    assert_eq!(
+        peftpipe::peft::auxiliary::auxiliary_parameters(&method, &config),
+        Ok(3 * 16)
+    );
+    // Step-0 identity against the base model.
+    let base = build_llama(&config, &weights, &FrozenLinearFactory);
+    assert_eq!(
+        max_difference(
+            &logits(&model, Some(adapter.as_ref())),
+            &logits(&base, None)
+        ),
+        0.0,
+        "step-0 identity"
+    );
+    // One step: each copy gets a finite non-zero gradient and moves.
+    let grads = sgd_step(adapter.as_ref(), &model);
+    for name in &expected {
+        let grad: Vec<f32> = grads[name].to_vec1().unwrap();
+        assert_eq!(grad.len(), 16, "{name}");
+        assert!(
+            grad.iter().all(|v| v.is_finite()) && grad.iter().any(|v| *v != 0.0),
+            "{name}: {grad:?}"
+        );
+    }
+    let adapted = logits(&model, Some(adapter.as_ref()));
+    let merged = merged_weights(adapter.as_ref(), &weights);
+    for norm in norms {
+        let key = format!("{norm}.weight");
+        assert!(
+            max_difference(&merged[&key], &weights[&key]) > 0.0,
+            "{key} did not move"
+        );
+    }
+    for (name, weight) in &weights {
+        if !norms.iter().any(|norm| name.starts_with(norm)) && !name.contains("proj") {
+            assert_eq!(max_difference(&merged[name], weight), 0.0, "{name} changed");
+        }
+    }
+    // The merge of the LoRA factors and the trained norms is the adapted model.
+    let plain = build_llama(&config, &merged, &FrozenLinearFactory);
+    let difference = max_difference(&logits(&plain, None), &adapted);
+    assert!(difference < 1e-5, "merged model: {difference}");
+    // Save → PEFT's names in the folder → load gives the same logits and tensors.
+    let dir = tempfile::tempdir().unwrap();
+    adapter.save(dir.path(), "models/tiny").unwrap();
+    let saved =
+        candle_core::safetensors::load(dir.path().join("adapter_model.safetensors"), &Device::Cpu)
+            .unwrap();
+    for name in &expected {
+        assert_eq!(saved[name].dims(), [16], "{name}");
+    }
+    let saved_config: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.path().join("adapter_config.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        saved_config["modules_to_save"],
+        serde_json::json!(["post_attention_layernorm", "model.norm"])
+    );
+    let loaded = load_adapter(dir.path(), &Device::Cpu).unwrap();
+    // Merged from the file alone (the export stage's way: no model built).
+    let from_file = merged_weights(loaded.as_ref(), &weights);
+    for norm in norms {
+        let key = format!("{norm}.weight");
+        assert_eq!(
+            max_difference(&from_file[&key], &merged[&key]),
+            0.0,
+            "{key}"
+        );
+    }
+    let reloaded = build_llama(&config, &weights, loaded.linear_factory());
+    loaded.finish_injection(&reloaded).unwrap();
+    assert_eq!(
+        max_difference(&logits(&reloaded, Some(loaded.as_ref())), &adapted),
+        0.0
+    );
+    assert_eq!(
+        loaded.trainable_parameter_count(),
+        adapter.trainable_parameter_count()
+    );
+    // A file whose norm copy has another shape names the file and the tensor.
+    let mut broken: HashMap<String, Tensor> = saved.clone();
+    broken.insert(
+        expected[2].clone(),
+        Tensor::zeros(8, DType::F32, &Device::Cpu).unwrap(),
+    );
+    candle_core::safetensors::save(&broken, dir.path().join("adapter_model.safetensors")).unwrap();
+    let loaded = load_adapter(dir.path(), &Device::Cpu).unwrap();
+    let reloaded = build_llama(&config, &weights, loaded.linear_factory());
+    let error = loaded.finish_injection(&reloaded).unwrap_err().to_string();
+    assert!(
+        error.contains("adapter_model.safetensors")
+            && error.contains("base_model.model.model.norm.weight")
+            && error.contains("shape [8]"),
+        "{error}"
+    );
+}
+
+/// GPT-2's LayerNorms as modules to save: a copy of weight and bias each (PEFT's
+/// `ln_f.weight`/`ln_f.bias` names, 2·hidden parameters per norm), both trained from step-0
+/// identity, saved, reloaded and merged.
+#[test]
+fn modules_to_save_layer_norms_train_weight_and_bias() {
+    use peftpipe::models::random::{load_from_tensors, random_weights};
+    let json = serde_json::json!({
+        "model_type": "gpt2", "n_embd": 16, "n_layer": 2, "n_head": 4,
+        "vocab_size": 40, "n_positions": 64, "layer_norm_epsilon": 1e-5
+    });
+    let config = peftpipe::models::ModelConfig::from_json(&json).unwrap();
+    let mut weights = random_weights(&config, 7, 0.2, DType::F32, &Device::Cpu).unwrap();
+    // Norm parameters away from 1 and 0, so a wrong parameter shows.
+    let mut rng = ChaCha8Rng::seed_from_u64(8);
+    for (name, tensor) in weights.iter_mut() {
+        if name.contains(".ln_") {
+            let values: Vec<f32> = (0..16).map(|_| rng.random::<f32>() * 0.4 - 0.2).collect();
+            *tensor =
+                (tensor.clone() + Tensor::from_vec(values, 16, &Device::Cpu).unwrap()).unwrap();
+        }
+    }
+    let build = |factory: &dyn peftpipe::models::LinearFactory| {
+        load_from_tensors(&config, weights.clone(), DType::F32, &Device::Cpu, factory).unwrap()
+    };
+    let yaml = "lora: {r: 2, alpha: 4, target_modules: [c_attn], modules_to_save: [ln_1, ln_f]}";
+    let adapter = fresh(&case_of(yaml), &json);
+    let model = build(adapter.linear_factory());
+    adapter.finish_injection(model.as_ref()).unwrap();
+    let names: Vec<String> = adapter
+        .trainable_vars()
+        .into_iter()
+        .map(|(name, _)| name)
+        .filter(|name| !name.contains(".lora_"))
+        .collect();
+    let mut expected = Vec::new();
+    for norm in [
+        "transformer.h.0.ln_1",
+        "transformer.h.1.ln_1",
+        "transformer.ln_f",
+    ] {
+        for parameter in ["bias", "weight"] {
+            expected.push(format!("base_model.model.{norm}.{parameter}"));
+        }
+    }
+    assert_eq!(names, expected);
+    assert_eq!(
+        peftpipe::peft::auxiliary::auxiliary_parameters(
+            &support::methods::method_config(yaml),
+            &config
+        ),
+        Ok(3 * 2 * 16)
+    );
+    let base = build(&FrozenLinearFactory);
+    assert_eq!(
+        max_difference(
+            &logits(model.as_ref(), Some(adapter.as_ref())),
+            &logits(base.as_ref(), None)
+        ),
+        0.0,
+        "step-0 identity"
+    );
+    let grads = sgd_step(adapter.as_ref(), model.as_ref());
+    for name in &expected {
+        let grad: Vec<f32> = grads[name].to_vec1().unwrap();
+        assert!(
+            grad.iter().all(|v| v.is_finite()) && grad.iter().any(|v| *v != 0.0),
+            "{name}: {grad:?}"
+        );
+    }
+    let adapted = logits(model.as_ref(), Some(adapter.as_ref()));
+    let mut merged = weights.clone();
+    for patch in adapter.merge_patches().unwrap().expect("mergeable") {
+        // GPT-2's checkpoint names: Conv1D weights are `[in, out]` (LoRA's patch is `[out, in]`).
+        let name = patch.tensor_name();
+        let base = &merged[&name];
+        let value = if base.rank() == 2 {
+            patch.apply(&base.t().unwrap()).unwrap().t().unwrap()
+        } else {
+            patch.apply(base).unwrap()
+        };
+        merged.insert(name, value.contiguous().unwrap());
+    }
+    for norm in ["transformer.h.0.ln_1", "transformer.ln_f"] {
+        for parameter in ["weight", "bias"] {
+            let key = format!("{norm}.{parameter}");
+            assert!(max_difference(&merged[&key], &weights[&key]) > 0.0, "{key}");
+        }
+    }
+    assert_eq!(
+        max_difference(
+            &merged["transformer.h.0.ln_2.bias"],
+            &weights["transformer.h.0.ln_2.bias"]
+        ),
+        0.0
+    );
+    let plain = load_from_tensors(
+        &config,
+        merged,
+        DType::F32,
+        &Device::Cpu,
+        &FrozenLinearFactory,
+    )
+    .unwrap();
+    let difference = max_difference(&logits(plain.as_ref(), None), &adapted);
+    assert!(difference < 1e-5, "merged model: {difference}");
+    let dir = tempfile::tempdir().unwrap();
+    adapter.save(dir.path(), "models/gpt2").unwrap();
+    // The names and shapes PEFT wrote for the same config on a GPT-2 of the same shape.
+    let shapes_in = |path: std::path::PathBuf| {
+        shapes(&candle_core::safetensors::load(path, &Device::Cpu).unwrap())
+    };
+    assert_eq!(
+        shapes_in(dir.path().join("adapter_model.safetensors")),
+        shapes_in(
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("tests/fixtures/peft_auxiliary/gpt2_norms/adapter_model.safetensors")
+        )
+    );
+    let loaded = load_adapter(dir.path(), &Device::Cpu).unwrap();
+    let reloaded = build(loaded.linear_factory());
+    loaded.finish_injection(reloaded.as_ref()).unwrap();
+    assert_eq!(
+        max_difference(&logits(reloaded.as_ref(), Some(loaded.as_ref())), &adapted),
+        0.0
+    );
 }

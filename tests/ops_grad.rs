@@ -1,5 +1,7 @@
 //! Finite-difference checks (f64, CPU) of every differentiable op in `peftpipe::ops`, and that the
-//! constants each op takes (weights, masks, rope tables, targets) never receive a gradient.
+//! constants each op takes (weights, masks, rope tables, targets) never receive a gradient; a norm's
+//! weight and bias are constants when frozen and get their gradients when tracked (a trained
+//! copy, PEFT's `modules_to_save`).
 #![expect(
     clippy::print_stderr,
     reason = "tests print skip reasons and measured errors"
@@ -93,6 +95,91 @@ fn layer_norm_backward_matches_finite_differences() -> Result<()> {
     check_gradient("layer_norm", &random(&[2, 3, 6])?, |x| {
         ops::layer_norm(x, &weight, Some(&bias), 1e-5)
     })
+}
+
+/// A tracked norm weight (and LayerNorm bias) is a trained copy: its gradient, and the input's
+/// beside it, match central differences; a frozen input beside it gets no GradStore entry.
+#[test]
+fn trained_norm_parameters_match_finite_differences() -> Result<()> {
+    let x = random(&[2, 3, 6])?;
+    let weight = random(&[6])?;
+    let bias = random(&[6])?;
+    check_gradient("rms_norm weight", &weight, |w| ops::rms_norm(&x, w, 1e-5))?;
+    check_gradient("layer_norm weight", &weight, |w| {
+        ops::layer_norm(&x, w, Some(&bias), 1e-5)
+    })?;
+    check_gradient("layer_norm bias", &bias, |b| {
+        ops::layer_norm(&x, &weight, Some(b), 1e-5)
+    })?;
+    // The input's gradient through the trained path equals the frozen path's formula.
+    let trained_weight = Var::from_tensor(&weight)?;
+    let trained_bias = Var::from_tensor(&bias)?;
+    check_gradient("rms_norm input beside a trained weight", &x, |x| {
+        ops::rms_norm(x, trained_weight.as_tensor(), 1e-5)
+    })?;
+    check_gradient(
+        "layer_norm input beside a trained weight and bias",
+        &x,
+        |x| {
+            ops::layer_norm(
+                x,
+                trained_weight.as_tensor(),
+                Some(trained_bias.as_tensor()),
+                1e-5,
+            )
+        },
+    )?;
+    // A frozen input (layer 0's embeddings) and a frozen bias beside a trained weight: no entry.
+    let y = ops::layer_norm(&x, trained_weight.as_tensor(), Some(&bias), 1e-5)?;
+    let y = (ops::rms_norm(&x, trained_weight.as_tensor(), 1e-5)? + y)?;
+    let grads = y.sqr()?.sum_all()?.backward()?;
+    assert!(grads.get(trained_weight.as_tensor()).is_some());
+    assert!(grads.get(&x).is_none(), "the frozen input got a gradient");
+    assert!(grads.get(&bias).is_none(), "the frozen bias got a gradient");
+    Ok(())
+}
+
+/// A trained norm weight in f32 beside a bf16 input: the forward is the frozen one's, bit for bit
+/// (step-0 identity of a copy), and the weight's gradient comes back in f32, close to the f64 one.
+#[test]
+fn trained_norm_weight_keeps_its_dtype_and_the_frozen_forward() -> Result<()> {
+    let x = random(&[3, 4, 8])?;
+    let weight = random(&[8])?.affine(0.1, 1.0)?;
+    let x16 = x.to_dtype(DType::BF16)?;
+    let trained = Var::from_tensor(&weight.to_dtype(DType::F32)?)?;
+    let frozen = ops::rms_norm(&x16, &weight.to_dtype(DType::F32)?, 1e-5)?;
+    let copied = ops::rms_norm(&x16, trained.as_tensor(), 1e-5)?;
+    assert!(copied.track_op() && !frozen.track_op());
+    assert_eq!(
+        (copied.to_dtype(DType::F32)? - frozen.to_dtype(DType::F32)?)?
+            .abs()?
+            .max_all()?
+            .to_scalar::<f32>()?,
+        0.0
+    );
+    let projection = projection(&[3, 4, 8], 5)?;
+    let grads = (copied.to_dtype(DType::F64)? * &projection)?
+        .sum_all()?
+        .backward()?;
+    let Some(grad) = grads.get(trained.as_tensor()) else {
+        panic!("the trained weight got no gradient")
+    };
+    assert_eq!(grad.dtype(), DType::F32);
+    let reference = Var::from_tensor(&weight)?;
+    let exact = (ops::rms_norm(&x, reference.as_tensor(), 1e-5)? * &projection)?
+        .sum_all()?
+        .backward()?;
+    let exact = exact.get(reference.as_tensor()).expect("f64 gradient");
+    let error = (grad.to_dtype(DType::F64)? - exact)?
+        .abs()?
+        .max_all()?
+        .to_scalar::<f64>()?;
+    let scale = exact.abs()?.max_all()?.to_scalar::<f64>()?;
+    assert!(
+        error < 0.02 * scale,
+        "bf16 weight gradient error {error} of {scale}"
+    );
+    Ok(())
 }
 
 #[test]
@@ -200,12 +287,14 @@ fn activations_backward_matches_finite_differences() -> Result<()> {
     check_gradient("gelu (erf)", &random(&[4, 5])?, |x| x.gelu_erf())
 }
 
-/// Constants passed to the ops (weights, masks, tables) never get a GradStore entry, even when
-/// they are `Var`s.
+/// Constants passed to the ops (masks, tables, linear weights) never get a GradStore entry, even
+/// when they are `Var`s; frozen norm weights and biases (plain tensors, as the models hold them)
+/// neither. (A tracked norm weight is a trained copy: `trained_norm_parameters_*`.)
 #[test]
 fn constants_never_receive_gradients() -> Result<()> {
     let x = Var::from_tensor(&random(&[2, 3, 4, 8])?)?;
-    let weight = Var::from_tensor(&random(&[8])?)?;
+    let norm_weight = random(&[8])?;
+    let norm_bias = random(&[8])?;
     let bias = Var::from_tensor(&random(&[8])?)?;
     let linear_weight = Var::from_tensor(&random(&[8, 8])?)?;
     let rope = ops::RotaryEmbedding::new(8, 10000.0, None)?;
@@ -223,15 +312,19 @@ fn constants_never_receive_gradients() -> Result<()> {
         &Device::Cpu,
     )?)?;
 
-    let h = ops::rms_norm(x.as_tensor(), weight.as_tensor(), 1e-5)?;
-    let h = ops::layer_norm(&h, weight.as_tensor(), Some(bias.as_tensor()), 1e-5)?;
+    let h = ops::rms_norm(x.as_tensor(), &norm_weight, 1e-5)?;
+    let h = ops::layer_norm(&h, &norm_weight, Some(&norm_bias), 1e-5)?;
     let h = ops::linear(&h, linear_weight.as_tensor(), Some(bias.as_tensor()))?;
     let h = ops::apply_rope(&h, cos.as_tensor(), sin.as_tensor())?;
     let h = ops::attention(&h, &h, &h, Some(mask.as_tensor()), 0.3)?;
     let grads = h.sqr()?.sum_all()?.backward()?;
     assert!(grads.get(x.as_tensor()).is_some());
+    assert!(
+        grads.get(&norm_weight).is_none(),
+        "norm weight got a gradient"
+    );
+    assert!(grads.get(&norm_bias).is_none(), "norm bias got a gradient");
     for (name, constant) in [
-        ("norm weight", &weight),
         ("bias", &bias),
         ("linear weight", &linear_weight),
         ("cos", &cos),
@@ -729,6 +822,76 @@ fn low_rank_linear_on_cuda_agrees_with_the_cpu() -> Result<()> {
                         "output {index}: {error:e}"
                     );
                 }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The fused CUDA RMSNorm with a trained weight (f32 copy, bf16 or f32 input): the output, the
+/// input's gradient and the weight's gradient agree with the CPU path; a frozen weight beside it
+/// still gets no GradStore entry on the GPU.
+#[test]
+fn trained_rms_norm_weight_on_cuda_agrees_with_the_cpu() -> Result<()> {
+    if !peftpipe::device::built_with_cuda() || !candle_core::utils::cuda_is_available() {
+        eprintln!("skipped: not a CUDA build, or no GPU visible");
+        return Ok(());
+    }
+    let gpu = Device::new_cuda(0)?;
+    let x = random(&[3, 5, 64])?;
+    let weight = random(&[64])?.affine(0.1, 1.0)?;
+    let projection = projection(&[3, 5, 64], 9)?;
+    let run = |device: &Device, dtype: DType, tracked_input: bool| -> Result<Vec<Tensor>> {
+        let x = Var::from_tensor(&x.to_device(device)?.to_dtype(dtype)?)?;
+        let input = if tracked_input {
+            x.as_tensor().clone()
+        } else {
+            x.as_tensor().detach()
+        };
+        let trained = Var::from_tensor(&weight.to_device(device)?.to_dtype(DType::F32)?)?;
+        let frozen = weight.to_device(device)?.to_dtype(dtype)?;
+        let y = ops::rms_norm(&input, trained.as_tensor(), 1e-5)?;
+        let z = ops::rms_norm(&y, &frozen, 1e-5)?;
+        let loss = (z.to_dtype(DType::F32)?
+            * projection.to_device(device)?.to_dtype(DType::F32)?)?
+        .sum_all()?;
+        let grads = loss.backward()?;
+        assert!(
+            grads.get(&frozen).is_none(),
+            "the frozen weight got a gradient"
+        );
+        let Some(dw) = grads.get(trained.as_tensor()) else {
+            candle_core::bail!("no weight gradient on {device:?}")
+        };
+        assert_eq!(dw.dtype(), DType::F32);
+        let mut out = vec![
+            z.to_dtype(DType::F32)?.to_device(&Device::Cpu)?,
+            dw.to_device(&Device::Cpu)?,
+        ];
+        match grads.get(x.as_tensor()) {
+            Some(dx) if tracked_input => {
+                out.push(dx.to_dtype(DType::F32)?.to_device(&Device::Cpu)?)
+            }
+            None if !tracked_input => {}
+            _ => candle_core::bail!("the input's gradient does not follow its tracking"),
+        }
+        Ok(out)
+    };
+    let relative = |a: &Tensor, b: &Tensor| -> Result<f32> {
+        let scale = b.abs()?.max_all()?.to_scalar::<f32>()?.max(1e-3);
+        Ok((a - b)?.abs()?.max_all()?.to_scalar::<f32>()? / scale)
+    };
+    for tracked_input in [true, false] {
+        let cpu = run(&Device::Cpu, DType::F32, tracked_input)?;
+        for (dtype, tolerance) in [(DType::F32, 1e-5), (DType::BF16, 0.03)] {
+            let cuda = run(&gpu, dtype, tracked_input)?;
+            for (what, (a, b)) in ["output", "weight gradient", "input gradient"]
+                .iter()
+                .zip(cuda.iter().zip(&cpu))
+            {
+                let error = relative(a, b)?;
+                eprintln!("{dtype:?} {what} (input tracked: {tracked_input}): {error:e}");
+                assert!(error < tolerance, "{dtype:?} {what}: {error}");
             }
         }
     }

@@ -93,6 +93,8 @@ fn cases() -> Vec<Case> {
             1e-2,
             true,
         ),
+        // PEFT's ModulesToSaveWrapper around every RMSNorm (`norm` ends each one's name).
+        case("lora: {r: 2, alpha: 4, modules_to_save: [norm]}", 1e-2, true),
     ]
 }
 

@@ -2,9 +2,10 @@
 //! pipeline, and `run` restores every stage without running one (the CI recipe in
 //! docs/ci/github-actions.yml); a corrupted remote object is refused; concurrent pushes are safe;
 //! the remote comes from the flag, the environment or `.peftpipe/config.yaml`. Against a local
-//! directory always, and with `--features cloud` against a real S3-compatible server (moto's) and
-//! a real WebDAV server (WsgiDAV) on loopback where their Python packages are installed (skipped
-//! with the reason otherwise).
+//! directory always, and with `--features cloud` against real servers on loopback where they are
+//! installed (skipped with the reason otherwise): an S3-compatible server (moto's), a WebDAV
+//! server (WsgiDAV), Azure's emulator (Azurite) and a GCS emulator (fake-gcs-server); each is
+//! started by tests/python/remote_server.py, within a bounded wait.
 #![cfg_attr(
     feature = "cloud",
     expect(clippy::print_stderr, reason = "tests print skip reasons")
@@ -295,8 +296,8 @@ fn pulling_a_pipeline_never_pushed_names_the_remote_and_key() {
     );
 }
 
-/// The cloud remotes (`--features cloud`): a real S3-compatible server and a real WebDAV server
-/// on loopback.
+/// The cloud remotes (`--features cloud`): a real S3-compatible server, WebDAV server, Azure
+/// emulator and GCS emulator on loopback.
 #[cfg(feature = "cloud")]
 mod cloud {
     use super::*;
@@ -329,20 +330,34 @@ mod cloud {
                     return None;
                 }
             };
-            let mut line = String::new();
+            // The port line, read on a thread so a server that never answers fails the test
+            // after a bounded wait instead of hanging it.
             let stdout = child.stdout.take().expect("stdout");
-            let read = std::io::BufReader::new(stdout).read_line(&mut line);
-            match (read, line.trim().parse::<u16>()) {
-                (Ok(_), Ok(port)) => Some(Server { child, port }),
-                _ => {
-                    let output = child.wait_with_output().expect("wait");
-                    eprintln!(
-                        "skipped: the {kind} server did not start: {}",
-                        String::from_utf8_lossy(&output.stderr).trim()
-                    );
-                    None
+            let (sender, receiver) = std::sync::mpsc::channel();
+            std::thread::spawn(move || {
+                let mut line = String::new();
+                let read = std::io::BufReader::new(stdout).read_line(&mut line);
+                let _ = sender.send(read.map(|_| line));
+            });
+            let line = receiver.recv_timeout(STARTUP);
+            if let Ok(Ok(line)) = &line {
+                if let Ok(port) = line.trim().parse::<u16>() {
+                    return Some(Server { child, port });
                 }
             }
+            if line.is_err() {
+                let _ = child.kill();
+            }
+            let output = child.wait_with_output().expect("wait");
+            let reason = String::from_utf8_lossy(&output.stderr).trim().to_string();
+            // Exit 3: not installed, a skip; anything else is a server that should have started.
+            assert_eq!(
+                output.status.code(),
+                Some(3),
+                "the {kind} server did not start within {STARTUP:?}: {reason}"
+            );
+            eprintln!("skipped: {reason}");
+            None
         }
     }
 
@@ -360,6 +375,9 @@ mod cloud {
             let _ = self.child.wait();
         }
     }
+
+    /// Longest wait for a server (and the emulator it starts) to serve.
+    const STARTUP: std::time::Duration = std::time::Duration::from_secs(90);
 
     /// Requests to loopback never go through a proxy of the environment.
     const NO_PROXY: [(&str, &str); 2] = [
@@ -401,6 +419,158 @@ mod cloud {
             "{message}"
         );
         assert!(!message.contains("test-secret-never-shown"), "{message}");
+    }
+
+    /// Azure Blob Storage through Azurite's blob service (the emulator Microsoft ships), as a
+    /// user points peftpipe at it: `az://CONTAINER/PREFIX` with `AZURE_STORAGE_USE_EMULATOR` and
+    /// `AZURITE_BLOB_STORAGE_URL`; `azure://` names the same store; a missing container is an
+    /// error naming the remote, without the account key.
+    #[test]
+    fn round_trip_through_azurite() {
+        let Some(server) = Server::start("azure", "peftpipe-test") else {
+            return;
+        };
+        let endpoint = format!("http://127.0.0.1:{}", server.port);
+        let env = [
+            ("AZURE_STORAGE_USE_EMULATOR", "true"),
+            ("AZURITE_BLOB_STORAGE_URL", endpoint.as_str()),
+            // Azurite's well-known development key, given as a user gives theirs.
+            ("AZURE_STORAGE_ACCOUNT_KEY", AZURITE_KEY),
+            NO_PROXY[0],
+            NO_PROXY[1],
+        ];
+        round_trip("az://peftpipe-test/team/cache", &env);
+
+        // `azure://` is the same container: what it pushes, an `az://` pull restores.
+        let origin = Project::new();
+        assert!(peftpipe(&origin, &["run", "pipeline.yaml"], &env)
+            .status
+            .success());
+        let pushed = peftpipe(
+            &origin,
+            &[
+                "push",
+                "pipeline.yaml",
+                "--remote",
+                "azure://peftpipe-test/other",
+            ],
+            &env,
+        );
+        assert!(pushed.status.success(), "{}", stderr(&pushed));
+        let checkout = Project::new();
+        let pulled = peftpipe(
+            &checkout,
+            &[
+                "pull",
+                "pipeline.yaml",
+                "--remote",
+                "az://peftpipe-test/other",
+            ],
+            &env,
+        );
+        assert!(pulled.status.success(), "{}", stderr(&pulled));
+        assert!(
+            stderr(&pulled).contains("pulled 2 objects"),
+            "{}",
+            stderr(&pulled)
+        );
+
+        let failed = peftpipe(
+            &origin,
+            &[
+                "push",
+                "pipeline.yaml",
+                "--remote",
+                "az://no-such-container/x",
+            ],
+            &env,
+        );
+        assert_eq!(failed.status.code(), Some(1), "{}", stderr(&failed));
+        let message = stderr(&failed);
+        assert!(
+            message.starts_with("error: remote `az://no-such-container/x`: cannot "),
+            "{message}"
+        );
+        assert!(!message.contains(AZURITE_KEY), "{message}");
+    }
+
+    /// An `az://` remote with no account is a setup error (exit 2) that says what to set.
+    #[test]
+    fn an_azure_remote_without_an_account_says_what_to_set() {
+        let project = Project::new();
+        let mut command = project.command(&["push", "pipeline.yaml", "--remote", "az://c/x"]);
+        for key in [
+            "PEFTPIPE_REMOTE",
+            "AZURE_STORAGE_ACCOUNT_NAME",
+            "AZURE_STORAGE_USE_EMULATOR",
+        ] {
+            command.env_remove(key);
+        }
+        assert!(peftpipe(&project, &["run", "pipeline.yaml"], &[])
+            .status
+            .success());
+        let failed = command.output().expect("run peftpipe");
+        assert_eq!(failed.status.code(), Some(2), "{}", stderr(&failed));
+        let message = stderr(&failed);
+        assert!(
+            message.starts_with("error: remote `az://c/x`: "),
+            "{message}"
+        );
+        assert!(
+            message.contains("set AZURE_STORAGE_ACCOUNT_NAME")
+                && message.contains("AZURE_STORAGE_USE_EMULATOR=true"),
+            "{message}"
+        );
+    }
+
+    /// Azurite's development account key (public: the same in every Azurite).
+    const AZURITE_KEY: &str =
+        "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw==";
+
+    /// Google Cloud Storage through fake-gcs-server, configured as object_store's own CI talks
+    /// to it: `gs://BUCKET/PREFIX` with `GOOGLE_SERVICE_ACCOUNT` naming a key file whose
+    /// `gcs_base_url` is the emulator and `disable_oauth` is true, and `GOOGLE_ALLOW_HTTP` for its
+    /// plain-HTTP endpoint. (fake-gcs-server lacks the XML API's object PUT, which
+    /// tests/python/remote_server.py's proxy supplies; every other request reaches it unchanged.)
+    #[test]
+    fn round_trip_through_fake_gcs_server() {
+        let Some(server) = Server::start("gcs", "peftpipe-test") else {
+            return;
+        };
+        let credentials = tempfile::tempdir().expect("credentials directory");
+        let key_file = credentials.path().join("service-account.json");
+        let key = serde_json::json!({
+            "gcs_base_url": format!("http://127.0.0.1:{}", server.port),
+            "disable_oauth": true,
+            "client_email": "",
+            "private_key": "",
+            "private_key_id": "",
+        });
+        std::fs::write(&key_file, key.to_string()).expect("write the key file");
+        let key_path = key_file.display().to_string();
+        let env = [
+            ("GOOGLE_SERVICE_ACCOUNT", key_path.as_str()),
+            ("GOOGLE_ALLOW_HTTP", "true"),
+            NO_PROXY[0],
+            NO_PROXY[1],
+        ];
+        round_trip("gs://peftpipe-test/team/cache", &env);
+
+        let project = Project::new();
+        assert!(peftpipe(&project, &["run", "pipeline.yaml"], &env)
+            .status
+            .success());
+        let failed = peftpipe(
+            &project,
+            &["push", "pipeline.yaml", "--remote", "gs://no-such-bucket/x"],
+            &env,
+        );
+        assert_eq!(failed.status.code(), Some(1), "{}", stderr(&failed));
+        let message = stderr(&failed);
+        assert!(
+            message.starts_with("error: remote `gs://no-such-bucket/x`: cannot "),
+            "{message}"
+        );
     }
 
     /// `http://` remotes through object_store's HTTP store against a WebDAV server: pushes create

@@ -7,13 +7,16 @@
 # usage: bash benches/gpu/engine.sh PART[,PART...]   (each call must fit the device's 10 minutes)
 #   tests    the CUDA test binaries (PEFTPIPE_TEST_DEVICE=cuda)
 #   real     lora-stories on cuda and on cpu (loss curves, eval), qlora-stories on cuda
+#   real-dtypes lora-stories with the train dtype forced: cuda f32 and cpu bf16 (whose difference?)
 #   1b       Llama-3.2-1B shape: peftpipe's table at 8x512 and 2x2048, activation checkpointing off
 #            and on; the anchors peft_default, peft_bf16, compile, unsloth, unsloth_gc at 8x512
 #   noflash  the same 1B shapes with the flash-attention kernels off (PEFTPIPE_UNFUSED)
 #   methods  every PEFT method at 8x512 (`bench train --method`), beside ../shared/gpu/peft_bench.py's
 #            rows for the same methods; QLoRA beside PEFT + bitsandbytes and Unsloth's QLoRA
 #   ab       A/B of single kernels at 8x512 (1B) and 1x4096 (8B), checkpointing off, no anchors:
-#            all on; the LoRA GEMM-accumulate off (PEFTPIPE_UNFUSED=lora_gemm); the previous (wmma)
+#            all on; RoPE and the residual adds written into new buffers (PEFTPIPE_UNFUSED=in_place);
+#            also the heads copied for attention (strided_heads); the LoRA GEMM-accumulate off
+#            (PEFTPIPE_UNFUSED=lora_gemm); the previous (wmma)
 #            flash-attention kernels (PEFTPIPE_FLASH=wmma); QLoRA with the fused dequantize + GEMM
 #            vs dequantize + cuBLAS (PEFTPIPE_QGEMM)
 #   qlora    QLoRA (NF4, double quant, r16 a32, all linears) at 8x512, checkpointing off and on,
@@ -81,6 +84,23 @@ case "$part" in
       cp gpu-run/.peftpipe/out/lora-stories/train/metrics.jsonl "$OUT/metrics-cuda-${variant%% *}.jsonl" 2>/dev/null
     done | tee "$OUT/real_ab.txt"
     ;;
+  real-dtypes)
+    # Is a cuda-vs-cpu difference of the real run bf16's or the engine's? lora-stories with the
+    # train stage's dtype forced: cuda in f32 (against the cpu's f32) and cpu in bf16 (against
+    # cuda's bf16). Evaluate has no dtype: it runs in the device's default (bf16 on cuda, f32 on cpu).
+    export PEFTPIPE_SHARED=$PWD/gpu-run/shared
+    for run in "cuda f32" "cpu bf16"; do
+      set -- $run
+      # the train stage's `device: auto` (the first one) gets the dtype; evaluate has none
+      awk -v d="$2" '{print} /^      device: auto$/ && !done {print "      dtype: " d; done=1}' \
+        gpu-run/lora-stories.yaml > "gpu-run/lora-stories-$2.yaml"
+      sed -i "s/^name: lora-stories$/name: lora-stories-$2/" "gpu-run/lora-stories-$2.yaml"
+      echo "-- lora-stories on $1, train dtype $2"
+      timeout 200 "$BIN" run "gpu-run/lora-stories-$2.yaml" --device "$1" --cache-dir "/tmp/cache-$1-$2" 2>&1 | tail -8
+      cp "gpu-run/.peftpipe/out/lora-stories-$2/train/metrics.jsonl" "$OUT/metrics-$1-$2.jsonl" 2>/dev/null
+      cp "gpu-run/.peftpipe/out/lora-stories-$2/evaluate/metrics.json" "$OUT/eval-$1-$2.json" 2>/dev/null
+    done | tee "$OUT/real_dtypes.txt"
+    ;;
   real)
     # A real run stays right: lora-stories on cuda vs cpu (loss curves, eval perplexity), and
     # qlora-stories on cuda.
@@ -127,11 +147,13 @@ case "$part" in
   ab)
     C=gpu-run/llama-3.2-1b.config.json
     C8=gpu-run/llama-3.1-8b.config.json
-    for variant in "all on|" "lora_gemm off|PEFTPIPE_UNFUSED=lora_gemm" "flash wmma|PEFTPIPE_FLASH=wmma"; do
+    for variant in "all on|" "in-place RoPE and residual adds off|PEFTPIPE_UNFUSED=in_place" \
+        "strided heads and in-place off|PEFTPIPE_UNFUSED=strided_heads,in_place" \
+        "lora_gemm off|PEFTPIPE_UNFUSED=lora_gemm" "flash wmma|PEFTPIPE_FLASH=wmma"; do
       label=${variant%%|*}; envs=${variant#*|}
       echo "-- $label: 1B 8x512"
       env $envs timeout 60 bash -c "$(declare -f table); BIN=$BIN; table $C 8x512 off 10"
-      [ "$label" = "lora_gemm off" ] && continue
+      case "$label" in "all on"|"flash wmma") ;; *) continue ;; esac
       echo "-- $label: 8B 1x4096"
       env $envs timeout 90 bash -c "$(declare -f table); BIN=$BIN; table $C8 1x4096 off 5"
     done 2>&1 | tee "$OUT/ab.txt"

@@ -138,16 +138,30 @@ pub enum Command {
     #[command(
         after_help = "Examples:\n  peftpipe push pipelines/quickstart.yaml --remote s3://team-bucket/peftpipe\n  \
         peftpipe push --remote /mnt/shared/peftpipe-cache   # the whole cache\n  \
-        peftpipe push pipelines/quickstart.yaml   # the remote of pipelines/.peftpipe/config.yaml\n\n\
-        Credentials come from the environment (AWS_*, GOOGLE_*, AZURE_*); an S3-compatible server\n\
-        through AWS_ENDPOINT (and AWS_ALLOW_HTTP=true for plain http)."
+        peftpipe push pipelines/quickstart.yaml   # the remote of pipelines/.peftpipe/config.yaml\n  \
+        peftpipe push pipelines/quickstart.yaml --remote gs://team-bucket/peftpipe\n  \
+        peftpipe push pipelines/quickstart.yaml --remote az://team-container/peftpipe\n\n\
+        Credentials and endpoints come from the environment (messages never show them):\n  \
+        s3://     AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGION; an S3-compatible server\n            \
+        through AWS_ENDPOINT (and AWS_ALLOW_HTTP=true for plain http)\n  \
+        gs://     GOOGLE_SERVICE_ACCOUNT (a service-account key file), GOOGLE_SERVICE_ACCOUNT_KEY\n            \
+        (its JSON) or GOOGLE_APPLICATION_CREDENTIALS, else the VM's metadata server; an\n            \
+        emulator through a key file with \"gcs_base_url\" and \"disable_oauth\": true\n            \
+        (and GOOGLE_ALLOW_HTTP=true for plain http)\n  \
+        az://     (or azure://) AZURE_STORAGE_ACCOUNT_NAME with AZURE_STORAGE_ACCOUNT_KEY,\n            \
+        AZURE_STORAGE_SAS_KEY or AZURE_CLIENT_ID + AZURE_CLIENT_SECRET + AZURE_TENANT_ID;\n            \
+        Azurite through AZURE_STORAGE_USE_EMULATOR=true and AZURITE_BLOB_STORAGE_URL\n            \
+        (default http://127.0.0.1:10000)\n  \
+        https://  a user and password in the URL where the server asks for them (shown as ***)\n\n\
+        Cloud remotes need a build with `--features cloud`."
     )]
     Push(remote::RemoteArgs),
     /// Copy outputs, run records and lock files from a remote cache, checking every file.
     #[command(
         after_help = "Examples:\n  peftpipe pull pipelines/quickstart.yaml --remote s3://team-bucket/peftpipe\n  \
         peftpipe pull pipelines/quickstart.yaml && peftpipe run pipelines/quickstart.yaml   # restores, trains nothing\n  \
-        PEFTPIPE_REMOTE=https://dav.example/peftpipe peftpipe pull   # everything on the remote"
+        PEFTPIPE_REMOTE=https://dav.example/peftpipe peftpipe pull   # everything on the remote\n\n\
+        Credentials and endpoints: as for `peftpipe push` (see `peftpipe push --help`)."
     )]
     Pull(remote::RemoteArgs),
     /// Describe a model: architecture, parameters, dtype, what LoRA targets would match.

@@ -21,8 +21,9 @@ use crate::report;
 pub struct RemoteArgs {
     /// A pipeline file: transfer its lock file and the outputs it names (default: everything).
     pub pipeline: Option<PathBuf>,
-    /// The remote: `s3://bucket/prefix`, `gs://…`, `az://…`, `https://host/path` (WebDAV),
-    /// `file:///path` or a directory (default: `cache.remote` in `.peftpipe/config.yaml`).
+    /// The remote: `s3://bucket/prefix`, `gs://bucket/prefix`, `az://container/prefix` (or
+    /// `azure://`), `https://host/path` (WebDAV), `file:///path` or a directory (default:
+    /// `cache.remote` in `.peftpipe/config.yaml`); credentials: `peftpipe push --help`.
     #[arg(long, env = "PEFTPIPE_REMOTE", value_name = "URL")]
     pub remote: Option<String>,
     /// pull: a pipeline the remote has never seen is a warning, not an error (the first CI job

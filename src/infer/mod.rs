@@ -1,15 +1,17 @@
 //! Inference without a graph: log-likelihood scoring of completions (loss, perplexity, candidate
 //! scoring for accuracy) and text generation (greedy or seeded temperature / top-p sampling) with
-//! the model's KV cache, stopping at EOS.
+//! the model's KV cache, stopping at EOS, one prompt or a batch at a time.
 //!
 //! Owns: the [`LanguageModel`] view of a causal LM that inference needs, the tensor form of
 //! scoring batches (padding and masks come from `data::batch`, as in training), the scoring and
-//! generation loops, the samplers, and loading a model folder (with a PEFT adapter through
-//! `crate::peft`, switched to inference mode) for `generate` and `evaluate`. Must not: train,
+//! (batched) generation loops, text completions of many prompts cut at stop strings, the
+//! samplers, and loading a model folder (with a PEFT adapter through `crate::peft`, switched to
+//! inference mode) for `generate` and `evaluate`. Must not: train,
 //! build autograd graphs (base weights are plain tensors; adapters in `AdapterMode::Eval` hand
 //! their variables to the forward pass detached), read pipelines or Parquet, or print.
 
 pub mod batch;
+pub mod completions;
 pub mod generate;
 pub mod jsonl;
 pub mod model;
@@ -21,6 +23,7 @@ pub mod text;
 use candle_core::{Device, Result, Tensor};
 
 pub use batch::{joined, Batch, Sequence};
+pub use completions::{complete_prompts, Completion};
 pub use generate::{generate, Generated, GenerationSettings, StopReason};
 pub use sample::Sampling;
 pub use score::{score_examples, NllTotal, SequenceScore};

@@ -61,13 +61,36 @@ pub enum PatchChange {
     Map(WeightMap),
 }
 
-/// A change to one linear layer's weight: what a mergeable adapter yields per adapted layer.
+/// Which tensor of a module a patch changes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Parameter {
+    /// `<module>.weight`.
+    Weight,
+    /// `<module>.bias` (a trained LayerNorm copy's).
+    Bias,
+}
+
+impl Parameter {
+    /// The tensor-name suffix after the module path.
+    pub fn name(self) -> &'static str {
+        match self {
+            Parameter::Weight => "weight",
+            Parameter::Bias => "bias",
+        }
+    }
+}
+
+/// A change to one tensor of a module: what a mergeable adapter yields per adapted layer (its
+/// weight), or per trained copy of a module (PEFT's `modules_to_save`: a weight, a norm's bias).
 #[derive(Clone)]
 pub struct WeightPatch {
     /// The module path as Hugging Face names it (`model.layers.0.self_attn.q_proj`, `lm_head`).
     pub path: String,
+    /// The module's tensor it changes.
+    pub parameter: Parameter,
     /// `(out_features, in_features)` of the layer; 0 for a side the adapter does not know (an
     /// IA3 vector read from a file gives only one side), which the stored weight then decides.
+    /// A vector (a norm's weight or bias, `[n]`) is patched as a one-column matrix: `(n, 1)`.
     pub dims: (usize, usize),
     pub change: PatchChange,
 }
@@ -76,12 +99,18 @@ impl std::fmt::Debug for WeightPatch {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("WeightPatch")
             .field("path", &self.path)
+            .field("parameter", &self.parameter)
             .field("dims", &self.dims)
             .finish_non_exhaustive()
     }
 }
 
 impl WeightPatch {
+    /// The tensor's name in a checkpoint: `<path>.weight` or `<path>.bias`.
+    pub fn tensor_name(&self) -> String {
+        format!("{}.{}", self.path, self.parameter.name())
+    }
+
     /// The patched weight of `weight` (`[out, in]`, any float dtype), in f32.
     pub fn apply(&self, weight: &Tensor) -> candle_core::Result<Tensor> {
         let weight = weight.to_dtype(DType::F32)?;
@@ -212,13 +241,17 @@ fn read_checkpoint_index(
 }
 
 /// The checkpoint tensor name of a module's weight (GPT-2 checkpoints may omit `transformer.`).
-fn weight_name(tensors: &BTreeMap<String, SourceTensor>, path: &str) -> Option<String> {
-    let direct = format!("{path}.weight");
+fn weight_name(
+    tensors: &BTreeMap<String, SourceTensor>,
+    path: &str,
+    parameter: Parameter,
+) -> Option<String> {
+    let direct = format!("{path}.{}", parameter.name());
     if tensors.contains_key(&direct) {
         return Some(direct);
     }
     let short = path.strip_prefix("transformer.")?;
-    let short = format!("{short}.weight");
+    let short = format!("{short}.{}", parameter.name());
     tensors.contains_key(&short).then_some(short)
 }
 
@@ -275,11 +308,18 @@ fn patched_values(
     fan_in_fan_out: bool,
 ) -> Result<Vec<f32>, CheckpointError> {
     let side = |wanted: usize, stored: usize| wanted == 0 || wanted == stored;
+    // A vector (a norm's weight or bias) is a one-column matrix.
+    let matrix_shape = match stored_shape {
+        [length] => [*length, 1],
+        [rows, columns] => [*rows, *columns],
+        _ => [0, 0],
+    };
     let (linear, conv1d) = match stored_shape {
         [rows, columns] => (
             side(patch.dims.0, *rows) && side(patch.dims.1, *columns),
             side(patch.dims.1, *rows) && side(patch.dims.0, *columns),
         ),
+        [length] => (side(patch.dims.0, *length) && side(patch.dims.1, 1), false),
         _ => (false, false),
     };
     let transpose = match (linear, conv1d) {
@@ -295,11 +335,11 @@ fn patched_values(
         }
     };
     let (out_features, in_features) = if transpose {
-        (stored_shape[1], stored_shape[0])
+        (matrix_shape[1], matrix_shape[0])
     } else {
-        (stored_shape[0], stored_shape[1])
+        (matrix_shape[0], matrix_shape[1])
     };
-    let stored = Tensor::from_vec(values, stored_shape, &Device::Cpu).map_err(candle_error)?;
+    let stored = Tensor::from_vec(values, &matrix_shape, &Device::Cpu).map_err(candle_error)?;
     let weight = if transpose {
         stored.t().map_err(candle_error)?
     } else {
@@ -484,12 +524,13 @@ fn merge_plan<'a>(
         .collect();
     let mut untie = false;
     for pair in patches {
-        if let Some(name) = weight_name(source, &pair.path) {
+        let head = pair.path == "lm_head" && pair.parameter == Parameter::Weight;
+        if let Some(name) = weight_name(source, &pair.path, pair.parameter) {
             plan.insert(name.clone(), (source[&name].clone(), Some(pair)));
             // A tied checkpoint may store `lm_head.weight` too (stories260k does); loaders
             // ignore it while the config says tied, so a patched head must untie them.
-            untie |= pair.path == "lm_head" && tied;
-        } else if pair.path == "lm_head" && tied {
+            untie |= head && tied;
+        } else if head && tied {
             // The head is the embedding matrix; adapting it unties them.
             let embedding = ["model.embed_tokens.weight", "transformer.wte.weight", "wte.weight"]
                 .into_iter()
@@ -504,10 +545,10 @@ fn merge_plan<'a>(
             untie = true;
         } else {
             return Err(CheckpointError::invalid(format!(
-                "the adapter adapts `{}`, but the base model in {} has no weight `{}.weight`",
+                "the adapter adapts `{}`, but the base model in {} has no tensor `{}`",
                 pair.path,
                 base_dir.display(),
-                pair.path
+                pair.tensor_name()
             )));
         }
     }

@@ -12,7 +12,9 @@ use candle_nn::VarBuilder;
 use super::config::{Gpt2Activation, Gpt2Config, ModelConfig};
 use super::llama::{adapter_branch, check_cache, merge_heads, split_heads};
 use super::sequence::{expand_batch, plan, Step};
-use super::{CausalLm, Hooks, KvCache, LayerPlan, LinearFactory, LinearLayer, LinearWeights};
+use super::{
+    CausalLm, Hooks, KvCache, LayerPlan, LinearFactory, LinearLayer, LinearWeights, NormWeights,
+};
 use crate::ops::{add_constant, add_tracked, causal_attention, layer_norm};
 
 /// A Conv1D layer (`weight [in, out]`, `bias [out]`) built through the factory as `[out, in]`.
@@ -31,21 +33,41 @@ fn build_conv1d(
     factory.build(path, LinearWeights { weight, bias })
 }
 
+/// One LayerNorm: its frozen weight and bias and its module path (under which [`Hooks::norms`]
+/// may replace them).
 struct Norm {
+    path: String,
     weight: Tensor,
     bias: Tensor,
 }
 
 impl Norm {
-    fn load(vb: &VarBuilder, size: usize) -> Result<Self> {
+    fn load(vb: &VarBuilder, path: String, size: usize) -> Result<Self> {
         Ok(Self {
+            path,
             weight: vb.get(size, "weight")?,
             bias: vb.get(size, "bias")?,
         })
     }
 
-    fn forward(&self, x: &Tensor, eps: f64) -> Result<Tensor> {
-        layer_norm(x, &self.weight, Some(&self.bias), eps)
+    fn forward(&self, x: &Tensor, eps: f64, hooks: &Hooks) -> Result<Tensor> {
+        match hooks.norms.get(&self.path) {
+            None => layer_norm(x, &self.weight, Some(&self.bias), eps),
+            Some(NormWeights { bias: None, .. }) => {
+                bail!("norm `{}`: a GPT-2 LayerNorm needs its bias", self.path)
+            }
+            Some(replaced) => layer_norm(x, &replaced.weight, replaced.bias.as_ref(), eps),
+        }
+    }
+
+    fn weights(&self) -> (String, NormWeights) {
+        (
+            self.path.clone(),
+            NormWeights {
+                weight: self.weight.clone(),
+                bias: Some(self.bias.clone()),
+            },
+        )
     }
 }
 
@@ -92,7 +114,7 @@ impl Gpt2 {
             let block = root.pp(format!("h.{i}"));
             let path = format!("transformer.h.{i}");
             blocks.push(Block {
-                ln_1: Norm::load(&block.pp("ln_1"), h)?,
+                ln_1: Norm::load(&block.pp("ln_1"), format!("{path}.ln_1"), h)?,
                 c_attn: build_conv1d(
                     &block.pp("attn.c_attn"),
                     factory,
@@ -107,7 +129,7 @@ impl Gpt2 {
                     h,
                     h,
                 )?,
-                ln_2: Norm::load(&block.pp("ln_2"), h)?,
+                ln_2: Norm::load(&block.pp("ln_2"), format!("{path}.ln_2"), h)?,
                 c_fc: build_conv1d(
                     &block.pp("mlp.c_fc"),
                     factory,
@@ -124,7 +146,7 @@ impl Gpt2 {
                 )?,
             });
         }
-        let ln_f = Norm::load(&root.pp("ln_f"), h)?;
+        let ln_f = Norm::load(&root.pp("ln_f"), "transformer.ln_f".into(), h)?;
         let head_weight = if c.tie_word_embeddings {
             wte.clone()
         } else {
@@ -289,12 +311,12 @@ impl Gpt2 {
         if c.scale_attn_by_inverse_layer_idx {
             scale /= (index + 1) as f64;
         }
-        let normed = block.ln_1.forward(x, c.layer_norm_epsilon)?;
+        let normed = block.ln_1.forward(x, c.layer_norm_epsilon, hooks)?;
         let (attended, key_values) =
             self.attention(index, block, &normed, step, hooks, cached, scale)?;
         // `add_tracked`: block 0's input (the embeddings) is a constant; it gets no gradient.
         let x = add_tracked(x, &attended)?;
-        let normed = block.ln_2.forward(&x, c.layer_norm_epsilon)?;
+        let normed = block.ln_2.forward(&x, c.layer_norm_epsilon, hooks)?;
         let hidden = self.activation(&block.c_fc.forward(&normed)?)?;
         let x = add_tracked(&x, &block.mlp_c_proj.forward(&hidden)?)?;
         Ok((x, key_values))
@@ -316,6 +338,16 @@ impl CausalLm for Gpt2 {
 
     fn token_embeddings(&self) -> &Tensor {
         &self.wte
+    }
+
+    fn norms(&self) -> Vec<(String, NormWeights)> {
+        let mut norms = Vec::with_capacity(2 * self.blocks.len() + 1);
+        for block in &self.blocks {
+            norms.push(block.ln_1.weights());
+            norms.push(block.ln_2.weights());
+        }
+        norms.push(self.ln_f.weights());
+        norms
     }
 
     fn lm_head(&self) -> &dyn LinearLayer {
@@ -354,7 +386,7 @@ impl CausalLm for Gpt2 {
         if let Some(cache) = cache {
             cache.valid = step.key_valid;
         }
-        self.ln_f.forward(&x, self.gpt2.layer_norm_epsilon)
+        self.ln_f.forward(&x, self.gpt2.layer_norm_epsilon, hooks)
     }
 
     fn layer_plan(
@@ -376,7 +408,7 @@ impl CausalLm for Gpt2 {
         Ok(self.block(index, x, &plan.step, hooks, None)?.0)
     }
 
-    fn final_norm(&self, x: &Tensor) -> Result<Tensor> {
-        self.ln_f.forward(x, self.gpt2.layer_norm_epsilon)
+    fn final_norm(&self, x: &Tensor, hooks: &Hooks) -> Result<Tensor> {
+        self.ln_f.forward(x, self.gpt2.layer_norm_epsilon, hooks)
     }
 }

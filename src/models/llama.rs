@@ -14,10 +14,11 @@ use super::config::{LlamaConfig, ModelConfig};
 use super::sequence::{expand_batch, plan, Step};
 use super::{
     AdapterPrompt, CausalLm, Hooks, KvCache, LayerPlan, LinearFactory, LinearLayer, LinearWeights,
-    QuantizedLinearWeights,
+    NormWeights, QuantizedLinearWeights,
 };
 use crate::ops::{
-    add_tracked, apply_rope, causal_attention, full_attention, rms_norm, RotaryEmbedding,
+    add_residual, attention_heads, causal_attention, full_attention, rms_norm, rope_heads,
+    RotaryEmbedding,
 };
 
 /// Build one linear layer from `vb` (`weight [out, in]`, optional `bias [out]`) via the factory;
@@ -146,11 +147,13 @@ impl SelfAttention {
         cached: Option<&(Tensor, Tensor)>,
     ) -> Result<(Tensor, (Tensor, Tensor))> {
         let dtype = x.dtype();
-        let query = split_heads(&self.q_proj.forward(x)?, self.heads, self.head_dim)?;
-        let key = split_heads(&self.k_proj.forward(x)?, self.kv_heads, self.head_dim)?;
-        let value = split_heads(&self.v_proj.forward(x)?, self.kv_heads, self.head_dim)?;
-        let query = apply_rope(&query, cos, sin)?;
-        let key = apply_rope(&key, cos, sin)?;
+        // On CUDA the heads stay where the projections wrote them (`[B, T, heads, D]` views, RoPE
+        // written in place) and the flash kernels read them there; elsewhere they are copied into
+        // `[B, heads, T, D]` (ops::rope_heads, ops::attention_heads).
+        let (heads, kv_heads, dim) = (self.heads, self.kv_heads, self.head_dim);
+        let query = rope_heads(self.q_proj.forward(x)?, heads, dim, cos, sin)?;
+        let key = rope_heads(self.k_proj.forward(x)?, kv_heads, dim, cos, sin)?;
+        let value = attention_heads(&self.v_proj.forward(x)?, kv_heads, dim)?;
 
         let mut keys = Vec::with_capacity(3);
         let mut values = Vec::with_capacity(3);
@@ -249,10 +252,45 @@ impl Mlp {
     }
 }
 
+/// One RMSNorm: its frozen weight and module path (under which [`Hooks::norms`] may replace it).
+struct RmsNorm {
+    path: String,
+    weight: Tensor,
+}
+
+impl RmsNorm {
+    fn load(vb: &VarBuilder, path: String, hidden: usize) -> Result<Self> {
+        Ok(Self {
+            path,
+            weight: vb.get(hidden, "weight")?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor, eps: f64, hooks: &Hooks) -> Result<Tensor> {
+        match hooks.norms.get(&self.path) {
+            None => rms_norm(x, &self.weight, eps),
+            Some(NormWeights { bias: Some(_), .. }) => {
+                bail!("norm `{}`: an RMSNorm has no bias", self.path)
+            }
+            Some(replaced) => rms_norm(x, &replaced.weight, eps),
+        }
+    }
+
+    fn weights(&self) -> (String, NormWeights) {
+        (
+            self.path.clone(),
+            NormWeights {
+                weight: self.weight.clone(),
+                bias: None,
+            },
+        )
+    }
+}
+
 struct DecoderLayer {
-    input_layernorm: Tensor,
+    input_layernorm: RmsNorm,
     self_attn: SelfAttention,
-    post_attention_layernorm: Tensor,
+    post_attention_layernorm: RmsNorm,
     mlp: Mlp,
 }
 
@@ -273,7 +311,7 @@ pub struct Llama {
     rms_norm_eps: f64,
     embed_tokens: Tensor,
     layers: Vec<DecoderLayer>,
-    norm: Tensor,
+    norm: RmsNorm,
     lm_head: Box<dyn LinearLayer>,
     rotary: RotaryEmbedding,
     device: Device,
@@ -299,20 +337,26 @@ impl Llama {
             let path = format!("model.layers.{i}");
             let layer = model.pp(format!("layers.{i}"));
             layers.push(DecoderLayer {
-                input_layernorm: layer.pp("input_layernorm").get(c.hidden_size, "weight")?,
+                input_layernorm: RmsNorm::load(
+                    &layer.pp("input_layernorm"),
+                    format!("{path}.input_layernorm"),
+                    c.hidden_size,
+                )?,
                 self_attn: SelfAttention::load(
                     &layer.pp("self_attn"),
                     factory,
                     &format!("{path}.self_attn"),
                     c,
                 )?,
-                post_attention_layernorm: layer
-                    .pp("post_attention_layernorm")
-                    .get(c.hidden_size, "weight")?,
+                post_attention_layernorm: RmsNorm::load(
+                    &layer.pp("post_attention_layernorm"),
+                    format!("{path}.post_attention_layernorm"),
+                    c.hidden_size,
+                )?,
                 mlp: Mlp::load(&layer.pp("mlp"), factory, &format!("{path}.mlp"), c)?,
             });
         }
-        let norm = model.pp("norm").get(c.hidden_size, "weight")?;
+        let norm = RmsNorm::load(&model.pp("norm"), "model.norm".into(), c.hidden_size)?;
         let head_weight = if c.tie_word_embeddings {
             embed_tokens.clone()
         } else {
@@ -383,14 +427,18 @@ impl Llama {
             .layers
             .get(index)
             .ok_or_else(|| candle_core::Error::Msg(format!("no decoder layer {index}")))?;
-        let normed = rms_norm(x, &layer.input_layernorm, self.rms_norm_eps)?;
+        let normed = layer.input_layernorm.forward(x, self.rms_norm_eps, hooks)?;
         let (attended, key_values) = layer
             .self_attn
             .forward(index, &normed, cos, sin, step, hooks, cached)?;
-        // `add_tracked`: layer 0's input (the embeddings) is a constant; it gets no gradient.
-        let x = add_tracked(x, &attended)?;
-        let normed = rms_norm(&x, &layer.post_attention_layernorm, self.rms_norm_eps)?;
-        let x = add_tracked(&x, &layer.mlp.forward(&normed)?)?;
+        // `add_residual`: layer 0's input (the embeddings) is a constant and gets no gradient; on
+        // CUDA the sum is written into the branch's output (each branch output is read by nothing
+        // else, `LinearLayer::forward`).
+        let x = add_residual(attended, x)?;
+        let normed = layer
+            .post_attention_layernorm
+            .forward(&x, self.rms_norm_eps, hooks)?;
+        let x = add_residual(layer.mlp.forward(&normed)?, &x)?;
         Ok((x, key_values))
     }
 }
@@ -410,6 +458,16 @@ impl CausalLm for Llama {
 
     fn token_embeddings(&self) -> &Tensor {
         &self.embed_tokens
+    }
+
+    fn norms(&self) -> Vec<(String, NormWeights)> {
+        let mut norms = Vec::with_capacity(2 * self.layers.len() + 1);
+        for layer in &self.layers {
+            norms.push(layer.input_layernorm.weights());
+            norms.push(layer.post_attention_layernorm.weights());
+        }
+        norms.push(self.norm.weights());
+        norms
     }
 
     fn lm_head(&self) -> &dyn LinearLayer {
@@ -452,7 +510,7 @@ impl CausalLm for Llama {
         if let Some(cache) = cache {
             cache.valid = step.key_valid;
         }
-        rms_norm(&x, &self.norm, self.rms_norm_eps)
+        self.norm.forward(&x, self.rms_norm_eps, hooks)
     }
 
     fn layer_plan(
@@ -485,7 +543,7 @@ impl CausalLm for Llama {
             .0)
     }
 
-    fn final_norm(&self, x: &Tensor) -> Result<Tensor> {
-        rms_norm(x, &self.norm, self.rms_norm_eps)
+    fn final_norm(&self, x: &Tensor, hooks: &Hooks) -> Result<Tensor> {
+        self.norm.forward(x, self.rms_norm_eps, hooks)
     }
 }

@@ -9,8 +9,10 @@
 //!   while the model loads) is built through [`LinearFactory::build_quantized`].
 //! - [`Hooks`]: per forward call, extra input embeddings prepended (prompt tuning), extra key/values
 //!   per layer prepended (prefix tuning: no RoPE on them, real positions start after them) and a
-//!   gated adapter branch per layer (LLaMA-Adapter / PEFT `adaption_prompt`), and replaced rows
-//!   of the token-embedding table ([`EmbeddingRows`]: PEFT's trainable tokens, a trained copy).
+//!   gated adapter branch per layer (LLaMA-Adapter / PEFT `adaption_prompt`), replaced rows
+//!   of the token-embedding table ([`EmbeddingRows`]: PEFT's trainable tokens, a trained copy),
+//!   and replaced weights of normalization layers by module path ([`NormWeights`]: a trained
+//!   copy, PEFT's `modules_to_save`); [`CausalLm::norms`] lists the frozen ones.
 //!
 //! The public surface for train/eval code is [`CausalLm`] (one trait for both architectures),
 //! [`ModelDir`] (a Hugging Face model directory: config, weights, tokenizer files) and
@@ -45,6 +47,10 @@ pub use tokenizer::{GenerationConfig, ModelTokenizer};
 
 /// A linear layer as a model uses it: `y = x·Wᵀ (+ b)` or any adapted variant.
 pub trait LinearLayer: Send + Sync {
+    /// The output is the caller's: no backward of the layer reads it (gradients come from the
+    /// inputs and weights), so a model may write into it (`ops::rope_heads`, `ops::add_residual`
+    /// do so on CUDA when its buffer is shared with no other tensor). The same holds for
+    /// [`LinearLayer::forward_swiglu`].
     fn forward(&self, x: &Tensor) -> Result<Tensor>;
 
     /// `forward(silu(gate) · up)`: a Llama MLP's down projection. A layer may compute it without
@@ -285,11 +291,25 @@ impl EmbeddingRows {
     }
 }
 
+/// The weights of one normalization layer: RMSNorm's `weight [hidden]`, LayerNorm's `weight` and
+/// `bias` (each `[hidden]`). Frozen as the model holds them; a replacement given through
+/// [`Hooks::norms`] may be tracked (a trained copy), and the norm ops then give it a gradient.
+#[derive(Debug, Clone)]
+pub struct NormWeights {
+    pub weight: Tensor,
+    pub bias: Option<Tensor>,
+}
+
 /// What prompt-based PEFT methods add to a forward pass. `Hooks::default()` is the plain model.
 #[derive(Debug, Clone, Default)]
 pub struct Hooks {
     /// Replaced rows of the token-embedding table (used on every call).
     pub embedding_rows: Option<EmbeddingRows>,
+    /// Replaced normalization weights by the layer's Hugging Face module path
+    /// (`model.layers.0.input_layernorm`, `model.norm`, `transformer.h.0.ln_1`, as
+    /// [`CausalLm::norms`] names them), used on every call instead of the frozen ones. Each must
+    /// have the frozen weights' shapes (and a bias exactly where the layer has one).
+    pub norms: BTreeMap<String, NormWeights>,
     /// Prompt tuning: `[1 | B, n, hidden]` embeddings prepended to the input embeddings. They are
     /// attended to like tokens (positions `0..n`, real tokens from `n`), and the returned logits have
     /// `n` extra leading positions. With a KV cache they are used on the first call only.
@@ -426,6 +446,10 @@ pub trait CausalLm: Send + Sync {
     /// The token embedding table `[vocab, hidden]` (frozen, compute dtype).
     fn token_embeddings(&self) -> &Tensor;
 
+    /// Every normalization layer's frozen weights (compute dtype), by Hugging Face module path
+    /// (the names [`Hooks::norms`] takes), in the model's order.
+    fn norms(&self) -> Vec<(String, NormWeights)>;
+
     /// Token embeddings `[B, T, hidden]` of `input_ids [B, T]` with `hooks.embedding_rows`
     /// applied (no position embeddings).
     fn embed_hooked(&self, input_ids: &Tensor, hooks: &Hooks) -> Result<Tensor> {
@@ -490,7 +514,7 @@ pub trait CausalLm: Send + Sync {
     }
 
     // The forward in pieces, for layer-by-layer execution (activation checkpointing):
-    // `final_norm(layer(L-1, … layer(0, embed_layer_input(ids))))` is `forward_hidden` without a
+    // `final_norm(layer(L-1, … layer(0, layer_input(ids))))` is `forward_hidden` without a
     // cache, op for op (both run the same code), so its values and gradients are the same.
 
     /// The bookkeeping of a cache-less forward of `input_ids` with `hooks` (checked as
@@ -509,6 +533,7 @@ pub trait CausalLm: Send + Sync {
     /// Decoder layer `index` (residuals included) applied to `x`, the previous layer's output.
     fn layer(&self, index: usize, x: &Tensor, plan: &LayerPlan, hooks: &Hooks) -> Result<Tensor>;
 
-    /// The final norm of the last layer's output: the hidden states `forward_hidden` returns.
-    fn final_norm(&self, x: &Tensor) -> Result<Tensor>;
+    /// The final norm of the last layer's output: the hidden states `forward_hidden` returns
+    /// (with `hooks.norms`' weights where they replace it).
+    fn final_norm(&self, x: &Tensor, hooks: &Hooks) -> Result<Tensor>;
 }

@@ -26,7 +26,7 @@ use candle_core::{DType, Device, Tensor};
 use safetensors::tensor::TensorView;
 use serde_json::Value;
 
-use super::checkpoint::{PatchChange, WeightPatch};
+use super::checkpoint::{Parameter, PatchChange, WeightPatch};
 use super::config::ModelConfig;
 use super::load::ModelError;
 use super::{LinearFactory, LinearLayer, LinearWeights, QuantizedLinearWeights};
@@ -891,9 +891,10 @@ pub fn dequantized_base_patches(
     load_dtype: DType,
     tensors: &BTreeMap<String, Vec<usize>>,
 ) -> Vec<WeightPatch> {
-    let mut by_path: BTreeMap<String, WeightPatch> = adapter
+    // By tensor name: a trained norm copy patches a module's weight and bias.
+    let mut by_name: BTreeMap<String, WeightPatch> = adapter
         .into_iter()
-        .map(|patch| (patch.path.clone(), patch))
+        .map(|patch| (patch.tensor_name(), patch))
         .collect();
     let mut patches = Vec::new();
     for (name, shape) in tensors {
@@ -903,7 +904,7 @@ pub fn dequantized_base_patches(
         let Some(path) = name.strip_suffix(".weight") else {
             continue;
         };
-        let adapter_patch = by_path.remove(path);
+        let adapter_patch = by_name.remove(name);
         let quantization = *quantization;
         let dims = (shape[0], shape[1]);
         let change = PatchChange::Map(std::sync::Arc::new(move |weight: &Tensor| {
@@ -915,12 +916,13 @@ pub fn dequantized_base_patches(
         }));
         patches.push(WeightPatch {
             path: path.to_string(),
+            parameter: Parameter::Weight,
             dims,
             change,
         });
     }
-    // Adapted layers that are not quantized (`lm_head`) merge as LoRA does.
-    patches.extend(by_path.into_values());
+    // Adapted layers that are not quantized (`lm_head`, a trained norm) merge as LoRA does.
+    patches.extend(by_name.into_values());
     patches
 }
 

@@ -9,10 +9,17 @@
 //! (masks, tables, weights, small intermediates) is a constant and never gets a GradStore entry.
 //! Must not: run a kernel of its own or know what the ops mean.
 
+#[cfg(feature = "cuda")]
+use candle_core::CustomOp2;
 use candle_core::{bail, CpuStorage, CustomOp1, CustomOp3, Layout, Result, Shape, Tensor};
 
 /// `(input, output, grad_output) -> grad_input`.
 type Backward = dyn Fn(&Tensor, &Tensor, &Tensor) -> Result<Tensor> + Send + Sync;
+
+/// `([a, b], output, grad_output) -> [grad_a, grad_b]` (`None`: no gradient).
+#[cfg(feature = "cuda")]
+type Backward2 =
+    dyn Fn([&Tensor; 2], &Tensor, &Tensor) -> Result<[Option<Tensor>; 2]> + Send + Sync;
 
 /// `([a, b, c], output, grad_output) -> [grad_a, grad_b, grad_c]` (`None`: no gradient).
 type Backward3 =
@@ -21,6 +28,12 @@ type Backward3 =
 struct WithBackward {
     name: &'static str,
     backward: Box<Backward>,
+}
+
+#[cfg(feature = "cuda")]
+struct WithBackward2 {
+    name: &'static str,
+    backward: Box<Backward2>,
 }
 
 struct WithBackward3 {
@@ -43,6 +56,34 @@ impl CustomOp1 for WithBackward {
 
     fn bwd(&self, input: &Tensor, result: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         Ok(Some((self.backward)(input, result, grad)?))
+    }
+}
+
+#[cfg(feature = "cuda")]
+impl CustomOp2 for WithBackward2 {
+    fn name(&self) -> &'static str {
+        self.name
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        never_run(self.name)
+    }
+
+    fn bwd(
+        &self,
+        a: &Tensor,
+        b: &Tensor,
+        result: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let [ga, gb] = (self.backward)([a, b], result, grad)?;
+        Ok((ga, gb))
     }
 }
 
@@ -93,6 +134,30 @@ where
     input.attach_op1(
         &output,
         WithBackward {
+            name,
+            backward: Box::new(backward),
+        },
+    )
+}
+
+/// [`with_backward`] for an op of two inputs; the closure returns a gradient per input (`None` for
+/// an input that is not tracked). When no input is tracked, `output` is returned as it is.
+/// (Only the CUDA in-place ops need it so far.)
+#[cfg(feature = "cuda")]
+pub(crate) fn with_backward2<F>(
+    name: &'static str,
+    inputs: [&Tensor; 2],
+    output: Tensor,
+    backward: F,
+) -> Result<Tensor>
+where
+    F: Fn([&Tensor; 2], &Tensor, &Tensor) -> Result<[Option<Tensor>; 2]> + Send + Sync + 'static,
+{
+    let [a, b] = inputs;
+    a.attach_op2(
+        b,
+        &output,
+        WithBackward2 {
             name,
             backward: Box::new(backward),
         },

@@ -92,6 +92,24 @@ pub fn add_tracked(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     }
 }
 
+/// A residual connection, `residual + branch`, with [`add_tracked`]'s gradients, `branch` handed
+/// over (nothing may read it afterwards). On CUDA the sum is written into `branch`'s buffer when
+/// nothing else shares it (`ops::cuda::add_into`; off with `PEFTPIPE_UNFUSED=in_place`), so the
+/// layer keeps one buffer where the branch output and the sum were two; elsewhere, and whenever the
+/// shapes or layouts differ, it is [`add_tracked`].
+pub fn add_residual(branch: Tensor, residual: &Tensor) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if super::cuda::applies("in_place", &branch)
+        && branch.is_contiguous()
+        && branch.shape() == residual.shape()
+        && branch.dtype() == residual.dtype()
+        && branch.storage_is_unique()
+    {
+        return super::cuda::add_into(&branch, residual);
+    }
+    add_tracked(residual, &branch)
+}
+
 /// `a · b` (candle's `broadcast_mul`) where a constant operand (e.g. layer 0's frozen output that
 /// IA3 scales) gets no gradient. The tracked operand is broadcast to the output's shape first (a
 /// graph node whose backward sums the broadcast dimensions, as candle's), then multiplied by the

@@ -22,16 +22,16 @@ use candle_core::cuda_backend::cudarc::driver::{DevicePtr, LaunchConfig, PushKer
 use candle_core::cuda_backend::WrapErr;
 use candle_core::{
     bail, CpuStorage, CudaDevice, CudaStorage, CustomOp1, CustomOp2, CustomOp3, DType, Device,
-    InplaceOp3, Layout, Result, Shape, Storage, Tensor,
+    InplaceOp2, InplaceOp3, Layout, Result, Shape, Storage, Tensor,
 };
 
-use super::attach::with_backward;
+use super::attach::{with_backward, with_backward2};
 
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/peftpipe_kernels.ptx"));
 const MODULE: &str = "peftpipe";
 
 /// The fused kernels, by the names `PEFTPIPE_UNFUSED` takes.
-pub const KERNELS: [&str; 8] = [
+pub const KERNELS: [&str; 10] = [
     "rms_norm",
     "rope",
     "swiglu",
@@ -40,6 +40,12 @@ pub const KERNELS: [&str; 8] = [
     "adamw",
     "flash_attention",
     "lora_gemm",
+    // Not kernels of their own but ways of calling them, switched off the same way: the flash
+    // kernels reading a projection's heads where they lie ([B, T, H, D], no copy), and RoPE and
+    // the residual additions written into the buffer they read (`ops::rope_heads`,
+    // `ops::add_residual`).
+    "strided_heads",
+    "in_place",
 ];
 
 /// Whether the fused kernel `kernel` (one of [`KERNELS`]) is used: yes unless `PEFTPIPE_FUSED=0`
@@ -390,11 +396,32 @@ impl CustomOp3 for RmsNormBackward {
     }
 }
 
-/// RMSNorm forward and backward in one kernel each; the weight (frozen) gets no gradient.
+/// RMSNorm forward and backward in one kernel each. A frozen weight gets no gradient (the op
+/// tracks `x` alone); a tracked one (a trained copy) gets `Σ g·x̂` through
+/// [`super::norm::attach_trained`], the input's gradient still from the backward kernel.
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
     let x = x.contiguous()?;
+    let trained_weight = weight.track_op().then(|| weight.clone());
     let weight = weight.detach().to_dtype(x.dtype())?.contiguous()?;
     let op = RmsNorm { eps: eps as f32 };
+    if let Some(trained_weight) = trained_weight {
+        let output = x.apply_op2_no_bwd(&weight, &op)?;
+        return super::norm::attach_trained(
+            "fused-rms-norm-trained",
+            &x,
+            &trained_weight,
+            None,
+            output,
+            move |x| super::norm::rms_normalized(x, eps),
+            move |x, grad| {
+                x.apply_op3_no_bwd(
+                    &weight,
+                    &grad.contiguous()?,
+                    &RmsNormBackward { eps: op.eps },
+                )
+            },
+        );
+    }
     if x.track_op() {
         x.apply_op2(&weight, op)
     } else {
@@ -406,6 +433,48 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
 
 struct Rope {
     sign: f32,
+    /// `x` is `[B, T, H, D]` (else `[B, H, T, D]`).
+    bthd: bool,
+}
+
+impl Rope {
+    /// Launch on `x` (contiguous, `[B, H, T, D]` or with `bthd` `[B, T, H, D]`) into `y` (which
+    /// may be `x`'s own buffer).
+    fn launch(
+        &self,
+        device: &CudaDevice,
+        dtype: DType,
+        xl: &Layout,
+        (xp, cp, sp, y): (u64, u64, u64, u64),
+    ) -> Result<()> {
+        let (_batch, second, third, dim) = xl.shape().dims4()?;
+        let (heads, length) = if self.bthd {
+            (third, second)
+        } else {
+            (second, third)
+        };
+        let count = xl.shape().elem_count();
+        let (heads, length, half) = (heads as i32, length as i32, (dim / 2) as i32);
+        let pairs = (count / 2) as u64;
+        let (sign, bthd) = (self.sign, i32::from(self.bthd));
+        let name = format!("rope_{}", suffix(dtype)?);
+        launch!(
+            device,
+            &name,
+            elementwise_config(count / 2),
+            &xp,
+            &cp,
+            &sp,
+            &y,
+            &heads,
+            &length,
+            &half,
+            &sign,
+            &pairs,
+            &bthd
+        );
+        Ok(())
+    }
 }
 
 impl CustomOp3 for Rope {
@@ -434,29 +503,11 @@ impl CustomOp3 for Rope {
         sin: &CudaStorage,
         sl: &Layout,
     ) -> Result<(CudaStorage, Shape)> {
-        let (_batch, heads, length, dim) = xl.shape().dims4()?;
         let count = xl.shape().elem_count();
         let device = &x.device;
         let (out, y) = output(device, x.dtype(), count)?;
         let (xp, cp, sp) = (address(x, xl)?, address(cos, cl)?, address(sin, sl)?);
-        let (heads, length, half) = (heads as i32, length as i32, (dim / 2) as i32);
-        let pairs = (count / 2) as u64;
-        let sign = self.sign;
-        let name = format!("rope_{}", suffix(x.dtype())?);
-        launch!(
-            device,
-            &name,
-            elementwise_config(count / 2),
-            &xp,
-            &cp,
-            &sp,
-            &y,
-            &heads,
-            &length,
-            &half,
-            &sign,
-            &pairs
-        );
+        self.launch(device, x.dtype(), xl, (xp, cp, sp, y))?;
         Ok((out, xl.shape().clone()))
     }
 
@@ -468,10 +519,51 @@ impl CustomOp3 for Rope {
         _y: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let dx = grad
-            .contiguous()?
-            .apply_op3_no_bwd(cos, sin, &Rope { sign: -self.sign })?;
+        let dx = grad.contiguous()?.apply_op3_no_bwd(
+            cos,
+            sin,
+            &Rope {
+                sign: -self.sign,
+                bthd: self.bthd,
+            },
+        )?;
         Ok((Some(dx), None, None))
+    }
+}
+
+/// [`Rope`] written into its input's buffer.
+struct RopeInPlace(Rope);
+
+impl InplaceOp3 for RopeInPlace {
+    fn name(&self) -> &'static str {
+        "fused-rope-in-place"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &mut CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<()> {
+        bail!("fused-rope-in-place: no CPU implementation")
+    }
+
+    fn cuda_fwd(
+        &self,
+        x: &mut CudaStorage,
+        xl: &Layout,
+        cos: &CudaStorage,
+        cl: &Layout,
+        sin: &CudaStorage,
+        sl: &Layout,
+    ) -> Result<()> {
+        let xp = address(x, xl)?;
+        let (cp, sp) = (address(cos, cl)?, address(sin, sl)?);
+        let device = x.device.clone();
+        self.0.launch(&device, x.dtype(), xl, (xp, cp, sp, xp))
     }
 }
 
@@ -485,12 +577,116 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Option<Tensor>> {
     let x = x.contiguous()?;
     let cos = cos.detach().to_dtype(x.dtype())?.contiguous()?;
     let sin = sin.detach().to_dtype(x.dtype())?.contiguous()?;
-    let op = Rope { sign: 1.0 };
+    let op = Rope {
+        sign: 1.0,
+        bthd: false,
+    };
     Ok(Some(if x.track_op() {
         x.apply_op3(&cos, &sin, op)?
     } else {
         x.apply_op3_no_bwd(&cos, &sin, &op)?
     }))
+}
+
+/// RoPE of `x [B, T, H, D]` (contiguous: a projection's output viewed as heads) with tables
+/// `[B, T, D/2]`, `[B, T, H, D]` out. With `in_place` the rotation is written into `x`'s own
+/// buffer and the result is a graph node over `x` sharing it: `x`'s values are gone, so the caller
+/// must own `x` with nothing else reading it (its storage not shared,
+/// [`Tensor::storage_is_unique`], and no backward reading it). `None` when the shapes are not the
+/// kernel's.
+pub fn rope_bthd(x: &Tensor, cos: &Tensor, sin: &Tensor, in_place: bool) -> Result<Option<Tensor>> {
+    let (batch, length, _heads, dim) = x.dims4()?;
+    if dim % 2 != 0
+        || cos.dims() != [batch, length, dim / 2]
+        || sin.dims() != cos.dims()
+        || !x.is_contiguous()
+    {
+        return Ok(None);
+    }
+    let cos = cos.detach().to_dtype(x.dtype())?.contiguous()?;
+    let sin = sin.detach().to_dtype(x.dtype())?.contiguous()?;
+    let op = Rope {
+        sign: 1.0,
+        bthd: true,
+    };
+    if !in_place {
+        return Ok(Some(if x.track_op() {
+            x.apply_op3(&cos, &sin, op)?
+        } else {
+            x.apply_op3_no_bwd(&cos, &sin, &op)?
+        }));
+    }
+    x.inplace_op3(&cos, &sin, &RopeInPlace(op))?;
+    let inverse = Rope {
+        sign: -1.0,
+        bthd: true,
+    };
+    Ok(Some(with_backward(
+        "rope-in-place",
+        x,
+        x.detach(),
+        move |_x, _y, grad| grad.contiguous()?.apply_op3_no_bwd(&cos, &sin, &inverse),
+    )?))
+}
+
+// ---- Residual addition in place -----------------------------------------------------------------
+
+struct AddInto;
+
+impl InplaceOp2 for AddInto {
+    fn name(&self) -> &'static str {
+        "add-into"
+    }
+
+    fn cpu_fwd(&self, _: &mut CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout) -> Result<()> {
+        bail!("add-into: no CPU implementation")
+    }
+
+    fn cuda_fwd(
+        &self,
+        y: &mut CudaStorage,
+        yl: &Layout,
+        x: &CudaStorage,
+        xl: &Layout,
+    ) -> Result<()> {
+        let count = yl.shape().elem_count();
+        let (yp, xp) = (address(y, yl)?, address(x, xl)?);
+        let n = count as u64;
+        let device = y.device.clone();
+        let name = format!("add_into_{}", suffix(y.dtype())?);
+        launch!(device, &name, elementwise_config(count), &yp, &xp, &n);
+        Ok(())
+    }
+}
+
+/// `residual + branch` written into `branch`'s buffer (contiguous, same shape and dtype, its
+/// storage not shared: [`Tensor::storage_is_unique`]); the result is a graph node over both
+/// sharing that buffer, whose gradient reaches each tracked input unchanged (an untracked one, layer
+/// 0's embeddings, gets none). `branch`'s values are gone: the caller owns it and nothing reads it
+/// again.
+pub fn add_into(branch: &Tensor, residual: &Tensor) -> Result<Tensor> {
+    if branch.shape() != residual.shape() || branch.dtype() != residual.dtype() {
+        bail!(
+            "add_into: branch {:?} {:?} and residual {:?} {:?} differ",
+            branch.shape(),
+            branch.dtype(),
+            residual.shape(),
+            residual.dtype()
+        )
+    }
+    let residual_c = residual.contiguous()?;
+    branch.inplace_op2(&residual_c, &AddInto)?;
+    with_backward2(
+        "add-into",
+        [residual, branch],
+        branch.detach(),
+        |[residual, branch], _y, grad| {
+            Ok([
+                residual.track_op().then(|| grad.clone()),
+                branch.track_op().then(|| grad.clone()),
+            ])
+        },
+    )
 }
 
 // ---- SwiGLU -------------------------------------------------------------------------------------

@@ -23,16 +23,80 @@
 
 use std::sync::OnceLock;
 
-use candle_core::backend::BackendStorage;
+#[cfg(feature = "cuda")]
 use candle_core::{
-    bail, CpuStorage, CudaStorage, CustomOp3, DType, Device, Layout, MetalStorage, Result, Shape,
-    Storage, Tensor,
+    backend::BackendStorage, CpuStorage, CudaStorage, CustomOp3, Layout, Shape, Storage,
 };
+use candle_core::{bail, DType, Device, Result, Tensor};
 
+use super::attach::with_backward3;
 use super::attention::{attention, causal_mask};
 
 /// Head dimensions the CUDA kernels take (others use the explicit composition).
 pub const HEAD_DIMS: [usize; 2] = [64, 128];
+
+/// Whether the flash kernels read `x`, a logical `[B, heads, T, D]` tensor, where it lies when it
+/// is stored as `[B, T, heads, D]` (a projection's `[B, T, heads·D]` output seen through
+/// `reshape` + `transpose(1, 2)`, no copy made): CUDA, bf16/f16, the FlashAttention-2-style kernels
+/// (the default family; not with `PEFTPIPE_FLASH=wmma`), and not switched off by
+/// `PEFTPIPE_UNFUSED=strided_heads`. Models use it to decide whether to hand their heads over as
+/// such views (`ops::rope_heads`) or as contiguous copies (everywhere else, the CPU included).
+pub fn reads_strided_heads(x: &Tensor) -> bool {
+    #[cfg(feature = "cuda")]
+    {
+        x.device().is_cuda()
+            && matches!(x.dtype(), DType::BF16 | DType::F16)
+            && super::cuda::enabled("strided_heads")
+            && super::cuda::enabled("flash_attention")
+            && super::cuda::enabled("flash_tensor_cores")
+            && TensorCoreKernels::from_env().is_ok_and(|k| k == TensorCoreKernels::Mma)
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = x;
+        false
+    }
+}
+
+/// `x [B, T, heads·head_dim]` (a value projection's output) as heads `[B, heads, T, head_dim]`:
+/// a view of `x` (stored `[B, T, heads, head_dim]`, no copy) where the flash kernels read heads
+/// where they lie ([`reads_strided_heads`]), else a contiguous copy.
+pub fn attention_heads(x: &Tensor, heads: usize, head_dim: usize) -> Result<Tensor> {
+    let (batch, length, _) = x.dims3()?;
+    let heads_view = x
+        .reshape((batch, length, heads, head_dim))?
+        .transpose(1, 2)?;
+    if reads_strided_heads(x) {
+        Ok(heads_view)
+    } else {
+        heads_view.contiguous()
+    }
+}
+
+/// Whether `x` (logical `[B, H, T, D]`) is stored as `[B, T, H, D]`: the strides of
+/// `reshape((B, T, H, D))?.transpose(1, 2)` of a contiguous tensor, starting 16-byte aligned.
+fn stored_bthd(x: &Tensor) -> bool {
+    let Ok((batch, heads, length, dim)) = x.dims4() else {
+        return false;
+    };
+    let layout = x.layout();
+    let stride = layout.stride();
+    let aligned = (layout.start_offset() * x.dtype().size_in_bytes()) % 16 == 0;
+    aligned
+        && stride[3] == 1
+        && stride[1] == dim
+        && (length == 1 || stride[2] == heads * dim)
+        && (batch == 1 || stride[0] == length * heads * dim)
+}
+
+/// `x` (logical `[B, H, T, D]`) stored as `[B, T, H, D]`: itself when it already is, else one copy.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+fn to_bthd(x: &Tensor) -> Result<Tensor> {
+    if stored_bthd(x) {
+        return Ok(x.clone());
+    }
+    x.transpose(1, 2)?.contiguous()?.transpose(1, 2)
+}
 
 /// Which kernels run bf16/f16 flash attention on tensor cores (CUDA only; the CPU runs the
 /// reference loops either way).
@@ -313,29 +377,47 @@ pub fn flash_attention_with(
         Some(valid) => Some(valid.detach().to_dtype(DType::F32)?.ne(0f32)?),
     };
     let valid = valid.map(|v| v.to_device(q.device())).transpose()?;
+    // The FlashAttention-2-style kernels read heads stored [B, T, H, D] where they lie; every other
+    // kernel family (and the CPU) takes contiguous copies.
+    let strided = reads_strided_heads(q) && kernels == TensorCoreKernels::Mma;
+    let q_bthd = strided && stored_bthd(q);
+    let kv_bthd = strided && stored_bthd(k) && stored_bthd(v);
     let params = Params {
         dims,
         causal: visibility.causal,
         offset: visibility.offset,
         scale,
         valid,
+        q_bthd,
+        kv_bthd,
         #[cfg(feature = "cuda")]
         kernels,
     };
     #[cfg(not(feature = "cuda"))]
     let _ = kernels; // only CUDA has tensor-core kernels to choose from
-    let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
+    let keep = |x: &Tensor, bthd: bool| if bthd { Ok(x.clone()) } else { x.contiguous() };
+    let (q, k, v) = (keep(q, q_bthd)?, keep(k, kv_bthd)?, keep(v, kv_bthd)?);
     let (output, lse) = forward(&q.detach(), &k.detach(), &v.detach(), &params)?;
-    if !(q.track_op() || k.track_op() || v.track_op()) {
-        return Ok(output);
-    }
-    q.apply_op3(
-        &k,
-        &v,
-        FlashNode {
-            params,
-            output,
-            lse,
+    // The node shares the output's storage (`ops::attach`): no copy, and the output it keeps for
+    // the backward is the one handed out.
+    with_backward3(
+        "flash-attention",
+        [&q, &k, &v],
+        output,
+        move |[q, k, v], output, grad| {
+            let grad = grad.detach().to_dtype(q.dtype())?;
+            let (dq, dk, dv) = backward(
+                &q.detach(),
+                &k.detach(),
+                &v.detach(),
+                &output.detach(),
+                &lse,
+                &grad,
+                &params,
+            )?;
+            // A constant input (a frozen query or keys) gets no gradient entry.
+            let keep = |input: &Tensor, grad: Tensor| input.track_op().then_some(grad);
+            Ok([keep(q, dq), keep(k, dk), keep(v, dv)])
         },
     )
 }
@@ -348,6 +430,18 @@ struct Params {
     scale: f64,
     /// `[B, S]` u8 on the inputs' device.
     valid: Option<Tensor>,
+    /// q (and so the output, dO and dq) is stored `[B, T, H, D]` rather than contiguous.
+    #[cfg_attr(
+        not(feature = "cuda"),
+        expect(dead_code, reason = "only the CUDA kernels read strided heads")
+    )]
+    q_bthd: bool,
+    /// k and v (and so dk and dv) are stored `[B, S, KVH, D]` rather than contiguous.
+    #[cfg_attr(
+        not(feature = "cuda"),
+        expect(dead_code, reason = "only the CUDA kernels read strided heads")
+    )]
+    kv_bthd: bool,
     /// The bf16/f16 tensor-core kernels (read by the CUDA launches only).
     #[cfg(feature = "cuda")]
     kernels: TensorCoreKernels,
@@ -372,102 +466,10 @@ fn backward(
     params: &Params,
 ) -> Result<(Tensor, Tensor, Tensor)> {
     match q.device() {
-        Device::Cpu => reference::backward(q, k, v, output, lse, grad, params),
+        Device::Cpu => reference::backward(q, k, v, output, lse, &grad.contiguous()?, params),
         #[cfg(feature = "cuda")]
         Device::Cuda(_) => gpu::backward(q, k, v, output, lse, grad, params),
         other => bail!("flash attention: no implementation on {other:?}"),
-    }
-}
-
-/// The graph node: its forward hands out the output computed beforehand (a contiguous copy, as
-/// `ops::attach`), its backward runs the flash backward from the kept output and log-sum-exp.
-struct FlashNode {
-    params: Params,
-    output: Tensor,
-    lse: Tensor,
-}
-
-impl FlashNode {
-    fn copy_output<S: BackendStorage>(
-        &self,
-        pick: impl Fn(&Storage) -> Option<&S>,
-    ) -> Result<(S, Shape)> {
-        let (storage, layout) = self.output.storage_and_layout();
-        let Some(storage) = pick(&storage) else {
-            bail!("flash attention: the output is on another device than the inputs")
-        };
-        Ok((storage.affine(layout, 1.0, 0.0)?, layout.shape().clone()))
-    }
-}
-
-impl CustomOp3 for FlashNode {
-    fn name(&self) -> &'static str {
-        "flash-attention"
-    }
-
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        self.copy_output(|s| match s {
-            Storage::Cpu(s) => Some(s),
-            _ => None,
-        })
-    }
-
-    fn cuda_fwd(
-        &self,
-        _: &CudaStorage,
-        _: &Layout,
-        _: &CudaStorage,
-        _: &Layout,
-        _: &CudaStorage,
-        _: &Layout,
-    ) -> Result<(CudaStorage, Shape)> {
-        self.copy_output(|s| match s {
-            Storage::Cuda(s) => Some(s),
-            _ => None,
-        })
-    }
-
-    fn metal_fwd(
-        &self,
-        _: &MetalStorage,
-        _: &Layout,
-        _: &MetalStorage,
-        _: &Layout,
-        _: &MetalStorage,
-        _: &Layout,
-    ) -> Result<(MetalStorage, Shape)> {
-        bail!("flash attention: no Metal implementation")
-    }
-
-    fn bwd(
-        &self,
-        q: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
-        _output: &Tensor,
-        grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let grad = grad.detach().to_dtype(q.dtype())?.contiguous()?;
-        let (dq, dk, dv) = backward(
-            &q.detach(),
-            &k.detach(),
-            &v.detach(),
-            &self.output,
-            &self.lse,
-            &grad,
-            &self.params,
-        )?;
-        // A constant input (a frozen query or keys) gets no gradient entry.
-        let keep = |input: &Tensor, grad: Tensor| input.track_op().then_some(grad);
-        Ok((keep(q, dq), keep(k, dk), keep(v, dv)))
     }
 }
 
@@ -680,6 +682,16 @@ mod gpu {
             }
         }
 
+        /// Only [`Family::Mma`] reads heads stored `[B, T, H, D]`; `flash_attention_with` hands
+        /// them over only when that family runs, and the alignment `pick` checks is the one
+        /// `stored_bthd` checked, so another family here is a bug, not a fallback.
+        fn check_layouts(self, strided: bool) -> Result<()> {
+            if strided && self != Self::Mma {
+                bail!("flash attention kernels: strided heads reached the {self:?} kernels")
+            }
+            Ok(())
+        }
+
         fn prefix(self) -> &'static str {
             match self {
                 Self::Scalar => "flash",
@@ -750,6 +762,21 @@ mod gpu {
         let Some((start, _)) = layout.contiguous_offsets() else {
             bail!("flash attention kernels: an input is not contiguous")
         };
+        start_address(storage, start)
+    }
+
+    /// The address of a `[B, H, T, D]` view of `storage`: contiguous, or stored `[B, T, H, D]`
+    /// (`bthd`, checked by `stored_bthd` before the launch).
+    fn heads_address(storage: &CudaStorage, layout: &Layout, bthd: bool) -> Result<u64> {
+        if bthd {
+            start_address(storage, layout.start_offset())
+        } else {
+            address(storage, layout)
+        }
+    }
+
+    /// The device address of element `start` of `storage`.
+    fn start_address(storage: &CudaStorage, start: usize) -> Result<u64> {
         let stream = storage.device.cuda_stream();
         let base = match storage.dtype() {
             DType::U8 => storage.as_cuda_slice::<u8>()?.device_ptr(&stream).0,
@@ -759,6 +786,15 @@ mod gpu {
             other => bail!("flash attention kernels: unsupported dtype {other:?}"),
         };
         Ok(base + (start * element_size(storage.dtype())?) as u64)
+    }
+
+    /// The address of a `[B, H, T, D]` CUDA tensor, contiguous or (`bthd`) stored `[B, T, H, D]`.
+    fn heads_tensor_address(tensor: &Tensor, bthd: bool) -> Result<u64> {
+        let (storage, layout) = tensor.storage_and_layout();
+        let Storage::Cuda(cuda) = &*storage else {
+            bail!("flash attention kernels: a tensor is not on a CUDA device")
+        };
+        heads_address(cuda, layout, bthd)
     }
 
     /// The address of a contiguous CUDA tensor; 0 (a null pointer) for `None`.
@@ -825,6 +861,8 @@ mod gpu {
         offset: i32,
         causal: i32,
         scale: f32,
+        q_bthd: i32,
+        kv_bthd: i32,
     }
 
     impl Scalars {
@@ -843,6 +881,8 @@ mod gpu {
                 offset: int(params.offset)?,
                 causal: i32::from(params.causal),
                 scale: params.scale as f32,
+                q_bthd: i32::from(params.q_bthd),
+                kv_bthd: i32::from(params.kv_bthd),
             })
         }
     }
@@ -883,8 +923,14 @@ mod gpu {
             let device = &q.device;
             let count = ql.shape().elem_count();
             let (out, o) = alloc(device, q.dtype(), count)?;
-            let (qp, kp, vp) = (address(q, ql)?, address(k, kl)?, address(v, vl)?);
+            let (q_bthd, kv_bthd) = (self.params.q_bthd, self.params.kv_bthd);
+            let qp = heads_address(q, ql, q_bthd)?;
+            let (kp, vp) = (
+                heads_address(k, kl, kv_bthd)?,
+                heads_address(v, vl, kv_bthd)?,
+            );
             let family = Family::pick(q.dtype(), &[qp, kp, vp, o], self.params.kernels);
+            family.check_layouts(q_bthd || kv_bthd)?;
             let (block_queries, _, _) = family.tiles(d.head_dim)?;
             let (shared_bytes, _, _) = family.shared_bytes(d.head_dim);
             let valid = tensor_address(self.params.valid.as_ref())?;
@@ -916,9 +962,17 @@ mod gpu {
                 &s.keys,
                 &s.offset,
                 &s.causal,
-                &s.scale
+                &s.scale,
+                &s.q_bthd,
+                &s.kv_bthd
             );
-            Ok((out, ql.shape().clone()))
+            // Stored as q is: [B, T, H, D] when q is (`forward` views it back as [B, H, T, D]).
+            let shape = if q_bthd {
+                Shape::from((d.batch, d.queries, d.heads, d.head_dim))
+            } else {
+                ql.shape().clone()
+            };
+            Ok((out, shape))
         }
     }
 
@@ -938,6 +992,11 @@ mod gpu {
                 lse: lse.clone(),
             },
         )?;
+        let output = if params.q_bthd {
+            output.transpose(1, 2)?
+        } else {
+            output
+        };
         Ok((output, lse))
     }
 
@@ -985,12 +1044,18 @@ mod gpu {
             let (dk, dv) = (dq + nq as u64 * size, dq + (nq + nk) as u64 * size);
             let rows = d.batch * d.heads * d.queries;
             let (_delta_storage, delta) = alloc(device, DType::F32, rows)?;
-            let (qp, kp, vp) = (address(q, ql)?, address(k, kl)?, address(v, vl)?);
+            let (q_bthd, kv_bthd) = (self.params.q_bthd, self.params.kv_bthd);
+            let qp = heads_address(q, ql, q_bthd)?;
+            let (kp, vp) = (
+                heads_address(k, kl, kv_bthd)?,
+                heads_address(v, vl, kv_bthd)?,
+            );
             let valid = tensor_address(self.params.valid.as_ref())?;
             let lse = tensor_address(Some(&self.lse))?;
-            let op = tensor_address(Some(&self.output))?;
-            let gp = tensor_address(Some(&self.grad))?;
+            let op = heads_tensor_address(&self.output, q_bthd)?;
+            let gp = heads_tensor_address(&self.grad, q_bthd)?;
             let family = Family::pick(dtype, &[qp, kp, vp, gp, dq, dk, dv], self.params.kernels);
+            family.check_layouts(q_bthd || kv_bthd)?;
             let (_, block_queries, block_keys) = family.tiles(d.head_dim)?;
             let (_, dkdv_bytes, dq_bytes) = family.shared_bytes(d.head_dim);
             let s = Scalars::new(&self.params)?;
@@ -1009,7 +1074,10 @@ mod gpu {
                 &gp,
                 &delta,
                 &rows_i,
-                &dim_i
+                &dim_i,
+                &s.heads,
+                &s.queries,
+                &s.q_bthd
             );
             launch!(
                 device,
@@ -1034,7 +1102,9 @@ mod gpu {
                 &s.keys,
                 &s.offset,
                 &s.causal,
-                &s.scale
+                &s.scale,
+                &s.q_bthd,
+                &s.kv_bthd
             );
             launch!(
                 device,
@@ -1058,7 +1128,9 @@ mod gpu {
                 &s.keys,
                 &s.offset,
                 &s.causal,
-                &s.scale
+                &s.scale,
+                &s.q_bthd,
+                &s.kv_bthd
             );
             Ok((out, Shape::from(total)))
         }
@@ -1073,18 +1145,35 @@ mod gpu {
         grad: &Tensor,
         params: &Params,
     ) -> Result<(Tensor, Tensor, Tensor)> {
+        // The output and dO are stored as q is; dq as q is, dk and dv as k and v are.
+        let like_q = |x: &Tensor| {
+            if params.q_bthd {
+                to_bthd(x)
+            } else {
+                x.contiguous()
+            }
+        };
         let op = Backward {
             params: params.clone(),
-            output: output.contiguous()?,
-            grad: grad.contiguous()?,
+            output: like_q(output)?,
+            grad: like_q(grad)?,
             lse: lse.contiguous()?,
         };
         let packed = q.apply_op3_no_bwd(k, v, &op)?;
         let (nq, nk) = (q.elem_count(), k.elem_count());
+        let unpack = |start: usize, count: usize, like: &Tensor, bthd: bool| -> Result<Tensor> {
+            let part = packed.narrow(0, start, count)?;
+            if bthd {
+                let (batch, heads, length, dim) = like.dims4()?;
+                part.reshape((batch, length, heads, dim))?.transpose(1, 2)
+            } else {
+                part.reshape(like.shape())
+            }
+        };
         Ok((
-            packed.narrow(0, 0, nq)?.reshape(q.shape())?,
-            packed.narrow(0, nq, nk)?.reshape(k.shape())?,
-            packed.narrow(0, nq + nk, nk)?.reshape(v.shape())?,
+            unpack(0, nq, q, params.q_bthd)?,
+            unpack(nq, nk, k, params.kv_bthd)?,
+            unpack(nq + nk, nk, v, params.kv_bthd)?,
         ))
     }
 }

@@ -32,10 +32,12 @@ pub mod swiglu;
 
 pub use attention::{attention, causal_mask, MASK_VALUE};
 pub use constant::{
-    add_constant, add_tracked, broadcast_mul_tracked, cat_tracked, div_constant, dot_constant,
-    matmul_tracked, mul_constant, sub_constant, where_cond_tracked,
+    add_constant, add_residual, add_tracked, broadcast_mul_tracked, cat_tracked, div_constant,
+    dot_constant, matmul_tracked, mul_constant, sub_constant, where_cond_tracked,
 };
-pub use flash::{causal_attention, flash_attention, full_attention, CausalMask, Visibility};
+pub use flash::{
+    attention_heads, causal_attention, flash_attention, full_attention, CausalMask, Visibility,
+};
 pub use linear::{frozen_linear, linear};
 pub use loss::{
     cross_entropy, linear_cross_entropy, next_token_cross_entropy, next_token_linear_cross_entropy,
@@ -43,6 +45,6 @@ pub use loss::{
 };
 pub use low_rank::{low_rank_linear, low_rank_swiglu_linear, DenseMap, FrozenMap};
 pub use norm::{layer_norm, rms_norm};
-pub use rope::{apply_rope, RopeScaling, RotaryEmbedding};
+pub use rope::{apply_rope, rope_heads, RopeScaling, RotaryEmbedding};
 pub use softmax::{masked_softmax, softmax_last_dim};
 pub use swiglu::{swiglu, swiglu_backward};

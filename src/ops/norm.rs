@@ -1,14 +1,18 @@
-//! RMSNorm and LayerNorm with analytic backwards; the weight and bias are frozen constants.
+//! RMSNorm and LayerNorm with analytic backwards.
 //!
 //! Forward: the input is normalized in f32 (f64 stays f64) with candle's fused kernel, cast back to
 //! the input dtype and scaled by the weight, as Hugging Face does (`weight * x_normed.to(dtype)`).
-//! Backward (for the input only): RMSNorm `dx = r·(g·w) − x·r³·mean((g·w)·x)`; LayerNorm
-//! `dx = r·(g·w − mean(g·w) − x̂·mean(g·w·x̂))`. Must not: produce gradients for the weight or bias
-//! (norm layers are frozen in every PEFT method we implement).
+//! Backward for the input: RMSNorm `dx = r·(g·w) − x·r³·mean((g·w)·x)`; LayerNorm
+//! `dx = r·(g·w − mean(g·w) − x̂·mean(g·w·x̂))`. A frozen weight and bias (the base model's) are
+//! constants: they get no gradient and no GradStore entry, and the op keeps only the input. A
+//! tracked weight or bias (a trained copy, PEFT's `modules_to_save`) gets `dw = Σ g·x̂` (x̂ as the
+//! forward scaled it, in the input dtype) and `db = Σ g` over every position, summed in f32, in
+//! the parameter's own dtype ([`attach_trained`], shared with the CUDA RMSNorm); x̂ is recomputed
+//! from the input in the backward rather than kept. Must not: track a frozen weight.
 
 use candle_core::{bail, DType, Result, Tensor, D};
 
-use super::attach::with_backward;
+use super::attach::{with_backward, with_backward3};
 
 /// The dtype the statistics are computed in: f32 for half types, otherwise the input's own.
 fn internal_dtype(dtype: DType) -> DType {
@@ -52,7 +56,117 @@ fn layer_normalize(x: &Tensor, eps: f64) -> Result<Tensor> {
     centered.broadcast_mul(&(variance + eps)?.sqrt()?.recip()?)
 }
 
-/// RMSNorm over the last dimension: `weight · (x / sqrt(mean(x²) + eps))`.
+/// `x / sqrt(mean(x²) + eps)` of `x` in `x`'s dtype, computed as the forward computes it (in f32
+/// for half types): the x̂ a trained RMSNorm weight's gradient is taken against.
+pub(super) fn rms_normalized(x: &Tensor, eps: f64) -> Result<Tensor> {
+    let internal = internal_dtype(x.dtype());
+    rms_normalize(&x.detach().to_dtype(internal)?.contiguous()?, eps)?.to_dtype(x.dtype())
+}
+
+/// `(x − mean) / sqrt(var + eps)` of `x` in `x`'s dtype, as the forward computes it.
+fn layer_normalized(x: &Tensor, eps: f64) -> Result<Tensor> {
+    let internal = internal_dtype(x.dtype());
+    layer_normalize(&x.detach().to_dtype(internal)?.contiguous()?, eps)?.to_dtype(x.dtype())
+}
+
+/// RMSNorm's input gradient (see the module docs), `weight` in `x`'s dtype.
+fn rms_input_grad(x: &Tensor, grad: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
+    let dtype = x.dtype();
+    let internal = internal_dtype(dtype);
+    let x32 = x.detach().to_dtype(internal)?;
+    let gw = grad
+        .to_dtype(internal)?
+        .broadcast_mul(&weight.to_dtype(internal)?)?;
+    let r = (x32.sqr()?.mean_keepdim(D::Minus1)? + eps)?
+        .sqrt()?
+        .recip()?;
+    let projection = (&gw * &x32)?.mean_keepdim(D::Minus1)?;
+    let dx = (gw.broadcast_mul(&r)? - x32.broadcast_mul(&(r.powf(3.0)? * projection)?)?)?;
+    dx.to_dtype(dtype)
+}
+
+/// LayerNorm's input gradient (see the module docs), `weight` in `x`'s dtype.
+fn layer_input_grad(x: &Tensor, grad: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
+    let dtype = x.dtype();
+    let internal = internal_dtype(dtype);
+    let x32 = x.detach().to_dtype(internal)?;
+    let gw = grad
+        .to_dtype(internal)?
+        .broadcast_mul(&weight.to_dtype(internal)?)?;
+    let centered = x32.broadcast_sub(&x32.mean_keepdim(D::Minus1)?)?;
+    let r = (centered.sqr()?.mean_keepdim(D::Minus1)? + eps)?
+        .sqrt()?
+        .recip()?;
+    let x_hat = centered.broadcast_mul(&r)?;
+    let mean_gw = gw.mean_keepdim(D::Minus1)?;
+    let mean_gw_x_hat = (&gw * &x_hat)?.mean_keepdim(D::Minus1)?;
+    let inner = (gw.broadcast_sub(&mean_gw)? - x_hat.broadcast_mul(&mean_gw_x_hat)?)?;
+    inner.broadcast_mul(&r)?.to_dtype(dtype)
+}
+
+/// Whether a norm's parameters train: a tracked weight or bias (a trained copy).
+fn trained(weight: &Tensor, bias: Option<&Tensor>) -> bool {
+    weight.track_op() || bias.is_some_and(Tensor::track_op)
+}
+
+/// `output` (computed by the caller from detached inputs) as a graph node of `x`, a trained
+/// `weight` and `bias`, each getting its gradient only when tracked: `dx = input_grad(x, g)`,
+/// `dw = Σ g·normalized(x)` and `db = Σ g` over every position, the sums in f32 (f64 stays f64),
+/// each in its parameter's dtype. `normalized(x)` is x̂ in `x`'s dtype, as the forward scaled it.
+pub(super) fn attach_trained<N, G>(
+    name: &'static str,
+    x: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    output: Tensor,
+    normalized: N,
+    input_grad: G,
+) -> Result<Tensor>
+where
+    N: Fn(&Tensor) -> Result<Tensor> + Send + Sync + 'static,
+    G: Fn(&Tensor, &Tensor) -> Result<Tensor> + Send + Sync + 'static,
+{
+    // A norm without a bias passes an empty constant in its place: it never gets a gradient and
+    // is never read (on the CPU, so no device allocates an empty buffer for it).
+    let no_bias;
+    let bias = match bias {
+        Some(bias) => bias,
+        None => {
+            no_bias = Tensor::zeros(0, weight.dtype(), &candle_core::Device::Cpu)?;
+            &no_bias
+        }
+    };
+    with_backward3(
+        name,
+        [x, weight, bias],
+        output,
+        move |[x, weight, bias], _y, grad| {
+            let dx = if x.track_op() {
+                Some(input_grad(x, grad)?)
+            } else {
+                None
+            };
+            let hidden = grad.dim(D::Minus1)?;
+            let internal = internal_dtype(grad.dtype());
+            let rows = || grad.to_dtype(internal)?.reshape(((), hidden));
+            let dw = if weight.track_op() {
+                let x_hat = normalized(x)?.to_dtype(internal)?.reshape(((), hidden))?;
+                Some((rows()? * x_hat)?.sum(0)?.to_dtype(weight.dtype())?)
+            } else {
+                None
+            };
+            let db = if bias.track_op() && bias.elem_count() == hidden {
+                Some(rows()?.sum(0)?.to_dtype(bias.dtype())?)
+            } else {
+                None
+            };
+            Ok([dx, dw, db])
+        },
+    )
+}
+
+/// RMSNorm over the last dimension: `weight · (x / sqrt(mean(x²) + eps))`. A tracked `weight`
+/// (a trained copy) gets its gradient; a frozen one is a constant.
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
     check_weight("rms_norm", x, weight)?;
     #[cfg(feature = "cuda")]
@@ -61,24 +175,28 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
     }
     let dtype = x.dtype();
     let internal = internal_dtype(dtype);
+    let trained_weight = trained(weight, None).then(|| weight.clone());
     let weight = weight.detach().to_dtype(dtype)?;
     let normalized = rms_normalize(&x.detach().to_dtype(internal)?.contiguous()?, eps)?;
     let output = normalized.to_dtype(dtype)?.broadcast_mul(&weight)?;
+    if let Some(trained_weight) = trained_weight {
+        return attach_trained(
+            "rms-norm-trained",
+            x,
+            &trained_weight,
+            None,
+            output,
+            move |x| rms_normalized(x, eps),
+            move |x, grad| rms_input_grad(x, grad, &weight, eps),
+        );
+    }
     with_backward("rms-norm", x, output, move |x, _y, grad| {
-        let x32 = x.detach().to_dtype(internal)?;
-        let gw = grad
-            .to_dtype(internal)?
-            .broadcast_mul(&weight.to_dtype(internal)?)?;
-        let r = (x32.sqr()?.mean_keepdim(D::Minus1)? + eps)?
-            .sqrt()?
-            .recip()?;
-        let projection = (&gw * &x32)?.mean_keepdim(D::Minus1)?;
-        let dx = (gw.broadcast_mul(&r)? - x32.broadcast_mul(&(r.powf(3.0)? * projection)?)?)?;
-        dx.to_dtype(dtype)
+        rms_input_grad(x, grad, &weight, eps)
     })
 }
 
-/// LayerNorm over the last dimension: `weight · (x − mean)/sqrt(var + eps) + bias`.
+/// LayerNorm over the last dimension: `weight · (x − mean)/sqrt(var + eps) + bias`. A tracked
+/// `weight` or `bias` (a trained copy) gets its gradient; frozen ones are constants.
 pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, eps: f64) -> Result<Tensor> {
     let hidden = check_weight("layer_norm", x, weight)?;
     if let Some(bias) = bias {
@@ -91,25 +209,25 @@ pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, eps: f64) 
     }
     let dtype = x.dtype();
     let internal = internal_dtype(dtype);
+    let trained_parameters = trained(weight, bias).then(|| (weight.clone(), bias.cloned()));
     let weight = weight.detach().to_dtype(dtype)?;
     let normalized = layer_normalize(&x.detach().to_dtype(internal)?.contiguous()?, eps)?;
     let mut output = normalized.to_dtype(dtype)?.broadcast_mul(&weight)?;
     if let Some(bias) = bias {
         output = output.broadcast_add(&bias.detach().to_dtype(dtype)?)?;
     }
+    if let Some((trained_weight, trained_bias)) = trained_parameters {
+        return attach_trained(
+            "layer-norm-trained",
+            x,
+            &trained_weight,
+            trained_bias.as_ref(),
+            output,
+            move |x| layer_normalized(x, eps),
+            move |x, grad| layer_input_grad(x, grad, &weight, eps),
+        );
+    }
     with_backward("layer-norm", x, output, move |x, _y, grad| {
-        let x32 = x.detach().to_dtype(internal)?;
-        let gw = grad
-            .to_dtype(internal)?
-            .broadcast_mul(&weight.to_dtype(internal)?)?;
-        let centered = x32.broadcast_sub(&x32.mean_keepdim(D::Minus1)?)?;
-        let r = (centered.sqr()?.mean_keepdim(D::Minus1)? + eps)?
-            .sqrt()?
-            .recip()?;
-        let x_hat = centered.broadcast_mul(&r)?;
-        let mean_gw = gw.mean_keepdim(D::Minus1)?;
-        let mean_gw_x_hat = (&gw * &x_hat)?.mean_keepdim(D::Minus1)?;
-        let inner = (gw.broadcast_sub(&mean_gw)? - x_hat.broadcast_mul(&mean_gw_x_hat)?)?;
-        inner.broadcast_mul(&r)?.to_dtype(dtype)
+        layer_input_grad(x, grad, &weight, eps)
     })
 }

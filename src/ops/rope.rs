@@ -141,6 +141,41 @@ pub fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     })
 }
 
+/// `x [B, T, heads·head_dim]` (a query or key projection's output, handed over: nothing else may
+/// read it afterwards) as rotated heads `[B, heads, T, head_dim]`.
+///
+/// Where the flash kernels read heads where they lie ([`super::flash::reads_strided_heads`]) the
+/// result is `x` itself viewed as heads and stored `[B, T, heads, head_dim]`: the rotation is
+/// written into `x`'s buffer when nothing else shares it (`PEFTPIPE_UNFUSED=in_place` writes a
+/// new one), so the layer keeps one buffer where a contiguous copy and a rotated copy were two.
+/// Elsewhere (the CPU included): one contiguous copy per head layout, then [`apply_rope`].
+pub fn rope_heads(
+    x: Tensor,
+    heads: usize,
+    head_dim: usize,
+    cos: &Tensor,
+    sin: &Tensor,
+) -> Result<Tensor> {
+    let (batch, length, _) = x.dims3()?;
+    #[cfg(feature = "cuda")]
+    if super::cuda::applies("rope", &x) && super::flash::reads_strided_heads(&x) {
+        let in_place = super::cuda::enabled("in_place") && x.storage_is_unique();
+        let x4 = x.reshape((batch, length, heads, head_dim))?;
+        // `x4` is a view sharing `x`'s buffer: the buffer is still unique to this one tensor.
+        drop(x);
+        if let Some(rotated) = super::cuda::rope_bthd(&x4, cos, sin, in_place)? {
+            return rotated.transpose(1, 2);
+        }
+        let split = x4.transpose(1, 2)?.contiguous()?;
+        return apply_rope(&split, cos, sin);
+    }
+    let split = x
+        .reshape((batch, length, heads, head_dim))?
+        .transpose(1, 2)?
+        .contiguous()?;
+    apply_rope(&split, cos, sin)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

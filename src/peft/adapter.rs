@@ -22,7 +22,7 @@ use super::PeftError;
 use crate::models::quantized::BaseQuantization;
 use crate::models::{CausalLm, FrozenLinearFactory, Hooks, LinearFactory};
 
-pub use crate::models::checkpoint::{PatchChange, WeightPatch};
+pub use crate::models::checkpoint::{Parameter, PatchChange, WeightPatch};
 
 /// Whether the adapter runs in training mode (dropout active, with the given seed for this
 /// micro-batch; trainable variables tracked) or inference mode (no dropout; the variables enter

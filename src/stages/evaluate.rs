@@ -24,10 +24,9 @@ use crate::config::evaluate::{
     CandidateScore, EvaluateConfig, ExactMatchConfig, FewShotEvaluation,
 };
 use crate::data::few_shot::{FewShotPool, FewShotSettings};
-use crate::infer::generate::{generate, GenerationSettings, StopReason};
+use crate::infer::generate::{GenerationSettings, StopReason};
 use crate::infer::score::{score_examples, NllTotal, SequenceScore};
-use crate::infer::text::decode_continuation;
-use crate::infer::{encode_pair, LanguageModel, Sampling, Sequence, TextCodec};
+use crate::infer::{complete_prompts, encode_pair, LanguageModel, Sampling, Sequence, TextCodec};
 
 use super::comparison::{adapter_method, markdown, CandidateKind, Comparison, ComparisonRow};
 use super::export::BaseModelRecord;
@@ -488,7 +487,9 @@ impl Reporter<'_> {
     }
 }
 
-/// Evaluate one model on the plan.
+/// Evaluate one model on the plan: scoring `batch_size` sequences per forward pass, generating
+/// (exact match, samples) `batch_size` prompts per batch. Each phase reports its own progress,
+/// from 0 to its own count.
 pub fn evaluate_model<M: LanguageModel>(
     model: &M,
     codec: &dyn TextCodec,
@@ -499,6 +500,7 @@ pub fn evaluate_model<M: LanguageModel>(
     let mut metrics = ModelMetrics::default();
     let pad = codec.pad_token_id();
     if let Some(examples) = &plan.loss_examples {
+        reporter.report("loss", 0, examples.len())?;
         let scores = score_examples(model, examples, batch_size, pad, |done| {
             reporter
                 .report("loss", done, examples.len())
@@ -512,6 +514,7 @@ pub fn evaluate_model<M: LanguageModel>(
         metrics.loss_tokens = Some(total.tokens);
     }
     if let Some(work) = &plan.accuracy {
+        reporter.report("accuracy", 0, work.examples.len())?;
         let scores = score_examples(model, &work.examples, batch_size, pad, |done| {
             reporter
                 .report("accuracy", done, work.examples.len())
@@ -537,70 +540,64 @@ pub fn evaluate_model<M: LanguageModel>(
             eos_token_ids: codec.eos_token_ids().to_vec(),
             max_length: Some(plan.max_length),
         };
+        reporter.report("exact match", 0, prompts.len())?;
+        let completions = complete_prompts(
+            model,
+            codec,
+            prompts,
+            &settings,
+            &exact.stop,
+            batch_size,
+            |done| {
+                reporter
+                    .report("exact match", done, prompts.len())
+                    .map_err(Failure)
+            },
+        )
+        .map_err(|Failure(error)| error)?;
         let mut report = ExactMatchReport {
             exact_match: 0.0,
             matches: 0,
             total: prompts.len(),
             ended_at_eos: 0,
         };
-        for (row, (prompt, reference)) in prompts.iter().zip(references).enumerate() {
-            let (text, stop) = generate_text(model, codec, prompt, &settings, &exact.stop)?;
-            if stop == StopReason::Eos {
+        for (completion, reference) in completions.iter().zip(references) {
+            if completion.stop_reason == StopReason::Eos {
                 report.ended_at_eos += 1;
             }
-            if exact.normalize.apply(&text) == *reference {
+            if exact.normalize.apply(&completion.text) == *reference {
                 report.matches += 1;
             }
-            reporter.report("exact match", row + 1, prompts.len())?;
         }
         report.exact_match = ratio(report.matches, report.total);
         metrics.exact_match = Some(report);
     }
-    let settings = GenerationSettings {
-        max_new_tokens: plan.sample_max_new_tokens,
-        sampling: Sampling::Greedy,
-        eos_token_ids: codec.eos_token_ids().to_vec(),
-        max_length: Some(plan.max_length),
-    };
-    for (index, sample) in plan.samples.iter().enumerate() {
-        let (text, _) = generate_text(model, codec, &sample.prompt_ids, &settings, &[])?;
-        metrics.samples.push(text);
-        reporter.report("samples", index + 1, plan.samples.len())?;
+    if !plan.samples.is_empty() {
+        let settings = GenerationSettings {
+            max_new_tokens: plan.sample_max_new_tokens,
+            sampling: Sampling::Greedy,
+            eos_token_ids: codec.eos_token_ids().to_vec(),
+            max_length: Some(plan.max_length),
+        };
+        let prompts: Vec<Vec<u32>> = plan
+            .samples
+            .iter()
+            .map(|sample| sample.prompt_ids.clone())
+            .collect();
+        reporter.report("samples", 0, prompts.len())?;
+        let completions =
+            complete_prompts(model, codec, &prompts, &settings, &[], batch_size, |done| {
+                reporter
+                    .report("samples", done, prompts.len())
+                    .map_err(Failure)
+            })
+            .map_err(|Failure(error)| error)?;
+        metrics.samples = completions
+            .into_iter()
+            .map(|completion| completion.text)
+            .collect();
     }
     Ok(metrics)
-}
-
-/// Greedy text after `prompt_ids`, cut at the first stop string.
-fn generate_text<M: LanguageModel>(
-    model: &M,
-    codec: &dyn TextCodec,
-    prompt_ids: &[u32],
-    settings: &GenerationSettings,
-    stop: &[String],
-) -> Result<(String, StopReason), StageError> {
-    let mut decode_error = None;
-    let generated = generate(model, prompt_ids, settings, |tokens| {
-        if stop.is_empty() {
-            return false;
-        }
-        match decode_continuation(codec, prompt_ids, tokens) {
-            Ok(text) => stop.iter().any(|s| text.contains(s.as_str())),
-            Err(error) => {
-                decode_error = Some(error);
-                true
-            }
-        }
-    })
-    .map_err(|error| StageError::Internal(format!("generation failed: {error}")))?;
-    if let Some(error) = decode_error {
-        return Err(StageError::Internal(error));
-    }
-    let mut text = decode_continuation(codec, prompt_ids, &generated.token_ids)
-        .map_err(StageError::Internal)?;
-    if let Some(cut) = stop.iter().filter_map(|s| text.find(s.as_str())).min() {
-        text.truncate(cut);
-    }
-    Ok((text, generated.stop_reason))
 }
 
 fn ratio(part: usize, whole: usize) -> f64 {
@@ -1192,6 +1189,15 @@ mod tests {
 
     /// A test context whose cancel flag starts as `cancelled`.
     fn with_context_cancelled<T>(cancelled: bool, f: impl FnOnce(&StageContext<'_>) -> T) -> T {
+        with_sink(cancelled, &NullSink, f)
+    }
+
+    /// A test context sending progress to `progress`.
+    fn with_sink<T>(
+        cancelled: bool,
+        progress: &dyn crate::stages::ProgressSink,
+        f: impl FnOnce(&StageContext<'_>) -> T,
+    ) -> T {
         let upstream = BTreeMap::new();
         let cancel = std::sync::atomic::AtomicBool::new(cancelled);
         let options = RunOptions::default();
@@ -1201,7 +1207,7 @@ mod tests {
             out_dir: Path::new("."),
             upstream: &upstream,
             seed: 0,
-            progress: &NullSink,
+            progress,
             cancel: &cancel,
             options: &options,
             fingerprint: "",
@@ -1259,6 +1265,63 @@ mod tests {
         let exact = metrics.exact_match.unwrap();
         assert_eq!((exact.matches, exact.total, exact.ended_at_eos), (1, 2, 2));
         assert_eq!(metrics.samples, ["b", "b"]);
+    }
+
+    /// Progress as (message, position, length).
+    #[derive(Default)]
+    struct RecordingSink(std::sync::Mutex<Vec<(String, u64, Option<u64>)>>);
+
+    impl crate::stages::ProgressSink for RecordingSink {
+        fn progress(&self, progress: Progress) {
+            if let Ok(mut seen) = self.0.lock() {
+                seen.push((progress.message, progress.position, progress.length));
+            }
+        }
+
+        fn note(&self, _message: String) {}
+    }
+
+    #[test]
+    fn generations_are_batched_and_each_phase_counts_its_own_examples() {
+        let model = prefers_b_after_a();
+        let rows = rows(&["a", "a", "ab"], &["b", "c", "b"]);
+        let config = config(
+            "{ model: t, data: p, samples: 3, sample_max_new_tokens: 4, metrics: { exact_match: { max_new_tokens: 4 } } }",
+        );
+        let plan = EvalPlan::new(&config, &rows, &LetterCodec, 64, false).unwrap();
+        let sink = RecordingSink::default();
+        let by_batch = |batch_size: usize| {
+            with_sink(false, &sink, |ctx| {
+                evaluate_model(
+                    &model,
+                    &LetterCodec,
+                    &plan,
+                    batch_size,
+                    &Reporter { ctx, label: "base" },
+                )
+            })
+            .unwrap()
+        };
+        let batched = by_batch(2);
+        let seen = std::mem::take(&mut *sink.0.lock().unwrap());
+        let phase = |name: &str| -> Vec<(u64, Option<u64>)> {
+            seen.iter()
+                .filter(|(message, _, _)| message == name)
+                .map(|&(_, position, length)| (position, length))
+                .collect()
+        };
+        // Two batches per phase (2 + 1 prompts), each phase counted from 0 to its own rows.
+        let expected = [(0, Some(3)), (2, Some(3)), (3, Some(3))];
+        assert_eq!(phase("base · loss"), expected);
+        assert_eq!(phase("base · exact match"), expected);
+        assert_eq!(phase("base · samples"), expected);
+        // One prompt at a time gives the same generations.
+        let alone = by_batch(1);
+        assert_eq!(batched.samples, ["b", "b", ""]);
+        assert_eq!(batched.samples, alone.samples);
+        assert_eq!(batched.exact_match, alone.exact_match);
+        let exact = batched.exact_match.unwrap();
+        assert_eq!((exact.matches, exact.total, exact.ended_at_eos), (1, 3, 3));
     }
 
     #[test]

@@ -120,7 +120,7 @@ impl<'a> CheckpointedLoss<'a> {
         }
         let head_input = Var::from_tensor(&x)?;
         drop(x);
-        let mut hidden = model.final_norm(head_input.as_tensor())?;
+        let mut hidden = model.final_norm(head_input.as_tensor(), &hooks)?;
         // Prompt tuning's virtual tokens are not scored: the head sees the real positions only.
         let virtual_tokens = plan.virtual_tokens();
         if virtual_tokens > 0 {

@@ -101,6 +101,26 @@ struct Case {
     std::function<bool(int, int)> valid;  // (b, j); null = all valid
 };
 
+// The storage layouts the kernels are handed (argv[3], "Q,KV": 0 = [B, H, T, D], 1 = [B, T, H, D]);
+// the data and the reference stay in [B, H, T, D].
+int q_bthd = 0, kv_bthd = 0;
+
+// [B, H, T, D] → the storage layout (`bthd`), and back.
+template <typename T> std::vector<T> to_storage(const std::vector<T>& x, int B, int H, int L, int D, int bthd) {
+    if (!bthd) return x;
+    std::vector<T> y(x.size());
+    for (int b = 0; b < B; ++b) for (int h = 0; h < H; ++h) for (int t = 0; t < L; ++t)
+        memcpy(&y[(((size_t)b * L + t) * H + h) * D], &x[(((size_t)b * H + h) * L + t) * D], D * sizeof(T));
+    return y;
+}
+template <typename T> std::vector<T> from_storage(const std::vector<T>& y, int B, int H, int L, int D, int bthd) {
+    if (!bthd) return y;
+    std::vector<T> x(y.size());
+    for (int b = 0; b < B; ++b) for (int h = 0; h < H; ++h) for (int t = 0; t < L; ++t)
+        memcpy(&x[(((size_t)b * H + h) * L + t) * D], &y[(((size_t)b * L + t) * H + h) * D], D * sizeof(T));
+    return x;
+}
+
 template <typename T> double run(const Case& c, unsigned seed) {
     const int B = c.B, H = c.H, KVH = c.KVH, Tq = c.T, S = c.S, D = c.D, group = H / KVH;
     std::mt19937 rng(seed);
@@ -117,20 +137,35 @@ template <typename T> double run(const Case& c, unsigned seed) {
     std::vector<float> lse((size_t)B * H * Tq, NAN), delta((size_t)B * H * Tq);
     auto F = [](T x) { return (double)emu::to_float(x); };
 
-    // ---- kernels
+    // ---- kernels, on the inputs in their storage layouts
+    const auto qs_ = to_storage(q, B, H, Tq, D, q_bthd), dOs = to_storage(dO, B, H, Tq, D, q_bthd);
+    const auto ks_ = to_storage(k, B, KVH, S, D, kv_bthd), vs_ = to_storage(v, B, KVH, S, D, kv_bthd);
+    {
+    auto& q = qs_; auto& k = ks_; auto& v = vs_;
     if (D == 64) {
-        launch((Tq + 63) / 64, B * H, fa2::forward_smem<64>(), [&] { fa2::forward<T, 64>(q.data(), k.data(), v.data(), vp, o.data(), lse.data(), H, KVH, Tq, S, c.offset, c.causal, scale); });
+        launch((Tq + 63) / 64, B * H, fa2::forward_smem<64>(), [&] { fa2::forward<T, 64>(q.data(), k.data(), v.data(), vp, o.data(), lse.data(), H, KVH, Tq, S, c.offset, c.causal, scale, q_bthd, kv_bthd); });
     } else {
-        launch((Tq + 63) / 64, B * H, fa2::forward_smem<128>(), [&] { fa2::forward<T, 128>(q.data(), k.data(), v.data(), vp, o.data(), lse.data(), H, KVH, Tq, S, c.offset, c.causal, scale); });
+        launch((Tq + 63) / 64, B * H, fa2::forward_smem<128>(), [&] { fa2::forward<T, 128>(q.data(), k.data(), v.data(), vp, o.data(), lse.data(), H, KVH, Tq, S, c.offset, c.causal, scale, q_bthd, kv_bthd); });
     }
-    for (size_t r = 0; r < delta.size(); ++r) { double s = 0; for (int d = 0; d < D; ++d) s += F(o[r * D + d]) * F(dO[r * D + d]); delta[r] = (float)s; }
+    }
+    o = from_storage(o, B, H, Tq, D, q_bthd);
+    {
+    auto& q = qs_; auto& k = ks_; auto& v = vs_; auto& dO = dOs;
+    {
+        const auto dOl = from_storage(dO, B, H, Tq, D, q_bthd);  // delta is indexed (b·H + h)·T + t
+        for (size_t r = 0; r < delta.size(); ++r) { double s = 0; for (int d = 0; d < D; ++d) s += F(o[r * D + d]) * F(dOl[r * D + d]); delta[r] = (float)s; }
+    }
     if (D == 64) {
-        launch((S + 63) / 64, B * KVH, fa2::dkdv_smem<64>(), [&] { fa2::backward_dkdv<T, 64>(q.data(), k.data(), v.data(), vp, dO.data(), lse.data(), delta.data(), dk.data(), dv.data(), H, KVH, Tq, S, c.offset, c.causal, scale); });
-        launch((Tq + 63) / 64, B * H, fa2::dq_smem<64>(), [&] { fa2::backward_dq<T, 64>(q.data(), k.data(), v.data(), vp, dO.data(), lse.data(), delta.data(), dq.data(), H, KVH, Tq, S, c.offset, c.causal, scale); });
+        launch((S + 63) / 64, B * KVH, fa2::dkdv_smem<64>(), [&] { fa2::backward_dkdv<T, 64>(q.data(), k.data(), v.data(), vp, dO.data(), lse.data(), delta.data(), dk.data(), dv.data(), H, KVH, Tq, S, c.offset, c.causal, scale, q_bthd, kv_bthd); });
+        launch((Tq + 63) / 64, B * H, fa2::dq_smem<64>(), [&] { fa2::backward_dq<T, 64>(q.data(), k.data(), v.data(), vp, dO.data(), lse.data(), delta.data(), dq.data(), H, KVH, Tq, S, c.offset, c.causal, scale, q_bthd, kv_bthd); });
     } else {
-        launch((S + 63) / 64, B * KVH, fa2::dkdv_smem<128>(), [&] { fa2::backward_dkdv<T, 128>(q.data(), k.data(), v.data(), vp, dO.data(), lse.data(), delta.data(), dk.data(), dv.data(), H, KVH, Tq, S, c.offset, c.causal, scale); });
-        launch((Tq + 63) / 64, B * H, fa2::dq_smem<128>(), [&] { fa2::backward_dq<T, 128>(q.data(), k.data(), v.data(), vp, dO.data(), lse.data(), delta.data(), dq.data(), H, KVH, Tq, S, c.offset, c.causal, scale); });
+        launch((S + 63) / 64, B * KVH, fa2::dkdv_smem<128>(), [&] { fa2::backward_dkdv<T, 128>(q.data(), k.data(), v.data(), vp, dO.data(), lse.data(), delta.data(), dk.data(), dv.data(), H, KVH, Tq, S, c.offset, c.causal, scale, q_bthd, kv_bthd); });
+        launch((Tq + 63) / 64, B * H, fa2::dq_smem<128>(), [&] { fa2::backward_dq<T, 128>(q.data(), k.data(), v.data(), vp, dO.data(), lse.data(), delta.data(), dq.data(), H, KVH, Tq, S, c.offset, c.causal, scale, q_bthd, kv_bthd); });
     }
+    }
+    dq = from_storage(dq, B, H, Tq, D, q_bthd);
+    dk = from_storage(dk, B, KVH, S, D, kv_bthd);
+    dv = from_storage(dv, B, KVH, S, D, kv_bthd);
 
     // ---- f64 reference on the same rounded inputs
     std::vector<double> ro(q.size(), 0), rlse(lse.size(), -INFINITY), rdq(q.size(), 0), rdk(k.size(), 0), rdv(v.size(), 0);
@@ -201,6 +236,8 @@ template <typename T> double run(const Case& c, unsigned seed) {
 int main(int argc, char** argv) {
     emu::deferred = argc > 1 && std::string(argv[1]) == "deferred";
     const bool small = argc > 2 && std::string(argv[2]) == "small";
+    if (argc > 3) sscanf(argv[3], "%d,%d", &q_bthd, &kv_bthd);
+    printf("storage layouts: q/o/dO/dq %s, k/v/dk/dv %s\n", q_bthd ? "[B,T,H,D]" : "[B,H,T,D]", kv_bthd ? "[B,T,H,D]" : "[B,H,T,D]");
     std::vector<Case> cases = {
         {"gqa causal 77x77 left pad 5 (b1)", 2, 4, 2, 77, 77, 0, 1, 64, [](int b, int j) { return b == 0 || j >= 5; }},
         {"causal 45 after 16, right pad, 4 on 1", 2, 4, 1, 45, 61, 16, 1, 128, [](int b, int j) { return b == 0 || j < 54; }},
@@ -214,7 +251,7 @@ int main(int argc, char** argv) {
         {"non-causal 37x10", 2, 4, 2, 37, 10, 0, 0, 128, nullptr},
     };
     if (small) cases = {cases[0], cases[1], cases[7]};
-    else if (argc > 2) {  // a comma-separated list of case indices
+    else if (argc > 2 && std::string(argv[2]) != "all") {  // a comma-separated list of case indices
         std::vector<Case> picked;
         std::string list = argv[2];
         size_t at = 0;

@@ -1,25 +1,29 @@
 //! PEFT's auxiliary trainable modules, for any method whose config carries them (LoRA, QLoRA,
 //! IA3): `trainable_token_indices` (PEFT's `TrainableTokensWrapper`: only the chosen rows of the
 //! input embedding train, and a tied `lm_head` follows them) and `modules_to_save` (PEFT's
-//! `ModulesToSaveWrapper`: a full trainable copy of `lm_head` or of the input embedding).
+//! `ModulesToSaveWrapper`: a full trainable copy of `lm_head`, of the input embedding or of
+//! normalization layers — RMSNorm's weight, LayerNorm's weight and bias).
 //!
 //! [`WithAuxiliary`] wraps the method's adapter and is itself an [`Adapter`], so the trainer,
 //! evaluation, generation and export see the extra rows through the same trait: the embedding
-//! rows enter every forward pass as the model's [`Hooks::embedding_rows`], `lm_head` is wrapped
-//! through the linear factory ([`head::AuxiliaryHead`]), the variables join the method's, and
-//! merging yields row patches of the embedding / `lm_head` weights.
+//! rows enter every forward pass as the model's [`Hooks::embedding_rows`], trained norm copies as
+//! its [`Hooks::norms`] ([`norms::TrainedNorm`]), `lm_head` is wrapped through the linear factory
+//! ([`head::AuxiliaryHead`]), the variables join the method's, and merging yields row patches of
+//! the embedding / `lm_head` weights and whole-tensor patches of the norms.
 //!
 //! On disk, exactly as PEFT writes them (`peft.utils.save_and_load.get_peft_model_state_dict`
 //! with `TrainableTokensWrapper.adapter_state_dict` and `ModulesToSaveWrapper.adapter_state_dict`,
 //! adapter name removed): `base_model.model.<module>.token_adapter.trainable_tokens_delta`
 //! (`[n, hidden]`: despite its name, the trained rows themselves, initialised from the base rows —
 //! `TrainableTokensLayer.update_layer`), nothing for a tied `lm_head` (it shares the embedding's
-//! tensor), and `base_model.model.<module>.weight` for a module to save; `adapter_config.json`
-//! keeps `trainable_token_indices` and `modules_to_save` as written. Which modules the names
-//! select, and every check, is `config::auxiliary::resolve` (PEFT's rules), shared with
-//! `peftpipe validate`. Never prints.
+//! tensor), and `base_model.model.<module>.weight` (and a LayerNorm's `.bias`) for a module to
+//! save (checked against what PEFT 0.21 writes: tests/fixtures/peft_auxiliary);
+//! `adapter_config.json` keeps `trainable_token_indices` and `modules_to_save` as written. Which
+//! modules the names select, and every check, is `config::auxiliary::resolve` (PEFT's rules),
+//! shared with `peftpipe validate`. Never prints.
 
 mod head;
+mod norms;
 mod rows;
 
 use std::collections::HashMap;
@@ -30,9 +34,10 @@ use candle_core::{Device, Tensor, Var};
 use serde_json::Value;
 
 use self::head::{AuxiliaryHead, HeadRows};
+use self::norms::TrainedNorm;
 use self::rows::TrainedRows;
 use super::format::{write_adapter_folder, AdapterFiles, PEFT_PREFIX};
-use super::{Adapter, AdapterMode, PeftError, Training, WeightPatch};
+use super::{Adapter, AdapterMode, Parameter, PeftError, Training, WeightPatch};
 use crate::config::auxiliary::{resolve, ResolvedAuxiliary, TrainableTokenIndices};
 use crate::config::method::MethodConfig;
 use crate::models::quantized::BaseQuantization;
@@ -42,6 +47,9 @@ use crate::models::{
 };
 
 pub use rows::{TOKEN_DELTA_SUFFIX, WHOLE_WEIGHT_SUFFIX};
+
+/// The suffix of a trained LayerNorm copy's bias (its `state_dict` key).
+const NORM_BIAS_SUFFIX: &str = ".bias";
 
 /// The config keys PEFT writes for the two features.
 const TOKENS_KEY: &str = "trainable_token_indices";
@@ -110,10 +118,10 @@ impl AuxiliarySpec {
         let Some(names) = &self.modules_to_save else {
             return false;
         };
-        let Some(module) = name
-            .strip_prefix(PEFT_PREFIX)
-            .and_then(|rest| rest.strip_suffix(WHOLE_WEIGHT_SUFFIX))
-        else {
+        let Some(module) = name.strip_prefix(PEFT_PREFIX).and_then(|rest| {
+            rest.strip_suffix(WHOLE_WEIGHT_SUFFIX)
+                .or_else(|| rest.strip_suffix(NORM_BIAS_SUFFIX))
+        }) else {
             return false;
         };
         names.iter().any(|saved| module.ends_with(saved.as_str()))
@@ -174,6 +182,8 @@ struct State {
     /// `modules_to_save` copies the embedding of a tied model: the head keeps the base weights,
     /// so a merged checkpoint must untie it.
     untie_head: bool,
+    /// Trained copies of normalization layers, in the model's order.
+    norms: Vec<TrainedNorm>,
 }
 
 /// Where the auxiliary tensors come from.
@@ -298,6 +308,46 @@ impl WithAuxiliary {
         }
     }
 
+    /// Trained copies of the norms `modules` (full module names) of `model`, from the file when
+    /// loaded, else from the model's frozen weights.
+    fn norms_for(
+        &self,
+        model: &dyn CausalLm,
+        modules: &[String],
+    ) -> Result<Vec<TrainedNorm>, PeftError> {
+        if modules.is_empty() {
+            return Ok(Vec::new());
+        }
+        let base: HashMap<String, crate::models::NormWeights> = model.norms().into_iter().collect();
+        modules
+            .iter()
+            .map(|module| {
+                let weights = base.get(module).ok_or_else(|| {
+                    PeftError::invalid(format!(
+                        "{}: the model has no norm `{module}`",
+                        self.origin()
+                    ))
+                })?;
+                match &self.source {
+                    Source::Fresh => TrainedNorm::from_base(module, weights, &self.device),
+                    Source::Loaded {
+                        tensors,
+                        weights_path,
+                        ..
+                    } => {
+                        let take = |name: &str| {
+                            tensors
+                                .lock()
+                                .map(|mut tensors| tensors.remove(name))
+                                .map_err(|_| PeftError::invalid("auxiliary tensors poisoned"))
+                        };
+                        TrainedNorm::from_file(module, weights, take, weights_path)
+                    }
+                }
+            })
+            .collect()
+    }
+
     /// Patches from the file alone (an adapter loaded for export, its model never built): each
     /// tensor names its module; the config gives the ids.
     fn patches_from_file(&self, all: &[(String, Tensor)]) -> Result<Vec<WeightPatch>, PeftError> {
@@ -305,6 +355,14 @@ impl WithAuxiliary {
         let mut head_patched = false;
         let mut embedding_copied = false;
         for (name, tensor) in all {
+            // A vector is a trained norm's weight or bias.
+            if tensor.rank() == 1 {
+                let (module, parameter) = norm_tensor_of(name).ok_or_else(|| {
+                    PeftError::invalid(format!("auxiliary tensor `{name}` names no norm"))
+                })?;
+                patches.push(norms::patch(module, parameter, tensor.clone())?);
+                continue;
+            }
             let module = rows::module_of(name).ok_or_else(|| {
                 PeftError::invalid(format!("auxiliary tensor `{name}` names no module"))
             })?;
@@ -331,6 +389,16 @@ impl WithAuxiliary {
             patches.push(rows::keep_head_patch());
         }
         Ok(patches)
+    }
+}
+
+/// The module and parameter of a trained norm's tensor name
+/// (`base_model.model.transformer.ln_f.bias` → `transformer.ln_f`, bias).
+fn norm_tensor_of(name: &str) -> Option<(&str, Parameter)> {
+    let rest = name.strip_prefix(PEFT_PREFIX)?;
+    match rest.strip_suffix(WHOLE_WEIGHT_SUFFIX) {
+        Some(module) => Some((module, Parameter::Weight)),
+        None => Some((rest.strip_suffix(NORM_BIAS_SUFFIX)?, Parameter::Bias)),
     }
 }
 
@@ -421,6 +489,7 @@ impl Adapter for WithAuxiliary {
             }
             Ok(base.weight)
         };
+        let norms = self.norms_for(model, &resolved.save_norms)?;
         let head = if resolved.save_head {
             HeadRows::Own(Arc::new(self.rows_for(
                 head::HEAD_PATH,
@@ -470,6 +539,7 @@ impl Adapter for WithAuxiliary {
                 embedding,
                 head,
                 untie_head,
+                norms,
             })
             .map_err(|_| PeftError::invalid("the auxiliary modules were attached twice"))
     }
@@ -482,6 +552,11 @@ impl Adapter for WithAuxiliary {
                 rows: super::live(rows.var(), self.training.get()),
             });
         }
+        for norm in self.state().map_or(&[][..], |state| &state.norms) {
+            hooks
+                .norms
+                .insert(norm.module().to_string(), norm.weights(self.training.get()));
+        }
         Ok(hooks)
     }
 
@@ -493,6 +568,9 @@ impl Adapter for WithAuxiliary {
             }
             if let HeadRows::Own(rows) = &state.head {
                 vars.push((rows.tensor_name(), rows.var().clone()));
+            }
+            for norm in &state.norms {
+                vars.extend(norm.vars());
             }
         }
         vars.sort_by(|x, y| x.0.cmp(&y.0));
@@ -520,6 +598,13 @@ impl Adapter for WithAuxiliary {
         {
             tensors.push((rows.tensor_name(), rows.var().as_tensor().clone()));
         }
+        for norm in &state.norms {
+            tensors.extend(
+                norm.vars()
+                    .into_iter()
+                    .map(|(name, var)| (name, var.as_tensor().clone())),
+            );
+        }
         write_adapter_folder(dir, &files.config, &tensors)
     }
 
@@ -537,6 +622,9 @@ impl Adapter for WithAuxiliary {
                 }
                 if state.untie_head {
                     patches.push(rows::keep_head_patch());
+                }
+                for norm in &state.norms {
+                    patches.extend(norm.merge_patches()?);
                 }
             }
             (None, Source::Loaded { all, .. }) => patches.extend(self.patches_from_file(all)?),
@@ -563,7 +651,8 @@ impl Adapter for WithAuxiliary {
 /// PEFT's trainable-parameter count of a method config's auxiliary modules on the model `config`
 /// describes (what `print_trainable_parameters` adds): `n · hidden` per module with trainable
 /// token rows (a tied head that follows the embedding shares its tensor), `vocab · hidden` per
-/// module to save. Errors are the settings' problems (as `peftpipe validate` reports them).
+/// embedding or head to save, `hidden` per RMSNorm to save and `2 · hidden` per LayerNorm (weight
+/// and bias). Errors are the settings' problems (as `peftpipe validate` reports them).
 pub fn auxiliary_parameters(
     method: &MethodConfig,
     config: &crate::models::ModelConfig,
@@ -590,10 +679,16 @@ pub fn auxiliary_parameters(
     let hidden = config.hidden_size() as u64;
     let whole = config.vocab_size() as u64 * hidden;
     let rows = |ids: &Option<Vec<u32>>| ids.as_ref().map_or(0, |ids| ids.len() as u64 * hidden);
+    // GPT-2's LayerNorms have a bias beside the weight; Llama's RMSNorms a weight only.
+    let per_norm = match config {
+        crate::models::ModelConfig::Gpt2(_) => 2 * hidden,
+        _ => hidden,
+    };
     Ok(rows(&resolved.embedding_tokens)
         + rows(&resolved.head_tokens)
         + u64::from(resolved.save_embedding) * whole
-        + u64::from(resolved.save_head) * whole)
+        + u64::from(resolved.save_head) * whole
+        + resolved.save_norms.len() as u64 * per_norm)
 }
 
 #[cfg(test)]
@@ -630,5 +725,32 @@ mod tests {
         assert!(count("lora: {trainable_token_indices: [512]}")
             .unwrap_err()
             .contains("outside the vocabulary"));
+        // Norms: `hidden` per RMSNorm; `norm` ends the name of all 2·5 + 1 of them (PEFT's
+        // suffix match).
+        assert_eq!(count("lora: {modules_to_save: [model.norm]}"), Ok(64));
+        assert_eq!(
+            count("ia3: {modules_to_save: [input_layernorm]}"),
+            Ok(5 * 64)
+        );
+        assert_eq!(count("qlora: {modules_to_save: [norm]}"), Ok(11 * 64));
+        assert_eq!(
+            count("lora: {modules_to_save: [lm_head, post_attention_layernorm]}"),
+            Ok(512 * 64 + 5 * 64)
+        );
+        // GPT-2's LayerNorms: weight and bias.
+        let gpt2 = crate::models::ModelConfig::from_json(&serde_json::json!({
+            "model_type": "gpt2", "n_embd": 32, "n_layer": 3, "n_head": 4, "n_positions": 64,
+            "vocab_size": 100
+        }))
+        .unwrap();
+        let count = |yaml: &str| auxiliary_parameters(&method(yaml), &gpt2);
+        assert_eq!(count("lora: {modules_to_save: [ln_f]}"), Ok(2 * 32));
+        assert_eq!(
+            count("lora: {modules_to_save: [ln_1, ln_2]}"),
+            Ok(6 * 2 * 32)
+        );
+        assert!(count("lora: {modules_to_save: [input_layernorm]}")
+            .unwrap_err()
+            .contains("matches no module of this gpt2 model"));
     }
 }

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use candle_core::{DType, Device, Tensor, Var};
 
 use super::super::format::PEFT_PREFIX;
-use super::super::{PatchChange, PeftError, TensorContext, WeightPatch};
+use super::super::{Parameter, PatchChange, PeftError, TensorContext, WeightPatch};
 
 /// PEFT's tensor-name suffix of trained token rows (`TrainableTokensWrapper.adapter_state_dict`
 /// with the adapter name removed).
@@ -94,6 +94,7 @@ pub fn patch(
     };
     Ok(WeightPatch {
         path: module.to_string(),
+        parameter: Parameter::Weight,
         dims,
         change,
     })
@@ -104,6 +105,7 @@ pub fn patch(
 pub fn keep_head_patch() -> WeightPatch {
     WeightPatch {
         path: super::head::HEAD_PATH.to_string(),
+        parameter: Parameter::Weight,
         dims: (0, 0),
         change: PatchChange::Map(Arc::new(|weight: &Tensor| Ok(weight.clone()))),
     }

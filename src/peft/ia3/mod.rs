@@ -20,7 +20,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use candle_core::{DType, Device, Tensor, Var};
 use serde_json::{json, Value};
 
-use super::adapter::{PatchChange, WeightPatch};
+use super::adapter::{Parameter, PatchChange, WeightPatch};
 use super::format::{write_adapter_folder, AdapterFiles, PEFT_PREFIX};
 use super::targets::TargetModules;
 use super::{Adapter, AdapterMode, PeftError, TensorContext};
@@ -365,6 +365,7 @@ fn patch(path: &str, vector: Tensor, dims: (usize, usize)) -> Result<WeightPatch
     };
     Ok(WeightPatch {
         path: path.to_string(),
+        parameter: Parameter::Weight,
         dims,
         change: PatchChange::Map(Arc::new(function)),
     })

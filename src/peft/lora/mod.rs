@@ -28,7 +28,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde_json::{json, Value};
 
-use super::adapter::{PatchChange, WeightPatch};
+use super::adapter::{Parameter, PatchChange, WeightPatch};
 use super::format::{json_number, write_adapter_folder, PEFT_PREFIX};
 use super::targets::TargetModules;
 use super::{mix_seed, Adapter, AdapterMode, PeftError, TensorContext};
@@ -792,6 +792,7 @@ fn patch(path: &str, delta: Tensor, magnitude: Option<Tensor>) -> Result<WeightP
     };
     Ok(WeightPatch {
         path: path.to_string(),
+        parameter: Parameter::Weight,
         dims,
         change,
     })

@@ -272,6 +272,36 @@ impl Tensor {
         self.attach_op1_arc(output, Arc::new(Box::new(c)))
     }
 
+    pub fn attach_op2_arc(
+        &self,
+        rhs: &Self,
+        output: &Tensor,
+        c: Arc<Box<dyn CustomOp2 + Send + Sync>>,
+    ) -> Result<Self> {
+        let op = BackpropOp::new2(self, rhs, |t1, t2| Op::CustomOp2(t1, t2, c.clone()));
+        if op.is_none() {
+            return Ok(output.clone());
+        }
+        Ok(crate::tensor::sharing_storage(output, op))
+    }
+
+    pub fn attach_op2<C: 'static + CustomOp2 + Send + Sync>(
+        &self,
+        rhs: &Self,
+        output: &Tensor,
+        c: C,
+    ) -> Result<Self> {
+        self.attach_op2_arc(rhs, output, Arc::new(Box::new(c)))
+    }
+
+    /// Whether this is the only handle to the tensor (no clone, no graph node holding it as an
+    /// input) and no other tensor shares its storage (views and attached results do): where it
+    /// holds, the caller may overwrite it in place and attach the result (`attach_op*`) without
+    /// another reader seeing the change.
+    pub fn storage_is_unique(&self) -> bool {
+        crate::tensor::storage_is_unique(self)
+    }
+
     pub fn attach_op3_arc(
         &self,
         t2: &Self,

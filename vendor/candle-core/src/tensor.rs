@@ -193,6 +193,12 @@ pub(crate) fn sharing_storage(output: &Tensor, op: BackpropOp) -> Tensor {
     Tensor(Arc::new(tensor_))
 }
 
+/// peftpipe patch: whether `tensor` is the only handle to itself (no clone, no graph node holding
+/// it) and its storage is referenced by it alone (no view, no attached result).
+pub(crate) fn storage_is_unique(tensor: &Tensor) -> bool {
+    Arc::strong_count(&tensor.0) == 1 && Arc::strong_count(&tensor.storage) == 1
+}
+
 impl Tensor {
     pub(crate) fn ones_impl<S: Into<Shape>>(
         shape: S,

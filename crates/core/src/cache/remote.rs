@@ -4,10 +4,15 @@
 //! stages or of freshness (a pulled cache is judged by `exec::plan` like any other).
 //!
 //! A remote is a URL read by [`Remote::open`]: `s3://bucket/prefix` (and S3-compatible servers
-//! through `AWS_ENDPOINT`), `gs://bucket/prefix`, `az://container/prefix`, `http(s)://host/path`
-//! (a WebDAV server or any HTTP store that takes PUT), `file:///abs/path` or a plain directory
-//! path. Credentials come from the environment the way the `object_store` crate reads it
-//! (`AWS_*`, `GOOGLE_*`, `AZURE_*`); they are never part of a message.
+//! through `AWS_ENDPOINT`), `gs://bucket/prefix`, `az://container/prefix` (also `azure://`,
+//! `abfs[s]://container@account.dfs.core.windows.net/prefix` and
+//! `https://account.blob.core.windows.net/container/prefix`), `http(s)://host/path` (a WebDAV
+//! server or any HTTP store that takes PUT), `file:///abs/path` or a plain directory path.
+//! Credentials and endpoints come from the environment the way the `object_store` crate reads it
+//! (`AWS_*`; `GOOGLE_*`, e.g. `GOOGLE_SERVICE_ACCOUNT`, whose key file may name an emulator's
+//! `gcs_base_url` with `disable_oauth`; `AZURE_*`, e.g. `AZURE_STORAGE_ACCOUNT_NAME` and
+//! `AZURE_STORAGE_ACCOUNT_KEY`, or `AZURE_STORAGE_USE_EMULATOR` for Azurite at
+//! `AZURITE_BLOB_STORAGE_URL`); they are never part of a message.
 //!
 //! Layout under the remote's prefix (the local layout, one key per file):
 //!
@@ -195,6 +200,8 @@ impl Remote {
             .build()
             .map_err(|error| setup(format!("cannot start the I/O runtime: {error}")))?;
         let is_url = location.contains("://");
+        // Transfers in flight: one at a time over HTTP/WebDAV (see `concurrency`).
+        let mut concurrency = CONCURRENCY;
         let (store, prefix, secret): (Arc<dyn ObjectStore>, Key, Option<String>) = if !is_url {
             let dir = base_dir.join(location);
             (local_store(&dir).map_err(setup)?, Key::default(), None)
@@ -211,15 +218,19 @@ impl Remote {
             })?;
             let store = cloud_store(&scheme, &url)
                 .map_err(|message| setup(scrub(&message, secret.as_deref())))?;
+            // By the store, not the URL's scheme: `https://account.blob.core.windows.net/…` is
+            // Azure, which takes concurrent puts.
+            if scheme == object_store::ObjectStoreScheme::Http {
+                concurrency = 1;
+            }
             (store, prefix, secret)
         };
-        let is_http = location.starts_with("http://") || location.starts_with("https://");
         Ok(Remote {
             store,
             prefix,
             shown,
             secret,
-            concurrency: if is_http { 1 } else { CONCURRENCY },
+            concurrency,
             runtime,
         })
     }
@@ -823,22 +834,34 @@ fn cloud_store(
     });
     #[cfg(feature = "cloud")]
     {
-        let built: Result<Arc<dyn ObjectStore>, object_store::Error> = match scheme {
+        // Each builder's error, with what a user sets for that store where it helps.
+        match scheme {
             Scheme::AmazonS3 => object_store::aws::AmazonS3Builder::from_env()
                 .with_url(url.as_str())
                 .with_retry(retry_config())
                 .build()
-                .map(|store| Arc::new(store) as _),
+                .map(|store| Arc::new(store) as _)
+                .map_err(|error| error.to_string()),
             Scheme::GoogleCloudStorage => object_store::gcp::GoogleCloudStorageBuilder::from_env()
                 .with_url(url.as_str())
                 .with_retry(retry_config())
                 .build()
-                .map(|store| Arc::new(store) as _),
+                .map(|store| Arc::new(store) as _)
+                .map_err(|error| {
+                    format!(
+                        "{error} (GCS credentials: GOOGLE_SERVICE_ACCOUNT naming a service-account key file, GOOGLE_SERVICE_ACCOUNT_KEY holding one, or GOOGLE_APPLICATION_CREDENTIALS; else the VM's metadata server)"
+                    )
+                }),
             Scheme::MicrosoftAzure => object_store::azure::MicrosoftAzureBuilder::from_env()
                 .with_url(url.as_str())
                 .with_retry(retry_config())
                 .build()
-                .map(|store| Arc::new(store) as _),
+                .map(|store| Arc::new(store) as _)
+                .map_err(|error| {
+                    format!(
+                        "{error} (Azure: set AZURE_STORAGE_ACCOUNT_NAME and a credential — AZURE_STORAGE_ACCOUNT_KEY, AZURE_STORAGE_SAS_KEY, or AZURE_CLIENT_ID, AZURE_CLIENT_SECRET and AZURE_TENANT_ID — or AZURE_STORAGE_USE_EMULATOR=true for Azurite, at AZURITE_BLOB_STORAGE_URL, default http://127.0.0.1:10000)"
+                    )
+                }),
             Scheme::Http => {
                 // The store is the server; the URL's path is the prefix of every key.
                 let origin = &url[..url::Position::BeforePath];
@@ -851,10 +874,10 @@ fn cloud_store(
                     .with_retry(retry_config())
                     .build()
                     .map(|store| Arc::new(store) as _)
+                    .map_err(|error| error.to_string())
             }
-            other => return Err(format!("unsupported kind of store {other:?}")),
-        };
-        built.map_err(|error| error.to_string())
+            other => Err(format!("unsupported kind of store {other:?}")),
+        }
     }
 }
 

@@ -1,7 +1,7 @@
 //! PEFT's auxiliary trainable modules, which ride along with a method rather than being one:
 //! `trainable_token_indices` (PEFT's `TrainableTokensWrapper`: only the chosen rows of the
 //! embedding train) and `modules_to_save` (PEFT's `ModulesToSaveWrapper`: a full trainable copy of
-//! a module). This file owns their config type, PEFT's rules for which model modules they name
+//! a module: the input embedding, `lm_head` or a normalization layer). This file owns their config type, PEFT's rules for which model modules they name
 //! (resolved against a model's config.json alone) and their checks; the method configs in
 //! `method.rs` carry the fields, `peft::auxiliary` in the main crate trains them. Never loads
 //! weights or knows tensors.
@@ -175,6 +175,10 @@ pub struct ResolvedAuxiliary {
     pub save_embedding: bool,
     /// `modules_to_save` holds `lm_head`: a full trainable copy.
     pub save_head: bool,
+    /// The normalization layers `modules_to_save` holds (full module names in the model's order,
+    /// `model.layers.0.input_layernorm`, `transformer.ln_f`): each a trainable copy of its weight
+    /// (and LayerNorm's bias).
+    pub save_norms: Vec<String>,
     /// The input embedding's module name (`model.embed_tokens`, `transformer.wte`).
     pub embedding_name: String,
 }
@@ -186,6 +190,7 @@ impl ResolvedAuxiliary {
             && self.head_tokens.is_none()
             && !self.save_embedding
             && !self.save_head
+            && self.save_norms.is_empty()
     }
 }
 
@@ -296,7 +301,7 @@ pub fn resolve(
             .filter(|(module, _)| module.ends_with(name))
             .collect()
     };
-    let supported = "peftpipe trains `lm_head` and the input embedding";
+    let supported = "peftpipe trains `lm_head`, the input embedding and normalization layers";
 
     let mut save_names = Vec::new();
     for (index, name) in modules_to_save.unwrap_or_default().iter().enumerate() {
@@ -309,13 +314,14 @@ pub fn resolve(
             problems.push(problem(
                 field,
                 format!(
-                    "`{name}` matches no module of this {} model (e.g. lm_head, {})",
+                    "`{name}` matches no module of this {} model (e.g. lm_head, {}, {})",
                     if model_type.is_empty() {
                         "llama"
                     } else {
                         model_type
                     },
-                    embedding_name.rsplit('.').next().unwrap_or("embed_tokens")
+                    embedding_name.rsplit('.').next().unwrap_or("embed_tokens"),
+                    if model_type == "gpt2" { "ln_f" } else { "norm" }
                 ),
             ));
             continue;
@@ -324,18 +330,25 @@ pub fn resolve(
             match kind {
                 ModuleKind::Embedding => resolved.save_embedding = true,
                 ModuleKind::Head => resolved.save_head = true,
-                ModuleKind::Norm => problems.push(problem(
-                    &field,
-                    format!("`{name}` matches the norm `{module}`: {supported} as modules_to_save, not norms"),
-                )),
+                ModuleKind::Norm => {
+                    if !resolved.save_norms.contains(module) {
+                        resolved.save_norms.push(module.clone());
+                    }
+                }
                 ModuleKind::Other => problems.push(problem(
                     &field,
-                    format!("`{name}` matches `{module}`, which is not an embedding or lm_head: {supported} as modules_to_save"),
+                    format!("`{name}` matches `{module}`, which is not an embedding, lm_head or norm: {supported} as modules_to_save"),
                 )),
             }
         }
         save_names.push(name.clone());
     }
+    // In the model's order, whatever order the names matched them in.
+    resolved.save_norms = modules
+        .iter()
+        .filter(|(module, _)| resolved.save_norms.contains(module))
+        .map(|(module, _)| module.clone())
+        .collect();
 
     let check_range = |field: String, ids: &[u32], problems: &mut Vec<AuxiliaryProblem>| {
         for (index, id) in ids.iter().enumerate() {
@@ -545,17 +558,121 @@ mod tests {
         );
         let linear = fields(None, Some(&["q_proj"]));
         assert!(
-            linear[0].contains("not an embedding or lm_head"),
+            linear[0].contains("not an embedding, lm_head or norm"),
             "{linear:?}"
         );
-        let norm = fields(None, Some(&["norm"]));
-        assert!(norm[0].contains("matches the norm"), "{norm:?}");
+        // A name that matches a norm and something else (`layers.0` ends `model.layers.0`).
+        let block = fields(None, Some(&["layers.0"]));
+        assert!(block[0].contains("matches `model.layers.0`"), "{block:?}");
+        let mlp = fields(None, Some(&["lm_head", "mlp"]));
+        assert_eq!(mlp.len(), 2, "{mlp:?}");
+        // Token rows of a norm are not a thing.
+        let rows = fields(Some("{norm: [2]}"), None);
+        assert!(rows[0].contains("not an embedding or lm_head"), "{rows:?}");
         let both = fields(Some("[2]"), Some(&["embed_tokens"]));
         assert!(both[0].contains("also in modules_to_save"), "{both:?}");
         let twice = fields(Some("[2, 2]"), None);
         assert!(twice[0].starts_with("trainable_token_indices[1]: token id 2 is given twice"));
         let empty = fields(Some("[]"), None);
         assert!(empty[0].contains("empty list"));
+    }
+
+    #[test]
+    fn norms_are_modules_to_save_matched_by_suffix_as_peft_does() {
+        let save = |names: &[&str], model_type: &str| {
+            let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+            resolve(None, Some(&names), model_type, 2, 512, true).unwrap()
+        };
+        let final_norm = save(&["model.norm"], "llama");
+        assert_eq!(final_norm.save_norms, ["model.norm"]);
+        assert!(!final_norm.is_empty() && !final_norm.save_head && !final_norm.save_embedding);
+        assert_eq!(
+            save(&["input_layernorm"], "llama").save_norms,
+            [
+                "model.layers.0.input_layernorm",
+                "model.layers.1.input_layernorm"
+            ]
+        );
+        // PEFT's `key.endswith(name)`: `norm` is the end of every norm's name, so all train.
+        assert_eq!(
+            save(&["norm"], "llama").save_norms,
+            [
+                "model.layers.0.input_layernorm",
+                "model.layers.0.post_attention_layernorm",
+                "model.layers.1.input_layernorm",
+                "model.layers.1.post_attention_layernorm",
+                "model.norm"
+            ]
+        );
+        // Given twice (and in another order), each norm is listed once, in the model's order.
+        assert_eq!(
+            save(
+                &["model.norm", "layers.1.post_attention_layernorm", "norm"],
+                "llama"
+            )
+            .save_norms
+            .len(),
+            5
+        );
+        let gpt2 = save(&["ln_f", "ln_1", "lm_head"], "gpt2");
+        assert_eq!(
+            gpt2.save_norms,
+            [
+                "transformer.h.0.ln_1",
+                "transformer.h.1.ln_1",
+                "transformer.ln_f"
+            ]
+        );
+        assert!(gpt2.save_head);
+        // A norm name of the other architecture matches nothing.
+        let problems =
+            resolve(None, Some(&["ln_f".to_string()]), "llama", 2, 512, true).unwrap_err();
+        assert!(
+            problems[0].message.contains(
+                "matches no module of this llama model (e.g. lm_head, embed_tokens, norm)"
+            ),
+            "{problems:?}"
+        );
+    }
+
+    /// `peftpipe validate`'s check against a model's linear layers (from config.json) accepts
+    /// norms and still rejects a linear layer, under the method's key.
+    #[test]
+    fn validate_accepts_norms_and_rejects_linear_layers() {
+        let layer = |path: &str, out_features| LinearLayerShape {
+            path: path.into(),
+            in_features: 16,
+            out_features,
+        };
+        let layers = [
+            layer("model.layers.0.self_attn.q_proj", 16),
+            layer("model.layers.1.self_attn.q_proj", 16),
+            layer("lm_head", 40),
+        ];
+        let check = |names: &[&str]| {
+            let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+            let mut problems = Vec::new();
+            check_against_model(
+                None,
+                Some(&names),
+                "stages.train.method.lora",
+                "llama",
+                &layers,
+                &mut problems,
+            );
+            problems
+        };
+        assert!(check(&["norm"]).is_empty());
+        assert!(check(&["input_layernorm", "model.norm", "lm_head"]).is_empty());
+        let problems = check(&["post_attention_layernorm", "q_proj"]);
+        assert_eq!(problems.len(), 2, "{problems:?}");
+        assert_eq!(
+            problems[0].path,
+            "stages.train.method.lora.modules_to_save[1]"
+        );
+        assert!(problems[0]
+            .message
+            .contains("which is not an embedding, lm_head or norm"));
     }
 
     #[test]

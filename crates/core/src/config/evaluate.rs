@@ -67,7 +67,9 @@ pub struct EvaluateConfig {
     #[serde(default = "default_sample_max_new_tokens")]
     #[schemars(default = "default_sample_max_new_tokens")]
     pub sample_max_new_tokens: usize,
-    /// Sequences scored per forward pass (padded to the longest in the batch).
+    /// Sequences per forward pass: scored together (padded to the longest in the batch), and
+    /// prompts generated together for exact match and samples (left-padded; each prompt gets
+    /// the greedy text it gets alone).
     #[serde(default = "default_batch_size")]
     #[schemars(default = "default_batch_size")]
     pub batch_size: usize,

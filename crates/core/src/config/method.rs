@@ -174,8 +174,10 @@ pub struct LoraConfig {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub trainable_token_indices: Option<TrainableTokenIndices>,
     /// Modules trained fully beside the method, as a trainable copy (PEFT's `modules_to_save`):
-    /// `lm_head` and/or the input embedding (`embed_tokens`, GPT-2's `wte`); names match a module
-    /// name's end, as PEFT matches them. Saved under the module's own weight names.
+    /// `lm_head`, the input embedding (`embed_tokens`, GPT-2's `wte`) and/or normalization layers
+    /// (Llama's `input_layernorm`, `post_attention_layernorm`, `model.norm`; GPT-2's `ln_1`,
+    /// `ln_2`, `ln_f`: weight and bias); names match a module name's end, as PEFT matches them
+    /// (`norm` is the end of every Llama norm's name). Saved under the module's own tensor names.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub modules_to_save: Option<Vec<String>>,
 }
@@ -196,8 +198,10 @@ pub struct Ia3Config {
     #[serde(default)]
     pub feedforward_modules: Option<Vec<String>>,
     /// Modules trained fully beside the method, as a trainable copy (PEFT's `modules_to_save`):
-    /// `lm_head` and/or the input embedding (`embed_tokens`, GPT-2's `wte`); names match a module
-    /// name's end, as PEFT matches them. Saved under the module's own weight names.
+    /// `lm_head`, the input embedding (`embed_tokens`, GPT-2's `wte`) and/or normalization layers
+    /// (Llama's `input_layernorm`, `post_attention_layernorm`, `model.norm`; GPT-2's `ln_1`,
+    /// `ln_2`, `ln_f`: weight and bias); names match a module name's end, as PEFT matches them
+    /// (`norm` is the end of every Llama norm's name). Saved under the module's own tensor names.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub modules_to_save: Option<Vec<String>>,
 }
@@ -312,8 +316,10 @@ pub struct QloraConfig {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub trainable_token_indices: Option<TrainableTokenIndices>,
     /// Modules trained fully beside the method, as a trainable copy (PEFT's `modules_to_save`):
-    /// `lm_head` and/or the input embedding (`embed_tokens`, GPT-2's `wte`); names match a module
-    /// name's end, as PEFT matches them. Saved under the module's own weight names.
+    /// `lm_head`, the input embedding (`embed_tokens`, GPT-2's `wte`) and/or normalization layers
+    /// (Llama's `input_layernorm`, `post_attention_layernorm`, `model.norm`; GPT-2's `ln_1`,
+    /// `ln_2`, `ln_f`: weight and bias); names match a module name's end, as PEFT matches them
+    /// (`norm` is the end of every Llama norm's name). Saved under the module's own tensor names.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub modules_to_save: Option<Vec<String>>,
 }

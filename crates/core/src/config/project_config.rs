@@ -3,7 +3,7 @@
 //!
 //! ```yaml
 //! cache:
-//!   remote: s3://team-bucket/peftpipe   # or gs://, az://, https://, file://, a directory
+//!   remote: s3://team-bucket/peftpipe   # or gs://, az:// (azure://), https://, file://, a directory
 //! ```
 //!
 //! It sits next to the default cache (`<project>/.peftpipe/`), so a project can commit it while
@@ -26,7 +26,9 @@ pub struct ProjectConfig {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CacheConfig {
-    /// The remote cache: a URL, or a directory relative to the project directory.
+    /// The remote cache: a URL (`s3://`, `gs://`, `az://` or `azure://`, `http(s)://`,
+    /// `file://`), or a directory relative to the project directory. Credentials never go here:
+    /// they come from the environment (`peftpipe push --help` lists them).
     pub remote: Option<String>,
 }
 
