@@ -29,8 +29,9 @@
 //! [`CommError::PeerFailed`] naming the rank and the operation, never a silent hang.
 //! - [`Solo`] is the world of one: every collective is the identity. Single-GPU training goes
 //!   through the same calls.
-//! - `nccl::NcclCommunicator` (with `--features cuda`) is NCCL through cudarc's bindings; NCCL is
-//!   loaded at run time from the host's `libnccl.so.2`. Rank 0 creates the NCCL unique id and
+//! - `nccl::NcclCommunicator` (with `--features nccl`, which implies `cuda`) is NCCL through
+//!   cudarc's bindings; candle's cudarc links the host's `libnccl.so.2` dynamically, so only a
+//!   binary built with the feature needs NCCL to start. Rank 0 creates the NCCL unique id and
 //!   hands it to the others through [`rendezvous`] (a small TCP exchange on
 //!   `MASTER_ADDR:MASTER_PORT`, std::net, bounded in time). `NCCL_NVLS_ENABLE=0` is set before
 //!   the communicator is created (NVLink multicast stays off). NCCL is the only transport for real
@@ -69,7 +70,7 @@
 
 pub mod launch;
 pub mod local;
-#[cfg(feature = "cuda")]
+#[cfg(feature = "nccl")]
 pub mod nccl;
 pub mod rendezvous;
 mod world;
