@@ -20,8 +20,8 @@ use peftpipe::models::{llama::Llama, CausalLm, Hooks, ModelConfig, ModelDir};
 use peftpipe::peft::{Adapter, LoraAdapter, LoraSettings, TargetModules};
 use peftpipe::train::CausalLmLoss;
 use peftpipe::train::{
-    train, train_with_evaluation, AdamWSettings, EarlyStopping, Evaluation, LossModel, TrainError,
-    TrainOutcome, TrainerSettings,
+    train, train_data_parallel, train_with_evaluation, AdamWSettings, EarlyStopping, Evaluation,
+    LossModel, TrainError, TrainOutcome, TrainerSettings,
 };
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -246,6 +246,141 @@ fn accumulating_two_half_batches_equals_one_full_batch() {
             .unwrap();
         assert!(difference < 1e-5, "{name}: {difference}");
     }
+}
+
+/// The adapter's variables as host vectors, and each step's (loss, gradient norm).
+type RankResult = (Vec<(String, Vec<f32>)>, Vec<(f64, f64)>);
+
+/// Train on every rank of an in-process group (one thread each), returning each rank's
+/// [`RankResult`] (or its error's message).
+fn train_ranks(
+    weights: &HashMap<String, Tensor>,
+    data: &[Sequence],
+    settings: &TrainerSettings,
+    world_size: usize,
+    nan_loss_on_rank: Option<usize>,
+) -> Vec<Result<RankResult, String>> {
+    use peftpipe::train::distributed::local::LocalGroup;
+    let ranks = LocalGroup::new(world_size, std::time::Duration::from_secs(60));
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = ranks
+            .into_iter()
+            .map(|comm| {
+                scope.spawn(move || {
+                    let run = setup(weights, settings.seed, 0.0);
+                    let rank = peftpipe::train::distributed::Communicator::rank(&comm);
+                    let broken = Broken {
+                        adapter: &run.adapter,
+                        calls: std::cell::Cell::new(0),
+                        nan_loss_at: 2,
+                    };
+                    let normal = CompletionLoss(&run.model);
+                    let model: &dyn LossModel = if nan_loss_on_rank == Some(rank) {
+                        &broken
+                    } else {
+                        &normal
+                    };
+                    let mut figures = Vec::new();
+                    let result = train_data_parallel(
+                        model,
+                        &run.adapter,
+                        data,
+                        None,
+                        settings,
+                        &comm,
+                        &AtomicBool::new(false),
+                        &mut |metrics| figures.push((metrics.loss, metrics.grad_norm)),
+                    );
+                    drop(comm);
+                    result.map_err(|e| e.to_string()).map(|_| {
+                        let vars = run
+                            .adapter
+                            .trainable_vars()
+                            .into_iter()
+                            .map(|(name, var)| {
+                                let values = var.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                                (name, values)
+                            })
+                            .collect();
+                        (vars, figures)
+                    })
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    })
+}
+
+#[test]
+fn data_parallel_ranks_match_one_rank_on_the_whole_batch() {
+    let config = ModelConfig::from_json(&tiny_llama_json()).unwrap();
+    let weights = llama_weights(&config, 5, 0.3);
+    let data = sequences(10, 6);
+    let mut settings = trainer_settings(3);
+    settings.sort_by_length = false;
+    settings.batch_size = 4;
+    settings.accumulation = 2;
+    let one = train_ranks(&weights, &data, &settings, 1, None);
+    let (one, one_figures) = one[0].as_ref().unwrap();
+    let initial = setup(&weights, settings.seed, 0.0).adapter.trainable_vars();
+    for world_size in [2, 4] {
+        let ranks = train_ranks(&weights, &data, &settings, world_size, None);
+        let (first, _) = ranks[0].as_ref().unwrap();
+        for (rank, result) in ranks.iter().enumerate() {
+            let (vars, figures) = result.as_ref().unwrap();
+            // The loss and the (averaged) gradient norm of every step, as on one rank: Adam and
+            // clipping would hide a gradient off by a constant factor, these do not.
+            assert_eq!(figures.len(), one_figures.len());
+            for ((loss, norm), (one_loss, one_norm)) in figures.iter().zip(one_figures) {
+                assert!(
+                    (loss - one_loss).abs() < 1e-5 * one_loss,
+                    "{loss} vs {one_loss}"
+                );
+                assert!(
+                    (norm - one_norm).abs() < 1e-4 * one_norm,
+                    "{norm} vs {one_norm}"
+                );
+            }
+            for (((name, got), (_, zero)), ((_, want), (_, start))) in
+                vars.iter().zip(first).zip(one.iter().zip(&initial))
+            {
+                assert_eq!(
+                    got.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+                    zero.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+                    "world {world_size}: rank {rank}'s {name} differs from rank 0's"
+                );
+                let moved = start.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                assert!(got != &moved, "{name} did not train");
+                let difference = got
+                    .iter()
+                    .zip(want)
+                    .map(|(g, w)| (g - w).abs())
+                    .fold(0.0f32, f32::max);
+                assert!(
+                    difference < 1e-5,
+                    "world {world_size}: {name} differs from one rank by {difference}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn a_failing_rank_ends_the_data_parallel_run_with_a_clear_error() {
+    let config = ModelConfig::from_json(&tiny_llama_json()).unwrap();
+    let weights = llama_weights(&config, 5, 0.3);
+    let data = sequences(8, 6);
+    let settings = trainer_settings(3);
+    let started = std::time::Instant::now();
+    let ranks = train_ranks(&weights, &data, &settings, 2, Some(1));
+    assert!(started.elapsed() < std::time::Duration::from_secs(30));
+    let failed = ranks[1].as_ref().unwrap_err();
+    assert!(failed.contains("not finite"), "{failed}");
+    let other = ranks[0].as_ref().unwrap_err();
+    assert!(
+        other.contains("data-parallel training") && other.contains("rank 1 stopped"),
+        "{other}"
+    );
 }
 
 /// A model whose loss becomes NaN at a given step, or whose gradient does.

@@ -7,6 +7,9 @@
 //!
 //! Data stream: micro-batch `m` is batch `m mod B` of epoch `m div B` (B batches per epoch, each
 //! epoch a fresh seeded order); optimizer step `k` consumes micro-batches `k·A .. (k+1)·A`.
+//! Data parallel ([`train_data_parallel`]): the same global micro-batches on every rank, each
+//! rank computing its strided shard and the gradients averaged before clipping and AdamW (see
+//! [`super::distributed`]); a world of one is the single-device loop.
 //! Knows nothing of pipelines, files of the data stage, or which model it trains: the caller
 //! passes a [`LossModel`] and an [`Adapter`]. Never prints: it reports through a callback.
 
@@ -19,6 +22,10 @@ use candle_core::{DType, Device, Tensor};
 use serde::Serialize;
 
 use super::checkpoint::{self, CheckpointState, CHECKPOINT_VERSION};
+use super::distributed::{
+    average_gradients, backward_scale, shard_rows, CommError, Communicator, Solo,
+    DEFAULT_BUCKET_ELEMENTS,
+};
 use super::evaluation::{evaluate, EvalMetrics, Evaluation, EvaluationState};
 use super::optimizer::{clip_coefficient, global_norm, AdamW, AdamWSettings};
 pub use super::pass::{ForwardPass, GraphPass};
@@ -211,6 +218,8 @@ pub enum TrainError {
     },
     #[error(transparent)]
     Peft(#[from] PeftError),
+    #[error("step {step}: data-parallel training: {source}")]
+    Distributed { step: u64, source: Box<CommError> },
 }
 
 fn at_step<T>(step: u64, context: &str, result: candle_core::Result<T>) -> Result<T, TrainError> {
@@ -243,7 +252,8 @@ impl<'a> DataStream<'a> {
         }
     }
 
-    fn batch(&mut self, micro_batch: u64) -> HostBatch {
+    /// The rows (sequence indices) of global micro-batch `micro_batch`.
+    fn rows(&mut self, micro_batch: u64) -> Vec<usize> {
         let epoch = micro_batch / self.batches_per_epoch;
         let position = (micro_batch % self.batches_per_epoch) as usize;
         if self.cached_epoch.as_ref().map(|(e, _)| *e) != Some(epoch) {
@@ -261,7 +271,11 @@ impl<'a> DataStream<'a> {
             .as_ref()
             .map(|(_, o)| o)
             .map_or(&[][..], |o| &o[..]);
-        collate(self.sequences, &order[position], self.settings.pad_id)
+        order[position].clone()
+    }
+
+    fn collate(&self, rows: &[usize]) -> HostBatch {
+        collate(self.sequences, rows, self.settings.pad_id)
     }
 }
 
@@ -309,6 +323,31 @@ pub fn train_with_evaluation(
     cancel: &AtomicBool,
     observe: &mut dyn FnMut(&StepMetrics),
 ) -> Result<TrainOutcome, TrainError> {
+    train_data_parallel(
+        model, adapter, sequences, evaluation, settings, &Solo, cancel, observe,
+    )
+}
+
+/// [`train_with_evaluation`] as rank `comm.rank()` of `comm.world_size()` (see
+/// [`super::distributed`]): every rank builds the same global batches and trains on its strided
+/// shard of each; the gradients are averaged before clipping and AdamW, so every rank holds the
+/// same variables after every step. `batch_size` and `accumulation` are global (the run's
+/// results do not depend on the world size). Only rank 0 writes checkpoints; every rank
+/// resumes from the newest one (the checkpoint directory must be shared). A world of one
+/// ([`Solo`]) is exactly [`train_with_evaluation`].
+#[allow(clippy::too_many_arguments)]
+pub fn train_data_parallel(
+    model: &dyn LossModel,
+    adapter: &dyn Adapter,
+    sequences: &[Sequence],
+    evaluation: Option<&Evaluation<'_>>,
+    settings: &TrainerSettings,
+    comm: &dyn Communicator,
+    cancel: &AtomicBool,
+    observe: &mut dyn FnMut(&StepMetrics),
+) -> Result<TrainOutcome, TrainError> {
+    let (rank, world_size) = (comm.rank(), comm.world_size());
+    let main_rank = rank == 0;
     if let Some(evaluation) = evaluation {
         if evaluation.every == 0 {
             return Err(TrainError::Invalid(
@@ -416,6 +455,13 @@ pub fn train_with_evaluation(
         }
     }
 
+    // Every rank has read the checkpoint before rank 0 may write the next one.
+    comm.barrier().map_err(|source| TrainError::Distributed {
+        step: start_step,
+        source: Box::new(source),
+    })?;
+    let variable_tensors: Vec<&Tensor> = variable_list.iter().map(|v| v.as_tensor()).collect();
+
     let started = Instant::now();
     let mut final_loss = f64::NAN;
     let early_stopping = evaluation.and_then(|evaluation| evaluation.early_stopping);
@@ -432,7 +478,7 @@ pub fn train_with_evaluation(
             let unsaved = step > start_step
                 && settings.checkpoint_every > 0
                 && step % settings.checkpoint_every != 0;
-            if let (true, Some(dir)) = (unsaved, &settings.checkpoint_dir) {
+            if let (true, true, Some(dir)) = (main_rank, unsaved, &settings.checkpoint_dir) {
                 let state = settings.checkpoint_state(
                     step,
                     step.saturating_mul(accumulation).min(total_micro_batches),
@@ -454,9 +500,31 @@ pub fn train_with_evaluation(
         let step_started = Instant::now();
         let first = step * accumulation;
         let last = (first + accumulation).min(total_micro_batches);
-        let batches: Vec<HostBatch> = (first..last).map(|m| stream.batch(m)).collect();
-        let window_scored: usize = batches.iter().map(|b| b.scored_tokens).sum();
-        let window_tokens: usize = batches.iter().map(|b| b.tokens).sum();
+        // The global micro-batches give the step's token counts; this rank computes its shard.
+        let mut batches: Vec<HostBatch> = Vec::new();
+        let (mut window_scored, mut window_tokens) = (0usize, 0usize);
+        for m in first..last {
+            let rows = stream.rows(m);
+            let shard = shard_rows(&rows, rank, world_size);
+            if world_size == 1 {
+                let batch = stream.collate(&rows);
+                (window_scored, window_tokens) = (
+                    window_scored + batch.scored_tokens,
+                    window_tokens + batch.tokens,
+                );
+                batches.push(batch);
+            } else {
+                let global = stream.collate(&rows);
+                (window_scored, window_tokens) = (
+                    window_scored + global.scored_tokens,
+                    window_tokens + global.tokens,
+                );
+                // A global batch with fewer rows than ranks leaves this rank nothing.
+                if !shard.is_empty() {
+                    batches.push(stream.collate(&shard));
+                }
+            }
+        }
         let mut gradients: Vec<Option<Tensor>> = vec![None; variables.len()];
         let mut loss_total = 0.0f64;
         let (mut forward_seconds, mut backward_seconds) = (0.0, 0.0);
@@ -488,7 +556,7 @@ pub fn train_with_evaluation(
             let grads = at_step(
                 step + 1,
                 "backward",
-                pass.backward(1.0 / window_scored as f64, &variable_list),
+                pass.backward(backward_scale(world_size, window_scored), &variable_list),
             )?;
             for (slot, gradient) in gradients.iter_mut().zip(grads) {
                 if let Some(gradient) = gradient {
@@ -510,6 +578,31 @@ pub fn train_with_evaluation(
         adapter.set_mode(AdapterMode::Eval);
 
         let phase = Instant::now();
+        if world_size > 1 {
+            let distributed = |source| TrainError::Distributed {
+                step: step + 1,
+                source: Box::new(source),
+            };
+            average_gradients(
+                comm,
+                &mut gradients,
+                &variable_tensors,
+                DEFAULT_BUCKET_ELEMENTS,
+            )
+            .map_err(distributed)?;
+            // The step's loss over the whole global batch, for the metrics.
+            let local = at_step(
+                step + 1,
+                "summing the loss",
+                Tensor::new(&[loss_total as f32], &device),
+            )?;
+            let summed = comm.all_reduce_sum(&local).map_err(distributed)?;
+            loss_total = at_step(
+                step + 1,
+                "summing the loss",
+                summed.to_vec1::<f32>().map(|v| f64::from(v[0])),
+            )?;
+        }
         let norm = at_step(step + 1, "gradient norm", global_norm(&gradients))?;
         if !norm.is_finite() {
             let culprit = variables
@@ -603,7 +696,11 @@ pub fn train_with_evaluation(
         metrics_jsonl.push('\n');
         observe(&metrics);
 
-        if settings.checkpoint_every > 0 && done % settings.checkpoint_every == 0 && done < steps {
+        if main_rank
+            && settings.checkpoint_every > 0
+            && done % settings.checkpoint_every == 0
+            && done < steps
+        {
             if let Some(dir) = &settings.checkpoint_dir {
                 let state = settings.checkpoint_state(
                     done,
