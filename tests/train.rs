@@ -1148,3 +1148,195 @@ fn the_tensorboard_package_reads_the_event_file() {
     assert!(stdout.contains("ok:"), "{stdout}");
     assert!(stdout.contains("eval/loss: 3"), "{stdout}");
 }
+
+// ---- the train stage's job on several ranks (issue 12) ------------------------------------------
+
+/// A tiny project (model + `prompts-artifact/train.parquet`) and a train job on it.
+fn tiny_job(project: &Path, yaml: &str) -> peftpipe::stages::train::TrainJob {
+    let model_dir = project.join("tiny-model");
+    std::fs::create_dir_all(&model_dir).unwrap();
+    tiny_model_dir(&model_dir);
+    let upstream = project.join("prompts-artifact");
+    std::fs::create_dir_all(&upstream).unwrap();
+    let rows: Vec<(String, String)> = (0..12)
+        .map(|i| {
+            (
+                format!("w{} w{} w{}", 3 + i, 10 + i, 20 + i),
+                format!("w{} w{}", 20 + i, 21 + i),
+            )
+        })
+        .collect();
+    write_pairs(&upstream.join("train.parquet"), &rows);
+    let value: serde_json::Value = serde_norway::from_str(yaml).unwrap();
+    peftpipe::stages::train::TrainJob {
+        config: serde_json::from_value(value).unwrap(),
+        device: "cpu".into(),
+        project_dir: project.to_path_buf(),
+        upstream_dir: upstream,
+        out_dir: project.join("out"),
+        fingerprint: "test fingerprint".into(),
+        stage_seed: 42,
+        checkpoint_dir: None,
+    }
+}
+
+/// Stops a rank after the step `stop_after` (each rank its own flag, so every rank stops at the
+/// same step boundary).
+struct StopAfter {
+    stop_after: Option<u64>,
+    cancel: AtomicBool,
+}
+
+impl peftpipe::stages::ProgressSink for StopAfter {
+    fn progress(&self, progress: peftpipe::stages::Progress) {
+        if Some(progress.position) == self.stop_after {
+            self.cancel.store(true, Ordering::Relaxed);
+        }
+    }
+    fn note(&self, _message: String) {}
+}
+
+/// Rank 0's outcome summary of a train job, or its error.
+type RankOutcome = Result<std::collections::BTreeMap<String, serde_json::Value>, String>;
+
+/// Run `job` as `world_size` in-process ranks (threads, [`LocalGroup`]); each stops after
+/// `stop_after` steps when given. Returns rank 0's result and every rank's adapter values.
+fn job_on_ranks(
+    job: &peftpipe::stages::train::TrainJob,
+    world_size: usize,
+    stop_after: Option<u64>,
+) -> (RankOutcome, Vec<Vec<u32>>) {
+    use peftpipe::train::distributed::local::LocalGroup;
+    std::fs::create_dir_all(&job.out_dir).unwrap();
+    let ranks = LocalGroup::new(world_size, std::time::Duration::from_secs(60));
+    let results: Vec<_> = std::thread::scope(|scope| {
+        let handles: Vec<_> = ranks
+            .into_iter()
+            .map(|comm| {
+                scope.spawn(move || {
+                    let sink = StopAfter {
+                        stop_after,
+                        cancel: AtomicBool::new(false),
+                    };
+                    let result =
+                        peftpipe::stages::train::train_job(job, &comm, &sink, &sink.cancel)
+                            .map_err(|error| error.to_string());
+                    drop(comm);
+                    result
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let mut results = results.into_iter();
+    let first = results.next().unwrap();
+    // Rank 0 wrote the adapter; every rank trained the same one (checked by the trainer's own
+    // data-parallel test bit for bit), so the artifact's values stand for all.
+    let values = match &first {
+        Ok(_) => {
+            let tensors = candle_core::safetensors::load(
+                job.out_dir.join("adapter/adapter_model.safetensors"),
+                &Device::Cpu,
+            )
+            .unwrap();
+            let mut names: Vec<_> = tensors.keys().cloned().collect();
+            names.sort();
+            names
+                .iter()
+                .map(|name| {
+                    tensors[name]
+                        .to_dtype(DType::F32)
+                        .unwrap()
+                        .flatten_all()
+                        .unwrap()
+                        .to_vec1::<f32>()
+                        .unwrap()
+                        .iter()
+                        .map(|x| x.to_bits())
+                        .collect()
+                })
+                .collect()
+        }
+        Err(_) => Vec::new(),
+    };
+    for other in results {
+        assert!(
+            other.is_ok() == first.is_ok(),
+            "ranks disagree: {other:?} vs {first:?}"
+        );
+    }
+    (first, values)
+}
+
+fn losses(out: &Path) -> Vec<f64> {
+    metrics_lines(out)
+        .iter()
+        .map(|line| line["loss"].as_f64().unwrap())
+        .collect()
+}
+
+fn close(a: &[Vec<u32>], b: &[Vec<u32>], tolerance: f32) -> f32 {
+    assert_eq!(a.len(), b.len());
+    let mut worst = 0.0f32;
+    for (x, y) in a.iter().zip(b) {
+        assert_eq!(x.len(), y.len());
+        for (x, y) in x.iter().zip(y) {
+            worst = worst.max((f32::from_bits(*x) - f32::from_bits(*y)).abs());
+        }
+    }
+    assert!(worst < tolerance, "adapters differ by {worst}");
+    worst
+}
+
+const RANK_YAML: &str = "data: prompts\nmodel: tiny-model\nmethod:\n  lora:\n    r: 2\n    alpha: 4\n    target_modules: [q_proj, v_proj]\nbatch_size: 4\nmax_steps: 6\ncheckpoint_every: 1\nlearning_rate: 0.01\ndevice: cpu\n";
+
+#[test]
+fn the_train_stage_on_two_ranks_matches_one_rank() {
+    let one = tempfile::tempdir().unwrap();
+    let job = tiny_job(one.path(), RANK_YAML);
+    let (summary, single) = job_on_ranks(&job, 1, None);
+    let summary = summary.unwrap();
+    assert_eq!(summary["steps"], 6);
+    let two = tempfile::tempdir().unwrap();
+    let job2 = tiny_job(two.path(), RANK_YAML);
+    let (summary2, double) = job_on_ranks(&job2, 2, None);
+    assert_eq!(summary2.unwrap()["steps"], 6);
+    // The same global batch of 4 split 2 + 2: the same loss curve and adapter, up to the order
+    // of the floating-point sums.
+    for (a, b) in losses(&job.out_dir).iter().zip(losses(&job2.out_dir)) {
+        assert!((a - b).abs() < 1e-5 * a.abs().max(1.0), "{a} vs {b}");
+    }
+    let worst = close(&single, &double, 1e-5);
+    eprintln!("2 ranks vs 1: adapter max |Δ| {worst:e}");
+}
+
+#[test]
+fn a_run_resumes_on_another_number_of_ranks() {
+    let reference = tempfile::tempdir().unwrap();
+    let job = tiny_job(reference.path(), RANK_YAML);
+    let (_, uninterrupted) = job_on_ranks(&job, 1, None);
+    let expected = losses(&job.out_dir);
+    for (first, second) in [(2, 1), (1, 2)] {
+        let dir = tempfile::tempdir().unwrap();
+        let mut job = tiny_job(dir.path(), RANK_YAML);
+        job.checkpoint_dir = Some(dir.path().join("checkpoints"));
+        let (stopped, _) = job_on_ranks(&job, first, Some(3));
+        assert!(
+            stopped
+                .as_ref()
+                .is_err_and(|error| error.contains("cancel")),
+            "{stopped:?}"
+        );
+        let (resumed, adapter) = job_on_ranks(&job, second, None);
+        let resumed = resumed.unwrap();
+        assert_eq!(
+            resumed["resumed_from"], 3,
+            "{first} → {second} ranks: {resumed:?}"
+        );
+        for (a, b) in expected.iter().zip(losses(&job.out_dir)) {
+            assert!((a - b).abs() < 1e-5 * a.abs().max(1.0), "{a} vs {b}");
+        }
+        let worst = close(&uninterrupted, &adapter, 1e-5);
+        eprintln!("{first} ranks, resumed on {second}: adapter max |Δ| {worst:e}");
+    }
+}

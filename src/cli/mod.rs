@@ -203,6 +203,15 @@ pub enum Command {
         after_help = "Examples:\n  peftpipe bench data\n  peftpipe bench status"
     )]
     Bench(BenchCommand),
+    /// One rank of a data-parallel train stage (started by `run` for `devices`; not for users).
+    #[command(name = "train-rank", hide = true)]
+    TrainRank(TrainRankArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct TrainRankArgs {
+    /// The train job the launching stage wrote.
+    pub job: std::path::PathBuf,
 }
 
 #[derive(Debug, Args)]
@@ -308,6 +317,13 @@ pub fn main() -> ExitCode {
             Err(message) => {
                 crate::report::error(&message);
                 EXIT_INVALID
+            }
+        },
+        Command::TrainRank(args) => match crate::stages::train::ranks::run_rank(&args.job) {
+            Ok(()) => EXIT_OK,
+            Err(message) => {
+                crate::report::error(&message);
+                EXIT_FAILED
             }
         },
         Command::Bench(BenchCommand::Data(args)) => bench_data::run(&cli.global, args),

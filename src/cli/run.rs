@@ -19,6 +19,7 @@ use crate::stages::RunOptions;
 #[command(after_help = "Examples:\n  peftpipe run pipelines/quickstart.yaml\n  \
     peftpipe run pipelines/quickstart.yaml --set stages.train.train.method.lora.r=4\n  \
     peftpipe run pipelines/quickstart.yaml --stage train --force --device cuda\n  \
+    peftpipe run pipelines/lora-stories.yaml --devices 2   # data-parallel on GPUs 0 and 1\n  \
     peftpipe run pipelines/quickstart.yaml --dry-run")]
 pub struct RunArgs {
     #[command(flatten)]
@@ -38,6 +39,10 @@ pub struct RunArgs {
     /// Device for training and evaluation: `cpu`, `cuda` or `cuda:N`.
     #[arg(long, value_parser = parse_device)]
     pub device: Option<String>,
+    /// Train data-parallel on the first N GPUs, one process each (overrides a train stage's
+    /// `devices`; more than one GPU needs a build with `--features nccl`).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..))]
+    pub devices: Option<u16>,
     /// Do not write the HTML run report (`.peftpipe/out/<pipeline>/report.html`).
     #[arg(long)]
     pub no_report: bool,
@@ -142,6 +147,7 @@ pub fn run(global: &GlobalArgs, args: RunArgs) -> u8 {
     settings.options = RunOptions {
         allow_outside_project: args.pipeline.allow_outside_project,
         device: args.device.clone(),
+        devices: args.devices.map(usize::from),
     };
     let style = Style::detect();
 

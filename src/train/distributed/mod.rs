@@ -16,12 +16,18 @@
 //! can be reached at) and `MASTER_PORT`.
 //!
 //! # Status
-//! The pieces above and [`crate::train::train_data_parallel`] exist and are tested on the CPU
-//! with in-process ranks. Not wired yet: the `train: {devices: …}` setting, `peftpipe run
-//! --devices N` (which is to call [`launch::launch`] with the peftpipe binary), and the train
-//! stage choosing `nccl::NcclCommunicator` when [`World::from_env`] finds several ranks (with
-//! only rank 0 storing the artifact). The NCCL path compiles but has not run on several GPUs.
-//!
+//! A train stage with `devices:` (or `peftpipe run --devices N`) launches one
+//! `peftpipe train-rank` process per GPU through [`launch::launch_with`]
+//! (`stages::train::ranks`); each rank reads its world with [`World::from_env`], joins the
+//! others through `nccl::NcclCommunicator` (a world of one needs none) and trains through
+//! [`crate::train::train_data_parallel`]; rank 0 writes the artifact and the checkpoints.
+//! Tested on the CPU: the collectives, sharding and averaging with in-process ranks, the stage's
+//! job on 2 in-process ranks against 1 (and resumed on another number of ranks), and the launch
+//! path end to end as a world of one device. Not done: overlapping the all-reduce with the
+//! backward (the gradients are averaged after it), and several hosts — the variables are read,
+//! but no command starts the ranks of a second host for a stage. The NCCL path compiles but has
+//! not run on several GPUs (no multi-GPU machine was lent).
+
 //! # Communicators
 //! [`Communicator`] is the three collectives data parallelism needs: all-reduce-sum of an f32
 //! buffer, broadcast from a root, barrier. Every call is bounded by the communicator's timeout: a

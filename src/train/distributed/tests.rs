@@ -458,7 +458,7 @@ mod launcher {
             "the others were not stopped"
         );
         assert!(
-            matches!(&error, LaunchError::RankFailed { rank: 1, device: 1, status } if status.code() == Some(3)),
+            matches!(&error, LaunchError::RankFailed { rank: 1, device: 1, status, .. } if status.code() == Some(3)),
             "{error}"
         );
         assert!(

@@ -18,6 +18,7 @@
 
 pub mod auxiliary;
 pub mod chat_template;
+pub mod devices;
 pub mod evaluate;
 pub mod export;
 pub mod hub;

@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+pub use super::devices::DevicesConfig;
 pub use super::method::{
     resolve_targets, resolve_targets_for, LoraConfig, MethodConfig, TargetModulesConfig,
 };
@@ -132,6 +133,17 @@ pub struct TrainConfig {
     /// `auto` (CUDA when built with it, else CPU), `cpu`, `cuda` or `cuda:N`.
     #[serde(default = "default_device")]
     pub device: String,
+    /// Data-parallel training: one process per GPU (`[0, 1]`, a number N for GPUs 0..N, or
+    /// `all`), each reading its strided shard of every batch, gradients averaged over NCCL before
+    /// clipping and AdamW, so every rank holds the same adapter. `batch_size` and
+    /// `gradient_accumulation_steps` stay global: the results do not depend on the number of GPUs
+    /// beyond the order of floating-point sums, so this is not part of the fingerprint (an adapter
+    /// trained on 2 GPUs is reused by a 1-GPU run, and a run resumes on any number). Needs a CUDA
+    /// build with NCCL (`--features nccl`) for more than one GPU; with `device: cpu` only one
+    /// device is accepted (a worker process, the same path). `peftpipe run --devices N`
+    /// overrides it. Unset: train in the `run` process itself.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub devices: Option<DevicesConfig>,
     /// Compute dtype of the frozen model; adapter weights and optimizer state stay f32.
     #[serde(default)]
     pub dtype: DTypeChoice,
@@ -144,7 +156,7 @@ pub struct TrainConfig {
 impl TrainConfig {
     /// Fields that change how a run executes but not its results: left out of the parameters the
     /// fingerprint hashes (see [`super::StageConfig::params`]).
-    pub const NOT_HASHED: &'static [&'static str] = &["activation_checkpointing"];
+    pub const NOT_HASHED: &'static [&'static str] = &["activation_checkpointing", "devices"];
 }
 
 fn default_split() -> String {
@@ -519,6 +531,20 @@ impl StageSpec for TrainConfig {
         }
         if let Err(message) = device_kind(&self.device) {
             problems.push(problem("device", message));
+        }
+        if let Some(message) = self.devices.as_ref().and_then(DevicesConfig::check) {
+            problems.push(problem("devices", message));
+        }
+        if let (Some(devices), Ok("cpu")) = (&self.devices, device_kind(&self.device)) {
+            if devices.check().is_none()
+                && devices != &DevicesConfig::Count(1)
+                && devices != &DevicesConfig::List(vec![0])
+            {
+                problems.push(problem(
+                    "devices",
+                    "data-parallel training over several devices needs CUDA, and `device` is cpu (on the CPU only one device is accepted)".into(),
+                ));
+            }
         }
         if !(self.learning_rate > 0.0 && self.learning_rate.is_finite()) {
             problems.push(problem(

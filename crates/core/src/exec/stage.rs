@@ -48,6 +48,9 @@ pub struct RunOptions {
     pub allow_outside_project: bool,
     /// Override the device of training/evaluation (`cpu`, `cuda`, `cuda:1`).
     pub device: Option<String>,
+    /// Train data-parallel on the first N GPUs, one process each (`run --devices N`; overrides a
+    /// train stage's `devices`). Not part of any fingerprint.
+    pub devices: Option<usize>,
 }
 
 /// Everything a stage may read or write.

@@ -46,8 +46,17 @@ use candle_core::{DType, Device};
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use parquet::arrow::ProjectionMask;
 
-use super::{Progress, Stage, StageContext, StageError, StageOutcome};
+pub mod ranks;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
+
+use serde::{Deserialize, Serialize};
+
+use super::{Progress, ProgressSink, Stage, StageContext, StageError, StageOutcome};
 use crate::config::hub::resolve_model_dir;
+use crate::config::train::DevicesConfig;
 use crate::config::train::KeepChoice;
 use crate::config::train::{device_kind, TrainConfig};
 use crate::data::batch::{fit, Sequence};
@@ -56,6 +65,7 @@ use crate::models::ModelDir;
 use crate::peft::qlora::check_stored_base;
 use crate::peft::{new_adapter, MethodContext};
 use crate::train::checkpoint::CheckpointDir;
+use crate::train::distributed::{Communicator, Solo};
 use crate::train::peak_memory::PeakMemoryWatch;
 use crate::train::{
     AdamWSettings, CausalLmLoss, CheckpointedLoss, EarlyStopping, Evaluation, HookSource,
@@ -228,13 +238,12 @@ struct EvaluatedSplit {
 /// Read and tokenize the first `eval_max_rows` rows of `<eval_split>.parquet` of the data stage.
 /// A missing split names the file and the splits the artifact has.
 fn read_eval_split(
-    ctx: &StageContext<'_>,
+    data_dir: &Path,
     config: &TrainConfig,
     tokenizer: &TextTokenizer,
     max_length: usize,
 ) -> Result<EvaluatedSplit, StageError> {
     let split = config.eval_split();
-    let data_dir = ctx.upstream_dir(&config.data)?;
     let path = data_dir.join(format!("{split}.parquet"));
     if !path.is_file() {
         let splits = super::evaluate::available_splits(data_dir);
@@ -328,14 +337,97 @@ impl Stage for TrainStage {
     fn run(&self, ctx: &StageContext<'_>) -> Result<StageOutcome, StageError> {
         let config = &self.config;
         let user = |message: String| StageError::User(message);
-
-        // Device and dtype: RunOptions.device overrides the config.
-        let device_spec = ctx
+        // `run --devices N` overrides the config's `devices`.
+        let devices = ctx
             .options
-            .device
-            .clone()
-            .unwrap_or_else(|| config.device.clone());
-        let device = select_device(&device_spec).map_err(user)?;
+            .devices
+            .map(|count| DevicesConfig::Count(count.max(1)))
+            .or_else(|| config.devices.clone());
+        // The checkpoint directory of this fingerprint, held for the whole run (by this process:
+        // the ranks of a data-parallel run write into it under this lock). Another run holding
+        // it (same pipeline, stage and fingerprint) does not stop this one: it trains without
+        // checkpoints rather than share them.
+        let checkpoints = match ctx.checkpoint_dir {
+            Some(dir) if config.checkpoint_every > 0 => {
+                let held = CheckpointDir::acquire(dir).map_err(|error| user(error.to_string()))?;
+                if held.is_none() {
+                    ctx.progress.note(format!(
+                        "another run holds the checkpoints in {}; training without checkpoints",
+                        dir.display()
+                    ));
+                }
+                held
+            }
+            _ => None,
+        };
+        if let Some(held) = &checkpoints {
+            if !ctx.resume {
+                held.clear().map_err(|error| user(error.to_string()))?;
+            }
+        }
+        let job = TrainJob {
+            config: config.clone(),
+            device: ctx
+                .options
+                .device
+                .clone()
+                .unwrap_or_else(|| config.device.clone()),
+            project_dir: ctx.project_dir.to_path_buf(),
+            upstream_dir: ctx.upstream_dir(&config.data)?.to_path_buf(),
+            out_dir: ctx.out_dir.to_path_buf(),
+            fingerprint: ctx.fingerprint.to_string(),
+            stage_seed: ctx.stage_seed(),
+            checkpoint_dir: checkpoints.as_ref().map(|held| held.path().to_path_buf()),
+        };
+        let summary = match devices {
+            None => train_job(&job, &Solo, ctx.progress, ctx.cancel)?,
+            Some(devices) => ranks::train_on_devices(&job, &devices, ctx.progress, ctx.cancel)?,
+        };
+        // The artifact is complete: the checkpoints are no longer needed (what stays behind,
+        // gc collects).
+        if let Some(held) = checkpoints {
+            let _ = held.remove();
+        }
+        Ok(StageOutcome { summary })
+    }
+}
+
+/// One training run of a train stage, resolved from its context: what [`train_job`] needs, and
+/// what each rank process of a data-parallel run receives (as JSON) from the stage that
+/// launched it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TrainJob {
+    pub config: TrainConfig,
+    /// `cpu`, `cuda` or `cuda:N` (the run's `--device` or the config's); a rank of a
+    /// data-parallel run trains on `cuda:LOCAL_RANK` instead.
+    pub device: String,
+    pub project_dir: PathBuf,
+    /// The data stage's artifact (`<split>.parquet`).
+    pub upstream_dir: PathBuf,
+    /// Where the artifact goes (rank 0 writes it).
+    pub out_dir: PathBuf,
+    /// The stage's fingerprint digest (part of the checkpoints' run key).
+    pub fingerprint: String,
+    /// The seed derived from the pipeline seed and the stage name (used when `seed` is unset).
+    pub stage_seed: u64,
+    /// The checkpoint directory, its lock held (and, under `--force`, cleared) by the stage.
+    pub checkpoint_dir: Option<PathBuf>,
+}
+
+/// Train as rank `comm.rank()` of `comm.world_size()` (a world of one: [`Solo`]) and, on rank 0,
+/// write the artifact into `job.out_dir`. Returns the outcome summary the run records (rank 0's;
+/// the other ranks return an empty one).
+pub fn train_job(
+    job: &TrainJob,
+    comm: &dyn Communicator,
+    progress: &dyn ProgressSink,
+    cancel: &AtomicBool,
+) -> Result<BTreeMap<String, serde_json::Value>, StageError> {
+    let config = &job.config;
+    let user = |message: String| StageError::User(message);
+    let main_rank = comm.rank() == 0;
+    {
+        let device = select_device(&job.device).map_err(user)?;
         // The run's peak memory, from loading the model to the last step (recorded with the run,
         // not in the artifact).
         let peak_memory = PeakMemoryWatch::start(&device);
@@ -344,15 +436,13 @@ impl Stage for TrainStage {
         let dtype = dtype_from_name(dtype_name);
 
         // Base model and tokenizer.
-        let model_root = resolve_model_dir(ctx.project_dir, &config.model).map_err(user)?;
+        let model_root = resolve_model_dir(&job.project_dir, &config.model).map_err(user)?;
         let model_dir = ModelDir::open(&model_root).map_err(|error| user(error.to_string()))?;
         let tokenizer = TextTokenizer::from_model_dir(&model_root).map_err(user)?;
         let max_length = config.max_seq_len.min(model_dir.config().max_positions());
 
         // Data.
-        let data_path = ctx
-            .upstream_dir(&config.data)?
-            .join(format!("{}.parquet", config.split));
+        let data_path = job.upstream_dir.join(format!("{}.parquet", config.split));
         let rows = read_text_columns(&data_path, ["prompt", "completion"])?;
         let (sequences, counts) = prepare_sequences(&tokenizer, &rows, config, max_length)
             .map_err(|error| user(format!("{}: {error}", data_path.display())))?;
@@ -368,12 +458,17 @@ impl Stage for TrainStage {
 
         // The held-out split evaluated during training (its first `eval_max_rows` rows).
         let evaluated = match config.eval_steps {
-            Some(_) => Some(read_eval_split(ctx, config, &tokenizer, max_length)?),
+            Some(_) => Some(read_eval_split(
+                &job.upstream_dir,
+                config,
+                &tokenizer,
+                max_length,
+            )?),
             None => None,
         };
 
         // Adapter + model.
-        let seed = config.seed.unwrap_or_else(|| ctx.stage_seed());
+        let seed = config.seed.unwrap_or(job.stage_seed);
         let tokenize = |text: &str| tokenizer.encode_prompt(text);
         let adapter = new_adapter(
             &config.method,
@@ -430,10 +525,14 @@ impl Stage for TrainStage {
         let config_digest = file_digest(&model_root.join("config.json"))?;
         let run_key = {
             let mut hasher = blake3::Hasher::new();
-            hasher.update(ctx.fingerprint.as_bytes());
+            hasher.update(job.fingerprint.as_bytes());
+            // The config as the fingerprint hashes it: settings that do not change the results
+            // (`devices`, `activation_checkpointing`) leave the key alone, so a run resumes on
+            // any number of GPUs.
             hasher.update(
-                serde_json::to_string(config)
-                    .map_err(|error| StageError::Internal(error.to_string()))?
+                crate::config::StageConfig::Train(Box::new(config.clone()))
+                    .params()
+                    .to_string()
                     .as_bytes(),
             );
             hasher.update(file_digest(&data_path)?.as_bytes());
@@ -447,28 +546,7 @@ impl Stage for TrainStage {
             hasher.update(crate::TOOL_VERSION.as_bytes());
             hasher.finalize().to_hex().to_string()
         };
-        // The checkpoint directory of this fingerprint, held for the whole run. Another run
-        // holding it (same pipeline, stage and fingerprint) does not stop this one: it trains
-        // without checkpoints rather than share them.
-        let checkpoints = match ctx.checkpoint_dir {
-            Some(dir) if config.checkpoint_every > 0 => {
-                let held = CheckpointDir::acquire(dir).map_err(|error| user(error.to_string()))?;
-                if held.is_none() {
-                    ctx.progress.note(format!(
-                        "another run holds the checkpoints in {}; training without checkpoints",
-                        dir.display()
-                    ));
-                }
-                held
-            }
-            _ => None,
-        };
-        if let Some(held) = &checkpoints {
-            if !ctx.resume {
-                held.clear().map_err(|error| user(error.to_string()))?;
-            }
-        }
-        let checkpoint_dir = checkpoints.as_ref().map(|held| held.path().to_path_buf());
+        let checkpoint_dir = job.checkpoint_dir.clone();
         let trainer_settings = TrainerSettings {
             adamw: AdamWSettings {
                 beta1: config.adam_beta1,
@@ -516,7 +594,7 @@ impl Stage for TrainStage {
             if let Some((loss, step)) = last_eval {
                 message.push_str(&format!(" · eval loss {loss:.4} (step {step})"));
             }
-            ctx.progress.progress(Progress {
+            progress.progress(Progress {
                 position: metrics.step,
                 length: Some(metrics.total_steps),
                 unit: "steps",
@@ -536,13 +614,14 @@ impl Stage for TrainStage {
             }),
             _ => None,
         };
-        let outcome = crate::train::train_with_evaluation(
+        let outcome = crate::train::train_data_parallel(
             model,
             adapter.as_ref(),
             &sequences,
             evaluation.as_ref(),
             &trainer_settings,
-            ctx.cancel,
+            comm,
+            cancel,
             &mut observe,
         )
         .map_err(|error| match error {
@@ -551,18 +630,21 @@ impl Stage for TrainStage {
         })?;
         let peak = peak_memory.peak();
         if let (Some(step), Some(dir)) = (outcome.resumed_from, &checkpoint_dir) {
-            ctx.progress.note(format!(
+            progress.note(format!(
                 "resumed from the checkpoint at step {step} in {}",
                 dir.display()
             ));
         }
 
-        // The artifact.
+        // The artifact: rank 0 writes it (every rank holds the same adapter).
+        if !main_rank {
+            return Ok(BTreeMap::new());
+        }
         adapter
-            .save(&ctx.out_dir.join("adapter"), &config.model)
+            .save(&job.out_dir.join("adapter"), &config.model)
             .map_err(|error| user(error.to_string()))?;
         crate::peft::write_atomic(
-            &ctx.out_dir.join("metrics.jsonl"),
+            &job.out_dir.join("metrics.jsonl"),
             outcome.metrics_jsonl.as_bytes(),
         )
         .map_err(|error| user(error.to_string()))?;
@@ -585,10 +667,10 @@ impl Stage for TrainStage {
                 evaluation_record(config, evaluated, &outcome),
             );
         }
-        write_json(&ctx.out_dir.join("summary.json"), &summary)?;
+        write_json(&job.out_dir.join("summary.json"), &summary)?;
         if config.tensorboard {
             crate::train::tensorboard::write_metrics(
-                &ctx.out_dir.join(crate::train::tensorboard::EVENTS_FILE),
+                &job.out_dir.join(crate::train::tensorboard::EVENTS_FILE),
                 &outcome.metrics_jsonl,
             )
             .map_err(|error| user(error.to_string()))?;
@@ -608,13 +690,7 @@ impl Stage for TrainStage {
         {
             record.insert("quantization".into(), quantization.to_json());
         }
-        write_json(&ctx.out_dir.join("base_model.json"), &base_record)?;
-        // The artifact is complete: the checkpoints are no longer needed (what stays behind,
-        // gc collects).
-        if let Some(held) = checkpoints {
-            let _ = held.remove();
-        }
-
+        write_json(&job.out_dir.join("base_model.json"), &base_record)?;
         let mut outcome_summary = std::collections::BTreeMap::new();
         for key in ["final_loss", "steps", "tokens", "trainable_parameters"] {
             outcome_summary.insert(key.to_string(), summary[key].clone());
@@ -655,8 +731,6 @@ impl Stage for TrainStage {
                 outcome_summary.insert("early_stopped_at".into(), serde_json::json!(outcome.steps));
             }
         }
-        Ok(StageOutcome {
-            summary: outcome_summary,
-        })
+        Ok(outcome_summary)
     }
 }
