@@ -214,3 +214,47 @@ fn metrics_diff_rev_reads_the_lock_file_at_a_git_revision() {
     assert!(message.contains("at git revision HEAD"), "{message}");
     assert!(message.contains("hint:"), "{message}");
 }
+
+#[test]
+fn evaluate_dtype_sets_the_compute_dtype_and_enters_the_fingerprint() {
+    let project = Project::tiny();
+    let perplexity = |output: &std::process::Output| -> (f64, String) {
+        let summary = json(&stdout(output));
+        let evaluate = summary["stages"]
+            .as_array()
+            .and_then(|stages| stages.iter().find(|stage| stage["name"] == "evaluate"))
+            .cloned()
+            .expect("an evaluate stage");
+        let value = evaluate["outcome"]["perplexity"]["adapted"]
+            .as_f64()
+            .unwrap_or_else(|| panic!("{evaluate}"));
+        (value, evaluate["status"].as_str().unwrap_or("").to_string())
+    };
+    let (f32_ppl, _) = perplexity(&project.ok(&["run", "pipeline.yaml", "--json"]));
+    let bf16 = project.ok(&[
+        "run",
+        "pipeline.yaml",
+        "--json",
+        "--set",
+        "stages.evaluate.evaluate.dtype=bf16",
+    ]);
+    let (bf16_ppl, status) = perplexity(&bf16);
+    assert_eq!(status, "ran", "a changed dtype must rerun the evaluation");
+    assert!(bf16_ppl != f32_ppl, "bf16 evaluated as f32: {bf16_ppl}");
+    // The tiny model's loss is large (≈ 70 nats): compare the losses, ln(perplexity).
+    assert!(
+        (bf16_ppl.ln() / f32_ppl.ln() - 1.0).abs() < 0.01,
+        "bf16 {bf16_ppl} vs f32 {f32_ppl}"
+    );
+    // Writing the default explicitly changes nothing.
+    let explicit = project.ok(&[
+        "run",
+        "pipeline.yaml",
+        "--json",
+        "--set",
+        "stages.evaluate.evaluate.dtype=auto",
+    ]);
+    let (again, status) = perplexity(&explicit);
+    assert_ne!(status, "ran");
+    assert_eq!(again, f32_ppl);
+}

@@ -31,7 +31,7 @@ use crate::infer::{complete_prompts, encode_pair, LanguageModel, Sampling, Seque
 use super::comparison::{adapter_method, markdown, CandidateKind, Comparison, ComparisonRow};
 use super::export::BaseModelRecord;
 use super::{derive_seed, Progress, Stage, StageContext, StageError, StageOutcome};
-use crate::config::train::Truncation;
+use crate::config::train::{DTypeChoice, Truncation};
 use crate::data::batch::fit as fit_sequence;
 use crate::data::tokenize::TokenizedExample;
 use crate::device::{compute_dtype, resolve_device, DTypeSpec, DeviceSpec};
@@ -918,7 +918,15 @@ impl Stage for EvaluateStage {
             .map_err(|error: crate::device::DeviceError| StageError::user(error.to_string()))?;
         let device =
             resolve_device(device_spec).map_err(|error| StageError::user(error.to_string()))?;
-        let dtype = compute_dtype(&device, DTypeSpec::Auto);
+        let dtype = compute_dtype(
+            &device,
+            match config.dtype {
+                DTypeChoice::Auto => DTypeSpec::Auto,
+                DTypeChoice::F32 => DTypeSpec::F32,
+                DTypeChoice::Bf16 => DTypeSpec::Bf16,
+                DTypeChoice::F16 => DTypeSpec::F16,
+            },
+        );
         // The base row runs on the base every candidate shares: the 4-bit one when all of them are
         // QLoRA runs over the same quantization, else the 16-bit model.
         let shared_quantization = {

@@ -11,6 +11,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use super::template::FewShotStrategy;
+use super::train::DTypeChoice;
 use super::{CheckContext, InputFile, Problem, StageConfig, StageKind, StageSpec, UpstreamRef};
 
 /// The `evaluate` stage: every metric for the base model **and** each candidate — the adapter of
@@ -87,6 +88,15 @@ pub struct EvaluateConfig {
     #[serde(default = "default_device")]
     #[schemars(default = "default_device")]
     pub device: String,
+    /// Compute dtype of the evaluated models: `auto` (bf16 on CUDA, f32 on the CPU), `f32`,
+    /// `bf16` or `f16`. Set `f32` to compare a CUDA evaluation with a CPU one beyond bf16's
+    /// rounding (a bf16 model's perplexity differs from the f32 one's in the second decimal).
+    #[serde(default, skip_serializing_if = "is_auto_dtype")]
+    pub dtype: DTypeChoice,
+}
+
+fn is_auto_dtype(dtype: &DTypeChoice) -> bool {
+    *dtype == DTypeChoice::Auto
 }
 
 /// Few-shot candidates of an evaluate stage (the draws are the template stage's: seeded, from
