@@ -167,6 +167,7 @@ fn assert_identical(
         hooks: hooks.clone(),
     };
     let checkpointed = CheckpointedLoss {
+        offload: None,
         model,
         hooks: hooks.into(),
     };
@@ -341,6 +342,7 @@ fn dropout_is_in_play_and_redrawn_identically() {
     let vars: Vec<Var> = variables.iter().map(|(_, v)| v.clone()).collect();
     let batch = batch(config.vocab_size(), 5);
     let checkpointed = CheckpointedLoss {
+        offload: None,
         model: &*model,
         hooks: Hooks::none().into(),
     };

@@ -769,7 +769,40 @@ fn checkpointed_gradients_equal_the_whole_graph_for_every_method_on_the_device()
         let (checkpointed_loss, checkpointed) = run(&CheckpointedLoss {
             model: setup.model.as_ref(),
             hooks: HookSource::Adapter(setup.adapter.as_ref()),
+            offload: None,
         })?;
+        // The same with the layer inputs offloaded to host memory (CUDA; a no-op on the CPU):
+        // the copies are exact, so the figures are the checkpointed ones.
+        let stash = peftpipe::ops::offload::HostStash::new(true);
+        let (offloaded_loss, offloaded) = run(&CheckpointedLoss {
+            model: setup.model.as_ref(),
+            hooks: HookSource::Adapter(setup.adapter.as_ref()),
+            offload: Some(&stash),
+        })?;
+        let same =
+            offloaded_loss.to_bits() == checkpointed_loss.to_bits() && offloaded == checkpointed;
+        let mut offload_worst = 0f32;
+        for (a, b) in checkpointed.iter().zip(&offloaded) {
+            let scale = a.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-12);
+            for (x, y) in a.iter().zip(b) {
+                assert!(
+                    y.is_finite(),
+                    "{}: non-finite offloaded gradient",
+                    setup.label
+                );
+                offload_worst = offload_worst.max((x - y).abs() / scale);
+            }
+        }
+        eprintln!(
+            "{}: offloaded vs checkpointed: bit-identical {same}, max relative gradient difference {offload_worst:e}",
+            setup.label
+        );
+        assert!(
+            (offloaded_loss - checkpointed_loss).abs() <= 1e-3 * checkpointed_loss.abs().max(1.0)
+                && offload_worst <= 2e-2,
+            "{}: offloading changed the figures (loss {offloaded_loss} vs {checkpointed_loss}, gradients {offload_worst})",
+            setup.label
+        );
         let identical =
             whole_loss.to_bits() == checkpointed_loss.to_bits() && whole == checkpointed;
         let mut worst = 0f32;
@@ -856,5 +889,47 @@ fn lora_dropout_is_seeded_and_only_active_in_training() -> Result<()> {
     assert_eq!(same_seed, 0.0);
     assert_eq!(eval_twice, 0.0);
     assert!(other_seed > 0.0 && train_vs_eval > 0.0);
+    Ok(())
+}
+
+/// The host stash of offloaded checkpointing gives back exactly what it kept (on CUDA: copied to
+/// page-locked host memory and back on the stream, while the slot's buffer is reused by a second
+/// tensor; on the CPU the tensor stays where it is).
+#[test]
+fn offloaded_activations_come_back_bit_for_bit() -> Result<()> {
+    let (device, dtype) = device_under_test();
+    let stash = peftpipe::ops::offload::HostStash::new(true);
+    for (slot, shape) in [
+        (0, (4usize, 33usize, 64usize)),
+        (1, (2, 7, 5)),
+        (0, (1, 3, 2)),
+    ] {
+        let x = Tensor::randn(0f32, 1.0, shape, &device)?.to_dtype(dtype)?;
+        let expected = x
+            .to_dtype(DType::F32)?
+            .flatten_all()?
+            .to_device(&Device::Cpu)?
+            .to_vec1::<f32>()?;
+        let kept = stash.keep(slot, x)?;
+        assert_eq!(
+            matches!(kept, peftpipe::ops::offload::Kept::Host { .. }),
+            device.is_cuda(),
+            "offloaded exactly on CUDA"
+        );
+        // Work queued between the copy out and the copy back must not disturb it.
+        let _noise = Tensor::randn(0f32, 1.0, shape, &device)?.to_dtype(dtype)?;
+        let back = stash.take(kept)?;
+        assert_eq!(back.dims(), [shape.0, shape.1, shape.2]);
+        let got = back
+            .to_dtype(DType::F32)?
+            .flatten_all()?
+            .to_device(&Device::Cpu)?
+            .to_vec1::<f32>()?;
+        assert_eq!(
+            got.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+            expected.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+            "slot {slot}, shape {shape:?}"
+        );
+    }
     Ok(())
 }

@@ -22,7 +22,25 @@ use crate::train::bench::{
 pub enum Checkpointing {
     Off,
     On,
+    /// On, with the layer inputs kept in host memory (`activation_offload`).
+    Offload,
+    /// Off and on.
     Both,
+    /// Off, on and offload.
+    All,
+}
+
+impl Checkpointing {
+    /// The `(checkpointing, offload)` settings this choice measures, a row each.
+    fn settings(self) -> Vec<(bool, bool)> {
+        match self {
+            Checkpointing::Off => vec![(false, false)],
+            Checkpointing::On => vec![(true, false)],
+            Checkpointing::Offload => vec![(true, true)],
+            Checkpointing::Both => vec![(false, false), (true, false)],
+            Checkpointing::All => vec![(false, false), (true, false), (true, true)],
+        }
+    }
 }
 
 #[derive(Debug, Args)]
@@ -61,7 +79,8 @@ pub struct BenchTrainArgs {
     /// replaces --batch and --seq.
     #[arg(long)]
     pub shapes: Option<String>,
-    /// Activation checkpointing: off, on, or both (a row each).
+    /// Activation checkpointing: off, on, offload (on, layer inputs in host memory), both (off
+    /// and on) or all (a row each).
     #[arg(long, value_enum, default_value_t = Checkpointing::Off)]
     pub checkpointing: Checkpointing,
     /// The device's peak dense bf16 TFLOP/s, the denominator of MFU (989: H200 / H100 SXM).
@@ -91,11 +110,17 @@ fn parse_shapes(text: &str) -> Result<Vec<(usize, usize)>, String> {
 }
 
 /// One configuration in a child process; its `--json` result, or why it failed.
-fn run_child(args: &BenchTrainArgs, batch: usize, seq: usize, checkpointing: bool) -> BenchRow {
+fn run_child(
+    args: &BenchTrainArgs,
+    batch: usize,
+    seq: usize,
+    (checkpointing, offload): (bool, bool),
+) -> BenchRow {
     let failed = |error: String| BenchRow::Failed {
         batch,
         sequence_length: seq,
         activation_checkpointing: checkpointing,
+        activation_offload: offload,
         error,
     };
     let exe = match std::env::current_exe() {
@@ -113,7 +138,14 @@ fn run_child(args: &BenchTrainArgs, batch: usize, seq: usize, checkpointing: boo
         .args(["--warmup", &args.warmup.to_string()])
         .args(["--seed", &args.seed.to_string()])
         .args(["--peak-tflops", &args.peak_tflops.to_string()])
-        .args(["--checkpointing", if checkpointing { "on" } else { "off" }]);
+        .args([
+            "--checkpointing",
+            match (checkpointing, offload) {
+                (true, true) => "offload",
+                (true, false) => "on",
+                _ => "off",
+            },
+        ]);
     if let Some(dtype) = &args.dtype {
         command.args(["--dtype", dtype]);
     }
@@ -200,11 +232,7 @@ pub fn run(global: &GlobalArgs, args: BenchTrainArgs) -> u8 {
             }
         },
     };
-    let settings_list: Vec<bool> = match args.checkpointing {
-        Checkpointing::Off => vec![false],
-        Checkpointing::On => vec![true],
-        Checkpointing::Both => vec![false, true],
-    };
+    let settings_list = args.checkpointing.settings();
     if shapes.len() * settings_list.len() > 1 {
         let mut rows = Vec::new();
         for &(batch, seq) in &shapes {
@@ -233,7 +261,8 @@ pub fn run(global: &GlobalArgs, args: BenchTrainArgs) -> u8 {
         steps: args.steps,
         warmup: args.warmup,
         seed: args.seed,
-        activation_checkpointing: settings_list[0],
+        activation_checkpointing: settings_list[0].0,
+        activation_offload: settings_list[0].1,
         peak_tflops: args.peak_tflops,
         method,
     };

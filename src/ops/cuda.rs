@@ -177,7 +177,7 @@ fn address(storage: &CudaStorage, layout: &Layout) -> Result<u64> {
 }
 
 /// The device address of element `start` of `storage`.
-fn address_at(storage: &CudaStorage, start: usize) -> Result<u64> {
+pub(super) fn address_at(storage: &CudaStorage, start: usize) -> Result<u64> {
     let stream = storage.device.cuda_stream();
     let base = match storage.dtype() {
         DType::BF16 => storage.as_cuda_slice::<half::bf16>()?.device_ptr(&stream).0,

@@ -26,6 +26,7 @@ pub mod linear;
 pub mod loss;
 pub mod low_rank;
 pub mod norm;
+pub mod offload;
 pub mod rope;
 pub mod softmax;
 pub mod swiglu;

@@ -144,10 +144,10 @@ pub fn bench_train(result: &crate::train::bench::BenchResult, json_only: bool) {
         result.dtype,
         result.batch,
         result.sequence_length,
-        if result.activation_checkpointing {
-            ", activation checkpointing"
-        } else {
-            ""
+        match (result.activation_checkpointing, result.activation_offload) {
+            (true, true) => ", activation checkpointing offloaded to the host",
+            (true, false) => ", activation checkpointing",
+            _ => "",
         },
         result.tokens_per_second,
         result.timed_steps,
@@ -166,6 +166,15 @@ pub fn bench_train(result: &crate::train::bench::BenchResult, json_only: bool) {
 
 /// `bench train` over several shapes / checkpointing settings: one table on stderr and a
 /// `RESULT {...}` line per row on stdout; with `--json`, one JSON array on stdout.
+/// A bench row's checkpointing column: `off`, `on` or `offload` (on, layer inputs on the host).
+fn checkpointing_label(checkpointing: bool, offload: bool) -> &'static str {
+    match (checkpointing, offload) {
+        (true, true) => "offload",
+        (true, false) => "on",
+        _ => "off",
+    }
+}
+
 pub fn bench_train_table(rows: &[crate::train::bench::BenchRow], json_only: bool) {
     use crate::train::bench::BenchRow;
     if json_only {
@@ -194,11 +203,7 @@ pub fn bench_train_table(rows: &[crate::train::bench::BenchRow], json_only: bool
             BenchRow::Measured(r) => text.push_str(&format!(
                 "{:<11} {:<13} {:>10.0} {:>28} {:>6.1}% {:>9.2}\n",
                 format!("{}x{}", r.batch, r.sequence_length),
-                if r.activation_checkpointing {
-                    "on"
-                } else {
-                    "off"
-                },
+                checkpointing_label(r.activation_checkpointing, r.activation_offload),
                 r.tokens_per_second,
                 format!(
                     "{:.1} ({:.1}/{:.1}/{:.1})",
@@ -211,15 +216,12 @@ pub fn bench_train_table(rows: &[crate::train::bench::BenchRow], json_only: bool
                 batch,
                 sequence_length,
                 activation_checkpointing,
+                activation_offload,
                 error,
             } => text.push_str(&format!(
                 "{:<11} {:<13} failed: {error}\n",
                 format!("{batch}x{sequence_length}"),
-                if *activation_checkpointing {
-                    "on"
-                } else {
-                    "off"
-                },
+                checkpointing_label(*activation_checkpointing, *activation_offload),
             )),
         }
     }

@@ -40,6 +40,8 @@ pub struct BenchSettings {
     pub seed: u64,
     /// Train through [`CheckpointedLoss`] (activation checkpointing).
     pub activation_checkpointing: bool,
+    /// With checkpointing: keep the layer inputs in host memory ([`crate::ops::offload`]).
+    pub activation_offload: bool,
     /// The device's peak dense bf16 throughput in TFLOP/s, the MFU's denominator (H200: 989).
     pub peak_tflops: f64,
     /// The PEFT method, as a pipeline's `method:` (the registry builds it); `None`: LoRA of
@@ -107,6 +109,9 @@ pub struct BenchResult {
     pub timed_steps: usize,
     /// Whether the loss model was the checkpointed one.
     pub activation_checkpointing: bool,
+    /// Whether the checkpointed layer inputs waited in host memory.
+    #[serde(default)]
+    pub activation_offload: bool,
     /// Median over the timed steps.
     pub tokens_per_second: f64,
     pub step_ms: f64,
@@ -144,6 +149,8 @@ pub enum BenchRow {
         batch: usize,
         sequence_length: usize,
         activation_checkpointing: bool,
+        #[serde(default)]
+        activation_offload: bool,
         error: String,
     },
 }
@@ -333,9 +340,11 @@ pub fn run(config_path: &Path, settings: &BenchSettings) -> Result<BenchResult, 
         model: &model,
         adapter,
     };
+    let stash = crate::ops::offload::HostStash::new(settings.activation_offload);
     let checkpointed = CheckpointedLoss {
         model: &model,
         hooks: HookSource::Adapter(adapter),
+        offload: settings.activation_offload.then_some(&stash),
     };
     let loss_model: &dyn LossModel = if settings.activation_checkpointing {
         &checkpointed
@@ -396,6 +405,7 @@ pub fn run(config_path: &Path, settings: &BenchSettings) -> Result<BenchResult, 
         warmup_steps: settings.warmup,
         timed_steps: timed.len(),
         activation_checkpointing: settings.activation_checkpointing,
+        activation_offload: settings.activation_checkpointing && settings.activation_offload,
         tokens_per_second,
         flops_per_token,
         peak_tflops: settings.peak_tflops,

@@ -17,6 +17,9 @@
 //! forward to backward. On the CPU the gradients are bit-identical to the whole-graph backward
 //! (`tests/checkpointing.rs`): each local backward runs the same ops in the same order as the
 //! corresponding part of the full backward, and the seed hands the layer's output `g` itself.
+//! With a [`HostStash`] (`activation_offload`), the layer inputs wait in page-locked host memory
+//! instead of on the device (copied out after each layer's forward and back before its
+//! recompute, asynchronously on the device's stream).
 //! Must not: know PEFT methods, pipelines or the trainer's bookkeeping.
 
 use candle_core::{Device, Result, Tensor, Var};
@@ -26,6 +29,7 @@ use super::trainer::LossModel;
 use crate::data::batch::HostBatch;
 use crate::models::{CausalLm, Hooks, LayerPlan};
 use crate::ops::gradient_seed;
+use crate::ops::offload::{HostStash, Kept};
 use crate::peft::Adapter;
 
 /// A causal LM (adapter injected) scored with next-token cross-entropy like
@@ -34,6 +38,9 @@ pub struct CheckpointedLoss<'a> {
     pub model: &'a dyn CausalLm,
     /// What prompt-based methods add to each forward.
     pub hooks: HookSource<'a>,
+    /// Keep the layer inputs in host memory between forward and backward (offloaded
+    /// checkpointing; CUDA only, see [`HostStash`]). `None`: on the device.
+    pub offload: Option<&'a HostStash>,
 }
 
 /// Where a forward's [`Hooks`] come from.
@@ -116,7 +123,10 @@ impl<'a> CheckpointedLoss<'a> {
         drop(embedded);
         for index in 0..layers {
             let output = model.layer(index, &x, &plan, &hooks)?.detach();
-            inputs.push(x);
+            inputs.push(match self.offload {
+                Some(stash) => stash.keep(index, x)?,
+                None => Kept::Device(x),
+            });
             x = output;
         }
         let head_input = Var::from_tensor(&x)?;
@@ -131,6 +141,7 @@ impl<'a> CheckpointedLoss<'a> {
         let loss_sum = head_loss(model, &hidden, &input_ids, &loss_mask)?;
         Ok(LayeredPass {
             model,
+            offload: self.offload,
             hooks,
             input_ids,
             plan,
@@ -145,12 +156,13 @@ impl<'a> CheckpointedLoss<'a> {
 /// What a checkpointed forward keeps: every layer's input, the head's graph, the plan.
 struct LayeredPass<'a> {
     model: &'a dyn CausalLm,
+    offload: Option<&'a HostStash>,
     hooks: Hooks,
     input_ids: Tensor,
     plan: LayerPlan,
     embedding_tracked: bool,
-    /// `inputs[i]`: the (detached) input of decoder layer `i`.
-    inputs: Vec<Tensor>,
+    /// `inputs[i]`: the (detached) input of decoder layer `i`, on the device or offloaded.
+    inputs: Vec<Kept>,
     head_input: Var,
     loss_sum: Tensor,
 }
@@ -163,6 +175,7 @@ impl ForwardPass for LayeredPass<'_> {
     fn backward(self: Box<Self>, scale: f64, variables: &[Var]) -> Result<Vec<Option<Tensor>>> {
         let LayeredPass {
             model,
+            offload,
             hooks,
             input_ids,
             plan,
@@ -180,9 +193,18 @@ impl ForwardPass for LayeredPass<'_> {
         accumulate(&mut sums, store, variables)?;
         // The decoder layers, last first, each recomputed from its saved input.
         for index in (0..inputs.len()).rev() {
-            let saved = inputs
+            let kept = inputs
                 .pop()
                 .unwrap_or_else(|| unreachable!("one input per layer"));
+            let saved = match offload {
+                Some(stash) => stash.take(kept)?,
+                None => match kept {
+                    Kept::Device(x) => x,
+                    Kept::Host { slot, .. } => {
+                        candle_core::bail!("layer input {slot} was offloaded without a stash")
+                    }
+                },
+            };
             let input = Var::from_tensor(&saved)?;
             drop(saved);
             let output = model.layer(index, input.as_tensor(), &plan, &hooks)?;

@@ -508,9 +508,11 @@ pub fn train_job(
             model: &*model,
             adapter: adapter.as_ref(),
         };
+        let stash = crate::ops::offload::HostStash::new(config.activation_offload);
         let checkpointed = CheckpointedLoss {
             model: &*model,
             hooks: HookSource::Adapter(adapter.as_ref()),
+            offload: config.activation_offload.then_some(&stash),
         };
         let model: &dyn LossModel = if config.activation_checkpointing {
             &checkpointed

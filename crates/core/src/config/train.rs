@@ -72,6 +72,14 @@ pub struct TrainConfig {
     /// stage fingerprint: toggling it does not retrain.
     #[serde(default)]
     pub activation_checkpointing: bool,
+    /// With `activation_checkpointing` on CUDA: keep the decoder layers' inputs in page-locked
+    /// host memory between forward and backward instead of on the GPU (copied out and back
+    /// asynchronously on the GPU's stream), as Unsloth's offloaded checkpointing does: less GPU
+    /// memory (one hidden state per layer) for the copies' time. Nothing to offload on the CPU.
+    /// Not part of the fingerprint (the values are copied exactly).
+    #[serde(default, skip_serializing_if = "is_false")]
+    #[schemars(extend("default" = false))]
+    pub activation_offload: bool,
     /// Passes over the training split (ignored when `max_steps` is set).
     #[serde(default = "default_epochs")]
     pub epochs: u32,
@@ -156,7 +164,8 @@ pub struct TrainConfig {
 impl TrainConfig {
     /// Fields that change how a run executes but not its results: left out of the parameters the
     /// fingerprint hashes (see [`super::StageConfig::params`]).
-    pub const NOT_HASHED: &'static [&'static str] = &["activation_checkpointing", "devices"];
+    pub const NOT_HASHED: &'static [&'static str] =
+        &["activation_checkpointing", "activation_offload", "devices"];
 }
 
 fn default_split() -> String {
@@ -531,6 +540,12 @@ impl StageSpec for TrainConfig {
         }
         if let Err(message) = device_kind(&self.device) {
             problems.push(problem("device", message));
+        }
+        if self.activation_offload && !self.activation_checkpointing {
+            problems.push(problem(
+                "activation_offload",
+                "offloads the layer inputs activation checkpointing keeps: set activation_checkpointing: true too".into(),
+            ));
         }
         if let Some(message) = self.devices.as_ref().and_then(DevicesConfig::check) {
             problems.push(problem("devices", message));
