@@ -101,6 +101,67 @@ extern "C" __global__ void rms_norm_backward_bf16(const bf16* x, const bf16* w, 
 extern "C" __global__ void rms_norm_backward_f32(const float* x, const float* w, const float* g, float* dx, int cols, float eps) { rms_norm_backward(x, w, g, dx, cols, eps); }
 
 // ---------------------------------------------------------------------------------------------
+// LayerNorm (GPT-2), one block per row. Forward as Hugging Face in the storage type: x̂ = (x − mean)·r
+// rounded to T, times w (rounded), plus b (rounded; `has_bias` 0: no bias, `b` is not read), with
+// r = 1/sqrt(var + eps); mean and variance in f32, two passes (no E[x²] − E[x]² cancellation).
+// Backward for x only: dx = r·(g·w − mean(g·w) − x̂·mean(g·w·x̂)), x̂ in f32, recomputed from x.
+template <typename T>
+__device__ void layer_norm_stats(const T* xr, int cols, float eps, float* scratch, float* mean, float* r) {
+    float sum = 0.0f;
+    for (int i = threadIdx.x; i < cols; i += blockDim.x) sum += to_float(xr[i]);
+    const float m = block_sum(sum, scratch) / cols;
+    float squares = 0.0f;
+    for (int i = threadIdx.x; i < cols; i += blockDim.x) { const float d = to_float(xr[i]) - m; squares += d * d; }
+    *mean = m;
+    *r = rsqrtf(block_sum(squares, scratch) / cols + eps);
+}
+
+template <typename T>
+__device__ void layer_norm_forward(const T* x, const T* w, const T* b, T* y, int cols, float eps, int has_bias) {
+    __shared__ float scratch[32];
+    const size_t row = blockIdx.x;
+    const T* xr = x + row * cols;
+    T* yr = y + row * cols;
+    float mean, r;
+    layer_norm_stats(xr, cols, eps, scratch, &mean, &r);
+    for (int i = threadIdx.x; i < cols; i += blockDim.x) {
+        const float normalized = to_float(from_float<T>((to_float(xr[i]) - mean) * r));
+        float value = to_float(from_float<T>(normalized * to_float(w[i])));
+        if (has_bias) value += to_float(b[i]);
+        yr[i] = from_float<T>(value);
+    }
+}
+
+template <typename T>
+__device__ void layer_norm_backward(const T* x, const T* w, const T* g, T* dx, int cols, float eps) {
+    __shared__ float scratch[32];
+    const size_t row = blockIdx.x;
+    const T* xr = x + row * cols;
+    const T* gr = g + row * cols;
+    T* dr = dx + row * cols;
+    float mean, r;
+    layer_norm_stats(xr, cols, eps, scratch, &mean, &r);
+    float sum_gw = 0.0f, sum_gw_xhat = 0.0f;
+    for (int i = threadIdx.x; i < cols; i += blockDim.x) {
+        const float gw = to_float(gr[i]) * to_float(w[i]);
+        sum_gw += gw;
+        sum_gw_xhat += gw * (to_float(xr[i]) - mean) * r;
+    }
+    const float mean_gw = block_sum(sum_gw, scratch) / cols;
+    const float mean_gw_xhat = block_sum(sum_gw_xhat, scratch) / cols;
+    for (int i = threadIdx.x; i < cols; i += blockDim.x) {
+        const float gw = to_float(gr[i]) * to_float(w[i]);
+        const float x_hat = (to_float(xr[i]) - mean) * r;
+        dr[i] = from_float<T>(r * (gw - mean_gw - x_hat * mean_gw_xhat));
+    }
+}
+
+extern "C" __global__ void layer_norm_forward_bf16(const bf16* x, const bf16* w, const bf16* b, bf16* y, int cols, float eps, int has_bias) { layer_norm_forward(x, w, b, y, cols, eps, has_bias); }
+extern "C" __global__ void layer_norm_forward_f32(const float* x, const float* w, const float* b, float* y, int cols, float eps, int has_bias) { layer_norm_forward(x, w, b, y, cols, eps, has_bias); }
+extern "C" __global__ void layer_norm_backward_bf16(const bf16* x, const bf16* w, const bf16* g, bf16* dx, int cols, float eps) { layer_norm_backward(x, w, g, dx, cols, eps); }
+extern "C" __global__ void layer_norm_backward_f32(const float* x, const float* w, const float* g, float* dx, int cols, float eps) { layer_norm_backward(x, w, g, dx, cols, eps); }
+
+// ---------------------------------------------------------------------------------------------
 // RoPE, rotate-half layout: x [B, H, T, D], tables cos/sin [B, T, D/2]. One thread per pair
 // (i, i + D/2). `sign` = +1 forward, −1 backward (the transpose of a rotation is the rotation by −θ).
 template <typename T>

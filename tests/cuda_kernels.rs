@@ -373,6 +373,48 @@ fn multi_tensor_adamw_matches_the_cpu_optimizer() -> Result<()> {
     Ok(())
 }
 
+#[test]
+fn layer_norm_matches_the_cpu_reference() -> Result<()> {
+    let Some(gpu) = gpu() else { return Ok(()) };
+    for dtype in [DType::BF16, DType::F32] {
+        for (shape, cols) in [
+            (vec![3, 5, 768], 768),
+            (vec![7, 1000], 1000),
+            (vec![2, 64], 64),
+            (vec![4, 8192], 8192),
+        ] {
+            // An offset mean: the variance must not come from E[x²] − E[x]².
+            let x = (random(&shape, 2.0)? + 3.0)?;
+            let weight = (random(&[cols], 0.3)? + 1.0)?.to_dtype(dtype)?;
+            let bias = random(&[cols], 0.5)?.to_dtype(dtype)?;
+            let frozen = |t: &[Tensor], bias: Option<&Tensor>| -> Result<Tensor> {
+                let on = |p: &Tensor| p.to_device(t[0].device())?.to_dtype(t[0].dtype());
+                let bias = bias.map(on).transpose()?;
+                ops::layer_norm(&t[0], &on(&weight)?, bias.as_ref(), 1e-5)
+            };
+            compare("layer_norm", &gpu, dtype, std::slice::from_ref(&x), &|t| {
+                frozen(t, Some(&bias))
+            })?;
+            compare(
+                "layer_norm without bias",
+                &gpu,
+                dtype,
+                std::slice::from_ref(&x),
+                &|t| frozen(t, None),
+            )?;
+            // A trained weight and bias (modules_to_save): their gradients are compared too.
+            compare(
+                "layer_norm trained",
+                &gpu,
+                dtype,
+                &[x, weight.to_dtype(DType::F32)?, bias.to_dtype(DType::F32)?],
+                &|t| ops::layer_norm(&t[0], &t[1], Some(&t[2]), 1e-5),
+            )?;
+        }
+    }
+    Ok(())
+}
+
 /// A NaN in the input must come out as a failure of the comparison helpers, not pass silently.
 #[test]
 fn a_nan_never_passes() -> Result<()> {
@@ -381,12 +423,16 @@ fn a_nan_never_passes() -> Result<()> {
     x[17] = f32::NAN;
     let x = Tensor::from_vec(x, (4, 256), &gpu)?.to_dtype(DType::BF16)?;
     let weight = Tensor::ones(256, DType::BF16, &gpu)?;
-    let y = ops::rms_norm(&x, &weight, 1e-5)?;
     let reference = Tensor::zeros((4, 256), DType::F32, &Device::Cpu)?;
-    let caught = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        relative_error("nan", &y, &reference)
-    }));
-    assert!(caught.is_err(), "a NaN output passed the comparison");
+    for y in [
+        ops::rms_norm(&x, &weight, 1e-5)?,
+        ops::layer_norm(&x, &weight, None, 1e-5)?,
+    ] {
+        let caught = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            relative_error("nan", &y, &reference)
+        }));
+        assert!(caught.is_err(), "a NaN output passed the comparison");
+    }
     Ok(())
 }
 

@@ -7,6 +7,12 @@
 # usage: bash benches/gpu/engine.sh PART[,PART...]   (each call must fit the device's 10 minutes)
 #   tests    the CUDA test binaries (PEFTPIPE_TEST_DEVICE=cuda)
 #   real     lora-stories on cuda and on cpu (loss curves, eval), qlora-stories on cuda
+#   real-f32 lora-stories on cuda and cpu in f32 and bf16 (train and evaluate), |dloss| and perplexity
+#            against cpu f32 (issue 8 item 6)
+#   offload  1B checkpointing off / on / offload at 8x512 and 2x2048, beside Unsloth's offloaded
+#            checkpointing
+#   8b-d     8B at 1x4096 beside PEFT's default and Unsloth; 1x16384 checkpointed and offloaded
+#   qlora-8b QLoRA on the 8B shape at 1x4096 beside PEFT + bitsandbytes and Unsloth's QLoRA
 #   real-dtypes lora-stories with the train dtype forced: cuda f32 and cpu bf16 (whose difference?)
 #   1b       Llama-3.2-1B shape: peftpipe's table at 8x512 and 2x2048, activation checkpointing off
 #            and on; the anchors peft_default, peft_bf16, compile, unsloth, unsloth_gc at 8x512
@@ -83,6 +89,70 @@ case "$part" in
       env ${variant#*|} timeout 60 "$BIN" run gpu-run/lora-stories.yaml --device cuda --cache-dir "/tmp/cache-ab-${variant%%|*}" 2>&1 | grep -E "train|evaluate"
       cp gpu-run/.peftpipe/out/lora-stories/train/metrics.jsonl "$OUT/metrics-cuda-${variant%% *}.jsonl" 2>/dev/null
     done | tee "$OUT/real_ab.txt"
+    ;;
+  real-f32)
+    # Issue 8 item 6: lora-stories on cuda and cpu, each in bf16 and f32 (train and evaluate both:
+    # `evaluate: {dtype}`), then every run's per-step |Δloss| and eval perplexity against cpu f32.
+    export PEFTPIPE_SHARED=$PWD/gpu-run/shared
+    for run in "cpu f32" "cuda f32" "cuda bf16" "cpu bf16"; do
+      set -- $run
+      echo "-- lora-stories on $1, $2 (train and evaluate)"
+      timeout 150 "$BIN" run gpu-run/lora-stories.yaml --device "$1" --cache-dir "/tmp/cache-$1-$2" \
+        --stage evaluate --set "stages.train.train.dtype=$2" --set "stages.evaluate.evaluate.dtype=$2" 2>&1 | tail -4
+      cp gpu-run/.peftpipe/out/lora-stories/train/metrics.jsonl "$OUT/metrics-$1-$2.jsonl" 2>/dev/null
+      cp gpu-run/.peftpipe/out/lora-stories/evaluate/metrics.json "$OUT/eval-$1-$2.json" 2>/dev/null
+    done | tee "$OUT/real_f32.txt"
+    python3 - "$OUT" <<'PY' | tee -a "$OUT/real_f32.txt"
+import json, sys, os
+out = sys.argv[1]
+def losses(name):
+    with open(os.path.join(out, f"metrics-{name}.jsonl")) as f:
+        return [json.loads(l)["loss"] for l in f if l.strip()]
+def ppl(name):
+    with open(os.path.join(out, f"eval-{name}.json")) as f:
+        m = json.load(f)
+    p = m.get("perplexity", m.get("metrics", {}).get("perplexity"))
+    return p
+ref = losses("cpu-f32")
+print("eval cpu-f32:", json.dumps(ppl("cpu-f32")))
+for name in ["cuda-f32", "cuda-bf16", "cpu-bf16"]:
+    try:
+        other = losses(name)
+        d = max(abs(a - b) for a, b in zip(ref, other))
+        print(f"{name}: steps {len(other)}, max |dloss| vs cpu-f32 {d:.4g}; eval {json.dumps(ppl(name))}")
+    except Exception as e:
+        print(f"{name}: {e}")
+PY
+    ;;
+  offload)
+    # Offloaded checkpointing (layer inputs in host memory) beside on-device checkpointing and
+    # Unsloth's offloaded checkpointing, 1B shape.
+    C=gpu-run/llama-3.2-1b.config.json
+    echo "== peftpipe 1B: checkpointing off, on, offload; 8x512 and 2x2048"
+    timeout 300 bash -c "$(declare -f table); BIN=$BIN; table $C 8x512,2x2048 all 10" | tee "$OUT/peftpipe-offload.txt"
+    echo "== Unsloth with its offloaded checkpointing, same host, 8x512"
+    anchors unsloth_gc 8 512 200 | tee "$OUT/anchors-offload.txt"
+    ;;
+  8b-d)
+    # Target (d) in one call: 8B at 1x4096 beside PEFT's default and Unsloth; 1x16384 checkpointed
+    # (on and offloaded).
+    C=gpu-run/llama-3.1-8b.config.json
+    echo "== peftpipe 8B: 1x4096 off; 1x16384 on and offload"
+    timeout 100 bash -c "$(declare -f table); BIN=$BIN; table $C 1x4096 off 5" | tee "$OUT/peftpipe-8b-d.txt"
+    timeout 150 bash -c "$(declare -f table); BIN=$BIN; table $C 1x16384 on 3" | tee -a "$OUT/peftpipe-8b-d.txt"
+    timeout 150 bash -c "$(declare -f table); BIN=$BIN; table $C 1x16384 offload 3" | tee -a "$OUT/peftpipe-8b-d.txt"
+    echo "== anchors 8B, same host, 1x4096: PEFT default (fp32 adapters), Unsloth"
+    ANCHOR_SHAPE=8b anchors peft_default,unsloth 1 4096 220 | tee "$OUT/anchors-8b-d.txt"
+    ;;
+  qlora-8b)
+    # Issue 10: QLoRA (NF4, double quant, r16 a32, all linears) on the 8B shape at 1x4096 beside
+    # PEFT + bitsandbytes and Unsloth's QLoRA.
+    C=gpu-run/llama-3.1-8b.config.json
+    echo "== peftpipe QLoRA 8B 1x4096"
+    timeout 200 "$BIN" bench train --config "$C" --device cuda --shapes 1x4096 --checkpointing off --steps 5 --warmup 2 \
+      --method "qlora: {r: 16, alpha: 32, target_modules: all-linear}" --peak-tflops 989 2>&1 | grep -v "^RESULT" | tee "$OUT/peftpipe-qlora-8b.txt"
+    echo "== QLoRA anchors 8B, same host, 1x4096"
+    ANCHOR_SHAPE=8b anchors peft_qlora,unsloth_qlora 1 4096 300 | tee "$OUT/anchors-qlora-8b.txt"
     ;;
   real-dtypes)
     # Is a cuda-vs-cpu difference of the real run bf16's or the engine's? lora-stories with the

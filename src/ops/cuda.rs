@@ -1,7 +1,7 @@
 //! peftpipe's own CUDA kernels (`kernels/peftpipe.cu`, compiled to PTX by build.rs with
 //! `--features cuda`): loading, launching, and the custom ops that wrap them.
 //!
-//! Owns every launch of a peftpipe kernel: fused RMSNorm, RoPE, SwiGLU and masked softmax forward +
+//! Owns every launch of a peftpipe kernel: fused RMSNorm, LayerNorm (GPT-2), RoPE, SwiGLU and masked softmax forward +
 //! backward, the row-wise cross-entropy of the chunked linear + cross-entropy, and the multi-tensor
 //! AdamW with its global gradient norm. The PTX is loaded once per device through candle's
 //! `CudaDevice::get_or_load_custom_func` (module `peftpipe`) and launched on candle's stream, so
@@ -31,8 +31,9 @@ const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/peftpipe_kernels.ptx")
 const MODULE: &str = "peftpipe";
 
 /// The fused kernels, by the names `PEFTPIPE_UNFUSED` takes.
-pub const KERNELS: [&str; 10] = [
+pub const KERNELS: [&str; 11] = [
     "rms_norm",
+    "layer_norm",
     "rope",
     "swiglu",
     "softmax",
@@ -426,6 +427,172 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
         x.apply_op2(&weight, op)
     } else {
         x.apply_op2_no_bwd(&weight, &op)
+    }
+}
+
+// ---- LayerNorm ----------------------------------------------------------------------------------
+
+/// GPT-2's LayerNorm forward: inputs `(x, weight, bias)`; without a bias the third input is the
+/// weight again and is not read.
+struct LayerNorm {
+    eps: f32,
+    has_bias: bool,
+}
+
+impl CustomOp3 for LayerNorm {
+    fn name(&self) -> &'static str {
+        "fused-layer-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        no_cpu(self.name())
+    }
+
+    fn cuda_fwd(
+        &self,
+        x: &CudaStorage,
+        xl: &Layout,
+        w: &CudaStorage,
+        wl: &Layout,
+        b: &CudaStorage,
+        bl: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let cols = *xl.dims().last().unwrap_or(&1);
+        let count = xl.shape().elem_count();
+        let rows = count / cols.max(1);
+        let device = &x.device;
+        let (out, y) = output(device, x.dtype(), count)?;
+        let (xp, wp, bp) = (address(x, xl)?, address(w, wl)?, address(b, bl)?);
+        let (cols, eps, has_bias) = (cols as i32, self.eps, i32::from(self.has_bias));
+        let name = format!("layer_norm_forward_{}", suffix(x.dtype())?);
+        launch!(
+            device,
+            &name,
+            rows_config(rows, row_threads(cols as usize)),
+            &xp,
+            &wp,
+            &bp,
+            &y,
+            &cols,
+            &eps,
+            &has_bias
+        );
+        Ok((out, xl.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _b: &Tensor,
+        _y: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let dx =
+            x.apply_op3_no_bwd(w, &grad.contiguous()?, &LayerNormBackward { eps: self.eps })?;
+        Ok((Some(dx), None, None))
+    }
+}
+
+struct LayerNormBackward {
+    eps: f32,
+}
+
+impl CustomOp3 for LayerNormBackward {
+    fn name(&self) -> &'static str {
+        "fused-layer-norm-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        no_cpu(self.name())
+    }
+
+    fn cuda_fwd(
+        &self,
+        x: &CudaStorage,
+        xl: &Layout,
+        w: &CudaStorage,
+        wl: &Layout,
+        g: &CudaStorage,
+        gl: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let cols = *xl.dims().last().unwrap_or(&1);
+        let count = xl.shape().elem_count();
+        let rows = count / cols.max(1);
+        let device = &x.device;
+        let (out, dx) = output(device, x.dtype(), count)?;
+        let (xp, wp, gp) = (address(x, xl)?, address(w, wl)?, address(g, gl)?);
+        let (cols, eps) = (cols as i32, self.eps);
+        let name = format!("layer_norm_backward_{}", suffix(x.dtype())?);
+        launch!(
+            device,
+            &name,
+            rows_config(rows, row_threads(cols as usize)),
+            &xp,
+            &wp,
+            &gp,
+            &dx,
+            &cols,
+            &eps
+        );
+        Ok((out, xl.shape().clone()))
+    }
+}
+
+/// LayerNorm forward and backward in one kernel each, like [`rms_norm`]: frozen weight and bias
+/// get no gradient; a tracked one (a trained copy) gets `Σ g·x̂` (weight) or `Σ g` (bias) through
+/// [`super::norm::attach_trained`], the input's gradient still from the backward kernel.
+pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, eps: f64) -> Result<Tensor> {
+    let x = x.contiguous()?;
+    let trained = weight.track_op() || bias.is_some_and(Tensor::track_op);
+    let trained_parameters = trained.then(|| (weight.clone(), bias.cloned()));
+    let weight = weight.detach().to_dtype(x.dtype())?.contiguous()?;
+    let frozen_bias = match bias {
+        Some(bias) => bias.detach().to_dtype(x.dtype())?.contiguous()?,
+        None => weight.clone(),
+    };
+    let op = LayerNorm {
+        eps: eps as f32,
+        has_bias: bias.is_some(),
+    };
+    if let Some((trained_weight, trained_bias)) = trained_parameters {
+        let output = x.apply_op3_no_bwd(&weight, &frozen_bias, &op)?;
+        return super::norm::attach_trained(
+            "fused-layer-norm-trained",
+            &x,
+            &trained_weight,
+            trained_bias.as_ref(),
+            output,
+            move |x| super::norm::layer_normalized(x, eps),
+            move |x, grad| {
+                x.apply_op3_no_bwd(
+                    &weight,
+                    &grad.contiguous()?,
+                    &LayerNormBackward { eps: op.eps },
+                )
+            },
+        );
+    }
+    if x.track_op() {
+        x.apply_op3(&weight, &frozen_bias, op)
+    } else {
+        x.apply_op3_no_bwd(&weight, &frozen_bias, &op)
     }
 }
 

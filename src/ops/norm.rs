@@ -64,7 +64,7 @@ pub(super) fn rms_normalized(x: &Tensor, eps: f64) -> Result<Tensor> {
 }
 
 /// `(x − mean) / sqrt(var + eps)` of `x` in `x`'s dtype, as the forward computes it.
-fn layer_normalized(x: &Tensor, eps: f64) -> Result<Tensor> {
+pub(super) fn layer_normalized(x: &Tensor, eps: f64) -> Result<Tensor> {
     let internal = internal_dtype(x.dtype());
     layer_normalize(&x.detach().to_dtype(internal)?.contiguous()?, eps)?.to_dtype(x.dtype())
 }
@@ -206,6 +206,10 @@ pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, eps: f64) 
                 bias.shape()
             )
         }
+    }
+    #[cfg(feature = "cuda")]
+    if super::cuda::applies("layer_norm", x) {
+        return super::cuda::layer_norm(x, weight, bias, eps);
     }
     let dtype = x.dtype();
     let internal = internal_dtype(dtype);

@@ -145,6 +145,10 @@ impl Drop for HostStash {
 }
 
 #[cfg(feature = "cuda")]
+#[expect(
+    unsafe_code,
+    reason = "page-locked host memory and asynchronous copies are CUDA driver calls on raw pointers"
+)]
 mod cuda {
     use candle_core::cuda_backend::cudarc::driver::{result, sys};
     use candle_core::{Result, Storage, Tensor};
