@@ -17,6 +17,17 @@ fn train_entry(output: &std::process::Output) -> serde_json::Value {
         .unwrap_or_else(|| panic!("no train stage in {summary}"))
 }
 
+/// The project's pipeline with `devices: DEVICES` in its train stage.
+fn with_devices(project: &Project, devices: &str) {
+    let yaml = std::fs::read_to_string(project.path("pipeline.yaml")).unwrap();
+    let edited = yaml.replace(
+        "      device: cpu\n  evaluate:",
+        &format!("      device: cpu\n      devices: {devices}\n  evaluate:"),
+    );
+    assert_ne!(edited, yaml, "the tiny pipeline's train stage moved");
+    project.write("pipeline.yaml", &edited);
+}
+
 fn adapter_bytes(project: &Project) -> Vec<u8> {
     std::fs::read(project.path(".peftpipe/out/tiny/train/adapter/adapter_model.safetensors"))
         .expect("the train artifact's adapter")
@@ -66,14 +77,7 @@ fn one_device_in_a_worker_process_trains_the_in_process_adapter() {
 #[test]
 fn devices_in_the_pipeline_go_through_the_worker_too() {
     let project = Project::tiny();
-    let yaml = std::fs::read_to_string(project.path("pipeline.yaml")).unwrap();
-    project.write(
-        "pipeline.yaml",
-        &yaml.replace(
-            "      device: cpu\n  evaluate:",
-            "      device: cpu\n      devices: [0]\n  evaluate:",
-        ),
-    );
+    with_devices(&project, "[0]");
     let output = project.ok(&["run", "pipeline.yaml", "--stage", "train", "--json"]);
     let train = train_entry(&output);
     assert_eq!(train["outcome"]["devices"], 1, "{train}");
@@ -116,14 +120,7 @@ fn several_devices_on_the_cpu_are_refused_before_anything_runs() {
     let text = stderr(&output);
     assert!(text.contains("several devices needs CUDA"), "{text}");
 
-    let yaml = std::fs::read_to_string(project.path("pipeline.yaml")).unwrap();
-    project.write(
-        "pipeline.yaml",
-        &yaml.replace(
-            "      device: cpu\n  evaluate:",
-            "      device: cpu\n      devices: [0, 1]\n  evaluate:",
-        ),
-    );
+    with_devices(&project, "[0, 1]");
     let invalid = project.peftpipe(&["validate", "pipeline.yaml"]);
     assert!(!invalid.status.success());
     let text = stderr(&invalid);

@@ -339,18 +339,38 @@ impl CustomOp2 for RmsNorm {
         _y: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let dx = x.apply_op3_no_bwd(w, &grad.contiguous()?, &RmsNormBackward { eps: self.eps })?;
+        let dx = x.apply_op3_no_bwd(w, &grad.contiguous()?, &NormBackward::rms(self.eps))?;
         Ok((Some(dx), None))
     }
 }
 
-struct RmsNormBackward {
+/// The input gradient of a row norm (RMSNorm or LayerNorm): inputs `(x, weight, grad)`, one
+/// kernel per row (`{kernel}_{bf16,f32}`), recomputing the row's statistics from `x`.
+struct NormBackward {
     eps: f32,
+    /// `rms_norm_backward` or `layer_norm_backward`.
+    kernel: &'static str,
 }
 
-impl CustomOp3 for RmsNormBackward {
+impl NormBackward {
+    fn rms(eps: f32) -> Self {
+        NormBackward {
+            eps,
+            kernel: "rms_norm_backward",
+        }
+    }
+
+    fn layer(eps: f32) -> Self {
+        NormBackward {
+            eps,
+            kernel: "layer_norm_backward",
+        }
+    }
+}
+
+impl CustomOp3 for NormBackward {
     fn name(&self) -> &'static str {
-        "fused-rms-norm-backward"
+        self.kernel
     }
 
     fn cpu_fwd(
@@ -381,7 +401,7 @@ impl CustomOp3 for RmsNormBackward {
         let (out, dx) = output(device, x.dtype(), count)?;
         let (xp, wp, gp) = (address(x, xl)?, address(w, wl)?, address(g, gl)?);
         let (cols, eps) = (cols as i32, self.eps);
-        let name = format!("rms_norm_backward_{}", suffix(x.dtype())?);
+        let name = format!("{}_{}", self.kernel, suffix(x.dtype())?);
         launch!(
             device,
             &name,
@@ -415,11 +435,7 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
             output,
             move |x| super::norm::rms_normalized(x, eps),
             move |x, grad| {
-                x.apply_op3_no_bwd(
-                    &weight,
-                    &grad.contiguous()?,
-                    &RmsNormBackward { eps: op.eps },
-                )
+                x.apply_op3_no_bwd(&weight, &grad.contiguous()?, &NormBackward::rms(op.eps))
             },
         );
     }
@@ -496,62 +512,8 @@ impl CustomOp3 for LayerNorm {
         _y: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let dx =
-            x.apply_op3_no_bwd(w, &grad.contiguous()?, &LayerNormBackward { eps: self.eps })?;
+        let dx = x.apply_op3_no_bwd(w, &grad.contiguous()?, &NormBackward::layer(self.eps))?;
         Ok((Some(dx), None, None))
-    }
-}
-
-struct LayerNormBackward {
-    eps: f32,
-}
-
-impl CustomOp3 for LayerNormBackward {
-    fn name(&self) -> &'static str {
-        "fused-layer-norm-backward"
-    }
-
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        no_cpu(self.name())
-    }
-
-    fn cuda_fwd(
-        &self,
-        x: &CudaStorage,
-        xl: &Layout,
-        w: &CudaStorage,
-        wl: &Layout,
-        g: &CudaStorage,
-        gl: &Layout,
-    ) -> Result<(CudaStorage, Shape)> {
-        let cols = *xl.dims().last().unwrap_or(&1);
-        let count = xl.shape().elem_count();
-        let rows = count / cols.max(1);
-        let device = &x.device;
-        let (out, dx) = output(device, x.dtype(), count)?;
-        let (xp, wp, gp) = (address(x, xl)?, address(w, wl)?, address(g, gl)?);
-        let (cols, eps) = (cols as i32, self.eps);
-        let name = format!("layer_norm_backward_{}", suffix(x.dtype())?);
-        launch!(
-            device,
-            &name,
-            rows_config(rows, row_threads(cols as usize)),
-            &xp,
-            &wp,
-            &gp,
-            &dx,
-            &cols,
-            &eps
-        );
-        Ok((out, xl.shape().clone()))
     }
 }
 
@@ -581,11 +543,7 @@ pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, eps: f64) 
             output,
             move |x| super::norm::layer_normalized(x, eps),
             move |x, grad| {
-                x.apply_op3_no_bwd(
-                    &weight,
-                    &grad.contiguous()?,
-                    &LayerNormBackward { eps: op.eps },
-                )
+                x.apply_op3_no_bwd(&weight, &grad.contiguous()?, &NormBackward::layer(op.eps))
             },
         );
     }
