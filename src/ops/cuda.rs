@@ -283,6 +283,33 @@ fn no_cpu(name: &str) -> Result<(CpuStorage, Shape)> {
     bail!("{name}: a CUDA-only op was applied to a CPU tensor")
 }
 
+/// Launch the row kernel `{kernel}_{bf16,f32}` (one block per row of `x`) on `x`, the weight `w`
+/// and a third input `t` (a gradient shaped like `x`, or a bias), writing a new tensor shaped like
+/// `x`: the arguments `(x, w, t, out, cols, eps[, flag])`.
+fn launch_rows(
+    kernel: &str,
+    eps: f32,
+    flag: Option<i32>,
+    (x, xl): (&CudaStorage, &Layout),
+    (w, wl): (&CudaStorage, &Layout),
+    (t, tl): (&CudaStorage, &Layout),
+) -> Result<(CudaStorage, Shape)> {
+    let cols = *xl.dims().last().unwrap_or(&1);
+    let count = xl.shape().elem_count();
+    let rows = count / cols.max(1);
+    let device = &x.device;
+    let (out, y) = output(device, x.dtype(), count)?;
+    let (xp, wp, tp) = (address(x, xl)?, address(w, wl)?, address(t, tl)?);
+    let config = rows_config(rows, row_threads(cols));
+    let cols = cols as i32;
+    let name = format!("{kernel}_{}", suffix(x.dtype())?);
+    match flag {
+        Some(flag) => launch!(device, &name, config, &xp, &wp, &tp, &y, &cols, &eps, &flag),
+        None => launch!(device, &name, config, &xp, &wp, &tp, &y, &cols, &eps),
+    }
+    Ok((out, xl.shape().clone()))
+}
+
 // ---- RMSNorm ------------------------------------------------------------------------------------
 
 struct RmsNorm {
@@ -394,26 +421,7 @@ impl CustomOp3 for NormBackward {
         g: &CudaStorage,
         gl: &Layout,
     ) -> Result<(CudaStorage, Shape)> {
-        let cols = *xl.dims().last().unwrap_or(&1);
-        let count = xl.shape().elem_count();
-        let rows = count / cols.max(1);
-        let device = &x.device;
-        let (out, dx) = output(device, x.dtype(), count)?;
-        let (xp, wp, gp) = (address(x, xl)?, address(w, wl)?, address(g, gl)?);
-        let (cols, eps) = (cols as i32, self.eps);
-        let name = format!("{}_{}", self.kernel, suffix(x.dtype())?);
-        launch!(
-            device,
-            &name,
-            rows_config(rows, row_threads(cols as usize)),
-            &xp,
-            &wp,
-            &gp,
-            &dx,
-            &cols,
-            &eps
-        );
-        Ok((out, xl.shape().clone()))
+        launch_rows(self.kernel, self.eps, None, (x, xl), (w, wl), (g, gl))
     }
 }
 
@@ -481,27 +489,15 @@ impl CustomOp3 for LayerNorm {
         b: &CudaStorage,
         bl: &Layout,
     ) -> Result<(CudaStorage, Shape)> {
-        let cols = *xl.dims().last().unwrap_or(&1);
-        let count = xl.shape().elem_count();
-        let rows = count / cols.max(1);
-        let device = &x.device;
-        let (out, y) = output(device, x.dtype(), count)?;
-        let (xp, wp, bp) = (address(x, xl)?, address(w, wl)?, address(b, bl)?);
-        let (cols, eps, has_bias) = (cols as i32, self.eps, i32::from(self.has_bias));
-        let name = format!("layer_norm_forward_{}", suffix(x.dtype())?);
-        launch!(
-            device,
-            &name,
-            rows_config(rows, row_threads(cols as usize)),
-            &xp,
-            &wp,
-            &bp,
-            &y,
-            &cols,
-            &eps,
-            &has_bias
-        );
-        Ok((out, xl.shape().clone()))
+        let has_bias = i32::from(self.has_bias);
+        launch_rows(
+            "layer_norm_forward",
+            self.eps,
+            Some(has_bias),
+            (x, xl),
+            (w, wl),
+            (b, bl),
+        )
     }
 
     fn bwd(
