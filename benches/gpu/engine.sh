@@ -111,8 +111,7 @@ def losses(name):
 def ppl(name):
     with open(os.path.join(out, f"eval-{name}.json")) as f:
         m = json.load(f)
-    p = m.get("perplexity", m.get("metrics", {}).get("perplexity"))
-    return p
+    return {side: round(m[side]["perplexity"], 4) for side in ("base", "adapted")}
 ref = losses("cpu-f32")
 print("eval cpu-f32:", json.dumps(ppl("cpu-f32")))
 for name in ["cuda-f32", "cuda-bf16", "cpu-bf16"]:
