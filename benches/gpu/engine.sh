@@ -13,6 +13,7 @@
 #            checkpointing
 #   8b-d     8B at 1x4096 beside PEFT's default and Unsloth; 1x16384 checkpointed and offloaded
 #   qlora-8b QLoRA on the 8B shape at 1x4096 beside PEFT + bitsandbytes and Unsloth's QLoRA
+#   launches the 1B table under kprof (bench train --kprof): kernel launches per step
 #   real-dtypes lora-stories with the train dtype forced: cuda f32 and cpu bf16 (whose difference?)
 #   1b       Llama-3.2-1B shape: peftpipe's table at 8x512 and 2x2048, activation checkpointing off
 #            and on; the anchors peft_default, peft_bf16, compile, unsloth, unsloth_gc at 8x512
@@ -152,6 +153,17 @@ PY
       --method "qlora: {r: 16, alpha: 32, target_modules: all-linear}" --peak-tflops 989 2>&1 | grep -v "^RESULT" | tee "$OUT/peftpipe-qlora-8b.txt"
     echo "== QLoRA anchors 8B, same host, 1x4096"
     ANCHOR_SHAPE=8b anchors peft_qlora,unsloth_qlora 1 4096 300 | tee "$OUT/anchors-qlora-8b.txt"
+    ;;
+  launches)
+    # Item 5's kernel launches per step: the 1B table under kprof (benches/gpu/kprof/build.sh put
+    # kprof.so and libcupti.so.13.xz into target/cuda-dist/kprof). Profiling costs a few per cent,
+    # so the speeds of this part are not the ones to compare.
+    for f in target/cuda-dist/kprof/*.xz; do xz -dkf "$f"; done
+    C=gpu-run/llama-3.2-1b.config.json
+    echo "== peftpipe 1B under kprof: launches per step, checkpointing off / on / offload"
+    timeout 300 "$BIN" bench train --config "$C" --device cuda --shapes 8x512,2x2048 --checkpointing all \
+      --rank 16 --alpha 32 --steps 10 --warmup 3 --peak-tflops 989 --kprof "$PWD/target/cuda-dist/kprof" 2>&1 \
+      | grep -v "^RESULT" | tee "$OUT/peftpipe-launches.txt"
     ;;
   real-dtypes)
     # Is a cuda-vs-cpu difference of the real run bf16's or the engine's? lora-stories with the

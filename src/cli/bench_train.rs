@@ -91,6 +91,23 @@ pub struct BenchTrainArgs {
     /// `prompt_tuning: {num_virtual_tokens: 20}`, `ia3`, `dora: {r: 16}`.
     #[arg(long, value_name = "FILE_OR_INLINE")]
     pub method: Option<String>,
+    /// A kprof build (DIR holds `kprof.so` and `libcupti.so.13`: `bash
+    /// benches/gpu/kprof/build.sh`): every row runs in its own process under it and the table adds
+    /// the kernel launches per timed step it counted (CUPTI activity records; profiling slows a
+    /// step by a few per cent, so compare speeds from runs without it).
+    #[arg(long, value_name = "DIR")]
+    pub kprof: Option<PathBuf>,
+}
+
+/// The launches per step in a kprof report (`… 2639.0 launches/step, …`).
+fn launches_per_step(report: &str) -> Option<f64> {
+    report.lines().find_map(|line| {
+        let before = line
+            .split(" launches/step")
+            .next()
+            .filter(|b| b.len() < line.len())?;
+        before.rsplit([' ', ',']).next()?.parse::<f64>().ok()
+    })
 }
 
 /// `8x512,2x2048` → `[(8, 512), (2, 2048)]`.
@@ -155,6 +172,31 @@ fn run_child(
     if let Some(method) = &args.method {
         command.args(["--method", method]);
     }
+    // Under kprof: its report of this child's timed steps (the bench marks them with
+    // cuProfilerStart/Stop) goes to a file of its own.
+    let report = match &args.kprof {
+        Some(dir) => match tempfile::NamedTempFile::new() {
+            Ok(file) => {
+                let library_path = match std::env::var_os("LD_LIBRARY_PATH") {
+                    Some(old) => {
+                        let mut path = dir.as_os_str().to_owned();
+                        path.push(":");
+                        path.push(old);
+                        path
+                    }
+                    None => dir.as_os_str().to_owned(),
+                };
+                command
+                    .env("LD_PRELOAD", dir.join("kprof.so"))
+                    .env("LD_LIBRARY_PATH", library_path)
+                    .env("KPROF_OUT", file.path())
+                    .env("KPROF_STEPS", args.steps.to_string());
+                Some(file)
+            }
+            Err(error) => return failed(format!("a file for kprof's report: {error}")),
+        },
+        None => None,
+    };
     let output = match command.output() {
         Ok(output) => output,
         Err(error) => return failed(format!("starting peftpipe: {error}")),
@@ -165,7 +207,15 @@ fn run_child(
         .rev()
         .find_map(|line| serde_json::from_str::<BenchResult>(line.trim()).ok());
     match (output.status.success(), parsed) {
-        (true, Some(result)) => BenchRow::Measured(Box::new(result)),
+        (true, Some(mut result)) => {
+            if let Some(report) = &report {
+                result.launches_per_step = std::fs::read_to_string(report.path())
+                    .ok()
+                    .as_deref()
+                    .and_then(launches_per_step);
+            }
+            BenchRow::Measured(Box::new(result))
+        }
         _ => {
             let stderr = String::from_utf8_lossy(&output.stderr);
             let last = stderr
@@ -233,7 +283,7 @@ pub fn run(global: &GlobalArgs, args: BenchTrainArgs) -> u8 {
         },
     };
     let settings_list = args.checkpointing.settings();
-    if shapes.len() * settings_list.len() > 1 {
+    if shapes.len() * settings_list.len() > 1 || args.kprof.is_some() {
         let mut rows = Vec::new();
         for &(batch, seq) in &shapes {
             for &checkpointing in &settings_list {
@@ -280,7 +330,7 @@ pub fn run(global: &GlobalArgs, args: BenchTrainArgs) -> u8 {
 
 #[cfg(test)]
 mod tests {
-    use super::parse_shapes;
+    use super::{launches_per_step, parse_shapes};
 
     #[test]
     fn shapes_parse_and_bad_ones_are_named() {
@@ -291,5 +341,17 @@ mod tests {
         let error = parse_shapes("8x512,2048").unwrap_err();
         assert!(error.contains("`2048`"), "{error}");
         assert!(parse_shapes("8x512x2").is_err());
+    }
+
+    #[test]
+    fn launches_are_read_from_a_kprof_report() {
+        let report = "kprof: window cuProfilerStart..Stop; per step = totals / 10\n\
+                      kprof: span 74.900 ms/step, kernel sum 70.1 ms/step, GPU busy 66.0 ms/step \
+                      (88.1% of span), 2639.0 launches/step, 57 distinct\n";
+        assert_eq!(launches_per_step(report), Some(2639.0));
+        assert_eq!(
+            launches_per_step("kprof: CUPTI did not register (no profile)"),
+            None
+        );
     }
 }

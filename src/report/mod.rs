@@ -195,13 +195,19 @@ pub fn bench_train_table(rows: &[crate::train::bench::BenchRow], json_only: bool
         ));
     }
     text.push_str(&format!(
-        "{:<11} {:<13} {:>10} {:>28} {:>7} {:>9}\n",
-        "shape", "checkpointing", "tokens/s", "step ms (fwd/bwd/opt)", "MFU", "peak GiB"
+        "{:<11} {:<13} {:>10} {:>28} {:>7} {:>9} {:>14}\n",
+        "shape",
+        "checkpointing",
+        "tokens/s",
+        "step ms (fwd/bwd/opt)",
+        "MFU",
+        "peak GiB",
+        "launches/step"
     ));
     for row in rows {
         match row {
             BenchRow::Measured(r) => text.push_str(&format!(
-                "{:<11} {:<13} {:>10.0} {:>28} {:>6.1}% {:>9.2}\n",
+                "{:<11} {:<13} {:>10.0} {:>28} {:>6.1}% {:>9.2} {:>14}\n",
                 format!("{}x{}", r.batch, r.sequence_length),
                 checkpointing_label(r.activation_checkpointing, r.activation_offload),
                 r.tokens_per_second,
@@ -211,6 +217,8 @@ pub fn bench_train_table(rows: &[crate::train::bench::BenchRow], json_only: bool
                 ),
                 100.0 * r.mfu,
                 r.peak_memory_bytes as f64 / (1u64 << 30) as f64,
+                r.launches_per_step
+                    .map_or_else(|| "-".to_string(), |n| format!("{n:.0}")),
             )),
             BenchRow::Failed {
                 batch,

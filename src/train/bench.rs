@@ -112,6 +112,9 @@ pub struct BenchResult {
     /// Whether the checkpointed layer inputs waited in host memory.
     #[serde(default)]
     pub activation_offload: bool,
+    /// Kernel launches per timed step, when counted (`bench train --kprof`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub launches_per_step: Option<f64>,
     /// Median over the timed steps.
     pub tokens_per_second: f64,
     pub step_ms: f64,
@@ -406,6 +409,7 @@ pub fn run(config_path: &Path, settings: &BenchSettings) -> Result<BenchResult, 
         timed_steps: timed.len(),
         activation_checkpointing: settings.activation_checkpointing,
         activation_offload: settings.activation_checkpointing && settings.activation_offload,
+        launches_per_step: None,
         tokens_per_second,
         flops_per_token,
         peak_tflops: settings.peak_tflops,
