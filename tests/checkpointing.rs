@@ -555,6 +555,68 @@ fn bench_train_table_over_shapes_and_checkpointing() {
     eprintln!("{table}");
 }
 
+/// `bench train --kprof DIR` runs each row with DIR/kprof.so preloaded (KPROF_OUT, KPROF_STEPS set)
+/// and reads the launches per step from its report. A stand-in kprof.so, compiled here with the C
+/// compiler, writes a report whose launch count is KPROF_STEPS, so the test checks the plumbing
+/// (the real one, CUPTI, runs on the GPU host: `engine.sh launches`). Also the offload rows.
+#[test]
+fn bench_train_reads_launches_per_step_from_kprof() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let source = dir.path().join("kprof.c");
+    std::fs::write(
+        &source,
+        r#"#include <stdio.h>
+#include <stdlib.h>
+__attribute__((destructor)) static void report(void) {
+  const char *out = getenv("KPROF_OUT"), *steps = getenv("KPROF_STEPS");
+  if (!out || !steps) return;
+  FILE *f = fopen(out, "w");
+  if (!f) return;
+  fprintf(f, "kprof: window cuProfilerStart..Stop; per step = totals / %s\n", steps);
+  fprintf(f, "kprof: span 1.000 ms/step, kernel sum 1.000 ms/step, GPU busy 1.000 ms/step (100.0%% of span), %s.0 launches/step, 1 distinct\n", steps);
+  fclose(f);
+}
+"#,
+    )
+    .expect("write");
+    let compiled = std::process::Command::new("cc")
+        .args(["-shared", "-fPIC", "-o"])
+        .arg(dir.path().join("kprof.so"))
+        .arg(&source)
+        .status();
+    if !compiled.is_ok_and(|status| status.success()) {
+        eprintln!("skipped: no C compiler to build the stand-in kprof.so");
+        return;
+    }
+    let config_path = bench_config(dir.path());
+    let output = support::peftpipe()
+        .args(["--json", "bench", "train", "--config"])
+        .arg(&config_path)
+        .args([
+            "--device", "cpu", "--rank", "4", "--steps", "3", "--warmup", "1",
+        ])
+        .args(["--shapes", "2x16", "--checkpointing", "all", "--kprof"])
+        .arg(dir.path())
+        .output()
+        .expect("run");
+    assert!(output.status.success(), "{}", exec_support::stderr(&output));
+    let rows: Vec<serde_json::Value> =
+        serde_json::from_str(&exec_support::stdout(&output)).expect("a JSON array");
+    let settings: Vec<(bool, bool)> = rows
+        .iter()
+        .map(|row| {
+            (
+                row["activation_checkpointing"].as_bool().unwrap_or(false),
+                row["activation_offload"].as_bool().unwrap_or(false),
+            )
+        })
+        .collect();
+    assert_eq!(settings, [(false, false), (true, false), (true, true)]);
+    for row in &rows {
+        assert_eq!(row["launches_per_step"], 3.0, "{row}");
+    }
+}
+
 /// PEFT's auxiliary modules (trainable token rows through `Hooks::embedding_rows` and the wrapped
 /// lm_head, a trained lm_head copy) give bit-identical gradients with checkpointing: a random
 /// Llama (untied; embedding rows and lm_head rows of their own), a random GPT-2 (tied; the head
