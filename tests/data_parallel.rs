@@ -127,3 +127,65 @@ fn several_devices_on_the_cpu_are_refused_before_anything_runs() {
     assert!(text.contains("devices"), "{text}");
     assert!(text.contains("needs CUDA"), "{text}");
 }
+
+/// `torchrun … peftpipe run`: every process has torchrun's variables; rank 0 runs the pipeline and
+/// hands the train stage's job to rank 1 through the rendezvous. This build has no NCCL (CI has
+/// no GPU), so both ranks then fail to form the communicator — which shows the job reached rank
+/// 1, both fail with a clear error, rank 0 still dismisses rank 1, and nothing is cached.
+#[test]
+fn under_torchrun_variables_rank_0_hands_the_train_job_to_the_other_ranks() {
+    let project = Project::tiny();
+    let port = std::net::TcpListener::bind(("127.0.0.1", 0))
+        .and_then(|listener| listener.local_addr())
+        .map(|address| address.port())
+        .expect("a free port");
+    let start = |rank: usize| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_peftpipe"))
+            .args(["run", "pipeline.yaml", "--stage", "train"])
+            .current_dir(&project.root)
+            .env_remove("PEFTPIPE_CACHE_DIR")
+            .env("NO_COLOR", "1")
+            .envs([
+                ("RANK", rank.to_string()),
+                ("LOCAL_RANK", rank.to_string()),
+                ("WORLD_SIZE", "2".to_string()),
+                ("MASTER_ADDR", "127.0.0.1".to_string()),
+                ("MASTER_PORT", port.to_string()),
+            ])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("start peftpipe")
+    };
+    let follower = start(1);
+    let leader = start(0);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    let finish = |mut child: std::process::Child| {
+        while child.try_wait().expect("wait").is_none() {
+            if std::time::Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("a rank did not finish within 120 s");
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        child.wait_with_output().expect("output")
+    };
+    let leader = finish(leader);
+    let follower = finish(follower);
+    let (leader_text, follower_text) = (stderr(&leader), stderr(&follower));
+    assert_eq!(leader.status.code(), Some(1), "{leader_text}");
+    assert!(
+        leader_text.contains("training on 2 ranks (torchrun's world)"),
+        "{leader_text}"
+    );
+    assert!(leader_text.contains("NCCL"), "{leader_text}");
+    assert!(!follower.status.success(), "{follower_text}");
+    assert!(
+        follower_text.contains("rank 1: training failed") && follower_text.contains("NCCL"),
+        "{follower_text}"
+    );
+    assert!(
+        !project.path(".peftpipe/out/tiny/train").exists(),
+        "a failed stage left an output"
+    );
+}

@@ -134,6 +134,37 @@ pub(crate) fn report_exec_error(error: &ExecError) -> u8 {
 }
 
 pub fn run(global: &GlobalArgs, args: RunArgs) -> u8 {
+    // Under an outside launcher with several ranks (torchrun's variables): rank 0 runs the
+    // pipeline and hands each train stage to the others, which follow it until it is done.
+    let world = match crate::train::distributed::World::from_env() {
+        Ok(world) => world,
+        Err(error) => {
+            report::error(&error.to_string());
+            return EXIT_INVALID;
+        }
+    };
+    if world.world_size == 1 || args.dry_run {
+        return run_pipeline(global, args);
+    }
+    if !world.is_main() {
+        let mut on_failure = |message: &str| report::error(message);
+        return match crate::stages::train::ranks::follow(&world, &mut on_failure) {
+            Ok(()) => EXIT_OK,
+            Err(message) => {
+                report::error(&message);
+                EXIT_FAILED
+            }
+        };
+    }
+    let code = run_pipeline(global, args);
+    if let Err(message) = crate::stages::train::ranks::dismiss(&world) {
+        report::warning(&format!("ending the other ranks: {message}"));
+    }
+    code
+}
+
+/// `run` in this process alone (or as rank 0 of an outside launcher's world).
+fn run_pipeline(global: &GlobalArgs, args: RunArgs) -> u8 {
     let pipeline = match load_pipeline(&args.pipeline, global.json) {
         Ok(pipeline) => pipeline,
         Err(code) => return code,

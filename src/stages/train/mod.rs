@@ -65,7 +65,7 @@ use crate::models::ModelDir;
 use crate::peft::qlora::check_stored_base;
 use crate::peft::{new_adapter, MethodContext};
 use crate::train::checkpoint::CheckpointDir;
-use crate::train::distributed::{Communicator, Solo};
+use crate::train::distributed::{Communicator, Solo, World};
 use crate::train::peak_memory::PeakMemoryWatch;
 use crate::train::{
     AdamWSettings, CausalLmLoss, CheckpointedLoss, EarlyStopping, Evaluation, HookSource,
@@ -379,7 +379,11 @@ impl Stage for TrainStage {
             stage_seed: ctx.stage_seed(),
             checkpoint_dir: checkpoints.as_ref().map(|held| held.path().to_path_buf()),
         };
+        // Under an outside launcher (torchrun's variables, several ranks) this is rank 0: the
+        // world is the launcher's, and `devices` does not apply.
+        let world = World::from_env().map_err(|error| user(error.to_string()))?;
         let summary = match devices {
+            _ if world.world_size > 1 => ranks::lead(&world, &job, ctx.progress, ctx.cancel)?,
             None => train_job(&job, &Solo, ctx.progress, ctx.cancel)?,
             Some(devices) => ranks::train_on_devices(&job, &devices, ctx.progress, ctx.cancel)?,
         };

@@ -13,6 +13,17 @@
 //!
 //! With `device: cpu` a world of one device is accepted (one worker process, no communicator):
 //! the path CI can run. Several GPUs need a build with `--features nccl`.
+//!
+//! **Under an outside launcher** (`torchrun --nproc-per-node 2 peftpipe run p.yaml`, or one such
+//! command per host with `--nnodes`/`--node-rank`: every process has torchrun's variables with
+//! `WORLD_SIZE > 1`): rank 0 runs the pipeline; every other rank [`follow`]s it. A train stage on
+//! rank 0 hands its job to the followers through the rendezvous on `MASTER_ADDR:MASTER_PORT`
+//! ([`lead`]) and trains as rank 0; each follower trains its shard and waits for the next job;
+//! when rank 0's run ends it [`dismiss`]es them. The job names files by rank 0's paths, so on
+//! several hosts the project and the cache must be on a shared filesystem at the same path (as
+//! torchrun jobs usually have). A follower whose job fails reports it on its stderr and exits
+//! non-zero when dismissed; a rank 0 that dies leaves the followers to the launcher, which stops
+//! the others when one fails (torchrun does).
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -284,6 +295,124 @@ fn communicator(world: &World, _device: &str) -> Result<Box<dyn Communicator>, S
         "rank {} of {}: this peftpipe was built without NCCL (`--features nccl`)",
         world.rank, world.world_size
     ))
+}
+
+/// How long a follower waits for rank 0's next job (rank 0 may run other stages for hours).
+const FOLLOW_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30 * 24 * 3600);
+/// What rank 0 sends its followers: a train job, or the end of the run.
+const JOB_TAG: &[u8] = b"job:";
+const EXIT_TAG: &[u8] = b"exit";
+
+/// The job as a rank trains it: on CUDA, on `cuda:LOCAL_RANK`.
+fn on_local_device(mut job: TrainJob, world: &World) -> Result<TrainJob, String> {
+    if device_kind(&job.device)? == "cuda" {
+        job.device = format!("cuda:{}", world.local_rank);
+    }
+    Ok(job)
+}
+
+/// Rank 0 of an outside launcher's world: hand `job` to the followers and train it as rank 0.
+pub fn lead(
+    world: &World,
+    job: &TrainJob,
+    progress: &dyn ProgressSink,
+    cancel: &AtomicBool,
+) -> Result<BTreeMap<String, serde_json::Value>, StageError> {
+    // One train stage at a time talks to the followers (the executor may run stages in parallel).
+    static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _turn = ONE_AT_A_TIME
+        .lock()
+        .map_err(|_| StageError::Internal("a previous train stage panicked".into()))?;
+    let (_, port) = world.master.clone().ok_or_else(|| {
+        StageError::Internal("a world of several ranks without MASTER_ADDR/MASTER_PORT".into())
+    })?;
+    let mut payload = JOB_TAG.to_vec();
+    payload
+        .extend(serde_json::to_vec(job).map_err(|error| StageError::Internal(error.to_string()))?);
+    let failed = |error: String| {
+        StageError::User(format!(
+            "training on {} ranks (torchrun's world): {error}",
+            world.world_size
+        ))
+    };
+    crate::train::distributed::rendezvous::serve(
+        port,
+        world.world_size,
+        &payload,
+        crate::train::distributed::DEFAULT_TIMEOUT,
+    )
+    .map_err(|error| failed(error.to_string()))?;
+    let job = on_local_device(job.clone(), world).map_err(failed)?;
+    let comm = communicator(world, &job.device).map_err(failed)?;
+    let mut summary = train_job(&job, comm.as_ref(), progress, cancel)?;
+    summary.insert("devices".into(), serde_json::json!(world.world_size));
+    Ok(summary)
+}
+
+/// Rank 0 of an outside launcher's world, at the end of its run: tell the followers to exit
+/// (bounded: a follower that is gone is not waited for long).
+pub fn dismiss(world: &World) -> Result<(), String> {
+    let (_, port) = world
+        .master
+        .clone()
+        .ok_or("a world of several ranks without MASTER_ADDR/MASTER_PORT")?;
+    crate::train::distributed::rendezvous::serve(
+        port,
+        world.world_size,
+        EXIT_TAG,
+        std::time::Duration::from_secs(60),
+    )
+    .map_err(|error| error.to_string())
+}
+
+/// A rank other than 0 of an outside launcher's world: train every job rank 0 hands out until it
+/// says the run is over; `on_failure` hears each job that failed here (the run goes on: rank 0's
+/// collectives end with the failure, and it still dismisses everyone). Errors when a job failed
+/// (after the run ended) or rank 0 could not be reached.
+pub fn follow(world: &World, on_failure: &mut dyn FnMut(&str)) -> Result<(), String> {
+    let (address, port) = world
+        .master
+        .clone()
+        .ok_or("a world of several ranks without MASTER_ADDR/MASTER_PORT")?;
+    let mut failures = Vec::new();
+    loop {
+        let payload = crate::train::distributed::rendezvous::join(
+            &address,
+            port,
+            world.rank,
+            world.world_size,
+            FOLLOW_TIMEOUT,
+        )
+        .map_err(|error| format!("rank {}: waiting for rank 0: {error}", world.rank))?;
+        if payload == EXIT_TAG {
+            break;
+        }
+        let Some(text) = payload.strip_prefix(JOB_TAG) else {
+            return Err(format!(
+                "rank {}: rank 0 sent an unknown message",
+                world.rank
+            ));
+        };
+        let result = serde_json::from_slice::<TrainJob>(text)
+            .map_err(|error| format!("not a train job: {error}"))
+            .and_then(|job| on_local_device(job, world))
+            .and_then(|job| {
+                let comm = communicator(world, &job.device)?;
+                train_job(&job, comm.as_ref(), &NullSink, &AtomicBool::new(false))
+                    .map_err(|error| error.to_string())
+            });
+        if let Err(error) = result {
+            on_failure(&format!("rank {}: training failed: {error}", world.rank));
+            failures.push(error);
+        }
+    }
+    match failures.len() {
+        0 => Ok(()),
+        count => Err(format!(
+            "rank {}: {count} training job(s) failed on this rank",
+            world.rank
+        )),
+    }
 }
 
 #[cfg(test)]

@@ -23,11 +23,12 @@
 //! [`crate::train::train_data_parallel`]; rank 0 writes the artifact and the checkpoints.
 //! Tested on the CPU: the collectives, sharding and averaging with in-process ranks, the stage's
 //! job on 2 in-process ranks against 1 (and resumed on another number of ranks), and the launch
-//! path end to end as a world of one device. Not done: overlapping the all-reduce with the
-//! backward (the gradients are averaged after it), and several hosts — the variables are read,
-//! but no command starts the ranks of a second host for a stage. The NCCL path compiles but has
-//! not run on several GPUs (no multi-GPU machine was lent).
-
+//! path end to end as a world of one device. Under an outside launcher (torchrun's variables on
+//! every `peftpipe run`, one host or several) rank 0 runs the pipeline and hands each train job to
+//! the other ranks (`stages::train::ranks::{lead, follow}`). Not done: overlapping the all-reduce
+//! with the backward (the gradients are averaged after it). The NCCL path compiles but has not run
+//! on several GPUs (no multi-GPU machine was lent).
+//!
 //! # Communicators
 //! [`Communicator`] is the three collectives data parallelism needs: all-reduce-sum of an f32
 //! buffer, broadcast from a root, barrier. Every call is bounded by the communicator's timeout: a
