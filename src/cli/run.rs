@@ -136,7 +136,7 @@ pub(crate) fn report_exec_error(error: &ExecError) -> u8 {
 pub fn run(global: &GlobalArgs, args: RunArgs) -> u8 {
     // Under an outside launcher with several ranks (torchrun's variables): rank 0 runs the
     // pipeline and hands each train stage to the others, which follow it until it is done.
-    let world = match crate::train::distributed::World::from_env() {
+    let world = match crate::train::distributed::World::from_launcher_env() {
         Ok(world) => world,
         Err(error) => {
             report::error(&error.to_string());

@@ -381,7 +381,7 @@ impl Stage for TrainStage {
         };
         // Under an outside launcher (torchrun's variables, several ranks) this is rank 0: the
         // world is the launcher's, and `devices` does not apply.
-        let world = World::from_env().map_err(|error| user(error.to_string()))?;
+        let world = World::from_launcher_env().map_err(|error| user(error.to_string()))?;
         let summary = match devices {
             _ if world.world_size > 1 => ranks::lead(&world, &job, ctx.progress, ctx.cancel)?,
             None => train_job(&job, &Solo, ctx.progress, ctx.cancel)?,

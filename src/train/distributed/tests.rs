@@ -222,6 +222,26 @@ fn the_world_comes_from_the_torchrun_variables() {
 }
 
 #[test]
+fn a_launch_needs_world_size_and_stray_variables_are_not_one() {
+    let launched = |pairs: &[(&str, &str)]| {
+        let map: HashMap<String, String> = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        World::from_launcher_lookup(|name| map.get(name).cloned())
+    };
+    // A MASTER_PORT (or MASTER_ADDR) left in a shell: `peftpipe run` trains alone.
+    assert_eq!(
+        launched(&[("MASTER_PORT", "29500")]).unwrap(),
+        World::single()
+    );
+    assert_eq!(launched(&[]).unwrap(), World::single());
+    // With WORLD_SIZE, the variables are read (and checked) as torchrun sets them.
+    assert_eq!(launched(&FULL).unwrap().world_size, 4);
+    assert!(launched(&[("WORLD_SIZE", "2")]).is_err());
+}
+
+#[test]
 fn wrong_torchrun_variables_are_clear_errors() {
     let message = |pairs: &[(&str, &str)]| env(pairs).unwrap_err().to_string();
     let without = |name: &str| -> Vec<(&str, &str)> {

@@ -66,6 +66,23 @@ impl World {
         Self::from_lookup(|name| std::env::var(name).ok())
     }
 
+    /// The world an outside launcher started this process in (`peftpipe run` under torchrun): a
+    /// world of one unless `WORLD_SIZE` is set — other torchrun variables alone, such as a
+    /// `MASTER_PORT` left in a shell, are not a launch — and with it as [`World::from_env`].
+    pub fn from_launcher_env() -> Result<Self, WorldError> {
+        Self::from_launcher_lookup(|name| std::env::var(name).ok())
+    }
+
+    /// [`World::from_launcher_env`] through `lookup`.
+    pub fn from_launcher_lookup(
+        lookup: impl Fn(&str) -> Option<String>,
+    ) -> Result<Self, WorldError> {
+        if lookup("WORLD_SIZE").is_none() {
+            return Ok(Self::single());
+        }
+        Self::from_lookup(lookup)
+    }
+
     /// Read the world through `lookup` (the environment, or a map in tests). None of the required
     /// variables set is a world of one; `WORLD_SIZE=1` alone is one too.
     pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Self, WorldError> {
