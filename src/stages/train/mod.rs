@@ -430,63 +430,62 @@ pub fn train_job(
     let config = &job.config;
     let user = |message: String| StageError::User(message);
     let main_rank = comm.rank() == 0;
-    {
-        let device = select_device(&job.device).map_err(user)?;
-        // The run's peak memory, from loading the model to the last step (recorded with the run,
-        // not in the artifact).
-        let peak_memory = PeakMemoryWatch::start(&device);
-        let kind = if device.is_cuda() { "cuda" } else { "cpu" };
-        let dtype_name = config.dtype.resolve(kind);
-        let dtype = dtype_from_name(dtype_name);
+    let device = select_device(&job.device).map_err(user)?;
+    // The run's peak memory, from loading the model to the last step (recorded with the run,
+    // not in the artifact).
+    let peak_memory = PeakMemoryWatch::start(&device);
+    let kind = if device.is_cuda() { "cuda" } else { "cpu" };
+    let dtype_name = config.dtype.resolve(kind);
+    let dtype = dtype_from_name(dtype_name);
 
-        // Base model and tokenizer.
-        let model_root = resolve_model_dir(&job.project_dir, &config.model).map_err(user)?;
-        let model_dir = ModelDir::open(&model_root).map_err(|error| user(error.to_string()))?;
-        let tokenizer = TextTokenizer::from_model_dir(&model_root).map_err(user)?;
-        let max_length = config.max_seq_len.min(model_dir.config().max_positions());
+    // Base model and tokenizer.
+    let model_root = resolve_model_dir(&job.project_dir, &config.model).map_err(user)?;
+    let model_dir = ModelDir::open(&model_root).map_err(|error| user(error.to_string()))?;
+    let tokenizer = TextTokenizer::from_model_dir(&model_root).map_err(user)?;
+    let max_length = config.max_seq_len.min(model_dir.config().max_positions());
 
-        // Data.
-        let data_path = job.upstream_dir.join(format!("{}.parquet", config.split));
-        let rows = read_text_columns(&data_path, ["prompt", "completion"])?;
-        let (sequences, counts) = prepare_sequences(&tokenizer, &rows, config, max_length)
-            .map_err(|error| user(format!("{}: {error}", data_path.display())))?;
-        if sequences.is_empty() {
-            return Err(user(format!(
+    // Data.
+    let data_path = job.upstream_dir.join(format!("{}.parquet", config.split));
+    let rows = read_text_columns(&data_path, ["prompt", "completion"])?;
+    let (sequences, counts) = prepare_sequences(&tokenizer, &rows, config, max_length)
+        .map_err(|error| user(format!("{}: {error}", data_path.display())))?;
+    if sequences.is_empty() {
+        return Err(user(format!(
                 "{}: no example left to train on ({} rows, {} dropped as too long, {} without completion tokens)",
                 data_path.display(),
                 rows.len(),
                 counts.dropped,
                 counts.without_completion
             )));
-        }
+    }
 
-        // The held-out split evaluated during training (its first `eval_max_rows` rows).
-        let evaluated = match config.eval_steps {
-            Some(_) => Some(read_eval_split(
-                &job.upstream_dir,
-                config,
-                &tokenizer,
-                max_length,
-            )?),
-            None => None,
-        };
+    // The held-out split evaluated during training (its first `eval_max_rows` rows).
+    let evaluated = match config.eval_steps {
+        Some(_) => Some(read_eval_split(
+            &job.upstream_dir,
+            config,
+            &tokenizer,
+            max_length,
+        )?),
+        None => None,
+    };
 
-        // Adapter + model.
-        let seed = config.seed.unwrap_or(job.stage_seed);
-        let tokenize = |text: &str| tokenizer.encode_prompt(text);
-        let adapter = new_adapter(
-            &config.method,
-            &MethodContext {
-                model_config: model_dir.config_json(),
-                device: &device,
-                seed,
-                tokenize: Some(&tokenize),
-            },
-        )
-        .map_err(|error| user(error.to_string()))?;
-        // A checkpoint saved in bitsandbytes 4-bit trains only with qlora, with its settings.
-        if let Some(stored) = model_dir.stored_quantization() {
-            match adapter.base_quantization() {
+    // Adapter + model.
+    let seed = config.seed.unwrap_or(job.stage_seed);
+    let tokenize = |text: &str| tokenizer.encode_prompt(text);
+    let adapter = new_adapter(
+        &config.method,
+        &MethodContext {
+            model_config: model_dir.config_json(),
+            device: &device,
+            seed,
+            tokenize: Some(&tokenize),
+        },
+    )
+    .map_err(|error| user(error.to_string()))?;
+    // A checkpoint saved in bitsandbytes 4-bit trains only with qlora, with its settings.
+    if let Some(stored) = model_dir.stored_quantization() {
+        match adapter.base_quantization() {
                 Some(quantization) => {
                     check_stored_base(&quantization, stored, &model_dir.config_path())
                         .map_err(|error| user(error.to_string()))?;
@@ -499,244 +498,243 @@ pub fn train_job(
                     )))
                 }
             }
-        }
-        let model = model_dir
-            .load(&device, dtype, adapter.linear_factory())
-            .map_err(|error| user(error.to_string()))?;
-        adapter
-            .finish_injection(model.as_ref())
-            .map_err(|error| user(error.to_string()))?;
-        let trainable = adapter.trainable_parameter_count();
-        // Activation checkpointing changes what is kept and recomputed, not the gradients.
-        let whole_graph = CausalLmLoss {
-            model: &*model,
-            adapter: adapter.as_ref(),
-        };
-        let stash = crate::ops::offload::HostStash::new(config.activation_offload);
-        let checkpointed = CheckpointedLoss {
-            model: &*model,
-            hooks: HookSource::Adapter(adapter.as_ref()),
-            offload: config.activation_offload.then_some(&stash),
-        };
-        let model: &dyn LossModel = if config.activation_checkpointing {
-            &checkpointed
-        } else {
-            &whole_graph
-        };
+    }
+    let model = model_dir
+        .load(&device, dtype, adapter.linear_factory())
+        .map_err(|error| user(error.to_string()))?;
+    adapter
+        .finish_injection(model.as_ref())
+        .map_err(|error| user(error.to_string()))?;
+    let trainable = adapter.trainable_parameter_count();
+    // Activation checkpointing changes what is kept and recomputed, not the gradients.
+    let whole_graph = CausalLmLoss {
+        model: &*model,
+        adapter: adapter.as_ref(),
+    };
+    let stash = crate::ops::offload::HostStash::new(config.activation_offload);
+    let checkpointed = CheckpointedLoss {
+        model: &*model,
+        hooks: HookSource::Adapter(adapter.as_ref()),
+        offload: config.activation_offload.then_some(&stash),
+    };
+    let model: &dyn LossModel = if config.activation_checkpointing {
+        &checkpointed
+    } else {
+        &whole_graph
+    };
 
-        // The run key: what determines the result, so only this run's checkpoints resume. The
-        // stage's fingerprint digest covers everything (weights, tokenizer, data, config, name,
-        // seed, tool version, device); the rest is what this stage can see for itself, for
-        // contexts without a fingerprint.
-        let config_digest = file_digest(&model_root.join("config.json"))?;
-        let run_key = {
-            let mut hasher = blake3::Hasher::new();
-            hasher.update(job.fingerprint.as_bytes());
-            // The config as the fingerprint hashes it: settings that do not change the results
-            // (`devices`, `activation_checkpointing`) leave the key alone, so a run resumes on
-            // any number of GPUs.
-            hasher.update(
-                crate::config::StageConfig::Train(Box::new(config.clone()))
-                    .params()
-                    .to_string()
-                    .as_bytes(),
-            );
-            hasher.update(file_digest(&data_path)?.as_bytes());
-            if let Some(evaluated) = &evaluated {
-                hasher.update(file_digest(&evaluated.path)?.as_bytes());
-            }
-            hasher.update(config_digest.as_bytes());
-            hasher.update(&seed.to_le_bytes());
-            hasher.update(kind.as_bytes());
-            hasher.update(dtype_name.as_bytes());
-            hasher.update(crate::TOOL_VERSION.as_bytes());
-            hasher.finalize().to_hex().to_string()
-        };
-        let checkpoint_dir = job.checkpoint_dir.clone();
-        let trainer_settings = TrainerSettings {
-            adamw: AdamWSettings {
-                beta1: config.adam_beta1,
-                beta2: config.adam_beta2,
-                epsilon: config.adam_epsilon,
-                weight_decay: config.weight_decay,
-            },
-            learning_rate: config.learning_rate,
-            schedule: config.schedule,
-            warmup_steps: config.warmup_steps,
-            max_grad_norm: config.max_grad_norm,
+    // The run key: what determines the result, so only this run's checkpoints resume. The
+    // stage's fingerprint digest covers everything (weights, tokenizer, data, config, name,
+    // seed, tool version, device); the rest is what this stage can see for itself, for
+    // contexts without a fingerprint.
+    let config_digest = file_digest(&model_root.join("config.json"))?;
+    let run_key = {
+        let mut hasher = blake3::Hasher::new();
+        hasher.update(job.fingerprint.as_bytes());
+        // The config as the fingerprint hashes it: settings that do not change the results
+        // (`devices`, `activation_checkpointing`) leave the key alone, so a run resumes on
+        // any number of GPUs.
+        hasher.update(
+            crate::config::StageConfig::Train(Box::new(config.clone()))
+                .params()
+                .to_string()
+                .as_bytes(),
+        );
+        hasher.update(file_digest(&data_path)?.as_bytes());
+        if let Some(evaluated) = &evaluated {
+            hasher.update(file_digest(&evaluated.path)?.as_bytes());
+        }
+        hasher.update(config_digest.as_bytes());
+        hasher.update(&seed.to_le_bytes());
+        hasher.update(kind.as_bytes());
+        hasher.update(dtype_name.as_bytes());
+        hasher.update(crate::TOOL_VERSION.as_bytes());
+        hasher.finalize().to_hex().to_string()
+    };
+    let checkpoint_dir = job.checkpoint_dir.clone();
+    let trainer_settings = TrainerSettings {
+        adamw: AdamWSettings {
+            beta1: config.adam_beta1,
+            beta2: config.adam_beta2,
+            epsilon: config.adam_epsilon,
+            weight_decay: config.weight_decay,
+        },
+        learning_rate: config.learning_rate,
+        schedule: config.schedule,
+        warmup_steps: config.warmup_steps,
+        max_grad_norm: config.max_grad_norm,
+        batch_size: config.batch_size,
+        accumulation: config.gradient_accumulation_steps,
+        epochs: config.epochs,
+        max_steps: config.max_steps,
+        sort_by_length: config.sort_by_length,
+        seed,
+        pad_id: tokenizer.pad_id(),
+        checkpoint_every: config.checkpoint_every,
+        checkpoint_dir: checkpoint_dir.clone(),
+        run_key,
+        synchronize_phases: false,
+    };
+
+    // The bar shows the raw and the smoothed loss (exponential moving average, bias
+    // corrected as TensorBoard's smoothing), the learning rate and the latest evaluation;
+    // the reporter adds the ETA.
+    let mut smoothed = 0.0;
+    let mut weight = 0.0;
+    let mut last_eval: Option<(f64, u64)> = None;
+    let mut observe = |metrics: &crate::train::StepMetrics| {
+        smoothed = 0.9 * smoothed + 0.1 * metrics.loss;
+        weight = 0.9 * weight + 0.1;
+        let mut message = format!(
+            "loss {:.4} (smoothed {:.4}) · lr {:.1e} · {:.0} tok/s",
+            metrics.loss,
+            smoothed / weight,
+            metrics.lr,
+            metrics.tokens_per_second,
+        );
+        if let Some(eval) = &metrics.eval {
+            last_eval = Some((eval.loss, metrics.step));
+        }
+        // The latest evaluation stays on the bar until the next one.
+        if let Some((loss, step)) = last_eval {
+            message.push_str(&format!(" · eval loss {loss:.4} (step {step})"));
+        }
+        progress.progress(Progress {
+            position: metrics.step,
+            length: Some(metrics.total_steps),
+            unit: "steps",
+            message,
+        });
+    };
+    let evaluation = match (config.eval_steps, &evaluated) {
+        (Some(every), Some(evaluated)) => Some(Evaluation {
+            sequences: &evaluated.sequences,
+            every,
             batch_size: config.batch_size,
-            accumulation: config.gradient_accumulation_steps,
-            epochs: config.epochs,
-            max_steps: config.max_steps,
-            sort_by_length: config.sort_by_length,
-            seed,
-            pad_id: tokenizer.pad_id(),
-            checkpoint_every: config.checkpoint_every,
-            checkpoint_dir: checkpoint_dir.clone(),
-            run_key,
-            synchronize_phases: false,
-        };
-
-        // The bar shows the raw and the smoothed loss (exponential moving average, bias
-        // corrected as TensorBoard's smoothing), the learning rate and the latest evaluation;
-        // the reporter adds the ETA.
-        let mut smoothed = 0.0;
-        let mut weight = 0.0;
-        let mut last_eval: Option<(f64, u64)> = None;
-        let mut observe = |metrics: &crate::train::StepMetrics| {
-            smoothed = 0.9 * smoothed + 0.1 * metrics.loss;
-            weight = 0.9 * weight + 0.1;
-            let mut message = format!(
-                "loss {:.4} (smoothed {:.4}) · lr {:.1e} · {:.0} tok/s",
-                metrics.loss,
-                smoothed / weight,
-                metrics.lr,
-                metrics.tokens_per_second,
-            );
-            if let Some(eval) = &metrics.eval {
-                last_eval = Some((eval.loss, metrics.step));
-            }
-            // The latest evaluation stays on the bar until the next one.
-            if let Some((loss, step)) = last_eval {
-                message.push_str(&format!(" · eval loss {loss:.4} (step {step})"));
-            }
-            progress.progress(Progress {
-                position: metrics.step,
-                length: Some(metrics.total_steps),
-                unit: "steps",
-                message,
-            });
-        };
-        let evaluation = match (config.eval_steps, &evaluated) {
-            (Some(every), Some(evaluated)) => Some(Evaluation {
-                sequences: &evaluated.sequences,
-                every,
-                batch_size: config.batch_size,
-                early_stopping: config.early_stopping.as_ref().map(|early| EarlyStopping {
-                    patience: early.patience,
-                    min_delta: early.min_delta,
-                }),
-                keep_best: config.keep() == KeepChoice::Best,
+            early_stopping: config.early_stopping.as_ref().map(|early| EarlyStopping {
+                patience: early.patience,
+                min_delta: early.min_delta,
             }),
-            _ => None,
-        };
-        let outcome = crate::train::train_data_parallel(
-            model,
-            adapter.as_ref(),
-            &sequences,
-            evaluation.as_ref(),
-            &trainer_settings,
-            comm,
-            cancel,
-            &mut observe,
-        )
-        .map_err(|error| match error {
-            TrainError::Cancelled { .. } => StageError::Cancelled,
-            other => user(format!("training: {other}")),
-        })?;
-        let peak = peak_memory.peak();
-        if let (Some(step), Some(dir)) = (outcome.resumed_from, &checkpoint_dir) {
-            progress.note(format!(
-                "resumed from the checkpoint at step {step} in {}",
-                dir.display()
-            ));
-        }
+            keep_best: config.keep() == KeepChoice::Best,
+        }),
+        _ => None,
+    };
+    let outcome = crate::train::train_data_parallel(
+        model,
+        adapter.as_ref(),
+        &sequences,
+        evaluation.as_ref(),
+        &trainer_settings,
+        comm,
+        cancel,
+        &mut observe,
+    )
+    .map_err(|error| match error {
+        TrainError::Cancelled { .. } => StageError::Cancelled,
+        other => user(format!("training: {other}")),
+    })?;
+    let peak = peak_memory.peak();
+    if let (Some(step), Some(dir)) = (outcome.resumed_from, &checkpoint_dir) {
+        progress.note(format!(
+            "resumed from the checkpoint at step {step} in {}",
+            dir.display()
+        ));
+    }
 
-        // The artifact: rank 0 writes it (every rank holds the same adapter).
-        if !main_rank {
-            return Ok(BTreeMap::new());
-        }
-        adapter
-            .save(&job.out_dir.join("adapter"), &config.model)
-            .map_err(|error| user(error.to_string()))?;
-        crate::peft::write_atomic(
-            &job.out_dir.join("metrics.jsonl"),
-            outcome.metrics_jsonl.as_bytes(),
+    // The artifact: rank 0 writes it (every rank holds the same adapter).
+    if !main_rank {
+        return Ok(BTreeMap::new());
+    }
+    adapter
+        .save(&job.out_dir.join("adapter"), &config.model)
+        .map_err(|error| user(error.to_string()))?;
+    crate::peft::write_atomic(
+        &job.out_dir.join("metrics.jsonl"),
+        outcome.metrics_jsonl.as_bytes(),
+    )
+    .map_err(|error| user(error.to_string()))?;
+    // Only what the inputs determine (no timings, no resume point): see the module docs.
+    let mut summary = serde_json::json!({
+        "final_loss": outcome.final_loss,
+        "steps": outcome.steps,
+        "tokens": outcome.tokens,
+        "scored_tokens": outcome.scored_tokens,
+        "trainable_parameters": trainable,
+        "examples": counts.examples,
+        "truncated_examples": counts.truncated,
+        "dropped_examples": counts.dropped,
+        "examples_without_completion": counts.without_completion,
+        "seed": seed,
+    });
+    if let (Some(evaluated), Some(object)) = (&evaluated, summary.as_object_mut()) {
+        object.insert(
+            "evaluation".into(),
+            evaluation_record(config, evaluated, &outcome),
+        );
+    }
+    write_json(&job.out_dir.join("summary.json"), &summary)?;
+    if config.tensorboard {
+        crate::train::tensorboard::write_metrics(
+            &job.out_dir.join(crate::train::tensorboard::EVENTS_FILE),
+            &outcome.metrics_jsonl,
         )
         .map_err(|error| user(error.to_string()))?;
-        // Only what the inputs determine (no timings, no resume point): see the module docs.
-        let mut summary = serde_json::json!({
-            "final_loss": outcome.final_loss,
-            "steps": outcome.steps,
-            "tokens": outcome.tokens,
-            "scored_tokens": outcome.scored_tokens,
-            "trainable_parameters": trainable,
-            "examples": counts.examples,
-            "truncated_examples": counts.truncated,
-            "dropped_examples": counts.dropped,
-            "examples_without_completion": counts.without_completion,
-            "seed": seed,
-        });
-        if let (Some(evaluated), Some(object)) = (&evaluated, summary.as_object_mut()) {
-            object.insert(
-                "evaluation".into(),
-                evaluation_record(config, evaluated, &outcome),
-            );
-        }
-        write_json(&job.out_dir.join("summary.json"), &summary)?;
-        if config.tensorboard {
-            crate::train::tensorboard::write_metrics(
-                &job.out_dir.join(crate::train::tensorboard::EVENTS_FILE),
-                &outcome.metrics_jsonl,
-            )
-            .map_err(|error| user(error.to_string()))?;
-        }
-        let mut base_record = serde_json::json!({
-            "model": config.model,
-            "path": model_root.display().to_string(),
-            "config_digest": config_digest,
-            "model_type": model_dir.config().model_type(),
-            "device": kind,
-            "dtype": dtype_name,
-        });
-        // A QLoRA run: the 4-bit base evaluation, generation and export must rebuild (the
-        // adapter folder itself is plain PEFT LoRA).
-        if let (Some(quantization), Some(record)) =
-            (adapter.base_quantization(), base_record.as_object_mut())
-        {
-            record.insert("quantization".into(), quantization.to_json());
-        }
-        write_json(&job.out_dir.join("base_model.json"), &base_record)?;
-        let mut outcome_summary = std::collections::BTreeMap::new();
-        for key in ["final_loss", "steps", "tokens", "trainable_parameters"] {
-            outcome_summary.insert(key.to_string(), summary[key].clone());
-        }
-        // Timings, peak memory and the resume point: shown and recorded with the run, not in the
-        // artifact.
-        outcome_summary.insert(
-            "wall_seconds".into(),
-            serde_json::json!(outcome.wall_seconds),
-        );
-        if outcome.wall_seconds > 0.0 {
-            outcome_summary.insert(
-                "tokens_per_second".into(),
-                serde_json::json!(outcome.tokens as f64 / outcome.wall_seconds),
-            );
-        }
-        if let Some(peak) = peak {
-            outcome_summary.insert("peak_memory_bytes".into(), serde_json::json!(peak.bytes));
-            outcome_summary.insert(
-                "peak_memory_source".into(),
-                serde_json::to_value(peak.source).unwrap_or_default(),
-            );
-            if peak.shared {
-                // Other CPU stages trained at the same time: the process's peak, theirs included.
-                outcome_summary.insert("peak_memory_shared".into(), serde_json::json!(true));
-            }
-        }
-        if let Some(step) = outcome.resumed_from {
-            outcome_summary.insert("resumed_from".into(), serde_json::json!(step));
-        }
-        if let Some(record) = summary.get("evaluation") {
-            for key in ["best_step", "best_eval_loss", "kept_step"] {
-                if let Some(value) = record.get(key) {
-                    outcome_summary.insert(key.into(), value.clone());
-                }
-            }
-            if outcome.stopped_early {
-                outcome_summary.insert("early_stopped_at".into(), serde_json::json!(outcome.steps));
-            }
-        }
-        Ok(outcome_summary)
     }
+    let mut base_record = serde_json::json!({
+        "model": config.model,
+        "path": model_root.display().to_string(),
+        "config_digest": config_digest,
+        "model_type": model_dir.config().model_type(),
+        "device": kind,
+        "dtype": dtype_name,
+    });
+    // A QLoRA run: the 4-bit base evaluation, generation and export must rebuild (the
+    // adapter folder itself is plain PEFT LoRA).
+    if let (Some(quantization), Some(record)) =
+        (adapter.base_quantization(), base_record.as_object_mut())
+    {
+        record.insert("quantization".into(), quantization.to_json());
+    }
+    write_json(&job.out_dir.join("base_model.json"), &base_record)?;
+    let mut outcome_summary = std::collections::BTreeMap::new();
+    for key in ["final_loss", "steps", "tokens", "trainable_parameters"] {
+        outcome_summary.insert(key.to_string(), summary[key].clone());
+    }
+    // Timings, peak memory and the resume point: shown and recorded with the run, not in the
+    // artifact.
+    outcome_summary.insert(
+        "wall_seconds".into(),
+        serde_json::json!(outcome.wall_seconds),
+    );
+    if outcome.wall_seconds > 0.0 {
+        outcome_summary.insert(
+            "tokens_per_second".into(),
+            serde_json::json!(outcome.tokens as f64 / outcome.wall_seconds),
+        );
+    }
+    if let Some(peak) = peak {
+        outcome_summary.insert("peak_memory_bytes".into(), serde_json::json!(peak.bytes));
+        outcome_summary.insert(
+            "peak_memory_source".into(),
+            serde_json::to_value(peak.source).unwrap_or_default(),
+        );
+        if peak.shared {
+            // Other CPU stages trained at the same time: the process's peak, theirs included.
+            outcome_summary.insert("peak_memory_shared".into(), serde_json::json!(true));
+        }
+    }
+    if let Some(step) = outcome.resumed_from {
+        outcome_summary.insert("resumed_from".into(), serde_json::json!(step));
+    }
+    if let Some(record) = summary.get("evaluation") {
+        for key in ["best_step", "best_eval_loss", "kept_step"] {
+            if let Some(value) = record.get(key) {
+                outcome_summary.insert(key.into(), value.clone());
+            }
+        }
+        if outcome.stopped_early {
+            outcome_summary.insert("early_stopped_at".into(), serde_json::json!(outcome.steps));
+        }
+    }
+    Ok(outcome_summary)
 }
