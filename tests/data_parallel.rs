@@ -157,6 +157,7 @@ fn under_torchrun_variables_rank_0_hands_the_train_job_to_the_other_ranks() {
             .spawn()
             .expect("start peftpipe")
     };
+    let started = std::time::Instant::now();
     let follower = start(1);
     let leader = start(0);
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
@@ -183,6 +184,16 @@ fn under_torchrun_variables_rank_0_hands_the_train_job_to_the_other_ranks() {
     assert!(
         follower_text.contains("rank 1: training failed") && follower_text.contains("NCCL"),
         "{follower_text}"
+    );
+    // Dismissed by rank 0 at the end of its run (not left waiting for a next job).
+    assert!(
+        follower_text.contains("1 training job(s) failed on this rank"),
+        "{follower_text}"
+    );
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(30),
+        "the ranks took {:?}",
+        started.elapsed()
     );
     assert!(
         !project.path(".peftpipe/out/tiny/train").exists(),

@@ -119,8 +119,46 @@ pub fn join(
 ) -> Result<Vec<u8>, CommError> {
     let deadline = Instant::now() + timeout;
     let target = format!("{address}:{port}");
+    loop {
+        let stream = connect(&target, rank, deadline, timeout)?;
+        match exchange(stream, rank, world_size, deadline) {
+            Ok(payload) => return Ok(payload),
+            // Accepted into the backlog of a listener that was closing (rank 0's previous
+            // rendezvous on this port, just finished): that one never answers; try again.
+            Err(e) if closed_early(&e) && Instant::now() < deadline => std::thread::sleep(POLL),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                return Err(error(format!(
+                    "rank {rank}: rank 0 at {target} sent nothing within {:.0} s (another rank \
+                     missing?)",
+                    timeout.as_secs_f64()
+                )))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
+                return Err(error(format!("rank {rank}: rank 0 at {target}: {e}")))
+            }
+            Err(e) => {
+                return Err(error(format!(
+                    "rank {rank}: exchange with rank 0 at {target}: {e}"
+                )))
+            }
+        }
+    }
+}
+
+/// A connection to rank 0 at `target`, retried until `deadline` while nobody listens.
+fn connect(
+    target: &str,
+    rank: usize,
+    deadline: Instant,
+    timeout: Duration,
+) -> Result<TcpStream, CommError> {
     let mut last_error = String::from("no attempt");
-    let mut stream = loop {
+    loop {
         let addresses: Vec<SocketAddr> = match target.to_socket_addrs() {
             Ok(a) => a.collect(),
             Err(e) => {
@@ -139,7 +177,7 @@ pub fn join(
             }
         });
         if let Some(stream) = attempt {
-            break stream;
+            return Ok(stream);
         }
         if Instant::now() >= deadline {
             return Err(error(format!(
@@ -149,42 +187,46 @@ pub fn join(
             )));
         }
         std::thread::sleep(POLL);
-    };
+    }
+}
+
+/// Announce this rank on `stream` and read rank 0's payload.
+fn exchange(
+    mut stream: TcpStream,
+    rank: usize,
+    world_size: usize,
+    deadline: Instant,
+) -> std::io::Result<Vec<u8>> {
     let mut hello = Vec::with_capacity(16);
     hello.extend_from_slice(MAGIC);
     hello.extend_from_slice(&(rank as u32).to_le_bytes());
     hello.extend_from_slice(&(world_size as u32).to_le_bytes());
-    let io = |e: std::io::Error| {
-        if matches!(
-            e.kind(),
-            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-        ) {
-            error(format!(
-                "rank {rank}: rank 0 at {target} sent nothing within {:.0} s (another rank \
-                 missing?)",
-                timeout.as_secs_f64()
-            ))
-        } else {
-            error(format!(
-                "rank {rank}: exchange with rank 0 at {target}: {e}"
-            ))
-        }
-    };
-    stream.write_all(&hello).map_err(io)?;
-    stream
-        .set_read_timeout(Some(remaining(deadline).map_err(io)?))
-        .map_err(io)?;
+    stream.write_all(&hello)?;
+    stream.set_read_timeout(Some(remaining(deadline)?))?;
     let mut length = [0u8; 4];
-    stream.read_exact(&mut length).map_err(io)?;
+    stream.read_exact(&mut length)?;
     let length = u32::from_le_bytes(length) as usize;
     if length > 1 << 20 {
-        return Err(error(format!(
-            "rank {rank}: rank 0 at {target} announced a {length}-byte payload (not a peftpipe rendezvous?)"
-        )));
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("announced a {length}-byte payload (not a peftpipe rendezvous?)"),
+        ));
     }
     let mut payload = vec![0u8; length];
-    stream.read_exact(&mut payload).map_err(io)?;
+    stream.read_exact(&mut payload)?;
     Ok(payload)
+}
+
+/// Whether rank 0's side closed the connection before answering (reset, end of stream, broken
+/// pipe) rather than being slow.
+fn closed_early(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::ConnectionReset
+            | std::io::ErrorKind::ConnectionAborted
+            | std::io::ErrorKind::UnexpectedEof
+            | std::io::ErrorKind::BrokenPipe
+    )
 }
 
 /// Time left until `deadline` (an error when none: a zero read timeout means "none" to std).
