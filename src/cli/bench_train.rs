@@ -157,11 +157,7 @@ fn run_child(
         .args(["--peak-tflops", &args.peak_tflops.to_string()])
         .args([
             "--checkpointing",
-            match (checkpointing, offload) {
-                (true, true) => "offload",
-                (true, false) => "on",
-                _ => "off",
-            },
+            crate::report::checkpointing_label(checkpointing, offload),
         ]);
     if let Some(dtype) = &args.dtype {
         command.args(["--dtype", dtype]);

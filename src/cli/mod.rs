@@ -204,7 +204,7 @@ pub enum Command {
     )]
     Bench(BenchCommand),
     /// One rank of a data-parallel train stage (started by `run` for `devices`; not for users).
-    #[command(name = "train-rank", hide = true)]
+    #[command(name = crate::stages::train::ranks::RANK_COMMAND, hide = true)]
     TrainRank(TrainRankArgs),
 }
 

@@ -164,10 +164,9 @@ pub fn bench_train(result: &crate::train::bench::BenchResult, json_only: bool) {
     write_stdout(&format!("RESULT {line}"));
 }
 
-/// `bench train` over several shapes / checkpointing settings: one table on stderr and a
-/// `RESULT {...}` line per row on stdout; with `--json`, one JSON array on stdout.
-/// A bench row's checkpointing column: `off`, `on` or `offload` (on, layer inputs on the host).
-fn checkpointing_label(checkpointing: bool, offload: bool) -> &'static str {
+/// A bench row's checkpointing setting as `bench train --checkpointing` spells it and the table
+/// shows it: `off`, `on` or `offload` (on, layer inputs on the host).
+pub(crate) fn checkpointing_label(checkpointing: bool, offload: bool) -> &'static str {
     match (checkpointing, offload) {
         (true, true) => "offload",
         (true, false) => "on",
@@ -175,6 +174,8 @@ fn checkpointing_label(checkpointing: bool, offload: bool) -> &'static str {
     }
 }
 
+/// `bench train` over several shapes / checkpointing settings: one table on stderr and a
+/// `RESULT {...}` line per row on stdout; with `--json`, one JSON array on stdout.
 pub fn bench_train_table(rows: &[crate::train::bench::BenchRow], json_only: bool) {
     use crate::train::bench::BenchRow;
     if json_only {

@@ -62,21 +62,6 @@ pub fn train_on_devices(
     progress: &dyn ProgressSink,
     cancel: &AtomicBool,
 ) -> Result<BTreeMap<String, serde_json::Value>, StageError> {
-    let program = std::env::current_exe().map_err(|error| {
-        StageError::Internal(format!("finding the peftpipe executable: {error}"))
-    })?;
-    train_on_devices_with(&program, job, devices, progress, cancel)
-}
-
-/// [`train_on_devices`] with the rank processes running `program` (tests pass the built
-/// binary; the stage passes its own executable).
-pub fn train_on_devices_with(
-    program: &Path,
-    job: &TrainJob,
-    devices: &DevicesConfig,
-    progress: &dyn ProgressSink,
-    cancel: &AtomicBool,
-) -> Result<BTreeMap<String, serde_json::Value>, StageError> {
     let user = |message: String| StageError::User(format!("devices: {message}"));
     let kind = device_kind(&job.device).map_err(user)?;
     let indices = if kind == "cpu" {
@@ -112,8 +97,11 @@ pub fn train_on_devices_with(
         .and_then(|()| file.flush())
         .map_err(|error| StageError::Internal(format!("writing the rank job: {error}")))?;
 
+    let program = std::env::current_exe().map_err(|error| {
+        StageError::Internal(format!("finding the peftpipe executable: {error}"))
+    })?;
     let plan = LaunchPlan {
-        program: program.to_path_buf(),
+        program,
         args: vec![RANK_COMMAND.into(), file.path().as_os_str().to_owned()],
         devices: physical,
         master_port: free_port()?,
@@ -253,16 +241,9 @@ pub fn run_rank(job_path: &Path) -> Result<(), String> {
     let world = World::from_env().map_err(|error| error.to_string())?;
     let text = std::fs::read(job_path)
         .map_err(|error| format!("reading {}: {error}", job_path.display()))?;
-    let mut job: TrainJob = serde_json::from_slice(&text)
+    let job: TrainJob = serde_json::from_slice(&text)
         .map_err(|error| format!("{}: not a train job: {error}", job_path.display()))?;
-    if device_kind(&job.device)? == "cuda" {
-        job.device = format!("cuda:{}", world.local_rank);
-    }
-    let comm: Box<dyn Communicator> = if world.world_size == 1 {
-        Box::new(Solo)
-    } else {
-        communicator(&world, &job.device)?
-    };
+    let (job, comm) = join_world(job, &world)?;
     let cancel = AtomicBool::new(false);
     let progress: &dyn ProgressSink = if world.is_main() {
         &StdoutSink
@@ -303,12 +284,29 @@ const FOLLOW_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30 * 
 const JOB_TAG: &[u8] = b"job:";
 const EXIT_TAG: &[u8] = b"exit";
 
-/// The job as a rank trains it: on CUDA, on `cuda:LOCAL_RANK`.
-fn on_local_device(mut job: TrainJob, world: &World) -> Result<TrainJob, String> {
+/// The job as this rank of `world` trains it (on CUDA, on `cuda:LOCAL_RANK`) and the
+/// communicator it trains with (none needed in a world of one).
+fn join_world(
+    mut job: TrainJob,
+    world: &World,
+) -> Result<(TrainJob, Box<dyn Communicator>), String> {
     if device_kind(&job.device)? == "cuda" {
         job.device = format!("cuda:{}", world.local_rank);
     }
-    Ok(job)
+    let comm: Box<dyn Communicator> = if world.world_size == 1 {
+        Box::new(Solo)
+    } else {
+        communicator(world, &job.device)?
+    };
+    Ok((job, comm))
+}
+
+/// Rank 0's rendezvous address of a world of several ranks.
+fn master(world: &World) -> Result<(String, u16), String> {
+    world
+        .master
+        .clone()
+        .ok_or_else(|| "a world of several ranks without MASTER_ADDR/MASTER_PORT".to_string())
 }
 
 /// Rank 0 of an outside launcher's world: hand `job` to the followers and train it as rank 0.
@@ -323,9 +321,7 @@ pub fn lead(
     let _turn = ONE_AT_A_TIME
         .lock()
         .map_err(|_| StageError::Internal("a previous train stage panicked".into()))?;
-    let (_, port) = world.master.clone().ok_or_else(|| {
-        StageError::Internal("a world of several ranks without MASTER_ADDR/MASTER_PORT".into())
-    })?;
+    let (_, port) = master(world).map_err(StageError::Internal)?;
     let mut payload = JOB_TAG.to_vec();
     payload
         .extend(serde_json::to_vec(job).map_err(|error| StageError::Internal(error.to_string()))?);
@@ -342,8 +338,7 @@ pub fn lead(
         crate::train::distributed::DEFAULT_TIMEOUT,
     )
     .map_err(|error| failed(error.to_string()))?;
-    let job = on_local_device(job.clone(), world).map_err(failed)?;
-    let comm = communicator(world, &job.device).map_err(failed)?;
+    let (job, comm) = join_world(job.clone(), world).map_err(failed)?;
     let mut summary = train_job(&job, comm.as_ref(), progress, cancel)?;
     summary.insert("devices".into(), serde_json::json!(world.world_size));
     Ok(summary)
@@ -352,10 +347,7 @@ pub fn lead(
 /// Rank 0 of an outside launcher's world, at the end of its run: tell the followers to exit
 /// (bounded: a follower that is gone is not waited for long).
 pub fn dismiss(world: &World) -> Result<(), String> {
-    let (_, port) = world
-        .master
-        .clone()
-        .ok_or("a world of several ranks without MASTER_ADDR/MASTER_PORT")?;
+    let (_, port) = master(world)?;
     crate::train::distributed::rendezvous::serve(
         port,
         world.world_size,
@@ -370,10 +362,7 @@ pub fn dismiss(world: &World) -> Result<(), String> {
 /// collectives end with the failure, and it still dismisses everyone). Errors when a job failed
 /// (after the run ended) or rank 0 could not be reached.
 pub fn follow(world: &World, on_failure: &mut dyn FnMut(&str)) -> Result<(), String> {
-    let (address, port) = world
-        .master
-        .clone()
-        .ok_or("a world of several ranks without MASTER_ADDR/MASTER_PORT")?;
+    let (address, port) = master(world)?;
     let mut failures = Vec::new();
     loop {
         let payload = crate::train::distributed::rendezvous::join(
@@ -395,9 +384,8 @@ pub fn follow(world: &World, on_failure: &mut dyn FnMut(&str)) -> Result<(), Str
         };
         let result = serde_json::from_slice::<TrainJob>(text)
             .map_err(|error| format!("not a train job: {error}"))
-            .and_then(|job| on_local_device(job, world))
-            .and_then(|job| {
-                let comm = communicator(world, &job.device)?;
+            .and_then(|job| join_world(job, world))
+            .and_then(|(job, comm)| {
                 train_job(&job, comm.as_ref(), &NullSink, &AtomicBool::new(false))
                     .map_err(|error| error.to_string())
             });
