@@ -897,3 +897,42 @@ fn trained_rms_norm_weight_on_cuda_agrees_with_the_cpu() -> Result<()> {
     }
     Ok(())
 }
+
+/// The vendored candle-core's `GradStore::accumulate` keeps a gradient that arrives as a permuted
+/// view of a dense buffer as it is (attention's q, k, v gradients arrive transposed: copying them
+/// cost 8 strided copies per decoder layer on the H200) and makes any other view contiguous, as
+/// the add made it (a narrowed gradient has rows wider than themselves, which cuBLAS refuses in a
+/// matmul).
+#[test]
+fn the_gradient_store_keeps_transposed_gradients_and_compacts_narrowed_ones() -> Result<()> {
+    let a = Var::from_tensor(&random(&[4, 3])?)?;
+    let weights = projection(&[3, 4], 5)?;
+    let grads = (a.as_tensor().t()? * &weights)?.sum_all()?.backward()?;
+    let Some(gradient) = grads.get(a.as_tensor()) else {
+        panic!("no gradient reached a")
+    };
+    assert!(
+        !gradient.is_contiguous(),
+        "the transposed gradient was copied: {:?}",
+        gradient.layout()
+    );
+    assert_eq!(gradient.to_vec2::<f64>()?, weights.t()?.to_vec2::<f64>()?);
+
+    let b = Var::from_tensor(&random(&[4, 2])?)?;
+    let joined = Tensor::cat(&[b.as_tensor(), &random(&[4, 1])?], 1)?;
+    let weights = projection(&[4, 3], 9)?;
+    let grads = (joined * &weights)?.sum_all()?.backward()?;
+    let Some(gradient) = grads.get(b.as_tensor()) else {
+        panic!("no gradient reached b")
+    };
+    assert!(
+        gradient.is_contiguous(),
+        "the narrowed gradient was kept as a view: {:?}",
+        gradient.layout()
+    );
+    assert_eq!(
+        gradient.to_vec2::<f64>()?,
+        weights.narrow(1, 0, 2)?.to_vec2::<f64>()?
+    );
+    Ok(())
+}

@@ -730,7 +730,30 @@ impl GradStore {
                 *sum_grad = sum_grad.add(grad)?;
             }
             Entry::Vacant(entry) => {
-                entry.insert(grad.contiguous()?);
+                // A permuted view of a dense buffer (a transposed gradient) is kept as it is:
+                // copying it here cost two strided copies per tensor that a backward hands on
+                // transposed (attention's q, k, v and its output's gradient). Any other layout (a
+                // narrowed or broadcast view, which cuBLAS matmuls refuse) is made contiguous, as
+                // the add made it.
+                let mut strides: Vec<(usize, usize)> = grad
+                    .stride()
+                    .iter()
+                    .copied()
+                    .zip(grad.dims().iter().copied())
+                    .filter(|&(_, size)| size > 1)
+                    .collect();
+                strides.sort_unstable();
+                let mut span = 1;
+                let dense = strides.iter().all(|&(stride, size)| {
+                    let next = stride == span;
+                    span *= size;
+                    next
+                });
+                entry.insert(if dense {
+                    grad.clone()
+                } else {
+                    grad.contiguous()?
+                });
             }
         }
         Ok(())
