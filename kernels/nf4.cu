@@ -37,7 +37,27 @@ template <> __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(flo
 }
 template <> __device__ __forceinline__ __half from_f32<__half>(float x) { return __float2half_rn(x); }
 
-// One thread per packed byte (two values), grid-stride.
+// Sixteen values (eight packed bytes, one 8-byte load) as T into `out`, two or four 16-byte stores.
+template <typename T> struct Sixteen {
+    static constexpr int WORDS = 16 * sizeof(T) / 16;  // uint4 stores
+};
+
+template <typename T>
+__device__ __forceinline__ void store16(T* out, const float (&v)[16]) {
+    union {
+        T values[16];
+        uint4 words[Sixteen<T>::WORDS];
+    } u;
+#pragma unroll
+    for (int e = 0; e < 16; ++e) u.values[e] = from_f32<T>(v[e]);
+    uint4* dst = reinterpret_cast<uint4*>(out);
+#pragma unroll
+    for (int w = 0; w < Sixteen<T>::WORDS; ++w) dst[w] = u.words[w];
+}
+
+// Grid-stride over the values: groups of sixteen (one absmax each: the block size is a multiple
+// of 16) through 8-byte loads and 16-byte stores when the buffers are aligned for them, then the
+// rest one packed byte (two values) per thread.
 template <typename T>
 __device__ void dequantize(const uint8_t* packed, const float* code, Absmax absmax, int block_size,
                            unsigned long long count, T* out) {
@@ -46,10 +66,25 @@ __device__ void dequantize(const uint8_t* packed, const float* code, Absmax absm
         levels[threadIdx.x] = code[threadIdx.x];
     }
     __syncthreads();
-    const unsigned long long bytes = (count + 1) / 2;
     const unsigned long long stride = (unsigned long long)gridDim.x * blockDim.x;
-    for (unsigned long long i = (unsigned long long)blockIdx.x * blockDim.x + threadIdx.x; i < bytes;
-         i += stride) {
+    const unsigned long long thread = (unsigned long long)blockIdx.x * blockDim.x + threadIdx.x;
+    const bool vector = block_size % 16 == 0 && reinterpret_cast<uintptr_t>(packed) % 8 == 0 &&
+                        reinterpret_cast<uintptr_t>(out) % 16 == 0;
+    const unsigned long long groups = vector ? count / 16 : 0;
+    for (unsigned long long i = thread; i < groups; i += stride) {
+        const uint2 word = reinterpret_cast<const uint2*>(packed)[i];
+        const float scale = absmax_of(absmax, 16 * i / block_size);
+        float v[16];
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+            const uint32_t byte = ((j < 4 ? word.x : word.y) >> (8 * (j % 4))) & 0xff;
+            v[2 * j] = __fmul_rn(levels[byte >> 4], scale);
+            v[2 * j + 1] = __fmul_rn(levels[byte & 0x0f], scale);
+        }
+        store16<T>(out + 16 * i, v);
+    }
+    const unsigned long long bytes = (count + 1) / 2;
+    for (unsigned long long i = 8 * groups + thread; i < bytes; i += stride) {
         const uint8_t byte = packed[i];
         const unsigned long long first = 2 * i;
         const unsigned long long block = first / block_size;
