@@ -173,12 +173,15 @@ fn rope_with_llama3_scaling_matches_the_cpu_reference() -> Result<()> {
 #[test]
 fn swiglu_matches_the_cpu_reference() -> Result<()> {
     let Some(gpu) = gpu() else { return Ok(()) };
-    for dtype in [DType::BF16, DType::F32] {
-        let gate = random(&[3, 7, 333], 3.0)?;
-        let up = random(&[3, 7, 333], 1.0)?;
-        compare("swiglu", &gpu, dtype, &[gate, up], &|t| {
-            ops::swiglu(&t[0], &t[1])
-        })?;
+    // 6,993 elements: the kernels' element-by-element path; 2,560: their 16-byte chunks.
+    for shape in [[3usize, 7, 333], [2, 5, 256]] {
+        for dtype in [DType::BF16, DType::F32] {
+            let gate = random(&shape, 3.0)?;
+            let up = random(&shape, 1.0)?;
+            compare("swiglu", &gpu, dtype, &[gate, up], &|t| {
+                ops::swiglu(&t[0], &t[1])
+            })?;
+        }
     }
     Ok(())
 }
