@@ -1018,7 +1018,9 @@ __device__ void forward(const T* __restrict__ q, const T* __restrict__ k, const 
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
     const int bh = blockIdx.y, b = bh / heads, h = bh % heads;
     const int kvh = h / (heads / kv_heads);
-    const int q0 = blockIdx.x * BQ;
+    // Causal: the last query tiles see the most keys; they start first (the light tiles fill the
+    // tail of the grid instead of a heavy one running alone at its end).
+    const int q0 = (causal ? gridDim.x - 1 - blockIdx.x : blockIdx.x) * BQ;
     const int warp_q0 = q0 + 16 * warp;  // this warp's first query
     const int qst = row_stride(heads, D, q_bthd), kst = row_stride(kv_heads, D, kv_bthd);
     const T* kb = k + row_offset(b, kvh, 0, kv_heads, keys, D, kv_bthd);
@@ -1237,7 +1239,7 @@ __device__ void backward_dq(const T* __restrict__ q, const T* __restrict__ k, co
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
     const int bh = blockIdx.y, b = bh / heads, h = bh % heads;
     const int kvh = h / (heads / kv_heads);
-    const int q0 = blockIdx.x * BQ;
+    const int q0 = (causal ? gridDim.x - 1 - blockIdx.x : blockIdx.x) * BQ;  // heavy tiles first
     const int warp_q0 = q0 + 16 * warp;
     const int qst = row_stride(heads, D, q_bthd), kst = row_stride(kv_heads, D, kv_bthd);
     const T* kb = k + row_offset(b, kvh, 0, kv_heads, keys, D, kv_bthd);
@@ -1388,8 +1390,10 @@ FLASH_TC_ENTRIES(__half, f16, 128, 32, 32, 16, 32)
 
 // FlashAttention-2-style entry points (bf16/f16, 128 threads, dynamic shared memory of
 // fa2::{forward,dkdv,dq}_smem<D>() bytes): flash_mma_{forward,backward_dkdv,backward_dq}_{bf16,f16}_d{64,128}.
+// The forward asks for three blocks per SM (at most 168 registers: d128 used 179, which left two
+// blocks, 8 warps, per SM); the backward kernels need their ≈ 240 registers and run two.
 #define FLASH_MMA_ENTRIES(T, SUFFIX, D)                                                                   \
-    extern "C" __global__ void __launch_bounds__(fa2::NT) flash_mma_forward_##SUFFIX##_d##D(               \
+    extern "C" __global__ void __launch_bounds__(fa2::NT, 3) flash_mma_forward_##SUFFIX##_d##D(            \
         const T* q, const T* k, const T* v, const unsigned char* valid, T* o, float* lse, int heads,      \
         int kv_heads, int queries, int keys, int offset, int causal, float scale, int q_bthd,             \
         int kv_bthd) {                                                                                   \
