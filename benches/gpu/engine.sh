@@ -75,7 +75,8 @@ tests() {
     [ -x "$t" ] || continue
     case "$t" in *.xz) continue ;; esac
     echo "-- $t"; PEFTPIPE_TEST_DEVICE=cuda timeout 150 "$t" --test-threads 1 --nocapture 2>&1 \
-      | grep -E "^test |test result|panicked|FAILED|store|ratio|verdict|worst" | tail -40
+      | tee "$OUT/$(basename "$t").log" \
+      | grep -E "^test |test result|panicked|FAILED|Error|store|ratio|verdict|worst" | tail -40
   done | tee "$OUT/cuda_tests.txt"
 }
 

@@ -11,7 +11,9 @@
 #   1b       peftpipe bench train, Llama-3.2-1B shape, 8x512, checkpointing off
 #   1b-ckpt  the same with activation checkpointing
 #   8b       peftpipe, Llama-3.1-8B shape, 1x4096
+#   8b-qlora peftpipe QLoRA (NF4, double quant), Llama-3.1-8B shape, 1x4096
 #   anchors  PEFT (bf16 adapters), torch.compile and Unsloth at 1B 8x512, each profiled
+#   anchors-8b  Unsloth 16-bit and Unsloth QLoRA at the 8B shape, 1x4096, each profiled
 set -uo pipefail
 MODE=${1:-1b,anchors}
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -42,7 +44,9 @@ case "$part" in
         --seq 512 --rank 16 --alpha 32 --steps 10 --warmup 3 --checkpointing on ;;
   8b) profiled peftpipe-8b 5 "$BIN" bench train --config "$C8" --device cuda --batch 1 --seq 4096 \
         --rank 16 --alpha 32 --steps 5 --warmup 2 ;;
-  anchors)
+  8b-qlora) profiled peftpipe-8b-qlora 5 "$BIN" bench train --config "$C8" --device cuda --batch 1 \
+        --seq 4096 --method "qlora: {r: 16, alpha: 32, target_modules: all-linear}" --steps 5 --warmup 2 ;;
+  anchors|anchors-8b)
     python3 - <<'EOF'
 import re
 s = open("gpu-run/fast_lora_bench.py").read()
@@ -55,8 +59,17 @@ assert end in s
 s = s.replace(end, "        if is_cuda:\n            torch.cuda.synchronize(); torch.cuda.profiler.stop()\n" + end, 1)
 open("/tmp/fast_lora_bench_prof.py", "w").write(s)
 EOF
-    for a in peft_bf16 compile unsloth; do
-      profiled "anchor-$a-%p" 10 python3 /tmp/fast_lora_bench_prof.py --only "$a" --batch 8 --seq 512 \
+    names="peft_bf16 compile unsloth"; shape="--batch 8 --seq 512"
+    if [ "$part" = anchors-8b ]; then
+      # the Llama-3.1-8B shape in place of the 1B one (as engine.sh's ANCHOR_SHAPE=8b)
+      sed -i -e 's/hidden_size=2048, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,/hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,/' \
+        -e 's/intermediate_size=8192, vocab_size=128256, head_dim=64/intermediate_size=14336, vocab_size=128256, head_dim=128/' \
+        /tmp/fast_lora_bench_prof.py
+      grep -q "hidden_size=4096" /tmp/fast_lora_bench_prof.py || echo "WARNING: 8B substitution failed"
+      names="unsloth unsloth_qlora"; shape="--batch 1 --seq 4096"
+    fi
+    for a in $names; do
+      profiled "anchor-$a-%p" 10 python3 /tmp/fast_lora_bench_prof.py --only "$a" $shape \
         --budget 200 --steps 10 --warmup 3
       for f in "$OUT"/prof-anchor-$a-*.txt; do
         grep -q "cuProfilerStart" "$f" && { mv "$f" "$OUT/prof-anchor-$a.txt"; head -28 "$OUT/prof-anchor-$a.txt"; } || rm -f "$f"
