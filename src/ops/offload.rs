@@ -204,15 +204,21 @@ mod cuda {
         Ok((base, stream.cu_stream()))
     }
 
-    /// Queue the copy of `x` into `buffer` on `x`'s stream.
-    pub fn copy_to_host(x: &Tensor, buffer: &mut PinnedBuffer) -> Result<()> {
+    /// `x`'s size in bytes, which must fit in `buffer` (`direction`: "into" / "from", for the error).
+    fn fitting_bytes(x: &Tensor, buffer: &PinnedBuffer, direction: &str) -> Result<usize> {
         let bytes = x.elem_count() * x.dtype().size_in_bytes();
         if bytes > buffer.bytes {
             candle_core::bail!(
-                "host stash: {bytes} bytes into a buffer of {}",
+                "host stash: {bytes} bytes {direction} a buffer of {}",
                 buffer.bytes
             );
         }
+        Ok(bytes)
+    }
+
+    /// Queue the copy of `x` into `buffer` on `x`'s stream.
+    pub fn copy_to_host(x: &Tensor, buffer: &mut PinnedBuffer) -> Result<()> {
+        let bytes = fitting_bytes(x, buffer, "into")?;
         let (src, stream) = address(x)?;
         // SAFETY: `buffer` holds at least `bytes` bytes and outlives the copy (it is freed only
         // after the stash synchronized the device); `src` is `bytes` bytes of `x`, whose device
@@ -224,13 +230,7 @@ mod cuda {
 
     /// Queue the copy of `buffer`'s first bytes into `x` (contiguous, fresh) on `x`'s stream.
     pub fn copy_from_host(buffer: &PinnedBuffer, x: &Tensor) -> Result<()> {
-        let bytes = x.elem_count() * x.dtype().size_in_bytes();
-        if bytes > buffer.bytes {
-            candle_core::bail!(
-                "host stash: {bytes} bytes from a buffer of {}",
-                buffer.bytes
-            );
-        }
+        let bytes = fitting_bytes(x, buffer, "from")?;
         let (dst, stream) = address(x)?;
         // SAFETY: `buffer` holds at least `bytes` bytes and outlives the copy; `x` is a fresh
         // tensor of `bytes` bytes no other handle writes.
