@@ -18,7 +18,7 @@ use super::{
 };
 use crate::ops::{
     add_residual, attention_heads, causal_attention, full_attention, rms_norm, rope_heads,
-    RotaryEmbedding,
+    NormedInput, RotaryEmbedding,
 };
 
 /// Build one linear layer from `vb` (`weight [out, in]`, optional `bias [out]`) via the factory;
@@ -139,21 +139,23 @@ impl SelfAttention {
     fn forward(
         &self,
         layer: usize,
-        x: &Tensor,
+        x: NormedInput,
         cos: &Tensor,
         sin: &Tensor,
         step: &Step,
         hooks: &Hooks,
         cached: Option<&(Tensor, Tensor)>,
     ) -> Result<(Tensor, (Tensor, Tensor))> {
-        let dtype = x.dtype();
+        let dtype = x.input().dtype();
         // On CUDA the heads stay where the projections wrote them (`[B, T, heads, D]` views, RoPE
         // written in place) and the flash kernels read them there; elsewhere they are copied into
         // `[B, heads, T, D]` (ops::rope_heads, ops::attention_heads).
         let (heads, kv_heads, dim) = (self.heads, self.kv_heads, self.head_dim);
-        let query = rope_heads(self.q_proj.forward(x)?, heads, dim, cos, sin)?;
-        let key = rope_heads(self.k_proj.forward(x)?, kv_heads, dim, cos, sin)?;
-        let value = attention_heads(&self.v_proj.forward(x)?, kv_heads, dim)?;
+        let query = rope_heads(self.q_proj.forward_normed(&x)?, heads, dim, cos, sin)?;
+        let key = rope_heads(self.k_proj.forward_normed(&x)?, kv_heads, dim, cos, sin)?;
+        let value = attention_heads(&self.v_proj.forward_normed(&x)?, kv_heads, dim)?;
+        // The norm's output (when the projections computed it) is freed here, not kept.
+        drop(x);
 
         let mut keys = Vec::with_capacity(3);
         let mut values = Vec::with_capacity(3);
@@ -245,9 +247,10 @@ impl Mlp {
     }
 
     /// SwiGLU: `down(silu(gate(x)) · up(x))`.
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let gate = self.gate_proj.forward(x)?;
-        let up = self.up_proj.forward(x)?;
+    fn forward(&self, x: NormedInput) -> Result<Tensor> {
+        let gate = self.gate_proj.forward_normed(&x)?;
+        let up = self.up_proj.forward_normed(&x)?;
+        drop(x);
         self.down_proj.forward_swiglu(&gate, &up)
     }
 }
@@ -273,6 +276,18 @@ impl RmsNorm {
                 bail!("norm `{}`: an RMSNorm has no bias", self.path)
             }
             Some(replaced) => rms_norm(x, &replaced.weight, eps),
+        }
+    }
+
+    /// [`Self::forward`] as the input of linear layers, which may read it without keeping it
+    /// (`ops::NormedInput`).
+    fn normed(&self, x: &Tensor, eps: f64, hooks: &Hooks) -> Result<NormedInput> {
+        match hooks.norms.get(&self.path) {
+            None => NormedInput::rms(x, &self.weight, eps),
+            Some(NormWeights { bias: Some(_), .. }) => {
+                bail!("norm `{}`: an RMSNorm has no bias", self.path)
+            }
+            Some(replaced) => NormedInput::rms(x, &replaced.weight, eps),
         }
     }
 
@@ -427,18 +442,18 @@ impl Llama {
             .layers
             .get(index)
             .ok_or_else(|| candle_core::Error::Msg(format!("no decoder layer {index}")))?;
-        let normed = layer.input_layernorm.forward(x, self.rms_norm_eps, hooks)?;
+        let normed = layer.input_layernorm.normed(x, self.rms_norm_eps, hooks)?;
         let (attended, key_values) = layer
             .self_attn
-            .forward(index, &normed, cos, sin, step, hooks, cached)?;
+            .forward(index, normed, cos, sin, step, hooks, cached)?;
         // `add_residual`: layer 0's input (the embeddings) is a constant and gets no gradient; on
         // CUDA the sum is written into the branch's output (each branch output is read by nothing
         // else, `LinearLayer::forward`).
         let x = add_residual(attended, x)?;
         let normed = layer
             .post_attention_layernorm
-            .forward(&x, self.rms_norm_eps, hooks)?;
-        let x = add_residual(layer.mlp.forward(&normed)?, &x)?;
+            .normed(&x, self.rms_norm_eps, hooks)?;
+        let x = add_residual(layer.mlp.forward(normed)?, &x)?;
         Ok((x, key_values))
     }
 }

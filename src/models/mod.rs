@@ -59,6 +59,14 @@ pub trait LinearLayer: Send + Sync {
         self.forward(&crate::ops::swiglu(gate, up)?)
     }
 
+    /// `forward(rms_norm(x))` of an RMSNorm's output (a decoder layer's q/k/v or gate/up). A layer
+    /// may compute it without keeping the norm's output alive for the backward
+    /// (`ops::NormedInput`: LoRA through `ops::low_rank_norm_linear`, frozen layers through
+    /// `ops::frozen_norm_linear`); the default reads the plain norm node.
+    fn forward_normed(&self, x: &crate::ops::NormedInput) -> Result<Tensor> {
+        self.forward(&x.normed()?)
+    }
+
     /// `Some(W)` when the layer is exactly the frozen `x·Wᵀ` (no bias, no adapter), so a loss may
     /// fuse the projection (`ops::next_token_linear_cross_entropy`); `None` otherwise.
     fn frozen_weight(&self) -> Option<&Tensor> {
@@ -78,6 +86,14 @@ impl LinearWeights {
     /// `(out_features, in_features)`.
     pub fn dims(&self) -> Result<(usize, usize)> {
         self.weight.dims2()
+    }
+
+    /// The weights as the frozen map of an op (`ops::frozen_norm_linear`, `ops::low_rank_linear`).
+    pub fn dense_map(&self) -> std::sync::Arc<dyn crate::ops::FrozenMap> {
+        std::sync::Arc::new(crate::ops::DenseMap {
+            weight: self.weight.clone(),
+            bias: self.bias.clone(),
+        })
     }
 }
 
@@ -192,6 +208,10 @@ impl LinearLayer for FrozenQuantizedLinear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         self.0.forward(x)
     }
+
+    fn forward_normed(&self, x: &crate::ops::NormedInput) -> Result<Tensor> {
+        crate::ops::frozen_norm_linear(x, std::sync::Arc::new(self.0.clone()))
+    }
 }
 
 /// `y = x·Wᵀ + b` with frozen `W`, `b`: the gradient reaches `x` only (see `ops::linear`).
@@ -213,6 +233,10 @@ impl FrozenLinear {
 impl LinearLayer for FrozenLinear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         crate::ops::linear(x, &self.weights.weight, self.weights.bias.as_ref())
+    }
+
+    fn forward_normed(&self, x: &crate::ops::NormedInput) -> Result<Tensor> {
+        crate::ops::frozen_norm_linear(x, self.weights.dense_map())
     }
 
     fn frozen_weight(&self) -> Option<&Tensor> {

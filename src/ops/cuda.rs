@@ -454,6 +454,14 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
     }
 }
 
+/// RMSNorm's input gradient for a frozen `weight`: the fused backward kernel, exactly what
+/// [`rms_norm`]'s node returns (`super::norm::NormedInput`'s stand-in runs it).
+pub fn rms_norm_input_grad(x: &Tensor, weight: &Tensor, grad: &Tensor, eps: f64) -> Result<Tensor> {
+    let x = x.contiguous()?;
+    let weight = weight.detach().to_dtype(x.dtype())?.contiguous()?;
+    x.apply_op3_no_bwd(&weight, &grad.contiguous()?, &NormBackward::rms(eps as f32))
+}
+
 // ---- LayerNorm ----------------------------------------------------------------------------------
 
 /// GPT-2's LayerNorm forward: inputs `(x, weight, bias)`; without a bias the third input is the

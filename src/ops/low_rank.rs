@@ -20,8 +20,9 @@ use std::sync::Arc;
 
 use candle_core::{bail, DType, Result, Tensor};
 
-use super::attach::with_backward3;
+use super::attach::{with_backward, with_backward3};
 use super::linear::frozen_linear;
+use super::norm::NormedInput;
 
 /// The frozen part `f` of a low-rank adapted linear map.
 pub trait FrozenMap: Send + Sync {
@@ -229,6 +230,67 @@ pub fn low_rank_linear(
             ])
         },
     )
+}
+
+/// [`low_rank_linear`] of an RMSNorm's output (`input`, see [`NormedInput`]): the output is read
+/// from `input` in the forward and recomputed from the norm's input in the backward instead of
+/// being kept alive from one to the other. A norm that cannot be deferred (a trained weight) is
+/// read as a plain node. Gradients reach the norm's input (through the stand-in), `A` and `B`.
+pub fn low_rank_norm_linear(
+    input: &NormedInput,
+    base: Arc<dyn FrozenMap>,
+    a: &Tensor,
+    b: &Tensor,
+    scale: f64,
+    mask: Option<Tensor>,
+) -> Result<Tensor> {
+    let Some((stand_in, value, renorm)) = input.deferred()? else {
+        return low_rank_linear(&input.normed()?, base, a, b, scale, mask);
+    };
+    let plan = Plan::new(value.dims(), value.dtype(), base, (a, b), scale, mask)?;
+    let (y, hidden) = plan.forward(&rows_of(&value, plan.rows, plan.in_features)?)?;
+    drop(value);
+    let y = y.reshape(with_last(stand_in.dims(), plan.out_features))?;
+    with_backward3(
+        "low-rank-norm-linear",
+        [&stand_in, a, b],
+        y,
+        move |[stand_in, a, b], _y, grad| {
+            let input = rows_of(&renorm.apply(stand_in)?, plan.rows, plan.in_features)?;
+            let need = [stand_in.track_op(), a.track_op(), b.track_op()];
+            let (gx, ga, gb) = plan.backward(grad, &input, &hidden, need)?;
+            Ok([
+                gx.map(|g| g.reshape(stand_in.shape())).transpose()?,
+                ga.map(|g| g.to_dtype(a.dtype())).transpose()?,
+                gb.map(|g| g.to_dtype(b.dtype())).transpose()?,
+            ])
+        },
+    )
+}
+
+/// The frozen map `f` of an RMSNorm's output (`input`, see [`NormedInput`]), keeping neither the
+/// output nor anything else: the backward is `f'(dy)` alone. A norm that cannot be deferred is
+/// read as a plain node.
+pub fn frozen_norm_linear(input: &NormedInput, base: Arc<dyn FrozenMap>) -> Result<Tensor> {
+    let (node_input, value) = match input.deferred()? {
+        Some((stand_in, value, _)) => (stand_in, value),
+        None => {
+            let normed = input.normed()?;
+            let value = normed.detach();
+            (normed, value)
+        }
+    };
+    let dims = value.dims().to_vec();
+    let in_features = *dims.last().unwrap_or(&0);
+    let rows = value.elem_count() / in_features.max(1);
+    let y = base.forward(&rows_of(&value, rows, in_features)?)?;
+    drop(value);
+    let out_features = y.dim(1)?;
+    let y = y.reshape(with_last(&dims, out_features))?;
+    with_backward("frozen-norm-linear", &node_input, y, move |x, _y, grad| {
+        let dy = grad.contiguous()?.reshape((rows, out_features))?;
+        base.input_grad(&dy)?.reshape(x.shape())
+    })
 }
 
 /// [`low_rank_linear`] of SwiGLU's `silu(gate) · up` (`gate`, `up` `[.., in]`), the down projection
@@ -475,6 +537,99 @@ mod tests {
             None
         )
         .is_err());
+        Ok(())
+    }
+
+    /// Whether any node of `y`'s graph holds exactly `values` (compared element by element).
+    fn graph_holds(y: &Tensor, values: &Tensor) -> Result<bool> {
+        let values = values.flatten_all()?.to_vec1::<f64>()?;
+        for node in y.sorted_nodes() {
+            if node.elem_count() == values.len() && node.flatten_all()?.to_vec1::<f64>()? == values
+            {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
+    #[test]
+    fn norm_forms_equal_the_composition_and_keep_no_norm_output() -> Result<()> {
+        let device = Device::Cpu;
+        for with_mask in [false, true] {
+            let x = Var::randn(0f64, 1.0, (2, 3, 5), &device)?;
+            let norm_weight = Tensor::randn(1f64, 0.2, 5, &device)?;
+            let w = Tensor::randn(0f64, 1.0, (4, 5), &device)?;
+            let bias = Tensor::randn(0f64, 1.0, 4, &device)?;
+            let w2 = Tensor::randn(0f64, 1.0, (3, 5), &device)?;
+            let a = Var::randn(0f64, 1.0, (2, 5), &device)?;
+            let b = Var::randn(0f64, 1.0, (4, 2), &device)?;
+            let mask = with_mask.then(|| random_mask(6, 5)).transpose()?;
+            let base = Arc::new(DenseMap {
+                weight: w.clone(),
+                bias: Some(bias.clone()),
+            });
+            let frozen = Arc::new(DenseMap {
+                weight: w2.clone(),
+                bias: None,
+            });
+            // Two layers read one norm (as q and k do), and the norm's input is also read by a
+            // residual path: every gradient reaches x through the stand-in once.
+            let normed = NormedInput::rms(x.as_tensor(), &norm_weight, 1e-5)?;
+            let adapted = low_rank_norm_linear(
+                &normed,
+                base.clone(),
+                a.as_tensor(),
+                b.as_tensor(),
+                1.5,
+                mask.clone(),
+            )?;
+            let plain = frozen_norm_linear(&normed, frozen.clone())?;
+            let output = normed.input().sum_keepdim(2)?.broadcast_add(&plain)?;
+            let ours = Tensor::cat(&[&adapted, &output], 2)?;
+            let h = crate::ops::rms_norm(x.as_tensor(), &norm_weight, 1e-5)?;
+            assert!(!graph_holds(&ours, &h)?, "the norm's output is kept");
+            drop(normed);
+
+            let theirs_adapted = composed(
+                &h,
+                &w,
+                &bias,
+                a.as_tensor(),
+                b.as_tensor(),
+                1.5,
+                mask.as_ref(),
+            )?;
+            let theirs_plain = crate::ops::frozen_linear(&h, &w2)?;
+            let theirs_output = x.as_tensor().sum_keepdim(2)?.broadcast_add(&theirs_plain)?;
+            let theirs = Tensor::cat(&[&theirs_adapted, &theirs_output], 2)?;
+            assert!(
+                graph_holds(&theirs, &h)?,
+                "the composition keeps the norm's output"
+            );
+            assert_same(&ours, &theirs, &[&x, &a, &b], &format!("mask: {with_mask}"))?;
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn a_trained_norm_weight_is_read_as_the_plain_node_and_gets_its_gradient() -> Result<()> {
+        let device = Device::Cpu;
+        let x = Var::randn(0f64, 1.0, (1, 3, 5), &device)?;
+        let norm_weight = Var::randn(1f64, 0.2, 5, &device)?;
+        let w = Tensor::randn(0f64, 1.0, (4, 5), &device)?;
+        let a = Var::randn(0f64, 1.0, (2, 5), &device)?;
+        let b = Var::randn(0f64, 1.0, (4, 2), &device)?;
+        let base = Arc::new(DenseMap {
+            weight: w.clone(),
+            bias: None,
+        });
+        let normed = NormedInput::rms(x.as_tensor(), norm_weight.as_tensor(), 1e-5)?;
+        assert!(normed.deferred()?.is_none());
+        let ours = low_rank_norm_linear(&normed, base, a.as_tensor(), b.as_tensor(), 0.5, None)?;
+        let h = crate::ops::rms_norm(x.as_tensor(), norm_weight.as_tensor(), 1e-5)?;
+        let zero = Tensor::zeros(4, DType::F64, &device)?;
+        let theirs = composed(&h, &w, &zero, a.as_tensor(), b.as_tensor(), 0.5, None)?;
+        assert_same(&ours, &theirs, &[&x, &norm_weight, &a, &b], "trained norm")?;
         Ok(())
     }
 }

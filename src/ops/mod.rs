@@ -44,8 +44,11 @@ pub use loss::{
     cross_entropy, linear_cross_entropy, next_token_cross_entropy, next_token_linear_cross_entropy,
     token_nll, CrossEntropy,
 };
-pub use low_rank::{low_rank_linear, low_rank_swiglu_linear, DenseMap, FrozenMap};
-pub use norm::{layer_norm, rms_norm};
+pub use low_rank::{
+    frozen_norm_linear, low_rank_linear, low_rank_norm_linear, low_rank_swiglu_linear, DenseMap,
+    FrozenMap,
+};
+pub use norm::{layer_norm, rms_norm, NormedInput, Renorm};
 pub use rope::{apply_rope, rope_heads, RopeScaling, RotaryEmbedding};
 pub use softmax::{masked_softmax, softmax_last_dim};
 pub use swiglu::{swiglu, swiglu_backward};

@@ -195,6 +195,116 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
     })
 }
 
+/// The input gradient of RMSNorm with a frozen `weight`, by the same path [`rms_norm`]'s node
+/// takes (the fused kernel on CUDA, [`rms_input_grad`] elsewhere).
+fn frozen_rms_input_grad(x: &Tensor, grad: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if super::cuda::applies("rms_norm", x) {
+        return super::cuda::rms_norm_input_grad(x, weight, grad, eps);
+    }
+    rms_input_grad(x, grad, &weight.to_dtype(x.dtype())?, eps)
+}
+
+/// An RMSNorm's output `rms_norm(x, weight, eps)` as the input of linear layers, which may read it
+/// without keeping it for the backward (`LinearLayer::forward_normed`).
+///
+/// A layer's node keeps its input alive until the backward ends; the norm's output (`[rows,
+/// hidden]`, one per norm, read by q/k/v or by gate/up) is then kept only so the backward can read
+/// it again, while the norm's input `x` (the residual stream) is kept anyway. A deferring layer
+/// computes its forward from [`NormedInput::value`] (computed once, dropped with this struct) and
+/// enters the graph through [`NormedInput::deferred`]'s stand-in instead: a node that holds `x`'s
+/// buffer (no copy) and whose gradient is the gradient *of the norm's output*, which its backward
+/// turns into `x`'s (the same kernel [`rms_norm`]'s node runs, once for all the layers that read
+/// it, their gradients summed first as for the norm's output). The layer's backward recomputes
+/// the output from the stand-in with [`Renorm`]. A layer that does not defer reads
+/// [`NormedInput::normed`], the plain [`rms_norm`] node; both kinds may read one `NormedInput`.
+/// A tracked `weight` (a trained copy) is never deferred: its gradient needs the norm's node.
+pub struct NormedInput {
+    x: Tensor,
+    weight: Tensor,
+    eps: f64,
+    value: std::cell::OnceCell<Tensor>,
+    normed: std::cell::OnceCell<Tensor>,
+    stand_in: std::cell::OnceCell<Tensor>,
+}
+
+/// Recomputes a deferred norm's output from its stand-in: the detached forward of [`rms_norm`],
+/// bit for bit what [`NormedInput::value`] holds.
+#[derive(Clone)]
+pub struct Renorm {
+    weight: Tensor,
+    eps: f64,
+}
+
+impl Renorm {
+    /// `rms_norm(stand_in, weight, eps)`, detached.
+    pub fn apply(&self, stand_in: &Tensor) -> Result<Tensor> {
+        rms_norm(&stand_in.detach(), &self.weight, self.eps)
+    }
+}
+
+impl NormedInput {
+    /// `rms_norm(x, weight, eps)` to be read by layers; nothing is computed yet.
+    pub fn rms(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Self> {
+        check_weight("rms_norm", x, weight)?;
+        Ok(Self {
+            x: x.clone(),
+            weight: weight.clone(),
+            eps,
+            value: Default::default(),
+            normed: Default::default(),
+            stand_in: Default::default(),
+        })
+    }
+
+    /// The norm's output as a plain graph node ([`rms_norm`]), made once.
+    pub fn normed(&self) -> Result<Tensor> {
+        if let Some(normed) = self.normed.get() {
+            return Ok(normed.clone());
+        }
+        let normed = rms_norm(&self.x, &self.weight, self.eps)?;
+        Ok(self.normed.get_or_init(|| normed).clone())
+    }
+
+    /// The norm's input: the output has its shape, dtype and device.
+    pub fn input(&self) -> &Tensor {
+        &self.x
+    }
+
+    /// `None` when the norm cannot be deferred (a tracked weight); otherwise the stand-in node to
+    /// enter the graph through, the detached output for the forward, and how to recompute it.
+    pub fn deferred(&self) -> Result<Option<(Tensor, Tensor, Renorm)>> {
+        if self.weight.track_op() {
+            return Ok(None);
+        }
+        let value = match self.value.get() {
+            Some(value) => value.clone(),
+            None => {
+                let value = rms_norm(&self.x.detach(), &self.weight, self.eps)?;
+                self.value.get_or_init(|| value).clone()
+            }
+        };
+        let stand_in = match self.stand_in.get() {
+            Some(stand_in) => stand_in.clone(),
+            None => {
+                let (weight, eps) = (self.weight.detach(), self.eps);
+                let stand_in = with_backward(
+                    "rms-norm-deferred",
+                    &self.x,
+                    self.x.detach(),
+                    move |x, _, grad| frozen_rms_input_grad(x, grad, &weight, eps),
+                )?;
+                self.stand_in.get_or_init(|| stand_in).clone()
+            }
+        };
+        let renorm = Renorm {
+            weight: self.weight.detach(),
+            eps: self.eps,
+        };
+        Ok(Some((stand_in, value, renorm)))
+    }
+}
+
 /// LayerNorm over the last dimension: `weight · (x − mean)/sqrt(var + eps) + bias`. A tracked
 /// `weight` or `bias` (a trained copy) gets its gradient; frozen ones are constants.
 pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, eps: f64) -> Result<Tensor> {

@@ -14,7 +14,10 @@
 //! - activations  per layer and token, what autograd keeps:
 //!   attention block: norm input h, normed h, q h, k kv, v kv, context h  → 4h + 2kv;
 //!   MLP block: norm input h, normed h, gate i, up i, silu(gate)·up i      → 2h + 3i;
-//!   so b·s·(6h + 2kv + 3i)·w per layer, plus what attention keeps:
+//!   so b·s·(6h + 2kv + 3i)·w per layer. A Llama-family model keeps neither normed h: its
+//!   projections read the RMSNorm's output without keeping it (`ops::NormedInput`), so
+//!   b·s·(4h + 2kv + 3i)·w. (silu(gate)·up is still counted: only an adapted down projection
+//!   recomputes it.) Plus what attention keeps:
 //!   - CUDA: the flash kernel (`ops::flash`) saves only its output (the context, counted above)
 //!     and one f32 log-sum-exp per head and query: b·a·s·4; the backward recomputes the
 //!     probabilities.
@@ -107,7 +110,12 @@ pub fn estimate_training_memory(config: &ModelConfig, query: &MemoryQuery) -> Me
         MemoryDevice::Cuda => b * a * s * 4.0,
         MemoryDevice::Cpu => b * a * s * s * w,
     };
-    let per_layer = b * s * (6.0 * h + 2.0 * kv + 3.0 * i) * w + kept_by_attention;
+    // GPT-2's LayerNorm outputs are kept; a Llama's RMSNorm outputs are not (see the module docs).
+    let norm_outputs = match config.architecture() {
+        crate::models::Architecture::Llama => 0.0,
+        crate::models::Architecture::Gpt2 => 2.0 * h,
+    };
+    let per_layer = b * s * (4.0 * h + norm_outputs + 2.0 * kv + 3.0 * i) * w + kept_by_attention;
     let logits = match query.device {
         MemoryDevice::Cuda => {
             // One chunk of logits (compute dtype) and its f32 gradient, plus dhidden.
@@ -160,11 +168,12 @@ mod tests {
         );
         assert_eq!(estimate.adapter, 400.0);
         assert_eq!(estimate.optimizer, 800.0);
-        // Per layer: 2·4·(48 + 8 + 48)·2 + 2·2·16·2 = 1664 + 128; logits 2·4·32·8 = 2048.
-        assert_eq!(estimate.activations, 3.0 * 1792.0 + 2048.0);
+        // Per layer: 2·4·(32 + 8 + 48)·2 + 2·2·16·2 = 1408 + 128 (a Llama keeps no norm
+        // output); logits 2·4·32·8 = 2048.
+        assert_eq!(estimate.activations, 3.0 * 1536.0 + 2048.0);
         assert_eq!(
             estimate.activations_checkpointed,
-            3.0 * 2.0 * 4.0 * 8.0 * 2.0 + 1792.0 + 2048.0
+            3.0 * 2.0 * 4.0 * 8.0 * 2.0 + 1536.0 + 2048.0
         );
         assert!(estimate.total_checkpointed < estimate.total);
         assert_eq!(
@@ -188,7 +197,7 @@ mod tests {
         );
         assert_eq!(
             cuda.activations,
-            3.0 * (1664.0 + 64.0) + 512.0 + 1024.0 + 128.0
+            3.0 * (1408.0 + 64.0) + 512.0 + 1024.0 + 128.0
         );
     }
 

@@ -117,6 +117,10 @@ impl LinearLayer for FrozenLayer {
         frozen_forward(x, &self.0.weight, self.0.bias.as_ref())
     }
 
+    fn forward_normed(&self, x: &crate::ops::NormedInput) -> candle_core::Result<Tensor> {
+        crate::ops::frozen_norm_linear(x, self.0.dense_map())
+    }
+
     fn frozen_weight(&self) -> Option<&Tensor> {
         self.0.bias.is_none().then_some(&self.0.weight)
     }
@@ -132,6 +136,10 @@ impl LinearLayer for LoraHandle {
 
     fn forward_swiglu(&self, gate: &Tensor, up: &Tensor) -> candle_core::Result<Tensor> {
         self.0.forward(gate, Some(up))
+    }
+
+    fn forward_normed(&self, x: &crate::ops::NormedInput) -> candle_core::Result<Tensor> {
+        self.0.forward_normed(x)
     }
 }
 
@@ -156,6 +164,55 @@ impl LoraLinear {
             }
             Base::Quantized(base) => base.weight.dequantize(base.compute_dtype),
         }
+    }
+
+    /// The dropout mask for an input like `x` (a constant: no gradient is stored for it) and the
+    /// factors `A`, `B`, detached in inference mode: with a frozen base and untracked inputs the
+    /// forward pass then builds no autograd graph (evaluation, generation).
+    fn factors(&self, x: &Tensor) -> candle_core::Result<(Option<Tensor>, Tensor, Tensor)> {
+        let training = self.runtime.training.load(Ordering::Acquire);
+        let mask = if self.dropout > 0.0 && training {
+            let in_features = x.dim(candle_core::D::Minus1)?;
+            let rows = x.elem_count() / in_features.max(1);
+            let seed = mix_seed(
+                self.runtime.dropout_seed.load(Ordering::Acquire),
+                &self.path,
+            );
+            Some(dropout_mask(seed, self.dropout, rows, in_features, x)?)
+        } else {
+            None
+        };
+        let (a, b) = if training {
+            (self.a.as_tensor().clone(), self.b.as_tensor().clone())
+        } else {
+            (self.a.as_tensor().detach(), self.b.as_tensor().detach())
+        };
+        Ok((mask, a, b))
+    }
+
+    /// The frozen base as an op's frozen map.
+    fn frozen_map(&self) -> candle_core::Result<Arc<dyn crate::ops::FrozenMap>> {
+        Ok(match &self.base {
+            Base::Dense { weight, bias } => Arc::new(crate::ops::DenseMap {
+                weight: weight.read().map_err(|_| lock_error(&self.path))?.clone(),
+                bias: bias.clone(),
+            }),
+            Base::Quantized(base) => Arc::new(base.clone()),
+        })
+    }
+
+    /// `forward(rms_norm(..))` of an RMSNorm's output: plain LoRA and a merged layer read it
+    /// without keeping it (`ops::low_rank_norm_linear`, `ops::frozen_norm_linear`); DoRA reads
+    /// the plain norm node.
+    fn forward_normed(&self, x: &crate::ops::NormedInput) -> candle_core::Result<Tensor> {
+        if self.merged.load(Ordering::Acquire) {
+            return crate::ops::frozen_norm_linear(x, self.frozen_map()?);
+        }
+        if self.magnitude.is_some() {
+            return self.forward(&x.normed()?, None);
+        }
+        let (mask, a, b) = self.factors(x.input())?;
+        crate::ops::low_rank_norm_linear(x, self.frozen_map()?, &a, &b, self.scale, mask)
     }
 
     /// `forward(x)`, or with `up`, `forward(silu(x) · up)` (`x` is then the gate).
@@ -184,32 +241,10 @@ impl LoraLinear {
         let dims = x.dims().to_vec();
         let in_features = *dims.last().unwrap_or(&0);
         let rows = x.elem_count() / in_features.max(1);
-        // The mask is a constant: no gradient is stored for it.
-        let mask = if dropped {
-            let seed = mix_seed(
-                self.runtime.dropout_seed.load(Ordering::Acquire),
-                &self.path,
-            );
-            Some(dropout_mask(seed, self.dropout, rows, in_features, x)?)
-        } else {
-            None
-        };
-        // In inference mode A and B enter detached: with a frozen base and untracked inputs the
-        // forward pass then builds no autograd graph (evaluation, generation).
-        let (a, b) = if training {
-            (self.a.as_tensor().clone(), self.b.as_tensor().clone())
-        } else {
-            (self.a.as_tensor().detach(), self.b.as_tensor().detach())
-        };
+        let (mask, a, b) = self.factors(x)?;
         let Some(magnitude) = &self.magnitude else {
             // LoRA: base + s·B(A x) as one node (ops::low_rank_linear).
-            let base: Arc<dyn crate::ops::FrozenMap> = match &self.base {
-                Base::Dense { weight, bias } => Arc::new(crate::ops::DenseMap {
-                    weight: weight.read().map_err(|_| lock_error(&self.path))?.clone(),
-                    bias: bias.clone(),
-                }),
-                Base::Quantized(base) => Arc::new(base.clone()),
-            };
+            let base = self.frozen_map()?;
             return match fused_swiglu {
                 Some(up) => {
                     crate::ops::low_rank_swiglu_linear(x, up, base, &a, &b, self.scale, mask)
