@@ -1,10 +1,13 @@
-// Standalone benchmark and check of the flash-attention backward kernels (kernels/flash_attn.cu)
-// against the previous d128 kernels (fa2::backward_dkdv / fa2::backward_dq instantiated at 128,
-// the kernels main launched before the wide ones) and a double-precision CPU reference.
+// Standalone benchmark and check of the flash-attention kernels of kernels/flash_attn.cu (bf16):
+// the backward (wide d128 dK/dV and dQ; d64) and the forward, against the kernels main launched
+// before them (instantiated here from the same templates: fa2::backward_dkdv<bf16, 128>,
+// fa2::backward_dq<bf16, D, false>, fa2::forward<bf16, D, false>) and a double-precision CPU
+// reference.
 //
 //   nvcc -arch=sm_90 -O3 -std=c++17 -o flash_bench benches/gpu/flash_bench.cu
 //   (-L DIR where libcudart_static.a lives if nvcc does not find it)
 //   ./flash_bench [reps=20]
+//   ./flash_bench profile   (one launch of each backward kernel at the 8B shape, for ncu)
 //
 // Prints, per small case (ragged tails, GQA, causal with offset, key validity, d64 and d128),
 // max|gpu − ref| / max|ref| of dq, dk, dv for the new and the old kernels; then, at the
@@ -30,20 +33,36 @@
         }                                                                                        \
     } while (0)
 
-// The previous d128 backward kernels (128 threads, fa2::dkdv_smem / fa2::dq_smem).
+// The kernels main launched before the wide d128 ones (128 threads, fa2::dkdv_smem / fa2::dq_smem),
+// with main's block order (heavy query tiles first within each head only): d128 dK/dV, dQ of
+// d128 and d64 (d64 dK/dV is unchanged: its entry point serves both), and the forward.
 extern "C" __global__ void __launch_bounds__(fa2::NT) old_dkdv_d128(const bf16* q, const bf16* k, const bf16* v,
     const unsigned char* valid, const bf16* grad, const float* lse, const float* delta, bf16* dk, bf16* dv,
     int heads, int kv_heads, int queries, int keys, int offset, int causal, float scale, int qb, int kb) {
     fa2::backward_dkdv<bf16, 128>(q, k, v, valid, grad, lse, delta, dk, dv, heads, kv_heads, queries, keys,
                                   offset, causal, scale, qb, kb);
 }
-extern "C" __global__ void __launch_bounds__(fa2::NT) old_dq_d128(const bf16* q, const bf16* k, const bf16* v,
+template <int D>
+__global__ void __launch_bounds__(fa2::NT) old_dq(const bf16* q, const bf16* k, const bf16* v,
     const unsigned char* valid, const bf16* grad, const float* lse, const float* delta, bf16* dq, int heads,
     int kv_heads, int queries, int keys, int offset, int causal, float scale, int qb, int kb) {
-    fa2::backward_dq<bf16, 128>(q, k, v, valid, grad, lse, delta, dq, heads, kv_heads, queries, keys, offset,
-                                causal, scale, qb, kb);
+    fa2::backward_dq<bf16, D, false>(q, k, v, valid, grad, lse, delta, dq, heads, kv_heads, queries, keys, offset,
+                                     causal, scale, qb, kb);
 }
-
+template <int D>
+__global__ void __launch_bounds__(fa2::NT, 3) old_forward(const bf16* q, const bf16* k, const bf16* v,
+    const unsigned char* valid, bf16* o, float* lse, int heads, int kv_heads, int queries, int keys, int offset,
+    int causal, float scale, int qb, int kb) {
+    fa2::forward<bf16, D, false>(q, k, v, valid, o, lse, heads, kv_heads, queries, keys, offset, causal, scale, qb,
+                                 kb);
+}
+// A/B variant: the wide d128 dQ in main's block order.
+extern "C" __global__ void __launch_bounds__(fa2::WIDE_DQ_NT, 2) dq_wide_head_order(const bf16* q, const bf16* k,
+    const bf16* v, const unsigned char* valid, const bf16* grad, const float* lse, const float* delta, bf16* dq,
+    int heads, int kv_heads, int queries, int keys, int offset, int causal, float scale, int qb, int kb) {
+    fa2::backward_dq_wide<bf16, 128, false>(q, k, v, valid, grad, lse, delta, dq, heads, kv_heads, queries, keys,
+                                            offset, causal, scale, qb, kb);
+}
 struct Shape {
     int B, H, KVH, T, S, D, causal;
     bool masked;  // some keys invalid
@@ -51,6 +70,7 @@ struct Shape {
 
 struct Buffers {
     Shape sh;
+    int q_bthd = 0, kv_bthd = 0;  // heads stored [B, T, H, D] (the new kernels' strided reads)
     size_t nq, nk;
     bf16 *q, *k, *v, *o, *dout, *dq, *dk, *dv;
     float *lse, *delta;
@@ -102,32 +122,39 @@ static void release(Buffers& x) {
 static float scale_of(const Shape& sh) { return 1.0f / std::sqrt((float)sh.D); }
 static const unsigned char* valid_of(const Buffers& x) { return x.sh.masked ? x.valid : nullptr; }
 
-static void forward(Buffers& x) {
+static void forward_only(Buffers& x, bool previous_order) {
     const Shape& s = x.sh;
     dim3 grid((s.T + 63) / 64, s.B * s.H);
-    auto fn = s.D == 128 ? flash_mma_forward_bf16_d128 : flash_mma_forward_bf16_d64;
+    auto fn = s.D == 128 ? (previous_order ? old_forward<128> : flash_mma_forward_bf16_d128)
+                         : (previous_order ? old_forward<64> : flash_mma_forward_bf16_d64);
     const int smem = s.D == 128 ? fa2::forward_smem<128>() : fa2::forward_smem<64>();
     CK(cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
     fn<<<grid, fa2::NT, smem>>>(x.q, x.k, x.v, valid_of(x), x.o, x.lse, s.H, s.KVH, s.T, s.S, s.S - s.T, s.causal,
                                 scale_of(s), 0, 0);
     CK(cudaGetLastError());
+}
+
+static void forward(Buffers& x) {
+    const Shape& s = x.sh;
+    forward_only(x, false);
     const long long rows = (long long)s.B * s.H * s.T;
     flash_backward_delta_bf16<<<(rows + 7) / 8, 256>>>(x.o, x.dout, x.delta, rows, s.D, s.H, s.T, 0);
     CK(cudaGetLastError());
 }
 
-enum Which { NEW, OLD };
+enum Which { NEW, OLD, HEAD_ORDER };
 
 static void dkdv(Buffers& x, Which which) {
     const Shape& s = x.sh;
     const int off = s.S - s.T;
-    if (s.D == 128 && which == NEW) {
+    if (s.D == 128 && which != OLD) {
         const int smem = fa2::dkdv_wide_smem<128>();
-        CK(cudaFuncSetAttribute(flash_mma_backward_dkdv_bf16_d128, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-        flash_mma_backward_dkdv_bf16_d128<<<dim3((s.S + fa2::WIDE_BK - 1) / fa2::WIDE_BK, s.B * s.KVH),
+        auto fn = flash_mma_backward_dkdv_bf16_d128;
+        CK(cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+        fn<<<dim3((s.S + fa2::WIDE_BK - 1) / fa2::WIDE_BK, s.B * s.KVH),
                                             fa2::WIDE_DKDV_NT, smem>>>(
             x.q, x.k, x.v, valid_of(x), x.dout, x.lse, x.delta, x.dk, x.dv, s.H, s.KVH, s.T, s.S, off, s.causal,
-            scale_of(s), 0, 0);
+            scale_of(s), x.q_bthd, x.kv_bthd);
     } else {
         auto fn = s.D == 128 ? old_dkdv_d128 : flash_mma_backward_dkdv_bf16_d64;
         const int smem = s.D == 128 ? fa2::dkdv_smem<128>() : fa2::dkdv_smem<64>();
@@ -142,15 +169,16 @@ static void dkdv(Buffers& x, Which which) {
 static void dq(Buffers& x, Which which) {
     const Shape& s = x.sh;
     const int off = s.S - s.T;
-    if (s.D == 128 && which == NEW) {
+    if (s.D == 128 && which != OLD) {
         const int smem = fa2::dq_wide_smem<128>();
-        CK(cudaFuncSetAttribute(flash_mma_backward_dq_bf16_d128, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-        flash_mma_backward_dq_bf16_d128<<<dim3((s.T + fa2::WIDE_DQ_BQ - 1) / fa2::WIDE_DQ_BQ, s.B * s.H),
+        auto fn = which == HEAD_ORDER ? dq_wide_head_order : flash_mma_backward_dq_bf16_d128;
+        CK(cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+        fn<<<dim3((s.T + fa2::WIDE_DQ_BQ - 1) / fa2::WIDE_DQ_BQ, s.B * s.H),
                                           fa2::WIDE_DQ_NT, smem>>>(x.q, x.k, x.v, valid_of(x), x.dout, x.lse,
                                                                    x.delta, x.dq, s.H, s.KVH, s.T, s.S, off,
-                                                                   s.causal, scale_of(s), 0, 0);
+                                                                   s.causal, scale_of(s), x.q_bthd, x.kv_bthd);
     } else {
-        auto fn = s.D == 128 ? old_dq_d128 : flash_mma_backward_dq_bf16_d64;
+        auto fn = s.D == 128 ? old_dq<128> : which == OLD ? old_dq<64> : flash_mma_backward_dq_bf16_d64;
         const int smem = s.D == 128 ? fa2::dq_smem<128>() : fa2::dq_smem<64>();
         CK(cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
         fn<<<dim3((s.T + 63) / 64, s.B * s.H), fa2::NT, smem>>>(x.q, x.k, x.v, valid_of(x), x.dout, x.lse, x.delta,
@@ -241,7 +269,9 @@ static bool check_small(Shape sh, const char* name) {
     std::vector<double> rdq, rdk, rdv;
     reference(x, rdq, rdk, rdv);
     bool ok = true;
-    for (Which w : {NEW, OLD}) {
+    const char* names[] = {"new", "old", "head order"};
+    for (Which w : {NEW, OLD, HEAD_ORDER}) {
+        if (sh.D != 128 && w > OLD) continue;
         CK(cudaMemset(x.dq, 0xff, x.nq * 2));
         CK(cudaMemset(x.dk, 0xff, x.nk * 2));
         CK(cudaMemset(x.dv, 0xff, x.nk * 2));
@@ -251,14 +281,74 @@ static bool check_small(Shape sh, const char* name) {
         const double eq = rel(fetch(x.dq, x.nq), rdq), ek = rel(fetch(x.dk, x.nk), rdk), ev = rel(fetch(x.dv, x.nk), rdv);
         const bool good = eq < 2e-2 && ek < 2e-2 && ev < 2e-2;  // NaN fails too
         ok = ok && good;
-        printf("  %-44s %s: rel err dq %.2e dk %.2e dv %.2e %s\n", name, w == NEW ? "new" : "old", eq, ek, ev,
+        printf("  %-40s %-11s: rel err dq %.2e dk %.2e dv %.2e %s\n", name, names[w], eq, ek, ev,
                good ? "ok" : "FAIL");
     }
     release(x);
     return ok;
 }
 
-static float median_ms(int reps, void (*f)(Buffers&, Which), Buffers& x, Which w) {
+// [B, A, L, D] ↔ [B, L, A, D] (`back`: the inverse).
+static std::vector<unsigned char> swap_heads(const std::vector<unsigned char>& x, int B, int A, int L, int D,
+                                             bool back) {
+    std::vector<unsigned char> y(x.size());
+    for (int b = 0; b < B; ++b)
+        for (int a = 0; a < A; ++a)
+            for (int l = 0; l < L; ++l) {
+                const size_t bhld = (((size_t)b * A + a) * L + l) * D * 2, blhd = (((size_t)b * L + l) * A + a) * D * 2;
+                memcpy(&y[back ? bhld : blhd], &x[back ? blhd : bhld], D * 2);
+            }
+    return y;
+}
+
+// The new kernels reading and writing heads stored [B, T, H, D] (q_bthd, kv_bthd as given) give
+// the same bits as with contiguous heads (after the layout is undone).
+static bool check_strided(Shape sh, const char* name, int q_bthd, int kv_bthd) {
+    Buffers x = make(sh, 99);
+    forward(x);
+    dkdv(x, NEW);
+    dq(x, NEW);
+    const auto rq = raw(x.dq, x.nq), rk = raw(x.dk, x.nk), rv = raw(x.dv, x.nk);
+    const auto ro = raw(x.o, x.nq);
+    auto put = [](bf16* dst, const std::vector<unsigned char>& h) {
+        CK(cudaMemcpy(dst, h.data(), h.size(), cudaMemcpyHostToDevice));
+    };
+    auto as_bytes = [](const std::vector<bf16>& h) {
+        return std::vector<unsigned char>((const unsigned char*)h.data(), (const unsigned char*)h.data() + h.size() * 2);
+    };
+    if (q_bthd) {
+        put(x.q, swap_heads(as_bytes(x.hq), sh.B, sh.H, sh.T, sh.D, false));
+        put(x.dout, swap_heads(as_bytes(x.hdo), sh.B, sh.H, sh.T, sh.D, false));
+        put(x.o, swap_heads(ro, sh.B, sh.H, sh.T, sh.D, false));
+    }
+    if (kv_bthd) {
+        put(x.k, swap_heads(as_bytes(x.hk), sh.B, sh.KVH, sh.S, sh.D, false));
+        put(x.v, swap_heads(as_bytes(x.hv), sh.B, sh.KVH, sh.S, sh.D, false));
+    }
+    const long long rows = (long long)sh.B * sh.H * sh.T;
+    flash_backward_delta_bf16<<<(rows + 7) / 8, 256>>>(x.o, x.dout, x.delta, rows, sh.D, sh.H, sh.T, q_bthd);
+    x.q_bthd = q_bthd;
+    x.kv_bthd = kv_bthd;
+    CK(cudaMemset(x.dq, 0xff, x.nq * 2));
+    CK(cudaMemset(x.dk, 0xff, x.nk * 2));
+    CK(cudaMemset(x.dv, 0xff, x.nk * 2));
+    dkdv(x, NEW);
+    dq(x, NEW);
+    CK(cudaDeviceSynchronize());
+    auto gq = raw(x.dq, x.nq), gk = raw(x.dk, x.nk), gv = raw(x.dv, x.nk);
+    if (q_bthd) gq = swap_heads(gq, sh.B, sh.H, sh.T, sh.D, true);
+    if (kv_bthd) {
+        gk = swap_heads(gk, sh.B, sh.KVH, sh.S, sh.D, true);
+        gv = swap_heads(gv, sh.B, sh.KVH, sh.S, sh.D, true);
+    }
+    const bool same = gq == rq && gk == rk && gv == rv;
+    printf("  %-40s strided q %d k/v %d: bitwise equal to contiguous: %s\n", name, q_bthd, kv_bthd,
+           same ? "yes" : "NO");
+    release(x);
+    return same;
+}
+
+static float median_ms(int reps, void (*f)(Buffers&, Which), Buffers& x, Which w) {  // f: a captureless lambda too
     cudaEvent_t a, b;
     CK(cudaEventCreate(&a));
     CK(cudaEventCreate(&b));
@@ -296,6 +386,20 @@ static void bench(Shape sh, const char* name, int reps) {
                w == NEW ? "new" : "old", t[w][0], 32 * t[w][0], 4 * unit / t[w][0] * 1e-9, t[w][1], 32 * t[w][1],
                3 * unit / t[w][1] * 1e-9, 32 * (t[w][0] + t[w][1]));
     }
+    if (sh.D == 128) {
+        const float th = median_ms(reps, dq, x, HEAD_ORDER);
+        printf("  variant: new dQ in main's block order (heavy tiles first within each head) %.3f ms/layer (%.1f "
+               "ms/step)\n",
+               th, 32 * th);
+    }
+    {
+        auto fwd = [](Buffers& y, Which w) { forward_only(y, w == OLD); };
+        const float fo = median_ms(reps, fwd, x, OLD), fn = median_ms(reps, fwd, x, NEW);
+        printf("  forward: old (main's block order) %.3f ms/layer (%.1f ms/step), new (heavy tiles first over all "
+               "heads) %.3f (%.1f), %.0f TFLOP/s\n",
+               fo, 32 * fo, fn, 32 * fn, 2 * unit / fn * 1e-9);
+        forward(x);  // lse, delta again for the checks below
+    }
     printf("  speed-up dK/dV %.2fx dQ %.2fx both %.2fx\n", t[OLD][0] / t[NEW][0], t[OLD][1] / t[NEW][1],
            (t[OLD][0] + t[OLD][1]) / (t[NEW][0] + t[NEW][1]));
     // New vs old, and run-to-run bitwise equality of the new kernels.
@@ -321,6 +425,18 @@ static void bench(Shape sh, const char* name, int reps) {
 }
 
 int main(int argc, char** argv) {
+    if (argc > 1 && strcmp(argv[1], "profile") == 0) {
+        // One launch of each kernel at the 8B shape, for a profiler.
+        Buffers x = make({1, 32, 8, 4096, 4096, 128, 1, false}, 42);
+        forward(x);
+        for (Which w : {OLD, NEW, HEAD_ORDER}) {
+            dkdv(x, w);
+            dq(x, w);
+        }
+        CK(cudaDeviceSynchronize());
+        release(x);
+        return 0;
+    }
     const int reps = argc > 1 ? atoi(argv[1]) : 20;
     bool ok = true;
     printf("correctness vs a double-precision CPU reference (max|err| / max|ref|):\n");
@@ -329,8 +445,12 @@ int main(int argc, char** argv) {
     ok &= check_small({1, 4, 2, 300, 257, 128, 0, true}, "d128 full+valid H4 KVH2 T300 S257");
     ok &= check_small({1, 2, 2, 77, 77, 128, 1, false}, "d128 causal H2 KVH2 T=S=77");
     ok &= check_small({2, 4, 2, 300, 300, 64, 1, false}, "d64 causal B2 H4 KVH2 T=S=300");
+    ok &= check_small({2, 4, 1, 200, 333, 64, 1, true}, "d64 causal+valid H4 KVH1 T200 S333");
+    ok &= check_strided({2, 4, 2, 300, 300, 128, 1, false}, "d128 causal B2 H4 KVH2 T=S=300", 1, 1);
+    ok &= check_strided({2, 4, 1, 200, 333, 128, 1, true}, "d128 causal+valid H4 KVH1 T200 S333", 1, 0);
+    ok &= check_strided({2, 4, 1, 200, 333, 128, 1, true}, "d128 causal+valid H4 KVH1 T200 S333", 0, 1);
     printf("correctness: %s\n", ok ? "all ok" : "FAILURES");
     bench({1, 32, 8, 4096, 4096, 128, 1, false}, "8B shape", reps);
-    bench({8, 32, 8, 512, 512, 64, 1, false}, "1B shape (d64, unchanged kernels)", reps);
+    bench({8, 32, 8, 512, 512, 64, 1, false}, "1B shape (d64: dK/dV unchanged, dQ in the new block order)", reps);
     return ok ? 0 : 1;
 }

@@ -662,7 +662,8 @@ mod gpu {
         Scalar,
         /// `flash_tc_*`: nvcuda::wmma, 256 threads, static shared memory.
         Wmma,
-        /// `flash_mma_*`: FlashAttention-2 style, 128 threads, dynamic shared memory.
+        /// `flash_mma_*`: FlashAttention-2 style, 128 threads (256 for the d128 dK/dV kernel),
+        /// dynamic shared memory.
         Mma,
     }
 
