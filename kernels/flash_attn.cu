@@ -1345,7 +1345,6 @@ __device__ void backward_dq(const T* __restrict__ q, const T* __restrict__ k, co
                      queries - warp_q0, qst);
 }
 
-
 // ---- head_dim 128 backward with larger per-warp tiles (the d128 entry points) ----
 // backward_dkdv / backward_dq above (d64; also what d128 ran before) give each warp 16 rows of
 // its block's tile and take every other operand from shared memory, so an ldmatrix.x4 feeds at
