@@ -16,7 +16,8 @@
 // and register micro-tiles; inputs bf16, f16 or f32), `flash_tc_*` (bf16/f16 on tensor cores,
 // nvcuda::wmma with f32 accumulation; namespace tc; kept for comparison, PEFTPIPE_FLASH=wmma) and
 // `flash_mma_*` (bf16/f16, FlashAttention-2 style: mma.sync on register fragments, ldmatrix,
-// cp.async; namespace fa2; the default). head_dim 64 and 128. The backward's delta kernel
+// cp.async; namespace fa2; the default; head_dim 128's backward uses wider per-warp tiles,
+// backward_dkdv_wide / backward_dq_wide). head_dim 64 and 128. The backward's delta kernel
 // (flash_backward_delta_*) serves all three.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -820,7 +821,9 @@ constexpr int NT = 32 * WARPS;
 constexpr int SPAD = 8;
 constexpr float LOG2E = 1.4426950408889634f;
 
-// Tiles: forward BQ × BK = 64 × 64; dK/dV 64 keys × (64 queries for d64, 32 for d128); dQ 64 × 64.
+// Tiles: forward BQ × BK = 64 × 64; d64 dK/dV 64 keys × 64 queries, dQ 64 × 64 (backward_dkdv
+// and backward_dq also take d128, with 32-query dK/dV tiles: the d128 kernels before the wide
+// ones below, kept for comparison in benches/gpu/flash_bench.cu); d128 backward: WIDE_* below.
 constexpr int FWD_BQ = 64, FWD_BK = 64;
 constexpr int BWD_BK = 64;
 template <int D> __host__ __device__ constexpr int dkdv_bq() { return D == 64 ? 64 : 32; }
@@ -900,17 +903,25 @@ template <> __device__ __forceinline__ uint32_t pack<__half>(float lo, float hi)
     return *reinterpret_cast<uint32_t*>(&v);
 }
 
+// 2^x with subnormal results flushed to zero (one MUFU.EX2; exp2f adds a range fix-up around it).
+__device__ __forceinline__ float exp2_ftz(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+    return y;
+}
+
 // ---- end of fa2 primitives ----
 
 // ROWS × D elements of `src` (row stride `stride`, `available` rows exist, src 16-byte aligned and
 // pointing at an existing row) into `dst` (row stride D + SPAD), zero rows past `available`.
-template <typename T, int ROWS, int D>
+// THREADS_ threads (the block) share the copy.
+template <typename T, int ROWS, int D, int THREADS_ = NT>
 __device__ __forceinline__ void load_rows(T* dst, const T* __restrict__ src, int available, int stride) {
     constexpr int CHUNKS = D / 8;
-    static_assert((ROWS * CHUNKS) % NT == 0, "every thread copies the same number of chunks");
+    static_assert((ROWS * CHUNKS) % THREADS_ == 0, "every thread copies the same number of chunks");
 #pragma unroll
-    for (int pass = 0; pass < ROWS * CHUNKS / NT; ++pass) {
-        const int index = threadIdx.x + pass * NT;
+    for (int pass = 0; pass < ROWS * CHUNKS / THREADS_; ++pass) {
+        const int index = threadIdx.x + pass * THREADS_;
         const int r = index / CHUNKS, c = (index % CHUNKS) * 8;
         const bool inside = r < available;
         cp_async16(dst + r * (D + SPAD) + c, inside ? src + (size_t)r * stride + c : src, inside);
@@ -999,10 +1010,25 @@ template <int N> __device__ __forceinline__ void zero(float (&acc)[N][4]) {
         for (int e = 0; e < 4; ++e) acc[j][e] = 0.0f;
 }
 
+// The (query tile, b·H + h) of this block, for a grid of (query tiles, B·H) blocks. Under causal
+// the last query tiles see the most keys and start first, over all heads: blocks in launch order
+// walk the heads fastest and the tiles from the last down (with the tile as blockIdx.x alone, every
+// head's heavy tile would start right after the previous head's light ones, and the heavy tiles of
+// the last heads would start late and run alone at the end of the grid).
+struct TileHead {
+    int tile, bh;
+};
+template <bool GLOBAL_ORDER = true> __device__ __forceinline__ TileHead query_tile_order(int causal) {
+    if (!causal) return {(int)blockIdx.x, (int)blockIdx.y};
+    if (!GLOBAL_ORDER) return {(int)(gridDim.x - 1 - blockIdx.x), (int)blockIdx.y};
+    const int linear = blockIdx.y * gridDim.x + blockIdx.x;
+    return {(int)(gridDim.x - 1 - linear / gridDim.y), (int)(linear % gridDim.y)};
+}
+
 // Forward: one block per (64-query tile, b·H + h); warp w owns queries q0 + 16w .. q0 + 16w + 15.
 // Per key tile: S = Q·Kᵀ (V streaming in meanwhile), mask, online softmax in registers, then
 // O += P·V (the next K streaming in meanwhile).
-template <typename T, int D>
+template <typename T, int D, bool GLOBAL_ORDER = true>
 __device__ void forward(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
                         const unsigned char* __restrict__ valid, T* __restrict__ o, float* __restrict__ lse,
                         int heads, int kv_heads, int queries, int keys, int offset, int causal, float scale,
@@ -1016,11 +1042,12 @@ __device__ void forward(const T* __restrict__ q, const T* __restrict__ k, const 
     unsigned char* key_ok = reinterpret_cast<unsigned char*>(vs + BK * LD);
 
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
-    const int bh = blockIdx.y, b = bh / heads, h = bh % heads;
-    const int kvh = h / (heads / kv_heads);
     // Causal: the last query tiles see the most keys; they start first (the light tiles fill the
     // tail of the grid instead of a heavy one running alone at its end).
-    const int q0 = (causal ? gridDim.x - 1 - blockIdx.x : blockIdx.x) * BQ;
+    const TileHead order = query_tile_order<GLOBAL_ORDER>(causal);
+    const int bh = order.bh, b = bh / heads, h = bh % heads;
+    const int kvh = h / (heads / kv_heads);
+    const int q0 = order.tile * BQ;
     const int warp_q0 = q0 + 16 * warp;  // this warp's first query
     const int qst = row_stride(heads, D, q_bthd), kst = row_stride(kv_heads, D, kv_bthd);
     const T* kb = k + row_offset(b, kvh, 0, kv_heads, keys, D, kv_bthd);
@@ -1222,7 +1249,7 @@ __device__ void backward_dkdv(const T* __restrict__ q, const T* __restrict__ k, 
 
 // dQ for one 64-query tile over the key tiles it can see; warp w owns queries q0 + 16w ..
 // q0 + 16w + 15. K/V tiles are double-buffered. One block per (query tile, b·H + h).
-template <typename T, int D>
+template <typename T, int D, bool GLOBAL_ORDER = true>
 __device__ void backward_dq(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
                             const unsigned char* __restrict__ valid, const T* __restrict__ grad,
                             const float* __restrict__ lse, const float* __restrict__ delta, T* __restrict__ dq,
@@ -1237,9 +1264,10 @@ __device__ void backward_dq(const T* __restrict__ q, const T* __restrict__ k, co
     unsigned char* key_ok0 = reinterpret_cast<unsigned char*>(ks0 + 4 * BK * LD);  // [buffer][BK]
 
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
-    const int bh = blockIdx.y, b = bh / heads, h = bh % heads;
+    const TileHead order = query_tile_order<GLOBAL_ORDER>(causal);  // heavy tiles first
+    const int bh = order.bh, b = bh / heads, h = bh % heads;
     const int kvh = h / (heads / kv_heads);
-    const int q0 = (causal ? gridDim.x - 1 - blockIdx.x : blockIdx.x) * BQ;  // heavy tiles first
+    const int q0 = order.tile * BQ;
     const int warp_q0 = q0 + 16 * warp;
     const int qst = row_stride(heads, D, q_bthd), kst = row_stride(kv_heads, D, kv_bthd);
     const T* kb = k + row_offset(b, kvh, 0, kv_heads, keys, D, kv_bthd);
@@ -1317,6 +1345,430 @@ __device__ void backward_dq(const T* __restrict__ q, const T* __restrict__ k, co
                      queries - warp_q0, qst);
 }
 
+// ---- head_dim 128 backward with larger per-warp tiles (the d128 entry points) ----
+// backward_dkdv / backward_dq above (d64; also what d128 ran before) give each warp 16 rows of
+// its block's tile and take every other operand from shared memory, so an ldmatrix.x4 feeds at
+// most two mma: ≈ 0.63 ldmatrix per mma for d128 dK/dV (and every warp re-reads the whole Q/dO
+// tile). The two below give each warp 32 rows of every product (and, for dK/dV, half of the head
+// dimension), ≈ 0.44 (dK/dV) and 0.42 (dQ) ldmatrix per mma. Register budget: 128 f32
+// accumulators per thread (dK + dV, or dQ) plus 64 for S and dP; both kernels use 255 registers
+// (ptxas, sm_90: dK/dV spills 4 bytes, dQ none), hence 8 warps per SM. Summation orders over keys
+// and queries are the same as the previous kernels' (16-row mma steps in increasing order, heads
+// in order), so on the H200 benchmark the gradients are bitwise equal to theirs.
+//
+// dK/dV (backward_dkdv_wide): one block of 8 warps (256 threads) per (128-key tile,
+// b·KVH + kvh), looping over the query heads of the group and their 64-query tiles that can see
+// the keys (Q, dO by cp.async, double-buffered; lse and delta loaded into registers a step ahead
+// and stored after the step's math, so no warp waits on them). Warp w = (wk = w % 4, wq = w / 4):
+//   phase 1: Sᵀ = K·Qᵀ and dPᵀ = V·dOᵀ for keys 32wk.. × queries 32wq.. (32 + 32 floats), then
+//            Pᵀ and dSᵀ = Pᵀ∘(dPᵀ − δ) rounded to T into shared memory ([128 keys][64 + 8]);
+//   phase 2: dV += Pᵀ·dO and dK += dSᵀ·Q for keys 32wk.. × head columns 64wq.. (64 + 64 floats).
+// Two __syncthreads per query tile. Blocks in launch order walk the kv heads fastest, so the heavy
+// key tiles (the first ones, under causal) start first. Shared memory 177,280 bytes: one block
+// per SM.
+//
+// dQ (backward_dq_wide): one block of 4 warps per (128-query tile, b·H + h); warp w owns queries
+// q0 + 32w .. + 31 and all D columns of dQ (128 floats); K and V come in 32-key tiles,
+// double-buffered; a warp skips the key tiles it cannot see (causal). Heavy query tiles first
+// over all heads (query_tile_order). Shared memory 104,512 bytes: two blocks per SM.
+//
+// Both use ex2.approx.ftz (exp2f adds a range fix-up around MUFU.EX2; P below 2^-126 is 0 here)
+// and read the per-row / per-key values of the softmax into registers once per tile.
+// Measured on the H200 at Llama-3.1-8B's shape (B 1, H 32, KVH 8, T = S = 4096, causal; 32 layers,
+// benches/gpu/flash_bench.cu): dK/dV 62.4 → 30.5 ms per step (141 → 289 TFLOP/s), dQ 36.2 → 20.1
+// ms (182 → 327 TFLOP/s). Tried and not kept (no faster): a barrier of the two warps sharing Pᵀ
+// rows instead of the second __syncthreads; S and dP computed in one interleaved pass; dQ with 8
+// warps and 256-query tiles (one block per SM: 25.1 ms per step against 20.1).
+constexpr int WIDE_DKDV_NT = 256, WIDE_BK = 128, WIDE_BQ = 64, WIDE_LDP = WIDE_BQ + SPAD;
+constexpr int WIDE_DQ_NT = 128, WIDE_DQ_BQ = 128, WIDE_DQ_BK = 32;
+template <int D> __host__ __device__ constexpr int dkdv_wide_smem() {
+    return (2 * WIDE_BK + 4 * WIDE_BQ) * (D + SPAD) * 2 + 2 * WIDE_BK * WIDE_LDP * 2 + 4 * WIDE_BQ * 4 + WIDE_BK;
+}
+template <int D> __host__ __device__ constexpr int dq_wide_smem() {
+    return (2 * WIDE_DQ_BQ + 4 * WIDE_DQ_BK) * (D + SPAD) * 2 + 2 * WIDE_DQ_BK;
+}
+
+// acc (16·MB × 16·NB C fragments: acc[m][n], n-blocks of 8) += A · Xᵀ over K: A = 16·MB rows at
+// `a` (row-major, stride LDA), X = 16·NB rows at `x` (row-major [n][k], stride LDX).
+template <typename T, int MB, int NB, int K, int LDA, int LDX>
+__device__ __forceinline__ void wide_gemm_xt(float (&acc)[MB][2 * NB][4], const T* a, const T* x) {
+    const int lane = threadIdx.x % 32;
+    const T* a_lane = a + (lane % 16) * LDA + (lane / 16) * 8;
+    const int i = lane / 8;
+    const T* x_lane = x + (8 * (i / 2) + lane % 8) * LDX + 8 * (i % 2);
+#pragma unroll
+    for (int kk = 0; kk < K / 16; ++kk) {
+        uint32_t fa[MB][4];
+#pragma unroll
+        for (int m = 0; m < MB; ++m) ldmatrix_x4(fa[m], a_lane + m * 16 * LDA + kk * 16);
+#pragma unroll
+        for (int nn = 0; nn < NB; ++nn) {
+            uint32_t fb[4];
+            ldmatrix_x4(fb, x_lane + nn * 16 * LDX + kk * 16);
+#pragma unroll
+            for (int m = 0; m < MB; ++m) {
+                mma<T>(acc[m][2 * nn], fa[m], fb[0], fb[1]);
+                mma<T>(acc[m][2 * nn + 1], fa[m], fb[2], fb[3]);
+            }
+        }
+    }
+}
+
+// acc (16·MB × 16·NB) += A · X over K: A = 16·MB rows at `a` in shared memory (row-major [m][k],
+// stride LDA), X = K rows at `x` (row-major [k][n], stride LDX).
+template <typename T, int MB, int NB, int K, int LDA, int LDX>
+__device__ __forceinline__ void wide_gemm_ax(float (&acc)[MB][2 * NB][4], const T* a, const T* x) {
+    const int lane = threadIdx.x % 32;
+    const T* a_lane = a + (lane % 16) * LDA + (lane / 16) * 8;
+    const int i = lane / 8;
+    const T* x_lane = x + (8 * (i % 2) + lane % 8) * LDX + 8 * (i / 2);
+#pragma unroll
+    for (int kk = 0; kk < K / 16; ++kk) {
+        uint32_t fa[MB][4];
+#pragma unroll
+        for (int m = 0; m < MB; ++m) ldmatrix_x4(fa[m], a_lane + m * 16 * LDA + kk * 16);
+#pragma unroll
+        for (int nn = 0; nn < NB; ++nn) {
+            uint32_t fb[4];
+            ldmatrix_x4_trans(fb, x_lane + kk * 16 * LDX + nn * 16);
+#pragma unroll
+            for (int m = 0; m < MB; ++m) {
+                mma<T>(acc[m][2 * nn], fa[m], fb[0], fb[1]);
+                mma<T>(acc[m][2 * nn + 1], fa[m], fb[2], fb[3]);
+            }
+        }
+    }
+}
+
+// acc (16·MB × 16·NB) += P · X over K: P (16·MB × K) given as C fragments p[m][K/8] of this warp
+// (rounded to T here), X = K rows at `x` (row-major [k][n], stride LDX).
+template <typename T, int MB, int NB, int K, int LDX>
+__device__ __forceinline__ void wide_gemm_px(float (&acc)[MB][2 * NB][4], const float (&p)[MB][K / 8][4],
+                                             const T* x) {
+    const int lane = threadIdx.x % 32;
+    const int i = lane / 8;
+    const T* x_lane = x + (8 * (i % 2) + lane % 8) * LDX + 8 * (i / 2);
+#pragma unroll
+    for (int kk = 0; kk < K / 16; ++kk) {
+        uint32_t fa[MB][4];
+#pragma unroll
+        for (int m = 0; m < MB; ++m) {
+            fa[m][0] = pack<T>(p[m][2 * kk][0], p[m][2 * kk][1]);
+            fa[m][1] = pack<T>(p[m][2 * kk][2], p[m][2 * kk][3]);
+            fa[m][2] = pack<T>(p[m][2 * kk + 1][0], p[m][2 * kk + 1][1]);
+            fa[m][3] = pack<T>(p[m][2 * kk + 1][2], p[m][2 * kk + 1][3]);
+        }
+#pragma unroll
+        for (int nn = 0; nn < NB; ++nn) {
+            uint32_t fb[4];
+            ldmatrix_x4_trans(fb, x_lane + kk * 16 * LDX + nn * 16);
+#pragma unroll
+            for (int m = 0; m < MB; ++m) {
+                mma<T>(acc[m][2 * nn], fa[m], fb[0], fb[1]);
+                mma<T>(acc[m][2 * nn + 1], fa[m], fb[2], fb[3]);
+            }
+        }
+    }
+}
+
+// This warp's (16·MB) × (8·N) accumulator to global memory in T, times `factor`: row r of it at
+// dst + r·stride, column c at + c; rows at or past `rows_left` skipped.
+template <typename T, int MB, int N>
+__device__ __forceinline__ void wide_store(T* dst, const float (&acc)[MB][N][4], float factor, int rows_left,
+                                           int stride) {
+    const int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+#pragma unroll
+    for (int m = 0; m < MB; ++m)
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+            const int r = 16 * m + g + 8 * half;
+            if (r >= rows_left) continue;
+            T* row = dst + (size_t)r * stride + 2 * t;
+#pragma unroll
+            for (int j = 0; j < N; ++j)
+                *reinterpret_cast<uint32_t*>(row + 8 * j) =
+                    pack<T>(acc[m][j][2 * half] * factor, acc[m][j][2 * half + 1] * factor);
+        }
+}
+
+template <typename T, int D>
+__device__ void backward_dkdv_wide(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
+                                   const unsigned char* __restrict__ valid, const T* __restrict__ grad,
+                                   const float* __restrict__ lse, const float* __restrict__ delta,
+                                   T* __restrict__ dk, T* __restrict__ dv, int heads, int kv_heads, int queries,
+                                   int keys, int offset, int causal, float scale, int q_bthd, int kv_bthd) {
+    constexpr int BQ = WIDE_BQ, BK = WIDE_BK, LD = D + SPAD, LDP = WIDE_LDP, THR = WIDE_DKDV_NT;
+    constexpr int DW = D / 2;  // head columns of dK, dV per warp
+    require_smem(dkdv_wide_smem<D>());
+    extern __shared__ __align__(16) unsigned char smem[];
+    T* ks = reinterpret_cast<T*>(smem);
+    T* vs = ks + BK * LD;
+    T* qs0 = vs + BK * LD;  // qs[buffer] = qs0 + buffer · 2·BQ·LD, dos[buffer] = qs[buffer] + BQ·LD
+    T* pts = qs0 + 4 * BQ * LD;  // Pᵀ [BK][LDP]
+    T* dsts = pts + BK * LDP;    // dSᵀ [BK][LDP]
+    float* lse0 = reinterpret_cast<float*>(dsts + BK * LDP);  // lse·log2(e) [buffer][BQ], then delta
+    unsigned char* key_ok = reinterpret_cast<unsigned char*>(lse0 + 4 * BQ);
+
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+    const int wk = warp % 4, wq = warp / 4;
+    // Blocks in launch order walk the kv heads fastest, so key tile 0 (under causal the heaviest)
+    // of every head starts first.
+    const int linear = blockIdx.y * gridDim.x + blockIdx.x;
+    const int bkv = linear % gridDim.y, tile = linear / gridDim.y;
+    const int b = bkv / kv_heads, kvh = bkv % kv_heads;
+    const int group = heads / kv_heads;
+    const int k0 = tile * BK;
+    const int warp_k0 = k0 + 32 * wk;
+    const unsigned char* valid_row = valid ? valid + (size_t)b * keys : nullptr;
+    const float scale_log2 = scale * LOG2E;
+    const int first_query = causal ? max(0, k0 - offset) : 0;
+    const int q_start = (first_query / BQ) * BQ;
+    const int tiles = queries > q_start ? (queries - q_start + BQ - 1) / BQ : 0;
+    const int steps = group * tiles;
+
+    const int qst = row_stride(heads, D, q_bthd), kst = row_stride(kv_heads, D, kv_bthd);
+    const size_t k_row0 = row_offset(b, kvh, k0, kv_heads, keys, D, kv_bthd);
+    load_rows<T, BK, D, THR>(ks, k + k_row0, keys - k0, kst);
+    load_rows<T, BK, D, THR>(vs, v + k_row0, keys - k0, kst);
+    for (int c = threadIdx.x; c < BK; c += THR)
+        key_ok[c] = k0 + c < keys && (valid_row == nullptr || valid_row[k0 + c] != 0);
+    // Step `step` = (head kvh·group + step / tiles, query tile q_start + BQ·(step % tiles)): Q and
+    // dO into `buffer` by cp.async; thread r < BQ loads row r's lse and delta into registers
+    // (`row_lse`, `row_delta`) and `stash` stores them later as lse·log2(e) (+inf where the row
+    // sees nothing or does not exist: P = 0 there) and delta, so no warp waits on those loads.
+    static_assert(BQ <= THR, "one thread per query row of lse and delta");
+    float row_lse = -INFINITY, row_delta = 0.0f;
+    auto issue = [&](int step, int buffer) {
+        const int h = kvh * group + step / tiles, bh = b * heads + h;
+        const int tile_q0 = q_start + BQ * (step % tiles);
+        T* qs = qs0 + buffer * 2 * BQ * LD;
+        const size_t q_row0 = row_offset(b, h, tile_q0, heads, queries, D, q_bthd);
+        load_rows<T, BQ, D, THR>(qs, q + q_row0, queries - tile_q0, qst);
+        load_rows<T, BQ, D, THR>(qs + BQ * LD, grad + q_row0, queries - tile_q0, qst);
+        const int r = threadIdx.x;
+        const bool inside = r < BQ && tile_q0 + r < queries;
+        row_lse = inside ? lse[(size_t)bh * queries + tile_q0 + r] : -INFINITY;
+        row_delta = inside ? delta[(size_t)bh * queries + tile_q0 + r] : 0.0f;
+    };
+    auto stash = [&](int buffer) {
+        float* lse_s = lse0 + buffer * 2 * BQ;
+        if (threadIdx.x < BQ) {
+            lse_s[threadIdx.x] = row_lse == -INFINITY ? INFINITY : row_lse * LOG2E;
+            lse_s[BQ + threadIdx.x] = row_delta;
+        }
+    };
+    if (steps > 0) {
+        issue(0, 0);
+        stash(0);
+    }
+    cp_async_commit();
+
+    float acc_dk[2][DW / 8][4], acc_dv[2][DW / 8][4];
+#pragma unroll
+    for (int m = 0; m < 2; ++m) {
+        zero(acc_dk[m]);
+        zero(acc_dv[m]);
+    }
+    for (int step = 0; step < steps; ++step) {
+        const int buffer = step & 1;
+        cp_async_wait<0>();
+        __syncthreads();  // this step's tiles landed; every warp is done with the previous step
+        if (step + 1 < steps) issue(step + 1, buffer ^ 1);
+        cp_async_commit();
+        const int tile_q0 = q_start + BQ * (step % tiles);
+        const T* qs = qs0 + buffer * 2 * BQ * LD;
+        const T* dos = qs + BQ * LD;
+        const float* lse_s = lse0 + buffer * 2 * BQ;
+        const float* delta_s = lse_s + BQ;
+
+        {
+            float s[2][4][4], dp[2][4][4];  // Sᵀ, dPᵀ: keys 32wk + 16m + (g, g + 8) × queries 32wq + 8j + ..
+#pragma unroll
+            for (int m = 0; m < 2; ++m) {
+                zero(s[m]);
+                zero(dp[m]);
+            }
+            wide_gemm_xt<T, 2, 2, D, LD, LD>(s, ks + 32 * wk * LD, qs + 32 * wq * LD);
+            wide_gemm_xt<T, 2, 2, D, LD, LD>(dp, vs + 32 * wk * LD, dos + 32 * wq * LD);
+            const bool mask =
+                valid_row != nullptr || k0 + BK > keys || (causal && warp_k0 + 31 > offset + tile_q0 + 32 * wq);
+            // lse, delta of this thread's 8 queries and the flags of its 4 keys, read once (and
+            // before the first store to Pᵀ, which may alias them as far as the compiler knows).
+            float col_lse[4][2], col_delta[4][2];
+            bool row_ok[2][2];
+#pragma unroll
+            for (int j = 0; j < 4; ++j)
+#pragma unroll
+                for (int odd = 0; odd < 2; ++odd) {
+                    col_lse[j][odd] = lse_s[32 * wq + 8 * j + 2 * t + odd];
+                    col_delta[j][odd] = delta_s[32 * wq + 8 * j + 2 * t + odd];
+                }
+#pragma unroll
+            for (int m = 0; m < 2; ++m)
+#pragma unroll
+                for (int half = 0; half < 2; ++half) row_ok[m][half] = key_ok[32 * wk + 16 * m + g + 8 * half] != 0;
+#pragma unroll
+            for (int m = 0; m < 2; ++m)
+#pragma unroll
+                for (int j = 0; j < 4; ++j)
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) {
+                        const int c = 32 * wq + 8 * j + 2 * t + (e & 1);  // query tile_q0 + c
+                        const int r = 32 * wk + 16 * m + g + 8 * (e >> 1);  // key k0 + r
+                        float p = exp2_ftz(fmaf(s[m][j][e], scale_log2, -col_lse[j][e & 1]));
+                        if (mask && !(row_ok[m][e >> 1] && (!causal || k0 + r <= offset + tile_q0 + c))) p = 0.0f;
+                        s[m][j][e] = p;
+                        dp[m][j][e] = p * (dp[m][j][e] - col_delta[j][e & 1]);
+                    }
+#pragma unroll
+            for (int m = 0; m < 2; ++m)
+#pragma unroll
+                for (int j = 0; j < 4; ++j) {
+#pragma unroll
+                    for (int half = 0; half < 2; ++half) {
+                        const int at = (32 * wk + 16 * m + g + 8 * half) * LDP + 32 * wq + 8 * j + 2 * t;
+                        *reinterpret_cast<uint32_t*>(pts + at) = pack<T>(s[m][j][2 * half], s[m][j][2 * half + 1]);
+                        *reinterpret_cast<uint32_t*>(dsts + at) =
+                            pack<T>(dp[m][j][2 * half], dp[m][j][2 * half + 1]);
+                    }
+                }
+        }
+        // Pᵀ, dSᵀ written. (A barrier of the two warps that write and read rows 32wk.., warps wk
+        // and wk + 4, measured no faster on the H200.)
+        __syncthreads();
+        wide_gemm_ax<T, 2, DW / 16, BQ, LDP, LD>(acc_dv, pts + 32 * wk * LDP, dos + DW * wq);
+        wide_gemm_ax<T, 2, DW / 16, BQ, LDP, LD>(acc_dk, dsts + 32 * wk * LDP, qs + DW * wq);
+        if (step + 1 < steps) stash(buffer ^ 1);  // read after the next __syncthreads
+    }
+    cp_async_wait<0>();
+    const size_t base = row_offset(b, kvh, warp_k0, kv_heads, keys, D, kv_bthd) + DW * wq;
+    wide_store<T, 2, DW / 8>(dk + base, acc_dk, scale, keys - warp_k0, kst);
+    wide_store<T, 2, DW / 8>(dv + base, acc_dv, 1.0f, keys - warp_k0, kst);
+}
+
+template <typename T, int D, bool GLOBAL_ORDER = true>
+__device__ void backward_dq_wide(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
+                                 const unsigned char* __restrict__ valid, const T* __restrict__ grad,
+                                 const float* __restrict__ lse, const float* __restrict__ delta, T* __restrict__ dq,
+                                 int heads, int kv_heads, int queries, int keys, int offset, int causal, float scale,
+                                 int q_bthd, int kv_bthd) {
+    constexpr int BQ = WIDE_DQ_BQ, BK = WIDE_DQ_BK, LD = D + SPAD, THR = WIDE_DQ_NT;
+    require_smem(dq_wide_smem<D>());
+    extern __shared__ __align__(16) unsigned char smem[];
+    T* qs = reinterpret_cast<T*>(smem);
+    T* dos = qs + BQ * LD;
+    T* ks0 = dos + BQ * LD;  // ks[buffer] = ks0 + buffer · 2·BK·LD, vs[buffer] = ks[buffer] + BK·LD
+    unsigned char* key_ok0 = reinterpret_cast<unsigned char*>(ks0 + 4 * BK * LD);  // [buffer][BK]
+
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+    const TileHead order = query_tile_order<GLOBAL_ORDER>(causal);  // heavy tiles first
+    const int bh = order.bh, b = bh / heads, h = bh % heads;
+    const int kvh = h / (heads / kv_heads);
+    const int q0 = order.tile * BQ;
+    const int warp_q0 = q0 + 32 * warp;
+    const int qst = row_stride(heads, D, q_bthd), kst = row_stride(kv_heads, D, kv_bthd);
+    const T* kb = k + row_offset(b, kvh, 0, kv_heads, keys, D, kv_bthd);
+    const T* vb = v + row_offset(b, kvh, 0, kv_heads, keys, D, kv_bthd);
+    const unsigned char* valid_row = valid ? valid + (size_t)b * keys : nullptr;
+    const float scale_log2 = scale * LOG2E;
+    const int last_row = min(q0 + BQ, queries) - 1;
+    const int key_end = causal ? min(keys, offset + last_row + 1) : keys;
+    const int steps = (key_end + BK - 1) / BK;
+    // The last key any row of this warp can see, plus one (causal); the warp skips tiles past it.
+    const int warp_key_end = causal ? offset + min(warp_q0 + 32, queries) : keys;
+
+    // K and V of key tile `step` into `buffer` by cp.async; thread c < BK reads key c's flag into
+    // `flag`, which `stash` stores later (no warp waits on the validity load).
+    static_assert(BK <= THR, "one thread per key flag");
+    bool flag = false;
+    auto issue = [&](int step, int buffer) {
+        const int tile_k0 = step * BK;
+        T* ks = ks0 + buffer * 2 * BK * LD;
+        load_rows<T, BK, D, THR>(ks, kb + (size_t)tile_k0 * kst, keys - tile_k0, kst);
+        load_rows<T, BK, D, THR>(ks + BK * LD, vb + (size_t)tile_k0 * kst, keys - tile_k0, kst);
+        const int c = threadIdx.x;
+        flag = c < BK && tile_k0 + c < keys && (valid_row == nullptr || valid_row[tile_k0 + c] != 0);
+    };
+    auto stash = [&](int buffer) {
+        if (threadIdx.x < BK) key_ok0[buffer * BK + threadIdx.x] = flag;
+    };
+    const size_t q_row0 = row_offset(b, h, q0, heads, queries, D, q_bthd);
+    load_rows<T, BQ, D, THR>(qs, q + q_row0, queries - q0, qst);
+    load_rows<T, BQ, D, THR>(dos, grad + q_row0, queries - q0, qst);
+    if (steps > 0) {
+        issue(0, 0);
+        stash(0);
+    }
+    cp_async_commit();
+    // Rows 16m + g + 8·half of this warp: lse·log2(e) (+inf: no visible key or no such row), delta.
+    float lse_row[2][2], delta_row[2][2];
+#pragma unroll
+    for (int m = 0; m < 2; ++m)
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+            const int row = warp_q0 + 16 * m + g + 8 * half;
+            const bool inside = row < queries;
+            const float l = inside ? lse[(size_t)bh * queries + row] : -INFINITY;
+            lse_row[m][half] = l == -INFINITY ? INFINITY : l * LOG2E;
+            delta_row[m][half] = inside ? delta[(size_t)bh * queries + row] : 0.0f;
+        }
+
+    float acc[2][D / 8][4];
+    zero(acc[0]);
+    zero(acc[1]);
+    for (int step = 0; step < steps; ++step) {
+        const int buffer = step & 1;
+        if (step + 1 < steps) {
+            issue(step + 1, buffer ^ 1);
+            cp_async_commit();
+            cp_async_wait<1>();
+        } else {
+            cp_async_wait<0>();
+        }
+        __syncthreads();  // this step's K, V, key_ok (and Q, dO) landed
+        const int k0 = step * BK;
+        if (k0 < warp_key_end) {
+            const T* ks = ks0 + buffer * 2 * BK * LD;
+            const T* vs = ks + BK * LD;
+            const unsigned char* key_ok = key_ok0 + buffer * BK;
+            float s[2][BK / 8][4], dp[2][BK / 8][4];
+#pragma unroll
+            for (int m = 0; m < 2; ++m) {
+                zero(s[m]);
+                zero(dp[m]);
+            }
+            wide_gemm_xt<T, 2, BK / 16, D, LD, LD>(s, qs + 32 * warp * LD, ks);
+            wide_gemm_xt<T, 2, BK / 16, D, LD, LD>(dp, dos + 32 * warp * LD, vs);
+            const bool mask =
+                valid_row != nullptr || k0 + BK > keys || (causal && k0 + BK - 1 > offset + warp_q0);
+            bool col_ok[BK / 8][2];  // the flags of this thread's keys, read once
+#pragma unroll
+            for (int j = 0; j < BK / 8; ++j)
+#pragma unroll
+                for (int odd = 0; odd < 2; ++odd) col_ok[j][odd] = key_ok[8 * j + 2 * t + odd] != 0;
+#pragma unroll
+            for (int m = 0; m < 2; ++m)
+#pragma unroll
+                for (int j = 0; j < BK / 8; ++j)
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) {
+                        const int c = 8 * j + 2 * t + (e & 1);  // key k0 + c
+                        const int half = e >> 1;
+                        const int row = warp_q0 + 16 * m + g + 8 * half;
+                        float p = exp2_ftz(fmaf(s[m][j][e], scale_log2, -lse_row[m][half]));
+                        if (mask && !(col_ok[j][e & 1] && (!causal || k0 + c <= offset + row))) p = 0.0f;
+                        s[m][j][e] = p * (dp[m][j][e] - delta_row[m][half]);  // dS
+                    }
+            wide_gemm_px<T, 2, D / 16, BK, LD>(acc, s, ks);
+        }
+        if (step + 1 < steps) stash(buffer ^ 1);
+        __syncthreads();  // every warp is done with this buffer before step + 2 refills it
+    }
+    cp_async_wait<0>();
+    wide_store<T, 2, D / 8>(dq + row_offset(b, h, warp_q0, heads, queries, D, q_bthd), acc, scale,
+                            queries - warp_q0, qst);
+}
+
 }  // namespace fa2
 }  // namespace
 
@@ -1388,34 +1840,45 @@ FLASH_TC_ENTRIES(bf16, bf16, 128, 32, 32, 16, 32)
 FLASH_TC_ENTRIES(__half, f16, 64, 64, 32, 32, 32)
 FLASH_TC_ENTRIES(__half, f16, 128, 32, 32, 16, 32)
 
-// FlashAttention-2-style entry points (bf16/f16, 128 threads, dynamic shared memory of
-// fa2::{forward,dkdv,dq}_smem<D>() bytes): flash_mma_{forward,backward_dkdv,backward_dq}_{bf16,f16}_d{64,128}.
-// The forward asks for three blocks per SM (at most 168 registers: d128 used 179, which left two
-// blocks, 8 warps, per SM); the backward kernels need their ≈ 240 registers and run two.
-#define FLASH_MMA_ENTRIES(T, SUFFIX, D)                                                                   \
+// FlashAttention-2-style entry points (bf16/f16, dynamic shared memory of
+// fa2::{forward,dkdv,dq}_smem<D>() bytes, or for the d128 backward fa2::{dkdv,dq}_wide_smem<128>()):
+// flash_mma_{forward,backward_dkdv,backward_dq}_{bf16,f16}_d{64,128}. 128 threads each, except the
+// d128 dK/dV kernel (256 threads). Registers (ptxas, sm_90, bf16): the forward asks for three
+// blocks per SM (168 registers; d128 used 179 unbounded, which left two blocks); d64 dK/dV 225
+// (two blocks), d64 dQ three blocks (168); d128 dK/dV 255 (one block of 8 warps), d128 dQ 255 (two
+// blocks of 4 warps).
+#define FLASH_MMA_FORWARD(T, SUFFIX, D)                                                                   \
     extern "C" __global__ void __launch_bounds__(fa2::NT, 3) flash_mma_forward_##SUFFIX##_d##D(            \
         const T* q, const T* k, const T* v, const unsigned char* valid, T* o, float* lse, int heads,      \
         int kv_heads, int queries, int keys, int offset, int causal, float scale, int q_bthd,             \
         int kv_bthd) {                                                                                   \
         fa2::forward<T, D>(q, k, v, valid, o, lse, heads, kv_heads, queries, keys, offset, causal, scale, \
                            q_bthd, kv_bthd);                                                             \
+    }
+#define FLASH_MMA_BACKWARD(T, SUFFIX, D, DKDV, DKDV_THREADS, DKDV_BLOCKS, DQ, DQ_BLOCKS)                  \
+    extern "C" __global__ void __launch_bounds__(DKDV_THREADS, DKDV_BLOCKS)                               \
+        flash_mma_backward_dkdv_##SUFFIX##_d##D(const T* q, const T* k, const T* v,                       \
+                                                const unsigned char* valid, const T* grad,                \
+                                                const float* lse, const float* delta, T* dk, T* dv,       \
+                                                int heads, int kv_heads, int queries, int keys,           \
+                                                int offset, int causal, float scale, int q_bthd,          \
+                                                int kv_bthd) {                                            \
+        fa2::DKDV<T, D>(q, k, v, valid, grad, lse, delta, dk, dv, heads, kv_heads, queries, keys, offset, \
+                        causal, scale, q_bthd, kv_bthd);                                                  \
     }                                                                                                    \
-    extern "C" __global__ void __launch_bounds__(fa2::NT) flash_mma_backward_dkdv_##SUFFIX##_d##D(         \
-        const T* q, const T* k, const T* v, const unsigned char* valid, const T* grad, const float* lse,  \
-        const float* delta, T* dk, T* dv, int heads, int kv_heads, int queries, int keys, int offset,     \
-        int causal, float scale, int q_bthd, int kv_bthd) {                                              \
-        fa2::backward_dkdv<T, D>(q, k, v, valid, grad, lse, delta, dk, dv, heads, kv_heads, queries, keys, \
-                                 offset, causal, scale, q_bthd, kv_bthd);                                \
-    }                                                                                                    \
-    extern "C" __global__ void __launch_bounds__(fa2::NT) flash_mma_backward_dq_##SUFFIX##_d##D(           \
+    extern "C" __global__ void __launch_bounds__(fa2::NT, DQ_BLOCKS) flash_mma_backward_dq_##SUFFIX##_d##D( \
         const T* q, const T* k, const T* v, const unsigned char* valid, const T* grad, const float* lse,  \
         const float* delta, T* dq, int heads, int kv_heads, int queries, int keys, int offset,            \
         int causal, float scale, int q_bthd, int kv_bthd) {                                              \
-        fa2::backward_dq<T, D>(q, k, v, valid, grad, lse, delta, dq, heads, kv_heads, queries, keys,     \
-                               offset, causal, scale, q_bthd, kv_bthd);                                  \
+        fa2::DQ<T, D>(q, k, v, valid, grad, lse, delta, dq, heads, kv_heads, queries, keys, offset,      \
+                      causal, scale, q_bthd, kv_bthd);                                                   \
     }
 
-FLASH_MMA_ENTRIES(bf16, bf16, 64)
-FLASH_MMA_ENTRIES(bf16, bf16, 128)
-FLASH_MMA_ENTRIES(__half, f16, 64)
-FLASH_MMA_ENTRIES(__half, f16, 128)
+FLASH_MMA_FORWARD(bf16, bf16, 64)
+FLASH_MMA_FORWARD(bf16, bf16, 128)
+FLASH_MMA_FORWARD(__half, f16, 64)
+FLASH_MMA_FORWARD(__half, f16, 128)
+FLASH_MMA_BACKWARD(bf16, bf16, 64, backward_dkdv, fa2::NT, 1, backward_dq, 3)
+FLASH_MMA_BACKWARD(__half, f16, 64, backward_dkdv, fa2::NT, 1, backward_dq, 3)
+FLASH_MMA_BACKWARD(bf16, bf16, 128, backward_dkdv_wide, fa2::WIDE_DKDV_NT, 1, backward_dq_wide, 2)
+FLASH_MMA_BACKWARD(__half, f16, 128, backward_dkdv_wide, fa2::WIDE_DKDV_NT, 1, backward_dq_wide, 2)

@@ -662,7 +662,8 @@ mod gpu {
         Scalar,
         /// `flash_tc_*`: nvcuda::wmma, 256 threads, static shared memory.
         Wmma,
-        /// `flash_mma_*`: FlashAttention-2 style, 128 threads, dynamic shared memory.
+        /// `flash_mma_*`: FlashAttention-2 style, 128 threads (256 for the d128 dK/dV kernel),
+        /// dynamic shared memory.
         Mma,
     }
 
@@ -707,11 +708,21 @@ mod gpu {
             }
         }
 
+        /// Threads of the dK/dV kernel: the `flash_mma_*` d128 one has 8 warps
+        /// (`fa2::WIDE_DKDV_NT`), every other kernel [`Self::threads`].
+        fn dkdv_threads(self, head_dim: usize) -> u32 {
+            match (head_dim, self) {
+                (128, Self::Mma) => 256,
+                _ => self.threads(),
+            }
+        }
+
         /// `(forward query tile, dQ query tile, dK/dV key tile)` for a head dimension, as
         /// instantiated in kernels/flash_attn.cu.
         fn tiles(self, head_dim: usize) -> Result<(usize, usize, usize)> {
             Ok(match (head_dim, self) {
-                (64 | 128, Self::Mma) => (64, 64, 64),
+                (64, Self::Mma) => (64, 64, 64),
+                (128, Self::Mma) => (64, 128, 128),
                 (64, _) => (64, 32, 32),
                 (128, Self::Scalar) => (32, 16, 16),
                 (128, Self::Wmma) => (32, 16, 32),
@@ -727,22 +738,44 @@ mod gpu {
                 return (0, 0, 0);
             }
             // Tiles of 16-bit elements with rows padded by 8; forward: Q 64 rows, K and V 64
-            // rows, 64 key flags; dK/dV: K, V 64 rows, two buffers of Q and dO (64 rows for d64,
-            // 32 for d128) and of lse and delta (f32 per query), 64 key flags; dQ: Q, dO 64 rows,
-            // two buffers of K and V 64 rows and of 64 key flags.
+            // rows, 64 key flags. d64 (`fa2::dkdv_smem`, `fa2::dq_smem`): dK/dV: K, V 64 rows,
+            // two buffers of Q and dO 64 rows and of lse and delta (f32 per query), 64 key flags;
+            // dQ: Q, dO 64 rows, two buffers of K and V 64 rows and of 64 key flags. d128
+            // (`fa2::dkdv_wide_smem`, `fa2::dq_wide_smem`): dK/dV: K, V 128 rows, two buffers of
+            // Q and dO 64 rows, Pᵀ and dSᵀ (128 × 64, rows padded by 8), two buffers of lse and
+            // delta, 128 key flags; dQ: Q, dO 128 rows, two buffers of K and V 32 rows and of 32
+            // key flags.
             let row = (head_dim as u32 + 8) * 2;
-            let dkdv_queries = if head_dim == 64 { 64 } else { 32 };
-            (
-                (64 + 2 * 64) * row + 64,
-                (2 * 64 + 4 * dkdv_queries) * row + 4 * dkdv_queries * 4 + 64,
-                (2 * 64 + 4 * 64) * row + 2 * 64,
-            )
+            let forward = (64 + 2 * 64) * row + 64;
+            if head_dim == 64 {
+                (
+                    forward,
+                    (2 * 64 + 4 * 64) * row + 4 * 64 * 4 + 64,
+                    (2 * 64 + 4 * 64) * row + 2 * 64,
+                )
+            } else {
+                (
+                    forward,
+                    (2 * 128 + 4 * 64) * row + 2 * 128 * (64 + 8) * 2 + 4 * 64 * 4 + 128,
+                    (2 * 128 + 4 * 32) * row + 2 * 32,
+                )
+            }
         }
 
         fn config(self, x: usize, y: usize, shared_bytes: u32) -> LaunchConfig {
+            self.config_threads(x, y, shared_bytes, self.threads())
+        }
+
+        fn config_threads(
+            self,
+            x: usize,
+            y: usize,
+            shared_bytes: u32,
+            threads: u32,
+        ) -> LaunchConfig {
             LaunchConfig {
                 grid_dim: (x as u32, y as u32, 1),
-                block_dim: (self.threads(), 1, 1),
+                block_dim: (threads, 1, 1),
                 shared_mem_bytes: shared_bytes,
             }
         }
@@ -1082,10 +1115,11 @@ mod gpu {
             launch!(
                 device,
                 &format!("{prefix}_backward_dkdv_{sfx}_d{}", d.head_dim),
-                family.config(
+                family.config_threads(
                     d.keys.div_ceil(block_keys),
                     d.batch * d.kv_heads,
-                    dkdv_bytes
+                    dkdv_bytes,
+                    family.dkdv_threads(d.head_dim)
                 ),
                 &qp,
                 &kp,

@@ -24,18 +24,19 @@ using std::min;
 struct bf16 { uint16_t bits; };
 struct __half { uint16_t bits; };
 struct Dim3 { int x = 0, y = 0, z = 0; };
-thread_local Dim3 threadIdx, blockIdx;
+thread_local Dim3 threadIdx, blockIdx, gridDim;
+constexpr int MAX_WARPS = 8;
 
 namespace emu {
 struct Block {
     std::unique_ptr<std::barrier<>> bar;
-    std::unique_ptr<std::barrier<>> warp_bar[4];
+    std::unique_ptr<std::barrier<>> warp_bar[MAX_WARPS];
     unsigned char* smem;
     size_t smem_bytes;
-    uintptr_t ptr_slot[4][32];
-    uint32_t a_slot[4][32][4];
-    uint32_t b_slot[4][32][2];
-    float f_slot[4][32];
+    uintptr_t ptr_slot[MAX_WARPS][32];
+    uint32_t a_slot[MAX_WARPS][32][4];
+    uint32_t b_slot[MAX_WARPS][32][2];
+    float f_slot[MAX_WARPS][32];
 };
 thread_local Block* blk;
 bool deferred = false;
@@ -70,21 +71,24 @@ inline float __shfl_xor_sync(unsigned, float v, int x) {
 
 #include "fa2_body.inc"
 
-template <class F> void launch(int gx, int gy, size_t smem_bytes, F body) {
+// Blocks of `nt` threads (fa2::NT unless given), one after the other.
+template <class F> void launch(int gx, int gy, size_t smem_bytes, F body, int nt = fa2::NT) {
+    if (nt > 32 * MAX_WARPS) { fprintf(stderr, "launch: %d threads\n", nt); abort(); }
     for (int by = 0; by < gy; ++by)
         for (int bx = 0; bx < gx; ++bx) {
             emu::Block b;
-            b.bar = std::make_unique<std::barrier<>>(fa2::NT);
+            b.bar = std::make_unique<std::barrier<>>(nt);
             for (auto& w : b.warp_bar) w = std::make_unique<std::barrier<>>(32);
             std::vector<unsigned char> mem(smem_bytes + 16);
             b.smem = (unsigned char*)(((uintptr_t)mem.data() + 15) & ~(uintptr_t)15);
             b.smem_bytes = smem_bytes;
             memset(b.smem, 0xff, smem_bytes);  // NaN everywhere before the kernel writes
             std::vector<std::thread> threads;
-            for (int tid = 0; tid < fa2::NT; ++tid)
+            for (int tid = 0; tid < nt; ++tid)
                 threads.emplace_back([&, tid] {
                     threadIdx = {tid, 0, 0};
                     blockIdx = {bx, by, 0};
+                    gridDim = {gx, gy, 1};
                     emu::blk = &b;
                     emu::open_group.clear();
                     emu::groups.clear();
@@ -159,8 +163,9 @@ template <typename T> double run(const Case& c, unsigned seed) {
         launch((S + 63) / 64, B * KVH, fa2::dkdv_smem<64>(), [&] { fa2::backward_dkdv<T, 64>(q.data(), k.data(), v.data(), vp, dO.data(), lse.data(), delta.data(), dk.data(), dv.data(), H, KVH, Tq, S, c.offset, c.causal, scale, q_bthd, kv_bthd); });
         launch((Tq + 63) / 64, B * H, fa2::dq_smem<64>(), [&] { fa2::backward_dq<T, 64>(q.data(), k.data(), v.data(), vp, dO.data(), lse.data(), delta.data(), dq.data(), H, KVH, Tq, S, c.offset, c.causal, scale, q_bthd, kv_bthd); });
     } else {
-        launch((S + 63) / 64, B * KVH, fa2::dkdv_smem<128>(), [&] { fa2::backward_dkdv<T, 128>(q.data(), k.data(), v.data(), vp, dO.data(), lse.data(), delta.data(), dk.data(), dv.data(), H, KVH, Tq, S, c.offset, c.causal, scale, q_bthd, kv_bthd); });
-        launch((Tq + 63) / 64, B * H, fa2::dq_smem<128>(), [&] { fa2::backward_dq<T, 128>(q.data(), k.data(), v.data(), vp, dO.data(), lse.data(), delta.data(), dq.data(), H, KVH, Tq, S, c.offset, c.causal, scale, q_bthd, kv_bthd); });
+        // The d128 entry points' kernels (src/ops/flash.rs launches these).
+        launch((S + fa2::WIDE_BK - 1) / fa2::WIDE_BK, B * KVH, fa2::dkdv_wide_smem<128>(), [&] { fa2::backward_dkdv_wide<T, 128>(q.data(), k.data(), v.data(), vp, dO.data(), lse.data(), delta.data(), dk.data(), dv.data(), H, KVH, Tq, S, c.offset, c.causal, scale, q_bthd, kv_bthd); }, fa2::WIDE_DKDV_NT);
+        launch((Tq + fa2::WIDE_DQ_BQ - 1) / fa2::WIDE_DQ_BQ, B * H, fa2::dq_wide_smem<128>(), [&] { fa2::backward_dq_wide<T, 128>(q.data(), k.data(), v.data(), vp, dO.data(), lse.data(), delta.data(), dq.data(), H, KVH, Tq, S, c.offset, c.causal, scale, q_bthd, kv_bthd); }, fa2::WIDE_DQ_NT);
     }
     }
     dq = from_storage(dq, B, H, Tq, D, q_bthd);
