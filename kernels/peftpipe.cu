@@ -183,15 +183,6 @@ __device__ void rope(const T* x, const T* cos, const T* sin, T* y, int heads, in
 extern "C" __global__ void rope_bf16(const bf16* x, const bf16* c, const bf16* s, bf16* y, int heads, int length, int half, float sign, size_t pairs, int bthd) { rope(x, c, s, y, heads, length, half, sign, pairs, bthd); }
 extern "C" __global__ void rope_f32(const float* x, const float* c, const float* s, float* y, int heads, int length, int half, float sign, size_t pairs, int bthd) { rope(x, c, s, y, heads, length, half, sign, pairs, bthd); }
 
-// ---------------------------------------------------------------------------------------------
-// y += x in place (a residual connection added into the branch output it follows).
-template <typename T>
-__device__ void add_into(T* y, const T* x, size_t n) {
-    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
-        y[i] = from_float<T>(to_float(y[i]) + to_float(x[i]));
-}
-extern "C" __global__ void add_into_bf16(bf16* y, const bf16* x, size_t n) { add_into(y, x, n); }
-extern "C" __global__ void add_into_f32(float* y, const float* x, size_t n) { add_into(y, x, n); }
 
 // ---------------------------------------------------------------------------------------------
 // SwiGLU: h = silu(gate) · up. Backward writes [2, n]: d_gate = g·up·silu'(gate), d_up = g·silu(gate),
@@ -224,6 +215,32 @@ __device__ __forceinline__ bool chunked(size_t n, const void* a, const void* b, 
     const auto aligned = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; };
     return n % Chunk<T>::N == 0 && aligned(a) && aligned(b) && aligned(c) && aligned(d);
 }
+// ---------------------------------------------------------------------------------------------
+// out = a + b, elementwise (out may be a: y += x in place, a residual connection added into the
+// branch output it follows, or a gradient summed into the one already stored). Sums in f32,
+// rounded once, as candle's add does for bf16.
+template <typename T>
+__device__ void add(T* out, const T* a, const T* b, size_t n) {
+    const size_t first = blockIdx.x * (size_t)blockDim.x + threadIdx.x, stride = (size_t)gridDim.x * blockDim.x;
+    if (chunked<T>(n, out, a, b, b)) {
+        constexpr int N = Chunk<T>::N;
+        for (size_t i = first; i < n / N; i += stride) {
+            Chunk<T> x, y;
+            x.word = reinterpret_cast<const uint4*>(a)[i];
+            y.word = reinterpret_cast<const uint4*>(b)[i];
+#pragma unroll
+            for (int e = 0; e < N; ++e) x.v[e] = from_float<T>(to_float(x.v[e]) + to_float(y.v[e]));
+            reinterpret_cast<uint4*>(out)[i] = x.word;
+        }
+        return;
+    }
+    for (size_t i = first; i < n; i += stride) out[i] = from_float<T>(to_float(a[i]) + to_float(b[i]));
+}
+extern "C" __global__ void add_into_bf16(bf16* y, const bf16* x, size_t n) { add(y, y, x, n); }
+extern "C" __global__ void add_into_f32(float* y, const float* x, size_t n) { add(y, y, x, n); }
+extern "C" __global__ void add_bf16(bf16* out, const bf16* a, const bf16* b, size_t n) { add(out, a, b, n); }
+extern "C" __global__ void add_f32(float* out, const float* a, const float* b, size_t n) { add(out, a, b, n); }
+
 template <typename T>
 __device__ void swiglu_forward(const T* gate, const T* up, T* h, size_t n) {
     const size_t first = blockIdx.x * (size_t)blockDim.x + threadIdx.x, stride = (size_t)gridDim.x * blockDim.x;

@@ -129,6 +129,9 @@ fn open_cuda(ordinal: usize) -> Result<Device, DeviceError> {
     // `PEFTPIPE_POOL_RELEASE=1` restores CUDA's default.
     #[cfg(feature = "cuda")]
     crate::ops::cuda::keep_pool(&device).map_err(cuda_error)?;
+    // The backward's gradient sums by peftpipe's add kernel (`PEFTPIPE_UNFUSED=grad_add`: candle's).
+    #[cfg(feature = "cuda")]
+    crate::ops::cuda::install_gradient_add();
     Ok(device)
 }
 

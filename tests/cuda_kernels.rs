@@ -813,6 +813,60 @@ fn add_residual_in_place_matches_the_cpu_reference() -> Result<()> {
     Ok(())
 }
 
+/// The GradStore's gradient sums by peftpipe's add kernel (`ops::cuda::gradient_add`): the
+/// same bits as candle's add (both round the f32 sum once), in place only into a buffer nothing
+/// else holds, on the 16-byte path (a multiple of 8 elements) and the element-wise one (3·17·5);
+/// and a backward with the kernel installed gives the CPU's gradients.
+#[cfg(feature = "cuda")]
+#[test]
+fn gradient_sums_match_candle_and_never_write_a_shared_buffer() -> Result<()> {
+    let Some(gpu) = gpu() else { return Ok(()) };
+    for dtype in [DType::BF16, DType::F32] {
+        for shape in [[3usize, 17, 256], [3, 17, 5]] {
+            let a = random(&shape, 1.0)?.to_dtype(dtype)?.to_device(&gpu)?;
+            let b = random(&shape, 1.0)?.to_dtype(dtype)?.to_device(&gpu)?;
+            let expected = values(&(&a + &b)?)?;
+            // Shared: `a` is held twice, so a new buffer is written and `a` keeps its values.
+            let held = a.clone();
+            let before = values(&a)?;
+            let sum = ops::cuda::gradient_add(&a, &b)?.expect("a CUDA sum");
+            assert_eq!(values(&sum)?, expected, "{dtype:?} {shape:?} (shared)");
+            assert_eq!(values(&held)?, before, "wrote into a shared buffer");
+            drop(held);
+            // Unique: written into `a`'s own buffer.
+            let unique = a.copy()?;
+            let sum = ops::cuda::gradient_add(&unique, &b)?.expect("a CUDA sum");
+            assert_eq!(values(&sum)?, expected, "{dtype:?} {shape:?} (unique)");
+            assert_eq!(sum.id(), unique.id(), "a unique sum is written in place");
+        }
+    }
+    assert!(
+        ops::cuda::gradient_add(
+            &Tensor::zeros(3, DType::F32, &Device::Cpu)?,
+            &Tensor::zeros(3, DType::F32, &Device::Cpu)?
+        )?
+        .is_none(),
+        "the CPU keeps candle's add"
+    );
+    // One tensor reached by three gradients, through the store with the kernel installed.
+    ops::cuda::install_gradient_add();
+    let x = random(&[4, 64], 1.0)?;
+    let gradients = |device: &Device| -> Result<Tensor> {
+        let x = Var::from_tensor(&x.to_device(device)?)?;
+        let t = x.as_tensor();
+        let y = ((t.sqr()? + t.exp()?)? + t.sin()?)?.sum_all()?;
+        let grads = y.backward()?;
+        grads.get(t).expect("a gradient").to_device(&Device::Cpu)
+    };
+    let error = relative_error(
+        "summed gradients",
+        &gradients(&gpu)?,
+        &gradients(&Device::Cpu)?,
+    )?;
+    assert!(error < tolerance(DType::F32), "summed gradients: {error}");
+    Ok(())
+}
+
 /// Queries that see no key (a fully padded row) give output 0 and send no gradient anywhere;
 /// nothing is NaN. Two cases: 5 such queries, and 70 (a whole 64-query tile and a 64-key tile of
 /// padding), at both head dims.

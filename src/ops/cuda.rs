@@ -31,7 +31,7 @@ const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/peftpipe_kernels.ptx")
 const MODULE: &str = "peftpipe";
 
 /// The fused kernels, by the names `PEFTPIPE_UNFUSED` takes.
-pub const KERNELS: [&str; 11] = [
+pub const KERNELS: [&str; 12] = [
     "rms_norm",
     "layer_norm",
     "rope",
@@ -47,6 +47,9 @@ pub const KERNELS: [&str; 11] = [
     // `ops::add_residual`).
     "strided_heads",
     "in_place",
+    // The backward's gradient sums (candle's GradStore) by peftpipe's add kernel, in place when
+    // the stored sum is shared with nothing ([`gradient_add`]).
+    "grad_add",
 ];
 
 /// Whether the fused kernel `kernel` (one of [`KERNELS`]) is used: yes unless `PEFTPIPE_FUSED=0`
@@ -786,6 +789,72 @@ impl InplaceOp2 for AddInto {
         launch!(device, &name, elementwise_config(count), &yp, &xp, &n);
         Ok(())
     }
+}
+
+/// `a + b` into a new buffer (contiguous, same shape and dtype).
+struct Add;
+
+impl CustomOp2 for Add {
+    fn name(&self) -> &'static str {
+        "add"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        no_cpu(self.name())
+    }
+
+    fn cuda_fwd(
+        &self,
+        a: &CudaStorage,
+        al: &Layout,
+        b: &CudaStorage,
+        bl: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let count = al.shape().elem_count();
+        let device = &a.device;
+        let (out, o) = output(device, a.dtype(), count)?;
+        let (ap, bp) = (address(a, al)?, address(b, bl)?);
+        let n = count as u64;
+        let name = format!("add_{}", suffix(a.dtype())?);
+        launch!(device, &name, elementwise_config(count), &o, &ap, &bp, &n);
+        Ok((out, al.shape().clone()))
+    }
+}
+
+/// The sum of two gradients of one tensor for candle's `GradStore` (installed by
+/// [`install_gradient_add`]): on CUDA, for contiguous bf16/f32 tensors of one shape, the add
+/// kernel, written into `sum`'s buffer when nothing else shares it (a gradient a backward also
+/// handed elsewhere, e.g. both inputs of a residual addition get the same tensor, is shared and is
+/// never written), otherwise into a new one. `None` leaves the sum to candle (`sum + grad`).
+/// Detached: the store's gradients are not part of a graph.
+pub fn gradient_add(sum: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+    if !applies("grad_add", sum)
+        || sum.shape() != grad.shape()
+        || sum.dtype() != grad.dtype()
+        || !sum.is_contiguous()
+        || !grad.is_contiguous()
+        || sum.track_op()
+        || grad.track_op()
+    {
+        return Ok(None);
+    }
+    if sum.storage_is_unique() {
+        sum.inplace_op2(grad, &AddInto)?;
+        return Ok(Some(sum.clone()));
+    }
+    Ok(Some(sum.apply_op2_no_bwd(grad, &Add)?))
+}
+
+/// Has candle's `GradStore` sum gradients with [`gradient_add`] (process-wide, once; the stock
+/// `a + b` stays wherever it returns `None`). Returns whether this call installed it.
+pub fn install_gradient_add() -> bool {
+    candle_core::backprop::set_gradient_add(gradient_add)
 }
 
 /// `residual + branch` written into `branch`'s buffer (contiguous, same shape and dtype, its

@@ -16,6 +16,18 @@ fn broadcast_back(arg: &Tensor, node: &Tensor, reduced_dims: &[usize]) -> Result
     }
 }
 
+/// A replacement for `sum + grad` when a [`GradStore`] sums two gradients of one tensor: returns
+/// the sum (it may write it into `sum`'s buffer when nothing else shares it), or `None` to leave
+/// it to `sum + grad`. peftpipe's patch of candle 0.11.1: its CUDA add kernel (vendor/README.md).
+pub type GradientAdd = fn(&Tensor, &Tensor) -> Result<Option<Tensor>>;
+
+static GRADIENT_ADD: std::sync::OnceLock<GradientAdd> = std::sync::OnceLock::new();
+
+/// Installs `add` for every [`GradStore`] of the process (once); returns whether this call did.
+pub fn set_gradient_add(add: GradientAdd) -> bool {
+    GRADIENT_ADD.set(add).is_ok()
+}
+
 thread_local! {
     static CANDLE_GRAD_DO_NOT_DETACH: bool = {
         match std::env::var("CANDLE_GRAD_DO_NOT_DETACH") {
@@ -727,7 +739,14 @@ impl GradStore {
         match self.0.entry(tensor.id()) {
             Entry::Occupied(mut entry) => {
                 let sum_grad = entry.get_mut();
-                *sum_grad = sum_grad.add(grad)?;
+                let added = match GRADIENT_ADD.get() {
+                    Some(add) => add(sum_grad, grad)?,
+                    None => None,
+                };
+                *sum_grad = match added {
+                    Some(sum) => sum,
+                    None => sum_grad.add(grad)?,
+                };
             }
             Entry::Vacant(entry) => {
                 // A permuted view of a dense buffer (a transposed gradient) is kept as it is:
