@@ -16,7 +16,7 @@
 // and register micro-tiles; inputs bf16, f16 or f32), `flash_tc_*` (bf16/f16 on tensor cores,
 // nvcuda::wmma with f32 accumulation; namespace tc; kept for comparison, PEFTPIPE_FLASH=wmma) and
 // `flash_mma_*` (bf16/f16, FlashAttention-2 style: mma.sync on register fragments, ldmatrix,
-// cp.async; namespace fa2; the default; head_dim 128's backward uses wider per-warp tiles,
+// cp.async; namespace fa2; the default; head_dim 128 uses wider per-warp tiles, forward_wide,
 // backward_dkdv_wide / backward_dq_wide). head_dim 64 and 128. The backward's delta kernel
 // (flash_backward_delta_*) serves all three.
 #include <cuda_bf16.h>
@@ -821,9 +821,9 @@ constexpr int NT = 32 * WARPS;
 constexpr int SPAD = 8;
 constexpr float LOG2E = 1.4426950408889634f;
 
-// Tiles: forward BQ × BK = 64 × 64; d64 dK/dV 64 keys × 64 queries, dQ 64 × 64 (backward_dkdv
-// and backward_dq also take d128, with 32-query dK/dV tiles: the d128 kernels before the wide
-// ones below, kept for comparison in benches/gpu/flash_bench.cu); d128 backward: WIDE_* below.
+// Tiles: d64 forward BQ × BK = 64 × 64; d64 dK/dV 64 keys × 64 queries, dQ 64 × 64 (forward,
+// backward_dkdv and backward_dq also take d128, with 32-query dK/dV tiles: the d128 kernels before
+// the wide ones below, kept for comparison in benches/gpu/flash_bench.cu); d128: WIDE_* below.
 constexpr int FWD_BQ = 64, FWD_BK = 64;
 constexpr int BWD_BK = 64;
 template <int D> __host__ __device__ constexpr int dkdv_bq() { return D == 64 ? 64 : 32; }
@@ -1769,6 +1769,224 @@ __device__ void backward_dq_wide(const T* __restrict__ q, const T* __restrict__ 
                             queries - warp_q0, qst);
 }
 
+// ---- head_dim 128 forward with 32 query rows per warp (the d128 entry point) ----
+// forward above (d64; also what d128 ran before) gives each warp 16 query rows of a 64 × 64 tile
+// and re-reads K and V from shared memory for every 16 rows: each ldmatrix.x4 feeds two mma (0.5
+// ldmatrix per mma), two __syncthreads per key tile. forward_wide (FlashAttention-2's d128 tiling:
+// 128 queries × 64 keys per block of 4 warps) gives each warp 32 query rows: warp w owns queries
+// q0 + 32w .. + 31, all D columns of O (128 f32 accumulators per thread) and S for its 32 rows ×
+// 64 keys (64 floats): 0.375 ldmatrix per mma for S = Q·Kᵀ, 0.25 for O += P·V. K and V come in
+// BK = 64-key tiles, double-buffered: at the top of step s one __syncthreads (step s's K, V and
+// key flags landed; every warp is done with step s − 1's buffer), then step s + 1's K and V are
+// issued by cp.async into the other buffer and overlap step s's math; the key flags are read into
+// a register at issue and stored to shared memory at the end of the step. One __syncthreads per
+// key tile. (SUB < BK walks a tile in SUB-key softmax steps, S then SUB/2 floats: an A/B variant.)
+// A warp skips the (sub-)tiles none of its rows can see (causal: the diagonal's last keys for the
+// first warps). Online softmax as in forward, with ex2.approx.ftz (exp2f adds a range fix-up
+// around MUFU.EX2; p below 2^-126 is 0 here). Heavy query tiles first over all heads
+// (query_tile_order). lse / O semantics are forward's: rows with no visible key get O 0 and lse
+// −inf. No atomics; every sum in a fixed order: deterministic.
+// Registers (ptxas, sm_90, bf16 and f16, __launch_bounds__(128, 2)): 255, 44 bytes of spill
+// stores (SUB = 32: 254, none); two blocks (8 warps) per SM; shared memory 104,576 bytes per
+// block. The K/V copy loop is not unrolled: unrolled, its per-row offsets stay live across the key
+// loop (SUB = 64 then spilled 64 bytes and ran 15.6 ms per step instead of 13.8).
+// Measured on the H200 at Llama-3.1-8B's shape (B 1, H 32, KVH 8, T = S = 4096, causal; 32 layers,
+// benches/gpu/flash_bench.cu): 17.1 → 13.8 ms per step (257 → 319 TFLOP/s). Tried and not kept
+// (slower): 32-key softmax steps (SUB = 32: 14.8 ms; its loop unrolled: 14.6); 32-key tiles (BK =
+// SUB = 32: 15.0); P rounded to bf16 fragments right after the softmax (more spills; 15.9 against
+// 15.6 with the unrolled copy loop); skipping the accumulators' rescale when no row maximum of
+// the warp grew (a warp vote per step; no faster at SUB = 32: 15.0 against 15.0, 15.1 against
+// 14.8).
+constexpr int WIDE_FWD_NT = 128, WIDE_FWD_BQ = 128, WIDE_FWD_BK = 64, WIDE_FWD_SUB = 64;
+template <int D, int BK = WIDE_FWD_BK> __host__ __device__ constexpr int forward_wide_smem() {
+    return (WIDE_FWD_BQ + 4 * BK) * (D + SPAD) * 2 + 2 * BK;
+}
+
+template <typename T, int D, int BK = WIDE_FWD_BK, int SUB = WIDE_FWD_SUB, bool GLOBAL_ORDER = true>
+__device__ void forward_wide(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
+                             const unsigned char* __restrict__ valid, T* __restrict__ o, float* __restrict__ lse,
+                             int heads, int kv_heads, int queries, int keys, int offset, int causal, float scale,
+                             int q_bthd, int kv_bthd) {
+    constexpr int BQ = WIDE_FWD_BQ, LD = D + SPAD, THR = WIDE_FWD_NT;
+    static_assert(BQ == 32 * (THR / 32), "32 query rows per warp");
+    require_smem(forward_wide_smem<D, BK>());
+    extern __shared__ __align__(16) unsigned char smem[];
+    T* qs = reinterpret_cast<T*>(smem);
+    T* ks0 = qs + BQ * LD;  // ks[buffer] = ks0 + buffer · 2·BK·LD, vs[buffer] = ks[buffer] + BK·LD
+    unsigned char* key_ok0 = reinterpret_cast<unsigned char*>(ks0 + 4 * BK * LD);  // [buffer][BK]
+
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+    const TileHead order = query_tile_order<GLOBAL_ORDER>(causal);  // heavy tiles first
+    const int bh = order.bh, b = bh / heads, h = bh % heads;
+    const int kvh = h / (heads / kv_heads);
+    const int q0 = order.tile * BQ;
+    const int warp_q0 = q0 + 32 * warp;  // this warp's first query
+    const int qst = row_stride(heads, D, q_bthd), kst = row_stride(kv_heads, D, kv_bthd);
+    const T* kb = k + row_offset(b, kvh, 0, kv_heads, keys, D, kv_bthd);
+    const T* vb = v + row_offset(b, kvh, 0, kv_heads, keys, D, kv_bthd);
+    const unsigned char* valid_row = valid ? valid + (size_t)b * keys : nullptr;
+    const float scale_log2 = scale * LOG2E;
+    const int last_row = min(q0 + BQ, queries) - 1;
+    const int key_end = causal ? min(keys, offset + last_row + 1) : keys;
+    const int steps = (key_end + BK - 1) / BK;
+    // The last key any row of this warp can see, plus one (causal); the warp skips tiles past it.
+    const int warp_key_end = causal ? offset + min(warp_q0 + 32, queries) : keys;
+
+    // K and V of key tile `step` into `buffer` by cp.async; thread c < BK reads key c's flag into
+    // `flag`, which `stash` stores later (no warp waits on the validity load).
+    static_assert(BK <= THR, "one thread per key flag");
+    bool flag = false;
+    auto issue = [&](int step, int buffer) {
+        const int tile_k0 = step * BK;
+        T* ks = ks0 + buffer * 2 * BK * LD;
+        // As load_rows for K and V, in a loop that is not unrolled: unrolled, the per-row source
+        // offsets are hoisted out of the key loop and held in registers the softmax needs.
+        constexpr int CHUNKS = D / 8, ROW_STEP = THR / CHUNKS;
+        static_assert(BK % ROW_STEP == 0, "every thread copies the same number of chunks");
+        const int r0 = threadIdx.x / CHUNKS, col = (threadIdx.x % CHUNKS) * 8;
+        const size_t at = (size_t)(tile_k0 + r0) * kst + col;
+        const T* k_src = kb + at;
+        const T* v_src = vb + at;
+        T* k_dst = ks + r0 * LD + col;
+#pragma unroll 1
+        for (int r = tile_k0 + r0; r < tile_k0 + BK; r += ROW_STEP) {
+            const bool inside = r < keys;
+            cp_async16(k_dst, inside ? k_src : kb, inside);
+            cp_async16(k_dst + BK * LD, inside ? v_src : vb, inside);
+            k_src += (size_t)ROW_STEP * kst;
+            v_src += (size_t)ROW_STEP * kst;
+            k_dst += ROW_STEP * LD;
+        }
+        const int c = threadIdx.x;
+        flag = c < BK && tile_k0 + c < keys && (valid_row == nullptr || valid_row[tile_k0 + c] != 0);
+    };
+    auto stash = [&](int buffer) {
+        if (threadIdx.x < BK) key_ok0[buffer * BK + threadIdx.x] = flag;
+    };
+    load_rows<T, BQ, D, THR>(qs, q + row_offset(b, h, q0, heads, queries, D, q_bthd), queries - q0, qst);
+    if (steps > 0) {
+        issue(0, 0);
+        stash(0);
+    }
+    cp_async_commit();
+
+    float acc[2][D / 8][4];
+    zero(acc[0]);
+    zero(acc[1]);
+    // Rows 16m + g + 8·half of this warp: raw (unscaled) running maxima, this thread's share of sums.
+    float row_max[2][2], row_sum[2][2];
+#pragma unroll
+    for (int m = 0; m < 2; ++m)
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+            row_max[m][half] = -INFINITY;
+            row_sum[m][half] = 0.0f;
+        }
+    for (int step = 0; step < steps; ++step) {
+        const int buffer = step & 1;
+        cp_async_wait<0>();
+        __syncthreads();  // this step's K, V, key flags (and Q) landed; every warp is done with the other buffer
+        if (step + 1 < steps) issue(step + 1, buffer ^ 1);
+        cp_async_commit();
+        // The tile in sub-tiles of SUB keys (S for 32 rows × SUB keys in registers at a time).
+#pragma unroll 1
+        for (int sub = 0; sub < BK / SUB; ++sub) {
+            const int k0 = step * BK + sub * SUB;
+            if (k0 >= warp_key_end) break;
+            const T* ks = ks0 + buffer * 2 * BK * LD + sub * SUB * LD;
+            const T* vs = ks0 + buffer * 2 * BK * LD + BK * LD + sub * SUB * LD;
+            const unsigned char* key_ok = key_ok0 + buffer * BK + sub * SUB;
+            float s[2][SUB / 8][4];
+            zero(s[0]);
+            zero(s[1]);
+            wide_gemm_xt<T, 2, SUB / 16, D, LD, LD>(s, qs + 32 * warp * LD, ks);
+            // Masking where some key of the sub-tile may be invisible to some row of this warp.
+            const bool mask =
+                valid_row != nullptr || k0 + SUB > keys || (causal && k0 + SUB - 1 > offset + warp_q0);
+            if (mask) {
+#pragma unroll
+                for (int j = 0; j < SUB / 8; ++j)
+#pragma unroll
+                    for (int odd = 0; odd < 2; ++odd) {
+                        const int c = 8 * j + 2 * t + odd;  // key k0 + c
+                        const bool ok = key_ok[c] != 0;     // read once for the thread's four rows
+#pragma unroll
+                        for (int m = 0; m < 2; ++m)
+#pragma unroll
+                            for (int half = 0; half < 2; ++half) {
+                                const int row = warp_q0 + 16 * m + g + 8 * half;
+                                if (!(ok && (!causal || k0 + c <= offset + row))) s[m][j][2 * half + odd] = -INFINITY;
+                            }
+                    }
+            }
+            // Online softmax: rows 16m + g (e = 0, 1) and 16m + g + 8 (e = 2, 3); a row lives in one quad.
+            float m_scaled[2][2], alpha[2][2];
+#pragma unroll
+            for (int m = 0; m < 2; ++m)
+#pragma unroll
+                for (int half = 0; half < 2; ++half) {
+                    float mx = row_max[m][half];
+#pragma unroll
+                    for (int j = 0; j < SUB / 8; ++j) mx = fmaxf(mx, fmaxf(s[m][j][2 * half], s[m][j][2 * half + 1]));
+                    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+                    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+                    // Nothing visible yet: every p is exp2(-inf) = 0 with any finite subtrahend.
+                    m_scaled[m][half] = mx == -INFINITY ? 0.0f : mx * scale_log2;
+                    alpha[m][half] = row_max[m][half] == -INFINITY
+                                         ? 0.0f
+                                         : exp2_ftz(row_max[m][half] * scale_log2 - m_scaled[m][half]);
+                    row_max[m][half] = mx;
+                }
+#pragma unroll
+            for (int m = 0; m < 2; ++m)
+#pragma unroll
+                for (int half = 0; half < 2; ++half)
+#pragma unroll
+                    for (int j = 0; j < D / 8; ++j) {
+                        acc[m][j][2 * half] *= alpha[m][half];
+                        acc[m][j][2 * half + 1] *= alpha[m][half];
+                    }
+#pragma unroll
+            for (int m = 0; m < 2; ++m)
+#pragma unroll
+                for (int half = 0; half < 2; ++half) {
+                    float sum = row_sum[m][half] * alpha[m][half];
+#pragma unroll
+                    for (int j = 0; j < SUB / 8; ++j)
+#pragma unroll
+                        for (int e = 2 * half; e < 2 * half + 2; ++e) {
+                            const float p = exp2_ftz(fmaf(s[m][j][e], scale_log2, -m_scaled[m][half]));
+                            s[m][j][e] = p;
+                            sum += p;
+                        }
+                    row_sum[m][half] = sum;
+                }
+            wide_gemm_px<T, 2, D / 16, SUB, LD>(acc, s, vs);
+        }
+        if (step + 1 < steps) stash(buffer ^ 1);
+    }
+    cp_async_wait<0>();
+
+#pragma unroll
+    for (int m = 0; m < 2; ++m) {
+        float inverse[2];
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+            float l = row_sum[m][half];
+            l += __shfl_xor_sync(0xffffffffu, l, 1);
+            l += __shfl_xor_sync(0xffffffffu, l, 2);
+            inverse[half] = l > 0.0f ? 1.0f / l : 0.0f;
+            const int row = warp_q0 + 16 * m + g + 8 * half;
+            if (t == 0 && row < queries)
+                lse[(size_t)bh * queries + row] = l > 0.0f ? row_max[m][half] * scale + logf(l) : -INFINITY;
+        }
+        const int row0 = warp_q0 + 16 * m;
+        if (row0 < queries)
+            store_rows<T, D>(o + row_offset(b, h, row0, heads, queries, D, q_bthd), acc[m], inverse[0], inverse[1],
+                             queries - row0, qst);
+    }
+}
+
 }  // namespace fa2
 }  // namespace
 
@@ -1841,18 +2059,19 @@ FLASH_TC_ENTRIES(__half, f16, 64, 64, 32, 32, 32)
 FLASH_TC_ENTRIES(__half, f16, 128, 32, 32, 16, 32)
 
 // FlashAttention-2-style entry points (bf16/f16, dynamic shared memory of
-// fa2::{forward,dkdv,dq}_smem<D>() bytes, or for the d128 backward fa2::{dkdv,dq}_wide_smem<128>()):
+// fa2::{forward,dkdv,dq}_smem<D>() bytes, or for d128 fa2::{forward,dkdv,dq}_wide_smem<128>()):
 // flash_mma_{forward,backward_dkdv,backward_dq}_{bf16,f16}_d{64,128}. 128 threads each, except the
-// d128 dK/dV kernel (256 threads). Registers (ptxas, sm_90, bf16): the forward asks for three
-// blocks per SM (168 registers; d128 used 179 unbounded, which left two blocks); d64 dK/dV 225
-// (two blocks), d64 dQ three blocks (168); d128 dK/dV 255 (one block of 8 warps), d128 dQ 255 (two
-// blocks of 4 warps).
-#define FLASH_MMA_FORWARD(T, SUFFIX, D)                                                                   \
-    extern "C" __global__ void __launch_bounds__(fa2::NT, 3) flash_mma_forward_##SUFFIX##_d##D(            \
+// d128 dK/dV kernel (256 threads). Registers (ptxas, sm_90, bf16): the d64 forward asks for three
+// blocks per SM (155 registers; forward<T, 128> there: 168 and 48 bytes of spills), the d128
+// forward (forward_wide) for two (254, no spills); d64
+// dK/dV 225 (two blocks), d64 dQ three blocks (168); d128 dK/dV 255 (one block of 8 warps), d128
+// dQ 255 (two blocks of 4 warps).
+#define FLASH_MMA_FORWARD(T, SUFFIX, D, KERNEL, BLOCKS)                                                   \
+    extern "C" __global__ void __launch_bounds__(fa2::NT, BLOCKS) flash_mma_forward_##SUFFIX##_d##D(       \
         const T* q, const T* k, const T* v, const unsigned char* valid, T* o, float* lse, int heads,      \
         int kv_heads, int queries, int keys, int offset, int causal, float scale, int q_bthd,             \
         int kv_bthd) {                                                                                   \
-        fa2::forward<T, D>(q, k, v, valid, o, lse, heads, kv_heads, queries, keys, offset, causal, scale, \
+        fa2::KERNEL<T, D>(q, k, v, valid, o, lse, heads, kv_heads, queries, keys, offset, causal, scale,  \
                            q_bthd, kv_bthd);                                                             \
     }
 #define FLASH_MMA_BACKWARD(T, SUFFIX, D, DKDV, DKDV_THREADS, DKDV_BLOCKS, DQ, DQ_BLOCKS)                  \
@@ -1874,10 +2093,10 @@ FLASH_TC_ENTRIES(__half, f16, 128, 32, 32, 16, 32)
                       causal, scale, q_bthd, kv_bthd);                                                   \
     }
 
-FLASH_MMA_FORWARD(bf16, bf16, 64)
-FLASH_MMA_FORWARD(bf16, bf16, 128)
-FLASH_MMA_FORWARD(__half, f16, 64)
-FLASH_MMA_FORWARD(__half, f16, 128)
+FLASH_MMA_FORWARD(bf16, bf16, 64, forward, 3)
+FLASH_MMA_FORWARD(bf16, bf16, 128, forward_wide, 2)
+FLASH_MMA_FORWARD(__half, f16, 64, forward, 3)
+FLASH_MMA_FORWARD(__half, f16, 128, forward_wide, 2)
 FLASH_MMA_BACKWARD(bf16, bf16, 64, backward_dkdv, fa2::NT, 1, backward_dq, 3)
 FLASH_MMA_BACKWARD(__half, f16, 64, backward_dkdv, fa2::NT, 1, backward_dq, 3)
 FLASH_MMA_BACKWARD(bf16, bf16, 128, backward_dkdv_wide, fa2::WIDE_DKDV_NT, 1, backward_dq_wide, 2)

@@ -1,19 +1,22 @@
 // Standalone benchmark and check of the flash-attention kernels of kernels/flash_attn.cu (bf16):
-// the backward (wide d128 dK/dV and dQ; d64) and the forward, against the kernels main launched
-// before them (instantiated here from the same templates: fa2::backward_dkdv<bf16, 128>,
-// fa2::backward_dq<bf16, D, false>, fa2::forward<bf16, D, false>) and a double-precision CPU
-// reference.
+// the backward (wide d128 dK/dV and dQ; d64) and the forward (wide d128: fa2::forward_wide; d64),
+// against the kernels main launched before them (instantiated here from the same templates:
+// fa2::backward_dkdv<bf16, 128>, fa2::backward_dq<bf16, D, false>, fa2::forward<bf16, 128> (the
+// 64 × 64 d128 forward), fa2::forward<bf16, D, false>) and a double-precision CPU reference.
 //
 //   nvcc -arch=sm_90 -O3 -std=c++17 -o flash_bench benches/gpu/flash_bench.cu
 //   (-L DIR where libcudart_static.a lives if nvcc does not find it)
 //   ./flash_bench [reps=20]
-//   ./flash_bench profile   (one launch of each backward kernel at the 8B shape, for ncu)
+//   ./flash_bench profile   (one launch of each forward and backward kernel at the 8B shape, for ncu)
 //
 // Prints, per small case (ragged tails, GQA, causal with offset, key validity, d64 and d128),
-// max|gpu − ref| / max|ref| of dq, dk, dv for the new and the old kernels; then, at the
+// max|gpu − ref| / max|ref| of o and max|gpu − ref| of lse for the forward kernels (rows with no
+// visible key: lse −inf and o 0 exactly), and of dq, dk, dv for the new and the old backward
+// kernels; strided heads ([B, T, H, D]) against contiguous ones, bitwise; then, at the
 // Llama-3.1-8B shape (B=1, H=32, KVH=8, T=S=4096, D=128, causal) and the 1B shape (B=8, H=32,
 // KVH=8, T=512, D=64), median kernel times over `reps` runs (ms per layer, ×32 per step,
-// TFLOP/s), new-vs-old differences and a run-to-run bitwise check of the new kernels.
+// TFLOP/s; the forward: the previous kernel, the new one and forward_wide's A/B variants),
+// new-vs-old differences and a run-to-run bitwise check of the new kernels.
 #include "../../kernels/flash_attn.cu"
 
 #include <algorithm>
@@ -55,6 +58,21 @@ __global__ void __launch_bounds__(fa2::NT, 3) old_forward(const bf16* q, const b
     int causal, float scale, int qb, int kb) {
     fa2::forward<bf16, D, false>(q, k, v, valid, o, lse, heads, kv_heads, queries, keys, offset, causal, scale, qb,
                                  kb);
+}
+// The d128 forward main launched before forward_wide (64 × 64 tiles, 4 warps of 16 rows, heavy
+// tiles first over all heads), and A/B variants of forward_wide: <BK (keys per cp.async tile),
+// SUB (keys per softmax step)>.
+extern "C" __global__ void __launch_bounds__(fa2::NT, 3) prev_forward_d128(const bf16* q, const bf16* k, const bf16* v,
+    const unsigned char* valid, bf16* o, float* lse, int heads, int kv_heads, int queries, int keys, int offset,
+    int causal, float scale, int qb, int kb) {
+    fa2::forward<bf16, 128>(q, k, v, valid, o, lse, heads, kv_heads, queries, keys, offset, causal, scale, qb, kb);
+}
+template <int BK, int SUB>
+__global__ void __launch_bounds__(fa2::WIDE_FWD_NT, 2) forward_wide_variant(const bf16* q, const bf16* k,
+    const bf16* v, const unsigned char* valid, bf16* o, float* lse, int heads, int kv_heads, int queries, int keys,
+    int offset, int causal, float scale, int qb, int kb) {
+    fa2::forward_wide<bf16, 128, BK, SUB>(q, k, v, valid, o, lse, heads, kv_heads, queries, keys, offset, causal,
+                                          scale, qb, kb);
 }
 // A/B variant: the wide d128 dQ in main's block order.
 extern "C" __global__ void __launch_bounds__(fa2::WIDE_DQ_NT, 2) dq_wide_head_order(const bf16* q, const bf16* k,
@@ -122,21 +140,39 @@ static void release(Buffers& x) {
 static float scale_of(const Shape& sh) { return 1.0f / std::sqrt((float)sh.D); }
 static const unsigned char* valid_of(const Buffers& x) { return x.sh.masked ? x.valid : nullptr; }
 
-static void forward_only(Buffers& x, bool previous_order) {
+// The forward kernels: F_NEW the entry point (d128: forward_wide, 128 queries × 64 keys; d64:
+// forward); F_PREV d128: main's 64 × 64 forward, d64: main's before heavy-first-over-all-heads;
+// then (d128 only) forward_wide variants <BK, SUB> (new: <64, 64>).
+enum Fwd { F_NEW, F_PREV, F_V1, F_V2, F_COUNT };
+static const char* fwd_name[] = {"new", "prev", "<32,32>", "<64,32>"};
+using FwdFn = void (*)(const bf16*, const bf16*, const bf16*, const unsigned char*, bf16*, float*, int, int, int, int,
+                       int, int, float, int, int);
+static const FwdFn fwd_variant[] = {forward_wide_variant<32, 32>, forward_wide_variant<64, 32>};
+static const int fwd_variant_smem[] = {fa2::forward_wide_smem<128, 32>(), fa2::forward_wide_smem<128, 64>()};
+
+static void forward_only(Buffers& x, Fwd which) {
     const Shape& s = x.sh;
-    dim3 grid((s.T + 63) / 64, s.B * s.H);
-    auto fn = s.D == 128 ? (previous_order ? old_forward<128> : flash_mma_forward_bf16_d128)
-                         : (previous_order ? old_forward<64> : flash_mma_forward_bf16_d64);
-    const int smem = s.D == 128 ? fa2::forward_smem<128>() : fa2::forward_smem<64>();
+    FwdFn fn;
+    int bq, smem;
+    if (s.D == 128) {
+        fn = which == F_NEW ? flash_mma_forward_bf16_d128 : which == F_PREV ? prev_forward_d128 : fwd_variant[which - F_V1];
+        bq = which == F_PREV ? fa2::FWD_BQ : fa2::WIDE_FWD_BQ;
+        smem = which == F_NEW ? fa2::forward_wide_smem<128>() : which == F_PREV ? fa2::forward_smem<128>() : fwd_variant_smem[which - F_V1];
+    } else {
+        fn = which == F_PREV ? old_forward<64> : flash_mma_forward_bf16_d64;
+        bq = fa2::FWD_BQ;
+        smem = fa2::forward_smem<64>();
+    }
     CK(cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-    fn<<<grid, fa2::NT, smem>>>(x.q, x.k, x.v, valid_of(x), x.o, x.lse, s.H, s.KVH, s.T, s.S, s.S - s.T, s.causal,
-                                scale_of(s), 0, 0);
+    fn<<<dim3((s.T + bq - 1) / bq, s.B * s.H), fa2::NT, smem>>>(x.q, x.k, x.v, valid_of(x), x.o, x.lse, s.H, s.KVH,
+                                                               s.T, s.S, s.S - s.T, s.causal, scale_of(s), x.q_bthd,
+                                                               x.kv_bthd);
     CK(cudaGetLastError());
 }
 
 static void forward(Buffers& x) {
     const Shape& s = x.sh;
-    forward_only(x, false);
+    forward_only(x, F_NEW);
     const long long rows = (long long)s.B * s.H * s.T;
     flash_backward_delta_bf16<<<(rows + 7) / 8, 256>>>(x.o, x.dout, x.delta, rows, s.D, s.H, s.T, 0);
     CK(cudaGetLastError());
@@ -263,6 +299,84 @@ static void reference(const Buffers& x, std::vector<double>& rdq, std::vector<do
         }
 }
 
+static std::vector<float> fetch_f32(const float* p, size_t n) {
+    std::vector<float> h(n);
+    CK(cudaMemcpy(h.data(), p, n * 4, cudaMemcpyDeviceToHost));
+    return h;
+}
+
+// Double-precision reference forward: o and lse (−inf for rows with no visible key, o 0 there).
+static void reference_forward(const Buffers& x, std::vector<double>& ro, std::vector<double>& rlse) {
+    const Shape& s = x.sh;
+    const int D = s.D, off = s.S - s.T, group = s.H / s.KVH;
+    const double scale = 1.0 / std::sqrt((double)D);
+    ro.assign(x.nq, 0);
+    rlse.assign((size_t)s.B * s.H * s.T, -INFINITY);
+    std::vector<double> p(s.S);
+    for (int b = 0; b < s.B; ++b)
+        for (int h = 0; h < s.H; ++h) {
+            const size_t qb = ((size_t)b * s.H + h) * s.T * D, kb = ((size_t)b * s.KVH + h / group) * s.S * D;
+            for (int i = 0; i < s.T; ++i) {
+                double mx = -INFINITY;
+                for (int j = 0; j < s.S; ++j) {
+                    p[j] = -INFINITY;
+                    if (!x.hvalid[(size_t)b * s.S + j] || (s.causal && j > off + i)) continue;
+                    double acc = 0;
+                    for (int d = 0; d < D; ++d) acc += (double)bf(x.hq[qb + (size_t)i * D + d]) * bf(x.hk[kb + (size_t)j * D + d]);
+                    p[j] = acc * scale;
+                    mx = std::max(mx, p[j]);
+                }
+                if (mx == -INFINITY) continue;
+                double sum = 0;
+                for (int j = 0; j < s.S; ++j) sum += p[j] == -INFINITY ? 0 : std::exp(p[j] - mx);
+                rlse[((size_t)b * s.H + h) * s.T + i] = mx + std::log(sum);
+                for (int j = 0; j < s.S; ++j) {
+                    if (p[j] == -INFINITY) continue;
+                    const double w = std::exp(p[j] - mx) / sum;
+                    for (int d = 0; d < D; ++d) ro[qb + (size_t)i * D + d] += w * bf(x.hv[kb + (size_t)j * D + d]);
+                }
+            }
+        }
+}
+
+// The forward kernels against reference_forward: max|o − ref| / max|ref|, max|lse − ref| over rows
+// with a visible key; rows without one must give lse −inf and o 0 exactly.
+static bool check_forward(Shape sh, const char* name) {
+    Buffers x = make(sh, 4321);
+    std::vector<double> ro, rlse;
+    reference_forward(x, ro, rlse);
+    bool ok = true;
+    for (int wi = 0; wi < F_COUNT; ++wi) {
+        const Fwd w = (Fwd)wi;
+        if (sh.D != 128 && w >= F_V1) continue;
+        CK(cudaMemset(x.o, 0xff, x.nq * 2));
+        CK(cudaMemset(x.lse, 0xff, rlse.size() * 4));
+        forward_only(x, w);
+        CK(cudaDeviceSynchronize());
+        const auto o = fetch(x.o, x.nq);
+        const auto l = fetch_f32(x.lse, rlse.size());
+        const double eo = rel(o, ro);
+        double el = 0;
+        int unseen = 0;
+        bool exact = true;
+        for (size_t r = 0; r < rlse.size(); ++r) {
+            if (rlse[r] == -INFINITY) {
+                ++unseen;
+                exact = exact && l[r] == -INFINITY;
+                for (int d = 0; d < sh.D; ++d) exact = exact && o[r * sh.D + d] == 0.0f;
+            } else {
+                el = std::isfinite(l[r]) ? std::max(el, std::fabs((double)l[r] - rlse[r])) : INFINITY;
+            }
+        }
+        const bool good = eo < 2e-2 && el < 1e-3 && exact;
+        ok = ok && good;
+        printf("  %-40s fwd %-9s: rel err o %.2e, abs err lse %.2e, %d rows without keys %s %s\n", name,
+               fwd_name[w], eo, el, unseen, exact ? "exact" : "NOT EXACT", good ? "ok" : "FAIL");
+    }
+    release(x);
+    return ok;
+}
+
 static bool check_small(Shape sh, const char* name) {
     Buffers x = make(sh, 1234);
     forward(x);
@@ -325,10 +439,25 @@ static bool check_strided(Shape sh, const char* name, int q_bthd, int kv_bthd) {
         put(x.k, swap_heads(as_bytes(x.hk), sh.B, sh.KVH, sh.S, sh.D, false));
         put(x.v, swap_heads(as_bytes(x.hv), sh.B, sh.KVH, sh.S, sh.D, false));
     }
-    const long long rows = (long long)sh.B * sh.H * sh.T;
-    flash_backward_delta_bf16<<<(rows + 7) / 8, 256>>>(x.o, x.dout, x.delta, rows, sh.D, sh.H, sh.T, q_bthd);
+    // The forward on the strided heads: o (in q's layout) and lse bitwise equal to contiguous.
+    const auto rl = fetch_f32(x.lse, (size_t)sh.B * sh.H * sh.T);
     x.q_bthd = q_bthd;
     x.kv_bthd = kv_bthd;
+    CK(cudaMemset(x.lse, 0xff, rl.size() * 4));
+    std::vector<unsigned char> so;
+    if (q_bthd) {  // o is written in place of the swapped copy put above
+        CK(cudaMemset(x.o, 0xff, x.nq * 2));
+        forward_only(x, F_NEW);
+        so = swap_heads(raw(x.o, x.nq), sh.B, sh.H, sh.T, sh.D, true);
+        put(x.o, swap_heads(ro, sh.B, sh.H, sh.T, sh.D, false));
+    } else {
+        forward_only(x, F_NEW);
+        so = raw(x.o, x.nq);
+    }
+    const auto sl = fetch_f32(x.lse, rl.size());
+    const bool fsame = so == ro && memcmp(sl.data(), rl.data(), rl.size() * 4) == 0;
+    const long long rows = (long long)sh.B * sh.H * sh.T;
+    flash_backward_delta_bf16<<<(rows + 7) / 8, 256>>>(x.o, x.dout, x.delta, rows, sh.D, sh.H, sh.T, q_bthd);
     CK(cudaMemset(x.dq, 0xff, x.nq * 2));
     CK(cudaMemset(x.dk, 0xff, x.nk * 2));
     CK(cudaMemset(x.dv, 0xff, x.nk * 2));
@@ -341,9 +470,9 @@ static bool check_strided(Shape sh, const char* name, int q_bthd, int kv_bthd) {
         gk = swap_heads(gk, sh.B, sh.KVH, sh.S, sh.D, true);
         gv = swap_heads(gv, sh.B, sh.KVH, sh.S, sh.D, true);
     }
-    const bool same = gq == rq && gk == rk && gv == rv;
-    printf("  %-40s strided q %d k/v %d: bitwise equal to contiguous: %s\n", name, q_bthd, kv_bthd,
-           same ? "yes" : "NO");
+    const bool same = gq == rq && gk == rk && gv == rv && fsame;
+    printf("  %-40s strided q %d k/v %d: bitwise equal to contiguous: forward %s, all %s\n", name, q_bthd,
+           kv_bthd, fsame ? "yes" : "NO", same ? "yes" : "NO");
     release(x);
     return same;
 }
@@ -393,11 +522,34 @@ static void bench(Shape sh, const char* name, int reps) {
                th, 32 * th);
     }
     {
-        auto fwd = [](Buffers& y, Which w) { forward_only(y, w == OLD); };
-        const float fo = median_ms(reps, fwd, x, OLD), fn = median_ms(reps, fwd, x, NEW);
-        printf("  forward: old (main's block order) %.3f ms/layer (%.1f ms/step), new (heavy tiles first over all "
-               "heads) %.3f (%.1f), %.0f TFLOP/s\n",
-               fo, 32 * fo, fn, 32 * fn, 2 * unit / fn * 1e-9);
+        // The Which argument carries a Fwd here.
+        auto fwd = [](Buffers& y, Which w) { forward_only(y, (Fwd)w); };
+        for (int wi = 0; wi < F_COUNT; ++wi) {
+            const Fwd w = (Fwd)(wi == 0 ? F_PREV : wi == 1 ? F_NEW : wi);
+            if (sh.D != 128 && w >= F_V1) continue;
+            const float f = median_ms(reps, fwd, x, (Which)w);
+            printf("  forward %-9s %.3f ms/layer %.1f ms/step %.0f TFLOP/s%s\n", fwd_name[w], f, 32 * f,
+                   2 * unit / f * 1e-9,
+                   sh.D == 128 ? "" : " (prev: main's block order; new: the unchanged d64 entry point)");
+        }
+        // New vs prev, and run-to-run bitwise equality of the new forward.
+        forward_only(x, F_PREV);
+        const auto po = fetch(x.o, x.nq);
+        const auto pl = fetch_f32(x.lse, (size_t)sh.B * sh.H * sh.T);
+        forward_only(x, F_NEW);
+        const auto no = raw(x.o, x.nq);
+        const auto nl = fetch_f32(x.lse, pl.size());
+        double dl = 0;
+        for (size_t r = 0; r < pl.size(); ++r) dl = std::max(dl, std::fabs((double)nl[r] - pl[r]));
+        bool fsame = true;
+        for (int r = 0; r < 3; ++r) {
+            CK(cudaMemset(x.o, 0, x.nq * 2));
+            CK(cudaMemset(x.lse, 0, pl.size() * 4));
+            forward_only(x, F_NEW);
+            fsame = fsame && raw(x.o, x.nq) == no && memcmp(fetch_f32(x.lse, pl.size()).data(), nl.data(), pl.size() * 4) == 0;
+        }
+        printf("  forward new vs prev: rel diff o %.2e, max |lse diff| %.2e; new bitwise identical over 4 runs: %s\n",
+               rel(fetch(x.o, x.nq), po), dl, fsame ? "yes" : "NO");
         forward(x);  // lse, delta again for the checks below
     }
     printf("  speed-up dK/dV %.2fx dQ %.2fx both %.2fx\n", t[OLD][0] / t[NEW][0], t[OLD][1] / t[NEW][1],
@@ -429,6 +581,8 @@ int main(int argc, char** argv) {
         // One launch of each kernel at the 8B shape, for a profiler.
         Buffers x = make({1, 32, 8, 4096, 4096, 128, 1, false}, 42);
         forward(x);
+        for (int w = 0; w < F_COUNT; ++w) forward_only(x, (Fwd)w);
+        forward(x);
         for (Which w : {OLD, NEW, HEAD_ORDER}) {
             dkdv(x, w);
             dq(x, w);
@@ -440,6 +594,12 @@ int main(int argc, char** argv) {
     const int reps = argc > 1 ? atoi(argv[1]) : 20;
     bool ok = true;
     printf("correctness vs a double-precision CPU reference (max|err| / max|ref|):\n");
+    ok &= check_forward({2, 4, 2, 300, 300, 128, 1, false}, "d128 causal B2 H4 KVH2 T=S=300");
+    ok &= check_forward({2, 4, 1, 200, 333, 128, 1, true}, "d128 causal+valid H4 KVH1 T200 S333");
+    ok &= check_forward({1, 4, 2, 300, 257, 128, 0, true}, "d128 full+valid H4 KVH2 T300 S257");
+    ok &= check_forward({2, 2, 2, 77, 77, 128, 1, true}, "d128 causal+valid H2 KVH2 T=S=77");
+    ok &= check_forward({1, 2, 1, 5, 20, 128, 0, false}, "d128 full H2 KVH1 T5 S20");
+    ok &= check_forward({2, 4, 1, 200, 333, 64, 1, true}, "d64 causal+valid H4 KVH1 T200 S333");
     ok &= check_small({2, 4, 2, 300, 300, 128, 1, false}, "d128 causal B2 H4 KVH2 T=S=300");
     ok &= check_small({2, 4, 1, 200, 333, 128, 1, true}, "d128 causal+valid H4 KVH1 T200 S333");
     ok &= check_small({1, 4, 2, 300, 257, 128, 0, true}, "d128 full+valid H4 KVH2 T300 S257");

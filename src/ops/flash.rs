@@ -722,7 +722,7 @@ mod gpu {
         fn tiles(self, head_dim: usize) -> Result<(usize, usize, usize)> {
             Ok(match (head_dim, self) {
                 (64, Self::Mma) => (64, 64, 64),
-                (128, Self::Mma) => (64, 128, 128),
+                (128, Self::Mma) => (128, 128, 128),
                 (64, _) => (64, 32, 32),
                 (128, Self::Scalar) => (32, 16, 16),
                 (128, Self::Wmma) => (32, 16, 32),
@@ -737,8 +737,10 @@ mod gpu {
             if self != Self::Mma {
                 return (0, 0, 0);
             }
-            // Tiles of 16-bit elements with rows padded by 8; forward: Q 64 rows, K and V 64
-            // rows, 64 key flags. d64 (`fa2::dkdv_smem`, `fa2::dq_smem`): dK/dV: K, V 64 rows,
+            // Tiles of 16-bit elements with rows padded by 8; forward d64 (`fa2::forward_smem`):
+            // Q 64 rows, K and V 64 rows, 64 key flags; d128 (`fa2::forward_wide_smem`): Q 128
+            // rows, two buffers of K and V 64 rows and of 64 key flags. d64 (`fa2::dkdv_smem`,
+            // `fa2::dq_smem`): dK/dV: K, V 64 rows,
             // two buffers of Q and dO 64 rows and of lse and delta (f32 per query), 64 key flags;
             // dQ: Q, dO 64 rows, two buffers of K and V 64 rows and of 64 key flags. d128
             // (`fa2::dkdv_wide_smem`, `fa2::dq_wide_smem`): dK/dV: K, V 128 rows, two buffers of
@@ -746,16 +748,15 @@ mod gpu {
             // delta, 128 key flags; dQ: Q, dO 128 rows, two buffers of K and V 32 rows and of 32
             // key flags.
             let row = (head_dim as u32 + 8) * 2;
-            let forward = (64 + 2 * 64) * row + 64;
             if head_dim == 64 {
                 (
-                    forward,
+                    (64 + 2 * 64) * row + 64,
                     (2 * 64 + 4 * 64) * row + 4 * 64 * 4 + 64,
                     (2 * 64 + 4 * 64) * row + 2 * 64,
                 )
             } else {
                 (
-                    forward,
+                    (128 + 4 * 64) * row + 2 * 64,
                     (2 * 128 + 4 * 64) * row + 2 * 128 * (64 + 8) * 2 + 4 * 64 * 4 + 128,
                     (2 * 128 + 4 * 32) * row + 2 * 32,
                 )

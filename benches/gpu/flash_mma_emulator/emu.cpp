@@ -149,7 +149,8 @@ template <typename T> double run(const Case& c, unsigned seed) {
     if (D == 64) {
         launch((Tq + 63) / 64, B * H, fa2::forward_smem<64>(), [&] { fa2::forward<T, 64>(q.data(), k.data(), v.data(), vp, o.data(), lse.data(), H, KVH, Tq, S, c.offset, c.causal, scale, q_bthd, kv_bthd); });
     } else {
-        launch((Tq + 63) / 64, B * H, fa2::forward_smem<128>(), [&] { fa2::forward<T, 128>(q.data(), k.data(), v.data(), vp, o.data(), lse.data(), H, KVH, Tq, S, c.offset, c.causal, scale, q_bthd, kv_bthd); });
+        // The d128 entry point's kernel (128-query tiles, 32 rows per warp).
+        launch((Tq + fa2::WIDE_FWD_BQ - 1) / fa2::WIDE_FWD_BQ, B * H, fa2::forward_wide_smem<128>(), [&] { fa2::forward_wide<T, 128>(q.data(), k.data(), v.data(), vp, o.data(), lse.data(), H, KVH, Tq, S, c.offset, c.causal, scale, q_bthd, kv_bthd); }, fa2::WIDE_FWD_NT);
     }
     }
     o = from_storage(o, B, H, Tq, D, q_bthd);

@@ -8,6 +8,6 @@ p0 = body.index('// ---- fa2 primitives')
 p1 = body.index('// ---- end of fa2 primitives ----')
 body = body[:p0] + '#include "prims.inc"\n' + body[p1:]
 old = 'extern __shared__ __align__(16) unsigned char smem[];'
-assert body.count(old) == 5
+assert body.count(old) == 6
 body = body.replace(old, 'unsigned char* smem = emu::blk->smem;')
 open(sys.argv[2], 'w').write(body)

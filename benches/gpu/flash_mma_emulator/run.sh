@@ -10,8 +10,8 @@
 #   as a projection's output is read without a copy; default 0,0)
 # immediate: cp.async copies at issue (catches a tile overwritten while still read);
 # deferred: at cp.async.wait_group (catches a tile read before it is waited for).
-# Slow (minutes per case on 2 cores); `small` runs 3 cases. d128's backward runs the wide kernels
-# the entry points launch (backward_dkdv_wide with 256 threads, backward_dq_wide).
+# Slow (minutes per case on 2 cores); `small` runs 3 cases. d128 runs the wide kernels the entry
+# points launch (forward_wide, backward_dkdv_wide with 256 threads, backward_dq_wide).
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 work=$(mktemp -d)
