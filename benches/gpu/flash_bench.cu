@@ -248,10 +248,27 @@ template <typename A, typename B> static double rel(const A& a, const B& b) {
     return mag > 0 ? diff / mag : diff;
 }
 
+// Scaled scores p[j] = q_i·k_j·scale of query row i (−inf where key j is not visible); returns
+// their maximum (−inf when no key is visible). qb, kb: the head's first q and k element.
+static double row_scores(const Buffers& x, int b, int i, size_t qb, size_t kb, double scale, std::vector<double>& p) {
+    const Shape& s = x.sh;
+    const int D = s.D, off = s.S - s.T;
+    double mx = -INFINITY;
+    for (int j = 0; j < s.S; ++j) {
+        p[j] = -INFINITY;
+        if (!x.hvalid[(size_t)b * s.S + j] || (s.causal && j > off + i)) continue;
+        double acc = 0;
+        for (int d = 0; d < D; ++d) acc += (double)bf(x.hq[qb + (size_t)i * D + d]) * bf(x.hk[kb + (size_t)j * D + d]);
+        p[j] = acc * scale;
+        mx = std::max(mx, p[j]);
+    }
+    return mx;
+}
+
 // Double-precision reference gradients.
 static void reference(const Buffers& x, std::vector<double>& rdq, std::vector<double>& rdk, std::vector<double>& rdv) {
     const Shape& s = x.sh;
-    const int D = s.D, off = s.S - s.T, group = s.H / s.KVH;
+    const int D = s.D, group = s.H / s.KVH;
     const double scale = 1.0 / std::sqrt((double)D);
     rdq.assign(x.nq, 0);
     rdk.assign(x.nk, 0);
@@ -262,18 +279,7 @@ static void reference(const Buffers& x, std::vector<double>& rdq, std::vector<do
             const int kvh = h / group;
             const size_t qb = ((size_t)b * s.H + h) * s.T * D, kb = ((size_t)b * s.KVH + kvh) * s.S * D;
             for (int i = 0; i < s.T; ++i) {
-                double mx = -INFINITY;
-                for (int j = 0; j < s.S; ++j) {
-                    const bool seen = x.hvalid[(size_t)b * s.S + j] && (!s.causal || j <= off + i);
-                    if (!seen) {
-                        p[j] = -INFINITY;
-                        continue;
-                    }
-                    double acc = 0;
-                    for (int d = 0; d < D; ++d) acc += (double)bf(x.hq[qb + (size_t)i * D + d]) * bf(x.hk[kb + (size_t)j * D + d]);
-                    p[j] = acc * scale;
-                    mx = std::max(mx, p[j]);
-                }
+                const double mx = row_scores(x, b, i, qb, kb, scale, p);
                 if (mx == -INFINITY) continue;
                 double sum = 0;
                 for (int j = 0; j < s.S; ++j) sum += p[j] = p[j] == -INFINITY ? 0 : std::exp(p[j] - mx);
@@ -308,7 +314,7 @@ static std::vector<float> fetch_f32(const float* p, size_t n) {
 // Double-precision reference forward: o and lse (−inf for rows with no visible key, o 0 there).
 static void reference_forward(const Buffers& x, std::vector<double>& ro, std::vector<double>& rlse) {
     const Shape& s = x.sh;
-    const int D = s.D, off = s.S - s.T, group = s.H / s.KVH;
+    const int D = s.D, group = s.H / s.KVH;
     const double scale = 1.0 / std::sqrt((double)D);
     ro.assign(x.nq, 0);
     rlse.assign((size_t)s.B * s.H * s.T, -INFINITY);
@@ -317,15 +323,7 @@ static void reference_forward(const Buffers& x, std::vector<double>& ro, std::ve
         for (int h = 0; h < s.H; ++h) {
             const size_t qb = ((size_t)b * s.H + h) * s.T * D, kb = ((size_t)b * s.KVH + h / group) * s.S * D;
             for (int i = 0; i < s.T; ++i) {
-                double mx = -INFINITY;
-                for (int j = 0; j < s.S; ++j) {
-                    p[j] = -INFINITY;
-                    if (!x.hvalid[(size_t)b * s.S + j] || (s.causal && j > off + i)) continue;
-                    double acc = 0;
-                    for (int d = 0; d < D; ++d) acc += (double)bf(x.hq[qb + (size_t)i * D + d]) * bf(x.hk[kb + (size_t)j * D + d]);
-                    p[j] = acc * scale;
-                    mx = std::max(mx, p[j]);
-                }
+                const double mx = row_scores(x, b, i, qb, kb, scale, p);
                 if (mx == -INFINITY) continue;
                 double sum = 0;
                 for (int j = 0; j < s.S; ++j) sum += p[j] == -INFINITY ? 0 : std::exp(p[j] - mx);

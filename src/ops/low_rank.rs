@@ -424,15 +424,22 @@ mod tests {
         Ok(g_ours)
     }
 
+    /// A random `x [2, 3, 5]`, frozen `W [4, 5]` and bias, and factors `A [2, 5]`, `B [4, 2]`.
+    fn random_case() -> Result<(Var, Tensor, Tensor, Var, Var)> {
+        let device = Device::Cpu;
+        Ok((
+            Var::randn(0f64, 1.0, (2, 3, 5), &device)?,
+            Tensor::randn(0f64, 1.0, (4, 5), &device)?,
+            Tensor::randn(0f64, 1.0, 4, &device)?,
+            Var::randn(0f64, 1.0, (2, 5), &device)?,
+            Var::randn(0f64, 1.0, (4, 2), &device)?,
+        ))
+    }
+
     #[test]
     fn value_and_gradients_equal_the_composition() -> Result<()> {
-        let device = Device::Cpu;
         for with_mask in [false, true] {
-            let x = Var::randn(0f64, 1.0, (2, 3, 5), &device)?;
-            let w = Tensor::randn(0f64, 1.0, (4, 5), &device)?;
-            let bias = Tensor::randn(0f64, 1.0, 4, &device)?;
-            let a = Var::randn(0f64, 1.0, (2, 5), &device)?;
-            let b = Var::randn(0f64, 1.0, (4, 2), &device)?;
+            let (x, w, bias, a, b) = random_case()?;
             let mask = with_mask.then(|| random_mask(6, 5)).transpose()?;
             let base = Arc::new(DenseMap {
                 weight: w.clone(),
@@ -556,13 +563,9 @@ mod tests {
     fn norm_forms_equal_the_composition_and_keep_no_norm_output() -> Result<()> {
         let device = Device::Cpu;
         for with_mask in [false, true] {
-            let x = Var::randn(0f64, 1.0, (2, 3, 5), &device)?;
+            let (x, w, bias, a, b) = random_case()?;
             let norm_weight = Tensor::randn(1f64, 0.2, 5, &device)?;
-            let w = Tensor::randn(0f64, 1.0, (4, 5), &device)?;
-            let bias = Tensor::randn(0f64, 1.0, 4, &device)?;
             let w2 = Tensor::randn(0f64, 1.0, (3, 5), &device)?;
-            let a = Var::randn(0f64, 1.0, (2, 5), &device)?;
-            let b = Var::randn(0f64, 1.0, (4, 2), &device)?;
             let mask = with_mask.then(|| random_mask(6, 5)).transpose()?;
             let base = Arc::new(DenseMap {
                 weight: w.clone(),
