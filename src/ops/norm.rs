@@ -211,8 +211,8 @@ fn frozen_rms_input_grad(x: &Tensor, grad: &Tensor, weight: &Tensor, eps: f64) -
 /// A layer's node keeps its input alive until the backward ends; the norm's output (`[rows,
 /// hidden]`, one per norm, read by q/k/v or by gate/up) is then kept only so the backward can read
 /// it again, while the norm's input `x` (the residual stream) is kept anyway. A deferring layer
-/// computes its forward from [`NormedInput::value`] (computed once, dropped with this struct) and
-/// enters the graph through [`NormedInput::deferred`]'s stand-in instead: a node that holds `x`'s
+/// computes its forward from the detached output [`NormedInput::deferred`] returns (computed once,
+/// dropped with this struct) and enters the graph through its stand-in instead: a node that holds `x`'s
 /// buffer (no copy) and whose gradient is the gradient *of the norm's output*, which its backward
 /// turns into `x`'s (the same kernel [`rms_norm`]'s node runs, once for all the layers that read
 /// it, their gradients summed first as for the norm's output). The layer's backward recomputes
@@ -229,7 +229,7 @@ pub struct NormedInput {
 }
 
 /// Recomputes a deferred norm's output from its stand-in: the detached forward of [`rms_norm`],
-/// bit for bit what [`NormedInput::value`] holds.
+/// bit for bit the output [`NormedInput::deferred`] returned.
 #[derive(Clone)]
 pub struct Renorm {
     weight: Tensor,
