@@ -213,6 +213,7 @@ pub fn run(global: &GlobalArgs, args: InspectArgs) -> u8 {
                         MemoryDevice::Cuda
                     },
                     base_bytes: qlora_base_bytes(&method, &config),
+                    swiglu_recomputed_layers: swiglu_recomputed_layers(&shape, &config),
                 },
             )),
             _ => None,
@@ -420,6 +421,24 @@ fn describe_method(
         ),
     };
     Ok((shape, settings))
+}
+
+/// How many of a Llama's MLPs recompute silu(gate)·up instead of keeping it: those whose
+/// `down_proj` LoRA or QLoRA adapts (`ops::low_rank_swiglu_linear`; DoRA keeps it).
+fn swiglu_recomputed_layers(shape: &MethodShape, config: &ModelConfig) -> usize {
+    match shape {
+        MethodShape::Lora {
+            targets,
+            dora: false,
+            ..
+        } if config.architecture() == crate::models::Architecture::Llama => {
+            matched_modules(&config.linear_layers(), targets)
+                .iter()
+                .filter(|module| module.name() == "down_proj")
+                .count()
+        }
+        _ => 0,
+    }
 }
 
 /// The whole base's bytes under QLoRA (4-bit linears, 16-bit rest); `None` for other methods.

@@ -16,8 +16,9 @@
 //!   MLP block: norm input h, normed h, gate i, up i, silu(gate)·up i      → 2h + 3i;
 //!   so b·s·(6h + 2kv + 3i)·w per layer. A Llama-family model keeps neither normed h: its
 //!   projections read the RMSNorm's output without keeping it (`ops::NormedInput`), so
-//!   b·s·(4h + 2kv + 3i)·w. (silu(gate)·up is still counted: only an adapted down projection
-//!   recomputes it.) Plus what attention keeps:
+//!   b·s·(4h + 2kv + 3i)·w. A layer whose down projection is LoRA-adapted (LoRA or QLoRA, not
+//!   DoRA: `ops::low_rank_swiglu_linear`) recomputes silu(gate)·up in the backward instead of
+//!   keeping it: b·s·i·w less for each such layer. Plus what attention keeps:
 //!   - CUDA: the flash kernel (`ops::flash`) saves only its output (the context, counted above)
 //!     and one f32 log-sum-exp per head and query: b·a·s·4; the backward recomputes the
 //!     probabilities.
@@ -52,6 +53,9 @@ pub struct MemoryQuery {
     /// The frozen base's bytes when they are not P · w: QLoRA's 4-bit base (packed codes, absmax
     /// state, and the 16-bit embeddings, norms and head).
     pub base_bytes: Option<u64>,
+    /// Decoder layers whose MLP product silu(gate)·up is recomputed rather than kept (those whose
+    /// down projection LoRA or QLoRA adapts).
+    pub swiglu_recomputed_layers: usize,
 }
 
 /// The device kind of an estimate.
@@ -124,8 +128,16 @@ pub fn estimate_training_memory(config: &ModelConfig, query: &MemoryQuery) -> Me
         }
         MemoryDevice::Cpu => b * s * vocab * 4.0 * 2.0,
     };
-    let activations = layers * per_layer + logits;
-    let activations_checkpointed = layers * b * s * h * w + per_layer + logits;
+    let recomputed = f(query.swiglu_recomputed_layers.min(config.num_layers())) * b * s * i * w;
+    let activations = layers * per_layer - recomputed + logits;
+    // The one layer recomputed during the backward keeps its product unless its down projection
+    // recomputes it (counted as the first layer's: every adapted layer alike).
+    let one_layer = if query.swiglu_recomputed_layers > 0 {
+        per_layer - b * s * i * w
+    } else {
+        per_layer
+    };
+    let activations_checkpointed = layers * b * s * h * w + one_layer + logits;
     let fixed = weights + adapter + gradients + optimizer;
     MemoryEstimate {
         device: query.device,
@@ -164,6 +176,7 @@ mod tests {
                 trainable_parameters: 100,
                 device: MemoryDevice::Cpu,
                 base_bytes: None,
+                swiglu_recomputed_layers: 0,
             },
         );
         assert_eq!(estimate.adapter, 400.0);
@@ -193,6 +206,7 @@ mod tests {
                 trainable_parameters: 100,
                 device: MemoryDevice::Cuda,
                 base_bytes: None,
+                swiglu_recomputed_layers: 0,
             },
         );
         assert_eq!(
@@ -217,6 +231,7 @@ mod tests {
             trainable_parameters: 0,
             device,
             base_bytes: None,
+            swiglu_recomputed_layers: 0,
         };
         let cpu = estimate_training_memory(&config, &query(MemoryDevice::Cpu));
         let cuda = estimate_training_memory(&config, &query(MemoryDevice::Cuda));
@@ -229,6 +244,38 @@ mod tests {
             cuda.activations < 1.0 * 1024f64.powi(3),
             "{}",
             cuda.activations
+        );
+    }
+
+    #[test]
+    fn an_adapted_down_projection_keeps_no_mlp_product() {
+        let config = ModelConfig::from_json(&serde_json::json!({
+            "model_type": "llama", "hidden_size": 8, "intermediate_size": 16,
+            "num_attention_heads": 2, "num_key_value_heads": 1, "num_hidden_layers": 3,
+            "vocab_size": 32, "max_position_embeddings": 64, "rms_norm_eps": 1e-5
+        }))
+        .unwrap();
+        let query = |swiglu_recomputed_layers| MemoryQuery {
+            batch: 2,
+            sequence: 4,
+            weight_bytes: 2,
+            trainable_parameters: 100,
+            device: MemoryDevice::Cuda,
+            base_bytes: None,
+            swiglu_recomputed_layers,
+        };
+        let kept = estimate_training_memory(&config, &query(0));
+        let recomputed = estimate_training_memory(&config, &query(3));
+        // b·s·i·w = 2·4·16·2 = 256 per layer.
+        assert_eq!(kept.activations - recomputed.activations, 3.0 * 256.0);
+        assert_eq!(
+            kept.activations_checkpointed - recomputed.activations_checkpointed,
+            256.0
+        );
+        // More layers than the model has count as all of them.
+        assert_eq!(
+            estimate_training_memory(&config, &query(7)).activations,
+            recomputed.activations
         );
     }
 }
