@@ -213,23 +213,37 @@ pub fn low_rank_linear(
     mask: Option<Tensor>,
 ) -> Result<Tensor> {
     let plan = Plan::new(x.dims(), x.dtype(), base, (a, b), scale, mask)?;
-    let (y, hidden) = plan.forward(&rows_of(x, plan.rows, plan.in_features)?)?;
-    let y = y.reshape(with_last(x.dims(), plan.out_features))?;
-    with_backward3(
-        "low-rank-linear",
-        [x, a, b],
-        y,
-        move |[x, a, b], _y, grad| {
-            let input = rows_of(x, plan.rows, plan.in_features)?;
-            let need = [x.track_op(), a.track_op(), b.track_op()];
-            let (gx, ga, gb) = plan.backward(grad, &input, &hidden, need)?;
-            Ok([
-                gx.map(|g| g.reshape(x.shape())).transpose()?,
-                ga.map(|g| g.to_dtype(a.dtype())).transpose()?,
-                gb.map(|g| g.to_dtype(b.dtype())).transpose()?,
-            ])
-        },
-    )
+    let input = rows_of(x, plan.rows, plan.in_features)?;
+    attach("low-rank-linear", x, input, (a, b), plan, |x| Ok(x.clone()))
+}
+
+/// Runs `plan`'s forward on `input` (the detached `[rows, in]` the node computes from) and
+/// records the result as a node of `node_input`, `a`, `b`, whose backward rebuilds that input
+/// from `node_input` with `recompute` (then detached and made `[rows, in]`).
+fn attach<R>(
+    name: &'static str,
+    node_input: &Tensor,
+    input: Tensor,
+    (a, b): (&Tensor, &Tensor),
+    plan: Plan,
+    recompute: R,
+) -> Result<Tensor>
+where
+    R: Fn(&Tensor) -> Result<Tensor> + Send + Sync + 'static,
+{
+    let (y, hidden) = plan.forward(&input)?;
+    drop(input);
+    let y = y.reshape(with_last(node_input.dims(), plan.out_features))?;
+    with_backward3(name, [node_input, a, b], y, move |[x, a, b], _y, grad| {
+        let input = rows_of(&recompute(x)?, plan.rows, plan.in_features)?;
+        let need = [x.track_op(), a.track_op(), b.track_op()];
+        let (gx, ga, gb) = plan.backward(grad, &input, &hidden, need)?;
+        Ok([
+            gx.map(|g| g.reshape(x.shape())).transpose()?,
+            ga.map(|g| g.to_dtype(a.dtype())).transpose()?,
+            gb.map(|g| g.to_dtype(b.dtype())).transpose()?,
+        ])
+    })
 }
 
 /// [`low_rank_linear`] of an RMSNorm's output (`input`, see [`NormedInput`]): the output is read
@@ -248,23 +262,14 @@ pub fn low_rank_norm_linear(
         return low_rank_linear(&input.normed()?, base, a, b, scale, mask);
     };
     let plan = Plan::new(value.dims(), value.dtype(), base, (a, b), scale, mask)?;
-    let (y, hidden) = plan.forward(&rows_of(&value, plan.rows, plan.in_features)?)?;
-    drop(value);
-    let y = y.reshape(with_last(stand_in.dims(), plan.out_features))?;
-    with_backward3(
+    let value = rows_of(&value, plan.rows, plan.in_features)?;
+    attach(
         "low-rank-norm-linear",
-        [&stand_in, a, b],
-        y,
-        move |[stand_in, a, b], _y, grad| {
-            let input = rows_of(&renorm.apply(stand_in)?, plan.rows, plan.in_features)?;
-            let need = [stand_in.track_op(), a.track_op(), b.track_op()];
-            let (gx, ga, gb) = plan.backward(grad, &input, &hidden, need)?;
-            Ok([
-                gx.map(|g| g.reshape(stand_in.shape())).transpose()?,
-                ga.map(|g| g.to_dtype(a.dtype())).transpose()?,
-                gb.map(|g| g.to_dtype(b.dtype())).transpose()?,
-            ])
-        },
+        &stand_in,
+        value,
+        (a, b),
+        plan,
+        move |x| renorm.apply(x),
     )
 }
 

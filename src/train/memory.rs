@@ -159,26 +159,33 @@ pub fn estimate_training_memory(config: &ModelConfig, query: &MemoryQuery) -> Me
 mod tests {
     use super::*;
 
-    #[test]
-    fn parts_follow_the_formula() {
-        let config = ModelConfig::from_json(&serde_json::json!({
+    /// A 3-layer Llama: hidden 8, MLP 16, 2 heads on 1 kv head, vocabulary 32.
+    fn tiny_llama() -> ModelConfig {
+        ModelConfig::from_json(&serde_json::json!({
             "model_type": "llama", "hidden_size": 8, "intermediate_size": 16,
             "num_attention_heads": 2, "num_key_value_heads": 1, "num_hidden_layers": 3,
             "vocab_size": 32, "max_position_embeddings": 64, "rms_norm_eps": 1e-5
         }))
-        .unwrap();
-        let estimate = estimate_training_memory(
-            &config,
-            &MemoryQuery {
-                batch: 2,
-                sequence: 4,
-                weight_bytes: 2,
-                trainable_parameters: 100,
-                device: MemoryDevice::Cpu,
-                base_bytes: None,
-                swiglu_recomputed_layers: 0,
-            },
-        );
+        .unwrap()
+    }
+
+    /// 2 × 4 tokens in bf16, 100 trainable parameters, a dense base.
+    fn tiny_query(device: MemoryDevice, swiglu_recomputed_layers: usize) -> MemoryQuery {
+        MemoryQuery {
+            batch: 2,
+            sequence: 4,
+            weight_bytes: 2,
+            trainable_parameters: 100,
+            device,
+            base_bytes: None,
+            swiglu_recomputed_layers,
+        }
+    }
+
+    #[test]
+    fn parts_follow_the_formula() {
+        let config = tiny_llama();
+        let estimate = estimate_training_memory(&config, &tiny_query(MemoryDevice::Cpu, 0));
         assert_eq!(estimate.adapter, 400.0);
         assert_eq!(estimate.optimizer, 800.0);
         // Per layer: 2·4·(32 + 8 + 48)·2 + 2·2·16·2 = 1408 + 128 (a Llama keeps no norm
@@ -197,18 +204,7 @@ mod tests {
         // probabilities (2·2·4·4 = 64 per layer), and the chunked loss one chunk of logits
         // (2·4·32·2 = 512 bytes, under the 256 MiB cap) + its f32 gradient (1024) + dhidden
         // (2·4·8·2 = 128).
-        let cuda = estimate_training_memory(
-            &config,
-            &MemoryQuery {
-                batch: 2,
-                sequence: 4,
-                weight_bytes: 2,
-                trainable_parameters: 100,
-                device: MemoryDevice::Cuda,
-                base_bytes: None,
-                swiglu_recomputed_layers: 0,
-            },
-        );
+        let cuda = estimate_training_memory(&config, &tiny_query(MemoryDevice::Cuda, 0));
         assert_eq!(
             cuda.activations,
             3.0 * (1408.0 + 64.0) + 512.0 + 1024.0 + 128.0
@@ -249,21 +245,8 @@ mod tests {
 
     #[test]
     fn an_adapted_down_projection_keeps_no_mlp_product() {
-        let config = ModelConfig::from_json(&serde_json::json!({
-            "model_type": "llama", "hidden_size": 8, "intermediate_size": 16,
-            "num_attention_heads": 2, "num_key_value_heads": 1, "num_hidden_layers": 3,
-            "vocab_size": 32, "max_position_embeddings": 64, "rms_norm_eps": 1e-5
-        }))
-        .unwrap();
-        let query = |swiglu_recomputed_layers| MemoryQuery {
-            batch: 2,
-            sequence: 4,
-            weight_bytes: 2,
-            trainable_parameters: 100,
-            device: MemoryDevice::Cuda,
-            base_bytes: None,
-            swiglu_recomputed_layers,
-        };
+        let config = tiny_llama();
+        let query = |recomputed| tiny_query(MemoryDevice::Cuda, recomputed);
         let kept = estimate_training_memory(&config, &query(0));
         let recomputed = estimate_training_memory(&config, &query(3));
         // b·s·i·w = 2·4·16·2 = 256 per layer.
