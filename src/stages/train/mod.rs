@@ -82,7 +82,9 @@ impl TrainStage {
     }
 }
 
-/// The candle device for a device string (`auto`, `cpu`, `cuda`, `cuda:N`).
+/// The candle device for a device string (`auto`, `cpu`, `cuda`, `cuda:N`): the kind
+/// [`device_kind`] gives (the one the stage's cache key records; `auto` is CUDA in a CUDA build),
+/// opened by [`crate::device::resolve_device`], the one place that sets a CUDA device up.
 pub fn select_device(spec: &str) -> Result<Device, String> {
     let kind = device_kind(spec)?;
     if kind == "cpu" {
@@ -97,7 +99,8 @@ pub fn select_device(spec: &str) -> Result<Device, String> {
             "device `{spec}`: this peftpipe was built without CUDA (rebuild with `--features cuda`)"
         ));
     }
-    Device::new_cuda(ordinal).map_err(|error| format!("device `{spec}`: {error}"))
+    crate::device::resolve_device(crate::device::DeviceSpec::Cuda(ordinal))
+        .map_err(|error| format!("device `{spec}`: {error}"))
 }
 
 /// The candle dtype for a dtype name from [`crate::config::train::DTypeChoice::resolve`].
