@@ -10,6 +10,9 @@
 //! the parameter's own dtype ([`attach_trained`], shared with the CUDA RMSNorm); x̂ is recomputed
 //! from the input in the backward rather than kept. Must not: track a frozen weight.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+
 use candle_core::{bail, DType, Result, Tensor, D};
 
 use super::attach::{with_backward, with_backward3};
@@ -216,7 +219,8 @@ fn frozen_rms_input_grad(x: &Tensor, grad: &Tensor, weight: &Tensor, eps: f64) -
 /// buffer (no copy) and whose gradient is the gradient *of the norm's output*, which its backward
 /// turns into `x`'s (the same kernel [`rms_norm`]'s node runs, once for all the layers that read
 /// it, their gradients summed first as for the norm's output). The layer's backward recomputes
-/// the output from the stand-in with [`Renorm`]. A layer that does not defer reads
+/// the output from the stand-in with [`Renorm`], once for all the layers that read it. A layer
+/// that does not defer reads
 /// [`NormedInput::normed`], the plain [`rms_norm`] node; both kinds may read one `NormedInput`.
 /// A tracked `weight` (a trained copy) is never deferred: its gradient needs the norm's node.
 pub struct NormedInput {
@@ -226,20 +230,65 @@ pub struct NormedInput {
     value: std::cell::OnceCell<Tensor>,
     normed: std::cell::OnceCell<Tensor>,
     stand_in: std::cell::OnceCell<Tensor>,
+    recomputed: Arc<Mutex<Recomputed>>,
 }
 
 /// Recomputes a deferred norm's output from its stand-in: the detached forward of [`rms_norm`],
-/// bit for bit the output [`NormedInput::deferred`] returned.
-#[derive(Clone)]
+/// bit for bit the output [`NormedInput::deferred`] returned. The readers of one norm share the
+/// recomputation: the first backward to ask computes it, the others of the same norm (q/k/v,
+/// gate/up: adjacent in the backward) take that one, and it is dropped when every reader has had
+/// it or was dropped without asking. Not `Clone`: each one is one reader.
 pub struct Renorm {
     weight: Tensor,
     eps: f64,
+    shared: Arc<Mutex<Recomputed>>,
+    /// Still counted among the shared state's readers to come.
+    pending: AtomicBool,
+}
+
+/// The recomputed output, kept while readers are still to come.
+#[derive(Default)]
+struct Recomputed {
+    value: Option<Tensor>,
+    readers: usize,
+}
+
+impl Recomputed {
+    /// One reader less; the value goes with the last.
+    fn served(&mut self) {
+        self.readers = self.readers.saturating_sub(1);
+        if self.readers == 0 {
+            self.value = None;
+        }
+    }
 }
 
 impl Renorm {
-    /// `rms_norm(stand_in, weight, eps)`, detached.
+    /// `rms_norm(stand_in, weight, eps)`, detached (shared with the norm's other readers).
     pub fn apply(&self, stand_in: &Tensor) -> Result<Tensor> {
-        rms_norm(&stand_in.detach(), &self.weight, self.eps)
+        let mut shared = self.shared.lock().unwrap_or_else(PoisonError::into_inner);
+        let value = match &shared.value {
+            Some(value) => value.clone(),
+            None => rms_norm(&stand_in.detach(), &self.weight, self.eps)?,
+        };
+        if self.pending.swap(false, Ordering::Relaxed) {
+            shared.served();
+            if shared.readers > 0 {
+                shared.value = Some(value.clone());
+            }
+        }
+        Ok(value)
+    }
+}
+
+impl Drop for Renorm {
+    fn drop(&mut self) {
+        if self.pending.swap(false, Ordering::Relaxed) {
+            self.shared
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .served();
+        }
     }
 }
 
@@ -254,6 +303,7 @@ impl NormedInput {
             value: Default::default(),
             normed: Default::default(),
             stand_in: Default::default(),
+            recomputed: Arc::default(),
         })
     }
 
@@ -297,9 +347,15 @@ impl NormedInput {
                 self.stand_in.get_or_init(|| stand_in).clone()
             }
         };
+        self.recomputed
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .readers += 1;
         let renorm = Renorm {
             weight: self.weight.detach(),
             eps: self.eps,
+            shared: Arc::clone(&self.recomputed),
+            pending: AtomicBool::new(true),
         };
         Ok(Some((stand_in, value, renorm)))
     }
@@ -344,4 +400,53 @@ pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, eps: f64) 
     with_backward("layer-norm", x, output, move |x, _y, grad| {
         layer_input_grad(x, grad, &weight, eps)
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    fn values(t: &Tensor) -> Result<Vec<f32>> {
+        t.flatten_all()?.to_vec1::<f32>()
+    }
+
+    #[test]
+    fn readers_of_one_norm_share_one_recomputation_and_release_it() -> Result<()> {
+        let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (2, 3, 8), &Device::Cpu)?)?;
+        let weight = Tensor::randn(0f32, 1.0, 8, &Device::Cpu)?;
+        let input = NormedInput::rms(x.as_tensor(), &weight, 1e-5)?;
+        let reader = || -> Result<(Tensor, Tensor, Renorm)> {
+            input
+                .deferred()?
+                .ok_or_else(|| candle_core::Error::Msg("a frozen weight defers".into()))
+        };
+        let (stand_in, forward, q) = reader()?;
+        let (_, _, k) = reader()?;
+        let (_, _, v) = reader()?;
+        // A reader that never asks (a frozen projection) is not waited for.
+        drop(reader()?.2);
+        let kept = || input.recomputed.lock().is_ok_and(|r| r.value.is_some());
+        let first = v.apply(&stand_in)?;
+        assert_eq!(values(&first)?, values(&forward)?);
+        assert!(kept());
+        let second = k.apply(&stand_in)?;
+        assert_eq!(second.id(), first.id(), "the second reader recomputed");
+        let third = q.apply(&stand_in)?;
+        assert_eq!(third.id(), first.id(), "the third reader recomputed");
+        assert!(!kept(), "every reader was served, yet the output is kept");
+        // A second backward over the same graph recomputes, to the same values.
+        let again = q.apply(&stand_in)?;
+        assert_ne!(again.id(), first.id());
+        assert_eq!(values(&again)?, values(&first)?);
+        assert!(!kept());
+        // Readers dropped before asking release it too.
+        let (stand_in, _, a) = reader()?;
+        let (_, _, b) = reader()?;
+        a.apply(&stand_in)?;
+        assert!(kept());
+        drop(b);
+        assert!(!kept());
+        Ok(())
+    }
 }
