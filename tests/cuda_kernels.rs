@@ -127,7 +127,12 @@ fn projection(shape: &[usize]) -> Result<Tensor> {
 fn rms_norm_matches_the_cpu_reference() -> Result<()> {
     let Some(gpu) = gpu() else { return Ok(()) };
     for dtype in [DType::BF16, DType::F32] {
-        for (shape, cols) in [(vec![3, 5, 2048], 2048), (vec![7, 1000], 1000)] {
+        // 16-byte accesses (2048, 1000: multiples of 8 values) and one value at a time (1001).
+        for (shape, cols) in [
+            (vec![3, 5, 2048], 2048),
+            (vec![7, 1000], 1000),
+            (vec![4, 1001], 1001),
+        ] {
             let x = random(&shape, 2.0)?;
             let weight = (random(&[cols], 0.3)? + 1.0)?.to_dtype(dtype)?;
             compare("rms_norm", &gpu, dtype, &[x], &|t| {
@@ -151,20 +156,46 @@ fn rope_with_llama3_scaling_matches_the_cpu_reference() -> Result<()> {
         high_freq_factor: 4.0,
         original_max_position_embeddings: 8192.0,
     };
-    let rotary = ops::RotaryEmbedding::new(64, 500000.0, Some(&scaling))?;
     // Left padding gives rows their own positions.
     let positions = vec![
         (0..37u32).collect::<Vec<_>>(),
         (0..37u32).map(|p| p.saturating_sub(5) + 1000).collect(),
     ];
+    // Head dim 64: the kernel's 16-byte path; 12 (6 pairs): one pair at a time.
+    for head_dim in [64, 12] {
+        let rotary = ops::RotaryEmbedding::new(head_dim, 500000.0, Some(&scaling))?;
+        for dtype in [DType::BF16, DType::F32] {
+            let q = random(&[2, 4, 37, head_dim], 1.0)?;
+            let k = random(&[2, 2, 37, head_dim], 1.0)?;
+            compare("rope(q, k)", &gpu, dtype, &[q, k], &|t| {
+                let (cos, sin) = rotary.tables(&positions, t[0].device(), t[0].dtype())?;
+                let q = ops::apply_rope(&t[0], &cos, &sin)?;
+                let k = ops::apply_rope(&t[1], &cos, &sin)?;
+                Tensor::cat(&[q.flatten_all()?, k.flatten_all()?], 0)
+            })?;
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn low_rank_linear_matches_the_cpu_reference() -> Result<()> {
+    let Some(gpu) = gpu() else { return Ok(()) };
+    // A scale that is not a power of two: on CUDA it rides on cuBLAS's α (rounded once).
+    let scale = 1.7;
     for dtype in [DType::BF16, DType::F32] {
-        let q = random(&[2, 4, 37, 64], 1.0)?;
-        let k = random(&[2, 2, 37, 64], 1.0)?;
-        compare("rope(q, k)", &gpu, dtype, &[q, k], &|t| {
-            let (cos, sin) = rotary.tables(&positions, t[0].device(), t[0].dtype())?;
-            let q = ops::apply_rope(&t[0], &cos, &sin)?;
-            let k = ops::apply_rope(&t[1], &cos, &sin)?;
-            Tensor::cat(&[q.flatten_all()?, k.flatten_all()?], 0)
+        let weight = random(&[48, 64], 0.1)?;
+        let bias = random(&[48], 0.1)?;
+        let x = random(&[3, 5, 64], 1.0)?;
+        let a = random(&[8, 64], 0.2)?;
+        let b = random(&[48, 8], 0.2)?;
+        compare("low_rank_linear", &gpu, dtype, &[x, a, b], &|t| {
+            let device = t[0].device();
+            let base = std::sync::Arc::new(ops::DenseMap {
+                weight: weight.to_device(device)?.to_dtype(t[0].dtype())?,
+                bias: Some(bias.to_device(device)?.to_dtype(t[0].dtype())?),
+            });
+            ops::low_rank_linear(&t[0], base, &t[1], &t[2], scale, None)
         })?;
     }
     Ok(())

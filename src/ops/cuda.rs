@@ -1017,6 +1017,90 @@ struct GemmAccumulate {
     alpha: f32,
 }
 
+/// `(M, N, K)` of `c [M, N] = a [M, K] · op(b)` (`transposed`: `b [N, K]`, else `b [K, N]`), or
+/// an error naming `what` when the shapes or dtypes do not fit.
+fn gemm_dims(
+    what: &str,
+    c_shape: (usize, usize),
+    a: (&CudaStorage, &Layout),
+    b: (&CudaStorage, &Layout),
+    transposed: bool,
+) -> Result<(usize, usize, usize)> {
+    let (m, n) = c_shape;
+    let (am, k) = a.1.shape().dims2()?;
+    let (bn, bk) = if transposed {
+        b.1.shape().dims2()?
+    } else {
+        let (bk, bn) = b.1.shape().dims2()?;
+        (bn, bk)
+    };
+    if am != m || bn != n || bk != k {
+        bail!(
+            "{what}: [{m}, {n}] = a {:?} · b {:?} (transposed: {transposed}) do not match",
+            a.1.shape(),
+            b.1.shape(),
+        )
+    }
+    if a.0.dtype() != b.0.dtype() {
+        bail!("{what}: mixed dtypes")
+    }
+    Ok((m, n, k))
+}
+
+/// `c = α·a·op(b) + β·c` by cuBLAS on row-major contiguous buffers of `dtype` (bf16 or f32), f32
+/// accumulation; `β = 0` never reads `c`.
+fn gemm(
+    what: &str,
+    device: &CudaDevice,
+    dtype: DType,
+    (m, n, k): (usize, usize, usize),
+    transposed: bool,
+    (alpha, beta): (f32, f32),
+    (a_ptr, b_ptr, c_ptr): (u64, u64, u64),
+) -> Result<()> {
+    let data_type = match dtype {
+        DType::BF16 => cublas_sys::cudaDataType_t::CUDA_R_16BF,
+        DType::F32 => cublas_sys::cudaDataType_t::CUDA_R_32F,
+        other => bail!("{what}: unsupported dtype {other:?}"),
+    };
+    // Row-major C[M, N] is column-major Cᵀ[N, M] = op(b)ᵀ[N, K] · aᵀ[K, M]: cuBLAS gets
+    // (m, n, k) = (N, M, K), first operand b (stored column-major as [K, N] with ld K when
+    // b is [N, K], to be transposed; as [N, K] with ld N when b is [K, N]), second a
+    // (column-major [K, M], ld K), and C with ld N.
+    let (transa, lda) = if transposed {
+        (cublas_sys::cublasOperation_t::CUBLAS_OP_T, k)
+    } else {
+        (cublas_sys::cublasOperation_t::CUBLAS_OP_N, n)
+    };
+    let blas = device.cublas_handle();
+    // SAFETY: the callers pass live CUDA allocations of the shapes `gemm_dims` checked (c held
+    // mutably or freshly allocated); cuBLAS runs on candle's stream, ordered with every other op.
+    unsafe {
+        cublas::gemm_ex(
+            *blas.handle(),
+            transa,
+            cublas_sys::cublasOperation_t::CUBLAS_OP_N,
+            n as i32,
+            m as i32,
+            k as i32,
+            (&alpha) as *const f32 as *const _,
+            b_ptr as *const _,
+            data_type,
+            lda as i32,
+            a_ptr as *const _,
+            data_type,
+            k as i32,
+            (&beta) as *const f32 as *const _,
+            c_ptr as *mut _,
+            data_type,
+            n as i32,
+            cublas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+            cublas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+        )
+    }
+    .map_err(|error| candle_core::Error::Msg(format!("{what}: {error:?}")))
+}
+
 impl InplaceOp3 for GemmAccumulate {
     fn name(&self) -> &'static str {
         "gemm-accumulate"
@@ -1043,75 +1127,100 @@ impl InplaceOp3 for GemmAccumulate {
         b: &CudaStorage,
         b_layout: &Layout,
     ) -> Result<()> {
-        let (m, n) = c_layout.shape().dims2()?;
-        let (am, k) = a_layout.shape().dims2()?;
-        let (bn, bk) = if self.transposed {
-            b_layout.shape().dims2()?
-        } else {
-            let (bk, bn) = b_layout.shape().dims2()?;
-            (bn, bk)
-        };
-        if am != m || bn != n || bk != k {
-            bail!(
-                "gemm_accumulate: c {:?} += a {:?} · b {:?} (transposed: {}) do not match",
-                c_layout.shape(),
-                a_layout.shape(),
-                b_layout.shape(),
-                self.transposed
-            )
-        }
-        if c.dtype() != a.dtype() || c.dtype() != b.dtype() {
+        let dims = gemm_dims(
+            "gemm_accumulate",
+            c_layout.shape().dims2()?,
+            (a, a_layout),
+            (b, b_layout),
+            self.transposed,
+        )?;
+        if c.dtype() != a.dtype() {
             bail!("gemm_accumulate: mixed dtypes")
         }
-        let data_type = match c.dtype() {
-            DType::BF16 => cublas_sys::cudaDataType_t::CUDA_R_16BF,
-            DType::F32 => cublas_sys::cudaDataType_t::CUDA_R_32F,
-            other => bail!("gemm_accumulate: unsupported dtype {other:?}"),
-        };
-        let (a_ptr, b_ptr, c_ptr) = (
+        let pointers = (
             address(a, a_layout)?,
             address(b, b_layout)?,
             address(c, c_layout)?,
         );
-        // Row-major C[M, N] is column-major Cᵀ[N, M] = op(b)ᵀ[N, K] · aᵀ[K, M]: cuBLAS gets
-        // (m, n, k) = (N, M, K), first operand b (stored column-major as [K, N] with ld K when
-        // b is [N, K], to be transposed; as [N, K] with ld N when b is [K, N]), second a
-        // (column-major [K, M], ld K), and C with ld N.
-        let (transa, lda) = if self.transposed {
-            (cublas_sys::cublasOperation_t::CUBLAS_OP_T, k)
-        } else {
-            (cublas_sys::cublasOperation_t::CUBLAS_OP_N, n)
-        };
-        let (alpha, beta) = (self.alpha, 1f32);
-        let blas = c.device.cublas_handle();
-        // SAFETY: the three buffers are live CUDA allocations of the shapes checked above (c is
-        // held mutably by this op); cuBLAS runs on candle's stream, ordered with every other op.
-        unsafe {
-            cublas::gemm_ex(
-                *blas.handle(),
-                transa,
-                cublas_sys::cublasOperation_t::CUBLAS_OP_N,
-                n as i32,
-                m as i32,
-                k as i32,
-                (&alpha) as *const f32 as *const _,
-                b_ptr as *const _,
-                data_type,
-                lda as i32,
-                a_ptr as *const _,
-                data_type,
-                k as i32,
-                (&beta) as *const f32 as *const _,
-                c_ptr as *mut _,
-                data_type,
-                n as i32,
-                cublas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
-                cublas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
-            )
-        }
-        .map_err(|error| candle_core::Error::Msg(format!("gemm_accumulate: {error:?}")))?;
-        Ok(())
+        gemm(
+            "gemm_accumulate",
+            &c.device,
+            c.dtype(),
+            dims,
+            self.transposed,
+            (self.alpha, 1.0),
+            pointers,
+        )
     }
+}
+
+/// `α·a·op(b)` into a fresh buffer: the scale rides on cuBLAS's α instead of a separate pass.
+struct GemmScaled {
+    /// `op(b) = bᵀ` with `b [N, K]`; otherwise `b [K, N]`.
+    transposed: bool,
+    alpha: f32,
+}
+
+impl CustomOp2 for GemmScaled {
+    fn name(&self) -> &'static str {
+        "gemm-scaled"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        no_cpu(self.name())
+    }
+
+    fn cuda_fwd(
+        &self,
+        a: &CudaStorage,
+        a_layout: &Layout,
+        b: &CudaStorage,
+        b_layout: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let m = a_layout.shape().dims2()?.0;
+        let n = if self.transposed {
+            b_layout.shape().dims2()?.0
+        } else {
+            b_layout.shape().dims2()?.1
+        };
+        let dims = gemm_dims(
+            "gemm_scaled",
+            (m, n),
+            (a, a_layout),
+            (b, b_layout),
+            self.transposed,
+        )?;
+        let (out, c_ptr) = output(&a.device, a.dtype(), m * n)?;
+        gemm(
+            "gemm_scaled",
+            &a.device,
+            a.dtype(),
+            dims,
+            self.transposed,
+            (self.alpha, 0.0),
+            (address(a, a_layout)?, address(b, b_layout)?, c_ptr),
+        )?;
+        Ok((out, Shape::from((m, n))))
+    }
+}
+
+/// `α·a·op(b)` for contiguous 2-D CUDA tensors of one dtype (bf16 or f32): `a [M, K]`, `b [N, K]`
+/// when `transposed` (`op(b) = bᵀ`), else `b [K, N]`; one cuBLAS call (the product is rounded to
+/// the dtype once, after the scaling). No gradient.
+pub fn gemm_scaled(a: &Tensor, b: &Tensor, transposed: bool, alpha: f64) -> Result<Tensor> {
+    a.contiguous()?.apply_op2_no_bwd(
+        &b.contiguous()?,
+        &GemmScaled {
+            transposed,
+            alpha: alpha as f32,
+        },
+    )
 }
 
 /// `c += α·a·op(b)` in place for contiguous 2-D CUDA tensors of one dtype (bf16 or f32): `c [M,

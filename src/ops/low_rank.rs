@@ -8,8 +8,10 @@
 //! (the base's and the update's contributions to `dx`). Here the node keeps only its inputs `x`, `A`,
 //! `B`, its output and the `[rows, r]` intermediate, and on CUDA both additions happen inside cuBLAS
 //! (`β = 1`, accumulating the rank-`r` product into the fresh base output / base input gradient,
-//! [`super::cuda::gemm_accumulate`]). On the CPU the same formulas run as candle ops: the reference
-//! the CUDA path is tested against (tests/device.rs, tests/cuda_kernels.rs).
+//! [`super::cuda::gemm_accumulate`]), and the scaling `s` rides on cuBLAS's α
+//! ([`super::cuda::gemm_scaled`]) instead of a pass of its own. On the CPU the same formulas run
+//! as candle ops: the reference the CUDA path is tested against (tests/device.rs,
+//! tests/cuda_kernels.rs).
 //!
 //! Gradients: `t = s·(dy·B)`; `dA = tᵀ·(x∘m)`, `dB = dyᵀ·h` with `h = s·(x∘m)·Aᵀ`,
 //! `dx = f'(dy) + (t·A)∘m` — each only for a tracked input, in that input's dtype (`A`/`B` are cast
@@ -64,17 +66,26 @@ fn accumulate(c: Tensor, a: &Tensor, b: &Tensor, transposed: bool, alpha: f64) -
         super::cuda::gemm_accumulate(&c, a, b, transposed, alpha)?;
         return Ok(c);
     }
+    c.add(&scaled_product(a, b, transposed, alpha)?)
+}
+
+/// `α·a·op(b)` for `a [M, K]` and `b [N, K]` (`transposed`) or `b [K, N]`: on CUDA (bf16/f32, the
+/// GEMM kernel switched on) one cuBLAS call with α, otherwise the product, then the scaling.
+fn scaled_product(a: &Tensor, b: &Tensor, transposed: bool, alpha: f64) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if super::cuda::applies("lora_gemm", a) && a.dtype() == b.dtype() {
+        return super::cuda::gemm_scaled(a, b, transposed, alpha);
+    }
     let product = if transposed {
         a.matmul(&b.t()?)?
     } else {
         a.matmul(b)?
     };
-    let product = if alpha == 1.0 {
-        product
+    if alpha == 1.0 {
+        Ok(product)
     } else {
-        product.affine(alpha, 0.0)?
-    };
-    c.add(&product)
+        product.affine(alpha, 0.0)
+    }
 }
 
 /// The shapes and constants of one low-rank adapted linear call, shared by its forward and its
@@ -146,10 +157,7 @@ impl Plan {
 
     /// `(y [rows, out], h [rows, r])` for the detached `input [rows, in]`.
     fn forward(&self, input: &Tensor) -> Result<(Tensor, Tensor)> {
-        let hidden = self
-            .masked(input)?
-            .matmul(&self.a.t()?)?
-            .affine(self.scale, 0.0)?;
+        let hidden = scaled_product(&self.masked(input)?, &self.a, true, self.scale)?;
         let y = accumulate(self.base.forward(input)?, &hidden, &self.b, true, 1.0)?;
         Ok((y, hidden))
     }
@@ -163,7 +171,7 @@ impl Plan {
         [need_x, need_a, need_b]: [bool; 3],
     ) -> Result<Gradients> {
         let dy = grad.contiguous()?.reshape((self.rows, self.out_features))?;
-        let t = dy.matmul(&self.b)?.affine(self.scale, 0.0)?;
+        let t = scaled_product(&dy, &self.b, false, self.scale)?;
         let ga = if need_a {
             Some(t.t()?.matmul(&self.masked(input)?)?)
         } else {
