@@ -26,7 +26,10 @@ __device__ __forceinline__ float absmax_of(const Absmax& a, unsigned long long b
     if (a.plain != nullptr) {
         return a.plain[block];
     }
-    float value = __fmul_rn(a.nested_code[a.quantized[block]], a.nested_scale[block / a.nested_block]);
+    // bitsandbytes' nested block (256) is a power of two: a shift, not a 64-bit division.
+    const unsigned long long nested =
+        (a.nested_block & (a.nested_block - 1)) == 0 ? block >> (__ffs(a.nested_block) - 1) : block / a.nested_block;
+    float value = __fmul_rn(a.nested_code[a.quantized[block]], a.nested_scale[nested]);
     return __fadd_rn(value, a.offset);
 }
 
@@ -51,36 +54,81 @@ __device__ __forceinline__ void store16(T* out, const float (&v)[16]) {
     for (int w = 0; w < (int)sizeof(T); ++w) dst[w] = u.words[w];
 }
 
-// Grid-stride over the values: groups of sixteen (one absmax each: the block size is a multiple
-// of 16) through 8-byte loads and 16-byte stores when the buffers are aligned for them, then the
-// rest one packed byte (two values) per thread.
+// Eight values as T into `out`: 8·sizeof(T) bytes, in 16-byte stores.
+template <typename T>
+__device__ __forceinline__ void store8(T* out, const float (&v)[8]) {
+    union {
+        T values[8];
+        uint4 words[sizeof(T) / 2];
+    } u;
+#pragma unroll
+    for (int e = 0; e < 8; ++e) u.values[e] = from_f32<T>(v[e]);
+    uint4* dst = reinterpret_cast<uint4*>(out);
+#pragma unroll
+    for (int w = 0; w < (int)sizeof(T) / 2; ++w) dst[w] = u.words[w];
+}
+
+// Grid-stride over the values: groups of eight (one absmax each: the block size is a multiple of
+// 8) through 4-byte loads and 16-byte stores when the buffers are aligned for them, so a warp reads
+// 128 and writes 512 consecutive bytes per instruction (bf16), four groups in flight per thread;
+// then the rest (or everything, when the buffers are not aligned) one packed byte (two values)
+// per thread. The code tables (16 levels; the nested absmax's 256) are read from shared memory.
+constexpr int DQ_UNROLL = 4;
+
 template <typename T>
 __device__ void dequantize(const uint8_t* packed, const float* code, Absmax absmax, int block_size,
                            unsigned long long count, T* out) {
     __shared__ float levels[16];
+    __shared__ float nested_levels[256];
     if (threadIdx.x < 16) {
         levels[threadIdx.x] = code[threadIdx.x];
+    }
+    if (absmax.plain == nullptr) {
+        for (int i = threadIdx.x; i < 256; i += blockDim.x) nested_levels[i] = absmax.nested_code[i];
+        absmax.nested_code = nested_levels;
     }
     __syncthreads();
     const unsigned long long stride = (unsigned long long)gridDim.x * blockDim.x;
     const unsigned long long thread = (unsigned long long)blockIdx.x * blockDim.x + threadIdx.x;
-    const bool vector = block_size % 16 == 0 && reinterpret_cast<uintptr_t>(packed) % 8 == 0 &&
+    const bool narrow = block_size % 8 == 0 && reinterpret_cast<uintptr_t>(packed) % 4 == 0 &&
                         reinterpret_cast<uintptr_t>(out) % 16 == 0;
-    const unsigned long long groups = vector ? count / 16 : 0;
-    for (unsigned long long i = thread; i < groups; i += stride) {
-        const uint2 word = reinterpret_cast<const uint2*>(packed)[i];
-        const float scale = absmax_of(absmax, 16 * i / block_size);
-        float v[16];
+    // A power-of-two block size (bitsandbytes' are) is a shift, not a 64-bit division.
+    const bool pow2 = (block_size & (block_size - 1)) == 0;
+    const int shift = __ffs(block_size) - 1;
+    // Values done by the group loop before the byte loop starts.
+    unsigned long long done = 0;
+    if (narrow) {
+        const unsigned long long groups = count / 8;
+        for (unsigned long long first = thread; first < groups; first += DQ_UNROLL * stride) {
+            uint32_t word[DQ_UNROLL];
+            float scale[DQ_UNROLL];
 #pragma unroll
-        for (int j = 0; j < 8; ++j) {
-            const uint32_t byte = ((j < 4 ? word.x : word.y) >> (8 * (j % 4))) & 0xff;
-            v[2 * j] = __fmul_rn(levels[byte >> 4], scale);
-            v[2 * j + 1] = __fmul_rn(levels[byte & 0x0f], scale);
+            for (int u = 0; u < DQ_UNROLL; ++u) {
+                const unsigned long long i = first + u * stride;
+                if (i < groups) {
+                    word[u] = reinterpret_cast<const uint32_t*>(packed)[i];
+                    scale[u] = absmax_of(absmax, pow2 ? (8 * i) >> shift : 8 * i / block_size);
+                }
+            }
+#pragma unroll
+            for (int u = 0; u < DQ_UNROLL; ++u) {
+                const unsigned long long i = first + u * stride;
+                if (i < groups) {
+                    float v[8];
+#pragma unroll
+                    for (int j = 0; j < 4; ++j) {
+                        const uint32_t byte = (word[u] >> (8 * j)) & 0xff;
+                        v[2 * j] = __fmul_rn(levels[byte >> 4], scale[u]);
+                        v[2 * j + 1] = __fmul_rn(levels[byte & 0x0f], scale[u]);
+                    }
+                    store8<T>(out + 8 * i, v);
+                }
+            }
         }
-        store16<T>(out + 16 * i, v);
+        done = 8 * groups;
     }
     const unsigned long long bytes = (count + 1) / 2;
-    for (unsigned long long i = 8 * groups + thread; i < bytes; i += stride) {
+    for (unsigned long long i = done / 2 + thread; i < bytes; i += stride) {
         const uint8_t byte = packed[i];
         const unsigned long long first = 2 * i;
         const unsigned long long block = first / block_size;

@@ -63,8 +63,8 @@ fn configs() -> Vec<QuantConfig> {
 #[test]
 fn dequantize_kernel_equals_the_cpu_reference_bit_for_bit() -> Result<()> {
     let Some(device) = gpu() else { return Ok(()) };
-    // 7 × 45: an odd count and a partial last block; 96 × 2752: over 256 blocks (several
-    // nested blocks when double-quantized).
+    // 7 × 45: an odd count and a partial last block (the kernel's 8-value and 2-value loops both
+    // run); 96 × 2752: over 256 blocks (several nested blocks when double-quantized).
     for shape in [[7usize, 45], [96, 2752]] {
         let weight = random(&shape, 0.02)?;
         for config in configs() {

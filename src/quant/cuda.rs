@@ -77,7 +77,9 @@ pub(super) fn dequantize(inner: &Inner, dtype: DType) -> Result<Tensor> {
     let weight = WeightArgs::of(inner)?;
     let block_size = inner.block_size as i32;
     let count64 = count as u64;
-    let blocks = count.div_ceil(16).div_ceil(256).clamp(1, 132 * 32) as u32;
+    // Four groups of 8 values per thread and pass (kernels/nf4.cu), grid-stride past 132 × 32
+    // blocks.
+    let blocks = count.div_ceil(8 * 4).div_ceil(256).clamp(1, 132 * 32) as u32;
     let config = LaunchConfig {
         grid_dim: (blocks, 1, 1),
         block_dim: (256, 1, 1),
