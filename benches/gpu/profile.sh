@@ -12,6 +12,7 @@
 #   1b-ckpt  the same with activation checkpointing
 #   8b       peftpipe, Llama-3.1-8B shape, 1x4096
 #   8b-qlora peftpipe QLoRA (NF4, double quant), Llama-3.1-8B shape, 1x4096
+#   1b-qlora peftpipe QLoRA (NF4, double quant), Llama-3.2-1B shape, 8x512
 #   anchors  PEFT (bf16 adapters), torch.compile and Unsloth at 1B 8x512, each profiled
 #   anchors-8b  Unsloth 16-bit and Unsloth QLoRA at the 8B shape, 1x4096, each profiled
 set -uo pipefail
@@ -46,6 +47,8 @@ case "$part" in
         --rank 16 --alpha 32 --steps 5 --warmup 2 ;;
   8b-qlora) profiled peftpipe-8b-qlora 5 "$BIN" bench train --config "$C8" --device cuda --batch 1 \
         --seq 4096 --method "qlora: {r: 16, alpha: 32, target_modules: all-linear}" --steps 5 --warmup 2 ;;
+  1b-qlora) profiled peftpipe-1b-qlora 10 "$BIN" bench train --config "$C1" --device cuda --batch 8 \
+        --seq 512 --method "qlora: {r: 16, alpha: 32, target_modules: all-linear}" --steps 10 --warmup 3 ;;
   anchors|anchors-8b)
     python3 - <<'EOF'
 import re

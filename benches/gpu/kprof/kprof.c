@@ -28,7 +28,13 @@ typedef struct {
 
 typedef struct {
   uint64_t start, end;
+  const char *name;  // the entry's name (strdup'd, stable while the window lasts)
 } Interval;
+
+typedef struct {
+  const char *before, *after;
+  uint64_t count, total_ns;
+} Gap;
 
 static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
 static Entry *entries;
@@ -59,12 +65,14 @@ static void add(const char *name, uint64_t start, uint64_t end) {
   }
   entries[i].count++;
   entries[i].total_ns += end - start;
+  const char *interned = entries[i].name;
   if (n_intervals == cap_intervals) {
     cap_intervals = cap_intervals ? 2 * cap_intervals : 65536;
     intervals = realloc(intervals, cap_intervals * sizeof(Interval));
   }
   intervals[n_intervals].start = start;
   intervals[n_intervals].end = end;
+  intervals[n_intervals].name = interned;
   n_intervals++;
   pthread_mutex_unlock(&lock);
 }
@@ -143,6 +151,11 @@ static int by_total(const void *a, const void *b) {
   return x->total_ns < y->total_ns ? 1 : x->total_ns > y->total_ns ? -1 : 0;
 }
 
+static int by_gap(const void *a, const void *b) {
+  const Gap *x = a, *y = b;
+  return x->total_ns < y->total_ns ? 1 : x->total_ns > y->total_ns ? -1 : 0;
+}
+
 static int by_start(const void *a, const void *b) {
   const Interval *x = a, *y = b;
   return x->start < y->start ? -1 : x->start > y->start ? 1 : 0;
@@ -170,6 +183,14 @@ static void report(void) {
   qsort(entries, n_entries, sizeof(Entry), by_total);
   qsort(intervals, n_intervals, sizeof(Interval), by_start);
   uint64_t sum = 0, launches = 0, busy = 0, first = UINT64_MAX, last = 0, cur_s = 0, cur_e = 0;
+  // Idle time between busy stretches, by the kernel that ended before it and the one after it,
+  // and a histogram of gap lengths: where the GPU waits on the host.
+  static const uint64_t bounds[] = {2000, 10000, 50000, 200000, 1000000, UINT64_MAX};
+  static const char *labels[] = {"< 2 us", "2-10 us", "10-50 us", "50-200 us", "0.2-1 ms", "> 1 ms"};
+  uint64_t bucket_ns[6] = {0}, bucket_n[6] = {0};
+  Gap *gaps = NULL;
+  size_t n_gaps = 0, cap_gaps = 0;
+  const char *cur_name = NULL;
   for (size_t i = 0; i < n_entries; i++) {
     sum += entries[i].total_ns;
     launches += entries[i].count;
@@ -179,11 +200,33 @@ static void report(void) {
     if (v.start < first) first = v.start;
     if (v.end > last) last = v.end;
     if (i == 0 || v.start > cur_e) {
+      if (i > 0) {
+        uint64_t gap = v.start - cur_e;
+        int b = 0;
+        while (gap >= bounds[b]) b++;
+        bucket_ns[b] += gap;
+        bucket_n[b]++;
+        size_t g;
+        for (g = 0; g < n_gaps; g++)
+          if (gaps[g].before == cur_name && gaps[g].after == v.name) break;
+        if (g == n_gaps) {
+          if (n_gaps == cap_gaps) {
+            cap_gaps = cap_gaps ? 2 * cap_gaps : 256;
+            gaps = realloc(gaps, cap_gaps * sizeof(Gap));
+          }
+          gaps[g] = (Gap){cur_name, v.name, 0, 0};
+          n_gaps++;
+        }
+        gaps[g].count++;
+        gaps[g].total_ns += gap;
+      }
       busy += cur_e - cur_s;
       cur_s = v.start;
       cur_e = v.end;
+      cur_name = v.name;
     } else if (v.end > cur_e) {
       cur_e = v.end;
+      cur_name = v.name;
     }
   }
   busy += cur_e - cur_s;
@@ -200,6 +243,17 @@ static void report(void) {
     fprintf(out, "%10.3f %8.1f %9.2f %6.2f  %.200s\n", e->total_ns / 1e6 / steps, e->count / steps,
             e->total_ns / 1e3 / (double)e->count, sum ? 100.0 * e->total_ns / sum : 0.0, e->name);
   }
+  fprintf(out, "\nkprof: idle gaps per step by length\n");
+  for (int b = 0; b < 6; b++)
+    fprintf(out, "%10.3f ms %8.1f gaps  %s\n", bucket_ns[b] / 1e6 / steps, bucket_n[b] / steps, labels[b]);
+  qsort(gaps, n_gaps, sizeof(Gap), by_gap);
+  fprintf(out, "kprof: idle gaps per step by the kernels around them (top 40)\n");
+  fprintf(out, "%10s %8s %9s  %s\n", "ms/step", "n/step", "us/gap", "before -> after");
+  for (size_t g = 0; g < n_gaps && g < 40; g++)
+    fprintf(out, "%10.3f %8.1f %9.2f  %.90s -> %.90s\n", gaps[g].total_ns / 1e6 / steps,
+            gaps[g].count / steps, gaps[g].total_ns / 1e3 / (double)gaps[g].count, gaps[g].before,
+            gaps[g].after);
+  free(gaps);
   if (out != stderr) fclose(out);
   pthread_mutex_unlock(&lock);
 }
