@@ -902,6 +902,8 @@ fn raw_tensors(dir: &Path) -> Result<BTreeMap<String, RawTensor>, Box<dyn std::e
 /// adapter recorded as a QLoRA run over the 4-bit base) and the export settings.
 struct RequantCase {
     name: &'static str,
+    /// Its folder under `PEFTPIPE_KEEP_EXPORT` (tests/python/check_bnb_export.py reads them).
+    slug: &'static str,
     /// `quantization` of base_model.json (a QLoRA run), if any.
     qlora_base: Option<serde_json::Value>,
     quantize: MergedQuantization,
@@ -913,6 +915,7 @@ fn requant_cases() -> Vec<RequantCase> {
     vec![
         RequantCase {
             name: "lora, quantize: {}",
+            slug: "lora-nf4",
             qlora_base: None,
             quantize: MergedQuantization::default(),
             max_shard_size: None,
@@ -920,6 +923,7 @@ fn requant_cases() -> Vec<RequantCase> {
         },
         RequantCase {
             name: "qlora, fp4 blocks of 128 without double quant, bf16, sharded",
+            slug: "qlora-fp4",
             qlora_base: Some(serde_json::json!({
                 "quant_type": "nf4", "double_quant": true, "block_size": 64, "compute_dtype": null
             })),
@@ -971,6 +975,19 @@ fn requant_exports(
         ..plain
     };
     export(project.path(), &train, quantized, false)?;
+    if let Some(keep) = std::env::var_os("PEFTPIPE_KEEP_EXPORT") {
+        // For tests/python/check_bnb_export.py: keep both folders.
+        for kind in ["plain", "4bit"] {
+            peftpipe::stages::export::publish_folder(
+                &project.path().join("out").join(kind),
+                &PathBuf::from(&keep)
+                    .join("requant")
+                    .join(case.slug)
+                    .join(kind),
+                "export",
+            )?;
+        }
+    }
     Ok(Some(RequantExports {
         plain: project.path().join("out/plain"),
         four_bit: project.path().join("out/4bit"),
