@@ -19,9 +19,11 @@ use candle_core::{DType, Device, Tensor};
 use peftpipe::config::export::{ExportDtype, MergedQuantization};
 use peftpipe::config::method::{ComputeDtypeChoice, QuantTypeChoice};
 use peftpipe::config::ExportConfig;
+use peftpipe::models::checkpoint::MergedOptions;
 use peftpipe::models::quantized::{
     is_quantized_linear, read_bnb_weights, BaseQuantization, QuantizingFactory,
 };
+use peftpipe::models::quantized_writer::{write_quantized_merged_folder, QuantizedMergedOptions};
 use peftpipe::models::{
     FrozenLinearFactory, Hooks, LinearFactory, LinearLayer, LinearWeights, ModelDir,
 };
@@ -1255,4 +1257,37 @@ fn quantize_settings_are_validated_naming_the_file_and_key() {
         assert!(stderr.contains(expected), "{export}: {stderr}");
         assert!(stderr.contains("error: 1 problem in"), "{export}: {stderr}");
     }
+}
+
+/// peftpipe reads no GPT-2 checkpoint in 4 bits, so it writes none: refused naming the base's
+/// config.json, before anything is written.
+#[test]
+fn a_gpt2_merged_model_is_not_written_in_4_bits() -> TestResult {
+    let Some(shared) = shared_dir() else {
+        eprintln!("skipped: PEFTPIPE_SHARED not set");
+        return Ok(());
+    };
+    let project = tempfile::tempdir()?;
+    let out = project.path().join("4bit");
+    let options = QuantizedMergedOptions {
+        merged: MergedOptions {
+            max_shard_size: 5_000_000_000,
+            dtype: None,
+        },
+        quant: QuantConfig::default(),
+        compute_dtype: None,
+    };
+    let error = write_quantized_merged_folder(
+        &[],
+        &shared.join("models/tiny-gpt2-random"),
+        &out,
+        options,
+        &|| false,
+    )
+    .unwrap_err();
+    let message = error.to_string();
+    assert!(message.contains("config.json"), "{message}");
+    assert!(message.contains("not gpt2"), "{message}");
+    assert!(!out.exists());
+    Ok(())
 }
