@@ -21,7 +21,9 @@
 //! records `prequantized` in base_model.json, evaluates over the same base, exports a merged
 //! 16-bit model equal bit for bit to the one over the 16-bit checkpoint, and the train stage's
 //! fingerprint sees a model folder rewritten in 4 bits; (3) what
-//! is not supported is refused with the file and field named. Without
+//! is not supported is refused with the file and field named; (4) peftpipe's own writer of such
+//! checkpoints (`models::quantized_writer`, the merged export with `quantize:`) saves the same
+//! tensors as this file's layout (and as bitsandbytes, when its saved checkpoint is given). Without
 //! PEFTPIPE_SHARED the tests print why and pass.
 #![expect(
     clippy::print_stderr,
@@ -38,6 +40,7 @@ use peftpipe::infer::session::InferenceModel;
 use peftpipe::models::quantized::{
     is_quantized_linear, quantize_checkpoint, read_bnb_weights, BaseQuantization, QuantizingFactory,
 };
+use peftpipe::models::quantized_writer::state_dict;
 use peftpipe::models::{FrozenLinearFactory, Hooks, LinearFactory, ModelDir};
 use peftpipe::quant::{Absmax, QuantConfig, QuantType, QuantizedTensor};
 use support::{peftpipe, shared_dir};
@@ -352,6 +355,57 @@ fn the_written_state_holds_bitsandbytes_own_parts() -> TestResult {
         (offset as f32).to_bits()
     );
     assert_eq!(state["shape"], serde_json::json!([192, 256]));
+    Ok(())
+}
+
+/// peftpipe's writer of 4-bit checkpoints (`models::quantized_writer`, the merged export with
+/// `quantize:`) saves each weight as this file's bitsandbytes layout does, tensor for tensor and
+/// byte for byte (names, dtypes, shapes, the JSON state): every linear weight of stories260k in
+/// both settings.
+#[test]
+fn peftpipe_writes_the_same_4bit_tensors_as_bitsandbytes() -> TestResult {
+    let Some(source) = stories() else {
+        return Ok(());
+    };
+    let tensors = candle_core::safetensors::load(source.join("model.safetensors"), &Device::Cpu)?;
+    let mut checked = 0;
+    for config in settings() {
+        for (name, tensor) in &tensors {
+            if !is_quantized_linear(name, tensor.dims()) {
+                continue;
+            }
+            for dtype in [DType::F32, DType::BF16] {
+                let quantized = QuantizedTensor::from_tensor(&tensor.to_dtype(dtype)?, &config)?;
+                let mut expected = bnb_state_dict(name, &quantized);
+                expected.sort_by(|a, b| a.0.cmp(&b.0));
+                let written = state_dict(name, &quantized)?;
+                assert_eq!(written.len(), expected.len(), "{name}");
+                for (ours, (key, reference)) in written.iter().zip(&expected) {
+                    assert_eq!(&ours.name, key);
+                    assert_eq!(ours.shape, reference.dims(), "{key}");
+                    let (dtype, bytes) = match reference.dtype() {
+                        DType::U8 => (
+                            safetensors::Dtype::U8,
+                            reference.flatten_all()?.to_vec1::<u8>()?,
+                        ),
+                        _ => (
+                            safetensors::Dtype::F32,
+                            reference
+                                .flatten_all()?
+                                .to_vec1::<f32>()?
+                                .iter()
+                                .flat_map(|x| x.to_le_bytes())
+                                .collect(),
+                        ),
+                    };
+                    assert_eq!(ours.dtype, dtype, "{key}");
+                    assert_eq!(ours.bytes, bytes, "{key}");
+                }
+                checked += 1;
+            }
+        }
+    }
+    assert_eq!(checked, 2 * 2 * 35);
     Ok(())
 }
 
@@ -1046,21 +1100,27 @@ fn a_checkpoint_saved_by_transformers_and_bitsandbytes_loads_as_stored() -> Test
                 (a, b) => assert_eq!(a, b, "{variant}: {name}: absmax"),
             }
             // This file's writer saves the very tensors bitsandbytes saved, JSON bytes included.
+            let bytes = |t: &Tensor| -> candle_core::Result<Vec<u8>> {
+                match t.dtype() {
+                    DType::U8 => t.flatten_all()?.to_vec1::<u8>(),
+                    _ => Ok(t
+                        .flatten_all()?
+                        .to_vec1::<f32>()?
+                        .iter()
+                        .flat_map(|x| x.to_le_bytes())
+                        .collect()),
+                }
+            };
             for (key, written) in bnb_state_dict(name, &theirs) {
-                let bytes = |t: &Tensor| -> candle_core::Result<Vec<u8>> {
-                    match t.dtype() {
-                        DType::U8 => t.flatten_all()?.to_vec1::<u8>(),
-                        _ => Ok(t
-                            .flatten_all()?
-                            .to_vec1::<f32>()?
-                            .iter()
-                            .flat_map(|x| x.to_le_bytes())
-                            .collect()),
-                    }
-                };
                 let real = &saved_tensors[&key];
                 assert_eq!(written.dims(), real.dims(), "{variant}: {key}");
                 assert_eq!(bytes(&written)?, bytes(real)?, "{variant}: {key}");
+            }
+            // And so does peftpipe's writer (the merged export with `quantize:`).
+            for written in state_dict(name, &theirs)? {
+                let real = &saved_tensors[&written.name];
+                assert_eq!(written.shape, real.dims(), "{variant}: {}", written.name);
+                assert_eq!(written.bytes, bytes(real)?, "{variant}: {}", written.name);
             }
         }
         let expected = logits(

@@ -1,7 +1,10 @@
 //! The export stage: the PEFT adapter folder keeps PEFT's tensor names and values, the merged
 //! model folder reloads with our loader and gives the adapted model's logits (Llama with PEFT's own
 //! reference adapter, GPT-2 with Conv1D weights), publishing is atomic and refuses destinations
-//! outside the project. Needs `PEFTPIPE_SHARED` for the model tests (skips with a printed reason).
+//! outside the project; the merged model re-quantized in bitsandbytes' 4-bit format (`quantize:`)
+//! is the CPU quantizer applied to the plain merged export's weights, byte for byte, and loads with
+//! peftpipe's reader of such checkpoints. Needs `PEFTPIPE_SHARED` for the model tests (skips with a
+//! printed reason).
 #![expect(
     clippy::print_stderr,
     reason = "tests print skip reasons and the measured errors"
@@ -9,15 +12,22 @@
 
 mod support;
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
-use peftpipe::config::export::ExportDtype;
+use peftpipe::config::export::{ExportDtype, MergedQuantization};
+use peftpipe::config::method::{ComputeDtypeChoice, QuantTypeChoice};
 use peftpipe::config::ExportConfig;
+use peftpipe::models::checkpoint::MergedOptions;
+use peftpipe::models::quantized::{
+    is_quantized_linear, read_bnb_weights, BaseQuantization, QuantizingFactory,
+};
+use peftpipe::models::quantized_writer::{write_quantized_merged_folder, QuantizedMergedOptions};
 use peftpipe::models::{
     FrozenLinearFactory, Hooks, LinearFactory, LinearLayer, LinearWeights, ModelDir,
 };
+use peftpipe::quant::{QuantConfig, QuantType, QuantizedTensor};
 use peftpipe::stages::export::EXPORT_MARKER;
 use support::export::export;
 use support::{masked_max_abs, max_difference, shared_dir, TestResult};
@@ -58,6 +68,7 @@ fn merged_config(
         base_model_name_or_path: None,
         gguf: None,
         gguf_type: None,
+        quantize: None,
     }
 }
 
@@ -849,5 +860,434 @@ fn merged_tied_checkpoint_keeps_its_stored_head_copy_equal_to_the_patched_embedd
         project.path().join("merged/config.json"),
     )?)?;
     assert_eq!(config["tie_word_embeddings"], true);
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// The merged model re-quantized in bitsandbytes' saved 4-bit format (`quantize:`)
+// ---------------------------------------------------------------------------------------------
+
+/// One stored tensor as raw bytes: (dtype, shape, bytes, file name).
+type RawTensor = (safetensors::Dtype, Vec<usize>, Vec<u8>, String);
+
+/// Every tensor of a model folder's weight files (one file or shards), as stored.
+fn raw_tensors(dir: &Path) -> Result<BTreeMap<String, RawTensor>, Box<dyn std::error::Error>> {
+    let mut tensors = BTreeMap::new();
+    for entry in std::fs::read_dir(dir)? {
+        let path = entry?.path();
+        let file = path
+            .file_name()
+            .map(|name| name.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        if !file.ends_with(".safetensors") {
+            continue;
+        }
+        let bytes = std::fs::read(&path)?;
+        let parsed = safetensors::SafeTensors::deserialize(&bytes)?;
+        for (name, view) in parsed.tensors() {
+            let previous = tensors.insert(
+                name.clone(),
+                (
+                    view.dtype(),
+                    view.shape().to_vec(),
+                    view.data().to_vec(),
+                    file.clone(),
+                ),
+            );
+            assert!(previous.is_none(), "`{name}` stored twice");
+        }
+    }
+    Ok(tensors)
+}
+
+/// A re-quantized export case: the train artifact (a LoRA over the 16-bit base, or the same
+/// adapter recorded as a QLoRA run over the 4-bit base) and the export settings.
+struct RequantCase {
+    name: &'static str,
+    /// Its folder under `PEFTPIPE_KEEP_EXPORT` (tests/python/check_bnb_export.py reads them).
+    slug: &'static str,
+    /// `quantization` of base_model.json (a QLoRA run), if any.
+    qlora_base: Option<serde_json::Value>,
+    quantize: MergedQuantization,
+    max_shard_size: Option<&'static str>,
+    dtype: Option<ExportDtype>,
+}
+
+fn requant_cases() -> Vec<RequantCase> {
+    vec![
+        RequantCase {
+            name: "lora, quantize: {}",
+            slug: "lora-nf4",
+            qlora_base: None,
+            quantize: MergedQuantization::default(),
+            max_shard_size: None,
+            dtype: None,
+        },
+        RequantCase {
+            name: "qlora, fp4 blocks of 128 without double quant, bf16, sharded",
+            slug: "qlora-fp4",
+            qlora_base: Some(serde_json::json!({
+                "quant_type": "nf4", "double_quant": true, "block_size": 64, "compute_dtype": null
+            })),
+            quantize: MergedQuantization {
+                quant_type: QuantTypeChoice::Fp4,
+                double_quant: false,
+                block_size: 128,
+                compute_dtype: Some(ComputeDtypeChoice::F16),
+            },
+            max_shard_size: Some("64KiB"),
+            dtype: Some(ExportDtype::Bf16),
+        },
+    ]
+}
+
+/// A case's plain merged export and its re-quantized export, side by side in one project.
+struct RequantExports {
+    _project: tempfile::TempDir,
+    plain: PathBuf,
+    four_bit: PathBuf,
+}
+
+/// Export `case` twice: the plain merged model and the re-quantized one. None without
+/// PEFTPIPE_SHARED.
+fn requant_exports(
+    case: &RequantCase,
+) -> Result<Option<RequantExports>, Box<dyn std::error::Error>> {
+    let Some(shared) = shared_dir() else {
+        eprintln!("skipped: PEFTPIPE_SHARED not set");
+        return Ok(None);
+    };
+    let base = shared.join("models/stories260k");
+    let project = tempfile::tempdir()?;
+    let train = fake_train_artifact(project.path(), &base.join("reference/peft_lora"), &base);
+    if let Some(quantization) = &case.qlora_base {
+        let record = serde_json::json!({
+            "model": base.display().to_string(),
+            "path": base.display().to_string(),
+            "quantization": quantization,
+            "dtype": "f32",
+        });
+        std::fs::write(train.join("base_model.json"), record.to_string())?;
+    }
+    let plain = merged_config(None, Some("out/plain"), case.max_shard_size, case.dtype);
+    export(project.path(), &train, plain.clone(), false)?;
+    let quantized = ExportConfig {
+        merged: Some("out/4bit".into()),
+        quantize: Some(case.quantize.clone()),
+        ..plain
+    };
+    export(project.path(), &train, quantized, false)?;
+    if let Some(keep) = std::env::var_os("PEFTPIPE_KEEP_EXPORT") {
+        // For tests/python/check_bnb_export.py: keep both folders.
+        for kind in ["plain", "4bit"] {
+            peftpipe::stages::export::publish_folder(
+                &project.path().join("out").join(kind),
+                &PathBuf::from(&keep)
+                    .join("requant")
+                    .join(case.slug)
+                    .join(kind),
+                "export",
+            )?;
+        }
+    }
+    Ok(Some(RequantExports {
+        plain: project.path().join("out/plain"),
+        four_bit: project.path().join("out/4bit"),
+        _project: project,
+    }))
+}
+
+fn quant_config(settings: &MergedQuantization) -> QuantConfig {
+    QuantConfig {
+        quant_type: match settings.quant_type {
+            QuantTypeChoice::Nf4 => QuantType::Nf4,
+            QuantTypeChoice::Fp4 => QuantType::Fp4,
+        },
+        block_size: settings.block_size,
+        double_quant: settings.double_quant,
+    }
+}
+
+/// Round trip: the 4-bit folder loads with peftpipe's reader of bitsandbytes checkpoints, and
+/// each stored weight (packed codes, absmax, nested state, dtype, shape) is the CPU quantizer
+/// applied to the weight the plain merged export writes, byte for byte; dequantized, equal to
+/// the quantizer's dequantization bit for bit; config.json carries transformers'
+/// `quantization_config`; the model gives exactly the logits of the plain merged export
+/// quantized while loading.
+#[test]
+fn requantized_export_is_the_cpu_quantizer_on_the_merged_weights_byte_for_byte() -> TestResult {
+    for case in requant_cases() {
+        let Some(RequantExports {
+            _project,
+            plain,
+            four_bit,
+        }) = requant_exports(&case)?
+        else {
+            return Ok(());
+        };
+        let name = case.name;
+        let config = quant_config(&case.quantize);
+        let dir = ModelDir::open(&four_bit)?;
+        let stored = dir
+            .stored_quantization()
+            .ok_or(format!("{name}: no quantization_config"))?;
+        assert_eq!(
+            (stored.quant_type, stored.double_quant),
+            (config.quant_type, config.double_quant),
+            "{name}"
+        );
+        let written: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(four_bit.join("config.json"))?)?;
+        let torch = |dtype: Option<ExportDtype>| dtype.map_or("float32", ExportDtype::torch_name);
+        let compute = case
+            .quantize
+            .compute_dtype
+            .map_or(torch(case.dtype), |dtype| match dtype {
+                ComputeDtypeChoice::Bf16 => "bfloat16",
+                ComputeDtypeChoice::F16 => "float16",
+                ComputeDtypeChoice::F32 => "float32",
+            });
+        assert_eq!(
+            written["quantization_config"],
+            serde_json::json!({
+                "_load_in_4bit": true,
+                "_load_in_8bit": false,
+                "bnb_4bit_compute_dtype": compute,
+                "bnb_4bit_quant_storage": "uint8",
+                "bnb_4bit_quant_type": config.quant_type.name(),
+                "bnb_4bit_use_double_quant": config.double_quant,
+                "llm_int8_enable_fp32_cpu_offload": false,
+                "llm_int8_has_fp16_weight": false,
+                "llm_int8_skip_modules": null,
+                "llm_int8_threshold": 6.0,
+                "load_in_4bit": true,
+                "load_in_8bit": false,
+                "quant_method": "bitsandbytes"
+            }),
+            "{name}"
+        );
+        assert_eq!(written["torch_dtype"], torch(case.dtype), "{name}");
+
+        let merged = raw_tensors(&plain)?;
+        let loaded = read_bnb_weights(dir.weight_files(), &Device::Cpu)?;
+        let linears: Vec<&String> = merged
+            .iter()
+            .filter(|(tensor, (_, shape, _, _))| is_quantized_linear(tensor, shape))
+            .map(|(tensor, _)| tensor)
+            .collect();
+        assert_eq!(
+            loaded.weights.keys().collect::<Vec<_>>(),
+            linears,
+            "{name}: the 4-bit weights are the decoder linears"
+        );
+        assert_eq!(linears.len(), 35, "{name}");
+        // The weights the plain merged export wrote (one file or shards), as tensors.
+        let mut plain_tensors = HashMap::new();
+        for file in ModelDir::open(&plain)?.weight_files() {
+            plain_tensors.extend(candle_core::safetensors::load(file, &Device::Cpu)?);
+        }
+        let raw = raw_tensors(&four_bit)?;
+        for tensor in linears {
+            let weight = &plain_tensors[tensor];
+            let expected = QuantizedTensor::from_tensor(weight, &config)?;
+            let ours = loaded.weights[tensor].weight.to_host()?;
+            assert_eq!(ours, expected, "{name}: `{tensor}`");
+            // Stored as bitsandbytes stores it: packed bytes [(n + 1) / 2, 1] as uint8.
+            let (dtype, shape, bytes, file) = &raw[tensor];
+            assert_eq!(*dtype, safetensors::Dtype::U8, "{name}: `{tensor}`");
+            assert_eq!(shape, &[weight.elem_count().div_ceil(2), 1], "{tensor}");
+            assert_eq!(bytes, &expected.packed, "{name}: `{tensor}`");
+            // Every part of its state sits in the weight's own file (transformers reads a
+            // weight's state from the shard that holds it).
+            for (part, (_, _, _, part_file)) in raw.range(format!("{tensor}.")..) {
+                if !part.starts_with(&format!("{tensor}.")) {
+                    break;
+                }
+                assert_eq!(part_file, file, "{name}: `{part}`");
+            }
+            let dequantized = loaded.weights[tensor]
+                .weight
+                .dequantize(DType::F32)?
+                .flatten_all()?
+                .to_vec1::<f32>()?;
+            let reference = expected.dequantize_f32();
+            assert!(
+                dequantized
+                    .iter()
+                    .zip(&reference)
+                    .all(|(a, b)| a.to_bits() == b.to_bits()),
+                "{name}: `{tensor}` dequantizes differently"
+            );
+        }
+
+        // The model: exactly the plain merged export quantized while it loads.
+        let ids = Tensor::new(&[[1u32, 403, 76, 300, 12, 99, 250, 7]], &Device::Cpu)?;
+        let logits = |dir: &Path,
+                      factory: &dyn LinearFactory|
+         -> Result<Vec<f32>, Box<dyn std::error::Error>> {
+            let model = ModelDir::open(dir)?.load(&Device::Cpu, DType::F32, factory)?;
+            Ok(model
+                .forward(&ids, None, &Hooks::none())?
+                .flatten_all()?
+                .to_vec1::<f32>()?)
+        };
+        let reference = QuantizingFactory::new(
+            FrozenLinearFactory,
+            BaseQuantization {
+                config,
+                compute_dtype: Some(DType::F32),
+                prequantized: false,
+            },
+        );
+        assert_eq!(
+            logits(&four_bit, &FrozenLinearFactory)?,
+            logits(&plain, &reference)?,
+            "{name}"
+        );
+        eprintln!(
+            "{name}: {} weights re-quantized, {} files",
+            loaded.weights.len(),
+            ModelDir::open(&four_bit)?.weight_files().len()
+        );
+    }
+    Ok(())
+}
+
+/// Norms, embeddings and `lm_head` (and every other tensor that is not a decoder linear weight
+/// or its 4-bit state) stay 16-bit, byte for byte what the plain merged export writes.
+#[test]
+fn requantized_export_keeps_norms_embeddings_and_head_as_the_merged_export_writes_them(
+) -> TestResult {
+    for case in requant_cases() {
+        let Some(RequantExports {
+            _project,
+            plain,
+            four_bit,
+        }) = requant_exports(&case)?
+        else {
+            return Ok(());
+        };
+        let name = case.name;
+        let merged = raw_tensors(&plain)?;
+        let written = raw_tensors(&four_bit)?;
+        let state = read_bnb_weights(ModelDir::open(&four_bit)?.weight_files(), &Device::Cpu)?
+            .state_tensors;
+        let dense: Vec<&String> = written
+            .keys()
+            .filter(|tensor| !state.contains(*tensor))
+            .collect();
+        let expected: Vec<&String> = merged
+            .iter()
+            .filter(|(tensor, (_, shape, _, _))| !is_quantized_linear(tensor, shape))
+            .map(|(tensor, _)| tensor)
+            .collect();
+        assert_eq!(dense, expected, "{name}");
+        for needed in [
+            "model.embed_tokens.weight",
+            "lm_head.weight",
+            "model.norm.weight",
+            "model.layers.0.input_layernorm.weight",
+            "model.layers.4.post_attention_layernorm.weight",
+        ] {
+            assert!(dense.contains(&&needed.to_string()), "{name}: {needed}");
+        }
+        for tensor in dense {
+            let (dtype, shape, bytes, _) = &written[tensor];
+            let (merged_dtype, merged_shape, merged_bytes, _) = &merged[tensor];
+            assert_eq!(
+                (dtype, shape),
+                (merged_dtype, merged_shape),
+                "{name}: `{tensor}`"
+            );
+            assert!(bytes == merged_bytes, "{name}: `{tensor}` differs");
+        }
+        // The tokenizer and generation files come along.
+        for file in ["tokenizer.json", "generation_config.json", EXPORT_MARKER] {
+            assert!(four_bit.join(file).is_file(), "{name}: no {file}");
+        }
+    }
+    Ok(())
+}
+
+/// `quantize:` settings are checked by `validate`, each error naming the pipeline file and key.
+#[test]
+fn quantize_settings_are_validated_naming_the_file_and_key() {
+    for (export, expected) in [
+        (
+            "{ from: tune, merged: out/m, quantize: { block_size: 100 } }",
+            "pipeline.yaml:5:71: stages.out.export.quantize.block_size: must be a power of two from 64 to 4096 (bitsandbytes' 4-bit block sizes), got 100",
+        ),
+        (
+            "{ from: tune, merged: out/m, quantize: { quant_type: int4 } }",
+            "stages.out.export.quantize.quant_type: unknown value `int4`",
+        ),
+        (
+            "{ from: tune, merged: out/m, quantize: { bnb_4bit_quant_type: nf4 } }",
+            "stages.out.export.quantize.bnb_4bit_quant_type: unknown key `bnb_4bit_quant_type`",
+        ),
+        (
+            "{ from: tune, merged: out/m, quantize: { compute_dtype: f64 } }",
+            "stages.out.export.quantize.compute_dtype: unknown value `f64`",
+        ),
+        (
+            "{ from: tune, adapter: out/a, quantize: {} }",
+            "stages.out.export: `quantize` applies to the merged model, but there is no `merged` destination",
+        ),
+    ] {
+        let dir = tempfile::tempdir().expect("a temp dir");
+        std::fs::write(dir.path().join("rows.csv"), "text,label\na,b\n").expect("a data file");
+        // The quickstart's tiny Llama: the only problem is the one under test.
+        let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("datasets/quickstart/model");
+        let pipeline = format!(
+            "stages:\n  data: {{ ingest: {{ path: rows.csv }} }}\n  prompts: {{ template: {{ input: \
+             data, prompt: '{{{{ text }}}}', completion: '{{{{ label }}}}' }} }}\n  tune: {{ train: \
+             {{ data: prompts, model: '{}', method: {{ lora: {{ r: 2 }} }} }} }}\n  \
+             out: {{ export: {export} }}\n",
+            model.display()
+        );
+        std::fs::write(dir.path().join("pipeline.yaml"), pipeline).expect("a pipeline");
+        let output = support::peftpipe()
+            .args(["validate", "pipeline.yaml"])
+            .current_dir(dir.path())
+            .env("NO_COLOR", "1")
+            .output()
+            .expect("peftpipe runs");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(2), "{export}: {stderr}");
+        assert!(stderr.contains(expected), "{export}: {stderr}");
+        assert!(stderr.contains("error: 1 problem in"), "{export}: {stderr}");
+    }
+}
+
+/// peftpipe reads no GPT-2 checkpoint in 4 bits, so it writes none: refused naming the base's
+/// config.json, before anything is written.
+#[test]
+fn a_gpt2_merged_model_is_not_written_in_4_bits() -> TestResult {
+    let Some(shared) = shared_dir() else {
+        eprintln!("skipped: PEFTPIPE_SHARED not set");
+        return Ok(());
+    };
+    let project = tempfile::tempdir()?;
+    let out = project.path().join("4bit");
+    let options = QuantizedMergedOptions {
+        merged: MergedOptions {
+            max_shard_size: 5_000_000_000,
+            dtype: None,
+        },
+        quant: QuantConfig::default(),
+        compute_dtype: None,
+    };
+    let error = write_quantized_merged_folder(
+        &[],
+        &shared.join("models/tiny-gpt2-random"),
+        &out,
+        options,
+        &|| false,
+    )
+    .unwrap_err();
+    let message = error.to_string();
+    assert!(message.contains("config.json"), "{message}");
+    assert!(message.contains("not gpt2"), "{message}");
+    assert!(!out.exists());
     Ok(())
 }

@@ -314,3 +314,59 @@ fn evaluation_settings_are_part_of_the_train_fingerprint() {
     project.run_ok("pipeline.yaml", &["--set", every]);
     assert_eq!(outputs, project.recorded_outputs("quick"));
 }
+
+#[test]
+fn export_quantize_settings_are_part_of_the_export_fingerprint() {
+    // The merged model re-quantized in 4 bits is other bytes for every setting: adding or
+    // changing `quantize` reruns export only, and the cached result is what a clean run produces.
+    let project = TrainProject::new();
+    let merged = "stages.export.export.merged=exported/merged";
+    project.run_ok("pipeline.yaml", &["--set", merged]);
+    let export_line = |set: &[&str]| {
+        let mut args = vec!["status", "pipeline.yaml"];
+        for item in set {
+            args.extend(["--set", item]);
+        }
+        let text = stdout(&project.run(&args));
+        text.lines()
+            .find(|line| line.contains(" export"))
+            .unwrap_or_default()
+            .to_string()
+    };
+    let quant_type = || -> serde_json::Value {
+        let text = std::fs::read_to_string(project.path("exported/merged/config.json"))
+            .expect("the published merged model has a config.json");
+        let config: serde_json::Value = serde_json::from_str(&text).expect("config.json is JSON");
+        config["quantization_config"]["bnb_4bit_quant_type"].clone()
+    };
+    let nf4 = "stages.export.export.quantize={}";
+    assert_eq!(
+        export_line(&[merged, nf4]),
+        "[DIRTY] export: parameter export.quantize.block_size added (64), \
+         parameter export.quantize.double_quant added (true), \
+         parameter export.quantize.quant_type added (\"nf4\")"
+    );
+    let first = project.run_ok("pipeline.yaml", &["--set", merged, "--set", nf4]);
+    assert_eq!(first.ran(), ["export"], "{}", first.stderr);
+    assert_eq!(quant_type(), "nf4");
+    let fp4 = "stages.export.export.quantize={quant_type: fp4}";
+    assert_eq!(
+        export_line(&[merged, fp4]),
+        "[DIRTY] export: parameter export.quantize.quant_type changed (\"nf4\" → \"fp4\")"
+    );
+    let second = project.run_ok("pipeline.yaml", &["--set", merged, "--set", fp4]);
+    assert_eq!(second.ran(), ["export"], "{}", second.stderr);
+    assert_eq!(quant_type(), "fp4");
+    // Back to nf4: the first run's cached output, republished, not rerun.
+    assert_eq!(
+        export_line(&[merged, nf4]),
+        "[FRESH] export (cached output of an earlier run with these inputs)"
+    );
+    let restored = project.run_ok("pipeline.yaml", &["--set", merged, "--set", nf4]);
+    assert!(restored.ran().is_empty(), "{}", restored.stderr);
+    assert_eq!(quant_type(), "nf4");
+    let outputs = project.recorded_outputs("quick");
+    project.wipe();
+    project.run_ok("pipeline.yaml", &["--set", merged, "--set", nf4]);
+    assert_eq!(outputs, project.recorded_outputs("quick"));
+}

@@ -62,6 +62,7 @@ fn export_config(merged: Option<&str>, gguf: &str, gguf_type: Option<GgufType>) 
         base_model_name_or_path: None,
         gguf: Some(gguf.to_string()),
         gguf_type,
+        quantize: None,
     }
 }
 

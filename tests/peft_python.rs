@@ -271,6 +271,7 @@ fn peft_loads_every_export_with_peftpipes_logits() {
             base_model_name_or_path: None,
             gguf: None,
             gguf_type: None,
+            quantize: None,
         };
         export(project.path(), &train, config, false)
             .unwrap_or_else(|error| panic!("{}: export: {error}", case.yaml));

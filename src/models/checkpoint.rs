@@ -7,7 +7,9 @@
 //! The writer streams the base checkpoint tensor by tensor (a patched tensor goes through f32 and
 //! back to its dtype), so memory stays near one tensor, whatever the model size. Patches come from
 //! the adapter (`peft::Adapter::merge_patches`); this module knows nothing of PEFT methods or
-//! pipelines and never prints.
+//! pipelines and never prints. The other writers of merged models (`gguf`, `quantized_writer`)
+//! take the merge from [`visit_merged_tensors`] and the shared parts of a model folder from here
+//! (float conversions, the safetensors header, shard names, config and tokenizer files).
 
 use std::collections::BTreeMap;
 use std::fs::{self, File};
@@ -157,7 +159,7 @@ pub struct MergedOptions {
 }
 
 /// The safetensors dtype of a float dtype, and the name transformers gives it in config.json.
-fn safetensors_dtype(dtype: DType) -> Result<(Dtype, &'static str), CheckpointError> {
+pub(super) fn safetensors_dtype(dtype: DType) -> Result<(Dtype, &'static str), CheckpointError> {
     match dtype {
         DType::F32 => Ok((Dtype::F32, "float32")),
         DType::BF16 => Ok((Dtype::BF16, "bfloat16")),
@@ -255,6 +257,17 @@ fn weight_name(
     tensors.contains_key(&short).then_some(short)
 }
 
+/// candle's dtype of a float safetensors dtype.
+fn candle_dtype(dtype: Dtype) -> Option<DType> {
+    match dtype {
+        Dtype::F32 => Some(DType::F32),
+        Dtype::F16 => Some(DType::F16),
+        Dtype::BF16 => Some(DType::BF16),
+        Dtype::F64 => Some(DType::F64),
+        _ => None,
+    }
+}
+
 fn element_size(dtype: Dtype) -> Option<usize> {
     match dtype {
         Dtype::F32 => Some(4),
@@ -264,7 +277,7 @@ fn element_size(dtype: Dtype) -> Option<usize> {
     }
 }
 
-fn bytes_to_f32(dtype: Dtype, bytes: &[u8]) -> Option<Vec<f32>> {
+pub(super) fn bytes_to_f32(dtype: Dtype, bytes: &[u8]) -> Option<Vec<f32>> {
     Some(match dtype {
         Dtype::F32 => bytes
             .chunks_exact(4)
@@ -286,7 +299,7 @@ fn bytes_to_f32(dtype: Dtype, bytes: &[u8]) -> Option<Vec<f32>> {
     })
 }
 
-fn f32_to_bytes(dtype: Dtype, values: &[f32]) -> Vec<u8> {
+pub(super) fn f32_to_bytes(dtype: Dtype, values: &[f32]) -> Vec<u8> {
     let mut out = Vec::with_capacity(values.len() * element_size(dtype).unwrap_or(4));
     for &value in values {
         match dtype {
@@ -439,6 +452,29 @@ fn output_bytes(
     Ok(f32_to_bytes(entry.dtype, &values))
 }
 
+/// The header of a safetensors file holding `tensors` (name and info, in file order):
+/// the JSON with `{"format": "pt"}` metadata, padded with spaces to a multiple of 8 bytes, as
+/// `safetensors.torch.save_file` writes it. The file is its length (u64, little-endian), the
+/// header, then the tensors' bytes.
+pub(super) fn safetensors_header(
+    tensors: Vec<(String, TensorInfo)>,
+) -> Result<Vec<u8>, CheckpointError> {
+    let metadata = Metadata::new(
+        Some(std::collections::HashMap::from([(
+            "format".to_string(),
+            "pt".to_string(),
+        )])),
+        tensors,
+    )
+    .map_err(|error| CheckpointError::Internal(format!("safetensors header: {error}")))?;
+    let mut header = serde_json::to_vec(&metadata)
+        .map_err(|error| CheckpointError::Internal(format!("safetensors header: {error}")))?;
+    while header.len() % 8 != 0 {
+        header.push(b' ');
+    }
+    Ok(header)
+}
+
 /// Write one safetensors file holding `tensors` (in order, `{"format": "pt"}` metadata), streamed
 /// tensor by tensor. Returns how many tensors were patched.
 fn write_shard(
@@ -462,20 +498,7 @@ fn write_shard(
         ));
         offset += size;
     }
-    let metadata = Metadata::new(
-        Some(std::collections::HashMap::from([(
-            "format".to_string(),
-            "pt".to_string(),
-        )])),
-        infos,
-    )
-    .map_err(|error| CheckpointError::Internal(format!("merged safetensors header: {error}")))?;
-    let mut header = serde_json::to_vec(&metadata).map_err(|error| {
-        CheckpointError::Internal(format!("merged safetensors header: {error}"))
-    })?;
-    while header.len() % 8 != 0 {
-        header.push(b' ');
-    }
+    let header = safetensors_header(infos)?;
     let mut writer = BufWriter::new(File::create(path)?);
     writer.write_all(&(header.len() as u64).to_le_bytes())?;
     writer.write_all(&header)?;
@@ -579,6 +602,8 @@ fn merge_plan<'a>(
 pub struct MergedTensor {
     pub name: String,
     pub shape: Vec<usize>,
+    /// The dtype the checkpoint stores it in (the values are exact in `f32` for all but `F64`).
+    pub dtype: DType,
     pub values: Vec<f32>,
     /// Whether a patch changed it.
     pub patched: bool,
@@ -627,6 +652,9 @@ pub fn visit_merged_tensors(
         visit(MergedTensor {
             name: name.clone(),
             shape: tensor.shape.clone(),
+            dtype: candle_dtype(tensor.dtype).ok_or_else(|| {
+                CheckpointError::Internal(format!("`{name}`: {:?} read as floats", tensor.dtype))
+            })?,
             values,
             patched: patch.is_some(),
         })?;
@@ -723,7 +751,20 @@ pub fn write_merged_folder(
         });
         write_json(&out.join(SHARD_INDEX), &index)?;
     }
-    if let (Some((_, torch_name)), Value::Object(map)) = (wanted_dtype, &mut config) {
+    if let Some((_, torch_name)) = wanted_dtype {
+        set_config_dtype(&mut config, torch_name);
+    }
+    write_model_files(base_dir, out, &config)?;
+    Ok(MergedFolder {
+        merged_tensors,
+        bytes,
+        files: shards.len(),
+    })
+}
+
+/// Set config.json's dtype to `torch_name` (`bfloat16`, …) after converting the weights.
+pub(super) fn set_config_dtype(config: &mut Value, torch_name: &str) {
+    if let Value::Object(map) = config {
         // transformers < 4.56 reads `torch_dtype`, later versions `dtype`: keep both in step.
         let name = Value::String(torch_name.to_string());
         if map.contains_key("dtype") {
@@ -731,8 +772,17 @@ pub fn write_merged_folder(
         }
         map.insert("torch_dtype".into(), name);
     }
+}
 
-    write_json(&out.join("config.json"), &config)?;
+/// Write the files of a model folder beside its weights: `config`, the tokenizer and generation
+/// files the base folder has, and a generation_config.json from config.json's token ids where the
+/// base has none.
+pub(super) fn write_model_files(
+    base_dir: &Path,
+    out: &Path,
+    config: &Value,
+) -> Result<(), CheckpointError> {
+    write_json(&out.join("config.json"), config)?;
     for file in TOKENIZER_FILES {
         let from = base_dir.join(file);
         if from.is_file() {
@@ -753,15 +803,11 @@ pub fn write_merged_folder(
             &Value::Object(generation),
         )?;
     }
-    Ok(MergedFolder {
-        merged_tensors,
-        bytes,
-        files: shards.len(),
-    })
+    Ok(())
 }
 
 /// Write pretty JSON with a trailing newline.
-fn write_json(path: &Path, value: &Value) -> Result<(), CheckpointError> {
+pub(super) fn write_json(path: &Path, value: &Value) -> Result<(), CheckpointError> {
     let mut text = serde_json::to_string_pretty(value).map_err(|error| {
         CheckpointError::Internal(format!("serializing {}: {error}", path.display()))
     })?;

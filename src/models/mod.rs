@@ -35,6 +35,7 @@ pub mod hub;
 pub mod llama;
 pub mod load;
 pub mod quantized;
+pub mod quantized_writer;
 pub mod random;
 mod sequence;
 pub mod summary;

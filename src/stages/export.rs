@@ -2,7 +2,8 @@
 //! folder (adapter_config.json, adapter_model.safetensors with PEFT's tensor names, a README.md
 //! model card) and/or (b) `merged/` — the base model with the adapter merged in, in Hugging Face
 //! layout (config.json, model.safetensors with the base checkpoint's tensor names and dtypes,
-//! tokenizer files, generation_config.json) and/or (c) `gguf/model.gguf` — the merged model as one
+//! tokenizer files, generation_config.json; with `quantize`, re-quantized in bitsandbytes' saved
+//! 4-bit format by `models::quantized_writer`) and/or (c) `gguf/model.gguf` — the merged model as one
 //! llama.cpp GGUF file. [`Stage::publish`] then copies each folder (or the file) to its declared
 //! destination atomically (temp folder or file + rename), also when restored from the cache.
 //!
@@ -19,15 +20,22 @@ use serde_json::Value;
 
 use candle_core::quantized::GgmlDType;
 
-use crate::config::export::{parse_size, ExportDtype, GgufType, DEFAULT_MAX_SHARD_SIZE};
+use crate::config::export::{
+    parse_size, ExportDtype, GgufType, MergedQuantization, DEFAULT_MAX_SHARD_SIZE,
+};
+use crate::config::method::{ComputeDtypeChoice, QuantTypeChoice};
 use crate::config::ExportConfig;
-use crate::models::checkpoint::{write_merged_folder, CheckpointError, MergedOptions, WeightPatch};
+use crate::models::checkpoint::{
+    write_merged_folder, CheckpointError, MergedFolder, MergedOptions, WeightPatch,
+};
 use crate::models::gguf::{write_gguf, WRITER_KEY};
 use crate::models::quantized::{
     dequantized_base_patches, write_dequantized_checkpoint, BaseQuantization,
 };
+use crate::models::quantized_writer::{write_quantized_merged_folder, QuantizedMergedOptions};
 use crate::models::ModelDir;
 use crate::peft::{load_adapter, AdapterFiles};
+use crate::quant::{QuantConfig, QuantType};
 
 use super::{Progress, Stage, StageContext, StageError, StageOutcome};
 
@@ -179,10 +187,48 @@ impl Stage for ExportStage {
         if self.config.merged.is_some() {
             let out = ctx.out_dir.join("merged");
             let options = merged_options(&self.config)?;
-            let merged = write_merged_folder(&patches, &merge_base, &out, options, &|| {
-                ctx.check_cancel().is_err()
-            })
-            .map_err(checkpoint_error)?;
+            let cancelled = || ctx.check_cancel().is_err();
+            let (merged, message) = match &self.config.quantize {
+                None => {
+                    let merged =
+                        write_merged_folder(&patches, &merge_base, &out, options, &cancelled)
+                            .map_err(checkpoint_error)?;
+                    let message = format!("merged {} weight matrices", merged.merged_tensors);
+                    (merged, message)
+                }
+                // The merged model re-quantized in bitsandbytes' saved 4-bit format.
+                Some(settings) => {
+                    let options = QuantizedMergedOptions {
+                        merged: options,
+                        quant: quant_config(settings),
+                        compute_dtype: settings.compute_dtype.map(compute_dtype),
+                    };
+                    let written = write_quantized_merged_folder(
+                        &patches,
+                        &merge_base,
+                        &out,
+                        options,
+                        &cancelled,
+                    )
+                    .map_err(checkpoint_error)?;
+                    outcome.summary.insert(
+                        "merged_4bit_tensors".into(),
+                        written.quantized_tensors.into(),
+                    );
+                    let message = format!(
+                        "merged {} weight matrices, {} written in 4 bits ({})",
+                        written.merged_tensors,
+                        written.quantized_tensors,
+                        settings.quant_type.name()
+                    );
+                    let merged = MergedFolder {
+                        merged_tensors: written.merged_tensors,
+                        bytes: written.bytes,
+                        files: written.files,
+                    };
+                    (merged, message)
+                }
+            };
             outcome
                 .summary
                 .insert("merged_tensors".into(), merged.merged_tensors.into());
@@ -197,7 +243,7 @@ impl Stage for ExportStage {
                 position: done,
                 length: Some(total_steps),
                 unit: "files",
-                message: format!("merged {} weight matrices", merged.merged_tensors),
+                message,
             });
         }
         ctx.check_cancel()?;
@@ -664,6 +710,26 @@ fn merged_options(config: &ExportConfig) -> Result<MergedOptions, StageError> {
             ExportDtype::F16 => DType::F16,
         }),
     })
+}
+
+/// bitsandbytes' 4-bit settings of a re-quantized merged export.
+fn quant_config(settings: &MergedQuantization) -> QuantConfig {
+    QuantConfig {
+        quant_type: match settings.quant_type {
+            QuantTypeChoice::Nf4 => QuantType::Nf4,
+            QuantTypeChoice::Fp4 => QuantType::Fp4,
+        },
+        block_size: settings.block_size,
+        double_quant: settings.double_quant,
+    }
+}
+
+fn compute_dtype(choice: ComputeDtypeChoice) -> DType {
+    match choice {
+        ComputeDtypeChoice::Bf16 => DType::BF16,
+        ComputeDtypeChoice::F16 => DType::F16,
+        ComputeDtypeChoice::F32 => DType::F32,
+    }
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 //! Config of the `export` stage kind and its semantic checks: which trained adapter to export and
-//! where the PEFT adapter folder, the merged model folder and/or the merged model as one GGUF file
-//! are published. Pure data plus
-//! checks: whether a destination may leave the project directory depends on the `run` flag
+//! where the PEFT adapter folder, the merged model folder (16-bit, or re-quantized in
+//! bitsandbytes' 4-bit format) and/or the merged model as one GGUF file are published. Pure data
+//! plus checks: whether a destination may leave the project directory depends on the `run` flag
 //! `--allow-outside-project`, so that part is enforced when publishing (stages/export.rs), while
 //! everything knowable from the file alone is checked here.
 
@@ -11,6 +11,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use super::evaluate::check_upstream_kind;
+use super::method::{ComputeDtypeChoice, QuantTypeChoice, QLORA_BLOCK_SIZES};
 use super::{CheckContext, InputFile, Problem, StageKind, StageSpec, UpstreamRef};
 
 /// The `export` stage: the trained adapter as a PEFT folder and/or a merged model in Hugging Face
@@ -39,6 +40,16 @@ pub struct ExportConfig {
     /// `torch_dtype` follows). Default: the base checkpoint's dtype, tensor by tensor.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dtype: Option<ExportDtype>,
+    /// Write the merged model re-quantized in bitsandbytes' saved 4-bit format, as transformers'
+    /// `save_pretrained` writes a model loaded with `BitsAndBytesConfig(load_in_4bit=True)`: the
+    /// decoder blocks' linear weights quantized from the merged 16-bit weights (those the plain
+    /// merged export writes, in `dtype`), norms, embeddings and `lm_head` left in 16 bits, and
+    /// `quantization_config` in config.json. `{}` takes QLoRA's settings (nf4, double
+    /// quantization, blocks of 64). The merged weights are quantized a second time, so the
+    /// adapter's change survives only to 4-bit resolution: for a faithful model export the 16-bit
+    /// merged model, or the adapter (over the original 4-bit base for QLoRA).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quantize: Option<MergedQuantization>,
     /// What the published adapter's `adapter_config.json` and model card name as the base model
     /// (`base_model_name_or_path`), verbatim, e.g. a Hub id `org/name` the model was uploaded as.
     /// Default: the Hub id for an `hf://org/name` model, else the base model folder as resolved
@@ -73,6 +84,47 @@ impl ExportConfig {
         }
         out
     }
+}
+
+/// How the merged model's decoder linear weights are re-quantized to bitsandbytes 4-bit (the
+/// QLoRA method's names and defaults: bitsandbytes' `BitsAndBytesConfig` without `bnb_4bit_`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct MergedQuantization {
+    /// The 4-bit code book: `nf4` (QLoRA's) or `fp4` (`bnb_4bit_quant_type`).
+    #[serde(default)]
+    pub quant_type: QuantTypeChoice,
+    /// Quantize the per-block absmax values again to 8 bits in blocks of 256
+    /// (`bnb_4bit_use_double_quant`; QLoRA's default).
+    #[serde(default = "default_true")]
+    pub double_quant: bool,
+    /// Weights per absmax: a power of two from 64 to 4096 (bitsandbytes' `blocksize`, saved in
+    /// each weight's quantization state; transformers quantizes with 64).
+    #[serde(default = "default_block_size")]
+    pub block_size: usize,
+    /// `bnb_4bit_compute_dtype` written into config.json: the dtype the 4-bit layers compute in
+    /// once loaded. Default: the dtype of the merged weights.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub compute_dtype: Option<ComputeDtypeChoice>,
+}
+
+impl Default for MergedQuantization {
+    fn default() -> Self {
+        MergedQuantization {
+            quant_type: QuantTypeChoice::Nf4,
+            double_quant: true,
+            block_size: default_block_size(),
+            compute_dtype: None,
+        }
+    }
+}
+
+fn default_true() -> bool {
+    true
+}
+
+fn default_block_size() -> usize {
+    64
 }
 
 /// The weight type of a GGUF export's matrices (llama.cpp's names).
@@ -266,6 +318,29 @@ impl StageSpec for ExportConfig {
                 .with_hint("add `merged: DIR`, or drop them"),
             );
         }
+        if let Some(quantize) = &self.quantize {
+            if self.merged.is_none() {
+                problems.push(
+                    Problem::new(
+                        at.to_string(),
+                        "`quantize` applies to the merged model, but there is no `merged` destination",
+                    )
+                    .with_hint("add `merged: DIR`, or drop it"),
+                );
+            }
+            if !QLORA_BLOCK_SIZES.contains(&quantize.block_size) {
+                problems.push(
+                    Problem::new(
+                        format!("{at}.quantize.block_size"),
+                        format!(
+                            "must be a power of two from 64 to 4096 (bitsandbytes' 4-bit block sizes), got {}",
+                            quantize.block_size
+                        ),
+                    )
+                    .about_value(),
+                );
+            }
+        }
         let mut expanded = Vec::new();
         for (key, value) in [
             ("adapter", &self.adapter),
@@ -434,6 +509,34 @@ stages:
         assert!(problems[0]
             .message
             .contains("merged and gguf destinations overlap"));
+    }
+
+    #[test]
+    fn quantize_settings_are_checked() {
+        assert!(problems_of("{ from: tune, merged: m, quantize: {} }").is_empty());
+        assert!(problems_of(
+            "{ from: tune, merged: m, dtype: bf16, quantize: { quant_type: fp4, double_quant: false, \
+             block_size: 4096, compute_dtype: bf16 } }"
+        )
+        .is_empty());
+        let problems = problems_of("{ from: tune, merged: m, quantize: { block_size: 32 } }");
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert_eq!(problems[0].path, "stages.out.export.quantize.block_size");
+        assert!(
+            problems[0].message.contains("from 64 to 4096"),
+            "{problems:?}"
+        );
+        let problems = problems_of("{ from: tune, adapter: a, gguf: m.gguf, quantize: {} }");
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert_eq!(problems[0].path, "stages.out.export");
+        assert!(problems[0].message.contains("no `merged` destination"));
+        // Defaults are QLoRA's, and a written default hashes like an omitted one.
+        let parsed: MergedQuantization = serde_json::from_str("{}").unwrap();
+        assert_eq!(parsed, MergedQuantization::default());
+        assert_eq!(
+            serde_json::to_value(&parsed).unwrap(),
+            serde_json::json!({"quant_type": "nf4", "double_quant": true, "block_size": 64})
+        );
     }
 
     #[test]
