@@ -198,6 +198,48 @@ fn low_rank_linear_matches_the_cpu_reference() -> Result<()> {
             ops::low_rank_linear(&t[0], base, &t[1], &t[2], scale, None)
         })?;
     }
+    // f32 factors over a bf16 input (the trainer's case): A's and B's gradients come out in f32.
+    let (weight, x) = (random(&[48, 64], 0.1)?, random(&[3, 5, 64], 1.0)?);
+    let (a, b) = (random(&[8, 64], 0.2)?, random(&[48, 8], 0.2)?);
+    let run = |device: &Device, dtype: DType| -> Result<Vec<Tensor>> {
+        let x = x
+            .to_dtype(DType::BF16)?
+            .to_dtype(dtype)?
+            .to_device(device)?;
+        let (a, b) = (
+            Var::from_tensor(&a.to_device(device)?)?,
+            Var::from_tensor(&b.to_device(device)?)?,
+        );
+        let base = std::sync::Arc::new(ops::DenseMap {
+            weight: weight
+                .to_dtype(DType::BF16)?
+                .to_dtype(dtype)?
+                .to_device(device)?,
+            bias: None,
+        });
+        let y = ops::low_rank_linear(&x, base, a.as_tensor(), b.as_tensor(), scale, None)?;
+        let projection = projection(y.dims())?.to_device(device)?;
+        let grads = (y.to_dtype(DType::F32)? * projection)?
+            .sum_all()?
+            .backward()?;
+        [a.as_tensor(), b.as_tensor()]
+            .iter()
+            .map(|v| {
+                grads.get(v).cloned().ok_or_else(|| {
+                    candle_core::Error::Msg("low_rank_linear: a factor got no gradient".into())
+                })
+            })
+            .collect()
+    };
+    let reference = run(&Device::Cpu, DType::F32)?;
+    for (index, (got, want)) in run(&gpu, DType::BF16)?.iter().zip(&reference).enumerate() {
+        assert_eq!(got.dtype(), DType::F32, "factor {index}'s gradient");
+        let error = relative_error("low_rank_linear f32 factor gradient", got, want)?;
+        eprintln!(
+            "low_rank_linear bf16 input, f32 factor {index}: gradient max rel. error {error:.2e}"
+        );
+        assert!(error < tolerance(DType::BF16), "factor {index}: {error:e}");
+    }
     Ok(())
 }
 

@@ -1017,28 +1017,41 @@ struct GemmAccumulate {
     alpha: f32,
 }
 
-/// `(M, N, K)` of `c [M, N] = a [M, K] · op(b)` (`transposed`: `b [N, K]`, else `b [K, N]`), or
-/// an error naming `what` when the shapes or dtypes do not fit.
+/// How a GEMM reads its operands: `a` stored `[M, K]`, or `[K, M]` when `a_transposed`
+/// (`op(a) = aᵀ`); `b` stored `[N, K]` when `b_transposed` (`op(b) = bᵀ`), else `[K, N]`.
+#[derive(Clone, Copy)]
+struct Operands {
+    a_transposed: bool,
+    b_transposed: bool,
+}
+
+/// `(M, N, K)` of `c [M, N] = op(a) · op(b)`, or an error naming `what` when the shapes or the
+/// operands' dtypes do not fit.
 fn gemm_dims(
     what: &str,
-    c_shape: (usize, usize),
     a: (&CudaStorage, &Layout),
     b: (&CudaStorage, &Layout),
-    transposed: bool,
+    operands: Operands,
 ) -> Result<(usize, usize, usize)> {
-    let (m, n) = c_shape;
-    let (am, k) = a.1.shape().dims2()?;
-    let (bn, bk) = if transposed {
+    let (m, k) = if operands.a_transposed {
+        let (k, m) = a.1.shape().dims2()?;
+        (m, k)
+    } else {
+        a.1.shape().dims2()?
+    };
+    let (n, bk) = if operands.b_transposed {
         b.1.shape().dims2()?
     } else {
-        let (bk, bn) = b.1.shape().dims2()?;
-        (bn, bk)
+        let (bk, n) = b.1.shape().dims2()?;
+        (n, bk)
     };
-    if am != m || bn != n || bk != k {
+    if bk != k {
         bail!(
-            "{what}: [{m}, {n}] = a {:?} · b {:?} (transposed: {transposed}) do not match",
+            "{what}: a {:?} (transposed: {}) · b {:?} (transposed: {}) do not match",
             a.1.shape(),
+            operands.a_transposed,
             b.1.shape(),
+            operands.b_transposed,
         )
     }
     if a.0.dtype() != b.0.dtype() {
@@ -1047,30 +1060,41 @@ fn gemm_dims(
     Ok((m, n, k))
 }
 
-/// `c = α·a·op(b) + β·c` by cuBLAS on row-major contiguous buffers of `dtype` (bf16 or f32), f32
-/// accumulation; `β = 0` never reads `c`.
-fn gemm(
-    what: &str,
-    device: &CudaDevice,
-    dtype: DType,
-    (m, n, k): (usize, usize, usize),
-    transposed: bool,
-    (alpha, beta): (f32, f32),
-    (a_ptr, b_ptr, c_ptr): (u64, u64, u64),
-) -> Result<()> {
-    let data_type = match dtype {
+fn cuda_data_type(what: &str, dtype: DType) -> Result<cublas_sys::cudaDataType_t> {
+    Ok(match dtype {
         DType::BF16 => cublas_sys::cudaDataType_t::CUDA_R_16BF,
         DType::F32 => cublas_sys::cudaDataType_t::CUDA_R_32F,
         other => bail!("{what}: unsupported dtype {other:?}"),
-    };
-    // Row-major C[M, N] is column-major Cᵀ[N, M] = op(b)ᵀ[N, K] · aᵀ[K, M]: cuBLAS gets
-    // (m, n, k) = (N, M, K), first operand b (stored column-major as [K, N] with ld K when
-    // b is [N, K], to be transposed; as [N, K] with ld N when b is [K, N]), second a
-    // (column-major [K, M], ld K), and C with ld N.
-    let (transa, lda) = if transposed {
+    })
+}
+
+/// `c = α·op(a)·op(b) + β·c` by cuBLAS on row-major contiguous buffers, operands of `dtype` (bf16
+/// or f32), `c` of `c_dtype` (the operands' or f32), f32 accumulation; `β = 0` never reads `c`.
+fn gemm(
+    what: &str,
+    device: &CudaDevice,
+    (dtype, c_dtype): (DType, DType),
+    (m, n, k): (usize, usize, usize),
+    operands: Operands,
+    (alpha, beta): (f32, f32),
+    (a_ptr, b_ptr, c_ptr): (u64, u64, u64),
+) -> Result<()> {
+    let data_type = cuda_data_type(what, dtype)?;
+    let c_type = cuda_data_type(what, c_dtype)?;
+    // Row-major C[M, N] is column-major Cᵀ[N, M] = op(b)ᵀ[N, K] · op(a)ᵀ[K, M]: cuBLAS gets
+    // (m, n, k) = (N, M, K), C with ld N, first operand b (row-major [N, K] is column-major [K, N]
+    // with ld K, to be transposed; row-major [K, N] is column-major [N, K] with ld N, as it is),
+    // second a (row-major [M, K] is column-major [K, M] with ld K, as it is; row-major [K, M] is
+    // column-major [M, K] with ld M, to be transposed).
+    let (transa, lda) = if operands.b_transposed {
         (cublas_sys::cublasOperation_t::CUBLAS_OP_T, k)
     } else {
         (cublas_sys::cublasOperation_t::CUBLAS_OP_N, n)
+    };
+    let (transb, ldb) = if operands.a_transposed {
+        (cublas_sys::cublasOperation_t::CUBLAS_OP_T, m)
+    } else {
+        (cublas_sys::cublasOperation_t::CUBLAS_OP_N, k)
     };
     let blas = device.cublas_handle();
     // SAFETY: the callers pass live CUDA allocations of the shapes `gemm_dims` checked (c held
@@ -1079,7 +1103,7 @@ fn gemm(
         cublas::gemm_ex(
             *blas.handle(),
             transa,
-            cublas_sys::cublasOperation_t::CUBLAS_OP_N,
+            transb,
             n as i32,
             m as i32,
             k as i32,
@@ -1089,10 +1113,10 @@ fn gemm(
             lda as i32,
             a_ptr as *const _,
             data_type,
-            k as i32,
+            ldb as i32,
             (&beta) as *const f32 as *const _,
             c_ptr as *mut _,
-            data_type,
+            c_type,
             n as i32,
             cublas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
             cublas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
@@ -1127,15 +1151,20 @@ impl InplaceOp3 for GemmAccumulate {
         b: &CudaStorage,
         b_layout: &Layout,
     ) -> Result<()> {
-        let dims = gemm_dims(
-            "gemm_accumulate",
-            c_layout.shape().dims2()?,
-            (a, a_layout),
-            (b, b_layout),
-            self.transposed,
-        )?;
-        if c.dtype() != a.dtype() {
-            bail!("gemm_accumulate: mixed dtypes")
+        let operands = Operands {
+            a_transposed: false,
+            b_transposed: self.transposed,
+        };
+        let dims = gemm_dims("gemm_accumulate", (a, a_layout), (b, b_layout), operands)?;
+        if c_layout.shape().dims2()? != (dims.0, dims.1) || c.dtype() != a.dtype() {
+            bail!(
+                "gemm_accumulate: c {:?} {:?} does not take a {:?} · b {:?} {:?}",
+                c_layout.shape(),
+                c.dtype(),
+                a_layout.shape(),
+                b_layout.shape(),
+                a.dtype()
+            )
         }
         let pointers = (
             address(a, a_layout)?,
@@ -1145,25 +1174,26 @@ impl InplaceOp3 for GemmAccumulate {
         gemm(
             "gemm_accumulate",
             &c.device,
-            c.dtype(),
+            (c.dtype(), c.dtype()),
             dims,
-            self.transposed,
+            operands,
             (self.alpha, 1.0),
             pointers,
         )
     }
 }
 
-/// `α·a·op(b)` into a fresh buffer: the scale rides on cuBLAS's α instead of a separate pass.
-struct GemmScaled {
-    /// `op(b) = bᵀ` with `b [N, K]`; otherwise `b [K, N]`.
-    transposed: bool,
+/// `α·op(a)·op(b)` into a fresh buffer of `out` (the operands' dtype or f32): the scale rides on
+/// cuBLAS's α and the f32 result is cuBLAS's accumulator, neither a pass of its own.
+struct GemmProduct {
+    operands: Operands,
     alpha: f32,
+    out: DType,
 }
 
-impl CustomOp2 for GemmScaled {
+impl CustomOp2 for GemmProduct {
     fn name(&self) -> &'static str {
-        "gemm-scaled"
+        "gemm-product"
     }
 
     fn cpu_fwd(
@@ -1183,26 +1213,15 @@ impl CustomOp2 for GemmScaled {
         b: &CudaStorage,
         b_layout: &Layout,
     ) -> Result<(CudaStorage, Shape)> {
-        let m = a_layout.shape().dims2()?.0;
-        let n = if self.transposed {
-            b_layout.shape().dims2()?.0
-        } else {
-            b_layout.shape().dims2()?.1
-        };
-        let dims = gemm_dims(
-            "gemm_scaled",
-            (m, n),
-            (a, a_layout),
-            (b, b_layout),
-            self.transposed,
-        )?;
-        let (out, c_ptr) = output(&a.device, a.dtype(), m * n)?;
+        let dims = gemm_dims("gemm_product", (a, a_layout), (b, b_layout), self.operands)?;
+        let (m, n, _) = dims;
+        let (out, c_ptr) = output(&a.device, self.out, m * n)?;
         gemm(
-            "gemm_scaled",
+            "gemm_product",
             &a.device,
-            a.dtype(),
+            (a.dtype(), self.out),
             dims,
-            self.transposed,
+            self.operands,
             (self.alpha, 0.0),
             (address(a, a_layout)?, address(b, b_layout)?, c_ptr),
         )?;
@@ -1210,15 +1229,32 @@ impl CustomOp2 for GemmScaled {
     }
 }
 
-/// `α·a·op(b)` for contiguous 2-D CUDA tensors of one dtype (bf16 or f32): `a [M, K]`, `b [N, K]`
-/// when `transposed` (`op(b) = bᵀ`), else `b [K, N]`; one cuBLAS call (the product is rounded to
-/// the dtype once, after the scaling). No gradient.
-pub fn gemm_scaled(a: &Tensor, b: &Tensor, transposed: bool, alpha: f64) -> Result<Tensor> {
+/// `α·op(a)·op(b)` for contiguous 2-D CUDA tensors of one dtype (bf16 or f32): `a [M, K]`, or
+/// `[K, M]` when `a_transposed`; `b [N, K]` when `b_transposed`, else `[K, N]`; written in `out`
+/// (the operands' dtype, or f32 from bf16 operands: cuBLAS's f32 accumulator, never rounded to
+/// bf16). One cuBLAS call; no gradient.
+pub fn gemm_product(
+    (a, a_transposed): (&Tensor, bool),
+    (b, b_transposed): (&Tensor, bool),
+    alpha: f64,
+    out: DType,
+) -> Result<Tensor> {
+    if out != a.dtype() && out != DType::F32 {
+        bail!(
+            "gemm_product: {:?} operands give {:?} or f32, not {out:?}",
+            a.dtype(),
+            a.dtype()
+        )
+    }
     a.contiguous()?.apply_op2_no_bwd(
         &b.contiguous()?,
-        &GemmScaled {
-            transposed,
+        &GemmProduct {
+            operands: Operands {
+                a_transposed,
+                b_transposed,
+            },
             alpha: alpha as f32,
+            out,
         },
     )
 }

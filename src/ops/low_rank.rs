@@ -8,8 +8,9 @@
 //! (the base's and the update's contributions to `dx`). Here the node keeps only its inputs `x`, `A`,
 //! `B`, its output and the `[rows, r]` intermediate, and on CUDA both additions happen inside cuBLAS
 //! (`β = 1`, accumulating the rank-`r` product into the fresh base output / base input gradient,
-//! [`super::cuda::gemm_accumulate`]), and the scaling `s` rides on cuBLAS's α
-//! ([`super::cuda::gemm_scaled`]) instead of a pass of its own. On the CPU the same formulas run
+//! [`super::cuda::gemm_accumulate`]); the scaling `s` rides on cuBLAS's α and f32 factor
+//! gradients are cuBLAS's f32 accumulator ([`super::cuda::gemm_product`]), neither a pass of its
+//! own. On the CPU the same formulas run
 //! as candle ops: the reference the CUDA path is tested against (tests/device.rs,
 //! tests/cuda_kernels.rs).
 //!
@@ -66,26 +67,36 @@ fn accumulate(c: Tensor, a: &Tensor, b: &Tensor, transposed: bool, alpha: f64) -
         super::cuda::gemm_accumulate(&c, a, b, transposed, alpha)?;
         return Ok(c);
     }
-    c.add(&scaled_product(a, b, transposed, alpha)?)
+    let dtype = c.dtype();
+    c.add(&product((a, false), (b, transposed), alpha, dtype)?)
 }
 
-/// `α·a·op(b)` for `a [M, K]` and `b [N, K]` (`transposed`) or `b [K, N]`: on CUDA (bf16/f32, the
-/// GEMM kernel switched on) one cuBLAS call with α, otherwise the product, then the scaling.
-fn scaled_product(a: &Tensor, b: &Tensor, transposed: bool, alpha: f64) -> Result<Tensor> {
+/// `α·op(a)·op(b)` in `out` for `a [M, K]` (or `[K, M]`, transposed) and `b [N, K]` (transposed)
+/// or `[K, N]`: on CUDA (bf16/f32 operands of one dtype, the GEMM kernel switched on) one cuBLAS
+/// call whose α is the scaling and whose f32 accumulator is an f32 `out` (a bf16 product is never
+/// rounded to bf16 first); otherwise candle's product, scaled, then cast.
+fn product(
+    (a, a_transposed): (&Tensor, bool),
+    (b, b_transposed): (&Tensor, bool),
+    alpha: f64,
+    out: DType,
+) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
-    if super::cuda::applies("lora_gemm", a) && a.dtype() == b.dtype() {
-        return super::cuda::gemm_scaled(a, b, transposed, alpha);
+    if super::cuda::applies("lora_gemm", a)
+        && a.dtype() == b.dtype()
+        && (out == a.dtype() || out == DType::F32)
+    {
+        return super::cuda::gemm_product((a, a_transposed), (b, b_transposed), alpha, out);
     }
-    let product = if transposed {
-        a.matmul(&b.t()?)?
+    let a = if a_transposed { a.t()? } else { a.clone() };
+    let b = if b_transposed { b.t()? } else { b.clone() };
+    let product = a.matmul(&b)?;
+    let product = if alpha == 1.0 {
+        product
     } else {
-        a.matmul(b)?
+        product.affine(alpha, 0.0)?
     };
-    if alpha == 1.0 {
-        Ok(product)
-    } else {
-        product.affine(alpha, 0.0)
-    }
+    product.to_dtype(out)
 }
 
 /// The shapes and constants of one low-rank adapted linear call, shared by its forward and its
@@ -102,8 +113,8 @@ struct Plan {
     base: Arc<dyn FrozenMap>,
 }
 
-/// The gradients a backward computes: `[rows, in]` for the input, `A`'s and `B`'s in the input's
-/// dtype.
+/// The gradients a backward computes: `[rows, in]` for the input (in its dtype), `A`'s and
+/// `B`'s (in the dtypes the backward is given).
 type Gradients = (Option<Tensor>, Option<Tensor>, Option<Tensor>);
 
 impl Plan {
@@ -157,28 +168,41 @@ impl Plan {
 
     /// `(y [rows, out], h [rows, r])` for the detached `input [rows, in]`.
     fn forward(&self, input: &Tensor) -> Result<(Tensor, Tensor)> {
-        let hidden = scaled_product(&self.masked(input)?, &self.a, true, self.scale)?;
+        let hidden = product(
+            (&self.masked(input)?, false),
+            (&self.a, true),
+            self.scale,
+            input.dtype(),
+        )?;
         let y = accumulate(self.base.forward(input)?, &hidden, &self.b, true, 1.0)?;
         Ok((y, hidden))
     }
 
-    /// The gradients for `grad` (the output's), recomputing from the detached `input`.
+    /// The gradients for `grad` (the output's), recomputing from the detached `input`; `A`'s and
+    /// `B`'s in `factor_dtypes` (their variables' dtypes: an f32 gradient of bf16 products is
+    /// cuBLAS's f32 accumulator on CUDA, not a bf16 product cast).
     fn backward(
         &self,
         grad: &Tensor,
         input: &Tensor,
         hidden: &Tensor,
         [need_x, need_a, need_b]: [bool; 3],
+        (a_dtype, b_dtype): (DType, DType),
     ) -> Result<Gradients> {
         let dy = grad.contiguous()?.reshape((self.rows, self.out_features))?;
-        let t = scaled_product(&dy, &self.b, false, self.scale)?;
+        let t = product((&dy, false), (&self.b, false), self.scale, dy.dtype())?;
         let ga = if need_a {
-            Some(t.t()?.matmul(&self.masked(input)?)?)
+            Some(product(
+                (&t, true),
+                (&self.masked(input)?, false),
+                1.0,
+                a_dtype,
+            )?)
         } else {
             None
         };
         let gb = if need_b {
-            Some(dy.t()?.matmul(hidden)?)
+            Some(product((&dy, true), (hidden, false), 1.0, b_dtype)?)
         } else {
             None
         };
@@ -245,7 +269,7 @@ where
     with_backward3(name, [node_input, a, b], y, move |[x, a, b], _y, grad| {
         let input = rows_of(&recompute(x)?, plan.rows, plan.in_features)?;
         let need = [x.track_op(), a.track_op(), b.track_op()];
-        let (gx, ga, gb) = plan.backward(grad, &input, &hidden, need)?;
+        let (gx, ga, gb) = plan.backward(grad, &input, &hidden, need, (a.dtype(), b.dtype()))?;
         Ok([
             gx.map(|g| g.reshape(x.shape())).transpose()?,
             ga.map(|g| g.to_dtype(a.dtype())).transpose()?,
@@ -358,6 +382,7 @@ pub fn low_rank_swiglu_linear(
                 &input,
                 &hidden,
                 [need_inputs, need_factors, need_factors],
+                (factors.dtype(), factors.dtype()),
             )?;
             let (g_gate, g_up) = match ds {
                 Some(ds) => {
