@@ -1,5 +1,5 @@
 //! The one writer of merged models as llama.cpp GGUF files: a Hugging Face Llama-family folder with
-//! per-tensor [`WeightPatch`]es applied (through [`checkpoint::visit_merged_tensors`], the same
+//! per-tensor [`WeightPatch`]es applied (through `checkpoint::visit_merged_tensors`, the same
 //! merge the safetensors export writes), renamed to llama.cpp's tensor names (`token_embd`,
 //! `blk.N.attn_q`, …, `output_norm`, `output`), with the query/key rows permuted from Hugging
 //! Face's rotate-half layout to GGML's interleaved RoPE pairs (as llama.cpp's

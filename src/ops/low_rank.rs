@@ -8,8 +8,8 @@
 //! (the base's and the update's contributions to `dx`). Here the node keeps only its inputs `x`, `A`,
 //! `B`, its output and the `[rows, r]` intermediate, and on CUDA both additions happen inside cuBLAS
 //! (`β = 1`, accumulating the rank-`r` product into the fresh base output / base input gradient,
-//! [`super::cuda::gemm_accumulate`]); the scaling `s` rides on cuBLAS's α and f32 factor
-//! gradients are cuBLAS's f32 accumulator ([`super::cuda::gemm_product`]), neither a pass of its
+//! `ops::cuda::gemm_accumulate`); the scaling `s` rides on cuBLAS's α and f32 factor
+//! gradients are cuBLAS's f32 accumulator (`ops::cuda::gemm_product`), neither a pass of its
 //! own. On the CPU the same formulas run
 //! as candle ops: the reference the CUDA path is tested against (tests/device.rs,
 //! tests/cuda_kernels.rs).

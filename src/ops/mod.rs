@@ -12,7 +12,7 @@
 //!
 //! Every op has a finite-difference test of its backward (f64, CPU) in `tests/ops_grad.rs` and beside
 //! the code. With `--features cuda`, RMSNorm, RoPE, SwiGLU and the linear + cross-entropy run on
-//! CUDA (bf16/f32) as peftpipe's own fused kernels ([`cuda`]); the candle composition each replaces
+//! CUDA (bf16/f32) as peftpipe's own fused kernels (`cuda`); the candle composition each replaces
 //! stays the CPU path and the reference `tests/cuda_kernels.rs` compares them against. Attention
 //! runs as a flash-attention kernel on CUDA ([`flash`], `kernels/flash_attn.cu`).
 

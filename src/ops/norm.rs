@@ -7,7 +7,7 @@
 //! constants: they get no gradient and no GradStore entry, and the op keeps only the input. A
 //! tracked weight or bias (a trained copy, PEFT's `modules_to_save`) gets `dw = Σ g·x̂` (x̂ as the
 //! forward scaled it, in the input dtype) and `db = Σ g` over every position, summed in f32, in
-//! the parameter's own dtype ([`attach_trained`], shared with the CUDA RMSNorm); x̂ is recomputed
+//! the parameter's own dtype (`attach_trained`, shared with the CUDA RMSNorm); x̂ is recomputed
 //! from the input in the backward rather than kept. Must not: track a frozen weight.
 
 use std::sync::atomic::{AtomicBool, Ordering};

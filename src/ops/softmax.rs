@@ -2,7 +2,7 @@
 //!
 //! Forward: candle's fused `softmax_last_dim` on a detached input (half types are upcast to f32
 //! first, as transformers' eager attention does). Backward: `dx = y·(g − Σ g·y)`. The additive mask
-//! is a constant: it never gets a gradient. Must not: be fed a mask with `-inf` (use [`MASK_VALUE`]
+//! is a constant: it never gets a gradient. Must not: be fed a mask with `-inf` (use [`MASK_VALUE`](super::MASK_VALUE)
 //! from `attention`, a finite minimum, so fully masked rows stay finite).
 
 use candle_core::{DType, Result, Tensor, D};

@@ -9,7 +9,7 @@ use std::time::Duration;
 /// Significant digits of ordinary numbers.
 const SIGNIFICANT: usize = 4;
 
-/// A figure with [`SIGNIFICANT`] significant digits, trailing zeros dropped: `0.9826`, `70.59`,
+/// A figure with `SIGNIFICANT` significant digits, trailing zeros dropped: `0.9826`, `70.59`,
 /// `1150`; scientific notation with two significant digits outside `[1e-3, 1e6)`: `4.6e30`,
 /// `6.5e-6`. Integers below 1e6 are exact. `NaN`, `inf` and `-inf` as such.
 pub fn number(value: f64) -> String {

@@ -7,8 +7,8 @@
 //! [`WithAuxiliary`] wraps the method's adapter and is itself an [`Adapter`], so the trainer,
 //! evaluation, generation and export see the extra rows through the same trait: the embedding
 //! rows enter every forward pass as the model's [`Hooks::embedding_rows`], trained norm copies as
-//! its [`Hooks::norms`] ([`norms::TrainedNorm`]), `lm_head` is wrapped through the linear factory
-//! ([`head::AuxiliaryHead`]), the variables join the method's, and merging yields row patches of
+//! its [`Hooks::norms`] (`norms::TrainedNorm`), `lm_head` is wrapped through the linear factory
+//! (`head::AuxiliaryHead`), the variables join the method's, and merging yields row patches of
 //! the embedding / `lm_head` weights and whole-tensor patches of the norms.
 //!
 //! On disk, exactly as PEFT writes them (`peft.utils.save_and_load.get_peft_model_state_dict`

@@ -96,7 +96,7 @@ impl EventFile {
 }
 
 /// The event file of metrics.jsonl's records: per line with a `step`, the scalars of the
-/// fields it has (see [`TAGS`]) and the smoothed loss. Non-finite values are left out.
+/// fields it has (see `TAGS`) and the smoothed loss. Non-finite values are left out.
 pub fn events_from_metrics(metrics_jsonl: &str) -> Result<EventFile, TensorBoardError> {
     let mut file = EventFile::new();
     let (mut average, mut weight) = (0.0f64, 0.0f64);
