@@ -5,7 +5,7 @@
 
 use std::path::Path;
 
-use candle_core::{DType, Device};
+use candle_core::Device;
 use serde_json::Value;
 
 use super::auxiliary::{AuxiliarySpec, WithAuxiliary};
@@ -17,11 +17,8 @@ use super::prefix_tuning::{PrefixTuningAdapter, PrefixTuningSettings};
 use super::prompt_tuning::{PromptTuningAdapter, PromptTuningSettings};
 use super::qlora::QloraAdapter;
 use super::{mix_seed, Adapter, PeftError};
-use crate::config::method::{
-    resolve_ia3_for, resolve_targets, ComputeDtypeChoice, MethodConfig, PromptInit, QuantTypeChoice,
-};
+use crate::config::method::{resolve_ia3_for, resolve_targets, MethodConfig, PromptInit};
 use crate::models::quantized::BaseQuantization;
-use crate::quant::{QuantConfig, QuantType};
 
 /// Text → token ids, special tokens included (see [`MethodContext::tokenize`]).
 pub type Tokenize<'a> = &'a dyn Fn(&str) -> Result<Vec<u32>, String>;
@@ -140,19 +137,12 @@ fn new_method_adapter(
                 seed: mix_seed(cx.seed, "lora init"),
             };
             let quantization = BaseQuantization {
-                config: QuantConfig {
-                    quant_type: match qlora.quant_type {
-                        QuantTypeChoice::Nf4 => QuantType::Nf4,
-                        QuantTypeChoice::Fp4 => QuantType::Fp4,
-                    },
-                    block_size: qlora.block_size,
-                    double_quant: qlora.double_quant,
-                },
-                compute_dtype: qlora.compute_dtype.map(|dtype| match dtype {
-                    ComputeDtypeChoice::Bf16 => DType::BF16,
-                    ComputeDtypeChoice::F16 => DType::F16,
-                    ComputeDtypeChoice::F32 => DType::F32,
-                }),
+                config: super::qlora::quant_config(
+                    qlora.quant_type,
+                    qlora.block_size,
+                    qlora.double_quant,
+                ),
+                compute_dtype: qlora.compute_dtype.map(super::qlora::compute_dtype),
                 // A checkpoint saved with bitsandbytes 4-bit: its weights are used as stored
                 // (the train stage checks config.json's settings against these first).
                 prequantized: cx.model_config.get("quantization_config").is_some(),

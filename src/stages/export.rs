@@ -20,10 +20,7 @@ use serde_json::Value;
 
 use candle_core::quantized::GgmlDType;
 
-use crate::config::export::{
-    parse_size, ExportDtype, GgufType, MergedQuantization, DEFAULT_MAX_SHARD_SIZE,
-};
-use crate::config::method::{ComputeDtypeChoice, QuantTypeChoice};
+use crate::config::export::{parse_size, ExportDtype, GgufType, DEFAULT_MAX_SHARD_SIZE};
 use crate::config::ExportConfig;
 use crate::models::checkpoint::{
     write_merged_folder, CheckpointError, MergedFolder, MergedOptions, WeightPatch,
@@ -34,8 +31,8 @@ use crate::models::quantized::{
 };
 use crate::models::quantized_writer::{write_quantized_merged_folder, QuantizedMergedOptions};
 use crate::models::ModelDir;
+use crate::peft::qlora::{compute_dtype, quant_config};
 use crate::peft::{load_adapter, AdapterFiles};
-use crate::quant::{QuantConfig, QuantType};
 
 use super::{Progress, Stage, StageContext, StageError, StageOutcome};
 
@@ -200,7 +197,11 @@ impl Stage for ExportStage {
                 Some(settings) => {
                     let options = QuantizedMergedOptions {
                         merged: options,
-                        quant: quant_config(settings),
+                        quant: quant_config(
+                            settings.quant_type,
+                            settings.block_size,
+                            settings.double_quant,
+                        ),
                         compute_dtype: settings.compute_dtype.map(compute_dtype),
                     };
                     let written = write_quantized_merged_folder(
@@ -710,26 +711,6 @@ fn merged_options(config: &ExportConfig) -> Result<MergedOptions, StageError> {
             ExportDtype::F16 => DType::F16,
         }),
     })
-}
-
-/// bitsandbytes' 4-bit settings of a re-quantized merged export.
-fn quant_config(settings: &MergedQuantization) -> QuantConfig {
-    QuantConfig {
-        quant_type: match settings.quant_type {
-            QuantTypeChoice::Nf4 => QuantType::Nf4,
-            QuantTypeChoice::Fp4 => QuantType::Fp4,
-        },
-        block_size: settings.block_size,
-        double_quant: settings.double_quant,
-    }
-}
-
-fn compute_dtype(choice: ComputeDtypeChoice) -> DType {
-    match choice {
-        ComputeDtypeChoice::Bf16 => DType::BF16,
-        ComputeDtypeChoice::F16 => DType::F16,
-        ComputeDtypeChoice::F32 => DType::F32,
-    }
 }
 
 // ---------------------------------------------------------------------------------------------

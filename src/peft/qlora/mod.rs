@@ -47,7 +47,10 @@
 
 use std::path::Path;
 
-use candle_core::{Device, Var};
+use candle_core::{DType, Device, Var};
+
+use crate::config::method::{ComputeDtypeChoice, QuantTypeChoice};
+use crate::quant::{QuantConfig, QuantType};
 
 use super::adapter::WeightPatch;
 use super::lora::{LoraAdapter, LoraSettings};
@@ -155,6 +158,32 @@ impl Adapter for QloraAdapter {
 
     fn base_quantization(&self) -> Option<BaseQuantization> {
         Some(*self.quantization())
+    }
+}
+
+/// bitsandbytes' 4-bit settings for a pipeline's choices (`method: {qlora: …}`, export's
+/// `quantize: …`).
+pub fn quant_config(
+    quant_type: QuantTypeChoice,
+    block_size: usize,
+    double_quant: bool,
+) -> QuantConfig {
+    QuantConfig {
+        quant_type: match quant_type {
+            QuantTypeChoice::Nf4 => QuantType::Nf4,
+            QuantTypeChoice::Fp4 => QuantType::Fp4,
+        },
+        block_size,
+        double_quant,
+    }
+}
+
+/// The dtype a `compute_dtype` choice names.
+pub fn compute_dtype(choice: ComputeDtypeChoice) -> DType {
+    match choice {
+        ComputeDtypeChoice::Bf16 => DType::BF16,
+        ComputeDtypeChoice::F16 => DType::F16,
+        ComputeDtypeChoice::F32 => DType::F32,
     }
 }
 
