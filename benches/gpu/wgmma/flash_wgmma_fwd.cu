@@ -19,8 +19,11 @@
 //     "K-major"), mask, online softmax on the S accumulators in registers, P rounded to bf16 in
 //     registers, O += P·V by 8 wgmma m64n128k16 with A = P from registers (the RS form) and B = V
 //     from shared memory read "MN-major" (transposed: imm-trans-b 1); each group of 8 is committed
-//     and waited for before its accumulators are touched (no overlap inside a warpgroup yet; the
-//     two warpgroups and the next tile's cp.async overlap each other);
+//     and waited for before its accumulators are touched (no overlap inside a warpgroup; the
+//     two warpgroups and the next tile's cp.async overlap each other). -DWGFA_OVERLAP builds the
+//     A/B variant with FA3's intra-warpgroup overlap (S_j issued together with P_{j-1}·V_{j-1},
+//     the softmax of S_j running under that P·V; 3 V buffers); -DWGFA_PV_N64 issues P·V as two
+//     m64n64k16 per k-step (a fallback that never uses the descriptor's LBO);
 //   * O normalised and stored straight from the accumulators (bf16 pairs), lse by one thread per
 //     row. No atomics; every sum in a fixed order: deterministic.
 //
@@ -68,11 +71,16 @@ constexpr float LOG2E = 1.4426950408889634f;
 constexpr int ROW_BYTES = 128;                     // one swizzled row: 64 bf16
 constexpr int HALF_BYTES = 128 * ROW_BYTES;        // 128 rows × 64 columns: 16 KiB
 constexpr int TILE_BYTES = 2 * HALF_BYTES;         // 128 × 128 bf16: 32 KiB
+#ifdef WGFA_OVERLAP
+constexpr int V_STAGES = 3;                        // step j's P·V reads V[j − 1] while V[j + 1] loads
+#else
+constexpr int V_STAGES = 2;
+#endif
 constexpr int Q_OFFSET = 0;                        // Q
-constexpr int K_OFFSET = TILE_BYTES;               // K[stage] = K_OFFSET + stage · TILE_BYTES
-constexpr int V_OFFSET = 3 * TILE_BYTES;           // V[stage]
-constexpr int FLAGS_OFFSET = 5 * TILE_BYTES;       // key flags [stage][BK] (only with `valid`)
-constexpr int SMEM_BYTES = 5 * TILE_BYTES + 2 * BK + 1024;  // + slack to round the base up to 1024
+constexpr int K_OFFSET = TILE_BYTES;               // K[stage] = K_OFFSET + stage · TILE_BYTES, 2 stages
+constexpr int V_OFFSET = 3 * TILE_BYTES;           // V[stage], V_STAGES stages
+constexpr int FLAGS_OFFSET = (3 + V_STAGES) * TILE_BYTES;  // key flags [2][BK] (only with `valid`)
+constexpr int SMEM_BYTES = FLAGS_OFFSET + 2 * BK + 1024;   // + slack to round the base up to 1024
 
 // Byte offset of element (row, col) of a 128-row tile from the tile's (1024-aligned) start.
 __host__ __device__ constexpr uint32_t swizzled_offset(int row, int col) {
@@ -230,7 +238,116 @@ __device__ __forceinline__ TileHead query_tile_order(int causal) {
     return {(int)(gridDim.x - 1 - linear / gridDim.y), (int)(linear % gridDim.y)};
 }
 
+// ---- pieces of the forward (shared by the plain loop and the WGFA_OVERLAP variant) ----
+
+// S (s, 64 × 128 of this warpgroup) = Q rows 64·wg .. 64·wg + 63 · (K tile at `ks`)ᵀ: 8 wgmma
+// issued, the first with scale-d 0. The caller fences before and commits after.
+__device__ __forceinline__ void issue_qk(float (&s)[64], uint32_t qs, int wg, uint32_t ks) {
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) wgmma_m64n128_ss(s, k_major(qs, 64 * wg, kk), k_major(ks, 0, kk), kk > 0);
+}
+// acc += P (pa: bf16 A fragments, the header's map) · (V tile at `vs`): 8 wgmma (16 with
+// WGFA_PV_N64) issued. The caller fences before and commits after.
+__device__ __forceinline__ void issue_pv(float (&acc)[64], const uint32_t (&pa)[32], uint32_t vs) {
+#pragma unroll
+    for (int kk = 0; kk < BK / 16; ++kk) {
+        const uint32_t a[4] = {pa[4 * kk], pa[4 * kk + 1], pa[4 * kk + 2], pa[4 * kk + 3]};
+#ifdef WGFA_PV_N64
+        // Columns 0..63 are acc[0..31] (J = 0..7), 64..127 acc[32..63] (J = 8..15).
+        wgmma_m64n64_rs_tb<0>(acc, a, mn_major_half(vs, kk, 0));
+        wgmma_m64n64_rs_tb<32>(acc, a, mn_major_half(vs, kk, 1));
+#else
+        wgmma_m64n128_rs_tb(acc, a, mn_major(vs, kk));
+#endif
+    }
+}
+// s[4J + e] = −inf where key k0 + 8J + 2t + (e & 1) is invisible to query row0 + 8·(e >> 1):
+// past `keys`, flagged invalid (flags: the tile's 128 key flags in shared memory, or null), or
+// after the row's causal limit offset + row.
+__device__ __forceinline__ void mask_tile(float (&s)[64], int k0, int keys, const unsigned char* flags, int causal,
+                                          int offset, int row0, int t) {
+#pragma unroll
+    for (int j = 0; j < 16; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            const int c = 8 * j + 2 * t + (e & 1), key = k0 + c;
+            const int row = row0 + 8 * (e >> 1);
+            const bool seen =
+                key < keys && (flags == nullptr || flags[c] != 0) && (!causal || key <= offset + row);
+            if (!seen) s[4 * j + e] = -INFINITY;
+        }
+}
+// Online softmax of one tile (fa2's): half 0 = row0 (e = 0, 1), half 1 = row0 + 8 (e = 2, 3); a
+// row lives in one quad. Updates the raw row maxima and this thread's share of the row sums, turns
+// s into p = exp2(s·c − max·c) (c = scale·log2 e), and returns in alpha the factor by which O's
+// rows must be rescaled (0 while nothing was visible).
+__device__ __forceinline__ void softmax_tile(float (&s)[64], float (&row_max)[2], float (&row_sum)[2],
+                                             float (&alpha)[2], float scale_log2) {
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+        float mx = row_max[half];
+#pragma unroll
+        for (int j = 0; j < 16; ++j) mx = fmaxf(mx, fmaxf(s[4 * j + 2 * half], s[4 * j + 2 * half + 1]));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+        // Nothing visible yet: every p is exp2(-inf) = 0 with any finite subtrahend.
+        const float m_scaled = mx == -INFINITY ? 0.0f : mx * scale_log2;
+        alpha[half] = row_max[half] == -INFINITY ? 0.0f : exp2_ftz(row_max[half] * scale_log2 - m_scaled);
+        row_max[half] = mx;
+        row_sum[half] *= alpha[half];
+#pragma unroll
+        for (int j = 0; j < 16; ++j)
+#pragma unroll
+            for (int e = 2 * half; e < 2 * half + 2; ++e) {
+                const float p = exp2_ftz(fmaf(s[4 * j + e], scale_log2, -m_scaled));
+                s[4 * j + e] = p;
+                row_sum[half] += p;
+            }
+    }
+}
+__device__ __forceinline__ void rescale(float (&acc)[64], const float (&alpha)[2]) {
+#pragma unroll
+    for (int j = 0; j < 16; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) acc[4 * j + e] *= alpha[e >> 1];
+}
+// P as bf16 A fragments: k-step kk takes s[8kk .. 8kk + 7] in pairs (the header's map).
+__device__ __forceinline__ void pack_p(uint32_t (&pa)[32], const float (&s)[64]) {
+#pragma unroll
+    for (int i = 0; i < 32; ++i) pa[i] = pack_bf16(s[2 * i], s[2 * i + 1]);
+}
+// lse (one thread per row) and O / l as bf16 (rows row0 and row0 + 8, columns 8J + 2t, +1: one
+// 4-byte store per (J, half)); rows at or past `queries` skipped.
+__device__ __forceinline__ void store_output(const float (&acc)[64], const float (&row_max)[2],
+                                             const float (&row_sum)[2], bf16* __restrict__ o,
+                                             float* __restrict__ lse, int b, int h, int bh, int heads, int queries,
+                                             int q_bthd, int row0, int t, float scale) {
+    float inverse[2];
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+        float l = row_sum[half];
+        l += __shfl_xor_sync(0xffffffffu, l, 1);
+        l += __shfl_xor_sync(0xffffffffu, l, 2);
+        inverse[half] = l > 0.0f ? 1.0f / l : 0.0f;
+        const int row = row0 + 8 * half;
+        if (t == 0 && row < queries)
+            lse[(size_t)bh * queries + row] = l > 0.0f ? row_max[half] * scale + logf(l) : -INFINITY;
+    }
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+        const int row = row0 + 8 * half;
+        if (row >= queries) continue;
+        bf16* dst = o + row_offset(b, h, row, heads, queries, q_bthd) + 2 * t;
+#pragma unroll
+        for (int j = 0; j < 16; ++j)
+            *reinterpret_cast<uint32_t*>(dst + 8 * j) =
+                pack_bf16(acc[4 * j + 2 * half] * inverse[half], acc[4 * j + 2 * half + 1] * inverse[half]);
+    }
+}
+
 // The forward. Grid (ceil(queries / 128), B·H), THREADS threads, SMEM_BYTES dynamic shared memory.
+// V has V_STAGES buffers: 2 for the plain loop, 3 with WGFA_OVERLAP (there step j's P·V reads
+// V[j − 1] while V[j + 1] streams in).
 __device__ __forceinline__ void forward(const bf16* __restrict__ q, const bf16* __restrict__ k,
                                         const bf16* __restrict__ v, const unsigned char* __restrict__ valid,
                                         bf16* __restrict__ o, float* __restrict__ lse, int heads, int kv_heads,
@@ -260,11 +377,13 @@ __device__ __forceinline__ void forward(const bf16* __restrict__ q, const bf16* 
     const int last_row = min(q0 + BQ, queries) - 1;
     const int key_end = causal ? min(keys, offset + last_row + 1) : keys;
     const int tiles = key_end > 0 ? (key_end + BK - 1) / BK : 0;
+    auto k_tile = [&](int step) { return base + K_OFFSET + (step & 1) * TILE_BYTES; };
+    auto v_tile = [&](int step) { return base + V_OFFSET + (step % V_STAGES) * TILE_BYTES; };
 
     load_tile<THREADS>(qs, q + row_offset(b, h, q0, heads, queries, q_bthd), queries - q0, qst);
     if (tiles > 0) {
-        load_tile<THREADS>(base + K_OFFSET, kb, keys, kst);
-        load_tile<THREADS>(base + V_OFFSET, vb, keys, kst);
+        load_tile<THREADS>(k_tile(0), kb, keys, kst);
+        load_tile<THREADS>(v_tile(0), vb, keys, kst);
     }
     cp_async_commit();
 
@@ -274,126 +393,91 @@ __device__ __forceinline__ void forward(const bf16* __restrict__ q, const bf16* 
     float s[64];    // S then P of the current key tile (zeroed once: the first wgmma ignores it)
 #pragma unroll
     for (int i = 0; i < 64; ++i) s[i] = 0.0f;
+    uint32_t pa[32];  // P as bf16 A fragments
+#pragma unroll
+    for (int i = 0; i < 32; ++i) pa[i] = 0u;
     float row_max[2] = {-INFINITY, -INFINITY};  // raw (unscaled) running maxima of rows row0, row0 + 8
     float row_sum[2] = {0.0f, 0.0f};            // this thread's share of the rows' sums
+    float alpha[2];
 
 #pragma unroll 1
     for (int step = 0; step < tiles; ++step) {
-        const int stage = step & 1, k0 = step * BK;
-        const uint32_t ks = base + K_OFFSET + stage * TILE_BYTES, vs = base + V_OFFSET + stage * TILE_BYTES;
-        unsigned char* flags = flags0 + stage * BK;
-        // flags[stage] was last read in step − 2; every thread passed step − 1's barrier after it.
+        const int k0 = step * BK;
+        unsigned char* flags = flags0 + (step & 1) * BK;
+        // flags[step & 1] was last read in step − 2; every thread passed step − 1's barrier after it.
         if (valid_row)
             for (int c = tid; c < BK; c += THREADS) flags[c] = k0 + c < keys ? valid_row[k0 + c] : 0;
         cp_async_wait_all();
         fence_proxy_async();
         __syncthreads();  // this step's K, V (and Q) landed and are visible to wgmma; flags written;
-                          // both warpgroups finished step − 1 (its wgmma waited), so stage ^ 1 is free
+                          // both warpgroups finished step − 1 (all its wgmma waited for), so the
+                          // buffers written next (K of step − 1; V of step − 1, or of step − 2 with
+                          // WGFA_OVERLAP) are free
         if (step + 1 < tiles) {
             const int k1 = k0 + BK;
-            load_tile<THREADS>(base + K_OFFSET + (stage ^ 1) * TILE_BYTES, kb + (size_t)k1 * kst, keys - k1, kst);
-            load_tile<THREADS>(base + V_OFFSET + (stage ^ 1) * TILE_BYTES, vb + (size_t)k1 * kst, keys - k1, kst);
+            load_tile<THREADS>(k_tile(step + 1), kb + (size_t)k1 * kst, keys - k1, kst);
+            load_tile<THREADS>(v_tile(step + 1), vb + (size_t)k1 * kst, keys - k1, kst);
         }
         cp_async_commit();
-
-        // S = Q·Kᵀ: this warpgroup's 64 query rows (Q rows 64·wg ..) against the tile's 128 keys.
+        // Mask where some key of the tile may be invisible to some row of this warp.
+        const bool mask = valid_row != nullptr || k0 + BK > keys || (causal && k0 + BK - 1 > offset + warp_q0);
+#ifndef WGFA_OVERLAP
+        // S = Q·Kᵀ; wait; softmax; O += P·V; wait.
         fence_registers(s);
         wgmma_fence();
-#pragma unroll
-        for (int kk = 0; kk < D / 16; ++kk) wgmma_m64n128_ss(s, k_major(qs, 64 * wg, kk), k_major(ks, 0, kk), kk > 0);
+        issue_qk(s, qs, wg, k_tile(step));
         wgmma_commit();
         wgmma_wait<0>();
         fence_registers(s);
-
-        // Mask where some key of the tile may be invisible to some row of this warp.
-        const bool mask = valid_row != nullptr || k0 + BK > keys || (causal && k0 + BK - 1 > offset + warp_q0);
-        if (mask) {
-#pragma unroll
-            for (int j = 0; j < 16; ++j)
-#pragma unroll
-                for (int e = 0; e < 4; ++e) {
-                    const int c = 8 * j + 2 * t + (e & 1), key = k0 + c;
-                    const int row = row0 + 8 * (e >> 1);
-                    const bool seen = key < keys && (valid_row == nullptr || flags[c] != 0) &&
-                                      (!causal || key <= offset + row);
-                    if (!seen) s[4 * j + e] = -INFINITY;
-                }
-        }
-        // Online softmax: half 0 = row0 (e = 0, 1), half 1 = row0 + 8 (e = 2, 3); a row lives in a quad.
-#pragma unroll
-        for (int half = 0; half < 2; ++half) {
-            float mx = row_max[half];
-#pragma unroll
-            for (int j = 0; j < 16; ++j) mx = fmaxf(mx, fmaxf(s[4 * j + 2 * half], s[4 * j + 2 * half + 1]));
-            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-            // Nothing visible yet: every p is exp2(-inf) = 0 with any finite subtrahend.
-            const float m_scaled = mx == -INFINITY ? 0.0f : mx * scale_log2;
-            const float alpha = row_max[half] == -INFINITY ? 0.0f : exp2_ftz(row_max[half] * scale_log2 - m_scaled);
-            row_max[half] = mx;
-            row_sum[half] *= alpha;
-#pragma unroll
-            for (int j = 0; j < 16; ++j) {
-                acc[4 * j + 2 * half] *= alpha;
-                acc[4 * j + 2 * half + 1] *= alpha;
-            }
-#pragma unroll
-            for (int j = 0; j < 16; ++j)
-#pragma unroll
-                for (int e = 2 * half; e < 2 * half + 2; ++e) {
-                    const float p = exp2_ftz(fmaf(s[4 * j + e], scale_log2, -m_scaled));
-                    s[4 * j + e] = p;
-                    row_sum[half] += p;
-                }
-        }
-        // P as bf16 A fragments: k-step kk takes s[8kk .. 8kk + 7] in pairs (the header's map).
-        uint32_t pa[32];
-#pragma unroll
-        for (int i = 0; i < 32; ++i) pa[i] = pack_bf16(s[2 * i], s[2 * i + 1]);
-
-        // O += P·V.
+        if (mask) mask_tile(s, k0, keys, valid_row ? flags : nullptr, causal, offset, row0, t);
+        softmax_tile(s, row_max, row_sum, alpha, scale_log2);
+        rescale(acc, alpha);
+        pack_p(pa, s);
         fence_registers(acc);
         fence_registers(pa);
         wgmma_fence();
-#pragma unroll
-        for (int kk = 0; kk < BK / 16; ++kk) {
-            const uint32_t a[4] = {pa[4 * kk], pa[4 * kk + 1], pa[4 * kk + 2], pa[4 * kk + 3]};
-#ifdef WGFA_PV_N64
-            // Columns 0..63 are acc[0..31] (J = 0..7), 64..127 acc[32..63] (J = 8..15).
-            wgmma_m64n64_rs_tb<0>(acc, a, mn_major_half(vs, kk, 0));
-            wgmma_m64n64_rs_tb<32>(acc, a, mn_major_half(vs, kk, 1));
+        issue_pv(acc, pa, v_tile(step));
+        wgmma_commit();
+        wgmma_wait<0>();
+        fence_registers(acc);
 #else
-            wgmma_m64n128_rs_tb(acc, a, mn_major(vs, kk));
+        // FA3's intra-warpgroup overlap: issue S_j = Q·K_jᵀ, then O += P_{j−1}·V_{j−1} (P from
+        // the previous step, relative to its maxima); wait for S_j only and run its softmax while
+        // P·V runs; wait for P·V, then rescale O to the new maxima and pack P_j for the next step
+        // (or the tail below). Invariant at the end of step j: acc = Σ_{i<j} exp(S_i − m_j)·V_i,
+        // pa = exp(S_j − m_j), row_sum = Σ_{i≤j} rowsum exp(S_i − m_j) (in units of scale·log2 e).
+        fence_registers(s);
+        fence_registers(acc);
+        fence_registers(pa);
+        wgmma_fence();
+        issue_qk(s, qs, wg, k_tile(step));
+        wgmma_commit();
+        if (step > 0) issue_pv(acc, pa, v_tile(step - 1));
+        wgmma_commit();  // an empty group at step 0: wait<1> below then still means "S_j done"
+        wgmma_wait<1>();
+        fence_registers(s);
+        if (mask) mask_tile(s, k0, keys, valid_row ? flags : nullptr, causal, offset, row0, t);
+        softmax_tile(s, row_max, row_sum, alpha, scale_log2);
+        wgmma_wait<0>();
+        fence_registers(acc);
+        fence_registers(pa);
+        rescale(acc, alpha);
+        pack_p(pa, s);
 #endif
-        }
+    }
+#ifdef WGFA_OVERLAP
+    if (tiles > 0) {  // the last tile's P·V
+        fence_registers(acc);
+        fence_registers(pa);
+        wgmma_fence();
+        issue_pv(acc, pa, v_tile(tiles - 1));
         wgmma_commit();
         wgmma_wait<0>();
         fence_registers(acc);
     }
+#endif
     cp_async_wait_all();
-
-    float inverse[2];
-#pragma unroll
-    for (int half = 0; half < 2; ++half) {
-        float l = row_sum[half];
-        l += __shfl_xor_sync(0xffffffffu, l, 1);
-        l += __shfl_xor_sync(0xffffffffu, l, 2);
-        inverse[half] = l > 0.0f ? 1.0f / l : 0.0f;
-        const int row = row0 + 8 * half;
-        if (t == 0 && row < queries)
-            lse[(size_t)bh * queries + row] = l > 0.0f ? row_max[half] * scale + logf(l) : -INFINITY;
-    }
-    // O rows row0 and row0 + 8, columns 8J + 2t, +1: one 4-byte store per (J, half).
-#pragma unroll
-    for (int half = 0; half < 2; ++half) {
-        const int row = row0 + 8 * half;
-        if (row >= queries) continue;
-        bf16* dst = o + row_offset(b, h, row, heads, queries, q_bthd) + 2 * t;
-#pragma unroll
-        for (int j = 0; j < 16; ++j)
-            *reinterpret_cast<uint32_t*>(dst + 8 * j) =
-                pack_bf16(acc[4 * j + 2 * half] * inverse[half], acc[4 * j + 2 * half + 1] * inverse[half]);
-    }
+    store_output(acc, row_max, row_sum, o, lse, b, h, bh, heads, queries, q_bthd, row0, t, scale);
 }
 
 }  // namespace wgfa

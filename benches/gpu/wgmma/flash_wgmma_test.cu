@@ -509,6 +509,17 @@ static bool bench(Shape sh, const char* name, int reps) {
 
 int main(int argc, char** argv) {
     const bool host_only = argc > 1 && strcmp(argv[1], "host") == 0;
+#ifdef WGFA_PV_N64
+    const char* pv = "2 x m64n64k16 per k-step (WGFA_PV_N64)";
+#else
+    const char* pv = "m64n128k16";
+#endif
+#ifdef WGFA_OVERLAP
+    const char* loop = "intra-warpgroup overlap (WGFA_OVERLAP), 3 V buffers";
+#else
+    const char* loop = "plain (S, softmax, P.V in sequence)";
+#endif
+    printf("wgmma forward variant: P.V %s; loop %s; %d bytes of shared memory\n", pv, loop, wgfa::SMEM_BYTES);
     bool ok = host_checks();
     if (host_only) {
         printf("host checks: %s\n", ok ? "all ok" : "FAILURES");
