@@ -15,7 +15,7 @@ bash "$SHARED/gpu/build-cuda.sh"
 
 # The test binaries, built with the environment build-cuda.sh sets up for candle's CUDA crates.
 TK=${CUDA_TK_DIR:-$HOME/.cache/cuda13-wheels}/cuda-home
-TESTS=${GPU_TESTS:-device ops_grad parity lora train}
+TESTS=${GPU_TESTS:-device device_open ops_grad parity lora train}
 rm -f target/cuda-dist/test-*
 for name in $TESTS; do
   executable=$(PATH="$TK/bin:$PATH" CUDA_HOME="$TK" CUDA_COMPUTE_CAP=${CUDA_COMPUTE_CAP:-90} \
