@@ -11,7 +11,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use super::evaluate::check_upstream_kind;
-use super::method::{ComputeDtypeChoice, QuantTypeChoice, QLORA_BLOCK_SIZES};
+use super::method::{block_size_problem, default_block_size, ComputeDtypeChoice, QuantTypeChoice};
 use super::{CheckContext, InputFile, Problem, StageKind, StageSpec, UpstreamRef};
 
 /// The `export` stage: the trained adapter as a PEFT folder and/or a merged model in Hugging Face
@@ -121,10 +121,6 @@ impl Default for MergedQuantization {
 
 fn default_true() -> bool {
     true
-}
-
-fn default_block_size() -> usize {
-    64
 }
 
 /// The weight type of a GGUF export's matrices (llama.cpp's names).
@@ -328,17 +324,9 @@ impl StageSpec for ExportConfig {
                     .with_hint("add `merged: DIR`, or drop it"),
                 );
             }
-            if !QLORA_BLOCK_SIZES.contains(&quantize.block_size) {
-                problems.push(
-                    Problem::new(
-                        format!("{at}.quantize.block_size"),
-                        format!(
-                            "must be a power of two from 64 to 4096 (bitsandbytes' 4-bit block sizes), got {}",
-                            quantize.block_size
-                        ),
-                    )
-                    .about_value(),
-                );
+            if let Some(message) = block_size_problem(quantize.block_size) {
+                problems
+                    .push(Problem::new(format!("{at}.quantize.block_size"), message).about_value());
             }
         }
         let mut expanded = Vec::new();

@@ -327,8 +327,19 @@ pub struct QloraConfig {
 fn default_true() -> bool {
     true
 }
-fn default_block_size() -> usize {
+/// bitsandbytes' default 4-bit block size (QLoRA's; transformers quantizes with it).
+pub(crate) fn default_block_size() -> usize {
     64
+}
+
+/// Why `block_size` is not one of bitsandbytes' 4-bit block sizes ([`QLORA_BLOCK_SIZES`]), or
+/// `None` when it is one.
+pub(crate) fn block_size_problem(block_size: usize) -> Option<String> {
+    (!QLORA_BLOCK_SIZES.contains(&block_size)).then(|| {
+        format!(
+            "must be a power of two from 64 to 4096 (bitsandbytes' 4-bit block sizes), got {block_size}"
+        )
+    })
 }
 
 impl Default for QloraConfig {
@@ -574,14 +585,8 @@ impl MethodConfig {
             MethodConfig::Lora(lora) => check_lora(lora, "method.lora", &problem, problems),
             MethodConfig::Qlora(qlora) => {
                 check_lora(&qlora.lora(), "method.qlora", &problem, problems);
-                if !QLORA_BLOCK_SIZES.contains(&qlora.block_size) {
-                    problems.push(problem(
-                        "method.qlora.block_size",
-                        format!(
-                            "must be a power of two from 64 to 4096 (bitsandbytes' 4-bit block sizes), got {}",
-                            qlora.block_size
-                        ),
-                    ));
+                if let Some(message) = block_size_problem(qlora.block_size) {
+                    problems.push(problem("method.qlora.block_size", message));
                 }
             }
             MethodConfig::PromptTuning(prompt) => {
