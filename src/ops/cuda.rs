@@ -286,6 +286,39 @@ fn no_cpu(name: &str) -> Result<(CpuStorage, Shape)> {
     bail!("{name}: a CUDA-only op was applied to a CPU tensor")
 }
 
+/// The `cpu_fwd` of a CUDA-only custom op taking 1, 2 or 3 tensors: an error naming the op.
+macro_rules! cuda_only {
+    (1) => {
+        fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+            no_cpu(self.name())
+        }
+    };
+    (2) => {
+        fn cpu_fwd(
+            &self,
+            _: &CpuStorage,
+            _: &Layout,
+            _: &CpuStorage,
+            _: &Layout,
+        ) -> Result<(CpuStorage, Shape)> {
+            no_cpu(self.name())
+        }
+    };
+    (3) => {
+        fn cpu_fwd(
+            &self,
+            _: &CpuStorage,
+            _: &Layout,
+            _: &CpuStorage,
+            _: &Layout,
+            _: &CpuStorage,
+            _: &Layout,
+        ) -> Result<(CpuStorage, Shape)> {
+            no_cpu(self.name())
+        }
+    };
+}
+
 /// Launch the row kernel `{kernel}_{bf16,f32}` (one block per row of `x`) on `x`, the weight `w`
 /// and a third input `t` (a gradient shaped like `x`, or a bias), writing a new tensor shaped like
 /// `x`: the arguments `(x, w, t, out, cols, eps[, flag])`.
@@ -324,15 +357,7 @@ impl CustomOp2 for RmsNorm {
         "fused-rms-norm"
     }
 
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        no_cpu(self.name())
-    }
+    cuda_only!(2);
 
     fn cuda_fwd(
         &self,
@@ -403,17 +428,7 @@ impl CustomOp3 for NormBackward {
         self.kernel
     }
 
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        no_cpu(self.name())
-    }
+    cuda_only!(3);
 
     fn cuda_fwd(
         &self,
@@ -479,17 +494,7 @@ impl CustomOp3 for LayerNorm {
         "fused-layer-norm"
     }
 
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        no_cpu(self.name())
-    }
+    cuda_only!(3);
 
     fn cuda_fwd(
         &self,
@@ -614,17 +619,7 @@ impl CustomOp3 for Rope {
         "fused-rope"
     }
 
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        no_cpu(self.name())
-    }
+    cuda_only!(3);
 
     fn cuda_fwd(
         &self,
@@ -799,15 +794,7 @@ impl CustomOp2 for Add {
         "add"
     }
 
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        no_cpu(self.name())
-    }
+    cuda_only!(2);
 
     fn cuda_fwd(
         &self,
@@ -896,15 +883,7 @@ impl CustomOp2 for Swiglu {
         "fused-swiglu"
     }
 
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        no_cpu(self.name())
-    }
+    cuda_only!(2);
 
     fn cuda_fwd(
         &self,
@@ -942,17 +921,7 @@ impl CustomOp3 for SwigluBackward {
         "fused-swiglu-backward"
     }
 
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        no_cpu(self.name())
-    }
+    cuda_only!(3);
 
     /// Output `[2, ..]`: the gradients of gate and up.
     fn cuda_fwd(
@@ -1196,15 +1165,7 @@ impl CustomOp2 for GemmProduct {
         "gemm-product"
     }
 
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        no_cpu(self.name())
-    }
+    cuda_only!(2);
 
     fn cuda_fwd(
         &self,
@@ -1303,9 +1264,7 @@ impl CustomOp1 for MaskedSoftmax {
         "fused-masked-softmax"
     }
 
-    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
-        no_cpu(self.name())
-    }
+    cuda_only!(1);
 
     fn cuda_fwd(&self, x: &CudaStorage, xl: &Layout) -> Result<(CudaStorage, Shape)> {
         let cols = *xl.dims().last().unwrap_or(&1);
@@ -1351,15 +1310,7 @@ impl CustomOp2 for MaskedSoftmaxBackward {
         "fused-masked-softmax-backward"
     }
 
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        no_cpu(self.name())
-    }
+    cuda_only!(2);
 
     fn cuda_fwd(
         &self,
@@ -1432,17 +1383,7 @@ impl CustomOp3 for CrossEntropyRows {
         "fused-cross-entropy-rows"
     }
 
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        no_cpu(self.name())
-    }
+    cuda_only!(3);
 
     /// `(logits [R, V], targets u32 [R], weights f32 [R])` → stats `[R, 4]` (lse, weighted NLL,
     /// weight, target bits).
@@ -1482,15 +1423,7 @@ impl CustomOp2 for CrossEntropyGradient {
         "fused-cross-entropy-gradient"
     }
 
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        no_cpu(self.name())
-    }
+    cuda_only!(2);
 
     /// `(logits [R, V], stats [R, 4])` → `dlogits [R, V] = (softmax − onehot)·weight`.
     fn cuda_fwd(
