@@ -40,20 +40,6 @@ template <> __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(flo
 }
 template <> __device__ __forceinline__ __half from_f32<__half>(float x) { return __float2half_rn(x); }
 
-// Sixteen values as T into `out`: 16·sizeof(T) bytes, so sizeof(T) 16-byte stores.
-template <typename T>
-__device__ __forceinline__ void store16(T* out, const float (&v)[16]) {
-    union {
-        T values[16];
-        uint4 words[sizeof(T)];
-    } u;
-#pragma unroll
-    for (int e = 0; e < 16; ++e) u.values[e] = from_f32<T>(v[e]);
-    uint4* dst = reinterpret_cast<uint4*>(out);
-#pragma unroll
-    for (int w = 0; w < (int)sizeof(T); ++w) dst[w] = u.words[w];
-}
-
 // Eight values as T into `out`: 8·sizeof(T) bytes, in 16-byte stores.
 template <typename T>
 __device__ __forceinline__ void store8(T* out, const float (&v)[8]) {

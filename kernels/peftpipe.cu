@@ -53,6 +53,19 @@ __device__ float block_max(float value, float* scratch) {
     return total;
 }
 
+__device__ __forceinline__ bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+// 16 bytes of T, for loads and stores of whole chunks.
+template <typename T> union Chunk {
+    static constexpr int N = 16 / sizeof(T);
+    uint4 word;
+    T v[N];
+};
+// Every buffer 16-byte aligned and n a multiple of a chunk: the kernels read and write 16 bytes per
+// thread and step (the arithmetic per element is the same either way).
+template <typename T>
+__device__ __forceinline__ bool chunked(size_t n, const void* a, const void* b, const void* c, const void* d) {
+    return n % Chunk<T>::N == 0 && aligned16(a) && aligned16(b) && aligned16(c) && aligned16(d);
+}
 // ---------------------------------------------------------------------------------------------
 // RMSNorm, one block per row. Forward as Hugging Face: y = w · (x·r rounded to T), r = 1/sqrt(mean(x²) + eps).
 // Backward for x only: dx = r·(g·w) − x·r³·mean((g·w)·x).
@@ -61,30 +74,20 @@ __device__ float block_max(float value, float* scratch) {
 // a multiple of that and every buffer is 16-byte aligned (the launcher's tensors are), else one
 // value at a time; the arithmetic per value is the same, only the order of the row sums differs.
 
-// Sixteen bytes of T as floats, and back.
-template <typename T> struct Vec16 {
-    static constexpr int N = 16 / sizeof(T);
-    union { uint4 word; T values[N]; } u;
-    __device__ __forceinline__ float get(int i) const { return to_float(u.values[i]); }
-    __device__ __forceinline__ void set(int i, float v) { u.values[i] = from_float<T>(v); }
-};
-
-__device__ __forceinline__ bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
-
 template <typename T>
 __device__ void rms_norm_forward(const T* x, const T* w, T* y, int cols, float eps) {
     __shared__ float scratch[32];
-    constexpr int N = Vec16<T>::N;
+    constexpr int N = Chunk<T>::N;
     const size_t row = blockIdx.x;
     const T* xr = x + row * cols;
     T* yr = y + row * cols;
-    const bool vector = cols % N == 0 && aligned16(x) && aligned16(w) && aligned16(y);
+    const bool vector = chunked<T>(cols, x, w, y, y);
     float squares = 0.0f;
     if (vector) {
         for (int i = threadIdx.x; i < cols / N; i += blockDim.x) {
-            Vec16<T> v; v.u.word = reinterpret_cast<const uint4*>(xr)[i];
+            Chunk<T> v; v.word = reinterpret_cast<const uint4*>(xr)[i];
 #pragma unroll
-            for (int e = 0; e < N; ++e) squares += v.get(e) * v.get(e);
+            for (int e = 0; e < N; ++e) squares += to_float(v.v[e]) * to_float(v.v[e]);
         }
     } else {
         for (int i = threadIdx.x; i < cols; i += blockDim.x) { const float v = to_float(xr[i]); squares += v * v; }
@@ -93,12 +96,12 @@ __device__ void rms_norm_forward(const T* x, const T* w, T* y, int cols, float e
     const float r = rsqrtf(squares / cols + eps);
     if (vector) {
         for (int i = threadIdx.x; i < cols / N; i += blockDim.x) {
-            Vec16<T> v, g, out;
-            v.u.word = reinterpret_cast<const uint4*>(xr)[i];
-            g.u.word = reinterpret_cast<const uint4*>(w)[i];
+            Chunk<T> v, g, out;
+            v.word = reinterpret_cast<const uint4*>(xr)[i];
+            g.word = reinterpret_cast<const uint4*>(w)[i];
 #pragma unroll
-            for (int e = 0; e < N; ++e) out.set(e, to_float(from_float<T>(v.get(e) * r)) * g.get(e));
-            reinterpret_cast<uint4*>(yr)[i] = out.u.word;
+            for (int e = 0; e < N; ++e) out.v[e] = from_float<T>(to_float(from_float<T>(to_float(v.v[e]) * r)) * to_float(g.v[e]));
+            reinterpret_cast<uint4*>(yr)[i] = out.word;
         }
     } else {
         for (int i = threadIdx.x; i < cols; i += blockDim.x) {
@@ -111,24 +114,24 @@ __device__ void rms_norm_forward(const T* x, const T* w, T* y, int cols, float e
 template <typename T>
 __device__ void rms_norm_backward(const T* x, const T* w, const T* g, T* dx, int cols, float eps) {
     __shared__ float scratch[32];
-    constexpr int N = Vec16<T>::N;
+    constexpr int N = Chunk<T>::N;
     const size_t row = blockIdx.x;
     const T* xr = x + row * cols;
     const T* gr = g + row * cols;
     T* dr = dx + row * cols;
-    const bool vector = cols % N == 0 && aligned16(x) && aligned16(w) && aligned16(g) && aligned16(dx);
+    const bool vector = chunked<T>(cols, x, w, g, dx);
     float squares = 0.0f, projection = 0.0f;
     if (vector) {
         for (int i = threadIdx.x; i < cols / N; i += blockDim.x) {
-            Vec16<T> xv, wv, gv;
-            xv.u.word = reinterpret_cast<const uint4*>(xr)[i];
-            wv.u.word = reinterpret_cast<const uint4*>(w)[i];
-            gv.u.word = reinterpret_cast<const uint4*>(gr)[i];
+            Chunk<T> xv, wv, gv;
+            xv.word = reinterpret_cast<const uint4*>(xr)[i];
+            wv.word = reinterpret_cast<const uint4*>(w)[i];
+            gv.word = reinterpret_cast<const uint4*>(gr)[i];
 #pragma unroll
             for (int e = 0; e < N; ++e) {
-                const float v = xv.get(e);
+                const float v = to_float(xv.v[e]);
                 squares += v * v;
-                projection += gv.get(e) * wv.get(e) * v;
+                projection += to_float(gv.v[e]) * to_float(wv.v[e]) * v;
             }
         }
     } else {
@@ -144,13 +147,13 @@ __device__ void rms_norm_backward(const T* x, const T* w, const T* g, T* dx, int
     const float c = r * r * r * projection / cols;
     if (vector) {
         for (int i = threadIdx.x; i < cols / N; i += blockDim.x) {
-            Vec16<T> xv, wv, gv, out;
-            xv.u.word = reinterpret_cast<const uint4*>(xr)[i];
-            wv.u.word = reinterpret_cast<const uint4*>(w)[i];
-            gv.u.word = reinterpret_cast<const uint4*>(gr)[i];
+            Chunk<T> xv, wv, gv, out;
+            xv.word = reinterpret_cast<const uint4*>(xr)[i];
+            wv.word = reinterpret_cast<const uint4*>(w)[i];
+            gv.word = reinterpret_cast<const uint4*>(gr)[i];
 #pragma unroll
-            for (int e = 0; e < N; ++e) out.set(e, r * (gv.get(e) * wv.get(e)) - xv.get(e) * c);
-            reinterpret_cast<uint4*>(dr)[i] = out.u.word;
+            for (int e = 0; e < N; ++e) out.v[e] = from_float<T>(r * (to_float(gv.v[e]) * to_float(wv.v[e])) - to_float(xv.v[e]) * c);
+            reinterpret_cast<uint4*>(dr)[i] = out.word;
         }
     } else {
         for (int i = threadIdx.x; i < cols; i += blockDim.x) {
@@ -233,8 +236,8 @@ extern "C" __global__ void layer_norm_backward_f32(const float* x, const float* 
 // 16 bytes' worth of consecutive pairs (one index computation, 16-byte accesses); same arithmetic.
 template <typename T>
 __device__ void rope(const T* x, const T* cos, const T* sin, T* y, int heads, int length, int half, float sign, size_t pairs, int bthd) {
-    constexpr int N = Vec16<T>::N;
-    if (half % N == 0 && aligned16(x) && aligned16(cos) && aligned16(sin) && aligned16(y)) {
+    constexpr int N = Chunk<T>::N;
+    if (chunked<T>(half, x, cos, sin, y)) {
         for (size_t chunk = blockIdx.x * (size_t)blockDim.x + threadIdx.x; chunk < pairs / N;
              chunk += (size_t)gridDim.x * blockDim.x) {
             const size_t p = chunk * N;
@@ -244,19 +247,19 @@ __device__ void rope(const T* x, const T* cos, const T* sin, T* y, int heads, in
             const size_t b = row / ((size_t)length * heads);
             const size_t table = (b * length + t) * half + i;
             const size_t base = row * 2 * half + i;
-            Vec16<T> c, s, x1, x2, y1, y2;
-            c.u.word = *reinterpret_cast<const uint4*>(cos + table);
-            s.u.word = *reinterpret_cast<const uint4*>(sin + table);
-            x1.u.word = *reinterpret_cast<const uint4*>(x + base);
-            x2.u.word = *reinterpret_cast<const uint4*>(x + base + half);
+            Chunk<T> c, s, x1, x2, y1, y2;
+            c.word = *reinterpret_cast<const uint4*>(cos + table);
+            s.word = *reinterpret_cast<const uint4*>(sin + table);
+            x1.word = *reinterpret_cast<const uint4*>(x + base);
+            x2.word = *reinterpret_cast<const uint4*>(x + base + half);
 #pragma unroll
             for (int e = 0; e < N; ++e) {
-                const float ce = c.get(e), se = sign * s.get(e), a = x1.get(e), b2 = x2.get(e);
-                y1.set(e, a * ce - b2 * se);
-                y2.set(e, b2 * ce + a * se);
+                const float ce = to_float(c.v[e]), se = sign * to_float(s.v[e]), a = to_float(x1.v[e]), b2 = to_float(x2.v[e]);
+                y1.v[e] = from_float<T>(a * ce - b2 * se);
+                y2.v[e] = from_float<T>(b2 * ce + a * se);
             }
-            *reinterpret_cast<uint4*>(y + base) = y1.u.word;
-            *reinterpret_cast<uint4*>(y + base + half) = y2.u.word;
+            *reinterpret_cast<uint4*>(y + base) = y1.word;
+            *reinterpret_cast<uint4*>(y + base + half) = y2.word;
         }
         return;
     }
@@ -295,19 +298,6 @@ __device__ __forceinline__ void swiglu_gradients(T gate, T up, T g, T& d_gate, T
     const float gi = to_float(g);
     d_gate = from_float<T>(gi * to_float(up) * sigma * (1.0f + z * (1.0f - sigma)));
     d_up = from_float<T>(gi * z * sigma);
-}
-// 16 bytes of T, for loads and stores of whole chunks.
-template <typename T> union Chunk {
-    static constexpr int N = 16 / sizeof(T);
-    uint4 word;
-    T v[N];
-};
-// Every buffer 16-byte aligned and n a multiple of a chunk: the kernels read and write 16 bytes per
-// thread and step (the arithmetic per element is the same either way).
-template <typename T>
-__device__ __forceinline__ bool chunked(size_t n, const void* a, const void* b, const void* c, const void* d) {
-    const auto aligned = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; };
-    return n % Chunk<T>::N == 0 && aligned(a) && aligned(b) && aligned(c) && aligned(d);
 }
 // ---------------------------------------------------------------------------------------------
 // out = a + b, elementwise (out may be a: y += x in place, a residual connection added into the
