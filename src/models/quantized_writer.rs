@@ -176,13 +176,6 @@ pub struct OutputTensor {
     pub bytes: Vec<u8>,
 }
 
-fn f32_bytes(values: &[f32]) -> Vec<u8> {
-    values
-        .iter()
-        .flat_map(|value| value.to_le_bytes())
-        .collect()
-}
-
 /// The tensors `Linear4bit._save_to_state_dict` writes for the weight `name` (`….weight`)
 /// quantized as `quantized`: the packed codes under `name`, then `QuantState.as_dict(packed=True)`'s
 /// tensors (see the module docs), in name order.
@@ -216,7 +209,7 @@ pub fn state_dict(
             ".absmax",
             Dtype::F32,
             vec![values.len()],
-            f32_bytes(values),
+            f32_to_bytes(Dtype::F32, values),
         )),
         Absmax::Nested(nested) => {
             let offset = python_float(f64::from(nested.offset)).ok_or_else(|| {
@@ -240,13 +233,13 @@ pub fn state_dict(
                 ".nested_absmax",
                 Dtype::F32,
                 vec![nested.scale.len()],
-                f32_bytes(&nested.scale),
+                f32_to_bytes(Dtype::F32, &nested.scale),
             ));
             tensors.push(tensor(
                 ".nested_quant_map",
                 Dtype::F32,
                 vec![nested.code.len()],
-                f32_bytes(&nested.code),
+                f32_to_bytes(Dtype::F32, &nested.code),
             ));
         }
     }
@@ -257,7 +250,7 @@ pub fn state_dict(
         ".quant_map",
         Dtype::F32,
         vec![16],
-        f32_bytes(&quant_map),
+        f32_to_bytes(Dtype::F32, &quant_map),
     ));
     let state = state.into_bytes();
     tensors.push(tensor(
