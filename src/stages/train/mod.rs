@@ -90,10 +90,11 @@ pub fn select_device(spec: &str) -> Result<Device, String> {
     if kind == "cpu" {
         return Ok(Device::Cpu);
     }
-    let ordinal = spec
-        .strip_prefix("cuda:")
-        .and_then(|index| index.parse::<usize>().ok())
-        .unwrap_or(0);
+    // `auto` in a CUDA build, `cuda` and `cuda:N` (device_kind accepted no other).
+    let ordinal = match spec.parse() {
+        Ok(crate::device::DeviceSpec::Cuda(ordinal)) => ordinal,
+        _ => 0,
+    };
     if !cfg!(feature = "cuda") {
         return Err(format!(
             "device `{spec}`: this peftpipe was built without CUDA (rebuild with `--features cuda`)"
