@@ -11,6 +11,7 @@ use std::process::ExitCode;
 use clap::{Args, Parser, Subcommand};
 
 pub mod bench_data;
+pub mod bench_quantize;
 pub mod bench_status;
 pub mod bench_train;
 pub mod dag;
@@ -278,6 +279,11 @@ pub enum BenchCommand {
         after_help = "Examples:\n  peftpipe bench train --config datasets/quickstart/model/config.json --device cpu"
     )]
     Train(bench_train::BenchTrainArgs),
+    /// 4-bit quantization (QLoRA's load, the quantized export) time per model, all threads vs one.
+    #[command(
+        after_help = "Examples:\n  peftpipe bench quantize --config llama-3.1-8b.config.json"
+    )]
+    Quantize(bench_quantize::BenchQuantizeArgs),
 }
 
 /// Parse the command line, run, map the outcome to an exit code.
@@ -329,6 +335,7 @@ pub fn main() -> ExitCode {
         Command::Bench(BenchCommand::Data(args)) => bench_data::run(&cli.global, args),
         Command::Bench(BenchCommand::Status(args)) => bench_status::run(&cli.global, args),
         Command::Bench(BenchCommand::Train(args)) => bench_train::run(&cli.global, args),
+        Command::Bench(BenchCommand::Quantize(args)) => bench_quantize::run(&cli.global, args),
     };
     ExitCode::from(code)
 }
