@@ -33,6 +33,8 @@
 #            adapters) at 1x4096 beside peftpipe at 1x4096
 #   8b-unsloth Llama-3.1-8B shape at 1x4096: peftpipe beside Unsloth (16-bit LoRA)
 #   8b-short Llama-3.1-8B shape at 1x4096 only: peftpipe (checkpointing off and on) and PEFT (bf16)
+#   quantize the 4-bit quantization of the 8B and 1B shapes' base weights on the host's CPU threads
+#            vs one thread (`bench quantize`: QLoRA's quantize-at-load, the quantized export)
 #   8b       Llama-3.1-8B shape: peftpipe at 1x1024 and 1x4096 (off/on) and 1x16384 (on); PEFT (bf16
 #            adapters) and Unsloth at 1x4096
 # Every figure is LoRA r16 alpha 32 on all seven linears of a random-init model, bf16 base, AdamW.
@@ -83,6 +85,12 @@ tests() {
 for part in ${MODE//,/ }; do
 case "$part" in
   tests) tests ;;
+  quantize)
+    echo "== 4-bit quantization of the base weights, $(nproc) CPU threads vs 1"
+    for C in gpu-run/llama-3.1-8b.config.json gpu-run/llama-3.2-1b.config.json; do
+      timeout 120 "$BIN" bench quantize --config "$C" --runs 2 2>&1
+    done | tee "$OUT/quantize.txt"
+    ;;
   real-ab)
     # lora-stories on cuda with the LoRA GEMM-accumulate off: is a cuda-vs-cpu difference the kernel's?
     export PEFTPIPE_SHARED=$PWD/gpu-run/shared

@@ -5,10 +5,17 @@
 // h / (heads / kv_heads); key j visible to query i iff valid[b][j] (valid may be null) and, when
 // causal, j <= offset + i; rows with no visible key get O 0 and lse -inf; lse [B, H, T] f32.
 //
-// UNVERIFIED ON HARDWARE: this file compiles for sm_90a (see README.md beside it) but has never
-// run on a GPU. benches/gpu/wgmma/DESIGN.md explains every layout used here.
+// Run on an H200 (README.md beside it: commands, checks, timings): every kernel here passes the
+// f64-reference, fa2, strided-bitwise and determinism checks. DESIGN.md explains every layout.
+// Three kernels share the primitives below:
+//   * flash_wgmma_forward_bf16_d128 (this header's description): all 256 threads load with
+//     cp.async, one __syncthreads per key tile; 0.95x fa2 at the 8B shape;
+//   * forward_ws / flash_wgmma_forward_tma_bf16_d128 (further down): a TMA producer warpgroup,
+//     mbarrier K/V pipeline, setmaxnreg, intra-warpgroup overlap, pingpong; ~1.55x fa2;
+//   * forward_persistent / flash_wgmma_forward_persistent_bf16_d128: the same pipeline in a
+//     persistent grid, with tree-shaped softmax reductions; ~1.7x fa2 (~0.25 ms/layer).
 //
-// Shape of the kernel (FlashAttention-3's d128 causal tile, without its TMA / warp-specialised
+// Shape of the first kernel (FlashAttention-3's d128 causal tile, without its TMA / warp-specialised
 // producer / pingpong / intra-warpgroup overlap; DESIGN.md says what each of those would add):
 //   * one block of 256 threads = 2 warpgroups per (128-query tile, b·H + h), heavy (late) causal
 //     tiles first over all heads (fa2's query_tile_order); warpgroup w owns queries q0 + 64w ..
@@ -41,6 +48,7 @@
 //   threads of one quad (lanes 4g .. 4g + 3), each holding 2 × 16 of its 128 columns: row
 //   maxima and sums need only shfl_xor 1 and 2, as in fa2.
 #pragma once
+#include <cuda.h>  // CUtensorMap (type only: the maps are encoded on the host)
 #include <cuda_bf16.h>
 #include <stdint.h>
 
@@ -480,6 +488,523 @@ __device__ __forceinline__ void forward(const bf16* __restrict__ q, const bf16* 
     store_output(acc, row_max, row_sum, o, lse, b, h, bh, heads, queries, q_bthd, row0, t, scale);
 }
 
+// ============================================================================================
+// The warp-specialised forward (FlashAttention-3's structure; new names, the pieces above reused).
+//
+//   * 3 warpgroups, 384 threads: warpgroup 0 is the producer, 1 and 2 the consumers (consumer c =
+//     warpgroup c + 1 owns queries q0 + 64c .. q0 + 64c + 63, exactly as warpgroup c of the plain
+//     kernel). setmaxnreg moves registers: producer 24, consumers 240 (24·128 + 2·240·128 ≤ 64 Ki).
+//   * One producer thread loads everything with TMA (cp.async.bulk.tensor.4d, 128-byte swizzle:
+//     the same smem image as swizzled_offset, one 64-column half = one 64 × 128 box per call) into
+//     Q (once) and STAGES stages of K and V, each stage guarded by mbarriers: full (1 arrival with
+//     expect_tx 32 KiB + the TMA's transaction bytes) and empty (8 arrivals: lane 0 of each
+//     consumer warp after its wgmma reading the stage waited). TMA writes through the async proxy:
+//     no proxy fence, no __syncthreads in the loop. Rows past the tensor's end (T, S) are
+//     zero-filled by the TMA unit; the tensor maps carry the [B,H,T,D] / [B,T,H,D] strides.
+//   * OVERLAP: FA3's intra-warpgroup overlap (S_j issued with P_{j−1}·V_{j−1}, the softmax of S_j
+//     under that P·V; the invariant of the WGFA_OVERLAP loop above).
+//   * PINGPONG: the two consumers issue their GEMMs in strict alternation (named barriers 1, 2 of
+//     256 threads: consumer c waits on barrier 1 + c before issuing, then arrives on the other's),
+//     so one consumer's softmax runs while the other's GEMMs occupy the tensor cores.
+//   * Key validity is read straight from global memory in mask_tile (only tiles that need a mask).
+// Interface: fa2's, except q, k, v come as tensor maps (bf16, SWIZZLE_128B, OOB fill zero, dims and
+// box as at tma_load_tile; flash_wgmma_test.cu's make_map encodes them).
+constexpr int WS_THREADS = 384;
+constexpr int WS_PRODUCER_REGS = 24, WS_CONSUMER_REGS = 240;
+template <int STAGES> struct WsLayout {
+    static constexpr int Q = 0;
+    static constexpr int K = TILE_BYTES;                            // K[s] = K + s · TILE_BYTES
+    static constexpr int V = (1 + STAGES) * TILE_BYTES;             // V[s]
+    static constexpr int BARRIERS = (1 + 2 * STAGES) * TILE_BYTES;  // u64 full_q, full_k[S], full_v[S], empty_k[S], empty_v[S]
+    static constexpr int BYTES = BARRIERS + 8 * (1 + 4 * STAGES) + 1024;
+};
+
+__device__ __forceinline__ void mbar_init(uint32_t bar, uint32_t count) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
+}
+__device__ __forceinline__ void mbar_expect_tx(uint32_t bar, uint32_t bytes) {
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void mbar_arrive(uint32_t bar) {
+    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
+}
+// Wait until the phase with parity `parity` of the barrier completed (a fresh barrier counts its
+// phase "−1", parity 1, as complete: the producer's first wait on an empty barrier passes).
+__device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
+    uint32_t done;
+    do {
+        asm volatile(
+            "{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}\n"
+            : "=r"(done)
+            : "r"(bar), "r"(parity)
+            : "memory");
+    } while (!done);
+}
+// One TMA box (coordinates innermost first) into shared memory at `dst`, completing on `bar`.
+__device__ __forceinline__ void tma_load_4d(uint32_t dst, const CUtensorMap* map, int c0, int c1, int c2, int c3,
+                                            uint32_t bar) {
+    asm volatile(
+        "cp.async.bulk.tensor.4d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4, %5}], "
+        "[%6];\n" ::"r"(dst),
+        "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(c2), "r"(c3), "r"(bar)
+        : "memory");
+}
+// A 128-row × 128-column tile = two 64-column boxes, 16 KiB apart (the two halves of §3).
+// The maps order their dimensions so the strides grow: {D, T, H, B} for [B,H,T,D] (bthd 0, box {64,
+// 128, 1, 1}) and {D, H, T, B} for [B,T,H,D] (bthd 1, box {64, 1, 128, 1}); either way the box lands
+// as 128 rows of 128 bytes.
+__device__ __forceinline__ void tma_load_tile(uint32_t dst, const CUtensorMap* map, int row, int head, int b,
+                                              int bthd, uint32_t bar) {
+    const int c1 = bthd ? head : row, c2 = bthd ? row : head;
+    tma_load_4d(dst, map, 0, c1, c2, b, bar);
+    tma_load_4d(dst + HALF_BYTES, map, 64, c1, c2, b, bar);
+}
+__device__ __forceinline__ void named_sync(int id, int count) {
+    asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(count) : "memory");
+}
+__device__ __forceinline__ void named_arrive(int id, int count) {
+    asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(count) : "memory");
+}
+template <int N> __device__ __forceinline__ void setmaxnreg_dec() { asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(N)); }
+template <int N> __device__ __forceinline__ void setmaxnreg_inc() { asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(N)); }
+
+// softmax_tile with tree-shaped reductions (row maxima over the 32 values of a thread, and the row
+// sums of the new p); same contract as softmax_tile.
+__device__ __forceinline__ void softmax_tile_tree(float (&s)[64], float (&row_max)[2], float (&row_sum)[2],
+                                                  float (&alpha)[2], float scale_log2) {
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+        float v[16];
+#pragma unroll
+        for (int j = 0; j < 16; ++j) v[j] = fmaxf(s[4 * j + 2 * half], s[4 * j + 2 * half + 1]);
+#pragma unroll
+        for (int i = 0; i < 8; ++i) v[i] = fmaxf(v[i], v[i + 8]);
+#pragma unroll
+        for (int i = 0; i < 4; ++i) v[i] = fmaxf(v[i], v[i + 4]);
+        v[0] = fmaxf(fmaxf(v[0], v[2]), fmaxf(v[1], v[3]));
+        float mx = fmaxf(row_max[half], v[0]);
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+        const float m_scaled = mx == -INFINITY ? 0.0f : mx * scale_log2;
+        alpha[half] = row_max[half] == -INFINITY ? 0.0f : exp2_ftz(row_max[half] * scale_log2 - m_scaled);
+        row_max[half] = mx;
+#pragma unroll
+        for (int j = 0; j < 16; ++j) {
+            const float p0 = exp2_ftz(fmaf(s[4 * j + 2 * half], scale_log2, -m_scaled));
+            const float p1 = exp2_ftz(fmaf(s[4 * j + 2 * half + 1], scale_log2, -m_scaled));
+            s[4 * j + 2 * half] = p0;
+            s[4 * j + 2 * half + 1] = p1;
+            v[j] = p0 + p1;
+        }
+#pragma unroll
+        for (int i = 0; i < 8; ++i) v[i] += v[i + 8];
+#pragma unroll
+        for (int i = 0; i < 4; ++i) v[i] += v[i + 4];
+        v[0] = (v[0] + v[2]) + (v[1] + v[3]);
+        row_sum[half] = fmaf(row_sum[half], alpha[half], v[0]);
+    }
+}
+
+// One consumer step of the OVERLAP + PINGPONG pipeline (forward_ws with OPT != 0, and
+// forward_persistent): wait for K; take the scheduler turn (unless `take_turn` is false: consumer
+// 0's very first step); issue S = Q·Kᵀ and, unless FIRST (a tile's step 0), the previous P·V;
+// hand the turn over; wait for S, release K (and `also_release` when non-zero: the persistent
+// kernel's Q); mask, softmax; wait for P·V, release the previous V; rescale O, pack P; wait for
+// this step's V (read by the next step's P·V or the tail). OPT bits:
+//   1  softmax_tile_tree instead of softmax_tile (another summation order);
+//   2  skip O's rescale in threads whose two alphas are both exactly 1 (bitwise the same result);
+//   4  without a validity mask, mask_tile with a literal null `flags` (the check folds away).
+template <bool FIRST, int OPT>
+__device__ __forceinline__ void ws_step(float (&acc)[64], float (&s_acc)[64], uint32_t (&pa)[32], float (&row_max)[2],
+                                        float (&row_sum)[2], uint32_t qs, int cw, uint32_t k_smem,
+                                        uint32_t v_prev_smem, uint32_t full_k, uint32_t full_v, uint32_t empty_k,
+                                        uint32_t empty_v_prev, uint32_t also_release, uint32_t parity, bool take_turn,
+                                        bool mask, int k0, int keys, const unsigned char* flags, int causal,
+                                        int offset, int row0, int t, int lane, float scale_log2) {
+    mbar_wait(full_k, parity);
+    if (take_turn) named_sync(1 + cw, 256);
+    fence_registers(s_acc);
+    fence_registers(acc);
+    fence_registers(pa);
+    wgmma_fence();
+    issue_qk(s_acc, qs, cw, k_smem);
+    wgmma_commit();
+    if constexpr (!FIRST) issue_pv(acc, pa, v_prev_smem);
+    wgmma_commit();
+    named_arrive(2 - cw, 256);
+    wgmma_wait<1>();
+    fence_registers(s_acc);
+    if (lane == 0) {
+        mbar_arrive(empty_k);
+        if (also_release) mbar_arrive(also_release);
+    }
+    if (mask) {
+        if ((OPT & 4) && flags == nullptr)
+            mask_tile(s_acc, k0, keys, nullptr, causal, offset, row0, t);
+        else
+            mask_tile(s_acc, k0, keys, flags, causal, offset, row0, t);
+    }
+    float alpha[2];
+    if constexpr ((OPT & 1) != 0)
+        softmax_tile_tree(s_acc, row_max, row_sum, alpha, scale_log2);
+    else
+        softmax_tile(s_acc, row_max, row_sum, alpha, scale_log2);
+    wgmma_wait<0>();
+    fence_registers(acc);
+    fence_registers(pa);
+    if (!FIRST && lane == 0) mbar_arrive(empty_v_prev);
+    if ((OPT & 2) == 0 || alpha[0] != 1.0f || alpha[1] != 1.0f) rescale(acc, alpha);
+    pack_p(pa, s_acc);
+    mbar_wait(full_v, parity);
+}
+
+template <int STAGES, bool OVERLAP, bool PINGPONG, int OPT = 0>
+__device__ __forceinline__ void forward_ws(const CUtensorMap* tq, const CUtensorMap* tk, const CUtensorMap* tv,
+                                           const unsigned char* __restrict__ valid, bf16* __restrict__ o,
+                                           float* __restrict__ lse, int heads, int kv_heads, int queries, int keys,
+                                           int offset, int causal, float scale, int q_bthd, int kv_bthd) {
+    using L = WsLayout<STAGES>;
+    require_smem(L::BYTES);
+    extern __shared__ __align__(1024) unsigned char smem_raw[];
+    const uint32_t raw = smem_address(smem_raw);
+    const uint32_t base = (raw + 1023u) & ~1023u;
+    const uint32_t qs = base + L::Q, bars = base + L::BARRIERS;
+    const uint32_t full_q = bars;
+    auto full_k = [&](int s) { return bars + 8u * (1 + s); };
+    auto full_v = [&](int s) { return bars + 8u * (1 + STAGES + s); };
+    auto empty_k = [&](int s) { return bars + 8u * (1 + 2 * STAGES + s); };
+    auto empty_v = [&](int s) { return bars + 8u * (1 + 3 * STAGES + s); };
+    auto k_tile = [&](int s) { return base + L::K + s * TILE_BYTES; };
+    auto v_tile = [&](int s) { return base + L::V + s * TILE_BYTES; };
+
+    const int tid = threadIdx.x, wg = tid / 128;
+    const TileHead order = query_tile_order(causal);
+    const int bh = order.bh, b = bh / heads, h = bh % heads;
+    const int kvh = h / (heads / kv_heads);
+    const int q0 = order.tile * BQ;
+    const int last_row = min(q0 + BQ, queries) - 1;
+    const int key_end = causal ? min(keys, offset + last_row + 1) : keys;
+    const int tiles = key_end > 0 ? (key_end + BK - 1) / BK : 0;
+
+    if (tid == 0) {
+        mbar_init(full_q, 1);
+        for (int s = 0; s < STAGES; ++s) {
+            mbar_init(full_k(s), 1);
+            mbar_init(full_v(s), 1);
+            mbar_init(empty_k(s), 8);
+            mbar_init(empty_v(s), 8);
+        }
+        asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+        fence_proxy_async();
+    }
+    __syncthreads();
+
+    if (wg == 0) {  // producer
+        setmaxnreg_dec<WS_PRODUCER_REGS>();
+        if (tid == 0 && tiles > 0) {
+            mbar_expect_tx(full_q, TILE_BYTES);
+            tma_load_tile(qs, tq, q0, h, b, q_bthd, full_q);
+#pragma unroll 1
+            for (int step = 0; step < tiles; ++step) {
+                const int s = step % STAGES;
+                const uint32_t parity = ((step / STAGES) & 1) ^ 1;
+                mbar_wait(empty_k(s), parity);
+                mbar_expect_tx(full_k(s), TILE_BYTES);
+                tma_load_tile(k_tile(s), tk, step * BK, kvh, b, kv_bthd, full_k(s));
+                mbar_wait(empty_v(s), parity);
+                mbar_expect_tx(full_v(s), TILE_BYTES);
+                tma_load_tile(v_tile(s), tv, step * BK, kvh, b, kv_bthd, full_v(s));
+            }
+        }
+        return;
+    }
+    setmaxnreg_inc<WS_CONSUMER_REGS>();
+    const int cw = wg - 1, u = (tid % 128) / 32, lane = tid % 32, g = lane / 4, t = lane % 4;
+    const int warp_q0 = q0 + 64 * cw + 16 * u;
+    const int row0 = warp_q0 + g;
+    const unsigned char* valid_row = valid ? valid + (size_t)b * keys : nullptr;
+    const float scale_log2 = scale * LOG2E;
+
+    float acc[64];
+#pragma unroll
+    for (int i = 0; i < 64; ++i) acc[i] = 0.0f;
+    float s_acc[64];
+#pragma unroll
+    for (int i = 0; i < 64; ++i) s_acc[i] = 0.0f;
+    uint32_t pa[32];
+#pragma unroll
+    for (int i = 0; i < 32; ++i) pa[i] = 0u;
+    float row_max[2] = {-INFINITY, -INFINITY};
+    float row_sum[2] = {0.0f, 0.0f};
+    float alpha[2];
+
+    if (tiles > 0) mbar_wait(full_q, 0);
+    if constexpr (OPT != 0) {
+        static_assert(OVERLAP && PINGPONG, "the OPT variants build on OVERLAP + PINGPONG");
+        const unsigned char* valid_row = valid ? valid + (size_t)b * keys : nullptr;
+#pragma unroll 1
+        for (int step = 0; step < tiles; ++step) {
+            const int k0 = step * BK, st = step % STAGES, prev = (step + STAGES - 1) % STAGES;
+            const uint32_t parity = (step / STAGES) & 1;
+            const bool mask =
+                valid_row != nullptr || k0 + BK > keys || (causal && k0 + BK - 1 > offset + warp_q0);
+            const unsigned char* flags = valid_row ? valid_row + k0 : nullptr;
+            if (step == 0)
+                ws_step<true, OPT>(acc, s_acc, pa, row_max, row_sum, qs, cw, k_tile(st), 0u, full_k(st), full_v(st),
+                                   empty_k(st), 0u, 0u, parity, cw != 0, mask, k0, keys, flags, causal, offset,
+                                   row0, t, lane, scale_log2);
+            else
+                ws_step<false, OPT>(acc, s_acc, pa, row_max, row_sum, qs, cw, k_tile(st), v_tile(prev), full_k(st),
+                                    full_v(st), empty_k(st), empty_v(prev), 0u, parity, true, mask, k0, keys, flags,
+                                    causal, offset, row0, t, lane, scale_log2);
+        }
+    } else {
+#pragma unroll 1
+    for (int step = 0; step < tiles; ++step) {
+        const int k0 = step * BK;
+        const int st = step % STAGES;
+        const uint32_t parity = (step / STAGES) & 1;
+        const int prev = (step + STAGES - 1) % STAGES;
+        const uint32_t prev_parity = ((step - 1) / STAGES) & 1;
+        const bool mask = valid_row != nullptr || k0 + BK > keys || (causal && k0 + BK - 1 > offset + warp_q0);
+        const unsigned char* flags = valid_row ? valid_row + k0 : nullptr;
+        mbar_wait(full_k(st), parity);
+        if constexpr (OVERLAP) {
+            if (PINGPONG && (cw != 0 || step != 0)) named_sync(1 + cw, 256);
+            fence_registers(s_acc);
+            fence_registers(acc);
+            fence_registers(pa);
+            wgmma_fence();
+            issue_qk(s_acc, qs, cw, k_tile(st));
+            wgmma_commit();
+            if (step > 0) issue_pv(acc, pa, v_tile(prev));  // V[step − 1] was waited for last step
+            wgmma_commit();
+            if (PINGPONG) named_arrive(2 - cw, 256);
+            wgmma_wait<1>();
+            fence_registers(s_acc);
+            if (lane == 0) mbar_arrive(empty_k(st));
+            if (mask) mask_tile(s_acc, k0, keys, flags, causal, offset, row0, t);
+            softmax_tile(s_acc, row_max, row_sum, alpha, scale_log2);
+            wgmma_wait<0>();
+            fence_registers(acc);
+            fence_registers(pa);
+            if (step > 0 && lane == 0) mbar_arrive(empty_v(prev));
+            rescale(acc, alpha);
+            pack_p(pa, s_acc);
+            mbar_wait(full_v(st), parity);  // for the next step's P·V (or the tail)
+        } else {
+            if (PINGPONG && (cw != 0 || step != 0)) named_sync(1 + cw, 256);
+            fence_registers(s_acc);
+            wgmma_fence();
+            issue_qk(s_acc, qs, cw, k_tile(st));
+            wgmma_commit();
+            if (PINGPONG) named_arrive(2 - cw, 256);
+            wgmma_wait<0>();
+            fence_registers(s_acc);
+            if (lane == 0) mbar_arrive(empty_k(st));
+            if (mask) mask_tile(s_acc, k0, keys, flags, causal, offset, row0, t);
+            softmax_tile(s_acc, row_max, row_sum, alpha, scale_log2);
+            rescale(acc, alpha);
+            pack_p(pa, s_acc);
+            mbar_wait(full_v(st), parity);
+            fence_registers(acc);
+            fence_registers(pa);
+            wgmma_fence();
+            issue_pv(acc, pa, v_tile(st));
+            wgmma_commit();
+            wgmma_wait<0>();
+            fence_registers(acc);
+            if (lane == 0) mbar_arrive(empty_v(st));
+        }
+        (void)prev_parity;
+    }
+    }
+    if constexpr (OVERLAP) {
+        if (tiles > 0) {  // the last tile's P·V
+            fence_registers(acc);
+            fence_registers(pa);
+            wgmma_fence();
+            issue_pv(acc, pa, v_tile((tiles - 1) % STAGES));
+            wgmma_commit();
+            wgmma_wait<0>();
+            fence_registers(acc);
+        }
+    }
+    // Consumer 0 skipped its first wait; this one takes consumer 1's last arrival, so both named
+    // barriers end with no pending arrivals.
+    if (PINGPONG && cw == 0 && tiles > 0) named_sync(1, 256);
+    store_output(acc, row_max, row_sum, o, lse, b, h, bh, heads, queries, q_bthd, row0, t, scale);
+}
+
+// ============================================================================================
+// The persistent warp-specialised forward: forward_ws's pipeline (OVERLAP and PINGPONG always on)
+// with a grid of (at most) one block per SM that walks the work tiles itself, so the producer loads
+// the next tile's Q and first K/V while the consumers finish the previous tile (its last P·V and
+// the output stores) — the prologue/epilogue latency that a plain grid pays once per block.
+//   * Work tile L = 0 .. tiles_total − 1 in fa2's order (causal: heaviest query tiles first, heads
+//     fastest); block c takes, in round r, L = r·G + c (r even) or r·G + G − 1 − c (r odd) for a
+//     grid of G blocks: the snake order pairs a heavy pick with a light one, static (no atomics, no
+//     counter to reset), and the result of a tile never depends on which block computed it.
+//   * The K/V stage counter runs on across tiles; Q gets its own full/empty pair (empty: the 8
+//     consumer warps after the tile's last S = Q·Kᵀ waited), so the next Q streams in during the last
+//     softmax, P·V and the epilogue.
+//   * The step is ws_step (tile step 0 peeled: no P·V, hence no branch around a wgmma); OPT as
+//     there (bit 1: softmax_tile_tree, 2: skip O's rescale when alpha = 1, 4: mask without flags).
+template <int STAGES> struct WsPersistentLayout {
+    static constexpr int Q = 0;
+    static constexpr int K = TILE_BYTES;
+    static constexpr int V = (1 + STAGES) * TILE_BYTES;
+    // u64 full_q, empty_q, full_k[S], full_v[S], empty_k[S], empty_v[S]
+    static constexpr int BARRIERS = (1 + 2 * STAGES) * TILE_BYTES;
+    static constexpr int BYTES = BARRIERS + 8 * (2 + 4 * STAGES) + 1024;
+};
+
+template <int STAGES, int OPT>
+__device__ __forceinline__ void forward_persistent(const CUtensorMap* tq, const CUtensorMap* tk, const CUtensorMap* tv,
+                                                   const unsigned char* __restrict__ valid, bf16* __restrict__ o,
+                                                   float* __restrict__ lse, int batch, int heads, int kv_heads,
+                                                   int queries, int keys, int offset, int causal, float scale,
+                                                   int q_bthd, int kv_bthd) {
+    using L = WsPersistentLayout<STAGES>;
+    require_smem(L::BYTES);
+    extern __shared__ __align__(1024) unsigned char smem_raw[];
+    const uint32_t raw = smem_address(smem_raw);
+    const uint32_t base = (raw + 1023u) & ~1023u;
+    const uint32_t qs = base + L::Q, bars = base + L::BARRIERS;
+    const uint32_t full_q = bars, empty_q = bars + 8;
+    auto full_k = [&](int s) { return bars + 8u * (2 + s); };
+    auto full_v = [&](int s) { return bars + 8u * (2 + STAGES + s); };
+    auto empty_k = [&](int s) { return bars + 8u * (2 + 2 * STAGES + s); };
+    auto empty_v = [&](int s) { return bars + 8u * (2 + 3 * STAGES + s); };
+    auto k_tile = [&](int s) { return base + L::K + s * TILE_BYTES; };
+    auto v_tile = [&](int s) { return base + L::V + s * TILE_BYTES; };
+
+    const int tid = threadIdx.x, wg = tid / 128;
+    const int q_tiles = (queries + BQ - 1) / BQ, bhs = batch * heads, total = q_tiles * bhs;
+    const int grid = gridDim.x, c = blockIdx.x;
+    // The r-th work tile of this block (or −1 past the end), decoded into (query tile, b·H + h).
+    auto work = [&](int r, int& tile, int& bh) {
+        const int linear = r * grid + ((r & 1) ? grid - 1 - c : c);
+        if (linear >= total) return false;
+        if (causal) {
+            tile = q_tiles - 1 - linear / bhs;
+            bh = linear % bhs;
+        } else {
+            tile = linear % q_tiles;
+            bh = linear / q_tiles;
+        }
+        return true;
+    };
+    auto key_tiles = [&](int tile) {
+        const int last_row = min(tile * BQ + BQ, queries) - 1;
+        const int key_end = causal ? min(keys, offset + last_row + 1) : keys;
+        return key_end > 0 ? (key_end + BK - 1) / BK : 0;
+    };
+
+    if (tid == 0) {
+        mbar_init(full_q, 1);
+        mbar_init(empty_q, 8);
+        for (int s = 0; s < STAGES; ++s) {
+            mbar_init(full_k(s), 1);
+            mbar_init(full_v(s), 1);
+            mbar_init(empty_k(s), 8);
+            mbar_init(empty_v(s), 8);
+        }
+        asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+        fence_proxy_async();
+    }
+    __syncthreads();
+
+    if (wg == 0) {  // producer
+        setmaxnreg_dec<WS_PRODUCER_REGS>();
+        if (tid == 0) {
+            int pipe = 0, qn = 0, tile, bh;
+#pragma unroll 1
+            for (int r = 0; work(r, tile, bh); ++r) {
+                const int tiles = key_tiles(tile);
+                if (tiles == 0) continue;
+                const int b = bh / heads, h = bh % heads, kvh = h / (heads / kv_heads);
+                mbar_wait(empty_q, (qn & 1) ^ 1);
+                mbar_expect_tx(full_q, TILE_BYTES);
+                tma_load_tile(qs, tq, tile * BQ, h, b, q_bthd, full_q);
+                ++qn;
+#pragma unroll 1
+                for (int step = 0; step < tiles; ++step, ++pipe) {
+                    const int s = pipe % STAGES;
+                    const uint32_t parity = ((pipe / STAGES) & 1) ^ 1;
+                    mbar_wait(empty_k(s), parity);
+                    mbar_expect_tx(full_k(s), TILE_BYTES);
+                    tma_load_tile(k_tile(s), tk, step * BK, kvh, b, kv_bthd, full_k(s));
+                    mbar_wait(empty_v(s), parity);
+                    mbar_expect_tx(full_v(s), TILE_BYTES);
+                    tma_load_tile(v_tile(s), tv, step * BK, kvh, b, kv_bthd, full_v(s));
+                }
+            }
+        }
+        return;
+    }
+    setmaxnreg_inc<WS_CONSUMER_REGS>();
+    const int cw = wg - 1, u = (tid % 128) / 32, lane = tid % 32, g = lane / 4, t = lane % 4;
+    const float scale_log2 = scale * LOG2E;
+    int pipe = 0, qn = 0, tile, bh;
+    bool first = true;  // consumer 0 skips the scheduler wait of its very first step
+#pragma unroll 1
+    for (int r = 0; work(r, tile, bh); ++r) {
+        const int tiles = key_tiles(tile);
+        const int b = bh / heads, h = bh % heads;
+        const int q0 = tile * BQ;
+        const int warp_q0 = q0 + 64 * cw + 16 * u;
+        const int row0 = warp_q0 + g;
+        const unsigned char* valid_row = valid ? valid + (size_t)b * keys : nullptr;
+
+        float acc[64];
+#pragma unroll
+        for (int i = 0; i < 64; ++i) acc[i] = 0.0f;
+        float s_acc[64];
+#pragma unroll
+        for (int i = 0; i < 64; ++i) s_acc[i] = 0.0f;
+        uint32_t pa[32];
+#pragma unroll
+        for (int i = 0; i < 32; ++i) pa[i] = 0u;
+        float row_max[2] = {-INFINITY, -INFINITY};
+        float row_sum[2] = {0.0f, 0.0f};
+
+        if (tiles > 0) mbar_wait(full_q, qn & 1);
+#pragma unroll 1
+        for (int step = 0; step < tiles; ++step, ++pipe) {
+            const int k0 = step * BK, st = pipe % STAGES, prev = (pipe + STAGES - 1) % STAGES;
+            const uint32_t parity = (pipe / STAGES) & 1;
+            const bool mask =
+                valid_row != nullptr || k0 + BK > keys || (causal && k0 + BK - 1 > offset + warp_q0);
+            const unsigned char* flags = valid_row ? valid_row + k0 : nullptr;
+            const uint32_t q_release = step == tiles - 1 ? empty_q : 0u;  // the tile's last read of Q
+            if (step == 0)
+                ws_step<true, OPT>(acc, s_acc, pa, row_max, row_sum, qs, cw, k_tile(st), 0u, full_k(st), full_v(st),
+                                   empty_k(st), 0u, q_release, parity, cw != 0 || !first, mask, k0, keys, flags,
+                                   causal, offset, row0, t, lane, scale_log2);
+            else
+                ws_step<false, OPT>(acc, s_acc, pa, row_max, row_sum, qs, cw, k_tile(st), v_tile(prev), full_k(st),
+                                    full_v(st), empty_k(st), empty_v(prev), q_release, parity, true, mask, k0, keys,
+                                    flags, causal, offset, row0, t, lane, scale_log2);
+            first = false;
+        }
+        if (tiles > 0) {  // the last tile's P·V, then release its V stage
+            const int last = (pipe + STAGES - 1) % STAGES;
+            fence_registers(acc);
+            fence_registers(pa);
+            wgmma_fence();
+            issue_pv(acc, pa, v_tile(last));
+            wgmma_commit();
+            wgmma_wait<0>();
+            fence_registers(acc);
+            if (lane == 0) mbar_arrive(empty_v(last));
+            ++qn;
+        }
+        store_output(acc, row_max, row_sum, o, lse, b, h, bh, heads, queries, q_bthd, row0, t, scale);
+    }
+    if (cw == 0 && !first) named_sync(1, 256);  // consumer 1's last arrival (see forward_ws)
+}
+
 }  // namespace wgfa
 
 extern "C" __global__ void __launch_bounds__(wgfa::THREADS, 1)
@@ -491,6 +1016,71 @@ extern "C" __global__ void __launch_bounds__(wgfa::THREADS, 1)
     wgfa::forward(q, k, v, valid, o, lse, heads, kv_heads, queries, keys, offset, causal, scale, q_bthd, kv_bthd);
 #else
     __trap();  // wgmma needs sm_90a
+#endif
+}
+
+// Warp-specialised TMA forward (forward_ws above): template variants for the A/B test, and
+// flash_wgmma_forward_tma_bf16_d128 = forward_ws<2, OVERLAP, PINGPONG, OPT 0> under a plain name
+// (the non-persistent form; the persistent entry below is faster).
+// Grid (ceil(queries / 128), B·H), wgfa::WS_THREADS threads, WsLayout<STAGES>::BYTES dynamic smem.
+template <int STAGES, bool OVERLAP, bool PINGPONG, int OPT = 0>
+__global__ void __launch_bounds__(wgfa::WS_THREADS, 1)
+    flash_wgmma_forward_ws(const __grid_constant__ CUtensorMap tq, const __grid_constant__ CUtensorMap tk,
+                           const __grid_constant__ CUtensorMap tv, const unsigned char* valid, wgfa::bf16* o,
+                           float* lse, int heads, int kv_heads, int queries, int keys, int offset, int causal,
+                           float scale, int q_bthd, int kv_bthd) {
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    wgfa::forward_ws<STAGES, OVERLAP, PINGPONG, OPT>(&tq, &tk, &tv, valid, o, lse, heads, kv_heads, queries, keys, offset,
+                                                causal, scale, q_bthd, kv_bthd);
+#else
+    __trap();
+#endif
+}
+extern "C" __global__ void __launch_bounds__(wgfa::WS_THREADS, 1)
+    flash_wgmma_forward_tma_bf16_d128(const __grid_constant__ CUtensorMap tq, const __grid_constant__ CUtensorMap tk,
+                                      const __grid_constant__ CUtensorMap tv, const unsigned char* valid,
+                                      wgfa::bf16* o, float* lse, int heads, int kv_heads, int queries, int keys,
+                                      int offset, int causal, float scale, int q_bthd, int kv_bthd) {
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    wgfa::forward_ws<2, true, true>(&tq, &tk, &tv, valid, o, lse, heads, kv_heads, queries, keys, offset, causal,
+                                    scale, q_bthd, kv_bthd);
+#else
+    __trap();
+#endif
+}
+
+// Persistent variant (forward_persistent): grid min(#SMs, work tiles) blocks of WS_THREADS, smem
+// WsPersistentLayout<STAGES>::BYTES; `batch` is B (the grid no longer encodes it).
+template <int STAGES, int OPT>
+__global__ void __launch_bounds__(wgfa::WS_THREADS, 1)
+    flash_wgmma_forward_persistent(const __grid_constant__ CUtensorMap tq, const __grid_constant__ CUtensorMap tk,
+                                   const __grid_constant__ CUtensorMap tv, const unsigned char* valid, wgfa::bf16* o,
+                                   float* lse, int batch, int heads, int kv_heads, int queries, int keys, int offset,
+                                   int causal, float scale, int q_bthd, int kv_bthd) {
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    wgfa::forward_persistent<STAGES, OPT>(&tq, &tk, &tv, valid, o, lse, batch, heads, kv_heads, queries, keys,
+                                                   offset, causal, scale, q_bthd, kv_bthd);
+#else
+    __trap();
+#endif
+}
+
+// The configuration to ship (measured as "p2-fsm": forward_persistent<2, 7>): fa2's arguments with
+// tensor maps for q, k, v, plus `batch`; grid min(#SMs, ceil(queries / 128) · batch · heads)
+// blocks of wgfa::WS_THREADS threads, wgfa::WsPersistentLayout<2>::BYTES (164,944) bytes of
+// dynamic shared memory.
+extern "C" __global__ void __launch_bounds__(wgfa::WS_THREADS, 1)
+    flash_wgmma_forward_persistent_bf16_d128(const __grid_constant__ CUtensorMap tq,
+                                             const __grid_constant__ CUtensorMap tk,
+                                             const __grid_constant__ CUtensorMap tv, const unsigned char* valid,
+                                             wgfa::bf16* o, float* lse, int batch, int heads, int kv_heads,
+                                             int queries, int keys, int offset, int causal, float scale, int q_bthd,
+                                             int kv_bthd) {
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    wgfa::forward_persistent<2, 7>(&tq, &tk, &tv, valid, o, lse, batch, heads, kv_heads, queries, keys, offset, causal,
+                                   scale, q_bthd, kv_bthd);
+#else
+    __trap();
 #endif
 }
 

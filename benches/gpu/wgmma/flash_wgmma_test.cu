@@ -1,7 +1,9 @@
-// Host program for the wgmma forward (flash_wgmma_fwd.cu beside it): checks it against a
-// double-precision CPU reference and against the fa2 d128 forward main launches
-// (flash_mma_forward_bf16_d128 = fa2::forward_wide, from kernels/flash_attn.cu), and times both.
-// UNVERIFIED ON HARDWARE: written and compiled without a GPU; see README.md for the commands.
+// Host program for the wgmma forwards (flash_wgmma_fwd.cu beside it): checks every variant (the
+// Kernel enum below) against a double-precision CPU reference and against the fa2 d128 forward main
+// launches (flash_mma_forward_bf16_d128 = fa2::forward_wide, from kernels/flash_attn.cu), checks
+// strided heads bitwise and determinism, and times them all at the 8B shape. The TMA variants get
+// their tensor maps from make_map (cuTensorMapEncodeTiled through cudaGetDriverEntryPointByVersion:
+// no -lcuda). README.md has the commands and the H200 figures.
 //
 //   ./flash_wgmma_test host      CPU only: descriptor encodings (worked example), and an emulation
 //                                of what wgmma reads through each descriptor (the canonical layouts
@@ -12,12 +14,14 @@
 //                                forms), the forward cases, strided heads, the 8B-shape timing
 //   ./flash_wgmma_test profile   one launch of each forward at the 8B shape (for ncu / nsys)
 //
-// Per forward case it prints, for the new kernel (wgmma) and for fa2: max|o − ref| / max|ref| and
+// Per forward case it prints, for each wgmma kernel and for fa2: max|o − ref| / max|ref| and
 // max|lse − ref| over rows with a visible key (rows without one: lse −inf and o 0 exactly), then
 // new against fa2: max|Δo|, max|Δo| / max|o_fa2| and max|Δlse| (not bitwise: the sums run in a
 // different order).
 #include "../../../kernels/flash_attn.cu"
 #include "flash_wgmma_fwd.cu"
+
+#include <cudaTypedefs.h>  // PFN_cuTensorMapEncodeTiled
 
 #include <algorithm>
 #include <cmath>
@@ -217,10 +221,88 @@ static void release(Buffers& x) {
 static float scale_of() { return 1.0f / std::sqrt((float)D); }
 static const unsigned char* valid_of(const Buffers& x) { return x.sh.masked ? x.valid : nullptr; }
 
-enum Kernel { WGMMA, FA2 };
-static const char* kernel_name[] = {"wgmma", "fa2"};
+// Kernels under test: the build's pointer-interface wgmma forward (plain / WGFA_OVERLAP /
+// WGFA_PV_N64), the warp-specialised TMA variants (forward_ws<STAGES, OVERLAP, PINGPONG>; "tma" =
+// flash_wgmma_forward_tma_bf16_d128, the shipped configuration), and fa2 last.
+// Suffixes: -f tree softmax (OPT 1), -fsm + skip rescale at alpha 1 + mask without flags (OPT 7).
+// "persist" = flash_wgmma_forward_persistent_bf16_d128, the extern "C" name of p2-fsm.
+enum Kernel {
+    WGMMA, WS2_OV_PP, WS2_OV, WS2_PP, WS3_OV_PP, TMA, WS2_F, WS2_FSM, P2, P2_F, P2_FSM, P3_FSM, PERSIST, FA2, KERNELS
+};
+static const char* kernel_name[] = {"wgmma", "ws2-ov-pp", "ws2-ov", "ws2-pp", "ws3-ov-pp", "tma",     "ws2-f",
+                                    "ws2-fsm", "p2",        "p2-f",   "p2-fsm", "p3-fsm",    "persist", "fa2"};
 
-static void forward(Buffers& x, Kernel which) {
+// cuTensorMapEncodeTiled through the runtime's driver entry point (no -lcuda needed).
+static PFN_cuTensorMapEncodeTiled_v12000 encode_fn() {
+    static PFN_cuTensorMapEncodeTiled_v12000 fn = nullptr;
+    if (!fn) {
+        void* p = nullptr;
+        cudaDriverEntryPointQueryResult q;
+        CK(cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &p, 12000, cudaEnableDefault, &q));
+        if (q != cudaDriverEntryPointSuccess || p == nullptr) {
+            fprintf(stderr, "cuTensorMapEncodeTiled not found\n");
+            exit(1);
+        }
+        fn = (PFN_cuTensorMapEncodeTiled_v12000)p;
+    }
+    return fn;
+}
+// The tensor map of one operand: [B, heads, length, D] (bthd 0) → dims {D, length, heads, B}, box
+// {64, 128, 1, 1}; [B, length, heads, D] (bthd 1) → dims {D, heads, length, B}, box {64, 1, 128,
+// 1} (strides growing either way); bf16, 128-byte swizzle, out-of-bounds rows read as zeros.
+static CUtensorMap make_map(const bf16* base, int B, int heads, int length, int bthd) {
+    alignas(64) CUtensorMap m;
+    const cuuint64_t row = (cuuint64_t)D * 2;
+    cuuint64_t dims[4], strides[3];
+    cuuint32_t box[4];
+    if (bthd) {
+        dims[1] = heads, dims[2] = length, strides[0] = row, strides[1] = row * heads, box[1] = 1, box[2] = 128;
+    } else {
+        dims[1] = length, dims[2] = heads, strides[0] = row, strides[1] = row * length, box[1] = 128, box[2] = 1;
+    }
+    dims[0] = D, dims[3] = B, strides[2] = row * heads * length, box[0] = 64, box[3] = 1;
+    const cuuint32_t element_strides[4] = {1, 1, 1, 1};
+    const CUresult r = encode_fn()(&m, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 4, (void*)base, dims, strides, box,
+                                   element_strides, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+                                   CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+    if (r != CUDA_SUCCESS) {
+        fprintf(stderr, "cuTensorMapEncodeTiled failed: %d\n", (int)r);
+        exit(1);
+    }
+    return m;
+}
+
+template <int STAGES, bool OVERLAP, bool PINGPONG, int OPT = 0> static void launch_ws(Buffers& x, bool shipped) {
+    const Shape& s = x.sh;
+    const CUtensorMap tq = make_map(x.q, s.B, s.H, s.T, x.q_bthd), tk = make_map(x.k, s.B, s.KVH, s.S, x.kv_bthd),
+                      tv = make_map(x.v, s.B, s.KVH, s.S, x.kv_bthd);
+    const int smem = wgfa::WsLayout<STAGES>::BYTES;
+    auto fn = shipped ? flash_wgmma_forward_tma_bf16_d128 : flash_wgmma_forward_ws<STAGES, OVERLAP, PINGPONG, OPT>;
+    CK(cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+    fn<<<dim3((s.T + wgfa::BQ - 1) / wgfa::BQ, s.B * s.H), wgfa::WS_THREADS, smem>>>(
+        tq, tk, tv, valid_of(x), x.o, x.lse, s.H, s.KVH, s.T, s.S, s.S - s.T, s.causal, scale_of(), x.q_bthd, x.kv_bthd);
+}
+
+// The persistent variants (flash_wgmma_forward_persistent<STAGES, OPT>): one block per SM at most.
+template <int STAGES, int OPT> static void launch_persistent(Buffers& x, bool shipped = false) {
+    const Shape& s = x.sh;
+    const CUtensorMap tq = make_map(x.q, s.B, s.H, s.T, x.q_bthd), tk = make_map(x.k, s.B, s.KVH, s.S, x.kv_bthd),
+                      tv = make_map(x.v, s.B, s.KVH, s.S, x.kv_bthd);
+    const int smem = wgfa::WsPersistentLayout<STAGES>::BYTES;
+    static int sms = 0;
+    if (sms == 0) {
+        int device;
+        CK(cudaGetDevice(&device));
+        CK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+    }
+    const int total = (s.T + wgfa::BQ - 1) / wgfa::BQ * s.B * s.H;
+    auto fn = shipped ? flash_wgmma_forward_persistent_bf16_d128 : flash_wgmma_forward_persistent<STAGES, OPT>;
+    CK(cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+    fn<<<std::min(sms, total), wgfa::WS_THREADS, smem>>>(tq, tk, tv, valid_of(x), x.o, x.lse, s.B, s.H, s.KVH, s.T,
+                                                         s.S, s.S - s.T, s.causal, scale_of(), x.q_bthd, x.kv_bthd);
+}
+
+static void forward(Buffers& x, int which) {
     const Shape& s = x.sh;
     if (which == WGMMA) {
         CK(cudaFuncSetAttribute(flash_wgmma_forward_bf16_d128, cudaFuncAttributeMaxDynamicSharedMemorySize,
@@ -229,6 +311,30 @@ static void forward(Buffers& x, Kernel which) {
                                         wgfa::SMEM_BYTES>>>(x.q, x.k, x.v, valid_of(x), x.o, x.lse, s.H, s.KVH, s.T,
                                                             s.S, s.S - s.T, s.causal, scale_of(), x.q_bthd,
                                                             x.kv_bthd);
+    } else if (which == WS2_OV_PP) {
+        launch_ws<2, true, true>(x, false);
+    } else if (which == WS2_OV) {
+        launch_ws<2, true, false>(x, false);
+    } else if (which == WS2_PP) {
+        launch_ws<2, false, true>(x, false);
+    } else if (which == WS3_OV_PP) {
+        launch_ws<3, true, true>(x, false);
+    } else if (which == TMA) {
+        launch_ws<2, true, true>(x, true);
+    } else if (which == WS2_F) {
+        launch_ws<2, true, true, 1>(x, false);
+    } else if (which == WS2_FSM) {
+        launch_ws<2, true, true, 7>(x, false);
+    } else if (which == P2) {
+        launch_persistent<2, 0>(x);
+    } else if (which == P2_F) {
+        launch_persistent<2, 1>(x);
+    } else if (which == P2_FSM) {
+        launch_persistent<2, 7>(x);
+    } else if (which == P3_FSM) {
+        launch_persistent<3, 7>(x);
+    } else if (which == PERSIST) {
+        launch_persistent<2, 7>(x, true);
     } else {
         const int smem = fa2::forward_wide_smem<128>();
         CK(cudaFuncSetAttribute(flash_mma_forward_bf16_d128, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
@@ -370,8 +476,8 @@ static bool check_forward(Shape sh, const char* name) {
     std::vector<double> ro, rlse;
     reference_forward(x, ro, rlse);
     bool ok = true;
-    std::vector<float> out[2], outl[2];
-    for (Kernel w : {WGMMA, FA2}) {
+    std::vector<float> out[KERNELS], outl[KERNELS];
+    for (int w = 0; w < KERNELS; ++w) {
         CK(cudaMemset(x.o, 0xff, x.nq * 2));
         CK(cudaMemset(x.lse, 0xff, rlse.size() * 4));
         forward(x, w);
@@ -395,11 +501,12 @@ static bool check_forward(Shape sh, const char* name) {
         }
         const bool good = eo < 2e-2 && el < 1e-3 && exact;
         ok = ok && good;
-        printf("  %-38s %-5s: rel err o %.2e, abs err lse %.2e, %d rows without keys %s %s\n", name, kernel_name[w], eo,
-               el, unseen, exact ? "exact" : "NOT EXACT", good ? "ok" : "FAIL");
+        printf("  %-34s %-9s: rel err o %.2e, abs err lse %.2e, %d rows without keys %s %s\n", name, kernel_name[w],
+               eo, el, unseen, exact ? "exact" : "NOT EXACT", good ? "ok" : "FAIL");
     }
-    printf("  %-38s wgmma vs fa2: max|do| %.2e, max|do|/max|o| %.2e, max|dlse| %.2e\n", name,
-           max_abs(out[WGMMA], out[FA2]), rel(out[WGMMA], out[FA2]), max_abs(outl[WGMMA], outl[FA2]));
+    for (int w = 0; w < FA2; ++w)
+        printf("  %-34s %-9s vs fa2: max|do| %.2e, max|do|/max|o| %.2e, max|dlse| %.2e\n", name, kernel_name[w],
+               max_abs(out[w], out[FA2]), rel(out[w], out[FA2]), max_abs(outl[w], outl[FA2]));
     release(x);
     return ok;
 }
@@ -417,9 +524,9 @@ static std::vector<unsigned char> swap_heads(const std::vector<unsigned char>& x
 }
 
 // Heads stored [B, T, H, D] give the same bits as contiguous heads (after undoing the layout).
-static bool check_strided(Shape sh, const char* name, int q_bthd, int kv_bthd) {
+static bool check_strided(Shape sh, const char* name, int q_bthd, int kv_bthd, int which) {
     Buffers x = make(sh, 99);
-    forward(x, WGMMA);
+    forward(x, which);
     CK(cudaDeviceSynchronize());
     const auto ro = raw(x.o, x.nq * 2);
     const auto rl = raw(x.lse, (size_t)sh.B * sh.H * sh.T * 4);
@@ -438,17 +545,18 @@ static bool check_strided(Shape sh, const char* name, int q_bthd, int kv_bthd) {
     x.kv_bthd = kv_bthd;
     CK(cudaMemset(x.o, 0xff, x.nq * 2));
     CK(cudaMemset(x.lse, 0xff, rl.size()));
-    forward(x, WGMMA);
+    forward(x, which);
     CK(cudaDeviceSynchronize());
     auto so = raw(x.o, x.nq * 2);
     if (q_bthd) so = swap_heads(so, sh.B, sh.H, sh.T, true);
     const bool same = so == ro && raw(x.lse, rl.size()) == rl;
-    printf("  %-38s strided q %d k/v %d: bitwise equal to contiguous: %s\n", name, q_bthd, kv_bthd, same ? "yes" : "NO");
+    printf("  %-34s %-9s strided q %d k/v %d: bitwise equal to contiguous: %s\n", name, kernel_name[which], q_bthd,
+           kv_bthd, same ? "yes" : "NO");
     release(x);
     return same;
 }
 
-static float median_ms(int reps, Buffers& x, Kernel w) {
+static float median_ms(int reps, Buffers& x, int w) {
     cudaEvent_t a, b;
     CK(cudaEventCreate(&a));
     CK(cudaEventCreate(&b));
@@ -477,34 +585,40 @@ static bool bench(Shape sh, const char* name, int reps) {
     const double flops = 4.0 * D * pairs;  // S = Q·Kᵀ and O = P·V
     printf("%s (B=%d H=%d KVH=%d T=%d S=%d D=%d causal=%d), median of %d:\n", name, sh.B, sh.H, sh.KVH, sh.T, sh.S, D,
            sh.causal, reps);
-    float t[2];
-    for (Kernel w : {FA2, WGMMA}) {
+    float t[KERNELS];
+    t[FA2] = median_ms(reps, x, FA2);
+    printf("  forward %-9s %.3f ms/layer %.1f ms/step (x32) %.0f TFLOP/s\n", kernel_name[FA2], t[FA2], 32 * t[FA2],
+           flops / t[FA2] * 1e-9);
+    for (int w = 0; w < FA2; ++w) {
         t[w] = median_ms(reps, x, w);
-        printf("  forward %-5s %.3f ms/layer %.1f ms/step (x32) %.0f TFLOP/s\n", kernel_name[w], t[w], 32 * t[w],
-               flops / t[w] * 1e-9);
+        printf("  forward %-9s %.3f ms/layer %.1f ms/step (x32) %.0f TFLOP/s  %.2fx fa2\n", kernel_name[w], t[w],
+               32 * t[w], flops / t[w] * 1e-9, t[FA2] / t[w]);
     }
-    printf("  speed-up wgmma over fa2: %.2fx\n", t[FA2] / t[WGMMA]);
     const size_t rows = (size_t)sh.B * sh.H * sh.T;
     forward(x, FA2);
     const auto fo = fetch(x.o, x.nq);
     const auto fl = fetch_f32(x.lse, rows);
-    forward(x, WGMMA);
-    const auto no = raw(x.o, x.nq * 2);
-    const auto nl = raw(x.lse, rows * 4);
-    const auto wo = fetch(x.o, x.nq);
-    const auto wl = fetch_f32(x.lse, rows);
-    bool same = true;
-    for (int r = 0; r < 3; ++r) {
-        CK(cudaMemset(x.o, 0, x.nq * 2));
-        CK(cudaMemset(x.lse, 0, rows * 4));
-        forward(x, WGMMA);
-        same = same && raw(x.o, x.nq * 2) == no && raw(x.lse, rows * 4) == nl;
+    bool ok = true;
+    for (int w = 0; w < FA2; ++w) {
+        forward(x, w);
+        const auto no = raw(x.o, x.nq * 2);
+        const auto nl = raw(x.lse, rows * 4);
+        const auto wo = fetch(x.o, x.nq);
+        const auto wl = fetch_f32(x.lse, rows);
+        bool same = true;
+        for (int r = 0; r < 3; ++r) {
+            CK(cudaMemset(x.o, 0, x.nq * 2));
+            CK(cudaMemset(x.lse, 0, rows * 4));
+            forward(x, w);
+            same = same && raw(x.o, x.nq * 2) == no && raw(x.lse, rows * 4) == nl;
+        }
+        const double d_rel = rel(wo, fo);
+        printf("  %-9s vs fa2: max|do| %.2e, max|do|/max|o| %.2e, max|dlse| %.2e; bitwise identical over 4 runs: %s\n",
+               kernel_name[w], max_abs(wo, fo), d_rel, max_abs(wl, fl), same ? "yes" : "NO");
+        ok = ok && same && d_rel < 2e-2;
     }
-    const double d_rel = rel(wo, fo);
-    printf("  wgmma vs fa2: max|do| %.2e, max|do|/max|o| %.2e, max|dlse| %.2e; wgmma bitwise identical over 4 runs: %s\n",
-           max_abs(wo, fo), d_rel, max_abs(wl, fl), same ? "yes" : "NO");
     release(x);
-    return same && d_rel < 2e-2;
+    return ok;
 }
 
 int main(int argc, char** argv) {
@@ -537,8 +651,7 @@ int main(int argc, char** argv) {
     }
     if (argc > 1 && strcmp(argv[1], "profile") == 0) {
         Buffers x = make({1, 32, 8, 4096, 4096, 1, false}, 42);
-        forward(x, FA2);
-        forward(x, WGMMA);
+        for (int w = 0; w < KERNELS; ++w) forward(x, w);
         CK(cudaDeviceSynchronize());
         release(x);
         return 0;
@@ -554,9 +667,14 @@ int main(int argc, char** argv) {
     ok &= check_forward({2, 2, 2, 77, 77, 1, true}, "causal+valid H2 KVH2 T=S=77");
     ok &= check_forward({1, 2, 1, 5, 20, 0, false}, "full H2 KVH1 T5 S20");
     ok &= check_forward({1, 4, 1, 640, 640, 1, false}, "causal H4 KVH1 T=S=640 (5 tiles)");
-    ok &= check_strided({2, 4, 2, 300, 300, 1, false}, "causal B2 H4 KVH2 T=S=300", 1, 1);
-    ok &= check_strided({2, 4, 1, 200, 333, 1, true}, "causal+valid H4 KVH1 T200 S333", 1, 0);
-    ok &= check_strided({2, 4, 1, 200, 333, 1, true}, "causal+valid H4 KVH1 T200 S333", 0, 1);
+    // More queries than keys (offset S − T = −200): rows 0..199 see no key, and the first query
+    // tile has no key tile at all (a block / work tile with 0 steps).
+    ok &= check_forward({1, 2, 1, 300, 100, 1, false}, "causal H2 KVH1 T300 S100 (offset -200)");
+    for (int w = 0; w < FA2; ++w) {
+        ok &= check_strided({2, 4, 2, 300, 300, 1, false}, "causal B2 H4 KVH2 T=S=300", 1, 1, w);
+        ok &= check_strided({2, 4, 1, 200, 333, 1, true}, "causal+valid H4 KVH1 T200 S333", 1, 0, w);
+        ok &= check_strided({2, 4, 1, 200, 333, 1, true}, "causal+valid H4 KVH1 T200 S333", 0, 1, w);
+    }
     printf("correctness: %s\n", ok ? "all ok" : "FAILURES");
     ok &= bench({1, 32, 8, 4096, 4096, 1, false}, "8B shape", reps);
     printf("overall: %s\n", ok ? "all ok" : "FAILURES");
