@@ -3,10 +3,15 @@
 //! the name `peftpipe_kernels.ptx`), which the Rust module that launches its kernels embeds
 //! (`src/ops/cuda.rs`, ...); the driver JIT-compiles it for the GPU at first use. nvcc is found as
 //! `$NVCC`, `$CUDA_HOME/bin/nvcc` or `nvcc` on PATH; the virtual architecture is
-//! `compute_$CUDA_COMPUTE_CAP` (default 90, Hopper), as candle-kernels does.
+//! `compute_$CUDA_COMPUTE_CAP` (default 90, Hopper), as candle-kernels does; the files in
+//! `SM90A_ONLY` use Hopper's arch-specific instructions and are compiled for `compute_90a` (an
+//! empty module when the capability is not 90). `kernels/*/` holds headers they include.
 
 use std::path::PathBuf;
 use std::process::Command;
+
+/// `kernels/NAME.cu` files compiled for `compute_90a` (Hopper's arch-specific features).
+const SM90A_ONLY: [&str; 1] = ["flash_wgmma"];
 
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");
@@ -43,9 +48,21 @@ fn main() {
             stem
         };
         let target = out.join(format!("{name}.ptx"));
+        // Hopper-only kernels (wgmma, setmaxnreg, TMA) exist in the arch-specific target
+        // compute_90a alone, whose PTX the driver compiles for sm_90 GPUs only: built for a
+        // CUDA_COMPUTE_CAP of 90, an empty module otherwise (its Rust side never loads one).
+        let arch = if SM90A_ONLY.contains(&stem) {
+            if cap != "90" {
+                std::fs::write(&target, "").expect("writing an empty PTX module");
+                continue;
+            }
+            "compute_90a".to_string()
+        } else {
+            format!("compute_{cap}")
+        };
         let result = Command::new(&nvcc)
             .args(["--ptx", "-O3", "-std=c++17", "-lineinfo"])
-            .arg(format!("-arch=compute_{cap}"))
+            .arg(format!("-arch={arch}"))
             .arg(&source)
             .arg("-o")
             .arg(&target)

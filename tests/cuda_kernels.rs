@@ -701,23 +701,82 @@ fn flash_attention_matches_the_cpu_reference() -> Result<()> {
     Ok(())
 }
 
-/// The first tensor-core kernels (`PEFTPIPE_FLASH=wmma`, kept for comparison) on the same cases,
-/// bf16 and f16.
+/// The families the default does not pick on every GPU, chosen explicitly on the same cases, bf16
+/// and f16: the FlashAttention-2-style kernels (`PEFTPIPE_FLASH=mma`; on a Hopper GPU the default
+/// runs the wgmma kernels for bf16 at head_dim 128 instead) and the first tensor-core kernels
+/// (`PEFTPIPE_FLASH=wmma`, kept for comparison).
 #[test]
-fn flash_attention_wmma_matches_the_cpu_reference() -> Result<()> {
+fn flash_attention_mma_and_wmma_match_the_cpu_reference() -> Result<()> {
     let Some(gpu) = gpu() else { return Ok(()) };
-    for dim in [64, 128] {
-        let scale = 1.0 / (dim as f64).sqrt();
-        for case in flash_cases() {
-            for dtype in [DType::BF16, DType::F16] {
-                let seen = case.rows_seen()?;
-                let name = format!("flash (wmma) d{dim} {}", case.name);
-                compare(&name, &gpu, dtype, &case.inputs(dim)?, &|t| {
-                    let output = case.run_with(t, scale, TensorCoreKernels::Wmma)?;
-                    let seen = seen.to_device(t[0].device())?.to_dtype(output.dtype())?;
-                    output.broadcast_mul(&seen)
-                })?;
+    for kernels in [TensorCoreKernels::Mma, TensorCoreKernels::Wmma] {
+        for dim in [64, 128] {
+            let scale = 1.0 / (dim as f64).sqrt();
+            for case in flash_cases() {
+                for dtype in [DType::BF16, DType::F16] {
+                    let seen = case.rows_seen()?;
+                    let name = format!("flash ({kernels:?}) d{dim} {}", case.name);
+                    compare(&name, &gpu, dtype, &case.inputs(dim)?, &|t| {
+                        let output = case.run_with(t, scale, kernels)?;
+                        let seen = seen.to_device(t[0].device())?.to_dtype(output.dtype())?;
+                        output.broadcast_mul(&seen)
+                    })?;
+                }
             }
+        }
+    }
+    Ok(())
+}
+
+/// On a GPU of compute capability 9.0 the default runs the Hopper (wgmma) kernels for bf16 at
+/// head_dim 128 (and so every default-family test above exercises them there), and not at 64; on
+/// any other GPU it never does. Their gradients against the FlashAttention-2-style kernels' on
+/// the same inputs: within the band of the CPU-reference comparison (the two forwards sum in a
+/// different order, so the backwards see different outputs and log-sum-exps).
+#[cfg(feature = "cuda")]
+#[test]
+fn flash_hopper_kernels_run_on_hopper_and_agree_with_fa2() -> Result<()> {
+    let Some(gpu) = gpu() else { return Ok(()) };
+    let capability = gpu
+        .as_cuda_device()?
+        .cuda_stream()
+        .context()
+        .compute_capability()
+        .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+    let hopper = ops::flash::hopper_kernels_apply(&gpu, 128);
+    eprintln!("compute capability {capability:?}: hopper flash kernels {hopper}");
+    assert_eq!(hopper, capability == (9, 0), "capability {capability:?}");
+    assert!(!ops::flash::hopper_kernels_apply(&gpu, 64));
+    if !hopper {
+        eprintln!("skipping the comparison: not a Hopper GPU");
+        return Ok(());
+    }
+    let scale = 1.0 / 128f64.sqrt();
+    for case in flash_cases() {
+        let seen = case.rows_seen()?;
+        let inputs = case.inputs(128)?;
+        let run = |kernels: TensorCoreKernels| {
+            let seen = seen.clone();
+            let case = &case;
+            move |t: &[Tensor]| -> Result<Tensor> {
+                let output = case.run_with(t, scale, kernels)?;
+                let seen = seen.to_device(t[0].device())?.to_dtype(output.dtype())?;
+                output.broadcast_mul(&seen)
+            }
+        };
+        let hopper = output_and_grads(&gpu, DType::BF16, &inputs, &run(TensorCoreKernels::Auto))?;
+        let fa2 = output_and_grads(&gpu, DType::BF16, &inputs, &run(TensorCoreKernels::Mma))?;
+        for (index, (a, b)) in hopper.iter().zip(&fa2).enumerate() {
+            let (a, b) = (
+                Tensor::new(a.as_slice(), &Device::Cpu)?,
+                Tensor::new(b.as_slice(), &Device::Cpu)?,
+            );
+            let error = relative_error(&format!("{} result {index}", case.name), &a, &b)?;
+            eprintln!("hopper vs fa2 {} result {index}: {error:.2e}", case.name);
+            assert!(
+                error < tolerance(DType::BF16),
+                "{}: result {index} (0 = output) {error} from fa2's",
+                case.name
+            );
         }
     }
     Ok(())
@@ -1022,6 +1081,9 @@ fn flash_attention_timing() -> Result<()> {
             Path::Flash(TensorCoreKernels::Wmma),
             Path::Flash(TensorCoreKernels::Mma),
         ];
+        if ops::flash::hopper_kernels_apply(&gpu, dim) {
+            paths.push(Path::Flash(TensorCoreKernels::Auto));
+        }
         if length <= 512 {
             paths.insert(0, Path::Explicit);
         }
@@ -1068,6 +1130,7 @@ fn flash_attention_timing() -> Result<()> {
                 Path::Explicit => "explicit",
                 Path::Flash(TensorCoreKernels::Mma) => "flash mma",
                 Path::Flash(TensorCoreKernels::Wmma) => "flash wmma",
+                Path::Flash(TensorCoreKernels::Auto) => "flash wgmma (hopper)",
             };
             let both = (forward_only - start).as_secs_f64() / runs as f64;
             let forward = forward_only.elapsed().as_secs_f64() / runs as f64;

@@ -33,6 +33,10 @@
 #            adapters) at 1x4096 beside peftpipe at 1x4096
 #   8b-unsloth Llama-3.1-8B shape at 1x4096: peftpipe beside Unsloth (16-bit LoRA)
 #   8b-short Llama-3.1-8B shape at 1x4096 only: peftpipe (checkpointing off and on) and PEFT (bf16)
+#   wgmma    the Hopper flash kernels' harnesses (benches/gpu/wgmma: f64 reference, fa2, strided,
+#            determinism, 8B-shape timing), from the xz binaries in benches/gpu/wgmma/.build/carry
+#   qlora-8b-mma  the 8B QLoRA row again with the FlashAttention-2-style kernels (PEFTPIPE_FLASH=mma):
+#            the A/B of the Hopper kernels in the same call
 #   quantize the 4-bit quantization of the 8B and 1B shapes' base weights on the host's CPU threads
 #            vs one thread (`bench quantize`: QLoRA's quantize-at-load, the quantized export)
 #   8b       Llama-3.1-8B shape: peftpipe at 1x1024 and 1x4096 (off/on) and 1x16384 (on); PEFT (bf16
@@ -85,6 +89,20 @@ tests() {
 for part in ${MODE//,/ }; do
 case "$part" in
   tests) tests ;;
+  wgmma)
+    echo "== Hopper flash kernels: harnesses"
+    for t in flash_wgmma_test flash_wgmma_bwd_test; do
+      xz -dc "benches/gpu/wgmma/.build/carry/$t.xz" > "/tmp/$t" && chmod +x "/tmp/$t"
+      timeout 120 "/tmp/$t" 20 > "$OUT/$t.txt" 2>&1; echo "$t rc=$?"
+      grep -E "ok|FAIL|wrong|speed-up|ms/layer|bitwise|rows without" "$OUT/$t.txt" | tail -25
+    done
+    ;;
+  qlora-8b-mma)
+    echo "== peftpipe QLoRA 8B 1x4096, FlashAttention-2-style kernels (PEFTPIPE_FLASH=mma)"
+    PEFTPIPE_FLASH=mma timeout 200 "$BIN" bench train --config gpu-run/llama-3.1-8b.config.json --device cuda --shapes 1x4096 \
+      --checkpointing off --steps 5 --warmup 2 --method "qlora: {r: 16, alpha: 32, target_modules: all-linear}" \
+      --peak-tflops 989 2>&1 | grep -v "^RESULT" | tee "$OUT/peftpipe-qlora-8b-mma.txt"
+    ;;
   quantize)
     echo "== 4-bit quantization of the base weights, $(nproc) CPU threads vs 1"
     for C in gpu-run/llama-3.1-8b.config.json gpu-run/llama-3.2-1b.config.json; do

@@ -37,8 +37,8 @@ pub const HEAD_DIMS: [usize; 2] = [64, 128];
 
 /// Whether the flash kernels read `x`, a logical `[B, heads, T, D]` tensor, where it lies when it
 /// is stored as `[B, T, heads, D]` (a projection's `[B, T, heads·D]` output seen through
-/// `reshape` + `transpose(1, 2)`, no copy made): CUDA, bf16/f16, the FlashAttention-2-style kernels
-/// (the default family; not with `PEFTPIPE_FLASH=wmma`), and not switched off by
+/// `reshape` + `transpose(1, 2)`, no copy made): CUDA, bf16/f16, the FlashAttention-2-style or
+/// Hopper kernels (the default; not with `PEFTPIPE_FLASH=wmma`), and not switched off by
 /// `PEFTPIPE_UNFUSED=strided_heads`. Models use it to decide whether to hand their heads over as
 /// such views (`ops::rope_heads`) or as contiguous copies (everywhere else, the CPU included).
 pub fn reads_strided_heads(x: &Tensor) -> bool {
@@ -49,7 +49,7 @@ pub fn reads_strided_heads(x: &Tensor) -> bool {
             && super::cuda::enabled("strided_heads")
             && super::cuda::enabled("flash_attention")
             && super::cuda::enabled("flash_tensor_cores")
-            && TensorCoreKernels::from_env().is_ok_and(|k| k == TensorCoreKernels::Mma)
+            && TensorCoreKernels::from_env().is_ok_and(TensorCoreKernels::read_strided_heads)
     }
     #[cfg(not(feature = "cuda"))]
     {
@@ -102,9 +102,14 @@ fn to_bthd(x: &Tensor) -> Result<Tensor> {
 /// reference loops either way).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum TensorCoreKernels {
-    /// FlashAttention-2 style (`flash_mma_*`): `mma.sync` on register fragments, `ldmatrix`,
-    /// `cp.async` tiles. The default.
+    /// The fastest that applies, the default: on a GPU of compute capability 9.0 (Hopper), bf16
+    /// with head_dim 128 runs the `wgmma` kernels (`kernels/flash_wgmma.cu`: a warp-specialised
+    /// TMA forward and dK/dV and dQ kernels whose gradients are bitwise those of
+    /// [`Self::Mma`]'s); everything else runs [`Self::Mma`].
     #[default]
+    Auto,
+    /// FlashAttention-2 style (`flash_mma_*`) everywhere: `mma.sync` on register fragments,
+    /// `ldmatrix`, `cp.async` tiles. `PEFTPIPE_FLASH=mma`.
     Mma,
     /// The first tensor-core kernels (`flash_tc_*`, `nvcuda::wmma` with shared-memory round trips),
     /// kept for comparison: `PEFTPIPE_FLASH=wmma`.
@@ -112,18 +117,45 @@ pub enum TensorCoreKernels {
 }
 
 impl TensorCoreKernels {
-    /// From `PEFTPIPE_FLASH`: unset, empty or `mma` → [`Self::Mma`], `wmma` → [`Self::Wmma`];
-    /// anything else is an error naming the variable.
+    /// From `PEFTPIPE_FLASH`: unset, empty or `auto` → [`Self::Auto`], `mma` → [`Self::Mma`],
+    /// `wmma` → [`Self::Wmma`]; anything else is an error naming the variable.
     pub fn from_env() -> Result<Self> {
         match std::env::var("PEFTPIPE_FLASH") {
-            Err(std::env::VarError::NotPresent) => Ok(Self::Mma),
+            Err(std::env::VarError::NotPresent) => Ok(Self::Auto),
             Ok(value) => match value.trim() {
-                "" | "mma" => Ok(Self::Mma),
+                "" | "auto" => Ok(Self::Auto),
+                "mma" => Ok(Self::Mma),
                 "wmma" => Ok(Self::Wmma),
-                other => bail!("PEFTPIPE_FLASH={other:?}: expected `mma` (the default) or `wmma`"),
+                other => bail!(
+                    "PEFTPIPE_FLASH={other:?}: expected `auto` (the default), `mma` or `wmma`"
+                ),
             },
             Err(error) => bail!("PEFTPIPE_FLASH: {error}"),
         }
+    }
+
+    /// Whether these kernels read heads stored `[B, T, H, D]` where they lie (all but the wmma
+    /// ones).
+    fn read_strided_heads(self) -> bool {
+        self != Self::Wmma
+    }
+}
+
+/// Whether `device` runs the Hopper (`wgmma`) flash kernels for bf16 heads of `head_dim` under
+/// [`TensorCoreKernels::Auto`]: a CUDA device of compute capability 9.0 with head_dim 128, in a
+/// build whose CUDA_COMPUTE_CAP was 90 (build.rs compiles the module for `compute_90a` only then).
+pub fn hopper_kernels_apply(device: &Device, head_dim: usize) -> bool {
+    #[cfg(feature = "cuda")]
+    {
+        match device {
+            Device::Cuda(cuda) => gpu::hopper(cuda) && head_dim == 128,
+            _ => false,
+        }
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = (device, head_dim);
+        false
     }
 }
 
@@ -377,9 +409,9 @@ pub fn flash_attention_with(
         Some(valid) => Some(valid.detach().to_dtype(DType::F32)?.ne(0f32)?),
     };
     let valid = valid.map(|v| v.to_device(q.device())).transpose()?;
-    // The FlashAttention-2-style kernels read heads stored [B, T, H, D] where they lie; every other
-    // kernel family (and the CPU) takes contiguous copies.
-    let strided = reads_strided_heads(q) && kernels == TensorCoreKernels::Mma;
+    // The FlashAttention-2-style and Hopper kernels read heads stored [B, T, H, D] where they lie;
+    // the wmma ones (and the CPU) take contiguous copies.
+    let strided = reads_strided_heads(q) && kernels.read_strided_heads();
     let q_bthd = strided && stored_bthd(q);
     let kv_bthd = strided && stored_bthd(k) && stored_bthd(v);
     let params = Params {
@@ -633,8 +665,10 @@ mod reference {
     reason = "launching CUDA kernels and reading device pointers are FFI calls"
 )]
 mod gpu {
-    use candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute;
-    use candle_core::cuda_backend::cudarc::driver::{DevicePtr, LaunchConfig, PushKernelArg};
+    use candle_core::cuda_backend::cudarc::driver::sys::{self, CUfunction_attribute};
+    use candle_core::cuda_backend::cudarc::driver::{
+        DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg,
+    };
     use candle_core::cuda_backend::WrapErr;
     use candle_core::CudaDevice;
 
@@ -642,6 +676,28 @@ mod gpu {
 
     const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/flash_attn.ptx"));
     const MODULE: &str = "flash_attn";
+    /// `kernels/flash_wgmma.cu` for `compute_90a`; empty when built for another capability.
+    const WGMMA_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/flash_wgmma.ptx"));
+    const WGMMA_MODULE: &str = "flash_wgmma";
+    /// Threads of the Hopper forward (a producer and two consumer warpgroups, `wgfa::WS_THREADS`)
+    /// and of its dK/dV and dQ kernels (two warpgroups, `wgbw::THREADS`).
+    const WGMMA_FORWARD_THREADS: u32 = 384;
+    const WGMMA_BACKWARD_THREADS: u32 = 256;
+    /// Dynamic shared memory of the Hopper kernels (`wgfa::WsPersistentLayout<2>::BYTES`,
+    /// `wgbw::DKDV_SMEM`, `wgbw::DQ_SMEM`; each kernel traps on less).
+    const WGMMA_SHARED_BYTES: (u32, u32, u32) = (164_944, 166_400, 197_888);
+    /// Queries (forward, dQ) and keys (dK/dV) per block of the Hopper kernels.
+    const WGMMA_TILE: usize = 128;
+
+    /// Whether `device` runs the Hopper kernels: compute capability 9.0 and a module built for it.
+    pub(super) fn hopper(device: &CudaDevice) -> bool {
+        !WGMMA_PTX.is_empty()
+            && device
+                .cuda_stream()
+                .context()
+                .compute_capability()
+                .is_ok_and(|capability| capability == (9, 0))
+    }
     /// Threads of `flash_backward_delta_*` (one warp per row).
     const DELTA_THREADS: u32 = 256;
 
@@ -665,6 +721,8 @@ mod gpu {
         /// `flash_mma_*`: FlashAttention-2 style, 128 threads (256 for the d128 dK/dV kernel),
         /// dynamic shared memory.
         Mma,
+        /// `flash_wgmma_*` (kernels/flash_wgmma.cu): Hopper, bf16, head_dim 128 only.
+        Wgmma,
     }
 
     impl Family {
@@ -672,7 +730,15 @@ mod gpu {
         /// family (`kernels` picks which) for bf16/f16 with 16-byte aligned buffers, unless
         /// `PEFTPIPE_UNFUSED` lists `flash_tensor_cores`; otherwise the f32-arithmetic kernels,
         /// as for f32. Both tensor-core families take every head_dim in [`HEAD_DIMS`].
-        fn pick(dtype: DType, addresses: &[u64], kernels: TensorCoreKernels) -> Self {
+        /// [`TensorCoreKernels::Auto`] picks [`Family::Wgmma`] for bf16 heads of 128 on a
+        /// Hopper `device` ([`hopper`]), [`Family::Mma`] otherwise.
+        fn pick(
+            dtype: DType,
+            addresses: &[u64],
+            kernels: TensorCoreKernels,
+            head_dim: usize,
+            device: &CudaDevice,
+        ) -> Self {
             let tensor_cores = matches!(dtype, DType::BF16 | DType::F16)
                 && addresses.iter().all(|a| a % 16 == 0)
                 && crate::ops::cuda::enabled("flash_tensor_cores");
@@ -680,14 +746,22 @@ mod gpu {
                 (false, _) => Self::Scalar,
                 (true, TensorCoreKernels::Wmma) => Self::Wmma,
                 (true, TensorCoreKernels::Mma) => Self::Mma,
+                (true, TensorCoreKernels::Auto) => {
+                    if dtype == DType::BF16 && head_dim == 128 && hopper(device) {
+                        Self::Wgmma
+                    } else {
+                        Self::Mma
+                    }
+                }
             }
         }
 
-        /// Only [`Family::Mma`] reads heads stored `[B, T, H, D]`; `flash_attention_with` hands
-        /// them over only when that family runs, and the alignment `pick` checks is the one
-        /// `stored_bthd` checked, so another family here is a bug, not a fallback.
+        /// Only [`Family::Mma`] and [`Family::Wgmma`] read heads stored `[B, T, H, D]`;
+        /// `flash_attention_with` hands them over only when one of those runs, and the
+        /// alignment `pick` checks is the one `stored_bthd` checked, so another family here is a
+        /// bug, not a fallback.
         fn check_layouts(self, strided: bool) -> Result<()> {
-            if strided && self != Self::Mma {
+            if strided && !matches!(self, Self::Mma | Self::Wgmma) {
                 bail!("flash attention kernels: strided heads reached the {self:?} kernels")
             }
             Ok(())
@@ -698,13 +772,24 @@ mod gpu {
                 Self::Scalar => "flash",
                 Self::Wmma => "flash_tc",
                 Self::Mma => "flash_mma",
+                Self::Wgmma => "flash_wgmma",
             }
         }
 
+        /// The module holding this family's kernels: `(name, PTX)`.
+        fn module(self) -> (&'static str, &'static str) {
+            match self {
+                Self::Wgmma => (WGMMA_MODULE, WGMMA_PTX),
+                _ => (MODULE, PTX),
+            }
+        }
+
+        /// Threads of the forward and dQ kernels.
         fn threads(self) -> u32 {
             match self {
                 Self::Scalar | Self::Wmma => 256,
                 Self::Mma => 128,
+                Self::Wgmma => WGMMA_BACKWARD_THREADS,
             }
         }
 
@@ -723,6 +808,10 @@ mod gpu {
             Ok(match (head_dim, self) {
                 (64, Self::Mma) => (64, 64, 64),
                 (128, Self::Mma) => (128, 128, 128),
+                (128, Self::Wgmma) => (WGMMA_TILE, WGMMA_TILE, WGMMA_TILE),
+                (other, Self::Wgmma) => {
+                    bail!("flash attention: the Hopper kernels take head_dim 128, not {other}")
+                }
                 (64, _) => (64, 32, 32),
                 (128, Self::Scalar) => (32, 16, 16),
                 (128, Self::Wmma) => (32, 16, 32),
@@ -734,8 +823,10 @@ mod gpu {
         /// kernels/flash_attn.cu for [`Family::Mma`] (the kernels trap on less), 0 for the
         /// others (static shared memory).
         fn shared_bytes(self, head_dim: usize) -> (u32, u32, u32) {
-            if self != Self::Mma {
-                return (0, 0, 0);
+            match self {
+                Self::Wgmma => return WGMMA_SHARED_BYTES,
+                Self::Mma => {}
+                Self::Scalar | Self::Wmma => return (0, 0, 0),
             }
             // Tiles of 16-bit elements with rows padded by 8; forward d64 (`fa2::forward_smem`):
             // Q 64 rows, K and V 64 rows, 64 key flags; d128 (`fa2::forward_wide_smem`): Q 128
@@ -864,10 +955,11 @@ mod gpu {
     }
 
     macro_rules! launch {
-        ($device:expr, $name:expr, $config:expr, $($arg:expr),+ $(,)?) => {{
+        ($device:expr, $module:expr, $name:expr, $config:expr, $($arg:expr),+ $(,)?) => {{
             let config: LaunchConfig = $config;
             if config.grid_dim.0 > 0 && config.grid_dim.1 > 0 {
-                let function = $device.get_or_load_custom_func($name, MODULE, PTX)?;
+                let (module, ptx): (&str, &str) = $module;
+                let function = $device.get_or_load_custom_func($name, module, ptx)?;
                 if config.shared_mem_bytes > 0 {
                     // Dynamic shared memory beyond the default 48 KiB must be opted into.
                     function
@@ -879,11 +971,84 @@ mod gpu {
                 }
                 let mut builder = function.builder();
                 $( builder.arg($arg); )+
-                // SAFETY: the arguments match the kernel's signature in kernels/flash_attn.cu
-                // (pointers to live, contiguous buffers of the sizes the kernel reads and writes).
+                // SAFETY: the arguments match the kernel's signature in kernels/flash_attn.cu or
+                // kernels/flash_wgmma.cu (pointers to live buffers of the sizes the kernel reads
+                // and writes; tensor maps encoded over those buffers).
                 unsafe { builder.launch(config) }.w()?;
             }
         }};
+    }
+
+    /// A TMA tensor map (`CUtensorMap`) handed to a kernel by value (`__grid_constant__`).
+    #[repr(transparent)]
+    struct TensorMap(sys::CUtensorMap);
+
+    // SAFETY: a plain 128-byte struct of integers, passed by value as the kernel parameter.
+    unsafe impl DeviceRepr for TensorMap {}
+
+    impl TensorMap {
+        /// The map the Hopper forward reads bf16 heads of 128 through (as its harness,
+        /// benches/gpu/wgmma/flash_wgmma_test.cu `make_map`, builds it): rank 4 over
+        /// `[B, H, T, D]` (or, `bthd`, `[B, T, H, D]`) starting at `address`, boxes of 64 columns
+        /// × 128 rows of one head, 128-byte swizzle, rows past the end read as zeros.
+        fn heads(
+            address: u64,
+            batch: usize,
+            heads: usize,
+            length: usize,
+            bthd: bool,
+        ) -> Result<Self> {
+            let row = 128 * 2u64;
+            let (batch, heads, length) = (batch as u64, heads as u64, length as u64);
+            let (dims, strides, boxes) = if bthd {
+                (
+                    [128, heads, length, batch],
+                    [row, row * heads, row * heads * length],
+                    [64u32, 1, 128, 1],
+                )
+            } else {
+                (
+                    [128, length, heads, batch],
+                    [row, row * length, row * heads * length],
+                    [64u32, 128, 1, 1],
+                )
+            };
+            let element_strides = [1u32; 4];
+            let mut map = sys::CUtensorMap { opaque: [0; 16] };
+            // SAFETY: the arrays have the rank's 4 (dims, boxes, element strides) and 3 (strides
+            // of all but the innermost dimension) entries; the address is a live, 16-byte aligned
+            // device buffer of `batch · heads · length` rows of 128 bf16 (checked by the caller).
+            let result = unsafe {
+                sys::cuTensorMapEncodeTiled(
+                    &mut map,
+                    sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_BFLOAT16,
+                    4,
+                    address as *mut std::ffi::c_void,
+                    dims.as_ptr(),
+                    strides.as_ptr(),
+                    boxes.as_ptr(),
+                    element_strides.as_ptr(),
+                    sys::CUtensorMapInterleave::CU_TENSOR_MAP_INTERLEAVE_NONE,
+                    sys::CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_128B,
+                    sys::CUtensorMapL2promotion::CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                    sys::CUtensorMapFloatOOBfill::CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE,
+                )
+            };
+            if result != sys::CUresult::CUDA_SUCCESS {
+                bail!("flash attention: cuTensorMapEncodeTiled failed ({result:?})")
+            }
+            Ok(Self(map))
+        }
+    }
+
+    /// The number of SMs of `device` (the persistent forward's grid).
+    fn multiprocessors(device: &CudaDevice) -> Result<usize> {
+        let count = device
+            .cuda_stream()
+            .context()
+            .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+            .w()?;
+        Ok(usize::try_from(count).unwrap_or(1).max(1))
     }
 
     /// The scalar arguments every kernel takes after its pointers.
@@ -963,13 +1128,64 @@ mod gpu {
                 heads_address(k, kl, kv_bthd)?,
                 heads_address(v, vl, kv_bthd)?,
             );
-            let family = Family::pick(q.dtype(), &[qp, kp, vp, o], self.params.kernels);
+            let family = Family::pick(
+                q.dtype(),
+                &[qp, kp, vp, o],
+                self.params.kernels,
+                d.head_dim,
+                device,
+            );
             family.check_layouts(q_bthd || kv_bthd)?;
             let (block_queries, _, _) = family.tiles(d.head_dim)?;
             let (shared_bytes, _, _) = family.shared_bytes(d.head_dim);
             let valid = tensor_address(self.params.valid.as_ref())?;
             let lse = tensor_address(Some(&self.lse))?;
             let s = Scalars::new(&self.params)?;
+            if family == Family::Wgmma {
+                // Persistent: at most one block per SM walks the (query tile, batch, head) tiles;
+                // q, k and v reach it as TMA tensor maps.
+                let maps = [
+                    TensorMap::heads(qp, d.batch, d.heads, d.queries, q_bthd)?,
+                    TensorMap::heads(kp, d.batch, d.kv_heads, d.keys, kv_bthd)?,
+                    TensorMap::heads(vp, d.batch, d.kv_heads, d.keys, kv_bthd)?,
+                ];
+                let tiles = d.queries.div_ceil(block_queries) * d.batch * d.heads;
+                let blocks = tiles.min(multiprocessors(device)?);
+                let batch = i32::try_from(d.batch).map_err(|_| {
+                    candle_core::Error::Msg(format!(
+                        "flash attention: batch {} exceeds i32",
+                        d.batch
+                    ))
+                })?;
+                launch!(
+                    device,
+                    family.module(),
+                    "flash_wgmma_forward_persistent_bf16_d128",
+                    family.config_threads(blocks, 1, shared_bytes, WGMMA_FORWARD_THREADS),
+                    &maps[0],
+                    &maps[1],
+                    &maps[2],
+                    &valid,
+                    &o,
+                    &lse,
+                    &batch,
+                    &s.heads,
+                    &s.kv_heads,
+                    &s.queries,
+                    &s.keys,
+                    &s.offset,
+                    &s.causal,
+                    &s.scale,
+                    &s.q_bthd,
+                    &s.kv_bthd
+                );
+                let shape = if q_bthd {
+                    Shape::from((d.batch, d.queries, d.heads, d.head_dim))
+                } else {
+                    ql.shape().clone()
+                };
+                return Ok((out, shape));
+            }
             let name = format!(
                 "{}_forward_{}_d{}",
                 family.prefix(),
@@ -978,6 +1194,7 @@ mod gpu {
             );
             launch!(
                 device,
+                family.module(),
                 &name,
                 family.config(
                     d.queries.div_ceil(block_queries),
@@ -1088,7 +1305,13 @@ mod gpu {
             let lse = tensor_address(Some(&self.lse))?;
             let op = heads_tensor_address(&self.output, q_bthd)?;
             let gp = heads_tensor_address(&self.grad, q_bthd)?;
-            let family = Family::pick(dtype, &[qp, kp, vp, gp, dq, dk, dv], self.params.kernels);
+            let family = Family::pick(
+                dtype,
+                &[qp, kp, vp, gp, dq, dk, dv],
+                self.params.kernels,
+                d.head_dim,
+                device,
+            );
             family.check_layouts(q_bthd || kv_bthd)?;
             let (_, block_queries, block_keys) = family.tiles(d.head_dim)?;
             let (_, dkdv_bytes, dq_bytes) = family.shared_bytes(d.head_dim);
@@ -1098,6 +1321,7 @@ mod gpu {
             let (rows_i, dim_i) = (rows as i64, d.head_dim as i32);
             launch!(
                 device,
+                (MODULE, PTX),
                 &format!("flash_backward_delta_{sfx}"),
                 LaunchConfig {
                     grid_dim: (rows.div_ceil(DELTA_THREADS as usize / 32) as u32, 1, 1),
@@ -1115,6 +1339,7 @@ mod gpu {
             );
             launch!(
                 device,
+                family.module(),
                 &format!("{prefix}_backward_dkdv_{sfx}_d{}", d.head_dim),
                 family.config_threads(
                     d.keys.div_ceil(block_keys),
@@ -1143,6 +1368,7 @@ mod gpu {
             );
             launch!(
                 device,
+                family.module(),
                 &format!("{prefix}_backward_dq_{sfx}_d{}", d.head_dim),
                 family.config(
                     d.queries.div_ceil(block_queries),

@@ -1,4 +1,4 @@
-// Host program for the wgmma backward (flash_wgmma_bwd.cu beside it): checks dK/dV and dQ against a
+// Host program for the wgmma backward (kernels/wgmma/backward.cuh): checks dK/dV and dQ against a
 // double-precision CPU reference and against fa2's d128 kernels (flash_mma_backward_dkdv_bf16_d128 =
 // fa2::backward_dkdv_wide, flash_mma_backward_dq_bf16_d128 = fa2::backward_dq_wide, from
 // kernels/flash_attn.cu), strided heads bitwise against contiguous, determinism, and times both at
@@ -13,7 +13,7 @@
 // lse and delta come from fa2's forward (flash_mma_forward_bf16_d128) and flash_backward_delta_bf16,
 // as in training; both backward implementations read the same lse, delta.
 #include "../../../kernels/flash_attn.cu"
-#include "flash_wgmma_bwd.cu"
+#include "../../../kernels/wgmma/backward.cuh"
 
 #include <algorithm>
 #include <cmath>

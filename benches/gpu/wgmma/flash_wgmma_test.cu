@@ -1,4 +1,4 @@
-// Host program for the wgmma forwards (flash_wgmma_fwd.cu beside it): checks every variant (the
+// Host program for the wgmma forwards (kernels/wgmma/forward.cuh): checks every variant (the
 // Kernel enum below) against a double-precision CPU reference and against the fa2 d128 forward main
 // launches (flash_mma_forward_bf16_d128 = fa2::forward_wide, from kernels/flash_attn.cu), checks
 // strided heads bitwise and determinism, and times them all at the 8B shape. The TMA variants get
@@ -19,7 +19,8 @@
 // new against fa2: max|Δo|, max|Δo| / max|o_fa2| and max|Δlse| (not bitwise: the sums run in a
 // different order).
 #include "../../../kernels/flash_attn.cu"
-#include "flash_wgmma_fwd.cu"
+#define WGFA_HARNESS  // the A/B entries of forward.cuh
+#include "../../../kernels/wgmma/forward.cuh"
 
 #include <cudaTypedefs.h>  // PFN_cuTensorMapEncodeTiled
 

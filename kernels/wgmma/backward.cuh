@@ -44,6 +44,8 @@
 #include <cuda_bf16.h>
 #include <stdint.h>
 
+#include "common.cuh"
+
 // Build-time variants (defaults = the fastest measured on the H200, README.md):
 //   dK/dV: WGBW_KV_STAGES (3) Q/dO buffers, WGBW_KV_DEFER (1);
 //   dQ:    WGBW_DQ_STAGES (2) K/V buffers, WGBW_DQ_DEFER (0), WGBW_DQ_BK (128) keys per step,
@@ -75,6 +77,23 @@ namespace wgbw {
 
 typedef __nv_bfloat16 bf16;
 
+// Shared primitives (common.cuh).
+using wgcore::cp_async16;
+using wgcore::cp_async_commit;
+using wgcore::descriptor;
+using wgcore::exp2_ftz;
+using wgcore::fence_proxy_async;
+using wgcore::fence_registers;
+using wgcore::pack_bf16;
+using wgcore::require_smem;
+using wgcore::row_offset;
+using wgcore::row_stride;
+using wgcore::smem_address;
+using wgcore::wgmma_commit;
+using wgcore::wgmma_fence;
+using wgcore::wgmma_wait;
+
+
 constexpr int D = 128;
 constexpr int THREADS = 256;
 constexpr int KV_STAGES = WGBW_KV_STAGES, KV_DEFER = WGBW_KV_DEFER, KV_DIST = KV_STAGES - 1 - KV_DEFER;
@@ -91,10 +110,6 @@ __host__ __device__ constexpr uint32_t swizzled(int rows, int row, int col) {
     return (uint32_t)((col / 64) * rows * ROW_BYTES + row * ROW_BYTES + ((((col % 64) / 8) ^ (row % 8)) * 16) +
                       (col % 8) * 2);
 }
-__host__ __device__ constexpr uint64_t descriptor(uint32_t address, uint32_t leading_bytes, uint32_t stride_bytes) {
-    return (uint64_t)((address & 0x3FFFFu) >> 4) | ((uint64_t)((leading_bytes >> 4) & 0x3FFFu) << 16) |
-           ((uint64_t)((stride_bytes >> 4) & 0x3FFFu) << 32) | (1ull << 62);
-}
 // K-major operand (d is the reduced dimension): rows row0 .. of a `rows`-row tile, k-step kk (d
 // 16kk .. 16kk + 15). 8-row groups 1024 bytes apart; the second 64 d one half further.
 __host__ __device__ constexpr uint64_t k_major(uint32_t tile, int rows, int row0, int kk) {
@@ -107,27 +122,8 @@ __host__ __device__ constexpr uint64_t mn_major(uint32_t tile, int rows, int kk)
 }
 
 // ---- primitives ----
-__device__ __forceinline__ uint32_t smem_address(const void* pointer) {
-    return static_cast<uint32_t>(__cvta_generic_to_shared(pointer));
-}
-__device__ __forceinline__ void require_smem(int bytes) {
-    uint32_t available;
-    asm volatile("mov.u32 %0, %%dynamic_smem_size;" : "=r"(available));
-    if (available < static_cast<uint32_t>(bytes)) __trap();
-}
-__device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, bool fill) {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(fill ? 16 : 0)
-                 : "memory");
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
 template <int N> __device__ __forceinline__ void cp_async_wait() {
     asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
-}
-__device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
-__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
-__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
-template <int N> __device__ __forceinline__ void wgmma_wait() {
-    asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
 }
 // wait_group with an argument that is a constant after unrolling.
 __device__ __forceinline__ void wgmma_wait_n(int n) {
@@ -137,14 +133,6 @@ __device__ __forceinline__ void wgmma_wait_n(int n) {
         case 2: wgmma_wait<2>(); break;
         default: wgmma_wait<3>(); break;
     }
-}
-template <int N> __device__ __forceinline__ void fence_registers(float (&r)[N]) {
-#pragma unroll
-    for (int i = 0; i < N; ++i) asm volatile("" : "+f"(r[i])::"memory");
-}
-template <int N> __device__ __forceinline__ void fence_registers(uint32_t (&r)[N]) {
-#pragma unroll
-    for (int i = 0; i < N; ++i) asm volatile("" : "+r"(r[i])::"memory");
 }
 
 #define WGBW_D4(i) "+f"(d[i]), "+f"(d[i + 1]), "+f"(d[i + 2]), "+f"(d[i + 3])
@@ -189,19 +177,6 @@ __device__ __forceinline__ void mma_rs_m64n128_tb(float (&d)[64], uint32_t a0, u
         : WGBW_D16(0), WGBW_D16(16), WGBW_D16(32), WGBW_D16(48)
         : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "l"(b), "r"(accumulate));
 }
-__device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
-    __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
-    return *reinterpret_cast<uint32_t*>(&v);
-}
-__device__ __forceinline__ float exp2_ftz(float x) {
-    float y;
-    asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
-    return y;
-}
-__device__ __forceinline__ size_t row_offset(int b, int h, int t, int heads, int length, int bthd) {
-    return bthd ? (((size_t)b * length + t) * heads + h) * D : (((size_t)b * heads + h) * length + t) * D;
-}
-__device__ __forceinline__ int row_stride(int heads, int bthd) { return bthd ? heads * D : D; }
 
 // ROWS rows × 128 columns of src (row stride `stride` elements; rows at or past `available`
 // zero-filled) into the swizzled ROWS-row tile at `tile`; all THREADS threads, consecutive threads

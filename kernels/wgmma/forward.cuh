@@ -52,9 +52,28 @@
 #include <cuda_bf16.h>
 #include <stdint.h>
 
+#include "common.cuh"
+
 namespace wgfa {
 
 typedef __nv_bfloat16 bf16;
+
+// Shared primitives (common.cuh).
+using wgcore::cp_async16;
+using wgcore::cp_async_commit;
+using wgcore::descriptor;
+using wgcore::exp2_ftz;
+using wgcore::fence_proxy_async;
+using wgcore::fence_registers;
+using wgcore::pack_bf16;
+using wgcore::require_smem;
+using wgcore::row_offset;
+using wgcore::row_stride;
+using wgcore::smem_address;
+using wgcore::wgmma_commit;
+using wgcore::wgmma_fence;
+using wgcore::wgmma_wait;
+
 
 constexpr int D = 128;               // head dim (the only one here)
 constexpr int BQ = 128, BK = 128;    // queries and keys per tile
@@ -103,10 +122,6 @@ __host__ __device__ constexpr uint32_t swizzled_offset(int row, int col) {
 //   bits 32..45  stride-dimension byte offset >> 4  (SBO)
 //   bits 49..51  base offset (0: every swizzle atom starts 1024-aligned, as here)
 //   bits 62..63  swizzle mode: 0 none, 1 128-byte, 2 64-byte, 3 32-byte
-__host__ __device__ constexpr uint64_t descriptor(uint32_t address, uint32_t leading_bytes, uint32_t stride_bytes) {
-    return (uint64_t)((address & 0x3FFFFu) >> 4) | ((uint64_t)((leading_bytes >> 4) & 0x3FFFu) << 16) |
-           ((uint64_t)((stride_bytes >> 4) & 0x3FFFu) << 32) | (1ull << 62);
-}
 // K-major operand: rows row0 .. row0 + 8·groups − 1 of the tile at `tile`, k-step kk (columns
 // 16kk .. 16kk + 15). row0 must be a multiple of 8 (here 0 or 64).
 __host__ __device__ constexpr uint64_t k_major(uint32_t tile, int row0, int kk) {
@@ -123,42 +138,15 @@ __host__ __device__ constexpr uint64_t mn_major_half(uint32_t tile, int kk, int 
 }
 
 // ---- primitives (the only inline PTX) ----
-__device__ __forceinline__ uint32_t smem_address(const void* pointer) {
-    return static_cast<uint32_t>(__cvta_generic_to_shared(pointer));
-}
-__device__ __forceinline__ void require_smem(int bytes) {
-    uint32_t available;
-    asm volatile("mov.u32 %0, %%dynamic_smem_size;" : "=r"(available));
-    if (available < static_cast<uint32_t>(bytes)) __trap();
-}
 // 16 bytes global → shared (address `dst`), asynchronously; `fill` false writes 16 zero bytes.
-__device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, bool fill) {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(fill ? 16 : 0)
-                 : "memory");
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
 __device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::: "memory"); }
 // Generic-proxy writes to shared memory (cp.async, st.shared) made visible to the async proxy that
 // wgmma reads its shared operands through; each writer runs it before the barrier that publishes.
-__device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
 // wgmma.fence: orders this warpgroup's earlier register accesses (the accumulators, the A
 // fragments) before the wgmma.mma_async that follow; needed before the first wgmma of a batch
 // whenever those registers were written by ordinary instructions since the last wait.
-__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
-__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
-template <int N> __device__ __forceinline__ void wgmma_wait() {
-    asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
-}
 // Compiler-only fence on accumulator registers (CUTLASS's warpgroup_fence_operand): keeps the
 // compiler from moving their reads/writes across wgmma issue / wait.
-template <int N> __device__ __forceinline__ void fence_registers(float (&r)[N]) {
-#pragma unroll
-    for (int i = 0; i < N; ++i) asm volatile("" : "+f"(r[i])::"memory");
-}
-template <int N> __device__ __forceinline__ void fence_registers(uint32_t (&r)[N]) {
-#pragma unroll
-    for (int i = 0; i < N; ++i) asm volatile("" : "+r"(r[i])::"memory");
-}
 
 #define WGFA_D4(i) "+f"(d[i]), "+f"(d[i + 1]), "+f"(d[i + 2]), "+f"(d[i + 3])
 #define WGFA_D16(i) WGFA_D4(i), WGFA_D4(i + 4), WGFA_D4(i + 8), WGFA_D4(i + 12)
@@ -203,15 +191,6 @@ __device__ __forceinline__ void wgmma_m64n64_rs_tb(float (&d)[64], const uint32_
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(1));
 }
 
-__device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
-    __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);  // .x = lo (low 16 bits)
-    return *reinterpret_cast<uint32_t*>(&v);
-}
-__device__ __forceinline__ float exp2_ftz(float x) {
-    float y;
-    asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
-    return y;
-}
 // ---- end of primitives ----
 
 // 128 rows × 128 columns of `src` (row stride `stride` elements, `available` rows exist, src points
@@ -231,10 +210,6 @@ __device__ __forceinline__ void load_tile(uint32_t tile, const bf16* __restrict_
     }
 }
 
-__device__ __forceinline__ size_t row_offset(int b, int h, int t, int heads, int length, int bthd) {
-    return bthd ? (((size_t)b * length + t) * heads + h) * D : (((size_t)b * heads + h) * length + t) * D;
-}
-__device__ __forceinline__ int row_stride(int heads, int bthd) { return bthd ? heads * D : D; }
 
 // fa2::query_tile_order: causal blocks walk the heads fastest and the query tiles from the last.
 struct TileHead {
@@ -1007,6 +982,9 @@ __device__ __forceinline__ void forward_persistent(const CUtensorMap* tq, const 
 
 }  // namespace wgfa
 
+// The A/B entries of the harness (benches/gpu/wgmma/flash_wgmma_test.cu defines WGFA_HARNESS):
+// kernels/flash_wgmma.cu, the product's module, ships only the persistent forward below.
+#ifdef WGFA_HARNESS
 extern "C" __global__ void __launch_bounds__(wgfa::THREADS, 1)
     flash_wgmma_forward_bf16_d128(const wgfa::bf16* q, const wgfa::bf16* k, const wgfa::bf16* v,
                                   const unsigned char* valid, wgfa::bf16* o, float* lse, int heads, int kv_heads,
@@ -1048,6 +1026,7 @@ extern "C" __global__ void __launch_bounds__(wgfa::WS_THREADS, 1)
     __trap();
 #endif
 }
+#endif  // WGFA_HARNESS
 
 // Persistent variant (forward_persistent): grid min(#SMs, work tiles) blocks of WS_THREADS, smem
 // WsPersistentLayout<STAGES>::BYTES; `batch` is B (the grid no longer encodes it).
@@ -1084,6 +1063,7 @@ extern "C" __global__ void __launch_bounds__(wgfa::WS_THREADS, 1)
 #endif
 }
 
+#ifdef WGFA_HARNESS
 // Unit test of the primitives alone (one warpgroup, one block), for isolating a layout mistake
 // from the attention logic: a (128 × 128, rows 0..63 used) and bm (128 × 128) bf16 row-major in
 // global memory, both loaded into swizzled tiles exactly as the forward loads Q, K and V; then
@@ -1161,3 +1141,4 @@ __global__ void __launch_bounds__(128, 1)
 // wgmma_unit_test<false>: P·V path as m64n128k16 (uses LBO); <true>: two m64n64k16 (no LBO).
 template __global__ void wgmma_unit_test<false>(const wgfa::bf16*, const wgfa::bf16*, float*, float*);
 template __global__ void wgmma_unit_test<true>(const wgfa::bf16*, const wgfa::bf16*, float*, float*);
+#endif  // WGFA_HARNESS
