@@ -29,6 +29,30 @@ pub const FINGERPRINT_VERSION: u32 = 2;
 /// upgrade of peftpipe. Not meant for users (it would make cached outputs lie about their origin).
 pub const VERSION_OVERRIDE_ENV: &str = "PEFTPIPE_VERSION_OVERRIDE";
 
+/// Environment variables that choose which CUDA kernels run (`PEFTPIPE_FUSED`, `PEFTPIPE_UNFUSED`:
+/// fused kernels off; `PEFTPIPE_FLASH`: the flash-attention family; `PEFTPIPE_QGEMM`: fused 4-bit
+/// GEMM or dequantize + cuBLAS). Each family computes the same function with sums in another
+/// order, so the last bits of a CUDA stage's output depend on them: when set (non-empty) they are
+/// part of the environment of stages that run on CUDA.
+pub const KERNEL_SWITCHES: [&str; 4] = [
+    "PEFTPIPE_FUSED",
+    "PEFTPIPE_UNFUSED",
+    "PEFTPIPE_FLASH",
+    "PEFTPIPE_QGEMM",
+];
+
+/// The [`KERNEL_SWITCHES`] set in this process (trimmed, empty ones left out).
+pub fn kernel_switches() -> BTreeMap<String, String> {
+    KERNEL_SWITCHES
+        .iter()
+        .filter_map(|name| {
+            let value = std::env::var(name).ok()?;
+            let value = value.trim();
+            (!value.is_empty()).then(|| (name.to_string(), value.to_string()))
+        })
+        .collect()
+}
+
 /// The tool version that goes into fingerprints (see [`VERSION_OVERRIDE_ENV`]).
 pub fn tool_version() -> String {
     match std::env::var(VERSION_OVERRIDE_ENV) {
@@ -97,10 +121,27 @@ impl StageFingerprint {
 
     /// Apply the run's `--device` override: a stage whose environment has a `device` component
     /// gets the override's device kind (`cuda:1` → `cuda`; the index does not change results).
-    pub fn with_device_override(mut self, device: Option<&str>) -> Self {
+    /// A stage that then runs on CUDA also records the process's kernel switches
+    /// ([`KERNEL_SWITCHES`]), so a run with other kernels is not restored from this one's cache.
+    pub fn with_device_override(self, device: Option<&str>) -> Self {
+        self.with_device_environment(device, &kernel_switches())
+    }
+
+    /// [`Self::with_device_override`] with the kernel switches given (`name → value`, as
+    /// [`kernel_switches`] reads them).
+    pub fn with_device_environment(
+        mut self,
+        device: Option<&str>,
+        switches: &BTreeMap<String, String>,
+    ) -> Self {
         if let (Some(device), Some(slot)) = (device, self.environment.get_mut("device")) {
             let kind = device.split(':').next().unwrap_or(device);
             *slot = kind.to_string();
+        }
+        if self.environment.get("device").map(String::as_str) == Some("cuda") {
+            for (name, value) in switches {
+                self.environment.insert(name.clone(), value.clone());
+            }
         }
         self
     }
@@ -609,6 +650,51 @@ mod tests {
         let data_stage = fingerprint(json!({"k": 3}));
         assert_eq!(
             data_stage.clone().with_device_override(Some("cuda")),
+            data_stage
+        );
+    }
+
+    #[test]
+    fn kernel_switches_are_part_of_cuda_stages_only() {
+        let switches = BTreeMap::from([("PEFTPIPE_FLASH".to_string(), "mma".to_string())]);
+        let mut train = fingerprint(json!({"k": 3}));
+        train.environment.insert("device".into(), "cuda".into());
+        let default = train
+            .clone()
+            .with_device_environment(None, &BTreeMap::new());
+        assert_eq!(
+            default, train,
+            "no switch set: the fingerprint is unchanged"
+        );
+        let switched = train.clone().with_device_environment(None, &switches);
+        assert_ne!(switched, default);
+        assert_eq!(
+            switched.diff(&default)[0].to_string(),
+            "environment PEFTPIPE_FLASH changed (unset → mma)"
+        );
+        // A CPU stage, and one moved to the CPU by --device, ignore them; one moved to CUDA
+        // takes them.
+        let mut cpu = fingerprint(json!({"k": 3}));
+        cpu.environment.insert("device".into(), "cpu".into());
+        assert_eq!(cpu.clone().with_device_environment(None, &switches), cpu);
+        assert_eq!(
+            train
+                .clone()
+                .with_device_environment(Some("cpu"), &switches)
+                .environment["device"],
+            "cpu"
+        );
+        assert!(!train
+            .with_device_environment(Some("cpu"), &switches)
+            .environment
+            .contains_key("PEFTPIPE_FLASH"));
+        let moved = cpu.with_device_environment(Some("cuda:0"), &switches);
+        assert_eq!(moved.environment["PEFTPIPE_FLASH"], "mma");
+        let data_stage = fingerprint(json!({"k": 3}));
+        assert_eq!(
+            data_stage
+                .clone()
+                .with_device_environment(Some("cuda"), &switches),
             data_stage
         );
     }
