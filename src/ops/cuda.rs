@@ -445,7 +445,7 @@ impl CustomOp3 for NormBackward {
 
 /// RMSNorm forward and backward in one kernel each. A frozen weight gets no gradient (the op
 /// tracks `x` alone); a tracked one (a trained copy) gets `Σ g·x̂` through
-/// [`super::norm::attach_trained`], the input's gradient still from the backward kernel.
+/// `ops::norm::attach_trained`, the input's gradient still from the backward kernel.
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
     let x = x.contiguous()?;
     let trained_weight = weight.track_op().then(|| weight.clone());
@@ -531,7 +531,7 @@ impl CustomOp3 for LayerNorm {
 
 /// LayerNorm forward and backward in one kernel each, like [`rms_norm`]: frozen weight and bias
 /// get no gradient; a tracked one (a trained copy) gets `Σ g·x̂` (weight) or `Σ g` (bias) through
-/// [`super::norm::attach_trained`], the input's gradient still from the backward kernel.
+/// `ops::norm::attach_trained`, the input's gradient still from the backward kernel.
 pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, eps: f64) -> Result<Tensor> {
     let x = x.contiguous()?;
     let trained = weight.track_op() || bias.is_some_and(Tensor::track_op);
@@ -1627,7 +1627,7 @@ pub fn global_norm(gradients: &[&Tensor]) -> Result<f64> {
 pub struct AdamWLaunch<'a> {
     /// `(parameter, gradient, exp_avg, exp_avg_sq, decay factor)`; the parameter and the
     /// moments (contiguous) are updated in place; the gradient has the parameter's dtype and is
-    /// contiguous or a transposed 2-D view ([`gradient_view`]).
+    /// contiguous or a transposed 2-D view (`gradient_view`).
     pub tensors: Vec<(&'a Tensor, &'a Tensor, &'a Tensor, &'a Tensor, f32)>,
     pub grad_scale: f32,
     pub beta1: f32,
