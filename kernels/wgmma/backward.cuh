@@ -72,42 +72,14 @@
 #ifndef WGBW_DQ_SPLIT
 #define WGBW_DQ_SPLIT 1
 #endif
-// Experimental (2026-12-04 evening; defaults 0 = the kernels above, unchanged):
-//   WGBW_KV_LATE 1: dK/dV issues the cp.async loads of step + DIST after the step's Sᵀ/dPᵀ wgmmas
-//     (not before them), so the tensor cores start right after the barrier.
-//   WGBW_DQ_LATE 1: the same for dQ.
-//   WGBW_DQ_ORDER 1: dQ (split) issues S_0, S_1, dP_0, dP_1 (not S_0, dP_0, S_1, dP_1): both exps
-//     run under the dP products.
-//   WGBW_DQ_XB 1: dQ (2 stages, no DQ_DEFER, split) keeps the step's last dQ product in flight across
-//     the next step's barrier: after that barrier the S/dP products are issued, then the previous
-//     step's dQ product is retired and a second barrier frees its K/V buffer for the loads of the
-//     next step (issued late, as WGBW_DQ_LATE).
-//   WGBW_KV_WS 1: dK/dV warp-specialised: a third warpgroup (384 threads) is the producer: its 128
-//     threads cp.async Q/dO of each step into KV_STAGES buffers (completion on an mbarrier through
-//     cp.async.mbarrier.arrive.noinc) and store lse/delta; the two consumer warpgroups wait on that
-//     mbarrier, release a buffer through an "empty" mbarrier when their wgmmas that read it retired,
-//     and never meet at a block-wide barrier in the loop. setmaxnreg: producer 24, consumers 240.
-//     Launch: 384 threads, grid unchanged, smem DKDV_SMEM (166,400 + 64 bytes).
+// WGBW_KV_LATE 1: dK/dV issues the cp.async loads of step + DIST after the step's Sᵀ/dPᵀ wgmmas (not
+// before them), so the tensor cores start right after the barrier. Measured on the H200 (README.md,
+// "Backward variants"): dK/dV 0.616 → 0.572–0.575 ms/layer at the 8B shape, gradients bitwise
+// equal to fa2's; not yet the default (the product's CUDA tests have not run with it). The other
+// variants measured that evening (dQ load/issue orders, warp-specialised dK/dV and dQ) were slower
+// and were removed (their code: commit d479751).
 #ifndef WGBW_KV_LATE
 #define WGBW_KV_LATE 0
-#endif
-#ifndef WGBW_KV_WS
-#define WGBW_KV_WS 0
-#endif
-//   WGBW_DQ_WS 1: dQ warp-specialised the same way (producer warpgroup cp.async's K/V of each 128-key
-//     step into DQ_STAGES = 2 buffers and stores the key flags; consumers: S_0, S_1, dP_0, dP_1 order
-//     as WGBW_DQ_ORDER). Launch: 384 threads, grid unchanged, smem DQ_SMEM (197,888 + 64 bytes).
-#ifndef WGBW_DQ_WS
-#define WGBW_DQ_WS 0
-#endif
-#ifndef WGBW_DQ_LATE
-#define WGBW_DQ_LATE 0
-#endif
-#ifndef WGBW_DQ_ORDER
-#define WGBW_DQ_ORDER 0
-#endif
-#ifndef WGBW_DQ_XB
-#define WGBW_DQ_XB 0
 #endif
 
 namespace wgbw {
@@ -133,8 +105,6 @@ using wgcore::wgmma_wait;
 
 constexpr int D = 128;
 constexpr int THREADS = 256;
-constexpr int KV_THREADS = WGBW_KV_WS ? 384 : THREADS;  // dK/dV block
-constexpr int DQ_THREADS = WGBW_DQ_WS ? 384 : THREADS;  // dQ block
 constexpr int KV_STAGES = WGBW_KV_STAGES, KV_DEFER = WGBW_KV_DEFER, KV_DIST = KV_STAGES - 1 - KV_DEFER;
 constexpr int DQ_STAGES = WGBW_DQ_STAGES, DQ_DEFER = WGBW_DQ_DEFER, DQ_DIST = DQ_STAGES - 1 - DQ_DEFER;
 static_assert(KV_STAGES <= 4 && (KV_DEFER == 0 || KV_DEFER == 1) && KV_DIST >= 1, "dK/dV stages / defer");
@@ -259,12 +229,7 @@ __device__ __forceinline__ void store_rows(bf16* __restrict__ out, const float (
 constexpr int KV_BK = 128, KV_BQ = 64;
 constexpr int KV_K = 0, KV_V = TILE128, KV_QD = 2 * TILE128;  // stage s: Q at KV_QD + s·2·TILE64, dO + TILE64
 constexpr int KV_ROWS = KV_QD + KV_STAGES * 2 * TILE64;         // [KV_STAGES][lse·log2e 64 | delta 64] f32
-#if WGBW_KV_WS
-constexpr int KV_BARS = KV_ROWS + KV_STAGES * 2 * KV_BQ * 4;  // u64 full[KV_STAGES], empty[KV_STAGES]
-constexpr int DKDV_SMEM = KV_BARS + 64 + 1024;
-#else
 constexpr int DKDV_SMEM = KV_ROWS + KV_STAGES * 2 * KV_BQ * 4 + 1024;
-#endif
 
 __device__ __forceinline__ void backward_dkdv(const bf16* __restrict__ q, const bf16* __restrict__ k,
                                               const bf16* __restrict__ v, const unsigned char* __restrict__ valid,
@@ -437,226 +402,13 @@ __device__ __forceinline__ void backward_dkdv(const bf16* __restrict__ q, const 
     store_rows(dv, acc_dv, 1.0f, b, kvh, kv_heads, keys, kv_bthd, key0, t);
 }
 
-#if WGBW_KV_WS || WGBW_DQ_WS
-__device__ __forceinline__ void mbar_init(uint32_t bar, uint32_t count) {
-    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
-}
-__device__ __forceinline__ void mbar_arrive(uint32_t bar) {
-    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
-}
-// Arrives on `bar` when all of this thread's earlier cp.async completed (counts one of its arrivals).
-__device__ __forceinline__ void mbar_arrive_cp_async(uint32_t bar) {
-    asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(bar) : "memory");
-}
-__device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
-    uint32_t done;
-    do {
-        asm volatile(
-            "{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}\n"
-            : "=r"(done)
-            : "r"(bar), "r"(parity)
-            : "memory");
-    } while (!done);
-}
-__device__ __forceinline__ void named_sync(int id, int count) {
-    asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(count) : "memory");
-}
-template <int N> __device__ __forceinline__ void setmaxnreg_dec() { asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(N)); }
-template <int N> __device__ __forceinline__ void setmaxnreg_inc() { asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(N)); }
-#endif
-#if WGBW_KV_WS
-
-// 64 rows × 128 columns by the 128 producer threads (p = 0 .. 127), as load_tile.
-__device__ __forceinline__ void load_tile64_producer(uint32_t tile, const bf16* __restrict__ src, int available,
-                                                     int stride, int p) {
-#pragma unroll 1
-    for (int pass = 0; pass < 64 * 16 / 128; ++pass) {
-        const int index = p + pass * 128;
-        const int r = index / 16, c = (index % 16) * 8;
-        const bool inside = r < available;
-        cp_async16(tile + swizzled(64, r, c), inside ? src + (size_t)r * stride + c : src, inside);
-    }
-}
-
-__device__ __forceinline__ void backward_dkdv_ws(const bf16* __restrict__ q, const bf16* __restrict__ k,
-                                                 const bf16* __restrict__ v, const unsigned char* __restrict__ valid,
-                                                 const bf16* __restrict__ grad, const float* __restrict__ lse,
-                                                 const float* __restrict__ delta, bf16* __restrict__ dk,
-                                                 bf16* __restrict__ dv, int heads, int kv_heads, int queries, int keys,
-                                                 int offset, int causal, float scale, int q_bthd, int kv_bthd) {
-    require_smem(DKDV_SMEM);
-    extern __shared__ __align__(1024) unsigned char smem_raw[];
-    const uint32_t raw = smem_address(smem_raw);
-    const uint32_t base = (raw + 1023u) & ~1023u;
-    unsigned char* const smem = smem_raw + (base - raw);
-    float* const rows0 = reinterpret_cast<float*>(smem + KV_ROWS);
-    const uint32_t full0 = base + KV_BARS, empty0 = full0 + 8 * KV_STAGES;
-
-    const int tid = threadIdx.x, wg = tid / 128;
-    const int linear = blockIdx.y * gridDim.x + blockIdx.x;
-    const int bkv = linear % gridDim.y, tile = linear / gridDim.y;
-    const int b = bkv / kv_heads, kvh = bkv % kv_heads;
-    const int group = heads / kv_heads;
-    const int k0 = tile * KV_BK;
-    const int first_query = causal ? max(0, k0 - offset) : 0;
-    const int q_start = (first_query / KV_BQ) * KV_BQ;
-    const int tiles = queries > q_start ? (queries - q_start + KV_BQ - 1) / KV_BQ : 0;
-    const int steps = group * tiles;
-    const int qst = row_stride(heads, q_bthd), kst = row_stride(kv_heads, kv_bthd);
-
-    if (tid == 0) {
-#pragma unroll
-        for (int s = 0; s < KV_STAGES; ++s) {
-            mbar_init(full0 + 8 * s, 256);  // 128 cp.async arrivals + 128 plain (lse / delta stores)
-            mbar_init(empty0 + 8 * s, 8);   // one per consumer warp
-        }
-        asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
-    }
-    __syncthreads();
-
-    if (wg == 2) {  // producer
-        setmaxnreg_dec<24>();
-        const int p = tid - 256;
-#pragma unroll 1
-        for (int step = 0; step < steps; ++step) {
-            const int buffer = step % KV_STAGES;
-            mbar_wait(empty0 + 8 * buffer, ((step / KV_STAGES) & 1) ^ 1);
-            const int h = kvh * group + step / tiles, bh = b * heads + h;
-            const int tq0 = q_start + KV_BQ * (step % tiles);
-            const uint32_t qt = base + KV_QD + buffer * 2 * TILE64;
-            const size_t q_row0 = row_offset(b, h, tq0, heads, queries, q_bthd);
-            load_tile64_producer(qt, q + q_row0, queries - tq0, qst, p);
-            load_tile64_producer(qt + TILE64, grad + q_row0, queries - tq0, qst, p);
-            mbar_arrive_cp_async(full0 + 8 * buffer);
-            const int r = p % 64;
-            const bool inside = tq0 + r < queries;
-            float* rows = rows0 + buffer * 2 * KV_BQ;
-            if (p < 64) {
-                const float l = inside ? lse[(size_t)bh * queries + tq0 + r] : -INFINITY;
-                rows[p] = l == -INFINITY ? INFINITY : l * LOG2E;
-            } else {
-                rows[p] = inside ? delta[(size_t)bh * queries + tq0 + r] : 0.0f;
-            }
-            mbar_arrive(full0 + 8 * buffer);
-        }
-        return;
-    }
-    setmaxnreg_inc<240>();
-
-    const int u = (tid % 128) / 32, lane = tid % 32, g = lane / 4, t = lane % 4;
-    const int warp_k0 = k0 + 64 * wg + 16 * u;
-    const int key0 = warp_k0 + g;
-    const unsigned char* valid_row = valid ? valid + (size_t)b * keys : nullptr;
-    const float scale_log2 = scale * LOG2E;
-    const uint32_t kt = base + KV_K, vt = base + KV_V;
-    const size_t k_row0 = row_offset(b, kvh, k0, kv_heads, keys, kv_bthd);
-    load_tile<128>(kt, k + k_row0, keys - k0, kst);
-    load_tile<128>(vt, v + k_row0, keys - k0, kst);
-    cp_async_commit();
-    bool row_ok[2];
-#pragma unroll
-    for (int half = 0; half < 2; ++half) {
-        const int key = key0 + 8 * half;
-        row_ok[half] = key < keys && (valid_row == nullptr || valid_row[key] != 0);
-    }
-    cp_async_wait<0>();
-    fence_proxy_async();
-    named_sync(1, 256);  // K, V landed (consumers only)
-
-    float acc_dk[64], acc_dv[64];
-    uint32_t pa[16], da[16];
-#pragma unroll 1
-    for (int step = 0; step < steps; ++step) {
-        const int buffer = step % KV_STAGES;
-        mbar_wait(full0 + 8 * buffer, (step / KV_STAGES) & 1);
-        fence_proxy_async();
-        const int tq0 = q_start + KV_BQ * (step % tiles);
-        const uint32_t qt = base + KV_QD + buffer * 2 * TILE64, dt = qt + TILE64;
-        const float* rows = rows0 + buffer * 2 * KV_BQ;
-        const bool mask =
-            valid_row != nullptr || k0 + KV_BK > keys || (causal && warp_k0 + 15 > offset + tq0);
-
-        float s[32], dp[32];
-        wgmma_fence();
-#pragma unroll
-        for (int kk = 0; kk < D / 16; ++kk) mma_ss_m64n64(s, k_major(kt, 128, 64 * wg, kk), k_major(qt, 64, 0, kk), kk > 0);
-        wgmma_commit();
-#pragma unroll
-        for (int kk = 0; kk < D / 16; ++kk) mma_ss_m64n64(dp, k_major(vt, 128, 64 * wg, kk), k_major(dt, 64, 0, kk), kk > 0);
-        wgmma_commit();
-        wgmma_wait<1>();  // Sᵀ done (with KV_DEFER also the previous step's dK product)
-        fence_registers(s);
-        if (KV_DEFER && step > 0 && lane == 0) mbar_arrive(empty0 + 8 * ((step - 1) % KV_STAGES));
-#pragma unroll
-        for (int j = 0; j < 8; ++j) {
-            const float2 l = *reinterpret_cast<const float2*>(rows + 8 * j + 2 * t);
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                const int c = 8 * j + 2 * t + (e & 1);
-                float p = exp2_ftz(fmaf(s[4 * j + e], scale_log2, -((e & 1) ? l.y : l.x)));
-                if (mask && !(row_ok[e >> 1] && (!causal || key0 + 8 * (e >> 1) <= offset + tq0 + c))) p = 0.0f;
-                s[4 * j + e] = p;
-            }
-        }
-        pack_fragments(pa, s);
-        fence_registers(acc_dv);
-        fence_registers(pa);
-        wgmma_fence();
-#pragma unroll
-        for (int kk = 0; kk < KV_BQ / 16; ++kk)
-            mma_rs_m64n128_tb(acc_dv, pa[4 * kk], pa[4 * kk + 1], pa[4 * kk + 2], pa[4 * kk + 3], mn_major(dt, 64, kk),
-                              step > 0 || kk > 0);
-        wgmma_commit();
-        wgmma_wait<1>();
-        fence_registers(dp);
-#pragma unroll
-        for (int j = 0; j < 8; ++j) {
-            const float2 dl = *reinterpret_cast<const float2*>(rows + KV_BQ + 8 * j + 2 * t);
-#pragma unroll
-            for (int e = 0; e < 4; ++e) dp[4 * j + e] = s[4 * j + e] * (dp[4 * j + e] - ((e & 1) ? dl.y : dl.x));
-        }
-        pack_fragments(da, dp);
-        fence_registers(acc_dk);
-        fence_registers(da);
-        wgmma_fence();
-#pragma unroll
-        for (int kk = 0; kk < KV_BQ / 16; ++kk)
-            mma_rs_m64n128_tb(acc_dk, da[4 * kk], da[4 * kk + 1], da[4 * kk + 2], da[4 * kk + 3], mn_major(qt, 64, kk),
-                              step > 0 || kk > 0);
-        wgmma_commit();
-        if (!KV_DEFER) {
-            wgmma_wait<0>();
-            fence_registers(acc_dv);
-            fence_registers(acc_dk);
-            fence_registers(pa);
-            fence_registers(da);
-            if (lane == 0) mbar_arrive(empty0 + 8 * buffer);
-        }
-    }
-    wgmma_wait<0>();
-    fence_registers(acc_dv);
-    fence_registers(acc_dk);
-    if (steps == 0) {
-#pragma unroll
-        for (int i = 0; i < 64; ++i) acc_dk[i] = acc_dv[i] = 0.0f;
-    }
-    store_rows(dk, acc_dk, scale, b, kvh, kv_heads, keys, kv_bthd, key0, t);
-    store_rows(dv, acc_dv, 1.0f, b, kvh, kv_heads, keys, kv_bthd, key0, t);
-}
-#endif
-
 // ---------------------------------------------------------------------------------------------
 // dQ.
 constexpr int DQ_BQ = 128, DQ_BK = WGBW_DQ_BK;  // key tile 64 or 128 (S, dP: DQ_BK / 2 floats each)
 constexpr int DQ_KVTILE = DQ_BK * 2 * ROW_BYTES;
 constexpr int DQ_Q = 0, DQ_DO = TILE128, DQ_KV = 2 * TILE128;  // stage s: K at DQ_KV + s·2·DQ_KVTILE, V after
 constexpr int DQ_FLAGS = DQ_KV + DQ_STAGES * 2 * DQ_KVTILE;       // [DQ_STAGES][DQ_BK] key flags
-#if WGBW_DQ_WS
-constexpr int DQ_BARS = DQ_FLAGS + DQ_STAGES * DQ_BK;  // u64 full[DQ_STAGES], empty[DQ_STAGES]
-constexpr int DQ_SMEM = DQ_BARS + 64 + 1024;
-#else
 constexpr int DQ_SMEM = DQ_FLAGS + DQ_STAGES * DQ_BK + 1024;
-#endif
 
 __device__ __forceinline__ void backward_dq(const bf16* __restrict__ q, const bf16* __restrict__ k,
                                             const bf16* __restrict__ v, const unsigned char* __restrict__ valid,
@@ -746,7 +498,6 @@ __device__ __forceinline__ void backward_dq(const bf16* __restrict__ q, const bf
         for (int hh = 0; hh < NH; ++hh) fence_registers(da[hh]);
     };
 
-#if !(WGBW_DQ_LATE || WGBW_DQ_ORDER || WGBW_DQ_XB)
 #pragma unroll 1
     for (int step = 0; step < steps; ++step) {
         const int buffer = step % DQ_STAGES;
@@ -819,141 +570,6 @@ __device__ __forceinline__ void backward_dq(const bf16* __restrict__ q, const bf
             fence_da();
         }
     }
-#else
-    // Experimental loop (WGBW_DQ_LATE / WGBW_DQ_ORDER / WGBW_DQ_XB): the same products, the same
-    // summation order (the dQ product's k-steps in increasing key order), so the same bits.
-    static_assert(NH == 2 || !(WGBW_DQ_ORDER || WGBW_DQ_XB), "WGBW_DQ_ORDER / WGBW_DQ_XB need the 128-key split");
-    static_assert(!WGBW_DQ_XB || (DQ_STAGES == 2 && DQ_DEFER == 0), "WGBW_DQ_XB: 2 stages, no DQ_DEFER");
-    constexpr bool LATE = WGBW_DQ_LATE || WGBW_DQ_XB;
-#pragma unroll 1
-    for (int step = 0; step < steps; ++step) {
-        const int buffer = step % DQ_STAGES;
-        cp_async_wait<DQ_DIST - 1>();
-        fence_proxy_async();
-        __syncthreads();  // this step's K/V landed; with XB: the previous step's dQ product may still run
-        const bool ahead = step + DQ_DIST < steps;
-        if (!LATE) {
-            if (ahead) issue(step + DQ_DIST);
-            cp_async_commit();
-        }
-        const int k0 = step * BK;
-        const bool visible = k0 < wg_key_end;
-        const uint32_t kt = base + DQ_KV + buffer * 2 * DQ_KVTILE, vt = kt + DQ_KVTILE;
-        float s[NH][BH / 2], dp[NH][BH / 2];
-        // Between the S/dP issue and their waits, in both branches (a join here would make ptxas
-        // serialise the wgmmas): with XB, retire the previous step's dQ product (the oldest group;
-        // `younger` S/dP groups of this step may run on), then a barrier: every warpgroup is done
-        // with the previous step's K/V buffer, which the loads overwrite; with LATE, the loads.
-        auto middle = [&](int younger) {
-            if (WGBW_DQ_XB) {
-                wgmma_wait_n(younger);
-                fence_registers(acc);
-                fence_da();
-                __syncthreads();
-            }
-            if (LATE) {
-                if (ahead) issue(step + DQ_DIST);
-                cp_async_commit();
-            }
-        };
-        if (visible) {
-            wgmma_fence();
-            if (WGBW_DQ_ORDER) {  // S_0, S_1, dP_0, dP_1
-#pragma unroll
-                for (int hh = 0; hh < NH; ++hh) {
-#pragma unroll
-                    for (int kk = 0; kk < D / 16; ++kk)
-                        mma_ss(s[hh], k_major(qs, 128, 64 * wg, kk), k_major(kt, BK, BH * hh, kk), kk > 0);
-                    wgmma_commit();
-                }
-#pragma unroll
-                for (int hh = 0; hh < NH; ++hh) {
-#pragma unroll
-                    for (int kk = 0; kk < D / 16; ++kk)
-                        mma_ss(dp[hh], k_major(dos, 128, 64 * wg, kk), k_major(vt, BK, BH * hh, kk), kk > 0);
-                    wgmma_commit();
-                }
-            } else {  // S_0, dP_0, S_1, dP_1
-#pragma unroll
-                for (int hh = 0; hh < NH; ++hh) {
-#pragma unroll
-                    for (int kk = 0; kk < D / 16; ++kk)
-                        mma_ss(s[hh], k_major(qs, 128, 64 * wg, kk), k_major(kt, BK, BH * hh, kk), kk > 0);
-                    wgmma_commit();
-#pragma unroll
-                    for (int kk = 0; kk < D / 16; ++kk)
-                        mma_ss(dp[hh], k_major(dos, 128, 64 * wg, kk), k_major(vt, BK, BH * hh, kk), kk > 0);
-                    wgmma_commit();
-                }
-            }
-            middle(2 * NH);
-            const unsigned char* flags = flags0 + buffer * BK;
-            const bool mask = valid_row != nullptr || k0 + BK > keys || (causal && k0 + BK - 1 > offset + warp_q0);
-            auto exp_half = [&](int hh) {
-                fence_registers(s[hh]);
-                // P: s[hh][4J + e] = query row0 + 8(e >> 1), key k0 + BH·hh + 8J + 2t + (e & 1).
-#pragma unroll
-                for (int j = 0; j < BH / 8; ++j)
-#pragma unroll
-                    for (int e = 0; e < 4; ++e) {
-                        const int c = BH * hh + 8 * j + 2 * t + (e & 1);
-                        float p = exp2_ftz(fmaf(s[hh][4 * j + e], scale_log2, -row_lse[e >> 1]));
-                        if (mask && !(flags[c] != 0 && (!causal || k0 + c <= offset + row0 + 8 * (e >> 1)))) p = 0.0f;
-                        s[hh][4 * j + e] = p;
-                    }
-            };
-            auto ds_half = [&](int hh) {  // after dP_hh's wait: dS, then dQ += dS_hh·K_hh
-                fence_registers(dp[hh]);
-                fence_registers(acc);
-                fence_registers(da[hh]);
-#pragma unroll
-                for (int i = 0; i < BH / 2; ++i) dp[hh][i] = s[hh][i] * (dp[hh][i] - row_delta[(i >> 1) & 1]);
-                pack_fragments(da[hh], dp[hh]);
-                fence_registers(acc);
-                fence_registers(da[hh]);
-                wgmma_fence();
-#pragma unroll
-                for (int kk = 0; kk < BH / 16; ++kk)
-                    mma_rs_m64n128_tb(acc, da[hh][4 * kk], da[hh][4 * kk + 1], da[hh][4 * kk + 2], da[hh][4 * kk + 3],
-                                      mn_major(kt, BK, (BH / 16) * hh + kk), step > 0 || hh > 0 || kk > 0);
-                wgmma_commit();
-            };
-            // Pending groups: with DQ_DEFER (not XB) one older dQ group may precede this step's.
-            if (WGBW_DQ_ORDER) {
-                // groups S_0 S_1 dP_0 dP_1 | dQ_0 dQ_1
-                wgmma_wait_n(3);  // S_0
-                exp_half(0);
-                wgmma_wait_n(2);  // S_1
-                exp_half(1);
-                wgmma_wait_n(1);  // dP_0
-                ds_half(0);
-                wgmma_wait_n(1);  // dP_1 (dQ_0 may run)
-                ds_half(1);
-            } else {
-#pragma unroll
-                for (int hh = 0; hh < NH; ++hh) {
-                    wgmma_wait_n(2 * NH - 1 - hh);  // S_hh
-                    exp_half(hh);
-                    wgmma_wait_n(2 * NH - 2 - hh);  // dP_hh
-                    ds_half(hh);
-                }
-            }
-        } else {
-            middle(0);
-            if (DQ_DEFER) {
-                wgmma_wait<0>();
-                fence_registers(acc);
-                fence_da();
-            }
-        }
-        if (ahead) stash(step + DQ_DIST);
-        if (!DQ_DEFER && !WGBW_DQ_XB) {
-            wgmma_wait<0>();
-            fence_registers(acc);
-            fence_da();
-        }
-    }
-#endif
     wgmma_wait<0>();
     fence_registers(acc);
     if (steps == 0 || wg_key_end <= 0) {  // these rows see no key
@@ -964,203 +580,15 @@ __device__ __forceinline__ void backward_dq(const bf16* __restrict__ q, const bf
     store_rows(dq, acc, scale, b, h, heads, queries, q_bthd, row0, t);
 }
 
-#if WGBW_DQ_WS
-static_assert(DQ_BK == 128 && WGBW_DQ_SPLIT && DQ_DEFER == 0, "WGBW_DQ_WS: 128-key split steps, no DQ_DEFER");
-// BK rows × 128 columns by the 128 producer threads (p = 0 .. 127), as load_tile.
-template <int ROWS>
-__device__ __forceinline__ void load_tile_producer(uint32_t tile, const bf16* __restrict__ src, int available,
-                                                   int stride, int p) {
-#pragma unroll 1
-    for (int pass = 0; pass < ROWS * 16 / 128; ++pass) {
-        const int index = p + pass * 128;
-        const int r = index / 16, c = (index % 16) * 8;
-        const bool inside = r < available;
-        cp_async16(tile + swizzled(ROWS, r, c), inside ? src + (size_t)r * stride + c : src, inside);
-    }
-}
-
-__device__ __forceinline__ void backward_dq_ws(const bf16* __restrict__ q, const bf16* __restrict__ k,
-                                               const bf16* __restrict__ v, const unsigned char* __restrict__ valid,
-                                               const bf16* __restrict__ grad, const float* __restrict__ lse,
-                                               const float* __restrict__ delta, bf16* __restrict__ dq, int heads,
-                                               int kv_heads, int queries, int keys, int offset, int causal, float scale,
-                                               int q_bthd, int kv_bthd) {
-    constexpr int BK = DQ_BK, NH = 2, BH = 64;
-    require_smem(DQ_SMEM);
-    extern __shared__ __align__(1024) unsigned char smem_raw[];
-    const uint32_t raw = smem_address(smem_raw);
-    const uint32_t base = (raw + 1023u) & ~1023u;
-    unsigned char* const smem = smem_raw + (base - raw);
-    unsigned char* const flags0 = smem + DQ_FLAGS;
-    const uint32_t full0 = base + DQ_BARS, empty0 = full0 + 8 * DQ_STAGES;
-
-    const int tid = threadIdx.x, wg = tid / 128;
-    int tile, bh;
-    if (!causal) {
-        tile = blockIdx.x;
-        bh = blockIdx.y;
-    } else {
-        const int linear = blockIdx.y * gridDim.x + blockIdx.x;
-        tile = gridDim.x - 1 - linear / gridDim.y;
-        bh = linear % gridDim.y;
-    }
-    const int b = bh / heads, h = bh % heads;
-    const int kvh = h / (heads / kv_heads);
-    const int q0 = tile * DQ_BQ;
-    const int kst = row_stride(kv_heads, kv_bthd);
-    const unsigned char* valid_row = valid ? valid + (size_t)b * keys : nullptr;
-    const int last_row = min(q0 + DQ_BQ, queries) - 1;
-    const int key_end = causal ? min(keys, offset + last_row + 1) : keys;
-    const int steps = key_end > 0 ? (key_end + BK - 1) / BK : 0;
-
-    if (tid == 0) {
-#pragma unroll
-        for (int s = 0; s < DQ_STAGES; ++s) {
-            mbar_init(full0 + 8 * s, 256);  // 128 cp.async arrivals + 128 plain (flag stores)
-            mbar_init(empty0 + 8 * s, 8);   // one per consumer warp
-        }
-        asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
-    }
-    __syncthreads();
-
-    if (wg == 2) {  // producer
-        setmaxnreg_dec<24>();
-        const int p = tid - 256;
-        const bf16* kb = k + row_offset(b, kvh, 0, kv_heads, keys, kv_bthd);
-        const bf16* vb = v + row_offset(b, kvh, 0, kv_heads, keys, kv_bthd);
-#pragma unroll 1
-        for (int step = 0; step < steps; ++step) {
-            const int buffer = step % DQ_STAGES, tk0 = step * BK;
-            mbar_wait(empty0 + 8 * buffer, ((step / DQ_STAGES) & 1) ^ 1);
-            const uint32_t kt = base + DQ_KV + buffer * 2 * DQ_KVTILE;
-            load_tile_producer<BK>(kt, kb + (size_t)tk0 * kst, keys - tk0, kst, p);
-            load_tile_producer<BK>(kt + DQ_KVTILE, vb + (size_t)tk0 * kst, keys - tk0, kst, p);
-            mbar_arrive_cp_async(full0 + 8 * buffer);
-            flags0[buffer * BK + p] = tk0 + p < keys && (valid_row == nullptr || valid_row[tk0 + p] != 0);
-            mbar_arrive(full0 + 8 * buffer);
-        }
-        return;
-    }
-    setmaxnreg_inc<240>();
-
-    const int u = (tid % 128) / 32, lane = tid % 32, g = lane / 4, t = lane % 4;
-    const int wg_q0 = q0 + 64 * wg;
-    const int warp_q0 = wg_q0 + 16 * u;
-    const int row0 = warp_q0 + g;
-    const int qst = row_stride(heads, q_bthd);
-    const float scale_log2 = scale * LOG2E;
-    const int wg_key_end = causal ? min(keys, offset + min(wg_q0 + 64, queries)) : keys;
-    const uint32_t qs = base + DQ_Q, dos = base + DQ_DO;
-    const size_t q_row0 = row_offset(b, h, q0, heads, queries, q_bthd);
-    load_tile<128>(qs, q + q_row0, queries - q0, qst);
-    load_tile<128>(dos, grad + q_row0, queries - q0, qst);
-    cp_async_commit();
-    float row_lse[2], row_delta[2];
-#pragma unroll
-    for (int half = 0; half < 2; ++half) {
-        const int row = row0 + 8 * half;
-        const bool inside = row < queries;
-        const float l = inside ? lse[(size_t)bh * queries + row] : -INFINITY;
-        row_lse[half] = l == -INFINITY ? INFINITY : l * LOG2E;
-        row_delta[half] = inside ? delta[(size_t)bh * queries + row] : 0.0f;
-    }
-    cp_async_wait<0>();
-    fence_proxy_async();
-    named_sync(1, 256);  // Q, dO landed (consumers only)
-
-    float acc[64];
-    uint32_t da[NH][BH / 4];
-#pragma unroll 1
-    for (int step = 0; step < steps; ++step) {
-        const int buffer = step % DQ_STAGES;
-        // Wait even when this warpgroup skips the step: its release below must count towards this
-        // step's phase of the empty barrier, not an earlier one.
-        mbar_wait(full0 + 8 * buffer, (step / DQ_STAGES) & 1);
-        fence_proxy_async();
-        const int k0 = step * BK;
-        if (k0 < wg_key_end) {
-            const uint32_t kt = base + DQ_KV + buffer * 2 * DQ_KVTILE, vt = kt + DQ_KVTILE;
-            const unsigned char* flags = flags0 + buffer * BK;
-            const bool mask = valid_row != nullptr || k0 + BK > keys || (causal && k0 + BK - 1 > offset + warp_q0);
-            float s[NH][BH / 2], dp[NH][BH / 2];
-            wgmma_fence();
-#pragma unroll
-            for (int hh = 0; hh < NH; ++hh) {
-#pragma unroll
-                for (int kk = 0; kk < D / 16; ++kk)
-                    mma_ss(s[hh], k_major(qs, 128, 64 * wg, kk), k_major(kt, BK, BH * hh, kk), kk > 0);
-                wgmma_commit();
-            }
-#pragma unroll
-            for (int hh = 0; hh < NH; ++hh) {
-#pragma unroll
-                for (int kk = 0; kk < D / 16; ++kk)
-                    mma_ss(dp[hh], k_major(dos, 128, 64 * wg, kk), k_major(vt, BK, BH * hh, kk), kk > 0);
-                wgmma_commit();
-            }
-            auto exp_half = [&](int hh) {
-                fence_registers(s[hh]);
-#pragma unroll
-                for (int j = 0; j < BH / 8; ++j)
-#pragma unroll
-                    for (int e = 0; e < 4; ++e) {
-                        const int c = BH * hh + 8 * j + 2 * t + (e & 1);
-                        float p = exp2_ftz(fmaf(s[hh][4 * j + e], scale_log2, -row_lse[e >> 1]));
-                        if (mask && !(flags[c] != 0 && (!causal || k0 + c <= offset + row0 + 8 * (e >> 1)))) p = 0.0f;
-                        s[hh][4 * j + e] = p;
-                    }
-            };
-            auto ds_half = [&](int hh) {
-                fence_registers(dp[hh]);
-                fence_registers(acc);
-                fence_registers(da[hh]);
-#pragma unroll
-                for (int i = 0; i < BH / 2; ++i) dp[hh][i] = s[hh][i] * (dp[hh][i] - row_delta[(i >> 1) & 1]);
-                pack_fragments(da[hh], dp[hh]);
-                fence_registers(acc);
-                fence_registers(da[hh]);
-                wgmma_fence();
-#pragma unroll
-                for (int kk = 0; kk < BH / 16; ++kk)
-                    mma_rs_m64n128_tb(acc, da[hh][4 * kk], da[hh][4 * kk + 1], da[hh][4 * kk + 2], da[hh][4 * kk + 3],
-                                      mn_major(kt, BK, (BH / 16) * hh + kk), step > 0 || hh > 0 || kk > 0);
-                wgmma_commit();
-            };
-            wgmma_wait_n(3);  // S_0
-            exp_half(0);
-            wgmma_wait_n(2);  // S_1
-            exp_half(1);
-            wgmma_wait_n(1);  // dP_0
-            ds_half(0);
-            wgmma_wait_n(1);  // dP_1
-            ds_half(1);
-            wgmma_wait<0>();
-            fence_registers(acc);
-#pragma unroll
-            for (int hh = 0; hh < NH; ++hh) fence_registers(da[hh]);
-        }
-        if (lane == 0) mbar_arrive(empty0 + 8 * buffer);
-    }
-    if (steps == 0 || wg_key_end <= 0) {
-#pragma unroll
-        for (int i = 0; i < 64; ++i) acc[i] = 0.0f;
-    }
-    store_rows(dq, acc, scale, b, h, heads, queries, q_bthd, row0, t);
-}
-#endif
-
 }  // namespace wgbw
 
-extern "C" __global__ void __launch_bounds__(wgbw::KV_THREADS, 1)
+extern "C" __global__ void __launch_bounds__(wgbw::THREADS, 1)
     flash_wgmma_backward_dkdv_bf16_d128(const wgbw::bf16* q, const wgbw::bf16* k, const wgbw::bf16* v,
                                         const unsigned char* valid, const wgbw::bf16* grad, const float* lse,
                                         const float* delta, wgbw::bf16* dk, wgbw::bf16* dv, int heads, int kv_heads,
                                         int queries, int keys, int offset, int causal, float scale, int q_bthd,
                                         int kv_bthd) {
-#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL) && WGBW_KV_WS
-    wgbw::backward_dkdv_ws(q, k, v, valid, grad, lse, delta, dk, dv, heads, kv_heads, queries, keys, offset, causal,
-                           scale, q_bthd, kv_bthd);
-#elif defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
     wgbw::backward_dkdv(q, k, v, valid, grad, lse, delta, dk, dv, heads, kv_heads, queries, keys, offset, causal, scale,
                         q_bthd, kv_bthd);
 #else
@@ -1168,15 +596,12 @@ extern "C" __global__ void __launch_bounds__(wgbw::KV_THREADS, 1)
 #endif
 }
 
-extern "C" __global__ void __launch_bounds__(wgbw::DQ_THREADS, 1)
+extern "C" __global__ void __launch_bounds__(wgbw::THREADS, 1)
     flash_wgmma_backward_dq_bf16_d128(const wgbw::bf16* q, const wgbw::bf16* k, const wgbw::bf16* v,
                                       const unsigned char* valid, const wgbw::bf16* grad, const float* lse,
                                       const float* delta, wgbw::bf16* dq, int heads, int kv_heads, int queries,
                                       int keys, int offset, int causal, float scale, int q_bthd, int kv_bthd) {
-#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL) && WGBW_DQ_WS
-    wgbw::backward_dq_ws(q, k, v, valid, grad, lse, delta, dq, heads, kv_heads, queries, keys, offset, causal, scale,
-                         q_bthd, kv_bthd);
-#elif defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
     wgbw::backward_dq(q, k, v, valid, grad, lse, delta, dq, heads, kv_heads, queries, keys, offset, causal, scale,
                       q_bthd, kv_bthd);
 #else

@@ -162,7 +162,7 @@ static void dkdv(Buffers& x, Kernel w) {
     if (w == WGMMA) {
         auto fn = flash_wgmma_backward_dkdv_bf16_d128;
         CK(cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, wgbw::DKDV_SMEM));
-        fn<<<dim3((s.S + wgbw::KV_BK - 1) / wgbw::KV_BK, s.B * s.KVH), wgbw::KV_THREADS, wgbw::DKDV_SMEM>>>(
+        fn<<<dim3((s.S + wgbw::KV_BK - 1) / wgbw::KV_BK, s.B * s.KVH), wgbw::THREADS, wgbw::DKDV_SMEM>>>(
             x.q, x.k, x.v, valid_of(x), x.dout, x.lse, x.delta, x.dk, x.dv, s.H, s.KVH, s.T, s.S, off, s.causal,
             scale_of(), x.q_bthd, x.kv_bthd);
     } else {
@@ -181,7 +181,7 @@ static void dq(Buffers& x, Kernel w) {
     if (w == WGMMA) {
         auto fn = flash_wgmma_backward_dq_bf16_d128;
         CK(cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, wgbw::DQ_SMEM));
-        fn<<<dim3((s.T + wgbw::DQ_BQ - 1) / wgbw::DQ_BQ, s.B * s.H), wgbw::DQ_THREADS, wgbw::DQ_SMEM>>>(
+        fn<<<dim3((s.T + wgbw::DQ_BQ - 1) / wgbw::DQ_BQ, s.B * s.H), wgbw::THREADS, wgbw::DQ_SMEM>>>(
             x.q, x.k, x.v, valid_of(x), x.dout, x.lse, x.delta, x.dq, s.H, s.KVH, s.T, s.S, off, s.causal,
             scale_of(), x.q_bthd, x.kv_bthd);
     } else {
@@ -441,10 +441,7 @@ static bool bench(Shape sh, const char* name, int reps) {
 
 int main(int argc, char** argv) {
     const char* mode = argc > 1 ? argv[1] : "";
-    printf("wgmma backward variant: KV_LATE %d KV_WS %d (dK/dV %d threads) DQ_LATE %d DQ_ORDER %d DQ_XB %d DQ_WS %d (dQ %d "
-           "threads)\n",
-           WGBW_KV_LATE, WGBW_KV_WS, wgbw::KV_THREADS, WGBW_DQ_LATE, WGBW_DQ_ORDER, WGBW_DQ_XB, WGBW_DQ_WS,
-           wgbw::DQ_THREADS);
+    printf("wgmma backward variant: KV_LATE %d\n", WGBW_KV_LATE);
     printf("wgmma backward: dK/dV stages %d defer %d, %d bytes smem; dQ stages %d defer %d key tile %d split %d, %d "
            "bytes smem; %d threads\n",
            wgbw::KV_STAGES, wgbw::KV_DEFER, wgbw::DKDV_SMEM, wgbw::DQ_STAGES, wgbw::DQ_DEFER, wgbw::DQ_BK,
