@@ -104,8 +104,9 @@ fn to_bthd(x: &Tensor) -> Result<Tensor> {
 pub enum TensorCoreKernels {
     /// The fastest that applies, the default: on a GPU of compute capability 9.0 (Hopper), bf16
     /// with head_dim 128 runs the `wgmma` kernels (`kernels/flash_wgmma.cu`: a warp-specialised
-    /// TMA forward and dK/dV and dQ kernels whose gradients are bitwise those of
-    /// [`Self::Mma`]'s); everything else runs [`Self::Mma`].
+    /// TMA forward, whose output differs from [`Self::Mma`]'s in the order of its sums, and dK/dV
+    /// and dQ kernels that, given the same forward output, give [`Self::Mma`]'s gradients bit for
+    /// bit); everything else runs [`Self::Mma`].
     #[default]
     Auto,
     /// FlashAttention-2 style (`flash_mma_*`) everywhere: `mma.sync` on register fragments,
