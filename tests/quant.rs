@@ -475,3 +475,30 @@ fn a_checkpoint_whose_state_disagrees_with_its_shape_is_a_clear_error() -> TestR
     assert!(error.contains("packed bytes"), "{error}");
     Ok(())
 }
+
+/// A 16-bit weight is quantized from its own storage (widened inside the quantizer, no f32 copy)
+/// to exactly the bytes its f32 widening gives; across several parallel tasks and a partial block.
+#[test]
+fn sixteen_bit_weights_quantize_like_their_f32_widening() -> TestResult {
+    let count = 3 * 65_536 + 64 * 7 + 37;
+    let values = Tensor::randn(0f32, 0.02, count, &Device::Cpu)?;
+    for dtype in [DType::BF16, DType::F16] {
+        let weight = values.to_dtype(dtype)?;
+        let widened = weight.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+        for config in [
+            QuantConfig::default(),
+            QuantConfig {
+                quant_type: peftpipe::quant::QuantType::Fp4,
+                double_quant: false,
+                ..QuantConfig::default()
+            },
+        ] {
+            let direct = QuantizedTensor::from_tensor(&weight, &config)?;
+            let reference = QuantizedTensor::quantize(&widened, &[count], dtype, &config)?;
+            assert_eq!(direct.dtype, dtype);
+            assert_bytes_equal(&direct.packed, &reference.packed, "packed codes");
+            assert_bits_equal(&direct.absmax_f32(), &reference.absmax_f32(), "absmax");
+        }
+    }
+    Ok(())
+}

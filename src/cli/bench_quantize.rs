@@ -2,15 +2,16 @@
 //! `qlora` does to a 16-bit checkpoint while it loads, and what `export: quantize:` does to a
 //! merged model), and dequantizing them back on the host (the merged export's first step).
 //!
-//! For each distinct decoder-linear shape of a config.json it quantizes one generated weight
-//! (sums of uniforms: bell-shaped, as trained weights are) with every thread of the machine and
+//! For each distinct decoder-linear shape of a config.json it quantizes one generated bf16 weight
+//! (sums of uniforms: bell-shaped, as trained weights are; on the host, as the loader hands a
+//! checkpoint's tensor over, so the time includes reading it) with every thread of the machine and
 //! with one, checks that both give the same bytes, and scales the times by how many layers have
 //! that shape: the ratio of the two columns is the parallel speed-up measured in the same run.
 
 use std::path::PathBuf;
 use std::time::Instant;
 
-use candle_core::DType;
+use candle_core::{DType, Device, Tensor};
 use clap::Args;
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
@@ -131,8 +132,15 @@ fn bench(args: &BenchQuantizeArgs) -> Result<QuantizeBench, String> {
             "quantizing {} × {} ({layers} layers) …",
             shape[0], shape[1]
         ));
-        let values = weights(shape[0] * shape[1], index as u64);
-        let quantize = || QuantizedTensor::quantize(&values, &shape, DType::BF16, &quant);
+        // As the loader hands it over: a bf16 weight on the host.
+        let weight = Tensor::from_vec(
+            weights(shape[0] * shape[1], index as u64),
+            (shape[0], shape[1]),
+            &Device::Cpu,
+        )
+        .and_then(|weight| weight.to_dtype(DType::BF16))
+        .map_err(|e| format!("generating a {shape:?} weight: {e}"))?;
+        let quantize = || QuantizedTensor::from_tensor(&weight, &quant);
         let (quantize_ms, all) = fastest(args.runs, quantize);
         let (quantize_one_thread_ms, one) = one_thread.install(|| fastest(args.runs, quantize));
         let (all, one) = (

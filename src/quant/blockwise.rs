@@ -18,6 +18,33 @@ use super::nf4::{Bounds, QuantType};
 /// a python float rounded to `f32`: a subnormal).
 const ABSMAX_FLOOR: f32 = 1e-38_f64 as f32;
 
+/// An element the quantizer reads: `f32`, or a 16-bit float widened to `f32` exactly (as
+/// bitsandbytes' `.float()`), so a bf16/f16 weight is quantized where it lies, without an `f32` copy.
+pub trait Element: Copy + Send + Sync {
+    fn to_f32(self) -> f32;
+}
+
+impl Element for f32 {
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        self
+    }
+}
+
+impl Element for half::bf16 {
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        half::bf16::to_f32(self)
+    }
+}
+
+impl Element for half::f16 {
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        half::f16::to_f32(self)
+    }
+}
+
 /// Values per parallel task of [`quantize_4bit`] (rounded to an even number of blocks, so no
 /// byte's two codes fall in different tasks).
 const TASK_VALUES: usize = 1 << 16;
@@ -27,8 +54,8 @@ const TASK_VALUES: usize = 1 << 16;
 /// Whole blocks are quantized in parallel (rayon), in tasks of an even number of blocks whose
 /// bytes and absmax values are concatenated in order: the result does not depend on the number
 /// of threads (`peftpipe bench quantize` checks it against one thread).
-pub fn quantize_4bit(
-    values: &[f32],
+pub fn quantize_4bit<T: Element>(
+    values: &[T],
     quant_type: QuantType,
     block_size: usize,
 ) -> (Vec<u8>, Vec<f32>) {
@@ -55,7 +82,11 @@ pub fn quantize_4bit(
 
 /// Quantizes `values`, which start at a block boundary with an even index: its full blocks, then a
 /// trailing partial block (bitsandbytes' remainder rule) and the padding of an odd count.
-fn quantize_run(values: &[f32], bounds: &Bounds, block_size: usize) -> (Vec<u8>, Vec<f32>) {
+fn quantize_run<T: Element>(
+    values: &[T],
+    bounds: &Bounds,
+    block_size: usize,
+) -> (Vec<u8>, Vec<f32>) {
     // Each value's position among the sorted levels first (a loop the compiler vectorizes), then
     // the codes of two positions per byte.
     let mut positions = vec![0u8; values.len()];
@@ -90,9 +121,14 @@ fn quantize_run(values: &[f32], bounds: &Bounds, block_size: usize) -> (Vec<u8>,
 /// `out[i]` = the number of midpoints strictly below `scale(values[i])` clamped to [-1, 1]
 /// ([`Bounds::encode`] before its order map), for all `i`.
 #[inline(always)]
-fn sorted_positions(bounds: &Bounds, values: &[f32], out: &mut [u8], scale: impl Fn(f32) -> f32) {
+fn sorted_positions<T: Element>(
+    bounds: &Bounds,
+    values: &[T],
+    out: &mut [u8],
+    scale: impl Fn(f32) -> f32,
+) {
     for (position, &x) in out.iter_mut().zip(values) {
-        let scaled = scale(x).clamp(-1.0, 1.0);
+        let scaled = scale(x.to_f32()).clamp(-1.0, 1.0);
         *position = bounds
             .midpoints
             .iter()
@@ -103,10 +139,10 @@ fn sorted_positions(bounds: &Bounds, values: &[f32], out: &mut [u8], scale: impl
 /// `max |x|` of a block (torch's `abs().max()`: a NaN propagates, as `f32::NAN`). On the bit
 /// patterns with the sign cleared, integer order is the order of magnitudes and every NaN is
 /// above infinity: one integer maximum, which vectorizes.
-fn block_absmax(block: &[f32]) -> f32 {
+fn block_absmax<T: Element>(block: &[T]) -> f32 {
     let bits = block
         .iter()
-        .map(|x| x.to_bits() & 0x7fff_ffff)
+        .map(|x| x.to_f32().to_bits() & 0x7fff_ffff)
         .max()
         .unwrap_or(0);
     let max = f32::from_bits(bits);

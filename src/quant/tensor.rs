@@ -87,8 +87,8 @@ pub struct QuantizedTensor {
 
 impl QuantizedTensor {
     /// Quantize `values` (row-major, `shape`), which came from a tensor of `dtype`.
-    pub fn quantize(
-        values: &[f32],
+    pub fn quantize<T: blockwise::Element>(
+        values: &[T],
         shape: &[usize],
         dtype: DType,
         config: &QuantConfig,
@@ -132,12 +132,33 @@ impl QuantizedTensor {
     /// Quantize a (CPU or device) tensor of any float dtype; the values are read as `f32`
     /// (exact from bf16/f16, as bitsandbytes' `.float()`).
     pub fn from_tensor(tensor: &Tensor, config: &QuantConfig) -> Result<Self, QuantError> {
-        let values = tensor
-            .flatten_all()
-            .and_then(|flat| flat.to_dtype(DType::F32))
-            .and_then(|flat| flat.to_vec1::<f32>())
-            .map_err(|error| QuantError::Invalid(format!("reading the tensor: {error}")))?;
-        Self::quantize(&values, tensor.dims(), tensor.dtype(), config)
+        let reading =
+            |error: candle_core::Error| QuantError::Invalid(format!("reading the tensor: {error}"));
+        let flat = tensor.flatten_all().map_err(reading)?;
+        let (shape, dtype) = (tensor.dims(), tensor.dtype());
+        // 16-bit weights are copied to the host as they are and widened inside the (parallel)
+        // quantizer: a conversion to an f32 tensor first took longer than the quantization.
+        match dtype {
+            DType::BF16 => Self::quantize(
+                &flat.to_vec1::<half::bf16>().map_err(reading)?,
+                shape,
+                dtype,
+                config,
+            ),
+            DType::F16 => Self::quantize(
+                &flat.to_vec1::<half::f16>().map_err(reading)?,
+                shape,
+                dtype,
+                config,
+            ),
+            _ => {
+                let values = flat
+                    .to_dtype(DType::F32)
+                    .and_then(|flat| flat.to_vec1::<f32>())
+                    .map_err(reading)?;
+                Self::quantize(&values, shape, dtype, config)
+            }
+        }
     }
 
     /// Number of values.
