@@ -282,15 +282,16 @@ macro_rules! launch {
     }};
 }
 
-fn no_cpu(name: &str) -> Result<(CpuStorage, Shape)> {
+pub(crate) fn no_cpu(name: &str) -> Result<(CpuStorage, Shape)> {
     bail!("{name}: a CUDA-only op was applied to a CPU tensor")
 }
 
-/// The `cpu_fwd` of a CUDA-only custom op taking 1, 2 or 3 tensors: an error naming the op.
+/// The `cpu_fwd` of a CUDA-only custom op taking 1, 2 or 3 tensors: an error naming the op (also
+/// used by `ops::flash`).
 macro_rules! cuda_only {
     (1) => {
         fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
-            no_cpu(self.name())
+            $crate::ops::cuda::no_cpu(self.name())
         }
     };
     (2) => {
@@ -301,7 +302,7 @@ macro_rules! cuda_only {
             _: &CpuStorage,
             _: &Layout,
         ) -> Result<(CpuStorage, Shape)> {
-            no_cpu(self.name())
+            $crate::ops::cuda::no_cpu(self.name())
         }
     };
     (3) => {
@@ -314,10 +315,11 @@ macro_rules! cuda_only {
             _: &CpuStorage,
             _: &Layout,
         ) -> Result<(CpuStorage, Shape)> {
-            no_cpu(self.name())
+            $crate::ops::cuda::no_cpu(self.name())
         }
     };
 }
+pub(crate) use cuda_only;
 
 /// Launch the row kernel `{kernel}_{bf16,f32}` (one block per row of `x`) on `x`, the weight `w`
 /// and a third input `t` (a gradient shaped like `x`, or a bias), writing a new tensor shaped like

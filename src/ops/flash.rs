@@ -1098,17 +1098,7 @@ mod gpu {
             "flash-attention-forward"
         }
 
-        fn cpu_fwd(
-            &self,
-            _: &CpuStorage,
-            _: &Layout,
-            _: &CpuStorage,
-            _: &Layout,
-            _: &CpuStorage,
-            _: &Layout,
-        ) -> Result<(CpuStorage, Shape)> {
-            bail!("flash attention: a CUDA-only op was applied to a CPU tensor")
-        }
+        crate::ops::cuda::cuda_only!(3);
 
         fn cuda_fwd(
             &self,
@@ -1180,44 +1170,39 @@ mod gpu {
                     &s.q_bthd,
                     &s.kv_bthd
                 );
-                let shape = if q_bthd {
-                    Shape::from((d.batch, d.queries, d.heads, d.head_dim))
-                } else {
-                    ql.shape().clone()
-                };
-                return Ok((out, shape));
+            } else {
+                let name = format!(
+                    "{}_forward_{}_d{}",
+                    family.prefix(),
+                    suffix(q.dtype())?,
+                    d.head_dim
+                );
+                launch!(
+                    device,
+                    family.module(),
+                    &name,
+                    family.config(
+                        d.queries.div_ceil(block_queries),
+                        d.batch * d.heads,
+                        shared_bytes
+                    ),
+                    &qp,
+                    &kp,
+                    &vp,
+                    &valid,
+                    &o,
+                    &lse,
+                    &s.heads,
+                    &s.kv_heads,
+                    &s.queries,
+                    &s.keys,
+                    &s.offset,
+                    &s.causal,
+                    &s.scale,
+                    &s.q_bthd,
+                    &s.kv_bthd
+                );
             }
-            let name = format!(
-                "{}_forward_{}_d{}",
-                family.prefix(),
-                suffix(q.dtype())?,
-                d.head_dim
-            );
-            launch!(
-                device,
-                family.module(),
-                &name,
-                family.config(
-                    d.queries.div_ceil(block_queries),
-                    d.batch * d.heads,
-                    shared_bytes
-                ),
-                &qp,
-                &kp,
-                &vp,
-                &valid,
-                &o,
-                &lse,
-                &s.heads,
-                &s.kv_heads,
-                &s.queries,
-                &s.keys,
-                &s.offset,
-                &s.causal,
-                &s.scale,
-                &s.q_bthd,
-                &s.kv_bthd
-            );
             // Stored as q is: [B, T, H, D] when q is (`forward` views it back as [B, H, T, D]).
             let shape = if q_bthd {
                 Shape::from((d.batch, d.queries, d.heads, d.head_dim))
@@ -1265,17 +1250,7 @@ mod gpu {
             "flash-attention-backward"
         }
 
-        fn cpu_fwd(
-            &self,
-            _: &CpuStorage,
-            _: &Layout,
-            _: &CpuStorage,
-            _: &Layout,
-            _: &CpuStorage,
-            _: &Layout,
-        ) -> Result<(CpuStorage, Shape)> {
-            bail!("flash attention: a CUDA-only op was applied to a CPU tensor")
-        }
+        crate::ops::cuda::cuda_only!(3);
 
         fn cuda_fwd(
             &self,
