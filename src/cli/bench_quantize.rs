@@ -17,7 +17,7 @@ use rand::{Rng, SeedableRng};
 use serde::Serialize;
 
 use super::{GlobalArgs, EXIT_FAILED, EXIT_OK};
-use crate::models::config::ModelConfig;
+use crate::models::load::read_config;
 use crate::models::quantized::is_quantized_linear;
 use crate::quant::{QuantConfig, QuantType, QuantizedTensor};
 
@@ -89,11 +89,7 @@ fn fastest<T>(runs: u32, mut work: impl FnMut() -> T) -> (f64, T) {
 
 fn bench(args: &BenchQuantizeArgs) -> Result<QuantizeBench, String> {
     let path = &args.config;
-    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    let json: serde_json::Value = serde_json::from_str(&text)
-        .map_err(|e| format!("{}: invalid JSON: {e}", path.display()))?;
-    let config = ModelConfig::from_json(&json)
-        .map_err(|e| format!("{}: key `{}`: {}", path.display(), e.key, e.message))?;
+    let (config, _) = read_config(path).map_err(|e| e.to_string())?;
     let quant_type = QuantType::from_name(&args.quant_type).ok_or_else(|| {
         format!(
             "--quant-type {}: expected nf4 or fp4",

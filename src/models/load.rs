@@ -70,6 +70,17 @@ pub(crate) fn read_json(path: &Path) -> Result<Value, ModelError> {
     })
 }
 
+/// Read a config.json: the parsed config and its JSON, errors naming the file (and the key).
+pub fn read_config(path: &Path) -> Result<(ModelConfig, Value), ModelError> {
+    let json = read_json(path)?;
+    let config = ModelConfig::from_json(&json).map_err(|error| ModelError::Config {
+        path: path.to_path_buf(),
+        key: error.key,
+        message: error.message,
+    })?;
+    Ok((config, json))
+}
+
 /// One tensor of a safetensors header.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct TensorInfo {
@@ -320,12 +331,7 @@ impl ModelDir {
     /// Open `root`: parse config.json and locate the safetensors files.
     pub fn open(root: &Path) -> Result<Self, ModelError> {
         let config_path = root.join("config.json");
-        let config_json = read_json(&config_path)?;
-        let config = ModelConfig::from_json(&config_json).map_err(|error| ModelError::Config {
-            path: config_path.clone(),
-            key: error.key,
-            message: error.message,
-        })?;
+        let (config, config_json) = read_config(&config_path)?;
         let stored_quantization = bnb_quantization(&config_json, &config_path)?;
         if stored_quantization.is_some() && matches!(config, ModelConfig::Gpt2(_)) {
             return Err(ModelError::Config {

@@ -14,7 +14,7 @@ use std::path::Path;
 use serde::Serialize;
 
 use super::config::{Architecture, LinearSpec, ModelConfig};
-use super::load::{read_json, ModelDir, ModelError, TensorInfo};
+use super::load::{read_config, ModelDir, ModelError, TensorInfo};
 use super::quantized::STATE_SUFFIX;
 use crate::ops::RopeScaling;
 
@@ -226,12 +226,7 @@ fn summarize_config(
 /// file (dimensions and counts only). Also returns the parsed config for further analysis.
 pub fn summarize(path: &Path) -> Result<(ModelSummary, ModelConfig), ModelError> {
     if path.is_file() {
-        let json = read_json(path)?;
-        let config = ModelConfig::from_json(&json).map_err(|error| ModelError::Config {
-            path: path.to_path_buf(),
-            key: error.key,
-            message: error.message,
-        })?;
+        let (config, json) = read_config(path)?;
         return Ok((summarize_config(path, &config, &json)?, config));
     }
     let dir = ModelDir::open(path)?;

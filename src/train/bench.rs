@@ -257,18 +257,8 @@ pub fn run(config_path: &Path, settings: &BenchSettings) -> Result<BenchResult, 
         crate::ops::cuda::keep_pool(&settings.device).map_err(|error| error.to_string())?;
     #[cfg(not(feature = "cuda"))]
     let pool_kept = false;
-    let text = std::fs::read_to_string(config_path)
-        .map_err(|error| format!("{}: {error}", config_path.display()))?;
-    let json: serde_json::Value = serde_json::from_str(&text)
-        .map_err(|error| format!("{}: invalid JSON: {error}", config_path.display()))?;
-    let config = ModelConfig::from_json(&json).map_err(|error| {
-        format!(
-            "{}: key `{}`: {}",
-            config_path.display(),
-            error.key,
-            error.message
-        )
-    })?;
+    let (config, json) =
+        crate::models::load::read_config(config_path).map_err(|error| error.to_string())?;
     let adapter: Box<dyn Adapter> = match &settings.method {
         None => Box::new(
             LoraAdapter::new(
