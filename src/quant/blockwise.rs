@@ -119,7 +119,7 @@ fn quantize_run<T: Element>(
 }
 
 /// `out[i]` = the number of midpoints strictly below `scale(values[i])` clamped to [-1, 1]
-/// ([`Bounds::encode`] before its order map), for all `i`.
+/// ([`Bounds::position`]), for all `i`.
 #[inline(always)]
 fn sorted_positions<T: Element>(
     bounds: &Bounds,
@@ -128,11 +128,7 @@ fn sorted_positions<T: Element>(
     scale: impl Fn(f32) -> f32,
 ) {
     for (position, &x) in out.iter_mut().zip(values) {
-        let scaled = scale(x.to_f32()).clamp(-1.0, 1.0);
-        *position = bounds
-            .midpoints
-            .iter()
-            .fold(0u8, |count, &mid| count + u8::from(mid < scaled));
+        *position = bounds.position(scale(x.to_f32()).clamp(-1.0, 1.0));
     }
 }
 

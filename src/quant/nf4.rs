@@ -106,17 +106,21 @@ pub struct Bounds {
 
 impl Bounds {
     /// The 4-bit code of a value already scaled into [-1, 1]: the count of midpoints strictly
-    /// below it, through the sorted order. NaN compares below nothing and gets the lowest level.
+    /// below it ([`Self::position`]), through the sorted order. NaN compares below nothing and
+    /// gets the lowest level.
     #[inline]
     pub fn encode(&self, scaled: f32) -> u8 {
-        // Counting all 15 comparisons (no branch, vectorizable) instead of a binary search: on
-        // bell-shaped weights the search's branches mispredict (`peftpipe bench quantize`).
-        let position: usize = self
-            .midpoints
+        self.order[usize::from(self.position(scaled))]
+    }
+
+    /// The number of midpoints strictly below `scaled`: its position among the sorted levels.
+    /// All 15 comparisons are counted (no branch, so a loop over values vectorizes) instead of a
+    /// binary search, whose branches mispredict on bell-shaped weights (`peftpipe bench quantize`).
+    #[inline(always)]
+    pub fn position(&self, scaled: f32) -> u8 {
+        self.midpoints
             .iter()
-            .map(|&mid| usize::from(mid < scaled))
-            .sum();
-        self.order[position]
+            .fold(0u8, |count, &mid| count + u8::from(mid < scaled))
     }
 }
 
