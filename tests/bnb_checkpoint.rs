@@ -681,6 +681,84 @@ fn a_method_or_setting_that_disagrees_with_the_stored_base_is_refused_naming_the
     Ok(())
 }
 
+/// An evaluate stage over the checkpoint saved in 4 bits scores a QLoRA adapter made elsewhere
+/// (a folder) over the base as stored, with or without `base_quantization` (its settings must
+/// then be the checkpoint's: a differing one is refused naming the key and the value to write),
+/// exactly as the train stage's own evaluation scored it.
+#[test]
+fn external_adapters_over_the_prequantized_checkpoint_score_as_its_train_stage() -> TestResult {
+    let Some(source) = stories() else {
+        return Ok(());
+    };
+    let temp = tempfile::tempdir()?;
+    let bnb = temp.path().join("stories260k-bnb");
+    write_bnb_checkpoint(&source, &bnb, &QuantConfig::default())?;
+    let trained = temp.path().join("trained");
+    std::fs::create_dir_all(&trained)?;
+    let stages = "  evaluate:\n    evaluate:\n      model: train\n      data: prompts\n      samples: 0\n      device: cpu\n  export:\n    export:\n      from: train\n      adapter: out/adapter\n";
+    let (ok, stderr) = run(
+        &trained,
+        &pipeline(
+            &bnb,
+            "qlora: {r: 8, alpha: 16, target_modules: all-linear}",
+            stages,
+        ),
+    )?;
+    assert!(ok, "{stderr}");
+    let rows = |path: PathBuf| -> Result<Vec<serde_json::Value>, Box<dyn std::error::Error>> {
+        let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path)?)?;
+        Ok(json["candidates"].as_array().ok_or("candidates")?.clone())
+    };
+    let by_stage = rows(trained.join(".peftpipe/out/bnb/evaluate/comparison.json"))?;
+
+    let full = pipeline(&bnb, "", "");
+    let head = &full[..full.find("  train:\n").ok_or("train stage")?];
+    let adapter = trained.join("out/adapter");
+    let external = |settings: &str| {
+        format!(
+            "{head}  external:\n    evaluate:\n      external_adapters: [{}]\n      base_model: {}\n{settings}      data: prompts\n      samples: 0\n      device: cpu\n",
+            adapter.display(),
+            bnb.display()
+        )
+    };
+    for settings in ["", "      base_quantization: {quant_type: nf4}\n"] {
+        let project = tempfile::tempdir()?;
+        let (ok, stderr) = run(project.path(), &external(settings))?;
+        assert!(ok, "{settings}: {stderr}");
+        let scored = rows(
+            project
+                .path()
+                .join(".peftpipe/out/bnb/external/comparison.json"),
+        )?;
+        for (name, stage_name) in [("adapter", "train"), ("base", "base")] {
+            let row = scored
+                .iter()
+                .find(|row| row["candidate"] == name)
+                .ok_or(name)?;
+            let expected = by_stage
+                .iter()
+                .find(|row| row["candidate"] == stage_name)
+                .ok_or(stage_name)?;
+            assert_eq!(row["loss"], expected["loss"], "{settings}: {name}");
+            assert_eq!(row["method"], if name == "base" { "base" } else { "qlora" });
+        }
+    }
+    let project = tempfile::tempdir()?;
+    let (ok, stderr) = run(
+        project.path(),
+        &external("      base_quantization: {quant_type: fp4}\n"),
+    )?;
+    assert!(!ok, "scored over a base it does not describe");
+    for text in [
+        bnb.join("config.json").display().to_string().as_str(),
+        "quantization_config.bnb_4bit_quant_type",
+        "set stages.external.evaluate.base_quantization.quant_type: nf4",
+    ] {
+        assert!(stderr.contains(text), "no `{text}` in:\n{stderr}");
+    }
+    Ok(())
+}
+
 /// Rewrite one file of a copied checkpoint.
 fn edited(
     source: &Path,

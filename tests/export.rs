@@ -16,8 +16,8 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
-use peftpipe::config::export::{ExportDtype, MergedQuantization};
-use peftpipe::config::method::{ComputeDtypeChoice, QuantTypeChoice};
+use peftpipe::config::export::ExportDtype;
+use peftpipe::config::method::{ComputeDtypeChoice, FourBitSettings, QuantTypeChoice};
 use peftpipe::config::ExportConfig;
 use peftpipe::models::checkpoint::MergedOptions;
 use peftpipe::models::quantized::{
@@ -27,7 +27,8 @@ use peftpipe::models::quantized_writer::{write_quantized_merged_folder, Quantize
 use peftpipe::models::{
     FrozenLinearFactory, Hooks, LinearFactory, LinearLayer, LinearWeights, ModelDir,
 };
-use peftpipe::quant::{QuantConfig, QuantType, QuantizedTensor};
+use peftpipe::peft::qlora::quant_config;
+use peftpipe::quant::{QuantConfig, QuantizedTensor};
 use peftpipe::stages::export::EXPORT_MARKER;
 use support::export::export;
 use support::{masked_max_abs, max_difference, shared_dir, TestResult};
@@ -908,7 +909,7 @@ struct RequantCase {
     slug: &'static str,
     /// `quantization` of base_model.json (a QLoRA run), if any.
     qlora_base: Option<serde_json::Value>,
-    quantize: MergedQuantization,
+    quantize: FourBitSettings,
     max_shard_size: Option<&'static str>,
     dtype: Option<ExportDtype>,
 }
@@ -919,7 +920,7 @@ fn requant_cases() -> Vec<RequantCase> {
             name: "lora, quantize: {}",
             slug: "lora-nf4",
             qlora_base: None,
-            quantize: MergedQuantization::default(),
+            quantize: FourBitSettings::default(),
             max_shard_size: None,
             dtype: None,
         },
@@ -929,7 +930,7 @@ fn requant_cases() -> Vec<RequantCase> {
             qlora_base: Some(serde_json::json!({
                 "quant_type": "nf4", "double_quant": true, "block_size": 64, "compute_dtype": null
             })),
-            quantize: MergedQuantization {
+            quantize: FourBitSettings {
                 quant_type: QuantTypeChoice::Fp4,
                 double_quant: false,
                 block_size: 128,
@@ -995,17 +996,6 @@ fn requant_exports(
         four_bit: project.path().join("out/4bit"),
         _project: project,
     }))
-}
-
-fn quant_config(settings: &MergedQuantization) -> QuantConfig {
-    QuantConfig {
-        quant_type: match settings.quant_type {
-            QuantTypeChoice::Nf4 => QuantType::Nf4,
-            QuantTypeChoice::Fp4 => QuantType::Fp4,
-        },
-        block_size: settings.block_size,
-        double_quant: settings.double_quant,
-    }
 }
 
 /// Round trip: the 4-bit folder loads with peftpipe's reader of bitsandbytes checkpoints, and

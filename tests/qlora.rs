@@ -389,3 +389,161 @@ fn the_qlora_pipeline_runs_and_exports_a_peft_lora_adapter_and_a_merged_16bit_mo
         "the merge ignored the dequantized base ({moved})"
     );
 }
+
+/// The comparison rows of `comparison.json` under `dir`.
+fn comparison_rows(dir: &Path) -> Vec<serde_json::Value> {
+    let text = std::fs::read_to_string(dir.join("comparison.json")).unwrap();
+    let json: serde_json::Value = serde_json::from_str(&text).unwrap();
+    json["candidates"].as_array().unwrap().clone()
+}
+
+fn candidate<'a>(rows: &'a [serde_json::Value], name: &str) -> &'a serde_json::Value {
+    rows.iter()
+        .find(|row| row["candidate"] == name)
+        .unwrap_or_else(|| panic!("no candidate {name} in {rows:?}"))
+}
+
+/// A QLoRA adapter made elsewhere (here: the folder the export stage published) is scored over
+/// the 4-bit base that `base_quantization` asks for, as PEFT scores it over a bitsandbytes
+/// base: exactly the train stage's scores, the base row over the same 4-bit base, the method
+/// named `qlora`. Without the field the same folder is scored over the 16-bit base (other
+/// figures), and the field is part of the stage's fingerprint.
+#[test]
+fn an_external_qlora_adapter_is_scored_over_the_4bit_base_that_base_quantization_names() {
+    let Some(shared) = shared_dir() else {
+        eprintln!("skipped: PEFTPIPE_SHARED not set");
+        return;
+    };
+    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("pipelines/qlora-stories.yaml");
+    let project = tempfile::tempdir().unwrap();
+    let text = std::fs::read_to_string(&example)
+        .unwrap()
+        .replace("max_steps: 60", "max_steps: 4");
+    let head =
+        text[..text.find("  train:\n").unwrap()].replace("name: qlora-stories", "name: outside");
+    std::fs::write(project.path().join("qlora.yaml"), &text).unwrap();
+    let external = |quantization: &str| {
+        format!(
+            "{head}  external:\n    evaluate:\n      external_adapters: [out/qlora-stories/adapter]\n      base_model: ${{PEFTPIPE_SHARED}}/models/stories260k\n{quantization}      data: prompts\n      samples: 0\n      device: cpu\n"
+        )
+    };
+    let run = |file: &str| {
+        let output = peftpipe()
+            .arg("run")
+            .arg(project.path().join(file))
+            .env("PEFTPIPE_SHARED", &shared)
+            .env("PEFTPIPE_CACHE_DIR", project.path().join("cache"))
+            .output()
+            .unwrap();
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    };
+    run("qlora.yaml");
+    let trained = comparison_rows(&project.path().join(".peftpipe/out/qlora-stories/evaluate"));
+    let out = project.path().join(".peftpipe/out/outside/external");
+
+    std::fs::write(
+        project.path().join("external.yaml"),
+        external("      base_quantization: {quant_type: nf4, double_quant: true}\n"),
+    )
+    .unwrap();
+    run("external.yaml");
+    let over_4bit = comparison_rows(&out);
+    let row = candidate(&over_4bit, "adapter");
+    assert_eq!(row["method"], "qlora");
+    for metric in ["loss", "perplexity"] {
+        assert_eq!(
+            row[metric],
+            candidate(&trained, "train")[metric],
+            "{metric}: the external adapter over the 4-bit base scores as its train stage"
+        );
+        assert_eq!(
+            candidate(&over_4bit, "base")[metric],
+            candidate(&trained, "base")[metric],
+            "{metric}: the base row is the same 4-bit base"
+        );
+    }
+
+    std::fs::write(project.path().join("external.yaml"), external("")).unwrap();
+    let status = peftpipe()
+        .arg("status")
+        .arg(project.path().join("external.yaml"))
+        .env("PEFTPIPE_SHARED", &shared)
+        .env("PEFTPIPE_CACHE_DIR", project.path().join("cache"))
+        .output()
+        .unwrap();
+    let status = String::from_utf8_lossy(&status.stdout);
+    assert!(
+        status.contains("[DIRTY] external: parameter evaluate.base_quantization"),
+        "{status}"
+    );
+    run("external.yaml");
+    let over_16bit = comparison_rows(&out);
+    let row = candidate(&over_16bit, "adapter");
+    assert_eq!(row["method"], "lora");
+    assert_ne!(
+        row["loss"],
+        candidate(&trained, "train")["loss"],
+        "without base_quantization the adapter is scored over the 16-bit base"
+    );
+
+    // `generate --load-in-4bit` applies the folder over the same 4-bit base as the train
+    // artifact's adapter, whose run recorded it (and a flag that disagrees with that is refused).
+    let recorded = find_file(&project.path().join("cache"), "base_model.json")
+        .parent()
+        .unwrap()
+        .join("adapter");
+    let generate = |adapter: &Path, flags: &[&str]| {
+        let output = peftpipe()
+            .args(["--json", "generate"])
+            .arg(shared.join("models/stories260k"))
+            .arg("--adapter")
+            .arg(adapter)
+            .args([
+                "--prompt",
+                "Once upon a time",
+                "--max-new-tokens",
+                "24",
+                "--device",
+                "cpu",
+            ])
+            .args(flags)
+            .output()
+            .unwrap();
+        (
+            output.status.success(),
+            String::from_utf8_lossy(&output.stdout).into_owned(),
+            String::from_utf8_lossy(&output.stderr).into_owned(),
+        )
+    };
+    let (ok, expected, stderr) = generate(&recorded, &[]);
+    assert!(ok, "{stderr}");
+    let folder = project.path().join("out/qlora-stories/adapter");
+    let (ok, got, stderr) = generate(&folder, &["--load-in-4bit"]);
+    assert!(ok, "{stderr}");
+    assert_eq!(got, expected, "the folder over --load-in-4bit's base");
+    let (ok, _, stderr) = generate(&recorded, &["--load-in-4bit", "fp4"]);
+    assert!(!ok, "a flag that disagrees with the recorded base");
+    assert!(stderr.contains("drop the flag"), "{stderr}");
+}
+
+/// The one file called `name` under `dir`.
+fn find_file(dir: &Path, name: &str) -> std::path::PathBuf {
+    let mut found = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                stack.push(path);
+            } else if path.file_name().is_some_and(|n| n == name) {
+                found.push(path);
+            }
+        }
+    }
+    assert_eq!(found.len(), 1, "{name} under {}: {found:?}", dir.display());
+    found.remove(0)
+}

@@ -10,13 +10,16 @@ use std::path::{Path, PathBuf};
 use clap::Args;
 
 use super::{GlobalArgs, EXIT_FAILED, EXIT_INVALID, EXIT_OK};
+use crate::config::method::{block_size_problem, FourBitSettings, QuantTypeChoice};
 use crate::device::{compute_dtype, resolve_device, DTypeSpec, DeviceSpec};
 use crate::infer::jsonl::{OutputFields, PromptLines, PromptRecord};
 use crate::infer::session::{
     generate_many, generate_one, recorded_base_quantization, GenerateRequest, InferenceModel,
 };
 use crate::infer::Sampling;
-use crate::models::resolve_model_path;
+use crate::models::quantized::BaseQuantization;
+use crate::models::{resolve_model_path, ModelConfig, ModelDir};
+use crate::peft::qlora;
 use crate::report;
 
 #[derive(Debug, Args)]
@@ -81,6 +84,26 @@ pub struct GenerateArgs {
     /// Seed of the sampler (needs --temperature; default 0).
     #[arg(long, value_name = "S", requires = "temperature")]
     pub seed: Option<u64>,
+    /// Load the model's linear layers (all but `lm_head`) in bitsandbytes 4-bit, quantized as
+    /// they load (bit-exact with bitsandbytes), as PEFT applies an adapter trained with QLoRA
+    /// elsewhere over `BitsAndBytesConfig(load_in_4bit=True, ...)`: `nf4` (the default) or
+    /// `fp4`, double-quantized, in blocks of 64 unless the flags below say otherwise; --dtype is
+    /// the compute dtype. A model saved in 4 bits is used as stored without it; a QLoRA train
+    /// artifact's adapter brings its own base (the flag must then agree with it).
+    #[arg(long, value_name = "TYPE", num_args = 0..=1, default_missing_value = "nf4", value_parser = ["nf4", "fp4"])]
+    pub load_in_4bit: Option<String>,
+    /// With --load-in-4bit: keep the per-block absmax values in f32 (bitsandbytes'
+    /// `bnb_4bit_use_double_quant=False`).
+    #[arg(long, requires = "load_in_4bit")]
+    pub no_double_quant: bool,
+    /// With --load-in-4bit: weights per absmax, a power of two from 64 to 4096.
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = 64,
+        requires = "load_in_4bit"
+    )]
+    pub block_size: usize,
     /// `auto`, `cpu`, `cuda` or `cuda:N`.
     #[arg(long, default_value = "auto")]
     pub device: String,
@@ -164,13 +187,20 @@ pub fn run(global: &GlobalArgs, args: GenerateArgs) -> u8 {
         Some(Ok(dir)) => Some(dir),
         None => None,
     };
-    let quantization = match adapter.as_deref().map(recorded_base_quantization) {
+    let recorded = match adapter.as_deref().map(recorded_base_quantization) {
         Some(Err(message)) => {
             report::error(&message);
             return EXIT_INVALID;
         }
         Some(Ok(quantization)) => quantization,
         None => None,
+    };
+    let quantization = match asked_quantization(&args, &model_dir, recorded) {
+        Ok(quantization) => quantization,
+        Err(message) => {
+            report::error(&message);
+            return EXIT_INVALID;
+        }
     };
     let model = match InferenceModel::load(
         &model_dir,
@@ -234,6 +264,67 @@ pub fn run(global: &GlobalArgs, args: GenerateArgs) -> u8 {
 
 /// The folder of `--adapter`: a path as given, or a Hub id's snapshot in the local cache (never
 /// downloaded: the `hub` feature's download fetches a model's files, not an adapter's).
+/// The 4-bit base to load: --load-in-4bit's (checked against a stored 4-bit checkpoint's
+/// settings, and against `recorded`, a QLoRA train artifact's own base), else `recorded`.
+fn asked_quantization(
+    args: &GenerateArgs,
+    model_dir: &Path,
+    recorded: Option<BaseQuantization>,
+) -> Result<Option<BaseQuantization>, String> {
+    let Some(quant_type) = &args.load_in_4bit else {
+        return Ok(recorded);
+    };
+    let settings = FourBitSettings {
+        quant_type: if quant_type == "fp4" {
+            QuantTypeChoice::Fp4
+        } else {
+            QuantTypeChoice::Nf4
+        },
+        double_quant: !args.no_double_quant,
+        block_size: args.block_size,
+        compute_dtype: None,
+    };
+    if let Some(message) = block_size_problem(settings.block_size) {
+        return Err(format!("--block-size: {message}"));
+    }
+    let dir = ModelDir::open(model_dir).map_err(|error| error.to_string())?;
+    if matches!(dir.config(), ModelConfig::Gpt2(_)) {
+        return Err(format!(
+            "--load-in-4bit: a 4-bit base is supported for Llama-family models; {} is gpt2",
+            model_dir.display()
+        ));
+    }
+    let stored = dir.stored_quantization();
+    let asked = qlora::base_quantization(&settings, stored.is_some());
+    if let Some(stored) = stored {
+        if (stored.quant_type, stored.double_quant)
+            != (asked.config.quant_type, asked.config.double_quant)
+        {
+            return Err(format!(
+                "{}: key `quantization_config`: the checkpoint is stored in bitsandbytes 4-bit ({}, double_quant {}) and is used as stored, never re-quantized; --load-in-4bit asks for {} with double_quant {}: drop the flag",
+                dir.config_path().display(),
+                stored.quant_type.name(),
+                stored.double_quant,
+                asked.config.quant_type.name(),
+                asked.config.double_quant
+            ));
+        }
+    }
+    match recorded {
+        Some(recorded) if recorded.config != asked.config => Err(format!(
+            "--load-in-4bit asks for {} (double_quant {}, blocks of {}), but the adapter was trained over {} (double_quant {}, blocks of {}), as its base_model.json records; drop the flag",
+            asked.config.quant_type.name(),
+            asked.config.double_quant,
+            asked.config.block_size,
+            recorded.config.quant_type.name(),
+            recorded.config.double_quant,
+            recorded.config.block_size
+        )),
+        Some(recorded) => Ok(Some(recorded)),
+        None => Ok(Some(asked)),
+    }
+}
+
 fn resolve_adapter(text: &str) -> Result<PathBuf, String> {
     match crate::config::hub::HubId::parse(text) {
         Ok(None) => Ok(PathBuf::from(text)),

@@ -127,7 +127,7 @@ pub fn recorded_base_quantization(adapter_dir: &Path) -> Result<Option<BaseQuant
 /// settings (a base that changed under the adapter is an error, never a silent other base).
 fn check_recorded_base(quantization: &BaseQuantization, dir: &ModelDir) -> Result<(), String> {
     match (quantization.prequantized, dir.stored_quantization()) {
-        (true, Some(stored)) => check_stored_base(quantization, stored, &dir.config_path())
+        (true, Some(stored)) => check_stored_base(quantization, stored, &dir.config_path(), "method.qlora")
             .map_err(|error| error.to_string()),
         (false, None) => Ok(()),
         (true, None) => Err(format!(

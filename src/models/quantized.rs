@@ -724,7 +724,7 @@ impl BaseQuantization {
         let wanted = &self.config;
         let differ = |field: &str, stored: String, asked: String| {
             Some(format!(
-                "stored with {field} {stored}, but the run asks for {field} {asked}; a checkpoint saved in 4 bits is used as stored, never re-quantized: set the method's {field} to {stored} (or train from the 16-bit original)"
+                "stored with {field} {stored}, but {field} {asked} is asked for; a checkpoint saved in 4 bits is used as stored, never re-quantized: set {field}: {stored} where the 4-bit base is set up (method.qlora, or an evaluate stage's base_quantization), or use the 16-bit original"
             ))
         };
         if weight.quant_type() != wanted.quant_type {

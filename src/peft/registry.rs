@@ -18,7 +18,6 @@ use super::prompt_tuning::{PromptTuningAdapter, PromptTuningSettings};
 use super::qlora::QloraAdapter;
 use super::{mix_seed, Adapter, PeftError};
 use crate::config::method::{resolve_ia3_for, resolve_targets, MethodConfig, PromptInit};
-use crate::models::quantized::BaseQuantization;
 
 /// Text → token ids, special tokens included (see [`MethodContext::tokenize`]).
 pub type Tokenize<'a> = &'a dyn Fn(&str) -> Result<Vec<u32>, String>;
@@ -136,17 +135,12 @@ fn new_method_adapter(
                 fan_in_fan_out: false,
                 seed: mix_seed(cx.seed, "lora init"),
             };
-            let quantization = BaseQuantization {
-                config: super::qlora::quant_config(
-                    qlora.quant_type,
-                    qlora.block_size,
-                    qlora.double_quant,
-                ),
-                compute_dtype: qlora.compute_dtype.map(super::qlora::compute_dtype),
-                // A checkpoint saved with bitsandbytes 4-bit: its weights are used as stored
-                // (the train stage checks config.json's settings against these first).
-                prequantized: cx.model_config.get("quantization_config").is_some(),
-            };
+            // A checkpoint saved with bitsandbytes 4-bit: its weights are used as stored (the
+            // train stage checks config.json's settings against these first).
+            let quantization = super::qlora::base_quantization(
+                &qlora.four_bit(),
+                cx.model_config.get("quantization_config").is_some(),
+            );
             Ok(Box::new(QloraAdapter::new(
                 settings,
                 qlora.use_dora,

@@ -37,6 +37,8 @@ use crate::data::tokenize::TokenizedExample;
 use crate::device::{compute_dtype, resolve_device, DTypeSpec, DeviceSpec};
 use crate::infer::session::InferenceModel;
 use crate::models::quantized::BaseQuantization;
+use crate::models::{ModelConfig, ModelDir};
+use crate::peft::qlora;
 
 pub struct EvaluateStage {
     config: EvaluateConfig,
@@ -859,6 +861,44 @@ pub struct CandidatesMetricsFile {
     pub candidates: BTreeMap<String, ModelMetrics>,
 }
 
+/// The 4-bit base an evaluate stage's `base_quantization` asks for over the model at
+/// `base_path` (checked against the checkpoint's own 4-bit storage when it has one), and
+/// whether that checkpoint is stored in 4 bits (then it is 4-bit with or without the field).
+fn asked_base_quantization(
+    config: &EvaluateConfig,
+    base_path: &Path,
+    stage: &str,
+) -> Result<(Option<BaseQuantization>, bool), StageError> {
+    let dir = ModelDir::open(base_path).map_err(|error| StageError::user(error.to_string()))?;
+    let stored = dir.stored_quantization();
+    let Some(settings) = &config.base_quantization else {
+        return Ok((None, stored.is_some()));
+    };
+    let at = format!("stages.{stage}.evaluate.base_quantization");
+    if matches!(dir.config(), ModelConfig::Gpt2(_)) {
+        return Err(StageError::user(format!(
+            "{at}: a 4-bit base is supported for Llama-family models; {} is gpt2",
+            base_path.display()
+        )));
+    }
+    let quantization = qlora::base_quantization(settings, stored.is_some());
+    if let Some(stored) = stored {
+        qlora::check_stored_base(&quantization, stored, &dir.config_path(), &at)
+            .map_err(|error| StageError::user(error.to_string()))?;
+    }
+    Ok((Some(quantization), stored.is_some()))
+}
+
+/// A candidate's method as the comparison names it: a LoRA (DoRA) adapter over a 4-bit base is
+/// QLoRA (QDoRA); its folder is a plain LoRA folder either way.
+fn four_bit_method(method: String, four_bit: bool) -> String {
+    match (method.as_str(), four_bit) {
+        ("lora", true) => "qlora".to_string(),
+        ("dora", true) => "qdora".to_string(),
+        _ => method,
+    }
+}
+
 impl Stage for EvaluateStage {
     fn run(&self, ctx: &StageContext<'_>) -> Result<StageOutcome, StageError> {
         let config = &self.config;
@@ -927,8 +967,11 @@ impl Stage for EvaluateStage {
                 DTypeChoice::F16 => DTypeSpec::F16,
             },
         );
-        // The base row runs on the base every candidate shares: the 4-bit one when all of them are
-        // QLoRA runs over the same quantization, else the 16-bit model.
+        // The base row runs on the 4-bit base `base_quantization` asks for, else on the base
+        // every candidate shares: the 4-bit one when all of them are QLoRA runs over the same
+        // quantization, else the 16-bit model.
+        let (asked_quantization, stored_4bit) =
+            asked_base_quantization(config, &base_path, ctx.name)?;
         let shared_quantization = {
             let mut all = quantization_of.values();
             match all.next() {
@@ -936,12 +979,13 @@ impl Stage for EvaluateStage {
                 _ => None,
             }
         };
+        let base_quantization = asked_quantization.or(shared_quantization);
         let load = |adapter: Option<&Path>, quantization: Option<&BaseQuantization>| {
             InferenceModel::load(&base_path, adapter, quantization, &device, dtype)
                 .map_err(StageError::User)
         };
 
-        let base = load(None, shared_quantization.as_ref())?;
+        let base = load(None, base_quantization.as_ref())?;
         let plan = EvalPlan::new(
             config,
             &rows,
@@ -1014,12 +1058,7 @@ impl Stage for EvaluateStage {
             let train_dir = ctx.upstream_dir(stage)?;
             let adapter_dir = train_dir.join("adapter");
             let quantization = quantization_of.get(*stage).copied().flatten();
-            // A QLoRA adapter is a plain LoRA folder; its 4-bit base says what it is.
-            let method = match (adapter_method(&adapter_dir)?, &quantization) {
-                (method, Some(_)) if method == "lora" => "qlora".to_string(),
-                (method, Some(_)) if method == "dora" => "qdora".to_string(),
-                (method, _) => method,
-            };
+            let method = four_bit_method(adapter_method(&adapter_dir)?, quantization.is_some());
             let adapted = load(Some(&adapter_dir), quantization.as_ref())?;
             let metrics = evaluate(&adapted, &plan, stage)?;
             drop(adapted);
@@ -1045,8 +1084,11 @@ impl Stage for EvaluateStage {
                 ctx.progress.note(warning);
             }
             // Loading first: its errors name the file and list the methods peftpipe loads.
-            let adapted = load(Some(&adapter_dir), None)?;
-            let method = adapter_method(&adapter_dir)?;
+            let adapted = load(Some(&adapter_dir), asked_quantization.as_ref())?;
+            let method = four_bit_method(
+                adapter_method(&adapter_dir)?,
+                asked_quantization.is_some() || stored_4bit,
+            );
             let parameters = adapted
                 .adapter
                 .as_ref()

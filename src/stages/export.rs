@@ -197,11 +197,7 @@ impl Stage for ExportStage {
                 Some(settings) => {
                     let options = QuantizedMergedOptions {
                         merged: options,
-                        quant: quant_config(
-                            settings.quant_type,
-                            settings.block_size,
-                            settings.double_quant,
-                        ),
+                        quant: quant_config(settings),
                         compute_dtype: settings.compute_dtype.map(compute_dtype),
                     };
                     let written = write_quantized_merged_folder(

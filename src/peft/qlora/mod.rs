@@ -49,7 +49,7 @@ use std::path::Path;
 
 use candle_core::{DType, Device, Var};
 
-use crate::config::method::{ComputeDtypeChoice, QuantTypeChoice};
+use crate::config::method::{ComputeDtypeChoice, FourBitSettings, QuantTypeChoice};
 use crate::quant::{QuantConfig, QuantType};
 
 use super::adapter::WeightPatch;
@@ -162,19 +162,26 @@ impl Adapter for QloraAdapter {
 }
 
 /// bitsandbytes' 4-bit settings for a pipeline's choices (`method: {qlora: …}`, export's
-/// `quantize: …`).
-pub fn quant_config(
-    quant_type: QuantTypeChoice,
-    block_size: usize,
-    double_quant: bool,
-) -> QuantConfig {
+/// `quantize: …`, evaluate's `base_quantization: …`).
+pub fn quant_config(settings: &FourBitSettings) -> QuantConfig {
     QuantConfig {
-        quant_type: match quant_type {
+        quant_type: match settings.quant_type {
             QuantTypeChoice::Nf4 => QuantType::Nf4,
             QuantTypeChoice::Fp4 => QuantType::Fp4,
         },
-        block_size,
-        double_quant,
+        block_size: settings.block_size,
+        double_quant: settings.double_quant,
+    }
+}
+
+/// The 4-bit base `settings` describe: quantized from a 16-bit checkpoint as it loads, or, when
+/// `prequantized` (the checkpoint's config.json has a bitsandbytes `quantization_config`), as
+/// the checkpoint stores it (whose settings must then be these).
+pub fn base_quantization(settings: &FourBitSettings, prequantized: bool) -> BaseQuantization {
+    BaseQuantization {
+        config: quant_config(settings),
+        compute_dtype: settings.compute_dtype.map(compute_dtype),
+        prequantized,
     }
 }
 
@@ -190,18 +197,20 @@ pub fn compute_dtype(choice: ComputeDtypeChoice) -> DType {
 /// Why [`Adapter::merge_patches`] refuses over a pre-quantized base.
 pub const PREQUANTIZED_MERGE: &str = "a QLoRA adapter trained over a checkpoint saved in bitsandbytes 4-bit has no 16-bit base weights to patch in process; the export stage's `merged:` writes it over the checkpoint's dequantized copy";
 
-/// Check a QLoRA run's base settings against the bitsandbytes `quantization_config` of the
-/// checkpoint (`stored`, from `config_path`): the 4-bit type and double quantization must be the
-/// checkpoint's, since its weights are used as stored. The error names config.json's key, the
-/// method's field and the value to write.
+/// Check a 4-bit base's settings (`quantization`, written at `settings`: `method.qlora`, an
+/// evaluate stage's `base_quantization`) against the bitsandbytes `quantization_config` of the
+/// checkpoint (`stored`, from `config_path`): the 4-bit type and double quantization must be
+/// the checkpoint's, since its weights are used as stored. The error names config.json's key,
+/// the setting and the value to write.
 pub fn check_stored_base(
     quantization: &BaseQuantization,
     stored: &BnbQuantization,
     config_path: &Path,
+    settings: &str,
 ) -> Result<(), PeftError> {
     let differ = |key: &str, field: &str, stored: String, asked: String| {
         Err(PeftError::invalid(format!(
-            "{}: key `quantization_config.{key}`: the checkpoint is stored with {field} {stored}, but method.qlora.{field} is {asked}; a checkpoint saved in 4 bits is trained over as stored (never re-quantized): set method.qlora.{field}: {stored}, or train from its 16-bit original",
+            "{}: key `quantization_config.{key}`: the checkpoint is stored with {field} {stored}, but {settings}.{field} is {asked}; a checkpoint saved in 4 bits is used as stored (never re-quantized): set {settings}.{field}: {stored}, or use its 16-bit original",
             config_path.display()
         )))
     };
@@ -243,8 +252,10 @@ mod tests {
             compute_dtype: None,
         };
         let path = Path::new("/models/x/config.json");
-        assert!(check_stored_base(&wanted, &stored(QuantType::Nf4, true), path).is_ok());
-        let error = check_stored_base(&wanted, &stored(QuantType::Fp4, true), path)
+        assert!(
+            check_stored_base(&wanted, &stored(QuantType::Nf4, true), path, "method.qlora").is_ok()
+        );
+        let error = check_stored_base(&wanted, &stored(QuantType::Fp4, true), path, "method.qlora")
             .unwrap_err()
             .to_string();
         for text in [
@@ -254,9 +265,14 @@ mod tests {
         ] {
             assert!(error.contains(text), "{error}");
         }
-        let error = check_stored_base(&wanted, &stored(QuantType::Nf4, false), path)
-            .unwrap_err()
-            .to_string();
+        let error = check_stored_base(
+            &wanted,
+            &stored(QuantType::Nf4, false),
+            path,
+            "method.qlora",
+        )
+        .unwrap_err()
+        .to_string();
         assert!(
             error.contains("set method.qlora.double_quant: false"),
             "{error}"

@@ -491,7 +491,7 @@ pub fn train_job(
     if let Some(stored) = model_dir.stored_quantization() {
         match adapter.base_quantization() {
                 Some(quantization) => {
-                    check_stored_base(&quantization, stored, &model_dir.config_path())
+                    check_stored_base(&quantization, stored, &model_dir.config_path(), "method.qlora")
                         .map_err(|error| user(error.to_string()))?;
                 }
                 None => {

@@ -10,6 +10,7 @@ use std::path::Path;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+use super::method::{block_size_problem, FourBitSettings};
 use super::template::FewShotStrategy;
 use super::train::DTypeChoice;
 use super::{CheckContext, InputFile, Problem, StageConfig, StageKind, StageSpec, UpstreamRef};
@@ -42,6 +43,16 @@ pub struct EvaluateConfig {
     /// With train stages it must be their model.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub base_model: Option<String>,
+    /// Score the base row and `external_adapters` over the base model stored in bitsandbytes
+    /// 4-bit, as PEFT scores an adapter trained with QLoRA elsewhere over a model loaded with
+    /// `BitsAndBytesConfig(load_in_4bit=True, ...)`: a 16-bit `base_model` is quantized as it
+    /// loads (bit-exact with bitsandbytes), one saved in 4 bits is used as stored (these
+    /// settings must then be its own). `{}` takes QLoRA's settings (nf4, double quantization,
+    /// blocks of 64). A train stage's candidate is always scored over the base it trained on
+    /// (its run records it); without this field the base row is 4-bit only when every such
+    /// candidate trained over the same 4-bit base.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base_quantization: Option<FourBitSettings>,
     /// Few-shot prompting as a method: the base model, untrained, on each row's prompt preceded
     /// by k demonstrations (their prompt and completion) drawn from a template stage's `train`
     /// split, one candidate per k.
@@ -551,6 +562,15 @@ impl StageSpec for EvaluateConfig {
                     Problem::new(key, format!("adapter `{written}` is listed twice")).about_value(),
                 );
             }
+        }
+        if let Some(message) = self
+            .base_quantization
+            .as_ref()
+            .and_then(|settings| block_size_problem(settings.block_size))
+        {
+            problems.push(
+                Problem::new(format!("{at}.base_quantization.block_size"), message).about_value(),
+            );
         }
         self.check_candidates(cx, at, problems);
         check_upstream_kind(
@@ -1160,6 +1180,42 @@ stages:
             &columns,
         )
         .is_empty());
+    }
+
+    #[test]
+    fn a_4bit_base_takes_qloras_settings_and_checks_its_block_size() {
+        let columns = ["prompt", "completion"];
+        let raw = pipeline(&format!(
+            "{HEAD}  eval: {{ evaluate: {{ base_model: m, external_adapters: [a/lora], base_quantization: {{}}, data: prompts }} }}\n"
+        ));
+        let StageConfig::Evaluate(config) = &raw.stages["eval"] else {
+            panic!("not an evaluate stage");
+        };
+        assert_eq!(config.base_quantization, Some(FourBitSettings::default()));
+        let problems = problems_of(
+            &format!("{HEAD}  eval: {{ evaluate: {{ base_model: m, external_adapters: [a/lora], base_quantization: {{ quant_type: fp4, block_size: 32 }}, data: prompts }} }}\n"),
+            &columns,
+        );
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert_eq!(
+            problems[0].path,
+            "stages.eval.evaluate.base_quantization.block_size"
+        );
+        assert!(
+            problems[0].message.contains("from 64 to 4096"),
+            "{problems:?}"
+        );
+        // Unset, it leaves the stage's fingerprint as it was.
+        let raw = pipeline(&format!(
+            "{HEAD}  eval: {{ evaluate: {{ base_model: m, data: prompts }} }}\n"
+        ));
+        let StageConfig::Evaluate(config) = &raw.stages["eval"] else {
+            panic!("not an evaluate stage");
+        };
+        assert!(serde_json::to_value(config)
+            .unwrap()
+            .get("base_quantization")
+            .is_none());
     }
 
     #[test]

@@ -11,7 +11,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use super::evaluate::check_upstream_kind;
-use super::method::{block_size_problem, default_block_size, ComputeDtypeChoice, QuantTypeChoice};
+use super::method::{block_size_problem, FourBitSettings};
 use super::{CheckContext, InputFile, Problem, StageKind, StageSpec, UpstreamRef};
 
 /// The `export` stage: the trained adapter as a PEFT folder and/or a merged model in Hugging Face
@@ -49,7 +49,7 @@ pub struct ExportConfig {
     /// adapter's change survives only to 4-bit resolution: for a faithful model export the 16-bit
     /// merged model, or the adapter (over the original 4-bit base for QLoRA).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub quantize: Option<MergedQuantization>,
+    pub quantize: Option<FourBitSettings>,
     /// What the published adapter's `adapter_config.json` and model card name as the base model
     /// (`base_model_name_or_path`), verbatim, e.g. a Hub id `org/name` the model was uploaded as.
     /// Default: the Hub id for an `hf://org/name` model, else the base model folder as resolved
@@ -84,43 +84,6 @@ impl ExportConfig {
         }
         out
     }
-}
-
-/// How the merged model's decoder linear weights are re-quantized to bitsandbytes 4-bit (the
-/// QLoRA method's names and defaults: bitsandbytes' `BitsAndBytesConfig` without `bnb_4bit_`).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
-pub struct MergedQuantization {
-    /// The 4-bit code book: `nf4` (QLoRA's) or `fp4` (`bnb_4bit_quant_type`).
-    #[serde(default)]
-    pub quant_type: QuantTypeChoice,
-    /// Quantize the per-block absmax values again to 8 bits in blocks of 256
-    /// (`bnb_4bit_use_double_quant`; QLoRA's default).
-    #[serde(default = "default_true")]
-    pub double_quant: bool,
-    /// Weights per absmax: a power of two from 64 to 4096 (bitsandbytes' `blocksize`, saved in
-    /// each weight's quantization state; transformers quantizes with 64).
-    #[serde(default = "default_block_size")]
-    pub block_size: usize,
-    /// `bnb_4bit_compute_dtype` written into config.json: the dtype the 4-bit layers compute in
-    /// once loaded. Default: the dtype of the merged weights.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub compute_dtype: Option<ComputeDtypeChoice>,
-}
-
-impl Default for MergedQuantization {
-    fn default() -> Self {
-        MergedQuantization {
-            quant_type: QuantTypeChoice::Nf4,
-            double_quant: true,
-            block_size: default_block_size(),
-            compute_dtype: None,
-        }
-    }
-}
-
-fn default_true() -> bool {
-    true
 }
 
 /// The weight type of a GGUF export's matrices (llama.cpp's names).
@@ -519,8 +482,8 @@ stages:
         assert_eq!(problems[0].path, "stages.out.export");
         assert!(problems[0].message.contains("no `merged` destination"));
         // Defaults are QLoRA's, and a written default hashes like an omitted one.
-        let parsed: MergedQuantization = serde_json::from_str("{}").unwrap();
-        assert_eq!(parsed, MergedQuantization::default());
+        let parsed: FourBitSettings = serde_json::from_str("{}").unwrap();
+        assert_eq!(parsed, FourBitSettings::default());
         assert_eq!(
             serde_json::to_value(&parsed).unwrap(),
             serde_json::json!({"quant_type": "nf4", "double_quant": true, "block_size": 64})

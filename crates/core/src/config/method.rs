@@ -269,6 +269,41 @@ impl ComputeDtypeChoice {
     }
 }
 
+/// A base stored in bitsandbytes 4-bit, as `BitsAndBytesConfig(load_in_4bit=True, ...)` sets it
+/// up (its names without `bnb_4bit_`; QLoRA's defaults): the export stage's re-quantized merged
+/// model (`quantize`) and the 4-bit base an evaluate stage scores external adapters over
+/// (`base_quantization`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct FourBitSettings {
+    /// The 4-bit code book: `nf4` (QLoRA's) or `fp4` (`bnb_4bit_quant_type`).
+    #[serde(default)]
+    pub quant_type: QuantTypeChoice,
+    /// Quantize the per-block absmax values again to 8 bits in blocks of 256
+    /// (`bnb_4bit_use_double_quant`; QLoRA's default).
+    #[serde(default = "default_true")]
+    pub double_quant: bool,
+    /// Weights per absmax: a power of two from 64 to 4096 (bitsandbytes' `blocksize`, saved in
+    /// each weight's quantization state; transformers quantizes with 64).
+    #[serde(default = "default_block_size")]
+    pub block_size: usize,
+    /// The dtype the 4-bit layers compute in (`bnb_4bit_compute_dtype`; an export writes it into
+    /// config.json). Default: the model's dtype (an export's: the merged weights' dtype).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub compute_dtype: Option<ComputeDtypeChoice>,
+}
+
+impl Default for FourBitSettings {
+    fn default() -> Self {
+        FourBitSettings {
+            quant_type: QuantTypeChoice::Nf4,
+            double_quant: true,
+            block_size: default_block_size(),
+            compute_dtype: None,
+        }
+    }
+}
+
 /// QLoRA hyperparameters: LoRA's (PEFT's names and defaults) and the base's 4-bit storage
 /// (bitsandbytes' `BitsAndBytesConfig` names without the `bnb_4bit_` prefix; QLoRA's defaults).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
@@ -334,7 +369,7 @@ pub(crate) fn default_block_size() -> usize {
 
 /// Why `block_size` is not one of bitsandbytes' 4-bit block sizes ([`QLORA_BLOCK_SIZES`]), or
 /// `None` when it is one.
-pub(crate) fn block_size_problem(block_size: usize) -> Option<String> {
+pub fn block_size_problem(block_size: usize) -> Option<String> {
     (!QLORA_BLOCK_SIZES.contains(&block_size)).then(|| {
         format!(
             "must be a power of two from 64 to 4096 (bitsandbytes' 4-bit block sizes), got {block_size}"
@@ -364,6 +399,16 @@ impl QloraConfig {
             compute_dtype: None,
             trainable_token_indices: lora.trainable_token_indices.clone(),
             modules_to_save: lora.modules_to_save.clone(),
+        }
+    }
+
+    /// The 4-bit base's settings.
+    pub fn four_bit(&self) -> FourBitSettings {
+        FourBitSettings {
+            quant_type: self.quant_type,
+            double_quant: self.double_quant,
+            block_size: self.block_size,
+            compute_dtype: self.compute_dtype,
         }
     }
 
