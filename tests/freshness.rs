@@ -370,3 +370,95 @@ fn export_quantize_settings_are_part_of_the_export_fingerprint() {
     project.run_ok("pipeline.yaml", &["--set", merged, "--set", nf4]);
     assert_eq!(outputs, project.recorded_outputs("quick"));
 }
+
+#[test]
+fn every_model_file_a_run_reads_or_copies_is_an_input() {
+    // generation_config.json gives the BOS/EOS ids training and evaluation use; the tokenizer
+    // side files and chat templates are copied into the merged export. Changing one must rerun
+    // what reads it and give what a clean run gives, never the old outputs restored.
+    let pipeline = train_support::PIPELINE.replace(
+        "adapter: exported/adapter\n",
+        "adapter: exported/adapter\n      merged: exported/merged\n",
+    );
+    let project = TrainProject::with_pipeline(&pipeline);
+    project.run_ok("pipeline.yaml", &[]);
+    for (file, content) in [
+        (
+            "generation_config.json",
+            r#"{"bos_token_id": 1, "eos_token_id": 4}"#,
+        ),
+        ("special_tokens_map.json", r#"{"eos_token": "</s>"}"#),
+        ("chat_template.jinja", "{{ messages }}"),
+        ("added_tokens.json", "{}"),
+        ("tokenizer.model", "not a sentencepiece model, only copied"),
+    ] {
+        project.write(&format!("model/{file}"), content);
+        let status = stdout(&project.run(&["status", "pipeline.yaml"]));
+        assert!(
+            status.contains("[DIRTY] train") && status.contains(file),
+            "{file}:\n{status}"
+        );
+        project.run_ok("pipeline.yaml", &[]);
+        let outputs = project.recorded_outputs("quick");
+        let exported = std::fs::read(project.path(&format!("exported/merged/{file}")));
+        assert_eq!(exported.ok().as_deref(), Some(content.as_bytes()), "{file}");
+        project.wipe();
+        project.run_ok("pipeline.yaml", &[]);
+        assert_eq!(
+            outputs,
+            project.recorded_outputs("quick"),
+            "{file}: a clean run"
+        );
+    }
+}
+
+#[test]
+fn the_files_beside_a_chat_template_are_inputs_of_the_template_stage() {
+    // A tokenizer_config.json without `chat_template` takes chat_template.jinja beside it (the
+    // layout recent transformers saves); a `.jinja` template takes its special tokens from the
+    // tokenizer_config.json beside it. Editing either must rerun the template stage and give
+    // what a clean run gives.
+    let head = &train_support::PIPELINE[..train_support::PIPELINE.find("  prompts:\n").unwrap()];
+    let chat = |source: &str| {
+        format!(
+            "{head}  prompts:\n    template:\n      input: data\n      chat:\n        tokenizer_config: {source}\n        user: \"{{{{ text }}}}\"\n        assistant: \" {{{{ label }}}}\"\n"
+        )
+    };
+    let project = TrainProject::with_pipeline(&chat("chat/tokenizer_config.json"));
+    project.write(
+        "chat/tokenizer_config.json",
+        r#"{"bos_token": "<s>", "eos_token": "</s>"}"#,
+    );
+    project.write(
+        "chat/chat_template.jinja",
+        "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{{ eos_token }}{% endfor %}",
+    );
+    let edits: [(&str, &str, &str); 2] = [
+        (
+            "chat/tokenizer_config.json",
+            "chat/chat_template.jinja",
+            "{% for m in messages %}[{{ m['role'] }}]{{ m['content'] }}{{ eos_token }}{% endfor %}",
+        ),
+        (
+            "chat/chat_template.jinja",
+            "chat/tokenizer_config.json",
+            r#"{"bos_token": "<s>", "eos_token": "<unk>"}"#,
+        ),
+    ];
+    for (source, edited, content) in edits {
+        project.write("pipeline.yaml", &chat(source));
+        project.run_ok("pipeline.yaml", &["--stage", "prompts"]);
+        project.write(edited, content);
+        let status = stdout(&project.run(&["status", "pipeline.yaml"]));
+        assert!(status.contains("[DIRTY] prompts"), "{edited}:\n{status}");
+        project.run_ok("pipeline.yaml", &["--stage", "prompts"]);
+        let outputs = project.recorded_outputs("quick");
+        project.wipe();
+        project.run_ok("pipeline.yaml", &["--stage", "prompts"]);
+        assert_eq!(
+            outputs["prompts"],
+            project.recorded_outputs("quick")["prompts"],
+            "{edited}: a clean run"
+        );
+    }
+}

@@ -83,6 +83,7 @@ fn export(
         out_dir: &out_dir,
         upstream: &upstream,
         upstream_outcomes: &Default::default(),
+        inputs: &Default::default(),
         seed: 0,
         progress: &NullSink,
         cancel: &cancel,

@@ -60,6 +60,7 @@ fn run(
         options: &options,
         fingerprint: "",
         upstream_outcomes: &Default::default(),
+        inputs: &Default::default(),
         checkpoint_dir: None,
         resume: true,
     };

@@ -100,6 +100,7 @@ fn run_with(
         options,
         fingerprint: "",
         upstream_outcomes: &Default::default(),
+        inputs: &Default::default(),
         checkpoint_dir: None,
         resume: true,
     };

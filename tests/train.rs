@@ -633,6 +633,7 @@ fn try_run_stage(
         options: &options,
         fingerprint: "test fingerprint",
         upstream_outcomes: &Default::default(),
+        inputs: &Default::default(),
         checkpoint_dir: Some(&checkpoints),
         resume: true,
     };
@@ -1177,6 +1178,7 @@ fn tiny_job(project: &Path, yaml: &str) -> peftpipe::stages::train::TrainJob {
         fingerprint: "test fingerprint".into(),
         stage_seed: 42,
         checkpoint_dir: None,
+        model_files: Default::default(),
     }
 }
 

@@ -111,6 +111,7 @@ pub fn run_pipeline(dir: &Path) -> Result<RunFigures, StageError> {
         options: &options,
         fingerprint: "",
         upstream_outcomes: &Default::default(),
+        inputs: &Default::default(),
         checkpoint_dir: None,
         resume: true,
     })?;
@@ -129,6 +130,7 @@ pub fn run_pipeline(dir: &Path) -> Result<RunFigures, StageError> {
         options: &options,
         fingerprint: "",
         upstream_outcomes: &Default::default(),
+        inputs: &Default::default(),
         checkpoint_dir: None,
         resume: true,
     })?;

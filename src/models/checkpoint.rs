@@ -125,20 +125,6 @@ impl WeightPatch {
     }
 }
 
-/// Tokenizer and generation files copied into a merged model folder when the base has them.
-const TOKENIZER_FILES: &[&str] = &[
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "tokenizer.model",
-    "vocab.json",
-    "merges.txt",
-    "added_tokens.json",
-    "chat_template.jinja",
-    "chat_template.json",
-    "generation_config.json",
-];
-
 /// What writing the merged folder did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct MergedFolder {
@@ -783,7 +769,7 @@ pub(super) fn write_model_files(
     config: &Value,
 ) -> Result<(), CheckpointError> {
     write_json(&out.join("config.json"), config)?;
-    for file in TOKENIZER_FILES {
+    for file in crate::config::train::TOKENIZER_FILES {
         let from = base_dir.join(file);
         if from.is_file() {
             fs::copy(&from, out.join(file)).map_err(|error| {

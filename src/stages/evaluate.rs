@@ -1262,6 +1262,7 @@ mod tests {
             options: &options,
             fingerprint: "",
             upstream_outcomes: &Default::default(),
+            inputs: &Default::default(),
             checkpoint_dir: None,
             resume: true,
         };

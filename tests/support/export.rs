@@ -35,6 +35,7 @@ pub fn export(
         options: &options,
         fingerprint: "",
         upstream_outcomes: &Default::default(),
+        inputs: &Default::default(),
         checkpoint_dir: None,
         resume: true,
     };

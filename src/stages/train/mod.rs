@@ -17,7 +17,9 @@
 //!                                    scalars (wall times 0, see train::tensorboard)
 //! base_model.json                    `model` (as written in the pipeline), `path` (resolved on this
 //!                                    machine), `config_digest` (blake3 of config.json), `model_type`,
-//!                                    `device`, `dtype`; a QLoRA run adds `quantization` (its 4-bit
+//!                                    `device`, `dtype`, `model_files` (file name → blake3 of
+//!                                    every model file the stage's fingerprint covers, so the
+//!                                    artifact changes with any of them); a QLoRA run adds `quantization` (its 4-bit
 //!                                    settings, `prequantized: true` over a checkpoint saved in
 //!                                    bitsandbytes 4-bit)
 //! ```
@@ -382,6 +384,15 @@ impl Stage for TrainStage {
             fingerprint: ctx.fingerprint.to_string(),
             stage_seed: ctx.stage_seed(),
             checkpoint_dir: checkpoints.as_ref().map(|held| held.path().to_path_buf()),
+            // The stage's inputs are the model's files, keyed `<model as written>/<file>`.
+            model_files: ctx
+                .inputs
+                .iter()
+                .map(|(key, digest)| {
+                    let name = key.rsplit('/').next().unwrap_or(key);
+                    (name.to_string(), digest.clone())
+                })
+                .collect(),
         };
         // Under an outside launcher (torchrun's variables, several ranks) this is rank 0: the
         // world is the launcher's, and `devices` does not apply.
@@ -420,6 +431,12 @@ pub struct TrainJob {
     pub stage_seed: u64,
     /// The checkpoint directory, its lock held (and, under `--force`, cleared) by the stage.
     pub checkpoint_dir: Option<PathBuf>,
+    /// The base model's files as the stage's fingerprint hashed them (file name → blake3),
+    /// recorded in base_model.json: a tokenizer or generation file that changes (and with it
+    /// the merged export that copies it) changes the artifact even when the adapter does not,
+    /// so what depends on it reruns. Empty outside the executor.
+    #[serde(default)]
+    pub model_files: BTreeMap<String, String>,
 }
 
 /// Train as rank `comm.rank()` of `comm.world_size()` (a world of one: [`Solo`]) and, on rank 0,
@@ -692,6 +709,12 @@ pub fn train_job(
         "device": kind,
         "dtype": dtype_name,
     });
+    if let (false, Some(record)) = (job.model_files.is_empty(), base_record.as_object_mut()) {
+        record.insert(
+            "model_files".into(),
+            serde_json::to_value(&job.model_files).unwrap_or_default(),
+        );
+    }
     // A QLoRA run: the 4-bit base evaluation, generation and export must rebuild (the
     // adapter folder itself is plain PEFT LoRA).
     if let (Some(quantization), Some(record)) =

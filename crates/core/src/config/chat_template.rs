@@ -36,6 +36,18 @@ fn token_text(value: Option<&serde_json::Value>) -> Option<String> {
     }
 }
 
+/// The file beside a chat-template source that [`load_chat_template`] may also read: the
+/// `chat_template.jinja` a `tokenizer_config.json` falls back to, or the `tokenizer_config.json`
+/// a `.jinja` template takes its special tokens from. Both are inputs of the stage that renders
+/// with it (hashed when present, whether or not this load needs it).
+pub fn companion_file_name(source: &Path) -> &'static str {
+    if source.extension().is_some_and(|e| e == "json") {
+        "chat_template.jinja"
+    } else {
+        "tokenizer_config.json"
+    }
+}
+
 /// Load the chat template and special tokens of a `tokenizer_config.json`, or the raw template
 /// of a `.jinja` file (special tokens then come from a `tokenizer_config.json` beside it, if any).
 pub fn load_chat_template(path: &Path) -> Result<ChatTemplateSource, String> {
@@ -43,7 +55,7 @@ pub fn load_chat_template(path: &Path) -> Result<ChatTemplateSource, String> {
         .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
     let is_json = path.extension().is_some_and(|e| e == "json");
     if !is_json {
-        let beside = path.with_file_name("tokenizer_config.json");
+        let beside = path.with_file_name(companion_file_name(path));
         let tokens = if beside.is_file() {
             tokens_of(&beside)?
         } else {
@@ -74,7 +86,7 @@ pub fn load_chat_template(path: &Path) -> Result<ChatTemplateSource, String> {
                 )
             })?,
         _ => {
-            let jinja = path.with_file_name("chat_template.jinja");
+            let jinja = path.with_file_name(companion_file_name(path));
             if jinja.is_file() {
                 std::fs::read_to_string(&jinja)
                     .map_err(|e| format!("cannot read {}: {e}", jinja.display()))?

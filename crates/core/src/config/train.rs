@@ -345,7 +345,24 @@ pub fn device_kind(device: &str) -> Result<&'static str, String> {
     }
 }
 
-/// Files of a model directory that change what training computes.
+/// Tokenizer and generation files of a model folder besides config.json and the weights: read
+/// by the tokenizer (tokenizer.json, tokenizer_config.json, generation_config.json's BOS/EOS/pad
+/// ids) or copied into a merged export when the base has them.
+pub const TOKENIZER_FILES: &[&str] = &[
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "generation_config.json",
+];
+
+/// Files of a model directory that change what a stage over the model computes or writes:
+/// config.json, the weights (and their index) and every [`TOKENIZER_FILES`] entry it has.
 pub fn model_files(dir: &Path) -> Result<Vec<PathBuf>, String> {
     let entries = std::fs::read_dir(dir)
         .map_err(|error| format!("model directory {}: {error}", dir.display()))?;
@@ -355,11 +372,9 @@ pub fn model_files(dir: &Path) -> Result<Vec<PathBuf>, String> {
         let name = entry.file_name().to_string_lossy().into_owned();
         let wanted = matches!(
             name.as_str(),
-            "config.json"
-                | "tokenizer.json"
-                | "tokenizer_config.json"
-                | "model.safetensors.index.json"
-        ) || name.ends_with(".safetensors");
+            "config.json" | "model.safetensors.index.json"
+        ) || TOKENIZER_FILES.contains(&name.as_str())
+            || name.ends_with(".safetensors");
         if wanted && entry.path().is_file() {
             files.push(entry.path());
         }

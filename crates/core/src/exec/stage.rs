@@ -68,6 +68,11 @@ pub struct StageContext<'a> {
     /// artifact nor of this stage's fingerprint: the record of how the (hashed) upstream output
     /// was made. Empty outside the executor.
     pub upstream_outcomes: &'a BTreeMap<String, BTreeMap<String, serde_json::Value>>,
+    /// The stage's input files as its fingerprint has them: key (the path as written,
+    /// normalized) → blake3 of the content, hashed once by the executor. A stage whose artifact
+    /// records what it was made from (a train stage's base model files) takes them from here, so
+    /// the artifact changes whenever they do. Empty outside the executor.
+    pub inputs: &'a BTreeMap<String, String>,
     /// The pipeline seed (stages derive their own streams from it and their name; both are in
     /// the stage's fingerprint).
     pub seed: u64,
