@@ -462,3 +462,26 @@ fn the_files_beside_a_chat_template_are_inputs_of_the_template_stage() {
         );
     }
 }
+
+#[test]
+fn a_train_artifact_is_the_same_in_every_checkout() {
+    // Two checkouts of one project share a cache: the train artifact holds what its inputs
+    // determine, never where this checkout lives, so retraining in the second reproduces the
+    // first's artifact and leaves its dependents fresh in both.
+    let a = TrainProject::new();
+    let b = TrainProject::new();
+    let cache = a.path("shared-cache");
+    let cache = cache.to_str().unwrap();
+    let first = a.run_ok("pipeline.yaml", &["--cache-dir", cache]);
+    let restored = b.run_ok("pipeline.yaml", &["--cache-dir", cache]);
+    assert!(restored.ran().is_empty(), "{}", restored.stderr);
+    let forced = b.run_ok(
+        "pipeline.yaml",
+        &["--cache-dir", cache, "--force", "--stage", "train"],
+    );
+    assert_eq!(forced.output("train"), first.output("train"));
+    for project in [&a, &b] {
+        let after = project.run_ok("pipeline.yaml", &["--cache-dir", cache]);
+        assert!(after.ran().is_empty(), "{}", after.stderr);
+    }
+}

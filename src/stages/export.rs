@@ -603,10 +603,10 @@ pub struct BaseModelRecord {
 }
 
 impl BaseModelRecord {
-    /// Read `base_model.json` of a train artifact. A local model as written is resolved again
-    /// against this project directory (the artifact may have been trained in another checkout,
-    /// whose folder may still exist); the recorded `path` is the fallback, and the first choice
-    /// for a Hub model (no cache lookup). When the record holds `config_digest`, the folder's
+    /// Read `base_model.json` of a train artifact. A local model as written is resolved against
+    /// this project directory (the artifact may have been trained in another checkout), a Hub
+    /// model in the local Hugging Face cache; the `path` older records hold is the fallback.
+    /// When the record holds `config_digest`, the folder's
     /// config.json must still have it: the base model may not change under a trained adapter.
     pub fn read(train_dir: &Path, project_dir: &Path) -> Result<Self, StageError> {
         let file = train_dir.join("base_model.json");

@@ -15,8 +15,9 @@
 //! tensorboard/events.out.tfevents.0.peftpipe
 //!                                    with `tensorboard: true`: the metrics as TensorBoard
 //!                                    scalars (wall times 0, see train::tensorboard)
-//! base_model.json                    `model` (as written in the pipeline), `path` (resolved on this
-//!                                    machine), `config_digest` (blake3 of config.json), `model_type`,
+//! base_model.json                    `model` (as written in the pipeline; never a path resolved on
+//!                                    this machine, which would make the artifact differ between
+//!                                    checkouts), `config_digest` (blake3 of config.json), `model_type`,
 //!                                    `device`, `dtype`, `model_files` (file name → blake3 of
 //!                                    every model file the stage's fingerprint covers, so the
 //!                                    artifact changes with any of them); a QLoRA run adds `quantization` (its 4-bit
@@ -703,7 +704,6 @@ pub fn train_job(
     }
     let mut base_record = serde_json::json!({
         "model": config.model,
-        "path": model_root.display().to_string(),
         "config_digest": config_digest,
         "model_type": model_dir.config().model_type(),
         "device": kind,
