@@ -24,4 +24,4 @@ pub mod quant;
 pub mod train;
 
 /// The tool version that goes into every stage fingerprint.
-pub use peftpipe_core::TOOL_VERSION;
+pub use peftpipe_core::{TOOL_BUILD, TOOL_VERSION};

@@ -138,7 +138,7 @@ fn a_new_tool_version_reruns_everything() {
         .env("PEFTPIPE_VERSION_OVERRIDE", "9.9.9")
         .output()
         .expect("run peftpipe");
-    let version = env!("CARGO_PKG_VERSION");
+    let version = peftpipe::TOOL_BUILD;
     assert_eq!(
         stdout(&output),
         format!(

@@ -40,7 +40,7 @@ pub const EXIT_INTERRUPTED: u8 = 130;
 #[derive(Debug, Parser)]
 #[command(
     name = "peftpipe",
-    version,
+    version = crate::TOOL_BUILD,
     about = "One YAML file to a reproducible, cached PEFT fine-tuning run",
     after_help = "Examples:\n  peftpipe init --data data/reviews.parquet --model models/tiny\n  \
         peftpipe run pipelines/quickstart.yaml\n  peftpipe status pipelines/quickstart.yaml\n  \

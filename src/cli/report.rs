@@ -171,7 +171,7 @@ pub fn gather(
     join_training(&mut input);
     input
         .environment
-        .push(("peftpipe".into(), crate::TOOL_VERSION.into()));
+        .push(("peftpipe".into(), crate::TOOL_BUILD.into()));
     input.environment.push((
         "platform".into(),
         format!("{}-{}", std::env::consts::OS, std::env::consts::ARCH),

@@ -406,7 +406,7 @@ fn metadata(
     if weight_type != GgmlDType::F16 && weight_type != GgmlDType::F32 {
         entries.push(("general.quantization_version".into(), GgufValue::U32(2)));
     }
-    entries.push((WRITER_KEY.into(), text(crate::TOOL_VERSION)));
+    entries.push((WRITER_KEY.into(), text(crate::TOOL_BUILD)));
     for (key, value) in [
         ("llama.context_length", llama.max_position_embeddings),
         ("llama.embedding_length", llama.hidden_size),

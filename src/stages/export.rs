@@ -427,7 +427,7 @@ pub fn publish_folder_with(
     let marker = serde_json::json!({
         "written_by": "peftpipe export",
         "stage": stage,
-        "peftpipe_version": crate::TOOL_VERSION,
+        "peftpipe_version": crate::TOOL_BUILD,
     });
     write_json(&temporary.path().join(EXPORT_MARKER), &marker)?;
     let staged = temporary.keep();
@@ -792,7 +792,7 @@ fn model_card(adapter: &AdapterFiles, base_name: &str, summary: Option<&Value>) 
          base = AutoModelForCausalLM.from_pretrained(\"{base_name}\")\n\
          model = PeftModel.from_pretrained(base, \"path/to/this/folder\")\n```\n\n\
          | setting | value |\n|---|---|\n",
-        version = crate::TOOL_VERSION,
+        version = crate::TOOL_BUILD,
     );
     // The settings that shape each method (PEFT's names), those the config has.
     for (label, key) in [

@@ -25,7 +25,7 @@ use crate::config::StageConfig;
 ///   under version 1 a renamed stage was restored with the output of its old name's seeds.
 pub const FINGERPRINT_VERSION: u32 = 2;
 
-/// Test-only: when set, replaces [`crate::TOOL_VERSION`] in fingerprints so tests can simulate an
+/// Test-only: when set, replaces [`crate::TOOL_BUILD`] in fingerprints so tests can simulate an
 /// upgrade of peftpipe. Not meant for users (it would make cached outputs lie about their origin).
 pub const VERSION_OVERRIDE_ENV: &str = "PEFTPIPE_VERSION_OVERRIDE";
 
@@ -57,7 +57,7 @@ pub fn kernel_switches() -> BTreeMap<String, String> {
 pub fn tool_version() -> String {
     match std::env::var(VERSION_OVERRIDE_ENV) {
         Ok(version) if !version.is_empty() => version,
-        _ => crate::TOOL_VERSION.to_string(),
+        _ => crate::TOOL_BUILD.to_string(),
     }
 }
 
@@ -82,7 +82,7 @@ pub struct StageFingerprint {
     pub upstream: BTreeMap<String, String>,
     /// Input file key (path as written, normalized) → blake3 of its content.
     pub inputs: BTreeMap<String, String>,
-    /// peftpipe version.
+    /// peftpipe's build identity ([`crate::TOOL_BUILD`]: version and source digest).
     pub tool_version: String,
     /// Pipeline seed.
     pub seed: u64,

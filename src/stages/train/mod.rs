@@ -570,7 +570,7 @@ pub fn train_job(
         hasher.update(&seed.to_le_bytes());
         hasher.update(kind.as_bytes());
         hasher.update(dtype_name.as_bytes());
-        hasher.update(crate::TOOL_VERSION.as_bytes());
+        hasher.update(crate::TOOL_BUILD.as_bytes());
         hasher.finalize().to_hex().to_string()
     };
     let checkpoint_dir = job.checkpoint_dir.clone();
