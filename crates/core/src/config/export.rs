@@ -64,7 +64,7 @@ pub struct ExportConfig {
     /// Weight type of the GGUF file's matrices: `f16` (the default, as llama.cpp's converter),
     /// `q8_0` or `q4_k`. Norms and other 1-D tensors stay f32; a matrix whose rows are not a
     /// multiple of the type's block (32 for q8_0, 256 for q4_k) falls back as llama.cpp's
-    /// quantizer does (q4_k → q5_0 → q8_0 → f16).
+    /// quantizer does (q4_k → q5_0 → f16; q8_0 → f16).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gguf_type: Option<GgufType>,
 }
