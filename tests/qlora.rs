@@ -346,6 +346,18 @@ fn the_qlora_pipeline_runs_and_exports_a_peft_lora_adapter_and_a_merged_16bit_mo
             .unwrap();
     assert_eq!(tensors.len(), 70, "A and B of 5 layers × 7 linears");
     assert!(tensors.contains_key("base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"));
+    // The model card loads the adapter the way it was trained: over the 4-bit base.
+    let card = std::fs::read_to_string(out.join("adapter/README.md")).unwrap();
+    for text in [
+        "BitsAndBytesConfig(",
+        "load_in_4bit=True",
+        "bnb_4bit_quant_type=\"nf4\"",
+        "bnb_4bit_use_double_quant=True",
+        "quantization_config=quantization",
+        "--load-in-4bit nf4",
+    ] {
+        assert!(card.contains(text), "no `{text}` in the card:\n{card}");
+    }
     let merged_config = std::fs::read_to_string(out.join("merged/config.json")).unwrap();
     assert!(
         !merged_config.contains("quantization_config"),

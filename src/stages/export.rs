@@ -746,9 +746,12 @@ fn write_named_config_and_card(
     }
     write_json(&out.join("adapter_config.json"), &config)?;
     let summary = read_json(&train_dir.join("summary.json")).ok();
+    let quantization =
+        crate::infer::session::recorded_base_quantization(&train_dir.join("adapter"))
+            .map_err(StageError::user)?;
     fs::write(
         out.join("README.md"),
-        model_card(adapter, base_name, summary.as_ref()),
+        model_card(adapter, base_name, summary.as_ref(), quantization.as_ref()),
     )?;
     Ok(())
 }
@@ -775,8 +778,79 @@ const CARD_FIGURES: &[&str] = &[
     "seed",
 ];
 
+/// How to load the adapter with PEFT: over the base as transformers loads it, which for a QLoRA
+/// adapter is the base in bitsandbytes 4-bit with the settings it was trained over.
+fn loading_snippet(base_name: &str, quantization: Option<&BaseQuantization>) -> String {
+    let Some(quantization) = quantization else {
+        return format!(
+            "Load it with PEFT:\n\n```python\nfrom transformers import AutoModelForCausalLM\n\
+             from peft import PeftModel\n\nbase = AutoModelForCausalLM.from_pretrained(\"{base_name}\")\n\
+             model = PeftModel.from_pretrained(base, \"path/to/this/folder\")\n```\n\n"
+        );
+    };
+    let config = &quantization.config;
+    let python_bool = |flag: bool| if flag { "True" } else { "False" };
+    if quantization.prequantized {
+        return format!(
+            "It was trained with QLoRA over the base as saved in bitsandbytes 4-bit ({}, \
+             double_quant {}); transformers loads that checkpoint in 4 bits as it is:\n\n\
+             ```python\nfrom transformers import AutoModelForCausalLM\nfrom peft import PeftModel\n\n\
+             base = AutoModelForCausalLM.from_pretrained(\"{base_name}\")\n\
+             model = PeftModel.from_pretrained(base, \"path/to/this/folder\")\n```\n\n",
+            config.quant_type.name(),
+            python_bool(config.double_quant)
+        );
+    }
+    let compute = match quantization.compute_dtype {
+        Some(DType::BF16) => ",\n    bnb_4bit_compute_dtype=torch.bfloat16",
+        Some(DType::F16) => ",\n    bnb_4bit_compute_dtype=torch.float16",
+        Some(_) => ",\n    bnb_4bit_compute_dtype=torch.float32",
+        None => "",
+    };
+    let blocks = if config.block_size == 64 {
+        String::new()
+    } else {
+        format!(
+            "\nIt was trained over blocks of {} weights per absmax; transformers' \
+             `BitsAndBytesConfig` always quantizes in blocks of 64, so the base PEFT loads differs \
+             slightly from the one it was trained over.\n",
+            config.block_size
+        )
+    };
+    format!(
+        "It was trained with QLoRA: load it over the base in bitsandbytes 4-bit, as it was \
+         trained (over the 16-bit base it computes something else):\n\n\
+         ```python\n{torch}from transformers import AutoModelForCausalLM, BitsAndBytesConfig\n\
+         from peft import PeftModel\n\nquantization = BitsAndBytesConfig(\n    load_in_4bit=True,\n    \
+         bnb_4bit_quant_type=\"{}\",\n    bnb_4bit_use_double_quant={}{compute},\n)\n\
+         base = AutoModelForCausalLM.from_pretrained(\n    \"{base_name}\", quantization_config=quantization\n)\n\
+         model = PeftModel.from_pretrained(base, \"path/to/this/folder\")\n```\n{blocks}\n\
+         With peftpipe: `peftpipe generate {base_name} --adapter path/to/this/folder --load-in-4bit {}{}{}`, \
+         or an evaluate stage's `external_adapters` with `base_quantization`.\n\n",
+        config.quant_type.name(),
+        python_bool(config.double_quant),
+        config.quant_type.name(),
+        if config.double_quant { "" } else { " --no-double-quant" },
+        if config.block_size == 64 {
+            String::new()
+        } else {
+            format!(" --block-size {}", config.block_size)
+        },
+        torch = if compute.is_empty() {
+            ""
+        } else {
+            "import torch\n"
+        },
+    )
+}
+
 /// A short model card in the shape PEFT's own cards have (YAML front matter + text).
-fn model_card(adapter: &AdapterFiles, base_name: &str, summary: Option<&Value>) -> String {
+fn model_card(
+    adapter: &AdapterFiles,
+    base_name: &str,
+    summary: Option<&Value>,
+    quantization: Option<&BaseQuantization>,
+) -> String {
     let config = &adapter.config;
     let text = |key: &str| match config.get(key) {
         Some(Value::String(s)) => s.clone(),
@@ -787,12 +861,10 @@ fn model_card(adapter: &AdapterFiles, base_name: &str, summary: Option<&Value>) 
     let tag = peft_type.to_lowercase().replace('_', "-");
     let mut card = format!(
         "---\nbase_model: {base_name}\nlibrary_name: peft\ntags:\n- {tag}\n- peftpipe\n---\n\n\
-         # {peft_type} adapter\n\nTrained and exported by peftpipe {version}. Load it with PEFT:\n\n\
-         ```python\nfrom transformers import AutoModelForCausalLM\nfrom peft import PeftModel\n\n\
-         base = AutoModelForCausalLM.from_pretrained(\"{base_name}\")\n\
-         model = PeftModel.from_pretrained(base, \"path/to/this/folder\")\n```\n\n\
+         # {peft_type} adapter\n\nTrained and exported by peftpipe {version}. {loading}\
          | setting | value |\n|---|---|\n",
         version = crate::TOOL_BUILD,
+        loading = loading_snippet(base_name, quantization),
     );
     // The settings that shape each method (PEFT's names), those the config has.
     for (label, key) in [
@@ -809,6 +881,24 @@ fn model_card(adapter: &AdapterFiles, base_name: &str, summary: Option<&Value>) 
         if config.get(key).is_some() {
             card.push_str(&format!("| {label} | {} |\n", text(key)));
         }
+    }
+    if let Some(quantization) = quantization {
+        let config = &quantization.config;
+        card.push_str(&format!(
+            "| base | bitsandbytes 4-bit {}, {}blocks of {}{} |\n",
+            config.quant_type.name(),
+            if config.double_quant {
+                "double-quantized absmax, "
+            } else {
+                ""
+            },
+            config.block_size,
+            if quantization.prequantized {
+                ", as the checkpoint stores it"
+            } else {
+                ""
+            }
+        ));
     }
     card.push_str(&format!(
         "| adapter tensors | {} |\n| trainable parameters | {} |\n",
