@@ -492,3 +492,63 @@ fn a_set_base_model_name_is_published_verbatim() {
     let card = std::fs::read_to_string(project.path("out/adapter/README.md")).expect("card");
     assert!(card.contains("base_model: org/tiny-llama"), "{card}");
 }
+
+#[test]
+fn an_export_that_cannot_publish_one_destination_publishes_none() {
+    // Every destination is checked before any is written: a foreign folder at `merged` leaves
+    // `adapter` unpublished too, never a half-done export.
+    let project = tiny_project(train_export_pipeline());
+    let root = project.path("");
+    let root = root.as_path();
+    std::fs::create_dir_all(root.join("exported/merged")).expect("merged");
+    std::fs::write(root.join("exported/merged/notes.txt"), "mine").expect("notes");
+    let output = run_in(root, &["run", "pipeline.yaml"]);
+    assert!(!output.status.success(), "{}", stderr(&output));
+    let text = stderr(&output);
+    assert!(
+        text.contains("was not written by peftpipe export"),
+        "{text}"
+    );
+    assert!(
+        !root.join("exported/adapter").exists(),
+        "the adapter was published before the export failed:\n{text}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(root.join("exported/merged/notes.txt")).expect("notes"),
+        "mine"
+    );
+}
+
+/// A small train → export pipeline over the quickstart model (adapter and merged exports).
+fn train_export_pipeline() -> &'static str {
+    r#"name: halfway
+seed: 3
+stages:
+  data:
+    ingest:
+      path: data/reviews.parquet
+      columns: [text, label]
+      drop_nulls: true
+      limit: 64
+  prompts:
+    template:
+      input: data
+      prompt: "review: {{ text }}\nsentiment:"
+      completion: " {{ label }}"
+  train:
+    train:
+      data: prompts
+      model: model
+      method:
+        lora: {r: 2}
+      batch_size: 8
+      max_steps: 2
+      max_seq_len: 48
+      device: cpu
+  export:
+    export:
+      from: train
+      adapter: exported/adapter
+      merged: exported/merged
+"#
+}

@@ -292,9 +292,20 @@ impl Stage for ExportStage {
     }
 
     fn publish(&self, artifact: &Path, ctx: &StageContext<'_>) -> Result<(), StageError> {
+        // Every destination is checked before any is written, so one that cannot take the
+        // export (a foreign folder or file) leaves the others unpublished too.
+        let mut destinations = Vec::new();
         for (kind, written) in self.destinations() {
             let destination =
                 resolve_destination(ctx.project_dir, written, ctx.options.allow_outside_project)?;
+            if kind == "gguf" {
+                refuse_foreign_file(&destination)?;
+            } else {
+                refuse_foreign_folder(&destination)?;
+            }
+            destinations.push((kind, destination));
+        }
+        for (kind, destination) in destinations {
             if kind == "gguf" {
                 let source = artifact.join(GGUF_ARTIFACT);
                 if !source.is_file() {
@@ -396,22 +407,7 @@ pub fn publish_folder_with(
     fs::create_dir_all(parent).map_err(|error| {
         StageError::user(format!("cannot create {}: {error}", parent.display()))
     })?;
-    if let Ok(metadata) = fs::symlink_metadata(destination) {
-        if !metadata.is_dir() {
-            return Err(StageError::user(format!(
-                "export destination {} exists and is not a folder",
-                destination.display()
-            )));
-        }
-        let is_empty = fs::read_dir(destination)?.next().is_none();
-        if !is_empty && !destination.join(EXPORT_MARKER).is_file() {
-            return Err(StageError::user(format!(
-                "export destination {} already exists and was not written by peftpipe export; \
-                 remove it or choose another folder",
-                destination.display()
-            )));
-        }
-    }
+    refuse_foreign_folder(destination)?;
     let name = name.to_string_lossy();
     let temporary = tempfile::Builder::new()
         .prefix(&format!(".{name}.peftpipe-tmp-"))
@@ -471,6 +467,49 @@ pub fn publish_folder_with(
     Ok(())
 }
 
+/// Refuse a folder destination that exists and is not an export peftpipe wrote (or empty).
+fn refuse_foreign_folder(destination: &Path) -> Result<(), StageError> {
+    let Ok(metadata) = fs::symlink_metadata(destination) else {
+        return Ok(());
+    };
+    if !metadata.is_dir() {
+        return Err(StageError::user(format!(
+            "export destination {} exists and is not a folder",
+            destination.display()
+        )));
+    }
+    let is_empty = fs::read_dir(destination)?.next().is_none();
+    if !is_empty && !destination.join(EXPORT_MARKER).is_file() {
+        return Err(StageError::user(format!(
+            "export destination {} already exists and was not written by peftpipe export; \
+             remove it or choose another folder",
+            destination.display()
+        )));
+    }
+    Ok(())
+}
+
+/// Refuse a file destination that exists and is not a GGUF file peftpipe export wrote.
+fn refuse_foreign_file(destination: &Path) -> Result<(), StageError> {
+    let Ok(metadata) = fs::symlink_metadata(destination) else {
+        return Ok(());
+    };
+    if !metadata.is_file() {
+        return Err(StageError::user(format!(
+            "export destination {} exists and is not a file",
+            destination.display()
+        )));
+    }
+    if !written_by_export(destination) {
+        return Err(StageError::user(format!(
+            "export destination {} already exists and is not a GGUF file written by \
+             peftpipe export; remove it or choose another file name",
+            destination.display()
+        )));
+    }
+    Ok(())
+}
+
 /// Copy the GGUF file `source` to `destination`, replacing an earlier export there: the copy is
 /// written to a temporary sibling file and renamed into place, so the destination is never half
 /// written. An existing file that is not a GGUF file written by peftpipe export is refused.
@@ -482,21 +521,7 @@ pub fn publish_gguf(source: &Path, destination: &Path) -> Result<(), StageError>
     fs::create_dir_all(parent).map_err(|error| {
         StageError::user(format!("cannot create {}: {error}", parent.display()))
     })?;
-    if let Ok(metadata) = fs::symlink_metadata(destination) {
-        if !metadata.is_file() {
-            return Err(StageError::user(format!(
-                "export destination {} exists and is not a file",
-                destination.display()
-            )));
-        }
-        if !written_by_export(destination) {
-            return Err(StageError::user(format!(
-                "export destination {} already exists and is not a GGUF file written by \
-                 peftpipe export; remove it or choose another file name",
-                destination.display()
-            )));
-        }
-    }
+    refuse_foreign_file(destination)?;
     let name = destination
         .file_name()
         .map(|name| name.to_string_lossy().into_owned())
