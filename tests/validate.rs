@@ -128,6 +128,7 @@ const INVALID: &[(&str, &[&str])] = &[
     ("matrix_block_problems", &[]),
     ("matrix_reference_problems", &[]),
     ("matrix_value_invalid_in_one_expansion", &[]),
+    ("two_methods_in_one_train_stage", &[]),
 ];
 
 macro_rules! invalid_fixture_tests {
@@ -189,6 +190,7 @@ invalid_fixture_tests!(
     matrix_block_problems,
     matrix_reference_problems,
     matrix_value_invalid_in_one_expansion,
+    two_methods_in_one_train_stage,
 );
 
 fn yaml_files(dir: &Path) -> Vec<String> {

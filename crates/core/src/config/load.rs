@@ -1368,7 +1368,19 @@ pub fn deserialize_all<T: DeserializeOwned>(
                 serde_path_to_error::Segment::Unknown => {}
             }
         }
-        let explained = explain_serde_error(&error.inner().to_string());
+        let mut explained = explain_serde_error(&error.inner().to_string());
+        // A choice (`method`, an enum written as a mapping) given several keys: name them.
+        if explained.message.starts_with("expected map with a single key") {
+            if let Some(Value::Object(map)) = value_at(&value, &target) {
+                let keys: Vec<String> = map.keys().map(|key| format!("`{key}`")).collect();
+                explained.message = format!(
+                    "expected exactly one key (one choice), found {}: {}",
+                    keys.len(),
+                    keys.join(", ")
+                );
+                explained.hint = Some("keep one of them".to_string());
+            }
+        }
         let mut report = !removed.contains(&original_path);
         match &explained.kind {
             // The path may or may not already name the unknown key; make it name it.
@@ -1451,6 +1463,19 @@ fn original_index(removed: Option<&Vec<usize>>, index: usize) -> usize {
 }
 
 /// Remove the node at `segments`; returns the removed last segment.
+/// The value at `segments` (None when the path does not lead anywhere).
+fn value_at<'a>(value: &'a Value, segments: &[Segment]) -> Option<&'a Value> {
+    let mut current = value;
+    for segment in segments {
+        current = match (segment, current) {
+            (Segment::Key(key), Value::Object(map)) => map.get(key)?,
+            (Segment::Index(index), Value::Array(items)) => items.get(*index)?,
+            _ => return None,
+        };
+    }
+    Some(current)
+}
+
 fn remove_at(value: &mut Value, segments: &[Segment]) -> Option<Segment> {
     let (last, parents) = segments.split_last()?;
     let mut current = value;
