@@ -919,6 +919,61 @@ fn unsupported_or_inconsistent_checkpoints_are_refused_naming_the_file_and_field
     Ok(())
 }
 
+/// A 4-bit weight missing one of the tensors of its state is caught by the header check that
+/// `validate` runs (before any weight is read), naming the missing tensor; its absence is not
+/// mistaken for another problem (a dtype, a shape). A `RUST_BACKTRACE` set for panics adds no
+/// backtrace to the error a user reads.
+#[test]
+fn a_4bit_weight_missing_part_of_its_state_is_named_by_the_header_check() -> TestResult {
+    let Some(source) = stories() else {
+        return Ok(());
+    };
+    let temp = tempfile::tempdir()?;
+    let bnb = temp.path().join("stories260k-bnb");
+    write_bnb_checkpoint(&source, &bnb, &QuantConfig::default())?;
+    let q_proj = "model.layers.0.self_attn.q_proj.weight";
+    for part in [
+        ".absmax",
+        ".quant_map",
+        ".nested_absmax",
+        ".nested_quant_map",
+        ".quant_state.bitsandbytes__nf4",
+    ] {
+        let missing = format!("{q_proj}{part}");
+        let dir = edited(&bnb, |dir| {
+            let path = dir.join("model.safetensors");
+            let mut tensors = candle_core::safetensors::load(&path, &Device::Cpu)?;
+            tensors.remove(&missing).ok_or("no such tensor")?;
+            candle_core::safetensors::save(&tensors, &path)?;
+            Ok(())
+        })?;
+        let problems: Vec<String> = ModelDir::open(dir.path())?
+            .check_weights()
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        eprintln!("without {part}: {problems:?}");
+        let [problem] = problems.as_slice() else {
+            panic!("{part}: expected one problem, got {problems:?}");
+        };
+        for text in ["model.safetensors", missing.as_str(), "missing"] {
+            assert!(problem.contains(text), "{part}: no `{text}` in: {problem}");
+        }
+        let output = peftpipe()
+            .args(["generate"])
+            .arg(dir.path())
+            .args(["--prompt", "Once", "--device", "cpu"])
+            .env("RUST_BACKTRACE", "1")
+            .output()?;
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success(), "{part}: generated");
+        assert!(stderr.contains(&missing), "{part}: {stderr}");
+        assert!(!stderr.contains("backtrace"), "{part}: {stderr}");
+        assert!(!stderr.contains("Backtrace"), "{part}: {stderr}");
+    }
+    Ok(())
+}
+
 /// Split `dir/model.safetensors` into two shards with transformers' index; one weight's state
 /// is cut across them (sharding works tensor by tensor, not module by module).
 fn shard(dir: &Path) -> TestResult {

@@ -274,12 +274,59 @@ fn stored_4bit_problem(
     stored: &BTreeMap<String, TensorInfo>,
     name: &str,
     shape: &[usize],
+    quantization: &BnbQuantization,
 ) -> Option<Option<(PathBuf, String)>> {
     let state = format!("{name}{STATE_SUFFIX}");
-    stored
+    let has_state = stored
         .range(state.clone()..)
         .next()
-        .filter(|(key, _)| key.starts_with(&state))?;
+        .is_some_and(|(key, _)| key.starts_with(&state));
+    // Packed codes without their state: the state is what is missing (not a shape or a dtype).
+    let packed_codes = |info: &TensorInfo| {
+        info.dtype == "U8" && info.shape.len() == 2 && info.shape[1] == 1 && shape.len() == 2
+    };
+    if !has_state {
+        let info = stored.get(name).filter(|info| packed_codes(info))?;
+        return Some(Some((
+            info.file.clone(),
+            format!(
+                "tensor `{state}{}` is missing: `{name}` holds packed 4-bit codes ({} {:?}) and cannot be read without its state",
+                quantization.quant_type.name(),
+                info.dtype,
+                info.shape
+            ),
+        )));
+    }
+    // The other tensors of the state (bitsandbytes' `QuantState.as_dict(packed=True)`).
+    let parts: &[&str] = if quantization.double_quant {
+        &[
+            ".absmax",
+            ".quant_map",
+            ".nested_absmax",
+            ".nested_quant_map",
+        ]
+    } else {
+        &[".absmax", ".quant_map"]
+    };
+    if let Some(part) = parts
+        .iter()
+        .find(|part| !stored.contains_key(&format!("{name}{part}")))
+    {
+        let file = stored
+            .range(state..)
+            .next()
+            .map(|(_, info)| info.file.clone())
+            .unwrap_or_default();
+        let why = if part.starts_with(".nested") {
+            " (config.json's quantization_config has bnb_4bit_use_double_quant: true)"
+        } else {
+            ""
+        };
+        return Some(Some((
+            file,
+            format!("tensor `{name}{part}` of the 4-bit weight `{name}` is missing{why}"),
+        )));
+    }
     let Some(info) = stored.get(name) else {
         let file = stored
             .range(state..)
@@ -490,8 +537,10 @@ impl ModelDir {
             .into_iter()
             .chain((0..checked_layers).flat_map(|layer| config.layer_tensors(layer, root)));
         for spec in expected {
-            let packed = match self.stored_quantization {
-                Some(_) => stored_4bit_problem(&stored, &spec.name, &spec.shape),
+            let packed = match &self.stored_quantization {
+                Some(quantization) => {
+                    stored_4bit_problem(&stored, &spec.name, &spec.shape, quantization)
+                }
                 None => None,
             };
             let problem = match (packed, stored.get(&spec.name)) {

@@ -1370,7 +1370,10 @@ pub fn deserialize_all<T: DeserializeOwned>(
         }
         let mut explained = explain_serde_error(&error.inner().to_string());
         // A choice (`method`, an enum written as a mapping) given several keys: name them.
-        if explained.message.starts_with("expected map with a single key") {
+        if explained
+            .message
+            .starts_with("expected map with a single key")
+        {
             if let Some(Value::Object(map)) = value_at(&value, &target) {
                 let keys: Vec<String> = map.keys().map(|key| format!("`{key}`")).collect();
                 explained.message = format!(
