@@ -860,6 +860,19 @@ fn unsupported_or_inconsistent_checkpoints_are_refused_naming_the_file_and_field
             ],
         ),
         (
+            "a state shape whose count overflows",
+            Box::new(move |dir| {
+                edit_state(dir, q_proj, |s| {
+                    s["shape"] = serde_json::json!([4294967296u64, 4294967296u64])
+                })
+            }),
+            vec![
+                "model.safetensors",
+                "quant_state.bitsandbytes__nf4",
+                "more values than this machine can address",
+            ],
+        ),
+        (
             "a state shape the packed bytes do not hold",
             Box::new(move |dir| {
                 edit_state(dir, q_proj, |s| s["shape"] = serde_json::json!([64, 128]))

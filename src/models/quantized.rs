@@ -360,6 +360,15 @@ fn read_bnb_state(
                 .collect::<Option<Vec<usize>>>()
         })
         .ok_or_else(|| bad("`shape` is not a list of counts".into()))?;
+    if shape
+        .iter()
+        .try_fold(1usize, |total, &d| total.checked_mul(d))
+        .is_none()
+    {
+        return Err(bad(format!(
+            "`shape` {shape:?} holds more values than this machine can address"
+        )));
+    }
     let dtype_name = text("dtype")?;
     let original = torch_dtype(dtype_name).ok_or_else(|| {
         bad(format!(
