@@ -842,6 +842,29 @@ fn unsupported_or_inconsistent_checkpoints_are_refused_naming_the_file_and_field
             ],
         ),
         (
+            "a config.json whose 4-bit type (absent: transformers' fp4) is not the weights'",
+            Box::new(|dir| {
+                edit_config(dir, |q| {
+                    q.as_object_mut().map(|q| q.remove("bnb_4bit_quant_type"));
+                })
+            }),
+            vec![
+                "model.safetensors",
+                "quant_state.bitsandbytes__nf4",
+                "quantization_config.bnb_4bit_quant_type",
+                "fp4",
+            ],
+        ),
+        (
+            "a config.json without double quantization over double-quantized weights",
+            Box::new(|dir| edit_config(dir, |q| q["bnb_4bit_use_double_quant"] = false.into())),
+            vec![
+                "model.safetensors",
+                "nested_absmax",
+                "bnb_4bit_use_double_quant",
+            ],
+        ),
+        (
             "an unknown 4-bit type in a state",
             Box::new(move |dir| edit_state(dir, q_proj, |s| s["quant_type"] = "nf3".into())),
             vec!["model.safetensors", "quant_state.bitsandbytes__nf4", "nf3"],

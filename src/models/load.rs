@@ -297,6 +297,38 @@ fn stored_4bit_problem(
             ),
         )));
     }
+    // config.json and the weights must tell one story: transformers builds its 4-bit layers from
+    // config.json, so a state of another type, or double quantization config.json does not
+    // declare, would be read differently by it than by peftpipe.
+    let state_file = || {
+        stored
+            .range(state.clone()..)
+            .next()
+            .map(|(_, info)| info.file.clone())
+            .unwrap_or_default()
+    };
+    let stored_type = stored
+        .range(state.clone()..)
+        .next()
+        .and_then(|(key, _)| key.strip_prefix(&state))
+        .unwrap_or_default();
+    if stored_type != quantization.quant_type.name() {
+        return Some(Some((
+            state_file(),
+            format!(
+                "`{state}{stored_type}`: `{name}` is stored as {stored_type}, but config.json's quantization_config.bnb_4bit_quant_type is {} (transformers' default when absent); the two must agree",
+                quantization.quant_type.name()
+            ),
+        )));
+    }
+    if !quantization.double_quant && stored.contains_key(&format!("{name}.nested_absmax")) {
+        return Some(Some((
+            state_file(),
+            format!(
+                "tensor `{name}.nested_absmax`: `{name}` is stored with double quantization, but config.json's quantization_config.bnb_4bit_use_double_quant is false (or absent); the two must agree"
+            ),
+        )));
+    }
     // The other tensors of the state (bitsandbytes' `QuantState.as_dict(packed=True)`).
     let parts: &[&str] = if quantization.double_quant {
         &[
@@ -312,11 +344,7 @@ fn stored_4bit_problem(
         .iter()
         .find(|part| !stored.contains_key(&format!("{name}{part}")))
     {
-        let file = stored
-            .range(state..)
-            .next()
-            .map(|(_, info)| info.file.clone())
-            .unwrap_or_default();
+        let file = state_file();
         let why = if part.starts_with(".nested") {
             " (config.json's quantization_config has bnb_4bit_use_double_quant: true)"
         } else {
