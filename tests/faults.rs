@@ -335,3 +335,61 @@ fn a_killed_run_resumes_but_force_never_does() {
     assert_eq!(outputs, project.recorded_outputs("quick"));
     assert!(project.checkpoint_dirs().is_empty());
 }
+
+#[test]
+fn an_input_edited_while_its_stage_runs_is_never_cached_under_the_old_content() {
+    // The fingerprint hashes the inputs when the run is planned; the stage reads them later. An
+    // edit in between (a branch switch during a long run) must not store what the stage read
+    // under the planned digest: restored to the old content, the input would then match the
+    // fingerprint and `status` would call the stale output fresh.
+    let project = Project::new();
+    let original = std::fs::read_to_string(project.path("templates/prompt.j2")).expect("template");
+    let mut child = project
+        .command(&["run", "pipeline.yaml"])
+        .env("PEFTPIPE_TEST_STAGE_DELAY", "prompts=3000")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn peftpipe");
+    wait_until_prompts_is_mid_stage(&project, &mut child);
+    project.write("templates/prompt.j2", "EDITED {{ text }}");
+    let output = child.wait_with_output().expect("wait");
+    let text = stderr(&output);
+    assert!(!output.status.success(), "the run succeeded:\n{text}");
+    assert!(
+        text.contains("templates/prompt.j2") && text.contains("changed while"),
+        "{text}"
+    );
+    assert_eq!(project.recorded_output("prompts"), None, "{text}");
+    // Back to the planned content: nothing stale is restored.
+    project.write("templates/prompt.j2", &original);
+    let status = project.run(&["status", "pipeline.yaml"]);
+    let status = exec_support::stdout(&status);
+    assert!(status.contains("[DIRTY] prompts"), "{status}");
+}
+
+#[test]
+fn status_is_not_fresh_over_published_copies_of_another_configuration() {
+    // A run-cache hit (the output of an earlier run with these inputs) is restored and
+    // republished by `run`; until then its published copies may hold another configuration's
+    // output, and `status --check` must say so.
+    let project = TrainProject::new();
+    let other = ["--set", "stages.evaluate.evaluate.max_rows=20"];
+    project.run_ok("pipeline.yaml", &other);
+    project.run_ok("pipeline.yaml", &[]);
+    let mut args = vec!["status", "--check", "pipeline.yaml"];
+    args.extend_from_slice(&other);
+    let status = project.run(&args);
+    let text = exec_support::stdout(&status);
+    assert_eq!(status.status.code(), Some(3), "{text}");
+    assert!(text.contains("[DIRTY] evaluate"), "{text}");
+    let rerun = project.run_ok("pipeline.yaml", &other);
+    assert!(rerun.ran().is_empty(), "{}", rerun.stderr);
+    let status = project.run(&args);
+    assert_eq!(
+        status.status.code(),
+        Some(0),
+        "{}",
+        exec_support::stdout(&status)
+    );
+}

@@ -74,12 +74,14 @@ fn a_parameter_override_reruns_only_the_template() {
     let rerun = run_ok(&project, &["--set", set]);
     assert_eq!(ran(&rerun), ["prompts"]);
     insta::assert_snapshot!("parameter_changed", rerun);
-    // Back to k = 1: restored from the cache, not rerun.
+    // Back to k = 1: restorable from the cache, not rerun, but what is published (the
+    // `.peftpipe/out` copy) is the k = 2 run's until `run` restores it.
     assert_eq!(
         status(&project, &[]),
-        "[FRESH] data\n[FRESH] prompts (cached output of an earlier run with these inputs)\n"
+        "[FRESH] data\n[DIRTY] prompts: cached output of an earlier run with these inputs; the published copies are another run's\n"
     );
     assert!(ran(&run_ok(&project, &[])).is_empty());
+    assert_eq!(status(&project, &[]), "[FRESH] data\n[FRESH] prompts\n");
 }
 
 #[test]
@@ -303,10 +305,11 @@ fn evaluation_settings_are_part_of_the_train_fingerprint() {
             "{set}"
         );
     }
-    // Back without evaluation: the first run's cached output, not rerun.
+    // Back without evaluation: the first run's cached output, not rerun (its published copy
+    // is the last run's until `run` restores it).
     assert_eq!(
         train_line(&[]),
-        "[FRESH] train (cached output of an earlier run with these inputs)"
+        "[DIRTY] train: cached output of an earlier run with these inputs; the published copies are another run's"
     );
     // The cached output with evaluation is what a clean run produces.
     let outputs = project.recorded_outputs("quick");
@@ -360,7 +363,7 @@ fn export_quantize_settings_are_part_of_the_export_fingerprint() {
     // Back to nf4: the first run's cached output, republished, not rerun.
     assert_eq!(
         export_line(&[merged, nf4]),
-        "[FRESH] export (cached output of an earlier run with these inputs)"
+        "[DIRTY] export: cached output of an earlier run with these inputs; the published copies are another run's"
     );
     let restored = project.run_ok("pipeline.yaml", &["--set", merged, "--set", nf4]);
     assert!(restored.ran().is_empty(), "{}", restored.stderr);

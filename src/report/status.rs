@@ -1,6 +1,7 @@
 //! Rendering of plans: `peftpipe status` (`[FRESH] data`, `[DIRTY] prompts: parameter template.k
 //! changed (3 → 4)`, `[DIRTY] export: published output out/adapter changed (README.md content
-//! differs)`) and `run --dry-run`, plus their `--json` form. Only renders.
+//! differs)`, `[DIRTY] train: cached output of an earlier run with these inputs; the published
+//! copies are another run's`) and `run --dry-run`, plus their `--json` form. Only renders.
 
 use crate::exec::{Freshness, Plan};
 
@@ -11,6 +12,18 @@ pub fn plan_lines(style: &Style, plan: &Plan, dry_run: bool) -> String {
     let mut text = String::new();
     for stage in &plan.stages {
         let line = match &stage.freshness {
+            Freshness::Fresh(cached) if cached.from_run_cache && !cached.republish.is_empty() => {
+                // Restorable without running, but what is published now is another run's.
+                let tag = style_tag(style, "[DIRTY]", "1;33");
+                let mut line = format!(
+                    "{tag} {}: cached output of an earlier run with these inputs; the published copies are another run's",
+                    stage.name
+                );
+                if dry_run {
+                    line.push_str(" — would restore and publish again");
+                }
+                line
+            }
             Freshness::Fresh(cached) if !cached.republish.is_empty() => {
                 let tag = style_tag(style, "[DIRTY]", "1;33");
                 let mut line = format!("{tag} {}: {}", stage.name, join(&cached.republish));

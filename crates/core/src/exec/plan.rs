@@ -385,18 +385,17 @@ pub fn make_plan(
                 Freshness::Dirty { reasons }
             };
         if let (Some(out_root), Freshness::Fresh(cached)) = (checks.out_root, &mut freshness) {
-            // A run-cache hit is restored and republished anyway (the line says so).
-            if !cached.from_run_cache {
-                cached.republish = publication_problems(
-                    cache,
-                    pipeline,
-                    name,
-                    config,
-                    &cached.output,
-                    out_root,
-                    index,
-                )?;
-            }
+            // A run-cache hit too: its published copies may hold another configuration's
+            // output until `run` restores and republishes it.
+            cached.republish = publication_problems(
+                cache,
+                pipeline,
+                name,
+                config,
+                &cached.output,
+                out_root,
+                index,
+            )?;
         }
         stages.push(StagePlan {
             name: name.clone(),

@@ -162,6 +162,7 @@ pub fn execute(
                         .collect();
                     let job = Job {
                         upstream_outcomes,
+                        watched: watched_inputs(&plan.stages, position),
                         name: stage_plan.name.clone(),
                         kind: stage_plan.kind.clone(),
                         config,
@@ -317,6 +318,9 @@ struct Job<'a> {
     upstream: BTreeMap<String, String>,
     /// Upstream name → the outcome recorded with its output (see `StageContext`).
     upstream_outcomes: BTreeMap<String, BTreeMap<String, serde_json::Value>>,
+    /// This stage and every planned stage above it, each with the input digests the plan
+    /// hashed: checked again before the output is stored (see [`inputs_changed`]).
+    watched: Vec<(String, BTreeMap<String, String>)>,
 }
 
 struct JobResult {
@@ -514,6 +518,12 @@ fn run_job(
             return failed(&job, started, reasons, error.to_string(), cancelled);
         }
     };
+    // The stage read its inputs after the plan hashed them: an input edited in between would
+    // be stored under the old content's fingerprint (and restored once the edit is undone).
+    if let Some(changed) = inputs_changed(pipeline, cache, &job.watched) {
+        let _ = crate::cache::remove_path(&staging);
+        return failed(&job, started, reasons, changed, false);
+    }
     let stored = cache.store(&staging).and_then(|(output, _manifest)| {
         let source = cache.object_data(&output);
         materialize(&source, &out_dir)?;
@@ -711,6 +721,72 @@ fn failed(
 }
 
 /// The test-only delay from [`STAGE_DELAY_ENV`], if set and well-formed.
+/// The stage at `position` and every planned stage it depends on (transitively), each with the
+/// input digests its plan hashed.
+fn watched_inputs(
+    stages: &[super::plan::StagePlan],
+    position: usize,
+) -> Vec<(String, BTreeMap<String, String>)> {
+    let mut watched: Vec<(String, BTreeMap<String, String>)> = Vec::new();
+    let mut pending = vec![position];
+    while let Some(index) = pending.pop() {
+        let stage = &stages[index];
+        if watched.iter().any(|(name, _)| *name == stage.name) {
+            continue;
+        }
+        watched.push((stage.name.clone(), stage.inputs.clone()));
+        for upstream in &stage.upstream {
+            if let Some(found) = stages.iter().position(|other| &other.name == upstream) {
+                pending.push(found);
+            }
+        }
+    }
+    watched
+}
+
+/// Why the outputs of a stage that just ran may not be stored: an input of it or of a stage
+/// above it whose content (or, for a folder or glob input, whose set of files) is no longer
+/// what the plan hashed. Unchanged files are recognised by the index's stamps without
+/// rehashing.
+fn inputs_changed(
+    pipeline: &Pipeline,
+    cache: &Cache,
+    watched: &[(String, BTreeMap<String, String>)],
+) -> Option<String> {
+    let mut index = FileIndex::load(cache);
+    for (stage, planned) in watched {
+        let config = pipeline.stages.get(stage)?;
+        let changed = |what: String| {
+            Some(format!(
+                "{what} changed while this run was going (stage `{stage}` was planned with the old content); its output is not cached: run again"
+            ))
+        };
+        let files = match config.spec().input_files(&pipeline.project_dir) {
+            Ok(files) => files,
+            Err(message) => return changed(format!("an input ({message})")),
+        };
+        let mut now = BTreeMap::new();
+        for file in files {
+            let key = crate::fingerprint::normalize_key(&file.key);
+            match index.digest(&file.path) {
+                Ok(digest) => {
+                    if planned.get(&key) != Some(&digest) {
+                        return changed(format!("the input {key}"));
+                    }
+                    now.insert(key, digest);
+                }
+                Err(_) => return changed(format!("the input {key}")),
+            }
+        }
+        if let Some(gone) = planned.keys().find(|key| !now.contains_key(*key)) {
+            return changed(format!("the input {gone}"));
+        }
+    }
+    // The index only saves time; failing to save it loses nothing.
+    let _ = index.save();
+    None
+}
+
 fn stage_delay() -> Option<(String, Duration)> {
     let value = std::env::var(STAGE_DELAY_ENV).ok()?;
     let (stage, milliseconds) = value.split_once('=')?;
