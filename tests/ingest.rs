@@ -591,3 +591,42 @@ fn an_all_null_column_is_a_string_column_of_nulls() {
     let error = ingest_error(dir.path(), "path: rows.jsonl\ndrop_nulls: true\n");
     assert!(error.contains("no row of the 2 read"), "{error}");
 }
+
+#[test]
+fn every_jsonl_line_is_read_strictly_not_only_those_schema_inference_sees() {
+    // Past the first 1000 records (what inference reads, and what validate checks), a trailing
+    // comma, a second object on the line and a fraction in an integer column were accepted, the
+    // last one truncated: each is an error naming the line.
+    let dir = tempfile::tempdir().unwrap();
+    let head: String = (0..1200)
+        .map(|i| format!("{{\"id\": {i}, \"text\": \"row {i}\"}}\n"))
+        .collect();
+    for (bad, cause) in [
+        ("{\"id\": 1200, \"text\": \"x\",}", "trailing comma"),
+        (
+            "{\"id\": 1200, \"text\": \"x\"} {\"id\": 1201}",
+            "trailing characters",
+        ),
+        (
+            "{\"id\": 1.5, \"text\": \"x\"}",
+            "`id` is 1.5, but the column holds integers",
+        ),
+        ("[1, 2]", "expected a JSON object"),
+    ] {
+        std::fs::write(dir.path().join("late.jsonl"), format!("{head}{bad}\n")).unwrap();
+        let error = ingest_error(dir.path(), "path: late.jsonl\n");
+        assert!(error.contains("late.jsonl: line 1201: "), "{bad}: {error}");
+        assert!(error.contains(cause), "{bad}: {error}");
+    }
+    // A byte-order mark before the first record is not data.
+    std::fs::write(dir.path().join("bom.jsonl"), format!("\u{feff}{head}")).unwrap();
+    let out = dir.path().join("bom-out");
+    run(
+        &config("path: bom.jsonl\nsplit: {counts: {eval: 0}}\n"),
+        dir.path(),
+        &out,
+        0,
+    )
+    .unwrap();
+    assert_eq!(column(&out.join("train.parquet"), "text").len(), 1200);
+}

@@ -52,7 +52,7 @@ pub fn peek_schema(path: &Path, format: Option<InputFormat>) -> Result<Schema, S
             Ok(builder.schema().as_ref().clone())
         }
         InputFormat::Jsonl => {
-            let mut reader = BufReader::new(open(path)?);
+            let mut reader = jsonl_reader(path)?;
             let (schema, _) =
                 arrow::json::reader::infer_json_schema(&mut reader, Some(INFER_RECORDS)).map_err(
                     |e| jsonl_error(&path.display().to_string(), path, None, &e.to_string()),
@@ -138,6 +138,11 @@ fn locate_jsonl_error(path: &Path, schema: Option<&SchemaRef>) -> Option<(u64, S
         let Ok(text) = std::str::from_utf8(&line) else {
             return Some((number, "not valid UTF-8".to_string()));
         };
+        let text = if number == 1 {
+            text.strip_prefix('\u{feff}').unwrap_or(text)
+        } else {
+            text
+        };
         if text.trim().is_empty() {
             continue;
         }
@@ -164,6 +169,118 @@ fn locate_jsonl_error(path: &Path, schema: Option<&SchemaRef>) -> Option<(u64, S
         }
     }
     None
+}
+
+/// Check one JSON-lines record without building it: exactly one JSON object on the line
+/// (serde_json's grammar), and the first non-integer number given to one of `integer_columns`
+/// (name and value), if any.
+fn strict_record(
+    text: &str,
+    integer_columns: &[&str],
+) -> Result<Option<(String, f64)>, serde_json::Error> {
+    use serde::de::{DeserializeSeed, Deserializer, IgnoredAny, MapAccess, Visitor};
+    struct Record<'a>(&'a [&'a str]);
+    struct Key<'a>(&'a [&'a str]);
+    struct Integer;
+    impl<'de> DeserializeSeed<'de> for Key<'_> {
+        type Value = Option<String>;
+        fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+            d.deserialize_str(self)
+        }
+    }
+    impl Visitor<'_> for Key<'_> {
+        type Value = Option<String>;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a key")
+        }
+        fn visit_str<E: serde::de::Error>(self, key: &str) -> Result<Self::Value, E> {
+            Ok(self.0.contains(&key).then(|| key.to_string()))
+        }
+    }
+    impl<'de> DeserializeSeed<'de> for Integer {
+        type Value = Option<f64>;
+        fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+            d.deserialize_any(self)
+        }
+    }
+    impl<'de> Visitor<'de> for Integer {
+        type Value = Option<f64>;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a value")
+        }
+        fn visit_f64<E: serde::de::Error>(self, value: f64) -> Result<Self::Value, E> {
+            Ok(Some(value))
+        }
+        fn visit_i64<E: serde::de::Error>(self, _: i64) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_u64<E: serde::de::Error>(self, _: u64) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        // Any other type is the decoder's to refuse (or to read as it reads it).
+        fn visit_bool<E: serde::de::Error>(self, _: bool) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_str<E: serde::de::Error>(self, _: &str) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_unit<E: serde::de::Error>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_seq<A: serde::de::SeqAccess<'de>>(
+            self,
+            mut seq: A,
+        ) -> Result<Self::Value, A::Error> {
+            while seq.next_element::<IgnoredAny>()?.is_some() {}
+            Ok(None)
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+            while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+            Ok(None)
+        }
+    }
+    impl<'de> Visitor<'de> for Record<'_> {
+        type Value = Option<(String, f64)>;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a JSON object")
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+            let mut found = None;
+            while let Some(key) = map.next_key_seed(Key(self.0))? {
+                match key {
+                    Some(name) => {
+                        if let (Some(value), None) = (map.next_value_seed(Integer)?, &found) {
+                            found = Some((name, value));
+                        }
+                    }
+                    None => {
+                        map.next_value::<IgnoredAny>()?;
+                    }
+                }
+            }
+            Ok(found)
+        }
+    }
+    let mut deserializer = serde_json::Deserializer::from_str(text);
+    let found = deserializer.deserialize_map(Record(integer_columns))?;
+    deserializer.end()?;
+    Ok(found)
+}
+
+/// A JSON-lines file to read from its first record: past a UTF-8 byte-order mark, which some
+/// editors write and which is not JSON.
+fn jsonl_reader(path: &Path) -> Result<BufReader<File>, String> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut file = open(path)?;
+    let mut head = [0u8; 3];
+    let read = file
+        .read(&mut head)
+        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    if read < 3 || head != [0xEF, 0xBB, 0xBF] {
+        file.seek(SeekFrom::Start(0))
+            .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    }
+    Ok(BufReader::new(file))
 }
 
 /// Column names of a file (see [`peek_schema`]).
@@ -457,9 +574,8 @@ pub fn scan(
                 let schema = match &jsonl_schema {
                     Some(schema) => schema.clone(),
                     None => {
-                        let mut reader =
-                            BufReader::new(open(&file.path).map_err(StageError::User)?);
-                        let (schema, _) = arrow::json::reader::infer_json_schema_from_seekable(
+                        let mut reader = jsonl_reader(&file.path).map_err(StageError::User)?;
+                        let (schema, _) = arrow::json::reader::infer_json_schema(
                             &mut reader,
                             Some(INFER_RECORDS),
                         )
@@ -489,24 +605,9 @@ pub fn scan(
                     }
                 };
                 Mapper::indices(spec, &file.key, &schema)?;
-                let handle = open(&file.path).map_err(StageError::User)?;
-                let reader = arrow::json::ReaderBuilder::new(schema.clone())
-                    .with_batch_size(BATCH_ROWS)
-                    .build(BufReader::new(handle))
-                    .map_err(|e| StageError::user(format!("{}: {e}", file.key)))?;
-                for batch in reader {
-                    let batch = batch.map_err(|e| {
-                        StageError::user(jsonl_error(
-                            &file.key,
-                            &file.path,
-                            Some(&schema),
-                            &e.to_string(),
-                        ))
-                    })?;
-                    if !emit(batch, None, &mut in_file, &mut total)? {
-                        break;
-                    }
-                }
+                decode_jsonl(&file.key, &file.path, &schema, |batch| {
+                    emit(batch, None, &mut in_file, &mut total)
+                })?;
             }
             InputFormat::Csv => {
                 let schema =
@@ -532,6 +633,94 @@ pub fn scan(
         }
     }
     Ok((total, mapper.schema))
+}
+
+/// Decode a JSON-lines file into batches of `schema`, line by line and strictly: every
+/// non-blank line is exactly one JSON object (serde_json's grammar: no trailing comma, no second
+/// value on the line), and a number in an integer column is an integer (Arrow's decoder alone
+/// accepts all three, and truncates 1.5 to 1). Errors name the file, the line and the cause.
+/// `on_batch` returns whether to go on.
+fn decode_jsonl(
+    key: &str,
+    path: &Path,
+    schema: &SchemaRef,
+    mut on_batch: impl FnMut(RecordBatch) -> Result<bool, StageError>,
+) -> Result<(), StageError> {
+    use std::io::BufRead;
+    let at = |line: u64, cause: String| StageError::user(format!("{key}: line {line}: {cause}"));
+    // A value that does not fit its column shows when a batch is built, not on its line: found
+    // by decoding the lines one at a time again (only on this error path).
+    let flush_error = |error: arrow::error::ArrowError| {
+        StageError::user(jsonl_error(key, path, Some(schema), &error.to_string()))
+    };
+    let mut decoder = arrow::json::ReaderBuilder::new(schema.clone())
+        .with_batch_size(BATCH_ROWS)
+        .build_decoder()
+        .map_err(|e| StageError::user(format!("{key}: {e}")))?;
+    let integer_columns: Vec<&str> = schema
+        .fields()
+        .iter()
+        .filter(|field| field.data_type().is_integer())
+        .map(|field| field.name().as_str())
+        .collect();
+    let mut reader = BufReader::new(open(path).map_err(StageError::User)?);
+    let mut line = Vec::new();
+    let mut number = 0u64;
+    loop {
+        line.clear();
+        let read = reader
+            .read_until(b'\n', &mut line)
+            .map_err(|e| at(number + 1, format!("cannot read: {e}")))?;
+        if read == 0 {
+            break;
+        }
+        number += 1;
+        let Ok(text) = std::str::from_utf8(&line) else {
+            return Err(at(number, "not valid UTF-8".into()));
+        };
+        // A byte-order mark before the first record (as some editors save) is not data.
+        let text = if number == 1 {
+            text.strip_prefix('\u{feff}').unwrap_or(text)
+        } else {
+            text
+        };
+        if text.trim().is_empty() {
+            continue;
+        }
+        if let Some((name, value)) = strict_record(text, &integer_columns).map_err(|error| {
+            let message = error.to_string();
+            let reason = message
+                .rsplit_once(" at line ")
+                .map_or(message.as_str(), |(reason, _)| reason);
+            at(number, format!("column {}: {reason}", error.column()))
+        })? {
+            return Err(at(
+                number,
+                format!(
+                    "`{name}` is {value}, but the column holds integers (its type is inferred from the first {INFER_RECORDS} records)"
+                ),
+            ));
+        }
+        let mut bytes = text.as_bytes();
+        while !bytes.is_empty() {
+            let used = decoder
+                .decode(bytes)
+                .map_err(|error| at(number, error.to_string()))?;
+            bytes = &bytes[used..];
+            if !bytes.is_empty() || decoder.len() >= BATCH_ROWS {
+                // The batch is full: hand it on before decoding the rest of the line.
+                if let Some(batch) = decoder.flush().map_err(flush_error)? {
+                    if !on_batch(batch)? {
+                        return Ok(());
+                    }
+                }
+            }
+        }
+    }
+    if let Some(batch) = decoder.flush().map_err(flush_error)? {
+        on_batch(batch)?;
+    }
+    Ok(())
 }
 
 fn open_row_group(
