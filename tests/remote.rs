@@ -265,6 +265,33 @@ fn the_remote_comes_from_the_flag_the_environment_or_the_project_config() {
 }
 
 #[test]
+fn a_file_url_and_its_plain_path_are_one_remote() {
+    // Pushed through `file:///abs/dir`, the cache lands in that directory (not in a copy of its
+    // path inside it), so a pull from the plain path finds it.
+    let remote = tempfile::tempdir().expect("remote directory");
+    let url = format!("file://{}", remote.path().display());
+    let origin = Project::new();
+    let ran = peftpipe(&origin, &["run", "pipeline.yaml"], &[]);
+    assert!(ran.status.success(), "{}", stderr(&ran));
+    let pushed = peftpipe(&origin, &["push", "pipeline.yaml", "--remote", &url], &[]);
+    assert!(pushed.status.success(), "{}", stderr(&pushed));
+    assert!(remote.path().join("locks/reviews.lock.json").is_file());
+    let checkout = Project::new();
+    let shown = remote.path().display().to_string();
+    let pulled = peftpipe(
+        &checkout,
+        &["pull", "pipeline.yaml", "--remote", &shown],
+        &[],
+    );
+    assert!(pulled.status.success(), "{}", stderr(&pulled));
+    assert!(
+        stderr(&pulled).contains("pulled 2 objects"),
+        "{}",
+        stderr(&pulled)
+    );
+}
+
+#[test]
 fn pulling_a_pipeline_never_pushed_names_the_remote_and_key() {
     let checkout = Project::new();
     let remote = tempfile::tempdir().expect("remote directory");

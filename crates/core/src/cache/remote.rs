@@ -218,6 +218,13 @@ impl Remote {
             })?;
             let store = cloud_store(&scheme, &url)
                 .map_err(|message| setup(scrub(&message, secret.as_deref())))?;
+            // A `file://` store is rooted at the URL's directory already: its path is not also
+            // a prefix inside it (that put the cache at DIR/DIR, where the plain path is not).
+            let prefix = if scheme == object_store::ObjectStoreScheme::Local {
+                Key::default()
+            } else {
+                prefix
+            };
             // By the store, not the URL's scheme: `https://account.blob.core.windows.net/…` is
             // Azure, which takes concurrent puts.
             if scheme == object_store::ObjectStoreScheme::Http {
