@@ -477,6 +477,20 @@ fn an_empty_split_fails_at_ingest_naming_the_stage_and_the_split() {
         "{error}"
     );
     assert!(error.contains("3 rows are kept"), "{error}");
+    assert!(
+        error.contains("the split's fraction 0.1 of them rounds to none"),
+        "{error}"
+    );
+    // Counts that take every row leave train empty, and say so.
+    let error = ingest_error(
+        dir.path(),
+        "path: rows.parquet\nsplit: {counts: {eval: 2, test: 1}}\n",
+    );
+    assert!(error.contains("empty `train` split"), "{error}");
+    assert!(
+        error.contains("3 rows are kept and the other splits' counts (2 + 1) take them all"),
+        "{error}"
+    );
     // Every row filtered out: the train split is empty.
     let error = ingest_error(
         dir.path(),

@@ -62,16 +62,29 @@ fn check_no_empty_split(
     rows_kept: u64,
 ) -> Result<(), StageError> {
     for (index, &rows) in split_rows.iter().enumerate() {
-        let (wanted, asked) = match sizes {
+        let (wanted, why) = match sizes {
             SplitSizes::Fractions(fractions) => (
                 fractions[index] > 0.0,
-                format!("fraction {}", fractions[index]),
+                format!(
+                    "the split's fraction {} of them rounds to none",
+                    fractions[index]
+                ),
             ),
             SplitSizes::Counts(counts) => match index {
-                0 => (true, "the rows the counts leave".to_string()),
+                0 => (
+                    true,
+                    format!(
+                        "the other splits' counts ({}) take them all",
+                        counts
+                            .iter()
+                            .map(ToString::to_string)
+                            .collect::<Vec<_>>()
+                            .join(" + ")
+                    ),
+                ),
                 _ => (
                     counts[index - 1] > 0,
-                    format!("count {}", counts[index - 1]),
+                    format!("its count {} gets none of them", counts[index - 1]),
                 ),
             },
         };
@@ -85,7 +98,7 @@ fn check_no_empty_split(
                     "no row of the {rows_read} read is left after filters, drop_nulls and dedup"
                 )
             } else {
-                format!("{rows_kept} rows are kept and the split's {asked} of them rounds to none")
+                format!("{rows_kept} rows are kept and {why}")
             };
             return Err(StageError::user(format!(
                 "ingest stage `{stage}` would write an empty `{name}` split: {cause}; add rows, loosen the filters or change split sizes"
