@@ -43,7 +43,14 @@ pub fn expand_input(project_dir: &Path, written: &str) -> Result<Vec<InputFile>,
         let pattern_text = pattern
             .to_str()
             .ok_or_else(|| format!("path `{written}` is not valid UTF-8"))?;
-        let paths = glob::glob(pattern_text).map_err(|e| format!("bad glob `{written}`: {e}"))?;
+        // A leading dot is matched only when written, as shells do, so a glob and the folder
+        // it names read the same files (the folder walk skips hidden files too).
+        let options = glob::MatchOptions {
+            require_literal_leading_dot: true,
+            ..glob::MatchOptions::new()
+        };
+        let paths = glob::glob_with(pattern_text, options)
+            .map_err(|e| format!("bad glob `{written}`: {e}"))?;
         let mut files = Vec::new();
         for entry in paths {
             let path = entry.map_err(|e| format!("cannot read a match of `{written}`: {e}"))?;
@@ -68,8 +75,8 @@ pub fn expand_input(project_dir: &Path, written: &str) -> Result<Vec<InputFile>,
     let path = resolve_path(project_dir, written)?;
     if path.is_dir() {
         let mut found = Vec::new();
-        collect_dir(&path, &mut found)
-            .map_err(|e| format!("cannot list {}: {e}", path.display()))?;
+        let mut ancestors = Vec::new();
+        collect_dir(&path, &mut ancestors, &mut found)?;
         let base = written.trim_end_matches('/');
         let mut files: Vec<InputFile> = found
             .into_iter()
@@ -114,9 +121,27 @@ fn slash_path(path: &Path) -> String {
         .join("/")
 }
 
-fn collect_dir(dir: &Path, found: &mut Vec<PathBuf>) -> std::io::Result<()> {
-    for entry in std::fs::read_dir(dir)? {
-        let entry = entry?;
+/// The table files under `dir` (hidden `.x` and `_x` entries skipped, as Spark and Hive write
+/// them), following symlinks; a folder that links back to one it is inside (a symlink cycle)
+/// is an error, never the same rows read again and again. `ancestors` holds the canonical
+/// folders being walked.
+fn collect_dir(
+    dir: &Path,
+    ancestors: &mut Vec<PathBuf>,
+    found: &mut Vec<PathBuf>,
+) -> Result<(), String> {
+    let listing = |e: std::io::Error| format!("cannot list {}: {e}", dir.display());
+    let canonical = dir.canonicalize().map_err(listing)?;
+    if ancestors.contains(&canonical) {
+        return Err(format!(
+            "{} leads back to {}, a folder it is inside (a symlink cycle): its files would be read again and again",
+            dir.display(),
+            canonical.display()
+        ));
+    }
+    ancestors.push(canonical);
+    for entry in std::fs::read_dir(dir).map_err(listing)? {
+        let entry = entry.map_err(listing)?;
         let path = entry.path();
         let name = entry.file_name();
         let name = name.to_string_lossy();
@@ -124,10 +149,49 @@ fn collect_dir(dir: &Path, found: &mut Vec<PathBuf>) -> std::io::Result<()> {
             continue;
         }
         if path.is_dir() {
-            collect_dir(&path, found)?;
+            collect_dir(&path, ancestors, found)?;
         } else if format_of(&path).is_some() {
             found.push(path);
         }
     }
+    ancestors.pop();
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[cfg(unix)]
+    #[test]
+    fn a_symlink_cycle_in_a_folder_input_is_an_error_not_repeated_rows() {
+        let dir = tempfile::tempdir().unwrap();
+        let shards = dir.path().join("shards");
+        std::fs::create_dir_all(shards.join("sub")).unwrap();
+        std::fs::write(shards.join("sub/part-0.jsonl"), "{}\n").unwrap();
+        std::os::unix::fs::symlink("..", shards.join("sub/loop")).unwrap();
+        let error = expand_input(dir.path(), "shards").unwrap_err();
+        assert!(error.contains("symlink cycle"), "{error}");
+        assert!(error.contains("sub/loop"), "{error}");
+    }
+
+    #[test]
+    fn a_glob_and_its_folder_read_the_same_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let shards = dir.path().join("shards");
+        std::fs::create_dir_all(&shards).unwrap();
+        for name in ["a.jsonl", "b.jsonl", ".hidden.jsonl"] {
+            std::fs::write(shards.join(name), "{}\n").unwrap();
+        }
+        let keys = |written: &str| -> Vec<String> {
+            expand_input(dir.path(), written)
+                .unwrap()
+                .into_iter()
+                .map(|file| file.key)
+                .collect()
+        };
+        assert_eq!(keys("shards"), ["shards/a.jsonl", "shards/b.jsonl"]);
+        assert_eq!(keys("shards/*.jsonl"), ["shards/a.jsonl", "shards/b.jsonl"]);
+        assert_eq!(keys("shards/.hidden.jsonl"), ["shards/.hidden.jsonl"]);
+    }
 }
