@@ -784,6 +784,12 @@ impl StageSpec for TemplateConfig {
                 ),
             }
         }
+        let mut uses_examples = false;
+        // A template that includes others may use `examples` in them, which this does not see.
+        let includes = resolved
+            .row_templates()
+            .iter()
+            .any(|(source, _)| source.source.contains("include"));
         for (name, key) in compiled {
             let variables = match undeclared_variables(&env, &name) {
                 Ok(variables) => variables,
@@ -796,6 +802,7 @@ impl StageSpec for TemplateConfig {
             };
             for variable in variables {
                 if variable == "examples" {
+                    uses_examples = true;
                     if self.few_shot.is_none() {
                         problems.push(
                             Problem::new(
@@ -824,6 +831,16 @@ impl StageSpec for TemplateConfig {
                     }
                 }
             }
+        }
+        // Chat turns take the demonstrations themselves; a prompt must loop over them.
+        if self.few_shot.is_some() && self.chat.is_none() && !uses_examples && !includes {
+            problems.push(
+                Problem::new(
+                    format!("{at}.few_shot"),
+                    "`few_shot` draws demonstrations, but neither template uses `examples` (the list of them): they would be drawn and dropped",
+                )
+                .with_hint("loop over them in the prompt: `{% for example in examples %}…{{ example.text }}…{% endfor %}`, or drop `few_shot`"),
+            );
         }
     }
 }
@@ -899,6 +916,25 @@ mod tests {
             problems[0].message.contains("evaluation rows"),
             "{problems:?}"
         );
+    }
+
+    #[test]
+    fn few_shot_without_examples_in_a_prompt_is_reported() {
+        let problems = check(
+            &format!("{HEADER}      prompt: \"t: {{{{ text }}}}\"\n      completion: \"{{{{ label }}}}\"\n      few_shot: {{k: 2}}\n"),
+            &["text", "label"],
+        );
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert_eq!(problems[0].path, "stages.prompts.template.few_shot");
+        assert!(problems[0].message.contains("`examples`"), "{problems:?}");
+        // Used: no problem; chat turns take the demonstrations themselves.
+        for stage in [
+            "      prompt: \"{% for e in examples %}{{ e.text }}{% endfor %}{{ text }}\"\n      completion: \"{{ label }}\"\n      few_shot: {k: 2}\n",
+            "      chat: {template: \"{{ messages }}\", user: \"{{ text }}\", assistant: \"{{ label }}\"}\n      few_shot: {k: 2}\n",
+        ] {
+            let problems = check(&format!("{HEADER}{stage}"), &["text", "label"]);
+            assert!(problems.is_empty(), "{stage}: {problems:?}");
+        }
     }
 
     #[test]
