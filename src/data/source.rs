@@ -135,26 +135,14 @@ fn locate_jsonl_error(path: &Path, schema: Option<&SchemaRef>) -> Option<(u64, S
             Ok(line) => line,
             Err(error) => return Some((number, format!("cannot read: {error}"))),
         };
-        let Ok(text) = std::str::from_utf8(&line) else {
-            return Some((number, "not valid UTF-8".to_string()));
+        let text = match record_text(&line, number) {
+            Ok(Some(text)) => text,
+            Ok(None) => continue,
+            Err(cause) => return Some((number, cause)),
         };
-        let text = if number == 1 {
-            text.strip_prefix('\u{feff}').unwrap_or(text)
-        } else {
-            text
-        };
-        if text.trim().is_empty() {
-            continue;
-        }
         let value: serde_json::Value = match serde_json::from_str(text) {
             Ok(value) => value,
-            Err(error) => {
-                let message = error.to_string();
-                let reason = message
-                    .rsplit_once(" at line ")
-                    .map_or(message.as_str(), |(reason, _)| reason);
-                return Some((number, format!("column {}: {reason}", error.column())));
-            }
+            Err(error) => return Some((number, json_syntax_cause(&error))),
         };
         if !value.is_object() {
             return Some((number, format!("expected a JSON object, found {value}")));
@@ -169,6 +157,28 @@ fn locate_jsonl_error(path: &Path, schema: Option<&SchemaRef>) -> Option<(u64, S
         }
     }
     None
+}
+
+/// Line `number` of a JSON-lines file as text: `None` when blank; a UTF-8 byte-order mark
+/// before the first record (as some editors save) is not data.
+fn record_text(line: &[u8], number: u64) -> Result<Option<&str>, String> {
+    let text = std::str::from_utf8(line).map_err(|_| "not valid UTF-8".to_string())?;
+    let text = if number == 1 {
+        text.strip_prefix('\u{feff}').unwrap_or(text)
+    } else {
+        text
+    };
+    Ok((!text.trim().is_empty()).then_some(text))
+}
+
+/// serde_json's reason for a line that is not JSON, with its column (its own "at line 1" is
+/// the record's, not the file's, and is left out).
+fn json_syntax_cause(error: &serde_json::Error) -> String {
+    let message = error.to_string();
+    let reason = message
+        .rsplit_once(" at line ")
+        .map_or(message.as_str(), |(reason, _)| reason);
+    format!("column {}: {reason}", error.column())
 }
 
 /// Check one JSON-lines record without building it: exactly one JSON object on the line
@@ -675,25 +685,12 @@ fn decode_jsonl(
             break;
         }
         number += 1;
-        let Ok(text) = std::str::from_utf8(&line) else {
-            return Err(at(number, "not valid UTF-8".into()));
-        };
-        // A byte-order mark before the first record (as some editors save) is not data.
-        let text = if number == 1 {
-            text.strip_prefix('\u{feff}').unwrap_or(text)
-        } else {
-            text
-        };
-        if text.trim().is_empty() {
+        let Some(text) = record_text(&line, number).map_err(|cause| at(number, cause))? else {
             continue;
-        }
-        if let Some((name, value)) = strict_record(text, &integer_columns).map_err(|error| {
-            let message = error.to_string();
-            let reason = message
-                .rsplit_once(" at line ")
-                .map_or(message.as_str(), |(reason, _)| reason);
-            at(number, format!("column {}: {reason}", error.column()))
-        })? {
+        };
+        if let Some((name, value)) = strict_record(text, &integer_columns)
+            .map_err(|error| at(number, json_syntax_cause(&error)))?
+        {
             return Err(at(
                 number,
                 format!(

@@ -767,7 +767,8 @@ fn inputs_changed(
         };
         let mut now = BTreeMap::new();
         for file in files {
-            let key = crate::fingerprint::normalize_key(&file.key);
+            // As the plan keyed them (the fingerprint normalizes them later).
+            let key = file.key;
             match index.digest(&file.path) {
                 Ok(digest) => {
                     if planned.get(&key) != Some(&digest) {
