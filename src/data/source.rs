@@ -159,7 +159,7 @@ fn locate_jsonl_error(path: &Path, schema: Option<&SchemaRef>) -> Option<(u64, S
     None
 }
 
-/// Line `number` of a JSON-lines file as text: `None` when blank; a UTF-8 byte-order mark
+/// Line `number` of a JSON-lines file as text, without its line end: `None` when blank; a UTF-8 byte-order mark
 /// before the first record (as some editors save) is not data.
 fn record_text(line: &[u8], number: u64) -> Result<Option<&str>, String> {
     let text = std::str::from_utf8(line).map_err(|_| "not valid UTF-8".to_string())?;
@@ -168,6 +168,8 @@ fn record_text(line: &[u8], number: u64) -> Result<Option<&str>, String> {
     } else {
         text
     };
+    // Without its line end, so serde_json's columns are the line's.
+    let text = text.trim_end_matches(['\n', '\r']);
     Ok((!text.trim().is_empty()).then_some(text))
 }
 
@@ -698,7 +700,11 @@ fn decode_jsonl(
                 ),
             ));
         }
-        let mut bytes = text.as_bytes();
+        // The line as read (its line end separates it from the next record), past a mark.
+        let mut bytes: &[u8] = &line;
+        if number == 1 {
+            bytes = bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(bytes);
+        }
         while !bytes.is_empty() {
             let used = decoder
                 .decode(bytes)
