@@ -940,6 +940,24 @@ fn model_card(
                 card.push_str(&format!("| {key} | {value} |\n"));
             }
         }
+        // With evaluation during training the adapter may be an earlier step's than the last
+        // (`keep: best`): say which, and what its held-out loss was; final_loss is the last
+        // step's training loss.
+        if let Some(Value::Object(evaluation)) = summary.get("evaluation") {
+            let field = |key: &str| evaluation.get(key).filter(|value| !value.is_null());
+            if let (Some(kept), Some(steps)) = (field("kept_step"), summary.get("steps")) {
+                let keep = field("keep").and_then(Value::as_str).unwrap_or("last");
+                card.push_str(&format!(
+                    "| kept adapter | step {kept} of {steps} (keep: {keep}) |\n"
+                ));
+            }
+            if let (Some(loss), Some(step)) = (field("best_eval_loss"), field("best_step")) {
+                let split = field("split").and_then(Value::as_str).unwrap_or("eval");
+                card.push_str(&format!(
+                    "| best eval_loss | {loss} at step {step} (split {split}) |\n"
+                ));
+            }
+        }
     }
     card
 }
@@ -947,6 +965,39 @@ fn model_card(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_model_card_names_the_kept_step_when_evaluation_chose_an_earlier_adapter() {
+        let adapter = AdapterFiles {
+            config: serde_json::json!({"peft_type": "LORA", "r": 4}),
+            config_path: PathBuf::from("adapter_config.json"),
+            tensors: Default::default(),
+            auxiliary: Default::default(),
+            weights_path: PathBuf::from("adapter_model.safetensors"),
+        };
+        let summary = serde_json::json!({
+            "final_loss": 10.97,
+            "steps": 6,
+            "evaluation": {"split": "eval", "best_step": 2, "best_eval_loss": 7.5877,
+                           "keep": "best", "kept_step": 2},
+        });
+        let card = model_card(&adapter, "base", Some(&summary), None);
+        assert!(
+            card.contains("| kept adapter | step 2 of 6 (keep: best) |"),
+            "{card}"
+        );
+        assert!(
+            card.contains("| best eval_loss | 7.5877 at step 2 (split eval) |"),
+            "{card}"
+        );
+        let plain = model_card(
+            &adapter,
+            "base",
+            Some(&serde_json::json!({"final_loss": 1.0, "steps": 6})),
+            None,
+        );
+        assert!(!plain.contains("kept adapter"), "{plain}");
+    }
 
     #[test]
     fn publish_replaces_an_earlier_export_and_refuses_foreign_folders() {
