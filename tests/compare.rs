@@ -423,3 +423,24 @@ fn the_displayed_comparison_joins_training_costs_that_the_cached_one_never_holds
     }
     assert!(section.contains(&shown), "{section}");
 }
+
+#[test]
+fn accuracy_says_how_many_rows_have_a_label_outside_the_candidates() {
+    // Rows whose label is none of the candidates' count as wrong whatever the model scores: the
+    // run says how many, instead of a silently lower accuracy.
+    let project = TrainProject::new();
+    let run = project.run_ok(
+        "pipeline.yaml",
+        &[
+            "--stage",
+            "evaluate",
+            "--set",
+            "stages.evaluate.evaluate.metrics.accuracy.labels=[positive, neutral]",
+        ],
+    );
+    assert!(
+        run.stderr.contains("rows have a `label` value that is none of the candidates' labels (positive, neutral); they count as wrong"),
+        "{}",
+        run.stderr
+    );
+}

@@ -179,6 +179,16 @@ pub struct AccuracyWork {
     pub score: CandidateScore,
 }
 
+/// How many of `labels` are none of `candidates`' labels (trimmed): rows accuracy counts as
+/// wrong whatever the model scores.
+fn labels_outside(candidates: &Candidates, labels: &[String]) -> usize {
+    let known: BTreeSet<&str> = candidates.labels.iter().map(|l| l.trim()).collect();
+    labels
+        .iter()
+        .filter(|label| !known.contains(label.trim()))
+        .count()
+}
+
 /// Exact match: prompt ids and normalized reference per row.
 pub struct ExactMatchWork {
     pub config: ExactMatchConfig,
@@ -286,8 +296,7 @@ impl EvalPlan {
                     }
                 };
                 let labels = rows.column(&accuracy.label_column)?.to_vec();
-                let known: BTreeSet<&str> = candidates.labels.iter().map(|l| l.trim()).collect();
-                if !labels.is_empty() && labels.iter().all(|l| !known.contains(l.trim())) {
+                if !labels.is_empty() && labels_outside(&candidates, &labels) == labels.len() {
                     return Err(StageError::user(format!(
                         "accuracy: no row's `{}` value is one of the candidates' labels ({}); e.g. row 0 has {:?}",
                         accuracy.label_column,
@@ -998,6 +1007,17 @@ impl Stage for EvaluateStage {
                 "{} of {} rows had prompt tokens dropped on the left to fit {} tokens",
                 plan.truncated_rows, plan.rows, plan.max_length
             ));
+        }
+        if let (Some(work), Some(accuracy)) = (&plan.accuracy, &config.metrics.accuracy) {
+            let outside = labels_outside(&work.candidates, &work.labels);
+            if outside > 0 {
+                ctx.progress.note(format!(
+                    "accuracy: {outside} of {} rows have a `{}` value that is none of the candidates' labels ({}); they count as wrong",
+                    plan.rows,
+                    accuracy.label_column,
+                    work.candidates.labels.join(", ")
+                ));
+            }
         }
         let evaluate = |model: &InferenceModel, plan: &EvalPlan, label: &str| {
             evaluate_model(
