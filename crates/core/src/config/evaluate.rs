@@ -85,8 +85,9 @@ pub struct EvaluateConfig {
     #[serde(default = "default_batch_size")]
     #[schemars(default = "default_batch_size")]
     pub batch_size: usize,
-    /// Longest sequence in tokens; longer prompts lose tokens from the left (the completion is
-    /// kept whole). Default: the model's `max_position_embeddings`.
+    /// Longest sequence in tokens; longer prompts lose tokens from the left, down to the BOS
+    /// token, and only a completion that does not fit even then is cut on the right (its EOS
+    /// first). Default: the model's `max_position_embeddings`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_length: Option<usize>,
     /// Append the tokenizer's EOS token to every scored completion and candidate, as the train
