@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 
 use super::evaluate::check_upstream_kind;
 use super::method::{block_size_problem, FourBitSettings};
-use super::{CheckContext, InputFile, Problem, StageKind, StageSpec, UpstreamRef};
+use super::{CheckContext, InputFile, Problem, StageConfig, StageKind, StageSpec, UpstreamRef};
 
 /// The `export` stage: the trained adapter as a PEFT folder and/or a merged model in Hugging Face
 /// layout, built in the artifact and published (copied atomically) to the declared folders.
@@ -230,6 +230,30 @@ impl StageSpec for ExportConfig {
             format!("{at}.from"),
             problems,
         );
+        // Methods that add virtual tokens, prefixes or gated attention have no weight update to
+        // merge: refused here, before training, rather than by the export after it.
+        if let Some(StageConfig::Train(train)) = cx.pipeline.stages.get(&self.from) {
+            let method = train.method.name();
+            if matches!(method, "prompt_tuning" | "prefix_tuning" | "llama_adapter") {
+                for (key, set) in [
+                    ("merged", self.merged.is_some()),
+                    ("gguf", self.gguf.is_some()),
+                ] {
+                    if set {
+                        problems.push(
+                            Problem::new(
+                                format!("{at}.{key}"),
+                                format!(
+                                    "stage `{}` trains {method}, which adds to the model's inputs or attention instead of changing its weights: there is nothing to merge into a `{key}` model",
+                                    self.from
+                                ),
+                            )
+                            .with_hint("export `adapter: DIR` only (PEFT loads it over the base)"),
+                        );
+                    }
+                }
+            }
+        }
         if self.adapter.is_none() && self.merged.is_none() && self.gguf.is_none() {
             problems.push(Problem::new(at.to_string(), "nothing to export").with_hint(
                 "add `adapter: DIR` (PEFT adapter), `merged: DIR` (merged model) and/or \
@@ -460,6 +484,42 @@ stages:
         assert!(problems[0]
             .message
             .contains("merged and gguf destinations overlap"));
+    }
+
+    #[test]
+    fn a_prompt_method_has_nothing_to_merge() {
+        let text = "
+stages:
+  data: { ingest: { path: x.parquet } }
+  prompts: { template: { input: data } }
+  tune: { train: { data: prompts, model: base-model, method: { prompt_tuning: {} } } }
+  out: { export: { from: tune, adapter: a, merged: m, gguf: m.gguf } }
+";
+        let raw: RawPipeline = crate::config::evaluate::tests::from_yaml(text).unwrap();
+        let columns = BTreeMap::new();
+        let cx = CheckContext {
+            pipeline: &raw,
+            project_dir: Path::new("."),
+            columns: &columns,
+            probe: &crate::config::probe::TestProbe,
+        };
+        let StageConfig::Export(config) = &raw.stages["out"] else {
+            panic!("not an export stage");
+        };
+        let mut problems = Vec::new();
+        config.check(&cx, "stages.out.export", &mut problems);
+        let paths: Vec<&str> = problems.iter().map(|p| p.path.as_str()).collect();
+        assert_eq!(
+            paths,
+            ["stages.out.export.merged", "stages.out.export.gguf"],
+            "{problems:?}"
+        );
+        assert!(
+            problems[0].message.contains("prompt_tuning"),
+            "{problems:?}"
+        );
+        // LoRA (the default method) merges.
+        assert!(problems_of("{ from: tune, merged: m }").is_empty());
     }
 
     #[test]
