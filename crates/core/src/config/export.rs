@@ -390,12 +390,17 @@ mod tests {
     use crate::config::{RawPipeline, StageConfig};
 
     fn problems_of(export: &str) -> Vec<Problem> {
+        problems_with_method("lora: {}", export)
+    }
+
+    /// The problems of export stage `out` (`export`) from train stage `tune` (`method`).
+    fn problems_with_method(method: &str, export: &str) -> Vec<Problem> {
         let text = format!(
             "
 stages:
   data: {{ ingest: {{ path: x.parquet }} }}
   prompts: {{ template: {{ input: data }} }}
-  tune: {{ train: {{ data: prompts, model: base-model }} }}
+  tune: {{ train: {{ data: prompts, model: base-model, method: {{ {method} }} }} }}
   out: {{ export: {export} }}
 "
         );
@@ -488,26 +493,10 @@ stages:
 
     #[test]
     fn a_prompt_method_has_nothing_to_merge() {
-        let text = "
-stages:
-  data: { ingest: { path: x.parquet } }
-  prompts: { template: { input: data } }
-  tune: { train: { data: prompts, model: base-model, method: { prompt_tuning: {} } } }
-  out: { export: { from: tune, adapter: a, merged: m, gguf: m.gguf } }
-";
-        let raw: RawPipeline = crate::config::evaluate::tests::from_yaml(text).unwrap();
-        let columns = BTreeMap::new();
-        let cx = CheckContext {
-            pipeline: &raw,
-            project_dir: Path::new("."),
-            columns: &columns,
-            probe: &crate::config::probe::TestProbe,
-        };
-        let StageConfig::Export(config) = &raw.stages["out"] else {
-            panic!("not an export stage");
-        };
-        let mut problems = Vec::new();
-        config.check(&cx, "stages.out.export", &mut problems);
+        let problems = problems_with_method(
+            "prompt_tuning: {}",
+            "{ from: tune, adapter: a, merged: m, gguf: m.gguf }",
+        );
         let paths: Vec<&str> = problems.iter().map(|p| p.path.as_str()).collect();
         assert_eq!(
             paths,
