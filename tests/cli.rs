@@ -218,3 +218,22 @@ fn verbose_summary_shows_every_figure() {
         );
     }
 }
+
+#[test]
+fn reading_commands_leave_a_missing_cache_missing() {
+    // A mistyped --cache-dir: status says every stage never ran and metrics has nothing, but
+    // neither leaves a folder behind.
+    let project = Project::tiny();
+    let missing = project.path("no-such-cache");
+    let missing_text = missing.display().to_string();
+    let status = project.ok(&["status", "pipeline.yaml", "--cache-dir", &missing_text]);
+    assert!(stdout(&status).contains("never run"), "{}", stdout(&status));
+    let _ = project.peftpipe(&[
+        "metrics",
+        "show",
+        "pipeline.yaml",
+        "--cache-dir",
+        &missing_text,
+    ]);
+    assert!(!missing.exists(), "{} was created", missing.display());
+}

@@ -177,7 +177,7 @@ fn stage_order(pipeline: &Pipeline) -> Vec<String> {
 /// The pipeline's lock file (empty when it never ran) and where it is.
 fn read_lock(global: &GlobalArgs, pipeline: &Pipeline) -> Result<(LockFile, PathBuf), String> {
     let settings = settings_for(global, pipeline);
-    let cache = Cache::open(&settings.cache_dir).map_err(|error| error.to_string())?;
+    let cache = Cache::open_for_reading(&settings.cache_dir).map_err(|error| error.to_string())?;
     let path = cache.lock_file_path(&pipeline.name);
     let lock = cache
         .read_lock_file(&pipeline.name)

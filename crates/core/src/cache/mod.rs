@@ -118,6 +118,26 @@ impl Cache {
         })
     }
 
+    /// The cache at `root` for reading only (`status`, `metrics`, `report`): like [`Cache::open`]
+    /// when it exists; when it does not, a cache that holds nothing, and nothing is created (a
+    /// mistyped `--cache-dir` must not leave a folder behind): readers find no lock file, object
+    /// or run record in it.
+    pub fn open_for_reading(root: &Path) -> Result<Cache, CacheError> {
+        if root.exists() {
+            Cache::open(root)
+        } else {
+            Ok(Cache {
+                root: root.to_path_buf(),
+            })
+        }
+    }
+
+    /// Whether the cache's folder exists (a [`Cache::open_for_reading`] of a missing one does
+    /// not create it, and nothing may be written into it).
+    pub fn exists(&self) -> bool {
+        self.root.exists()
+    }
+
     pub fn root(&self) -> &Path {
         &self.root
     }

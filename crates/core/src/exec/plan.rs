@@ -425,7 +425,8 @@ pub fn plan_checked(
     settings: &RunSettings,
     objects: ObjectCheck,
 ) -> Result<Plan, ExecError> {
-    let cache = Cache::open(&settings.cache_dir)?;
+    // Planning only reads: a missing cache is an empty one, and stays missing.
+    let cache = Cache::open_for_reading(&settings.cache_dir)?;
     let order = graph::topological_order(&pipeline.stages)?;
     let selected = graph::select(&pipeline.stages, &order, &settings.targets)?;
     let lock = cache.read_lock_file(&pipeline.name)?;
@@ -444,7 +445,9 @@ pub fn plan_checked(
             out_root: Some(&settings.out_root),
         },
     )?;
-    index.save()?;
+    if cache.exists() {
+        index.save()?;
+    }
     Ok(plan)
 }
 
