@@ -277,15 +277,16 @@ fn stored_4bit_problem(
     quantization: &BnbQuantization,
 ) -> Option<Option<(PathBuf, String)>> {
     let state = format!("{name}{STATE_SUFFIX}");
-    let has_state = stored
+    // The weight's packed-state tensor (`…quant_state.bitsandbytes__<type>`), if it has one.
+    let state_entry = stored
         .range(state.clone()..)
         .next()
-        .is_some_and(|(key, _)| key.starts_with(&state));
+        .filter(|(key, _)| key.starts_with(&state));
     // Packed codes without their state: the state is what is missing (not a shape or a dtype).
     let packed_codes = |info: &TensorInfo| {
         info.dtype == "U8" && info.shape.len() == 2 && info.shape[1] == 1 && shape.len() == 2
     };
-    if !has_state {
+    let Some((state_key, state_info)) = state_entry else {
         let info = stored.get(name).filter(|info| packed_codes(info))?;
         return Some(Some((
             info.file.clone(),
@@ -296,25 +297,15 @@ fn stored_4bit_problem(
                 info.shape
             ),
         )));
-    }
+    };
+    let state_file = state_info.file.clone();
     // config.json and the weights must tell one story: transformers builds its 4-bit layers from
     // config.json, so a state of another type, or double quantization config.json does not
     // declare, would be read differently by it than by peftpipe.
-    let state_file = || {
-        stored
-            .range(state.clone()..)
-            .next()
-            .map(|(_, info)| info.file.clone())
-            .unwrap_or_default()
-    };
-    let stored_type = stored
-        .range(state.clone()..)
-        .next()
-        .and_then(|(key, _)| key.strip_prefix(&state))
-        .unwrap_or_default();
+    let stored_type = state_key.strip_prefix(&state).unwrap_or_default();
     if stored_type != quantization.quant_type.name() {
         return Some(Some((
-            state_file(),
+            state_file,
             format!(
                 "`{state}{stored_type}`: `{name}` is stored as {stored_type}, but config.json's quantization_config.bnb_4bit_quant_type is {} (transformers' default when absent); the two must agree",
                 quantization.quant_type.name()
@@ -323,7 +314,7 @@ fn stored_4bit_problem(
     }
     if !quantization.double_quant && stored.contains_key(&format!("{name}.nested_absmax")) {
         return Some(Some((
-            state_file(),
+            state_file,
             format!(
                 "tensor `{name}.nested_absmax`: `{name}` is stored with double quantization, but config.json's quantization_config.bnb_4bit_use_double_quant is false (or absent); the two must agree"
             ),
@@ -344,25 +335,19 @@ fn stored_4bit_problem(
         .iter()
         .find(|part| !stored.contains_key(&format!("{name}{part}")))
     {
-        let file = state_file();
         let why = if part.starts_with(".nested") {
             " (config.json's quantization_config has bnb_4bit_use_double_quant: true)"
         } else {
             ""
         };
         return Some(Some((
-            file,
+            state_file,
             format!("tensor `{name}{part}` of the 4-bit weight `{name}` is missing{why}"),
         )));
     }
     let Some(info) = stored.get(name) else {
-        let file = stored
-            .range(state..)
-            .next()
-            .map(|(_, info)| info.file.clone())
-            .unwrap_or_default();
         return Some(Some((
-            file,
+            state_file,
             format!("tensor `{name}` has a 4-bit quantization state but no packed weight"),
         )));
     };

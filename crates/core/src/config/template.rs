@@ -789,7 +789,7 @@ impl StageSpec for TemplateConfig {
         let includes = resolved
             .row_templates()
             .iter()
-            .any(|(source, _)| source.source.contains("include"));
+            .any(|(source, _)| !super::jinja::template_references(&source.source).is_empty());
         for (name, key) in compiled {
             let variables = match undeclared_variables(&env, &name) {
                 Ok(variables) => variables,
