@@ -783,6 +783,15 @@ fn edit_config(dir: &Path, edit: impl FnOnce(&mut serde_json::Value)) -> TestRes
     Ok(())
 }
 
+/// Drop tensor `name` from `dir/model.safetensors` (an error when it is not there).
+fn remove_tensor(dir: &Path, name: &str) -> TestResult {
+    let path = dir.join("model.safetensors");
+    let mut tensors = candle_core::safetensors::load(&path, &Device::Cpu)?;
+    tensors.remove(name).ok_or("no such tensor")?;
+    candle_core::safetensors::save(&tensors, &path)?;
+    Ok(())
+}
+
 /// Replace the JSON state of `weight` (same tensor names, the rest untouched).
 fn edit_state(dir: &Path, weight: &str, edit: impl FnOnce(&mut serde_json::Value)) -> TestResult {
     let path = dir.join("model.safetensors");
@@ -904,13 +913,7 @@ fn unsupported_or_inconsistent_checkpoints_are_refused_naming_the_file_and_field
         ),
         (
             "a 4-bit weight without its quant_map",
-            Box::new(move |dir| {
-                let path = dir.join("model.safetensors");
-                let mut tensors = candle_core::safetensors::load(&path, &Device::Cpu)?;
-                tensors.remove(&format!("{q_proj}.quant_map"));
-                candle_core::safetensors::save(&tensors, &path)?;
-                Ok(())
-            }),
+            Box::new(move |dir| remove_tensor(dir, &format!("{q_proj}.quant_map"))),
             vec!["model.safetensors", "q_proj.weight.quant_map"],
         ),
         (
@@ -976,13 +979,7 @@ fn a_4bit_weight_missing_part_of_its_state_is_named_by_the_header_check() -> Tes
         ".quant_state.bitsandbytes__nf4",
     ] {
         let missing = format!("{q_proj}{part}");
-        let dir = edited(&bnb, |dir| {
-            let path = dir.join("model.safetensors");
-            let mut tensors = candle_core::safetensors::load(&path, &Device::Cpu)?;
-            tensors.remove(&missing).ok_or("no such tensor")?;
-            candle_core::safetensors::save(&tensors, &path)?;
-            Ok(())
-        })?;
+        let dir = edited(&bnb, |dir| remove_tensor(dir, &missing))?;
         let problems: Vec<String> = ModelDir::open(dir.path())?
             .check_weights()
             .iter()
