@@ -199,3 +199,58 @@ fn report_loads_in_a_headless_browser_without_console_errors() {
         assert!(points > 0 && figure.contains("<svg"), "{class} chart");
     }
 }
+
+#[test]
+fn a_failed_stage_shows_its_error_in_status_and_the_report_until_it_succeeds() {
+    let project = Project::tiny();
+    // A folder peftpipe did not publish where the export writes: the export fails at run time.
+    project.write("out/tiny/adapter/notes.txt", "mine");
+    let output = project.peftpipe(&["run", "pipeline.yaml", "--no-report"]);
+    assert!(!output.status.success(), "{}", stderr(&output));
+
+    let status = stdout(&project.peftpipe(&["status", "pipeline.yaml"]));
+    let line = status
+        .lines()
+        .find(|line| line.contains("export"))
+        .expect("the export's line");
+    assert!(
+        line.starts_with("[DIRTY] export: never run (the last run with these inputs failed: ")
+            && line.contains("out/tiny/adapter"),
+        "{status}"
+    );
+    let json: serde_json::Value = serde_json::from_str(&stdout(&project.peftpipe(&[
+        "status",
+        "pipeline.yaml",
+        "--json",
+    ])))
+    .expect("JSON");
+    let export = &json["stages"][4];
+    assert_eq!(export["name"], "export");
+    assert!(export["last_failure"]["error"]
+        .as_str()
+        .is_some_and(|error| error.contains("out/tiny/adapter")));
+    assert!(json["stages"][3]["last_failure"].is_null());
+
+    project.ok(&["report", "pipeline.yaml", "-o", "page.html"]);
+    let page = std::fs::read_to_string(project.path("page.html")).expect("the report");
+    let export_row = page
+        .split("<tr><td>export</td>")
+        .nth(1)
+        .expect("the export's row");
+    assert!(export_row.contains("<td>failed</td>"), "{export_row}");
+    let error_row = export_row
+        .split("<tr class=\"error\">")
+        .nth(1)
+        .and_then(|rest| rest.split("</tr>").next())
+        .expect("the error under the export's row");
+    assert!(error_row.contains("out/tiny/adapter"), "{error_row}");
+
+    // Out of the way: the export runs, and the failure is forgotten.
+    std::fs::remove_dir_all(project.path("out/tiny/adapter")).expect("remove");
+    project.ok(&["run", "pipeline.yaml", "--no-report"]);
+    let status = stdout(&project.peftpipe(&["status", "pipeline.yaml"]));
+    assert!(!status.contains("failed"), "{status}");
+    project.ok(&["report", "pipeline.yaml", "-o", "page.html"]);
+    let page = std::fs::read_to_string(project.path("page.html")).expect("the report");
+    assert!(!page.contains("<tr class=\"error\">"));
+}

@@ -150,15 +150,24 @@ pub fn gather(
                 if !stage.outcome.is_empty() {
                     row.outcome = stage.outcome.clone();
                 }
+                if stage.status != StageStatus::Fresh && stage.status != StageStatus::Ran {
+                    row.error = stage.error.clone();
+                }
             }
             None => {
                 let (status, cache) = match (&planned.freshness, entry) {
                     (Freshness::Fresh(_), _) => ("fresh", "hit"),
+                    _ if planned.last_failure.is_some() => ("failed", "-"),
                     (Freshness::Dirty { .. }, Some(_)) => ("stale", "miss"),
                     (Freshness::Dirty { .. }, None) => ("never run", "-"),
                 };
                 row.status = status.into();
                 row.cache = cache.into();
+                if let Some(failure) = &planned.last_failure {
+                    // The last run with these very inputs failed: show how, not "never run".
+                    row.seconds = Some(failure.wall_time_seconds);
+                    row.error = Some(failure.error.clone());
+                }
             }
         }
         input.stages.push(row);

@@ -30,6 +30,8 @@ pub struct StageRow {
     pub cache: String,
     pub fingerprint: Option<String>,
     pub outcome: BTreeMap<String, serde_json::Value>,
+    /// Why it failed or was not run (shown under its row).
+    pub error: Option<String>,
 }
 
 /// One training step of metrics.jsonl (fields the page plots; absent ones are `None`).
@@ -104,7 +106,7 @@ border-bottom:1px solid #ddd}table{border-collapse:collapse;margin:.5rem 0}\
 td,th{border:1px solid #ddd;padding:.25rem .5rem;text-align:left;vertical-align:top}\
 th{background:#f5f5f5}td.num{text-align:right;font-variant-numeric:tabular-nums}\
 figure.chart{display:inline-block;margin:.5rem}figcaption{font-size:.9rem;color:#555}\
-pre{white-space:pre-wrap;margin:0;font-size:.85rem}.note{color:#a60}";
+pre{white-space:pre-wrap;margin:0;font-size:.85rem}.note{color:#a60}tr.error td{color:#a00}";
 
 /// The whole page.
 pub fn render(input: &ReportInput) -> String {
@@ -154,6 +156,13 @@ fn stages_section(input: &ReportInput) -> String {
             escape(&stage.cache),
             escape(&super::run::outcome_text(&stage.outcome)),
         );
+        if let Some(error) = &stage.error {
+            let _ = writeln!(
+                html,
+                "<tr class=\"error\"><td colspan=\"7\"><pre>{}</pre></td></tr>",
+                escape(error)
+            );
+        }
     }
     html.push_str("</table>\n");
     html

@@ -1,7 +1,10 @@
 //! Rendering of plans: `peftpipe status` (`[FRESH] data`, `[DIRTY] prompts: parameter template.k
 //! changed (3 → 4)`, `[DIRTY] export: published output out/adapter changed (README.md content
 //! differs)`, `[DIRTY] train: cached output of an earlier run with these inputs; the published
-//! copies are another run's`) and `run --dry-run`, plus their `--json` form. Only renders.
+//! copies are another run's`, `[DIRTY] train: never run (the last run with these inputs failed:
+//! ...)`) and `run --dry-run`, plus their `--json` form. Only renders.
+
+use std::fmt::Write as _;
 
 use crate::exec::{Freshness, Plan};
 
@@ -46,6 +49,13 @@ pub fn plan_lines(style: &Style, plan: &Plan, dry_run: bool) -> String {
             Freshness::Dirty { reasons } => {
                 let tag = style_tag(style, "[DIRTY]", "1;33");
                 let mut line = format!("{tag} {}: {}", stage.name, join(reasons));
+                if let Some(failure) = &stage.last_failure {
+                    let _ = write!(
+                        line,
+                        " (the last run with these inputs failed: {})",
+                        first_line(&failure.error)
+                    );
+                }
                 if dry_run {
                     line.push_str(" — would run");
                 }
@@ -56,6 +66,11 @@ pub fn plan_lines(style: &Style, plan: &Plan, dry_run: bool) -> String {
         text.push('\n');
     }
     text
+}
+
+/// The first line of an error (the rest is in the run's output and the report).
+pub fn first_line(error: &str) -> &str {
+    error.lines().next().unwrap_or_default()
 }
 
 fn join(reasons: &[crate::fingerprint::DirtyReason]) -> String {
@@ -97,6 +112,7 @@ pub fn plan_json(plan: &Plan) -> serde_json::Value {
                 "reason_details": reasons,
                 "fingerprint": stage.fingerprint.digest(),
                 "output": output,
+                "last_failure": stage.last_failure,
             })
         })
         .collect();

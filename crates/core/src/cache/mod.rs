@@ -12,6 +12,7 @@
 //! locks/<pipeline>.lock.json            per pipeline: each stage's last fingerprint components
 //! locks/<pipeline>.flock                the file lock a run of that pipeline holds (exclusive)
 //! locks/<pipeline>.published.json       what each stage's last publish wrote (export folders)
+//! locks/<pipeline>.failures.json        how each stage's last failed run ended (local, never pushed)
 //! index/files.json                      size+mtime index of hashed input files (a hint only)
 //! tmp/                                  staging dirs; anything here is garbage once nothing
 //!                                       holds the cache lock
@@ -32,6 +33,7 @@
 //! push` / `pull`) with the same layout; what it pulls goes through [`Cache::store`] and the same
 //! atomic writes, after every file is checked against its digest.
 
+pub mod failures;
 pub mod gc;
 pub mod index;
 pub mod lock_file;
@@ -44,6 +46,7 @@ use std::path::{Path, PathBuf};
 
 use fs4::fs_std::FileExt;
 
+pub use failures::{FailureRecord, FailuresFile};
 pub use index::FileIndex;
 pub use lock_file::{LockEntry, LockFile, PublishedFile, PublishedRecord};
 pub use objects::{Manifest, RunRecord};

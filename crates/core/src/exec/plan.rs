@@ -14,7 +14,7 @@ use std::path::Path;
 use serde::Serialize;
 
 use super::{graph, ExecError, RunSettings};
-use crate::cache::{Cache, FileIndex, LockEntry, LockFile};
+use crate::cache::{Cache, FailureRecord, FileIndex, LockEntry, LockFile};
 use crate::config::{Pipeline, StageConfig};
 use crate::fingerprint::{DirtyReason, StageFingerprint};
 
@@ -91,6 +91,10 @@ pub struct StagePlan {
     /// previous one until it has run).
     pub fingerprint: StageFingerprint,
     pub freshness: Freshness,
+    /// How the last run with this very fingerprint ended, when it failed and nothing has
+    /// succeeded since (a dirty stage only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_failure: Option<FailureRecord>,
 }
 
 /// The plan of a run: the selected stages in topological order.
@@ -327,6 +331,7 @@ pub fn make_plan(
     checks: PlanChecks<'_>,
 ) -> Result<Plan, ExecError> {
     let mut stages: Vec<StagePlan> = Vec::with_capacity(selected.len());
+    let mut failures = cache.read_failures(&pipeline.name).stages;
     for name in selected {
         let Some(config) = pipeline.stages.get(name) else {
             return Err(ExecError::Graph(format!(
@@ -397,6 +402,9 @@ pub fn make_plan(
                 index,
             )?;
         }
+        let last_failure = failures
+            .remove(name)
+            .filter(|failure| !freshness.is_fresh() && failure.fingerprint == fingerprint.digest());
         stages.push(StagePlan {
             name: name.clone(),
             kind: config.kind().as_str().to_string(),
@@ -404,6 +412,7 @@ pub fn make_plan(
             inputs,
             fingerprint,
             freshness,
+            last_failure,
         });
     }
     Ok(Plan {

@@ -95,6 +95,8 @@ pub fn execute(
     let mut slots = Slots::default();
     let mut held: Vec<Option<String>> = vec![None; count];
     let mut told_to_wait = vec![false; count];
+    // The fingerprint digest each started stage runs with (for the failure record).
+    let mut digests: Vec<Option<String>> = vec![None; count];
 
     std::thread::scope(|scope| {
         let (sender, receiver) = mpsc::channel::<(usize, JobResult)>();
@@ -152,6 +154,7 @@ pub fn execute(
                         ObjectCheck::Sizes,
                     );
                     states[position] = State::Running;
+                    digests[position] = Some(fingerprint.digest());
                     running += 1;
                     let upstream_outcomes = upstream
                         .keys()
@@ -230,6 +233,13 @@ pub fn execute(
                     failed = true;
                 }
             }
+            remember_failure(
+                &cache,
+                &pipeline.name,
+                &report,
+                digests[position].take(),
+                events,
+            );
             events.event(ExecEvent::StageFinished(report.clone()));
             reports[position] = Some(report);
         }
@@ -275,6 +285,40 @@ pub fn execute(
         interrupted,
         wall_time: started.elapsed(),
     })
+}
+
+/// Keep how a failed stage ended (so `status` and `report` can say so), or forget an earlier
+/// failure once the stage has succeeded. The record is a diagnostic: not writing it fails
+/// nothing, the run is told.
+fn remember_failure(
+    cache: &Cache,
+    pipeline: &str,
+    report: &StageReport,
+    fingerprint: Option<String>,
+    events: &dyn EventSink,
+) {
+    let record = match report.status {
+        StageStatus::Fresh | StageStatus::Ran => None,
+        StageStatus::Failed => match fingerprint {
+            Some(fingerprint) => Some(crate::cache::FailureRecord {
+                fingerprint,
+                error: report.error.clone().unwrap_or_default(),
+                wall_time_seconds: report.wall_time.as_secs_f64(),
+                failed_at: std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |since| since.as_secs()),
+            }),
+            None => return,
+        },
+        // Interrupted or never started: says nothing about the stage.
+        StageStatus::Cancelled | StageStatus::Skipped => return,
+    };
+    if let Err(error) = cache.record_failure(pipeline, &report.name, record) {
+        events.event(ExecEvent::StageNote {
+            stage: report.name.clone(),
+            message: format!("cannot update the failure record: {error}"),
+        });
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -28,6 +28,8 @@ struct World {
     /// Stages named `meet…` that met another `meet…` stage running at the same time.
     met: Mutex<Vec<String>>,
     meeting: AtomicUsize,
+    /// Stages named `flaky…` fail while this is set.
+    flaky: AtomicBool,
 }
 
 /// Stage, fingerprint digest, checkpoint dir, resume.
@@ -103,6 +105,9 @@ impl FakeStage<'_> {
         if self.name.starts_with("bad") {
             std::fs::write(ctx.out_dir.join("half.txt"), "half")?;
             return Err(StageError::user("bad input row 3"));
+        }
+        if self.name.starts_with("flaky") && self.world.flaky.load(Ordering::SeqCst) {
+            return Err(StageError::user("flaky failure\nsecond line"));
         }
         if self.name.starts_with("panicky") {
             panic!("index out of range");
@@ -489,6 +494,43 @@ stages:
     // Still dirty, still never run.
     let plan = plan::plan_only(&pipeline, &settings).unwrap();
     assert!(!plan.stages[0].freshness.is_fresh());
+}
+
+#[test]
+fn a_failed_run_is_remembered_for_its_fingerprint_until_the_stage_succeeds() {
+    let setup = Setup::new();
+    let world = World::default();
+    world.flaky.store(true, Ordering::SeqCst);
+    let yaml = "
+stages:
+  flaky: {ingest: {path: a}}
+  prompts: {template: {input: flaky}}
+";
+    let pipeline = setup.pipeline(yaml);
+    let settings = setup.settings(&pipeline);
+    assert!(run(&world, &pipeline, &settings).failed());
+
+    let plan = plan::plan_only(&pipeline, &settings).unwrap();
+    let failure = plan.stages[0].last_failure.as_ref().expect("remembered");
+    assert_eq!(failure.error, "flaky failure\nsecond line");
+    assert_eq!(failure.fingerprint, plan.stages[0].fingerprint.digest());
+    assert!(
+        plan.stages[1].last_failure.is_none(),
+        "a stage that was skipped did not fail"
+    );
+    // Other inputs: that failure was another configuration's.
+    let other = setup.pipeline(&yaml.replace("path: a", "path: b"));
+    assert!(plan::plan_only(&other, &settings).unwrap().stages[0]
+        .last_failure
+        .is_none());
+
+    world.flaky.store(false, Ordering::SeqCst);
+    assert!(!run(&world, &pipeline, &settings).failed());
+    let plan = plan::plan_only(&pipeline, &settings).unwrap();
+    assert!(plan.all_fresh());
+    assert!(plan.stages[0].last_failure.is_none());
+    let cache = crate::cache::Cache::open(&settings.cache_dir).unwrap();
+    assert!(cache.read_failures("test").stages.is_empty(), "forgotten");
 }
 
 #[test]
