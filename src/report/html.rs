@@ -543,7 +543,9 @@ fn evaluation_section(input: &ReportInput) -> String {
         if let Some(comparison) = metrics.get("comparison") {
             html.push_str(&comparison_table(comparison));
             if metrics.get("adapted").is_none() {
-                // No single base-vs-adapted pair: the comparison is the whole story.
+                // No single base-vs-adapted pair: the comparison and the samples are the
+                // whole story.
+                html.push_str(&samples_table(metrics));
                 continue;
             }
         }
@@ -606,30 +608,54 @@ fn evaluation_section(input: &ReportInput) -> String {
                 html.push_str(&bar_chart(figure, &bars));
             }
         }
-        if let Some(samples) = metrics.get("samples").and_then(|v| v.as_array()) {
-            if !samples.is_empty() {
-                html.push_str(
-                    "<h3>Samples</h3>\n<table>\n<tr><th>prompt</th><th>reference</th>\
-                     <th>base</th><th>adapted</th></tr>\n",
-                );
-                for sample in samples {
-                    let cell = |name: &str| {
-                        escape(sample.get(name).and_then(|v| v.as_str()).unwrap_or(""))
-                    };
-                    let _ = writeln!(
-                        html,
-                        "<tr><td><pre>{}</pre></td><td><pre>{}</pre></td><td><pre>{}</pre></td>\
-                         <td><pre>{}</pre></td></tr>",
-                        cell("prompt"),
-                        cell("reference"),
-                        cell("base"),
-                        cell("adapted")
-                    );
-                }
-                html.push_str("</table>\n");
-            }
-        }
+        html.push_str(&samples_table(metrics));
     }
+    html
+}
+
+/// The sample generations of metrics.json: `prompt`, `reference` and `base`/`adapted` per row,
+/// or (an evaluate stage without one `model`) `outputs` by model name, base first.
+fn samples_table(metrics: &serde_json::Value) -> String {
+    let Some(samples) = metrics
+        .get("samples")
+        .and_then(|v| v.as_array())
+        .filter(|samples| !samples.is_empty())
+    else {
+        return String::new();
+    };
+    let models: Vec<String> = match samples[0].get("outputs").and_then(|v| v.as_object()) {
+        Some(outputs) => {
+            let mut names: Vec<String> = outputs.keys().cloned().collect();
+            names.sort_by_key(|name| name != "base");
+            names
+        }
+        None => vec!["base".into(), "adapted".into()],
+    };
+    let mut html = String::from("<h3>Samples</h3>\n<table>\n<tr><th>prompt</th><th>reference</th>");
+    for model in &models {
+        let _ = write!(html, "<th>{}</th>", escape(model));
+    }
+    html.push_str("</tr>\n");
+    for sample in samples {
+        let text = |value: Option<&serde_json::Value>| {
+            escape(value.and_then(|v| v.as_str()).unwrap_or(""))
+        };
+        let _ = write!(
+            html,
+            "<tr><td><pre>{}</pre></td><td><pre>{}</pre></td>",
+            text(sample.get("prompt")),
+            text(sample.get("reference"))
+        );
+        for model in &models {
+            let value = match sample.get("outputs") {
+                Some(outputs) => outputs.get(model),
+                None => sample.get(model),
+            };
+            let _ = write!(html, "<td><pre>{}</pre></td>", text(value));
+        }
+        html.push_str("</tr>\n");
+    }
+    html.push_str("</table>\n");
     html
 }
 

@@ -860,7 +860,7 @@ fn few_shot_rows(
 }
 
 /// `metrics.json` when no single `model` is named: the base model's metrics and every
-/// candidate's, by candidate name.
+/// candidate's, by candidate name, and the sample generations of all of them per row.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct CandidatesMetricsFile {
     pub split: String,
@@ -868,6 +868,54 @@ pub struct CandidatesMetricsFile {
     pub truncated_rows: usize,
     pub base: ModelMetrics,
     pub candidates: BTreeMap<String, ModelMetrics>,
+    pub samples: Vec<CandidatesSample>,
+}
+
+/// One sample row of [`CandidatesMetricsFile`]: what the base and each candidate generated.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct CandidatesSample {
+    pub prompt: String,
+    pub reference: String,
+    /// `base` and each candidate's name → its generation.
+    pub outputs: BTreeMap<String, String>,
+}
+
+impl CandidatesMetricsFile {
+    pub fn new(
+        config: &EvaluateConfig,
+        plan: &EvalPlan,
+        base: ModelMetrics,
+        candidates: BTreeMap<String, ModelMetrics>,
+    ) -> Self {
+        let samples = plan
+            .samples
+            .iter()
+            .enumerate()
+            .map(|(index, sample)| {
+                let mut outputs = BTreeMap::new();
+                let generated = |metrics: &ModelMetrics| {
+                    metrics.samples.get(index).cloned().unwrap_or_default()
+                };
+                outputs.insert("base".to_string(), generated(&base));
+                for (name, metrics) in &candidates {
+                    outputs.insert(name.clone(), generated(metrics));
+                }
+                CandidatesSample {
+                    prompt: sample.prompt.clone(),
+                    reference: sample.reference.clone(),
+                    outputs,
+                }
+            })
+            .collect();
+        CandidatesMetricsFile {
+            split: config.split.clone(),
+            rows: plan.rows,
+            truncated_rows: plan.truncated_rows,
+            base,
+            candidates,
+            samples,
+        }
+    }
 }
 
 /// The 4-bit base an evaluate stage's `base_quantization` asks for over the model at
@@ -1148,13 +1196,7 @@ impl Stage for EvaluateStage {
                     summary.insert(format!("base_{name}"), Value::from(value));
                 }
                 summary.insert("rows".into(), Value::from(plan.rows));
-                let file = CandidatesMetricsFile {
-                    split: config.split.clone(),
-                    rows: plan.rows,
-                    truncated_rows: plan.truncated_rows,
-                    base: base_metrics,
-                    candidates,
-                };
+                let file = CandidatesMetricsFile::new(config, &plan, base_metrics, candidates);
                 write_json_atomic(&ctx.out_dir.join("metrics.json"), &file)?;
                 summary
             }
@@ -1494,6 +1536,31 @@ mod tests {
         assert_eq!(sum.confusion["1"]["1"], 1);
         let mean = accuracy_of(&candidates, &scores, &labels, CandidateScore::Mean);
         assert_eq!((mean.correct, mean.accuracy), (2, 1.0));
+    }
+
+    #[test]
+    fn candidates_metrics_file_keeps_every_models_samples() {
+        let config = config("{ base_model: m, data: p, samples: 1 }");
+        let rows = rows(&["ab"], &["c"]);
+        let plan = EvalPlan::new(&config, &rows, &LetterCodec, 64, true).unwrap();
+        let with = |text: &str| ModelMetrics {
+            loss: Some(1.0),
+            samples: vec![text.into()],
+            ..ModelMetrics::default()
+        };
+        let candidates = BTreeMap::from([
+            ("r8".to_string(), with("c")),
+            ("few-shot k=2".to_string(), with("d")),
+        ]);
+        let file = CandidatesMetricsFile::new(&config, &plan, with("x"), candidates);
+        let json = serde_json::to_value(&file).unwrap();
+        assert_eq!(json["samples"][0]["prompt"], "ab");
+        assert_eq!(json["samples"][0]["reference"], "c");
+        assert_eq!(
+            json["samples"][0]["outputs"],
+            serde_json::json!({"base": "x", "r8": "c", "few-shot k=2": "d"})
+        );
+        assert_eq!(json["candidates"]["r8"]["loss"], 1.0);
     }
 
     #[test]

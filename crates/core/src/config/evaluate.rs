@@ -70,8 +70,9 @@ pub struct EvaluateConfig {
     /// Which metrics to compute.
     #[serde(default)]
     pub metrics: MetricsConfig,
-    /// Number of sample generations (greedy) to show for the base and the adapted model,
-    /// taken from the first rows of the split.
+    /// Number of sample generations (greedy) to show for the base and the adapted model (for
+    /// the base and every candidate when no single `model` is named), taken from the first rows
+    /// of the split.
     #[serde(default = "default_samples")]
     #[schemars(default = "default_samples")]
     pub samples: usize,
