@@ -11,7 +11,7 @@ use std::path::Path;
 
 use crate::config::chat_template::ChatTemplateSource;
 use crate::config::ingest::InputFormat;
-use crate::config::probe::{LinearLayerShape, ModelFacts, Probe, Stored4bit};
+use crate::config::probe::{LinearLayerShape, ModelContext, ModelFacts, Probe, Stored4bit};
 use crate::data::chat::ChatTemplate;
 use crate::data::source::peek_columns;
 use crate::data::tokenize::TextTokenizer;
@@ -58,6 +58,13 @@ fn check_model_dir(dir: &Path) -> ModelFacts {
         }
     };
     facts.model_type = Some(model.config().model_type().to_string());
+    let config = model.config();
+    facts.context = Some(ModelContext {
+        max_positions: config.max_positions(),
+        positions_key: config.max_positions_key().to_string(),
+        num_layers: config.num_layers(),
+        kv_dim: config.kv_dim(),
+    });
     facts.stored_4bit = model.stored_quantization().map(|stored| Stored4bit {
         config_path: model.config_path().display().to_string(),
         quant_type: stored.quant_type.name().to_string(),

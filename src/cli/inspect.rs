@@ -333,6 +333,16 @@ pub fn method_shape(method: &MethodConfig, config: &ModelConfig) -> Result<Metho
         .collect();
     let mut problems = Vec::new();
     method.check_against_model("--method", model_type, &layers, &mut problems);
+    method.check_against_context(
+        "--method",
+        &crate::config::probe::ModelContext {
+            max_positions: config.max_positions(),
+            positions_key: config.max_positions_key().to_string(),
+            num_layers: config.num_layers(),
+            kv_dim: config.kv_dim(),
+        },
+        &mut problems,
+    );
     first_problem(problems)?;
     Ok(match method {
         MethodConfig::Lora(lora) => MethodShape::Lora {

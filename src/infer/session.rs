@@ -75,6 +75,15 @@ impl InferenceModel {
                 .map_err(|e| format!("{}: {e}", adapter_dir.unwrap_or(model_dir).display()))?,
             None => Hooks::none(),
         };
+        let positions = dir.config().max_positions();
+        if hooks.virtual_positions() >= positions {
+            return Err(format!(
+                "{}: the adapter's {} virtual tokens take all of the model's {positions} positions (config.json `{}`), leaving none for the text",
+                adapter_dir.unwrap_or(model_dir).display(),
+                hooks.virtual_positions(),
+                dir.config().max_positions_key()
+            ));
+        }
         Ok(InferenceModel {
             dir,
             model,
@@ -92,9 +101,14 @@ impl InferenceModel {
         }
     }
 
-    /// Longest sequence the model takes.
+    /// Longest sequence of real tokens the model takes: its context less the positions the
+    /// adapter's virtual tokens take (at least one, checked when it loads).
     pub fn max_length(&self) -> usize {
-        self.dir.config().max_positions()
+        self.dir
+            .config()
+            .max_positions()
+            .saturating_sub(self.hooks.virtual_positions())
+            .max(1)
     }
 }
 

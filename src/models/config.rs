@@ -530,6 +530,14 @@ impl ModelConfig {
         }
     }
 
+    /// The config.json key of [`ModelConfig::max_positions`].
+    pub fn max_positions_key(&self) -> &'static str {
+        match self {
+            Self::Llama(_) => "max_position_embeddings",
+            Self::Gpt2(_) => "n_positions",
+        }
+    }
+
     pub fn tie_word_embeddings(&self) -> bool {
         match self {
             Self::Llama(config) => config.tie_word_embeddings,

@@ -352,6 +352,23 @@ impl Hooks {
     pub fn none() -> Self {
         Self::default()
     }
+
+    /// Positions of the context the virtual tokens take before the real ones (prompt tuning's
+    /// prepended embeddings, prefix tuning's keys and values).
+    pub fn virtual_positions(&self) -> usize {
+        let prompt = self
+            .input_prefix
+            .as_ref()
+            .and_then(|prefix| prefix.dim(1).ok())
+            .unwrap_or(0);
+        let prefix = self
+            .layer_prefix
+            .as_ref()
+            .and_then(|layers| layers.first())
+            .and_then(|(key, _)| key.dim(2).ok())
+            .unwrap_or(0);
+        prompt + prefix
+    }
 }
 
 /// Keys and values of the positions seen so far, per layer, for incremental generation.

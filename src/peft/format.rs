@@ -125,6 +125,19 @@ pub fn peft_type(config: &Value) -> Option<&str> {
     config.get("peft_type").and_then(Value::as_str)
 }
 
+/// Positions of the model's context an adapter's virtual tokens take before the text (prompt
+/// and prefix tuning's `num_virtual_tokens`; 0 for every other method).
+pub fn virtual_positions(config: &Value) -> usize {
+    match peft_type(config) {
+        Some("PROMPT_TUNING" | "PREFIX_TUNING" | "P_TUNING") => config
+            .get("num_virtual_tokens")
+            .and_then(Value::as_u64)
+            .and_then(|n| usize::try_from(n).ok())
+            .unwrap_or(0),
+        _ => 0,
+    }
+}
+
 /// Read and parse `adapter_config.json`.
 pub fn read_adapter_config(dir: &Path) -> Result<Value, PeftError> {
     let path = dir.join(ADAPTER_CONFIG);

@@ -1043,13 +1043,27 @@ impl Stage for EvaluateStage {
         };
 
         let base = load(None, base_quantization.as_ref())?;
-        let plan = EvalPlan::new(
-            config,
-            &rows,
-            &base.tokenizer,
-            base.max_length(),
-            config.add_eos,
-        )?;
+        // Every model is scored on the same tokens: those that fit the context left after the
+        // most virtual tokens any candidate prepends (prompt and prefix tuning).
+        let reserved = adapter_stages
+            .iter()
+            .map(|stage| ctx.upstream_dir(stage).map(|dir| dir.join("adapter")))
+            .collect::<Result<Vec<_>, _>>()?
+            .into_iter()
+            .chain(
+                config
+                    .external_candidates()
+                    .into_iter()
+                    .filter_map(|(_, written)| {
+                        crate::config::hub::resolve_adapter_dir(ctx.project_dir, written).ok()
+                    }),
+            )
+            .filter_map(|dir| crate::peft::read_adapter_config(&dir).ok())
+            .map(|adapter_config| crate::peft::format::virtual_positions(&adapter_config))
+            .max()
+            .unwrap_or(0);
+        let max_length = base.max_length().saturating_sub(reserved).max(1);
+        let plan = EvalPlan::new(config, &rows, &base.tokenizer, max_length, config.add_eos)?;
         if plan.truncated_rows > 0 {
             ctx.progress.note(format!(
                 "{} of {} rows had prompt tokens dropped on the left to fit {} tokens",
@@ -1102,7 +1116,7 @@ impl Stage for EvaluateStage {
                     config,
                     &shot_rows,
                     &base.tokenizer,
-                    base.max_length(),
+                    max_length,
                     config.add_eos,
                 )?;
                 if shot_plan.truncated_rows > 0 {

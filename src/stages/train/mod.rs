@@ -464,7 +464,17 @@ pub fn train_job(
     let model_root = resolve_model_dir(&job.project_dir, &config.model).map_err(user)?;
     let model_dir = ModelDir::open(&model_root).map_err(|error| user(error.to_string()))?;
     let tokenizer = TextTokenizer::from_model_dir(&model_root).map_err(user)?;
-    let max_length = config.max_seq_len.min(model_dir.config().max_positions());
+    // The method's virtual tokens take positions before the text (validation refuses them
+    // when they take all of them).
+    let positions = model_dir.config().max_positions();
+    let virtual_positions = config.method.virtual_positions();
+    if virtual_positions >= positions {
+        return Err(user(format!(
+            "{virtual_positions} virtual tokens take all of the model's {positions} positions (config.json `{}`), leaving none for the text",
+            model_dir.config().max_positions_key()
+        )));
+    }
+    let max_length = config.max_seq_len.min(positions - virtual_positions);
 
     // Data.
     let data_path = job.upstream_dir.join(format!("{}.parquet", config.split));

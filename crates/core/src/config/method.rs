@@ -12,7 +12,7 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use std::borrow::Cow;
 
 pub use super::auxiliary::TrainableTokenIndices;
-use super::probe::LinearLayerShape;
+use super::probe::{LinearLayerShape, ModelContext};
 use super::target_modules::TargetModules;
 use super::Problem;
 
@@ -622,6 +622,82 @@ impl MethodConfig {
         }
     }
 
+    /// Positions of the model's context the method's virtual tokens take: prompt tuning's
+    /// embeddings are prepended to the input, prefix tuning's keys and values are PEFT's
+    /// `past_key_values`, so the real tokens' positions start after them. LLaMA-Adapter's
+    /// adaption prompt has an attention of its own and takes none.
+    pub fn virtual_positions(&self) -> usize {
+        match self {
+            MethodConfig::PromptTuning(prompt) => prompt.num_virtual_tokens,
+            MethodConfig::PrefixTuning(prefix) => prefix.num_virtual_tokens,
+            _ => 0,
+        }
+    }
+
+    /// Checks of the prompt methods' sizes against the model's context: virtual tokens must
+    /// leave the text at least one position, an adaption prompt is no longer than the context,
+    /// and a prefix encoder is no wider than the prefix it produces (2 · layers · kv_dim values
+    /// per position). Without them a typo (`num_virtual_tokens: 100000000`) passes validation and
+    /// the run dies allocating, or fails after training.
+    pub fn check_against_context(
+        &self,
+        at: &str,
+        context: &ModelContext,
+        problems: &mut Vec<Problem>,
+    ) {
+        let problem =
+            |key: &str, message: String| Problem::new(format!("{at}.{key}"), message).about_value();
+        let positions = context.max_positions;
+        let key = &context.positions_key;
+        let virtual_tokens = self.virtual_positions();
+        if virtual_tokens >= positions {
+            problems.push(
+                problem(
+                    &format!("method.{}.num_virtual_tokens", self.name()),
+                    format!(
+                        "{virtual_tokens} virtual tokens take all of the model's {positions} positions (config.json `{key}`), leaving none for the text"
+                    ),
+                )
+                .with_hint(format!(
+                    "virtual tokens come before the text in the same context: use well under {positions}"
+                )),
+            );
+        }
+        match self {
+            MethodConfig::LlamaAdapter(adapter) if adapter.adapter_len > positions => {
+                problems.push(problem(
+                    "method.llama_adapter.adapter_len",
+                    format!(
+                        "an adaption prompt of {} positions is longer than the model's context of {positions} (config.json `{key}`)",
+                        adapter.adapter_len
+                    ),
+                ));
+            }
+            MethodConfig::PrefixTuning(prefix) if prefix.prefix_projection => {
+                let produced = context
+                    .num_layers
+                    .saturating_mul(2)
+                    .saturating_mul(context.kv_dim);
+                if let Some(width) = prefix.encoder_hidden_size.filter(|&width| width > produced) {
+                    problems.push(
+                        problem(
+                            "method.prefix_tuning.encoder_hidden_size",
+                            format!(
+                                "{width} is wider than the {produced} values per position the encoder produces (2 × {} layers × {} key/value width)",
+                                context.num_layers, context.kv_dim
+                            ),
+                        )
+                        .with_hint(format!(
+                            "PEFT's default is the key/value width, {}",
+                            context.kv_dim
+                        )),
+                    );
+                }
+            }
+            _ => {}
+        }
+    }
+
     /// Checks on the values alone; keys are reported under `{at}.method.<name>.<field>`.
     pub fn check(&self, at: &str, problems: &mut Vec<Problem>) {
         let problem =
@@ -1130,5 +1206,49 @@ mod tests {
             &mut problems,
         );
         assert_eq!(problems.len(), 1);
+    }
+
+    #[test]
+    fn prompt_methods_must_fit_the_models_context() {
+        let context = ModelContext {
+            max_positions: 128,
+            positions_key: "n_positions".to_string(),
+            num_layers: 2,
+            kv_dim: 64,
+        };
+        let problems_of = |yaml: &str| {
+            let mut problems = Vec::new();
+            parse(yaml).check_against_context("stages.train", &context, &mut problems);
+            problems
+                .iter()
+                .map(|problem| problem.path.clone())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            problems_of("prompt_tuning: {num_virtual_tokens: 128}"),
+            ["stages.train.method.prompt_tuning.num_virtual_tokens"]
+        );
+        assert!(problems_of("prompt_tuning: {num_virtual_tokens: 127}").is_empty());
+        assert_eq!(
+            problems_of("prefix_tuning: {num_virtual_tokens: 100000000}"),
+            ["stages.train.method.prefix_tuning.num_virtual_tokens"]
+        );
+        assert_eq!(
+            problems_of("llama_adapter: {adapter_len: 129}"),
+            ["stages.train.method.llama_adapter.adapter_len"]
+        );
+        assert!(problems_of("llama_adapter: {adapter_len: 128}").is_empty());
+        // The encoder produces 2 × 2 × 64 = 256 values per position.
+        assert_eq!(
+            problems_of(
+                "prefix_tuning: {num_virtual_tokens: 8, prefix_projection: true, encoder_hidden_size: 257}"
+            ),
+            ["stages.train.method.prefix_tuning.encoder_hidden_size"]
+        );
+        assert!(problems_of(
+            "prefix_tuning: {num_virtual_tokens: 8, prefix_projection: true, encoder_hidden_size: 256}"
+        )
+        .is_empty());
+        assert!(problems_of("lora: {r: 8}").is_empty());
     }
 }

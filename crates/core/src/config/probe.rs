@@ -51,6 +51,23 @@ pub struct ModelFacts {
     pub problems: Vec<String>,
     /// The model is saved in bitsandbytes 4-bit (`None`: 16 or 32 bits).
     pub stored_4bit: Option<Stored4bit>,
+    /// The sizes the virtual-token methods are bounded by, once config.json has been read.
+    pub context: Option<ModelContext>,
+}
+
+/// A model's context length and the widths prompt/prefix methods depend on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ModelContext {
+    /// Positions the model takes (GPT-2's learned `n_positions`, a Llama's
+    /// `max_position_embeddings`).
+    pub max_positions: usize,
+    /// The config.json key that says so, for messages.
+    pub positions_key: String,
+    /// Decoder layers.
+    pub num_layers: usize,
+    /// Width of one position's keys (or values): head_dim · key/value heads (PEFT's prefix
+    /// `token_dim`).
+    pub kv_dim: usize,
 }
 
 /// The questions semantic checks ask (see the module docs). Errors are messages for the user that
@@ -112,6 +129,12 @@ impl Probe for TestProbe {
             has_eos: Some(true),
             problems: Vec::new(),
             stored_4bit: None,
+            context: Some(ModelContext {
+                max_positions: 2048,
+                positions_key: "max_position_embeddings".to_string(),
+                num_layers: 1,
+                kv_dim: 64,
+            }),
         }
     }
 }

@@ -86,7 +86,8 @@ pub struct TrainConfig {
     /// Stop after this many optimizer steps (cycling through epochs as needed); overrides `epochs`.
     #[serde(default)]
     pub max_steps: Option<u64>,
-    /// Maximum tokens per example (prompt + completion, special tokens included).
+    /// Maximum tokens per example (prompt + completion, special tokens included), capped by
+    /// the model's context less the method's virtual tokens (prompt and prefix tuning).
     #[serde(default = "default_max_seq_len")]
     pub max_seq_len: usize,
     /// What to do with an example longer than `max_seq_len`.
@@ -674,6 +675,9 @@ impl StageSpec for TrainConfig {
                 layers,
                 problems,
             );
+        }
+        if let Some(context) = &facts.context {
+            self.method.check_against_context(at, context, problems);
         }
     }
 
