@@ -5,7 +5,6 @@
 use std::collections::HashSet;
 
 use arrow::array::{Array, ArrayRef, BooleanArray, RecordBatch, StringArray};
-use arrow::compute::kernels::cmp;
 use arrow::datatypes::DataType;
 
 use crate::config::ingest::RowFilter;
@@ -16,8 +15,9 @@ use crate::stages::StageError;
 enum Compiled {
     IsNull,
     NotNull,
-    Equals(String, bool),
-    InSet(HashSet<String>),
+    /// Keep rows whose value is one of `values` (`true`: equals, in_set) or, non-null, none of
+    /// them (`false`: not_equals).
+    Match(Values, bool),
     Length(Option<u64>, Option<u64>),
 }
 
@@ -39,33 +39,103 @@ pub struct FilterOutcome {
     pub dropped_by_nulls: u64,
 }
 
-/// The text form of a scalar JSON value, checked against the column's type.
-fn text_value(
-    value: &serde_json::Value,
+/// Comparison values in the column's own terms: integers for an integer column, numbers for a
+/// floating-point or decimal one (so `1.0` is the integer 1, `"3.00"` is 3.0), text otherwise.
+#[derive(Debug)]
+enum Values {
+    Text(HashSet<String>),
+    Integers(HashSet<i64>),
+    Numbers(Vec<f64>),
+}
+
+/// A scalar JSON value as a number, if it is one or a string that reads as one.
+fn number_of(value: &serde_json::Value) -> Option<f64> {
+    match value {
+        serde_json::Value::Number(number) => number.as_f64(),
+        serde_json::Value::String(text) => text.trim().parse::<f64>().ok(),
+        _ => None,
+    }
+}
+
+/// The comparison values of a filter on `column` of `data_type`, checked against the type.
+fn values_for(
+    written: &[&serde_json::Value],
     column: &str,
     data_type: &DataType,
-) -> Result<String, String> {
-    let numeric = data_type.is_numeric();
-    match value {
-        serde_json::Value::String(text) => {
-            if numeric && text.parse::<f64>().is_err() {
-                return Err(format!(
-                    "column `{column}` is {data_type} but the filter compares it with the string {value}"
-                ));
+) -> Result<Values, String> {
+    let not_scalar = |other: &serde_json::Value| {
+        format!("filter on `{column}` compares with {other}; use a string, number or boolean")
+    };
+    if data_type.is_integer() {
+        let mut integers = HashSet::new();
+        for value in written {
+            if !matches!(
+                value,
+                serde_json::Value::Number(_) | serde_json::Value::String(_)
+            ) {
+                return Err(not_scalar(value));
             }
-            if *data_type == DataType::Boolean && text != "true" && text != "false" {
-                return Err(format!(
-                    "column `{column}` is Boolean but the filter compares it with the string {value}"
-                ));
+            let integer = match value {
+                serde_json::Value::Number(number) if number.as_i64().is_some() => number.as_i64(),
+                serde_json::Value::String(text) if text.trim().parse::<i64>().is_ok() => {
+                    text.trim().parse::<i64>().ok()
+                }
+                _ => number_of(value)
+                    .filter(|number| number.fract() == 0.0 && number.abs() < 9.0e15)
+                    .map(|number| number as i64),
+            };
+            match integer {
+                Some(integer) => {
+                    integers.insert(integer);
+                }
+                None => {
+                    return Err(format!(
+                        "column `{column}` is {data_type} but the filter compares it with {value}, which no integer equals"
+                    ))
+                }
             }
-            Ok(text.clone())
         }
-        serde_json::Value::Number(number) => Ok(number.to_string()),
-        serde_json::Value::Bool(flag) => Ok(flag.to_string()),
-        other => Err(format!(
-            "filter on `{column}` compares with {other}; use a string, number or boolean"
-        )),
+        return Ok(Values::Integers(integers));
     }
+    if data_type.is_numeric() {
+        let mut numbers = Vec::with_capacity(written.len());
+        for value in written {
+            match number_of(value) {
+                Some(number) if !number.is_nan() => numbers.push(number),
+                _ if !matches!(
+                    value,
+                    serde_json::Value::Number(_) | serde_json::Value::String(_)
+                ) =>
+                {
+                    return Err(not_scalar(value))
+                }
+                _ => {
+                    return Err(format!(
+                        "column `{column}` is {data_type} but the filter compares it with {value}, which is not a number"
+                    ))
+                }
+            }
+        }
+        return Ok(Values::Numbers(numbers));
+    }
+    let mut texts = HashSet::new();
+    for value in written {
+        let text = match value {
+            serde_json::Value::String(text) => {
+                if *data_type == DataType::Boolean && text != "true" && text != "false" {
+                    return Err(format!(
+                        "column `{column}` is Boolean but the filter compares it with the string {value}"
+                    ));
+                }
+                text.clone()
+            }
+            serde_json::Value::Number(number) => number.to_string(),
+            serde_json::Value::Bool(flag) => flag.to_string(),
+            other => return Err(not_scalar(other)),
+        };
+        texts.insert(text);
+    }
+    Ok(Values::Text(texts))
 }
 
 impl RowFilters {
@@ -91,20 +161,18 @@ impl RowFilters {
             let prepared = match filter {
                 RowFilter::IsNull(_) => Compiled::IsNull,
                 RowFilter::NotNull(_) => Compiled::NotNull,
-                RowFilter::Equals(f) => Compiled::Equals(
-                    text_value(&f.value, name, data_type).map_err(StageError::User)?,
+                RowFilter::Equals(f) => Compiled::Match(
+                    values_for(&[&f.value], name, data_type).map_err(StageError::User)?,
                     true,
                 ),
-                RowFilter::NotEquals(f) => Compiled::Equals(
-                    text_value(&f.value, name, data_type).map_err(StageError::User)?,
+                RowFilter::NotEquals(f) => Compiled::Match(
+                    values_for(&[&f.value], name, data_type).map_err(StageError::User)?,
                     false,
                 ),
-                RowFilter::InSet(f) => Compiled::InSet(
-                    f.values
-                        .iter()
-                        .map(|v| text_value(v, name, data_type))
-                        .collect::<Result<_, _>>()
+                RowFilter::InSet(f) => Compiled::Match(
+                    values_for(&f.values.iter().collect::<Vec<_>>(), name, data_type)
                         .map_err(StageError::User)?,
+                    true,
                 ),
                 RowFilter::Length(f) => {
                     if !matches!(
@@ -183,32 +251,50 @@ pub fn as_text(column: &ArrayRef) -> Result<StringArray, String> {
 }
 
 fn evaluate(column: &ArrayRef, filter: &Compiled) -> Result<BooleanArray, String> {
-    let nulls_false = |mask: BooleanArray| {
-        if mask.null_count() > 0 {
-            BooleanArray::from_iter(mask.iter().map(|v| Some(v.unwrap_or(false))))
-        } else {
-            mask
-        }
-    };
     Ok(match filter {
         Compiled::IsNull => arrow::compute::is_null(column).map_err(|e| e.to_string())?,
         Compiled::NotNull => arrow::compute::is_not_null(column).map_err(|e| e.to_string())?,
-        Compiled::Equals(value, equal) => {
-            let text = as_text(column)?;
-            let scalar = StringArray::new_scalar(value.as_str());
-            let mask = if *equal {
-                cmp::eq(&text, &scalar)
-            } else {
-                cmp::neq(&text, &scalar)
-            }
-            .map_err(|e| e.to_string())?;
-            nulls_false(mask)
-        }
-        Compiled::InSet(values) => {
-            let text = as_text(column)?;
+        Compiled::Match(values, keep_matching) => {
+            // Whether each row's value is among `values` (`None`: null, dropped either way).
+            let found: Vec<Option<bool>> = match values {
+                Values::Text(texts) => as_text(column)?
+                    .iter()
+                    .map(|v| v.map(|v| texts.contains(v)))
+                    .collect(),
+                Values::Integers(integers) => {
+                    let cast = arrow::compute::cast(column, &DataType::Int64)
+                        .map_err(|e| e.to_string())?;
+                    let cast = cast
+                        .as_any()
+                        .downcast_ref::<arrow::array::Int64Array>()
+                        .ok_or_else(|| format!("cannot read {} as integers", column.data_type()))?
+                        .clone();
+                    // A value too large for i64 (UInt64) casts to null: compare it as text.
+                    let text = as_text(column)?;
+                    cast.iter()
+                        .zip(text.iter())
+                        .map(|(integer, text)| match (integer, text) {
+                            (Some(integer), _) => Some(integers.contains(&integer)),
+                            (None, Some(_)) => Some(false),
+                            (None, None) => None,
+                        })
+                        .collect()
+                }
+                Values::Numbers(numbers) => {
+                    let cast = arrow::compute::cast(column, &DataType::Float64)
+                        .map_err(|e| e.to_string())?;
+                    cast.as_any()
+                        .downcast_ref::<arrow::array::Float64Array>()
+                        .ok_or_else(|| format!("cannot read {} as numbers", column.data_type()))?
+                        .iter()
+                        .map(|v| v.map(|v| numbers.contains(&v)))
+                        .collect()
+                }
+            };
             BooleanArray::from_iter(
-                text.iter()
-                    .map(|v| Some(v.is_some_and(|v| values.contains(v)))),
+                found
+                    .into_iter()
+                    .map(|found| Some(found.is_some_and(|found| found == *keep_matching))),
             )
         }
         Compiled::Length(min, max) => {
@@ -333,6 +419,88 @@ mod tests {
         )
         .unwrap_err();
         assert!(error.to_string().contains("Int64"), "{error}");
+    }
+
+    fn kept(filter: RowFilter, batch: &RecordBatch) -> Vec<bool> {
+        let filters = RowFilters::compile(&[filter], false, &batch.schema()).unwrap();
+        let outcome = filters.apply(batch).unwrap();
+        outcome.keep.iter().map(|v| v.unwrap()).collect()
+    }
+
+    #[test]
+    fn numeric_columns_compare_numbers_not_their_text() {
+        use arrow::array::Float64Array;
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("label", DataType::Int64, true),
+            Field::new("score", DataType::Float64, true),
+        ]));
+        let batch = RecordBatch::try_new(
+            schema,
+            vec![
+                Arc::new(Int64Array::from(vec![Some(0), Some(1), Some(1), None])),
+                Arc::new(Float64Array::from(vec![
+                    Some(1.0),
+                    Some(2.0),
+                    Some(3.0),
+                    Some(4.5),
+                ])),
+            ],
+        )
+        .unwrap();
+        let set = |column: &str, values: serde_json::Value| {
+            RowFilter::InSet(SetFilter {
+                column: column.into(),
+                values: serde_json::from_value(values).unwrap(),
+            })
+        };
+        // `1.0` and `"1"` are the integer 1 (before: `1.0` matched no row).
+        assert_eq!(
+            kept(set("label", serde_json::json!([0, 1.0])), &batch),
+            [true, true, true, false]
+        );
+        assert_eq!(
+            kept(set("label", serde_json::json!(["1"])), &batch),
+            [false, true, true, false]
+        );
+        // `1` and `"3.00"` are the floats 1.0 and 3.0 (before: neither matched).
+        assert_eq!(
+            kept(
+                set("score", serde_json::json!([1, 2.0, "3.00", 4.5])),
+                &batch
+            ),
+            [true, true, true, true]
+        );
+        let equals = |column: &str, value: serde_json::Value, keep: bool| {
+            let filter = ValueFilter {
+                column: column.into(),
+                value,
+            };
+            if keep {
+                RowFilter::Equals(filter)
+            } else {
+                RowFilter::NotEquals(filter)
+            }
+        };
+        assert_eq!(
+            kept(equals("score", serde_json::json!(2), true), &batch),
+            [false, true, false, false]
+        );
+        // Not equal: nulls are dropped too.
+        assert_eq!(
+            kept(equals("label", serde_json::json!(1.0), false), &batch),
+            [true, false, false, false]
+        );
+        // No integer equals 1.5: a mistake, said before any row is read.
+        let error = RowFilters::compile(
+            &[equals("label", serde_json::json!(1.5), true)],
+            false,
+            &batch.schema(),
+        )
+        .unwrap_err();
+        assert!(
+            error.to_string().contains("Int64") && error.to_string().contains("1.5"),
+            "{error}"
+        );
     }
 
     #[test]

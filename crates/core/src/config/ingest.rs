@@ -103,7 +103,9 @@ pub enum RowFilter {
 pub struct ValueFilter {
     /// Column name (after renaming).
     pub column: String,
-    /// The value (string, number or boolean) compared with the column's text form.
+    /// The value (string, number or boolean). On a numeric column it is compared as a number
+    /// (`1`, `1.0` and `"1"` are the same; a fraction on an integer column is an error), on
+    /// any other column with the value's text form.
     pub value: serde_json::Value,
 }
 
@@ -113,7 +115,7 @@ pub struct ValueFilter {
 pub struct SetFilter {
     /// Column name (after renaming).
     pub column: String,
-    /// Accepted values (strings, numbers or booleans).
+    /// Accepted values (strings, numbers or booleans), compared as `equals` compares.
     pub values: Vec<serde_json::Value>,
 }
 
