@@ -36,7 +36,11 @@
 //! directory and moved into the local cache by [`Cache::store`] only when every file matched. A
 //! corrupted remote object is an error naming its key and never reaches the local cache; an
 //! interrupted pull leaves only staging leftovers that the next run clears. Run records and the
-//! lock file are written (atomically) only after the objects they name are in place.
+//! lock file are written (atomically) only after the objects they name are in place. A pulled
+//! lock entry must carry the digest of its own fingerprint components, and takes its output and
+//! figures from the run record of that fingerprint (this cache's, else the remote's): one answer
+//! per fingerprint, so an edited lock file cannot restore another stage's object as fresh. A push
+//! from a cache that lost a stage's output keeps the remote's entry for that stage.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write;
@@ -384,12 +388,14 @@ impl Remote {
         // (gc, a deleted cache folder) is left out, so the remote never names an object it
         // does not have.
         let mut objects: BTreeSet<String> = BTreeSet::new();
+        let mut skipped_stages: BTreeSet<(String, String)> = BTreeSet::new();
         for lock in locks.values_mut() {
             lock.stages.retain(|stage, entry| {
                 let present = cache.has_object(&entry.output);
                 if present {
                     objects.insert(entry.output.clone());
                 } else {
+                    skipped_stages.insert((lock.pipeline.clone(), stage.clone()));
                     report.skipped.push(format!(
                         "{}: stage `{stage}`: output {} is not in the local cache",
                         lock.pipeline,
@@ -449,10 +455,23 @@ impl Remote {
             report.run_records_copied += 1;
         }
 
-        for lock in locks.values() {
+        for lock in locks.values_mut() {
+            // A stage left out above keeps the entry the remote has for it (its object is
+            // there): a push from a cache that lost an output never takes it off the remote.
+            let key = self.lock_key(&lock.pipeline);
+            if let Some(bytes) = self.get_bytes(&key).await? {
+                if let Ok(remote_lock) = serde_json::from_slice::<LockFile>(&bytes) {
+                    if remote_lock.format == LOCK_FORMAT {
+                        for (stage, entry) in remote_lock.stages {
+                            if skipped_stages.contains(&(lock.pipeline.clone(), stage.clone())) {
+                                lock.stages.entry(stage).or_insert(entry);
+                            }
+                        }
+                    }
+                }
+            }
             let path = cache.lock_file_path(&lock.pipeline);
-            self.put_bytes(&self.lock_key(&lock.pipeline), to_json(lock, &path)?)
-                .await?;
+            self.put_bytes(&key, to_json(lock, &path)?).await?;
             report.lock_files_written += 1;
         }
         Ok(report)
@@ -463,7 +482,7 @@ impl Remote {
             remote: self.shown.clone(),
             ..SyncReport::default()
         };
-        let locks = self.remote_lock_files(scope).await?;
+        let mut locks = self.remote_lock_files(scope).await?;
         // Run records: those of the lock files' entries (from the remote when it has them, else
         // made from the entry), and with `All` every record on the remote.
         let mut records: BTreeMap<String, RunRecord> = BTreeMap::new();
@@ -471,24 +490,36 @@ impl Remote {
             records.extend(self.remote_run_records().await?);
         }
         let mut named: BTreeMap<String, (String, String)> = BTreeMap::new();
-        for (key, lock) in &locks {
-            for (stage, entry) in &lock.stages {
+        for (key, lock) in &mut locks {
+            for (stage, entry) in &mut lock.stages {
+                if !records.contains_key(&entry.fingerprint) {
+                    let record_key = self.run_record_key(&entry.fingerprint);
+                    let record = match self.get_bytes(&record_key).await? {
+                        Some(bytes) => self.parse_run_record(&record_key, &bytes)?,
+                        None => RunRecord {
+                            output: entry.output.clone(),
+                            outcome: entry.outcome.clone(),
+                            wall_time_seconds: entry.wall_time_seconds,
+                        },
+                    };
+                    records.insert(entry.fingerprint.clone(), record);
+                }
+                // One answer per fingerprint: this cache's own run record when it has one (it
+                // is never replaced), else the remote's (the first push's); a lock entry only
+                // says which fingerprint a stage last ran with. So an edited or damaged lock
+                // entry, or one pushed by a second run of the same inputs, cannot disagree
+                // with the record `status` and `run` will find.
+                let record = cache
+                    .run_record(&entry.fingerprint)
+                    .or_else(|| records.get(&entry.fingerprint).cloned());
+                if let Some(record) = record {
+                    entry.output = record.output;
+                    entry.outcome = record.outcome;
+                    entry.wall_time_seconds = record.wall_time_seconds;
+                }
                 named
                     .entry(entry.output.clone())
                     .or_insert_with(|| (key.clone(), stage.clone()));
-                if records.contains_key(&entry.fingerprint) {
-                    continue;
-                }
-                let record_key = self.run_record_key(&entry.fingerprint);
-                let record = match self.get_bytes(&record_key).await? {
-                    Some(bytes) => self.parse_run_record(&record_key, &bytes)?,
-                    None => RunRecord {
-                        output: entry.output.clone(),
-                        outcome: entry.outcome.clone(),
-                        wall_time_seconds: entry.wall_time_seconds,
-                    },
-                };
-                records.insert(entry.fingerprint.clone(), record);
             }
         }
         let mut objects: BTreeSet<String> = named.keys().cloned().collect();
@@ -703,6 +734,22 @@ impl Remote {
                     remote: self.shown.clone(),
                     key: self.show_key(&key),
                     detail: "a stage names an output or fingerprint that is not a digest".into(),
+                });
+            }
+            // A fingerprint is the digest of the components beside it: an entry whose two
+            // disagree was edited or damaged, and would be restored as fresh under either.
+            if let Some(stage) = lock
+                .stages
+                .iter()
+                .find(|(_, entry)| entry.components.digest() != entry.fingerprint)
+                .map(|(stage, _)| stage)
+            {
+                return Err(RemoteError::Corrupted {
+                    remote: self.shown.clone(),
+                    key: self.show_key(&key),
+                    detail: format!(
+                        "stage `{stage}`'s fingerprint is not the digest of its recorded components"
+                    ),
                 });
             }
             locks.insert(self.show_key(&key), lock);
@@ -1100,6 +1147,94 @@ mod tests {
             "{error}"
         );
         assert!(!fresh.has_object(&digest));
+    }
+
+    #[test]
+    fn a_pulled_lock_entry_takes_its_output_and_figures_from_the_run_record() {
+        let dir = tempfile::tempdir().unwrap();
+        let (cache, digest) = cache_with_stage(&dir.path().join("a"), &[("x.txt", "one")]);
+        let remote = Remote::open("remote", dir.path()).unwrap();
+        remote.push(&cache, &pipeline()).unwrap();
+        // The fresh cache holds another object; the remote's lock is edited to name it, and
+        // its figures are edited too (a damaged or hand-edited lock file).
+        let fresh = Cache::open(&dir.path().join("b")).unwrap();
+        let staging = fresh.staging_dir("t").unwrap();
+        std::fs::create_dir_all(staging.join("data")).unwrap();
+        std::fs::write(staging.join("data/other.txt"), "other").unwrap();
+        let (other, _) = fresh.store(&staging).unwrap();
+        let lock_path = dir.path().join("remote/locks/p.lock.json");
+        let text = std::fs::read_to_string(&lock_path).unwrap();
+        tamper(
+            &lock_path,
+            text.replace(&digest, &other)
+                .replace("\"rows\": 3", "\"rows\": 4")
+                .as_bytes(),
+        );
+        remote.pull(&fresh, &pipeline()).unwrap();
+        let entry = &fresh.read_lock_file("p").unwrap().stages["data"];
+        assert_eq!(entry.output, digest, "the run record's output");
+        assert_eq!(entry.outcome["rows"], 3);
+        assert!(fresh.verify_object(&digest).unwrap().is_ok());
+
+        // A fingerprint that is not its components' digest is refused.
+        let edited = text.replace("\"stage\": \"data\"", "\"stage\": \"date\"");
+        assert_ne!(edited, text);
+        tamper(&lock_path, edited.as_bytes());
+        let other_cache = Cache::open(&dir.path().join("c")).unwrap();
+        let error = remote
+            .pull(&other_cache, &pipeline())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("p.lock.json` is corrupted") && error.contains("`data`"),
+            "{error}"
+        );
+        assert!(other_cache.read_lock_file("p").unwrap().stages.is_empty());
+    }
+
+    #[test]
+    fn a_push_that_lacks_a_stages_output_keeps_the_remotes_entry_for_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let (cache, digest) = cache_with_stage(&dir.path().join("a"), &[("x.txt", "one")]);
+        // A second stage, `prompts`, with its own object.
+        let staging = cache.staging_dir("t").unwrap();
+        std::fs::create_dir_all(staging.join("data")).unwrap();
+        std::fs::write(staging.join("data/p.txt"), "prompts").unwrap();
+        let (prompts, _) = cache.store(&staging).unwrap();
+        let mut lock = cache.read_lock_file("p").unwrap();
+        let mut entry = lock.stages["data"].clone();
+        entry.components.stage = "prompts".into();
+        entry.fingerprint = entry.components.digest();
+        entry.output = prompts.clone();
+        cache
+            .put_run_record(
+                &entry.fingerprint,
+                &RunRecord {
+                    output: prompts.clone(),
+                    outcome: entry.outcome.clone(),
+                    wall_time_seconds: 1.0,
+                },
+            )
+            .unwrap();
+        lock.stages.insert("prompts".into(), entry);
+        cache.write_lock_file(&lock).unwrap();
+        let remote = Remote::open("remote", dir.path()).unwrap();
+        remote.push(&cache, &pipeline()).unwrap();
+
+        // The local cache loses `prompts`' object (gc, a deleted folder), then pushes again.
+        std::fs::remove_dir_all(cache.object_dir(&prompts)).unwrap();
+        let pushed = remote.push(&cache, &pipeline()).unwrap();
+        assert_eq!(pushed.skipped.len(), 1, "{pushed:?}");
+        let fresh = Cache::open(&dir.path().join("b")).unwrap();
+        remote.pull(&fresh, &pipeline()).unwrap();
+        let pulled = fresh.read_lock_file("p").unwrap();
+        assert_eq!(
+            pulled.stages.keys().collect::<Vec<_>>(),
+            ["data", "prompts"],
+            "the remote still has `prompts`"
+        );
+        assert_eq!(pulled.stages["prompts"].output, prompts);
+        assert_eq!(pulled.stages["data"].output, digest);
     }
 
     #[test]
