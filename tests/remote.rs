@@ -157,7 +157,7 @@ fn a_corrupted_remote_object_is_refused_by_name_and_never_cached() {
         format!(
             "error: remote `{remote_arg}`: `objects/{}/[HASH]/data/{name}` is corrupted: its \
              content does not match its blake3 in the manifest; it was not placed in the local \
-             cache (push it again from a cache that holds it intact)",
+             cache (repair it with `peftpipe push --verify` from a cache that holds it intact)",
             &digest[..2]
         )
     );
@@ -167,6 +167,32 @@ fn a_corrupted_remote_object_is_refused_by_name_and_never_cached() {
         serde_json::Value::Null,
         "no lock file names what was not pulled"
     );
+    // A plain push trusts the remote's copy; `push --verify` repairs it, and the pull works.
+    let again = peftpipe(
+        &origin,
+        &["push", "pipeline.yaml", "--remote", "remote"],
+        &[],
+    );
+    assert!(!stderr(&again).contains("repaired"), "{}", stderr(&again));
+    let repaired = peftpipe(
+        &origin,
+        &["push", "pipeline.yaml", "--remote", "remote", "--verify"],
+        &[],
+    );
+    assert!(
+        stderr(&repaired).contains(&format!("repaired on the remote: object {}", &digest[..12])),
+        "{}",
+        stderr(&repaired)
+    );
+    let second = Project::new();
+    let pulled = peftpipe(
+        &second,
+        &["pull", "pipeline.yaml", "--remote", &remote_arg],
+        &[],
+    );
+    assert!(pulled.status.success(), "{}", stderr(&pulled));
+    assert!(second.object_data(&digest).exists());
+
     // Nothing refers to the refused object: the run computes what was not pulled.
     let run = peftpipe(&checkout, &["--json", "run", "pipeline.yaml"], &[]);
     assert!(run.status.success(), "{}", stderr(&run));

@@ -30,6 +30,11 @@ pub struct RemoteArgs {
     /// of a new pipeline). A corrupted or unreachable remote is still an error.
     #[arg(long)]
     pub missing_ok: bool,
+    /// push: also download what the remote already has and send again every object or run
+    /// record it holds damaged (what a pull that found corruption asks for). Reads the
+    /// pushed outputs back in full.
+    #[arg(long)]
+    pub verify: bool,
 }
 
 /// Which way the copy goes.
@@ -77,6 +82,7 @@ pub fn run(global: &GlobalArgs, args: RemoteArgs, direction: Direction) -> u8 {
                 ))
             })?;
             match direction {
+                Direction::Push if args.verify => remote.push_verified(&cache, &resolved.scope),
                 Direction::Push => remote.push(&cache, &resolved.scope),
                 Direction::Pull => remote.pull(&cache, &resolved.scope),
             }
@@ -127,6 +133,12 @@ fn summary(sync: &SyncReport, direction: Direction) -> String {
         count(sync.lock_files_written, "lock file"),
         sync.remote
     );
+    if !sync.repaired.is_empty() {
+        text.push_str(&format!(
+            "; repaired on the remote: {}",
+            sync.repaired.join(", ")
+        ));
+    }
     if sync.objects_present > 0 {
         let there = match direction {
             Direction::Push => "the remote had",

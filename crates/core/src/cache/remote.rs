@@ -81,7 +81,7 @@ pub enum RemoteError {
     },
     #[error(
         "remote `{remote}`: `{key}` is corrupted: {detail}; it was not placed in the local cache \
-         (push it again from a cache that holds it intact)"
+         (repair it with `peftpipe push --verify` from a cache that holds it intact)"
     )]
     Corrupted {
         remote: String,
@@ -144,6 +144,9 @@ pub struct SyncReport {
     pub lock_files_written: usize,
     /// Stages left out, with why (push: output not in the local cache).
     pub skipped: Vec<String>,
+    /// `push --verify`: objects the remote had damaged (a file missing or differing from its
+    /// manifest) and run records it could not read, sent again whole.
+    pub repaired: Vec<String>,
 }
 
 /// An opened remote: the store, the key prefix under it, and a runtime to drive it.
@@ -253,7 +256,14 @@ impl Remote {
 
     /// Copy to the remote what `scope` selects from `cache` and the remote lacks.
     pub fn push(&self, cache: &Cache, scope: &Scope) -> Result<SyncReport, RemoteError> {
-        self.runtime.block_on(self.push_async(cache, scope))
+        self.runtime.block_on(self.push_async(cache, scope, false))
+    }
+
+    /// [`Remote::push`], also downloading every object and run record the remote already has
+    /// and sending again those that are damaged (the repair a corrupted remote needs: a plain
+    /// push trusts what is there).
+    pub fn push_verified(&self, cache: &Cache, scope: &Scope) -> Result<SyncReport, RemoteError> {
+        self.runtime.block_on(self.push_async(cache, scope, true))
     }
 
     /// Copy into `cache` what `scope` selects on the remote and `cache` lacks, checking every
@@ -378,7 +388,12 @@ impl Remote {
         Ok(())
     }
 
-    async fn push_async(&self, cache: &Cache, scope: &Scope) -> Result<SyncReport, RemoteError> {
+    async fn push_async(
+        &self,
+        cache: &Cache,
+        scope: &Scope,
+        verify: bool,
+    ) -> Result<SyncReport, RemoteError> {
         let mut report = SyncReport {
             remote: self.shown.clone(),
             ..SyncReport::default()
@@ -411,8 +426,11 @@ impl Remote {
 
         for digest in &objects {
             if self.exists(&self.manifest_key(digest)).await? {
-                report.objects_present += 1;
-                continue;
+                if !verify || self.remote_object_intact(cache, digest).await? {
+                    report.objects_present += 1;
+                    continue;
+                }
+                report.repaired.push(format!("object {}", short(digest)));
             }
             let manifest = match cache.verify_object(digest)? {
                 Ok(manifest) => manifest,
@@ -446,8 +464,17 @@ impl Remote {
         for (fingerprint, record) in &records {
             let key = self.run_record_key(fingerprint);
             // First writer wins: a record is never replaced (two runs of one fingerprint may
-            // differ in their figures, and either is a valid answer).
-            if self.exists(&key).await? {
+            // differ in their figures, and either is a valid answer), unless it cannot be read.
+            if verify {
+                if let Some(bytes) = self.get_bytes(&key).await? {
+                    if self.parse_run_record(&key, &bytes).is_ok() {
+                        continue;
+                    }
+                    report
+                        .repaired
+                        .push(format!("run record {}", short(fingerprint)));
+                }
+            } else if self.exists(&key).await? {
                 continue;
             }
             self.put_bytes(&key, to_json(record, &cache.run_record_path(fingerprint))?)
@@ -615,6 +642,28 @@ impl Remote {
             }
         }
         Ok(report)
+    }
+
+    /// Whether the remote's copy of `digest` (whose manifest it has) is whole: its manifest is
+    /// the local one and each file downloads with its size and blake3 (into a scratch folder
+    /// of the local cache, removed after).
+    async fn remote_object_intact(&self, cache: &Cache, digest: &str) -> Result<bool, RemoteError> {
+        let manifest_key = self.manifest_key(digest);
+        let Some(bytes) = self.get_bytes(&manifest_key).await? else {
+            return Ok(false);
+        };
+        let manifest = match serde_json::from_slice::<Manifest>(&bytes) {
+            Ok(manifest) if manifest.digest() == digest => manifest,
+            _ => return Ok(false),
+        };
+        let scratch = cache.staging_dir("verify")?;
+        let fetched = self.fetch_object(digest, &manifest, &scratch).await;
+        remove_path(&scratch)?;
+        match fetched {
+            Ok(()) => Ok(true),
+            Err(RemoteError::Corrupted { .. }) => Ok(false),
+            Err(error) => Err(error),
+        }
     }
 
     /// Download every file of an object into `staging/data`, hashing as it goes; any file that
@@ -1125,7 +1174,8 @@ mod tests {
             format!(
                 "remote `remote`: `objects/{}/{digest}/data/x.txt` is corrupted: its content \
                  does not match its blake3 in the manifest; it was not placed in the local \
-                 cache (push it again from a cache that holds it intact)",
+                 cache (repair it with `peftpipe push --verify` from a cache that holds it \
+                 intact)",
                 &digest[..2]
             )
         );
@@ -1235,6 +1285,48 @@ mod tests {
         );
         assert_eq!(pulled.stages["prompts"].output, prompts);
         assert_eq!(pulled.stages["data"].output, digest);
+    }
+
+    #[test]
+    fn push_verify_repairs_a_damaged_remote_and_a_plain_push_does_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let (cache, digest) = cache_with_stage(&dir.path().join("a"), &[("x.txt", "one")]);
+        let remote = Remote::open("remote", dir.path()).unwrap();
+        remote.push(&cache, &pipeline()).unwrap();
+        let file = dir.path().join(format!(
+            "remote/objects/{}/{digest}/data/x.txt",
+            &digest[..2]
+        ));
+        tamper(&file, b"on");
+        let fingerprint = cache.read_lock_file("p").unwrap().stages["data"]
+            .fingerprint
+            .clone();
+        let record = dir.path().join(format!(
+            "remote/runs/{}/{fingerprint}.json",
+            &fingerprint[..2]
+        ));
+        tamper(&record, b"{\"out");
+
+        // A plain push trusts what the remote has.
+        let plain = remote.push(&cache, &pipeline()).unwrap();
+        assert_eq!((plain.objects_present, plain.repaired.len()), (1, 0));
+        let fresh = Cache::open(&dir.path().join("b")).unwrap();
+        assert!(remote.pull(&fresh, &pipeline()).is_err());
+
+        let verified = remote.push_verified(&cache, &pipeline()).unwrap();
+        assert_eq!(verified.objects_copied, 1);
+        assert_eq!(verified.repaired.len(), 2, "{:?}", verified.repaired);
+        assert_eq!(std::fs::read(&file).unwrap(), b"one");
+        remote.pull(&fresh, &pipeline()).unwrap();
+        assert!(fresh.verify_object(&digest).unwrap().is_ok());
+        assert_eq!(
+            fresh.run_record(&fingerprint),
+            cache.run_record(&fingerprint)
+        );
+        // Nothing left to repair; the scratch folders are gone.
+        let again = remote.push_verified(&cache, &pipeline()).unwrap();
+        assert_eq!((again.objects_present, again.repaired.len()), (1, 0));
+        assert_eq!(std::fs::read_dir(cache.tmp_dir()).unwrap().count(), 0);
     }
 
     #[test]
