@@ -254,3 +254,54 @@ fn a_failed_stage_shows_its_error_in_status_and_the_report_until_it_succeeds() {
     let page = std::fs::read_to_string(project.path("page.html")).expect("the report");
     assert!(!page.contains("<tr class=\"error\">"));
 }
+
+#[test]
+fn the_page_always_shows_the_whole_pipeline_from_the_cache_and_marks_stale_figures() {
+    let project = Project::tiny();
+    project.ok(&["run", "pipeline.yaml", "--no-report"]);
+    // A run of one stage still writes the whole page.
+    project.ok(&["run", "pipeline.yaml", "--stage", "data"]);
+    let page = std::fs::read_to_string(project.path(".peftpipe/out/tiny/report.html"))
+        .expect("the report");
+    check_page(&page);
+
+    // The published copies gone (a fresh checkout after `pull`): the figures come from the
+    // cache, and the rows say the copies are not published.
+    std::fs::remove_dir_all(project.path(".peftpipe/out/tiny/train")).expect("remove");
+    std::fs::remove_dir_all(project.path(".peftpipe/out/tiny/evaluate")).expect("remove");
+    project.ok(&["report", "pipeline.yaml", "-o", "page.html"]);
+    let page = std::fs::read_to_string(project.path("page.html")).expect("the report");
+    check_page(&page);
+    let train_row = page
+        .split("<tr><td>train</td>")
+        .nth(1)
+        .and_then(|rest| rest.split("</tr>").next())
+        .expect("the train row");
+    assert!(train_row.contains("<td>not published</td>"), "{train_row}");
+    assert!(!page.contains("stale: the figures of the last run"));
+
+    // A changed parameter: the train and evaluate sections are the last run's, and say so.
+    project.ok(&["run", "pipeline.yaml", "--no-report"]);
+    project.ok(&[
+        "report",
+        "pipeline.yaml",
+        "-o",
+        "page.html",
+        "--set",
+        "stages.train.train.max_steps=2",
+    ]);
+    let page = std::fs::read_to_string(project.path("page.html")).expect("the report");
+    for heading in ["Training: train", "Evaluation: evaluate"] {
+        let section = page
+            .split(&format!("{heading}</h2>"))
+            .nth(1)
+            .expect("the section");
+        assert!(
+            section
+                .trim_start()
+                .starts_with("<p class=\"note\">stale: the figures of the last run"),
+            "{heading}: {}",
+            &section[..200.min(section.len())]
+        );
+    }
+}

@@ -100,10 +100,16 @@ pub fn gather(
     settings: &RunSettings,
     summary: Option<&RunSummary>,
 ) -> Result<ReportInput, crate::exec::ExecError> {
-    let plan = crate::exec::plan::plan_only(pipeline, settings)?;
-    let lock = crate::cache::Cache::open(&settings.cache_dir)
-        .and_then(|cache| cache.read_lock_file(&pipeline.name))
-        .ok();
+    // The whole pipeline, also after `run --stage X`.
+    let whole = RunSettings {
+        targets: Vec::new(),
+        ..settings.clone()
+    };
+    let plan = crate::exec::plan::plan_only(pipeline, &whole)?;
+    let cache = crate::cache::Cache::open_for_reading(&settings.cache_dir).ok();
+    let lock = cache
+        .as_ref()
+        .and_then(|cache| cache.read_lock_file(&pipeline.name).ok());
     let mut input = ReportInput {
         pipeline: pipeline.name.clone(),
         file: pipeline.file.display().to_string(),
@@ -156,6 +162,11 @@ pub fn gather(
             }
             None => {
                 let (status, cache) = match (&planned.freshness, entry) {
+                    // In the cache, but `.peftpipe/out` or an export folder does not hold it
+                    // (a fresh checkout after `pull`, a deleted or edited copy).
+                    (Freshness::Fresh(cached), _) if !cached.republish.is_empty() => {
+                        ("not published", "hit")
+                    }
                     (Freshness::Fresh(_), _) => ("fresh", "hit"),
                     _ if planned.last_failure.is_some() => ("failed", "-"),
                     (Freshness::Dirty { .. }, Some(_)) => ("stale", "miss"),
@@ -172,8 +183,20 @@ pub fn gather(
         }
         input.stages.push(row);
 
+        // The figures come from the output itself: this run's, else the cached object the plan
+        // restores, else the last run's object (stale), never from a published copy that may
+        // be missing or edited.
+        let cached = planned
+            .freshness
+            .cached_output()
+            .or(entry.map(|entry| entry.output.as_str()))
+            .and_then(|digest| {
+                let cache = cache.as_ref()?;
+                cache.has_object(digest).then(|| cache.object_data(digest))
+            });
         let out_dir = ran
             .and_then(|stage| stage.output_dir.clone())
+            .or(cached)
             .unwrap_or_else(|| settings.out_root.join(&planned.name));
         read_outputs(&mut input, &planned.name, &out_dir);
     }

@@ -168,6 +168,20 @@ fn stages_section(input: &ReportInput) -> String {
     html
 }
 
+/// A note under a section whose stage is stale: its figures are the last run's.
+fn stale_note(input: &ReportInput, stage: &str) -> &'static str {
+    let stale = input
+        .stages
+        .iter()
+        .any(|row| row.name == stage && row.status == "stale");
+    if stale {
+        "<p class=\"note\">stale: the figures of the last run, before the changes \
+         <code>peftpipe status</code> lists</p>\n"
+    } else {
+        ""
+    }
+}
+
 fn training_section(input: &ReportInput) -> String {
     let mut html = String::new();
     for curves in &input.trains {
@@ -176,6 +190,7 @@ fn training_section(input: &ReportInput) -> String {
             "<h2 id=\"train-{0}\">Training: {0}</h2>",
             escape(&curves.stage)
         );
+        html.push_str(stale_note(input, &curves.stage));
         let series = |pick: fn(&StepRow) -> Option<f64>| -> Vec<(f64, f64)> {
             curves
                 .steps
@@ -532,6 +547,7 @@ fn evaluation_section(input: &ReportInput) -> String {
             "<h2 id=\"evaluate-{0}\">Evaluation: {0}</h2>",
             escape(stage)
         );
+        html.push_str(stale_note(input, stage));
         let split = metrics.get("split").and_then(|v| v.as_str()).unwrap_or("?");
         let rows = metrics.get("rows").and_then(|v| v.as_u64()).unwrap_or(0);
         let _ = writeln!(
