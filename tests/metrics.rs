@@ -258,3 +258,44 @@ fn evaluate_dtype_sets_the_compute_dtype_and_enters_the_fingerprint() {
     assert_ne!(status, "ran");
     assert_eq!(again, f32_ppl);
 }
+
+#[test]
+fn metrics_show_marks_stale_stages_and_leaves_out_removed_ones() {
+    let project = Project::tiny();
+    project.ok(&["run", "pipeline.yaml", "--no-report"]);
+    let fresh = stdout(&project.ok(&["metrics", "show", "pipeline.yaml"]));
+    assert!(!fresh.contains("stale"), "{fresh}");
+    let changed = [
+        "metrics",
+        "show",
+        "pipeline.yaml",
+        "--set",
+        "stages.train.train.max_steps=2",
+    ];
+    let text = stdout(&project.ok(&changed));
+    let note = text
+        .lines()
+        .find(|line| line.starts_with("stale"))
+        .unwrap_or_else(|| panic!("no stale line:\n{text}"));
+    assert!(
+        note.contains("train, evaluate, export") && !note.contains("data"),
+        "{note}"
+    );
+    let mut with_json = changed.to_vec();
+    with_json.push("--json");
+    let document = json(&stdout(&project.ok(&with_json)));
+    assert_eq!(
+        document["stale"],
+        serde_json::json!(["train", "evaluate", "export"])
+    );
+
+    // A stage taken out of the pipeline is no longer shown.
+    let without_export = tiny_yaml("tiny", 4)
+        .split("  export:")
+        .next()
+        .expect("the stages before export")
+        .to_string();
+    project.write("pipeline.yaml", &without_export);
+    let text = stdout(&project.ok(&["metrics", "show", "pipeline.yaml"]));
+    assert!(!text.contains("export"), "{text}");
+}

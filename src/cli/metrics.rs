@@ -1,6 +1,6 @@
 //! `peftpipe metrics show FILE` and `peftpipe metrics diff [--rev REV] FILE [FILE_B]`: each
 //! stage's figures as recorded in the pipeline's lock file (its last successful run), shown as
-//! a table, or compared: two pipelines' lock files, or one pipeline's lock file now and as of a
+//! a table that names the stages whose figures are stale (the plan finds them dirty), or compared: two pipelines' lock files, or one pipeline's lock file now and as of a
 //! git revision (`git show REV:PATH`, so the lock file must be tracked by git at that revision).
 
 use std::path::{Path, PathBuf};
@@ -64,10 +64,28 @@ fn show(global: &GlobalArgs, args: ShowArgs) -> u8 {
         Ok(pipeline) => pipeline,
         Err(code) => return code,
     };
-    let (lock, _) = match read_lock(global, &pipeline) {
+    let (mut lock, _) = match read_lock(global, &pipeline) {
         Ok(found) => found,
         Err(message) => {
             report::error(&message);
+            return EXIT_FAILED;
+        }
+    };
+    // Stages the pipeline no longer has are not its metrics.
+    lock.stages
+        .retain(|stage, _| pipeline.stages.contains_key(stage));
+    // Recorded stages the plan finds dirty: their figures are the last run's, before the
+    // changes `status` lists (an edit, `--set`, a changed input).
+    let settings = settings_for(global, &pipeline);
+    let stale: Vec<String> = match crate::exec::plan::plan_only(&pipeline, &settings) {
+        Ok(plan) => plan
+            .stages
+            .iter()
+            .filter(|stage| !stage.freshness.is_fresh() && lock.stages.contains_key(&stage.name))
+            .map(|stage| stage.name.clone())
+            .collect(),
+        Err(error) => {
+            report::error(&error.to_string());
             return EXIT_FAILED;
         }
     };
@@ -79,10 +97,17 @@ fn show(global: &GlobalArgs, args: ShowArgs) -> u8 {
         if !comparisons.is_empty() {
             json["comparisons"] = render::comparisons_json(&comparisons);
         }
+        json["stale"] = serde_json::json!(stale);
         report::json(&json);
     } else {
         let mut text = render::show_text(&pipeline.name, &metrics);
         text.push_str(&render::comparisons_text(&lock, &comparisons));
+        if !stale.is_empty() {
+            text.push_str(&format!(
+                "stale (the figures of the last run, before the changes `peftpipe status` lists): {}\n",
+                stale.join(", ")
+            ));
+        }
         report::write_stdout_raw(&text);
     }
     EXIT_OK
