@@ -2,7 +2,8 @@
 //! tokenizer files: `tokenizer.json` (the `tokenizers` crate) and `tokenizer_config.json` (which
 //! special tokens transformers adds). The prompt and the completion are encoded separately, so
 //! the completion tokens are exactly what the model must generate after the encoded prompt at
-//! inference time: `[BOS if the tokenizer adds one] + prompt`, then `completion [+ EOS]`.
+//! inference time: `[BOS if the tokenizer adds one] + prompt`, then `completion [+ EOS]`; a BOS or
+//! EOS the text already holds as a token (a chat template writes them) is not added again.
 //! Knows nothing of tensors or batching; never prints.
 
 use std::path::Path;
@@ -108,10 +109,16 @@ impl TextTokenizer {
             .map_err(|error| error.to_string())
     }
 
-    /// `prefix + tokens(prompt)`.
+    /// `prefix + tokens(prompt)`, without the prefix when the prompt's own tokens begin with it
+    /// (a chat template that writes `bos_token` as text: transformers' apply_chat_template keeps
+    /// it once).
     pub fn encode_prompt(&self, prompt: &str) -> Result<Vec<u32>, String> {
+        let plain = self.encode_plain(prompt)?;
+        if !self.prefix.is_empty() && plain.starts_with(&self.prefix) {
+            return Ok(plain);
+        }
         let mut ids = self.prefix.clone();
-        ids.extend(self.encode_plain(prompt)?);
+        ids.extend(plain);
         Ok(ids)
     }
 
@@ -123,7 +130,10 @@ impl TextTokenizer {
         add_eos: bool,
     ) -> Result<TokenizedExample, String> {
         let mut completion_ids = self.encode_plain(completion)?;
-        if add_eos {
+        // A completion that ends with the EOS token as text (a chat template's end of turn)
+        // already ends the sequence.
+        let ended = self.eos.is_some() && completion_ids.last() == self.eos.as_ref();
+        if add_eos && !ended {
             completion_ids.push(
                 self.eos
                     .ok_or("add_eos is set but the tokenizer declares no eos_token")?,
@@ -165,6 +175,12 @@ mod tests {
             .unwrap();
         let mut tokenizer = Tokenizer::new(model);
         tokenizer.with_pre_tokenizer(Some(Whitespace {}));
+        tokenizer
+            .add_special_tokens([
+                tokenizers::AddedToken::from("<s>", true),
+                tokenizers::AddedToken::from("</s>", true),
+            ])
+            .unwrap();
         let dir = tempfile::tempdir().unwrap();
         tokenizer
             .save(dir.path().join("tokenizer.json"), false)
@@ -186,6 +202,21 @@ mod tests {
         assert_eq!(tokenizer.pad_id(), 2);
         let without = tokenizer.encode_example("hello", "yes", false).unwrap();
         assert_eq!(without.completion, vec![5]);
+    }
+
+    #[test]
+    fn special_tokens_a_chat_template_writes_are_not_added_twice() {
+        let dir = model_dir(serde_json::json!({"bos_token": "<s>",
+            "eos_token": {"content": "</s>"}, "add_bos_token": true}));
+        let tokenizer = TextTokenizer::from_model_dir(dir.path()).unwrap();
+        // Llama-2's chat template writes `<s>` and `</s>` as text, as transformers'
+        // apply_chat_template(tokenize=True) keeps them: once.
+        let example = tokenizer
+            .encode_example("<s> hello world", "yes </s>", true)
+            .unwrap();
+        assert_eq!(example.prompt, vec![1, 3, 4]);
+        assert_eq!(example.completion, vec![5, 2]);
+        assert_eq!(tokenizer.encode_prompt("<s> hello").unwrap(), vec![1, 3]);
     }
 
     #[test]

@@ -30,7 +30,12 @@ pub fn encode_pair(
 ) -> Result<TokenizedExample, String> {
     let prompt_ids = codec.encode_prompt(prompt)?;
     let mut completion_ids = codec.encode_continuation(completion)?;
-    if append_eos {
+    // A completion that already ends with an EOS token (a chat template's end of turn written
+    // as text) gets no second one, as training encodes it.
+    let ended = completion_ids
+        .last()
+        .is_some_and(|id| codec.eos_token_ids().first() == Some(id));
+    if append_eos && !ended {
         let eos = codec
             .eos_token_ids()
             .first()
@@ -65,7 +70,8 @@ pub fn decode_continuation(
 pub(crate) mod tests {
     use super::*;
 
-    /// One token per character: `a` = 3, `b` = 4, ...; BOS 1, EOS 2 — enough for hand-made cases.
+    /// One token per character: `a` = 3, `b` = 4, ...; BOS 1, EOS 2 (written `$`, as a chat
+    /// template writes its end-of-turn token) — enough for hand-made cases.
     pub struct LetterCodec;
 
     impl TextCodec for LetterCodec {
@@ -80,6 +86,8 @@ pub(crate) mod tests {
                 .map(|c| {
                     if c.is_ascii_lowercase() {
                         Ok(u32::from(c as u8 - b'a') + 3)
+                    } else if c == '$' {
+                        Ok(2)
                     } else {
                         Err(format!("LetterCodec cannot encode {c:?}"))
                     }
@@ -102,6 +110,39 @@ pub(crate) mod tests {
         fn pad_token_id(&self) -> u32 {
             0
         }
+    }
+
+    #[test]
+    fn a_completion_that_already_ends_the_sequence_gets_no_second_eos() {
+        let mut codec_ids = encode_pair(&LetterCodec, "ab", "c", true)
+            .unwrap()
+            .completion;
+        assert_eq!(codec_ids, [5, 2]);
+        // `c` then the EOS a chat template wrote as text (here: id 2 by hand).
+        struct EndingCodec;
+        impl TextCodec for EndingCodec {
+            fn encode_prompt(&self, text: &str) -> Result<Vec<u32>, String> {
+                LetterCodec.encode_prompt(text)
+            }
+            fn encode_continuation(&self, text: &str) -> Result<Vec<u32>, String> {
+                let mut ids = LetterCodec.encode_continuation(text)?;
+                ids.push(2);
+                Ok(ids)
+            }
+            fn decode(&self, ids: &[u32]) -> Result<String, String> {
+                LetterCodec.decode(ids)
+            }
+            fn eos_token_ids(&self) -> &[u32] {
+                &[2]
+            }
+            fn pad_token_id(&self) -> u32 {
+                0
+            }
+        }
+        codec_ids = encode_pair(&EndingCodec, "ab", "c", true)
+            .unwrap()
+            .completion;
+        assert_eq!(codec_ids, [5, 2]);
     }
 
     #[test]

@@ -342,10 +342,11 @@ impl EvalPlan {
                         },
                     ));
                 }
-                let references = references
-                    .iter()
-                    .map(|r| exact.normalize.apply(r))
-                    .collect();
+                let mut ended = Vec::with_capacity(references.len());
+                for (row, reference) in references.iter().enumerate() {
+                    ended.push(reference_until_eos(codec, &prompt_ids[row], reference)?);
+                }
+                let references = ended.iter().map(|r| exact.normalize.apply(r)).collect();
                 Some(ExactMatchWork {
                     config: (**exact).clone(),
                     prompts: prompt_ids,
@@ -376,6 +377,24 @@ impl EvalPlan {
             max_length,
         })
     }
+}
+
+/// An exact-match reference as generation would produce it: a reference whose tokens hold an
+/// end-of-sequence token (a chat template's end of turn written as text) ends there, decoded
+/// after the prompt as generations are; one without is used as written.
+fn reference_until_eos(
+    codec: &dyn TextCodec,
+    prompt_ids: &[u32],
+    reference: &str,
+) -> Result<String, StageError> {
+    let ids = codec
+        .encode_continuation(reference)
+        .map_err(|error| StageError::user(format!("reference {reference:?}: {error}")))?;
+    let Some(end) = ids.iter().position(|id| codec.eos_token_ids().contains(id)) else {
+        return Ok(reference.to_string());
+    };
+    crate::infer::text::decode_continuation(codec, prompt_ids, &ids[..end])
+        .map_err(|error| StageError::user(format!("reference {reference:?}: {error}")))
 }
 
 /// Leave room for at least one new token (`min(max_new_tokens, max_length / 2)` when possible)
@@ -1392,6 +1411,29 @@ mod tests {
         let exact = metrics.exact_match.unwrap();
         assert_eq!((exact.matches, exact.total, exact.ended_at_eos), (1, 2, 2));
         assert_eq!(metrics.samples, ["b", "b"]);
+    }
+
+    #[test]
+    fn an_exact_match_reference_ends_where_its_end_of_sequence_token_is() {
+        // A chat template's completion ends with the end-of-turn token as text (`$` here);
+        // generation stops there and drops it, so the reference must too.
+        let model = prefers_b_after_a();
+        let rows = rows(&["a", "a"], &["b$", "b$c"]);
+        let config =
+            config("{ model: t, data: p, metrics: { exact_match: { max_new_tokens: 4 } } }");
+        let plan = EvalPlan::new(&config, &rows, &LetterCodec, 64, false).unwrap();
+        let metrics = with_context(|ctx| {
+            evaluate_model(
+                &model,
+                &LetterCodec,
+                &plan,
+                2,
+                &Reporter { ctx, label: "base" },
+            )
+        })
+        .unwrap();
+        let exact = metrics.exact_match.unwrap();
+        assert_eq!((exact.matches, exact.total), (2, 2));
     }
 
     /// Progress as (message, position, length).
