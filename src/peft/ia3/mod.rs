@@ -297,9 +297,29 @@ impl Ia3Adapter {
     /// only `IA3Config`'s fields: PEFT warns about any other key).
     pub fn peft_config(&self, base_model_name_or_path: &str) -> Value {
         let paths = self.adapted_paths();
-        let mut feedforward: Vec<&String> = self.settings.feedforward.iter().collect();
-        feedforward.sort();
-        feedforward.dedup();
+        let targets = self.settings.targets.to_peft_json(&paths);
+        // PEFT's IA3Config requires a feedforward list to be a subset of a target list: write
+        // the target names whose adapted layers are feed-forward (the same layers, by PEFT's
+        // suffix rule), not the names as configured (`proj`, or a default the targets miss).
+        let feedforward: Vec<String> = match &targets {
+            Value::Array(names) => names
+                .iter()
+                .filter_map(Value::as_str)
+                .filter(|name| {
+                    paths.iter().any(|path| {
+                        (path == name || path.ends_with(&format!(".{name}")))
+                            && self.settings.is_feedforward(path)
+                    })
+                })
+                .map(str::to_string)
+                .collect(),
+            _ => {
+                let mut names = self.settings.feedforward.clone();
+                names.sort();
+                names.dedup();
+                names
+            }
+        };
         json!({
             "auto_mapping": null,
             "base_model_name_or_path": base_model_name_or_path,
@@ -311,7 +331,7 @@ impl Ia3Adapter {
             "modules_to_save": null,
             "peft_type": "IA3",
             "revision": null,
-            "target_modules": self.settings.targets.to_peft_json(&paths),
+            "target_modules": targets,
             "task_type": "CAUSAL_LM",
         })
     }
@@ -601,6 +621,57 @@ mod tests {
             .unwrap()
             .to_scalar::<f32>()
             .unwrap()
+    }
+
+    #[test]
+    fn exported_feedforward_modules_are_a_subset_of_target_modules_as_peft_requires() {
+        // PEFT's IA3Config refuses a feedforward list that is not a subset of a target list.
+        let exported = |targets: &[&str], feedforward: &[&str], built: &[&str]| {
+            let adapter = Ia3Adapter::new(
+                Ia3Settings {
+                    targets: TargetModules::Names(targets.iter().map(|t| t.to_string()).collect()),
+                    feedforward: feedforward.iter().map(|f| f.to_string()).collect(),
+                    fan_in_fan_out: false,
+                },
+                &Device::Cpu,
+            )
+            .unwrap();
+            let layers: Vec<_> = built
+                .iter()
+                .map(|path| adapter.build(path, base(3, 5, false)).unwrap())
+                .collect();
+            let config = adapter.peft_config("m");
+            drop(layers);
+            (config["target_modules"].clone(), config["feedforward_modules"].clone())
+        };
+        // The default feed-forward list when down_proj is not targeted: none.
+        assert_eq!(
+            exported(&["k_proj"], &["down_proj"], &["model.layers.0.self_attn.k_proj"]),
+            (serde_json::json!(["k_proj"]), serde_json::json!([]))
+        );
+        // A suffix that is no target name: the targets it makes feed-forward.
+        assert_eq!(
+            exported(
+                &["k_proj", "down_proj"],
+                &["proj"],
+                &["model.layers.0.self_attn.k_proj", "model.layers.0.mlp.down_proj"]
+            ),
+            (
+                serde_json::json!(["down_proj", "k_proj"]),
+                serde_json::json!(["down_proj", "k_proj"])
+            )
+        );
+        assert_eq!(
+            exported(
+                &["k_proj", "down_proj"],
+                &["mlp.down_proj"],
+                &["model.layers.0.self_attn.k_proj", "model.layers.0.mlp.down_proj"]
+            ),
+            (
+                serde_json::json!(["down_proj", "k_proj"]),
+                serde_json::json!(["down_proj"])
+            )
+        );
     }
 
     #[test]
