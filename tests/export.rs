@@ -203,6 +203,43 @@ fn exported_adapter_keeps_peft_names_and_values() -> TestResult {
 }
 
 #[test]
+fn a_text_initialised_prompt_names_the_published_base_as_its_tokenizer() -> TestResult {
+    let Some(shared) = shared_dir() else {
+        eprintln!("skipped: PEFTPIPE_SHARED not set");
+        return Ok(());
+    };
+    let base = shared.join("models/stories260k");
+    let project = tempfile::tempdir()?;
+    let train = fake_train_artifact(
+        project.path(),
+        &base.join("reference/peft_prompt_tuning"),
+        &base,
+    );
+    // As the train stage writes it: the model as written in the pipeline, unexpanded.
+    let config_path = train.join("adapter/adapter_config.json");
+    let mut written: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&config_path)?)?;
+    written["prompt_tuning_init"] = "TEXT".into();
+    written["prompt_tuning_init_text"] = "Once upon a time".into();
+    written["tokenizer_name_or_path"] = "${PEFTPIPE_SHARED}/models/stories260k".into();
+    std::fs::write(&config_path, written.to_string())?;
+    export(project.path(), &train, config(Some("adapter"), None), false)?;
+    let exported: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(
+        project.path().join("adapter/adapter_config.json"),
+    )?)?;
+    // PEFT loads this tokenizer when it loads the adapter for training: the base it names.
+    assert_eq!(
+        exported["tokenizer_name_or_path"],
+        exported["base_model_name_or_path"]
+    );
+    assert_eq!(
+        exported["base_model_name_or_path"],
+        base.canonicalize()?.display().to_string()
+    );
+    Ok(())
+}
+
+#[test]
 fn export_destinations_may_not_escape_the_project() -> TestResult {
     let Some(shared) = shared_dir() else {
         eprintln!("skipped: PEFTPIPE_SHARED not set");

@@ -768,6 +768,17 @@ fn write_named_config_and_card(
             "base_model_name_or_path".into(),
             Value::String(base_name.to_string()),
         );
+        // A TEXT-initialised prompt's tokenizer is the base's (PEFT loads it when the adapter
+        // is loaded for training): named as the base is, not as the pipeline wrote the model.
+        if map
+            .get("tokenizer_name_or_path")
+            .is_some_and(|value| !value.is_null())
+        {
+            map.insert(
+                "tokenizer_name_or_path".into(),
+                Value::String(base_name.to_string()),
+            );
+        }
     }
     write_json(&out.join("adapter_config.json"), &config)?;
     let summary = read_json(&train_dir.join("summary.json")).ok();

@@ -642,11 +642,18 @@ mod tests {
                 .collect();
             let config = adapter.peft_config("m");
             drop(layers);
-            (config["target_modules"].clone(), config["feedforward_modules"].clone())
+            (
+                config["target_modules"].clone(),
+                config["feedforward_modules"].clone(),
+            )
         };
         // The default feed-forward list when down_proj is not targeted: none.
         assert_eq!(
-            exported(&["k_proj"], &["down_proj"], &["model.layers.0.self_attn.k_proj"]),
+            exported(
+                &["k_proj"],
+                &["down_proj"],
+                &["model.layers.0.self_attn.k_proj"]
+            ),
             (serde_json::json!(["k_proj"]), serde_json::json!([]))
         );
         // A suffix that is no target name: the targets it makes feed-forward.
@@ -654,7 +661,10 @@ mod tests {
             exported(
                 &["k_proj", "down_proj"],
                 &["proj"],
-                &["model.layers.0.self_attn.k_proj", "model.layers.0.mlp.down_proj"]
+                &[
+                    "model.layers.0.self_attn.k_proj",
+                    "model.layers.0.mlp.down_proj"
+                ]
             ),
             (
                 serde_json::json!(["down_proj", "k_proj"]),
@@ -665,7 +675,10 @@ mod tests {
             exported(
                 &["k_proj", "down_proj"],
                 &["mlp.down_proj"],
-                &["model.layers.0.self_attn.k_proj", "model.layers.0.mlp.down_proj"]
+                &[
+                    "model.layers.0.self_attn.k_proj",
+                    "model.layers.0.mlp.down_proj"
+                ]
             ),
             (
                 serde_json::json!(["down_proj", "k_proj"]),
