@@ -696,3 +696,39 @@ fn two_pipelines_of_one_project_may_not_share_a_name() {
         "{stderr}"
     );
 }
+
+#[test]
+fn a_merged_export_of_ia3_on_gpt2_is_refused_before_training() {
+    let Some(shared) = std::env::var_os("PEFTPIPE_SHARED") else {
+        println!("skipped: PEFTPIPE_SHARED not set");
+        return;
+    };
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let pipeline = |method: &str| {
+        format!(
+            "stages:
+  data: {{ingest: {{path: {shared}/datasets/bevostories/validation.parquet, limit: 10}}}}
+  stories: {{template: {{input: data, prompt: \"\", completion: \"{{{{ text }}}}\"}}}}
+  train: {{train: {{data: stories, model: {shared}/models/tiny-gpt2-random, method: {method}, max_steps: 1}}}}
+  out: {{export: {{from: train, adapter: out/a, merged: out/m}}}}
+",
+            shared = Path::new(&shared).display()
+        )
+    };
+    // IA3 scales c_attn's output, bias included: a weight patch cannot carry it.
+    write(&dir.path().join("p.yaml"), &pipeline("{ia3: {}}"));
+    let output = peftpipe(dir.path(), &["validate", "p.yaml"]);
+    let stderr = text(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("stages.out.export.merged") && stderr.contains("c_attn"),
+        "{stderr}"
+    );
+    // Feed-forward targets only scale inputs: they merge.
+    write(
+        &dir.path().join("p.yaml"),
+        &pipeline("{ia3: {target_modules: [mlp.c_proj], feedforward_modules: [mlp.c_proj]}}"),
+    );
+    let output = peftpipe(dir.path(), &["validate", "p.yaml"]);
+    assert!(output.status.success(), "{}", text(&output.stderr));
+}
