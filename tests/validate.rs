@@ -698,9 +698,10 @@ fn two_pipelines_of_one_project_may_not_share_a_name() {
 }
 
 #[test]
+#[expect(clippy::print_stderr, reason = "a skipped test says why")]
 fn a_merged_export_of_ia3_on_gpt2_is_refused_before_training() {
     let Some(shared) = std::env::var_os("PEFTPIPE_SHARED") else {
-        println!("skipped: PEFTPIPE_SHARED not set");
+        eprintln!("skipped: PEFTPIPE_SHARED not set");
         return;
     };
     let dir = tempfile::tempdir().expect("temporary directory");
