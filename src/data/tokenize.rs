@@ -1,8 +1,8 @@
 //! Tokenization of prompt/completion pairs for causal-LM training with a model's Hugging Face
 //! tokenizer files: `tokenizer.json` (the `tokenizers` crate) and `tokenizer_config.json` (which
-//! special tokens transformers adds). The prompt and the completion are encoded separately, so
-//! the completion tokens are exactly what the model must generate after the encoded prompt at
-//! inference time: `[BOS if the tokenizer adds one] + prompt`, then `completion [+ EOS]`; a BOS or
+//! special tokens transformers adds). The prompt is encoded on its own, so it is exactly what the
+//! model gets at inference time, and the completion as the tokens the whole text has after it
+//! ([`continuation_ids`]): `[BOS if the tokenizer adds one] + prompt`, then `completion [+ EOS]`; a BOS or
 //! EOS the text already holds as a token (a chat template writes them) is not added again.
 //! Knows nothing of tensors or batching; never prints.
 
@@ -129,7 +129,11 @@ impl TextTokenizer {
         completion: &str,
         add_eos: bool,
     ) -> Result<TokenizedExample, String> {
-        let mut completion_ids = self.encode_plain(completion)?;
+        let mut completion_ids = continuation_ids(
+            &self.encode_plain(prompt)?,
+            &self.encode_plain(&format!("{prompt}{completion}"))?,
+            || self.encode_plain(completion),
+        )?;
         // A completion that ends with the EOS token as text (a chat template's end of turn)
         // already ends the sequence.
         let ended = self.eos.is_some() && completion_ids.last() == self.eos.as_ref();
@@ -150,6 +154,24 @@ impl TextTokenizer {
         self.tokenizer
             .decode(ids, true)
             .map_err(|error| error.to_string())
+    }
+}
+
+/// The completion's tokens as the whole text `prompt + completion` has them after the prompt's
+/// own tokens (TRL's rule): a SentencePiece tokenizer gives "Making" on its own a word-start
+/// piece it does not have after "assistant\n", and the model must learn the text's tokens.
+/// When the whole text does not begin with the prompt's tokens (a token merging across the
+/// boundary), the completion is tokenized on its own (`alone`), so the prompt the model is
+/// trained on is always the prompt it gets at inference.
+pub fn continuation_ids<E>(
+    prompt_ids: &[u32],
+    joint_ids: &[u32],
+    alone: impl FnOnce() -> Result<Vec<u32>, E>,
+) -> Result<Vec<u32>, E> {
+    if joint_ids.len() > prompt_ids.len() && joint_ids.starts_with(prompt_ids) {
+        Ok(joint_ids[prompt_ids.len()..].to_vec())
+    } else {
+        alone()
     }
 }
 
@@ -217,6 +239,42 @@ mod tests {
         assert_eq!(example.prompt, vec![1, 3, 4]);
         assert_eq!(example.completion, vec![5, 2]);
         assert_eq!(tokenizer.encode_prompt("<s> hello").unwrap(), vec![1, 3]);
+    }
+
+    #[test]
+    fn a_completion_is_tokenized_as_it_continues_the_prompt() {
+        // stories260k's SentencePiece tokenizer (Metaspace, prepend_scheme first): "Making" on
+        // its own gets the word-start piece `▁M`, after "assistant\n" it is `M`; the model
+        // must learn the tokens the whole text has, not a space the text lacks.
+        let Some(shared) = std::env::var_os("PEFTPIPE_SHARED") else {
+            return;
+        };
+        let dir = std::path::Path::new(&shared).join("models/stories260k");
+        let tokenizer = TextTokenizer::from_model_dir(&dir).unwrap();
+        let joint = tokenizer.encode_plain("assistant\nMaking").unwrap();
+        let example = tokenizer
+            .encode_example("assistant\n", "Making", false)
+            .unwrap();
+        let prompt_plain = tokenizer.encode_plain("assistant\n").unwrap();
+        assert_eq!(example.completion, joint[prompt_plain.len()..].to_vec());
+        assert_ne!(
+            example.completion,
+            tokenizer.encode_plain("Making").unwrap(),
+            "on its own it starts a word"
+        );
+        assert_eq!(
+            [example.prompt.clone(), example.completion.clone()].concat()[1..],
+            joint[..],
+            "BOS, then exactly the whole text's tokens"
+        );
+        // A leading space is the same either way.
+        let spaced = tokenizer
+            .encode_example("great", " positive", false)
+            .unwrap();
+        assert_eq!(
+            spaced.completion,
+            tokenizer.encode_plain(" positive").unwrap()
+        );
     }
 
     #[test]

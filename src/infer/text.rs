@@ -20,7 +20,8 @@ pub trait TextCodec {
 }
 
 /// Encode a prompt followed by a completion whose tokens are scored, the way training encodes
-/// it: prompt and completion tokenized separately, then joined; with `append_eos`, the first EOS
+/// it: the prompt on its own, the completion as the whole text's tokens after the prompt's
+/// (`data::tokenize::continuation_ids`); with `append_eos`, the first EOS
 /// id follows the completion and is scored too.
 pub fn encode_pair(
     codec: &dyn TextCodec,
@@ -29,7 +30,11 @@ pub fn encode_pair(
     append_eos: bool,
 ) -> Result<TokenizedExample, String> {
     let prompt_ids = codec.encode_prompt(prompt)?;
-    let mut completion_ids = codec.encode_continuation(completion)?;
+    let mut completion_ids = crate::data::tokenize::continuation_ids(
+        &codec.encode_continuation(prompt)?,
+        &codec.encode_continuation(&format!("{prompt}{completion}"))?,
+        || codec.encode_continuation(completion),
+    )?;
     // A completion that already ends with an EOS token (a chat template's end of turn written
     // as text) gets no second one, as training encodes it.
     let ended = completion_ids
