@@ -119,6 +119,7 @@ const INVALID: &[(&str, &[&str])] = &[
     ("template_variable_no_column_provides", &[]),
     ("split_fractions_do_not_add_up", &[]),
     ("train_evaluation_problems", &[]),
+    ("split_read_problems", &[]),
     ("train_devices_problems", &[]),
     ("evaluate_reads_a_non_train_stage", &[]),
     ("yaml_alias_bomb", &[]),
@@ -148,6 +149,7 @@ macro_rules! invalid_fixture_tests {
 
 invalid_fixture_tests!(
     train_evaluation_problems,
+    split_read_problems,
     train_devices_problems,
     unknown_top_level_key,
     misspelled_stage_field,

@@ -259,6 +259,20 @@ impl SplitConfig {
         }
     }
 
+    /// Why the split `name` is written empty by the configuration itself (a fraction or count
+    /// of 0), if it is: a stage reading it would have no rows.
+    pub fn declared_empty(&self, name: &str) -> Option<String> {
+        let (kind, size) = match (self.sizes(), name) {
+            (SplitSizes::Fractions([_, eval, _]), "eval") => ("fractions", eval),
+            (SplitSizes::Fractions([_, _, test]), "test") => ("fractions", test),
+            (SplitSizes::Counts([eval, _]), "eval") => ("counts", eval as f64),
+            (SplitSizes::Counts([_, test]), "test") => ("counts", test as f64),
+            _ => return None,
+        };
+        let declared = name == "eval" || self.has_test();
+        (declared && size == 0.0).then(|| format!("split.{kind}.{name} is 0"))
+    }
+
     /// Names of the splits written, in order.
     pub fn split_names(&self) -> Vec<&'static str> {
         if self.has_test() {

@@ -16,6 +16,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use super::chat_template::{load_chat_template, ChatTemplateSource};
+use super::ingest::IngestConfig;
 use super::jinja::{
     row_environment, template_references, undeclared_variables, Includes, RenderLimits,
     TemplateReference,
@@ -542,6 +543,60 @@ pub(crate) fn upstream_splits(cx: &CheckContext<'_>, stage: &str) -> Option<Vec<
         ),
         StageConfig::Template(template) => upstream_splits(cx, &template.input),
         _ => None,
+    }
+}
+
+/// The ingest stage at the root of `stage` (through template stages), if there is one.
+fn root_ingest<'a>(cx: &'a CheckContext<'_>, stage: &str) -> Option<(&'a str, &'a IngestConfig)> {
+    let (name, config) = cx.pipeline.stages.get_key_value(stage)?;
+    match config {
+        StageConfig::Ingest(ingest) => Some((name.as_str(), ingest)),
+        StageConfig::Template(template) => root_ingest(cx, &template.input),
+        _ => None,
+    }
+}
+
+/// A stage reads split `split` of data stage `data` (at key `at`): the split must be one the
+/// data stage writes, and not one its own configuration leaves empty.
+pub(crate) fn check_split_read(
+    cx: &CheckContext<'_>,
+    data: &str,
+    split: &str,
+    at: &str,
+    problems: &mut Vec<Problem>,
+) {
+    let Some(splits) = upstream_splits(cx, data) else {
+        return;
+    };
+    if !splits.iter().any(|name| name == split) {
+        let mut problem = Problem::new(
+            at,
+            format!("stage `{data}` writes no split named `{split}`"),
+        )
+        .about_value();
+        problem = match did_you_mean(split, splits.iter().map(String::as_str)) {
+            Some(close) => problem.with_hint(format!(
+                "did you mean `{close}`? its splits: {}",
+                splits.join(", ")
+            )),
+            None => problem.with_hint(format!("its splits: {}", splits.join(", "))),
+        };
+        problems.push(problem);
+        return;
+    }
+    if let Some((ingest_name, ingest)) = root_ingest(cx, data) {
+        if let Some(reason) = ingest.split.declared_empty(split) {
+            problems.push(
+                Problem::new(
+                    at,
+                    format!("split `{split}` has no rows: stage `{ingest_name}` has {reason}"),
+                )
+                .about_value()
+                .with_hint(format!(
+                    "give stages.{ingest_name}.ingest.split a share for `{split}`, or read another split"
+                )),
+            );
+        }
     }
 }
 

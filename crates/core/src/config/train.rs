@@ -427,17 +427,14 @@ impl TrainConfig {
         let split = self.eval_split();
         if split.trim().is_empty() {
             problems.push(problem("eval_split", "the split name is empty".into()));
-        } else if let Some(splits) = super::template::upstream_splits(cx, &self.data) {
-            if !splits.iter().any(|name| name == split) {
-                problems.push(
-                    Problem::new(
-                        format!("{at}.eval_split"),
-                        format!("stage `{}` writes no split named `{split}`", self.data),
-                    )
-                    .about_value()
-                    .with_hint(format!("its splits: {}", splits.join(", "))),
-                );
-            }
+        } else {
+            super::template::check_split_read(
+                cx,
+                &self.data,
+                split,
+                &format!("{at}.eval_split"),
+                problems,
+            );
         }
         if let Some(early) = &self.early_stopping {
             if early.patience == 0 {
@@ -540,6 +537,17 @@ impl StageSpec for TrainConfig {
     fn check(&self, cx: &CheckContext<'_>, at: &str, problems: &mut Vec<Problem>) {
         let problem =
             |key: &str, message: String| Problem::new(format!("{at}.{key}"), message).about_value();
+        if self.split.trim().is_empty() {
+            problems.push(problem("split", "the split name is empty".into()));
+        } else {
+            super::template::check_split_read(
+                cx,
+                &self.data,
+                &self.split,
+                &format!("{at}.split"),
+                problems,
+            );
+        }
         if let Some(columns) = cx.columns.get(&self.data) {
             for needed in ["prompt", "completion"] {
                 if !columns.iter().any(|c| c == needed) {
