@@ -237,3 +237,42 @@ fn reading_commands_leave_a_missing_cache_missing() {
     ]);
     assert!(!missing.exists(), "{} was created", missing.display());
 }
+
+#[test]
+fn training_says_when_examples_are_cut_and_names_splits_not_cache_paths() {
+    let project = Project::tiny();
+    let output = project.ok(&[
+        "run",
+        "pipeline.yaml",
+        "--no-report",
+        "--stage",
+        "train",
+        "--set",
+        "stages.train.train.max_seq_len=8",
+    ]);
+    let log = stderr(&output);
+    assert!(
+        log.contains("examples were longer than 8 tokens")
+            && log.contains("cut (truncation: prompt_left)"),
+        "{log}"
+    );
+    // Nothing left to train on: the message names the split and the stage.
+    let output = project.peftpipe(&[
+        "run",
+        "pipeline.yaml",
+        "--no-report",
+        "--stage",
+        "train",
+        "--set",
+        "stages.train.train.max_seq_len=2",
+        "--set",
+        "stages.train.train.truncation=drop",
+    ]);
+    let log = stderr(&output);
+    assert!(!output.status.success());
+    assert!(
+        log.contains("split `train` of stage `prompts`: no example left to train on"),
+        "{log}"
+    );
+    assert!(!log.contains(".peftpipe/cache"), "{log}");
+}

@@ -116,15 +116,17 @@ pub fn dtype_from_name(name: &str) -> DType {
     }
 }
 
-/// Read two Utf8 columns of a Parquet file, row by row. Errors name the file, column and row.
+/// Read two Utf8 columns of a Parquet file, row by row. Errors name the file as `shown` (the
+/// split and stage it is, not its cache path), the column and the row.
 pub fn read_text_columns(
     path: &Path,
+    shown: &str,
     columns: [&str; 2],
 ) -> Result<Vec<(String, String)>, StageError> {
     let file = std::fs::File::open(path)
-        .map_err(|error| StageError::user(format!("{}: {error}", path.display())))?;
+        .map_err(|error| StageError::user(format!("{}: {error}", shown)))?;
     let builder = ParquetRecordBatchReaderBuilder::try_new(file)
-        .map_err(|error| StageError::user(format!("{}: {error}", path.display())))?;
+        .map_err(|error| StageError::user(format!("{}: {error}", shown)))?;
     let schema = builder.schema().clone();
     let mut indices = Vec::new();
     for column in columns {
@@ -132,7 +134,7 @@ pub fn read_text_columns(
             let available: Vec<&str> = schema.fields().iter().map(|f| f.name().as_str()).collect();
             StageError::user(format!(
                 "{}: no column `{column}` (columns: {})",
-                path.display(),
+                shown,
                 available.join(", ")
             ))
         })?;
@@ -142,14 +144,11 @@ pub fn read_text_columns(
     let reader = builder
         .with_projection(mask)
         .build()
-        .map_err(|error| StageError::user(format!("{}: {error}", path.display())))?;
+        .map_err(|error| StageError::user(format!("{}: {error}", shown)))?;
     let mut rows = Vec::new();
     for (batch_index, batch) in reader.enumerate() {
         let batch = batch.map_err(|error| {
-            StageError::user(format!(
-                "{}: record batch {batch_index}: {error}",
-                path.display()
-            ))
+            StageError::user(format!("{}: record batch {batch_index}: {error}", shown))
         })?;
         let mut texts: Vec<Vec<String>> = Vec::new();
         for column in columns {
@@ -164,7 +163,7 @@ pub fn read_text_columns(
                 other => {
                     return Err(StageError::user(format!(
                         "{}: column `{column}` is {other}, expected text",
-                        path.display()
+                        shown
                     )))
                 }
             };
@@ -173,7 +172,7 @@ pub fn read_text_columns(
                 let Some(value) = value else {
                     return Err(StageError::user(format!(
                         "{}: column `{column}` is null in row {}",
-                        path.display(),
+                        shown,
                         start + offset
                     )));
                 };
@@ -197,6 +196,16 @@ pub struct FitCounts {
     pub truncated: usize,
     pub dropped: usize,
     pub without_completion: usize,
+}
+
+/// `truncation`'s YAML value.
+fn truncation_name(truncation: crate::config::train::Truncation) -> &'static str {
+    use crate::config::train::Truncation;
+    match truncation {
+        Truncation::PromptLeft => "truncation: prompt_left",
+        Truncation::Right => "truncation: right",
+        Truncation::Drop => "truncation: drop",
+    }
 }
 
 /// Tokenize and fit prompt/completion pairs.
@@ -255,22 +264,21 @@ fn read_eval_split(
     if !path.is_file() {
         let splits = super::evaluate::available_splits(data_dir);
         return Err(StageError::user(format!(
-            "eval_split: stage `{}` has no split `{split}` ({} is missing; its splits: {})",
+            "eval_split: stage `{}` has no split `{split}` (its splits: {})",
             config.data,
-            path.display(),
             splits.join(", ")
         )));
     }
-    let mut rows = read_text_columns(&path, ["prompt", "completion"])?;
+    let shown = format!("eval_split `{split}` of stage `{}`", config.data);
+    let mut rows = read_text_columns(&path, &shown, ["prompt", "completion"])?;
     if let Some(limit) = config.eval_max_rows {
         rows.truncate(limit);
     }
     let (sequences, counts) = prepare_sequences(tokenizer, &rows, config, max_length)
-        .map_err(|error| StageError::user(format!("{}: {error}", path.display())))?;
+        .map_err(|error| StageError::user(format!("{shown}: {error}")))?;
     if sequences.is_empty() {
         return Err(StageError::user(format!(
-            "{}: no example left to evaluate on ({} rows, {} dropped as too long, {} without completion tokens)",
-            path.display(),
+            "{shown}: no example left to evaluate on ({} rows, {} dropped as too long, {} without completion tokens)",
             rows.len(),
             counts.dropped,
             counts.without_completion
@@ -478,17 +486,45 @@ pub fn train_job(
 
     // Data.
     let data_path = job.upstream_dir.join(format!("{}.parquet", config.split));
-    let rows = read_text_columns(&data_path, ["prompt", "completion"])?;
+    let shown = format!("split `{}` of stage `{}`", config.split, config.data);
+    if !data_path.is_file() {
+        let splits = super::evaluate::available_splits(&job.upstream_dir);
+        return Err(user(format!(
+            "split: stage `{}` has no split `{}` (its splits: {})",
+            config.data,
+            config.split,
+            splits.join(", ")
+        )));
+    }
+    let rows = read_text_columns(&data_path, &shown, ["prompt", "completion"])?;
     let (sequences, counts) = prepare_sequences(&tokenizer, &rows, config, max_length)
-        .map_err(|error| user(format!("{}: {error}", data_path.display())))?;
+        .map_err(|error| user(format!("{shown}: {error}")))?;
     if sequences.is_empty() {
         return Err(user(format!(
-                "{}: no example left to train on ({} rows, {} dropped as too long, {} without completion tokens)",
-                data_path.display(),
+                "{shown}: no example left to train on ({} rows, {} dropped as too long, {} without completion tokens)",
                 rows.len(),
                 counts.dropped,
                 counts.without_completion
             )));
+    }
+    if main_rank && (counts.truncated > 0 || counts.dropped > 0) {
+        // Said where the run is watched, not only in summary.json (evaluate says it too).
+        let capped = if max_length < config.max_seq_len {
+            format!(
+                " (max_seq_len {} is capped at the model's context: {max_length})",
+                config.max_seq_len
+            )
+        } else {
+            String::new()
+        };
+        progress.note(format!(
+            "{} of {} examples were longer than {max_length} tokens: {} cut ({}), {} dropped{capped}",
+            counts.truncated + counts.dropped,
+            rows.len(),
+            counts.truncated,
+            truncation_name(config.truncation),
+            counts.dropped
+        ));
     }
 
     // The held-out split evaluated during training (its first `eval_max_rows` rows).
