@@ -88,7 +88,8 @@ pub struct EvaluateConfig {
     pub batch_size: usize,
     /// Longest sequence in tokens; longer prompts lose tokens from the left, down to the BOS
     /// token, and only a completion that does not fit even then is cut on the right (its EOS
-    /// first). Default: the model's `max_position_embeddings`.
+    /// first). At least 2, and 3 when the stage generates (samples, exact match). Default: the
+    /// model's context (`max_position_embeddings`, GPT-2's `n_positions`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_length: Option<usize>,
     /// Append the tokenizer's EOS token to every scored completion and candidate, as the train
@@ -610,10 +611,24 @@ impl StageSpec for EvaluateConfig {
                     .about_value(),
             );
         }
-        if self.max_length == Some(0) {
+        // A scored sequence keeps its first token (BOS) and one more; a generation also needs
+        // room for one new token after them.
+        let generates = self.samples > 0 || self.metrics.exact_match.is_some();
+        let least = if generates { 3 } else { 2 };
+        if let Some(length) = self.max_length.filter(|&length| length < least) {
             problems.push(
-                Problem::new(format!("{at}.max_length"), "max_length must be at least 1")
-                    .about_value(),
+                Problem::new(
+                    format!("{at}.max_length"),
+                    format!(
+                        "max_length {length} is too short: a prompt keeps its first token and one more{}",
+                        if generates {
+                            ", and generating (samples, exact_match) needs room for a new token: at least 3"
+                        } else {
+                            ": at least 2"
+                        }
+                    ),
+                )
+                .about_value(),
             );
         }
         if self.samples > 0 && self.sample_max_new_tokens == 0 {
@@ -967,6 +982,31 @@ stages:
   prompts: { template: { input: data } }
   tune: { train: { data: prompts, model: base-model } }
 ";
+
+    #[test]
+    fn max_length_leaves_room_for_what_the_stage_does() {
+        let paths = |evaluate: &str| {
+            problems_of(
+                &format!("{HEAD}  eval: {{ evaluate: {evaluate} }}\n"),
+                &["prompt", "completion"],
+            )
+            .into_iter()
+            .map(|problem| problem.path)
+            .collect::<Vec<_>>()
+        };
+        // Samples (3 by default) generate: 2 tokens leave no room for a new one.
+        assert_eq!(
+            paths("{ model: tune, data: prompts, max_length: 2 }"),
+            ["stages.eval.evaluate.max_length"]
+        );
+        assert!(paths("{ model: tune, data: prompts, max_length: 3 }").is_empty());
+        // Loss alone: a first token and one scored token.
+        assert!(paths("{ model: tune, data: prompts, max_length: 2, samples: 0 }").is_empty());
+        assert_eq!(
+            paths("{ model: tune, data: prompts, max_length: 1, samples: 0 }"),
+            ["stages.eval.evaluate.max_length"]
+        );
+    }
 
     #[test]
     fn defaults_fill_every_field() {
