@@ -10,7 +10,7 @@
 use std::path::Path;
 
 use crate::config::chat_template::ChatTemplateSource;
-use crate::config::ingest::InputFormat;
+use crate::config::ingest::{IngestConfig, InputFormat};
 use crate::config::probe::{LinearLayerShape, ModelContext, ModelFacts, Probe, Stored4bit};
 use crate::data::chat::ChatTemplate;
 use crate::data::source::peek_columns;
@@ -31,6 +31,81 @@ impl Probe for StandardProbe {
 
     fn check_chat_template(&self, source: &ChatTemplateSource) -> Result<(), String> {
         ChatTemplate::new(source.clone()).map(|_| ())
+    }
+
+    fn check_column_types(&self, path: &Path, ingest: &IngestConfig) -> Vec<(String, String)> {
+        let Ok(schema) = crate::data::source::peek_schema(path, ingest.format) else {
+            return Vec::new();
+        };
+        // The stage's output schema: the selected columns, renamed, with their stored types.
+        let selected: Vec<&arrow::datatypes::Field> = if ingest.columns.is_empty() {
+            schema.fields().iter().map(AsRef::as_ref).collect()
+        } else {
+            ingest
+                .columns
+                .iter()
+                .filter_map(|name| schema.field_with_name(name).ok())
+                .collect()
+        };
+        let mapped = arrow::datatypes::Schema::new(
+            selected
+                .into_iter()
+                .map(|field| {
+                    let name = ingest
+                        .rename
+                        .get(field.name())
+                        .cloned()
+                        .unwrap_or_else(|| field.name().clone());
+                    arrow::datatypes::Field::new(
+                        name,
+                        crate::data::source::stored_type(field.data_type()),
+                        true,
+                    )
+                })
+                .collect::<Vec<_>>(),
+        );
+        let mut problems = Vec::new();
+        for (index, filter) in ingest.filters.iter().enumerate() {
+            if mapped.index_of(filter.column()).is_err() {
+                continue;
+            }
+            if let Err(error) = crate::data::filter::RowFilters::compile(
+                std::slice::from_ref(filter),
+                false,
+                &mapped,
+            ) {
+                problems.push((format!("filters[{index}]"), error.to_string()));
+            }
+        }
+        // Dedup keys and strata are read as text.
+        let as_text = |name: &str| {
+            mapped.field_with_name(name).ok().and_then(|field| {
+                (!arrow::compute::can_cast_types(
+                    field.data_type(),
+                    &arrow::datatypes::DataType::Utf8,
+                ))
+                .then(|| field.data_type().clone())
+            })
+        };
+        for (index, column) in ingest.dedup.iter().enumerate() {
+            if let Some(data_type) = as_text(column) {
+                problems.push((
+                    format!("dedup[{index}]"),
+                    format!("column `{column}` is {data_type}, which has no text form to compare rows by"),
+                ));
+            }
+        }
+        if let Some(column) = &ingest.split.stratify_by {
+            if let Some(data_type) = as_text(column) {
+                problems.push((
+                    "split.stratify_by".to_string(),
+                    format!(
+                        "column `{column}` is {data_type}, which has no text form to group rows by"
+                    ),
+                ));
+            }
+        }
+        problems
     }
 
     fn check_model(&self, dir: &Path) -> ModelFacts {

@@ -120,6 +120,7 @@ const INVALID: &[(&str, &[&str])] = &[
     ("split_fractions_do_not_add_up", &[]),
     ("train_evaluation_problems", &[]),
     ("split_read_problems", &[]),
+    ("filter_column_types", &[]),
     ("train_devices_problems", &[]),
     ("evaluate_reads_a_non_train_stage", &[]),
     ("yaml_alias_bomb", &[]),
@@ -150,6 +151,7 @@ macro_rules! invalid_fixture_tests {
 invalid_fixture_tests!(
     train_evaluation_problems,
     split_read_problems,
+    filter_column_types,
     train_devices_problems,
     unknown_top_level_key,
     misspelled_stage_field,

@@ -324,7 +324,7 @@ fn open(path: &Path) -> Result<File, String> {
 /// are all null in the records schema inference saw, a Parquet column of nulls) becomes a
 /// string column of nulls, so templates and filters treat its values as nulls rather than as a
 /// type of their own that renders as "".
-fn stored_type(data_type: &DataType) -> DataType {
+pub fn stored_type(data_type: &DataType) -> DataType {
     match data_type {
         DataType::Null => DataType::Utf8,
         other => other.clone(),

@@ -454,6 +454,12 @@ impl StageSpec for IngestConfig {
             }
             check_filter_values(filter, &format!("{at}.filters[{index}]"), problems);
         }
+        for (key, message) in cx.probe.check_column_types(&first.path, self) {
+            problems.push(
+                Problem::new(format!("{at}.{key}"), format!("{message} ({})", first.key))
+                    .about_value(),
+            );
+        }
         for (index, column) in self.dedup.iter().enumerate() {
             if !mapped.contains(column) {
                 problems.push(

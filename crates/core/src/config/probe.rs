@@ -88,6 +88,18 @@ pub trait Probe: Sync {
     /// Check the model directory `dir` as loading it will (config.json, the safetensors
     /// headers, the tokenizer files) and describe it; never reads weights.
     fn check_model(&self, dir: &Path) -> ModelFacts;
+
+    /// The ingest stage's filters, dedup and stratify columns against the column types of its
+    /// first input file (after selection and renaming), as the run will compile them: each
+    /// problem as (key under the stage, e.g. `filters[0]` or `dedup[1]`, message). Names that
+    /// are not columns are the caller's to report. The default knows no types: no problem.
+    fn check_column_types(
+        &self,
+        _path: &Path,
+        _ingest: &super::ingest::IngestConfig,
+    ) -> Vec<(String, String)> {
+        Vec::new()
+    }
 }
 
 /// A probe for unit tests of the core: knows no file, compiles chat templates with plain
