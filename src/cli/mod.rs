@@ -98,7 +98,7 @@ impl From<ColorArg> for crate::report::ColorChoice {
 pub struct PipelineArgs {
     /// The pipeline YAML file.
     pub pipeline: PathBuf,
-    /// Override a value: `--set stages.prompts.template.k=4` (YAML value; part of the fingerprint).
+    /// Override a value: `--set stages.train.train.method.lora.r=16` (YAML value; part of the fingerprint).
     #[arg(long = "set", value_name = "KEY=VALUE")]
     pub overrides: Vec<String>,
     /// Let template files and export destinations resolve outside the project directory.

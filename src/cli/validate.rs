@@ -17,7 +17,7 @@ pub struct ValidateArgs {
     /// Pipeline files to check.
     #[arg(required = true, value_name = "FILE")]
     pub pipelines: Vec<PathBuf>,
-    /// Override a value in every file: `--set stages.prompts.template.k=4` (VALUE is YAML).
+    /// Override a value in every file: `--set stages.train.train.method.lora.r=16` (VALUE is YAML).
     #[arg(long = "set", value_name = "KEY=VALUE")]
     pub overrides: Vec<String>,
     /// Accept template files and export destinations outside the project directory (as

@@ -1,4 +1,4 @@
-//! Rendering of plans: `peftpipe status` (`[FRESH] data`, `[DIRTY] prompts: parameter template.k
+//! Rendering of plans: `peftpipe status` (`[FRESH] data`, `[DIRTY] prompts: parameter template.few_shot.k
 //! changed (3 → 4)`, `[DIRTY] export: published output out/adapter changed (README.md content
 //! differs)`, `[DIRTY] train: cached output of an earlier run with these inputs; the published
 //! copies are another run's`, `[DIRTY] train: never run (the last run with these inputs failed:

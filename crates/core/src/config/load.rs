@@ -1209,7 +1209,7 @@ fn apply_override_unboxed(document: &mut Document, argument: &str) -> Result<(),
     let Some((key, text)) = argument.split_once('=') else {
         return Err(
             origin_problem("", format!("`--set {argument}` is not KEY=VALUE"))
-                .with_hint("e.g. `--set stages.prompts.template.k=4`"),
+                .with_hint("e.g. `--set stages.train.train.method.lora.r=16`"),
         );
     };
     let key = key.trim();
