@@ -1075,6 +1075,11 @@ fn auxiliary_modules_save_peft_names_and_config_fields() {
         serde_json::json!(["lm_head", "embed_tokens"])
     );
     assert_eq!(config["trainable_token_indices"], serde_json::Value::Null);
+    // IA3Config has no `trainable_token_indices`: PEFT warns about a key it does not know.
+    let (config, _, _) = saved("ia3: {modules_to_save: [lm_head]}");
+    assert_eq!(config["peft_type"], "IA3");
+    assert_eq!(config["modules_to_save"], serde_json::json!(["lm_head"]));
+    assert!(config.get("trainable_token_indices").is_none(), "{config}");
     assert_eq!(
         extra,
         [

@@ -146,13 +146,17 @@ impl AuxiliarySpec {
         })
     }
 
-    /// The two fields written into `config` as PEFT writes them (`null` when not asked).
+    /// The two fields written into `config` as PEFT writes them: `modules_to_save` always
+    /// (`null` when not asked), `trainable_token_indices` only when asked (IA3Config has no such
+    /// field, and PEFT warns about a key its config class does not know).
     fn write_into(&self, config: &mut Value) {
         if let Value::Object(map) = config {
-            map.insert(
-                TOKENS_KEY.into(),
-                serde_json::to_value(&self.trainable_token_indices).unwrap_or(Value::Null),
-            );
+            if self.trainable_token_indices.is_some() {
+                map.insert(
+                    TOKENS_KEY.into(),
+                    serde_json::to_value(&self.trainable_token_indices).unwrap_or(Value::Null),
+                );
+            }
             map.insert(
                 MODULES_KEY.into(),
                 serde_json::to_value(&self.modules_to_save).unwrap_or(Value::Null),
