@@ -33,6 +33,10 @@ impl Probe for StandardProbe {
         ChatTemplate::new(source.clone()).map(|_| ())
     }
 
+    fn gguf_problem(&self, dir: &Path) -> Option<String> {
+        crate::models::gguf::export_problem(dir)
+    }
+
     fn check_column_types(&self, path: &Path, ingest: &IngestConfig) -> Vec<(String, String)> {
         let Ok(schema) = crate::data::source::peek_schema(path, ingest.format) else {
             return Vec::new();

@@ -189,6 +189,19 @@ pub fn permute_rotary_rows(
 }
 
 /// Why a model cannot be written as GGUF (None: it can).
+/// Why a GGUF export of the model in `model_dir` would fail, found from its config.json and
+/// tokenizer files alone (what `validate` asks before training): an architecture or vocabulary
+/// the writer does not handle.
+pub fn export_problem(model_dir: &Path) -> Option<String> {
+    let base = ModelDir::open(model_dir).ok()?;
+    if let Some(reason) = unsupported_reason(base.config()) {
+        return Some(reason);
+    }
+    Vocabulary::read(model_dir, base.config().vocab_size())
+        .err()
+        .map(|error| error.to_string())
+}
+
 fn unsupported_reason(config: &ModelConfig) -> Option<String> {
     match config {
         ModelConfig::Gpt2(_) => Some(

@@ -320,6 +320,26 @@ impl ExportConfig {
                 }
             }
         }
+        if let (Some(StageConfig::Train(train)), Some(_)) =
+            (cx.pipeline.stages.get(&self.from), &self.gguf)
+        {
+            let weight_update = !matches!(
+                train.method.name(),
+                "prompt_tuning" | "prefix_tuning" | "llama_adapter"
+            );
+            if let (true, Ok(dir)) = (
+                weight_update,
+                super::hub::resolve_model_dir(cx.project_dir, &train.model),
+            ) {
+                if let Some(reason) = cx.probe.gguf_problem(&dir) {
+                    problems.push(
+                        Problem::new(format!("{at}.gguf"), reason)
+                            .about_value()
+                            .with_hint("export `merged: DIR` and convert it with llama.cpp's convert_hf_to_gguf.py"),
+                    );
+                }
+            }
+        }
         if let Some(StageConfig::Train(train)) = cx.pipeline.stages.get(&self.from) {
             if let (super::method::MethodConfig::Ia3(ia3), true) =
                 (&train.method, self.merged.is_some() || self.gguf.is_some())

@@ -93,6 +93,12 @@ pub trait Probe: Sync {
     /// first input file (after selection and renaming), as the run will compile them: each
     /// problem as (key under the stage, e.g. `filters[0]` or `dedup[1]`, message). Names that
     /// are not columns are the caller's to report. The default knows no types: no problem.
+    /// Why a GGUF export of the model in `dir` would fail (an architecture or vocabulary the
+    /// writer does not handle), from its files alone. The default knows none.
+    fn gguf_problem(&self, _dir: &Path) -> Option<String> {
+        None
+    }
+
     fn check_column_types(
         &self,
         _path: &Path,
