@@ -41,7 +41,6 @@ pub struct StepRow {
     pub loss: Option<f64>,
     pub lr: Option<f64>,
     pub grad_norm: Option<f64>,
-    pub tokens_per_second: Option<f64>,
     pub eval_loss: Option<f64>,
 }
 
@@ -54,7 +53,6 @@ impl StepRow {
             loss: field("loss"),
             lr: field("lr"),
             grad_norm: field("grad_norm"),
-            tokens_per_second: field("tokens_per_second"),
             eval_loss: field("eval_loss"),
         })
     }
@@ -214,10 +212,6 @@ fn training_section(input: &ReportInput) -> String {
             (
                 "Gradient norm",
                 vec![("grad norm", series(|row| row.grad_norm))],
-            ),
-            (
-                "Tokens per second",
-                vec![("tokens/s", series(|row| row.tokens_per_second))],
             ),
         ];
         for (title, lines) in charts {
