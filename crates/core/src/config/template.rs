@@ -600,6 +600,27 @@ pub(crate) fn check_split_read(
     }
 }
 
+/// A demonstration for validation's trial render: a map of the row's columns (each the string
+/// `x`) that notes every other field a template asks of it.
+#[derive(Debug)]
+struct StandInDemonstration {
+    columns: BTreeSet<String>,
+    unknown: std::sync::Arc<std::sync::Mutex<BTreeSet<String>>>,
+}
+
+impl minijinja::value::Object for StandInDemonstration {
+    fn get_value(self: &std::sync::Arc<Self>, key: &minijinja::Value) -> Option<minijinja::Value> {
+        let name = key.as_str()?;
+        if self.columns.contains(name) {
+            return Some(minijinja::Value::from("x"));
+        }
+        if let Ok(mut unknown) = self.unknown.lock() {
+            unknown.insert(name.to_string());
+        }
+        None
+    }
+}
+
 fn column_hint(name: &str, available: &[String]) -> String {
     let list = available.join(", ");
     match did_you_mean(name, available.iter().map(String::as_str)) {
@@ -887,6 +908,64 @@ impl StageSpec for TemplateConfig {
                 }
             }
         }
+        // A demonstration's fields are read through a loop variable (`{{ e.sentense }}`), which
+        // the variable check above cannot see: render once with stand-in demonstrations that
+        // note every field asked of them that is no column. Only those are reported; any other
+        // error may come from the stand-in values and is the run's to find.
+        if let (Some(columns), Some(few_shot), true) = (
+            columns,
+            &self.few_shot,
+            uses_examples && self.chat.is_none(),
+        ) {
+            let asked = std::sync::Arc::new(std::sync::Mutex::new(BTreeSet::new()));
+            let demonstration = minijinja::Value::from_object(StandInDemonstration {
+                columns: columns.iter().cloned().collect(),
+                unknown: asked.clone(),
+            });
+            let mut context: BTreeMap<String, minijinja::Value> = columns
+                .iter()
+                .map(|column| (column.clone(), minijinja::Value::from("x")))
+                .collect();
+            context.insert(
+                "examples".to_string(),
+                minijinja::Value::from(vec![demonstration; few_shot.k.clamp(1, 4)]),
+            );
+            env.set_fuel(Some(self.render_limits().fuel));
+            for (source, key) in resolved.row_templates() {
+                // A template that tests for missing fields (`is defined`, `default`) may ask
+                // for fields no row has, on purpose.
+                let tests_fields = ["defined", "default", "get("]
+                    .iter()
+                    .any(|word| source.source.contains(word));
+                let Ok(template) = env.get_template(&source.name) else {
+                    continue;
+                };
+                if tests_fields {
+                    continue;
+                }
+                let _ = template.render(&context);
+                let unknown: Vec<String> = asked
+                    .lock()
+                    .map(|mut names| std::mem::take(&mut *names).into_iter().collect())
+                    .unwrap_or_default();
+                for name in unknown {
+                    problems.push(
+                        Problem::new(
+                            format!("{at}.{key}"),
+                            format!(
+                                "a demonstration's `{name}` is not a column of stage `{}`",
+                                self.input
+                            ),
+                        )
+                        .about_value()
+                        .with_hint(format!(
+                            "a demonstration has the row's columns; {}",
+                            column_hint(&name, columns)
+                        )),
+                    );
+                }
+            }
+        }
         // Chat turns take the demonstrations themselves; a prompt must loop over them.
         if self.few_shot.is_some() && self.chat.is_none() && !uses_examples && !includes {
             problems.push(
@@ -990,6 +1069,31 @@ mod tests {
             let problems = check(&format!("{HEADER}{stage}"), &["text", "label"]);
             assert!(problems.is_empty(), "{stage}: {problems:?}");
         }
+    }
+
+    #[test]
+    fn a_demonstration_field_no_column_provides_is_reported() {
+        let stage = "      prompt: \"{% for e in examples %}{{ e.sentense }} {{ e.label }}\n{% endfor %}{{ sentence }}\"\n      completion: \"{{ label }}\"\n      few_shot: {k: 2}\n";
+        let problems = check(&format!("{HEADER}{stage}"), &["sentence", "label"]);
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert_eq!(problems[0].path, "stages.prompts.template.prompt");
+        assert!(
+            problems[0].message.contains("`sentense`")
+                && problems[0]
+                    .hint
+                    .as_deref()
+                    .is_some_and(|hint| hint.contains("did you mean `sentence`")),
+            "{:?}",
+            problems[0].message
+        );
+        // Fields that are columns, and filters on them, are fine.
+        let stage = "      prompt: \"{% for e in examples %}{{ e.sentence | upper }} {{ e['label'] }}{% endfor %}{{ sentence }}\"\n      completion: \"{{ label }}\"\n      few_shot: {k: 2}\n";
+        let problems = check(&format!("{HEADER}{stage}"), &["sentence", "label"]);
+        assert!(problems.is_empty(), "{problems:?}");
+        // A template that tests for a missing field on purpose.
+        let stage = "      prompt: \"{% for e in examples %}{% if e.note is defined %}{{ e.note }}{% endif %}{{ e.sentence }}{% endfor %}{{ sentence }}\"\n      completion: \"{{ label }}\"\n      few_shot: {k: 2}\n";
+        let problems = check(&format!("{HEADER}{stage}"), &["sentence", "label"]);
+        assert!(problems.is_empty(), "{problems:?}");
     }
 
     #[test]
