@@ -57,6 +57,26 @@ pub fn peek_schema(path: &Path, format: Option<InputFormat>) -> Result<Schema, S
                 arrow::json::reader::infer_json_schema(&mut reader, Some(INFER_RECORDS)).map_err(
                     |e| jsonl_error(&path.display().to_string(), path, None, &e.to_string()),
                 )?;
+            // The records the types were inferred from must decode into them (a key that is a
+            // number on one line and a string on another does not): said here, where validate
+            // sees it, as a bad CSV record among them is.
+            let schema_ref = std::sync::Arc::new(schema.clone());
+            let first = arrow::json::ReaderBuilder::new(schema_ref.clone())
+                .with_batch_size(INFER_RECORDS)
+                .build(jsonl_reader(path)?)
+                .map_err(|e| format!("{}: {e}", path.display()))?
+                .next();
+            if let Some(Err(error)) = first {
+                return Err(format!(
+                    "{} (column types are inferred from the first {INFER_RECORDS} records: give a key one type on every line)",
+                    jsonl_error(
+                        &path.display().to_string(),
+                        path,
+                        Some(&schema_ref),
+                        &error.to_string()
+                    )
+                ));
+            }
             Ok(schema)
         }
         InputFormat::Csv => infer_csv_schema(&path.display().to_string(), open(path)?),
