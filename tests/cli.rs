@@ -65,7 +65,7 @@ fn init_reads_the_columns_of_the_data_and_uses_the_model() {
     assert!(text.contains("columns: [\"text\", \"label\"]"), "{text}");
     assert!(text.contains("prompt: \"{{ text }}\""), "{text}");
     assert!(text.contains("completion: \" {{ label }}\""), "{text}");
-    assert!(text.contains("\n      model: model\n"), "{text}");
+    assert!(text.contains("\n      model: \"model\"\n"), "{text}");
     assert!(!text.contains("# train:"), "{text}");
     let validated = project.peftpipe(&["validate", "reviews.yaml"]);
     assert!(
@@ -275,4 +275,43 @@ fn training_says_when_examples_are_cut_and_names_splits_not_cache_paths() {
         "{log}"
     );
     assert!(!log.contains(".peftpipe/cache"), "{log}");
+}
+
+#[test]
+fn init_quotes_what_the_user_named_and_makes_a_valid_pipeline_name() {
+    let project = Project::empty();
+    project.write(
+        "my data #1: v1.jsonl",
+        "{\"question\": \"2 + 2 =\", \"answer\": \"4\"}\n{\"question\": \"1 + 2 =\", \"answer\": \"3\"}\n",
+    );
+    for output in ["sft.v2.yaml", "true.yaml"] {
+        project.ok(&[
+            "init",
+            "--data",
+            "my data #1: v1.jsonl",
+            "--model",
+            "models/my model",
+            "-o",
+            output,
+        ]);
+        let text = std::fs::read_to_string(project.path(output)).expect("written");
+        assert!(
+            text.contains("path: \"my data #1: v1.jsonl\"")
+                && text.contains("model: \"models/my model\"")
+                && text.contains(&format!("`peftpipe validate {output}`")),
+            "{text}"
+        );
+        // The model folder does not exist: the only problem validate may find is that one.
+        let output = project.peftpipe(&["validate", output]);
+        let log = stderr(&output);
+        assert!(
+            log.contains("stages.train.train.model: model directory")
+                && log.contains("error: 1 problem in 1 of 1 file"),
+            "{log}"
+        );
+    }
+    let text = std::fs::read_to_string(project.path("sft.v2.yaml")).expect("written");
+    assert!(text.contains("name: \"sft_v2\""), "{text}");
+    let text = std::fs::read_to_string(project.path("true.yaml")).expect("written");
+    assert!(text.contains("name: \"true\""), "{text}");
 }

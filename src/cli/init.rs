@@ -55,7 +55,7 @@ fn example_rows() -> String {
     for left in 0..8 {
         for right in 0..5 {
             text.push_str(&format!(
-                "{{\"prompt\": \"{left} + {right} =\", \"completion\": \" {}\"}}\n",
+                "{{\"prompt\": \"{left} + {right} =\", \"completion\": \"{}\"}}\n",
                 left + right
             ));
         }
@@ -73,9 +73,33 @@ fn relative_to(path: &Path, base: &Path) -> String {
     }
 }
 
-/// The pipeline text.
+/// A valid pipeline name from a file stem: letters, digits, `-` and `_` (others become `_`), at
+/// most 64 characters (`sft.v2` → `sft_v2`).
+fn pipeline_name(stem: &str) -> String {
+    let name: String = stem
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .take(crate::config::load::MAX_NAME_LENGTH)
+        .collect();
+    if name.is_empty() {
+        "pipeline".into()
+    } else {
+        name
+    }
+}
+
+/// The pipeline text; `file` is the pipeline file's name, for the commands its comments show.
+/// Every value that comes from the user (name, paths, columns) is written quoted, so YAML reads
+/// it as the string it is (`true`, `a #b`, `x: y`).
 pub fn pipeline_text(
     name: &str,
+    file: &str,
     data: &str,
     columns: &[String],
     prompt: &str,
@@ -90,22 +114,22 @@ pub fn pipeline_text(
         .join(", ");
     let mut text = format!(
         "# yaml-language-server: $schema=pipeline.schema.json\n\
-         # Written by `peftpipe init`. Check it: `peftpipe validate {name}.yaml`;\n\
-         # run it: `peftpipe run {name}.yaml`; see it: `peftpipe report {name}.yaml`.\n\
+         # Written by `peftpipe init`. Check it: `peftpipe validate {file}`;\n\
+         # run it: `peftpipe run {file}`; see it: `peftpipe report {file}`.\n\
          # Every key is described in pipeline.schema.json (editors with YAML support complete them).\n\
-         name: {name}\n\
+         name: {quoted_name}\n\
          seed: 1\n\
          stages:\n\
          \x20 # Read the data, keep the columns the prompts use, split train/eval.\n\
          \x20 data:\n\
          \x20   ingest:\n\
-         \x20     path: {data}\n\
+         \x20     path: {quoted_data}\n\
          \x20     columns: [{column_list}]\n\
          \x20     drop_nulls: true\n\
          \x20     split:\n\
          \x20       fractions: {{train: 0.9, eval: 0.1}}\n\
          \x20 # Render each row as prompt + completion (minijinja templates over the columns).\n\
-         \x20 # Look at the result: `peftpipe preview {name}.yaml --stage prompts -n 3`.\n\
+         \x20 # Look at the result: `peftpipe preview {file} --stage prompts -n 3`.\n\
          \x20 prompts:\n\
          \x20   template:\n\
          \x20     input: data\n\
@@ -113,9 +137,12 @@ pub fn pipeline_text(
          \x20     completion: {}\n",
         quoted(&format!("{{{{ {prompt} }}}}")),
         quoted(&format!(" {{{{ {completion} }}}}")),
+        quoted_name = quoted(name),
+        quoted_data = quoted(data),
     );
-    let model_line =
-        model.unwrap_or("path/to/model   # a Hugging Face model directory or hf://org/name");
+    let model_line = model.map(quoted).unwrap_or_else(|| {
+        "path/to/model   # a Hugging Face model directory or hf://org/name".to_string()
+    });
     let training = format!(
         "# Fine-tune with LoRA (the base model stays untouched; only the adapter is trained).\n\
          train:\n\
@@ -216,11 +243,17 @@ fn init(args: &InitArgs) -> Result<Vec<PathBuf>, (String, u8)> {
         .filter(|parent| !parent.as_os_str().is_empty())
         .unwrap_or(Path::new("."))
         .to_path_buf();
-    let name = output
-        .file_stem()
-        .and_then(|stem| stem.to_str())
-        .unwrap_or("pipeline")
+    let file_name = output
+        .file_name()
+        .and_then(|name| name.to_str())
+        .unwrap_or("pipeline.yaml")
         .to_string();
+    let name = pipeline_name(
+        output
+            .file_stem()
+            .and_then(|stem| stem.to_str())
+            .unwrap_or("pipeline"),
+    );
     let mut written = Vec::new();
     let data = match &args.data {
         Some(data) => data.clone(),
@@ -260,6 +293,7 @@ fn init(args: &InitArgs) -> Result<Vec<PathBuf>, (String, u8)> {
     let used = vec![prompt.clone(), completion.clone()];
     let text = pipeline_text(
         &name,
+        &file_name,
         &data_text,
         &used,
         &prompt,

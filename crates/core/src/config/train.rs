@@ -365,6 +365,10 @@ pub const TOKENIZER_FILES: &[&str] = &[
 /// Files of a model directory that change what a stage over the model computes or writes:
 /// config.json, the weights (and their index) and every [`TOKENIZER_FILES`] entry it has.
 pub fn model_files(dir: &Path) -> Result<Vec<PathBuf>, String> {
+    // Worded as the model check words it, so validation reports it once.
+    if !dir.is_dir() {
+        return Err(format!("model directory {} does not exist", dir.display()));
+    }
     let entries = std::fs::read_dir(dir)
         .map_err(|error| format!("model directory {}: {error}", dir.display()))?;
     let mut files = Vec::new();
