@@ -299,3 +299,17 @@ fn metrics_show_marks_stale_stages_and_leaves_out_removed_ones() {
     let text = stdout(&project.ok(&["metrics", "show", "pipeline.yaml"]));
     assert!(!text.contains("export"), "{text}");
 }
+
+#[test]
+fn metrics_diff_with_a_pipeline_that_never_ran_says_so() {
+    let project = Project::tiny();
+    project.write("other.yaml", &tiny_yaml("other", 8));
+    project.ok(&["run", "pipeline.yaml", "--no-report"]);
+    let output = project.peftpipe(&["metrics", "diff", "pipeline.yaml", "other.yaml"]);
+    assert_eq!(output.status.code(), Some(1), "{}", stdout(&output));
+    assert!(
+        stderr(&output).contains("`other` has no recorded metrics"),
+        "{}",
+        stderr(&output)
+    );
+}

@@ -150,6 +150,16 @@ fn diff(global: &GlobalArgs, args: DiffArgs) -> u8 {
             return EXIT_FAILED;
         }
     };
+    // A side with no figures at all is a pipeline that never ran (or a revision before it
+    // did): every metric "added" or "removed" would hide that.
+    for (label, metrics) in [(&old_label, &old), (&new_label, &new)] {
+        if metrics.is_empty() {
+            report::error(&format!(
+                "nothing to compare: `{label}` has no recorded metrics (`peftpipe run` records them)"
+            ));
+            return EXIT_FAILED;
+        }
+    }
     let changes = render::diff(&old, &new);
     if global.json {
         report::json(&render::diff_json(&old_label, &new_label, &changes));
