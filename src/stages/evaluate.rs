@@ -72,19 +72,18 @@ impl Rows {
 }
 
 /// Read `columns` of a Parquet file as text (numbers and booleans as they print), at most
-/// `max_rows` rows. Errors name the file, column and row; nulls are errors.
+/// `max_rows` rows. Errors name the file as `shown` (the split and stage it is, not its cache
+/// path), the column and the row; nulls are errors.
 pub fn read_rows(
     path: &Path,
+    shown: &str,
     columns: &BTreeSet<String>,
     max_rows: Option<usize>,
 ) -> Result<Rows, StageError> {
     let file = File::open(path)
-        .map_err(|error| StageError::user(format!("cannot open {}: {error}", path.display())))?;
+        .map_err(|error| StageError::user(format!("cannot open {shown}: {error}")))?;
     let builder = ParquetRecordBatchReaderBuilder::try_new(file).map_err(|error| {
-        StageError::user(format!(
-            "{} is not a readable Parquet file: {error}",
-            path.display()
-        ))
+        StageError::user(format!("{shown} is not a readable Parquet file: {error}"))
     })?;
     let schema = builder.schema().clone();
     let mut indices = Vec::with_capacity(columns.len());
@@ -92,8 +91,7 @@ pub fn read_rows(
         let index = schema.index_of(name).map_err(|_| {
             let available: Vec<&str> = schema.fields().iter().map(|f| f.name().as_str()).collect();
             StageError::user(format!(
-                "{} has no column `{name}` (columns: {})",
-                path.display(),
+                "{shown} has no column `{name}` (columns: {})",
                 available.join(", ")
             ))
         })?;
@@ -106,7 +104,7 @@ pub fn read_rows(
     }
     let reader = builder
         .build()
-        .map_err(|error| StageError::user(format!("cannot read {}: {error}", path.display())))?;
+        .map_err(|error| StageError::user(format!("cannot read {shown}: {error}")))?;
     let mut rows = Rows::default();
     for name in columns {
         rows.columns.insert(name.clone(), Vec::new());
@@ -115,8 +113,7 @@ pub fn read_rows(
     for batch in reader {
         let batch = batch.map_err(|error| {
             StageError::user(format!(
-                "cannot read {} after row {}: {error}",
-                path.display(),
+                "cannot read {shown} after row {}: {error}",
                 rows.count
             ))
         })?;
@@ -126,8 +123,7 @@ pub fn read_rows(
             })?;
             let formatter = ArrayFormatter::try_new(array.as_ref(), &options).map_err(|error| {
                 StageError::user(format!(
-                    "{}: column `{name}` cannot be read as text: {error}",
-                    path.display()
+                    "{shown}: column `{name}` cannot be read as text: {error}"
                 ))
             })?;
             let out = rows
@@ -137,8 +133,7 @@ pub fn read_rows(
             for index in 0..array.len() {
                 if array.is_null(index) {
                     return Err(StageError::user(format!(
-                        "{}: column `{name}` is null in row {}",
-                        path.display(),
+                        "{shown}: column `{name}` is null in row {}",
                         rows.count + index
                     )));
                 }
@@ -988,7 +983,8 @@ impl Stage for EvaluateStage {
                 available_splits(data_dir).join(", ")
             )));
         }
-        let rows = read_rows(&table, &self.needed_columns(), config.max_rows)?;
+        let shown = format!("split `{}` of stage `{}`", config.split, config.data);
+        let rows = read_rows(&table, &shown, &self.needed_columns(), config.max_rows)?;
         if rows.count == 0 {
             return Err(StageError::user(format!(
                 "split `{}` of stage `{}` has no rows to evaluate",
@@ -1719,17 +1715,17 @@ mod tests {
         writer.write(&batch).unwrap();
         writer.close().unwrap();
         let wanted: BTreeSet<String> = ["prompt".to_string(), "label".to_string()].into();
-        let two = read_rows(&path, &wanted, Some(2)).unwrap();
+        let two = read_rows(&path, "the file", &wanted, Some(2)).unwrap();
         assert_eq!(two.count, 2);
         assert_eq!(two.columns["prompt"], ["p0", "p1"]);
         assert_eq!(two.columns["label"], ["0", "1"]);
-        let error = read_rows(&path, &wanted, None).unwrap_err();
+        let error = read_rows(&path, "the file", &wanted, None).unwrap_err();
         assert!(
             error.to_string().contains("`prompt` is null in row 2"),
             "{error}"
         );
         let missing: BTreeSet<String> = ["answer".to_string()].into();
-        let error = read_rows(&path, &missing, None).unwrap_err();
+        let error = read_rows(&path, "the file", &missing, None).unwrap_err();
         assert!(error.to_string().contains("no column `answer`"), "{error}");
     }
 }
