@@ -583,18 +583,13 @@ impl StageSpec for EvaluateConfig {
             format!("{at}.data"),
             problems,
         );
-        if self.split.trim().is_empty() {
-            problems
-                .push(Problem::new(format!("{at}.split"), "the split name is empty").about_value());
-        } else {
-            super::template::check_split_read(
-                cx,
-                &self.data,
-                &self.split,
-                &format!("{at}.split"),
-                problems,
-            );
-        }
+        super::template::check_split_read(
+            cx,
+            &self.data,
+            &self.split,
+            &format!("{at}.split"),
+            problems,
+        );
         if self.max_rows == Some(0) {
             problems.push(
                 Problem::new(

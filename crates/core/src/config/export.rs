@@ -70,6 +70,17 @@ pub struct ExportConfig {
 }
 
 impl ExportConfig {
+    /// The destinations that hold a merged model (`merged`, `gguf`), as their keys.
+    fn merged_destinations(&self) -> Vec<&'static str> {
+        [
+            ("merged", self.merged.is_some()),
+            ("gguf", self.gguf.is_some()),
+        ]
+        .into_iter()
+        .filter_map(|(key, set)| set.then_some(key))
+        .collect()
+    }
+
     /// The declared destinations: (artifact subfolder `adapter`/`merged`, destination as written).
     pub fn destinations(&self) -> Vec<(&'static str, &str)> {
         let mut out = Vec::new();
@@ -266,25 +277,20 @@ impl ExportConfig {
         if output_side.is_empty() {
             return;
         }
-        for (key, set) in [
-            ("merged", self.merged.is_some()),
-            ("gguf", self.gguf.is_some()),
-        ] {
-            if set {
-                problems.push(
-                    Problem::new(
-                        format!("{at}.{key}"),
-                        format!(
-                            "stage `{}` trains IA3 on gpt2's {}, whose output scaling also scales the layer's bias: merged weights cannot carry it",
-                            self.from,
-                            output_side.join(", ")
-                        ),
-                    )
-                    .with_hint(
-                        "export `adapter: DIR` (PEFT loads it over the base), or target feed-forward layers only (IA3 scales their input)",
+        for key in self.merged_destinations() {
+            problems.push(
+                Problem::new(
+                    format!("{at}.{key}"),
+                    format!(
+                        "stage `{}` trains IA3 on gpt2's {}, whose output scaling also scales the layer's bias: merged weights cannot carry it",
+                        self.from,
+                        output_side.join(", ")
                     ),
-                );
-            }
+                )
+                .with_hint(
+                    "export `adapter: DIR` (PEFT loads it over the base), or target feed-forward layers only (IA3 scales their input)",
+                ),
+            );
         }
     }
 
@@ -299,36 +305,27 @@ impl ExportConfig {
         // Methods that add virtual tokens, prefixes or gated attention have no weight update to
         // merge: refused here, before training, rather than by the export after it.
         if let Some(StageConfig::Train(train)) = cx.pipeline.stages.get(&self.from) {
-            let method = train.method.name();
-            if matches!(method, "prompt_tuning" | "prefix_tuning" | "llama_adapter") {
-                for (key, set) in [
-                    ("merged", self.merged.is_some()),
-                    ("gguf", self.gguf.is_some()),
-                ] {
-                    if set {
-                        problems.push(
-                            Problem::new(
-                                format!("{at}.{key}"),
-                                format!(
-                                    "stage `{}` trains {method}, which adds to the model's inputs or attention instead of changing its weights: there is nothing to merge into a `{key}` model",
-                                    self.from
-                                ),
-                            )
-                            .with_hint("export `adapter: DIR` only (PEFT loads it over the base)"),
-                        );
-                    }
+            if !train.method.has_weight_update() {
+                let method = train.method.name();
+                for key in self.merged_destinations() {
+                    problems.push(
+                        Problem::new(
+                            format!("{at}.{key}"),
+                            format!(
+                                "stage `{}` trains {method}, which adds to the model's inputs or attention instead of changing its weights: there is nothing to merge into a `{key}` model",
+                                self.from
+                            ),
+                        )
+                        .with_hint("export `adapter: DIR` only (PEFT loads it over the base)"),
+                    );
                 }
             }
         }
         if let (Some(StageConfig::Train(train)), Some(_)) =
             (cx.pipeline.stages.get(&self.from), &self.gguf)
         {
-            let weight_update = !matches!(
-                train.method.name(),
-                "prompt_tuning" | "prefix_tuning" | "llama_adapter"
-            );
             if let (true, Ok(dir)) = (
-                weight_update,
+                train.method.has_weight_update(),
                 super::hub::resolve_model_dir(cx.project_dir, &train.model),
             ) {
                 if let Some(reason) = cx.probe.gguf_problem(&dir) {

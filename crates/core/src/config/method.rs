@@ -622,6 +622,18 @@ impl MethodConfig {
         }
     }
 
+    /// Whether training changes the model's weights (LoRA, QLoRA, DoRA, IA3), so a merged model
+    /// can be written; prompt tuning, prefix tuning and LLaMA-Adapter add to its inputs or
+    /// attention instead.
+    pub fn has_weight_update(&self) -> bool {
+        !matches!(
+            self,
+            MethodConfig::PromptTuning(_)
+                | MethodConfig::PrefixTuning(_)
+                | MethodConfig::LlamaAdapter(_)
+        )
+    }
+
     /// Positions of the model's context the method's virtual tokens take: prompt tuning's
     /// embeddings are prepended to the input, prefix tuning's keys and values are PEFT's
     /// `past_key_values`, so the real tokens' positions start after them. LLaMA-Adapter's

@@ -556,8 +556,8 @@ fn root_ingest<'a>(cx: &'a CheckContext<'_>, stage: &str) -> Option<(&'a str, &'
     }
 }
 
-/// A stage reads split `split` of data stage `data` (at key `at`): the split must be one the
-/// data stage writes, and not one its own configuration leaves empty.
+/// A stage reads split `split` of data stage `data` (at key `at`): the name must not be empty,
+/// the split must be one the data stage writes, and not one its own configuration leaves empty.
 pub(crate) fn check_split_read(
     cx: &CheckContext<'_>,
     data: &str,
@@ -565,6 +565,10 @@ pub(crate) fn check_split_read(
     at: &str,
     problems: &mut Vec<Problem>,
 ) {
+    if split.trim().is_empty() {
+        problems.push(Problem::new(at, "the split name is empty").about_value());
+        return;
+    }
     let Some(splits) = upstream_splits(cx, data) else {
         return;
     };

@@ -428,18 +428,13 @@ impl TrainConfig {
                     .with_hint("use null to evaluate every row of the split"),
             );
         }
-        let split = self.eval_split();
-        if split.trim().is_empty() {
-            problems.push(problem("eval_split", "the split name is empty".into()));
-        } else {
-            super::template::check_split_read(
-                cx,
-                &self.data,
-                split,
-                &format!("{at}.eval_split"),
-                problems,
-            );
-        }
+        super::template::check_split_read(
+            cx,
+            &self.data,
+            self.eval_split(),
+            &format!("{at}.eval_split"),
+            problems,
+        );
         if let Some(early) = &self.early_stopping {
             if early.patience == 0 {
                 problems.push(problem(
@@ -541,17 +536,13 @@ impl StageSpec for TrainConfig {
     fn check(&self, cx: &CheckContext<'_>, at: &str, problems: &mut Vec<Problem>) {
         let problem =
             |key: &str, message: String| Problem::new(format!("{at}.{key}"), message).about_value();
-        if self.split.trim().is_empty() {
-            problems.push(problem("split", "the split name is empty".into()));
-        } else {
-            super::template::check_split_read(
-                cx,
-                &self.data,
-                &self.split,
-                &format!("{at}.split"),
-                problems,
-            );
-        }
+        super::template::check_split_read(
+            cx,
+            &self.data,
+            &self.split,
+            &format!("{at}.split"),
+            problems,
+        );
         if let Some(columns) = cx.columns.get(&self.data) {
             for needed in ["prompt", "completion"] {
                 if !columns.iter().any(|c| c == needed) {
