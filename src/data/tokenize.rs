@@ -278,6 +278,35 @@ mod tests {
     }
 
     #[test]
+    fn training_and_inference_encode_a_prompt_that_writes_bos_alike() {
+        // stories260k's tokenizer.json has a post-processor that adds BOS to every text:
+        // inference's prompt encoding must not add a second one either.
+        let Some(shared) = std::env::var_os("PEFTPIPE_SHARED") else {
+            return;
+        };
+        let dir = std::path::Path::new(&shared).join("models/stories260k");
+        let training = TextTokenizer::from_model_dir(&dir).unwrap();
+        let config: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap())
+                .unwrap();
+        let generation = GenerationConfig::load(&dir, &config).unwrap();
+        let inference = ModelTokenizer::load(&dir, &generation).unwrap();
+        for prompt in ["<s>[INST] hi [/INST]", "[INST] hi [/INST]", "Once upon"] {
+            let trained = training.encode_prompt(prompt).unwrap();
+            let inferred = crate::infer::TextCodec::encode_prompt(&inference, prompt).unwrap();
+            assert_eq!(trained, inferred, "{prompt}");
+            assert_eq!(
+                trained
+                    .iter()
+                    .filter(|&&id| Some(id) == training.prefix().first().copied())
+                    .count(),
+                1,
+                "{prompt}: one BOS"
+            );
+        }
+    }
+
+    #[test]
     fn no_bos_rule_and_no_post_processor_means_no_prefix() {
         let dir = model_dir(serde_json::json!({}));
         let tokenizer = TextTokenizer::from_model_dir(dir.path()).unwrap();
