@@ -44,7 +44,7 @@ pub struct FilterOutcome {
 #[derive(Debug)]
 enum Values {
     Text(HashSet<String>),
-    Integers(HashSet<i64>),
+    Integers(HashSet<i128>),
     Numbers(Vec<f64>),
 }
 
@@ -54,6 +54,20 @@ fn number_of(value: &serde_json::Value) -> Option<f64> {
         serde_json::Value::Number(number) => number.as_f64(),
         serde_json::Value::String(text) => text.trim().parse::<f64>().ok(),
         _ => None,
+    }
+}
+
+/// The values an integer type holds.
+fn integer_range(data_type: &DataType) -> (i128, i128) {
+    match data_type {
+        DataType::Int8 => (i128::from(i8::MIN), i128::from(i8::MAX)),
+        DataType::Int16 => (i128::from(i16::MIN), i128::from(i16::MAX)),
+        DataType::Int32 => (i128::from(i32::MIN), i128::from(i32::MAX)),
+        DataType::UInt8 => (0, i128::from(u8::MAX)),
+        DataType::UInt16 => (0, i128::from(u16::MAX)),
+        DataType::UInt32 => (0, i128::from(u32::MAX)),
+        DataType::UInt64 => (0, i128::from(u64::MAX)),
+        _ => (i128::from(i64::MIN), i128::from(i64::MAX)),
     }
 }
 
@@ -67,26 +81,34 @@ fn values_for(
         format!("filter on `{column}` compares with {other}; use a string, number or boolean")
     };
     if data_type.is_integer() {
+        let (least, most) = integer_range(data_type);
         let mut integers = HashSet::new();
         for value in written {
-            if !matches!(
-                value,
-                serde_json::Value::Number(_) | serde_json::Value::String(_)
-            ) {
-                return Err(not_scalar(value));
-            }
+            let whole = |number: f64| {
+                (number.is_finite() && number.fract() == 0.0 && number.abs() < 1.0e38)
+                    .then_some(number as i128)
+            };
             let integer = match value {
-                serde_json::Value::Number(number) if number.as_i64().is_some() => number.as_i64(),
-                serde_json::Value::String(text) if text.trim().parse::<i64>().is_ok() => {
-                    text.trim().parse::<i64>().ok()
-                }
-                _ => number_of(value)
-                    .filter(|number| number.fract() == 0.0 && number.abs() < 9.0e15)
-                    .map(|number| number as i64),
+                serde_json::Value::Number(number) => number
+                    .as_i64()
+                    .map(i128::from)
+                    .or(number.as_u64().map(i128::from))
+                    .or_else(|| number.as_f64().and_then(whole)),
+                serde_json::Value::String(text) => text
+                    .trim()
+                    .parse::<i128>()
+                    .ok()
+                    .or_else(|| text.trim().parse::<f64>().ok().and_then(whole)),
+                other => return Err(not_scalar(other)),
             };
             match integer {
-                Some(integer) => {
+                Some(integer) if (least..=most).contains(&integer) => {
                     integers.insert(integer);
+                }
+                Some(_) => {
+                    return Err(format!(
+                        "column `{column}` is {data_type} but the filter compares it with {value}, outside the type's range {least}..={most}"
+                    ))
                 }
                 None => {
                     return Err(format!(
@@ -98,10 +120,17 @@ fn values_for(
         return Ok(Values::Integers(integers));
     }
     if data_type.is_numeric() {
+        // Compared in the column's own precision: 0.1 on a Float32 column is the f32 nearest
+        // 0.1, as the column stores it.
+        let stored = |number: f64| match data_type {
+            DataType::Float16 => half::f16::from_f64(number).to_f64(),
+            DataType::Float32 => f64::from(number as f32),
+            _ => number,
+        };
         let mut numbers = Vec::with_capacity(written.len());
         for value in written {
             match number_of(value) {
-                Some(number) if !number.is_nan() => numbers.push(number),
+                Some(number) if !number.is_nan() => numbers.push(stored(number)),
                 _ if !matches!(
                     value,
                     serde_json::Value::Number(_) | serde_json::Value::String(_)
@@ -117,6 +146,16 @@ fn values_for(
             }
         }
         return Ok(Values::Numbers(numbers));
+    }
+    if *data_type == DataType::Boolean {
+        if let Some(value) = written
+            .iter()
+            .find(|value| matches!(value, serde_json::Value::Number(_)))
+        {
+            return Err(format!(
+                "column `{column}` is Boolean but the filter compares it with the number {value}: write true or false"
+            ));
+        }
     }
     let mut texts = HashSet::new();
     for value in written {
@@ -262,23 +301,34 @@ fn evaluate(column: &ArrayRef, filter: &Compiled) -> Result<BooleanArray, String
                     .map(|v| v.map(|v| texts.contains(v)))
                     .collect(),
                 Values::Integers(integers) => {
-                    let cast = arrow::compute::cast(column, &DataType::Int64)
-                        .map_err(|e| e.to_string())?;
-                    let cast = cast
-                        .as_any()
-                        .downcast_ref::<arrow::array::Int64Array>()
-                        .ok_or_else(|| format!("cannot read {} as integers", column.data_type()))?
-                        .clone();
-                    // A value too large for i64 (UInt64) casts to null: compare it as text.
-                    let text = as_text(column)?;
-                    cast.iter()
-                        .zip(text.iter())
-                        .map(|(integer, text)| match (integer, text) {
-                            (Some(integer), _) => Some(integers.contains(&integer)),
-                            (None, Some(_)) => Some(false),
-                            (None, None) => None,
-                        })
-                        .collect()
+                    // Unsigned columns as u64 (values past i64), signed ones as i64.
+                    let unsigned = matches!(
+                        column.data_type(),
+                        DataType::UInt8 | DataType::UInt16 | DataType::UInt32 | DataType::UInt64
+                    );
+                    if unsigned {
+                        let cast = arrow::compute::cast(column, &DataType::UInt64)
+                            .map_err(|e| e.to_string())?;
+                        cast.as_any()
+                            .downcast_ref::<arrow::array::UInt64Array>()
+                            .ok_or_else(|| {
+                                format!("cannot read {} as integers", column.data_type())
+                            })?
+                            .iter()
+                            .map(|v| v.map(|v| integers.contains(&i128::from(v))))
+                            .collect()
+                    } else {
+                        let cast = arrow::compute::cast(column, &DataType::Int64)
+                            .map_err(|e| e.to_string())?;
+                        cast.as_any()
+                            .downcast_ref::<arrow::array::Int64Array>()
+                            .ok_or_else(|| {
+                                format!("cannot read {} as integers", column.data_type())
+                            })?
+                            .iter()
+                            .map(|v| v.map(|v| integers.contains(&i128::from(v))))
+                            .collect()
+                    }
                 }
                 Values::Numbers(numbers) => {
                     let cast = arrow::compute::cast(column, &DataType::Float64)
@@ -501,6 +551,72 @@ mod tests {
             error.to_string().contains("Int64") && error.to_string().contains("1.5"),
             "{error}"
         );
+    }
+
+    #[test]
+    fn numbers_compare_in_the_columns_own_type_and_range() {
+        use arrow::array::{BooleanArray as Bools, Float32Array, UInt64Array, UInt8Array};
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("f32", DataType::Float32, true),
+            Field::new("u64", DataType::UInt64, true),
+            Field::new("i64", DataType::Int64, true),
+            Field::new("u8", DataType::UInt8, true),
+            Field::new("flag", DataType::Boolean, true),
+        ]));
+        let big = (1u64 << 63) + 1;
+        let batch = RecordBatch::try_new(
+            schema,
+            vec![
+                Arc::new(Float32Array::from(vec![0.1f32, 0.3, 0.5])),
+                Arc::new(UInt64Array::from(vec![big, 1, 2])),
+                Arc::new(Int64Array::from(vec![1i64 << 53, 0, 1])),
+                Arc::new(UInt8Array::from(vec![1u8, 2, 255])),
+                Arc::new(Bools::from(vec![true, false, true])),
+            ],
+        )
+        .unwrap();
+        let equals = |column: &str, value: serde_json::Value| {
+            RowFilter::Equals(ValueFilter {
+                column: column.into(),
+                value,
+            })
+        };
+        // 0.1 on a Float32 column is the f32 nearest 0.1 (before: no row matched).
+        assert_eq!(
+            kept(equals("f32", serde_json::json!(0.1)), &batch),
+            [true, false, false]
+        );
+        assert_eq!(
+            kept(
+                RowFilter::InSet(SetFilter {
+                    column: "f32".into(),
+                    values: vec![serde_json::json!("0.3"), serde_json::json!(0.5)],
+                }),
+                &batch
+            ),
+            [false, true, true]
+        );
+        // Past i64 on a UInt64 column, and a whole float past 2^53 (before: refused).
+        assert_eq!(
+            kept(equals("u64", serde_json::json!(big)), &batch),
+            [true, false, false]
+        );
+        assert_eq!(
+            kept(equals("i64", serde_json::json!(9007199254740992.0)), &batch),
+            [true, false, false]
+        );
+        // Outside the type's range, or a number against booleans: said before any row is read.
+        for (column, value) in [
+            ("u8", serde_json::json!(300)),
+            ("u8", serde_json::json!(-1)),
+            ("flag", serde_json::json!(1)),
+        ] {
+            let error =
+                RowFilters::compile(&[equals(column, value.clone())], false, &batch.schema())
+                    .unwrap_err()
+                    .to_string();
+            assert!(error.contains(&value.to_string()), "{error}");
+        }
     }
 
     #[test]
