@@ -138,7 +138,7 @@ fn validate_refuses_virtual_tokens_that_fill_the_context() {
             "{method}:\n{message}"
         );
     }
-    // 127 leaves one position: valid.
+    // 120 leaves 8 positions: valid (126 leaves 2, too few: see the method's unit test).
     let project = tempfile::tempdir().unwrap();
     std::fs::write(
         project.path().join("p.yaml"),

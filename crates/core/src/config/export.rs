@@ -288,7 +288,7 @@ impl ExportConfig {
                     ),
                 )
                 .with_hint(
-                    "export `adapter: DIR` (PEFT loads it over the base), or target feed-forward layers only (IA3 scales their input)",
+                    "export `adapter: DIR` (PEFT loads it over the base), or list the targets in feedforward_modules too (IA3 then scales their input, which merges)",
                 ),
             );
         }

@@ -662,12 +662,15 @@ impl MethodConfig {
         let positions = context.max_positions;
         let key = &context.positions_key;
         let virtual_tokens = self.virtual_positions();
-        if virtual_tokens >= positions {
+        // The text needs a first token and one to score, and evaluation one more to generate.
+        const TEXT_POSITIONS: usize = 3;
+        if virtual_tokens > 0 && virtual_tokens.saturating_add(TEXT_POSITIONS) > positions {
             problems.push(
                 problem(
                     &format!("method.{}.num_virtual_tokens", self.name()),
                     format!(
-                        "{virtual_tokens} virtual tokens take all of the model's {positions} positions (config.json `{key}`), leaving none for the text"
+                        "{virtual_tokens} virtual tokens leave {} of the model's {positions} positions (config.json `{key}`) for the text, which needs at least {TEXT_POSITIONS}",
+                        positions.saturating_sub(virtual_tokens)
                     ),
                 )
                 .with_hint(format!(
@@ -1240,7 +1243,11 @@ mod tests {
             problems_of("prompt_tuning: {num_virtual_tokens: 128}"),
             ["stages.train.method.prompt_tuning.num_virtual_tokens"]
         );
-        assert!(problems_of("prompt_tuning: {num_virtual_tokens: 127}").is_empty());
+        assert_eq!(
+            problems_of("prompt_tuning: {num_virtual_tokens: 126}"),
+            ["stages.train.method.prompt_tuning.num_virtual_tokens"]
+        );
+        assert!(problems_of("prompt_tuning: {num_virtual_tokens: 125}").is_empty());
         assert_eq!(
             problems_of("prefix_tuning: {num_virtual_tokens: 100000000}"),
             ["stages.train.method.prefix_tuning.num_virtual_tokens"]
