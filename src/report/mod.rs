@@ -90,7 +90,10 @@ fn as_lines(text: &str) -> std::borrow::Cow<'_, str> {
 
 /// Print an error line to stderr.
 pub fn error(message: &str) {
-    write_stderr(&format!("error: {message}"));
+    write_stderr(&format!(
+        "error: {}",
+        crate::exec::without_backtrace(message)
+    ));
 }
 
 /// Print a warning line to stderr.

@@ -149,6 +149,21 @@ pub struct StageReport {
     pub error: Option<String>,
 }
 
+/// An error message without the backtrace candle appends when `RUST_BACKTRACE` is set (its
+/// frames, `   0: candle_core::error::Error::bt` and on): a stage's error, its failure record and
+/// the terminal show what went wrong, not where in peftpipe's code.
+pub fn without_backtrace(message: &str) -> String {
+    let mut kept = Vec::new();
+    for line in message.lines() {
+        let trimmed = line.trim_start();
+        if trimmed.starts_with("0: ") && trimmed.contains("::") {
+            break;
+        }
+        kept.push(line);
+    }
+    kept.join("\n").trim_end().to_string()
+}
+
 fn serialize_seconds<S: serde::Serializer>(
     duration: &Duration,
     serializer: S,

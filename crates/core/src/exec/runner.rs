@@ -742,6 +742,7 @@ fn failed(
     message: String,
     cancelled: bool,
 ) -> JobResult {
+    let message = super::without_backtrace(&message);
     JobResult {
         report: StageReport {
             name: job.name.clone(),

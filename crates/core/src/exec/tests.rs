@@ -884,3 +884,14 @@ fn expansions_have_their_own_stable_fingerprints_and_rerun_alone() {
     run(&renamed, &pipeline, &settings);
     assert!(renamed.ran.lock().unwrap().is_empty());
 }
+
+#[test]
+fn a_backtrace_after_an_error_message_is_left_out() {
+    let message = "inference failed: position 135 is beyond GPT-2's 128 learned positions\n   0: candle_core::error::Error::bt\n             at /src/error.rs:1:1\n   1: peftpipe::models::gpt2::input_embeddings";
+    assert_eq!(
+        without_backtrace(message),
+        "inference failed: position 135 is beyond GPT-2's 128 learned positions"
+    );
+    let plain = "line 1: bad value\nhint: 0: not a frame";
+    assert_eq!(without_backtrace(plain), plain);
+}
