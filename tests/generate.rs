@@ -281,6 +281,56 @@ fn input_jsonl_generates_like_single_prompts_in_order() {
     assert!(written.status.success());
     assert!(written.stdout.is_empty());
     assert_eq!(std::fs::read_to_string(&out).unwrap(), stdout);
+
+    // The prompts file itself as --output is refused, and the prompts are kept.
+    let before = std::fs::read(&input).unwrap();
+    let same = peftpipe()
+        .arg("generate")
+        .arg(&model)
+        .arg("--input")
+        .arg(&input)
+        .arg("--output")
+        .arg(&input)
+        .args(common)
+        .output()
+        .unwrap();
+    assert_eq!(same.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&same.stderr).contains("is the --input file"));
+    assert_eq!(std::fs::read(&input).unwrap(), before);
+
+    // A run that fails at a later batch leaves the existing --output as it was and keeps what
+    // it generated beside it.
+    let failing = dir.path().join("failing.jsonl");
+    let long = "the cat ".repeat(300);
+    std::fs::write(
+        &failing,
+        format!(
+            "{}\n{}\n",
+            serde_json::json!({"prompt": "Once upon a time"}),
+            serde_json::json!({"prompt": long})
+        ),
+    )
+    .unwrap();
+    let failed = peftpipe()
+        .arg("generate")
+        .arg(&model)
+        .arg("--input")
+        .arg(&failing)
+        .arg("--output")
+        .arg(&out)
+        .args(["--batch-size", "1"])
+        .args(common)
+        .output()
+        .unwrap();
+    assert_eq!(failed.status.code(), Some(1));
+    let message = String::from_utf8_lossy(&failed.stderr);
+    assert!(
+        message.contains("out.jsonl was left as it was"),
+        "{message}"
+    );
+    assert_eq!(std::fs::read_to_string(&out).unwrap(), stdout);
+    let partial = std::fs::read_to_string(dir.path().join("out.jsonl.partial")).unwrap();
+    assert_eq!(partial.lines().count(), 1, "{partial}");
 }
 
 /// A bad line is refused before the model loads, naming the file and line; `--prompt` and

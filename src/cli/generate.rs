@@ -42,10 +42,12 @@ pub struct GenerateArgs {
     /// Generate for every line of this JSONL file: each line a JSON object whose `prompt` field
     /// (see --prompt-field) is the prompt. Writes one JSON line per input line, in order: the
     /// input's fields followed by `completion` (the generated text), `completion_tokens` and
-    /// `stop_reason`. The whole file is checked before the model loads.
+    /// `stop_reason`. Every line's JSON is checked before the model loads.
     #[arg(long, value_name = "FILE.jsonl")]
     pub input: Option<PathBuf>,
-    /// Where --input's results go (default: stdout). Lines are written as each batch finishes.
+    /// Where --input's results go (default: stdout). The file is replaced once every line is
+    /// generated; a run that fails leaves it as it was and keeps what it generated in
+    /// `FILE.jsonl.partial`. It may not be the --input file.
     #[arg(long, value_name = "FILE.jsonl", requires = "input")]
     pub output: Option<PathBuf>,
     /// The field of each --input line that holds the prompt.
@@ -148,6 +150,20 @@ pub fn run(global: &GlobalArgs, args: GenerateArgs) -> u8 {
                 args.prompt_field
             ));
             return EXIT_INVALID;
+        }
+        if let Some(output) = &args.output {
+            // Writing the results where the prompts are read from would lose them.
+            let same = match (std::fs::canonicalize(input), std::fs::canonicalize(output)) {
+                (Ok(input), Ok(output)) => input == output,
+                _ => false,
+            };
+            if same {
+                report::error(&format!(
+                    "--output {} is the --input file: the prompts would be overwritten; write the results elsewhere",
+                    output.display()
+                ));
+                return EXIT_INVALID;
+            }
         }
         match check_input(input, &args.prompt_field, &names) {
             Ok(0) => {
@@ -374,25 +390,60 @@ fn generate_file(
     names: &OutputFields,
     sampling: Sampling,
 ) -> Result<usize, String> {
-    let mut sink = match &args.output {
-        None => Sink::Stdout,
+    // A file is written beside --output and moved over it once every line is there: a run that
+    // fails leaves an existing --output as it was, and what it generated in `<output>.partial`.
+    let (mut sink, temporary) = match &args.output {
+        None => (Sink::Stdout, None),
         Some(path) => {
-            let file =
-                std::fs::File::create(path).map_err(|e| format!("{}: {e}", path.display()))?;
-            Sink::File(std::io::BufWriter::new(file), path.clone())
+            let directory = path
+                .parent()
+                .filter(|parent| !parent.as_os_str().is_empty())
+                .unwrap_or(Path::new("."));
+            let temporary = tempfile::Builder::new()
+                .prefix(".peftpipe-generate-")
+                .suffix(".partial")
+                .tempfile_in(directory)
+                .map_err(|e| format!("{}: {e}", path.display()))?;
+            let file = temporary
+                .as_file()
+                .try_clone()
+                .map_err(|e| format!("{}: {e}", path.display()))?;
+            (
+                Sink::File(std::io::BufWriter::new(file), path.clone()),
+                Some(temporary),
+            )
         }
     };
     let mut written = 0;
-    generate_batches(model, input, args, names, sampling, &mut sink, &mut written)
-        .map(|()| written)
-        .map_err(|message| match (written, &args.output) {
-            (0, _) => message,
-            (written, Some(path)) => format!(
-                "{message} ({written} lines were written to {} before it)",
-                path.display()
-            ),
-            (written, None) => format!("{message} ({written} lines were written before it)"),
-        })
+    let result = generate_batches(model, input, args, names, sampling, &mut sink, &mut written);
+    drop(sink);
+    match (result, temporary, &args.output) {
+        (Ok(()), Some(temporary), Some(path)) => {
+            temporary
+                .persist(path)
+                .map_err(|e| format!("{}: {}", path.display(), e.error))?;
+            Ok(written)
+        }
+        (Ok(()), _, _) => Ok(written),
+        (Err(message), _, _) if written == 0 => Err(message),
+        (Err(message), Some(temporary), Some(path)) => {
+            let partial = PathBuf::from(format!("{}.partial", path.display()));
+            match temporary.persist(&partial) {
+                Ok(_) => Err(format!(
+                    "{message} ({written} lines were generated before it, kept in {}; {} was left as it was)",
+                    partial.display(),
+                    path.display()
+                )),
+                Err(_) => Err(format!(
+                    "{message} ({written} lines were generated before it; {} was left as it was)",
+                    path.display()
+                )),
+            }
+        }
+        (Err(message), _, _) => Err(format!(
+            "{message} ({written} lines were written before it)"
+        )),
+    }
 }
 
 fn generate_batches(
