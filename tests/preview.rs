@@ -152,3 +152,39 @@ fn bench_data_reports_rows_per_second_and_peak_rss() {
     assert!(report["ours"]["wall_s"].as_f64().unwrap_or(0.0) > 0.0);
     assert!(report.get("large").is_none());
 }
+
+#[test]
+fn a_preview_with_set_leaves_the_pipelines_lock_and_published_copies_alone() {
+    let project = Project::new();
+    assert!(project.run(&["run", "pipeline.yaml"]).status.success());
+    let lock = project.lock_file();
+    let changed = preview(
+        &project,
+        &[
+            "--stage",
+            "prompts",
+            "-n",
+            "1",
+            "--set",
+            "stages.prompts.template.completion=' => {{ label }}'",
+        ],
+    );
+    assert!(changed.status.success(), "{}", stderr(&changed));
+    assert!(stdout(&changed).contains("⟦COMPLETION⟧ => "));
+    assert_eq!(project.lock_file(), lock, "the lock file is the pipeline's");
+    let status = project.run(&["status", "pipeline.yaml", "--check"]);
+    assert!(status.status.success(), "{}", stdout(&status));
+    // The variant's output is in the cache: previewing it again runs nothing.
+    let again = preview(
+        &project,
+        &[
+            "--stage",
+            "prompts",
+            "-n",
+            "1",
+            "--set",
+            "stages.prompts.template.completion=' => {{ label }}'",
+        ],
+    );
+    assert!(ran(&stderr(&again)).is_empty(), "{}", stderr(&again));
+}

@@ -60,6 +60,9 @@ pub fn run(global: &GlobalArgs, args: PreviewArgs) -> u8 {
     let mut settings = settings_for(global, &pipeline);
     settings.targets = vec![stage.to_string()];
     settings.options.allow_outside_project = args.pipeline.allow_outside_project;
+    // A preview with `--set` shows a variant: what it runs goes to the cache only, and the lock
+    // file and published copies stay those of the pipeline as written.
+    settings.record = pipeline.overrides.is_empty();
     let plan = match crate::exec::plan::plan_only(&pipeline, &settings) {
         Ok(plan) => plan,
         Err(error) => return report_exec_error(&error),

@@ -53,6 +53,10 @@ pub struct RunSettings {
     /// At most this many stages run at once (≥ 1).
     pub jobs: usize,
     pub options: RunOptions,
+    /// Record the run: the lock file, the published copies (`out_root`, export folders) and
+    /// failure records. `false` (`preview` of a pipeline with `--set`): outputs and run records
+    /// go to the cache only, so what `status` checks stays the last real run's.
+    pub record: bool,
 }
 
 impl RunSettings {
@@ -65,6 +69,7 @@ impl RunSettings {
             force: false,
             jobs: default_jobs(),
             options: RunOptions::default(),
+            record: true,
         }
     }
 }

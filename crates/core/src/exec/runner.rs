@@ -197,7 +197,7 @@ pub fn execute(
             running -= 1;
             slots.release(held[position].take().as_deref());
             let mut report = result.report;
-            if let Some(record) = result.published {
+            if let Some(record) = result.published.filter(|_| settings.record) {
                 // Written here, one job at a time: the record file is read-modify-write.
                 if let Err(error) = cache.record_published(&pipeline.name, &report.name, record) {
                     report.status = StageStatus::Failed;
@@ -209,7 +209,7 @@ pub fn execute(
                     let output = entry.output.clone();
                     let changed = lock_file.stages.get(&report.name) != Some(&entry);
                     lock_file.stages.insert(report.name.clone(), entry);
-                    let written = if changed {
+                    let written = if changed && settings.record {
                         cache.write_lock_file(&lock_file)
                     } else {
                         Ok(())
@@ -233,13 +233,15 @@ pub fn execute(
                     failed = true;
                 }
             }
-            remember_failure(
-                &cache,
-                &pipeline.name,
-                &report,
-                digests[position].take(),
-                events,
-            );
+            if settings.record {
+                remember_failure(
+                    &cache,
+                    &pipeline.name,
+                    &report,
+                    digests[position].take(),
+                    events,
+                );
+            }
             events.event(ExecEvent::StageFinished(report.clone()));
             reports[position] = Some(report);
         }
@@ -484,6 +486,9 @@ fn run_job(
 
     let reasons = match &job.freshness {
         Freshness::Fresh(cached) => match cache.verify_object(&cached.output) {
+            Ok(Ok(_)) if !settings.record => {
+                return fresh(&job, cached, started, out_dir);
+            }
             Ok(Ok(manifest)) => {
                 let source = cache.object_data(&cached.output);
                 let republished = republish(
@@ -570,7 +575,9 @@ fn run_job(
     }
     let stored = cache.store(&staging).and_then(|(output, _manifest)| {
         let source = cache.object_data(&output);
-        materialize(&source, &out_dir)?;
+        if settings.record {
+            materialize(&source, &out_dir)?;
+        }
         Ok((output, source))
     });
     let (output, source) = match stored {
@@ -580,12 +587,16 @@ fn run_job(
             return failed(&job, started, reasons, error.to_string(), false);
         }
     };
-    if let Err(error) = stage.publish(&source, &context(&source)) {
-        return failed(&job, started, reasons, error.to_string(), false);
-    }
-    let published = match record_destinations(&job, pipeline, &output) {
-        Ok(published) => published,
-        Err(message) => return failed(&job, started, reasons, message, false),
+    let published = if settings.record {
+        if let Err(error) = stage.publish(&source, &context(&source)) {
+            return failed(&job, started, reasons, error.to_string(), false);
+        }
+        match record_destinations(&job, pipeline, &output) {
+            Ok(published) => published,
+            Err(message) => return failed(&job, started, reasons, message, false),
+        }
+    } else {
+        None
     };
     let wall_time = started.elapsed();
     let record = RunRecord {
