@@ -315,3 +315,34 @@ fn init_quotes_what_the_user_named_and_makes_a_valid_pipeline_name() {
     let text = std::fs::read_to_string(project.path("true.yaml")).expect("written");
     assert!(text.contains("name: \"true\""), "{text}");
 }
+
+#[test]
+fn bench_and_inspect_refuse_sizes_that_measure_nothing() {
+    let project = Project::empty();
+    for args in [
+        &["bench", "data", "--rows", "0"][..],
+        &["bench", "status", "--shards", "0"],
+        &["bench", "status", "--runs", "0"],
+        &["bench", "quantize", "--runs", "0"],
+        // An estimate needs a method to estimate.
+        &["inspect", "model", "--batch", "4", "--sequence", "128"],
+        &[
+            "inspect",
+            "model",
+            "--method",
+            "lora: {}",
+            "--batch",
+            "0",
+            "--sequence",
+            "8",
+        ],
+    ] {
+        let output = project.peftpipe(args);
+        assert_eq!(
+            output.status.code(),
+            Some(2),
+            "{args:?}: {}",
+            stderr(&output)
+        );
+    }
+}

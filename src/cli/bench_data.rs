@@ -16,7 +16,7 @@ use crate::data::bench::{self, BenchReport, LargeRun, PythonFigures, RunFigures}
 #[derive(Debug, Args)]
 pub struct BenchDataArgs {
     /// Rows of generated input (about 200 bytes of text each).
-    #[arg(long, default_value_t = 1_000_000)]
+    #[arg(long, default_value_t = 1_000_000, value_parser = clap::value_parser!(u64).range(1..))]
     pub rows: u64,
     /// Also run the Python reference (needs python3 with pyarrow and jinja2).
     #[arg(long)]

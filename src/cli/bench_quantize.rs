@@ -33,7 +33,7 @@ pub struct BenchQuantizeArgs {
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     pub double_quant: bool,
     /// Timed repetitions per shape (the fastest is kept).
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
     pub runs: u32,
 }
 

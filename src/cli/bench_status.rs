@@ -23,13 +23,13 @@ use crate::stages::{Stage, StageContext, StageError, StageOutcome};
 #[derive(Debug, Args)]
 pub struct BenchStatusArgs {
     /// Total size of the generated inputs, in MiB.
-    #[arg(long, default_value_t = 1024)]
+    #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u64).range(1..))]
     pub size_mib: u64,
     /// Number of input shards (one ingest stage each).
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..))]
     pub shards: u32,
     /// Timed `status` runs (the median is reported).
-    #[arg(long, default_value_t = 21)]
+    #[arg(long, default_value_t = 21, value_parser = clap::value_parser!(u32).range(1..))]
     pub runs: u32,
     /// Generate into this directory and keep it (default: a temporary directory).
     #[arg(long)]

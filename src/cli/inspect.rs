@@ -53,10 +53,10 @@ pub struct InspectArgs {
     #[arg(long = "method", value_name = "FILE_OR_INLINE")]
     pub methods: Vec<String>,
     /// Batch size for the training-memory estimate of each `--method`.
-    #[arg(long, requires = "sequence")]
+    #[arg(long, requires_all = ["sequence", "methods"], value_parser = positive_size)]
     pub batch: Option<usize>,
     /// Sequence length (tokens) for the training-memory estimate of each `--method`.
-    #[arg(long, requires = "batch")]
+    #[arg(long, requires_all = ["batch", "methods"], value_parser = positive_size)]
     pub sequence: Option<usize>,
     /// Compute dtype of the estimate: bf16 (CUDA's default) or f32 (CPU's).
     #[arg(long, default_value = "bf16", value_parser = ["bf16", "f32"])]
@@ -386,6 +386,18 @@ pub fn method_shape(method: &MethodConfig, config: &ModelConfig) -> Result<Metho
             }
         }
     })
+}
+
+/// `--batch` / `--sequence`: a count from 1 to 2^24 (an estimate beyond that is no estimate).
+fn positive_size(text: &str) -> Result<usize, String> {
+    let value: usize = text
+        .parse()
+        .map_err(|_| format!("`{text}` is not a whole number"))?;
+    if (1..=1 << 24).contains(&value) {
+        Ok(value)
+    } else {
+        Err(format!("{value} is outside 1..=16777216"))
+    }
 }
 
 /// Parse `--method` into the shape its count needs, plus a one-line description.
