@@ -99,13 +99,16 @@ fn preview_refuses_unknown_stages_splits_and_other_kinds() {
         "{}",
         stderr(&unknown)
     );
+    // A split the stage does not write is a usage error, like an unknown stage, said before
+    // anything runs.
     let split = preview(&project, &["--stage", "prompts", "--split", "test"]);
-    assert_eq!(split.status.code(), Some(1));
+    assert_eq!(split.status.code(), Some(2));
     assert!(
-        stderr(&split).contains("stage `prompts` wrote no `test` split; it wrote: train, eval"),
+        stderr(&split).contains("stage `prompts` writes no `test` split; its splits: train, eval"),
         "{}",
         stderr(&split)
     );
+    assert!(!stderr(&split).contains("Running"), "{}", stderr(&split));
 }
 
 #[test]

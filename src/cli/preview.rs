@@ -57,6 +57,24 @@ pub fn run(global: &GlobalArgs, args: PreviewArgs) -> u8 {
             return EXIT_INVALID;
         }
     };
+    // The splits the stage writes are its ingest stage's: a split it does not write is a usage
+    // error, said before anything runs.
+    let mut root = stage;
+    let splits = loop {
+        match pipeline.stages.get(root) {
+            Some(StageConfig::Ingest(ingest)) => break Some(ingest.split.split_names()),
+            Some(StageConfig::Template(template)) => root = template.input.as_str(),
+            _ => break None,
+        }
+    };
+    if let Some(splits) = splits.filter(|splits| !splits.contains(&args.split.as_str())) {
+        report::error(&format!(
+            "stage `{stage}` writes no `{}` split; its splits: {}",
+            args.split,
+            splits.join(", ")
+        ));
+        return EXIT_INVALID;
+    }
     let mut settings = settings_for(global, &pipeline);
     settings.targets = vec![stage.to_string()];
     settings.options.allow_outside_project = args.pipeline.allow_outside_project;

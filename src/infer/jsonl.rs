@@ -97,8 +97,17 @@ impl<R: BufRead> PromptLines<R> {
 
     fn record(&self, text: &str) -> Result<PromptRecord, String> {
         let at = format!("{}:{}", self.path.display(), self.line);
-        let value: Value =
-            serde_json::from_str(text).map_err(|e| format!("{at}: invalid JSON: {e}"))?;
+        // serde_json counts lines within the one line it read: say the column only, after the
+        // file's own line number.
+        let value: Value = serde_json::from_str(text).map_err(|e| {
+            let reason = e.to_string();
+            let reason = reason
+                .split(" at line ")
+                .next()
+                .unwrap_or(&reason)
+                .to_string();
+            format!("{at}: invalid JSON: {reason} (column {})", e.column())
+        })?;
         let Value::Object(fields) = value else {
             return Err(format!(
                 "{at}: expected a JSON object such as {{\"{}\": \"...\"}}, found {}",
@@ -227,6 +236,11 @@ mod tests {
         .filter_map(Result::err)
         .collect();
         assert_eq!(errors.len(), 5, "{errors:?}");
+        assert!(
+            !errors[0].contains("line 1"),
+            "one line number, the file's: {}",
+            errors[0]
+        );
         assert!(
             errors[0].starts_with("prompts.jsonl:2: invalid JSON"),
             "{}",
