@@ -487,3 +487,44 @@ fn memory_estimate_drops_the_mlp_product_an_adapted_down_projection_recomputes()
     assert_eq!(activations(2), activations(1));
     Ok(())
 }
+
+/// A config.json that disagrees with the stored weights: inspect describes config.json and
+/// says, per disagreement, that the model will not load (generate refuses the same folder).
+#[test]
+fn inspect_warns_when_config_and_weights_disagree() -> TestResult {
+    let Some(shared) = shared_dir() else {
+        eprintln!("skipped: PEFTPIPE_SHARED not set");
+        return Ok(());
+    };
+    let dir = tempfile::tempdir()?;
+    let model = dir.path().join("model");
+    std::fs::create_dir(&model)?;
+    for entry in std::fs::read_dir(shared.join("models/stories260k"))? {
+        let entry = entry?;
+        if entry.path().is_file() {
+            std::fs::copy(entry.path(), model.join(entry.file_name()))?;
+        }
+    }
+    let config_path = model.join("config.json");
+    let mut config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&config_path)?)?;
+    config["num_hidden_layers"] = 6.into();
+    std::fs::write(&config_path, config.to_string())?;
+    let output = peftpipe().arg("inspect").arg(&model).output()?;
+    let text = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        text.contains("config.json and the weights disagree") && text.contains("num_hidden_layers"),
+        "{text}"
+    );
+    let json = peftpipe()
+        .args(["--json", "inspect"])
+        .arg(&model)
+        .output()?;
+    let value: serde_json::Value = serde_json::from_slice(&json.stdout)?;
+    assert_eq!(
+        value["model"]["weight_problems"].as_array().map(Vec::len),
+        Some(1),
+        "{value}"
+    );
+    Ok(())
+}

@@ -68,6 +68,10 @@ pub struct ModelSummary {
     pub rope: Option<String>,
     pub linear_layers: Vec<LinearGroup>,
     pub tokenizer: Option<TokenizerSummary>,
+    /// Where config.json and the stored weights disagree (loading the model fails on each):
+    /// the description above is config.json's.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub weight_problems: Vec<String>,
 }
 
 /// Group linear layers by name (GPT-2's `c_proj` by its last two components), in model order.
@@ -219,6 +223,7 @@ fn summarize_config(
         rope: describe_rope(config),
         linear_layers: group_linear_layers(&config.linear_layers()),
         tokenizer: None,
+        weight_problems: Vec::new(),
     })
 }
 
@@ -235,6 +240,11 @@ pub fn summarize(path: &Path) -> Result<(ModelSummary, ModelConfig), ModelError>
     let tensors = dir.tensor_infos()?;
     let (stored, dtype) = stored_elements(&tensors)?;
     summary.stored_parameters = Some(stored);
+    summary.weight_problems = dir
+        .check_weights()
+        .iter()
+        .map(ToString::to_string)
+        .collect();
     summary.dtype = Some(match dir.stored_quantization() {
         None => dtype,
         // Saved in bitsandbytes 4-bit: the dtype of the dense tensors, and the 4-bit storage

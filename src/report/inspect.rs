@@ -101,6 +101,12 @@ pub fn render(report: &InspectReport) -> String {
         None => " · no weights (config only)".to_string(),
     };
     let _ = writeln!(out, "parameters  {}{stored}", thousands(m.parameters));
+    for problem in &m.weight_problems {
+        let _ = writeln!(
+            out,
+            "warning     config.json and the weights disagree (the model will not load): {problem}"
+        );
+    }
     let _ = writeln!(
         out,
         "dtype       {}",
