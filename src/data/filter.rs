@@ -301,34 +301,15 @@ fn evaluate(column: &ArrayRef, filter: &Compiled) -> Result<BooleanArray, String
                     .map(|v| v.map(|v| texts.contains(v)))
                     .collect(),
                 Values::Integers(integers) => {
-                    // Unsigned columns as u64 (values past i64), signed ones as i64.
-                    let unsigned = matches!(
-                        column.data_type(),
-                        DataType::UInt8 | DataType::UInt16 | DataType::UInt32 | DataType::UInt64
-                    );
-                    if unsigned {
-                        let cast = arrow::compute::cast(column, &DataType::UInt64)
-                            .map_err(|e| e.to_string())?;
-                        cast.as_any()
-                            .downcast_ref::<arrow::array::UInt64Array>()
-                            .ok_or_else(|| {
-                                format!("cannot read {} as integers", column.data_type())
-                            })?
-                            .iter()
-                            .map(|v| v.map(|v| integers.contains(&i128::from(v))))
-                            .collect()
-                    } else {
-                        let cast = arrow::compute::cast(column, &DataType::Int64)
-                            .map_err(|e| e.to_string())?;
-                        cast.as_any()
-                            .downcast_ref::<arrow::array::Int64Array>()
-                            .ok_or_else(|| {
-                                format!("cannot read {} as integers", column.data_type())
-                            })?
-                            .iter()
-                            .map(|v| v.map(|v| integers.contains(&i128::from(v))))
-                            .collect()
-                    }
+                    // Every integer type, u64 included, as a 20-digit decimal: one i128 array.
+                    let cast = arrow::compute::cast(column, &DataType::Decimal128(20, 0))
+                        .map_err(|e| e.to_string())?;
+                    cast.as_any()
+                        .downcast_ref::<arrow::array::Decimal128Array>()
+                        .ok_or_else(|| format!("cannot read {} as integers", column.data_type()))?
+                        .iter()
+                        .map(|v| v.map(|v| integers.contains(&v)))
+                        .collect()
                 }
                 Values::Numbers(numbers) => {
                     let cast = arrow::compute::cast(column, &DataType::Float64)
