@@ -176,10 +176,16 @@ impl Cache {
             FileExt::lock_shared(&lock.file).map_err(CacheError::io("lock", &path))?;
             return Ok(lock);
         }
-        if !FileExt::try_lock_shared(&file).map_err(CacheError::io("lock", &path))? {
-            on_wait();
-            FileExt::lock_shared(&file).map_err(CacheError::io("lock", &path))?;
+        // Another run holds it exclusively for a moment while it clears `tmp/` (above): wait
+        // that out quietly; only a holder that stays (gc) is worth a message.
+        for _ in 0..50 {
+            if FileExt::try_lock_shared(&file).map_err(CacheError::io("lock", &path))? {
+                return Ok(CacheLock { file });
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
         }
+        on_wait();
+        FileExt::lock_shared(&file).map_err(CacheError::io("lock", &path))?;
         Ok(CacheLock { file })
     }
 
