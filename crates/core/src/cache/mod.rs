@@ -361,13 +361,14 @@ mod tests {
         assert!(waited.load(std::sync::atomic::Ordering::SeqCst));
     }
 
-    /// Whether taking a lock with `take` had to wait while `held` is held.
+    /// Whether taking a lock with `take` had to wait (and said so) while `held` is held for
+    /// longer than a run's quiet wait (0.5 s, see [`Cache::lock_for_run`]).
     fn waits(held: CacheLock, take: impl FnOnce(&dyn Fn()) -> CacheLock + Send) -> bool {
         let waited = std::sync::atomic::AtomicBool::new(false);
         std::thread::scope(|scope| {
             let handle =
                 scope.spawn(|| take(&|| waited.store(true, std::sync::atomic::Ordering::SeqCst)));
-            std::thread::sleep(std::time::Duration::from_millis(100));
+            std::thread::sleep(std::time::Duration::from_millis(800));
             drop(held);
             drop(handle.join().unwrap());
         });
