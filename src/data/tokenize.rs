@@ -113,13 +113,17 @@ impl TextTokenizer {
     /// (a chat template that writes `bos_token` as text: transformers' apply_chat_template keeps
     /// it once).
     pub fn encode_prompt(&self, prompt: &str) -> Result<Vec<u32>, String> {
-        let plain = self.encode_plain(prompt)?;
+        Ok(self.with_prefix(self.encode_plain(prompt)?))
+    }
+
+    /// A prompt's plain tokens with the prefix in front, unless they already begin with it.
+    fn with_prefix(&self, plain: Vec<u32>) -> Vec<u32> {
         if !self.prefix.is_empty() && plain.starts_with(&self.prefix) {
-            return Ok(plain);
+            return plain;
         }
         let mut ids = self.prefix.clone();
         ids.extend(plain);
-        Ok(ids)
+        ids
     }
 
     /// Prompt and completion, EOS appended to the completion when `add_eos`.
@@ -129,8 +133,11 @@ impl TextTokenizer {
         completion: &str,
         add_eos: bool,
     ) -> Result<TokenizedExample, String> {
+        // The prompt's plain tokens serve twice: the boundary in the whole text, and the
+        // prompt itself (with its prefix).
+        let prompt_plain = self.encode_plain(prompt)?;
         let mut completion_ids = continuation_ids(
-            &self.encode_plain(prompt)?,
+            &prompt_plain,
             &self.encode_plain(&format!("{prompt}{completion}"))?,
             || self.encode_plain(completion),
         )?;
@@ -144,7 +151,7 @@ impl TextTokenizer {
             );
         }
         Ok(TokenizedExample {
-            prompt: self.encode_prompt(prompt)?,
+            prompt: self.with_prefix(prompt_plain),
             completion: completion_ids,
         })
     }
