@@ -4,12 +4,10 @@
 //! like the publish records: a missing or unreadable one only means "no failure known", and a
 //! stage's entry is dropped when it next succeeds. Never pushed to a remote.
 
-use std::collections::BTreeMap;
-use std::path::PathBuf;
-
 use serde::{Deserialize, Serialize};
 
-use super::{sanitize_name, write_atomic, Cache, CacheError};
+use super::lock_file::StageRecords;
+use super::{Cache, CacheError};
 
 /// Format version of `locks/<pipeline>.failures.json`.
 pub const FAILURES_FORMAT: u32 = 1;
@@ -28,31 +26,12 @@ pub struct FailureRecord {
 }
 
 /// One pipeline's failure records.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct FailuresFile {
-    pub format: u32,
-    pub pipeline: String,
-    pub stages: BTreeMap<String, FailureRecord>,
-}
+pub type FailuresFile = StageRecords<FailureRecord>;
 
 impl Cache {
-    fn failures_path(&self, pipeline: &str) -> PathBuf {
-        self.root
-            .join("locks")
-            .join(format!("{}.failures.json", sanitize_name(pipeline)))
-    }
-
     /// A pipeline's failure records; missing, unreadable or of another format: empty.
     pub fn read_failures(&self, pipeline: &str) -> FailuresFile {
-        std::fs::read_to_string(self.failures_path(pipeline))
-            .ok()
-            .and_then(|text| serde_json::from_str::<FailuresFile>(&text).ok())
-            .filter(|file| file.format == FAILURES_FORMAT)
-            .unwrap_or_else(|| FailuresFile {
-                format: FAILURES_FORMAT,
-                pipeline: pipeline.to_string(),
-                stages: BTreeMap::new(),
-            })
+        self.read_records(pipeline, "failures", FAILURES_FORMAT)
     }
 
     /// Record (atomically) a stage's failed run, or with `None` forget it (after a success;
@@ -71,12 +50,7 @@ impl Cache {
         if !changed {
             return Ok(());
         }
-        let path = self.failures_path(pipeline);
-        let bytes = serde_json::to_vec_pretty(&file).map_err(|error| CacheError::Invalid {
-            path: path.clone(),
-            message: error.to_string(),
-        })?;
-        write_atomic(&path, &bytes, &self.tmp_dir())
+        self.write_records("failures", &file)
     }
 }
 

@@ -137,32 +137,60 @@ pub struct PublishedRecord {
 /// `locks/<pipeline>.published.json`: per stage, what its last publish wrote, so `status` can
 /// tell a deleted, edited or overwritten export folder from one that is as published. A local
 /// record like the size+mtime index: a missing or unreadable one only means "publish again".
+pub type PublishedFile = StageRecords<PublishedRecord>;
+
+/// A local per-pipeline file of one record per stage beside the lock file
+/// (`locks/<pipeline>.<kind>.json`: publish records, failure records). Unlike the lock file it is
+/// a hint: a missing, unreadable or other-format file reads as empty.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct PublishedFile {
+pub struct StageRecords<R> {
     pub format: u32,
     pub pipeline: String,
-    pub stages: BTreeMap<String, PublishedRecord>,
+    pub stages: BTreeMap<String, R>,
 }
 
 impl Cache {
-    fn published_path(&self, pipeline: &str) -> PathBuf {
+    fn records_path(&self, pipeline: &str, kind: &str) -> PathBuf {
         self.root
             .join("locks")
-            .join(format!("{}.published.json", sanitize_name(pipeline)))
+            .join(format!("{}.{kind}.json", sanitize_name(pipeline)))
+    }
+
+    /// `locks/<pipeline>.<kind>.json` in `format`; missing, unreadable or another format: empty.
+    pub(crate) fn read_records<R: serde::de::DeserializeOwned>(
+        &self,
+        pipeline: &str,
+        kind: &str,
+        format: u32,
+    ) -> StageRecords<R> {
+        std::fs::read_to_string(self.records_path(pipeline, kind))
+            .ok()
+            .and_then(|text| serde_json::from_str::<StageRecords<R>>(&text).ok())
+            .filter(|file| file.format == format)
+            .unwrap_or_else(|| StageRecords {
+                format,
+                pipeline: pipeline.to_string(),
+                stages: BTreeMap::new(),
+            })
+    }
+
+    /// Write `locks/<pipeline>.<kind>.json` atomically.
+    pub(crate) fn write_records<R: Serialize>(
+        &self,
+        kind: &str,
+        file: &StageRecords<R>,
+    ) -> Result<(), CacheError> {
+        let path = self.records_path(&file.pipeline, kind);
+        let bytes = serde_json::to_vec_pretty(file).map_err(|error| CacheError::Invalid {
+            path: path.clone(),
+            message: error.to_string(),
+        })?;
+        write_atomic(&path, &bytes, &self.tmp_dir())
     }
 
     /// A pipeline's publish records; missing, unreadable or of another format: empty.
     pub fn read_published(&self, pipeline: &str) -> Result<PublishedFile, CacheError> {
-        let path = self.published_path(pipeline);
-        let record = std::fs::read_to_string(&path)
-            .ok()
-            .and_then(|text| serde_json::from_str::<PublishedFile>(&text).ok())
-            .filter(|file| file.format == PUBLISHED_FORMAT);
-        Ok(record.unwrap_or_else(|| PublishedFile {
-            format: PUBLISHED_FORMAT,
-            pipeline: pipeline.to_string(),
-            stages: BTreeMap::new(),
-        }))
+        Ok(self.read_records(pipeline, "published", PUBLISHED_FORMAT))
     }
 
     /// Record (atomically) what a stage's publish wrote. Call while holding the pipeline lock.
@@ -177,12 +205,7 @@ impl Cache {
             return Ok(());
         }
         file.stages.insert(stage.to_string(), record);
-        let path = self.published_path(pipeline);
-        let bytes = serde_json::to_vec_pretty(&file).map_err(|error| CacheError::Invalid {
-            path: path.clone(),
-            message: error.to_string(),
-        })?;
-        write_atomic(&path, &bytes, &self.tmp_dir())
+        self.write_records("published", &file)
     }
 }
 
