@@ -941,12 +941,12 @@ impl StageSpec for TemplateConfig {
                 let tests_fields = ["defined", "default", "get("]
                     .iter()
                     .any(|word| source.source.contains(word));
-                let Ok(template) = env.get_template(&source.name) else {
-                    continue;
-                };
                 if tests_fields {
                     continue;
                 }
+                let Ok(template) = env.get_template(&source.name) else {
+                    continue;
+                };
                 let _ = template.render(&context);
                 let unknown: Vec<String> = asked
                     .lock()
