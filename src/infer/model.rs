@@ -66,17 +66,15 @@ impl LanguageModel for HookedModel<'_> {
 
 impl TextCodec for ModelTokenizer {
     fn encode_prompt(&self, text: &str) -> std::result::Result<Vec<u32>, String> {
-        // A text that begins with the BOS token itself (a chat template writes `bos_token`)
-        // gets no second one from the post-processor, as training encodes it.
-        let plain = self.encode(text, false).map_err(|e| e.to_string())?;
-        if self.add_bos_token
-            && self
-                .bos_token_id
-                .is_some_and(|bos| plain.first() == Some(&bos))
-        {
-            return Ok(plain);
-        }
         let mut ids = self.encode(text, true).map_err(|e| e.to_string())?;
+        // A text that begins with the BOS token itself (a chat template writes `bos_token`)
+        // keeps no second one from the post-processor, which adds exactly one: as training
+        // encodes it.
+        if let Some(bos) = self.bos_token_id.filter(|_| self.add_bos_token) {
+            if ids.starts_with(&[bos, bos]) {
+                ids.remove(0);
+            }
+        }
         // A prompt never ends the sequence, even when the tokenizer adds EOS to every text.
         if self.add_eos_token && ids.last().is_some_and(|id| self.eos_token_ids.contains(id)) {
             ids.pop();
