@@ -127,3 +127,12 @@ fn gc_drops_only_unreferenced_objects() {
         "[FRESH] data\n[DIRTY] prompts: parameter template.few_shot.k changed (2 → 1)\n"
     );
 }
+
+#[test]
+fn gc_of_a_pipeline_file_that_is_not_there_says_so() {
+    let project = Project::new();
+    assert!(project.run(&["run", "pipeline.yaml"]).status.success());
+    let output = project.run(&["gc", "nonexistent.yaml"]);
+    assert_eq!(output.status.code(), Some(2), "{}", stderr(&output));
+    assert_eq!(stderr(&output), "error: nonexistent.yaml: no such file\n");
+}

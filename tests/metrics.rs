@@ -105,6 +105,8 @@ fn metrics_show_lists_each_stage_figure() {
     ])));
     assert_eq!(document["pipeline"], "tiny");
     assert_eq!(document["stages"]["train"]["steps"], 3.0);
+    // A count is written as an integer, as the lock file records it (not `3.0`).
+    assert!(document["stages"]["train"]["steps"].is_u64(), "{document}");
     assert!(document["stages"]["evaluate"]["accuracy.adapted"].is_f64());
 }
 
@@ -139,6 +141,12 @@ fn metrics_diff_compares_two_pipelines() {
     assert_eq!(new, 4.0 * old, "{parameters}");
     assert_eq!(parameters["change"].as_f64(), Some(new - old));
     assert_eq!(find("data", "rows_kept")["change"].as_f64(), Some(0.0));
+    // Counts and their changes stay integers in JSON; a fraction stays a fraction.
+    for field in ["old", "new", "change"] {
+        assert!(parameters[field].is_i64(), "{field}: {parameters}");
+    }
+    assert!(find("data", "rows_kept")["change"].is_i64());
+    assert!(find("train", "final_loss")["new"].is_f64());
 
     let table = stdout(&project.ok(&["metrics", "diff", "pipeline.yaml", "wide.yaml"]));
     let header = table.lines().next().expect("header");

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 
 use clap::Args;
 
-use super::{GlobalArgs, EXIT_FAILED, EXIT_OK};
+use super::{GlobalArgs, EXIT_FAILED, EXIT_INVALID, EXIT_OK};
 use crate::cache::Cache;
 use crate::config::StageConfig;
 use crate::report;
@@ -25,6 +25,16 @@ pub struct GcArgs {
 }
 
 pub fn run(global: &GlobalArgs, args: GcArgs) -> u8 {
+    // A mistyped FILE is an error, not a collection of whatever cache lies next to it.
+    if let Some(file) = args.pipeline.as_deref().filter(|file| !file.is_file()) {
+        let cause = if file.is_dir() {
+            "is a folder, not a pipeline file"
+        } else {
+            "no such file"
+        };
+        report::error(&format!("{}: {cause}", file.display()));
+        return EXIT_INVALID;
+    }
     let project_dir = args.pipeline.as_ref().map(|file| {
         file.parent()
             .filter(|parent| !parent.as_os_str().is_empty())

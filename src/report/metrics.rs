@@ -19,7 +19,62 @@ pub struct Metric {
     pub stage: String,
     /// Flat name: `final_loss`, `accuracy.adapted`.
     pub metric: String,
+    pub value: Figure,
+}
+
+/// A recorded figure: its value, and whether the record wrote it as an integer (a count, a size),
+/// which JSON output keeps (`1150`, not `1150.0`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Figure {
     pub value: f64,
+    pub integer: bool,
+}
+
+impl Figure {
+    /// A figure recorded as a fraction (or any non-integer number).
+    pub fn real(value: f64) -> Self {
+        Self {
+            value,
+            integer: false,
+        }
+    }
+
+    /// A figure recorded as an integer.
+    pub fn integer(value: f64) -> Self {
+        Self {
+            value,
+            integer: true,
+        }
+    }
+
+    /// `self - before`, an integer when both are.
+    fn minus(self, before: Figure) -> Figure {
+        Figure {
+            value: self.value - before.value,
+            integer: self.integer && before.integer,
+        }
+    }
+
+    fn json(self) -> serde_json::Value {
+        // Integers past 2^53 are not exact in an f64: those stay floats.
+        if self.integer && self.value.fract() == 0.0 && self.value.abs() < 9.0e15 {
+            serde_json::json!(self.value as i64)
+        } else {
+            serde_json::json!(self.value)
+        }
+    }
+}
+
+impl Serialize for Figure {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        self.json().serialize(serializer)
+    }
+}
+
+impl std::fmt::Display for Figure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.value)
+    }
 }
 
 /// Every numeric figure a lock file records, stage by stage in `order` (stages the order does
@@ -65,12 +120,13 @@ pub fn metrics_of_outcomes(outcomes: &Outcomes, order: &[String]) -> Vec<Metric>
     out
 }
 
-fn flatten(name: &str, value: &serde_json::Value, out: &mut Vec<(String, f64)>) {
+fn flatten(name: &str, value: &serde_json::Value, out: &mut Vec<(String, Figure)>) {
     use serde_json::Value;
     match value {
         Value::Number(number) => {
             if let Some(value) = number.as_f64() {
-                out.push((name.to_string(), value));
+                let integer = number.is_i64() || number.is_u64();
+                out.push((name.to_string(), Figure { value, integer }));
             }
         }
         Value::Object(fields) => {
@@ -80,9 +136,7 @@ fn flatten(name: &str, value: &serde_json::Value, out: &mut Vec<(String, f64)>) 
         }
         Value::String(text) => {
             if let Some((before, after)) = text.split_once(" → ") {
-                if let (Ok(before), Ok(after)) =
-                    (before.trim().parse::<f64>(), after.trim().parse::<f64>())
-                {
+                if let (Some(before), Some(after)) = (figure_of(before), figure_of(after)) {
                     out.push((format!("{name}.base"), before));
                     out.push((format!("{name}.adapted"), after));
                 }
@@ -90,6 +144,16 @@ fn flatten(name: &str, value: &serde_json::Value, out: &mut Vec<(String, f64)>) 
         }
         _ => {}
     }
+}
+
+/// A number written as text (lock files of earlier versions): an integer when it reads as one.
+fn figure_of(text: &str) -> Option<Figure> {
+    let text = text.trim();
+    let value = text.parse::<f64>().ok()?;
+    Some(Figure {
+        value,
+        integer: text.parse::<i64>().is_ok(),
+    })
 }
 
 /// The last part of a flat metric name (`accuracy.adapted` → `accuracy`), which decides how it
@@ -145,7 +209,7 @@ pub fn show_text(pipeline: &str, metrics: &[Metric]) -> String {
         rows.push(vec![
             metric.stage.clone(),
             metric.metric.clone(),
-            human(&metric.metric, metric.value),
+            human(&metric.metric, metric.value.value),
         ]);
     }
     table(&rows)
@@ -159,7 +223,7 @@ pub fn show_json(pipeline: &str, metrics: &[Metric]) -> serde_json::Value {
             .entry(metric.stage.clone())
             .or_insert_with(|| serde_json::json!({}));
         if let Some(object) = entry.as_object_mut() {
-            object.insert(metric.metric.clone(), serde_json::json!(metric.value));
+            object.insert(metric.metric.clone(), metric.value.json());
         }
     }
     serde_json::json!({"pipeline": pipeline, "stages": stages})
@@ -239,15 +303,15 @@ pub fn comparisons_json(comparisons: &[(String, Comparison)]) -> serde_json::Val
 pub struct MetricChange {
     pub stage: String,
     pub metric: String,
-    pub old: Option<f64>,
-    pub new: Option<f64>,
+    pub old: Option<Figure>,
+    pub new: Option<Figure>,
     /// `new - old` when both exist.
-    pub change: Option<f64>,
+    pub change: Option<Figure>,
 }
 
 /// Every metric of either side, in the new side's order, then those only the old side has.
 pub fn diff(old: &[Metric], new: &[Metric]) -> Vec<MetricChange> {
-    let old_values: BTreeMap<(&str, &str), f64> = old
+    let old_values: BTreeMap<(&str, &str), Figure> = old
         .iter()
         .map(|metric| {
             (
@@ -271,7 +335,7 @@ pub fn diff(old: &[Metric], new: &[Metric]) -> Vec<MetricChange> {
                 metric: metric.metric.clone(),
                 old: before,
                 new: Some(metric.value),
-                change: before.map(|before| metric.value - before),
+                change: before.map(|before| metric.value.minus(before)),
             }
         })
         .collect();
@@ -294,7 +358,7 @@ pub fn diff(old: &[Metric], new: &[Metric]) -> Vec<MetricChange> {
 pub fn diff_text(old_label: &str, new_label: &str, changes: &[MetricChange], all: bool) -> String {
     let shown: Vec<&MetricChange> = changes
         .iter()
-        .filter(|change| all || change.change != Some(0.0))
+        .filter(|change| all || change.change.map(|change| change.value) != Some(0.0))
         .collect();
     if shown.is_empty() {
         return format!(
@@ -309,12 +373,13 @@ pub fn diff_text(old_label: &str, new_label: &str, changes: &[MetricChange], all
         new_label.to_string(),
         "change".into(),
     ]];
-    let value = |metric: &str, value: Option<f64>| {
-        value.map_or_else(|| "-".to_string(), |value| human(metric, value))
+    let value = |metric: &str, value: Option<Figure>| {
+        value.map_or_else(|| "-".to_string(), |value| human(metric, value.value))
     };
     for change in shown {
         let difference = match (change.old, change.new, change.change) {
             (Some(old), Some(new), Some(difference)) => {
+                let (old, new, difference) = (old.value, new.value, difference.value);
                 let percent = format::percent_change(old, new);
                 let absolute = if leaf(&change.metric).ends_with("bytes")
                     || leaf(&change.metric).ends_with("seconds")
@@ -391,39 +456,39 @@ mod tests {
             Metric {
                 stage: "train".into(),
                 metric: "final_loss".into(),
-                value: 0.5,
+                value: Figure::real(0.5),
             },
             Metric {
                 stage: "train".into(),
                 metric: "steps".into(),
-                value: 10.0,
+                value: Figure::integer(10.0),
             },
             Metric {
                 stage: "gone".into(),
                 metric: "x".into(),
-                value: 1.0,
+                value: Figure::integer(1.0),
             },
         ];
         let new = vec![
             Metric {
                 stage: "train".into(),
                 metric: "final_loss".into(),
-                value: 0.25,
+                value: Figure::real(0.25),
             },
             Metric {
                 stage: "train".into(),
                 metric: "steps".into(),
-                value: 10.0,
+                value: Figure::integer(10.0),
             },
             Metric {
                 stage: "evaluate".into(),
                 metric: "accuracy.adapted".into(),
-                value: 0.9,
+                value: Figure::real(0.9),
             },
         ];
         let changes = diff(&old, &new);
         assert_eq!(changes.len(), 4);
-        assert_eq!(changes[0].change, Some(-0.25));
+        assert_eq!(changes[0].change, Some(Figure::real(-0.25)));
         let text = diff_text("old", "new", &changes, false);
         assert!(
             text.contains("final_loss        0.5  0.25  -0.25 (-50.0%)"),
