@@ -106,6 +106,8 @@ fn completions_for_each_shell() {
         for subcommand in ["metrics", "report", "init", "status"] {
             assert!(script.contains(subcommand), "{shell}: {subcommand}");
         }
+        // The hidden subcommand `run` starts for data-parallel ranks is not offered.
+        assert!(!script.contains("train-rank"), "{shell}");
     }
     assert_eq!(
         project.peftpipe(&["completions", "tcsh"]).status.code(),

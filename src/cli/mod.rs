@@ -230,7 +230,21 @@ pub struct ManArgs {
 
 /// The completion script for `shell`.
 pub fn completions(shell: clap_complete::Shell) -> String {
-    let mut command = <Cli as clap::CommandFactory>::command();
+    // clap_complete offers hidden subcommands too (`train-rank`, which `run` starts for
+    // data-parallel ranks), and clap cannot remove one: the root is assembled again from its own
+    // settings, arguments and visible subcommands.
+    let full = <Cli as clap::CommandFactory>::command();
+    let mut command = clap::Command::new("peftpipe")
+        .version(crate::TOOL_BUILD)
+        .args(full.get_arguments().cloned())
+        .subcommands(
+            full.get_subcommands()
+                .filter(|subcommand| !subcommand.is_hide_set())
+                .cloned(),
+        );
+    if let Some(about) = full.get_about() {
+        command = command.about(about.clone());
+    }
     let mut bytes = Vec::new();
     clap_complete::generate(shell, &mut command, "peftpipe", &mut bytes);
     String::from_utf8_lossy(&bytes).into_owned()
