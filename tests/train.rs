@@ -583,13 +583,19 @@ fn write_pairs(path: &Path, rows: &[(String, String)]) {
     writer.close().unwrap();
 }
 
-struct Recorder(std::sync::Mutex<Vec<peftpipe::stages::Progress>>);
+/// The progress events and the notes a stage sent.
+struct Recorder(
+    std::sync::Mutex<Vec<peftpipe::stages::Progress>>,
+    std::sync::Mutex<Vec<String>>,
+);
 
 impl peftpipe::stages::ProgressSink for Recorder {
     fn progress(&self, progress: peftpipe::stages::Progress) {
         self.0.lock().unwrap().push(progress);
     }
-    fn note(&self, _message: String) {}
+    fn note(&self, message: String) {
+        self.1.lock().unwrap().push(message);
+    }
 }
 
 fn run_stage(
@@ -610,12 +616,25 @@ fn try_run_stage(
     out: &Path,
     yaml: &str,
 ) -> Result<(peftpipe::stages::StageOutcome, usize), peftpipe::stages::StageError> {
+    try_run_stage_noting(project, upstream, out, yaml).map(|(outcome, steps, _)| (outcome, steps))
+}
+
+/// [`try_run_stage`], also returning the notes the stage sent.
+fn try_run_stage_noting(
+    project: &Path,
+    upstream: &Path,
+    out: &Path,
+    yaml: &str,
+) -> Result<(peftpipe::stages::StageOutcome, usize, Vec<String>), peftpipe::stages::StageError> {
     let value: serde_json::Value = serde_norway::from_str(yaml).unwrap();
     let config: peftpipe::config::TrainConfig = serde_json::from_value(value).unwrap();
     let stage = peftpipe::stages::train::TrainStage::new(config);
     let upstream_map =
         std::collections::BTreeMap::from([("prompts".to_string(), upstream.to_path_buf())]);
-    let recorder = Recorder(std::sync::Mutex::new(Vec::new()));
+    let recorder = Recorder(
+        std::sync::Mutex::new(Vec::new()),
+        std::sync::Mutex::new(Vec::new()),
+    );
     let cancel = AtomicBool::new(false);
     let options = peftpipe::stages::RunOptions {
         device: Some("cpu".into()),
@@ -639,7 +658,8 @@ fn try_run_stage(
     };
     let outcome = peftpipe::stages::Stage::run(&stage, &ctx)?;
     let steps = recorder.0.lock().unwrap().len();
-    Ok((outcome, steps))
+    let notes = std::mem::take(&mut *recorder.1.lock().unwrap());
+    Ok((outcome, steps, notes))
 }
 
 #[test]
@@ -722,6 +742,62 @@ fn train_stage_writes_a_loadable_peft_artifact() {
     assert_eq!(
         std::fs::read(out.join("adapter/adapter_model.safetensors")).unwrap(),
         std::fs::read(again.join("adapter/adapter_model.safetensors")).unwrap()
+    );
+}
+
+/// `truncation: right` with `max_seq_len` at or below a prompt's length cuts the whole
+/// completion: such a row is truncated and, with nothing left to score, dropped (not counted as
+/// a row without completion, which is what the data says), and the note says so.
+#[test]
+fn right_truncation_that_cuts_the_whole_completion_counts_as_truncated_and_dropped() {
+    let project = tempfile::tempdir().unwrap();
+    let model_dir = project.path().join("tiny-model");
+    std::fs::create_dir_all(&model_dir).unwrap();
+    tiny_model_dir(&model_dir);
+    let upstream = project.path().join("prompts-artifact");
+    std::fs::create_dir_all(&upstream).unwrap();
+    let words = |from: usize, count: usize| -> String {
+        (from..from + count)
+            .map(|i| format!("w{i}"))
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    let mut rows: Vec<(String, String)> = (0..3)
+        // BOS + 8 prompt tokens: max_seq_len 9 leaves no completion token.
+        .map(|i| (words(3 + i, 8), "w30 w31".to_string()))
+        .collect();
+    // BOS + 7 prompt tokens: one completion token is left.
+    rows.push((words(10, 7), "w30 w31".into()));
+    // Fits.
+    rows.push((words(3, 2), "w30 w31".into()));
+    // No completion in the data.
+    rows.push((words(5, 1), String::new()));
+    write_pairs(&upstream.join("train.parquet"), &rows);
+    let yaml = "data: prompts\nmodel: tiny-model\nmethod: {lora: {r: 2, alpha: 4}}\n\
+batch_size: 2\nmax_steps: 1\ncheckpoint_every: 0\nlearning_rate: 0.01\n\
+add_eos: false\ntruncation: right\nmax_seq_len: 9\n";
+    let out = project.path().join("out");
+    std::fs::create_dir_all(&out).unwrap();
+    let (_, _, notes) = try_run_stage_noting(project.path(), &upstream, &out, yaml)
+        .unwrap_or_else(|error| panic!("the train stage failed: {error}"));
+    let summary = read_json(&out.join("summary.json"));
+    let counts = [
+        "examples",
+        "truncated_examples",
+        "dropped_examples",
+        "examples_without_completion",
+    ]
+    .map(|key| summary[key].as_u64().unwrap_or(u64::MAX));
+    assert_eq!(counts, [2, 4, 3, 1], "{summary}");
+    let note = notes
+        .iter()
+        .find(|note| note.contains("longer than 9 tokens"))
+        .unwrap_or_else(|| panic!("no truncation note in {notes:?}"));
+    assert_eq!(
+        note,
+        "4 of 6 examples were longer than 9 tokens: 4 cut (truncation: right), 3 dropped \
+         (the cut left them no completion token to train on: use a max_seq_len above their \
+         prompts, or truncation: prompt_left)"
     );
 }
 

@@ -76,6 +76,66 @@ pub fn fit(
     }
 }
 
+/// How the examples fared when fitted into the maximum length (training's summary counts).
+/// `examples + dropped + without_completion` is every example; `truncated` counts the examples
+/// cut by `prompt_left` or `right`, kept or not.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct FitCounts {
+    /// Examples kept: they have completion tokens to score.
+    pub examples: usize,
+    /// Examples longer than the maximum length that were cut.
+    pub truncated: usize,
+    /// Examples left out for their length: skipped by `drop`, or cut with no completion token
+    /// left to score (`completion_cut_off`).
+    pub dropped: usize,
+    /// Of the truncated examples, those whose whole completion the cut removed (`right` with a
+    /// maximum length at or below the prompt); counted in `dropped` too.
+    pub completion_cut_off: usize,
+    /// Examples whose data has no completion token to score, however long they are.
+    pub without_completion: usize,
+}
+
+impl FitCounts {
+    /// [`fit`] one example and count how it fared; the sequence when it has tokens to score.
+    pub fn fit(
+        &mut self,
+        example: &TokenizedExample,
+        max_length: usize,
+        keep_prefix: usize,
+        policy: Truncation,
+    ) -> Option<Sequence> {
+        let whole = Sequence {
+            ids: [example.prompt.as_slice(), example.completion.as_slice()].concat(),
+            completion_start: example.prompt.len(),
+        };
+        if whole.scored_tokens() == 0 {
+            self.without_completion += 1;
+            return None;
+        }
+        if whole.ids.len() <= max_length {
+            self.examples += 1;
+            return Some(whole);
+        }
+        let Some(sequence) = fit(example, max_length, keep_prefix, policy) else {
+            self.dropped += 1;
+            return None;
+        };
+        self.truncated += 1;
+        if sequence.scored_tokens() == 0 {
+            self.completion_cut_off += 1;
+            self.dropped += 1;
+            return None;
+        }
+        self.examples += 1;
+        Some(sequence)
+    }
+
+    /// Examples longer than the maximum length (truncated or dropped, each once).
+    pub fn too_long(&self) -> usize {
+        self.truncated + self.dropped - self.completion_cut_off
+    }
+}
+
 /// How many of the queued batches a length bucket spans when sorting by length.
 pub const BUCKET_BATCHES: usize = 32;
 
@@ -221,6 +281,89 @@ mod tests {
         assert_eq!(fitted.ids, vec![1, 10, 11, 20]);
         assert_eq!(fitted.scored_tokens(), 1);
         assert!(fit(&long, 4, 1, Truncation::Drop).is_none());
+    }
+
+    /// Count each example into fresh counts; the sequences kept.
+    fn counted(
+        examples: &[TokenizedExample],
+        max_length: usize,
+        policy: Truncation,
+    ) -> (Vec<Sequence>, FitCounts) {
+        let mut counts = FitCounts::default();
+        let kept = examples
+            .iter()
+            .filter_map(|example| counts.fit(example, max_length, 1, policy))
+            .collect();
+        (kept, counts)
+    }
+
+    #[test]
+    fn right_truncation_that_leaves_no_completion_is_truncated_and_dropped() {
+        let examples = [
+            // The prompt alone fills (or overfills) max_length: the whole completion is cut.
+            example(&[1, 10, 11, 12], &[20, 21, 2]),
+            example(&[1, 10, 11, 12, 13], &[20, 2]),
+            // One completion token survives.
+            example(&[1, 10, 11], &[20, 21, 2]),
+            // Fits.
+            example(&[1, 10], &[20, 2]),
+            // The data has no completion (nothing to score even uncut).
+            example(&[1, 10], &[]),
+            example(&[1, 10, 11, 12, 13], &[]),
+        ];
+        let (kept, counts) = counted(&examples, 4, Truncation::Right);
+        assert_eq!(kept.len(), 2);
+        assert_eq!(
+            (
+                counts.examples,
+                counts.truncated,
+                counts.dropped,
+                counts.completion_cut_off,
+                counts.without_completion
+            ),
+            (2, 3, 2, 2, 2),
+            "{counts:?}"
+        );
+        assert_eq!(counts.too_long(), 3);
+    }
+
+    #[test]
+    fn counts_under_prompt_left_and_drop() {
+        let examples = [
+            example(&[1, 10, 11, 12], &[20, 21, 2]),
+            example(&[1, 10], &[20, 2]),
+            example(&[1, 10, 11, 12, 13], &[]),
+        ];
+        // prompt_left keeps the completion: truncated, never dropped.
+        let (kept, counts) = counted(&examples, 4, Truncation::PromptLeft);
+        assert_eq!(kept.len(), 2);
+        assert_eq!(
+            (counts.examples, counts.truncated, counts.dropped),
+            (2, 1, 0)
+        );
+        assert_eq!(
+            (counts.completion_cut_off, counts.without_completion),
+            (0, 1)
+        );
+        // Only BOS fits: prompt_left cannot keep a completion token either.
+        let (_, counts) = counted(&examples[..1], 1, Truncation::PromptLeft);
+        assert_eq!(
+            (counts.truncated, counts.dropped, counts.completion_cut_off),
+            (1, 1, 1)
+        );
+        assert_eq!(counts.too_long(), 1);
+        // drop skips the long example without cutting it.
+        let (kept, counts) = counted(&examples, 4, Truncation::Drop);
+        assert_eq!(kept.len(), 1);
+        assert_eq!(
+            (counts.examples, counts.truncated, counts.dropped),
+            (1, 0, 1)
+        );
+        assert_eq!(
+            (counts.completion_cut_off, counts.without_completion),
+            (0, 1)
+        );
+        assert_eq!(counts.too_long(), 1);
     }
 
     #[test]

@@ -62,7 +62,8 @@ use crate::config::hub::resolve_model_dir;
 use crate::config::train::DevicesConfig;
 use crate::config::train::KeepChoice;
 use crate::config::train::{device_kind, TrainConfig};
-use crate::data::batch::{fit, Sequence};
+pub use crate::data::batch::FitCounts;
+use crate::data::batch::Sequence;
 use crate::data::tokenize::TextTokenizer;
 use crate::models::ModelDir;
 use crate::peft::qlora::check_stored_base;
@@ -189,15 +190,6 @@ pub fn read_text_columns(
     Ok(rows)
 }
 
-/// How the examples fared when fitted into `max_seq_len`.
-#[derive(Debug, Default, Clone, Copy, serde::Serialize)]
-pub struct FitCounts {
-    pub examples: usize,
-    pub truncated: usize,
-    pub dropped: usize,
-    pub without_completion: usize,
-}
-
 /// `truncation`'s YAML value.
 fn truncation_name(truncation: crate::config::train::Truncation) -> &'static str {
     use crate::config::train::Truncation;
@@ -221,24 +213,13 @@ pub fn prepare_sequences(
         let example = tokenizer
             .encode_example(prompt, completion, config.add_eos)
             .map_err(|error| format!("row {row}: {error}"))?;
-        let total = example.prompt.len() + example.completion.len();
-        match fit(
+        sequences.extend(counts.fit(
             &example,
             max_length,
             tokenizer.prefix().len(),
             config.truncation,
-        ) {
-            None => counts.dropped += 1,
-            Some(sequence) if sequence.scored_tokens() == 0 => counts.without_completion += 1,
-            Some(sequence) => {
-                if total > max_length {
-                    counts.truncated += 1;
-                }
-                sequences.push(sequence);
-            }
-        }
+        ));
     }
-    counts.examples = sequences.len();
     Ok((sequences, counts))
 }
 
@@ -517,9 +498,17 @@ pub fn train_job(
         } else {
             String::new()
         };
+        // A cut that leaves no completion token drops the example (nothing to train on).
+        let cut_off = match (counts.completion_cut_off, config.truncation) {
+            (0, _) => "",
+            (_, crate::config::train::Truncation::Right) => {
+                " (the cut left them no completion token to train on: use a max_seq_len above their prompts, or truncation: prompt_left)"
+            }
+            _ => " (the cut left them no completion token to train on: use a larger max_seq_len)",
+        };
         progress.note(format!(
-            "{} of {} examples were longer than {max_length} tokens: {} cut ({}), {} dropped{capped}",
-            counts.truncated + counts.dropped,
+            "{} of {} examples were longer than {max_length} tokens: {} cut ({}), {} dropped{cut_off}{capped}",
+            counts.too_long(),
             rows.len(),
             counts.truncated,
             truncation_name(config.truncation),

@@ -300,7 +300,8 @@ pub enum Truncation {
     /// alone is too long is cut on the right.
     #[default]
     PromptLeft,
-    /// Cut the joined prompt + completion on the right.
+    /// Cut the joined prompt + completion on the right; an example cut to no completion token
+    /// (`max_seq_len` at or below its prompt) is not trained on: counted as truncated and dropped.
     Right,
     /// Skip the example (counted in the summary).
     Drop,
