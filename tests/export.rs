@@ -262,10 +262,18 @@ fn export_destinations_may_not_escape_the_project() -> TestResult {
         .path()
         .join("outside/adapter_model.safetensors")
         .is_file());
-    // Republishing replaces the earlier export.
+    // Republishing replaces the earlier export, but never a file peftpipe did not write.
     std::fs::write(root.path().join("outside/stale.txt"), "old")?;
+    let error = export(&project, &train, config(Some("../outside"), None), true).unwrap_err();
+    assert!(
+        error
+            .to_string()
+            .contains("holds stale.txt, which peftpipe did not write"),
+        "{error}"
+    );
+    assert!(root.path().join("outside/stale.txt").is_file());
+    std::fs::remove_file(root.path().join("outside/stale.txt"))?;
     export(&project, &train, config(Some("../outside"), None), true)?;
-    assert!(!root.path().join("outside/stale.txt").exists());
     Ok(())
 }
 

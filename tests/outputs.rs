@@ -552,3 +552,63 @@ stages:
       merged: exported/merged
 "#
 }
+
+#[test]
+fn a_changed_base_model_path_republishes_the_adapter_that_names_it() {
+    // `model: ${TINY_MODEL}` pointed at an identical copy: nothing reruns (same inputs), but the
+    // published adapter names the base model folder of this checkout, so it is published again.
+    let yaml = TINY.replace("      model: model\n", "      model: ${TINY_MODEL}\n");
+    let project = tiny_project(&yaml);
+    copy_dir(&project.path("model"), &project.path("model2"));
+    let with_model = |folder: &str, args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_peftpipe"))
+            .args(args)
+            .current_dir(&project.root)
+            .env_remove("PEFTPIPE_CACHE_DIR")
+            .env_remove("PEFTPIPE_VERSION_OVERRIDE")
+            .env("TINY_MODEL", project.path(folder))
+            .env("NO_COLOR", "1")
+            .output()
+            .expect("run peftpipe")
+    };
+    let first = with_model("model", &["run", "pipeline.yaml"]);
+    assert!(first.status.success(), "{}", stderr(&first));
+    let status = stdout(&with_model("model2", &["status", "pipeline.yaml"]));
+    assert!(status.contains("[FRESH] train"), "{status}");
+    assert!(
+        status.contains("[DIRTY] export: published with base_model_name_or_path "),
+        "{status}"
+    );
+    let second = with_model("model2", &["run", "pipeline.yaml"]);
+    assert!(second.status.success(), "{}", stderr(&second));
+    assert!(!stderr(&second).contains("Running"), "{}", stderr(&second));
+    assert_eq!(
+        adapter_config(&project.root)["base_model_name_or_path"],
+        project.path("model2").display().to_string()
+    );
+    let status = stdout(&with_model("model2", &["status", "pipeline.yaml"]));
+    assert!(status.contains("[FRESH] export"), "{status}");
+}
+
+#[test]
+fn republishing_never_deletes_a_file_peftpipe_did_not_write() {
+    let project = tiny_project(TINY);
+    tiny_run(&project.root, &[]);
+    project.write("out/adapter/notes.txt", "mine");
+    let status = tiny_status(&project.root);
+    assert!(status.contains("(notes.txt is unexpected)"), "{status}");
+    let output = run_in(&project.root, &["run", "pipeline.yaml"]);
+    assert_eq!(output.status.code(), Some(1), "{}", stderr(&output));
+    let log = stderr(&output);
+    assert!(
+        log.contains("out/adapter holds notes.txt, which peftpipe did not write"),
+        "{log}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(project.path("out/adapter/notes.txt")).expect("kept"),
+        "mine"
+    );
+    // Moved away, the folder is as published again.
+    std::fs::remove_file(project.path("out/adapter/notes.txt")).expect("remove");
+    assert!(tiny_status(&project.root).contains("[FRESH] export"));
+}

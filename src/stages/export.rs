@@ -66,39 +66,22 @@ impl ExportStage {
         }
     }
 
-    /// `base_model_name_or_path` in a published adapter, decided when publishing (never
-    /// cached): the user's setting, the Hub id, else the base model folder resolved for this
-    /// checkout (falling back to the model as written when it is not on this machine).
+    /// `base_model_name_or_path` in a published adapter (never cached): the export config's
+    /// rule ([`ExportConfig::published_base_name`]) on the model as the train stage recorded it,
+    /// the same rule `status` checks a publish against.
     fn published_base_name(&self, ctx: &StageContext<'_>) -> Result<String, StageError> {
-        if let Some(name) = &self.config.base_model_name_or_path {
-            return Ok(name.clone());
-        }
         let record = read_json(&ctx.upstream_dir(&self.config.from)?.join("base_model.json"))?;
         let model = record
             .get("model")
             .and_then(Value::as_str)
             .unwrap_or_default();
-        if let Some(id) = hub_repo_id(model) {
-            return Ok(id);
-        }
-        let resolved = crate::config::resolve_path(ctx.project_dir, model)
-            .ok()
-            .filter(|path| path.join("config.json").is_file())
-            .map(|path| path.canonicalize().unwrap_or(path));
-        Ok(match resolved {
-            Some(path) => path.display().to_string(),
-            None => model.to_string(),
-        })
+        Ok(self.config.published_base_name(ctx.project_dir, model))
     }
 }
 
 /// The repository id of an `hf://org/name[@revision]` model (None: a local folder).
 fn hub_repo_id(model: &str) -> Option<String> {
-    let expanded = crate::config::expand_env(model).unwrap_or_else(|_| model.to_string());
-    crate::config::hub::HubId::parse(&expanded)
-        .ok()
-        .flatten()
-        .map(|id| id.repo_id)
+    crate::config::hub::repo_id_of(model)
 }
 
 impl Stage for ExportStage {
@@ -420,10 +403,12 @@ pub fn publish_folder_with(
         })?;
     copy_tree(source, temporary.path())?;
     finish(temporary.path())?;
+    // The files written, so a later publish can tell a file someone added from its own.
     let marker = serde_json::json!({
         "written_by": "peftpipe export",
         "stage": stage,
         "peftpipe_version": crate::TOOL_BUILD,
+        "files": relative_files(temporary.path())?,
     });
     write_json(&temporary.path().join(EXPORT_MARKER), &marker)?;
     let staged = temporary.keep();
@@ -479,14 +464,59 @@ fn refuse_foreign_folder(destination: &Path) -> Result<(), StageError> {
         )));
     }
     let is_empty = fs::read_dir(destination)?.next().is_none();
-    if !is_empty && !destination.join(EXPORT_MARKER).is_file() {
+    let marker = destination.join(EXPORT_MARKER);
+    if !is_empty && !marker.is_file() {
         return Err(StageError::user(format!(
             "export destination {} already exists and was not written by peftpipe export; \
              remove it or choose another folder",
             destination.display()
         )));
     }
+    // Publishing replaces the whole folder: a file added after the last publish (the marker
+    // lists what it wrote; markers of older versions list nothing) would be lost with it.
+    let written: Option<Vec<String>> = read_json(&marker)
+        .ok()
+        .and_then(|value| serde_json::from_value(value.get("files")?.clone()).ok());
+    if let Some(written) = written {
+        let added: Vec<String> = relative_files(destination)?
+            .into_iter()
+            .filter(|file| !written.contains(file))
+            .collect();
+        if !added.is_empty() {
+            let shown = match added.len() {
+                1..=5 => added.join(", "),
+                n => format!("{} and {} more", added[..5].join(", "), n - 5),
+            };
+            return Err(StageError::user(format!(
+                "export destination {} holds {shown}, which peftpipe did not write; move \
+                 {} elsewhere first (publishing replaces the whole folder)",
+                destination.display(),
+                if added.len() == 1 { "it" } else { "them" }
+            )));
+        }
+    }
     Ok(())
+}
+
+/// The files under `dir` (recursively), as `/`-separated paths relative to it, sorted; the
+/// export marker is not one of them.
+fn relative_files(dir: &Path) -> Result<Vec<String>, StageError> {
+    fn walk(dir: &Path, prefix: &str, out: &mut Vec<String>) -> Result<(), StageError> {
+        for entry in fs::read_dir(dir)? {
+            let entry = entry?;
+            let name = format!("{prefix}{}", entry.file_name().to_string_lossy());
+            if entry.file_type()?.is_dir() {
+                walk(&entry.path(), &format!("{name}/"), out)?;
+            } else if name != EXPORT_MARKER {
+                out.push(name);
+            }
+        }
+        Ok(())
+    }
+    let mut files = Vec::new();
+    walk(dir, "", &mut files)?;
+    files.sort();
+    Ok(files)
 }
 
 /// Refuse a file destination that exists and is not a GGUF file peftpipe export wrote.

@@ -377,6 +377,13 @@ pub enum DirtyReason {
         path: String,
         detail: String,
     },
+    /// What the last publish decided on this machine (an adapter's `base_model_name_or_path`)
+    /// is not what publishing would write now: republished, not rerun.
+    PublishContextChanged {
+        key: String,
+        old: String,
+        new: String,
+    },
     FingerprintVersionChanged {
         old: u32,
         new: u32,
@@ -468,6 +475,9 @@ impl fmt::Display for DirtyReason {
                 } else {
                     write!(f, "published output {path} changed ({detail})")
                 }
+            }
+            DirtyReason::PublishContextChanged { key, old, new } => {
+                write!(f, "published with {key} {old}, now {new}")
             }
             DirtyReason::FingerprintVersionChanged { old, new } => {
                 write!(f, "fingerprint format changed ({old} → {new})")

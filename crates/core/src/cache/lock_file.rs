@@ -132,6 +132,9 @@ pub struct PublishedRecord {
     /// Destination folder (absolute, on this machine: published copies may differ per checkout,
     /// e.g. `base_model_name_or_path`) → the files written there.
     pub destinations: BTreeMap<String, Manifest>,
+    /// What the publish decided on this machine ([`crate::config::StageSpec::publish_context`]).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub context: BTreeMap<String, String>,
 }
 
 /// `locks/<pipeline>.published.json`: per stage, what its last publish wrote, so `status` can
@@ -285,6 +288,7 @@ mod published_tests {
                     files: Vec::new(),
                 },
             )]),
+            context: BTreeMap::from([("base_model_name_or_path".into(), "/m".into())]),
         };
         cache
             .record_published("p", "export", record.clone())

@@ -5,6 +5,7 @@
 //! `--allow-outside-project`, so that part is enforced when publishing (stages/export.rs), while
 //! everything knowable from the file alone is checked here.
 
+use std::collections::BTreeMap;
 use std::path::{Component, Path, PathBuf};
 
 use schemars::JsonSchema;
@@ -236,9 +237,40 @@ impl StageSpec for ExportConfig {
     fn check(&self, cx: &CheckContext<'_>, at: &str, problems: &mut Vec<Problem>) {
         self.check_export(cx, at, problems);
     }
+
+    fn publish_context(&self, pipeline: &super::Pipeline) -> BTreeMap<String, String> {
+        let Some(StageConfig::Train(train)) = pipeline.stages.get(&self.from) else {
+            return BTreeMap::new();
+        };
+        if self.adapter.is_none() {
+            return BTreeMap::new();
+        }
+        BTreeMap::from([(
+            "base_model_name_or_path".to_string(),
+            self.published_base_name(&pipeline.project_dir, &train.model),
+        )])
+    }
 }
 
 impl ExportConfig {
+    /// `base_model_name_or_path` in a published adapter, decided when publishing (never
+    /// cached): the user's setting, the Hub id of a Hub model, else the base model folder
+    /// `model` (as written in the train stage) resolved for this checkout, canonical, falling
+    /// back to the model as written when it is not on this machine.
+    pub fn published_base_name(&self, project_dir: &Path, model: &str) -> String {
+        if let Some(name) = &self.base_model_name_or_path {
+            return name.clone();
+        }
+        if let Some(id) = super::hub::repo_id_of(model) {
+            return id;
+        }
+        super::resolve_path(project_dir, model)
+            .ok()
+            .filter(|path| path.join("config.json").is_file())
+            .map(|path| path.canonicalize().unwrap_or(path))
+            .map_or_else(|| model.to_string(), |path| path.display().to_string())
+    }
+
     /// IA3 on an output-side layer with a bias scales the bias too (GPT-2's Conv1D layers all
     /// have one), which the merged weights cannot carry: refused before training, naming the
     /// layers, as the export would refuse it after.

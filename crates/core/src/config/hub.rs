@@ -95,6 +95,13 @@ impl HubId {
     }
 }
 
+/// The repository id of an `hf://org/name[@revision]` model as written (environment variables
+/// expanded); None for a local folder.
+pub fn repo_id_of(model: &str) -> Option<String> {
+    let expanded = super::expand_env(model).unwrap_or_else(|_| model.to_string());
+    HubId::parse(&expanded).ok().flatten().map(|id| id.repo_id)
+}
+
 /// The Hub cache directory as huggingface_hub computes it, from the given environment lookup.
 pub fn cache_dir_from(env: impl Fn(&str) -> Option<String>) -> Option<PathBuf> {
     let set = |key: &str| env(key).filter(|value| !value.is_empty());

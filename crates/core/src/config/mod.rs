@@ -196,6 +196,13 @@ pub trait StageSpec {
     fn published_paths(&self, _project_dir: &Path) -> Result<Vec<PathBuf>, String> {
         Ok(Vec::new())
     }
+    /// What publishing writes into the destinations that is decided on this machine, not
+    /// cached (an export's `base_model_name_or_path`: the base model folder of this checkout),
+    /// by name. Recorded with each publish; when it changes, the destinations are published
+    /// again. Default: nothing.
+    fn publish_context(&self, _pipeline: &Pipeline) -> BTreeMap<String, String> {
+        BTreeMap::new()
+    }
 }
 
 impl StageConfig {

@@ -261,6 +261,27 @@ pub fn destination_problems(
         .stages
         .get(name)
         .filter(|record| record.output == output);
+    // A record of this checkout's destinations (a copied project's names other folders, and
+    // says so below).
+    let this_checkout = record.filter(|record| {
+        destinations.iter().all(|destination| {
+            record
+                .destinations
+                .contains_key(&destination.display().to_string())
+        })
+    });
+    if let Some(record) = this_checkout {
+        for (key, new) in config.spec().publish_context(pipeline) {
+            match record.context.get(&key) {
+                Some(old) if *old == new => {}
+                old => reasons.push(DirtyReason::PublishContextChanged {
+                    key,
+                    old: old.cloned().unwrap_or_else(|| "nothing recorded".into()),
+                    new,
+                }),
+            }
+        }
+    }
     for destination in destinations {
         let shown = show_path(&pipeline.project_dir, &destination);
         let key = destination.display().to_string();

@@ -710,6 +710,7 @@ fn record_destinations(
     let mut record = PublishedRecord {
         output: output.to_string(),
         destinations: BTreeMap::new(),
+        context: job.config.spec().publish_context(pipeline),
     };
     for destination in destinations {
         let manifest = Manifest::of_published(&destination).map_err(|error| error.to_string())?;
