@@ -38,7 +38,8 @@ impl Probe for StandardProbe {
     }
 
     fn check_column_types(&self, path: &Path, ingest: &IngestConfig) -> Vec<(String, String)> {
-        let Ok(schema) = crate::data::source::peek_schema(path, ingest.format) else {
+        let Ok(schema) = crate::data::source::peek_schema_typed(path, ingest.format, &ingest.types)
+        else {
             return Vec::new();
         };
         // The stage's output schema: the selected columns, renamed, with their stored types.
@@ -69,7 +70,27 @@ impl Probe for StandardProbe {
                 .collect::<Vec<_>>(),
         );
         let mut problems = Vec::new();
+        let csv = ingest
+            .format
+            .or_else(|| crate::config::input::format_of(path))
+            == Some(InputFormat::Csv);
+        let mut text_compared = std::collections::BTreeSet::new();
+        if csv {
+            for (index, message) in crate::data::filter::csv_text_filter_problems(
+                &ingest.filters,
+                &ingest.rename,
+                &ingest.types,
+            ) {
+                if mapped.index_of(ingest.filters[index].column()).is_ok() {
+                    text_compared.insert(index);
+                    problems.push((format!("filters[{index}]"), message));
+                }
+            }
+        }
         for (index, filter) in ingest.filters.iter().enumerate() {
+            if text_compared.contains(&index) {
+                continue;
+            }
             if mapped.index_of(filter.column()).is_err() {
                 continue;
             }

@@ -87,6 +87,7 @@ fn read_data_bytes(extension: &str, bytes: &[u8]) {
         format: None,
         columns: Vec::new(),
         rename: indexmap::IndexMap::new(),
+        types: indexmap::IndexMap::new(),
         limit: Some(100_000),
     };
     let _ = scan(&spec, |_, _| Ok(()));

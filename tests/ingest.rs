@@ -330,8 +330,14 @@ fn jsonl_and_csv_inputs_are_selected_and_renamed() {
     }
     std::fs::write(dir.path().join("rows.csv"), csv).unwrap();
     for file in ["rows.jsonl", "rows.csv"] {
+        // CSV cells are text unless `types` says otherwise: the number 3 compares with integers.
+        let types = if file.ends_with("csv") {
+            "types: {score: int64}\n"
+        } else {
+            ""
+        };
         let config = config(&format!(
-            "path: {file}\ncolumns: [score, sentence]\nrename: {{sentence: text}}\nfilters: [{{equals: {{column: score, value: 3}}}}]\nsplit: {{counts: {{eval: 0}}}}\n"
+            "path: {file}\n{types}columns: [score, sentence]\nrename: {{sentence: text}}\nfilters: [{{equals: {{column: score, value: 3}}}}]\nsplit: {{counts: {{eval: 0}}}}\n"
         ));
         let out = dir.path().join(format!("out-{file}"));
         run(&config, dir.path(), &out, 0).unwrap();
@@ -514,6 +520,86 @@ fn an_empty_split_fails_at_ingest_naming_the_stage_and_the_split() {
     .unwrap();
 }
 
+/// Regression: CSV columns that looked numeric were converted (`007` → 7, `1.50` → 1.5, `5` →
+/// 5.0 once a later row held a fraction), as were booleans and dates; the text as written is
+/// what fine-tuning reads.
+#[test]
+fn csv_cells_are_read_as_the_text_written_unless_types_says_otherwise() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("rows.csv"),
+        "text,label,flag,day\n007,01,true,2024-01-05\n010,1.50,FALSE,2024-02-01\n5,3,,x\n",
+    )
+    .unwrap();
+    let as_written = "path: rows.csv\nshuffle: false\nsplit: {counts: {eval: 0}}\n";
+    let out = dir.path().join("out-text");
+    run(&config(as_written), dir.path(), &out, 0).unwrap();
+    let train = out.join("train.parquet");
+    let reader =
+        ParquetRecordBatchReaderBuilder::try_new(std::fs::File::open(&train).unwrap()).unwrap();
+    for field in reader.schema().fields() {
+        assert_eq!(field.data_type(), &DataType::Utf8, "{field:?}");
+    }
+    let texts = |name: &str| -> Vec<Option<String>> { column(&train, name) };
+    let some = |values: &[&str]| -> Vec<Option<String>> {
+        values.iter().map(|v| Some(v.to_string())).collect()
+    };
+    assert_eq!(texts("text"), some(&["007", "010", "5"]));
+    assert_eq!(texts("label"), some(&["01", "1.50", "3"]));
+    assert_eq!(
+        texts("flag"),
+        vec![Some("true".into()), Some("FALSE".into()), None]
+    );
+    assert_eq!(texts("day"), some(&["2024-01-05", "2024-02-01", "x"]));
+
+    // `types` reads chosen columns as values.
+    let typed = "path: rows.csv\nshuffle: false\ncolumns: [text, label, flag]\ntypes: {label: float64, flag: boolean}\nfilters: [{in_set: {column: label, values: [1, 1.5]}}]\nsplit: {counts: {eval: 0}}\n";
+    let out = dir.path().join("out-typed");
+    run(&config(typed), dir.path(), &out, 0).unwrap();
+    let train = out.join("train.parquet");
+    let reader =
+        ParquetRecordBatchReaderBuilder::try_new(std::fs::File::open(&train).unwrap()).unwrap();
+    let types: Vec<DataType> = reader
+        .schema()
+        .fields()
+        .iter()
+        .map(|f| f.data_type().clone())
+        .collect();
+    assert_eq!(
+        types,
+        [DataType::Utf8, DataType::Float64, DataType::Boolean]
+    );
+    assert_eq!(column(&train, "text"), some(&["007", "010"]));
+    assert_eq!(column(&train, "flag"), some(&["true", "false"]));
+
+    // A cell a typed column cannot read names its line and column, and the option.
+    let error = ingest_error(
+        dir.path(),
+        "path: rows.csv\ntypes: {day: int64}\nsplit: {counts: {eval: 0}}\n",
+    );
+    assert!(
+        error.contains("rows.csv: line 2: column `day`: \"2024-01-05\" is not an integer")
+            && error.contains("types"),
+        "{error}"
+    );
+    // A number compared with a text column: the run refuses as validate does.
+    let error = ingest_error(
+        dir.path(),
+        "path: rows.csv\nfilters: [{equals: {column: label, value: 1}}]\nsplit: {counts: {eval: 0}}\n",
+    );
+    assert!(error.contains("types: {label: int64}"), "{error}");
+    // Written as a string, the value compares with the text.
+    let out = dir.path().join("out-string");
+    run(
+        &config("path: rows.csv\nfilters: [{equals: {column: label, value: \"01\"}}]\nsplit: {counts: {eval: 0}}\n"),
+        dir.path(),
+        &out,
+        0,
+    )
+    .unwrap();
+    assert_eq!(column(&out.join("train.parquet"), "text"), some(&["007"]));
+}
+
 #[test]
 fn a_bad_csv_record_names_its_line_not_the_header() {
     let dir = tempfile::tempdir().unwrap();
@@ -526,17 +612,39 @@ fn a_bad_csv_record_names_its_line_not_the_header() {
     assert!(error.contains("rows.csv"), "{error}");
     assert!(!error.contains("header"), "{error}");
     assert!(error.contains("line 2"), "{error}");
-    // Past the records type inference reads, a value of another type: file line 1052.
+    // Regression: a quoted field holding line breaks made Arrow's record number lag the file
+    // line (the ragged record on line 5 was "line 3").
+    std::fs::write(
+        dir.path().join("multiline.csv"),
+        "text,label\n\"one\ntwo\nthree\",a\nbad,b,extra\n",
+    )
+    .unwrap();
+    let error = ingest_error(dir.path(), "path: multiline.csv\n");
+    assert!(
+        error.contains("multiline.csv: line 5: bad CSV record"),
+        "{error}"
+    );
+    // Regression: a quote never closed was "unequal lengths ... found 1".
+    std::fs::write(
+        dir.path().join("unclosed.csv"),
+        "text,label\ngood,a\n\"never closed,b\nmore,c\n",
+    )
+    .unwrap();
+    let error = ingest_error(dir.path(), "path: unclosed.csv\n");
+    assert!(
+        error.contains("unclosed.csv: line 3: a quote opened here is never closed"),
+        "{error}"
+    );
+    // Far down the file, a value a typed column cannot read: file line 1052.
     let mut rows = String::from("text,score\n");
     for i in 0..1050 {
         rows.push_str(&format!("row {i},{i}\n"));
     }
     rows.push_str("late,high\n");
     std::fs::write(dir.path().join("typed.csv"), rows).unwrap();
-    let error = ingest_error(dir.path(), "path: typed.csv\n");
-    assert!(error.contains("typed.csv: bad CSV record"), "{error}");
+    let error = ingest_error(dir.path(), "path: typed.csv\ntypes: {score: int64}\n");
     assert!(
-        error.contains("'high'") && error.contains("at line 1052"),
+        error.contains("typed.csv: line 1052: column `score`: \"high\""),
         "{error}"
     );
 }

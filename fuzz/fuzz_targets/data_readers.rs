@@ -30,6 +30,7 @@ fuzz_target!(|data: &[u8]| {
         format: None,
         columns: Vec::new(),
         rename: indexmap::IndexMap::new(),
+        types: indexmap::IndexMap::new(),
         limit: Some(100_000),
     };
     let _ = scan(&spec, |_, _| Ok(()));

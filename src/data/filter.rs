@@ -7,7 +7,7 @@ use std::collections::HashSet;
 use arrow::array::{Array, ArrayRef, BooleanArray, RecordBatch, StringArray};
 use arrow::datatypes::DataType;
 
-use crate::config::ingest::RowFilter;
+use crate::config::ingest::{CsvType, RowFilter};
 use crate::stages::StageError;
 
 /// A filter bound to a column index, with its comparison values prepared.
@@ -338,6 +338,51 @@ fn evaluate(column: &ArrayRef, filter: &Compiled) -> Result<BooleanArray, String
             }))
         }
     })
+}
+
+/// Filters that compare a CSV column read as text (one `types` does not name) with a number or
+/// a boolean, as (filter index, message). Compared as text, `3` would miss a cell written `3.0`
+/// or `03`: the user says which is meant, with `types` or by writing the value as a string.
+/// `rename` maps file names to output names, `types` is keyed by file names.
+pub fn csv_text_filter_problems(
+    filters: &[RowFilter],
+    rename: &indexmap::IndexMap<String, String>,
+    types: &indexmap::IndexMap<String, CsvType>,
+) -> Vec<(usize, String)> {
+    let mut problems = Vec::new();
+    for (index, filter) in filters.iter().enumerate() {
+        let values: Vec<&serde_json::Value> = match filter {
+            RowFilter::Equals(f) | RowFilter::NotEquals(f) => vec![&f.value],
+            RowFilter::InSet(f) => f.values.iter().collect(),
+            _ => continue,
+        };
+        let column = filter.column();
+        let file_name = rename
+            .iter()
+            .find(|(_, new)| new.as_str() == column)
+            .map_or(column, |(old, _)| old.as_str());
+        if types.contains_key(file_name) {
+            continue;
+        }
+        let Some(value) = values.iter().find(|value| !value.is_string()) else {
+            continue;
+        };
+        let (kind, csv_type, examples) = match value {
+            serde_json::Value::Bool(_) => ("boolean", CsvType::Boolean, "`True` or `TRUE`"),
+            serde_json::Value::Number(number) if number.is_f64() => {
+                ("number", CsvType::Float64, "`1.50` or `01.5`")
+            }
+            _ => ("number", CsvType::Int64, "`01` or `1.0`"),
+        };
+        problems.push((
+            index,
+            format!(
+                "column `{column}` is read from CSV as text, so the {kind} {value} would be compared with the text \"{value}\" (a cell written {examples} would not match): give the column a type with `types: {{{file_name}: {}}}`, or write the value as the string \"{value}\"",
+                csv_type.name()
+            ),
+        ));
+    }
+    problems
 }
 
 /// Hashes the values of the key columns of each row (blake3, truncated to 128 bits), with a

@@ -10,7 +10,7 @@
 //! more than one batch at a time.
 
 use std::fs::File;
-use std::io::{BufReader, Seek};
+use std::io::BufReader;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -20,7 +20,7 @@ use indexmap::IndexMap;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use parquet::arrow::ProjectionMask;
 
-use crate::config::ingest::InputFormat;
+use crate::config::ingest::{CsvType, InputFormat};
 use crate::config::InputFile;
 use crate::stages::StageError;
 
@@ -29,7 +29,8 @@ pub use crate::config::input::{expand_input, format_of};
 /// Rows per record batch read from the inputs.
 pub const BATCH_ROWS: usize = 8192;
 
-/// How many records schema inference reads from a JSONL or CSV file.
+/// How many records schema inference reads from a JSONL file, and validation checks of a CSV
+/// file.
 const INFER_RECORDS: usize = 1000;
 
 fn resolve_format(path: &Path, format: Option<InputFormat>) -> Result<InputFormat, String> {
@@ -41,9 +42,18 @@ fn resolve_format(path: &Path, format: Option<InputFormat>) -> Result<InputForma
     })
 }
 
-/// The Arrow schema of a file without reading its rows (Parquet footer, CSV header + the first
-/// records, JSONL first records).
+/// The Arrow schema of a file without reading its rows (Parquet footer, CSV header: every
+/// column text, JSONL records). See [`peek_schema_typed`] for CSV columns given a type.
 pub fn peek_schema(path: &Path, format: Option<InputFormat>) -> Result<Schema, String> {
+    peek_schema_typed(path, format, &IndexMap::new())
+}
+
+/// [`peek_schema`] with the ingest stage's `types` for CSV columns (ignored for other formats).
+pub fn peek_schema_typed(
+    path: &Path,
+    format: Option<InputFormat>,
+    types: &IndexMap<String, CsvType>,
+) -> Result<Schema, String> {
     match resolve_format(path, format)? {
         InputFormat::Parquet => {
             let file = open(path)?;
@@ -79,47 +89,43 @@ pub fn peek_schema(path: &Path, format: Option<InputFormat>) -> Result<Schema, S
             }
             Ok(schema)
         }
-        InputFormat::Csv => infer_csv_schema(&path.display().to_string(), open(path)?),
-    }
-}
-
-/// The schema of a CSV file: its header (line 1), then column types inferred from the first
-/// records. Errors say which of the two failed, and arrow's message gives the record's line.
-fn infer_csv_schema(shown: &str, mut file: File) -> Result<Schema, String> {
-    let format = arrow::csv::reader::Format::default().with_header(true);
-    format
-        .infer_schema(BufReader::new(&mut file), Some(0))
-        .map_err(|e| format!("{shown}: cannot read the CSV header (line 1): {e}"))?;
-    file.rewind().map_err(|e| format!("{shown}: {e}"))?;
-    let (schema, _) = format
-        .infer_schema(BufReader::new(file), Some(INFER_RECORDS))
-        .map_err(|e| {
-            format!("{shown}: bad CSV record among the first {INFER_RECORDS} (read to infer column types): {e}")
-        })?;
-    Ok(schema)
-}
-
-/// A CSV record Arrow could not read, with the file's line. Arrow counts two ways: a record with
-/// the wrong number of fields is reported at its file line, a value that does not parse "at line
-/// N" with N counting data rows from 1 (the header line not included): that N becomes N + 1.
-fn csv_record_error(key: &str, message: &str) -> String {
-    const MARKER: &str = " at line ";
-    let unparsable = message.contains("Error while parsing value");
-    if let (true, Some(at)) = (unparsable, message.find(MARKER)) {
-        let start = at + MARKER.len();
-        let digits = message[start..]
-            .find(|c: char| !c.is_ascii_digit())
-            .map_or(message.len(), |end| start + end);
-        if let Ok(row) = message[start..digits].parse::<u64>() {
-            return format!(
-                "{key}: bad CSV record: {}{MARKER}{}{} (column types are inferred from the first {INFER_RECORDS} records)",
-                &message[..at],
-                row.saturating_add(1),
-                &message[digits..]
-            );
+        InputFormat::Csv => {
+            let shown = path.display().to_string();
+            let schema = Arc::new(csv_schema(&shown, open(path)?, types)?);
+            // The first records must read (field counts, UTF-8, typed cells), as JSONL's must
+            // decode: said here, where validate sees it.
+            read_csv(&shown, path, &schema, INFER_RECORDS, |_| Ok(false))
+                .map_err(|error| error.to_string())?;
+            Ok(schema.as_ref().clone())
         }
     }
-    format!("{key}: bad CSV record: {message}")
+}
+
+/// The schema of a CSV file from its header (line 1) alone: every column text (Utf8), exactly
+/// as written, except those `types` names. No value is guessed at: `007` stays `007`.
+fn csv_schema(
+    shown: &str,
+    file: File,
+    types: &IndexMap<String, CsvType>,
+) -> Result<Schema, String> {
+    let (header, _) = arrow::csv::reader::Format::default()
+        .with_header(true)
+        .infer_schema(BufReader::new(file), Some(0))
+        .map_err(|e| format!("{shown}: cannot read the CSV header (line 1): {e}"))?;
+    let fields: Vec<Field> = header
+        .fields()
+        .iter()
+        .map(|field| {
+            let data_type = match types.get(field.name()) {
+                Some(CsvType::Int64) => DataType::Int64,
+                Some(CsvType::Float64) => DataType::Float64,
+                Some(CsvType::Boolean) => DataType::Boolean,
+                Some(CsvType::String) | None => DataType::Utf8,
+            };
+            Field::new(field.name(), data_type, true)
+        })
+        .collect();
+    Ok(Schema::new(fields))
 }
 
 /// An error decoding a JSON-lines file, located: the file's first line that is not a JSON value
@@ -360,6 +366,8 @@ pub struct SourceSpec {
     pub columns: Vec<String>,
     /// Renames `{old: new}` applied after selection.
     pub rename: IndexMap<String, String>,
+    /// CSV columns (file names) read as typed values; every other CSV column is text.
+    pub types: IndexMap<String, CsvType>,
     /// Stop after this many input rows.
     pub limit: Option<u64>,
 }
@@ -393,7 +401,8 @@ pub fn mapped_schema(spec: &SourceSpec) -> Result<SchemaRef, StageError> {
         .files
         .first()
         .ok_or_else(|| StageError::user("no input files"))?;
-    let schema = peek_schema(&first.path, spec.format).map_err(StageError::User)?;
+    let schema =
+        peek_schema_typed(&first.path, spec.format, &spec.types).map_err(StageError::User)?;
     let indices = Mapper::indices(spec, &first.key, &schema)?;
     let fields: Vec<Field> = indices
         .iter()
@@ -404,6 +413,13 @@ pub fn mapped_schema(spec: &SourceSpec) -> Result<SchemaRef, StageError> {
         })
         .collect();
     Ok(Arc::new(Schema::new(fields)))
+}
+
+/// Whether the first input (whose columns and types the output takes) is a CSV file.
+pub fn is_csv(spec: &SourceSpec) -> bool {
+    spec.files.first().is_some_and(|first| {
+        resolve_format(&first.path, spec.format).ok() == Some(InputFormat::Csv)
+    })
 }
 
 /// Total rows of the inputs when cheaply known (Parquet footers); None otherwise.
@@ -642,29 +658,342 @@ pub fn scan(
                 })?;
             }
             InputFormat::Csv => {
-                let schema =
-                    infer_csv_schema(&file.key, open(&file.path).map_err(StageError::User)?)
-                        .map_err(StageError::User)?;
-                let handle = open(&file.path).map_err(StageError::User)?;
-                let schema = Arc::new(schema);
-                Mapper::indices(spec, &file.key, &schema)?;
-                let reader = arrow::csv::ReaderBuilder::new(schema)
-                    .with_header(true)
-                    .with_batch_size(BATCH_ROWS)
-                    .build(BufReader::new(handle))
-                    .map_err(|e| StageError::user(format!("{}: {e}", file.key)))?;
-                for batch in reader {
-                    let batch = batch.map_err(|e| {
-                        StageError::user(csv_record_error(&file.key, &e.to_string()))
-                    })?;
-                    if !emit(batch, None, &mut in_file, &mut total)? {
-                        break;
-                    }
-                }
+                let typed = Arc::new(
+                    csv_schema(
+                        &file.key,
+                        open(&file.path).map_err(StageError::User)?,
+                        &spec.types,
+                    )
+                    .map_err(StageError::User)?,
+                );
+                Mapper::indices(spec, &file.key, &typed)?;
+                read_csv(&file.key, &file.path, &typed, BATCH_ROWS, |batch| {
+                    emit(batch, None, &mut in_file, &mut total)
+                })?;
             }
         }
     }
     Ok((total, mapper.schema))
+}
+
+/// Read a CSV file into batches of `typed` (its header's columns: text, or the type `types`
+/// gives). Arrow reads every cell as text; typed columns are parsed here, so an error names the
+/// column and the file line. Errors give the file line of the record (not its number: a quoted
+/// field may hold line breaks), and a quote never closed is said as such. `on_batch` returns
+/// whether to go on.
+fn read_csv(
+    key: &str,
+    path: &Path,
+    typed: &SchemaRef,
+    batch_rows: usize,
+    mut on_batch: impl FnMut(RecordBatch) -> Result<bool, StageError>,
+) -> Result<(), StageError> {
+    let text_schema = Arc::new(Schema::new(
+        typed
+            .fields()
+            .iter()
+            .map(|field| Field::new(field.name(), DataType::Utf8, true))
+            .collect::<Vec<_>>(),
+    ));
+    let scan = std::rc::Rc::new(std::cell::RefCell::new(CsvScan::default()));
+    let tracked = ScanningReader {
+        inner: open(path).map_err(StageError::User)?,
+        scan: scan.clone(),
+    };
+    let reader = arrow::csv::ReaderBuilder::new(text_schema)
+        .with_header(true)
+        .with_batch_size(batch_rows)
+        .build(tracked)
+        .map_err(|e| StageError::user(format!("{key}: {e}")))?;
+    // Data records read so far (the header is record 0).
+    let mut records = 0u64;
+    for batch in reader {
+        let batch = batch.map_err(|error| csv_error(key, path, typed, &error.to_string()))?;
+        let rows = batch.num_rows() as u64;
+        let batch = apply_csv_types(key, path, typed, &batch, records)?;
+        records += rows;
+        if !on_batch(batch)? {
+            break;
+        }
+    }
+    let scan = scan.borrow();
+    if let (true, Some(line)) = (scan.at_end, scan.open_quote()) {
+        return Err(StageError::user(format!(
+            "{key}: line {line}: a quote opened here is never closed (the rest of the file would be one field)"
+        )));
+    }
+    Ok(())
+}
+
+/// Parse the typed columns of a batch of text cells; `first_record` is the data record (from 0)
+/// of its first row.
+fn apply_csv_types(
+    key: &str,
+    path: &Path,
+    typed: &SchemaRef,
+    batch: &RecordBatch,
+    first_record: u64,
+) -> Result<RecordBatch, StageError> {
+    use arrow::array::{BooleanArray, Float64Array, Int64Array, StringArray};
+    if typed
+        .fields()
+        .iter()
+        .all(|field| field.data_type() == &DataType::Utf8)
+    {
+        return RecordBatch::try_new(typed.clone(), batch.columns().to_vec())
+            .map_err(|e| StageError::Internal(e.to_string()));
+    }
+    let mut columns = Vec::with_capacity(batch.num_columns());
+    for (field, column) in typed.fields().iter().zip(batch.columns()) {
+        let data_type = field.data_type();
+        if data_type == &DataType::Utf8 {
+            columns.push(column.clone());
+            continue;
+        }
+        let text = column
+            .as_any()
+            .downcast_ref::<StringArray>()
+            .ok_or_else(|| StageError::Internal("a CSV column is not text".into()))?;
+        let bad = |row: usize, value: &str, what: &str| {
+            let record = first_record + row as u64 + 1;
+            let line = csv_line_of_record(path, record)
+                .map_or_else(|| format!("record {record}"), |line| format!("line {line}"));
+            StageError::user(format!(
+                "{key}: {line}: column `{}`: {value:?} is not {what} (`types` reads the column as {})",
+                field.name(),
+                type_name(data_type)
+            ))
+        };
+        let array: arrow::array::ArrayRef = match data_type {
+            DataType::Int64 => {
+                let mut values = Vec::with_capacity(text.len());
+                for (row, value) in text.iter().enumerate() {
+                    values.push(match value {
+                        None => None,
+                        Some(value) => Some(
+                            value
+                                .trim()
+                                .parse::<i64>()
+                                .map_err(|_| bad(row, value, "an integer"))?,
+                        ),
+                    });
+                }
+                Arc::new(Int64Array::from(values))
+            }
+            DataType::Float64 => {
+                let mut values = Vec::with_capacity(text.len());
+                for (row, value) in text.iter().enumerate() {
+                    values.push(match value {
+                        None => None,
+                        Some(value) => Some(
+                            value
+                                .trim()
+                                .parse::<f64>()
+                                .map_err(|_| bad(row, value, "a number"))?,
+                        ),
+                    });
+                }
+                Arc::new(Float64Array::from(values))
+            }
+            _ => {
+                let mut values = Vec::with_capacity(text.len());
+                for (row, value) in text.iter().enumerate() {
+                    values.push(match value {
+                        None => None,
+                        Some(value) => match value.trim().to_ascii_lowercase().as_str() {
+                            "true" => Some(true),
+                            "false" => Some(false),
+                            _ => return Err(bad(row, value, "true or false")),
+                        },
+                    });
+                }
+                Arc::new(BooleanArray::from(values))
+            }
+        };
+        columns.push(array);
+    }
+    RecordBatch::try_new(typed.clone(), columns).map_err(|e| StageError::Internal(e.to_string()))
+}
+
+/// A column type as `types` writes it.
+fn type_name(data_type: &DataType) -> &'static str {
+    match data_type {
+        DataType::Int64 => CsvType::Int64.name(),
+        DataType::Float64 => CsvType::Float64.name(),
+        DataType::Boolean => CsvType::Boolean.name(),
+        _ => CsvType::String.name(),
+    }
+}
+
+/// A CSV record Arrow could not read, located at its file line. Arrow numbers records (the
+/// header is 1), which is the file line only while no quoted field holds a line break: the
+/// record's number is mapped back to its line by scanning the file. A quote left open before
+/// the record is the likelier cause and is named instead.
+fn csv_error(key: &str, path: &Path, typed: &Schema, message: &str) -> StageError {
+    let number_after = |marker: &str| -> Option<(usize, usize, u64)> {
+        let start = message.find(marker)? + marker.len();
+        let end = message[start..]
+            .find(|c: char| !c.is_ascii_digit())
+            .map_or(message.len(), |end| start + end);
+        Some((start, end, message[start..end].parse().ok()?))
+    };
+    let scanned = scan_csv_file(path);
+    if let Some(line) = scanned.as_ref().and_then(CsvScan::open_quote) {
+        return StageError::user(format!(
+            "{key}: line {line}: a quote opened here is never closed"
+        ));
+    }
+    let line_of = |number: u64| {
+        number
+            .checked_sub(1)
+            .and_then(|record| csv_line_of_record(path, record))
+    };
+    // "incorrect number of fields for line N, expected E got F"
+    if let Some((_, end, number)) = number_after("incorrect number of fields for line ") {
+        let rest = message[end..].trim_start_matches(',').trim();
+        let line = line_of(number).unwrap_or(number);
+        return StageError::user(format!(
+            "{key}: line {line}: bad CSV record: {} fields where line 1 names {} columns",
+            rest.rsplit(' ').next().unwrap_or("?"),
+            typed.fields().len()
+        ));
+    }
+    // "Encountered invalid UTF-8 data for line N and field F"
+    if let Some((_, end, number)) = number_after("invalid UTF-8 data for line ") {
+        let field = message[end..]
+            .trim_start_matches(" and field ")
+            .trim()
+            .parse::<usize>()
+            .ok()
+            .and_then(|index| typed.fields().get(index))
+            .map_or(String::new(), |field| {
+                format!("column `{}`: ", field.name())
+            });
+        let line = line_of(number).unwrap_or(number);
+        return StageError::user(format!("{key}: line {line}: {field}not valid UTF-8"));
+    }
+    StageError::user(format!("{key}: bad CSV record: {message}"))
+}
+
+/// Where a CSV scanner stands (the grammar Arrow's reader follows: a quote opens a quoted field
+/// only at the start of a field, `""` inside it is a quote, blank lines are skipped).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+enum CsvState {
+    #[default]
+    RecordStart,
+    FieldStart,
+    Unquoted,
+    Quoted,
+    QuoteInQuoted,
+}
+
+/// Tracks records and file lines over the bytes of a CSV file.
+#[derive(Debug, Default)]
+struct CsvScan {
+    state: CsvState,
+    /// Line breaks seen so far (the current line is this + 1).
+    breaks: u64,
+    /// Records started so far (the header is the first).
+    records: u64,
+    /// Line where the quoted field being read opened.
+    quote_line: u64,
+    /// Whether the end of the file was read.
+    at_end: bool,
+}
+
+impl CsvScan {
+    /// Feed bytes; `on_record(record, line)` is told of each record as it starts (record from
+    /// 0, the header being 0; line from 1) and returns whether to go on.
+    fn feed(&mut self, bytes: &[u8], mut on_record: impl FnMut(u64, u64) -> bool) -> bool {
+        for &byte in bytes {
+            if self.state == CsvState::RecordStart {
+                if byte == b'\n' || byte == b'\r' {
+                    self.breaks += u64::from(byte == b'\n');
+                    continue;
+                }
+                self.records += 1;
+                if !on_record(self.records - 1, self.breaks + 1) {
+                    return false;
+                }
+                self.state = CsvState::FieldStart;
+            }
+            self.state = match (self.state, byte) {
+                (CsvState::Quoted, b'"') => CsvState::QuoteInQuoted,
+                (CsvState::Quoted, _) => CsvState::Quoted,
+                (CsvState::QuoteInQuoted, b'"') => CsvState::Quoted,
+                (CsvState::FieldStart, b'"') => {
+                    self.quote_line = self.breaks + 1;
+                    CsvState::Quoted
+                }
+                (_, b',') => CsvState::FieldStart,
+                (_, b'\n' | b'\r') => CsvState::RecordStart,
+                _ => CsvState::Unquoted,
+            };
+            self.breaks += u64::from(byte == b'\n');
+        }
+        true
+    }
+
+    /// The line of a quoted field still open (at the end of the file).
+    fn open_quote(&self) -> Option<u64> {
+        (self.state == CsvState::Quoted).then_some(self.quote_line)
+    }
+}
+
+/// Scan a whole CSV file (error paths only).
+fn scan_csv_file(path: &Path) -> Option<CsvScan> {
+    use std::io::Read;
+    let mut file = open(path).ok()?;
+    let mut scan = CsvScan::default();
+    let mut buffer = vec![0u8; 64 * 1024];
+    loop {
+        let read = file.read(&mut buffer).ok()?;
+        if read == 0 {
+            return Some(scan);
+        }
+        scan.feed(&buffer[..read], |_, _| true);
+    }
+}
+
+/// The file line (from 1) where record `record` (from 0, the header being 0) starts.
+fn csv_line_of_record(path: &Path, record: u64) -> Option<u64> {
+    use std::io::Read;
+    let mut file = open(path).ok()?;
+    let mut scan = CsvScan::default();
+    let mut found = None;
+    let mut buffer = vec![0u8; 64 * 1024];
+    loop {
+        let read = file.read(&mut buffer).ok()?;
+        if read == 0 {
+            return None;
+        }
+        let go_on = scan.feed(&buffer[..read], |index, line| {
+            if index == record {
+                found = Some(line);
+            }
+            found.is_none()
+        });
+        if !go_on {
+            return found;
+        }
+    }
+}
+
+/// A reader that scans the CSV bytes it passes on, so a quote still open at the end of the file
+/// is known without reading it twice.
+struct ScanningReader {
+    inner: File,
+    scan: std::rc::Rc<std::cell::RefCell<CsvScan>>,
+}
+
+impl std::io::Read for ScanningReader {
+    fn read(&mut self, buffer: &mut [u8]) -> std::io::Result<usize> {
+        let read = self.inner.read(buffer)?;
+        let mut scan = self.scan.borrow_mut();
+        scan.at_end |= read == 0 && !buffer.is_empty();
+        scan.feed(&buffer[..read], |_, _| true);
+        Ok(read)
+    }
 }
 
 /// Decode a JSON-lines file into batches of `schema`, line by line and strictly: every

@@ -35,7 +35,7 @@ use serde::Serialize;
 use crate::config::ingest::SplitSizes;
 use crate::config::{IngestConfig, InputFile};
 use crate::data::artifact::{write_json, ParquetSink};
-use crate::data::filter::{key_hashes, stratum_values, RowFilters};
+use crate::data::filter::{csv_text_filter_problems, key_hashes, stratum_values, RowFilters};
 use crate::data::source::{self, SourceSpec};
 use crate::data::spill::{take_rows, DedupSpill, RowBitmap, Shuffler};
 use crate::data::split::{split_quotas, SplitAssigner, SPLITS, SPLIT_NAMES};
@@ -194,9 +194,19 @@ impl Stage for IngestStage {
             format: config.format,
             columns: config.columns.clone(),
             rename: config.rename.clone(),
+            types: config.types.clone(),
             limit: config.limit,
         };
         let schema = source::mapped_schema(&spec)?;
+        if source::is_csv(&spec) {
+            if let Some((index, message)) =
+                csv_text_filter_problems(&config.filters, &config.rename, &config.types)
+                    .into_iter()
+                    .next()
+            {
+                return Err(StageError::user(format!("filters[{index}]: {message}")));
+            }
+        }
         let filters = RowFilters::compile(&config.filters, config.drop_nulls, &schema)?;
         let column_index = |name: &str, what: &str| {
             schema.index_of(name).map_err(|_| {

@@ -30,6 +30,13 @@ pub struct IngestConfig {
     /// Columns to keep, by their name in the files, in this order. Empty keeps every column.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub columns: Vec<String>,
+    /// CSV only: read these columns (by their name in the file, before renaming) as typed values,
+    /// e.g. `{label: int64, score: float64, flag: boolean}`. Every other CSV column is text
+    /// exactly as written (`007`, `1.50`, `true` and `2024-01-05` stay as they are); an empty
+    /// cell is null. A cell a typed column cannot read is an error naming its line. Parquet and
+    /// JSONL files carry their own types.
+    #[serde(default, skip_serializing_if = "IndexMap::is_empty")]
+    pub types: IndexMap<String, CsvType>,
     /// Renames applied after selection: `{old_name: new_name}`. Filters, `dedup` and
     /// `split.stratify_by` use the new names.
     #[serde(default, skip_serializing_if = "IndexMap::is_empty")]
@@ -71,6 +78,32 @@ pub enum InputFormat {
     Jsonl,
     /// Comma-separated values with a header line.
     Csv,
+}
+
+/// The type a CSV column is read as (see `types`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum CsvType {
+    /// Text as written (the default for every CSV column).
+    String,
+    /// A 64-bit signed integer (`-12`, `007`); a fraction or text is an error.
+    Int64,
+    /// A 64-bit float (`1.5`, `-2e3`, `3`).
+    Float64,
+    /// `true` or `false` (any letter case).
+    Boolean,
+}
+
+impl CsvType {
+    /// The name as written in the config (`int64`).
+    pub fn name(self) -> &'static str {
+        match self {
+            CsvType::String => "string",
+            CsvType::Int64 => "int64",
+            CsvType::Float64 => "float64",
+            CsvType::Boolean => "boolean",
+        }
+    }
 }
 
 /// A declarative row filter (one key per filter).
@@ -421,6 +454,7 @@ impl StageSpec for IngestConfig {
                 );
             }
         }
+        check_types(self, &files, &selected, &format!("{at}.types"), problems);
         let mapped: Vec<String> = selected
             .into_iter()
             .map(|name| self.rename.get(&name).cloned().unwrap_or(name))
@@ -483,6 +517,48 @@ impl StageSpec for IngestConfig {
                     .with_hint(column_hint(column, &mapped)),
                 );
             }
+        }
+    }
+}
+
+/// `types` names selected columns of CSV files: Parquet and JSONL carry their own types.
+fn check_types(
+    config: &IngestConfig,
+    files: &[InputFile],
+    selected: &[String],
+    at: &str,
+    problems: &mut Vec<Problem>,
+) {
+    if config.types.is_empty() {
+        return;
+    }
+    let not_csv = files.iter().find(|file| {
+        config
+            .format
+            .or_else(|| super::input::format_of(&file.path))
+            != Some(InputFormat::Csv)
+    });
+    if let Some(file) = not_csv {
+        problems.push(
+            Problem::new(
+                at,
+                format!("`types` applies to CSV files, and {} is not one", file.key),
+            )
+            .about_value()
+            .with_hint("Parquet and JSONL files carry their own column types; remove `types`"),
+        );
+        return;
+    }
+    for name in config.types.keys() {
+        if !selected.contains(name) {
+            problems.push(
+                Problem::new(
+                    format!("{at}.{name}"),
+                    format!("typed column `{name}` is not among the selected columns"),
+                )
+                .about_value()
+                .with_hint(column_hint(name, selected)),
+            );
         }
     }
 }
