@@ -200,3 +200,66 @@ fn killed_in_the_middle_of_checkpoint_writes_then_a_rerun_matches_a_clean_run() 
         assert!(resumed, "a complete checkpoint was there to resume");
     }
 }
+
+/// Regression: a killed run's checkpoint damaged in place (same size, bits flipped in the
+/// adapter's floats) was resumed silently, and the wrong adapter cached under the fingerprint a
+/// clean run has. The rerun must say the checkpoint is damaged, not resume it, and leave what a
+/// clean run leaves.
+#[test]
+fn a_checkpoint_damaged_after_a_kill_is_not_resumed_and_the_rerun_matches_a_clean_run() {
+    let project = TrainProject::new();
+    let reference = clean_run(&project);
+    project.wipe();
+    let mut running = project.spawn(
+        "pipeline.yaml",
+        &[("PEFTPIPE_TEST_CHECKPOINT_DELAY", "300")],
+    );
+    let checkpointed = running.wait_until(Duration::from_secs(60), || {
+        project.has_complete_checkpoint()
+    });
+    assert!(
+        checkpointed,
+        "no checkpoint was ever completed: {:?}",
+        running.seen
+    );
+    running.kill();
+    // The newest complete checkpoint: flip an exponent bit of the last 64 floats of its adapter
+    // (the data ends the file), keeping the size.
+    let newest = project
+        .checkpoint_dirs()
+        .iter()
+        .flat_map(|dir| std::fs::read_dir(dir).into_iter().flatten().flatten())
+        .map(|entry| entry.path())
+        .filter(|path| {
+            path.file_name()
+                .is_some_and(|name| name.to_string_lossy().starts_with("step-"))
+                && path.join("state.json").is_file()
+        })
+        .max()
+        .expect("a complete checkpoint");
+    let adapter = newest.join("adapter.safetensors");
+    let mut bytes = std::fs::read(&adapter).expect("read the adapter");
+    let size = bytes.len();
+    for float in 0..64 {
+        bytes[size - 1 - 4 * float] ^= 0x01;
+    }
+    std::fs::write(&adapter, &bytes).expect("damage the adapter");
+
+    let run = project.run_ok("pipeline.yaml", &[]);
+    let note = format!(
+        "checkpoint {} is damaged (adapter.safetensors does not match its digest): not resumed",
+        newest.display()
+    );
+    assert!(run.stderr.contains(&note), "no note:\n{}", run.stderr);
+    assert_eq!(
+        project.recorded_outputs("quick"),
+        reference.outputs,
+        "outputs differ from a clean run\n{}",
+        run.stderr
+    );
+    assert_eq!(
+        tree(&project.path("exported/adapter")),
+        reference.export,
+        "exported adapter differs"
+    );
+}

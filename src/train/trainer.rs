@@ -21,7 +21,7 @@ use std::time::Instant;
 use candle_core::{DType, Device, Tensor};
 use serde::Serialize;
 
-use super::checkpoint::{self, CheckpointState, CHECKPOINT_VERSION};
+use super::checkpoint::{self, CheckpointState, DamagedCheckpoint, CHECKPOINT_VERSION};
 use super::distributed::{
     average_gradients, backward_scale, shard_rows, CommError, Communicator, Solo,
     DEFAULT_BUCKET_ELEMENTS,
@@ -188,6 +188,8 @@ pub struct TrainOutcome {
     pub wall_seconds: f64,
     /// The step the run resumed from, if it did.
     pub resumed_from: Option<u64>,
+    /// Checkpoints of this run found damaged and not resumed (newest first).
+    pub damaged_checkpoints: Vec<DamagedCheckpoint>,
     /// metrics.jsonl contents, including steps before a resume.
     pub metrics_jsonl: String,
     /// Evaluation during training: the best step and the patience counter (default without).
@@ -400,13 +402,16 @@ pub fn train_data_parallel(
     let mut scored = 0u64;
     let mut elapsed_before = 0.0;
     let mut resumed_from = None;
+    let mut damaged_checkpoints = Vec::new();
     let mut eval_state = EvaluationState::default();
     // A copy (own storage: the optimizer updates the variables in place) of the best
     // evaluation's variables, when the best adapter is kept.
     let mut best_variables: Option<Vec<(String, Tensor)>> = None;
     let keep_best = evaluation.is_some_and(|evaluation| evaluation.keep_best);
     if let Some(dir) = &settings.checkpoint_dir {
-        if let Some(found) = checkpoint::latest(dir, &settings.run_key, &device)? {
+        let latest = checkpoint::latest(dir, &settings.run_key, &device)?;
+        damaged_checkpoints = latest.damaged;
+        if let Some(found) = latest.checkpoint {
             for (name, var) in &variables {
                 let tensor = found.variables.get(name).ok_or_else(|| {
                     TrainError::Invalid(format!(
@@ -743,6 +748,7 @@ pub fn train_data_parallel(
         scored_tokens: scored,
         wall_seconds: elapsed_before + started.elapsed().as_secs_f64(),
         resumed_from,
+        damaged_checkpoints,
         metrics_jsonl,
         evaluation: eval_state,
         stopped_early,

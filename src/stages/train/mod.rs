@@ -691,6 +691,9 @@ pub fn train_job(
         other => user(format!("training: {other}")),
     })?;
     let peak = peak_memory.peak();
+    for damaged in &outcome.damaged_checkpoints {
+        progress.note(format!("{damaged}: not resumed"));
+    }
     if let (Some(step), Some(dir)) = (outcome.resumed_from, &checkpoint_dir) {
         progress.note(format!(
             "resumed from the checkpoint at step {step} in {}",
