@@ -102,7 +102,7 @@ impl Probe for StandardProbe {
                 problems.push((format!("filters[{index}]"), error.to_string()));
             }
         }
-        // Dedup keys and strata are read as text.
+        // Strata are read as text.
         let as_text = |name: &str| {
             mapped.field_with_name(name).ok().and_then(|field| {
                 (!arrow::compute::can_cast_types(
@@ -112,11 +112,18 @@ impl Probe for StandardProbe {
                 .then(|| field.data_type().clone())
             })
         };
+        // Dedup keys are compared by value, in Arrow's row format.
         for (index, column) in ingest.dedup.iter().enumerate() {
-            if let Some(data_type) = as_text(column) {
+            let Ok(field) = mapped.field_with_name(column) else {
+                continue;
+            };
+            if !crate::data::filter::dedup_supports(field.data_type()) {
                 problems.push((
                     format!("dedup[{index}]"),
-                    format!("column `{column}` is {data_type}, which has no text form to compare rows by"),
+                    format!(
+                        "column `{column}` is {}, whose values cannot be compared to find duplicates",
+                        field.data_type()
+                    ),
                 ));
             }
         }

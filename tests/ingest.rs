@@ -600,6 +600,62 @@ fn csv_cells_are_read_as_the_text_written_unless_types_says_otherwise() {
     assert_eq!(column(&out.join("train.parquet"), "text"), some(&["007"]));
 }
 
+/// Regression: dedup compared keys as text, so `["a, b"]` equalled `["a", "b"]`, `[null]`
+/// equalled `[""]`, and every non-UTF-8 binary value equalled null.
+#[test]
+fn dedup_compares_list_and_binary_keys_by_value() {
+    use arrow::array::{BinaryArray, ListBuilder, StringBuilder};
+    let dir = tempfile::tempdir().unwrap();
+    let mut tags = ListBuilder::new(StringBuilder::new());
+    for row in [
+        vec![Some("a, b")],
+        vec![Some("a"), Some("b")],
+        vec![None],
+        vec![Some("")],
+        vec![None],
+        vec![Some("a"), Some("b")],
+    ] {
+        for value in row {
+            tags.values().append_option(value);
+        }
+        tags.append(true);
+    }
+    let bytes: Vec<Option<&[u8]>> = vec![
+        Some(b"\xff"),
+        None,
+        Some(b"\xfe"),
+        Some(b"\xff"),
+        None,
+        Some(b"ok"),
+    ];
+    write_parquet(
+        &dir.path().join("in.parquet"),
+        vec![
+            (
+                "id",
+                Arc::new(Int64Array::from((0..6).collect::<Vec<i64>>())),
+            ),
+            ("tags", Arc::new(tags.finish())),
+            ("blob", Arc::new(BinaryArray::from(bytes))),
+        ],
+    );
+    let kept = |key: &str| {
+        let out = dir.path().join(format!("out-{key}"));
+        let yaml = format!(
+            "path: in.parquet\ndedup: [{key}]\nshuffle: false\nsplit: {{counts: {{eval: 0}}}}\n"
+        );
+        run(&config(&yaml), dir.path(), &out, 0).unwrap();
+        column(&out.join("train.parquet"), "id")
+            .into_iter()
+            .map(|id| id.unwrap().parse::<i64>().unwrap())
+            .collect::<Vec<_>>()
+    };
+    // Only the second `[null]` (row 4) and the second `["a", "b"]` (row 5) are duplicates.
+    assert_eq!(kept("tags"), [0, 1, 2, 3]);
+    // 0xff twice (row 3) and null twice (row 4): 0xfe and "ok" are values of their own.
+    assert_eq!(kept("blob"), [0, 1, 2, 5]);
+}
+
 #[test]
 fn a_bad_csv_record_names_its_line_not_the_header() {
     let dir = tempfile::tempdir().unwrap();

@@ -6,6 +6,7 @@ use std::collections::HashSet;
 
 use arrow::array::{Array, ArrayRef, BooleanArray, RecordBatch, StringArray};
 use arrow::datatypes::DataType;
+use arrow::row::{RowConverter, SortField};
 
 use crate::config::ingest::{CsvType, RowFilter};
 use crate::stages::StageError;
@@ -385,33 +386,39 @@ pub fn csv_text_filter_problems(
     problems
 }
 
-/// Hashes the values of the key columns of each row (blake3, truncated to 128 bits), with a
-/// null marker and length prefixes so `("ab", "c")` and `("a", "bc")` differ.
+/// Hashes the values of the key columns of each row (blake3 of Arrow's row format, truncated to
+/// 128 bits). The row format encodes each value exactly, by its type: a list `["a, b"]` differs
+/// from `["a", "b"]`, `[null]` from `[""]`, a null from any value (nulls equal only nulls), and
+/// binary values are compared as bytes (not as text, which turned every non-UTF-8 value into a
+/// null). Each column's encoding is self-delimiting, so `("ab", "c")` and `("a", "bc")` differ.
 pub fn key_hashes(batch: &RecordBatch, key_columns: &[usize]) -> Result<Vec<u128>, StageError> {
-    let texts: Vec<StringArray> = key_columns
+    let columns: Vec<ArrayRef> = key_columns
         .iter()
-        .map(|&index| as_text(batch.column(index)))
-        .collect::<Result<_, _>>()
-        .map_err(StageError::User)?;
+        .map(|&index| batch.column(index).clone())
+        .collect();
+    let converter = RowConverter::new(
+        columns
+            .iter()
+            .map(|column| SortField::new(column.data_type().clone()))
+            .collect(),
+    )
+    .map_err(|e| StageError::user(format!("cannot compare dedup keys: {e}")))?;
+    let rows = converter
+        .convert_columns(&columns)
+        .map_err(|e| StageError::user(format!("cannot compare dedup keys: {e}")))?;
     let mut hashes = Vec::with_capacity(batch.num_rows());
-    for row in 0..batch.num_rows() {
-        let mut hasher = blake3::Hasher::new();
-        for text in &texts {
-            if text.is_null(row) {
-                hasher.update(&[0u8]);
-            } else {
-                let value = text.value(row);
-                hasher.update(&[1u8]);
-                hasher.update(&(value.len() as u64).to_le_bytes());
-                hasher.update(value.as_bytes());
-            }
-        }
-        let digest = hasher.finalize();
+    for row in rows.iter() {
+        let digest = blake3::hash(row.as_ref());
         let mut first = [0u8; 16];
         first.copy_from_slice(&digest.as_bytes()[..16]);
         hashes.push(u128::from_le_bytes(first));
     }
     Ok(hashes)
+}
+
+/// Whether rows can be compared by a column of this type for `dedup`.
+pub fn dedup_supports(data_type: &DataType) -> bool {
+    RowConverter::supports_fields(&[SortField::new(data_type.clone())])
 }
 
 /// The value of the stratify column for each row, as text (`null` for nulls).
