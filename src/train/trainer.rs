@@ -6,7 +6,9 @@
 //! so an interrupted run resumed from its checkpoint ends bit-identical to an uninterrupted one.
 //!
 //! Data stream: micro-batch `m` is batch `m mod B` of epoch `m div B` (B batches per epoch, each
-//! epoch a fresh seeded order); optimizer step `k` consumes micro-batches `k·A .. (k+1)·A`.
+//! epoch a fresh seeded order); an epoch has ⌈B/A⌉ optimizer steps, step `j` of epoch `e`
+//! consuming its micro-batches `j·A .. min((j+1)·A, B)`: an epoch's last step may hold fewer than
+//! A (as in HF Trainer) but never the next epoch's first ([`step_micro_batches`]).
 //! Data parallel ([`train_data_parallel`]): the same global micro-batches on every rank, each
 //! rank computing its strided shard and the gradients averaged before clipping and AdamW (see
 //! [`super::distributed`]); a world of one is the single-device loop.
@@ -287,7 +289,20 @@ pub fn total_steps(examples: usize, settings: &TrainerSettings) -> u64 {
         return max_steps;
     }
     let batches = examples.div_ceil(settings.batch_size.max(1)) as u64;
-    (batches * u64::from(settings.epochs)).div_ceil(settings.accumulation.max(1) as u64)
+    batches.div_ceil(settings.accumulation.max(1) as u64) * u64::from(settings.epochs)
+}
+
+/// The global micro-batches `first..last` of optimizer step `step` (0-based), with
+/// `batches_per_epoch` micro-batches an epoch and `accumulation` per step: an epoch's steps
+/// never reach into the next epoch, so its last step may hold fewer.
+pub fn step_micro_batches(step: u64, batches_per_epoch: u64, accumulation: u64) -> (u64, u64) {
+    let batches_per_epoch = batches_per_epoch.max(1);
+    let accumulation = accumulation.max(1);
+    let steps_per_epoch = batches_per_epoch.div_ceil(accumulation);
+    let (epoch, within) = (step / steps_per_epoch, step % steps_per_epoch);
+    let start = epoch * batches_per_epoch;
+    let first = start + within * accumulation;
+    (first, (first + accumulation).min(start + batches_per_epoch))
 }
 
 fn synchronize(device: &Device, enabled: bool) -> candle_core::Result<()> {
@@ -391,10 +406,6 @@ pub fn train_data_parallel(
     };
     let accumulation = settings.accumulation.max(1) as u64;
     let mut stream = DataStream::new(sequences, settings);
-    let total_micro_batches = match settings.max_steps {
-        Some(_) => u64::MAX,
-        None => stream.batches_per_epoch * u64::from(settings.epochs),
-    };
 
     let mut start_step = 0;
     let mut metrics_jsonl = String::new();
@@ -486,7 +497,12 @@ pub fn train_data_parallel(
             if let (true, true, Some(dir)) = (main_rank, unsaved, &settings.checkpoint_dir) {
                 let state = settings.checkpoint_state(
                     step,
-                    step.saturating_mul(accumulation).min(total_micro_batches),
+                    match step {
+                        0 => 0,
+                        done => {
+                            step_micro_batches(done - 1, stream.batches_per_epoch, accumulation).1
+                        }
+                    },
                     (tokens, scored),
                     elapsed_before + started.elapsed().as_secs_f64(),
                     evaluation.map(|_| eval_state.clone()),
@@ -503,8 +519,7 @@ pub fn train_data_parallel(
             return Err(TrainError::Cancelled { step });
         }
         let step_started = Instant::now();
-        let first = step * accumulation;
-        let last = (first + accumulation).min(total_micro_batches);
+        let (first, last) = step_micro_batches(step, stream.batches_per_epoch, accumulation);
         // The global micro-batches give the step's token counts; this rank computes its shard.
         let mut batches: Vec<HostBatch> = Vec::new();
         let (mut window_scored, mut window_tokens) = (0usize, 0usize);
