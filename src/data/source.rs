@@ -29,8 +29,8 @@ pub use crate::config::input::{expand_input, format_of};
 /// Rows per record batch read from the inputs.
 pub const BATCH_ROWS: usize = 8192;
 
-/// How many records schema inference reads from a JSONL file, and validation checks of a CSV
-/// file.
+/// How many records validation decodes from a JSONL or CSV file (JSONL column types are
+/// inferred from every record, streaming, so a key first seen late is a column too).
 const INFER_RECORDS: usize = 1000;
 
 fn resolve_format(path: &Path, format: Option<InputFormat>) -> Result<InputFormat, String> {
@@ -64,9 +64,9 @@ pub fn peek_schema_typed(
         InputFormat::Jsonl => {
             let mut reader = jsonl_reader(path)?;
             let (schema, _) =
-                arrow::json::reader::infer_json_schema(&mut reader, Some(INFER_RECORDS)).map_err(
-                    |e| jsonl_error(&path.display().to_string(), path, None, &e.to_string()),
-                )?;
+                arrow::json::reader::infer_json_schema(&mut reader, None).map_err(|e| {
+                    jsonl_error(&path.display().to_string(), path, None, &e.to_string())
+                })?;
             // The records the types were inferred from must decode into them (a key that is a
             // number on one line and a string on another does not): said here, where validate
             // sees it, as a bad CSV record among them is.
@@ -77,15 +77,17 @@ pub fn peek_schema_typed(
                 .map_err(|e| format!("{}: {e}", path.display()))?
                 .next();
             if let Some(Err(error)) = first {
-                return Err(format!(
-                    "{} (column types are inferred from the first {INFER_RECORDS} records: give a key one type on every line)",
-                    jsonl_error(
-                        &path.display().to_string(),
-                        path,
-                        Some(&schema_ref),
-                        &error.to_string()
-                    )
-                ));
+                let located = jsonl_error(
+                    &path.display().to_string(),
+                    path,
+                    Some(&schema_ref),
+                    &error.to_string(),
+                );
+                return Err(if located.contains("one type on every line") {
+                    located
+                } else {
+                    format!("{located} (column types are inferred from every record: give a key one type on every line)")
+                });
             }
             Ok(schema)
         }
@@ -138,7 +140,11 @@ fn jsonl_error(
     schema: Option<&SchemaRef>,
     arrow_message: &str,
 ) -> String {
-    match locate_jsonl_error(path, schema) {
+    // Syntax and a key changing type first (over the whole file): a line the types were
+    // inferred from may fail to decode only because a later line changed them.
+    let located = locate_jsonl_error(path, None)
+        .or_else(|| schema.and_then(|schema| locate_jsonl_error(path, Some(schema))));
+    match located {
         Some((line, cause)) => format!("{shown}: line {line}: {cause}"),
         None => format!("{shown}: not valid JSON lines: {arrow_message}"),
     }
@@ -155,6 +161,8 @@ fn locate_jsonl_error(path: &Path, schema: Option<&SchemaRef>) -> Option<(u64, S
         ),
         None => None,
     };
+    let mut kinds: std::collections::HashMap<String, (&'static str, u64)> =
+        std::collections::HashMap::new();
     for (index, line) in reader.split(b'\n').enumerate() {
         let number = index as u64 + 1;
         let line = match line {
@@ -170,8 +178,29 @@ fn locate_jsonl_error(path: &Path, schema: Option<&SchemaRef>) -> Option<(u64, S
             Ok(value) => value,
             Err(error) => return Some((number, json_syntax_cause(&error))),
         };
-        if !value.is_object() {
+        let Some(object) = value.as_object() else {
             return Some((number, format!("expected a JSON object, found {value}")));
+        };
+        // A key whose kind of value changes between lines (a number here, text there; an
+        // object here, a string there) is the likeliest cause of a failed inference or decode.
+        for (key, value) in object {
+            let Some(kind) = json_kind(value) else {
+                continue;
+            };
+            match kinds.get(key) {
+                Some(&(first_kind, first_line)) if first_kind != kind => {
+                    return Some((
+                        number,
+                        format!(
+                            "key `{key}` is {kind} here but {first_kind} on line {first_line}: give a key one type on every line"
+                        ),
+                    ));
+                }
+                Some(_) => {}
+                None => {
+                    kinds.insert(key.clone(), (kind, number));
+                }
+            }
         }
         if let Some(decoder) = &mut decoder {
             let decoded = decoder
@@ -183,6 +212,18 @@ fn locate_jsonl_error(path: &Path, schema: Option<&SchemaRef>) -> Option<(u64, S
         }
     }
     None
+}
+
+/// The kind of a JSON value as a column sees it (`None` for null, which fits any column).
+fn json_kind(value: &serde_json::Value) -> Option<&'static str> {
+    match value {
+        serde_json::Value::Null => None,
+        serde_json::Value::Bool(_) => Some("a boolean"),
+        serde_json::Value::Number(_) => Some("a number"),
+        serde_json::Value::String(_) => Some("a string"),
+        serde_json::Value::Array(_) => Some("a list"),
+        serde_json::Value::Object(_) => Some("an object"),
+    }
 }
 
 /// Line `number` of a JSON-lines file as text, without its line end: `None` when blank; a UTF-8 byte-order mark
@@ -552,7 +593,8 @@ pub fn scan(
     };
     let mut total = 0u64;
     let limit = spec.limit.unwrap_or(u64::MAX);
-    // The JSONL schema is inferred once (from the first JSONL file) so every file decodes alike.
+    // The JSONL schema is inferred once (from every record of the first JSONL file, streaming) so
+    // every file decodes alike.
     let mut jsonl_schema: Option<SchemaRef> = None;
     for file in &spec.files {
         if total >= limit {
@@ -623,18 +665,15 @@ pub fn scan(
                     Some(schema) => schema.clone(),
                     None => {
                         let mut reader = jsonl_reader(&file.path).map_err(StageError::User)?;
-                        let (schema, _) = arrow::json::reader::infer_json_schema(
-                            &mut reader,
-                            Some(INFER_RECORDS),
-                        )
-                        .map_err(|e| {
-                            StageError::user(jsonl_error(
-                                &file.key,
-                                &file.path,
-                                None,
-                                &e.to_string(),
-                            ))
-                        })?;
+                        let (schema, _) = arrow::json::reader::infer_json_schema(&mut reader, None)
+                            .map_err(|e| {
+                                StageError::user(jsonl_error(
+                                    &file.key,
+                                    &file.path,
+                                    None,
+                                    &e.to_string(),
+                                ))
+                            })?;
                         // A key seen only with null values decodes as strings, so a later
                         // file's text values fit it (see `stored_type`).
                         let fields: Vec<Field> = schema
@@ -1045,7 +1084,7 @@ fn decode_jsonl(
             return Err(at(
                 number,
                 format!(
-                    "`{name}` is {value}, but the column holds integers (its type is inferred from the first {INFER_RECORDS} records)"
+                    "`{name}` is {value}, but the column holds integers (its type is inferred from every record, and this one is an integer elsewhere)"
                 ),
             ));
         }
