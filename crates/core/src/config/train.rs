@@ -64,6 +64,8 @@ pub struct TrainConfig {
     #[serde(default = "default_batch_size")]
     pub batch_size: usize,
     /// Micro-batches per optimizer step (the loss is averaged over all scored tokens of a step).
+    /// An epoch's last step holds the micro-batches left (fewer when the epoch's batch count is
+    /// not a multiple), never the next epoch's first, as in HF Trainer.
     #[serde(default = "default_one")]
     pub gradient_accumulation_steps: usize,
     /// Activation checkpointing: the forward keeps only each decoder layer's input and the backward
