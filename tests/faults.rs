@@ -237,14 +237,19 @@ fn two_pipelines_run_at_once_on_one_cache() {
 
 #[test]
 fn a_failing_stage_exits_1_records_nothing_and_skips_its_dependents() {
-    let project = Project::new();
-    // Broken far below the lines validation peeks at: only the stage finds it.
-    let many: Vec<(String, &str)> = (0..5000)
+    // A folder of shards, the second one broken: validation reads only the first file, so
+    // only the stage finds it.
+    let project = Project::with_pipeline(
+        &exec_support::PIPELINE.replace("datasets/reviews.jsonl", "datasets/shards"),
+    );
+    let many: Vec<(String, &str)> = (0..50)
         .map(|index| (format!("review {index}"), "positive"))
         .collect();
-    let mut text = exec_support::jsonl(&many);
-    text.push_str("{\"text\": \"broken row\", \"label\": \n");
-    project.write("datasets/reviews.jsonl", &text);
+    project.write("datasets/shards/a.jsonl", &exec_support::jsonl(&many));
+    project.write(
+        "datasets/shards/b.jsonl",
+        "{\"text\": \"broken row\", \"label\": \n",
+    );
     let output = project.run(&["run", "pipeline.yaml"]);
     assert_eq!(output.status.code(), Some(1), "{}", stderr(&output));
     insta::assert_snapshot!("failing_stage", project.redact(&stderr(&output)));
@@ -255,7 +260,7 @@ fn a_failing_stage_exits_1_records_nothing_and_skips_its_dependents() {
     assert_eq!(leftovers, 0);
     // Fixing the input makes the next run succeed.
     project.write(
-        "datasets/reviews.jsonl",
+        "datasets/shards/b.jsonl",
         &exec_support::jsonl(&exec_support::rows()),
     );
     let fixed = project.run(&["run", "pipeline.yaml"]);

@@ -1059,15 +1059,22 @@ mod tests {
         );
         assert!(destination.join(EXPORT_MARKER).is_file());
 
-        // A second publish replaces the folder as a whole (stale files vanish).
+        // A file added since is never lost: that publish is refused and the folder kept.
         fs::write(destination.join("stale.txt"), "old").unwrap();
         fs::write(source.join("a.txt"), "three").unwrap();
+        let error = publish_folder(&source, &destination, "export").unwrap_err();
+        assert!(error.to_string().contains("holds stale.txt"), "{error}");
+        assert_eq!(
+            fs::read_to_string(destination.join("a.txt")).unwrap(),
+            "one"
+        );
+        // Without it, a second publish replaces the folder as a whole.
+        fs::remove_file(destination.join("stale.txt")).unwrap();
         publish_folder(&source, &destination, "export").unwrap();
         assert_eq!(
             fs::read_to_string(destination.join("a.txt")).unwrap(),
             "three"
         );
-        assert!(!destination.join("stale.txt").exists());
         // No temporary or old folders are left beside it.
         let siblings: Vec<_> = fs::read_dir(root.path().join("out"))
             .unwrap()
