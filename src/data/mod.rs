@@ -12,6 +12,7 @@ pub mod bench;
 pub mod chat;
 pub mod few_shot;
 pub mod filter;
+pub mod jsonl_schema;
 pub mod preview;
 pub mod render;
 pub mod source;

@@ -62,11 +62,7 @@ pub fn peek_schema_typed(
             Ok(builder.schema().as_ref().clone())
         }
         InputFormat::Jsonl => {
-            let mut reader = jsonl_reader(path)?;
-            let (schema, _) =
-                arrow::json::reader::infer_json_schema(&mut reader, None).map_err(|e| {
-                    jsonl_error(&path.display().to_string(), path, None, &e.to_string())
-                })?;
+            let schema = infer_jsonl(path, &path.display().to_string())?;
             // The records the types were inferred from must decode into them (a key that is a
             // number on one line and a string on another does not): said here, where validate
             // sees it, as a bad CSV record among them is.
@@ -348,6 +344,17 @@ fn strict_record(
 
 /// A JSON-lines file to read from its first record: past a UTF-8 byte-order mark, which some
 /// editors write and which is not JSON.
+/// The column types of the JSON-lines file at `path` (`shown` in errors), inferred from every
+/// record ([`super::jsonl_schema`]).
+fn infer_jsonl(path: &Path, shown: &str) -> Result<Schema, String> {
+    super::jsonl_schema::infer(path, || jsonl_reader(path)).map_err(|error| match error {
+        super::jsonl_schema::InferError::Io(message) => message,
+        super::jsonl_schema::InferError::Arrow(error) => {
+            jsonl_error(shown, path, None, &error.to_string())
+        }
+    })
+}
+
 fn jsonl_reader(path: &Path) -> Result<BufReader<File>, String> {
     use std::io::{Read, Seek, SeekFrom};
     let mut file = open(path)?;
@@ -664,16 +671,8 @@ pub fn scan(
                 let schema = match &jsonl_schema {
                     Some(schema) => schema.clone(),
                     None => {
-                        let mut reader = jsonl_reader(&file.path).map_err(StageError::User)?;
-                        let (schema, _) = arrow::json::reader::infer_json_schema(&mut reader, None)
-                            .map_err(|e| {
-                                StageError::user(jsonl_error(
-                                    &file.key,
-                                    &file.path,
-                                    None,
-                                    &e.to_string(),
-                                ))
-                            })?;
+                        let schema =
+                            infer_jsonl(&file.path, &file.key).map_err(StageError::User)?;
                         // A key seen only with null values decodes as strings, so a later
                         // file's text values fit it (see `stored_type`).
                         let fields: Vec<Field> = schema
