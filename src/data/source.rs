@@ -803,54 +803,45 @@ fn apply_csv_types(
             ))
         };
         let array: arrow::array::ArrayRef = match data_type {
-            DataType::Int64 => {
-                let mut values = Vec::with_capacity(text.len());
-                for (row, value) in text.iter().enumerate() {
-                    values.push(match value {
-                        None => None,
-                        Some(value) => Some(
-                            value
-                                .trim()
-                                .parse::<i64>()
-                                .map_err(|_| bad(row, value, "an integer"))?,
-                        ),
-                    });
-                }
-                Arc::new(Int64Array::from(values))
-            }
-            DataType::Float64 => {
-                let mut values = Vec::with_capacity(text.len());
-                for (row, value) in text.iter().enumerate() {
-                    values.push(match value {
-                        None => None,
-                        Some(value) => Some(
-                            value
-                                .trim()
-                                .parse::<f64>()
-                                .map_err(|_| bad(row, value, "a number"))?,
-                        ),
-                    });
-                }
-                Arc::new(Float64Array::from(values))
-            }
-            _ => {
-                let mut values = Vec::with_capacity(text.len());
-                for (row, value) in text.iter().enumerate() {
-                    values.push(match value {
-                        None => None,
-                        Some(value) => match value.trim().to_ascii_lowercase().as_str() {
-                            "true" => Some(true),
-                            "false" => Some(false),
-                            _ => return Err(bad(row, value, "true or false")),
-                        },
-                    });
-                }
-                Arc::new(BooleanArray::from(values))
-            }
+            DataType::Int64 => Arc::new(Int64Array::from(parse_cells(
+                text,
+                |value| value.parse::<i64>().ok(),
+                |row, value| bad(row, value, "an integer"),
+            )?)),
+            DataType::Float64 => Arc::new(Float64Array::from(parse_cells(
+                text,
+                |value| value.parse::<f64>().ok(),
+                |row, value| bad(row, value, "a number"),
+            )?)),
+            _ => Arc::new(BooleanArray::from(parse_cells(
+                text,
+                |value| match value.to_ascii_lowercase().as_str() {
+                    "true" => Some(true),
+                    "false" => Some(false),
+                    _ => None,
+                },
+                |row, value| bad(row, value, "true or false"),
+            )?)),
         };
         columns.push(array);
     }
     RecordBatch::try_new(typed.clone(), columns).map_err(|e| StageError::Internal(e.to_string()))
+}
+
+/// Each cell of a CSV text column parsed (trimmed) by `parse`, nulls kept; a cell it refuses is
+/// `refused(row, cell)`.
+fn parse_cells<T>(
+    text: &arrow::array::StringArray,
+    parse: impl Fn(&str) -> Option<T>,
+    refused: impl Fn(usize, &str) -> StageError,
+) -> Result<Vec<Option<T>>, StageError> {
+    text.iter()
+        .enumerate()
+        .map(|(row, cell)| {
+            cell.map(|cell| parse(cell.trim()).ok_or_else(|| refused(row, cell)))
+                .transpose()
+        })
+        .collect()
 }
 
 /// A column type as `types` writes it.
