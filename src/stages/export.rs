@@ -284,7 +284,7 @@ impl Stage for ExportStage {
             if kind == "gguf" {
                 refuse_foreign_file(&destination)?;
             } else {
-                refuse_foreign_folder(&destination)?;
+                refuse_foreign_folder(&destination, &artifact.join(kind))?;
             }
             destinations.push((kind, destination));
         }
@@ -390,7 +390,7 @@ pub fn publish_folder_with(
     fs::create_dir_all(parent).map_err(|error| {
         StageError::user(format!("cannot create {}: {error}", parent.display()))
     })?;
-    refuse_foreign_folder(destination)?;
+    refuse_foreign_folder(destination, source)?;
     let name = name.to_string_lossy();
     let temporary = tempfile::Builder::new()
         .prefix(&format!(".{name}.peftpipe-tmp-"))
@@ -452,8 +452,10 @@ pub fn publish_folder_with(
     Ok(())
 }
 
-/// Refuse a folder destination that exists and is not an export peftpipe wrote (or empty).
-fn refuse_foreign_folder(destination: &Path) -> Result<(), StageError> {
+/// Refuse a folder destination that exists and is not an export peftpipe wrote (or empty), or
+/// that holds a file neither the last publish wrote (its marker's list) nor this one (`source`)
+/// would write: publishing replaces the whole folder, and such a file would be lost.
+fn refuse_foreign_folder(destination: &Path, source: &Path) -> Result<(), StageError> {
     let Ok(metadata) = fs::symlink_metadata(destination) else {
         return Ok(());
     };
@@ -472,28 +474,30 @@ fn refuse_foreign_folder(destination: &Path) -> Result<(), StageError> {
             destination.display()
         )));
     }
-    // Publishing replaces the whole folder: a file added after the last publish (the marker
-    // lists what it wrote; markers of older versions list nothing) would be lost with it.
-    let written: Option<Vec<String>> = read_json(&marker)
+    // A file the last publish wrote (the marker lists them; markers of earlier versions list
+    // nothing) or this one writes is peftpipe's; anything else someone put there.
+    let mut written: Vec<String> = read_json(&marker)
         .ok()
-        .and_then(|value| serde_json::from_value(value.get("files")?.clone()).ok());
-    if let Some(written) = written {
-        let added: Vec<String> = relative_files(destination)?
-            .into_iter()
-            .filter(|file| !written.contains(file))
-            .collect();
-        if !added.is_empty() {
-            let shown = match added.len() {
-                1..=5 => added.join(", "),
-                n => format!("{} and {} more", added[..5].join(", "), n - 5),
-            };
-            return Err(StageError::user(format!(
-                "export destination {} holds {shown}, which peftpipe did not write; move \
-                 {} elsewhere first (publishing replaces the whole folder)",
-                destination.display(),
-                if added.len() == 1 { "it" } else { "them" }
-            )));
-        }
+        .and_then(|value| serde_json::from_value(value.get("files")?.clone()).ok())
+        .unwrap_or_default();
+    if source.is_dir() {
+        written.extend(relative_files(source)?);
+    }
+    let added: Vec<String> = relative_files(destination)?
+        .into_iter()
+        .filter(|file| !written.contains(file))
+        .collect();
+    if !added.is_empty() {
+        let shown = match added.len() {
+            1..=5 => added.join(", "),
+            n => format!("{} and {} more", added[..5].join(", "), n - 5),
+        };
+        return Err(StageError::user(format!(
+            "export destination {} holds {shown}, which peftpipe did not write; move \
+             {} elsewhere first (publishing replaces the whole folder)",
+            destination.display(),
+            if added.len() == 1 { "it" } else { "them" }
+        )));
     }
     Ok(())
 }
@@ -1068,6 +1072,15 @@ mod tests {
             fs::read_to_string(destination.join("a.txt")).unwrap(),
             "one"
         );
+        // Also under a marker of an earlier version, which lists no files: a file this publish
+        // does not write either is someone's.
+        fs::write(
+            destination.join(EXPORT_MARKER),
+            r#"{"written_by": "peftpipe export", "stage": "export"}"#,
+        )
+        .unwrap();
+        let error = publish_folder(&source, &destination, "export").unwrap_err();
+        assert!(error.to_string().contains("holds stale.txt"), "{error}");
         // Without it, a second publish replaces the folder as a whole.
         fs::remove_file(destination.join("stale.txt")).unwrap();
         publish_folder(&source, &destination, "export").unwrap();
