@@ -38,10 +38,19 @@ impl Probe for StandardProbe {
     }
 
     fn check_column_types(&self, path: &Path, ingest: &IngestConfig) -> Vec<(String, String)> {
-        let Ok(schema) = crate::data::source::peek_schema_typed(path, ingest.format, &ingest.types)
-        else {
-            return Vec::new();
-        };
+        let schema =
+            match crate::data::source::peek_schema_typed(path, ingest.format, &ingest.types) {
+                Ok(schema) => schema,
+                // A typed read failing where the untyped one reads is a cell `types` cannot parse
+                // (the run would fail on it); other read errors are said where columns are read.
+                Err(message)
+                    if !ingest.types.is_empty()
+                        && crate::data::source::peek_schema(path, ingest.format).is_ok() =>
+                {
+                    return vec![("types".to_string(), message)];
+                }
+                Err(_) => return Vec::new(),
+            };
         // The stage's output schema: the selected columns, renamed, with their stored types.
         let selected: Vec<&arrow::datatypes::Field> = if ingest.columns.is_empty() {
             schema.fields().iter().map(AsRef::as_ref).collect()

@@ -743,3 +743,26 @@ fn a_merged_export_of_ia3_on_gpt2_is_refused_before_training() {
     let output = peftpipe(dir.path(), &["validate", "p.yaml"]);
     assert!(output.status.success(), "{}", text(&output.stderr));
 }
+
+#[test]
+fn a_typed_csv_cell_that_cannot_be_read_is_found_by_validate() {
+    // `types` parses cells the untyped read accepts: validate reads the first records typed, as
+    // the run does, and says which cell (the run would fail on it).
+    let dir = tempfile::tempdir().expect("temporary directory");
+    write(&dir.path().join("b.csv"), "id,text\nabc,hi\n");
+    write(
+        &dir.path().join("p.yaml"),
+        "stages:\n  data: {ingest: {path: b.csv, types: {id: int64}}}\n",
+    );
+    let output = peftpipe(dir.path(), &["validate", "p.yaml"]);
+    let stderr = text(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("stages.data.ingest.types")
+            && stderr.contains("line 2: column `id`: \"abc\" is not an integer"),
+        "{stderr}"
+    );
+    write(&dir.path().join("b.csv"), "id,text\n7,hi\n");
+    let output = peftpipe(dir.path(), &["validate", "p.yaml"]);
+    assert!(output.status.success(), "{}", text(&output.stderr));
+}
