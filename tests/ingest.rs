@@ -757,6 +757,27 @@ fn jsonl_errors_name_the_file_line() {
         ),
         "{error}"
     );
+    // The same inside an object and a list: the nested key's path and its lines.
+    for (name, first, changed, expected) in [
+        (
+            "nested",
+            "{\"o\": {\"a\": 1}}",
+            "{\"o\": {\"a\": \"s\"}}",
+            "line 1206: key `o.a` is a string here but a number on line 1",
+        ),
+        (
+            "list",
+            "{\"l\": [1, 2]}",
+            "{\"l\": [1, \"x\"]}",
+            "line 1206: key `l[]` is a string here but a number on line 1",
+        ),
+    ] {
+        let mut rows = format!("{first}\n").repeat(1205);
+        rows.push_str(&format!("{changed}\n{first}\n"));
+        std::fs::write(dir.path().join(format!("{name}.jsonl")), rows).unwrap();
+        let error = ingest_error(dir.path(), &format!("path: {name}.jsonl\n"));
+        assert!(error.contains(expected), "{error}");
+    }
     std::fs::write(
         dir.path().join("object.jsonl"),
         "{\"meta\": {\"a\": 1}}\n{\"meta\": null}\n{\"meta\": \"flat\"}\n",

@@ -178,23 +178,23 @@ fn locate_jsonl_error(path: &Path, schema: Option<&SchemaRef>) -> Option<(u64, S
             return Some((number, format!("expected a JSON object, found {value}")));
         };
         // A key whose kind of value changes between lines (a number here, text there; an
-        // object here, a string there) is the likeliest cause of a failed inference or decode.
-        for (key, value) in object {
-            let Some(kind) = json_kind(value) else {
-                continue;
-            };
-            match kinds.get(key) {
+        // object here, a string there), at any depth (`meta.source`, `tags[]`), is the likeliest
+        // cause of a failed inference or decode.
+        let mut paths = Vec::new();
+        value_kinds("", object, &mut paths);
+        for (path, kind) in paths {
+            match kinds.get(&path) {
                 Some(&(first_kind, first_line)) if first_kind != kind => {
                     return Some((
                         number,
                         format!(
-                            "key `{key}` is {kind} here but {first_kind} on line {first_line}: give a key one type on every line"
+                            "key `{path}` is {kind} here but {first_kind} on line {first_line}: give a key one type on every line"
                         ),
                     ));
                 }
                 Some(_) => {}
                 None => {
-                    kinds.insert(key.clone(), (kind, number));
+                    kinds.insert(path, (kind, number));
                 }
             }
         }
@@ -208,6 +208,38 @@ fn locate_jsonl_error(path: &Path, schema: Option<&SchemaRef>) -> Option<(u64, S
         }
     }
     None
+}
+
+/// The kind of every non-null value under `object`, by its path from the record (`key`,
+/// `key.inner`, `key[]` for a list's elements).
+fn value_kinds(
+    prefix: &str,
+    object: &serde_json::Map<String, serde_json::Value>,
+    out: &mut Vec<(String, &'static str)>,
+) {
+    fn visit(path: String, value: &serde_json::Value, out: &mut Vec<(String, &'static str)>) {
+        let Some(kind) = json_kind(value) else {
+            return;
+        };
+        match value {
+            serde_json::Value::Object(inner) => value_kinds(&path, inner, out),
+            serde_json::Value::Array(items) => {
+                for item in items {
+                    visit(format!("{path}[]"), item, out);
+                }
+            }
+            _ => {}
+        }
+        out.push((path, kind));
+    }
+    for (key, value) in object {
+        let path = if prefix.is_empty() {
+            key.clone()
+        } else {
+            format!("{prefix}.{key}")
+        };
+        visit(path, value, out);
+    }
 }
 
 /// The kind of a JSON value as a column sees it (`None` for null, which fits any column).
