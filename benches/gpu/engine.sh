@@ -13,6 +13,7 @@
 #            checkpointing
 #   8b-d     8B at 1x4096 beside PEFT's default and Unsloth; 1x16384 checkpointed and offloaded
 #   qlora-8b QLoRA on the 8B shape at 1x4096 beside PEFT + bitsandbytes and Unsloth's QLoRA
+#   qlora-8b-u the same beside Unsloth's QLoRA only (a shorter call)
 #   launches the 1B table under kprof (bench train --kprof): kernel launches per step
 #   real-dtypes lora-stories with the train dtype forced: cuda f32 and cpu bf16 (whose difference?)
 #   1b       Llama-3.2-1B shape: peftpipe's table at 8x512 and 2x2048, activation checkpointing off
@@ -180,6 +181,16 @@ PY
       --method "qlora: {r: 16, alpha: 32, target_modules: all-linear}" --peak-tflops 989 2>&1 | grep -v "^RESULT" | tee "$OUT/peftpipe-qlora-8b.txt"
     echo "== QLoRA anchors 8B, same host, 1x4096"
     ANCHOR_SHAPE=8b anchors peft_qlora,unsloth_qlora 1 4096 300 | tee "$OUT/anchors-qlora-8b.txt"
+    ;;
+  qlora-8b-u)
+    # The 8B QLoRA row beside Unsloth's QLoRA only (the shorter call: PEFT + bitsandbytes at this
+    # shape takes minutes and is far behind both).
+    C=gpu-run/llama-3.1-8b.config.json
+    echo "== peftpipe QLoRA 8B 1x4096"
+    timeout 200 "$BIN" bench train --config "$C" --device cuda --shapes 1x4096 --checkpointing off --steps 5 --warmup 2 \
+      --method "qlora: {r: 16, alpha: 32, target_modules: all-linear}" --peak-tflops 989 2>&1 | grep -v "^RESULT" | tee "$OUT/peftpipe-qlora-8b.txt"
+    echo "== Unsloth QLoRA 8B, same host, 1x4096"
+    ANCHOR_SHAPE=8b anchors unsloth_qlora 1 4096 200 | tee "$OUT/anchors-qlora-8b.txt"
     ;;
   launches)
     # Item 5's kernel launches per step: the 1B table under kprof (benches/gpu/kprof/build.sh put
