@@ -378,8 +378,13 @@ pub fn csv_text_filter_problems(
         problems.push((
             index,
             format!(
-                "column `{column}` is read from CSV as text, so the {kind} {value} would be compared with the text \"{value}\" (a cell written {examples} would not match): give the column a type with `types: {{{file_name}: {}}}`, or write the value as the string \"{value}\"",
-                csv_type.name()
+                "column `{column}` is read from CSV as text, so the {kind} {value} would be compared with the text \"{value}\" (a cell written {examples} would not match): give the column a type with `types: {{{file_name}: {}}}`{}, or write the value as the string \"{value}\"",
+                csv_type.name(),
+                if csv_type == CsvType::Int64 {
+                    " (float64 if its cells hold fractions)"
+                } else {
+                    ""
+                }
             ),
         ));
     }
