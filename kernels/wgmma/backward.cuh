@@ -75,11 +75,11 @@
 // WGBW_KV_LATE 1: dK/dV issues the cp.async loads of step + DIST after the step's Sᵀ/dPᵀ wgmmas (not
 // before them), so the tensor cores start right after the barrier. Measured on the H200 (README.md,
 // "Backward variants"): dK/dV 0.616 → 0.572–0.575 ms/layer at the 8B shape, gradients bitwise
-// equal to fa2's; not yet the default (the product's CUDA tests have not run with it). The other
+// equal to fa2's; the default since the product's CUDA tests passed with it on the H200. The other
 // variants measured that evening (dQ load/issue orders, warp-specialised dK/dV and dQ) were slower
 // and were removed (their code: commit d479751).
 #ifndef WGBW_KV_LATE
-#define WGBW_KV_LATE 0
+#define WGBW_KV_LATE 1
 #endif
 
 namespace wgbw {
