@@ -63,59 +63,66 @@ pub fn quantize_4bit<T: Element>(
     let block_size = block_size.max(1);
     let task = 2 * block_size * (TASK_VALUES / (2 * block_size)).max(1);
     let parallel = values.len() - values.len() % task;
-    let (head, tail) = values.split_at(parallel);
-    let pieces: Vec<(Vec<u8>, Vec<f32>)> = head
+    // Each task writes its bytes and maxima in place: no per-task vectors joined afterwards.
+    let mut packed = vec![0u8; values.len().div_ceil(2)];
+    let mut absmax = vec![0f32; values.len().div_ceil(block_size)];
+    let (packed_head, packed_tail) = packed.split_at_mut(parallel / 2);
+    let (absmax_head, absmax_tail) = absmax.split_at_mut(parallel / block_size);
+    values[..parallel]
         .par_chunks(task)
-        .map(|chunk| quantize_run(chunk, &bounds, block_size))
-        .collect();
-    let mut packed: Vec<u8> = Vec::with_capacity(values.len().div_ceil(2));
-    let mut absmax: Vec<f32> = Vec::with_capacity(values.len().div_ceil(block_size));
-    for (bytes, maxima) in pieces
-        .iter()
-        .chain([&quantize_run(tail, &bounds, block_size)])
-    {
-        packed.extend_from_slice(bytes);
-        absmax.extend_from_slice(maxima);
-    }
+        .zip(packed_head.par_chunks_mut(task / 2))
+        .zip(absmax_head.par_chunks_mut(task / block_size))
+        .for_each(|((chunk, bytes), maxima)| {
+            quantize_run(chunk, &bounds, block_size, bytes, maxima)
+        });
+    quantize_run(
+        &values[parallel..],
+        &bounds,
+        block_size,
+        packed_tail,
+        absmax_tail,
+    );
     (packed, absmax)
 }
 
-/// Quantizes `values`, which start at a block boundary with an even index: its full blocks, then a
-/// trailing partial block (bitsandbytes' remainder rule) and the padding of an odd count.
+/// Quantizes `values`, which start at a block boundary with an even index, into `packed`
+/// (`ceil(n / 2)` bytes) and `absmax` (one per block): its full blocks, then a trailing partial
+/// block (bitsandbytes' remainder rule) and the padding of an odd count.
 fn quantize_run<T: Element>(
     values: &[T],
     bounds: &Bounds,
     block_size: usize,
-) -> (Vec<u8>, Vec<f32>) {
+    packed: &mut [u8],
+    absmax: &mut [f32],
+) {
     // Each value's position among the sorted levels first (a loop the compiler vectorizes), then
     // the codes of two positions per byte.
     let mut positions = vec![0u8; values.len()];
-    let mut absmax: Vec<f32> = Vec::with_capacity(values.len().div_ceil(block_size));
-    for (block, out) in values
+    for ((block, out), maximum) in values
         .chunks(block_size)
         .zip(positions.chunks_mut(block_size))
+        .zip(absmax.iter_mut())
     {
         let max = block_absmax(block);
         if block.len() == block_size {
-            absmax.push(max);
+            *maximum = max;
             let inverse = 1.0f32 / max.max(ABSMAX_FLOOR);
             sorted_positions(bounds, block, out, |x| x * inverse);
         } else {
             let max = max.max(ABSMAX_FLOOR);
-            absmax.push(max);
+            *maximum = max;
             sorted_positions(bounds, block, out, |x| x / max);
         }
     }
     let code = |position: u8| bounds.order[usize::from(position)];
     let pairs = positions.chunks_exact(2);
     let odd = pairs.remainder().first().copied();
-    let mut packed: Vec<u8> = pairs
-        .map(|pair| (code(pair[0]) << 4) | code(pair[1]))
-        .collect();
-    if let Some(last) = odd {
-        packed.push((code(last) << 4) | bounds.encode(0.0));
+    for (byte, pair) in packed.iter_mut().zip(pairs) {
+        *byte = (code(pair[0]) << 4) | code(pair[1]);
     }
-    (packed, absmax)
+    if let (Some(last), Some(byte)) = (odd, packed.last_mut()) {
+        *byte = (code(last) << 4) | bounds.encode(0.0);
+    }
 }
 
 /// `out[i]` = the number of midpoints strictly below `scale(values[i])` clamped to [-1, 1]
@@ -235,8 +242,15 @@ mod tests {
                 .map(|i| ((i * 7919 % 1013) as f32 - 506.0) * 1e-3 * (1 + i % 3) as f32)
                 .collect();
             let (packed, absmax) = quantize_4bit(&values, quant_type, block_size);
-            let (sequential, sequential_absmax) =
-                quantize_run(&values, &quant_type.bounds(), block_size);
+            let mut sequential = vec![0u8; count.div_ceil(2)];
+            let mut sequential_absmax = vec![0f32; count.div_ceil(block_size)];
+            quantize_run(
+                &values,
+                &quant_type.bounds(),
+                block_size,
+                &mut sequential,
+                &mut sequential_absmax,
+            );
             assert_eq!(packed, sequential);
             assert_eq!(absmax, sequential_absmax);
             let code = quant_type.code();

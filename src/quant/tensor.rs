@@ -136,6 +136,27 @@ impl QuantizedTensor {
             |error: candle_core::Error| QuantError::Invalid(format!("reading the tensor: {error}"));
         let flat = tensor.flatten_all().map_err(reading)?;
         let (shape, dtype) = (tensor.dims(), tensor.dtype());
+        // A contiguous host tensor is read where it lies (no copy of its values first).
+        {
+            use candle_core::{CpuStorage, Storage};
+            let (storage, layout) = flat.storage_and_layout();
+            if let (Storage::Cpu(storage), Some((start, end))) =
+                (&*storage, layout.contiguous_offsets())
+            {
+                match storage {
+                    CpuStorage::BF16(values) => {
+                        return Self::quantize(&values[start..end], shape, dtype, config)
+                    }
+                    CpuStorage::F16(values) => {
+                        return Self::quantize(&values[start..end], shape, dtype, config)
+                    }
+                    CpuStorage::F32(values) => {
+                        return Self::quantize(&values[start..end], shape, dtype, config)
+                    }
+                    _ => {}
+                }
+            }
+        }
         // 16-bit weights are copied to the host as they are and widened inside the (parallel)
         // quantizer: a conversion to an f32 tensor first took longer than the quantization.
         match dtype {
@@ -276,5 +297,44 @@ pub fn quantized_bytes(count: usize, config: &QuantConfig) -> usize {
         codes + blocks + blocks.div_ceil(NESTED_BLOCK_SIZE) * 4 + 256 * 4 + 4
     } else {
         codes + blocks * 4
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_host_tensor_read_in_place_quantizes_as_its_copied_values() {
+        // A view that starts inside its storage (narrowed rows) and a strided one (transposed):
+        // both quantize exactly as their values copied out, in every float dtype.
+        let values: Vec<f32> = (0..3 * 1000)
+            .map(|i| ((i * 37 % 101) as f32 - 50.0) / 7.0)
+            .collect();
+        let whole = Tensor::from_vec(values, (3, 1000), &Device::Cpu).unwrap();
+        let config = QuantConfig::default();
+        for dtype in [DType::F32, DType::BF16, DType::F16] {
+            let whole = whole.to_dtype(dtype).unwrap();
+            for view in [
+                whole.narrow(0, 1, 2).unwrap(),
+                whole.t().unwrap().narrow(0, 3, 500).unwrap(),
+            ] {
+                let copied = Tensor::from_vec(
+                    view.flatten_all()
+                        .unwrap()
+                        .to_dtype(DType::F32)
+                        .unwrap()
+                        .to_vec1::<f32>()
+                        .unwrap(),
+                    view.dims(),
+                    &Device::Cpu,
+                )
+                .unwrap();
+                let in_place = QuantizedTensor::from_tensor(&view, &config).unwrap();
+                let reference = QuantizedTensor::from_tensor(&copied, &config).unwrap();
+                assert_eq!(in_place.packed, reference.packed, "{dtype:?}");
+                assert_eq!(in_place.absmax_f32(), reference.absmax_f32(), "{dtype:?}");
+            }
+        }
     }
 }
