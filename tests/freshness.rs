@@ -488,3 +488,59 @@ fn a_train_artifact_is_the_same_in_every_checkout() {
         assert!(after.ran().is_empty(), "{}", after.stderr);
     }
 }
+
+#[test]
+fn every_shard_the_index_names_is_an_input_and_nothing_else_is() {
+    // A sharded checkpoint whose index puts the shards in a subfolder: a change to one must
+    // rerun the train stage and give what a clean run gives; a safetensors file the index does
+    // not name is not read, so adding one changes nothing.
+    use candle_core::{Device, Tensor};
+    use std::collections::HashMap;
+    let project = TrainProject::new();
+    let single = project.path("model/model.safetensors");
+    let tensors = candle_core::safetensors::load(&single, &Device::Cpu).unwrap();
+    let mut names: Vec<&String> = tensors.keys().collect();
+    names.sort();
+    let files = [
+        "sub/model-00001-of-00002.safetensors",
+        "sub/model-00002-of-00002.safetensors",
+    ];
+    let mut shards: [HashMap<String, Tensor>; 2] = Default::default();
+    let mut weight_map = serde_json::Map::new();
+    for (i, name) in names.iter().enumerate() {
+        let half = usize::from(i >= names.len() / 2);
+        shards[half].insert((*name).clone(), tensors[*name].clone());
+        weight_map.insert((*name).clone(), files[half].into());
+    }
+    std::fs::create_dir_all(project.path("model/sub")).unwrap();
+    for (file, shard) in files.iter().zip(&shards) {
+        candle_core::safetensors::save(shard, project.path(&format!("model/{file}"))).unwrap();
+    }
+    project.write(
+        "model/model.safetensors.index.json",
+        &serde_json::json!({"metadata": {}, "weight_map": weight_map}).to_string(),
+    );
+    std::fs::remove_file(&single).unwrap();
+    project.run_ok("pipeline.yaml", &[]);
+
+    std::fs::write(project.path("model/zz-extra.safetensors"), b"not read").unwrap();
+    let status = stdout(&project.run(&["status", "pipeline.yaml"]));
+    assert!(!status.contains("[DIRTY]"), "{status}");
+
+    // Scale one tensor of the second shard, in place.
+    let mut second = shards[1].clone();
+    let (name, tensor) = second.iter_mut().next().unwrap();
+    let name = name.clone();
+    *tensor = (tensor.clone() * 1.5).unwrap();
+    candle_core::safetensors::save(&second, project.path(&format!("model/{}", files[1]))).unwrap();
+    let status = stdout(&project.run(&["status", "pipeline.yaml"]));
+    assert!(
+        status.contains("[DIRTY] train") && status.contains(files[1]),
+        "{name}:\n{status}"
+    );
+    project.run_ok("pipeline.yaml", &[]);
+    let outputs = project.recorded_outputs("quick");
+    project.wipe();
+    project.run_ok("pipeline.yaml", &[]);
+    assert_eq!(outputs, project.recorded_outputs("quick"), "a clean run");
+}

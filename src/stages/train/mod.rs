@@ -374,15 +374,18 @@ impl Stage for TrainStage {
             fingerprint: ctx.fingerprint.to_string(),
             stage_seed: ctx.stage_seed(),
             checkpoint_dir: checkpoints.as_ref().map(|held| held.path().to_path_buf()),
-            // The stage's inputs are the model's files, keyed `<model as written>/<file>`.
-            model_files: ctx
-                .inputs
-                .iter()
-                .map(|(key, digest)| {
-                    let name = key.rsplit('/').next().unwrap_or(key);
-                    (name.to_string(), digest.clone())
-                })
-                .collect(),
+            // The stage's inputs are the model's files, keyed `<model as written>/<file>` (a
+            // shard may sit in a subfolder: the name is the path below the model folder).
+            model_files: {
+                let prefix = format!("{}/", crate::fingerprint::normalize_key(&config.model));
+                ctx.inputs
+                    .iter()
+                    .map(|(key, digest)| {
+                        let name = key.strip_prefix(&prefix).unwrap_or(key);
+                        (name.to_string(), digest.clone())
+                    })
+                    .collect()
+            },
         };
         // Under an outside launcher (torchrun's variables, several ranks) this is rank 0: the
         // world is the launcher's, and `devices` does not apply.

@@ -513,15 +513,12 @@ impl StageSpec for EvaluateConfig {
         // Everything else it reads comes from the upstream artifacts; a `base_model` named here
         // is hashed as the train stage hashes its model.
         // An external adapter's files are hashed by content, keyed by the text as written.
-        let keyed = |written: &str, files: Vec<std::path::PathBuf>| -> Vec<InputFile> {
+        let keyed = |written: &str, files: Vec<(String, std::path::PathBuf)>| -> Vec<InputFile> {
             let written = written.trim_end_matches('/');
             files
                 .into_iter()
-                .map(|path| InputFile {
-                    key: format!(
-                        "{written}/{}",
-                        path.file_name().unwrap_or_default().to_string_lossy()
-                    ),
+                .map(|(name, path)| InputFile {
+                    key: format!("{written}/{name}"),
                     path,
                 })
                 .collect()
@@ -533,7 +530,11 @@ impl StageSpec for EvaluateConfig {
         }
         for written in &self.external_adapters {
             let dir = super::hub::resolve_adapter_dir(project_dir, written)?;
-            files.extend(keyed(written, adapter_files(written, &dir)?));
+            let named = adapter_files(written, &dir)?.into_iter().map(|path| {
+                let name = path.file_name().unwrap_or_default().to_string_lossy();
+                (name.into_owned(), path)
+            });
+            files.extend(keyed(written, named.collect()));
         }
         Ok(files)
     }

@@ -2113,7 +2113,7 @@ pub fn check_pipeline_with(
         let before = problems.len();
         config.spec().check(&context, &at, &mut problems);
         // Missing input files, unless the kind's own check already said so (at its key).
-        if let Err(message) = config.spec().input_files(&project_dir) {
+        if let Err(message) = config.spec().fingerprint_inputs(&project_dir) {
             if !problems[before..]
                 .iter()
                 .any(|problem| problem.message == message)

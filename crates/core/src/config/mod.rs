@@ -154,6 +154,14 @@ pub struct InputFile {
     pub path: PathBuf,
 }
 
+/// Whether two paths name one file (compared canonicalized when both resolve).
+fn same_file(a: &Path, b: &Path) -> bool {
+    match (a.canonicalize(), b.canonicalize()) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => a == b,
+    }
+}
+
 /// What semantic checks may look at: the whole pipeline and where it lives.
 pub struct CheckContext<'a> {
     pub pipeline: &'a RawPipeline,
@@ -174,6 +182,33 @@ pub trait StageSpec {
     /// Files whose contents feed the stage (globs and directories expanded, sorted by key).
     /// Errors are messages for the user (missing file, bad glob).
     fn input_files(&self, project_dir: &Path) -> Result<Vec<InputFile>, String>;
+    /// [`Self::input_files`] as the fingerprint keys them: refused when two different files would
+    /// get one key once `\` and `..` are folded ([`crate::fingerprint::normalize_key`]), as
+    /// `x/y.jsonl` and a file named `x\y.jsonl` do: one digest would stand for both, so a change
+    /// to the other would go unseen. One file reached by two spellings is kept once.
+    fn fingerprint_inputs(&self, project_dir: &Path) -> Result<Vec<InputFile>, String> {
+        let files = self.input_files(project_dir)?;
+        let mut seen: BTreeMap<String, &InputFile> = BTreeMap::new();
+        let mut kept = Vec::with_capacity(files.len());
+        for file in &files {
+            let key = crate::fingerprint::normalize_key(&file.key);
+            match seen.get(&key) {
+                None => {
+                    seen.insert(key, file);
+                    kept.push(file.clone());
+                }
+                Some(first) if same_file(&first.path, &file.path) => {}
+                Some(first) => {
+                    return Err(format!(
+                        "{} and {} would share one cache key (`{key}`): the cache could not tell a change to one from the other; rename one of them",
+                        first.path.display(),
+                        file.path.display()
+                    ))
+                }
+            }
+        }
+        Ok(kept)
+    }
     /// Columns this stage outputs, if they can be known without running (used to check
     /// downstream templates and column references).
     fn output_columns(&self, cx: &CheckContext<'_>, stage: &str) -> Option<Vec<String>>;
@@ -316,6 +351,52 @@ pub fn resolve_path(project_dir: &Path, written: &str) -> Result<PathBuf, String
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A stage that reads the files it is given.
+    struct Reads(Vec<InputFile>);
+
+    impl StageSpec for Reads {
+        fn upstream(&self) -> Vec<UpstreamRef> {
+            Vec::new()
+        }
+        fn input_files(&self, _: &Path) -> Result<Vec<InputFile>, String> {
+            Ok(self.0.clone())
+        }
+        fn output_columns(&self, _: &CheckContext<'_>, _: &str) -> Option<Vec<String>> {
+            None
+        }
+        fn check(&self, _: &CheckContext<'_>, _: &str, _: &mut Vec<Problem>) {}
+    }
+
+    #[test]
+    fn two_files_with_one_cache_key_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let input = |key: &str, name: &str| InputFile {
+            key: key.to_string(),
+            path: dir.path().join(name),
+        };
+        std::fs::create_dir(dir.path().join("x")).unwrap();
+        for name in ["x/y.jsonl", "x\\y.jsonl"] {
+            std::fs::write(dir.path().join(name), "{}\n").unwrap();
+        }
+        // `x/y.jsonl` and the file named `x\y.jsonl`: one key once folded, two files.
+        let error = Reads(vec![
+            input("d/x/y.jsonl", "x/y.jsonl"),
+            input("d/x\\y.jsonl", "x\\y.jsonl"),
+        ])
+        .fingerprint_inputs(dir.path())
+        .unwrap_err();
+        assert!(error.contains("`d/x/y.jsonl`"), "{error}");
+        assert!(error.contains("rename one"), "{error}");
+        // One file spelled two ways is one input.
+        let kept = Reads(vec![
+            input("d/x/y.jsonl", "x/y.jsonl"),
+            input("d/x/../x/y.jsonl", "x/../x/y.jsonl"),
+        ])
+        .fingerprint_inputs(dir.path())
+        .unwrap();
+        assert_eq!(kept.len(), 1);
+    }
 
     #[test]
     fn expand_env_replaces_braced_and_bare_variables() {

@@ -365,30 +365,46 @@ pub const TOKENIZER_FILES: &[&str] = &[
     "generation_config.json",
 ];
 
-/// Files of a model directory that change what a stage over the model computes or writes:
-/// config.json, the weights (and their index) and every [`TOKENIZER_FILES`] entry it has.
-pub fn model_files(dir: &Path) -> Result<Vec<PathBuf>, String> {
+/// Files of a model directory that change what a stage over the model computes or writes, each
+/// as (its name relative to the folder, its path): config.json, every [`TOKENIZER_FILES`] entry
+/// it has, and the weights the loader reads — model.safetensors when it is there, else
+/// model.safetensors.index.json and every shard its `weight_map` names (in subfolders too, under
+/// any file name). Other safetensors files in the folder are not read, so they are not listed; a
+/// shard the index names but the folder lacks, or an index that does not parse, is left to the
+/// loader's error.
+pub fn model_files(dir: &Path) -> Result<Vec<(String, PathBuf)>, String> {
     // Worded as the model check words it, so validation reports it once.
     if !dir.is_dir() {
         return Err(format!("model directory {} does not exist", dir.display()));
     }
-    let entries = std::fs::read_dir(dir)
-        .map_err(|error| format!("model directory {}: {error}", dir.display()))?;
-    let mut files = Vec::new();
-    for entry in entries {
-        let entry = entry.map_err(|error| format!("model directory {}: {error}", dir.display()))?;
-        let name = entry.file_name().to_string_lossy().into_owned();
-        let wanted = matches!(
-            name.as_str(),
-            "config.json" | "model.safetensors.index.json"
-        ) || TOKENIZER_FILES.contains(&name.as_str())
-            || name.ends_with(".safetensors");
-        if wanted && entry.path().is_file() {
-            files.push(entry.path());
+    let mut files: Vec<(String, PathBuf)> = Vec::new();
+    let mut add = |name: &str| {
+        let path = dir.join(name);
+        if path.is_file() && !files.iter().any(|(known, _)| known == name) {
+            files.push((name.to_string(), path));
+        }
+    };
+    add("config.json");
+    for name in TOKENIZER_FILES {
+        add(name);
+    }
+    if dir.join("model.safetensors").is_file() {
+        add("model.safetensors");
+    } else {
+        let index = dir.join("model.safetensors.index.json");
+        add("model.safetensors.index.json");
+        let shards = std::fs::read(&index)
+            .ok()
+            .and_then(|bytes| serde_json::from_slice::<serde_json::Value>(&bytes).ok())
+            .and_then(|json| json.get("weight_map").cloned());
+        if let Some(serde_json::Value::Object(map)) = shards {
+            for file in map.values().filter_map(serde_json::Value::as_str) {
+                add(file);
+            }
         }
     }
     files.sort();
-    if !files.iter().any(|f| f.ends_with("config.json")) {
+    if !files.iter().any(|(name, _)| name == "config.json") {
         return Err(format!(
             "model directory {} has no config.json",
             dir.display()
@@ -522,11 +538,8 @@ impl StageSpec for TrainConfig {
         let written = self.model.trim_end_matches('/');
         Ok(model_files(&dir)?
             .into_iter()
-            .map(|path| InputFile {
-                key: format!(
-                    "{written}/{}",
-                    path.file_name().unwrap_or_default().to_string_lossy()
-                ),
+            .map(|(name, path)| InputFile {
+                key: format!("{written}/{name}"),
                 path,
             })
             .collect())
@@ -708,6 +721,51 @@ mod tests {
     fn parse(yaml: &str) -> Result<TrainConfig, String> {
         let value: serde_json::Value = serde_norway::from_str(yaml).map_err(|e| e.to_string())?;
         serde_json::from_value(value).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn model_files_are_the_files_the_loader_reads() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        let write = |name: &str, text: &str| {
+            let path = root.join(name);
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            std::fs::write(path, text).unwrap();
+        };
+        let names = |files: Vec<(String, PathBuf)>| -> Vec<String> {
+            for (name, path) in &files {
+                assert_eq!(path, &root.join(name));
+            }
+            files.into_iter().map(|(name, _)| name).collect()
+        };
+        write("config.json", "{}");
+        write("tokenizer.json", "{}");
+        write("notes.txt", "");
+        // Sharded: the index and every shard it names, in a subfolder or under any file name;
+        // a safetensors file the index does not name is not read.
+        write(
+            "model.safetensors.index.json",
+            r#"{"weight_map": {"a": "sub/model-00001-of-00002.safetensors", "b": "shard-2.st", "c": "shard-2.st"}}"#,
+        );
+        write("sub/model-00001-of-00002.safetensors", "");
+        write("shard-2.st", "");
+        write("zz-extra.safetensors", "");
+        assert_eq!(
+            names(model_files(root).unwrap()),
+            [
+                "config.json",
+                "model.safetensors.index.json",
+                "shard-2.st",
+                "sub/model-00001-of-00002.safetensors",
+                "tokenizer.json"
+            ]
+        );
+        // model.safetensors wins over the index (as the loader decides): only it is read.
+        write("model.safetensors", "");
+        assert_eq!(
+            names(model_files(root).unwrap()),
+            ["config.json", "model.safetensors", "tokenizer.json"]
+        );
     }
 
     #[test]

@@ -319,7 +319,7 @@ pub fn input_digests(
 ) -> Result<BTreeMap<String, String>, ExecError> {
     let files = config
         .spec()
-        .input_files(&pipeline.project_dir)
+        .fingerprint_inputs(&pipeline.project_dir)
         .map_err(|message| ExecError::Input {
             stage: name.to_string(),
             message,

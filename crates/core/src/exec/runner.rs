@@ -818,7 +818,7 @@ fn inputs_changed(
                 "{what} changed while this run was going (stage `{stage}` was planned with the old content); its output is not cached: run again"
             ))
         };
-        let files = match config.spec().input_files(&pipeline.project_dir) {
+        let files = match config.spec().fingerprint_inputs(&pipeline.project_dir) {
             Ok(files) => files,
             Err(message) => return changed(format!("an input ({message})")),
         };
