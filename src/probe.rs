@@ -5,7 +5,8 @@
 //! config.json, safetensors headers, tokenizer; `data::tokenize`: the special-token rules).
 //!
 //! Glue only: each answer calls into the modules that own it, so validation checks exactly what
-//! the stages will do. Reads file metadata, never rows or weights; never prints.
+//! the stages will do. Reads file metadata, never rows or a model's weights (an outside adapter
+//! folder is loaded, as evaluating it will, to check it against its base model); never prints.
 
 use std::path::Path;
 
@@ -31,6 +32,25 @@ impl Probe for StandardProbe {
 
     fn check_chat_template(&self, source: &ChatTemplateSource) -> Result<(), String> {
         ChatTemplate::new(source.clone()).map(|_| ())
+    }
+
+    fn check_adapter(&self, dir: &Path, layers: Option<&[LinearLayerShape]>) -> Result<(), String> {
+        let adapter = crate::peft::load_adapter(dir, &candle_core::Device::Cpu)
+            .map_err(|error| error.to_string())?;
+        let Some(layers) = layers else {
+            return Ok(());
+        };
+        let shapes: Vec<crate::peft::LayerShape<'_>> = layers
+            .iter()
+            .map(|layer| crate::peft::LayerShape {
+                path: &layer.path,
+                out_features: layer.out_features,
+                in_features: layer.in_features,
+            })
+            .collect();
+        adapter
+            .check_layers(&shapes)
+            .map_err(|error| error.to_string())
     }
 
     fn gguf_problem(&self, dir: &Path) -> Option<String> {

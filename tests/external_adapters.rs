@@ -162,6 +162,20 @@ fn failure(project: &TrainProject, adapters: &[&str]) -> String {
     stderr(&output)
 }
 
+/// What `validate` says of `bad.yaml` over `adapters`: it must refuse it (exit 2), before any
+/// stage runs, at the adapter's key.
+fn refused_by_validate(project: &TrainProject, adapters: &[&str]) -> String {
+    project.write("bad.yaml", &external_pipeline(adapters));
+    let output = project.run(&["validate", "bad.yaml"]);
+    let message = stderr(&output);
+    assert_eq!(output.status.code(), Some(2), "{adapters:?}: {message}");
+    assert!(
+        message.contains("stages.external.evaluate.external_adapters[0]"),
+        "{message}"
+    );
+    message
+}
+
 #[test]
 fn bad_adapter_folders_are_refused_with_the_file_and_the_cause() {
     let project = TrainProject::new();
@@ -187,11 +201,64 @@ fn bad_adapter_folders_are_refused_with_the_file_and_the_cause() {
         config.replace("\"LORA\"", "\"LOHA\""),
     )
     .unwrap();
-    let message = failure(&project, &["loha"]);
+    for message in [
+        failure(&project, &["loha"]),
+        refused_by_validate(&project, &["loha"]),
+    ] {
+        assert!(
+            message.contains("loha/adapter_config.json")
+                && message.contains("`LOHA` is not supported"),
+            "{message}"
+        );
+    }
+    // A config.json that does not parse, and one whose rank disagrees with the tensors.
+    let truncated = edited_copy(&folder, &project.path("truncated"), |_| {});
+    let config = std::fs::read_to_string(truncated.join("adapter_config.json")).unwrap();
+    std::fs::write(
+        truncated.join("adapter_config.json"),
+        &config[..config.len() / 2],
+    )
+    .unwrap();
+    let message = refused_by_validate(&project, &["truncated"]);
     assert!(
-        message.contains("loha/adapter_config.json") && message.contains("`LOHA` is not supported"),
+        message.contains("truncated/adapter_config.json"),
         "{message}"
     );
+    let ranked = edited_copy(&folder, &project.path("ranked"), |_| {});
+    let mut config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(ranked.join("adapter_config.json")).unwrap())
+            .unwrap();
+    config["r"] = serde_json::json!(8);
+    std::fs::write(ranked.join("adapter_config.json"), config.to_string()).unwrap();
+    let message = refused_by_validate(&project, &["ranked"]);
+    assert!(message.contains("ranked"), "{message}");
+    // Targets that name no layer of this base model (an adapter of another architecture).
+    let foreign = edited_copy(&folder, &project.path("foreign"), |tensors| {
+        let renamed: HashMap<String, Tensor> = tensors
+            .drain()
+            .map(|(name, tensor)| (name.replace("self_attn.q_proj", "attn.c_attn"), tensor))
+            .collect();
+        *tensors = renamed;
+    });
+    let mut config: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(foreign.join("adapter_config.json")).unwrap(),
+    )
+    .unwrap();
+    config["target_modules"] = serde_json::json!(["c_attn"]);
+    std::fs::write(foreign.join("adapter_config.json"), config.to_string()).unwrap();
+    for message in [
+        failure(&project, &["foreign"]),
+        refused_by_validate(&project, &["foreign"]),
+    ] {
+        assert!(
+            message.contains("foreign") && message.contains("matched no linear layer"),
+            "{message}"
+        );
+    }
+    // The adapter as exported passes.
+    project.write("good.yaml", &external_pipeline(&["exported/adapter"]));
+    let output = project.run(&["validate", "good.yaml"]);
+    assert!(output.status.success(), "{}", stderr(&output));
     let mut renamed = String::new();
     edited_copy(&folder, &project.path("wide"), |tensors| {
         let (name, tensor) = tensors
@@ -204,13 +271,17 @@ fn bad_adapter_folders_are_refused_with_the_file_and_the_cause() {
         tensors.insert(name.clone(), wider);
         renamed = name;
     });
-    let message = failure(&project, &["wide"]);
     // The module whose tensor does not fit (PEFT's prefix and the tensor suffix stripped).
     let module = renamed
         .trim_start_matches("base_model.model.")
         .trim_end_matches(".lora_A.weight");
-    assert!(message.contains("wide"), "{message}");
-    assert!(message.contains(module), "names {module}: {message}");
+    for message in [
+        failure(&project, &["wide"]),
+        refused_by_validate(&project, &["wide"]),
+    ] {
+        assert!(message.contains("wide"), "{message}");
+        assert!(message.contains(module), "names {module}: {message}");
+    }
 
     // No train stage and no base model: the validation says what is missing.
     let yaml = external_pipeline(&["exported/adapter"]).replace("      base_model: model\n", "");

@@ -819,6 +819,50 @@ add_eos: false\ntruncation: right\nmax_seq_len: 9\n";
     );
 }
 
+#[test]
+fn a_warmup_as_long_as_the_run_is_said() {
+    // Three epochs of 2 examples at batch 2: 3 optimizer steps, all inside a warmup of 5.
+    let project = tempfile::tempdir().unwrap();
+    let model_dir = project.path().join("tiny-model");
+    std::fs::create_dir_all(&model_dir).unwrap();
+    tiny_model_dir(&model_dir);
+    let upstream = project.path().join("prompts-artifact");
+    std::fs::create_dir_all(&upstream).unwrap();
+    let rows: Vec<(String, String)> = vec![
+        ("w3 w4".into(), " w30".into()),
+        ("w5 w6".into(), " w31".into()),
+    ];
+    write_pairs(&upstream.join("train.parquet"), &rows);
+    let run = |warmup: u32| -> Vec<String> {
+        let yaml = format!(
+            "data: prompts\nmodel: tiny-model\nmethod: {{lora: {{r: 2, alpha: 4}}}}\n\
+batch_size: 2\nepochs: 3\nwarmup_steps: {warmup}\ncheckpoint_every: 0\nlearning_rate: 0.01\n"
+        );
+        let out = project.path().join(format!("out-{warmup}"));
+        std::fs::create_dir_all(&out).unwrap();
+        let (_, _, notes) = try_run_stage_noting(project.path(), &upstream, &out, &yaml)
+            .unwrap_or_else(|error| panic!("the train stage failed: {error}"));
+        notes
+    };
+    let notes = run(5);
+    let note = notes
+        .iter()
+        .find(|note| note.contains("warmup_steps"))
+        .unwrap_or_else(|| panic!("no warmup note in {notes:?}"));
+    // Linear warmup: step 2 (0-based) of 5 uses 2/5 of the rate.
+    assert_eq!(
+        note,
+        "warmup_steps 5 is not below the run's 3 optimizer steps: the learning rate rises the \
+         whole run and never reaches learning_rate 0.01 (the last step uses 4.000e-3); lower \
+         warmup_steps or train longer"
+    );
+    let notes = run(2);
+    assert!(
+        !notes.iter().any(|note| note.contains("warmup_steps")),
+        "{notes:?}"
+    );
+}
+
 // ---------------------------------------------------------------------------------------------
 // stories260k + bevostories.
 // ---------------------------------------------------------------------------------------------

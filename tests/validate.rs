@@ -742,6 +742,18 @@ fn a_merged_export_of_ia3_on_gpt2_is_refused_before_training() {
     );
     let output = peftpipe(dir.path(), &["validate", "p.yaml"]);
     assert!(output.status.success(), "{}", text(&output.stderr));
+    // A merged model re-quantized in 4 bits is written for Llama-family models only.
+    write(
+        &dir.path().join("p.yaml"),
+        &pipeline("{lora: {r: 2}}").replace("merged: out/m", "merged: out/m, quantize: {}"),
+    );
+    let output = peftpipe(dir.path(), &["validate", "p.yaml"]);
+    let stderr = text(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("stages.out.export.quantize") && stderr.contains("gpt2"),
+        "{stderr}"
+    );
 }
 
 #[test]

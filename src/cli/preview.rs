@@ -43,8 +43,8 @@ pub fn run(global: &GlobalArgs, args: PreviewArgs) -> u8 {
         Some(StageConfig::Template(_)) => "template",
         Some(other) => {
             report::error(&format!(
-                "preview shows ingest and template stages; `{stage}` is a {} stage",
-                other.kind()
+                "preview shows ingest and template stages; `{stage}` is {} stage",
+                other.kind().with_article()
             ));
             return EXIT_INVALID;
         }

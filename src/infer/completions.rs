@@ -64,9 +64,7 @@ where
                 decode_continuation(codec, prompt, &generated.token_ids).map_err(|error| {
                     candle_core::Error::msg(format!("prompt {}: {error}", index + 1))
                 })?;
-            if let Some(cut) = stop.iter().filter_map(|s| text.find(s.as_str())).min() {
-                text.truncate(cut);
-            }
+            cut_at_first_stop(&mut text, stop);
             completions[index] = Some(Completion {
                 text,
                 stop_reason: generated.stop_reason,
@@ -83,8 +81,30 @@ where
         .collect()
 }
 
+/// Cut `text` before the first occurrence of any `stop` string (a generation, and the reference
+/// exact match compares it with, so both end alike).
+pub fn cut_at_first_stop(text: &mut String, stop: &[String]) {
+    if let Some(cut) = stop.iter().filter_map(|s| text.find(s.as_str())).min() {
+        text.truncate(cut);
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_text_is_cut_before_its_first_stop_string() {
+        let stop = vec![".".to_string(), " She".to_string()];
+        let mut text = " Lily. She ran".to_string();
+        super::cut_at_first_stop(&mut text, &stop);
+        assert_eq!(text, " Lily");
+        let mut text = " She said hi.".to_string();
+        super::cut_at_first_stop(&mut text, &stop);
+        assert_eq!(text, "");
+        let mut text = " no stop here".to_string();
+        super::cut_at_first_stop(&mut text, &[]);
+        assert_eq!(text, " no stop here");
+    }
+
     use super::*;
     use crate::infer::generate::generate;
     use crate::infer::sample::Sampling;

@@ -35,6 +35,15 @@ pub enum AdapterMode {
     Eval,
 }
 
+/// A linear layer of a model as the model's builder hands it to a [`LinearFactory`]: its module
+/// path (`model.layers.0.self_attn.q_proj`) and its weight's `[out, in]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LayerShape<'a> {
+    pub path: &'a str,
+    pub out_features: usize,
+    pub in_features: usize,
+}
+
 /// One PEFT method attached to one model.
 pub trait Adapter: Send + Sync {
     /// PEFT's `peft_type` (`LORA`, `PROMPT_TUNING`, ...).
@@ -100,5 +109,15 @@ pub trait Adapter: Send + Sync {
     /// evaluation, generation and export load the same base; `None`: the base as stored.
     fn base_quantization(&self) -> Option<BaseQuantization> {
         None
+    }
+
+    /// What building a model with these linear layers through this (loaded) adapter's factory
+    /// and [`Adapter::finish_injection`] would refuse — targets that match no layer, a targeted
+    /// layer without its tensors, tensors of the wrong shape or for no layer — found from the
+    /// shapes alone, without building the model (validation checks an outside adapter folder
+    /// against its base model this way). Default: nothing to check (prompt methods check their
+    /// sizes against the built model).
+    fn check_layers(&self, _layers: &[LayerShape<'_>]) -> Result<(), PeftError> {
+        Ok(())
     }
 }

@@ -32,7 +32,7 @@ use std::path::PathBuf;
 
 use candle_core::{Tensor, Var};
 
-pub use adapter::{Adapter, AdapterMode, Parameter, PatchChange, WeightPatch};
+pub use adapter::{Adapter, AdapterMode, LayerShape, Parameter, PatchChange, WeightPatch};
 pub use format::{
     read_adapter_config, safetensors_bytes, write_atomic, AdapterFiles, ADAPTER_CONFIG,
     ADAPTER_WEIGHTS, PEFT_PREFIX,

@@ -339,7 +339,10 @@ impl EvalPlan {
                 }
                 let mut ended = Vec::with_capacity(references.len());
                 for (row, reference) in references.iter().enumerate() {
-                    ended.push(reference_until_eos(codec, &prompt_ids[row], reference)?);
+                    // Cut as the generation is: at EOS, then before the first stop string.
+                    let mut reference = reference_until_eos(codec, &prompt_ids[row], reference)?;
+                    crate::infer::completions::cut_at_first_stop(&mut reference, &exact.stop);
+                    ended.push(reference);
                 }
                 let references = ended.iter().map(|r| exact.normalize.apply(r)).collect();
                 Some(ExactMatchWork {
@@ -1430,6 +1433,31 @@ mod tests {
         .unwrap();
         let exact = metrics.exact_match.unwrap();
         assert_eq!((exact.matches, exact.total), (2, 2));
+    }
+
+    #[test]
+    fn an_exact_match_reference_is_cut_at_a_stop_string_as_the_generation_is() {
+        // The generation `b` stops before `c`; the reference `bc` must end there too, or a
+        // reference that holds a stop string could never match.
+        let model = prefers_b_after_a();
+        let rows = rows(&["a", "a"], &["bc", "cb"]);
+        let config = config(
+            "{ model: t, data: p, metrics: { exact_match: { max_new_tokens: 4, stop: [c] } } }",
+        );
+        let plan = EvalPlan::new(&config, &rows, &LetterCodec, 64, false).unwrap();
+        let metrics = with_context(|ctx| {
+            evaluate_model(
+                &model,
+                &LetterCodec,
+                &plan,
+                2,
+                &Reporter { ctx, label: "base" },
+            )
+        })
+        .unwrap();
+        // Row 0: `b` against `b`; row 1: `b` against the empty text before `c`.
+        let exact = metrics.exact_match.unwrap();
+        assert_eq!((exact.matches, exact.total), (1, 2));
     }
 
     /// Progress as (message, position, length).

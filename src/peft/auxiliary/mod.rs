@@ -650,6 +650,10 @@ impl Adapter for WithAuxiliary {
     fn base_quantization(&self) -> Option<BaseQuantization> {
         self.inner.base_quantization()
     }
+
+    fn check_layers(&self, layers: &[super::adapter::LayerShape<'_>]) -> Result<(), PeftError> {
+        self.inner.check_layers(layers)
+    }
 }
 
 /// PEFT's trainable-parameter count of a method config's auxiliary modules on the model `config`

@@ -20,6 +20,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use candle_core::{DType, Device, Tensor, Var};
 use serde_json::{json, Value};
 
+use super::adapter::LayerShape;
 use super::adapter::{Parameter, PatchChange, WeightPatch};
 use super::format::{write_adapter_folder, AdapterFiles, PEFT_PREFIX};
 use super::targets::TargetModules;
@@ -391,6 +392,41 @@ fn patch(path: &str, vector: Tensor, dims: (usize, usize)) -> Result<WeightPatch
     })
 }
 
+fn missing_vector(file: &str, path: &str) -> String {
+    format!("{file}: missing ia3_l for targeted module `{path}`")
+}
+
+/// Whether a loaded vector has the `shape` a `[out, in]` layer needs (`[1, in]` feed-forward,
+/// else `[out, 1]`).
+fn vector_shape_problem(
+    file: &str,
+    path: &str,
+    dims: &[usize],
+    shape: (usize, usize),
+    out_features: usize,
+    in_features: usize,
+) -> Result<(), String> {
+    if dims == [shape.0, shape.1] {
+        return Ok(());
+    }
+    Err(format!(
+        "{file}: `{path}` has ia3_l {dims:?}, expected [{}, {}] for a [{out_features}, {in_features}] layer",
+        shape.0, shape.1
+    ))
+}
+
+fn no_target_matched(targets: &TargetModules) -> String {
+    format!("IA3 target modules {targets} matched no linear layer of the model")
+}
+
+/// `count` loaded vectors, the first for module `path`, found no targeted layer.
+fn unused_vectors(file: &str, path: &str, count: usize) -> String {
+    format!(
+        "{file}: the IA3 vector for `{path}` (and {} more) matches no targeted linear layer of the model",
+        count - 1
+    )
+}
+
 impl LinearFactory for Ia3Adapter {
     fn build(&self, path: &str, base: LinearWeights) -> candle_core::Result<Box<dyn LinearLayer>> {
         if !self.settings.targets.matches(path) {
@@ -408,18 +444,10 @@ impl LinearFactory for Ia3Adapter {
             Source::Loaded { vectors, file, .. } => {
                 let mut vectors = vectors.lock().map_err(|_| lock_error("IA3 vectors"))?;
                 let Some(vector) = vectors.remove(path) else {
-                    return Err(candle_core::Error::Msg(format!(
-                        "{file}: missing ia3_l for targeted module `{path}`"
-                    )));
+                    return Err(candle_core::Error::Msg(missing_vector(file, path)));
                 };
-                if vector.dims() != [shape.0, shape.1] {
-                    return Err(candle_core::Error::Msg(format!(
-                        "{file}: `{path}` has ia3_l {:?}, expected [{}, {}] for a [{out_features}, {in_features}] layer",
-                        vector.dims(),
-                        shape.0,
-                        shape.1
-                    )));
-                }
+                vector_shape_problem(file, path, vector.dims(), shape, out_features, in_features)
+                    .map_err(candle_core::Error::Msg)?;
                 vector.to_device(&self.device)?
             }
         };
@@ -453,11 +481,53 @@ impl Adapter for Ia3Adapter {
         self
     }
 
+    fn check_layers(&self, layers: &[LayerShape<'_>]) -> Result<(), PeftError> {
+        let Source::Loaded { file, all, .. } = &self.source else {
+            return Ok(());
+        };
+        let mut unused: BTreeMap<&str, &Tensor> = all
+            .iter()
+            .map(|(path, vector)| (path.as_str(), vector))
+            .collect();
+        let mut targeted = 0usize;
+        for layer in layers {
+            if !self.settings.targets.matches(layer.path) {
+                continue;
+            }
+            targeted += 1;
+            let Some(vector) = unused.remove(layer.path) else {
+                return Err(PeftError::invalid(missing_vector(file, layer.path)));
+            };
+            let shape = if self.settings.is_feedforward(layer.path) {
+                (1, layer.in_features)
+            } else {
+                (layer.out_features, 1)
+            };
+            vector_shape_problem(
+                file,
+                layer.path,
+                vector.dims(),
+                shape,
+                layer.out_features,
+                layer.in_features,
+            )
+            .map_err(PeftError::invalid)?;
+        }
+        if targeted == 0 {
+            return Err(PeftError::invalid(no_target_matched(
+                &self.settings.targets,
+            )));
+        }
+        if let Some(path) = unused.keys().next() {
+            return Err(PeftError::invalid(unused_vectors(file, path, unused.len())));
+        }
+        Ok(())
+    }
+
     fn finish_injection(&self, _model: &dyn CausalLm) -> Result<(), PeftError> {
         if self.layers()?.is_empty() {
-            return Err(PeftError::invalid(format!(
-                "IA3 target modules {} matched no linear layer of the model",
-                self.settings.targets
+            return Err(PeftError::invalid(no_target_matched(
+                &self.settings.targets,
             )));
         }
         if let Source::Loaded { vectors, file, .. } = &self.source {
@@ -465,9 +535,10 @@ impl Adapter for Ia3Adapter {
                 .lock()
                 .map_err(|_| PeftError::invalid("loaded IA3 vectors poisoned"))?;
             if let Some(path) = vectors.keys().next() {
-                return Err(PeftError::invalid(format!(
-                    "{file}: the IA3 vector for `{path}` (and {} more) matches no targeted linear layer of the model",
-                    vectors.len() - 1
+                return Err(PeftError::invalid(unused_vectors(
+                    file,
+                    path,
+                    vectors.len(),
                 )));
             }
         }

@@ -28,6 +28,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde_json::{json, Value};
 
+use super::adapter::LayerShape;
 use super::adapter::{Parameter, PatchChange, WeightPatch};
 use super::format::{json_number, write_adapter_folder, PEFT_PREFIX};
 use super::targets::TargetModules;
@@ -475,9 +476,8 @@ impl LoraAdapter {
     /// Every targeted layer was built, and every loaded pair found its layer.
     fn check_injection(&self) -> Result<(), PeftError> {
         if self.layers()?.is_empty() {
-            return Err(PeftError::invalid(format!(
-                "LoRA target modules {} matched no linear layer of the model",
-                self.settings.targets
+            return Err(PeftError::invalid(no_target_matched(
+                &self.settings.targets,
             )));
         }
         if let Source::Loaded { tensors, file, .. } = &self.source {
@@ -485,10 +485,7 @@ impl LoraAdapter {
                 .lock()
                 .map_err(|_| PeftError::invalid("loaded tensors poisoned"))?;
             if let Some(path) = tensors.keys().next() {
-                return Err(PeftError::invalid(format!(
-                    "{file}: adapter tensors for `{path}` (and {} more) match no targeted linear layer of the model",
-                    tensors.len() - 1
-                )));
+                return Err(PeftError::invalid(unused_pairs(file, path, tensors.len())));
             }
         }
         Ok(())
@@ -518,7 +515,8 @@ impl LoraAdapter {
             "loftq_config": {},
             "lora_alpha": json_number(self.settings.alpha),
             "lora_bias": false,
-            "lora_dropout": self.settings.dropout,
+            // The f32 setting as its shortest decimal (0.05, not 0.05000000074505806).
+            "lora_dropout": shortest_f64(self.settings.dropout),
             "megatron_config": null,
             "megatron_core": "megatron.core",
             "modules_to_save": null,
@@ -532,6 +530,52 @@ impl LoraAdapter {
             "use_rslora": self.settings.use_rslora,
         })
     }
+}
+
+/// The f64 whose decimal is `value`'s shortest round-trip text: what the user wrote.
+fn shortest_f64(value: f32) -> f64 {
+    value.to_string().parse().unwrap_or(f64::from(value))
+}
+
+fn no_target_matched(targets: &TargetModules) -> String {
+    format!("LoRA target modules {targets} matched no linear layer of the model")
+}
+
+fn missing_pair(file: &str, path: &str) -> String {
+    format!("{file}: missing lora_A/lora_B for targeted module `{path}`")
+}
+
+/// `count` loaded pairs, the first for module `path`, found no targeted layer.
+fn unused_pairs(file: &str, path: &str, count: usize) -> String {
+    format!(
+        "{file}: adapter tensors for `{path}` (and {} more) match no targeted linear layer of the model",
+        count - 1
+    )
+}
+
+/// Whether a loaded pair (and DoRA magnitude) fits a `[out, in]` layer; rank_pattern may give
+/// the module its own rank, so the rank is lora_A's first dimension.
+fn pair_shape_problem(
+    file: &str,
+    path: &str,
+    a: &[usize],
+    b: &[usize],
+    magnitude: Option<&[usize]>,
+    out_features: usize,
+    in_features: usize,
+) -> Result<(), String> {
+    let rank = a.first().copied().unwrap_or(0);
+    if a != [rank, in_features] || b != [out_features, rank] {
+        return Err(format!(
+            "{file}: `{path}` has lora_A {a:?} and lora_B {b:?}, expected [{rank}, {in_features}] and [{out_features}, {rank}]"
+        ));
+    }
+    if let Some(magnitude) = magnitude.filter(|dims| *dims != [out_features]) {
+        return Err(format!(
+            "{file}: `{path}` has lora_magnitude_vector {magnitude:?}, expected [{out_features}]"
+        ));
+    }
+    Ok(())
 }
 
 impl LinearFactory for LoraAdapter {
@@ -597,27 +641,18 @@ impl LoraAdapter {
                     ..
                 }) = tensors.remove(path)
                 else {
-                    return Err(candle_core::Error::Msg(format!(
-                        "{file}: missing lora_A/lora_B for targeted module `{path}`"
-                    )));
+                    return Err(candle_core::Error::Msg(missing_pair(file, path)));
                 };
-                // rank_pattern may give this module its own rank.
-                let rank = a.dim(0)?;
-                if a.dims() != [rank, in_features] || b.dims() != [out_features, rank] {
-                    return Err(candle_core::Error::Msg(format!(
-                        "{file}: `{path}` has lora_A {:?} and lora_B {:?}, expected [{rank}, {in_features}] and [{out_features}, {rank}]",
-                        a.dims(),
-                        b.dims()
-                    )));
-                }
-                if let Some(magnitude) = &magnitude {
-                    if magnitude.dims() != [out_features] {
-                        return Err(candle_core::Error::Msg(format!(
-                            "{file}: `{path}` has lora_magnitude_vector {:?}, expected [{out_features}]",
-                            magnitude.dims()
-                        )));
-                    }
-                }
+                pair_shape_problem(
+                    file,
+                    path,
+                    a.dims(),
+                    b.dims(),
+                    magnitude.as_ref().map(Tensor::dims),
+                    out_features,
+                    in_features,
+                )
+                .map_err(candle_core::Error::Msg)?;
                 (
                     a.to_device(&self.device)?,
                     b.to_device(&self.device)?,
@@ -678,6 +713,43 @@ impl Adapter for LoraAdapter {
 
     fn finish_injection(&self, _model: &dyn CausalLm) -> Result<(), PeftError> {
         self.check_injection()
+    }
+
+    fn check_layers(&self, layers: &[LayerShape<'_>]) -> Result<(), PeftError> {
+        let Source::Loaded { file, all, .. } = &self.source else {
+            return Ok(());
+        };
+        let mut unused: BTreeMap<&str, &LoraPair> =
+            all.iter().map(|pair| (pair.path.as_str(), pair)).collect();
+        let mut targeted = 0usize;
+        for layer in layers {
+            if !self.settings.targets.matches(layer.path) {
+                continue;
+            }
+            targeted += 1;
+            let Some(pair) = unused.remove(layer.path) else {
+                return Err(PeftError::invalid(missing_pair(file, layer.path)));
+            };
+            pair_shape_problem(
+                file,
+                layer.path,
+                pair.a.dims(),
+                pair.b.dims(),
+                pair.magnitude.as_ref().map(Tensor::dims),
+                layer.out_features,
+                layer.in_features,
+            )
+            .map_err(PeftError::invalid)?;
+        }
+        if targeted == 0 {
+            return Err(PeftError::invalid(no_target_matched(
+                &self.settings.targets,
+            )));
+        }
+        if let Some(path) = unused.keys().next() {
+            return Err(PeftError::invalid(unused_pairs(file, path, unused.len())));
+        }
+        Ok(())
     }
 
     fn trainable_vars(&self) -> Vec<(String, Var)> {
@@ -876,6 +948,17 @@ mod tests {
             .unwrap()
             .reshape((2, 4, 5))
             .unwrap()
+    }
+
+    #[test]
+    fn adapter_config_writes_dropout_as_the_user_wrote_it() {
+        for (dropout, text) in [(0.05f32, "0.05"), (0.1, "0.1"), (0.0, "0.0")] {
+            let mut s = settings(&["q"]);
+            s.dropout = dropout;
+            let adapter = LoraAdapter::new(s, &Device::Cpu).unwrap();
+            let config = adapter.peft_config("base");
+            assert_eq!(config["lora_dropout"].to_string(), text);
+        }
     }
 
     #[test]

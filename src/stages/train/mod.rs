@@ -679,6 +679,23 @@ pub fn train_job(
         }),
         _ => None,
     };
+    // A warmup as long as the run never reaches the learning rate asked for (validate can only
+    // compare it with max_steps; the step count of an epoch-bound run is known here).
+    let steps = crate::train::trainer::total_steps(sequences.len(), &trainer_settings);
+    if main_rank && steps > 0 && config.warmup_steps >= steps {
+        let schedule = crate::train::schedule::Schedule {
+            kind: config.schedule,
+            base_lr: config.learning_rate,
+            warmup_steps: config.warmup_steps,
+            total_steps: steps,
+        };
+        progress.note(format!(
+            "warmup_steps {} is not below the run's {steps} optimizer steps: the learning rate rises the whole run and never reaches learning_rate {} (the last step uses {:.3e}); lower warmup_steps or train longer",
+            config.warmup_steps,
+            config.learning_rate,
+            config.learning_rate * schedule.factor(steps - 1)
+        ));
+    }
     let outcome = crate::train::train_data_parallel(
         model,
         adapter.as_ref(),

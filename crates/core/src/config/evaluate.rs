@@ -153,6 +153,47 @@ fn default_separator() -> String {
 }
 
 impl EvaluateConfig {
+    /// Each outside adapter folder loads and fits its base model's linear layers, as evaluating
+    /// it will check (a folder or file that is missing is said by the input check).
+    fn check_external_adapters(
+        &self,
+        cx: &CheckContext<'_>,
+        at: &str,
+        problems: &mut Vec<Problem>,
+    ) {
+        if self.external_adapters.is_empty() {
+            return;
+        }
+        let base = self.base_model.clone().or_else(|| {
+            self.adapter_stages().into_iter().find_map(|stage| {
+                match cx.pipeline.stages.get(stage) {
+                    Some(StageConfig::Train(train)) => Some(train.model.clone()),
+                    _ => None,
+                }
+            })
+        });
+        let layers = base
+            .and_then(|written| super::hub::resolve_model_dir(cx.project_dir, &written).ok())
+            .and_then(|dir| cx.probe.check_model(&dir).linear_layers);
+        for (index, written) in self.external_adapters.iter().enumerate() {
+            let Ok(dir) = super::hub::resolve_adapter_dir(cx.project_dir, written) else {
+                continue;
+            };
+            if adapter_files(written, &dir).is_err() {
+                continue;
+            }
+            if let Err(message) = cx.probe.check_adapter(&dir, layers.as_deref()) {
+                problems.push(
+                    Problem::new(
+                        format!("{at}.external_adapters[{index}]"),
+                        format!("external adapter `{written}`: {message}"),
+                    )
+                    .about_value(),
+                );
+            }
+        }
+    }
+
     /// Every train stage whose adapter is a candidate: `model` first, then `adapters` in
     /// order, each once.
     pub fn adapter_stages(&self) -> Vec<&str> {
@@ -285,7 +326,8 @@ pub struct ExactMatchConfig {
     #[serde(default = "default_completion_column")]
     #[schemars(default = "default_completion_column")]
     pub reference_column: String,
-    /// Cut the generation at the first occurrence of any of these strings.
+    /// Cut the generation at the first occurrence of any of these strings; the reference is cut
+    /// the same way, so a reference that contains a stop string can still match.
     #[serde(default)]
     pub stop: Vec<String>,
     /// How generation and reference are normalized before comparing.
@@ -445,7 +487,9 @@ pub(crate) fn check_upstream_kind(
                 Problem::new(
                     path,
                     format!(
-                        "stage `{stage}` is a {found} stage, but a {kind} stage is needed here"
+                        "stage `{stage}` is {} stage, but {} stage is needed here",
+                        found.with_article(),
+                        kind.with_article()
                     ),
                 )
                 .about_value(),
@@ -577,6 +621,7 @@ impl StageSpec for EvaluateConfig {
             );
         }
         self.check_candidates(cx, at, problems);
+        self.check_external_adapters(cx, at, problems);
         check_upstream_kind(
             cx,
             &self.data,

@@ -437,6 +437,24 @@ impl ExportConfig {
                 problems
                     .push(Problem::new(format!("{at}.quantize.block_size"), message).about_value());
             }
+            // The 4-bit writer takes Llama-family models (as the loader reads no GPT-2 in 4 bits).
+            if let Some(StageConfig::Train(train)) = cx.pipeline.stages.get(&self.from) {
+                let model_type = super::hub::resolve_model_dir(cx.project_dir, &train.model)
+                    .ok()
+                    .and_then(|dir| cx.probe.check_model(&dir).model_type);
+                if model_type.as_deref() == Some("gpt2") {
+                    problems.push(
+                        Problem::new(
+                            format!("{at}.quantize"),
+                            format!(
+                                "stage `{}` trains `{}`, a gpt2 model: a merged model in bitsandbytes 4-bit is written for Llama-family models only",
+                                self.from, train.model
+                            ),
+                        )
+                        .with_hint("drop `quantize` to export the 16-bit merged model"),
+                    );
+                }
+            }
         }
         let mut expanded = Vec::new();
         for (key, value) in [

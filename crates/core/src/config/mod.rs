@@ -135,6 +135,19 @@ impl std::fmt::Display for StageKind {
     }
 }
 
+impl StageKind {
+    /// The kind with its article, for messages: "an ingest", "a template".
+    pub fn with_article(self) -> String {
+        let name = self.as_str();
+        let article = if name.starts_with(['a', 'e', 'i', 'o', 'u']) {
+            "an"
+        } else {
+            "a"
+        };
+        format!("{article} {name}")
+    }
+}
+
 /// A reference from one stage to an upstream stage, with the key (relative to the kind's mapping)
 /// that holds it, e.g. `("input", "data")` for `template: { input: data }`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -366,6 +379,15 @@ mod tests {
             None
         }
         fn check(&self, _: &CheckContext<'_>, _: &str, _: &mut Vec<Problem>) {}
+    }
+
+    #[test]
+    fn stage_kinds_take_their_article() {
+        assert_eq!(StageKind::Ingest.with_article(), "an ingest");
+        assert_eq!(StageKind::Evaluate.with_article(), "an evaluate");
+        assert_eq!(StageKind::Export.with_article(), "an export");
+        assert_eq!(StageKind::Template.with_article(), "a template");
+        assert_eq!(StageKind::Train.with_article(), "a train");
     }
 
     #[test]

@@ -93,6 +93,18 @@ pub trait Probe: Sync {
     /// first input file (after selection and renaming), as the run will compile them: each
     /// problem as (key under the stage, e.g. `filters[0]` or `dedup[1]`, message). Names that
     /// are not columns are the caller's to report. The default knows no types: no problem.
+    /// Whether the PEFT adapter folder `dir` (an evaluate stage's `external_adapters` entry)
+    /// loads, and fits the linear layers of its base model (`layers`, when known), as evaluating
+    /// it will check; Err names the file and the cause. Reads the adapter's own files (small
+    /// beside a model), never the base model's weights. The default finds nothing.
+    fn check_adapter(
+        &self,
+        _dir: &Path,
+        _layers: Option<&[LinearLayerShape]>,
+    ) -> Result<(), String> {
+        Ok(())
+    }
+
     /// Why a GGUF export of the model in `dir` would fail (an architecture or vocabulary the
     /// writer does not handle), from its files alone. The default knows none.
     fn gguf_problem(&self, _dir: &Path) -> Option<String> {
