@@ -108,6 +108,8 @@ fn metrics_show_lists_each_stage_figure() {
     // A count is written as an integer, as the lock file records it (not `3.0`).
     assert!(document["stages"]["train"]["steps"].is_u64(), "{document}");
     assert!(document["stages"]["evaluate"]["accuracy.adapted"].is_f64());
+    // One shape with or without a comparison of candidates: `comparisons` is always an object.
+    assert!(document["comparisons"].is_object(), "{document}");
 }
 
 #[test]

@@ -94,9 +94,8 @@ fn show(global: &GlobalArgs, args: ShowArgs) -> u8 {
     let comparisons = render::comparisons_of(&lock, &order);
     if global.json {
         let mut json = render::show_json(&pipeline.name, &metrics);
-        if !comparisons.is_empty() {
-            json["comparisons"] = render::comparisons_json(&comparisons);
-        }
+        // Always there (`{}` without an evaluate stage comparing candidates): one shape.
+        json["comparisons"] = render::comparisons_json(&comparisons);
         json["stale"] = serde_json::json!(stale);
         report::json(&json);
     } else {
