@@ -44,6 +44,47 @@ pub struct LayerShape<'a> {
     pub in_features: usize,
 }
 
+/// Messages of a layer method's [`Adapter::check_layers`], as its factory and
+/// `finish_injection` word them.
+pub(crate) struct LoadedLayerMessages<'a> {
+    /// A targeted layer has no loaded tensors: the message for its path.
+    pub missing: &'a dyn Fn(&str) -> String,
+    /// The targets matched no layer.
+    pub none_matched: String,
+    /// Loaded tensors found no targeted layer: the message for the first path and the count.
+    pub unused: &'a dyn Fn(&str, usize) -> String,
+}
+
+/// [`Adapter::check_layers`] of a loaded layer method: every layer `targets` matches takes its
+/// entry from `loaded` (module path → what was read), which `fits` checks against the layer's
+/// shape; the targets must match some layer, and every loaded entry must find its layer.
+pub(crate) fn check_loaded_layers<T>(
+    layers: &[LayerShape<'_>],
+    targets: &super::targets::TargetModules,
+    mut loaded: std::collections::BTreeMap<&str, T>,
+    fits: impl Fn(&LayerShape<'_>, T) -> Result<(), String>,
+    messages: LoadedLayerMessages<'_>,
+) -> Result<(), PeftError> {
+    let mut targeted = 0usize;
+    for layer in layers {
+        if !targets.matches(layer.path) {
+            continue;
+        }
+        targeted += 1;
+        let Some(entry) = loaded.remove(layer.path) else {
+            return Err(PeftError::invalid((messages.missing)(layer.path)));
+        };
+        fits(layer, entry).map_err(PeftError::invalid)?;
+    }
+    if targeted == 0 {
+        return Err(PeftError::invalid(messages.none_matched));
+    }
+    if let Some(path) = loaded.keys().next() {
+        return Err(PeftError::invalid((messages.unused)(path, loaded.len())));
+    }
+    Ok(())
+}
+
 /// One PEFT method attached to one model.
 pub trait Adapter: Send + Sync {
     /// PEFT's `peft_type` (`LORA`, `PROMPT_TUNING`, ...).

@@ -1416,11 +1416,20 @@ mod tests {
     fn an_exact_match_reference_ends_where_its_end_of_sequence_token_is() {
         // A chat template's completion ends with the end-of-turn token as text (`$` here);
         // generation stops there and drops it, so the reference must too.
+        let exact = exact_match_after_a(
+            &["b$", "b$c"],
+            "{ model: t, data: p, metrics: { exact_match: { max_new_tokens: 4 } } }",
+        );
+        assert_eq!((exact.matches, exact.total), (2, 2));
+    }
+
+    /// Exact match of [`prefers_b_after_a`] (which generates `b`) over the prompt `a` with each
+    /// of `references`, evaluated with `yaml`.
+    fn exact_match_after_a(references: &[&str], yaml: &str) -> ExactMatchReport {
         let model = prefers_b_after_a();
-        let rows = rows(&["a", "a"], &["b$", "b$c"]);
-        let config =
-            config("{ model: t, data: p, metrics: { exact_match: { max_new_tokens: 4 } } }");
-        let plan = EvalPlan::new(&config, &rows, &LetterCodec, 64, false).unwrap();
+        let prompts = vec!["a"; references.len()];
+        let rows = rows(&prompts, references);
+        let plan = EvalPlan::new(&config(yaml), &rows, &LetterCodec, 64, false).unwrap();
         let metrics = with_context(|ctx| {
             evaluate_model(
                 &model,
@@ -1431,32 +1440,18 @@ mod tests {
             )
         })
         .unwrap();
-        let exact = metrics.exact_match.unwrap();
-        assert_eq!((exact.matches, exact.total), (2, 2));
+        metrics.exact_match.unwrap()
     }
 
     #[test]
     fn an_exact_match_reference_is_cut_at_a_stop_string_as_the_generation_is() {
         // The generation `b` stops before `c`; the reference `bc` must end there too, or a
         // reference that holds a stop string could never match.
-        let model = prefers_b_after_a();
-        let rows = rows(&["a", "a"], &["bc", "cb"]);
-        let config = config(
+        let exact = exact_match_after_a(
+            &["bc", "cb"],
             "{ model: t, data: p, metrics: { exact_match: { max_new_tokens: 4, stop: [c] } } }",
         );
-        let plan = EvalPlan::new(&config, &rows, &LetterCodec, 64, false).unwrap();
-        let metrics = with_context(|ctx| {
-            evaluate_model(
-                &model,
-                &LetterCodec,
-                &plan,
-                2,
-                &Reporter { ctx, label: "base" },
-            )
-        })
-        .unwrap();
         // Row 0: `b` against `b`; row 1: `b` against the empty text before `c`.
-        let exact = metrics.exact_match.unwrap();
         assert_eq!((exact.matches, exact.total), (1, 2));
     }
 

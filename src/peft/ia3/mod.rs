@@ -20,7 +20,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use candle_core::{DType, Device, Tensor, Var};
 use serde_json::{json, Value};
 
-use super::adapter::LayerShape;
+use super::adapter::{check_loaded_layers, LayerShape, LoadedLayerMessages};
 use super::adapter::{Parameter, PatchChange, WeightPatch};
 use super::format::{write_adapter_folder, AdapterFiles, PEFT_PREFIX};
 use super::targets::TargetModules;
@@ -485,43 +485,33 @@ impl Adapter for Ia3Adapter {
         let Source::Loaded { file, all, .. } = &self.source else {
             return Ok(());
         };
-        let mut unused: BTreeMap<&str, &Tensor> = all
-            .iter()
-            .map(|(path, vector)| (path.as_str(), vector))
-            .collect();
-        let mut targeted = 0usize;
-        for layer in layers {
-            if !self.settings.targets.matches(layer.path) {
-                continue;
-            }
-            targeted += 1;
-            let Some(vector) = unused.remove(layer.path) else {
-                return Err(PeftError::invalid(missing_vector(file, layer.path)));
-            };
-            let shape = if self.settings.is_feedforward(layer.path) {
-                (1, layer.in_features)
-            } else {
-                (layer.out_features, 1)
-            };
-            vector_shape_problem(
-                file,
-                layer.path,
-                vector.dims(),
-                shape,
-                layer.out_features,
-                layer.in_features,
-            )
-            .map_err(PeftError::invalid)?;
-        }
-        if targeted == 0 {
-            return Err(PeftError::invalid(no_target_matched(
-                &self.settings.targets,
-            )));
-        }
-        if let Some(path) = unused.keys().next() {
-            return Err(PeftError::invalid(unused_vectors(file, path, unused.len())));
-        }
-        Ok(())
+        check_loaded_layers(
+            layers,
+            &self.settings.targets,
+            all.iter()
+                .map(|(path, vector)| (path.as_str(), vector))
+                .collect(),
+            |layer, vector| {
+                let shape = if self.settings.is_feedforward(layer.path) {
+                    (1, layer.in_features)
+                } else {
+                    (layer.out_features, 1)
+                };
+                vector_shape_problem(
+                    file,
+                    layer.path,
+                    vector.dims(),
+                    shape,
+                    layer.out_features,
+                    layer.in_features,
+                )
+            },
+            LoadedLayerMessages {
+                missing: &|path| missing_vector(file, path),
+                none_matched: no_target_matched(&self.settings.targets),
+                unused: &|path, count| unused_vectors(file, path, count),
+            },
+        )
     }
 
     fn finish_injection(&self, _model: &dyn CausalLm) -> Result<(), PeftError> {

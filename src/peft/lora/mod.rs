@@ -28,7 +28,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde_json::{json, Value};
 
-use super::adapter::LayerShape;
+use super::adapter::{check_loaded_layers, LayerShape, LoadedLayerMessages};
 use super::adapter::{Parameter, PatchChange, WeightPatch};
 use super::format::{json_number, write_adapter_folder, PEFT_PREFIX};
 use super::targets::TargetModules;
@@ -719,37 +719,27 @@ impl Adapter for LoraAdapter {
         let Source::Loaded { file, all, .. } = &self.source else {
             return Ok(());
         };
-        let mut unused: BTreeMap<&str, &LoraPair> =
-            all.iter().map(|pair| (pair.path.as_str(), pair)).collect();
-        let mut targeted = 0usize;
-        for layer in layers {
-            if !self.settings.targets.matches(layer.path) {
-                continue;
-            }
-            targeted += 1;
-            let Some(pair) = unused.remove(layer.path) else {
-                return Err(PeftError::invalid(missing_pair(file, layer.path)));
-            };
-            pair_shape_problem(
-                file,
-                layer.path,
-                pair.a.dims(),
-                pair.b.dims(),
-                pair.magnitude.as_ref().map(Tensor::dims),
-                layer.out_features,
-                layer.in_features,
-            )
-            .map_err(PeftError::invalid)?;
-        }
-        if targeted == 0 {
-            return Err(PeftError::invalid(no_target_matched(
-                &self.settings.targets,
-            )));
-        }
-        if let Some(path) = unused.keys().next() {
-            return Err(PeftError::invalid(unused_pairs(file, path, unused.len())));
-        }
-        Ok(())
+        check_loaded_layers(
+            layers,
+            &self.settings.targets,
+            all.iter().map(|pair| (pair.path.as_str(), pair)).collect(),
+            |layer, pair| {
+                pair_shape_problem(
+                    file,
+                    layer.path,
+                    pair.a.dims(),
+                    pair.b.dims(),
+                    pair.magnitude.as_ref().map(Tensor::dims),
+                    layer.out_features,
+                    layer.in_features,
+                )
+            },
+            LoadedLayerMessages {
+                missing: &|path| missing_pair(file, path),
+                none_matched: no_target_matched(&self.settings.targets),
+                unused: &|path, count| unused_pairs(file, path, count),
+            },
+        )
     }
 
     fn trainable_vars(&self) -> Vec<(String, Var)> {
