@@ -135,8 +135,20 @@ impl StageFingerprint {
         switches: &BTreeMap<String, String>,
     ) -> Self {
         if let (Some(device), Some(slot)) = (device, self.environment.get_mut("device")) {
-            let kind = device.split(':').next().unwrap_or(device);
+            // `auto` is the kind this build selects, as the stage resolves it.
+            let kind = crate::config::train::device_kind(device)
+                .unwrap_or_else(|_| device.split(':').next().unwrap_or(device));
             *slot = kind.to_string();
+            // The dtype an `auto` setting resolves to follows the device the stage now runs on.
+            let setting = self
+                .params
+                .get(&format!("{}.dtype", self.kind))
+                .and_then(|value| {
+                    serde_json::from_value::<crate::config::train::DTypeChoice>(value.clone()).ok()
+                });
+            if let (Some(setting), Some(dtype)) = (setting, self.environment.get_mut("dtype")) {
+                *dtype = setting.resolve(kind).to_string();
+            }
         }
         if self.environment.get("device").map(String::as_str) == Some("cuda") {
             for (name, value) in switches {
@@ -662,6 +674,21 @@ mod tests {
             data_stage.clone().with_device_override(Some("cuda")),
             data_stage
         );
+    }
+
+    #[test]
+    fn a_device_override_resolves_an_auto_dtype_for_the_new_device() {
+        let mut train = fingerprint(json!({"k": 3}));
+        train.kind = "train".into();
+        train.environment.insert("device".into(), "cpu".into());
+        train.environment.insert("dtype".into(), "f32".into());
+        for (setting, on_cuda) in [("auto", "bf16"), ("f32", "f32"), ("f16", "f16")] {
+            let mut stage = train.clone();
+            stage.params.insert("train.dtype".into(), json!(setting));
+            let moved = stage.with_device_environment(Some("cuda:0"), &BTreeMap::new());
+            assert_eq!(moved.environment["device"], "cuda", "{setting}");
+            assert_eq!(moved.environment["dtype"], on_cuda, "{setting}");
+        }
     }
 
     #[test]
