@@ -909,6 +909,74 @@ fn merged_tied_checkpoint_keeps_its_stored_head_copy_equal_to_the_patched_embedd
     Ok(())
 }
 
+/// A Llama config.json without `tie_word_embeddings` is untied (transformers' LlamaConfig default,
+/// and the loader's): a merge of patched embedding rows leaves the separate head as stored.
+/// The merge used to take the missing key as tied and copy the patched rows into the head, so
+/// the merged model differed from the adapted one (probe 59).
+#[test]
+fn an_untied_llama_without_the_tie_key_keeps_its_head_through_a_merge() -> TestResult {
+    let Some(shared) = shared_dir() else {
+        eprintln!("skipped: PEFTPIPE_SHARED not set");
+        return Ok(());
+    };
+    let project = tempfile::tempdir()?;
+    let base = project.path().join("untied");
+    std::fs::create_dir_all(&base)?;
+    let stories = shared.join("models/stories260k");
+    for entry in std::fs::read_dir(&stories)? {
+        let entry = entry?;
+        if entry.path().is_file() {
+            std::fs::copy(entry.path(), base.join(entry.file_name()))?;
+        }
+    }
+    // A head of its own (1.5 × the embedding), and no tie key.
+    let mut tensors =
+        candle_core::safetensors::load(stories.join("model.safetensors"), &Device::Cpu)?;
+    let head = (&tensors["model.embed_tokens.weight"] * 1.5)?;
+    tensors.insert("lm_head.weight".to_string(), head.clone());
+    candle_core::safetensors::save(&tensors, base.join("model.safetensors"))?;
+    let mut model_json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(base.join("config.json"))?)?;
+    model_json
+        .as_object_mut()
+        .ok_or("config.json is an object")?
+        .remove("tie_word_embeddings");
+    std::fs::write(base.join("config.json"), model_json.to_string())?;
+
+    let adapter = support::methods::new_method(
+        "lora: {r: 2, alpha: 4, trainable_token_indices: [5, 9]}",
+        &model_json,
+        &Device::Cpu,
+        3,
+    );
+    let model = ModelDir::open(&base)?.load(&Device::Cpu, DType::F32, adapter.linear_factory())?;
+    adapter.finish_injection(model.as_ref())?;
+    for (_, var) in adapter.trainable_vars() {
+        var.set(&(var.as_tensor() + 0.25)?)?;
+    }
+    let source = project.path().join("saved");
+    adapter.save(&source, &base.display().to_string())?;
+    let train = fake_train_artifact(project.path(), &source, &base);
+    export(project.path(), &train, config(None, Some("merged")), false)?;
+    let merged = candle_core::safetensors::load(
+        project.path().join("merged/model.safetensors"),
+        &Device::Cpu,
+    )?;
+    assert!(
+        max_difference(
+            &merged["model.embed_tokens.weight"],
+            &tensors["model.embed_tokens.weight"]
+        ) > 0.1,
+        "the embedding rows were patched"
+    );
+    assert_eq!(
+        max_difference(&merged["lm_head.weight"], &head),
+        0.0,
+        "the separate head is as stored"
+    );
+    Ok(())
+}
+
 // ---------------------------------------------------------------------------------------------
 // The merged model re-quantized in bitsandbytes' saved 4-bit format (`quantize:`)
 // ---------------------------------------------------------------------------------------------

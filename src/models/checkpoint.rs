@@ -611,10 +611,8 @@ pub fn visit_merged_tensors(
     let source = read_checkpoint_index(&base)?;
     let mut config = base.config_json().clone();
     let fan_in_fan_out = base.config().model_type() == "gpt2";
-    let tied = config
-        .get("tie_word_embeddings")
-        .and_then(Value::as_bool)
-        .unwrap_or(true);
+    // As the loader reads it (a Llama config without the key is untied, a GPT-2 one tied).
+    let tied = base.config().tie_word_embeddings();
     let (plan, untie) = merge_plan(patches, &source, tied, base_dir)?;
     if let (true, Value::Object(map)) = (untie, &mut config) {
         map.insert("tie_word_embeddings".into(), Value::Bool(false));
@@ -670,10 +668,8 @@ pub fn write_merged_folder(
     let mut config = base.config_json().clone();
     let fan_in_fan_out = base.config().model_type() == "gpt2";
     let wanted_dtype = options.dtype.map(safetensors_dtype).transpose()?;
-    let tied = config
-        .get("tie_word_embeddings")
-        .and_then(Value::as_bool)
-        .unwrap_or(true);
+    // As the loader reads it (a Llama config without the key is untied, a GPT-2 one tied).
+    let tied = base.config().tie_word_embeddings();
 
     let (plan, untie) = merge_plan(patches, &source, tied, base_dir)?;
     if untie {
