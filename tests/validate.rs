@@ -754,6 +754,25 @@ fn a_merged_export_of_ia3_on_gpt2_is_refused_before_training() {
         stderr.contains("stages.out.export.quantize") && stderr.contains("gpt2"),
         "{stderr}"
     );
+    // Nor is a 4-bit base for evaluation.
+    write(
+        &dir.path().join("p.yaml"),
+        &format!(
+            "stages:
+  data: {{ingest: {{path: {shared}/datasets/bevostories/validation.parquet, limit: 10}}}}
+  stories: {{template: {{input: data, prompt: \"\", completion: \"{{{{ text }}}}\"}}}}
+  ev: {{evaluate: {{base_model: {shared}/models/tiny-gpt2-random, base_quantization: {{}}, data: stories}}}}
+",
+            shared = Path::new(&shared).display()
+        ),
+    );
+    let output = peftpipe(dir.path(), &["validate", "p.yaml"]);
+    let stderr = text(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("stages.ev.evaluate.base_quantization") && stderr.contains("gpt2"),
+        "{stderr}"
+    );
 }
 
 #[test]

@@ -153,6 +153,66 @@ fn default_separator() -> String {
 }
 
 impl EvaluateConfig {
+    /// `base_quantization` must be the 4-bit base every QLoRA candidate trained over: another
+    /// would score the base row on a model none of them learned on.
+    fn check_base_quantization_against_stages(
+        &self,
+        cx: &CheckContext<'_>,
+        at: &str,
+        problems: &mut Vec<Problem>,
+    ) {
+        let Some(asked) = &self.base_quantization else {
+            return;
+        };
+        // The 4-bit base is built for Llama-family models (as QLoRA's train stage checks).
+        if let Some(written) = &self.base_model {
+            let model_type = super::hub::resolve_model_dir(cx.project_dir, written)
+                .ok()
+                .and_then(|dir| cx.probe.check_model(&dir).model_type);
+            if model_type.as_deref() == Some("gpt2") {
+                problems.push(
+                    Problem::new(
+                        format!("{at}.base_quantization"),
+                        format!("`{written}` is a gpt2 model: a 4-bit base is built for Llama-family models only"),
+                    )
+                    .with_hint("drop `base_quantization` to score the 16-bit model"),
+                );
+            }
+        }
+        for stage in self.adapter_stages() {
+            let Some(StageConfig::Train(train)) = cx.pipeline.stages.get(stage) else {
+                continue;
+            };
+            let super::method::MethodConfig::Qlora(qlora) = &train.method else {
+                continue;
+            };
+            let trained = (qlora.quant_type, qlora.double_quant, qlora.block_size);
+            if trained != (asked.quant_type, asked.double_quant, asked.block_size) {
+                let describe = |(quant_type, double_quant, block_size): (
+                    super::method::QuantTypeChoice,
+                    bool,
+                    usize,
+                )| {
+                    format!(
+                        "{} (double_quant {double_quant}, block_size {block_size})",
+                        quant_type.name()
+                    )
+                };
+                problems.push(
+                    Problem::new(
+                        format!("{at}.base_quantization"),
+                        format!(
+                            "asks for a {} base, but stage `{stage}` trains QLoRA over {}: the base row would be another model than the one its adapter learned on",
+                            describe((asked.quant_type, asked.double_quant, asked.block_size)),
+                            describe(trained)
+                        ),
+                    )
+                    .with_hint("drop `base_quantization` (the QLoRA stages' own 4-bit base is used), or give it the stage's settings"),
+                );
+            }
+        }
+    }
+
     /// Each outside adapter folder loads and fits its base model's linear layers, as evaluating
     /// it will check (a folder or file that is missing is said by the input check).
     fn check_external_adapters(
@@ -611,6 +671,7 @@ impl StageSpec for EvaluateConfig {
                 );
             }
         }
+        self.check_base_quantization_against_stages(cx, at, problems);
         if let Some(message) = self
             .base_quantization
             .as_ref()
@@ -1023,6 +1084,25 @@ stages:
   prompts: { template: { input: data } }
   tune: { train: { data: prompts, model: base-model } }
 ";
+
+    #[test]
+    fn base_quantization_must_be_the_qlora_stages_base() {
+        let columns = ["prompt", "completion"];
+        let pipeline = |asked: &str| {
+            format!("{HEAD}  q: {{ train: {{ data: prompts, model: base-model, method: {{ qlora: {{ r: 8 }} }} }} }}\n  eval: {{ evaluate: {{ model: q, data: prompts, base_quantization: {asked} }} }}\n")
+        };
+        assert!(problems_of(&pipeline("{}"), &columns).is_empty());
+        let problems = problems_of(&pipeline("{ quant_type: fp4 }"), &columns);
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert_eq!(problems[0].path, "stages.eval.evaluate.base_quantization");
+        assert!(
+            problems[0]
+                .message
+                .contains("stage `q` trains QLoRA over nf4"),
+            "{}",
+            problems[0].message
+        );
+    }
 
     #[test]
     fn max_length_leaves_room_for_what_the_stage_does() {
