@@ -466,6 +466,15 @@ fn an_external_qlora_adapter_is_scored_over_the_4bit_base_that_base_quantization
     let over_4bit = comparison_rows(&out);
     let row = candidate(&over_4bit, "adapter");
     assert_eq!(row["method"], "qlora");
+    // Every row says which base it ran over: the 4-bit one here, for the base row too.
+    for rows in [&trained, &over_4bit] {
+        for row in rows.iter() {
+            assert_eq!(
+                row["base_4bit"], "4-bit nf4, double quant, block 64",
+                "{row}"
+            );
+        }
+    }
     for metric in ["loss", "perplexity"] {
         assert_eq!(
             row[metric],
@@ -496,6 +505,8 @@ fn an_external_qlora_adapter_is_scored_over_the_4bit_base_that_base_quantization
     let over_16bit = comparison_rows(&out);
     let row = candidate(&over_16bit, "adapter");
     assert_eq!(row["method"], "lora");
+    assert!(row.get("base_4bit").is_none(), "{row}");
+    assert!(candidate(&over_16bit, "base").get("base_4bit").is_none());
     assert_ne!(
         row["loss"],
         candidate(&trained, "train")["loss"],

@@ -666,6 +666,20 @@ fn dtype_name(dtype: DType) -> &'static str {
 }
 
 impl BaseQuantization {
+    /// For tables: `4-bit nf4, double quant, block 64`.
+    pub fn label(&self) -> String {
+        format!(
+            "4-bit {}{}, block {}",
+            self.config.quant_type.name(),
+            if self.config.double_quant {
+                ", double quant"
+            } else {
+                ""
+            },
+            self.config.block_size
+        )
+    }
+
     /// The JSON record (`{"quant_type": "nf4", "double_quant": true, "block_size": 64,
     /// "compute_dtype": "bf16" | null}`, plus `"prequantized": true` for a base the checkpoint
     /// stores in 4 bits; absent, as in records written before it existed, means `false`).

@@ -42,6 +42,11 @@ pub struct ComparisonRow {
     /// `base`, `few_shot`, or the adapter's method (`lora`, `dora`, `ia3`, `prompt_tuning`,
     /// `prefix_tuning`, `llama_adapter`).
     pub method: String,
+    /// The 4-bit base the row's model runs over (`4-bit nf4, double quant, block 64`); absent:
+    /// the base model as stored. Said because the base row of a comparison of QLoRA candidates
+    /// may be the 4-bit or the 16-bit model (see evaluate's `base_quantization`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base_4bit: Option<String>,
     /// Demonstrations per prompt (few-shot rows).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub k: Option<usize>,
@@ -80,6 +85,7 @@ impl ComparisonRow {
             candidate,
             kind,
             method: method.to_string(),
+            base_4bit: None,
             k: None,
             trainable_parameters: 0,
             train_seconds: None,
@@ -221,9 +227,10 @@ fn cell(row: &ComparisonRow, column: &str) -> String {
     let or_dash = |value: Option<String>| value.unwrap_or_else(|| "—".to_string());
     match column {
         "candidate" => row.candidate.clone(),
-        "method" => match row.k {
-            Some(k) => format!("few_shot (k={k})"),
-            None => row.method.clone(),
+        "method" => match (row.k, &row.base_4bit) {
+            (Some(k), _) => format!("few_shot (k={k})"),
+            (None, Some(base)) => format!("{} (over {base})", row.method),
+            (None, None) => row.method.clone(),
         },
         "trainable params" => thousands(row.trainable_parameters),
         "train time" => or_dash(row.train_seconds.map(format::seconds)),

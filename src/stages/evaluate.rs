@@ -380,6 +380,16 @@ impl EvalPlan {
 /// An exact-match reference as generation would produce it: a reference whose tokens hold an
 /// end-of-sequence token (a chat template's end of turn written as text) ends there, decoded
 /// after the prompt as generations are; one without is used as written.
+/// A comparison row's 4-bit base: the quantization it was loaded with, else "4-bit as stored"
+/// over a checkpoint saved in 4 bits, else none (the 16-bit model).
+fn four_bit_label(quantization: Option<&BaseQuantization>, stored_4bit: bool) -> Option<String> {
+    match quantization {
+        Some(quantization) => Some(quantization.label()),
+        None if stored_4bit => Some("4-bit as stored".to_string()),
+        None => None,
+    }
+}
+
 fn reference_until_eos(
     codec: &dyn TextCodec,
     prompt_ids: &[u32],
@@ -1109,12 +1119,14 @@ impl Stage for EvaluateStage {
             )
         };
         let base_metrics = evaluate(&base, &plan, "base")?;
-        let mut rows_out = vec![ComparisonRow::new(
+        let mut base_row = ComparisonRow::new(
             "base".to_string(),
             CandidateKind::Base,
             "base",
             &base_metrics,
-        )];
+        );
+        base_row.base_4bit = four_bit_label(base_quantization.as_ref(), stored_4bit);
+        let mut rows_out = vec![base_row];
         let mut candidates: BTreeMap<String, ModelMetrics> = BTreeMap::new();
         if let (Some(few_shot), Some(source)) = (&config.few_shot, config.few_shot_source()) {
             let source_dir = ctx.upstream_dir(source)?;
@@ -1162,14 +1174,15 @@ impl Stage for EvaluateStage {
             let adapted = load(Some(&adapter_dir), quantization.as_ref())?;
             let metrics = evaluate(&adapted, &plan, stage)?;
             drop(adapted);
-            rows_out.push(
+            let mut row =
                 ComparisonRow::new(stage.to_string(), CandidateKind::Adapter, &method, &metrics)
                     // Parameters only: a run's wall time, tokens/s and peak memory vary between
                     // runs of the same inputs, so they must not enter this stage's output (the
                     // cache would then hold what a clean run does not reproduce); they stay in
                     // the train stages' run records, and the reporter joins them in.
-                    .with_trainable_parameters(train_dir)?,
-            );
+                    .with_trainable_parameters(train_dir)?;
+            row.base_4bit = four_bit_label(quantization.as_ref(), stored_4bit);
+            rows_out.push(row);
             if config.model.as_deref() == Some(*stage) {
                 adapted_of_model = Some(metrics.clone());
             }
@@ -1202,6 +1215,7 @@ impl Stage for EvaluateStage {
                 &metrics,
             );
             row.trainable_parameters = parameters;
+            row.base_4bit = four_bit_label(asked_quantization.as_ref(), stored_4bit);
             rows_out.push(row);
             candidates.insert(name, metrics);
         }
