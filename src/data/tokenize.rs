@@ -285,6 +285,35 @@ mod tests {
     }
 
     #[test]
+    fn the_inference_tokenizer_takes_its_chat_template_as_transformers_does() {
+        // chat_template.jinja wins over tokenizer_config.json's; of a named list only `default`.
+        let Some(shared) = std::env::var_os("PEFTPIPE_SHARED") else {
+            return;
+        };
+        let stories = std::path::Path::new(&shared).join("models/stories260k");
+        let dir = tempfile::tempdir().unwrap();
+        for name in ["tokenizer.json", "config.json"] {
+            std::fs::copy(stories.join(name), dir.path().join(name)).unwrap();
+        }
+        let config: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.path().join("config.json")).unwrap())
+                .unwrap();
+        let template = |tokenizer_config: &str| {
+            std::fs::write(dir.path().join("tokenizer_config.json"), tokenizer_config).unwrap();
+            let generation = GenerationConfig::load(dir.path(), &config).unwrap();
+            ModelTokenizer::load(dir.path(), &generation)
+                .unwrap()
+                .chat_template
+        };
+        let named = r#"{"chat_template": [{"name": "tool_use", "template": "tools"}]}"#;
+        assert_eq!(template(named), None);
+        let config_only = r#"{"chat_template": "from the config"}"#;
+        assert_eq!(template(config_only).as_deref(), Some("from the config"));
+        std::fs::write(dir.path().join("chat_template.jinja"), "from the file").unwrap();
+        assert_eq!(template(config_only).as_deref(), Some("from the file"));
+    }
+
+    #[test]
     fn training_and_inference_encode_a_prompt_that_writes_bos_alike() {
         // stories260k's tokenizer.json has a post-processor that adds BOS to every text:
         // inference's prompt encoding must not add a second one either.

@@ -179,22 +179,23 @@ impl ModelTokenizer {
             .get("add_eos_token")
             .and_then(Value::as_bool)
             .unwrap_or(false);
+        // chat_template.jinja wins over the config's `chat_template`, and of the list form only
+        // the `default` entry is used: as transformers (and the template stage) choose.
         let template_file = dir.join("chat_template.jinja");
         let chat_template = match config.get("chat_template") {
-            Some(Value::String(template)) => Some(template.clone()),
-            Some(Value::Array(named)) => named
-                .iter()
-                .find(|entry| entry.get("name").and_then(Value::as_str) == Some("default"))
-                .or_else(|| named.first())
-                .and_then(|entry| entry.get("template"))
-                .and_then(Value::as_str)
-                .map(str::to_string),
             _ if template_file.is_file() => Some(std::fs::read_to_string(&template_file).map_err(
                 |source| ModelError::Io {
                     path: template_file.clone(),
                     source,
                 },
             )?),
+            Some(Value::String(template)) => Some(template.clone()),
+            Some(Value::Array(named)) => named
+                .iter()
+                .find(|entry| entry.get("name").and_then(Value::as_str) == Some("default"))
+                .and_then(|entry| entry.get("template"))
+                .and_then(Value::as_str)
+                .map(str::to_string),
             _ => None,
         };
         Ok(Self {

@@ -71,7 +71,12 @@ pub fn load_chat_template(path: &Path) -> Result<ChatTemplateSource, String> {
     }
     let config: serde_json::Value = serde_json::from_str(&text)
         .map_err(|e| format!("{}: not valid JSON: {e}", path.display()))?;
+    // A chat_template.jinja beside the config wins over the config's own `chat_template`, as
+    // transformers loads them ("the file template clobbers any template in the config").
+    let jinja = path.with_file_name(companion_file_name(path));
     let template = match config.get("chat_template") {
+        _ if jinja.is_file() => std::fs::read_to_string(&jinja)
+            .map_err(|e| format!("cannot read {}: {e}", jinja.display()))?,
         Some(serde_json::Value::String(template)) => template.clone(),
         // The newer list form: [{"name": "default", "template": "..."}, ...].
         Some(serde_json::Value::Array(named)) => named
@@ -86,16 +91,10 @@ pub fn load_chat_template(path: &Path) -> Result<ChatTemplateSource, String> {
                 )
             })?,
         _ => {
-            let jinja = path.with_file_name(companion_file_name(path));
-            if jinja.is_file() {
-                std::fs::read_to_string(&jinja)
-                    .map_err(|e| format!("cannot read {}: {e}", jinja.display()))?
-            } else {
-                return Err(format!(
-                    "{} has no `chat_template` (and there is no chat_template.jinja beside it)",
-                    path.display()
-                ));
-            }
+            return Err(format!(
+                "{} has no `chat_template` (and there is no chat_template.jinja beside it)",
+                path.display()
+            ))
         }
     };
     let (bos_token, eos_token, pad_token, unk_token) = tokens_from_json(&config);
@@ -125,4 +124,28 @@ fn tokens_from_json(config: &serde_json::Value) -> Tokens {
         token_text(config.get("pad_token")),
         token_text(config.get("unk_token")),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_chat_template_file_wins_over_the_configs_own_as_in_transformers() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = dir.path().join("tokenizer_config.json");
+        std::fs::write(
+            &config,
+            r#"{"chat_template": "from the config", "eos_token": "</s>"}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            load_chat_template(&config).unwrap().template,
+            "from the config"
+        );
+        std::fs::write(dir.path().join("chat_template.jinja"), "from the file").unwrap();
+        let source = load_chat_template(&config).unwrap();
+        assert_eq!(source.template, "from the file");
+        assert_eq!(source.eos_token, "</s>");
+    }
 }
