@@ -506,3 +506,55 @@ fn a_tokenizer_id_past_vocab_size_is_refused_when_loading() {
     let error = model.tokenizer().unwrap_err().to_string();
     assert!(error.contains("produces id 1130"), "{error}");
 }
+
+/// A tensor stored in two shards is refused, naming both files: which copy a loader takes would
+/// depend on the order it reads them (the last one won, silently; probe 59).
+#[test]
+fn a_tensor_in_two_shards_is_refused_with_both_files_named() {
+    let Some(shared) = std::env::var_os("PEFTPIPE_SHARED") else {
+        eprintln!("skipped: PEFTPIPE_SHARED not set");
+        return;
+    };
+    let stories = std::path::Path::new(&shared).join("models/stories260k");
+    let dir = tempfile::tempdir().unwrap();
+    for name in ["config.json", "tokenizer.json", "tokenizer_config.json"] {
+        std::fs::copy(stories.join(name), dir.path().join(name)).unwrap();
+    }
+    let tensors =
+        candle_core::safetensors::load(stories.join("model.safetensors"), &Device::Cpu).unwrap();
+    let mut names: Vec<&String> = tensors.keys().collect();
+    names.sort();
+    let mut shards: [HashMap<String, Tensor>; 2] = Default::default();
+    let mut weight_map = serde_json::Map::new();
+    for (i, name) in names.iter().enumerate() {
+        let half = usize::from(i >= names.len() / 2);
+        shards[half].insert((*name).clone(), tensors[*name].clone());
+        weight_map.insert((*name).clone(), format!("s{half}.safetensors").into());
+    }
+    // The second shard also holds a zeroed copy of one of the first shard's tensors.
+    let (duplicated, tensor) = shards[0].iter().next().unwrap();
+    let (duplicated, zeros) = (duplicated.clone(), tensor.zeros_like().unwrap());
+    shards[1].insert(duplicated.clone(), zeros);
+    for (half, shard) in shards.iter().enumerate() {
+        candle_core::safetensors::save(shard, dir.path().join(format!("s{half}.safetensors")))
+            .unwrap();
+    }
+    std::fs::write(
+        dir.path().join("model.safetensors.index.json"),
+        serde_json::json!({"metadata": {}, "weight_map": weight_map}).to_string(),
+    )
+    .unwrap();
+    let model = peftpipe::models::ModelDir::open(dir.path()).unwrap();
+    let problems: Vec<String> = model
+        .check_weights()
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    assert!(
+        problems.iter().any(|problem| problem.contains(&duplicated)
+            && problem.contains("s0.safetensors")
+            && problem.contains("s1.safetensors")),
+        "{problems:?}"
+    );
+    assert!(model.tensor_infos().is_err());
+}

@@ -387,6 +387,27 @@ pub struct ModelDir {
     stored_quantization: Option<BnbQuantization>,
 }
 
+/// Add one weight file's tensors to those of the files before it: a tensor stored in two shards
+/// is refused (which copy a loader takes would depend on the order it reads the files).
+fn add_shard(
+    all: &mut BTreeMap<String, TensorInfo>,
+    tensors: BTreeMap<String, TensorInfo>,
+) -> Result<(), ModelError> {
+    for (name, info) in tensors {
+        if let Some(first) = all.get(&name) {
+            return Err(ModelError::Weights {
+                path: info.file.clone(),
+                message: format!(
+                    "tensor `{name}` is also stored in {}: a tensor may be in one shard only",
+                    first.file.display()
+                ),
+            });
+        }
+        all.insert(name, info);
+    }
+    Ok(())
+}
+
 impl ModelDir {
     /// Open `root`: parse config.json and locate the safetensors files.
     pub fn open(root: &Path) -> Result<Self, ModelError> {
@@ -486,7 +507,7 @@ impl ModelDir {
     pub fn tensor_infos(&self) -> Result<BTreeMap<String, TensorInfo>, ModelError> {
         let mut all = BTreeMap::new();
         for file in &self.weight_files {
-            all.extend(read_safetensors_header(file)?);
+            add_shard(&mut all, read_safetensors_header(file)?)?;
         }
         Ok(all)
     }
@@ -501,8 +522,9 @@ impl ModelDir {
         let mut problems = Vec::new();
         let mut stored = BTreeMap::new();
         for file in &self.weight_files {
-            match read_safetensors_header(file) {
-                Ok(tensors) => stored.extend(tensors),
+            match read_safetensors_header(file).and_then(|tensors| add_shard(&mut stored, tensors))
+            {
+                Ok(()) => {}
                 Err(error) => problems.push(error),
             }
         }
