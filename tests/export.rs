@@ -856,6 +856,36 @@ fn merged_gpt2_export_writes_trained_token_rows() -> TestResult {
     Ok(())
 }
 
+/// Train-free stand-in for a trained adapter: LoRA r2 with trainable token rows 5 and 9 over the
+/// model in `base`, every variable moved by 0.25, exported `merged` into `project`; the merged
+/// tensors.
+fn merge_trained_token_rows(
+    base: &Path,
+    project: &Path,
+) -> Result<HashMap<String, Tensor>, Box<dyn std::error::Error>> {
+    let model_json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(base.join("config.json"))?)?;
+    let adapter = support::methods::new_method(
+        "lora: {r: 2, alpha: 4, trainable_token_indices: [5, 9]}",
+        &model_json,
+        &Device::Cpu,
+        3,
+    );
+    let model = ModelDir::open(base)?.load(&Device::Cpu, DType::F32, adapter.linear_factory())?;
+    adapter.finish_injection(model.as_ref())?;
+    for (_, var) in adapter.trainable_vars() {
+        var.set(&(var.as_tensor() + 0.25)?)?;
+    }
+    let source = project.join("saved");
+    adapter.save(&source, &base.display().to_string())?;
+    let train = fake_train_artifact(project, &source, base);
+    export(project, &train, config(None, Some("merged")), false)?;
+    Ok(candle_core::safetensors::load(
+        project.join("merged/model.safetensors"),
+        &Device::Cpu,
+    )?)
+}
+
 /// A tied checkpoint that also stores its embedding as `lm_head.weight` (stories260k): the merged
 /// export of trainable token rows (the tied head follows them) writes the same patched matrix
 /// under both names. The stored copy was left at the base values, and transformers 5, which
@@ -869,28 +899,8 @@ fn merged_tied_checkpoint_keeps_its_stored_head_copy_equal_to_the_patched_embedd
         return Ok(());
     };
     let base = shared.join("models/stories260k");
-    let model_json: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(base.join("config.json"))?)?;
-    let adapter = support::methods::new_method(
-        "lora: {r: 2, alpha: 4, trainable_token_indices: [5, 9]}",
-        &model_json,
-        &Device::Cpu,
-        3,
-    );
-    let model = ModelDir::open(&base)?.load(&Device::Cpu, DType::F32, adapter.linear_factory())?;
-    adapter.finish_injection(model.as_ref())?;
-    for (_, var) in adapter.trainable_vars() {
-        var.set(&(var.as_tensor() + 0.25)?)?;
-    }
     let project = tempfile::tempdir()?;
-    let source = project.path().join("saved");
-    adapter.save(&source, &base.display().to_string())?;
-    let train = fake_train_artifact(project.path(), &source, &base);
-    export(project.path(), &train, config(None, Some("merged")), false)?;
-    let merged = candle_core::safetensors::load(
-        project.path().join("merged/model.safetensors"),
-        &Device::Cpu,
-    )?;
+    let merged = merge_trained_token_rows(&base, project.path())?;
     let embedding = &merged["model.embed_tokens.weight"];
     let original = candle_core::safetensors::load(base.join("model.safetensors"), &Device::Cpu)?;
     assert!(
@@ -942,26 +952,7 @@ fn an_untied_llama_without_the_tie_key_keeps_its_head_through_a_merge() -> TestR
         .ok_or("config.json is an object")?
         .remove("tie_word_embeddings");
     std::fs::write(base.join("config.json"), model_json.to_string())?;
-
-    let adapter = support::methods::new_method(
-        "lora: {r: 2, alpha: 4, trainable_token_indices: [5, 9]}",
-        &model_json,
-        &Device::Cpu,
-        3,
-    );
-    let model = ModelDir::open(&base)?.load(&Device::Cpu, DType::F32, adapter.linear_factory())?;
-    adapter.finish_injection(model.as_ref())?;
-    for (_, var) in adapter.trainable_vars() {
-        var.set(&(var.as_tensor() + 0.25)?)?;
-    }
-    let source = project.path().join("saved");
-    adapter.save(&source, &base.display().to_string())?;
-    let train = fake_train_artifact(project.path(), &source, &base);
-    export(project.path(), &train, config(None, Some("merged")), false)?;
-    let merged = candle_core::safetensors::load(
-        project.path().join("merged/model.safetensors"),
-        &Device::Cpu,
-    )?;
+    let merged = merge_trained_token_rows(&base, project.path())?;
     assert!(
         max_difference(
             &merged["model.embed_tokens.weight"],

@@ -682,12 +682,7 @@ fn try_run_stage_noting(
 
 #[test]
 fn train_stage_writes_a_loadable_peft_artifact() {
-    let project = tempfile::tempdir().unwrap();
-    let model_dir = project.path().join("tiny-model");
-    std::fs::create_dir_all(&model_dir).unwrap();
-    tiny_model_dir(&model_dir);
-    let upstream = project.path().join("prompts-artifact");
-    std::fs::create_dir_all(&upstream).unwrap();
+    let (project, upstream) = tiny_project();
     let rows: Vec<(String, String)> = (0..10)
         .map(|i| {
             (
@@ -748,7 +743,7 @@ fn train_stage_writes_a_loadable_peft_artifact() {
     assert!(!project.path().join("checkpoints").exists());
     // The adapter loads back onto the model.
     let adapter = peftpipe::peft::load_adapter(&out.join("adapter"), &Device::Cpu).unwrap();
-    let reloaded = ModelDir::open(&model_dir)
+    let reloaded = ModelDir::open(&project.path().join("tiny-model"))
         .unwrap()
         .load(&Device::Cpu, DType::F32, adapter.linear_factory())
         .unwrap();
@@ -768,12 +763,7 @@ fn train_stage_writes_a_loadable_peft_artifact() {
 /// a row without completion, which is what the data says), and the note says so.
 #[test]
 fn right_truncation_that_cuts_the_whole_completion_counts_as_truncated_and_dropped() {
-    let project = tempfile::tempdir().unwrap();
-    let model_dir = project.path().join("tiny-model");
-    std::fs::create_dir_all(&model_dir).unwrap();
-    tiny_model_dir(&model_dir);
-    let upstream = project.path().join("prompts-artifact");
-    std::fs::create_dir_all(&upstream).unwrap();
+    let (project, upstream) = tiny_project();
     let words = |from: usize, count: usize| -> String {
         (from..from + count)
             .map(|i| format!("w{i}"))
@@ -822,12 +812,7 @@ add_eos: false\ntruncation: right\nmax_seq_len: 9\n";
 #[test]
 fn a_warmup_as_long_as_the_run_is_said() {
     // Three epochs of 2 examples at batch 2: 3 optimizer steps, all inside a warmup of 5.
-    let project = tempfile::tempdir().unwrap();
-    let model_dir = project.path().join("tiny-model");
-    std::fs::create_dir_all(&model_dir).unwrap();
-    tiny_model_dir(&model_dir);
-    let upstream = project.path().join("prompts-artifact");
-    std::fs::create_dir_all(&upstream).unwrap();
+    let (project, upstream) = tiny_project();
     let rows: Vec<(String, String)> = vec![
         ("w3 w4".into(), " w30".into()),
         ("w5 w6".into(), " w31".into()),
@@ -1189,14 +1174,21 @@ fn evaluation_state_survives_a_resume() {
     );
 }
 
-/// The tiny model and a template artifact with `train` (10 rows) and `eval` (4 rows) splits.
-fn tiny_project_with_eval() -> (tempfile::TempDir, std::path::PathBuf) {
+/// A temporary project with the tiny model in `tiny-model/` and an empty template artifact
+/// folder `prompts-artifact/` (the second value) for the rows a test writes.
+fn tiny_project() -> (tempfile::TempDir, std::path::PathBuf) {
     let project = tempfile::tempdir().unwrap();
     let model_dir = project.path().join("tiny-model");
     std::fs::create_dir_all(&model_dir).unwrap();
     tiny_model_dir(&model_dir);
     let upstream = project.path().join("prompts-artifact");
     std::fs::create_dir_all(&upstream).unwrap();
+    (project, upstream)
+}
+
+/// The tiny model and a template artifact with `train` (10 rows) and `eval` (4 rows) splits.
+fn tiny_project_with_eval() -> (tempfile::TempDir, std::path::PathBuf) {
+    let (project, upstream) = tiny_project();
     let pairs = |range: std::ops::Range<usize>| -> Vec<(String, String)> {
         range
             .map(|i| {

@@ -166,10 +166,7 @@ impl EvaluateConfig {
         };
         // The 4-bit base is built for Llama-family models (as QLoRA's train stage checks).
         if let Some(written) = &self.base_model {
-            let model_type = super::hub::resolve_model_dir(cx.project_dir, written)
-                .ok()
-                .and_then(|dir| cx.probe.check_model(&dir).model_type);
-            if model_type.as_deref() == Some("gpt2") {
+            if cx.model_type(written).as_deref() == Some("gpt2") {
                 problems.push(
                     Problem::new(
                         format!("{at}.base_quantization"),

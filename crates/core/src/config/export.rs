@@ -439,10 +439,7 @@ impl ExportConfig {
             }
             // The 4-bit writer takes Llama-family models (as the loader reads no GPT-2 in 4 bits).
             if let Some(StageConfig::Train(train)) = cx.pipeline.stages.get(&self.from) {
-                let model_type = super::hub::resolve_model_dir(cx.project_dir, &train.model)
-                    .ok()
-                    .and_then(|dir| cx.probe.check_model(&dir).model_type);
-                if model_type.as_deref() == Some("gpt2") {
+                if cx.model_type(&train.model).as_deref() == Some("gpt2") {
                     problems.push(
                         Problem::new(
                             format!("{at}.quantize"),

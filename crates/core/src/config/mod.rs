@@ -188,6 +188,15 @@ pub struct CheckContext<'a> {
     pub probe: &'a dyn Probe,
 }
 
+impl CheckContext<'_> {
+    /// config.json's `model_type` of the model written `written` (a folder or `hf://` id), when
+    /// it resolves and says.
+    pub fn model_type(&self, written: &str) -> Option<String> {
+        let dir = hub::resolve_model_dir(self.project_dir, written).ok()?;
+        self.probe.check_model(&dir).model_type
+    }
+}
+
 /// What every stage-kind config provides to validation, planning and fingerprinting.
 pub trait StageSpec {
     /// Upstream stages read by this stage.
