@@ -190,10 +190,13 @@ pub struct CheckContext<'a> {
 
 impl CheckContext<'_> {
     /// config.json's `model_type` of the model written `written` (a folder or `hf://` id), when
-    /// it resolves and says.
+    /// it resolves and says. Reads config.json alone: the probe's full model check (headers,
+    /// tokenizer) reports that file's problems where the model is checked.
     pub fn model_type(&self, written: &str) -> Option<String> {
         let dir = hub::resolve_model_dir(self.project_dir, written).ok()?;
-        self.probe.check_model(&dir).model_type
+        let text = std::fs::read_to_string(dir.join("config.json")).ok()?;
+        let config: serde_json::Value = serde_json::from_str(&text).ok()?;
+        config.get("model_type")?.as_str().map(str::to_string)
     }
 }
 
