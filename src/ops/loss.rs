@@ -181,6 +181,8 @@ fn checked_targets(targets: &Tensor, mask: &Tensor, vocab: usize) -> Result<(Vec
 /// chunk's logits turned into the loss and `dlogits` by one kernel each and into `dhidden` by one
 /// GEMM, so the `[N, V]` f32 logits and their gradient (2 GiB each at 8 × 512 × 128k) are never
 /// allocated. Elsewhere it is `cross_entropy(frozen_linear(hidden, weight))`, the reference.
+/// `targets` and `mask` are read on the host (checked there): host tensors cost nothing, device
+/// ones a copy that waits for every kernel queued before it (the trainers pass host tensors).
 pub fn linear_cross_entropy(
     hidden: &Tensor,
     weight: &Tensor,

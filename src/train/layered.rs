@@ -68,13 +68,23 @@ impl HookSource<'_> {
     }
 }
 
-/// The batch as tensors: `(input_ids, attention_mask, loss_mask)`, each `[B, T]`.
-fn batch_tensors(batch: &HostBatch, device: &Device) -> Result<(Tensor, Tensor, Tensor)> {
+/// The batch as the model reads it: `(input_ids, attention_mask)` on `device`, each `[B, T]`.
+fn batch_tensors(batch: &HostBatch, device: &Device) -> Result<(Tensor, Tensor)> {
     let shape = (batch.batch, batch.length);
     Ok((
         Tensor::from_vec(batch.input_ids.clone(), shape, device)?,
         Tensor::from_vec(batch.attention_mask(), shape, device)?,
-        Tensor::from_vec(batch.loss_mask.clone(), shape, device)?,
+    ))
+}
+
+/// The batch as the loss reads it: `(input_ids, loss_mask)` on the host, each `[B, T]`. The loss
+/// checks its targets on the host; given device tensors it would copy them back mid-step, making
+/// the GPU wait for everything queued before it.
+pub(crate) fn loss_targets(batch: &HostBatch) -> Result<(Tensor, Tensor)> {
+    let shape = (batch.batch, batch.length);
+    Ok((
+        Tensor::from_vec(batch.input_ids.clone(), shape, &Device::Cpu)?,
+        Tensor::from_vec(batch.loss_mask.clone(), shape, &Device::Cpu)?,
     ))
 }
 
@@ -112,7 +122,7 @@ impl LossModel for CheckpointedLoss<'_> {
 impl<'a> CheckpointedLoss<'a> {
     fn layered(&self, batch: &HostBatch) -> Result<LayeredPass<'a>> {
         let model = self.model;
-        let (input_ids, attention_mask, loss_mask) = batch_tensors(batch, model.device())?;
+        let (input_ids, attention_mask) = batch_tensors(batch, model.device())?;
         let hooks = self.hooks.hooks()?;
         let plan = model.layer_plan(&input_ids, Some(&attention_mask), &hooks)?;
         let embedded = model.layer_input(&input_ids, &plan, &hooks)?;
@@ -138,7 +148,8 @@ impl<'a> CheckpointedLoss<'a> {
             let length = hidden.dim(1)? - virtual_tokens;
             hidden = hidden.narrow(1, virtual_tokens, length)?;
         }
-        let loss_sum = head_loss(model, &hidden, &input_ids, &loss_mask)?;
+        let (targets, loss_mask) = loss_targets(batch)?;
+        let loss_sum = head_loss(model, &hidden, &targets, &loss_mask)?;
         Ok(LayeredPass {
             model,
             offload: self.offload,

@@ -65,7 +65,7 @@ impl LossModel for CausalLmLoss<'_> {
         let shape = (batch.batch, batch.length);
         let input_ids = Tensor::from_vec(batch.input_ids.clone(), shape, device)?;
         let attention_mask = Tensor::from_vec(batch.attention_mask(), shape, device)?;
-        let loss_mask = Tensor::from_vec(batch.loss_mask.clone(), shape, device)?;
+        let (targets, loss_mask) = super::layered::loss_targets(batch)?;
         let hooks = self
             .adapter
             .hooks()
@@ -82,13 +82,12 @@ impl LossModel for CausalLmLoss<'_> {
         };
         // A frozen lm_head is fused into the loss (chunked on CUDA; the same ops on the CPU).
         if let Some(weight) = self.model.lm_head().frozen_weight() {
-            let loss = crate::ops::next_token_linear_cross_entropy(
-                &hidden, weight, &input_ids, &loss_mask,
-            )?;
+            let loss =
+                crate::ops::next_token_linear_cross_entropy(&hidden, weight, &targets, &loss_mask)?;
             return Ok(loss.sum);
         }
         let logits = self.model.lm_head().forward(&hidden)?;
-        Ok(crate::ops::next_token_cross_entropy(&logits, &input_ids, &loss_mask)?.sum)
+        Ok(crate::ops::next_token_cross_entropy(&logits, &targets, &loss_mask)?.sum)
     }
 
     fn device(&self) -> &Device {
