@@ -205,6 +205,7 @@ fn check_model_dir(dir: &Path) -> ModelFacts {
         config_path: model.config_path().display().to_string(),
         quant_type: stored.quant_type.name().to_string(),
         double_quant: stored.double_quant,
+        block_size: model.stored_block_size(),
     });
     let weight_problems = model.check_weights();
     let weights_agree = weight_problems.is_empty();

@@ -239,6 +239,11 @@ fn loaded_4bit_weights_equal_quantizing_the_16bit_model_bit_for_bit() -> TestRes
         let temp = tempfile::tempdir()?;
         let dir = temp.path().join("stories260k-bnb");
         write_bnb_checkpoint(&source, &dir, &config)?;
+        assert_eq!(
+            ModelDir::open(&dir)?.stored_block_size(),
+            Some(config.block_size),
+            "{config:?}: the block size validation reads from the headers"
+        );
         let stored = read_bnb_weights(&[dir.join("model.safetensors")], &Device::Cpu)?;
         let direct = quantize_checkpoint(
             &[source.join("model.safetensors")],
@@ -659,14 +664,17 @@ fn a_method_or_setting_that_disagrees_with_the_stored_base_is_refused_naming_the
                 "set quant_type: nf4",
             ],
         ),
-        // The block size is in each weight's state: caught as the model loads.
+        // The block size is in each weight's state; validation reads it from the sizes the
+        // safetensors header gives the packed codes and their absmax.
         (
             "qlora: {r: 8, block_size: 128}",
             vec![
-                "model.safetensors",
-                "quant_state.bitsandbytes__nf4",
-                "block_size 64",
-                "block_size 128",
+                "pipeline.yaml:",
+                "method.qlora.block_size",
+                config.as_str(),
+                "64 weights per absmax",
+                "asks for 128",
+                "set block_size: 64",
             ],
         ),
     ] {
@@ -743,18 +751,53 @@ fn external_adapters_over_the_prequantized_checkpoint_score_as_its_train_stage()
             assert_eq!(row["method"], if name == "base" { "base" } else { "qlora" });
         }
     }
-    let project = tempfile::tempdir()?;
-    let (ok, stderr) = run(
-        project.path(),
-        &external("      base_quantization: {quant_type: fp4}\n"),
-    )?;
-    assert!(!ok, "scored over a base it does not describe");
-    for text in [
-        bnb.join("config.json").display().to_string().as_str(),
-        "quantization_config.bnb_4bit_quant_type",
-        "set stages.external.evaluate.base_quantization.quant_type: nf4",
+    // Refused by validation, before anything loads, naming the setting and the stored value.
+    let config = bnb.join("config.json").display().to_string();
+    for (settings, expected) in [
+        (
+            "{quant_type: fp4}",
+            [
+                "base_quantization.quant_type",
+                "quantization_config.bnb_4bit_quant_type nf4",
+                "set quant_type: nf4",
+            ],
+        ),
+        (
+            "{double_quant: false}",
+            [
+                "base_quantization.double_quant",
+                "quantization_config.bnb_4bit_use_double_quant true",
+                "set double_quant: true",
+            ],
+        ),
+        (
+            "{block_size: 256}",
+            [
+                "base_quantization.block_size",
+                "64 weights per absmax",
+                "set block_size: 64",
+            ],
+        ),
     ] {
-        assert!(stderr.contains(text), "no `{text}` in:\n{stderr}");
+        let project = tempfile::tempdir()?;
+        let (ok, stderr) = run(
+            project.path(),
+            &external(&format!("      base_quantization: {settings}\n")),
+        )?;
+        assert!(!ok, "{settings}: scored over a base it does not describe");
+        for text in [
+            "pipeline.yaml:",
+            config.as_str(),
+            "drop `base_quantization`",
+        ]
+        .into_iter()
+        .chain(expected)
+        {
+            assert!(
+                stderr.contains(text),
+                "{settings}: no `{text}` in:\n{stderr}"
+            );
+        }
     }
     Ok(())
 }
@@ -1166,6 +1209,8 @@ fn skipped_modules_stay_dense_and_packed_codes_load_from_any_quant_storage_dtype
     let layers = factory.quantized_layers();
     assert_eq!(layers.shapes.len(), 5 * 6);
     assert!(layers.shapes.keys().all(|name| !name.contains("down_proj")));
+    // Validation reads the block size from the headers: bytes, not bf16 elements, count.
+    assert_eq!(ModelDir::open(&dir)?.stored_block_size(), Some(64));
     Ok(())
 }
 

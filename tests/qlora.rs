@@ -418,8 +418,10 @@ fn candidate<'a>(rows: &'a [serde_json::Value], name: &str) -> &'a serde_json::V
 /// A QLoRA adapter made elsewhere (here: the folder the export stage published) is scored over
 /// the 4-bit base that `base_quantization` asks for, as PEFT scores it over a bitsandbytes
 /// base: exactly the train stage's scores, the base row over the same 4-bit base, the method
-/// named `qlora`. Without the field the same folder is scored over the 16-bit base (other
-/// figures), and the field is part of the stage's fingerprint.
+/// named `qlora`. Without the field the folder is scored over the 4-bit base its export
+/// recorded (peftpipe_base_quantization.json), with a note; that record is one of the stage's
+/// inputs, and without it the folder is scored over the 16-bit base (other figures). `generate`
+/// applies the folder over the recorded base too.
 #[test]
 fn an_external_qlora_adapter_is_scored_over_the_4bit_base_that_base_quantization_names() {
     let Some(shared) = shared_dir() else {
@@ -445,13 +447,22 @@ fn an_external_qlora_adapter_is_scored_over_the_4bit_base_that_base_quantization
             .arg(project.path().join(file))
             .env("PEFTPIPE_SHARED", &shared)
             .env("PEFTPIPE_CACHE_DIR", project.path().join("cache"))
+            .env("NO_COLOR", "1")
             .output()
             .unwrap();
-        assert!(
-            output.status.success(),
-            "{}",
-            String::from_utf8_lossy(&output.stderr)
-        );
+        let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+        assert!(output.status.success(), "{stderr}");
+        stderr
+    };
+    let status = || {
+        let output = peftpipe()
+            .arg("status")
+            .arg(project.path().join("external.yaml"))
+            .env("PEFTPIPE_SHARED", &shared)
+            .env("PEFTPIPE_CACHE_DIR", project.path().join("cache"))
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&output.stdout).into_owned()
     };
     run("qlora.yaml");
     let trained = comparison_rows(&project.path().join(".peftpipe/out/qlora-stories/evaluate"));
@@ -489,33 +500,39 @@ fn an_external_qlora_adapter_is_scored_over_the_4bit_base_that_base_quantization
     }
 
     std::fs::write(project.path().join("external.yaml"), external("")).unwrap();
-    let status = peftpipe()
-        .arg("status")
-        .arg(project.path().join("external.yaml"))
-        .env("PEFTPIPE_SHARED", &shared)
-        .env("PEFTPIPE_CACHE_DIR", project.path().join("cache"))
-        .output()
-        .unwrap();
-    let status = String::from_utf8_lossy(&status.stdout);
+    let status_text = status();
     assert!(
-        status.contains("[DIRTY] external: parameter evaluate.base_quantization"),
-        "{status}"
+        status_text.contains("[DIRTY] external: parameter evaluate.base_quantization"),
+        "{status_text}"
     );
-    run("external.yaml");
-    let over_16bit = comparison_rows(&out);
-    let row = candidate(&over_16bit, "adapter");
-    assert_eq!(row["method"], "lora");
-    assert!(row.get("base_4bit").is_none(), "{row}");
-    assert!(candidate(&over_16bit, "base").get("base_4bit").is_none());
-    assert_ne!(
-        row["loss"],
-        candidate(&trained, "train")["loss"],
-        "without base_quantization the adapter is scored over the 16-bit base"
+    let folder = project.path().join("out/qlora-stories/adapter");
+    let record = folder.join("peftpipe_base_quantization.json");
+    let recorded: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&record).unwrap()).unwrap();
+    assert_eq!(recorded["quantization"]["quant_type"], "nf4", "{recorded}");
+    assert_eq!(recorded["quantization"]["double_quant"], true, "{recorded}");
+    assert_eq!(recorded["quantization"]["block_size"], 64, "{recorded}");
+    let stderr = run("external.yaml");
+    assert!(
+        stderr.contains("was trained over a 4-bit nf4, double quant, block 64 base")
+            && stderr.contains("peftpipe_base_quantization.json"),
+        "the note says which base and why: {stderr}"
     );
+    let over_recorded = comparison_rows(&out);
+    for name in ["adapter", "base"] {
+        let row = candidate(&over_recorded, name);
+        assert_eq!(
+            row["base_4bit"], "4-bit nf4, double quant, block 64",
+            "{row}"
+        );
+        assert_eq!(row["loss"], candidate(&over_4bit, name)["loss"], "{name}");
+    }
+    assert_eq!(candidate(&over_recorded, "adapter")["method"], "qlora");
 
-    // `generate --load-in-4bit` applies the folder over the same 4-bit base as the train
-    // artifact's adapter, whose run recorded it (and a flag that disagrees with that is refused).
-    let recorded = find_file(&project.path().join("cache"), "base_model.json")
+    // `generate` applies the folder over the same 4-bit base as the train artifact's adapter
+    // (whose run recorded it beside it), with or without --load-in-4bit; a flag that disagrees
+    // with the record is refused.
+    let artifact = find_file(&project.path().join("cache"), "base_model.json")
         .parent()
         .unwrap()
         .join("adapter");
@@ -542,15 +559,52 @@ fn an_external_qlora_adapter_is_scored_over_the_4bit_base_that_base_quantization
             String::from_utf8_lossy(&output.stderr).into_owned(),
         )
     };
-    let (ok, expected, stderr) = generate(&recorded, &[]);
+    let (ok, expected, stderr) = generate(&artifact, &[]);
     assert!(ok, "{stderr}");
-    let folder = project.path().join("out/qlora-stories/adapter");
+    for flags in [&[][..], &["--load-in-4bit"][..]] {
+        let (ok, got, stderr) = generate(&folder, flags);
+        assert!(ok, "{stderr}");
+        assert_eq!(
+            got, expected,
+            "the folder over the recorded base, {flags:?}"
+        );
+    }
+    for adapter in [&artifact, &folder] {
+        let (ok, _, stderr) = generate(adapter, &["--load-in-4bit", "fp4"]);
+        assert!(!ok, "a flag that disagrees with the recorded base");
+        assert!(
+            stderr.contains("drop the flag") && stderr.contains(".json records"),
+            "{stderr}"
+        );
+    }
+
+    // The record is an input of the stage: without it the stage is stale, and the folder is
+    // scored over the 16-bit base (and `generate` applies it over the 16-bit base).
+    std::fs::remove_file(&record).unwrap();
+    let status_text = status();
+    assert!(
+        status_text.contains("[DIRTY] external: no longer reads the file")
+            && status_text.contains("peftpipe_base_quantization.json"),
+        "{status_text}"
+    );
+    let stderr = run("external.yaml");
+    assert!(!stderr.contains("was trained over"), "{stderr}");
+    let over_16bit = comparison_rows(&out);
+    let row = candidate(&over_16bit, "adapter");
+    assert_eq!(row["method"], "lora");
+    assert!(row.get("base_4bit").is_none(), "{row}");
+    assert!(candidate(&over_16bit, "base").get("base_4bit").is_none());
+    assert_ne!(
+        row["loss"],
+        candidate(&trained, "train")["loss"],
+        "without the record or base_quantization the adapter is scored over the 16-bit base"
+    );
+    let (ok, got, stderr) = generate(&folder, &[]);
+    assert!(ok, "{stderr}");
+    assert_ne!(got, expected, "over the 16-bit base");
     let (ok, got, stderr) = generate(&folder, &["--load-in-4bit"]);
     assert!(ok, "{stderr}");
     assert_eq!(got, expected, "the folder over --load-in-4bit's base");
-    let (ok, _, stderr) = generate(&recorded, &["--load-in-4bit", "fp4"]);
-    assert!(!ok, "a flag that disagrees with the recorded base");
-    assert!(stderr.contains("drop the flag"), "{stderr}");
 }
 
 /// The one file called `name` under `dir`.

@@ -31,9 +31,9 @@ pub struct GenerateArgs {
     pub model: String,
     /// PEFT adapter folder (adapter_config.json + adapter_model.safetensors) applied on the model,
     /// or a Hub id `hf://org/name[@revision]` found in the local Hugging Face cache (never
-    /// downloaded: fetch it with `huggingface-cli download org/name`). A train artifact's adapter
-    /// of a QLoRA run is applied over the same 4-bit base, as its run recorded in the sibling
-    /// base_model.json.
+    /// downloaded: fetch it with `huggingface-cli download org/name`). A QLoRA adapter is
+    /// applied over the same 4-bit base it was trained over, as recorded in a train artifact's
+    /// sibling base_model.json or an exported folder's peftpipe_base_quantization.json.
     #[arg(long, value_name = "DIR")]
     pub adapter: Option<String>,
     /// The prompt (BOS is added when the tokenizer adds it).
@@ -208,7 +208,7 @@ pub fn run(global: &GlobalArgs, args: GenerateArgs) -> u8 {
             report::error(&message);
             return EXIT_INVALID;
         }
-        Some(Ok(quantization)) => quantization,
+        Some(Ok(recorded)) => recorded,
         None => None,
     };
     let quantization = match asked_quantization(&args, &model_dir, recorded) {
@@ -285,10 +285,10 @@ pub fn run(global: &GlobalArgs, args: GenerateArgs) -> u8 {
 fn asked_quantization(
     args: &GenerateArgs,
     model_dir: &Path,
-    recorded: Option<BaseQuantization>,
+    recorded: Option<(BaseQuantization, PathBuf)>,
 ) -> Result<Option<BaseQuantization>, String> {
     let Some(quant_type) = &args.load_in_4bit else {
-        return Ok(recorded);
+        return Ok(recorded.map(|(recorded, _)| recorded));
     };
     let settings = FourBitSettings {
         quant_type: if quant_type == "fp4" {
@@ -327,16 +327,17 @@ fn asked_quantization(
         }
     }
     match recorded {
-        Some(recorded) if recorded.config != asked.config => Err(format!(
-            "--load-in-4bit asks for {} (double_quant {}, blocks of {}), but the adapter was trained over {} (double_quant {}, blocks of {}), as its base_model.json records; drop the flag",
+        Some((recorded, record)) if recorded.config != asked.config => Err(format!(
+            "--load-in-4bit asks for {} (double_quant {}, blocks of {}), but the adapter was trained over {} (double_quant {}, blocks of {}), as {} records; drop the flag",
             asked.config.quant_type.name(),
             asked.config.double_quant,
             asked.config.block_size,
             recorded.config.quant_type.name(),
             recorded.config.double_quant,
-            recorded.config.block_size
+            recorded.config.block_size,
+            record.display()
         )),
-        Some(recorded) => Ok(Some(recorded)),
+        Some((recorded, _)) => Ok(Some(recorded)),
         None => Ok(Some(asked)),
     }
 }

@@ -1,7 +1,7 @@
 //! A model folder loaded for inference (optionally with a PEFT adapter), and generation of one
 //! prompt or a batch of prompts as `peftpipe generate` runs it.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device};
 use serde::Serialize;
@@ -112,18 +112,15 @@ impl InferenceModel {
     }
 }
 
-/// The 4-bit base a train artifact's adapter folder was trained over: the `quantization` its
-/// run recorded in the sibling `base_model.json` (a QLoRA run); `None` for any other folder.
-pub fn recorded_base_quantization(adapter_dir: &Path) -> Result<Option<BaseQuantization>, String> {
-    let Some(record) = adapter_dir
-        .parent()
-        .map(|parent| parent.join("base_model.json"))
-    else {
+/// The 4-bit base an adapter folder was trained over, and the file that says so: an exported
+/// folder's own [`crate::config::evaluate::ADAPTER_BASE_RECORD`], else a train artifact's sibling `base_model.json`
+/// (`quantization`, written by a QLoRA run); `None` for any other folder.
+pub fn recorded_base_quantization(
+    adapter_dir: &Path,
+) -> Result<Option<(BaseQuantization, PathBuf)>, String> {
+    let Some(record) = crate::config::evaluate::adapter_base_record(adapter_dir) else {
         return Ok(None);
     };
-    if !record.is_file() {
-        return Ok(None);
-    }
     let text =
         std::fs::read_to_string(&record).map_err(|e| format!("{}: {e}", record.display()))?;
     let value: serde_json::Value = serde_json::from_str(&text)
@@ -131,7 +128,7 @@ pub fn recorded_base_quantization(adapter_dir: &Path) -> Result<Option<BaseQuant
     match value.get("quantization") {
         None | Some(serde_json::Value::Null) => Ok(None),
         Some(quantization) => BaseQuantization::from_json(quantization)
-            .map(Some)
+            .map(|quantization| Some((quantization, record.clone())))
             .map_err(|message| format!("{}: quantization: {message}", record.display())),
     }
 }

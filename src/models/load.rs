@@ -512,6 +512,36 @@ impl ModelDir {
         Ok(all)
     }
 
+    /// The block size (weights per absmax) of a checkpoint saved in bitsandbytes 4-bit, read from
+    /// the safetensors headers alone: the first 4-bit weight's packed bytes (two values a byte)
+    /// and absmax count (`ceil(n / block)` values). `None` for a 16-bit checkpoint, when the headers cannot be
+    /// read (the weight check says why), or when the sizes do not pin one power of two.
+    pub fn stored_block_size(&self) -> Option<usize> {
+        self.stored_quantization.as_ref()?;
+        let tensors = self.tensor_infos().ok()?;
+        let (weight, absmax) = tensors.iter().find_map(|(name, info)| {
+            let weight = name.strip_suffix(".absmax")?;
+            let state = format!("{weight}{STATE_SUFFIX}");
+            tensors
+                .range(state.clone()..)
+                .next()
+                .filter(|(key, _)| key.starts_with(&state))?;
+            Some((tensors.get(weight)?, info))
+        })?;
+        // Two 4-bit values a byte, whatever dtype the packed bytes are stored as (quant_storage).
+        let (element_bytes, _) = dtype_size(&weight.dtype)?;
+        let bytes: usize = weight.shape.iter().product::<usize>() * element_bytes as usize;
+        let values = 2 * bytes;
+        let blocks: usize = absmax.shape.iter().product();
+        let mut sizes = (4..=12)
+            .map(|power| 1usize << power)
+            .filter(|&size| values.div_ceil(size) == blocks);
+        match (sizes.next(), sizes.next()) {
+            (Some(size), None) => Some(size),
+            _ => None,
+        }
+    }
+
     /// Check the stored tensors against config.json from the safetensors headers alone (no
     /// weight is read): every header is well formed (see [`read_safetensors_header`]), the
     /// checkpoint stores as many decoder layers as config.json declares, and every tensor the

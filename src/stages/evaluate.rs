@@ -11,7 +11,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use arrow::array::Array;
 use arrow::util::display::{ArrayFormatter, FormatOptions};
@@ -382,6 +382,51 @@ impl EvalPlan {
 /// after the prompt as generations are; one without is used as written.
 /// A comparison row's 4-bit base: the quantization it was loaded with, else "4-bit as stored"
 /// over a checkpoint saved in 4 bits, else none (the 16-bit model).
+/// The base an outside adapter (candidate `name`) is scored over, and a note when that is not
+/// the base its folder records it was trained over (`recorded`: a QLoRA export's
+/// [`crate::config::evaluate::ADAPTER_BASE_RECORD`] or a train artifact's base_model.json):
+/// `base_quantization` when asked; else the checkpoint as stored when it is saved in 4 bits;
+/// else the recorded 4-bit base (quantized from the 16-bit model as the run did), unless the
+/// run trained over a checkpoint saved in 4 bits (then the 16-bit model, said in the note).
+fn external_base(
+    name: &str,
+    asked: Option<&BaseQuantization>,
+    stored_4bit: bool,
+    recorded: Option<(BaseQuantization, PathBuf)>,
+) -> (Option<BaseQuantization>, Option<String>) {
+    let Some((recorded, record)) = recorded else {
+        return (asked.copied(), None);
+    };
+    let trained = format!(
+        "{name} was trained over a {} base ({})",
+        recorded.label(),
+        record.display()
+    );
+    match asked {
+        Some(asked) if asked.config != recorded.config => (
+            Some(*asked),
+            Some(format!(
+                "{trained}; it is scored over the {} base `base_quantization` asks for",
+                asked.label()
+            )),
+        ),
+        Some(asked) => (Some(*asked), None),
+        None if stored_4bit => (None, None),
+        None if recorded.prequantized => (
+            None,
+            Some(format!(
+                "{trained} saved in 4 bits; this base model is 16-bit, so it is scored over the 16-bit weights: point `base_model` at the 4-bit checkpoint to score it as trained"
+            )),
+        ),
+        None => (
+            Some(recorded),
+            Some(format!(
+                "{trained}: it is scored over that base, quantized from the 16-bit model as its run did; set `base_quantization` to choose another"
+            )),
+        ),
+    }
+}
+
 fn four_bit_label(quantization: Option<&BaseQuantization>, stored_4bit: bool) -> Option<String> {
     match quantization {
         Some(quantization) => Some(quantization.label()),
@@ -1053,12 +1098,31 @@ impl Stage for EvaluateStage {
             },
         );
         // The base row runs on the 4-bit base `base_quantization` asks for, else on the base
-        // every candidate shares: the 4-bit one when all of them are QLoRA runs over the same
-        // quantization, else the 16-bit model.
+        // every candidate shares: the 4-bit one when all of them are QLoRA adapters over the
+        // same quantization (train stages, and outside folders that record theirs), else the
+        // 16-bit model.
         let (asked_quantization, stored_4bit) =
             asked_base_quantization(config, &base_path, ctx.name)?;
+        // Each outside adapter: its folder, the base it is scored over, and why (a note).
+        let mut externals = Vec::new();
+        for (name, written) in config.external_candidates() {
+            let adapter_dir = crate::config::hub::resolve_adapter_dir(ctx.project_dir, written)
+                .map_err(StageError::user)?;
+            crate::config::evaluate::adapter_files(written, &adapter_dir)
+                .map_err(StageError::user)?;
+            let (quantization, note) = external_base(
+                &name,
+                asked_quantization.as_ref(),
+                stored_4bit,
+                crate::infer::session::recorded_base_quantization(&adapter_dir)
+                    .map_err(StageError::user)?,
+            );
+            externals.push((name, adapter_dir, quantization, note));
+        }
         let shared_quantization = {
-            let mut all = quantization_of.values();
+            let mut all = quantization_of
+                .values()
+                .chain(externals.iter().map(|(_, _, quantization, _)| quantization));
             match all.next() {
                 Some(first) if all.all(|other| other == first) => *first,
                 _ => None,
@@ -1188,19 +1252,18 @@ impl Stage for EvaluateStage {
             }
             candidates.insert(stage.to_string(), metrics);
         }
-        for (name, written) in config.external_candidates() {
-            let adapter_dir = crate::config::hub::resolve_adapter_dir(ctx.project_dir, written)
-                .map_err(StageError::user)?;
-            crate::config::evaluate::adapter_files(written, &adapter_dir)
-                .map_err(StageError::user)?;
+        for (name, adapter_dir, quantization, note) in externals {
             if let Some(warning) = base_mismatch(&adapter_dir, &base_path, config)? {
                 ctx.progress.note(warning);
             }
+            if let Some(note) = note {
+                ctx.progress.note(note);
+            }
             // Loading first: its errors name the file and list the methods peftpipe loads.
-            let adapted = load(Some(&adapter_dir), asked_quantization.as_ref())?;
+            let adapted = load(Some(&adapter_dir), quantization.as_ref())?;
             let method = four_bit_method(
                 adapter_method(&adapter_dir)?,
-                asked_quantization.is_some() || stored_4bit,
+                quantization.is_some() || stored_4bit,
             );
             let parameters = adapted
                 .adapter
@@ -1215,7 +1278,7 @@ impl Stage for EvaluateStage {
                 &metrics,
             );
             row.trainable_parameters = parameters;
-            row.base_4bit = four_bit_label(asked_quantization.as_ref(), stored_4bit);
+            row.base_4bit = four_bit_label(quantization.as_ref(), stored_4bit);
             rows_out.push(row);
             candidates.insert(name, metrics);
         }

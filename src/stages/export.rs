@@ -818,11 +818,21 @@ fn write_named_config_and_card(
     let summary = read_json(&train_dir.join("summary.json")).ok();
     let quantization =
         crate::infer::session::recorded_base_quantization(&train_dir.join("adapter"))
-            .map_err(StageError::user)?;
+            .map_err(StageError::user)?
+            .map(|(quantization, _)| quantization);
     fs::write(
         out.join("README.md"),
         model_card(adapter, base_name, summary.as_ref(), quantization.as_ref()),
     )?;
+    // The folder says which 4-bit base it was trained over, so that peftpipe applies it over
+    // that base (generate, an evaluate stage's external_adapters) and never silently over the
+    // 16-bit one.
+    if let Some(quantization) = &quantization {
+        write_json(
+            &out.join(crate::config::evaluate::ADAPTER_BASE_RECORD),
+            &serde_json::json!({ "quantization": quantization.to_json() }),
+        )?;
+    }
     Ok(())
 }
 

@@ -210,6 +210,49 @@ impl EvaluateConfig {
         }
     }
 
+    /// The base model as written: `base_model`, else the first candidate train stage's model.
+    fn base_written(&self, cx: &CheckContext<'_>) -> Option<String> {
+        self.base_model.clone().or_else(|| {
+            self.adapter_stages().into_iter().find_map(|stage| {
+                match cx.pipeline.stages.get(stage) {
+                    Some(StageConfig::Train(train)) => Some(train.model.clone()),
+                    _ => None,
+                }
+            })
+        })
+    }
+
+    /// `base_quantization` over a base saved in bitsandbytes 4-bit must be its storage: the
+    /// weights are used as stored (checked here from the headers, as the run will).
+    fn check_base_quantization_against_storage(
+        &self,
+        cx: &CheckContext<'_>,
+        at: &str,
+        problems: &mut Vec<Problem>,
+    ) {
+        let Some(asked) = &self.base_quantization else {
+            return;
+        };
+        let Some(dir) = self
+            .base_written(cx)
+            .and_then(|written| super::hub::resolve_model_dir(cx.project_dir, &written).ok())
+        else {
+            return;
+        };
+        if let Some(stored) = cx.probe.check_model(&dir).stored_4bit {
+            stored.check_settings(
+                (
+                    asked.quant_type.name(),
+                    asked.double_quant,
+                    asked.block_size,
+                ),
+                &format!("{at}.base_quantization"),
+                "drop `base_quantization` to use the checkpoint as stored",
+                problems,
+            );
+        }
+    }
+
     /// Each outside adapter folder loads and fits its base model's linear layers, as evaluating
     /// it will check (a folder or file that is missing is said by the input check).
     fn check_external_adapters(
@@ -221,15 +264,8 @@ impl EvaluateConfig {
         if self.external_adapters.is_empty() {
             return;
         }
-        let base = self.base_model.clone().or_else(|| {
-            self.adapter_stages().into_iter().find_map(|stage| {
-                match cx.pipeline.stages.get(stage) {
-                    Some(StageConfig::Train(train)) => Some(train.model.clone()),
-                    _ => None,
-                }
-            })
-        });
-        let layers = base
+        let layers = self
+            .base_written(cx)
             .and_then(|written| super::hub::resolve_model_dir(cx.project_dir, &written).ok())
             .and_then(|dir| cx.probe.check_model(&dir).linear_layers);
         for (index, written) in self.external_adapters.iter().enumerate() {
@@ -517,7 +553,27 @@ pub fn adapter_files(written: &str, dir: &Path) -> Result<Vec<std::path::PathBuf
             weights.display()
         ));
     }
-    Ok(vec![config, weights])
+    let mut files = vec![config, weights];
+    files.extend(adapter_base_record(dir));
+    Ok(files)
+}
+
+/// The file an exported QLoRA adapter folder records its 4-bit base in (`{"quantization":
+/// {...}}`): PEFT reads only adapter_config.json and the weights, and nothing in them says the
+/// adapter was trained over a 4-bit base.
+pub const ADAPTER_BASE_RECORD: &str = "peftpipe_base_quantization.json";
+
+/// The record of the base an adapter folder was trained over, when there is one: the folder's
+/// own [`ADAPTER_BASE_RECORD`], else a train artifact's `base_model.json` beside it. Evaluating
+/// the adapter reads it, so it is one of the stage's inputs.
+pub fn adapter_base_record(dir: &Path) -> Option<std::path::PathBuf> {
+    let own = dir.join(ADAPTER_BASE_RECORD);
+    if own.is_file() {
+        return Some(own);
+    }
+    dir.parent()
+        .map(|parent| parent.join("base_model.json"))
+        .filter(|sibling| sibling.is_file())
 }
 
 /// Is `text` a device spelling we accept (`auto`, `cpu`, `cuda`, `cuda:N`)?
@@ -633,7 +689,13 @@ impl StageSpec for EvaluateConfig {
             let dir = super::hub::resolve_adapter_dir(project_dir, written)?;
             let named = adapter_files(written, &dir)?.into_iter().map(|path| {
                 let name = path.file_name().unwrap_or_default().to_string_lossy();
-                (name.into_owned(), path)
+                // A train artifact's base_model.json lies beside the adapter folder.
+                let name = if path.parent() == Some(dir.as_path()) {
+                    name.into_owned()
+                } else {
+                    format!("../{name}")
+                };
+                (name, path)
             });
             files.extend(keyed(written, named.collect()));
         }
@@ -669,6 +731,7 @@ impl StageSpec for EvaluateConfig {
             }
         }
         self.check_base_quantization_against_stages(cx, at, problems);
+        self.check_base_quantization_against_storage(cx, at, problems);
         if let Some(message) = self
             .base_quantization
             .as_ref()

@@ -13,6 +13,7 @@ use std::path::Path;
 
 use super::chat_template::ChatTemplateSource;
 use super::ingest::InputFormat;
+use super::Problem;
 
 /// One linear layer of a model: its module path (`model.layers.0.self_attn.q_proj`) and shape.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -33,6 +34,67 @@ pub struct Stored4bit {
     pub quant_type: String,
     /// `bnb_4bit_use_double_quant`.
     pub double_quant: bool,
+    /// Weights per absmax, from the weights' stored sizes (`None` when they do not say).
+    pub block_size: Option<usize>,
+}
+
+impl Stored4bit {
+    /// A 4-bit base's settings (`asked`: quant type name, double quantization, block size),
+    /// written at `settings` (`stages.x.train.method.qlora`, an evaluate stage's
+    /// `base_quantization`), against this checkpoint's storage: its weights are used as stored,
+    /// so each must be the checkpoint's. One problem per differing setting, naming config.json,
+    /// the stored value and what to write; `otherwise` is the hint's alternative.
+    pub fn check_settings(
+        &self,
+        (quant_type, double_quant, block_size): (&str, bool, usize),
+        settings: &str,
+        otherwise: &str,
+        problems: &mut Vec<Problem>,
+    ) {
+        let mut differ = |field: &str, stored_as: String, stored_value: String, asked: String| {
+            problems.push(
+                Problem::new(
+                    format!("{settings}.{field}"),
+                    format!(
+                        "{}: the model is saved with {stored_as}, but this asks for {asked}; a checkpoint saved in 4 bits is used as stored, never re-quantized",
+                        self.config_path
+                    ),
+                )
+                .about_value()
+                .with_hint(format!("set {field}: {stored_value}, or {otherwise}")),
+            );
+        };
+        if quant_type != self.quant_type {
+            differ(
+                "quant_type",
+                format!(
+                    "quantization_config.bnb_4bit_quant_type {}",
+                    self.quant_type
+                ),
+                self.quant_type.clone(),
+                quant_type.to_string(),
+            );
+        }
+        if double_quant != self.double_quant {
+            differ(
+                "double_quant",
+                format!(
+                    "quantization_config.bnb_4bit_use_double_quant {}",
+                    self.double_quant
+                ),
+                self.double_quant.to_string(),
+                double_quant.to_string(),
+            );
+        }
+        if let Some(stored) = self.block_size.filter(|&stored| stored != block_size) {
+            differ(
+                "block_size",
+                format!("{stored} weights per absmax (its weights' quantization state)"),
+                stored.to_string(),
+                block_size.to_string(),
+            );
+        }
+    }
 }
 
 /// What validation learns from a model directory's files.

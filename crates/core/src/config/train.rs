@@ -471,9 +471,8 @@ impl TrainConfig {
     }
 }
 
-/// A model saved in bitsandbytes 4-bit trains only with qlora, whose `quant_type` and
-/// `double_quant` must be the checkpoint's (its weights are used as stored; block sizes are
-/// checked per weight when the model loads).
+/// A model saved in bitsandbytes 4-bit trains only with qlora, whose `quant_type`,
+/// `double_quant` and `block_size` must be the checkpoint's (its weights are used as stored).
 fn check_stored_4bit(
     method: &MethodConfig,
     stored: &super::probe::Stored4bit,
@@ -494,35 +493,16 @@ fn check_stored_4bit(
         );
         return;
     };
-    let mut differ = |field: &str, key: &str, stored_value: String, asked: String| {
-        problems.push(
-            Problem::new(
-                format!("{at}.method.qlora.{field}"),
-                format!(
-                    "{}: the model is saved with quantization_config.{key} {stored_value}, but this asks for {asked}; a checkpoint saved in 4 bits is trained over as stored, never re-quantized",
-                    stored.config_path
-                ),
-            )
-            .about_value()
-            .with_hint(format!("set {field}: {stored_value}, or train from the 16-bit original")),
-        );
-    };
-    if qlora.quant_type.name() != stored.quant_type {
-        differ(
-            "quant_type",
-            "bnb_4bit_quant_type",
-            stored.quant_type.clone(),
-            qlora.quant_type.name().to_string(),
-        );
-    }
-    if qlora.double_quant != stored.double_quant {
-        differ(
-            "double_quant",
-            "bnb_4bit_use_double_quant",
-            stored.double_quant.to_string(),
-            qlora.double_quant.to_string(),
-        );
-    }
+    stored.check_settings(
+        (
+            qlora.quant_type.name(),
+            qlora.double_quant,
+            qlora.block_size,
+        ),
+        &format!("{at}.method.qlora"),
+        "train from the 16-bit original",
+        problems,
+    );
 }
 
 impl StageSpec for TrainConfig {
