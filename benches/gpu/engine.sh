@@ -27,6 +27,8 @@
 #            (PEFTPIPE_UNFUSED=lora_gemm); the previous (wmma)
 #            flash-attention kernels (PEFTPIPE_FLASH=wmma); QLoRA with the fused dequantize + GEMM
 #            vs dequantize + cuBLAS (PEFTPIPE_QGEMM)
+#   ab-qlora two builds (OLD_BIN and this one) alternating at the QLoRA shapes (1B 8x512, 8B
+#            1x4096), beside Unsloth's QLoRA at both
 #   qlora    QLoRA (NF4, double quant, r16 a32, all linears) at 8x512, checkpointing off and on,
 #            beside PEFT + bitsandbytes and Unsloth's QLoRA; the quant_cuda test binary and the fused
 #            dequantize + GEMM timings first
@@ -281,6 +283,32 @@ PY
       PEFTPIPE_QGEMM=$q timeout 60 "$BIN" bench train --config "$C" --device cuda --batch 8 --seq 512 \
         --method "qlora: {r: 16, alpha: 32}" --steps 10 --warmup 3 2>&1 | grep -E "tokens/s|peak|rror"
     done 2>&1 | tee -a "$OUT/ab.txt"
+    ;;
+  ab-qlora)
+    # Two builds side by side: OLD_BIN (an earlier peftpipe, e.g. carried xz-compressed in an
+    # excluded folder) and this one, alternating (old, new, old, new) at the 1B shape 8x512 and the
+    # 8B shape 1x4096, QLoRA r16 a32 on all linears, beside Unsloth's QLoRA at both shapes.
+    [ -n "${OLD_BIN:-}" ] && [ -x "$OLD_BIN" ] || { echo "ab-qlora: set OLD_BIN to an executable"; exit 2; }
+    q="qlora: {r: 16, alpha: 32, target_modules: all-linear}"
+    for round in 1 2; do
+      for which in old new; do
+        b=$BIN; [ "$which" = old ] && b=$OLD_BIN
+        echo "== $which (round $round): 1B 8x512"
+        timeout 120 "$b" bench train --config gpu-run/llama-3.2-1b.config.json --device cuda --shapes 8x512 \
+          --checkpointing off --steps 10 --warmup 3 --method "$q" --peak-tflops 989 2>&1 | grep -E "tokens/s|peak" \
+          | tee -a "$OUT/ab-qlora-$which.txt"
+      done
+    done
+    for which in old new; do
+      b=$BIN; [ "$which" = old ] && b=$OLD_BIN
+      echo "== $which: 8B 1x4096"
+      timeout 200 "$b" bench train --config gpu-run/llama-3.1-8b.config.json --device cuda --shapes 1x4096 \
+        --checkpointing off --steps 5 --warmup 2 --method "$q" --peak-tflops 989 2>&1 | grep -E "tokens/s|peak" \
+        | tee -a "$OUT/ab-qlora-$which.txt"
+    done
+    echo "== Unsloth QLoRA, same host: 1B 8x512, then 8B 1x4096"
+    anchors unsloth_qlora 8 512 200 | tee "$OUT/anchors-qlora.txt"
+    ANCHOR_SHAPE=8b anchors unsloth_qlora 1 4096 200 | tee "$OUT/anchors-qlora-8b.txt"
     ;;
   qlora)
     C=gpu-run/llama-3.2-1b.config.json

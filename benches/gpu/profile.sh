@@ -15,6 +15,8 @@
 #   1b-qlora peftpipe QLoRA (NF4, double quant), Llama-3.2-1B shape, 8x512
 #   anchors  PEFT (bf16 adapters), torch.compile and Unsloth at 1B 8x512, each profiled
 #   anchors-8b  Unsloth 16-bit and Unsloth QLoRA at the 8B shape, 1x4096, each profiled
+#   (PROFILE_ANCHORS="name ..." replaces either list, e.g. "unsloth_qlora" with `anchors` for
+#   Unsloth's QLoRA at the 1B shape, 8x512)
 set -uo pipefail
 MODE=${1:-1b,anchors}
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -71,6 +73,7 @@ EOF
       grep -q "hidden_size=4096" /tmp/fast_lora_bench_prof.py || echo "WARNING: 8B substitution failed"
       names="unsloth unsloth_qlora"; shape="--batch 1 --seq 4096"
     fi
+    names=${PROFILE_ANCHORS:-$names}
     for a in $names; do
       profiled "anchor-$a-%p" 10 python3 /tmp/fast_lora_bench_prof.py --only "$a" $shape \
         --budget 200 --steps 10 --warmup 3
