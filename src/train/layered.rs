@@ -68,12 +68,14 @@ impl HookSource<'_> {
     }
 }
 
-/// The batch as the model reads it: `(input_ids, attention_mask)` on `device`, each `[B, T]`.
-fn batch_tensors(batch: &HostBatch, device: &Device) -> Result<(Tensor, Tensor)> {
+/// The batch as the model reads it: `(input_ids, attention_mask)`, each `[B, T]`: the ids on
+/// `device`, the mask on the host, where the model's plan reads it (a device mask would be copied
+/// back at the start of every step, the GPU waiting for the copy and the host for the GPU).
+pub(crate) fn batch_tensors(batch: &HostBatch, device: &Device) -> Result<(Tensor, Tensor)> {
     let shape = (batch.batch, batch.length);
     Ok((
         Tensor::from_vec(batch.input_ids.clone(), shape, device)?,
-        Tensor::from_vec(batch.attention_mask(), shape, device)?,
+        Tensor::from_vec(batch.attention_mask(), shape, &Device::Cpu)?,
     ))
 }
 

@@ -62,9 +62,7 @@ pub struct CausalLmLoss<'a> {
 impl LossModel for CausalLmLoss<'_> {
     fn loss_sum(&self, batch: &HostBatch) -> candle_core::Result<Tensor> {
         let device = self.model.device();
-        let shape = (batch.batch, batch.length);
-        let input_ids = Tensor::from_vec(batch.input_ids.clone(), shape, device)?;
-        let attention_mask = Tensor::from_vec(batch.attention_mask(), shape, device)?;
+        let (input_ids, attention_mask) = super::layered::batch_tensors(batch, device)?;
         let (targets, loss_mask) = super::layered::loss_targets(batch)?;
         let hooks = self
             .adapter
