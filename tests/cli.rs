@@ -348,3 +348,40 @@ fn bench_and_inspect_refuse_sizes_that_measure_nothing() {
         );
     }
 }
+
+/// `bench quantize --block-size` quantizes in blocks of that many weights (the command it records
+/// says so) and refuses a size bitsandbytes has not.
+#[test]
+fn bench_quantize_takes_a_block_size() {
+    let project = Project::empty();
+    let config = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("datasets/quickstart/model/config.json");
+    let config = config.to_str().expect("a UTF-8 path");
+    let output = project.peftpipe(&[
+        "--json",
+        "bench",
+        "quantize",
+        "--config",
+        config,
+        "--block-size",
+        "128",
+    ]);
+    assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+    let report: serde_json::Value = serde_json::from_str(&stdout(&output)).expect("JSON");
+    let command = report["command"].as_str().expect("command");
+    assert!(command.contains("--block-size 128"), "{command}");
+    let output = project.peftpipe(&[
+        "bench",
+        "quantize",
+        "--config",
+        config,
+        "--block-size",
+        "100",
+    ]);
+    assert_eq!(output.status.code(), Some(2), "a usage error");
+    let log = stderr(&output);
+    assert!(
+        log.contains("--block-size") && log.contains("power of two"),
+        "{log}"
+    );
+}

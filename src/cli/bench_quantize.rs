@@ -32,9 +32,23 @@ pub struct BenchQuantizeArgs {
     /// Quantize the absmax too (QLoRA's default).
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     pub double_quant: bool,
+    /// Weights per absmax: a power of two from 64 to 4096 (QLoRA's `block_size`).
+    #[arg(long, default_value_t = 64, value_parser = block_size)]
+    pub block_size: usize,
     /// Timed repetitions per shape (the fastest is kept).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
     pub runs: u32,
+}
+
+/// `--block-size`: one of bitsandbytes' 4-bit block sizes.
+fn block_size(text: &str) -> Result<usize, String> {
+    let size: usize = text
+        .parse()
+        .map_err(|_| format!("`{text}` is not a count"))?;
+    match crate::config::method::block_size_problem(size) {
+        Some(message) => Err(message),
+        None => Ok(size),
+    }
 }
 
 /// One distinct weight shape.
@@ -99,7 +113,7 @@ fn bench(args: &BenchQuantizeArgs) -> Result<QuantizeBench, String> {
     let quant = QuantConfig {
         quant_type,
         double_quant: args.double_quant,
-        ..QuantConfig::default()
+        block_size: args.block_size,
     };
     let mut shapes: Vec<([usize; 2], usize)> = Vec::new();
     for layer in config.linear_layers() {
@@ -182,10 +196,11 @@ fn bench(args: &BenchQuantizeArgs) -> Result<QuantizeBench, String> {
         dequantize_one_thread_s: total(|r| r.dequantize_one_thread_ms),
         rows,
         command: format!(
-            "peftpipe bench quantize --config {} --quant-type {} --double-quant {} --runs {}",
+            "peftpipe bench quantize --config {} --quant-type {} --double-quant {} --block-size {} --runs {}",
             path.display(),
             args.quant_type,
             args.double_quant,
+            args.block_size,
             args.runs
         ),
     })
