@@ -294,3 +294,29 @@ fn bad_adapter_folders_are_refused_with_the_file_and_the_cause() {
         "{message}"
     );
 }
+
+/// An evaluate stage may not read, as an outside adapter, the folder another stage of the same
+/// pipeline publishes: nothing orders it after the export, so a run could score the folder as an
+/// earlier run left it and call the stage fresh. `validate` refuses it, naming the publisher.
+#[test]
+fn an_outside_adapter_published_by_the_same_pipeline_is_refused() {
+    let project = TrainProject::new();
+    project.run_ok("pipeline.yaml", &[]);
+    let reader = "  reader:\n    evaluate:\n      external_adapters: [exported/adapter]\n      base_model: model\n      data: prompts\n      max_rows: 40\n      samples: 0\n      device: cpu\n";
+    project.write("both.yaml", &format!("{}{reader}", train_support::PIPELINE));
+    let output = project.run(&["validate", "both.yaml"]);
+    let message = stderr(&output);
+    assert_eq!(output.status.code(), Some(2), "{message}");
+    for text in [
+        "stages.reader.evaluate",
+        "exported/adapter/adapter_config.json",
+        "which stage `export` publishes",
+        "read the train stage `train` it exports through `model:` or `adapters:`",
+    ] {
+        assert!(message.contains(text), "no `{text}` in:\n{message}");
+    }
+    // Another pipeline reading the folder is ordered by the user (it runs after this one).
+    project.write("external.yaml", &external_pipeline(&["exported/adapter"]));
+    let output = project.run(&["validate", "external.yaml"]);
+    assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+}

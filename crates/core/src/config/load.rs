@@ -2129,6 +2129,85 @@ pub fn check_pipeline_with(
             columns.insert(name.to_string(), output);
         }
     }
+    problems.extend(published_inputs(stages, &project_dir));
+    problems
+}
+
+/// `path` made comparable with another: canonical when it exists, else with `.` and `..`
+/// folded lexically.
+fn comparable(path: &Path) -> PathBuf {
+    if let Ok(canonical) = path.canonicalize() {
+        return canonical;
+    }
+    let mut folded = PathBuf::new();
+    for component in path.components() {
+        match component {
+            std::path::Component::CurDir => {}
+            std::path::Component::ParentDir => {
+                folded.pop();
+            }
+            other => folded.push(other),
+        }
+    }
+    folded
+}
+
+/// A stage may not read, as an input file, what another stage of the pipeline publishes (an
+/// export destination): nothing orders the reader after the publisher, so the reader's cache key
+/// would be taken from the folder as the last run left it, and a run could report the reader
+/// fresh with results a clean run would not produce (or read a half-published folder).
+fn published_inputs(stages: &IndexMap<String, StageConfig>, project_dir: &Path) -> Vec<Problem> {
+    let published: Vec<(&str, PathBuf)> = stages
+        .iter()
+        .flat_map(|(name, config)| {
+            config
+                .spec()
+                .published_paths(project_dir)
+                .unwrap_or_default()
+                .into_iter()
+                .map(move |path| (name.as_str(), comparable(&path)))
+        })
+        .collect();
+    if published.is_empty() {
+        return Vec::new();
+    }
+    let mut problems = Vec::new();
+    for (name, config) in stages {
+        let Ok(files) = config.spec().fingerprint_inputs(project_dir) else {
+            continue;
+        };
+        let found = files.iter().find_map(|file| {
+            let path = comparable(&file.path);
+            published
+                .iter()
+                .find(|(publisher, destination)| {
+                    *publisher != name && path.starts_with(destination)
+                })
+                .map(|(publisher, destination)| (file, *publisher, destination))
+        });
+        if let Some((file, publisher, destination)) = found {
+            let source = match stages.get(publisher) {
+                Some(StageConfig::Export(export)) => format!(
+                    "read the train stage `{}` it exports through `model:` or `adapters:`",
+                    export.from
+                ),
+                _ => format!("read stage `{publisher}` through a stage reference"),
+            };
+            problems.push(
+                Problem::new(
+                    join_key(&join_key("stages", name), config.kind().as_str()),
+                    format!(
+                        "reads `{}`, which stage `{publisher}` publishes ({}): nothing orders this stage after `{publisher}`, so it could read the folder as an earlier run left it",
+                        file.key,
+                        destination.display()
+                    ),
+                )
+                .with_hint(format!(
+                    "{source}, or a copy outside `{publisher}`'s destinations"
+                )),
+            );
+        }
+    }
     problems
 }
 
