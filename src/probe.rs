@@ -37,6 +37,8 @@ impl Probe for StandardProbe {
     fn check_adapter(&self, dir: &Path, layers: Option<&[LinearLayerShape]>) -> Result<(), String> {
         let adapter = crate::peft::load_adapter(dir, &candle_core::Device::Cpu)
             .map_err(|error| error.to_string())?;
+        // The record of the 4-bit base it was trained over, read as evaluating it will.
+        crate::infer::session::recorded_base_quantization(dir)?;
         let Some(layers) = layers else {
             return Ok(());
         };

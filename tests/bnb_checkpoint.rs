@@ -750,7 +750,50 @@ fn external_adapters_over_the_prequantized_checkpoint_score_as_its_train_stage()
             assert_eq!(row["loss"], expected["loss"], "{settings}: {name}");
             assert_eq!(row["method"], if name == "base" { "base" } else { "qlora" });
         }
+        assert!(
+            !stderr.contains("was trained over"),
+            "{settings}: no note: {stderr}"
+        );
     }
+    // Over another checkpoint saved in 4 bits (fp4, blocks of 128, no double quantization) the
+    // folder's record says it learned elsewhere: evaluate scores it as stored, with a note;
+    // generate refuses the pair, naming config.json.
+    let other = temp.path().join("stories260k-bnb-fp4");
+    write_bnb_checkpoint(&source, &other, &settings()[1])?;
+    let project = tempfile::tempdir()?;
+    let over_other = external("").replace(&bnb.display().to_string(), &other.display().to_string());
+    let (ok, stderr) = run(project.path(), &over_other)?;
+    assert!(ok, "{stderr}");
+    assert!(
+        stderr.contains("was trained over a 4-bit nf4, double quant, block 64 base")
+            && stderr.contains("peftpipe_base_quantization.json")
+            && stderr.contains("as stored (fp4, double_quant false)"),
+        "{stderr}"
+    );
+    let output = peftpipe()
+        .arg("generate")
+        .arg(&other)
+        .arg("--adapter")
+        .arg(&adapter)
+        .args([
+            "--prompt",
+            "Once",
+            "--max-new-tokens",
+            "2",
+            "--device",
+            "cpu",
+        ])
+        .output()?;
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        !output.status.success(),
+        "generated over another 4-bit base"
+    );
+    assert!(
+        stderr.contains(&other.join("config.json").display().to_string())
+            && stderr.contains("trained over one stored as nf4"),
+        "{stderr}"
+    );
     // Refused by validation, before anything loads, naming the setting and the stored value.
     let config = bnb.join("config.json").display().to_string();
     for (settings, expected) in [

@@ -529,6 +529,54 @@ fn an_external_qlora_adapter_is_scored_over_the_4bit_base_that_base_quantization
     }
     assert_eq!(candidate(&over_recorded, "adapter")["method"], "qlora");
 
+    // A record that says nothing (or nothing readable) is refused by validate and generate,
+    // naming the file: the folder is neither silently 4-bit nor silently 16-bit.
+    let saved = std::fs::read_to_string(&record).unwrap();
+    for damaged in [
+        "{}",
+        "{\"quantization\": null}",
+        "{\"quant_type\": \"nf4\"}",
+        "{\"quantization\": {\"quant_type\": \"nf8\"}}",
+        "",
+    ] {
+        std::fs::write(&record, damaged).unwrap();
+        let output = peftpipe()
+            .arg("validate")
+            .arg(project.path().join("external.yaml"))
+            .env("PEFTPIPE_SHARED", &shared)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(2), "{damaged}: {stderr}");
+        assert!(
+            stderr.contains("external_adapters[0]")
+                && stderr.contains("peftpipe_base_quantization.json"),
+            "{damaged}: {stderr}"
+        );
+        let output = peftpipe()
+            .arg("generate")
+            .arg(shared.join("models/stories260k"))
+            .arg("--adapter")
+            .arg(&folder)
+            .args([
+                "--prompt",
+                "Once",
+                "--max-new-tokens",
+                "2",
+                "--device",
+                "cpu",
+            ])
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success(), "{damaged}");
+        assert!(
+            stderr.contains("peftpipe_base_quantization.json"),
+            "{damaged}: {stderr}"
+        );
+    }
+    std::fs::write(&record, saved).unwrap();
+
     // `generate` applies the folder over the same 4-bit base as the train artifact's adapter
     // (whose run recorded it beside it), with or without --load-in-4bit; a flag that disagrees
     // with the record is refused.

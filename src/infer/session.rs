@@ -11,11 +11,11 @@ use super::model::HookedModel;
 use super::sample::Sampling;
 use super::text::decode_continuation;
 use super::TextCodec;
+use crate::config::evaluate::ADAPTER_BASE_RECORD;
 use crate::models::quantized::{BaseQuantization, QuantizingFactory};
 use crate::models::{
     CausalLm, FrozenLinearFactory, Hooks, LinearFactory, ModelDir, ModelTokenizer,
 };
-use crate::peft::qlora::check_stored_base;
 use crate::peft::{load_adapter, Adapter, AdapterMode};
 
 /// A model ready for inference: weights (adapter applied), tokenizer, hooks.
@@ -125,7 +125,14 @@ pub fn recorded_base_quantization(
         std::fs::read_to_string(&record).map_err(|e| format!("{}: {e}", record.display()))?;
     let value: serde_json::Value = serde_json::from_str(&text)
         .map_err(|e| format!("{}: invalid JSON: {e}", record.display()))?;
+    let own = record.file_name() == Some(std::ffi::OsStr::new(ADAPTER_BASE_RECORD));
     match value.get("quantization") {
+        // An exported folder's record exists only to say which 4-bit base: one that says
+        // nothing is damaged (a train artifact's base_model.json without it: a 16-bit run).
+        None | Some(serde_json::Value::Null) if own => Err(format!(
+            "{}: no `quantization` record (expected {{\"quantization\": {{\"quant_type\": \"nf4\", ...}}}}, as export writes it); re-export the adapter, or delete the file to use the folder as a plain LoRA adapter",
+            record.display()
+        )),
         None | Some(serde_json::Value::Null) => Ok(None),
         Some(quantization) => BaseQuantization::from_json(quantization)
             .map(|quantization| Some((quantization, record.clone())))
@@ -138,11 +145,22 @@ pub fn recorded_base_quantization(
 /// settings (a base that changed under the adapter is an error, never a silent other base).
 fn check_recorded_base(quantization: &BaseQuantization, dir: &ModelDir) -> Result<(), String> {
     match (quantization.prequantized, dir.stored_quantization()) {
-        (true, Some(stored)) => check_stored_base(quantization, stored, &dir.config_path(), "method.qlora")
-            .map_err(|error| error.to_string()),
-        (false, None) => Ok(()),
+        (true, Some(stored))
+            if (stored.quant_type, stored.double_quant)
+                != (quantization.config.quant_type, quantization.config.double_quant) =>
+        {
+            Err(format!(
+                "{}: key `quantization_config`: this checkpoint is stored in 4 bits as {} (double_quant {}), but the adapter was trained over one stored as {} (double_quant {}); point at the checkpoint it was trained over",
+                dir.config_path().display(),
+                stored.quant_type.name(),
+                stored.double_quant,
+                quantization.config.quant_type.name(),
+                quantization.config.double_quant
+            ))
+        }
+        (true, Some(_)) | (false, None) => Ok(()),
         (true, None) => Err(format!(
-            "{}: no `quantization_config`, but the adapter was trained over this model saved in bitsandbytes 4-bit (base_model.json: prequantized); point at that checkpoint",
+            "{}: no `quantization_config`, but the adapter was trained over a checkpoint saved in bitsandbytes 4-bit (its record says `prequantized`); point at that checkpoint",
             dir.config_path().display()
         )),
         (false, Some(_)) => Err(format!(

@@ -36,7 +36,7 @@ use crate::data::batch::fit as fit_sequence;
 use crate::data::tokenize::TokenizedExample;
 use crate::device::{compute_dtype, resolve_device, DTypeSpec, DeviceSpec};
 use crate::infer::session::InferenceModel;
-use crate::models::quantized::BaseQuantization;
+use crate::models::quantized::{BaseQuantization, BnbQuantization};
 use crate::models::{ModelConfig, ModelDir};
 use crate::peft::qlora;
 
@@ -380,18 +380,18 @@ impl EvalPlan {
 /// An exact-match reference as generation would produce it: a reference whose tokens hold an
 /// end-of-sequence token (a chat template's end of turn written as text) ends there, decoded
 /// after the prompt as generations are; one without is used as written.
-/// A comparison row's 4-bit base: the quantization it was loaded with, else "4-bit as stored"
-/// over a checkpoint saved in 4 bits, else none (the 16-bit model).
 /// The base an outside adapter (candidate `name`) is scored over, and a note when that is not
 /// the base its folder records it was trained over (`recorded`: a QLoRA export's
 /// [`crate::config::evaluate::ADAPTER_BASE_RECORD`] or a train artifact's base_model.json):
-/// `base_quantization` when asked; else the checkpoint as stored when it is saved in 4 bits;
-/// else the recorded 4-bit base (quantized from the 16-bit model as the run did), unless the
-/// run trained over a checkpoint saved in 4 bits (then the 16-bit model, said in the note).
+/// `base_quantization` when asked; else the checkpoint as stored when it is saved in 4 bits
+/// (`stored`; a note unless the record says it trained over such a checkpoint with the same
+/// settings); else the recorded 4-bit base (quantized from the 16-bit model as the run did),
+/// unless the run trained over a checkpoint saved in 4 bits (then the 16-bit model, said in the
+/// note).
 fn external_base(
     name: &str,
     asked: Option<&BaseQuantization>,
-    stored_4bit: bool,
+    stored: Option<&BnbQuantization>,
     recorded: Option<(BaseQuantization, PathBuf)>,
 ) -> (Option<BaseQuantization>, Option<String>) {
     let Some((recorded, record)) = recorded else {
@@ -411,14 +411,40 @@ fn external_base(
             )),
         ),
         Some(asked) => (Some(*asked), None),
-        None if stored_4bit => (None, None),
-        None if recorded.prequantized => (
+        None => match stored {
+            Some(stored)
+                if recorded.prequantized
+                    && (stored.quant_type, stored.double_quant)
+                        == (recorded.config.quant_type, recorded.config.double_quant) =>
+            {
+                (None, None)
+            }
+            Some(stored) => (
+                None,
+                Some(format!(
+                    "{trained}; it is scored over this base model's 4-bit weights as stored ({}, double_quant {}), which may not be the weights it learned on",
+                    stored.quant_type.name(),
+                    stored.double_quant
+                )),
+            ),
+            None => recorded_16bit(trained, recorded),
+        },
+    }
+}
+
+/// [`external_base`] over a 16-bit base model with nothing asked: the recorded base.
+fn recorded_16bit(
+    trained: String,
+    recorded: BaseQuantization,
+) -> (Option<BaseQuantization>, Option<String>) {
+    match recorded {
+        recorded if recorded.prequantized => (
             None,
             Some(format!(
                 "{trained} saved in 4 bits; this base model is 16-bit, so it is scored over the 16-bit weights: point `base_model` at the 4-bit checkpoint to score it as trained"
             )),
         ),
-        None => (
+        recorded => (
             Some(recorded),
             Some(format!(
                 "{trained}: it is scored over that base, quantized from the 16-bit model as its run did; set `base_quantization` to choose another"
@@ -427,6 +453,8 @@ fn external_base(
     }
 }
 
+/// A comparison row's 4-bit base: the quantization it was loaded with, else "4-bit as stored"
+/// over a checkpoint saved in 4 bits, else none (the 16-bit model).
 fn four_bit_label(quantization: Option<&BaseQuantization>, stored_4bit: bool) -> Option<String> {
     match quantization {
         Some(quantization) => Some(quantization.label()),
@@ -997,11 +1025,11 @@ fn asked_base_quantization(
     config: &EvaluateConfig,
     base_path: &Path,
     stage: &str,
-) -> Result<(Option<BaseQuantization>, bool), StageError> {
+) -> Result<(Option<BaseQuantization>, Option<BnbQuantization>), StageError> {
     let dir = ModelDir::open(base_path).map_err(|error| StageError::user(error.to_string()))?;
     let stored = dir.stored_quantization();
     let Some(settings) = &config.base_quantization else {
-        return Ok((None, stored.is_some()));
+        return Ok((None, stored.cloned()));
     };
     let at = format!("stages.{stage}.evaluate.base_quantization");
     if matches!(dir.config(), ModelConfig::Gpt2(_)) {
@@ -1015,7 +1043,7 @@ fn asked_base_quantization(
         qlora::check_stored_base(&quantization, stored, &dir.config_path(), &at)
             .map_err(|error| StageError::user(error.to_string()))?;
     }
-    Ok((Some(quantization), stored.is_some()))
+    Ok((Some(quantization), stored.cloned()))
 }
 
 /// A candidate's method as the comparison names it: a LoRA (DoRA) adapter over a 4-bit base is
@@ -1101,8 +1129,8 @@ impl Stage for EvaluateStage {
         // every candidate shares: the 4-bit one when all of them are QLoRA adapters over the
         // same quantization (train stages, and outside folders that record theirs), else the
         // 16-bit model.
-        let (asked_quantization, stored_4bit) =
-            asked_base_quantization(config, &base_path, ctx.name)?;
+        let (asked_quantization, stored) = asked_base_quantization(config, &base_path, ctx.name)?;
+        let stored_4bit = stored.is_some();
         // Each outside adapter: its folder, the base it is scored over, and why (a note).
         let mut externals = Vec::new();
         for (name, written) in config.external_candidates() {
@@ -1113,7 +1141,7 @@ impl Stage for EvaluateStage {
             let (quantization, note) = external_base(
                 &name,
                 asked_quantization.as_ref(),
-                stored_4bit,
+                stored.as_ref(),
                 crate::infer::session::recorded_base_quantization(&adapter_dir)
                     .map_err(StageError::user)?,
             );
