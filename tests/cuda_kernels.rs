@@ -317,7 +317,7 @@ fn linear_cross_entropy_case(gpu: &Device, vocab: usize) -> Result<()> {
         let on = |t: &Tensor, like: &Tensor| -> Result<Tensor> { t.to_device(like.device()) };
         compare(
             "next_token_linear_cross_entropy",
-            &gpu,
+            gpu,
             dtype,
             std::slice::from_ref(&hidden),
             &|t| {
@@ -342,7 +342,7 @@ fn linear_cross_entropy_case(gpu: &Device, vocab: usize) -> Result<()> {
             let flat = hidden.reshape((rows, width))?;
             compare(
                 "linear_cross_entropy (chunks of 4 rows)",
-                &gpu,
+                gpu,
                 dtype,
                 &[flat],
                 &|t| {
