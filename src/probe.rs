@@ -12,7 +12,9 @@ use std::path::Path;
 
 use crate::config::chat_template::ChatTemplateSource;
 use crate::config::ingest::{IngestConfig, InputFormat};
-use crate::config::probe::{LinearLayerShape, ModelContext, ModelFacts, Probe, Stored4bit};
+use crate::config::probe::{
+    LinearLayerShape, ModelContext, ModelFacts, Probe, Stored4bit, StoredBlocks,
+};
 use crate::data::chat::ChatTemplate;
 use crate::data::source::peek_columns;
 use crate::data::tokenize::TextTokenizer;
@@ -207,7 +209,15 @@ fn check_model_dir(dir: &Path) -> ModelFacts {
         config_path: model.config_path().display().to_string(),
         quant_type: stored.quant_type.name().to_string(),
         double_quant: stored.double_quant,
-        block_size: model.stored_block_size(),
+        block_sizes: model
+            .stored_block_sizes()
+            .into_iter()
+            .map(|(size, (tensor, file))| StoredBlocks {
+                size,
+                tensor,
+                file: file.display().to_string(),
+            })
+            .collect(),
     });
     let weight_problems = model.check_weights();
     let weights_agree = weight_problems.is_empty();

@@ -240,8 +240,11 @@ fn loaded_4bit_weights_equal_quantizing_the_16bit_model_bit_for_bit() -> TestRes
         let dir = temp.path().join("stories260k-bnb");
         write_bnb_checkpoint(&source, &dir, &config)?;
         assert_eq!(
-            ModelDir::open(&dir)?.stored_block_size(),
-            Some(config.block_size),
+            ModelDir::open(&dir)?
+                .stored_block_sizes()
+                .into_keys()
+                .collect::<Vec<_>>(),
+            [config.block_size],
             "{config:?}: the block size validation reads from the headers"
         );
         let stored = read_bnb_weights(&[dir.join("model.safetensors")], &Device::Cpu)?;
@@ -653,6 +656,7 @@ fn a_method_or_setting_that_disagrees_with_the_stored_base_is_refused_naming_the
                 config.as_str(),
                 "quantization_config.bnb_4bit_use_double_quant true",
                 "set double_quant: true",
+                config.as_str(),
             ],
         ),
         (
@@ -662,6 +666,7 @@ fn a_method_or_setting_that_disagrees_with_the_stored_base_is_refused_naming_the
                 "method.qlora.quant_type",
                 "quantization_config.bnb_4bit_quant_type nf4",
                 "set quant_type: nf4",
+                config.as_str(),
             ],
         ),
         // The block size is in each weight's state; validation reads it from the sizes the
@@ -671,7 +676,8 @@ fn a_method_or_setting_that_disagrees_with_the_stored_base_is_refused_naming_the
             vec![
                 "pipeline.yaml:",
                 "method.qlora.block_size",
-                config.as_str(),
+                "model.safetensors",
+                "`model.layers.0.mlp.down_proj.weight` and the others",
                 "64 weights per absmax",
                 "asks for 128",
                 "set block_size: 64",
@@ -803,6 +809,7 @@ fn external_adapters_over_the_prequantized_checkpoint_score_as_its_train_stage()
                 "base_quantization.quant_type",
                 "quantization_config.bnb_4bit_quant_type nf4",
                 "set quant_type: nf4",
+                config.as_str(),
             ],
         ),
         (
@@ -811,6 +818,7 @@ fn external_adapters_over_the_prequantized_checkpoint_score_as_its_train_stage()
                 "base_quantization.double_quant",
                 "quantization_config.bnb_4bit_use_double_quant true",
                 "set double_quant: true",
+                config.as_str(),
             ],
         ),
         (
@@ -819,6 +827,7 @@ fn external_adapters_over_the_prequantized_checkpoint_score_as_its_train_stage()
                 "base_quantization.block_size",
                 "64 weights per absmax",
                 "set block_size: 64",
+                "model.safetensors",
             ],
         ),
     ] {
@@ -828,13 +837,9 @@ fn external_adapters_over_the_prequantized_checkpoint_score_as_its_train_stage()
             &external(&format!("      base_quantization: {settings}\n")),
         )?;
         assert!(!ok, "{settings}: scored over a base it does not describe");
-        for text in [
-            "pipeline.yaml:",
-            config.as_str(),
-            "drop `base_quantization`",
-        ]
-        .into_iter()
-        .chain(expected)
+        for text in ["pipeline.yaml:", "drop `base_quantization`"]
+            .into_iter()
+            .chain(expected)
         {
             assert!(
                 stderr.contains(text),
@@ -1253,7 +1258,13 @@ fn skipped_modules_stay_dense_and_packed_codes_load_from_any_quant_storage_dtype
     assert_eq!(layers.shapes.len(), 5 * 6);
     assert!(layers.shapes.keys().all(|name| !name.contains("down_proj")));
     // Validation reads the block size from the headers: bytes, not bf16 elements, count.
-    assert_eq!(ModelDir::open(&dir)?.stored_block_size(), Some(64));
+    assert_eq!(
+        ModelDir::open(&dir)?
+            .stored_block_sizes()
+            .into_keys()
+            .collect::<Vec<_>>(),
+        [64]
+    );
     Ok(())
 }
 
@@ -1397,6 +1408,58 @@ fn a_checkpoint_saved_by_transformers_and_bitsandbytes_loads_as_stored() -> Test
         } else {
             assert!(difference < 1e-4, "{variant}: {difference}");
         }
+    }
+    Ok(())
+}
+
+/// A checkpoint whose 4-bit weights use two block sizes describes no single 4-bit base:
+/// validation reads every weight's size from the headers and says so, naming a weight of each.
+#[test]
+fn a_checkpoint_with_two_block_sizes_is_refused_by_validate() -> TestResult {
+    let Some(source) = stories() else {
+        return Ok(());
+    };
+    let temp = tempfile::tempdir()?;
+    let bnb = temp.path().join("mixed");
+    write_bnb_checkpoint(&source, &bnb, &QuantConfig::default())?;
+    let path = bnb.join("model.safetensors");
+    let mut tensors = candle_core::safetensors::load(&path, &Device::Cpu)?;
+    let name = "model.layers.3.self_attn.q_proj.weight";
+    let original = candle_core::safetensors::load(source.join("model.safetensors"), &Device::Cpu)?;
+    let other = QuantConfig {
+        block_size: 256,
+        ..QuantConfig::default()
+    };
+    let quantized = QuantizedTensor::from_tensor(&original[name], &other)?;
+    tensors.retain(|key, _| !key.starts_with(&format!("{name}.")) && key != name);
+    tensors.extend(bnb_state_dict(name, &quantized));
+    candle_core::safetensors::save(&tensors, &path)?;
+    assert_eq!(
+        ModelDir::open(&bnb)?
+            .stored_block_sizes()
+            .into_keys()
+            .collect::<Vec<_>>(),
+        [64, 256]
+    );
+    let project = tempfile::tempdir()?;
+    let file = project.path().join("pipeline.yaml");
+    std::fs::write(&file, pipeline(&bnb, "qlora: {r: 8}", ""))?;
+    let output = peftpipe()
+        .arg("validate")
+        .arg(&file)
+        .env("PEFTPIPE_SHARED", shared_dir().ok_or("PEFTPIPE_SHARED")?)
+        .env("NO_COLOR", "1")
+        .output()?;
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    for text in [
+        "method.qlora.block_size",
+        "in blocks of 64",
+        &format!("`{name}`"),
+        "in blocks of 256",
+        "no block_size describes this checkpoint",
+    ] {
+        assert!(stderr.contains(text), "no `{text}` in:\n{stderr}");
     }
     Ok(())
 }

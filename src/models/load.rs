@@ -512,34 +512,47 @@ impl ModelDir {
         Ok(all)
     }
 
-    /// The block size (weights per absmax) of a checkpoint saved in bitsandbytes 4-bit, read from
-    /// the safetensors headers alone: the first 4-bit weight's packed bytes (two values a byte)
-    /// and absmax count (`ceil(n / block)` values). `None` for a 16-bit checkpoint, when the headers cannot be
-    /// read (the weight check says why), or when the sizes do not pin one power of two.
-    pub fn stored_block_size(&self) -> Option<usize> {
-        self.stored_quantization.as_ref()?;
-        let tensors = self.tensor_infos().ok()?;
-        let (weight, absmax) = tensors.iter().find_map(|(name, info)| {
-            let weight = name.strip_suffix(".absmax")?;
-            let state = format!("{weight}{STATE_SUFFIX}");
-            tensors
+    /// The block sizes (weights per absmax) of a checkpoint saved in bitsandbytes 4-bit, read
+    /// from the safetensors headers alone: for every 4-bit weight, its packed bytes (two values a
+    /// byte, whatever dtype they are stored as) against its absmax count (`ceil(n / block)`
+    /// values). Each size found, with the first weight stored so and its file; empty for a
+    /// 16-bit checkpoint or when the headers cannot be read (the weight check says why). A weight
+    /// whose sizes pin no single power of two is left out (loading it says what is wrong).
+    pub fn stored_block_sizes(&self) -> BTreeMap<usize, (String, PathBuf)> {
+        let mut sizes = BTreeMap::new();
+        if self.stored_quantization.is_none() {
+            return sizes;
+        }
+        let Ok(tensors) = self.tensor_infos() else {
+            return sizes;
+        };
+        for (name, absmax) in &tensors {
+            let Some(weight_name) = name.strip_suffix(".absmax") else {
+                continue;
+            };
+            let state = format!("{weight_name}{STATE_SUFFIX}");
+            let has_state = tensors
                 .range(state.clone()..)
                 .next()
-                .filter(|(key, _)| key.starts_with(&state))?;
-            Some((tensors.get(weight)?, info))
-        })?;
-        // Two 4-bit values a byte, whatever dtype the packed bytes are stored as (quant_storage).
-        let (element_bytes, _) = dtype_size(&weight.dtype)?;
-        let bytes: usize = weight.shape.iter().product::<usize>() * element_bytes as usize;
-        let values = 2 * bytes;
-        let blocks: usize = absmax.shape.iter().product();
-        let mut sizes = (4..=12)
-            .map(|power| 1usize << power)
-            .filter(|&size| values.div_ceil(size) == blocks);
-        match (sizes.next(), sizes.next()) {
-            (Some(size), None) => Some(size),
-            _ => None,
+                .is_some_and(|(key, _)| key.starts_with(&state));
+            let Some(weight) = tensors.get(weight_name).filter(|_| has_state) else {
+                continue;
+            };
+            let Some((element_bytes, _)) = dtype_size(&weight.dtype) else {
+                continue;
+            };
+            let values = 2 * weight.shape.iter().product::<usize>() * element_bytes as usize;
+            let blocks: usize = absmax.shape.iter().product();
+            let mut fitting = (4..=12)
+                .map(|power| 1usize << power)
+                .filter(|&size| values.div_ceil(size) == blocks);
+            if let (Some(size), None) = (fitting.next(), fitting.next()) {
+                sizes
+                    .entry(size)
+                    .or_insert_with(|| (weight_name.to_string(), weight.file.clone()));
+            }
         }
+        sizes
     }
 
     /// Check the stored tensors against config.json from the safetensors headers alone (no

@@ -34,8 +34,20 @@ pub struct Stored4bit {
     pub quant_type: String,
     /// `bnb_4bit_use_double_quant`.
     pub double_quant: bool,
-    /// Weights per absmax, from the weights' stored sizes (`None` when they do not say).
-    pub block_size: Option<usize>,
+    /// Weights per absmax, from the weights' stored sizes: each size found with the first
+    /// weight stored so and its file (one entry for a usable checkpoint).
+    pub block_sizes: Vec<StoredBlocks>,
+}
+
+/// One block size a 4-bit checkpoint's weights are stored with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredBlocks {
+    /// Weights per absmax.
+    pub size: usize,
+    /// The first weight stored so (`model.layers.0.mlp.down_proj.weight`).
+    pub tensor: String,
+    /// The safetensors file that holds it, for messages.
+    pub file: String,
 }
 
 impl Stored4bit {
@@ -86,13 +98,39 @@ impl Stored4bit {
                 double_quant.to_string(),
             );
         }
-        if let Some(stored) = self.block_size.filter(|&stored| stored != block_size) {
-            differ(
-                "block_size",
-                format!("{stored} weights per absmax (its weights' quantization state)"),
-                stored.to_string(),
-                block_size.to_string(),
-            );
+        match self.block_sizes.as_slice() {
+            [] => {}
+            [stored] if stored.size == block_size => {}
+            [stored] => problems.push(
+                Problem::new(
+                    format!("{settings}.block_size"),
+                    format!(
+                        "{}: the model's 4-bit weights are stored in blocks of {} weights per absmax (`{}` and the others), but this asks for {block_size}; a checkpoint saved in 4 bits is used as stored, never re-quantized",
+                        stored.file, stored.size, stored.tensor
+                    ),
+                )
+                .about_value()
+                .with_hint(format!("set block_size: {}, or {otherwise}", stored.size)),
+            ),
+            [first, rest @ ..] => {
+                let others: Vec<String> = rest
+                    .iter()
+                    .map(|other| format!("`{}` ({}) in blocks of {}", other.tensor, other.file, other.size))
+                    .collect();
+                problems.push(
+                    Problem::new(
+                        format!("{settings}.block_size"),
+                        format!(
+                            "{}: `{}` is stored in blocks of {} weights per absmax, but {}: one 4-bit base has one block size, so no block_size describes this checkpoint",
+                            first.file,
+                            first.tensor,
+                            first.size,
+                            others.join(", ")
+                        ),
+                    )
+                    .with_hint("save the checkpoint again with one block size, or use its 16-bit original"),
+                );
+            }
         }
     }
 }
