@@ -370,6 +370,9 @@ fn bench_quantize_takes_a_block_size() {
     let report: serde_json::Value = serde_json::from_str(&stdout(&output)).expect("JSON");
     let command = report["command"].as_str().expect("command");
     assert!(command.contains("--block-size 128"), "{command}");
+    assert_eq!(report["block_size"], 128, "{report}");
+    assert_eq!(report["quant_type"], "nf4", "{report}");
+    assert_eq!(report["double_quant"], true, "{report}");
     let output = project.peftpipe(&[
         "bench",
         "quantize",

@@ -66,6 +66,9 @@ struct ShapeRow {
 #[derive(Debug, Serialize)]
 struct QuantizeBench {
     config: String,
+    quant_type: String,
+    double_quant: bool,
+    block_size: usize,
     threads: usize,
     quantized_values: u64,
     rows: Vec<ShapeRow>,
@@ -188,6 +191,9 @@ fn bench(args: &BenchQuantizeArgs) -> Result<QuantizeBench, String> {
     };
     Ok(QuantizeBench {
         config: path.display().to_string(),
+        quant_type: quant_type.name().to_string(),
+        double_quant: args.double_quant,
+        block_size: args.block_size,
         threads: rayon::current_num_threads(),
         quantized_values: shapes.iter().map(|(s, n)| (s[0] * s[1] * n) as u64).sum(),
         quantize_s: total(|r| r.quantize_ms),
