@@ -11,6 +11,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use super::method::{block_size_problem, FourBitSettings};
+use super::probe::ModelFacts;
 use super::template::FewShotStrategy;
 use super::train::DTypeChoice;
 use super::{CheckContext, InputFile, Problem, StageConfig, StageKind, StageSpec, UpstreamRef};
@@ -226,20 +227,14 @@ impl EvaluateConfig {
     /// weights are used as stored (checked here from the headers, as the run will).
     fn check_base_quantization_against_storage(
         &self,
-        cx: &CheckContext<'_>,
+        base: Option<&ModelFacts>,
         at: &str,
         problems: &mut Vec<Problem>,
     ) {
         let Some(asked) = &self.base_quantization else {
             return;
         };
-        let Some(dir) = self
-            .base_written(cx)
-            .and_then(|written| super::hub::resolve_model_dir(cx.project_dir, &written).ok())
-        else {
-            return;
-        };
-        if let Some(stored) = cx.probe.check_model(&dir).stored_4bit {
+        if let Some(stored) = base.and_then(|facts| facts.stored_4bit.as_ref()) {
             stored.check_settings(
                 (
                     asked.quant_type.name(),
@@ -258,16 +253,14 @@ impl EvaluateConfig {
     fn check_external_adapters(
         &self,
         cx: &CheckContext<'_>,
+        base: Option<&ModelFacts>,
         at: &str,
         problems: &mut Vec<Problem>,
     ) {
         if self.external_adapters.is_empty() {
             return;
         }
-        let layers = self
-            .base_written(cx)
-            .and_then(|written| super::hub::resolve_model_dir(cx.project_dir, &written).ok())
-            .and_then(|dir| cx.probe.check_model(&dir).linear_layers);
+        let layers = base.and_then(|facts| facts.linear_layers.as_deref());
         for (index, written) in self.external_adapters.iter().enumerate() {
             let Ok(dir) = super::hub::resolve_adapter_dir(cx.project_dir, written) else {
                 continue;
@@ -275,7 +268,7 @@ impl EvaluateConfig {
             if adapter_files(written, &dir).is_err() {
                 continue;
             }
-            if let Err(message) = cx.probe.check_adapter(&dir, layers.as_deref()) {
+            if let Err(message) = cx.probe.check_adapter(&dir, layers) {
                 problems.push(
                     Problem::new(
                         format!("{at}.external_adapters[{index}]"),
@@ -731,7 +724,13 @@ impl StageSpec for EvaluateConfig {
             }
         }
         self.check_base_quantization_against_stages(cx, at, problems);
-        self.check_base_quantization_against_storage(cx, at, problems);
+        // The base model's files, checked once for the two checks that read them.
+        let base = (self.base_quantization.is_some() || !self.external_adapters.is_empty())
+            .then(|| self.base_written(cx))
+            .flatten()
+            .and_then(|written| super::hub::resolve_model_dir(cx.project_dir, &written).ok())
+            .map(|dir| cx.probe.check_model(&dir));
+        self.check_base_quantization_against_storage(base.as_ref(), at, problems);
         if let Some(message) = self
             .base_quantization
             .as_ref()
@@ -742,7 +741,7 @@ impl StageSpec for EvaluateConfig {
             );
         }
         self.check_candidates(cx, at, problems);
-        self.check_external_adapters(cx, at, problems);
+        self.check_external_adapters(cx, base.as_ref(), at, problems);
         check_upstream_kind(
             cx,
             &self.data,

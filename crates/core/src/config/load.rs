@@ -36,8 +36,8 @@ use yaml_rust2::scanner::{Marker, TScalarStyle};
 use super::paths::confine_destination;
 use super::problem::{hint_for_unknown, quoted_list, Subject};
 use super::{
-    CheckContext, LoadOptions, Pipeline, Probe, Problem, Problems, RawPipeline, StageConfig,
-    StageKind,
+    CheckContext, InputFile, LoadOptions, Pipeline, Probe, Problem, Problems, RawPipeline,
+    StageConfig, StageKind,
 };
 use crate::dag::{GraphError, StageGraph};
 
@@ -2090,6 +2090,8 @@ pub fn check_pipeline_with(
 
     // Kind checks in topological order, then whatever sits on or behind a cycle.
     let mut columns: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    // Each stage's input files, as listed below (read again by the published-input check).
+    let mut inputs: Vec<(&str, &StageConfig, Vec<InputFile>)> = Vec::new();
     // Stages on or behind a cycle are checked too, but their outputs are not offered as
     // columns: the graph there is broken and its problem already reported.
     let ordered: Vec<&str> = graph.order().collect();
@@ -2113,12 +2115,15 @@ pub fn check_pipeline_with(
         let before = problems.len();
         config.spec().check(&context, &at, &mut problems);
         // Missing input files, unless the kind's own check already said so (at its key).
-        if let Err(message) = config.spec().fingerprint_inputs(&project_dir) {
-            if !problems[before..]
-                .iter()
-                .any(|problem| problem.message == message)
-            {
-                problems.push(Problem::new(at.clone(), message));
+        match config.spec().fingerprint_inputs(&project_dir) {
+            Ok(files) => inputs.push((name, config, files)),
+            Err(message) => {
+                if !problems[before..]
+                    .iter()
+                    .any(|problem| problem.message == message)
+                {
+                    problems.push(Problem::new(at.clone(), message));
+                }
             }
         }
         path_policy(config, &project_dir, options, &at, &mut problems);
@@ -2129,7 +2134,7 @@ pub fn check_pipeline_with(
             columns.insert(name.to_string(), output);
         }
     }
-    problems.extend(published_inputs(stages, &project_dir));
+    problems.extend(published_inputs(stages, &inputs, &project_dir));
     problems
 }
 
@@ -2156,7 +2161,11 @@ fn comparable(path: &Path) -> PathBuf {
 /// export destination): nothing orders the reader after the publisher, so the reader's cache key
 /// would be taken from the folder as the last run left it, and a run could report the reader
 /// fresh with results a clean run would not produce (or read a half-published folder).
-fn published_inputs(stages: &IndexMap<String, StageConfig>, project_dir: &Path) -> Vec<Problem> {
+fn published_inputs(
+    stages: &IndexMap<String, StageConfig>,
+    inputs: &[(&str, &StageConfig, Vec<InputFile>)],
+    project_dir: &Path,
+) -> Vec<Problem> {
     let published: Vec<(&str, PathBuf)> = stages
         .iter()
         .flat_map(|(name, config)| {
@@ -2172,16 +2181,13 @@ fn published_inputs(stages: &IndexMap<String, StageConfig>, project_dir: &Path) 
         return Vec::new();
     }
     let mut problems = Vec::new();
-    for (name, config) in stages {
-        let Ok(files) = config.spec().fingerprint_inputs(project_dir) else {
-            continue;
-        };
+    for (name, config, files) in inputs {
         let found = files.iter().find_map(|file| {
             let path = comparable(&file.path);
             published
                 .iter()
                 .find(|(publisher, destination)| {
-                    *publisher != name && path.starts_with(destination)
+                    publisher != name && path.starts_with(destination)
                 })
                 .map(|(publisher, destination)| (file, *publisher, destination))
         });
