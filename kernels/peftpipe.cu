@@ -370,19 +370,96 @@ extern "C" __global__ void swiglu_backward_f32(const float* a, const float* b, c
 // Cross-entropy on a chunk of logits [R, V], one block per row. `targets` [R] (u32, only read
 // where weight ≠ 0), `weights` [R] (f32, 0 = ignored). Stats [R, 4]: lse, weighted NLL, weight,
 // and the target's bits, so that the backward needs only (logits, stats).
+//
+// The forward reads each row once: every thread keeps a running (max, Σ exp(x − max)) over its
+// values (the online softmax), merged across the block at the end; rows are read 16 bytes at a
+// time when the row length is a multiple of a chunk and the buffers are 16-byte aligned. The
+// backward reads and writes 16 bytes at a time on the same condition.
+
+// Merge the partial log-sum-exp (om, os) into (m, s): s·e^(m−M) + os·e^(om−M), M = max(m, om).
+__device__ __forceinline__ void lse_merge(float& m, float& s, float om, float os) {
+    const float top = fmaxf(m, om);
+    if (top == -INFINITY) return;  // both empty
+    s = s * expf(m - top) + os * expf(om - top);
+    m = top;
+}
+
+// (max, sum) over the block, merged as [`lse_merge`]; `scratch` holds 64 floats.
+__device__ void block_lse(float& m, float& s, float* scratch) {
+    for (int offset = 16; offset > 0; offset >>= 1) {
+        const float om = __shfl_xor_sync(0xffffffffu, m, offset);
+        const float os = __shfl_xor_sync(0xffffffffu, s, offset);
+        lse_merge(m, s, om, os);
+    }
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int warps = (blockDim.x + 31) >> 5;
+    if (lane == 0) {
+        scratch[warp] = m;
+        scratch[32 + warp] = s;
+    }
+    __syncthreads();
+    if (warp == 0) {
+        m = lane < warps ? scratch[lane] : -INFINITY;
+        s = lane < warps ? scratch[32 + lane] : 0.0f;
+        for (int offset = 16; offset > 0; offset >>= 1) {
+            const float om = __shfl_xor_sync(0xffffffffu, m, offset);
+            const float os = __shfl_xor_sync(0xffffffffu, s, offset);
+            lse_merge(m, s, om, os);
+        }
+        __syncwarp();
+        if (lane == 0) {
+            scratch[0] = m;
+            scratch[32] = s;
+        }
+    }
+    __syncthreads();
+    m = scratch[0];
+    s = scratch[32];
+    __syncthreads();
+}
+
 template <typename T>
 __device__ void cross_entropy_forward(const T* logits, const uint32_t* targets, const float* weights, float* stats, int vocab) {
-    __shared__ float scratch[32];
+    __shared__ float scratch[64];
     const size_t row = blockIdx.x;
     const T* lr = logits + row * vocab;
-    float m = -INFINITY;
-    for (int i = threadIdx.x; i < vocab; i += blockDim.x) m = fmaxf(m, to_float(lr[i]));
-    m = block_max(m, scratch);
-    float sum = 0.0f;
-    for (int i = threadIdx.x; i < vocab; i += blockDim.x) sum += expf(to_float(lr[i]) - m);
-    sum = block_sum(sum, scratch);
+    float m = -INFINITY, s = 0.0f;
+    constexpr int N = Chunk<T>::N;
+    if (chunked<T>(vocab, lr, lr, lr, lr)) {
+        const uint4* words = reinterpret_cast<const uint4*>(lr);
+        for (int i = threadIdx.x; i < vocab / N; i += blockDim.x) {
+            Chunk<T> c;
+            c.word = words[i];
+            float v[N];
+            float top = -INFINITY;
+#pragma unroll
+            for (int e = 0; e < N; ++e) {
+                v[e] = to_float(c.v[e]);
+                top = fmaxf(top, v[e]);
+            }
+            if (top > m) {
+                s *= expf(m - top);
+                m = top;
+            }
+            if (m == -INFINITY) continue;
+            float part = 0.0f;
+#pragma unroll
+            for (int e = 0; e < N; ++e) part += expf(v[e] - m);
+            s += part;
+        }
+    } else {
+        for (int i = threadIdx.x; i < vocab; i += blockDim.x) {
+            const float v = to_float(lr[i]);
+            if (v > m) {
+                s *= expf(m - v);
+                m = v;
+            }
+            if (m != -INFINITY) s += expf(v - m);
+        }
+    }
+    block_lse(m, s, scratch);
     if (threadIdx.x == 0) {
-        const float lse = logf(sum) + m;
+        const float lse = logf(s) + m;
         const float w = weights[row];
         const uint32_t target = w != 0.0f ? targets[row] : 0xffffffffu;
         stats[4 * row] = lse;
@@ -400,6 +477,22 @@ __device__ void cross_entropy_backward(const T* logits, const float* stats, T* d
     const float lse = stats[4 * row];
     const float w = stats[4 * row + 2];
     const uint32_t target = __float_as_uint(stats[4 * row + 3]);
+    constexpr int N = Chunk<T>::N;
+    if (chunked<T>(vocab, lr, lr, dr, dr)) {
+        const uint4* in = reinterpret_cast<const uint4*>(lr);
+        uint4* out = reinterpret_cast<uint4*>(dr);
+        for (int i = threadIdx.x; i < vocab / N; i += blockDim.x) {
+            Chunk<T> c, d;
+            c.word = in[i];
+#pragma unroll
+            for (int e = 0; e < N; ++e) {
+                const float p = expf(to_float(c.v[e]) - lse);
+                d.v[e] = from_float<T>(w * (p - ((uint32_t)(i * N + e) == target ? 1.0f : 0.0f)));
+            }
+            out[i] = d.word;
+        }
+        return;
+    }
     for (int i = threadIdx.x; i < vocab; i += blockDim.x) {
         const float p = expf(to_float(lr[i]) - lse);
         dr[i] = from_float<T>(w * (p - ((uint32_t)i == target ? 1.0f : 0.0f)));
