@@ -581,6 +581,18 @@ __device__ __forceinline__ int64_t source_index(int64_t j, int64_t count, int64_
     return (j % cols) * rows + j / cols;
 }
 
+// Multi-tensor cast f32 → bf16: tensor t's offsets[t+1] − offsets[t] contiguous values from src[t]
+// to dst[t], rounded to nearest even as candle's cast rounds them (LoRA's factors, cast for the
+// products once per forward in one launch instead of one per factor: ops::cast_all).
+extern "C" __global__ void multi_cast_f32_bf16(const uint64_t* src, const uint64_t* dst, const int64_t* offsets, int tensors) {
+    const int64_t total = offsets[tensors];
+    for (int64_t e = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; e < total; e += (int64_t)gridDim.x * blockDim.x) {
+        const int t = find_tensor(offsets, tensors, e);
+        const int64_t j = e - offsets[t];
+        reinterpret_cast<bf16*>(dst[t])[j] = __float2bfloat16_rn(reinterpret_cast<const float*>(src[t])[j]);
+    }
+}
+
 // Σ g² over all tensors, accumulated in f64 (one atomic per block).
 template <typename G>
 __device__ void sum_squares(const uint64_t* grads, const int64_t* offsets, int tensors, double* out) {

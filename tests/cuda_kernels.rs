@@ -195,7 +195,7 @@ fn low_rank_linear_matches_the_cpu_reference() -> Result<()> {
                 weight: weight.to_device(device)?.to_dtype(t[0].dtype())?,
                 bias: Some(bias.to_device(device)?.to_dtype(t[0].dtype())?),
             });
-            ops::low_rank_linear(&t[0], base, &t[1], &t[2], scale, None)
+            ops::low_rank_linear(&t[0], base, (&t[1], &t[2]).into(), scale, None)
         })?;
     }
     // f32 factors over a bf16 input (the trainer's case): A's and B's gradients come out in f32.
@@ -217,7 +217,7 @@ fn low_rank_linear_matches_the_cpu_reference() -> Result<()> {
                 .to_device(device)?,
             bias: None,
         });
-        let y = ops::low_rank_linear(&x, base, a.as_tensor(), b.as_tensor(), scale, None)?;
+        let y = ops::low_rank_linear(&x, base, (a.as_tensor(), b.as_tensor()).into(), scale, None)?;
         let projection = projection(y.dims())?.to_device(device)?;
         let grads = (y.to_dtype(DType::F32)? * projection)?
             .sum_all()?
@@ -452,6 +452,71 @@ fn multi_tensor_adamw_matches_the_cpu_optimizer() -> Result<()> {
                 .expect("same names");
             let error = relative_error(&name, &gpu_tensor, cpu_tensor)?;
             assert!(error < 1e-3, "adamw {dtype:?} state {name}: {error:e}");
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn multi_tensor_cast_is_bitwise_candles_cast() -> Result<()> {
+    let Some(gpu) = gpu() else { return Ok(()) };
+    // LoRA-like factor shapes, odd sizes, and the values rounding must get right: ties, values
+    // past bf16's range, infinities, NaN, subnormals.
+    let special = Tensor::new(
+        &[
+            1.0f32 + f32::EPSILON * 64.0,
+            1.0 + f32::EPSILON * 192.0,
+            3.4e38,
+            -3.4e38,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            f32::NAN,
+            1e-40,
+            -1e-45,
+            0.0,
+            -0.0,
+        ],
+        &Device::Cpu,
+    )?;
+    let mut tensors = vec![special];
+    for shape in [
+        [16, 2048],
+        [2048, 16],
+        [1, 1],
+        [7, 3],
+        [16, 8192],
+        [512, 16],
+        [3, 1],
+    ] {
+        tensors.push(random(&shape, 0.05)?);
+    }
+    let on_gpu = tensors
+        .iter()
+        .map(|t| t.to_device(&gpu))
+        .collect::<Result<Vec<_>>>()?;
+    let refs: Vec<&Tensor> = on_gpu.iter().collect();
+    let casts = ops::cast_factors(&refs, DType::BF16)?;
+    assert_eq!(casts.len(), tensors.len());
+    for (index, (cast, source)) in casts.iter().zip(&on_gpu).enumerate() {
+        assert_eq!(cast.dtype(), DType::BF16);
+        assert_eq!(cast.dims(), source.dims());
+        let bits = |t: &Tensor| -> Result<Vec<u16>> {
+            Ok(t.to_device(&Device::Cpu)?
+                .flatten_all()?
+                .to_vec1::<half::bf16>()?
+                .iter()
+                .map(|v| v.to_bits())
+                .collect())
+        };
+        let ours = bits(cast)?;
+        let candle = bits(&source.to_dtype(DType::BF16)?)?;
+        // NaN payloads may differ; every other value must be the same bits.
+        for (i, (x, y)) in ours.iter().zip(&candle).enumerate() {
+            let nan = |b: u16| half::bf16::from_bits(b).is_nan();
+            assert!(
+                x == y || (nan(*x) && nan(*y)),
+                "tensor {index} element {i}: {x:#06x} vs candle's {y:#06x}"
+            );
         }
     }
     Ok(())

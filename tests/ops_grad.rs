@@ -719,26 +719,26 @@ fn low_rank_linear_backward_matches_finite_differences() -> Result<()> {
     for mask in [None, Some(mask)] {
         let m = || mask.clone();
         check_gradient("low_rank_linear dx", &x, |x| {
-            ops::low_rank_linear(x, base(), &a, &b, 0.7, m())
+            ops::low_rank_linear(x, base(), (&a, &b).into(), 0.7, m())
         })?;
         check_gradient("low_rank_linear dA", &a, |a| {
-            ops::low_rank_linear(&x, base(), a, &b, 0.7, m())
+            ops::low_rank_linear(&x, base(), (a, &b).into(), 0.7, m())
         })?;
         check_gradient("low_rank_linear dB", &b, |b| {
-            ops::low_rank_linear(&x, base(), &a, b, 0.7, m())
+            ops::low_rank_linear(&x, base(), (&a, b).into(), 0.7, m())
         })?;
         check_gradient("low_rank_swiglu_linear d_gate", &x, |gate| {
-            ops::low_rank_swiglu_linear(gate, &up, base(), &a, &b, 0.7, m())
+            ops::low_rank_swiglu_linear(gate, &up, base(), (&a, &b).into(), 0.7, m())
         })?;
         check_gradient("low_rank_swiglu_linear d_up", &up, |up| {
-            ops::low_rank_swiglu_linear(&x, up, base(), &a, &b, 0.7, m())
+            ops::low_rank_swiglu_linear(&x, up, base(), (&a, &b).into(), 0.7, m())
         })?;
         // A and B enter the SwiGLU form as one concatenated input, split again by its backward.
         check_gradient("low_rank_swiglu_linear dA", &a, |a| {
-            ops::low_rank_swiglu_linear(&x, &up, base(), a, &b, 0.7, m())
+            ops::low_rank_swiglu_linear(&x, &up, base(), (a, &b).into(), 0.7, m())
         })?;
         check_gradient("low_rank_swiglu_linear dB", &b, |b| {
-            ops::low_rank_swiglu_linear(&x, &up, base(), &a, b, 0.7, m())
+            ops::low_rank_swiglu_linear(&x, &up, base(), (&a, b).into(), 0.7, m())
         })?;
     }
     Ok(())
@@ -782,13 +782,18 @@ fn low_rank_linear_on_cuda_agrees_with_the_cpu() -> Result<()> {
                 x.as_tensor(),
                 up.as_tensor(),
                 base,
-                a.as_tensor(),
-                b.as_tensor(),
+                (a.as_tensor(), b.as_tensor()).into(),
                 2.0,
                 mask,
             )?
         } else {
-            ops::low_rank_linear(x.as_tensor(), base, a.as_tensor(), b.as_tensor(), 2.0, mask)?
+            ops::low_rank_linear(
+                x.as_tensor(),
+                base,
+                (a.as_tensor(), b.as_tensor()).into(),
+                2.0,
+                mask,
+            )?
         };
         let projection = on(&projection(&[rows, output], 9)?)?;
         let grads = y.mul(&projection)?.sum_all()?.backward()?;

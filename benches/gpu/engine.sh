@@ -28,7 +28,8 @@
 #            flash-attention kernels (PEFTPIPE_FLASH=wmma); QLoRA with the fused dequantize + GEMM
 #            vs dequantize + cuBLAS (PEFTPIPE_QGEMM)
 #   ab-qlora two builds (OLD_BIN and this one) alternating at the QLoRA shapes (1B 8x512, 8B
-#            1x4096), beside Unsloth's QLoRA at both
+#            1x4096), beside Unsloth's QLoRA at both; AB_UNFUSED=KERNEL adds this build with that
+#            kernel off at 1B
 #   qlora    QLoRA (NF4, double quant, r16 a32, all linears) at 8x512, checkpointing off and on,
 #            beside PEFT + bitsandbytes and Unsloth's QLoRA; the quant_cuda test binary and the fused
 #            dequantize + GEMM timings first
@@ -290,11 +291,13 @@ PY
     # 8B shape 1x4096, QLoRA r16 a32 on all linears, beside Unsloth's QLoRA at both shapes.
     [ -n "${OLD_BIN:-}" ] && [ -x "$OLD_BIN" ] || { echo "ab-qlora: set OLD_BIN to an executable"; exit 2; }
     q="qlora: {r: 16, alpha: 32, target_modules: all-linear}"
+    # AB_UNFUSED=KERNEL[,..]: also this build with those kernels off (PEFTPIPE_UNFUSED), at 1B.
     for round in 1 2; do
-      for which in old new; do
+      for which in old new ${AB_UNFUSED:+unfused}; do
         b=$BIN; [ "$which" = old ] && b=$OLD_BIN
-        echo "== $which (round $round): 1B 8x512"
-        timeout 120 "$b" bench train --config gpu-run/llama-3.2-1b.config.json --device cuda --shapes 8x512 \
+        off=""; [ "$which" = unfused ] && off=$AB_UNFUSED
+        echo "== $which${off:+ ($off off)} (round $round): 1B 8x512"
+        PEFTPIPE_UNFUSED=$off timeout 120 "$b" bench train --config gpu-run/llama-3.2-1b.config.json --device cuda --shapes 8x512 \
           --checkpointing off --steps 10 --warmup 3 --method "$q" --peak-tflops 989 2>&1 | grep -E "tokens/s|peak" \
           | tee -a "$OUT/ab-qlora-$which.txt"
       done

@@ -31,7 +31,7 @@ const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/peftpipe_kernels.ptx")
 const MODULE: &str = "peftpipe";
 
 /// The fused kernels, by the names `PEFTPIPE_UNFUSED` takes.
-pub const KERNELS: [&str; 12] = [
+pub const KERNELS: [&str; 13] = [
     "rms_norm",
     "layer_norm",
     "rope",
@@ -50,6 +50,9 @@ pub const KERNELS: [&str; 12] = [
     // The backward's gradient sums (candle's GradStore) by peftpipe's add kernel, in place when
     // the stored sum is shared with nothing ([`gradient_add`]).
     "grad_add",
+    // LoRA's factors cast to the compute dtype for a forward in one launch ([`cast_many_bf16`])
+    // instead of one cast per factor.
+    "multi_cast",
 ];
 
 /// Whether the fused kernel `kernel` (one of [`KERNELS`]) is used: yes unless `PEFTPIPE_FUSED=0`
@@ -1596,6 +1599,62 @@ fn sum_squares_into(device: &CudaDevice, gradients: &[&Tensor], accumulator: u64
         &accumulator
     );
     Ok(())
+}
+
+/// `sources` (contiguous f32 tensors of one CUDA device) cast to bf16 in one launch: fresh
+/// contiguous tensors of the same shapes, bit-equal to candle's `to_dtype(DType::BF16)` (both
+/// round to nearest even).
+pub fn cast_many_bf16(sources: &[&Tensor]) -> Result<Vec<Tensor>> {
+    let Some(first) = sources.first() else {
+        return Ok(Vec::new());
+    };
+    let device = cuda_device(first)?.clone();
+    for source in sources {
+        if source.dtype() != DType::F32 || !source.is_contiguous() || source.elem_count() == 0 {
+            bail!(
+                "multi-tensor cast: a source is not a non-empty contiguous f32 tensor ({:?}, {:?})",
+                source.dtype(),
+                source.layout()
+            )
+        }
+        if !source.device().same_device(first.device()) {
+            bail!("multi-tensor cast: the sources are on different devices")
+        }
+    }
+    let offsets = offsets(sources);
+    let total = *offsets.last().unwrap_or(&0);
+    let mut outputs = Vec::with_capacity(sources.len());
+    let mut targets = Vec::with_capacity(sources.len());
+    for source in sources {
+        let (storage, pointer) = output(&device, DType::BF16, source.elem_count())?;
+        targets.push(pointer);
+        outputs.push(Tensor::from_storage(
+            Storage::Cuda(storage),
+            source.shape().clone(),
+            candle_core::op::BackpropOp::none(),
+            false,
+        ));
+    }
+    let source_table = device.clone_htod(&addresses(sources)?)?;
+    let target_table = device.clone_htod(&targets)?;
+    let offsets_device = device.clone_htod(&offsets)?;
+    let stream = device.cuda_stream();
+    let (source_ptr, target_ptr, offsets_ptr) = (
+        source_table.device_ptr(&stream).0,
+        target_table.device_ptr(&stream).0,
+        offsets_device.device_ptr(&stream).0,
+    );
+    let count = sources.len() as i32;
+    launch!(
+        device,
+        "multi_cast_f32_bf16",
+        multi_tensor_config(total),
+        &source_ptr,
+        &target_ptr,
+        &offsets_ptr,
+        &count
+    );
+    Ok(outputs)
 }
 
 /// The global L2 norm of CUDA gradients (any mix of bf16 and f32): one launch per dtype, one read.

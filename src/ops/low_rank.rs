@@ -99,6 +99,66 @@ fn product(
     product.to_dtype(out)
 }
 
+/// `A [r, in]` and `B [out, r]` of a low-rank update: the tracked variables (any float dtype),
+/// and, when the caller has them already, their detached copies in the input's dtype
+/// ([`cast_factors`]: one launch for all of a model's factors on CUDA instead of two casts per
+/// call). A copy whose dtype or shape is not the one the call needs is ignored.
+#[derive(Clone, Copy)]
+pub struct Factors<'a> {
+    pub a: &'a Tensor,
+    pub b: &'a Tensor,
+    /// The values of `a` and `b` now, in the input's dtype (the caller's promise).
+    pub cast: Option<(&'a Tensor, &'a Tensor)>,
+}
+
+impl<'a> From<(&'a Tensor, &'a Tensor)> for Factors<'a> {
+    fn from((a, b): (&'a Tensor, &'a Tensor)) -> Self {
+        Self { a, b, cast: None }
+    }
+}
+
+impl Factors<'_> {
+    /// `A` and `B` detached in `dtype`: the prepared copies when they fit, else cast now.
+    fn in_dtype(&self, dtype: DType) -> Result<(Tensor, Tensor)> {
+        match self.cast {
+            Some((a, b))
+                if a.dtype() == dtype
+                    && b.dtype() == dtype
+                    && a.dims() == self.a.dims()
+                    && b.dims() == self.b.dims() =>
+            {
+                Ok((a.detach(), b.detach()))
+            }
+            _ => Ok((
+                self.a.detach().to_dtype(dtype)?,
+                self.b.detach().to_dtype(dtype)?,
+            )),
+        }
+    }
+}
+
+/// `tensors` detached and cast to `dtype`, in order: on CUDA, f32 to bf16 for all of them in one
+/// launch (`ops::cuda::cast_many_bf16`, bit-equal to candle's cast); otherwise one `to_dtype`
+/// each.
+pub fn cast_factors(tensors: &[&Tensor], dtype: DType) -> Result<Vec<Tensor>> {
+    #[cfg(feature = "cuda")]
+    if dtype == DType::BF16
+        && tensors.first().is_some_and(|first| {
+            super::cuda::enabled("multi_cast")
+                && first.device().is_cuda()
+                && tensors.iter().all(|t| {
+                    t.dtype() == DType::F32
+                        && t.is_contiguous()
+                        && t.elem_count() > 0
+                        && t.device().same_device(first.device())
+                })
+        })
+    {
+        return super::cuda::cast_many_bf16(tensors);
+    }
+    tensors.iter().map(|t| t.detach().to_dtype(dtype)).collect()
+}
+
 /// The shapes and constants of one low-rank adapted linear call, shared by its forward and its
 /// backward.
 struct Plan {
@@ -122,10 +182,11 @@ impl Plan {
         dims: &[usize],
         dtype: DType,
         base: Arc<dyn FrozenMap>,
-        (a, b): (&Tensor, &Tensor),
+        factors: Factors<'_>,
         scale: f64,
         mask: Option<Tensor>,
     ) -> Result<Self> {
+        let (a, b) = (factors.a, factors.b);
         let Some(&in_features) = dims.last() else {
             bail!("low_rank_linear: the input must have at least one dimension")
         };
@@ -147,12 +208,13 @@ impl Plan {
                 )
             }
         }
+        let (a, b) = factors.in_dtype(dtype)?;
         Ok(Self {
             rows,
             in_features,
             out_features,
-            a: a.detach().to_dtype(dtype)?,
-            b: b.detach().to_dtype(dtype)?,
+            a,
+            b,
             scale,
             mask,
             base,
@@ -239,13 +301,13 @@ fn with_last(dims: &[usize], last: usize) -> Vec<usize> {
 pub fn low_rank_linear(
     x: &Tensor,
     base: Arc<dyn FrozenMap>,
-    a: &Tensor,
-    b: &Tensor,
+    factors: Factors<'_>,
     scale: f64,
     mask: Option<Tensor>,
 ) -> Result<Tensor> {
-    let plan = Plan::new(x.dims(), x.dtype(), base, (a, b), scale, mask)?;
+    let plan = Plan::new(x.dims(), x.dtype(), base, factors, scale, mask)?;
     let input = rows_of(x, plan.rows, plan.in_features)?;
+    let (a, b) = (factors.a, factors.b);
     attach("low-rank-linear", x, input, (a, b), plan, |x| Ok(x.clone()))
 }
 
@@ -285,15 +347,15 @@ where
 pub fn low_rank_norm_linear(
     input: &NormedInput,
     base: Arc<dyn FrozenMap>,
-    a: &Tensor,
-    b: &Tensor,
+    factors: Factors<'_>,
     scale: f64,
     mask: Option<Tensor>,
 ) -> Result<Tensor> {
     let Some((stand_in, value, renorm)) = input.deferred()? else {
-        return low_rank_linear(&input.normed()?, base, a, b, scale, mask);
+        return low_rank_linear(&input.normed()?, base, factors, scale, mask);
     };
-    let plan = Plan::new(value.dims(), value.dtype(), base, (a, b), scale, mask)?;
+    let plan = Plan::new(value.dims(), value.dtype(), base, factors, scale, mask)?;
+    let (a, b) = (factors.a, factors.b);
     let value = rows_of(&value, plan.rows, plan.in_features)?;
     attach(
         "low-rank-norm-linear",
@@ -339,11 +401,11 @@ pub fn low_rank_swiglu_linear(
     gate: &Tensor,
     up: &Tensor,
     base: Arc<dyn FrozenMap>,
-    a: &Tensor,
-    b: &Tensor,
+    factors: Factors<'_>,
     scale: f64,
     mask: Option<Tensor>,
 ) -> Result<Tensor> {
+    let (a, b) = (factors.a, factors.b);
     if gate.shape() != up.shape() {
         bail!(
             "low_rank_swiglu_linear: gate {:?} and up {:?} differ",
@@ -358,7 +420,7 @@ pub fn low_rank_swiglu_linear(
             b.dtype()
         )
     }
-    let plan = Plan::new(gate.dims(), gate.dtype(), base, (a, b), scale, mask)?;
+    let plan = Plan::new(gate.dims(), gate.dtype(), base, factors, scale, mask)?;
     let product = |gate: &Tensor, up: &Tensor| -> Result<Tensor> {
         let product = super::swiglu::swiglu(&gate.detach(), &up.detach())?;
         rows_of(&product, plan.rows, plan.in_features)
@@ -486,8 +548,7 @@ mod tests {
             let ours = low_rank_linear(
                 x.as_tensor(),
                 base,
-                a.as_tensor(),
-                b.as_tensor(),
+                (a.as_tensor(), b.as_tensor()).into(),
                 1.5,
                 mask.clone(),
             )?;
@@ -524,8 +585,7 @@ mod tests {
                 gate.as_tensor(),
                 up.as_tensor(),
                 base,
-                a.as_tensor(),
-                b.as_tensor(),
+                (a.as_tensor(), b.as_tensor()).into(),
                 0.5,
                 mask.clone(),
             )?;
@@ -557,15 +617,20 @@ mod tests {
             weight: w,
             bias: None,
         });
-        let y = low_rank_linear(&x, base.clone(), a.as_tensor(), b.as_tensor(), 2.0, None)?;
+        let y = low_rank_linear(
+            &x,
+            base.clone(),
+            (a.as_tensor(), b.as_tensor()).into(),
+            2.0,
+            None,
+        )?;
         let grads = y.sqr()?.sum_all()?.backward()?;
         assert!(grads.get(&x).is_none());
         assert!(grads.get(a.as_tensor()).is_some() && grads.get(b.as_tensor()).is_some());
         let detached = low_rank_linear(
             &x,
             base,
-            &a.as_tensor().detach(),
-            &b.as_tensor().detach(),
+            (&a.as_tensor().detach(), &b.as_tensor().detach()).into(),
             2.0,
             None,
         )?;
@@ -576,8 +641,7 @@ mod tests {
                 weight: x.clone(),
                 bias: None
             }),
-            a.as_tensor(),
-            a.as_tensor(),
+            (a.as_tensor(), a.as_tensor()).into(),
             1.0,
             None
         )
@@ -619,8 +683,7 @@ mod tests {
             let adapted = low_rank_norm_linear(
                 &normed,
                 base.clone(),
-                a.as_tensor(),
-                b.as_tensor(),
+                (a.as_tensor(), b.as_tensor()).into(),
                 1.5,
                 mask.clone(),
             )?;
@@ -666,7 +729,13 @@ mod tests {
         });
         let normed = NormedInput::rms(x.as_tensor(), norm_weight.as_tensor(), 1e-5)?;
         assert!(normed.deferred()?.is_none());
-        let ours = low_rank_norm_linear(&normed, base, a.as_tensor(), b.as_tensor(), 0.5, None)?;
+        let ours = low_rank_norm_linear(
+            &normed,
+            base,
+            (a.as_tensor(), b.as_tensor()).into(),
+            0.5,
+            None,
+        )?;
         let h = crate::ops::rms_norm(x.as_tensor(), norm_weight.as_tensor(), 1e-5)?;
         let zero = Tensor::zeros(4, DType::F64, &device)?;
         let theirs = composed(&h, &w, &zero, a.as_tensor(), b.as_tensor(), 0.5, None)?;

@@ -45,8 +45,8 @@ pub use loss::{
     token_nll, CrossEntropy,
 };
 pub use low_rank::{
-    frozen_norm_linear, low_rank_linear, low_rank_norm_linear, low_rank_swiglu_linear, DenseMap,
-    FrozenMap,
+    cast_factors, frozen_norm_linear, low_rank_linear, low_rank_norm_linear,
+    low_rank_swiglu_linear, DenseMap, Factors, FrozenMap,
 };
 pub use norm::{layer_norm, rms_norm, NormedInput, Renorm};
 pub use rope::{apply_rope, rope_heads, RopeScaling, RotaryEmbedding};

@@ -121,6 +121,16 @@ pub trait Adapter: Send + Sync {
     /// Switch between training (dropout on) and inference.
     fn set_mode(&self, mode: AdapterMode);
 
+    /// Prepares what the next training forward reads of the variables, once they hold the
+    /// values that forward must see (the trainer calls it after `set_mode(Train)`, right before
+    /// every forward): LoRA casts all of its factors to the compute dtype in one launch instead
+    /// of two casts per layer. What is prepared is read by at most that one forward and dropped
+    /// by the next `set_mode` or `prepare_forward`, so a forward without it is correct, only
+    /// slower. Nothing by default.
+    fn prepare_forward(&self) -> Result<(), PeftError> {
+        Ok(())
+    }
+
     /// Write the adapter folder in PEFT's format (adapter_config.json + adapter_model.safetensors)
     /// through `peft::format`.
     fn save(&self, dir: &Path, base_model_name_or_path: &str) -> Result<(), PeftError>;

@@ -550,6 +550,8 @@ pub fn train_data_parallel(
             adapter.set_mode(AdapterMode::Train {
                 seed: mix_seed(settings.seed, &format!("dropout {micro_batch}")),
             });
+            // After the last optimizer step, so what it prepares holds this forward's values.
+            adapter.prepare_forward()?;
             let phase = Instant::now();
             let pass = at_step(step + 1, "forward", model.forward_pass(batch))?;
             // The loss is read once the backward is queued: reading it here would make the host

@@ -586,6 +586,10 @@ impl Adapter for WithAuxiliary {
         self.training.set(mode);
     }
 
+    fn prepare_forward(&self) -> Result<(), PeftError> {
+        self.inner.prepare_forward()
+    }
+
     fn save(&self, dir: &Path, base_model_name_or_path: &str) -> Result<(), PeftError> {
         let state = self.state().ok_or_else(|| {
             PeftError::invalid("the auxiliary modules are saved after the model is built")

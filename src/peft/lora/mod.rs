@@ -99,6 +99,17 @@ struct LoraLinear {
     original: Mutex<Option<Tensor>>,
     merged: AtomicBool,
     runtime: Arc<Runtime>,
+    /// `A` and `B` cast for the next training forward by [`LoraAdapter::prepare_forward`]
+    /// (taken by that forward, so never read twice), and the input dtype of the last training
+    /// forward, which is what they are cast to.
+    prepared: Mutex<Prepared>,
+}
+
+/// A layer's factors prepared for its next training forward.
+#[derive(Default)]
+struct Prepared {
+    factors: Option<(Tensor, Tensor)>,
+    input_dtype: Option<DType>,
 }
 
 /// y = x·Wᵀ (+ b) through the frozen matmul (no gradient for W).
@@ -191,6 +202,18 @@ impl LoraLinear {
         Ok((mask, a, b))
     }
 
+    /// The factors cast by [`LoraAdapter::prepare_forward`] for this training forward of an
+    /// input of `dtype` (taken: a later forward casts its own unless prepared again), and
+    /// `dtype` noted as the one to prepare next time. `None` outside training.
+    fn take_prepared(&self, dtype: DType) -> candle_core::Result<Option<(Tensor, Tensor)>> {
+        if !self.runtime.training.load(Ordering::Acquire) {
+            return Ok(None);
+        }
+        let mut prepared = self.prepared.lock().map_err(|_| lock_error(&self.path))?;
+        prepared.input_dtype = Some(dtype);
+        Ok(prepared.factors.take())
+    }
+
     /// The frozen base as an op's frozen map.
     fn frozen_map(&self) -> candle_core::Result<Arc<dyn crate::ops::FrozenMap>> {
         Ok(match &self.base {
@@ -213,7 +236,13 @@ impl LoraLinear {
             return self.forward(&x.normed()?, None);
         }
         let (mask, a, b) = self.factors(x.input())?;
-        crate::ops::low_rank_norm_linear(x, self.frozen_map()?, &a, &b, self.scale, mask)
+        let cast = self.take_prepared(x.input().dtype())?;
+        let factors = crate::ops::Factors {
+            a: &a,
+            b: &b,
+            cast: cast.as_ref().map(|(a, b)| (a, b)),
+        };
+        crate::ops::low_rank_norm_linear(x, self.frozen_map()?, factors, self.scale, mask)
     }
 
     /// `forward(x)`, or with `up`, `forward(silu(x) · up)` (`x` is then the gate).
@@ -246,11 +275,17 @@ impl LoraLinear {
         let Some(magnitude) = &self.magnitude else {
             // LoRA: base + s·B(A x) as one node (ops::low_rank_linear).
             let base = self.frozen_map()?;
+            let cast = self.take_prepared(x.dtype())?;
+            let factors = crate::ops::Factors {
+                a: &a,
+                b: &b,
+                cast: cast.as_ref().map(|(a, b)| (a, b)),
+            };
             return match fused_swiglu {
                 Some(up) => {
-                    crate::ops::low_rank_swiglu_linear(x, up, base, &a, &b, self.scale, mask)
+                    crate::ops::low_rank_swiglu_linear(x, up, base, factors, self.scale, mask)
                 }
-                None => crate::ops::low_rank_linear(x, base, &a, &b, self.scale, mask),
+                None => crate::ops::low_rank_linear(x, base, factors, self.scale, mask),
             };
         };
         // DoRA: the composition, as PEFT's DoraLinearLayer writes it.
@@ -690,6 +725,7 @@ impl LoraAdapter {
             original: Mutex::new(None),
             merged: AtomicBool::new(false),
             runtime: self.runtime.clone(),
+            prepared: Mutex::new(Prepared::default()),
         });
         let mut layers = self.layers.lock().map_err(|_| lock_error("LoRA layers"))?;
         if layers.iter().any(|existing| existing.path == path) {
@@ -775,6 +811,62 @@ impl Adapter for LoraAdapter {
             }
             AdapterMode::Eval => self.runtime.training.store(false, Ordering::Release),
         }
+        // Nothing prepared before a mode change is read after it.
+        if let Ok(layers) = self.layers() {
+            for layer in layers.iter() {
+                if let Ok(mut prepared) = layer.prepared.lock() {
+                    prepared.factors = None;
+                }
+            }
+        }
+    }
+
+    /// Every plain LoRA layer's `A` and `B` cast to the input dtype of its last training
+    /// forward, all in one launch on CUDA (`ops::cast_factors`), for the next forward to take.
+    /// Layers never run in training yet, DoRA layers, merged layers and factors already in
+    /// that dtype get nothing (their forward casts as before).
+    fn prepare_forward(&self) -> Result<(), PeftError> {
+        let layers = self.layers()?;
+        let mut groups: Vec<(DType, Vec<&Arc<LoraLinear>>)> = Vec::new();
+        for layer in layers.iter() {
+            let mut prepared = layer
+                .prepared
+                .lock()
+                .map_err(|_| PeftError::invalid(format!("{}: lock poisoned", layer.path)))?;
+            prepared.factors = None;
+            if !self.runtime.training.load(Ordering::Acquire)
+                || layer.magnitude.is_some()
+                || layer.merged.load(Ordering::Acquire)
+            {
+                continue;
+            }
+            let Some(dtype) = prepared.input_dtype else {
+                continue;
+            };
+            if layer.a.dtype() == dtype && layer.b.dtype() == dtype {
+                continue;
+            }
+            match groups.iter_mut().find(|(d, _)| *d == dtype) {
+                Some((_, group)) => group.push(layer),
+                None => groups.push((dtype, vec![layer])),
+            }
+        }
+        for (dtype, group) in groups {
+            let tensors: Vec<&Tensor> = group
+                .iter()
+                .flat_map(|layer| [layer.a.as_tensor(), layer.b.as_tensor()])
+                .collect();
+            let casts = crate::ops::cast_factors(&tensors, dtype)
+                .context(|| format!("casting LoRA's factors to {dtype:?} for the forward"))?;
+            for (layer, pair) in group.iter().zip(casts.chunks_exact(2)) {
+                layer
+                    .prepared
+                    .lock()
+                    .map_err(|_| PeftError::invalid(format!("{}: lock poisoned", layer.path)))?
+                    .factors = Some((pair[0].clone(), pair[1].clone()));
+            }
+        }
+        Ok(())
     }
 
     fn save(&self, dir: &Path, base_model_name_or_path: &str) -> Result<(), PeftError> {
@@ -1037,6 +1129,71 @@ mod tests {
         // The unadapted layer has no trainable vars.
         assert_eq!(vars.len(), 2);
         drop(frozen);
+    }
+
+    #[test]
+    fn prepared_factors_are_read_by_one_training_forward_only() {
+        let adapter = LoraAdapter::new(settings(&["q"]), &Device::Cpu).unwrap();
+        let weights = base(3, 5, 2);
+        let weights = LinearWeights {
+            weight: weights.weight.to_dtype(DType::BF16).unwrap(),
+            bias: weights.bias.map(|b| b.to_dtype(DType::BF16).unwrap()),
+        };
+        let layer = adapter.build("layer.q", weights).unwrap();
+        let x = input().to_dtype(DType::BF16).unwrap();
+        let vars = adapter.trainable_vars();
+        let b = |scale: f64| {
+            Tensor::new(&[[0.1f32, -0.2], [0.3, 0.4], [-0.5, 0.6]], &Device::Cpu)
+                .unwrap()
+                .affine(scale, 0.0)
+                .unwrap()
+        };
+        vars[1].1.set(&b(1.0)).unwrap();
+        let run = || {
+            let y = layer.forward(&x).unwrap();
+            let grads = y
+                .to_dtype(DType::F32)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            let grad = |v: &Var| grads.get(v.as_tensor()).unwrap().to_vec2::<f32>().unwrap();
+            let y = y.to_dtype(DType::F32).unwrap().to_vec3::<f32>().unwrap();
+            (y, grad(&vars[0].1), grad(&vars[1].1))
+        };
+        let prepared = || {
+            adapter.layers().unwrap()[0]
+                .prepared
+                .lock()
+                .unwrap()
+                .factors
+                .is_some()
+        };
+        // Nothing to prepare before a training forward has shown the input dtype.
+        adapter.set_mode(AdapterMode::Train { seed: 1 });
+        adapter.prepare_forward().unwrap();
+        assert!(!prepared());
+        let cast_in_the_forward = run();
+        // Prepared: the same output and gradients, and the forward takes what was prepared.
+        adapter.prepare_forward().unwrap();
+        assert!(prepared());
+        assert_eq!(run(), cast_in_the_forward);
+        assert!(!prepared(), "the forward took the prepared factors");
+        // The variables change after a prepared forward: the next forward sees the new values.
+        vars[1].1.set(&b(-2.0)).unwrap();
+        let after_change = run();
+        adapter.set_mode(AdapterMode::Train { seed: 1 });
+        adapter.prepare_forward().unwrap();
+        assert_eq!(run(), after_change);
+        assert_ne!(after_change.0, cast_in_the_forward.0);
+        // A mode change drops what was prepared; inference prepares nothing.
+        adapter.prepare_forward().unwrap();
+        adapter.set_mode(AdapterMode::Train { seed: 2 });
+        assert!(!prepared());
+        adapter.set_mode(AdapterMode::Eval);
+        adapter.prepare_forward().unwrap();
+        assert!(!prepared());
     }
 
     #[test]

@@ -121,6 +121,10 @@ impl Adapter for QloraAdapter {
         self.lora().set_mode(mode);
     }
 
+    fn prepare_forward(&self) -> Result<(), PeftError> {
+        self.lora().prepare_forward()
+    }
+
     fn save(&self, dir: &Path, base_model_name_or_path: &str) -> Result<(), PeftError> {
         self.lora().save(dir, base_model_name_or_path)
     }

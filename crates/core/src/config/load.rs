@@ -2186,9 +2186,7 @@ fn published_inputs(
             let path = comparable(&file.path);
             published
                 .iter()
-                .find(|(publisher, destination)| {
-                    publisher != name && path.starts_with(destination)
-                })
+                .find(|(publisher, destination)| publisher != name && path.starts_with(destination))
                 .map(|(publisher, destination)| (file, *publisher, destination))
         });
         if let Some((file, publisher, destination)) = found {
