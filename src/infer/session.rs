@@ -113,16 +113,42 @@ impl InferenceModel {
 }
 
 /// The 4-bit base an adapter folder was trained over, and the file that says so: an exported
-/// folder's own [`crate::config::evaluate::ADAPTER_BASE_RECORD`], else a train artifact's sibling `base_model.json`
-/// (`quantization`, written by a QLoRA run); `None` for any other folder.
+/// folder's own [`crate::config::evaluate::ADAPTER_BASE_RECORD`], else a train artifact's sibling
+/// `base_model.json` (`quantization`, written by a QLoRA run); `None` for any other folder. When
+/// both exist they must say the same (one adapter, one base): otherwise an error naming both.
 pub fn recorded_base_quantization(
     adapter_dir: &Path,
 ) -> Result<Option<(BaseQuantization, PathBuf)>, String> {
-    let Some(record) = crate::config::evaluate::adapter_base_record(adapter_dir) else {
+    let records = crate::config::evaluate::adapter_base_records(adapter_dir);
+    let Some(first) = records.first() else {
         return Ok(None);
     };
-    let text =
-        std::fs::read_to_string(&record).map_err(|e| format!("{}: {e}", record.display()))?;
+    let recorded = read_base_record(first)?;
+    if let Some(sibling) = records.get(1) {
+        let other = read_base_record(sibling)?;
+        let base = |record: &Option<(BaseQuantization, PathBuf)>| match record {
+            Some((quantization, _)) => format!("the 4-bit base {}", quantization.to_json()),
+            None => "a 16-bit base".to_string(),
+        };
+        let setting = |record: &Option<(BaseQuantization, PathBuf)>| {
+            record.as_ref().map(|(quantization, _)| *quantization)
+        };
+        if setting(&recorded) != setting(&other) {
+            return Err(format!(
+                "{}: records {}, but {} beside the adapter folder records {}; an adapter is trained over one base: delete or correct the record that is wrong",
+                first.display(),
+                base(&recorded),
+                sibling.display(),
+                base(&other)
+            ));
+        }
+    }
+    Ok(recorded)
+}
+
+/// One record file's 4-bit base ([`recorded_base_quantization`]).
+fn read_base_record(record: &Path) -> Result<Option<(BaseQuantization, PathBuf)>, String> {
+    let text = std::fs::read_to_string(record).map_err(|e| format!("{}: {e}", record.display()))?;
     let value: serde_json::Value = serde_json::from_str(&text)
         .map_err(|e| format!("{}: invalid JSON: {e}", record.display()))?;
     let own = record.file_name() == Some(std::ffi::OsStr::new(ADAPTER_BASE_RECORD));
@@ -135,7 +161,7 @@ pub fn recorded_base_quantization(
         )),
         None | Some(serde_json::Value::Null) => Ok(None),
         Some(quantization) => BaseQuantization::from_json(quantization)
-            .map(|quantization| Some((quantization, record.clone())))
+            .map(|quantization| Some((quantization, record.to_path_buf())))
             .map_err(|message| format!("{}: quantization: {message}", record.display())),
     }
 }
@@ -283,4 +309,60 @@ pub fn generate_many(
             })
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(path: &Path, value: serde_json::Value) {
+        std::fs::write(path, value.to_string()).unwrap();
+    }
+
+    #[test]
+    fn an_adapter_folder_with_two_records_needs_them_to_agree() {
+        let root = tempfile::tempdir().unwrap();
+        let folder = root.path().join("adapter");
+        std::fs::create_dir(&folder).unwrap();
+        let own = folder.join(ADAPTER_BASE_RECORD);
+        let sibling = root.path().join("base_model.json");
+        let nf4 = serde_json::json!({"quant_type": "nf4", "double_quant": true, "block_size": 64});
+        let fp4 = serde_json::json!({"quant_type": "fp4", "double_quant": true, "block_size": 64});
+        // Only the train artifact's record: it counts.
+        write(
+            &sibling,
+            serde_json::json!({"model": "m", "quantization": fp4}),
+        );
+        let (found, path) = recorded_base_quantization(&folder).unwrap().unwrap();
+        assert_eq!(
+            (found.config.quant_type.name(), path),
+            ("fp4", sibling.clone())
+        );
+        // Both, disagreeing: an error naming both files, never one silently over the other.
+        write(&own, serde_json::json!({"quantization": nf4}));
+        let error = recorded_base_quantization(&folder).unwrap_err();
+        assert!(
+            error.contains(&own.display().to_string())
+                && error.contains(&sibling.display().to_string())
+                && error.contains("\"fp4\"")
+                && error.contains("\"nf4\""),
+            "{error}"
+        );
+        // A 16-bit run's record beside a 4-bit one disagrees too.
+        write(&sibling, serde_json::json!({"model": "m"}));
+        let error = recorded_base_quantization(&folder).unwrap_err();
+        assert!(error.contains("a 16-bit base"), "{error}");
+        // Both saying the same: the folder's own record.
+        write(
+            &sibling,
+            serde_json::json!({"model": "m", "quantization": nf4}),
+        );
+        let (found, path) = recorded_base_quantization(&folder).unwrap().unwrap();
+        assert_eq!((found.config.quant_type.name(), path), ("nf4", own.clone()));
+        assert_eq!(
+            crate::config::evaluate::adapter_base_records(&folder),
+            vec![own, sibling],
+            "both are read, so both are inputs"
+        );
+    }
 }

@@ -547,7 +547,7 @@ pub fn adapter_files(written: &str, dir: &Path) -> Result<Vec<std::path::PathBuf
         ));
     }
     let mut files = vec![config, weights];
-    files.extend(adapter_base_record(dir));
+    files.extend(adapter_base_records(dir));
     Ok(files)
 }
 
@@ -556,17 +556,18 @@ pub fn adapter_files(written: &str, dir: &Path) -> Result<Vec<std::path::PathBuf
 /// adapter was trained over a 4-bit base.
 pub const ADAPTER_BASE_RECORD: &str = "peftpipe_base_quantization.json";
 
-/// The record of the base an adapter folder was trained over, when there is one: the folder's
-/// own [`ADAPTER_BASE_RECORD`], else a train artifact's `base_model.json` beside it. Evaluating
-/// the adapter reads it, so it is one of the stage's inputs.
-pub fn adapter_base_record(dir: &Path) -> Option<std::path::PathBuf> {
-    let own = dir.join(ADAPTER_BASE_RECORD);
-    if own.is_file() {
-        return Some(own);
-    }
-    dir.parent()
-        .map(|parent| parent.join("base_model.json"))
-        .filter(|sibling| sibling.is_file())
+/// The records of the base an adapter folder was trained over, those that exist, in this order:
+/// the folder's own [`ADAPTER_BASE_RECORD`], then a train artifact's `base_model.json` beside it.
+/// The first is the one that counts; evaluating the adapter reads both to check that they agree,
+/// so both are among the stage's inputs.
+pub fn adapter_base_records(dir: &Path) -> Vec<std::path::PathBuf> {
+    let own = Some(dir.join(ADAPTER_BASE_RECORD));
+    let sibling = dir.parent().map(|parent| parent.join("base_model.json"));
+    [own, sibling]
+        .into_iter()
+        .flatten()
+        .filter(|record| record.is_file())
+        .collect()
 }
 
 /// Is `text` a device spelling we accept (`auto`, `cpu`, `cuda`, `cuda:N`)?
