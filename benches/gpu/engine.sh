@@ -27,7 +27,7 @@
 #            (PEFTPIPE_UNFUSED=lora_gemm); the previous (wmma)
 #            flash-attention kernels (PEFTPIPE_FLASH=wmma); QLoRA with the fused dequantize + GEMM
 #            vs dequantize + cuBLAS (PEFTPIPE_QGEMM)
-#   ab-qlora two builds (OLD_BIN and this one) alternating at the QLoRA shapes (1B 8x512, 8B
+#   ab-qlora two builds (OLD_BIN, if set, and this one) alternating at the QLoRA shapes (1B 8x512, 8B
 #            1x4096), beside Unsloth's QLoRA at both; AB_UNFUSED=KERNEL adds this build with that
 #            kernel off at 1B
 #   qlora    QLoRA (NF4, double quant, r16 a32, all linears) at 8x512, checkpointing off and on,
@@ -289,11 +289,16 @@ PY
     # Two builds side by side: OLD_BIN (an earlier peftpipe, e.g. carried xz-compressed in an
     # excluded folder) and this one, alternating (old, new, old, new) at the 1B shape 8x512 and the
     # 8B shape 1x4096, QLoRA r16 a32 on all linears, beside Unsloth's QLoRA at both shapes.
-    [ -n "${OLD_BIN:-}" ] && [ -x "$OLD_BIN" ] || { echo "ab-qlora: set OLD_BIN to an executable"; exit 2; }
+    # Without OLD_BIN only this build runs (with AB_UNFUSED: this build with and without).
+    old=""
+    if [ -n "${OLD_BIN:-}" ]; then
+      [ -x "$OLD_BIN" ] || { echo "ab-qlora: OLD_BIN is not an executable"; exit 2; }
+      old=old
+    fi
     q="qlora: {r: 16, alpha: 32, target_modules: all-linear}"
     # AB_UNFUSED=KERNEL[,..]: also this build with those kernels off (PEFTPIPE_UNFUSED), at 1B.
     for round in 1 2; do
-      for which in old new ${AB_UNFUSED:+unfused}; do
+      for which in $old new ${AB_UNFUSED:+unfused}; do
         b=$BIN; [ "$which" = old ] && b=$OLD_BIN
         off=""; [ "$which" = unfused ] && off=$AB_UNFUSED
         echo "== $which${off:+ ($off off)} (round $round): 1B 8x512"
@@ -302,7 +307,7 @@ PY
           | tee -a "$OUT/ab-qlora-$which.txt"
       done
     done
-    for which in old new; do
+    for which in $old new; do
       b=$BIN; [ "$which" = old ] && b=$OLD_BIN
       echo "== $which: 8B 1x4096"
       timeout 200 "$b" bench train --config gpu-run/llama-3.1-8b.config.json --device cuda --shapes 1x4096 \
