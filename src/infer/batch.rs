@@ -25,7 +25,8 @@ pub fn joined(prompt: &[u32], completion: &[u32]) -> Sequence {
 pub struct Batch {
     /// `[batch, time]` u32 token ids (padding: `pad_id`).
     pub input_ids: Tensor,
-    /// `[batch, time]` u32, 1 for tokens and 0 for padding.
+    /// `[batch, time]` u32, 1 for tokens and 0 for padding; on the host, where the model's plan
+    /// reads it (a device copy would be read back, waiting for every kernel queued before it).
     pub attention_mask: Tensor,
     /// `[batch, time]` u32: the token each position predicts (the next token; 0 where none).
     pub targets: Tensor,
@@ -69,7 +70,7 @@ impl Batch {
         }
         Ok(Batch {
             input_ids: Tensor::from_vec(host.input_ids.clone(), (count, time), device)?,
-            attention_mask: Tensor::from_vec(host.attention_mask(), (count, time), device)?,
+            attention_mask: Tensor::from_vec(host.attention_mask(), (count, time), &Device::Cpu)?,
             targets: Tensor::from_vec(targets, (count, time), device)?,
             scored,
         })

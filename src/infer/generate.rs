@@ -2,7 +2,7 @@
 //! are fed once (left-padded and masked in a batch), then one token per unfinished row per step,
 //! until EOS, the token budget, the model's context length or a caller's stop test.
 
-use candle_core::{DType, IndexOp, Tensor};
+use candle_core::{DType, Device, IndexOp, Tensor};
 use serde::Serialize;
 
 use super::sample::{Sampler, Sampling};
@@ -129,7 +129,8 @@ pub fn generate_batch<M: LanguageModel, P: AsRef<[u32]>>(
     }
     let rows = prompts.len();
     let mut input = Tensor::from_vec(ids, (rows, longest), device)?;
-    let mut input_mask = Some(Tensor::from_vec(mask, (rows, longest), device)?);
+    // On the host, where the model's plan reads it (no read-back from the GPU).
+    let mut input_mask = Some(Tensor::from_vec(mask, (rows, longest), &Device::Cpu)?);
     // The rows still generating, in the order of the cache's rows.
     let mut active: Vec<usize> = (0..rows).collect();
     let mut cache = model.new_cache()?;
