@@ -365,4 +365,44 @@ mod tests {
             "both are read, so both are inputs"
         );
     }
+
+    #[test]
+    fn a_folder_named_without_a_last_name_still_finds_the_record_beside_it() {
+        let root = tempfile::tempdir().unwrap();
+        let folder = root.path().join("art").join("adapter");
+        std::fs::create_dir_all(folder.join("sub")).unwrap();
+        let sibling = root.path().join("art").join("base_model.json");
+        let fp4 = serde_json::json!({"quant_type": "fp4", "double_quant": true, "block_size": 64});
+        write(
+            &sibling,
+            serde_json::json!({"model": "m", "quantization": fp4}),
+        );
+        // `adapter/sub/..` is the folder (as `.` is from inside it): its parent is `art`.
+        let (found, _) = recorded_base_quantization(&folder.join("sub").join(".."))
+            .unwrap()
+            .expect("the train artifact's record beside the folder");
+        assert_eq!(found.config.quant_type.name(), "fp4");
+    }
+
+    #[test]
+    fn a_record_that_is_there_but_unreadable_is_an_error_not_no_record() {
+        let root = tempfile::tempdir().unwrap();
+        let folder = root.path().join("adapter");
+        std::fs::create_dir(&folder).unwrap();
+        let own = folder.join(ADAPTER_BASE_RECORD);
+        // A folder where the record should be.
+        std::fs::create_dir(&own).unwrap();
+        let error = recorded_base_quantization(&folder).unwrap_err();
+        assert!(error.contains(&own.display().to_string()), "{error}");
+        std::fs::remove_dir(&own).unwrap();
+        // A dangling link, in either place.
+        #[cfg(unix)]
+        for record in [own.clone(), root.path().join("base_model.json")] {
+            std::os::unix::fs::symlink(root.path().join("gone.json"), &record).unwrap();
+            let error = recorded_base_quantization(&folder).unwrap_err();
+            assert!(error.contains(&record.display().to_string()), "{error}");
+            std::fs::remove_file(&record).unwrap();
+        }
+        assert_eq!(recorded_base_quantization(&folder).unwrap(), None);
+    }
 }

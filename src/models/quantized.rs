@@ -733,12 +733,12 @@ impl BaseQuantization {
             block_size,
             double_quant,
         };
-        config.validate().map_err(|error| error.to_string())?;
         // A QLoRA base is set up with 64..4096 only (method.qlora, base_quantization), so no
-        // run writes a record of 32 (bitsandbytes' ROCm-only size).
+        // run writes a record of another size (32 is bitsandbytes' ROCm-only one).
         if let Some(problem) = crate::config::method::block_size_problem(block_size) {
             return Err(format!("`block_size` {problem}"));
         }
+        config.validate().map_err(|error| error.to_string())?;
         Ok(Self {
             config,
             compute_dtype,
@@ -1104,7 +1104,7 @@ mod tests {
             ),
             (
                 serde_json::json!({"quant_type": "nf4", "double_quant": true, "block_size": 100}),
-                "block size",
+                "`block_size` must be a power of two from 64 to 4096",
             ),
             (
                 serde_json::json!({"quant_type": "fp4", "double_quant": false, "block_size": 32}),

@@ -391,7 +391,7 @@ impl EvalPlan {
 fn external_base(
     name: &str,
     asked: Option<&BaseQuantization>,
-    stored: Option<&BnbQuantization>,
+    stored: Option<&StoredBase>,
     recorded: Option<(BaseQuantization, PathBuf)>,
 ) -> (Option<BaseQuantization>, Option<String>) {
     let Some((recorded, record)) = recorded else {
@@ -414,17 +414,24 @@ fn external_base(
         None => match stored {
             Some(stored)
                 if recorded.prequantized
-                    && (stored.quant_type, stored.double_quant)
-                        == (recorded.config.quant_type, recorded.config.double_quant) =>
+                    && (stored.settings.quant_type, stored.settings.double_quant)
+                        == (recorded.config.quant_type, recorded.config.double_quant)
+                    && stored
+                        .block_size
+                        .is_none_or(|size| size == recorded.config.block_size) =>
             {
                 (None, None)
             }
             Some(stored) => (
                 None,
                 Some(format!(
-                    "{trained}; it is scored over this base model's 4-bit weights as stored ({}, double_quant {}), which may not be the weights it learned on",
-                    stored.quant_type.name(),
-                    stored.double_quant
+                    "{trained}; it is scored over this base model's 4-bit weights as stored ({}, double_quant {}{}), which may not be the weights it learned on",
+                    stored.settings.quant_type.name(),
+                    stored.settings.double_quant,
+                    stored
+                        .block_size
+                        .map(|size| format!(", blocks of {size}"))
+                        .unwrap_or_default()
                 )),
             ),
             None => recorded_16bit(trained, recorded),
@@ -1021,15 +1028,32 @@ impl CandidatesMetricsFile {
 /// The 4-bit base an evaluate stage's `base_quantization` asks for over the model at
 /// `base_path` (checked against the checkpoint's own 4-bit storage when it has one), and
 /// whether that checkpoint is stored in 4 bits (then it is 4-bit with or without the field).
+/// A base model saved in bitsandbytes 4-bit: config.json's settings and the weights' block
+/// size (from their stored sizes; `None` when they do not share one, which loading refuses).
+struct StoredBase {
+    settings: BnbQuantization,
+    block_size: Option<usize>,
+}
+
 fn asked_base_quantization(
     config: &EvaluateConfig,
     base_path: &Path,
     stage: &str,
-) -> Result<(Option<BaseQuantization>, Option<BnbQuantization>), StageError> {
+) -> Result<(Option<BaseQuantization>, Option<StoredBase>), StageError> {
     let dir = ModelDir::open(base_path).map_err(|error| StageError::user(error.to_string()))?;
     let stored = dir.stored_quantization();
+    let stored_base = stored.map(|settings| {
+        let sizes = dir.stored_block_sizes();
+        StoredBase {
+            settings: settings.clone(),
+            block_size: match sizes.keys().collect::<Vec<_>>().as_slice() {
+                [size] => Some(**size),
+                _ => None,
+            },
+        }
+    });
     let Some(settings) = &config.base_quantization else {
-        return Ok((None, stored.cloned()));
+        return Ok((None, stored_base));
     };
     let at = format!("stages.{stage}.evaluate.base_quantization");
     if matches!(dir.config(), ModelConfig::Gpt2(_)) {
@@ -1043,7 +1067,7 @@ fn asked_base_quantization(
         qlora::check_stored_base(&quantization, stored, &dir.config_path(), &at)
             .map_err(|error| StageError::user(error.to_string()))?;
     }
-    Ok((Some(quantization), stored.cloned()))
+    Ok((Some(quantization), stored_base))
 }
 
 /// A candidate's method as the comparison names it: a LoRA (DoRA) adapter over a 4-bit base is
@@ -1409,6 +1433,39 @@ mod tests {
     use crate::infer::score::tests::BigramModel;
     use crate::infer::text::tests::LetterCodec;
     use crate::stages::{NullSink, RunOptions};
+
+    #[test]
+    fn a_stored_base_in_other_blocks_than_the_record_is_said_in_the_note() {
+        let recorded = BaseQuantization::from_json(&serde_json::json!({
+            "quant_type": "nf4", "double_quant": true, "block_size": 64, "prequantized": true
+        }))
+        .unwrap();
+        let stored = |block_size| StoredBase {
+            settings: BnbQuantization {
+                quant_type: recorded.config.quant_type,
+                double_quant: true,
+                compute_dtype: None,
+            },
+            block_size,
+        };
+        let note = |stored: StoredBase| {
+            external_base(
+                "ext",
+                None,
+                Some(&stored),
+                Some((recorded, PathBuf::from("a/peftpipe_base_quantization.json"))),
+            )
+            .1
+        };
+        // The checkpoint it trained over, as far as the files tell: scored as trained, no note.
+        assert_eq!(note(stored(Some(64))), None);
+        // The same type and double quantization but blocks of 32: not the base it learned on.
+        let said = note(stored(Some(32))).expect("a note");
+        assert!(
+            said.contains("blocks of 32") && said.contains("ext"),
+            "{said}"
+        );
+    }
 
     /// YAML → JSON value → the config (as the loader does).
     fn config(yaml: &str) -> EvaluateConfig {

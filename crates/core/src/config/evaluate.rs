@@ -560,13 +560,24 @@ pub const ADAPTER_BASE_RECORD: &str = "peftpipe_base_quantization.json";
 /// the folder's own [`ADAPTER_BASE_RECORD`], then a train artifact's `base_model.json` beside it.
 /// The first is the one that counts; evaluating the adapter reads both to check that they agree,
 /// so both are among the stage's inputs.
+///
+/// A record that is there but no readable file (a dangling link, a folder) is listed too, so
+/// that reading it fails naming it instead of the adapter passing for one with no record.
 pub fn adapter_base_records(dir: &Path) -> Vec<std::path::PathBuf> {
     let own = Some(dir.join(ADAPTER_BASE_RECORD));
-    let sibling = dir.parent().map(|parent| parent.join("base_model.json"));
+    // `.`, `..` or `x/..` have no last name to strip: the folder's parent is its real one's.
+    let parent = match dir.file_name() {
+        Some(_) => dir.parent().map(Path::to_path_buf),
+        None => dir
+            .canonicalize()
+            .ok()
+            .and_then(|real| real.parent().map(Path::to_path_buf)),
+    };
+    let sibling = parent.map(|parent| parent.join("base_model.json"));
     [own, sibling]
         .into_iter()
         .flatten()
-        .filter(|record| record.is_file())
+        .filter(|record| record.symlink_metadata().is_ok())
         .collect()
 }
 

@@ -110,7 +110,14 @@ impl Stored4bit {
                     ),
                 )
                 .about_value()
-                .with_hint(format!("set block_size: {}, or {otherwise}", stored.size)),
+                .with_hint(match super::method::block_size_problem(stored.size) {
+                    // Blocks of 32 (bitsandbytes' ROCm-only size) are no block_size to set.
+                    Some(_) => format!(
+                        "blocks of {} are not among the sizes a 4-bit base takes (64 to 4096): {otherwise}",
+                        stored.size
+                    ),
+                    None => format!("set block_size: {}, or {otherwise}", stored.size),
+                }),
             ),
             [first, rest @ ..] => {
                 let others: Vec<String> = rest
@@ -266,5 +273,47 @@ impl Probe for TestProbe {
                 kv_dim: 64,
             }),
         }
+    }
+}
+
+#[cfg(test)]
+mod stored_tests {
+    use super::*;
+
+    fn stored(size: usize) -> Stored4bit {
+        Stored4bit {
+            config_path: "b32/config.json".into(),
+            quant_type: "nf4".into(),
+            double_quant: true,
+            block_sizes: vec![StoredBlocks {
+                size,
+                tensor: "model.layers.0.mlp.down_proj.weight".into(),
+                file: "b32/model.safetensors".into(),
+            }],
+        }
+    }
+
+    #[test]
+    fn a_stored_block_size_no_config_takes_is_not_offered_as_the_fix() {
+        let mut problems = Vec::new();
+        let at = "stages.tune.train.method.qlora";
+        let otherwise = "train from the 16-bit original";
+        stored(32).check_settings(("nf4", true, 64), at, otherwise, &mut problems);
+        let [problem] = problems.as_slice() else {
+            panic!("one problem: {problems:?}")
+        };
+        let hint = problem.hint.as_deref().unwrap_or_default();
+        assert_eq!(problem.path, format!("{at}.block_size"));
+        assert!(
+            !hint.contains("set block_size")
+                && hint.contains("64 to 4096")
+                && hint.contains(otherwise),
+            "{hint}"
+        );
+        // A size a config takes is the value to write.
+        let mut problems = Vec::new();
+        stored(128).check_settings(("nf4", true, 64), at, otherwise, &mut problems);
+        let hint = problems[0].hint.as_deref().unwrap_or_default();
+        assert!(hint.contains("set block_size: 128"), "{hint}");
     }
 }
