@@ -773,7 +773,7 @@ fn external_adapters_over_the_prequantized_checkpoint_score_as_its_train_stage()
     assert!(
         stderr.contains("was trained over a 4-bit nf4, double quant, block 64 base")
             && stderr.contains("peftpipe_base_quantization.json")
-            && stderr.contains("as stored (fp4, double_quant false)"),
+            && stderr.contains("as stored (fp4, double_quant false, blocks of 128)"),
         "{stderr}"
     );
     let output = peftpipe()
