@@ -382,6 +382,16 @@ mod tests {
             .unwrap()
             .expect("the train artifact's record beside the folder");
         assert_eq!(found.config.quant_type.name(), "fp4");
+        // A link to the folder: the record beside the folder, not beside the link.
+        #[cfg(unix)]
+        {
+            let link = root.path().join("linked");
+            std::os::unix::fs::symlink(&folder, &link).unwrap();
+            let (found, _) = recorded_base_quantization(&link)
+                .unwrap()
+                .expect("the train artifact's record beside the linked folder");
+            assert_eq!(found.config.quant_type.name(), "fp4");
+        }
     }
 
     #[test]

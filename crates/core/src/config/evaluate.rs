@@ -565,10 +565,14 @@ pub const ADAPTER_BASE_RECORD: &str = "peftpipe_base_quantization.json";
 /// that reading it fails naming it instead of the adapter passing for one with no record.
 pub fn adapter_base_records(dir: &Path) -> Vec<std::path::PathBuf> {
     let own = Some(dir.join(ADAPTER_BASE_RECORD));
-    // `.`, `..` or `x/..` have no last name to strip: the folder's parent is its real one's.
+    // `.`, `..` or `x/..` have no last name to strip, and a link's parent is not its
+    // folder's: then the parent is the real folder's.
+    let linked = dir
+        .symlink_metadata()
+        .is_ok_and(|meta| meta.file_type().is_symlink());
     let parent = match dir.file_name() {
-        Some(_) => dir.parent().map(Path::to_path_buf),
-        None => dir
+        Some(_) if !linked => dir.parent().map(Path::to_path_buf),
+        _ => dir
             .canonicalize()
             .ok()
             .and_then(|real| real.parent().map(Path::to_path_buf)),
