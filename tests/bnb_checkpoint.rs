@@ -43,7 +43,7 @@ use peftpipe::models::quantized::{
 use peftpipe::models::quantized_writer::state_dict;
 use peftpipe::models::{FrozenLinearFactory, Hooks, LinearFactory, ModelDir};
 use peftpipe::quant::{Absmax, QuantConfig, QuantType, QuantizedTensor};
-use support::{peftpipe, shared_dir};
+use support::{generate_two_tokens, peftpipe, shared_dir};
 
 type TestResult = Result<(), Box<dyn std::error::Error>>;
 
@@ -776,20 +776,7 @@ fn external_adapters_over_the_prequantized_checkpoint_score_as_its_train_stage()
             && stderr.contains("as stored (fp4, double_quant false, blocks of 128)"),
         "{stderr}"
     );
-    let output = peftpipe()
-        .arg("generate")
-        .arg(&other)
-        .arg("--adapter")
-        .arg(&adapter)
-        .args([
-            "--prompt",
-            "Once",
-            "--max-new-tokens",
-            "2",
-            "--device",
-            "cpu",
-        ])
-        .output()?;
+    let output = generate_two_tokens(&other, &adapter);
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(
         !output.status.success(),

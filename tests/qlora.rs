@@ -22,7 +22,7 @@ use peftpipe::models::{
 use peftpipe::peft::{new_adapter, Adapter, AdapterMode, MethodContext};
 use peftpipe::quant::QuantConfig;
 use peftpipe::train::trainer::{CausalLmLoss, LossModel};
-use support::{max_difference, peftpipe, shared_dir};
+use support::{generate_two_tokens, max_difference, peftpipe, shared_dir};
 
 fn stories(shared: &Path) -> ModelDir {
     ModelDir::open(&shared.join("models/stories260k")).unwrap()
@@ -553,21 +553,7 @@ fn an_external_qlora_adapter_is_scored_over_the_4bit_base_that_base_quantization
                 && stderr.contains("peftpipe_base_quantization.json"),
             "{damaged}: {stderr}"
         );
-        let output = peftpipe()
-            .arg("generate")
-            .arg(shared.join("models/stories260k"))
-            .arg("--adapter")
-            .arg(&folder)
-            .args([
-                "--prompt",
-                "Once",
-                "--max-new-tokens",
-                "2",
-                "--device",
-                "cpu",
-            ])
-            .output()
-            .unwrap();
+        let output = generate_two_tokens(&shared.join("models/stories260k"), &folder);
         let stderr = String::from_utf8_lossy(&output.stderr);
         assert!(!output.status.success(), "{damaged}");
         assert!(

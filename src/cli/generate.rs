@@ -313,9 +313,7 @@ fn asked_quantization(
     let stored = dir.stored_quantization();
     let asked = qlora::base_quantization(&settings, stored.is_some());
     if let Some(stored) = stored {
-        if (stored.quant_type, stored.double_quant)
-            != (asked.config.quant_type, asked.config.double_quant)
-        {
+        if !stored.has_settings_of(&asked.config) {
             return Err(format!(
                 "{}: key `quantization_config`: the checkpoint is stored in bitsandbytes 4-bit ({}, double_quant {}) and is used as stored, never re-quantized; --load-in-4bit asks for {} with double_quant {}: drop the flag",
                 dir.config_path().display(),

@@ -171,10 +171,7 @@ fn read_base_record(record: &Path) -> Result<Option<(BaseQuantization, PathBuf)>
 /// settings (a base that changed under the adapter is an error, never a silent other base).
 fn check_recorded_base(quantization: &BaseQuantization, dir: &ModelDir) -> Result<(), String> {
     match (quantization.prequantized, dir.stored_quantization()) {
-        (true, Some(stored))
-            if (stored.quant_type, stored.double_quant)
-                != (quantization.config.quant_type, quantization.config.double_quant) =>
-        {
+        (true, Some(stored)) if !stored.has_settings_of(&quantization.config) => {
             Err(format!(
                 "{}: key `quantization_config`: this checkpoint is stored in 4 bits as {} (double_quant {}), but the adapter was trained over one stored as {} (double_quant {}); point at the checkpoint it was trained over",
                 dir.config_path().display(),

@@ -127,6 +127,14 @@ pub struct BnbQuantization {
     pub compute_dtype: Option<DType>,
 }
 
+impl BnbQuantization {
+    /// Whether a 4-bit base of `config` has this checkpoint's quant type and double
+    /// quantization (its block size is in the weights' stored sizes, not in config.json).
+    pub fn has_settings_of(&self, config: &QuantConfig) -> bool {
+        (self.quant_type, self.double_quant) == (config.quant_type, config.double_quant)
+    }
+}
+
 fn torch_dtype(name: &str) -> Option<DType> {
     match name.trim_start_matches("torch.") {
         "bfloat16" => Some(DType::BF16),

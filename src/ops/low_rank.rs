@@ -117,7 +117,16 @@ impl<'a> From<(&'a Tensor, &'a Tensor)> for Factors<'a> {
     }
 }
 
-impl Factors<'_> {
+impl<'a> Factors<'a> {
+    /// `a` and `b` with the copies the caller prepared, if any.
+    pub fn with_cast(a: &'a Tensor, b: &'a Tensor, cast: Option<&'a (Tensor, Tensor)>) -> Self {
+        Self {
+            a,
+            b,
+            cast: cast.map(|(a, b)| (a, b)),
+        }
+    }
+
     /// `A` and `B` detached in `dtype`: the prepared copies when they fit, else cast now.
     fn in_dtype(&self, dtype: DType) -> Result<(Tensor, Tensor)> {
         match self.cast {

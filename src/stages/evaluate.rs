@@ -414,8 +414,7 @@ fn external_base(
         None => match stored {
             Some(stored)
                 if recorded.prequantized
-                    && (stored.settings.quant_type, stored.settings.double_quant)
-                        == (recorded.config.quant_type, recorded.config.double_quant)
+                    && stored.settings.has_settings_of(&recorded.config)
                     && stored
                         .block_size
                         .is_none_or(|size| size == recorded.config.block_size) =>

@@ -32,6 +32,26 @@ pub fn peftpipe() -> Command {
     Command::new(env!("CARGO_BIN_EXE_peftpipe"))
 }
 
+/// `peftpipe generate MODEL --adapter ADAPTER --prompt Once --max-new-tokens 2 --device cpu`:
+/// a short generation, for tests of whether it runs (and of its error) over an adapter.
+pub fn generate_two_tokens(model: &Path, adapter: &Path) -> std::process::Output {
+    peftpipe()
+        .arg("generate")
+        .arg(model)
+        .arg("--adapter")
+        .arg(adapter)
+        .args([
+            "--prompt",
+            "Once",
+            "--max-new-tokens",
+            "2",
+            "--device",
+            "cpu",
+        ])
+        .output()
+        .expect("running peftpipe generate")
+}
+
 /// config.json of the tiny Llama: 2 layers, hidden 16, GQA 4/2 heads, vocabulary 40, untied head.
 pub fn tiny_llama_json() -> serde_json::Value {
     serde_json::json!({

@@ -237,11 +237,7 @@ impl LoraLinear {
         }
         let (mask, a, b) = self.factors(x.input())?;
         let cast = self.take_prepared(x.input().dtype())?;
-        let factors = crate::ops::Factors {
-            a: &a,
-            b: &b,
-            cast: cast.as_ref().map(|(a, b)| (a, b)),
-        };
+        let factors = crate::ops::Factors::with_cast(&a, &b, cast.as_ref());
         crate::ops::low_rank_norm_linear(x, self.frozen_map()?, factors, self.scale, mask)
     }
 
@@ -276,11 +272,7 @@ impl LoraLinear {
             // LoRA: base + s·B(A x) as one node (ops::low_rank_linear).
             let base = self.frozen_map()?;
             let cast = self.take_prepared(x.dtype())?;
-            let factors = crate::ops::Factors {
-                a: &a,
-                b: &b,
-                cast: cast.as_ref().map(|(a, b)| (a, b)),
-            };
+            let factors = crate::ops::Factors::with_cast(&a, &b, cast.as_ref());
             return match fused_swiglu {
                 Some(up) => {
                     crate::ops::low_rank_swiglu_linear(x, up, base, factors, self.scale, mask)
@@ -827,6 +819,7 @@ impl Adapter for LoraAdapter {
     /// that dtype get nothing (their forward casts as before).
     fn prepare_forward(&self) -> Result<(), PeftError> {
         let layers = self.layers()?;
+        let training = self.runtime.training.load(Ordering::Acquire);
         let mut groups: Vec<(DType, Vec<&Arc<LoraLinear>>)> = Vec::new();
         for layer in layers.iter() {
             let mut prepared = layer
@@ -834,10 +827,7 @@ impl Adapter for LoraAdapter {
                 .lock()
                 .map_err(|_| PeftError::invalid(format!("{}: lock poisoned", layer.path)))?;
             prepared.factors = None;
-            if !self.runtime.training.load(Ordering::Acquire)
-                || layer.magnitude.is_some()
-                || layer.merged.load(Ordering::Acquire)
-            {
+            if !training || layer.magnitude.is_some() || layer.merged.load(Ordering::Acquire) {
                 continue;
             }
             let Some(dtype) = prepared.input_dtype else {
