@@ -366,6 +366,84 @@ extern "C" __global__ void swiglu_forward_f32(const float* a, const float* b, fl
 extern "C" __global__ void swiglu_backward_bf16(const bf16* a, const bf16* b, const bf16* g, bf16* o, size_t n) { swiglu_backward(a, b, g, o, n); }
 extern "C" __global__ void swiglu_backward_f32(const float* a, const float* b, const float* g, float* o, size_t n) { swiglu_backward(a, b, g, o, n); }
 
+// SwiGLU's backward fused with the other use of the product it would recompute: in the backward
+// of a low-rank update of the down projection (`ops::low_rank_swiglu_linear`), A's gradient
+// tᵀ·h with h = silu(gate)·up. Writes out [2, rows, n] = (d_gate, d_up) as swiglu_backward does
+// and partial[b][k][j] = Σ over the rows i of row block b of t[i][k]·h[i][j] (f32, summed over
+// the blocks by sum_blocks_f32, in block order: deterministic), h rounded to bf16 exactly as
+// swiglu_forward writes it but never stored. gate, up, g [rows, n] and t [rows, R] bf16, n a
+// multiple of C, buffers 8-byte aligned. Block: 128 threads of C adjacent columns each, over
+// rows [blockIdx.y·rows_per_block, +rows_per_block); t's rows of the block in shared memory.
+template <int C> struct Bf16x;
+template <> struct Bf16x<4> { typedef uint2 Word; };
+template <> struct Bf16x<2> { typedef uint32_t Word; };
+template <int R, int C>
+__device__ void swiglu_backward_lora(const bf16* gate, const bf16* up, const bf16* g, const bf16* t, bf16* out, float* partial, int rows, int n, int rows_per_block) {
+    typedef typename Bf16x<C>::Word Word;
+    union Values { Word word; bf16 v[C]; };
+    extern __shared__ float t_rows[];  // [rows_per_block][R]
+    const int first = blockIdx.y * rows_per_block;
+    const int count = min(rows_per_block, rows - first);
+    for (int i = threadIdx.x; i < count * R; i += blockDim.x) t_rows[i] = __bfloat162float(t[(size_t)first * R + i]);
+    __syncthreads();
+    const int col = (blockIdx.x * blockDim.x + threadIdx.x) * C;
+    if (col >= n) return;
+    const size_t total = (size_t)rows * n;
+    float acc[R][C];
+#pragma unroll
+    for (int k = 0; k < R; ++k)
+#pragma unroll
+        for (int e = 0; e < C; ++e) acc[k][e] = 0.0f;
+#pragma unroll 2
+    for (int r = 0; r < count; ++r) {
+        const size_t at = (size_t)(first + r) * n + col;
+        Values a, b, c, d_gate, d_up;
+        a.word = *reinterpret_cast<const Word*>(gate + at);
+        b.word = *reinterpret_cast<const Word*>(up + at);
+        c.word = *reinterpret_cast<const Word*>(g + at);
+        float h[C];
+#pragma unroll
+        for (int e = 0; e < C; ++e) {
+            swiglu_gradients(a.v[e], b.v[e], c.v[e], d_gate.v[e], d_up.v[e]);
+            h[e] = to_float(swiglu_value(a.v[e], b.v[e]));
+        }
+        *reinterpret_cast<Word*>(out + at) = d_gate.word;
+        *reinterpret_cast<Word*>(out + total + at) = d_up.word;
+        const float* tr = t_rows + r * R;
+#pragma unroll
+        for (int k = 0; k < R; ++k) {
+            const float tk = tr[k];
+#pragma unroll
+            for (int e = 0; e < C; ++e) acc[k][e] = fmaf(tk, h[e], acc[k][e]);
+        }
+    }
+    float* p = partial + (size_t)blockIdx.y * R * n + col;
+#pragma unroll
+    for (int k = 0; k < R; ++k) {
+        if constexpr (C == 4) {
+            *reinterpret_cast<float4*>(p + (size_t)k * n) = make_float4(acc[k][0], acc[k][1], acc[k][2], acc[k][3]);
+        } else {
+            *reinterpret_cast<float2*>(p + (size_t)k * n) = make_float2(acc[k][0], acc[k][1]);
+        }
+    }
+}
+#define SWIGLU_LORA(R, C) \
+    extern "C" __global__ void swiglu_backward_lora_bf16_r##R(const bf16* gate, const bf16* up, const bf16* g, const bf16* t, bf16* out, float* partial, int rows, int n, int rows_per_block) { \
+        swiglu_backward_lora<R, C>(gate, up, g, t, out, partial, rows, n, rows_per_block); \
+    }
+SWIGLU_LORA(8, 4)
+SWIGLU_LORA(16, 4)
+SWIGLU_LORA(32, 2)
+// out[i] = Σ_b partial[b·count + i] for b = 0, 1, .., blocks − 1, in that order.
+extern "C" __global__ void sum_blocks_f32(const float* partial, float* out, int blocks, size_t count) {
+    const size_t first = blockIdx.x * (size_t)blockDim.x + threadIdx.x, stride = (size_t)gridDim.x * blockDim.x;
+    for (size_t i = first; i < count; i += stride) {
+        float sum = 0.0f;
+        for (int b = 0; b < blocks; ++b) sum += partial[(size_t)b * count + i];
+        out[i] = sum;
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Cross-entropy on a chunk of logits [R, V], one block per row. `targets` [R] (u32, only read
 // where weight ≠ 0), `weights` [R] (f32, 0 = ignored). Stats [R, 4]: lse, weighted NLL, weight,

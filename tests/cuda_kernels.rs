@@ -259,6 +259,100 @@ fn swiglu_matches_the_cpu_reference() -> Result<()> {
     Ok(())
 }
 
+/// The down projection of a Llama MLP with LoRA (`ops::low_rank_swiglu_linear`): in bf16 with a
+/// rank of 8, 16 or 32 its backward runs SwiGLU's backward and A's gradient as one kernel; f32
+/// and rank 12 take the composition. All against the CPU reference.
+#[test]
+fn low_rank_swiglu_linear_matches_the_cpu_reference() -> Result<()> {
+    let Some(gpu) = gpu() else { return Ok(()) };
+    let scale = 1.7;
+    for (rank, dtype) in [
+        (16, DType::BF16),
+        (8, DType::BF16),
+        (32, DType::BF16),
+        (12, DType::BF16),
+        (16, DType::F32),
+    ] {
+        // 3 × 37 rows: not a multiple of the kernel's row blocks; 72 columns: of its 4-wide
+        // column groups but not of a block's 512.
+        let weight = random(&[40, 72], 0.1)?;
+        let gate = random(&[3, 37, 72], 2.0)?;
+        let up = random(&[3, 37, 72], 1.0)?;
+        let a = random(&[rank, 72], 0.2)?;
+        let b = random(&[40, rank], 0.2)?;
+        let name = format!("low_rank_swiglu_linear r{rank}");
+        compare(&name, &gpu, dtype, &[gate, up, a, b], &|t| {
+            let device = t[0].device();
+            let base = std::sync::Arc::new(ops::DenseMap {
+                weight: weight.to_device(device)?.to_dtype(t[0].dtype())?,
+                bias: None,
+            });
+            ops::low_rank_swiglu_linear(&t[0], &t[1], base, (&t[2], &t[3]).into(), scale, None)
+        })?;
+    }
+    Ok(())
+}
+
+/// The fused kernel itself: SwiGLU's gradients bit for bit those of its own backward kernel, and
+/// `tᵀ·(silu(gate)·up)` within f32 summation noise of the product of the forward kernel's output
+/// (the same bf16 rounding), summed in f64 on the CPU; odd row counts and many row blocks.
+#[test]
+fn swiglu_backward_with_product_is_swiglus_backward_and_the_product() -> Result<()> {
+    let Some(gpu) = gpu() else { return Ok(()) };
+    for (rows, n, rank) in [
+        (4099, 1028, 16),
+        (515, 8192, 8),
+        (1000, 520, 32),
+        (1, 4, 16),
+    ] {
+        let bf16 = |shape: &[usize], scale: f64| -> Result<Tensor> {
+            random(shape, scale)?.to_dtype(DType::BF16)?.to_device(&gpu)
+        };
+        let (gate, up, grad) = (
+            bf16(&[rows, n], 3.0)?,
+            bf16(&[rows, n], 1.0)?,
+            bf16(&[rows, n], 1.0)?,
+        );
+        let t = bf16(&[rows, rank], 1.0)?;
+        let (d_gate, d_up, product) = ops::swiglu_backward_with_product(&gate, &up, &grad, &t)?
+            .expect("the fused kernel takes bf16 at this rank");
+        assert_eq!(product.dtype(), DType::F32);
+        assert_eq!(product.dims(), [rank, n]);
+        let (want_gate, want_up) = ops::swiglu_backward(&gate, &up, &grad)?;
+        let bits = |x: &Tensor| -> Result<Vec<u16>> {
+            Ok(x.to_device(&Device::Cpu)?
+                .flatten_all()?
+                .to_vec1::<half::bf16>()?
+                .iter()
+                .map(|v| v.to_bits())
+                .collect())
+        };
+        assert!(bits(&d_gate)? == bits(&want_gate)?, "d_gate {rows}×{n}");
+        assert!(bits(&d_up)? == bits(&want_up)?, "d_up {rows}×{n}");
+        let h = ops::swiglu(&gate, &up)?
+            .to_device(&Device::Cpu)?
+            .to_dtype(DType::F64)?;
+        let t64 = t.to_device(&Device::Cpu)?.to_dtype(DType::F64)?;
+        let want = t64.t()?.matmul(&h)?;
+        let error = relative_error("tᵀ·h", &product, &want)?;
+        eprintln!("swiglu_backward_with_product {rows}×{n} r{rank}: max rel. error {error:.2e}");
+        assert!(error < 1e-5, "{rows}×{n} r{rank}: {error:e}");
+    }
+    let (gate, t) = (
+        random(&[8, 64], 1.0)?
+            .to_dtype(DType::BF16)?
+            .to_device(&gpu)?,
+        random(&[8, 12], 1.0)?
+            .to_dtype(DType::BF16)?
+            .to_device(&gpu)?,
+    );
+    assert!(
+        ops::swiglu_backward_with_product(&gate, &gate, &gate, &t)?.is_none(),
+        "rank 12"
+    );
+    Ok(())
+}
+
 /// Attention (GQA, causal + left-padding mask) through the fused masked softmax, q/k/v gradients.
 #[test]
 fn attention_masked_softmax_matches_the_cpu_reference() -> Result<()> {

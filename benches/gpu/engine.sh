@@ -29,7 +29,7 @@
 #            vs dequantize + cuBLAS (PEFTPIPE_QGEMM)
 #   ab-qlora two builds (OLD_BIN, if set, and this one) alternating at the QLoRA shapes (1B 8x512, 8B
 #            1x4096), beside Unsloth's QLoRA at both; AB_UNFUSED=KERNEL adds this build with that
-#            kernel off at 1B
+#            kernel off at both shapes
 #   qlora    QLoRA (NF4, double quant, r16 a32, all linears) at 8x512, checkpointing off and on,
 #            beside PEFT + bitsandbytes and Unsloth's QLoRA; the quant_cuda test binary and the fused
 #            dequantize + GEMM timings first
@@ -296,7 +296,7 @@ PY
       old=old
     fi
     q="qlora: {r: 16, alpha: 32, target_modules: all-linear}"
-    # AB_UNFUSED=KERNEL[,..]: also this build with those kernels off (PEFTPIPE_UNFUSED), at 1B.
+    # AB_UNFUSED=KERNEL[,..]: also this build with those kernels off (PEFTPIPE_UNFUSED).
     for round in 1 2; do
       for which in $old new ${AB_UNFUSED:+unfused}; do
         b=$BIN; [ "$which" = old ] && b=$OLD_BIN
@@ -307,10 +307,11 @@ PY
           | tee -a "$OUT/ab-qlora-$which.txt"
       done
     done
-    for which in $old new; do
+    for which in $old new ${AB_UNFUSED:+unfused}; do
       b=$BIN; [ "$which" = old ] && b=$OLD_BIN
-      echo "== $which: 8B 1x4096"
-      timeout 200 "$b" bench train --config gpu-run/llama-3.1-8b.config.json --device cuda --shapes 1x4096 \
+      off=""; [ "$which" = unfused ] && off=$AB_UNFUSED
+      echo "== $which${off:+ ($off off)}: 8B 1x4096"
+      PEFTPIPE_UNFUSED=$off timeout 200 "$b" bench train --config gpu-run/llama-3.1-8b.config.json --device cuda --shapes 1x4096 \
         --checkpointing off --steps 5 --warmup 2 --method "$q" --peak-tflops 989 2>&1 | grep -E "tokens/s|peak" \
         | tee -a "$OUT/ab-qlora-$which.txt"
     done

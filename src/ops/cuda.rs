@@ -31,7 +31,7 @@ const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/peftpipe_kernels.ptx")
 const MODULE: &str = "peftpipe";
 
 /// The fused kernels, by the names `PEFTPIPE_UNFUSED` takes.
-pub const KERNELS: [&str; 13] = [
+pub const KERNELS: [&str; 14] = [
     "rms_norm",
     "layer_norm",
     "rope",
@@ -53,6 +53,9 @@ pub const KERNELS: [&str; 13] = [
     // LoRA's factors cast to the compute dtype for a forward in one launch ([`cast_many_bf16`])
     // instead of one cast per factor.
     "multi_cast",
+    // SwiGLU's backward and the A gradient of the down projection's low-rank update in one
+    // kernel, which never recomputes the product into memory ([`swiglu_backward_lora`]).
+    "swiglu_lora",
 ];
 
 /// Whether the fused kernel `kernel` (one of [`KERNELS`]) is used: yes unless `PEFTPIPE_FUSED=0`
@@ -979,6 +982,99 @@ pub fn swiglu_backward(gate: &Tensor, up: &Tensor, grad: &Tensor) -> Result<(Ten
         &SwigluBackward,
     )?;
     Ok((both.get(0)?, both.get(1)?))
+}
+
+/// The ranks [`swiglu_backward_lora`] takes, and the columns each thread of its kernel owns.
+const SWIGLU_LORA_RANKS: [(usize, usize); 3] = [(8, 4), (16, 4), (32, 2)];
+
+/// SwiGLU's backward for `grad` fused with `tᵀ·(silu(gate)·up)`: `(d_gate, d_up, product)` for
+/// `gate`, `up`, `grad` `[rows, n]` and `t [rows, r]` (bf16), the product `[r, n]` in f32, summed
+/// in a fixed order (deterministic). One kernel reads `gate`, `up` and `grad` once and never
+/// writes `silu(gate)·up` (rounded to bf16 as the forward kernel rounds it), then one kernel sums
+/// its row blocks. `None` where it does not apply: the kernel switched off, a dtype other than
+/// bf16, a rank other than 8, 16 or 32, `n` not a multiple of 4 or a buffer not 16-byte aligned.
+pub fn swiglu_backward_lora(
+    gate: &Tensor,
+    up: &Tensor,
+    grad: &Tensor,
+    t: &Tensor,
+) -> Result<Option<(Tensor, Tensor, Tensor)>> {
+    if !enabled("swiglu_lora") || !gate.device().is_cuda() {
+        return Ok(None);
+    }
+    let (rows, n) = gate.dims2()?;
+    let (t_rows, rank) = t.dims2()?;
+    let Some(&(_, columns)) = SWIGLU_LORA_RANKS.iter().find(|(r, _)| *r == rank) else {
+        return Ok(None);
+    };
+    let bf16 = [gate, up, grad, t].iter().all(|x| x.dtype() == DType::BF16);
+    if !bf16
+        || up.dims() != [rows, n]
+        || grad.dims() != [rows, n]
+        || t_rows != rows
+        || rows == 0
+        || n % 4 != 0
+        || rows > i32::MAX as usize
+        || n > i32::MAX as usize
+    {
+        return Ok(None);
+    }
+    let [gate, up, grad, t] = [gate, up, grad, t].map(|x| x.contiguous());
+    let (gate, up, grad, t) = (gate?, up?, grad?, t?);
+    let pointers = addresses(&[&gate, &up, &grad, &t])?;
+    if pointers.iter().any(|p| p % 16 != 0) {
+        return Ok(None);
+    }
+    let device = cuda_device(&gate)?;
+    // About one wave of 128-thread blocks (four per SM at these kernels' ~112 registers):
+    // taller row blocks mean fewer partial sums to add up.
+    let column_blocks = n.div_ceil(128 * columns);
+    let rows_per_block = (rows * column_blocks)
+        .div_ceil(4 * 132)
+        .next_multiple_of(8)
+        .clamp(32, 256)
+        .min(rows);
+    let row_blocks = rows.div_ceil(rows_per_block);
+    let (both, out) = output(device, DType::BF16, 2 * rows * n)?;
+    let (partials, partial) = output(device, DType::F32, row_blocks * rank * n)?;
+    let (sums, sum) = output(device, DType::F32, rank * n)?;
+    let config = LaunchConfig {
+        grid_dim: (column_blocks as u32, row_blocks as u32, 1),
+        block_dim: (128, 1, 1),
+        shared_mem_bytes: (rows_per_block * rank * 4) as u32,
+    };
+    let name = format!("swiglu_backward_lora_bf16_r{rank}");
+    let (rows_arg, n_arg, block_arg) = (rows as i32, n as i32, rows_per_block as i32);
+    launch!(
+        device,
+        &name,
+        config,
+        &pointers[0],
+        &pointers[1],
+        &pointers[2],
+        &pointers[3],
+        &out,
+        &partial,
+        &rows_arg,
+        &n_arg,
+        &block_arg
+    );
+    let (blocks, count) = (row_blocks as i32, (rank * n) as u64);
+    launch!(
+        device,
+        "sum_blocks_f32",
+        elementwise_config(rank * n),
+        &partial,
+        &sum,
+        &blocks,
+        &count
+    );
+    // Frees are stream-ordered: the partial sums live until the second kernel has read them.
+    drop(partials);
+    let none = || candle_core::op::BackpropOp::none();
+    let both = Tensor::from_storage(Storage::Cuda(both), (2, rows, n), none(), false);
+    let product = Tensor::from_storage(Storage::Cuda(sums), (rank, n), none(), false);
+    Ok(Some((both.get(0)?, both.get(1)?, product)))
 }
 
 // ---- GEMM accumulate ----------------------------------------------------------------------------

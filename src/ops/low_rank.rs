@@ -251,26 +251,21 @@ impl Plan {
 
     /// The gradients for `grad` (the output's), recomputing from the detached `input`; `A`'s and
     /// `B`'s in `factor_dtypes` (their variables' dtypes: an f32 gradient of bf16 products is
-    /// cuBLAS's f32 accumulator on CUDA, not a bf16 product cast).
+    /// cuBLAS's f32 accumulator on CUDA, not a bf16 product cast). Without `input`, `A`'s is left
+    /// to the caller: `tᵀ·(input∘m)` for the `t [rows, r]` returned beside the gradients.
     fn backward(
         &self,
         grad: &Tensor,
-        input: &Tensor,
+        input: Option<&Tensor>,
         hidden: &Tensor,
         [need_x, need_a, need_b]: [bool; 3],
         (a_dtype, b_dtype): (DType, DType),
-    ) -> Result<Gradients> {
+    ) -> Result<(Gradients, Tensor)> {
         let dy = grad.contiguous()?.reshape((self.rows, self.out_features))?;
         let t = product((&dy, false), (&self.b, false), self.scale, dy.dtype())?;
-        let ga = if need_a {
-            Some(product(
-                (&t, true),
-                (&self.masked(input)?, false),
-                1.0,
-                a_dtype,
-            )?)
-        } else {
-            None
+        let ga = match input {
+            Some(input) if need_a => Some(self.a_gradient(&t, input, a_dtype)?),
+            _ => None,
         };
         let gb = if need_b {
             Some(product((&dy, true), (hidden, false), 1.0, b_dtype)?)
@@ -286,7 +281,12 @@ impl Plan {
         } else {
             None
         };
-        Ok((gx, ga, gb))
+        Ok(((gx, ga, gb), t))
+    }
+
+    /// `A`'s gradient `tᵀ·(input∘m)` in `dtype`.
+    fn a_gradient(&self, t: &Tensor, input: &Tensor, dtype: DType) -> Result<Tensor> {
+        product((t, true), (&self.masked(input)?, false), 1.0, dtype)
     }
 }
 
@@ -340,7 +340,8 @@ where
     with_backward3(name, [node_input, a, b], y, move |[x, a, b], _y, grad| {
         let input = rows_of(&recompute(x)?, plan.rows, plan.in_features)?;
         let need = [x.track_op(), a.track_op(), b.track_op()];
-        let (gx, ga, gb) = plan.backward(grad, &input, &hidden, need, (a.dtype(), b.dtype()))?;
+        let ((gx, ga, gb), _) =
+            plan.backward(grad, Some(&input), &hidden, need, (a.dtype(), b.dtype()))?;
         Ok([
             gx.map(|g| g.reshape(x.shape())).transpose()?,
             ga.map(|g| g.to_dtype(a.dtype())).transpose()?,
@@ -444,28 +445,50 @@ pub fn low_rank_swiglu_linear(
         [gate, up, &factors],
         y,
         move |[gate, up, factors], _y, grad| {
-            let input = super::swiglu::swiglu(&gate.detach(), &up.detach())?
-                .reshape((plan.rows, plan.in_features))?;
+            let rows = (plan.rows, plan.in_features);
+            let recompute = || super::swiglu::swiglu(&gate.detach(), &up.detach())?.reshape(rows);
             let need_inputs = gate.track_op() || up.track_op();
             let need_factors = factors.track_op();
-            let (ds, ga, gb) = plan.backward(
-                grad,
-                &input,
-                &hidden,
-                [need_inputs, need_factors, need_factors],
-                (factors.dtype(), factors.dtype()),
-            )?;
-            let (g_gate, g_up) = match ds {
-                Some(ds) => {
-                    let (g_gate, g_up) =
-                        super::swiglu::swiglu_backward(gate, up, &ds.reshape(gate.shape())?)?;
-                    (
-                        gate.track_op().then_some(g_gate),
-                        up.track_op().then_some(g_up),
-                    )
-                }
-                None => (None, None),
+            let dtype = factors.dtype();
+            let need = [need_inputs, need_factors, need_factors];
+            let (g_gate, g_up, ga, gb) = if need_inputs && need_factors && plan.mask.is_none() {
+                // The recomputed product's one use besides SwiGLU's backward is A's gradient:
+                // on CUDA both come from one kernel that never writes the product out.
+                let ((ds, _, gb), t) = plan.backward(grad, None, &hidden, need, (dtype, dtype))?;
+                let ds = ds.ok_or_else(|| {
+                    candle_core::Error::Msg("low_rank_swiglu_linear: no input gradient".into())
+                })?;
+                let (gate_rows, up_rows) =
+                    (gate.detach().reshape(rows)?, up.detach().reshape(rows)?);
+                let fused =
+                    super::swiglu::swiglu_backward_with_product(&gate_rows, &up_rows, &ds, &t)?;
+                let (g_gate, g_up, ga) = match fused {
+                    Some((g_gate, g_up, ga)) => (g_gate, g_up, ga.to_dtype(dtype)?),
+                    None => {
+                        let (g_gate, g_up) =
+                            super::swiglu::swiglu_backward(&gate_rows, &up_rows, &ds)?;
+                        (g_gate, g_up, plan.a_gradient(&t, &recompute()?, dtype)?)
+                    }
+                };
+                let (g_gate, g_up) = (g_gate.reshape(gate.shape())?, g_up.reshape(up.shape())?);
+                (Some(g_gate), Some(g_up), Some(ga), gb)
+            } else {
+                let input = recompute()?;
+                let ((ds, ga, gb), _) =
+                    plan.backward(grad, Some(&input), &hidden, need, (dtype, dtype))?;
+                drop(input);
+                let (g_gate, g_up) = match ds {
+                    Some(ds) => {
+                        let (g_gate, g_up) =
+                            super::swiglu::swiglu_backward(gate, up, &ds.reshape(gate.shape())?)?;
+                        (Some(g_gate), Some(g_up))
+                    }
+                    None => (None, None),
+                };
+                (g_gate, g_up, ga, gb)
             };
+            let g_gate = g_gate.filter(|_| gate.track_op());
+            let g_up = g_up.filter(|_| up.track_op());
             let g_factors = match (ga, gb) {
                 (Some(ga), Some(gb)) => Some(
                     Tensor::cat(&[ga.flatten_all()?, gb.flatten_all()?], 0)?

@@ -51,4 +51,4 @@ pub use low_rank::{
 pub use norm::{layer_norm, rms_norm, NormedInput, Renorm};
 pub use rope::{apply_rope, rope_heads, RopeScaling, RotaryEmbedding};
 pub use softmax::{masked_softmax, softmax_last_dim};
-pub use swiglu::{swiglu, swiglu_backward};
+pub use swiglu::{swiglu, swiglu_backward, swiglu_backward_with_product};

@@ -50,6 +50,26 @@ pub fn swiglu_backward(gate: &Tensor, up: &Tensor, grad: &Tensor) -> Result<(Ten
     Ok((d_gate, d_up))
 }
 
+/// SwiGLU's backward (as [`swiglu_backward`]) together with `tᵀ·(silu(gate)·up)` for
+/// `t [rows, r]`, for `gate`, `up`, `grad` `[rows, n]`: `(d_gate, d_up, product [r, n] in f32)`.
+/// In `ops::low_rank_swiglu_linear`'s backward the product of a low-rank update's `A` gradient is
+/// the recomputed SwiGLU output's only other use; on CUDA (bf16, r of 8, 16 or 32) one kernel
+/// reads `gate`, `up` and `grad` once and never writes that output (`ops::cuda`). `None` where the
+/// kernel does not apply (the CPU, other dtypes or ranks): the caller recomputes the product.
+pub fn swiglu_backward_with_product(
+    gate: &Tensor,
+    up: &Tensor,
+    grad: &Tensor,
+    t: &Tensor,
+) -> Result<Option<(Tensor, Tensor, Tensor)>> {
+    #[cfg(feature = "cuda")]
+    if gate.device().is_cuda() {
+        return super::cuda::swiglu_backward_lora(gate, up, grad, t);
+    }
+    let _ = (gate, up, grad, t);
+    Ok(None)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
