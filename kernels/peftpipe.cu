@@ -285,19 +285,28 @@ extern "C" __global__ void rope_f32(const float* x, const float* c, const float*
 // SwiGLU: h = silu(gate) · up. Backward writes [2, n]: d_gate = g·up·silu'(gate), d_up = g·silu(gate),
 // silu'(z) = σ(z)·(1 + z·(1 − σ(z))).
 // One element of each: h = silu(z)·u; (d_gate, d_up) for the upstream gradient g.
+// `e` = expf(−z), given by callers that need both (one exp per element, same bits).
 template <typename T>
-__device__ __forceinline__ T swiglu_value(T gate, T up) {
+__device__ __forceinline__ T swiglu_value(T gate, T up, float e) {
     const float z = to_float(gate);
-    const float silu = z / (1.0f + expf(-z));
+    const float silu = z / (1.0f + e);
     return from_float<T>(silu * to_float(up));
 }
 template <typename T>
-__device__ __forceinline__ void swiglu_gradients(T gate, T up, T g, T& d_gate, T& d_up) {
+__device__ __forceinline__ T swiglu_value(T gate, T up) {
+    return swiglu_value(gate, up, expf(-to_float(gate)));
+}
+template <typename T>
+__device__ __forceinline__ void swiglu_gradients(T gate, T up, T g, T& d_gate, T& d_up, float e) {
     const float z = to_float(gate);
-    const float sigma = 1.0f / (1.0f + expf(-z));
+    const float sigma = 1.0f / (1.0f + e);
     const float gi = to_float(g);
     d_gate = from_float<T>(gi * to_float(up) * sigma * (1.0f + z * (1.0f - sigma)));
     d_up = from_float<T>(gi * z * sigma);
+}
+template <typename T>
+__device__ __forceinline__ void swiglu_gradients(T gate, T up, T g, T& d_gate, T& d_up) {
+    swiglu_gradients(gate, up, g, d_gate, d_up, expf(-to_float(gate)));
 }
 // ---------------------------------------------------------------------------------------------
 // out = a + b, elementwise (out may be a: y += x in place, a residual connection added into the
@@ -404,8 +413,9 @@ __device__ void swiglu_backward_lora(const bf16* gate, const bf16* up, const bf1
         float h[C];
 #pragma unroll
         for (int e = 0; e < C; ++e) {
-            swiglu_gradients(a.v[e], b.v[e], c.v[e], d_gate.v[e], d_up.v[e]);
-            h[e] = to_float(swiglu_value(a.v[e], b.v[e]));
+            const float exp_minus = expf(-to_float(a.v[e]));
+            swiglu_gradients(a.v[e], b.v[e], c.v[e], d_gate.v[e], d_up.v[e], exp_minus);
+            h[e] = to_float(swiglu_value(a.v[e], b.v[e], exp_minus));
         }
         *reinterpret_cast<Word*>(out + at) = d_gate.word;
         *reinterpret_cast<Word*>(out + total + at) = d_up.word;
