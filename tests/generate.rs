@@ -533,3 +533,29 @@ fn a_prompt_longer_than_the_context_names_its_line() {
         "{stderr}"
     );
 }
+
+/// `generate --json` that fails still prints one JSON object on stdout, the shape every command
+/// prints for a problem (`validate --json`'s), with the exit code unchanged.
+#[test]
+fn generate_json_failures_print_the_problem_object() {
+    for (args, code, path) in [
+        (&["--prompt", "x", "--device", "cpu"][..], 1, "MODEL"),
+        (&["--prompt", "x", "--device", "tpu"][..], 2, "--device"),
+    ] {
+        let output = peftpipe()
+            .args(["--json", "generate", "no-such-model"])
+            .args(args)
+            .output()
+            .unwrap();
+        assert_eq!(output.status.code(), Some(code), "{args:?}");
+        let json: serde_json::Value = serde_json::from_slice(&output.stdout)
+            .unwrap_or_else(|error| panic!("{args:?}: stdout is not JSON ({error}): {output:?}"));
+        assert_eq!(json["valid"], false, "{json}");
+        assert_eq!(json["files"][0]["file"], "no-such-model", "{json}");
+        assert_eq!(json["files"][0]["problems"][0]["path"], path, "{json}");
+        assert!(
+            json["files"][0]["problems"][0]["message"].is_string(),
+            "{json}"
+        );
+    }
+}

@@ -528,3 +528,42 @@ fn inspect_warns_when_config_and_weights_disagree() -> TestResult {
     );
     Ok(())
 }
+
+/// `inspect --json` that fails still prints one JSON object on stdout, the shape every command
+/// prints for a problem (`validate --json`'s: `valid: false` and the file's problems), with
+/// the exit code unchanged: 1 for a model that cannot be read, 2 for a bad argument.
+#[test]
+fn inspect_json_failures_print_the_problem_object() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let missing = dir.path().join("no-such-model");
+    let missing_text = missing.to_string_lossy().to_string();
+    let output = inspect(&["--json", &missing_text]);
+    let code = output.status.code();
+    assert!(matches!(code, Some(1 | 2)), "{code:?}");
+    let json: serde_json::Value = serde_json::from_slice(&output.stdout)
+        .map_err(|error| format!("stdout is not JSON ({error}): {output:?}"))?;
+    assert_eq!(json["valid"], false);
+    assert_eq!(json["files"][0]["file"], missing_text.as_str());
+    assert_eq!(json["files"][0]["valid"], false);
+    let message = json["files"][0]["problems"][0]["message"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(message.contains("no-such-model"), "{json}");
+    // The same code as without --json.
+    assert_eq!(inspect(&[&missing_text]).status.code(), code);
+
+    tiny_model_dir(dir.path())?;
+    let model = dir.path().to_string_lossy().to_string();
+    let output = inspect(&["--json", &model, "--target", "q_prj"]);
+    assert_eq!(output.status.code(), Some(2));
+    let json: serde_json::Value = serde_json::from_slice(&output.stdout)?;
+    assert_eq!(json["valid"], false);
+    assert_eq!(json["files"][0]["problems"][0]["path"], "--target");
+    assert!(
+        json["files"][0]["problems"][0]["message"]
+            .as_str()
+            .is_some_and(|message| message.contains("q_prj")),
+        "{json}"
+    );
+    Ok(())
+}

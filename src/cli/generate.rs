@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 
 use clap::Args;
 
-use super::{GlobalArgs, EXIT_FAILED, EXIT_INVALID, EXIT_OK};
+use super::{Failure, GlobalArgs, EXIT_FAILED, EXIT_INVALID, EXIT_OK};
 use crate::config::method::{block_size_problem, FourBitSettings, QuantTypeChoice};
 use crate::device::{compute_dtype, resolve_device, DTypeSpec, DeviceSpec};
 use crate::infer::jsonl::{OutputFields, PromptLines, PromptRecord};
@@ -115,18 +115,34 @@ pub struct GenerateArgs {
 }
 
 pub fn run(global: &GlobalArgs, args: GenerateArgs) -> u8 {
+    match generate(global, &args) {
+        Ok(code) => code,
+        Err(failure) => failure.report(global, &args.model),
+    }
+}
+
+/// Generate as `args` ask: the exit code, or why nothing (more) could be generated. A failure
+/// in the middle of `--input` lines written to stdout is reported on stderr only (stdout holds
+/// JSON lines then, and `--json` changes nothing about them).
+fn generate(global: &GlobalArgs, args: &GenerateArgs) -> Result<u8, Failure> {
     let device_spec: DeviceSpec = match args.device.parse() {
         Ok(spec) => spec,
         Err(error) => {
-            report::error(&format!("--device: {error}"));
-            return EXIT_INVALID;
+            return Err(Failure::new(
+                EXIT_INVALID,
+                "--device",
+                format!("--device: {error}"),
+            ));
         }
     };
     let dtype_spec: DTypeSpec = match args.dtype.parse() {
         Ok(spec) => spec,
         Err(error) => {
-            report::error(&format!("--dtype: {error}"));
-            return EXIT_INVALID;
+            return Err(Failure::new(
+                EXIT_INVALID,
+                "--dtype",
+                format!("--dtype: {error}"),
+            ));
         }
     };
     let sampling = match args.temperature {
@@ -138,18 +154,16 @@ pub fn run(global: &GlobalArgs, args: GenerateArgs) -> u8 {
         },
     };
     if let Err(message) = sampling.validate() {
-        report::error(&message);
-        return EXIT_INVALID;
+        return Err(Failure::new(EXIT_INVALID, "--temperature", message));
     }
     // A bad line fails here, before any model loads or any output is written.
     if let Some(input) = &args.input {
         let names = OutputFields::named(&args.output_field);
         if args.prompt_field == args.output_field {
-            report::error(&format!(
+            return Err(Failure::new(EXIT_INVALID, "--output-field", format!(
                 "--prompt-field and --output-field are both `{}`: the output would overwrite the prompt",
                 args.prompt_field
-            ));
-            return EXIT_INVALID;
+            )));
         }
         if let Some(output) = &args.output {
             // Writing the results where the prompts are read from would lose them.
@@ -158,64 +172,57 @@ pub fn run(global: &GlobalArgs, args: GenerateArgs) -> u8 {
                 _ => false,
             };
             if same {
-                report::error(&format!(
+                return Err(Failure::new(EXIT_INVALID, "--output", format!(
                     "--output {} is the --input file: the prompts would be overwritten; write the results elsewhere",
                     output.display()
-                ));
-                return EXIT_INVALID;
+                )));
             }
         }
         match check_input(input, &args.prompt_field, &names) {
             Ok(0) => {
-                report::error(&format!(
-                    "{}: no prompts (the file is empty)",
-                    input.display()
+                return Err(Failure::new(
+                    EXIT_INVALID,
+                    "--input",
+                    format!("{}: no prompts (the file is empty)", input.display()),
                 ));
-                return EXIT_INVALID;
             }
             Ok(_) => {}
             Err(message) => {
-                report::error(&message);
-                return EXIT_INVALID;
+                return Err(Failure::new(EXIT_INVALID, "--input", message));
             }
         }
     }
     let device = match resolve_device(device_spec) {
         Ok(device) => device,
         Err(error) => {
-            report::error(&error.to_string());
-            return EXIT_FAILED;
+            return Err(Failure::new(EXIT_FAILED, "--device", error.to_string()));
         }
     };
     let dtype = compute_dtype(&device, dtype_spec);
     let model_dir = match resolve_model_path(&args.model) {
         Ok(path) => path,
         Err(error) => {
-            report::error(&error.to_string());
-            return EXIT_INVALID;
+            return Err(Failure::new(EXIT_INVALID, "MODEL", error.to_string()));
         }
     };
     let adapter = match args.adapter.as_deref().map(resolve_adapter) {
         Some(Err(message)) => {
-            report::error(&message);
-            return EXIT_INVALID;
+            return Err(Failure::new(EXIT_INVALID, "--adapter", message));
         }
         Some(Ok(dir)) => Some(dir),
         None => None,
     };
     let recorded = match adapter.as_deref().map(recorded_base_quantization) {
         Some(Err(message)) => {
-            report::error(&message);
-            return EXIT_INVALID;
+            return Err(Failure::new(EXIT_INVALID, "--adapter", message));
         }
         Some(Ok(recorded)) => recorded,
         None => None,
     };
-    let quantization = match asked_quantization(&args, &model_dir, recorded) {
+    let quantization = match asked_quantization(args, &model_dir, recorded) {
         Ok(quantization) => quantization,
         Err(message) => {
-            report::error(&message);
-            return EXIT_INVALID;
+            return Err(Failure::new(EXIT_INVALID, "--load-in-4bit", message));
         }
     };
     let model = match InferenceModel::load(
@@ -227,17 +234,19 @@ pub fn run(global: &GlobalArgs, args: GenerateArgs) -> u8 {
     ) {
         Ok(model) => model,
         Err(message) => {
-            report::error(&message);
-            return EXIT_FAILED;
+            return Err(Failure::new(EXIT_FAILED, "MODEL", message));
         }
     };
     let Some(prompt) = args.prompt.clone() else {
         let Some(input) = &args.input else {
-            report::error("give --prompt TEXT or --input FILE.jsonl");
-            return EXIT_INVALID;
+            return Err(Failure::new(
+                EXIT_INVALID,
+                "--prompt",
+                "give --prompt TEXT or --input FILE.jsonl".to_string(),
+            ));
         };
         let names = OutputFields::named(&args.output_field);
-        return match generate_file(&model, input, &args, &names, sampling) {
+        return match generate_file(&model, input, args, &names, sampling) {
             Ok(count) => {
                 if !global.quiet {
                     let to = match &args.output {
@@ -249,11 +258,14 @@ pub fn run(global: &GlobalArgs, args: GenerateArgs) -> u8 {
                         input.display()
                     ));
                 }
-                EXIT_OK
+                Ok(EXIT_OK)
+            }
+            Err(message) if args.output.is_some() => {
+                Err(Failure::new(EXIT_FAILED, "--input", message))
             }
             Err(message) => {
                 report::error(&message);
-                EXIT_FAILED
+                Ok(EXIT_FAILED)
             }
         };
     };
@@ -269,12 +281,9 @@ pub fn run(global: &GlobalArgs, args: GenerateArgs) -> u8 {
             } else {
                 report::generate::print(&output, global.quiet);
             }
-            EXIT_OK
+            Ok(EXIT_OK)
         }
-        Err(message) => {
-            report::error(&message);
-            EXIT_FAILED
-        }
+        Err(message) => Err(Failure::new(EXIT_FAILED, "--prompt", message)),
     }
 }
 

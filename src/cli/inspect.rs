@@ -11,7 +11,7 @@
 
 use clap::Args;
 
-use super::GlobalArgs;
+use super::{Failure, GlobalArgs};
 use crate::config::method::{resolve_ia3_for, resolve_targets_for, MethodConfig, QloraConfig};
 use crate::config::probe::LinearLayerShape;
 use crate::config::train::{resolve_targets, TargetModulesConfig};
@@ -135,33 +135,48 @@ fn lora_targets(
 }
 
 pub fn run(global: &GlobalArgs, args: InspectArgs) -> u8 {
+    match inspect(&args) {
+        Ok(inspect) => {
+            if global.json {
+                report::json(&inspect);
+            } else {
+                report::write_stdout(&report::inspect::render(&inspect));
+            }
+            super::EXIT_OK
+        }
+        Err(failure) => failure.report(global, &args.model),
+    }
+}
+
+/// The report of `args`, or why there is none.
+fn inspect(args: &InspectArgs) -> Result<InspectReport, Failure> {
     let path = match resolve_model_path(&args.model) {
         Ok(path) => path,
         Err(error) => {
-            report::error(&error.to_string());
-            return super::EXIT_INVALID;
+            return Err(Failure::new(
+                super::EXIT_INVALID,
+                "MODEL",
+                error.to_string(),
+            ))
         }
     };
     let (model, config) = match summarize(&path) {
         Ok(summary) => summary,
-        Err(error) => {
-            report::error(&error.to_string());
-            return super::EXIT_FAILED;
-        }
+        Err(error) => return Err(Failure::new(super::EXIT_FAILED, "MODEL", error.to_string())),
     };
     let rank = args.rank.unwrap_or(DEFAULT_RANK);
     if rank == 0 {
-        report::error("--rank must be at least 1");
-        return super::EXIT_INVALID;
+        return Err(Failure::new(
+            super::EXIT_INVALID,
+            "--rank",
+            "--rank must be at least 1".to_string(),
+        ));
     }
     let mut specs: Vec<(String, Option<TargetModulesConfig>)> = Vec::new();
     for written in &args.targets {
         match parse_target(written) {
             Ok(spec) => specs.push((written.clone(), Some(spec))),
-            Err(message) => {
-                report::error(&message);
-                return super::EXIT_INVALID;
-            }
+            Err(message) => return Err(Failure::new(super::EXIT_INVALID, "--target", message)),
         }
     }
     if specs.is_empty() && args.rank.is_some() {
@@ -175,8 +190,11 @@ pub fn run(global: &GlobalArgs, args: InspectArgs) -> u8 {
         match resolved {
             Ok(targets) => lora.push(targets),
             Err(message) => {
-                report::error(&format!("--target {written}: {message}"));
-                return super::EXIT_INVALID;
+                return Err(Failure::new(
+                    super::EXIT_INVALID,
+                    "--target",
+                    format!("--target {written}: {message}"),
+                ))
             }
         }
     }
@@ -195,8 +213,11 @@ pub fn run(global: &GlobalArgs, args: InspectArgs) -> u8 {
         let (method, shape, settings, count) = match counted {
             Ok(counted) => counted,
             Err(message) => {
-                report::error(&format!("--method {written}: {message}"));
-                return super::EXIT_INVALID;
+                return Err(Failure::new(
+                    super::EXIT_INVALID,
+                    "--method",
+                    format!("--method {written}: {message}"),
+                ))
             }
         };
         let memory = match (args.batch, args.sequence) {
@@ -231,17 +252,11 @@ pub fn run(global: &GlobalArgs, args: InspectArgs) -> u8 {
             memory,
         });
     }
-    let inspect = InspectReport {
+    Ok(InspectReport {
         model,
         lora,
         methods,
-    };
-    if global.json {
-        report::json(&inspect);
-    } else {
-        report::write_stdout(&report::inspect::render(&inspect));
-    }
-    super::EXIT_OK
+    })
 }
 
 /// `--method` as written: a YAML file's path or inline YAML.

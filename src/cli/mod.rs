@@ -37,6 +37,37 @@ pub const EXIT_STALE: u8 = 3;
 /// Ctrl-C; an interrupted command returns [`interrupt::exit_code`] (143 after SIGTERM).
 pub const EXIT_INTERRUPTED: u8 = 130;
 
+/// Why a command that takes no pipeline (`inspect`, `generate`) stopped: its exit code, the
+/// argument at fault (`MODEL`, `--target`) and the message. [`Failure::report`] prints it as
+/// every command prints a problem: the message on stderr, and with `--json` the object of
+/// `validate --json` on stdout.
+#[derive(Debug)]
+pub struct Failure {
+    pub code: u8,
+    pub argument: &'static str,
+    pub message: String,
+}
+
+impl Failure {
+    pub fn new(code: u8, argument: &'static str, message: String) -> Self {
+        Failure {
+            code,
+            argument,
+            message,
+        }
+    }
+
+    /// Report the failure about `subject` (the file or folder the command was given) and return
+    /// its exit code.
+    pub fn report(self, global: &GlobalArgs, subject: &str) -> u8 {
+        crate::report::error(&self.message);
+        if global.json {
+            crate::report::problems::print_failure_json(subject, self.argument, &self.message);
+        }
+        self.code
+    }
+}
+
 #[derive(Debug, Parser)]
 #[command(
     name = "peftpipe",

@@ -327,6 +327,15 @@ pub fn print_validation_json(outcomes: &[FileValidation]) {
     print_json(&document);
 }
 
+/// A command that takes no pipeline (`inspect`, `generate`) failed under `--json`: the problem
+/// on stdout in `validate --json`'s shape, `file` the file or folder it is about as given, `path`
+/// the argument at fault (`MODEL`, `--target`). The error itself goes to stderr as without
+/// `--json` (see [`super::error`]).
+pub fn print_failure_json(file: &str, path: &str, message: &str) {
+    let problem = crate::config::Problem::new(path, crate::exec::without_backtrace(message));
+    print_validation_json(&[FileValidation::invalid(Problems::new(file, vec![problem]))]);
+}
+
 /// A JSON document on stdout (pretty, newline-terminated).
 pub fn print_json(value: &serde_json::Value) {
     let text = serde_json::to_string_pretty(value)
