@@ -867,3 +867,37 @@ fn every_jsonl_line_is_read_strictly_not_only_those_schema_inference_sees() {
     .unwrap();
     assert_eq!(column(&out.join("train.parquet"), "text").len(), 1200);
 }
+
+/// A null and the text "null" in the stratify column are two strata (they were one: a null's
+/// stratum was named by the text `null`), each split in the asked proportions on its own.
+#[test]
+fn a_null_and_the_text_null_are_separate_strata() {
+    let dir = tempfile::tempdir().unwrap();
+    // 10 nulls, then 10 rows whose label is the text "null".
+    let labels: Vec<Option<&str>> = (0..20)
+        .map(|i| if i < 10 { None } else { Some("null") })
+        .collect();
+    let ids: Vec<i64> = (0..20).collect();
+    write_parquet(
+        &dir.path().join("rows.parquet"),
+        vec![
+            ("id", Arc::new(Int64Array::from(ids))),
+            ("label", strings(&labels)),
+        ],
+    );
+    let config = config(
+        "path: rows.parquet\nsplit: {fractions: {train: 0.5, eval: 0.5}, stratify_by: label}\n",
+    );
+    let out = dir.path().join("out");
+    run(&config, dir.path(), &out, 3).unwrap();
+    let eval = column(&out.join("eval.parquet"), "label");
+    let nulls = eval.iter().filter(|value| value.is_none()).count();
+    let texts = eval
+        .iter()
+        .filter(|value| value.as_deref() == Some("null"))
+        .count();
+    assert_eq!((nulls, texts), (5, 5), "eval labels: {eval:?}");
+    let stats = stats(&out);
+    assert_eq!(stats["splits"]["eval"]["strata"]["null"], 5, "{stats}");
+    assert_eq!(stats["splits"]["eval"]["null_stratum"], 5, "{stats}");
+}

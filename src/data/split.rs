@@ -43,11 +43,12 @@ fn largest_remainder(ideal: &[f64], total: u64) -> Vec<u64> {
     result
 }
 
-/// Rows per split for each stratum. Errors when counts ask for more rows than there are.
-pub fn split_quotas(
-    strata: &BTreeMap<String, u64>,
+/// Rows per split for each stratum (in the strata's order, which decides the rounding). Errors
+/// when counts ask for more rows than there are.
+pub fn split_quotas<K: Ord + Clone>(
+    strata: &BTreeMap<K, u64>,
     sizes: &SplitSizes,
-) -> Result<BTreeMap<String, [u64; SPLITS]>, String> {
+) -> Result<BTreeMap<K, [u64; SPLITS]>, String> {
     let total: u64 = strata.values().sum();
     let global: Vec<u64> = match sizes {
         SplitSizes::Fractions(fractions) => {
@@ -63,7 +64,7 @@ pub fn split_quotas(
             vec![total - eval - test, *eval, *test]
         }
     };
-    let names: Vec<&String> = strata.keys().collect();
+    let names: Vec<&K> = strata.keys().collect();
     if total == 0 {
         return Ok(names
             .into_iter()
@@ -123,14 +124,14 @@ pub fn split_quotas(
     Ok(names.into_iter().cloned().zip(cells).collect())
 }
 
-/// Draws each row's split from the remaining quotas of its stratum.
-pub struct SplitAssigner {
-    remaining: BTreeMap<String, [u64; SPLITS]>,
+/// Draws each row's split from the remaining quotas of its stratum (`K` names a stratum).
+pub struct SplitAssigner<K> {
+    remaining: BTreeMap<K, [u64; SPLITS]>,
     rng: ChaCha8Rng,
 }
 
-impl SplitAssigner {
-    pub fn new(quotas: BTreeMap<String, [u64; SPLITS]>, seed: u64) -> Self {
+impl<K: Ord> SplitAssigner<K> {
+    pub fn new(quotas: BTreeMap<K, [u64; SPLITS]>, seed: u64) -> Self {
         SplitAssigner {
             remaining: quotas,
             rng: ChaCha8Rng::seed_from_u64(seed),
@@ -138,16 +139,17 @@ impl SplitAssigner {
     }
 
     /// The split (index into [`SPLIT_NAMES`]) of the next row of `stratum`. Errors when the
-    /// stratum has no rows left (the two passes disagree: the input changed while reading).
-    pub fn assign(&mut self, stratum: &str) -> Result<usize, String> {
+    /// stratum has no rows left (the two passes disagree: the input changed while reading); the
+    /// caller names the stratum.
+    pub fn assign(&mut self, stratum: &K) -> Result<usize, String> {
         let left = self.remaining.get_mut(stratum).ok_or_else(|| {
-            format!("stratum `{stratum}` was not seen in the first pass; did the input change while it was read?")
+            "not seen in the first pass; did the input change while it was read?".to_string()
         })?;
         let total: u64 = left.iter().sum();
         if total == 0 {
-            return Err(format!(
-                "more rows of stratum `{stratum}` than in the first pass; did the input change while it was read?"
-            ));
+            return Err(
+                "more rows than in the first pass; did the input change while it was read?".into(),
+            );
         }
         let mut draw = self.rng.random_range(0..total);
         for (split, count) in left.iter_mut().enumerate() {
@@ -192,7 +194,7 @@ mod tests {
         let run = |seed| {
             let mut assigner = SplitAssigner::new(quotas.clone(), seed);
             (0..1000)
-                .map(|_| assigner.assign("x").unwrap())
+                .map(|_| assigner.assign(&"x".to_string()).unwrap())
                 .collect::<Vec<_>>()
         };
         let first = run(7);

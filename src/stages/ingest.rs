@@ -28,7 +28,7 @@
 
 use std::collections::BTreeMap;
 
-use arrow::array::{Array, RecordBatch};
+use arrow::array::{Array, RecordBatch, StringArray};
 use indexmap::IndexMap;
 use serde::Serialize;
 
@@ -175,9 +175,101 @@ pub struct FilterDrop {
 pub struct SplitStats {
     pub rows: u64,
     pub nulls: BTreeMap<String, u64>,
-    /// Rows per stratum value (when stratified).
+    /// Rows per stratum value (when stratified); a value that is the text `null` is one.
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub strata: BTreeMap<String, u64>,
+    /// Rows of the stratum of nulls (when stratified and the column has nulls).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub null_stratum: Option<u64>,
+}
+
+/// A stratum of the split: a value of the stratify column, or the rows where it is null (a
+/// stratum of their own, apart from a value that is the text `null`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Stratum {
+    Value(String),
+    Null,
+}
+
+impl Stratum {
+    /// The order of strata (which decides the quotas' rounding): by text, the nulls where the
+    /// text `null` sorts and after it, so splits of data without that text are as they were
+    /// when nulls were named `null`.
+    fn sort_key(&self) -> (&str, bool) {
+        match self {
+            Stratum::Value(value) => (value, false),
+            Stratum::Null => ("null", true),
+        }
+    }
+}
+
+impl Ord for Stratum {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.sort_key().cmp(&other.sort_key())
+    }
+}
+
+impl PartialOrd for Stratum {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl std::fmt::Display for Stratum {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Stratum::Value(value) => write!(f, "stratum `{value}`"),
+            Stratum::Null => write!(f, "the stratum of nulls"),
+        }
+    }
+}
+
+/// Stratum → a small id, found from a row's value without allocating.
+#[derive(Default)]
+struct StratumIds {
+    values: IndexMap<String, u32>,
+    null: Option<u32>,
+    /// By id.
+    strata: Vec<Stratum>,
+}
+
+impl StratumIds {
+    /// The id of a value (`None`: null), if seen.
+    fn get(&self, value: Option<&str>) -> Option<u32> {
+        match value {
+            Some(value) => self.values.get(value).copied(),
+            None => self.null,
+        }
+    }
+
+    /// A new id for a value not seen yet.
+    fn insert(&mut self, value: Option<&str>) -> u32 {
+        let id = self.strata.len() as u32;
+        match value {
+            Some(value) => {
+                self.values.insert(value.to_string(), id);
+                self.strata.push(Stratum::Value(value.to_string()));
+            }
+            None => {
+                self.null = Some(id);
+                self.strata.push(Stratum::Null);
+            }
+        }
+        id
+    }
+
+    fn len(&self) -> usize {
+        self.strata.len()
+    }
+}
+
+/// A row's stratify value (`None`: null), or [`ALL_ROWS`] when the split is not stratified.
+fn row_stratum(strata: Option<&StringArray>, row: usize) -> Option<&str> {
+    match strata {
+        Some(values) if values.is_null(row) => None,
+        Some(values) => Some(values.value(row)),
+        None => Some(ALL_ROWS),
+    }
 }
 
 enum SplitWriter {
@@ -235,7 +327,7 @@ impl Stage for IngestStage {
         } else {
             Some(DedupSpill::new(scratch.path())?)
         };
-        let mut strata_ids: IndexMap<String, u32> = IndexMap::new();
+        let mut strata_ids = StratumIds::default();
         let mut strata_counts: Vec<u64> = Vec::new();
         let mut dropped_by_filter = vec![0u64; config.filters.len()];
         let mut dropped_by_nulls = 0u64;
@@ -276,13 +368,9 @@ impl Stage for IngestStage {
                 if !kept {
                     continue;
                 }
-                let name = match &strata {
-                    Some(values) if values.is_null(row) => "null",
-                    Some(values) => values.value(row),
-                    None => ALL_ROWS,
-                };
-                let id = match strata_ids.get(name) {
-                    Some(&id) => id,
+                let value = row_stratum(strata.as_ref(), row);
+                let id = match strata_ids.get(value) {
+                    Some(id) => id,
                     None => {
                         if strata_ids.len() >= MAX_STRATA {
                             return Err(StageError::user(format!(
@@ -290,10 +378,8 @@ impl Stage for IngestStage {
                                 config.split.stratify_by.as_deref().unwrap_or_default()
                             )));
                         }
-                        let id = strata_ids.len() as u32;
-                        strata_ids.insert(name.to_string(), id);
                         strata_counts.push(0);
-                        id
+                        strata_ids.insert(value)
                     }
                 };
                 match (&mut dedup, &hashes) {
@@ -321,9 +407,11 @@ impl Stage for IngestStage {
             }
             None => 0,
         };
-        let strata: BTreeMap<String, u64> = strata_ids
+        let strata: BTreeMap<Stratum, u64> = strata_ids
+            .strata
             .iter()
-            .map(|(name, &id)| (name.clone(), strata_counts[id as usize]))
+            .zip(&strata_counts)
+            .map(|(stratum, &count)| (stratum.clone(), count))
             .collect();
         let rows_kept: u64 = strata.values().sum();
         let quotas = split_quotas(&strata, &config.split.sizes()).map_err(StageError::User)?;
@@ -371,7 +459,14 @@ impl Stage for IngestStage {
                 SplitWriter::Direct(Box::new(sink))
             });
         }
-        let mut assigner = SplitAssigner::new(quotas.clone(), derive_seed(stage_seed, "split"));
+        // By id, so a row finds its stratum's quotas without allocating.
+        let quotas_by_id: BTreeMap<u32, [u64; SPLITS]> = strata_ids
+            .strata
+            .iter()
+            .enumerate()
+            .filter_map(|(id, stratum)| Some((id as u32, *quotas.get(stratum)?)))
+            .collect();
+        let mut assigner = SplitAssigner::new(quotas_by_id, derive_seed(stage_seed, "split"));
         let mut split_stats: Vec<ColumnStats> = vec![ColumnStats::default(); split_count];
         let mut kept_stats = ColumnStats::default();
         let pass_two_spec = SourceSpec {
@@ -392,14 +487,18 @@ impl Stage for IngestStage {
                 if !keep.get(origin.first_row + row as u64) {
                     continue;
                 }
-                let name = match &strata {
-                    Some(values) if values.is_null(row) => "null",
-                    Some(values) => values.value(row),
-                    None => ALL_ROWS,
+                let value = row_stratum(strata.as_ref(), row);
+                let named = |message: &str| {
+                    let stratum = match value {
+                        Some(value) => Stratum::Value(value.to_string()),
+                        None => Stratum::Null,
+                    };
+                    StageError::user(format!("{origin}: {stratum}: {message}"))
                 };
-                let split = assigner
-                    .assign(name)
-                    .map_err(|e| StageError::user(format!("{origin}: {e}")))?;
+                let id = strata_ids.get(value).ok_or_else(|| {
+                    named("not seen in the first pass; did the input change while it was read?")
+                })?;
+                let split = assigner.assign(&id).map_err(|e| named(&e))?;
                 rows[split].push(row as u32);
             }
             for (split, rows) in rows.into_iter().enumerate() {
@@ -439,14 +538,18 @@ impl Stage for IngestStage {
 
         let mut splits = IndexMap::new();
         for (split, stats) in split_stats.iter().enumerate() {
-            let per_stratum: BTreeMap<String, u64> = if stratify.is_some() {
-                quotas
-                    .iter()
-                    .map(|(name, quota)| (name.clone(), quota[split]))
-                    .collect()
-            } else {
-                BTreeMap::new()
-            };
+            let mut per_stratum: BTreeMap<String, u64> = BTreeMap::new();
+            let mut null_stratum = None;
+            if stratify.is_some() {
+                for (stratum, quota) in &quotas {
+                    match stratum {
+                        Stratum::Value(value) => {
+                            per_stratum.insert(value.clone(), quota[split]);
+                        }
+                        Stratum::Null => null_stratum = Some(quota[split]),
+                    }
+                }
+            }
             splits.insert(
                 SPLIT_NAMES[split].to_string(),
                 SplitStats {
@@ -462,6 +565,7 @@ impl Stage for IngestStage {
                         })
                         .collect(),
                     strata: per_stratum,
+                    null_stratum,
                 },
             );
         }
