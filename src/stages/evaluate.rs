@@ -21,7 +21,7 @@ use serde::Serialize;
 use serde_json::Value;
 
 use crate::config::evaluate::{
-    CandidateScore, EvaluateConfig, ExactMatchConfig, FewShotEvaluation,
+    AccuracyConfig, CandidateScore, EvaluateConfig, ExactMatchConfig, FewShotEvaluation,
 };
 use crate::data::few_shot::{FewShotPool, FewShotSettings};
 use crate::infer::generate::{GenerationSettings, StopReason};
@@ -174,6 +174,40 @@ pub struct AccuracyWork {
     pub score: CandidateScore,
 }
 
+/// The accuracy metric's candidates: its `choices` (standing for its `labels`, else for
+/// themselves), or the distinct values of `choices_column` in the rows.
+fn accuracy_candidates(
+    accuracy: &AccuracyConfig,
+    rows: &Rows,
+    split: &str,
+) -> Result<Candidates, StageError> {
+    Ok(match (&accuracy.choices, &accuracy.choices_column) {
+        (Some(choices), _) => Candidates {
+            choices: choices.clone(),
+            labels: accuracy.labels.clone().unwrap_or_else(|| choices.clone()),
+        },
+        (None, Some(column)) => {
+            let distinct: BTreeSet<&String> = rows.column(column)?.iter().collect();
+            let choices: Vec<String> = distinct.into_iter().cloned().collect();
+            if choices.len() < 2 {
+                return Err(StageError::user(format!(
+                    "accuracy: column `{column}` has {} distinct value(s) in split `{split}`; at least 2 candidates are needed",
+                    choices.len(),
+                )));
+            }
+            Candidates {
+                labels: choices.clone(),
+                choices,
+            }
+        }
+        (None, None) => {
+            return Err(StageError::Internal(
+                "accuracy has no candidates (validation should have caught this)".into(),
+            ))
+        }
+    })
+}
+
 /// How many of `labels` are none of `candidates`' labels (trimmed): rows accuracy counts as
 /// wrong whatever the model scores.
 fn labels_outside(candidates: &Candidates, labels: &[String]) -> usize {
@@ -263,33 +297,7 @@ impl EvalPlan {
         let accuracy = match &metrics.accuracy {
             None => None,
             Some(accuracy) => {
-                let candidates = match (&accuracy.choices, &accuracy.choices_column) {
-                    (Some(choices), _) => Candidates {
-                        choices: choices.clone(),
-                        labels: accuracy.labels.clone().unwrap_or_else(|| choices.clone()),
-                    },
-                    (None, Some(column)) => {
-                        let distinct: BTreeSet<&String> = rows.column(column)?.iter().collect();
-                        let choices: Vec<String> = distinct.into_iter().cloned().collect();
-                        if choices.len() < 2 {
-                            return Err(StageError::user(format!(
-                                "accuracy: column `{column}` has {} distinct value(s) in split `{}`; at least 2 candidates are needed",
-                                choices.len(),
-                                config.split
-                            )));
-                        }
-                        Candidates {
-                            labels: choices.clone(),
-                            choices,
-                        }
-                    }
-                    (None, None) => {
-                        return Err(StageError::Internal(
-                            "accuracy has no candidates (validation should have caught this)"
-                                .into(),
-                        ))
-                    }
-                };
+                let candidates = accuracy_candidates(accuracy, rows, &config.split)?;
                 let labels = rows.column(&accuracy.label_column)?.to_vec();
                 if !labels.is_empty() && labels_outside(&candidates, &labels) == labels.len() {
                     return Err(StageError::user(format!(
@@ -906,17 +914,13 @@ pub(crate) fn available_splits(data_dir: &Path) -> Vec<String> {
     splits
 }
 
-/// The few-shot candidates' prompts: each row's prompt preceded by `k` demonstrations (their
-/// prompt and completion, each followed by the separator) drawn by the template stage's pool
-/// from `source`'s `train.parquet`.
-fn few_shot_rows(
-    rows: &Rows,
-    split: &str,
+/// The pool of `k` demonstrations drawn from `source`'s `train.parquet`, and that file.
+fn few_shot_pool(
     few_shot: &FewShotEvaluation,
     k: usize,
     source: &Path,
     seed: u64,
-) -> Result<Rows, StageError> {
+) -> Result<(FewShotPool, PathBuf), StageError> {
     let path = source.join("train.parquet");
     if !path.is_file() {
         return Err(StageError::user(format!(
@@ -935,6 +939,39 @@ fn few_shot_rows(
             split: "train".to_string(),
         },
     )?;
+    Ok((pool, path))
+}
+
+/// The few-shot seed of the stage `name` in a pipeline seeded `seed`.
+fn few_shot_seed(few_shot: &FewShotEvaluation, seed: u64, name: &str) -> u64 {
+    few_shot
+        .seed
+        .unwrap_or_else(|| derive_seed(derive_seed(seed, name), "few-shot"))
+}
+
+/// The split name the few-shot pool knows the evaluated rows by: their own split when the
+/// demonstrations come from the evaluated stage (the row itself is then left out of its
+/// draws), else `stage/split`, sharing no identity with the pool's rows.
+fn evaluated_split(config: &EvaluateConfig, source: &str) -> String {
+    if source == config.data {
+        config.split.clone()
+    } else {
+        format!("{}/{}", config.data, config.split)
+    }
+}
+
+/// The few-shot candidates' prompts: each row's prompt preceded by `k` demonstrations (their
+/// prompt and completion, each followed by the separator) drawn by the template stage's pool
+/// from `source`'s `train.parquet`.
+fn few_shot_rows(
+    rows: &Rows,
+    split: &str,
+    few_shot: &FewShotEvaluation,
+    k: usize,
+    source: &Path,
+    seed: u64,
+) -> Result<Rows, StageError> {
+    let (pool, path) = few_shot_pool(few_shot, k, source, seed)?;
     let prompts = rows.column("prompt")?;
     let mut with_demonstrations = Vec::with_capacity(prompts.len());
     for (row, prompt) in prompts.iter().enumerate() {
@@ -1080,6 +1117,68 @@ fn four_bit_method(method: String, four_bit: bool) -> String {
 }
 
 impl Stage for EvaluateStage {
+    /// What the rows can refute before any model is trained or loaded: accuracy labels that
+    /// no row of the evaluated split has, a few-shot `k` larger than the demonstrations the
+    /// source's `train` split holds. Anything else (a missing split, an unreadable file) is
+    /// left to `run`, which reports it as it always has.
+    fn check_upstream(&self, ctx: &StageContext<'_>) -> Result<(), StageError> {
+        let config = &self.config;
+        let Some(data_dir) = ctx.upstream.get(&config.data) else {
+            return Ok(());
+        };
+        let table = data_dir.join(format!("{}.parquet", config.split));
+        let shown = format!("split `{}` of stage `{}`", config.split, config.data);
+        let Ok(rows) = read_rows(&table, &shown, &self.needed_columns(), config.max_rows) else {
+            return Ok(());
+        };
+        if rows.count == 0 {
+            return Ok(());
+        }
+        if let Some(accuracy) = &config.metrics.accuracy {
+            if let (Ok(candidates), Ok(labels)) = (
+                accuracy_candidates(accuracy, &rows, &config.split),
+                rows.column(&accuracy.label_column),
+            ) {
+                if !labels.is_empty() && labels_outside(&candidates, labels) == labels.len() {
+                    let key = if accuracy.labels.is_some() {
+                        "labels"
+                    } else if accuracy.choices.is_some() {
+                        "choices"
+                    } else {
+                        "choices_column"
+                    };
+                    return Err(StageError::user(format!(
+                        "evaluate.metrics.accuracy.{key}: no row's `{}` value in {shown} is one of the candidates' labels ({}); e.g. row 0 has {:?}",
+                        accuracy.label_column,
+                        candidates.labels.join(", "),
+                        labels[0]
+                    )));
+                }
+            }
+        }
+        if let (Some(few_shot), Some(source)) = (&config.few_shot, config.few_shot_source()) {
+            let Some(source_dir) = ctx.upstream.get(source) else {
+                return Ok(());
+            };
+            let seed = few_shot_seed(few_shot, ctx.seed, ctx.name);
+            let evaluated = evaluated_split(config, source);
+            for (index, &k) in few_shot.k.iter().enumerate().filter(|(_, &k)| k > 0) {
+                let Ok((pool, _)) = few_shot_pool(few_shot, k, source_dir, seed) else {
+                    return Ok(());
+                };
+                for row in 0..rows.count {
+                    ctx.check_cancel()?;
+                    if let Err(error) = pool.draw(&evaluated, row as u64) {
+                        return Err(StageError::user(format!(
+                            "evaluate.few_shot.k[{index}]: {error} (stage `{source}`)"
+                        )));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
     fn run(&self, ctx: &StageContext<'_>) -> Result<StageOutcome, StageError> {
         let config = &self.config;
         let data_dir = ctx.upstream_dir(&config.data)?;
@@ -1245,17 +1344,9 @@ impl Stage for EvaluateStage {
         let mut candidates: BTreeMap<String, ModelMetrics> = BTreeMap::new();
         if let (Some(few_shot), Some(source)) = (&config.few_shot, config.few_shot_source()) {
             let source_dir = ctx.upstream_dir(source)?;
-            let seed = few_shot
-                .seed
-                .unwrap_or_else(|| derive_seed(derive_seed(ctx.seed, ctx.name), "few-shot"));
+            let seed = few_shot_seed(few_shot, ctx.seed, ctx.name);
             for &k in few_shot.k.iter().filter(|&&k| k > 0) {
-                // The pool leaves out "the row itself" only when the evaluated rows are its own
-                // split's; rows of another stage share no identity with them.
-                let evaluated = if source == config.data {
-                    config.split.clone()
-                } else {
-                    format!("{}/{}", config.data, config.split)
-                };
+                let evaluated = evaluated_split(config, source);
                 let shot_rows = few_shot_rows(&rows, &evaluated, few_shot, k, source_dir, seed)?;
                 let shot_plan = EvalPlan::new(
                     config,

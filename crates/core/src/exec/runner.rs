@@ -215,7 +215,49 @@ pub fn execute(
                         Ok(())
                     };
                     match written {
-                        Ok(()) => states[position] = State::Done(output),
+                        Ok(()) => {
+                            states[position] = State::Done(output);
+                            // Stages below it that still wait for others (training) check
+                            // what they can already: a setting the data refutes fails the
+                            // run now, before those start.
+                            for waiting in 0..count {
+                                let stage_plan = &plan.stages[waiting];
+                                if states[waiting] != State::Waiting
+                                    || !stage_plan.upstream.contains(&report.name)
+                                {
+                                    continue;
+                                }
+                                let Some(message) = check_upstream_early(
+                                    pipeline,
+                                    settings,
+                                    &cache,
+                                    builder,
+                                    events,
+                                    cancel,
+                                    &plan.stages,
+                                    &states,
+                                    stage_plan,
+                                ) else {
+                                    continue;
+                                };
+                                let early = StageReport {
+                                    name: stage_plan.name.clone(),
+                                    kind: stage_plan.kind.clone(),
+                                    status: StageStatus::Failed,
+                                    cache: CacheUse::None,
+                                    reasons: Vec::new(),
+                                    wall_time: Duration::ZERO,
+                                    outcome: BTreeMap::new(),
+                                    output: None,
+                                    output_dir: None,
+                                    error: Some(message),
+                                };
+                                states[waiting] = State::Failed;
+                                failed = true;
+                                events.event(ExecEvent::StageFinished(early.clone()));
+                                reports[waiting] = Some(early);
+                            }
+                        }
                         Err(error) => {
                             report.status = StageStatus::Failed;
                             report.error = Some(error.to_string());
@@ -287,6 +329,75 @@ pub fn execute(
         interrupted,
         wall_time: started.elapsed(),
     })
+}
+
+/// A waiting stage's [`Stage::check_upstream`](super::stage::Stage::check_upstream) over the
+/// upstream artifacts that exist while some are still to come: its error, placed in the pipeline
+/// file, or None (passed, nothing to check yet, or every upstream is done and `run` checks).
+#[expect(
+    clippy::too_many_arguments,
+    reason = "the scheduler's context, read only"
+)]
+fn check_upstream_early(
+    pipeline: &Pipeline,
+    settings: &RunSettings,
+    cache: &Cache,
+    builder: &StageBuilder<'_>,
+    events: &dyn EventSink,
+    cancel: &AtomicBool,
+    stages: &[StagePlan],
+    states: &[State],
+    stage: &StagePlan,
+) -> Option<String> {
+    let mut upstream = BTreeMap::new();
+    for name in &stage.upstream {
+        let index = stages.iter().position(|other| &other.name == name)?;
+        if let State::Done(output) = &states[index] {
+            upstream.insert(name.clone(), cache.object_data(output));
+        }
+    }
+    if upstream.len() == stage.upstream.len() {
+        return None;
+    }
+    let config = pipeline.stages.get(&stage.name)?;
+    let built = builder(&stage.name, config).ok()?;
+    let sink = StageSink {
+        stage: &stage.name,
+        events,
+    };
+    let out_dir = settings
+        .out_root
+        .join(crate::cache::sanitize_name(&stage.name));
+    let context = StageContext {
+        name: &stage.name,
+        project_dir: &pipeline.project_dir,
+        out_dir: &out_dir,
+        upstream: &upstream,
+        upstream_outcomes: &BTreeMap::new(),
+        inputs: &BTreeMap::new(),
+        seed: pipeline.seed,
+        progress: &sink,
+        cancel,
+        options: &settings.options,
+        fingerprint: "",
+        checkpoint_dir: None,
+        resume: true,
+    };
+    match built.check_upstream(&context) {
+        Ok(()) | Err(StageError::Cancelled) => None,
+        Err(error) => Some(upstream_problem(pipeline, &stage.name, &error)),
+    }
+}
+
+/// A [`Stage::check_upstream`](super::stage::Stage::check_upstream) error placed in the pipeline
+/// file: `pipeline.yaml: stages.<name>.<key path>: message` (an internal error as it is).
+fn upstream_problem(pipeline: &Pipeline, name: &str, error: &StageError) -> String {
+    match error {
+        StageError::User(message) => {
+            format!("{}: stages.{name}.{message}", pipeline.file.display())
+        }
+        other => other.to_string(),
+    }
 }
 
 /// Keep how a failed stage ended (so `status` and `report` can say so), or forget an earlier
@@ -542,6 +653,14 @@ fn run_job(
     let data = staging.join("data");
     if let Err(error) = std::fs::create_dir_all(&data) {
         return failed(&job, started, reasons, error.to_string(), false);
+    }
+    // The checks `check_upstream` made early, now over every upstream artifact: the same error
+    // whether or not the stages it waited for ran in this run.
+    if let Err(error) = stage.check_upstream(&context(&data)) {
+        let _ = crate::cache::remove_path(&staging);
+        let cancelled = matches!(error, StageError::Cancelled);
+        let message = upstream_problem(pipeline, &job.name, &error);
+        return failed(&job, started, reasons, message, cancelled);
     }
     let outcome =
         std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| stage.run(&context(&data))))

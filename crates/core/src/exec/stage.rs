@@ -169,6 +169,18 @@ pub trait Stage: Send + Sync {
     /// Produce the artifact in `ctx.out_dir`.
     fn run(&self, ctx: &StageContext<'_>) -> Result<StageOutcome, StageError>;
 
+    /// Check the configuration against the upstream artifacts in `ctx.upstream` (those that
+    /// exist: while an expensive upstream stage such as training has yet to run, only the
+    /// others are there), so a setting only the data can refute fails the run before that
+    /// stage starts, not after it. The executor calls it when an upstream stage finishes while
+    /// others are still to come, and once more before `run` with every upstream artifact.
+    /// `ctx.out_dir` is not to be written. An error is a user error whose message begins with
+    /// the key path under the stage's name (`evaluate.metrics.accuracy.labels: ...`); the
+    /// executor puts the pipeline file and `stages.<name>.` before it. Default: nothing.
+    fn check_upstream(&self, _ctx: &StageContext<'_>) -> Result<(), StageError> {
+        Ok(())
+    }
+
     /// Called after `run` and also when the stage is restored from the cache: copy the artifact
     /// to a user-declared destination (export). Default: nothing.
     fn publish(&self, _artifact: &Path, _ctx: &StageContext<'_>) -> Result<(), StageError> {
