@@ -544,3 +544,25 @@ fn every_shard_the_index_names_is_an_input_and_nothing_else_is() {
     project.run_ok("pipeline.yaml", &[]);
     assert_eq!(outputs, project.recorded_outputs("quick"), "a clean run");
 }
+
+/// `status --json`, `run --dry-run --json` and `run --json` name a stage's state by one key,
+/// `status` (`status --json` called it `state`, still written as an alias for now).
+#[test]
+fn status_and_run_json_name_a_stage_state_by_one_key() {
+    let project = Project::new();
+    let json = |args: &[&str]| -> serde_json::Value {
+        let output = project.run(args);
+        assert!(output.status.success(), "{}", stderr(&output));
+        serde_json::from_slice(&output.stdout).expect("JSON on stdout")
+    };
+    let planned = json(&["--json", "status", "pipeline.yaml"]);
+    assert_eq!(planned["stages"][0]["status"], "dirty", "{planned}");
+    assert_eq!(planned["stages"][0]["state"], "dirty", "{planned}");
+    let dry = json(&["--json", "run", "pipeline.yaml", "--dry-run"]);
+    assert_eq!(dry["stages"][1]["status"], "dirty", "{dry}");
+    let ran = json(&["--json", "run", "pipeline.yaml", "--no-report"]);
+    assert_eq!(ran["stages"][0]["status"], "ran", "{ran}");
+    let fresh = json(&["--json", "status", "pipeline.yaml"]);
+    assert_eq!(fresh["stages"][0]["status"], "fresh", "{fresh}");
+    assert_eq!(fresh["stages"][1]["status"], "fresh", "{fresh}");
+}

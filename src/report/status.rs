@@ -89,7 +89,9 @@ fn style_tag(style: &Style, tag: &str, code: &str) -> String {
     }
 }
 
-/// The plan as JSON: per stage its name, kind, state, reasons (text and structured) and digest.
+/// The plan as JSON: per stage its name, kind, `status` (`fresh` or `dirty`; the key `run --json`
+/// names a stage's outcome by), reasons (text and structured) and digest. `state` repeats
+/// `status` under the key this output used before; it is deprecated and will be removed.
 pub fn plan_json(plan: &Plan) -> serde_json::Value {
     let stages: Vec<serde_json::Value> = plan
         .stages
@@ -107,6 +109,7 @@ pub fn plan_json(plan: &Plan) -> serde_json::Value {
             serde_json::json!({
                 "name": stage.name,
                 "kind": stage.kind,
+                "status": state,
                 "state": state,
                 "reasons": reasons.iter().map(ToString::to_string).collect::<Vec<_>>(),
                 "reason_details": reasons,
