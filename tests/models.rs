@@ -559,3 +559,82 @@ fn a_tensor_in_two_shards_is_refused_with_both_files_named() {
     );
     assert!(model.tensor_infos().is_err());
 }
+
+/// The quickstart model split into two shards `s0.safetensors`, `s1.safetensors` (tensors in
+/// name order, half each) with its `model.safetensors.index.json`; returns the folder and the
+/// index's `weight_map` as written.
+fn sharded_quickstart() -> (
+    tempfile::TempDir,
+    serde_json::Map<String, serde_json::Value>,
+) {
+    let dir = quickstart_copy();
+    let single = dir.path().join("model.safetensors");
+    let tensors = candle_core::safetensors::load(&single, &Device::Cpu).unwrap();
+    std::fs::remove_file(&single).unwrap();
+    let mut names: Vec<&String> = tensors.keys().collect();
+    names.sort();
+    let mut shards: [HashMap<String, Tensor>; 2] = Default::default();
+    let mut weight_map = serde_json::Map::new();
+    for (i, name) in names.iter().enumerate() {
+        let half = usize::from(i >= names.len() / 2);
+        shards[half].insert((*name).clone(), tensors[*name].clone());
+        weight_map.insert((*name).clone(), format!("s{half}.safetensors").into());
+    }
+    for (half, shard) in shards.iter().enumerate() {
+        candle_core::safetensors::save(shard, dir.path().join(format!("s{half}.safetensors")))
+            .unwrap();
+    }
+    write_index(dir.path(), &weight_map);
+    (dir, weight_map)
+}
+
+fn write_index(dir: &std::path::Path, weight_map: &serde_json::Map<String, serde_json::Value>) {
+    std::fs::write(
+        dir.join("model.safetensors.index.json"),
+        serde_json::json!({"metadata": {}, "weight_map": weight_map}).to_string(),
+    )
+    .unwrap();
+}
+
+/// Probe item: a `weight_map` entry naming a shard outside the model folder (absolute, or
+/// through `..`) was read from there. Opening the folder refuses it, naming the index and the
+/// entry (validate, load and export all open it so).
+#[test]
+fn a_shard_outside_the_model_folder_is_refused() {
+    let (dir, weight_map) = sharded_quickstart();
+    // The shard moved next to the folder: as good a file, read from outside.
+    let model = dir.path().join("model");
+    std::fs::create_dir(&model).unwrap();
+    for name in [
+        "config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "s0.safetensors",
+    ] {
+        std::fs::rename(dir.path().join(name), model.join(name)).unwrap();
+    }
+    let outside = dir.path().join("s1.safetensors");
+    for shard in [
+        "../s1.safetensors".to_string(),
+        outside.display().to_string(),
+    ] {
+        let mut map = weight_map.clone();
+        for value in map.values_mut() {
+            if value.as_str() == Some("s1.safetensors") {
+                *value = shard.clone().into();
+            }
+        }
+        write_index(&model, &map);
+        let error = peftpipe::models::ModelDir::open(&model)
+            .map(|_| ())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("model.safetensors.index.json")
+                && error.contains("weight_map.")
+                && error.contains(&format!("`{shard}`"))
+                && error.contains("outside the model folder"),
+            "{error}"
+        );
+    }
+}

@@ -139,13 +139,24 @@ mod download {
             })?;
             let index: serde_json::Value = serde_json::from_str(&text)
                 .map_err(|e| error(format!("{}: {e}", index_path.display())))?;
-            let mut shards: Vec<&str> = index
+            let weight_map = index
                 .get("weight_map")
                 .and_then(serde_json::Value::as_object)
-                .ok_or_else(|| error("model.safetensors.index.json has no weight_map".into()))?
-                .values()
-                .filter_map(serde_json::Value::as_str)
-                .collect();
+                .ok_or_else(|| error("model.safetensors.index.json has no weight_map".into()))?;
+            let mut shards: Vec<&str> = Vec::new();
+            for (tensor, shard) in weight_map {
+                let Some(shard) = shard.as_str() else {
+                    continue;
+                };
+                // Never fetched to (or read from) a path outside the snapshot folder.
+                if let Some(problem) = crate::config::train::shard_name_problem(shard) {
+                    return Err(error(format!(
+                        "{}: key `weight_map.{tensor}`: {problem}",
+                        index_path.display()
+                    )));
+                }
+                shards.push(shard);
+            }
             shards.sort_unstable();
             shards.dedup();
             for shard in shards {

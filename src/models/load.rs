@@ -443,6 +443,13 @@ impl ModelDir {
                         message: "expected a file name".to_string(),
                     });
                 };
+                if let Some(problem) = crate::config::train::shard_name_problem(file) {
+                    return Err(ModelError::Config {
+                        path: index.clone(),
+                        key: format!("weight_map.{tensor}"),
+                        message: problem,
+                    });
+                }
                 let path = root.join(file);
                 if !files.contains(&path) {
                     files.push(path);

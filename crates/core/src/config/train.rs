@@ -365,13 +365,32 @@ pub const TOKENIZER_FILES: &[&str] = &[
     "generation_config.json",
 ];
 
+/// Why a shard file name of model.safetensors.index.json's `weight_map` is refused, if it is: a
+/// shard must lie in the model folder (a subfolder is fine), so an absolute path, a `..`
+/// component or an empty name is refused wherever the index is read (loading, hashing, download).
+pub fn shard_name_problem(shard: &str) -> Option<String> {
+    use std::path::Component;
+    if shard.is_empty() {
+        return Some("the shard file name is empty".to_string());
+    }
+    let outside = Path::new(shard)
+        .components()
+        .any(|part| !matches!(part, Component::Normal(_) | Component::CurDir));
+    outside.then(|| {
+        format!(
+            "shard `{shard}` is outside the model folder (an absolute path or a `..` component); shards must lie in the folder"
+        )
+    })
+}
+
 /// Files of a model directory that change what a stage over the model computes or writes, each
 /// as (its name relative to the folder, its path): config.json, every [`TOKENIZER_FILES`] entry
 /// it has, and the weights the loader reads — model.safetensors when it is there, else
 /// model.safetensors.index.json and every shard its `weight_map` names (in subfolders too, under
 /// any file name). Other safetensors files in the folder are not read, so they are not listed; a
 /// shard the index names but the folder lacks, or an index that does not parse, is left to the
-/// loader's error.
+/// loader's error. A shard name outside the folder ([`shard_name_problem`]) is an error naming
+/// the index and the entry.
 pub fn model_files(dir: &Path) -> Result<Vec<(String, PathBuf)>, String> {
     // Worded as the model check words it, so validation reports it once.
     if !dir.is_dir() {
@@ -398,7 +417,16 @@ pub fn model_files(dir: &Path) -> Result<Vec<(String, PathBuf)>, String> {
             .and_then(|bytes| serde_json::from_slice::<serde_json::Value>(&bytes).ok())
             .and_then(|json| json.get("weight_map").cloned());
         if let Some(serde_json::Value::Object(map)) = shards {
-            for file in map.values().filter_map(serde_json::Value::as_str) {
+            for (tensor, file) in &map {
+                let Some(file) = file.as_str() else {
+                    continue;
+                };
+                if let Some(problem) = shard_name_problem(file) {
+                    return Err(format!(
+                        "{}: key `weight_map.{tensor}`: {problem}",
+                        index.display()
+                    ));
+                }
                 add(file);
             }
         }
@@ -746,6 +774,38 @@ mod tests {
             names(model_files(root).unwrap()),
             ["config.json", "model.safetensors", "tokenizer.json"]
         );
+    }
+
+    /// Probe item: a `weight_map` entry naming a file outside the model folder (absolute, or
+    /// through `..`) was hashed into the cache key (an absolute path in it, too); it is refused,
+    /// naming the index and the entry.
+    #[test]
+    fn model_files_refuse_shards_outside_the_model_folder() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("model");
+        std::fs::create_dir_all(&root).unwrap();
+        std::fs::write(root.join("config.json"), "{}").unwrap();
+        std::fs::write(dir.path().join("outside.safetensors"), "").unwrap();
+        let outside = dir.path().join("outside.safetensors");
+        for shard in [
+            outside.display().to_string(),
+            "../outside.safetensors".to_string(),
+            "sub/../../outside.safetensors".to_string(),
+        ] {
+            std::fs::write(
+                root.join("model.safetensors.index.json"),
+                serde_json::json!({"weight_map": {"lm_head.weight": shard}}).to_string(),
+            )
+            .unwrap();
+            let error = model_files(&root).unwrap_err();
+            assert!(
+                error.contains("model.safetensors.index.json")
+                    && error.contains("weight_map.lm_head.weight")
+                    && error.contains(&shard)
+                    && error.contains("outside the model folder"),
+                "{error}"
+            );
+        }
     }
 
     #[test]
