@@ -638,3 +638,76 @@ fn a_shard_outside_the_model_folder_is_refused() {
         );
     }
 }
+
+/// Probe item: `weight_map` was read for its file names only, so an entry placing a tensor in
+/// a shard whose header does not hold it passed silently (the tensor was taken from whichever
+/// shard had it), an entry for a tensor no shard holds passed when the model did not need it,
+/// and a tensor no entry lists was loaded (transformers skips it). Each is one error naming the
+/// index, the tensor and the shard; only headers are read.
+#[test]
+fn weight_map_entries_are_checked_against_the_shard_headers() {
+    let problems = |dir: &std::path::Path| -> Vec<String> {
+        let model = peftpipe::models::ModelDir::open(dir).unwrap();
+        let problems: Vec<String> = model
+            .check_weights()
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        let loaded = model.load(&Device::Cpu, DType::F32, &FrozenLinearFactory);
+        assert_eq!(loaded.is_err(), !problems.is_empty(), "{problems:?}");
+        problems
+    };
+    let (dir, weight_map) = sharded_quickstart();
+    assert_eq!(problems(dir.path()), Vec::<String>::new());
+    let in_s1 = weight_map
+        .iter()
+        .find(|(_, shard)| shard.as_str() == Some("s1.safetensors"))
+        .map(|(name, _)| name.clone())
+        .unwrap();
+
+    // Placed in the wrong shard.
+    let mut map = weight_map.clone();
+    map.insert(in_s1.clone(), "s0.safetensors".into());
+    write_index(dir.path(), &map);
+    let found = problems(dir.path());
+    assert!(
+        found
+            .iter()
+            .any(|problem| problem.contains("model.safetensors.index.json")
+                && problem.contains(&format!("`{in_s1}`"))
+                && problem.contains("s0.safetensors")
+                && problem.contains("s1.safetensors")),
+        "{found:?}"
+    );
+
+    // Listed, but no shard holds it.
+    let mut map = weight_map.clone();
+    map.insert(
+        "model.layers.9.extra.weight".into(),
+        "s1.safetensors".into(),
+    );
+    write_index(dir.path(), &map);
+    let found = problems(dir.path());
+    assert!(
+        found
+            .iter()
+            .any(|problem| problem.contains("model.safetensors.index.json")
+                && problem.contains("`model.layers.9.extra.weight`")
+                && problem.contains("s1.safetensors")),
+        "{found:?}"
+    );
+
+    // Stored, but not listed.
+    let mut map = weight_map.clone();
+    map.remove(&in_s1);
+    write_index(dir.path(), &map);
+    let found = problems(dir.path());
+    assert!(
+        found
+            .iter()
+            .any(|problem| problem.contains("model.safetensors.index.json")
+                && problem.contains(&format!("`{in_s1}`"))
+                && problem.contains("s1.safetensors")),
+        "{found:?}"
+    );
+}

@@ -382,9 +382,81 @@ pub struct ModelDir {
     config: ModelConfig,
     config_json: Value,
     weight_files: Vec<PathBuf>,
+    /// A sharded checkpoint's model.safetensors.index.json and its `weight_map` (tensor → shard
+    /// file name as written); `None` for one model.safetensors.
+    shard_index: Option<ShardIndex>,
     /// config.json's bitsandbytes 4-bit `quantization_config`: the checkpoint stores its
     /// decoder linear weights in 4 bits (read as stored, see [`super::quantized`]).
     stored_quantization: Option<BnbQuantization>,
+}
+
+/// model.safetensors.index.json: where it is, and which shard each tensor is in.
+#[derive(Debug, Clone)]
+struct ShardIndex {
+    path: PathBuf,
+    /// Tensor name → shard file name as the index writes it.
+    weight_map: BTreeMap<String, String>,
+}
+
+impl ShardIndex {
+    /// Every disagreement between the index and the shard headers (`stored`, the tensors of
+    /// all shards): an entry whose shard does not hold its tensor (held by another shard or
+    /// by none), and a stored tensor no entry lists (transformers loads only listed tensors).
+    /// At most [`LISTED_TENSOR_PROBLEMS`] are listed; the rest are counted in one more.
+    fn problems(&self, root: &Path, stored: &BTreeMap<String, TensorInfo>) -> Vec<ModelError> {
+        let index_name = file_name(&self.path);
+        let shard_name = |file: &Path| {
+            file.strip_prefix(root).map_or_else(
+                |_| file.display().to_string(),
+                |name| name.display().to_string(),
+            )
+        };
+        let messages = self.weight_map.iter().filter_map(|(tensor, shard)| {
+            let placed = root.join(shard);
+            match stored.get(tensor) {
+                Some(info) if info.file == placed => None,
+                Some(info) => Some(format!(
+                    "weight_map places tensor `{tensor}` in `{shard}`, but that shard's header does not hold it; it is stored in `{}`",
+                    shard_name(&info.file)
+                )),
+                None => Some(format!(
+                    "weight_map places tensor `{tensor}` in `{shard}`, but that shard's header does not hold it (no shard does)"
+                )),
+            }
+        });
+        let mut problems: Vec<ModelError> = Vec::new();
+        let mut unlisted = 0usize;
+        let mut push = |message: String| {
+            if problems.len() < LISTED_TENSOR_PROBLEMS {
+                problems.push(ModelError::Weights {
+                    path: self.path.clone(),
+                    message,
+                });
+            } else {
+                unlisted += 1;
+            }
+        };
+        for message in messages {
+            push(message);
+        }
+        for (tensor, info) in stored {
+            if !self.weight_map.contains_key(tensor) {
+                push(format!(
+                    "tensor `{tensor}` is stored in `{}` but weight_map does not list it (transformers would not load it); add it to {index_name} or remove it from the shard",
+                    shard_name(&info.file)
+                ));
+            }
+        }
+        if unlisted > 0 {
+            problems.push(ModelError::Weights {
+                path: self.path.clone(),
+                message: format!(
+                    "and {unlisted} more disagreements like these between weight_map and the shard headers"
+                ),
+            });
+        }
+        problems
+    }
 }
 
 /// Add one weight file's tensors to those of the files before it: a tensor stored in two shards
@@ -423,6 +495,7 @@ impl ModelDir {
         }
         let single = root.join("model.safetensors");
         let index = root.join("model.safetensors.index.json");
+        let mut shard_index = None;
         let weight_files = if single.is_file() {
             vec![single]
         } else if index.is_file() {
@@ -435,6 +508,7 @@ impl ModelDir {
                 });
             };
             let mut files: Vec<PathBuf> = Vec::new();
+            let mut weight_map = BTreeMap::new();
             for (tensor, file) in map {
                 let Some(file) = file.as_str() else {
                     return Err(ModelError::Config {
@@ -450,6 +524,7 @@ impl ModelDir {
                         message: problem,
                     });
                 }
+                weight_map.insert(tensor.clone(), file.to_string());
                 let path = root.join(file);
                 if !files.contains(&path) {
                     files.push(path);
@@ -467,6 +542,10 @@ impl ModelDir {
                     });
                 }
             }
+            shard_index = Some(ShardIndex {
+                path: index,
+                weight_map,
+            });
             files
         } else {
             return Err(ModelError::NoWeights {
@@ -478,6 +557,7 @@ impl ModelDir {
             config,
             config_json,
             weight_files,
+            shard_index,
             stored_quantization,
         })
     }
@@ -563,8 +643,9 @@ impl ModelDir {
     }
 
     /// Check the stored tensors against config.json from the safetensors headers alone (no
-    /// weight is read): every header is well formed (see [`read_safetensors_header`]), the
-    /// checkpoint stores as many decoder layers as config.json declares, and every tensor the
+    /// weight is read): every header is well formed (see [`read_safetensors_header`]), a
+    /// sharded checkpoint's `weight_map` places each tensor in the shard whose header holds it
+    /// and lists every stored tensor, the checkpoint stores as many decoder layers as config.json declares, and every tensor the
     /// loader reads is present with the shape config.json implies and a float dtype. Returns
     /// every problem found (tensor problems past the first few are counted in one more); empty
     /// when the model will load. Work is bounded by the headers, not by config.json's numbers.
@@ -580,6 +661,13 @@ impl ModelDir {
         }
         if !problems.is_empty() {
             return problems;
+        }
+        // The index and the headers must tell one story (which shard holds which tensor).
+        if let Some(index) = &self.shard_index {
+            let problems = index.problems(&self.root, &stored);
+            if !problems.is_empty() {
+                return problems;
+            }
         }
         // Where a missing tensor should have been: the one weight file, or the shard index.
         let weights_file = match &self.weight_files[..] {
