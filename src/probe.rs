@@ -204,6 +204,7 @@ fn check_model_dir(dir: &Path) -> ModelFacts {
         positions_key: config.max_positions_key().to_string(),
         num_layers: config.num_layers(),
         kv_dim: config.kv_dim(),
+        sliding_window: config.limiting_sliding_window(),
     });
     facts.stored_4bit = model.stored_quantization().map(|stored| Stored4bit {
         config_path: model.config_path().display().to_string(),

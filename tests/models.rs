@@ -711,3 +711,42 @@ fn weight_map_entries_are_checked_against_the_shard_headers() {
         "{found:?}"
     );
 }
+
+/// Probe item: Mistral loaded as Llama. peftpipe has no sliding-window attention, so its Llama
+/// refuses a sequence with more real tokens than config.json's window (past the window every
+/// query would see keys transformers masks), and computes shorter ones as plain causal
+/// attention, which up to the window is what transformers computes. The guard counts valid
+/// keys per row (padding is not a position), cache and prefix included.
+#[test]
+fn a_sequence_longer_than_the_sliding_window_is_refused() -> Result<()> {
+    let config = tiny_llama(serde_json::json!({"model_type": "mistral", "sliding_window": 5}));
+    let windowed = model(&config, &FrozenLinearFactory)?;
+    let plain = model(
+        &tiny_llama(serde_json::json!({"model_type": "mistral", "sliding_window": null})),
+        &FrozenLinearFactory,
+    )?;
+    // Five real tokens in each row (one padded): within the window, the same logits.
+    let (ids, mask) = batch()?;
+    let logits = windowed.forward(&ids, Some(&mask), &Hooks::none())?;
+    let expected = plain.forward(&ids, Some(&mask), &Hooks::none())?;
+    assert_eq!(max_difference(&logits, &expected)?, 0.0);
+    // Six real tokens: refused, naming config.json's key and both numbers.
+    let error = windowed
+        .forward(&ids, None, &Hooks::none())
+        .map(|_| ())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        error.contains("config.json")
+            && error.contains("`sliding_window` 5")
+            && error.contains("6 positions"),
+        "{error}"
+    );
+    // Through the KV cache: the sixth token is refused too.
+    let mut cache = windowed.new_cache();
+    windowed.forward_cached(&ids.narrow(1, 0, 5)?, None, &Hooks::none(), &mut cache)?;
+    assert!(windowed
+        .forward_cached(&ids.narrow(1, 5, 1)?, None, &Hooks::none(), &mut cache)
+        .is_err());
+    Ok(())
+}

@@ -797,3 +797,72 @@ fn a_typed_csv_cell_that_cannot_be_read_is_found_by_validate() {
     let output = peftpipe(dir.path(), &["validate", "p.yaml"]);
     assert!(output.status.success(), "{}", text(&output.stderr));
 }
+
+/// Probe item: Mistral loaded as Llama. With a sliding window shorter than the context,
+/// training on sequences longer than the window would not be computed as transformers does
+/// (peftpipe has no sliding-window attention): `validate` refuses a `max_seq_len` that could
+/// exceed it, naming config.json's key and both numbers; one within it passes.
+#[test]
+fn a_max_seq_len_past_the_sliding_window_is_refused() {
+    let project = tempfile::tempdir().unwrap();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let model = project.path().join("model");
+    std::fs::create_dir(&model).unwrap();
+    let source = root.join("datasets/quickstart/model");
+    for entry in std::fs::read_dir(&source).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), model.join(entry.file_name())).unwrap();
+    }
+    let config_path = model.join("config.json");
+    let mut config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&config_path).unwrap()).unwrap();
+    config["model_type"] = "mistral".into();
+    config["architectures"] = serde_json::json!(["MistralForCausalLM"]);
+    config["sliding_window"] = 32.into();
+    std::fs::write(&config_path, config.to_string()).unwrap();
+    let pipeline = |max_seq_len: usize| {
+        format!(
+            r#"name: window
+stages:
+  data:
+    ingest:
+      path: {}
+      columns: [text, label]
+      split: {{fractions: {{train: 0.8, eval: 0.2}}}}
+  prompts:
+    template:
+      input: data
+      prompt: "review: {{{{ text }}}}\nsentiment:"
+      completion: " {{{{ label }}}}"
+  train:
+    train:
+      data: prompts
+      model: model
+      method: {{lora: {{r: 4}}}}
+      max_steps: 1
+      max_seq_len: {max_seq_len}
+      device: cpu
+"#,
+            root.join("datasets/quickstart/reviews.parquet").display()
+        )
+    };
+    std::fs::write(project.path().join("p.yaml"), pipeline(48)).unwrap();
+    let output = peftpipe(
+        project.path(),
+        &["validate", "p.yaml", "--allow-outside-project"],
+    );
+    let stderr = text(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("max_seq_len")
+            && stderr.contains("`sliding_window` 32")
+            && stderr.contains("48"),
+        "{stderr}"
+    );
+    std::fs::write(project.path().join("p.yaml"), pipeline(32)).unwrap();
+    let output = peftpipe(
+        project.path(),
+        &["validate", "p.yaml", "--allow-outside-project"],
+    );
+    assert!(output.status.success(), "{}", text(&output.stderr));
+}

@@ -355,6 +355,7 @@ pub fn method_shape(method: &MethodConfig, config: &ModelConfig) -> Result<Metho
             positions_key: config.max_positions_key().to_string(),
             num_layers: config.num_layers(),
             kv_dim: config.kv_dim(),
+            sliding_window: config.limiting_sliding_window(),
         },
         &mut problems,
     );

@@ -63,6 +63,9 @@ pub struct LlamaConfig {
     /// Bias on the output projection (`attention_bias` for Llama; never for Qwen2).
     pub output_bias: bool,
     pub mlp_bias: bool,
+    /// The sliding-window attention transformers applies (Mistral's `sliding_window`, Qwen2's
+    /// with `use_sliding_window`), in positions; `None` when every layer attends to all keys.
+    pub sliding_window: Option<usize>,
 }
 
 /// GPT-2's activation (`activation_function`).
@@ -279,6 +282,40 @@ fn parse_rope_scaling(keys: &Keys) -> Parsed<Option<RopeScaling>> {
     }
 }
 
+/// The sliding window transformers applies to a Llama-family `model_type` (`None`: no layer has
+/// one). Mistral: `sliding_window`, MistralConfig's default 4096 when the key is absent, none
+/// when it is `null` (v0.2 and later). Qwen2: none unless `use_sliding_window` is true, then
+/// `sliding_window` (default 4096) on the layers `layer_types` marks `sliding_attention`, or
+/// without it on the layers from `max_window_layers` (default 28) on. Llama has none (the key
+/// is not read).
+fn parse_sliding_window(keys: &Keys, model_type: &str, layers: usize) -> Parsed<Option<usize>> {
+    let window = || -> Parsed<Option<usize>> {
+        let window = if keys.map.contains_key("sliding_window") {
+            keys.optional_usize("sliding_window")?
+        } else {
+            Some(4096)
+        };
+        window.map(|w| positive("sliding_window", w)).transpose()
+    };
+    match model_type {
+        "mistral" => window(),
+        "qwen2" if keys.bool_or("use_sliding_window", false)? => {
+            let slides = match keys.value("layer_types").and_then(Value::as_array) {
+                Some(types) => types
+                    .iter()
+                    .any(|kind| kind.as_str() == Some("sliding_attention")),
+                None => keys.optional_usize("max_window_layers")?.unwrap_or(28) < layers,
+            };
+            if slides {
+                window()
+            } else {
+                Ok(None)
+            }
+        }
+        _ => Ok(None),
+    }
+}
+
 fn parse_llama(keys: &Keys, model_type: &str) -> Parsed<LlamaConfig> {
     let hidden_size = positive("hidden_size", keys.usize("hidden_size")?)?;
     let num_attention_heads = positive("num_attention_heads", keys.usize("num_attention_heads")?)?;
@@ -331,12 +368,13 @@ fn parse_llama(keys: &Keys, model_type: &str) -> Parsed<LlamaConfig> {
         _ => keys.f64_or("rope_theta", 10000.0)?,
     };
     let rope_theta = positive_number("rope_theta", rope_theta)?;
+    let num_hidden_layers = layer_count("num_hidden_layers", keys.usize("num_hidden_layers")?)?;
     Ok(LlamaConfig {
         model_type: model_type.to_string(),
         vocab_size: positive("vocab_size", keys.usize("vocab_size")?)?,
         hidden_size,
         intermediate_size: positive("intermediate_size", keys.usize("intermediate_size")?)?,
-        num_hidden_layers: layer_count("num_hidden_layers", keys.usize("num_hidden_layers")?)?,
+        num_hidden_layers,
         num_attention_heads,
         num_key_value_heads,
         head_dim,
@@ -352,6 +390,7 @@ fn parse_llama(keys: &Keys, model_type: &str) -> Parsed<LlamaConfig> {
         qkv_bias: is_qwen2 || attention_bias,
         output_bias: !is_qwen2 && attention_bias,
         mlp_bias: keys.bool_or("mlp_bias", false)?,
+        sliding_window: parse_sliding_window(keys, model_type, num_hidden_layers)?,
     })
 }
 
@@ -427,16 +466,8 @@ impl ModelConfig {
             },
         };
         match model_type.as_str() {
-            "llama" | "qwen2" => Ok(Self::Llama(parse_llama(&keys, &model_type)?)),
-            "mistral" => {
-                if keys.value("sliding_window").is_some() {
-                    return Err(ConfigError::new(
-                        "sliding_window",
-                        "Mistral's sliding-window attention is not implemented",
-                    ));
-                }
-                Ok(Self::Llama(parse_llama(&keys, &model_type)?))
-            }
+            // Mistral is Llama with a sliding window (see `ModelConfig::max_positions`).
+            "llama" | "qwen2" | "mistral" => Ok(Self::Llama(parse_llama(&keys, &model_type)?)),
             "gpt2" => Ok(Self::Gpt2(parse_gpt2(&keys)?)),
             other => Err(ConfigError::new(
                 "model_type",
@@ -523,9 +554,19 @@ impl ModelConfig {
     }
 
     /// The longest position the model has embeddings for (GPT-2) or was trained to (Llama).
+    ///
+    /// A sliding window shorter than `max_position_embeddings` (Mistral v0.1, Qwen2 with
+    /// `use_sliding_window`) is the context instead: peftpipe has no sliding-window attention,
+    /// and up to the window full causal attention is exactly what transformers computes. Every
+    /// sequence is kept within it (training refuses a longer `max_seq_len`, generation stops,
+    /// evaluation cuts prompts as at any context length) and the model refuses a longer one.
     pub fn max_positions(&self) -> usize {
         match self {
-            Self::Llama(config) => config.max_position_embeddings,
+            Self::Llama(config) => config
+                .sliding_window
+                .map_or(config.max_position_embeddings, |window| {
+                    window.min(config.max_position_embeddings)
+                }),
             Self::Gpt2(config) => config.n_positions,
         }
     }
@@ -533,9 +574,21 @@ impl ModelConfig {
     /// The config.json key of [`ModelConfig::max_positions`].
     pub fn max_positions_key(&self) -> &'static str {
         match self {
+            Self::Llama(config)
+                if config
+                    .sliding_window
+                    .is_some_and(|window| window < config.max_position_embeddings) =>
+            {
+                "sliding_window"
+            }
             Self::Llama(_) => "max_position_embeddings",
             Self::Gpt2(_) => "n_positions",
         }
+    }
+
+    /// config.json's sliding window when it limits the context ([`Self::max_positions`]).
+    pub fn limiting_sliding_window(&self) -> Option<usize> {
+        (self.max_positions_key() == "sliding_window").then(|| self.max_positions())
     }
 
     pub fn tie_word_embeddings(&self) -> bool {
@@ -791,6 +844,94 @@ mod tests {
             expected.sort();
             assert_eq!(expected, stored, "{value}");
         }
+    }
+
+    /// Probe item: Mistral loaded as Llama. Its sliding window is what transformers applies:
+    /// MistralConfig's default 4096 when config.json has no `sliding_window` key (it was taken
+    /// as no window), none for `null` (v0.2+); Qwen2's only with `use_sliding_window: true` on
+    /// layers from `max_window_layers` on. A window shorter than `max_position_embeddings` is
+    /// the context peftpipe computes exactly (it has no sliding-window attention), and a window
+    /// was refused outright before.
+    #[test]
+    fn sliding_windows_are_read_as_transformers_reads_them() {
+        let with = |model_type: &str, extra: Value| {
+            let mut value = llama_3_2_1b();
+            value["model_type"] = serde_json::json!(model_type);
+            value["max_position_embeddings"] = serde_json::json!(32768);
+            for (key, item) in extra.as_object().unwrap() {
+                value[key] = item.clone();
+            }
+            if extra.get("sliding_window") == Some(&serde_json::json!("absent")) {
+                value.as_object_mut().unwrap().remove("sliding_window");
+            }
+            let config = ModelConfig::from_json(&value).unwrap();
+            let ModelConfig::Llama(llama) = &config else {
+                panic!("a Llama-family config")
+            };
+            (
+                llama.sliding_window,
+                config.max_positions(),
+                config.max_positions_key(),
+            )
+        };
+        let full = (None, 32768, "max_position_embeddings");
+        assert_eq!(
+            with("mistral", serde_json::json!({"sliding_window": "absent"})),
+            (Some(4096), 4096, "sliding_window")
+        );
+        assert_eq!(
+            with("mistral", serde_json::json!({"sliding_window": null})),
+            full
+        );
+        assert_eq!(
+            with("mistral", serde_json::json!({"sliding_window": 4096})),
+            (Some(4096), 4096, "sliding_window")
+        );
+        // A window no shorter than the context changes nothing.
+        assert_eq!(
+            with("mistral", serde_json::json!({"sliding_window": 32768})).1,
+            32768
+        );
+        assert_eq!(
+            with("qwen2", serde_json::json!({"sliding_window": 4096})),
+            full
+        );
+        assert_eq!(
+            with(
+                "qwen2",
+                serde_json::json!({"sliding_window": 4096, "use_sliding_window": false})
+            ),
+            full
+        );
+        // max_window_layers: layers below it attend fully; 16 layers, so 16 means none slides.
+        assert_eq!(
+            with(
+                "qwen2",
+                serde_json::json!({"sliding_window": 4096, "use_sliding_window": true,
+                    "max_window_layers": 16})
+            ),
+            full
+        );
+        assert_eq!(
+            with(
+                "qwen2",
+                serde_json::json!({"sliding_window": 4096, "use_sliding_window": true,
+                    "max_window_layers": 8})
+            ),
+            (Some(4096), 4096, "sliding_window")
+        );
+        // Llama has no sliding window in transformers: the key is not read.
+        assert_eq!(
+            with("llama", serde_json::json!({"sliding_window": 4096})),
+            full
+        );
+        let mut value = llama_3_2_1b();
+        value["model_type"] = serde_json::json!("mistral");
+        value["sliding_window"] = serde_json::json!(0);
+        assert_eq!(
+            ModelConfig::from_json(&value).unwrap_err().key,
+            "sliding_window"
+        );
     }
 
     #[test]

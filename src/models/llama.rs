@@ -1,4 +1,5 @@
-//! Llama-family decoder (Llama 1/2/3, Qwen2-style q/k/v bias, Mistral without sliding window):
+//! Llama-family decoder (Llama 1/2/3, Qwen2-style q/k/v bias, Mistral; a sliding window is a
+//! limit on the sequence, see `ModelConfig::max_positions`):
 //! GQA, SwiGLU MLP, RoPE (incl. Llama-3 scaling), RMSNorm, tied or separate `lm_head`.
 //!
 //! Owns the architecture's forward pass and the mapping of checkpoint tensor names
@@ -400,6 +401,32 @@ impl Llama {
 }
 
 impl Llama {
+    /// peftpipe has no sliding-window attention: a row with more valid keys (cached, prefix,
+    /// virtual and new; padding is no position) than config.json's window is refused, since its
+    /// later queries would attend to keys transformers masks. Up to the window, plain causal
+    /// attention is what transformers computes.
+    fn check_sliding_window(&self, step: &Step) -> Result<()> {
+        let ModelConfig::Llama(config) = &self.config else {
+            return Ok(());
+        };
+        let Some(window) = config.sliding_window else {
+            return Ok(());
+        };
+        let longest = step
+            .key_valid
+            .iter()
+            .map(|row| row.iter().filter(|&&valid| valid).count())
+            .max()
+            .unwrap_or(0);
+        if longest > window {
+            bail!(
+                "a sequence of {longest} positions is longer than config.json's `sliding_window` {window}: {} sliding-window attention is not implemented, and past the window it would differ from transformers",
+                config.model_type
+            )
+        }
+        Ok(())
+    }
+
     fn check_prefix(&self, step: &Step, hooks: &Hooks) -> Result<()> {
         if let Some(layers) = hooks.layer_prefix.as_ref().filter(|_| step.prefix_len > 0) {
             if layers.len() != self.layers.len() {
@@ -507,6 +534,7 @@ impl CausalLm for Llama {
             &self.device,
         )?;
         self.check_prefix(&step, hooks)?;
+        self.check_sliding_window(&step)?;
         let mut x = self.input_embeddings(input_ids, &step, hooks)?;
         let (cos, sin) = self
             .rotary

@@ -466,6 +466,18 @@ pub fn train_job(
             model_dir.config().max_positions_key()
         )));
     }
+    // A sliding window (Mistral, Qwen2) is the context only because peftpipe has no
+    // sliding-window attention: a longer max_seq_len is refused (validate says so too), not cut.
+    if let Some(window) = model_dir.config().limiting_sliding_window() {
+        if config.max_seq_len.saturating_add(virtual_positions) > window {
+            return Err(user(format!(
+                "max_seq_len {} (+ {virtual_positions} virtual tokens) is longer than the model's sliding window ({} `sliding_window` {window}): peftpipe has no sliding-window attention; use max_seq_len: {} or less",
+                config.max_seq_len,
+                model_dir.config_path().display(),
+                window.saturating_sub(virtual_positions)
+            )));
+        }
+    }
     let max_length = config.max_seq_len.min(positions - virtual_positions);
 
     // Data.

@@ -1230,6 +1230,7 @@ mod tests {
             positions_key: "n_positions".to_string(),
             num_layers: 2,
             kv_dim: 64,
+            sliding_window: None,
         };
         let problems_of = |yaml: &str| {
             let mut problems = Vec::new();

@@ -175,6 +175,10 @@ pub struct ModelContext {
     /// Width of one position's keys (or values): head_dim · key/value heads (PEFT's prefix
     /// `token_dim`).
     pub kv_dim: usize,
+    /// config.json's `sliding_window` when it is the context (`max_positions`): the model uses
+    /// sliding-window attention, which peftpipe does not implement, so a sequence longer than
+    /// it is refused rather than cut to fit.
+    pub sliding_window: Option<usize>,
 }
 
 /// The questions semantic checks ask (see the module docs). Errors are messages for the user that
@@ -271,6 +275,7 @@ impl Probe for TestProbe {
                 positions_key: "max_position_embeddings".to_string(),
                 num_layers: 1,
                 kv_dim: 64,
+                sliding_window: None,
             }),
         }
     }

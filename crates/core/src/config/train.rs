@@ -705,6 +705,31 @@ impl StageSpec for TrainConfig {
         }
         if let Some(context) = &facts.context {
             self.method.check_against_context(at, context, problems);
+            if let Some(window) = context.sliding_window {
+                let virtual_positions = self.method.virtual_positions();
+                let longest = self.max_seq_len.saturating_add(virtual_positions);
+                if longest > window {
+                    let virtual_text = if virtual_positions > 0 {
+                        format!(" (+ {virtual_positions} virtual tokens)")
+                    } else {
+                        String::new()
+                    };
+                    problems.push(
+                        Problem::new(
+                            format!("{at}.max_seq_len"),
+                            format!(
+                                "{}{virtual_text} is longer than the model's sliding window (config.json `sliding_window` {window}): peftpipe has no sliding-window attention, so a longer sequence would not be computed as transformers computes it",
+                                self.max_seq_len
+                            ),
+                        )
+                        .about_value()
+                        .with_hint(format!(
+                            "use max_seq_len: {} or less",
+                            window.saturating_sub(virtual_positions)
+                        )),
+                    );
+                }
+            }
         }
     }
 
