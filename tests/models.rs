@@ -750,3 +750,67 @@ fn a_sequence_longer_than_the_sliding_window_is_refused() -> Result<()> {
         .is_err());
     Ok(())
 }
+
+/// The ids `generate`, evaluate's samples and exact match stop at, as transformers'
+/// `generate()` picks them: generation_config.json's `eos_token_id` (one id or a list; any of
+/// them stops) when the file is there, config.json's when it is not. Probe item: a
+/// generation_config.json without `eos_token_id` fell back to config.json's (transformers then
+/// has no EOS, unless the file says `_from_model_config`, its legacy path), and a model whose
+/// configs give none stopped at tokenizer_config.json's `eos_token` (transformers does not).
+#[test]
+fn stop_ids_are_those_transformers_generate_stops_at() {
+    let dir = quickstart_copy();
+    let stop_ids = || {
+        peftpipe::models::ModelDir::open(dir.path())
+            .unwrap()
+            .tokenizer()
+            .unwrap()
+            .eos_token_ids
+    };
+    let generation = |json: serde_json::Value| {
+        std::fs::write(dir.path().join("generation_config.json"), json.to_string()).unwrap();
+    };
+    assert_eq!(stop_ids(), [2], "config.json's eos_token_id");
+    generation(serde_json::json!({"eos_token_id": [5, 2]}));
+    assert_eq!(stop_ids(), [5, 2], "generation_config.json's list");
+    generation(serde_json::json!({"eos_token_id": 7}));
+    assert_eq!(stop_ids(), [7], "generation_config.json wins");
+    generation(serde_json::json!({"bos_token_id": 1}));
+    assert_eq!(stop_ids(), Vec::<u32>::new(), "the file has none");
+    generation(serde_json::json!({"bos_token_id": 1, "_from_model_config": true}));
+    assert_eq!(stop_ids(), [2], "made from config.json: its id");
+    std::fs::remove_file(dir.path().join("generation_config.json")).unwrap();
+    let config_path = dir.path().join("config.json");
+    let mut config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&config_path).unwrap()).unwrap();
+    config.as_object_mut().unwrap().remove("eos_token_id");
+    std::fs::write(&config_path, config.to_string()).unwrap();
+    assert_eq!(
+        stop_ids(),
+        Vec::<u32>::new(),
+        "tokenizer_config.json's eos_token is not a stop id"
+    );
+}
+
+/// Probe item (EOS): evaluation scored its appended EOS as the first *stop* id (Llama 3.1
+/// Instruct: 128001 `<|end_of_text|>`), while training appends the tokenizer's `eos_token`
+/// (`<|eot_id|>`, 128009), as transformers' tokenizer and TRL do. Both now append the latter.
+#[test]
+fn evaluation_appends_the_eos_training_appends() {
+    let dir = quickstart_copy();
+    std::fs::write(
+        dir.path().join("generation_config.json"),
+        serde_json::json!({"eos_token_id": [5, 2]}).to_string(),
+    )
+    .unwrap();
+    let training = peftpipe::data::tokenize::TextTokenizer::from_model_dir(dir.path()).unwrap();
+    assert_eq!(training.eos_id(), Some(2), "tokenizer_config.json's </s>");
+    let tokenizer = peftpipe::models::ModelDir::open(dir.path())
+        .unwrap()
+        .tokenizer()
+        .unwrap();
+    let example =
+        peftpipe::infer::encode_pair(&tokenizer, "review: good\nsentiment:", " positive", true)
+            .unwrap();
+    assert_eq!(example.completion.last(), Some(&2), "{example:?}");
+}

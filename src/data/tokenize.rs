@@ -72,7 +72,7 @@ impl TextTokenizer {
                     .token_to_id(token)
                     .ok_or_else(|| format!("eos_token `{token}` is not in the vocabulary"))?,
             ),
-            None => tokenizer.eos_token_ids.first().copied(),
+            None => tokenizer.eos_token_id,
         };
         Ok(TextTokenizer {
             pad: tokenizer.pad_token_id.or(eos).unwrap_or(0),

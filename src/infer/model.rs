@@ -76,7 +76,10 @@ impl TextCodec for ModelTokenizer {
             }
         }
         // A prompt never ends the sequence, even when the tokenizer adds EOS to every text.
-        if self.add_eos_token && ids.last().is_some_and(|id| self.eos_token_ids.contains(id)) {
+        if self.add_eos_token
+            && self.eos_token_id.is_some()
+            && ids.last() == self.eos_token_id.as_ref()
+        {
             ids.pop();
         }
         Ok(ids)
@@ -94,9 +97,11 @@ impl TextCodec for ModelTokenizer {
         &self.eos_token_ids
     }
 
+    fn appended_eos_token_id(&self) -> Option<u32> {
+        self.eos_token_id
+    }
+
     fn pad_token_id(&self) -> u32 {
-        self.pad_token_id
-            .or_else(|| self.eos_token_ids.first().copied())
-            .unwrap_or(0)
+        self.pad_token_id.or(self.eos_token_id).unwrap_or(0)
     }
 }

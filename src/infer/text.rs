@@ -13,16 +13,21 @@ pub trait TextCodec {
     fn encode_continuation(&self, text: &str) -> Result<Vec<u32>, String>;
     /// Text of `ids`, special tokens skipped.
     fn decode(&self, ids: &[u32]) -> Result<String, String>;
-    /// Token ids that end a sequence (the first is the one training appends).
+    /// Token ids that end generation (any of them stops it).
     fn eos_token_ids(&self) -> &[u32];
+    /// The EOS training appends to a completion (the tokenizer's `eos_token`); by default the
+    /// first stop id.
+    fn appended_eos_token_id(&self) -> Option<u32> {
+        self.eos_token_ids().first().copied()
+    }
     /// Id used to pad batches (never scored, masked out of attention).
     fn pad_token_id(&self) -> u32;
 }
 
 /// Encode a prompt followed by a completion whose tokens are scored, the way training encodes
 /// it: the prompt on its own, the completion as the whole text's tokens after the prompt's
-/// (`data::tokenize::continuation_ids`); with `append_eos`, the first EOS
-/// id follows the completion and is scored too.
+/// (`data::tokenize::continuation_ids`); with `append_eos`, the EOS training appends
+/// ([`TextCodec::appended_eos_token_id`]) follows the completion and is scored too.
 pub fn encode_pair(
     codec: &dyn TextCodec,
     prompt: &str,
@@ -37,15 +42,10 @@ pub fn encode_pair(
     )?;
     // A completion that already ends with an EOS token (a chat template's end of turn written
     // as text) gets no second one, as training encodes it.
-    let ended = completion_ids
-        .last()
-        .is_some_and(|id| codec.eos_token_ids().first() == Some(id));
+    let appended = codec.appended_eos_token_id();
+    let ended = appended.is_some() && completion_ids.last() == appended.as_ref();
     if append_eos && !ended {
-        let eos = codec
-            .eos_token_ids()
-            .first()
-            .copied()
-            .ok_or("the tokenizer declares no EOS token to append")?;
+        let eos = appended.ok_or("the tokenizer declares no EOS token to append")?;
         completion_ids.push(eos);
     }
     Ok(TokenizedExample {

@@ -14,6 +14,12 @@ use tokenizers::Tokenizer;
 use super::load::{read_json, ModelError};
 
 /// generation_config.json (falling back to config.json's token ids when the file is absent).
+///
+/// `eos_token_ids` are the ids generation stops at, picked as transformers' `generate()` picks
+/// them: generation_config.json's `eos_token_id` (one id or a list) when the file is there,
+/// config.json's when it is not. A generation_config.json without the key gives none (unless it
+/// says `_from_model_config: true`, transformers' legacy path back to config.json).
+/// special_tokens_map.json is not read: transformers never takes stop ids from it.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
 pub struct GenerationConfig {
     pub bos_token_id: Option<u32>,
@@ -50,21 +56,43 @@ impl GenerationConfig {
             Value::Null
         };
         let mut id_files = BTreeMap::new();
+        // transformers reads every generation setting from generation_config.json when it is
+        // there; config.json's EOS counts only where the file was made from it.
+        let eos_from_model_config = generation.is_null()
+            || generation
+                .get("_from_model_config")
+                .and_then(Value::as_bool)
+                == Some(true);
         for key in ["bos_token_id", "eos_token_id", "pad_token_id"] {
             if generation.get(key).is_some_and(|value| !value.is_null()) {
                 id_files.insert(key, "generation_config.json");
-            } else if model_config.get(key).is_some_and(|value| !value.is_null()) {
+            } else if model_config.get(key).is_some_and(|value| !value.is_null())
+                && (key != "eos_token_id" || eos_from_model_config)
+            {
                 id_files.insert(key, "config.json");
             }
         }
-        let pick = |key: &str| generation.get(key).or_else(|| model_config.get(key));
+        let pick = |key: &str| {
+            generation
+                .get(key)
+                .filter(|value| !value.is_null())
+                .or_else(|| model_config.get(key))
+        };
+        let eos = match generation
+            .get("eos_token_id")
+            .filter(|value| !value.is_null())
+        {
+            Some(ids) => Some(ids),
+            None if eos_from_model_config => model_config.get("eos_token_id"),
+            None => None,
+        };
         let max_new_tokens = generation
             .get("max_new_tokens")
             .and_then(Value::as_u64)
             .and_then(|n| usize::try_from(n).ok());
         Ok(Self {
             bos_token_id: token_id(pick("bos_token_id")),
-            eos_token_ids: token_ids(pick("eos_token_id")),
+            eos_token_ids: token_ids(eos),
             pad_token_id: token_id(pick("pad_token_id")),
             max_new_tokens,
             id_files,
@@ -93,8 +121,12 @@ pub struct ModelTokenizer {
     pub eos_token: Option<String>,
     pub pad_token: Option<String>,
     pub bos_token_id: Option<u32>,
-    /// The ids that end generation (generation_config's list, else the tokenizer's eos).
+    /// The ids that end generation ([`GenerationConfig::eos_token_ids`]; possibly none, as in
+    /// transformers: then generation runs to its length limit).
     pub eos_token_ids: Vec<u32>,
+    /// The EOS appended to a text (`add_eos_token`, a scored completion): tokenizer_config.json's
+    /// `eos_token`, as transformers' tokenizer and training append it, else the first stop id.
+    pub eos_token_id: Option<u32>,
     pub pad_token_id: Option<u32>,
     /// tokenizer_config.json `add_bos_token` (default: what the tokenizer.json post-processor does).
     pub add_bos_token: bool,
@@ -151,11 +183,8 @@ impl ModelTokenizer {
             id_files.insert("bos_token_id", "tokenizer_config.json");
             lookup(&bos_token)
         });
-        let mut eos_token_ids = generation.eos_token_ids.clone();
-        if eos_token_ids.is_empty() {
-            id_files.insert("eos_token_id", "tokenizer_config.json");
-            eos_token_ids.extend(lookup(&eos_token));
-        }
+        let eos_token_ids = generation.eos_token_ids.clone();
+        let eos_token_id = lookup(&eos_token).or_else(|| eos_token_ids.first().copied());
         let pad_token_id = match lookup(&pad_token) {
             Some(id) => {
                 id_files.insert("pad_token_id", "tokenizer_config.json");
@@ -206,6 +235,7 @@ impl ModelTokenizer {
             pad_token,
             bos_token_id,
             eos_token_ids,
+            eos_token_id,
             pad_token_id,
             add_bos_token,
             add_eos_token,
@@ -243,10 +273,14 @@ impl ModelTokenizer {
             .map(|id| ("bos_token_id", id))
             .into_iter()
             .chain(self.eos_token_ids.iter().map(|&id| ("eos_token_id", id)))
+            .chain(self.eos_token_id.map(|id| ("eos_token", id)))
             .chain(self.pad_token_id.map(|id| ("pad_token_id", id)));
         for (key, id) in special {
             if id as usize >= vocab_size {
-                let file = self.id_files.get(key).copied().unwrap_or("config.json");
+                let file = match key {
+                    "eos_token" => "tokenizer_config.json",
+                    _ => self.id_files.get(key).copied().unwrap_or("config.json"),
+                };
                 return Err(ModelError::Tokenizer {
                     path: dir.join(file),
                     message: format!(
@@ -290,7 +324,7 @@ impl ModelTokenizer {
                     ids.insert(0, bos);
                 }
             }
-            if let Some(&eos) = self.eos_token_ids.first().filter(|_| self.add_eos_token) {
+            if let Some(eos) = self.eos_token_id.filter(|_| self.add_eos_token) {
                 if ids.last() != Some(&eos) {
                     ids.push(eos);
                 }
