@@ -523,28 +523,13 @@ fn a_tensor_in_two_shards_is_refused_with_both_files_named() {
     }
     let tensors =
         candle_core::safetensors::load(stories.join("model.safetensors"), &Device::Cpu).unwrap();
-    let mut names: Vec<&String> = tensors.keys().collect();
-    names.sort();
-    let mut shards: [HashMap<String, Tensor>; 2] = Default::default();
-    let mut weight_map = serde_json::Map::new();
-    for (i, name) in names.iter().enumerate() {
-        let half = usize::from(i >= names.len() / 2);
-        shards[half].insert((*name).clone(), tensors[*name].clone());
-        weight_map.insert((*name).clone(), format!("s{half}.safetensors").into());
-    }
+    let (mut shards, weight_map) = two_shards(&tensors);
     // The second shard also holds a zeroed copy of one of the first shard's tensors.
     let (duplicated, tensor) = shards[0].iter().next().unwrap();
     let (duplicated, zeros) = (duplicated.clone(), tensor.zeros_like().unwrap());
     shards[1].insert(duplicated.clone(), zeros);
-    for (half, shard) in shards.iter().enumerate() {
-        candle_core::safetensors::save(shard, dir.path().join(format!("s{half}.safetensors")))
-            .unwrap();
-    }
-    std::fs::write(
-        dir.path().join("model.safetensors.index.json"),
-        serde_json::json!({"metadata": {}, "weight_map": weight_map}).to_string(),
-    )
-    .unwrap();
+    save_shards(dir.path(), &shards);
+    write_index(dir.path(), &weight_map);
     let model = peftpipe::models::ModelDir::open(dir.path()).unwrap();
     let problems: Vec<String> = model
         .check_weights()
@@ -571,6 +556,20 @@ fn sharded_quickstart() -> (
     let single = dir.path().join("model.safetensors");
     let tensors = candle_core::safetensors::load(&single, &Device::Cpu).unwrap();
     std::fs::remove_file(&single).unwrap();
+    let (shards, weight_map) = two_shards(&tensors);
+    save_shards(dir.path(), &shards);
+    write_index(dir.path(), &weight_map);
+    (dir, weight_map)
+}
+
+/// `tensors` in two shards by name order (the first half, then the rest), and the `weight_map`
+/// that names them `s0.safetensors` and `s1.safetensors`.
+fn two_shards(
+    tensors: &HashMap<String, Tensor>,
+) -> (
+    [HashMap<String, Tensor>; 2],
+    serde_json::Map<String, serde_json::Value>,
+) {
     let mut names: Vec<&String> = tensors.keys().collect();
     names.sort();
     let mut shards: [HashMap<String, Tensor>; 2] = Default::default();
@@ -580,12 +579,13 @@ fn sharded_quickstart() -> (
         shards[half].insert((*name).clone(), tensors[*name].clone());
         weight_map.insert((*name).clone(), format!("s{half}.safetensors").into());
     }
+    (shards, weight_map)
+}
+
+fn save_shards(dir: &std::path::Path, shards: &[HashMap<String, Tensor>; 2]) {
     for (half, shard) in shards.iter().enumerate() {
-        candle_core::safetensors::save(shard, dir.path().join(format!("s{half}.safetensors")))
-            .unwrap();
+        candle_core::safetensors::save(shard, dir.join(format!("s{half}.safetensors"))).unwrap();
     }
-    write_index(dir.path(), &weight_map);
-    (dir, weight_map)
 }
 
 fn write_index(dir: &std::path::Path, weight_map: &serde_json::Map<String, serde_json::Value>) {

@@ -240,18 +240,7 @@ pub fn execute(
                                 ) else {
                                     continue;
                                 };
-                                let early = StageReport {
-                                    name: stage_plan.name.clone(),
-                                    kind: stage_plan.kind.clone(),
-                                    status: StageStatus::Failed,
-                                    cache: CacheUse::None,
-                                    reasons: Vec::new(),
-                                    wall_time: Duration::ZERO,
-                                    outcome: BTreeMap::new(),
-                                    output: None,
-                                    output_dir: None,
-                                    error: Some(message),
-                                };
+                                let early = not_started(stage_plan, StageStatus::Failed, message);
                                 states[waiting] = State::Failed;
                                 failed = true;
                                 events.event(ExecEvent::StageFinished(early.clone()));
@@ -307,18 +296,7 @@ pub fn execute(
             (None, false) => "not run: an earlier stage failed".to_string(),
         };
         states[position] = State::Failed;
-        let report = StageReport {
-            name: stage_plan.name.clone(),
-            kind: stage_plan.kind.clone(),
-            status: StageStatus::Skipped,
-            cache: CacheUse::None,
-            reasons: Vec::new(),
-            wall_time: Duration::ZERO,
-            outcome: BTreeMap::new(),
-            output: None,
-            output_dir: None,
-            error: Some(error),
-        };
+        let report = not_started(stage_plan, StageStatus::Skipped, error);
         events.event(ExecEvent::StageFinished(report.clone()));
         reports[position] = Some(report);
     }
@@ -329,6 +307,22 @@ pub fn execute(
         interrupted,
         wall_time: started.elapsed(),
     })
+}
+
+/// The report of a stage that never started: `status` with `error`, no cache use, no output.
+fn not_started(stage: &StagePlan, status: StageStatus, error: String) -> StageReport {
+    StageReport {
+        name: stage.name.clone(),
+        kind: stage.kind.clone(),
+        status,
+        cache: CacheUse::None,
+        reasons: Vec::new(),
+        wall_time: Duration::ZERO,
+        outcome: BTreeMap::new(),
+        output: None,
+        output_dir: None,
+        error: Some(error),
+    }
 }
 
 /// A waiting stage's [`Stage::check_upstream`](super::stage::Stage::check_upstream) over the
