@@ -6,12 +6,14 @@
 
 use clap::{Args, ValueEnum};
 
-use super::{GlobalArgs, PipelineArgs};
+use super::{Failure, GlobalArgs, PipelineArgs};
 use crate::config::load::{check_pipeline_with, drawable_graph, parse_pipeline};
 use crate::config::problem::hint_for_unknown;
 use crate::dag::render::{render, GraphFormat};
 use crate::probe::StandardProbe;
-use crate::report::problems::{print_data, print_json, print_problems, print_usage_error};
+use crate::report::problems::{
+    print_data, print_json, print_problems, print_validation_json, FileValidation,
+};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum FormatArg {
@@ -40,7 +42,11 @@ pub fn run(global: &GlobalArgs, args: DagArgs) -> u8 {
     let parsed = match parse_pipeline(file, &args.pipeline.overrides) {
         Ok(parsed) => parsed,
         Err(problems) => {
-            print_problems(&problems);
+            if global.json {
+                print_validation_json(&[FileValidation::invalid(problems)]);
+            } else {
+                print_problems(&problems);
+            }
             return super::EXIT_INVALID;
         }
     };
@@ -72,10 +78,13 @@ pub fn run(global: &GlobalArgs, args: DagArgs) -> u8 {
     }
     let Some(graph) = graph else {
         if global.json {
-            print_json(&serde_json::json!({
-                "stages": null,
-                "problems": problems.as_ref().map(|p| p.problems.as_slice()).unwrap_or_default(),
-            }));
+            print_json(&with_validation(
+                serde_json::json!({
+                    "stages": null,
+                    "problems": problems.as_ref().map(|p| p.problems.as_slice()).unwrap_or_default(),
+                }),
+                problems.as_ref(),
+            ));
         }
         return exit_code;
     };
@@ -89,15 +98,17 @@ pub fn run(global: &GlobalArgs, args: DagArgs) -> u8 {
                     unknown.candidates.iter().map(String::as_str),
                     "stages",
                 );
-                print_usage_error(
-                    &format!(
+                return Failure::new(
+                    super::EXIT_INVALID,
+                    "--stage",
+                    format!(
                         "--stage {}: {} has no stage of that name",
                         unknown.name,
                         file.display()
                     ),
-                    hint.as_deref(),
-                );
-                return super::EXIT_INVALID;
+                )
+                .with_hint(hint)
+                .report(global, &file.display().to_string());
             }
         },
     };
@@ -115,10 +126,13 @@ pub fn run(global: &GlobalArgs, args: DagArgs) -> u8 {
                 })
             })
             .collect();
-        print_json(&serde_json::json!({
-            "stages": stages,
-            "problems": problems.as_ref().map(|p| p.problems.as_slice()).unwrap_or_default(),
-        }));
+        print_json(&with_validation(
+            serde_json::json!({
+                "stages": stages,
+                "problems": problems.as_ref().map(|p| p.problems.as_slice()).unwrap_or_default(),
+            }),
+            problems.as_ref(),
+        ));
         return exit_code;
     }
     let format = match args.format {
@@ -133,4 +147,21 @@ pub fn run(global: &GlobalArgs, args: DagArgs) -> u8 {
     });
     print_data(&render(&graph, format, &title));
     exit_code
+}
+
+/// `dag --json`'s object with, when the pipeline has problems (exit 2), `valid: false` and
+/// `files` as `validate --json` gives them: the shape every `--json` command prints on failure,
+/// beside the graph and its `problems` list.
+fn with_validation(
+    mut document: serde_json::Value,
+    problems: Option<&crate::config::Problems>,
+) -> serde_json::Value {
+    if let (Some(problems), Some(object)) = (problems, document.as_object_mut()) {
+        object.insert("valid".into(), false.into());
+        object.insert(
+            "files".into(),
+            serde_json::to_value([FileValidation::invalid(problems.clone())]).unwrap_or_default(),
+        );
+    }
+    document
 }

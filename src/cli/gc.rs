@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 
 use clap::Args;
 
-use super::{GlobalArgs, EXIT_FAILED, EXIT_INVALID, EXIT_OK};
+use super::{Failure, GlobalArgs, EXIT_FAILED, EXIT_INVALID, EXIT_OK};
 use crate::cache::Cache;
 use crate::config::StageConfig;
 use crate::report;
@@ -32,8 +32,8 @@ pub fn run(global: &GlobalArgs, args: GcArgs) -> u8 {
         } else {
             "no such file"
         };
-        report::error(&format!("{}: {cause}", file.display()));
-        return EXIT_INVALID;
+        return Failure::new(EXIT_INVALID, "FILE", format!("{}: {cause}", file.display()))
+            .report(global, &file.display().to_string());
     }
     let project_dir = args.pipeline.as_ref().map(|file| {
         file.parent()
@@ -61,9 +61,18 @@ pub fn run(global: &GlobalArgs, args: GcArgs) -> u8 {
         Some(file) => export_parents(file),
         None => Vec::new(),
     };
+    // What a `--json` failure is about: FILE as given, else the cache folder.
+    let subject = match &args.pipeline {
+        Some(file) => file.display().to_string(),
+        None => cache_dir.display().to_string(),
+    };
     if !cache_dir.join("objects").is_dir() {
-        report::error(&format!("no peftpipe cache at `{}`", cache_dir.display()));
-        return EXIT_FAILED;
+        return Failure::new(
+            EXIT_FAILED,
+            "--cache-dir",
+            format!("no peftpipe cache at `{}`", cache_dir.display()),
+        )
+        .report(global, &subject);
     }
     let result = Cache::open(&cache_dir).and_then(|cache| {
         let _lock = cache.lock_exclusive(|| {
@@ -118,8 +127,7 @@ pub fn run(global: &GlobalArgs, args: GcArgs) -> u8 {
             EXIT_OK
         }
         Err(error) => {
-            report::error(&error.to_string());
-            EXIT_FAILED
+            Failure::new(EXIT_FAILED, "--cache-dir", error.to_string()).report(global, &subject)
         }
     }
 }

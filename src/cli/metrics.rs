@@ -9,7 +9,7 @@ use std::process::Command as Process;
 use clap::{Args, Subcommand};
 
 use super::run::{load_pipeline, settings_for};
-use super::{GlobalArgs, PipelineArgs, EXIT_FAILED, EXIT_INVALID, EXIT_OK};
+use super::{Failure, GlobalArgs, PipelineArgs, EXIT_FAILED, EXIT_INVALID, EXIT_OK};
 use crate::cache::{Cache, LockFile};
 use crate::config::Pipeline;
 use crate::report;
@@ -64,12 +64,10 @@ fn show(global: &GlobalArgs, args: ShowArgs) -> u8 {
         Ok(pipeline) => pipeline,
         Err(code) => return code,
     };
+    let subject = pipeline.file.display().to_string();
     let (mut lock, _) = match read_lock(global, &pipeline) {
         Ok(found) => found,
-        Err(message) => {
-            report::error(&message);
-            return EXIT_FAILED;
-        }
+        Err(failure) => return failure.report(global, &subject),
     };
     // Stages the pipeline no longer has are not its metrics.
     lock.stages
@@ -85,8 +83,10 @@ fn show(global: &GlobalArgs, args: ShowArgs) -> u8 {
             .map(|stage| stage.name.clone())
             .collect(),
         Err(error) => {
-            report::error(&error.to_string());
-            return EXIT_FAILED;
+            // Failed, whatever the error (the figures exist; the plan does not).
+            let failure = Failure::exec(&error);
+            return Failure::new(EXIT_FAILED, failure.argument, failure.message)
+                .report(global, &subject);
         }
     };
     let order = stage_order(&pipeline);
@@ -125,6 +125,7 @@ fn diff(global: &GlobalArgs, args: DiffArgs) -> u8 {
         Ok(pipeline) => pipeline,
         Err(code) => return code,
     };
+    let subject = first.file.display().to_string();
     let sides = match (&args.other, &args.rev) {
         (Some(other), _) => {
             let second = match load_pipeline(&plain_args(other), global.json) {
@@ -135,28 +136,35 @@ fn diff(global: &GlobalArgs, args: DiffArgs) -> u8 {
         }
         (None, Some(revision)) => at_revision(global, &first, revision),
         (None, None) => {
-            report::problems::print_usage_error(
-                "metrics diff compares two pipelines or one pipeline with a git revision",
-                Some("`peftpipe metrics diff A.yaml B.yaml` or `peftpipe metrics diff --rev HEAD A.yaml`"),
-            );
-            return EXIT_INVALID;
+            return Failure::new(
+                EXIT_INVALID,
+                "--rev",
+                "metrics diff compares two pipelines or one pipeline with a git revision"
+                    .to_string(),
+            )
+            .with_hint(Some(
+                "`peftpipe metrics diff A.yaml B.yaml` or `peftpipe metrics diff --rev HEAD A.yaml`"
+                    .to_string(),
+            ))
+            .report(global, &subject);
         }
     };
     let (old_label, old, new_label, new) = match sides {
         Ok(sides) => sides,
-        Err(message) => {
-            report::error(&message);
-            return EXIT_FAILED;
-        }
+        Err(failure) => return failure.report(global, &subject),
     };
     // A side with no figures at all is a pipeline that never ran (or a revision before it
     // did): every metric "added" or "removed" would hide that.
     for (label, metrics) in [(&old_label, &old), (&new_label, &new)] {
         if metrics.is_empty() {
-            report::error(&format!(
-                "nothing to compare: `{label}` has no recorded metrics (`peftpipe run` records them)"
-            ));
-            return EXIT_FAILED;
+            return Failure::new(
+                EXIT_FAILED,
+                "",
+                format!(
+                    "nothing to compare: `{label}` has no recorded metrics (`peftpipe run` records them)"
+                ),
+            )
+            .report(global, &subject);
         }
     }
     let changes = render::diff(&old, &new);
@@ -172,7 +180,7 @@ fn diff(global: &GlobalArgs, args: DiffArgs) -> u8 {
 
 type Sides = (String, Vec<Metric>, String, Vec<Metric>);
 
-fn both_pipelines(global: &GlobalArgs, old: &Pipeline, new: &Pipeline) -> Result<Sides, String> {
+fn both_pipelines(global: &GlobalArgs, old: &Pipeline, new: &Pipeline) -> Result<Sides, Failure> {
     let (old_lock, _) = read_lock(global, old)?;
     let (new_lock, _) = read_lock(global, new)?;
     let mut order = stage_order(new);
@@ -192,9 +200,10 @@ fn both_pipelines(global: &GlobalArgs, old: &Pipeline, new: &Pipeline) -> Result
     ))
 }
 
-fn at_revision(global: &GlobalArgs, pipeline: &Pipeline, revision: &str) -> Result<Sides, String> {
+fn at_revision(global: &GlobalArgs, pipeline: &Pipeline, revision: &str) -> Result<Sides, Failure> {
     let (new_lock, path) = read_lock(global, pipeline)?;
-    let old_lock = lock_at_revision(&path, revision)?;
+    let old_lock = lock_at_revision(&path, revision)
+        .map_err(|message| Failure::new(EXIT_FAILED, "--rev", message))?;
     let order = stage_order(pipeline);
     Ok((
         revision.to_string(),
@@ -208,14 +217,16 @@ fn stage_order(pipeline: &Pipeline) -> Vec<String> {
     pipeline.stages.keys().cloned().collect()
 }
 
-/// The pipeline's lock file (empty when it never ran) and where it is.
-fn read_lock(global: &GlobalArgs, pipeline: &Pipeline) -> Result<(LockFile, PathBuf), String> {
+/// The pipeline's lock file (empty when it never ran) and where it is; a cache that cannot be
+/// read is a failure at `--cache-dir`.
+fn read_lock(global: &GlobalArgs, pipeline: &Pipeline) -> Result<(LockFile, PathBuf), Failure> {
     let settings = settings_for(global, pipeline);
-    let cache = Cache::open_for_reading(&settings.cache_dir).map_err(|error| error.to_string())?;
+    let failed = |error: crate::cache::CacheError| {
+        Failure::new(EXIT_FAILED, "--cache-dir", error.to_string())
+    };
+    let cache = Cache::open_for_reading(&settings.cache_dir).map_err(failed)?;
     let path = cache.lock_file_path(&pipeline.name);
-    let lock = cache
-        .read_lock_file(&pipeline.name)
-        .map_err(|error| error.to_string())?;
+    let lock = cache.read_lock_file(&pipeline.name).map_err(failed)?;
     Ok((lock, path))
 }
 

@@ -37,34 +37,71 @@ pub const EXIT_STALE: u8 = 3;
 /// Ctrl-C; an interrupted command returns [`interrupt::exit_code`] (143 after SIGTERM).
 pub const EXIT_INTERRUPTED: u8 = 130;
 
-/// Why a command that takes no pipeline (`inspect`, `generate`) stopped: its exit code, the
-/// argument at fault (`MODEL`, `--target`) and the message. [`Failure::report`] prints it as
-/// every command prints a problem: the message on stderr, and with `--json` the object of
-/// `validate --json` on stdout.
+/// Why a command stopped: its exit code, what is at fault (`inspect`/`generate`: the argument,
+/// `MODEL`, `--target`; a pipeline command: the argument or key, `--stage`, `--cache-dir`,
+/// `stages.NAME`; empty for the file as a whole), the message and an optional hint.
+/// [`Failure::report`] prints it as every command prints a problem: the message on stderr, and
+/// with `--json` the object of `validate --json` on stdout (one shape for every command).
 #[derive(Debug)]
 pub struct Failure {
     pub code: u8,
-    pub argument: &'static str,
+    pub argument: String,
     pub message: String,
+    pub hint: Option<String>,
 }
 
 impl Failure {
-    pub fn new(code: u8, argument: &'static str, message: String) -> Self {
+    pub fn new(code: u8, argument: impl Into<String>, message: String) -> Self {
         Failure {
             code,
-            argument,
+            argument: argument.into(),
             message,
+            hint: None,
         }
+    }
+
+    /// The failure with a hint (on stderr as `= hint:`, in the JSON problem as `hint`).
+    pub fn with_hint(mut self, hint: Option<String>) -> Self {
+        self.hint = hint;
+        self
+    }
+
+    /// An error that kept a run or a plan from starting: a cache error is a failure (1) at
+    /// `--cache-dir`; an unknown `--stage`, an unreadable input or a bad graph is invalid (2).
+    pub fn exec(error: &crate::exec::ExecError) -> Self {
+        use crate::exec::ExecError;
+        let (code, argument) = match error {
+            ExecError::Cache(_) => (EXIT_FAILED, "--cache-dir".to_string()),
+            ExecError::UnknownStage { .. } => (EXIT_INVALID, "--stage".to_string()),
+            ExecError::Input { stage, .. } => (EXIT_INVALID, format!("stages.{stage}")),
+            ExecError::Graph(_) => (EXIT_INVALID, "stages".to_string()),
+        };
+        Failure::new(code, argument, error.to_string())
     }
 
     /// Report the failure about `subject` (the file or folder the command was given) and return
     /// its exit code.
     pub fn report(self, global: &GlobalArgs, subject: &str) -> u8 {
-        crate::report::error(&self.message);
+        match &self.hint {
+            Some(hint) => {
+                crate::report::problems::print_usage_error(&self.message, Some(hint.as_str()))
+            }
+            None => crate::report::error(&self.message),
+        }
         if global.json {
-            crate::report::problems::print_failure_json(subject, self.argument, &self.message);
+            self.print_json(subject);
         }
         self.code
+    }
+
+    /// Only the `--json` object (when the error itself was already reported on stderr).
+    pub fn print_json(&self, subject: &str) {
+        crate::report::problems::print_failure_json(
+            subject,
+            &self.argument,
+            &self.message,
+            self.hint.as_deref(),
+        );
     }
 }
 

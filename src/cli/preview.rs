@@ -9,7 +9,7 @@
 use clap::Args;
 
 use super::run::{execute_reported, load_pipeline, report_exec_error, settings_for};
-use super::{interrupt, GlobalArgs, PipelineArgs, EXIT_FAILED, EXIT_INVALID, EXIT_OK};
+use super::{interrupt, Failure, GlobalArgs, PipelineArgs, EXIT_FAILED, EXIT_INVALID, EXIT_OK};
 use crate::cache::Cache;
 use crate::config::StageConfig;
 use crate::data::preview::{read_rows, PreviewSource};
@@ -37,24 +37,30 @@ pub fn run(global: &GlobalArgs, args: PreviewArgs) -> u8 {
         Ok(pipeline) => pipeline,
         Err(code) => return code,
     };
+    let subject = pipeline.file.display().to_string();
     let stage = args.stage.as_str();
     let kind = match pipeline.stages.get(stage) {
         Some(StageConfig::Ingest(_)) => "ingest",
         Some(StageConfig::Template(_)) => "template",
         Some(other) => {
-            report::error(&format!(
-                "preview shows ingest and template stages; `{stage}` is {} stage",
-                other.kind().with_article()
-            ));
-            return EXIT_INVALID;
+            return Failure::new(
+                EXIT_INVALID,
+                "--stage",
+                format!(
+                    "preview shows ingest and template stages; `{stage}` is {} stage",
+                    other.kind().with_article()
+                ),
+            )
+            .report(global, &subject);
         }
         None => {
             let names: Vec<&str> = pipeline.stages.keys().map(String::as_str).collect();
-            report::error(&format!(
-                "no stage named `{stage}`; stages: {}",
-                names.join(", ")
-            ));
-            return EXIT_INVALID;
+            return Failure::new(
+                EXIT_INVALID,
+                "--stage",
+                format!("no stage named `{stage}`; stages: {}", names.join(", ")),
+            )
+            .report(global, &subject);
         }
     };
     // The splits the stage writes are its ingest stage's: a split it does not write is a usage
@@ -68,12 +74,16 @@ pub fn run(global: &GlobalArgs, args: PreviewArgs) -> u8 {
         }
     };
     if let Some(splits) = splits.filter(|splits| !splits.contains(&args.split.as_str())) {
-        report::error(&format!(
-            "stage `{stage}` writes no `{}` split; its splits: {}",
-            args.split,
-            splits.join(", ")
-        ));
-        return EXIT_INVALID;
+        return Failure::new(
+            EXIT_INVALID,
+            "--split",
+            format!(
+                "stage `{stage}` writes no `{}` split; its splits: {}",
+                args.split,
+                splits.join(", ")
+            ),
+        )
+        .report(global, &subject);
     }
     let mut settings = settings_for(global, &pipeline);
     settings.targets = vec![stage.to_string()];
@@ -83,13 +93,13 @@ pub fn run(global: &GlobalArgs, args: PreviewArgs) -> u8 {
     settings.record = pipeline.overrides.is_empty();
     let plan = match crate::exec::plan::plan_only(&pipeline, &settings) {
         Ok(plan) => plan,
-        Err(error) => return report_exec_error(&error),
+        Err(error) => return report_exec_error(global, &pipeline, &error),
     };
     let cache = match Cache::open(&settings.cache_dir) {
         Ok(cache) => cache,
         Err(error) => {
-            report::error(&error.to_string());
-            return EXIT_FAILED;
+            return Failure::new(EXIT_FAILED, "--cache-dir", error.to_string())
+                .report(global, &subject);
         }
     };
     let fresh_output = plan
@@ -102,7 +112,7 @@ pub fn run(global: &GlobalArgs, args: PreviewArgs) -> u8 {
         Some(output) => (output, PreviewSource::Cache),
         None => {
             let style = Style::detect();
-            let summary = match execute_reported(&pipeline, &settings, style, global.quiet) {
+            let summary = match execute_reported(&pipeline, &settings, style, global) {
                 Ok(summary) => summary,
                 Err(code) => return code,
             };
@@ -115,6 +125,23 @@ pub fn run(global: &GlobalArgs, args: PreviewArgs) -> u8 {
                     },
                     None,
                 );
+                if global.json {
+                    // The summary above said it on stderr; stdout gets the problem object.
+                    let failed = summary
+                        .stages
+                        .iter()
+                        .find(|report| report.status == StageStatus::Failed);
+                    let message = match failed {
+                        _ if summary.interrupted => "interrupted".to_string(),
+                        Some(report) => format!(
+                            "stage `{}` failed: {}",
+                            report.name,
+                            report.error.as_deref().unwrap_or("no error recorded")
+                        ),
+                        None => format!("stage `{stage}` did not run"),
+                    };
+                    Failure::new(EXIT_FAILED, "--stage", message).print_json(&subject);
+                }
                 return if summary.interrupted {
                     interrupt::exit_code()
                 } else {
@@ -133,8 +160,12 @@ pub fn run(global: &GlobalArgs, args: PreviewArgs) -> u8 {
                 .find(|report| report.name == stage)
                 .and_then(|report| report.output.clone());
             let Some(output) = output else {
-                report::error(&format!("stage `{stage}` produced no output"));
-                return EXIT_FAILED;
+                return Failure::new(
+                    EXIT_FAILED,
+                    "--stage",
+                    format!("stage `{stage}` produced no output"),
+                )
+                .report(global, &subject);
             };
             (output, PreviewSource::Ran { stages: ran })
         }
@@ -152,8 +183,7 @@ pub fn run(global: &GlobalArgs, args: PreviewArgs) -> u8 {
             EXIT_OK
         }
         Err(error) => {
-            report::error(&error.to_string());
-            EXIT_FAILED
+            Failure::new(EXIT_FAILED, "--stage", error.to_string()).report(global, &subject)
         }
     }
 }

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use clap::Args;
 
 use super::run::load_pipeline;
-use super::{GlobalArgs, PipelineArgs, EXIT_FAILED, EXIT_INVALID, EXIT_OK};
+use super::{Failure, GlobalArgs, PipelineArgs, EXIT_FAILED, EXIT_INVALID, EXIT_OK};
 use crate::cache::remote::{Remote, RemoteError, Scope, SyncReport};
 use crate::cache::Cache;
 use crate::config::project_config::{project_config_path, ProjectConfig};
@@ -58,18 +58,23 @@ pub fn run(global: &GlobalArgs, args: RemoteArgs, direction: Direction) -> u8 {
         Ok(resolved) => resolved,
         Err(code) => return code,
     };
+    let subject = subject(global, &args);
     if direction == Direction::Push && !resolved.cache_dir.join("objects").is_dir() {
-        report::error(&format!(
-            "no peftpipe cache at `{}` (nothing to push)",
-            resolved.cache_dir.display()
-        ));
-        return EXIT_FAILED;
+        return Failure::new(
+            EXIT_FAILED,
+            "--cache-dir",
+            format!(
+                "no peftpipe cache at `{}` (nothing to push)",
+                resolved.cache_dir.display()
+            ),
+        )
+        .report(global, &subject);
     }
     let remote = match Remote::open(&resolved.location, &resolved.base_dir) {
         Ok(remote) => remote,
         Err(error) => {
-            report::error(&error.to_string());
-            return EXIT_INVALID;
+            return Failure::new(EXIT_INVALID, "--remote", error.to_string())
+                .report(global, &subject);
         }
     };
     let result = Cache::open(&resolved.cache_dir)
@@ -106,9 +111,26 @@ pub fn run(global: &GlobalArgs, args: RemoteArgs, direction: Direction) -> u8 {
             EXIT_OK
         }
         Err(error) => {
-            report::error(&error.to_string());
-            EXIT_FAILED
+            // The local cache's side, or the remote's.
+            let at = match &error {
+                RemoteError::Cache(_)
+                | RemoteError::NothingToPush { .. }
+                | RemoteError::LocalCorrupted { .. } => "--cache-dir",
+                _ => "--remote",
+            };
+            Failure::new(EXIT_FAILED, at, error.to_string()).report(global, &subject)
         }
+    }
+}
+
+/// What a `--json` failure is about: FILE as given, else the cache folder.
+fn subject(global: &GlobalArgs, args: &RemoteArgs) -> String {
+    match (&args.pipeline, &global.cache_dir) {
+        (Some(file), _) => file.display().to_string(),
+        (None, Some(cache_dir)) => cache_dir.display().to_string(),
+        (None, None) => crate::cache::default_cache_dir(Path::new("."))
+            .display()
+            .to_string(),
     }
 }
 
@@ -198,8 +220,7 @@ fn resolve(global: &GlobalArgs, args: &RemoteArgs) -> Result<Resolved, u8> {
         });
     }
     let config = ProjectConfig::load(&project_dir).map_err(|message| {
-        report::error(&message);
-        EXIT_INVALID
+        Failure::new(EXIT_INVALID, "--remote", message).report(global, &subject(global, args))
     })?;
     match config.cache.remote {
         Some(location) => Ok(Resolved {
@@ -208,14 +229,16 @@ fn resolve(global: &GlobalArgs, args: &RemoteArgs) -> Result<Resolved, u8> {
             base_dir: project_dir,
             scope,
         }),
-        None => {
-            report::error(&format!(
+        None => Err(Failure::new(
+            EXIT_INVALID,
+            "--remote",
+            format!(
                 "no remote: pass `--remote URL`, set PEFTPIPE_REMOTE, or add `cache: {{remote: \
                  URL}}` to `{}`",
                 show(&project_config_path(&project_dir))
-            ));
-            Err(EXIT_INVALID)
-        }
+            ),
+        )
+        .report(global, &subject(global, args))),
     }
 }
 

@@ -51,11 +51,9 @@ pub fn run(global: &GlobalArgs, args: ReportArgs) -> u8 {
             }
             EXIT_OK
         }
-        Err(Failure::Exec(error)) => report_exec_error(&error),
-        Err(Failure::Write(message)) => {
-            report::error(&message);
-            EXIT_FAILED
-        }
+        Err(Failure::Exec(error)) => report_exec_error(global, &pipeline, &error),
+        Err(Failure::Write(message)) => super::Failure::new(EXIT_FAILED, "--output", message)
+            .report(global, &pipeline.file.display().to_string()),
     }
 }
 

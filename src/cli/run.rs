@@ -7,7 +7,7 @@ use std::path::Path;
 
 use clap::Args;
 
-use super::{interrupt, GlobalArgs, PipelineArgs, EXIT_FAILED, EXIT_INVALID, EXIT_OK};
+use super::{interrupt, Failure, GlobalArgs, PipelineArgs, EXIT_FAILED, EXIT_INVALID, EXIT_OK};
 use crate::config::Pipeline;
 use crate::exec::{ExecError, RunSettings, RunSummary};
 use crate::probe::StandardProbe;
@@ -103,15 +103,15 @@ pub(crate) fn settings_for(global: &GlobalArgs, pipeline: &Pipeline) -> RunSetti
 
 /// Run the executor with the terminal reporter, the interrupt flag armed (first Ctrl-C or
 /// SIGTERM: stop at the running stages' next safe point; second: exit now). An executor error is
-/// reported and becomes its exit code.
+/// reported (with `--json`, also as the problem object on stdout) and becomes its exit code.
 pub(crate) fn execute_reported(
     pipeline: &Pipeline,
     settings: &RunSettings,
     style: Style,
-    quiet: bool,
+    global: &GlobalArgs,
 ) -> Result<RunSummary, u8> {
     let cancel = interrupt::arm();
-    let reporter = RunReporter::new(style, quiet);
+    let reporter = RunReporter::new(style, global.quiet);
     crate::exec::execute(
         pipeline,
         settings,
@@ -119,18 +119,13 @@ pub(crate) fn execute_reported(
         &reporter,
         &cancel,
     )
-    .map_err(|error| report_exec_error(&error))
+    .map_err(|error| report_exec_error(global, pipeline, &error))
 }
 
-/// Map an error that kept a run from starting to an exit code (and report it).
-pub(crate) fn report_exec_error(error: &ExecError) -> u8 {
-    report::error(&error.to_string());
-    match error {
-        ExecError::Cache(_) => EXIT_FAILED,
-        ExecError::UnknownStage { .. } | ExecError::Input { .. } | ExecError::Graph(_) => {
-            EXIT_INVALID
-        }
-    }
+/// Report an error that kept a run or a plan of `pipeline` from starting (with `--json`, also
+/// the problem object on stdout) and return its exit code.
+pub(crate) fn report_exec_error(global: &GlobalArgs, pipeline: &Pipeline, error: &ExecError) -> u8 {
+    Failure::exec(error).report(global, &pipeline.file.display().to_string())
 }
 
 pub fn run(global: &GlobalArgs, args: RunArgs) -> u8 {
@@ -139,8 +134,8 @@ pub fn run(global: &GlobalArgs, args: RunArgs) -> u8 {
     let world = match crate::train::distributed::World::from_launcher_env() {
         Ok(world) => world,
         Err(error) => {
-            report::error(&error.to_string());
-            return EXIT_INVALID;
+            return Failure::new(EXIT_INVALID, "", error.to_string())
+                .report(global, &args.pipeline.pipeline.display().to_string());
         }
     };
     if world.world_size == 1 || args.dry_run {
@@ -192,11 +187,11 @@ fn run_pipeline(global: &GlobalArgs, args: RunArgs) -> u8 {
                 }
                 EXIT_OK
             }
-            Err(error) => report_exec_error(&error),
+            Err(error) => report_exec_error(global, &pipeline, &error),
         };
     }
 
-    let summary = match execute_reported(&pipeline, &settings, style, global.quiet) {
+    let summary = match execute_reported(&pipeline, &settings, style, global) {
         Ok(summary) => summary,
         Err(code) => return code,
     };

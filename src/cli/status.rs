@@ -42,7 +42,7 @@ pub fn run(global: &GlobalArgs, args: StatusArgs) -> u8 {
     };
     let plan = match crate::exec::plan::plan_checked(&pipeline, &settings, objects) {
         Ok(plan) => plan,
-        Err(error) => return report_exec_error(&error),
+        Err(error) => return report_exec_error(global, &pipeline, &error),
     };
     if global.json {
         report::json(&report::status::plan_json(&plan));

@@ -327,12 +327,16 @@ pub fn print_validation_json(outcomes: &[FileValidation]) {
     print_json(&document);
 }
 
-/// A command that takes no pipeline (`inspect`, `generate`) failed under `--json`: the problem
-/// on stdout in `validate --json`'s shape, `file` the file or folder it is about as given, `path`
-/// the argument at fault (`MODEL`, `--target`). The error itself goes to stderr as without
-/// `--json` (see [`super::error`]).
-pub fn print_failure_json(file: &str, path: &str, message: &str) {
-    let problem = crate::config::Problem::new(path, crate::exec::without_backtrace(message));
+/// A command failed under `--json` for another reason than a pipeline that does not load: the
+/// problem on stdout in `validate --json`'s shape, `file` the file or folder it is about as
+/// given (the pipeline file, the MODEL), `path` what is at fault (the argument: `MODEL`,
+/// `--target`, `--stage`, `--cache-dir`; or a key: `stages.NAME`). The error itself goes to
+/// stderr as without `--json` (see [`super::error`]).
+pub fn print_failure_json(file: &str, path: &str, message: &str, hint: Option<&str>) {
+    let mut problem = crate::config::Problem::new(path, crate::exec::without_backtrace(message));
+    if let Some(hint) = hint {
+        problem = problem.with_hint(hint);
+    }
     print_validation_json(&[FileValidation::invalid(Problems::new(file, vec![problem]))]);
 }
 
