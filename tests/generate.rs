@@ -559,3 +559,74 @@ fn generate_json_failures_print_the_problem_object() {
         );
     }
 }
+
+/// Probe item: a Mistral stops at its sliding window (the context peftpipe uses for it, as it
+/// has no sliding-window attention). The stop line, and `--json`'s `notes`, name config.json's
+/// `sliding_window` and its size: "the model's context length" alone does not say why a Mistral
+/// with 32k positions stops at 4096.
+#[test]
+fn generation_stopped_by_a_sliding_window_names_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("model");
+    std::fs::create_dir(&model).unwrap();
+    let source = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("datasets/quickstart/model");
+    for entry in std::fs::read_dir(&source).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), model.join(entry.file_name())).unwrap();
+    }
+    let config_path = model.join("config.json");
+    let mut config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&config_path).unwrap()).unwrap();
+    config["model_type"] = "mistral".into();
+    config["architectures"] = serde_json::json!(["MistralForCausalLM"]);
+    config["sliding_window"] = 16.into();
+    std::fs::write(&config_path, config.to_string()).unwrap();
+    let run = |json: bool| {
+        let mut command = peftpipe();
+        if json {
+            command.arg("--json");
+        }
+        command
+            .arg("generate")
+            .arg(&model)
+            .args([
+                "--prompt",
+                "review: a",
+                "--max-new-tokens",
+                "64",
+                "--device",
+                "cpu",
+            ])
+            .output()
+            .unwrap()
+    };
+    let output = run(false);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("stopped: ")
+            && stderr.contains("`sliding_window` 16")
+            && stderr.contains("config.json"),
+        "{stderr}"
+    );
+    let output = run(true);
+    assert!(output.status.success());
+    let json: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(json["stop_reason"], "max_length", "{json}");
+    let notes = json["notes"].as_array().cloned().unwrap_or_default();
+    assert!(
+        notes
+            .iter()
+            .any(|note| note.as_str().is_some_and(
+                |note| note.contains("`sliding_window` 16") && note.contains("config.json")
+            )),
+        "{json}"
+    );
+
+    // Without a window the limit is max_position_embeddings, said as such, and no note.
+    config["sliding_window"] = serde_json::Value::Null;
+    std::fs::write(&config_path, config.to_string()).unwrap();
+    let output = run(true);
+    let json: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(json["notes"], serde_json::json!([]), "{json}");
+}

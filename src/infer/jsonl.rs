@@ -217,6 +217,8 @@ mod tests {
             token_ids: vec![5, 6],
             prompt_token_ids: vec![1, 9],
             stop_reason: StopReason::Eos,
+            notes: vec!["not written".to_string()],
+            context: String::new(),
         };
         let line = records[0]
             .clone()

@@ -212,6 +212,15 @@ pub struct GenerateOutput {
     /// The prompt's token ids (BOS included when the tokenizer adds it).
     pub prompt_token_ids: Vec<u32>,
     pub stop_reason: StopReason,
+    /// What the output does not say by itself: the base an adapter was applied over when it is
+    /// not the one its record describes (added by the caller that chose the base), and a
+    /// sliding window that ended generation (config.json's `sliding_window`, the context
+    /// peftpipe uses for the model as it has no sliding-window attention).
+    pub notes: Vec<String>,
+    /// The context that ends generation as config.json names it (`` `sliding_window` 4096 in
+    /// model/config.json ``), for the line that says why generation stopped.
+    #[serde(skip)]
+    pub context: String,
 }
 
 impl InferenceModel {
@@ -241,12 +250,30 @@ pub fn generate_one(
     .map_err(|e| format!("generation failed: {e}"))?;
     let completion =
         decode_continuation(&model.tokenizer, &prompt_token_ids, &generated.token_ids)?;
+    let mut notes = Vec::new();
+    let config = model.dir.config();
+    let context = format!(
+        "`{}` {} in {}",
+        config.max_positions_key(),
+        config.max_positions(),
+        model.dir.config_path().display()
+    );
+    if let Some(window) = config.limiting_sliding_window() {
+        if generated.stop_reason == StopReason::MaxLength {
+            notes.push(format!(
+                "generation stopped at the model's sliding window, config.json `sliding_window` {window} ({}): peftpipe has no sliding-window attention, so the window is the model's context",
+                model.dir.config_path().display()
+            ));
+        }
+    }
     Ok(GenerateOutput {
         prompt: request.prompt.clone(),
         completion,
         token_ids: generated.token_ids,
         prompt_token_ids,
         stop_reason: generated.stop_reason,
+        notes,
+        context,
     })
 }
 
@@ -303,6 +330,8 @@ pub fn generate_many(
                 token_ids: generated.token_ids,
                 prompt_token_ids,
                 stop_reason: generated.stop_reason,
+                notes: Vec::new(),
+                context: String::new(),
             })
         })
         .collect()
