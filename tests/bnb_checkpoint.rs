@@ -763,7 +763,8 @@ fn external_adapters_over_the_prequantized_checkpoint_score_as_its_train_stage()
     }
     // Over another checkpoint saved in 4 bits (fp4, blocks of 128, no double quantization) the
     // folder's record says it learned elsewhere: evaluate scores it as stored, with a note;
-    // generate refuses the pair, naming config.json.
+    // generate applies it as stored too, with the same words as a warning (and a note in
+    // --json), never silently.
     let other = temp.path().join("stories260k-bnb-fp4");
     write_bnb_checkpoint(&source, &other, &settings()[1])?;
     let project = tempfile::tempdir()?;
@@ -776,17 +777,64 @@ fn external_adapters_over_the_prequantized_checkpoint_score_as_its_train_stage()
             && stderr.contains("as stored (fp4, double_quant false, blocks of 128)"),
         "{stderr}"
     );
+    let said_by_evaluate = |text: &str| {
+        text.contains("was trained over a 4-bit nf4, double quant, block 64 base")
+            && text.contains("peftpipe_base_quantization.json")
+            && text.contains("as stored (fp4, double_quant false, blocks of 128)")
+    };
     let output = generate_two_tokens(&other, &adapter);
     let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
     assert!(
-        !output.status.success(),
-        "generated over another 4-bit base"
-    );
-    assert!(
-        stderr.contains(&other.join("config.json").display().to_string())
-            && stderr.contains("trained over one stored as nf4"),
+        stderr.contains("warning: ") && said_by_evaluate(&stderr),
         "{stderr}"
     );
+    let generated_json = |model: &Path| -> Result<serde_json::Value, Box<dyn std::error::Error>> {
+        let output = peftpipe()
+            .args(["--json", "generate"])
+            .arg(model)
+            .arg("--adapter")
+            .arg(&adapter)
+            .args([
+                "--prompt",
+                "Once",
+                "--max-new-tokens",
+                "2",
+                "--device",
+                "cpu",
+            ])
+            .output()?;
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        Ok(serde_json::from_slice(&output.stdout)?)
+    };
+    let json = generated_json(&other)?;
+    let notes = json["notes"].as_array().cloned().unwrap_or_default();
+    assert!(
+        notes.len() == 1 && notes[0].as_str().is_some_and(said_by_evaluate),
+        "{json}"
+    );
+    // Over the 16-bit original: applied over the 16-bit weights, said as evaluate says it.
+    let output = generate_two_tokens(&source, &adapter);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    let over_16bit = |text: &str| {
+        text.contains("was trained over a 4-bit nf4, double quant, block 64 base")
+            && text.contains("saved in 4 bits; this base model is 16-bit")
+            && text.contains("16-bit weights")
+    };
+    assert!(
+        stderr.contains("warning: ") && over_16bit(&stderr),
+        "{stderr}"
+    );
+    let json = generated_json(&source)?;
+    assert!(json["notes"][0].as_str().is_some_and(over_16bit), "{json}");
+    // Over the checkpoint it was trained over: no note.
+    let json = generated_json(&bnb)?;
+    assert_eq!(json["notes"], serde_json::json!([]), "{json}");
     // Refused by validation, before anything loads, naming the setting and the stored value.
     let config = bnb.join("config.json").display().to_string();
     for (settings, expected) in [

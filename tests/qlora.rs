@@ -564,8 +564,8 @@ fn an_external_qlora_adapter_is_scored_over_the_4bit_base_that_base_quantization
     std::fs::write(&record, saved).unwrap();
 
     // `generate` applies the folder over the same 4-bit base as the train artifact's adapter
-    // (whose run recorded it beside it), with or without --load-in-4bit; a flag that disagrees
-    // with the record is refused.
+    // (whose run recorded it beside it), with or without --load-in-4bit; a flag that asks for
+    // another base is followed, with evaluate's note as a warning (and in --json's notes).
     let artifact = find_file(&project.path().join("cache"), "base_model.json")
         .parent()
         .unwrap()
@@ -604,12 +604,16 @@ fn an_external_qlora_adapter_is_scored_over_the_4bit_base_that_base_quantization
         );
     }
     for adapter in [&artifact, &folder] {
-        let (ok, _, stderr) = generate(adapter, &["--load-in-4bit", "fp4"]);
-        assert!(!ok, "a flag that disagrees with the recorded base");
-        assert!(
-            stderr.contains("drop the flag") && stderr.contains(".json records"),
-            "{stderr}"
-        );
+        let (ok, got, stderr) = generate(adapter, &["--load-in-4bit", "fp4"]);
+        assert!(ok, "a flag that asks for another base: {stderr}");
+        let said = |text: &str| {
+            text.contains("was trained over a 4-bit nf4, double quant, block 64 base")
+                && text.contains(".json)")
+                && text.contains("4-bit fp4, double quant, block 64 base --load-in-4bit asks for")
+        };
+        assert!(stderr.contains("warning: ") && said(&stderr), "{stderr}");
+        let json: serde_json::Value = serde_json::from_str(&got).unwrap();
+        assert!(json["notes"][0].as_str().is_some_and(said), "{json}");
     }
 
     // The record is an input of the stage: without it the stage is stale, and the folder is

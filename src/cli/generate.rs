@@ -12,6 +12,7 @@ use clap::Args;
 use super::{Failure, GlobalArgs, EXIT_FAILED, EXIT_INVALID, EXIT_OK};
 use crate::config::method::{block_size_problem, FourBitSettings, QuantTypeChoice};
 use crate::device::{compute_dtype, resolve_device, DTypeSpec, DeviceSpec};
+use crate::infer::adapter_base::{adapter_base, StoredBase, GENERATE};
 use crate::infer::jsonl::{OutputFields, PromptLines, PromptRecord};
 use crate::infer::session::{
     generate_many, generate_one, recorded_base_quantization, GenerateRequest, InferenceModel,
@@ -33,7 +34,8 @@ pub struct GenerateArgs {
     /// or a Hub id `hf://org/name[@revision]` found in the local Hugging Face cache (never
     /// downloaded: fetch it with `huggingface-cli download org/name`). A QLoRA adapter is
     /// applied over the same 4-bit base it was trained over, as recorded in a train artifact's
-    /// sibling base_model.json or an exported folder's peftpipe_base_quantization.json.
+    /// sibling base_model.json or an exported folder's peftpipe_base_quantization.json; over a
+    /// MODEL or --load-in-4bit that gives another base, over that one, with a warning.
     #[arg(long, value_name = "DIR")]
     pub adapter: Option<String>,
     /// The prompt (BOS is added when the tokenizer adds it).
@@ -91,7 +93,8 @@ pub struct GenerateArgs {
     /// elsewhere over `BitsAndBytesConfig(load_in_4bit=True, ...)`: `nf4` (the default) or
     /// `fp4`, double-quantized, in blocks of 64 unless the flags below say otherwise; --dtype is
     /// the compute dtype. A model saved in 4 bits is used as stored without it; a QLoRA train
-    /// artifact's adapter brings its own base (the flag must then agree with it).
+    /// artifact's adapter brings its own base (a flag that asks for another is followed, with a
+    /// warning).
     #[arg(long, value_name = "TYPE", num_args = 0..=1, default_missing_value = "nf4", value_parser = ["nf4", "fp4"])]
     pub load_in_4bit: Option<String>,
     /// With --load-in-4bit: keep the per-block absmax values in f32 (bitsandbytes'
@@ -219,12 +222,42 @@ fn generate(global: &GlobalArgs, args: &GenerateArgs) -> Result<u8, Failure> {
         Some(Ok(recorded)) => recorded,
         None => None,
     };
-    let quantization = match asked_quantization(args, &model_dir, recorded) {
-        Ok(quantization) => quantization,
+    let asked = match asked_quantization(args, &model_dir) {
+        Ok(asked) => asked,
         Err(message) => {
             return Err(Failure::new(EXIT_INVALID, "--load-in-4bit", message));
         }
     };
+    // A QLoRA adapter over a base its record does not describe runs, never silently: the note
+    // evaluate gives an outside adapter, as a warning here and in --json's `notes`.
+    let (quantization, base_note) = match recorded {
+        None => (asked, None),
+        Some(recorded) => {
+            let dir = match ModelDir::open(&model_dir) {
+                Ok(dir) => dir,
+                Err(error) => return Err(Failure::new(EXIT_FAILED, "MODEL", error.to_string())),
+            };
+            let name = format!(
+                "the adapter {}",
+                args.adapter.as_deref().unwrap_or_default()
+            );
+            let (chosen, note) = adapter_base(
+                &name,
+                asked.as_ref(),
+                StoredBase::of(&dir).as_ref(),
+                Some(recorded.clone()),
+                GENERATE,
+            );
+            match note {
+                // The base it was trained over.
+                None => (asked.or(Some(recorded.0)), None),
+                Some(note) => (chosen, Some(note)),
+            }
+        }
+    };
+    if let Some(note) = &base_note {
+        report::warning(note);
+    }
     let model = match InferenceModel::load(
         &model_dir,
         adapter.as_deref(),
@@ -275,7 +308,10 @@ fn generate(global: &GlobalArgs, args: &GenerateArgs) -> Result<u8, Failure> {
         sampling,
     };
     match generate_one(&model, &request) {
-        Ok(output) => {
+        Ok(mut output) => {
+            if let Some(note) = base_note {
+                output.notes.insert(0, note);
+            }
             if global.json {
                 report::json(&output);
             } else {
@@ -287,17 +323,14 @@ fn generate(global: &GlobalArgs, args: &GenerateArgs) -> Result<u8, Failure> {
     }
 }
 
-/// The folder of `--adapter`: a path as given, or a Hub id's snapshot in the local cache (never
-/// downloaded: the `hub` feature's download fetches a model's files, not an adapter's).
-/// The 4-bit base to load: --load-in-4bit's (checked against a stored 4-bit checkpoint's
-/// settings, and against `recorded`, a QLoRA train artifact's own base), else `recorded`.
+/// The 4-bit base --load-in-4bit asks for (checked against a stored 4-bit checkpoint's
+/// settings: such a checkpoint is used as stored, never re-quantized); `None` without the flag.
 fn asked_quantization(
     args: &GenerateArgs,
     model_dir: &Path,
-    recorded: Option<(BaseQuantization, PathBuf)>,
 ) -> Result<Option<BaseQuantization>, String> {
     let Some(quant_type) = &args.load_in_4bit else {
-        return Ok(recorded.map(|(recorded, _)| recorded));
+        return Ok(None);
     };
     let settings = FourBitSettings {
         quant_type: if quant_type == "fp4" {
@@ -333,22 +366,11 @@ fn asked_quantization(
             ));
         }
     }
-    match recorded {
-        Some((recorded, record)) if recorded.config != asked.config => Err(format!(
-            "--load-in-4bit asks for {} (double_quant {}, blocks of {}), but the adapter was trained over {} (double_quant {}, blocks of {}), as {} records; drop the flag",
-            asked.config.quant_type.name(),
-            asked.config.double_quant,
-            asked.config.block_size,
-            recorded.config.quant_type.name(),
-            recorded.config.double_quant,
-            recorded.config.block_size,
-            record.display()
-        )),
-        Some((recorded, _)) => Ok(Some(recorded)),
-        None => Ok(Some(asked)),
-    }
+    Ok(Some(asked))
 }
 
+/// The folder of `--adapter`: a path as given, or a Hub id's snapshot in the local cache (never
+/// downloaded: the `hub` feature's download fetches a model's files, not an adapter's).
 fn resolve_adapter(text: &str) -> Result<PathBuf, String> {
     match crate::config::hub::HubId::parse(text) {
         Ok(None) => Ok(PathBuf::from(text)),

@@ -10,6 +10,7 @@
 //! build autograd graphs (base weights are plain tensors; adapters in `AdapterMode::Eval` hand
 //! their variables to the forward pass detached), read pipelines or Parquet, or print.
 
+pub mod adapter_base;
 pub mod batch;
 pub mod completions;
 pub mod generate;

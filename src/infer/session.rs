@@ -169,6 +169,8 @@ fn read_base_record(record: &Path) -> Result<Option<(BaseQuantization, PathBuf)>
 /// The recorded 4-bit base of a QLoRA run must be the one this folder gives: pre-quantized
 /// exactly when its config.json has a bitsandbytes `quantization_config`, and then with the same
 /// settings (a base that changed under the adapter is an error, never a silent other base).
+/// `generate` and `evaluate` choose the base through [`super::adapter_base::adapter_base`],
+/// which passes this check and says when it is not the recorded one.
 fn check_recorded_base(quantization: &BaseQuantization, dir: &ModelDir) -> Result<(), String> {
     match (quantization.prequantized, dir.stored_quantization()) {
         (true, Some(stored)) if !stored.has_settings_of(&quantization.config) => {

@@ -35,8 +35,9 @@ use crate::config::train::{DTypeChoice, Truncation};
 use crate::data::batch::fit as fit_sequence;
 use crate::data::tokenize::TokenizedExample;
 use crate::device::{compute_dtype, resolve_device, DTypeSpec, DeviceSpec};
+use crate::infer::adapter_base::{adapter_base, StoredBase, EVALUATE};
 use crate::infer::session::InferenceModel;
-use crate::models::quantized::{BaseQuantization, BnbQuantization};
+use crate::models::quantized::BaseQuantization;
 use crate::models::{ModelConfig, ModelDir};
 use crate::peft::qlora;
 
@@ -388,85 +389,6 @@ impl EvalPlan {
 /// An exact-match reference as generation would produce it: a reference whose tokens hold an
 /// end-of-sequence token (a chat template's end of turn written as text) ends there, decoded
 /// after the prompt as generations are; one without is used as written.
-/// The base an outside adapter (candidate `name`) is scored over, and a note when that is not
-/// the base its folder records it was trained over (`recorded`: a QLoRA export's
-/// [`crate::config::evaluate::ADAPTER_BASE_RECORD`] or a train artifact's base_model.json):
-/// `base_quantization` when asked; else the checkpoint as stored when it is saved in 4 bits
-/// (`stored`; a note unless the record says it trained over such a checkpoint with the same
-/// settings); else the recorded 4-bit base (quantized from the 16-bit model as the run did),
-/// unless the run trained over a checkpoint saved in 4 bits (then the 16-bit model, said in the
-/// note).
-fn external_base(
-    name: &str,
-    asked: Option<&BaseQuantization>,
-    stored: Option<&StoredBase>,
-    recorded: Option<(BaseQuantization, PathBuf)>,
-) -> (Option<BaseQuantization>, Option<String>) {
-    let Some((recorded, record)) = recorded else {
-        return (asked.copied(), None);
-    };
-    let trained = format!(
-        "{name} was trained over a {} base ({})",
-        recorded.label(),
-        record.display()
-    );
-    match asked {
-        Some(asked) if asked.config != recorded.config => (
-            Some(*asked),
-            Some(format!(
-                "{trained}; it is scored over the {} base `base_quantization` asks for",
-                asked.label()
-            )),
-        ),
-        Some(asked) => (Some(*asked), None),
-        None => match stored {
-            Some(stored)
-                if recorded.prequantized
-                    && stored.settings.has_settings_of(&recorded.config)
-                    && stored
-                        .block_size
-                        .is_none_or(|size| size == recorded.config.block_size) =>
-            {
-                (None, None)
-            }
-            Some(stored) => (
-                None,
-                Some(format!(
-                    "{trained}; it is scored over this base model's 4-bit weights as stored ({}, double_quant {}{}), which may not be the weights it learned on",
-                    stored.settings.quant_type.name(),
-                    stored.settings.double_quant,
-                    stored
-                        .block_size
-                        .map(|size| format!(", blocks of {size}"))
-                        .unwrap_or_default()
-                )),
-            ),
-            None => recorded_16bit(trained, recorded),
-        },
-    }
-}
-
-/// [`external_base`] over a 16-bit base model with nothing asked: the recorded base.
-fn recorded_16bit(
-    trained: String,
-    recorded: BaseQuantization,
-) -> (Option<BaseQuantization>, Option<String>) {
-    match recorded {
-        recorded if recorded.prequantized => (
-            None,
-            Some(format!(
-                "{trained} saved in 4 bits; this base model is 16-bit, so it is scored over the 16-bit weights: point `base_model` at the 4-bit checkpoint to score it as trained"
-            )),
-        ),
-        recorded => (
-            Some(recorded),
-            Some(format!(
-                "{trained}: it is scored over that base, quantized from the 16-bit model as its run did; set `base_quantization` to choose another"
-            )),
-        ),
-    }
-}
-
 /// A comparison row's 4-bit base: the quantization it was loaded with, else "4-bit as stored"
 /// over a checkpoint saved in 4 bits, else none (the 16-bit model).
 fn four_bit_label(quantization: Option<&BaseQuantization>, stored_4bit: bool) -> Option<String> {
@@ -1064,13 +986,6 @@ impl CandidatesMetricsFile {
 /// The 4-bit base an evaluate stage's `base_quantization` asks for over the model at
 /// `base_path` (checked against the checkpoint's own 4-bit storage when it has one), and
 /// whether that checkpoint is stored in 4 bits (then it is 4-bit with or without the field).
-/// A base model saved in bitsandbytes 4-bit: config.json's settings and the weights' block
-/// size (from their stored sizes; `None` when they do not share one, which loading refuses).
-struct StoredBase {
-    settings: BnbQuantization,
-    block_size: Option<usize>,
-}
-
 fn asked_base_quantization(
     config: &EvaluateConfig,
     base_path: &Path,
@@ -1078,16 +993,7 @@ fn asked_base_quantization(
 ) -> Result<(Option<BaseQuantization>, Option<StoredBase>), StageError> {
     let dir = ModelDir::open(base_path).map_err(|error| StageError::user(error.to_string()))?;
     let stored = dir.stored_quantization();
-    let stored_base = stored.map(|settings| {
-        let sizes = dir.stored_block_sizes();
-        StoredBase {
-            settings: settings.clone(),
-            block_size: match sizes.keys().collect::<Vec<_>>().as_slice() {
-                [size] => Some(**size),
-                _ => None,
-            },
-        }
-    });
+    let stored_base = StoredBase::of(&dir);
     let Some(settings) = &config.base_quantization else {
         return Ok((None, stored_base));
     };
@@ -1260,12 +1166,13 @@ impl Stage for EvaluateStage {
                 .map_err(StageError::user)?;
             crate::config::evaluate::adapter_files(written, &adapter_dir)
                 .map_err(StageError::user)?;
-            let (quantization, note) = external_base(
+            let (quantization, note) = adapter_base(
                 &name,
                 asked_quantization.as_ref(),
                 stored.as_ref(),
                 crate::infer::session::recorded_base_quantization(&adapter_dir)
                     .map_err(StageError::user)?,
+                EVALUATE,
             );
             externals.push((name, adapter_dir, quantization, note));
         }
@@ -1522,6 +1429,7 @@ mod tests {
     use crate::config::evaluate::AccuracyConfig;
     use crate::infer::score::tests::BigramModel;
     use crate::infer::text::tests::LetterCodec;
+    use crate::models::quantized::BnbQuantization;
     use crate::stages::{NullSink, RunOptions};
 
     #[test]
@@ -1539,11 +1447,12 @@ mod tests {
             block_size,
         };
         let note = |stored: StoredBase| {
-            external_base(
+            adapter_base(
                 "ext",
                 None,
                 Some(&stored),
                 Some((recorded, PathBuf::from("a/peftpipe_base_quantization.json"))),
+                EVALUATE,
             )
             .1
         };
