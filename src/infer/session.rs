@@ -252,22 +252,7 @@ pub fn generate_one(
     .map_err(|e| format!("generation failed: {e}"))?;
     let completion =
         decode_continuation(&model.tokenizer, &prompt_token_ids, &generated.token_ids)?;
-    let mut notes = Vec::new();
-    let config = model.dir.config();
-    let context = format!(
-        "`{}` {} in {}",
-        config.max_positions_key(),
-        config.max_positions(),
-        model.dir.config_path().display()
-    );
-    if let Some(window) = config.limiting_sliding_window() {
-        if generated.stop_reason == StopReason::MaxLength {
-            notes.push(format!(
-                "generation stopped at the model's sliding window, config.json `sliding_window` {window} ({}): peftpipe has no sliding-window attention, so the window is the model's context",
-                model.dir.config_path().display()
-            ));
-        }
-    }
+    let (notes, context) = stop_notes(model, generated.stop_reason);
     Ok(GenerateOutput {
         prompt: request.prompt.clone(),
         completion,
@@ -277,6 +262,28 @@ pub fn generate_one(
         notes,
         context,
     })
+}
+
+/// [`GenerateOutput`]'s `notes` and `context` for a generation that ended for `stop_reason`:
+/// the context as config.json names it, and a note when a sliding window ended it.
+fn stop_notes(model: &InferenceModel, stop_reason: StopReason) -> (Vec<String>, String) {
+    let mut notes = Vec::new();
+    let config = model.dir.config();
+    let context = format!(
+        "`{}` {} in {}",
+        config.max_positions_key(),
+        config.max_positions(),
+        model.dir.config_path().display()
+    );
+    if let Some(window) = config.limiting_sliding_window() {
+        if stop_reason == StopReason::MaxLength {
+            notes.push(format!(
+                "generation stopped at the model's sliding window, config.json `sliding_window` {window} ({}): peftpipe has no sliding-window attention, so the window is the model's context",
+                model.dir.config_path().display()
+            ));
+        }
+    }
+    (notes, context)
 }
 
 /// A prompt of a batch that cannot be generated from: its index in the batch and why.
@@ -326,14 +333,15 @@ pub fn generate_many(
                         index: Some(index),
                         message,
                     })?;
+            let (notes, context) = stop_notes(model, generated.stop_reason);
             Ok(GenerateOutput {
                 prompt: prompt.clone(),
                 completion,
                 token_ids: generated.token_ids,
                 prompt_token_ids,
                 stop_reason: generated.stop_reason,
-                notes: Vec::new(),
-                context: String::new(),
+                notes,
+                context,
             })
         })
         .collect()
