@@ -1498,3 +1498,90 @@ fn a_checkpoint_with_two_block_sizes_is_refused_by_validate() -> TestResult {
     }
     Ok(())
 }
+
+/// A 4-bit weight whose JSON state says another `blocksize` than its absmax holds blocks for
+/// (`ceil(n / blocksize)` values) cannot be loaded: `validate` says so from the headers and
+/// the small state tensor (no weight is read), naming the file, the state tensor and both
+/// numbers, before any stage runs. Before, only loading the weights caught it.
+#[test]
+fn a_state_blocksize_that_is_not_the_absmax_count_is_refused_by_validate() -> TestResult {
+    let Some(source) = stories() else {
+        return Ok(());
+    };
+    let temp = tempfile::tempdir()?;
+    let bnb = temp.path().join("stories260k-bnb");
+    let plain = QuantConfig {
+        double_quant: false,
+        ..QuantConfig::default()
+    };
+    for (config, name) in [(QuantConfig::default(), "dq"), (plain, "plain")] {
+        let dir = bnb.with_file_name(name);
+        write_bnb_checkpoint(&source, &dir, &config)?;
+        let q_proj = "model.layers.0.self_attn.q_proj.weight";
+        // [64, 64] in blocks of 64: 64 absmax values; the state now says blocks of 128 (32).
+        edit_state(&dir, q_proj, |state| state["blocksize"] = 128.into())?;
+        let state = format!("{q_proj}.quant_state.bitsandbytes__nf4");
+        let problems: Vec<String> = ModelDir::open(&dir)?
+            .check_weights()
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        let [problem] = problems.as_slice() else {
+            panic!("{name}: expected one problem, got {problems:?}");
+        };
+        eprintln!("{name}: {problem}");
+        for text in [
+            "model.safetensors",
+            state.as_str(),
+            "blocksize 128",
+            "64 values",
+            &format!("`{q_proj}.absmax`"),
+        ] {
+            assert!(problem.contains(text), "{name}: no `{text}` in: {problem}");
+        }
+        let project = tempfile::tempdir()?;
+        let file = project.path().join("pipeline.yaml");
+        let method = if config.double_quant {
+            "qlora: {r: 8}"
+        } else {
+            "qlora: {r: 8, double_quant: false}"
+        };
+        std::fs::write(&file, pipeline(&dir, method, ""))?;
+        let output = peftpipe()
+            .arg("validate")
+            .arg(&file)
+            .env("PEFTPIPE_SHARED", shared_dir().ok_or("PEFTPIPE_SHARED")?)
+            .env("NO_COLOR", "1")
+            .output()?;
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(2), "{name}: {stderr}");
+        for text in [state.as_str(), "blocksize 128", "64 values"] {
+            assert!(stderr.contains(text), "{name}: no `{text}` in:\n{stderr}");
+        }
+    }
+    // Double quantization's second level: 64 absmax values in blocks of 256 make one scale;
+    // a state saying blocks of 16 would need 4.
+    let dir = bnb.with_file_name("dq");
+    let q_proj = "model.layers.0.self_attn.q_proj.weight";
+    edit_state(&dir, q_proj, |state| {
+        state["blocksize"] = 64.into();
+        state["nested_blocksize"] = 16.into();
+    })?;
+    let problems: Vec<String> = ModelDir::open(&dir)?
+        .check_weights()
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    let [problem] = problems.as_slice() else {
+        panic!("nested: expected one problem, got {problems:?}");
+    };
+    eprintln!("nested: {problem}");
+    for text in [
+        "nested_blocksize 16",
+        "make 4 blocks",
+        &format!("`{q_proj}.nested_absmax` holds 1 values"),
+    ] {
+        assert!(problem.contains(text), "nested: no `{text}` in: {problem}");
+    }
+    Ok(())
+}

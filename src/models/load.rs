@@ -357,15 +357,89 @@ fn stored_4bit_problem(
     let (element_bytes, _) = dtype_size(&info.dtype)?;
     let needed = count.div_ceil(2) / element_bytes * element_bytes;
     let held = info.element_count().checked_mul(element_bytes)?;
-    if held == needed {
-        return Some(None);
+    if held != needed {
+        return Some(Some((
+            info.file.clone(),
+            format!(
+                "tensor `{name}` holds {held} bytes of 4-bit codes, but config.json's shape {shape:?} needs {needed}"
+            ),
+        )));
     }
-    Some(Some((
-        info.file.clone(),
+    Some(
+        state_block_problem(stored, name, count, state_key, state_info)
+            .map(|message| (state_file, message)),
+    )
+}
+
+/// The largest JSON state of a 4-bit weight `validate` reads (bitsandbytes writes ~200 bytes);
+/// a larger one is left to the load, so validation reads a bounded amount per weight.
+const MAX_STATE_BYTES: u64 = 64 * 1024;
+
+/// The block sizes a 4-bit weight's JSON state (`state_key`, read from its file: a few hundred
+/// bytes, never the weights) says, against the absmax the headers hold: `blocksize` must give
+/// one absmax value per block of the weight's `count` values (`ceil(count / blocksize)`), and
+/// with double quantization `nested_blocksize` one `nested_absmax` scale per block of those.
+/// `None` when they agree (or the state is too large to read here); otherwise the problem,
+/// naming the tensors and both numbers. Loading the weights checks the same sizes.
+fn state_block_problem(
+    stored: &BTreeMap<String, TensorInfo>,
+    name: &str,
+    count: u64,
+    state_key: &str,
+    state_info: &TensorInfo,
+) -> Option<String> {
+    let length = state_info.end.checked_sub(state_info.start)?;
+    if length > MAX_STATE_BYTES {
+        return None;
+    }
+    let bytes = match read_span(&state_info.file, state_info.start, length) {
+        Ok(bytes) => bytes,
+        Err(error) => return Some(format!("reading `{state_key}`: {error}")),
+    };
+    let state: Value = match serde_json::from_slice(&bytes) {
+        Ok(state) => state,
+        Err(error) => return Some(format!("`{state_key}`: invalid JSON: {error}")),
+    };
+    let size = |key: &str| match state.get(key).map(Value::as_u64) {
+        None => Err(format!("`{state_key}`: no `{key}`")),
+        Some(Some(size)) if size > 0 => Ok(size),
+        Some(_) => Err(format!("`{state_key}`: `{key}` is not a positive count")),
+    };
+    let values = |tensor: &str| stored.get(tensor).map(TensorInfo::element_count);
+    let block_size = match size("blocksize") {
+        Ok(size) => size,
+        Err(message) => return Some(message),
+    };
+    let absmax = format!("{name}.absmax");
+    let blocks = count.div_ceil(block_size);
+    let held = values(&absmax)?;
+    if held != blocks {
+        return Some(format!(
+            "`{state_key}` says blocksize {block_size}, so the {count} weights of `{name}` make {blocks} blocks, but `{absmax}` holds {held} values (one per block)"
+        ));
+    }
+    let nested = format!("{name}.nested_absmax");
+    let nested_held = values(&nested)?;
+    let nested_size = match size("nested_blocksize") {
+        Ok(size) => size,
+        Err(message) => return Some(message),
+    };
+    let nested_blocks = blocks.div_ceil(nested_size);
+    (nested_held != nested_blocks).then(|| {
         format!(
-            "tensor `{name}` holds {held} bytes of 4-bit codes, but config.json's shape {shape:?} needs {needed}"
-        ),
-    )))
+            "`{state_key}` says nested_blocksize {nested_size}, so the {blocks} absmax values of `{name}` make {nested_blocks} blocks, but `{nested}` holds {nested_held} values (one per block)"
+        )
+    })
+}
+
+/// `length` bytes of `path` from byte `start`.
+fn read_span(path: &Path, start: u64, length: u64) -> std::io::Result<Vec<u8>> {
+    use std::io::{Seek, SeekFrom};
+    let mut file = std::fs::File::open(path)?;
+    file.seek(SeekFrom::Start(start))?;
+    let mut bytes = vec![0u8; usize::try_from(length).unwrap_or(0)];
+    file.read_exact(&mut bytes)?;
+    Ok(bytes)
 }
 
 fn file_name(path: &Path) -> String {
