@@ -2073,6 +2073,9 @@ pub fn check_pipeline_with(
     let mut problems = Vec::new();
     let project_dir = parsed.project_dir();
     let stages = &parsed.raw.stages;
+    // Every stage that names a model folder (a sweep's train stages, an evaluate stage's base,
+    // an export's merge) asks about it; its files are read for the first only.
+    let probe = &super::probe::ModelsCheckedOnce::new(probe);
 
     let (graph, graph_errors) = StageGraph::build(
         stages
@@ -2691,6 +2694,83 @@ mod tests {
         let file = dir.path().join("pipeline.yaml");
         std::fs::write(&file, text).unwrap();
         parse_pipeline(&file, &[]).unwrap()
+    }
+
+    /// [`TestProbe`](crate::config::probe::TestProbe), counting the model checks per folder.
+    #[derive(Default)]
+    struct CountingProbe {
+        models: std::sync::Mutex<BTreeMap<PathBuf, usize>>,
+    }
+
+    impl Probe for CountingProbe {
+        fn input_columns(
+            &self,
+            path: &Path,
+            format: Option<crate::config::ingest::InputFormat>,
+        ) -> Result<Vec<String>, String> {
+            crate::config::probe::TestProbe.input_columns(path, format)
+        }
+
+        fn check_chat_template(
+            &self,
+            source: &crate::config::chat_template::ChatTemplateSource,
+        ) -> Result<(), String> {
+            crate::config::probe::TestProbe.check_chat_template(source)
+        }
+
+        fn check_model(&self, dir: &Path) -> crate::config::probe::ModelFacts {
+            *self
+                .models
+                .lock()
+                .unwrap()
+                .entry(dir.canonicalize().unwrap())
+                .or_default() += 1;
+            crate::config::probe::TestProbe.check_model(dir)
+        }
+    }
+
+    /// A sweep of train stages over one model, an evaluate stage that checks its base, an IA3
+    /// export that checks the merge, and a second model: each folder's files are read once
+    /// per check of the pipeline, not once per stage that names it (before: 4 and 1).
+    #[test]
+    fn each_model_folder_is_checked_once_per_pipeline() {
+        let dir = tempfile::tempdir().unwrap();
+        for model in ["model", "other"] {
+            std::fs::create_dir(dir.path().join(model)).unwrap();
+        }
+        let file = dir.path().join("pipeline.yaml");
+        std::fs::write(
+            &file,
+            r#"stages:
+  data: {ingest: {path: data.csv}}
+  prompts: {template: {input: data, prompt: "{{ text }}", completion: "{{ label }}"}}
+  train:
+    matrix: {lr: [0.1, 0.2]}
+    train: {data: prompts, model: model, method: {lora: {r: 4}}, learning_rate: "${item.lr}"}
+  ia3:
+    train: {data: prompts, model: ./model, method: {ia3: {}}}
+  small:
+    train: {data: prompts, model: other, method: {lora: {r: 4}}}
+  evaluate:
+    evaluate:
+      model: train@0_1
+      data: prompts
+      base_quantization: {quant_type: nf4}
+  export: {export: {from: ia3, merged: merged}}
+"#,
+        )
+        .unwrap();
+        let parsed = parse_pipeline(&file, &[]).unwrap();
+        let probe = CountingProbe::default();
+        let problems = check_pipeline_with(&parsed, &probe, &LoadOptions::default());
+        let counts = probe.models.into_inner().unwrap();
+        let model = dir.path().join("model").canonicalize().unwrap();
+        let other = dir.path().join("other").canonicalize().unwrap();
+        assert_eq!(
+            counts,
+            BTreeMap::from([(model, 1), (other, 1)]),
+            "{problems:#?}"
+        );
     }
 
     #[test]

@@ -231,6 +231,76 @@ pub trait Probe: Sync {
     }
 }
 
+/// `inner`, asked once per model folder: the first [`Probe::check_model`] of a folder is
+/// answered by `inner` (config.json, the index, the safetensors headers, the tokenizer files),
+/// later ones for the same folder (however spelled: compared canonicalized) by a copy of that
+/// answer. One pipeline's checks use one, so a sweep of train stages (`matrix:`), an evaluate
+/// stage's base and an export's merge check read one model's files once. Every other question
+/// goes to `inner` as asked.
+pub struct ModelsCheckedOnce<'a> {
+    inner: &'a dyn Probe,
+    facts: std::sync::Mutex<std::collections::BTreeMap<std::path::PathBuf, ModelFacts>>,
+}
+
+impl<'a> ModelsCheckedOnce<'a> {
+    pub fn new(inner: &'a dyn Probe) -> Self {
+        ModelsCheckedOnce {
+            inner,
+            facts: std::sync::Mutex::default(),
+        }
+    }
+}
+
+impl Probe for ModelsCheckedOnce<'_> {
+    fn input_columns(
+        &self,
+        path: &Path,
+        format: Option<InputFormat>,
+    ) -> Result<Vec<String>, String> {
+        self.inner.input_columns(path, format)
+    }
+
+    fn check_chat_template(&self, source: &ChatTemplateSource) -> Result<(), String> {
+        self.inner.check_chat_template(source)
+    }
+
+    fn check_model(&self, dir: &Path) -> ModelFacts {
+        let key = dir.canonicalize().unwrap_or_else(|_| dir.to_path_buf());
+        // A poisoned lock only means another check panicked; its map is still whole.
+        let known = self
+            .facts
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(&key)
+            .cloned();
+        if let Some(facts) = known {
+            return facts;
+        }
+        let facts = self.inner.check_model(dir);
+        self.facts
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(key, facts.clone());
+        facts
+    }
+
+    fn check_adapter(&self, dir: &Path, layers: Option<&[LinearLayerShape]>) -> Result<(), String> {
+        self.inner.check_adapter(dir, layers)
+    }
+
+    fn gguf_problem(&self, dir: &Path) -> Option<String> {
+        self.inner.gguf_problem(dir)
+    }
+
+    fn check_column_types(
+        &self,
+        path: &Path,
+        ingest: &super::ingest::IngestConfig,
+    ) -> Vec<(String, String)> {
+        self.inner.check_column_types(path, ingest)
+    }
+}
+
 /// A probe for unit tests of the core: knows no file, compiles chat templates with plain
 /// minijinja, and describes every model directory as a small valid Llama (64-wide attention).
 #[cfg(test)]
