@@ -866,3 +866,95 @@ stages:
     );
     assert!(output.status.success(), "{}", text(&output.stderr));
 }
+
+/// `max_seq_len` above the model's context (config.json `max_position_embeddings`) was cut to
+/// it without a word: a written value peftpipe cannot honour (it never computes past the
+/// context, where transformers' RoPE would extrapolate) is refused, naming config.json's key
+/// and both numbers, with the method's virtual tokens counted; the default (512, cut to the
+/// context as documented) and a value within it pass. A RoPE-scaled (llama3) model's context
+/// is `max_position_embeddings`, as transformers defines it, not the `original_` one.
+#[test]
+fn a_max_seq_len_past_max_position_embeddings_is_refused() {
+    let project = tempfile::tempdir().unwrap();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let model = project.path().join("model");
+    std::fs::create_dir(&model).unwrap();
+    for entry in std::fs::read_dir(root.join("datasets/quickstart/model")).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), model.join(entry.file_name())).unwrap();
+    }
+    let pipeline = |train: &str| {
+        format!(
+            r#"name: context
+stages:
+  data:
+    ingest:
+      path: {}
+      columns: [text, label]
+      split: {{fractions: {{train: 0.8, eval: 0.2}}}}
+  prompts:
+    template:
+      input: data
+      prompt: "review: {{{{ text }}}}\nsentiment:"
+      completion: " {{{{ label }}}}"
+  train:
+    train:
+      data: prompts
+      model: model
+      max_steps: 1
+      device: cpu
+      {train}
+"#,
+            root.join("datasets/quickstart/reviews.parquet").display()
+        )
+    };
+    let validate = |train: &str| {
+        std::fs::write(project.path().join("p.yaml"), pipeline(train)).unwrap();
+        let output = peftpipe(
+            project.path(),
+            &["validate", "p.yaml", "--allow-outside-project"],
+        );
+        (output.status.code(), text(&output.stderr))
+    };
+    // The quickstart model: max_position_embeddings 128.
+    let lora = "method: {lora: {r: 4}}";
+    let (code, stderr) = validate(&format!("{lora}\n      max_seq_len: 200"));
+    assert_eq!(code, Some(2), "{stderr}");
+    for expected in [
+        "stages.train.train.max_seq_len",
+        "200",
+        "`max_position_embeddings` 128",
+        "use max_seq_len: 128 or less",
+    ] {
+        assert!(stderr.contains(expected), "no `{expected}` in:\n{stderr}");
+    }
+    let prompt = "method: {prompt_tuning: {num_virtual_tokens: 8}}";
+    let (code, stderr) = validate(&format!("{prompt}\n      max_seq_len: 128"));
+    assert_eq!(code, Some(2), "{stderr}");
+    for expected in ["128 (+ 8 virtual tokens)", "use max_seq_len: 120 or less"] {
+        assert!(stderr.contains(expected), "no `{expected}` in:\n{stderr}");
+    }
+    for fits in [
+        format!("{lora}\n      max_seq_len: 128"),
+        format!("{prompt}\n      max_seq_len: 120"),
+        // The default, 512, is cut to the context (the run says so when it cuts an example).
+        lora.to_string(),
+    ] {
+        let (code, stderr) = validate(&fits);
+        assert_eq!(code, Some(0), "{fits}: {stderr}");
+    }
+    // llama3 RoPE scaling: the context is max_position_embeddings (128), not the original 32.
+    let config_path = model.join("config.json");
+    let mut config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&config_path).unwrap()).unwrap();
+    config["rope_scaling"] = serde_json::json!({
+        "rope_type": "llama3", "factor": 4.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 32
+    });
+    std::fs::write(&config_path, config.to_string()).unwrap();
+    let (code, stderr) = validate(&format!("{lora}\n      max_seq_len: 100"));
+    assert_eq!(code, Some(0), "{stderr}");
+    let (code, stderr) = validate(&format!("{lora}\n      max_seq_len: 129"));
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(stderr.contains("`max_position_embeddings` 128"), "{stderr}");
+}

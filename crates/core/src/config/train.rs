@@ -88,8 +88,10 @@ pub struct TrainConfig {
     /// Stop after this many optimizer steps (cycling through epochs as needed); overrides `epochs`.
     #[serde(default)]
     pub max_steps: Option<u64>,
-    /// Maximum tokens per example (prompt + completion, special tokens included), capped by
-    /// the model's context less the method's virtual tokens (prompt and prefix tuning).
+    /// Maximum tokens per example (prompt + completion, special tokens included). Within the
+    /// model's context (config.json `max_position_embeddings`, GPT-2's `n_positions`) less the
+    /// method's virtual tokens (prompt and prefix tuning): a longer value is refused; the
+    /// default, 512, is cut to a shorter context.
     #[serde(default = "default_max_seq_len")]
     pub max_seq_len: usize,
     /// What to do with an example longer than `max_seq_len`.
@@ -443,6 +445,55 @@ pub fn model_files(dir: &Path) -> Result<Vec<(String, PathBuf)>, String> {
 
 impl TrainConfig {
     /// Evaluation during training: `eval_steps` and what depends on it.
+    /// A written `max_seq_len` (+ the method's virtual tokens) past the model's context
+    /// (config.json `max_position_embeddings`, GPT-2's `n_positions`) is refused: peftpipe
+    /// never computes past it (transformers' RoPE would extrapolate; axolotl raises
+    /// `max_position_embeddings` with a warning), so such a value would be cut to the context.
+    /// The default (512) is cut to a shorter context as documented, and the run says so when
+    /// it cuts an example. With RoPE scaling (llama3, linear) `max_position_embeddings` is the
+    /// scaled context, as transformers defines it. A sliding window that is the context is
+    /// checked by the caller, naming its own key.
+    fn check_max_seq_len_against_context(
+        &self,
+        at: &str,
+        context: &super::probe::ModelContext,
+        problems: &mut Vec<Problem>,
+    ) {
+        if context.sliding_window.is_some() || self.max_seq_len == default_max_seq_len() {
+            return;
+        }
+        let positions = context.max_positions;
+        let virtual_positions = self.method.virtual_positions();
+        // Virtual tokens that take every position are the method check's to report.
+        if virtual_positions >= positions
+            || self.max_seq_len.saturating_add(virtual_positions) <= positions
+        {
+            return;
+        }
+        let virtual_text = if virtual_positions > 0 {
+            format!(" (+ {virtual_positions} virtual tokens)")
+        } else {
+            String::new()
+        };
+        problems.push(
+            Problem::new(
+                format!("{at}.max_seq_len"),
+                format!(
+                    "{}{virtual_text} is longer than the model's context (config.json `{}` {positions}): peftpipe never computes past it, so every example would be cut to {}",
+                    self.max_seq_len,
+                    context.positions_key,
+                    positions - virtual_positions
+                ),
+            )
+            .about_value()
+            .with_hint(format!(
+                "use max_seq_len: {} or less (left out, the default {} is cut to the model's context)",
+                positions - virtual_positions,
+                default_max_seq_len()
+            )),
+        );
+    }
+
     fn check_evaluation(&self, cx: &CheckContext<'_>, at: &str, problems: &mut Vec<Problem>) {
         let problem =
             |key: &str, message: String| Problem::new(format!("{at}.{key}"), message).about_value();
@@ -705,6 +756,7 @@ impl StageSpec for TrainConfig {
         }
         if let Some(context) = &facts.context {
             self.method.check_against_context(at, context, problems);
+            self.check_max_seq_len_against_context(at, context, problems);
             if let Some(window) = context.sliding_window {
                 let virtual_positions = self.method.virtual_positions();
                 let longest = self.max_seq_len.saturating_add(virtual_positions);
