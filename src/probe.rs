@@ -206,12 +206,14 @@ fn check_model_dir(dir: &Path) -> ModelFacts {
         kv_dim: config.kv_dim(),
         sliding_window: config.limiting_sliding_window(),
     });
+    // The safetensors headers, read once for the block sizes and the weight check.
+    let headers = model.read_headers();
     facts.stored_4bit = model.stored_quantization().map(|stored| Stored4bit {
         config_path: model.config_path().display().to_string(),
         quant_type: stored.quant_type.name().to_string(),
         double_quant: stored.double_quant,
         block_sizes: model
-            .stored_block_sizes()
+            .stored_block_sizes_in(&headers)
             .into_iter()
             .map(|(size, (tensor, file))| StoredBlocks {
                 size,
@@ -220,7 +222,7 @@ fn check_model_dir(dir: &Path) -> ModelFacts {
             })
             .collect(),
     });
-    let weight_problems = model.check_weights();
+    let weight_problems = model.check_weights_in(headers);
     let weights_agree = weight_problems.is_empty();
     facts
         .problems

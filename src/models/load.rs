@@ -449,6 +449,14 @@ fn file_name(path: &Path) -> String {
     )
 }
 
+/// The safetensors headers of a model's weight files ([`ModelDir::read_headers`]): every tensor
+/// of the files that read, and a problem per file that did not (or a tensor stored twice).
+#[derive(Debug, Default)]
+pub struct StoredHeaders {
+    tensors: BTreeMap<String, TensorInfo>,
+    problems: Vec<ModelError>,
+}
+
 /// An opened Hugging Face model directory (config parsed, weight files located; no weights read).
 #[derive(Debug, Clone)]
 pub struct ModelDir {
@@ -680,14 +688,23 @@ impl ModelDir {
     /// 16-bit checkpoint or when the headers cannot be read (the weight check says why). A weight
     /// whose sizes pin no single power of two is left out (loading it says what is wrong).
     pub fn stored_block_sizes(&self) -> BTreeMap<usize, (String, PathBuf)> {
-        let mut sizes = BTreeMap::new();
         if self.stored_quantization.is_none() {
+            return BTreeMap::new();
+        }
+        self.stored_block_sizes_in(&self.read_headers())
+    }
+
+    /// [`Self::stored_block_sizes`] from headers already read ([`Self::read_headers`]).
+    pub fn stored_block_sizes_in(
+        &self,
+        headers: &StoredHeaders,
+    ) -> BTreeMap<usize, (String, PathBuf)> {
+        let mut sizes = BTreeMap::new();
+        if self.stored_quantization.is_none() || !headers.problems.is_empty() {
             return sizes;
         }
-        let Ok(tensors) = self.tensor_infos() else {
-            return sizes;
-        };
-        for (name, absmax) in &tensors {
+        let tensors = &headers.tensors;
+        for (name, absmax) in tensors {
             let Some(weight_name) = name.strip_suffix(".absmax") else {
                 continue;
             };
@@ -724,15 +741,30 @@ impl ModelDir {
     /// every problem found (tensor problems past the first few are counted in one more); empty
     /// when the model will load. Work is bounded by the headers, not by config.json's numbers.
     pub fn check_weights(&self) -> Vec<ModelError> {
-        let mut problems = Vec::new();
-        let mut stored = BTreeMap::new();
+        self.check_weights_in(self.read_headers())
+    }
+
+    /// Every weight file's safetensors header, each read once (for callers that ask both
+    /// [`Self::stored_block_sizes_in`] and [`Self::check_weights_in`], as `validate` does).
+    pub fn read_headers(&self) -> StoredHeaders {
+        let mut headers = StoredHeaders::default();
         for file in &self.weight_files {
-            match read_safetensors_header(file).and_then(|tensors| add_shard(&mut stored, tensors))
+            if let Err(error) = read_safetensors_header(file)
+                .and_then(|tensors| add_shard(&mut headers.tensors, tensors))
             {
-                Ok(()) => {}
-                Err(error) => problems.push(error),
+                headers.problems.push(error);
             }
         }
+        headers
+    }
+
+    /// [`Self::check_weights`] from headers already read ([`Self::read_headers`]).
+    pub fn check_weights_in(&self, headers: StoredHeaders) -> Vec<ModelError> {
+        let StoredHeaders {
+            tensors: stored,
+            problems,
+        } = headers;
+        let mut problems = problems;
         if !problems.is_empty() {
             return problems;
         }
