@@ -229,8 +229,9 @@ pub fn template_references(source: &str) -> Vec<TemplateReference> {
     found
 }
 
-/// Where `close` occurs in `text`, not counting occurrences inside string literals (comments
-/// have no strings).
+/// Where `close` (ASCII) occurs in `text`, not counting occurrences inside string literals
+/// (comments have no strings). Scans bytes: an index inside a character of several bytes is
+/// never sliced at, and a match of `close` is always at a character boundary.
 fn find_outside_strings(text: &str, close: &str, comment: bool) -> Option<usize> {
     if comment {
         return text.find(close);
@@ -251,7 +252,7 @@ fn find_outside_strings(text: &str, close: &str, comment: bool) -> Option<usize>
             None => {
                 if byte == b'"' || byte == b'\'' {
                     quote = Some(byte);
-                } else if text[index..].starts_with(close) {
+                } else if bytes[index..].starts_with(close.as_bytes()) {
                     return Some(index);
                 }
             }
@@ -391,6 +392,24 @@ mod tests {
             panic!("no span in {error}")
         };
         assert_eq!(source.get(range).map(str::trim), Some("txet"));
+    }
+
+    /// A tag holding characters of several bytes is scanned byte by byte without slicing inside
+    /// one (the loader panicked on `{{ Āl }}`, found by tests/fuzz_props.rs).
+    #[test]
+    fn tags_with_multibyte_characters_are_scanned() {
+        for source in [
+            "{{ Āl }}",
+            "{% include 'Ā.j2' %}{{ x Ā }}",
+            "{# Ā #}{{ 'Ā' }}",
+            "{{ Ā",
+        ] {
+            let _ = template_references(source);
+        }
+        assert_eq!(
+            template_references("{{ Ā }}{% include 'é.j2' %}"),
+            vec![TemplateReference::Literal(vec!["é.j2".to_string()])]
+        );
     }
 
     #[test]
