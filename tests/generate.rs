@@ -567,20 +567,7 @@ fn generate_json_failures_print_the_problem_object() {
 #[test]
 fn generation_stopped_by_a_sliding_window_names_the_key() {
     let dir = tempfile::tempdir().unwrap();
-    let model = dir.path().join("model");
-    std::fs::create_dir(&model).unwrap();
-    let source = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("datasets/quickstart/model");
-    for entry in std::fs::read_dir(&source).unwrap() {
-        let entry = entry.unwrap();
-        std::fs::copy(entry.path(), model.join(entry.file_name())).unwrap();
-    }
-    let config_path = model.join("config.json");
-    let mut config: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&config_path).unwrap()).unwrap();
-    config["model_type"] = "mistral".into();
-    config["architectures"] = serde_json::json!(["MistralForCausalLM"]);
-    config["sliding_window"] = 16.into();
-    std::fs::write(&config_path, config.to_string()).unwrap();
+    let model = support::quickstart_model_in(dir.path(), |config| support::as_mistral(config, 16));
     let run = |json: bool| {
         let mut command = peftpipe();
         if json {
@@ -624,8 +611,9 @@ fn generation_stopped_by_a_sliding_window_names_the_key() {
     );
 
     // Without a window the limit is max_position_embeddings, said as such, and no note.
-    config["sliding_window"] = serde_json::Value::Null;
-    std::fs::write(&config_path, config.to_string()).unwrap();
+    support::edit_config(&model, |config| {
+        config["sliding_window"] = serde_json::Value::Null;
+    });
     let output = run(true);
     let json: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
     assert_eq!(json["notes"], serde_json::json!([]), "{json}");

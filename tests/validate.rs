@@ -2,6 +2,8 @@
 //! tests/fixtures/invalid/ exits 2 with its rendered problems snapshotted (insta, absolute paths
 //! redacted); valid fixtures exit 0; `--json`, several files and `--set` behave.
 
+mod support;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
@@ -806,20 +808,8 @@ fn a_typed_csv_cell_that_cannot_be_read_is_found_by_validate() {
 fn a_max_seq_len_past_the_sliding_window_is_refused() {
     let project = tempfile::tempdir().unwrap();
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let model = project.path().join("model");
-    std::fs::create_dir(&model).unwrap();
-    let source = root.join("datasets/quickstart/model");
-    for entry in std::fs::read_dir(&source).unwrap() {
-        let entry = entry.unwrap();
-        std::fs::copy(entry.path(), model.join(entry.file_name())).unwrap();
-    }
-    let config_path = model.join("config.json");
-    let mut config: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&config_path).unwrap()).unwrap();
-    config["model_type"] = "mistral".into();
-    config["architectures"] = serde_json::json!(["MistralForCausalLM"]);
-    config["sliding_window"] = 32.into();
-    std::fs::write(&config_path, config.to_string()).unwrap();
+    // The pipeline names it as `model`, beside itself.
+    support::quickstart_model_in(project.path(), |config| support::as_mistral(config, 32));
     let pipeline = |max_seq_len: usize| {
         format!(
             r#"name: window
@@ -877,12 +867,7 @@ stages:
 fn a_max_seq_len_past_max_position_embeddings_is_refused() {
     let project = tempfile::tempdir().unwrap();
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let model = project.path().join("model");
-    std::fs::create_dir(&model).unwrap();
-    for entry in std::fs::read_dir(root.join("datasets/quickstart/model")).unwrap() {
-        let entry = entry.unwrap();
-        std::fs::copy(entry.path(), model.join(entry.file_name())).unwrap();
-    }
+    let model = support::quickstart_model_in(project.path(), |_| {});
     let pipeline = |train: &str| {
         format!(
             r#"name: context
@@ -944,14 +929,12 @@ stages:
         assert_eq!(code, Some(0), "{fits}: {stderr}");
     }
     // llama3 RoPE scaling: the context is max_position_embeddings (128), not the original 32.
-    let config_path = model.join("config.json");
-    let mut config: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&config_path).unwrap()).unwrap();
-    config["rope_scaling"] = serde_json::json!({
-        "rope_type": "llama3", "factor": 4.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-        "original_max_position_embeddings": 32
+    support::edit_config(&model, |config| {
+        config["rope_scaling"] = serde_json::json!({
+            "rope_type": "llama3", "factor": 4.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 32
+        });
     });
-    std::fs::write(&config_path, config.to_string()).unwrap();
     let (code, stderr) = validate(&format!("{lora}\n      max_seq_len: 100"));
     assert_eq!(code, Some(0), "{stderr}");
     let (code, stderr) = validate(&format!("{lora}\n      max_seq_len: 129"));

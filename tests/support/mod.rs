@@ -32,6 +32,36 @@ pub fn peftpipe() -> Command {
     Command::new(env!("CARGO_BIN_EXE_peftpipe"))
 }
 
+/// The repository's quickstart model (`datasets/quickstart/model`) copied into `dir/model`, its
+/// config.json edited by `edit`; returns the folder.
+pub fn quickstart_model_in(dir: &Path, edit: impl FnOnce(&mut serde_json::Value)) -> PathBuf {
+    let model = dir.join("model");
+    std::fs::create_dir(&model).unwrap();
+    let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("datasets/quickstart/model");
+    for entry in std::fs::read_dir(&source).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), model.join(entry.file_name())).unwrap();
+    }
+    edit_config(&model, edit);
+    model
+}
+
+/// `model`'s config.json rewritten with `edit` applied.
+pub fn edit_config(model: &Path, edit: impl FnOnce(&mut serde_json::Value)) {
+    let config_path = model.join("config.json");
+    let mut config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&config_path).unwrap()).unwrap();
+    edit(&mut config);
+    std::fs::write(&config_path, config.to_string()).unwrap();
+}
+
+/// A Mistral config (`sliding_window` set) over the quickstart model's weights.
+pub fn as_mistral(config: &mut serde_json::Value, sliding_window: usize) {
+    config["model_type"] = "mistral".into();
+    config["architectures"] = serde_json::json!(["MistralForCausalLM"]);
+    config["sliding_window"] = sliding_window.into();
+}
+
 /// `peftpipe generate MODEL --adapter ADAPTER --prompt Once --max-new-tokens 2 --device cpu`:
 /// a short generation, for tests of whether it runs (and of its error) over an adapter.
 pub fn generate_two_tokens(model: &Path, adapter: &Path) -> std::process::Output {

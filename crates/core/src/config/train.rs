@@ -470,11 +470,7 @@ impl TrainConfig {
         {
             return;
         }
-        let virtual_text = if virtual_positions > 0 {
-            format!(" (+ {virtual_positions} virtual tokens)")
-        } else {
-            String::new()
-        };
+        let virtual_text = virtual_tokens_text(virtual_positions);
         problems.push(
             Problem::new(
                 format!("{at}.max_seq_len"),
@@ -761,11 +757,7 @@ impl StageSpec for TrainConfig {
                 let virtual_positions = self.method.virtual_positions();
                 let longest = self.max_seq_len.saturating_add(virtual_positions);
                 if longest > window {
-                    let virtual_text = if virtual_positions > 0 {
-                        format!(" (+ {virtual_positions} virtual tokens)")
-                    } else {
-                        String::new()
-                    };
+                    let virtual_text = virtual_tokens_text(virtual_positions);
                     problems.push(
                         Problem::new(
                             format!("{at}.max_seq_len"),
@@ -795,6 +787,15 @@ impl StageSpec for TrainConfig {
             ("device".to_string(), kind.to_string()),
             ("dtype".to_string(), self.dtype.resolve(kind).to_string()),
         ])
+    }
+}
+
+/// ` (+ N virtual tokens)` after a sequence length, or nothing without virtual tokens.
+fn virtual_tokens_text(virtual_positions: usize) -> String {
+    if virtual_positions > 0 {
+        format!(" (+ {virtual_positions} virtual tokens)")
+    } else {
+        String::new()
     }
 }
 
