@@ -43,7 +43,7 @@ use peftpipe::models::quantized::{
 use peftpipe::models::quantized_writer::state_dict;
 use peftpipe::models::{FrozenLinearFactory, Hooks, LinearFactory, ModelDir};
 use peftpipe::quant::{Absmax, QuantConfig, QuantType, QuantizedTensor};
-use support::{generate_two_tokens, peftpipe, shared_dir};
+use support::{generate_two_tokens, peftpipe, shared_dir, two_token_generation};
 
 type TestResult = Result<(), Box<dyn std::error::Error>>;
 
@@ -790,19 +790,8 @@ fn external_adapters_over_the_prequantized_checkpoint_score_as_its_train_stage()
         "{stderr}"
     );
     let generated_json = |model: &Path| -> Result<serde_json::Value, Box<dyn std::error::Error>> {
-        let output = peftpipe()
-            .args(["--json", "generate"])
-            .arg(model)
-            .arg("--adapter")
-            .arg(&adapter)
-            .args([
-                "--prompt",
-                "Once",
-                "--max-new-tokens",
-                "2",
-                "--device",
-                "cpu",
-            ])
+        let output = two_token_generation(model, &adapter)
+            .arg("--json")
             .output()?;
         assert!(
             output.status.success(),
@@ -1106,11 +1095,7 @@ fn a_4bit_weight_missing_part_of_its_state_is_named_by_the_header_check() -> Tes
     ] {
         let missing = format!("{q_proj}{part}");
         let dir = edited(&bnb, |dir| remove_tensor(dir, &missing))?;
-        let problems: Vec<String> = ModelDir::open(dir.path())?
-            .check_weights()
-            .iter()
-            .map(ToString::to_string)
-            .collect();
+        let problems = weight_problems(dir.path())?;
         eprintln!("without {part}: {problems:?}");
         let [problem] = problems.as_slice() else {
             panic!("{part}: expected one problem, got {problems:?}");
@@ -1521,11 +1506,7 @@ fn a_state_blocksize_that_is_not_the_absmax_count_is_refused_by_validate() -> Te
         // [64, 64] in blocks of 64: 64 absmax values; the state now says blocks of 128 (32).
         edit_state(&dir, q_proj, |state| state["blocksize"] = 128.into())?;
         let state = format!("{q_proj}.quant_state.bitsandbytes__nf4");
-        let problems: Vec<String> = ModelDir::open(&dir)?
-            .check_weights()
-            .iter()
-            .map(ToString::to_string)
-            .collect();
+        let problems = weight_problems(&dir)?;
         let [problem] = problems.as_slice() else {
             panic!("{name}: expected one problem, got {problems:?}");
         };
@@ -1567,11 +1548,7 @@ fn a_state_blocksize_that_is_not_the_absmax_count_is_refused_by_validate() -> Te
         state["blocksize"] = 64.into();
         state["nested_blocksize"] = 16.into();
     })?;
-    let problems: Vec<String> = ModelDir::open(&dir)?
-        .check_weights()
-        .iter()
-        .map(ToString::to_string)
-        .collect();
+    let problems = weight_problems(&dir)?;
     let [problem] = problems.as_slice() else {
         panic!("nested: expected one problem, got {problems:?}");
     };
@@ -1584,4 +1561,13 @@ fn a_state_blocksize_that_is_not_the_absmax_count_is_refused_by_validate() -> Te
         assert!(problem.contains(text), "nested: no `{text}` in: {problem}");
     }
     Ok(())
+}
+
+/// The header check's problems (`ModelDir::check_weights`) of the model folder `dir`, as text.
+fn weight_problems(dir: &Path) -> Result<Vec<String>, Box<dyn std::error::Error>> {
+    Ok(ModelDir::open(dir)?
+        .check_weights()
+        .iter()
+        .map(ToString::to_string)
+        .collect())
 }

@@ -811,29 +811,9 @@ fn a_max_seq_len_past_the_sliding_window_is_refused() {
     // The pipeline names it as `model`, beside itself.
     support::quickstart_model_in(project.path(), |config| support::as_mistral(config, 32));
     let pipeline = |max_seq_len: usize| {
-        format!(
-            r#"name: window
-stages:
-  data:
-    ingest:
-      path: {}
-      columns: [text, label]
-      split: {{fractions: {{train: 0.8, eval: 0.2}}}}
-  prompts:
-    template:
-      input: data
-      prompt: "review: {{{{ text }}}}\nsentiment:"
-      completion: " {{{{ label }}}}"
-  train:
-    train:
-      data: prompts
-      model: model
-      method: {{lora: {{r: 4}}}}
-      max_steps: 1
-      max_seq_len: {max_seq_len}
-      device: cpu
-"#,
-            root.join("datasets/quickstart/reviews.parquet").display()
+        quickstart_train_pipeline(
+            root,
+            &format!("method: {{lora: {{r: 4}}}}\n      max_seq_len: {max_seq_len}"),
         )
     };
     std::fs::write(project.path().join("p.yaml"), pipeline(48)).unwrap();
@@ -868,31 +848,7 @@ fn a_max_seq_len_past_max_position_embeddings_is_refused() {
     let project = tempfile::tempdir().unwrap();
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let model = support::quickstart_model_in(project.path(), |_| {});
-    let pipeline = |train: &str| {
-        format!(
-            r#"name: context
-stages:
-  data:
-    ingest:
-      path: {}
-      columns: [text, label]
-      split: {{fractions: {{train: 0.8, eval: 0.2}}}}
-  prompts:
-    template:
-      input: data
-      prompt: "review: {{{{ text }}}}\nsentiment:"
-      completion: " {{{{ label }}}}"
-  train:
-    train:
-      data: prompts
-      model: model
-      max_steps: 1
-      device: cpu
-      {train}
-"#,
-            root.join("datasets/quickstart/reviews.parquet").display()
-        )
-    };
+    let pipeline = |train: &str| quickstart_train_pipeline(root, train);
     let validate = |train: &str| {
         std::fs::write(project.path().join("p.yaml"), pipeline(train)).unwrap();
         let output = peftpipe(
@@ -940,4 +896,32 @@ stages:
     let (code, stderr) = validate(&format!("{lora}\n      max_seq_len: 129"));
     assert_eq!(code, Some(2), "{stderr}");
     assert!(stderr.contains("`max_position_embeddings` 128"), "{stderr}");
+}
+
+/// A pipeline training the folder `model` beside it one step on the quickstart reviews, with
+/// `train` (more keys of the train stage, indented as one) added.
+fn quickstart_train_pipeline(root: &Path, train: &str) -> String {
+    format!(
+        r#"name: context
+stages:
+  data:
+    ingest:
+      path: {}
+      columns: [text, label]
+      split: {{fractions: {{train: 0.8, eval: 0.2}}}}
+  prompts:
+    template:
+      input: data
+      prompt: "review: {{{{ text }}}}\nsentiment:"
+      completion: " {{{{ label }}}}"
+  train:
+    train:
+      data: prompts
+      model: model
+      max_steps: 1
+      device: cpu
+      {train}
+"#,
+        root.join("datasets/quickstart/reviews.parquet").display()
+    )
 }

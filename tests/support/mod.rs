@@ -65,7 +65,15 @@ pub fn as_mistral(config: &mut serde_json::Value, sliding_window: usize) {
 /// `peftpipe generate MODEL --adapter ADAPTER --prompt Once --max-new-tokens 2 --device cpu`:
 /// a short generation, for tests of whether it runs (and of its error) over an adapter.
 pub fn generate_two_tokens(model: &Path, adapter: &Path) -> std::process::Output {
-    peftpipe()
+    two_token_generation(model, adapter)
+        .output()
+        .expect("running peftpipe generate")
+}
+
+/// The command [`generate_two_tokens`] runs, for callers that add options (`--json`).
+pub fn two_token_generation(model: &Path, adapter: &Path) -> Command {
+    let mut command = peftpipe();
+    command
         .arg("generate")
         .arg(model)
         .arg("--adapter")
@@ -77,9 +85,8 @@ pub fn generate_two_tokens(model: &Path, adapter: &Path) -> std::process::Output
             "2",
             "--device",
             "cpu",
-        ])
-        .output()
-        .expect("running peftpipe generate")
+        ]);
+    command
 }
 
 /// config.json of the tiny Llama: 2 layers, hidden 16, GQA 4/2 heads, vocabulary 40, untied head.
