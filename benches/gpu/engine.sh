@@ -45,6 +45,11 @@
 #            vs one thread (`bench quantize`: QLoRA's quantize-at-load, the quantized export)
 #   8b       Llama-3.1-8B shape: peftpipe at 1x1024 and 1x4096 (off/on) and 1x16384 (on); PEFT (bf16
 #            adapters) and Unsloth at 1x4096
+#   floor    issue 10's bound: benches/gpu/floor.py (the frozen base's GEMMs, attention and the 4-bit
+#            dequantization a bf16 QLoRA step must do, timed with PyTorch's cuBLAS, SDPA and
+#            bitsandbytes kernels) at 8B 1x4096 and 1B 8x512, beside peftpipe's and Unsloth's QLoRA
+#            steps at both shapes (FLOOR_SHAPES=8b or 1b for one; FLOOR_ARGS=--fp8 adds FP8 GEMMs;
+#            FLOOR_ONLY=1 skips the training runs)
 # Every figure is LoRA r16 alpha 32 on all seven linears of a random-init model, bf16 base, AdamW.
 set -uo pipefail
 MODE=${1:-1b}
@@ -184,6 +189,22 @@ PY
       --method "qlora: {r: 16, alpha: 32, target_modules: all-linear}" --peak-tflops 989 2>&1 | grep -v "^RESULT" | tee "$OUT/peftpipe-qlora-8b.txt"
     echo "== QLoRA anchors 8B, same host, 1x4096"
     ANCHOR_SHAPE=8b anchors peft_qlora,unsloth_qlora 1 4096 300 | tee "$OUT/anchors-qlora-8b.txt"
+    ;;
+  floor)
+    for F in ${FLOOR_SHAPES:-8b 1b}; do
+      echo "== floor $F"
+      timeout 150 python3 benches/gpu/floor.py --shape "$F" ${FLOOR_ARGS:-} --json "$OUT/floor-$F.json" 2>&1 \
+        | grep -vE "Warning|warn" | tee "$OUT/floor-$F.txt"
+      [ -n "${FLOOR_ONLY:-}" ] && continue
+      if [ "$F" = 8b ]; then C=gpu-run/llama-3.1-8b.config.json S=1x4096 B=1 T=4096
+      else C=gpu-run/llama-3.2-1b.config.json S=8x512 B=8 T=512; fi
+      echo "== peftpipe QLoRA $F $S"
+      timeout 200 "$BIN" bench train --config "$C" --device cuda --shapes "$S" --checkpointing off --steps 5 \
+        --warmup 2 --method "qlora: {r: 16, alpha: 32, target_modules: all-linear}" --peak-tflops 989 2>&1 \
+        | grep -v "^RESULT" | tee "$OUT/peftpipe-qlora-$F.txt"
+      echo "== Unsloth QLoRA $F, same host, $S"
+      ANCHOR_SHAPE=$F anchors unsloth_qlora $B $T 200 | tee "$OUT/anchors-qlora-$F.txt"
+    done
     ;;
   qlora-8b-u)
     # The 8B QLoRA row beside Unsloth's QLoRA only (the shorter call: PEFT + bitsandbytes at this
