@@ -178,25 +178,34 @@ fn rope_with_llama3_scaling_matches_the_cpu_reference() -> Result<()> {
     Ok(())
 }
 
+/// With a bias the update is accumulated into the frozen output (a rank-r GEMM, `β = 1`);
+/// without one, on CUDA, the frozen product is added into the update by its own GEMM
+/// (`FrozenMap::accumulates`, `PEFTPIPE_UNFUSED=base_accumulate` switches it off).
 #[test]
 fn low_rank_linear_matches_the_cpu_reference() -> Result<()> {
     let Some(gpu) = gpu() else { return Ok(()) };
     // A scale that is not a power of two: on CUDA it rides on cuBLAS's α (rounded once).
     let scale = 1.7;
-    for dtype in [DType::BF16, DType::F32] {
-        let weight = random(&[48, 64], 0.1)?;
-        let bias = random(&[48], 0.1)?;
-        let x = random(&[3, 5, 64], 1.0)?;
-        let a = random(&[8, 64], 0.2)?;
-        let b = random(&[48, 8], 0.2)?;
-        compare("low_rank_linear", &gpu, dtype, &[x, a, b], &|t| {
-            let device = t[0].device();
-            let base = std::sync::Arc::new(ops::DenseMap {
-                weight: weight.to_device(device)?.to_dtype(t[0].dtype())?,
-                bias: Some(bias.to_device(device)?.to_dtype(t[0].dtype())?),
-            });
-            ops::low_rank_linear(&t[0], base, (&t[1], &t[2]).into(), scale, None)
-        })?;
+    for with_bias in [true, false] {
+        for dtype in [DType::BF16, DType::F32] {
+            let weight = random(&[48, 64], 0.1)?;
+            let bias = random(&[48], 0.1)?;
+            let x = random(&[3, 5, 64], 1.0)?;
+            let a = random(&[8, 64], 0.2)?;
+            let b = random(&[48, 8], 0.2)?;
+            let name = format!("low_rank_linear (bias: {with_bias})");
+            compare(&name, &gpu, dtype, &[x, a, b], &|t| {
+                let device = t[0].device();
+                let bias = with_bias
+                    .then(|| bias.to_device(device)?.to_dtype(t[0].dtype()))
+                    .transpose()?;
+                let base = std::sync::Arc::new(ops::DenseMap {
+                    weight: weight.to_device(device)?.to_dtype(t[0].dtype())?,
+                    bias,
+                });
+                ops::low_rank_linear(&t[0], base, (&t[1], &t[2]).into(), scale, None)
+            })?;
+        }
     }
     // f32 factors over a bf16 input (the trainer's case): A's and B's gradients come out in f32.
     let (weight, x) = (random(&[48, 64], 0.1)?, random(&[3, 5, 64], 1.0)?);

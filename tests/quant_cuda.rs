@@ -137,6 +137,70 @@ fn quantized_linear_forward_and_input_gradient_match_the_cpu() -> Result<()> {
     Ok(())
 }
 
+/// QLoRA's layer: `ops::low_rank_linear` over a 4-bit base (`models::QuantizedLinearWeights` as
+/// the frozen map). With more rows than the fused kernel takes, the CUDA path writes the update
+/// first and adds the dequantized product into it inside cuBLAS (`FrozenMap::accumulates`); the
+/// output and the gradients of `x`, `A` and `B` must match the CPU's composition in f32.
+#[test]
+fn low_rank_linear_over_a_4_bit_base_matches_the_cpu() -> Result<()> {
+    let Some(device) = gpu() else { return Ok(()) };
+    let (out_features, in_features, rank) = (192, 256, 16);
+    let weight = random(&[out_features, in_features], 0.02)?;
+    let quantized = QuantizedTensor::from_tensor(&weight, &QuantConfig::default())?;
+    let (a, b) = (
+        random(&[rank, in_features], 0.1)?,
+        random(&[out_features, rank], 0.1)?,
+    );
+    // 2 × 70 rows: above FUSED_MAX_ROWS, so the dequantize + cuBLAS path.
+    let x = random(&[2, 70, in_features], 1.0)?;
+    let upstream = random(&[2, 70, out_features], 1.0)?;
+    let run = |device: &Device, dtype: DType| -> Result<Vec<Vec<f32>>> {
+        let base = peftpipe::models::QuantizedLinearWeights {
+            weight: QuantizedWeight::new(&quantized, device)?,
+            bias: None,
+            compute_dtype: dtype,
+        };
+        let rows = 2 * 70;
+        eprintln!(
+            "{device:?} {dtype:?}: the base accumulates into the update: {}",
+            peftpipe::ops::FrozenMap::accumulates(&base, rows, dtype)
+        );
+        let x = Var::from_tensor(&x.to_dtype(dtype)?.to_device(device)?)?;
+        let (a, b) = (
+            Var::from_tensor(&a.to_device(device)?)?,
+            Var::from_tensor(&b.to_device(device)?)?,
+        );
+        let y = peftpipe::ops::low_rank_linear(
+            x.as_tensor(),
+            std::sync::Arc::new(base),
+            (a.as_tensor(), b.as_tensor()).into(),
+            2.0,
+            None,
+        )?;
+        let loss = (y.to_dtype(DType::F32)? * upstream.to_device(device)?)?.sum_all()?;
+        let grads = loss.backward()?;
+        let mut out = vec![values(&y)?];
+        for v in [x.as_tensor(), a.as_tensor(), b.as_tensor()] {
+            out.push(values(grads.get(v).expect("every input has a gradient"))?);
+        }
+        Ok(out)
+    };
+    let reference = run(&Device::Cpu, DType::F32)?;
+    for (dtype, tolerance) in [(DType::F32, 1e-4f32), (DType::BF16, 3e-2)] {
+        let got = run(&device, dtype)?;
+        for (name, (want, got)) in ["forward", "dx", "dA", "dB"]
+            .iter()
+            .zip(reference.iter().zip(&got))
+        {
+            all_finite(name, got);
+            let error = max_relative(want, got);
+            eprintln!("{dtype:?} {name}: max rel |Δ| {error:e}");
+            assert!(error <= tolerance, "{dtype:?} {name}: {error}");
+        }
+    }
+    Ok(())
+}
+
 #[test]
 fn an_eval_forward_on_the_gpu_builds_no_graph() -> Result<()> {
     let Some(device) = gpu() else { return Ok(()) };

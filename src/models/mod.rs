@@ -142,6 +142,21 @@ impl crate::ops::FrozenMap for QuantizedLinearWeights {
             .matmul(&w)?
             .to_dtype(dy.dtype())
     }
+
+    /// Without a bias, computing in the input's dtype, on the dequantize + cuBLAS path.
+    fn accumulates(&self, rows: usize, dtype: DType) -> bool {
+        self.bias.is_none()
+            && self.compute_dtype == dtype
+            && crate::quant::accumulates_into(&self.weight, rows, dtype)
+    }
+
+    fn forward_into(&self, x: &Tensor, c: &Tensor) -> Result<()> {
+        crate::quant::quantized_linear_accumulate(x, &self.weight, c, false)
+    }
+
+    fn input_grad_into(&self, dy: &Tensor, c: &Tensor) -> Result<()> {
+        crate::quant::quantized_linear_accumulate(dy, &self.weight, c, true)
+    }
 }
 
 /// Builds each linear layer of a model. `path` is the module path as Hugging Face names it,

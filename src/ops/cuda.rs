@@ -31,7 +31,7 @@ const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/peftpipe_kernels.ptx")
 const MODULE: &str = "peftpipe";
 
 /// The fused kernels, by the names `PEFTPIPE_UNFUSED` takes.
-pub const KERNELS: [&str; 14] = [
+pub const KERNELS: [&str; 15] = [
     "rms_norm",
     "layer_norm",
     "rope",
@@ -56,6 +56,10 @@ pub const KERNELS: [&str; 14] = [
     // SwiGLU's backward and the A gradient of the down projection's low-rank update in one
     // kernel, which never recomputes the product into memory ([`swiglu_backward_lora`]).
     "swiglu_lora",
+    // A low-rank adapted linear's frozen product added by its own GEMM (`β = 1`) into the
+    // update written first, instead of the update accumulated into the frozen output by a rank-r
+    // GEMM that reads and writes it again ([`crate::ops::FrozenMap::accumulates`]).
+    "base_accumulate",
 ];
 
 /// Whether the fused kernel `kernel` (one of [`KERNELS`]) is used: yes unless `PEFTPIPE_FUSED=0`

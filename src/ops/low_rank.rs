@@ -36,6 +36,27 @@ pub trait FrozenMap: Send + Sync {
     /// The input gradient `dy·∂f/∂x` for `dy [rows, out]`: a fresh `[rows, in]` tensor (it is
     /// accumulated into in place).
     fn input_grad(&self, dy: &Tensor) -> Result<Tensor>;
+
+    /// Whether [`Self::forward_into`] and [`Self::input_grad_into`] run for `rows` rows of
+    /// `dtype`: the low-rank update is then written first and this map's product added into it
+    /// inside its own GEMM (cuBLAS `β = 1`, whose read of the update rides on a compute-bound
+    /// product), instead of a rank-`r` GEMM reading and writing the full-size output again.
+    /// Default: no.
+    fn accumulates(&self, _rows: usize, _dtype: DType) -> bool {
+        false
+    }
+
+    /// `c += f(x)` in place for a detached, contiguous `x [rows, in]` and `c [rows, out]` (fresh,
+    /// read by nothing else). Only called where [`Self::accumulates`] said yes.
+    fn forward_into(&self, _x: &Tensor, _c: &Tensor) -> Result<()> {
+        bail!("this frozen map cannot accumulate its product into a tensor")
+    }
+
+    /// `c += dy·∂f/∂x` in place for `dy [rows, out]` and `c [rows, in]` (fresh, read by nothing
+    /// else). Only called where [`Self::accumulates`] said yes.
+    fn input_grad_into(&self, _dy: &Tensor, _c: &Tensor) -> Result<()> {
+        bail!("this frozen map cannot accumulate its input gradient into a tensor")
+    }
 }
 
 /// `f(x) = x·Wᵀ (+ b)` with a frozen `W [out, in]` and bias `[out]`.
@@ -55,6 +76,47 @@ impl FrozenMap for DenseMap {
 
     fn input_grad(&self, dy: &Tensor) -> Result<Tensor> {
         dy.matmul(&self.weight)
+    }
+
+    /// On CUDA, without a bias, for a contiguous weight of the input's dtype.
+    fn accumulates(&self, _rows: usize, dtype: DType) -> bool {
+        #[cfg(feature = "cuda")]
+        {
+            self.bias.is_none()
+                && self.weight.dtype() == dtype
+                && self.weight.is_contiguous()
+                && super::cuda::applies("base_accumulate", &self.weight)
+                && super::cuda::enabled("lora_gemm")
+        }
+        #[cfg(not(feature = "cuda"))]
+        {
+            let _ = dtype;
+            false
+        }
+    }
+
+    fn forward_into(&self, x: &Tensor, c: &Tensor) -> Result<()> {
+        #[cfg(feature = "cuda")]
+        {
+            super::cuda::gemm_accumulate(c, x, &self.weight, true, 1.0)
+        }
+        #[cfg(not(feature = "cuda"))]
+        {
+            let _ = (x, c);
+            bail!("DenseMap::forward_into: CUDA only")
+        }
+    }
+
+    fn input_grad_into(&self, dy: &Tensor, c: &Tensor) -> Result<()> {
+        #[cfg(feature = "cuda")]
+        {
+            super::cuda::gemm_accumulate(c, dy, &self.weight, false, 1.0)
+        }
+        #[cfg(not(feature = "cuda"))]
+        {
+            let _ = (dy, c);
+            bail!("DenseMap::input_grad_into: CUDA only")
+        }
     }
 }
 
@@ -245,6 +307,12 @@ impl Plan {
             self.scale,
             input.dtype(),
         )?;
+        if self.base_accumulates(input.dtype()) {
+            // The update first (`β = 0`), the frozen product added into it by its own GEMM.
+            let y = product((&hidden, false), (&self.b, true), 1.0, input.dtype())?;
+            self.base.forward_into(input, &y)?;
+            return Ok((y, hidden));
+        }
         let y = accumulate(self.base.forward(input)?, &hidden, &self.b, true, 1.0)?;
         Ok((y, hidden))
     }
@@ -273,15 +341,30 @@ impl Plan {
             None
         };
         let gx = if need_x {
-            let dx = self.base.input_grad(&dy)?;
             Some(match &self.mask {
-                None => accumulate(dx, &t, &self.a, false, 1.0)?,
-                Some(mask) => dx.add(&t.matmul(&self.a)?.mul(mask)?)?,
+                None if self.base_accumulates(dy.dtype()) => {
+                    let dx = product((&t, false), (&self.a, false), 1.0, dy.dtype())?;
+                    self.base.input_grad_into(&dy, &dx)?;
+                    dx
+                }
+                None => accumulate(self.base.input_grad(&dy)?, &t, &self.a, false, 1.0)?,
+                Some(mask) => self
+                    .base
+                    .input_grad(&dy)?
+                    .add(&t.matmul(&self.a)?.mul(mask)?)?,
             })
         } else {
             None
         };
         Ok(((gx, ga, gb), t))
+    }
+
+    /// Whether the frozen map adds its product into the update's (see
+    /// [`FrozenMap::accumulates`]): the factors must be in `dtype` for the update's GEMMs.
+    fn base_accumulates(&self, dtype: DType) -> bool {
+        self.a.dtype() == dtype
+            && self.b.dtype() == dtype
+            && self.base.accumulates(self.rows, dtype)
     }
 
     /// `A`'s gradient `tᵀ·(input∘m)` in `dtype`.

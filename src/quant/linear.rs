@@ -469,6 +469,51 @@ impl CustomOp1 for QuantizedMatmul {
     }
 }
 
+/// Whether [`quantized_linear_accumulate`] runs for `rows` rows of `dtype`: on CUDA, bf16 or f32,
+/// where the product takes the dequantize + cuBLAS path (the fused kernel writes an output of its
+/// own), `ops`' accumulating GEMM switched on.
+pub fn accumulates_into(weight: &QuantizedWeight, rows: usize, dtype: DType) -> bool {
+    #[cfg(feature = "cuda")]
+    {
+        let op = QuantizedMatmul {
+            weight: weight.clone(),
+            gemm: QuantGemm::Auto,
+        };
+        weight.device().is_cuda()
+            && matches!(dtype, DType::BF16 | DType::F32)
+            && crate::ops::cuda::enabled("base_accumulate")
+            && crate::ops::cuda::enabled("lora_gemm")
+            && matches!(op.fused(dtype, rows), Ok(false))
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = (weight, rows, dtype);
+        false
+    }
+}
+
+/// `c += x·dequant(W)ᵀ` in place for `x [rows, in]` and `c [rows, out]`, or with
+/// `input_gradient` `c += x·dequant(W)` for `x = dy [rows, out]` and `c [rows, in]`: the weight
+/// dequantized to `x`'s dtype and the product added by cuBLAS (`β = 1`). `c` must be contiguous
+/// and read by nothing else. Only where [`accumulates_into`] said yes.
+pub fn quantized_linear_accumulate(
+    x: &Tensor,
+    weight: &QuantizedWeight,
+    c: &Tensor,
+    input_gradient: bool,
+) -> Result<()> {
+    #[cfg(feature = "cuda")]
+    {
+        let w = weight.dequantize(x.dtype())?;
+        crate::ops::cuda::gemm_accumulate(c, x, &w, !input_gradient, 1.0)
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = (x, weight, c, input_gradient);
+        bail!("quantized_linear_accumulate: CUDA only")
+    }
+}
+
 /// `y = x·dequant(W)ᵀ (+ b)` for `x [.., in]` (bf16, f16 or f32; the weight is dequantized to
 /// `x`'s dtype) and a frozen bias `[out]`; the gradient reaches `x` only. The GEMM path is
 /// [`QuantGemm::Auto`].

@@ -25,7 +25,8 @@ pub mod nf4;
 mod tensor;
 
 pub use linear::{
-    quantized_linear, quantized_linear_with, QuantGemm, QuantizedWeight, FUSED_MAX_ROWS,
+    accumulates_into, quantized_linear, quantized_linear_accumulate, quantized_linear_with,
+    QuantGemm, QuantizedWeight, FUSED_MAX_ROWS,
 };
 pub use nf4::QuantType;
 pub use tensor::{
