@@ -840,8 +840,8 @@ fn a_max_seq_len_past_the_sliding_window_is_refused() {
 /// `max_seq_len` above the model's context (config.json `max_position_embeddings`) was cut to
 /// it without a word: a written value peftpipe cannot honour (it never computes past the
 /// context, where transformers' RoPE would extrapolate) is refused, naming config.json's key
-/// and both numbers, with the method's virtual tokens counted; the default (512, cut to the
-/// context as documented) and a value within it pass. A RoPE-scaled (llama3) model's context
+/// and both numbers, with the method's virtual tokens counted (a written 512 too); the default
+/// (512 when the key is left out, cut to the context as documented) and a value within it pass. A RoPE-scaled (llama3) model's context
 /// is `max_position_embeddings`, as transformers defines it, not the `original_` one.
 #[test]
 fn a_max_seq_len_past_max_position_embeddings_is_refused() {
@@ -869,6 +869,13 @@ fn a_max_seq_len_past_max_position_embeddings_is_refused() {
     ] {
         assert!(stderr.contains(expected), "no `{expected}` in:\n{stderr}");
     }
+    // A written 512 is a value like any other (only leaving the key out means the default).
+    let (code, stderr) = validate(&format!("{lora}\n      max_seq_len: 512"));
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(
+        stderr.contains("512") && stderr.contains("use max_seq_len: 128 or less"),
+        "{stderr}"
+    );
     let prompt = "method: {prompt_tuning: {num_virtual_tokens: 8}}";
     let (code, stderr) = validate(&format!("{prompt}\n      max_seq_len: 128"));
     assert_eq!(code, Some(2), "{stderr}");

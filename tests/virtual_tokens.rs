@@ -35,7 +35,6 @@ stages:
       method: {method}
       batch_size: 2
       max_steps: 2
-      max_seq_len: 512
       add_eos: false
       device: cpu
   evaluate:

@@ -469,16 +469,16 @@ pub fn train_job(
     // A sliding window (Mistral, Qwen2) is the context only because peftpipe has no
     // sliding-window attention: a longer max_seq_len is refused (validate says so too), not cut.
     if let Some(window) = model_dir.config().limiting_sliding_window() {
-        if config.max_seq_len.saturating_add(virtual_positions) > window {
+        if config.max_seq_len().saturating_add(virtual_positions) > window {
             return Err(user(format!(
                 "max_seq_len {} (+ {virtual_positions} virtual tokens) is longer than the model's sliding window ({} `sliding_window` {window}): peftpipe has no sliding-window attention; use max_seq_len: {} or less",
-                config.max_seq_len,
+                config.max_seq_len(),
                 model_dir.config_path().display(),
                 window.saturating_sub(virtual_positions)
             )));
         }
     }
-    let max_length = config.max_seq_len.min(positions - virtual_positions);
+    let max_length = config.max_seq_len().min(positions - virtual_positions);
 
     // Data.
     let data_path = job.upstream_dir.join(format!("{}.parquet", config.split));
@@ -505,10 +505,10 @@ pub fn train_job(
     }
     if main_rank && (counts.truncated > 0 || counts.dropped > 0) {
         // Said where the run is watched, not only in summary.json (evaluate says it too).
-        let capped = if max_length < config.max_seq_len {
+        let capped = if max_length < config.max_seq_len() {
             format!(
                 " (max_seq_len {} is capped at the model's context: {max_length})",
-                config.max_seq_len
+                config.max_seq_len()
             )
         } else {
             String::new()

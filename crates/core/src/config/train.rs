@@ -92,8 +92,10 @@ pub struct TrainConfig {
     /// model's context (config.json `max_position_embeddings`, GPT-2's `n_positions`) less the
     /// method's virtual tokens (prompt and prefix tuning): a longer value is refused; the
     /// default, 512, is cut to a shorter context.
-    #[serde(default = "default_max_seq_len")]
-    pub max_seq_len: usize,
+    // `None`: left out, the default (a written 512 is checked like any other value).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(with = "usize", extend("default" = DEFAULT_MAX_SEQ_LEN))]
+    pub max_seq_len: Option<usize>,
     /// What to do with an example longer than `max_seq_len`.
     #[serde(default)]
     pub truncation: Truncation,
@@ -270,9 +272,8 @@ fn default_one() -> usize {
 fn default_epochs() -> u32 {
     1
 }
-fn default_max_seq_len() -> usize {
-    512
-}
+/// `max_seq_len` when the key is left out.
+pub const DEFAULT_MAX_SEQ_LEN: usize = 512;
 fn default_true() -> bool {
     true
 }
@@ -444,6 +445,11 @@ pub fn model_files(dir: &Path) -> Result<Vec<(String, PathBuf)>, String> {
 }
 
 impl TrainConfig {
+    /// Maximum tokens per example: the written `max_seq_len`, or the default (512).
+    pub fn max_seq_len(&self) -> usize {
+        self.max_seq_len.unwrap_or(DEFAULT_MAX_SEQ_LEN)
+    }
+
     /// Evaluation during training: `eval_steps` and what depends on it.
     /// A written `max_seq_len` (+ the method's virtual tokens) past the model's context
     /// (config.json `max_position_embeddings`, GPT-2's `n_positions`) is refused: peftpipe
@@ -459,14 +465,17 @@ impl TrainConfig {
         context: &super::probe::ModelContext,
         problems: &mut Vec<Problem>,
     ) {
-        if context.sliding_window.is_some() || self.max_seq_len == default_max_seq_len() {
+        let Some(max_seq_len) = self.max_seq_len else {
+            return;
+        };
+        if context.sliding_window.is_some() {
             return;
         }
         let positions = context.max_positions;
         let virtual_positions = self.method.virtual_positions();
         // Virtual tokens that take every position are the method check's to report.
         if virtual_positions >= positions
-            || self.max_seq_len.saturating_add(virtual_positions) <= positions
+            || max_seq_len.saturating_add(virtual_positions) <= positions
         {
             return;
         }
@@ -475,17 +484,15 @@ impl TrainConfig {
             Problem::new(
                 format!("{at}.max_seq_len"),
                 format!(
-                    "{}{virtual_text} is longer than the model's context (config.json `{}` {positions}): peftpipe never computes past it, so every example would be cut to {}",
-                    self.max_seq_len,
+                    "{max_seq_len}{virtual_text} is longer than the model's context (config.json `{}` {positions}): peftpipe never computes past it, so every example would be cut to {}",
                     context.positions_key,
                     positions - virtual_positions
                 ),
             )
             .about_value()
             .with_hint(format!(
-                "use max_seq_len: {} or less (left out, the default {} is cut to the model's context)",
+                "use max_seq_len: {} or less (left out, the default {DEFAULT_MAX_SEQ_LEN} is cut to the model's context)",
                 positions - virtual_positions,
-                default_max_seq_len()
             )),
         );
     }
@@ -692,7 +699,7 @@ impl StageSpec for TrainConfig {
         if self.max_steps == Some(0) {
             problems.push(problem("max_steps", "must be at least 1".into()));
         }
-        if self.max_seq_len < 2 {
+        if self.max_seq_len() < 2 {
             problems.push(problem("max_seq_len", "must be at least 2".into()));
         }
         if !(self.adam_epsilon > 0.0 && self.adam_epsilon.is_finite()) {
@@ -755,7 +762,7 @@ impl StageSpec for TrainConfig {
             self.check_max_seq_len_against_context(at, context, problems);
             if let Some(window) = context.sliding_window {
                 let virtual_positions = self.method.virtual_positions();
-                let longest = self.max_seq_len.saturating_add(virtual_positions);
+                let longest = self.max_seq_len().saturating_add(virtual_positions);
                 if longest > window {
                     let virtual_text = virtual_tokens_text(virtual_positions);
                     problems.push(
@@ -763,7 +770,7 @@ impl StageSpec for TrainConfig {
                             format!("{at}.max_seq_len"),
                             format!(
                                 "{}{virtual_text} is longer than the model's sliding window (config.json `sliding_window` {window}): peftpipe has no sliding-window attention, so a longer sequence would not be computed as transformers computes it",
-                                self.max_seq_len
+                                self.max_seq_len()
                             ),
                         )
                         .about_value()
@@ -891,7 +898,7 @@ mod tests {
         let config = parse("data: prompts\nmodel: models/x\n").unwrap();
         assert_eq!(config.method, MethodConfig::Lora(LoraConfig::default()));
         assert_eq!(
-            (config.batch_size, config.epochs, config.max_seq_len),
+            (config.batch_size, config.epochs, config.max_seq_len()),
             (4, 1, 512)
         );
         assert_eq!(config.truncation, Truncation::PromptLeft);
