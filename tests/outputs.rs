@@ -233,6 +233,57 @@ fn extra_file_in_a_published_folder_is_dirty() {
     run_and_compare_with_clean(&project);
 }
 
+/// Regression: `status` named only the first difference of a published folder. It names each
+/// (the first five, then how many more), so one look says what was deleted, edited or added.
+#[test]
+fn status_names_every_difference_of_a_published_folder() {
+    let (project, object) = ran();
+    let out = project.path(".peftpipe/out/reviews/data");
+    let names: Vec<String> = tree(&object).into_keys().collect();
+    assert!(names.len() >= 2, "{names:?}");
+    std::fs::remove_file(out.join(&names[0])).expect("delete");
+    project.write(".peftpipe/out/reviews/data/notes.txt", "mine");
+    assert_eq!(
+        status(&project, &[]),
+        format!(
+            "[DIRTY] data: published output .peftpipe/out/reviews/data changed ({} is missing, \
+             notes.txt is unexpected)\n[FRESH] prompts\n",
+            names[0]
+        )
+    );
+    for name in &names {
+        let _ = std::fs::remove_file(out.join(name));
+    }
+    for index in 0..4 {
+        project.write(&format!(".peftpipe/out/reviews/data/extra{index}.txt"), "x");
+    }
+    let mut expected: Vec<String> = names
+        .iter()
+        .map(|name| format!("{name} is missing"))
+        .collect();
+    expected.extend(
+        [
+            "extra0.txt",
+            "extra1.txt",
+            "extra2.txt",
+            "extra3.txt",
+            "notes.txt",
+        ]
+        .iter()
+        .map(|name| format!("{name} is unexpected")),
+    );
+    let more = expected.len() - 5;
+    assert_eq!(
+        status(&project, &[]),
+        format!(
+            "[DIRTY] data: published output .peftpipe/out/reviews/data changed ({}, and {more} \
+             more)\n[FRESH] prompts\n",
+            expected[..5].join(", ")
+        )
+    );
+    run_and_compare_with_clean(&project);
+}
+
 // ---------------------------------------------------------------------------------------------
 // A pipeline that trains (a few steps of the quickstart's tiny model), evaluates and exports
 // ---------------------------------------------------------------------------------------------

@@ -142,8 +142,9 @@ impl Manifest {
     /// Compare the files under `root` with this manifest: the same paths, the same sizes, and,
     /// when `digest_of` is given, the same blake3 (computed by it, e.g. through the size+mtime
     /// index). Without `digest_of` it only lists directories and reads metadata, so it is cheap
-    /// whatever the size of the files. `Ok(None)`: equal; `Ok(Some(detail))`: the first
-    /// difference (`adapter/a.bin has 3 bytes, expected 5`, `x is missing`, `y is unexpected`).
+    /// whatever the size of the files. `Ok(None)`: equal; `Ok(Some(detail))`: every difference,
+    /// the first [`DIFFERENCES_SHOWN`] named and the rest counted (`adapter/a.bin has 3 bytes,
+    /// expected 5, x is missing, y is unexpected, and 2 more`).
     pub fn compare_directory(
         &self,
         root: &Path,
@@ -161,36 +162,55 @@ impl Manifest {
         if let Some(problem) = list_sizes(root, root, &mut found)? {
             return Ok(Some(problem));
         }
+        let mut differences = Vec::new();
+        // Files whose size matches: only their content is left to compare.
+        let mut same_size = Vec::new();
         for entry in &self.files {
             match found.get(entry.path.as_str()) {
-                None => return Ok(Some(format!("{} is missing", entry.path))),
-                Some(size) if *size != entry.size => {
-                    return Ok(Some(format!(
-                        "{} has {size} bytes, expected {}",
-                        entry.path, entry.size
-                    )))
-                }
-                Some(_) => {}
+                None => differences.push(format!("{} is missing", entry.path)),
+                Some(size) if *size != entry.size => differences.push(format!(
+                    "{} has {size} bytes, expected {}",
+                    entry.path, entry.size
+                )),
+                Some(_) => same_size.push(entry),
             }
         }
         let expected: std::collections::BTreeSet<&str> =
             self.files.iter().map(|file| file.path.as_str()).collect();
-        if let Some(extra) = found.keys().find(|path| !expected.contains(path.as_str())) {
-            return Ok(Some(format!("{extra} is unexpected")));
-        }
+        differences.extend(
+            found
+                .keys()
+                .filter(|path| !expected.contains(path.as_str()))
+                .map(|extra| format!("{extra} is unexpected")),
+        );
         if let Some(digest_of) = digest_of {
-            for entry in &self.files {
+            for entry in same_size {
                 let path = entry
                     .path
                     .split('/')
                     .fold(root.to_path_buf(), |path, part| path.join(part));
                 if digest_of(&path)? != entry.blake3 {
-                    return Ok(Some(format!("{} content differs", entry.path)));
+                    differences.push(format!("{} content differs", entry.path));
                 }
             }
         }
-        Ok(None)
+        Ok(summarize_differences(&differences))
     }
+}
+
+/// How many differences [`Manifest::compare_directory`] names before it only counts the rest.
+pub const DIFFERENCES_SHOWN: usize = 5;
+
+/// The differences, joined: the first [`DIFFERENCES_SHOWN`], then how many more (None: none).
+fn summarize_differences(differences: &[String]) -> Option<String> {
+    if differences.is_empty() {
+        return None;
+    }
+    let shown = differences[..differences.len().min(DIFFERENCES_SHOWN)].join(", ");
+    Some(match differences.len().checked_sub(DIFFERENCES_SHOWN) {
+        Some(more) if more > 0 => format!("{shown}, and {more} more"),
+        _ => shown,
+    })
 }
 
 /// Relative path → size of every plain file under `dir` (what a manifest is made from and checked
