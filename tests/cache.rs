@@ -136,3 +136,64 @@ fn gc_of_a_pipeline_file_that_is_not_there_says_so() {
     assert_eq!(output.status.code(), Some(2), "{}", stderr(&output));
     assert_eq!(stderr(&output), "error: nonexistent.yaml: no such file\n");
 }
+
+/// Regression: two pipeline files of one project with the same `name:` shared the lock file and
+/// `.peftpipe/out/<name>/`: running the second replaced the first's published outputs and lock
+/// entries, and `status` of either reported the other's outputs as its own. The name belongs to
+/// the file that last ran under it while that file still declares it; a rename takes it over.
+#[test]
+fn a_pipeline_name_belongs_to_one_file_of_the_project() {
+    let project = Project::new();
+    assert!(project.run(&["run", "pipeline.yaml"]).status.success());
+    let variant = exec_support::PIPELINE.replace("few_shot: {k: 1}", "few_shot: {k: 2}");
+    project.write("variant.yaml", &variant);
+    let published = exec_support::tree(&project.path(".peftpipe/out/reviews"));
+    let lock = project.lock_file();
+    for command in ["run", "status"] {
+        let output = project.run(&[command, "variant.yaml"]);
+        assert_eq!(
+            output.status.code(),
+            Some(2),
+            "{command}: {}",
+            stderr(&output)
+        );
+        assert_eq!(
+            stderr(&output),
+            "error: pipeline name `reviews` belongs to pipeline.yaml, the file of this project \
+             that last ran under it: variant.yaml would share its lock file and \
+             `.peftpipe/out/reviews/`\n  = hint: give each pipeline its own `name:`\n",
+            "{command}"
+        );
+    }
+    assert_eq!(
+        exec_support::tree(&project.path(".peftpipe/out/reviews")),
+        published
+    );
+    assert_eq!(project.lock_file(), lock);
+    let status = project.run(&["status", "--check", "pipeline.yaml"]);
+    assert_eq!(stdout(&status), "[FRESH] data\n[FRESH] prompts\n");
+
+    // With its own name the variant runs beside it.
+    project.write(
+        "variant.yaml",
+        &variant.replace("name: reviews", "name: variant"),
+    );
+    let output = project.run(&["run", "variant.yaml"]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    assert!(project.path(".peftpipe/out/variant/prompts").is_dir());
+
+    // A renamed file takes its name over: the old file no longer declares it.
+    std::fs::rename(project.path("pipeline.yaml"), project.path("renamed.yaml")).expect("rename");
+    let status = project.run(&["status", "--check", "renamed.yaml"]);
+    assert_eq!(stdout(&status), "[FRESH] data\n[FRESH] prompts\n");
+    assert!(project.run(&["run", "renamed.yaml"]).status.success());
+    // And owns it from then on: the old file, brought back, is the second claimant.
+    project.write("pipeline.yaml", exec_support::PIPELINE);
+    let output = project.run(&["status", "pipeline.yaml"]);
+    assert_eq!(output.status.code(), Some(2), "{}", stderr(&output));
+    assert!(
+        stderr(&output).contains("belongs to renamed.yaml"),
+        "{}",
+        stderr(&output)
+    );
+}

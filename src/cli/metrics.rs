@@ -227,6 +227,7 @@ fn read_lock(global: &GlobalArgs, pipeline: &Pipeline) -> Result<(LockFile, Path
     let cache = Cache::open_for_reading(&settings.cache_dir).map_err(failed)?;
     let path = cache.lock_file_path(&pipeline.name);
     let lock = cache.read_lock_file(&pipeline.name).map_err(failed)?;
+    crate::exec::name_owner::check_owner(pipeline, &lock).map_err(|error| Failure::exec(&error))?;
     Ok((lock, path))
 }
 

@@ -75,8 +75,11 @@ impl Failure {
             ExecError::UnknownStage { .. } => (EXIT_INVALID, "--stage".to_string()),
             ExecError::Input { stage, .. } => (EXIT_INVALID, format!("stages.{stage}")),
             ExecError::Graph(_) => (EXIT_INVALID, "stages".to_string()),
+            ExecError::NameTaken { .. } => (EXIT_INVALID, "name".to_string()),
         };
-        Failure::new(code, argument, error.to_string())
+        let hint = matches!(error, ExecError::NameTaken { .. })
+            .then(|| "give each pipeline its own `name:`".to_string());
+        Failure::new(code, argument, error.to_string()).with_hint(hint)
     }
 
     /// Report the failure about `subject` (the file or folder the command was given) and return

@@ -37,6 +37,12 @@ pub struct LockEntry {
 pub struct LockFile {
     pub format: u32,
     pub pipeline: String,
+    /// The pipeline file that last ran under this name, by its name in its project directory
+    /// (the same in every checkout): the name, and so this lock file and
+    /// `.peftpipe/out/<pipeline>/`, belongs to it while it declares the name (see
+    /// `exec::name_owner`). Absent in lock files written before it was recorded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub file: Option<String>,
     pub stages: BTreeMap<String, LockEntry>,
 }
 
@@ -45,6 +51,7 @@ impl LockFile {
         LockFile {
             format: LOCK_FORMAT,
             pipeline: pipeline.to_string(),
+            file: None,
             stages: BTreeMap::new(),
         }
     }

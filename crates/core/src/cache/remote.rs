@@ -635,7 +635,12 @@ impl Remote {
                     .entry(stage.clone())
                     .or_insert_with(|| entry.clone());
             }
-            if local.stages.len() != before {
+            // The file the name belongs to (`exec::name_owner`), unless this cache records one.
+            let adopted = local.file.is_none() && lock.file.is_some();
+            if adopted {
+                local.file = lock.file.clone();
+            }
+            if local.stages.len() != before || adopted {
                 local.pipeline = lock.pipeline.clone();
                 cache.write_lock_file(&local)?;
                 report.lock_files_written += 1;

@@ -11,6 +11,7 @@
 
 pub mod graph;
 pub mod materialize;
+pub mod name_owner;
 pub mod plan;
 pub mod runner;
 pub mod slots;
@@ -106,6 +107,19 @@ pub enum ExecError {
     /// The stage graph has a cycle or an unknown reference (validation should have caught it).
     #[error("{0}")]
     Graph(String),
+    /// Another pipeline file of the project last ran under this pipeline's name and still
+    /// declares it (see [`name_owner`]).
+    #[error(
+        "pipeline name `{name}` belongs to {owner}, the file of this project that last ran under \
+         it: {file} would share its lock file and `.peftpipe/out/{name}/`"
+    )]
+    NameTaken {
+        name: String,
+        /// The owning file, shown as the pipeline file was given (same directory).
+        owner: String,
+        /// The pipeline file as given.
+        file: String,
+    },
 }
 
 /// How a stage ended.

@@ -460,6 +460,7 @@ pub fn plan_checked(
     let order = graph::topological_order(&pipeline.stages)?;
     let selected = graph::select(&pipeline.stages, &order, &settings.targets)?;
     let lock = cache.read_lock_file(&pipeline.name)?;
+    super::name_owner::check_owner(pipeline, &lock)?;
     let mut index = FileIndex::load(&cache);
     let forced = forced_stages(settings, &selected);
     let plan = make_plan(

@@ -59,6 +59,11 @@ pub fn execute(
     let order = graph::topological_order(&pipeline.stages)?;
     let selected = graph::select(&pipeline.stages, &order, &settings.targets)?;
     let mut lock_file = cache.read_lock_file(&pipeline.name)?;
+    super::name_owner::check_owner(pipeline, &lock_file)?;
+    // Recorded with the first stage this run records (a renamed file takes the name over).
+    let owner = Some(super::name_owner::owner_key(pipeline));
+    let mut owner_changed = lock_file.file != owner;
+    lock_file.file = owner;
     lock_file
         .stages
         .retain(|name, _| pipeline.stages.contains_key(name));
@@ -207,9 +212,11 @@ pub fn execute(
             match (&report.status, result.lock_entry) {
                 (StageStatus::Fresh | StageStatus::Ran, Some(entry)) => {
                     let output = entry.output.clone();
-                    let changed = lock_file.stages.get(&report.name) != Some(&entry);
+                    let changed =
+                        owner_changed || lock_file.stages.get(&report.name) != Some(&entry);
                     lock_file.stages.insert(report.name.clone(), entry);
                     let written = if changed && settings.record {
+                        owner_changed = false;
                         cache.write_lock_file(&lock_file)
                     } else {
                         Ok(())
