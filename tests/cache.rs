@@ -197,3 +197,72 @@ fn a_pipeline_name_belongs_to_one_file_of_the_project() {
         stderr(&output)
     );
 }
+
+/// Regression: `gc` left `.peftpipe/out/<pipeline>/<stage>/` of renamed and removed stages
+/// behind forever. It removes the stage folders of FILE's pipeline that FILE no longer has, and
+/// of the project's other pipelines those their lock files no longer name; it lists them.
+#[test]
+fn gc_removes_published_folders_of_stages_no_pipeline_has() {
+    let project = Project::new();
+    assert!(project.run(&["run", "pipeline.yaml"]).status.success());
+    let other = exec_support::PIPELINE.replace("name: reviews", "name: other");
+    project.write("other.yaml", &other);
+    assert!(project.run(&["run", "other.yaml"]).status.success());
+    project.write(
+        "pipeline.yaml",
+        &exec_support::PIPELINE.replace("  prompts:\n", "  renamed:\n"),
+    );
+    assert!(project.run(&["run", "pipeline.yaml"]).status.success());
+    // The other pipeline loses a stage but has not run since: its lock file still names it.
+    let (data_only, _) = other.split_once("  prompts:\n").expect("prompts stage");
+    project.write("other.yaml", data_only);
+
+    let preview = project.run(&["--json", "gc", "pipeline.yaml", "--dry-run"]);
+    assert!(preview.status.success(), "{}", stderr(&preview));
+    let report: serde_json::Value = serde_json::from_slice(&preview.stdout).expect("JSON");
+    assert_eq!(
+        report["stale_outputs"],
+        serde_json::json!([".peftpipe/out/reviews/prompts"]),
+        "{report}"
+    );
+    assert_eq!(report["stale_outputs_removed"], 1, "{report}");
+    assert!(
+        report["stale_output_bytes_removed"].as_u64() > Some(0),
+        "{report}"
+    );
+    assert!(
+        project.path(".peftpipe/out/reviews/prompts").is_dir(),
+        "dry run"
+    );
+
+    let output = project.run(&["gc", "pipeline.yaml"]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    assert!(
+        stderr(&output)
+            .contains("removed 1 published folder(s) of stages their pipeline no longer has"),
+        "{}",
+        stderr(&output)
+    );
+    assert!(!project.path(".peftpipe/out/reviews/prompts").exists());
+    for kept in [
+        "reviews/data",
+        "reviews/renamed",
+        "other/data",
+        "other/prompts",
+    ] {
+        assert!(
+            project.path(&format!(".peftpipe/out/{kept}")).is_dir(),
+            "{kept} is kept"
+        );
+    }
+    assert!(project.path(".peftpipe/out/reviews/report.html").is_file());
+    let status = project.run(&["status", "--check", "pipeline.yaml"]);
+    assert_eq!(stdout(&status), "[FRESH] data\n[FRESH] renamed\n");
+
+    // gc of the other file judges it by the file.
+    let output = project.run(&["gc", "other.yaml"]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    assert!(!project.path(".peftpipe/out/other/prompts").exists());
+    assert!(project.path(".peftpipe/out/other/data").is_dir());
+    assert!(project.path(".peftpipe/out/reviews/renamed").is_dir());
+}

@@ -1,18 +1,21 @@
 //! `peftpipe gc [FILE]`: drop cache objects that no lock file references (and run records that
-//! point at them, and staging leftovers), orphaned training checkpoints (see `cache::gc`), and
-//! the leftovers of interrupted publishes: hidden `.<name>.peftpipe-tmp-*` / `-old-*` folders next
-//! to FILE's export destinations and interrupted materializations under `.peftpipe/out/`. The
+//! point at them, and staging leftovers), orphaned training checkpoints (see `cache::gc`), the
+//! leftovers of interrupted publishes: hidden `.<name>.peftpipe-tmp-*` / `-old-*` folders next
+//! to FILE's export destinations and interrupted materializations under `.peftpipe/out/`, and the
+//! `.peftpipe/out/<pipeline>/<stage>/` folders of stages their pipeline no longer has (FILE's
+//! pipeline judged by FILE, the project's others by their lock files). The
 //! cache is `--cache-dir` / `PEFTPIPE_CACHE_DIR`, else `.peftpipe/cache` next to FILE, else
 //! `.peftpipe/cache` in the current directory. Waits for the cache lock like `run` does: holding
 //! it exclusively, it never removes what a run of this cache is using.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 use clap::Args;
 
 use super::{Failure, GlobalArgs, EXIT_FAILED, EXIT_INVALID, EXIT_OK};
-use crate::cache::Cache;
-use crate::config::StageConfig;
+use crate::cache::{sanitize_name, Cache, CacheError};
+use crate::config::{Pipeline, StageConfig};
 use crate::report;
 
 #[derive(Debug, Args)]
@@ -57,10 +60,11 @@ pub fn run(global: &GlobalArgs, args: GcArgs) -> u8 {
         .as_deref()
         .map(|project| subfolders(&project.join(".peftpipe").join("out")))
         .unwrap_or_default();
-    let publish_parents = match &args.pipeline {
-        Some(file) => export_parents(file),
-        None => Vec::new(),
-    };
+    let file_pipeline = args.pipeline.as_deref().and_then(load_for_gc);
+    let publish_parents = file_pipeline
+        .as_ref()
+        .map(export_parents)
+        .unwrap_or_default();
     // What a `--json` failure is about: FILE as given, else the cache folder.
     let subject = match &args.pipeline {
         Some(file) => file.display().to_string(),
@@ -87,6 +91,25 @@ pub fn run(global: &GlobalArgs, args: GcArgs) -> u8 {
             &publish_parents,
             args.dry_run,
         )?;
+        if let Some(project) = &project {
+            let (owners, protected) = output_owners(&cache, project, file_pipeline.as_ref())?;
+            let out_tree = project.join(".peftpipe").join("out");
+            let stale = crate::cache::gc::remove_stale_outputs(
+                &out_tree,
+                &owners,
+                &protected,
+                args.dry_run,
+            )?;
+            gc.stale_outputs_removed = stale.len();
+            gc.stale_output_bytes_removed = stale.iter().map(|(_, bytes)| bytes).sum();
+            gc.stale_outputs = stale
+                .iter()
+                .map(|(path, _)| {
+                    let shown = path.strip_prefix(project).unwrap_or(path);
+                    shown.display().to_string()
+                })
+                .collect();
+        }
         Ok(gc)
     });
     match result {
@@ -123,6 +146,15 @@ pub fn run(global: &GlobalArgs, args: GcArgs) -> u8 {
                         gc.publish_leftovers_removed
                     ));
                 }
+                if gc.stale_outputs_removed > 0 {
+                    report::write_stderr(&format!(
+                        "{verb} {} published folder(s) of stages their pipeline no longer has \
+                         ({}): {}",
+                        gc.stale_outputs_removed,
+                        report::format::bytes(gc.stale_output_bytes_removed),
+                        gc.stale_outputs.join(", ")
+                    ));
+                }
             }
             EXIT_OK
         }
@@ -146,19 +178,24 @@ fn subfolders(dir: &Path) -> Vec<PathBuf> {
     folders
 }
 
-/// The folders holding the export destinations of the pipeline `file` (where a killed publish
-/// leaves its temporaries). A pipeline that does not load only costs a warning.
-fn export_parents(file: &Path) -> Vec<PathBuf> {
-    let pipeline = match super::run::load_pipeline_file(file, &[]) {
-        Ok(pipeline) => pipeline,
+/// The pipeline `file`, when it validates; a pipeline that does not only costs a warning.
+fn load_for_gc(file: &Path) -> Option<Pipeline> {
+    match super::run::load_pipeline_file(file, &[]) {
+        Ok(pipeline) => Some(pipeline),
         Err(_) => {
             report::warning(&format!(
-                "{} does not validate: leftovers next to its export folders are not collected",
+                "{} does not validate: leftovers next to its export folders are not collected, \
+                 and its published stage folders are judged by its lock file",
                 file.display()
             ));
-            return Vec::new();
+            None
         }
-    };
+    }
+}
+
+/// The folders holding the export destinations of `pipeline` (where a killed publish leaves its
+/// temporaries).
+fn export_parents(pipeline: &Pipeline) -> Vec<PathBuf> {
     let mut parents = Vec::new();
     for config in pipeline.stages.values() {
         let StageConfig::Export(export) = config else {
@@ -174,4 +211,55 @@ fn export_parents(file: &Path) -> Vec<PathBuf> {
         }
     }
     parents
+}
+
+/// Pipeline folder under `.peftpipe/out/` → the folders of the stages it has.
+type Owners = BTreeMap<String, BTreeSet<String>>;
+
+/// Which stage folders of `project`'s `.peftpipe/out/` are owned (pipeline folder → its stages'
+/// folders), and the export destinations no collection may touch. FILE's pipeline (when it owns
+/// its name, see `exec::name_owner`) owns its stages as the file declares them now; another
+/// pipeline the stages its lock file records, when that lock file was written by a file of this
+/// project (a shared cache holds other projects' lock files, and older lock files name no file).
+/// Protected: FILE's declared destinations and every destination a publish recorded.
+fn output_owners(
+    cache: &Cache,
+    project: &Path,
+    file_pipeline: Option<&Pipeline>,
+) -> Result<(Owners, Vec<PathBuf>), CacheError> {
+    let folders = |names: &mut dyn Iterator<Item = &String>| -> BTreeSet<String> {
+        names.map(|name| sanitize_name(name)).collect()
+    };
+    let mut owners = BTreeMap::new();
+    let mut protected = Vec::new();
+    for (_, lock) in cache.all_lock_files()? {
+        for record in cache.read_published(&lock.pipeline)?.stages.values() {
+            protected.extend(record.destinations.keys().map(PathBuf::from));
+        }
+        let ours = lock
+            .file
+            .as_deref()
+            .is_some_and(|file| project.join(file).is_file());
+        if ours && !lock.stages.is_empty() {
+            owners.insert(
+                sanitize_name(&lock.pipeline),
+                folders(&mut lock.stages.keys()),
+            );
+        }
+    }
+    if let Some(pipeline) = file_pipeline {
+        let lock = cache.read_lock_file(&pipeline.name)?;
+        if crate::exec::name_owner::check_owner(pipeline, &lock).is_ok() {
+            owners.insert(
+                sanitize_name(&pipeline.name),
+                folders(&mut pipeline.stages.keys()),
+            );
+        }
+        for config in pipeline.stages.values() {
+            if let Ok(paths) = config.spec().published_paths(&pipeline.project_dir) {
+                protected.extend(paths);
+            }
+        }
+    }
+    Ok((owners, protected))
 }

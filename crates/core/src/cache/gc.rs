@@ -45,6 +45,12 @@ pub struct GcReport {
     /// Leftovers of interrupted publishes (`.<name>.peftpipe-tmp-*` and the like) removed next to
     /// published outputs (filled in by [`remove_publish_leftovers`]).
     pub publish_leftovers_removed: usize,
+    /// Published stage folders (`.peftpipe/out/<pipeline>/<stage>/`) of stages their pipeline
+    /// no longer has (renamed or removed), their bytes, and the folders relative to the project
+    /// (filled in by [`remove_stale_outputs`]).
+    pub stale_outputs_removed: usize,
+    pub stale_output_bytes_removed: u64,
+    pub stale_outputs: Vec<String>,
     pub dry_run: bool,
 }
 
@@ -257,6 +263,59 @@ pub fn remove_publish_leftovers(
         }
     }
     Ok(removed)
+}
+
+/// Remove the published stage folders of `out_tree` (a project's `.peftpipe/out/`) that no stage
+/// owns, returning each with its bytes (with `dry_run`, only list them). `owners` maps a pipeline
+/// folder (`sanitize_name` of its name) to the folders of the stages it has now; the folders of a
+/// pipeline not in it are left alone (gc cannot tell what it has). Only stage folders are
+/// candidates: files (`report.html`), hidden leftovers (see [`remove_publish_leftovers`]) and any
+/// folder that is, holds or lies inside one of `protected` (export destinations, which a user may
+/// point into the out tree) stay. Only call while holding the cache's exclusive lock.
+pub fn remove_stale_outputs(
+    out_tree: &Path,
+    owners: &BTreeMap<String, BTreeSet<String>>,
+    protected: &[PathBuf],
+    dry_run: bool,
+) -> Result<Vec<(PathBuf, u64)>, CacheError> {
+    let protected: Vec<PathBuf> = protected
+        .iter()
+        .filter_map(|path| path.canonicalize().ok())
+        .collect();
+    let mut stale = Vec::new();
+    for pipeline_dir in read_dir_sorted(out_tree)? {
+        let Some(owned) = owners.get(&file_name(&pipeline_dir)) else {
+            continue;
+        };
+        if !is_real_dir(&pipeline_dir) {
+            continue;
+        }
+        for stage_dir in read_dir_sorted(&pipeline_dir)? {
+            let name = file_name(&stage_dir);
+            if name.starts_with('.') || owned.contains(&name) || !is_real_dir(&stage_dir) {
+                continue;
+            }
+            let Ok(canonical) = stage_dir.canonicalize() else {
+                continue;
+            };
+            if protected.iter().any(|destination| {
+                destination.starts_with(&canonical) || canonical.starts_with(destination)
+            }) {
+                continue;
+            }
+            let bytes = tree_size(&stage_dir);
+            if !dry_run {
+                remove_path(&stage_dir)?;
+            }
+            stale.push((stage_dir, bytes));
+        }
+    }
+    Ok(stale)
+}
+
+/// A directory, not a symbolic link to one.
+fn is_real_dir(path: &Path) -> bool {
+    std::fs::symlink_metadata(path).is_ok_and(|metadata| metadata.is_dir())
 }
 
 fn file_name(path: &Path) -> String {
@@ -533,6 +592,63 @@ mod tests {
         assert!(lock_checkpoint_dir(&path).unwrap().is_none(), "held");
         drop(first);
         assert!(lock_checkpoint_dir(&path).unwrap().is_some(), "released");
+    }
+
+    #[test]
+    fn stale_outputs_are_stage_folders_no_stage_owns_and_never_a_destination() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join(".peftpipe/out");
+        for path in [
+            "reviews/data",
+            "reviews/renamed",
+            "reviews/gone/sub",
+            "reviews/.gone.partial-a1",
+            "reviews/exported",
+            "reviews/holds/adapter",
+            "unknown/gone",
+        ] {
+            std::fs::create_dir_all(out.join(path)).unwrap();
+        }
+        std::fs::write(out.join("reviews/gone/sub/a.txt"), "12345").unwrap();
+        std::fs::write(out.join("reviews/report.html"), "<html>").unwrap();
+        let owners = BTreeMap::from([(
+            "reviews".to_string(),
+            BTreeSet::from(["data".to_string(), "renamed".to_string()]),
+        )]);
+        // A user's export destinations inside the out tree: the folder, and one inside a folder.
+        let protected = [
+            out.join("reviews/exported"),
+            out.join("reviews/holds/adapter"),
+            dir.path().join("not/there"),
+        ];
+        let preview = remove_stale_outputs(&out, &owners, &protected, true).unwrap();
+        assert_eq!(preview, [(out.join("reviews/gone"), 5)]);
+        assert!(out.join("reviews/gone").exists(), "dry run");
+        let removed = remove_stale_outputs(&out, &owners, &protected, false).unwrap();
+        assert_eq!(removed, preview);
+        assert!(!out.join("reviews/gone").exists());
+        let names = |dir: &Path| -> Vec<String> {
+            read_dir_sorted(dir)
+                .unwrap()
+                .iter()
+                .map(|p| file_name(p))
+                .collect()
+        };
+        assert_eq!(
+            names(&out.join("reviews")),
+            [
+                ".gone.partial-a1",
+                "data",
+                "exported",
+                "holds",
+                "renamed",
+                "report.html"
+            ]
+        );
+        assert!(
+            out.join("unknown/gone").exists(),
+            "a pipeline gc cannot judge"
+        );
     }
 
     #[test]
