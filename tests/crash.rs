@@ -201,15 +201,10 @@ fn killed_in_the_middle_of_checkpoint_writes_then_a_rerun_matches_a_clean_run() 
     }
 }
 
-/// Regression: a killed run's checkpoint damaged in place (same size, bits flipped in the
-/// adapter's floats) was resumed silently, and the wrong adapter cached under the fingerprint a
-/// clean run has. The rerun must say the checkpoint is damaged, not resume it, and leave what a
-/// clean run leaves.
-#[test]
-fn a_checkpoint_damaged_after_a_kill_is_not_resumed_and_the_rerun_matches_a_clean_run() {
-    let project = TrainProject::new();
-    let reference = clean_run(&project);
-    project.wipe();
+/// Kills a run after its first complete checkpoint and damages the newest complete checkpoint in
+/// place (an exponent bit flipped in the last 64 floats of its adapter, the size kept); returns
+/// that checkpoint's folder.
+fn kill_and_damage_newest_checkpoint(project: &TrainProject) -> std::path::PathBuf {
     let mut running = project.spawn(
         "pipeline.yaml",
         &[("PEFTPIPE_TEST_CHECKPOINT_DELAY", "300")],
@@ -223,8 +218,6 @@ fn a_checkpoint_damaged_after_a_kill_is_not_resumed_and_the_rerun_matches_a_clea
         running.seen
     );
     running.kill();
-    // The newest complete checkpoint: flip an exponent bit of the last 64 floats of its adapter
-    // (the data ends the file), keeping the size.
     let newest = project
         .checkpoint_dirs()
         .iter()
@@ -244,12 +237,29 @@ fn a_checkpoint_damaged_after_a_kill_is_not_resumed_and_the_rerun_matches_a_clea
         bytes[size - 1 - 4 * float] ^= 0x01;
     }
     std::fs::write(&adapter, &bytes).expect("damage the adapter");
+    newest
+}
+
+fn damaged_note(checkpoint: &std::path::Path) -> String {
+    format!(
+        "checkpoint {} is damaged (adapter.safetensors does not match its digest): not resumed",
+        checkpoint.display()
+    )
+}
+
+/// Regression: a killed run's checkpoint damaged in place (same size, bits flipped in the
+/// adapter's floats) was resumed silently, and the wrong adapter cached under the fingerprint a
+/// clean run has. The rerun must say the checkpoint is damaged, not resume it, and leave what a
+/// clean run leaves.
+#[test]
+fn a_checkpoint_damaged_after_a_kill_is_not_resumed_and_the_rerun_matches_a_clean_run() {
+    let project = TrainProject::new();
+    let reference = clean_run(&project);
+    project.wipe();
+    let newest = kill_and_damage_newest_checkpoint(&project);
 
     let run = project.run_ok("pipeline.yaml", &[]);
-    let note = format!(
-        "checkpoint {} is damaged (adapter.safetensors does not match its digest): not resumed",
-        newest.display()
-    );
+    let note = damaged_note(&newest);
     assert!(run.stderr.contains(&note), "no note:\n{}", run.stderr);
     assert_eq!(
         project.recorded_outputs("quick"),
@@ -262,4 +272,36 @@ fn a_checkpoint_damaged_after_a_kill_is_not_resumed_and_the_rerun_matches_a_clea
         reference.export,
         "exported adapter differs"
     );
+}
+
+/// The damaged checkpoint is said when the run resumes, not when training ends: the rerun below
+/// still has checkpoints to write, each held 700 ms, so the note must come over a second before
+/// the train stage finishes. (It used to come with the training's result, just before.)
+#[test]
+fn a_damaged_checkpoint_is_noted_when_the_run_resumes() {
+    let project = TrainProject::new();
+    project.wipe();
+    let newest = kill_and_damage_newest_checkpoint(&project);
+    let mut rerun = project.spawn(
+        "pipeline.yaml",
+        &[("PEFTPIPE_TEST_CHECKPOINT_DELAY", "700")],
+    );
+    assert!(
+        rerun.wait_for_line(&damaged_note(&newest), Duration::from_secs(120)),
+        "no note: {:?}",
+        rerun.seen
+    );
+    let noted = std::time::Instant::now();
+    assert!(
+        rerun.wait_for_line("Finished train", Duration::from_secs(120)),
+        "train never finished: {:?}",
+        rerun.seen
+    );
+    let before = noted.elapsed();
+    assert!(
+        before >= Duration::from_secs(1),
+        "the note came only {before:?} before the train stage finished: {:?}",
+        rerun.seen
+    );
+    rerun.kill();
 }

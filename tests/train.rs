@@ -308,6 +308,7 @@ fn train_ranks(
                         &comm,
                         &AtomicBool::new(false),
                         &mut |metrics| figures.push((metrics.loss, metrics.grad_norm)),
+                        &mut |_| {},
                     );
                     drop(comm);
                     result.map_err(|e| e.to_string()).map(|_| {

@@ -22,6 +22,6 @@ pub use layered::{CheckpointedLoss, HookSource};
 pub use optimizer::{AdamW, AdamWSettings};
 pub use schedule::{Schedule, ScheduleKind};
 pub use trainer::{
-    train, train_data_parallel, train_with_evaluation, CausalLmLoss, LossModel, StepMetrics,
-    TrainError, TrainOutcome, TrainerSettings,
+    train, train_data_parallel, train_with_evaluation, CausalLmLoss, LossModel, Resumed,
+    StepMetrics, TrainError, TrainOutcome, TrainerSettings,
 };

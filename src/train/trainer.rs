@@ -338,8 +338,26 @@ pub fn train_with_evaluation(
     observe: &mut dyn FnMut(&StepMetrics),
 ) -> Result<TrainOutcome, TrainError> {
     train_data_parallel(
-        model, adapter, sequences, evaluation, settings, &Solo, cancel, observe,
+        model,
+        adapter,
+        sequences,
+        evaluation,
+        settings,
+        &Solo,
+        cancel,
+        observe,
+        &mut |_| {},
     )
+}
+
+/// How a run started, told before its first step (also in [`TrainOutcome`], which comes only when
+/// training ends).
+#[derive(Debug, Clone, Copy)]
+pub struct Resumed<'a> {
+    /// The checkpoint step the run resumed from, if it did.
+    pub from: Option<u64>,
+    /// Checkpoints of this run found damaged and not resumed (newest first).
+    pub damaged: &'a [DamagedCheckpoint],
 }
 
 /// [`train_with_evaluation`] as rank `comm.rank()` of `comm.world_size()` (see
@@ -348,7 +366,8 @@ pub fn train_with_evaluation(
 /// same variables after every step. `batch_size` and `accumulation` are global (the run's
 /// results do not depend on the world size). Only rank 0 writes checkpoints; every rank
 /// resumes from the newest one (the checkpoint directory must be shared). A world of one
-/// ([`Solo`]) is exactly [`train_with_evaluation`].
+/// ([`Solo`]) is exactly [`train_with_evaluation`]. `resumed` is told how the run started (the
+/// checkpoint resumed, the damaged ones skipped) once, before the first step.
 #[allow(clippy::too_many_arguments)]
 pub fn train_data_parallel(
     model: &dyn LossModel,
@@ -359,6 +378,7 @@ pub fn train_data_parallel(
     comm: &dyn Communicator,
     cancel: &AtomicBool,
     observe: &mut dyn FnMut(&StepMetrics),
+    resumed: &mut dyn FnMut(Resumed<'_>),
 ) -> Result<TrainOutcome, TrainError> {
     let (rank, world_size) = (comm.rank(), comm.world_size());
     let main_rank = rank == 0;
@@ -467,6 +487,10 @@ pub fn train_data_parallel(
             }
         }
     }
+    resumed(Resumed {
+        from: resumed_from,
+        damaged: &damaged_checkpoints,
+    });
 
     // Every rank has read the checkpoint before rank 0 may write the next one.
     comm.barrier().map_err(|source| TrainError::Distributed {

@@ -717,21 +717,24 @@ pub fn train_job(
         comm,
         cancel,
         &mut observe,
+        // Said when the run starts, where it is watched (the outcome comes when training ends).
+        &mut |resumed| {
+            for damaged in resumed.damaged {
+                progress.note(format!("{damaged}: not resumed"));
+            }
+            if let (Some(step), Some(dir)) = (resumed.from, &checkpoint_dir) {
+                progress.note(format!(
+                    "resumed from the checkpoint at step {step} in {}",
+                    dir.display()
+                ));
+            }
+        },
     )
     .map_err(|error| match error {
         TrainError::Cancelled { .. } => StageError::Cancelled,
         other => user(format!("training: {other}")),
     })?;
     let peak = peak_memory.peak();
-    for damaged in &outcome.damaged_checkpoints {
-        progress.note(format!("{damaged}: not resumed"));
-    }
-    if let (Some(step), Some(dir)) = (outcome.resumed_from, &checkpoint_dir) {
-        progress.note(format!(
-            "resumed from the checkpoint at step {step} in {}",
-            dir.display()
-        ));
-    }
 
     // The artifact: rank 0 writes it (every rank holds the same adapter).
     if !main_rank {
