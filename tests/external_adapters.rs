@@ -134,9 +134,11 @@ fn an_exported_adapter_scores_like_its_train_stage_and_its_files_are_fingerprint
     }
     std::fs::create_dir_all(repo.join("refs")).unwrap();
     std::fs::write(repo.join("refs/main"), hash).unwrap();
+    // A pipeline of its own name: a name belongs to one file of the project.
     project.write(
         "hub.yaml",
-        &external_pipeline(&["exported/adapter", "'hf://someone/quick-lora'"]),
+        &external_pipeline(&["exported/adapter", "'hf://someone/quick-lora'"])
+            .replace("name: outside", "name: hub"),
     );
     let output = project
         .command(&["--json", "run", "hub.yaml"])
@@ -144,7 +146,7 @@ fn an_exported_adapter_scores_like_its_train_stage_and_its_files_are_fingerprint
         .output()
         .unwrap();
     assert!(output.status.success(), "{}", stderr(&output));
-    let rows = comparison(&project, "outside", "external");
+    let rows = comparison(&project, "hub", "external");
     assert_eq!(
         row(&rows, "someone/quick-lora")["loss"],
         row(&rows, "adapter")["loss"]
@@ -156,7 +158,10 @@ fn an_exported_adapter_scores_like_its_train_stage_and_its_files_are_fingerprint
 }
 
 fn failure(project: &TrainProject, adapters: &[&str]) -> String {
-    project.write("bad.yaml", &external_pipeline(adapters));
+    project.write(
+        "bad.yaml",
+        &external_pipeline(adapters).replace("name: outside", "name: bad"),
+    );
     let output = project.run(&["run", "bad.yaml"]);
     assert!(!output.status.success(), "{adapters:?} should fail");
     stderr(&output)
@@ -165,7 +170,10 @@ fn failure(project: &TrainProject, adapters: &[&str]) -> String {
 /// What `validate` says of `bad.yaml` over `adapters`: it must refuse it (exit 2), before any
 /// stage runs, at the adapter's key.
 fn refused_by_validate(project: &TrainProject, adapters: &[&str]) -> String {
-    project.write("bad.yaml", &external_pipeline(adapters));
+    project.write(
+        "bad.yaml",
+        &external_pipeline(adapters).replace("name: outside", "name: bad"),
+    );
     let output = project.run(&["validate", "bad.yaml"]);
     let message = stderr(&output);
     assert_eq!(output.status.code(), Some(2), "{adapters:?}: {message}");
