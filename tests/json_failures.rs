@@ -227,3 +227,114 @@ fn dag_json_of_a_pipeline_with_problems_has_the_problem_object_beside_the_graph(
     assert_eq!(json["files"][0]["file"], "typo.yaml", "{json}");
     assert_eq!(json["files"][0]["problems"], json["problems"], "{json}");
 }
+
+/// Regression: an argument the command line parser refuses (an unknown option or subcommand, an
+/// option without its value, a value it does not take, a missing argument, two that conflict)
+/// printed nothing on stdout under `--json`, in every command. Now the problem object, `file`
+/// empty (nothing was read) and `path` the argument clap names, with clap's message; stderr and
+/// the exit code (2) are clap's, and `--json` counts wherever it stands on the command line.
+#[test]
+fn arguments_the_parser_refuses_give_the_problem_object() {
+    let project = Project::tiny();
+    for (args, path) in [
+        (&["status", "pipeline.yaml", "--bogus"][..], "--bogus"),
+        (&["run", "pipeline.yaml", "--jobs"], "--jobs"),
+        (&["run", "pipeline.yaml", "--jobs", "many"], "--jobs"),
+        (&["dag", "pipeline.yaml", "--format", "svg"], "--format"),
+        (&["status", "pipeline.yaml", "--color", "purple"], "--color"),
+        (&["statsu", "pipeline.yaml"], "COMMAND"),
+        (&["status"], "PIPELINE"),
+        (&["generate", "model"], "--prompt"),
+        (
+            &["generate", "model", "--prompt", "a", "--input", "b.jsonl"],
+            "--prompt",
+        ),
+        // clap takes no value starting with `--` for --input: `--json` here is the flag, and
+        // --input lacks its value.
+        (&["generate", "model", "--input"], "--input"),
+    ] {
+        assert_json_failure(&project, args, 2, "", path);
+    }
+    // `--json` after the error, or at the end, counts as well.
+    for args in [
+        &["status", "pipeline.yaml", "--bogus", "--json"][..],
+        &["generate", "model", "--input", "--json"],
+    ] {
+        let output = project.peftpipe(args);
+        assert_eq!(output.status.code(), Some(2), "{args:?}");
+        let json: serde_json::Value = serde_json::from_slice(&output.stdout)
+            .unwrap_or_else(|error| panic!("{args:?}: stdout is not JSON ({error})"));
+        assert_eq!(json["valid"], false, "{args:?}: {json}");
+    }
+    // The suggestion clap makes is the hint.
+    let output = project.peftpipe(&["--json", "status", "pipeline.yaml", "--jsno"]);
+    let json: serde_json::Value = serde_json::from_slice(&output.stdout).expect("JSON");
+    let hint = json["files"][0]["problems"][0]["hint"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(hint.contains("'--json'"), "{json}");
+}
+
+/// After `--`, `--json` is a value (here an extra PIPELINE clap refuses), not the flag: no JSON.
+#[test]
+fn json_after_the_end_of_options_is_not_the_flag() {
+    let project = Project::tiny();
+    let output = project.peftpipe(&["status", "pipeline.yaml", "--", "--json"]);
+    assert_eq!(output.status.code(), Some(2), "{}", stderr(&output));
+    assert!(
+        output.stdout.is_empty(),
+        "{}",
+        report_support::stdout(&output)
+    );
+}
+
+/// A command that needs a subcommand (`metrics`, `bench`) given none: clap prints its help on
+/// stderr and exits 2; with `--json` the problem object says which command lacks one.
+#[test]
+fn a_missing_subcommand_gives_the_problem_object() {
+    let project = Project::tiny();
+    let plain = project.peftpipe(&["metrics"]);
+    let output = project.peftpipe(&["--json", "metrics"]);
+    assert_eq!(output.status.code(), Some(2));
+    assert_eq!(stderr(&output), stderr(&plain));
+    let json: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap_or_else(|error| {
+        panic!(
+            "stdout is not JSON ({error}): {:?}",
+            report_support::stdout(&output)
+        )
+    });
+    let problem = &json["files"][0]["problems"][0];
+    assert_eq!(problem["path"], "COMMAND", "{json}");
+    assert!(
+        problem["message"]
+            .as_str()
+            .is_some_and(|message| message.contains("peftpipe metrics")),
+        "{json}"
+    );
+    assert!(
+        problem["hint"]
+            .as_str()
+            .is_some_and(|hint| hint.contains("show") && hint.contains("diff")),
+        "{json}"
+    );
+}
+
+/// `--help` and `--version` print what they print without `--json` (on stdout, exit 0).
+#[test]
+fn help_and_version_are_unchanged_by_json() {
+    let project = Project::tiny();
+    for args in [
+        &["--help"][..],
+        &["status", "--help"],
+        &["--version"],
+        &["help", "run"],
+    ] {
+        let plain = project.peftpipe(args);
+        let mut with_json = vec!["--json"];
+        with_json.extend_from_slice(args);
+        let output = project.peftpipe(&with_json);
+        assert_eq!(output.status.code(), Some(0), "{with_json:?}");
+        assert_eq!(output.stdout, plain.stdout, "{with_json:?}");
+        assert_eq!(stderr(&output), stderr(&plain), "{with_json:?}");
+    }
+}

@@ -10,6 +10,7 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 
+pub mod argument_error;
 pub mod bench_data;
 pub mod bench_quantize;
 pub mod bench_status;
@@ -375,7 +376,15 @@ pub enum BenchCommand {
 pub fn main() -> ExitCode {
     // First, while this is the only thread: every later thread inherits the signal mask.
     let installed = interrupt::install();
-    let cli = Cli::parse();
+    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    let cli = match Cli::try_parse_from(&args) {
+        Ok(cli) => cli,
+        // clap prints its error (or the help, the version) and exits; under `--json` an error
+        // also gets the problem object on stdout.
+        Err(error) => {
+            argument_error::exit(&error, &<Cli as clap::CommandFactory>::command(), &args)
+        }
+    };
     crate::report::set_color(cli.global.color.into());
     crate::report::init_logging(cli.global.quiet, cli.global.verbose);
     if let Err(message) = installed {
