@@ -349,6 +349,57 @@ fn pulling_a_pipeline_never_pushed_names_the_remote_and_key() {
     );
 }
 
+/// Regression: `pull --missing-ok --json` from a remote that never saw the pipeline exited 0 with
+/// nothing on stdout. It prints `pull --json`'s object (nothing copied), `missing: true` and the
+/// warning in `notes`.
+#[test]
+fn pull_missing_ok_json_says_nothing_was_pulled() {
+    let checkout = Project::new();
+    let remote = tempfile::tempdir().expect("remote directory");
+    let shown = remote.path().display().to_string();
+    let tolerated = peftpipe(
+        &checkout,
+        &[
+            "--json",
+            "pull",
+            "pipeline.yaml",
+            "--remote",
+            &shown,
+            "--missing-ok",
+        ],
+        &[],
+    );
+    assert_eq!(tolerated.status.code(), Some(0), "{}", stderr(&tolerated));
+    assert!(
+        stderr(&tolerated).starts_with("warning: nothing pulled: remote "),
+        "{}",
+        stderr(&tolerated)
+    );
+    let json: serde_json::Value = serde_json::from_slice(&tolerated.stdout)
+        .unwrap_or_else(|error| panic!("stdout is not JSON ({error}): {:?}", stdout(&tolerated)));
+    assert_eq!(json["missing"], true, "{json}");
+    assert_eq!(json["remote"], shown.as_str(), "{json}");
+    for count in [
+        "objects_copied",
+        "files_copied",
+        "bytes_copied",
+        "objects_present",
+        "run_records_copied",
+        "lock_files_written",
+    ] {
+        assert_eq!(json[count], 0, "{count}: {json}");
+    }
+    let notes = json["notes"].as_array().cloned().unwrap_or_default();
+    assert!(
+        notes.len() == 1
+            && notes[0]
+                .as_str()
+                .is_some_and(|note| note.contains("locks/reviews.lock.json")
+                    && stderr(&tolerated).contains(note)),
+        "{json}"
+    );
+}
+
 /// The cloud remotes (`--features cloud`): a real S3-compatible server, WebDAV server, Azure
 /// emulator and GCS emulator on loopback.
 #[cfg(feature = "cloud")]

@@ -107,7 +107,11 @@ pub fn run(global: &GlobalArgs, args: RemoteArgs, direction: Direction) -> u8 {
         Err(error @ RemoteError::NoLockFile { .. })
             if args.missing_ok && direction == Direction::Pull =>
         {
-            report::warning(&format!("nothing pulled: {error}"));
+            let note = format!("nothing pulled: {error}");
+            report::warning(&note);
+            if global.json {
+                report::json(&missing_ok_json(remote.shown(), note));
+            }
             EXIT_OK
         }
         Err(error) => {
@@ -121,6 +125,21 @@ pub fn run(global: &GlobalArgs, args: RemoteArgs, direction: Direction) -> u8 {
             Failure::new(EXIT_FAILED, at, error.to_string()).report(global, &subject)
         }
     }
+}
+
+/// `pull --missing-ok --json` of a pipeline the remote never saw: `pull --json`'s object with
+/// nothing copied, `missing: true`, and the warning in `notes`.
+fn missing_ok_json(remote: &str, note: String) -> serde_json::Value {
+    let nothing = SyncReport {
+        remote: remote.to_string(),
+        ..SyncReport::default()
+    };
+    let mut value = serde_json::to_value(&nothing).unwrap_or_default();
+    if let Some(fields) = value.as_object_mut() {
+        fields.insert("missing".into(), serde_json::Value::Bool(true));
+        fields.insert("notes".into(), serde_json::json!([note]));
+    }
+    value
 }
 
 /// What a `--json` failure is about: FILE as given, else the cache folder.
