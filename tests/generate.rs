@@ -618,3 +618,176 @@ fn generation_stopped_by_a_sliding_window_names_the_key() {
     let json: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
     assert_eq!(json["notes"], serde_json::json!([]), "{json}");
 }
+
+/// Regression: `--input` dropped the sliding-window note (a line said `stop_reason: max_length`
+/// and nothing said why a Mistral with more positions stopped there), and `--json` changed
+/// nothing in its output. Now with `--json` every line also carries `notes`, as `--prompt
+/// --json` does; with `--output FILE` the JSON on stdout is a summary naming the file and the
+/// notes; without `--json` the lines are as before and stderr's summary says the note.
+#[test]
+fn input_json_lines_carry_the_sliding_window_note() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = support::quickstart_model_in(dir.path(), |config| support::as_mistral(config, 16));
+    let input = dir.path().join("prompts.jsonl");
+    std::fs::write(
+        &input,
+        "{\"id\": 1, \"prompt\": \"review: a\"}\n{\"id\": 2, \"prompt\": \"review: dull\"}\n",
+    )
+    .unwrap();
+    let run = |flags: &[&str]| {
+        peftpipe()
+            .args(flags)
+            .arg("generate")
+            .arg(&model)
+            .arg("--input")
+            .arg(&input)
+            .args(["--max-new-tokens", "64", "--device", "cpu"])
+            .output()
+            .unwrap()
+    };
+    let said = |text: &str| text.contains("`sliding_window` 16") && text.contains("config.json");
+    let lines = |output: &std::process::Output| -> Vec<serde_json::Value> {
+        String::from_utf8_lossy(&output.stdout)
+            .lines()
+            .map(|line| serde_json::from_str(line).unwrap())
+            .collect()
+    };
+    let output = run(&["--json"]);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let json_lines = lines(&output);
+    assert_eq!(json_lines.len(), 2);
+    for line in &json_lines {
+        assert_eq!(line["stop_reason"], "max_length", "{line}");
+        let notes = line["notes"].as_array().cloned().unwrap_or_default();
+        assert!(
+            notes.len() == 1 && notes[0].as_str().is_some_and(said),
+            "{line}"
+        );
+    }
+    // Without --json: the lines as before, the note in stderr's summary.
+    let output = run(&[]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    for (plain, json) in lines(&output).iter().zip(&json_lines) {
+        assert!(plain.get("notes").is_none(), "{plain}");
+        let mut json = json.clone();
+        json.as_object_mut().unwrap().remove("notes");
+        assert_eq!(plain, &json);
+    }
+    assert!(said(&stderr), "{stderr}");
+    // --output FILE --json: the lines in the file carry the notes, stdout is one summary.
+    let out = dir.path().join("out.jsonl");
+    let output = peftpipe()
+        .args(["--json", "generate"])
+        .arg(&model)
+        .arg("--input")
+        .arg(&input)
+        .arg("--output")
+        .arg(&out)
+        .args(["--max-new-tokens", "64", "--device", "cpu"])
+        .output()
+        .unwrap();
+    assert!(output.status.success());
+    let written: Vec<serde_json::Value> = std::fs::read_to_string(&out)
+        .unwrap()
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap())
+        .collect();
+    assert_eq!(written, json_lines);
+    let summary: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap_or_else(|e| {
+        panic!(
+            "stdout is not JSON ({e}): {:?}",
+            String::from_utf8_lossy(&output.stdout)
+        )
+    });
+    assert_eq!(summary["prompts"], 2, "{summary}");
+    assert_eq!(summary["output"], out.display().to_string(), "{summary}");
+    let notes = summary["notes"].as_array().cloned().unwrap_or_default();
+    assert!(
+        notes.len() == 1 && notes[0].as_str().is_some_and(said),
+        "{summary}"
+    );
+}
+
+/// Regression: the note that a QLoRA adapter runs over another base than its record describes
+/// went to stderr only in `--input` mode; with `--json` every line's `notes` now holds it first,
+/// as `--prompt --json`'s `notes` does. A warning about the result, it stays on stderr under
+/// `--quiet` (warnings survive `--quiet`; only the informational lines go).
+#[test]
+fn input_json_lines_carry_the_adapter_base_note() {
+    let Some(shared) = shared_dir() else {
+        eprintln!("skipped: PEFTPIPE_SHARED not set");
+        return;
+    };
+    let model = shared.join("models/stories260k");
+    let dir = tempfile::tempdir().unwrap();
+    // The reference LoRA, recorded as trained over a checkpoint saved in 4 bits: over the
+    // 16-bit stories260k it runs in 16 bits, with the note.
+    let adapter = dir.path().join("adapter");
+    std::fs::create_dir(&adapter).unwrap();
+    for file in ["adapter_config.json", "adapter_model.safetensors"] {
+        std::fs::copy(
+            model.join("reference/peft_lora").join(file),
+            adapter.join(file),
+        )
+        .unwrap();
+    }
+    std::fs::write(
+        adapter.join("peftpipe_base_quantization.json"),
+        serde_json::json!({"quantization": {
+            "quant_type": "nf4", "double_quant": true, "block_size": 64,
+            "compute_dtype": null, "prequantized": true
+        }})
+        .to_string(),
+    )
+    .unwrap();
+    let input = dir.path().join("prompts.jsonl");
+    std::fs::write(
+        &input,
+        "{\"prompt\": \"Once upon a time\"}\n{\"prompt\": \"The sun\"}\n",
+    )
+    .unwrap();
+    let said = |text: &str| {
+        text.contains("saved in 4 bits; this base model is 16-bit")
+            && text.contains("peftpipe_base_quantization.json")
+    };
+    let run = |flags: &[&str], source: &[&str]| {
+        peftpipe()
+            .args(flags)
+            .arg("generate")
+            .arg(&model)
+            .arg("--adapter")
+            .arg(&adapter)
+            .args(source)
+            .args(["--max-new-tokens", "4", "--device", "cpu"])
+            .output()
+            .unwrap()
+    };
+    let file = ["--input", input.to_str().unwrap()];
+    let output = run(&["--json"], &file);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    assert!(stderr.contains("warning: ") && said(&stderr), "{stderr}");
+    let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 2);
+    for line in &lines {
+        assert!(line["notes"][0].as_str().is_some_and(said), "{line}");
+    }
+    // --quiet keeps the warning, in both modes.
+    for source in [&file[..], &["--prompt", "Once upon a time"]] {
+        let output = run(&["--quiet"], source);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(output.status.success(), "{stderr}");
+        assert!(
+            stderr.contains("warning: ") && said(&stderr),
+            "{source:?}: {stderr}"
+        );
+    }
+}

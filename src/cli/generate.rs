@@ -4,6 +4,7 @@
 //! [`crate::infer::session::GenerateRequest`]s and hands the results to the reporter (one prompt)
 //! or to the output JSONL (stdout through the reporter, or a file).
 
+use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
@@ -161,7 +162,7 @@ fn generate(global: &GlobalArgs, args: &GenerateArgs) -> Result<u8, Failure> {
     }
     // A bad line fails here, before any model loads or any output is written.
     if let Some(input) = &args.input {
-        let names = OutputFields::named(&args.output_field);
+        let names = output_fields(args, global.json);
         if args.prompt_field == args.output_field {
             return Err(Failure::new(EXIT_INVALID, "--output-field", format!(
                 "--prompt-field and --output-field are both `{}`: the output would overwrite the prompt",
@@ -278,18 +279,40 @@ fn generate(global: &GlobalArgs, args: &GenerateArgs) -> Result<u8, Failure> {
                 "give --prompt TEXT or --input FILE.jsonl".to_string(),
             ));
         };
-        let names = OutputFields::named(&args.output_field);
-        return match generate_file(&model, input, args, &names, sampling) {
-            Ok(count) => {
-                if !global.quiet {
-                    let to = match &args.output {
-                        Some(path) => path.display().to_string(),
-                        None => "stdout".to_string(),
-                    };
-                    report::write_stderr(&format!(
-                        "{count} prompts from {} generated, written to {to}",
-                        input.display()
-                    ));
+        let names = output_fields(args, global.json);
+        let base_note = base_note.as_deref();
+        return match generate_file(&model, input, args, &names, sampling, base_note) {
+            Ok(generated) => {
+                match &args.output {
+                    // The lines are in the file: stdout gets the summary.
+                    Some(path) if global.json => {
+                        let notes: Vec<&str> = base_note
+                            .into_iter()
+                            .chain(generated.stop_notes.keys().map(String::as_str))
+                            .collect();
+                        report::json(&serde_json::json!({
+                            "input": input.display().to_string(),
+                            "output": path.display().to_string(),
+                            "prompts": generated.count,
+                            "notes": notes,
+                        }));
+                    }
+                    _ if global.quiet => {}
+                    to => {
+                        let to = match to {
+                            Some(path) => path.display().to_string(),
+                            None => "stdout".to_string(),
+                        };
+                        let mut text = format!(
+                            "{} prompts from {} generated, written to {to}",
+                            generated.count,
+                            input.display()
+                        );
+                        for (note, lines) in &generated.stop_notes {
+                            text.push_str(&format!("\n  {lines} of them: {note}"));
+                        }
+                        report::write_stderr(&text);
+                    }
                 }
                 Ok(EXIT_OK)
             }
@@ -321,6 +344,24 @@ fn generate(global: &GlobalArgs, args: &GenerateArgs) -> Result<u8, Failure> {
         }
         Err(message) => Err(Failure::new(EXIT_FAILED, "--prompt", message)),
     }
+}
+
+/// The fields `--input` adds to each line; with `--json` also `notes`, as `--prompt --json`
+/// gives them.
+fn output_fields(args: &GenerateArgs, json: bool) -> OutputFields {
+    let names = OutputFields::named(&args.output_field);
+    if json {
+        names.with_notes()
+    } else {
+        names
+    }
+}
+
+/// What [`generate_file`] generated: how many lines, and how many of them each note about how
+/// generation stopped concerns (a sliding window that ended it).
+struct FileGenerated {
+    count: usize,
+    stop_notes: BTreeMap<String, usize>,
 }
 
 /// The 4-bit base --load-in-4bit asks for (checked against a stored 4-bit checkpoint's
@@ -412,14 +453,17 @@ impl Sink {
 }
 
 /// Generate for every line of `input`, `batch_size` lines at a time (read, decoded together as one
-/// batch, written in input order). An error after some lines were written says how many.
+/// batch, written in input order). `base_note` (the adapter's base is not the one its record
+/// describes) goes first in every line's notes. An error after some lines were written says
+/// how many.
 fn generate_file(
     model: &InferenceModel,
     input: &Path,
     args: &GenerateArgs,
     names: &OutputFields,
     sampling: Sampling,
-) -> Result<usize, String> {
+    base_note: Option<&str>,
+) -> Result<FileGenerated, String> {
     // A file is written beside --output and moved over it once every line is there: a run that
     // fails leaves an existing --output as it was, and what it generated in `<output>.partial`.
     let (mut sink, temporary) = match &args.output {
@@ -444,17 +488,30 @@ fn generate_file(
             )
         }
     };
-    let mut written = 0;
-    let result = generate_batches(model, input, args, names, sampling, &mut sink, &mut written);
+    let mut generated = FileGenerated {
+        count: 0,
+        stop_notes: BTreeMap::new(),
+    };
+    let result = generate_batches(
+        model,
+        input,
+        args,
+        names,
+        sampling,
+        base_note,
+        &mut sink,
+        &mut generated,
+    );
     drop(sink);
+    let written = generated.count;
     match (result, temporary, &args.output) {
         (Ok(()), Some(temporary), Some(path)) => {
             temporary
                 .persist(path)
                 .map_err(|e| format!("{}: {}", path.display(), e.error))?;
-            Ok(written)
+            Ok(generated)
         }
-        (Ok(()), _, _) => Ok(written),
+        (Ok(()), _, _) => Ok(generated),
         (Err(message), _, _) if written == 0 => Err(message),
         (Err(message), Some(temporary), Some(path)) => {
             let partial = PathBuf::from(format!("{}.partial", path.display()));
@@ -476,14 +533,19 @@ fn generate_file(
     }
 }
 
+#[expect(
+    clippy::too_many_arguments,
+    reason = "generate_file's settings and its two outputs"
+)]
 fn generate_batches(
     model: &InferenceModel,
     input: &Path,
     args: &GenerateArgs,
     names: &OutputFields,
     sampling: Sampling,
+    base_note: Option<&str>,
     sink: &mut Sink,
-    written: &mut usize,
+    generated: &mut FileGenerated,
 ) -> Result<(), String> {
     let batch_size = usize::try_from(args.batch_size).unwrap_or(usize::MAX);
     let mut lines = PromptLines::open(input, &args.prompt_field, names)?;
@@ -510,9 +572,15 @@ fn generate_batches(
                 }
             })?;
         let mut text = String::new();
-        for (record, output) in batch.into_iter().zip(&outputs) {
+        for (record, mut output) in batch.into_iter().zip(outputs) {
+            for note in &output.notes {
+                *generated.stop_notes.entry(note.clone()).or_default() += 1;
+            }
+            if let Some(note) = base_note {
+                output.notes.insert(0, note.to_string());
+            }
             let line = record.line;
-            let fields = record.with_output(names, output);
+            let fields = record.with_output(names, &output);
             let json = serde_json::to_string(&fields).map_err(|e| {
                 format!("{}:{line}: cannot encode the output: {e}", input.display())
             })?;
@@ -520,6 +588,6 @@ fn generate_batches(
             text.push('\n');
         }
         sink.write(&text)?;
-        *written += count;
+        generated.count += count;
     }
 }

@@ -19,6 +19,9 @@ pub struct OutputFields {
     pub tokens: String,
     /// Why generation ended (`stop_reason`).
     pub stop_reason: String,
+    /// What the line does not say by itself (`notes`, under `--json`: [`GenerateOutput`]'s
+    /// notes); `None`: not written.
+    pub notes: Option<String>,
 }
 
 impl OutputFields {
@@ -28,11 +31,24 @@ impl OutputFields {
             text: text.to_string(),
             tokens: format!("{text}_tokens"),
             stop_reason: "stop_reason".to_string(),
+            notes: None,
         }
     }
 
-    fn all(&self) -> [&str; 3] {
-        [&self.text, &self.tokens, &self.stop_reason]
+    /// These fields and `notes`, as `generate --prompt --json` names them.
+    pub fn with_notes(mut self) -> Self {
+        self.notes = Some("notes".to_string());
+        self
+    }
+
+    fn all(&self) -> Vec<&str> {
+        let mut names = vec![
+            self.text.as_str(),
+            self.tokens.as_str(),
+            self.stop_reason.as_str(),
+        ];
+        names.extend(self.notes.as_deref());
+        names
     }
 }
 
@@ -54,6 +70,9 @@ impl PromptRecord {
             names.stop_reason.clone(),
             serde_json::to_value(output.stop_reason).unwrap_or(Value::Null),
         );
+        if let Some(notes) = &names.notes {
+            fields.insert(notes.clone(), Value::from(output.notes.clone()));
+        }
         fields
     }
 }
@@ -143,9 +162,11 @@ impl<R: BufRead> PromptLines<R> {
             .into_iter()
             .find(|name| fields.contains_key(*name))
         {
+            let added = self.output.all();
+            let (last, first) = added.split_last().unwrap_or((&"", &[]));
             return Err(format!(
-                "{at}: the line already has a field `{taken}`, which the output would overwrite; name the generated field with --output-field (it adds `{}`, `{}` and `{}`)",
-                self.output.text, self.output.tokens, self.output.stop_reason
+                "{at}: the line already has a field `{taken}`, which the output would overwrite; name the generated field with --output-field (it adds `{}` and `{last}`)",
+                first.join("`, `")
             ));
         }
         Ok(PromptRecord {
@@ -281,6 +302,43 @@ mod tests {
         )
         .collect();
         assert_eq!(records[0].as_ref().unwrap().prompt, "a");
+    }
+
+    /// `--json`: every line also carries `notes`, and an input line that has one is refused as
+    /// for the other output fields (never overwritten); without it `notes` is the input's.
+    #[test]
+    fn notes_are_written_and_guarded_only_when_asked_for() {
+        let text = "{\"prompt\": \"a\", \"notes\": \"mine\"}\n{\"prompt\": \"b\"}\n";
+        let read_with = |names: &OutputFields| -> Vec<Result<PromptRecord, String>> {
+            PromptLines::new(text.as_bytes(), Path::new("p.jsonl"), "prompt", names).collect()
+        };
+        let with_notes = OutputFields::named("completion").with_notes();
+        let records = read_with(&with_notes);
+        let error = records[0].as_ref().unwrap_err();
+        assert!(
+            error.starts_with("p.jsonl:1: the line already has a field `notes`")
+                && error.contains("`completion`, `completion_tokens`, `stop_reason` and `notes`"),
+            "{error}"
+        );
+        let output = GenerateOutput {
+            prompt: "b".to_string(),
+            completion: " c".to_string(),
+            token_ids: vec![5],
+            prompt_token_ids: vec![1, 9],
+            stop_reason: StopReason::MaxLength,
+            notes: vec!["stopped at the window".to_string()],
+            context: String::new(),
+        };
+        let line = records[1]
+            .clone()
+            .unwrap()
+            .with_output(&with_notes, &output);
+        assert_eq!(
+            serde_json::to_string(&line).unwrap(),
+            r#"{"prompt":"b","completion":" c","completion_tokens":1,"stop_reason":"max_length","notes":["stopped at the window"]}"#
+        );
+        let plain = read_with(&OutputFields::named("completion"));
+        assert_eq!(plain[0].as_ref().unwrap().fields["notes"], "mine");
     }
 
     #[test]
