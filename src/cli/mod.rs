@@ -135,7 +135,7 @@ pub struct GlobalArgs {
     /// Machine-readable JSON on stdout instead of the human report.
     #[arg(long, global = true)]
     pub json: bool,
-    /// Only errors on stderr.
+    /// Only errors and warnings on stderr (no progress, summaries or notes).
     #[arg(long, short, global = true, conflicts_with = "verbose")]
     pub quiet: bool,
     /// More detail: `-v` every figure in the run summary and info logs, `-vv` debug logs
