@@ -901,3 +901,55 @@ fn a_null_and_the_text_null_are_separate_strata() {
     assert_eq!(stats["splits"]["eval"]["strata"]["null"], 5, "{stats}");
     assert_eq!(stats["splits"]["eval"]["null_stratum"], 5, "{stats}");
 }
+
+/// A JSON-lines record that repeats a key keeps the last value, as Python's `json` (and so
+/// pandas and Hugging Face datasets) does: `{"text": "a", "text": "b"}` is the row `b`, a later
+/// null replaces an earlier value, and nested objects follow the same rule.
+#[test]
+fn a_repeated_jsonl_key_keeps_its_last_value() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("rows.jsonl"),
+        concat!(
+            "{\"text\": \"first\", \"label\": \"x\", \"text\": \"last\"}\n",
+            "{\"text\": \"kept\", \"label\": \"y\", \"label\": null}\n",
+            "{\"text\": \"n\", \"meta\": {\"k\": \"a\", \"k\": \"b\"}}\n",
+            "{\"text\": 1, \"text\": \"typed\"}\n",
+        ),
+    )
+    .unwrap();
+    let out = dir.path().join("out");
+    run(
+        &config("path: rows.jsonl\nshuffle: false\nsplit: {counts: {eval: 0}}\n"),
+        dir.path(),
+        &out,
+        0,
+    )
+    .unwrap();
+    let train = out.join("train.parquet");
+    assert_eq!(
+        column(&train, "text"),
+        [
+            Some("last".into()),
+            Some("kept".into()),
+            Some("n".into()),
+            Some("typed".into())
+        ]
+    );
+    assert_eq!(
+        column(&train, "label"),
+        [Some("x".into()), None, None, None]
+    );
+    let reader =
+        ParquetRecordBatchReaderBuilder::try_new(std::fs::File::open(&train).unwrap()).unwrap();
+    let batch = reader.build().unwrap().next().unwrap().unwrap();
+    let meta = batch
+        .column_by_name("meta")
+        .unwrap()
+        .as_any()
+        .downcast_ref::<arrow::array::StructArray>()
+        .unwrap();
+    let k = arrow::compute::cast(meta.column_by_name("k").unwrap(), &DataType::Utf8).unwrap();
+    let k = k.as_any().downcast_ref::<StringArray>().unwrap();
+    assert_eq!(k.value(2), "b");
+}
