@@ -546,10 +546,8 @@ fn csv_cells_are_read_as_the_text_written_unless_types_says_otherwise() {
     };
     assert_eq!(texts("text"), some(&["007", "010", "5"]));
     assert_eq!(texts("label"), some(&["01", "1.50", "3"]));
-    assert_eq!(
-        texts("flag"),
-        vec![Some("true".into()), Some("FALSE".into()), None]
-    );
+    // An empty cell of a text column is the empty string (pyarrow's default).
+    assert_eq!(texts("flag"), some(&["true", "FALSE", ""]));
     assert_eq!(texts("day"), some(&["2024-01-05", "2024-02-01", "x"]));
 
     // `types` reads chosen columns as values.
@@ -952,4 +950,61 @@ fn a_repeated_jsonl_key_keeps_its_last_value() {
     let k = arrow::compute::cast(meta.column_by_name("k").unwrap(), &DataType::Utf8).unwrap();
     let k = k.as_any().downcast_ref::<StringArray>().unwrap();
     assert_eq!(k.value(2), "b");
+}
+
+/// An empty CSV cell, quoted or not, is the empty string in a text column and null in a typed
+/// one, as pyarrow.csv reads it by default (`strings_can_be_null=False`; `""` is a null value
+/// for other types). pandas would read both as NaN; peftpipe reads with Arrow and follows it.
+#[test]
+fn an_empty_csv_cell_is_an_empty_string_in_text_and_null_in_a_typed_column() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("rows.csv"),
+        "text,n,f,note\n\"\",,,x\na,1,true,\n,2,,\"\"\n",
+    )
+    .unwrap();
+    let out = dir.path().join("out");
+    run(
+        &config("path: rows.csv\nshuffle: false\ntypes: {n: int64, f: boolean, note: string}\nsplit: {counts: {eval: 0}}\n"),
+        dir.path(),
+        &out,
+        0,
+    )
+    .unwrap();
+    let train = out.join("train.parquet");
+    let text = |values: &[Option<&str>]| -> Vec<Option<String>> {
+        values.iter().map(|v| v.map(str::to_string)).collect()
+    };
+    assert_eq!(
+        column(&train, "text"),
+        text(&[Some(""), Some("a"), Some("")])
+    );
+    assert_eq!(column(&train, "n"), text(&[None, Some("1"), Some("2")]));
+    assert_eq!(column(&train, "f"), text(&[None, Some("true"), None]));
+    assert_eq!(
+        column(&train, "note"),
+        text(&[Some("x"), Some(""), Some("")])
+    );
+    // `drop_nulls` keeps rows with an empty text cell; a filter on emptiness drops them.
+    let out = dir.path().join("out-nulls");
+    run(
+        &config("path: rows.csv\nshuffle: false\ncolumns: [text]\ndrop_nulls: true\nsplit: {counts: {eval: 0}}\n"),
+        dir.path(),
+        &out,
+        0,
+    )
+    .unwrap();
+    assert_eq!(column(&out.join("train.parquet"), "text").len(), 3);
+    let out = dir.path().join("out-length");
+    run(
+        &config("path: rows.csv\nshuffle: false\nfilters: [{length: {column: text, min: 1}}]\nsplit: {counts: {eval: 0}}\n"),
+        dir.path(),
+        &out,
+        0,
+    )
+    .unwrap();
+    assert_eq!(
+        column(&out.join("train.parquet"), "text"),
+        text(&[Some("a")])
+    );
 }

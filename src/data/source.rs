@@ -748,7 +748,9 @@ pub fn scan(
 
 /// Read a CSV file into batches of `typed` (its header's columns: text, or the type `types`
 /// gives). Arrow reads every cell as text; typed columns are parsed here, so an error names the
-/// column and the file line. Errors give the file line of the record (not its number: a quoted
+/// column and the file line. An empty cell (`,,` or `""`) is the empty string in a text column
+/// and null in a typed one, as pyarrow.csv reads by default (`strings_can_be_null=False`; pandas
+/// would read NaN for both). Errors give the file line of the record (not its number: a quoted
 /// field may hold line breaks), and a quote never closed is said as such. `on_batch` returns
 /// whether to go on.
 fn read_csv(
@@ -770,8 +772,13 @@ fn read_csv(
         inner: open(path).map_err(StageError::User)?,
         scan: scan.clone(),
     };
+    // Arrow reads an empty cell as null by default; no cell is null here (a pattern that
+    // matches nothing), and typed columns make their empty cells null when parsed.
+    let never_null =
+        regex::Regex::new(r"[^\s\S]").map_err(|e| StageError::Internal(e.to_string()))?;
     let reader = arrow::csv::ReaderBuilder::new(text_schema)
         .with_header(true)
+        .with_null_regex(never_null)
         .with_batch_size(batch_rows)
         .build(tracked)
         .map_err(|e| StageError::user(format!("{key}: {e}")))?;
@@ -860,8 +867,8 @@ fn apply_csv_types(
     RecordBatch::try_new(typed.clone(), columns).map_err(|e| StageError::Internal(e.to_string()))
 }
 
-/// Each cell of a CSV text column parsed (trimmed) by `parse`, nulls kept; a cell it refuses is
-/// `refused(row, cell)`.
+/// Each cell of a CSV text column parsed (trimmed) by `parse`, an empty cell null; a cell it
+/// refuses is `refused(row, cell)`.
 fn parse_cells<T>(
     text: &arrow::array::StringArray,
     parse: impl Fn(&str) -> Option<T>,
@@ -870,7 +877,8 @@ fn parse_cells<T>(
     text.iter()
         .enumerate()
         .map(|(row, cell)| {
-            cell.map(|cell| parse(cell.trim()).ok_or_else(|| refused(row, cell)))
+            cell.filter(|cell| !cell.is_empty())
+                .map(|cell| parse(cell.trim()).ok_or_else(|| refused(row, cell)))
                 .transpose()
         })
         .collect()
