@@ -4,7 +4,9 @@
 //! validates renders under the same rules.
 //!
 //! Rules (documented for users in the template stage): undefined variables are errors (strict),
-//! printing a null cell is an error (`{% if x %}` still works on nulls), no autoescaping, one
+//! printing a null cell is an error (`{% if x %}` still works on nulls), and so is printing or
+//! `join`ing a list or map that holds a null (minijinja would write `none`, jinja2 `None`: a word
+//! no row holds), no autoescaping, one
 //! trailing newline of a template is dropped (as in Jinja2), Python string methods (`.strip()`,
 //! `.upper()`, …) work through minijinja-contrib's pycompat, and `{% include %}` /
 //! `{% import %}` / `{% from %}` / `{% extends %}` name their template with a string literal
@@ -18,7 +20,8 @@
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
-use minijinja::{Environment, Error, ErrorKind, UndefinedBehavior};
+use minijinja::value::{StringInput, Value, ValueKind};
+use minijinja::{Environment, Error, ErrorKind, State, UndefinedBehavior};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
@@ -124,12 +127,73 @@ pub fn row_environment(includes: &Includes, fuel: Option<u64>) -> Environment<'s
         if value.is_none() {
             return Err(Error::new(
                 ErrorKind::InvalidOperation,
-                "the value is null (test it with `{% if … %}` or use `| default(…)`)",
+                "the value is null (test it with `{% if … %}` or use `| default('…', true)`)",
             ));
         }
+        refuse_nested_nulls(value)?;
         minijinja::escape_formatter(out, state, value)
     });
+    env.add_filter("join", join_without_nulls);
     env
+}
+
+/// Error when `value` (a list or map) holds a null, or a value that cannot be written, at any
+/// depth: printed, minijinja would write it as `none` (or an error's text).
+fn refuse_nested_nulls(value: &Value) -> Result<(), Error> {
+    match nested_null(value, 0) {
+        Some(path) => Err(Error::new(
+            ErrorKind::InvalidOperation,
+            format!(
+                "the value holds a null at {path} (drop nulls with `| reject('none')`, replace \
+                 them with `| map('default', '…', true)`, or test with `{{% if … %}}`)"
+            ),
+        )),
+        None => Ok(()),
+    }
+}
+
+/// Lists and maps nested deeper than this are not searched for nulls.
+const NULL_SEARCH_DEPTH: usize = 32;
+
+/// Where the first null (or invalid value) inside a list or map is (`[1]`, `["k"][0]`).
+/// Lazy iterables are not walked (iterating may consume them).
+fn nested_null(value: &Value, depth: usize) -> Option<String> {
+    if depth >= NULL_SEARCH_DEPTH {
+        return None;
+    }
+    let check = |item: &Value, at: String| -> Option<String> {
+        if item.is_none() || item.kind() == ValueKind::Invalid {
+            return Some(at);
+        }
+        nested_null(item, depth + 1).map(|rest| format!("{at}{rest}"))
+    };
+    match value.kind() {
+        ValueKind::Seq => value
+            .try_iter()
+            .ok()?
+            .enumerate()
+            .find_map(|(index, item)| check(&item, format!("[{index}]"))),
+        ValueKind::Map => value.try_iter().ok()?.find_map(|key| {
+            let item = value.get_item(&key).ok()?;
+            check(&item, format!("[{key:?}]"))
+        }),
+        _ => None,
+    }
+}
+
+/// minijinja's `join`, refusing a null among the items (it would write `none`).
+fn join_without_nulls(
+    state: &State,
+    value: &Value,
+    joiner: Option<StringInput<'_>>,
+) -> Result<Value, Error> {
+    if matches!(value.kind(), ValueKind::Seq | ValueKind::Iterable) {
+        // Collected once: a lazy iterable (`reject`'s output) may be iterable only once.
+        let items = Value::from(value.try_iter()?.collect::<Vec<_>>());
+        refuse_nested_nulls(&items)?;
+        return minijinja::filters::join(state, &items, joiner);
+    }
+    minijinja::filters::join(state, value, joiner)
 }
 
 /// The loader: a tracked name, confined to the project, read as a bounded regular file.
@@ -376,6 +440,8 @@ pub fn undeclared_variables(env: &Environment<'_>, name: &str) -> Result<BTreeSe
 
 #[cfg(test)]
 mod tests {
+    use minijinja::Value;
+
     use super::*;
 
     /// Release builds too: the error must still carry the failing expression's span.
@@ -478,6 +544,50 @@ mod tests {
             render(&allowed, "{% include 'link.j2' %}").unwrap(),
             "secret"
         );
+    }
+
+    /// A null printed at the top level is an error (strict); one inside a list or map, printed
+    /// or joined, was written as minijinja's `none` (jinja2 writes `None`): both put a word no
+    /// row holds into a training prompt, so they are errors too, naming where the null is.
+    #[test]
+    fn nulls_inside_printed_or_joined_values_are_errors_like_top_level_nulls() {
+        let render = |source: &str| {
+            let mut env = row_environment(&Includes::none(Path::new(".")), Some(DEFAULT_FUEL));
+            env.add_template_owned("row", source.to_string()).unwrap();
+            let tags = vec![Value::from("a"), Value::from(()), Value::from("b")];
+            let meta = Value::from_iter([("k", Value::from(())), ("j", Value::from(1))]);
+            env.get_template("row")
+                .unwrap()
+                .render(minijinja::context! { x => (), tags => tags, meta => meta, ok => vec!["a", "b"] })
+                .map_err(|e| e.detail().unwrap_or_default().to_string())
+        };
+        let error = render("{{ x }}").unwrap_err();
+        assert!(error.contains("null"), "{error}");
+        // The hint's remedy works: `default` replaces a null only with its second argument
+        // true (as in jinja2).
+        assert!(error.contains("default('…', true)"), "{error}");
+        assert_eq!(render("{{ x | default('?', true) }}").unwrap(), "?");
+        let error = render("{{ tags | join(', ') }}").unwrap_err();
+        assert!(error.contains("null") && error.contains("[1]"), "{error}");
+        let error = render("{{ tags }}").unwrap_err();
+        assert!(error.contains("null") && error.contains("[1]"), "{error}");
+        let error = render("{{ meta }}").unwrap_err();
+        assert!(error.contains("null") && error.contains("k"), "{error}");
+        // Filtered out or replaced, the rest renders; tojson writes JSON's null.
+        assert_eq!(
+            render("{{ tags | reject('none') | join(', ') }}").unwrap(),
+            "a, b"
+        );
+        assert_eq!(
+            render("{{ tags | map('default', '?', true) | join(',') }}").unwrap(),
+            "a,?,b"
+        );
+        assert_eq!(render("{{ tags | tojson }}").unwrap(), "[\"a\",null,\"b\"]");
+        assert_eq!(
+            render("{{ ok | join('+') }}{{ ok }}").unwrap(),
+            "a+b[\"a\", \"b\"]"
+        );
+        assert_eq!(render("{{ 'abc' | join('-') }}").unwrap(), "a-b-c");
     }
 
     #[test]
