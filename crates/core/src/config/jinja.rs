@@ -20,6 +20,7 @@
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
+use minijinja::machinery::Instruction;
 use minijinja::value::{StringInput, Value, ValueKind};
 use minijinja::{Environment, Error, ErrorKind, State, UndefinedBehavior};
 use schemars::JsonSchema;
@@ -194,6 +195,163 @@ fn join_without_nulls(
         return minijinja::filters::join(state, &items, joiner);
     }
     minijinja::filters::join(state, value, joiner)
+}
+
+/// minijinja's built-in filters (the `builtins` feature): did-you-mean candidates for a filter
+/// the environment lacks. A test checks that each one is provided.
+pub const FILTER_NAMES: &[&str] = &[
+    "abs",
+    "attr",
+    "batch",
+    "bool",
+    "capitalize",
+    "chain",
+    "count",
+    "d",
+    "default",
+    "dictsort",
+    "e",
+    "escape",
+    "first",
+    "float",
+    "format",
+    "groupby",
+    "indent",
+    "int",
+    "items",
+    "join",
+    "last",
+    "length",
+    "lines",
+    "list",
+    "lower",
+    "map",
+    "max",
+    "min",
+    "pprint",
+    "reject",
+    "rejectattr",
+    "replace",
+    "reverse",
+    "round",
+    "safe",
+    "select",
+    "selectattr",
+    "slice",
+    "sort",
+    "split",
+    "string",
+    "sum",
+    "title",
+    "tojson",
+    "trim",
+    "unique",
+    "upper",
+    "zip",
+];
+
+/// minijinja's built-in tests, as [`FILTER_NAMES`].
+pub const TEST_NAMES: &[&str] = &[
+    "boolean",
+    "defined",
+    "divisibleby",
+    "endingwith",
+    "eq",
+    "equalto",
+    "escaped",
+    "even",
+    "false",
+    "filter",
+    "float",
+    "ge",
+    "greaterthan",
+    "gt",
+    "in",
+    "int",
+    "integer",
+    "iterable",
+    "le",
+    "lessthan",
+    "lower",
+    "lt",
+    "mapping",
+    "ne",
+    "none",
+    "number",
+    "odd",
+    "safe",
+    "sameas",
+    "sequence",
+    "startingwith",
+    "string",
+    "test",
+    "true",
+    "undefined",
+    "upper",
+];
+
+/// A filter or test a template names that its environment does not provide.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UnknownCallable {
+    /// `filter` or `test`.
+    pub kind: &'static str,
+    pub name: String,
+    /// 1-based line in the template (0: unknown).
+    pub line: usize,
+}
+
+/// Every filter and test template `name` (compiled in `env`) names that `env` does not provide,
+/// each once, in order — whether or not a rendering would reach it (branches, macros,
+/// `{% filter %}` blocks). minijinja looks them up only when it runs them, so without this a
+/// template using jinja2's `truncate` validates and fails on the first row that reaches it.
+/// Templates it includes are not followed.
+pub fn unknown_filters_and_tests(
+    env: &Environment<'_>,
+    name: &str,
+) -> Result<Vec<UnknownCallable>, Error> {
+    let template = env.get_template(name)?;
+    let compiled = minijinja::machinery::get_compiled_template(&template);
+    let mut seen = BTreeSet::new();
+    let mut unknown = Vec::new();
+    for instructions in std::iter::once(&compiled.instructions).chain(compiled.blocks.values()) {
+        for index in 0..u32::try_from(instructions.len()).unwrap_or(u32::MAX) {
+            let (kind, written) = match instructions.get(index) {
+                Some(Instruction::ApplyFilter(written, _, _)) => ("filter", *written),
+                Some(Instruction::PerformTest(written, _, _)) => ("test", *written),
+                _ => continue,
+            };
+            // As minijinja looks it up.
+            let called: String = written
+                .chars()
+                .filter(|c| !c.is_ascii_whitespace())
+                .collect();
+            if !seen.insert((kind, called.clone())) || provides(env, kind, &called) {
+                continue;
+            }
+            unknown.push(UnknownCallable {
+                kind,
+                name: called,
+                line: instructions.get_line(index).unwrap_or(0),
+            });
+        }
+    }
+    Ok(unknown)
+}
+
+/// Whether `env` has the filter or test `name`: a one-expression probe fails to find it or not
+/// (any other outcome, a syntax error included, counts as found).
+fn provides(env: &Environment<'_>, kind: &str, name: &str) -> bool {
+    let probe = match kind {
+        "filter" => format!("{{% set probe = none | {name} %}}"),
+        _ => format!("{{% set probe = none is {name} %}}"),
+    };
+    match env.render_str(&probe, ()) {
+        Ok(_) => true,
+        Err(error) => !matches!(
+            error.kind(),
+            ErrorKind::UnknownFilter | ErrorKind::UnknownTest
+        ),
+    }
 }
 
 /// The loader: a tracked name, confined to the project, read as a bounded regular file.
@@ -588,6 +746,19 @@ mod tests {
             "a+b[\"a\", \"b\"]"
         );
         assert_eq!(render("{{ 'abc' | join('-') }}").unwrap(), "a-b-c");
+    }
+
+    #[test]
+    fn every_listed_filter_and_test_is_provided() {
+        let env = row_environment(&Includes::none(Path::new(".")), Some(DEFAULT_FUEL));
+        for name in FILTER_NAMES {
+            assert!(provides(&env, "filter", name), "filter {name}");
+        }
+        for name in TEST_NAMES {
+            assert!(provides(&env, "test", name), "test {name}");
+        }
+        assert!(!provides(&env, "filter", "truncate"));
+        assert!(!provides(&env, "test", "divisible_by"));
     }
 
     #[test]

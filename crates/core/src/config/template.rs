@@ -18,8 +18,8 @@ use serde::{Deserialize, Serialize};
 use super::chat_template::{load_chat_template, ChatTemplateSource};
 use super::ingest::IngestConfig;
 use super::jinja::{
-    row_environment, template_references, undeclared_variables, Includes, RenderLimits,
-    TemplateReference,
+    row_environment, template_references, undeclared_variables, unknown_filters_and_tests,
+    Includes, RenderLimits, TemplateReference, FILTER_NAMES, TEST_NAMES,
 };
 use super::paths::{confine_template, read_template_file};
 use super::problem::did_you_mean;
@@ -871,6 +871,38 @@ impl StageSpec for TemplateConfig {
             .iter()
             .any(|(source, _)| !super::jinja::template_references(&source.source).is_empty());
         for (name, key) in compiled {
+            // minijinja looks filters and tests up only when it runs them: one the environment
+            // lacks (jinja2's `truncate`) would fail on the first row that reaches it.
+            for unknown in unknown_filters_and_tests(&env, &name).unwrap_or_default() {
+                let candidates = if unknown.kind == "filter" {
+                    FILTER_NAMES
+                } else {
+                    TEST_NAMES
+                };
+                let line = match unknown.line {
+                    0 => String::new(),
+                    line => format!(" (line {line})"),
+                };
+                let hint = match did_you_mean(&unknown.name, candidates.iter().copied()) {
+                    Some(close) => format!("did you mean `{close}`? "),
+                    None => String::new(),
+                };
+                problems.push(
+                    Problem::new(
+                        format!("{at}.{key}"),
+                        format!(
+                            "the template uses {} `{}`{line}, which peftpipe's templates do not provide: rendering would fail on the first row that reaches it",
+                            unknown.kind, unknown.name
+                        ),
+                    )
+                    .about_value()
+                    .with_hint(format!(
+                        "{hint}templates render with minijinja's built-in {kind}s ({}), not all of jinja2's",
+                        candidates.join(", "),
+                        kind = unknown.kind
+                    )),
+                );
+            }
             let variables = match undeclared_variables(&env, &name) {
                 Ok(variables) => variables,
                 Err(error) => {
@@ -1054,6 +1086,48 @@ mod tests {
             problems[0].message.contains("evaluation rows"),
             "{problems:?}"
         );
+    }
+
+    /// Regression: a filter or test the row environment lacks (jinja2's `truncate`,
+    /// `wordcount`, `is divisible_by`) passed validate and failed only at run, on the first row
+    /// that reached it. Every filter and test a template names is checked, in branches no row
+    /// may take, macros and `{% filter %}` blocks included.
+    #[test]
+    fn filters_and_tests_the_environment_lacks_are_reported() {
+        let stage = "      prompt: \"{% if label == 'x' %}{{ text | truncate(10) }}{% endif %}{% macro m(v) %}{{ v | wordcount }}{% endmacro %}\"\n      completion: \"{% filter bogus_upper %}{{ label }}{% endfilter %}{% if label is divisible_by(3) %}x{% endif %}\"\n";
+        let problems = check(&format!("{HEADER}{stage}"), &["text", "label"]);
+        let messages: Vec<(&str, &str)> = problems
+            .iter()
+            .map(|p| (p.path.as_str(), p.message.as_str()))
+            .collect();
+        assert_eq!(problems.len(), 4, "{messages:?}");
+        for (path, name) in [
+            ("stages.prompts.template.prompt", "filter `truncate`"),
+            ("stages.prompts.template.prompt", "filter `wordcount`"),
+            ("stages.prompts.template.completion", "filter `bogus_upper`"),
+            ("stages.prompts.template.completion", "test `divisible_by`"),
+        ] {
+            assert!(
+                messages
+                    .iter()
+                    .any(|(p, m)| *p == path && m.contains(name) && m.contains("line 1")),
+                "{name}: {messages:?}"
+            );
+        }
+        let test = problems
+            .iter()
+            .find(|p| p.message.contains("divisible_by"))
+            .unwrap();
+        assert!(
+            test.hint
+                .as_deref()
+                .is_some_and(|hint| hint.contains("did you mean `divisibleby`")),
+            "{test:?}"
+        );
+        // Built-in filters and tests (minijinja's, jinja2's names) are fine.
+        let stage = "      prompt: \"{{ examples | selectattr('label', 'eq', 'x') | map(attribute='text') | join(', ') }}{{ text | trim | lower | replace('a', 'b') }}{% if label is none or label is divisibleby(2) or label is not defined %}{% endif %}{{ text | default('') | tojson }}\"\n      completion: \"{{ label | upper }}\"\n      few_shot: {k: 2}\n";
+        let problems = check(&format!("{HEADER}{stage}"), &["text", "label"]);
+        assert!(problems.is_empty(), "{problems:?}");
     }
 
     #[test]
