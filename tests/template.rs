@@ -586,3 +586,67 @@ fn template_files_outside_the_project_need_the_flag_at_run_time() {
         );
     }
 }
+
+/// A binary column is refused when a template reads it, with an error naming the column and the
+/// row (it rendered as hex digits; jinja2 would write `b'...'`): neither is text a prompt should
+/// hold. A template that does not read it renders as usual.
+#[test]
+fn a_binary_column_read_by_a_template_is_an_error_naming_the_column() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("data");
+    std::fs::create_dir_all(&input).unwrap();
+    let schema = Arc::new(Schema::new(vec![
+        Field::new("text", DataType::Utf8, true),
+        Field::new("blob", DataType::Binary, true),
+    ]));
+    let columns: Vec<ArrayRef> = vec![
+        Arc::new(StringArray::from(vec!["a", "b"])),
+        Arc::new(arrow::array::BinaryArray::from(vec![
+            b"hi".as_slice(),
+            b"\x00\xff".as_slice(),
+        ])),
+    ];
+    let batch = RecordBatch::try_new(schema.clone(), columns).unwrap();
+    let mut writer = ArrowWriter::try_new(
+        std::fs::File::create(input.join("train.parquet")).unwrap(),
+        schema,
+        None,
+    )
+    .unwrap();
+    writer.write(&batch).unwrap();
+    writer.close().unwrap();
+    for prompt in [
+        "{{ blob }}",
+        "{% if blob %}x{% endif %}",
+        "{{ blob | length }}",
+    ] {
+        let error = run(
+            &config(&format!(
+                "input: data\nprompt: \"{prompt}\"\ncompletion: \"{{{{ text }}}}\"\n"
+            )),
+            dir.path(),
+            &input,
+            &dir.path().join("out"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            error.contains("split train, row 0")
+                && error.contains("column `blob`")
+                && error.contains("binary"),
+            "{prompt}: {error}"
+        );
+    }
+    let out = dir.path().join("ok");
+    run(
+        &config("input: data\nprompt: \"{{ text }}\"\ncompletion: \"!\"\ncarry: [blob]\n"),
+        dir.path(),
+        &input,
+        &out,
+    )
+    .unwrap();
+    assert_eq!(
+        read(&out.join("train.parquet"), "prompt"),
+        [Some("a".into()), Some("b".into())]
+    );
+}

@@ -56,7 +56,7 @@ impl BatchColumns {
     /// A column's cell as a template value (None: no such column).
     pub fn cell(&self, column: &str, row: usize) -> Option<Value> {
         let index = *self.index.get(column)?;
-        Some(cell_value(self.arrays[index].as_ref(), row))
+        Some(column_cell_value(self.arrays[index].as_ref(), row, column))
     }
 
     /// All cells of a row as an owned map (for few-shot demonstrations kept across batches).
@@ -65,7 +65,7 @@ impl BatchColumns {
             .names
             .iter()
             .zip(&self.arrays)
-            .map(|(name, array)| (name.clone(), cell_value(array.as_ref(), row)))
+            .map(|(name, array)| (name.clone(), column_cell_value(array.as_ref(), row, name)))
             .collect();
         Value::from_iter(map)
     }
@@ -109,8 +109,19 @@ impl Object for RowContext {
 }
 
 /// A cell as a template value: strings, integers, floats, booleans, lists and structs map to
-/// their template equivalents, nulls to `none`, anything else to its display text.
+/// their template equivalents, nulls to `none`, binary data to a value that fails when a
+/// template reads it (see [`column_cell_value`]), anything else to its display text.
 pub fn cell_value(array: &dyn Array, row: usize) -> Value {
+    column_cell_value(array, row, "")
+}
+
+/// [`cell_value`] of a cell of `column` (named when a template reads binary data from it).
+///
+/// Binary cells (Arrow `Binary`, `LargeBinary`, `BinaryView`, `FixedSizeBinary`, also inside
+/// lists and structs) are refused rather than written: their display text is hex digits, and
+/// jinja2 would write `b'...'`; neither belongs in a prompt. Reading one (printing it, testing
+/// it, passing it to a filter) is an error naming the column; a null binary cell is `none`.
+pub fn column_cell_value(array: &dyn Array, row: usize, column: &str) -> Value {
     if array.is_null(row) {
         return Value::from(());
     }
@@ -129,18 +140,30 @@ pub fn cell_value(array: &dyn Array, row: usize) -> Value {
         DataType::UInt64 => Value::from(array.as_primitive::<UInt64Type>().value(row)),
         DataType::Float32 => Value::from(array.as_primitive::<Float32Type>().value(row)),
         DataType::Float64 => Value::from(array.as_primitive::<Float64Type>().value(row)),
-        DataType::List(_) => list_value(array.as_list::<i32>().value(row).as_ref()),
-        DataType::LargeList(_) => list_value(array.as_list::<i64>().value(row).as_ref()),
+        DataType::List(_) => list_value(array.as_list::<i32>().value(row).as_ref(), column),
+        DataType::LargeList(_) => list_value(array.as_list::<i64>().value(row).as_ref(), column),
         DataType::Struct(fields) => {
             let structure = array.as_struct();
             Value::from_iter(
                 fields
                     .iter()
                     .zip(structure.columns())
-                    .map(|(f, c)| (f.name().clone(), cell_value(c.as_ref(), row)))
+                    .map(|(f, c)| (f.name().clone(), column_cell_value(c.as_ref(), row, column)))
                     .collect::<Vec<_>>(),
             )
         }
+        data_type @ (DataType::Binary
+        | DataType::LargeBinary
+        | DataType::BinaryView
+        | DataType::FixedSizeBinary(_)) => Value::from(Error::new(
+            ErrorKind::InvalidOperation,
+            format!(
+                "column `{column}` holds binary data ({data_type}), which a template cannot \
+                 write as text: convert it to a string column before the template stage (a \
+                 Parquet writer may store text as plain binary: Spark's \
+                 spark.sql.parquet.binaryAsString), or leave it out of the template"
+            ),
+        )),
         _ => match arrow::util::display::array_value_to_string(array, row) {
             Ok(text) => Value::from(text),
             Err(_) => Value::from(()),
@@ -148,10 +171,10 @@ pub fn cell_value(array: &dyn Array, row: usize) -> Value {
     }
 }
 
-fn list_value(values: &dyn Array) -> Value {
+fn list_value(values: &dyn Array, column: &str) -> Value {
     Value::from(
         (0..values.len())
-            .map(|i| cell_value(values, i))
+            .map(|i| column_cell_value(values, i, column))
             .collect::<Vec<_>>(),
     )
 }
