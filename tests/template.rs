@@ -14,7 +14,7 @@ use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use parquet::arrow::ArrowWriter;
 use peftpipe::config::{StageConfig, TemplateConfig};
 use peftpipe::data::chat::{ChatTemplate, ChatTemplateSource, Message};
-use peftpipe::stages::{self, NullSink, RunOptions, StageContext, StageError};
+use peftpipe::stages::{self, NullSink, RunOptions, StageContext, StageError, StageOutcome};
 
 fn write_split(path: &Path, ids: std::ops::Range<i64>) {
     let texts: Vec<Option<String>> = ids
@@ -76,6 +76,7 @@ fn run(
         &RunOptions::default(),
         &AtomicBool::new(false),
     )
+    .map(|_| ())
 }
 
 fn run_with(
@@ -85,7 +86,7 @@ fn run_with(
     out: &Path,
     options: &RunOptions,
     cancel: &AtomicBool,
-) -> Result<(), StageError> {
+) -> Result<StageOutcome, StageError> {
     std::fs::create_dir_all(out).unwrap();
     let upstream: BTreeMap<String, std::path::PathBuf> =
         [("data".to_string(), input.to_path_buf())].into();
@@ -104,9 +105,7 @@ fn run_with(
         checkpoint_dir: None,
         resume: true,
     };
-    stages::build(&StageConfig::Template(config.clone()))
-        .run(&ctx)
-        .map(|_| ())
+    stages::build(&StageConfig::Template(config.clone())).run(&ctx)
 }
 
 fn read(path: &Path, name: &str) -> Vec<Option<String>> {
@@ -585,6 +584,40 @@ fn template_files_outside_the_project_need_the_flag_at_run_time() {
             Some("outside 0")
         );
     }
+}
+
+/// Rows whose prompt or completion renders empty (or only whitespace) are counted per split in
+/// template.json and in the stage's figures, so a template that leaves rows blank is seen.
+#[test]
+fn rows_rendered_empty_are_counted() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = input_artifact(dir.path());
+    let out = dir.path().join("out");
+    // Eval row 1002 has a null text; train rows with an id divisible by 10 get no completion.
+    let config = config(
+        "input: data\nprompt: \"{{ text if text else ' ' }}\"\ncompletion: \"{{ label if id % 10 else '' }}\"\n",
+    );
+    let outcome = run_with(
+        &config,
+        dir.path(),
+        &input,
+        &out,
+        &RunOptions::default(),
+        &AtomicBool::new(false),
+    )
+    .unwrap();
+    assert_eq!(outcome.summary["empty_prompts"], 1, "{:?}", outcome.summary);
+    assert_eq!(
+        outcome.summary["empty_completions"], 5,
+        "{:?}",
+        outcome.summary
+    );
+    let record: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("template.json")).unwrap()).unwrap();
+    assert_eq!(record["empty_prompts"]["eval"], 1, "{record}");
+    assert_eq!(record["empty_prompts"]["train"], 0, "{record}");
+    assert_eq!(record["empty_completions"]["train"], 4, "{record}");
+    assert_eq!(record["empty_completions"]["eval"], 1, "{record}");
 }
 
 /// A binary column is refused when a template reads it, with an error naming the column and the

@@ -7,7 +7,9 @@
 //!   `completion` separately and puts the loss on completion tokens only), followed by the carried
 //!   columns (`label`, then `carry`) with their input types. Row order is the input's.
 //! * `template.json`: the resolved template sources (inline or from files, the chat template with
-//!   its special tokens), the few-shot settings and the rows per split.
+//!   its special tokens), the few-shot settings, the rows per split and, per split, how many rows
+//!   rendered an empty prompt or completion (empty or only whitespace). The stage's figures
+//!   give the totals (`empty_prompts`, `empty_completions`) and a note says when there are any.
 //!
 //! With a chat template, `prompt` is the rendering of the conversation up to the user turn with
 //! `add_generation_prompt=true` (it may begin with the template's `bos_token` text: tokenize it
@@ -29,7 +31,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use arrow::array::{ArrayRef, RecordBatch, StringBuilder};
+use arrow::array::{ArrayRef, AsArray, RecordBatch, StringBuilder};
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use minijinja::value::Value;
 use minijinja::Environment;
@@ -322,6 +324,20 @@ struct TemplateRecord<'a> {
     few_shot: Option<&'a FewShotConfig>,
     carried: Vec<String>,
     rows: BTreeMap<String, u64>,
+    /// Rows per split whose prompt is empty or only whitespace.
+    empty_prompts: BTreeMap<String, u64>,
+    /// Rows per split whose completion is empty or only whitespace.
+    empty_completions: BTreeMap<String, u64>,
+}
+
+/// Rows of a rendered column (`prompt` or `completion`) that are empty or only whitespace.
+fn blank_rows(rendered: &ArrayRef) -> u64 {
+    rendered.as_string_opt::<i32>().map_or(0, |strings| {
+        strings
+            .iter()
+            .filter(|value| value.is_none_or(|text| text.trim().is_empty()))
+            .count() as u64
+    })
 }
 
 /// The output schema: rendered columns then carried ones (with their input types).
@@ -371,12 +387,15 @@ impl Stage for TemplateStage {
             total += parquet_row_count(&input_dir.join(format!("{split}.parquet")))?;
         }
         let mut rows_per_split = BTreeMap::new();
+        let mut empty_prompts = BTreeMap::new();
+        let mut empty_completions = BTreeMap::new();
         let mut done = 0u64;
         for split in splits {
             let input = input_dir.join(format!("{split}.parquet"));
             let output = ctx.out_dir.join(format!("{split}.parquet"));
             let mut sink: Option<ParquetSink> = None;
             let mut row = 0u64;
+            let (mut blank_prompts, mut blank_completions) = (0u64, 0u64);
             let schema = read_artifact(&input, |batch| {
                 ctx.check_cancel()?;
                 if sink.is_none() {
@@ -387,6 +406,8 @@ impl Stage for TemplateStage {
                     )?);
                 }
                 let rendered = renderer.render_columns(&batch, split, row, ctx.cancel)?;
+                blank_prompts += blank_rows(&rendered[0]);
+                blank_completions += blank_rows(&rendered[1]);
                 let out = assemble(&batch, rendered, &carried)?;
                 if let Some(sink) = sink.as_mut() {
                     sink.write(&out)?;
@@ -408,6 +429,8 @@ impl Stage for TemplateStage {
                 }
             };
             rows_per_split.insert(split.to_string(), sink.finish()?);
+            empty_prompts.insert(split.to_string(), blank_prompts);
+            empty_completions.insert(split.to_string(), blank_completions);
         }
         write_json(
             &ctx.out_dir.join("template.json"),
@@ -416,11 +439,53 @@ impl Stage for TemplateStage {
                 few_shot: self.config.few_shot.as_ref(),
                 carried,
                 rows: rows_per_split.clone(),
+                empty_prompts: empty_prompts.clone(),
+                empty_completions: empty_completions.clone(),
             },
         )?;
         let mut summary = BTreeMap::new();
         for (split, rows) in rows_per_split {
             summary.insert(format!("{split}_rows"), rows.into());
+        }
+        let total_prompts: u64 = empty_prompts.values().sum();
+        let total_completions: u64 = empty_completions.values().sum();
+        summary.insert("empty_prompts".into(), total_prompts.into());
+        summary.insert("empty_completions".into(), total_completions.into());
+        if total_prompts + total_completions > 0 {
+            let per_split = |counts: &BTreeMap<String, u64>| {
+                counts
+                    .iter()
+                    .filter(|(_, n)| **n > 0)
+                    .map(|(split, n)| format!("{split} {n}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            };
+            let rows = |n: u64| {
+                if n == 1 {
+                    "1 row".to_string()
+                } else {
+                    format!("{n} rows")
+                }
+            };
+            let mut parts = Vec::new();
+            if total_prompts > 0 {
+                parts.push(format!(
+                    "{} rendered an empty prompt ({})",
+                    rows(total_prompts),
+                    per_split(&empty_prompts)
+                ));
+            }
+            if total_completions > 0 {
+                parts.push(format!(
+                    "{} rendered an empty completion ({})",
+                    rows(total_completions),
+                    per_split(&empty_completions)
+                ));
+            }
+            ctx.progress.note(format!(
+                "{} (empty or only whitespace; see template.json)",
+                parts.join("; ")
+            ));
         }
         Ok(StageOutcome { summary })
     }
