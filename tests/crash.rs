@@ -250,7 +250,7 @@ fn damaged_note(checkpoint: &std::path::Path) -> String {
 /// Regression: a killed run's checkpoint damaged in place (same size, bits flipped in the
 /// adapter's floats) was resumed silently, and the wrong adapter cached under the fingerprint a
 /// clean run has. The rerun must say the checkpoint is damaged, not resume it, and leave what a
-/// clean run leaves.
+/// clean run leaves. It says so as a warning, which `--quiet` keeps (notes it drops).
 #[test]
 fn a_checkpoint_damaged_after_a_kill_is_not_resumed_and_the_rerun_matches_a_clean_run() {
     let project = TrainProject::new();
@@ -258,7 +258,7 @@ fn a_checkpoint_damaged_after_a_kill_is_not_resumed_and_the_rerun_matches_a_clea
     project.wipe();
     let newest = kill_and_damage_newest_checkpoint(&project);
 
-    let run = project.run_ok("pipeline.yaml", &[]);
+    let run = project.run_ok("pipeline.yaml", &["--quiet"]);
     let note = damaged_note(&newest);
     assert!(run.stderr.contains(&note), "no note:\n{}", run.stderr);
     assert_eq!(

@@ -328,3 +328,36 @@ fn an_outside_adapter_published_by_the_same_pipeline_is_refused() {
     let output = project.run(&["validate", "external.yaml"]);
     assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
 }
+
+/// An adapter whose adapter_config.json names another base than the one it is scored on is
+/// scored, with a warning naming both, which `--quiet` keeps (it used to be a note, which
+/// `--quiet` dropped).
+#[test]
+fn an_adapter_over_another_base_is_scored_with_a_warning_quiet_keeps() {
+    let project = TrainProject::new();
+    project.run_ok("pipeline.yaml", &[]);
+    let folder = project.path("other-base");
+    std::fs::create_dir_all(&folder).unwrap();
+    for file in ["adapter_config.json", "adapter_model.safetensors"] {
+        std::fs::copy(
+            project.path("exported/adapter").join(file),
+            folder.join(file),
+        )
+        .unwrap();
+    }
+    let config_path = folder.join("adapter_config.json");
+    let mut config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&config_path).unwrap()).unwrap();
+    config["base_model_name_or_path"] = "someone/another-model".into();
+    std::fs::write(&config_path, config.to_string()).unwrap();
+    project.write("external.yaml", &external_pipeline(&["other-base"]));
+    let run = project.run_ok("external.yaml", &["--quiet"]);
+    assert_eq!(run.status("external"), "ran");
+    for text in [
+        "Warning external:",
+        "base_model_name_or_path is `someone/another-model`",
+        "only meaningful on the model it was trained on",
+    ] {
+        assert!(run.stderr.contains(text), "no `{text}` in:\n{}", run.stderr);
+    }
+}

@@ -83,6 +83,11 @@ impl RunReporter {
         if self.quiet {
             return;
         }
+        self.line_always(text);
+    }
+
+    /// [`Self::line`], also when quiet.
+    fn line_always(&self, text: String) {
         match &self.multi {
             Some(multi) => {
                 let _ = multi.println(text);
@@ -200,6 +205,11 @@ impl EventSink for RunReporter {
             ExecEvent::StageNote { stage, message } => {
                 self.line(format!("{} {stage}: {message}", style.verb("Note", CYAN)))
             }
+            // Shown even when quiet, as `report::warning` is.
+            ExecEvent::StageWarning { stage, message } => self.line_always(format!(
+                "{} {stage}: {message}",
+                style.verb("Warning", YELLOW)
+            )),
             ExecEvent::StageFinished(report) => {
                 self.finish_bar(&report.name);
                 self.line(finished_line(&style, &report));

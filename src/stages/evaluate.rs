@@ -1303,7 +1303,7 @@ impl Stage for EvaluateStage {
         }
         for (name, adapter_dir, quantization, note) in externals {
             if let Some(warning) = base_mismatch(&adapter_dir, &base_path, config)? {
-                ctx.progress.note(warning);
+                ctx.progress.warning(warning);
             }
             if let Some(note) = note {
                 ctx.progress.note(note);
@@ -1417,7 +1417,7 @@ fn base_mismatch(
         return Ok(None);
     }
     Ok(Some(format!(
-        "warning: {}: base_model_name_or_path is `{recorded}`, but the adapter is evaluated on {}; its figures are only meaningful on the model it was trained on",
+        "{}: base_model_name_or_path is `{recorded}`, but the adapter is evaluated on {}; its figures are only meaningful on the model it was trained on",
         adapter_dir.join("adapter_config.json").display(),
         base_path.display()
     )))

@@ -720,7 +720,7 @@ pub fn train_job(
         // Said when the run starts, where it is watched (the outcome comes when training ends).
         &mut |resumed| {
             for damaged in resumed.damaged {
-                progress.note(format!("{damaged}: not resumed"));
+                progress.warning(format!("{damaged}: not resumed"));
             }
             if let (Some(step), Some(dir)) = (resumed.from, &checkpoint_dir) {
                 progress.note(format!(

@@ -51,6 +51,7 @@ enum RankMessage {
         message: String,
     },
     Note(String),
+    Warning(String),
     Outcome(BTreeMap<String, serde_json::Value>),
 }
 
@@ -129,6 +130,7 @@ pub fn train_on_devices(
                 },
             }),
             Ok(RankMessage::Note(note)) => progress.note(note),
+            Ok(RankMessage::Warning(warning)) => progress.warning(warning),
             Ok(RankMessage::Outcome(summary)) => outcome = Some(summary),
             Err(_) => unreadable = Some(line.to_string()),
         }
@@ -232,6 +234,9 @@ impl ProgressSink for StdoutSink {
     }
     fn note(&self, message: String) {
         Self::send(&RankMessage::Note(message));
+    }
+    fn warning(&self, message: String) {
+        Self::send(&RankMessage::Warning(message));
     }
 }
 

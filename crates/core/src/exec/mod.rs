@@ -238,6 +238,11 @@ pub enum ExecEvent {
         stage: String,
         message: String,
     },
+    /// A note the reporter shows even when quiet ([`ProgressSink::warning`]).
+    StageWarning {
+        stage: String,
+        message: String,
+    },
     /// A stage ended (fresh, ran, failed, cancelled or skipped).
     StageFinished(StageReport),
     /// Ctrl-C was seen: running stages are asked to stop, nothing new starts.

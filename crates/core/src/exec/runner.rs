@@ -508,6 +508,13 @@ impl ProgressSink for StageSink<'_> {
             message,
         });
     }
+
+    fn warning(&self, message: String) {
+        self.events.event(ExecEvent::StageWarning {
+            stage: self.stage.to_string(),
+            message,
+        });
+    }
 }
 
 /// What every [`StageContext`] of one job shares.

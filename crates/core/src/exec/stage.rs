@@ -31,6 +31,11 @@ pub trait ProgressSink: Sync {
     fn progress(&self, progress: Progress);
     /// A line worth keeping in the run log (shown by the reporter, not by the stage).
     fn note(&self, message: String);
+    /// A note the user must see even with `--quiet`: the result is not what they may assume
+    /// (a damaged checkpoint skipped, an adapter scored over another base). Default: a note.
+    fn warning(&self, message: String) {
+        self.note(message);
+    }
 }
 
 /// A sink that drops everything (tests, `preview`).
