@@ -717,8 +717,12 @@ pub fn train_job(
         comm,
         cancel,
         &mut observe,
-        // Said when the run starts, where it is watched (the outcome comes when training ends).
+        // Said when the run starts, where it is watched (the outcome comes when training ends);
+        // by rank 0 only: every rank reads the same checkpoint directory.
         &mut |resumed| {
+            if !main_rank {
+                return;
+            }
             for damaged in resumed.damaged {
                 progress.warning(format!("{damaged}: not resumed"));
             }
