@@ -406,6 +406,15 @@ mod tests {
     use crate::fingerprint::{StageFingerprint, FINGERPRINT_VERSION};
     use std::path::PathBuf;
 
+    /// The names in `dir`, sorted.
+    fn names(dir: &Path) -> Vec<String> {
+        read_dir_sorted(dir)
+            .unwrap()
+            .iter()
+            .map(|p| file_name(p))
+            .collect()
+    }
+
     /// Fingerprint components with nothing but a stage name and kind.
     fn components(stage: &str, kind: &str) -> StageFingerprint {
         StageFingerprint {
@@ -627,13 +636,6 @@ mod tests {
         let removed = remove_stale_outputs(&out, &owners, &protected, false).unwrap();
         assert_eq!(removed, preview);
         assert!(!out.join("reviews/gone").exists());
-        let names = |dir: &Path| -> Vec<String> {
-            read_dir_sorted(dir)
-                .unwrap()
-                .iter()
-                .map(|p| file_name(p))
-                .collect()
-        };
         assert_eq!(
             names(&out.join("reviews")),
             [
@@ -676,13 +678,6 @@ mod tests {
             remove_publish_leftovers(&roots, &parents, false).unwrap(),
             4
         );
-        let names = |dir: &Path| -> Vec<String> {
-            read_dir_sorted(dir)
-                .unwrap()
-                .iter()
-                .map(|p| file_name(p))
-                .collect()
-        };
         assert_eq!(names(&out), ["train"]);
         assert_eq!(
             names(&exports),
