@@ -814,3 +814,97 @@ fn evaluation_appends_the_eos_training_appends() {
             .unwrap();
     assert_eq!(example.completion.last(), Some(&2), "{example:?}");
 }
+
+/// The model's tokenizer files as transformers' `AutoTokenizer.from_pretrained` reads them.
+fn tokenizers_of(
+    dir: &std::path::Path,
+) -> (
+    peftpipe::models::ModelTokenizer,
+    peftpipe::data::tokenize::TextTokenizer,
+) {
+    let model = peftpipe::models::ModelDir::open(dir)
+        .unwrap()
+        .tokenizer()
+        .unwrap();
+    let training = peftpipe::data::tokenize::TextTokenizer::from_model_dir(dir).unwrap();
+    (model, training)
+}
+
+fn edit_json(
+    path: &std::path::Path,
+    edit: impl FnOnce(&mut serde_json::Map<String, serde_json::Value>),
+) {
+    let mut json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    edit(json.as_object_mut().unwrap());
+    std::fs::write(path, json.to_string()).unwrap();
+}
+
+/// Probe item (special_tokens_map.json): transformers' legacy load (a tokenizer_config.json
+/// without `added_tokens_decoder`, or none at all) sets every special token special_tokens_map.json
+/// names over tokenizer_config.json's (`init_kwargs[key] = value` in `_from_pretrained`); with
+/// `added_tokens_decoder` the map is not read. peftpipe never read it, so the EOS training appends
+/// and the pad could differ from transformers'. Stop ids still never come from it.
+#[test]
+fn special_tokens_map_json_is_read_as_transformers_legacy_load_reads_it() {
+    let dir = quickstart_copy();
+    let config = dir.path().join("tokenizer_config.json");
+    let map = dir.path().join("special_tokens_map.json");
+    edit_json(&config, |config| {
+        config.remove("eos_token");
+        config.remove("pad_token");
+    });
+    std::fs::write(
+        &map,
+        r#"{"eos_token": "<pad>", "pad_token": {"content": "<unk>", "lstrip": false}}"#,
+    )
+    .unwrap();
+    let (model, training) = tokenizers_of(dir.path());
+    assert_eq!(
+        model.eos_token.as_deref(),
+        Some("<pad>"),
+        "the map fills a missing key"
+    );
+    assert_eq!((model.eos_token_id, training.eos_id()), (Some(3), Some(3)));
+    assert_eq!((model.pad_token_id, training.pad_id()), (Some(0), 0));
+    assert_eq!(model.eos_token_ids, [2], "stop ids stay config.json's");
+
+    edit_json(&config, |config| {
+        config.insert("eos_token".into(), "</s>".into());
+    });
+    let (model, training) = tokenizers_of(dir.path());
+    assert_eq!(
+        training.eos_id(),
+        Some(3),
+        "the map wins over tokenizer_config.json"
+    );
+    assert_eq!(model.eos_token.as_deref(), Some("<pad>"));
+
+    edit_json(&config, |config| {
+        config.insert(
+            "added_tokens_decoder".into(),
+            serde_json::json!({"2": {"content": "</s>", "special": true}}),
+        );
+    });
+    let (model, training) = tokenizers_of(dir.path());
+    assert_eq!(
+        training.eos_id(),
+        Some(2),
+        "not read with added_tokens_decoder"
+    );
+    assert_eq!(model.pad_token_id, Some(3), "config.json's pad_token_id");
+
+    edit_json(&config, |config| {
+        config.remove("added_tokens_decoder");
+    });
+    std::fs::write(&map, "{not json").unwrap();
+    let error = peftpipe::data::tokenize::TextTokenizer::from_model_dir(dir.path())
+        .err()
+        .unwrap();
+    assert!(error.contains("special_tokens_map.json"), "{error}");
+    std::fs::write(&map, "[]").unwrap();
+    let error = peftpipe::data::tokenize::TextTokenizer::from_model_dir(dir.path())
+        .err()
+        .unwrap();
+    assert!(error.contains("special_tokens_map.json"), "{error}");
+}

@@ -1,5 +1,6 @@
 //! The tokenizer side of a Hugging Face model directory: tokenizer.json (HF `tokenizers`),
-//! tokenizer_config.json (special tokens, `add_bos_token`, chat template) and
+//! tokenizer_config.json (special tokens, `add_bos_token`, chat template), special_tokens_map.json
+//! (special tokens, as transformers' legacy load reads it) and
 //! generation_config.json (bos/eos/pad ids).
 //!
 //! Owns [`ModelTokenizer`] (encode/decode with the model's BOS/EOS conventions) and
@@ -19,7 +20,7 @@ use super::load::{read_json, ModelError};
 /// them: generation_config.json's `eos_token_id` (one id or a list) when the file is there,
 /// config.json's when it is not. A generation_config.json without the key gives none (unless it
 /// says `_from_model_config: true`, transformers' legacy path back to config.json).
-/// special_tokens_map.json is not read: transformers never takes stop ids from it.
+/// special_tokens_map.json is not read here: transformers never takes stop ids from it.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
 pub struct GenerationConfig {
     pub bos_token_id: Option<u32>,
@@ -124,8 +125,9 @@ pub struct ModelTokenizer {
     /// The ids that end generation ([`GenerationConfig::eos_token_ids`]; possibly none, as in
     /// transformers: then generation runs to its length limit).
     pub eos_token_ids: Vec<u32>,
-    /// The EOS appended to a text (`add_eos_token`, a scored completion): tokenizer_config.json's
-    /// `eos_token`, as transformers' tokenizer and training append it, else the first stop id.
+    /// The EOS appended to a text (`add_eos_token`, a scored completion): the tokenizer's
+    /// `eos_token` (tokenizer_config.json's, or special_tokens_map.json's as transformers' legacy
+    /// load takes it), as transformers' tokenizer and training append it, else the first stop id.
     pub eos_token_id: Option<u32>,
     pub pad_token_id: Option<u32>,
     /// tokenizer_config.json `add_bos_token` (default: what the tokenizer.json post-processor does).
@@ -134,7 +136,8 @@ pub struct ModelTokenizer {
     /// The Jinja chat template (tokenizer_config.json `chat_template`, or chat_template.jinja).
     pub chat_template: Option<String>,
     /// The file each of the BOS/EOS/pad ids came from (see [`GenerationConfig::id_files`];
-    /// `tokenizer_config.json` when looked up from its token names).
+    /// `tokenizer_config.json` or `special_tokens_map.json` when looked up from its token names,
+    /// `eos_token` for the appended EOS).
     id_files: BTreeMap<&'static str, &'static str>,
 }
 
@@ -173,21 +176,52 @@ impl ModelTokenizer {
         } else {
             Value::Null
         };
-        let bos_token = special_token(&config, "bos_token");
-        let eos_token = special_token(&config, "eos_token");
-        let pad_token = special_token(&config, "pad_token");
+        let mut bos_token = special_token(&config, "bos_token");
+        let mut eos_token = special_token(&config, "eos_token");
+        let mut pad_token = special_token(&config, "pad_token");
+        // transformers' legacy load: without `added_tokens_decoder` in tokenizer_config.json,
+        // every special token special_tokens_map.json names replaces tokenizer_config.json's
+        // (`init_kwargs[key] = value` in `_from_pretrained`); with it, the map is not read.
+        let mut token_files = BTreeMap::new();
+        let map_path = dir.join("special_tokens_map.json");
+        if config.get("added_tokens_decoder").is_none() && map_path.is_file() {
+            let map = read_json(&map_path)?;
+            if !map.is_object() {
+                return Err(ModelError::Tokenizer {
+                    path: map_path,
+                    message: "must be a JSON object of special tokens".to_string(),
+                });
+            }
+            for (key, id_key, token) in [
+                ("bos_token", "bos_token_id", &mut bos_token),
+                ("eos_token", "eos_token", &mut eos_token),
+                ("pad_token", "pad_token_id", &mut pad_token),
+            ] {
+                if map.get(key).is_some() {
+                    *token = special_token(&map, key);
+                    token_files.insert(id_key, "special_tokens_map.json");
+                }
+            }
+        }
         let lookup =
             |token: &Option<String>| token.as_deref().and_then(|t| tokenizer.token_to_id(t));
         let mut id_files = generation.id_files.clone();
+        let token_file = |key: &str| {
+            token_files
+                .get(key)
+                .copied()
+                .unwrap_or("tokenizer_config.json")
+        };
         let bos_token_id = generation.bos_token_id.or_else(|| {
-            id_files.insert("bos_token_id", "tokenizer_config.json");
+            id_files.insert("bos_token_id", token_file("bos_token_id"));
             lookup(&bos_token)
         });
         let eos_token_ids = generation.eos_token_ids.clone();
         let eos_token_id = lookup(&eos_token).or_else(|| eos_token_ids.first().copied());
+        id_files.insert("eos_token", token_file("eos_token"));
         let pad_token_id = match lookup(&pad_token) {
             Some(id) => {
-                id_files.insert("pad_token_id", "tokenizer_config.json");
+                id_files.insert("pad_token_id", token_file("pad_token_id"));
                 Some(id)
             }
             None => generation.pad_token_id,
@@ -277,10 +311,7 @@ impl ModelTokenizer {
             .chain(self.pad_token_id.map(|id| ("pad_token_id", id)));
         for (key, id) in special {
             if id as usize >= vocab_size {
-                let file = match key {
-                    "eos_token" => "tokenizer_config.json",
-                    _ => self.id_files.get(key).copied().unwrap_or("config.json"),
-                };
+                let file = self.id_files.get(key).copied().unwrap_or("config.json");
                 return Err(ModelError::Tokenizer {
                     path: dir.join(file),
                     message: format!(
