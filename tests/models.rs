@@ -908,3 +908,34 @@ fn special_tokens_map_json_is_read_as_transformers_legacy_load_reads_it() {
         .unwrap();
     assert!(error.contains("special_tokens_map.json"), "{error}");
 }
+
+/// Probe item (bos/pad): transformers' tokenizer adds its own `bos_token` (and pads with its own
+/// `pad_token`), never generation_config.json's ids, and a generation_config.json read whole has
+/// no bos/pad id where it lacks the key (config.json's count only without the file, or with
+/// `_from_model_config`, as for EOS). peftpipe put generation_config.json's `bos_token_id` before
+/// every training example and filled missing bos/pad ids from config.json key by key.
+#[test]
+fn bos_is_the_tokenizers_and_generation_ids_are_read_as_transformers_reads_them() {
+    let dir = quickstart_copy();
+    let generation = |json: serde_json::Value| {
+        std::fs::write(dir.path().join("generation_config.json"), json.to_string()).unwrap();
+    };
+    generation(serde_json::json!({"bos_token_id": 3, "eos_token_id": 2}));
+    let (model, training) = tokenizers_of(dir.path());
+    assert_eq!(training.prefix(), [1], "tokenizer_config.json's <s>");
+    assert_eq!(model.bos_token_id, Some(1));
+
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("config.json")).unwrap())
+            .unwrap();
+    let ids = || {
+        let loaded = peftpipe::models::GenerationConfig::load(dir.path(), &config).unwrap();
+        (loaded.bos_token_id, loaded.pad_token_id)
+    };
+    generation(serde_json::json!({"eos_token_id": 2}));
+    assert_eq!(ids(), (None, None), "the file has none");
+    generation(serde_json::json!({"eos_token_id": 2, "_from_model_config": true}));
+    assert_eq!(ids(), (Some(1), Some(3)), "made from config.json: its ids");
+    std::fs::remove_file(dir.path().join("generation_config.json")).unwrap();
+    assert_eq!(ids(), (Some(1), Some(3)), "no file: config.json's");
+}

@@ -14,12 +14,13 @@ use tokenizers::Tokenizer;
 
 use super::load::{read_json, ModelError};
 
-/// generation_config.json (falling back to config.json's token ids when the file is absent).
+/// generation_config.json (config.json's token ids when the file is absent).
 ///
-/// `eos_token_ids` are the ids generation stops at, picked as transformers' `generate()` picks
-/// them: generation_config.json's `eos_token_id` (one id or a list) when the file is there,
-/// config.json's when it is not. A generation_config.json without the key gives none (unless it
+/// The ids are read as transformers' `GenerationConfig` reads them: generation_config.json's
+/// `bos_token_id`, `eos_token_id` (one id or a list) and `pad_token_id` when the file is there,
+/// config.json's when it is not. A generation_config.json without a key gives none (unless it
 /// says `_from_model_config: true`, transformers' legacy path back to config.json).
+/// `eos_token_ids` are the ids generation stops at, as `generate()` picks them.
 /// special_tokens_map.json is not read here: transformers never takes stop ids from it.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
 pub struct GenerationConfig {
@@ -48,7 +49,7 @@ fn token_ids(value: Option<&Value>) -> Vec<u32> {
 }
 
 impl GenerationConfig {
-    /// Read `generation_config.json` if present; missing ids fall back to `config.json`'s.
+    /// Read `generation_config.json` if present, else `config.json`'s ids.
     pub fn load(dir: &Path, model_config: &Value) -> Result<Self, ModelError> {
         let path = dir.join("generation_config.json");
         let generation = if path.is_file() {
@@ -58,43 +59,37 @@ impl GenerationConfig {
         };
         let mut id_files = BTreeMap::new();
         // transformers reads every generation setting from generation_config.json when it is
-        // there; config.json's EOS counts only where the file was made from it.
-        let eos_from_model_config = generation.is_null()
+        // there; config.json's ids count only where the file was made from it.
+        let from_model_config = generation.is_null()
             || generation
                 .get("_from_model_config")
                 .and_then(Value::as_bool)
                 == Some(true);
-        for key in ["bos_token_id", "eos_token_id", "pad_token_id"] {
-            if generation.get(key).is_some_and(|value| !value.is_null()) {
+        let mut pick = |key: &'static str| {
+            if let Some(value) = generation.get(key).filter(|value| !value.is_null()) {
                 id_files.insert(key, "generation_config.json");
-            } else if model_config.get(key).is_some_and(|value| !value.is_null())
-                && (key != "eos_token_id" || eos_from_model_config)
+                Some(value)
+            } else if let Some(value) = model_config
+                .get(key)
+                .filter(|value| from_model_config && !value.is_null())
             {
                 id_files.insert(key, "config.json");
+                Some(value)
+            } else {
+                None
             }
-        }
-        let pick = |key: &str| {
-            generation
-                .get(key)
-                .filter(|value| !value.is_null())
-                .or_else(|| model_config.get(key))
         };
-        let eos = match generation
-            .get("eos_token_id")
-            .filter(|value| !value.is_null())
-        {
-            Some(ids) => Some(ids),
-            None if eos_from_model_config => model_config.get("eos_token_id"),
-            None => None,
-        };
+        let bos_token_id = token_id(pick("bos_token_id"));
+        let eos_token_ids = token_ids(pick("eos_token_id"));
+        let pad_token_id = token_id(pick("pad_token_id"));
         let max_new_tokens = generation
             .get("max_new_tokens")
             .and_then(Value::as_u64)
             .and_then(|n| usize::try_from(n).ok());
         Ok(Self {
-            bos_token_id: token_id(pick("bos_token_id")),
-            eos_token_ids: token_ids(eos),
-            pad_token_id: token_id(pick("pad_token_id")),
+            bos_token_id,
+            eos_token_ids,
+            pad_token_id,
             max_new_tokens,
             id_files,
         })
@@ -139,6 +134,9 @@ pub struct ModelTokenizer {
     /// `tokenizer_config.json` or `special_tokens_map.json` when looked up from its token names,
     /// `eos_token` for the appended EOS).
     id_files: BTreeMap<&'static str, &'static str>,
+    /// The generation config's `bos_token_id`/`pad_token_id` with their files: not what the
+    /// tokenizer adds where it names its own, but still checked against the vocabulary.
+    generation_ids: Vec<(&'static str, u32, &'static str)>,
 }
 
 impl std::fmt::Debug for ModelTokenizer {
@@ -212,10 +210,25 @@ impl ModelTokenizer {
                 .copied()
                 .unwrap_or("tokenizer_config.json")
         };
-        let bos_token_id = generation.bos_token_id.or_else(|| {
-            id_files.insert("bos_token_id", token_file("bos_token_id"));
-            lookup(&bos_token)
-        });
+        // The BOS the tokenizer adds is its own `bos_token`, as in transformers; the generation
+        // config's id only stands in where the tokenizer names none.
+        let bos_token_id = match lookup(&bos_token) {
+            Some(id) => {
+                id_files.insert("bos_token_id", token_file("bos_token_id"));
+                Some(id)
+            }
+            None => generation.bos_token_id,
+        };
+        let generation_ids = [
+            ("bos_token_id", generation.bos_token_id),
+            ("pad_token_id", generation.pad_token_id),
+        ]
+        .into_iter()
+        .filter_map(|(key, id)| {
+            let file = generation.id_files.get(key).copied();
+            Some((key, id?, file.unwrap_or("config.json")))
+        })
+        .collect();
         let eos_token_ids = generation.eos_token_ids.clone();
         let eos_token_id = lookup(&eos_token).or_else(|| eos_token_ids.first().copied());
         id_files.insert("eos_token", token_file("eos_token"));
@@ -275,6 +288,7 @@ impl ModelTokenizer {
             add_eos_token,
             chat_template,
             id_files,
+            generation_ids,
         })
     }
 
@@ -308,10 +322,14 @@ impl ModelTokenizer {
             .into_iter()
             .chain(self.eos_token_ids.iter().map(|&id| ("eos_token_id", id)))
             .chain(self.eos_token_id.map(|id| ("eos_token", id)))
-            .chain(self.pad_token_id.map(|id| ("pad_token_id", id)));
-        for (key, id) in special {
-            if id as usize >= vocab_size {
+            .chain(self.pad_token_id.map(|id| ("pad_token_id", id)))
+            .map(|(key, id)| {
                 let file = self.id_files.get(key).copied().unwrap_or("config.json");
+                (key, id, file)
+            })
+            .chain(self.generation_ids.iter().copied());
+        for (key, id, file) in special {
+            if id as usize >= vocab_size {
                 return Err(ModelError::Tokenizer {
                     path: dir.join(file),
                     message: format!(
