@@ -8,6 +8,7 @@ use clap::Args;
 
 use super::GlobalArgs;
 use crate::config::load::{load_pipeline_with, read_document, shared_names, NameClaim};
+use crate::config::probe::{ModelsCheckedOnce, Probe};
 use crate::config::{LoadOptions, Pipeline, Problems};
 use crate::probe::StandardProbe;
 use crate::report::problems::{print_validation, print_validation_json, FileValidation};
@@ -30,11 +31,7 @@ pub fn run(global: &GlobalArgs, args: ValidateArgs) -> u8 {
     let options = LoadOptions {
         allow_outside_project: args.allow_outside_project,
     };
-    let loaded: Vec<Result<Pipeline, Problems>> = args
-        .pipelines
-        .iter()
-        .map(|file| load_pipeline_with(file, &args.overrides, &StandardProbe, &options))
-        .collect();
+    let loaded = load_each(&args.pipelines, &args.overrides, &StandardProbe, &options);
     let shared = name_conflicts(global, &loaded);
     let outcomes: Vec<FileValidation> = loaded
         .into_iter()
@@ -60,6 +57,21 @@ pub fn run(global: &GlobalArgs, args: ValidateArgs) -> u8 {
     } else {
         super::EXIT_INVALID
     }
+}
+
+/// Every file loaded and checked, `probe` asked once per model folder for the whole command
+/// (a folder several files name has its files read for the first only).
+fn load_each(
+    files: &[PathBuf],
+    overrides: &[String],
+    probe: &dyn Probe,
+    options: &LoadOptions,
+) -> Vec<Result<Pipeline, Problems>> {
+    let probe = ModelsCheckedOnce::new(probe);
+    files
+        .iter()
+        .map(|file| load_pipeline_with(file, overrides, &probe, options))
+        .collect()
 }
 
 /// Valid pipelines that share a name with another file of their project or cache, each with its
@@ -105,4 +117,87 @@ fn name_conflicts(
             (index, problems)
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+    use std::path::Path;
+    use std::sync::Mutex;
+
+    use super::*;
+    use crate::config::chat_template::ChatTemplateSource;
+    use crate::config::ingest::InputFormat;
+    use crate::config::probe::ModelFacts;
+
+    /// [`StandardProbe`], counting the model checks per folder.
+    #[derive(Default)]
+    struct CountingProbe {
+        models: Mutex<BTreeMap<PathBuf, usize>>,
+    }
+
+    impl Probe for CountingProbe {
+        fn input_columns(
+            &self,
+            path: &Path,
+            format: Option<InputFormat>,
+        ) -> Result<Vec<String>, String> {
+            StandardProbe.input_columns(path, format)
+        }
+
+        fn check_chat_template(&self, source: &ChatTemplateSource) -> Result<(), String> {
+            StandardProbe.check_chat_template(source)
+        }
+
+        fn check_model(&self, dir: &Path) -> ModelFacts {
+            *self
+                .models
+                .lock()
+                .unwrap()
+                .entry(dir.canonicalize().unwrap())
+                .or_default() += 1;
+            StandardProbe.check_model(dir)
+        }
+    }
+
+    /// Probe item: `validate a.yaml b.yaml` read a model folder both files name once per file
+    /// (b755ad9 made it once per pipeline); now once per command.
+    #[test]
+    fn a_model_folder_two_files_name_is_probed_once_per_command() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("model")).unwrap();
+        std::fs::write(dir.path().join("data.csv"), "text,label\nhi,yes\n").unwrap();
+        let files: Vec<PathBuf> = ["a", "b"]
+            .iter()
+            .map(|name| {
+                let file = dir.path().join(format!("{name}.yaml"));
+                std::fs::write(
+                    &file,
+                    format!(
+                        r#"name: {name}
+stages:
+  data: {{ingest: {{path: data.csv}}}}
+  prompts: {{template: {{input: data, prompt: "{{{{ text }}}}", completion: "{{{{ label }}}}"}}}}
+  train: {{train: {{data: prompts, model: model, method: {{lora: {{r: 4}}}}}}}}
+"#
+                    ),
+                )
+                .unwrap();
+                file
+            })
+            .collect();
+        let probe = CountingProbe::default();
+        let loaded = load_each(&files, &[], &probe, &LoadOptions::default());
+        assert_eq!(loaded.len(), 2);
+        let model = dir.path().join("model").canonicalize().unwrap();
+        assert_eq!(
+            probe.models.into_inner().unwrap(),
+            BTreeMap::from([(model, 1)]),
+            "{:#?}",
+            loaded
+                .iter()
+                .filter_map(|r| r.as_ref().err())
+                .collect::<Vec<_>>()
+        );
+    }
 }

@@ -234,9 +234,9 @@ pub trait Probe: Sync {
 /// `inner`, asked once per model folder: the first [`Probe::check_model`] of a folder is
 /// answered by `inner` (config.json, the index, the safetensors headers, the tokenizer files),
 /// later ones for the same folder (however spelled: compared canonicalized) by a copy of that
-/// answer. One pipeline's checks use one, so a sweep of train stages (`matrix:`), an evaluate
-/// stage's base and an export's merge check read one model's files once. Every other question
-/// goes to `inner` as asked.
+/// answer. One pipeline's checks use one (and `peftpipe validate` one for all its files), so a
+/// sweep of train stages (`matrix:`), an evaluate stage's base and an export's merge check read
+/// one model's files once. Every other question goes to `inner` as asked.
 pub struct ModelsCheckedOnce<'a> {
     inner: &'a dyn Probe,
     facts: std::sync::Mutex<std::collections::BTreeMap<std::path::PathBuf, ModelFacts>>,
