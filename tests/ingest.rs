@@ -1008,3 +1008,56 @@ fn an_empty_csv_cell_is_an_empty_string_in_text_and_null_in_a_typed_column() {
         text(&[Some("a")])
     );
 }
+
+/// pyarrow.csv's default null spellings (`ConvertOptions.null_values`: "NA", "null", "N/A",
+/// "NaN", "#N/A", ...) are null in a typed column; a text column keeps them as written
+/// (`strings_can_be_null=False`). peftpipe refused them in a typed column before.
+#[test]
+fn pyarrow_null_spellings_are_null_in_a_typed_column_and_text_in_a_text_one() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("rows.csv"),
+        "text,n,x,f\nNA,NA,null,N/A\nnull,1,NaN,true\n#N/A,-1.#IND,\"NULL\",n/a\nn/a,-nan,1.5,#NA\n",
+    )
+    .unwrap();
+    let out = dir.path().join("out");
+    run(
+        &config("path: rows.csv\nshuffle: false\ntypes: {n: int64, x: float64, f: boolean}\nsplit: {counts: {eval: 0}}\n"),
+        dir.path(),
+        &out,
+        0,
+    )
+    .unwrap();
+    let train = out.join("train.parquet");
+    let text = |values: &[Option<&str>]| -> Vec<Option<String>> {
+        values.iter().map(|v| v.map(str::to_string)).collect()
+    };
+    assert_eq!(
+        column(&train, "text"),
+        text(&[Some("NA"), Some("null"), Some("#N/A"), Some("n/a")])
+    );
+    assert_eq!(column(&train, "n"), text(&[None, Some("1"), None, None]));
+    assert_eq!(column(&train, "x"), text(&[None, None, None, Some("1.5")]));
+    assert_eq!(column(&train, "f"), text(&[None, Some("true"), None, None]));
+
+    // Other text is still refused, naming the line; spellings are matched as written.
+    for cell in ["None", "na", " NA"] {
+        std::fs::write(
+            dir.path().join("bad.csv"),
+            format!("text,n\na,1\nb,{cell}\n"),
+        )
+        .unwrap();
+        let error = run(
+            &config("path: bad.csv\ntypes: {n: int64}\nsplit: {counts: {eval: 0}}\n"),
+            dir.path(),
+            &dir.path().join("out-bad"),
+            0,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            error.contains("bad.csv: line 3: column `n`") && error.contains("is not an integer"),
+            "{cell}: {error}"
+        );
+    }
+}

@@ -750,9 +750,9 @@ pub fn scan(
 /// gives). Arrow reads every cell as text; typed columns are parsed here, so an error names the
 /// column and the file line. An empty cell (`,,` or `""`) is the empty string in a text column
 /// and null in a typed one, as pyarrow.csv reads by default (`strings_can_be_null=False`; pandas
-/// would read NaN for both). Errors give the file line of the record (not its number: a quoted
-/// field may hold line breaks), and a quote never closed is said as such. `on_batch` returns
-/// whether to go on.
+/// would read NaN for both), as are its other null spellings (`NA`, `null`, ...). Errors give
+/// the file line of the record (not its number: a quoted field may hold line breaks), and a
+/// quote never closed is said as such. `on_batch` returns whether to go on.
 fn read_csv(
     key: &str,
     path: &Path,
@@ -773,7 +773,7 @@ fn read_csv(
         scan: scan.clone(),
     };
     // Arrow reads an empty cell as null by default; no cell is null here (a pattern that
-    // matches nothing), and typed columns make their empty cells null when parsed.
+    // matches nothing), and typed columns make their null spellings null when parsed.
     let never_null =
         regex::Regex::new(r"[^\s\S]").map_err(|e| StageError::Internal(e.to_string()))?;
     let reader = arrow::csv::ReaderBuilder::new(text_schema)
@@ -867,8 +867,16 @@ fn apply_csv_types(
     RecordBatch::try_new(typed.clone(), columns).map_err(|e| StageError::Internal(e.to_string()))
 }
 
-/// Each cell of a CSV text column parsed (trimmed) by `parse`, an empty cell null; a cell it
-/// refuses is `refused(row, cell)`.
+/// The cells a typed CSV column reads as null: pyarrow.csv's default `null_values` (Arrow's
+/// `ConvertOptions::Defaults`, after pandas' `read_csv`), matched as written. Text columns keep
+/// them as text (`strings_can_be_null=False`).
+const CSV_NULL_VALUES: [&str; 17] = [
+    "", "#N/A", "#N/A N/A", "#NA", "-1.#IND", "-1.#QNAN", "-NaN", "-nan", "1.#IND", "1.#QNAN",
+    "N/A", "NA", "NULL", "NaN", "n/a", "nan", "null",
+];
+
+/// Each cell of a CSV text column parsed (trimmed) by `parse`, a null spelling
+/// ([`CSV_NULL_VALUES`]) null; a cell it refuses is `refused(row, cell)`.
 fn parse_cells<T>(
     text: &arrow::array::StringArray,
     parse: impl Fn(&str) -> Option<T>,
@@ -877,7 +885,7 @@ fn parse_cells<T>(
     text.iter()
         .enumerate()
         .map(|(row, cell)| {
-            cell.filter(|cell| !cell.is_empty())
+            cell.filter(|cell| !CSV_NULL_VALUES.contains(cell))
                 .map(|cell| parse(cell.trim()).ok_or_else(|| refused(row, cell)))
                 .transpose()
         })
