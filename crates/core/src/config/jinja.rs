@@ -304,7 +304,7 @@ pub struct UnknownCallable {
 /// each once, in order — whether or not a rendering would reach it (branches, macros,
 /// `{% filter %}` blocks). minijinja looks them up only when it runs them, so without this a
 /// template using jinja2's `truncate` validates and fails on the first row that reaches it.
-/// Templates it includes are not followed.
+/// Templates it includes are not followed (validation checks those on their own).
 pub fn unknown_filters_and_tests(
     env: &Environment<'_>,
     name: &str,

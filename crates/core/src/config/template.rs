@@ -19,7 +19,7 @@ use super::chat_template::{load_chat_template, ChatTemplateSource};
 use super::ingest::IngestConfig;
 use super::jinja::{
     row_environment, template_references, undeclared_variables, unknown_filters_and_tests,
-    Includes, RenderLimits, TemplateReference, FILTER_NAMES, TEST_NAMES,
+    Includes, RenderLimits, TemplateReference, UnknownCallable, FILTER_NAMES, TEST_NAMES,
 };
 use super::paths::{confine_template, read_template_file};
 use super::problem::did_you_mean;
@@ -809,7 +809,10 @@ impl StageSpec for TemplateConfig {
                 }
             }
         }
+        // Included templates by name, each with the key of the template it was reached from.
+        let mut included = BTreeMap::new();
         if let Ok(walk) = self.walk_templates(cx.project_dir, true) {
+            included = walk.included;
             for (key, file, tag, line) in walk.computed {
                 let place = match file {
                     Some(file) => format!("line {line} of {file}"),
@@ -870,38 +873,62 @@ impl StageSpec for TemplateConfig {
             .row_templates()
             .iter()
             .any(|(source, _)| !super::jinja::template_references(&source.source).is_empty());
+        // minijinja looks filters and tests up only when it runs them: one the environment lacks
+        // (jinja2's `truncate`) would fail on the first row that reaches it. `file`: the
+        // included template it is in.
+        let unknown_problem = |key: &str, file: Option<&str>, unknown: UnknownCallable| {
+            let candidates = if unknown.kind == "filter" {
+                FILTER_NAMES
+            } else {
+                TEST_NAMES
+            };
+            let line = match unknown.line {
+                0 => String::new(),
+                line => format!(" (line {line})"),
+            };
+            let hint = match did_you_mean(&unknown.name, candidates.iter().copied()) {
+                Some(close) => format!("did you mean `{close}`? "),
+                None => String::new(),
+            };
+            let template = match file {
+                Some(file) => format!("the included template `{file}`"),
+                None => "the template".to_string(),
+            };
+            Problem::new(
+                format!("{at}.{key}"),
+                format!(
+                    "{template} uses {} `{}`{line}, which peftpipe's templates do not provide: rendering would fail on the first row that reaches it",
+                    unknown.kind, unknown.name
+                ),
+            )
+            .about_value()
+            .with_hint(format!(
+                "{hint}templates render with minijinja's built-in {kind}s ({}), not all of jinja2's",
+                candidates.join(", "),
+                kind = unknown.kind
+            ))
+        };
+        // Included templates, loaded as a run loads them (only the names written literally);
+        // validation reads them wherever they are, as the stage's own files. One missing or
+        // not compiling is left to the run (and `path_problems`).
+        if !included.is_empty() {
+            let include_env = row_environment(
+                &Includes {
+                    project_dir: cx.project_dir.to_path_buf(),
+                    allow_outside_project: true,
+                    tracked: included.keys().cloned().collect(),
+                },
+                None,
+            );
+            for (name, key) in &included {
+                for unknown in unknown_filters_and_tests(&include_env, name).unwrap_or_default() {
+                    problems.push(unknown_problem(key, Some(name), unknown));
+                }
+            }
+        }
         for (name, key) in compiled {
-            // minijinja looks filters and tests up only when it runs them: one the environment
-            // lacks (jinja2's `truncate`) would fail on the first row that reaches it.
             for unknown in unknown_filters_and_tests(&env, &name).unwrap_or_default() {
-                let candidates = if unknown.kind == "filter" {
-                    FILTER_NAMES
-                } else {
-                    TEST_NAMES
-                };
-                let line = match unknown.line {
-                    0 => String::new(),
-                    line => format!(" (line {line})"),
-                };
-                let hint = match did_you_mean(&unknown.name, candidates.iter().copied()) {
-                    Some(close) => format!("did you mean `{close}`? "),
-                    None => String::new(),
-                };
-                problems.push(
-                    Problem::new(
-                        format!("{at}.{key}"),
-                        format!(
-                            "the template uses {} `{}`{line}, which peftpipe's templates do not provide: rendering would fail on the first row that reaches it",
-                            unknown.kind, unknown.name
-                        ),
-                    )
-                    .about_value()
-                    .with_hint(format!(
-                        "{hint}templates render with minijinja's built-in {kind}s ({}), not all of jinja2's",
-                        candidates.join(", "),
-                        kind = unknown.kind
-                    )),
-                );
+                problems.push(unknown_problem(key, None, unknown));
             }
             let variables = match undeclared_variables(&env, &name) {
                 Ok(variables) => variables,
@@ -1025,6 +1052,11 @@ mod tests {
     use crate::config::RawPipeline;
 
     fn check(yaml: &str, columns: &[&str]) -> Vec<Problem> {
+        check_in(yaml, columns, Path::new("."))
+    }
+
+    /// `check` with the pipeline directory `project_dir` (for included templates).
+    fn check_in(yaml: &str, columns: &[&str], project_dir: &Path) -> Vec<Problem> {
         let value: serde_json::Value = serde_norway::from_str(yaml).unwrap();
         let pipeline: RawPipeline = serde_json::from_value(value).unwrap();
         let mut known = BTreeMap::new();
@@ -1034,7 +1066,7 @@ mod tests {
         );
         let cx = CheckContext {
             pipeline: &pipeline,
-            project_dir: Path::new("."),
+            project_dir,
             columns: &known,
             probe: &crate::config::probe::TestProbe,
         };
@@ -1128,6 +1160,56 @@ mod tests {
         let stage = "      prompt: \"{{ examples | selectattr('label', 'eq', 'x') | map(attribute='text') | join(', ') }}{{ text | trim | lower | replace('a', 'b') }}{% if label is none or label is divisibleby(2) or label is not defined %}{% endif %}{{ text | default('') | tojson }}\"\n      completion: \"{{ label | upper }}\"\n      few_shot: {k: 2}\n";
         let problems = check(&format!("{HEADER}{stage}"), &["text", "label"]);
         assert!(problems.is_empty(), "{problems:?}");
+    }
+
+    /// Templates a template includes, imports or extends (transitively) are checked too, each
+    /// problem naming the included file and its line, at the key of the template that includes
+    /// it; before, validate compiled without loading them and saw none.
+    #[test]
+    fn filters_and_tests_the_environment_lacks_in_included_templates_are_reported() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("parts")).unwrap();
+        let write = |name: &str, text: &str| std::fs::write(dir.path().join(name), text).unwrap();
+        write(
+            "parts/shot.j2",
+            "shot:\n{{ text | truncate(5) }}{% include \"parts/deep.j2\" %}",
+        );
+        write(
+            "parts/deep.j2",
+            "{{ text | trim }}\n\n{{ text | wordcount }}",
+        );
+        write(
+            "parts/macros.j2",
+            "{% macro odd(v) %}{% if v is divisible_by(2) %}x{% endif %}{% endmacro %}",
+        );
+        write(
+            "base.j2",
+            "{% block answer %}{{ label | bogus }}{% endblock %}",
+        );
+        write("fine.j2", "{{ label | upper }}");
+        let stage = "      prompt: \"{% include 'parts/shot.j2' %}{% import 'parts/macros.j2' as m %}{{ m.odd(1) }}{% include 'fine.j2' %}\"\n      completion: \"{% extends 'base.j2' %}\"\n";
+        let problems = check_in(&format!("{HEADER}{stage}"), &["text", "label"], dir.path());
+        let messages: Vec<(&str, &str)> = problems
+            .iter()
+            .map(|p| (p.path.as_str(), p.message.as_str()))
+            .collect();
+        assert_eq!(problems.len(), 4, "{messages:?}");
+        for (path, file, name, line) in [
+            ("prompt", "parts/shot.j2", "filter `truncate`", "line 2"),
+            ("prompt", "parts/deep.j2", "filter `wordcount`", "line 3"),
+            ("prompt", "parts/macros.j2", "test `divisible_by`", "line 1"),
+            ("completion", "base.j2", "filter `bogus`", "line 1"),
+        ] {
+            assert!(
+                messages
+                    .iter()
+                    .any(|(p, m)| *p == format!("stages.prompts.template.{path}")
+                        && m.contains(&format!("`{file}`"))
+                        && m.contains(name)
+                        && m.contains(line)),
+                "{file} {name}: {messages:?}"
+            );
+        }
     }
 
     #[test]
