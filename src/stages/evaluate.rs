@@ -243,8 +243,12 @@ pub struct EvalPlan {
     /// Sample generations of the first rows.
     pub samples: Vec<SampleWork>,
     pub sample_max_new_tokens: usize,
-    /// Rows whose prompt had to be truncated to fit `max_length`.
+    /// Rows truncated to fit `max_length` (prompt, completion or both).
     pub truncated_rows: usize,
+    /// Rows whose prompt lost tokens on the left.
+    pub prompt_cut_rows: usize,
+    /// Rows whose completion alone did not fit and was cut on the right.
+    pub completion_cut_rows: usize,
     pub max_length: usize,
 }
 
@@ -267,19 +271,22 @@ impl EvalPlan {
         let encode_error = |row: usize, error: String| {
             StageError::user(format!("row {row} of split `{}`: {error}", config.split))
         };
-        let mut truncated = BTreeSet::new();
+        let mut prompt_cut = BTreeSet::new();
+        let mut completion_cut = BTreeSet::new();
         // Training's truncation: prompt tokens go from the left (BOS kept), the completion is cut
         // on the right only when it alone does not fit.
         let mut fit = |row: usize, example: TokenizedExample| -> Result<Sequence, StageError> {
-            let total = example.prompt.len() + example.completion.len();
             let sequence = fit_sequence(&example, max_length, KEEP_FIRST, Truncation::PromptLeft)
                 .ok_or_else(|| {
                 StageError::Internal(format!(
                     "row {row}: prompt-left truncation dropped the example"
                 ))
             })?;
-            if sequence.ids.len() < total {
-                truncated.insert(row);
+            if sequence.completion_start < example.prompt.len() {
+                prompt_cut.insert(row);
+            }
+            if sequence.ids.len() - sequence.completion_start < example.completion.len() {
+                completion_cut.insert(row);
             }
             Ok(sequence)
         };
@@ -342,7 +349,7 @@ impl EvalPlan {
                         max_length,
                         exact.max_new_tokens,
                         &mut || {
-                            truncated.insert(row);
+                            prompt_cut.insert(row);
                         },
                     ));
                 }
@@ -380,9 +387,32 @@ impl EvalPlan {
             exact_match,
             samples,
             sample_max_new_tokens: config.sample_max_new_tokens,
-            truncated_rows: truncated.len(),
+            truncated_rows: prompt_cut.union(&completion_cut).count(),
+            prompt_cut_rows: prompt_cut.len(),
+            completion_cut_rows: completion_cut.len(),
             max_length,
         })
+    }
+}
+
+impl EvalPlan {
+    /// What truncation did to the rows, if anything: prompt tokens dropped on the left, or a
+    /// completion that alone does not fit (an empty prompt's too) cut on the right.
+    pub fn truncation_note(&self) -> Option<String> {
+        let mut parts = Vec::new();
+        if self.prompt_cut_rows > 0 {
+            parts.push(format!(
+                "{} of {} rows had prompt tokens dropped on the left to fit {} tokens",
+                self.prompt_cut_rows, self.rows, self.max_length
+            ));
+        }
+        if self.completion_cut_rows > 0 {
+            parts.push(format!(
+                "{} of {} rows had a completion cut on the right: alone it does not fit {} tokens",
+                self.completion_cut_rows, self.rows, self.max_length
+            ));
+        }
+        (!parts.is_empty()).then(|| parts.join("; "))
     }
 }
 
@@ -1213,11 +1243,8 @@ impl Stage for EvaluateStage {
             .unwrap_or(0);
         let max_length = base.max_length().saturating_sub(reserved).max(1);
         let plan = EvalPlan::new(config, &rows, &base.tokenizer, max_length, config.add_eos)?;
-        if plan.truncated_rows > 0 {
-            ctx.progress.note(format!(
-                "{} of {} rows had prompt tokens dropped on the left to fit {} tokens",
-                plan.truncated_rows, plan.rows, plan.max_length
-            ));
+        if let Some(note) = plan.truncation_note() {
+            ctx.progress.note(note);
         }
         if let (Some(work), Some(accuracy)) = (&plan.accuracy, &config.metrics.accuracy) {
             let outside = labels_outside(&work.candidates, &work.labels);
@@ -1262,10 +1289,10 @@ impl Stage for EvaluateStage {
                     max_length,
                     config.add_eos,
                 )?;
-                if shot_plan.truncated_rows > 0 {
+                if shot_plan.prompt_cut_rows > 0 {
                     ctx.progress.note(format!(
                         "few-shot k={k}: {} of {} prompts lost demonstration tokens on the left to fit {} tokens",
-                        shot_plan.truncated_rows, shot_plan.rows, shot_plan.max_length
+                        shot_plan.prompt_cut_rows, shot_plan.rows, shot_plan.max_length
                     ));
                 }
                 let name = format!("few-shot k={k}");
@@ -1464,6 +1491,31 @@ mod tests {
             said.contains("blocks of 32") && said.contains("ext"),
             "{said}"
         );
+    }
+
+    /// A completion longer than the context is cut on the right (the prompt, here empty, keeps
+    /// its BOS): the note said prompt tokens were dropped on the left, which none were.
+    #[test]
+    fn the_truncation_note_says_which_part_was_cut() {
+        let config = config("{ model: t, data: p, samples: 0 }");
+        // Row 0: an empty prompt and a completion of 7 tokens; row 1: a long prompt; row 2 fits.
+        let rows = rows(&["", "abcdefgh", "a"], &["abcdefg", "b", "b"]);
+        let plan = EvalPlan::new(&config, &rows, &LetterCodec, 5, false).unwrap();
+        assert_eq!(plan.truncated_rows, 2);
+        let note = plan.truncation_note().expect("a note");
+        assert!(
+            note.contains("1 of 3 rows had prompt tokens dropped on the left to fit 5 tokens")
+                && note.contains("1 of 3 rows had a completion cut on the right"),
+            "{note}"
+        );
+        // Only the empty prompt's row: nothing is said of prompt tokens.
+        let rows = super::tests::rows(&[""], &["abcdefg"]);
+        let plan = EvalPlan::new(&config, &rows, &LetterCodec, 5, false).unwrap();
+        let note = plan.truncation_note().expect("a note");
+        assert!(!note.contains("prompt tokens"), "{note}");
+        let rows = super::tests::rows(&["a"], &["b"]);
+        let plan = EvalPlan::new(&config, &rows, &LetterCodec, 5, false).unwrap();
+        assert_eq!(plan.truncation_note(), None);
     }
 
     /// YAML → JSON value → the config (as the loader does).
