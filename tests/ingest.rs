@@ -952,6 +952,18 @@ fn a_repeated_jsonl_key_keeps_its_last_value() {
     assert_eq!(k.value(2), "b");
 }
 
+/// Ingests `dir`'s files with the ingest config `yaml` into `dir/out` (seed 0); returns `out`.
+fn ingest_csv(dir: &Path, out: &str, yaml: &str) -> PathBuf {
+    let out = dir.join(out);
+    run(&config(yaml), dir, &out, 0).unwrap();
+    out
+}
+
+/// Owned copies of optional texts (what `column` returns).
+fn texts(values: &[Option<&str>]) -> Vec<Option<String>> {
+    values.iter().map(|v| v.map(str::to_string)).collect()
+}
+
 /// An empty CSV cell, quoted or not, is the empty string in a text column and null in a typed
 /// one, as pyarrow.csv reads it by default (`strings_can_be_null=False`; `""` is a null value
 /// for other types). pandas would read both as NaN; peftpipe reads with Arrow and follows it.
@@ -963,49 +975,25 @@ fn an_empty_csv_cell_is_an_empty_string_in_text_and_null_in_a_typed_column() {
         "text,n,f,note\n\"\",,,x\na,1,true,\n,2,,\"\"\n",
     )
     .unwrap();
-    let out = dir.path().join("out");
-    run(
-        &config("path: rows.csv\nshuffle: false\ntypes: {n: int64, f: boolean, note: string}\nsplit: {counts: {eval: 0}}\n"),
-        dir.path(),
-        &out,
-        0,
-    )
-    .unwrap();
+    let out = ingest_csv(dir.path(), "out", "path: rows.csv\nshuffle: false\ntypes: {n: int64, f: boolean, note: string}\nsplit: {counts: {eval: 0}}\n");
     let train = out.join("train.parquet");
-    let text = |values: &[Option<&str>]| -> Vec<Option<String>> {
-        values.iter().map(|v| v.map(str::to_string)).collect()
-    };
     assert_eq!(
         column(&train, "text"),
-        text(&[Some(""), Some("a"), Some("")])
+        texts(&[Some(""), Some("a"), Some("")])
     );
-    assert_eq!(column(&train, "n"), text(&[None, Some("1"), Some("2")]));
-    assert_eq!(column(&train, "f"), text(&[None, Some("true"), None]));
+    assert_eq!(column(&train, "n"), texts(&[None, Some("1"), Some("2")]));
+    assert_eq!(column(&train, "f"), texts(&[None, Some("true"), None]));
     assert_eq!(
         column(&train, "note"),
-        text(&[Some("x"), Some(""), Some("")])
+        texts(&[Some("x"), Some(""), Some("")])
     );
     // `drop_nulls` keeps rows with an empty text cell; a filter on emptiness drops them.
-    let out = dir.path().join("out-nulls");
-    run(
-        &config("path: rows.csv\nshuffle: false\ncolumns: [text]\ndrop_nulls: true\nsplit: {counts: {eval: 0}}\n"),
-        dir.path(),
-        &out,
-        0,
-    )
-    .unwrap();
+    let out = ingest_csv(dir.path(), "out-nulls", "path: rows.csv\nshuffle: false\ncolumns: [text]\ndrop_nulls: true\nsplit: {counts: {eval: 0}}\n");
     assert_eq!(column(&out.join("train.parquet"), "text").len(), 3);
-    let out = dir.path().join("out-length");
-    run(
-        &config("path: rows.csv\nshuffle: false\nfilters: [{length: {column: text, min: 1}}]\nsplit: {counts: {eval: 0}}\n"),
-        dir.path(),
-        &out,
-        0,
-    )
-    .unwrap();
+    let out = ingest_csv(dir.path(), "out-length", "path: rows.csv\nshuffle: false\nfilters: [{length: {column: text, min: 1}}]\nsplit: {counts: {eval: 0}}\n");
     assert_eq!(
         column(&out.join("train.parquet"), "text"),
-        text(&[Some("a")])
+        texts(&[Some("a")])
     );
 }
 
@@ -1020,25 +1008,18 @@ fn pyarrow_null_spellings_are_null_in_a_typed_column_and_text_in_a_text_one() {
         "text,n,x,f\nNA,NA,null,N/A\nnull,1,NaN,true\n#N/A,-1.#IND,\"NULL\",n/a\nn/a,-nan,1.5,#NA\n",
     )
     .unwrap();
-    let out = dir.path().join("out");
-    run(
-        &config("path: rows.csv\nshuffle: false\ntypes: {n: int64, x: float64, f: boolean}\nsplit: {counts: {eval: 0}}\n"),
-        dir.path(),
-        &out,
-        0,
-    )
-    .unwrap();
+    let out = ingest_csv(dir.path(), "out", "path: rows.csv\nshuffle: false\ntypes: {n: int64, x: float64, f: boolean}\nsplit: {counts: {eval: 0}}\n");
     let train = out.join("train.parquet");
-    let text = |values: &[Option<&str>]| -> Vec<Option<String>> {
-        values.iter().map(|v| v.map(str::to_string)).collect()
-    };
     assert_eq!(
         column(&train, "text"),
-        text(&[Some("NA"), Some("null"), Some("#N/A"), Some("n/a")])
+        texts(&[Some("NA"), Some("null"), Some("#N/A"), Some("n/a")])
     );
-    assert_eq!(column(&train, "n"), text(&[None, Some("1"), None, None]));
-    assert_eq!(column(&train, "x"), text(&[None, None, None, Some("1.5")]));
-    assert_eq!(column(&train, "f"), text(&[None, Some("true"), None, None]));
+    assert_eq!(column(&train, "n"), texts(&[None, Some("1"), None, None]));
+    assert_eq!(column(&train, "x"), texts(&[None, None, None, Some("1.5")]));
+    assert_eq!(
+        column(&train, "f"),
+        texts(&[None, Some("true"), None, None])
+    );
 
     // Other text is still refused, naming the line; spellings are matched as written.
     for cell in ["None", "na", " NA"] {
