@@ -38,9 +38,10 @@ pub trait FrozenMap: Send + Sync {
     fn input_grad(&self, dy: &Tensor) -> Result<Tensor>;
 
     /// Whether [`Self::forward_into`] and [`Self::input_grad_into`] run for `rows` rows of
-    /// `dtype`: the low-rank update is then written first and this map's product added into it
-    /// inside its own GEMM (cuBLAS `β = 1`, whose read of the update rides on a compute-bound
-    /// product), instead of a rank-`r` GEMM reading and writing the full-size output again.
+    /// `dtype` on this map's CUDA device: the low-rank update is then written first and this map's
+    /// product added into it inside its own GEMM (cuBLAS `β = 1`, whose read of the update rides
+    /// on a compute-bound product), instead of a rank-`r` GEMM reading and writing the full-size
+    /// output again. Asked only on CUDA with the kernel switched on (the caller checks that).
     /// Default: no.
     fn accumulates(&self, _rows: usize, _dtype: DType) -> bool {
         false
@@ -78,21 +79,9 @@ impl FrozenMap for DenseMap {
         dy.matmul(&self.weight)
     }
 
-    /// On CUDA, without a bias, for a contiguous weight of the input's dtype.
+    /// Without a bias, for a contiguous weight of the input's dtype.
     fn accumulates(&self, _rows: usize, dtype: DType) -> bool {
-        #[cfg(feature = "cuda")]
-        {
-            self.bias.is_none()
-                && self.weight.dtype() == dtype
-                && self.weight.is_contiguous()
-                && super::cuda::applies("base_accumulate", &self.weight)
-                && super::cuda::enabled("lora_gemm")
-        }
-        #[cfg(not(feature = "cuda"))]
-        {
-            let _ = dtype;
-            false
-        }
+        self.bias.is_none() && self.weight.dtype() == dtype && self.weight.is_contiguous()
     }
 
     fn forward_into(&self, x: &Tensor, c: &Tensor) -> Result<()> {
@@ -359,12 +348,21 @@ impl Plan {
         Ok(((gx, ga, gb), t))
     }
 
-    /// Whether the frozen map adds its product into the update's (see
-    /// [`FrozenMap::accumulates`]): the factors must be in `dtype` for the update's GEMMs.
+    /// Whether the frozen map adds its product into the update's: on CUDA (the factors, in the
+    /// input's dtype, bf16 or f32), the kernel switched on, and the map able to
+    /// ([`FrozenMap::accumulates`]).
     fn base_accumulates(&self, dtype: DType) -> bool {
-        self.a.dtype() == dtype
-            && self.b.dtype() == dtype
-            && self.base.accumulates(self.rows, dtype)
+        #[cfg(feature = "cuda")]
+        {
+            super::cuda::applies("base_accumulate", &self.a)
+                && super::cuda::enabled("lora_gemm")
+                && self.base.accumulates(self.rows, dtype)
+        }
+        #[cfg(not(feature = "cuda"))]
+        {
+            let _ = dtype;
+            false
+        }
     }
 
     /// `A`'s gradient `tᵀ·(input∘m)` in `dtype`.

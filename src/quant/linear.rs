@@ -469,27 +469,14 @@ impl CustomOp1 for QuantizedMatmul {
     }
 }
 
-/// Whether [`quantized_linear_accumulate`] runs for `rows` rows of `dtype`: on CUDA, bf16 or f32,
-/// where the product takes the dequantize + cuBLAS path (the fused kernel writes an output of its
-/// own), `ops`' accumulating GEMM switched on.
+/// Whether [`quantized_linear_accumulate`] runs for `rows` rows of `dtype`: a CUDA weight whose
+/// product takes the dequantize + cuBLAS path (the fused kernel writes an output of its own).
 pub fn accumulates_into(weight: &QuantizedWeight, rows: usize, dtype: DType) -> bool {
-    #[cfg(feature = "cuda")]
-    {
-        let op = QuantizedMatmul {
-            weight: weight.clone(),
-            gemm: QuantGemm::Auto,
-        };
-        weight.device().is_cuda()
-            && matches!(dtype, DType::BF16 | DType::F32)
-            && crate::ops::cuda::enabled("base_accumulate")
-            && crate::ops::cuda::enabled("lora_gemm")
-            && matches!(op.fused(dtype, rows), Ok(false))
-    }
-    #[cfg(not(feature = "cuda"))]
-    {
-        let _ = (weight, rows, dtype);
-        false
-    }
+    let op = QuantizedMatmul {
+        weight: weight.clone(),
+        gemm: QuantGemm::Auto,
+    };
+    weight.device().is_cuda() && matches!(op.fused(dtype, rows), Ok(false))
 }
 
 /// `c += x·dequant(W)ᵀ` in place for `x [rows, in]` and `c [rows, out]`, or with
