@@ -238,7 +238,7 @@ pub enum ExecEvent {
         stage: String,
         message: String,
     },
-    /// A note the reporter shows even when quiet ([`ProgressSink::warning`]).
+    /// A note the reporter shows even when quiet ([`ProgressSink::warning`](crate::exec::stage::ProgressSink::warning)).
     StageWarning {
         stage: String,
         message: String,
