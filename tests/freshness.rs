@@ -436,7 +436,9 @@ fn the_files_beside_a_chat_template_are_inputs_of_the_template_stage() {
         "chat/chat_template.jinja",
         "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{{ eos_token }}{% endfor %}",
     );
-    let edits: [(&str, &str, &str); 2] = [
+    // special_tokens_map.json overrides the config's tokens (transformers' legacy load), for
+    // either source.
+    let edits: [(&str, &str, &str); 4] = [
         (
             "chat/tokenizer_config.json",
             "chat/chat_template.jinja",
@@ -447,15 +449,27 @@ fn the_files_beside_a_chat_template_are_inputs_of_the_template_stage() {
             "chat/tokenizer_config.json",
             r#"{"bos_token": "<s>", "eos_token": "<unk>"}"#,
         ),
+        (
+            "chat/tokenizer_config.json",
+            "chat/special_tokens_map.json",
+            r#"{"eos_token": "<pad>"}"#,
+        ),
+        (
+            "chat/chat_template.jinja",
+            "chat/special_tokens_map.json",
+            r#"{"eos_token": "<mask>"}"#,
+        ),
     ];
     for (source, edited, content) in edits {
         project.write("pipeline.yaml", &chat(source));
         project.run_ok("pipeline.yaml", &["--stage", "prompts"]);
+        let before = project.recorded_outputs("quick");
         project.write(edited, content);
         let status = stdout(&project.run(&["status", "pipeline.yaml"]));
         assert!(status.contains("[DIRTY] prompts"), "{edited}:\n{status}");
         project.run_ok("pipeline.yaml", &["--stage", "prompts"]);
         let outputs = project.recorded_outputs("quick");
+        assert_ne!(before["prompts"], outputs["prompts"], "{edited}: no change");
         project.wipe();
         project.run_ok("pipeline.yaml", &["--stage", "prompts"]);
         assert_eq!(

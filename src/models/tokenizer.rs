@@ -13,6 +13,7 @@ use serde_json::Value;
 use tokenizers::Tokenizer;
 
 use super::load::{read_json, ModelError};
+use crate::config::chat_template::{reads_special_tokens_map, SPECIAL_TOKENS_MAP};
 
 /// generation_config.json (config.json's token ids when the file is absent).
 ///
@@ -177,12 +178,11 @@ impl ModelTokenizer {
         let mut bos_token = special_token(&config, "bos_token");
         let mut eos_token = special_token(&config, "eos_token");
         let mut pad_token = special_token(&config, "pad_token");
-        // transformers' legacy load: without `added_tokens_decoder` in tokenizer_config.json,
-        // every special token special_tokens_map.json names replaces tokenizer_config.json's
-        // (`init_kwargs[key] = value` in `_from_pretrained`); with it, the map is not read.
+        // transformers' legacy load: special_tokens_map.json's tokens replace
+        // tokenizer_config.json's where it is read (the rule chat templates follow too).
         let mut token_files = BTreeMap::new();
-        let map_path = dir.join("special_tokens_map.json");
-        if config.get("added_tokens_decoder").is_none() && map_path.is_file() {
+        let map_path = dir.join(SPECIAL_TOKENS_MAP);
+        if reads_special_tokens_map(&config) && map_path.is_file() {
             let map = read_json(&map_path)?;
             if !map.is_object() {
                 return Err(ModelError::Tokenizer {
@@ -197,7 +197,7 @@ impl ModelTokenizer {
             ] {
                 if map.get(key).is_some() {
                     *token = special_token(&map, key);
-                    token_files.insert(id_key, "special_tokens_map.json");
+                    token_files.insert(id_key, SPECIAL_TOKENS_MAP);
                 }
             }
         }

@@ -650,16 +650,17 @@ impl StageSpec for TemplateConfig {
         let mut files = self.walk_templates(project_dir, true)?.files;
         if let Some(config) = self.chat.as_ref().and_then(|c| c.tokenizer_config.as_ref()) {
             let path = resolve_path(project_dir, config)?;
-            let companion = super::chat_template::companion_file_name(&path);
-            let beside = path.with_file_name(companion);
-            if beside.is_file() {
-                files.push(InputFile {
-                    key: Path::new(config)
-                        .with_file_name(companion)
-                        .to_string_lossy()
-                        .into_owned(),
-                    path: beside,
-                });
+            for companion in super::chat_template::companion_file_names(&path) {
+                let beside = path.with_file_name(companion);
+                if beside.is_file() {
+                    files.push(InputFile {
+                        key: Path::new(config)
+                            .with_file_name(companion)
+                            .to_string_lossy()
+                            .into_owned(),
+                        path: beside,
+                    });
+                }
             }
             files.push(InputFile {
                 key: config.clone(),
