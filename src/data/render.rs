@@ -245,7 +245,7 @@ pub fn describe_row_error(
              ({} bytes); raise `limits.max_row_bytes` in the stage if rows this large are intended",
             limits.max_row_bytes
         ),
-        RowRenderError::Template(error) if error.kind() == ErrorKind::OutOfFuel => format!(
+        RowRenderError::Template(error) if innermost(error).kind() == ErrorKind::OutOfFuel => format!(
             "split {split}, row {row}: the {template} template ran out of fuel: it executed more \
              than limits.fuel ({} instructions); a loop that runs too long? raise `limits.fuel` \
              in the stage if the work is intended",
@@ -255,11 +255,28 @@ pub fn describe_row_error(
     }
 }
 
+/// An error inside a template the row template includes comes wrapped (`error in "part.j2"`,
+/// at the include): the innermost error says what failed, located in its own file.
+fn innermost(mut error: &Error) -> &Error {
+    while let Some(inner) = std::error::Error::source(error).and_then(|e| e.downcast_ref::<Error>())
+    {
+        error = inner;
+    }
+    error
+}
+
 /// A rendering error as a user message naming the split, the row and the variable.
 pub fn describe_render_error(error: &Error, template: &str, split: &str, row: u64) -> String {
-    let location = match error.line() {
-        Some(line) => format!("{template} template, line {line}"),
-        None => format!("{template} template"),
+    let error = innermost(error);
+    let location = match (error.name().filter(|name| *name != template), error.line()) {
+        (Some(file), Some(line)) => {
+            format!("the included template `{file}`, line {line}, from the {template} template")
+        }
+        (Some(file), None) => {
+            format!("the included template `{file}`, from the {template} template")
+        }
+        (None, Some(line)) => format!("{template} template, line {line}"),
+        (None, None) => format!("{template} template"),
     };
     // The expression that failed, when minijinja knows its span.
     let expression = match (error.template_source(), error.range()) {
@@ -325,6 +342,37 @@ mod tests {
             )
             .unwrap(),
             "great film / pos"
+        );
+    }
+
+    #[test]
+    fn an_error_in_an_included_template_names_that_file_and_its_line() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("part.j2"), "ok\n{{ txt }}").unwrap();
+        let includes = Includes {
+            project_dir: dir.path().to_path_buf(),
+            allow_outside_project: false,
+            tracked: ["part.j2".to_string()].into(),
+        };
+        let mut env = row_environment(&includes, None);
+        env.add_template_owned("prompt", "\n\n{% include 'part.j2' %}".to_string())
+            .unwrap();
+        let context = Value::from_object(RowContext {
+            columns: BatchColumns::new(&batch()),
+            row: 0,
+            extra: vec![],
+        });
+        let error = env
+            .get_template("prompt")
+            .unwrap()
+            .render(context)
+            .unwrap_err();
+        let message = describe_render_error(&error, "prompt", "train", 0);
+        assert!(
+            message.contains("`txt`")
+                && message
+                    .contains("the included template `part.j2`, line 2, from the prompt template"),
+            "{message}"
         );
     }
 

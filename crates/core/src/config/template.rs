@@ -910,8 +910,9 @@ impl StageSpec for TemplateConfig {
             ))
         };
         // Included templates, loaded as a run loads them (only the names written literally);
-        // validation reads them wherever they are, as the stage's own files. One missing or
-        // not compiling is left to the run (and `path_problems`).
+        // validation reads them wherever they are, as the stage's own files. One that does not
+        // compile would fail every row that renders it; one missing or unreadable is reported
+        // where the walk reads it (and `path_problems`).
         if !included.is_empty() {
             let include_env = row_environment(
                 &Includes {
@@ -922,8 +923,25 @@ impl StageSpec for TemplateConfig {
                 None,
             );
             for (name, key) in &included {
-                for unknown in unknown_filters_and_tests(&include_env, name).unwrap_or_default() {
-                    problems.push(unknown_problem(key, Some(name), unknown));
+                match unknown_filters_and_tests(&include_env, name) {
+                    Ok(unknown) => problems.extend(
+                        unknown
+                            .into_iter()
+                            .map(|unknown| unknown_problem(key, Some(name), unknown)),
+                    ),
+                    Err(error) if error.kind() == minijinja::ErrorKind::SyntaxError => problems
+                        .push(
+                            Problem::new(
+                                format!("{at}.{key}"),
+                                format!(
+                                    "the included template `{name}` does not compile ({}): \
+                                     rendering would fail on every row that reaches it",
+                                    syntax_message(&error)
+                                ),
+                            )
+                            .about_value(),
+                        ),
+                    Err(_) => {}
                 }
             }
         }
@@ -1211,6 +1229,30 @@ mod tests {
                 "{file} {name}: {messages:?}"
             );
         }
+    }
+
+    /// An included template that does not compile fails every row that renders it: validate
+    /// reports it, naming the file and its line, at the key of the template that includes it.
+    #[test]
+    fn syntax_errors_in_included_templates_are_reported() {
+        let dir = tempfile::tempdir().unwrap();
+        let write = |name: &str, text: &str| std::fs::write(dir.path().join(name), text).unwrap();
+        write("part.j2", "{% include 'deep.j2' %}");
+        write("deep.j2", "fine\n{% if text %}review: {{ text }");
+        write("fine.j2", "{{ label }}");
+        let stage = "      prompt: \"{% include 'part.j2' %}\"\n      completion: \"{% include 'fine.j2' %}\"\n";
+        let problems = check_in(&format!("{HEADER}{stage}"), &["text", "label"], dir.path());
+        let messages: Vec<(&str, &str)> = problems
+            .iter()
+            .map(|p| (p.path.as_str(), p.message.as_str()))
+            .collect();
+        assert_eq!(problems.len(), 1, "{messages:?}");
+        let (path, message) = messages[0];
+        assert_eq!(path, "stages.prompts.template.prompt");
+        assert!(
+            message.contains("`deep.j2`") && message.contains("syntax error on line 2"),
+            "{message}"
+        );
     }
 
     #[test]
