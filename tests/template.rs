@@ -275,6 +275,45 @@ fn template_files_with_macros_and_includes_render_and_are_input_files() {
     );
 }
 
+/// `{% include [a, b] %}` takes the first file that exists and `ignore missing` renders nothing
+/// for an absent one, as in jinja2. An absent alternative is no input file, so the inputs (and
+/// the fingerprint) change when it appears; before, the stage refused the absent file.
+#[test]
+fn include_lists_and_ignore_missing_take_the_files_that_exist() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = input_artifact(dir.path());
+    std::fs::write(dir.path().join("fallback.j2"), "Fallback").unwrap();
+    let stage = config(
+        "input: data\nprompt: \"{% include ['custom.j2', 'fallback.j2'] %}{% include 'extra.j2' ignore missing %}: {{ text or '' }}\"\ncompletion: \" {{ label }}\"\n",
+    );
+    use peftpipe::config::StageSpec;
+    let keys = || -> Vec<String> {
+        stage
+            .input_files(dir.path())
+            .unwrap()
+            .into_iter()
+            .map(|f| f.key)
+            .collect()
+    };
+    let first_prompt = |out: &str| {
+        let out = dir.path().join(out);
+        run(&stage, dir.path(), &input, &out).unwrap();
+        read(&out.join("train.parquet"), "prompt")[0].clone()
+    };
+    assert_eq!(keys(), vec!["fallback.j2"]);
+    assert_eq!(first_prompt("out1").as_deref(), Some("Fallback: text 0"));
+    std::fs::write(dir.path().join("custom.j2"), "Custom").unwrap();
+    std::fs::write(dir.path().join("extra.j2"), "+").unwrap();
+    assert_eq!(keys(), vec!["custom.j2", "extra.j2", "fallback.j2"]);
+    assert_eq!(first_prompt("out2").as_deref(), Some("Custom+: text 0"));
+    // A file a plain include names must exist.
+    let required = config(
+        "input: data\nprompt: \"{% include 'absent.j2' %}\"\ncompletion: \" {{ label }}\"\n",
+    );
+    let error = required.input_files(dir.path()).unwrap_err();
+    assert!(error.contains("absent.j2"), "{error}");
+}
+
 const LLAMA3: &str = "{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim + '<|eot_id|>' %}{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}";
 
 const CHATML: &str = "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";

@@ -385,7 +385,12 @@ fn load_included(includes: &Includes, name: &str) -> Result<Option<String>, Erro
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum TemplateReference {
     /// Written as a string literal, or a list of them (the first that exists is used).
-    Literal(Vec<String>),
+    /// `may_be_absent`: a file it names may not exist (a list of several, or `ignore
+    /// missing`): the run then takes the next one, or renders nothing.
+    Literal {
+        names: Vec<String>,
+        may_be_absent: bool,
+    },
     /// Computed at render time: the tag as written and its 1-based line.
     Computed { tag: String, line: usize },
 }
@@ -435,7 +440,10 @@ pub fn template_references(source: &str) -> Vec<TemplateReference> {
                 }
                 "include" | "import" | "from" | "extends" => {
                     found.push(match literal_names(keyword, argument) {
-                        Some(names) => TemplateReference::Literal(names),
+                        Some((names, ignore_missing)) => TemplateReference::Literal {
+                            may_be_absent: ignore_missing || names.len() > 1,
+                            names,
+                        },
                         None => TemplateReference::Computed {
                             tag: format!("{{% {inner} %}}"),
                             line: line_of(offset + start),
@@ -505,7 +513,7 @@ fn raw_block_end(text: &str) -> Option<usize> {
 /// The names of a reference tag's argument when they are string literals: `"a.j2"`,
 /// `["a.j2", "b.j2"]` or `("a.j2",)`, followed only by what the keyword allows (`ignore missing`,
 /// `with context`, `as name`, `import names`). None: computed.
-fn literal_names(keyword: &str, argument: &str) -> Option<Vec<String>> {
+fn literal_names(keyword: &str, argument: &str) -> Option<(Vec<String>, bool)> {
     let (names, rest) = match argument.chars().next()? {
         '"' | '\'' => {
             let (name, rest) = string_literal(argument)?;
@@ -539,6 +547,7 @@ fn literal_names(keyword: &str, argument: &str) -> Option<Vec<String>> {
     let words: Vec<&str> = rest.split_whitespace().collect();
     let context =
         |words: &[&str]| matches!(words, [] | ["with", "context"] | ["without", "context"]);
+    let ignore_missing = keyword == "include" && words.starts_with(&["ignore", "missing"]);
     let allowed = match keyword {
         "include" => match words.as_slice() {
             ["ignore", "missing", more @ ..] => context(more),
@@ -551,7 +560,7 @@ fn literal_names(keyword: &str, argument: &str) -> Option<Vec<String>> {
         "from" => matches!(words.first(), Some(&"import")) && words.len() > 1,
         _ => words.is_empty(),
     };
-    allowed.then_some(names)
+    allowed.then_some((names, ignore_missing))
 }
 
 /// `"a.j2" rest` → ("a.j2", " rest"), for single or double quotes, with backslash escapes.
@@ -632,33 +641,42 @@ mod tests {
         }
         assert_eq!(
             template_references("{{ Ā }}{% include 'é.j2' %}"),
-            vec![TemplateReference::Literal(vec!["é.j2".to_string()])]
+            vec![TemplateReference::Literal {
+                names: vec!["é.j2".to_string()],
+                may_be_absent: false
+            }]
         );
     }
 
     #[test]
     fn references_are_literal_or_computed() {
         use TemplateReference::{Computed, Literal};
-        let literal = |names: &[&str]| Literal(names.iter().map(|n| n.to_string()).collect());
+        let literal = |names: &[&str], may_be_absent: bool| Literal {
+            names: names.iter().map(|n| n.to_string()).collect(),
+            may_be_absent,
+        };
         let source = "{% include 'a.j2' %}{%- include [\"b.j2\", 'c.j2'] ignore missing -%}\n\
             {% import \"m.j2\" as m %}{% from 'f.j2' import x, y %}{% extends \"base.j2\" %}\n\
+            {% include 'o.j2' ignore missing with context %}{% include ('p.j2', 'q.j2') %}\n\
             {% set n = 'dyn' ~ '.j2' %}{% include n %}{% include 'x' ~ n %}\n\
             {{ '{% include q %}' }}{# {% include r %} #}{% raw %}{% include s %}{% endraw %}";
         assert_eq!(
             template_references(source),
             vec![
-                literal(&["a.j2"]),
-                literal(&["b.j2", "c.j2"]),
-                literal(&["m.j2"]),
-                literal(&["f.j2"]),
-                literal(&["base.j2"]),
+                literal(&["a.j2"], false),
+                literal(&["b.j2", "c.j2"], true),
+                literal(&["m.j2"], false),
+                literal(&["f.j2"], false),
+                literal(&["base.j2"], false),
+                literal(&["o.j2"], true),
+                literal(&["p.j2", "q.j2"], true),
                 Computed {
                     tag: "{% include n %}".into(),
-                    line: 3
+                    line: 4
                 },
                 Computed {
                     tag: "{% include 'x' ~ n %}".into(),
-                    line: 3
+                    line: 4
                 },
             ]
         );

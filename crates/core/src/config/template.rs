@@ -245,6 +245,18 @@ fn syntax_message(error: &minijinja::Error) -> String {
     }
 }
 
+/// A template name still to read while following includes.
+struct Pending {
+    /// The name as written.
+    written: String,
+    /// The key of the stage's template it was reached from.
+    key: &'static str,
+    /// Named by an include tag (not `prompt_file` or `completion_file`).
+    included: bool,
+    /// The include may do without it ([`TemplateReference::Literal`]).
+    may_be_absent: bool,
+}
+
 /// The template files a stage's templates read, found by following literal includes.
 #[derive(Debug, Clone, Default)]
 struct TemplateWalk {
@@ -264,13 +276,19 @@ impl TemplateWalk {
         source: &str,
         key: &'static str,
         file: Option<&str>,
-        pending: &mut Vec<(String, &'static str, bool)>,
+        pending: &mut Vec<Pending>,
     ) {
         for reference in template_references(source) {
             match reference {
-                TemplateReference::Literal(names) => {
-                    pending.extend(names.into_iter().map(|name| (name, key, true)))
-                }
+                TemplateReference::Literal {
+                    names,
+                    may_be_absent,
+                } => pending.extend(names.into_iter().map(|name| Pending {
+                    written: name,
+                    key,
+                    included: true,
+                    may_be_absent,
+                })),
                 TemplateReference::Computed { tag, line } => {
                     self.computed
                         .push((key, file.map(str::to_string), tag, line))
@@ -302,24 +320,35 @@ impl TemplateConfig {
         allow_outside_project: bool,
     ) -> Result<TemplateWalk, String> {
         let mut walk = TemplateWalk::default();
-        let mut pending: Vec<(String, &'static str, bool)> = Vec::new();
+        let mut pending = Vec::new();
         for (file, key) in [
             (&self.completion_file, "completion_file"),
             (&self.prompt_file, "prompt_file"),
         ] {
             if let Some(file) = file {
-                pending.push((file.clone(), key, false));
+                pending.push(Pending {
+                    written: file.clone(),
+                    key,
+                    included: false,
+                    may_be_absent: false,
+                });
             }
         }
         for (source, key) in self.inline_sources() {
             walk.scan(source, key, None, &mut pending);
         }
         let mut seen = BTreeSet::new();
-        while let Some((written, key, included)) = pending.pop() {
+        while let Some(Pending {
+            written,
+            key,
+            included,
+            may_be_absent,
+        }) = pending.pop()
+        {
             if included {
                 walk.included.entry(written.clone()).or_insert(key);
             }
-            if !seen.insert(written.clone()) {
+            if seen.contains(&written) {
                 continue;
             }
             let what = if included {
@@ -328,6 +357,13 @@ impl TemplateConfig {
                 key
             };
             let path = confine_template(project_dir, &written, what, allow_outside_project)?;
+            // A file an include may do without (a list's alternative, `ignore missing`) that is
+            // not there is no input: should it appear, the set of inputs, and so the
+            // fingerprint, changes. The name stays tracked, so a run's loader answers for it.
+            if may_be_absent && !path.exists() {
+                continue;
+            }
+            seen.insert(written.clone());
             let source = read_template_file(&path, &written)?;
             walk.scan(&source, key, Some(&written), &mut pending);
             walk.files.push(InputFile { key: written, path });
