@@ -21,9 +21,10 @@ pub struct ArgumentProblem {
 
 /// Print `error` as clap does and exit with its code; first, when it is an error (not help or a
 /// version) and `args` ask for `--json`, the problem object on stdout.
-pub fn exit(error: &clap::Error, command: &clap::Command, args: &[OsString]) -> ! {
+pub fn exit(mut error: clap::Error, command: &clap::Command, args: &[OsString]) -> ! {
+    without_hidden_suggestions(&mut error, command);
     if error.use_stderr() && json_requested(command, args) {
-        let problem = problem(error, command);
+        let problem = problem(&error, command);
         crate::report::problems::print_failure_json(
             "",
             &problem.argument,
@@ -32,6 +33,31 @@ pub fn exit(error: &clap::Error, command: &clap::Command, args: &[OsString]) -> 
         );
     }
     error.exit()
+}
+
+/// clap's "a similar subcommand exists" tip names hidden subcommands too (`train-rank`, which
+/// `run` starts for data-parallel ranks, for `peftpipe train`): only the visible ones stay.
+fn without_hidden_suggestions(error: &mut clap::Error, command: &clap::Command) {
+    let Some(ContextValue::Strings(names)) = error.get(ContextKind::SuggestedSubcommand) else {
+        return;
+    };
+    let hidden = |name: &String| {
+        command
+            .get_subcommands()
+            .any(|subcommand| subcommand.is_hide_set() && subcommand.get_name() == name)
+    };
+    let visible: Vec<String> = names.iter().filter(|name| !hidden(name)).cloned().collect();
+    if visible.len() == names.len() {
+        return;
+    }
+    if visible.is_empty() {
+        error.remove(ContextKind::SuggestedSubcommand);
+    } else {
+        error.insert(
+            ContextKind::SuggestedSubcommand,
+            ContextValue::Strings(visible),
+        );
+    }
 }
 
 /// Whether `args` (the program name first) hold the flag `--json` as clap reads them: an
@@ -225,6 +251,36 @@ mod tests {
                         .allow_hyphen_values(true),
                 ),
             )
+    }
+
+    #[test]
+    fn a_hidden_subcommand_is_never_suggested() {
+        let command = crate::cli::Cli::command();
+        for (words, kept) in [(&["train"][..], None), (&["trai"], Some("metrics"))] {
+            let mut error = command
+                .clone()
+                .try_get_matches_from(args(words))
+                .unwrap_err();
+            assert!(
+                error.render().to_string().contains("train-rank"),
+                "{words:?}"
+            );
+            without_hidden_suggestions(&mut error, &command);
+            let text = error.render().to_string();
+            assert!(!text.contains("train-rank"), "{words:?}: {text}");
+            assert!(
+                text.contains("unrecognized subcommand"),
+                "{words:?}: {text}"
+            );
+            assert_eq!(
+                problem(&error, &command).hint.is_some(),
+                kept.is_some(),
+                "{words:?}: {text}"
+            );
+            if let Some(kept) = kept {
+                assert!(text.contains(&format!("'{kept}'")), "{text}");
+            }
+        }
     }
 
     #[test]

@@ -381,9 +381,7 @@ pub fn main() -> ExitCode {
         Ok(cli) => cli,
         // clap prints its error (or the help, the version) and exits; under `--json` an error
         // also gets the problem object on stdout.
-        Err(error) => {
-            argument_error::exit(&error, &<Cli as clap::CommandFactory>::command(), &args)
-        }
+        Err(error) => argument_error::exit(error, &<Cli as clap::CommandFactory>::command(), &args),
     };
     crate::report::set_color(cli.global.color.into());
     crate::report::init_logging(cli.global.quiet, cli.global.verbose);
