@@ -52,6 +52,11 @@ fn without_hidden_suggestions(error: &mut clap::Error, command: &clap::Command) 
     }
     if visible.is_empty() {
         error.remove(ContextKind::SuggestedSubcommand);
+        // An empty list of other tips would still print a blank line.
+        if matches!(error.get(ContextKind::Suggested), Some(ContextValue::StyledStrs(tips)) if tips.is_empty())
+        {
+            error.remove(ContextKind::Suggested);
+        }
     } else {
         error.insert(
             ContextKind::SuggestedSubcommand,
@@ -269,7 +274,7 @@ mod tests {
             let text = error.render().to_string();
             assert!(!text.contains("train-rank"), "{words:?}: {text}");
             assert!(
-                text.contains("unrecognized subcommand"),
+                text.contains("unrecognized subcommand") && !text.contains("\n\n\n"),
                 "{words:?}: {text}"
             );
             assert_eq!(
