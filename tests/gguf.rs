@@ -735,3 +735,139 @@ fn a_published_gguf_file_is_tracked_like_a_published_folder() -> TestResult {
     assert_eq!(std::fs::read(&published)?, first);
     Ok(())
 }
+
+/// stories260k's files copied into `dir` (so a test may add or edit tokenizer files).
+fn stories_copy(dir: &Path) -> Result<PathBuf, Box<dyn std::error::Error>> {
+    let base = shared_dir().ok_or("PEFTPIPE_SHARED not set")?;
+    let base = base.join("models/stories260k");
+    let copy = dir.join("stories260k");
+    std::fs::create_dir_all(&copy)?;
+    for file in [
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ] {
+        std::fs::copy(base.join(file), copy.join(file))?;
+    }
+    Ok(copy)
+}
+
+/// The chat template llama.cpp gets is the one the model's tokenizer renders (peftpipe's rule,
+/// transformers'): a chat_template.jinja beside tokenizer_config.json wins; the named-list form
+/// of `chat_template` gives the `default` one as `tokenizer.chat_template` and the others as
+/// `tokenizer.chat_template.<name>` with their names in `tokenizer.chat_templates`, as
+/// llama.cpp's gguf writer stores them.
+#[test]
+fn the_chat_template_is_the_one_the_tokenizer_renders() -> TestResult {
+    if shared_dir().is_none() {
+        eprintln!("skipped: PEFTPIPE_SHARED not set");
+        return Ok(());
+    }
+    let root = tempfile::tempdir()?;
+    let model = stories_copy(root.path())?;
+    let config_path = model.join("tokenizer_config.json");
+    let mut config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&config_path)?)?;
+    let text = |content: &gguf_file::Content, key: &str| {
+        content
+            .metadata
+            .get(key)
+            .map(|value| value.to_string().cloned())
+            .transpose()
+    };
+
+    // transformers ≥ 4.47 saves the template as chat_template.jinja, not in the config.
+    std::fs::write(
+        model.join("chat_template.jinja"),
+        "{{ messages }} from the file",
+    )?;
+    let out = root.path().join("a.gguf");
+    write_gguf(&[], &model, &out, GgmlDType::F16, "x", &|| false)?;
+    assert_eq!(
+        text(&read_content(&out)?, "tokenizer.chat_template")?.as_deref(),
+        Some("{{ messages }} from the file")
+    );
+    // The file wins over the config's own template, as in transformers.
+    config["chat_template"] = serde_json::json!("from the config");
+    std::fs::write(&config_path, config.to_string())?;
+    write_gguf(&[], &model, &out, GgmlDType::F16, "x", &|| false)?;
+    assert_eq!(
+        text(&read_content(&out)?, "tokenizer.chat_template")?.as_deref(),
+        Some("{{ messages }} from the file")
+    );
+
+    // The named-list form.
+    std::fs::remove_file(model.join("chat_template.jinja"))?;
+    config["chat_template"] = serde_json::json!([
+        {"name": "default", "template": "the default"},
+        {"name": "tool_use", "template": "with tools"},
+    ]);
+    std::fs::write(&config_path, config.to_string())?;
+    write_gguf(&[], &model, &out, GgmlDType::F16, "x", &|| false)?;
+    let content = read_content(&out)?;
+    assert_eq!(
+        text(&content, "tokenizer.chat_template")?.as_deref(),
+        Some("the default")
+    );
+    assert_eq!(
+        text(&content, "tokenizer.chat_template.tool_use")?.as_deref(),
+        Some("with tools")
+    );
+    let names = content
+        .metadata
+        .get("tokenizer.chat_templates")
+        .ok_or("no tokenizer.chat_templates")?
+        .to_vec()?
+        .iter()
+        .map(|name| name.to_string().cloned())
+        .collect::<Result<Vec<_>, _>>()?;
+    assert_eq!(names, ["tool_use"]);
+    Ok(())
+}
+
+/// llama.cpp adds BOS/EOS as `tokenizer.ggml.add_bos_token` / `add_eos_token` say, and adds BOS
+/// to a `llama` vocabulary when the key is absent: the file says what peftpipe's tokenizer does
+/// (tokenizer_config.json's flag, else what tokenizer.json's post-processor adds), so a model
+/// trained without BOS is not run with one.
+#[test]
+fn bos_and_eos_flags_are_what_the_tokenizer_adds() -> TestResult {
+    if shared_dir().is_none() {
+        eprintln!("skipped: PEFTPIPE_SHARED not set");
+        return Ok(());
+    }
+    let root = tempfile::tempdir()?;
+    let model = stories_copy(root.path())?;
+    let edit = |file: &str, change: &dyn Fn(&mut serde_json::Value)| -> TestResult {
+        let path = model.join(file);
+        let mut value: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path)?)?;
+        change(&mut value);
+        std::fs::write(&path, value.to_string())?;
+        Ok(())
+    };
+    let flags = || -> Result<(Option<bool>, Option<bool>), Box<dyn std::error::Error>> {
+        let out = root.path().join("model.gguf");
+        write_gguf(&[], &model, &out, GgmlDType::F16, "x", &|| false)?;
+        let content = read_content(&out)?;
+        let flag = |key: &str| content.metadata.get(key).map(|v| v.to_bool()).transpose();
+        Ok((
+            flag("tokenizer.ggml.add_bos_token")?,
+            flag("tokenizer.ggml.add_eos_token")?,
+        ))
+    };
+    assert_eq!(flags()?, (Some(true), Some(false)));
+    // No flags in tokenizer_config.json: the post-processor adds BOS.
+    edit("tokenizer_config.json", &|config| {
+        if let Some(map) = config.as_object_mut() {
+            map.remove("add_bos_token");
+            map.remove("add_eos_token");
+        }
+    })?;
+    assert_eq!(flags()?, (Some(true), Some(false)));
+    // ... and without a post-processor nothing is added.
+    edit("tokenizer.json", &|tokenizer| {
+        tokenizer["post_processor"] = serde_json::Value::Null;
+    })?;
+    assert_eq!(flags()?, (Some(false), Some(false)));
+    Ok(())
+}

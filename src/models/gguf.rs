@@ -27,6 +27,7 @@ use candle_core::{Device, Tensor};
 use serde_json::Value;
 
 use super::checkpoint::{visit_merged_tensors, CheckpointError, MergedTensor, WeightPatch};
+use super::tokenizer::ModelTokenizer;
 use super::{LlamaConfig, ModelConfig, ModelDir};
 use crate::ops::{RopeScaling, RotaryEmbedding};
 
@@ -258,7 +259,11 @@ pub fn write_gguf(
     let llama = llama.clone();
     let file_type = file_type(weight_type)?;
     // Read the vocabulary first: a tokenizer llama.cpp cannot use fails before any weight work.
-    let vocabulary = Vocabulary::read(base_dir, llama.vocab_size)?;
+    let mut vocabulary = Vocabulary::read(base_dir, llama.vocab_size)?;
+    let tokenizer = base
+        .tokenizer()
+        .map_err(|error| CheckpointError::invalid(error.to_string()))?;
+    vocabulary.follow_tokenizer(&tokenizer);
 
     let mut tensors: Vec<(String, QTensor)> = Vec::new();
     let mut summary = GgufFile {
@@ -523,9 +528,15 @@ pub struct Vocabulary {
     pub eos: Option<u32>,
     pub unknown: Option<u32>,
     pub padding: Option<u32>,
+    /// Whether the tokenizer adds BOS / EOS (`tokenizer.ggml.add_bos_token`, …; llama.cpp adds
+    /// BOS to a `llama` vocabulary when the key is absent).
     pub add_bos: Option<bool>,
     pub add_eos: Option<bool>,
+    /// The chat template the tokenizer renders (`tokenizer.chat_template`).
     pub chat_template: Option<String>,
+    /// The other templates of tokenizer_config.json's named-list `chat_template`, by name
+    /// (`tokenizer.chat_template.<name>`, names listed in `tokenizer.chat_templates`).
+    pub named_chat_templates: Vec<(String, String)>,
 }
 
 impl Vocabulary {
@@ -708,17 +719,10 @@ impl Vocabulary {
             scores.push(score);
             types.push(kind);
         }
-        let flag = |key: &str| {
-            tokenizer_config
-                .as_ref()
-                .and_then(|config| config.get(key))
-                .and_then(Value::as_bool)
-        };
-        let chat_template = tokenizer_config
+        let named_chat_templates = tokenizer_config
             .as_ref()
             .and_then(|config| config.get("chat_template"))
-            .and_then(Value::as_str)
-            .map(str::to_string);
+            .map_or_else(Vec::new, named_chat_templates);
         Ok(Vocabulary {
             tokens,
             scores,
@@ -727,10 +731,24 @@ impl Vocabulary {
             eos: special_id("eos_token", "eos_token_id"),
             unknown,
             padding: special_id("pad_token", "pad_token_id"),
-            add_bos: flag("add_bos_token"),
-            add_eos: flag("add_eos_token"),
-            chat_template,
+            // What the tokenizer adds and renders is the model tokenizer's rule
+            // ([`Vocabulary::follow_tokenizer`]).
+            add_bos: None,
+            add_eos: None,
+            chat_template: None,
+            named_chat_templates,
         })
+    }
+
+    /// Take what peftpipe's tokenizer of the model does (the one that tokenized the training
+    /// data): whether it adds BOS and EOS (tokenizer_config.json's flags, else what tokenizer.json's
+    /// post-processor adds) and the chat template it renders (chat_template.jinja, else
+    /// tokenizer_config.json's `chat_template`, of the list form the `default` one), so llama.cpp
+    /// tokenizes and formats prompts as training did.
+    pub fn follow_tokenizer(&mut self, tokenizer: &ModelTokenizer) {
+        self.add_bos = Some(tokenizer.add_bos_token);
+        self.add_eos = Some(tokenizer.add_eos_token);
+        self.chat_template = tokenizer.chat_template.clone();
     }
 
     fn push_metadata(&self, entries: &mut Vec<(String, GgufValue)>) {
@@ -775,7 +793,40 @@ impl Vocabulary {
         if let Some(template) = &self.chat_template {
             entries.push(("tokenizer.chat_template".into(), text(template)));
         }
+        for (name, template) in &self.named_chat_templates {
+            entries.push((format!("tokenizer.chat_template.{name}"), text(template)));
+        }
+        if !self.named_chat_templates.is_empty() {
+            let names = self
+                .named_chat_templates
+                .iter()
+                .map(|(name, _)| text(name))
+                .collect();
+            entries.push(("tokenizer.chat_templates".into(), GgufValue::Array(names)));
+        }
     }
+}
+
+/// The named templates of a `chat_template` list (`[{"name": …, "template": …}, …]`) other than
+/// `default`, as llama.cpp's gguf writer keeps them: names with characters other than ASCII
+/// letters and digits replaced by `_`, the first of a repeated name kept.
+fn named_chat_templates(value: &Value) -> Vec<(String, String)> {
+    let mut named: Vec<(String, String)> = Vec::new();
+    for entry in value.as_array().into_iter().flatten() {
+        let name = entry.get("name").and_then(Value::as_str).unwrap_or("");
+        let Some(template) = entry.get("template").and_then(Value::as_str) else {
+            continue;
+        };
+        let name: String = name
+            .chars()
+            .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+            .collect();
+        if name.is_empty() || name == "default" || named.iter().any(|(n, _)| *n == name) {
+            continue;
+        }
+        named.push((name, template.to_string()));
+    }
+    named
 }
 
 #[cfg(test)]
