@@ -1385,3 +1385,114 @@ fn a_gpt2_merged_model_is_not_written_in_4_bits() -> TestResult {
     assert!(!out.exists());
     Ok(())
 }
+
+/// IA3 on an output-side layer scales the layer's output, bias included (PEFT's `IA3Layer.merge`
+/// multiplies the bias by the vector too): merging an adapter read from its folder into a Llama
+/// with `attention_bias` (Qwen2 has q/k/v biases) gives `W' = diag(l)·W` and `b' = l ⊙ b` on
+/// k_proj/v_proj, and a feed-forward down_proj only its input columns scaled, its bias kept.
+#[test]
+fn merged_ia3_scales_the_bias_of_an_output_side_layer() -> TestResult {
+    let root = tempfile::tempdir()?;
+    let base = root.path().join("base");
+    std::fs::create_dir_all(&base)?;
+    let config_json = serde_json::json!({
+        "model_type": "llama", "hidden_size": 16, "intermediate_size": 24,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "vocab_size": 40, "max_position_embeddings": 64, "rms_norm_eps": 1e-5,
+        "attention_bias": true, "mlp_bias": true, "tie_word_embeddings": false,
+    });
+    std::fs::write(base.join("config.json"), config_json.to_string())?;
+    let config = peftpipe::models::ModelConfig::from_json(&config_json)
+        .map_err(|error| format!("{error:?}"))?;
+    let mut weights =
+        peftpipe::models::random::random_weights(&config, 3, 0.2, DType::F32, &Device::Cpu)?;
+    // Random biases (random init leaves them zero, which no scaling changes).
+    let names: Vec<String> = weights
+        .keys()
+        .filter(|n| n.ends_with(".bias"))
+        .cloned()
+        .collect();
+    assert!(
+        names.iter().any(|n| n.ends_with("k_proj.bias")),
+        "{names:?}"
+    );
+    for (index, name) in names.iter().enumerate() {
+        let length = weights[name].dim(0)?;
+        let values: Vec<f32> = (0..length)
+            .map(|i| ((i * 7 + index * 3) % 11) as f32 * 0.1 - 0.5)
+            .collect();
+        weights.insert(
+            name.clone(),
+            Tensor::from_vec(values, length, &Device::Cpu)?,
+        );
+    }
+    candle_core::safetensors::save(&weights, base.join("model.safetensors"))?;
+
+    // An IA3 folder as PEFT saves it: [out, 1] for k/v, [1, in] for the feed-forward down_proj.
+    let adapter = root.path().join("adapter");
+    std::fs::create_dir_all(&adapter)?;
+    std::fs::write(
+        adapter.join("adapter_config.json"),
+        serde_json::json!({
+            "peft_type": "IA3", "task_type": "CAUSAL_LM", "fan_in_fan_out": false,
+            "target_modules": ["k_proj", "v_proj", "down_proj"],
+            "feedforward_modules": ["down_proj"], "inference_mode": true,
+        })
+        .to_string(),
+    )?;
+    let mut vectors = HashMap::new();
+    for layer in 0..2 {
+        for (module, shape) in [
+            ("self_attn.k_proj", (8, 1)),
+            ("self_attn.v_proj", (8, 1)),
+            ("mlp.down_proj", (1, 24)),
+        ] {
+            let count = shape.0 * shape.1;
+            let values: Vec<f32> = (0..count)
+                .map(|i| 0.5 + ((i + layer) % 5) as f32 * 0.25)
+                .collect();
+            vectors.insert(
+                format!("base_model.model.model.layers.{layer}.{module}.ia3_l"),
+                Tensor::from_vec(values, shape, &Device::Cpu)?,
+            );
+        }
+    }
+    candle_core::safetensors::save(&vectors, adapter.join("adapter_model.safetensors"))?;
+
+    let loaded = peftpipe::peft::load_adapter(&adapter, &Device::Cpu)?;
+    let patches = loaded.merge_patches()?.ok_or("IA3 is mergeable")?;
+    let out = root.path().join("merged");
+    peftpipe::models::checkpoint::write_merged_folder(
+        &patches,
+        &base,
+        &out,
+        MergedOptions {
+            max_shard_size: u64::MAX,
+            dtype: None,
+        },
+        &|| false,
+    )?;
+    let merged = candle_core::safetensors::load(out.join("model.safetensors"), &Device::Cpu)?;
+    for layer in 0..2 {
+        for module in ["self_attn.k_proj", "self_attn.v_proj"] {
+            let path = format!("model.layers.{layer}.{module}");
+            let l = &vectors[&format!("base_model.model.{path}.ia3_l")];
+            let weight = weights[&format!("{path}.weight")].broadcast_mul(l)?;
+            let bias = weights[&format!("{path}.bias")].mul(&l.flatten_all()?)?;
+            let merged_weight = &merged[&format!("{path}.weight")];
+            let merged_bias = &merged[&format!("{path}.bias")];
+            assert!(
+                max_difference(merged_weight, &weight) < 1e-6,
+                "{path}.weight"
+            );
+            assert!(max_difference(merged_bias, &bias) < 1e-6, "{path}.bias");
+        }
+        let path = format!("model.layers.{layer}.mlp.down_proj");
+        let l = &vectors[&format!("base_model.model.{path}.ia3_l")];
+        let weight = weights[&format!("{path}.weight")].broadcast_mul(l)?;
+        assert!(max_difference(&merged[&format!("{path}.weight")], &weight) < 1e-6);
+        let bias = &weights[&format!("{path}.bias")];
+        assert_eq!(max_difference(&merged[&format!("{path}.bias")], bias), 0.0);
+    }
+    Ok(())
+}

@@ -95,6 +95,9 @@ pub struct WeightPatch {
     /// A vector (a norm's weight or bias, `[n]`) is patched as a one-column matrix: `(n, 1)`.
     pub dims: (usize, usize),
     pub change: PatchChange,
+    /// Skipped where the base checkpoint has no such tensor (IA3's scaling of an output-side
+    /// layer's bias, read from a folder without the model: the layer may have no bias).
+    pub optional: bool,
 }
 
 impl std::fmt::Debug for WeightPatch {
@@ -552,6 +555,8 @@ fn merge_plan<'a>(
                 (source[embedding].clone(), Some(pair)),
             );
             untie = true;
+        } else if pair.optional {
+            continue;
         } else {
             return Err(CheckpointError::invalid(format!(
                 "the adapter adapts `{}`, but the base model in {} has no tensor `{}`",

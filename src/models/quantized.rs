@@ -955,6 +955,7 @@ pub fn dequantized_base_patches(
             parameter: Parameter::Weight,
             dims,
             change,
+            optional: false,
         });
     }
     // Adapted layers that are not quantized (`lm_head`, a trained norm) merge as LoRA does.

@@ -50,6 +50,7 @@ pub fn patch(module: &str, parameter: Parameter, tensor: Tensor) -> Result<Weigh
                 .to_dtype(weight.dtype())?
                 .reshape(weight.shape())
         })),
+        optional: false,
     })
 }
 

@@ -97,6 +97,7 @@ pub fn patch(
         parameter: Parameter::Weight,
         dims,
         change,
+        optional: false,
     })
 }
 
@@ -108,6 +109,7 @@ pub fn keep_head_patch() -> WeightPatch {
         parameter: Parameter::Weight,
         dims: (0, 0),
         change: PatchChange::Map(Arc::new(|weight: &Tensor| Ok(weight.clone()))),
+        optional: false,
     }
 }
 

@@ -338,8 +338,9 @@ impl Ia3Adapter {
     }
 
     /// A loaded adapter whose model was never built: patches from the vectors as read. IA3 also
-    /// scales the bias of an output-side layer, which a weight patch cannot carry: GPT-2
-    /// (`fan_in_fan_out`, biased c_attn) is refused rather than merged wrongly.
+    /// scales the bias of an output-side layer: an optional bias patch (skipped where the base has
+    /// no bias). GPT-2's output-side layers (`fan_in_fan_out`) are still refused, as `validate`
+    /// refuses them.
     fn patches_from_file(
         &self,
         all: &BTreeMap<String, Tensor>,
@@ -356,15 +357,27 @@ impl Ia3Adapter {
                 .dims2()
                 .context(|| format!("IA3 vector of `{path}`"))?;
             let dims = if feedforward { (0, columns) } else { (rows, 0) };
-            patches.push(patch(path, vector.clone(), dims)?);
+            patches.push(patch(path, vector.clone(), dims, Parameter::Weight)?);
+            // An output-side layer's bias is scaled too, where the base has one (PEFT's merge).
+            if !feedforward {
+                let mut bias = patch(path, vector.clone(), (rows, 1), Parameter::Bias)?;
+                bias.optional = true;
+                patches.push(bias);
+            }
         }
         Ok(patches)
     }
 }
 
-/// `W' = W ⊙ l` as a weight patch. `dims` are the layer's `(out, in)`, with 0 for a side only
-/// the base weight knows (a vector read from a file gives one side).
-fn patch(path: &str, vector: Tensor, dims: (usize, usize)) -> Result<WeightPatch, PeftError> {
+/// `W' = W ⊙ l` as a patch of the layer's weight, or `b' = l ⊙ b` of its bias (`parameter`; a
+/// bias is patched as a one-column matrix). `dims` are the tensor's `(out, in)` (`(out, 1)` for a
+/// bias), with 0 for a side only the base weight knows (a vector read from a file gives one side).
+fn patch(
+    path: &str,
+    vector: Tensor,
+    dims: (usize, usize),
+    parameter: Parameter,
+) -> Result<WeightPatch, PeftError> {
     let vector = vector
         .to_device(&Device::Cpu)
         .context(|| format!("IA3 vector of `{path}`"))?;
@@ -386,9 +399,10 @@ fn patch(path: &str, vector: Tensor, dims: (usize, usize)) -> Result<WeightPatch
     };
     Ok(WeightPatch {
         path: path.to_string(),
-        parameter: Parameter::Weight,
+        parameter,
         dims,
         change: PatchChange::Map(Arc::new(function)),
+        optional: false,
     })
 }
 
@@ -583,7 +597,7 @@ impl Adapter for Ia3Adapter {
                 .read()
                 .map_err(|_| PeftError::invalid(format!("{}: lock poisoned", layer.path)))?
                 .is_some();
-            if has_bias && !layer.feedforward {
+            if has_bias && !layer.feedforward && self.settings.fan_in_fan_out {
                 return Err(PeftError::invalid(format!(
                     "merging IA3 into `{}` would also scale its bias, which the merged export does not write yet",
                     layer.path
@@ -599,7 +613,17 @@ impl Adapter for Ia3Adapter {
                 &layer.path,
                 layer.scale.as_tensor().clone(),
                 weight_dims,
+                Parameter::Weight,
             )?);
+            // The output scaling scales the bias too (PEFT's `IA3Layer.merge`).
+            if has_bias && !layer.feedforward {
+                patches.push(patch(
+                    &layer.path,
+                    layer.scale.as_tensor().clone(),
+                    (weight_dims.0, 1),
+                    Parameter::Bias,
+                )?);
+            }
         }
         Ok(Some(patches))
     }
@@ -797,9 +821,26 @@ mod tests {
         assert!(max_abs(down.forward(&x).unwrap().sub(&got_down).unwrap()) < 1e-5);
         adapter.unmerge().unwrap();
         assert!(max_abs(k.forward(&x).unwrap().sub(&got_k).unwrap()) < 1e-6);
-        // The biased output-side layer cannot be exported through weight patches.
-        let error = adapter.merge_patches().unwrap_err().to_string();
-        assert!(error.contains("bias"), "{error}");
+        // The biased output-side layer is exported with its bias scaled too (PEFT's merge).
+        let patches = adapter.merge_patches().unwrap().unwrap();
+        let of = |parameter: Parameter| {
+            patches
+                .iter()
+                .find(|p| p.path == "layer.k" && p.parameter == parameter)
+                .unwrap()
+        };
+        let weight = of(Parameter::Weight).apply(&plain_k.weight).unwrap();
+        let bias = plain_k.bias.as_ref().unwrap();
+        let bias = of(Parameter::Bias)
+            .apply(&bias.reshape((3, 1)).unwrap())
+            .unwrap()
+            .flatten_all()
+            .unwrap();
+        let merged = crate::ops::linear(&x, &weight, Some(&bias)).unwrap();
+        assert!(max_abs(merged.sub(&got_k).unwrap()) < 1e-5);
+        assert!(!patches
+            .iter()
+            .any(|p| p.path == "layer.down" && p.parameter == Parameter::Bias));
         drop(other);
     }
 

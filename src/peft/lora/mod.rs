@@ -974,6 +974,7 @@ fn patch(path: &str, delta: Tensor, magnitude: Option<Tensor>) -> Result<WeightP
         parameter: Parameter::Weight,
         dims,
         change,
+        optional: false,
     })
 }
 
