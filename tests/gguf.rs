@@ -871,3 +871,35 @@ fn bos_and_eos_flags_are_what_the_tokenizer_adds() -> TestResult {
     assert_eq!(flags()?, (Some(false), Some(false)));
     Ok(())
 }
+
+/// llama.cpp puts a space before the text of a `llama` vocabulary unless
+/// `tokenizer.ggml.add_space_prefix` is false: the file says whether the tokenizer does (its
+/// Metaspace `prepend_scheme`, or a `Prepend("▁")` normalizer), so "Once" is not tokenized as
+/// "▁Once" by a model trained on "Once".
+#[test]
+fn the_space_prefix_flag_is_what_the_tokenizer_does() -> TestResult {
+    if shared_dir().is_none() {
+        eprintln!("skipped: PEFTPIPE_SHARED not set");
+        return Ok(());
+    }
+    let root = tempfile::tempdir()?;
+    let model = stories_copy(root.path())?;
+    let prefix = || -> Result<Option<bool>, Box<dyn std::error::Error>> {
+        let out = root.path().join("model.gguf");
+        write_gguf(&[], &model, &out, GgmlDType::F16, "x", &|| false)?;
+        let content = read_content(&out)?;
+        Ok(content
+            .metadata
+            .get("tokenizer.ggml.add_space_prefix")
+            .map(|v| v.to_bool())
+            .transpose()?)
+    };
+    // stories260k: Metaspace with prepend_scheme "first".
+    assert_eq!(prefix()?, Some(true));
+    let path = model.join("tokenizer.json");
+    let mut tokenizer: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path)?)?;
+    tokenizer["pre_tokenizer"]["prepend_scheme"] = serde_json::json!("never");
+    std::fs::write(&path, tokenizer.to_string())?;
+    assert_eq!(prefix()?, Some(false));
+    Ok(())
+}

@@ -532,6 +532,9 @@ pub struct Vocabulary {
     /// BOS to a `llama` vocabulary when the key is absent).
     pub add_bos: Option<bool>,
     pub add_eos: Option<bool>,
+    /// Whether the tokenizer puts `▁` before the text (`tokenizer.ggml.add_space_prefix`; llama.cpp
+    /// adds the space to a `llama` vocabulary when the key is absent).
+    pub add_space_prefix: Option<bool>,
     /// The chat template the tokenizer renders (`tokenizer.chat_template`).
     pub chat_template: Option<String>,
     /// The other templates of tokenizer_config.json's named-list `chat_template`, by name
@@ -735,6 +738,7 @@ impl Vocabulary {
             // ([`Vocabulary::follow_tokenizer`]).
             add_bos: None,
             add_eos: None,
+            add_space_prefix: None,
             chat_template: None,
             named_chat_templates,
         })
@@ -744,10 +748,18 @@ impl Vocabulary {
     /// data): whether it adds BOS and EOS (tokenizer_config.json's flags, else what tokenizer.json's
     /// post-processor adds) and the chat template it renders (chat_template.jinja, else
     /// tokenizer_config.json's `chat_template`, of the list form the `default` one), so llama.cpp
-    /// tokenizes and formats prompts as training did.
+    /// tokenizes and formats prompts as training did. Whether it puts a space before the text is
+    /// seen by encoding "a" (`▁a` with the prefix: a Metaspace pre-tokenizer prepending, or a
+    /// `Prepend` normalizer).
     pub fn follow_tokenizer(&mut self, tokenizer: &ModelTokenizer) {
         self.add_bos = Some(tokenizer.add_bos_token);
         self.add_eos = Some(tokenizer.add_eos_token);
+        self.add_space_prefix = tokenizer
+            .encode("a", false)
+            .ok()
+            .and_then(|ids| ids.first().copied())
+            .and_then(|id| tokenizer.inner().id_to_token(id))
+            .map(|piece| piece.starts_with('\u{2581}'));
         self.chat_template = tokenizer.chat_template.clone();
     }
 
@@ -785,6 +797,7 @@ impl Vocabulary {
         for (key, flag) in [
             ("tokenizer.ggml.add_bos_token", self.add_bos),
             ("tokenizer.ggml.add_eos_token", self.add_eos),
+            ("tokenizer.ggml.add_space_prefix", self.add_space_prefix),
         ] {
             if let Some(flag) = flag {
                 entries.push((key.into(), GgufValue::Bool(flag)));
