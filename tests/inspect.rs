@@ -567,3 +567,28 @@ fn inspect_json_failures_print_the_problem_object() -> TestResult {
     );
     Ok(())
 }
+
+/// An adapter folder given where a model is expected (`inspect`, `generate`'s MODEL) is named as
+/// what it is, with its base model and the flag that applies it, not as a missing config.json.
+#[test]
+fn an_adapter_folder_given_as_the_model_is_named_as_one() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    std::fs::write(
+        dir.path().join("adapter_config.json"),
+        r#"{"peft_type": "LORA", "r": 4, "base_model_name_or_path": "models/base"}"#,
+    )?;
+    let path = dir.path().to_string_lossy().to_string();
+    for output in [
+        inspect(&[&path]),
+        peftpipe()
+            .args(["generate", &path, "--prompt", "hi"])
+            .output()?,
+    ] {
+        assert!(!output.status.success());
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(stderr.contains("PEFT adapter folder"), "{stderr}");
+        assert!(stderr.contains("models/base"), "{stderr}");
+        assert!(stderr.contains("--adapter"), "{stderr}");
+    }
+    Ok(())
+}

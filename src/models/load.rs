@@ -70,8 +70,12 @@ pub(crate) fn read_json(path: &Path) -> Result<Value, ModelError> {
     })
 }
 
-/// Read a config.json: the parsed config and its JSON, errors naming the file (and the key).
+/// Read a config.json: the parsed config and its JSON, errors naming the file (and the key). A
+/// folder without config.json that holds a PEFT adapter is named as one, with its base model.
 pub fn read_config(path: &Path) -> Result<(ModelConfig, Value), ModelError> {
+    if let Some(error) = adapter_folder_error(path) {
+        return Err(error);
+    }
     let json = read_json(path)?;
     let config = ModelConfig::from_json(&json).map_err(|error| ModelError::Config {
         path: path.to_path_buf(),
@@ -79,6 +83,34 @@ pub fn read_config(path: &Path) -> Result<(ModelConfig, Value), ModelError> {
         message: error.message,
     })?;
     Ok((config, json))
+}
+
+/// The error for a config.json that is absent beside an adapter_config.json: the folder is a
+/// PEFT adapter, given where a model is expected.
+fn adapter_folder_error(config_path: &Path) -> Option<ModelError> {
+    if config_path.exists() {
+        return None;
+    }
+    let dir = config_path.parent()?;
+    let adapter_config = dir.join("adapter_config.json");
+    if !adapter_config.is_file() {
+        return None;
+    }
+    let base = read_json(&adapter_config)
+        .ok()
+        .and_then(|json| {
+            json.get("base_model_name_or_path")
+                .and_then(Value::as_str)
+                .map(str::to_string)
+        })
+        .map_or_else(String::new, |base| format!(" ({base}, as it names it)"));
+    Some(ModelError::Weights {
+        path: dir.to_path_buf(),
+        message: format!(
+            "this is a PEFT adapter folder (adapter_config.json, no config.json), not a model: \
+             give its base model{base} as the model and this folder as --adapter"
+        ),
+    })
 }
 
 /// One tensor of a safetensors header.
