@@ -663,3 +663,23 @@ fn republishing_never_deletes_a_file_peftpipe_did_not_write() {
     std::fs::remove_file(project.path("out/adapter/notes.txt")).expect("remove");
     assert!(tiny_status(&project.root).contains("[FRESH] export"));
 }
+
+#[test]
+fn a_base_model_name_with_yaml_characters_stays_whole_in_the_card() {
+    // `#` starts a comment and `: ` a mapping in YAML: the front matter must quote the name.
+    let name = "models/run #2: final";
+    let yaml = TINY.replace(
+        "      adapter: out/adapter\n",
+        &format!("      adapter: out/adapter\n      base_model_name_or_path: \"{name}\"\n"),
+    );
+    let project = tiny_project(&yaml);
+    tiny_run(&project.root, &[]);
+    let card = std::fs::read_to_string(project.path("out/adapter/README.md")).expect("card");
+    let front = card
+        .strip_prefix("---\n")
+        .and_then(|rest| rest.split_once("\n---\n"))
+        .map(|(front, _)| front)
+        .expect("front matter");
+    let meta: serde_json::Value = serde_norway::from_str(front).expect("valid YAML front matter");
+    assert_eq!(meta["base_model"], name, "{card}");
+}

@@ -925,6 +925,29 @@ fn loading_snippet(base_name: &str, quantization: Option<&BaseQuantization>) -> 
 }
 
 /// A short model card in the shape PEFT's own cards have (YAML front matter + text).
+/// `text` as a YAML scalar of the card's front matter: as it is when YAML reads it back as that
+/// string (a Hub id, a plain path), else double-quoted (JSON's escaping is YAML's): `#` would
+/// start a comment, `: ` a mapping, and `true` or `1.0` would not be strings.
+fn yaml_scalar(text: &str) -> String {
+    let plain_char = |c: char| c.is_ascii_alphanumeric() || "._/-+=~@".contains(c);
+    let plain = text.chars().all(plain_char)
+        && (text.starts_with("./")
+            || text.starts_with("../")
+            || text
+                .chars()
+                .next()
+                .is_some_and(|c| c.is_ascii_alphabetic() || "_/".contains(c)))
+        && !matches!(
+            text.to_ascii_lowercase().as_str(),
+            "true" | "false" | "yes" | "no" | "on" | "off" | "null" | "y" | "n"
+        );
+    if plain {
+        text.to_string()
+    } else {
+        Value::String(text.to_string()).to_string()
+    }
+}
+
 fn model_card(
     adapter: &AdapterFiles,
     base_name: &str,
@@ -940,9 +963,10 @@ fn model_card(
     let peft_type = text("peft_type");
     let tag = peft_type.to_lowercase().replace('_', "-");
     let mut card = format!(
-        "---\nbase_model: {base_name}\nlibrary_name: peft\ntags:\n- {tag}\n- peftpipe\n---\n\n\
+        "---\nbase_model: {base_model}\nlibrary_name: peft\ntags:\n- {tag}\n- peftpipe\n---\n\n\
          # {peft_type} adapter\n\nTrained and exported by peftpipe {version}. {loading}\
          | setting | value |\n|---|---|\n",
+        base_model = yaml_scalar(base_name),
         version = crate::TOOL_BUILD,
         loading = loading_snippet(base_name, quantization),
     );
