@@ -1496,3 +1496,56 @@ fn merged_ia3_scales_the_bias_of_an_output_side_layer() -> TestResult {
     }
     Ok(())
 }
+
+/// An adapter whose matrices do not fit the base model's weights is refused naming the base
+/// checkpoint file as well as the module.
+#[test]
+fn a_merge_over_another_models_weights_names_the_checkpoint_file() -> TestResult {
+    let Some(shared) = shared_dir() else {
+        eprintln!("skipped: PEFTPIPE_SHARED not set");
+        return Ok(());
+    };
+    let base = shared.join("models/stories260k");
+    let root = tempfile::tempdir()?;
+    let adapter = root.path().join("adapter");
+    std::fs::create_dir_all(&adapter)?;
+    std::fs::write(
+        adapter.join("adapter_config.json"),
+        serde_json::json!({"peft_type": "LORA", "r": 2, "lora_alpha": 4,
+            "target_modules": ["q_proj"], "task_type": "CAUSAL_LM"})
+        .to_string(),
+    )?;
+    // q_proj of a model 32 wide; stories260k's is [64, 64].
+    let prefix = "base_model.model.model.layers.0.self_attn.q_proj";
+    let tensors = HashMap::from([
+        (
+            format!("{prefix}.lora_A.weight"),
+            Tensor::ones((2, 32), DType::F32, &Device::Cpu)?,
+        ),
+        (
+            format!("{prefix}.lora_B.weight"),
+            Tensor::ones((64, 2), DType::F32, &Device::Cpu)?,
+        ),
+    ]);
+    candle_core::safetensors::save(&tensors, adapter.join("adapter_model.safetensors"))?;
+    let loaded = peftpipe::peft::load_adapter(&adapter, &Device::Cpu)?;
+    let patches = loaded.merge_patches()?.ok_or("LoRA is mergeable")?;
+    let error = peftpipe::models::checkpoint::write_merged_folder(
+        &patches,
+        &base,
+        &root.path().join("merged"),
+        MergedOptions {
+            max_shard_size: u64::MAX,
+            dtype: None,
+        },
+        &|| false,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(error.contains("q_proj"), "{error}");
+    assert!(
+        error.contains(&base.join("model.safetensors").display().to_string()),
+        "{error}"
+    );
+    Ok(())
+}

@@ -301,6 +301,16 @@ pub(super) fn f32_to_bytes(dtype: Dtype, values: &[f32]) -> Vec<u8> {
     out
 }
 
+/// A merge error about a tensor of the base checkpoint `file`, naming the file.
+fn in_file(error: CheckpointError, file: &Path) -> CheckpointError {
+    match error {
+        CheckpointError::Invalid(message) => {
+            CheckpointError::invalid(format!("{}: {message}", file.display()))
+        }
+        other => other,
+    }
+}
+
 /// The patched values of one stored weight: brought to `[out, in]` (transposed from Conv1D's
 /// `[in, out]` for GPT-2), patched in f32, and back to the stored layout.
 fn patched_values(
@@ -429,7 +439,8 @@ fn output_bytes(
     })?;
     if let Some(patch) = entry.patch {
         let expected = values.len();
-        values = patched_values(patch, &source.shape, values, fan_in_fan_out)?;
+        values = patched_values(patch, &source.shape, values, fan_in_fan_out)
+            .map_err(|error| in_file(error, &source.file))?;
         if values.len() != expected {
             return Err(CheckpointError::Internal(format!(
                 "merge of `{}`: {} patched values for {expected} weights",
@@ -636,7 +647,8 @@ pub fn visit_merged_tensors(
             ))
         })?;
         if let Some(patch) = patch {
-            values = patched_values(patch, &tensor.shape, values, fan_in_fan_out)?;
+            values = patched_values(patch, &tensor.shape, values, fan_in_fan_out)
+                .map_err(|error| in_file(error, &tensor.file))?;
         }
         visit(MergedTensor {
             name: name.clone(),
