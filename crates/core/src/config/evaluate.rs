@@ -294,7 +294,8 @@ impl EvaluateConfig {
 
     /// The `external_adapters` with the name each has in the comparison, in order: the folder's
     /// name (`org/name` for a Hub id), or the text as written when that name is taken (`base`,
-    /// a candidate stage, another adapter's folder name).
+    /// a candidate stage, another adapter's folder name), prefixed with `./` when that text is
+    /// taken too (a folder written `base`).
     pub fn external_candidates(&self) -> Vec<(String, &str)> {
         let short = |written: &str| -> String {
             let trimmed = written.trim_end_matches('/');
@@ -317,11 +318,17 @@ impl EvaluateConfig {
             }
             let name = &shorts[index];
             let shared = shorts.iter().filter(|other| *other == name).count() > 1;
-            let name = if shared || taken.contains(name) {
+            let mut name = if shared || taken.contains(name) {
                 written.trim_end_matches('/').to_string()
             } else {
                 name.clone()
             };
+            // Written as a taken name itself (a folder `base` or named like a candidate stage):
+            // the same folder spelled relative to the pipeline, so no two rows share a name
+            // (the base row's samples would be overwritten, two rows read alike).
+            while taken.contains(&name) {
+                name = format!("./{name}");
+            }
             taken.push(name.clone());
             out.push((name, written.as_str()));
         }
@@ -1426,6 +1433,24 @@ stages:
             &columns,
         )
         .is_empty());
+    }
+
+    #[test]
+    fn an_external_adapter_written_as_a_taken_name_gets_another_name() {
+        // Folders called `base` and `tune` beside the pipeline: their short name and the text
+        // as written are both taken (the base row, the stage `tune`).
+        let raw = pipeline(&format!(
+            "{HEAD}  eval: {{ evaluate: {{ model: tune, external_adapters: [base, tune/, other/tune], data: prompts }} }}\n"
+        ));
+        let StageConfig::Evaluate(config) = &raw.stages["eval"] else {
+            panic!("not an evaluate stage");
+        };
+        let names: Vec<String> = config
+            .external_candidates()
+            .into_iter()
+            .map(|(name, _)| name)
+            .collect();
+        assert_eq!(names, ["./base", "./tune", "other/tune"]);
     }
 
     #[test]
