@@ -305,3 +305,41 @@ fn the_page_always_shows_the_whole_pipeline_from_the_cache_and_marks_stale_figur
         );
     }
 }
+
+/// The section of `heading` (`Training: train`) up to the next `<h2`.
+fn section<'a>(page: &'a str, heading: &str) -> &'a str {
+    let rest = page
+        .split(&format!("{heading}</h2>"))
+        .nth(1)
+        .unwrap_or_else(|| panic!("no section {heading}"));
+    rest.split("<h2").next().unwrap_or(rest)
+}
+
+#[test]
+fn figures_of_a_stage_that_failed_or_was_skipped_are_said_to_be_the_last_successful_runs() {
+    let project = Project::tiny();
+    project.ok(&["run", "pipeline.yaml", "--no-report"]);
+    // Training changes and the evaluate stage fails before it starts: no stage below the
+    // template has figures of this run, the page shows the last successful run's.
+    let yaml = report_support::tiny_yaml("tiny", 4)
+        .replace("max_steps: 3", "max_steps: 2")
+        .replace("labels: [positive, negative]", "labels: [pos, neg]");
+    project.write("pipeline.yaml", &yaml);
+    let output = project.peftpipe(&["run", "pipeline.yaml"]);
+    assert!(!output.status.success(), "{}", stderr(&output));
+    let from_run = std::fs::read_to_string(project.path(".peftpipe/out/tiny/report.html"))
+        .expect("the report of the failed run");
+    project.ok(&["report", "pipeline.yaml", "-o", "page.html"]);
+    let from_report = std::fs::read_to_string(project.path("page.html")).expect("the report");
+    for (which, page) in [("run", &from_run), ("report", &from_report)] {
+        for heading in ["Training: train", "Evaluation: evaluate"] {
+            let shown = section(page, heading);
+            assert!(
+                shown.trim_start().starts_with("<p class=\"note\">")
+                    && shown.contains("the figures of the last"),
+                "{which}: {heading} shows old figures as this run's: {}",
+                &shown[..300.min(shown.len())]
+            );
+        }
+    }
+}

@@ -192,8 +192,16 @@ pub fn gather(
                 let cache = cache.as_ref()?;
                 cache.has_object(digest).then(|| cache.object_data(digest))
             });
-        let out_dir = ran
-            .and_then(|stage| stage.output_dir.clone())
+        let this_run = ran.and_then(|stage| stage.output_dir.clone());
+        // Neither this run's output nor one of the current inputs: the last successful run's
+        // (a stale stage, or one that failed, was skipped or cancelled since), which the page
+        // says.
+        if let Some(row) = input.stages.last_mut() {
+            row.old_figures = this_run.is_none()
+                && planned.freshness.cached_output().is_none()
+                && entry.is_some();
+        }
+        let out_dir = this_run
             .or(cached)
             .unwrap_or_else(|| settings.out_root.join(&planned.name));
         read_outputs(&mut input, &planned.name, &out_dir);

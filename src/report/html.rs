@@ -32,6 +32,9 @@ pub struct StageRow {
     pub outcome: BTreeMap<String, serde_json::Value>,
     /// Why it failed or was not run (shown under its row).
     pub error: Option<String>,
+    /// Its figures (curves, metrics) are those of its last successful run, not of the current
+    /// inputs: it is stale, or it failed, was skipped or cancelled after an earlier success.
+    pub old_figures: bool,
 }
 
 /// One training step of metrics.jsonl (fields the page plots; absent ones are `None`).
@@ -166,18 +169,27 @@ fn stages_section(input: &ReportInput) -> String {
     html
 }
 
-/// A note under a section whose stage is stale: its figures are the last run's.
-fn stale_note(input: &ReportInput, stage: &str) -> &'static str {
-    let stale = input
+/// A note under a section whose figures are not those of the current inputs: the stage is
+/// stale, or its latest run failed (was skipped, cancelled) and the figures are its last
+/// successful run's.
+fn stale_note(input: &ReportInput, stage: &str) -> String {
+    let Some(row) = input
         .stages
         .iter()
-        .any(|row| row.name == stage && row.status == "stale");
-    if stale {
-        "<p class=\"note\">stale: the figures of the last run, before the changes \
-         <code>peftpipe status</code> lists</p>\n"
-    } else {
-        ""
+        .find(|row| row.name == stage && row.old_figures)
+    else {
+        return String::new();
+    };
+    if row.status == "stale" {
+        return "<p class=\"note\">stale: the figures of the last run, before the changes \
+                <code>peftpipe status</code> lists</p>\n"
+            .to_string();
     }
+    format!(
+        "<p class=\"note\">{}: the figures of the last successful run, before the changes \
+         <code>peftpipe status</code> lists (the stage table says what happened since)</p>\n",
+        escape(&row.status)
+    )
 }
 
 fn training_section(input: &ReportInput) -> String {
@@ -188,7 +200,7 @@ fn training_section(input: &ReportInput) -> String {
             "<h2 id=\"train-{0}\">Training: {0}</h2>",
             escape(&curves.stage)
         );
-        html.push_str(stale_note(input, &curves.stage));
+        html.push_str(&stale_note(input, &curves.stage));
         let series = |pick: fn(&StepRow) -> Option<f64>| -> Vec<(f64, f64)> {
             curves
                 .steps
@@ -541,7 +553,7 @@ fn evaluation_section(input: &ReportInput) -> String {
             "<h2 id=\"evaluate-{0}\">Evaluation: {0}</h2>",
             escape(stage)
         );
-        html.push_str(stale_note(input, stage));
+        html.push_str(&stale_note(input, stage));
         let split = metrics.get("split").and_then(|v| v.as_str()).unwrap_or("?");
         let rows = metrics.get("rows").and_then(|v| v.as_u64()).unwrap_or(0);
         let _ = writeln!(
