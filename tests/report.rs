@@ -343,3 +343,35 @@ fn figures_of_a_stage_that_failed_or_was_skipped_are_said_to_be_the_last_success
         }
     }
 }
+
+#[test]
+fn a_pipeline_never_run_on_this_cache_shows_no_figures_from_published_copies() {
+    let project = Project::tiny();
+    project.ok(&["run", "pipeline.yaml", "--no-report"]);
+    // Another cache: nothing ran on it. The published copies under .peftpipe/out are another
+    // cache's runs, which this page cannot vouch for.
+    project.ok(&[
+        "--cache-dir",
+        "other-cache",
+        "report",
+        "pipeline.yaml",
+        "-o",
+        "page.html",
+    ]);
+    let page = std::fs::read_to_string(project.path("page.html")).expect("the report");
+    let evaluate_row = page
+        .split("<tr><td>evaluate</td>")
+        .nth(1)
+        .and_then(|rest| rest.split("</tr>").next())
+        .expect("the evaluate row");
+    assert!(
+        evaluate_row.contains("<td>never run</td>"),
+        "{evaluate_row}"
+    );
+    for heading in ["Training: train", "Evaluation: evaluate"] {
+        assert!(
+            !page.contains(heading),
+            "a never-run stage shows figures: {heading}"
+        );
+    }
+}

@@ -183,7 +183,7 @@ pub fn gather(
 
         // The figures come from the output itself: this run's, else the cached object the plan
         // restores, else the last run's object (stale), never from a published copy that may
-        // be missing or edited.
+        // be missing, edited or another cache's.
         let cached = planned
             .freshness
             .cached_output()
@@ -201,10 +201,11 @@ pub fn gather(
                 && planned.freshness.cached_output().is_none()
                 && entry.is_some();
         }
-        let out_dir = this_run
-            .or(cached)
-            .unwrap_or_else(|| settings.out_root.join(&planned.name));
-        read_outputs(&mut input, &planned.name, &out_dir);
+        // No output of this cache (a stage never run on it, an object `gc` removed): no
+        // figures, rather than a published copy another run (another cache) left.
+        if let Some(out_dir) = this_run.or(cached) {
+            read_outputs(&mut input, &planned.name, &out_dir);
+        }
     }
     join_training(&mut input);
     input
