@@ -147,12 +147,16 @@ pub fn si(value: f64) -> String {
     format!("{scaled:.decimals$}{suffix}")
 }
 
-/// A relative change `new` vs `old`: `+12.5%`, `-98%`, `` (empty) when `old` is 0.
+/// A relative change `new` vs `old`: `+12.5%`, `-98%`, `+1.2e17%`, `` (empty) when `old` is 0.
 pub fn percent_change(old: f64, new: f64) -> String {
     if old == 0.0 || !old.is_finite() || !new.is_finite() {
         return String::new();
     }
     let change = (new - old) / old.abs() * 100.0;
+    if change.abs() >= 1e6 {
+        // Scientific, as the figures themselves are (`+1.2e17%`, not 18 digits).
+        return format!("{}%", signed(change));
+    }
     let text = if change.abs() >= 100.0 {
         format!("{change:+.0}%")
     } else {
@@ -295,6 +299,9 @@ mod tests {
         assert_eq!(percent_change(70.59, 0.04652), "-99.9%");
         assert_eq!(percent_change(1.0, 3.5), "+250%");
         assert_eq!(percent_change(0.0, 1.0), "");
+        // Perplexity 1.108 → 1.3e15 (an adapter that diverged): no 18-digit percentage.
+        assert_eq!(percent_change(1.1075, 1.3e15), "+1.2e17%");
+        assert_eq!(percent_change(-1.0, 5.0e6), "+5e8%");
         assert_eq!(signed(0.4826086956521739), "+0.4826");
         assert_eq!(signed(-4.5545976487822755e30), "-4.6e30");
     }
