@@ -16,6 +16,9 @@ use super::template::FewShotStrategy;
 use super::train::DTypeChoice;
 use super::{CheckContext, InputFile, Problem, StageConfig, StageKind, StageSpec, UpstreamRef};
 
+/// The name of the base model's row in the comparison (metrics, samples, the report).
+pub const BASE_ROW: &str = "base";
+
 /// The `evaluate` stage: every metric for the base model **and** each candidate — the adapter of
 /// `model`, every adapter of `adapters`, the base model with `few_shot` demonstrations — on the
 /// same rows, written to `metrics.json` and one comparison table (`comparison.json`,
@@ -310,7 +313,7 @@ impl EvaluateConfig {
         let stages = self.adapter_stages();
         let shorts: Vec<String> = self.external_adapters.iter().map(|w| short(w)).collect();
         let mut taken: Vec<String> = stages.iter().map(|s| s.to_string()).collect();
-        taken.push("base".to_string());
+        taken.push(BASE_ROW.to_string());
         let mut out: Vec<(String, &str)> = Vec::new();
         for (index, written) in self.external_adapters.iter().enumerate() {
             if out.iter().any(|(_, w)| *w == written.as_str()) {
@@ -920,6 +923,25 @@ impl EvaluateConfig {
                 .with_hint("set `model: TRAIN_STAGE`, `adapters: [TRAIN_STAGE, ...]` or `base_model: MODEL_DIR`"),
             );
         }
+        // The key naming a candidate stage: `model`, or its first place in `adapters`.
+        let candidate_key = |stage: &str| {
+            if self.model.as_deref() == Some(stage) {
+                format!("{at}.model")
+            } else {
+                let index = self.adapters.iter().position(|a| a == stage).unwrap_or(0);
+                format!("{at}.adapters[{index}]")
+            }
+        };
+        if stages.contains(&BASE_ROW) {
+            problems.push(
+                Problem::new(
+                    candidate_key(BASE_ROW),
+                    format!("the train stage `{BASE_ROW}` would share its name with the base row of the comparison (the base model's metrics and samples)"),
+                )
+                .about_value()
+                .with_hint(format!("rename the stage, e.g. `{BASE_ROW}_lora`")),
+            );
+        }
         // Every candidate shares the base model: the table compares methods, not models.
         let mut first: Option<(String, &str)> = self
             .base_model
@@ -932,15 +954,9 @@ impl EvaluateConfig {
             match &first {
                 None => first = Some((format!("stage `{stage}`"), train.model.as_str())),
                 Some((owner, model)) if *model != train.model => {
-                    let key = if self.model.as_deref() == Some(*stage) {
-                        format!("{at}.model")
-                    } else {
-                        let index = self.adapters.iter().position(|a| a == stage).unwrap_or(0);
-                        format!("{at}.adapters[{index}]")
-                    };
                     problems.push(
                         Problem::new(
-                            key,
+                            candidate_key(stage),
                             format!(
                                 "stage `{stage}` trains `{}` but {owner} is `{model}`: every candidate must share one base model",
                                 train.model
@@ -1451,6 +1467,29 @@ stages:
             .map(|(name, _)| name)
             .collect();
         assert_eq!(names, ["./base", "./tune", "other/tune"]);
+    }
+
+    #[test]
+    fn a_train_stage_named_base_is_refused_as_a_candidate() {
+        // The comparison's base row is `base`: a stage of that name would share it (the base
+        // row's metrics and samples overwritten, two rows read alike).
+        for evaluate in ["model: base", "model: tune, adapters: [tune, base]"] {
+            let problems = problems_of(
+                &format!("{HEAD}  base: {{ train: {{ data: prompts, model: base-model }} }}\n  eval: {{ evaluate: {{ {evaluate}, data: prompts }} }}\n"),
+                &["prompt", "completion"],
+            );
+            let named: Vec<&Problem> = problems
+                .iter()
+                .filter(|p| p.message.contains("base row"))
+                .collect();
+            assert_eq!(named.len(), 1, "{evaluate}: {problems:?}");
+            let key = if evaluate.starts_with("model: base") {
+                "stages.eval.evaluate.model"
+            } else {
+                "stages.eval.evaluate.adapters[1]"
+            };
+            assert_eq!(named[0].path, key, "{evaluate}");
+        }
     }
 
     #[test]
