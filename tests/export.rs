@@ -1497,6 +1497,104 @@ fn merged_ia3_scales_the_bias_of_an_output_side_layer() -> TestResult {
     Ok(())
 }
 
+/// IA3 on GPT-2 (`fan_in_fan_out`, Conv1D weights stored `[in, out]`, every linear biased): the
+/// output-side c_attn and attn.c_proj scale their output, bias included, the feed-forward
+/// mlp.c_proj its input. Merged into the base, the model gives the adapted logits.
+#[test]
+fn merged_gpt2_ia3_gives_the_adapted_logits() -> TestResult {
+    let Some(shared) = shared_dir() else {
+        eprintln!("skipped: PEFTPIPE_SHARED not set");
+        return Ok(());
+    };
+    let source = shared.join("models/tiny-gpt2-random");
+    let root = tempfile::tempdir()?;
+    // The base with non-zero biases (a scaled zero bias would prove nothing).
+    let base = root.path().join("base");
+    std::fs::create_dir_all(&base)?;
+    std::fs::copy(source.join("config.json"), base.join("config.json"))?;
+    let mut weights =
+        candle_core::safetensors::load(source.join("model.safetensors"), &Device::Cpu)?;
+    let biases: Vec<String> = weights
+        .keys()
+        .filter(|name| name.ends_with(".bias") && !name.contains(".ln_"))
+        .cloned()
+        .collect();
+    for (index, name) in biases.iter().enumerate() {
+        let length = weights[name].dim(0)?;
+        let values: Vec<f32> = (0..length)
+            .map(|i| ((i * 7 + index * 3) % 11) as f32 * 0.05 - 0.25)
+            .collect();
+        weights.insert(
+            name.clone(),
+            Tensor::from_vec(values, length, &Device::Cpu)?,
+        );
+    }
+    candle_core::safetensors::save(&weights, base.join("model.safetensors"))?;
+
+    let adapter = root.path().join("adapter");
+    std::fs::create_dir_all(&adapter)?;
+    std::fs::write(
+        adapter.join("adapter_config.json"),
+        serde_json::json!({
+            "peft_type": "IA3", "task_type": "CAUSAL_LM", "fan_in_fan_out": true,
+            "target_modules": ["c_attn", "c_proj"], "feedforward_modules": ["mlp.c_proj"],
+            "inference_mode": true,
+        })
+        .to_string(),
+    )?;
+    let mut vectors = HashMap::new();
+    for layer in 0..2 {
+        for (module, shape) in [
+            ("attn.c_attn", (192, 1)),
+            ("attn.c_proj", (64, 1)),
+            ("mlp.c_proj", (1, 256)),
+        ] {
+            let count = shape.0 * shape.1;
+            let values: Vec<f32> = (0..count)
+                .map(|i| 0.5 + ((i * 3 + layer) % 7) as f32 * 0.2)
+                .collect();
+            vectors.insert(
+                format!("base_model.model.transformer.h.{layer}.{module}.ia3_l"),
+                Tensor::from_vec(values, shape, &Device::Cpu)?,
+            );
+        }
+    }
+    candle_core::safetensors::save(&vectors, adapter.join("adapter_model.safetensors"))?;
+
+    let inputs =
+        candle_core::safetensors::load(source.join("reference_logits.safetensors"), &Device::Cpu)?;
+    let (ids, mask) = (&inputs["input_ids"], &inputs["attention_mask"]);
+    let loaded = peftpipe::peft::load_adapter(&adapter, &Device::Cpu)?;
+    let patches = loaded.merge_patches()?.ok_or("IA3 is mergeable")?;
+    let adapted = ModelDir::open(&base)?.load(&Device::Cpu, DType::F32, loaded.linear_factory())?;
+    loaded.finish_injection(adapted.as_ref())?;
+    let adapted_logits = adapted.forward(ids, Some(mask), &loaded.hooks()?)?;
+    let out = root.path().join("merged");
+    peftpipe::models::checkpoint::write_merged_folder(
+        &patches,
+        &base,
+        &out,
+        MergedOptions {
+            max_shard_size: u64::MAX,
+            dtype: None,
+        },
+        &|| false,
+    )?;
+    let merged = ModelDir::open(&out)?.load(&Device::Cpu, DType::F32, &FrozenLinearFactory)?;
+    let merged_logits = merged.forward(ids, Some(mask), &Hooks::none())?;
+    let error = masked_max_abs(&merged_logits, &adapted_logits, mask)?;
+    eprintln!("merged tiny-gpt2 IA3 vs unmerged: max abs logit error = {error:e}");
+    assert!(error <= 1e-4, "max abs error {error}");
+    let plain = ModelDir::open(&base)?.load(&Device::Cpu, DType::F32, &FrozenLinearFactory)?;
+    let moved = masked_max_abs(
+        &merged_logits,
+        &plain.forward(ids, Some(mask), &Hooks::none())?,
+        mask,
+    )?;
+    assert!(moved > 1e-3, "the merge did not change the model ({moved})");
+    Ok(())
+}
+
 /// An adapter whose matrices do not fit the base model's weights is refused naming the base
 /// checkpoint file as well as the module.
 #[test]

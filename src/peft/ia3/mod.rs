@@ -339,8 +339,7 @@ impl Ia3Adapter {
 
     /// A loaded adapter whose model was never built: patches from the vectors as read. IA3 also
     /// scales the bias of an output-side layer: an optional bias patch (skipped where the base has
-    /// no bias). GPT-2's output-side layers (`fan_in_fan_out`) are still refused, as `validate`
-    /// refuses them.
+    /// no bias; GPT-2's Conv1D layout is the checkpoint writer's to undo).
     fn patches_from_file(
         &self,
         all: &BTreeMap<String, Tensor>,
@@ -348,11 +347,6 @@ impl Ia3Adapter {
         let mut patches = Vec::new();
         for (path, vector) in all {
             let feedforward = self.settings.is_feedforward(path);
-            if !feedforward && self.settings.fan_in_fan_out {
-                return Err(PeftError::invalid(format!(
-                    "merging IA3 into `{path}` would also scale its bias, which the merged export does not write yet"
-                )));
-            }
             let (rows, columns) = vector
                 .dims2()
                 .context(|| format!("IA3 vector of `{path}`"))?;
@@ -597,12 +591,6 @@ impl Adapter for Ia3Adapter {
                 .read()
                 .map_err(|_| PeftError::invalid(format!("{}: lock poisoned", layer.path)))?
                 .is_some();
-            if has_bias && !layer.feedforward && self.settings.fan_in_fan_out {
-                return Err(PeftError::invalid(format!(
-                    "merging IA3 into `{}` would also scale its bias, which the merged export does not write yet",
-                    layer.path
-                )));
-            }
             let weight_dims = layer
                 .weight
                 .read()

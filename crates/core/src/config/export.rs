@@ -271,61 +271,6 @@ impl ExportConfig {
             .map_or_else(|| model.to_string(), |path| path.display().to_string())
     }
 
-    /// IA3 on an output-side layer with a bias scales the bias too (GPT-2's Conv1D layers all
-    /// have one), which the merged weights cannot carry: refused before training, naming the
-    /// layers, as the export would refuse it after.
-    fn check_ia3_merge(
-        &self,
-        cx: &CheckContext<'_>,
-        at: &str,
-        ia3: &super::method::Ia3Config,
-        model: &str,
-        problems: &mut Vec<Problem>,
-    ) {
-        let Ok(dir) = super::hub::resolve_model_dir(cx.project_dir, model) else {
-            return;
-        };
-        let facts = cx.probe.check_model(&dir);
-        let (Some(model_type), Some(layers)) = (&facts.model_type, &facts.linear_layers) else {
-            return;
-        };
-        // Only GPT-2's linear layers all carry a bias (Llama's have none).
-        if model_type != "gpt2" {
-            return;
-        }
-        let Ok((targets, feedforward)) = super::method::resolve_ia3_for(ia3, model_type) else {
-            return;
-        };
-        let mut output_side: Vec<&str> = layers
-            .iter()
-            .filter(|layer| {
-                targets.matches(&layer.path)
-                    && !super::method::ia3_is_feedforward(&layer.path, &feedforward)
-            })
-            .map(|layer| layer.path.rsplit('.').next().unwrap_or(&layer.path))
-            .collect();
-        output_side.sort_unstable();
-        output_side.dedup();
-        if output_side.is_empty() {
-            return;
-        }
-        for key in self.merged_destinations() {
-            problems.push(
-                Problem::new(
-                    format!("{at}.{key}"),
-                    format!(
-                        "stage `{}` trains IA3 on gpt2's {}, whose output scaling also scales the layer's bias: merged weights cannot carry it",
-                        self.from,
-                        output_side.join(", ")
-                    ),
-                )
-                .with_hint(
-                    "export `adapter: DIR` (PEFT loads it over the base), or list the targets in feedforward_modules too (IA3 then scales their input, which merges)",
-                ),
-            );
-        }
-    }
-
     fn check_export(&self, cx: &CheckContext<'_>, at: &str, problems: &mut Vec<Problem>) {
         check_upstream_kind(
             cx,
@@ -367,13 +312,6 @@ impl ExportConfig {
                             .with_hint("export `merged: DIR` and convert it with llama.cpp's convert_hf_to_gguf.py"),
                     );
                 }
-            }
-        }
-        if let Some(StageConfig::Train(train)) = cx.pipeline.stages.get(&self.from) {
-            if let (super::method::MethodConfig::Ia3(ia3), true) =
-                (&train.method, self.merged.is_some() || self.gguf.is_some())
-            {
-                self.check_ia3_merge(cx, at, ia3, &train.model, problems);
             }
         }
         if self.adapter.is_none() && self.merged.is_none() && self.gguf.is_none() {
