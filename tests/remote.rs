@@ -349,6 +349,53 @@ fn pulling_a_pipeline_never_pushed_names_the_remote_and_key() {
     );
 }
 
+/// Regression: push and pull shared one set of flags, so `push --missing-ok` and `pull --verify`
+/// were accepted and silently did nothing (each flag's help starts "pull:" / "push:"). Each is now
+/// refused by the other command as an unknown argument (exit 2), and `--help` lists only its own.
+#[test]
+fn push_and_pull_refuse_the_other_commands_flag() {
+    let project = Project::new();
+    assert!(peftpipe(&project, &["run", "pipeline.yaml"], &[])
+        .status
+        .success());
+    let remote = tempfile::tempdir().expect("remote directory");
+    let shown = remote.path().display().to_string();
+    for (command, flag) in [("push", "--missing-ok"), ("pull", "--verify")] {
+        let refused = peftpipe(
+            &project,
+            &[command, "pipeline.yaml", "--remote", &shown, flag],
+            &[],
+        );
+        assert_eq!(
+            refused.status.code(),
+            Some(2),
+            "{command} {flag}: {}",
+            stderr(&refused)
+        );
+        assert!(stderr(&refused).contains(flag), "{}", stderr(&refused));
+        let help = peftpipe(&project, &[command, "--help"], &[]);
+        assert!(help.status.success());
+        assert!(
+            !stdout(&help).contains(flag),
+            "{command} --help: {}",
+            stdout(&help)
+        );
+    }
+    for (command, flag) in [("push", "--verify"), ("pull", "--missing-ok")] {
+        let accepted = peftpipe(
+            &project,
+            &[command, "pipeline.yaml", "--remote", &shown, flag],
+            &[],
+        );
+        assert_eq!(
+            accepted.status.code(),
+            Some(0),
+            "{command} {flag}: {}",
+            stderr(&accepted)
+        );
+    }
+}
+
 /// Regression: `pull --missing-ok --json` from a remote that never saw the pipeline exited 0 with
 /// nothing on stdout. It prints `pull --json`'s object (nothing copied), `missing: true` and the
 /// warning in `notes`.

@@ -228,7 +228,7 @@ pub enum Command {
         https://  a user and password in the URL where the server asks for them (shown as ***)\n\n\
         Cloud remotes need a build with `--features cloud`."
     )]
-    Push(remote::RemoteArgs),
+    Push(remote::PushArgs),
     /// Copy outputs, run records and lock files from a remote cache, checking every file.
     #[command(
         after_help = "Examples:\n  peftpipe pull pipelines/quickstart.yaml --remote s3://team-bucket/peftpipe\n  \
@@ -236,7 +236,7 @@ pub enum Command {
         PEFTPIPE_REMOTE=https://dav.example/peftpipe peftpipe pull   # everything on the remote\n\n\
         Credentials and endpoints: as for `peftpipe push` (see `peftpipe push --help`)."
     )]
-    Pull(remote::RemoteArgs),
+    Pull(remote::PullArgs),
     /// Describe a model: architecture, parameters, dtype, what LoRA targets would match.
     #[command(
         after_help = "Examples:\n  peftpipe inspect datasets/quickstart/model\n  peftpipe inspect datasets/quickstart/model --target all-linear --rank 8"
@@ -396,8 +396,8 @@ pub fn main() -> ExitCode {
         Command::Dag(args) => dag::run(&cli.global, args),
         Command::Preview(args) => preview::run(&cli.global, args),
         Command::Gc(args) => gc::run(&cli.global, args),
-        Command::Push(args) => remote::run(&cli.global, args, remote::Direction::Push),
-        Command::Pull(args) => remote::run(&cli.global, args, remote::Direction::Pull),
+        Command::Push(args) => remote::push(&cli.global, args),
+        Command::Pull(args) => remote::pull(&cli.global, args),
         Command::Inspect(args) => inspect::run(&cli.global, args),
         Command::Generate(args) => generate::run(&cli.global, args),
         Command::Metrics(command) => metrics::run(&cli.global, command),

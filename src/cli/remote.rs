@@ -26,15 +26,29 @@ pub struct RemoteArgs {
     /// `cache.remote` in `.peftpipe/config.yaml`); credentials: `peftpipe push --help`.
     #[arg(long, env = "PEFTPIPE_REMOTE", value_name = "URL")]
     pub remote: Option<String>,
-    /// pull: a pipeline the remote has never seen is a warning, not an error (the first CI job
-    /// of a new pipeline). A corrupted or unreachable remote is still an error.
-    #[arg(long)]
-    pub missing_ok: bool,
-    /// push: also download what the remote already has and send again every object or run
-    /// record it holds damaged (what a pull that found corruption asks for). Reads the
-    /// pushed outputs back in full.
+}
+
+/// `peftpipe push`: the shared arguments and push's own flag (pull refuses it).
+#[derive(Debug, Args)]
+pub struct PushArgs {
+    #[command(flatten)]
+    pub common: RemoteArgs,
+    /// Also download what the remote already has and send again every object or run record it
+    /// holds damaged (what a pull that found corruption asks for). Reads the pushed outputs
+    /// back in full.
     #[arg(long)]
     pub verify: bool,
+}
+
+/// `peftpipe pull`: the shared arguments and pull's own flag (push refuses it).
+#[derive(Debug, Args)]
+pub struct PullArgs {
+    #[command(flatten)]
+    pub common: RemoteArgs,
+    /// A pipeline the remote has never seen is a warning, not an error (the first CI job of a
+    /// new pipeline). A corrupted or unreachable remote is still an error.
+    #[arg(long)]
+    pub missing_ok: bool,
 }
 
 /// Which way the copy goes.
@@ -53,12 +67,33 @@ struct Resolved {
     scope: Scope,
 }
 
-pub fn run(global: &GlobalArgs, args: RemoteArgs, direction: Direction) -> u8 {
-    let resolved = match resolve(global, &args) {
+pub fn push(global: &GlobalArgs, args: PushArgs) -> u8 {
+    transfer(global, &args.common, Direction::Push, args.verify, false)
+}
+
+pub fn pull(global: &GlobalArgs, args: PullArgs) -> u8 {
+    transfer(
+        global,
+        &args.common,
+        Direction::Pull,
+        false,
+        args.missing_ok,
+    )
+}
+
+/// One push or pull; `verify` is push's flag, `missing_ok` pull's.
+fn transfer(
+    global: &GlobalArgs,
+    args: &RemoteArgs,
+    direction: Direction,
+    verify: bool,
+    missing_ok: bool,
+) -> u8 {
+    let resolved = match resolve(global, args) {
         Ok(resolved) => resolved,
         Err(code) => return code,
     };
-    let subject = subject(global, &args);
+    let subject = subject(global, args);
     if direction == Direction::Push && !resolved.cache_dir.join("objects").is_dir() {
         return Failure::new(
             EXIT_FAILED,
@@ -87,7 +122,7 @@ pub fn run(global: &GlobalArgs, args: RemoteArgs, direction: Direction) -> u8 {
                 ))
             })?;
             match direction {
-                Direction::Push if args.verify => remote.push_verified(&cache, &resolved.scope),
+                Direction::Push if verify => remote.push_verified(&cache, &resolved.scope),
                 Direction::Push => remote.push(&cache, &resolved.scope),
                 Direction::Pull => remote.pull(&cache, &resolved.scope),
             }
@@ -105,7 +140,7 @@ pub fn run(global: &GlobalArgs, args: RemoteArgs, direction: Direction) -> u8 {
             EXIT_OK
         }
         Err(error @ RemoteError::NoLockFile { .. })
-            if args.missing_ok && direction == Direction::Pull =>
+            if missing_ok && direction == Direction::Pull =>
         {
             let note = format!("nothing pulled: {error}");
             report::warning(&note);
