@@ -135,6 +135,25 @@ fn man_pages_of_the_tool_and_of_a_subcommand() {
     let unknown = project.peftpipe(&["man", "runn"]);
     assert_eq!(unknown.status.code(), Some(2));
     assert!(stderr(&unknown).contains("no subcommand `runn`"));
+    // The list of subcommands names the visible ones only (not the hidden `train-rank`), and a
+    // subcommand's page carries the tool's version in its title as the tool's page does.
+    assert!(
+        stderr(&unknown).contains("validate, run,"),
+        "{}",
+        stderr(&unknown)
+    );
+    assert!(
+        !stderr(&unknown).contains("train-rank"),
+        "{}",
+        stderr(&unknown)
+    );
+    let version = stdout(&project.ok(&["--version"]));
+    let version = version.trim().trim_start_matches("peftpipe ");
+    assert!(
+        run.contains(&format!("\"peftpipe-run {version}\"")),
+        "{}",
+        &run[..200.min(run.len())]
+    );
 }
 
 /// Every subcommand path (`run`, `metrics diff`, `bench train`, ...).

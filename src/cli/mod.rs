@@ -335,12 +335,14 @@ pub fn man_page(subcommand: Option<&str>) -> Result<String, String> {
                 .ok_or_else(|| {
                     let names: Vec<&str> = command
                         .get_subcommands()
+                        .filter(|sub| !sub.is_hide_set())
                         .map(clap::Command::get_name)
                         .collect();
                     format!("no subcommand `{name}` (subcommands: {})", names.join(", "))
                 })?;
             let full: &'static str = Box::leak(format!("peftpipe-{name}").into_boxed_str());
-            found.name(full)
+            // A subcommand has no version of its own; its page's title carries the tool's.
+            found.name(full).version(crate::TOOL_BUILD)
         }
     };
     let mut bytes = Vec::new();
