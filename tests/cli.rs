@@ -83,6 +83,38 @@ fn init_reads_the_columns_of_the_data_and_uses_the_model() {
     }
 }
 
+/// Regression: a data file or model outside the pipeline's folder was written as an absolute path
+/// (`/home/me/repo/data/reviews.parquet`), which ties the pipeline to one checkout and makes the
+/// input's fingerprint key (the path as written) differ on every machine, so a pushed cache never
+/// matched a colleague's or CI's checkout. It is written relative to the pipeline's folder, as
+/// pipelines/quickstart.yaml writes `../datasets/...`.
+#[test]
+fn init_writes_paths_outside_the_pipeline_folder_relative_to_it() {
+    let project = Project::tiny();
+    let output = project.ok(&[
+        "init",
+        "--data",
+        "data/reviews.parquet",
+        "--model",
+        "model",
+        "-o",
+        "pipelines/reviews.yaml",
+    ]);
+    let text = std::fs::read_to_string(project.path("pipelines/reviews.yaml")).expect("pipeline");
+    assert!(
+        text.contains("\n      path: \"../data/reviews.parquet\"\n"),
+        "{text}"
+    );
+    assert!(text.contains("\n      model: \"../model\"\n"), "{text}");
+    let validated = project.peftpipe(&["validate", "pipelines/reviews.yaml"]);
+    assert!(
+        validated.status.success(),
+        "{}\n{}\n{text}",
+        stderr(&output),
+        stderr(&validated)
+    );
+}
+
 #[test]
 fn init_names_a_data_file_it_cannot_read() {
     let project = Project::empty();

@@ -63,14 +63,49 @@ fn example_rows() -> String {
     text
 }
 
-/// `path` relative to `base` when it is inside it, else as given (both as written).
+/// `path` as the pipeline in `base` should name it: relative to `base` (with `..` where it lies
+/// outside it, as pipelines/quickstart.yaml writes `../datasets/...`), so the pipeline works in
+/// any checkout and its inputs' fingerprint keys (the paths as written) are the same on every
+/// machine. Absolute only when the two share nothing but the filesystem root.
 fn relative_to(path: &Path, base: &Path) -> String {
-    let absolute = |path: &Path| std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
+    let absolute = |path: &Path| {
+        std::fs::canonicalize(path).unwrap_or_else(|_| {
+            std::env::current_dir()
+                .and_then(std::fs::canonicalize)
+                .map(|cwd| cwd.join(path))
+                .unwrap_or_else(|_| path.to_path_buf())
+        })
+    };
     let (path_abs, base_abs) = (absolute(path), absolute(base));
-    match path_abs.strip_prefix(&base_abs) {
-        Ok(inner) => inner.display().to_string(),
-        Err(_) => path_abs.display().to_string(),
+    let (path_parts, base_parts): (Vec<_>, Vec<_>) = (
+        path_abs.components().collect(),
+        base_abs.components().collect(),
+    );
+    let common = path_parts
+        .iter()
+        .zip(&base_parts)
+        .take_while(|(a, b)| a == b)
+        .count();
+    let below_root = |parts: &[std::path::Component]| {
+        parts
+            .iter()
+            .filter(|part| matches!(part, std::path::Component::Normal(_)))
+            .count()
+    };
+    if below_root(&path_parts[..common]) == 0 {
+        return path_abs.display().to_string();
     }
+    let mut relative = PathBuf::new();
+    for _ in common..base_parts.len() {
+        relative.push("..");
+    }
+    for part in &path_parts[common..] {
+        relative.push(part);
+    }
+    if relative.as_os_str().is_empty() {
+        return ".".into();
+    }
+    relative.display().to_string()
 }
 
 /// A valid pipeline name from a file stem: letters, digits, `-` and `_` (others become `_`), at
