@@ -7,7 +7,7 @@
 //! under their usual paths. This crate plugs the ML and Arrow side into them: [`probe`] answers
 //! validation's questions, [`stages`] supplies the stage kinds the executor runs.
 
-pub use peftpipe_core::{cache, config, dag, exec, fingerprint, schema};
+pub use peftpipe_core::{cache, config, dag, exec, files, fingerprint, schema};
 
 pub mod cli;
 pub mod device;

@@ -70,6 +70,54 @@ fn ran() -> (Project, PathBuf) {
     (project, object)
 }
 
+/// Every file and folder a run leaves (cache objects, manifests, lock files, run records,
+/// published copies) is as readable as a plain create makes it: group and others may read
+/// where the umask lets them, as with any file the user writes (a cache shared by a group).
+/// Before, every file written through a temporary file was owner-only (0600, 0400 read-only).
+#[cfg(unix)]
+#[test]
+#[expect(clippy::print_stderr, reason = "a skipped test says why")]
+fn what_a_run_writes_is_readable_as_the_umask_allows() {
+    use std::os::unix::fs::PermissionsExt;
+    let Some(umask) = std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|status| {
+            let line = status.lines().find(|line| line.starts_with("Umask:"))?;
+            u32::from_str_radix(line.trim_start_matches("Umask:").trim(), 8).ok()
+        })
+    else {
+        eprintln!("skipped: the umask is not readable here");
+        return;
+    };
+    let (project, _) = ran();
+    let mut pending = vec![project.path(".peftpipe")];
+    let mut private = Vec::new();
+    let mut seen = 0;
+    while let Some(path) = pending.pop() {
+        let metadata = std::fs::symlink_metadata(&path).expect("metadata");
+        let wanted = if metadata.is_dir() {
+            pending.extend(
+                std::fs::read_dir(&path)
+                    .expect("list")
+                    .map(|entry| entry.expect("entry").path()),
+            );
+            0o055 & !umask
+        } else {
+            0o044 & !umask
+        };
+        seen += 1;
+        if metadata.permissions().mode() & wanted != wanted {
+            private.push(format!(
+                "{} {:o}",
+                path.strip_prefix(&project.root).unwrap_or(&path).display(),
+                metadata.permissions().mode() & 0o777
+            ));
+        }
+    }
+    assert!(seen > 10, "{seen} entries");
+    assert!(private.is_empty(), "umask {umask:o}: {private:#?}");
+}
+
 #[test]
 fn truncated_object_file_is_dirty_and_rebuilt() {
     let (project, object) = ran();

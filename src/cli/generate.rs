@@ -473,7 +473,7 @@ fn generate_file(
                 .parent()
                 .filter(|parent| !parent.as_os_str().is_empty())
                 .unwrap_or(Path::new("."));
-            let temporary = tempfile::Builder::new()
+            let temporary = crate::files::file_builder()
                 .prefix(".peftpipe-generate-")
                 .suffix(".partial")
                 .tempfile_in(directory)

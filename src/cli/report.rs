@@ -79,15 +79,9 @@ pub fn write_report(
     std::fs::create_dir_all(directory).map_err(|error| {
         Failure::Write(format!("cannot create {}: {error}", directory.display()))
     })?;
+    // A page to open and share: readable like any file the user writes (`files::file_builder`).
     crate::peft::write_atomic(path, page.as_bytes())
         .map_err(|error| Failure::Write(format!("cannot write {}: {error}", path.display())))?;
-    // A page to open and share: readable like any file the user writes (the temporary file
-    // behind the atomic write is private).
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o644));
-    }
     Ok(())
 }
 

@@ -469,7 +469,7 @@ fn write_file(
         _ => Path::new("."),
     };
     fs::create_dir_all(parent)?;
-    let temporary = tempfile::Builder::new()
+    let temporary = crate::files::file_builder()
         .prefix(".model.gguf.peftpipe-tmp-")
         .tempfile_in(parent)
         .map_err(|error| {

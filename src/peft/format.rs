@@ -172,7 +172,7 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), PeftError> {
     };
     let dir = path.parent().unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir).map_err(io)?;
-    let mut temp = tempfile::NamedTempFile::new_in(dir).map_err(io)?;
+    let mut temp = crate::files::file_builder().tempfile_in(dir).map_err(io)?;
     std::io::Write::write_all(&mut temp, bytes).map_err(io)?;
     temp.as_file().sync_all().map_err(io)?;
     temp.persist(path).map_err(|error| io(error.error))?;

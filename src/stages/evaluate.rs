@@ -819,7 +819,7 @@ pub fn write_json_atomic(path: &Path, value: &impl Serialize) -> Result<(), Stag
         StageError::Internal(format!("cannot encode {}: {error}", path.display()))
     })?;
     let directory = path.parent().unwrap_or(Path::new("."));
-    let mut temporary = tempfile::NamedTempFile::new_in(directory)?;
+    let mut temporary = crate::files::file_builder().tempfile_in(directory)?;
     std::io::Write::write_all(&mut temporary, text.as_bytes())?;
     std::io::Write::write_all(&mut temporary, b"\n")?;
     temporary.as_file().sync_all()?;

@@ -392,7 +392,7 @@ pub fn publish_folder_with(
     })?;
     refuse_foreign_folder(destination, source)?;
     let name = name.to_string_lossy();
-    let temporary = tempfile::Builder::new()
+    let temporary = crate::files::dir_builder()
         .prefix(&format!(".{name}.peftpipe-tmp-"))
         .tempdir_in(parent)
         .map_err(|error| {
@@ -560,7 +560,7 @@ pub fn publish_gguf(source: &Path, destination: &Path) -> Result<(), StageError>
         .file_name()
         .map(|name| name.to_string_lossy().into_owned())
         .unwrap_or_default();
-    let temporary = tempfile::Builder::new()
+    let temporary = crate::files::file_builder()
         .prefix(&format!(".{name}.peftpipe-tmp-"))
         .tempfile_in(parent)
         .map_err(|error| {
@@ -577,12 +577,6 @@ pub fn publish_gguf(source: &Path, destination: &Path) -> Result<(), StageError>
             parent.display()
         ))
     })?;
-    // A temporary file is private (0600); the published model is an ordinary file.
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        fs::set_permissions(temporary.path(), fs::Permissions::from_mode(0o644))?;
-    }
     temporary.as_file().sync_all()?;
     temporary.persist(destination).map_err(|error| {
         StageError::user(format!(

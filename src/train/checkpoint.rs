@@ -212,7 +212,7 @@ pub fn save(
 ) -> Result<PathBuf, PeftError> {
     std::fs::create_dir_all(dir).map_err(io_error(dir))?;
     let name = step_dir_name(state.step);
-    let temp = tempfile::Builder::new()
+    let temp = crate::files::dir_builder()
         .prefix(&format!(".{name}.tmp-"))
         .tempdir_in(dir)
         .map_err(io_error(dir))?

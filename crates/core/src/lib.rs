@@ -6,6 +6,7 @@
 //! - [`schema`]: the JSON Schema generated from the config types;
 //! - [`dag`]: the stage graph (references, cycles, order, selection);
 //! - [`cache`]: the content-addressed object store, lock files and gc;
+//! - [`files`]: temporary files and folders that become the user's, with ordinary permissions;
 //! - [`fingerprint`]: what is hashed for each stage and why a stage is dirty;
 //! - [`exec`]: the plan and the runner, and the `Stage` trait stage kinds implement.
 //!
@@ -19,6 +20,7 @@ pub mod cache;
 pub mod config;
 pub mod dag;
 pub mod exec;
+pub mod files;
 pub mod fingerprint;
 pub mod schema;
 

@@ -226,7 +226,7 @@ impl Cache {
     /// A fresh, empty, uniquely named directory under `tmp/`.
     pub fn staging_dir(&self, label: &str) -> Result<PathBuf, CacheError> {
         let tmp = self.tmp_dir();
-        let dir = tempfile::Builder::new()
+        let dir = crate::files::dir_builder()
             .prefix(&format!("{}-", sanitize_name(label)))
             .tempdir_in(&tmp)
             .map_err(CacheError::io("create a staging directory in", &tmp))?;
@@ -282,7 +282,7 @@ pub fn sanitize_name(name: &str) -> String {
 /// Write `bytes` to `path` atomically: a temporary file in `temp_in` (same filesystem), synced,
 /// then renamed over `path`.
 pub fn write_atomic(path: &Path, bytes: &[u8], temp_in: &Path) -> Result<(), CacheError> {
-    let mut file = tempfile::Builder::new()
+    let mut file = crate::files::file_builder()
         .prefix(".write-")
         .tempfile_in(temp_in)
         .map_err(CacheError::io("create a temporary file in", temp_in))?;

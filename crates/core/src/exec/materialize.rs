@@ -31,7 +31,7 @@ pub fn materialize(source: &Path, destination: &Path) -> Result<(), CacheError> 
         .unwrap_or("stage")
         .to_string();
     remove_leftovers(&parent, &name)?;
-    let partial = tempfile::Builder::new()
+    let partial = crate::files::dir_builder()
         .prefix(&format!(".{name}.partial-"))
         .tempdir_in(&parent)
         .map_err(CacheError::io("create a directory in", &parent))?
