@@ -23,6 +23,7 @@ pub struct ArgumentProblem {
 /// version) and `args` ask for `--json`, the problem object on stdout.
 pub fn exit(mut error: clap::Error, command: &clap::Command, args: &[OsString]) -> ! {
     without_hidden_suggestions(&mut error, command);
+    name_the_command_an_option_belongs_to(&mut error, command, args);
     if error.use_stderr() && json_requested(command, args) {
         let problem = problem(&error, command);
         crate::report::problems::print_failure_json(
@@ -63,6 +64,71 @@ fn without_hidden_suggestions(error: &mut clap::Error, command: &clap::Command) 
             ContextValue::Strings(visible),
         );
     }
+}
+
+/// An unknown `--name` that another subcommand takes (`push --missing-ok`, a `pull` flag): the
+/// tip says whose it is, instead of clap's "to pass '--missing-ok' as a value, use '--'".
+fn name_the_command_an_option_belongs_to(
+    error: &mut clap::Error,
+    command: &clap::Command,
+    args: &[OsString],
+) {
+    if error.kind() != ErrorKind::UnknownArgument {
+        return;
+    }
+    let Some(ContextValue::String(written)) = error.get(ContextKind::InvalidArg) else {
+        return;
+    };
+    let Some(long) = written.strip_prefix("--") else {
+        return;
+    };
+    let long = long.split('=').next().unwrap_or(long).to_string();
+    // The subcommand path as written (`bench data`): the words naming visible subcommands.
+    let mut current = command;
+    let mut path = Vec::new();
+    for arg in args.iter().skip(1).filter_map(|arg| arg.to_str()) {
+        if let Some(next) = current
+            .get_subcommands()
+            .find(|sub| !sub.is_hide_set() && sub.get_name() == arg)
+        {
+            path.push(arg.to_string());
+            current = next;
+        }
+    }
+    let mut owners = Vec::new();
+    let mut pending: Vec<(String, &clap::Command)> = command
+        .get_subcommands()
+        .filter(|sub| !sub.is_hide_set())
+        .map(|sub| (sub.get_name().to_string(), sub))
+        .collect();
+    while let Some((name, sub)) = pending.pop() {
+        if sub
+            .get_arguments()
+            .any(|arg| arg.get_long() == Some(long.as_str()))
+            && name != path.join(" ")
+        {
+            owners.push(format!("`peftpipe {name}`"));
+        }
+        pending.extend(
+            sub.get_subcommands()
+                .filter(|inner| !inner.is_hide_set())
+                .map(|inner| (format!("{name} {}", inner.get_name()), inner)),
+        );
+    }
+    if owners.is_empty() {
+        return;
+    }
+    owners.sort();
+    error.remove(ContextKind::SuggestedArg);
+    error.insert(
+        ContextKind::Suggested,
+        ContextValue::StyledStrs(vec![format!(
+            "`--{long}` is an option of {}, not of `peftpipe {}`",
+            owners.join(", "),
+            path.join(" ")
+        )
+        .into()]),
+    );
 }
 
 /// Whether `args` (the program name first) hold the flag `--json` as clap reads them: an
@@ -286,6 +352,38 @@ mod tests {
                 assert!(text.contains(&format!("'{kept}'")), "{text}");
             }
         }
+    }
+
+    #[test]
+    fn an_option_of_another_subcommand_is_named_as_its() {
+        let command = crate::cli::Cli::command();
+        let mut error = command
+            .clone()
+            .try_get_matches_from(args(&["push", "--missing-ok"]))
+            .unwrap_err();
+        assert!(
+            !error.render().to_string().contains("option of"),
+            "clap says it already"
+        );
+        name_the_command_an_option_belongs_to(
+            &mut error,
+            &command,
+            &args(&["push", "--missing-ok"]),
+        );
+        let text = error.render().to_string();
+        assert!(
+            text.contains("`--missing-ok` is an option of `peftpipe pull`, not of `peftpipe push`")
+                && !text.contains("as a value"),
+            "{text}"
+        );
+        // A misspelling that no subcommand takes keeps clap's own tip.
+        let words = ["status", "x.yaml", "--jsno"];
+        let mut error = command
+            .clone()
+            .try_get_matches_from(args(&words))
+            .unwrap_err();
+        name_the_command_an_option_belongs_to(&mut error, &command, &args(&words));
+        assert!(error.render().to_string().contains("'--json'"));
     }
 
     #[test]
