@@ -1386,6 +1386,82 @@ fn a_gpt2_merged_model_is_not_written_in_4_bits() -> TestResult {
     Ok(())
 }
 
+/// Give every bias `keep` accepts non-zero values (random init leaves them zero, which no
+/// scaling changes); returns their names.
+fn with_nonzero_biases(
+    weights: &mut HashMap<String, Tensor>,
+    keep: impl Fn(&str) -> bool,
+) -> Result<Vec<String>, Box<dyn std::error::Error>> {
+    let names: Vec<String> = weights
+        .keys()
+        .filter(|name| name.ends_with(".bias") && keep(name))
+        .cloned()
+        .collect();
+    for (index, name) in names.iter().enumerate() {
+        let length = weights[name].dim(0)?;
+        let values: Vec<f32> = (0..length)
+            .map(|i| ((i * 7 + index * 3) % 11) as f32 * 0.1 - 0.5)
+            .collect();
+        weights.insert(
+            name.clone(),
+            Tensor::from_vec(values, length, &Device::Cpu)?,
+        );
+    }
+    Ok(names)
+}
+
+/// An IA3 folder as PEFT saves it (`fields` added to the config): a vector of each shape
+/// (`[out, 1]`, or `[1, in]` feed-forward) for each module of layers 0 and 1 under `layers`.
+/// Returns the vectors by their saved names.
+fn write_ia3_folder(
+    dir: &Path,
+    fields: serde_json::Value,
+    layers: &str,
+    modules: &[(&str, (usize, usize))],
+) -> Result<HashMap<String, Tensor>, Box<dyn std::error::Error>> {
+    std::fs::create_dir_all(dir)?;
+    let mut config = serde_json::json!({
+        "peft_type": "IA3", "task_type": "CAUSAL_LM", "inference_mode": true,
+    });
+    for (key, value) in fields.as_object().ok_or("fields are an object")? {
+        config[key] = value.clone();
+    }
+    std::fs::write(dir.join("adapter_config.json"), config.to_string())?;
+    let mut vectors = HashMap::new();
+    for layer in 0..2 {
+        for (module, shape) in modules {
+            let values: Vec<f32> = (0..shape.0 * shape.1)
+                .map(|i| 0.5 + ((i * 3 + layer) % 7) as f32 * 0.2)
+                .collect();
+            vectors.insert(
+                format!("base_model.model.{layers}.{layer}.{module}.ia3_l"),
+                Tensor::from_vec(values, *shape, &Device::Cpu)?,
+            );
+        }
+    }
+    candle_core::safetensors::save(&vectors, dir.join("adapter_model.safetensors"))?;
+    Ok(vectors)
+}
+
+/// `patches` merged into `base`, written to `out` in one shard, dtype kept.
+fn write_merged(
+    patches: &[peftpipe::models::checkpoint::WeightPatch],
+    base: &Path,
+    out: &Path,
+) -> Result<(), peftpipe::models::checkpoint::CheckpointError> {
+    peftpipe::models::checkpoint::write_merged_folder(
+        patches,
+        base,
+        out,
+        MergedOptions {
+            max_shard_size: u64::MAX,
+            dtype: None,
+        },
+        &|| false,
+    )
+    .map(|_| ())
+}
+
 /// IA3 on an output-side layer scales the layer's output, bias included (PEFT's `IA3Layer.merge`
 /// multiplies the bias by the vector too): merging an adapter read from its folder into a Llama
 /// with `attention_bias` (Qwen2 has q/k/v biases) gives `W' = diag(l)·W` and `b' = l ⊙ b` on
@@ -1407,71 +1483,34 @@ fn merged_ia3_scales_the_bias_of_an_output_side_layer() -> TestResult {
     let mut weights =
         peftpipe::models::random::random_weights(&config, 3, 0.2, DType::F32, &Device::Cpu)?;
     // Random biases (random init leaves them zero, which no scaling changes).
-    let names: Vec<String> = weights
-        .keys()
-        .filter(|n| n.ends_with(".bias"))
-        .cloned()
-        .collect();
+    let names = with_nonzero_biases(&mut weights, |_| true)?;
     assert!(
         names.iter().any(|n| n.ends_with("k_proj.bias")),
         "{names:?}"
     );
-    for (index, name) in names.iter().enumerate() {
-        let length = weights[name].dim(0)?;
-        let values: Vec<f32> = (0..length)
-            .map(|i| ((i * 7 + index * 3) % 11) as f32 * 0.1 - 0.5)
-            .collect();
-        weights.insert(
-            name.clone(),
-            Tensor::from_vec(values, length, &Device::Cpu)?,
-        );
-    }
     candle_core::safetensors::save(&weights, base.join("model.safetensors"))?;
 
     // An IA3 folder as PEFT saves it: [out, 1] for k/v, [1, in] for the feed-forward down_proj.
     let adapter = root.path().join("adapter");
-    std::fs::create_dir_all(&adapter)?;
-    std::fs::write(
-        adapter.join("adapter_config.json"),
+    let vectors = write_ia3_folder(
+        &adapter,
         serde_json::json!({
-            "peft_type": "IA3", "task_type": "CAUSAL_LM", "fan_in_fan_out": false,
+            "fan_in_fan_out": false,
             "target_modules": ["k_proj", "v_proj", "down_proj"],
-            "feedforward_modules": ["down_proj"], "inference_mode": true,
-        })
-        .to_string(),
-    )?;
-    let mut vectors = HashMap::new();
-    for layer in 0..2 {
-        for (module, shape) in [
+            "feedforward_modules": ["down_proj"],
+        }),
+        "model.layers",
+        &[
             ("self_attn.k_proj", (8, 1)),
             ("self_attn.v_proj", (8, 1)),
             ("mlp.down_proj", (1, 24)),
-        ] {
-            let count = shape.0 * shape.1;
-            let values: Vec<f32> = (0..count)
-                .map(|i| 0.5 + ((i + layer) % 5) as f32 * 0.25)
-                .collect();
-            vectors.insert(
-                format!("base_model.model.model.layers.{layer}.{module}.ia3_l"),
-                Tensor::from_vec(values, shape, &Device::Cpu)?,
-            );
-        }
-    }
-    candle_core::safetensors::save(&vectors, adapter.join("adapter_model.safetensors"))?;
+        ],
+    )?;
 
     let loaded = peftpipe::peft::load_adapter(&adapter, &Device::Cpu)?;
     let patches = loaded.merge_patches()?.ok_or("IA3 is mergeable")?;
     let out = root.path().join("merged");
-    peftpipe::models::checkpoint::write_merged_folder(
-        &patches,
-        &base,
-        &out,
-        MergedOptions {
-            max_shard_size: u64::MAX,
-            dtype: None,
-        },
-        &|| false,
-    )?;
+    write_merged(&patches, &base, &out)?;
     let merged = candle_core::safetensors::load(out.join("model.safetensors"), &Device::Cpu)?;
     for layer in 0..2 {
         for module in ["self_attn.k_proj", "self_attn.v_proj"] {
@@ -1514,52 +1553,24 @@ fn merged_gpt2_ia3_gives_the_adapted_logits() -> TestResult {
     std::fs::copy(source.join("config.json"), base.join("config.json"))?;
     let mut weights =
         candle_core::safetensors::load(source.join("model.safetensors"), &Device::Cpu)?;
-    let biases: Vec<String> = weights
-        .keys()
-        .filter(|name| name.ends_with(".bias") && !name.contains(".ln_"))
-        .cloned()
-        .collect();
-    for (index, name) in biases.iter().enumerate() {
-        let length = weights[name].dim(0)?;
-        let values: Vec<f32> = (0..length)
-            .map(|i| ((i * 7 + index * 3) % 11) as f32 * 0.05 - 0.25)
-            .collect();
-        weights.insert(
-            name.clone(),
-            Tensor::from_vec(values, length, &Device::Cpu)?,
-        );
-    }
+    with_nonzero_biases(&mut weights, |name| !name.contains(".ln_"))?;
     candle_core::safetensors::save(&weights, base.join("model.safetensors"))?;
 
     let adapter = root.path().join("adapter");
-    std::fs::create_dir_all(&adapter)?;
-    std::fs::write(
-        adapter.join("adapter_config.json"),
+    write_ia3_folder(
+        &adapter,
         serde_json::json!({
-            "peft_type": "IA3", "task_type": "CAUSAL_LM", "fan_in_fan_out": true,
-            "target_modules": ["c_attn", "c_proj"], "feedforward_modules": ["mlp.c_proj"],
-            "inference_mode": true,
-        })
-        .to_string(),
-    )?;
-    let mut vectors = HashMap::new();
-    for layer in 0..2 {
-        for (module, shape) in [
+            "fan_in_fan_out": true,
+            "target_modules": ["c_attn", "c_proj"],
+            "feedforward_modules": ["mlp.c_proj"],
+        }),
+        "transformer.h",
+        &[
             ("attn.c_attn", (192, 1)),
             ("attn.c_proj", (64, 1)),
             ("mlp.c_proj", (1, 256)),
-        ] {
-            let count = shape.0 * shape.1;
-            let values: Vec<f32> = (0..count)
-                .map(|i| 0.5 + ((i * 3 + layer) % 7) as f32 * 0.2)
-                .collect();
-            vectors.insert(
-                format!("base_model.model.transformer.h.{layer}.{module}.ia3_l"),
-                Tensor::from_vec(values, shape, &Device::Cpu)?,
-            );
-        }
-    }
-    candle_core::safetensors::save(&vectors, adapter.join("adapter_model.safetensors"))?;
+        ],
+    )?;
 
     let inputs =
         candle_core::safetensors::load(source.join("reference_logits.safetensors"), &Device::Cpu)?;
@@ -1570,16 +1581,7 @@ fn merged_gpt2_ia3_gives_the_adapted_logits() -> TestResult {
     loaded.finish_injection(adapted.as_ref())?;
     let adapted_logits = adapted.forward(ids, Some(mask), &loaded.hooks()?)?;
     let out = root.path().join("merged");
-    peftpipe::models::checkpoint::write_merged_folder(
-        &patches,
-        &base,
-        &out,
-        MergedOptions {
-            max_shard_size: u64::MAX,
-            dtype: None,
-        },
-        &|| false,
-    )?;
+    write_merged(&patches, &base, &out)?;
     let merged = ModelDir::open(&out)?.load(&Device::Cpu, DType::F32, &FrozenLinearFactory)?;
     let merged_logits = merged.forward(ids, Some(mask), &Hooks::none())?;
     let error = masked_max_abs(&merged_logits, &adapted_logits, mask)?;
@@ -1628,18 +1630,9 @@ fn a_merge_over_another_models_weights_names_the_checkpoint_file() -> TestResult
     candle_core::safetensors::save(&tensors, adapter.join("adapter_model.safetensors"))?;
     let loaded = peftpipe::peft::load_adapter(&adapter, &Device::Cpu)?;
     let patches = loaded.merge_patches()?.ok_or("LoRA is mergeable")?;
-    let error = peftpipe::models::checkpoint::write_merged_folder(
-        &patches,
-        &base,
-        &root.path().join("merged"),
-        MergedOptions {
-            max_shard_size: u64::MAX,
-            dtype: None,
-        },
-        &|| false,
-    )
-    .unwrap_err()
-    .to_string();
+    let error = write_merged(&patches, &base, &root.path().join("merged"))
+        .unwrap_err()
+        .to_string();
     assert!(error.contains("q_proj"), "{error}");
     assert!(
         error.contains(&base.join("model.safetensors").display().to_string()),
