@@ -332,6 +332,18 @@ fn figures_of_a_stage_that_failed_or_was_skipped_are_said_to_be_the_last_success
     project.ok(&["report", "pipeline.yaml", "-o", "page.html"]);
     let from_report = std::fs::read_to_string(project.path("page.html")).expect("the report");
     for (which, page) in [("run", &from_run), ("report", &from_report)] {
+        // The stage table's figures cell says so too.
+        for stage in ["train", "evaluate"] {
+            let row = page
+                .split(&format!("<tr><td>{stage}</td>"))
+                .nth(1)
+                .and_then(|rest| rest.split("</tr>").next())
+                .expect("the stage's row");
+            assert!(
+                row.contains("last successful run: "),
+                "{which}: the {stage} row shows old figures as this run's: {row}"
+            );
+        }
         for heading in ["Training: train", "Evaluation: evaluate"] {
             let shown = section(page, heading);
             assert!(

@@ -155,7 +155,7 @@ fn stages_section(input: &ReportInput) -> String {
                 .map(format::seconds)
                 .unwrap_or_else(|| "-".into()),
             escape(&stage.cache),
-            escape(&super::run::outcome_text(&stage.outcome)),
+            escape(&figures_text(stage)),
         );
         if let Some(error) = &stage.error {
             let _ = writeln!(
@@ -167,6 +167,17 @@ fn stages_section(input: &ReportInput) -> String {
     }
     html.push_str("</table>\n");
     html
+}
+
+/// A stage's figures for the table, said to be its last successful run's where they are
+/// ([`StageRow::old_figures`]: the status column says what happened since).
+fn figures_text(stage: &StageRow) -> String {
+    let text = super::run::outcome_text(&stage.outcome);
+    if stage.old_figures && !text.is_empty() {
+        format!("last successful run: {text}")
+    } else {
+        text
+    }
 }
 
 /// A note under a section whose figures are not those of the current inputs: the stage is
