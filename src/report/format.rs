@@ -185,6 +185,9 @@ pub fn figure(key: &str, value: &serde_json::Value) -> String {
                 if key.ends_with("bytes") {
                     return bytes(integer);
                 }
+                if key.ends_with("per_second") {
+                    return si(integer as f64);
+                }
                 if key.ends_with("seconds") {
                     return seconds(integer as f64);
                 }

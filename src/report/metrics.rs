@@ -381,13 +381,12 @@ pub fn diff_text(old_label: &str, new_label: &str, changes: &[MetricChange], all
             (Some(old), Some(new), Some(difference)) => {
                 let (old, new, difference) = (old.value, new.value, difference.value);
                 let percent = format::percent_change(old, new);
-                let absolute = if leaf(&change.metric).ends_with("bytes")
-                    || leaf(&change.metric).ends_with("seconds")
-                {
+                // Written as the figures are (bytes, durations, rates, grouped counts).
+                let absolute = if difference == 0.0 {
+                    "0".to_string()
+                } else {
                     let sign = if difference < 0.0 { "-" } else { "+" };
                     format!("{sign}{}", human(&change.metric, difference.abs()))
-                } else {
-                    format::signed(difference)
                 };
                 if percent.is_empty() {
                     absolute
@@ -448,6 +447,38 @@ mod tests {
         );
         assert_eq!(human("merged_bytes", 411152.0), "402 KiB");
         assert_eq!(human("perplexity.base", 4.55e30), "4.6e30");
+    }
+
+    #[test]
+    fn changes_are_written_like_their_figures() {
+        let pair = |metric: &str, old: Figure, new: Figure| {
+            let old = vec![Metric {
+                stage: "train".into(),
+                metric: metric.into(),
+                value: old,
+            }];
+            let new = vec![Metric {
+                stage: "train".into(),
+                metric: metric.into(),
+                value: new,
+            }];
+            diff_text("old", "new", &diff(&old, &new), false)
+        };
+        // Counts grouped as the figures are, rates with their SI prefix.
+        let text = pair(
+            "trainable_parameters",
+            Figure::integer(9248.0),
+            Figure::integer(113_294.0),
+        );
+        assert!(text.contains("+104,046 ("), "{text}");
+        let text = pair(
+            "tokens_per_second",
+            Figure::real(13_200.0),
+            Figure::real(9_612.0),
+        );
+        assert!(text.contains("-3.59k ("), "{text}");
+        let text = pair("final_loss", Figure::real(0.5), Figure::real(0.25));
+        assert!(text.contains("-0.25 (-50.0%)"), "{text}");
     }
 
     #[test]
