@@ -715,10 +715,14 @@ fn republishing_never_deletes_a_file_peftpipe_did_not_write() {
 #[test]
 fn a_base_model_name_with_yaml_characters_stays_whole_in_the_card() {
     // `#` starts a comment and `: ` a mapping in YAML: the front matter must quote the name.
-    let name = "models/run #2: final";
+    // The loading snippet's Python string must hold a `"` and a `\` too.
+    let name = r#"models/run #2: "final" \ v"#;
     let yaml = TINY.replace(
         "      adapter: out/adapter\n",
-        &format!("      adapter: out/adapter\n      base_model_name_or_path: \"{name}\"\n"),
+        &format!(
+            "      adapter: out/adapter\n      base_model_name_or_path: '{}'\n",
+            name.replace('\'', "''")
+        ),
     );
     let project = tiny_project(&yaml);
     tiny_run(&project.root, &[]);
@@ -730,4 +734,10 @@ fn a_base_model_name_with_yaml_characters_stays_whole_in_the_card() {
         .expect("front matter");
     let meta: serde_json::Value = serde_norway::from_str(front).expect("valid YAML front matter");
     assert_eq!(meta["base_model"], name, "{card}");
+    // Python's string literal of the name (JSON's escapes are Python's).
+    let literal = serde_json::Value::from(name).to_string();
+    assert!(
+        card.contains(&format!("from_pretrained({literal})")),
+        "{card}"
+    );
 }

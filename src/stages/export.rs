@@ -855,10 +855,13 @@ const CARD_FIGURES: &[&str] = &[
 /// How to load the adapter with PEFT: over the base as transformers loads it, which for a QLoRA
 /// adapter is the base in bitsandbytes 4-bit with the settings it was trained over.
 fn loading_snippet(base_name: &str, quantization: Option<&BaseQuantization>) -> String {
+    // The name as a Python string literal (JSON's escapes are Python's): a `"` or `\` in it
+    // must not end or bend the string.
+    let base_name = serde_json::Value::from(base_name).to_string();
     let Some(quantization) = quantization else {
         return format!(
             "Load it with PEFT:\n\n```python\nfrom transformers import AutoModelForCausalLM\n\
-             from peft import PeftModel\n\nbase = AutoModelForCausalLM.from_pretrained(\"{base_name}\")\n\
+             from peft import PeftModel\n\nbase = AutoModelForCausalLM.from_pretrained({base_name})\n\
              model = PeftModel.from_pretrained(base, \"path/to/this/folder\")\n```\n\n"
         );
     };
@@ -869,7 +872,7 @@ fn loading_snippet(base_name: &str, quantization: Option<&BaseQuantization>) -> 
             "It was trained with QLoRA over the base as saved in bitsandbytes 4-bit ({}, \
              double_quant {}); transformers loads that checkpoint in 4 bits as it is:\n\n\
              ```python\nfrom transformers import AutoModelForCausalLM\nfrom peft import PeftModel\n\n\
-             base = AutoModelForCausalLM.from_pretrained(\"{base_name}\")\n\
+             base = AutoModelForCausalLM.from_pretrained({base_name})\n\
              model = PeftModel.from_pretrained(base, \"path/to/this/folder\")\n```\n\n",
             config.quant_type.name(),
             python_bool(config.double_quant)
@@ -897,7 +900,7 @@ fn loading_snippet(base_name: &str, quantization: Option<&BaseQuantization>) -> 
          ```python\n{torch}from transformers import AutoModelForCausalLM, BitsAndBytesConfig\n\
          from peft import PeftModel\n\nquantization = BitsAndBytesConfig(\n    load_in_4bit=True,\n    \
          bnb_4bit_quant_type=\"{}\",\n    bnb_4bit_use_double_quant={}{compute},\n)\n\
-         base = AutoModelForCausalLM.from_pretrained(\n    \"{base_name}\", quantization_config=quantization\n)\n\
+         base = AutoModelForCausalLM.from_pretrained(\n    {base_name}, quantization_config=quantization\n)\n\
          model = PeftModel.from_pretrained(base, \"path/to/this/folder\")\n```\n{blocks}\n\
          With peftpipe: `peftpipe generate {base_name} --adapter path/to/this/folder --load-in-4bit {}{}{}`, \
          or an evaluate stage's `external_adapters` with `base_quantization`.\n\n",
