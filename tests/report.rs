@@ -343,6 +343,10 @@ fn figures_of_a_stage_that_failed_or_was_skipped_are_said_to_be_the_last_success
                 row.contains("last successful run: "),
                 "{which}: the {stage} row shows old figures as this run's: {row}"
             );
+            // train was skipped: no time of its own.
+            if which == "run" && stage == "train" {
+                assert!(row.contains("<td class=\"num\">-</td>"), "{row}");
+            }
         }
         for heading in ["Training: train", "Evaluation: evaluate"] {
             let shown = section(page, heading);

@@ -142,8 +142,11 @@ pub fn gather(
                     crate::exec::CacheUse::None => "-",
                 }
                 .into();
-                if stage.status != StageStatus::Fresh {
-                    row.seconds = Some(stage.wall_time.as_secs_f64());
+                match stage.status {
+                    StageStatus::Fresh => {}
+                    // It did not run: no time (not `0ms`, nor the last run's as this run's).
+                    StageStatus::Skipped => row.seconds = None,
+                    _ => row.seconds = Some(stage.wall_time.as_secs_f64()),
                 }
                 if !stage.outcome.is_empty() {
                     row.outcome = stage.outcome.clone();
