@@ -722,3 +722,18 @@ fn a_binary_column_read_by_a_template_is_an_error_naming_the_column() {
         [Some("a".into()), Some("b".into())]
     );
 }
+
+/// transformers renders with `tools=None, documents=None` when none are given
+/// (`render_jinja_template`), so `tools is not none` is false there; undefined `tools` is not none.
+#[test]
+fn tools_and_documents_are_none_as_transformers_passes_them() {
+    let chat = chat(
+        "{% if tools is not none %}[AVAILABLE_TOOLS]{% endif %}{% if documents is none %}{{ messages[0]['content'] }}{% endif %}",
+        "",
+        "",
+    );
+    assert_eq!(
+        chat.render(&[Message::new("user", "Hi")], true).unwrap(),
+        "Hi"
+    );
+}

@@ -2,7 +2,7 @@
 //! (`tokenizer.apply_chat_template`), so training text matches inference text.
 //!
 //! Transformers renders `chat_template` with Jinja2 (`trim_blocks`, `lstrip_blocks`, loop controls,
-//! default — lenient — undefined), passing `messages`, `add_generation_prompt` and the special
+//! default — lenient — undefined), passing `messages`, `add_generation_prompt`, `tools=None`, `documents=None` and the special
 //! tokens (`bos_token`, `eos_token`, …), with `raise_exception(message)` and a `tojson` filter that
 //! is Python's `json.dumps` (`, ` / `: ` separators, non-ASCII kept). This module reproduces that
 //! with minijinja (+ pycompat for Python string methods). `strftime_now` is deliberately not
@@ -138,6 +138,10 @@ impl ChatTemplate {
         let mut context = vec![
             ("messages", Value::from_serialize(messages)),
             ("add_generation_prompt", Value::from(add_generation_prompt)),
+            // transformers passes these as None when the call gives none, so `tools is not none`
+            // is false (an undefined `tools` would not be none).
+            ("tools", Value::from(())),
+            ("documents", Value::from(())),
             ("bos_token", Value::from(self.source.bos_token.as_str())),
             ("eos_token", Value::from(self.source.eos_token.as_str())),
         ];
