@@ -737,3 +737,73 @@ fn tools_and_documents_are_none_as_transformers_passes_them() {
         "Hi"
     );
 }
+
+/// Real chat templates of popular models (tests/fixtures/chat_templates: Gemma 2, Zephyr,
+/// Mistral instruct v0.2 and v0.3, Qwen2.5, Llama 3.1, Phi-3.5, SmolLM2), rendered as
+/// transformers renders them; the expected strings are Jinja2 3.1.6's, with the environment
+/// transformers builds (sandboxed, trim_blocks, lstrip_blocks, loopcontrols, tools=None).
+#[test]
+fn real_chat_templates_render_as_jinja2_does() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/chat_templates");
+    let cases: [(&str, bool, &str, &str); 9] = [
+        ("gemma", false, "<s><start_of_turn>user\nHi<end_of_turn>\n<start_of_turn>model\nHello!<end_of_turn>\n<start_of_turn>user\nWhy é?<end_of_turn>\n<start_of_turn>model\n", "<s><start_of_turn>user\nHi<end_of_turn>\n<start_of_turn>model\nHello!<end_of_turn>\n<start_of_turn>user\nWhy é?<end_of_turn>\n<start_of_turn>model\nBecause.<end_of_turn>\n"),
+        ("zephyr", true, "<|system|>\n Be brief. </s>\n<|user|>\nHi </s>\n<|assistant|>\n Hello!</s>\n<|user|>\nWhy é?</s>\n<|assistant|>\n", "<|system|>\n Be brief. </s>\n<|user|>\nHi </s>\n<|assistant|>\n Hello!</s>\n<|user|>\nWhy é?</s>\n<|assistant|>\nBecause.</s>\n"),
+        ("mistral-v0.3", true, "<s>[INST] Hi [/INST] Hello!</s>[INST]  Be brief. \n\nWhy é?[/INST]", "<s>[INST] Hi [/INST] Hello!</s>[INST] Why é?[/INST] Because.</s>"),
+        ("mistral-v0.2", false, "<s>[INST] Hi  [/INST] Hello!</s>[INST] Why é? [/INST]", "<s>[INST] Hi  [/INST] Hello!</s>[INST] Why é? [/INST]Because.</s>"),
+        ("qwen2.5", true, "<|im_start|>system\n Be brief. <|im_end|>\n<|im_start|>user\nHi <|im_end|>\n<|im_start|>assistant\n Hello!<|im_end|>\n<|im_start|>user\nWhy é?<|im_end|>\n<|im_start|>assistant\n", "<|im_start|>system\n Be brief. <|im_end|>\n<|im_start|>user\nHi <|im_end|>\n<|im_start|>assistant\n Hello!<|im_end|>\n<|im_start|>user\nWhy é?<|im_end|>\n<|im_start|>assistant\nBecause.<|im_end|>\n"),
+        ("qwen2.5", false, "<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\n<|im_start|>user\nHi <|im_end|>\n<|im_start|>assistant\n Hello!<|im_end|>\n<|im_start|>user\nWhy é?<|im_end|>\n<|im_start|>assistant\n", "<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\n<|im_start|>user\nHi <|im_end|>\n<|im_start|>assistant\n Hello!<|im_end|>\n<|im_start|>user\nWhy é?<|im_end|>\n<|im_start|>assistant\nBecause.<|im_end|>\n"),
+        ("llama-3.1", true, "<s><|start_header_id|>system<|end_header_id|>\n\nCutting Knowledge Date: December 2023\nToday Date: 26 Jul 2024\n\nBe brief.<|eot_id|><|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\nHello!<|eot_id|><|start_header_id|>user<|end_header_id|>\n\nWhy é?<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n", "<s><|start_header_id|>system<|end_header_id|>\n\nCutting Knowledge Date: December 2023\nToday Date: 26 Jul 2024\n\nBe brief.<|eot_id|><|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\nHello!<|eot_id|><|start_header_id|>user<|end_header_id|>\n\nWhy é?<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\nBecause.<|eot_id|>"),
+        ("phi-3.5", true, "<|system|>\n Be brief. <|end|>\n<|user|>\nHi <|end|>\n<|assistant|>\n Hello!<|end|>\n<|user|>\nWhy é?<|end|>\n<|assistant|>\n", "<|system|>\n Be brief. <|end|>\n<|user|>\nHi <|end|>\n<|assistant|>\n Hello!<|end|>\n<|user|>\nWhy é?<|end|>\n<|assistant|>\nBecause.<|end|>\n</s>"),
+        ("smollm2", false, "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n<|im_start|>user\nHi <|im_end|>\n<|im_start|>assistant\n Hello!<|im_end|>\n<|im_start|>user\nWhy é?<|im_end|>\n<|im_start|>assistant\n", "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n<|im_start|>user\nHi <|im_end|>\n<|im_start|>assistant\n Hello!<|im_end|>\n<|im_start|>user\nWhy é?<|im_end|>\n<|im_start|>assistant\nBecause.<|im_end|>\n"),
+    ];
+    let turns = [
+        Message::new("user", "Hi "),
+        Message::new("assistant", " Hello!"),
+        Message::new("user", "Why é?"),
+        Message::new("assistant", "Because."),
+    ];
+    for (name, with_system, prompt, full) in cases {
+        let source = std::fs::read_to_string(dir.join(format!("{name}.jinja"))).unwrap();
+        let chat = chat(&source, "<s>", "</s>");
+        let mut messages = Vec::new();
+        if with_system {
+            messages.push(Message::new("system", " Be brief. "));
+        }
+        messages.extend(turns.iter().cloned());
+        let (last, earlier) = messages.split_last().unwrap();
+        assert_eq!(chat.render(earlier, true).unwrap(), prompt, "{name}");
+        assert_eq!(chat.render(&messages, false).unwrap(), full, "{name}");
+        assert_eq!(last.role, "assistant");
+    }
+}
+
+/// Templates that refuse a conversation (Gemma: no system role; Mistral: roles must alternate)
+/// fail the row with the template's own message; Mistral v0.3 puts the system prompt in the last
+/// user turn, so a prompt cannot be split off the conversation, and that is said too.
+#[test]
+fn chat_templates_that_refuse_a_conversation_say_why_and_which_row() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = input_artifact(dir.path());
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/chat_templates");
+    for (name, expected) in [
+        ("gemma", "System role not supported"),
+        ("mistral-v0.2", "Conversation roles must alternate"),
+        (
+            "mistral-v0.3",
+            "does not start with its rendering of the prompt",
+        ),
+    ] {
+        let source = std::fs::read_to_string(fixtures.join(format!("{name}.jinja"))).unwrap();
+        let yaml = format!(
+            "input: data\nchat:\n  template: {}\n  system: Classify.\n  user: \"{{{{ text or '' }}}}\"\n  assistant: \"{{{{ label }}}}\"\n",
+            serde_json::to_string(&source).unwrap()
+        );
+        let error = run(&config(&yaml), dir.path(), &input, &dir.path().join(name))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("row 0") && error.contains(expected),
+            "{name}: {error}"
+        );
+    }
+}

@@ -2,12 +2,12 @@
 //! (`tokenizer.apply_chat_template`), so training text matches inference text.
 //!
 //! Transformers renders `chat_template` with Jinja2 (`trim_blocks`, `lstrip_blocks`, loop controls,
-//! default — lenient — undefined), passing `messages`, `add_generation_prompt`, `tools=None`, `documents=None` and the special
-//! tokens (`bos_token`, `eos_token`, …), with `raise_exception(message)` and a `tojson` filter that
-//! is Python's `json.dumps` (`, ` / `: ` separators, non-ASCII kept). This module reproduces that
-//! with minijinja (+ pycompat for Python string methods). `strftime_now` is deliberately not
-//! provided, so date-stamping templates fall back to their fixed default date and renders stay
-//! reproducible.
+//! default — lenient — undefined), passing `messages`, `add_generation_prompt`, `tools=None`,
+//! `documents=None` and the special tokens (`bos_token`, `eos_token`, …), with
+//! `raise_exception(message)` and a `tojson` filter that is Python's `json.dumps` (`, ` / `: `
+//! separators, non-ASCII kept). This module reproduces that with minijinja (+ pycompat for Python
+//! string methods). `strftime_now` is deliberately not provided, so date-stamping templates fall
+//! back to their fixed default date and renders stay reproducible.
 //!
 //! Owns compiling and rendering a chat template and splitting a
 //! conversation into prompt (the user turns rendered with `add_generation_prompt=true`) and
