@@ -938,3 +938,34 @@ stages:
         root.join("datasets/quickstart/reviews.parquet").display()
     )
 }
+
+/// The optimizer state is f32: an `adam_epsilon` that is 0 in f32 (`1e-300`, or anything below
+/// f32's smallest normal value, which a GPU flushes to 0) divides 0 by 0 where a gradient is 0,
+/// and the run failed at its second step with a NaN loss blamed on the learning rate or the
+/// data. `validate` names the key instead.
+#[test]
+fn an_adam_epsilon_that_is_zero_in_f32_is_refused() {
+    let project = tempfile::tempdir().unwrap();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    support::quickstart_model_in(project.path(), |_| {});
+    let validate = |train: &str| {
+        let pipeline = quickstart_train_pipeline(root, train);
+        std::fs::write(project.path().join("p.yaml"), pipeline).unwrap();
+        let output = peftpipe(
+            project.path(),
+            &["validate", "p.yaml", "--allow-outside-project"],
+        );
+        (output.status.code(), text(&output.stderr))
+    };
+    for tiny in ["1e-300", "1e-40"] {
+        let (code, stderr) = validate(&format!("adam_epsilon: {tiny}"));
+        assert_eq!(code, Some(2), "{tiny}: {stderr}");
+        for expected in ["stages.train.train.adam_epsilon", tiny, "is 0 in f32"] {
+            assert!(stderr.contains(expected), "no `{expected}` in:\n{stderr}");
+        }
+    }
+    for fits in ["adam_epsilon: 1e-8", "adam_epsilon: 1e-30"] {
+        let (code, stderr) = validate(fits);
+        assert_eq!(code, Some(0), "{fits}: {stderr}");
+    }
+}

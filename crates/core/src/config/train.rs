@@ -48,7 +48,7 @@ pub struct TrainConfig {
     /// AdamW β2.
     #[serde(default = "default_beta2")]
     pub adam_beta2: f64,
-    /// AdamW ε.
+    /// AdamW ε (the optimizer state is f32: at least f32's smallest normal value, about 1.2e-38).
     #[serde(default = "default_epsilon")]
     pub adam_epsilon: f64,
     /// Learning-rate decay after warmup (transformers' semantics).
@@ -707,6 +707,20 @@ impl StageSpec for TrainConfig {
                 "adam_epsilon",
                 format!("must be positive, got {}", self.adam_epsilon),
             ));
+        } else if self.adam_epsilon < f64::from(f32::MIN_POSITIVE) {
+            // The optimizer state is f32: a smaller ε is 0 there (or a subnormal a GPU flushes
+            // to 0), and a zero gradient then divides 0 by 0 into a NaN loss.
+            problems.push(
+                problem(
+                    "adam_epsilon",
+                    format!(
+                        "{:e} is 0 in f32, the optimizer's precision (the smallest usable value is {:e}): a parameter with a zero gradient would become NaN",
+                        self.adam_epsilon,
+                        f32::MIN_POSITIVE
+                    ),
+                )
+                .with_hint("AdamW's usual ε is 1e-8"),
+            );
         }
         if let Some(max_steps) = self.max_steps.filter(|&steps| steps > 0) {
             if self.warmup_steps >= max_steps {
