@@ -254,6 +254,18 @@ fn a_failing_stage_exits_1_records_nothing_and_skips_its_dependents() {
     assert_eq!(output.status.code(), Some(1), "{}", stderr(&output));
     insta::assert_snapshot!("failing_stage", project.redact(&stderr(&output)));
     assert!(project.recorded_output("data").is_none());
+    // `--quiet` keeps errors: the failure is said (it printed nothing before), the rest not.
+    let quiet = project.run(&["run", "pipeline.yaml", "--quiet"]);
+    assert_eq!(quiet.status.code(), Some(1));
+    let said = stderr(&quiet);
+    assert!(
+        said.contains("Failed data: ") && said.contains("b.jsonl"),
+        "{said}"
+    );
+    assert!(
+        !said.contains("Skipped") && !said.contains("Running"),
+        "{said}"
+    );
     let leftovers = std::fs::read_dir(project.path(".peftpipe/cache/tmp"))
         .expect("tmp")
         .count();

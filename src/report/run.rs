@@ -212,7 +212,12 @@ impl EventSink for RunReporter {
             )),
             ExecEvent::StageFinished(report) => {
                 self.finish_bar(&report.name);
-                self.line(finished_line(&style, &report));
+                // A failure is an error: said even when quiet (`--quiet` keeps errors).
+                if report.status == StageStatus::Failed {
+                    self.line_always(finished_line(&style, &report));
+                } else {
+                    self.line(finished_line(&style, &report));
+                }
             }
             ExecEvent::Interrupting => self.line(format!(
                 "{} waiting for running stages to stop (training saves a checkpoint; a second \
