@@ -625,7 +625,10 @@ impl TreeBuilder {
             (String::new(), true)
         } else {
             let (path, is_key) = self.next_node_path(marker);
-            if !is_key {
+            // An implicit null (`lora:` with nothing after it) has no text of its own: the
+            // parser marks the next token, a line below, so its problems point at its key.
+            let implicit_null = text.is_empty() && matches!(style, TScalarStyle::Plain);
+            if !is_key && !implicit_null {
                 self.spans.insert_value(path.clone(), marker);
             }
             (path, is_key)
@@ -1558,11 +1561,17 @@ fn explain_serde_error(message: &str) -> ExplainedError {
     for prefix in ["invalid type: ", "invalid value: "] {
         if let Some(rest) = message.strip_prefix(prefix) {
             if let Some((found, expected)) = rest.split_once(", expected ") {
-                return plain(format!(
-                    "expected {}, found {}",
-                    describe_expected(expected),
-                    describe_found(found)
-                ));
+                let (expected, found) = (describe_expected(expected), describe_found(found));
+                // `lora:` with nothing after it is null in YAML, not an empty mapping.
+                let hint = (expected == "a mapping" && found == "null").then(|| {
+                    "a key with nothing after it is null in YAML: write `{}` for a mapping \
+                     of defaults (`lora: {}`)"
+                        .to_string()
+                });
+                return ExplainedError {
+                    hint,
+                    ..plain(format!("expected {expected}, found {found}"))
+                };
             }
         }
     }
@@ -2631,6 +2640,15 @@ mod tests {
         assert_eq!(explained.hint.as_deref(), Some("did you mean `prompt`?"));
         let explained = explain_serde_error("unknown field `zzz`, expected `input`");
         assert_eq!(explained.hint.as_deref(), Some("available keys: `input`"));
+        let explained = explain_serde_error("invalid type: unit value, expected struct LoraConfig");
+        assert_eq!(explained.message, "expected a mapping, found null");
+        assert!(
+            explained
+                .hint
+                .as_deref()
+                .is_some_and(|hint| hint.contains("`lora: {}`")),
+            "{explained:?}"
+        );
     }
 
     #[derive(Debug, serde::Deserialize)]
@@ -2770,6 +2788,30 @@ mod tests {
             counts,
             BTreeMap::from([(model, 1), (other, 1)]),
             "{problems:#?}"
+        );
+    }
+
+    /// `lora:` with nothing after it is null: the problem points at `lora` (line 4), not at the
+    /// next line's key the parser marks, and says to write `{}`.
+    #[test]
+    fn a_bare_key_read_as_null_is_located_at_the_key_with_a_hint() {
+        let parsed = parsed(
+            "stages:\n  train:\n    train:\n      method:\n        lora:\n      data: prompts\n      model: m\n",
+        );
+        let mut problem = parsed
+            .problems
+            .iter()
+            .find(|problem| problem.path.ends_with("method.lora"))
+            .unwrap_or_else(|| panic!("{:#?}", parsed.problems))
+            .clone();
+        parsed.document.spans.place(&mut problem);
+        assert_eq!(problem.line, Some(5), "{problem:?}");
+        assert!(
+            problem
+                .hint
+                .as_deref()
+                .is_some_and(|hint| hint.contains("`lora: {}`")),
+            "{problem:?}"
         );
     }
 
