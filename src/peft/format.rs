@@ -164,7 +164,8 @@ pub fn write_adapter_folder(
     write_atomic(&dir.join(ADAPTER_CONFIG), text.as_bytes())
 }
 
-/// Write `bytes` to `path` atomically (temp file in the same directory, then rename).
+/// Write `bytes` to `path` atomically (the cache's writer: temp file in the same directory,
+/// synced, then renamed), creating the directory first.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), PeftError> {
     let io = |source| PeftError::Io {
         path: path.to_path_buf(),
@@ -172,11 +173,10 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), PeftError> {
     };
     let dir = path.parent().unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir).map_err(io)?;
-    let mut temp = crate::files::file_builder().tempfile_in(dir).map_err(io)?;
-    std::io::Write::write_all(&mut temp, bytes).map_err(io)?;
-    temp.as_file().sync_all().map_err(io)?;
-    temp.persist(path).map_err(|error| io(error.error))?;
-    Ok(())
+    crate::cache::write_atomic(path, bytes, dir).map_err(|error| match error {
+        crate::cache::CacheError::Io { source, .. } => io(source),
+        other => PeftError::invalid(other.to_string()),
+    })
 }
 
 /// Serialize named tensors to safetensors bytes (moved to CPU first), with PEFT's

@@ -815,18 +815,13 @@ impl MetricsFile {
 
 /// Write JSON atomically (temp file + rename) so a crash never leaves half a file.
 pub fn write_json_atomic(path: &Path, value: &impl Serialize) -> Result<(), StageError> {
-    let text = serde_json::to_string_pretty(value).map_err(|error| {
+    let mut text = serde_json::to_string_pretty(value).map_err(|error| {
         StageError::Internal(format!("cannot encode {}: {error}", path.display()))
     })?;
+    text.push('\n');
     let directory = path.parent().unwrap_or(Path::new("."));
-    let mut temporary = crate::files::file_builder().tempfile_in(directory)?;
-    std::io::Write::write_all(&mut temporary, text.as_bytes())?;
-    std::io::Write::write_all(&mut temporary, b"\n")?;
-    temporary.as_file().sync_all()?;
-    temporary.persist(path).map_err(|error| {
-        StageError::user(format!("cannot write {}: {}", path.display(), error.error))
-    })?;
-    Ok(())
+    crate::cache::write_atomic(path, text.as_bytes(), directory)
+        .map_err(|error| StageError::user(error.to_string()))
 }
 
 impl EvaluateStage {
